@@ -1,0 +1,335 @@
+//! The signing schemes of `proto/SIGNING.md`, shared by signers and by the
+//! warden server's verifier so that both sides build the exact same bytes.
+//!
+//! Two schemes exist:
+//! - `warden-v1`: HMAC-SHA256 over timestamp, nonce, method, path, canonical
+//!   query and the body's SHA-256, joined by `\n`.
+//! - `ts-body`: HMAC-SHA256 over `timestamp + "." + body` (the common
+//!   Django / Stripe-style recipe). It has no nonce; the signature itself is
+//!   the replay key.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::proto::CheckRequest;
+
+/// Header names the signers write and gateways forward to warden.
+pub const HEADER_KEY_ID: &str = "X-Key-Id";
+pub const HEADER_TIMESTAMP: &str = "X-Timestamp";
+pub const HEADER_NONCE: &str = "X-Nonce";
+pub const HEADER_SIGNATURE: &str = "X-Signature";
+
+/// Name of the default scheme on the wire.
+pub const SCHEME_WARDEN_V1: &str = "warden-v1";
+/// Name of the body-only scheme on the wire.
+pub const SCHEME_TS_BODY: &str = "ts-body";
+
+/// Nonces are 16 to 64 characters of `[A-Za-z0-9_-]`.
+pub const NONCE_MIN_LEN: usize = 16;
+pub const NONCE_MAX_LEN: usize = 64;
+
+/// SHA-256 of the empty body, the hash line of every bodiless request.
+pub const EMPTY_BODY_SHA256_HEX: &str =
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Whether `nonce` has the length and alphabet the scheme requires.
+pub fn is_valid_nonce(nonce: &str) -> bool {
+    (NONCE_MIN_LEN..=NONCE_MAX_LEN).contains(&nonce.len())
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The canonical form of a raw query string (without the leading `?`).
+///
+/// Pieces are split on `&` (empty ones dropped), each at its first `=`; name
+/// and value are percent-decoded (`+` stays a literal plus, a `%` without two
+/// hex digits stays a literal `%`), re-encoded with every byte outside RFC 3986
+/// unreserved as uppercase `%XX`, sorted bytewise by name then value, and
+/// joined with `&`.
+pub fn canonical_query(raw: &str) -> String {
+    let mut pairs: Vec<(String, String)> = raw
+        .split('&')
+        .filter(|piece| !piece.is_empty())
+        .map(|piece| {
+            let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+            (reencode(name), reencode(value))
+        })
+        .collect();
+    pairs.sort_unstable();
+    let mut out = String::with_capacity(raw.len() + 8);
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+    }
+    out
+}
+
+/// Percent-decodes `s` and encodes it again in the one canonical way.
+fn reencode(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut byte = bytes[i];
+        if byte == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
+                byte = (hi << 4) | lo;
+                i += 2;
+            }
+        }
+        i += 1;
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0x0f)] as char);
+        }
+    }
+    out
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The `warden-v1` string to sign. `body_sha256` is the raw 32-byte digest.
+pub fn warden_v1_string_to_sign(
+    timestamp: i64,
+    nonce: &str,
+    method: &str,
+    path: &str,
+    query: &str,
+    body_sha256: &[u8; 32],
+) -> String {
+    let query = canonical_query(query);
+    let mut out = String::with_capacity(
+        SCHEME_WARDEN_V1.len() + 24 + nonce.len() + method.len() + path.len() + query.len() + 70,
+    );
+    out.push_str(SCHEME_WARDEN_V1);
+    out.push('\n');
+    out.push_str(&timestamp.to_string());
+    out.push('\n');
+    out.push_str(nonce);
+    out.push('\n');
+    out.push_str(&method.to_ascii_uppercase());
+    out.push('\n');
+    out.push_str(path);
+    out.push('\n');
+    out.push_str(&query);
+    out.push('\n');
+    out.push_str(&hex::encode(body_sha256));
+    out
+}
+
+/// The `ts-body` string to sign: `timestamp + "." + body`, as bytes since the
+/// body need not be UTF-8.
+pub fn ts_body_string_to_sign(timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let ts = timestamp.to_string();
+    let mut out = Vec::with_capacity(ts.len() + 1 + body.len());
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b'.');
+    out.extend_from_slice(body);
+    out
+}
+
+/// SHA-256 of a body.
+pub fn body_sha256(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// HMAC-SHA256 of `message` under `secret`.
+pub fn hmac_sha256(secret: &[u8], message: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// A fresh random nonce: 32 characters of `[0-9a-f]` (128 bits).
+pub fn new_nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    hex::encode(bytes)
+}
+
+/// Current Unix time in whole seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Signs outgoing requests with one key, producing the four `X-*` headers.
+///
+/// The secret is the HMAC key as bytes (for keys from `warden serve --dev` or
+/// `warden keys create`: the UTF-8 bytes of the `secret` string).
+#[derive(Clone)]
+pub struct Signer {
+    key_id: String,
+    secret: Vec<u8>,
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The signing headers of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedHeaders {
+    pub key_id: String,
+    pub timestamp: i64,
+    pub nonce: String,
+    pub signature: String,
+}
+
+impl SignedHeaders {
+    /// The headers as (name, value) pairs, ready to set on an HTTP request.
+    pub fn to_pairs(&self) -> [(&'static str, String); 4] {
+        [
+            (HEADER_KEY_ID, self.key_id.clone()),
+            (HEADER_TIMESTAMP, self.timestamp.to_string()),
+            (HEADER_NONCE, self.nonce.clone()),
+            (HEADER_SIGNATURE, self.signature.clone()),
+        ]
+    }
+}
+
+impl Signer {
+    pub fn new(key_id: impl Into<String>, secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            key_id: key_id.into(),
+            secret: secret.into(),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Signs a request now, with a fresh nonce, under `warden-v1`.
+    pub fn sign(&self, method: &str, path: &str, query: &str, body: &[u8]) -> SignedHeaders {
+        self.sign_at(unix_now(), &new_nonce(), method, path, query, body)
+    }
+
+    /// Signs under `warden-v1` with a given timestamp and nonce (for tests
+    /// and for callers that manage their own clock).
+    pub fn sign_at(
+        &self,
+        timestamp: i64,
+        nonce: &str,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> SignedHeaders {
+        let message =
+            warden_v1_string_to_sign(timestamp, nonce, method, path, query, &body_sha256(body));
+        SignedHeaders {
+            key_id: self.key_id.clone(),
+            timestamp,
+            nonce: nonce.to_owned(),
+            signature: hex::encode(hmac_sha256(&self.secret, message.as_bytes())),
+        }
+    }
+
+    /// Signs under `ts-body` (no nonce; the signature is the replay key).
+    pub fn sign_ts_body_at(&self, timestamp: i64, body: &[u8]) -> SignedHeaders {
+        let message = ts_body_string_to_sign(timestamp, body);
+        SignedHeaders {
+            key_id: self.key_id.clone(),
+            timestamp,
+            nonce: String::new(),
+            signature: hex::encode(hmac_sha256(&self.secret, &message)),
+        }
+    }
+
+    /// A ready `CheckRequest` for a request signed now under `warden-v1`, as a
+    /// gateway would build it from the incoming request and its headers.
+    pub fn check_request(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> CheckRequest {
+        let headers = self.sign(method, path, query, body);
+        check_request_from(&headers, SCHEME_WARDEN_V1, method, path, query, body)
+    }
+}
+
+/// Builds the `CheckRequest` for a request and the signing headers it carried.
+pub fn check_request_from(
+    headers: &SignedHeaders,
+    scheme: &str,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+) -> CheckRequest {
+    CheckRequest {
+        key_id: headers.key_id.clone(),
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        body: body.to_vec(),
+        scheme: scheme.to_owned(),
+        timestamp: headers.timestamp,
+        nonce: headers.nonce.clone(),
+        signature: headers.signature.clone(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_query_sorts_and_reencodes() {
+        assert_eq!(canonical_query(""), "");
+        assert_eq!(canonical_query("b=2&a=1"), "a=1&b=2");
+        assert_eq!(canonical_query("q=a+b&x=%2b"), "q=a%2Bb&x=%2B");
+        assert_eq!(canonical_query("flag&empty=&&z=9"), "empty=&flag=&z=9");
+        assert_eq!(canonical_query("p=%zz&r=%7e%7E"), "p=%25zz&r=~~");
+        assert_eq!(canonical_query("a=%4"), "a=%254");
+        assert_eq!(canonical_query("a=%"), "a=%25");
+        assert_eq!(canonical_query("a=b=c"), "a=b%3Dc");
+    }
+
+    #[test]
+    fn nonce_alphabet_and_length_are_enforced() {
+        assert!(is_valid_nonce("abcdefghijklmnop"));
+        assert!(is_valid_nonce(&"a".repeat(64)));
+        assert!(!is_valid_nonce("short"));
+        assert!(!is_valid_nonce(&"a".repeat(65)));
+        assert!(!is_valid_nonce("abcdefghijklmno!"));
+        assert!(is_valid_nonce(&new_nonce()));
+    }
+
+    #[test]
+    fn signer_debug_hides_the_secret() {
+        let signer = Signer::new("k1", "super-secret-value");
+        assert!(!format!("{signer:?}").contains("super-secret-value"));
+    }
+}

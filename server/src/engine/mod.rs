@@ -1,0 +1,281 @@
+//! The engine: in-memory, synchronous, clock-injected state behind `Check`.
+//!
+//! It knows nothing of gRPC, keys or signatures. It holds token buckets,
+//! window counters and remembered nonces in shards, and decides one request
+//! against all of them atomically: [`Engine::decide`] locks every shard the
+//! request touches, in ascending shard order (so two requests can never
+//! deadlock), evaluates everything, and stores the outcome only if every part
+//! passed.
+//!
+//! State is addressed by [`StateKey`]: a 128-bit keyed hash of what the state
+//! counts, plus the shard of its *owner* (an API key id, or a request-limit
+//! descriptor), so that all state of one key lives in one shard.
+
+pub mod clock;
+pub mod gcra;
+pub mod nonce;
+pub mod window;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
+
+use parking_lot::{Mutex, MutexGuard};
+
+pub use clock::{Clock, FakeClock, Nanos, SystemClock};
+pub use gcra::{Gcra, Verdict};
+pub use nonce::{Claim, NonceSet};
+pub use window::{Window, WindowKind, WindowState};
+
+/// Where a piece of state lives: its hashed identity and its shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StateKey {
+    pub id: u128,
+    pub shard: u32,
+}
+
+/// One rate-limit algorithm with its parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Gcra(Gcra),
+    Window(Window),
+}
+
+impl Limit {
+    /// The policy's limit per period, as reported to clients.
+    pub fn limit(&self) -> u64 {
+        match self {
+            Limit::Gcra(g) => g.limit(),
+            Limit::Window(w) => w.limit(),
+        }
+    }
+}
+
+/// One request, as the engine sees it.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The replay key and when it may be forgotten, if the request has one.
+    pub nonce: Option<(StateKey, Nanos)>,
+    /// Every limit the request counts against.
+    pub limits: &'a [(StateKey, Limit)],
+    /// Tokens taken from every limit.
+    pub cost: u64,
+    /// False for a dry run: decide, but store nothing.
+    pub commit: bool,
+}
+
+/// The verdict on one limit, without the state to store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitVerdict {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub reset_after: Nanos,
+    pub retry_after: Option<Nanos>,
+}
+
+/// The engine's decision on a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The nonce was already used. Limits were not looked at.
+    Replay,
+    /// The nonce is new but no shard room is left to remember it; refusing
+    /// is the only safe answer.
+    NonceSetFull,
+    /// Limits were evaluated; `allowed` when all of them passed. State was
+    /// stored only if allowed and the request asked to commit.
+    Limited {
+        allowed: bool,
+        limits: Vec<LimitVerdict>,
+    },
+}
+
+/// One shard: everything owned by the keys that hash to it.
+#[derive(Debug)]
+struct Shard {
+    buckets: HashMap<u128, Nanos>,
+    windows: HashMap<u128, WindowState>,
+    nonces: NonceSet,
+}
+
+/// How much state the engine holds, for metrics and memory checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub buckets: usize,
+    pub windows: usize,
+    pub nonces: usize,
+}
+
+/// The sharded state and the one way to change it.
+#[derive(Debug)]
+pub struct Engine {
+    shards: Box<[Mutex<Shard>]>,
+    hashers: [RandomState; 2],
+}
+
+impl Engine {
+    /// `shards` is rounded up to a power of two; `nonce_capacity` bounds the
+    /// nonces remembered across all shards.
+    pub fn new(shards: usize, nonce_capacity: usize) -> Self {
+        let count = shards.max(1).next_power_of_two();
+        let per_shard = nonce_capacity.div_ceil(count).max(1);
+        let shards = (0..count)
+            .map(|_| {
+                Mutex::new(Shard {
+                    buckets: HashMap::new(),
+                    windows: HashMap::new(),
+                    nonces: NonceSet::new(per_shard),
+                })
+            })
+            .collect();
+        Self {
+            shards,
+            hashers: [RandomState::new(), RandomState::new()],
+        }
+    }
+
+    /// The key of a piece of state: `owner` (an API key id or a descriptor)
+    /// and `parts` say what it counts; `owner` alone decides the shard. Parts are length-prefixed, so ("ab","c") and
+    /// ("a","bc") differ. The hash is keyed per process, so clients cannot
+    /// aim collisions.
+    pub fn key(&self, owner: &[u8], parts: &[&[u8]]) -> StateKey {
+        let hash = |hasher: &RandomState, parts: &[&[u8]]| {
+            let mut h = hasher.build_hasher();
+            h.write_usize(owner.len());
+            h.write(owner);
+            for part in parts {
+                h.write_usize(part.len());
+                h.write(part);
+            }
+            h.finish()
+        };
+        let id = (u128::from(hash(&self.hashers[0], parts)) << 64)
+            | u128::from(hash(&self.hashers[1], parts));
+        let shard_mask = self.shards.len() as u64 - 1;
+        let shard = (hash(&self.hashers[0], &[]) & shard_mask) as u32;
+        StateKey { id, shard }
+    }
+
+    /// Decides `request` at `now`, atomically across every shard it touches.
+    pub fn decide(&self, now: Nanos, request: &Request<'_>) -> Outcome {
+        let mut wanted: Vec<u32> = request
+            .nonce
+            .iter()
+            .map(|(k, _)| k.shard)
+            .chain(request.limits.iter().map(|(k, _)| k.shard))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        // Ascending order: the one rule that keeps multi-shard locking
+        // deadlock-free.
+        let locked = wanted;
+        let mut guards: Vec<MutexGuard<'_, Shard>> = locked
+            .iter()
+            .map(|&i| self.shards[i as usize].lock())
+            .collect();
+        let shard = |k: &StateKey| -> usize {
+            locked
+                .binary_search(&k.shard)
+                .expect("every touched shard is locked")
+        };
+
+        if let Some((key, _)) = &request.nonce {
+            let i = shard(key);
+            match guards[i].nonces.probe(*key, now) {
+                Claim::Fresh => {}
+                Claim::Seen => return Outcome::Replay,
+                Claim::Full => return Outcome::NonceSetFull,
+            }
+        }
+
+        enum Next {
+            Bucket(Nanos),
+            Window(WindowState),
+        }
+        let mut verdicts = Vec::with_capacity(request.limits.len());
+        let mut updates = Vec::with_capacity(request.limits.len());
+        for (key, limit) in request.limits {
+            let s = &guards[shard(key)];
+            let (verdict, next) = match limit {
+                Limit::Gcra(g) => {
+                    let v = g.decide(s.buckets.get(&key.id).copied(), now, request.cost);
+                    (strip(&v), Next::Bucket(v.next))
+                }
+                Limit::Window(w) => {
+                    let v = w.decide(s.windows.get(&key.id).copied(), now, request.cost);
+                    (strip(&v), Next::Window(v.next))
+                }
+            };
+            verdicts.push(verdict);
+            updates.push(next);
+        }
+        let allowed = verdicts.iter().all(|v| v.allowed);
+
+        if allowed && request.commit {
+            if let Some((key, forget_at)) = &request.nonce {
+                let i = shard(key);
+                guards[i].nonces.insert(*key, *forget_at);
+            }
+            for ((key, _), next) in request.limits.iter().zip(updates) {
+                let i = shard(key);
+                let s = &mut guards[i];
+                match next {
+                    Next::Bucket(tat) => {
+                        s.buckets.insert(key.id, tat);
+                    }
+                    Next::Window(state) => {
+                        s.windows.insert(key.id, state);
+                    }
+                }
+            }
+        }
+        Outcome::Limited {
+            allowed,
+            limits: verdicts,
+        }
+    }
+
+    /// Drops all state that no longer matters at `now`: full buckets, aged-out
+    /// windows and forgettable nonces. Locks one shard at a time, briefly.
+    pub fn sweep(&self, now: Nanos) -> Occupancy {
+        let mut removed = Occupancy::default();
+        for shard in self.shards.iter() {
+            let mut s = shard.lock();
+            let before = (s.buckets.len(), s.windows.len());
+            s.buckets.retain(|_, tat| !Gcra::is_idle(*tat, now));
+            s.windows.retain(|_, w| !Window::is_idle(w, now));
+            nonce::shrink_if_sparse(&mut s.buckets);
+            nonce::shrink_if_sparse(&mut s.windows);
+            removed.buckets += before.0 - s.buckets.len();
+            removed.windows += before.1 - s.windows.len();
+            removed.nonces += s.nonces.sweep(now);
+        }
+        removed
+    }
+
+    /// What is held right now.
+    pub fn occupancy(&self) -> Occupancy {
+        let mut total = Occupancy::default();
+        for shard in self.shards.iter() {
+            let s = shard.lock();
+            total.buckets += s.buckets.len();
+            total.windows += s.windows.len();
+            total.nonces += s.nonces.len();
+        }
+        total
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+fn strip<S>(v: &Verdict<S>) -> LimitVerdict {
+    LimitVerdict {
+        allowed: v.allowed,
+        remaining: v.remaining,
+        reset_after: v.reset_after,
+        retry_after: v.retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! warden: one atomic `Check` for rate limits, freshness, replay and request
+//! signatures, served over mutual TLS.
+//!
+//! Modules, one concern each:
+//! - [`engine`]: pure, clock-injected state (buckets, windows, nonces, shards);
+//! - [`signing`]: verifying request signatures;
+//! - [`check`]: the pipeline that turns a `CheckRequest` into a decision;
+//! - [`keys`]: API keys and their secrets; [`config`]: the config file;
+//! - [`tls`]: mTLS setup and caller identity; [`dev`]: `serve --dev` files;
+//! - [`service`]: the tonic services; [`server`]: listening and shutdown.
+#![forbid(unsafe_code)]
+
+pub mod engine;
