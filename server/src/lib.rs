@@ -10,4 +10,12 @@
 //! - [`service`]: the tonic services; [`server`]: listening and shutdown.
 #![forbid(unsafe_code)]
 
+pub mod check;
+pub mod config;
+pub mod dev;
 pub mod engine;
+pub mod keys;
+pub mod server;
+pub mod service;
+pub mod signing;
+pub mod tls;

@@ -1,1 +1,353 @@
-fn main() {}
+//! The `warden` command: `serve` runs the server, `check` signs one request
+//! and asks a running server about it.
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use warden::config::{Config, DEFAULT_LISTEN};
+use warden::server::{Bound, shutdown_signal};
+use warden::{dev, service::warden::reason_name};
+use warden_client::proto::{Decision, LimitRequest, Reason};
+use warden_client::signing::Signer;
+use warden_client::{Client, Tls};
+
+/// Exit code for a bad command line or config: the operator must fix input.
+const EXIT_USAGE: u8 = 2;
+/// How long in-flight calls may take to finish after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "Atomic rate limiting, freshness, replay and signature checks over mTLS gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Sign one request with a key and ask a running server to check it.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Development mode: make (or reuse) a throwaway CA, certificates and a
+    /// demo key in --dev-dir, then serve mTLS on loopback.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// Where --dev keeps its files.
+    #[arg(long, default_value = dev::DEFAULT_DIR)]
+    dev_dir: PathBuf,
+    /// Config file (TOML); see README.
+    #[arg(long, required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Address to listen on; overrides the config file.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Take address, certificates and key from this `serve --dev` directory.
+    #[arg(long, default_value = dev::DEFAULT_DIR)]
+    dev_dir: PathBuf,
+    /// Server address host:port (default: the address in demo-key.json).
+    #[arg(long, env = "WARDEN_TARGET")]
+    target: Option<String>,
+    #[arg(long, env = "WARDEN_CA")]
+    ca: Option<PathBuf>,
+    #[arg(long, env = "WARDEN_CERT")]
+    cert: Option<PathBuf>,
+    #[arg(long = "key", env = "WARDEN_KEY")]
+    client_key: Option<PathBuf>,
+    /// The API key id to sign with (default: the demo key).
+    #[arg(long)]
+    key_id: Option<String>,
+    /// Environment variable holding the signing secret (default: the demo key's).
+    #[arg(long)]
+    secret_env: Option<String>,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/hello")]
+    path: String,
+    #[arg(long, default_value = "")]
+    query: String,
+    #[arg(long, default_value = "")]
+    body: String,
+    /// Extra limit as POLICY=DESCRIPTOR, e.g. per-ip=203.0.113.7. Repeatable.
+    #[arg(long = "limit")]
+    limits: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warden: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Check(args) => check(args).await,
+        }
+    })
+}
+
+/// JSON lines when stderr is not a terminal (log shippers), text otherwise.
+/// `RUST_LOG` overrides the default `info` level.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("warden: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let mut dev_setup = None;
+    let mut config = if args.dev {
+        let listen = args
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        match dev::prepare(&args.dev_dir, listen) {
+            Ok(setup) => {
+                let config = setup.config.clone();
+                dev_setup = Some(setup);
+                config
+            }
+            Err(e) => return usage_error(e),
+        }
+    } else {
+        let path = args
+            .config
+            .as_deref()
+            .expect("clap requires --config without --dev");
+        match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return usage_error(format!("invalid config: {e}")),
+        }
+    };
+    if let Some(listen) = args.listen {
+        if config.tls.is_none() && !listen.ip().is_loopback() {
+            return usage_error("--listen: plaintext is only allowed on a loopback address");
+        }
+        config.listen = listen;
+    }
+
+    let bound = match Bound::bind(&config).await {
+        Ok(b) => b,
+        Err(e) => return usage_error(e),
+    };
+    let addr = match bound.local_addr() {
+        Ok(a) => a,
+        Err(e) => return usage_error(format!("cannot read the bound address: {e}")),
+    };
+    if let Some(setup) = dev_setup.as_mut() {
+        if let Err(e) = dev::record_address(setup, addr) {
+            return usage_error(e);
+        }
+        print_dev_banner(setup, addr);
+    }
+    let mode = if bound.is_tls() {
+        "mTLS"
+    } else {
+        "PLAINTEXT, loopback only"
+    };
+    tracing::info!(event = "listening", %addr, mode, "warden is serving");
+    // Tests and scripts wait for this exact line on stdout.
+    println!("listening on {addr} ({mode})");
+
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!(
+            event = "draining",
+            "shutting down: finishing in-flight calls"
+        );
+        let _ = drained_tx.send(());
+    };
+    let server = tokio::spawn(bound.serve(shutdown));
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(DRAIN_DEADLINE).await;
+        } => {
+            tracing::warn!(event = "drain_deadline", "in-flight calls did not finish in time; exiting");
+            return ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Ok(Ok(())) => {
+            tracing::info!(event = "stopped", "warden stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            tracing::error!(event = "server_failed", error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(event = "server_failed", error = %e, "server task failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
+    let dir = setup.dir.display();
+    println!("warden dev mode (throwaway certificates; do not use in production)");
+    println!(
+        "  CA, server and client certificates: {dir}/ca.pem, server.pem, client.pem (+ *-key.pem)"
+    );
+    println!(
+        "  demo key: {dir}/demo-key.json (key id {}, policy \"demo\": 100 requests per minute)",
+        setup.demo.key_id
+    );
+    println!("  try it from another terminal:");
+    println!(
+        "    cargo run -q -p warden-server -- check --dev-dir {dir} --method POST --path /orders --body '{{\"qty\":1}}'"
+    );
+    println!("  server address: {addr}");
+}
+
+async fn check(args: CheckArgs) -> ExitCode {
+    let demo = read_demo(&args.dev_dir);
+    let target = match (&args.target, &demo) {
+        (Some(t), _) => t.clone(),
+        (None, Ok(d)) => d.address.clone(),
+        (None, Err(e)) => return usage_error(format!("--target not given and {e}")),
+    };
+    let (key_id, secret) = match (&args.key_id, &args.secret_env, &demo) {
+        (Some(id), Some(var), _) => match std::env::var(var) {
+            Ok(s) => (id.clone(), s),
+            Err(_) => {
+                return usage_error(format!(
+                    "--secret-env: environment variable {var} is not set"
+                ));
+            }
+        },
+        (None, None, Ok(d)) => (d.key_id.clone(), d.secret.clone()),
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return usage_error("give --key-id and --secret-env together");
+        }
+        (None, None, Err(e)) => return usage_error(format!("no key given and {e}")),
+    };
+    let dir = &args.dev_dir;
+    let tls = Tls::from_files(
+        args.ca.clone().unwrap_or_else(|| dir.join("ca.pem")),
+        args.cert.clone().unwrap_or_else(|| dir.join("client.pem")),
+        args.client_key
+            .clone()
+            .unwrap_or_else(|| dir.join("client-key.pem")),
+    );
+    let tls = match tls {
+        Ok(t) => t,
+        Err(e) => return usage_error(e),
+    };
+    let mut limits = Vec::new();
+    for l in &args.limits {
+        let Some((policy, descriptor)) = l.split_once('=') else {
+            return usage_error(format!("--limit {l:?}: expected POLICY=DESCRIPTOR"));
+        };
+        limits.push(LimitRequest {
+            policy: policy.to_owned(),
+            descriptor: descriptor.to_owned(),
+        });
+    }
+    let mut client = match Client::connect(&target, tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warden: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signer = Signer::new(key_id, secret.into_bytes());
+    let mut request =
+        signer.check_request(&args.method, &args.path, &args.query, args.body.as_bytes());
+    request.limits = limits;
+    match client.check(request).await {
+        Ok(r) => {
+            println!(
+                "decision:    {}",
+                if r.decision() == Decision::Allow {
+                    "ALLOW"
+                } else {
+                    "DENY"
+                }
+            );
+            println!("reason:      {}", reason_name(r.reason()));
+            println!("http status: {}", r.http_status);
+            if !r.message.is_empty() {
+                println!("message:     {}", r.message);
+            }
+            if r.retry_after_ms > 0 {
+                println!("retry after: {} ms", r.retry_after_ms);
+            }
+            for l in &r.limits {
+                println!(
+                    "limit {}: {} of {} left, full again in {} ms",
+                    l.name, l.remaining, l.limit, l.reset_after_ms
+                );
+            }
+            let mut headers: Vec<_> = r.headers.iter().collect();
+            headers.sort();
+            for (k, v) in headers {
+                println!("header {k}: {v}");
+            }
+            if let Some(c) = &r.caller {
+                println!(
+                    "caller:      key {} owner {:?} scopes {:?}",
+                    c.key_id, c.owner, c.scopes
+                );
+            }
+            if r.reason() == Reason::Ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(status) => {
+            eprintln!(
+                "warden: check failed: {} ({:?})",
+                status.message(),
+                status.code()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_demo(dir: &Path) -> Result<dev::DemoKey, String> {
+    let path = dir.join("demo-key.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not a demo key file: {e}", path.display()))
+}

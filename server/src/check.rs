@@ -1,0 +1,535 @@
+//! The `Check` pipeline of DESIGN.md, steps 1 to 9, in one function:
+//! validate, authorize the caller, look up the key, check freshness and the
+//! restart fence, verify the signature, check the route, and then — in one
+//! atomic engine step — the replay set and every rate limit. Only a request
+//! that passes everything stores its nonce and takes its tokens.
+//!
+//! This module decides; it does not talk gRPC and does not log. The service
+//! layer turns [`Decision`]s into responses and log lines.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
+
+use crate::config::{CheckSettings, is_valid_name};
+use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
+use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
+use crate::keys::{ApiKey, KeyRing, is_valid_key_id};
+use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
+
+pub use warden_client::proto::{Decision as Verdict, Reason};
+
+/// Size bounds of a CheckRequest, besides the configurable body size.
+pub const MAX_PATH_BYTES: usize = 8 * 1024;
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
+pub const MAX_LIMITS: usize = 8;
+pub const MAX_DESCRIPTOR_BYTES: usize = 256;
+pub const MAX_COST: u32 = 1_000_000;
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+pub const MAX_METHOD_BYTES: usize = 16;
+
+/// A call the pipeline refuses as a whole (a gRPC error, not a DENY).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckError {
+    /// The replay set has no room left; accepting would mean forgetting
+    /// live nonces.
+    #[error("the replay cache is full; retry later")]
+    ReplayCacheFull,
+}
+
+/// Who is calling `Check`: the mTLS identity of the gateway or app.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallerIdentity(pub Option<Arc<str>>);
+
+impl CallerIdentity {
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or("-")
+    }
+}
+
+/// The outcome of one check, with what the service needs to log it. Logs get
+/// `key_id`, reason and message; never the signature, secret or body.
+#[derive(Debug)]
+pub struct Decision {
+    pub response: CheckResponse,
+    /// The key id as sent, when it was well formed (for logs).
+    pub key_id: Option<String>,
+}
+
+/// The check pipeline with its state. One per process, shared by all calls.
+pub struct Checker {
+    engine: Engine,
+    clock: Arc<dyn Clock>,
+    keys: KeyRing,
+    settings: CheckSettings,
+    failures: Gcra,
+    /// Requests signed before this second are STALE: their nonces may have
+    /// been used before this process started (see [`Checker::fence_secs`]).
+    fence_secs: i64,
+}
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker")
+            .field("fence_secs", &self.fence_secs)
+            .field("keys", &self.keys.key_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A malformed request: the field and a short, safe reason.
+struct Malformed(String);
+
+fn malformed(msg: impl Into<String>) -> Malformed {
+    Malformed(msg.into())
+}
+
+/// A request that passed validation, with its parts borrowed.
+struct Valid<'a> {
+    signed: Signed<'a>,
+    signature: [u8; 32],
+    limits: Vec<(&'a str, &'a str)>,
+    cost: u64,
+}
+
+impl Checker {
+    /// Starts the pipeline. The restart fence is set from `clock` now.
+    pub fn new(settings: CheckSettings, keys: KeyRing, clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        let failures = Gcra::new(
+            settings.failure_limit,
+            duration_nanos(settings.failure_period),
+            settings.failure_limit,
+        );
+        Self {
+            engine: Engine::new(settings.shards, settings.nonce_capacity),
+            fence_secs: fence_for(now),
+            clock,
+            keys,
+            settings,
+            failures,
+        }
+    }
+
+    /// The first whole second a request may be signed in. Timestamps are
+    /// whole seconds, so a request signed in the second this process started
+    /// may predate it; the fence is therefore the *next* whole second.
+    pub fn fence_secs(&self) -> i64 {
+        self.fence_secs
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn settings(&self) -> &CheckSettings {
+        &self.settings
+    }
+
+    /// Runs the whole pipeline for one request.
+    pub fn check(
+        &self,
+        req: &CheckRequest,
+        _caller: &CallerIdentity,
+    ) -> Result<Decision, CheckError> {
+        let now = self.clock.now();
+        let key_id = is_valid_key_id(&req.key_id).then(|| req.key_id.clone());
+        let response = match self.validate(req) {
+            Err(Malformed(msg)) => deny(Reason::Malformed, msg),
+            Ok(valid) => self.decide(req, &valid, now)?,
+        };
+        Ok(Decision { response, key_id })
+    }
+
+    /// Step 1: shape and bounds. Nothing is looked up yet.
+    fn validate<'a>(&self, req: &'a CheckRequest) -> Result<Valid<'a>, Malformed> {
+        if !is_valid_key_id(&req.key_id) {
+            return Err(malformed(
+                "key_id: must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+            ));
+        }
+        if req.method.is_empty()
+            || req.method.len() > MAX_METHOD_BYTES
+            || !req.method.bytes().all(|b| b.is_ascii_alphabetic())
+        {
+            return Err(malformed("method: must be 1 to 16 ASCII letters"));
+        }
+        // Control characters (newlines above all) could shift the fields of
+        // the newline-joined string to sign; they never occur in a real
+        // request line.
+        if !req.path.starts_with('/')
+            || req.path.len() > MAX_PATH_BYTES
+            || req.path.chars().any(char::is_control)
+        {
+            return Err(malformed(
+                "path: must start with '/', at most 8192 bytes, no control characters",
+            ));
+        }
+        if req.query.len() > MAX_QUERY_BYTES || req.query.chars().any(char::is_control) {
+            return Err(malformed(
+                "query: at most 8192 bytes, no control characters",
+            ));
+        }
+        let scheme = Scheme::parse(&req.scheme)
+            .ok_or_else(|| malformed("scheme: must be \"warden-v1\" or \"ts-body\""))?;
+        if req.body.len() > self.settings.max_body_bytes {
+            return Err(malformed(format!(
+                "body: larger than the limit of {} bytes",
+                self.settings.max_body_bytes
+            )));
+        }
+        let body = match (req.body_sha256.len(), scheme) {
+            (0, _) => Body::Bytes(&req.body),
+            (_, Scheme::TsBody) => {
+                return Err(malformed(
+                    "body_sha256: not allowed with scheme \"ts-body\", send the body",
+                ));
+            }
+            (_, _) if !req.body.is_empty() => {
+                return Err(malformed(
+                    "body_sha256: give either body or body_sha256, not both",
+                ));
+            }
+            (32, _) => Body::Sha256(req.body_sha256.as_slice().try_into().expect("length is 32")),
+            _ => return Err(malformed("body_sha256: must be 32 bytes")),
+        };
+        if req.timestamp <= 0 {
+            return Err(malformed("timestamp: must be Unix seconds"));
+        }
+        match scheme {
+            Scheme::WardenV1 if !is_valid_nonce(&req.nonce) => {
+                return Err(malformed(
+                    "nonce: must be 16 to 64 characters of [A-Za-z0-9_-]",
+                ));
+            }
+            Scheme::TsBody if !req.nonce.is_empty() => {
+                return Err(malformed("nonce: must be empty with scheme \"ts-body\""));
+            }
+            _ => {}
+        }
+        let mut signature = [0u8; 32];
+        if req.signature.len() != 64
+            || hex::decode_to_slice(&req.signature, &mut signature).is_err()
+        {
+            return Err(malformed("signature: must be 64 hex characters"));
+        }
+        if req.limits.len() > MAX_LIMITS {
+            return Err(malformed("limits: at most 8"));
+        }
+        let mut limits = Vec::with_capacity(req.limits.len());
+        for l in &req.limits {
+            if !is_valid_name(&l.policy) || self.keys.policy(&l.policy).is_none() {
+                return Err(malformed("limits: unknown policy"));
+            }
+            if l.descriptor.is_empty()
+                || l.descriptor.len() > MAX_DESCRIPTOR_BYTES
+                || l.descriptor.chars().any(char::is_control)
+            {
+                return Err(malformed(
+                    "limits: descriptor must be 1 to 256 bytes, no control characters",
+                ));
+            }
+            let pair = (l.policy.as_str(), l.descriptor.as_str());
+            if limits.contains(&pair) {
+                return Err(malformed("limits: the same policy and descriptor twice"));
+            }
+            limits.push(pair);
+        }
+        if req.cost > MAX_COST {
+            return Err(malformed("cost: at most 1000000"));
+        }
+        if req.request_id.len() > MAX_REQUEST_ID_BYTES
+            || !req.request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(malformed(
+                "request_id: at most 128 printable ASCII characters",
+            ));
+        }
+        Ok(Valid {
+            signed: Signed {
+                scheme,
+                timestamp: req.timestamp,
+                nonce: &req.nonce,
+                method: &req.method,
+                path: &req.path,
+                query: &req.query,
+                body,
+            },
+            signature,
+            limits,
+            cost: u64::from(req.cost.max(1)),
+        })
+    }
+
+    /// Steps 3 to 9 for a well-formed request.
+    fn decide(
+        &self,
+        req: &CheckRequest,
+        valid: &Valid<'_>,
+        now: Nanos,
+    ) -> Result<CheckResponse, CheckError> {
+        // Brute force first: a key id under lockout is not even verified.
+        let failure_key = self.engine.key(req.key_id.as_bytes(), &[b"failures"]);
+        if let Some(wait) = self.locked_out(failure_key, now) {
+            return Ok(deny_with_retry(
+                Reason::LockedOut,
+                wait,
+                "too many failed attempts for this key",
+            ));
+        }
+
+        // Step 3 and 5 share one answer: unknown, revoked and badly signed
+        // all look the same, and take the same time.
+        let message = valid.signed.message();
+        let key = self.keys.key(&req.key_id);
+        let genuine = match key {
+            Some(k) => verify(&k.secrets, &message, &valid.signature),
+            None => verify_nothing(&message, &valid.signature),
+        };
+
+        // Step 4: freshness, and the restart fence.
+        let now_secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
+        let skew = i64::try_from(self.settings.skew.as_secs()).unwrap_or(i64::MAX);
+        let stale = if req.timestamp < self.fence_secs {
+            Some("timestamp: signed before this server started; sign the request again")
+        } else if now_secs.abs_diff(req.timestamp) > skew.unsigned_abs() {
+            Some("timestamp: outside the allowed clock skew")
+        } else {
+            None
+        };
+
+        let key = match (key, genuine) {
+            (Some(k), true) => k,
+            _ => {
+                self.spend_failure(failure_key, now, req.dry_run);
+                return Ok(deny(
+                    Reason::Unauthenticated,
+                    "the request signature could not be verified",
+                ));
+            }
+        };
+        if let Some(msg) = stale {
+            return Ok(deny(Reason::Stale, msg));
+        }
+
+        // Step 6: may this key call this route?
+        let method = req.method.to_ascii_uppercase();
+        if !key.may_call(&method, &req.path) {
+            return Ok(deny(Reason::Forbidden, "this key may not call this route"));
+        }
+
+        // Steps 7 to 9, atomically.
+        self.commit(req, valid, key, now)
+    }
+
+    /// Steps 7 to 9: replay and rate limits in one engine step.
+    fn commit(
+        &self,
+        req: &CheckRequest,
+        valid: &Valid<'_>,
+        key: &ApiKey,
+        now: Nanos,
+    ) -> Result<CheckResponse, CheckError> {
+        let owner = key.id.as_bytes();
+        let replay_key = match valid.signed.scheme {
+            Scheme::WardenV1 => self.engine.key(owner, &[b"nonce", req.nonce.as_bytes()]),
+            Scheme::TsBody => self.engine.key(owner, &[b"signature", &valid.signature]),
+        };
+        // Freshness accepts a timestamp while now < timestamp + skew + 1s;
+        // the replay key must outlive exactly that.
+        let skew_secs = self.settings.skew.as_secs();
+        let forget_at = u64::try_from(req.timestamp)
+            .unwrap_or(0)
+            .saturating_add(skew_secs + 1)
+            .saturating_mul(NANOS_PER_SEC);
+
+        let mut named: Vec<(String, Limit, u64)> =
+            Vec::with_capacity(key.policies.len() + valid.limits.len());
+        let mut limits: Vec<(StateKey, Limit)> = Vec::with_capacity(named.capacity());
+        for p in &key.policies {
+            limits.push((
+                self.engine.key(owner, &[b"policy", p.name.as_bytes()]),
+                p.limit,
+            ));
+            named.push((p.name.clone(), p.limit, p.period.as_secs()));
+        }
+        for &(policy, descriptor) in &valid.limits {
+            let p = self.keys.policy(policy).expect("validated policy");
+            limits.push((
+                self.engine
+                    .key(descriptor.as_bytes(), &[b"limit", policy.as_bytes()]),
+                p.limit,
+            ));
+            named.push((
+                format!("{policy}:{descriptor}"),
+                p.limit,
+                p.period.as_secs(),
+            ));
+        }
+
+        let request = Request {
+            nonce: Some((replay_key, forget_at)),
+            limits: &limits,
+            cost: valid.cost,
+            commit: !req.dry_run,
+        };
+        match self.engine.decide(now, &request) {
+            Outcome::Replay => Ok(deny(Reason::Replay, "this request was already used")),
+            Outcome::NonceSetFull => Err(CheckError::ReplayCacheFull),
+            Outcome::Limited {
+                allowed,
+                limits: verdicts,
+            } => {
+                let statuses = limit_statuses(&named, &verdicts);
+                let headers = rate_limit_headers(&named, &verdicts);
+                let mut response = if allowed {
+                    CheckResponse {
+                        decision: Verdict::Allow as i32,
+                        reason: Reason::Ok as i32,
+                        http_status: 200,
+                        caller: Some(Caller {
+                            key_id: key.id.clone(),
+                            owner: key.owner.clone(),
+                            scopes: key.scopes.clone(),
+                        }),
+                        ..Default::default()
+                    }
+                } else {
+                    let denied = verdicts.iter().filter(|v| !v.allowed);
+                    match denied.map(|v| v.retry_after).collect::<Option<Vec<_>>>() {
+                        Some(waits) => {
+                            let wait = waits.into_iter().max().unwrap_or(0);
+                            deny_with_retry(Reason::RateLimited, wait, "rate limit exceeded")
+                        }
+                        None => deny(
+                            Reason::RateLimited,
+                            "cost: more than a limit allows at once",
+                        ),
+                    }
+                };
+                response.limits = statuses;
+                response.headers.extend(headers);
+                Ok(response)
+            }
+        }
+    }
+
+    /// When the failure budget of `key` is spent: how long until it refills.
+    fn locked_out(&self, key: StateKey, now: Nanos) -> Option<Nanos> {
+        let limits = [(key, Limit::Gcra(self.failures))];
+        let probe = Request {
+            nonce: None,
+            limits: &limits,
+            cost: 1,
+            commit: false,
+        };
+        match self.engine.decide(now, &probe) {
+            Outcome::Limited {
+                allowed: false,
+                limits,
+            } => limits[0].retry_after,
+            _ => None,
+        }
+    }
+
+    fn spend_failure(&self, key: StateKey, now: Nanos, dry_run: bool) {
+        let limits = [(key, Limit::Gcra(self.failures))];
+        let spend = Request {
+            nonce: None,
+            limits: &limits,
+            cost: 1,
+            commit: !dry_run,
+        };
+        self.engine.decide(now, &spend);
+    }
+}
+
+/// See [`Checker::fence_secs`].
+pub fn fence_for(start: Nanos) -> i64 {
+    i64::try_from(start / NANOS_PER_SEC + 1).unwrap_or(i64::MAX)
+}
+
+fn http_status(reason: Reason) -> u32 {
+    match reason {
+        Reason::Ok => 200,
+        Reason::Malformed => 400,
+        Reason::Unauthenticated | Reason::Stale | Reason::Replay => 401,
+        Reason::Forbidden => 403,
+        Reason::RateLimited | Reason::LockedOut => 429,
+        Reason::Unspecified => 500,
+    }
+}
+
+fn deny(reason: Reason, message: impl Into<String>) -> CheckResponse {
+    CheckResponse {
+        decision: Verdict::Deny as i32,
+        reason: reason as i32,
+        http_status: http_status(reason),
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+fn deny_with_retry(reason: Reason, wait: Nanos, message: &str) -> CheckResponse {
+    let mut response = deny(reason, message);
+    response.retry_after_ms = ceil_millis(wait);
+    response.headers.insert(
+        "Retry-After".to_owned(),
+        wait.div_ceil(NANOS_PER_SEC).to_string(),
+    );
+    response
+}
+
+fn limit_statuses(named: &[(String, Limit, u64)], verdicts: &[LimitVerdict]) -> Vec<LimitStatus> {
+    named
+        .iter()
+        .zip(verdicts)
+        .map(|((name, limit, _), v)| LimitStatus {
+            name: name.clone(),
+            limit: limit.limit(),
+            remaining: v.remaining,
+            reset_after_ms: ceil_millis(v.reset_after),
+        })
+        .collect()
+}
+
+/// `RateLimit-Policy` and `RateLimit` (IETF httpapi ratelimit-headers draft):
+/// every limit's quota and window, and every limit's remaining quota and
+/// seconds to reset. Request-limit descriptors are not echoed to clients.
+fn rate_limit_headers(
+    named: &[(String, Limit, u64)],
+    verdicts: &[LimitVerdict],
+) -> HashMap<String, String> {
+    if named.is_empty() {
+        return HashMap::new();
+    }
+    let public = |name: &str| name.split(':').next().unwrap_or(name).to_owned();
+    let policy = named
+        .iter()
+        .map(|(name, limit, period)| {
+            format!("\"{}\";q={};w={}", public(name), limit.limit(), period)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let state = named
+        .iter()
+        .zip(verdicts)
+        .map(|((name, _, _), v)| {
+            format!(
+                "\"{}\";r={};t={}",
+                public(name),
+                v.remaining,
+                v.reset_after.div_ceil(NANOS_PER_SEC)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    HashMap::from([
+        ("RateLimit-Policy".to_owned(), policy),
+        ("RateLimit".to_owned(), state),
+    ])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Pipeline tests with an injected clock.

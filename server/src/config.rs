@@ -1,0 +1,607 @@
+//! The config file (`warden serve --config warden.toml`) and its validation.
+//!
+//! Every problem is reported as one line naming the field, e.g.
+//! `policies[1].limit: must be at least 1`, so an operator can fix it without
+//! reading code. Paths in the file are relative to the file's directory.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
+
+/// A config problem, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(field: impl std::fmt::Display, msg: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{field}: {msg}"))
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Address to serve on. Default 127.0.0.1:50051.
+    pub listen: Option<String>,
+    /// Serve without TLS. Refused unless `listen` is a loopback address.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    pub tls: Option<TlsFile>,
+    #[serde(default)]
+    pub check: CheckFile,
+    #[serde(default)]
+    pub policies: Vec<PolicyFile>,
+    #[serde(default)]
+    pub keys: Vec<KeyFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckFile {
+    /// Allowed clock difference between client and server. Default "300s".
+    pub skew: Option<String>,
+    /// Largest body accepted in a CheckRequest. Default 1048576 (1 MiB).
+    pub max_body_bytes: Option<usize>,
+    /// Most nonces remembered at once. Default 10000000.
+    pub nonce_capacity: Option<usize>,
+    /// Number of state shards (rounded up to a power of two). Default 64.
+    pub shards: Option<usize>,
+    /// Failed signatures / unknown-key attempts allowed per key id per
+    /// `failure_period` before LOCKED_OUT. Default 20.
+    pub failure_limit: Option<u64>,
+    /// Default "60s".
+    pub failure_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub name: String,
+    /// "gcra" (default), "sliding_window" or "fixed_window".
+    pub algorithm: Option<String>,
+    /// Requests allowed per period.
+    pub limit: u64,
+    /// e.g. "1s", "500ms", "1m", "1h".
+    pub period: String,
+    /// GCRA only: requests allowed at once. Default `limit`.
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub id: String,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Names of policies every request with this key counts against.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Active HMAC secrets; any of them verifies (rotation).
+    #[serde(default)]
+    pub secrets: Vec<SecretFile>,
+    /// When set, the key may only call these routes: "METHOD /path", with
+    /// `*` as the method for any method and a trailing `*` for a path prefix.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// A revoked key answers exactly like an unknown one.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// Where a secret comes from. The HMAC key is the UTF-8 bytes of the value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretFile {
+    /// The secret itself, in the file (development only).
+    pub value: Option<String>,
+    /// Name of an environment variable holding the secret.
+    pub env: Option<String>,
+    /// Path of a file holding the secret (trailing newline ignored).
+    pub file: Option<PathBuf>,
+}
+
+/// A named rate limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub limit: Limit,
+    pub period: Duration,
+}
+
+/// One key as configured, secrets resolved.
+#[derive(Clone, Debug)]
+pub struct KeyConfig {
+    pub id: String,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub policies: Vec<String>,
+    pub secrets: Vec<crate::keys::Secret>,
+    pub routes: Vec<crate::keys::Route>,
+    pub revoked: bool,
+}
+
+/// Where the server's TLS material lives.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Settings of the check pipeline.
+#[derive(Clone, Debug)]
+pub struct CheckSettings {
+    pub skew: Duration,
+    pub max_body_bytes: usize,
+    pub nonce_capacity: usize,
+    pub shards: usize,
+    pub failure_limit: u64,
+    pub failure_period: Duration,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        Self {
+            skew: Duration::from_secs(300),
+            max_body_bytes: 1024 * 1024,
+            nonce_capacity: 10_000_000,
+            shards: 64,
+            failure_limit: 20,
+            failure_period: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A validated configuration, ready to serve.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None` only when serving plaintext on loopback.
+    pub tls: Option<TlsPaths>,
+    pub check: CheckSettings,
+    pub policies: Vec<Policy>,
+    pub keys: Vec<KeyConfig>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Bounds that keep a config from asking for absurd state.
+const MAX_POLICY_LIMIT: u64 = u32::MAX as u64;
+const MAX_NAME_LEN: usize = 64;
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let file: File = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates a parsed file. `env` looks up environment variables (a
+    /// parameter so tests need not touch the process environment).
+    pub fn from_file(
+        file: File,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            bad(
+                "listen",
+                format!("{listen_text:?} is not an IP:port address"),
+            )
+        })?;
+        let tls = match (file.tls, file.insecure_plaintext) {
+            (Some(_), true) => {
+                return Err(bad(
+                    "insecure_plaintext",
+                    "cannot be combined with a [tls] section",
+                ));
+            }
+            (None, true) if !listen.ip().is_loopback() => {
+                return Err(bad(
+                    "insecure_plaintext",
+                    "plaintext is only allowed on a loopback address",
+                ));
+            }
+            (None, true) => None,
+            (None, false) => {
+                return Err(bad(
+                    "tls",
+                    "missing: give cert, key and client_ca (or insecure_plaintext = true on loopback)",
+                ));
+            }
+            (Some(t), false) => Some(TlsPaths {
+                cert: base.join(t.cert),
+                key: base.join(t.key),
+                client_ca: base.join(t.client_ca),
+            }),
+        };
+        let check = check_settings(file.check)?;
+
+        let mut policies = Vec::with_capacity(file.policies.len());
+        let mut names = HashSet::new();
+        for (i, p) in file.policies.into_iter().enumerate() {
+            let field = format!("policies[{i}]");
+            let policy = policy(&field, p)?;
+            if !names.insert(policy.name.clone()) {
+                return Err(bad(
+                    format!("{field}.name"),
+                    format!("duplicate policy {:?}", policy.name),
+                ));
+            }
+            policies.push(policy);
+        }
+
+        let mut keys = Vec::with_capacity(file.keys.len());
+        let mut ids = HashSet::new();
+        for (i, k) in file.keys.into_iter().enumerate() {
+            let field = format!("keys[{i}]");
+            let key = key(&field, k, &names, base, env)?;
+            if !ids.insert(key.id.clone()) {
+                return Err(bad(
+                    format!("{field}.id"),
+                    format!("duplicate key id {:?}", key.id),
+                ));
+            }
+            keys.push(key);
+        }
+        Ok(Self {
+            listen,
+            tls,
+            check,
+            policies,
+            keys,
+        })
+    }
+}
+
+/// Turns a TOML error into one line: file, line, the offending line's text
+/// (which names the field) and the reason.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let reason = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            ConfigError(format!(
+                "{} line {line_no} ({line}): {reason}",
+                path.display()
+            ))
+        }
+        None => ConfigError(format!("{}: {reason}", path.display())),
+    }
+}
+
+fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
+    let d = CheckSettings::default();
+    let skew = match c.skew {
+        Some(s) => parse_duration("check.skew", &s)?,
+        None => d.skew,
+    };
+    if skew < Duration::from_secs(1) || skew > Duration::from_secs(3600) {
+        return Err(bad("check.skew", "must be between 1s and 1h"));
+    }
+    let max_body_bytes = c.max_body_bytes.unwrap_or(d.max_body_bytes);
+    if max_body_bytes == 0 || max_body_bytes > 64 * 1024 * 1024 {
+        return Err(bad(
+            "check.max_body_bytes",
+            "must be between 1 and 67108864",
+        ));
+    }
+    let nonce_capacity = c.nonce_capacity.unwrap_or(d.nonce_capacity);
+    if nonce_capacity == 0 || nonce_capacity > 1_000_000_000 {
+        return Err(bad(
+            "check.nonce_capacity",
+            "must be between 1 and 1000000000",
+        ));
+    }
+    let shards = c.shards.unwrap_or(d.shards);
+    if shards == 0 || shards > 65_536 {
+        return Err(bad("check.shards", "must be between 1 and 65536"));
+    }
+    let failure_limit = c.failure_limit.unwrap_or(d.failure_limit);
+    if failure_limit == 0 || failure_limit > 1_000_000 {
+        return Err(bad("check.failure_limit", "must be between 1 and 1000000"));
+    }
+    let failure_period = match c.failure_period {
+        Some(s) => parse_duration("check.failure_period", &s)?,
+        None => d.failure_period,
+    };
+    Ok(CheckSettings {
+        skew,
+        max_body_bytes,
+        nonce_capacity,
+        shards,
+        failure_limit,
+        failure_period,
+    })
+}
+
+fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
+    if !is_valid_name(&p.name) {
+        return Err(bad(
+            format!("{field}.name"),
+            format!("must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"),
+        ));
+    }
+    if p.limit == 0 || p.limit > MAX_POLICY_LIMIT {
+        return Err(bad(
+            format!("{field}.limit"),
+            format!("must be between 1 and {MAX_POLICY_LIMIT}"),
+        ));
+    }
+    let period = parse_duration(&format!("{field}.period"), &p.period)?;
+    if period < Duration::from_millis(1) || period > Duration::from_secs(366 * 24 * 3600) {
+        return Err(bad(
+            format!("{field}.period"),
+            "must be between 1ms and 366 days",
+        ));
+    }
+    let algorithm = p.algorithm.as_deref().unwrap_or("gcra");
+    let period_ns = duration_nanos(period);
+    let limit = match algorithm {
+        "gcra" => {
+            let burst = p.burst.unwrap_or(p.limit);
+            if burst == 0 || burst > MAX_POLICY_LIMIT {
+                return Err(bad(
+                    format!("{field}.burst"),
+                    format!("must be between 1 and {MAX_POLICY_LIMIT}"),
+                ));
+            }
+            Limit::Gcra(Gcra::new(p.limit, period_ns, burst))
+        }
+        "sliding_window" | "fixed_window" => {
+            if p.burst.is_some() {
+                return Err(bad(
+                    format!("{field}.burst"),
+                    "only applies to algorithm \"gcra\"",
+                ));
+            }
+            let kind = if algorithm == "fixed_window" {
+                WindowKind::Fixed
+            } else {
+                WindowKind::Sliding
+            };
+            Limit::Window(Window::new(kind, p.limit, period_ns))
+        }
+        other => {
+            return Err(bad(
+                format!("{field}.algorithm"),
+                format!("{other:?} is not one of \"gcra\", \"sliding_window\", \"fixed_window\""),
+            ));
+        }
+    };
+    Ok(Policy {
+        name: p.name,
+        limit,
+        period,
+    })
+}
+
+fn key(
+    field: &str,
+    k: KeyFile,
+    policies: &HashSet<String>,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<KeyConfig, ConfigError> {
+    if !crate::keys::is_valid_key_id(&k.id) {
+        return Err(bad(
+            format!("{field}.id"),
+            "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+        ));
+    }
+    for (j, name) in k.policies.iter().enumerate() {
+        if !policies.contains(name) {
+            return Err(bad(
+                format!("{field}.policies[{j}]"),
+                format!("unknown policy {name:?}"),
+            ));
+        }
+    }
+    let unique: HashSet<&String> = k.policies.iter().collect();
+    if unique.len() != k.policies.len() {
+        return Err(bad(format!("{field}.policies"), "a policy is listed twice"));
+    }
+    if k.secrets.is_empty() && !k.revoked {
+        return Err(bad(
+            format!("{field}.secrets"),
+            "at least one secret is required",
+        ));
+    }
+    let mut secrets = Vec::with_capacity(k.secrets.len());
+    for (j, s) in k.secrets.into_iter().enumerate() {
+        let f = format!("{field}.secrets[{j}]");
+        let value = match (s.value, s.env, s.file) {
+            (Some(v), None, None) => v,
+            (None, Some(name), None) => env(&name)
+                .ok_or_else(|| bad(&f, format!("environment variable {name} is not set")))?,
+            (None, None, Some(path)) => {
+                let path = base.join(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| bad(&f, format!("cannot read {}: {e}", path.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned()
+            }
+            _ => return Err(bad(&f, "give exactly one of value, env or file")),
+        };
+        if value.len() < 32 {
+            // Never print the value, only what is wrong with it.
+            return Err(bad(&f, "a secret must be at least 32 bytes"));
+        }
+        secrets.push(crate::keys::Secret::new(value.into_bytes()));
+    }
+    let mut routes = Vec::with_capacity(k.routes.len());
+    for (j, r) in k.routes.iter().enumerate() {
+        routes.push(
+            crate::keys::Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg))?,
+        );
+    }
+    Ok(KeyConfig {
+        id: k.id,
+        owner: k.owner,
+        scopes: k.scopes,
+        policies: k.policies,
+        secrets,
+        routes,
+        revoked: k.revoked,
+    })
+}
+
+/// Policy and descriptor names: short, printable, unambiguous in headers.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Parses "250ms", "30s", "5m", "1h" (a whole number and a unit).
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        bad(
+            field,
+            format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\" or \"1h\""),
+        )
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(bad(
+                field,
+                format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\" or \"1h\""),
+            ));
+        }
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError(e.message().to_owned()))?;
+        Config::from_file(file, Path::new("/etc/warden"), &|name| {
+            (name == "SECRET_A").then(|| "a".repeat(40))
+        })
+    }
+
+    const TLS: &str = "[tls]\ncert = \"s.pem\"\nkey = \"s-key.pem\"\nclient_ca = \"ca.pem\"\n";
+
+    #[test]
+    fn a_full_config_validates_and_resolves_secrets() {
+        let cfg = parse(&format!(
+            "listen = \"0.0.0.0:7000\"\n{TLS}\n[[policies]]\nname = \"std\"\nlimit = 10\nperiod = \"1s\"\n\n[[keys]]\nid = \"k1\"\npolicies = [\"std\"]\nsecrets = [{{ env = \"SECRET_A\" }}]\nroutes = [\"POST /hooks/*\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 7000);
+        assert_eq!(cfg.tls.unwrap().cert, Path::new("/etc/warden/s.pem"));
+        assert_eq!(cfg.keys[0].secrets.len(), 1);
+        assert_eq!(cfg.policies[0].limit.limit(), 10);
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let cases = [
+            (
+                format!("{TLS}[[policies]]\nname = \"p\"\nlimit = 0\nperiod = \"1s\"\n"),
+                "policies[0].limit",
+            ),
+            (
+                format!("{TLS}[[policies]]\nname = \"p\"\nlimit = 1\nperiod = \"soon\"\n"),
+                "policies[0].period",
+            ),
+            (
+                format!(
+                    "{TLS}[[policies]]\nname = \"p\"\nlimit = 1\nperiod = \"1s\"\nalgorithm = \"leaky\"\n"
+                ),
+                "policies[0].algorithm",
+            ),
+            (
+                format!(
+                    "{TLS}[[keys]]\nid = \"k\"\npolicies = [\"nope\"]\nsecrets = [{{ env = \"SECRET_A\" }}]\n"
+                ),
+                "keys[0].policies[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ env = \"MISSING\" }}]\n"),
+                "keys[0].secrets[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ value = \"short\" }}]\n"),
+                "keys[0].secrets[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"bad id\"\nsecrets = [{{ env = \"SECRET_A\" }}]\n"),
+                "keys[0].id",
+            ),
+            (format!("{TLS}[check]\nskew = \"0s\"\n"), "check.skew"),
+            ("listen = \"nowhere\"\n".to_owned(), "listen"),
+            ("".to_owned(), "tls"),
+            (
+                "listen = \"10.0.0.1:1\"\ninsecure_plaintext = true\n".to_owned(),
+                "insecure_plaintext",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err:?} should name {field}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_secret_is_rejected_without_echoing_it() {
+        let err = parse(&format!(
+            "{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ value = \"hunter2\" }}]\n"
+        ))
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn plaintext_is_allowed_on_loopback_only() {
+        assert!(parse("insecure_plaintext = true\n").unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(
+            parse_duration("f", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("f", "2 weeks").is_err());
+        assert!(parse_duration("f", "").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! `warden serve --dev`: a throwaway CA, server and client certificates and a
+//! demo key in one directory, so that the very first run is already mTLS.
+//!
+//! Re-running reuses what is there; only the address in `demo-key.json` is
+//! rewritten. The certificate helpers are public because tests use them to
+//! make CAs and certificates of their own.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{CheckSettings, Config, KeyConfig, Policy, TlsPaths};
+use crate::engine::clock::duration_nanos;
+use crate::engine::{Gcra, Limit, Window, WindowKind};
+use crate::keys::Secret;
+
+pub const DEFAULT_DIR: &str = "./warden-dev";
+
+/// The demo key file, `demo-key.json`. The HMAC key is the UTF-8 bytes of
+/// `secret`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DemoKey {
+    pub address: String,
+    pub key_id: String,
+    pub secret: String,
+    /// The policy the demo key counts against.
+    #[serde(default)]
+    pub policy: String,
+}
+
+/// A CA that can issue certificates (tests use it too).
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(Self { issuer })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Issues a server certificate for `names` (DNS names or IP addresses).
+    /// Returns (certificate PEM, key PEM).
+    pub fn server_cert(&self, names: &[&str]) -> Result<(String, String), rcgen::Error> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("warden"),
+        );
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    /// Issues a client certificate with the given subject CN and SANs
+    /// (`spiffe://...` strings become URI SANs, others DNS SANs).
+    pub fn client_cert(&self, cn: &str, sans: &[&str]) -> Result<(String, String), rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        for san in sans {
+            params.subject_alt_names.push(if san.contains("://") {
+                SanType::URI((*san).try_into()?)
+            } else {
+                SanType::DnsName((*san).try_into()?)
+            });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, mut params: CertificateParams) -> Result<(String, String), rcgen::Error> {
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// What `serve --dev` set up.
+#[derive(Debug)]
+pub struct DevSetup {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub demo: DemoKey,
+}
+
+/// Why the dev directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("dev directory {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot generate dev certificates: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("{path} is not a valid demo key file: {source}")]
+    DemoKey {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+const FILES: [&str; 5] = [
+    "ca.pem",
+    "server.pem",
+    "server-key.pem",
+    "client.pem",
+    "client-key.pem",
+];
+
+/// Creates (or reuses) the dev directory and returns the config to serve.
+pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if !FILES.iter().all(|f| dir.join(f).exists()) {
+        let ca = Ca::new("warden dev CA")?;
+        let (server, server_key) = ca.server_cert(&["localhost", "127.0.0.1"])?;
+        let (client, client_key) =
+            ca.client_cert("warden-dev-client", &["spiffe://warden.dev/client"])?;
+        write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
+        write_file(&dir.join("server.pem"), server.as_bytes())?;
+        write_file(&dir.join("server-key.pem"), server_key.as_bytes())?;
+        write_file(&dir.join("client.pem"), client.as_bytes())?;
+        write_file(&dir.join("client-key.pem"), client_key.as_bytes())?;
+    }
+
+    let demo_path = dir.join("demo-key.json");
+    let demo = match std::fs::read(&demo_path) {
+        Ok(bytes) => {
+            serde_json::from_slice::<DemoKey>(&bytes).map_err(|source| DevError::DemoKey {
+                path: demo_path.display().to_string(),
+                source,
+            })?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DemoKey {
+            address: listen.to_string(),
+            key_id: format!("wk_demo_{}", random_hex(4)),
+            secret: format!("wsk_{}", random_hex(32)),
+            policy: "demo".to_owned(),
+        },
+        Err(e) => return Err(io(&demo_path)(e)),
+    };
+
+    let policies = vec![
+        Policy {
+            name: "demo".to_owned(),
+            limit: Limit::Gcra(Gcra::new(100, duration_nanos(Duration::from_secs(60)), 100)),
+            period: Duration::from_secs(60),
+        },
+        Policy {
+            name: "per-ip".to_owned(),
+            limit: Limit::Window(Window::new(
+                WindowKind::Sliding,
+                30,
+                duration_nanos(Duration::from_secs(60)),
+            )),
+            period: Duration::from_secs(60),
+        },
+    ];
+    let key = KeyConfig {
+        id: demo.key_id.clone(),
+        owner: "demo".to_owned(),
+        scopes: vec!["demo".to_owned()],
+        policies: vec!["demo".to_owned()],
+        secrets: vec![Secret::new(demo.secret.clone().into_bytes())],
+        routes: Vec::new(),
+        revoked: false,
+    };
+    let config = Config {
+        listen,
+        tls: Some(TlsPaths {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca: dir.join("ca.pem"),
+        }),
+        check: CheckSettings::default(),
+        policies,
+        keys: vec![key],
+    };
+    Ok(DevSetup {
+        dir: dir.to_owned(),
+        config,
+        demo,
+    })
+}
+
+/// Records the address actually bound (the port may have been 0).
+pub fn record_address(setup: &mut DevSetup, address: SocketAddr) -> Result<(), DevError> {
+    setup.demo.address = address.to_string();
+    let json = serde_json::to_vec_pretty(&setup.demo).expect("plain struct serializes");
+    write_file(&setup.dir.join("demo-key.json"), &json)
+}
+
+/// Writes a file readable by its owner only, atomically (temp + rename), so
+/// a reader never sees half a file and a crash never leaves one.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    hex::encode(buf)
+}

@@ -1,0 +1,182 @@
+//! API keys as the check pipeline sees them: who owns a key, which secrets
+//! verify its signatures, which policies it counts against and which routes it
+//! may call.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::{KeyConfig, Policy};
+
+/// An HMAC secret. Its bytes never appear in `Debug` output, logs or errors.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A route a key may call: a method (or any) and a path (exact, or a prefix
+/// when written with a trailing `*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    method: Option<String>,
+    path: String,
+    prefix: bool,
+}
+
+impl Route {
+    /// Parses "POST /webhooks/billing", "GET /v1/*" or "* /health".
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (method, path) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("{text:?} is not \"METHOD /path\""))?;
+        let path = path.trim();
+        if !path.starts_with('/') {
+            return Err(format!("{text:?}: the path must start with '/'"));
+        }
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Some(m.to_ascii_uppercase())
+            }
+            _ => return Err(format!("{text:?}: the method must be letters or '*'")),
+        };
+        let (path, prefix) = match path.strip_suffix('*') {
+            Some(p) => (p.to_owned(), true),
+            None => (path.to_owned(), false),
+        };
+        Ok(Self {
+            method,
+            path,
+            prefix,
+        })
+    }
+
+    /// Whether a request with this (uppercase) method and path is allowed.
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        let method_ok = self.method.as_deref().is_none_or(|m| m == method);
+        let path_ok = if self.prefix {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        };
+        method_ok && path_ok
+    }
+}
+
+/// One API key, ready for the hot path.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: String,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    /// Any of these verifies a signature (several during rotation).
+    pub secrets: Vec<Secret>,
+    /// The key's own limits, in configured order.
+    pub policies: Vec<Arc<Policy>>,
+    /// Empty means every route.
+    pub routes: Vec<Route>,
+}
+
+impl ApiKey {
+    pub fn may_call(&self, method: &str, path: &str) -> bool {
+        self.routes.is_empty() || self.routes.iter().any(|r| r.allows(method, path))
+    }
+}
+
+/// Every active key and policy, by name. Revoked keys are simply absent, so
+/// they answer exactly as unknown ones do.
+#[derive(Debug, Default)]
+pub struct KeyRing {
+    keys: HashMap<String, Arc<ApiKey>>,
+    policies: HashMap<String, Arc<Policy>>,
+}
+
+impl KeyRing {
+    /// Builds the ring from validated config (policies referenced by keys
+    /// exist; the config check guarantees it).
+    pub fn new(policies: &[Policy], keys: &[KeyConfig]) -> Self {
+        let policies: HashMap<String, Arc<Policy>> = policies
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(p.clone())))
+            .collect();
+        let keys = keys
+            .iter()
+            .filter(|k| !k.revoked)
+            .map(|k| {
+                let key = ApiKey {
+                    id: k.id.clone(),
+                    owner: k.owner.clone(),
+                    scopes: k.scopes.clone(),
+                    secrets: k.secrets.clone(),
+                    policies: k
+                        .policies
+                        .iter()
+                        .filter_map(|name| policies.get(name).cloned())
+                        .collect(),
+                    routes: k.routes.clone(),
+                };
+                (k.id.clone(), Arc::new(key))
+            })
+            .collect();
+        Self { keys, policies }
+    }
+
+    pub fn key(&self, id: &str) -> Option<&Arc<ApiKey>> {
+        self.keys.get(id)
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(name)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// Key ids: 1 to 128 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_key_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_method_and_exact_or_prefix_path() {
+        let exact = Route::parse("POST /webhooks/billing").unwrap();
+        assert!(exact.allows("POST", "/webhooks/billing"));
+        assert!(!exact.allows("GET", "/webhooks/billing"));
+        assert!(!exact.allows("POST", "/webhooks/billing/x"));
+        let prefix = Route::parse("* /v1/*").unwrap();
+        assert!(prefix.allows("DELETE", "/v1/orders"));
+        assert!(!prefix.allows("GET", "/v2/orders"));
+        assert!(Route::parse("POST webhooks").is_err());
+        assert!(Route::parse("/only-a-path").is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let s = Secret::new(b"top-secret-bytes".to_vec());
+        assert!(!format!("{s:?}").contains("top-secret"));
+    }
+}

@@ -1,0 +1,150 @@
+//! Verifying request signatures. The canonical strings come from
+//! `warden_client::signing`, the one implementation signers use too, so the
+//! two sides cannot drift apart.
+
+use subtle::{Choice, ConstantTimeEq};
+use warden_client::signing::{
+    body_sha256, hmac_sha256, ts_body_string_to_sign, warden_v1_string_to_sign,
+};
+
+use crate::keys::Secret;
+
+pub use warden_client::signing::{SCHEME_TS_BODY, SCHEME_WARDEN_V1, is_valid_nonce};
+
+/// A signing scheme of `proto/SIGNING.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    WardenV1,
+    TsBody,
+}
+
+impl Scheme {
+    /// Parses the wire name; empty means the default, `warden-v1`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "" | SCHEME_WARDEN_V1 => Some(Self::WardenV1),
+            SCHEME_TS_BODY => Some(Self::TsBody),
+            _ => None,
+        }
+    }
+}
+
+/// The body as the gateway gave it: the bytes, or only their SHA-256.
+#[derive(Clone, Copy, Debug)]
+pub enum Body<'a> {
+    Bytes(&'a [u8]),
+    Sha256(&'a [u8; 32]),
+}
+
+/// Everything that goes into a signature.
+#[derive(Clone, Copy, Debug)]
+pub struct Signed<'a> {
+    pub scheme: Scheme,
+    pub timestamp: i64,
+    pub nonce: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub body: Body<'a>,
+}
+
+impl Signed<'_> {
+    /// The exact bytes the client signed. `TsBody` always carries the body
+    /// bytes (request validation guarantees it).
+    pub fn message(&self) -> Vec<u8> {
+        match self.scheme {
+            Scheme::WardenV1 => {
+                let digest = match self.body {
+                    Body::Bytes(b) => body_sha256(b),
+                    Body::Sha256(d) => *d,
+                };
+                warden_v1_string_to_sign(
+                    self.timestamp,
+                    self.nonce,
+                    self.method,
+                    self.path,
+                    self.query,
+                    &digest,
+                )
+                .into_bytes()
+            }
+            Scheme::TsBody => match self.body {
+                Body::Bytes(b) => ts_body_string_to_sign(self.timestamp, b),
+                Body::Sha256(_) => ts_body_string_to_sign(self.timestamp, b""),
+            },
+        }
+    }
+}
+
+/// Whether `signature` is the HMAC of `message` under any of `secrets`.
+/// Every secret is tried and compared in constant time, so neither the
+/// outcome nor which secret matched shows in the timing.
+pub fn verify(secrets: &[Secret], message: &[u8], signature: &[u8; 32]) -> bool {
+    let mut matched = Choice::from(0);
+    for secret in secrets {
+        matched |= hmac_sha256(secret.expose(), message).ct_eq(signature);
+    }
+    matched.into()
+}
+
+/// Burns the time of one verification, for requests whose key is unknown,
+/// so that an unknown key and a bad signature take the same time.
+pub fn verify_nothing(message: &[u8], signature: &[u8; 32]) -> bool {
+    let decoy = Secret::new(vec![0x5a; 32]);
+    let _ = verify(std::slice::from_ref(&decoy), message, signature);
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared vectors, computed by an independent implementation from the
+    /// text of DESIGN.md; `proto/SIGNING.md` publishes them.
+    #[test]
+    fn every_published_vector_verifies_and_a_flipped_bit_does_not() {
+        let text = include_str!("../../proto/signing-vectors.json");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        let vectors = doc["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 5);
+        for v in vectors {
+            let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+            let scheme = Scheme::parse(&s("scheme")).unwrap();
+            let body = hex::decode(s("body_hex")).unwrap();
+            let (nonce, method, path, query) = (s("nonce"), s("method"), s("path"), s("query"));
+            let signed = Signed {
+                scheme,
+                timestamp: v["timestamp"].as_i64().unwrap(),
+                nonce: &nonce,
+                method: &method,
+                path: &path,
+                query: &query,
+                body: Body::Bytes(&body),
+            };
+            let message = signed.message();
+            match scheme {
+                Scheme::WardenV1 => {
+                    assert_eq!(
+                        String::from_utf8(message.clone()).unwrap(),
+                        s("string_to_sign")
+                    );
+                    assert_eq!(
+                        warden_client::signing::canonical_query(&query),
+                        s("canonical_query")
+                    );
+                }
+                Scheme::TsBody => assert_eq!(hex::encode(&message), s("string_to_sign_hex")),
+            }
+            let mut signature: [u8; 32] = hex::decode(s("signature")).unwrap().try_into().unwrap();
+            // The right secret second: a rotated-in secret verifies too.
+            let secrets = [
+                Secret::new(b"some-other-secret-of-32-bytes-or-more".to_vec()),
+                Secret::new(s("secret").into_bytes()),
+            ];
+            assert!(verify(&secrets, &message, &signature), "vector {v}");
+            assert!(!verify(&secrets[..1], &message, &signature));
+            signature[0] ^= 1;
+            assert!(!verify(&secrets, &message, &signature));
+        }
+    }
+}
