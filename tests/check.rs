@@ -1,1 +1,392 @@
-//! End-to-end tests (being written).
+//! End to end: the real `warden` binary, real mTLS, the `Check` contract.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use support::{ConfigDir, SECRET, Server};
+use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, Reason};
+use warden_client::signing::{Signer, check_request_from, unix_now};
+
+fn assert_reason(r: &CheckResponse, reason: Reason) {
+    assert_eq!(r.reason(), reason, "response: {r:?}");
+    let expected = if reason == Reason::Ok {
+        Decision::Allow
+    } else {
+        Decision::Deny
+    };
+    assert_eq!(r.decision(), expected, "response: {r:?}");
+}
+
+#[tokio::test]
+async fn a_valid_signed_request_is_allowed_and_names_the_caller() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    let r = client
+        .check(signer.check_request("POST", "/v1/orders", "b=2&a=1", br#"{"qty":1}"#))
+        .await
+        .unwrap();
+    assert_reason(&r, Reason::Ok);
+    assert_eq!(r.http_status, 200);
+    let caller = r.caller.unwrap();
+    assert_eq!(caller.key_id, signer.key_id());
+    assert_eq!(caller.owner, "demo");
+    assert_eq!(r.limits[0].name, "demo");
+    assert_eq!(r.limits[0].remaining, 99);
+    assert!(r.headers["RateLimit-Policy"].contains("\"demo\";q=100;w=60"));
+}
+
+#[tokio::test]
+async fn tampering_with_any_signed_part_is_unauthenticated() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    let tampers: [(&str, fn(&mut CheckRequest)); 6] = [
+        ("body", |r| r.body = b"{\"qty\":1000}".to_vec()),
+        ("path", |r| r.path = "/v1/admin".into()),
+        ("query", |r| r.query = "b=2&a=2".into()),
+        ("method", |r| r.method = "DELETE".into()),
+        ("timestamp", |r| r.timestamp -= 1),
+        ("signature", |r| {
+            r.signature = r.signature.chars().rev().collect()
+        }),
+    ];
+    for (what, tamper) in tampers {
+        let mut req = signer.check_request("POST", "/v1/orders", "a=1&b=2", b"{\"qty\":1}");
+        tamper(&mut req);
+        let r = client.check(req).await.unwrap();
+        assert_reason(&r, Reason::Unauthenticated);
+        assert_eq!(r.http_status, 401, "{what}");
+        assert!(r.caller.is_none());
+    }
+    // Reordering the query is not tampering: it is signed canonically.
+    let mut req = signer.check_request("POST", "/v1/orders", "a=1&b=2", b"{\"qty\":1}");
+    req.query = "b=2&a=1".into();
+    assert_reason(&client.check(req).await.unwrap(), Reason::Ok);
+}
+
+#[tokio::test]
+async fn old_and_future_timestamps_are_stale() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    for offset in [-301, 301, -100_000] {
+        let h = signer.sign_at(
+            unix_now() + offset,
+            &warden_client::signing::new_nonce(),
+            "GET",
+            "/x",
+            "",
+            b"",
+        );
+        let r = client
+            .check(check_request_from(&h, "warden-v1", "GET", "/x", "", b""))
+            .await
+            .unwrap();
+        assert_reason(&r, Reason::Stale);
+        assert_eq!(r.http_status, 401);
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_nonce_is_refused() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let req = server.signer().check_request("POST", "/pay", "", b"100");
+    assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
+    let r = client.check(req).await.unwrap();
+    assert_reason(&r, Reason::Replay);
+    assert_eq!(r.http_status, 401);
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_identical_requests_have_exactly_one_winner() {
+    let server = Server::dev();
+    // Several connections, so the race crosses HTTP/2 connections and threads.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(server.client().await);
+    }
+    let req = server
+        .signer()
+        .check_request("POST", "/transfer", "", b"{\"amount\":5}");
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let req = req.clone();
+            tokio::spawn(async move { client.check(req).await.unwrap() })
+        })
+        .collect();
+    let mut reasons = Vec::new();
+    for t in tasks {
+        reasons.push(t.await.unwrap().reason());
+    }
+    assert_eq!(reasons.iter().filter(|r| **r == Reason::Ok).count(), 1);
+    assert_eq!(
+        reasons.iter().filter(|r| **r == Reason::Replay).count(),
+        999
+    );
+}
+
+const TIGHT: &str = r#"
+[[policies]]
+name = "tight"
+limit = 5
+period = "1s"
+
+[[policies]]
+name = "plenty"
+algorithm = "sliding_window"
+limit = 1000
+period = "1m"
+
+[[keys]]
+id = "wk_tight"
+owner = "acme"
+scopes = ["orders:write"]
+policies = ["tight"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+"#;
+
+#[tokio::test]
+async fn exhausting_a_policy_is_rate_limited_and_a_denial_takes_nothing() {
+    let dir = ConfigDir::new();
+    let server = dir.start(TIGHT);
+    let mut client = dir.client(&server).await;
+    let signer = Signer::new("wk_tight", SECRET);
+    let with_plenty = |mut r: CheckRequest| {
+        r.limits = vec![LimitRequest {
+            policy: "plenty".into(),
+            descriptor: "ip:203.0.113.7".into(),
+        }];
+        r
+    };
+
+    for expected_remaining in (0..5).rev() {
+        let r = client
+            .check(with_plenty(signer.check_request("GET", "/a", "", b"")))
+            .await
+            .unwrap();
+        assert_reason(&r, Reason::Ok);
+        assert_eq!(r.limits[0].remaining, expected_remaining);
+    }
+    let denied_req = with_plenty(signer.check_request("GET", "/a", "", b""));
+    let denied = client.check(denied_req.clone()).await.unwrap();
+    assert_reason(&denied, Reason::RateLimited);
+    assert_eq!(denied.http_status, 429);
+    // 5 per second: one token every 200 ms.
+    assert!(
+        denied.retry_after_ms > 0 && denied.retry_after_ms <= 200,
+        "{denied:?}"
+    );
+    assert_eq!(denied.headers["Retry-After"], "1");
+    assert_eq!(denied.limits[0].remaining, 0);
+    // The plenty limit allowed it, but the denial took nothing from it.
+    assert!(denied.limits[1].name.starts_with("plenty"));
+    assert_eq!(denied.limits[1].remaining, 995);
+
+    // After retry_after the very same request (same nonce) is allowed: the
+    // denial stored no nonce and took no token.
+    tokio::time::sleep(Duration::from_millis(denied.retry_after_ms + 20)).await;
+    let r = client.check(denied_req).await.unwrap();
+    assert_reason(&r, Reason::Ok);
+    assert_eq!(r.limits[1].remaining, 994);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_safe_400_and_change_nothing() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[check]\nmax_body_bytes = 1024\n{TIGHT}"));
+    let mut client = dir.client(&server).await;
+    let signer = Signer::new("wk_tight", SECRET);
+    let nonce = "reused_nonce_0123456789";
+
+    let cases: [(&str, fn(&mut CheckRequest)); 10] = [
+        ("body", |r| r.body = vec![b'x'; 1025]),
+        ("nonce", |r| r.nonce = "short".into()),
+        ("signature", |r| r.signature = "zz".into()),
+        ("scheme", |r| r.scheme = "warden-v9".into()),
+        ("path", |r| r.path = "no-slash".into()),
+        ("path", |r| r.path = "/a\nwarden-v1".into()),
+        ("body_sha256", |r| r.body_sha256 = vec![0; 31]),
+        ("limits", |r| {
+            r.limits = vec![LimitRequest {
+                policy: "nope".into(),
+                descriptor: "x".into(),
+            }]
+        }),
+        ("key_id", |r| r.key_id = "bad key".into()),
+        ("cost", |r| r.cost = 2_000_000),
+    ];
+    for (field, breaks) in cases {
+        let h = signer.sign_at(unix_now(), nonce, "POST", "/a", "", b"ok");
+        let mut req = check_request_from(&h, "warden-v1", "POST", "/a", "", b"ok");
+        breaks(&mut req);
+        let r = client.check(req).await.unwrap();
+        assert_reason(&r, Reason::Malformed);
+        assert_eq!(r.http_status, 400);
+        assert!(r.message.starts_with(field), "{field}: {:?}", r.message);
+        assert!(!r.message.contains(SECRET) && r.message.len() < 120);
+    }
+    // Nothing was stored: the nonce is still unused and all 5 tokens are there.
+    let h = signer.sign_at(unix_now(), nonce, "POST", "/a", "", b"ok");
+    let r = client
+        .check(check_request_from(&h, "warden-v1", "POST", "/a", "", b"ok"))
+        .await
+        .unwrap();
+    assert_reason(&r, Reason::Ok);
+    assert_eq!(r.limits[0].remaining, 4);
+}
+
+#[tokio::test]
+async fn a_request_signed_before_a_restart_is_stale_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut first = Server::dev_in(&dir);
+    let mut client = first.client().await;
+    let req = first.signer().check_request("POST", "/pay", "", b"1");
+    assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
+    first.kill();
+
+    // The new process has no memory of the nonce; the fence must catch it.
+    let second = Server::dev_in(&dir);
+    assert_eq!(
+        second.demo().key_id,
+        first.demo().key_id,
+        "the dev directory is reused"
+    );
+    let mut client = second.client().await;
+    let r = client.check(req).await.unwrap();
+    assert_reason(&r, Reason::Stale);
+    // Fresh requests are fine.
+    let fresh = second.signer().check_request("POST", "/pay", "", b"1");
+    assert_reason(&client.check(fresh).await.unwrap(), Reason::Ok);
+}
+
+#[tokio::test]
+async fn check_stream_answers_every_request_in_order() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    let valid = signer.check_request("GET", "/s", "", b"");
+    let mut bad = signer.check_request("GET", "/s", "", b"");
+    bad.path = "/other".into();
+    let mut malformed = signer.check_request("GET", "/s", "", b"");
+    malformed.nonce = "!".into();
+    let batch = vec![
+        valid.clone(),
+        bad,
+        valid,
+        malformed,
+        signer.check_request("GET", "/t", "", b""),
+    ];
+    let expected = [
+        Reason::Ok,
+        Reason::Unauthenticated,
+        Reason::Replay,
+        Reason::Malformed,
+        Reason::Ok,
+    ];
+    let responses = client
+        .stub()
+        .check_stream(tokio_stream::iter(batch))
+        .await
+        .unwrap()
+        .into_inner();
+    use futures::StreamExt;
+    let reasons: Vec<Reason> = responses.map(|r| r.unwrap().reason()).collect().await;
+    assert_eq!(reasons, expected);
+}
+
+#[tokio::test]
+async fn locked_out_after_too_many_bad_signatures_without_touching_other_keys() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!(
+        "[check]\nfailure_limit = 3\nfailure_period = \"1m\"\n{TIGHT}\n[[keys]]\nid = \"wk_other\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ));
+    let mut client = dir.client(&server).await;
+    let wrong = Signer::new("wk_tight", "not-the-secret-0123456789abcdefghijkl");
+    for _ in 0..3 {
+        let r = client
+            .check(wrong.check_request("GET", "/a", "", b""))
+            .await
+            .unwrap();
+        assert_reason(&r, Reason::Unauthenticated);
+    }
+    // Now even the right secret is refused until the budget refills.
+    let right = Signer::new("wk_tight", SECRET);
+    let r = client
+        .check(right.check_request("GET", "/a", "", b""))
+        .await
+        .unwrap();
+    assert_reason(&r, Reason::LockedOut);
+    assert_eq!(r.http_status, 429);
+    assert!(r.retry_after_ms > 0 && r.retry_after_ms <= 20_000, "{r:?}");
+    let other = Signer::new("wk_other", SECRET);
+    assert_reason(
+        &client
+            .check(other.check_request("GET", "/a", "", b""))
+            .await
+            .unwrap(),
+        Reason::Ok,
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_revoked_keys_get_the_same_answer() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!(
+        "{TIGHT}\n[[keys]]\nid = \"wk_revoked\"\nrevoked = true\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ));
+    let mut client = dir.client(&server).await;
+    let revoked = client
+        .check(Signer::new("wk_revoked", SECRET).check_request("GET", "/a", "", b""))
+        .await
+        .unwrap();
+    let unknown = client
+        .check(Signer::new("wk_nobody", SECRET).check_request("GET", "/a", "", b""))
+        .await
+        .unwrap();
+    let bad_sig = client
+        .check(
+            Signer::new("wk_tight", "wrong-secret-0123456789abcdefghijklmno")
+                .check_request("GET", "/a", "", b""),
+        )
+        .await
+        .unwrap();
+    assert_reason(&revoked, Reason::Unauthenticated);
+    assert_eq!(revoked, unknown);
+    assert_eq!(revoked, bad_sig);
+}
+
+#[tokio::test]
+async fn denials_are_logged_without_signatures_or_secrets() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    let mut req = signer.check_request("POST", "/x", "", b"body-bytes-that-must-not-be-logged");
+    req.request_id = "req-123".into();
+    let signature = req.signature.clone();
+    client.check(req.clone()).await.unwrap();
+    client.check(req).await.unwrap(); // replay: a logged denial
+    let mut seen = HashSet::new();
+    for _ in 0..100 {
+        let logs = server.logs();
+        if logs.contains("req-123") {
+            seen.insert(logs);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = seen.into_iter().next().expect("the denial was logged");
+    assert!(
+        logs.contains("\"reason\":\"replay\"") && logs.contains(signer.key_id()),
+        "{logs}"
+    );
+    assert!(!logs.contains(&signature));
+    assert!(!logs.contains(&server.demo().secret));
+    assert!(!logs.contains("body-bytes-that-must-not-be-logged"));
+}

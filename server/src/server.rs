@@ -167,6 +167,8 @@ impl Bound {
         let service = WardenServer::new(WardenService::new(self.checker))
             .max_decoding_message_size(max_message);
         let result = tonic::transport::Server::builder()
+            // Finds dead peers (e.g. a gateway host that vanished) so their
+            // connections do not linger forever.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(service)

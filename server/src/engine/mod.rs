@@ -208,6 +208,23 @@ impl Engine {
             updates.push(next);
         }
         let allowed = verdicts.iter().all(|v| v.allowed);
+        if !allowed {
+            // Nothing is taken, so limits that would have passed report their
+            // state as it stays: a cost-0 look.
+            for ((key, limit), verdict) in request.limits.iter().zip(verdicts.iter_mut()) {
+                if verdict.allowed {
+                    let s = &guards[shard(key)];
+                    let untouched = match limit {
+                        Limit::Gcra(g) => strip(&g.decide(s.buckets.get(&key.id).copied(), now, 0)),
+                        Limit::Window(w) => {
+                            strip(&w.decide(s.windows.get(&key.id).copied(), now, 0))
+                        }
+                    };
+                    verdict.remaining = untouched.remaining;
+                    verdict.reset_after = untouched.reset_after;
+                }
+            }
+        }
 
         if allowed && request.commit {
             if let Some((key, forget_at)) = &request.nonce {

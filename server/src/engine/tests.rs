@@ -46,6 +46,8 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
         panic!("expected a denial");
     };
     assert!(limits[0].allowed && !limits[1].allowed);
+    // It reports the plenty limit as it stays: untouched.
+    assert_eq!(limits[0].remaining, 100);
 
     // The plenty limit still has all 100 tokens and the nonce is unused.
     let probe = Request {

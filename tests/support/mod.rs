@@ -1,0 +1,226 @@
+//! Test harness: starts the real `warden` binary and talks to it over real
+//! mTLS, the way a gateway would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use warden::dev::{Ca, DemoKey};
+use warden_client::proto::CheckRequest;
+use warden_client::signing::{Signer, unix_now};
+use warden_client::{Client, Tls};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_warden");
+
+/// A running `warden` process. Killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl Server {
+    /// `warden serve --dev` in a fresh directory, on a free port.
+    pub fn dev() -> Self {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let dir = tmp.path().join("warden-dev");
+        let mut server = Self::dev_in(&dir);
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// `warden serve --dev` reusing (or creating) `dir`.
+    pub fn dev_in(dir: &Path) -> Self {
+        let args = [
+            "serve",
+            "--dev",
+            "--dev-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        Self::start(&args, dir.to_owned())
+    }
+
+    /// `warden serve --config FILE`.
+    pub fn with_config(config: &Path) -> Self {
+        let args = ["serve", "--config", config.to_str().unwrap()];
+        Self::start(&args, config.parent().unwrap().to_owned())
+    }
+
+    fn start(args: &[&str], dir: PathBuf) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warden");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("warden did not start; stderr:\n{}", stderr.lock().unwrap());
+            }
+        };
+        let server = Self {
+            child: Some(child),
+            addr,
+            dir,
+            stderr,
+            _tmp: None,
+        };
+        server.wait_past_fence();
+        server
+    }
+
+    /// Requests signed in the second the server started are STALE (the
+    /// restart fence); wait until that second is over.
+    fn wait_past_fence(&self) {
+        let fence = unix_now() + 1;
+        while unix_now() < fence {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn demo(&self) -> DemoKey {
+        serde_json::from_slice(&std::fs::read(self.dir.join("demo-key.json")).unwrap()).unwrap()
+    }
+
+    pub fn signer(&self) -> Signer {
+        let demo = self.demo();
+        Signer::new(demo.key_id, demo.secret.into_bytes())
+    }
+
+    pub fn tls(&self) -> Tls {
+        Tls::from_dev_dir(&self.dir).unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr, self.tls())
+            .await
+            .expect("connect over mTLS")
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "warden did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A directory with a CA, server and client certificates for config-mode
+/// servers, and a config file written by the test.
+pub struct ConfigDir {
+    pub tmp: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl ConfigDir {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::new("test CA").unwrap();
+        let (server, server_key) = ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+        let (client, client_key) = ca
+            .client_cert("test-client", &["spiffe://test/gateway"])
+            .unwrap();
+        let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
+        write("ca.pem", &ca.cert_pem());
+        write("server.pem", &server);
+        write("server-key.pem", &server_key);
+        write("client.pem", &client);
+        write("client-key.pem", &client_key);
+        Self { tmp, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Writes `warden.toml` with the TLS section, a free port, and `rest`.
+    pub fn write_config(&self, rest: &str) -> PathBuf {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n{rest}"
+        );
+        let path = self.path().join("warden.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn start(&self, rest: &str) -> Server {
+        Server::with_config(&self.write_config(rest))
+    }
+
+    pub async fn client(&self, server: &Server) -> Client {
+        Client::connect(&server.addr, Tls::from_dev_dir(self.path()).unwrap())
+            .await
+            .expect("connect over mTLS")
+    }
+}
+
+/// A secret of the right length for config files.
+pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A signed request for `signer`, now, with a fresh nonce.
+pub fn signed(signer: &Signer, method: &str, path: &str, query: &str, body: &[u8]) -> CheckRequest {
+    signer.check_request(method, path, query, body)
+}
