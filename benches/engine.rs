@@ -1,1 +1,168 @@
-fn main() {}
+//! Criterion micro-benchmarks of the engine and the in-process pipeline.
+//!
+//! `cargo bench -p warden-benches` (about a minute). Measurement times are
+//! short on purpose so the whole run stays bounded on a 2-core machine.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use warden::check::{CallerIdentity, Checker};
+use warden::config::{CheckSettings, KeyConfig, Policy};
+use warden::engine::{Engine, Gcra, Limit, Request, SystemClock, Window, WindowKind};
+use warden::keys::{KeyRing, Secret};
+use warden::signing::verify;
+use warden_client::proto::LimitRequest;
+use warden_client::signing::{Signer, hmac_sha256};
+
+const SEC: u64 = 1_000_000_000;
+
+fn engine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(1));
+    // Room for every nonce the run inserts: this measures inserts, not the
+    // full-set refusal.
+    let engine = Engine::new(64, 1 << 28);
+    let gcra = Limit::Gcra(Gcra::new(1_000_000, SEC, 1_000_000));
+    let sliding = Limit::Window(Window::new(WindowKind::Sliding, 1_000_000, SEC));
+    let fixed = Limit::Window(Window::new(WindowKind::Fixed, 1_000_000, SEC));
+    for (name, limit) in [
+        ("gcra", gcra),
+        ("sliding_window", sliding),
+        ("fixed_window", fixed),
+    ] {
+        let limits = [(engine.key(b"key-1", &[name.as_bytes()]), limit)];
+        let mut now = 0u64;
+        group.bench_function(BenchmarkId::new("decide", name), |b| {
+            b.iter(|| {
+                now += 1_000;
+                black_box(engine.decide(
+                    now,
+                    &Request {
+                        nonce: None,
+                        limits: &limits,
+                        cost: 1,
+                        commit: true,
+                    },
+                ))
+            })
+        });
+    }
+    let mut n = 0u64;
+    group.bench_function("nonce_insert_and_lookup", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = engine.key(b"key-1", &[b"nonce", &n.to_le_bytes()]);
+            black_box(engine.decide(
+                n,
+                &Request {
+                    nonce: Some((key, n + 300 * SEC)),
+                    limits: &[],
+                    cost: 1,
+                    commit: true,
+                },
+            ))
+        })
+    });
+    group.finish();
+}
+
+fn hmac_verify(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hmac_verify");
+    let secret = [Secret::new(
+        b"bench-secret-0123456789abcdefghijklmnop".to_vec(),
+    )];
+    for size in [64usize, 1024, 64 * 1024] {
+        let body = vec![7u8; size];
+        let signature = hmac_sha256(secret[0].expose(), &body);
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter(|| black_box(verify(&secret, &body, &signature)))
+        });
+    }
+    group.finish();
+}
+
+fn full_check(c: &mut Criterion) {
+    let policies = [
+        Policy {
+            name: "per-key".into(),
+            limit: Limit::Gcra(Gcra::new(u32::MAX as u64, SEC, u32::MAX as u64)),
+            period: Duration::from_secs(1),
+        },
+        Policy {
+            name: "per-ip".into(),
+            limit: Limit::Window(Window::new(WindowKind::Sliding, u32::MAX as u64, SEC)),
+            period: Duration::from_secs(1),
+        },
+    ];
+    let secret = "bench-secret-0123456789abcdefghijklmnop";
+    let key = KeyConfig {
+        id: "bench".into(),
+        owner: "bench".into(),
+        scopes: vec![],
+        policies: vec!["per-key".into()],
+        secrets: vec![Secret::new(secret.as_bytes().to_vec())],
+        routes: vec![],
+        revoked: false,
+    };
+    let checker = Checker::new(
+        CheckSettings::default(),
+        KeyRing::new(&policies, &[key]),
+        Arc::new(SystemClock),
+    );
+    // Requests signed one second ahead of the fence, within the skew.
+    let ts = checker.fence_secs() + 1;
+    let signer = Signer::new("bench", secret);
+    let body = vec![b'x'; 1024];
+    let caller = CallerIdentity::default();
+    let mut i = 0u64;
+    let mut group = c.benchmark_group("check");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("signed_1KiB_2_policies", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                let h = signer.sign_at(
+                    ts,
+                    &format!("bench-nonce-{i:016}"),
+                    "POST",
+                    "/v1/orders",
+                    "a=1&b=2",
+                    &body,
+                );
+                let mut req = warden_client::signing::check_request_from(
+                    &h,
+                    "warden-v1",
+                    "POST",
+                    "/v1/orders",
+                    "a=1&b=2",
+                    &body,
+                );
+                req.limits = vec![LimitRequest {
+                    policy: "per-ip".into(),
+                    descriptor: "ip:203.0.113.7".into(),
+                }];
+                req
+            },
+            |req| black_box(checker.check(&req, &caller)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = engine, hmac_verify, full_check
+}
+criterion_main!(benches);

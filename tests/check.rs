@@ -10,6 +10,9 @@ use support::{ConfigDir, SECRET, Server};
 use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, Reason};
 use warden_client::signing::{Signer, check_request_from, unix_now};
 
+/// A named change to a request, for table-driven tests.
+type Mutation = (&'static str, fn(&mut CheckRequest));
+
 fn assert_reason(r: &CheckResponse, reason: Reason) {
     assert_eq!(r.reason(), reason, "response: {r:?}");
     let expected = if reason == Reason::Ok {
@@ -44,7 +47,7 @@ async fn tampering_with_any_signed_part_is_unauthenticated() {
     let server = Server::dev();
     let mut client = server.client().await;
     let signer = server.signer();
-    let tampers: [(&str, fn(&mut CheckRequest)); 6] = [
+    let tampers: [Mutation; 6] = [
         ("body", |r| r.body = b"{\"qty\":1000}".to_vec()),
         ("path", |r| r.path = "/v1/admin".into()),
         ("query", |r| r.query = "b=2&a=2".into()),
@@ -204,7 +207,7 @@ async fn malformed_requests_get_a_safe_400_and_change_nothing() {
     let signer = Signer::new("wk_tight", SECRET);
     let nonce = "reused_nonce_0123456789";
 
-    let cases: [(&str, fn(&mut CheckRequest)); 10] = [
+    let cases: [Mutation; 10] = [
         ("body", |r| r.body = vec![b'x'; 1025]),
         ("nonce", |r| r.nonce = "short".into()),
         ("signature", |r| r.signature = "zz".into()),

@@ -80,11 +80,12 @@ fn reencode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let mut byte = bytes[i];
-        if byte == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                byte = (hi << 4) | lo;
-                i += 2;
-            }
+        if byte == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2]))
+        {
+            byte = (hi << 4) | lo;
+            i += 2;
         }
         i += 1;
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {

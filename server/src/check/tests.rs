@@ -1,1 +1,385 @@
-//! Pipeline tests with an injected clock.
+//! The pipeline with an injected clock: every time boundary is tested to the
+//! second (or nanosecond) without sleeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest};
+use warden_client::signing::{Signer, check_request_from};
+
+use super::*;
+use crate::config::{KeyConfig, Policy};
+use crate::engine::{FakeClock, Window, WindowKind};
+use crate::keys::{KeyRing, Route, Secret};
+
+/// A named change to a request, for table-driven tests.
+type Mutation = (&'static str, fn(&mut CheckRequest));
+
+const SEC: u64 = 1_000_000_000;
+const SECRET: &str = "pipeline-test-secret-0123456789abcdef";
+/// The server starts half a second into this second; the fence is START + 1.
+const START: i64 = 1_764_000_000;
+
+struct Fixture {
+    clock: Arc<FakeClock>,
+    checker: Checker,
+    signer: Signer,
+    counter: std::cell::Cell<u32>,
+}
+
+fn policy(name: &str, limit: Limit, period: Duration) -> Policy {
+    Policy {
+        name: name.into(),
+        limit,
+        period,
+    }
+}
+
+fn key(id: &str, policies: &[&str], routes: &[&str]) -> KeyConfig {
+    KeyConfig {
+        id: id.into(),
+        owner: "acme".into(),
+        scopes: vec!["orders:write".into()],
+        policies: policies.iter().map(|p| p.to_string()).collect(),
+        secrets: vec![Secret::new(SECRET.as_bytes().to_vec())],
+        routes: routes.iter().map(|r| Route::parse(r).unwrap()).collect(),
+        revoked: false,
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with(
+            CheckSettings {
+                failure_limit: 3,
+                ..CheckSettings::default()
+            },
+            &[],
+        )
+    }
+
+    fn with(settings: CheckSettings, routes: &[&str]) -> Self {
+        let clock = Arc::new(FakeClock::new(START as u64 * SEC + SEC / 2));
+        let policies = [
+            policy(
+                "three",
+                Limit::Gcra(Gcra::new(3, 3 * SEC, 3)),
+                Duration::from_secs(3),
+            ),
+            policy(
+                "window",
+                Limit::Window(Window::new(WindowKind::Fixed, 100, 60 * SEC)),
+                Duration::from_secs(60),
+            ),
+        ];
+        let keys = [
+            key("k1", &["three"], routes),
+            KeyConfig {
+                revoked: true,
+                ..key("revoked", &["three"], &[])
+            },
+        ];
+        let checker = Checker::new(settings, KeyRing::new(&policies, &keys), clock.clone());
+        // Start one second later, past the restart fence.
+        clock.advance(Duration::from_secs(1));
+        Self {
+            clock,
+            checker,
+            signer: Signer::new("k1", SECRET),
+            counter: 0.into(),
+        }
+    }
+
+    fn now_secs(&self) -> i64 {
+        (self.clock.now() / SEC) as i64
+    }
+
+    fn nonce(&self) -> String {
+        self.counter.set(self.counter.get() + 1);
+        format!("nonce-{:016}", self.counter.get())
+    }
+
+    /// A request signed at `ts` with a fresh nonce.
+    fn at(&self, ts: i64) -> CheckRequest {
+        let h = self
+            .signer
+            .sign_at(ts, &self.nonce(), "POST", "/orders", "a=1", b"{}");
+        check_request_from(&h, "warden-v1", "POST", "/orders", "a=1", b"{}")
+    }
+
+    fn now(&self) -> CheckRequest {
+        self.at(self.now_secs())
+    }
+
+    fn check(&self, req: &CheckRequest) -> CheckResponse {
+        self.checker
+            .check(req, &CallerIdentity::default())
+            .unwrap()
+            .response
+    }
+}
+
+fn reason(r: &CheckResponse) -> Reason {
+    r.reason()
+}
+
+#[test]
+fn the_fence_is_the_second_after_start() {
+    assert_eq!(fence_for(START as u64 * SEC), START + 1);
+    assert_eq!(fence_for(START as u64 * SEC + SEC - 1), START + 1);
+    let f = Fixture::new();
+    assert_eq!(f.checker.fence_secs(), START + 1);
+}
+
+#[test]
+fn a_request_signed_before_the_fence_is_stale_even_within_the_skew() {
+    let f = Fixture::new();
+    let fence = f.checker.fence_secs();
+    assert_eq!(reason(&f.check(&f.at(fence - 1))), Reason::Stale);
+    assert_eq!(reason(&f.check(&f.at(fence))), Reason::Ok);
+}
+
+#[test]
+fn freshness_holds_exactly_to_the_skew_in_both_directions() {
+    let f = Fixture::new();
+    f.clock.advance(Duration::from_secs(1000));
+    let now = f.now_secs();
+    for (ts, expected) in [
+        (now - 300, Reason::Ok),
+        (now - 301, Reason::Stale),
+        (now + 300, Reason::Ok),
+        (now + 301, Reason::Stale),
+    ] {
+        // A fresh checker each time, so rate limits play no part.
+        let g = Fixture::new();
+        g.clock.advance(Duration::from_secs(1000));
+        assert_eq!(reason(&g.check(&g.at(ts))), expected, "offset {}", ts - now);
+    }
+}
+
+#[test]
+fn a_replay_is_refused_until_the_request_is_stale_so_it_never_passes() {
+    let f = Fixture::new();
+    let req = f.now();
+    let ts = req.timestamp;
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+    // Up to the last nanosecond of freshness the nonce is remembered...
+    f.clock.set((ts as u64 + 300 + 1) * SEC - 1);
+    assert_eq!(reason(&f.check(&req)), Reason::Replay);
+    // ...and from the moment it is forgotten the request is stale.
+    f.clock.set((ts as u64 + 300 + 1) * SEC);
+    f.checker.engine().sweep(f.clock.now());
+    assert_eq!(f.checker.engine().occupancy().nonces, 0);
+    assert_eq!(reason(&f.check(&req)), Reason::Stale);
+}
+
+#[test]
+fn rate_limit_retry_after_is_exact_and_a_denial_stores_nothing() {
+    let f = Fixture::new();
+    for _ in 0..3 {
+        assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
+    }
+    let denied_req = f.now();
+    let denied = f.check(&denied_req);
+    assert_eq!(reason(&denied), Reason::RateLimited);
+    assert_eq!(denied.http_status, 429);
+    assert_eq!(denied.retry_after_ms, 1000);
+    assert_eq!(denied.headers["Retry-After"], "1");
+    assert_eq!(denied.limits[0].remaining, 0);
+    f.clock.advance(Duration::from_millis(999));
+    assert_eq!(reason(&f.check(&denied_req)), Reason::RateLimited);
+    f.clock.advance(Duration::from_millis(1));
+    // The same request, nonce and all: the denials stored nothing.
+    let allowed = f.check(&denied_req);
+    assert_eq!(reason(&allowed), Reason::Ok);
+    assert_eq!(allowed.limits[0].remaining, 0);
+}
+
+#[test]
+fn request_limits_are_shared_across_keys_and_reported_by_name() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.limits = vec![LimitRequest {
+        policy: "window".into(),
+        descriptor: "ip:1".into(),
+    }];
+    let r = f.check(&req);
+    assert_eq!(reason(&r), Reason::Ok);
+    assert_eq!(r.limits[1].name, "window:ip:1");
+    assert_eq!(r.limits[1].remaining, 99);
+    assert!(r.headers["RateLimit"].contains("\"window\";r=99"));
+    assert!(
+        !r.headers["RateLimit"].contains("ip:1"),
+        "descriptors are not echoed to clients"
+    );
+}
+
+#[test]
+fn a_cost_above_the_burst_is_refused_without_a_retry_time() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.cost = 4;
+    let r = f.check(&req);
+    assert_eq!(reason(&r), Reason::RateLimited);
+    assert_eq!(r.retry_after_ms, 0);
+    assert!(!r.headers.contains_key("Retry-After"));
+}
+
+#[test]
+fn a_dry_run_answers_but_changes_nothing() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.dry_run = true;
+    for _ in 0..5 {
+        assert_eq!(reason(&f.check(&req)), Reason::Ok);
+    }
+    assert_eq!(
+        f.checker.engine().occupancy(),
+        crate::engine::Occupancy::default()
+    );
+    req.dry_run = false;
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+}
+
+#[test]
+fn the_failure_budget_locks_a_key_out_and_refills() {
+    let f = Fixture::new();
+    let wrong = Signer::new("k1", "wrong-secret-0123456789abcdefghijklmn");
+    for _ in 0..3 {
+        let h = wrong.sign_at(f.now_secs(), &f.nonce(), "GET", "/", "", b"");
+        let r = f.check(&check_request_from(&h, "warden-v1", "GET", "/", "", b""));
+        assert_eq!(reason(&r), Reason::Unauthenticated);
+    }
+    let locked = f.check(&f.now());
+    assert_eq!(reason(&locked), Reason::LockedOut);
+    // 3 failures per 60 s: one comes back every 20 s.
+    assert_eq!(locked.retry_after_ms, 20_000);
+    f.clock.advance(Duration::from_secs(20));
+    assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
+}
+
+#[test]
+fn good_requests_do_not_spend_the_failure_budget() {
+    let f = Fixture::with(
+        CheckSettings {
+            failure_limit: 1,
+            ..CheckSettings::default()
+        },
+        &[],
+    );
+    for _ in 0..3 {
+        assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
+        f.clock.advance(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn unknown_revoked_and_forged_answers_are_identical() {
+    let f = Fixture::new();
+    let answer = |id: &str, secret: &str| {
+        let h = Signer::new(id, secret).sign_at(f.now_secs(), &f.nonce(), "GET", "/", "", b"");
+        f.check(&check_request_from(&h, "warden-v1", "GET", "/", "", b""))
+    };
+    let unknown = answer("nobody", SECRET);
+    assert_eq!(reason(&unknown), Reason::Unauthenticated);
+    assert_eq!(unknown, answer("revoked", SECRET));
+    assert_eq!(unknown, answer("k1", "forged-secret-0123456789abcdefghijk"));
+}
+
+#[test]
+fn a_stale_request_to_an_unknown_key_does_not_reveal_that_the_key_is_unknown() {
+    // Verification comes before freshness, so a stale request only says
+    // STALE when its signature is genuine.
+    let f = Fixture::new();
+    let h = Signer::new("nobody", SECRET).sign_at(
+        f.now_secs() - 10_000,
+        &f.nonce(),
+        "GET",
+        "/",
+        "",
+        b"",
+    );
+    let r = f.check(&check_request_from(&h, "warden-v1", "GET", "/", "", b""));
+    assert_eq!(reason(&r), Reason::Unauthenticated);
+    assert_eq!(
+        reason(&f.check(&f.at(f.now_secs() - 10_000))),
+        Reason::Stale
+    );
+}
+
+#[test]
+fn routes_restrict_a_key_to_what_it_may_call() {
+    let f = Fixture::with(CheckSettings::default(), &["POST /webhooks/*"]);
+    let sign = |method: &str, path: &str| {
+        let h = f
+            .signer
+            .sign_at(f.now_secs(), &f.nonce(), method, path, "", b"");
+        f.check(&check_request_from(&h, "warden-v1", method, path, "", b""))
+    };
+    assert_eq!(reason(&sign("POST", "/webhooks/billing")), Reason::Ok);
+    let r = sign("POST", "/orders");
+    assert_eq!(reason(&r), Reason::Forbidden);
+    assert_eq!(r.http_status, 403);
+    assert_eq!(reason(&sign("get", "/webhooks/billing")), Reason::Forbidden);
+}
+
+#[test]
+fn ts_body_uses_the_signature_as_its_replay_key() {
+    let f = Fixture::new();
+    let body = br#"{"event":"invoice.paid"}"#;
+    let h = f.signer.sign_ts_body_at(f.now_secs(), body);
+    let req = check_request_from(&h, "ts-body", "POST", "/webhooks", "", body);
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+    assert_eq!(reason(&f.check(&req)), Reason::Replay);
+    let mut tampered = req.clone();
+    tampered.body = br#"{"event":"invoice.void"}"#.to_vec();
+    assert_eq!(reason(&f.check(&tampered)), Reason::Unauthenticated);
+}
+
+#[test]
+fn a_body_hash_verifies_like_the_body() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.body_sha256 = warden_client::signing::body_sha256(&req.body).to_vec();
+    req.body.clear();
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+}
+
+#[test]
+fn malformed_requests_name_the_field_and_change_no_state() {
+    let f = Fixture::new();
+    let breakers: [Mutation; 12] = [
+        ("key_id", |r| r.key_id = "x".repeat(129)),
+        ("method", |r| r.method = "PO ST".into()),
+        ("path", |r| r.path = "/a\r\nb".into()),
+        ("query", |r| r.query = "a=\n".into()),
+        ("scheme", |r| r.scheme = "v2".into()),
+        ("body", |r| r.body = vec![0; 1024 * 1024 + 1]),
+        ("body_sha256", |r| r.body_sha256 = vec![1; 32]),
+        ("timestamp", |r| r.timestamp = -5),
+        ("nonce", |r| r.nonce = "a".repeat(65)),
+        ("signature", |r| r.signature.push('0')),
+        ("limits", |r| {
+            r.limits = vec![
+                LimitRequest {
+                    policy: "window".into(),
+                    descriptor: "d".into()
+                };
+                2
+            ]
+        }),
+        ("request_id", |r| r.request_id = "id with spaces".into()),
+    ];
+    for (field, breaks) in breakers {
+        let mut req = f.now();
+        breaks(&mut req);
+        let r = f.check(&req);
+        assert_eq!(reason(&r), Reason::Malformed, "{field}");
+        assert_eq!(r.http_status, 400);
+        assert!(r.message.starts_with(field), "{field}: {}", r.message);
+    }
+    assert_eq!(
+        f.checker.engine().occupancy(),
+        crate::engine::Occupancy::default()
+    );
+}

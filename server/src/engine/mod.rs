@@ -18,6 +18,7 @@ pub mod window;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -77,8 +78,8 @@ pub struct LimitVerdict {
 pub enum Outcome {
     /// The nonce was already used. Limits were not looked at.
     Replay,
-    /// The nonce is new but no shard room is left to remember it; refusing
-    /// is the only safe answer.
+    /// The nonce is new but there is no room left to remember it (the
+    /// global nonce bound is reached); refusing is the only safe answer.
     NonceSetFull,
     /// Limits were evaluated; `allowed` when all of them passed. State was
     /// stored only if allowed and the request asked to commit.
@@ -94,7 +95,14 @@ struct Shard {
     buckets: HashMap<u128, Nanos>,
     windows: HashMap<u128, WindowState>,
     nonces: NonceSet,
+    /// When this shard last swept itself because the nonce bound was hit.
+    /// Such sweeps are rate-limited so a full set cannot turn every request
+    /// into a scan of the shard.
+    last_pressure_sweep: Nanos,
 }
+
+/// Minimum time between two sweeps of one shard under nonce pressure.
+const PRESSURE_SWEEP_EVERY: Nanos = 100_000_000;
 
 /// How much state the engine holds, for metrics and memory checks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,26 +117,31 @@ pub struct Occupancy {
 pub struct Engine {
     shards: Box<[Mutex<Shard>]>,
     hashers: [RandomState; 2],
+    /// Nonces remembered across all shards, and the most allowed.
+    nonce_count: AtomicUsize,
+    nonce_capacity: usize,
 }
 
 impl Engine {
     /// `shards` is rounded up to a power of two; `nonce_capacity` bounds the
-    /// nonces remembered across all shards.
+    /// nonces remembered across all shards together.
     pub fn new(shards: usize, nonce_capacity: usize) -> Self {
         let count = shards.max(1).next_power_of_two();
-        let per_shard = nonce_capacity.div_ceil(count).max(1);
         let shards = (0..count)
             .map(|_| {
                 Mutex::new(Shard {
                     buckets: HashMap::new(),
                     windows: HashMap::new(),
-                    nonces: NonceSet::new(per_shard),
+                    nonces: NonceSet::new(),
+                    last_pressure_sweep: 0,
                 })
             })
             .collect();
         Self {
             shards,
             hashers: [RandomState::new(), RandomState::new()],
+            nonce_count: AtomicUsize::new(0),
+            nonce_capacity,
         }
     }
 
@@ -179,10 +192,19 @@ impl Engine {
 
         if let Some((key, _)) = &request.nonce {
             let i = shard(key);
-            match guards[i].nonces.probe(*key, now) {
-                Claim::Fresh => {}
-                Claim::Seen => return Outcome::Replay,
-                Claim::Full => return Outcome::NonceSetFull,
+            if guards[i].nonces.probe(*key, now) == Claim::Seen {
+                return Outcome::Replay;
+            }
+            if request.commit && self.nonce_count.load(Ordering::Relaxed) >= self.nonce_capacity {
+                let s = &mut guards[i];
+                if now.saturating_sub(s.last_pressure_sweep) >= PRESSURE_SWEEP_EVERY {
+                    s.last_pressure_sweep = now;
+                    let removed = s.nonces.sweep(now);
+                    self.nonce_count.fetch_sub(removed, Ordering::Relaxed);
+                }
+                if self.nonce_count.load(Ordering::Relaxed) >= self.nonce_capacity {
+                    return Outcome::NonceSetFull;
+                }
             }
         }
 
@@ -229,7 +251,9 @@ impl Engine {
         if allowed && request.commit {
             if let Some((key, forget_at)) = &request.nonce {
                 let i = shard(key);
-                guards[i].nonces.insert(*key, *forget_at);
+                if guards[i].nonces.insert(*key, *forget_at) {
+                    self.nonce_count.fetch_add(1, Ordering::Relaxed);
+                }
             }
             for ((key, _), next) in request.limits.iter().zip(updates) {
                 let i = shard(key);
@@ -263,7 +287,9 @@ impl Engine {
             nonce::shrink_if_sparse(&mut s.windows);
             removed.buckets += before.0 - s.buckets.len();
             removed.windows += before.1 - s.windows.len();
-            removed.nonces += s.nonces.sweep(now);
+            let nonces = s.nonces.sweep(now);
+            self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
+            removed.nonces += nonces;
         }
         removed
     }

@@ -8,55 +8,41 @@ use super::StateKey;
 use super::clock::Nanos;
 
 /// One shard's remembered nonces: key → the time it may be forgotten.
-/// Bounded: when full (after dropping expired entries) it refuses new
-/// nonces instead of forgetting live ones, because forgetting a live nonce
-/// would re-open a replay window.
-#[derive(Debug)]
+/// The bound on how many are remembered is global and kept by the engine
+/// (one hot key's nonces all live in one shard, so a per-shard bound would
+/// throttle exactly the busiest key).
+#[derive(Debug, Default)]
 pub struct NonceSet {
     entries: HashMap<u128, Nanos>,
-    capacity: usize,
 }
 
-/// What claiming a nonce would do.
+/// Whether a nonce has been used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// Unseen: the request may proceed and the nonce be stored.
+    /// Unseen (or seen so long ago that it may be forgotten).
     Fresh,
     /// Seen and still remembered: a replay.
     Seen,
-    /// Unseen, but there is no room to remember it.
-    Full,
 }
 
 impl NonceSet {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            entries: HashMap::new(),
-            capacity,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Whether `key` could be claimed now, without storing it.
-    pub fn probe(&mut self, key: StateKey, now: Nanos) -> Claim {
+    /// Whether `key` is still remembered at `now`.
+    pub fn probe(&self, key: StateKey, now: Nanos) -> Claim {
         match self.entries.get(&key.id) {
             Some(&forget_at) if forget_at > now => Claim::Seen,
-            Some(_) => Claim::Fresh,
-            None if self.entries.len() < self.capacity => Claim::Fresh,
-            None => {
-                self.sweep(now);
-                if self.entries.len() < self.capacity {
-                    Claim::Fresh
-                } else {
-                    Claim::Full
-                }
-            }
+            _ => Claim::Fresh,
         }
     }
 
-    /// Stores `key` until `forget_at`. Call only after [`Self::probe`]
-    /// answered `Fresh` under the same lock.
-    pub fn insert(&mut self, key: StateKey, forget_at: Nanos) {
-        self.entries.insert(key.id, forget_at);
+    /// Remembers `key` until `forget_at`. Call only after [`Self::probe`]
+    /// answered `Fresh` under the same lock. Returns whether the set grew
+    /// (false when an expired entry was replaced).
+    pub fn insert(&mut self, key: StateKey, forget_at: Nanos) -> bool {
+        self.entries.insert(key.id, forget_at).is_none()
     }
 
     /// Drops every nonce that may be forgotten at `now`; returns how many.
@@ -94,25 +80,17 @@ mod tests {
 
     #[test]
     fn a_nonce_is_remembered_until_its_forget_time_and_not_after() {
-        let mut set = NonceSet::new(10);
+        let mut set = NonceSet::new();
         assert_eq!(set.probe(key(1), 0), Claim::Fresh);
-        set.insert(key(1), 100);
+        assert!(set.insert(key(1), 100));
         assert_eq!(set.probe(key(1), 99), Claim::Seen);
         assert_eq!(set.probe(key(1), 100), Claim::Fresh);
-        assert_eq!(set.sweep(100), 1);
+        assert!(
+            !set.insert(key(1), 200),
+            "replacing an expired entry does not grow the set"
+        );
+        assert_eq!(set.sweep(200), 1);
         assert!(set.is_empty());
-    }
-
-    #[test]
-    fn a_full_set_refuses_rather_than_forgetting_live_nonces() {
-        let mut set = NonceSet::new(2);
-        set.insert(key(1), 100);
-        set.insert(key(2), 50);
-        assert_eq!(set.probe(key(3), 10), Claim::Full);
-        assert_eq!(set.probe(key(1), 10), Claim::Seen);
-        // Once one expires there is room again.
-        assert_eq!(set.probe(key(3), 50), Claim::Fresh);
-        assert_eq!(set.len(), 1);
     }
 
     proptest! {
@@ -122,7 +100,7 @@ mod tests {
         ) {
             // The model keeps every insert forever and asks "is there one
             // whose forget time is still ahead?"; sweeps must not change answers.
-            let mut set = NonceSet::new(usize::MAX);
+            let mut set = NonceSet::new();
             let mut model: Vec<(u128, u64)> = Vec::new();
             let mut now = 0u64;
             for (id, step, ttl, sweep) in ops {
