@@ -147,4 +147,16 @@ mod tests {
             assert!(!verify(&secrets, &message, &signature));
         }
     }
+
+    #[test]
+    fn signing_md_publishes_every_vector() {
+        let doc = include_str!("../../proto/SIGNING.md");
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../../proto/signing-vectors.json")).unwrap();
+        let vectors = json["vectors"].as_array().unwrap();
+        for v in vectors {
+            let signature = v["signature"].as_str().unwrap();
+            assert!(doc.contains(signature), "SIGNING.md lacks the vector signed {signature}");
+        }
+    }
 }
