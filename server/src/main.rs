@@ -233,7 +233,7 @@ fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
     );
     println!("  try it from another terminal:");
     println!(
-        "    cargo run -q -p warden-server -- check --dev-dir {dir} --method POST --path /orders --body '{{\"qty\":1}}'"
+        "    cargo run --release -q -p warden-server -- check --dev-dir {dir} --method POST --path /orders --body '{{\"qty\":1}}'"
     );
     println!("  server address: {addr}");
 }

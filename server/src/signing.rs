@@ -156,7 +156,10 @@ mod tests {
         let vectors = json["vectors"].as_array().unwrap();
         for v in vectors {
             let signature = v["signature"].as_str().unwrap();
-            assert!(doc.contains(signature), "SIGNING.md lacks the vector signed {signature}");
+            assert!(
+                doc.contains(signature),
+                "SIGNING.md lacks the vector signed {signature}"
+            );
         }
     }
 }
