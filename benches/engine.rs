@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use warden::auth::Authz;
 use warden::check::{CallerIdentity, Checker};
 use warden::config::{CheckSettings, KeyConfig, Policy};
 use warden::engine::{Engine, Gcra, Limit, Request, SystemClock, Window, WindowKind};
@@ -105,11 +106,18 @@ fn full_check(c: &mut Criterion) {
         policies: vec!["per-key".into()],
         secrets: vec![Secret::new(secret.as_bytes().to_vec())],
         routes: vec![],
+        bound_identities: vec![],
         revoked: false,
+    };
+    // Plaintext-mode authorization: every caller may check.
+    let authz = Authz {
+        plaintext: true,
+        ..Authz::default()
     };
     let checker = Checker::new(
         CheckSettings::default(),
         KeyRing::new(&policies, &[key]),
+        authz,
         Arc::new(SystemClock),
     );
     // Requests signed one second ahead of the fence, within the skew.

@@ -44,8 +44,12 @@ fn an_invalid_config_exits_2_with_one_line_naming_the_field() {
             "insecure_plaintext",
         ),
         (
-            "[tls]\ncert = \"missing.pem\"\nkey = \"missing-key.pem\"\nclient_ca = \"ca.pem\"\n",
+            "[[callers]]\nidentity = \"spiffe://x/gw\"\nroles = [\"check\"]\n[tls]\ncert = \"missing.pem\"\nkey = \"missing-key.pem\"\nclient_ca = \"ca.pem\"\n",
             "missing.pem",
+        ),
+        (
+            "[tls]\ncert = \"a.pem\"\nkey = \"b.pem\"\nclient_ca = \"ca.pem\"\n",
+            "callers",
         ),
     ];
     for (text, field) in cases {

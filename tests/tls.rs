@@ -52,8 +52,7 @@ async fn a_client_with_a_certificate_from_another_ca_cannot_call() {
         .identity(Identity::from_pem(cert, key))
         .domain_name("localhost");
     assert!(call_with(&server, config).await.is_err());
-    let logs = server.logs();
-    assert!(logs.contains("tls_handshake_failed"), "{logs}");
+    server.wait_for_log("tls_handshake_failed");
 }
 
 #[tokio::test]

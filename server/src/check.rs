@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 
+use crate::auth::{Authz, Grant, Role};
 use crate::config::{CheckSettings, is_valid_name};
 use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
 use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
@@ -28,6 +29,7 @@ pub const MAX_DESCRIPTOR_BYTES: usize = 256;
 pub const MAX_COST: u32 = 1_000_000;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub const MAX_METHOD_BYTES: usize = 16;
+pub const MAX_CLIENT_IDENTITY_BYTES: usize = 1024;
 
 /// A call the pipeline refuses as a whole (a gRPC error, not a DENY).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,6 +38,10 @@ pub enum CheckError {
     /// live nonces.
     #[error("the replay cache is full; retry later")]
     ReplayCacheFull,
+    /// The calling certificate may not make this call. The text is safe to
+    /// send to the caller.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
 }
 
 /// Who is calling `Check`: the mTLS identity of the gateway or app.
@@ -62,6 +68,7 @@ pub struct Checker {
     engine: Engine,
     clock: Arc<dyn Clock>,
     keys: KeyRing,
+    authz: Authz,
     settings: CheckSettings,
     failures: Gcra,
     /// Requests signed before this second are STALE: their nonces may have
@@ -95,7 +102,12 @@ struct Valid<'a> {
 
 impl Checker {
     /// Starts the pipeline. The restart fence is set from `clock` now.
-    pub fn new(settings: CheckSettings, keys: KeyRing, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        settings: CheckSettings,
+        keys: KeyRing,
+        authz: Authz,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let now = clock.now();
         let failures = Gcra::new(
             settings.failure_limit,
@@ -107,6 +119,7 @@ impl Checker {
             fence_secs: fence_for(now),
             clock,
             keys,
+            authz,
             settings,
             failures,
         }
@@ -131,13 +144,28 @@ impl Checker {
     pub fn check(
         &self,
         req: &CheckRequest,
-        _caller: &CallerIdentity,
+        caller: &CallerIdentity,
     ) -> Result<Decision, CheckError> {
         let now = self.clock.now();
+        // Step 2, first part: without the role nothing else is looked at.
+        let grant = self.authz.grant(caller.0.as_deref());
+        if !grant.has(Role::Check) {
+            return Err(CheckError::PermissionDenied(
+                "this client certificate may not call Check",
+            ));
+        }
         let key_id = is_valid_key_id(&req.key_id).then(|| req.key_id.clone());
         let response = match self.validate(req) {
             Err(Malformed(msg)) => deny(Reason::Malformed, msg),
-            Ok(valid) => self.decide(req, &valid, now)?,
+            Ok(valid) => {
+                authorize(&grant, req, &valid)?;
+                let client = if req.client_identity.is_empty() {
+                    caller.0.as_deref()
+                } else {
+                    Some(req.client_identity.as_str())
+                };
+                self.decide(req, &valid, client, now)?
+            }
         };
         Ok(Decision { response, key_id })
     }
@@ -239,6 +267,13 @@ impl Checker {
         if req.cost > MAX_COST {
             return Err(malformed("cost: at most 1000000"));
         }
+        if req.client_identity.len() > MAX_CLIENT_IDENTITY_BYTES
+            || req.client_identity.chars().any(char::is_control)
+        {
+            return Err(malformed(
+                "client_identity: at most 1024 characters, no control characters",
+            ));
+        }
         if req.request_id.len() > MAX_REQUEST_ID_BYTES
             || !req.request_id.bytes().all(|b| b.is_ascii_graphic())
         {
@@ -267,6 +302,7 @@ impl Checker {
         &self,
         req: &CheckRequest,
         valid: &Valid<'_>,
+        client: Option<&str>,
         now: Nanos,
     ) -> Result<CheckResponse, CheckError> {
         // Brute force first: a key id under lockout is not even verified.
@@ -313,10 +349,22 @@ impl Checker {
             return Ok(deny(Reason::Stale, msg));
         }
 
-        // Step 6: may this key call this route?
+        // Step 6: may this key, from this client, call this route?
         let method = req.method.to_ascii_uppercase();
         if !key.may_call(&method, &req.path) {
             return Ok(deny(Reason::Forbidden, "this key may not call this route"));
+        }
+        if !key.may_be_used_by(client) {
+            return Ok(deny(
+                Reason::Forbidden,
+                "this key may not be used by this client",
+            ));
+        }
+        if !self.authz.client_may_call(client, &method, &req.path) {
+            return Ok(deny(
+                Reason::Forbidden,
+                "this client may not call this route",
+            ));
         }
 
         // Steps 7 to 9, atomically.
@@ -443,6 +491,30 @@ impl Checker {
         };
         self.engine.decide(now, &spend);
     }
+}
+
+/// Step 2, second part: the caller's grant against what the request asks for.
+fn authorize(grant: &Grant, req: &CheckRequest, valid: &Valid<'_>) -> Result<(), CheckError> {
+    if !grant.may_check_key(&req.key_id) {
+        return Err(CheckError::PermissionDenied(
+            "this client certificate may not check requests for this key",
+        ));
+    }
+    if !valid
+        .limits
+        .iter()
+        .all(|(policy, _)| grant.may_use_policy(policy))
+    {
+        return Err(CheckError::PermissionDenied(
+            "this client certificate may not use this policy",
+        ));
+    }
+    if !req.client_identity.is_empty() && !grant.has(Role::ForwardIdentity) {
+        return Err(CheckError::PermissionDenied(
+            "this client certificate may not forward client identities",
+        ));
+    }
+    Ok(())
 }
 
 /// See [`Checker::fence_secs`].

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{Authz, CallerRule, ClientRule, Pattern, Role};
 use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
 
 /// A config problem, already phrased for the operator.
@@ -38,6 +39,33 @@ pub struct File {
     pub policies: Vec<PolicyFile>,
     #[serde(default)]
     pub keys: Vec<KeyFile>,
+    /// Which client-certificate identities may do what.
+    #[serde(default)]
+    pub callers: Vec<CallerFile>,
+    /// Routes that end clients (by certificate identity) may call.
+    #[serde(default)]
+    pub clients: Vec<ClientFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerFile {
+    /// Exact identity, or a pattern with `*` (any run of characters but `/`).
+    pub identity: String,
+    /// Any of "check", "admin", "forward-identity".
+    pub roles: Vec<String>,
+    /// With "check": only keys whose id starts with one of these.
+    #[serde(default)]
+    pub key_prefixes: Vec<String>,
+    /// With "check": only these request-limit policies (default: any).
+    pub policies: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub identity: String,
+    pub routes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +77,20 @@ pub struct TlsFile {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM) for client certificates.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// "1.3" (default) or "1.2" to also accept TLS 1.2 clients.
+    pub min_version: Option<String>,
+    /// Fall back to the subject CN as the caller identity when a client
+    /// certificate has no SPIFFE or DNS SAN. Default false.
+    #[serde(default)]
+    pub allow_cn_identity: bool,
+    /// How often certificate files are checked for changes. Default "2s".
+    /// SIGHUP reloads at once.
+    pub reload_interval: Option<String>,
+    /// Warn when the server certificate or a CA expires sooner. Default "30d".
+    pub expiry_warning: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +146,11 @@ pub struct KeyFile {
     /// A revoked key answers exactly like an unknown one.
     #[serde(default)]
     pub revoked: bool,
+    /// When set, signed requests with this key are only accepted from these
+    /// client identities (patterns allowed): the forwarded end-client
+    /// identity, or else the calling certificate's.
+    #[serde(default)]
+    pub bound_identities: Vec<String>,
 }
 
 /// Where a secret comes from. The HMAC key is the UTF-8 bytes of the value.
@@ -135,15 +182,37 @@ pub struct KeyConfig {
     pub policies: Vec<String>,
     pub secrets: Vec<crate::keys::Secret>,
     pub routes: Vec<crate::keys::Route>,
+    pub bound_identities: Vec<Pattern>,
     pub revoked: bool,
 }
 
-/// Where the server's TLS material lives.
+/// The server's TLS material and how it is used.
 #[derive(Clone, Debug)]
 pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+    pub allow_tls12: bool,
+    pub allow_cn_identity: bool,
+    pub reload_interval: Duration,
+    pub expiry_warning: Duration,
+}
+
+impl TlsPaths {
+    /// Files in the given places, everything else at its default.
+    pub fn new(cert: PathBuf, key: PathBuf, client_ca: PathBuf) -> Self {
+        Self {
+            cert,
+            key,
+            client_ca,
+            crls: Vec::new(),
+            allow_tls12: false,
+            allow_cn_identity: false,
+            reload_interval: Duration::from_secs(2),
+            expiry_warning: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// Settings of the check pipeline.
@@ -179,6 +248,7 @@ pub struct Config {
     pub check: CheckSettings,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
+    pub authz: Authz,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -231,11 +301,7 @@ impl Config {
                     "missing: give cert, key and client_ca (or insecure_plaintext = true on loopback)",
                 ));
             }
-            (Some(t), false) => Some(TlsPaths {
-                cert: base.join(t.cert),
-                key: base.join(t.key),
-                client_ca: base.join(t.client_ca),
-            }),
+            (Some(t), false) => Some(tls_settings(t, base)?),
         };
         let check = check_settings(file.check)?;
 
@@ -266,12 +332,37 @@ impl Config {
             }
             keys.push(key);
         }
+
+        let mut callers = Vec::with_capacity(file.callers.len());
+        for (i, c) in file.callers.into_iter().enumerate() {
+            callers.push(caller(&format!("callers[{i}]"), c, &names)?);
+        }
+        if tls.is_some() && callers.is_empty() {
+            return Err(bad(
+                "callers",
+                "none configured: add [[callers]] entries mapping client certificate identities to roles (no certificate is trusted by default)",
+            ));
+        }
+        let mut clients = Vec::with_capacity(file.clients.len());
+        for (i, c) in file.clients.into_iter().enumerate() {
+            let field = format!("clients[{i}]");
+            let identity =
+                Pattern::new(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
+            let routes = routes(&field, &c.routes)?;
+            clients.push(ClientRule { identity, routes });
+        }
+        let authz = Authz {
+            callers,
+            clients,
+            plaintext: tls.is_none(),
+        };
         Ok(Self {
             listen,
             tls,
             check,
             policies,
             keys,
+            authz,
         })
     }
 }
@@ -291,6 +382,79 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         }
         None => ConfigError(format!("{}: {reason}", path.display())),
     }
+}
+
+fn tls_settings(t: TlsFile, base: &Path) -> Result<TlsPaths, ConfigError> {
+    let mut tls = TlsPaths::new(base.join(t.cert), base.join(t.key), base.join(t.client_ca));
+    tls.crls = t.crls.into_iter().map(|p| base.join(p)).collect();
+    tls.allow_tls12 = match t.min_version.as_deref() {
+        None | Some("1.3") => false,
+        Some("1.2") => true,
+        Some(other) => {
+            return Err(bad(
+                "tls.min_version",
+                format!("{other:?} is not \"1.2\" or \"1.3\""),
+            ));
+        }
+    };
+    tls.allow_cn_identity = t.allow_cn_identity;
+    if let Some(text) = t.reload_interval {
+        tls.reload_interval = parse_duration("tls.reload_interval", &text)?;
+        if tls.reload_interval < Duration::from_millis(100) {
+            return Err(bad("tls.reload_interval", "must be at least 100ms"));
+        }
+    }
+    if let Some(text) = t.expiry_warning {
+        tls.expiry_warning = parse_duration("tls.expiry_warning", &text)?;
+    }
+    Ok(tls)
+}
+
+fn caller(
+    field: &str,
+    c: CallerFile,
+    policies: &HashSet<String>,
+) -> Result<CallerRule, ConfigError> {
+    let identity = Pattern::new(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
+    let mut roles = HashSet::new();
+    for (j, r) in c.roles.iter().enumerate() {
+        let role = Role::parse(r).ok_or_else(|| {
+            bad(
+                format!("{field}.roles[{j}]"),
+                format!("{r:?} is not one of \"check\", \"admin\", \"forward-identity\""),
+            )
+        })?;
+        roles.insert(role);
+    }
+    if roles.is_empty() {
+        return Err(bad(format!("{field}.roles"), "give at least one role"));
+    }
+    if let Some(list) = &c.policies {
+        for (j, p) in list.iter().enumerate() {
+            if !policies.contains(p) {
+                return Err(bad(
+                    format!("{field}.policies[{j}]"),
+                    format!("unknown policy {p:?}"),
+                ));
+            }
+        }
+    }
+    Ok(CallerRule {
+        identity,
+        roles,
+        key_prefixes: c.key_prefixes,
+        policies: c.policies.map(|l| l.into_iter().collect()),
+    })
+}
+
+fn routes(field: &str, texts: &[String]) -> Result<Vec<crate::keys::Route>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(j, r)| {
+            crate::keys::Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg))
+        })
+        .collect()
 }
 
 fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
@@ -452,11 +616,11 @@ fn key(
         }
         secrets.push(crate::keys::Secret::new(value.into_bytes()));
     }
-    let mut routes = Vec::with_capacity(k.routes.len());
-    for (j, r) in k.routes.iter().enumerate() {
-        routes.push(
-            crate::keys::Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg))?,
-        );
+    let routes = routes(field, &k.routes)?;
+    let mut bound_identities = Vec::with_capacity(k.bound_identities.len());
+    for (j, id) in k.bound_identities.iter().enumerate() {
+        bound_identities
+            .push(Pattern::new(id).map_err(|m| bad(format!("{field}.bound_identities[{j}]"), m))?);
     }
     Ok(KeyConfig {
         id: k.id,
@@ -465,6 +629,7 @@ fn key(
         policies: k.policies,
         secrets,
         routes,
+        bound_identities,
         revoked: k.revoked,
     })
 }
@@ -487,7 +652,7 @@ pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> 
     let n: u64 = number.parse().map_err(|_| {
         bad(
             field,
-            format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\" or \"1h\""),
+            format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""),
         )
     })?;
     let d = match unit {
@@ -495,10 +660,13 @@ pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> 
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(24 * 3600)),
         _ => {
             return Err(bad(
                 field,
-                format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\" or \"1h\""),
+                format!(
+                    "{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
+                ),
             ));
         }
     };
@@ -516,7 +684,7 @@ mod tests {
         })
     }
 
-    const TLS: &str = "[tls]\ncert = \"s.pem\"\nkey = \"s-key.pem\"\nclient_ca = \"ca.pem\"\n";
+    const TLS: &str = "[[callers]]\nidentity = \"spiffe://t/gw\"\nroles = [\"check\"]\n\n[tls]\ncert = \"s.pem\"\nkey = \"s-key.pem\"\nclient_ca = \"ca.pem\"\n";
 
     #[test]
     fn a_full_config_validates_and_resolves_secrets() {
@@ -568,6 +736,21 @@ mod tests {
             (format!("{TLS}[check]\nskew = \"0s\"\n"), "check.skew"),
             ("listen = \"nowhere\"\n".to_owned(), "listen"),
             ("".to_owned(), "tls"),
+            (
+                "[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n".to_owned(),
+                "callers",
+            ),
+            (
+                format!("[[callers]]\nidentity = \"x\"\nroles = [\"root\"]\n{TLS}"),
+                "callers[0].roles[0]",
+            ),
+            (
+                format!(
+                    "[[callers]]\nidentity = \"x\"\nroles = [\"check\"]\npolicies = [\"nope\"]\n{TLS}"
+                ),
+                "callers[0].policies[0]",
+            ),
+            (format!("{TLS}min_version = \"1.1\"\n"), "tls.min_version"),
             (
                 "listen = \"10.0.0.1:1\"\ninsecure_plaintext = true\n".to_owned(),
                 "insecure_plaintext",

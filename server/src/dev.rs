@@ -17,12 +17,17 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashSet;
+
+use crate::auth::{Authz, CallerRule, Pattern, Role};
 use crate::config::{CheckSettings, Config, KeyConfig, Policy, TlsPaths};
 use crate::engine::clock::duration_nanos;
 use crate::engine::{Gcra, Limit, Window, WindowKind};
 use crate::keys::Secret;
 
 pub const DEFAULT_DIR: &str = "./warden-dev";
+/// The identity of the dev client certificate; it holds every role.
+pub const DEV_CLIENT_ID: &str = "spiffe://warden.dev/client";
 
 /// The demo key file, `demo-key.json`. The HMAC key is the UTF-8 bytes of
 /// `secret`.
@@ -73,6 +78,18 @@ impl Ca {
     /// Issues a client certificate with the given subject CN and SANs
     /// (`spiffe://...` strings become URI SANs, others DNS SANs).
     pub fn client_cert(&self, cn: &str, sans: &[&str]) -> Result<(String, String), rcgen::Error> {
+        self.client_cert_with(cn, sans, None, false)
+    }
+
+    /// Like [`Self::client_cert`], with a chosen serial number (to revoke it
+    /// later) and optionally already expired.
+    pub fn client_cert_with(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        serial: Option<u64>,
+        expired: bool,
+    ) -> Result<(String, String), rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
         for san in sans {
@@ -83,7 +100,36 @@ impl Ca {
             });
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
+        if expired {
+            let key = KeyPair::generate()?;
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            let cert = params.signed_by(&key, &self.issuer)?;
+            return Ok((cert.pem(), key.serialize_pem()));
+        }
         self.issue(params)
+    }
+
+    /// A CRL (PEM) revoking the certificates with these serial numbers.
+    pub fn crl(&self, revoked: &[u64]) -> Result<String, rcgen::Error> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2036, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(serial),
+                    revocation_time: rcgen::date_time_ymd(2024, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 
     fn issue(&self, mut params: CertificateParams) -> Result<(String, String), rcgen::Error> {
@@ -141,8 +187,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
     if !FILES.iter().all(|f| dir.join(f).exists()) {
         let ca = Ca::new("warden dev CA")?;
         let (server, server_key) = ca.server_cert(&["localhost", "127.0.0.1"])?;
-        let (client, client_key) =
-            ca.client_cert("warden-dev-client", &["spiffe://warden.dev/client"])?;
+        let (client, client_key) = ca.client_cert("warden-dev-client", &[DEV_CLIENT_ID])?;
         write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
         write_file(&dir.join("server.pem"), server.as_bytes())?;
         write_file(&dir.join("server-key.pem"), server_key.as_bytes())?;
@@ -190,18 +235,30 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         policies: vec!["demo".to_owned()],
         secrets: vec![Secret::new(demo.secret.clone().into_bytes())],
         routes: Vec::new(),
+        bound_identities: Vec::new(),
         revoked: false,
     };
     let config = Config {
         listen,
-        tls: Some(TlsPaths {
-            cert: dir.join("server.pem"),
-            key: dir.join("server-key.pem"),
-            client_ca: dir.join("ca.pem"),
-        }),
+        tls: Some(TlsPaths::new(
+            dir.join("server.pem"),
+            dir.join("server-key.pem"),
+            dir.join("ca.pem"),
+        )),
         check: CheckSettings::default(),
         policies,
         keys: vec![key],
+        // The dev client certificate may do everything.
+        authz: Authz {
+            callers: vec![CallerRule {
+                identity: Pattern::new(DEV_CLIENT_ID).expect("valid pattern"),
+                roles: HashSet::from([Role::Check, Role::Admin, Role::ForwardIdentity]),
+                key_prefixes: Vec::new(),
+                policies: None,
+            }],
+            clients: Vec::new(),
+            plaintext: false,
+        },
     };
     Ok(DevSetup {
         dir: dir.to_owned(),

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::auth::Pattern;
 use crate::config::{KeyConfig, Policy};
 
 /// An HMAC secret. Its bytes never appear in `Debug` output, logs or errors.
@@ -90,11 +91,19 @@ pub struct ApiKey {
     pub policies: Vec<Arc<Policy>>,
     /// Empty means every route.
     pub routes: Vec<Route>,
+    /// Empty means any client identity; else the client must match one.
+    pub bound_identities: Vec<Pattern>,
 }
 
 impl ApiKey {
     pub fn may_call(&self, method: &str, path: &str) -> bool {
         self.routes.is_empty() || self.routes.iter().any(|r| r.allows(method, path))
+    }
+
+    /// Whether a request from this client identity may use the key.
+    pub fn may_be_used_by(&self, client: Option<&str>) -> bool {
+        self.bound_identities.is_empty()
+            || client.is_some_and(|id| self.bound_identities.iter().any(|p| p.matches(id)))
     }
 }
 
@@ -129,6 +138,7 @@ impl KeyRing {
                         .filter_map(|name| policies.get(name).cloned())
                         .collect(),
                     routes: k.routes.clone(),
+                    bound_identities: k.bound_identities.clone(),
                 };
                 (k.id.clone(), Arc::new(key))
             })

@@ -10,6 +10,7 @@
 //! - [`service`]: the tonic services; [`server`]: listening and shutdown.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod check;
 pub mod config;
 pub mod dev;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
+
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::engine::{Clock, SystemClock};
 use crate::keys::KeyRing;
 use crate::service::warden::WardenService;
+use crate::tls::TlsReloader;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +116,7 @@ pub enum ServeError {
 /// real port (for `--listen 127.0.0.1:0`) before traffic arrives.
 pub struct Bound {
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<TlsReloader>>,
     checker: Arc<Checker>,
     clock: Arc<dyn Clock>,
 }
@@ -123,8 +124,8 @@ pub struct Bound {
 impl Bound {
     /// Loads TLS material and binds the listen address.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
-        let acceptor = match &config.tls {
-            Some(paths) => Some(TlsAcceptor::from(crate::tls::server_config(paths)?)),
+        let tls = match &config.tls {
+            Some(paths) => Some(Arc::new(TlsReloader::new(paths.clone())?)),
             None => None,
         };
         let listener =
@@ -136,10 +137,15 @@ impl Bound {
                 })?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let keys = KeyRing::new(&config.policies, &config.keys);
-        let checker = Arc::new(Checker::new(config.check.clone(), keys, clock.clone()));
+        let checker = Arc::new(Checker::new(
+            config.check.clone(),
+            keys,
+            config.authz.clone(),
+            clock.clone(),
+        ));
         Ok(Self {
             listener,
-            acceptor,
+            tls,
             checker,
             clock,
         })
@@ -150,7 +156,7 @@ impl Bound {
     }
 
     pub fn is_tls(&self) -> bool {
-        self.acceptor.is_some()
+        self.tls.is_some()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets
@@ -161,7 +167,8 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let max_message = self.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
         let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
-        let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, conns_tx));
+        let watcher = self.tls.clone().map(|tls| tokio::spawn(tls.watch()));
+        let accept = tokio::spawn(accept_loop(self.listener, self.tls, conns_tx));
         let sweeper = tokio::spawn(sweep_loop(self.checker.clone(), self.clock.clone()));
 
         let service = WardenServer::new(WardenService::new(self.checker))
@@ -176,13 +183,16 @@ impl Bound {
             .await;
         accept.abort();
         sweeper.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
         Ok(result?)
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<TlsReloader>>,
     conns: mpsc::Sender<io::Result<Conn>>,
 ) {
     loop {
@@ -198,7 +208,7 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let conns = conns.clone();
-        let Some(acceptor) = acceptor.clone() else {
+        let Some(tls) = tls.clone() else {
             let peer = PeerInfo {
                 remote,
                 identity: None,
@@ -208,6 +218,10 @@ async fn accept_loop(
             }
             continue;
         };
+        // Each handshake uses the configuration current at accept time, so
+        // a reload affects new connections only.
+        let acceptor = tls.acceptor();
+        let allow_cn = tls.allow_cn_identity();
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
@@ -216,7 +230,7 @@ async fn accept_loop(
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .and_then(crate::tls::identity)
+                        .and_then(|cert| crate::tls::identity(cert, allow_cn))
                         .map(Arc::from);
                     let peer = PeerInfo { remote, identity };
                     let _ = conns.send(Ok(Conn::Tls(Box::new(tls), peer))).await;

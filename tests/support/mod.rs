@@ -132,6 +132,22 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until the log contains `needle`; returns the log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never showed {needle:?}:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -197,9 +213,21 @@ impl ConfigDir {
     }
 
     /// Writes `warden.toml` with the TLS section, a free port, and `rest`.
+    /// Unless `rest` has its own `[[callers]]`, the test client
+    /// (`spiffe://test/gateway`) may check and forward identities.
     pub fn write_config(&self, rest: &str) -> PathBuf {
+        self.write_config_with(rest, "")
+    }
+
+    /// Like [`Self::write_config`], with extra lines for the `[tls]` table.
+    pub fn write_config_with(&self, rest: &str, tls_extra: &str) -> PathBuf {
+        let callers = if rest.contains("[[callers]]") {
+            ""
+        } else {
+            "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"forward-identity\"]\n\n"
+        };
         let text = format!(
-            "listen = \"127.0.0.1:0\"\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n{rest}"
+            "listen = \"127.0.0.1:0\"\n\n{callers}{rest}\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\nreload_interval = \"200ms\"\n{tls_extra}"
         );
         let path = self.path().join("warden.toml");
         std::fs::write(&path, text).unwrap();
@@ -208,6 +236,19 @@ impl ConfigDir {
 
     pub fn start(&self, rest: &str) -> Server {
         Server::with_config(&self.write_config(rest))
+    }
+
+    /// Issues a client certificate from this directory's CA into
+    /// `NAME.pem` / `NAME-key.pem` and returns TLS settings that use it.
+    pub fn client_tls(&self, name: &str, cn: &str, sans: &[&str]) -> Tls {
+        let (cert, key) = self.ca.client_cert(cn, sans).unwrap();
+        std::fs::write(self.path().join(format!("{name}.pem")), &cert).unwrap();
+        std::fs::write(self.path().join(format!("{name}-key.pem")), &key).unwrap();
+        Tls::from_pem(
+            self.ca.cert_pem().into_bytes(),
+            cert.into_bytes(),
+            key.into_bytes(),
+        )
     }
 
     pub async fn client(&self, server: &Server) -> Client {

@@ -8,6 +8,7 @@ use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest};
 use warden_client::signing::{Signer, check_request_from};
 
 use super::*;
+use crate::auth::{CallerRule, ClientRule, Pattern};
 use crate::config::{KeyConfig, Policy};
 use crate::engine::{FakeClock, Window, WindowKind};
 use crate::keys::{KeyRing, Route, Secret};
@@ -43,11 +44,16 @@ fn key(id: &str, policies: &[&str], routes: &[&str]) -> KeyConfig {
         policies: policies.iter().map(|p| p.to_string()).collect(),
         secrets: vec![Secret::new(SECRET.as_bytes().to_vec())],
         routes: routes.iter().map(|r| Route::parse(r).unwrap()).collect(),
+        bound_identities: Vec::new(),
         revoked: false,
     }
 }
 
 impl Fixture {
+    fn engine_is_untouched(&self) -> bool {
+        self.checker.engine().occupancy() == crate::engine::Occupancy::default()
+    }
+
     fn new() -> Self {
         Self::with(
             CheckSettings {
@@ -78,8 +84,17 @@ impl Fixture {
                 revoked: true,
                 ..key("revoked", &["three"], &[])
             },
+            KeyConfig {
+                bound_identities: vec![Pattern::new("spiffe://partner/billing").unwrap()],
+                ..key("kbound", &[], &[])
+            },
         ];
-        let checker = Checker::new(settings, KeyRing::new(&policies, &keys), clock.clone());
+        let checker = Checker::new(
+            settings,
+            KeyRing::new(&policies, &keys),
+            authz(),
+            clock.clone(),
+        );
         // Start one second later, past the restart fence.
         clock.advance(Duration::from_secs(1));
         Self {
@@ -112,11 +127,43 @@ impl Fixture {
     }
 
     fn check(&self, req: &CheckRequest) -> CheckResponse {
-        self.checker
-            .check(req, &CallerIdentity::default())
-            .unwrap()
-            .response
+        self.checker.check(req, &gateway()).unwrap().response
     }
+}
+
+/// The gateway may check for keys starting with "k" and use the "window"
+/// policy, and forward client identities; the app may only check.
+fn authz() -> Authz {
+    let rule = |id: &str, roles: &[Role], prefixes: &[&str]| CallerRule {
+        identity: Pattern::new(id).unwrap(),
+        roles: roles.iter().copied().collect(),
+        key_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        policies: Some(["window".to_owned()].into()),
+    };
+    Authz {
+        callers: vec![
+            rule(
+                "spiffe://test/gateway",
+                &[Role::Check, Role::ForwardIdentity],
+                &["k", "revoked", "nobody"],
+            ),
+            rule("spiffe://test/app", &[Role::Check], &[]),
+            rule("spiffe://test/admin", &[Role::Admin], &[]),
+        ],
+        clients: vec![ClientRule {
+            identity: Pattern::new("spiffe://partner/*").unwrap(),
+            routes: vec![Route::parse("POST /webhooks/*").unwrap()],
+        }],
+        plaintext: false,
+    }
+}
+
+fn caller(id: &str) -> CallerIdentity {
+    CallerIdentity(Some(Arc::from(id)))
+}
+
+fn gateway() -> CallerIdentity {
+    caller("spiffe://test/gateway")
 }
 
 fn reason(r: &CheckResponse) -> Reason {
@@ -382,4 +429,89 @@ fn malformed_requests_name_the_field_and_change_no_state() {
         f.checker.engine().occupancy(),
         crate::engine::Occupancy::default()
     );
+}
+
+#[test]
+fn a_caller_without_the_check_role_is_refused_before_anything_else() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.nonce = "malformed!".into();
+    for who in ["spiffe://test/admin", "spiffe://stranger/gw"] {
+        let err = f.checker.check(&req, &caller(who)).unwrap_err();
+        assert_eq!(
+            err,
+            CheckError::PermissionDenied("this client certificate may not call Check")
+        );
+    }
+    assert_eq!(
+        f.checker.check(&req, &CallerIdentity(None)).unwrap_err(),
+        CheckError::PermissionDenied("this client certificate may not call Check")
+    );
+}
+
+#[test]
+fn a_caller_may_be_limited_to_key_prefixes_and_policies() {
+    let f = Fixture::new();
+    let h = Signer::new("other", SECRET).sign_at(f.now_secs(), &f.nonce(), "GET", "/", "", b"");
+    let req = check_request_from(&h, "warden-v1", "GET", "/", "", b"");
+    assert!(matches!(
+        f.checker.check(&req, &gateway()),
+        Err(CheckError::PermissionDenied(_))
+    ));
+    let mut req = f.now();
+    req.limits = vec![LimitRequest {
+        policy: "three".into(),
+        descriptor: "ip:1".into(),
+    }];
+    assert!(matches!(
+        f.checker.check(&req, &gateway()),
+        Err(CheckError::PermissionDenied(_))
+    ));
+    assert!(f.engine_is_untouched());
+}
+
+#[test]
+fn only_forwarders_may_pass_on_a_client_identity() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.client_identity = "CN=alice,O=Acme".into();
+    let err = f
+        .checker
+        .check(&req, &caller("spiffe://test/app"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CheckError::PermissionDenied("this client certificate may not forward client identities")
+    );
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+}
+
+#[test]
+fn a_bound_key_is_forbidden_from_any_other_client_identity() {
+    let f = Fixture::new();
+    let bound = Signer::new("kbound", SECRET);
+    let send = |client: &str, path: &str| {
+        let h = bound.sign_at(f.now_secs(), &f.nonce(), "POST", path, "", b"");
+        let mut req = check_request_from(&h, "warden-v1", "POST", path, "", b"");
+        req.client_identity = client.into();
+        f.check(&req)
+    };
+    assert_eq!(
+        reason(&send("spiffe://partner/billing", "/webhooks/billing")),
+        Reason::Ok
+    );
+    let other = send("spiffe://partner/shipping", "/webhooks/billing");
+    assert_eq!(reason(&other), Reason::Forbidden);
+    assert_eq!(other.http_status, 403);
+    // Without a forwarded identity the gateway's own identity is the client.
+    assert_eq!(reason(&send("", "/webhooks/billing")), Reason::Forbidden);
+}
+
+#[test]
+fn client_route_rules_apply_to_the_effective_client_identity() {
+    let f = Fixture::new();
+    let mut req = f.now();
+    req.client_identity = "spiffe://partner/shipping".into();
+    // k1 requests go to POST /orders; partners may only POST /webhooks/*.
+    assert_eq!(reason(&f.check(&req)), Reason::Forbidden);
 }

@@ -89,6 +89,17 @@ fn check_one(
             }
             Ok(decision.response)
         }
+        Err(CheckError::PermissionDenied(why)) => {
+            tracing::warn!(
+                event = "caller_denied",
+                caller = caller.as_str(),
+                key_id = loggable_key_id(&req.key_id),
+                request_id,
+                reason = why,
+                "call refused"
+            );
+            Err(Status::permission_denied(why))
+        }
         Err(CheckError::ReplayCacheFull) => {
             tracing::warn!(
                 event = "replay_cache_full",
@@ -100,6 +111,15 @@ fn check_one(
                 CheckError::ReplayCacheFull.to_string(),
             ))
         }
+    }
+}
+
+/// The key id if it is well formed (a malformed one is not logged).
+fn loggable_key_id(id: &str) -> &str {
+    if crate::keys::is_valid_key_id(id) {
+        id
+    } else {
+        "-"
     }
 }
 

@@ -1,0 +1,216 @@
+//! Who may do what. A valid client certificate proves who is calling, not
+//! what it may do: this module maps caller identities to roles, and
+//! end-client identities to the routes they may call.
+//!
+//! Rules are tried in order and the first whose identity pattern matches
+//! decides, as in a firewall: put specific rules before broad ones.
+
+use std::collections::HashSet;
+
+use crate::keys::Route;
+
+/// An identity pattern: exact, or with `*` standing for any run of
+/// characters other than `/` (one SPIFFE path segment, or any DNS labels).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > 1024 || text.chars().any(char::is_control) {
+            return Err("must be 1 to 1024 characters without control characters".into());
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn matches(&self, identity: &str) -> bool {
+        glob(self.0.as_bytes(), identity.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Anchored glob match where `*` matches any bytes except `/`.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => {
+            // Try every split point up to the next '/'.
+            let limit = text.iter().position(|&b| b == b'/').unwrap_or(text.len());
+            (0..=limit).any(|i| glob(rest, &text[i..]))
+        }
+        Some((&p, rest)) => text.first() == Some(&p) && glob(rest, &text[1..]),
+    }
+}
+
+/// A role a caller can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// May call `Check` / `CheckStream`.
+    Check,
+    /// May use the admin API.
+    Admin,
+    /// May pass on an end-client identity in `client_identity`.
+    ForwardIdentity,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "check" => Some(Self::Check),
+            "admin" => Some(Self::Admin),
+            "forward-identity" => Some(Self::ForwardIdentity),
+            _ => None,
+        }
+    }
+}
+
+/// One `[[callers]]` rule.
+#[derive(Clone, Debug)]
+pub struct CallerRule {
+    pub identity: Pattern,
+    pub roles: HashSet<Role>,
+    /// With `check`: only keys whose id starts with one of these (empty: any).
+    pub key_prefixes: Vec<String>,
+    /// With `check`: only these request-limit policies (`None`: any).
+    pub policies: Option<HashSet<String>>,
+}
+
+/// One `[[clients]]` rule: what an end client (by certificate identity) may
+/// call.
+#[derive(Clone, Debug)]
+pub struct ClientRule {
+    pub identity: Pattern,
+    pub routes: Vec<Route>,
+}
+
+/// What one caller may do, resolved from the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    roles: HashSet<Role>,
+    key_prefixes: Vec<String>,
+    policies: Option<HashSet<String>>,
+}
+
+impl Grant {
+    pub fn none() -> Self {
+        Self {
+            roles: HashSet::new(),
+            key_prefixes: Vec::new(),
+            policies: None,
+        }
+    }
+
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    pub fn may_check_key(&self, key_id: &str) -> bool {
+        self.key_prefixes.is_empty() || self.key_prefixes.iter().any(|p| key_id.starts_with(p))
+    }
+
+    pub fn may_use_policy(&self, policy: &str) -> bool {
+        self.policies
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(policy))
+    }
+}
+
+/// All authorization rules of one server.
+#[derive(Clone, Debug, Default)]
+pub struct Authz {
+    pub callers: Vec<CallerRule>,
+    pub clients: Vec<ClientRule>,
+    /// Plaintext mode has no identities: every caller may check (and nothing
+    /// else). Only ever true on loopback.
+    pub plaintext: bool,
+}
+
+impl Authz {
+    /// The grant of a caller, by the identity of its certificate.
+    pub fn grant(&self, identity: Option<&str>) -> Grant {
+        match identity {
+            None if self.plaintext => Grant {
+                roles: HashSet::from([Role::Check]),
+                ..Grant::none()
+            },
+            None => Grant::none(),
+            Some(id) => self
+                .callers
+                .iter()
+                .find(|rule| rule.identity.matches(id))
+                .map(|rule| Grant {
+                    roles: rule.roles.clone(),
+                    key_prefixes: rule.key_prefixes.clone(),
+                    policies: rule.policies.clone(),
+                })
+                .unwrap_or_else(Grant::none),
+        }
+    }
+
+    /// Whether an end client may call a route. Clients without a matching
+    /// `[[clients]]` rule are not restricted by route.
+    pub fn client_may_call(&self, identity: Option<&str>, method: &str, path: &str) -> bool {
+        let Some(id) = identity else { return true };
+        match self.clients.iter().find(|rule| rule.identity.matches(id)) {
+            Some(rule) => {
+                rule.routes.is_empty() || rule.routes.iter().any(|r| r.allows(method, path))
+            }
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_star_matches_within_one_path_segment_only() {
+        let p = Pattern::new("spiffe://prod/ns/*/sa/gateway").unwrap();
+        assert!(p.matches("spiffe://prod/ns/edge/sa/gateway"));
+        assert!(!p.matches("spiffe://prod/ns/edge/x/sa/gateway"));
+        assert!(!p.matches("spiffe://prod/ns/edge/sa/gateway2"));
+        let dns = Pattern::new("*.gateways.internal").unwrap();
+        assert!(dns.matches("a.gateways.internal"));
+        assert!(!dns.matches("gateways.internal.evil.com"));
+        let exact = Pattern::new("spiffe://prod/app").unwrap();
+        assert!(exact.matches("spiffe://prod/app"));
+        assert!(!exact.matches("spiffe://prod/app/extra"));
+        assert!(!exact.matches("spiffe://prod/ap"));
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let rule = |id: &str, roles: &[Role]| CallerRule {
+            identity: Pattern::new(id).unwrap(),
+            roles: roles.iter().copied().collect(),
+            key_prefixes: vec![],
+            policies: None,
+        };
+        let authz = Authz {
+            callers: vec![
+                rule("spiffe://prod/admin", &[Role::Admin]),
+                rule("spiffe://prod/*", &[Role::Check]),
+            ],
+            ..Authz::default()
+        };
+        let admin = authz.grant(Some("spiffe://prod/admin"));
+        assert!(admin.has(Role::Admin) && !admin.has(Role::Check));
+        assert!(authz.grant(Some("spiffe://prod/gw")).has(Role::Check));
+        assert_eq!(authz.grant(Some("spiffe://staging/gw")), Grant::none());
+        assert_eq!(authz.grant(None), Grant::none());
+    }
+
+    #[test]
+    fn grants_restrict_keys_and_policies() {
+        let grant = Grant {
+            roles: HashSet::from([Role::Check]),
+            key_prefixes: vec!["wk_live_".into()],
+            policies: Some(HashSet::from(["per-ip".to_owned()])),
+        };
+        assert!(grant.may_check_key("wk_live_1") && !grant.may_check_key("wk_test_1"));
+        assert!(grant.may_use_policy("per-ip") && !grant.may_use_policy("login"));
+    }
+}
