@@ -470,3 +470,43 @@ async fn certificates_close_to_expiry_are_warned_about_at_start() {
     assert!(logs.contains("server certificate"), "{logs}");
     assert!(logs.contains("client CA"), "{logs}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_at_once() {
+    let dir = ConfigDir::new();
+    // File polling practically off: only the signal can trigger the reload.
+    let config = dir
+        .write_config_with(&format!("{CALLERS}{KEYS}"), "")
+        .to_string_lossy()
+        .into_owned();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("reload_interval = \"200ms\"", "reload_interval = \"1h\"");
+    std::fs::write(&config, text).unwrap();
+    let server = Server::with_config(std::path::Path::new(&config));
+
+    let new_ca = Ca::new("after sighup").unwrap();
+    let (cert, key) = new_ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    replace_file(
+        &dir.path().join("ca.pem"),
+        &format!("{}{}", dir.ca.cert_pem(), new_ca.cert_pem()),
+    );
+    replace_file(&dir.path().join("server-key.pem"), &key);
+    replace_file(&dir.path().join("server.pem"), &cert);
+    server.signal("HUP");
+    server.wait_for_log("\"trigger\":\"sighup\"");
+    let (client_cert, client_key) = new_ca
+        .client_cert("gw", &["spiffe://test/gateway"])
+        .unwrap();
+    let tls = Tls::from_pem(
+        new_ca.cert_pem().into_bytes(),
+        client_cert.into_bytes(),
+        client_key.into_bytes(),
+    );
+    assert_eq!(
+        call(&server, tls, request("wk_open", "GET", "/"))
+            .await
+            .unwrap(),
+        Reason::Ok
+    );
+}

@@ -156,6 +156,16 @@ impl Server {
         }
     }
 
+    /// Sends a signal by name ("HUP", "TERM", ...).
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("server is running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server is running");
