@@ -1,11 +1,18 @@
 //! Generates the gRPC stubs from `proto/` with protox, so no system `protoc`
-//! is needed.
+//! is needed, and keeps the encoded descriptors for gRPC server reflection.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = "../proto";
     let files = ["warden/v1/warden.proto"];
     println!("cargo:rerun-if-changed={proto_root}");
     let descriptors = protox::compile(files, [proto_root])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("warden_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

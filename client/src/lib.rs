@@ -23,6 +23,10 @@ pub mod signing;
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
     tonic::include_proto!("warden.v1");
+
+    /// The encoded `FileDescriptorSet` of `warden.v1`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));
 }
 
 use std::path::Path;

@@ -36,6 +36,10 @@ pub struct File {
     #[serde(default)]
     pub check: CheckFile,
     #[serde(default)]
+    pub server: ServerFile,
+    #[serde(default)]
+    pub alerts: AlertsFile,
+    #[serde(default)]
     pub policies: Vec<PolicyFile>,
     #[serde(default)]
     pub keys: Vec<KeyFile>,
@@ -109,6 +113,39 @@ pub struct CheckFile {
     pub failure_limit: Option<u64>,
     /// Default "60s".
     pub failure_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Where Prometheus metrics are served (`/metrics`, plain HTTP), or
+    /// "off". Default "127.0.0.1:9464".
+    pub metrics_listen: Option<String>,
+    /// Checks in flight at once; beyond it calls are shed at once with
+    /// RESOURCE_EXHAUSTED. An open CheckStream counts as one. Default 4096.
+    pub max_inflight: Option<usize>,
+    /// Calls in flight at once on one connection. Default 128.
+    pub max_calls_per_connection: Option<usize>,
+    /// Close connections with no traffic for this long. Default "10m".
+    pub idle_timeout: Option<String>,
+    /// After SIGTERM: report NOT_SERVING for this long while still serving,
+    /// so load balancers stop sending traffic. Default "0s".
+    pub drain_delay: Option<String>,
+    /// After that: how long in-flight calls may take to finish. Default "30s".
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsFile {
+    /// The counting window. Default "60s".
+    pub window: Option<String>,
+    /// Events per key id or caller identity per window that raise an alert.
+    /// Defaults: 20 bad signatures, 20 replays, 5 lockouts, 1000 rate limits.
+    pub bad_signatures: Option<u32>,
+    pub replays: Option<u32>,
+    pub lockouts: Option<u32>,
+    pub rate_limited: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +276,125 @@ impl Default for CheckSettings {
     }
 }
 
+/// Limits and lifecycle of the server process.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub metrics_listen: Option<SocketAddr>,
+    pub max_inflight: usize,
+    pub max_calls_per_connection: usize,
+    pub idle_timeout: Duration,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid address")),
+            max_inflight: 4096,
+            max_calls_per_connection: 128,
+            idle_timeout: Duration::from_secs(600),
+            drain_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Thresholds of the anomaly alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub window: Duration,
+    pub bad_signatures: u32,
+    pub replays: u32,
+    pub lockouts: u32,
+    pub rate_limited: u32,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            bad_signatures: 20,
+            replays: 20,
+            lockouts: 5,
+            rate_limited: 1000,
+        }
+    }
+}
+
+/// "off" or an IP:port address.
+pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        bad(
+            field,
+            format!("{text:?} is not an IP:port address or \"off\""),
+        )
+    })
+}
+
+fn server_settings(f: ServerFile) -> Result<ServerSettings, ConfigError> {
+    let mut s = ServerSettings::default();
+    if let Some(text) = f.metrics_listen {
+        s.metrics_listen = parse_metrics_listen("server.metrics_listen", &text)?;
+    }
+    if let Some(n) = f.max_inflight {
+        if n == 0 || n > 1_000_000 {
+            return Err(bad("server.max_inflight", "must be between 1 and 1000000"));
+        }
+        s.max_inflight = n;
+    }
+    if let Some(n) = f.max_calls_per_connection {
+        if n == 0 || n > 10_000 {
+            return Err(bad(
+                "server.max_calls_per_connection",
+                "must be between 1 and 10000",
+            ));
+        }
+        s.max_calls_per_connection = n;
+    }
+    if let Some(text) = f.idle_timeout {
+        s.idle_timeout = parse_duration("server.idle_timeout", &text)?;
+        if s.idle_timeout < Duration::from_secs(1) {
+            return Err(bad("server.idle_timeout", "must be at least 1s"));
+        }
+    }
+    if let Some(text) = f.drain_delay {
+        s.drain_delay = parse_duration("server.drain_delay", &text)?;
+    }
+    if let Some(text) = f.drain_timeout {
+        s.drain_timeout = parse_duration("server.drain_timeout", &text)?;
+    }
+    Ok(s)
+}
+
+fn alert_settings(f: AlertsFile) -> Result<AlertSettings, ConfigError> {
+    let d = AlertSettings::default();
+    let window = match f.window {
+        Some(text) => parse_duration("alerts.window", &text)?,
+        None => d.window,
+    };
+    if window < Duration::from_secs(1) {
+        return Err(bad("alerts.window", "must be at least 1s"));
+    }
+    let threshold = |field: &str, v: Option<u32>, default: u32| match v {
+        Some(0) => Err(bad(format!("alerts.{field}"), "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(AlertSettings {
+        window,
+        bad_signatures: threshold("bad_signatures", f.bad_signatures, d.bad_signatures)?,
+        replays: threshold("replays", f.replays, d.replays)?,
+        lockouts: threshold("lockouts", f.lockouts, d.lockouts)?,
+        rate_limited: threshold("rate_limited", f.rate_limited, d.rate_limited)?,
+    })
+}
+
 /// A validated configuration, ready to serve.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -246,6 +402,8 @@ pub struct Config {
     /// `None` only when serving plaintext on loopback.
     pub tls: Option<TlsPaths>,
     pub check: CheckSettings,
+    pub server: ServerSettings,
+    pub alerts: AlertSettings,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
     pub authz: Authz,
@@ -304,6 +462,8 @@ impl Config {
             (Some(t), false) => Some(tls_settings(t, base)?),
         };
         let check = check_settings(file.check)?;
+        let server = server_settings(file.server)?;
+        let alerts = alert_settings(file.alerts)?;
 
         let mut policies = Vec::with_capacity(file.policies.len());
         let mut names = HashSet::new();
@@ -360,6 +520,8 @@ impl Config {
             listen,
             tls,
             check,
+            server,
+            alerts,
             policies,
             keys,
             authz,

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 use crate::auth::{Authz, CallerRule, Pattern, Role};
-use crate::config::{CheckSettings, Config, KeyConfig, Policy, TlsPaths};
+use crate::config::{
+    AlertSettings, CheckSettings, Config, KeyConfig, Policy, ServerSettings, TlsPaths,
+};
 use crate::engine::clock::duration_nanos;
 use crate::engine::{Gcra, Limit, Window, WindowKind};
 use crate::keys::Secret;
@@ -246,6 +248,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
             dir.join("ca.pem"),
         )),
         check: CheckSettings::default(),
+        server: ServerSettings::default(),
+        alerts: AlertSettings::default(),
         policies,
         keys: vec![key],
         // The dev client certificate may do everything.

@@ -10,12 +10,14 @@
 //! - [`service`]: the tonic services; [`server`]: listening and shutdown.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod auth;
 pub mod check;
 pub mod config;
 pub mod dev;
 pub mod engine;
 pub mod keys;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod signing;

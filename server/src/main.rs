@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
@@ -18,8 +17,6 @@ use warden_client::{Client, Tls};
 
 /// Exit code for a bad command line or config: the operator must fix input.
 const EXIT_USAGE: u8 = 2;
-/// How long in-flight calls may take to finish after SIGTERM.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +35,19 @@ enum Command {
     Serve(ServeArgs),
     /// Sign one request with a key and ask a running server to check it.
     Check(CheckArgs),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (TLS files included) without serving. Exit 0
+    /// when it is valid, 2 with one line naming the problem when not.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -55,6 +65,10 @@ struct ServeArgs {
     /// Address to listen on; overrides the config file.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics and HTTP probes (plain HTTP), or
+    /// "off"; overrides the config file. Default 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -107,6 +121,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Check(args) => check(args).await,
+            Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         }
     })
 }
@@ -161,6 +176,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
         config.listen = listen;
     }
+    if let Some(text) = &args.metrics_listen {
+        match warden::config::parse_metrics_listen("--metrics-listen", text) {
+            Ok(addr) => config.server.metrics_listen = addr,
+            Err(e) => return usage_error(e),
+        }
+    }
 
     let bound = match Bound::bind(&config).await {
         Ok(b) => b,
@@ -169,6 +190,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let addr = match bound.local_addr() {
         Ok(a) => a,
         Err(e) => return usage_error(format!("cannot read the bound address: {e}")),
+    };
+    let metrics = match bound.metrics_addr() {
+        Some(metrics_addr) => match warden::metrics::install() {
+            Ok(handle) => {
+                tracing::info!(event = "metrics_listening", addr = %metrics_addr, "metrics at http://{metrics_addr}/metrics");
+                println!("metrics on {metrics_addr} (/metrics, /readyz, /livez)");
+                Some(handle)
+            }
+            Err(e) => return usage_error(format!("cannot set up metrics: {e}")),
+        },
+        None => None,
     };
     if let Some(setup) = dev_setup.as_mut() {
         if let Err(e) = dev::record_address(setup, addr) {
@@ -185,40 +217,41 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // Tests and scripts wait for this exact line on stdout.
     println!("listening on {addr} ({mode})");
 
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown_signal().await;
-        tracing::info!(
-            event = "draining",
-            "shutting down: finishing in-flight calls"
-        );
-        let _ = drained_tx.send(());
-    };
-    let server = tokio::spawn(bound.serve(shutdown));
-    let result = tokio::select! {
-        r = server => r,
-        _ = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(DRAIN_DEADLINE).await;
-        } => {
-            tracing::warn!(event = "drain_deadline", "in-flight calls did not finish in time; exiting");
-            return ExitCode::FAILURE;
-        }
-    };
-    match result {
-        Ok(Ok(())) => {
+    match bound.serve(shutdown_signal(), metrics).await {
+        Ok(()) => {
             tracing::info!(event = "stopped", "warden stopped");
             ExitCode::SUCCESS
         }
-        Ok(Err(e)) => {
-            tracing::error!(event = "server_failed", error = %e, "server failed");
-            ExitCode::FAILURE
-        }
         Err(e) => {
-            tracing::error!(event = "server_failed", error = %e, "server task failed");
+            tracing::error!(event = "server_failed", error = %e, "warden stopped with an error");
             ExitCode::FAILURE
         }
     }
+}
+
+fn config_check(file: &Path) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("invalid config: {e}")),
+    };
+    if let Some(paths) = &config.tls
+        && let Err(e) = warden::tls::TlsReloader::new(paths.clone())
+    {
+        return usage_error(format!("invalid config: {e}"));
+    }
+    println!(
+        "{}: valid ({} keys, {} policies, {} caller rules, {})",
+        file.display(),
+        config.keys.len(),
+        config.policies.len(),
+        config.authz.callers.len(),
+        if config.tls.is_some() {
+            "mTLS"
+        } else {
+            "plaintext on loopback"
+        }
+    );
+    ExitCode::SUCCESS
 }
 
 fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {

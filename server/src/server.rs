@@ -1,31 +1,38 @@
-//! Listening, the TLS handshake, the background sweep and graceful shutdown.
+//! Listening, the TLS handshake, health, the background sweep, and graceful
+//! shutdown.
 //!
 //! Connections are accepted here rather than by tonic so that the handshake
-//! runs on its own task (a slow client cannot hold up `accept`) and so that
-//! the caller identity is read from the client certificate once per
-//! connection, not once per call.
+//! runs on its own task (a slow client cannot hold up `accept`), so that the
+//! caller identity is read from the client certificate once per connection,
+//! and so that idle connections can be closed.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use warden_client::proto::warden_server::WardenServer;
 
+use crate::alerts::Alerts;
 use crate::check::Checker;
-use crate::config::Config;
+use crate::config::{Config, ServerSettings};
 use crate::engine::{Clock, SystemClock};
 use crate::keys::KeyRing;
+use crate::service::Admission;
 use crate::service::warden::WardenService;
 use crate::tls::TlsReloader;
 
@@ -35,29 +42,113 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Room in a CheckRequest beyond the body for the other fields.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
+/// Largest header list a client may send (HTTP/2 SETTINGS).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// The gRPC service name health is reported for (besides "", the server).
+const SERVICE_NAME: &str = "warden.v1.Warden";
+
+/// Milliseconds since this process first asked, on the monotonic clock.
+fn monotonic_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Per-connection state the services share with the connection itself.
+#[derive(Debug)]
+pub struct ConnState {
+    /// Calls in flight on this connection (see `Admission`).
+    pub calls: Arc<Semaphore>,
+    max_calls: usize,
+    last_activity_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn new(max_calls: usize) -> Self {
+        Self {
+            calls: Arc::new(Semaphore::new(max_calls)),
+            max_calls,
+            last_activity_ms: AtomicU64::new(monotonic_ms()),
+        }
+    }
+
+    /// Records that a call started or ended now.
+    pub fn touch(&self) {
+        self.last_activity_ms
+            .store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the connection has had no call in flight, if it has none.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.calls.available_permits() == self.max_calls).then(|| {
+            Duration::from_millis(
+                monotonic_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)),
+            )
+        })
+    }
+}
 
 /// What the services know about the connection a call came on.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub remote: SocketAddr,
-    /// The verified client certificate's identity; `None` in plaintext mode.
+    /// The verified client certificate's identity; `None` in plaintext mode
+    /// or when the certificate carries no usable identity.
     pub identity: Option<Arc<str>>,
+    pub conn: Arc<ConnState>,
+}
+
+enum Io {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
 }
 
 /// An accepted connection: mTLS, or plaintext on loopback when explicitly
-/// configured.
-pub enum Conn {
-    Tls(Box<TlsStream<TcpStream>>, PeerInfo),
-    Plain(TcpStream, PeerInfo),
+/// configured. It closes itself after `idle_timeout` without calls (HTTP/2
+/// pings do not count as activity).
+pub struct Conn {
+    io: Io,
+    peer: PeerInfo,
+    idle_timeout: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+}
+
+impl Conn {
+    fn new(io: Io, peer: PeerInfo, idle_timeout: Duration) -> Self {
+        Self {
+            io,
+            peer,
+            idle_timeout,
+            idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
+        }
+    }
+
+    /// Whether the idle timer says to close; re-arms it otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.idle_timer.as_mut().poll(cx).is_ready() {
+            match self.peer.conn.idle_for() {
+                Some(idle) if idle >= self.idle_timeout => return true,
+                Some(idle) => self
+                    .idle_timer
+                    .as_mut()
+                    .reset(Instant::now() + (self.idle_timeout - idle)),
+                None => self
+                    .idle_timer
+                    .as_mut()
+                    .reset(Instant::now() + self.idle_timeout),
+            }
+        }
+        false
+    }
 }
 
 impl Connected for Conn {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
-        match self {
-            Conn::Tls(_, p) | Conn::Plain(_, p) => p.clone(),
-        }
+        self.peer.clone()
     }
 }
 
@@ -67,10 +158,16 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+        let this = self.get_mut();
+        let polled = match &mut this.io {
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if polled.is_pending() && this.poll_idle(cx) {
+            tracing::debug!(event = "idle_close", remote = %this.peer.remote, "closing idle connection");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
         }
+        polled
     }
 }
 
@@ -80,23 +177,23 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -110,31 +207,61 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot set up gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("in-flight calls did not finish within the drain timeout")]
+    DrainTimeout,
+}
+
+/// Serving status, for gRPC health and the HTTP readiness probe alike.
+#[derive(Clone)]
+struct Health {
+    reporter: HealthReporter,
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(SERVICE_NAME, status).await;
+        self.ready.store(serving, Ordering::SeqCst);
+    }
 }
 
 /// A bound, not yet serving server: binding first lets the caller learn the
-/// real port (for `--listen 127.0.0.1:0`) before traffic arrives.
+/// real ports (for `127.0.0.1:0`) before traffic arrives.
 pub struct Bound {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     tls: Option<Arc<TlsReloader>>,
     checker: Arc<Checker>,
+    alerts: Arc<Alerts>,
     clock: Arc<dyn Clock>,
+    settings: ServerSettings,
 }
 
 impl Bound {
-    /// Loads TLS material and binds the listen address.
+    /// Loads TLS material and binds the listen (and metrics) addresses.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
         let tls = match &config.tls {
             Some(paths) => Some(Arc::new(TlsReloader::new(paths.clone())?)),
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.listen)
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServeError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let keys = KeyRing::new(&config.policies, &config.keys);
         let checker = Arc::new(Checker::new(
@@ -143,11 +270,15 @@ impl Bound {
             config.authz.clone(),
             clock.clone(),
         ));
+        let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
         Ok(Self {
             listener,
+            metrics_listener,
             tls,
             checker,
+            alerts,
             clock,
+            settings: config.server.clone(),
         })
     }
 
@@ -155,38 +286,143 @@ impl Bound {
         self.listener.local_addr()
     }
 
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets
-    /// in-flight calls finish.
+    /// Serves until `shutdown` resolves, then drains: health turns
+    /// NOT_SERVING, new calls are still served for `drain_delay` (so load
+    /// balancers can stop sending), then listening stops and in-flight calls
+    /// get `drain_timeout` to finish.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
+        metrics: Option<PrometheusHandle>,
     ) -> Result<(), ServeError> {
+        let settings = self.settings.clone();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health {
+            reporter,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        health.set(false).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(warden_client::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+        let (stop_metrics_tx, stop_metrics_rx) = oneshot::channel::<()>();
+        let metrics_task = match (self.metrics_listener, metrics) {
+            (Some(listener), Some(handle)) => Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                health.ready.clone(),
+                async {
+                    let _ = stop_metrics_rx.await;
+                },
+            ))),
+            _ => None,
+        };
+
         let max_message = self.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
         let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
         let watcher = self.tls.clone().map(|tls| tokio::spawn(tls.watch()));
-        let accept = tokio::spawn(accept_loop(self.listener, self.tls, conns_tx));
-        let sweeper = tokio::spawn(sweep_loop(self.checker.clone(), self.clock.clone()));
+        let accept = tokio::spawn(accept_loop(
+            self.listener,
+            self.tls,
+            conns_tx,
+            settings.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep_loop(
+            self.checker.clone(),
+            self.alerts.clone(),
+            self.clock.clone(),
+        ));
+        // Requests signed before the restart fence are STALE, so the server
+        // only reports SERVING once the fence second has begun.
+        let starting = {
+            let (health, fence, clock) = (
+                health.clone(),
+                self.checker.fence_secs(),
+                self.clock.clone(),
+            );
+            tokio::spawn(async move {
+                let fence_ns = u64::try_from(fence).unwrap_or(0) * 1_000_000_000;
+                let wait = fence_ns.saturating_sub(clock.now());
+                tokio::time::sleep(Duration::from_nanos(wait)).await;
+                health.set(true).await;
+            })
+        };
 
-        let service = WardenServer::new(WardenService::new(self.checker))
-            .max_decoding_message_size(max_message);
-        let result = tonic::transport::Server::builder()
+        let service = WardenServer::new(WardenService::new(
+            self.checker,
+            self.alerts,
+            Admission::new(settings.max_inflight),
+        ))
+        .max_decoding_message_size(max_message);
+
+        let (draining_tx, draining_rx) = oneshot::channel::<()>();
+        let drain = {
+            let health = health.clone();
+            let delay = settings.drain_delay;
+            async move {
+                shutdown.await;
+                starting.abort();
+                health.set(false).await;
+                tracing::info!(
+                    event = "draining",
+                    delay_ms = delay.as_millis() as u64,
+                    "shutting down: NOT_SERVING, finishing in-flight calls"
+                );
+                let _ = draining_tx.send(());
+                tokio::time::sleep(delay).await;
+            }
+        };
+        let server = tonic::transport::Server::builder()
             // Finds dead peers (e.g. a gateway host that vanished) so their
             // connections do not linger forever.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // The protocol-level stream bound sits above the per-connection
+            // call limit, so excess calls get a clear RESOURCE_EXHAUSTED
+            // instead of waiting invisibly in the client.
+            .max_concurrent_streams(Some(
+                u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX),
+            ))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);
+
+        let deadline = settings.drain_delay + settings.drain_timeout;
+        let result = tokio::select! {
+            r = server => r.map_err(ServeError::from),
+            _ = async {
+                if draining_rx.await.is_ok() {
+                    tokio::time::sleep(deadline).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => Err(ServeError::DrainTimeout),
+        };
         accept.abort();
         sweeper.abort();
         if let Some(w) = watcher {
             w.abort();
         }
-        Ok(result?)
+        let _ = stop_metrics_tx.send(());
+        if let Some(m) = metrics_task {
+            let _ = m.await;
+        }
+        result
     }
 }
 
@@ -194,6 +430,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<TlsReloader>>,
     conns: mpsc::Sender<io::Result<Conn>>,
+    settings: ServerSettings,
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -208,12 +445,19 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let conns = conns.clone();
+        let conn_state = Arc::new(ConnState::new(settings.max_calls_per_connection));
+        let idle_timeout = settings.idle_timeout;
         let Some(tls) = tls.clone() else {
             let peer = PeerInfo {
                 remote,
                 identity: None,
+                conn: conn_state,
             };
-            if conns.send(Ok(Conn::Plain(tcp, peer))).await.is_err() {
+            if conns
+                .send(Ok(Conn::new(Io::Plain(tcp), peer, idle_timeout)))
+                .await
+                .is_err()
+            {
                 return;
             }
             continue;
@@ -223,36 +467,57 @@ async fn accept_loop(
         let acceptor = tls.acceptor();
         let allow_cn = tls.allow_cn_identity();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let identity = tls
+            let cause = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let identity = stream
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .and_then(|cert| crate::tls::identity(cert, allow_cn))
                         .map(Arc::from);
-                    let peer = PeerInfo { remote, identity };
-                    let _ = conns.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                    let peer = PeerInfo {
+                        remote,
+                        identity,
+                        conn: conn_state,
+                    };
+                    let _ = conns
+                        .send(Ok(Conn::new(Io::Tls(Box::new(stream)), peer, idle_timeout)))
+                        .await;
+                    return;
                 }
                 Ok(Err(e)) => {
-                    tracing::info!(event = "tls_handshake_failed", %remote, error = %e, "TLS handshake failed");
+                    let cause = crate::tls::failure_cause(&e);
+                    tracing::info!(event = "tls_handshake_failed", %remote, cause, error = %e, "TLS handshake failed");
+                    cause
                 }
                 Err(_) => {
-                    tracing::info!(event = "tls_handshake_failed", %remote, error = "timed out", "TLS handshake failed");
+                    tracing::info!(event = "tls_handshake_failed", %remote, cause = "timeout", "TLS handshake failed");
+                    "timeout"
                 }
-            }
+            };
+            metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
         });
     }
 }
 
-async fn sweep_loop(checker: Arc<Checker>, clock: Arc<dyn Clock>) {
+async fn sweep_loop(checker: Arc<Checker>, alerts: Arc<Alerts>, clock: Arc<dyn Clock>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let scheduled = tick.tick().await;
+        let started = Instant::now();
+        metrics::gauge!("warden_sweep_lag_seconds")
+            .set(started.saturating_duration_since(scheduled).as_secs_f64());
         let removed = checker.engine().sweep(clock.now());
-        tracing::trace!(?removed, "swept idle state");
+        alerts.sweep();
+        metrics::histogram!("warden_sweep_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let held = checker.engine().occupancy();
+        metrics::gauge!("warden_state_entries", "kind" => "bucket").set(held.buckets as f64);
+        metrics::gauge!("warden_state_entries", "kind" => "window").set(held.windows as f64);
+        metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
+        tracing::trace!(?removed, ?held, "swept idle state");
     }
 }
 
@@ -261,7 +526,6 @@ pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -270,8 +534,6 @@ pub async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},

@@ -158,6 +158,12 @@ fn warn_on_expiry(paths: &TlsPaths, server: &[CertificateDer<'_>], cas: &[Certif
         let not_after = cert.validity().not_after.timestamp();
         let days_left = (not_after - now).div_euclid(86_400);
         let subject = cert.subject().to_string();
+        let label = if what == "server certificate" {
+            "server"
+        } else {
+            "client_ca"
+        };
+        metrics::gauge!("warden_cert_expiry_seconds", "what" => label, "subject" => subject.clone()).set((not_after - now) as f64);
         if not_after <= now {
             tracing::error!(event = "cert_expired", what, file = %path.display(), %subject, "certificate has expired");
         } else if not_after - now <= warn_secs {
@@ -235,6 +241,7 @@ impl TlsReloader {
                 Reload::Unchanged => {}
                 Reload::Reloaded => {
                     last_error = None;
+                    metrics::counter!("warden_tls_reloads_total", "result" => "ok").increment(1);
                     tracing::info!(
                         event = "tls_reloaded",
                         trigger = if force { "sighup" } else { "file change" },
@@ -242,6 +249,8 @@ impl TlsReloader {
                     );
                 }
                 Reload::Failed(e) => {
+                    metrics::counter!("warden_tls_reloads_total", "result" => "failed")
+                        .increment(1);
                     let text = e.to_string();
                     if force || last_error.as_deref() != Some(text.as_str()) {
                         tracing::error!(event = "tls_reload_failed", error = %text, "TLS reload failed; still serving the previous certificates");
@@ -250,6 +259,34 @@ impl TlsReloader {
                 }
             }
         }
+    }
+}
+
+/// A short, stable label for why a handshake failed, for metrics and logs.
+pub fn failure_cause(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                "connection_closed"
+            }
+            _ => "io",
+        };
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_client_certificate",
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
+            "unknown_revocation_status"
+        }
+        Error::InvalidCertificate(_) => "invalid_certificate",
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::AlertReceived(_) => "alert_received",
+        _ => "protocol",
     }
 }
 

@@ -19,6 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_warden");
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
+    /// The plain-HTTP metrics and probe listener.
+    pub metrics_addr: String,
     pub dir: PathBuf,
     stderr: Arc<Mutex<String>>,
     _tmp: Option<Arc<tempfile::TempDir>>,
@@ -54,8 +56,10 @@ impl Server {
     }
 
     fn start(args: &[&str], dir: PathBuf) -> Self {
+        // Metrics on a free port too, so tests can run side by side.
         let mut child = Command::new(BIN)
             .args(args)
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -75,14 +79,20 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().unwrap();
         std::thread::spawn(move || {
+            let mut metrics = String::new();
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let first_word =
+                    |rest: &str| rest.split_whitespace().next().unwrap_or("").to_owned();
+                if let Some(rest) = line.strip_prefix("metrics on ") {
+                    metrics = first_word(rest);
+                }
                 if let Some(rest) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                    let _ = tx.send((first_word(rest), metrics.clone()));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
+        let (addr, metrics_addr) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 panic!("warden did not start; stderr:\n{}", stderr.lock().unwrap());
@@ -91,6 +101,7 @@ impl Server {
         let server = Self {
             child: Some(child),
             addr,
+            metrics_addr,
             dir,
             stderr,
             _tmp: None,
@@ -125,6 +136,31 @@ impl Server {
         Client::connect(&self.addr, self.tls())
             .await
             .expect("connect over mTLS")
+    }
+
+    /// GET a path on the metrics listener; returns (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(&self.metrics_addr)
+            .expect("connect to the metrics listener");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Everything the server logged so far.

@@ -1,6 +1,7 @@
 //! `warden.v1.Warden`: `Check` and `CheckStream`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -8,18 +9,25 @@ use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
 use warden_client::proto::{CheckRequest, CheckResponse, Decision as Verdict, Reason};
 
-use super::caller_of;
+use super::{Admission, caller_of};
+use crate::alerts::{Alerts, Kind};
 use crate::check::{CallerIdentity, CheckError, Checker};
 
 /// Answers checks with the shared [`Checker`].
 #[derive(Debug, Clone)]
 pub struct WardenService {
     checker: Arc<Checker>,
+    alerts: Arc<Alerts>,
+    admission: Admission,
 }
 
 impl WardenService {
-    pub fn new(checker: Arc<Checker>) -> Self {
-        Self { checker }
+    pub fn new(checker: Arc<Checker>, alerts: Arc<Alerts>, admission: Admission) -> Self {
+        Self {
+            checker,
+            alerts,
+            admission,
+        }
     }
 }
 
@@ -33,8 +41,13 @@ impl Warden for WardenService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let _permit = self.admission.admit(&request)?;
+        let started = Instant::now();
         let caller = caller_of(&request);
-        check_one(&self.checker, &request.into_inner(), &caller).map(Response::new)
+        let answer = check_one(&self.checker, &self.alerts, &request.into_inner(), &caller);
+        metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "Check")
+            .record(started.elapsed().as_secs_f64());
+        answer.map(Response::new)
     }
 
     type CheckStreamStream = ReceiverStream<Result<CheckResponse, Status>>;
@@ -43,15 +56,24 @@ impl Warden for WardenService {
         &self,
         request: Request<Streaming<CheckRequest>>,
     ) -> Result<Response<Self::CheckStreamStream>, Status> {
+        // An open stream is one call in flight, for as long as it is open.
+        let permit = self.admission.admit(&request)?;
         let caller = caller_of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let checker = self.checker.clone();
+        let (checker, alerts) = (self.checker.clone(), self.alerts.clone());
         // One task per stream answers in order, one answer per request.
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 let answer = match inbound.message().await {
-                    Ok(Some(req)) => check_one(&checker, &req, &caller),
+                    Ok(Some(req)) => {
+                        let started = Instant::now();
+                        let answer = check_one(&checker, &alerts, &req, &caller);
+                        metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "CheckStream")
+                            .record(started.elapsed().as_secs_f64());
+                        answer
+                    }
                     Ok(None) => break,
                     Err(status) => Err(status),
                 };
@@ -69,6 +91,7 @@ impl Warden for WardenService {
 /// caller, reason and request id — never the signature, a secret or the body.
 fn check_one(
     checker: &Checker,
+    alerts: &Alerts,
     req: &CheckRequest,
     caller: &CallerIdentity,
 ) -> Result<CheckResponse, Status> {
@@ -76,7 +99,15 @@ fn check_one(
     match checker.check(req, caller) {
         Ok(decision) => {
             let r = &decision.response;
+            let decision_name = if r.decision() == Verdict::Allow {
+                "allow"
+            } else {
+                "deny"
+            };
+            metrics::counter!("warden_checks_total", "decision" => decision_name, "reason" => reason_name(r.reason()))
+                .increment(1);
             if r.decision() == Verdict::Deny {
+                raise_alerts(alerts, r.reason(), decision.key_id.as_deref(), caller);
                 tracing::info!(
                     event = "check_denied",
                     key_id = decision.key_id.as_deref().unwrap_or("-"),
@@ -90,6 +121,7 @@ fn check_one(
             Ok(decision.response)
         }
         Err(CheckError::PermissionDenied(why)) => {
+            metrics::counter!("warden_caller_denied_total").increment(1);
             tracing::warn!(
                 event = "caller_denied",
                 caller = caller.as_str(),
@@ -111,6 +143,30 @@ fn check_one(
                 CheckError::ReplayCacheFull.to_string(),
             ))
         }
+    }
+}
+
+/// Counts a denial towards the anomaly alerts and reports any alert raised:
+/// one log line and one metric per alert, not per denial.
+fn raise_alerts(alerts: &Alerts, reason: Reason, key_id: Option<&str>, caller: &CallerIdentity) {
+    let kind = match reason {
+        Reason::Unauthenticated => Kind::BadSignature,
+        Reason::Replay => Kind::Replay,
+        Reason::LockedOut => Kind::Lockout,
+        Reason::RateLimited => Kind::RateLimited,
+        _ => return,
+    };
+    for alert in alerts.record(kind, key_id, caller.as_str()) {
+        metrics::counter!("warden_alerts_total", "kind" => alert.kind.name(), "subject_kind" => alert.subject_kind.name())
+            .increment(1);
+        tracing::warn!(
+            event = "anomaly_alert",
+            kind = alert.kind.name(),
+            subject_kind = alert.subject_kind.name(),
+            subject = %alert.subject,
+            threshold = alert.threshold,
+            "anomaly: threshold reached in this window; no further alert for it until the next window"
+        );
     }
 }
 
