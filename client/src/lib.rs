@@ -125,20 +125,11 @@ pub struct Client {
 impl Client {
     /// Connects over mutual TLS. `target` is `host:port`.
     pub async fn connect(target: &str, tls: Tls) -> Result<Self, Error> {
-        let host = target
-            .rsplit_once(':')
-            .map(|(host, _)| host.trim_matches(['[', ']']))
-            .ok_or_else(|| Error::Target(target.to_owned()))?;
-        let config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-            .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
-        let endpoint = endpoint(&format!("https://{target}"))?.tls_config(config)?;
-        Ok(Self::from_channel(endpoint.connect().await?))
+        Ok(Self::from_channel(channel(target, tls).await?))
     }
 
-    /// Connects without TLS, to a server started with `--insecure-plaintext`
-    /// on loopback. For local experiments only.
+    /// Connects without TLS, to a server configured with
+    /// `insecure_plaintext = true` on loopback. For local experiments only.
     pub async fn connect_plaintext(target: &str) -> Result<Self, Error> {
         Ok(Self::from_channel(
             endpoint(&format!("http://{target}"))?.connect().await?,
@@ -161,6 +152,21 @@ impl Client {
     pub fn stub(&mut self) -> &mut WardenClient<Channel> {
         &mut self.inner
     }
+}
+
+/// An mTLS channel to warden, for the generated stubs of any service it
+/// serves (`warden.v1`, `grpc.health.v1`, reflection). `target` is `host:port`.
+pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
+    let host = target
+        .rsplit_once(':')
+        .map(|(host, _)| host.trim_matches(['[', ']']))
+        .ok_or_else(|| Error::Target(target.to_owned()))?;
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
+    let endpoint = endpoint(&format!("https://{target}"))?.tls_config(config)?;
+    Ok(endpoint.connect().await?)
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, Error> {

@@ -950,3 +950,18 @@ mod tests {
         assert!(parse_duration("f", "").is_err());
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The config shipped with the Kubernetes manifests must stay valid.
+    #[test]
+    fn the_kubernetes_config_is_valid() {
+        let text = include_str!("../deploy/kubernetes/warden.toml");
+        let file: File = toml::from_str(text).unwrap();
+        let config = Config::from_file(file, Path::new("/"), &|_| Some("s".repeat(40))).unwrap();
+        assert_eq!(config.server.metrics_listen.unwrap().port(), 9464);
+        assert_eq!(config.authz.callers.len(), 2);
+    }
+}

@@ -46,21 +46,26 @@ impl Server {
             "--listen",
             "127.0.0.1:0",
         ];
-        Self::start(&args, dir.to_owned())
+        Self::start(&args, dir.to_owned(), "info")
     }
 
     /// `warden serve --config FILE`.
     pub fn with_config(config: &Path) -> Self {
-        let args = ["serve", "--config", config.to_str().unwrap()];
-        Self::start(&args, config.parent().unwrap().to_owned())
+        Self::with_config_logging(config, "info")
     }
 
-    fn start(args: &[&str], dir: PathBuf) -> Self {
+    /// `warden serve --config FILE` with `RUST_LOG` set to `log`.
+    pub fn with_config_logging(config: &Path, log: &str) -> Self {
+        let args = ["serve", "--config", config.to_str().unwrap()];
+        Self::start(&args, config.parent().unwrap().to_owned(), log)
+    }
+
+    fn start(args: &[&str], dir: PathBuf, log: &str) -> Self {
         // Metrics on a free port too, so tests can run side by side.
         let mut child = Command::new(BIN)
             .args(args)
             .args(["--metrics-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -204,12 +209,13 @@ impl Server {
 
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    /// Waits (up to 20 s) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server is running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {

@@ -1,0 +1,506 @@
+//! End to end: what an operator sees and relies on — metrics, health and
+//! reflection, drain, anomaly alerts, load shedding, limits, and logs that
+//! never carry a secret.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::{BIN, ConfigDir, SECRET, Server};
+use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use warden_client::proto::{CheckRequest, Reason};
+use warden_client::signing::{Signer, check_request_from, unix_now};
+use warden_client::{Tls, channel};
+
+const KEYS: &str = r#"
+[[policies]]
+name = "plenty"
+limit = 100000
+period = "1s"
+
+[[keys]]
+id = "wk_victim"
+policies = ["plenty"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+
+[[keys]]
+id = "wk_bystander"
+policies = ["plenty"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+"#;
+
+fn request(key: &str) -> CheckRequest {
+    Signer::new(key, SECRET).check_request("GET", "/x", "", b"")
+}
+
+fn forged(key: &str) -> CheckRequest {
+    Signer::new(key, "forged-secret-0123456789abcdefghijklmnop").check_request("GET", "/x", "", b"")
+}
+
+/// The value of the first sample whose line starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_scrape_parses_and_moves_with_traffic() {
+    let server = Server::dev();
+    let mut client = server.client().await;
+    client
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    let (status, before) = server.http_get("/metrics");
+    assert_eq!(status, 200);
+    // Every sample line is `name{labels} value` with a numeric value.
+    for line in before
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "unparsable sample: {line}");
+    }
+    let allow = "warden_checks_total{decision=\"allow\",reason=\"ok\"}";
+    assert_eq!(sample(&before, allow), 1.0, "{before}");
+    for _ in 0..3 {
+        client
+            .check(server.signer().check_request("GET", "/", "", b""))
+            .await
+            .unwrap();
+    }
+    let replay = server.signer().check_request("GET", "/", "", b"");
+    client.check(replay.clone()).await.unwrap();
+    client.check(replay).await.unwrap();
+    let (_, after) = server.http_get("/metrics");
+    assert_eq!(sample(&after, allow), 5.0, "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "warden_checks_total{decision=\"deny\",reason=\"replay\"}"
+        ),
+        1.0
+    );
+    assert!(
+        sample(&after, "warden_rpc_duration_seconds_count{rpc=\"Check\"}") >= 6.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("warden_cert_expiry_seconds{what=\"server\""),
+        "{after}"
+    );
+}
+
+#[tokio::test]
+async fn tls_handshake_failures_are_counted_by_cause() {
+    let server = Server::dev();
+    let no_cert = Tls::from_pem(
+        std::fs::read(server.dir.join("ca.pem")).unwrap(),
+        vec![],
+        vec![],
+    );
+    if let Ok(c) = channel(&server.addr, no_cert).await {
+        let _ = warden_client::Client::from_channel(c)
+            .check(request("k"))
+            .await;
+    }
+    let other = warden::dev::Ca::new("other").unwrap();
+    let (cert, key) = other.client_cert("x", &["spiffe://x/y"]).unwrap();
+    let tls = Tls::from_pem(
+        std::fs::read(server.dir.join("ca.pem")).unwrap(),
+        cert.into_bytes(),
+        key.into_bytes(),
+    );
+    if let Ok(c) = channel(&server.addr, tls).await {
+        let _ = warden_client::Client::from_channel(c)
+            .check(request("k"))
+            .await;
+    }
+    server.wait_for_log("unknown_ca");
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        sample(
+            &metrics,
+            "warden_tls_handshake_failures_total{cause=\"unknown_ca\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer_over_mtls() {
+    let server = Server::dev();
+    let ch = channel(&server.addr, server.tls()).await.unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    for service in ["", "warden.v1.Warden"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(ch);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"warden.v1.Warden".to_owned())
+            && names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+    assert_eq!(server.http_get("/readyz").0, 200);
+    assert_eq!(server.http_get("/livez").0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_reports_not_serving_and_lets_in_flight_calls_finish() {
+    let dir = ConfigDir::new();
+    let mut server = dir.start(&format!(
+        "[server]\ndrain_delay = \"1s\"\ndrain_timeout = \"10s\"\n{KEYS}"
+    ));
+    let ch = channel(&server.addr, Tls::from_dev_dir(dir.path()).unwrap())
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    let mut stub = warden_client::Client::from_channel(ch);
+
+    // An open stream: an in-flight call that outlives the signal.
+    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
+    let mut answers = stub
+        .stub()
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request("wk_victim")).await.unwrap();
+    assert_eq!(answers.next().await.unwrap().unwrap().reason(), Reason::Ok);
+
+    server.signal("TERM");
+    server.wait_for_log("\"event\":\"draining\"");
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::NotServing);
+    assert_eq!(server.http_get("/readyz").0, 503);
+
+    // Past the drain delay the in-flight stream still gets its answers...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(request("wk_victim")).await.unwrap();
+    assert_eq!(answers.next().await.unwrap().unwrap().reason(), Reason::Ok);
+    // ...and once it ends, the server exits cleanly.
+    drop(tx);
+    assert!(answers.next().await.is_none());
+    let status = tokio::task::spawn_blocking(move || server.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_signatures_raises_one_alert_per_window_and_spares_other_keys() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!(
+        "[check]\nfailure_limit = 1000\n\n[alerts]\nwindow = \"1h\"\nbad_signatures = 10\n{KEYS}"
+    ));
+    let mut client = dir.client(&server).await;
+    for i in 0..100 {
+        let r = client.check(forged("wk_victim")).await.unwrap();
+        assert_eq!(r.reason(), Reason::Unauthenticated);
+        if i % 10 == 0 {
+            // Other keys' checks keep being answered, correctly, meanwhile.
+            assert_eq!(
+                client
+                    .check(request("wk_bystander"))
+                    .await
+                    .unwrap()
+                    .reason(),
+                Reason::Ok
+            );
+        }
+    }
+    let logs = server.wait_for_log("\"event\":\"anomaly_alert\"");
+    // Give a late duplicate the chance to show up before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = server.logs().max(logs);
+    let key_alerts = logs
+        .lines()
+        .filter(|l| {
+            l.contains("\"event\":\"anomaly_alert\"") && l.contains("\"subject\":\"wk_victim\"")
+        })
+        .count();
+    assert_eq!(key_alerts, 1, "{logs}");
+    assert!(logs.contains("\"kind\":\"bad_signature\""));
+    assert!(!logs.contains("\"subject\":\"wk_bystander\""));
+    let (_, metrics) = server.http_get("/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "warden_alerts_total{kind=\"bad_signature\",subject_kind=\"key\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_inflight_bound_calls_are_shed_at_once_while_admitted_calls_proceed() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[server]\nmax_inflight = 2\n{KEYS}"));
+    let mut client = dir.client(&server).await;
+    // Two open streams hold both slots.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
+        let answers = client
+            .stub()
+            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((tx, answers));
+    }
+    // A third call is refused, not queued (a queued call would hang here).
+    let shed = tokio::time::timeout(Duration::from_secs(5), client.check(request("wk_victim")))
+        .await
+        .expect("a shed call must not wait for a slot");
+    let status = shed.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(status.message(), "server overloaded; retry with backoff");
+    // The admitted streams keep working.
+    for (tx, answers) in streams.iter_mut() {
+        tx.send(request("wk_victim")).await.unwrap();
+        assert_eq!(answers.next().await.unwrap().unwrap().reason(), Reason::Ok);
+    }
+    drop(streams);
+    // Once they end, there is room again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        client.check(request("wk_victim")).await.unwrap().reason(),
+        Reason::Ok
+    );
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        sample(&metrics, "warden_shed_total{cause=\"server_busy\"}") >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn one_connection_cannot_take_more_than_its_share_of_calls() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[server]\nmax_calls_per_connection = 2\n{KEYS}"));
+    let mut greedy = dir.client(&server).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
+        let answers = greedy
+            .stub()
+            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        held.push((tx, answers));
+    }
+    let status = greedy.check(request("wk_victim")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "too many concurrent calls on this connection"
+    );
+    // Another connection is unaffected.
+    let mut other = dir.client(&server).await;
+    assert_eq!(
+        other.check(request("wk_bystander")).await.unwrap().reason(),
+        Reason::Ok
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[check]\nmax_body_bytes = 1024\n{KEYS}"));
+    let mut client = dir.client(&server).await;
+    let body = vec![b'x'; 200 * 1024];
+    let h = Signer::new("wk_victim", SECRET).sign_at(
+        unix_now(),
+        "oversized_nonce_0001",
+        "POST",
+        "/",
+        "",
+        &body,
+    );
+    let status = client
+        .check(check_request_from(&h, "warden-v1", "POST", "/", "", &body))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+    // The connection and server are fine afterwards.
+    assert_eq!(
+        client.check(request("wk_victim")).await.unwrap().reason(),
+        Reason::Ok
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let dir = ConfigDir::new();
+    let config = dir.write_config(&format!("[server]\nidle_timeout = \"1s\"\n{KEYS}"));
+    let server = Server::with_config_logging(&config, "warden=debug,info");
+    let mut client = dir.client(&server).await;
+    assert_eq!(
+        client.check(request("wk_victim")).await.unwrap().reason(),
+        Reason::Ok
+    );
+    server.wait_for_log("\"event\":\"idle_close\"");
+    // The client notices the closed connection and reconnects by itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        client.check(request("wk_victim")).await.unwrap().reason(),
+        Reason::Ok
+    );
+}
+
+#[tokio::test]
+async fn secrets_signatures_and_bodies_never_reach_the_log() {
+    let dir = ConfigDir::new();
+    let config = dir.write_config(&format!(
+        "[alerts]\nbad_signatures = 1\nreplays = 1\n{KEYS}"
+    ));
+    // The most verbose logging warden has.
+    let server = Server::with_config_logging(&config, "trace");
+    let mut client = dir.client(&server).await;
+    let body_marker = "BODY-MARKER-must-not-be-logged";
+    let signer = Signer::new("wk_victim", SECRET);
+    let mut signatures = Vec::new();
+    let mut send = async |req: CheckRequest| {
+        signatures.push(req.signature.clone());
+        let _ = client.check(req).await;
+    };
+    // Allowed, replayed, forged, unknown key, tampered, malformed, stale.
+    let ok = signer.check_request("POST", "/pay", "card=4111", body_marker.as_bytes());
+    send(ok.clone()).await;
+    send(ok.clone()).await;
+    send(
+        Signer::new("wk_victim", "forged-secret-0123456789abcdefghijklmnop").check_request(
+            "POST",
+            "/pay",
+            "",
+            body_marker.as_bytes(),
+        ),
+    )
+    .await;
+    send(Signer::new("wk_nobody", SECRET).check_request(
+        "POST",
+        "/pay",
+        "",
+        body_marker.as_bytes(),
+    ))
+    .await;
+    let mut tampered = signer.check_request("POST", "/pay", "", body_marker.as_bytes());
+    tampered.body = format!("{body_marker}-changed").into_bytes();
+    send(tampered).await;
+    let mut malformed = signer.check_request("POST", "/pay", "", body_marker.as_bytes());
+    malformed.nonce = format!("{body_marker}!");
+    send(malformed).await;
+    let h = signer.sign_at(
+        unix_now() - 3600,
+        "stale_nonce_00000001",
+        "POST",
+        "/pay",
+        "",
+        body_marker.as_bytes(),
+    );
+    send(check_request_from(
+        &h,
+        "warden-v1",
+        "POST",
+        "/pay",
+        "",
+        body_marker.as_bytes(),
+    ))
+    .await;
+    // A TLS failure and a reload failure, too.
+    let _ = channel(
+        &server.addr,
+        Tls::from_pem(dir.ca.cert_pem().into_bytes(), vec![], vec![]),
+    )
+    .await;
+    std::fs::write(
+        dir.path().join("server-key.pem"),
+        format!("-----BEGIN PRIVATE KEY-----\n{SECRET}\n-----END PRIVATE KEY-----\n"),
+    )
+    .unwrap();
+    server.wait_for_log("tls_reload_failed");
+    server.wait_for_log("anomaly_alert");
+
+    let logs = server.logs();
+    assert!(logs.contains("check_denied"), "the denials were logged");
+    assert!(!logs.contains(SECRET), "secret in the log");
+    assert!(!logs.contains(body_marker), "body in the log");
+    assert!(!logs.contains("card=4111"), "query in the log");
+    for sig in &signatures {
+        assert!(!logs.contains(sig.as_str()), "signature {sig} in the log");
+    }
+}
+
+#[test]
+fn config_check_validates_without_serving() {
+    let dir = ConfigDir::new();
+    let good = dir.write_config(KEYS);
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 keys, 1 policies"));
+
+    std::fs::write(dir.path().join("server.pem"), "garbage").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.pem"));
+}
