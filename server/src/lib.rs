@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod config;
+pub mod crypto;
 pub mod dev;
 pub mod engine;
 pub mod keys;
