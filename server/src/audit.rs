@@ -94,15 +94,26 @@ pub fn verify(lines: impl IntoIterator<Item = String>) -> Result<u64, Broken> {
             seq: None,
             why: format!("not a record ({e})"),
         })?;
-        let broken = |why: String| Broken { line: i + 1, seq: Some(r.seq), why };
+        let broken = |why: String| Broken {
+            line: i + 1,
+            seq: Some(r.seq),
+            why,
+        };
         if r.seq != expected_seq {
-            return Err(broken(format!("sequence {} where {expected_seq} was expected (deleted or reordered)", r.seq)));
+            return Err(broken(format!(
+                "sequence {} where {expected_seq} was expected (deleted or reordered)",
+                r.seq
+            )));
         }
         if r.prev_hash != prev {
-            return Err(broken("does not link to the record before it (deleted, reordered or edited)".into()));
+            return Err(broken(
+                "does not link to the record before it (deleted, reordered or edited)".into(),
+            ));
         }
         if record_hash(&r) != r.hash {
-            return Err(broken("its hash does not match its contents (edited)".into()));
+            return Err(broken(
+                "its hash does not match its contents (edited)".into(),
+            ));
         }
         prev = r.hash;
         expected_seq += 1;
@@ -126,7 +137,9 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,7 +167,11 @@ impl AuditLog {
             if let Err(b) = verify(lines.iter().cloned()) {
                 tracing::error!(event = "audit_chain_broken", line = b.line, why = %b.why, "the audit log chain is broken");
             }
-            if let Some(last) = lines.iter().rev().find_map(|l| serde_json::from_str::<Record>(l).ok()) {
+            if let Some(last) = lines
+                .iter()
+                .rev()
+                .find_map(|l| serde_json::from_str::<Record>(l).ok())
+            {
                 seq = last.seq;
                 hash = last.hash;
             }
@@ -231,9 +248,13 @@ impl AuditLog {
                 }
                 let events = std::mem::take(&mut batch);
                 let log = log.clone();
-                let written = tokio::task::spawn_blocking(move || log.append_durable(&events)).await;
+                let written =
+                    tokio::task::spawn_blocking(move || log.append_durable(&events)).await;
                 if !matches!(written, Ok(Ok(_))) {
-                    tracing::error!(event = "audit_write_failed", "could not write audit records");
+                    tracing::error!(
+                        event = "audit_write_failed",
+                        "could not write audit records"
+                    );
                 }
             }
         })
@@ -252,7 +273,12 @@ mod tests {
     use super::*;
 
     fn event(n: u32) -> Event {
-        Event { actor: "spiffe://t/admin".into(), action: "key.create", key_id: format!("k{n}"), detail: String::new() }
+        Event {
+            actor: "spiffe://t/admin".into(),
+            action: "key.create",
+            key_id: format!("k{n}"),
+            detail: String::new(),
+        }
     }
 
     #[test]
@@ -279,14 +305,21 @@ mod tests {
 
         let mut truncated_tail = lines.clone();
         truncated_tail.pop();
-        assert_eq!(verify(truncated_tail), Ok(3), "dropping the newest record is only caught against a remembered head");
+        assert_eq!(
+            verify(truncated_tail),
+            Ok(3),
+            "dropping the newest record is only caught against a remembered head"
+        );
     }
 
     #[test]
     fn reopening_continues_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        AuditLog::open(&path).unwrap().append_durable(&[event(1)]).unwrap();
+        AuditLog::open(&path)
+            .unwrap()
+            .append_durable(&[event(1)])
+            .unwrap();
         let log = AuditLog::open(&path).unwrap();
         let r = log.append_durable(&[event(2)]).unwrap();
         assert_eq!(r[0].seq, 2);

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
+
 use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 
 use crate::auth::{Authz, Grant, Role};
@@ -18,6 +20,7 @@ use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
 use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
 use crate::keys::{ApiKey, KeyRing, is_valid_key_id};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
+use crate::store::KeyKind;
 
 pub use warden_client::proto::{Decision as Verdict, Reason};
 
@@ -30,6 +33,7 @@ pub const MAX_COST: u32 = 1_000_000;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub const MAX_METHOD_BYTES: usize = 16;
 pub const MAX_CLIENT_IDENTITY_BYTES: usize = 1024;
+pub const MAX_API_KEY_BYTES: usize = 256;
 
 /// A call the pipeline refuses as a whole (a gRPC error, not a DENY).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,7 +71,9 @@ pub struct Decision {
 pub struct Checker {
     engine: Engine,
     clock: Arc<dyn Clock>,
-    keys: KeyRing,
+    /// Swapped whole when keys or policies change (admin API), so a check
+    /// sees one consistent set from start to end.
+    keys: RwLock<Arc<KeyRing>>,
     authz: Authz,
     settings: CheckSettings,
     failures: Gcra,
@@ -80,7 +86,7 @@ impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checker")
             .field("fence_secs", &self.fence_secs)
-            .field("keys", &self.keys.key_count())
+            .field("keys", &self.keys.read().key_count())
             .finish_non_exhaustive()
     }
 }
@@ -92,10 +98,20 @@ fn malformed(msg: impl Into<String>) -> Malformed {
     Malformed(msg.into())
 }
 
+/// How a request proves which key it belongs to.
+enum Credential<'a> {
+    /// A signature over the request (warden-v1 or ts-body).
+    Signed {
+        signed: Signed<'a>,
+        signature: [u8; 32],
+    },
+    /// A bearer API key.
+    Bearer(&'a str),
+}
+
 /// A request that passed validation, with its parts borrowed.
 struct Valid<'a> {
-    signed: Signed<'a>,
-    signature: [u8; 32],
+    credential: Credential<'a>,
     limits: Vec<(&'a str, &'a str)>,
     cost: u64,
 }
@@ -118,7 +134,7 @@ impl Checker {
             engine: Engine::new(settings.shards, settings.nonce_capacity),
             fence_secs: fence_for(now),
             clock,
-            keys,
+            keys: RwLock::new(Arc::new(keys)),
             authz,
             settings,
             failures,
@@ -134,6 +150,16 @@ impl Checker {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The keys and policies checks use now.
+    pub fn keys(&self) -> Arc<KeyRing> {
+        self.keys.read().clone()
+    }
+
+    /// Makes a new set of keys and policies effective for the next check.
+    pub fn replace_keys(&self, ring: KeyRing) {
+        *self.keys.write() = Arc::new(ring);
     }
 
     pub fn settings(&self) -> &CheckSettings {
@@ -155,7 +181,8 @@ impl Checker {
             ));
         }
         let key_id = is_valid_key_id(&req.key_id).then(|| req.key_id.clone());
-        let response = match self.validate(req) {
+        let ring = self.keys();
+        let response = match self.validate(req, &ring) {
             Err(Malformed(msg)) => deny(Reason::Malformed, msg),
             Ok(valid) => {
                 authorize(&grant, req, &valid)?;
@@ -164,15 +191,35 @@ impl Checker {
                 } else {
                     Some(req.client_identity.as_str())
                 };
-                self.decide(req, &valid, client, now)?
+                let key = match &valid.credential {
+                    Credential::Signed { signed, signature } => {
+                        self.authenticate_signed(req, &ring, signed, signature, now)
+                    }
+                    Credential::Bearer(api_key) => {
+                        self.authenticate_bearer(req, &ring, api_key, client.unwrap_or("-"), now)
+                    }
+                };
+                match key {
+                    Err(denial) => denial,
+                    Ok(key) => {
+                        if !grant.may_check_key(&key.id) {
+                            return Err(CheckError::PermissionDenied(
+                                "this client certificate may not check requests for this key",
+                            ));
+                        }
+                        self.decide(req, &ring, &valid, &key, client, now)?
+                    }
+                }
             }
         };
+        let key_id = key_id.or_else(|| response.caller.as_ref().map(|c| c.key_id.clone()));
         Ok(Decision { response, key_id })
     }
 
     /// Step 1: shape and bounds. Nothing is looked up yet.
-    fn validate<'a>(&self, req: &'a CheckRequest) -> Result<Valid<'a>, Malformed> {
-        if !is_valid_key_id(&req.key_id) {
+    fn validate<'a>(&self, req: &'a CheckRequest, ring: &KeyRing) -> Result<Valid<'a>, Malformed> {
+        let bearer = !req.api_key.is_empty();
+        if !(bearer && req.key_id.is_empty()) && !is_valid_key_id(&req.key_id) {
             return Err(malformed(
                 "key_id: must be 1 to 128 characters of [A-Za-z0-9_.:-]",
             ));
@@ -199,55 +246,23 @@ impl Checker {
                 "query: at most 8192 bytes, no control characters",
             ));
         }
-        let scheme = Scheme::parse(&req.scheme)
-            .ok_or_else(|| malformed("scheme: must be \"warden-v1\" or \"ts-body\""))?;
         if req.body.len() > self.settings.max_body_bytes {
             return Err(malformed(format!(
                 "body: larger than the limit of {} bytes",
                 self.settings.max_body_bytes
             )));
         }
-        let body = match (req.body_sha256.len(), scheme) {
-            (0, _) => Body::Bytes(&req.body),
-            (_, Scheme::TsBody) => {
-                return Err(malformed(
-                    "body_sha256: not allowed with scheme \"ts-body\", send the body",
-                ));
-            }
-            (_, _) if !req.body.is_empty() => {
-                return Err(malformed(
-                    "body_sha256: give either body or body_sha256, not both",
-                ));
-            }
-            (32, _) => Body::Sha256(req.body_sha256.as_slice().try_into().expect("length is 32")),
-            _ => return Err(malformed("body_sha256: must be 32 bytes")),
+        let credential = if bearer {
+            bearer_credential(req)?
+        } else {
+            signed_credential(req)?
         };
-        if req.timestamp <= 0 {
-            return Err(malformed("timestamp: must be Unix seconds"));
-        }
-        match scheme {
-            Scheme::WardenV1 if !is_valid_nonce(&req.nonce) => {
-                return Err(malformed(
-                    "nonce: must be 16 to 64 characters of [A-Za-z0-9_-]",
-                ));
-            }
-            Scheme::TsBody if !req.nonce.is_empty() => {
-                return Err(malformed("nonce: must be empty with scheme \"ts-body\""));
-            }
-            _ => {}
-        }
-        let mut signature = [0u8; 32];
-        if req.signature.len() != 64
-            || hex::decode_to_slice(&req.signature, &mut signature).is_err()
-        {
-            return Err(malformed("signature: must be 64 hex characters"));
-        }
         if req.limits.len() > MAX_LIMITS {
             return Err(malformed("limits: at most 8"));
         }
         let mut limits = Vec::with_capacity(req.limits.len());
         for l in &req.limits {
-            if !is_valid_name(&l.policy) || self.keys.policy(&l.policy).is_none() {
+            if !is_valid_name(&l.policy) || ring.policy(&l.policy).is_none() {
                 return Err(malformed("limits: unknown policy"));
             }
             if l.descriptor.is_empty()
@@ -282,33 +297,26 @@ impl Checker {
             ));
         }
         Ok(Valid {
-            signed: Signed {
-                scheme,
-                timestamp: req.timestamp,
-                nonce: &req.nonce,
-                method: &req.method,
-                path: &req.path,
-                query: &req.query,
-                body,
-            },
-            signature,
+            credential,
             limits,
             cost: u64::from(req.cost.max(1)),
         })
     }
 
-    /// Steps 3 to 9 for a well-formed request.
-    fn decide(
+    /// Steps 3 to 5 for a signed request: the key, its failure budget, the
+    /// signature and freshness. `Err` is the denial to answer with.
+    fn authenticate_signed(
         &self,
         req: &CheckRequest,
-        valid: &Valid<'_>,
-        client: Option<&str>,
+        ring: &KeyRing,
+        signed: &Signed<'_>,
+        signature: &[u8; 32],
         now: Nanos,
-    ) -> Result<CheckResponse, CheckError> {
+    ) -> Result<Arc<ApiKey>, CheckResponse> {
         // Brute force first: a key id under lockout is not even verified.
         let failure_key = self.engine.key(req.key_id.as_bytes(), &[b"failures"]);
         if let Some(wait) = self.locked_out(failure_key, now) {
-            return Ok(deny_with_retry(
+            return Err(deny_with_retry(
                 Reason::LockedOut,
                 wait,
                 "too many failed attempts for this key",
@@ -317,38 +325,78 @@ impl Checker {
 
         // Step 3 and 5 share one answer: unknown, revoked and badly signed
         // all look the same, and take the same time.
-        let message = valid.signed.message();
-        let key = self.keys.key(&req.key_id);
-        let genuine = match key {
-            Some(k) => verify(&k.secrets, &message, &valid.signature),
-            None => verify_nothing(&message, &valid.signature),
-        };
-
-        // Step 4: freshness, and the restart fence.
+        let message = signed.message();
         let now_secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
-        let skew = i64::try_from(self.settings.skew.as_secs()).unwrap_or(i64::MAX);
-        let stale = if req.timestamp < self.fence_secs {
-            Some("timestamp: signed before this server started; sign the request again")
-        } else if now_secs.abs_diff(req.timestamp) > skew.unsigned_abs() {
-            Some("timestamp: outside the allowed clock skew")
-        } else {
-            None
+        let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
+        let genuine = match key {
+            Some(k) => verify(k.active_secrets(now_secs), &message, signature),
+            None => verify_nothing(&message, signature),
         };
-
         let key = match (key, genuine) {
-            (Some(k), true) => k,
+            (Some(k), true) => k.clone(),
             _ => {
                 self.spend_failure(failure_key, now, req.dry_run);
-                return Ok(deny(
+                return Err(deny(
                     Reason::Unauthenticated,
                     "the request signature could not be verified",
                 ));
             }
         };
-        if let Some(msg) = stale {
-            return Ok(deny(Reason::Stale, msg));
-        }
 
+        // Step 4: freshness, and the restart fence.
+        let skew = i64::try_from(self.settings.skew.as_secs()).unwrap_or(i64::MAX);
+        if req.timestamp < self.fence_secs {
+            return Err(deny(
+                Reason::Stale,
+                "timestamp: signed before this server started; sign the request again",
+            ));
+        }
+        if now_secs.abs_diff(req.timestamp) > skew.unsigned_abs() {
+            return Err(deny(
+                Reason::Stale,
+                "timestamp: outside the allowed clock skew",
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Step 3 for a bearer request: the API key, looked up by its hash.
+    /// Failures spend the budget of the client presenting them.
+    fn authenticate_bearer(
+        &self,
+        req: &CheckRequest,
+        ring: &KeyRing,
+        api_key: &str,
+        client: &str,
+        now: Nanos,
+    ) -> Result<Arc<ApiKey>, CheckResponse> {
+        let failure_key = self.engine.key(client.as_bytes(), &[b"bearer-failures"]);
+        if let Some(wait) = self.locked_out(failure_key, now) {
+            return Err(deny_with_retry(
+                Reason::LockedOut,
+                wait,
+                "too many failed attempts from this client",
+            ));
+        }
+        match ring.bearer(api_key) {
+            Some(k) if req.key_id.is_empty() || req.key_id == k.id => Ok(k.clone()),
+            _ => {
+                self.spend_failure(failure_key, now, req.dry_run);
+                Err(deny(Reason::Unauthenticated, "the API key is not valid"))
+            }
+        }
+    }
+
+    /// Steps 6 to 9 for an authenticated request.
+    fn decide(
+        &self,
+        req: &CheckRequest,
+        ring: &KeyRing,
+        valid: &Valid<'_>,
+        key: &ApiKey,
+        client: Option<&str>,
+        now: Nanos,
+    ) -> Result<CheckResponse, CheckError> {
         // Step 6: may this key, from this client, call this route?
         let method = req.method.to_ascii_uppercase();
         if !key.may_call(&method, &req.path) {
@@ -368,21 +416,26 @@ impl Checker {
         }
 
         // Steps 7 to 9, atomically.
-        self.commit(req, valid, key, now)
+        self.commit(req, ring, valid, key, now)
     }
 
     /// Steps 7 to 9: replay and rate limits in one engine step.
     fn commit(
         &self,
         req: &CheckRequest,
+        ring: &KeyRing,
         valid: &Valid<'_>,
         key: &ApiKey,
         now: Nanos,
     ) -> Result<CheckResponse, CheckError> {
         let owner = key.id.as_bytes();
-        let replay_key = match valid.signed.scheme {
-            Scheme::WardenV1 => self.engine.key(owner, &[b"nonce", req.nonce.as_bytes()]),
-            Scheme::TsBody => self.engine.key(owner, &[b"signature", &valid.signature]),
+        // Bearer requests carry no nonce: there is nothing to replay-check.
+        let replay_key = match &valid.credential {
+            Credential::Signed { signed, signature } => Some(match signed.scheme {
+                Scheme::WardenV1 => self.engine.key(owner, &[b"nonce", req.nonce.as_bytes()]),
+                Scheme::TsBody => self.engine.key(owner, &[b"signature", signature]),
+            }),
+            Credential::Bearer(_) => None,
         };
         // Freshness accepts a timestamp while now < timestamp + skew + 1s;
         // the replay key must outlive exactly that.
@@ -403,7 +456,7 @@ impl Checker {
             named.push((p.name.clone(), p.limit, p.period.as_secs()));
         }
         for &(policy, descriptor) in &valid.limits {
-            let p = self.keys.policy(policy).expect("validated policy");
+            let p = ring.policy(policy).expect("validated policy");
             limits.push((
                 self.engine
                     .key(descriptor.as_bytes(), &[b"limit", policy.as_bytes()]),
@@ -417,7 +470,7 @@ impl Checker {
         }
 
         let request = Request {
-            nonce: Some((replay_key, forget_at)),
+            nonce: replay_key.map(|k| (k, forget_at)),
             limits: &limits,
             cost: valid.cost,
             commit: !req.dry_run,
@@ -493,9 +546,74 @@ impl Checker {
     }
 }
 
+/// The signature fields of a signed request.
+fn signed_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
+    let scheme = Scheme::parse(&req.scheme)
+        .ok_or_else(|| malformed("scheme: must be \"warden-v1\" or \"ts-body\""))?;
+    let body = match (req.body_sha256.len(), scheme) {
+        (0, _) => Body::Bytes(&req.body),
+        (_, Scheme::TsBody) => {
+            return Err(malformed(
+                "body_sha256: not allowed with scheme \"ts-body\", send the body",
+            ));
+        }
+        (_, _) if !req.body.is_empty() => {
+            return Err(malformed(
+                "body_sha256: give either body or body_sha256, not both",
+            ));
+        }
+        (32, _) => Body::Sha256(req.body_sha256.as_slice().try_into().expect("length is 32")),
+        _ => return Err(malformed("body_sha256: must be 32 bytes")),
+    };
+    if req.timestamp <= 0 {
+        return Err(malformed("timestamp: must be Unix seconds"));
+    }
+    match scheme {
+        Scheme::WardenV1 if !is_valid_nonce(&req.nonce) => {
+            return Err(malformed(
+                "nonce: must be 16 to 64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        Scheme::TsBody if !req.nonce.is_empty() => {
+            return Err(malformed("nonce: must be empty with scheme \"ts-body\""));
+        }
+        _ => {}
+    }
+    let mut signature = [0u8; 32];
+    if req.signature.len() != 64 || hex::decode_to_slice(&req.signature, &mut signature).is_err() {
+        return Err(malformed("signature: must be 64 hex characters"));
+    }
+    Ok(Credential::Signed {
+        signed: Signed {
+            scheme,
+            timestamp: req.timestamp,
+            nonce: &req.nonce,
+            method: &req.method,
+            path: &req.path,
+            query: &req.query,
+            body,
+        },
+        signature,
+    })
+}
+
+/// The API key of a bearer request; signature fields must be absent.
+fn bearer_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
+    if req.api_key.len() > MAX_API_KEY_BYTES || !req.api_key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(malformed("api_key: at most 256 printable ASCII characters"));
+    }
+    if !req.signature.is_empty() || !req.nonce.is_empty() || !req.scheme.is_empty() {
+        return Err(malformed(
+            "api_key: give either an API key or a signature, not both",
+        ));
+    }
+    Ok(Credential::Bearer(&req.api_key))
+}
+
 /// Step 2, second part: the caller's grant against what the request asks for.
+
 fn authorize(grant: &Grant, req: &CheckRequest, valid: &Valid<'_>) -> Result<(), CheckError> {
-    if !grant.may_check_key(&req.key_id) {
+    if !req.key_id.is_empty() && !grant.may_check_key(&req.key_id) {
         return Err(CheckError::PermissionDenied(
             "this client certificate may not check requests for this key",
         ));

@@ -39,6 +39,8 @@ pub struct File {
     pub server: ServerFile,
     #[serde(default)]
     pub alerts: AlertsFile,
+    /// The key store; without it the admin API is unavailable.
+    pub store: Option<StoreFile>,
     #[serde(default)]
     pub policies: Vec<PolicyFile>,
     #[serde(default)]
@@ -135,6 +137,31 @@ pub struct ServerFile {
     pub drain_timeout: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// Directory of the embedded store (store.jsonl, audit.log).
+    pub dir: PathBuf,
+    /// File holding the master key (64 hex characters).
+    pub master_key_file: Option<PathBuf>,
+    /// Environment variable holding the master key. Default
+    /// WARDEN_MASTER_KEY when no file is given.
+    pub master_key_env: Option<String>,
+}
+
+/// Where the store lives and how to get its master key.
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub dir: PathBuf,
+    pub master_key: MasterKeySource,
+}
+
+#[derive(Clone, Debug)]
+pub enum MasterKeySource {
+    File(PathBuf),
+    Env(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsFile {
@@ -148,7 +175,7 @@ pub struct AlertsFile {
     pub rate_limited: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     pub name: String,
@@ -404,6 +431,7 @@ pub struct Config {
     pub check: CheckSettings,
     pub server: ServerSettings,
     pub alerts: AlertSettings,
+    pub store: Option<StoreSettings>,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
     pub authz: Authz,
@@ -464,6 +492,23 @@ impl Config {
         let check = check_settings(file.check)?;
         let server = server_settings(file.server)?;
         let alerts = alert_settings(file.alerts)?;
+        let store = match file.store {
+            None => None,
+            Some(st) => Some(StoreSettings {
+                dir: base.join(st.dir),
+                master_key: match (st.master_key_file, st.master_key_env) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            "store",
+                            "give master_key_file or master_key_env, not both",
+                        ));
+                    }
+                    (Some(f), None) => MasterKeySource::File(base.join(f)),
+                    (None, Some(e)) => MasterKeySource::Env(e),
+                    (None, None) => MasterKeySource::Env("WARDEN_MASTER_KEY".into()),
+                },
+            }),
+        };
 
         let mut policies = Vec::with_capacity(file.policies.len());
         let mut names = HashSet::new();
@@ -522,6 +567,7 @@ impl Config {
             check,
             server,
             alerts,
+            store,
             policies,
             keys,
             authz,
@@ -664,7 +710,9 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
     })
 }
 
-fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
+/// Validates one policy (from the config file or the admin API); errors name
+/// `field`.
+pub fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
     if !is_valid_name(&p.name) {
         return Err(bad(
             format!("{field}.name"),

@@ -18,7 +18,9 @@ pub enum CryptoError {
     BadMasterKey,
     #[error("cannot read the master key file {0}")]
     Unreadable(String),
-    #[error("a stored secret cannot be decrypted: wrong master key, or the store was tampered with")]
+    #[error(
+        "a stored secret cannot be decrypted: wrong master key, or the store was tampered with"
+    )]
     Decrypt,
 }
 
@@ -31,7 +33,9 @@ pub struct MasterKey {
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MasterKey").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+        f.debug_struct("MasterKey")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -40,8 +44,11 @@ impl MasterKey {
     pub fn from_hex(text: &str) -> Result<Self, CryptoError> {
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| CryptoError::BadMasterKey)?;
-        let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| CryptoError::BadMasterKey)?);
-        let digest = Sha256::digest([b"warden master key fingerprint\0".as_slice(), &bytes].concat());
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| CryptoError::BadMasterKey)?,
+        );
+        let digest =
+            Sha256::digest([b"warden master key fingerprint\0".as_slice(), &bytes].concat());
         Ok(Self {
             key,
             fingerprint: hex::encode(&digest[..8]),
@@ -49,7 +56,8 @@ impl MasterKey {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
-        let text = std::fs::read_to_string(path).map_err(|_| CryptoError::Unreadable(path.display().to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|_| CryptoError::Unreadable(path.display().to_string()))?;
         Self::from_hex(&text)
     }
 
@@ -67,7 +75,11 @@ impl MasterKey {
         let nonce = random_bytes::<12>();
         let mut data = plaintext.to_vec();
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(context.as_bytes()), &mut data)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context.as_bytes()),
+                &mut data,
+            )
             .expect("sealing fits in memory");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);

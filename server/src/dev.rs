@@ -21,7 +21,8 @@ use std::collections::HashSet;
 
 use crate::auth::{Authz, CallerRule, Pattern, Role};
 use crate::config::{
-    AlertSettings, CheckSettings, Config, KeyConfig, Policy, ServerSettings, TlsPaths,
+    AlertSettings, CheckSettings, Config, KeyConfig, MasterKeySource, Policy, ServerSettings,
+    StoreSettings, TlsPaths,
 };
 use crate::engine::clock::duration_nanos;
 use crate::engine::{Gcra, Limit, Window, WindowKind};
@@ -196,6 +197,15 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         write_file(&dir.join("client.pem"), client.as_bytes())?;
         write_file(&dir.join("client-key.pem"), client_key.as_bytes())?;
     }
+    // The dev store's master key lives beside it: fine for a throwaway dev
+    // setup, never for production (use an environment variable or a file
+    // on another volume).
+    if !dir.join("master.key").exists() {
+        write_file(
+            &dir.join("master.key"),
+            crate::crypto::MasterKey::generate_hex().as_bytes(),
+        )?;
+    }
 
     let demo_path = dir.join("demo-key.json");
     let demo = match std::fs::read(&demo_path) {
@@ -250,6 +260,10 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         check: CheckSettings::default(),
         server: ServerSettings::default(),
         alerts: AlertSettings::default(),
+        store: Some(StoreSettings {
+            dir: dir.join("store"),
+            master_key: MasterKeySource::File(dir.join("master.key")),
+        }),
         policies,
         keys: vec![key],
         // The dev client certificate may do everything.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::auth::Pattern;
 use crate::config::{KeyConfig, Policy};
+use crate::store::{KeyKind, KeyRecord, Store};
 
 /// An HMAC secret. Its bytes never appear in `Debug` output, logs or errors.
 #[derive(Clone, PartialEq, Eq)]
@@ -79,14 +80,23 @@ impl Route {
     }
 }
 
+/// A secret with the time it stops verifying (rotation grace).
+#[derive(Clone, Debug)]
+pub struct KeySecret {
+    pub secret: Secret,
+    /// Unix seconds; `None` means until revoked.
+    pub valid_until: Option<i64>,
+}
+
 /// One API key, ready for the hot path.
 #[derive(Debug)]
 pub struct ApiKey {
     pub id: String,
     pub owner: String,
     pub scopes: Vec<String>,
+    pub kind: KeyKind,
     /// Any of these verifies a signature (several during rotation).
-    pub secrets: Vec<Secret>,
+    pub secrets: Vec<KeySecret>,
     /// The key's own limits, in configured order.
     pub policies: Vec<Arc<Policy>>,
     /// Empty means every route.
@@ -96,6 +106,14 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
+    /// The secrets that verify at `now_secs`.
+    pub fn active_secrets(&self, now_secs: i64) -> impl Iterator<Item = &Secret> {
+        self.secrets
+            .iter()
+            .filter(move |s| s.valid_until.is_none_or(|until| now_secs <= until))
+            .map(|s| &s.secret)
+    }
+
     pub fn may_call(&self, method: &str, path: &str) -> bool {
         self.routes.is_empty() || self.routes.iter().any(|r| r.allows(method, path))
     }
@@ -112,8 +130,15 @@ impl ApiKey {
 #[derive(Debug, Default)]
 pub struct KeyRing {
     keys: HashMap<String, Arc<ApiKey>>,
+    /// Bearer keys by the SHA-256 of their API key.
+    bearer: HashMap<String, Arc<ApiKey>>,
     policies: HashMap<String, Arc<Policy>>,
 }
+
+/// Why stored keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RingError(pub String);
 
 impl KeyRing {
     /// Builds the ring from validated config (policies referenced by keys
@@ -131,7 +156,15 @@ impl KeyRing {
                     id: k.id.clone(),
                     owner: k.owner.clone(),
                     scopes: k.scopes.clone(),
-                    secrets: k.secrets.clone(),
+                    kind: KeyKind::Hmac,
+                    secrets: k
+                        .secrets
+                        .iter()
+                        .map(|s| KeySecret {
+                            secret: s.clone(),
+                            valid_until: None,
+                        })
+                        .collect(),
                     policies: k
                         .policies
                         .iter()
@@ -143,11 +176,89 @@ impl KeyRing {
                 (k.id.clone(), Arc::new(key))
             })
             .collect();
-        Self { keys, policies }
+        Self {
+            keys,
+            bearer: HashMap::new(),
+            policies,
+        }
+    }
+
+    /// The config's keys and policies plus everything in the store. Store
+    /// entries never shadow config entries (the admin API refuses them).
+    pub fn build(
+        policies: &[Policy],
+        keys: &[KeyConfig],
+        store: Option<&Store>,
+    ) -> Result<Self, RingError> {
+        let mut ring = Self::new(policies, keys);
+        let Some(store) = store else { return Ok(ring) };
+        for p in store.policies() {
+            let name = p.name.clone();
+            let policy = crate::config::policy(&format!("stored policy {name}"), p)
+                .map_err(|e| RingError(e.0))?;
+            ring.policies
+                .entry(name)
+                .or_insert_with(|| Arc::new(policy));
+        }
+        for record in store.all_keys() {
+            if record.revoked || ring.keys.contains_key(&record.id) {
+                continue;
+            }
+            let key = Arc::new(ring.api_key(store, &record)?);
+            if let Some(hash) = &record.api_key_hash {
+                ring.bearer.insert(hash.clone(), key.clone());
+            }
+            ring.keys.insert(record.id.clone(), key);
+        }
+        Ok(ring)
+    }
+
+    fn api_key(&self, store: &Store, record: &KeyRecord) -> Result<ApiKey, RingError> {
+        let bad =
+            |what: &str, e: String| RingError(format!("stored key {}: {what}: {e}", record.id));
+        let mut secrets = Vec::new();
+        for s in record.secrets.iter().filter(|s| !s.revoked) {
+            let secret = store
+                .open_secret(&record.id, s)
+                .map_err(|e| bad("secret", e.to_string()))?;
+            secrets.push(KeySecret {
+                secret,
+                valid_until: s.valid_until,
+            });
+        }
+        Ok(ApiKey {
+            id: record.id.clone(),
+            owner: record.owner.clone(),
+            scopes: record.scopes.clone(),
+            kind: record.kind,
+            secrets,
+            policies: record
+                .policies
+                .iter()
+                .filter_map(|name| self.policies.get(name).cloned())
+                .collect(),
+            routes: record
+                .routes
+                .iter()
+                .map(|r| Route::parse(r))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("route", e))?,
+            bound_identities: record
+                .bound_identities
+                .iter()
+                .map(|p| Pattern::new(p))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("bound identity", e))?,
+        })
     }
 
     pub fn key(&self, id: &str) -> Option<&Arc<ApiKey>> {
         self.keys.get(id)
+    }
+
+    /// The bearer key with this API key, if any.
+    pub fn bearer(&self, api_key: &str) -> Option<&Arc<ApiKey>> {
+        self.bearer.get(&crate::crypto::api_key_hash(api_key))
     }
 
     pub fn policy(&self, name: &str) -> Option<&Arc<Policy>> {

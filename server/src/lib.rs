@@ -23,4 +23,5 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod signing;
+pub mod store;
 pub mod tls;

@@ -79,7 +79,11 @@ impl Signed<'_> {
 /// Whether `signature` is the HMAC of `message` under any of `secrets`.
 /// Every secret is tried and compared in constant time, so neither the
 /// outcome nor which secret matched shows in the timing.
-pub fn verify(secrets: &[Secret], message: &[u8], signature: &[u8; 32]) -> bool {
+pub fn verify<'a>(
+    secrets: impl IntoIterator<Item = &'a Secret>,
+    message: &[u8],
+    signature: &[u8; 32],
+) -> bool {
     let mut matched = Choice::from(0);
     for secret in secrets {
         matched |= hmac_sha256(secret.expose(), message).ct_eq(signature);
@@ -91,7 +95,7 @@ pub fn verify(secrets: &[Secret], message: &[u8], signature: &[u8; 32]) -> bool 
 /// so that an unknown key and a bad signature take the same time.
 pub fn verify_nothing(message: &[u8], signature: &[u8; 32]) -> bool {
     let decoy = Secret::new(vec![0x5a; 32]);
-    let _ = verify(std::slice::from_ref(&decoy), message, signature);
+    let _ = verify([&decoy], message, signature);
     false
 }
 

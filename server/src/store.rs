@@ -1,0 +1,467 @@
+//! The embedded key store: one append-only journal file (`store.jsonl`) in
+//! the store directory. Every change is a whole record (the key or policy as
+//! it is after the change), written and fsynced before it is acknowledged,
+//! so an acknowledged change survives `kill -9`. Opening the store replays
+//! the journal; the newest record of each key or policy wins.
+//!
+//! HMAC secrets are sealed with the master key (see `crypto`); bearer API
+//! keys are stored as hashes only. The store never holds a secret in clear.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{MasterKeySource, PolicyFile, StoreSettings};
+use crate::crypto::{CryptoError, MasterKey};
+use crate::keys::Secret;
+
+pub const JOURNAL: &str = "store.jsonl";
+pub const AUDIT_LOG: &str = "audit.log";
+
+/// Why the store cannot be used. Never contains secret material.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key store {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key store {path} line {line}: not a valid record; the file was damaged or edited")]
+    Corrupt { path: String, line: usize },
+    #[error("key store {0} was written with another master key")]
+    WrongMasterKey(String),
+    #[error("master key: {0}")]
+    MasterKey(#[from] CryptoError),
+    #[error("master key: environment variable {0} is not set")]
+    MasterKeyEnvMissing(String),
+}
+
+/// A stored secret: sealed, with its lifetime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    pub id: String,
+    /// `MasterKey::seal` output, bound to "key_id/secret_id".
+    pub sealed: String,
+    pub created_at: i64,
+    /// Unix seconds after which it no longer verifies.
+    pub valid_until: Option<i64>,
+    pub revoked: bool,
+}
+
+/// Whether a key signs requests or presents a bearer API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    Hmac,
+    Bearer,
+}
+
+/// A stored key, as it is after its latest change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub policies: Vec<String>,
+    pub routes: Vec<String>,
+    pub bound_identities: Vec<String>,
+    pub kind: KeyKind,
+    pub revoked: bool,
+    pub created_at: i64,
+    pub secrets: Vec<SecretRecord>,
+    /// Bearer keys: SHA-256 of the API key, hex.
+    pub api_key_hash: Option<String>,
+}
+
+/// One journal line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Entry {
+    /// First line: which master key sealed this store.
+    MasterKey {
+        fingerprint: String,
+    },
+    Key(KeyRecord),
+    Policy(PolicyFile),
+}
+
+#[derive(Default)]
+struct State {
+    keys: BTreeMap<String, KeyRecord>,
+    policies: BTreeMap<String, PolicyFile>,
+}
+
+/// The store. Reads come from memory; writes go to disk first.
+pub struct Store {
+    path: PathBuf,
+    dir: PathBuf,
+    file: Mutex<File>,
+    state: RwLock<State>,
+    master: MasterKey,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Loads the master key from where the settings say.
+pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, StoreError> {
+    match source {
+        MasterKeySource::File(path) => Ok(MasterKey::from_file(path)?),
+        MasterKeySource::Env(name) => {
+            let text =
+                std::env::var(name).map_err(|_| StoreError::MasterKeyEnvMissing(name.clone()))?;
+            Ok(MasterKey::from_hex(&text)?)
+        }
+    }
+}
+
+fn read_entries(path: &Path) -> Result<Vec<Entry>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let bytes_len = file.metadata().map_err(io(path))?.len();
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(io(path))?;
+    let ends_cleanly = std::fs::read(path)
+        .map(|b| b.last() == Some(&b'\n') || bytes_len == 0)
+        .unwrap_or(true);
+    let mut entries = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<Entry>(line) {
+            Ok(e) => entries.push(e),
+            // A torn last line is a write that crashed before its fsync
+            // returned, so it was never acknowledged: drop it.
+            Err(_) if i + 1 == lines.len() && !ends_cleanly => {
+                tracing::warn!(
+                    event = "store_torn_write",
+                    line = i + 1,
+                    "ignoring an incomplete last record (crash during a write)"
+                );
+            }
+            Err(_) => {
+                return Err(StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    line: i + 1,
+                });
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn write_line(file: &mut File, entry: &Entry) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(entry).expect("entries serialize");
+    line.push('\n');
+    file.write_all(line.as_bytes())?;
+    file.sync_data()
+}
+
+impl Store {
+    /// Opens (or creates) the store in `settings.dir`.
+    pub fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
+        let master = master_key(&settings.master_key)?;
+        Self::open_with(&settings.dir, master)
+    }
+
+    pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(JOURNAL);
+        let entries = read_entries(&path)?;
+        let mut state = State::default();
+        let mut fingerprint = None;
+        for entry in entries {
+            match entry {
+                Entry::MasterKey { fingerprint: f } => fingerprint = Some(f),
+                Entry::Key(k) => {
+                    state.keys.insert(k.id.clone(), k);
+                }
+                Entry::Policy(p) => {
+                    state.policies.insert(p.name.clone(), p);
+                }
+            }
+        }
+        match &fingerprint {
+            Some(f) if f != master.fingerprint() => {
+                return Err(StoreError::WrongMasterKey(path.display().to_string()));
+            }
+            _ => {}
+        }
+        // Rewrite a torn tail away and make sure the header is there.
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        if fingerprint.is_none() {
+            write_line(
+                &mut file,
+                &Entry::MasterKey {
+                    fingerprint: master.fingerprint().to_owned(),
+                },
+            )
+            .map_err(io(&path))?;
+        }
+        let store = Self {
+            path,
+            dir: dir.to_owned(),
+            file: Mutex::new(file),
+            state: RwLock::new(state),
+            master,
+        };
+        // Every secret must open: better to refuse to start than to fail
+        // checks one by one later.
+        for key in store.state.read().keys.values() {
+            for s in &key.secrets {
+                store
+                    .master
+                    .open(&seal_context(&key.id, &s.id), &s.sealed)?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+        let mut file = self.file.lock();
+        write_line(&mut file, entry).map_err(io(&self.path))
+    }
+
+    /// Writes a key durably, then makes it visible.
+    pub fn put_key(&self, key: KeyRecord) -> Result<(), StoreError> {
+        self.append(&Entry::Key(key.clone()))?;
+        self.state.write().keys.insert(key.id.clone(), key);
+        Ok(())
+    }
+
+    pub fn put_policy(&self, policy: PolicyFile) -> Result<(), StoreError> {
+        self.append(&Entry::Policy(policy.clone()))?;
+        self.state
+            .write()
+            .policies
+            .insert(policy.name.clone(), policy);
+        Ok(())
+    }
+
+    pub fn key(&self, id: &str) -> Option<KeyRecord> {
+        self.state.read().keys.get(id).cloned()
+    }
+
+    /// Keys in id order, starting after `after`.
+    pub fn keys_after(&self, after: &str, owner: Option<&str>, limit: usize) -> Vec<KeyRecord> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let state = self.state.read();
+        let start = if after.is_empty() {
+            Unbounded
+        } else {
+            Excluded(after.to_owned())
+        };
+        state
+            .keys
+            .range((start, Unbounded))
+            .map(|(_, k)| k)
+            .filter(|k| owner.is_none_or(|o| k.owner == o))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn all_keys(&self) -> Vec<KeyRecord> {
+        self.state.read().keys.values().cloned().collect()
+    }
+
+    pub fn policies(&self) -> Vec<PolicyFile> {
+        self.state.read().policies.values().cloned().collect()
+    }
+
+    /// Seals a new secret for `key_id`.
+    pub fn seal(&self, key_id: &str, secret_id: &str, secret: &[u8]) -> String {
+        self.master.seal(&seal_context(key_id, secret_id), secret)
+    }
+
+    /// Opens a stored secret.
+    pub fn open_secret(&self, key_id: &str, secret: &SecretRecord) -> Result<Secret, StoreError> {
+        Ok(Secret::new(
+            self.master
+                .open(&seal_context(key_id, &secret.id), &secret.sealed)?,
+        ))
+    }
+
+    /// Re-encrypts every secret under `new` and atomically replaces the
+    /// journal (compacted: one record per key and policy). Run with the
+    /// server stopped.
+    pub fn rotate_master_key(
+        dir: &Path,
+        old: MasterKey,
+        new: MasterKey,
+    ) -> Result<usize, StoreError> {
+        let store = Self::open_with(dir, old)?;
+        let state = store.state.read();
+        let tmp = dir.join(format!("{JOURNAL}.rotating"));
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        let mut lines = vec![Entry::MasterKey {
+            fingerprint: new.fingerprint().to_owned(),
+        }];
+        let mut resealed = 0;
+        for key in state.keys.values() {
+            let mut key = key.clone();
+            for s in &mut key.secrets {
+                let plain = store
+                    .master
+                    .open(&seal_context(&key.id, &s.id), &s.sealed)?;
+                s.sealed = new.seal(&seal_context(&key.id, &s.id), &plain);
+                resealed += 1;
+            }
+            lines.push(Entry::Key(key));
+        }
+        lines.extend(state.policies.values().cloned().map(Entry::Policy));
+        for entry in &lines {
+            let mut line = serde_json::to_string(entry).expect("entries serialize");
+            line.push('\n');
+            file.write_all(line.as_bytes()).map_err(io(&tmp))?;
+        }
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &store.path).map_err(io(&store.path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        Ok(resealed)
+    }
+}
+
+fn seal_context(key_id: &str, secret_id: &str) -> String {
+    format!("{key_id}/{secret_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn master() -> (String, MasterKey) {
+        let hex = MasterKey::generate_hex();
+        let key = MasterKey::from_hex(&hex).unwrap();
+        (hex, key)
+    }
+
+    fn key(store: &Store, id: &str, secret: &[u8]) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            owner: "o".into(),
+            scopes: vec![],
+            policies: vec![],
+            routes: vec![],
+            bound_identities: vec![],
+            kind: KeyKind::Hmac,
+            revoked: false,
+            created_at: 1,
+            secrets: vec![SecretRecord {
+                id: "s1".into(),
+                sealed: store.seal(id, "s1", secret),
+                created_at: 1,
+                valid_until: None,
+                revoked: false,
+            }],
+            api_key_hash: None,
+        }
+    }
+
+    #[test]
+    fn changes_survive_reopening_and_no_secret_is_stored_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Store::open_with(dir.path(), m).unwrap();
+        store
+            .put_key(key(&store, "k1", b"super-secret-value-0123456789abcdef"))
+            .unwrap();
+        drop(store);
+        let bytes = std::fs::read(dir.path().join(JOURNAL)).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("super-secret-value"));
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        let k = store.key("k1").unwrap();
+        assert_eq!(
+            store.open_secret("k1", &k.secrets[0]).unwrap().expose(),
+            b"super-secret-value-0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn the_wrong_master_key_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), master().1).unwrap();
+        store.put_key(key(&store, "k1", b"x")).unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open_with(dir.path(), master().1),
+            Err(StoreError::WrongMasterKey(_))
+        ));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_but_damage_elsewhere_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Store::open_with(dir.path(), m).unwrap();
+        store.put_key(key(&store, "k1", b"x")).unwrap();
+        drop(store);
+        let path = dir.path().join(JOURNAL);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"key\":{\"id\":\"half");
+        std::fs::write(&path, &text).unwrap();
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        assert!(store.key("k1").is_some());
+        drop(store);
+        let damaged = text.replacen("\"key\"", "\"kex\"", 1) + "\n";
+        std::fs::write(&path, damaged).unwrap();
+        assert!(matches!(
+            Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn rotating_the_master_key_reseals_every_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_hex, old) = master();
+        let store = Store::open_with(dir.path(), old).unwrap();
+        store.put_key(key(&store, "k1", b"secret-one")).unwrap();
+        store.put_key(key(&store, "k2", b"secret-two")).unwrap();
+        drop(store);
+        let (new_hex, new) = master();
+        let n = Store::rotate_master_key(dir.path(), MasterKey::from_hex(&old_hex).unwrap(), new)
+            .unwrap();
+        assert_eq!(n, 2);
+        assert!(Store::open_with(dir.path(), MasterKey::from_hex(&old_hex).unwrap()).is_err());
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&new_hex).unwrap()).unwrap();
+        let k2 = store.key("k2").unwrap();
+        assert_eq!(
+            store.open_secret("k2", &k2.secrets[0]).unwrap().expose(),
+            b"secret-two"
+        );
+    }
+}
