@@ -84,12 +84,24 @@ pub struct Broken {
     pub why: String,
 }
 
-/// Checks a whole chain. `Ok(n)` when all `n` records link up.
+/// Checks a whole chain of stored lines. `Ok(n)` when all `n` records
+/// link up.
 pub fn verify(lines: impl IntoIterator<Item = String>) -> Result<u64, Broken> {
+    verify_records(
+        lines
+            .into_iter()
+            .map(|line| serde_json::from_str::<Record>(&line).map_err(|e| e.to_string())),
+    )
+}
+
+/// Checks a chain of records (`Err` for one that could not be read).
+pub fn verify_records(
+    records: impl IntoIterator<Item = Result<Record, String>>,
+) -> Result<u64, Broken> {
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = 1u64;
-    for (i, line) in lines.into_iter().enumerate() {
-        let r: Record = serde_json::from_str(&line).map_err(|e| Broken {
+    for (i, r) in records.into_iter().enumerate() {
+        let r = r.map_err(|e| Broken {
             line: i + 1,
             seq: None,
             why: format!("not a record ({e})"),
@@ -242,6 +254,7 @@ impl AuditLog {
             loop {
                 let Some(first) = rx.recv().await else { return };
                 batch.push(first);
+                // Gather what arrives meanwhile: one fsync for the batch.
                 tokio::time::sleep(FLUSH_EVERY).await;
                 while let Ok(e) = rx.try_recv() {
                     batch.push(e);
@@ -258,6 +271,11 @@ impl AuditLog {
                 }
             }
         })
+    }
+
+    /// Stops queueing; the writer writes what is queued, then ends.
+    pub fn close_queue(&self) {
+        self.queue.lock().take();
     }
 
     /// Every line of the file, as stored (for verification and listing).

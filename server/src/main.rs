@@ -2,18 +2,21 @@
 //! and asks a running server about it.
 #![forbid(unsafe_code)]
 
+mod admin_cli;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use admin_cli::{AuditCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreCommand};
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
 use warden::server::{Bound, shutdown_signal};
 use warden::{dev, service::warden::reason_name};
+use warden_client::Client;
 use warden_client::proto::{Decision, LimitRequest, Reason};
 use warden_client::signing::Signer;
-use warden_client::{Client, Tls};
 
 /// Exit code for a bad command line or config: the operator must fix input.
 const EXIT_USAGE: u8 = 2;
@@ -38,6 +41,30 @@ enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage API keys (admin API).
+    Keys {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage rate-limit policies (admin API).
+    Policies {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: PoliciesCommand,
+    },
+    /// Read and verify the audit log (admin API).
+    Audit {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Offline operations on the key store.
+    #[command(subcommand)]
+    Store(StoreCommand),
 }
 
 #[derive(Subcommand)]
@@ -73,18 +100,8 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Take address, certificates and key from this `serve --dev` directory.
-    #[arg(long, default_value = dev::DEFAULT_DIR)]
-    dev_dir: PathBuf,
-    /// Server address host:port (default: the address in demo-key.json).
-    #[arg(long, env = "WARDEN_TARGET")]
-    target: Option<String>,
-    #[arg(long, env = "WARDEN_CA")]
-    ca: Option<PathBuf>,
-    #[arg(long, env = "WARDEN_CERT")]
-    cert: Option<PathBuf>,
-    #[arg(long = "key", env = "WARDEN_KEY")]
-    client_key: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnArgs,
     /// The API key id to sign with (default: the demo key).
     #[arg(long)]
     key_id: Option<String>,
@@ -122,6 +139,10 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Check(args) => check(args).await,
             Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+            Command::Keys { conn, command } => admin_cli::keys(&conn, command).await,
+            Command::Policies { conn, command } => admin_cli::policies(&conn, command).await,
+            Command::Audit { conn, command } => admin_cli::audit(&conn, command).await,
+            Command::Store(command) => admin_cli::store(command),
         }
     })
 }
@@ -272,11 +293,10 @@ fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
 }
 
 async fn check(args: CheckArgs) -> ExitCode {
-    let demo = read_demo(&args.dev_dir);
-    let target = match (&args.target, &demo) {
-        (Some(t), _) => t.clone(),
-        (None, Ok(d)) => d.address.clone(),
-        (None, Err(e)) => return usage_error(format!("--target not given and {e}")),
+    let demo = read_demo(&args.conn.dev_dir);
+    let target = match args.conn.target() {
+        Ok(t) => t,
+        Err(e) => return usage_error(e),
     };
     let (key_id, secret) = match (&args.key_id, &args.secret_env, &demo) {
         (Some(id), Some(var), _) => match std::env::var(var) {
@@ -293,15 +313,7 @@ async fn check(args: CheckArgs) -> ExitCode {
         }
         (None, None, Err(e)) => return usage_error(format!("no key given and {e}")),
     };
-    let dir = &args.dev_dir;
-    let tls = Tls::from_files(
-        args.ca.clone().unwrap_or_else(|| dir.join("ca.pem")),
-        args.cert.clone().unwrap_or_else(|| dir.join("client.pem")),
-        args.client_key
-            .clone()
-            .unwrap_or_else(|| dir.join("client-key.pem")),
-    );
-    let tls = match tls {
+    let tls = match args.conn.tls() {
         Ok(t) => t,
         Err(e) => return usage_error(e),
     };

@@ -25,15 +25,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use warden_client::proto::admin_server::AdminServer;
 use warden_client::proto::warden_server::WardenServer;
 
 use crate::alerts::Alerts;
+use crate::audit::AuditLog;
 use crate::check::Checker;
 use crate::config::{Config, ServerSettings};
 use crate::engine::{Clock, SystemClock};
 use crate::keys::KeyRing;
 use crate::service::Admission;
+use crate::service::admin::AdminService;
 use crate::service::warden::WardenService;
+use crate::store::Store;
 use crate::tls::TlsReloader;
 
 /// How long a client may take to finish the TLS handshake.
@@ -211,6 +215,12 @@ pub enum ServeError {
     Reflection(String),
     #[error("in-flight calls did not finish within the drain timeout")]
     DrainTimeout,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::RingError),
+    #[error("audit log {path}: {source}")]
+    Audit { path: String, source: io::Error },
 }
 
 /// Serving status, for gRPC health and the HTTP readiness probe alike.
@@ -241,8 +251,10 @@ pub struct Bound {
     tls: Option<Arc<TlsReloader>>,
     checker: Arc<Checker>,
     alerts: Arc<Alerts>,
+    store: Option<Arc<Store>>,
+    audit: Option<Arc<AuditLog>>,
     clock: Arc<dyn Clock>,
-    settings: ServerSettings,
+    config: Config,
 }
 
 impl Bound {
@@ -263,7 +275,24 @@ impl Bound {
             None => None,
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let keys = KeyRing::new(&config.policies, &config.keys);
+        let store = match &config.store {
+            Some(settings) => Some(Arc::new(Store::open(settings)?)),
+            None => None,
+        };
+        let audit = match &store {
+            Some(store) => {
+                let path = store.dir().join(crate::store::AUDIT_LOG);
+                Some(Arc::new(AuditLog::open(&path).map_err(|source| {
+                    ServeError::Audit {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?))
+            }
+            None => None,
+        };
+        let keys = KeyRing::build(&config.policies, &config.keys, store.as_deref())?;
+        metrics::gauge!("warden_api_keys").set(keys.key_count() as f64);
         let checker = Arc::new(Checker::new(
             config.check.clone(),
             keys,
@@ -277,8 +306,10 @@ impl Bound {
             tls,
             checker,
             alerts,
+            store,
+            audit,
             clock,
-            settings: config.server.clone(),
+            config: config.clone(),
         })
     }
 
@@ -305,7 +336,8 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
         metrics: Option<PrometheusHandle>,
     ) -> Result<(), ServeError> {
-        let settings = self.settings.clone();
+        let settings = self.config.server.clone();
+        let audit_writer = self.audit.as_ref().map(|a| a.start_writer());
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health {
             reporter,
@@ -361,9 +393,18 @@ impl Bound {
             })
         };
 
+        let admin = AdminServer::new(AdminService::new(
+            self.checker.clone(),
+            self.store.clone(),
+            self.audit.clone(),
+            self.config.authz.clone(),
+            self.config.policies.clone(),
+            self.config.keys.clone(),
+        ));
         let service = WardenServer::new(WardenService::new(
             self.checker,
             self.alerts,
+            self.audit.clone(),
             Admission::new(settings.max_inflight),
         ))
         .max_decoding_message_size(max_message);
@@ -400,6 +441,7 @@ impl Bound {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
+            .add_service(admin)
             .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);
 
         let deadline = settings.drain_delay + settings.drain_timeout;
@@ -419,6 +461,11 @@ impl Bound {
             w.abort();
         }
         let _ = stop_metrics_tx.send(());
+        if let (Some(audit), Some(writer)) = (&self.audit, audit_writer) {
+            // Queued denial records are written before exit.
+            audit.close_queue();
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
         if let Some(m) = metrics_task {
             let _ = m.await;
         }

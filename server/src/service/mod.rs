@@ -2,6 +2,7 @@
 //! or shed calls, and write the log lines and metrics; they know nothing of
 //! locking or state.
 
+pub mod admin;
 pub mod warden;
 
 use std::sync::Arc;

@@ -10,7 +10,8 @@ use warden_client::proto::warden_server::Warden;
 use warden_client::proto::{CheckRequest, CheckResponse, Decision as Verdict, Reason};
 
 use super::{Admission, caller_of};
-use crate::alerts::{Alerts, Kind};
+use crate::alerts::{Alerts, Kind, SubjectKind};
+use crate::audit::{AuditLog, Event};
 use crate::check::{CallerIdentity, CheckError, Checker};
 
 /// Answers checks with the shared [`Checker`].
@@ -18,17 +19,31 @@ use crate::check::{CallerIdentity, CheckError, Checker};
 pub struct WardenService {
     checker: Arc<Checker>,
     alerts: Arc<Alerts>,
+    audit: Option<Arc<AuditLog>>,
     admission: Admission,
 }
 
 impl WardenService {
-    pub fn new(checker: Arc<Checker>, alerts: Arc<Alerts>, admission: Admission) -> Self {
+    pub fn new(
+        checker: Arc<Checker>,
+        alerts: Arc<Alerts>,
+        audit: Option<Arc<AuditLog>>,
+        admission: Admission,
+    ) -> Self {
         Self {
             checker,
             alerts,
+            audit,
             admission,
         }
     }
+}
+
+/// What a check needs besides the request: shared by unary and streams.
+struct Context<'a> {
+    checker: &'a Checker,
+    alerts: &'a Alerts,
+    audit: Option<&'a AuditLog>,
 }
 
 /// In-flight answers buffered per stream before the reader waits for the
@@ -44,7 +59,12 @@ impl Warden for WardenService {
         let _permit = self.admission.admit(&request)?;
         let started = Instant::now();
         let caller = caller_of(&request);
-        let answer = check_one(&self.checker, &self.alerts, &request.into_inner(), &caller);
+        let ctx = Context {
+            checker: &self.checker,
+            alerts: &self.alerts,
+            audit: self.audit.as_deref(),
+        };
+        let answer = check_one(&ctx, &request.into_inner(), &caller);
         metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "Check")
             .record(started.elapsed().as_secs_f64());
         answer.map(Response::new)
@@ -61,7 +81,11 @@ impl Warden for WardenService {
         let caller = caller_of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (checker, alerts) = (self.checker.clone(), self.alerts.clone());
+        let (checker, alerts, audit) = (
+            self.checker.clone(),
+            self.alerts.clone(),
+            self.audit.clone(),
+        );
         // One task per stream answers in order, one answer per request.
         tokio::spawn(async move {
             let _permit = permit;
@@ -69,7 +93,12 @@ impl Warden for WardenService {
                 let answer = match inbound.message().await {
                     Ok(Some(req)) => {
                         let started = Instant::now();
-                        let answer = check_one(&checker, &alerts, &req, &caller);
+                        let ctx = Context {
+                            checker: &checker,
+                            alerts: &alerts,
+                            audit: audit.as_deref(),
+                        };
+                        let answer = check_one(&ctx, &req, &caller);
                         metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "CheckStream")
                             .record(started.elapsed().as_secs_f64());
                         answer
@@ -90,13 +119,12 @@ impl Warden for WardenService {
 /// Runs one check and logs a denial. The log line carries the key id,
 /// caller, reason and request id — never the signature, a secret or the body.
 fn check_one(
-    checker: &Checker,
-    alerts: &Alerts,
+    ctx: &Context<'_>,
     req: &CheckRequest,
     caller: &CallerIdentity,
 ) -> Result<CheckResponse, Status> {
     let request_id = loggable_request_id(&req.request_id);
-    match checker.check(req, caller) {
+    match ctx.checker.check(req, caller) {
         Ok(decision) => {
             let r = &decision.response;
             let decision_name = if r.decision() == Verdict::Allow {
@@ -107,7 +135,15 @@ fn check_one(
             metrics::counter!("warden_checks_total", "decision" => decision_name, "reason" => reason_name(r.reason()))
                 .increment(1);
             if r.decision() == Verdict::Deny {
-                raise_alerts(alerts, r.reason(), decision.key_id.as_deref(), caller);
+                raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
+                if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
+                    audit.record_later(Event {
+                        actor: caller.as_str().to_owned(),
+                        action: "check.denied",
+                        key_id: decision.key_id.clone().unwrap_or_default(),
+                        detail: reason_name(r.reason()).to_owned(),
+                    });
+                }
                 tracing::info!(
                     event = "check_denied",
                     key_id = decision.key_id.as_deref().unwrap_or("-"),
@@ -122,6 +158,14 @@ fn check_one(
         }
         Err(CheckError::PermissionDenied(why)) => {
             metrics::counter!("warden_caller_denied_total").increment(1);
+            if let Some(audit) = ctx.audit {
+                audit.record_later(Event {
+                    actor: caller.as_str().to_owned(),
+                    action: "call.denied",
+                    key_id: loggable_key_id(&req.key_id).to_owned(),
+                    detail: why.to_owned(),
+                });
+            }
             tracing::warn!(
                 event = "caller_denied",
                 caller = caller.as_str(),
@@ -148,7 +192,20 @@ fn check_one(
 
 /// Counts a denial towards the anomaly alerts and reports any alert raised:
 /// one log line and one metric per alert, not per denial.
-fn raise_alerts(alerts: &Alerts, reason: Reason, key_id: Option<&str>, caller: &CallerIdentity) {
+/// Denials that go to the audit log: the ones that suggest an attack or a
+/// misuse, not ordinary rate limiting or malformed input.
+fn is_security_denial(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::Unauthenticated
+            | Reason::Replay
+            | Reason::LockedOut
+            | Reason::Forbidden
+            | Reason::Stale
+    )
+}
+
+fn raise_alerts(ctx: &Context<'_>, reason: Reason, key_id: Option<&str>, caller: &CallerIdentity) {
     let kind = match reason {
         Reason::Unauthenticated => Kind::BadSignature,
         Reason::Replay => Kind::Replay,
@@ -156,7 +213,25 @@ fn raise_alerts(alerts: &Alerts, reason: Reason, key_id: Option<&str>, caller: &
         Reason::RateLimited => Kind::RateLimited,
         _ => return,
     };
-    for alert in alerts.record(kind, key_id, caller.as_str()) {
+    for alert in ctx.alerts.record(kind, key_id, caller.as_str()) {
+        if let Some(audit) = ctx.audit {
+            audit.record_later(Event {
+                actor: caller.as_str().to_owned(),
+                action: "alert",
+                key_id: if alert.subject_kind == SubjectKind::Key {
+                    alert.subject.clone()
+                } else {
+                    String::new()
+                },
+                detail: format!(
+                    "{} {}={} reached {} in one window",
+                    alert.kind.name(),
+                    alert.subject_kind.name(),
+                    alert.subject,
+                    alert.threshold
+                ),
+            });
+        }
         metrics::counter!("warden_alerts_total", "kind" => alert.kind.name(), "subject_kind" => alert.subject_kind.name())
             .increment(1);
         tracing::warn!(

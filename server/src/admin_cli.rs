@@ -1,0 +1,672 @@
+//! `warden keys | policies | audit | store`: the admin API from the command
+//! line. Human-readable output by default, `--json` for scripts. Connection
+//! flags default to the `serve --dev` directory, whose client certificate
+//! holds the admin role.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tonic::transport::Channel;
+use warden::config::parse_duration;
+use warden_client::proto::admin_client::AdminClient;
+use warden_client::proto::{
+    AddSecretRequest, AuditRecord, CreateKeyRequest, GetKeyRequest, KeyInfo, KeyKind,
+    ListAuditRequest, ListKeysRequest, ListPoliciesRequest, PolicyInfo, RevokeRequest, StringList,
+    UpdateKeyRequest,
+};
+use warden_client::{Tls, channel};
+
+/// Where the server is and which certificate to present.
+#[derive(Args, Clone, Debug)]
+pub struct ConnArgs {
+    /// `serve --dev` directory: default address (demo-key.json) and files.
+    #[arg(long, default_value = warden::dev::DEFAULT_DIR, global = true)]
+    pub dev_dir: PathBuf,
+    /// Server address host:port.
+    #[arg(long, env = "WARDEN_TARGET", global = true)]
+    pub target: Option<String>,
+    /// CA bundle that signed the server certificate (PEM).
+    #[arg(long, env = "WARDEN_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, env = "WARDEN_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long = "key", env = "WARDEN_KEY", global = true)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    pub fn target(&self) -> Result<String, String> {
+        if let Some(t) = &self.target {
+            return Ok(t.clone());
+        }
+        let path = self.dev_dir.join("demo-key.json");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("no --target given and cannot read {}: {e}", path.display()))?;
+        let demo: warden::dev::DemoKey = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is not a demo key file: {e}", path.display()))?;
+        Ok(demo.address)
+    }
+
+    pub fn tls(&self) -> Result<Tls, String> {
+        let dir = &self.dev_dir;
+        Tls::from_files(
+            self.ca.clone().unwrap_or_else(|| dir.join("ca.pem")),
+            self.cert.clone().unwrap_or_else(|| dir.join("client.pem")),
+            self.client_key
+                .clone()
+                .unwrap_or_else(|| dir.join("client-key.pem")),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    pub async fn channel(&self) -> Result<Channel, String> {
+        channel(&self.target()?, self.tls()?)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints its secret (or bearer API key) once.
+    Create {
+        #[arg(long, default_value = "")]
+        owner: String,
+        /// Key id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// "METHOD /path" the key may call (repeatable; default: any).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// Client identity the key is bound to (repeatable).
+        #[arg(long = "bind")]
+        bound_identities: Vec<String>,
+        /// A bearer API key instead of an HMAC signing secret.
+        #[arg(long)]
+        bearer: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (all pages).
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key (never its secrets).
+    Show {
+        key_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new secret; the old ones stay valid for --grace.
+    Rotate {
+        key_id: String,
+        /// How long the old secrets stay valid, e.g. "24h"; "0s" ends them now.
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key, or one of its secrets with --secret.
+    Revoke {
+        key_id: String,
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace scopes, routes, bound identities or policies of a key.
+    Update {
+        key_id: String,
+        /// Comma-separated; "" clears.
+        #[arg(long)]
+        scopes: Option<String>,
+        #[arg(long)]
+        routes: Option<String>,
+        #[arg(long)]
+        bind: Option<String>,
+        #[arg(long)]
+        policies: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PoliciesCommand {
+    /// Create or replace a policy.
+    Put {
+        name: String,
+        #[arg(long)]
+        limit: u64,
+        #[arg(long)]
+        period: String,
+        /// "gcra", "sliding_window" or "fixed_window".
+        #[arg(long, default_value = "gcra")]
+        algorithm: String,
+        #[arg(long, default_value_t = 0)]
+        burst: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// The newest records.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        count: usize,
+        #[arg(long = "key-id")]
+        key_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain; exit 0 when intact, 1 naming the first broken
+    /// record when not.
+    Verify {
+        /// Verify this audit.log file directly instead of asking the server.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Re-encrypt every stored secret under a new master key. Stop the
+    /// server first; start it again with the new key.
+    RotateMasterKey {
+        /// The store directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// File with the current master key (default: $WARDEN_MASTER_KEY).
+        #[arg(long)]
+        old_key_file: Option<PathBuf>,
+        /// File with the new master key (64 hex characters). Created with a
+        /// fresh random key (mode 0600) if it does not exist.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("warden: {msg}");
+    ExitCode::FAILURE
+}
+
+fn status_error(s: tonic::Status) -> ExitCode {
+    fail(format!("{} ({:?})", s.message(), s.code()))
+}
+
+fn key_json(k: &KeyInfo) -> serde_json::Value {
+    json!({
+        "key_id": k.key_id,
+        "owner": k.owner,
+        "kind": if k.kind == KeyKind::Bearer as i32 { "bearer" } else { "hmac" },
+        "scopes": k.scopes,
+        "policies": k.policies,
+        "routes": k.routes,
+        "bound_identities": k.bound_identities,
+        "revoked": k.revoked,
+        "created_at": k.created_at,
+        "source": k.source,
+        "secrets": k.secrets.iter().map(|s| json!({
+            "secret_id": s.secret_id, "created_at": s.created_at,
+            "valid_until": s.valid_until, "revoked": s.revoked,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_key(k: &KeyInfo) {
+    let kind = if k.kind == KeyKind::Bearer as i32 {
+        "bearer"
+    } else {
+        "hmac"
+    };
+    let state = if k.revoked { "REVOKED" } else { "active" };
+    println!(
+        "{}  ({kind}, {state}, owner {:?}, from {})",
+        k.key_id, k.owner, k.source
+    );
+    let list = |l: &[String]| {
+        if l.is_empty() {
+            "-".to_owned()
+        } else {
+            l.join(", ")
+        }
+    };
+    println!("  scopes:   {}", list(&k.scopes));
+    println!("  policies: {}", list(&k.policies));
+    println!("  routes:   {}", list(&k.routes));
+    println!("  bound to: {}", list(&k.bound_identities));
+    for s in &k.secrets {
+        let until = if s.valid_until > 0 {
+            format!("valid until {}", s.valid_until)
+        } else {
+            "no expiry".into()
+        };
+        let state = if s.revoked { "revoked" } else { until.as_str() };
+        println!(
+            "  secret {} (created {}, {state})",
+            s.secret_id, s.created_at
+        );
+    }
+}
+
+fn split(list: Option<String>) -> Option<StringList> {
+    list.map(|l| StringList {
+        values: l
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
+    let mut admin = match conn.channel().await {
+        Ok(c) => AdminClient::new(c),
+        Err(e) => return fail(e),
+    };
+    match command {
+        KeysCommand::Create {
+            owner,
+            id,
+            scopes,
+            policies,
+            routes,
+            bound_identities,
+            bearer,
+            json,
+        } => {
+            let request = CreateKeyRequest {
+                key_id: id.unwrap_or_default(),
+                owner,
+                scopes,
+                policies,
+                routes,
+                bound_identities,
+                kind: if bearer {
+                    KeyKind::Bearer
+                } else {
+                    KeyKind::Hmac
+                } as i32,
+            };
+            let r = match admin.create_key(request).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return status_error(s),
+            };
+            let key = r.key.unwrap_or_default();
+            if json {
+                let mut out = key_json(&key);
+                if bearer {
+                    out["api_key"] = json!(r.api_key);
+                } else {
+                    out["secret"] = json!(r.secret);
+                    out["secret_id"] = json!(r.secret_id);
+                }
+                println!("{out}");
+            } else {
+                print_key(&key);
+                if bearer {
+                    println!("\napi key (shown once, store it now): {}", r.api_key);
+                } else {
+                    println!("\nsecret (shown once, store it now): {}", r.secret);
+                }
+            }
+        }
+        KeysCommand::List { owner, json } => {
+            let mut token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let request = ListKeysRequest {
+                    page_size: 500,
+                    page_token: token,
+                    owner: owner.clone().unwrap_or_default(),
+                };
+                let page = match admin.list_keys(request).await {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => return status_error(s),
+                };
+                all.extend(page.keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(all.iter().map(key_json).collect())
+                );
+            } else {
+                for k in &all {
+                    let state = if k.revoked { "revoked" } else { "active" };
+                    println!(
+                        "{:<40} {:<8} {:<24} {}",
+                        k.key_id,
+                        state,
+                        k.owner,
+                        k.policies.join(",")
+                    );
+                }
+                println!("{} keys", all.len());
+            }
+        }
+        KeysCommand::Show { key_id, json } => match admin.get_key(GetKeyRequest { key_id }).await {
+            Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+            Ok(r) => print_key(&r.into_inner()),
+            Err(s) => return status_error(s),
+        },
+        KeysCommand::Rotate {
+            key_id,
+            grace,
+            json,
+        } => {
+            let grace = match parse_duration("--grace", &grace) {
+                Ok(g) => g,
+                Err(e) => return fail(e),
+            };
+            let until = warden_client::signing::unix_now() + grace.as_secs() as i64;
+            let r = match admin
+                .add_secret(AddSecretRequest {
+                    key_id,
+                    old_valid_until: until.max(1),
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) => return status_error(s),
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"key_id": r.key.as_ref().map(|k| k.key_id.clone()), "secret_id": r.secret_id, "secret": r.secret, "old_valid_until": until})
+                );
+            } else {
+                println!(
+                    "new secret {} (shown once, store it now): {}",
+                    r.secret_id, r.secret
+                );
+                println!("the previous secrets stay valid until {until} (Unix time)");
+            }
+        }
+        KeysCommand::Revoke {
+            key_id,
+            secret,
+            json,
+        } => {
+            match admin
+                .revoke(RevokeRequest {
+                    key_id,
+                    secret_id: secret.unwrap_or_default(),
+                })
+                .await
+            {
+                Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+                Ok(r) => {
+                    let k = r.into_inner();
+                    println!("revoked; effective for the next check");
+                    print_key(&k);
+                }
+                Err(s) => return status_error(s),
+            }
+        }
+        KeysCommand::Update {
+            key_id,
+            scopes,
+            routes,
+            bind,
+            policies,
+            json,
+        } => {
+            let request = UpdateKeyRequest {
+                key_id,
+                scopes: split(scopes),
+                routes: split(routes),
+                bound_identities: split(bind),
+                policies: split(policies),
+            };
+            match admin.update_key(request).await {
+                Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+                Ok(r) => print_key(&r.into_inner()),
+                Err(s) => return status_error(s),
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn policy_json(p: &PolicyInfo) -> serde_json::Value {
+    json!({"name": p.name, "algorithm": p.algorithm, "limit": p.limit, "period": p.period, "burst": p.burst})
+}
+
+pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> ExitCode {
+    let mut admin = match conn.channel().await {
+        Ok(c) => AdminClient::new(c),
+        Err(e) => return fail(e),
+    };
+    match command {
+        PoliciesCommand::Put {
+            name,
+            limit,
+            period,
+            algorithm,
+            burst,
+            json,
+        } => {
+            match admin
+                .put_policy(PolicyInfo {
+                    name,
+                    algorithm,
+                    limit,
+                    period,
+                    burst,
+                })
+                .await
+            {
+                Ok(r) if json => println!("{}", policy_json(&r.into_inner())),
+                Ok(r) => {
+                    let p = r.into_inner();
+                    println!(
+                        "policy {}: {} per {} ({})",
+                        p.name, p.limit, p.period, p.algorithm
+                    );
+                }
+                Err(s) => return status_error(s),
+            }
+        }
+        PoliciesCommand::List { json } => match admin.list_policies(ListPoliciesRequest {}).await {
+            Ok(r) => {
+                let list = r.into_inner().policies;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::Value::Array(list.iter().map(policy_json).collect())
+                    );
+                } else {
+                    for p in &list {
+                        let burst = if p.burst > 0 {
+                            format!(", burst {}", p.burst)
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "{:<24} {} per {} ({}{burst})",
+                            p.name, p.limit, p.period, p.algorithm
+                        );
+                    }
+                }
+            }
+            Err(s) => return status_error(s),
+        },
+    }
+    ExitCode::SUCCESS
+}
+
+/// Every audit record the server has, oldest first.
+async fn all_records(
+    admin: &mut AdminClient<Channel>,
+    key_id: &str,
+) -> Result<Vec<AuditRecord>, tonic::Status> {
+    let mut token = String::new();
+    let mut out = Vec::new();
+    loop {
+        let request = ListAuditRequest {
+            page_size: 1000,
+            page_token: token,
+            key_id: key_id.to_owned(),
+            ..Default::default()
+        };
+        let page = admin.list_audit(request).await?.into_inner();
+        out.extend(page.records);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_page_token;
+    }
+}
+
+fn record_json(r: &AuditRecord) -> serde_json::Value {
+    json!({"seq": r.seq, "time_ms": r.time_ms, "actor": r.actor, "action": r.action, "key_id": r.key_id, "detail": r.detail, "hash": r.hash})
+}
+
+pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
+    match command {
+        AuditCommand::Verify { file: Some(path) } => {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+            };
+            report(warden::audit::verify(text.lines().map(str::to_owned)))
+        }
+        AuditCommand::Verify { file: None } => {
+            let mut admin = match conn.channel().await {
+                Ok(c) => AdminClient::new(c),
+                Err(e) => return fail(e),
+            };
+            let records = match all_records(&mut admin, "").await {
+                Ok(r) => r,
+                Err(s) => return status_error(s),
+            };
+            let records = records.into_iter().map(|r| {
+                if r.action == "unreadable" && r.seq == 0 {
+                    return Err("unreadable line".to_owned());
+                }
+                Ok(warden::audit::Record {
+                    seq: r.seq,
+                    time_ms: r.time_ms,
+                    actor: r.actor,
+                    action: r.action,
+                    key_id: r.key_id,
+                    detail: r.detail,
+                    prev_hash: r.prev_hash,
+                    hash: r.hash,
+                })
+            });
+            report(warden::audit::verify_records(records))
+        }
+        AuditCommand::Tail {
+            count,
+            key_id,
+            json,
+        } => {
+            let mut admin = match conn.channel().await {
+                Ok(c) => AdminClient::new(c),
+                Err(e) => return fail(e),
+            };
+            let records = match all_records(&mut admin, key_id.as_deref().unwrap_or("")).await {
+                Ok(r) => r,
+                Err(s) => return status_error(s),
+            };
+            for r in &records[records.len().saturating_sub(count)..] {
+                if json {
+                    println!("{}", record_json(r));
+                } else {
+                    println!(
+                        "#{:<6} {} {:<14} key={:<24} by {}  {}",
+                        r.seq, r.time_ms, r.action, r.key_id, r.actor, r.detail
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn report(result: Result<u64, warden::audit::Broken>) -> ExitCode {
+    match result {
+        Ok(n) => {
+            println!("audit log intact: {n} records, every hash links");
+            ExitCode::SUCCESS
+        }
+        Err(b) => {
+            let seq = b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+            eprintln!("audit log BROKEN at record {}{seq}: {}", b.line, b.why);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn store(command: StoreCommand) -> ExitCode {
+    let StoreCommand::RotateMasterKey {
+        dir,
+        old_key_file,
+        new_key_file,
+    } = command;
+    let old = match &old_key_file {
+        Some(f) => warden::crypto::MasterKey::from_file(f).map_err(|e| e.to_string()),
+        None => std::env::var("WARDEN_MASTER_KEY")
+            .map_err(|_| "no --old-key-file and WARDEN_MASTER_KEY is not set".to_owned())
+            .and_then(|t| warden::crypto::MasterKey::from_hex(&t).map_err(|e| e.to_string())),
+    };
+    let old = match old {
+        Ok(k) => k,
+        Err(e) => return fail(format!("current master key: {e}")),
+    };
+    if !new_key_file.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&new_key_file)
+            .and_then(|mut f| {
+                f.write_all(warden::crypto::MasterKey::generate_hex().as_bytes())
+                    .and_then(|_| f.sync_all())
+            });
+        if let Err(e) = created {
+            return fail(format!("cannot create {}: {e}", new_key_file.display()));
+        }
+    }
+    let new = match warden::crypto::MasterKey::from_file(&new_key_file) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("new master key: {e}")),
+    };
+    match warden::store::Store::rotate_master_key(&dir, old, new) {
+        Ok(n) => {
+            println!(
+                "re-encrypted {n} secrets; start warden with the new master key ({})",
+                new_key_file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
