@@ -200,7 +200,7 @@ impl Checker {
                     }
                 };
                 match key {
-                    Err(denial) => denial,
+                    Err(denial) => *denial,
                     Ok(key) => {
                         if !grant.may_check_key(&key.id) {
                             return Err(CheckError::PermissionDenied(
@@ -219,7 +219,8 @@ impl Checker {
     /// Step 1: shape and bounds. Nothing is looked up yet.
     fn validate<'a>(&self, req: &'a CheckRequest, ring: &KeyRing) -> Result<Valid<'a>, Malformed> {
         let bearer = !req.api_key.is_empty();
-        if !(bearer && req.key_id.is_empty()) && !is_valid_key_id(&req.key_id) {
+        let key_id_optional = bearer && req.key_id.is_empty();
+        if !(key_id_optional || is_valid_key_id(&req.key_id)) {
             return Err(malformed(
                 "key_id: must be 1 to 128 characters of [A-Za-z0-9_.:-]",
             ));
@@ -312,15 +313,15 @@ impl Checker {
         signed: &Signed<'_>,
         signature: &[u8; 32],
         now: Nanos,
-    ) -> Result<Arc<ApiKey>, CheckResponse> {
+    ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
         // Brute force first: a key id under lockout is not even verified.
         let failure_key = self.engine.key(req.key_id.as_bytes(), &[b"failures"]);
         if let Some(wait) = self.locked_out(failure_key, now) {
-            return Err(deny_with_retry(
+            return Err(Box::new(deny_with_retry(
                 Reason::LockedOut,
                 wait,
                 "too many failed attempts for this key",
-            ));
+            )));
         }
 
         // Step 3 and 5 share one answer: unknown, revoked and badly signed
@@ -336,26 +337,26 @@ impl Checker {
             (Some(k), true) => k.clone(),
             _ => {
                 self.spend_failure(failure_key, now, req.dry_run);
-                return Err(deny(
+                return Err(Box::new(deny(
                     Reason::Unauthenticated,
                     "the request signature could not be verified",
-                ));
+                )));
             }
         };
 
         // Step 4: freshness, and the restart fence.
         let skew = i64::try_from(self.settings.skew.as_secs()).unwrap_or(i64::MAX);
         if req.timestamp < self.fence_secs {
-            return Err(deny(
+            return Err(Box::new(deny(
                 Reason::Stale,
                 "timestamp: signed before this server started; sign the request again",
-            ));
+            )));
         }
         if now_secs.abs_diff(req.timestamp) > skew.unsigned_abs() {
-            return Err(deny(
+            return Err(Box::new(deny(
                 Reason::Stale,
                 "timestamp: outside the allowed clock skew",
-            ));
+            )));
         }
         Ok(key)
     }
@@ -369,20 +370,23 @@ impl Checker {
         api_key: &str,
         client: &str,
         now: Nanos,
-    ) -> Result<Arc<ApiKey>, CheckResponse> {
+    ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
         let failure_key = self.engine.key(client.as_bytes(), &[b"bearer-failures"]);
         if let Some(wait) = self.locked_out(failure_key, now) {
-            return Err(deny_with_retry(
+            return Err(Box::new(deny_with_retry(
                 Reason::LockedOut,
                 wait,
                 "too many failed attempts from this client",
-            ));
+            )));
         }
         match ring.bearer(api_key) {
             Some(k) if req.key_id.is_empty() || req.key_id == k.id => Ok(k.clone()),
             _ => {
                 self.spend_failure(failure_key, now, req.dry_run);
-                Err(deny(Reason::Unauthenticated, "the API key is not valid"))
+                Err(Box::new(deny(
+                    Reason::Unauthenticated,
+                    "the API key is not valid",
+                )))
             }
         }
     }
@@ -611,7 +615,6 @@ fn bearer_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
 }
 
 /// Step 2, second part: the caller's grant against what the request asks for.
-
 fn authorize(grant: &Grant, req: &CheckRequest, valid: &Valid<'_>) -> Result<(), CheckError> {
     if !req.key_id.is_empty() && !grant.may_check_key(&req.key_id) {
         return Err(CheckError::PermissionDenied(

@@ -123,7 +123,7 @@ fn config_key_info(k: &KeyConfig) -> KeyInfo {
 
 fn policy_info(p: &Policy) -> PolicyInfo {
     let period_ms = p.period.as_millis() as u64;
-    let period = if period_ms % 1000 == 0 {
+    let period = if period_ms.is_multiple_of(1000) {
         format!("{}s", period_ms / 1000)
     } else {
         format!("{period_ms}ms")
