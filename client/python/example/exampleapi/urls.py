@@ -1,0 +1,11 @@
+from django.urls import path
+
+from exampleapi import views
+
+urlpatterns = [
+    path("health", views.health),
+    path("api/orders", views.orders),
+    path("api/login", views.login),
+    path("api/items", views.ItemsView.as_view()),
+    path("webhooks/billing", views.billing_webhook),
+]

@@ -1,0 +1,116 @@
+"""Starts the real `warden` binary (`serve --dev`, mTLS) for the test
+session and gives tests its address, certificates and a CLI to create keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def warden_bin() -> Path:
+    path = Path(os.environ.get("WARDEN_BIN", REPO / "target" / "debug" / "warden"))
+    if not path.exists():
+        subprocess.run(["cargo", "build", "-q", "-p", "warden-server", "--bin", "warden"], cwd=REPO, check=True)
+    return path
+
+
+@dataclass
+class Warden:
+    proc: subprocess.Popen
+    addr: str
+    metrics_addr: str
+    dev_dir: Path
+    stderr_lines: list
+
+    def cli(self, *args: str) -> dict:
+        out = subprocess.run(
+            [str(warden_bin()), *args, "--dev-dir", str(self.dev_dir)],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout) if "--json" in args else {}
+
+    def create_key(self, *args: str) -> dict:
+        return self.cli("keys", "create", "--json", *args)
+
+    def tls(self) -> dict:
+        return {
+            "ca": str(self.dev_dir / "ca.pem"),
+            "cert": str(self.dev_dir / "client.pem"),
+            "key": str(self.dev_dir / "client-key.pem"),
+        }
+
+    def metric(self, prefix: str) -> float:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+def start_warden(dev_dir: Path) -> Warden:
+    proc = subprocess.Popen(
+        [str(warden_bin()), "serve", "--dev", "--dev-dir", str(dev_dir),
+         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RUST_LOG": "info"},
+    )
+    addr = metrics = None
+    deadline = time.monotonic() + 30
+    while addr is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"warden did not start: {proc.stderr.read()}")
+        if line.startswith("metrics on "):
+            metrics = line.split()[2]
+        if line.startswith("listening on "):
+            addr = line.split()[2]
+        if time.monotonic() > deadline:
+            raise RuntimeError("warden did not start in time")
+    stderr_lines: list = []
+    threading.Thread(target=lambda: [stderr_lines.append(l) for l in proc.stderr], daemon=True).start()
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    # Requests signed in the start second are STALE (restart fence).
+    fence = int(time.time()) + 1
+    while time.time() < fence:
+        time.sleep(0.02)
+    return Warden(proc, addr, metrics, dev_dir, stderr_lines)
+
+
+@pytest.fixture(scope="session")
+def warden(tmp_path_factory) -> Warden:
+    server = start_warden(tmp_path_factory.mktemp("warden") / "dev")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def warden_settings(settings, warden):
+    """Points the example project's WARDEN setting at the test server."""
+    app = warden.create_key("--owner", "example-app", "--bearer")
+    settings.WARDEN = {
+        **settings.WARDEN,
+        "TARGET": warden.addr,
+        "CA": warden.tls()["ca"],
+        "CERT": warden.tls()["cert"],
+        "KEY": warden.tls()["key"],
+        "APP_API_KEY": app["api_key"],
+        "FAILURE_MODE": "closed",
+    }
+    return settings

@@ -1,0 +1,131 @@
+"""The Django middleware and DRF classes in the example project, through
+Django's test client, against the real warden binary over mTLS."""
+
+import logging
+import time
+
+import pytest
+
+from warden_client.signing import sign_request
+
+
+def headers(key, method, path, query="", body=b""):
+    h = sign_request(key["key_id"], key["secret"], method, path, query, body)
+    return {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()}
+
+
+@pytest.fixture
+def key(warden, warden_settings):
+    return warden.create_key("--owner", "django-test", "--scope", "orders:read", "--policy", "demo")
+
+
+def test_a_signed_request_reaches_the_view_with_request_warden_set(client, key):
+    r = client.post("/api/orders", data=b'{"qty":1}', content_type="application/json",
+                    **headers(key, "POST", "/api/orders", body=b'{"qty":1}'))
+    assert r.status_code == 200, r.content
+    assert r.json() == {"key_id": key["key_id"], "owner": "django-test", "scopes": ["orders:read"]}
+    assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers
+
+
+def test_a_tampered_body_is_401_with_a_body_that_reveals_nothing(client, key):
+    r = client.post("/api/orders", data=b'{"qty":999}', content_type="application/json",
+                    **headers(key, "POST", "/api/orders", body=b'{"qty":1}'))
+    assert r.status_code == 401
+    assert r.json() == {"error": "unauthenticated", "message": "The request could not be authenticated."}
+
+
+def test_a_replay_is_401(client, key):
+    h = headers(key, "GET", "/api/orders", query="x=1")
+    assert client.get("/api/orders?x=1", **h).status_code == 200
+    r = client.get("/api/orders?x=1", **h)
+    assert r.status_code == 401 and r.json()["error"] == "replay"
+
+
+def test_over_the_limit_is_429_with_a_correct_retry_after(client, warden, warden_settings):
+    warden.cli("policies", "put", "three-per-minute", "--limit", "3", "--period", "1m", "--json")
+    key = warden.create_key("--owner", "limited", "--policy", "three-per-minute")
+    for _ in range(3):
+        assert client.get("/api/orders", **headers(key, "GET", "/api/orders")).status_code == 200
+    r = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+    assert r.status_code == 429
+    # 3 per minute: one request every 20 s.
+    assert 1 <= int(r.headers["Retry-After"]) <= 20
+    assert r.json()["error"] == "rate_limited" and r.json()["retry_after"] == int(r.headers["Retry-After"])
+
+
+def test_an_unprotected_path_makes_no_call(client, warden, warden_settings):
+    before = warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}")
+    assert client.get("/health").status_code == 200
+    assert warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}") == before
+
+
+def test_missing_credentials_are_401_without_a_call(client, warden, warden_settings):
+    before = warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}")
+    assert client.get("/api/orders").status_code == 401
+    assert warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}") == before
+
+
+def test_the_public_login_route_is_limited_per_ip(client, warden_settings):
+    # The dev policy "per-ip" allows 30 per minute per IP.
+    codes = [client.post("/api/login", REMOTE_ADDR="198.51.100.9").status_code for _ in range(31)]
+    assert codes[:30] == [200] * 30 and codes[30] == 429
+    assert client.post("/api/login", REMOTE_ADDR="198.51.100.10").status_code == 200
+
+
+def test_warden_stopped_and_failing_closed_is_a_quick_503(client, warden_settings, tmp_path):
+    from conftest import start_warden
+
+    doomed = start_warden(tmp_path / "doomed")
+    doomed.stop()
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": doomed.addr, "TIMEOUT": 0.3,
+                              "BREAKER": {"FAILURES": 2, "RESET_AFTER": 30}}
+    started = time.perf_counter()
+    codes = [client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64).status_code for _ in range(20)]
+    assert codes == [503] * 20
+    assert time.perf_counter() - started < 2.0
+
+
+def test_warden_stopped_and_failing_open_lets_requests_through_with_a_warning(client, warden_settings, tmp_path, caplog):
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": "127.0.0.1:1", "FAILURE_MODE": "open",
+                              "TIMEOUT": 0.3, "BREAKER": {"FAILURES": 1000, "RESET_AFTER": 1}}
+    with caplog.at_level(logging.WARNING, logger="warden_client.django"):
+        r = client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64)
+    assert r.status_code == 200 and r.json()["key_id"] is None
+    assert any("failing open" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_webhook_bound_to_one_client_identity(client, warden, warden_settings):
+    key = warden.create_key("--owner", "billing-partner", "--route", "POST /webhooks/billing",
+                            "--bind", "CN=partner-billing,O=Partner Inc")
+    body = b'{"type":"invoice.paid"}'
+    ok = client.post("/webhooks/billing", data=body, content_type="application/json",
+                     HTTP_X_CLIENT_DN="CN=partner-billing,O=Partner Inc", HTTP_X_CLIENT_VERIFY="SUCCESS",
+                     **headers(key, "POST", "/webhooks/billing", body=body))
+    assert ok.status_code == 200 and ok.json() == {"received": "invoice.paid"}
+    other = client.post("/webhooks/billing", data=body, content_type="application/json",
+                        HTTP_X_CLIENT_DN="CN=someone-else", HTTP_X_CLIENT_VERIFY="SUCCESS",
+                        **headers(key, "POST", "/webhooks/billing", body=body))
+    assert other.status_code == 403
+
+
+def test_drf_authentication_and_throttle_in_a_drf_view(client, warden, warden_settings):
+    warden.cli("policies", "put", "items-two", "--limit", "2", "--period", "1m", "--json")
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "THROTTLE_POLICIES": {"items": "items-two"},
+                              "PROTECTED_PATHS": ["/webhooks/"]}  # DRF does the check itself here
+    key = warden.create_key("--owner", "drf")
+    for _ in range(2):
+        r = client.get("/api/items", **headers(key, "GET", "/api/items"))
+        assert r.status_code == 200, r.content
+        assert r.json()["key_id"] == key["key_id"]
+    r = client.get("/api/items", **headers(key, "GET", "/api/items"))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert client.get("/api/items").status_code in (401, 403)
+
+
+def test_drf_reuses_the_middlewares_check(client, warden, warden_settings):
+    warden.cli("policies", "put", "items-one", "--limit", "1", "--period", "1m", "--json")
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "THROTTLE_POLICIES": {"items": "items-one"}}
+    key = warden.create_key("--owner", "drf-mw")
+    assert client.get("/api/items", **headers(key, "GET", "/api/items")).status_code == 200
+    r = client.get("/api/items", **headers(key, "GET", "/api/items"))
+    assert r.status_code == 429

@@ -1,0 +1,136 @@
+"""The ``WARDEN`` Django setting, read at request time (so tests and
+``override_settings`` take effect), with one client per distinct
+connection setting.
+
+    WARDEN = {
+        "TARGET": "warden.internal:50051",
+        "CA": "/etc/warden/ca.pem",          # CA that signed warden's certificate
+        "CERT": "/etc/warden/app.pem",       # this app's client certificate
+        "KEY": "/etc/warden/app-key.pem",
+        "SERVER_NAME": None,                 # expected name in warden's certificate
+        "TIMEOUT": 0.5,                      # seconds, every call
+        "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
+        "EXEMPT_PATHS": ["/health"],         # prefixes never checked, no call made
+        "PUBLIC_PATHS": ["/api/login"],      # no credentials needed; only ROUTE_LIMITS apply
+        "APP_API_KEY": "wak_...",            # bearer key used for PUBLIC_PATHS checks
+        "ROUTE_LIMITS": [                    # extra limits per route
+            {"path": "/api/login", "methods": ["POST"], "policy": "login-per-ip", "by": "ip"},
+        ],
+        "THROTTLE_POLICIES": {"burst": "burst-policy"},  # DRF throttle scope -> warden policy
+        "FAILURE_MODE": "closed",            # or "open" when warden is unreachable
+        "BREAKER": {"FAILURES": 3, "RESET_AFTER": 5.0},
+        "HEADERS": {"X-Key-Id": "X-Key-Id", ...},        # rename the signing headers
+        "CLIENT_IDENTITY_HEADER": None,      # e.g. "X-Client-DN" set by nginx
+        "CLIENT_VERIFY_HEADER": None,        # e.g. "X-Client-Verify"; must be "SUCCESS"
+        "TRUSTED_PROXY_HEADER": None,        # e.g. "X-Forwarded-For" for the client IP
+    }
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from warden_client.client import CircuitBreaker, WardenClient
+
+_clients: dict[tuple, WardenClient] = {}
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RouteLimit:
+    path: str
+    methods: tuple[str, ...]
+    policy: str
+    by: str  # "ip", "key" or "path"
+
+    def matches(self, method: str, path: str) -> bool:
+        prefix = self.path.endswith("*")
+        target = self.path.rstrip("*")
+        path_ok = path.startswith(target) if prefix else path == target
+        return path_ok and (not self.methods or method.upper() in self.methods)
+
+
+@dataclass(frozen=True)
+class Conf:
+    target: str
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None
+    timeout: float = 0.5
+    protected: tuple[str, ...] = ("/",)
+    exempt: tuple[str, ...] = ()
+    public: tuple[str, ...] = ()
+    app_api_key: str | None = None
+    route_limits: tuple[RouteLimit, ...] = ()
+    throttle_policies: dict = field(default_factory=dict)
+    failure_mode: str = "closed"
+    breaker_failures: int = 3
+    breaker_reset_after: float = 5.0
+    headers: dict = field(default_factory=dict)
+    client_identity_header: str | None = None
+    client_verify_header: str | None = None
+    trusted_proxy_header: str | None = None
+
+    def is_checked(self, path: str) -> bool:
+        if any(path.startswith(p) for p in self.exempt):
+            return False
+        return any(path.startswith(p) for p in self.protected)
+
+    def is_public(self, path: str) -> bool:
+        return any(path.startswith(p) for p in self.public)
+
+    def client(self) -> WardenClient:
+        ident = (self.target, self.ca, self.cert, self.key, self.server_name, self.timeout,
+                 self.breaker_failures, self.breaker_reset_after)
+        with _lock:
+            client = _clients.get(ident)
+            if client is None:
+                client = WardenClient(
+                    self.target, self.cert, self.key, self.ca,
+                    server_name=self.server_name, timeout=self.timeout,
+                    breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after),
+                )
+                _clients[ident] = client
+            return client
+
+
+def get_conf() -> Conf:
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    raw = getattr(settings, "WARDEN", None)
+    if not raw:
+        raise ImproperlyConfigured("settings.WARDEN is not set")
+    missing = [k for k in ("TARGET", "CA", "CERT", "KEY") if not raw.get(k)]
+    if missing:
+        raise ImproperlyConfigured(f"settings.WARDEN lacks {', '.join(missing)}")
+    mode = raw.get("FAILURE_MODE", "closed")
+    if mode not in ("closed", "open"):
+        raise ImproperlyConfigured('settings.WARDEN["FAILURE_MODE"] must be "closed" or "open"')
+    breaker = raw.get("BREAKER", {})
+    return Conf(
+        target=raw["TARGET"],
+        ca=str(raw["CA"]),
+        cert=str(raw["CERT"]),
+        key=str(raw["KEY"]),
+        server_name=raw.get("SERVER_NAME"),
+        timeout=float(raw.get("TIMEOUT", 0.5)),
+        protected=tuple(raw.get("PROTECTED_PATHS", ("/",))),
+        exempt=tuple(raw.get("EXEMPT_PATHS", ())),
+        public=tuple(raw.get("PUBLIC_PATHS", ())),
+        app_api_key=raw.get("APP_API_KEY"),
+        route_limits=tuple(
+            RouteLimit(r["path"], tuple(m.upper() for m in r.get("methods", ())), r["policy"], r.get("by", "ip"))
+            for r in raw.get("ROUTE_LIMITS", ())
+        ),
+        throttle_policies=dict(raw.get("THROTTLE_POLICIES", {})),
+        failure_mode=mode,
+        breaker_failures=int(breaker.get("FAILURES", 3)),
+        breaker_reset_after=float(breaker.get("RESET_AFTER", 5.0)),
+        headers=dict(raw.get("HEADERS", {})),
+        client_identity_header=raw.get("CLIENT_IDENTITY_HEADER"),
+        client_verify_header=raw.get("CLIENT_VERIFY_HEADER"),
+        trusted_proxy_header=raw.get("TRUSTED_PROXY_HEADER"),
+    )

@@ -1,0 +1,200 @@
+"""``WardenMiddleware``: one atomic warden ``Check`` per protected request.
+
+It runs after URL resolution (``process_view``) so that DRF throttle scopes
+of the view are part of the same atomic check. On DENY it answers with the
+status warden suggests (400/401/403/429), ``Retry-After`` and ``RateLimit-*``
+headers and a small JSON body that reveals nothing internal. On ALLOW it sets
+``request.warden`` (key id, owner, scopes) and adds the rate-limit headers to
+the response. When warden is unreachable it fails closed (503) unless
+``FAILURE_MODE`` is ``"open"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from urllib.parse import quote
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from warden_client.client import CheckRequest, Decision, LimitRequest, WardenError, WardenUnavailable
+from warden_client.django.conf import Conf, get_conf
+from warden_client.signing import HEADER_KEY_ID, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP
+
+log = logging.getLogger("warden_client.django")
+
+# Bodies above this are sent to warden as their SHA-256 only.
+BODY_HASH_THRESHOLD = 512 * 1024
+
+# What clients are told. Deliberately generic: which check failed and why
+# is in warden's log, not in the response.
+PUBLIC_MESSAGES = {
+    "malformed": "The request is malformed.",
+    "unauthenticated": "The request could not be authenticated.",
+    "stale": "The request is too old or from the future; sign it again.",
+    "replay": "This request was already used.",
+    "forbidden": "This client may not call this endpoint.",
+    "rate_limited": "Too many requests.",
+    "locked_out": "Too many failed attempts; try again later.",
+}
+
+
+def _meta_name(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def client_ip(request: HttpRequest, conf: Conf) -> str:
+    if conf.trusted_proxy_header:
+        forwarded = request.META.get(_meta_name(conf.trusted_proxy_header), "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.META.get("REMOTE_ADDR", "")
+
+
+def raw_path(request: HttpRequest) -> str:
+    """The path as the client sent it (signatures cover the raw path)."""
+    raw = request.META.get("RAW_URI") or request.META.get("REQUEST_URI")
+    if raw:
+        return raw.split("?", 1)[0]
+    return quote(request.path, safe="/:@!$&'()*+,;=-._~%")
+
+
+def header(request: HttpRequest, conf: Conf, name: str) -> str:
+    return request.META.get(_meta_name(conf.headers.get(name, name)), "")
+
+
+def bearer_token(request: HttpRequest) -> str:
+    auth = request.META.get("HTTP_AUTHORIZATION", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.META.get("HTTP_X_API_KEY", "")
+
+
+def throttle_policies(view, conf: Conf) -> list[str]:
+    """warden policies for the DRF throttle scopes of a view class."""
+    if view is None:
+        return []
+    from warden_client.django.drf import WardenThrottle  # DRF is optional
+
+    scopes = []
+    for throttle in getattr(view, "throttle_classes", ()):
+        if isinstance(throttle, type) and issubclass(throttle, WardenThrottle):
+            scope = getattr(throttle, "scope", None) or getattr(view, "throttle_scope", None)
+            if scope and scope in conf.throttle_policies:
+                scopes.append((scope, conf.throttle_policies[scope]))
+    return scopes
+
+
+def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest | None:
+    """The CheckRequest for an incoming request, or ``None`` when it carries
+    no credentials and its path is not public."""
+    path = raw_path(request)
+    req = CheckRequest(
+        method=request.method or "GET",
+        path=path,
+        query=request.META.get("QUERY_STRING", ""),
+        request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:128],
+    )
+    body = request.body
+    if len(body) > BODY_HASH_THRESHOLD:
+        req.body_sha256 = hashlib.sha256(body).digest()
+    else:
+        req.body = body
+    key_id = header(request, conf, HEADER_KEY_ID)
+    signature = header(request, conf, HEADER_SIGNATURE)
+    token = bearer_token(request)
+    if signature:
+        req.key_id = key_id
+        req.signature = signature
+        req.nonce = header(request, conf, HEADER_NONCE)
+        ts = header(request, conf, HEADER_TIMESTAMP)
+        req.timestamp = int(ts) if ts.isdigit() else 0
+    elif token:
+        req.api_key = token
+        req.key_id = key_id
+        req.ClearField("body")
+        req.ClearField("body_sha256")
+    elif conf.is_public(request.path) and conf.app_api_key:
+        # Anonymous traffic on a public route: the app vouches with its own
+        # bearer key, and only the route's limits (e.g. per IP) apply.
+        req.api_key = conf.app_api_key
+        req.ClearField("body")
+        req.ClearField("body_sha256")
+    else:
+        return None
+    if conf.client_identity_header:
+        verified = not conf.client_verify_header or header(request, conf, conf.client_verify_header) == "SUCCESS"
+        identity = header(request, conf, conf.client_identity_header)
+        if verified and identity:
+            req.client_identity = identity
+    subject = key_id or client_ip(request, conf)
+    for rl in conf.route_limits:
+        if rl.matches(req.method, request.path):
+            descriptor = {"ip": f"ip:{client_ip(request, conf)}", "key": f"key:{key_id}", "path": f"path:{request.path}"}
+            req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor.get(rl.by, rl.by)))
+    for scope, policy in throttle_policies(view, conf):
+        req.limits.append(LimitRequest(policy=policy, descriptor=f"{scope}:{subject}"))
+    return req
+
+
+def denial_response(decision: Decision) -> HttpResponse:
+    body = {"error": decision.reason, "message": PUBLIC_MESSAGES.get(decision.reason, "Request denied.")}
+    if decision.retry_after_ms:
+        body["retry_after"] = -(-decision.retry_after_ms // 1000)
+    response = JsonResponse(body, status=decision.http_status or 403)
+    for name, value in decision.headers.items():
+        response[name] = value
+    return response
+
+
+def unavailable_response() -> HttpResponse:
+    response = JsonResponse({"error": "unavailable", "message": "The request cannot be checked right now."}, status=503)
+    response["Retry-After"] = "1"
+    return response
+
+
+def run_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | None:
+    """Checks `request`; returns the response to send instead of the view,
+    or ``None`` to go on (with ``request.warden`` set when allowed)."""
+    req = build_request(request, conf, view)
+    if req is None:
+        return denial_response(Decision(allowed=False, reason="unauthenticated", http_status=401))
+    try:
+        decision = conf.client().check(req)
+    except WardenUnavailable as e:
+        if conf.failure_mode == "open":
+            log.warning("warden unreachable, failing open: %s (path %s)", e, request.path)
+            request.warden = None
+            return None
+        log.error("warden unreachable, failing closed: %s (path %s)", e, request.path)
+        return unavailable_response()
+    except WardenError as e:
+        log.error("warden refused the check: %s", e)
+        return unavailable_response()
+    request._warden_decision = decision
+    if not decision.allowed:
+        return denial_response(decision)
+    request.warden = decision.caller
+    return None
+
+
+class WardenMiddleware:
+    """Add after ``CommonMiddleware``; see ``warden_client.django.conf``."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request.warden = None
+        response = self.get_response(request)
+        decision: Decision | None = getattr(request, "_warden_decision", None)
+        if decision is not None and decision.allowed:
+            for name, value in decision.headers.items():
+                response[name] = value
+        return response
+
+    def process_view(self, request: HttpRequest, view_func, view_args, view_kwargs):
+        conf = get_conf()
+        if not conf.is_checked(request.path):
+            return None
+        return run_check(request, conf, getattr(view_func, "cls", None))
