@@ -69,6 +69,58 @@ fn engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// The `governor` crate's keyed GCRA limiter, as the reference for ours.
+fn governor_reference(c: &mut Criterion) {
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let limiter = RateLimiter::keyed(Quota::per_second(NonZeroU32::new(1_000_000).expect("non-zero")));
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("governor_keyed_check", |b| b.iter(|| black_box(limiter.check_key(&1u64))));
+    let engine = Engine::new(64, 1024);
+    let limits = [(engine.key(b"key-1", &[b"gcra"]), Limit::Gcra(Gcra::new(1_000_000, SEC, 1_000_000)))];
+    let clock = warden::engine::SystemClock;
+    group.bench_function("gcra_with_key_hash_and_clock", |b| {
+        use warden::engine::Clock;
+        b.iter(|| {
+            let key = engine.key(b"key-1", &[b"gcra"]);
+            black_box(key);
+            black_box(engine.decide(clock.now(), &Request { nonce: None, limits: &limits, cost: 1, commit: true }))
+        })
+    });
+    group.finish();
+}
+
+/// Two threads deciding at once, on one key (same shard, same lock) and on
+/// different keys: the cost of contention.
+fn contention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("contention_2_threads");
+    group.throughput(Throughput::Elements(1));
+    let engine = Arc::new(Engine::new(64, 1024));
+    let gcra = Limit::Gcra(Gcra::new(u32::MAX as u64, SEC, u32::MAX as u64));
+    for (name, same) in [("same_key", true), ("different_keys", false)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for t in 0..2u8 {
+                        let engine = engine.clone();
+                        s.spawn(move || {
+                            let owner = if same { [0u8] } else { [t] };
+                            let limits = [(engine.key(&owner, &[b"gcra"]), gcra)];
+                            for i in 0..iters / 2 {
+                                black_box(engine.decide(i, &Request { nonce: None, limits: &limits, cost: 1, commit: true }));
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
 fn hmac_verify(c: &mut Criterion) {
     let mut group = c.benchmark_group("hmac_verify");
     let secret = [Secret::new(
@@ -171,6 +223,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = engine, hmac_verify, full_check
+        targets = engine, governor_reference, contention, hmac_verify, full_check
 }
 criterion_main!(benches);

@@ -1,0 +1,719 @@
+//! `warden-bench`: the load generator, and the same workload through the
+//! Redis recipe it replaces.
+//!
+//!     warden-bench --dev-dir ./warden-dev --duration 10s --concurrency 64 --json
+//!     warden-bench --backend redis-lua --redis 127.0.0.1:6399 --duration 10s
+//!     warden-bench memory --keys 1000000 --nonces 10000000 [--redis 127.0.0.1:6399]
+//!
+//! Closed loop by default (C workers, each with one request in flight, or a
+//! window of them on a stream); `--rate` switches to an open loop at a fixed
+//! rate, with latency measured from each request's scheduled start so a
+//! stalled server cannot hide its stalls (no coordinated omission). Targets
+//! loopback addresses only, and always stops by itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use warden_client::proto::admin_client::AdminClient;
+use warden_client::proto::warden_client::WardenClient;
+use warden_client::proto::{CheckRequest, CreateKeyRequest, KeyKind, PolicyInfo, Reason};
+use warden_client::signing::{Signer, body_sha256, check_request_from, hmac_sha256, unix_now, warden_v1_string_to_sign};
+use warden_client::{Tls, channel};
+
+#[derive(Parser)]
+#[command(name = "warden-bench", about = "Load generator for warden, side by side with the Redis recipe")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bytes per rate-limit key and per nonce: warden's engine vs Redis.
+    Memory(MemoryArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// warden `Check` over mTLS.
+    Warden,
+    /// The Django recipe: INCR + EXPIRE + SET NX EX (pipelined) and an HMAC
+    /// verify in the client.
+    RedisRecipe,
+    /// One EVAL (EVALSHA) Lua script doing rate + nonce atomically, HMAC in
+    /// the client.
+    RedisLua,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Unary,
+    Stream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Popularity {
+    Uniform,
+    Zipf,
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadArgs {
+    /// `serve --dev` directory: address, certificates (admin role).
+    #[arg(long, default_value = "./warden-dev")]
+    dev_dir: PathBuf,
+    /// warden address (default: from demo-key.json). Loopback only.
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long, value_enum, default_value = "warden")]
+    backend: Backend,
+    #[arg(long, value_enum, default_value = "unary")]
+    mode: Mode,
+    /// Redis address for the redis-* backends. Loopback only.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    redis: String,
+    /// Connections (HTTP/2 channels or Redis connections).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Distinct API keys.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    #[arg(long, value_enum, default_value = "uniform")]
+    popularity: Popularity,
+    /// Percentages: valid, replayed, bad signature, over limit.
+    #[arg(long, default_value = "valid=100")]
+    mix: String,
+    /// How long to run, e.g. "10s".
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Stop after this many requests instead.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Open loop at this many requests per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    body_bytes: usize,
+    /// pid of the server process, for its CPU and RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Answers per CheckStream kept in flight (stream mode).
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// One JSON object on stdout instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct MemoryArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 10_000_000)]
+    nonces: u64,
+    /// Also measure Redis `used_memory` for the same data.
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn loopback_only(addr: &str) -> Result<(), String> {
+    let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(addr);
+    let ok = host == "localhost" || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
+    if ok { Ok(()) } else { Err(format!("{addr}: warden-bench only targets loopback addresses")) }
+}
+
+/// What one request is meant to exercise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Valid,
+    Replay,
+    BadSignature,
+    OverLimit,
+}
+
+struct Mix(Vec<(Kind, u32)>);
+
+impl Mix {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        for piece in text.split(',').filter(|p| !p.is_empty()) {
+            let (name, pct) = piece.split_once('=').ok_or_else(|| format!("--mix: {piece:?} is not NAME=PERCENT"))?;
+            let pct: u32 = pct.parse().map_err(|_| format!("--mix: {pct:?} is not a number"))?;
+            let kind = match name {
+                "valid" => Kind::Valid,
+                "replay" | "replayed" => Kind::Replay,
+                "bad-signature" => Kind::BadSignature,
+                "over-limit" => Kind::OverLimit,
+                _ => return Err(format!("--mix: unknown kind {name:?}")),
+            };
+            parts.push((kind, pct));
+        }
+        if parts.iter().map(|(_, p)| p).sum::<u32>() != 100 {
+            return Err("--mix: percentages must add up to 100".into());
+        }
+        Ok(Self(parts))
+    }
+
+    fn pick(&self, roll: u32) -> Kind {
+        let mut acc = 0;
+        for (kind, pct) in &self.0 {
+            acc += pct;
+            if roll % 100 < acc {
+                return *kind;
+            }
+        }
+        Kind::Valid
+    }
+}
+
+/// xorshift64*: fast, seedable, good enough to pick keys.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Picks key indexes uniformly or with zipf(1) popularity.
+struct KeyPicker {
+    cdf: Option<Vec<f64>>,
+    n: usize,
+}
+
+impl KeyPicker {
+    fn new(n: usize, popularity: Popularity) -> Self {
+        let cdf = (popularity == Popularity::Zipf).then(|| {
+            let weights: Vec<f64> = (1..=n).map(|i| 1.0 / i as f64).collect();
+            let total: f64 = weights.iter().sum();
+            let mut acc = 0.0;
+            weights.iter().map(|w| { acc += w / total; acc }).collect()
+        });
+        Self { cdf, n }
+    }
+
+    fn pick(&self, rng: &mut Rng) -> usize {
+        match &self.cdf {
+            None => (rng.next() % self.n as u64) as usize,
+            Some(cdf) => {
+                let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                cdf.partition_point(|&c| c < u).min(self.n - 1)
+            }
+        }
+    }
+}
+
+/// The keys a run signs with.
+struct Keys {
+    keys: Vec<(String, String)>,
+    /// A key whose policy is exhausted after its first request.
+    tight: (String, String),
+}
+
+/// A request ready to send.
+struct Planned {
+    request: CheckRequest,
+}
+
+/// Builds requests of each kind; remembers some valid ones to replay.
+struct Planner {
+    keys: Arc<Keys>,
+    picker: KeyPicker,
+    mix: Mix,
+    body: Vec<u8>,
+    counter: AtomicU64,
+    sent: Mutex<Vec<CheckRequest>>,
+}
+
+impl Planner {
+    fn plan(&self, rng: &mut Rng) -> Planned {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut kind = self.mix.pick((rng.next() % 100) as u32);
+        if kind == Kind::Replay {
+            let sent = self.sent.lock();
+            if let Some(req) = sent.get((rng.next() as usize) % sent.len().max(1)) {
+                return Planned { request: req.clone() };
+            }
+            kind = Kind::Valid;
+        }
+        let (id, secret) = match kind {
+            Kind::OverLimit => self.keys.tight.clone(),
+            _ => self.keys.keys[self.picker.pick(rng)].clone(),
+        };
+        let nonce = format!("bench{n:020}{:08x}", rng.next() as u32);
+        let headers = Signer::new(id, secret).sign_at(unix_now(), &nonce, "POST", "/v1/orders", "a=1", &self.body);
+        let mut request = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "a=1", &self.body);
+                if kind == Kind::BadSignature {
+            // A forger guessing at key ids: lockouts land on those ids, not
+            // on the honest keys of the run.
+            request.key_id = format!("wk_forged_{}", n % 64);
+            request.signature = "0".repeat(64);
+        }
+        if kind == Kind::Valid && n % 64 == 0 {
+            let mut sent = self.sent.lock();
+            if sent.len() >= 1024 {
+                sent.remove(0);
+            }
+            sent.push(request.clone());
+        }
+                Planned { request }
+    }
+}
+
+/// Outcome counts and latencies of a run.
+struct Stats {
+    hist: Mutex<Histogram<u64>>,
+    outcomes: Mutex<HashMap<String, u64>>,
+    errors: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")),
+            outcomes: Mutex::new(HashMap::new()),
+            errors: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, latency: Duration, outcome: Result<&str, ()>) {
+        let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.hist.lock().record(micros);
+        match outcome {
+            Ok(name) => *self.outcomes.lock().entry(name.to_owned()).or_default() += 1,
+            Err(()) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn reason_name(r: Reason) -> &'static str {
+    warden::service::warden::reason_name(r)
+}
+
+/// One request against whichever backend.
+#[derive(Clone)]
+enum Target {
+    Warden(Vec<WardenClient<Channel>>),
+        Redis {
+        conns: Vec<redis::aio::MultiplexedConnection>,
+        secrets: Arc<HashMap<String, Vec<u8>>>,
+        /// The atomic script, or `None` for the pipelined recipe.
+        lua: Option<Arc<redis::Script>>,
+    },
+}
+
+/// The rate + nonce logic of the Lua variant: one atomic round trip.
+const LUA: &str = r#"
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) == false then return -1 end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if n > tonumber(ARGV[1]) then return -2 end
+return n
+"#;
+
+/// The limit the Redis variants enforce: the same as warden's bench policy.
+const BENCH_LIMIT: u64 = 1_000_000_000;
+
+impl Target {
+    async fn send(&self, worker: usize, req: CheckRequest) -> Result<&'static str, ()> {
+        match self {
+            Target::Warden(clients) => {
+                let mut c = clients[worker % clients.len()].clone();
+                c.check(req).await.map(|r| reason_name(r.into_inner().reason())).map_err(|_| ())
+            }
+            Target::Redis { conns, secrets, lua } => {
+                // What a Django app does: verify the HMAC itself...
+                let Some(secret) = secrets.get(&req.key_id) else { return Ok("unauthenticated") };
+                let message = warden_v1_string_to_sign(req.timestamp, &req.nonce, &req.method, &req.path, &req.query, &body_sha256(&req.body));
+                let expected = hex::encode(hmac_sha256(secret, message.as_bytes()));
+                if !constant_time_eq(expected.as_bytes(), req.signature.as_bytes()) {
+                    return Ok("unauthenticated");
+                }
+                let mut conn = conns[worker % conns.len()].clone();
+                let window = unix_now() / 60;
+                let rl = format!("rl:{}:{window}", req.key_id);
+                let nonce = format!("nonce:{}:{}", req.key_id, req.nonce);
+                let limit = if req.key_id == "bench-tight" { 1 } else { BENCH_LIMIT };
+                match lua {
+                    // ...then either one pipelined round trip of the recipe...
+                    None => {
+                        let (n, _, fresh): (u64, i64, Option<String>) = redis::pipe()
+                            .incr(&rl, 1)
+                            .cmd("EXPIRE").arg(&rl).arg(60).arg("NX")
+                            .cmd("SET").arg(&nonce).arg(1).arg("NX").arg("EX").arg(300)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|_| ())?;
+                        Ok(if fresh.is_none() { "replay" } else if n > limit { "rate_limited" } else { "ok" })
+                    }
+                    // ...or one atomic script.
+                    Some(script) => {
+                        let r: i64 = script
+                            .key(&rl)
+                            .key(&nonce)
+                            .arg(limit)
+                            .arg(300)
+                            .arg(60)
+                            .invoke_async(&mut conn)
+                            .await
+                            .map_err(|_| ())?;
+                        Ok(match r {
+                            -1 => "replay",
+                            -2 => "rate_limited",
+                            _ => "ok",
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
+    let target = match &args.target {
+        Some(t) => t.clone(),
+        None => {
+            let demo: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(args.dev_dir.join("demo-key.json")).map_err(|e| format!("demo-key.json: {e}"))?,
+            )
+            .map_err(|e| e.to_string())?;
+            demo["address"].as_str().unwrap_or_default().to_owned()
+        }
+    };
+    loopback_only(&target)?;
+    let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
+    let mut admin = AdminClient::new(channel(&target, tls.clone()).await.map_err(|e| e.to_string())?);
+    for (name, limit, period) in [("bench", 1_000_000_000u64, "1s"), ("bench-tight", 1, "1h")] {
+        admin
+            .put_policy(PolicyInfo { name: name.into(), algorithm: "gcra".into(), limit, period: period.into(), burst: 0 })
+            .await
+            .map_err(|e| format!("creating policy {name}: {}", e.message()))?;
+    }
+    let mut keys = Vec::with_capacity(args.keys);
+    for i in 0..args.keys + 1 {
+        let policy = if i == args.keys { "bench-tight" } else { "bench" };
+        let r = admin
+            .create_key(CreateKeyRequest { owner: "warden-bench".into(), policies: vec![policy.into()], kind: KeyKind::Hmac as i32, ..Default::default() })
+            .await
+            .map_err(|e| format!("creating keys: {}", e.message()))?
+            .into_inner();
+        keys.push((r.key.map(|k| k.key_id).unwrap_or_default(), r.secret));
+    }
+    let tight = keys.pop().expect("created");
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(WardenClient::new(channel(&target, tls.clone()).await.map_err(|e| e.to_string())?));
+    }
+    Ok((Target::Warden(clients), Keys { keys, tight }))
+}
+
+async fn setup_redis(args: &LoadArgs) -> Result<(Target, Keys), String> {
+    loopback_only(&args.redis)?;
+    let client = redis::Client::open(format!("redis://{}/", args.redis)).map_err(|e| e.to_string())?;
+    let mut conns = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        conns.push(client.get_multiplexed_async_connection().await.map_err(|e| format!("redis {}: {e}", args.redis))?);
+    }
+    let mut secrets = HashMap::new();
+    let mut keys = Vec::new();
+    for i in 0..args.keys {
+        let (id, secret) = (format!("bench-{i}"), format!("wsk_bench_secret_{i:08}_0123456789abcdef"));
+        secrets.insert(id.clone(), secret.clone().into_bytes());
+        keys.push((id, secret));
+    }
+    let tight = ("bench-tight".to_owned(), "wsk_bench_tight_0123456789abcdefghij".to_owned());
+    secrets.insert(tight.0.clone(), tight.1.clone().into_bytes());
+        let lua = (args.backend == Backend::RedisLua).then(|| Arc::new(redis::Script::new(LUA)));
+    let mut c = conns[0].clone();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
+        Ok((Target::Redis { conns, secrets: Arc::new(secrets), lua }, Keys { keys, tight }))
+}
+
+/// utime + stime of a process, in seconds, and its RSS in bytes.
+fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((ticks / 100.0, rss_kb * 1024))
+}
+
+async fn run_load(args: LoadArgs) -> Result<(), String> {
+    let duration = warden::config::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
+    let mix = Mix::parse(&args.mix)?;
+    let (target, keys) = match args.backend {
+        Backend::Warden => setup_warden(&args).await?,
+        _ => setup_redis(&args).await?,
+    };
+    let planner = Arc::new(Planner {
+        picker: KeyPicker::new(keys.keys.len(), args.popularity),
+        keys: Arc::new(keys),
+        mix,
+        body: vec![b'x'; args.body_bytes],
+        counter: AtomicU64::new(0),
+        sent: Mutex::new(Vec::new()),
+    });
+    let stats = Arc::new(Stats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let limit = args.requests.unwrap_or(u64::MAX);
+    let cpu_before = args.server_pid.and_then(process_usage);
+    let started = Instant::now();
+
+    // Progress, once a second, on stderr.
+    let progress = {
+        let (stats, stop, quiet) = (stats.clone(), stop.clone(), args.json);
+        tokio::spawn(async move {
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let done = stats.done.load(Ordering::Relaxed);
+                if !quiet {
+                    eprintln!("  {:>10} requests  {:>9} req/s  {} errors", done, done - last, stats.errors.load(Ordering::Relaxed));
+                }
+                last = done;
+            }
+        })
+    };
+
+    let mut workers = Vec::new();
+    match (args.rate, args.mode, &target) {
+        (Some(rate), _, _) => {
+            // Open loop: a request every 1/rate s, latency from its scheduled start.
+            let permits = Arc::new(Semaphore::new(args.concurrency.max(1) * 4));
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let (planner, stats, target, stop) = (planner.clone(), stats.clone(), target.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+                let mut next = Instant::now();
+                let mut i = 0u64;
+                while i < limit && started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep_until(next.into()).await;
+                    let scheduled = next;
+                    next += interval;
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        stats.record(scheduled.elapsed(), Err(()));
+                        continue;
+                    };
+                    let planned = planner.plan(&mut rng);
+                    let (stats, target) = (stats.clone(), target.clone());
+                    let worker = i as usize;
+                    tokio::spawn(async move {
+                        let outcome = target.send(worker, planned.request).await;
+                        stats.record(scheduled.elapsed(), outcome);
+                        drop(permit);
+                    });
+                    i += 1;
+                }
+            }));
+        }
+        (None, Mode::Stream, Target::Warden(clients)) => {
+            for w in 0..args.concurrency.max(1) {
+                let (planner, stats, stop) = (planner.clone(), stats.clone(), stop.clone());
+                let mut client = clients[w % clients.len()].clone();
+                let window = args.window.max(1);
+                workers.push(tokio::spawn(async move {
+                    let mut rng = Rng(0x1234_5678 + w as u64);
+                    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(window);
+                    let Ok(answers) = client.check_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+                        stats.record(Duration::ZERO, Err(()));
+                        return;
+                    };
+                    let mut answers = answers.into_inner();
+                    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+                    let inflight = Arc::new(Semaphore::new(window));
+                    let reader = {
+                        let (stats, sent_at, inflight) = (stats.clone(), sent_at.clone(), inflight.clone());
+                        tokio::spawn(async move {
+                            while let Some(answer) = answers.message().await.transpose() {
+                                let at: Option<Instant> = sent_at.lock().pop_front();
+                                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
+                                stats.record(latency, answer.map(|r| reason_name(r.reason())).map_err(|_| ()));
+                                inflight.add_permits(1);
+                            }
+                        })
+                    };
+                    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) && stats.done.load(Ordering::Relaxed) < limit {
+                        let Ok(p) = inflight.acquire().await else { break };
+                        p.forget();
+                        let planned = planner.plan(&mut rng);
+                        sent_at.lock().push_back(Instant::now());
+                        if tx.send(planned.request).await.is_err() {
+                            break;
+                        }
+                    }
+                    drop(tx);
+                    let _ = reader.await;
+                }));
+            }
+        }
+        (None, _, _) => {
+            for w in 0..args.concurrency.max(1) {
+                let (planner, stats, target, stop) = (planner.clone(), stats.clone(), target.clone(), stop.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut rng = Rng(0xDEAD_BEEF + w as u64);
+                    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) && stats.done.load(Ordering::Relaxed) < limit {
+                        let planned = planner.plan(&mut rng);
+                        let t = Instant::now();
+                        let outcome = target.send(w, planned.request).await;
+                                                stats.record(t.elapsed(), outcome);
+                    }
+                }));
+            }
+        }
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = progress.await;
+
+    let hist = stats.hist.lock();
+    let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let done = stats.done.load(Ordering::Relaxed);
+    let errors = stats.errors.load(Ordering::Relaxed);
+    let server = match (args.server_pid, cpu_before) {
+        (Some(pid), Some((cpu0, _))) => process_usage(pid).map(|(cpu1, rss)| ((cpu1 - cpu0) / elapsed, rss)),
+        _ => None,
+    };
+    let report = json!({
+        "backend": format!("{:?}", args.backend),
+        "mode": format!("{:?}", args.mode),
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "keys": args.keys,
+        "requests": done,
+        "seconds": elapsed,
+        "rps": done as f64 / elapsed,
+        "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
+        "errors": errors,
+        "outcomes": *stats.outcomes.lock(),
+        "server_cpu_cores": server.map(|s| s.0),
+        "server_rss_bytes": server.map(|s| s.1),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{:?} {:?}: {done} requests in {elapsed:.1}s = {:.0} req/s, {errors} errors", args.backend, args.mode, done as f64 / elapsed);
+        println!("latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}", pct(0.5), pct(0.9), pct(0.99), pct(0.999));
+        println!("outcomes: {}", report["outcomes"]);
+        if let Some((cores, rss)) = server {
+            println!("server: {cores:.2} cores, {:.1} MiB RSS", rss as f64 / 1048576.0);
+        }
+    }
+    Ok(())
+}
+
+fn rss_bytes() -> u64 {
+    process_usage(std::process::id()).map(|(_, rss)| rss).unwrap_or(0)
+}
+
+async fn run_memory(args: MemoryArgs) -> Result<(), String> {
+    use warden::engine::{Engine, Gcra, Limit, Request};
+    let engine = Engine::new(64, args.nonces as usize + 1);
+    let gcra = Limit::Gcra(Gcra::new(100, 60_000_000_000, 100));
+    let now = 1_000_000_000_000u64;
+    let base = rss_bytes();
+    for i in 0..args.keys {
+        let key = engine.key(&i.to_le_bytes(), &[b"policy", b"standard"]);
+        engine.decide(now, &Request { nonce: None, limits: &[(key, gcra)], cost: 1, commit: true });
+    }
+    let after_keys = rss_bytes();
+    for i in 0..args.nonces {
+        let key = engine.key(&(i % 1000).to_le_bytes(), &[b"nonce", &i.to_le_bytes()]);
+        engine.decide(now, &Request { nonce: Some((key, now + 300_000_000_000)), limits: &[], cost: 1, commit: true });
+    }
+    let after_nonces = rss_bytes();
+    let per_key = (after_keys - base) as f64 / args.keys as f64;
+    let per_nonce = (after_nonces - after_keys) as f64 / args.nonces as f64;
+    let mut report = json!({"keys": args.keys, "nonces": args.nonces, "warden_bytes_per_key": per_key, "warden_bytes_per_nonce": per_nonce});
+
+    if let Some(addr) = &args.redis {
+        loopback_only(addr)?;
+        let client = redis::Client::open(format!("redis://{addr}/")).map_err(|e| e.to_string())?;
+        let mut c = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let used = |info: String| info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
+        let m0 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
+        // The recipe's state: a counter with a TTL per key and window...
+        for chunk in (0..args.keys).collect::<Vec<_>>().chunks(10_000) {
+            let mut pipe = redis::pipe();
+            for i in chunk {
+                pipe.cmd("SET").arg(format!("rl:wk_{i:016x}:29400000")).arg(1).arg("EX").arg(60).ignore();
+            }
+            let _: () = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+        }
+        let m1 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
+        // ...and a key with a TTL per nonce.
+        for chunk in (0..args.nonces).collect::<Vec<_>>().chunks(10_000) {
+            let mut pipe = redis::pipe();
+            for i in chunk {
+                pipe.cmd("SET").arg(format!("nonce:wk_{:016x}:{i:032x}", i % 1000)).arg(1).arg("NX").arg("EX").arg(300).ignore();
+            }
+            let _: () = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+        }
+        let m2 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
+        report["redis_bytes_per_key"] = json!((m1 - m0) as f64 / args.keys as f64);
+        report["redis_bytes_per_nonce"] = json!((m2 - m1) as f64 / args.nonces as f64);
+    }
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("warden engine: {per_key:.1} bytes per rate-limit key, {per_nonce:.1} bytes per nonce ({} keys, {} nonces)", args.keys, args.nonces);
+        if report.get("redis_bytes_per_key").is_some() {
+            println!("redis:         {:.1} bytes per rate-limit key, {:.1} bytes per nonce", report["redis_bytes_per_key"], report["redis_bytes_per_nonce"]);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Memory(args)) => run_memory(args).await,
+            None => run_load(cli.load).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warden-bench: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+
