@@ -73,19 +73,34 @@ fn engine(c: &mut Criterion) {
 fn governor_reference(c: &mut Criterion) {
     use governor::{Quota, RateLimiter};
     use std::num::NonZeroU32;
-    let limiter = RateLimiter::keyed(Quota::per_second(NonZeroU32::new(1_000_000).expect("non-zero")));
+    let limiter = RateLimiter::keyed(Quota::per_second(
+        NonZeroU32::new(1_000_000).expect("non-zero"),
+    ));
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("governor_keyed_check", |b| b.iter(|| black_box(limiter.check_key(&1u64))));
+    group.bench_function("governor_keyed_check", |b| {
+        b.iter(|| black_box(limiter.check_key(&1u64)))
+    });
     let engine = Engine::new(64, 1024);
-    let limits = [(engine.key(b"key-1", &[b"gcra"]), Limit::Gcra(Gcra::new(1_000_000, SEC, 1_000_000)))];
+    let limits = [(
+        engine.key(b"key-1", &[b"gcra"]),
+        Limit::Gcra(Gcra::new(1_000_000, SEC, 1_000_000)),
+    )];
     let clock = warden::engine::SystemClock;
     group.bench_function("gcra_with_key_hash_and_clock", |b| {
         use warden::engine::Clock;
         b.iter(|| {
             let key = engine.key(b"key-1", &[b"gcra"]);
             black_box(key);
-            black_box(engine.decide(clock.now(), &Request { nonce: None, limits: &limits, cost: 1, commit: true }))
+            black_box(engine.decide(
+                clock.now(),
+                &Request {
+                    nonce: None,
+                    limits: &limits,
+                    cost: 1,
+                    commit: true,
+                },
+            ))
         })
     });
     group.finish();
@@ -109,7 +124,15 @@ fn contention(c: &mut Criterion) {
                             let owner = if same { [0u8] } else { [t] };
                             let limits = [(engine.key(&owner, &[b"gcra"]), gcra)];
                             for i in 0..iters / 2 {
-                                black_box(engine.decide(i, &Request { nonce: None, limits: &limits, cost: 1, commit: true }));
+                                black_box(engine.decide(
+                                    i,
+                                    &Request {
+                                        nonce: None,
+                                        limits: &limits,
+                                        cost: 1,
+                                        commit: true,
+                                    },
+                                ));
                             }
                         });
                     }

@@ -26,11 +26,16 @@ use tonic::transport::Channel;
 use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::warden_client::WardenClient;
 use warden_client::proto::{CheckRequest, CreateKeyRequest, KeyKind, PolicyInfo, Reason};
-use warden_client::signing::{Signer, body_sha256, check_request_from, hmac_sha256, unix_now, warden_v1_string_to_sign};
+use warden_client::signing::{
+    Signer, body_sha256, check_request_from, hmac_sha256, unix_now, warden_v1_string_to_sign,
+};
 use warden_client::{Tls, channel};
 
 #[derive(Parser)]
-#[command(name = "warden-bench", about = "Load generator for warden, side by side with the Redis recipe")]
+#[command(
+    name = "warden-bench",
+    about = "Load generator for warden, side by side with the Redis recipe"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -134,9 +139,22 @@ struct MemoryArgs {
 }
 
 fn loopback_only(addr: &str) -> Result<(), String> {
-    let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(addr);
-    let ok = host == "localhost" || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
-    if ok { Ok(()) } else { Err(format!("{addr}: warden-bench only targets loopback addresses")) }
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(addr);
+    let ok = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr}: warden-bench only targets loopback addresses"
+        ))
+    }
 }
 
 /// What one request is meant to exercise.
@@ -154,8 +172,12 @@ impl Mix {
     fn parse(text: &str) -> Result<Self, String> {
         let mut parts = Vec::new();
         for piece in text.split(',').filter(|p| !p.is_empty()) {
-            let (name, pct) = piece.split_once('=').ok_or_else(|| format!("--mix: {piece:?} is not NAME=PERCENT"))?;
-            let pct: u32 = pct.parse().map_err(|_| format!("--mix: {pct:?} is not a number"))?;
+            let (name, pct) = piece
+                .split_once('=')
+                .ok_or_else(|| format!("--mix: {piece:?} is not NAME=PERCENT"))?;
+            let pct: u32 = pct
+                .parse()
+                .map_err(|_| format!("--mix: {pct:?} is not a number"))?;
             let kind = match name {
                 "valid" => Kind::Valid,
                 "replay" | "replayed" => Kind::Replay,
@@ -207,7 +229,13 @@ impl KeyPicker {
             let weights: Vec<f64> = (1..=n).map(|i| 1.0 / i as f64).collect();
             let total: f64 = weights.iter().sum();
             let mut acc = 0.0;
-            weights.iter().map(|w| { acc += w / total; acc }).collect()
+            weights
+                .iter()
+                .map(|w| {
+                    acc += w / total;
+                    acc
+                })
+                .collect()
         });
         Self { cdf, n }
     }
@@ -252,7 +280,9 @@ impl Planner {
         if kind == Kind::Replay {
             let sent = self.sent.lock();
             if let Some(req) = sent.get((rng.next() as usize) % sent.len().max(1)) {
-                return Planned { request: req.clone() };
+                return Planned {
+                    request: req.clone(),
+                };
             }
             kind = Kind::Valid;
         }
@@ -261,22 +291,36 @@ impl Planner {
             _ => self.keys.keys[self.picker.pick(rng)].clone(),
         };
         let nonce = format!("bench{n:020}{:08x}", rng.next() as u32);
-        let headers = Signer::new(id, secret).sign_at(unix_now(), &nonce, "POST", "/v1/orders", "a=1", &self.body);
-        let mut request = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "a=1", &self.body);
-                if kind == Kind::BadSignature {
+        let headers = Signer::new(id, secret).sign_at(
+            unix_now(),
+            &nonce,
+            "POST",
+            "/v1/orders",
+            "a=1",
+            &self.body,
+        );
+        let mut request = check_request_from(
+            &headers,
+            "warden-v1",
+            "POST",
+            "/v1/orders",
+            "a=1",
+            &self.body,
+        );
+        if kind == Kind::BadSignature {
             // A forger guessing at key ids: lockouts land on those ids, not
             // on the honest keys of the run.
             request.key_id = format!("wk_forged_{}", n % 64);
             request.signature = "0".repeat(64);
         }
-        if kind == Kind::Valid && n % 64 == 0 {
+        if kind == Kind::Valid && n.is_multiple_of(64) {
             let mut sent = self.sent.lock();
             if sent.len() >= 1024 {
                 sent.remove(0);
             }
             sent.push(request.clone());
         }
-                Planned { request }
+        Planned { request }
     }
 }
 
@@ -319,7 +363,7 @@ fn reason_name(r: Reason) -> &'static str {
 #[derive(Clone)]
 enum Target {
     Warden(Vec<WardenClient<Channel>>),
-        Redis {
+    Redis {
         conns: Vec<redis::aio::MultiplexedConnection>,
         secrets: Arc<HashMap<String, Vec<u8>>>,
         /// The atomic script, or `None` for the pipelined recipe.
@@ -344,12 +388,28 @@ impl Target {
         match self {
             Target::Warden(clients) => {
                 let mut c = clients[worker % clients.len()].clone();
-                c.check(req).await.map(|r| reason_name(r.into_inner().reason())).map_err(|_| ())
+                c.check(req)
+                    .await
+                    .map(|r| reason_name(r.into_inner().reason()))
+                    .map_err(|_| ())
             }
-            Target::Redis { conns, secrets, lua } => {
+            Target::Redis {
+                conns,
+                secrets,
+                lua,
+            } => {
                 // What a Django app does: verify the HMAC itself...
-                let Some(secret) = secrets.get(&req.key_id) else { return Ok("unauthenticated") };
-                let message = warden_v1_string_to_sign(req.timestamp, &req.nonce, &req.method, &req.path, &req.query, &body_sha256(&req.body));
+                let Some(secret) = secrets.get(&req.key_id) else {
+                    return Ok("unauthenticated");
+                };
+                let message = warden_v1_string_to_sign(
+                    req.timestamp,
+                    &req.nonce,
+                    &req.method,
+                    &req.path,
+                    &req.query,
+                    &body_sha256(&req.body),
+                );
                 let expected = hex::encode(hmac_sha256(secret, message.as_bytes()));
                 if !constant_time_eq(expected.as_bytes(), req.signature.as_bytes()) {
                     return Ok("unauthenticated");
@@ -358,18 +418,36 @@ impl Target {
                 let window = unix_now() / 60;
                 let rl = format!("rl:{}:{window}", req.key_id);
                 let nonce = format!("nonce:{}:{}", req.key_id, req.nonce);
-                let limit = if req.key_id == "bench-tight" { 1 } else { BENCH_LIMIT };
+                let limit = if req.key_id == "bench-tight" {
+                    1
+                } else {
+                    BENCH_LIMIT
+                };
                 match lua {
                     // ...then either one pipelined round trip of the recipe...
                     None => {
                         let (n, _, fresh): (u64, i64, Option<String>) = redis::pipe()
                             .incr(&rl, 1)
-                            .cmd("EXPIRE").arg(&rl).arg(60).arg("NX")
-                            .cmd("SET").arg(&nonce).arg(1).arg("NX").arg("EX").arg(300)
+                            .cmd("EXPIRE")
+                            .arg(&rl)
+                            .arg(60)
+                            .arg("NX")
+                            .cmd("SET")
+                            .arg(&nonce)
+                            .arg(1)
+                            .arg("NX")
+                            .arg("EX")
+                            .arg(300)
                             .query_async(&mut conn)
                             .await
                             .map_err(|_| ())?;
-                        Ok(if fresh.is_none() { "replay" } else if n > limit { "rate_limited" } else { "ok" })
+                        Ok(if fresh.is_none() {
+                            "replay"
+                        } else if n > limit {
+                            "rate_limited"
+                        } else {
+                            "ok"
+                        })
                     }
                     // ...or one atomic script.
                     Some(script) => {
@@ -403,7 +481,8 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
         Some(t) => t.clone(),
         None => {
             let demo: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(args.dev_dir.join("demo-key.json")).map_err(|e| format!("demo-key.json: {e}"))?,
+                &std::fs::read(args.dev_dir.join("demo-key.json"))
+                    .map_err(|e| format!("demo-key.json: {e}"))?,
             )
             .map_err(|e| e.to_string())?;
             demo["address"].as_str().unwrap_or_default().to_owned()
@@ -411,18 +490,37 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
     };
     loopback_only(&target)?;
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
-    let mut admin = AdminClient::new(channel(&target, tls.clone()).await.map_err(|e| e.to_string())?);
+    let mut admin = AdminClient::new(
+        channel(&target, tls.clone())
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     for (name, limit, period) in [("bench", 1_000_000_000u64, "1s"), ("bench-tight", 1, "1h")] {
         admin
-            .put_policy(PolicyInfo { name: name.into(), algorithm: "gcra".into(), limit, period: period.into(), burst: 0 })
+            .put_policy(PolicyInfo {
+                name: name.into(),
+                algorithm: "gcra".into(),
+                limit,
+                period: period.into(),
+                burst: 0,
+            })
             .await
             .map_err(|e| format!("creating policy {name}: {}", e.message()))?;
     }
     let mut keys = Vec::with_capacity(args.keys);
     for i in 0..args.keys + 1 {
-        let policy = if i == args.keys { "bench-tight" } else { "bench" };
+        let policy = if i == args.keys {
+            "bench-tight"
+        } else {
+            "bench"
+        };
         let r = admin
-            .create_key(CreateKeyRequest { owner: "warden-bench".into(), policies: vec![policy.into()], kind: KeyKind::Hmac as i32, ..Default::default() })
+            .create_key(CreateKeyRequest {
+                owner: "warden-bench".into(),
+                policies: vec![policy.into()],
+                kind: KeyKind::Hmac as i32,
+                ..Default::default()
+            })
             .await
             .map_err(|e| format!("creating keys: {}", e.message()))?
             .into_inner();
@@ -431,31 +529,57 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
     let tight = keys.pop().expect("created");
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        clients.push(WardenClient::new(channel(&target, tls.clone()).await.map_err(|e| e.to_string())?));
+        clients.push(WardenClient::new(
+            channel(&target, tls.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        ));
     }
     Ok((Target::Warden(clients), Keys { keys, tight }))
 }
 
 async fn setup_redis(args: &LoadArgs) -> Result<(Target, Keys), String> {
     loopback_only(&args.redis)?;
-    let client = redis::Client::open(format!("redis://{}/", args.redis)).map_err(|e| e.to_string())?;
+    let client =
+        redis::Client::open(format!("redis://{}/", args.redis)).map_err(|e| e.to_string())?;
     let mut conns = Vec::new();
     for _ in 0..args.connections.max(1) {
-        conns.push(client.get_multiplexed_async_connection().await.map_err(|e| format!("redis {}: {e}", args.redis))?);
+        conns.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("redis {}: {e}", args.redis))?,
+        );
     }
     let mut secrets = HashMap::new();
     let mut keys = Vec::new();
     for i in 0..args.keys {
-        let (id, secret) = (format!("bench-{i}"), format!("wsk_bench_secret_{i:08}_0123456789abcdef"));
+        let (id, secret) = (
+            format!("bench-{i}"),
+            format!("wsk_bench_secret_{i:08}_0123456789abcdef"),
+        );
         secrets.insert(id.clone(), secret.clone().into_bytes());
         keys.push((id, secret));
     }
-    let tight = ("bench-tight".to_owned(), "wsk_bench_tight_0123456789abcdefghij".to_owned());
+    let tight = (
+        "bench-tight".to_owned(),
+        "wsk_bench_tight_0123456789abcdefghij".to_owned(),
+    );
     secrets.insert(tight.0.clone(), tight.1.clone().into_bytes());
-        let lua = (args.backend == Backend::RedisLua).then(|| Arc::new(redis::Script::new(LUA)));
+    let lua = (args.backend == Backend::RedisLua).then(|| Arc::new(redis::Script::new(LUA)));
     let mut c = conns[0].clone();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
-        Ok((Target::Redis { conns, secrets: Arc::new(secrets), lua }, Keys { keys, tight }))
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Target::Redis {
+            conns,
+            secrets: Arc::new(secrets),
+            lua,
+        },
+        Keys { keys, tight },
+    ))
 }
 
 /// utime + stime of a process, in seconds, and its RSS in bytes.
@@ -464,12 +588,19 @@ fn process_usage(pid: u32) -> Option<(f64, u64)> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some((ticks / 100.0, rss_kb * 1024))
 }
 
 async fn run_load(args: LoadArgs) -> Result<(), String> {
-    let duration = warden::config::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
+    let duration =
+        warden::config::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
     let mix = Mix::parse(&args.mix)?;
     let (target, keys) = match args.backend {
         Backend::Warden => setup_warden(&args).await?,
@@ -498,7 +629,12 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let done = stats.done.load(Ordering::Relaxed);
                 if !quiet {
-                    eprintln!("  {:>10} requests  {:>9} req/s  {} errors", done, done - last, stats.errors.load(Ordering::Relaxed));
+                    eprintln!(
+                        "  {:>10} requests  {:>9} req/s  {} errors",
+                        done,
+                        done - last,
+                        stats.errors.load(Ordering::Relaxed)
+                    );
                 }
                 last = done;
             }
@@ -511,7 +647,8 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
             // Open loop: a request every 1/rate s, latency from its scheduled start.
             let permits = Arc::new(Semaphore::new(args.concurrency.max(1) * 4));
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let (planner, stats, target, stop) = (planner.clone(), stats.clone(), target.clone(), stop.clone());
+            let (planner, stats, target, stop) =
+                (planner.clone(), stats.clone(), target.clone(), stop.clone());
             workers.push(tokio::spawn(async move {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
                 let mut next = Instant::now();
@@ -544,7 +681,10 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                 workers.push(tokio::spawn(async move {
                     let mut rng = Rng(0x1234_5678 + w as u64);
                     let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(window);
-                    let Ok(answers) = client.check_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+                    let Ok(answers) = client
+                        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                    else {
                         stats.record(Duration::ZERO, Err(()));
                         return;
                     };
@@ -552,18 +692,27 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                     let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
                     let inflight = Arc::new(Semaphore::new(window));
                     let reader = {
-                        let (stats, sent_at, inflight) = (stats.clone(), sent_at.clone(), inflight.clone());
+                        let (stats, sent_at, inflight) =
+                            (stats.clone(), sent_at.clone(), inflight.clone());
                         tokio::spawn(async move {
                             while let Some(answer) = answers.message().await.transpose() {
                                 let at: Option<Instant> = sent_at.lock().pop_front();
                                 let latency = at.map(|t| t.elapsed()).unwrap_or_default();
-                                stats.record(latency, answer.map(|r| reason_name(r.reason())).map_err(|_| ()));
+                                stats.record(
+                                    latency,
+                                    answer.map(|r| reason_name(r.reason())).map_err(|_| ()),
+                                );
                                 inflight.add_permits(1);
                             }
                         })
                     };
-                    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) && stats.done.load(Ordering::Relaxed) < limit {
-                        let Ok(p) = inflight.acquire().await else { break };
+                    while started.elapsed() < duration
+                        && !stop.load(Ordering::Relaxed)
+                        && stats.done.load(Ordering::Relaxed) < limit
+                    {
+                        let Ok(p) = inflight.acquire().await else {
+                            break;
+                        };
                         p.forget();
                         let planned = planner.plan(&mut rng);
                         sent_at.lock().push_back(Instant::now());
@@ -578,14 +727,18 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         }
         (None, _, _) => {
             for w in 0..args.concurrency.max(1) {
-                let (planner, stats, target, stop) = (planner.clone(), stats.clone(), target.clone(), stop.clone());
+                let (planner, stats, target, stop) =
+                    (planner.clone(), stats.clone(), target.clone(), stop.clone());
                 workers.push(tokio::spawn(async move {
                     let mut rng = Rng(0xDEAD_BEEF + w as u64);
-                    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) && stats.done.load(Ordering::Relaxed) < limit {
+                    while started.elapsed() < duration
+                        && !stop.load(Ordering::Relaxed)
+                        && stats.done.load(Ordering::Relaxed) < limit
+                    {
                         let planned = planner.plan(&mut rng);
                         let t = Instant::now();
                         let outcome = target.send(w, planned.request).await;
-                                                stats.record(t.elapsed(), outcome);
+                        stats.record(t.elapsed(), outcome);
                     }
                 }));
             }
@@ -603,7 +756,9 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let done = stats.done.load(Ordering::Relaxed);
     let errors = stats.errors.load(Ordering::Relaxed);
     let server = match (args.server_pid, cpu_before) {
-        (Some(pid), Some((cpu0, _))) => process_usage(pid).map(|(cpu1, rss)| ((cpu1 - cpu0) / elapsed, rss)),
+        (Some(pid), Some((cpu0, _))) => {
+            process_usage(pid).map(|(cpu1, rss)| ((cpu1 - cpu0) / elapsed, rss))
+        }
         _ => None,
     };
     let report = json!({
@@ -624,18 +779,34 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     if args.json {
         println!("{report}");
     } else {
-        println!("{:?} {:?}: {done} requests in {elapsed:.1}s = {:.0} req/s, {errors} errors", args.backend, args.mode, done as f64 / elapsed);
-        println!("latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}", pct(0.5), pct(0.9), pct(0.99), pct(0.999));
+        println!(
+            "{:?} {:?}: {done} requests in {elapsed:.1}s = {:.0} req/s, {errors} errors",
+            args.backend,
+            args.mode,
+            done as f64 / elapsed
+        );
+        println!(
+            "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}",
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            pct(0.999)
+        );
         println!("outcomes: {}", report["outcomes"]);
         if let Some((cores, rss)) = server {
-            println!("server: {cores:.2} cores, {:.1} MiB RSS", rss as f64 / 1048576.0);
+            println!(
+                "server: {cores:.2} cores, {:.1} MiB RSS",
+                rss as f64 / 1048576.0
+            );
         }
     }
     Ok(())
 }
 
 fn rss_bytes() -> u64 {
-    process_usage(std::process::id()).map(|(_, rss)| rss).unwrap_or(0)
+    process_usage(std::process::id())
+        .map(|(_, rss)| rss)
+        .unwrap_or(0)
 }
 
 async fn run_memory(args: MemoryArgs) -> Result<(), String> {
@@ -646,12 +817,28 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     let base = rss_bytes();
     for i in 0..args.keys {
         let key = engine.key(&i.to_le_bytes(), &[b"policy", b"standard"]);
-        engine.decide(now, &Request { nonce: None, limits: &[(key, gcra)], cost: 1, commit: true });
+        engine.decide(
+            now,
+            &Request {
+                nonce: None,
+                limits: &[(key, gcra)],
+                cost: 1,
+                commit: true,
+            },
+        );
     }
     let after_keys = rss_bytes();
     for i in 0..args.nonces {
         let key = engine.key(&(i % 1000).to_le_bytes(), &[b"nonce", &i.to_le_bytes()]);
-        engine.decide(now, &Request { nonce: Some((key, now + 300_000_000_000)), limits: &[], cost: 1, commit: true });
+        engine.decide(
+            now,
+            &Request {
+                nonce: Some((key, now + 300_000_000_000)),
+                limits: &[],
+                cost: 1,
+                commit: true,
+            },
+        );
     }
     let after_nonces = rss_bytes();
     let per_key = (after_keys - base) as f64 / args.keys as f64;
@@ -661,38 +848,87 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     if let Some(addr) = &args.redis {
         loopback_only(addr)?;
         let client = redis::Client::open(format!("redis://{addr}/")).map_err(|e| e.to_string())?;
-        let mut c = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        let used = |info: String| info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
-        let m0 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let used = |info: String| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m0 = used(
+            redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         // The recipe's state: a counter with a TTL per key and window...
         for chunk in (0..args.keys).collect::<Vec<_>>().chunks(10_000) {
             let mut pipe = redis::pipe();
             for i in chunk {
-                pipe.cmd("SET").arg(format!("rl:wk_{i:016x}:29400000")).arg(1).arg("EX").arg(60).ignore();
+                pipe.cmd("SET")
+                    .arg(format!("rl:wk_{i:016x}:29400000"))
+                    .arg(1)
+                    .arg("EX")
+                    .arg(60)
+                    .ignore();
             }
             let _: () = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
         }
-        let m1 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
+        let m1 = used(
+            redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         // ...and a key with a TTL per nonce.
         for chunk in (0..args.nonces).collect::<Vec<_>>().chunks(10_000) {
             let mut pipe = redis::pipe();
             for i in chunk {
-                pipe.cmd("SET").arg(format!("nonce:wk_{:016x}:{i:032x}", i % 1000)).arg(1).arg("NX").arg("EX").arg(300).ignore();
+                pipe.cmd("SET")
+                    .arg(format!("nonce:wk_{:016x}:{i:032x}", i % 1000))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(300)
+                    .ignore();
             }
             let _: () = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
         }
-        let m2 = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await.map_err(|e| e.to_string())?);
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.map_err(|e| e.to_string())?;
+        let m2 = used(
+            redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
         report["redis_bytes_per_key"] = json!((m1 - m0) as f64 / args.keys as f64);
         report["redis_bytes_per_nonce"] = json!((m2 - m1) as f64 / args.nonces as f64);
     }
     if args.json {
         println!("{report}");
     } else {
-        println!("warden engine: {per_key:.1} bytes per rate-limit key, {per_nonce:.1} bytes per nonce ({} keys, {} nonces)", args.keys, args.nonces);
+        println!(
+            "warden engine: {per_key:.1} bytes per rate-limit key, {per_nonce:.1} bytes per nonce ({} keys, {} nonces)",
+            args.keys, args.nonces
+        );
         if report.get("redis_bytes_per_key").is_some() {
-            println!("redis:         {:.1} bytes per rate-limit key, {:.1} bytes per nonce", report["redis_bytes_per_key"], report["redis_bytes_per_nonce"]);
+            println!(
+                "redis:         {:.1} bytes per rate-limit key, {:.1} bytes per nonce",
+                report["redis_bytes_per_key"], report["redis_bytes_per_nonce"]
+            );
         }
     }
     Ok(())
@@ -700,7 +936,10 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Memory(args)) => run_memory(args).await,
@@ -715,5 +954,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
-

@@ -85,35 +85,44 @@ pub struct ClientRule {
     pub routes: Vec<Route>,
 }
 
-/// What one caller may do, resolved from the rules.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
-    roles: HashSet<Role>,
-    key_prefixes: Vec<String>,
-    policies: Option<HashSet<String>>,
+/// What one caller may do: the rule that matched it (borrowed, so
+/// resolving a grant on the hot path allocates nothing).
+#[derive(Clone, Copy, Debug)]
+pub enum Grant<'a> {
+    /// No rule matched: nothing is allowed.
+    Nothing,
+    /// Plaintext mode: `check` only.
+    PlaintextCheck,
+    Rule(&'a CallerRule),
 }
 
-impl Grant {
-    pub fn none() -> Self {
-        Self {
-            roles: HashSet::new(),
-            key_prefixes: Vec::new(),
-            policies: None,
+impl Grant<'_> {
+    pub fn has(&self, role: Role) -> bool {
+        match self {
+            Grant::Nothing => false,
+            Grant::PlaintextCheck => role == Role::Check,
+            Grant::Rule(rule) => rule.roles.contains(&role),
         }
     }
 
-    pub fn has(&self, role: Role) -> bool {
-        self.roles.contains(&role)
-    }
-
     pub fn may_check_key(&self, key_id: &str) -> bool {
-        self.key_prefixes.is_empty() || self.key_prefixes.iter().any(|p| key_id.starts_with(p))
+        match self {
+            Grant::Rule(rule) => {
+                rule.key_prefixes.is_empty()
+                    || rule.key_prefixes.iter().any(|p| key_id.starts_with(p))
+            }
+            _ => true,
+        }
     }
 
     pub fn may_use_policy(&self, policy: &str) -> bool {
-        self.policies
-            .as_ref()
-            .is_none_or(|allowed| allowed.contains(policy))
+        match self {
+            Grant::Rule(rule) => rule
+                .policies
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(policy)),
+            _ => true,
+        }
     }
 }
 
@@ -129,23 +138,15 @@ pub struct Authz {
 
 impl Authz {
     /// The grant of a caller, by the identity of its certificate.
-    pub fn grant(&self, identity: Option<&str>) -> Grant {
+    pub fn grant(&self, identity: Option<&str>) -> Grant<'_> {
         match identity {
-            None if self.plaintext => Grant {
-                roles: HashSet::from([Role::Check]),
-                ..Grant::none()
-            },
-            None => Grant::none(),
+            None if self.plaintext => Grant::PlaintextCheck,
+            None => Grant::Nothing,
             Some(id) => self
                 .callers
                 .iter()
                 .find(|rule| rule.identity.matches(id))
-                .map(|rule| Grant {
-                    roles: rule.roles.clone(),
-                    key_prefixes: rule.key_prefixes.clone(),
-                    policies: rule.policies.clone(),
-                })
-                .unwrap_or_else(Grant::none),
+                .map_or(Grant::Nothing, Grant::Rule),
         }
     }
 
@@ -199,17 +200,22 @@ mod tests {
         let admin = authz.grant(Some("spiffe://prod/admin"));
         assert!(admin.has(Role::Admin) && !admin.has(Role::Check));
         assert!(authz.grant(Some("spiffe://prod/gw")).has(Role::Check));
-        assert_eq!(authz.grant(Some("spiffe://staging/gw")), Grant::none());
-        assert_eq!(authz.grant(None), Grant::none());
+        assert!(matches!(
+            authz.grant(Some("spiffe://staging/gw")),
+            Grant::Nothing
+        ));
+        assert!(matches!(authz.grant(None), Grant::Nothing));
     }
 
     #[test]
     fn grants_restrict_keys_and_policies() {
-        let grant = Grant {
+        let rule = CallerRule {
+            identity: Pattern::new("x").unwrap(),
             roles: HashSet::from([Role::Check]),
             key_prefixes: vec!["wk_live_".into()],
             policies: Some(HashSet::from(["per-ip".to_owned()])),
         };
+        let grant = Grant::Rule(&rule);
         assert!(grant.may_check_key("wk_live_1") && !grant.may_check_key("wk_test_1"));
         assert!(grant.may_use_policy("per-ip") && !grant.may_use_policy("login"));
     }

@@ -615,7 +615,7 @@ fn bearer_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
 }
 
 /// Step 2, second part: the caller's grant against what the request asks for.
-fn authorize(grant: &Grant, req: &CheckRequest, valid: &Valid<'_>) -> Result<(), CheckError> {
+fn authorize(grant: &Grant<'_>, req: &CheckRequest, valid: &Valid<'_>) -> Result<(), CheckError> {
     if !req.key_id.is_empty() && !grant.may_check_key(&req.key_id) {
         return Err(CheckError::PermissionDenied(
             "this client certificate may not check requests for this key",

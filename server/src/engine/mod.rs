@@ -21,6 +21,7 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 pub use clock::{Clock, FakeClock, Nanos, SystemClock};
 pub use gcra::{Gcra, Verdict};
@@ -169,7 +170,9 @@ impl Engine {
 
     /// Decides `request` at `now`, atomically across every shard it touches.
     pub fn decide(&self, now: Nanos, request: &Request<'_>) -> Outcome {
-        let mut wanted: Vec<u32> = request
+        // Requests touch a handful of shards: keep the bookkeeping on the
+        // stack (this is the hot path).
+        let mut wanted: SmallVec<[u32; 8]> = request
             .nonce
             .iter()
             .map(|(k, _)| k.shard)
@@ -180,7 +183,7 @@ impl Engine {
         // Ascending order: the one rule that keeps multi-shard locking
         // deadlock-free.
         let locked = wanted;
-        let mut guards: Vec<MutexGuard<'_, Shard>> = locked
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> = locked
             .iter()
             .map(|&i| self.shards[i as usize].lock())
             .collect();
@@ -213,7 +216,7 @@ impl Engine {
             Window(WindowState),
         }
         let mut verdicts = Vec::with_capacity(request.limits.len());
-        let mut updates = Vec::with_capacity(request.limits.len());
+        let mut updates: SmallVec<[Next; 8]> = SmallVec::new();
         for (key, limit) in request.limits {
             let s = &guards[shard(key)];
             let (verdict, next) = match limit {

@@ -1,0 +1,176 @@
+"""Per-request overhead of warden's Django middleware, side by side with the
+Redis recipe it replaces (INCR + EXPIRE + SET NX EX, pipelined, and an HMAC
+compare in Python), on the same machine.
+
+    .venv/bin/python benches/python_overhead.py [--requests 3000]
+
+Starts its own `warden serve --dev` (release build) and redis-server on
+127.0.0.1 and stops them. Each variant serves the same signed requests
+through Django's test client; overhead = time per request minus the time of
+the same view without any check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "client" / "python"))
+
+import django  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.http import JsonResponse  # noqa: E402
+from django.urls import path  # noqa: E402
+
+
+def view(request):
+    return JsonResponse({"ok": True})
+
+
+urlpatterns = [path("b/orders", view), path("w/orders", view), path("r/orders", view)]
+
+REDIS = None
+SECRETS: dict[str, bytes] = {}
+LIMIT = 10**9
+
+
+class RedisRecipeMiddleware:
+    """What Django teams write today: HMAC compare in Python, then a
+    rate-limit counter and a nonce in Redis, one pipelined round trip."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if not request.path.startswith("/r/"):
+            return self.get_response(request)
+        from warden_client.signing import string_to_sign
+
+        meta = request.META
+        key_id, ts, nonce, sig = (meta.get(h, "") for h in ("HTTP_X_KEY_ID", "HTTP_X_TIMESTAMP", "HTTP_X_NONCE", "HTTP_X_SIGNATURE"))
+        secret = SECRETS.get(key_id)
+        if secret is None or not ts.isdigit() or abs(time.time() - int(ts)) > 300:
+            return JsonResponse({"error": "unauthenticated"}, status=401)
+        message = string_to_sign(int(ts), nonce, request.method, request.path, meta.get("QUERY_STRING", ""), request.body)
+        if not hmac.compare_digest(hmac.new(secret, message.encode(), hashlib.sha256).hexdigest(), sig):
+            return JsonResponse({"error": "unauthenticated"}, status=401)
+        window = int(time.time()) // 60
+        pipe = REDIS.pipeline(transaction=False)
+        pipe.incr(f"rl:{key_id}:{window}")
+        pipe.expire(f"rl:{key_id}:{window}", 60, nx=True)
+        pipe.set(f"nonce:{key_id}:{nonce}", 1, nx=True, ex=300)
+        count, _, fresh = pipe.execute()
+        if not fresh:
+            return JsonResponse({"error": "replay"}, status=401)
+        if count > LIMIT:
+            return JsonResponse({"error": "rate_limited"}, status=429)
+        return self.get_response(request)
+
+
+def start(args, out_path):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{args[0]} did not start")
+        if line.startswith("listening on "):
+            return proc, line.split()[2]
+
+
+def main() -> None:
+    global REDIS
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--redis-port", type=int, default=6398)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import redis
+
+    subprocess.run(["cargo", "build", "-q", "--release", "-p", "warden-server"], cwd=REPO, check=True)
+    tmp = Path(tempfile.mkdtemp())
+    warden, addr = start([str(REPO / "target/release/warden"), "serve", "--dev", "--dev-dir", str(tmp / "dev"),
+                          "--listen", "127.0.0.1:0", "--metrics-listen", "off"], tmp)
+    subprocess.run(["redis-server", "--port", str(args.redis_port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--daemonize", "yes"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.2)  # past warden's restart fence
+        REDIS = redis.Redis(host="127.0.0.1", port=args.redis_port)
+        for _ in range(50):
+            try:
+                REDIS.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        dev = tmp / "dev"
+        subprocess.run([str(REPO / "target/release/warden"), "policies", "put", "bench", "--limit", "1000000000",
+                        "--period", "1s", "--dev-dir", str(dev)], check=True, stdout=subprocess.DEVNULL)
+        key = json.loads(subprocess.run([str(REPO / "target/release/warden"), "keys", "create", "--owner", "bench",
+                                         "--policy", "bench", "--json", "--dev-dir", str(dev)],
+                                        check=True, capture_output=True, text=True).stdout)
+        SECRETS[key["key_id"]] = key["secret"].encode()
+
+        settings.configure(
+            DEBUG=False, SECRET_KEY="bench", ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__,
+            MIDDLEWARE=["warden_client.django.WardenMiddleware", f"{__name__}.RedisRecipeMiddleware"],
+            INSTALLED_APPS=[],
+            WARDEN={"TARGET": addr, "CA": str(dev / "ca.pem"), "CERT": str(dev / "client.pem"),
+                    "KEY": str(dev / "client-key.pem"), "PROTECTED_PATHS": ["/w/"], "TIMEOUT": 2.0},
+        )
+        django.setup()
+        from django.test import Client
+
+        from warden_client.signing import sign_request
+
+        client = Client()
+        body = b'{"qty": 1}' * 10
+
+        def run(prefix: str) -> float:
+            reqs = []
+            for _ in range(args.requests):
+                h = sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body)
+                reqs.append({f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()})
+            for h in reqs[:100]:  # warm up (connections, imports)
+                client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
+            started = time.perf_counter()
+            for h in reqs[100:]:
+                r = client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
+                assert r.status_code == 200, (prefix, r.status_code, r.content)
+            return (time.perf_counter() - started) / (len(reqs) - 100) * 1e6
+
+        base = run("b")
+        warden_us = run("w")
+        redis_us = run("r")
+        result = {
+            "requests": args.requests,
+            "baseline_us": base,
+            "warden_middleware_us": warden_us,
+            "redis_recipe_us": redis_us,
+            "warden_overhead_us": warden_us - base,
+            "redis_recipe_overhead_us": redis_us - base,
+        }
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"| variant | µs per request | overhead µs |")
+            print(f"|---|---|---|")
+            print(f"| no check (baseline) | {base:.0f} | – |")
+            print(f"| warden middleware (one Check over mTLS) | {warden_us:.0f} | {warden_us - base:.0f} |")
+            print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} |")
+    finally:
+        warden.terminate()
+        subprocess.run(["redis-cli", "-p", str(args.redis_port), "shutdown", "nosave"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()
