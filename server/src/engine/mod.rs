@@ -17,7 +17,7 @@ pub mod nonce;
 pub mod window;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -27,6 +27,32 @@ pub use clock::{Clock, FakeClock, Nanos, SystemClock};
 pub use gcra::{Gcra, Verdict};
 pub use nonce::{Claim, NonceSet};
 pub use window::{Window, WindowKind, WindowState};
+
+/// Hashes a `StateKey` id for the shard maps. The id is already the output of
+/// a keyed SipHash, so hashing it again would only cost time: folding its
+/// two halves is as good a hash as the map can get.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used for u128 keys; a plain FNV-1a keeps it correct for others.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        self.0 = (id as u64) ^ ((id >> 64) as u64);
+    }
+}
+
+/// Maps keyed by state id.
+pub type IdMap<V> = HashMap<u128, V, BuildHasherDefault<IdHasher>>;
 
 /// Where a piece of state lives: its hashed identity and its shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,8 +119,8 @@ pub enum Outcome {
 /// One shard: everything owned by the keys that hash to it.
 #[derive(Debug)]
 struct Shard {
-    buckets: HashMap<u128, Nanos>,
-    windows: HashMap<u128, WindowState>,
+    buckets: IdMap<Nanos>,
+    windows: IdMap<WindowState>,
     nonces: NonceSet,
     /// When this shard last swept itself because the nonce bound was hit.
     /// Such sweeps are rate-limited so a full set cannot turn every request
@@ -131,8 +157,8 @@ impl Engine {
         let shards = (0..count)
             .map(|_| {
                 Mutex::new(Shard {
-                    buckets: HashMap::new(),
-                    windows: HashMap::new(),
+                    buckets: IdMap::default(),
+                    windows: IdMap::default(),
                     nonces: NonceSet::new(),
                     last_pressure_sweep: 0,
                 })

@@ -3,9 +3,10 @@
 //! freshness check rejects a replay on its own, so the entry can go.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
-use super::StateKey;
 use super::clock::Nanos;
+use super::{IdMap, StateKey};
 
 /// One shard's remembered nonces: key → the time it may be forgotten.
 /// The bound on how many are remembered is global and kept by the engine
@@ -13,7 +14,7 @@ use super::clock::Nanos;
 /// throttle exactly the busiest key).
 #[derive(Debug, Default)]
 pub struct NonceSet {
-    entries: HashMap<u128, Nanos>,
+    entries: IdMap<Nanos>,
 }
 
 /// Whether a nonce has been used.
@@ -63,7 +64,7 @@ impl NonceSet {
 }
 
 /// Gives memory back after a burst, so memory follows the active keys.
-pub(super) fn shrink_if_sparse<V>(map: &mut HashMap<u128, V>) {
+pub(super) fn shrink_if_sparse<V, S: BuildHasher>(map: &mut HashMap<u128, V, S>) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
