@@ -70,6 +70,16 @@ async fn create_sign_check_then_revoke_is_effective_on_the_next_check() {
     );
     let shown = ok_json(cli(&server, &["keys", "show", &id, "--json"]));
     assert_eq!(shown["revoked"], true);
+    // Durable writes are timed for operators.
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        metrics.contains("warden_store_write_seconds_count{what=\"store\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warden_store_write_seconds_count{what=\"audit\"} 2"),
+        "{metrics}"
+    );
     assert!(
         shown.get("secret").is_none(),
         "show never returns secrets: {shown}"

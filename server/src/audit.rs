@@ -202,6 +202,7 @@ impl AuditLog {
 
     /// Appends and fsyncs records; returns them once they are durable.
     pub fn append_durable(&self, events: &[Event]) -> std::io::Result<Vec<Record>> {
+        let started = std::time::Instant::now();
         let mut head = self.head.lock();
         let mut out = String::new();
         let mut records = Vec::with_capacity(events.len());
@@ -228,6 +229,8 @@ impl AuditLog {
         head.file.sync_data()?;
         head.seq = seq;
         head.hash = prev;
+        metrics::histogram!("warden_store_write_seconds", "what" => "audit")
+            .record(started.elapsed().as_secs_f64());
         Ok(records)
     }
 

@@ -124,9 +124,13 @@ struct CheckArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-        // WARDEN_WORKER_THREADS overrides tokio's default (one per core).
+    // WARDEN_WORKER_THREADS overrides tokio's default (one per core).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("WARDEN_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+    if let Some(n) = std::env::var("WARDEN_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {

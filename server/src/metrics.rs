@@ -74,6 +74,15 @@ fn describe() {
         "warden_alerts_total",
         "Anomaly alerts raised, by kind and subject kind."
     );
+    describe_histogram!(
+        "warden_store_write_seconds",
+        "Durable writes (fsync included) to the key store and audit log."
+    );
+    describe_counter!(
+        "warden_audit_dropped_total",
+        "Denial audit records dropped because the queue was full."
+    );
+    describe_gauge!("warden_api_keys", "API keys loaded.");
 }
 
 /// Serves until `shutdown` resolves: `/metrics` (Prometheus text format),

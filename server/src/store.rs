@@ -249,8 +249,12 @@ impl Store {
     }
 
     fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let mut file = self.file.lock();
-        write_line(&mut file, entry).map_err(io(&self.path))
+        let written = write_line(&mut file, entry).map_err(io(&self.path));
+        metrics::histogram!("warden_store_write_seconds", "what" => "store")
+            .record(started.elapsed().as_secs_f64());
+        written
     }
 
     /// Writes a key durably, then makes it visible.
