@@ -134,8 +134,13 @@ async fn a_caller_without_the_check_role_is_permission_denied_and_logged() {
             "this client certificate may not call Check"
         );
     }
-    let logs = server.wait_for_log("\"event\":\"caller_denied\"");
-    assert!(logs.contains("spiffe://elsewhere/gw"), "{logs}");
+    // Both refusals are logged, with the caller's identity.
+    let logs = server.wait_for_log("\"caller\":\"spiffe://elsewhere/gw\"");
+    assert_eq!(
+        logs.matches("\"event\":\"caller_denied\"").count(),
+        2,
+        "{logs}"
+    );
 }
 
 #[tokio::test]

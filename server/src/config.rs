@@ -147,13 +147,22 @@ pub struct StoreFile {
     /// Environment variable holding the master key. Default
     /// WARDEN_MASTER_KEY when no file is given.
     pub master_key_env: Option<String>,
+    /// Keep keys and policies in this PostgreSQL database instead of the
+    /// embedded file, shared by every warden process that points at it.
+    pub postgres_url: Option<String>,
+    /// Environment variable holding the PostgreSQL URL (it may carry a
+    /// password).
+    pub postgres_url_env: Option<String>,
 }
 
 /// Where the store lives and how to get its master key.
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
+    /// The embedded store and the audit log live here.
     pub dir: PathBuf,
     pub master_key: MasterKeySource,
+    /// When set, keys and policies live in PostgreSQL.
+    pub postgres_url: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -506,6 +515,22 @@ impl Config {
                     (Some(f), None) => MasterKeySource::File(base.join(f)),
                     (None, Some(e)) => MasterKeySource::Env(e),
                     (None, None) => MasterKeySource::Env("WARDEN_MASTER_KEY".into()),
+                },
+                postgres_url: match (st.postgres_url, st.postgres_url_env) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            "store",
+                            "give postgres_url or postgres_url_env, not both",
+                        ));
+                    }
+                    (Some(url), None) => Some(url),
+                    (None, Some(name)) => Some(env(&name).ok_or_else(|| {
+                        bad(
+                            "store.postgres_url_env",
+                            format!("environment variable {name} is not set"),
+                        )
+                    })?),
+                    (None, None) => None,
                 },
             }),
         };

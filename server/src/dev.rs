@@ -263,6 +263,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         store: Some(StoreSettings {
             dir: dir.join("store"),
             master_key: MasterKeySource::File(dir.join("master.key")),
+            postgres_url: None,
         }),
         policies,
         keys: vec![key],

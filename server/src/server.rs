@@ -276,7 +276,7 @@ impl Bound {
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store = match &config.store {
-            Some(settings) => Some(Arc::new(Store::open(settings)?)),
+            Some(settings) => Some(Arc::new(Store::open(settings).await?)),
             None => None,
         };
         let audit = match &store {
@@ -338,6 +338,26 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let settings = self.config.server.clone();
         let audit_writer = self.audit.as_ref().map(|a| a.start_writer());
+        // A shared store: other processes' changes take effect here too.
+        let store_watch = match &self.store {
+            Some(store) if store.is_shared() => {
+                let (watched, checker, config) =
+                    (store.clone(), self.checker.clone(), self.config.clone());
+                Some(tokio::spawn(crate::store::watch_postgres(
+                    store.clone(),
+                    move || match KeyRing::build(&config.policies, &config.keys, Some(&watched)) {
+                        Ok(ring) => {
+                            metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
+                            checker.replace_keys(ring);
+                        }
+                        Err(e) => {
+                            tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded")
+                        }
+                    },
+                )))
+            }
+            _ => None,
+        };
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health {
             reporter,
@@ -457,6 +477,9 @@ impl Bound {
         };
         accept.abort();
         sweeper.abort();
+        if let Some(w) = store_watch {
+            w.abort();
+        }
         if let Some(w) = watcher {
             w.abort();
         }

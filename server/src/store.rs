@@ -4,6 +4,12 @@
 //! so an acknowledged change survives `kill -9`. Opening the store replays
 //! the journal; the newest record of each key or policy wins.
 //!
+//! With `postgres_url`, keys and policies live in PostgreSQL instead (tables
+//! `warden_keys`, `warden_policies`, `warden_meta`, one JSON record per row),
+//! shared by every warden process pointing at it: each change is committed
+//! before it is acknowledged and announced with `NOTIFY warden_changes`, and
+//! every process reloads on the notification (see [`watch_postgres`]).
+//!
 //! HMAC secrets are sealed with the master key (see `crypto`); bearer API
 //! keys are stored as hashes only. The store never holds a secret in clear.
 
@@ -38,6 +44,17 @@ pub enum StoreError {
     MasterKey(#[from] CryptoError),
     #[error("master key: environment variable {0} is not set")]
     MasterKeyEnvMissing(String),
+    #[error("key store (PostgreSQL): {0}")]
+    Postgres(String),
+    #[error("{0} is not supported with a PostgreSQL store")]
+    Unsupported(&'static str),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The error text names the failing step, never the connection URL.
+        StoreError::Postgres(e.to_string())
+    }
 }
 
 /// A stored secret: sealed, with its lifetime.
@@ -95,19 +112,131 @@ struct State {
     policies: BTreeMap<String, PolicyFile>,
 }
 
-/// The store. Reads come from memory; writes go to disk first.
+/// Where changes are written.
+enum Backend {
+    /// The embedded journal file.
+    File { path: PathBuf, file: Mutex<File> },
+    /// A shared PostgreSQL database.
+    Postgres {
+        client: tokio_postgres::Client,
+        url: String,
+    },
+}
+
+/// The store. Reads come from memory; writes go to disk (or the database)
+/// first.
 pub struct Store {
-    path: PathBuf,
+    backend: Backend,
     dir: PathBuf,
-    file: Mutex<File>,
     state: RwLock<State>,
     master: MasterKey,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS warden_meta (k text PRIMARY KEY, v text NOT NULL);
+CREATE TABLE IF NOT EXISTS warden_keys (id text PRIMARY KEY, record text NOT NULL);
+CREATE TABLE IF NOT EXISTS warden_policies (name text PRIMARY KEY, record text NOT NULL);
+";
+
+/// The channel every change is announced on.
+pub const CHANGES_CHANNEL: &str = "warden_changes";
+
+async fn connect(
+    url: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    StoreError,
+> {
+    Ok(tokio_postgres::connect(url, tokio_postgres::NoTls).await?)
+}
+
+async fn load_postgres(client: &tokio_postgres::Client) -> Result<State, StoreError> {
+    let mut state = State::default();
+    for row in client.query("SELECT record FROM warden_keys", &[]).await? {
+        let text: String = row.get(0);
+        let key: KeyRecord = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Postgres(format!("a stored key is not valid JSON: {e}")))?;
+        state.keys.insert(key.id.clone(), key);
+    }
+    for row in client
+        .query("SELECT record FROM warden_policies", &[])
+        .await?
+    {
+        let text: String = row.get(0);
+        let policy: PolicyFile = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Postgres(format!("a stored policy is not valid JSON: {e}")))?;
+        state.policies.insert(policy.name.clone(), policy);
+    }
+    Ok(state)
+}
+
+/// Keeps a process in step with a shared PostgreSQL store: LISTENs for
+/// changes and calls `changed` after reloading, and after every reconnect
+/// (changes may have been missed while disconnected). Runs until dropped.
+pub async fn watch_postgres(store: std::sync::Arc<Store>, changed: impl Fn() + Send + 'static) {
+    let Backend::Postgres { url, .. } = &store.backend else {
+        return;
+    };
+    let url = url.clone();
+    loop {
+        match connect(&url).await {
+            Ok((client, mut connection)) => {
+                let listening = async {
+                    client
+                        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                        .await?;
+                    Ok::<_, StoreError>(())
+                };
+                // The connection must be polled for LISTEN to complete.
+                let mut listen = Box::pin(listening);
+                let ok = loop {
+                    tokio::select! {
+                        r = &mut listen => break r.is_ok(),
+                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                            if !matches!(m, Some(Ok(_))) { break false; }
+                        }
+                    }
+                };
+                if ok {
+                    if let Err(e) = store.reload().await {
+                        tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed");
+                    }
+                    changed();
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                match store.reload().await {
+                                    Ok(()) => changed(),
+                                    Err(e) => {
+                                        tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed")
+                                    }
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(event = "store_listen_lost", error = %e, "lost the PostgreSQL change feed; reconnecting");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "store_listen_failed", error = %e, "cannot listen for key changes; retrying")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
+            .field("dir", &self.dir)
             .finish_non_exhaustive()
     }
 }
@@ -177,10 +306,75 @@ fn write_line(file: &mut File, entry: &Entry) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `settings.dir`.
-    pub fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store: the journal in `settings.dir`, or the
+    /// PostgreSQL database.
+    pub async fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
         let master = master_key(&settings.master_key)?;
-        Self::open_with(&settings.dir, master)
+        std::fs::create_dir_all(&settings.dir).map_err(io(&settings.dir))?;
+        match &settings.postgres_url {
+            None => Self::open_with(&settings.dir, master),
+            Some(url) => Self::open_postgres(url, &settings.dir, master).await,
+        }
+    }
+
+    async fn open_postgres(url: &str, dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
+        let (client, connection) = connect(url).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::error!(event = "store_connection_lost", error = %e, "PostgreSQL connection lost");
+            }
+        });
+        client.batch_execute(SCHEMA).await?;
+        client
+            .execute(
+                "INSERT INTO warden_meta (k, v) VALUES ('master_key_fingerprint', $1) ON CONFLICT (k) DO NOTHING",
+                &[&master.fingerprint()],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT v FROM warden_meta WHERE k = 'master_key_fingerprint'",
+                &[],
+            )
+            .await?;
+        if row.get::<_, String>(0) != master.fingerprint() {
+            return Err(StoreError::WrongMasterKey("the PostgreSQL store".into()));
+        }
+        let state = load_postgres(&client).await?;
+        let store = Self {
+            backend: Backend::Postgres {
+                client,
+                url: url.to_owned(),
+            },
+            dir: dir.to_owned(),
+            state: RwLock::new(state),
+            master,
+        };
+        store.check_secrets_open()?;
+        Ok(store)
+    }
+
+    /// Re-reads everything from PostgreSQL (no-op for the file store, which
+    /// only this process writes).
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        if let Backend::Postgres { client, .. } = &self.backend {
+            let state = load_postgres(client).await?;
+            *self.state.write() = state;
+        }
+        Ok(())
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres { .. })
+    }
+
+    fn check_secrets_open(&self) -> Result<(), StoreError> {
+        for key in self.state.read().keys.values() {
+            for s in &key.secrets {
+                self.master.open(&seal_context(&key.id, &s.id), &s.sealed)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
@@ -222,21 +416,17 @@ impl Store {
             .map_err(io(&path))?;
         }
         let store = Self {
-            path,
+            backend: Backend::File {
+                path,
+                file: Mutex::new(file),
+            },
             dir: dir.to_owned(),
-            file: Mutex::new(file),
             state: RwLock::new(state),
             master,
         };
         // Every secret must open: better to refuse to start than to fail
         // checks one by one later.
-        for key in store.state.read().keys.values() {
-            for s in &key.secrets {
-                store
-                    .master
-                    .open(&seal_context(&key.id, &s.id), &s.sealed)?;
-            }
-        }
+        store.check_secrets_open()?;
         Ok(store)
     }
 
@@ -244,28 +434,53 @@ impl Store {
         &self.dir
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+    /// Writes one change durably: fsynced to the journal, or committed to
+    /// PostgreSQL and announced to the other processes.
+    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        let mut file = self.file.lock();
-        let written = write_line(&mut file, entry).map_err(io(&self.path));
+        let written = match &self.backend {
+            Backend::File { path, file } => {
+                let mut file = file.lock();
+                write_line(&mut file, entry).map_err(io(path))
+            }
+            Backend::Postgres { client, .. } => {
+                let (sql, id, record) = match entry {
+                    Entry::Key(k) => (
+                        "INSERT INTO warden_keys (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                        k.id.clone(),
+                        serde_json::to_string(k).expect("records serialize"),
+                    ),
+                    Entry::Policy(p) => (
+                        "INSERT INTO warden_policies (name, record) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+                        p.name.clone(),
+                        serde_json::to_string(p).expect("records serialize"),
+                    ),
+                    Entry::MasterKey { .. } => return Ok(()),
+                };
+                async {
+                    client.execute(sql, &[&id, &record]).await?;
+                    client
+                        .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &id])
+                        .await?;
+                    Ok(())
+                }
+                .await
+            }
+        };
         metrics::histogram!("warden_store_write_seconds", "what" => "store")
             .record(started.elapsed().as_secs_f64());
         written
     }
 
     /// Writes a key durably, then makes it visible.
-    pub fn put_key(&self, key: KeyRecord) -> Result<(), StoreError> {
-        self.append(&Entry::Key(key.clone()))?;
+    pub async fn put_key(&self, key: KeyRecord) -> Result<(), StoreError> {
+        self.append(&Entry::Key(key.clone())).await?;
         self.state.write().keys.insert(key.id.clone(), key);
         Ok(())
     }
 
-    pub fn put_policy(&self, policy: PolicyFile) -> Result<(), StoreError> {
-        self.append(&Entry::Policy(policy.clone()))?;
+    pub async fn put_policy(&self, policy: PolicyFile) -> Result<(), StoreError> {
+        self.append(&Entry::Policy(policy.clone())).await?;
         self.state
             .write()
             .policies
@@ -326,6 +541,9 @@ impl Store {
         new: MasterKey,
     ) -> Result<usize, StoreError> {
         let store = Self::open_with(dir, old)?;
+        let Backend::File { path, .. } = &store.backend else {
+            return Err(StoreError::Unsupported("master key rotation"));
+        };
         let state = store.state.read();
         let tmp = dir.join(format!("{JOURNAL}.rotating"));
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
@@ -351,7 +569,7 @@ impl Store {
             file.write_all(line.as_bytes()).map_err(io(&tmp))?;
         }
         file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &store.path).map_err(io(&store.path))?;
+        std::fs::rename(&tmp, path).map_err(io(path))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))?;
@@ -395,13 +613,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn changes_survive_reopening_and_no_secret_is_stored_in_clear() {
+    #[tokio::test]
+    async fn changes_survive_reopening_and_no_secret_is_stored_in_clear() {
         let dir = tempfile::tempdir().unwrap();
         let (hex, m) = master();
         let store = Store::open_with(dir.path(), m).unwrap();
         store
             .put_key(key(&store, "k1", b"super-secret-value-0123456789abcdef"))
+            .await
             .unwrap();
         drop(store);
         let bytes = std::fs::read(dir.path().join(JOURNAL)).unwrap();
@@ -414,11 +633,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_wrong_master_key_is_refused_at_open() {
+    #[tokio::test]
+    async fn the_wrong_master_key_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_with(dir.path(), master().1).unwrap();
-        store.put_key(key(&store, "k1", b"x")).unwrap();
+        store.put_key(key(&store, "k1", b"x")).await.unwrap();
         drop(store);
         assert!(matches!(
             Store::open_with(dir.path(), master().1),
@@ -426,12 +645,12 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_torn_last_line_is_dropped_but_damage_elsewhere_is_refused() {
+    #[tokio::test]
+    async fn a_torn_last_line_is_dropped_but_damage_elsewhere_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (hex, m) = master();
         let store = Store::open_with(dir.path(), m).unwrap();
-        store.put_key(key(&store, "k1", b"x")).unwrap();
+        store.put_key(key(&store, "k1", b"x")).await.unwrap();
         drop(store);
         let path = dir.path().join(JOURNAL);
         let mut text = std::fs::read_to_string(&path).unwrap();
@@ -448,13 +667,19 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn rotating_the_master_key_reseals_every_secret() {
+    #[tokio::test]
+    async fn rotating_the_master_key_reseals_every_secret() {
         let dir = tempfile::tempdir().unwrap();
         let (old_hex, old) = master();
         let store = Store::open_with(dir.path(), old).unwrap();
-        store.put_key(key(&store, "k1", b"secret-one")).unwrap();
-        store.put_key(key(&store, "k2", b"secret-two")).unwrap();
+        store
+            .put_key(key(&store, "k1", b"secret-one"))
+            .await
+            .unwrap();
+        store
+            .put_key(key(&store, "k2", b"secret-two"))
+            .await
+            .unwrap();
         drop(store);
         let (new_hex, new) = master();
         let n = Store::rotate_master_key(dir.path(), MasterKey::from_hex(&old_hex).unwrap(), new)

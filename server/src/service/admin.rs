@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 use warden_client::proto::admin_server::Admin;
 use warden_client::proto::{
@@ -36,7 +35,7 @@ pub struct AdminService {
     config_policies: Vec<Policy>,
     config_keys: Vec<KeyConfig>,
     /// One change at a time: read, modify, write, rebuild.
-    writing: Mutex<()>,
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -191,7 +190,7 @@ impl AdminService {
             authz,
             config_policies,
             config_keys,
-            writing: Mutex::new(()),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -233,7 +232,7 @@ impl AdminService {
 
     /// Stores the key, audits the change, and makes it effective, all before
     /// returning. Called with `writing` held.
-    fn commit_key(
+    async fn commit_key(
         &self,
         store: &Store,
         key: KeyRecord,
@@ -242,7 +241,10 @@ impl AdminService {
         detail: String,
     ) -> Result<(), Status> {
         let id = key.id.clone();
-        store.put_key(key).map_err(|e| internal("store key", e))?;
+        store
+            .put_key(key)
+            .await
+            .map_err(|e| internal("store key", e))?;
         self.audit_now(caller, action, &id, detail)?;
         self.rebuild(store)
     }
@@ -356,7 +358,7 @@ impl Admin for AdminService {
             ProtoKind::Bearer => KeyKind::Bearer,
             _ => KeyKind::Hmac,
         };
-        let _writing = self.writing.lock();
+        let _writing = self.writing.lock().await;
         if self.is_config_key(&id) || store.key(&id).is_some() {
             return Err(Status::already_exists("a key with this id exists"));
         }
@@ -397,7 +399,8 @@ impl Admin for AdminService {
             key.owner
         );
         response.key = Some(key_info(&key));
-        self.commit_key(store, key, &caller, "key.create", detail)?;
+        self.commit_key(store, key, &caller, "key.create", detail)
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -461,7 +464,7 @@ impl Admin for AdminService {
         let caller = self.admin(&request, "AddSecret")?;
         let store = self.store()?;
         let r = request.into_inner();
-        let _writing = self.writing.lock();
+        let _writing = self.writing.lock().await;
         let mut key = self.existing(store, &r.key_id)?;
         if key.revoked {
             return Err(Status::failed_precondition("this key is revoked"));
@@ -492,7 +495,8 @@ impl Admin for AdminService {
             "secret_id={secret_id} old_valid_until={}",
             r.old_valid_until
         );
-        self.commit_key(store, key, &caller, "secret.add", detail)?;
+        self.commit_key(store, key, &caller, "secret.add", detail)
+            .await?;
         Ok(Response::new(AddSecretResponse {
             secret_id,
             secret,
@@ -504,7 +508,7 @@ impl Admin for AdminService {
         let caller = self.admin(&request, "Revoke")?;
         let store = self.store()?;
         let r = request.into_inner();
-        let _writing = self.writing.lock();
+        let _writing = self.writing.lock().await;
         let mut key = self.existing(store, &r.key_id)?;
         let (action, detail) = if r.secret_id.is_empty() {
             key.revoked = true;
@@ -519,7 +523,7 @@ impl Admin for AdminService {
             ("secret.revoke", format!("secret_id={}", r.secret_id))
         };
         let info = key_info(&key);
-        self.commit_key(store, key, &caller, action, detail)?;
+        self.commit_key(store, key, &caller, action, detail).await?;
         Ok(Response::new(info))
     }
 
@@ -530,7 +534,7 @@ impl Admin for AdminService {
         let caller = self.admin(&request, "UpdateKey")?;
         let store = self.store()?;
         let r = request.into_inner();
-        let _writing = self.writing.lock();
+        let _writing = self.writing.lock().await;
         let mut key = self.existing(store, &r.key_id)?;
         let mut changed = Vec::new();
         if let Some(l) = r.scopes {
@@ -562,7 +566,8 @@ impl Admin for AdminService {
             &caller,
             "key.update",
             format!("changed={}", changed.join(",")),
-        )?;
+        )
+        .await?;
         Ok(Response::new(info))
     }
 
@@ -592,9 +597,10 @@ impl Admin for AdminService {
         };
         let policy = crate::config::policy("policy", file.clone())
             .map_err(|e| Status::invalid_argument(e.0))?;
-        let _writing = self.writing.lock();
+        let _writing = self.writing.lock().await;
         store
             .put_policy(file)
+            .await
             .map_err(|e| internal("store policy", e))?;
         let detail = format!("policy={} limit={} period={}", r.name, r.limit, r.period);
         self.audit_now(&caller, "policy.put", "", detail)?;

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Starts a throwaway PostgreSQL on 127.0.0.1 for the tests and prints the
+# `export WARDEN_TEST_POSTGRES_URL=...` and `export WARDEN_TEST_POSTGRES_DIR=...`
+# lines to eval. Installs PostgreSQL with apt-get when it is missing and we
+# are root. Stop it with: bash tests/postgres-up.sh stop DIR
+set -euo pipefail
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+if [ "${1:-}" = stop ]; then
+  dir=$2
+  pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  as_postgres "$pgbin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+  exit 0
+fi
+
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing postgresql" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+    pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  else
+    echo "PostgreSQL is not installed (apt-get install postgresql)" >&2
+    exit 1
+  fi
+fi
+
+dir=$(mktemp -d /tmp/warden-pg.XXXXXX)
+chmod 755 "$dir"
+[ "$(id -u)" = 0 ] && chown postgres "$dir"
+port=$(( 40000 + RANDOM % 20000 ))
+as_postgres "$pgbin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+echo "export WARDEN_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
+echo "export WARDEN_TEST_POSTGRES_DIR=$dir"

@@ -1,0 +1,177 @@
+//! End to end: two warden processes sharing one PostgreSQL key store. A key
+//! created or revoked through one is effective in the other.
+//!
+//! Needs `WARDEN_TEST_POSTGRES_URL` (a superuser URL; `bash tests/run`
+//! starts a throwaway PostgreSQL and sets it). Each test makes its own
+//! database.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{BIN, ConfigDir, Server};
+use warden_client::proto::{CheckRequest, Reason};
+use warden_client::signing::Signer;
+use warden_client::{Client, Tls};
+
+/// A fresh database on the test server, or `None` when there is none.
+async fn fresh_database() -> Option<String> {
+    let Ok(base) = std::env::var("WARDEN_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "WARDEN_TEST_POSTGRES_URL must be set in CI (bash tests/run starts PostgreSQL)"
+        );
+        eprintln!("skipped: WARDEN_TEST_POSTGRES_URL is not set; run bash tests/run");
+        return None;
+    };
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test PostgreSQL");
+    tokio::spawn(conn);
+    let name = format!(
+        "warden_test_{}",
+        hex::encode(warden::crypto::random_bytes::<6>())
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    Some(format!("{prefix}/{name}"))
+}
+
+/// Config files for two nodes: same certificates, master key and database,
+/// each its own directory for the audit log.
+fn node_configs(dir: &ConfigDir, url: &str) -> [PathBuf; 2] {
+    std::fs::write(
+        dir.path().join("master.key"),
+        warden::crypto::MasterKey::generate_hex(),
+    )
+    .unwrap();
+    let rest = format!(
+        "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"NODE\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n"
+    );
+    let template = std::fs::read_to_string(dir.write_config(&rest)).unwrap();
+    ["node-a", "node-b"].map(|node| {
+        let path = dir.path().join(format!("{node}.toml"));
+        std::fs::write(&path, template.replace("\"NODE\"", &format!("\"{node}\""))).unwrap();
+        path
+    })
+}
+
+fn cli(dir: &ConfigDir, server: &Server, args: &[&str]) -> Output {
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    Command::new(BIN)
+        .args(args)
+        .args([
+            "--target",
+            &server.addr,
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("client.pem"),
+            "--key",
+            &p("client-key.pem"),
+        ])
+        .output()
+        .unwrap()
+}
+
+async fn check(dir: &ConfigDir, server: &Server, key_id: &str, secret: &str) -> Reason {
+    let mut client = Client::connect(&server.addr, Tls::from_dev_dir(dir.path()).unwrap())
+        .await
+        .unwrap();
+    let req: CheckRequest = Signer::new(key_id, secret).check_request("GET", "/", "", b"");
+    client.check(req).await.unwrap().reason()
+}
+
+/// Polls until `want`, for at most two seconds (a change reaches the other
+/// node through PostgreSQL's NOTIFY, in milliseconds).
+async fn eventually(dir: &ConfigDir, server: &Server, key_id: &str, secret: &str, want: Reason) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = check(dir, server, key_id, secret).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {got:?}, wanted {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let [a_conf, b_conf] = node_configs(&dir, &url);
+    let a = Server::with_config(&a_conf);
+    let b = Server::with_config(&b_conf);
+
+    let out = cli(&dir, &a, &["keys", "create", "--owner", "shared", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        created["key_id"].as_str().unwrap(),
+        created["secret"].as_str().unwrap(),
+    );
+    assert_eq!(check(&dir, &a, id, secret).await, Reason::Ok);
+    eventually(&dir, &b, id, secret, Reason::Ok).await;
+
+    let out = cli(&dir, &a, &["keys", "revoke", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // On the node that made the change: the very next check.
+    assert_eq!(check(&dir, &a, id, secret).await, Reason::Unauthenticated);
+    // On the other node: as soon as the notification arrives.
+    eventually(&dir, &b, id, secret, Reason::Unauthenticated).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_sealed() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let [a_conf, _] = node_configs(&dir, &url);
+    let mut a = Server::with_config(&a_conf);
+    let out = cli(
+        &dir,
+        &a,
+        &["keys", "create", "--owner", "durable", "--json"],
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        created["key_id"].as_str().unwrap().to_owned(),
+        created["secret"].as_str().unwrap().to_owned(),
+    );
+    a.kill();
+
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT record FROM warden_keys WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let record: String = row.get(0);
+    assert!(
+        !record.contains(&secret) && !record.contains(&secret[4..]),
+        "a secret is stored in clear"
+    );
+
+    let a = Server::with_config(&a_conf);
+    assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
+}
