@@ -334,62 +334,23 @@ async fn key_listing_pages_are_stable_while_keys_are_created() {
 #[tokio::test]
 async fn a_caller_without_the_admin_role_is_permission_denied() {
     let dir = ConfigDir::new();
-    std::fs::write(
-        dir.path().join("master.key"),
-        warden::crypto::MasterKey::generate_hex(),
-    )
-    .unwrap();
+    dir.write_master_key();
     let server = dir.start("[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n");
-    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    let out = Command::new(BIN)
-        .args(["keys", "create", "--owner", "x", "--target", &server.addr])
-        .args([
-            "--ca",
-            &p("ca.pem"),
-            "--cert",
-            &p("client.pem"),
-            "--key",
-            &p("client-key.pem"),
-        ])
-        .output()
-        .unwrap();
+    let out = dir.cli(&server, &["keys", "create", "--owner", "x"]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
     server.wait_for_log("\"rpc\":\"CreateKey\"");
 }
 
 #[tokio::test]
 async fn keys_from_the_config_file_are_listed_but_read_only() {
     let dir = ConfigDir::new();
-    std::fs::write(
-        dir.path().join("master.key"),
-        warden::crypto::MasterKey::generate_hex(),
-    )
-    .unwrap();
+    dir.write_master_key();
     let server = dir.start(&format!(
         "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n[[keys]]\nid = \"wk_from_config\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
     ));
-    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    let run = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .args([
-                "--target",
-                &server.addr,
-                "--ca",
-                &p("ca.pem"),
-                "--cert",
-                &p("client.pem"),
-                "--key",
-                &p("client-key.pem"),
-            ])
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| dir.cli(&server, args);
     let list = ok_json(run(&["keys", "list", "--json"]));
     assert_eq!(list[0]["key_id"], "wk_from_config");
     assert_eq!(list[0]["source"], "config");

@@ -9,10 +9,9 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{BIN, ConfigDir, Server};
+use support::{ConfigDir, Server};
 use warden_client::proto::{CheckRequest, Reason};
 use warden_client::signing::Signer;
 use warden_client::{Client, Tls};
@@ -46,11 +45,7 @@ async fn fresh_database() -> Option<String> {
 /// Config files for two nodes: same certificates, master key and database,
 /// each its own directory for the audit log.
 fn node_configs(dir: &ConfigDir, url: &str) -> [PathBuf; 2] {
-    std::fs::write(
-        dir.path().join("master.key"),
-        warden::crypto::MasterKey::generate_hex(),
-    )
-    .unwrap();
+    dir.write_master_key();
     let rest = format!(
         "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"NODE\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n"
     );
@@ -60,24 +55,6 @@ fn node_configs(dir: &ConfigDir, url: &str) -> [PathBuf; 2] {
         std::fs::write(&path, template.replace("\"NODE\"", &format!("\"{node}\""))).unwrap();
         path
     })
-}
-
-fn cli(dir: &ConfigDir, server: &Server, args: &[&str]) -> Output {
-    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    Command::new(BIN)
-        .args(args)
-        .args([
-            "--target",
-            &server.addr,
-            "--ca",
-            &p("ca.pem"),
-            "--cert",
-            &p("client.pem"),
-            "--key",
-            &p("client-key.pem"),
-        ])
-        .output()
-        .unwrap()
 }
 
 async fn check(dir: &ConfigDir, server: &Server, key_id: &str, secret: &str) -> Reason {
@@ -112,7 +89,7 @@ async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
     let a = Server::with_config(&a_conf);
     let b = Server::with_config(&b_conf);
 
-    let out = cli(&dir, &a, &["keys", "create", "--owner", "shared", "--json"]);
+    let out = dir.cli(&a, &["keys", "create", "--owner", "shared", "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -126,7 +103,7 @@ async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
     assert_eq!(check(&dir, &a, id, secret).await, Reason::Ok);
     eventually(&dir, &b, id, secret, Reason::Ok).await;
 
-    let out = cli(&dir, &a, &["keys", "revoke", id]);
+    let out = dir.cli(&a, &["keys", "revoke", id]);
     assert!(
         out.status.success(),
         "{}",
@@ -146,11 +123,7 @@ async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_seal
     let dir = ConfigDir::new();
     let [a_conf, _] = node_configs(&dir, &url);
     let mut a = Server::with_config(&a_conf);
-    let out = cli(
-        &dir,
-        &a,
-        &["keys", "create", "--owner", "durable", "--json"],
-    );
+    let out = dir.cli(&a, &["keys", "create", "--owner", "durable", "--json"]);
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (id, secret) = (
         created["key_id"].as_str().unwrap().to_owned(),

@@ -290,6 +290,35 @@ impl ConfigDir {
         Server::with_config(&self.write_config(rest))
     }
 
+    /// Writes a fresh master key to `master.key`, for `[store]` configs.
+    pub fn write_master_key(&self) {
+        std::fs::write(
+            self.path().join("master.key"),
+            warden::crypto::MasterKey::generate_hex(),
+        )
+        .unwrap();
+    }
+
+    /// Runs the `warden` CLI against `server` with this directory's client
+    /// certificate.
+    pub fn cli(&self, server: &Server, args: &[&str]) -> std::process::Output {
+        let p = |name: &str| self.path().join(name).to_str().unwrap().to_owned();
+        Command::new(BIN)
+            .args(args)
+            .args([
+                "--target",
+                &server.addr,
+                "--ca",
+                &p("ca.pem"),
+                "--cert",
+                &p("client.pem"),
+                "--key",
+                &p("client-key.pem"),
+            ])
+            .output()
+            .expect("run warden")
+    }
+
     /// Issues a client certificate from this directory's CA into
     /// `NAME.pem` / `NAME-key.pem` and returns TLS settings that use it.
     pub fn client_tls(&self, name: &str, cn: &str, sans: &[&str]) -> Tls {
