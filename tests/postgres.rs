@@ -148,3 +148,59 @@ async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_seal
     let a = Server::with_config(&a_conf);
     assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let [a_conf, _] = node_configs(&dir, &url);
+    let mut a = Server::with_config(&a_conf);
+    let out = dir.cli(&a, &["keys", "create", "--owner", "rotated", "--json"]);
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        created["key_id"].as_str().unwrap().to_owned(),
+        created["secret"].as_str().unwrap().to_owned(),
+    );
+    a.terminate();
+
+    let new_key = dir.path().join("new.key");
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "store",
+            "rotate-master-key",
+            "--postgres-url-env",
+            "ROTATE_URL",
+        ])
+        .args([
+            "--old-key-file",
+            dir.path().join("master.key").to_str().unwrap(),
+        ])
+        .args(["--new-key-file", new_key.to_str().unwrap()])
+        .env("ROTATE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old key no longer opens the store...
+    let refused = std::process::Command::new(support::BIN)
+        .args([
+            "serve",
+            "--config",
+            a_conf.to_str().unwrap(),
+            "--metrics-listen",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("another master key"));
+    // ...the new one does, and the key still verifies.
+    std::fs::copy(&new_key, dir.path().join("master.key")).unwrap();
+    let a = Server::with_config(&a_conf);
+    assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
+}

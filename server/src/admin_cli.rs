@@ -190,9 +190,13 @@ pub enum StoreCommand {
     /// Re-encrypt every stored secret under a new master key. Stop the
     /// server first; start it again with the new key.
     RotateMasterKey {
-        /// The store directory.
-        #[arg(long)]
-        dir: PathBuf,
+        /// The store directory (embedded store).
+        #[arg(long, required_unless_present = "postgres_url_env")]
+        dir: Option<PathBuf>,
+        /// Environment variable holding the PostgreSQL URL (shared store).
+        /// Stop every node first.
+        #[arg(long, conflicts_with = "dir")]
+        postgres_url_env: Option<String>,
         /// File with the current master key (default: $WARDEN_MASTER_KEY).
         #[arg(long)]
         old_key_file: Option<PathBuf>,
@@ -623,9 +627,10 @@ fn report(result: Result<u64, warden::audit::Broken>) -> ExitCode {
     }
 }
 
-pub fn store(command: StoreCommand) -> ExitCode {
+pub async fn store(command: StoreCommand) -> ExitCode {
     let StoreCommand::RotateMasterKey {
         dir,
+        postgres_url_env,
         old_key_file,
         new_key_file,
     } = command;
@@ -659,7 +664,19 @@ pub fn store(command: StoreCommand) -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(format!("new master key: {e}")),
     };
-    match warden::store::Store::rotate_master_key(&dir, old, new) {
+    let rotated = match (&dir, &postgres_url_env) {
+        (Some(dir), _) => warden::store::Store::rotate_master_key(dir, old, new),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(url) => warden::store::rotate_master_key_postgres(&url, old, new).await,
+            Err(_) => {
+                return fail(format!(
+                    "--postgres-url-env: environment variable {var} is not set"
+                ));
+            }
+        },
+        (None, None) => return fail("give --dir or --postgres-url-env"),
+    };
+    match rotated {
         Ok(n) => {
             println!(
                 "re-encrypted {n} secrets; start warden with the new master key ({})",

@@ -148,7 +148,7 @@ fn main() -> ExitCode {
             Command::Keys { conn, command } => admin_cli::keys(&conn, command).await,
             Command::Policies { conn, command } => admin_cli::policies(&conn, command).await,
             Command::Audit { conn, command } => admin_cli::audit(&conn, command).await,
-            Command::Store(command) => admin_cli::store(command),
+            Command::Store(command) => admin_cli::store(command).await,
         }
     })
 }

@@ -577,6 +577,56 @@ impl Store {
     }
 }
 
+/// [`Store::rotate_master_key`] for the PostgreSQL store: every secret is
+/// re-sealed and the fingerprint switched in one transaction, with the keys
+/// table locked. Run it with every node stopped: a running node still holds
+/// the old key.
+pub async fn rotate_master_key_postgres(
+    url: &str,
+    old: MasterKey,
+    new: MasterKey,
+) -> Result<usize, StoreError> {
+    let (mut client, connection) = connect(url).await?;
+    tokio::spawn(connection);
+    let tx = client.transaction().await?;
+    tx.batch_execute("LOCK TABLE warden_keys IN EXCLUSIVE MODE")
+        .await?;
+    let current: String = tx
+        .query_one(
+            "SELECT v FROM warden_meta WHERE k = 'master_key_fingerprint'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if current != old.fingerprint() {
+        return Err(StoreError::WrongMasterKey("the PostgreSQL store".into()));
+    }
+    let mut resealed = 0;
+    for row in tx.query("SELECT record FROM warden_keys", &[]).await? {
+        let text: String = row.get(0);
+        let mut key: KeyRecord = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Postgres(format!("a stored key is not valid JSON: {e}")))?;
+        for s in &mut key.secrets {
+            let plain = old.open(&seal_context(&key.id, &s.id), &s.sealed)?;
+            s.sealed = new.seal(&seal_context(&key.id, &s.id), &plain);
+            resealed += 1;
+        }
+        let record = serde_json::to_string(&key).expect("records serialize");
+        tx.execute(
+            "UPDATE warden_keys SET record = $2 WHERE id = $1",
+            &[&key.id, &record],
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE warden_meta SET v = $1 WHERE k = 'master_key_fingerprint'",
+        &[&new.fingerprint()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(resealed)
+}
+
 fn seal_context(key_id: &str, secret_id: &str) -> String {
     format!("{key_id}/{secret_id}")
 }
