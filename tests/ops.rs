@@ -457,6 +457,16 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
         body_marker.as_bytes(),
     ))
     .await;
+    // A bearer API key that does not exist, and a malformed one.
+    let api_key = "wak_APIKEY-MARKER-must-not-be-logged-0123456789";
+    let bearer = |key: &str| CheckRequest {
+        api_key: key.into(),
+        method: "GET".into(),
+        path: "/".into(),
+        ..Default::default()
+    };
+    send(bearer(api_key)).await;
+    send(bearer(&format!("{api_key} with spaces"))).await;
     // A TLS failure and a reload failure, too.
     let _ = channel(
         &server.addr,
@@ -476,6 +486,7 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
     assert!(!logs.contains(SECRET), "secret in the log");
     assert!(!logs.contains(body_marker), "body in the log");
     assert!(!logs.contains("card=4111"), "query in the log");
+    assert!(!logs.contains("APIKEY-MARKER"), "API key in the log");
     for sig in &signatures {
         assert!(!logs.contains(sig.as_str()), "signature {sig} in the log");
     }
