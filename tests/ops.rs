@@ -487,7 +487,7 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
     assert!(!logs.contains(body_marker), "body in the log");
     assert!(!logs.contains("card=4111"), "query in the log");
     assert!(!logs.contains("APIKEY-MARKER"), "API key in the log");
-    for sig in &signatures {
+    for sig in signatures.iter().filter(|s| !s.is_empty()) {
         assert!(!logs.contains(sig.as_str()), "signature {sig} in the log");
     }
 }
