@@ -39,16 +39,23 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
-    pub fn target(&self) -> Result<String, String> {
-        if let Some(t) = &self.target {
-            return Ok(t.clone());
-        }
+    /// The dev directory's `demo-key.json`.
+    pub fn demo(&self) -> Result<warden::dev::DemoKey, String> {
         let path = self.dev_dir.join("demo-key.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| format!("no --target given and cannot read {}: {e}", path.display()))?;
-        let demo: warden::dev::DemoKey = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} is not a demo key file: {e}", path.display()))?;
-        Ok(demo.address)
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is not a demo key file: {e}", path.display()))
+    }
+
+    pub fn target(&self) -> Result<String, String> {
+        match &self.target {
+            Some(t) => Ok(t.clone()),
+            None => self
+                .demo()
+                .map(|d| d.address)
+                .map_err(|e| format!("no --target given and {e}")),
+        }
     }
 
     pub fn tls(&self) -> Result<Tls, String> {

@@ -63,7 +63,7 @@ impl MasterKey {
 
     /// A fresh random key, as hex (for `serve --dev` and key rotation).
     pub fn generate_hex() -> String {
-        hex::encode(random_bytes::<32>())
+        random_hex(32)
     }
 
     pub fn fingerprint(&self) -> &str {
@@ -106,6 +106,13 @@ impl MasterKey {
 /// The stored form of a bearer API key.
 pub fn api_key_hash(api_key: &str) -> String {
     hex::encode(Sha256::digest(api_key.as_bytes()))
+}
+
+/// `bytes` random bytes as lowercase hex (ids, secrets, API keys).
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    hex::encode(buf)
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {

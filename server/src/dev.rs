@@ -217,8 +217,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => DemoKey {
             address: listen.to_string(),
-            key_id: format!("wk_demo_{}", random_hex(4)),
-            secret: format!("wsk_{}", random_hex(32)),
+            key_id: format!("wk_demo_{}", crate::crypto::random_hex(4)),
+            secret: format!("wsk_{}", crate::crypto::random_hex(32)),
             policy: "demo".to_owned(),
         },
         Err(e) => return Err(io(&demo_path)(e)),
@@ -307,10 +307,4 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the OS random source is available");
-    hex::encode(buf)
 }

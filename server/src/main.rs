@@ -299,7 +299,7 @@ fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
 }
 
 async fn check(args: CheckArgs) -> ExitCode {
-    let demo = read_demo(&args.conn.dev_dir);
+    let demo = args.conn.demo();
     let target = match args.conn.target() {
         Ok(t) => t,
         Err(e) => return usage_error(e),
@@ -394,11 +394,4 @@ async fn check(args: CheckArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn read_demo(dir: &Path) -> Result<dev::DemoKey, String> {
-    let path = dir.join("demo-key.json");
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not a demo key file: {e}", path.display()))
 }

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use warden::dev::{Ca, DemoKey};
-use warden_client::proto::CheckRequest;
 use warden_client::signing::{Signer, unix_now};
 use warden_client::{Client, Tls};
 
@@ -341,8 +340,3 @@ impl ConfigDir {
 
 /// A secret of the right length for config files.
 pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz";
-
-/// A signed request for `signer`, now, with a fresh nonce.
-pub fn signed(signer: &Signer, method: &str, path: &str, query: &str, body: &[u8]) -> CheckRequest {
-    signer.check_request(method, path, query, body)
-}

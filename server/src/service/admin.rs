@@ -21,10 +21,11 @@ use crate::audit::{AuditLog, Event, Record};
 use crate::auth::{Authz, Pattern, Role};
 use crate::check::{CallerIdentity, Checker};
 use crate::config::{KeyConfig, Policy, PolicyFile, is_valid_name};
-use crate::crypto::{api_key_hash, random_bytes};
+use crate::crypto::{api_key_hash, random_hex};
 use crate::engine::Limit;
 use crate::keys::{KeyRing, Route, is_valid_key_id};
 use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
+use warden_client::signing::unix_now;
 
 /// Everything the admin API works on.
 pub struct AdminService {
@@ -48,19 +49,6 @@ const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
 const MAX_LIST_ITEMS: usize = 64;
 const MAX_ITEM_BYTES: usize = 256;
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the OS random source is available");
-    hex::encode(buf)
-}
 
 /// Internal failures are logged in full and answered with a generic status.
 fn internal(what: &str, e: impl std::fmt::Display) -> Status {
@@ -316,12 +304,12 @@ impl AdminService {
     }
 
     fn new_secret(store: &Store, key_id: &str) -> (SecretRecord, String) {
-        let secret = format!("wsk_{}", hex::encode(random_bytes::<32>()));
+        let secret = format!("wsk_{}", random_hex(32));
         let id = format!("sec_{}", random_hex(6));
         let record = SecretRecord {
             sealed: store.seal(key_id, &id, secret.as_bytes()),
             id,
-            created_at: now_secs(),
+            created_at: unix_now(),
             valid_until: None,
             revoked: false,
         };
@@ -371,7 +359,7 @@ impl Admin for AdminService {
             bound_identities: r.bound_identities,
             kind,
             revoked: false,
-            created_at: now_secs(),
+            created_at: unix_now(),
             secrets: Vec::new(),
             api_key_hash: None,
         };
@@ -384,7 +372,7 @@ impl Admin for AdminService {
                 key.secrets.push(record);
             }
             KeyKind::Bearer => {
-                let api_key = format!("wak_{}", hex::encode(random_bytes::<32>()));
+                let api_key = format!("wak_{}", random_hex(32));
                 key.api_key_hash = Some(api_key_hash(&api_key));
                 response.api_key = api_key;
             }
