@@ -5,16 +5,22 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use super::clock::Nanos;
+use super::clock::{NANOS_PER_SEC, Nanos};
+
+fn nanos(secs: u32) -> Nanos {
+    u64::from(secs) * NANOS_PER_SEC
+}
 use super::{IdMap, StateKey};
 
-/// One shard's remembered nonces: key → the time it may be forgotten.
+/// One shard's remembered nonces: key → the second it may be forgotten
+/// (rounded up; request timestamps are whole seconds anyway, and 4 bytes
+/// keep an entry at 16).
 /// The bound on how many are remembered is global and kept by the engine
 /// (one hot key's nonces all live in one shard, so a per-shard bound would
 /// throttle exactly the busiest key).
 #[derive(Debug, Default)]
 pub struct NonceSet {
-    entries: IdMap<Nanos>,
+    entries: IdMap<u32>,
 }
 
 /// Whether a nonce has been used.
@@ -34,7 +40,7 @@ impl NonceSet {
     /// Whether `key` is still remembered at `now`.
     pub fn probe(&self, key: StateKey, now: Nanos) -> Claim {
         match self.entries.get(&key.id) {
-            Some(&forget_at) if forget_at > now => Claim::Seen,
+            Some(&forget_at) if nanos(forget_at) > now => Claim::Seen,
             _ => Claim::Fresh,
         }
     }
@@ -43,13 +49,14 @@ impl NonceSet {
     /// answered `Fresh` under the same lock. Returns whether the set grew
     /// (false when an expired entry was replaced).
     pub fn insert(&mut self, key: StateKey, forget_at: Nanos) -> bool {
-        self.entries.insert(key.id, forget_at).is_none()
+        let secs = u32::try_from(forget_at.div_ceil(NANOS_PER_SEC)).unwrap_or(u32::MAX);
+        self.entries.insert(key.id, secs).is_none()
     }
 
     /// Drops every nonce that may be forgotten at `now`; returns how many.
     pub fn sweep(&mut self, now: Nanos) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|_, forget_at| *forget_at > now);
+        self.entries.retain(|_, forget_at| nanos(*forget_at) > now);
         shrink_if_sparse(&mut self.entries);
         before - self.entries.len()
     }
@@ -64,7 +71,7 @@ impl NonceSet {
 }
 
 /// Gives memory back after a burst, so memory follows the active keys.
-pub(super) fn shrink_if_sparse<V, S: BuildHasher>(map: &mut HashMap<u128, V, S>) {
+pub(super) fn shrink_if_sparse<V, S: BuildHasher>(map: &mut HashMap<u64, V, S>) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
@@ -75,37 +82,47 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn key(id: u128) -> StateKey {
+    fn key(id: u64) -> StateKey {
         StateKey { id, shard: 0 }
     }
 
     #[test]
     fn a_nonce_is_remembered_until_its_forget_time_and_not_after() {
+        const S: u64 = NANOS_PER_SEC;
         let mut set = NonceSet::new();
         assert_eq!(set.probe(key(1), 0), Claim::Fresh);
-        assert!(set.insert(key(1), 100));
-        assert_eq!(set.probe(key(1), 99), Claim::Seen);
-        assert_eq!(set.probe(key(1), 100), Claim::Fresh);
+        assert!(set.insert(key(1), 100 * S));
+        assert_eq!(set.probe(key(1), 100 * S - 1), Claim::Seen);
+        assert_eq!(set.probe(key(1), 100 * S), Claim::Fresh);
         assert!(
-            !set.insert(key(1), 200),
+            !set.insert(key(1), 200 * S),
             "replacing an expired entry does not grow the set"
         );
-        assert_eq!(set.sweep(200), 1);
+        assert_eq!(set.sweep(200 * S), 1);
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_forget_time_between_seconds_is_rounded_up_never_down() {
+        let mut set = NonceSet::new();
+        set.insert(key(7), 10 * NANOS_PER_SEC + 1);
+        assert_eq!(set.probe(key(7), 10 * NANOS_PER_SEC + 1), Claim::Seen);
+        assert_eq!(set.probe(key(7), 11 * NANOS_PER_SEC), Claim::Fresh);
     }
 
     proptest! {
         #[test]
         fn nonce_set_matches_a_model_that_never_forgets(
-            ops in proptest::collection::vec((0u128..20, 0u64..50, 1u64..200, any::<bool>()), 1..300),
+            ops in proptest::collection::vec((0u64..20, 0u64..50, 1u64..200, any::<bool>()), 1..300),
         ) {
             // The model keeps every insert forever and asks "is there one
             // whose forget time is still ahead?"; sweeps must not change answers.
             let mut set = NonceSet::new();
-            let mut model: Vec<(u128, u64)> = Vec::new();
+            let mut model: Vec<(u64, u64)> = Vec::new();
             let mut now = 0u64;
             for (id, step, ttl, sweep) in ops {
-                now += step;
+                // Whole seconds, as the engine stores them.
+                now += step * NANOS_PER_SEC;
                 if sweep {
                     set.sweep(now);
                 }
@@ -113,8 +130,8 @@ mod tests {
                 let claim = set.probe(key(id), now);
                 prop_assert_eq!(claim == Claim::Seen, seen);
                 if claim == Claim::Fresh {
-                    set.insert(key(id), now + ttl);
-                    model.push((id, now + ttl));
+                    set.insert(key(id), now + ttl * NANOS_PER_SEC);
+                    model.push((id, now + ttl * NANOS_PER_SEC));
                 }
             }
         }
