@@ -116,9 +116,13 @@ pub enum Outcome {
     /// stored only if allowed and the request asked to commit.
     Limited {
         allowed: bool,
-        limits: Vec<LimitVerdict>,
+        limits: Verdicts,
     },
 }
+
+/// The verdicts of one request's limits, in order; inline for the usual
+/// handful, so a decision allocates nothing.
+pub type Verdicts = SmallVec<[LimitVerdict; 4]>;
 
 /// One shard: everything owned by the keys that hash to it.
 #[derive(Debug)]
@@ -207,8 +211,10 @@ impl Engine {
             .map(|(k, _)| k.shard)
             .chain(request.limits.iter().map(|(k, _)| k.shard))
             .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+                if wanted.len() > 1 {
+            wanted.sort_unstable();
+            wanted.dedup();
+        }
         // Ascending order: the one rule that keeps multi-shard locking
         // deadlock-free.
         let locked = wanted;
@@ -244,7 +250,7 @@ impl Engine {
             Bucket(Nanos),
             Window(WindowState),
         }
-        let mut verdicts = Vec::with_capacity(request.limits.len());
+        let mut verdicts = Verdicts::new();
         let mut updates: SmallVec<[Next; 8]> = SmallVec::new();
         for (key, limit) in request.limits {
             let s = &guards[shard(key)];
