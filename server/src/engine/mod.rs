@@ -114,10 +114,7 @@ pub enum Outcome {
     NonceSetFull,
     /// Limits were evaluated; `allowed` when all of them passed. State was
     /// stored only if allowed and the request asked to commit.
-    Limited {
-        allowed: bool,
-        limits: Verdicts,
-    },
+    Limited { allowed: bool, limits: Verdicts },
 }
 
 /// The verdicts of one request's limits, in order; inline for the usual
@@ -211,7 +208,7 @@ impl Engine {
             .map(|(k, _)| k.shard)
             .chain(request.limits.iter().map(|(k, _)| k.shard))
             .collect();
-                if wanted.len() > 1 {
+        if wanted.len() > 1 {
             wanted.sort_unstable();
             wanted.dedup();
         }
