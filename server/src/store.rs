@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use parking_lot::{Mutex, RwLock};
@@ -260,42 +260,36 @@ pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, StoreError> {
     }
 }
 
-fn read_entries(path: &Path) -> Result<Vec<Entry>, StoreError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+/// The journal's entries, and the length of its complete lines when a torn
+/// last line follows them (a write cut by a crash before its fsync returned,
+/// so never acknowledged: it is dropped, and cut off before the next write).
+fn read_entries(path: &Path) -> Result<(Vec<Entry>, Option<u64>), StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
         Err(e) => return Err(io(path)(e)),
     };
-    let bytes_len = file.metadata().map_err(io(path))?.len();
-    let lines: Vec<String> = BufReader::new(file)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(io(path))?;
-    let ends_cleanly = std::fs::read(path)
-        .map(|b| b.last() == Some(&b'\n') || bytes_len == 0)
-        .unwrap_or(true);
-    let mut entries = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<Entry>(line) {
-            Ok(e) => entries.push(e),
-            // A torn last line is a write that crashed before its fsync
-            // returned, so it was never acknowledged: drop it.
-            Err(_) if i + 1 == lines.len() && !ends_cleanly => {
-                tracing::warn!(
-                    event = "store_torn_write",
-                    line = i + 1,
-                    "ignoring an incomplete last record (crash during a write)"
-                );
-            }
-            Err(_) => {
-                return Err(StoreError::Corrupt {
-                    path: path.display().to_string(),
-                    line: i + 1,
-                });
-            }
-        }
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = (complete < bytes.len()).then_some(complete as u64);
+    if torn.is_some() {
+        tracing::warn!(
+            event = "store_torn_write",
+            "ignoring an incomplete last record (crash during a write)"
+        );
     }
-    Ok(entries)
+    let mut entries = Vec::new();
+    for (i, line) in bytes[..complete]
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+    {
+        let line = &line[..line.len() - 1];
+        let entry = serde_json::from_slice::<Entry>(line).map_err(|_| StoreError::Corrupt {
+            path: path.display().to_string(),
+            line: i + 1,
+        })?;
+        entries.push(entry);
+    }
+    Ok((entries, torn))
 }
 
 fn write_line(file: &mut File, entry: &Entry) -> std::io::Result<()> {
@@ -380,7 +374,7 @@ impl Store {
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(JOURNAL);
-        let entries = read_entries(&path)?;
+        let (entries, torn) = read_entries(&path)?;
         let mut state = State::default();
         let mut fingerprint = None;
         for entry in entries {
@@ -400,12 +394,17 @@ impl Store {
             }
             _ => {}
         }
-        // Rewrite a torn tail away and make sure the header is there.
+        // Cut a torn tail away and make sure the header is there.
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        if let Some(len) = torn {
+            file.set_len(len)
+                .and_then(|()| file.sync_data())
+                .map_err(io(&path))?;
+        }
         if fingerprint.is_none() {
             write_line(
                 &mut file,
@@ -708,6 +707,11 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
         assert!(store.key("k1").is_some());
+        // Writing after the torn line must not glue onto it.
+        store.put_key(key(&store, "k2", b"y")).await.unwrap();
+        drop(store);
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        assert!(store.key("k1").is_some() && store.key("k2").is_some());
         drop(store);
         let damaged = text.replacen("\"key\"", "\"kex\"", 1) + "\n";
         std::fs::write(&path, damaged).unwrap();
