@@ -15,12 +15,13 @@ use parking_lot::RwLock;
 use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 
 use crate::auth::{Authz, Grant, Role};
-use crate::config::{CheckSettings, is_valid_name};
+use crate::config::{CheckSettings, KeyConfig, Policy, is_valid_name};
 use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
 use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
-use crate::keys::{ApiKey, KeyRing, is_valid_key_id};
+use crate::keys::{ApiKey, KeyRing, RingError, is_valid_key_id};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
+use crate::store::Store;
 
 pub use warden_client::proto::{Decision as Verdict, Reason};
 
@@ -160,6 +161,20 @@ impl Checker {
     /// Makes a new set of keys and policies effective for the next check.
     pub fn replace_keys(&self, ring: KeyRing) {
         *self.keys.write() = Arc::new(ring);
+    }
+
+    /// Rebuilds the keys from the config's and the store's, and makes them
+    /// effective: after an admin change, or another node's (shared store).
+    pub fn reload_keys(
+        &self,
+        policies: &[Policy],
+        keys: &[KeyConfig],
+        store: Option<&Store>,
+    ) -> Result<(), RingError> {
+        let ring = KeyRing::build(policies, keys, store)?;
+        metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
+        self.replace_keys(ring);
+        Ok(())
     }
 
     pub fn settings(&self) -> &CheckSettings {

@@ -345,13 +345,11 @@ impl Bound {
                     (store.clone(), self.checker.clone(), self.config.clone());
                 Some(tokio::spawn(crate::store::watch_postgres(
                     store.clone(),
-                    move || match KeyRing::build(&config.policies, &config.keys, Some(&watched)) {
-                        Ok(ring) => {
-                            metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
-                            checker.replace_keys(ring);
-                        }
-                        Err(e) => {
-                            tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded")
+                    move || {
+                        if let Err(e) =
+                            checker.reload_keys(&config.policies, &config.keys, Some(&watched))
+                        {
+                            tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded");
                         }
                     },
                 )))

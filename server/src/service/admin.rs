@@ -23,7 +23,7 @@ use crate::check::{CallerIdentity, Checker};
 use crate::config::{KeyConfig, Policy, PolicyFile, is_valid_name};
 use crate::crypto::{api_key_hash, random_hex};
 use crate::engine::Limit;
-use crate::keys::{KeyRing, Route, is_valid_key_id};
+use crate::keys::{Route, is_valid_key_id};
 use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
 use warden_client::signing::unix_now;
 
@@ -259,10 +259,9 @@ impl AdminService {
     }
 
     fn rebuild(&self, store: &Store) -> Result<(), Status> {
-        let ring = KeyRing::build(&self.config_policies, &self.config_keys, Some(store))
-            .map_err(|e| internal("rebuild keys", e))?;
-        self.checker.replace_keys(ring);
-        Ok(())
+        self.checker
+            .reload_keys(&self.config_policies, &self.config_keys, Some(store))
+            .map_err(|e| internal("rebuild keys", e))
     }
 
     fn existing(&self, store: &Store, key_id: &str) -> Result<KeyRecord, Status> {
