@@ -305,9 +305,7 @@ impl Checker {
                 "client_identity: at most 1024 characters, no control characters",
             ));
         }
-        if req.request_id.len() > MAX_REQUEST_ID_BYTES
-            || !req.request_id.bytes().all(|b| b.is_ascii_graphic())
-        {
+        if !is_valid_request_id(&req.request_id) {
             return Err(malformed(
                 "request_id: at most 128 printable ASCII characters",
             ));
@@ -651,6 +649,11 @@ fn authorize(grant: &Grant<'_>, req: &CheckRequest, valid: &Valid<'_>) -> Result
         ));
     }
     Ok(())
+}
+
+/// Request ids: at most 128 printable ASCII characters (empty is fine).
+pub fn is_valid_request_id(id: &str) -> bool {
+    id.len() <= MAX_REQUEST_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// See [`Checker::fence_secs`].

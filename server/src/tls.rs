@@ -142,10 +142,7 @@ fn load(paths: &TlsPaths) -> Result<Loaded, TlsError> {
 /// Logs a warning for every certificate (the server's own, and each client
 /// CA) that expires within the configured warning period.
 fn warn_on_expiry(paths: &TlsPaths, server: &[CertificateDer<'_>], cas: &[CertificateDer<'_>]) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = warden_client::signing::unix_now();
     let warn_secs = paths.expiry_warning.as_secs() as i64;
     let labelled = server
         .iter()

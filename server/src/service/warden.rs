@@ -256,7 +256,7 @@ fn loggable_key_id(id: &str) -> &str {
 
 /// The request id if it is safe to log as is (validation rejects the rest).
 fn loggable_request_id(id: &str) -> &str {
-    if id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) && !id.is_empty() {
+    if !id.is_empty() && crate::check::is_valid_request_id(id) {
         id
     } else {
         "-"
