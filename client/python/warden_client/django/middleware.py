@@ -95,31 +95,28 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         query=request.META.get("QUERY_STRING", ""),
         request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:128],
     )
-    body = request.body
-    if len(body) > BODY_HASH_THRESHOLD:
-        req.body_sha256 = hashlib.sha256(body).digest()
-    else:
-        req.body = body
-    key_id = header(request, conf, HEADER_KEY_ID)
+        key_id = header(request, conf, HEADER_KEY_ID)
     signature = header(request, conf, HEADER_SIGNATURE)
     token = bearer_token(request)
-    if signature:
+        if signature:
+        # Only signatures cover the body; bearer checks never send it.
+        body = request.body
+        if len(body) > BODY_HASH_THRESHOLD:
+            req.body_sha256 = hashlib.sha256(body).digest()
+        else:
+            req.body = body
         req.key_id = key_id
         req.signature = signature
         req.nonce = header(request, conf, HEADER_NONCE)
         ts = header(request, conf, HEADER_TIMESTAMP)
         req.timestamp = int(ts) if ts.isdigit() else 0
     elif token:
-        req.api_key = token
+                req.api_key = token
         req.key_id = key_id
-        req.ClearField("body")
-        req.ClearField("body_sha256")
     elif conf.is_public(request.path) and conf.app_api_key:
         # Anonymous traffic on a public route: the app vouches with its own
         # bearer key, and only the route's limits (e.g. per IP) apply.
-        req.api_key = conf.app_api_key
-        req.ClearField("body")
-        req.ClearField("body_sha256")
+                req.api_key = conf.app_api_key
     else:
         return None
     if conf.client_identity_header:
