@@ -95,10 +95,10 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         query=request.META.get("QUERY_STRING", ""),
         request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:128],
     )
-        key_id = header(request, conf, HEADER_KEY_ID)
+    key_id = header(request, conf, HEADER_KEY_ID)
     signature = header(request, conf, HEADER_SIGNATURE)
     token = bearer_token(request)
-        if signature:
+    if signature:
         # Only signatures cover the body; bearer checks never send it.
         body = request.body
         if len(body) > BODY_HASH_THRESHOLD:
@@ -111,12 +111,12 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         ts = header(request, conf, HEADER_TIMESTAMP)
         req.timestamp = int(ts) if ts.isdigit() else 0
     elif token:
-                req.api_key = token
+        req.api_key = token
         req.key_id = key_id
     elif conf.is_public(request.path) and conf.app_api_key:
         # Anonymous traffic on a public route: the app vouches with its own
         # bearer key, and only the route's limits (e.g. per IP) apply.
-                req.api_key = conf.app_api_key
+        req.api_key = conf.app_api_key
     else:
         return None
     if conf.client_identity_header:
