@@ -11,7 +11,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use warden::auth::Authz;
 use warden::check::{CallerIdentity, Checker};
 use warden::config::{CheckSettings, KeyConfig, Policy};
-use warden::engine::{Engine, Gcra, Limit, Request, SystemClock, Window, WindowKind};
+use warden::engine::{
+    Clock, Engine, FakeClock, Gcra, Limit, Request, SystemClock, Window, WindowKind,
+};
 use warden::keys::{KeyRing, Secret};
 use warden::signing::verify;
 use warden_client::proto::LimitRequest;
@@ -189,14 +191,19 @@ fn full_check(c: &mut Criterion) {
         plaintext: true,
         ..Authz::default()
     };
+    let clock = Arc::new(FakeClock::new(SystemClock.now()));
     let checker = Checker::new(
         CheckSettings::default(),
         KeyRing::new(&policies, &[key]),
         authz,
-        Arc::new(SystemClock),
+        clock.clone(),
     );
-    // Requests signed one second ahead of the fence, within the skew.
-    let ts = checker.fence_secs() + 1;
+    // Past the restart fence, as a server is a few seconds after its start;
+    // every request is signed in this second.
+    clock.advance(Duration::from_secs(
+        CheckSettings::default().future_skew.as_secs() + 2,
+    ));
+    let ts = (clock.now() / 1_000_000_000) as i64;
     let signer = Signer::new("bench", secret);
     let body = vec![b'x'; 1024];
     let caller = CallerIdentity::default();

@@ -136,6 +136,28 @@ async fn bearer_keys_check_by_api_key_and_are_stored_only_as_a_hash() {
         .await
         .unwrap();
     assert_eq!(wrong.reason(), Reason::Unauthenticated);
+    // A flood of bad API keys through the same gateway (no address passed)
+    // and from one address: the valid key keeps working from anywhere else.
+    for i in 0..40 {
+        let mut bad = bearer(&format!("wak_{i:064}"));
+        if i % 2 == 0 {
+            bad.client_address = "198.51.100.9".into();
+        }
+        client.check(bad).await.unwrap();
+    }
+    assert_eq!(
+        client.check(bearer(&api_key)).await.unwrap().reason(),
+        Reason::Ok
+    );
+    let mut elsewhere = bearer(&api_key);
+    elsewhere.client_address = "192.0.2.44".into();
+    assert_eq!(client.check(elsewhere).await.unwrap().reason(), Reason::Ok);
+    let mut attacker = bearer(&api_key);
+    attacker.client_address = "198.51.100.9".into();
+    assert_eq!(
+        client.check(attacker).await.unwrap().reason(),
+        Reason::LockedOut
+    );
     let stored = std::fs::read(server.dir.join("store/store.jsonl")).unwrap();
     assert!(!String::from_utf8_lossy(&stored).contains(&api_key));
 }

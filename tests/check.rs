@@ -269,6 +269,71 @@ async fn a_request_signed_before_a_restart_is_stale_after_it() {
     assert_reason(&client.check(fresh).await.unwrap(), Reason::Ok);
 }
 
+/// The outside attack's finding: a request signed a few seconds ahead of the
+/// server's clock was allowed, and after a restart (kill -9 or SIGTERM)
+/// allowed again. Every such request must be refused by the next process,
+/// and fresh requests served again within the future skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_allowed_twice_across_restarts_whatever_its_timestamp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut server = Server::dev_in(&dir);
+    let signer = server.signer();
+    let signed = |ahead: i64| {
+        let ts = unix_now() + ahead;
+        let h = signer.sign_at(
+            ts,
+            &warden_client::signing::new_nonce(),
+            "POST",
+            "/pay",
+            "",
+            b"1",
+        );
+        check_request_from(&h, "warden-v1", "POST", "/pay", "", b"1")
+    };
+    let mut accepted = Vec::new();
+    let mut client = server.client().await;
+    for ahead in [0, 1, 3, 5] {
+        let req = signed(ahead);
+        assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
+        accepted.push(req);
+    }
+    // Further ahead than the future skew (5 s by default) is refused at once.
+    for ahead in [7, 30, 299] {
+        let r = client.check(signed(ahead)).await.unwrap();
+        assert_reason(&r, Reason::Stale);
+        assert!(r.message.contains("ahead"), "{}", r.message);
+    }
+
+    for how in ["KILL", "TERM", "KILL"] {
+        if how == "KILL" {
+            server.kill();
+        } else {
+            assert!(server.terminate().success());
+        }
+        let started = std::time::Instant::now();
+        server = Server::dev_in(&dir);
+        // Ready (and so serving fresh requests) within the future skew plus
+        // the start second, with a little room for the process to start.
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "ready after {:?}",
+            started.elapsed()
+        );
+        let mut client = server.client().await;
+        for req in &accepted {
+            let r = client.check(req.clone()).await.unwrap();
+            assert_ne!(r.reason(), Reason::Ok, "replayed after {how}: {r:?}");
+        }
+        let fresh = signed(0);
+        assert_reason(&client.check(fresh.clone()).await.unwrap(), Reason::Ok);
+        accepted.push(fresh);
+        let ahead = signed(4);
+        assert_reason(&client.check(ahead.clone()).await.unwrap(), Reason::Ok);
+        accepted.push(ahead);
+    }
+}
+
 #[tokio::test]
 async fn check_stream_answers_every_request_in_order() {
     let server = Server::dev();
@@ -304,30 +369,69 @@ async fn check_stream_answers_every_request_in_order() {
     assert_eq!(reasons, expected);
 }
 
+/// The outside attack's finding: knowing only a public key id, one bad
+/// signature every few seconds kept the key's owner locked out. Failures are
+/// charged to their source now: the attacker's address is locked out, the
+/// owner is not — from its own address, or through the same gateway.
 #[tokio::test]
-async fn locked_out_after_too_many_bad_signatures_without_touching_other_keys() {
+async fn failures_lock_out_their_source_never_the_key_they_name() {
     let dir = ConfigDir::new();
     let server = dir.start(&format!(
         "[check]\nfailure_limit = 3\nfailure_period = \"1m\"\n{TIGHT}\n[[keys]]\nid = \"wk_other\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
     ));
     let mut client = dir.client(&server).await;
+    let from = |mut req: CheckRequest, address: &str| {
+        req.client_address = address.into();
+        req
+    };
     let wrong = Signer::new("wk_tight", "not-the-secret-0123456789abcdefghijkl");
-    for _ in 0..3 {
+    for _ in 0..10 {
         let r = client
-            .check(wrong.check_request("GET", "/a", "", b""))
+            .check(from(
+                wrong.check_request("GET", "/a", "", b""),
+                "203.0.113.66",
+            ))
             .await
             .unwrap();
-        assert_reason(&r, Reason::Unauthenticated);
+        assert!(
+            matches!(r.reason(), Reason::Unauthenticated | Reason::LockedOut),
+            "{r:?}"
+        );
     }
-    // Now even the right secret is refused until the budget refills.
+    // The attacker's address is refused even with the right secret...
     let right = Signer::new("wk_tight", SECRET);
     let r = client
-        .check(right.check_request("GET", "/a", "", b""))
+        .check(from(
+            right.check_request("GET", "/a", "", b""),
+            "203.0.113.66",
+        ))
         .await
         .unwrap();
     assert_reason(&r, Reason::LockedOut);
     assert_eq!(r.http_status, 429);
     assert!(r.retry_after_ms > 0 && r.retry_after_ms <= 20_000, "{r:?}");
+    // ...while the owner is served from its own address and through the
+    // gateway with no address at all.
+    for address in ["192.0.2.10", ""] {
+        let r = client
+            .check(from(right.check_request("GET", "/a", "", b""), address))
+            .await
+            .unwrap();
+        assert_reason(&r, Reason::Ok);
+    }
+    // With nothing finer than the gateway known, failures are answered
+    // LOCKED_OUT once its budget is spent, and genuine requests still pass.
+    for _ in 0..5 {
+        client
+            .check(wrong.check_request("GET", "/a", "", b""))
+            .await
+            .unwrap();
+    }
+    let r = client
+        .check(wrong.check_request("GET", "/a", "", b""))
+        .await
+        .unwrap();
+    assert_reason(&r, Reason::LockedOut);
     let other = Signer::new("wk_other", SECRET);
     assert_reason(
         &client

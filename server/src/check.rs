@@ -1,13 +1,14 @@
-//! The `Check` pipeline of DESIGN.md, steps 1 to 9, in one function:
-//! validate, authorize the caller, look up the key, check freshness and the
-//! restart fence, verify the signature, check the route, and then — in one
-//! atomic engine step — the replay set and every rate limit. Only a request
-//! that passes everything stores its nonce and takes its tokens.
+//! The `Check` pipeline of DESIGN.md in one function: validate, authorize the
+//! caller, verify the signature (or API key) against the source's failure
+//! budget, check freshness and the restart fence, check the route, and then —
+//! in one atomic engine step — the replay set and every rate limit. Only a
+//! request that passes everything stores its nonce and takes its tokens.
 //!
 //! This module decides; it does not talk gRPC and does not log. The service
 //! layer turns [`Decision`]s into responses and log lines.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -18,6 +19,7 @@ use crate::auth::{Authz, Grant, Role};
 use crate::config::{CheckSettings, KeyConfig, Policy, is_valid_name};
 use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
 use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
+use crate::freshness::{Fence, Freshness};
 use crate::keys::{ApiKey, KeyRing, RingError, is_valid_key_id};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
@@ -35,6 +37,7 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub const MAX_METHOD_BYTES: usize = 16;
 pub const MAX_CLIENT_IDENTITY_BYTES: usize = 1024;
 pub const MAX_API_KEY_BYTES: usize = 256;
+pub const MAX_CLIENT_ADDRESS_BYTES: usize = 64;
 
 /// A call the pipeline refuses as a whole (a gRPC error, not a DENY).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,15 +81,15 @@ pub struct Checker {
     authz: Authz,
     settings: CheckSettings,
     failures: Gcra,
-    /// Requests signed before this second are STALE: their nonces may have
-    /// been used before this process started (see [`Checker::fence_secs`]).
-    fence_secs: i64,
+    /// The skews and the restart fence: requests this process's predecessor
+    /// may have accepted are STALE here (see [`crate::freshness`]).
+    freshness: Freshness,
 }
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checker")
-            .field("fence_secs", &self.fence_secs)
+            .field("freshness", &self.freshness)
             .field("keys", &self.keys.read().key_count())
             .finish_non_exhaustive()
     }
@@ -113,6 +116,7 @@ enum Credential<'a> {
 /// A request that passed validation, with its parts borrowed.
 struct Valid<'a> {
     credential: Credential<'a>,
+    client_address: Option<IpAddr>,
     limits: Vec<(&'a str, &'a str)>,
     cost: u64,
 }
@@ -133,7 +137,7 @@ impl Checker {
         );
         Self {
             engine: Engine::new(settings.shards, settings.nonce_capacity),
-            fence_secs: fence_for(now),
+            freshness: Freshness::starting_at(now, settings.past_skew, settings.future_skew),
             clock,
             keys: RwLock::new(Arc::new(keys)),
             authz,
@@ -142,11 +146,10 @@ impl Checker {
         }
     }
 
-    /// The first whole second a request may be signed in. Timestamps are
-    /// whole seconds, so a request signed in the second this process started
-    /// may predate it; the fence is therefore the *next* whole second.
-    pub fn fence_secs(&self) -> i64 {
-        self.fence_secs
+    /// Requests signed below this fence are STALE: a process before this
+    /// one may have accepted them.
+    pub fn fence(&self) -> Fence {
+        self.freshness.fence()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -206,15 +209,8 @@ impl Checker {
                 } else {
                     Some(req.client_identity.as_str())
                 };
-                let key = match &valid.credential {
-                    Credential::Signed { signed, signature } => {
-                        self.authenticate_signed(req, &ring, signed, signature, now)
-                    }
-                    Credential::Bearer(api_key) => {
-                        self.authenticate_bearer(req, &ring, api_key, client.unwrap_or("-"), now)
-                    }
-                };
-                match key {
+                let source = Source::of(req, valid.client_address, caller);
+                match self.authenticate(req, &ring, &valid, &source, now) {
                     Err(denial) => *denial,
                     Ok(key) => {
                         if !grant.may_check_key(&key.id) {
@@ -310,98 +306,91 @@ impl Checker {
                 "request_id: at most 128 printable ASCII characters",
             ));
         }
+        let client_address = match req.client_address.as_str() {
+            "" => None,
+            text if text.len() <= MAX_CLIENT_ADDRESS_BYTES => Some(
+                text.parse::<IpAddr>()
+                    .map_err(|_| malformed("client_address: must be an IPv4 or IPv6 address"))?,
+            ),
+            _ => return Err(malformed("client_address: must be an IPv4 or IPv6 address")),
+        };
         Ok(Valid {
             credential,
+            client_address,
             limits,
             cost: u64::from(req.cost.max(1)),
         })
     }
 
-    /// Steps 3 to 5 for a signed request: the key, its failure budget, the
-    /// signature and freshness. `Err` is the denial to answer with.
-    fn authenticate_signed(
+    /// Steps 3 and 4: who sent this, under the failure budget of the
+    /// request's source, and is it fresh. `Err` is the denial to answer with.
+    ///
+    /// Failures are charged to the source, never to the key they name, so
+    /// knowing a key id gives no power over its owner. A source that is one
+    /// end client (a forwarded identity or address) is refused before any
+    /// verification once its budget is spent: that throttles guessing. A
+    /// source that stands for many clients (only the calling certificate is
+    /// known) cannot be refused that way without refusing the innocent, so
+    /// there a genuine request always passes and only failures are answered
+    /// LOCKED_OUT.
+    fn authenticate(
         &self,
         req: &CheckRequest,
         ring: &KeyRing,
-        signed: &Signed<'_>,
-        signature: &[u8; 32],
+        valid: &Valid<'_>,
+        source: &Source<'_>,
         now: Nanos,
     ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
-        // Brute force first: a key id under lockout is not even verified.
-        let failure_key = self.engine.key(req.key_id.as_bytes(), &[b"failures"]);
-        if let Some(wait) = self.locked_out(failure_key, now) {
-            return Err(Box::new(deny_with_retry(
-                Reason::LockedOut,
-                wait,
-                "too many failed attempts for this key",
-            )));
-        }
-
-        // Step 3 and 5 share one answer: unknown, revoked and badly signed
-        // all look the same, and take the same time.
-        let message = signed.message();
-        let now_secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
-        let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
-        let genuine = match key {
-            Some(k) => verify(k.active_secrets(now_secs), &message, signature),
-            None => verify_nothing(&message, signature),
-        };
-        let key = match (key, genuine) {
-            (Some(k), true) => k.clone(),
-            _ => {
-                self.spend_failure(failure_key, now, req.dry_run);
-                return Err(Box::new(deny(
-                    Reason::Unauthenticated,
-                    "the request signature could not be verified",
-                )));
-            }
-        };
-
-        // Step 4: freshness, and the restart fence.
-        let skew = i64::try_from(self.settings.skew.as_secs()).unwrap_or(i64::MAX);
-        if req.timestamp < self.fence_secs {
-            return Err(Box::new(deny(
-                Reason::Stale,
-                "timestamp: signed before this server started; sign the request again",
-            )));
-        }
-        if now_secs.abs_diff(req.timestamp) > skew.unsigned_abs() {
-            return Err(Box::new(deny(
-                Reason::Stale,
-                "timestamp: outside the allowed clock skew",
-            )));
-        }
-        Ok(key)
-    }
-
-    /// Step 3 for a bearer request: the API key, looked up by its hash.
-    /// Failures spend the budget of the client presenting them.
-    fn authenticate_bearer(
-        &self,
-        req: &CheckRequest,
-        ring: &KeyRing,
-        api_key: &str,
-        client: &str,
-        now: Nanos,
-    ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
-        let failure_key = self.engine.key(client.as_bytes(), &[b"bearer-failures"]);
-        if let Some(wait) = self.locked_out(failure_key, now) {
-            return Err(Box::new(deny_with_retry(
+        let budget = source.state_key(&self.engine);
+        let locked = self.locked_out(budget, now);
+        let locked_out = |wait| {
+            Box::new(deny_with_retry(
                 Reason::LockedOut,
                 wait,
                 "too many failed attempts from this client",
-            )));
+            ))
+        };
+        if let (Some(wait), false) = (locked, source.is_shared()) {
+            return Err(locked_out(wait));
         }
-        match ring.bearer(api_key) {
-            Some(k) if req.key_id.is_empty() || req.key_id == k.id => Ok(k.clone()),
-            _ => {
-                self.spend_failure(failure_key, now, req.dry_run);
-                Err(Box::new(deny(
-                    Reason::Unauthenticated,
-                    "the API key is not valid",
-                )))
+
+        let now_secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
+        let key = match &valid.credential {
+            // Unknown, revoked and badly signed all look the same, and take
+            // the same time (a decoy secret for unknown keys).
+            Credential::Signed { signed, signature } => {
+                let message = signed.message();
+                let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
+                let genuine = match key {
+                    Some(k) => verify(k.active_secrets(now_secs), &message, signature),
+                    None => verify_nothing(&message, signature),
+                };
+                key.filter(|_| genuine)
             }
+            Credential::Bearer(api_key) => ring
+                .bearer(api_key)
+                .filter(|k| req.key_id.is_empty() || req.key_id == k.id),
+        };
+        let Some(key) = key else {
+            if let Some(wait) = locked {
+                return Err(locked_out(wait));
+            }
+            self.spend_failure(budget, now, req.dry_run);
+            let message = match valid.credential {
+                Credential::Signed { .. } => "the request signature could not be verified",
+                Credential::Bearer(_) => "the API key is not valid",
+            };
+            return Err(Box::new(deny(Reason::Unauthenticated, message)));
+        };
+
+        // Freshness only for genuine requests: a STALE answer must not
+        // reveal that a key exists. Bearer keys carry no timestamp.
+        if let Credential::Signed { .. } = valid.credential
+            && let Err(stale) = self.freshness.judge(req.timestamp, now)
+        {
+            return Err(Box::new(deny(Reason::Stale, stale.message())));
         }
+        Ok(key.clone())
     }
 
     /// Steps 6 to 9 for an authenticated request.
@@ -454,13 +443,8 @@ impl Checker {
             }),
             Credential::Bearer(_) => None,
         };
-        // Freshness accepts a timestamp while now < timestamp + skew + 1s;
-        // the replay key must outlive exactly that.
-        let skew_secs = self.settings.skew.as_secs();
-        let forget_at = u64::try_from(req.timestamp)
-            .unwrap_or(0)
-            .saturating_add(skew_secs + 1)
-            .saturating_mul(NANOS_PER_SEC);
+        // The replay key lives exactly as long as the timestamp is fresh.
+        let forget_at = self.freshness.forget_at(req.timestamp);
 
         let mut named: Vec<(String, Limit, u64)> =
             Vec::with_capacity(key.policies.len() + valid.limits.len());
@@ -656,9 +640,49 @@ pub fn is_valid_request_id(id: &str) -> bool {
     id.len() <= MAX_REQUEST_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// See [`Checker::fence_secs`].
-pub fn fence_for(start: Nanos) -> i64 {
-    i64::try_from(start / NANOS_PER_SEC + 1).unwrap_or(i64::MAX)
+/// Where a failed attempt came from: whose failure budget it spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source<'a> {
+    /// The end client's certificate identity, forwarded by the gateway.
+    ClientIdentity(&'a str),
+    /// The end client's address (IPv6 by its /64: one host has them all).
+    Address(IpAddr),
+    /// Only the calling certificate is known: it speaks for many clients.
+    Caller(&'a str),
+}
+
+impl<'a> Source<'a> {
+    fn of(req: &'a CheckRequest, address: Option<IpAddr>, caller: &'a CallerIdentity) -> Self {
+        if !req.client_identity.is_empty() {
+            return Source::ClientIdentity(&req.client_identity);
+        }
+        match address {
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Source::Address(IpAddr::V6(prefix.into()))
+            }
+            Some(IpAddr::V6(v6)) => {
+                Source::Address(IpAddr::V4(v6.to_ipv4_mapped().expect("checked above")))
+            }
+            Some(v4) => Source::Address(v4),
+            None => Source::Caller(caller.as_str()),
+        }
+    }
+
+    /// Whether refusing this source would refuse clients other than the one
+    /// that failed.
+    fn is_shared(&self) -> bool {
+        matches!(self, Source::Caller(_))
+    }
+
+    fn state_key(&self, engine: &Engine) -> StateKey {
+        match self {
+            Source::ClientIdentity(id) => engine.key(id.as_bytes(), &[b"failures:identity"]),
+            Source::Address(IpAddr::V4(a)) => engine.key(&a.octets(), &[b"failures:address"]),
+            Source::Address(IpAddr::V6(a)) => engine.key(&a.octets(), &[b"failures:address"]),
+            Source::Caller(id) => engine.key(id.as_bytes(), &[b"failures:caller"]),
+        }
+    }
 }
 
 fn http_status(reason: Reason) -> u32 {

@@ -102,16 +102,23 @@ pub struct TlsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckFile {
-    /// Allowed clock difference between client and server. Default "300s".
-    pub skew: Option<String>,
+    /// How far a request's timestamp may lie behind the server's clock.
+    /// Default "300s". (`skew`, its old name, is accepted too.)
+    #[serde(alias = "skew")]
+    pub past_skew: Option<String>,
+    /// How far a request's timestamp may lie ahead of the server's clock.
+    /// After a restart, requests are STALE until this much past the start
+    /// (the restart fence), so keep it small. Default "5s".
+    pub future_skew: Option<String>,
     /// Largest body accepted in a CheckRequest. Default 1048576 (1 MiB).
     pub max_body_bytes: Option<usize>,
     /// Most nonces remembered at once. Default 10000000.
     pub nonce_capacity: Option<usize>,
     /// Number of state shards (rounded up to a power of two). Default 64.
     pub shards: Option<usize>,
-    /// Failed signatures / unknown-key attempts allowed per key id per
-    /// `failure_period` before LOCKED_OUT. Default 20.
+    /// Failed signatures / unknown-key attempts allowed per source (the
+    /// forwarded client identity, else the client address, else the caller)
+    /// per `failure_period` before LOCKED_OUT. Default 20.
     pub failure_limit: Option<u64>,
     /// Default "60s".
     pub failure_period: Option<String>,
@@ -291,7 +298,8 @@ impl TlsPaths {
 /// Settings of the check pipeline.
 #[derive(Clone, Debug)]
 pub struct CheckSettings {
-    pub skew: Duration,
+    pub past_skew: Duration,
+    pub future_skew: Duration,
     pub max_body_bytes: usize,
     pub nonce_capacity: usize,
     pub shards: usize,
@@ -302,7 +310,8 @@ pub struct CheckSettings {
 impl Default for CheckSettings {
     fn default() -> Self {
         Self {
-            skew: Duration::from_secs(300),
+            past_skew: Duration::from_secs(300),
+            future_skew: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
             nonce_capacity: 10_000_000,
             shards: 64,
@@ -692,12 +701,28 @@ fn routes(field: &str, texts: &[String]) -> Result<Vec<crate::keys::Route>, Conf
 
 fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
     let d = CheckSettings::default();
-    let skew = match c.skew {
-        Some(s) => parse_duration("check.skew", &s)?,
-        None => d.skew,
+    let past_skew = match c.past_skew {
+        Some(s) => parse_duration("check.past_skew", &s)?,
+        None => d.past_skew,
     };
-    if skew < Duration::from_secs(1) || skew > Duration::from_secs(3600) {
-        return Err(bad("check.skew", "must be between 1s and 1h"));
+    if past_skew < Duration::from_secs(1) || past_skew > Duration::from_secs(3600) {
+        return Err(bad("check.past_skew", "must be between 1s and 1h"));
+    }
+    let future_skew = match c.future_skew {
+        Some(s) => parse_duration("check.future_skew", &s)?,
+        None => d.future_skew,
+    };
+    if future_skew > Duration::from_secs(300) || future_skew > past_skew {
+        return Err(bad(
+            "check.future_skew",
+            "must be between 0s and 300s, and at most past_skew",
+        ));
+    }
+    if future_skew.subsec_nanos() != 0 || past_skew.subsec_nanos() != 0 {
+        return Err(bad(
+            "check.past_skew",
+            "skews are whole seconds (timestamps are whole seconds)",
+        ));
     }
     let max_body_bytes = c.max_body_bytes.unwrap_or(d.max_body_bytes);
     if max_body_bytes == 0 || max_body_bytes > 64 * 1024 * 1024 {
@@ -726,7 +751,8 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
         None => d.failure_period,
     };
     Ok(CheckSettings {
-        skew,
+        past_skew,
+        future_skew,
         max_body_bytes,
         nonce_capacity,
         shards,
@@ -968,7 +994,11 @@ mod tests {
                 format!("{TLS}[[keys]]\nid = \"bad id\"\nsecrets = [{{ env = \"SECRET_A\" }}]\n"),
                 "keys[0].id",
             ),
-            (format!("{TLS}[check]\nskew = \"0s\"\n"), "check.skew"),
+            (format!("{TLS}[check]\nskew = \"0s\"\n"), "check.past_skew"),
+            (
+                format!("{TLS}[check]\nfuture_skew = \"10m\"\n"),
+                "check.future_skew",
+            ),
             ("listen = \"nowhere\"\n".to_owned(), "listen"),
             ("".to_owned(), "tls"),
             (

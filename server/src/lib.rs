@@ -18,6 +18,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod engine;
+pub mod freshness;
 pub mod keys;
 pub mod metrics;
 pub mod server;

@@ -398,14 +398,9 @@ impl Bound {
         // Requests signed before the restart fence are STALE, so the server
         // only reports SERVING once the fence second has begun.
         let starting = {
-            let (health, fence, clock) = (
-                health.clone(),
-                self.checker.fence_secs(),
-                self.clock.clone(),
-            );
+            let (health, fence, clock) = (health.clone(), self.checker.fence(), self.clock.clone());
             tokio::spawn(async move {
-                let fence_ns = u64::try_from(fence).unwrap_or(0) * 1_000_000_000;
-                let wait = fence_ns.saturating_sub(clock.now());
+                let wait = fence.opens_at().saturating_sub(clock.now());
                 tokio::time::sleep(Duration::from_nanos(wait)).await;
                 health.set(true).await;
             })

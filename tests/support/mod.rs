@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use warden::dev::{Ca, DemoKey};
-use warden_client::signing::{Signer, unix_now};
+use warden_client::signing::Signer;
 use warden_client::{Client, Tls};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_warden");
@@ -114,11 +114,16 @@ impl Server {
         server
     }
 
-    /// Requests signed in the second the server started are STALE (the
-    /// restart fence); wait until that second is over.
-    fn wait_past_fence(&self) {
-        let fence = unix_now() + 1;
-        while unix_now() < fence {
+    /// Requests signed before the restart fence (the start second plus the
+    /// future skew) are STALE; the server reports ready once it has passed.
+    pub fn wait_past_fence(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.http_get("/readyz").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "warden never became ready; stderr:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -86,10 +86,21 @@ def start_warden(dev_dir: Path) -> Warden:
     stderr_lines: list = []
     threading.Thread(target=lambda: [stderr_lines.append(l) for l in proc.stderr], daemon=True).start()
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    # Requests signed in the start second are STALE (restart fence).
-    fence = int(time.time()) + 1
-    while time.time() < fence:
-        time.sleep(0.02)
+    # Requests signed before the restart fence (the start second plus the
+    # future skew) are STALE; /readyz answers 200 once it has passed.
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://{metrics}/readyz", timeout=2).status == 200:
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("warden did not become ready in time")
+        time.sleep(0.05)
     return Warden(proc, addr, metrics, dev_dir, stderr_lines)
 
 

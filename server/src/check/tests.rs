@@ -18,7 +18,8 @@ type Mutation = (&'static str, fn(&mut CheckRequest));
 
 const SEC: u64 = 1_000_000_000;
 const SECRET: &str = "pipeline-test-secret-0123456789abcdef";
-/// The server starts half a second into this second; the fence is START + 1.
+/// The server starts half a second into this second; with the default 5 s
+/// future skew the fence is START + 6.
 const START: i64 = 1_764_000_000;
 
 struct Fixture {
@@ -89,14 +90,15 @@ impl Fixture {
                 ..key("kbound", &[], &[])
             },
         ];
+        let future_skew = settings.future_skew;
         let checker = Checker::new(
             settings,
             KeyRing::new(&policies, &keys),
             authz(),
             clock.clone(),
         );
-        // Start one second later, past the restart fence.
-        clock.advance(Duration::from_secs(1));
+        // Start in the fence second: the first in which anything is fresh.
+        clock.advance(future_skew + Duration::from_secs(1));
         Self {
             clock,
             checker,
@@ -171,19 +173,64 @@ fn reason(r: &CheckResponse) -> Reason {
 }
 
 #[test]
-fn the_fence_is_the_second_after_start() {
-    assert_eq!(fence_for(START as u64 * SEC), START + 1);
-    assert_eq!(fence_for(START as u64 * SEC + SEC - 1), START + 1);
+fn the_fence_covers_the_start_second_and_the_future_skew() {
     let f = Fixture::new();
-    assert_eq!(f.checker.fence_secs(), START + 1);
+    assert_eq!(f.checker.fence().first_second(), START + 6);
+    assert_eq!(f.now_secs(), START + 6);
 }
 
 #[test]
 fn a_request_signed_before_the_fence_is_stale_even_within_the_skew() {
     let f = Fixture::new();
-    let fence = f.checker.fence_secs();
-    assert_eq!(reason(&f.check(&f.at(fence - 1))), Reason::Stale);
+    let fence = f.checker.fence().first_second();
+    let stale = f.check(&f.at(fence - 1));
+    assert_eq!(reason(&stale), Reason::Stale);
+    assert!(stale.message.contains("started"), "{}", stale.message);
     assert_eq!(reason(&f.check(&f.at(fence))), Reason::Ok);
+}
+
+/// The hole an outside attack found: a request signed a few seconds ahead
+/// (a client clock running fast) was allowed, and after a restart allowed
+/// again. Whatever its timestamp within the window, the second process
+/// refuses it, at any time after its start.
+#[test]
+fn a_request_signed_ahead_is_never_allowed_again_after_a_restart() {
+    for ahead in 0..=5 {
+        let first = Fixture::new();
+        let req = first.at(first.now_secs() + ahead);
+        assert_eq!(reason(&first.check(&req)), Reason::Ok, "+{ahead}s");
+        // A restart right away (kill -9: no state survives), and later ones.
+        for restart_after in [0u64, 1, 2, 5, 6, 30, 299] {
+            let second = Fixture::new();
+            second.clock.set(first.clock.now() + restart_after * SEC);
+            let fresh = Checker::new(
+                CheckSettings::default(),
+                KeyRing::new(&[], &[key("k1", &[], &[])]),
+                authz(),
+                second.clock.clone(),
+            );
+            for later in [0u64, 1, 3, 6, 60, 400] {
+                second
+                    .clock
+                    .set(first.clock.now() + (restart_after + later) * SEC);
+                let r = fresh.check(&req, &gateway()).unwrap().response;
+                assert_ne!(
+                    reason(&r),
+                    Reason::Ok,
+                    "+{ahead}s, restart after {restart_after}s, {later}s later"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_correct_clock_is_served_again_within_the_future_skew_after_a_restart() {
+    let f = Fixture::new();
+    // Fixture::new started at START + 0.5 and is now at the fence second.
+    let opens = f.checker.fence().opens_at();
+    assert!(opens - START as u64 * SEC <= 6 * SEC);
+    assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
 }
 
 #[test]
@@ -194,8 +241,9 @@ fn freshness_holds_exactly_to_the_skew_in_both_directions() {
     for (ts, expected) in [
         (now - 300, Reason::Ok),
         (now - 301, Reason::Stale),
-        (now + 300, Reason::Ok),
-        (now + 301, Reason::Stale),
+        (now + 5, Reason::Ok),
+        (now + 6, Reason::Stale),
+        (now + 300, Reason::Stale),
     ] {
         // A fresh checker each time, so rate limits play no part.
         let g = Fixture::new();
@@ -288,21 +336,132 @@ fn a_dry_run_answers_but_changes_nothing() {
     assert_eq!(reason(&f.check(&req)), Reason::Ok);
 }
 
+impl Fixture {
+    /// A request for k1 signed with the wrong secret.
+    fn forged(&self) -> CheckRequest {
+        let wrong = Signer::new("k1", "wrong-secret-0123456789abcdefghijklmn");
+        let h = wrong.sign_at(self.now_secs(), &self.nonce(), "GET", "/", "", b"");
+        check_request_from(&h, "warden-v1", "GET", "/", "", b"")
+    }
+}
+
+fn from_address(mut req: CheckRequest, address: &str) -> CheckRequest {
+    req.client_address = address.into();
+    req
+}
+
+fn from_client(mut req: CheckRequest, identity: &str) -> CheckRequest {
+    req.client_identity = identity.into();
+    req
+}
+
 #[test]
-fn the_failure_budget_locks_a_key_out_and_refills() {
+fn a_source_that_spent_its_failure_budget_is_locked_out_and_refills() {
     let f = Fixture::new();
-    let wrong = Signer::new("k1", "wrong-secret-0123456789abcdefghijklmn");
     for _ in 0..3 {
-        let h = wrong.sign_at(f.now_secs(), &f.nonce(), "GET", "/", "", b"");
-        let r = f.check(&check_request_from(&h, "warden-v1", "GET", "/", "", b""));
+        let r = f.check(&from_address(f.forged(), "203.0.113.7"));
         assert_eq!(reason(&r), Reason::Unauthenticated);
     }
-    let locked = f.check(&f.now());
+    // That address is refused before anything is verified, even when it
+    // finally signs correctly: guessing from it has stopped.
+    let locked = f.check(&from_address(f.now(), "203.0.113.7"));
     assert_eq!(reason(&locked), Reason::LockedOut);
     // 3 failures per 60 s: one comes back every 20 s.
     assert_eq!(locked.retry_after_ms, 20_000);
     f.clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        reason(&f.check(&from_address(f.now(), "203.0.113.7"))),
+        Reason::Ok
+    );
+}
+
+#[test]
+fn failures_naming_a_key_never_lock_out_its_owner() {
+    let f = Fixture::new();
+    // An attacker who knows only the public key id, from one address, from
+    // many addresses, as a forwarded client, and with nothing forwarded.
+    for i in 0..50 {
+        f.check(&from_address(f.forged(), "198.51.100.1"));
+        f.check(&from_address(f.forged(), &format!("198.51.100.{}", i + 2)));
+        f.check(&from_client(f.forged(), "spiffe://attacker/x"));
+        f.check(&f.forged());
+    }
+    // The owner, from its own address, from no address behind the same
+    // gateway, and as a forwarded client: served.
+    for req in [
+        from_address(f.now(), "192.0.2.10"),
+        f.now(),
+        from_client(f.now(), "spiffe://other/owner"),
+    ] {
+        let r = f.check(&req);
+        assert_eq!(reason(&r), Reason::Ok, "{}", r.message);
+        f.clock.advance(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn with_only_the_caller_known_failures_are_locked_out_but_genuine_requests_pass() {
+    let f = Fixture::new();
+    for _ in 0..3 {
+        assert_eq!(reason(&f.check(&f.forged())), Reason::Unauthenticated);
+    }
+    let locked = f.check(&f.forged());
+    assert_eq!(reason(&locked), Reason::LockedOut);
+    assert!(locked.retry_after_ms > 0);
     assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
+}
+
+#[test]
+fn an_ipv6_source_is_charged_by_its_64_prefix() {
+    let f = Fixture::new();
+    for i in 0..3 {
+        let r = f.check(&from_address(f.forged(), &format!("2001:db8:1:2::{i:x}")));
+        assert_eq!(reason(&r), Reason::Unauthenticated);
+    }
+    let same_64 = f.check(&from_address(f.now(), "2001:db8:1:2:ffff::1"));
+    assert_eq!(reason(&same_64), Reason::LockedOut);
+    let other_64 = f.check(&from_address(f.now(), "2001:db8:1:3::1"));
+    assert_eq!(reason(&other_64), Reason::Ok);
+}
+
+#[test]
+fn a_client_address_must_be_an_ip_address() {
+    let f = Fixture::new();
+    for bad in ["not-an-ip", "203.0.113.7:80", "1.2.3.4.5", &"1".repeat(65)] {
+        let r = f.check(&from_address(f.now(), bad));
+        assert_eq!(reason(&r), Reason::Malformed, "{bad}");
+        assert!(r.message.starts_with("client_address:"));
+    }
+}
+
+proptest::proptest! {
+    /// Whatever others send — forgeries from any source, under any key id —
+    /// a correctly signed request from a source that did not fail itself is
+    /// never refused LOCKED_OUT.
+    #[test]
+    fn a_genuine_request_is_never_locked_out_by_someone_elses_failures(
+        attacks in proptest::collection::vec((0u8..4, 0u8..8), 0..80),
+        victim in 0u8..3,
+    ) {
+        let f = Fixture::new();
+        for (kind, n) in attacks {
+            let forged = f.forged();
+            let req = match kind {
+                0 => from_address(forged, &format!("198.51.100.{n}")),
+                1 => from_client(forged, &format!("spiffe://attacker/{n}")),
+                2 => from_address(forged, &format!("2001:db8:{n}::1")),
+                _ => forged,
+            };
+            f.check(&req);
+        }
+        let genuine = match victim {
+            0 => from_address(f.now(), "192.0.2.200"),
+            1 => from_client(f.now(), "spiffe://other/victim"),
+            _ => f.now(),
+        };
+        let r = f.check(&genuine);
+        proptest::prop_assert_eq!(reason(&r), Reason::Ok, "{}", r.message);
+    }
 }
 
 #[test]

@@ -1,0 +1,198 @@
+//! Freshness: which request timestamps are acceptable now, and the fence that
+//! keeps a restarted process (or, in a cluster, a node taking over a key)
+//! from accepting a request its predecessor may already have accepted.
+//!
+//! Nonces live in memory. A process that starts cannot know which nonces the
+//! one before it saw, so it must refuse every timestamp that process could
+//! have accepted. The predecessor stopped at some moment `D` no later than our
+//! start, and accepted timestamps up to `D + future_skew` (a client whose
+//! clock runs ahead). So the [`Fence`] is the first whole second after
+//! `start + future_skew`: everything below it is STALE. That is why the
+//! future skew is small and separate from the past skew: after a restart, a
+//! client with a correct clock is served again `future_skew + 1` seconds
+//! later at most.
+//!
+//! Timestamps are whole Unix seconds. A timestamp `t` is fresh at `now` when
+//! `now_secs - past_skew <= t <= now_secs + future_skew` (with `now_secs` the
+//! whole second of `now`) and `t >= fence`. A nonce must therefore be
+//! remembered until `now_secs > t + past_skew`, i.e. until
+//! `(t + past_skew + 1)` seconds: [`Freshness::forget_at`].
+
+use std::time::Duration;
+
+use crate::engine::clock::{NANOS_PER_SEC, Nanos};
+
+/// The first whole second a request may be signed in, for a process or an
+/// owner that started answering at a given moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fence {
+    first_second: i64,
+}
+
+impl Fence {
+    /// The fence for state that begins at `start` with no memory of what was
+    /// accepted before: above every timestamp a predecessor, stopped no later
+    /// than `start`, could have accepted with `future_skew`.
+    pub fn after(start: Nanos, future_skew: Duration) -> Self {
+        let start_secs = i64::try_from(start / NANOS_PER_SEC).unwrap_or(i64::MAX);
+        let ahead = i64::try_from(future_skew.as_secs()).unwrap_or(i64::MAX);
+        Self {
+            first_second: start_secs.saturating_add(ahead).saturating_add(1),
+        }
+    }
+
+    /// The first acceptable timestamp, in Unix seconds.
+    pub fn first_second(self) -> i64 {
+        self.first_second
+    }
+
+    /// The moment a client with a correct clock is served again.
+    pub fn opens_at(self) -> Nanos {
+        u64::try_from(self.first_second)
+            .unwrap_or(0)
+            .saturating_mul(NANOS_PER_SEC)
+    }
+}
+
+/// Why a timestamp is not fresh. Each has its own message, safe for clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// Signed before the fence: a predecessor may have accepted it.
+    BeforeFence,
+    /// Older than the past skew allows.
+    TooOld,
+    /// Further ahead of the server's clock than the future skew allows.
+    TooFarAhead,
+}
+
+impl Stale {
+    pub fn message(self) -> &'static str {
+        match self {
+            Stale::BeforeFence => {
+                "timestamp: signed before this server started answering; sign the request again"
+            }
+            Stale::TooOld => "timestamp: older than the allowed clock skew",
+            Stale::TooFarAhead => {
+                "timestamp: ahead of the server clock by more than allowed; check the client's clock"
+            }
+        }
+    }
+}
+
+/// The freshness rule of one process: the skews and its fence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Freshness {
+    past_skew: u64,
+    future_skew: u64,
+    fence: Fence,
+}
+
+impl Freshness {
+    /// The rule for a process starting at `start`.
+    pub fn starting_at(start: Nanos, past_skew: Duration, future_skew: Duration) -> Self {
+        Self {
+            past_skew: past_skew.as_secs(),
+            future_skew: future_skew.as_secs(),
+            fence: Fence::after(start, future_skew),
+        }
+    }
+
+    pub fn fence(&self) -> Fence {
+        self.fence
+    }
+
+    /// Whether a request signed at `timestamp` (Unix seconds) may be
+    /// accepted at `now`.
+    pub fn judge(&self, timestamp: i64, now: Nanos) -> Result<(), Stale> {
+        if timestamp < self.fence.first_second {
+            return Err(Stale::BeforeFence);
+        }
+        let now_secs = i128::from(now / NANOS_PER_SEC);
+        let t = i128::from(timestamp);
+        if t < now_secs - i128::from(self.past_skew) {
+            return Err(Stale::TooOld);
+        }
+        if t > now_secs + i128::from(self.future_skew) {
+            return Err(Stale::TooFarAhead);
+        }
+        Ok(())
+    }
+
+    /// When the replay key of a request signed at `timestamp` may be
+    /// forgotten: the first moment [`Self::judge`] refuses it as too old.
+    pub fn forget_at(&self, timestamp: i64) -> Nanos {
+        u64::try_from(timestamp)
+            .unwrap_or(0)
+            .saturating_add(self.past_skew + 1)
+            .saturating_mul(NANOS_PER_SEC)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: u64 = NANOS_PER_SEC;
+
+    fn rule(start: Nanos) -> Freshness {
+        Freshness::starting_at(start, Duration::from_secs(300), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn the_fence_covers_the_future_skew_after_the_start_second() {
+        let f = rule(1000 * S + S / 2);
+        assert_eq!(f.fence().first_second(), 1006);
+        assert_eq!(f.fence().opens_at(), 1006 * S);
+        let none = Freshness::starting_at(1000 * S, Duration::from_secs(300), Duration::ZERO);
+        assert_eq!(none.fence().first_second(), 1001);
+    }
+
+    #[test]
+    fn each_stale_timestamp_gets_its_own_reason() {
+        let f = rule(1000 * S);
+        let now = 2000 * S + S / 2;
+        assert_eq!(f.judge(1005, now), Err(Stale::BeforeFence));
+        assert_eq!(f.judge(2000 - 300, now), Ok(()));
+        assert_eq!(f.judge(2000 - 301, now), Err(Stale::TooOld));
+        assert_eq!(f.judge(2005, now), Ok(()));
+        assert_eq!(f.judge(2006, now), Err(Stale::TooFarAhead));
+        assert_eq!(f.judge(i64::MAX, now), Err(Stale::TooFarAhead));
+        assert_eq!(f.judge(i64::MIN, now), Err(Stale::BeforeFence));
+    }
+
+    #[test]
+    fn a_nonce_is_kept_exactly_as_long_as_its_timestamp_is_fresh() {
+        let f = rule(0);
+        let t = 5000;
+        let forget = f.forget_at(t);
+        assert_eq!(f.judge(t, forget - 1), Ok(()));
+        assert_eq!(f.judge(t, forget), Err(Stale::TooOld));
+    }
+
+    proptest! {
+        /// The property the fence exists for: whatever a predecessor accepted
+        /// at any moment up to our start, we refuse, at any moment after.
+        #[test]
+        fn nothing_a_predecessor_accepted_is_accepted_after_a_restart(
+            start in 1_000_000u64..2_000_000,
+            stopped_before in 0u64..400,
+            accepted_at_offset in 0u64..400,
+            ts_offset in -400i64..400,
+            later in 0u64..1000,
+            future in 0u64..60,
+        ) {
+            let past = Duration::from_secs(300);
+            let future = Duration::from_secs(future);
+            let start = start * S;
+            // The predecessor started long before and stopped no later than us.
+            let stopped = start - stopped_before * S / 3;
+            let pred = Freshness::starting_at(0, past, future);
+            let accepted_at = stopped.saturating_sub(accepted_at_offset * S / 7);
+            let ts = (accepted_at / S) as i64 + ts_offset;
+            prop_assume!(pred.judge(ts, accepted_at).is_ok());
+            let next = Freshness::starting_at(start, past, future);
+            prop_assert!(next.judge(ts, start + later * S / 3).is_err());
+        }
+    }
+}
