@@ -497,3 +497,113 @@ async fn denials_are_logged_without_signatures_or_secrets() {
     assert!(!logs.contains(&server.demo().secret));
     assert!(!logs.contains("body-bytes-that-must-not-be-logged"));
 }
+
+/// Sends pre-encoded messages, so a test can put bytes on the wire that no
+/// well-behaved client would (e.g. invalid UTF-8 in a string field).
+mod raw {
+    use prost::bytes::BufMut;
+    use tonic::Status;
+    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+    use warden_client::proto::CheckResponse;
+
+    #[derive(Default)]
+    pub struct RawCodec;
+
+    pub struct RawEncoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = CheckResponse;
+        type Encoder = RawEncoder;
+        type Decoder = tonic_prost::ProstDecoder<CheckResponse>;
+
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            tonic_prost::ProstDecoder::new(BufferSettings::default())
+        }
+    }
+}
+
+/// The outside attack's finding: one undecodable message (invalid UTF-8 in
+/// a string field) ended the whole CheckStream with INTERNAL, losing the
+/// requests behind it. It is answered in-band now, and the stream goes on.
+#[tokio::test]
+async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
+    use futures::StreamExt;
+    use prost::Message;
+
+    let server = Server::dev();
+    let signer = server.signer();
+    let valid = |path: &str| signer.check_request("GET", path, "", b"").encode_to_vec();
+    // Field 3 (path) with bytes that are not UTF-8, then a valid key id.
+    let mut broken = vec![0x1a, 0x03, b'/', 0xff, 0xfe];
+    broken.extend(
+        CheckRequest {
+            key_id: signer.key_id().into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let batch = vec![
+        valid("/one"),
+        broken.clone(),
+        valid("/two"),
+        vec![0x1a, 0x7f],
+        valid("/three"),
+    ];
+
+    let channel = warden_client::channel(&server.addr, server.tls())
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/warden.v1.Warden/CheckStream");
+    let answers = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(batch)),
+            path,
+            raw::RawCodec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let answers: Vec<CheckResponse> = answers.map(|r| r.unwrap()).collect().await;
+    let reasons: Vec<Reason> = answers.iter().map(|r| r.reason()).collect();
+    assert_eq!(
+        reasons,
+        [
+            Reason::Ok,
+            Reason::Malformed,
+            Reason::Ok,
+            Reason::Malformed,
+            Reason::Ok
+        ]
+    );
+    assert_eq!(answers[1].message, "path: not valid UTF-8");
+    assert_eq!(answers[1].http_status, 400);
+
+    // The unary call answers the same way instead of failing.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/warden.v1.Warden/Check");
+    let r = grpc
+        .unary(tonic::Request::new(broken), path, raw::RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_reason(&r, Reason::Malformed);
+}

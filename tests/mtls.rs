@@ -51,7 +51,7 @@ identity = "*.gateways.internal"
 roles = ["check"]
 
 [[callers]]
-identity = "legacy-gateway"
+identity = "CN=legacy-gateway"
 roles = ["check"]
 
 [[callers]]
@@ -110,6 +110,36 @@ async fn identities_come_from_spiffe_then_dns_then_cn_only_when_allowed() {
     let cn = dir.client_tls("cn", "legacy-gateway", &[]);
     assert_eq!(
         call(&server, cn, request("wk_open", "GET", "/"))
+            .await
+            .unwrap(),
+        Reason::Ok
+    );
+}
+
+/// The outside attack's finding: a certificate whose only SAN was the DNS
+/// name `spiffe://test/gateway` was taken as that SPIFFE identity. A DNS SAN
+/// must be a DNS name, and a CN (when allowed) is a CN, whatever it spells.
+#[tokio::test]
+async fn no_certificate_passes_as_an_identity_of_another_kind() {
+    let dir = ConfigDir::new();
+    let server = Server::with_config(
+        &dir.write_config_with(&format!("{CALLERS}{KEYS}"), "allow_cn_identity = true\n"),
+    );
+    for (name, cn, sans) in [
+        ("dns-spiffe", "x", &["dns:spiffe://test/gateway"][..]),
+        ("cn-spiffe", "spiffe://test/gateway", &[][..]),
+        ("cn-dns", "a.gateways.internal", &[][..]),
+    ] {
+        let tls = dir.client_tls(name, cn, sans);
+        let status = call(&server, tls, request("wk_open", "GET", "/"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
+    }
+    // The genuine kinds still work.
+    let dns = dir.client_tls("dns", "x", &["a.gateways.internal"]);
+    assert_eq!(
+        call(&server, dns, request("wk_open", "GET", "/"))
             .await
             .unwrap(),
         Reason::Ok

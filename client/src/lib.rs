@@ -17,6 +17,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod signing;
 
 /// Generated from `proto/warden/v1/warden.proto`.

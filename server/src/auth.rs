@@ -9,25 +9,82 @@ use std::collections::HashSet;
 
 use crate::keys::Route;
 
+/// What kind of name a caller's certificate identity is. The identity text
+/// says it unambiguously (see [`crate::tls::identity`]): a SPIFFE ID starts
+/// with `spiffe://`, a common name is written `CN=<name>`, and a DNS name
+/// can contain neither `:` nor `=`. A caller rule matches only identities of
+/// its own kind, so no certificate can pass as a name of another kind (a
+/// DNS SAN spelled like a SPIFFE ID, or a CN spelled like a DNS name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityKind {
+    Spiffe,
+    Dns,
+    CommonName,
+}
+
+impl IdentityKind {
+    pub fn of(identity: &str) -> Self {
+        if identity.starts_with("spiffe://") {
+            IdentityKind::Spiffe
+        } else if identity.starts_with("CN=") {
+            IdentityKind::CommonName
+        } else {
+            IdentityKind::Dns
+        }
+    }
+}
+
 /// An identity pattern: exact, or with `*` standing for any run of
 /// characters other than `/` (one SPIFFE path segment, or any DNS labels).
+/// Patterns for callers are of one [`IdentityKind`]; patterns for forwarded
+/// end-client identities (free-form text from the gateway) have none.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pattern(String);
+pub struct Pattern {
+    text: String,
+    kind: Option<IdentityKind>,
+}
 
 impl Pattern {
+    /// A pattern for forwarded end-client identities (any text).
     pub fn new(text: &str) -> Result<Self, String> {
         if text.is_empty() || text.len() > 1024 || text.chars().any(char::is_control) {
             return Err("must be 1 to 1024 characters without control characters".into());
         }
-        Ok(Self(text.to_owned()))
+        Ok(Self {
+            text: text.to_owned(),
+            kind: None,
+        })
+    }
+
+    /// A pattern for calling certificates: a SPIFFE ID, a DNS name or
+    /// `CN=<common name>`, each possibly with `*`.
+    pub fn caller(text: &str) -> Result<Self, String> {
+        const WHAT: &str = "must be a SPIFFE ID (spiffe://...), a DNS name, or CN=<common name>; * stands for one segment";
+        let mut pattern = Self::new(text).map_err(|_| WHAT.to_owned())?;
+        let kind = IdentityKind::of(text);
+        let valid = match kind {
+            IdentityKind::Spiffe => text["spiffe://".len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._/*".contains(&b)),
+            IdentityKind::CommonName => text.len() > "CN=".len(),
+            IdentityKind::Dns => text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b)),
+        };
+        if !valid || text == "spiffe://" {
+            return Err(WHAT.to_owned());
+        }
+        pattern.kind = Some(kind);
+        Ok(pattern)
     }
 
     pub fn matches(&self, identity: &str) -> bool {
-        glob(self.0.as_bytes(), identity.as_bytes())
+        self.kind.is_none_or(|k| k == IdentityKind::of(identity))
+            && glob(self.text.as_bytes(), identity.as_bytes())
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 }
 
@@ -183,9 +240,39 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_rule_matches_only_identities_of_its_own_kind() {
+        let spiffe = Pattern::caller("spiffe://t.test/*").unwrap();
+        assert!(spiffe.matches("spiffe://t.test/admin"));
+        // A CN that spells a SPIFFE ID is a CN.
+        assert!(!spiffe.matches("CN=spiffe://t.test/admin"));
+        let dns = Pattern::caller("*.gateways.internal").unwrap();
+        assert!(dns.matches("a.gateways.internal"));
+        assert!(!dns.matches("CN=a.gateways.internal"));
+        let cn = Pattern::caller("CN=legacy-gateway").unwrap();
+        assert!(cn.matches("CN=legacy-gateway"));
+        assert!(!cn.matches("legacy-gateway"));
+        for bad in [
+            "legacy gateway",
+            "spiffe://",
+            "CN=",
+            "https://x/y",
+            "a:b",
+            "",
+        ] {
+            assert!(Pattern::caller(bad).is_err(), "{bad:?}");
+        }
+        // Forwarded end-client identities are free-form.
+        assert!(
+            Pattern::new("CN=partner,O=Partner Inc")
+                .unwrap()
+                .matches("CN=partner,O=Partner Inc")
+        );
+    }
+
+    #[test]
     fn the_first_matching_rule_decides() {
         let rule = |id: &str, roles: &[Role]| CallerRule {
-            identity: Pattern::new(id).unwrap(),
+            identity: Pattern::caller(id).unwrap(),
             roles: roles.iter().copied().collect(),
             key_prefixes: vec![],
             policies: None,
@@ -210,7 +297,7 @@ mod tests {
     #[test]
     fn grants_restrict_keys_and_policies() {
         let rule = CallerRule {
-            identity: Pattern::new("x").unwrap(),
+            identity: Pattern::caller("x").unwrap(),
             roles: HashSet::from([Role::Check]),
             key_prefixes: vec!["wk_live_".into()],
             policies: Some(HashSet::from(["per-ip".to_owned()])),

@@ -229,6 +229,9 @@ impl Checker {
 
     /// Step 1: shape and bounds. Nothing is looked up yet.
     fn validate<'a>(&self, req: &'a CheckRequest, ring: &KeyRing) -> Result<Valid<'a>, Malformed> {
+        if let Some(why) = warden_client::codec::undecodable(req) {
+            return Err(malformed(why));
+        }
         let bearer = !req.api_key.is_empty();
         let key_id_optional = bearer && req.key_id.is_empty();
         if !(key_id_optional || is_valid_key_id(&req.key_id)) {

@@ -657,7 +657,7 @@ fn caller(
     c: CallerFile,
     policies: &HashSet<String>,
 ) -> Result<CallerRule, ConfigError> {
-    let identity = Pattern::new(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
+    let identity = Pattern::caller(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
     let mut roles = HashSet::new();
     for (j, r) in c.roles.iter().enumerate() {
         let role = Role::parse(r).ok_or_else(|| {

@@ -96,11 +96,16 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
         for san in sans {
-            params.subject_alt_names.push(if san.contains("://") {
-                SanType::URI((*san).try_into()?)
-            } else {
-                SanType::DnsName((*san).try_into()?)
-            });
+            // "dns:" forces a DNS SAN (tests of malformed names).
+            params
+                .subject_alt_names
+                .push(if let Some(dns) = san.strip_prefix("dns:") {
+                    SanType::DnsName(dns.try_into()?)
+                } else if san.contains("://") {
+                    SanType::URI((*san).try_into()?)
+                } else {
+                    SanType::DnsName((*san).try_into()?)
+                });
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = serial.map(rcgen::SerialNumber::from);
@@ -270,7 +275,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         // The dev client certificate may do everything.
         authz: Authz {
             callers: vec![CallerRule {
-                identity: Pattern::new(DEV_CLIENT_ID).expect("valid pattern"),
+                identity: Pattern::caller(DEV_CLIENT_ID).expect("valid pattern"),
                 roles: HashSet::from([Role::Check, Role::Admin, Role::ForwardIdentity]),
                 key_prefixes: Vec::new(),
                 policies: None,

@@ -288,17 +288,22 @@ pub fn failure_cause(e: &std::io::Error) -> &'static str {
 }
 
 /// The caller identity of a verified client certificate: its SPIFFE URI SAN,
-/// else its first DNS SAN, else (only when `allow_cn`) its subject CN.
+/// else its first DNS SAN, else (only when `allow_cn`) its subject CN,
+/// written `CN=<name>`. Each kind is validated, so the text alone says which
+/// kind it is ([`crate::auth::IdentityKind`]): a DNS SAN that is not a DNS
+/// name (say, one spelled `spiffe://t.test/admin`) is no identity at all.
 pub fn identity(cert: &CertificateDer<'_>, allow_cn: bool) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
     let mut dns = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
-                GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                GeneralName::URI(uri) if is_spiffe_id(uri) => {
                     return Some((*uri).to_owned());
                 }
-                GeneralName::DNSName(name) if dns.is_none() => dns = Some((*name).to_owned()),
+                GeneralName::DNSName(name) if dns.is_none() && is_dns_name(name) => {
+                    dns = Some(name.to_ascii_lowercase())
+                }
                 _ => {}
             }
         }
@@ -310,7 +315,49 @@ pub fn identity(cert: &CertificateDer<'_>, allow_cn: bool) -> Option<String> {
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
+        .filter(|cn| !cn.is_empty() && !cn.chars().any(char::is_control))
+        .map(|cn| format!("CN={cn}"))
+}
+
+/// A SPIFFE ID: `spiffe://` + a trust domain of `[a-z0-9.-_]` + a path of
+/// segments of `[A-Za-z0-9.-_]` (SPIFFE-ID spec, section 2).
+fn is_spiffe_id(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    !domain.is_empty()
+        && domain.len() <= 255
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        && uri.len() <= 2048
+        && path.split('/').skip(1).all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        })
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and inner
+/// hyphens, 1 to 63 bytes each, 253 in all. No wildcards: a client
+/// certificate names one host.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -339,7 +386,32 @@ mod tests {
         assert_eq!(identity(&der(&dns), true).as_deref(), Some("gw.internal"));
         let (cn_only, _) = ca.client_cert("cn-name", &[]).unwrap();
         assert_eq!(identity(&der(&cn_only), false), None);
-        assert_eq!(identity(&der(&cn_only), true).as_deref(), Some("cn-name"));
+        assert_eq!(
+            identity(&der(&cn_only), true).as_deref(),
+            Some("CN=cn-name")
+        );
+    }
+
+    #[test]
+    fn a_dns_san_spelled_like_a_spiffe_id_is_no_identity() {
+        let ca = Ca::new("id CA").unwrap();
+        let (cert, _) = ca
+            .client_cert("spiffe://t.test/admin", &["dns:spiffe://t.test/admin"])
+            .unwrap();
+        assert_eq!(identity(&der(&cert), false), None);
+        // Allowed CNs are marked as such, whatever they spell.
+        assert_eq!(
+            identity(&der(&cert), true).as_deref(),
+            Some("CN=spiffe://t.test/admin")
+        );
+        let (bad_spiffe, _) = ca.client_cert("x", &["spiffe://T.TEST/../admin"]).unwrap();
+        assert_eq!(identity(&der(&bad_spiffe), false), None);
+        for ok in ["gw.internal", "a-b.c", "x"] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in ["spiffe://t/a", "*.x", "-a.b", "a..b", "a b", "CN=x", ""] {
+            assert!(!is_dns_name(bad), "{bad}");
+        }
     }
 
     #[test]

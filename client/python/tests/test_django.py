@@ -129,3 +129,16 @@ def test_drf_reuses_the_middlewares_check(client, warden, warden_settings):
     assert client.get("/api/items", **headers(key, "GET", "/api/items")).status_code == 200
     r = client.get("/api/items", **headers(key, "GET", "/api/items"))
     assert r.status_code == 429
+
+
+def test_one_clients_bad_signatures_never_lock_out_another(client, key):
+    """Failures are charged to the client address the middleware passes on:
+    an attacker who knows the key id locks out only itself."""
+    forged = dict(key, secret="not-the-secret-0123456789abcdefghijkl")
+    for _ in range(25):
+        r = client.get("/api/orders", REMOTE_ADDR="198.51.100.23", **headers(forged, "GET", "/api/orders"))
+        assert r.status_code in (401, 429)
+    r = client.get("/api/orders", REMOTE_ADDR="198.51.100.23", **headers(key, "GET", "/api/orders"))
+    assert r.status_code == 429 and r.json()["error"] == "locked_out"
+    r = client.get("/api/orders", REMOTE_ADDR="192.0.2.80", **headers(key, "GET", "/api/orders"))
+    assert r.status_code == 200, r.content

@@ -137,7 +137,7 @@ impl Fixture {
 /// policy, and forward client identities; the app may only check.
 fn authz() -> Authz {
     let rule = |id: &str, roles: &[Role], prefixes: &[&str]| CallerRule {
-        identity: Pattern::new(id).unwrap(),
+        identity: Pattern::caller(id).unwrap(),
         roles: roles.iter().copied().collect(),
         key_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
         policies: Some(["window".to_owned()].into()),

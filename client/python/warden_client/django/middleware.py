@@ -12,6 +12,7 @@ the response. When warden is unreachable it fails closed (503) unless
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from urllib.parse import quote
 
@@ -124,7 +125,14 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         identity = header(request, conf, conf.client_identity_header)
         if verified and identity:
             req.client_identity = identity
-    subject = key_id or client_ip(request, conf)
+    # Failed attempts are charged to their source: with the address, one
+    # client's bad signatures never lock out another behind this app.
+    address = client_ip(request, conf)
+    try:
+        req.client_address = str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    subject = key_id or address
     for rl in conf.route_limits:
         if rl.matches(req.method, request.path):
             descriptor = {"ip": f"ip:{client_ip(request, conf)}", "key": f"key:{key_id}", "path": f"path:{request.path}"}

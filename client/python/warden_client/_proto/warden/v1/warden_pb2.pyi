@@ -65,8 +65,9 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     All of these answer the same, on purpose. HTTP 401.
     """
     REASON_STALE: _Reason.ValueType  # 4
-    """Timestamp outside the allowed skew, or from before this server started
-    (the restart fence). HTTP 401.
+    """Timestamp older than the past skew, further ahead than the future skew,
+    or below the restart fence (signed before this server started answering,
+    plus the future skew). HTTP 401.
     """
     REASON_REPLAY: _Reason.ValueType  # 5
     """This nonce (or, for "ts-body", this signature) was already used. HTTP 401."""
@@ -75,8 +76,11 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     REASON_RATE_LIMITED: _Reason.ValueType  # 7
     """A rate limit is exhausted. HTTP 429, see retry_after_ms."""
     REASON_LOCKED_OUT: _Reason.ValueType  # 8
-    """Too many failed signatures or unknown keys for this key or caller; the
-    failure budget must refill first. HTTP 429, see retry_after_ms.
+    """Too many failed signatures or unknown API keys from this request's source
+    (client_identity, else client_address, else the calling certificate);
+    the source's failure budget must refill first. A correctly signed
+    request from another source is never refused for it. HTTP 429, see
+    retry_after_ms.
     """
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
@@ -91,8 +95,9 @@ REASON_UNAUTHENTICATED: Reason.ValueType  # 3
 All of these answer the same, on purpose. HTTP 401.
 """
 REASON_STALE: Reason.ValueType  # 4
-"""Timestamp outside the allowed skew, or from before this server started
-(the restart fence). HTTP 401.
+"""Timestamp older than the past skew, further ahead than the future skew,
+or below the restart fence (signed before this server started answering,
+plus the future skew). HTTP 401.
 """
 REASON_REPLAY: Reason.ValueType  # 5
 """This nonce (or, for "ts-body", this signature) was already used. HTTP 401."""
@@ -101,8 +106,11 @@ REASON_FORBIDDEN: Reason.ValueType  # 6
 REASON_RATE_LIMITED: Reason.ValueType  # 7
 """A rate limit is exhausted. HTTP 429, see retry_after_ms."""
 REASON_LOCKED_OUT: Reason.ValueType  # 8
-"""Too many failed signatures or unknown keys for this key or caller; the
-failure budget must refill first. HTTP 429, see retry_after_ms.
+"""Too many failed signatures or unknown API keys from this request's source
+(client_identity, else client_address, else the calling certificate);
+the source's failure budget must refill first. A correctly signed
+request from another source is never refused for it. HTTP 429, see
+retry_after_ms.
 """
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
 
@@ -130,6 +138,7 @@ class CheckRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CLIENT_IDENTITY_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The client's public key id (header X-Key-Id). 1 to 128 characters of
     [A-Za-z0-9_.:-].
@@ -189,6 +198,15 @@ class CheckRequest(_message.Message):
     `scheme` must be empty and `timestamp` is not checked; `key_id`, if set,
     must be the key's id. Never logged. At most 256 characters.
     """
+    client_address: _builtins.str
+    """The end client's IP address as the gateway saw it (the TCP peer, or the
+    hop of X-Forwarded-For the gateway trusts), e.g. "203.0.113.7" or
+    "2001:db8::1". Failed signatures and unknown API keys are charged to
+    their source: the forwarded client_identity if there is one, else this
+    address (IPv6 by its /64), else the calling certificate. Give it, so one
+    client's failures never lock out another. Empty, or an IPv4 or IPv6
+    address.
+    """
     @_builtins.property
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitRequest]:
         """Extra limits for this request on top of the key's own policies, e.g. a
@@ -214,10 +232,11 @@ class CheckRequest(_message.Message):
         request_id: _builtins.str = ...,
         client_identity: _builtins.str = ...,
         api_key: _builtins.str = ...,
+        client_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "body", b"body", "body_sha256", b"body_sha256", "client_identity", b"client_identity", "cost", b"cost", "dry_run", b"dry_run", "key_id", b"key_id", "limits", b"limits", "method", b"method", "nonce", b"nonce", "path", b"path", "query", b"query", "request_id", b"request_id", "scheme", b"scheme", "signature", b"signature", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "body", b"body", "body_sha256", b"body_sha256", "client_address", b"client_address", "client_identity", b"client_identity", "cost", b"cost", "dry_run", b"dry_run", "key_id", b"key_id", "limits", b"limits", "method", b"method", "nonce", b"nonce", "path", b"path", "query", b"query", "request_id", b"request_id", "scheme", b"scheme", "signature", b"signature", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,155 @@
+//! The gRPC codec of warden's services: prost, with one difference. A
+//! `CheckRequest` that cannot be decoded (say, invalid UTF-8 in a string
+//! field) is not a gRPC error that ends the call: it decodes to a marked
+//! request that the server answers in-band with `REASON_MALFORMED`. A
+//! gateway multiplexes many users' checks on one `CheckStream`; one bad
+//! message must not take the others down with it.
+//!
+//! The mark lives in the request itself because tonic's generated services
+//! hand the handler nothing but the decoded message: a `method` no decoded
+//! request can pass validation with, and the safe message in `path`.
+//! [`undecodable`] reads it back. Every other message type decodes exactly
+//! as with `tonic_prost::ProstCodec`.
+
+use std::any::{Any, TypeId};
+use std::marker::PhantomData;
+
+use prost::Message;
+use prost::bytes::Buf;
+use tonic::Status;
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
+use tonic_prost::{ProstCodec, ProstEncoder};
+
+use crate::proto::CheckRequest;
+
+/// The `method` of a request that could not be decoded. Validation refuses
+/// it anyway (methods are ASCII letters).
+const UNDECODABLE: &str = "\0undecodable";
+
+/// The codec named in `build.rs` for every generated service.
+#[derive(Debug, Clone)]
+pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = LenientDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        LenientDecoder(PhantomData)
+    }
+}
+
+/// Decodes with prost; an undecodable `CheckRequest` becomes a marked one.
+#[derive(Debug)]
+pub struct LenientDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default + 'static> Decoder for LenientDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        match U::decode(&mut *buf) {
+            Ok(message) => Ok(Some(message)),
+            Err(error) => {
+                // Whatever prost left unread belongs to this message: the
+                // next one starts after it.
+                buf.advance(buf.remaining());
+                if TypeId::of::<U>() != TypeId::of::<CheckRequest>() {
+                    return Err(Status::internal(format!(
+                        "failed to decode Protobuf message: {error}"
+                    )));
+                }
+                let marked: Box<dyn Any> = Box::new(CheckRequest {
+                    method: UNDECODABLE.to_owned(),
+                    path: safe_message(&error),
+                    ..Default::default()
+                });
+                Ok(Some(*marked.downcast::<U>().expect("U is CheckRequest")))
+            }
+        }
+    }
+}
+
+/// Fields a decode error may name; anything else is described generally,
+/// so nothing the client sent is echoed.
+const FIELDS: &[&str] = &[
+    "key_id",
+    "method",
+    "path",
+    "query",
+    "body",
+    "body_sha256",
+    "scheme",
+    "timestamp",
+    "nonce",
+    "signature",
+    "limits",
+    "cost",
+    "dry_run",
+    "request_id",
+    "client_identity",
+    "api_key",
+    "client_address",
+    "policy",
+    "descriptor",
+];
+
+/// "path: not valid UTF-8", from prost's "failed to decode Protobuf message:
+/// CheckRequest.path: invalid string value: data is not UTF-8 encoded".
+fn safe_message(error: &prost::DecodeError) -> String {
+    let text = error.to_string();
+    let field = text
+        .split(|c: char| c.is_whitespace() || c == ':')
+        .filter_map(|word| word.rsplit_once('.').map(|(_, field)| field))
+        .find(|field| FIELDS.contains(field));
+    let what = if text.contains("UTF-8") {
+        "not valid UTF-8"
+    } else {
+        "could not be decoded"
+    };
+    match field {
+        Some(field) => format!("{field}: {what}"),
+        None => "request: not a valid CheckRequest message".to_owned(),
+    }
+}
+
+/// The safe MALFORMED message for a request that could not be decoded, or
+/// `None` for a decoded one.
+pub fn undecodable(request: &CheckRequest) -> Option<&str> {
+    (request.method == UNDECODABLE).then_some(request.path.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decode_error_names_the_field_and_nothing_the_client_sent() {
+        // Field 3 (path), length 2, bytes that are not UTF-8.
+        let bytes = [0x1a, 0x02, 0xff, 0xfe];
+        let error = CheckRequest::decode(&bytes[..]).unwrap_err();
+        assert_eq!(safe_message(&error), "path: not valid UTF-8");
+        let garbage = [0x1a, 0x7f];
+        let error = CheckRequest::decode(&garbage[..]).unwrap_err();
+        assert!(
+            safe_message(&error).ends_with("could not be decoded")
+                || safe_message(&error).starts_with("request:")
+        );
+    }
+}
