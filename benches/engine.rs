@@ -168,11 +168,13 @@ fn full_check(c: &mut Criterion) {
             name: "per-key".into(),
             limit: Limit::Gcra(Gcra::new(u32::MAX as u64, SEC, u32::MAX as u64)),
             period: Duration::from_secs(1),
+            max_entries: None,
         },
         Policy {
             name: "per-ip".into(),
             limit: Limit::Window(Window::new(WindowKind::Sliding, u32::MAX as u64, SEC)),
             period: Duration::from_secs(1),
+            max_entries: None,
         },
     ];
     let secret = "bench-secret-0123456789abcdefghijklmnop";

@@ -607,3 +607,84 @@ async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
         .into_inner();
     assert_reason(&r, Reason::Malformed);
 }
+
+/// The outside attack's finding: request limits with attacker-chosen
+/// descriptors on long-period policies grew memory without bound. A capped
+/// policy holds at most its cap; the flood evicts its own junk, not a
+/// descriptor that has spent its limit; the operator is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_descriptors_stays_within_the_cap_and_frees_no_spent_limit() {
+    use futures::StreamExt;
+    let dir = ConfigDir::new();
+    let server = dir.start(
+        r#"
+[[policies]]
+name = "login-per-ip"
+algorithm = "sliding_window"
+limit = 3
+period = "1d"
+max_entries = 500
+
+[[keys]]
+id = "wk_flood"
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+"#,
+    );
+    let mut client = dir.client(&server).await;
+    let signer = Signer::new("wk_flood", SECRET);
+    let login = |descriptor: String| {
+        let mut req = signer.check_request("POST", "/login", "", b"");
+        req.limits = vec![LimitRequest {
+            policy: "login-per-ip".into(),
+            descriptor,
+        }];
+        req
+    };
+    for _ in 0..3 {
+        let r = client.check(login("ip:192.0.2.1".into())).await.unwrap();
+        assert_reason(&r, Reason::Ok);
+    }
+    assert_reason(
+        &client.check(login("ip:192.0.2.1".into())).await.unwrap(),
+        Reason::RateLimited,
+    );
+
+    let flood: Vec<CheckRequest> = (0..5_000).map(|i| login(format!("ip:junk-{i}"))).collect();
+    let answers = client
+        .stub()
+        .check_stream(tokio_stream::iter(flood))
+        .await
+        .unwrap()
+        .into_inner();
+    let answers: Vec<_> = answers.collect().await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().unwrap().reason() == Reason::Ok)
+    );
+
+    assert_reason(
+        &client.check(login("ip:192.0.2.1".into())).await.unwrap(),
+        Reason::RateLimited,
+    );
+    server.wait_for_log("\"event\":\"state_pool_full\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = server.http_get("/metrics");
+        let held = metrics
+            .lines()
+            .find(|l| l.starts_with("warden_state_pool_entries{pool=\"login-per-ip\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(held) = held {
+            assert!(held <= 500.0, "{held} entries held");
+            assert!(metrics.contains("warden_state_evictions_total{pool=\"login-per-ip\"}"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pool metric:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

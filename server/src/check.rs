@@ -18,7 +18,9 @@ use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 use crate::auth::{Authz, Grant, Role};
 use crate::config::{CheckSettings, KeyConfig, Policy, is_valid_name};
 use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
-use crate::engine::{Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey};
+use crate::engine::{
+    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey,
+};
 use crate::freshness::{Fence, Freshness};
 use crate::keys::{ApiKey, KeyRing, RingError, is_valid_key_id};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
@@ -46,6 +48,10 @@ pub enum CheckError {
     /// live nonces.
     #[error("the replay cache is full; retry later")]
     ReplayCacheFull,
+    /// A request limit needs a new entry, its pool is full and nothing
+    /// could be evicted; counting it against nothing would be a bypass.
+    #[error("rate-limit state is full; retry later")]
+    StateFull(Pool),
     /// The calling certificate may not make this call. The text is safe to
     /// send to the caller.
     #[error("{0}")]
@@ -135,8 +141,14 @@ impl Checker {
             duration_nanos(settings.failure_period),
             settings.failure_limit,
         );
+        let engine = Engine::new(settings.shards, settings.nonce_capacity);
+        engine.pools().set_total_cap(settings.max_limit_entries);
+        engine
+            .pools()
+            .set_cap(Pool::FAILURES, Some(settings.max_failure_sources));
+        set_policy_caps(&engine, &keys);
         Self {
-            engine: Engine::new(settings.shards, settings.nonce_capacity),
+            engine,
             freshness: Freshness::starting_at(now, settings.past_skew, settings.future_skew),
             clock,
             keys: RwLock::new(Arc::new(keys)),
@@ -163,6 +175,7 @@ impl Checker {
 
     /// Makes a new set of keys and policies effective for the next check.
     pub fn replace_keys(&self, ring: KeyRing) {
+        set_policy_caps(&self.engine, &ring);
         *self.keys.write() = Arc::new(ring);
     }
 
@@ -461,9 +474,10 @@ impl Checker {
         }
         for &(policy, descriptor) in &valid.limits {
             let p = ring.policy(policy).expect("validated policy");
+            let pool = self.engine.pools().policy(policy);
             limits.push((
                 self.engine
-                    .key(descriptor.as_bytes(), &[b"limit", policy.as_bytes()]),
+                    .key_in(pool, descriptor.as_bytes(), &[b"limit", policy.as_bytes()]),
                 p.limit,
             ));
             named.push((
@@ -482,6 +496,7 @@ impl Checker {
         match self.engine.decide(now, &request) {
             Outcome::Replay => Ok(deny(Reason::Replay, "this request was already used")),
             Outcome::NonceSetFull => Err(CheckError::ReplayCacheFull),
+            Outcome::StateFull(pool) => Err(CheckError::StateFull(pool)),
             Outcome::Limited {
                 allowed,
                 limits: verdicts,
@@ -538,6 +553,9 @@ impl Checker {
         }
     }
 
+    /// Records one failure. If the pool of failure budgets is full and no
+    /// budget can be evicted, the failure goes unrecorded (and counted as
+    /// refused): genuine requests are never refused to make room for it.
     fn spend_failure(&self, key: StateKey, now: Nanos, dry_run: bool) {
         let limits = [(key, Limit::Gcra(self.failures))];
         let spend = Request {
@@ -643,6 +661,15 @@ pub fn is_valid_request_id(id: &str) -> bool {
     id.len() <= MAX_REQUEST_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Gives every policy of `ring` its cap as a request limit.
+fn set_policy_caps(engine: &Engine, ring: &KeyRing) {
+    for p in ring.policies() {
+        engine
+            .pools()
+            .set_cap(engine.pools().policy(&p.name), p.max_entries);
+    }
+}
+
 /// Where a failed attempt came from: whose failure budget it spends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source<'a> {
@@ -680,10 +707,18 @@ impl<'a> Source<'a> {
 
     fn state_key(&self, engine: &Engine) -> StateKey {
         match self {
-            Source::ClientIdentity(id) => engine.key(id.as_bytes(), &[b"failures:identity"]),
-            Source::Address(IpAddr::V4(a)) => engine.key(&a.octets(), &[b"failures:address"]),
-            Source::Address(IpAddr::V6(a)) => engine.key(&a.octets(), &[b"failures:address"]),
-            Source::Caller(id) => engine.key(id.as_bytes(), &[b"failures:caller"]),
+            Source::ClientIdentity(id) => {
+                engine.key_in(Pool::FAILURES, id.as_bytes(), &[b"failures:identity"])
+            }
+            Source::Address(IpAddr::V4(a)) => {
+                engine.key_in(Pool::FAILURES, &a.octets(), &[b"failures:address"])
+            }
+            Source::Address(IpAddr::V6(a)) => {
+                engine.key_in(Pool::FAILURES, &a.octets(), &[b"failures:address"])
+            }
+            Source::Caller(id) => {
+                engine.key_in(Pool::FAILURES, id.as_bytes(), &[b"failures:caller"])
+            }
         }
     }
 }

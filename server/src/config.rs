@@ -122,6 +122,11 @@ pub struct CheckFile {
     pub failure_limit: Option<u64>,
     /// Default "60s".
     pub failure_period: Option<String>,
+    /// Most request-limit entries (descriptors, all policies together) and
+    /// failure budgets held at once. Default 4000000.
+    pub max_limit_entries: Option<u64>,
+    /// Most failure budgets (sources) held at once. Default 1000000.
+    pub max_failure_sources: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +208,11 @@ pub struct PolicyFile {
     pub period: String,
     /// GCRA only: requests allowed at once. Default `limit`.
     pub burst: Option<u64>,
+    /// Most descriptors this policy tracks at once as a request limit (see
+    /// "Bounded state" in README). Default: only the global
+    /// `check.max_limit_entries` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,6 +261,8 @@ pub struct Policy {
     pub name: String,
     pub limit: Limit,
     pub period: Duration,
+    /// Cap on the descriptors tracked for this policy as a request limit.
+    pub max_entries: Option<usize>,
 }
 
 /// One key as configured, secrets resolved.
@@ -305,6 +317,8 @@ pub struct CheckSettings {
     pub shards: usize,
     pub failure_limit: u64,
     pub failure_period: Duration,
+    pub max_limit_entries: usize,
+    pub max_failure_sources: usize,
 }
 
 impl Default for CheckSettings {
@@ -317,6 +331,8 @@ impl Default for CheckSettings {
             shards: 64,
             failure_limit: 20,
             failure_period: Duration::from_secs(60),
+            max_limit_entries: 4_000_000,
+            max_failure_sources: 1_000_000,
         }
     }
 }
@@ -750,6 +766,21 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
         Some(s) => parse_duration("check.failure_period", &s)?,
         None => d.failure_period,
     };
+    let entries = |field: &str, v: Option<u64>, default: usize| match v {
+        None => Ok(default),
+        Some(n) if (1..=MAX_ENTRIES).contains(&n) => Ok(n as usize),
+        Some(_) => Err(bad(field, format!("must be between 1 and {MAX_ENTRIES}"))),
+    };
+    let max_limit_entries = entries(
+        "check.max_limit_entries",
+        c.max_limit_entries,
+        d.max_limit_entries,
+    )?;
+    let max_failure_sources = entries(
+        "check.max_failure_sources",
+        c.max_failure_sources,
+        d.max_failure_sources,
+    )?;
     Ok(CheckSettings {
         past_skew,
         future_skew,
@@ -758,11 +789,16 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
         shards,
         failure_limit,
         failure_period,
+        max_limit_entries,
+        max_failure_sources,
     })
 }
 
 /// Validates one policy (from the config file or the admin API); errors name
 /// `field`.
+/// Bound of every entry cap: 1e9 entries is ~40 GB of state.
+const MAX_ENTRIES: u64 = 1_000_000_000;
+
 pub fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
     if !is_valid_name(&p.name) {
         return Err(bad(
@@ -817,10 +853,21 @@ pub fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
             ));
         }
     };
+    let max_entries = match p.max_entries {
+        None => None,
+        Some(n) if (1..=MAX_ENTRIES).contains(&n) => Some(n as usize),
+        Some(_) => {
+            return Err(bad(
+                format!("{field}.max_entries"),
+                format!("must be between 1 and {MAX_ENTRIES}"),
+            ));
+        }
+    };
     Ok(Policy {
         name: p.name,
         limit,
         period,
+        max_entries,
     })
 }
 

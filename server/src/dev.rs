@@ -234,6 +234,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
             name: "demo".to_owned(),
             limit: Limit::Gcra(Gcra::new(100, duration_nanos(Duration::from_secs(60)), 100)),
             period: Duration::from_secs(60),
+            max_entries: None,
         },
         Policy {
             name: "per-ip".to_owned(),
@@ -243,6 +244,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
                 duration_nanos(Duration::from_secs(60)),
             )),
             period: Duration::from_secs(60),
+            max_entries: None,
         },
     ];
     let key = KeyConfig {

@@ -265,6 +265,10 @@ impl KeyRing {
         self.policies.get(name)
     }
 
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.policies.values()
+    }
+
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }

@@ -6,6 +6,7 @@
 //! caller identity is read from the client certificate once per connection,
 //! and so that idle connections can be closed.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -565,6 +566,7 @@ async fn accept_loop(
 }
 
 async fn sweep_loop(checker: Arc<Checker>, alerts: Arc<Alerts>, clock: Arc<dyn Clock>) {
+    let mut last_pools = HashMap::new();
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -580,7 +582,41 @@ async fn sweep_loop(checker: Arc<Checker>, alerts: Arc<Alerts>, clock: Arc<dyn C
         metrics::gauge!("warden_state_entries", "kind" => "bucket").set(held.buckets as f64);
         metrics::gauge!("warden_state_entries", "kind" => "window").set(held.windows as f64);
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
+        report_pools(&checker, &mut last_pools);
         tracing::trace!(?removed, ?held, "swept idle state");
+    }
+}
+
+/// Pool counts as metrics, and one warning per pool and minute while a pool
+/// is evicting or refusing: a full pool means someone is making state
+/// faster than it ages out, or a cap is too small.
+fn report_pools(checker: &Checker, last: &mut HashMap<String, (u64, u64, std::time::Instant)>) {
+    for pool in checker.engine().pools().stats() {
+        let name = pool.name.clone();
+        metrics::gauge!("warden_state_pool_entries", "pool" => name.clone())
+            .set(pool.entries as f64);
+        metrics::counter!("warden_state_evictions_total", "pool" => name.clone())
+            .absolute(pool.evicted);
+        metrics::counter!("warden_state_refusals_total", "pool" => name.clone())
+            .absolute(pool.refused);
+        let now = std::time::Instant::now();
+        let (evicted, refused, warned) =
+            last.entry(name)
+                .or_insert((0, 0, now - Duration::from_secs(3600)));
+        let busy = pool.evicted > *evicted || pool.refused > *refused;
+        if busy && now.duration_since(*warned) >= Duration::from_secs(60) {
+            tracing::warn!(
+                event = "state_pool_full",
+                pool = %pool.name,
+                entries = pool.entries,
+                cap = pool.cap.map_or("-".to_owned(), |c| c.to_string()),
+                evicted = pool.evicted - *evicted,
+                refused = pool.refused - *refused,
+                "a state pool is full: evicting the entries closest to idle (see README, Bounded state)"
+            );
+            *warned = now;
+            (*evicted, *refused) = (pool.evicted, pool.refused);
+        }
     }
 }
 

@@ -34,6 +34,7 @@ fn policy(name: &str, limit: Limit, period: Duration) -> Policy {
         name: name.into(),
         limit,
         period,
+        max_entries: None,
     }
 }
 
@@ -673,4 +674,30 @@ fn client_route_rules_apply_to_the_effective_client_identity() {
     req.client_identity = "spiffe://partner/shipping".into();
     // k1 requests go to POST /orders; partners may only POST /webhooks/*.
     assert_eq!(reason(&f.check(&req)), Reason::Forbidden);
+}
+
+#[test]
+fn failure_budgets_of_a_spray_of_sources_stay_within_their_cap() {
+    let f = Fixture::with(
+        CheckSettings {
+            failure_limit: 3,
+            max_failure_sources: 100,
+            ..CheckSettings::default()
+        },
+        &[],
+    );
+    for i in 0..5_000u32 {
+        let [a, b, c, d] = (0x0a00_0000 + i).to_be_bytes();
+        f.check(&from_address(f.forged(), &format!("{a}.{b}.{c}.{d}")));
+    }
+    let failures = f
+        .checker
+        .engine()
+        .pools()
+        .stats()
+        .into_iter()
+        .find(|s| s.name == "failures")
+        .unwrap();
+    assert!(failures.entries <= 100, "{failures:?}");
+    assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
 }

@@ -10,14 +10,17 @@
 //! State is addressed by [`StateKey`]: a 64-bit keyed hash of what the state
 //! counts, plus the shard of its *owner* (an API key id, or a request-limit
 //! descriptor), so that all state of one key lives in one shard. 64 bits keep
-//! a map entry at 16 bytes; the hash is keyed per process, so a client cannot
-//! aim collisions, and a chance collision is harmless in practice (two
-//! limits sharing a bucket with probability ~n²/2⁶⁵ — 3·10⁻⁸ at a million
-//! active keys — or a false REPLAY, never a false accept).
+//! a map entry at 16 bytes; the top byte names the entry's [`Pool`] (see
+//! [`pools`]: what bounds client-made state), the other 56 bits are a hash
+//! keyed per process, so a client cannot aim collisions, and a chance
+//! collision is harmless in practice (two limits of one pool sharing a bucket
+//! with probability ~n²/2⁵⁷ — 7·10⁻⁶ at a million active entries — or a
+//! false REPLAY, never a false accept).
 
 pub mod clock;
 pub mod gcra;
 pub mod nonce;
+pub mod pools;
 pub mod window;
 
 use std::collections::HashMap;
@@ -30,6 +33,8 @@ use smallvec::SmallVec;
 pub use clock::{Clock, FakeClock, Nanos, SystemClock};
 pub use gcra::{Gcra, Verdict};
 pub use nonce::{Claim, NonceSet};
+use pools::{Full, PoolTable};
+pub use pools::{Pool, PoolStats};
 pub use window::{Window, WindowKind, WindowState};
 
 /// Hashes a `StateKey` id for the shard maps. The id is already the output of
@@ -112,6 +117,9 @@ pub enum Outcome {
     /// The nonce is new but there is no room left to remember it (the
     /// global nonce bound is reached); refusing is the only safe answer.
     NonceSetFull,
+    /// A limit needs a new entry in a full pool and none could be evicted
+    /// to make room. Nothing was stored.
+    StateFull(Pool),
     /// Limits were evaluated; `allowed` when all of them passed. State was
     /// stored only if allowed and the request asked to commit.
     Limited { allowed: bool, limits: Verdicts },
@@ -135,6 +143,11 @@ struct Shard {
 
 /// Minimum time between two sweeps of one shard under nonce pressure.
 const PRESSURE_SWEEP_EVERY: Nanos = 100_000_000;
+/// Making room in a full pool: entries looked at, at most, and candidates
+/// compared. Bounded so a full pool costs a new entry microseconds, not a
+/// scan of the shard.
+const EVICTION_SCAN: usize = 4096;
+const EVICTION_SAMPLE: usize = 32;
 
 /// How much state the engine holds, for metrics and memory checks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,6 +165,7 @@ pub struct Engine {
     /// Nonces remembered across all shards, and the most allowed.
     nonce_count: AtomicUsize,
     nonce_capacity: usize,
+    pools: PoolTable,
 }
 
 impl Engine {
@@ -174,7 +188,13 @@ impl Engine {
             hashers: [RandomState::new(), RandomState::new()],
             nonce_count: AtomicUsize::new(0),
             nonce_capacity,
+            pools: PoolTable::new(usize::MAX),
         }
+    }
+
+    /// The pools of client-made state: their caps, counts and names.
+    pub fn pools(&self) -> &PoolTable {
+        &self.pools
     }
 
     /// The key of a piece of state: `owner` (an API key id or a descriptor)
@@ -182,6 +202,11 @@ impl Engine {
     /// ("a","bc") differ. The hash is keyed per process, so clients cannot
     /// aim collisions.
     pub fn key(&self, owner: &[u8], parts: &[&[u8]]) -> StateKey {
+        self.key_in(Pool::KEYS, owner, parts)
+    }
+
+    /// Like [`Self::key`], for state that belongs to `pool`.
+    pub fn key_in(&self, pool: Pool, owner: &[u8], parts: &[&[u8]]) -> StateKey {
         let hash = |hasher: &RandomState, parts: &[&[u8]]| {
             let mut h = hasher.build_hasher();
             h.write_usize(owner.len());
@@ -192,7 +217,7 @@ impl Engine {
             }
             h.finish()
         };
-        let id = hash(&self.hashers[0], parts);
+        let id = pool.tag(hash(&self.hashers[0], parts));
         let shard_mask = self.shards.len() as u64 - 1;
         let shard = (hash(&self.hashers[1], &[]) & shard_mask) as u32;
         StateKey { id, shard }
@@ -284,6 +309,31 @@ impl Engine {
         }
 
         if allowed && request.commit {
+            // Room for every new entry in a counted pool first: a request
+            // that cannot be stored whole is stored not at all.
+            let mut reserved: SmallVec<[Pool; 8]> = SmallVec::new();
+            for ((key, limit), _) in request.limits.iter().zip(&updates) {
+                let pool = Pool::of(key.id);
+                let s = &mut guards[shard(key)];
+                let exists = match limit {
+                    Limit::Gcra(_) => s.buckets.contains_key(&key.id),
+                    Limit::Window(_) => s.windows.contains_key(&key.id),
+                };
+                if exists || !pool.is_counted() || reserved.contains(&pool) {
+                    continue;
+                }
+                if let Some(full) = self.pools.full(pool)
+                    && !self.make_room(s, full, pool, now)
+                {
+                    self.pools.note_refusal(pool);
+                    for &p in &reserved {
+                        self.pools.removed(p);
+                    }
+                    return Outcome::StateFull(pool);
+                }
+                self.pools.added(pool);
+                reserved.push(pool);
+            }
             if let Some((key, forget_at)) = &request.nonce {
                 let i = shard(key);
                 if guards[i].nonces.insert(*key, *forget_at) {
@@ -293,12 +343,19 @@ impl Engine {
             for ((key, _), next) in request.limits.iter().zip(updates) {
                 let i = shard(key);
                 let s = &mut guards[i];
-                match next {
-                    Next::Bucket(tat) => {
-                        s.buckets.insert(key.id, tat);
-                    }
-                    Next::Window(state) => {
-                        s.windows.insert(key.id, state);
+                let new = match next {
+                    Next::Bucket(tat) => s.buckets.insert(key.id, tat).is_none(),
+                    Next::Window(state) => s.windows.insert(key.id, state).is_none(),
+                };
+                // Reserved above, once per pool; a second new entry of the
+                // same pool in one request is counted here.
+                let pool = Pool::of(key.id);
+                if new && pool.is_counted() {
+                    match reserved.iter().position(|&p| p == pool) {
+                        Some(at) => {
+                            reserved.swap_remove(at);
+                        }
+                        None => self.pools.added(pool),
                     }
                 }
             }
@@ -309,15 +366,62 @@ impl Engine {
         }
     }
 
+    /// Evicts, from one locked shard, the sampled entry of `pool` (of any
+    /// counted pool when the global cap is full) whose loss forgives the
+    /// least: the bucket closest to full again, or the window with the
+    /// fewest requests counted. Whether room was made.
+    fn make_room(&self, s: &mut Shard, full: Full, pool: Pool, now: Nanos) -> bool {
+        let wanted = |id: u64| match full {
+            Full::Pool => Pool::of(id) == pool,
+            Full::Total => Pool::of(id).is_counted(),
+        };
+        let bucket = s
+            .buckets
+            .iter()
+            .take(EVICTION_SCAN / 2)
+            .filter(|(id, _)| wanted(**id))
+            .take(EVICTION_SAMPLE)
+            .map(|(&id, &tat)| (tat.saturating_sub(now), id))
+            .min();
+        if let Some((_, id)) = bucket {
+            s.buckets.remove(&id);
+            self.pools.removed(Pool::of(id));
+            self.pools.note_eviction(Pool::of(id));
+            return true;
+        }
+        let window = s
+            .windows
+            .iter()
+            .take(EVICTION_SCAN / 2)
+            .filter(|(id, _)| wanted(**id))
+            .take(EVICTION_SAMPLE)
+            .map(|(&id, w)| (u64::from(w.cur) + u64::from(w.prev), w.idle_at, id))
+            .min();
+        if let Some((_, _, id)) = window {
+            s.windows.remove(&id);
+            self.pools.removed(Pool::of(id));
+            self.pools.note_eviction(Pool::of(id));
+            return true;
+        }
+        false
+    }
+
     /// Drops all state that no longer matters at `now`: full buckets, aged-out
     /// windows and forgettable nonces. Locks one shard at a time, briefly.
     pub fn sweep(&self, now: Nanos) -> Occupancy {
         let mut removed = Occupancy::default();
+        let pools = &self.pools;
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             let before = (s.buckets.len(), s.windows.len());
-            s.buckets.retain(|_, tat| !Gcra::is_idle(*tat, now));
-            s.windows.retain(|_, w| !Window::is_idle(w, now));
+            let forget = |id: &u64| {
+                pools.removed(Pool::of(*id));
+                false
+            };
+            s.buckets
+                .retain(|id, tat| !Gcra::is_idle(*tat, now) || forget(id));
+            s.windows
+                .retain(|id, w| !Window::is_idle(w, now) || forget(id));
             nonce::shrink_if_sparse(&mut s.buckets);
             nonce::shrink_if_sparse(&mut s.windows);
             removed.buckets += before.0 - s.buckets.len();

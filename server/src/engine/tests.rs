@@ -259,3 +259,177 @@ fn state_keys_separate_their_parts() {
         engine.key(b"o", &[b"y"]).shard
     );
 }
+
+fn window(limit: u64, period_secs: u64) -> Limit {
+    Limit::Window(Window::new(WindowKind::Sliding, limit, period_secs * SEC))
+}
+
+/// One request against one request limit of `pool` for `descriptor`.
+fn hit(engine: &Engine, pool: Pool, descriptor: &str, limit: Limit, now: Nanos) -> Outcome {
+    let limits = [(
+        engine.key_in(pool, descriptor.as_bytes(), &[b"limit"]),
+        limit,
+    )];
+    engine.decide(
+        now,
+        &Request {
+            nonce: None,
+            limits: &limits,
+            cost: 1,
+            commit: true,
+        },
+    )
+}
+
+fn allowed(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Limited { allowed: true, .. })
+}
+
+/// Entries per pool as the maps hold them, to hold the counts against.
+fn held_in(engine: &Engine, pool: Pool) -> usize {
+    engine
+        .shards
+        .iter()
+        .map(|s| {
+            let s = s.lock();
+            s.buckets
+                .keys()
+                .chain(s.windows.keys())
+                .filter(|id| Pool::of(**id) == pool)
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn a_flood_of_junk_descriptors_never_grows_a_pool_past_its_cap() {
+    let engine = Engine::new(8, 1000);
+    let login = engine.pools().policy("login-per-ip");
+    engine.pools().set_cap(login, Some(200));
+    let limit = window(3, 3600);
+    for i in 0..20_000 {
+        assert!(allowed(&hit(
+            &engine,
+            login,
+            &format!("junk-{i}"),
+            limit,
+            SEC
+        )));
+    }
+    assert_eq!(held_in(&engine, login), 200);
+    let stats = engine.pools().stats();
+    let s = stats.iter().find(|s| s.name == "login-per-ip").unwrap();
+    assert_eq!((s.entries, s.cap), (200, Some(200)));
+    assert_eq!(s.evicted, 20_000 - 200);
+}
+
+#[test]
+fn eviction_takes_junk_before_a_descriptor_that_has_spent_its_limit() {
+    let engine = Engine::new(1, 1000);
+    let login = engine.pools().policy("login");
+    engine.pools().set_cap(login, Some(16));
+    let limit = window(3, 3600);
+    for _ in 0..3 {
+        assert!(allowed(&hit(&engine, login, "victim-ip", limit, SEC)));
+    }
+    assert!(!allowed(&hit(&engine, login, "victim-ip", limit, SEC)));
+    // Junk of one request each: always cheaper to forget than the victim.
+    for i in 0..5_000 {
+        hit(&engine, login, &format!("junk-{i}"), limit, SEC);
+    }
+    assert!(
+        !allowed(&hit(&engine, login, "victim-ip", limit, SEC)),
+        "the flood bought the spent descriptor a fresh window"
+    );
+}
+
+#[test]
+fn the_global_cap_bounds_all_pools_together_and_key_state_is_never_counted() {
+    let engine = Engine::new(4, 1000);
+    engine.pools().set_total_cap(100);
+    let a = engine.pools().policy("a");
+    let b = engine.pools().policy("b");
+    for i in 0..1_000 {
+        hit(&engine, a, &format!("a{i}"), gcra(10, 10), SEC);
+        hit(&engine, b, &format!("b{i}"), window(10, 60), SEC);
+        // A key's own policy state: bounded by the keys, never evicted.
+        hit(&engine, Pool::KEYS, &format!("key{i}"), gcra(10, 10), SEC);
+    }
+    assert!(engine.pools().total() <= 100);
+    assert_eq!(
+        held_in(&engine, a) + held_in(&engine, b),
+        engine.pools().total()
+    );
+    assert_eq!(held_in(&engine, Pool::KEYS), 1_000);
+}
+
+#[test]
+fn when_nothing_can_be_evicted_the_request_is_refused_and_stores_nothing() {
+    // One entry allowed, in a pool whose only entry lives in another shard.
+    let engine = Engine::new(64, 1000);
+    let p = engine.pools().policy("p");
+    engine.pools().set_cap(p, Some(1));
+    assert!(allowed(&hit(&engine, p, "first", gcra(5, 5), SEC)));
+    let first_shard = engine.key_in(p, b"first", &[]).shard;
+    let other = (0..)
+        .map(|i| format!("d{i}"))
+        .find(|d| engine.key_in(p, d.as_bytes(), &[]).shard != first_shard)
+        .unwrap();
+    let nonce = engine.key(b"k", &[b"nonce", b"n"]);
+    let limits = [(engine.key_in(p, other.as_bytes(), &[b"limit"]), gcra(5, 5))];
+    let outcome = engine.decide(
+        SEC,
+        &Request {
+            nonce: Some((nonce, 100 * SEC)),
+            limits: &limits,
+            cost: 1,
+            commit: true,
+        },
+    );
+    assert_eq!(outcome, Outcome::StateFull(p));
+    assert_eq!(
+        engine.occupancy().nonces,
+        0,
+        "refused requests store no nonce"
+    );
+    assert_eq!(held_in(&engine, p), 1);
+    assert_eq!(
+        engine
+            .pools()
+            .stats()
+            .iter()
+            .find(|s| s.name == "p")
+            .unwrap()
+            .refused,
+        1
+    );
+}
+
+proptest::proptest! {
+    /// Whatever mix of requests, evictions and sweeps, the counts the caps
+    /// are judged by match what the maps hold.
+    #[test]
+    fn pool_counts_always_match_the_entries_held(
+        ops in proptest::collection::vec((0u8..3, 0u16..64, 0u64..3), 1..400),
+        cap in 1usize..40,
+    ) {
+        let engine = Engine::new(4, 1000);
+        let a = engine.pools().policy("a");
+        let b = engine.pools().policy("b");
+        engine.pools().set_cap(a, Some(cap));
+        engine.pools().set_total_cap(50);
+        let mut now = SEC;
+        for (what, d, step) in ops {
+            now += step * SEC / 2;
+            match what {
+                0 => { hit(&engine, a, &format!("{d}"), gcra(2, 2), now); }
+                1 => { hit(&engine, b, &format!("{d}"), window(2, 3), now); }
+                _ => { engine.sweep(now); }
+            }
+            let (ha, hb) = (held_in(&engine, a), held_in(&engine, b));
+            proptest::prop_assert!(ha <= cap);
+            proptest::prop_assert!(ha + hb <= 50);
+            proptest::prop_assert_eq!(ha + hb, engine.pools().total());
+        }
+    }
+}

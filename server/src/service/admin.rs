@@ -581,6 +581,7 @@ impl Admin for AdminService {
             limit: r.limit,
             period: r.period.clone(),
             burst: (r.burst > 0).then_some(r.burst),
+            max_entries: None,
         };
         let policy = crate::config::policy("policy", file.clone())
             .map_err(|e| Status::invalid_argument(e.0))?;

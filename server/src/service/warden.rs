@@ -176,6 +176,17 @@ fn check_one(
             );
             Err(Status::permission_denied(why))
         }
+        Err(CheckError::StateFull(_)) => {
+            tracing::warn!(
+                event = "state_full",
+                caller = caller.as_str(),
+                request_id,
+                "rate-limit state is full and nothing could be evicted; refusing the check"
+            );
+            Err(Status::resource_exhausted(
+                "rate-limit state is full; retry later",
+            ))
+        }
         Err(CheckError::ReplayCacheFull) => {
             tracing::warn!(
                 event = "replay_cache_full",
