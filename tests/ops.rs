@@ -515,3 +515,94 @@ fn config_check_validates_without_serving() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.pem"));
 }
+
+/// The outside attack's finding: 21,000 half-open TCP connections (no
+/// certificate needed) exhausted file descriptors — failed accepts, a
+/// failed certificate reload, new connections waiting up to 2 s. Under an
+/// open-file limit of 512, flood the server with connections that never
+/// start a handshake, from one address, while a normal client on another
+/// address keeps calling, opens new connections, and a certificate reload
+/// and the metrics listener keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_open_connections_starves_nothing() {
+    let dir = ConfigDir::new();
+    let config = dir.write_config(&format!(
+        "[server]\nhandshake_timeout = \"2s\"\nmax_handshakes_per_address = 16\n{KEYS}"
+    ));
+    let server = Server::with_config_fd_limit(&config, 512);
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let tls = Tls::from_dev_dir(dir.path()).unwrap();
+    let mut client = warden_client::Client::connect(&server.addr, tls.clone())
+        .await
+        .unwrap();
+
+    // 1,500 connections from 127.0.0.2 that never say a word.
+    let mut flood = Vec::new();
+    for _ in 0..1_500 {
+        // The test's own descriptor limit ends the flood early, if lower.
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(1), socket.connect(addr)).await
+        {
+            flood.push(stream);
+        }
+    }
+    assert!(flood.len() >= 600, "only {} connections made", flood.len());
+
+    // The established client keeps its latency, and new connections from
+    // another address are served at once.
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = std::time::Instant::now();
+        if i % 4 == 0 {
+            let mut fresh = warden_client::Client::connect(&server.addr, tls.clone())
+                .await
+                .expect("a new connection during the flood");
+            assert_eq!(
+                fresh.check(request("wk_victim")).await.unwrap().reason(),
+                Reason::Ok
+            );
+        } else {
+            assert_eq!(
+                client.check(request("wk_victim")).await.unwrap().reason(),
+                Reason::Ok
+            );
+        }
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "slowest call {slowest:?}"
+    );
+
+    // A certificate reload still finds a descriptor.
+    let (cert, key) = dir.ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), key).unwrap();
+    std::fs::write(dir.path().join("server.pem"), cert).unwrap();
+    server.wait_for_log("tls_reloaded");
+    assert!(
+        !server.logs().contains("tls_reload_failed"),
+        "{}",
+        server.logs()
+    );
+    assert!(
+        !server.logs().contains("accept_failed"),
+        "{}",
+        server.logs()
+    );
+
+    let (status, metrics) = server.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        sample(
+            &metrics,
+            "warden_connections_refused_total{cause=\"max_handshakes_per_address\"}"
+        ) >= (flood.len() / 2) as f64,
+        "{metrics}"
+    );
+    server.wait_for_log("\"event\":\"connection_refused\"");
+    drop(flood);
+}

@@ -142,6 +142,16 @@ pub struct ServerFile {
     pub max_calls_per_connection: Option<usize>,
     /// Close connections with no traffic for this long. Default "10m".
     pub idle_timeout: Option<String>,
+    /// Connections open at once (handshaking or established). Beyond it new
+    /// connections are closed at once. Default: the descriptor limit less a
+    /// reserve of 256 for files, reloads and the metrics listener.
+    pub max_connections: Option<usize>,
+    /// TLS handshakes in progress at once, from everyone. Default 1024.
+    pub max_handshakes: Option<usize>,
+    /// TLS handshakes in progress at once from one IP address. Default 32.
+    pub max_handshakes_per_address: Option<usize>,
+    /// How long a client may take to complete the TLS handshake. Default "3s".
+    pub handshake_timeout: Option<String>,
     /// After SIGTERM: report NOT_SERVING for this long while still serving,
     /// so load balancers stop sending traffic. Default "0s".
     pub drain_delay: Option<String>,
@@ -344,6 +354,11 @@ pub struct ServerSettings {
     pub max_inflight: usize,
     pub max_calls_per_connection: usize,
     pub idle_timeout: Duration,
+    /// `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
+    pub handshake_timeout: Duration,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
 }
@@ -357,6 +372,10 @@ impl Default for ServerSettings {
             max_inflight: 4096,
             max_calls_per_connection: 128,
             idle_timeout: Duration::from_secs(600),
+            max_connections: None,
+            max_handshakes: 1024,
+            max_handshakes_per_address: 32,
+            handshake_timeout: Duration::from_secs(3),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }
@@ -422,6 +441,41 @@ fn server_settings(f: ServerFile) -> Result<ServerSettings, ConfigError> {
         s.idle_timeout = parse_duration("server.idle_timeout", &text)?;
         if s.idle_timeout < Duration::from_secs(1) {
             return Err(bad("server.idle_timeout", "must be at least 1s"));
+        }
+    }
+    if let Some(n) = f.max_connections {
+        if !(16..=1_000_000).contains(&n) {
+            return Err(bad(
+                "server.max_connections",
+                "must be between 16 and 1000000",
+            ));
+        }
+        s.max_connections = Some(n);
+    }
+    if let Some(n) = f.max_handshakes {
+        if !(1..=100_000).contains(&n) {
+            return Err(bad("server.max_handshakes", "must be between 1 and 100000"));
+        }
+        s.max_handshakes = n;
+    }
+    if let Some(n) = f.max_handshakes_per_address {
+        if !(1..=100_000).contains(&n) {
+            return Err(bad(
+                "server.max_handshakes_per_address",
+                "must be between 1 and 100000",
+            ));
+        }
+        s.max_handshakes_per_address = n;
+    }
+    if let Some(text) = f.handshake_timeout {
+        s.handshake_timeout = parse_duration("server.handshake_timeout", &text)?;
+        if s.handshake_timeout < Duration::from_millis(100)
+            || s.handshake_timeout > Duration::from_secs(60)
+        {
+            return Err(bad(
+                "server.handshake_timeout",
+                "must be between 100ms and 60s",
+            ));
         }
     }
     if let Some(text) = f.drain_delay {

@@ -19,6 +19,7 @@ pub mod crypto;
 pub mod dev;
 pub mod engine;
 pub mod freshness;
+pub mod gate;
 pub mod keys;
 pub mod metrics;
 pub mod server;

@@ -34,6 +34,7 @@ use crate::audit::AuditLog;
 use crate::check::Checker;
 use crate::config::{Config, ServerSettings};
 use crate::engine::{Clock, SystemClock};
+use crate::gate::{ConnectionSlot, Gate, Refusal};
 use crate::keys::KeyRing;
 use crate::service::Admission;
 use crate::service::admin::AdminService;
@@ -41,8 +42,6 @@ use crate::service::warden::WardenService;
 use crate::store::Store;
 use crate::tls::TlsReloader;
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often idle state is swept out of the engine.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Room in a CheckRequest beyond the body for the other fields.
@@ -118,15 +117,18 @@ pub struct Conn {
     peer: PeerInfo,
     idle_timeout: Duration,
     idle_timer: Pin<Box<Sleep>>,
+    /// Frees the connection's place under `max_connections` when dropped.
+    _slot: ConnectionSlot,
 }
 
 impl Conn {
-    fn new(io: Io, peer: PeerInfo, idle_timeout: Duration) -> Self {
+    fn new(io: Io, peer: PeerInfo, idle_timeout: Duration, slot: ConnectionSlot) -> Self {
         Self {
             io,
             peer,
             idle_timeout,
             idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
+            _slot: slot,
         }
     }
 
@@ -256,11 +258,19 @@ pub struct Bound {
     audit: Option<Arc<AuditLog>>,
     clock: Arc<dyn Clock>,
     config: Config,
+    gate: Arc<Gate>,
 }
 
 impl Bound {
     /// Loads TLS material and binds the listen (and metrics) addresses.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let fd_limit = crate::gate::raise_fd_limit();
+        let gate = Arc::new(Gate::new(&config.server, fd_limit));
+        tracing::debug!(
+            fd_limit,
+            max_connections = gate.max_connections(),
+            "connection bounds"
+        );
         let tls = match &config.tls {
             Some(paths) => Some(Arc::new(TlsReloader::new(paths.clone())?)),
             None => None,
@@ -311,6 +321,7 @@ impl Bound {
             audit,
             clock,
             config: config.clone(),
+            gate,
         })
     }
 
@@ -390,6 +401,7 @@ impl Bound {
             self.tls,
             conns_tx,
             settings.clone(),
+            self.gate.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(
             self.checker.clone(),
@@ -490,11 +502,35 @@ impl Bound {
     }
 }
 
+/// Closes a connection over a bound at once, counted, with one warning per
+/// cause every 10 s at most (a flood must not become a flood of log lines).
+fn refuse(refusal: Refusal, remote: SocketAddr) {
+    static LAST_WARNED_MS: [AtomicU64; 3] =
+        [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    metrics::counter!("warden_connections_refused_total", "cause" => refusal.name()).increment(1);
+    let last = &LAST_WARNED_MS[refusal as usize];
+    let now = monotonic_ms() + 10_000;
+    let before = last.load(Ordering::Relaxed);
+    if now.saturating_sub(before) >= 10_000
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            event = "connection_refused",
+            cause = refusal.name(),
+            %remote,
+            "closing new connections over a bound (see warden_connections_refused_total)"
+        );
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<TlsReloader>>,
     conns: mpsc::Sender<io::Result<Conn>>,
     settings: ServerSettings,
+    gate: Arc<Gate>,
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -504,6 +540,13 @@ async fn accept_loop(
                 // spinning, and keep serving the connections we have.
                 tracing::warn!(event = "accept_failed", error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = match gate.open() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(refusal, remote);
                 continue;
             }
         };
@@ -518,7 +561,7 @@ async fn accept_loop(
                 conn: conn_state,
             };
             if conns
-                .send(Ok(Conn::new(Io::Plain(tcp), peer, idle_timeout)))
+                .send(Ok(Conn::new(Io::Plain(tcp), peer, idle_timeout, slot)))
                 .await
                 .is_err()
             {
@@ -528,10 +571,20 @@ async fn accept_loop(
         };
         // Each handshake uses the configuration current at accept time, so
         // a reload affects new connections only.
+        let handshake = match gate.handshake(remote.ip()) {
+            Ok(handshake) => handshake,
+            Err(refusal) => {
+                refuse(refusal, remote);
+                continue;
+            }
+        };
         let acceptor = tls.acceptor();
         let allow_cn = tls.allow_cn_identity();
+        let timeout = settings.handshake_timeout;
         tokio::spawn(async move {
-            let cause = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let cause = match accepted {
                 Ok(Ok(stream)) => {
                     let identity = stream
                         .get_ref()
@@ -546,7 +599,12 @@ async fn accept_loop(
                         conn: conn_state,
                     };
                     let _ = conns
-                        .send(Ok(Conn::new(Io::Tls(Box::new(stream)), peer, idle_timeout)))
+                        .send(Ok(Conn::new(
+                            Io::Tls(Box::new(stream)),
+                            peer,
+                            idle_timeout,
+                            slot,
+                        )))
                         .await;
                     return;
                 }

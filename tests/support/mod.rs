@@ -59,10 +59,29 @@ impl Server {
         Self::start(&args, config.parent().unwrap().to_owned(), log)
     }
 
+    /// `warden serve --config FILE` under an open-file limit of `fds`.
+    pub fn with_config_fd_limit(config: &Path, fds: u32) -> Self {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {fds} && exec \"$0\" \"$@\""),
+            BIN,
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        Self::start_command(command, config.parent().unwrap().to_owned(), "info")
+    }
+
     fn start(args: &[&str], dir: PathBuf, log: &str) -> Self {
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Self::start_command(command, dir, log)
+    }
+
+    fn start_command(mut command: Command, dir: PathBuf, log: &str) -> Self {
         // Metrics on a free port too, so tests can run side by side.
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut child = command
             .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", log)
             .stdin(Stdio::null())
