@@ -267,9 +267,12 @@ async fn security_denials_are_audited() {
     .await;
     let replay = signed(&id, &secret);
     check(&server, replay.clone()).await;
-    check(&server, replay).await;
-    // Denials are written in batches within ~50 ms.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..50 {
+        check(&server, replay.clone()).await;
+    }
+    // Denials are tallied per subject and written once per window (1 s
+    // under serve --dev).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let out = cli(&server, &["audit", "tail", "--key-id", &id, "--json"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let details: Vec<serde_json::Value> = text
@@ -281,7 +284,15 @@ async fn security_denials_are_audited() {
         .filter(|r| r["action"] == "check.denied")
         .map(|r| r["detail"].as_str().unwrap())
         .collect();
-    assert_eq!(denied, ["unauthenticated", "replay"], "{text}");
+    // One record per subject and window, with the count: 51 replays are
+    // one record, not 51.
+    assert_eq!(denied.len(), 2, "{text}");
+    assert!(
+        denied[0].starts_with("reason=unauthenticated count=1 "),
+        "{text}"
+    );
+    assert!(denied[1].starts_with("reason=replay count=50 "), "{text}");
+    assert!(denied[1].ends_with("source=-"), "{text}");
     assert!(
         details
             .iter()
@@ -427,4 +438,151 @@ async fn rotating_the_master_key_keeps_every_key_working() {
     std::fs::copy(&new_key, dir.join("master.key")).unwrap();
     let second = Server::dev_in(&dir);
     assert_eq!(check(&second, signed(&id, &secret)).await, Reason::Ok);
+}
+
+/// The outside attack's finding: every denial appended one record (616,000
+/// records, 189 MB in one short attack). Denials are tallied per subject and
+/// window now, and a spray of junk subjects is bounded per window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_denials_makes_a_bounded_number_of_audit_records() {
+    use futures::StreamExt;
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let mut server = dir.start(&format!(
+        "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n\
+         [store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n\
+         [audit]\ndenial_window = \"1h\"\nmax_denial_subjects = 100\n\n\
+         [[keys]]\nid = \"wk_flooded\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ));
+    // 3,000 forged requests for one key and 3,000 junk key ids.
+    let forged = "forged-secret-0123456789abcdefghijklmno";
+    let flood: Vec<CheckRequest> = (0..3_000)
+        .flat_map(|i| {
+            [
+                signed("wk_flooded", forged),
+                signed(&format!("wk_junk_{i}"), forged),
+            ]
+        })
+        .collect();
+    let mut client = dir.client(&server).await;
+    let answers: Vec<_> = client
+        .stub()
+        .check_stream(tokio_stream::iter(flood))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 6_000);
+    // The window's tallies are written at the latest on shutdown.
+    assert!(server.terminate().success());
+    let text = std::fs::read_to_string(dir.path().join("store/audit.log")).unwrap();
+    let denied: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("check.denied"))
+        .collect();
+    // 100 subjects apart, the rest summed under "*"; and the alerts.
+    assert!(denied.len() <= 102, "{} denial records", denied.len());
+    let count = |l: &&str| -> u64 {
+        l.split("count=")
+            .nth(1)
+            .and_then(|c| c.split(' ').next())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    // Every denial is counted: the key's (unauthenticated, then locked out
+    // once the gateway's budget is spent) and all the junk.
+    let flooded: u64 = denied
+        .iter()
+        .filter(|l| l.contains("\"key_id\":\"wk_flooded\""))
+        .map(count)
+        .sum();
+    assert_eq!(flooded, 3_000, "{text}");
+    assert_eq!(denied.iter().map(count).sum::<u64>(), 6_000);
+    assert!(text.len() < 100_000, "{} bytes", text.len());
+}
+
+/// The outside attack's finding: replacing audit.log (copy + rename) made
+/// the server keep writing to the deleted file, so an acknowledged change
+/// was missing on disk while `audit verify` said intact. And the files were
+/// readable by anyone.
+#[tokio::test]
+async fn a_replaced_audit_file_is_followed_and_the_change_lands_on_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::dev();
+    create_key(&server, "before");
+    let store = server.dir.join("store");
+    let log = store.join("audit.log");
+    let copy = store.join("audit.log.copy");
+    std::fs::copy(&log, &copy).unwrap();
+    std::fs::rename(&copy, &log).unwrap();
+    let (after_replace, _) = create_key(&server, "after-replace");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&after_replace),
+        "the change went to the deleted file"
+    );
+    assert!(text.contains("audit.reopened"));
+    let out = cli(&server, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.wait_for_log("\"event\":\"audit_file_tampered\"");
+
+    for file in ["audit.log", "audit.key", "store.jsonl"] {
+        let mode = std::fs::metadata(store.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+}
+
+/// Rewriting a record and recomputing the chain without the chain key (as
+/// anyone could with the old, unkeyed SHA-256 chain) fails verification,
+/// through the server and offline.
+#[tokio::test]
+async fn a_recomputed_chain_fails_verification() {
+    let server = Server::dev();
+    for owner in ["a", "b", "c"] {
+        create_key(&server, owner);
+    }
+    let log = server.dir.join("store/audit.log");
+    let original = std::fs::read_to_string(&log).unwrap();
+    let mut records: Vec<warden::audit::Record> = original
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    records[1].detail = records[1].detail.replace("owner=b", "owner=x");
+    let forger = warden::audit::ChainKey::new([42; 32]);
+    for i in 1..records.len() {
+        records[i].prev_hash = records[i - 1].hash.clone();
+        records[i].hash = warden::audit::record_hash(&forger, &records[i]);
+    }
+    let forged: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(&log, forged).unwrap();
+    let out = cli(&server, &["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("BROKEN at record 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline = cli(
+        &server,
+        &[
+            "audit",
+            "verify",
+            "--store-dir",
+            server.dir.join("store").to_str().unwrap(),
+        ],
+    );
+    assert!(!offline.status.success());
+    std::fs::write(&log, original).unwrap();
+    assert!(cli(&server, &["audit", "verify"]).status.success());
 }

@@ -172,6 +172,9 @@ async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
             "rotate-master-key",
             "--postgres-url-env",
             "ROTATE_URL",
+            // Node a's directory: its audit chain key is re-sealed too.
+            "--dir",
+            dir.path().join("node-a").to_str().unwrap(),
         ])
         .args([
             "--old-key-file",

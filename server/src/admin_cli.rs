@@ -14,7 +14,7 @@ use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::{
     AddSecretRequest, AuditRecord, CreateKeyRequest, GetKeyRequest, KeyInfo, KeyKind,
     ListAuditRequest, ListKeysRequest, ListPoliciesRequest, PolicyInfo, RevokeRequest, StringList,
-    UpdateKeyRequest,
+    UpdateKeyRequest, VerifyAuditRequest,
 };
 use warden_client::{Tls, channel};
 
@@ -183,12 +183,23 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check the hash chain; exit 0 when intact, 1 naming the first broken
-    /// record when not.
+    /// Check the hash chain (every rotated file); exit 0 when intact, 1
+    /// naming the first broken record when not. Without --file or
+    /// --store-dir the server verifies its own log.
     Verify {
-        /// Verify this audit.log file directly instead of asking the server.
+        /// Verify this one file offline (a rotated or copied file; its first
+        /// record's link to earlier ones is taken as given).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Verify offline: the store directory holding the audit files and
+        /// `audit.key` (with --file: where the chain key is; default
+        /// <dev-dir>/store).
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
+        /// The master key the chain key is sealed under (default:
+        /// <dev-dir>/master.key if it exists, else $WARDEN_MASTER_KEY).
+        #[arg(long)]
+        master_key_file: Option<PathBuf>,
     },
 }
 
@@ -197,12 +208,14 @@ pub enum StoreCommand {
     /// Re-encrypt every stored secret under a new master key. Stop the
     /// server first; start it again with the new key.
     RotateMasterKey {
-        /// The store directory (embedded store).
+        /// The store directory (embedded store). With --postgres-url-env: a
+        /// node's store directory, whose audit chain key is re-sealed too
+        /// (run once per node directory).
         #[arg(long, required_unless_present = "postgres_url_env")]
         dir: Option<PathBuf>,
         /// Environment variable holding the PostgreSQL URL (shared store).
         /// Stop every node first.
-        #[arg(long, conflicts_with = "dir")]
+        #[arg(long)]
         postgres_url_env: Option<String>,
         /// File with the current master key (default: $WARDEN_MASTER_KEY).
         #[arg(long)]
@@ -559,38 +572,50 @@ fn record_json(r: &AuditRecord) -> serde_json::Value {
 
 pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
     match command {
-        AuditCommand::Verify { file: Some(path) } => {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
-            };
-            report(warden::audit::verify(text.lines().map(str::to_owned)))
-        }
-        AuditCommand::Verify { file: None } => {
+        AuditCommand::Verify {
+            file: None,
+            store_dir: None,
+            master_key_file: _,
+        } => {
             let mut admin = match conn.channel().await {
                 Ok(c) => AdminClient::new(c),
                 Err(e) => return fail(e),
             };
-            let records = match all_records(&mut admin, "").await {
-                Ok(r) => r,
-                Err(s) => return status_error(s),
-            };
-            let records = records.into_iter().map(|r| {
-                if r.action == "unreadable" && r.seq == 0 {
-                    return Err("unreadable line".to_owned());
+            match admin.verify_audit(VerifyAuditRequest {}).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.intact {
+                        report(Ok(warden::audit::Intact {
+                            records: r.records,
+                            unkeyed: r.unkeyed_records,
+                            first_seq: 1,
+                        }))
+                    } else {
+                        eprintln!("audit log BROKEN at {}", r.broken);
+                        ExitCode::FAILURE
+                    }
                 }
-                Ok(warden::audit::Record {
-                    seq: r.seq,
-                    time_ms: r.time_ms,
-                    actor: r.actor,
-                    action: r.action,
-                    key_id: r.key_id,
-                    detail: r.detail,
-                    prev_hash: r.prev_hash,
-                    hash: r.hash,
-                })
-            });
-            report(warden::audit::verify_records(records))
+                Err(s) => status_error(s),
+            }
+        }
+        AuditCommand::Verify {
+            file,
+            store_dir,
+            master_key_file,
+        } => {
+            let store_dir = store_dir.unwrap_or_else(|| conn.dev_dir.join("store"));
+            let master = match offline_master_key(conn, master_key_file) {
+                Ok(m) => m,
+                Err(e) => return fail(e),
+            };
+            let verified = match file {
+                None => warden::audit::verify_dir(&store_dir, &master),
+                Some(file) => warden::audit::verify_file(&file, &store_dir, &master),
+            };
+            match verified {
+                Ok(result) => report(result),
+                Err(e) => fail(e),
+            }
         }
         AuditCommand::Tail {
             count,
@@ -620,17 +645,39 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
     }
 }
 
-fn report(result: Result<u64, warden::audit::Broken>) -> ExitCode {
+fn report(result: Result<warden::audit::Intact, warden::audit::Broken>) -> ExitCode {
     match result {
-        Ok(n) => {
-            println!("audit log intact: {n} records, every hash links");
+        Ok(intact) => {
+            let unkeyed = match intact.unkeyed {
+                0 => String::new(),
+                n => format!(" ({n} from before the chain was keyed, vouched for by it)"),
+            };
+            println!(
+                "audit log intact: {} records{unkeyed}, every hash links",
+                intact.records
+            );
             ExitCode::SUCCESS
         }
         Err(b) => {
-            let seq = b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
-            eprintln!("audit log BROKEN at record {}{seq}: {}", b.line, b.why);
+            eprintln!("audit log BROKEN at {b}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The master key for offline verification: the given file, the dev
+/// directory's, or $WARDEN_MASTER_KEY.
+fn offline_master_key(
+    conn: &ConnArgs,
+    file: Option<PathBuf>,
+) -> Result<warden::crypto::MasterKey, String> {
+    let dev = conn.dev_dir.join("master.key");
+    let file = file.or_else(|| dev.exists().then_some(dev));
+    match file {
+        Some(f) => warden::crypto::MasterKey::from_file(&f).map_err(|e| e.to_string()),
+        None => std::env::var("WARDEN_MASTER_KEY")
+            .map_err(|_| "no --master-key-file and WARDEN_MASTER_KEY is not set".to_owned())
+            .and_then(|t| warden::crypto::MasterKey::from_hex(&t).map_err(|e| e.to_string())),
     }
 }
 
@@ -672,9 +719,17 @@ pub async fn store(command: StoreCommand) -> ExitCode {
         Err(e) => return fail(format!("new master key: {e}")),
     };
     let rotated = match (&dir, &postgres_url_env) {
-        (Some(dir), _) => warden::store::Store::rotate_master_key(dir, old, new),
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(url) => warden::store::rotate_master_key_postgres(&url, old, new).await,
+        (Some(dir), None) => warden::store::Store::rotate_master_key(dir, old, new),
+        (dir, Some(var)) => match std::env::var(var) {
+            Ok(url) => match warden::store::rotate_master_key_postgres(&url, &old, &new).await {
+                Ok(n) => match dir {
+                    Some(dir) => warden::audit::reseal_key(dir, &old, &new)
+                        .map(|_| n)
+                        .map_err(|e| warden::store::StoreError::Audit(e.to_string())),
+                    None => Ok(n),
+                },
+                Err(e) => Err(e),
+            },
             Err(_) => {
                 return fail(format!(
                     "--postgres-url-env: environment variable {var} is not set"

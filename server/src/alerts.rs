@@ -58,18 +58,41 @@ pub struct Alert {
     pub threshold: u32,
 }
 
-/// Most subjects tracked at once; beyond it new subjects are not counted
-/// until old windows are swept (bounded memory under a key-id spray).
+/// Most subjects tracked at once. When full, a tenth of them is evicted
+/// (and counted): those with the fewest events this window, and among
+/// equals those touched longest ago. A spray of junk key ids (one event
+/// each) then evicts itself and never a subject on its way to an alert;
+/// purely oldest-first would let the spray push out a real key that is hit
+/// less often than the table turns over.
 const MAX_SUBJECTS: usize = 100_000;
 
 type Subject = (Kind, SubjectKind, String);
+
+/// One subject's count in its window, and when it was last touched.
+#[derive(Clone, Copy, Debug)]
+struct Count {
+    window: u64,
+    count: u32,
+    touched: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    counts: HashMap<Subject, Count>,
+    /// Increments on every event: the order subjects were touched in.
+    tick: u64,
+    /// Subjects evicted in the current window, reported once per window.
+    evicted: u64,
+    evicted_window: u64,
+}
 
 /// The counters. Only denials touch them, so allowed checks never wait here.
 pub struct Alerts {
     settings: AlertSettings,
     window: Nanos,
     clock: Arc<dyn Clock>,
-    counts: Mutex<HashMap<Subject, (u64, u32)>>,
+    max_subjects: usize,
+    table: Mutex<Table>,
 }
 
 impl std::fmt::Debug for Alerts {
@@ -86,7 +109,19 @@ impl Alerts {
             window: duration_nanos(settings.window).max(1),
             settings,
             clock,
-            counts: Mutex::new(HashMap::new()),
+            max_subjects: MAX_SUBJECTS,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    /// Subjects evicted so far in the current window.
+    pub fn evicted_this_window(&self) -> u64 {
+        let window = self.clock.now() / self.window;
+        let t = self.table.lock();
+        if t.evicted_window == window {
+            t.evicted
+        } else {
+            0
         }
     }
 
@@ -109,20 +144,29 @@ impl Alerts {
             .into_iter()
             .chain(std::iter::once((SubjectKind::Caller, caller)));
         let mut raised = Vec::new();
-        let mut counts = self.counts.lock();
+        let mut table = self.table.lock();
         for (subject_kind, subject) in subjects {
+            table.tick += 1;
+            let touched = table.tick;
             let id = (kind, subject_kind, subject.to_owned());
-            let full = counts.len() >= MAX_SUBJECTS;
-            let entry = match counts.get_mut(&id) {
-                Some(e) => e,
-                None if full => continue,
-                None => counts.entry(id).or_insert((window, 0)),
-            };
-            if entry.0 != window {
-                *entry = (window, 0);
+            if !table.counts.contains_key(&id) && table.counts.len() >= self.max_subjects {
+                self.evict_oldest(&mut table, window);
             }
-            entry.1 = entry.1.saturating_add(1);
-            if entry.1 == threshold {
+            let entry = table.counts.entry(id).or_insert(Count {
+                window,
+                count: 0,
+                touched,
+            });
+            if entry.window != window {
+                *entry = Count {
+                    window,
+                    count: 0,
+                    touched,
+                };
+            }
+            entry.touched = touched;
+            entry.count = entry.count.saturating_add(1);
+            if entry.count == threshold {
                 raised.push(Alert {
                     kind,
                     subject_kind,
@@ -134,10 +178,34 @@ impl Alerts {
         raised
     }
 
+    /// Drops the tenth of the subjects least on their way to an alert:
+    /// fewest events this window (a past window counts as none), then
+    /// touched longest ago.
+    fn evict_oldest(&self, table: &mut Table, window: u64) {
+        let rank = |c: &Count| (if c.window == window { c.count } else { 0 }, c.touched);
+        let mut ranks: Vec<(u32, u64)> = table.counts.values().map(rank).collect();
+        let cut = (ranks.len() / 10).max(1);
+        let (_, &mut last_evicted, _) = ranks.select_nth_unstable(cut - 1);
+        let before = table.counts.len();
+        table.counts.retain(|_, c| rank(c) > last_evicted);
+        let evicted = (before - table.counts.len()) as u64;
+        if table.evicted_window != window {
+            table.evicted_window = window;
+            table.evicted = 0;
+            tracing::warn!(
+                event = "alert_subjects_evicted",
+                max_subjects = self.max_subjects,
+                "the alert table is full (a spray of key ids or callers?): evicting the subjects touched longest ago"
+            );
+        }
+        table.evicted += evicted;
+        metrics::counter!("warden_alert_subjects_evicted_total").increment(evicted);
+    }
+
     /// Forgets counts of past windows.
     pub fn sweep(&self) {
         let window = self.clock.now() / self.window;
-        self.counts.lock().retain(|_, (w, _)| *w == window);
+        self.table.lock().counts.retain(|_, c| c.window == window);
     }
 }
 
@@ -198,6 +266,38 @@ mod tests {
         a.record(Kind::Replay, Some("k"), "c");
         clock.advance(Duration::from_secs(61));
         a.sweep();
-        assert!(a.counts.lock().is_empty());
+        assert!(a.table.lock().counts.is_empty());
+    }
+
+    /// The outside attack's finding: 100k junk subjects filled the table so
+    /// that real key-level alerts stopped being raised.
+    #[test]
+    fn a_spray_of_junk_subjects_does_not_silence_a_real_alert() {
+        let clock = Arc::new(FakeClock::new(0));
+        let mut a = alerts(clock.clone());
+        a.max_subjects = 1000;
+        let mut raised = Vec::new();
+        // The real key is hit in pairs, far less often than the table
+        // turns over: oldest-first eviction would drop it every time.
+        for i in 0..50_000 {
+            a.record(
+                Kind::BadSignature,
+                Some(&format!("junk-{i}")),
+                "spiffe://gw",
+            );
+            if i % 5_000 == 4_999 {
+                for _ in 0..2 {
+                    raised.extend(a.record(Kind::BadSignature, Some("victim-key"), "spiffe://gw"));
+                }
+            }
+        }
+        assert!(
+            raised
+                .iter()
+                .any(|r| r.subject == "victim-key" && r.subject_kind == SubjectKind::Key),
+            "{raised:?}"
+        );
+        assert!(a.table.lock().counts.len() <= 1000);
+        assert!(a.evicted_this_window() > 40_000);
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::AuditSettings;
 use crate::auth::{Authz, CallerRule, ClientRule, Pattern, Role};
 use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
 
@@ -39,6 +40,8 @@ pub struct File {
     pub server: ServerFile,
     #[serde(default)]
     pub alerts: AlertsFile,
+    #[serde(default)]
+    pub audit: AuditFile,
     /// The key store; without it the admin API is unavailable.
     pub store: Option<StoreFile>,
     #[serde(default)]
@@ -191,6 +194,19 @@ pub struct StoreSettings {
 pub enum MasterKeySource {
     File(PathBuf),
     Env(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// Past this size the audit log is rotated. Default 67108864 (64 MiB).
+    pub max_file_bytes: Option<u64>,
+    /// Security denials are written once per subject per window, with a
+    /// count. Default "60s".
+    pub denial_window: Option<String>,
+    /// Subjects tallied apart per window; further ones are summed. Default
+    /// 1000.
+    pub max_denial_subjects: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -519,6 +535,7 @@ pub struct Config {
     pub check: CheckSettings,
     pub server: ServerSettings,
     pub alerts: AlertSettings,
+    pub audit: AuditSettings,
     pub store: Option<StoreSettings>,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
@@ -580,6 +597,7 @@ impl Config {
         let check = check_settings(file.check)?;
         let server = server_settings(file.server)?;
         let alerts = alert_settings(file.alerts)?;
+        let audit = audit_settings(file.audit)?;
         let store = match file.store {
             None => None,
             Some(st) => Some(StoreSettings {
@@ -671,12 +689,42 @@ impl Config {
             check,
             server,
             alerts,
+            audit,
             store,
             policies,
             keys,
             authz,
         })
     }
+}
+
+fn audit_settings(f: AuditFile) -> Result<AuditSettings, ConfigError> {
+    let mut s = AuditSettings::default();
+    if let Some(n) = f.max_file_bytes {
+        if !(4096..=1 << 40).contains(&n) {
+            return Err(bad(
+                "audit.max_file_bytes",
+                "must be between 4096 and 1099511627776",
+            ));
+        }
+        s.max_file_bytes = n;
+    }
+    if let Some(text) = f.denial_window {
+        s.denial_window = parse_duration("audit.denial_window", &text)?;
+        if s.denial_window < Duration::from_secs(1) || s.denial_window > Duration::from_secs(3600) {
+            return Err(bad("audit.denial_window", "must be between 1s and 1h"));
+        }
+    }
+    if let Some(n) = f.max_denial_subjects {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(bad(
+                "audit.max_denial_subjects",
+                "must be between 1 and 1000000",
+            ));
+        }
+        s.max_denial_subjects = n;
+    }
+    Ok(s)
 }
 
 /// Turns a TOML error into one line: file, line, the offending line's text

@@ -267,6 +267,12 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         check: CheckSettings::default(),
         server: ServerSettings::default(),
         alerts: AlertSettings::default(),
+        // Denial tallies written every second, so a developer sees them at
+        // once (production: one record per subject per minute).
+        audit: crate::audit::AuditSettings {
+            denial_window: std::time::Duration::from_secs(1),
+            ..crate::audit::AuditSettings::default()
+        },
         store: Some(StoreSettings {
             dir: dir.join("store"),
             master_key: MasterKeySource::File(dir.join("master.key")),

@@ -222,8 +222,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Keys(#[from] crate::keys::RingError),
-    #[error("audit log {path}: {source}")]
-    Audit { path: String, source: io::Error },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Serving status, for gRPC health and the HTTP readiness probe alike.
@@ -291,15 +291,11 @@ impl Bound {
             None => None,
         };
         let audit = match &store {
-            Some(store) => {
-                let path = store.dir().join(crate::store::AUDIT_LOG);
-                Some(Arc::new(AuditLog::open(&path).map_err(|source| {
-                    ServeError::Audit {
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?))
-            }
+            Some(store) => Some(Arc::new(AuditLog::open(
+                store.dir(),
+                store.master(),
+                config.audit.clone(),
+            )?)),
             None => None,
         };
         let keys = KeyRing::build(&config.policies, &config.keys, store.as_deref())?;

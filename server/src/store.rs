@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::{Mutex, RwLock};
@@ -26,7 +27,6 @@ use crate::crypto::{CryptoError, MasterKey};
 use crate::keys::Secret;
 
 pub const JOURNAL: &str = "store.jsonl";
-pub const AUDIT_LOG: &str = "audit.log";
 
 /// Why the store cannot be used. Never contains secret material.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,8 @@ pub enum StoreError {
     Postgres(String),
     #[error("{0} is not supported with a PostgreSQL store")]
     Unsupported(&'static str),
+    #[error("{0}")]
+    Audit(String),
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -398,7 +400,10 @@ impl Store {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
+            .map_err(io(&path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io(&path))?;
         if let Some(len) = torn {
             file.set_len(len)
@@ -427,6 +432,11 @@ impl Store {
         // checks one by one later.
         store.check_secrets_open()?;
         Ok(store)
+    }
+
+    /// The key that seals secrets here (and the audit chain key beside).
+    pub fn master(&self) -> &MasterKey {
+        &self.master
     }
 
     pub fn dir(&self) -> &Path {
@@ -545,7 +555,13 @@ impl Store {
         };
         let state = store.state.read();
         let tmp = dir.join(format!("{JOURNAL}.rotating"));
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         let mut lines = vec![Entry::MasterKey {
             fingerprint: new.fingerprint().to_owned(),
         }];
@@ -572,6 +588,8 @@ impl Store {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))?;
+        crate::audit::reseal_key(dir, &store.master, &new)
+            .map_err(|e| StoreError::Audit(e.to_string()))?;
         Ok(resealed)
     }
 }
@@ -582,8 +600,8 @@ impl Store {
 /// the old key.
 pub async fn rotate_master_key_postgres(
     url: &str,
-    old: MasterKey,
-    new: MasterKey,
+    old: &MasterKey,
+    new: &MasterKey,
 ) -> Result<usize, StoreError> {
     let (mut client, connection) = connect(url).await?;
     tokio::spawn(connection);

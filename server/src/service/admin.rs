@@ -13,7 +13,7 @@ use warden_client::proto::{
     AddSecretRequest, AddSecretResponse, AuditRecord, CreateKeyRequest, CreateKeyResponse,
     GetKeyRequest, KeyInfo, KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse,
     ListKeysRequest, ListKeysResponse, ListPoliciesRequest, ListPoliciesResponse, PolicyInfo,
-    RevokeRequest, SecretInfo, UpdateKeyRequest,
+    RevokeRequest, SecretInfo, UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
 };
 
 use super::caller_of;
@@ -611,6 +611,38 @@ impl Admin for AdminService {
         }
         policies.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(ListPoliciesResponse { policies }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        self.admin(&request, "VerifyAudit")?;
+        let audit = self.audit.clone().ok_or_else(|| {
+            Status::failed_precondition("no audit log is configured ([store] in the config file)")
+        })?;
+        let unreadable = |e: &dyn std::fmt::Display| {
+            tracing::error!(event = "admin_failed", what = "verify audit", error = %e, "audit log unreadable");
+            Status::internal("the audit log could not be read; see the server log")
+        };
+        let verified = tokio::task::spawn_blocking(move || audit.verify())
+            .await
+            .map_err(|e| unreadable(&e))?
+            .map_err(|e| unreadable(&e))?;
+        Ok(Response::new(match verified {
+            Ok(intact) => VerifyAuditResponse {
+                intact: true,
+                records: intact.records,
+                unkeyed_records: intact.unkeyed,
+                broken: String::new(),
+            },
+            Err(broken) => VerifyAuditResponse {
+                intact: false,
+                records: 0,
+                unkeyed_records: 0,
+                broken: broken.to_string(),
+            },
+        }))
     }
 
     async fn list_audit(

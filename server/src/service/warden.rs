@@ -11,7 +11,7 @@ use warden_client::proto::{CheckRequest, CheckResponse, Decision as Verdict, Rea
 
 use super::{Admission, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{CallerIdentity, CheckError, Checker};
 
 /// Answers checks with the shared [`Checker`].
@@ -137,11 +137,12 @@ fn check_one(
             if r.decision() == Verdict::Deny {
                 raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
                 if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
-                    audit.record_later(Event {
-                        actor: caller.as_str().to_owned(),
+                    audit.count_denial(Subject {
                         action: "check.denied",
+                        reason: reason_name(r.reason()),
                         key_id: decision.key_id.clone().unwrap_or_default(),
-                        detail: reason_name(r.reason()).to_owned(),
+                        actor: caller.as_str().to_owned(),
+                        source: auditable_source(req),
                     });
                 }
                 tracing::info!(
@@ -159,11 +160,12 @@ fn check_one(
         Err(CheckError::PermissionDenied(why)) => {
             metrics::counter!("warden_caller_denied_total").increment(1);
             if let Some(audit) = ctx.audit {
-                audit.record_later(Event {
-                    actor: caller.as_str().to_owned(),
+                audit.count_denial(Subject {
                     action: "call.denied",
+                    reason: why,
                     key_id: loggable_key_id(&req.key_id).to_owned(),
-                    detail: why.to_owned(),
+                    actor: caller.as_str().to_owned(),
+                    source: auditable_source(req),
                 });
             }
             tracing::warn!(
@@ -253,6 +255,22 @@ fn raise_alerts(ctx: &Context<'_>, reason: Reason, key_id: Option<&str>, caller:
             threshold = alert.threshold,
             "anomaly: threshold reached in this window; no further alert for it until the next window"
         );
+    }
+}
+
+/// Where a denied request came from, for the audit log: the forwarded
+/// client identity or address when well formed, else "-".
+fn auditable_source(req: &CheckRequest) -> String {
+    let identity = &req.client_identity;
+    if !identity.is_empty()
+        && identity.len() <= crate::check::MAX_CLIENT_IDENTITY_BYTES
+        && !identity.chars().any(char::is_control)
+    {
+        return identity.clone();
+    }
+    match req.client_address.parse::<std::net::IpAddr>() {
+        Ok(address) => address.to_string(),
+        Err(_) => "-".to_owned(),
     }
 }
 

@@ -50,6 +50,57 @@ KEY_KIND_BEARER: KeyKind.ValueType  # 2
 Global___KeyKind: _TypeAlias = KeyKind  # noqa: Y015
 
 @_typing.final
+class VerifyAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTACT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    UNKEYED_RECORDS_FIELD_NUMBER: _builtins.int
+    BROKEN_FIELD_NUMBER: _builtins.int
+    intact: _builtins.bool
+    """True when every record links to the one before it and every keyed hash
+    matches.
+    """
+    records: _builtins.int
+    """Records verified (all of them when intact; up to the break otherwise)."""
+    unkeyed_records: _builtins.int
+    """Records from before the chain was keyed, vouched for by the key."""
+    broken: _builtins.str
+    """When broken: where and why, e.g. "record 12 (seq 40) of audit.log:
+    does not link to the record before it".
+    """
+    def __init__(
+        self,
+        *,
+        intact: _builtins.bool = ...,
+        records: _builtins.int = ...,
+        unkeyed_records: _builtins.int = ...,
+        broken: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "intact", b"intact", "records", b"records", "unkeyed_records", b"unkeyed_records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
 class CreateKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -550,9 +601,10 @@ Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
 
 @_typing.final
 class AuditRecord(_message.Message):
-    """One audit record. `hash` is the lowercase hex SHA-256 of `prev_hash`, a
-    newline, and the record's canonical JSON without `hash` (see README); so
-    each record commits to all before it.
+    """One audit record. `hash` is "hmac:" and the lowercase hex HMAC-SHA256,
+    under the chain key, of `prev_hash`, a newline, and the record's canonical
+    JSON without `hash` (see README); so each record commits to all before it.
+    Records from before the chain was keyed carry a plain SHA-256.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

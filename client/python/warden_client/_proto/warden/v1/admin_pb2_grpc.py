@@ -79,6 +79,11 @@ class AdminStub:
                 request_serializer=warden_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=warden_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/warden.v1.Admin/VerifyAudit',
+                request_serializer=warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -144,7 +149,16 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAudit(self, request, context):
-        """Audit records, oldest first, filterable by key and time.
+        """Audit records, oldest first (every file of the chain), filterable by
+        key and time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Verifies the whole audit chain, every rotated file included, with the
+        chain key (sealed under the master key, so only the server can).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +211,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=warden_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
                     response_serializer=warden_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +461,33 @@ class Admin:
             '/warden.v1.Admin/ListAudit',
             warden_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
             warden_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warden.v1.Admin/VerifyAudit',
+            warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+            warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

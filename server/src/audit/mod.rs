@@ -1,0 +1,805 @@
+//! The audit log: every admin change and every security denial, append-only
+//! and hash-chained under a key ([`chain`]). `warden audit verify` walks
+//! every file of the chain and names the first broken record.
+//!
+//! - Admin changes are written and fsynced before the change is
+//!   acknowledged.
+//! - Security denials are aggregated per subject and window ([`denials`])
+//!   and written once per window; other background records (alerts) go
+//!   through a bounded queue to a writer that appends and fsyncs in
+//!   batches. Nothing on the check path ever waits for the disk; what does
+//!   not fit is dropped and counted (`warden_audit_dropped_total`).
+//! - The active file is `audit.log`; past `max_file_bytes` it is renamed to
+//!   `audit.<first seq, 20 digits>.log` and a new one begun, the chain
+//!   carried across.
+//! - Before every write the log checks that `audit.log` is still the file
+//!   it has open, of at least the length it wrote. A file replaced,
+//!   removed or truncated under it is reported (`audit_file_tampered`),
+//!   reopened, and the event recorded as the next record, so nothing
+//!   acknowledged goes to a deleted file.
+//! - The chain key is random, stored in `audit.key` sealed under the master
+//!   key, so rewriting the log and recomputing the chain needs the master
+//!   key. What the chain cannot show: the newest records cut off the end
+//!   (keep an off-box copy for that).
+
+pub mod chain;
+pub mod denials;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+pub use chain::{Broken, ChainKey, GENESIS, Intact, Record, Verifier, record_hash};
+pub use denials::Subject;
+
+use crate::crypto::MasterKey;
+
+/// The file being written.
+pub const ACTIVE: &str = "audit.log";
+/// The sealed chain key, beside the log.
+pub const KEY_FILE: &str = "audit.key";
+const KEY_CONTEXT: &str = "warden audit chain key";
+
+/// What is recorded; sequence, time and hashes are added by the log.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub actor: String,
+    pub action: &'static str,
+    pub key_id: String,
+    pub detail: String,
+}
+
+/// How the log grows and aggregates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Past this size the active file is rotated.
+    pub max_file_bytes: u64,
+    /// Security denials are written once per subject per window.
+    pub denial_window: Duration,
+    /// Subjects tallied apart per window; beyond, summed under `*`.
+    pub max_denial_subjects: usize,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 64 * 1024 * 1024,
+            denial_window: Duration::from_secs(60),
+            max_denial_subjects: 1000,
+        }
+    }
+}
+
+/// Why the log could not be opened or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0}: cannot be opened with this master key (sealed under another one? `warden store rotate-master-key` re-seals it)"
+    )]
+    WrongKey(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The head of the chain: what the next record links to, and the file it
+/// goes to.
+struct Head {
+    file: File,
+    seq: u64,
+    hash: String,
+    /// Bytes this log has written to (or found in) the active file.
+    bytes: u64,
+    /// The sequence number of the active file's first record (or of the
+    /// next record, while it is empty): it names the file when rotated.
+    first_seq: u64,
+}
+
+/// The append-only log.
+pub struct AuditLog {
+    dir: PathBuf,
+    path: PathBuf,
+    key: ChainKey,
+    settings: AuditSettings,
+    head: Mutex<Head>,
+    queue: Mutex<Option<mpsc::Sender<Event>>>,
+    ledger: Mutex<denials::Ledger>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records queued for the batch writer at most.
+const QUEUE: usize = 4096;
+/// How often queued records are written and synced.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens `path` for appending, created with mode 0600 (and made 0600 if it
+/// was not).
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// The rotated files of `dir`, oldest first, then the active one if present.
+pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(seq) = name
+            .strip_prefix("audit.")
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .and_then(|digits| digits.parse::<u64>().ok())
+        {
+            rotated.push((seq, path));
+        }
+    }
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let active = dir.join(ACTIVE);
+    if active.exists() {
+        files.push(active);
+    }
+    Ok(files)
+}
+
+fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
+    BufReader::new(File::open(path)?).lines().collect()
+}
+
+/// Reads (or, the first time, makes) the sealed chain key of `dir`.
+fn chain_key(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditError> {
+    let path = dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(sealed) => {
+            let bytes = master
+                .open(KEY_CONTEXT, sealed.trim())
+                .map_err(|_| AuditError::WrongKey(path.display().to_string()))?;
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| AuditError::WrongKey(path.display().to_string()))?;
+            Ok(ChainKey::new(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = crate::crypto::random_bytes::<32>();
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(&path))?;
+            file.write_all(master.seal(KEY_CONTEXT, &bytes).as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(&path))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+            Ok(ChainKey::new(bytes))
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// Re-seals the chain key of `dir` under a new master key (part of
+/// `warden store rotate-master-key`). Nothing to do without one.
+pub fn reseal_key(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<bool, AuditError> {
+    let path = dir.join(KEY_FILE);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let key = chain_key(dir, old)?;
+    let tmp = dir.join(format!("{KEY_FILE}.rotating"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(new.seal(KEY_CONTEXT, key.bytes()).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(true)
+}
+
+/// Verifies every file of the chain in `dir`, from the first record ever
+/// written, with the chain key sealed under `master`.
+pub fn verify_dir(dir: &Path, master: &MasterKey) -> Result<Result<Intact, Broken>, AuditError> {
+    let key = chain_key_existing(dir, master)?;
+    verify_files(dir, &key)
+}
+
+/// Verifies one file on its own (a rotated or copied one): every record in
+/// it links to the one before; the first one's link is taken as given.
+pub fn verify_file(
+    file: &Path,
+    dir: &Path,
+    master: &MasterKey,
+) -> Result<Result<Intact, Broken>, AuditError> {
+    let key = chain_key_existing(dir, master)?;
+    let mut v = Verifier::from_anywhere(&key);
+    for (i, line) in read_lines(file).map_err(io(file))?.into_iter().enumerate() {
+        let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
+        if let Err(b) = v.next(record, i + 1, None) {
+            return Ok(Err(b));
+        }
+    }
+    Ok(v.finish())
+}
+
+/// Like [`chain_key`], but never makes one (verification changes nothing).
+fn chain_key_existing(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditError> {
+    let path = dir.join(KEY_FILE);
+    if !path.exists() {
+        return Err(io(&path)(std::io::ErrorKind::NotFound.into()));
+    }
+    chain_key(dir, master)
+}
+
+fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, AuditError> {
+    let mut v = Verifier::from_genesis(key);
+    for path in chain_files(dir).map_err(io(dir))? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        for (i, line) in read_lines(&path)
+            .map_err(io(&path))?
+            .into_iter()
+            .enumerate()
+        {
+            let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
+            if let Err(b) = v.next(record, i + 1, name.as_deref()) {
+                return Ok(Err(b));
+            }
+        }
+    }
+    Ok(v.finish())
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `dir` and finds its head. A broken
+    /// chain is reported in the log but does not stop the server: new
+    /// records keep linking to the last one, and `audit verify` keeps
+    /// reporting the break.
+    pub fn open(
+        dir: &Path,
+        master: &MasterKey,
+        settings: AuditSettings,
+    ) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let key = chain_key(dir, master)?;
+        if let Ok(Err(b)) = verify_files(dir, &key) {
+            tracing::error!(event = "audit_chain_broken", at = %b, "the audit log chain is broken");
+        }
+        let (mut seq, mut hash) = (0, GENESIS.to_owned());
+        let files = chain_files(dir).map_err(io(dir))?;
+        for path in files.iter().rev() {
+            let lines = read_lines(path).map_err(io(path))?;
+            if let Some(last) = lines
+                .iter()
+                .rev()
+                .find_map(|l| serde_json::from_str::<Record>(l).ok())
+            {
+                (seq, hash) = (last.seq, last.hash);
+                break;
+            }
+        }
+        let path = dir.join(ACTIVE);
+        let first_seq = read_lines(&path)
+            .ok()
+            .and_then(|lines| {
+                lines
+                    .first()
+                    .and_then(|l| serde_json::from_str::<Record>(l).ok())
+            })
+            .map_or(seq + 1, |r| r.seq);
+        let file = open_append(&path).map_err(io(&path))?;
+        let bytes = file.metadata().map_err(io(&path))?.len();
+        let unkeyed_head = seq > 0 && !hash.starts_with("hmac:");
+        let log = Self {
+            dir: dir.to_owned(),
+            path,
+            key,
+            ledger: Mutex::new(denials::Ledger::new(settings.max_denial_subjects)),
+            settings,
+            head: Mutex::new(Head {
+                file,
+                seq,
+                hash,
+                bytes,
+                first_seq,
+            }),
+            queue: Mutex::new(None),
+        };
+        if unkeyed_head {
+            // A chain from before keying: vouch for it under the key now,
+            // so it cannot be rewritten unkeyed later.
+            log.append_durable(&[Event {
+                actor: "warden".into(),
+                action: chain::ADOPTED,
+                key_id: String::new(),
+                detail: format!("records 1 to {seq}, written before the chain was keyed"),
+            }])
+            .map_err(io(dir))?;
+        }
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends and fsyncs records; returns them once they are durable.
+    pub fn append_durable(&self, events: &[Event]) -> std::io::Result<Vec<Record>> {
+        let started = std::time::Instant::now();
+        let mut head = self.head.lock();
+        let reopened = self.ensure_file(&mut head)?;
+        let mut out = String::new();
+        let mut records = Vec::with_capacity(events.len() + 1);
+        let (mut seq, mut prev) = (head.seq, head.hash.clone());
+        for e in reopened.iter().chain(events) {
+            seq += 1;
+            let mut r = Record {
+                seq,
+                time_ms: now_ms(),
+                actor: e.actor.clone(),
+                action: e.action.to_owned(),
+                key_id: e.key_id.clone(),
+                detail: e.detail.clone(),
+                prev_hash: prev,
+                hash: String::new(),
+            };
+            r.hash = record_hash(&self.key, &r);
+            prev = r.hash.clone();
+            out.push_str(&serde_json::to_string(&r).expect("record serializes"));
+            out.push('\n');
+            records.push(r);
+        }
+        head.file.write_all(out.as_bytes())?;
+        head.file.sync_data()?;
+        head.seq = seq;
+        head.hash = prev;
+        head.bytes += out.len() as u64;
+        if head.bytes >= self.settings.max_file_bytes {
+            self.rotate(&mut head)?;
+        }
+        metrics::histogram!("warden_store_write_seconds", "what" => "audit")
+            .record(started.elapsed().as_secs_f64());
+        if reopened.is_some() {
+            records.remove(0);
+        }
+        Ok(records)
+    }
+
+    /// Checks that `audit.log` is still the file this log has open, and no
+    /// shorter than what it wrote; if not, reports it, reopens the path and
+    /// returns the record that says so.
+    fn ensure_file(&self, head: &mut Head) -> std::io::Result<Option<Event>> {
+        let open = head.file.metadata()?;
+        let what = match std::fs::metadata(&self.path) {
+            Err(_) => "removed",
+            Ok(d) if (d.dev(), d.ino()) != (open.dev(), open.ino()) => "replaced",
+            Ok(d) if d.len() < head.bytes => "truncated",
+            Ok(_) => return Ok(None),
+        };
+        tracing::error!(
+            event = "audit_file_tampered",
+            what,
+            path = %self.path.display(),
+            "the audit log file was changed under the server; reopening it and recording the event"
+        );
+        metrics::counter!("warden_audit_tampered_total", "what" => what).increment(1);
+        head.file = open_append(&self.path)?;
+        head.bytes = head.file.metadata()?.len();
+        Ok(Some(Event {
+            actor: "warden".into(),
+            action: "audit.reopened",
+            key_id: String::new(),
+            detail: format!("{ACTIVE} was {what} while open; writing on in a reopened file"),
+        }))
+    }
+
+    /// Renames the full active file after its first record and begins a
+    /// new one; the next record links to the last of the old file.
+    fn rotate(&self, head: &mut Head) -> std::io::Result<()> {
+        let rotated = self.dir.join(format!("audit.{:020}.log", head.first_seq));
+        std::fs::rename(&self.path, &rotated)?;
+        head.file = open_append(&self.path)?;
+        File::open(&self.dir)?.sync_all()?;
+        head.bytes = 0;
+        head.first_seq = head.seq + 1;
+        tracing::info!(event = "audit_rotated", file = %rotated.display(), "audit log rotated");
+        Ok(())
+    }
+
+    /// Queues a record without waiting (alerts, refused admin calls).
+    /// Needs [`Self::start_writer`]; before that, or when the queue is full,
+    /// the record is dropped and counted.
+    pub fn record_later(&self, event: Event) {
+        let queued = match self.queue.lock().as_ref() {
+            Some(tx) => tx.try_send(event).is_ok(),
+            None => false,
+        };
+        if !queued {
+            metrics::counter!("warden_audit_dropped_total").increment(1);
+        }
+    }
+
+    /// Counts one security denial; written with its window's tally.
+    pub fn count_denial(&self, subject: Subject) {
+        self.ledger.lock().count(subject, now_ms());
+    }
+
+    fn write_in_background(
+        self: &std::sync::Arc<Self>,
+        events: Vec<Event>,
+    ) -> tokio::task::JoinHandle<()> {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = log.append_durable(&events) {
+                tracing::error!(event = "audit_write_failed", error = %e, "could not write audit records");
+            }
+        })
+    }
+
+    /// Starts the batch writer for [`Self::record_later`] and the tallies
+    /// of [`Self::count_denial`]; it ends after [`Self::close_queue`],
+    /// having written everything.
+    pub fn start_writer(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
+        *self.queue.lock() = Some(tx);
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut window = tokio::time::interval(log.settings.denial_window);
+            window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            window.tick().await;
+            loop {
+                tokio::select! {
+                    first = rx.recv() => {
+                        let Some(first) = first else { break };
+                        // Gather what arrives meanwhile: one fsync for the batch.
+                        tokio::time::sleep(FLUSH_EVERY).await;
+                        let mut batch = vec![first];
+                        while let Ok(e) = rx.try_recv() {
+                            batch.push(e);
+                        }
+                        let _ = log.write_in_background(batch).await;
+                    }
+                    _ = window.tick() => {
+                        let tallies = log.ledger.lock().drain();
+                        if !tallies.is_empty() {
+                            let _ = log.write_in_background(tallies).await;
+                        }
+                    }
+                }
+            }
+            let tallies = log.ledger.lock().drain();
+            if !tallies.is_empty() {
+                let _ = log.write_in_background(tallies).await;
+            }
+        })
+    }
+
+    /// Stops queueing; the writer writes what is queued and tallied, then
+    /// ends.
+    pub fn close_queue(&self) {
+        self.queue.lock().take();
+    }
+
+    /// Every line of every file of the chain, oldest first, as stored.
+    pub fn read_lines(&self) -> std::io::Result<Vec<String>> {
+        let _head = self.head.lock();
+        let mut lines = Vec::new();
+        for path in chain_files(&self.dir)? {
+            lines.extend(read_lines(&path)?);
+        }
+        Ok(lines)
+    }
+
+    /// Verifies the whole chain, every file, from the first record.
+    pub fn verify(&self) -> Result<Result<Intact, Broken>, AuditError> {
+        let _head = self.head.lock();
+        verify_files(&self.dir, &self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u32) -> Event {
+        Event {
+            actor: "spiffe://t/admin".into(),
+            action: "key.create",
+            key_id: format!("k{n}"),
+            detail: String::new(),
+        }
+    }
+
+    fn master() -> MasterKey {
+        MasterKey::from_hex(&MasterKey::generate_hex()).unwrap()
+    }
+
+    fn open(dir: &Path, master: &MasterKey) -> AuditLog {
+        AuditLog::open(dir, master, AuditSettings::default()).unwrap()
+    }
+
+    #[test]
+    fn an_untouched_chain_verifies_and_any_edit_delete_or_swap_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1), event(2)]).unwrap();
+        log.append_durable(&[event(3), event(4)]).unwrap();
+        let lines = log.read_lines().unwrap();
+        let key = &log.key;
+        assert_eq!(chain::verify(key, lines.clone()).unwrap().records, 4);
+
+        let mut edited = lines.clone();
+        edited[1] = edited[1].replace("\"k2\"", "\"k9\"");
+        assert_eq!(chain::verify(key, edited).unwrap_err().line, 2);
+
+        let mut deleted = lines.clone();
+        deleted.remove(2);
+        assert_eq!(chain::verify(key, deleted).unwrap_err().line, 3);
+
+        let mut swapped = lines.clone();
+        swapped.swap(1, 2);
+        assert_eq!(chain::verify(key, swapped).unwrap_err().line, 2);
+    }
+
+    /// The outside attack's finding: the chain was unkeyed, so a record
+    /// could be rewritten and the chain recomputed. Recomputing it now
+    /// needs the chain key; without it (plain SHA-256, or another key) the
+    /// rewrite is caught.
+    #[test]
+    fn a_rewritten_record_with_a_recomputed_chain_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1), event(2), event(3)]).unwrap();
+        let lines = log.read_lines().unwrap();
+        let mut records: Vec<Record> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        records[1].key_id = "k-forged".into();
+        for forger in [
+            ChainKey::new([7; 32]),
+            ChainKey::new(crate::crypto::random_bytes()),
+        ] {
+            let mut prev = records[0].hash.clone();
+            let mut forged = records.clone();
+            for r in forged.iter_mut().skip(1) {
+                r.prev_hash = prev;
+                r.hash = record_hash(&forger, r);
+                prev = r.hash.clone();
+            }
+            let text: Vec<String> = forged
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap())
+                .collect();
+            std::fs::write(log.path(), text.join("\n") + "\n").unwrap();
+            let broken = verify_dir(dir.path(), &m).unwrap().unwrap_err();
+            assert_eq!(broken.line, 2, "{broken}");
+        }
+        // A downgrade to the old, unkeyed hashes (which need no key) is
+        // caught too.
+        let mut prev = GENESIS.to_owned();
+        let mut unkeyed = records.clone();
+        for r in unkeyed.iter_mut() {
+            r.prev_hash = prev;
+            r.hash = chain::legacy_hash(r);
+            prev = r.hash.clone();
+        }
+        let lines = |rs: &[Record]| -> Vec<String> {
+            rs.iter()
+                .map(|r| serde_json::to_string(r).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            chain::verify(&log.key, lines(&unkeyed)).unwrap_err().line,
+            1
+        );
+        // Only the keyed adoption record vouches for unkeyed ones before it.
+        let mut adopted = unkeyed.clone();
+        let mut vouch = Record {
+            seq: 4,
+            action: chain::ADOPTED.into(),
+            prev_hash: unkeyed[2].hash.clone(),
+            ..records[2].clone()
+        };
+        vouch.hash = record_hash(&log.key, &vouch);
+        adopted.push(vouch.clone());
+        let intact = chain::verify(&log.key, lines(&adopted)).unwrap();
+        assert_eq!((intact.records, intact.unkeyed), (4, 3));
+        let mut not_adopted = unkeyed.clone();
+        vouch.action = "key.create".into();
+        vouch.hash = record_hash(&log.key, &vouch);
+        not_adopted.push(vouch);
+        assert_eq!(
+            chain::verify(&log.key, lines(&not_adopted))
+                .unwrap_err()
+                .line,
+            4
+        );
+    }
+
+    #[test]
+    fn a_log_from_before_keying_is_adopted_once_and_then_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut prev = GENESIS.to_owned();
+        let mut text = String::new();
+        for seq in 1..=3 {
+            let mut r = Record {
+                seq,
+                time_ms: 1,
+                actor: "a".into(),
+                action: "key.create".into(),
+                key_id: format!("k{seq}"),
+                detail: String::new(),
+                prev_hash: prev,
+                hash: String::new(),
+            };
+            r.hash = chain::legacy_hash(&r);
+            prev = r.hash.clone();
+            text.push_str(&(serde_json::to_string(&r).unwrap() + "\n"));
+        }
+        std::fs::write(dir.path().join(ACTIVE), text).unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        let intact = log.verify().unwrap().unwrap();
+        assert_eq!((intact.records, intact.unkeyed), (4, 3));
+        drop(log);
+        // Not adopted twice.
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(5)]).unwrap();
+        assert_eq!(log.verify().unwrap().unwrap().records, 5);
+    }
+
+    #[test]
+    fn reopening_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        open(dir.path(), &m).append_durable(&[event(1)]).unwrap();
+        let log = open(dir.path(), &m);
+        let r = log.append_durable(&[event(2)]).unwrap();
+        assert_eq!(r[0].seq, 2);
+        assert_eq!(log.verify().unwrap().unwrap().records, 2);
+    }
+
+    #[test]
+    fn the_chain_key_opens_only_with_its_master_key_and_survives_a_reseal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (master(), master());
+        open(dir.path(), &old).append_durable(&[event(1)]).unwrap();
+        assert!(matches!(
+            AuditLog::open(dir.path(), &new, AuditSettings::default()),
+            Err(AuditError::WrongKey(_))
+        ));
+        assert!(reseal_key(dir.path(), &old, &new).unwrap());
+        assert_eq!(verify_dir(dir.path(), &new).unwrap().unwrap().records, 1);
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn rotation_carries_the_chain_across_files_and_verify_walks_them_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let settings = AuditSettings {
+            max_file_bytes: 1000,
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
+        for i in 0..40 {
+            log.append_durable(&[event(i)]).unwrap();
+        }
+        let files = chain_files(dir.path()).unwrap();
+        assert!(files.len() > 3, "{files:?}");
+        assert_eq!(verify_dir(dir.path(), &m).unwrap().unwrap().records, 40);
+        for f in &files {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f:?}");
+        }
+        // Reopened, it continues the chain in the active file.
+        drop(log);
+        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
+        assert_eq!(log.append_durable(&[event(99)]).unwrap()[0].seq, 41);
+        // A rotated file gone from the middle breaks the chain there.
+        std::fs::remove_file(&files[1]).unwrap();
+        let broken = verify_dir(dir.path(), &m).unwrap().unwrap_err();
+        assert!(broken.why.contains("sequence"), "{broken}");
+    }
+
+    /// The outside attack's finding: replacing audit.log (copy + rename)
+    /// made warden keep writing to the deleted file, so an acknowledged
+    /// change was missing on disk while verify said intact.
+    #[test]
+    fn a_replaced_or_removed_file_is_reopened_and_nothing_goes_to_a_deleted_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1)]).unwrap();
+        let path = log.path().to_owned();
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::rename(&copy, &path).unwrap();
+        log.append_durable(&[event(2)]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"k2\"") && text.contains("audit.reopened"),
+            "{text}"
+        );
+        assert_eq!(log.verify().unwrap().unwrap().records, 3);
+
+        std::fs::remove_file(&path).unwrap();
+        log.append_durable(&[event(3)]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"k3\"") && text.contains("was removed"),
+            "{text}"
+        );
+        // The records before the removal are gone: verify says where.
+        assert!(log.verify().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_truncated_file_is_detected_and_verification_shows_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1), event(2), event(3)]).unwrap();
+        let path = log.path().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first_line = text.lines().next().unwrap().len() + 1;
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(first_line as u64)
+            .unwrap();
+        log.append_durable(&[event(4)]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("was truncated"), "{text}");
+        let broken = log.verify().unwrap().unwrap_err();
+        assert_eq!(broken.line, 2, "{broken}");
+    }
+}
