@@ -76,10 +76,14 @@ async fn create_sign_check_then_revoke_is_effective_on_the_next_check() {
         metrics.contains("warden_store_write_seconds_count{what=\"store\"} 2"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("warden_store_write_seconds_count{what=\"audit\"} 2"),
-        "{metrics}"
-    );
+    // Two admin changes, and maybe the denial tally of a window.
+    let audit_writes = metrics
+        .lines()
+        .find(|l| l.starts_with("warden_store_write_seconds_count{what=\"audit\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!((2..=3).contains(&audit_writes), "{metrics}");
     assert!(
         shown.get("secret").is_none(),
         "show never returns secrets: {shown}"
@@ -284,15 +288,19 @@ async fn security_denials_are_audited() {
         .filter(|r| r["action"] == "check.denied")
         .map(|r| r["detail"].as_str().unwrap())
         .collect();
-    // One record per subject and window, with the count: 51 replays are
-    // one record, not 51.
-    assert_eq!(denied.len(), 2, "{text}");
-    assert!(
-        denied[0].starts_with("reason=unauthenticated count=1 "),
-        "{text}"
-    );
-    assert!(denied[1].starts_with("reason=replay count=50 "), "{text}");
-    assert!(denied[1].ends_with("source=-"), "{text}");
+    // One record per subject and window, with the count: 50 replays are a
+    // record or two (the window may turn meanwhile), not 50.
+    let total = |reason: &str| -> u64 {
+        denied
+            .iter()
+            .filter_map(|d| d.strip_prefix(&format!("reason={reason} count=")))
+            .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(denied.len() <= 3, "{text}");
+    assert_eq!(total("unauthenticated"), 1, "{text}");
+    assert_eq!(total("replay"), 50, "{text}");
+    assert!(denied.iter().all(|d| d.ends_with("source=-")), "{text}");
     assert!(
         details
             .iter()
