@@ -279,16 +279,44 @@ fn print_key(k: &KeyInfo) {
     println!("  bound to: {}", list(&k.bound_identities));
     for s in &k.secrets {
         let until = if s.valid_until > 0 {
-            format!("valid until {}", s.valid_until)
+            format!("valid until {}", rfc3339(s.valid_until))
         } else {
             "no expiry".into()
         };
         let state = if s.revoked { "revoked" } else { until.as_str() };
         println!(
             "  secret {} (created {}, {state})",
-            s.secret_id, s.created_at
+            s.secret_id,
+            rfc3339(s.created_at)
         );
     }
+}
+
+/// Unix seconds as an RFC 3339 UTC time, e.g. `2026-11-29T10:46:08Z`, for
+/// people; `--json` keeps the epoch numbers for scripts.
+fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Unix milliseconds as RFC 3339 with milliseconds.
+fn rfc3339_ms(ms: i64) -> String {
+    let secs = rfc3339(ms.div_euclid(1000));
+    format!("{}.{:03}Z", &secs[..secs.len() - 1], ms.rem_euclid(1000))
 }
 
 fn split(list: Option<String>) -> Option<StringList> {
@@ -427,7 +455,7 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                     "new secret {} (shown once, store it now): {}",
                     r.secret_id, r.secret
                 );
-                println!("the previous secrets stay valid until {until} (Unix time)");
+                println!("the previous secrets stay valid until {}", rfc3339(until));
             }
         }
         KeysCommand::Revoke {
@@ -636,7 +664,12 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
                 } else {
                     println!(
                         "#{:<6} {} {:<14} key={:<24} by {}  {}",
-                        r.seq, r.time_ms, r.action, r.key_id, r.actor, r.detail
+                        r.seq,
+                        rfc3339_ms(r.time_ms),
+                        r.action,
+                        r.key_id,
+                        r.actor,
+                        r.detail
                     );
                 }
             }
@@ -747,5 +780,19 @@ pub async fn store(command: StoreCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_950_368), "2026-11-29T11:06:08Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339_ms(1_795_950_368_042), "2026-11-29T11:06:08.042Z");
     }
 }

@@ -96,7 +96,7 @@ def test_warden_stopped_and_failing_open_lets_requests_through_with_a_warning(cl
 
 def test_a_webhook_bound_to_one_client_identity(client, warden, warden_settings):
     key = warden.create_key("--owner", "billing-partner", "--route", "POST /webhooks/billing",
-                            "--bind", "CN=partner-billing,O=Partner Inc")
+                            "--scope", "billing:webhook", "--bind", "CN=partner-billing,O=Partner Inc")
     body = b'{"type":"invoice.paid"}'
     ok = client.post("/webhooks/billing", data=body, content_type="application/json",
                      HTTP_X_CLIENT_DN="CN=partner-billing,O=Partner Inc", HTTP_X_CLIENT_VERIFY="SUCCESS",
@@ -106,6 +106,13 @@ def test_a_webhook_bound_to_one_client_identity(client, warden, warden_settings)
                         HTTP_X_CLIENT_DN="CN=someone-else", HTTP_X_CLIENT_VERIFY="SUCCESS",
                         **headers(key, "POST", "/webhooks/billing", body=body))
     assert other.status_code == 403
+    # Any other valid key, unbound, from the partner's own certificate: the
+    # view refuses it, as the README promises.
+    unbound = warden.create_key("--owner", "someone", "--policy", "demo")
+    stranger = client.post("/webhooks/billing", data=body, content_type="application/json",
+                           HTTP_X_CLIENT_DN="CN=partner-billing,O=Partner Inc", HTTP_X_CLIENT_VERIFY="SUCCESS",
+                           **headers(unbound, "POST", "/webhooks/billing", body=body))
+    assert stranger.status_code == 403
 
 
 def test_drf_authentication_and_throttle_in_a_drf_view(client, warden, warden_settings):

@@ -27,9 +27,16 @@ def orders(request):
     )
 
 
+# The scope only the billing partner's key holds. Create that key bound to
+# the partner's certificate (README): warden then refuses it from any other
+# client, and this view refuses every key without the scope.
+BILLING_WEBHOOK_SCOPE = "billing:webhook"
+
+
 @csrf_exempt
 def billing_webhook(request):
-    # Reached only by the key bound to the billing partner's certificate.
+    if request.warden is None or BILLING_WEBHOOK_SCOPE not in request.warden.scopes:
+        return JsonResponse({"error": "forbidden", "message": "Not the billing partner's key."}, status=403)
     event = json.loads(request.body or b"{}")
     return JsonResponse({"received": event.get("type")})
 
