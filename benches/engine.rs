@@ -10,11 +10,12 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use warden::auth::Authz;
 use warden::check::{CallerIdentity, Checker};
-use warden::config::{CheckSettings, KeyConfig, Policy};
+use warden::config::CheckSettings;
 use warden::engine::{
     Clock, Engine, FakeClock, Gcra, Limit, Request, SystemClock, Window, WindowKind,
 };
-use warden::keys::{KeyRing, Secret};
+use warden::keys::KeyRing;
+use warden::model::{KeyConfig, Policy, Secret};
 use warden::signing::verify;
 use warden_client::proto::LimitRequest;
 use warden_client::signing::{Signer, hmac_sha256};

@@ -356,7 +356,7 @@ impl Stats {
 }
 
 fn reason_name(r: Reason) -> &'static str {
-    warden::service::warden::reason_name(r)
+    warden_client::reason_name(r)
 }
 
 /// One request against whichever backend.
@@ -600,7 +600,7 @@ fn process_usage(pid: u32) -> Option<(f64, u64)> {
 
 async fn run_load(args: LoadArgs) -> Result<(), String> {
     let duration =
-        warden::config::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
+        warden::model::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
     let mix = Mix::parse(&args.mix)?;
     let (target, keys) = match args.backend {
         Backend::Warden => setup_warden(&args).await?,

@@ -36,7 +36,7 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::warden_client::WardenClient;
-use crate::proto::{CheckRequest, CheckResponse};
+use crate::proto::{CheckRequest, CheckResponse, Reason};
 
 /// Why a client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -175,4 +175,20 @@ fn endpoint(uri: &str) -> Result<Endpoint, Error> {
         .map_err(|_| Error::Target(uri.to_owned()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true))
+}
+
+/// The short name of a reason, as warden's logs, metrics and audit records
+/// spell it (`"rate_limited"`), and as the Python client's `Decision.reason` does.
+pub fn reason_name(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Unspecified => "unspecified",
+        Reason::Ok => "ok",
+        Reason::Malformed => "malformed",
+        Reason::Unauthenticated => "unauthenticated",
+        Reason::Stale => "stale",
+        Reason::Replay => "replay",
+        Reason::Forbidden => "forbidden",
+        Reason::RateLimited => "rate_limited",
+        Reason::LockedOut => "locked_out",
+    }
 }

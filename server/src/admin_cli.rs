@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use tonic::transport::Channel;
-use warden::config::parse_duration;
+use warden::model::parse_duration;
 use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::{
     AddSecretRequest, AuditRecord, CreateKeyRequest, GetKeyRequest, KeyInfo, KeyKind,

@@ -16,13 +16,14 @@ use parking_lot::RwLock;
 use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 
 use crate::auth::{Authz, Grant, Role};
-use crate::config::{CheckSettings, KeyConfig, Policy, is_valid_name};
+use crate::config::CheckSettings;
 use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
 use crate::engine::{
     Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey,
 };
 use crate::freshness::{Fence, Freshness};
-use crate::keys::{ApiKey, KeyRing, RingError, is_valid_key_id};
+use crate::keys::{ApiKey, KeyRing, RingError};
+use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
 use crate::store::Store;

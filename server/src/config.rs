@@ -12,17 +12,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::audit::AuditSettings;
-use crate::auth::{Authz, CallerRule, ClientRule, Pattern, Role};
-use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
-
-/// A config problem, already phrased for the operator.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-fn bad(field: impl std::fmt::Display, msg: impl std::fmt::Display) -> ConfigError {
-    ConfigError(format!("{field}: {msg}"))
-}
+use crate::auth::{Authz, CallerRule, ClientRule, Role};
+use crate::model::{
+    Invalid, KeyConfig, MAX_ENTRIES, Pattern, Policy, PolicySpec, Route, Secret, bad,
+    is_valid_key_id, parse_duration, policy,
+};
+use crate::store::{MasterKeySource, StoreSettings};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -45,7 +40,7 @@ pub struct File {
     /// The key store; without it the admin API is unavailable.
     pub store: Option<StoreFile>,
     #[serde(default)]
-    pub policies: Vec<PolicyFile>,
+    pub policies: Vec<PolicySpec>,
     #[serde(default)]
     pub keys: Vec<KeyFile>,
     /// Which client-certificate identities may do what.
@@ -180,22 +175,6 @@ pub struct StoreFile {
     pub postgres_url_env: Option<String>,
 }
 
-/// Where the store lives and how to get its master key.
-#[derive(Clone, Debug)]
-pub struct StoreSettings {
-    /// The embedded store and the audit log live here.
-    pub dir: PathBuf,
-    pub master_key: MasterKeySource,
-    /// When set, keys and policies live in PostgreSQL.
-    pub postgres_url: Option<String>,
-}
-
-#[derive(Clone, Debug)]
-pub enum MasterKeySource {
-    File(PathBuf),
-    Env(String),
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditFile {
@@ -220,25 +199,6 @@ pub struct AlertsFile {
     pub replays: Option<u32>,
     pub lockouts: Option<u32>,
     pub rate_limited: Option<u32>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyFile {
-    pub name: String,
-    /// "gcra" (default), "sliding_window" or "fixed_window".
-    pub algorithm: Option<String>,
-    /// Requests allowed per period.
-    pub limit: u64,
-    /// e.g. "1s", "500ms", "1m", "1h".
-    pub period: String,
-    /// GCRA only: requests allowed at once. Default `limit`.
-    pub burst: Option<u64>,
-    /// Most descriptors this policy tracks at once as a request limit (see
-    /// "Bounded state" in README). Default: only the global
-    /// `check.max_limit_entries` applies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_entries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,29 +239,6 @@ pub struct SecretFile {
     pub env: Option<String>,
     /// Path of a file holding the secret (trailing newline ignored).
     pub file: Option<PathBuf>,
-}
-
-/// A named rate limit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    pub name: String,
-    pub limit: Limit,
-    pub period: Duration,
-    /// Cap on the descriptors tracked for this policy as a request limit.
-    pub max_entries: Option<usize>,
-}
-
-/// One key as configured, secrets resolved.
-#[derive(Clone, Debug)]
-pub struct KeyConfig {
-    pub id: String,
-    pub owner: String,
-    pub scopes: Vec<String>,
-    pub policies: Vec<String>,
-    pub secrets: Vec<crate::keys::Secret>,
-    pub routes: Vec<crate::keys::Route>,
-    pub bound_identities: Vec<Pattern>,
-    pub revoked: bool,
 }
 
 /// The server's TLS material and how it is used.
@@ -421,7 +358,7 @@ impl Default for AlertSettings {
 }
 
 /// "off" or an IP:port address.
-pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr>, Invalid> {
     if text == "off" {
         return Ok(None);
     }
@@ -433,7 +370,7 @@ pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr
     })
 }
 
-fn server_settings(f: ServerFile) -> Result<ServerSettings, ConfigError> {
+fn server_settings(f: ServerFile) -> Result<ServerSettings, Invalid> {
     let mut s = ServerSettings::default();
     if let Some(text) = f.metrics_listen {
         s.metrics_listen = parse_metrics_listen("server.metrics_listen", &text)?;
@@ -503,7 +440,7 @@ fn server_settings(f: ServerFile) -> Result<ServerSettings, ConfigError> {
     Ok(s)
 }
 
-fn alert_settings(f: AlertsFile) -> Result<AlertSettings, ConfigError> {
+fn alert_settings(f: AlertsFile) -> Result<AlertSettings, Invalid> {
     let d = AlertSettings::default();
     let window = match f.window {
         Some(text) => parse_duration("alerts.window", &text)?,
@@ -544,15 +481,11 @@ pub struct Config {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
-/// Bounds that keep a config from asking for absurd state.
-const MAX_POLICY_LIMIT: u64 = u32::MAX as u64;
-const MAX_NAME_LEN: usize = 64;
-
 impl Config {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path) -> Result<Self, Invalid> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+            .map_err(|e| Invalid(format!("cannot read config {}: {e}", path.display())))?;
         let file: File = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_file(file, base, &|name| std::env::var(name).ok())
@@ -564,7 +497,7 @@ impl Config {
         file: File,
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, Invalid> {
         let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             bad(
@@ -698,7 +631,7 @@ impl Config {
     }
 }
 
-fn audit_settings(f: AuditFile) -> Result<AuditSettings, ConfigError> {
+fn audit_settings(f: AuditFile) -> Result<AuditSettings, Invalid> {
     let mut s = AuditSettings::default();
     if let Some(n) = f.max_file_bytes {
         if !(4096..=1 << 40).contains(&n) {
@@ -729,22 +662,22 @@ fn audit_settings(f: AuditFile) -> Result<AuditSettings, ConfigError> {
 
 /// Turns a TOML error into one line: file, line, the offending line's text
 /// (which names the field) and the reason.
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> Invalid {
     let reason = e.message().trim().replace('\n', " ");
     match e.span() {
         Some(span) => {
             let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
             let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            ConfigError(format!(
+            Invalid(format!(
                 "{} line {line_no} ({line}): {reason}",
                 path.display()
             ))
         }
-        None => ConfigError(format!("{}: {reason}", path.display())),
+        None => Invalid(format!("{}: {reason}", path.display())),
     }
 }
 
-fn tls_settings(t: TlsFile, base: &Path) -> Result<TlsPaths, ConfigError> {
+fn tls_settings(t: TlsFile, base: &Path) -> Result<TlsPaths, Invalid> {
     let mut tls = TlsPaths::new(base.join(t.cert), base.join(t.key), base.join(t.client_ca));
     tls.crls = t.crls.into_iter().map(|p| base.join(p)).collect();
     tls.allow_tls12 = match t.min_version.as_deref() {
@@ -770,11 +703,7 @@ fn tls_settings(t: TlsFile, base: &Path) -> Result<TlsPaths, ConfigError> {
     Ok(tls)
 }
 
-fn caller(
-    field: &str,
-    c: CallerFile,
-    policies: &HashSet<String>,
-) -> Result<CallerRule, ConfigError> {
+fn caller(field: &str, c: CallerFile, policies: &HashSet<String>) -> Result<CallerRule, Invalid> {
     let identity = Pattern::caller(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
     let mut roles = HashSet::new();
     for (j, r) in c.roles.iter().enumerate() {
@@ -807,17 +736,15 @@ fn caller(
     })
 }
 
-fn routes(field: &str, texts: &[String]) -> Result<Vec<crate::keys::Route>, ConfigError> {
+fn routes(field: &str, texts: &[String]) -> Result<Vec<Route>, Invalid> {
     texts
         .iter()
         .enumerate()
-        .map(|(j, r)| {
-            crate::keys::Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg))
-        })
+        .map(|(j, r)| Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg)))
         .collect()
 }
 
-fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
+fn check_settings(c: CheckFile) -> Result<CheckSettings, Invalid> {
     let d = CheckSettings::default();
     let past_skew = match c.past_skew {
         Some(s) => parse_duration("check.past_skew", &s)?,
@@ -896,91 +823,14 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, ConfigError> {
     })
 }
 
-/// Validates one policy (from the config file or the admin API); errors name
-/// `field`.
-/// Bound of every entry cap: 1e9 entries is ~40 GB of state.
-const MAX_ENTRIES: u64 = 1_000_000_000;
-
-pub fn policy(field: &str, p: PolicyFile) -> Result<Policy, ConfigError> {
-    if !is_valid_name(&p.name) {
-        return Err(bad(
-            format!("{field}.name"),
-            format!("must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"),
-        ));
-    }
-    if p.limit == 0 || p.limit > MAX_POLICY_LIMIT {
-        return Err(bad(
-            format!("{field}.limit"),
-            format!("must be between 1 and {MAX_POLICY_LIMIT}"),
-        ));
-    }
-    let period = parse_duration(&format!("{field}.period"), &p.period)?;
-    if period < Duration::from_millis(1) || period > Duration::from_secs(366 * 24 * 3600) {
-        return Err(bad(
-            format!("{field}.period"),
-            "must be between 1ms and 366 days",
-        ));
-    }
-    let algorithm = p.algorithm.as_deref().unwrap_or("gcra");
-    let period_ns = duration_nanos(period);
-    let limit = match algorithm {
-        "gcra" => {
-            let burst = p.burst.unwrap_or(p.limit);
-            if burst == 0 || burst > MAX_POLICY_LIMIT {
-                return Err(bad(
-                    format!("{field}.burst"),
-                    format!("must be between 1 and {MAX_POLICY_LIMIT}"),
-                ));
-            }
-            Limit::Gcra(Gcra::new(p.limit, period_ns, burst))
-        }
-        "sliding_window" | "fixed_window" => {
-            if p.burst.is_some() {
-                return Err(bad(
-                    format!("{field}.burst"),
-                    "only applies to algorithm \"gcra\"",
-                ));
-            }
-            let kind = if algorithm == "fixed_window" {
-                WindowKind::Fixed
-            } else {
-                WindowKind::Sliding
-            };
-            Limit::Window(Window::new(kind, p.limit, period_ns))
-        }
-        other => {
-            return Err(bad(
-                format!("{field}.algorithm"),
-                format!("{other:?} is not one of \"gcra\", \"sliding_window\", \"fixed_window\""),
-            ));
-        }
-    };
-    let max_entries = match p.max_entries {
-        None => None,
-        Some(n) if (1..=MAX_ENTRIES).contains(&n) => Some(n as usize),
-        Some(_) => {
-            return Err(bad(
-                format!("{field}.max_entries"),
-                format!("must be between 1 and {MAX_ENTRIES}"),
-            ));
-        }
-    };
-    Ok(Policy {
-        name: p.name,
-        limit,
-        period,
-        max_entries,
-    })
-}
-
 fn key(
     field: &str,
     k: KeyFile,
     policies: &HashSet<String>,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<KeyConfig, ConfigError> {
-    if !crate::keys::is_valid_key_id(&k.id) {
+) -> Result<KeyConfig, Invalid> {
+    if !is_valid_key_id(&k.id) {
         return Err(bad(
             format!("{field}.id"),
             "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
@@ -1024,7 +874,7 @@ fn key(
             // Never print the value, only what is wrong with it.
             return Err(bad(&f, "a secret must be at least 32 bytes"));
         }
-        secrets.push(crate::keys::Secret::new(value.into_bytes()));
+        secrets.push(Secret::new(value.into_bytes()));
     }
     let routes = routes(field, &k.routes)?;
     let mut bound_identities = Vec::with_capacity(k.bound_identities.len());
@@ -1044,51 +894,12 @@ fn key(
     })
 }
 
-/// Policy and descriptor names: short, printable, unambiguous in headers.
-pub fn is_valid_name(name: &str) -> bool {
-    (1..=MAX_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-/// Parses "250ms", "30s", "5m", "1h" (a whole number and a unit).
-pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| {
-        bad(
-            field,
-            format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""),
-        )
-    })?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(24 * 3600)),
-        _ => {
-            return Err(bad(
-                field,
-                format!(
-                    "{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
-                ),
-            ));
-        }
-    };
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        let file: File = toml::from_str(text).map_err(|e| ConfigError(e.message().to_owned()))?;
+    fn parse(text: &str) -> Result<Config, Invalid> {
+        let file: File = toml::from_str(text).map_err(|e| Invalid(e.message().to_owned()))?;
         Config::from_file(file, Path::new("/etc/warden"), &|name| {
             (name == "SECRET_A").then(|| "a".repeat(40))
         })

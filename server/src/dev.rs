@@ -19,14 +19,12 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::HashSet;
 
-use crate::auth::{Authz, CallerRule, Pattern, Role};
-use crate::config::{
-    AlertSettings, CheckSettings, Config, KeyConfig, MasterKeySource, Policy, ServerSettings,
-    StoreSettings, TlsPaths,
-};
+use crate::auth::{Authz, CallerRule, Role};
+use crate::config::{AlertSettings, CheckSettings, Config, ServerSettings, TlsPaths};
 use crate::engine::clock::duration_nanos;
 use crate::engine::{Gcra, Limit, Window, WindowKind};
-use crate::keys::Secret;
+use crate::model::{KeyConfig, Pattern, Policy, Secret};
+use crate::store::{MasterKeySource, StoreSettings};
 
 pub const DEFAULT_DIR: &str = "./warden-dev";
 /// The identity of the dev client certificate; it holds every role.

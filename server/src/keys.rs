@@ -3,82 +3,10 @@
 //! may call.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
-use crate::auth::Pattern;
-use crate::config::{KeyConfig, Policy};
+use crate::model::{KeyConfig, Pattern, Policy, Route, Secret};
 use crate::store::{KeyKind, KeyRecord, Store};
-
-/// An HMAC secret. Its bytes never appear in `Debug` output, logs or errors.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// A route a key may call: a method (or any) and a path (exact, or a prefix
-/// when written with a trailing `*`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    method: Option<String>,
-    path: String,
-    prefix: bool,
-}
-
-impl Route {
-    /// Parses "POST /webhooks/billing", "GET /v1/*" or "* /health".
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (method, path) = text
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| format!("{text:?} is not \"METHOD /path\""))?;
-        let path = path.trim();
-        if !path.starts_with('/') {
-            return Err(format!("{text:?}: the path must start with '/'"));
-        }
-        let method = match method {
-            "*" => None,
-            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
-                Some(m.to_ascii_uppercase())
-            }
-            _ => return Err(format!("{text:?}: the method must be letters or '*'")),
-        };
-        let (path, prefix) = match path.strip_suffix('*') {
-            Some(p) => (p.to_owned(), true),
-            None => (path.to_owned(), false),
-        };
-        Ok(Self {
-            method,
-            path,
-            prefix,
-        })
-    }
-
-    /// Whether a request with this (uppercase) method and path is allowed.
-    pub fn allows(&self, method: &str, path: &str) -> bool {
-        let method_ok = self.method.as_deref().is_none_or(|m| m == method);
-        let path_ok = if self.prefix {
-            path.starts_with(&self.path)
-        } else {
-            path == self.path
-        };
-        method_ok && path_ok
-    }
-}
 
 /// A secret with the time it stops verifying (rotation grace).
 #[derive(Clone, Debug)]
@@ -194,7 +122,7 @@ impl KeyRing {
         let Some(store) = store else { return Ok(ring) };
         for p in store.policies() {
             let name = p.name.clone();
-            let policy = crate::config::policy(&format!("stored policy {name}"), p)
+            let policy = crate::model::policy(&format!("stored policy {name}"), p)
                 .map_err(|e| RingError(e.0))?;
             ring.policies
                 .entry(name)
@@ -272,14 +200,6 @@ impl KeyRing {
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
-}
-
-/// Key ids: 1 to 128 characters of `[A-Za-z0-9_.:-]`.
-pub fn is_valid_key_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 #[cfg(test)]

@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use admin_cli::{AuditCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreCommand};
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
+use warden::dev;
 use warden::server::{Bound, shutdown_signal};
-use warden::{dev, service::warden::reason_name};
 use warden_client::Client;
 use warden_client::proto::{Decision, LimitRequest, Reason};
+use warden_client::reason_name;
 use warden_client::signing::Signer;
 
 /// Exit code for a bad command line or config: the operator must fix input.

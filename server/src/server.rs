@@ -10,20 +10,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::time::{Instant, Sleep};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use warden_client::proto::admin_server::AdminServer;
@@ -33,8 +28,9 @@ use crate::alerts::Alerts;
 use crate::audit::AuditLog;
 use crate::check::Checker;
 use crate::config::{Config, ServerSettings};
+use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::engine::{Clock, SystemClock};
-use crate::gate::{ConnectionSlot, Gate, Refusal};
+use crate::gate::{Gate, Refusal};
 use crate::keys::KeyRing;
 use crate::service::Admission;
 use crate::service::admin::AdminService;
@@ -50,160 +46,6 @@ const MESSAGE_OVERHEAD: usize = 64 * 1024;
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// The gRPC service name health is reported for (besides "", the server).
 const SERVICE_NAME: &str = "warden.v1.Warden";
-
-/// Milliseconds since this process first asked, on the monotonic clock.
-fn monotonic_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-/// Per-connection state the services share with the connection itself.
-#[derive(Debug)]
-pub struct ConnState {
-    /// Calls in flight on this connection (see `Admission`).
-    pub calls: Arc<Semaphore>,
-    max_calls: usize,
-    last_activity_ms: AtomicU64,
-}
-
-impl ConnState {
-    fn new(max_calls: usize) -> Self {
-        Self {
-            calls: Arc::new(Semaphore::new(max_calls)),
-            max_calls,
-            last_activity_ms: AtomicU64::new(monotonic_ms()),
-        }
-    }
-
-    /// Records that a call started or ended now.
-    pub fn touch(&self) {
-        self.last_activity_ms
-            .store(monotonic_ms(), Ordering::Relaxed);
-    }
-
-    /// How long the connection has had no call in flight, if it has none.
-    fn idle_for(&self) -> Option<Duration> {
-        (self.calls.available_permits() == self.max_calls).then(|| {
-            Duration::from_millis(
-                monotonic_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)),
-            )
-        })
-    }
-}
-
-/// What the services know about the connection a call came on.
-#[derive(Clone, Debug)]
-pub struct PeerInfo {
-    pub remote: SocketAddr,
-    /// The verified client certificate's identity; `None` in plaintext mode
-    /// or when the certificate carries no usable identity.
-    pub identity: Option<Arc<str>>,
-    pub conn: Arc<ConnState>,
-}
-
-enum Io {
-    Tls(Box<TlsStream<TcpStream>>),
-    Plain(TcpStream),
-}
-
-/// An accepted connection: mTLS, or plaintext on loopback when explicitly
-/// configured. It closes itself after `idle_timeout` without calls (HTTP/2
-/// pings do not count as activity).
-pub struct Conn {
-    io: Io,
-    peer: PeerInfo,
-    idle_timeout: Duration,
-    idle_timer: Pin<Box<Sleep>>,
-    /// Frees the connection's place under `max_connections` when dropped.
-    _slot: ConnectionSlot,
-}
-
-impl Conn {
-    fn new(io: Io, peer: PeerInfo, idle_timeout: Duration, slot: ConnectionSlot) -> Self {
-        Self {
-            io,
-            peer,
-            idle_timeout,
-            idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
-            _slot: slot,
-        }
-    }
-
-    /// Whether the idle timer says to close; re-arms it otherwise.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.idle_timer.as_mut().poll(cx).is_ready() {
-            match self.peer.conn.idle_for() {
-                Some(idle) if idle >= self.idle_timeout => return true,
-                Some(idle) => self
-                    .idle_timer
-                    .as_mut()
-                    .reset(Instant::now() + (self.idle_timeout - idle)),
-                None => self
-                    .idle_timer
-                    .as_mut()
-                    .reset(Instant::now() + self.idle_timeout),
-            }
-        }
-        false
-    }
-}
-
-impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = match &mut this.io {
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-        };
-        if polled.is_pending() && this.poll_idle(cx) {
-            tracing::debug!(event = "idle_close", remote = %this.peer.remote, "closing idle connection");
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use warden_client::signing::{
     body_sha256, hmac_sha256, ts_body_string_to_sign, warden_v1_string_to_sign,
 };
 
-use crate::keys::Secret;
+use crate::model::Secret;
 
 pub use warden_client::signing::{SCHEME_TS_BODY, SCHEME_WARDEN_V1, is_valid_nonce};
 

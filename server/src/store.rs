@@ -22,11 +22,26 @@ use std::path::{Path, PathBuf};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{MasterKeySource, PolicyFile, StoreSettings};
 use crate::crypto::{CryptoError, MasterKey};
-use crate::keys::Secret;
+use crate::model::{PolicySpec, Secret};
 
 pub const JOURNAL: &str = "store.jsonl";
+
+/// Where the store lives and how to get its master key.
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    /// The embedded store and the audit log live here.
+    pub dir: PathBuf,
+    pub master_key: MasterKeySource,
+    /// When set, keys and policies live in PostgreSQL.
+    pub postgres_url: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum MasterKeySource {
+    File(PathBuf),
+    Env(String),
+}
 
 /// Why the store cannot be used. Never contains secret material.
 #[derive(Debug, thiserror::Error)]
@@ -105,13 +120,13 @@ enum Entry {
         fingerprint: String,
     },
     Key(KeyRecord),
-    Policy(PolicyFile),
+    Policy(PolicySpec),
 }
 
 #[derive(Default)]
 struct State {
     keys: BTreeMap<String, KeyRecord>,
-    policies: BTreeMap<String, PolicyFile>,
+    policies: BTreeMap<String, PolicySpec>,
 }
 
 /// Where changes are written.
@@ -168,7 +183,7 @@ async fn load_postgres(client: &tokio_postgres::Client) -> Result<State, StoreEr
         .await?
     {
         let text: String = row.get(0);
-        let policy: PolicyFile = serde_json::from_str(&text)
+        let policy: PolicySpec = serde_json::from_str(&text)
             .map_err(|e| StoreError::Postgres(format!("a stored policy is not valid JSON: {e}")))?;
         state.policies.insert(policy.name.clone(), policy);
     }
@@ -488,7 +503,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn put_policy(&self, policy: PolicyFile) -> Result<(), StoreError> {
+    pub async fn put_policy(&self, policy: PolicySpec) -> Result<(), StoreError> {
         self.append(&Entry::Policy(policy.clone())).await?;
         self.state
             .write()
@@ -524,7 +539,7 @@ impl Store {
         self.state.read().keys.values().cloned().collect()
     }
 
-    pub fn policies(&self) -> Vec<PolicyFile> {
+    pub fn policies(&self) -> Vec<PolicySpec> {
         self.state.read().policies.values().cloned().collect()
     }
 

@@ -8,10 +8,10 @@ use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest};
 use warden_client::signing::{Signer, check_request_from};
 
 use super::*;
-use crate::auth::{CallerRule, ClientRule, Pattern};
-use crate::config::{KeyConfig, Policy};
+use crate::auth::{CallerRule, ClientRule};
 use crate::engine::{FakeClock, Window, WindowKind};
-use crate::keys::{KeyRing, Route, Secret};
+use crate::keys::KeyRing;
+use crate::model::{Pattern, Route, Secret};
 
 /// A named change to a request, for table-driven tests.
 type Mutation = (&'static str, fn(&mut CheckRequest));

@@ -18,12 +18,11 @@ use warden_client::proto::{
 
 use super::caller_of;
 use crate::audit::{AuditLog, Event, Record};
-use crate::auth::{Authz, Pattern, Role};
+use crate::auth::{Authz, Role};
 use crate::check::{CallerIdentity, Checker};
-use crate::config::{KeyConfig, Policy, PolicyFile, is_valid_name};
 use crate::crypto::{api_key_hash, random_hex};
 use crate::engine::Limit;
-use crate::keys::{Route, is_valid_key_id};
+use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, Route, is_valid_key_id, is_valid_name};
 use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
 use warden_client::signing::unix_now;
 
@@ -575,7 +574,7 @@ impl Admin for AdminService {
                 "this policy is defined in the config file; change it there",
             ));
         }
-        let file = PolicyFile {
+        let file = PolicySpec {
             name: r.name.clone(),
             algorithm: Some(r.algorithm.clone()).filter(|a| !a.is_empty()),
             limit: r.limit,
@@ -583,7 +582,7 @@ impl Admin for AdminService {
             burst: (r.burst > 0).then_some(r.burst),
             max_entries: None,
         };
-        let policy = crate::config::policy("policy", file.clone())
+        let policy = crate::model::policy("policy", file.clone())
             .map_err(|e| Status::invalid_argument(e.0))?;
         let _writing = self.writing.lock().await;
         store
@@ -604,7 +603,7 @@ impl Admin for AdminService {
         let mut policies: Vec<PolicyInfo> = self.config_policies.iter().map(policy_info).collect();
         if let Some(store) = &self.store {
             for p in store.policies() {
-                if let Ok(policy) = crate::config::policy("policy", p) {
+                if let Ok(policy) = crate::model::policy("policy", p) {
                     policies.push(policy_info(&policy));
                 }
             }

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
 use crate::check::CallerIdentity;
-use crate::server::{ConnState, PeerInfo};
+use crate::conn::{ConnState, PeerInfo};
 
 /// The mTLS identity of whoever made this call (`-` in plaintext mode).
 pub fn caller_of<T>(request: &tonic::Request<T>) -> CallerIdentity {

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
 use warden_client::proto::{CheckRequest, CheckResponse, Decision as Verdict, Reason};
+use warden_client::reason_name;
 
 use super::{Admission, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
@@ -276,7 +277,7 @@ fn auditable_source(req: &CheckRequest) -> String {
 
 /// The key id if it is well formed (a malformed one is not logged).
 fn loggable_key_id(id: &str) -> &str {
-    if crate::keys::is_valid_key_id(id) {
+    if crate::model::is_valid_key_id(id) {
         id
     } else {
         "-"
@@ -289,19 +290,5 @@ fn loggable_request_id(id: &str) -> &str {
         id
     } else {
         "-"
-    }
-}
-
-pub fn reason_name(reason: Reason) -> &'static str {
-    match reason {
-        Reason::Unspecified => "unspecified",
-        Reason::Ok => "ok",
-        Reason::Malformed => "malformed",
-        Reason::Unauthenticated => "unauthenticated",
-        Reason::Stale => "stale",
-        Reason::Replay => "replay",
-        Reason::Forbidden => "forbidden",
-        Reason::RateLimited => "rate_limited",
-        Reason::LockedOut => "locked_out",
     }
 }

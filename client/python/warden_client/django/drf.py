@@ -74,6 +74,9 @@ class WardenThrottle(BaseThrottle):
     it in ``WARDEN["THROTTLE_POLICIES"]``."""
 
     scope: str | None = None
+    #: Marks warden's throttles for the middleware, which joins their
+    #: policies to the request's one atomic check.
+    warden_throttle = True
 
     def __init__(self) -> None:
         self._wait: float | None = None

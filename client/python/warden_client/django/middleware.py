@@ -75,11 +75,11 @@ def throttle_policies(view, conf: Conf) -> list[str]:
     """warden policies for the DRF throttle scopes of a view class."""
     if view is None:
         return []
-    from warden_client.django.drf import WardenThrottle  # DRF is optional
-
+    # WardenThrottle (and subclasses) say so with a class attribute, so this
+    # module need not import DRF, which is optional and imports it.
     scopes = []
     for throttle in getattr(view, "throttle_classes", ()):
-        if isinstance(throttle, type) and issubclass(throttle, WardenThrottle):
+        if isinstance(throttle, type) and getattr(throttle, "warden_throttle", False):
             scope = getattr(throttle, "scope", None) or getattr(view, "throttle_scope", None)
             if scope and scope in conf.throttle_policies:
                 scopes.append((scope, conf.throttle_policies[scope]))

@@ -1,0 +1,355 @@
+//! warden's vocabulary: the value types every other module speaks in —
+//! routes, secrets, identity patterns, policies, key ids and names — with
+//! their validation. It imports nothing of warden's but the engine's limit
+//! algorithms, so that config, keys, auth and store can all build on it
+//! without importing one another.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
+
+/// A value that failed validation, phrased for the operator: the field and
+/// what is wrong with it, e.g. `policies[1].limit: must be at least 1`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+pub fn bad(field: impl fmt::Display, msg: impl fmt::Display) -> Invalid {
+    Invalid(format!("{field}: {msg}"))
+}
+
+/// Bounds that keep a policy from asking for absurd state.
+pub const MAX_POLICY_LIMIT: u64 = u32::MAX as u64;
+pub const MAX_NAME_LEN: usize = 64;
+/// Bound of every entry cap: 1e9 entries is ~40 GB of state.
+pub const MAX_ENTRIES: u64 = 1_000_000_000;
+
+/// An HMAC secret. Its bytes never appear in `Debug` output, logs or errors.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A route a key may call: a method (or any) and a path (exact, or a prefix
+/// when written with a trailing `*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    method: Option<String>,
+    path: String,
+    prefix: bool,
+}
+
+impl Route {
+    /// Parses "POST /webhooks/billing", "GET /v1/*" or "* /health".
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (method, path) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("{text:?} is not \"METHOD /path\""))?;
+        let path = path.trim();
+        if !path.starts_with('/') {
+            return Err(format!("{text:?}: the path must start with '/'"));
+        }
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Some(m.to_ascii_uppercase())
+            }
+            _ => return Err(format!("{text:?}: the method must be letters or '*'")),
+        };
+        let (path, prefix) = match path.strip_suffix('*') {
+            Some(p) => (p.to_owned(), true),
+            None => (path.to_owned(), false),
+        };
+        Ok(Self {
+            method,
+            path,
+            prefix,
+        })
+    }
+
+    /// Whether a request with this (uppercase) method and path is allowed.
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        let method_ok = self.method.as_deref().is_none_or(|m| m == method);
+        let path_ok = if self.prefix {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        };
+        method_ok && path_ok
+    }
+}
+
+/// Key ids: 1 to 128 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_key_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// What kind of name a caller's certificate identity is. The identity text
+/// says it unambiguously (see [`crate::tls::identity`]): a SPIFFE ID starts
+/// with `spiffe://`, a common name is written `CN=<name>`, and a DNS name
+/// can contain neither `:` nor `=`. A caller rule matches only identities of
+/// its own kind, so no certificate can pass as a name of another kind (a
+/// DNS SAN spelled like a SPIFFE ID, or a CN spelled like a DNS name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityKind {
+    Spiffe,
+    Dns,
+    CommonName,
+}
+
+impl IdentityKind {
+    pub fn of(identity: &str) -> Self {
+        if identity.starts_with("spiffe://") {
+            IdentityKind::Spiffe
+        } else if identity.starts_with("CN=") {
+            IdentityKind::CommonName
+        } else {
+            IdentityKind::Dns
+        }
+    }
+}
+
+/// An identity pattern: exact, or with `*` standing for any run of
+/// characters other than `/` (one SPIFFE path segment, or any DNS labels).
+/// Patterns for callers are of one [`IdentityKind`]; patterns for forwarded
+/// end-client identities (free-form text from the gateway) have none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    text: String,
+    kind: Option<IdentityKind>,
+}
+
+impl Pattern {
+    /// A pattern for forwarded end-client identities (any text).
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > 1024 || text.chars().any(char::is_control) {
+            return Err("must be 1 to 1024 characters without control characters".into());
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            kind: None,
+        })
+    }
+
+    /// A pattern for calling certificates: a SPIFFE ID, a DNS name or
+    /// `CN=<common name>`, each possibly with `*`.
+    pub fn caller(text: &str) -> Result<Self, String> {
+        const WHAT: &str = "must be a SPIFFE ID (spiffe://...), a DNS name, or CN=<common name>; * stands for one segment";
+        let mut pattern = Self::new(text).map_err(|_| WHAT.to_owned())?;
+        let kind = IdentityKind::of(text);
+        let valid = match kind {
+            IdentityKind::Spiffe => text["spiffe://".len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._/*".contains(&b)),
+            IdentityKind::CommonName => text.len() > "CN=".len(),
+            IdentityKind::Dns => text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b)),
+        };
+        if !valid || text == "spiffe://" {
+            return Err(WHAT.to_owned());
+        }
+        pattern.kind = Some(kind);
+        Ok(pattern)
+    }
+
+    pub fn matches(&self, identity: &str) -> bool {
+        self.kind.is_none_or(|k| k == IdentityKind::of(identity))
+            && glob(self.text.as_bytes(), identity.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Anchored glob match where `*` matches any bytes except `/`.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => {
+            // Try every split point up to the next '/'.
+            let limit = text.iter().position(|&b| b == b'/').unwrap_or(text.len());
+            (0..=limit).any(|i| glob(rest, &text[i..]))
+        }
+        Some((&p, rest)) => text.first() == Some(&p) && glob(rest, &text[1..]),
+    }
+}
+
+/// A named rate limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub limit: Limit,
+    pub period: Duration,
+    /// Cap on the descriptors tracked for this policy as a request limit.
+    pub max_entries: Option<usize>,
+}
+
+/// One key as configured, secrets resolved.
+#[derive(Clone, Debug)]
+pub struct KeyConfig {
+    pub id: String,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub policies: Vec<String>,
+    pub secrets: Vec<Secret>,
+    pub routes: Vec<Route>,
+    pub bound_identities: Vec<Pattern>,
+    pub revoked: bool,
+}
+
+/// A policy as people write it: in the config file (`[[policies]]`), through
+/// the admin API, and as the store keeps it. [`policy`] validates it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: String,
+    /// "gcra" (default), "sliding_window" or "fixed_window".
+    pub algorithm: Option<String>,
+    /// Requests allowed per period.
+    pub limit: u64,
+    /// e.g. "1s", "500ms", "1m", "1h".
+    pub period: String,
+    /// GCRA only: requests allowed at once. Default `limit`.
+    pub burst: Option<u64>,
+    /// Most descriptors this policy tracks at once as a request limit (see
+    /// "Bounded state" in README). Default: only the global
+    /// `check.max_limit_entries` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries: Option<u64>,
+}
+
+/// Validates one policy (from the config file, the admin API or the
+/// store); errors name `field`.
+pub fn policy(field: &str, p: PolicySpec) -> Result<Policy, Invalid> {
+    if !is_valid_name(&p.name) {
+        return Err(bad(
+            format!("{field}.name"),
+            format!("must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"),
+        ));
+    }
+    if p.limit == 0 || p.limit > MAX_POLICY_LIMIT {
+        return Err(bad(
+            format!("{field}.limit"),
+            format!("must be between 1 and {MAX_POLICY_LIMIT}"),
+        ));
+    }
+    let period = parse_duration(&format!("{field}.period"), &p.period)?;
+    if period < Duration::from_millis(1) || period > Duration::from_secs(366 * 24 * 3600) {
+        return Err(bad(
+            format!("{field}.period"),
+            "must be between 1ms and 366 days",
+        ));
+    }
+    let algorithm = p.algorithm.as_deref().unwrap_or("gcra");
+    let period_ns = duration_nanos(period);
+    let limit = match algorithm {
+        "gcra" => {
+            let burst = p.burst.unwrap_or(p.limit);
+            if burst == 0 || burst > MAX_POLICY_LIMIT {
+                return Err(bad(
+                    format!("{field}.burst"),
+                    format!("must be between 1 and {MAX_POLICY_LIMIT}"),
+                ));
+            }
+            Limit::Gcra(Gcra::new(p.limit, period_ns, burst))
+        }
+        "sliding_window" | "fixed_window" => {
+            if p.burst.is_some() {
+                return Err(bad(
+                    format!("{field}.burst"),
+                    "only applies to algorithm \"gcra\"",
+                ));
+            }
+            let kind = if algorithm == "fixed_window" {
+                WindowKind::Fixed
+            } else {
+                WindowKind::Sliding
+            };
+            Limit::Window(Window::new(kind, p.limit, period_ns))
+        }
+        other => {
+            return Err(bad(
+                format!("{field}.algorithm"),
+                format!("{other:?} is not one of \"gcra\", \"sliding_window\", \"fixed_window\""),
+            ));
+        }
+    };
+    let max_entries = match p.max_entries {
+        None => None,
+        Some(n) if (1..=MAX_ENTRIES).contains(&n) => Some(n as usize),
+        Some(_) => {
+            return Err(bad(
+                format!("{field}.max_entries"),
+                format!("must be between 1 and {MAX_ENTRIES}"),
+            ));
+        }
+    };
+    Ok(Policy {
+        name: p.name,
+        limit,
+        period,
+        max_entries,
+    })
+}
+
+/// Policy and descriptor names: short, printable, unambiguous in headers.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Parses "250ms", "30s", "5m", "1h" (a whole number and a unit).
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration, Invalid> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        bad(
+            field,
+            format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""),
+        )
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(24 * 3600)),
+        _ => {
+            return Err(bad(
+                field,
+                format!(
+                    "{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
+                ),
+            ));
+        }
+    };
+    Ok(d)
+}
