@@ -115,6 +115,7 @@ impl Alerts {
     }
 
     /// Subjects evicted so far in the current window.
+    #[cfg(test)]
     pub fn evicted_this_window(&self) -> u64 {
         let window = self.clock.now() / self.window;
         let t = self.table.lock();

@@ -28,7 +28,7 @@ use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothin
 use crate::store::KeyKind;
 use crate::store::Store;
 
-pub use warden_client::proto::{Decision as Verdict, Reason};
+pub use warden_client::proto::{Decision, Reason};
 
 /// Size bounds of a CheckRequest, besides the configurable body size.
 pub const MAX_PATH_BYTES: usize = 8 * 1024;
@@ -72,7 +72,7 @@ impl CallerIdentity {
 /// The outcome of one check, with what the service needs to log it. Logs get
 /// `key_id`, reason and message; never the signature, secret or body.
 #[derive(Debug)]
-pub struct Decision {
+pub struct Answer {
     pub response: CheckResponse,
     /// The key id as sent, when it was well formed (for logs).
     pub key_id: Option<String>,
@@ -199,11 +199,7 @@ impl Checker {
     }
 
     /// Runs the whole pipeline for one request.
-    pub fn check(
-        &self,
-        req: &CheckRequest,
-        caller: &CallerIdentity,
-    ) -> Result<Decision, CheckError> {
+    pub fn check(&self, req: &CheckRequest, caller: &CallerIdentity) -> Result<Answer, CheckError> {
         let now = self.clock.now();
         // Step 2, first part: without the role nothing else is looked at.
         let grant = self.authz.grant(caller.0.as_deref());
@@ -238,7 +234,7 @@ impl Checker {
             }
         };
         let key_id = key_id.or_else(|| response.caller.as_ref().map(|c| c.key_id.clone()));
-        Ok(Decision { response, key_id })
+        Ok(Answer { response, key_id })
     }
 
     /// Step 1: shape and bounds. Nothing is looked up yet.
@@ -359,7 +355,7 @@ impl Checker {
         now: Nanos,
     ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
         let budget = source.state_key(&self.engine);
-        let locked = self.locked_out(budget, now);
+        let locked = self.failure_budget(budget, now, false);
         let locked_out = |wait| {
             Box::new(deny_with_retry(
                 Reason::LockedOut,
@@ -392,7 +388,7 @@ impl Checker {
             if let Some(wait) = locked {
                 return Err(locked_out(wait));
             }
-            self.spend_failure(budget, now, req.dry_run);
+            self.failure_budget(budget, now, !req.dry_run);
             let message = match valid.credential {
                 Credential::Signed { .. } => "the request signature could not be verified",
                 Credential::Bearer(_) => "the API key is not valid",
@@ -506,7 +502,7 @@ impl Checker {
                 let headers = rate_limit_headers(&named, &verdicts);
                 let mut response = if allowed {
                     CheckResponse {
-                        decision: Verdict::Allow as i32,
+                        decision: Decision::Allow as i32,
                         reason: Reason::Ok as i32,
                         http_status: 200,
                         caller: Some(Caller {
@@ -536,36 +532,26 @@ impl Checker {
         }
     }
 
-    /// When the failure budget of `key` is spent: how long until it refills.
-    fn locked_out(&self, key: StateKey, now: Nanos) -> Option<Nanos> {
+    /// One failure against the budget of `key`, taken only when `commit`
+    /// (a look when not). `Some(wait)` when the budget is spent: how long
+    /// until it refills. If the pool of failure budgets is full and nothing
+    /// can be evicted, a failure goes unrecorded (counted as refused):
+    /// genuine requests are never refused to make room for it.
+    fn failure_budget(&self, key: StateKey, now: Nanos, commit: bool) -> Option<Nanos> {
         let limits = [(key, Limit::Gcra(self.failures))];
-        let probe = Request {
+        let failure = Request {
             nonce: None,
             limits: &limits,
             cost: 1,
-            commit: false,
+            commit,
         };
-        match self.engine.decide(now, &probe) {
+        match self.engine.decide(now, &failure) {
             Outcome::Limited {
                 allowed: false,
                 limits,
             } => limits[0].retry_after,
             _ => None,
         }
-    }
-
-    /// Records one failure. If the pool of failure budgets is full and no
-    /// budget can be evicted, the failure goes unrecorded (and counted as
-    /// refused): genuine requests are never refused to make room for it.
-    fn spend_failure(&self, key: StateKey, now: Nanos, dry_run: bool) {
-        let limits = [(key, Limit::Gcra(self.failures))];
-        let spend = Request {
-            nonce: None,
-            limits: &limits,
-            cost: 1,
-            commit: !dry_run,
-        };
-        self.engine.decide(now, &spend);
     }
 }
 
@@ -737,7 +723,7 @@ fn http_status(reason: Reason) -> u32 {
 
 fn deny(reason: Reason, message: impl Into<String>) -> CheckResponse {
     CheckResponse {
-        decision: Verdict::Deny as i32,
+        decision: Decision::Deny as i32,
         reason: reason as i32,
         http_status: http_status(reason),
         message: message.into(),

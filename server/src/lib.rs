@@ -1,31 +1,39 @@
 //! warden: one atomic `Check` for rate limits, freshness, replay and request
 //! signatures, served over mutual TLS.
 //!
-//! Modules, one concern each:
-//! - [`engine`]: pure, clock-injected state (buckets, windows, nonces, shards);
-//! - [`signing`]: verifying request signatures;
+//! Modules, one concern each, from the bottom up:
+//! - [`engine`]: pure, clock-injected state (buckets, windows, nonces,
+//!   shards, bounded pools); [`model`]: the value types and their validation;
+//! - [`signing`]: verifying request signatures; `freshness`: skews and the
+//!   restart fence;
+//! - [`keys`]: API keys and their secrets; [`store`]: where they are kept;
+//!   [`crypto`]: sealing; [`audit`]: the keyed, hash-chained audit log;
+//! - [`auth`]: caller roles; [`tls`]: mTLS setup and caller identity;
 //! - [`check`]: the pipeline that turns a `CheckRequest` into a decision;
-//! - [`keys`]: API keys and their secrets; [`config`]: the config file;
-//! - [`tls`]: mTLS setup and caller identity; [`dev`]: `serve --dev` files;
-//! - [`service`]: the tonic services; [`server`]: listening and shutdown.
+//! - [`config`]: the config file; [`dev`]: `serve --dev` files;
+//! - `service`: the tonic services; `conn`, `gate`: connections and their
+//!   bounds; [`server`]: listening, background tasks and shutdown.
+//!
+//! Public modules are those the binary, the tests and the benches use; the
+//! rest is private so the compiler finds what nothing uses.
 #![forbid(unsafe_code)]
 
-pub mod alerts;
+mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod config;
-pub mod conn;
+mod conn;
 pub mod crypto;
 pub mod dev;
 pub mod engine;
-pub mod freshness;
-pub mod gate;
+mod freshness;
+mod gate;
 pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod server;
-pub mod service;
+mod service;
 pub mod signing;
 pub mod store;
 pub mod tls;

@@ -245,6 +245,7 @@ impl Bound {
             self.checker.clone(),
             self.alerts.clone(),
             self.clock.clone(),
+            self.gate.clone(),
         ));
         // Requests signed before the restart fence are STALE, so the server
         // only reports SERVING once the fence second has begun.
@@ -461,7 +462,12 @@ async fn accept_loop(
     }
 }
 
-async fn sweep_loop(checker: Arc<Checker>, alerts: Arc<Alerts>, clock: Arc<dyn Clock>) {
+async fn sweep_loop(
+    checker: Arc<Checker>,
+    alerts: Arc<Alerts>,
+    clock: Arc<dyn Clock>,
+    gate: Arc<Gate>,
+) {
     let mut last_pools = HashMap::new();
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -479,6 +485,7 @@ async fn sweep_loop(checker: Arc<Checker>, alerts: Arc<Alerts>, clock: Arc<dyn C
         metrics::gauge!("warden_state_entries", "kind" => "window").set(held.windows as f64);
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
         report_pools(&checker, &mut last_pools);
+        metrics::gauge!("warden_open_connections").set(gate.open_connections() as f64);
         tracing::trace!(?removed, ?held, "swept idle state");
     }
 }

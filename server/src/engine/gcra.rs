@@ -24,7 +24,7 @@ pub struct Gcra {
 /// The verdict on one request against one limit, and the state to store if
 /// the whole check commits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Verdict<S> {
+pub struct LimitStep<S> {
     pub allowed: bool,
     /// The state after taking the request (only meaningful when allowed).
     pub next: S,
@@ -68,12 +68,12 @@ impl Gcra {
 
     /// Decides a request of `cost` at `now`, given the stored TAT (`None`
     /// when the key has no state, i.e. a full bucket).
-    pub fn decide(&self, tat: Option<Nanos>, now: Nanos, cost: u64) -> Verdict<Nanos> {
+    pub fn decide(&self, tat: Option<Nanos>, now: Nanos, cost: u64) -> LimitStep<Nanos> {
         let start = tat.map_or(now, |t| t.max(now));
         let next = start.saturating_add(self.interval.saturating_mul(cost));
         let horizon = now.saturating_add(self.tolerance);
         if next <= horizon {
-            Verdict {
+            LimitStep {
                 allowed: true,
                 next,
                 remaining: (horizon - next) / self.interval,
@@ -82,7 +82,7 @@ impl Gcra {
             }
         } else {
             let fits_ever = self.interval.saturating_mul(cost) <= self.tolerance;
-            Verdict {
+            LimitStep {
                 allowed: false,
                 next: start,
                 remaining: horizon.saturating_sub(start) / self.interval,

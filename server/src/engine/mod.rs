@@ -31,7 +31,7 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
 pub use clock::{Clock, FakeClock, Nanos, SystemClock};
-pub use gcra::{Gcra, Verdict};
+pub use gcra::{Gcra, LimitStep};
 pub use nonce::{Claim, NonceSet};
 use pools::{Full, PoolTable};
 pub use pools::{Pool, PoolStats};
@@ -139,6 +139,29 @@ struct Shard {
     /// Such sweeps are rate-limited so a full set cannot turn every request
     /// into a scan of the shard.
     last_pressure_sweep: Nanos,
+}
+
+/// The state a limit's decision would store.
+enum Next {
+    Bucket(Nanos),
+    Window(WindowState),
+}
+
+impl Shard {
+    /// One limit's verdict on `cost` at `now`, and the state to store if the
+    /// whole request passes: the one place GCRA and windows are told apart.
+    fn decide(&self, key: StateKey, limit: Limit, now: Nanos, cost: u64) -> (LimitVerdict, Next) {
+        match limit {
+            Limit::Gcra(g) => {
+                let v = g.decide(self.buckets.get(&key.id).copied(), now, cost);
+                (strip(&v), Next::Bucket(v.next))
+            }
+            Limit::Window(w) => {
+                let v = w.decide(self.windows.get(&key.id).copied(), now, cost);
+                (strip(&v), Next::Window(v.next))
+            }
+        }
+    }
 }
 
 /// Minimum time between two sweeps of one shard under nonce pressure.
@@ -268,24 +291,10 @@ impl Engine {
             }
         }
 
-        enum Next {
-            Bucket(Nanos),
-            Window(WindowState),
-        }
         let mut verdicts = Verdicts::new();
         let mut updates: SmallVec<[Next; 8]> = SmallVec::new();
         for (key, limit) in request.limits {
-            let s = &guards[shard(key)];
-            let (verdict, next) = match limit {
-                Limit::Gcra(g) => {
-                    let v = g.decide(s.buckets.get(&key.id).copied(), now, request.cost);
-                    (strip(&v), Next::Bucket(v.next))
-                }
-                Limit::Window(w) => {
-                    let v = w.decide(s.windows.get(&key.id).copied(), now, request.cost);
-                    (strip(&v), Next::Window(v.next))
-                }
-            };
+            let (verdict, next) = guards[shard(key)].decide(*key, *limit, now, request.cost);
             verdicts.push(verdict);
             updates.push(next);
         }
@@ -295,13 +304,7 @@ impl Engine {
             // state as it stays: a cost-0 look.
             for ((key, limit), verdict) in request.limits.iter().zip(verdicts.iter_mut()) {
                 if verdict.allowed {
-                    let s = &guards[shard(key)];
-                    let untouched = match limit {
-                        Limit::Gcra(g) => strip(&g.decide(s.buckets.get(&key.id).copied(), now, 0)),
-                        Limit::Window(w) => {
-                            strip(&w.decide(s.windows.get(&key.id).copied(), now, 0))
-                        }
-                    };
+                    let (untouched, _) = guards[shard(key)].decide(*key, *limit, now, 0);
                     verdict.remaining = untouched.remaining;
                     verdict.reset_after = untouched.reset_after;
                 }
@@ -450,7 +453,7 @@ impl Engine {
     }
 }
 
-fn strip<S>(v: &Verdict<S>) -> LimitVerdict {
+fn strip<S>(v: &LimitStep<S>) -> LimitVerdict {
     LimitVerdict {
         allowed: v.allowed,
         remaining: v.remaining,

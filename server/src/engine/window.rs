@@ -7,7 +7,7 @@
 //! limit * period`.
 
 use super::clock::Nanos;
-use super::gcra::Verdict;
+use super::gcra::LimitStep;
 
 /// Which window algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,7 @@ impl Window {
         state: Option<WindowState>,
         now: Nanos,
         cost: u64,
-    ) -> Verdict<WindowState> {
+    ) -> LimitStep<WindowState> {
         let (index, prev, cur) = self.current(state, now);
         let p = u128::from(self.period);
         let elapsed = now - index * self.period;
@@ -112,7 +112,7 @@ impl Window {
         let retry_after = (!allowed)
             .then(|| self.retry_after(prev, cur, elapsed, cost))
             .flatten();
-        Verdict {
+        LimitStep {
             allowed,
             next,
             remaining,

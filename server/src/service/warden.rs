@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
-use warden_client::proto::{CheckRequest, CheckResponse, Decision as Verdict, Reason};
+use warden_client::proto::{CheckRequest, CheckResponse, Decision, Reason};
 use warden_client::reason_name;
 
 use super::{Admission, caller_of};
@@ -128,14 +128,14 @@ fn check_one(
     match ctx.checker.check(req, caller) {
         Ok(decision) => {
             let r = &decision.response;
-            let decision_name = if r.decision() == Verdict::Allow {
+            let decision_name = if r.decision() == Decision::Allow {
                 "allow"
             } else {
                 "deny"
             };
             metrics::counter!("warden_checks_total", "decision" => decision_name, "reason" => reason_name(r.reason()))
                 .increment(1);
-            if r.decision() == Verdict::Deny {
+            if r.decision() == Decision::Deny {
                 raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
                 if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
                     audit.count_denial(Subject {
