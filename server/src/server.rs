@@ -17,6 +17,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
@@ -88,24 +89,23 @@ impl Health {
     }
 }
 
-/// A bound, not yet serving server: binding first lets the caller learn the
-/// real ports (for `127.0.0.1:0`) before traffic arrives.
-pub struct Bound {
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+/// Everything a server runs on, built once from the config: the store and
+/// audit log, the keys and the check pipeline, the alert counters, the TLS
+/// material and the connection bounds. One place constructs it; `serve`
+/// only wires it to listeners and tasks.
+pub struct App {
+    config: Config,
+    clock: Arc<dyn Clock>,
     tls: Option<Arc<TlsReloader>>,
-    checker: Arc<Checker>,
-    alerts: Arc<Alerts>,
+    gate: Arc<Gate>,
     store: Option<Arc<Store>>,
     audit: Option<Arc<AuditLog>>,
-    clock: Arc<dyn Clock>,
-    config: Config,
-    gate: Arc<Gate>,
+    checker: Arc<Checker>,
+    alerts: Arc<Alerts>,
 }
 
-impl Bound {
-    /// Loads TLS material and binds the listen (and metrics) addresses.
-    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+impl App {
+    pub async fn build(config: &Config) -> Result<Self, ServeError> {
         let fd_limit = crate::gate::raise_fd_limit();
         let gate = Arc::new(Gate::new(&config.server, fd_limit));
         tracing::debug!(
@@ -115,16 +115,6 @@ impl Bound {
         );
         let tls = match &config.tls {
             Some(paths) => Some(Arc::new(TlsReloader::new(paths.clone())?)),
-            None => None,
-        };
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })
-        };
-        let listener = bind(config.listen).await?;
-        let metrics_listener = match config.server.metrics_listen {
-            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -150,16 +140,44 @@ impl Bound {
         ));
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
         Ok(Self {
-            listener,
-            metrics_listener,
+            config: config.clone(),
+            clock,
             tls,
-            checker,
-            alerts,
+            gate,
             store,
             audit,
-            clock,
-            config: config.clone(),
-            gate,
+            checker,
+            alerts,
+        })
+    }
+}
+
+/// A bound, not yet serving server: binding first lets the caller learn the
+/// real ports (for `127.0.0.1:0`) before traffic arrives.
+pub struct Bound {
+    app: App,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl Bound {
+    /// Builds the [`App`] and binds the listen (and metrics) addresses.
+    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let app = App::build(config).await?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            app,
+            listener,
+            metrics_listener,
         })
     }
 
@@ -174,7 +192,7 @@ impl Bound {
     }
 
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        self.app.tls.is_some()
     }
 
     /// Serves until `shutdown` resolves, then drains: health turns
@@ -186,26 +204,24 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
         metrics: Option<PrometheusHandle>,
     ) -> Result<(), ServeError> {
-        let settings = self.config.server.clone();
-        let audit_writer = self.audit.as_ref().map(|a| a.start_writer());
+        let Bound {
+            app,
+            listener,
+            metrics_listener,
+        } = self;
+        let settings = app.config.server.clone();
+        // Loops that hold nothing to flush: stopped together at the end.
+        let mut background = JoinSet::new();
+        let audit_writer = app.audit.as_ref().map(|a| a.start_writer());
         // A shared store: other processes' changes take effect here too.
-        let store_watch = match &self.store {
-            Some(store) if store.is_shared() => {
-                let (watched, checker, config) =
-                    (store.clone(), self.checker.clone(), self.config.clone());
-                Some(tokio::spawn(crate::store::watch_postgres(
-                    store.clone(),
-                    move || {
-                        if let Err(e) =
-                            checker.reload_keys(&config.policies, &config.keys, Some(&watched))
-                        {
-                            tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded");
-                        }
-                    },
-                )))
-            }
-            _ => None,
-        };
+        if let Some(store) = app.store.clone().filter(|s| s.is_shared()) {
+            let (checker, config) = (app.checker.clone(), app.config.clone());
+            background.spawn(crate::store::watch_postgres(store.clone(), move || {
+                if let Err(e) = checker.reload_keys(&config.policies, &config.keys, Some(&store)) {
+                    tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded");
+                }
+            }));
+        }
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health {
             reporter,
@@ -219,7 +235,7 @@ impl Bound {
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
         let (stop_metrics_tx, stop_metrics_rx) = oneshot::channel::<()>();
-        let metrics_task = match (self.metrics_listener, metrics) {
+        let metrics_task = match (metrics_listener, metrics) {
             (Some(listener), Some(handle)) => Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 handle,
@@ -231,27 +247,29 @@ impl Bound {
             _ => None,
         };
 
-        let max_message = self.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
+        let max_message = app.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
         let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
-        let watcher = self.tls.clone().map(|tls| tokio::spawn(tls.watch()));
-        let accept = tokio::spawn(accept_loop(
-            self.listener,
-            self.tls,
+        if let Some(tls) = app.tls.clone() {
+            background.spawn(tls.watch());
+        }
+        background.spawn(accept_loop(
+            listener,
+            app.tls.clone(),
             conns_tx,
             settings.clone(),
-            self.gate.clone(),
+            app.gate.clone(),
         ));
-        let sweeper = tokio::spawn(sweep_loop(
-            self.checker.clone(),
-            self.alerts.clone(),
-            self.clock.clone(),
-            self.gate.clone(),
+        background.spawn(sweep_loop(
+            app.checker.clone(),
+            app.alerts.clone(),
+            app.clock.clone(),
+            app.gate.clone(),
         ));
         // Requests signed before the restart fence are STALE, so the server
         // only reports SERVING once the fence second has begun.
         let starting = {
-            let (health, fence, clock) = (health.clone(), self.checker.fence(), self.clock.clone());
-            tokio::spawn(async move {
+            let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
+            background.spawn(async move {
                 let wait = fence.opens_at().saturating_sub(clock.now());
                 tokio::time::sleep(Duration::from_nanos(wait)).await;
                 health.set(true).await;
@@ -259,17 +277,17 @@ impl Bound {
         };
 
         let admin = AdminServer::new(AdminService::new(
-            self.checker.clone(),
-            self.store.clone(),
-            self.audit.clone(),
-            self.config.authz.clone(),
-            self.config.policies.clone(),
-            self.config.keys.clone(),
+            app.checker.clone(),
+            app.store.clone(),
+            app.audit.clone(),
+            app.config.authz.clone(),
+            app.config.policies.clone(),
+            app.config.keys.clone(),
         ));
         let service = WardenServer::new(WardenService::new(
-            self.checker,
-            self.alerts,
-            self.audit.clone(),
+            app.checker.clone(),
+            app.alerts.clone(),
+            app.audit.clone(),
             Admission::new(settings.max_inflight),
         ))
         .max_decoding_message_size(max_message);
@@ -320,16 +338,9 @@ impl Bound {
                 }
             } => Err(ServeError::DrainTimeout),
         };
-        accept.abort();
-        sweeper.abort();
-        if let Some(w) = store_watch {
-            w.abort();
-        }
-        if let Some(w) = watcher {
-            w.abort();
-        }
+        background.shutdown().await;
         let _ = stop_metrics_tx.send(());
-        if let (Some(audit), Some(writer)) = (&self.audit, audit_writer) {
+        if let (Some(audit), Some(writer)) = (&app.audit, audit_writer) {
             // Queued denial records are written before exit.
             audit.close_queue();
             let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
