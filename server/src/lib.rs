@@ -29,6 +29,7 @@ pub mod dev;
 pub mod engine;
 mod freshness;
 mod gate;
+mod key_admin;
 pub mod keys;
 pub mod metrics;
 pub mod model;

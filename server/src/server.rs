@@ -32,9 +32,10 @@ use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::engine::{Clock, SystemClock};
 use crate::gate::{Gate, Refusal};
+use crate::key_admin::KeyAdmin;
 use crate::keys::KeyRing;
 use crate::service::Admission;
-use crate::service::admin::AdminService;
+use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::warden::WardenService;
 use crate::store::Store;
 use crate::tls::TlsReloader;
@@ -276,14 +277,17 @@ impl Bound {
             })
         };
 
-        let admin = AdminServer::new(AdminService::new(
-            app.checker.clone(),
-            app.store.clone(),
-            app.audit.clone(),
+        let admin = AdminOnly::new(
+            AdminServer::new(AdminService::new(KeyAdmin::new(
+                app.checker.clone(),
+                app.store.clone(),
+                app.audit.clone(),
+                app.config.policies.clone(),
+                app.config.keys.clone(),
+            ))),
             app.config.authz.clone(),
-            app.config.policies.clone(),
-            app.config.keys.clone(),
-        ));
+            app.audit.clone(),
+        );
         let service = WardenServer::new(WardenService::new(
             app.checker.clone(),
             app.alerts.clone(),

@@ -530,6 +530,45 @@ impl AuditLog {
         Ok(lines)
     }
 
+    /// One page of records, oldest first, after the `after`-th line of the
+    /// chain (0: from the start) that pass `filter`; and, when more follow,
+    /// the position to continue after. Lines that are not records come back
+    /// as `action = "unreadable"` with the line as `detail`, so that reading
+    /// through the API shows what is on disk.
+    pub fn page(
+        &self,
+        after: u64,
+        size: usize,
+        filter: impl Fn(&Record) -> bool,
+    ) -> std::io::Result<(Vec<Record>, Option<u64>)> {
+        let mut records = Vec::new();
+        let mut last = after;
+        for (i, line) in self.read_lines()?.into_iter().enumerate() {
+            let position = i as u64 + 1;
+            if position <= after {
+                continue;
+            }
+            let record = serde_json::from_str::<Record>(&line).unwrap_or_else(|_| Record {
+                seq: 0,
+                time_ms: 0,
+                actor: String::new(),
+                action: "unreadable".into(),
+                key_id: String::new(),
+                detail: line,
+                prev_hash: String::new(),
+                hash: String::new(),
+            });
+            if filter(&record) {
+                if records.len() == size {
+                    return Ok((records, Some(last)));
+                }
+                records.push(record);
+            }
+            last = position;
+        }
+        Ok((records, None))
+    }
+
     /// Verifies the whole chain, every file, from the first record.
     pub fn verify(&self) -> Result<Result<Intact, Broken>, AuditError> {
         let _head = self.head.lock();

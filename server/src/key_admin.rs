@@ -1,0 +1,403 @@
+//! Changes to keys and policies, whoever asks for them (today the gRPC admin
+//! API). Every change follows one path: one writer at a time, look the key
+//! up, change it, store it (fsynced), audit it (fsynced), make it effective
+//! for the next check — and only then return. The gRPC service translates
+//! requests and answers; it decides nothing.
+
+use std::sync::Arc;
+
+use crate::audit::{AuditLog, Event};
+use crate::check::{CallerIdentity, Checker};
+use crate::crypto::{api_key_hash, random_hex};
+use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, Route, is_valid_key_id};
+use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
+use warden_client::signing::unix_now;
+
+/// Longest list (scopes, routes, ...) a key may have, and longest item.
+pub const MAX_LIST_ITEMS: usize = 64;
+pub const MAX_ITEM_BYTES: usize = 256;
+
+/// Why a change was refused. The texts are safe to show the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Exists(&'static str),
+    #[error("{0}")]
+    Precondition(&'static str),
+    /// Storing or auditing failed; the details went to the server log.
+    #[error("the change could not be stored; see the server log")]
+    Internal,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> AdminError {
+    tracing::error!(event = "admin_failed", what, error = %e, "admin operation failed");
+    AdminError::Internal
+}
+
+/// A key to create.
+#[derive(Debug, Default)]
+pub struct NewKey {
+    /// Empty: a fresh random id.
+    pub id: String,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub policies: Vec<String>,
+    pub routes: Vec<String>,
+    pub bound_identities: Vec<String>,
+    pub bearer: bool,
+}
+
+/// A created key and its credential, shown this once.
+#[derive(Debug)]
+pub struct Created {
+    pub key: KeyRecord,
+    pub credential: Credential,
+}
+
+/// The one-time credential of a new key or secret.
+#[derive(Debug)]
+pub enum Credential {
+    Secret { id: String, secret: String },
+    ApiKey(String),
+}
+
+/// Owns every change to stored keys and policies.
+pub struct KeyAdmin {
+    checker: Arc<Checker>,
+    store: Option<Arc<Store>>,
+    audit: Option<Arc<AuditLog>>,
+    config_policies: Vec<Policy>,
+    config_keys: Vec<KeyConfig>,
+    /// One change at a time: read, modify, write, rebuild.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for KeyAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyAdmin").finish_non_exhaustive()
+    }
+}
+
+impl KeyAdmin {
+    pub fn new(
+        checker: Arc<Checker>,
+        store: Option<Arc<Store>>,
+        audit: Option<Arc<AuditLog>>,
+        config_policies: Vec<Policy>,
+        config_keys: Vec<KeyConfig>,
+    ) -> Self {
+        Self {
+            checker,
+            store,
+            audit,
+            config_policies,
+            config_keys,
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> Result<&Arc<Store>, AdminError> {
+        self.store.as_ref().ok_or(AdminError::Precondition(
+            "no key store is configured ([store] in the config file)",
+        ))
+    }
+
+    pub fn audit(&self) -> Result<&Arc<AuditLog>, AdminError> {
+        self.audit.as_ref().ok_or(AdminError::Precondition(
+            "no audit log is configured ([store] in the config file)",
+        ))
+    }
+
+    pub fn config_keys(&self) -> &[KeyConfig] {
+        &self.config_keys
+    }
+
+    pub fn config_policies(&self) -> &[Policy] {
+        &self.config_policies
+    }
+
+    /// Creates a key with a fresh HMAC secret or bearer API key.
+    pub async fn create(&self, actor: &CallerIdentity, new: NewKey) -> Result<Created, AdminError> {
+        let store = self.store()?;
+        let id = if new.id.is_empty() {
+            format!("wk_{}", random_hex(8))
+        } else {
+            new.id
+        };
+        if !is_valid_key_id(&id) {
+            return Err(AdminError::Invalid(
+                "key_id: must be 1 to 128 characters of [A-Za-z0-9_.:-]".into(),
+            ));
+        }
+        if new.owner.len() > MAX_ITEM_BYTES || new.owner.chars().any(char::is_control) {
+            return Err(AdminError::Invalid(
+                "owner: at most 256 characters, no control characters".into(),
+            ));
+        }
+        let mut key = KeyRecord {
+            id: id.clone(),
+            owner: new.owner,
+            scopes: new.scopes,
+            policies: new.policies,
+            routes: new.routes,
+            bound_identities: new.bound_identities,
+            kind: if new.bearer {
+                KeyKind::Bearer
+            } else {
+                KeyKind::Hmac
+            },
+            revoked: false,
+            created_at: unix_now(),
+            secrets: Vec::new(),
+            api_key_hash: None,
+        };
+        self.validate(&key)?;
+        let _writing = self.writing.lock().await;
+        if self.is_config_key(&id) || store.key(&id).is_some() {
+            return Err(AdminError::Exists("a key with this id exists"));
+        }
+        let credential = if new.bearer {
+            let api_key = format!("wak_{}", random_hex(32));
+            key.api_key_hash = Some(api_key_hash(&api_key));
+            Credential::ApiKey(api_key)
+        } else {
+            let (record, secret) = new_secret(store, &id);
+            let credential = Credential::Secret {
+                id: record.id.clone(),
+                secret,
+            };
+            key.secrets.push(record);
+            credential
+        };
+        let detail = format!(
+            "kind={} owner={}",
+            if new.bearer { "bearer" } else { "hmac" },
+            key.owner
+        );
+        self.commit(store, key.clone(), actor, "key.create", detail)
+            .await?;
+        Ok(Created { key, credential })
+    }
+
+    /// The one path for changing a stored key: `change` edits it and says
+    /// what to audit (action, detail) and what to return.
+    pub async fn modify<T>(
+        &self,
+        actor: &CallerIdentity,
+        key_id: &str,
+        change: impl FnOnce(&mut KeyRecord) -> Result<(&'static str, String, T), AdminError>,
+    ) -> Result<(KeyRecord, T), AdminError> {
+        let store = self.store()?;
+        let _writing = self.writing.lock().await;
+        if self.is_config_key(key_id) {
+            return Err(AdminError::Precondition(
+                "this key is defined in the config file; change it there",
+            ));
+        }
+        let mut key = store
+            .key(key_id)
+            .ok_or(AdminError::NotFound("no such key"))?;
+        let (action, detail, out) = change(&mut key)?;
+        self.validate(&key)?;
+        self.commit(store, key.clone(), actor, action, detail)
+            .await?;
+        Ok((key, out))
+    }
+
+    /// Adds a secret to an HMAC key; the others stay valid until
+    /// `old_valid_until` (Unix seconds; 0 = until revoked).
+    pub async fn add_secret(
+        &self,
+        actor: &CallerIdentity,
+        key_id: &str,
+        old_valid_until: i64,
+    ) -> Result<(KeyRecord, Credential), AdminError> {
+        let store = self.store()?.clone();
+        self.modify(actor, key_id, |key| {
+            if key.revoked {
+                return Err(AdminError::Precondition("this key is revoked"));
+            }
+            if key.kind != KeyKind::Hmac {
+                return Err(AdminError::Precondition(
+                    "bearer keys have no secrets to rotate; create a new key",
+                ));
+            }
+            if old_valid_until < 0 {
+                return Err(AdminError::Invalid(
+                    "old_valid_until: Unix seconds, or 0".into(),
+                ));
+            }
+            if old_valid_until > 0 {
+                for s in key.secrets.iter_mut().filter(|s| !s.revoked) {
+                    s.valid_until = Some(
+                        s.valid_until
+                            .map_or(old_valid_until, |u| u.min(old_valid_until)),
+                    );
+                }
+            }
+            let (record, secret) = new_secret(&store, &key.id);
+            let credential = Credential::Secret {
+                id: record.id.clone(),
+                secret,
+            };
+            let detail = format!("secret_id={} old_valid_until={old_valid_until}", record.id);
+            key.secrets.push(record);
+            Ok(("secret.add", detail, credential))
+        })
+        .await
+    }
+
+    /// Revokes a whole key (`secret_id` empty) or one of its secrets.
+    pub async fn revoke(
+        &self,
+        actor: &CallerIdentity,
+        key_id: &str,
+        secret_id: &str,
+    ) -> Result<KeyRecord, AdminError> {
+        let (key, ()) = self
+            .modify(actor, key_id, |key| {
+                if secret_id.is_empty() {
+                    key.revoked = true;
+                    return Ok(("key.revoke", String::new(), ()));
+                }
+                let secret = key
+                    .secrets
+                    .iter_mut()
+                    .find(|s| s.id == secret_id)
+                    .ok_or(AdminError::NotFound("no such secret"))?;
+                secret.revoked = true;
+                Ok(("secret.revoke", format!("secret_id={secret_id}"), ()))
+            })
+            .await?;
+        Ok(key)
+    }
+
+    /// Creates or replaces a stored policy.
+    pub async fn put_policy(
+        &self,
+        actor: &CallerIdentity,
+        spec: PolicySpec,
+    ) -> Result<Policy, AdminError> {
+        let store = self.store()?;
+        if self.config_policies.iter().any(|p| p.name == spec.name) {
+            return Err(AdminError::Precondition(
+                "this policy is defined in the config file; change it there",
+            ));
+        }
+        let policy =
+            crate::model::policy("policy", spec.clone()).map_err(|e| AdminError::Invalid(e.0))?;
+        let detail = format!(
+            "policy={} limit={} period={}",
+            spec.name, spec.limit, spec.period
+        );
+        let _writing = self.writing.lock().await;
+        store
+            .put_policy(spec)
+            .await
+            .map_err(|e| internal("store policy", e))?;
+        self.audit_now(actor, "policy.put", "", detail)?;
+        self.rebuild(store)?;
+        Ok(policy)
+    }
+
+    fn is_config_key(&self, id: &str) -> bool {
+        self.config_keys.iter().any(|k| k.id == id)
+    }
+
+    /// Bounds and references of a key's fields.
+    fn validate(&self, key: &KeyRecord) -> Result<(), AdminError> {
+        check_list("scopes", &key.scopes)?;
+        check_list("policies", &key.policies)?;
+        check_list("routes", &key.routes)?;
+        check_list("bound_identities", &key.bound_identities)?;
+        let ring = self.checker.keys();
+        if let Some(p) = key.policies.iter().find(|p| ring.policy(p).is_none()) {
+            return Err(AdminError::Invalid(format!(
+                "policies: unknown policy {p:?}"
+            )));
+        }
+        for r in &key.routes {
+            Route::parse(r).map_err(|e| AdminError::Invalid(format!("routes: {e}")))?;
+        }
+        for b in &key.bound_identities {
+            Pattern::new(b).map_err(|e| AdminError::Invalid(format!("bound_identities: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Stores the key, audits the change, and makes it effective.
+    async fn commit(
+        &self,
+        store: &Store,
+        key: KeyRecord,
+        actor: &CallerIdentity,
+        action: &'static str,
+        detail: String,
+    ) -> Result<(), AdminError> {
+        let id = key.id.clone();
+        store
+            .put_key(key)
+            .await
+            .map_err(|e| internal("store key", e))?;
+        self.audit_now(actor, action, &id, detail)?;
+        self.rebuild(store)
+    }
+
+    fn audit_now(
+        &self,
+        actor: &CallerIdentity,
+        action: &'static str,
+        key_id: &str,
+        detail: String,
+    ) -> Result<(), AdminError> {
+        if let Some(audit) = &self.audit {
+            let event = Event {
+                actor: actor.as_str().to_owned(),
+                action,
+                key_id: key_id.to_owned(),
+                detail,
+            };
+            audit
+                .append_durable(&[event])
+                .map_err(|e| internal("audit", e))?;
+        }
+        Ok(())
+    }
+
+    fn rebuild(&self, store: &Store) -> Result<(), AdminError> {
+        self.checker
+            .reload_keys(&self.config_policies, &self.config_keys, Some(store))
+            .map_err(|e| internal("rebuild keys", e))
+    }
+}
+
+fn new_secret(store: &Store, key_id: &str) -> (SecretRecord, String) {
+    let secret = format!("wsk_{}", random_hex(32));
+    let id = format!("sec_{}", random_hex(6));
+    let record = SecretRecord {
+        sealed: store.seal(key_id, &id, secret.as_bytes()),
+        id,
+        created_at: unix_now(),
+        valid_until: None,
+        revoked: false,
+    };
+    (record, secret)
+}
+
+/// Checks a list of short strings from a request.
+fn check_list(field: &str, items: &[String]) -> Result<(), AdminError> {
+    if items.len() > MAX_LIST_ITEMS
+        || items
+            .iter()
+            .any(|i| i.is_empty() || i.len() > MAX_ITEM_BYTES || i.chars().any(char::is_control))
+    {
+        return Err(AdminError::Invalid(format!(
+            "{field}: at most {MAX_LIST_ITEMS} entries of 1 to {MAX_ITEM_BYTES} characters, no control characters"
+        )));
+    }
+    Ok(())
+}
