@@ -111,3 +111,18 @@ fn serve_without_dev_or_config_is_a_usage_error() {
     let out = Command::new(BIN).arg("serve").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A valid config that cannot be served (the port is taken) is a run-time
+/// failure, exit 1 — not a usage error, which would send the operator to
+/// look for a mistake in the file.
+#[test]
+fn a_port_in_use_exits_1_not_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = serve_config(&format!(
+        "listen = \"127.0.0.1:{port}\"\ninsecure_plaintext = true\n[server]\nmetrics_listen = \"off\"\n"
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+}

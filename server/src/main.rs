@@ -13,7 +13,7 @@ use admin_cli::{AuditCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreComma
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
 use warden::dev;
-use warden::server::{Bound, shutdown_signal};
+use warden::server::{Bound, ServeError, shutdown_signal};
 use warden_client::Client;
 use warden_client::proto::{Decision, LimitRequest, Reason};
 use warden_client::reason_name;
@@ -143,9 +143,9 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
-            Command::Check(args) => check(args).await,
-            Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+            Command::Serve(args) => exit(serve(args).await),
+            Command::Check(args) => exit(check(args).await),
+            Command::Config(ConfigCommand::Check { file }) => exit(config_check(&file)),
             Command::Keys { conn, command } => admin_cli::keys(&conn, command).await,
             Command::Policies { conn, command } => admin_cli::policies(&conn, command).await,
             Command::Audit { conn, command } => admin_cli::audit(&conn, command).await,
@@ -169,12 +169,56 @@ fn init_logging() {
     }
 }
 
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("warden: {msg}");
-    ExitCode::from(EXIT_USAGE)
+/// Why a command failed, for its exit code: the operator's input was wrong
+/// (a bad flag, config, certificate or master key: exit 2), or something at
+/// run time failed (a port in use, a server that cannot be reached: exit 1).
+/// Mapped to an exit code in one place, `main`.
+#[derive(Debug)]
+enum Failure {
+    Usage(String),
+    Runtime(String),
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+fn usage(msg: impl std::fmt::Display) -> Failure {
+    Failure::Usage(msg.to_string())
+}
+
+fn runtime(msg: impl std::fmt::Display) -> Failure {
+    Failure::Runtime(msg.to_string())
+}
+
+impl From<ServeError> for Failure {
+    fn from(e: ServeError) -> Self {
+        match e {
+            ServeError::Bind { .. }
+            | ServeError::Transport(_)
+            | ServeError::DrainTimeout
+            | ServeError::Reflection(_) => runtime(e),
+            ServeError::Tls(_)
+            | ServeError::Store(_)
+            | ServeError::Keys(_)
+            | ServeError::Audit(_) => usage(e),
+        }
+    }
+}
+
+/// The exit code of a command's result (commands that answer "no" without
+/// failing, like a denied `warden check`, return `Ok(ExitCode::FAILURE)`).
+fn exit(result: Result<ExitCode, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("warden: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("warden: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
     let mut dev_setup = None;
     let mut config = if args.dev {
         let listen = args
@@ -186,39 +230,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 dev_setup = Some(setup);
                 config
             }
-            Err(e) => return usage_error(e),
+            Err(e) => return Err(usage(e)),
         }
     } else {
         let path = args
             .config
             .as_deref()
             .expect("clap requires --config without --dev");
-        match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => return usage_error(format!("invalid config: {e}")),
-        }
+        Config::load(path).map_err(|e| usage(format!("invalid config: {e}")))?
     };
     if let Some(listen) = args.listen {
         if config.tls.is_none() && !listen.ip().is_loopback() {
-            return usage_error("--listen: plaintext is only allowed on a loopback address");
+            return Err(usage(
+                "--listen: plaintext is only allowed on a loopback address",
+            ));
         }
         config.listen = listen;
     }
     if let Some(text) = &args.metrics_listen {
-        match warden::config::parse_metrics_listen("--metrics-listen", text) {
-            Ok(addr) => config.server.metrics_listen = addr,
-            Err(e) => return usage_error(e),
-        }
+        config.server.metrics_listen =
+            warden::config::parse_metrics_listen("--metrics-listen", text).map_err(usage)?;
     }
 
-    let bound = match Bound::bind(&config).await {
-        Ok(b) => b,
-        Err(e) => return usage_error(e),
-    };
-    let addr = match bound.local_addr() {
-        Ok(a) => a,
-        Err(e) => return usage_error(format!("cannot read the bound address: {e}")),
-    };
+    let bound = Bound::bind(&config).await?;
+    let addr = bound
+        .local_addr()
+        .map_err(|e| runtime(format!("cannot read the bound address: {e}")))?;
     let metrics = match bound.metrics_addr() {
         Some(metrics_addr) => match warden::metrics::install() {
             Ok(handle) => {
@@ -226,14 +263,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 println!("metrics on {metrics_addr} (/metrics, /readyz, /livez)");
                 Some(handle)
             }
-            Err(e) => return usage_error(format!("cannot set up metrics: {e}")),
+            Err(e) => return Err(runtime(format!("cannot set up metrics: {e}"))),
         },
         None => None,
     };
     if let Some(setup) = dev_setup.as_mut() {
-        if let Err(e) = dev::record_address(setup, addr) {
-            return usage_error(e);
-        }
+        dev::record_address(setup, addr).map_err(runtime)?;
         print_dev_banner(setup, addr);
     }
     let mode = if bound.is_tls() {
@@ -248,24 +283,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
     match bound.serve(shutdown_signal(), metrics).await {
         Ok(()) => {
             tracing::info!(event = "stopped", "warden stopped");
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             tracing::error!(event = "server_failed", error = %e, "warden stopped with an error");
-            ExitCode::FAILURE
+            Err(runtime(e))
         }
     }
 }
 
-fn config_check(file: &Path) -> ExitCode {
-    let config = match Config::load(file) {
-        Ok(c) => c,
-        Err(e) => return usage_error(format!("invalid config: {e}")),
-    };
+fn config_check(file: &Path) -> Result<ExitCode, Failure> {
+    let config = Config::load(file).map_err(|e| usage(format!("invalid config: {e}")))?;
     if let Some(paths) = &config.tls
         && let Err(e) = warden::tls::TlsReloader::new(paths.clone())
     {
-        return usage_error(format!("invalid config: {e}"));
+        return Err(usage(format!("invalid config: {e}")));
     }
     println!(
         "{}: valid ({} keys, {} policies, {} caller rules, {})",
@@ -279,7 +311,7 @@ fn config_check(file: &Path) -> ExitCode {
             "plaintext on loopback"
         }
     );
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
@@ -299,48 +331,36 @@ fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
     println!("  server address: {addr}");
 }
 
-async fn check(args: CheckArgs) -> ExitCode {
+async fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
     let demo = args.conn.demo();
-    let target = match args.conn.target() {
-        Ok(t) => t,
-        Err(e) => return usage_error(e),
-    };
+    let target = args.conn.target().map_err(usage)?;
     let (key_id, secret) = match (&args.key_id, &args.secret_env, &demo) {
         (Some(id), Some(var), _) => match std::env::var(var) {
             Ok(s) => (id.clone(), s),
             Err(_) => {
-                return usage_error(format!(
+                return Err(usage(format!(
                     "--secret-env: environment variable {var} is not set"
-                ));
+                )));
             }
         },
         (None, None, Ok(d)) => (d.key_id.clone(), d.secret.clone()),
         (Some(_), None, _) | (None, Some(_), _) => {
-            return usage_error("give --key-id and --secret-env together");
+            return Err(usage("give --key-id and --secret-env together"));
         }
-        (None, None, Err(e)) => return usage_error(format!("no key given and {e}")),
+        (None, None, Err(e)) => return Err(usage(format!("no key given and {e}"))),
     };
-    let tls = match args.conn.tls() {
-        Ok(t) => t,
-        Err(e) => return usage_error(e),
-    };
+    let tls = args.conn.tls().map_err(usage)?;
     let mut limits = Vec::new();
     for l in &args.limits {
         let Some((policy, descriptor)) = l.split_once('=') else {
-            return usage_error(format!("--limit {l:?}: expected POLICY=DESCRIPTOR"));
+            return Err(usage(format!("--limit {l:?}: expected POLICY=DESCRIPTOR")));
         };
         limits.push(LimitRequest {
             policy: policy.to_owned(),
             descriptor: descriptor.to_owned(),
         });
     }
-    let mut client = match Client::connect(&target, tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("warden: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut client = Client::connect(&target, tls).await.map_err(runtime)?;
     let signer = Signer::new(key_id, secret.into_bytes());
     let mut request =
         signer.check_request(&args.method, &args.path, &args.query, args.body.as_bytes());
@@ -380,19 +400,17 @@ async fn check(args: CheckArgs) -> ExitCode {
                     c.key_id, c.owner, c.scopes
                 );
             }
-            if r.reason() == Reason::Ok {
+            // A denial is an answer, not a failure; scripts see it as 1.
+            Ok(if r.reason() == Reason::Ok {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(1)
-            }
+                ExitCode::FAILURE
+            })
         }
-        Err(status) => {
-            eprintln!(
-                "warden: check failed: {} ({:?})",
-                status.message(),
-                status.code()
-            );
-            ExitCode::FAILURE
-        }
+        Err(status) => Err(runtime(format!(
+            "check failed: {} ({:?})",
+            status.message(),
+            status.code()
+        ))),
     }
 }
