@@ -220,6 +220,35 @@ pub struct KeyConfig {
     pub revoked: bool,
 }
 
+/// How a policy counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Generic cell rate: a bucket of `burst` that refills evenly.
+    #[default]
+    Gcra,
+    /// The current and the previous window, weighted: no burst at the edge.
+    SlidingWindow,
+    /// Calendar-aligned windows of `period`.
+    FixedWindow,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Gcra => "gcra",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::FixedWindow => "fixed_window",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Gcra, Self::SlidingWindow, Self::FixedWindow]
+            .into_iter()
+            .find(|a| a.name() == text)
+    }
+}
+
 /// A policy as people write it: in the config file (`[[policies]]`), through
 /// the admin API, and as the store keeps it. [`policy`] validates it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -227,7 +256,8 @@ pub struct KeyConfig {
 pub struct PolicySpec {
     pub name: String,
     /// "gcra" (default), "sliding_window" or "fixed_window".
-    pub algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
     /// Requests allowed per period.
     pub limit: u64,
     /// e.g. "1s", "500ms", "1m", "1h".
@@ -263,10 +293,9 @@ pub fn policy(field: &str, p: PolicySpec) -> Result<Policy, Invalid> {
             "must be between 1ms and 366 days",
         ));
     }
-    let algorithm = p.algorithm.as_deref().unwrap_or("gcra");
     let period_ns = duration_nanos(period);
-    let limit = match algorithm {
-        "gcra" => {
+    let limit = match p.algorithm.unwrap_or_default() {
+        Algorithm::Gcra => {
             let burst = p.burst.unwrap_or(p.limit);
             if burst == 0 || burst > MAX_POLICY_LIMIT {
                 return Err(bad(
@@ -276,25 +305,19 @@ pub fn policy(field: &str, p: PolicySpec) -> Result<Policy, Invalid> {
             }
             Limit::Gcra(Gcra::new(p.limit, period_ns, burst))
         }
-        "sliding_window" | "fixed_window" => {
+        window => {
             if p.burst.is_some() {
                 return Err(bad(
                     format!("{field}.burst"),
                     "only applies to algorithm \"gcra\"",
                 ));
             }
-            let kind = if algorithm == "fixed_window" {
+            let kind = if window == Algorithm::FixedWindow {
                 WindowKind::Fixed
             } else {
                 WindowKind::Sliding
             };
             Limit::Window(Window::new(kind, p.limit, period_ns))
-        }
-        other => {
-            return Err(bad(
-                format!("{field}.algorithm"),
-                format!("{other:?} is not one of \"gcra\", \"sliding_window\", \"fixed_window\""),
-            ));
         }
     };
     let max_entries = match p.max_entries {
@@ -323,33 +346,14 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Parses "250ms", "30s", "5m", "1h" (a whole number and a unit).
+/// Parses a duration as people write it: "250ms", "30s", "5m", "1h", "7d",
+/// or combinations like "1h 30m" (humantime's syntax, as in the config
+/// file).
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration, Invalid> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| {
+    humantime::parse_duration(text.trim()).map_err(|_| {
         bad(
             field,
             format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""),
         )
-    })?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(24 * 3600)),
-        _ => {
-            return Err(bad(
-                field,
-                format!(
-                    "{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
-                ),
-            ));
-        }
-    };
-    Ok(d)
+    })
 }

@@ -24,7 +24,7 @@ use crate::check::CallerIdentity;
 use crate::conn::PeerInfo;
 use crate::engine::Limit;
 use crate::key_admin::{AdminError, Credential, KeyAdmin, NewKey};
-use crate::model::{KeyConfig, Policy, PolicySpec, is_valid_name};
+use crate::model::{Algorithm, KeyConfig, Policy, PolicySpec, is_valid_name};
 use crate::store::{KeyKind, KeyRecord};
 
 const MAX_PAGE: u32 = 1000;
@@ -305,9 +305,17 @@ impl Admin for AdminService {
                 "name: 1 to 64 characters of [A-Za-z0-9_.-]",
             ));
         }
+        let algorithm = match r.algorithm.as_str() {
+            "" => None,
+            text => Some(Algorithm::parse(text).ok_or_else(|| {
+                Status::invalid_argument(
+                    "algorithm: one of \"gcra\", \"sliding_window\", \"fixed_window\"",
+                )
+            })?),
+        };
         let spec = PolicySpec {
             name: r.name,
-            algorithm: Some(r.algorithm).filter(|a| !a.is_empty()),
+            algorithm,
             limit: r.limit,
             period: r.period,
             burst: (r.burst > 0).then_some(r.burst),

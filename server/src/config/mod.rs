@@ -1,0 +1,763 @@
+//! The config file (`warden serve --config warden.toml`): its schema
+//! ([`schema`], the file as written), the validated settings the server runs
+//! with ([`settings`]), and here the one step between them.
+//!
+//! Every problem is reported as one line naming the field, e.g.
+//! `policies[1].limit: must be at least 1`, so an operator can fix it without
+//! reading code. Paths in the file are relative to the file's directory.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::audit::AuditSettings;
+use crate::auth::{Authz, CallerRule, ClientRule, Role};
+use crate::model::{
+    Invalid, KeyConfig, MAX_ENTRIES, Pattern, Policy, PolicySpec, Route, Secret, bad,
+    is_valid_key_id, policy,
+};
+use crate::store::{MasterKeySource, StoreSettings};
+
+pub mod schema;
+pub mod settings;
+
+pub use schema::*;
+pub use settings::*;
+
+/// "off" or an IP:port address.
+pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr>, Invalid> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        bad(
+            field,
+            format!("{text:?} is not an IP:port address or \"off\""),
+        )
+    })
+}
+
+fn server_settings(f: ServerFile) -> Result<ServerSettings, Invalid> {
+    let mut s = ServerSettings::default();
+    if let Some(text) = f.metrics_listen {
+        s.metrics_listen = parse_metrics_listen("server.metrics_listen", &text)?;
+    }
+    if let Some(n) = f.max_inflight {
+        if n == 0 || n > 1_000_000 {
+            return Err(bad("server.max_inflight", "must be between 1 and 1000000"));
+        }
+        s.max_inflight = n;
+    }
+    if let Some(n) = f.max_calls_per_connection {
+        if n == 0 || n > 10_000 {
+            return Err(bad(
+                "server.max_calls_per_connection",
+                "must be between 1 and 10000",
+            ));
+        }
+        s.max_calls_per_connection = n;
+    }
+    if let Some(d) = f.idle_timeout {
+        s.idle_timeout = d;
+        if s.idle_timeout < Duration::from_secs(1) {
+            return Err(bad("server.idle_timeout", "must be at least 1s"));
+        }
+    }
+    if let Some(n) = f.max_connections {
+        if !(16..=1_000_000).contains(&n) {
+            return Err(bad(
+                "server.max_connections",
+                "must be between 16 and 1000000",
+            ));
+        }
+        s.max_connections = Some(n);
+    }
+    if let Some(n) = f.max_handshakes {
+        if !(1..=100_000).contains(&n) {
+            return Err(bad("server.max_handshakes", "must be between 1 and 100000"));
+        }
+        s.max_handshakes = n;
+    }
+    if let Some(n) = f.max_handshakes_per_address {
+        if !(1..=100_000).contains(&n) {
+            return Err(bad(
+                "server.max_handshakes_per_address",
+                "must be between 1 and 100000",
+            ));
+        }
+        s.max_handshakes_per_address = n;
+    }
+    if let Some(d) = f.handshake_timeout {
+        s.handshake_timeout = d;
+        if s.handshake_timeout < Duration::from_millis(100)
+            || s.handshake_timeout > Duration::from_secs(60)
+        {
+            return Err(bad(
+                "server.handshake_timeout",
+                "must be between 100ms and 60s",
+            ));
+        }
+    }
+    if let Some(d) = f.drain_delay {
+        s.drain_delay = d;
+    }
+    if let Some(d) = f.drain_timeout {
+        s.drain_timeout = d;
+    }
+    Ok(s)
+}
+
+fn alert_settings(f: AlertsFile) -> Result<AlertSettings, Invalid> {
+    let d = AlertSettings::default();
+    let window = f.window.unwrap_or(d.window);
+    if window < Duration::from_secs(1) {
+        return Err(bad("alerts.window", "must be at least 1s"));
+    }
+    let threshold = |field: &str, v: Option<u32>, default: u32| match v {
+        Some(0) => Err(bad(format!("alerts.{field}"), "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(AlertSettings {
+        window,
+        bad_signatures: threshold("bad_signatures", f.bad_signatures, d.bad_signatures)?,
+        replays: threshold("replays", f.replays, d.replays)?,
+        lockouts: threshold("lockouts", f.lockouts, d.lockouts)?,
+        rate_limited: threshold("rate_limited", f.rate_limited, d.rate_limited)?,
+    })
+}
+
+/// A validated configuration, ready to serve.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None` only when serving plaintext on loopback.
+    pub tls: Option<TlsPaths>,
+    pub check: CheckSettings,
+    pub server: ServerSettings,
+    pub alerts: AlertSettings,
+    pub audit: AuditSettings,
+    pub store: Option<StoreSettings>,
+    pub policies: Vec<Policy>,
+    pub keys: Vec<KeyConfig>,
+    pub authz: Authz,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, Invalid> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Invalid(format!("cannot read config {}: {e}", path.display())))?;
+        let file: File = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates a parsed file. `env` looks up environment variables (a
+    /// parameter so tests need not touch the process environment).
+    pub fn from_file(
+        file: File,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, Invalid> {
+        let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            bad(
+                "listen",
+                format!("{listen_text:?} is not an IP:port address"),
+            )
+        })?;
+        let tls = transport(file.tls, file.insecure_plaintext, listen, base)?;
+        let store = file
+            .store
+            .map(|st| store_settings(st, base, env))
+            .transpose()?;
+        let policies = policies(file.policies)?;
+        let names: HashSet<String> = policies.iter().map(|p| p.name.clone()).collect();
+        let keys = keys(file.keys, &names, base, env)?;
+        let authz = authz(file.callers, file.clients, &names, tls.is_none())?;
+        Ok(Self {
+            listen,
+            tls,
+            check: check_settings(file.check)?,
+            server: server_settings(file.server)?,
+            alerts: alert_settings(file.alerts)?,
+            audit: audit_settings(file.audit)?,
+            store,
+            policies,
+            keys,
+            authz,
+        })
+    }
+}
+
+/// `[tls]`, or plaintext when explicitly asked for on loopback only.
+fn transport(
+    tls: Option<TlsFile>,
+    insecure_plaintext: bool,
+    listen: SocketAddr,
+    base: &Path,
+) -> Result<Option<TlsPaths>, Invalid> {
+    match (tls, insecure_plaintext) {
+        (Some(_), true) => Err(bad(
+            "insecure_plaintext",
+            "cannot be combined with a [tls] section",
+        )),
+        (None, true) if !listen.ip().is_loopback() => Err(bad(
+            "insecure_plaintext",
+            "plaintext is only allowed on a loopback address",
+        )),
+        (None, true) => Ok(None),
+        (None, false) => Err(bad(
+            "tls",
+            "missing: give cert, key and client_ca (or insecure_plaintext = true on loopback)",
+        )),
+        (Some(t), false) => Ok(Some(tls_settings(t, base)?)),
+    }
+}
+
+fn store_settings(
+    st: StoreFile,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StoreSettings, Invalid> {
+    let master_key = match (st.master_key_file, st.master_key_env) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "store",
+                "give master_key_file or master_key_env, not both",
+            ));
+        }
+        (Some(f), None) => MasterKeySource::File(base.join(f)),
+        (None, Some(e)) => MasterKeySource::Env(e),
+        (None, None) => MasterKeySource::Env("WARDEN_MASTER_KEY".into()),
+    };
+    let postgres_url = match (st.postgres_url, st.postgres_url_env) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "store",
+                "give postgres_url or postgres_url_env, not both",
+            ));
+        }
+        (Some(url), None) => Some(url),
+        (None, Some(name)) => Some(env(&name).ok_or_else(|| {
+            bad(
+                "store.postgres_url_env",
+                format!("environment variable {name} is not set"),
+            )
+        })?),
+        (None, None) => None,
+    };
+    Ok(StoreSettings {
+        dir: base.join(st.dir),
+        master_key,
+        postgres_url,
+    })
+}
+
+fn policies(specs: Vec<PolicySpec>) -> Result<Vec<Policy>, Invalid> {
+    let mut policies = Vec::with_capacity(specs.len());
+    let mut names = HashSet::new();
+    for (i, p) in specs.into_iter().enumerate() {
+        let field = format!("policies[{i}]");
+        let policy = policy(&field, p)?;
+        if !names.insert(policy.name.clone()) {
+            return Err(bad(
+                format!("{field}.name"),
+                format!("duplicate policy {:?}", policy.name),
+            ));
+        }
+        policies.push(policy);
+    }
+    Ok(policies)
+}
+
+fn keys(
+    files: Vec<KeyFile>,
+    policies: &HashSet<String>,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<KeyConfig>, Invalid> {
+    let mut keys = Vec::with_capacity(files.len());
+    let mut ids = HashSet::new();
+    for (i, k) in files.into_iter().enumerate() {
+        let field = format!("keys[{i}]");
+        let key = key(&field, k, policies, base, env)?;
+        if !ids.insert(key.id.clone()) {
+            return Err(bad(
+                format!("{field}.id"),
+                format!("duplicate key id {:?}", key.id),
+            ));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+fn authz(
+    callers: Vec<CallerFile>,
+    clients: Vec<ClientFile>,
+    policies: &HashSet<String>,
+    plaintext: bool,
+) -> Result<Authz, Invalid> {
+    let callers = callers
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| caller(&format!("callers[{i}]"), c, policies))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !plaintext && callers.is_empty() {
+        return Err(bad(
+            "callers",
+            "none configured: add [[callers]] entries mapping client certificate identities to roles (no certificate is trusted by default)",
+        ));
+    }
+    let clients = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let field = format!("clients[{i}]");
+            let identity =
+                Pattern::new(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
+            Ok(ClientRule {
+                identity,
+                routes: routes(&field, &c.routes)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Invalid>>()?;
+    Ok(Authz {
+        callers,
+        clients,
+        plaintext,
+    })
+}
+
+fn audit_settings(f: AuditFile) -> Result<AuditSettings, Invalid> {
+    let mut s = AuditSettings::default();
+    if let Some(n) = f.max_file_bytes {
+        if !(4096..=1 << 40).contains(&n) {
+            return Err(bad(
+                "audit.max_file_bytes",
+                "must be between 4096 and 1099511627776",
+            ));
+        }
+        s.max_file_bytes = n;
+    }
+    if let Some(d) = f.denial_window {
+        s.denial_window = d;
+        if s.denial_window < Duration::from_secs(1) || s.denial_window > Duration::from_secs(3600) {
+            return Err(bad("audit.denial_window", "must be between 1s and 1h"));
+        }
+    }
+    if let Some(n) = f.max_denial_subjects {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(bad(
+                "audit.max_denial_subjects",
+                "must be between 1 and 1000000",
+            ));
+        }
+        s.max_denial_subjects = n;
+    }
+    Ok(s)
+}
+
+/// Turns a TOML error (a wrong type, an unknown variant or field, a
+/// duration that does not parse) into the same one line as every other
+/// config error: the field, what is wrong, and where.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> Invalid {
+    let reason = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let at = span.start.min(text.len());
+            let line_no = text[..at].matches('\n').count() + 1;
+            Invalid(format!(
+                "{}: {reason} ({} line {line_no})",
+                field_at(text, at),
+                path.display()
+            ))
+        }
+        None => Invalid(format!("{}: {reason}", path.display())),
+    }
+}
+
+/// The field a byte offset of a TOML text falls in, as config errors name
+/// fields: `policies[1].algorithm`, `tls.min_version`, `listen`.
+fn field_at(text: &str, offset: usize) -> String {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let mut section: Option<String> = None;
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for header in text[..line_start].lines().map(str::trim) {
+        if let Some(name) = header.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let n = seen.entry(name).or_insert(0);
+            section = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = header.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            section = Some(name.to_owned());
+        }
+    }
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty());
+    match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k}"),
+        (Some(s), None) => s,
+        (None, Some(k)) => k.to_owned(),
+        (None, None) => "config".to_owned(),
+    }
+}
+
+fn tls_settings(t: TlsFile, base: &Path) -> Result<TlsPaths, Invalid> {
+    let mut tls = TlsPaths::new(base.join(t.cert), base.join(t.key), base.join(t.client_ca));
+    tls.crls = t.crls.into_iter().map(|p| base.join(p)).collect();
+    tls.allow_tls12 = t.min_version == Some(TlsVersion::Tls12);
+    tls.allow_cn_identity = t.allow_cn_identity;
+    if let Some(d) = t.reload_interval {
+        tls.reload_interval = d;
+        if tls.reload_interval < Duration::from_millis(100) {
+            return Err(bad("tls.reload_interval", "must be at least 100ms"));
+        }
+    }
+    if let Some(d) = t.expiry_warning {
+        tls.expiry_warning = d;
+    }
+    Ok(tls)
+}
+
+fn caller(field: &str, c: CallerFile, policies: &HashSet<String>) -> Result<CallerRule, Invalid> {
+    let identity = Pattern::caller(&c.identity).map_err(|m| bad(format!("{field}.identity"), m))?;
+    let mut roles = HashSet::new();
+    for (j, r) in c.roles.iter().enumerate() {
+        let role = Role::parse(r).ok_or_else(|| {
+            bad(
+                format!("{field}.roles[{j}]"),
+                format!("{r:?} is not one of \"check\", \"admin\", \"forward-identity\""),
+            )
+        })?;
+        roles.insert(role);
+    }
+    if roles.is_empty() {
+        return Err(bad(format!("{field}.roles"), "give at least one role"));
+    }
+    if let Some(list) = &c.policies {
+        for (j, p) in list.iter().enumerate() {
+            if !policies.contains(p) {
+                return Err(bad(
+                    format!("{field}.policies[{j}]"),
+                    format!("unknown policy {p:?}"),
+                ));
+            }
+        }
+    }
+    Ok(CallerRule {
+        identity,
+        roles,
+        key_prefixes: c.key_prefixes,
+        policies: c.policies.map(|l| l.into_iter().collect()),
+    })
+}
+
+fn routes(field: &str, texts: &[String]) -> Result<Vec<Route>, Invalid> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(j, r)| Route::parse(r).map_err(|msg| bad(format!("{field}.routes[{j}]"), msg)))
+        .collect()
+}
+
+fn check_settings(c: CheckFile) -> Result<CheckSettings, Invalid> {
+    let d = CheckSettings::default();
+    let past_skew = c.past_skew.unwrap_or(d.past_skew);
+    if past_skew < Duration::from_secs(1) || past_skew > Duration::from_secs(3600) {
+        return Err(bad("check.past_skew", "must be between 1s and 1h"));
+    }
+    let future_skew = c.future_skew.unwrap_or(d.future_skew);
+    if future_skew > Duration::from_secs(300) || future_skew > past_skew {
+        return Err(bad(
+            "check.future_skew",
+            "must be between 0s and 300s, and at most past_skew",
+        ));
+    }
+    if future_skew.subsec_nanos() != 0 || past_skew.subsec_nanos() != 0 {
+        return Err(bad(
+            "check.past_skew",
+            "skews are whole seconds (timestamps are whole seconds)",
+        ));
+    }
+    let max_body_bytes = c.max_body_bytes.unwrap_or(d.max_body_bytes);
+    if max_body_bytes == 0 || max_body_bytes > 64 * 1024 * 1024 {
+        return Err(bad(
+            "check.max_body_bytes",
+            "must be between 1 and 67108864",
+        ));
+    }
+    let nonce_capacity = c.nonce_capacity.unwrap_or(d.nonce_capacity);
+    if nonce_capacity == 0 || nonce_capacity > 1_000_000_000 {
+        return Err(bad(
+            "check.nonce_capacity",
+            "must be between 1 and 1000000000",
+        ));
+    }
+    let shards = c.shards.unwrap_or(d.shards);
+    if shards == 0 || shards > 65_536 {
+        return Err(bad("check.shards", "must be between 1 and 65536"));
+    }
+    let failure_limit = c.failure_limit.unwrap_or(d.failure_limit);
+    if failure_limit == 0 || failure_limit > 1_000_000 {
+        return Err(bad("check.failure_limit", "must be between 1 and 1000000"));
+    }
+    let failure_period = c.failure_period.unwrap_or(d.failure_period);
+    let entries = |field: &str, v: Option<u64>, default: usize| match v {
+        None => Ok(default),
+        Some(n) if (1..=MAX_ENTRIES).contains(&n) => Ok(n as usize),
+        Some(_) => Err(bad(field, format!("must be between 1 and {MAX_ENTRIES}"))),
+    };
+    let max_limit_entries = entries(
+        "check.max_limit_entries",
+        c.max_limit_entries,
+        d.max_limit_entries,
+    )?;
+    let max_failure_sources = entries(
+        "check.max_failure_sources",
+        c.max_failure_sources,
+        d.max_failure_sources,
+    )?;
+    Ok(CheckSettings {
+        past_skew,
+        future_skew,
+        max_body_bytes,
+        nonce_capacity,
+        shards,
+        failure_limit,
+        failure_period,
+        max_limit_entries,
+        max_failure_sources,
+    })
+}
+
+fn key(
+    field: &str,
+    k: KeyFile,
+    policies: &HashSet<String>,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<KeyConfig, Invalid> {
+    if !is_valid_key_id(&k.id) {
+        return Err(bad(
+            format!("{field}.id"),
+            "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+        ));
+    }
+    for (j, name) in k.policies.iter().enumerate() {
+        if !policies.contains(name) {
+            return Err(bad(
+                format!("{field}.policies[{j}]"),
+                format!("unknown policy {name:?}"),
+            ));
+        }
+    }
+    let unique: HashSet<&String> = k.policies.iter().collect();
+    if unique.len() != k.policies.len() {
+        return Err(bad(format!("{field}.policies"), "a policy is listed twice"));
+    }
+    if k.secrets.is_empty() && !k.revoked {
+        return Err(bad(
+            format!("{field}.secrets"),
+            "at least one secret is required",
+        ));
+    }
+    let mut secrets = Vec::with_capacity(k.secrets.len());
+    for (j, s) in k.secrets.into_iter().enumerate() {
+        let f = format!("{field}.secrets[{j}]");
+        let value = match (s.value, s.env, s.file) {
+            (Some(v), None, None) => v,
+            (None, Some(name), None) => env(&name)
+                .ok_or_else(|| bad(&f, format!("environment variable {name} is not set")))?,
+            (None, None, Some(path)) => {
+                let path = base.join(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| bad(&f, format!("cannot read {}: {e}", path.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned()
+            }
+            _ => return Err(bad(&f, "give exactly one of value, env or file")),
+        };
+        if value.len() < 32 {
+            // Never print the value, only what is wrong with it.
+            return Err(bad(&f, "a secret must be at least 32 bytes"));
+        }
+        secrets.push(Secret::new(value.into_bytes()));
+    }
+    let routes = routes(field, &k.routes)?;
+    let mut bound_identities = Vec::with_capacity(k.bound_identities.len());
+    for (j, id) in k.bound_identities.iter().enumerate() {
+        bound_identities
+            .push(Pattern::new(id).map_err(|m| bad(format!("{field}.bound_identities[{j}]"), m))?);
+    }
+    Ok(KeyConfig {
+        id: k.id,
+        owner: k.owner,
+        scopes: k.scopes,
+        policies: k.policies,
+        secrets,
+        routes,
+        bound_identities,
+        revoked: k.revoked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Invalid> {
+        let file: File =
+            toml::from_str(text).map_err(|e| parse_error(Path::new("warden.toml"), text, &e))?;
+        Config::from_file(file, Path::new("/etc/warden"), &|name| {
+            (name == "SECRET_A").then(|| "a".repeat(40))
+        })
+    }
+
+    const TLS: &str = "[[callers]]\nidentity = \"spiffe://t/gw\"\nroles = [\"check\"]\n\n[tls]\ncert = \"s.pem\"\nkey = \"s-key.pem\"\nclient_ca = \"ca.pem\"\n";
+
+    #[test]
+    fn a_full_config_validates_and_resolves_secrets() {
+        let cfg = parse(&format!(
+            "listen = \"0.0.0.0:7000\"\n{TLS}\n[[policies]]\nname = \"std\"\nlimit = 10\nperiod = \"1s\"\n\n[[keys]]\nid = \"k1\"\npolicies = [\"std\"]\nsecrets = [{{ env = \"SECRET_A\" }}]\nroutes = [\"POST /hooks/*\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 7000);
+        assert_eq!(cfg.tls.unwrap().cert, Path::new("/etc/warden/s.pem"));
+        assert_eq!(cfg.keys[0].secrets.len(), 1);
+        assert_eq!(cfg.policies[0].limit.limit(), 10);
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let cases = [
+            (
+                format!("{TLS}[[policies]]\nname = \"p\"\nlimit = 0\nperiod = \"1s\"\n"),
+                "policies[0].limit",
+            ),
+            (
+                format!("{TLS}[[policies]]\nname = \"p\"\nlimit = 1\nperiod = \"soon\"\n"),
+                "policies[0].period",
+            ),
+            (
+                format!(
+                    "{TLS}[[policies]]\nname = \"p\"\nlimit = 1\nperiod = \"1s\"\nalgorithm = \"leaky\"\n"
+                ),
+                "policies[0].algorithm",
+            ),
+            (
+                format!(
+                    "{TLS}[[keys]]\nid = \"k\"\npolicies = [\"nope\"]\nsecrets = [{{ env = \"SECRET_A\" }}]\n"
+                ),
+                "keys[0].policies[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ env = \"MISSING\" }}]\n"),
+                "keys[0].secrets[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ value = \"short\" }}]\n"),
+                "keys[0].secrets[0]",
+            ),
+            (
+                format!("{TLS}[[keys]]\nid = \"bad id\"\nsecrets = [{{ env = \"SECRET_A\" }}]\n"),
+                "keys[0].id",
+            ),
+            (format!("{TLS}[check]\nskew = \"0s\"\n"), "check.past_skew"),
+            (
+                format!("{TLS}[check]\nfuture_skew = \"10m\"\n"),
+                "check.future_skew",
+            ),
+            ("listen = \"nowhere\"\n".to_owned(), "listen"),
+            ("".to_owned(), "tls"),
+            (
+                "[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n".to_owned(),
+                "callers",
+            ),
+            (
+                format!("[[callers]]\nidentity = \"x\"\nroles = [\"root\"]\n{TLS}"),
+                "callers[0].roles[0]",
+            ),
+            (
+                format!(
+                    "[[callers]]\nidentity = \"x\"\nroles = [\"check\"]\npolicies = [\"nope\"]\n{TLS}"
+                ),
+                "callers[0].policies[0]",
+            ),
+            (format!("{TLS}min_version = \"1.1\"\n"), "tls.min_version"),
+            (
+                format!("{TLS}[check]\nfailure_period = \"soon\"\n"),
+                "check.failure_period",
+            ),
+            (
+                format!(
+                    "{TLS}[[policies]]\nname = \"a\"\nlimit = 1\nperiod = \"1s\"\n[[policies]]\nname = \"b\"\nlimit = 1\nperiod = \"1s\"\nburst = \"many\"\n"
+                ),
+                "policies[1].burst",
+            ),
+            (
+                "listen = \"10.0.0.1:1\"\ninsecure_plaintext = true\n".to_owned(),
+                "insecure_plaintext",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err:?} should name {field}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_secret_is_rejected_without_echoing_it() {
+        let err = parse(&format!(
+            "{TLS}[[keys]]\nid = \"k\"\nsecrets = [{{ value = \"hunter2\" }}]\n"
+        ))
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn plaintext_is_allowed_on_loopback_only() {
+        assert!(parse("insecure_plaintext = true\n").unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        use crate::model::parse_duration;
+        assert_eq!(
+            parse_duration("f", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("f", "1h 30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert!(parse_duration("f", "soon").is_err());
+        assert!(parse_duration("f", "").is_err());
+        let file: File = toml::from_str("[check]\nfailure_period = \"90s\"\n").unwrap();
+        assert_eq!(file.check.failure_period, Some(Duration::from_secs(90)));
+    }
+}
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The config shipped with the Kubernetes manifests must stay valid.
+    #[test]
+    fn the_kubernetes_config_is_valid() {
+        let text = include_str!("../../deploy/kubernetes/warden.toml");
+        let file: File = toml::from_str(text).unwrap();
+        let config = Config::from_file(file, Path::new("/"), &|_| Some("s".repeat(40))).unwrap();
+        assert_eq!(config.server.metrics_listen.unwrap().port(), 9464);
+        assert_eq!(config.authz.callers.len(), 2);
+    }
+}

@@ -1,0 +1,121 @@
+//! The validated settings the server runs with, and their defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The server's TLS material and how it is used.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+    pub allow_tls12: bool,
+    pub allow_cn_identity: bool,
+    pub reload_interval: Duration,
+    pub expiry_warning: Duration,
+}
+
+impl TlsPaths {
+    /// Files in the given places, everything else at its default.
+    pub fn new(cert: PathBuf, key: PathBuf, client_ca: PathBuf) -> Self {
+        Self {
+            cert,
+            key,
+            client_ca,
+            crls: Vec::new(),
+            allow_tls12: false,
+            allow_cn_identity: false,
+            reload_interval: Duration::from_secs(2),
+            expiry_warning: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Settings of the check pipeline.
+#[derive(Clone, Debug)]
+pub struct CheckSettings {
+    pub past_skew: Duration,
+    pub future_skew: Duration,
+    pub max_body_bytes: usize,
+    pub nonce_capacity: usize,
+    pub shards: usize,
+    pub failure_limit: u64,
+    pub failure_period: Duration,
+    pub max_limit_entries: usize,
+    pub max_failure_sources: usize,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        Self {
+            past_skew: Duration::from_secs(300),
+            future_skew: Duration::from_secs(5),
+            max_body_bytes: 1024 * 1024,
+            nonce_capacity: 10_000_000,
+            shards: 64,
+            failure_limit: 20,
+            failure_period: Duration::from_secs(60),
+            max_limit_entries: 4_000_000,
+            max_failure_sources: 1_000_000,
+        }
+    }
+}
+
+/// Limits and lifecycle of the server process.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub metrics_listen: Option<SocketAddr>,
+    pub max_inflight: usize,
+    pub max_calls_per_connection: usize,
+    pub idle_timeout: Duration,
+    /// `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
+    pub handshake_timeout: Duration,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid address")),
+            max_inflight: 4096,
+            max_calls_per_connection: 128,
+            idle_timeout: Duration::from_secs(600),
+            max_connections: None,
+            max_handshakes: 1024,
+            max_handshakes_per_address: 32,
+            handshake_timeout: Duration::from_secs(3),
+            drain_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Thresholds of the anomaly alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub window: Duration,
+    pub bad_signatures: u32,
+    pub replays: u32,
+    pub lockouts: u32,
+    pub rate_limited: u32,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            bad_signatures: 20,
+            replays: 20,
+            lockouts: 5,
+            rate_limited: 1000,
+        }
+    }
+}
