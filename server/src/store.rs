@@ -129,15 +129,74 @@ struct State {
     policies: BTreeMap<String, PolicySpec>,
 }
 
-/// Where changes are written.
+/// Where changes are made durable: the one thing the two stores do
+/// differently. Reads always come from the in-memory [`State`].
 enum Backend {
-    /// The embedded journal file.
-    File { path: PathBuf, file: Mutex<File> },
-    /// A shared PostgreSQL database.
-    Postgres {
-        client: tokio_postgres::Client,
-        url: String,
-    },
+    Journal(Journal),
+    Database(Database),
+}
+
+/// The embedded store: an append-only journal file, fsynced per change.
+struct Journal {
+    path: PathBuf,
+    file: std::sync::Arc<Mutex<File>>,
+}
+
+/// The shared store: a PostgreSQL database that several processes use,
+/// with every change announced on [`CHANGES_CHANNEL`].
+struct Database {
+    client: tokio_postgres::Client,
+    url: String,
+}
+
+impl Backend {
+    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+        match self {
+            Backend::Journal(journal) => journal.append(entry).await,
+            Backend::Database(database) => database.append(entry).await,
+        }
+    }
+}
+
+impl Journal {
+    /// Appends and fsyncs one line, off the async workers.
+    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+        let mut line = serde_json::to_string(entry).expect("entries serialize");
+        line.push('\n');
+        let file = self.file.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut file = file.lock();
+            file.write_all(line.as_bytes())?;
+            file.sync_data()
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        written.map_err(io(&self.path))
+    }
+}
+
+impl Database {
+    /// Commits one change and announces it to the other processes.
+    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+        let (sql, id, record) = match entry {
+            Entry::Key(k) => (
+                "INSERT INTO warden_keys (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                k.id.clone(),
+                serde_json::to_string(k).expect("records serialize"),
+            ),
+            Entry::Policy(p) => (
+                "INSERT INTO warden_policies (name, record) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+                p.name.clone(),
+                serde_json::to_string(p).expect("records serialize"),
+            ),
+            Entry::MasterKey { .. } => return Ok(()),
+        };
+        self.client.execute(sql, &[&id, &record]).await?;
+        self.client
+            .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &id])
+            .await?;
+        Ok(())
+    }
 }
 
 /// The store. Reads come from memory; writes go to disk (or the database)
@@ -194,7 +253,7 @@ async fn load_postgres(client: &tokio_postgres::Client) -> Result<State, StoreEr
 /// changes and calls `changed` after reloading, and after every reconnect
 /// (changes may have been missed while disconnected). Runs until dropped.
 pub async fn watch_postgres(store: std::sync::Arc<Store>, changed: impl Fn() + Send + 'static) {
-    let Backend::Postgres { url, .. } = &store.backend else {
+    let Backend::Database(Database { url, .. }) = &store.backend else {
         return;
     };
     let url = url.clone();
@@ -353,10 +412,10 @@ impl Store {
         }
         let state = load_postgres(&client).await?;
         let store = Self {
-            backend: Backend::Postgres {
+            backend: Backend::Database(Database {
                 client,
                 url: url.to_owned(),
-            },
+            }),
             dir: dir.to_owned(),
             state: RwLock::new(state),
             master,
@@ -368,7 +427,7 @@ impl Store {
     /// Re-reads everything from PostgreSQL (no-op for the file store, which
     /// only this process writes).
     pub async fn reload(&self) -> Result<(), StoreError> {
-        if let Backend::Postgres { client, .. } = &self.backend {
+        if let Backend::Database(Database { client, .. }) = &self.backend {
             let state = load_postgres(client).await?;
             *self.state.write() = state;
         }
@@ -376,7 +435,7 @@ impl Store {
     }
 
     pub fn is_shared(&self) -> bool {
-        matches!(self.backend, Backend::Postgres { .. })
+        matches!(self.backend, Backend::Database(_))
     }
 
     fn check_secrets_open(&self) -> Result<(), StoreError> {
@@ -435,10 +494,10 @@ impl Store {
             .map_err(io(&path))?;
         }
         let store = Self {
-            backend: Backend::File {
+            backend: Backend::Journal(Journal {
                 path,
-                file: Mutex::new(file),
-            },
+                file: std::sync::Arc::new(Mutex::new(file)),
+            }),
             dir: dir.to_owned(),
             state: RwLock::new(state),
             master,
@@ -462,35 +521,7 @@ impl Store {
     /// PostgreSQL and announced to the other processes.
     async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        let written = match &self.backend {
-            Backend::File { path, file } => {
-                let mut file = file.lock();
-                write_line(&mut file, entry).map_err(io(path))
-            }
-            Backend::Postgres { client, .. } => {
-                let (sql, id, record) = match entry {
-                    Entry::Key(k) => (
-                        "INSERT INTO warden_keys (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-                        k.id.clone(),
-                        serde_json::to_string(k).expect("records serialize"),
-                    ),
-                    Entry::Policy(p) => (
-                        "INSERT INTO warden_policies (name, record) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
-                        p.name.clone(),
-                        serde_json::to_string(p).expect("records serialize"),
-                    ),
-                    Entry::MasterKey { .. } => return Ok(()),
-                };
-                async {
-                    client.execute(sql, &[&id, &record]).await?;
-                    client
-                        .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &id])
-                        .await?;
-                    Ok(())
-                }
-                .await
-            }
-        };
+        let written = self.backend.append(entry).await;
         metrics::histogram!("warden_store_write_seconds", "what" => "store")
             .record(started.elapsed().as_secs_f64());
         written
@@ -565,7 +596,7 @@ impl Store {
         new: MasterKey,
     ) -> Result<usize, StoreError> {
         let store = Self::open_with(dir, old)?;
-        let Backend::File { path, .. } = &store.backend else {
+        let Backend::Journal(Journal { path, .. }) = &store.backend else {
             return Err(StoreError::Unsupported("master key rotation"));
         };
         let state = store.state.read();
