@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde::Serialize;
 use tonic::transport::Channel;
 use warden::model::parse_duration;
 use warden_client::proto::admin_client::AdminClient;
@@ -17,6 +17,8 @@ use warden_client::proto::{
     UpdateKeyRequest, VerifyAuditRequest,
 };
 use warden_client::{Tls, channel};
+
+use crate::{Failure, runtime, usage};
 
 /// Where the server is and which certificate to present.
 #[derive(Args, Clone, Debug)]
@@ -227,32 +229,124 @@ pub enum StoreCommand {
     },
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("warden: {msg}");
-    ExitCode::FAILURE
+/// A refusal from the server: what the operator asked for was wrong (exit
+/// 2), or the call failed (exit 1).
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        let text = format!("{} ({:?})", s.message(), s.code());
+        match s.code() {
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::AlreadyExists
+            | tonic::Code::FailedPrecondition => usage(text),
+            _ => runtime(text),
+        }
+    }
 }
 
-fn status_error(s: tonic::Status) -> ExitCode {
-    fail(format!("{} ({:?})", s.message(), s.code()))
+/// `--json` output: epochs for times, names for kinds; derived, so the
+/// output changes only when these structs do.
+#[derive(Serialize)]
+struct KeyView<'a> {
+    key_id: &'a str,
+    owner: &'a str,
+    kind: &'static str,
+    scopes: &'a [String],
+    policies: &'a [String],
+    routes: &'a [String],
+    bound_identities: &'a [String],
+    revoked: bool,
+    created_at: i64,
+    source: &'a str,
+    secrets: Vec<SecretView<'a>>,
 }
 
-fn key_json(k: &KeyInfo) -> serde_json::Value {
-    json!({
-        "key_id": k.key_id,
-        "owner": k.owner,
-        "kind": if k.kind == KeyKind::Bearer as i32 { "bearer" } else { "hmac" },
-        "scopes": k.scopes,
-        "policies": k.policies,
-        "routes": k.routes,
-        "bound_identities": k.bound_identities,
-        "revoked": k.revoked,
-        "created_at": k.created_at,
-        "source": k.source,
-        "secrets": k.secrets.iter().map(|s| json!({
-            "secret_id": s.secret_id, "created_at": s.created_at,
-            "valid_until": s.valid_until, "revoked": s.revoked,
-        })).collect::<Vec<_>>(),
-    })
+#[derive(Serialize)]
+struct SecretView<'a> {
+    secret_id: &'a str,
+    created_at: i64,
+    valid_until: i64,
+    revoked: bool,
+}
+
+impl<'a> From<&'a KeyInfo> for KeyView<'a> {
+    fn from(k: &'a KeyInfo) -> Self {
+        Self {
+            key_id: &k.key_id,
+            owner: &k.owner,
+            kind: if k.kind == KeyKind::Bearer as i32 {
+                "bearer"
+            } else {
+                "hmac"
+            },
+            scopes: &k.scopes,
+            policies: &k.policies,
+            routes: &k.routes,
+            bound_identities: &k.bound_identities,
+            revoked: k.revoked,
+            created_at: k.created_at,
+            source: &k.source,
+            secrets: k
+                .secrets
+                .iter()
+                .map(|s| SecretView {
+                    secret_id: &s.secret_id,
+                    created_at: s.created_at,
+                    valid_until: s.valid_until,
+                    revoked: s.revoked,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A new key with its credential, shown once.
+#[derive(Serialize)]
+struct CreatedView<'a> {
+    #[serde(flatten)]
+    key: KeyView<'a>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    secret_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    secret: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    api_key: &'a str,
+}
+
+#[derive(Serialize)]
+struct RotatedView<'a> {
+    key_id: Option<&'a str>,
+    secret_id: &'a str,
+    secret: &'a str,
+    old_valid_until: i64,
+}
+
+#[derive(Serialize)]
+struct PolicyView<'a> {
+    name: &'a str,
+    algorithm: &'a str,
+    limit: u64,
+    period: &'a str,
+    burst: u64,
+}
+
+#[derive(Serialize)]
+struct RecordView<'a> {
+    seq: u64,
+    time_ms: i64,
+    actor: &'a str,
+    action: &'a str,
+    key_id: &'a str,
+    detail: &'a str,
+    hash: &'a str,
+}
+
+fn print_json(value: &impl Serialize) {
+    println!("{}", serde_json::to_string(value).expect("views serialize"));
+}
+
+fn key_json(k: &KeyInfo) -> KeyView<'_> {
+    KeyView::from(k)
 }
 
 fn print_key(k: &KeyInfo) {
@@ -330,10 +424,10 @@ fn split(list: Option<String>) -> Option<StringList> {
     })
 }
 
-pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
+pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> Result<ExitCode, Failure> {
     let mut admin = match conn.channel().await {
         Ok(c) => AdminClient::new(c),
-        Err(e) => return fail(e),
+        Err(e) => return Err(runtime(e)),
     };
     match command {
         KeysCommand::Create {
@@ -361,18 +455,16 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
             };
             let r = match admin.create_key(request).await {
                 Ok(r) => r.into_inner(),
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             };
             let key = r.key.unwrap_or_default();
             if json {
-                let mut out = key_json(&key);
-                if bearer {
-                    out["api_key"] = json!(r.api_key);
-                } else {
-                    out["secret"] = json!(r.secret);
-                    out["secret_id"] = json!(r.secret_id);
-                }
-                println!("{out}");
+                print_json(&CreatedView {
+                    key: KeyView::from(&key),
+                    secret_id: &r.secret_id,
+                    secret: &r.secret,
+                    api_key: &r.api_key,
+                });
             } else {
                 print_key(&key);
                 if bearer {
@@ -393,7 +485,7 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                 };
                 let page = match admin.list_keys(request).await {
                     Ok(r) => r.into_inner(),
-                    Err(s) => return status_error(s),
+                    Err(s) => return Err(s.into()),
                 };
                 all.extend(page.keys);
                 if page.next_page_token.is_empty() {
@@ -402,10 +494,7 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                 token = page.next_page_token;
             }
             if json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(all.iter().map(key_json).collect())
-                );
+                print_json(&all.iter().map(key_json).collect::<Vec<_>>());
             } else {
                 for k in &all {
                     let state = if k.revoked { "revoked" } else { "active" };
@@ -421,9 +510,9 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
             }
         }
         KeysCommand::Show { key_id, json } => match admin.get_key(GetKeyRequest { key_id }).await {
-            Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+            Ok(r) if json => print_json(&key_json(&r.into_inner())),
             Ok(r) => print_key(&r.into_inner()),
-            Err(s) => return status_error(s),
+            Err(s) => return Err(s.into()),
         },
         KeysCommand::Rotate {
             key_id,
@@ -432,7 +521,7 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
         } => {
             let grace = match parse_duration("--grace", &grace) {
                 Ok(g) => g,
-                Err(e) => return fail(e),
+                Err(e) => return Err(usage(e)),
             };
             let until = warden_client::signing::unix_now() + grace.as_secs() as i64;
             let r = match admin
@@ -443,13 +532,15 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                 .await
             {
                 Ok(r) => r.into_inner(),
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             };
             if json {
-                println!(
-                    "{}",
-                    json!({"key_id": r.key.as_ref().map(|k| k.key_id.clone()), "secret_id": r.secret_id, "secret": r.secret, "old_valid_until": until})
-                );
+                print_json(&RotatedView {
+                    key_id: r.key.as_ref().map(|k| k.key_id.as_str()),
+                    secret_id: &r.secret_id,
+                    secret: &r.secret,
+                    old_valid_until: until,
+                });
             } else {
                 println!(
                     "new secret {} (shown once, store it now): {}",
@@ -470,13 +561,13 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                 })
                 .await
             {
-                Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+                Ok(r) if json => print_json(&key_json(&r.into_inner())),
                 Ok(r) => {
                     let k = r.into_inner();
                     println!("revoked; effective for the next check");
                     print_key(&k);
                 }
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             }
         }
         KeysCommand::Update {
@@ -495,23 +586,29 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> ExitCode {
                 policies: split(policies),
             };
             match admin.update_key(request).await {
-                Ok(r) if json => println!("{}", key_json(&r.into_inner())),
+                Ok(r) if json => print_json(&key_json(&r.into_inner())),
                 Ok(r) => print_key(&r.into_inner()),
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             }
         }
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
-fn policy_json(p: &PolicyInfo) -> serde_json::Value {
-    json!({"name": p.name, "algorithm": p.algorithm, "limit": p.limit, "period": p.period, "burst": p.burst})
+fn policy_json(p: &PolicyInfo) -> PolicyView<'_> {
+    PolicyView {
+        name: &p.name,
+        algorithm: &p.algorithm,
+        limit: p.limit,
+        period: &p.period,
+        burst: p.burst,
+    }
 }
 
-pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> ExitCode {
+pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> Result<ExitCode, Failure> {
     let mut admin = match conn.channel().await {
         Ok(c) => AdminClient::new(c),
-        Err(e) => return fail(e),
+        Err(e) => return Err(runtime(e)),
     };
     match command {
         PoliciesCommand::Put {
@@ -532,7 +629,7 @@ pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> ExitCode {
                 })
                 .await
             {
-                Ok(r) if json => println!("{}", policy_json(&r.into_inner())),
+                Ok(r) if json => print_json(&policy_json(&r.into_inner())),
                 Ok(r) => {
                     let p = r.into_inner();
                     println!(
@@ -540,17 +637,14 @@ pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> ExitCode {
                         p.name, p.limit, p.period, p.algorithm
                     );
                 }
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             }
         }
         PoliciesCommand::List { json } => match admin.list_policies(ListPoliciesRequest {}).await {
             Ok(r) => {
                 let list = r.into_inner().policies;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::Value::Array(list.iter().map(policy_json).collect())
-                    );
+                    print_json(&list.iter().map(policy_json).collect::<Vec<_>>());
                 } else {
                     for p in &list {
                         let burst = if p.burst > 0 {
@@ -565,10 +659,10 @@ pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> ExitCode {
                     }
                 }
             }
-            Err(s) => return status_error(s),
+            Err(s) => return Err(s.into()),
         },
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Every audit record the server has, oldest first.
@@ -594,11 +688,19 @@ async fn all_records(
     }
 }
 
-fn record_json(r: &AuditRecord) -> serde_json::Value {
-    json!({"seq": r.seq, "time_ms": r.time_ms, "actor": r.actor, "action": r.action, "key_id": r.key_id, "detail": r.detail, "hash": r.hash})
+fn record_json(r: &AuditRecord) -> RecordView<'_> {
+    RecordView {
+        seq: r.seq,
+        time_ms: r.time_ms,
+        actor: &r.actor,
+        action: &r.action,
+        key_id: &r.key_id,
+        detail: &r.detail,
+        hash: &r.hash,
+    }
 }
 
-pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
+pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> Result<ExitCode, Failure> {
     match command {
         AuditCommand::Verify {
             file: None,
@@ -607,7 +709,7 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
         } => {
             let mut admin = match conn.channel().await {
                 Ok(c) => AdminClient::new(c),
-                Err(e) => return fail(e),
+                Err(e) => return Err(runtime(e)),
             };
             match admin.verify_audit(VerifyAuditRequest {}).await {
                 Ok(r) => {
@@ -620,10 +722,10 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
                         }))
                     } else {
                         eprintln!("audit log BROKEN at {}", r.broken);
-                        ExitCode::FAILURE
+                        Ok(ExitCode::FAILURE)
                     }
                 }
-                Err(s) => status_error(s),
+                Err(s) => Err(s.into()),
             }
         }
         AuditCommand::Verify {
@@ -634,7 +736,7 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
             let store_dir = store_dir.unwrap_or_else(|| conn.dev_dir.join("store"));
             let master = match offline_master_key(conn, master_key_file) {
                 Ok(m) => m,
-                Err(e) => return fail(e),
+                Err(e) => return Err(usage(e)),
             };
             let verified = match file {
                 None => warden::audit::verify_dir(&store_dir, &master),
@@ -642,7 +744,7 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
             };
             match verified {
                 Ok(result) => report(result),
-                Err(e) => fail(e),
+                Err(e) => Err(runtime(e)),
             }
         }
         AuditCommand::Tail {
@@ -652,15 +754,15 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
         } => {
             let mut admin = match conn.channel().await {
                 Ok(c) => AdminClient::new(c),
-                Err(e) => return fail(e),
+                Err(e) => return Err(runtime(e)),
             };
             let records = match all_records(&mut admin, key_id.as_deref().unwrap_or("")).await {
                 Ok(r) => r,
-                Err(s) => return status_error(s),
+                Err(s) => return Err(s.into()),
             };
             for r in &records[records.len().saturating_sub(count)..] {
                 if json {
-                    println!("{}", record_json(r));
+                    print_json(&record_json(r));
                 } else {
                     println!(
                         "#{:<6} {} {:<14} key={:<24} by {}  {}",
@@ -673,12 +775,14 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> ExitCode {
                     );
                 }
             }
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn report(result: Result<warden::audit::Intact, warden::audit::Broken>) -> ExitCode {
+fn report(
+    result: Result<warden::audit::Intact, warden::audit::Broken>,
+) -> Result<ExitCode, Failure> {
     match result {
         Ok(intact) => {
             let unkeyed = match intact.unkeyed {
@@ -689,11 +793,11 @@ fn report(result: Result<warden::audit::Intact, warden::audit::Broken>) -> ExitC
                 "audit log intact: {} records{unkeyed}, every hash links",
                 intact.records
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
         Err(b) => {
             eprintln!("audit log BROKEN at {b}");
-            ExitCode::FAILURE
+            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -714,7 +818,7 @@ fn offline_master_key(
     }
 }
 
-pub async fn store(command: StoreCommand) -> ExitCode {
+pub async fn store(command: StoreCommand) -> Result<ExitCode, Failure> {
     let StoreCommand::RotateMasterKey {
         dir,
         postgres_url_env,
@@ -729,7 +833,7 @@ pub async fn store(command: StoreCommand) -> ExitCode {
     };
     let old = match old {
         Ok(k) => k,
-        Err(e) => return fail(format!("current master key: {e}")),
+        Err(e) => return Err(usage(format!("current master key: {e}"))),
     };
     if !new_key_file.exists() {
         use std::io::Write;
@@ -744,12 +848,15 @@ pub async fn store(command: StoreCommand) -> ExitCode {
                     .and_then(|_| f.sync_all())
             });
         if let Err(e) = created {
-            return fail(format!("cannot create {}: {e}", new_key_file.display()));
+            return Err(runtime(format!(
+                "cannot create {}: {e}",
+                new_key_file.display()
+            )));
         }
     }
     let new = match warden::crypto::MasterKey::from_file(&new_key_file) {
         Ok(k) => k,
-        Err(e) => return fail(format!("new master key: {e}")),
+        Err(e) => return Err(usage(format!("new master key: {e}"))),
     };
     let rotated = match (&dir, &postgres_url_env) {
         (Some(dir), None) => warden::store::Store::rotate_master_key(dir, old, new),
@@ -764,12 +871,12 @@ pub async fn store(command: StoreCommand) -> ExitCode {
                 Err(e) => Err(e),
             },
             Err(_) => {
-                return fail(format!(
+                return Err(usage(format!(
                     "--postgres-url-env: environment variable {var} is not set"
-                ));
+                )));
             }
         },
-        (None, None) => return fail("give --dir or --postgres-url-env"),
+        (None, None) => return Err(usage("give --dir or --postgres-url-env")),
     };
     match rotated {
         Ok(n) => {
@@ -777,9 +884,9 @@ pub async fn store(command: StoreCommand) -> ExitCode {
                 "re-encrypted {n} secrets; start warden with the new master key ({})",
                 new_key_file.display()
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => fail(e),
+        Err(e) => Err(runtime(e)),
     }
 }
 

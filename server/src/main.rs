@@ -146,10 +146,10 @@ fn main() -> ExitCode {
             Command::Serve(args) => exit(serve(args).await),
             Command::Check(args) => exit(check(args).await),
             Command::Config(ConfigCommand::Check { file }) => exit(config_check(&file)),
-            Command::Keys { conn, command } => admin_cli::keys(&conn, command).await,
-            Command::Policies { conn, command } => admin_cli::policies(&conn, command).await,
-            Command::Audit { conn, command } => admin_cli::audit(&conn, command).await,
-            Command::Store(command) => admin_cli::store(command).await,
+            Command::Keys { conn, command } => exit(admin_cli::keys(&conn, command).await),
+            Command::Policies { conn, command } => exit(admin_cli::policies(&conn, command).await),
+            Command::Audit { conn, command } => exit(admin_cli::audit(&conn, command).await),
+            Command::Store(command) => exit(admin_cli::store(command).await),
         }
     })
 }
