@@ -83,6 +83,79 @@ fn describe() {
         "Denial audit records dropped because the queue was full."
     );
     describe_gauge!("warden_api_keys", "API keys loaded.");
+    describe_gauge!(
+        "warden_ready",
+        "1 while serving, 0 while starting (before the restart fence) or draining."
+    );
+    describe_gauge!(
+        "warden_nonce_capacity",
+        "The most nonces remembered at once (check.nonce_capacity)."
+    );
+    describe_counter!(
+        "warden_check_errors_total",
+        "Checks refused with a gRPC error rather than answered, by cause."
+    );
+    describe_counter!(
+        "warden_audit_tampered_total",
+        "Audit log files found replaced, removed or truncated under the server."
+    );
+    describe_counter!(
+        "warden_connections_refused_total",
+        "New connections closed at once over a bound, by cause."
+    );
+    describe_gauge!(
+        "warden_open_connections",
+        "Client connections open, handshaking or established."
+    );
+    describe_gauge!(
+        "warden_state_pool_entries",
+        "Request-limit entries and failure budgets held, by pool."
+    );
+    describe_counter!(
+        "warden_state_evictions_total",
+        "Entries evicted from a full pool, by pool."
+    );
+    describe_counter!(
+        "warden_state_refusals_total",
+        "Checks refused because a pool was full and nothing could be evicted."
+    );
+    describe_counter!(
+        "warden_alert_subjects_evicted_total",
+        "Alert subjects evicted from a full table."
+    );
+    zero_counters();
+}
+
+/// Counters that dashboards and alert rules read, created at zero so that a
+/// series exists before the first event (`rate()` and `increase()` over a
+/// series that appears only with its first event miss that event).
+fn zero_counters() {
+    use metrics::counter;
+    for cause in ["server_busy", "connection_limit"] {
+        counter!("warden_shed_total", "cause" => cause).absolute(0);
+    }
+    for cause in ["replay_cache_full", "state_full", "permission_denied"] {
+        counter!("warden_check_errors_total", "cause" => cause).absolute(0);
+    }
+    for cause in ["max_connections", "max_handshakes", "max_handshakes_per_address"] {
+        counter!("warden_connections_refused_total", "cause" => cause).absolute(0);
+    }
+    for what in ["replaced", "removed", "truncated"] {
+        counter!("warden_audit_tampered_total", "what" => what).absolute(0);
+    }
+    for kind in ["bad_signature", "replay", "lockout", "rate_limited"] {
+        for subject_kind in ["key", "caller"] {
+            counter!("warden_alerts_total", "kind" => kind, "subject_kind" => subject_kind)
+                .absolute(0);
+        }
+    }
+    for result in ["ok", "failed"] {
+        counter!("warden_tls_reloads_total", "result" => result).absolute(0);
+    }
+    counter!("warden_tls_handshake_failures_total", "cause" => "timeout").absolute(0);
+    counter!("warden_audit_dropped_total").absolute(0);
+    counter!("warden_caller_denied_total").absolute(0);
+    counter!("warden_alert_subjects_evicted_total").absolute(0);
 }
 
 /// Serves until `shutdown` resolves: `/metrics` (Prometheus text format),

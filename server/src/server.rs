@@ -87,6 +87,7 @@ impl Health {
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(SERVICE_NAME, status).await;
         self.ready.store(serving, Ordering::SeqCst);
+        metrics::gauge!("warden_ready").set(if serving { 1.0 } else { 0.0 });
     }
 }
 
@@ -501,6 +502,7 @@ async fn sweep_loop(
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
         report_pools(&checker, &mut last_pools);
         metrics::gauge!("warden_open_connections").set(gate.open_connections() as f64);
+        metrics::gauge!("warden_nonce_capacity").set(checker.settings().nonce_capacity as f64);
         tracing::trace!(?removed, ?held, "swept idle state");
     }
 }

@@ -121,3 +121,14 @@ def test_a_dead_server_costs_microseconds_once_the_breaker_opens(warden):
         with pytest.raises(WardenUnavailable):
             dead.check(CheckRequest(key_id="k", method="GET", path="/"))
     assert (time.perf_counter() - started) / 100 < 0.001
+
+
+def test_reason_names_come_from_the_proto_enum():
+    from warden_client._proto.warden.v1 import warden_pb2
+    from warden_client.client import reason_name
+
+    assert reason_name(warden_pb2.REASON_RATE_LIMITED) == "rate_limited"
+    assert reason_name(warden_pb2.REASON_LOCKED_OUT) == "locked_out"
+    assert reason_name(9999) == "unspecified"
+    for name, value in warden_pb2.Reason.items():
+        assert reason_name(value) == name.removeprefix("REASON_").lower()

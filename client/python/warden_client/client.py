@@ -22,16 +22,14 @@ from warden_client._proto.warden.v1 import warden_pb2, warden_pb2_grpc
 CheckRequest = warden_pb2.CheckRequest
 LimitRequest = warden_pb2.LimitRequest
 
-_REASONS = {
-    warden_pb2.REASON_OK: "ok",
-    warden_pb2.REASON_MALFORMED: "malformed",
-    warden_pb2.REASON_UNAUTHENTICATED: "unauthenticated",
-    warden_pb2.REASON_STALE: "stale",
-    warden_pb2.REASON_REPLAY: "replay",
-    warden_pb2.REASON_FORBIDDEN: "forbidden",
-    warden_pb2.REASON_RATE_LIMITED: "rate_limited",
-    warden_pb2.REASON_LOCKED_OUT: "locked_out",
-}
+def reason_name(reason: int) -> str:
+    """The short name of a reason ("rate_limited"), derived from the proto
+    enum's name exactly as warden's logs and metrics spell it."""
+    try:
+        return warden_pb2.Reason.Name(reason).removeprefix("REASON_").lower()
+    except ValueError:
+        return "unspecified"
+
 
 # Calls that fail with these mean "warden is not there", not "denied".
 _UNREACHABLE = {
@@ -92,7 +90,7 @@ class Decision:
             caller = Caller(r.caller.key_id, r.caller.owner, tuple(r.caller.scopes))
         return cls(
             allowed=r.decision == warden_pb2.DECISION_ALLOW,
-            reason=_REASONS.get(r.reason, "unspecified"),
+            reason=reason_name(r.reason),
             http_status=r.http_status,
             retry_after_ms=r.retry_after_ms,
             message=r.message,

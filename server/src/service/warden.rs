@@ -160,6 +160,8 @@ fn check_one(
         }
         Err(CheckError::PermissionDenied(why)) => {
             metrics::counter!("warden_caller_denied_total").increment(1);
+            metrics::counter!("warden_check_errors_total", "cause" => "permission_denied")
+                .increment(1);
             if let Some(audit) = ctx.audit {
                 audit.count_denial(Subject {
                     action: "call.denied",
@@ -180,6 +182,7 @@ fn check_one(
             Err(Status::permission_denied(why))
         }
         Err(CheckError::StateFull(_)) => {
+            metrics::counter!("warden_check_errors_total", "cause" => "state_full").increment(1);
             tracing::warn!(
                 event = "state_full",
                 caller = caller.as_str(),
@@ -191,6 +194,8 @@ fn check_one(
             ))
         }
         Err(CheckError::ReplayCacheFull) => {
+            metrics::counter!("warden_check_errors_total", "cause" => "replay_cache_full")
+                .increment(1);
             tracing::warn!(
                 event = "replay_cache_full",
                 caller = caller.as_str(),
