@@ -6,8 +6,9 @@
 #
 #   bash benches/compare.sh            # DURATION=10s CONCURRENCY=64 KEYS=1000 by default
 #
-# Prints a Markdown table (ratios against the Redis EVAL variant) and writes
-# the raw JSON lines to target/bench/compare.jsonl.
+# Prints a Markdown table (ratios against the Redis EVAL variant), writes the
+# raw JSON lines to target/bench/compare.jsonl and the latency curves to
+# target/bench/latency.svg (copy it to benches/results/ for the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -39,17 +40,32 @@ trap cleanup EXIT
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$tmp/redis.pid" --logfile "$tmp/redis.log" >/dev/null
-target/release/warden serve --dev --dev-dir "$tmp/dev" --listen 127.0.0.1:0 --metrics-listen off \
+target/release/warden serve --dev --dev-dir "$tmp/dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
   >"$tmp/warden.out" 2>"$tmp/warden.err" &
 warden_pid=$!
 for _ in $(seq 100); do grep -q "^listening on" "$tmp/warden.out" 2>/dev/null && break; sleep 0.1; done
-sleep 1.2  # past the restart fence
+# Ready once past the restart fence (start + future_skew + 1 s).
+metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$tmp/warden.out")
+echo "== waiting for warden to pass its restart fence" >&2
+python3 - "$metrics" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen(f"http://{sys.argv[1]}/readyz", timeout=1).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(0.1)
+PY
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")
 
+step=0
+steps=7
 run() {  # label, args...
   local label=$1; shift
-  echo "== $label" >&2
+  step=$((step + 1))
+  echo "== [$step/$steps] $label (for $DURATION)" >&2
   "$bench" --dev-dir "$tmp/dev" --redis "127.0.0.1:$REDIS_PORT" --duration "$DURATION" \
     --concurrency "$CONCURRENCY" --keys "$KEYS" --json "$@" | sed "s/^{/{\"label\":\"$label\",/" | tee -a "$out/compare.jsonl"
 }
@@ -62,7 +78,7 @@ run "Redis EVAL (Lua)"          --backend redis-lua    --server-pid "$redis_pid"
 peak=$(grep '"warden Check (unary)"' "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))')
 run "warden Check at 50% of peak" --backend warden --mode unary --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
-echo "== memory" >&2
+echo "== [7/7] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
   | sed 's/^{/{"label":"memory",/' | tee -a "$out/compare.jsonl"
 
@@ -87,3 +103,5 @@ print("|---|---|---|")
 print(f"| warden engine (RSS delta) | {m['warden_bytes_per_key']:.1f} B | {m['warden_bytes_per_nonce']:.1f} B |")
 print(f"| Redis (used_memory delta) | {m['redis_bytes_per_key']:.1f} B | {m['redis_bytes_per_nonce']:.1f} B |")
 PY
+
+python3 benches/plot_latency.py "$out/compare.jsonl" "$out/latency.svg"

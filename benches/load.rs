@@ -19,6 +19,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+
+/// Quantiles of the latency curve in the JSON report (for
+/// benches/plot_latency.py).
+const PLOT_QUANTILES: &[f64] = &[
+    0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+];
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -620,20 +626,29 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let cpu_before = args.server_pid.and_then(process_usage);
     let started = Instant::now();
 
-    // Progress, once a second, on stderr.
+    // Progress on stderr: every second interactively; with --json (stdout
+    // is for the report) every 5 s, with the time left, so long runs are
+    // never silent.
     let progress = {
-        let (stats, stop, quiet) = (stats.clone(), stop.clone(), args.json);
+        let (stats, stop, json) = (stats.clone(), stop.clone(), args.json);
         tokio::spawn(async move {
-            let mut last = 0;
+            let (mut last, mut tick) = (0, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                tick += 1;
                 let done = stats.done.load(Ordering::Relaxed);
-                if !quiet {
+                let left = duration.saturating_sub(started.elapsed()).as_secs();
+                if !json {
                     eprintln!(
                         "  {:>10} requests  {:>9} req/s  {} errors",
                         done,
                         done - last,
                         stats.errors.load(Ordering::Relaxed)
+                    );
+                } else if tick % 5 == 0 {
+                    eprintln!(
+                        "  {done} requests so far, {:.0} req/s, {left} s left",
+                        done as f64 / started.elapsed().as_secs_f64()
                     );
                 }
                 last = done;
@@ -771,6 +786,8 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         "seconds": elapsed,
         "rps": done as f64 / elapsed,
         "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
+        // The percentile curve, HDR style, for plots: [quantile, ms].
+        "percentiles": PLOT_QUANTILES.iter().map(|&q| json!([q, pct(q)])).collect::<Vec<_>>(),
         "errors": errors,
         "outcomes": *stats.outcomes.lock(),
         "server_cpu_cores": server.map(|s| s.0),

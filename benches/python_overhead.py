@@ -103,7 +103,9 @@ def main() -> None:
     subprocess.run(["redis-server", "--port", str(args.redis_port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--daemonize", "yes"], check=True, stdout=subprocess.DEVNULL)
     try:
-        time.sleep(1.2)  # past warden's restart fence
+        # Requests signed before the restart fence (start + future_skew + 1 s)
+        # are STALE: wait it out.
+        time.sleep(7)
         REDIS = redis.Redis(host="127.0.0.1", port=args.redis_port)
         for _ in range(50):
             try:

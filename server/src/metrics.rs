@@ -137,7 +137,11 @@ fn zero_counters() {
     for cause in ["replay_cache_full", "state_full", "permission_denied"] {
         counter!("warden_check_errors_total", "cause" => cause).absolute(0);
     }
-    for cause in ["max_connections", "max_handshakes", "max_handshakes_per_address"] {
+    for cause in [
+        "max_connections",
+        "max_handshakes",
+        "max_handshakes_per_address",
+    ] {
         counter!("warden_connections_refused_total", "cause" => cause).absolute(0);
     }
     for what in ["replaced", "removed", "truncated"] {
