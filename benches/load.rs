@@ -606,7 +606,7 @@ fn process_usage(pid: u32) -> Option<(f64, u64)> {
 
 async fn run_load(args: LoadArgs) -> Result<(), String> {
     let duration =
-        warden::model::parse_duration("--duration", &args.duration).map_err(|e| e.to_string())?;
+        humantime::parse_duration(&args.duration).map_err(|e| format!("--duration: {e}"))?;
     let mix = Mix::parse(&args.mix)?;
     let (target, keys) = match args.backend {
         Backend::Warden => setup_warden(&args).await?,

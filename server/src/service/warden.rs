@@ -209,10 +209,9 @@ fn check_one(
     }
 }
 
-/// Counts a denial towards the anomaly alerts and reports any alert raised:
-/// one log line and one metric per alert, not per denial.
-/// Denials that go to the audit log: the ones that suggest an attack or a
-/// misuse, not ordinary rate limiting or malformed input.
+/// Denials that go to the audit log (tallied per subject and window): the
+/// ones that suggest an attack or a misuse, not ordinary rate limiting or
+/// malformed input.
 fn is_security_denial(reason: Reason) -> bool {
     matches!(
         reason,
@@ -224,6 +223,8 @@ fn is_security_denial(reason: Reason) -> bool {
     )
 }
 
+/// Counts a denial towards the anomaly alerts and reports any alert raised:
+/// one log line, one metric and one audit record per alert, not per denial.
 fn raise_alerts(ctx: &Context<'_>, reason: Reason, key_id: Option<&str>, caller: &CallerIdentity) {
     let kind = match reason {
         Reason::Unauthenticated => Kind::BadSignature,
