@@ -858,26 +858,24 @@ pub async fn store(command: StoreCommand) -> Result<ExitCode, Failure> {
         Ok(k) => k,
         Err(e) => return Err(usage(format!("new master key: {e}"))),
     };
-    let rotated = match (&dir, &postgres_url_env) {
-        (Some(dir), None) => warden::store::Store::rotate_master_key(dir, old, new),
-        (dir, Some(var)) => match std::env::var(var) {
-            Ok(url) => match warden::store::rotate_master_key_postgres(&url, &old, &new).await {
-                Ok(n) => match dir {
-                    Some(dir) => warden::audit::reseal_key(dir, &old, &new)
-                        .map(|_| n)
-                        .map_err(|e| warden::store::StoreError::Audit(e.to_string())),
-                    None => Ok(n),
-                },
-                Err(e) => Err(e),
-            },
-            Err(_) => {
-                return Err(usage(format!(
-                    "--postgres-url-env: environment variable {var} is not set"
-                )));
-            }
+    use warden::store::RotationTarget;
+    let url = match &postgres_url_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            usage(format!(
+                "--postgres-url-env: environment variable {var} is not set"
+            ))
+        })?),
+        None => None,
+    };
+    let target = match (&dir, &url) {
+        (Some(dir), None) => RotationTarget::Journal(dir),
+        (node_dir, Some(url)) => RotationTarget::Database {
+            url,
+            node_dir: node_dir.as_deref(),
         },
         (None, None) => return Err(usage("give --dir or --postgres-url-env")),
     };
+    let rotated = warden::store::rotate_master_key(target, &old, &new).await;
     match rotated {
         Ok(n) => {
             println!(

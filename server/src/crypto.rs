@@ -26,6 +26,9 @@ pub enum CryptoError {
 
 /// The key that seals stored secrets.
 pub struct MasterKey {
+    /// Kept to rebuild the sealing key on `clone` (`LessSafeKey` is not
+    /// `Clone`); never printed.
+    raw: [u8; 32],
     key: LessSafeKey,
     /// A fingerprint (not the key) to recognise the key a store was written with.
     fingerprint: String,
@@ -36,6 +39,12 @@ impl fmt::Debug for MasterKey {
         f.debug_struct("MasterKey")
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
+    }
+}
+
+impl Clone for MasterKey {
+    fn clone(&self) -> Self {
+        Self::from_hex(&hex::encode(self.raw)).expect("a valid key stays valid")
     }
 }
 
@@ -50,6 +59,7 @@ impl MasterKey {
         let digest =
             Sha256::digest([b"warden master key fingerprint\0".as_slice(), &bytes].concat());
         Ok(Self {
+            raw: bytes,
             key,
             fingerprint: hex::encode(&digest[..8]),
         })

@@ -586,69 +586,89 @@ impl Store {
                 .open(&seal_context(key_id, &secret.id), &secret.sealed)?,
         ))
     }
-
-    /// Re-encrypts every secret under `new` and atomically replaces the
-    /// journal (compacted: one record per key and policy). Run with the
-    /// server stopped.
-    pub fn rotate_master_key(
-        dir: &Path,
-        old: MasterKey,
-        new: MasterKey,
-    ) -> Result<usize, StoreError> {
-        let store = Self::open_with(dir, old)?;
-        let Backend::Journal(Journal { path, .. }) = &store.backend else {
-            return Err(StoreError::Unsupported("master key rotation"));
-        };
-        let state = store.state.read();
-        let tmp = dir.join(format!("{JOURNAL}.rotating"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        let mut lines = vec![Entry::MasterKey {
-            fingerprint: new.fingerprint().to_owned(),
-        }];
-        let mut resealed = 0;
-        for key in state.keys.values() {
-            let mut key = key.clone();
-            for s in &mut key.secrets {
-                let plain = store
-                    .master
-                    .open(&seal_context(&key.id, &s.id), &s.sealed)?;
-                s.sealed = new.seal(&seal_context(&key.id, &s.id), &plain);
-                resealed += 1;
-            }
-            lines.push(Entry::Key(key));
-        }
-        lines.extend(state.policies.values().cloned().map(Entry::Policy));
-        for entry in &lines {
-            let mut line = serde_json::to_string(entry).expect("entries serialize");
-            line.push('\n');
-            file.write_all(line.as_bytes()).map_err(io(&tmp))?;
-        }
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-        crate::audit::reseal_key(dir, &store.master, &new)
-            .map_err(|e| StoreError::Audit(e.to_string()))?;
-        Ok(resealed)
-    }
 }
 
-/// [`Store::rotate_master_key`] for the PostgreSQL store: every secret is
-/// re-sealed and the fingerprint switched in one transaction, with the keys
-/// table locked. Run it with every node stopped: a running node still holds
-/// the old key.
-pub async fn rotate_master_key_postgres(
-    url: &str,
+/// Which store a master-key rotation rewrites.
+#[derive(Clone, Copy, Debug)]
+pub enum RotationTarget<'a> {
+    /// The embedded store in this directory (its audit chain key too).
+    Journal(&'a Path),
+    /// The shared PostgreSQL store, and optionally one node's directory
+    /// whose audit chain key is re-sealed too (run once per node).
+    Database {
+        url: &'a str,
+        node_dir: Option<&'a Path>,
+    },
+}
+
+/// Re-encrypts every stored secret (and the audit chain key) from `old` to
+/// `new`; returns how many secrets. Run it with every warden process of
+/// that store stopped: a running one still holds the old key.
+pub async fn rotate_master_key(
+    target: RotationTarget<'_>,
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<usize, StoreError> {
+    let (resealed, audit_dir) = match target {
+        RotationTarget::Journal(dir) => (rotate_journal(dir, old, new)?, Some(dir)),
+        RotationTarget::Database { url, node_dir } => {
+            (rotate_database(url, old, new).await?, node_dir)
+        }
+    };
+    if let Some(dir) = audit_dir {
+        crate::audit::reseal_key(dir, old, new).map_err(|e| StoreError::Audit(e.to_string()))?;
+    }
+    Ok(resealed)
+}
+
+/// The journal, compacted (one record per key and policy) and re-sealed,
+/// replaces the old one atomically.
+fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize, StoreError> {
+    let store = Store::open_with(dir, old.clone())?;
+    let Backend::Journal(Journal { path, .. }) = &store.backend else {
+        return Err(StoreError::Unsupported("master key rotation"));
+    };
+    let state = store.state.read();
+    let tmp = dir.join(format!("{JOURNAL}.rotating"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    let mut lines = vec![Entry::MasterKey {
+        fingerprint: new.fingerprint().to_owned(),
+    }];
+    let mut resealed = 0;
+    for key in state.keys.values() {
+        let mut key = key.clone();
+        for s in &mut key.secrets {
+            let plain = store
+                .master
+                .open(&seal_context(&key.id, &s.id), &s.sealed)?;
+            s.sealed = new.seal(&seal_context(&key.id, &s.id), &plain);
+            resealed += 1;
+        }
+        lines.push(Entry::Key(key));
+    }
+    lines.extend(state.policies.values().cloned().map(Entry::Policy));
+    for entry in &lines {
+        let mut line = serde_json::to_string(entry).expect("entries serialize");
+        line.push('\n');
+        file.write_all(line.as_bytes()).map_err(io(&tmp))?;
+    }
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(resealed)
+}
+
+/// Every secret re-sealed and the fingerprint switched in one transaction,
+/// with the keys table locked.
+async fn rotate_database(url: &str, old: &MasterKey, new: &MasterKey) -> Result<usize, StoreError> {
     let (mut client, connection) = connect(url).await?;
     tokio::spawn(connection);
     let tx = client.transaction().await?;
@@ -800,7 +820,9 @@ mod tests {
             .unwrap();
         drop(store);
         let (new_hex, new) = master();
-        let n = Store::rotate_master_key(dir.path(), MasterKey::from_hex(&old_hex).unwrap(), new)
+        let old = MasterKey::from_hex(&old_hex).unwrap();
+        let n = rotate_master_key(RotationTarget::Journal(dir.path()), &old, &new)
+            .await
             .unwrap();
         assert_eq!(n, 2);
         assert!(Store::open_with(dir.path(), MasterKey::from_hex(&old_hex).unwrap()).is_err());
