@@ -82,96 +82,120 @@ impl ConnArgs {
 #[derive(Subcommand)]
 pub enum KeysCommand {
     /// Create a key; prints its secret (or bearer API key) once.
-    Create {
-        #[arg(long, default_value = "")]
-        owner: String,
-        /// Key id (default: generated).
-        #[arg(long)]
-        id: Option<String>,
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        #[arg(long = "policy")]
-        policies: Vec<String>,
-        /// "METHOD /path" the key may call (repeatable; default: any).
-        #[arg(long = "route")]
-        routes: Vec<String>,
-        /// Client identity the key is bound to (repeatable).
-        #[arg(long = "bind")]
-        bound_identities: Vec<String>,
-        /// A bearer API key instead of an HMAC signing secret.
-        #[arg(long)]
-        bearer: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Create(KeyCreateArgs),
     /// List keys (all pages).
-    List {
-        #[arg(long)]
-        owner: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    List(KeyListArgs),
     /// Show one key (never its secrets).
-    Show {
-        key_id: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Show(KeyShowArgs),
     /// Add a new secret; the old ones stay valid for --grace.
-    Rotate {
-        key_id: String,
-        /// How long the old secrets stay valid, e.g. "24h"; "0s" ends them now.
-        #[arg(long, default_value = "24h")]
-        grace: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Rotate(KeyRotateArgs),
     /// Revoke a key, or one of its secrets with --secret.
-    Revoke {
-        key_id: String,
-        #[arg(long)]
-        secret: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Revoke(KeyRevokeArgs),
     /// Replace scopes, routes, bound identities or policies of a key.
-    Update {
-        key_id: String,
-        /// Comma-separated; "" clears.
-        #[arg(long)]
-        scopes: Option<String>,
-        #[arg(long)]
-        routes: Option<String>,
-        #[arg(long)]
-        bind: Option<String>,
-        #[arg(long)]
-        policies: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Update(KeyUpdateArgs),
+}
+
+#[derive(Args)]
+pub struct KeyCreateArgs {
+    #[arg(long, default_value = "")]
+    pub owner: String,
+    /// Key id (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    #[arg(long = "policy")]
+    pub policies: Vec<String>,
+    /// "METHOD /path" the key may call (repeatable; default: any).
+    #[arg(long = "route")]
+    pub routes: Vec<String>,
+    /// Client identity the key is bound to (repeatable).
+    #[arg(long = "bind")]
+    pub bound_identities: Vec<String>,
+    /// A bearer API key instead of an HMAC signing secret.
+    #[arg(long)]
+    pub bearer: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct KeyListArgs {
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct KeyShowArgs {
+    pub key_id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct KeyRotateArgs {
+    pub key_id: String,
+    /// How long the old secrets stay valid, e.g. "24h"; "0s" ends them now.
+    #[arg(long, default_value = "24h")]
+    pub grace: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct KeyRevokeArgs {
+    pub key_id: String,
+    #[arg(long)]
+    pub secret: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct KeyUpdateArgs {
+    pub key_id: String,
+    /// Comma-separated; "" clears.
+    #[arg(long)]
+    pub scopes: Option<String>,
+    #[arg(long)]
+    pub routes: Option<String>,
+    #[arg(long)]
+    pub bind: Option<String>,
+    #[arg(long)]
+    pub policies: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
 pub enum PoliciesCommand {
     /// Create or replace a policy.
-    Put {
-        name: String,
-        #[arg(long)]
-        limit: u64,
-        #[arg(long)]
-        period: String,
-        /// "gcra", "sliding_window" or "fixed_window".
-        #[arg(long, default_value = "gcra")]
-        algorithm: String,
-        #[arg(long, default_value_t = 0)]
-        burst: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    Put(PolicyPutArgs),
+    List(PolicyListArgs),
+}
+
+#[derive(Args)]
+pub struct PolicyPutArgs {
+    pub name: String,
+    #[arg(long)]
+    pub limit: u64,
+    #[arg(long)]
+    pub period: String,
+    /// "gcra", "sliding_window" or "fixed_window".
+    #[arg(long, default_value = "gcra")]
+    pub algorithm: String,
+    #[arg(long, default_value_t = 0)]
+    pub burst: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PolicyListArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -430,169 +454,195 @@ pub async fn keys(conn: &ConnArgs, command: KeysCommand) -> Result<ExitCode, Fai
         Err(e) => return Err(runtime(e)),
     };
     match command {
-        KeysCommand::Create {
-            owner,
-            id,
-            scopes,
-            policies,
-            routes,
-            bound_identities,
-            bearer,
-            json,
-        } => {
-            let request = CreateKeyRequest {
-                key_id: id.unwrap_or_default(),
-                owner,
-                scopes,
-                policies,
-                routes,
-                bound_identities,
-                kind: if bearer {
-                    KeyKind::Bearer
-                } else {
-                    KeyKind::Hmac
-                } as i32,
-            };
-            let r = match admin.create_key(request).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => return Err(s.into()),
-            };
-            let key = r.key.unwrap_or_default();
-            if json {
-                print_json(&CreatedView {
-                    key: KeyView::from(&key),
-                    secret_id: &r.secret_id,
-                    secret: &r.secret,
-                    api_key: &r.api_key,
-                });
-            } else {
-                print_key(&key);
-                if bearer {
-                    println!("\napi key (shown once, store it now): {}", r.api_key);
-                } else {
-                    println!("\nsecret (shown once, store it now): {}", r.secret);
-                }
-            }
-        }
-        KeysCommand::List { owner, json } => {
-            let mut token = String::new();
-            let mut all = Vec::new();
-            loop {
-                let request = ListKeysRequest {
-                    page_size: 500,
-                    page_token: token,
-                    owner: owner.clone().unwrap_or_default(),
-                };
-                let page = match admin.list_keys(request).await {
-                    Ok(r) => r.into_inner(),
-                    Err(s) => return Err(s.into()),
-                };
-                all.extend(page.keys);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            if json {
-                print_json(&all.iter().map(key_json).collect::<Vec<_>>());
-            } else {
-                for k in &all {
-                    let state = if k.revoked { "revoked" } else { "active" };
-                    println!(
-                        "{:<40} {:<8} {:<24} {}",
-                        k.key_id,
-                        state,
-                        k.owner,
-                        k.policies.join(",")
-                    );
-                }
-                println!("{} keys", all.len());
-            }
-        }
-        KeysCommand::Show { key_id, json } => match admin.get_key(GetKeyRequest { key_id }).await {
-            Ok(r) if json => print_json(&key_json(&r.into_inner())),
-            Ok(r) => print_key(&r.into_inner()),
-            Err(s) => return Err(s.into()),
-        },
-        KeysCommand::Rotate {
-            key_id,
-            grace,
-            json,
-        } => {
-            let grace = match parse_duration("--grace", &grace) {
-                Ok(g) => g,
-                Err(e) => return Err(usage(e)),
-            };
-            let until = warden_client::signing::unix_now() + grace.as_secs() as i64;
-            let r = match admin
-                .add_secret(AddSecretRequest {
-                    key_id,
-                    old_valid_until: until.max(1),
-                })
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(s) => return Err(s.into()),
-            };
-            if json {
-                print_json(&RotatedView {
-                    key_id: r.key.as_ref().map(|k| k.key_id.as_str()),
-                    secret_id: &r.secret_id,
-                    secret: &r.secret,
-                    old_valid_until: until,
-                });
-            } else {
-                println!(
-                    "new secret {} (shown once, store it now): {}",
-                    r.secret_id, r.secret
-                );
-                println!("the previous secrets stay valid until {}", rfc3339(until));
-            }
-        }
-        KeysCommand::Revoke {
-            key_id,
-            secret,
-            json,
-        } => {
-            match admin
-                .revoke(RevokeRequest {
-                    key_id,
-                    secret_id: secret.unwrap_or_default(),
-                })
-                .await
-            {
-                Ok(r) if json => print_json(&key_json(&r.into_inner())),
-                Ok(r) => {
-                    let k = r.into_inner();
-                    println!("revoked; effective for the next check");
-                    print_key(&k);
-                }
-                Err(s) => return Err(s.into()),
-            }
-        }
-        KeysCommand::Update {
-            key_id,
-            scopes,
-            routes,
-            bind,
-            policies,
-            json,
-        } => {
-            let request = UpdateKeyRequest {
-                key_id,
-                scopes: split(scopes),
-                routes: split(routes),
-                bound_identities: split(bind),
-                policies: split(policies),
-            };
-            match admin.update_key(request).await {
-                Ok(r) if json => print_json(&key_json(&r.into_inner())),
-                Ok(r) => print_key(&r.into_inner()),
-                Err(s) => return Err(s.into()),
-            }
-        }
+        KeysCommand::Create(args) => create_key(&mut admin, args).await?,
+        KeysCommand::List(args) => list_keys(&mut admin, args).await?,
+        KeysCommand::Show(args) => show_key(&mut admin, args).await?,
+        KeysCommand::Rotate(args) => rotate_key(&mut admin, args).await?,
+        KeysCommand::Revoke(args) => revoke_key(&mut admin, args).await?,
+        KeysCommand::Update(args) => update_key(&mut admin, args).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn create_key(admin: &mut AdminClient<Channel>, args: KeyCreateArgs) -> Result<(), Failure> {
+    let KeyCreateArgs {
+        owner,
+        id,
+        scopes,
+        policies,
+        routes,
+        bound_identities,
+        bearer,
+        json,
+    } = args;
+    let request = CreateKeyRequest {
+        key_id: id.unwrap_or_default(),
+        owner,
+        scopes,
+        policies,
+        routes,
+        bound_identities,
+        kind: if bearer {
+            KeyKind::Bearer
+        } else {
+            KeyKind::Hmac
+        } as i32,
+    };
+    let r = match admin.create_key(request).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(s.into()),
+    };
+    let key = r.key.unwrap_or_default();
+    if json {
+        print_json(&CreatedView {
+            key: KeyView::from(&key),
+            secret_id: &r.secret_id,
+            secret: &r.secret,
+            api_key: &r.api_key,
+        });
+    } else {
+        print_key(&key);
+        if bearer {
+            println!("\napi key (shown once, store it now): {}", r.api_key);
+        } else {
+            println!("\nsecret (shown once, store it now): {}", r.secret);
+        }
+    }
+    Ok(())
+}
+
+async fn list_keys(admin: &mut AdminClient<Channel>, args: KeyListArgs) -> Result<(), Failure> {
+    let KeyListArgs { owner, json } = args;
+    let mut token = String::new();
+    let mut all = Vec::new();
+    loop {
+        let request = ListKeysRequest {
+            page_size: 500,
+            page_token: token,
+            owner: owner.clone().unwrap_or_default(),
+        };
+        let page = match admin.list_keys(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(s.into()),
+        };
+        all.extend(page.keys);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if json {
+        print_json(&all.iter().map(key_json).collect::<Vec<_>>());
+    } else {
+        for k in &all {
+            let state = if k.revoked { "revoked" } else { "active" };
+            println!(
+                "{:<40} {:<8} {:<24} {}",
+                k.key_id,
+                state,
+                k.owner,
+                k.policies.join(",")
+            );
+        }
+        println!("{} keys", all.len());
+    }
+    Ok(())
+}
+
+async fn show_key(admin: &mut AdminClient<Channel>, args: KeyShowArgs) -> Result<(), Failure> {
+    let KeyShowArgs { key_id, json } = args;
+    match admin.get_key(GetKeyRequest { key_id }).await {
+        Ok(r) if json => print_json(&key_json(&r.into_inner())),
+        Ok(r) => print_key(&r.into_inner()),
+        Err(s) => return Err(s.into()),
+    };
+    Ok(())
+}
+
+async fn rotate_key(admin: &mut AdminClient<Channel>, args: KeyRotateArgs) -> Result<(), Failure> {
+    let KeyRotateArgs {
+        key_id,
+        grace,
+        json,
+    } = args;
+    let grace = match parse_duration("--grace", &grace) {
+        Ok(g) => g,
+        Err(e) => return Err(usage(e)),
+    };
+    let until = warden_client::signing::unix_now() + grace.as_secs() as i64;
+    let r = match admin
+        .add_secret(AddSecretRequest {
+            key_id,
+            old_valid_until: until.max(1),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(s.into()),
+    };
+    if json {
+        print_json(&RotatedView {
+            key_id: r.key.as_ref().map(|k| k.key_id.as_str()),
+            secret_id: &r.secret_id,
+            secret: &r.secret,
+            old_valid_until: until,
+        });
+    } else {
+        println!(
+            "new secret {} (shown once, store it now): {}",
+            r.secret_id, r.secret
+        );
+        println!("the previous secrets stay valid until {}", rfc3339(until));
+    }
+    Ok(())
+}
+
+async fn revoke_key(admin: &mut AdminClient<Channel>, args: KeyRevokeArgs) -> Result<(), Failure> {
+    let KeyRevokeArgs {
+        key_id,
+        secret,
+        json,
+    } = args;
+    match admin
+        .revoke(RevokeRequest {
+            key_id,
+            secret_id: secret.unwrap_or_default(),
+        })
+        .await
+    {
+        Ok(r) if json => print_json(&key_json(&r.into_inner())),
+        Ok(r) => {
+            let k = r.into_inner();
+            println!("revoked; effective for the next check");
+            print_key(&k);
+        }
+        Err(s) => return Err(s.into()),
+    }
+    Ok(())
+}
+
+async fn update_key(admin: &mut AdminClient<Channel>, args: KeyUpdateArgs) -> Result<(), Failure> {
+    let KeyUpdateArgs {
+        key_id,
+        scopes,
+        routes,
+        bind,
+        policies,
+        json,
+    } = args;
+    let request = UpdateKeyRequest {
+        key_id,
+        scopes: split(scopes),
+        routes: split(routes),
+        bound_identities: split(bind),
+        policies: split(policies),
+    };
+    match admin.update_key(request).await {
+        Ok(r) if json => print_json(&key_json(&r.into_inner())),
+        Ok(r) => print_key(&r.into_inner()),
+        Err(s) => return Err(s.into()),
+    }
+    Ok(())
 }
 
 fn policy_json(p: &PolicyInfo) -> PolicyView<'_> {
@@ -611,58 +661,71 @@ pub async fn policies(conn: &ConnArgs, command: PoliciesCommand) -> Result<ExitC
         Err(e) => return Err(runtime(e)),
     };
     match command {
-        PoliciesCommand::Put {
+        PoliciesCommand::Put(args) => put_policy(&mut admin, args).await?,
+        PoliciesCommand::List(args) => list_policies(&mut admin, args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn put_policy(admin: &mut AdminClient<Channel>, args: PolicyPutArgs) -> Result<(), Failure> {
+    let PolicyPutArgs {
+        name,
+        limit,
+        period,
+        algorithm,
+        burst,
+        json,
+    } = args;
+    match admin
+        .put_policy(PolicyInfo {
             name,
+            algorithm,
             limit,
             period,
-            algorithm,
             burst,
-            json,
-        } => {
-            match admin
-                .put_policy(PolicyInfo {
-                    name,
-                    algorithm,
-                    limit,
-                    period,
-                    burst,
-                })
-                .await
-            {
-                Ok(r) if json => print_json(&policy_json(&r.into_inner())),
-                Ok(r) => {
-                    let p = r.into_inner();
+        })
+        .await
+    {
+        Ok(r) if json => print_json(&policy_json(&r.into_inner())),
+        Ok(r) => {
+            let p = r.into_inner();
+            println!(
+                "policy {}: {} per {} ({})",
+                p.name, p.limit, p.period, p.algorithm
+            );
+        }
+        Err(s) => return Err(s.into()),
+    }
+    Ok(())
+}
+
+async fn list_policies(
+    admin: &mut AdminClient<Channel>,
+    args: PolicyListArgs,
+) -> Result<(), Failure> {
+    let PolicyListArgs { json } = args;
+    match admin.list_policies(ListPoliciesRequest {}).await {
+        Ok(r) => {
+            let list = r.into_inner().policies;
+            if json {
+                print_json(&list.iter().map(policy_json).collect::<Vec<_>>());
+            } else {
+                for p in &list {
+                    let burst = if p.burst > 0 {
+                        format!(", burst {}", p.burst)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "policy {}: {} per {} ({})",
+                        "{:<24} {} per {} ({}{burst})",
                         p.name, p.limit, p.period, p.algorithm
                     );
                 }
-                Err(s) => return Err(s.into()),
             }
         }
-        PoliciesCommand::List { json } => match admin.list_policies(ListPoliciesRequest {}).await {
-            Ok(r) => {
-                let list = r.into_inner().policies;
-                if json {
-                    print_json(&list.iter().map(policy_json).collect::<Vec<_>>());
-                } else {
-                    for p in &list {
-                        let burst = if p.burst > 0 {
-                            format!(", burst {}", p.burst)
-                        } else {
-                            String::new()
-                        };
-                        println!(
-                            "{:<24} {} per {} ({}{burst})",
-                            p.name, p.limit, p.period, p.algorithm
-                        );
-                    }
-                }
-            }
-            Err(s) => return Err(s.into()),
-        },
-    }
-    Ok(ExitCode::SUCCESS)
+        Err(s) => return Err(s.into()),
+    };
+    Ok(())
 }
 
 /// Every audit record the server has, oldest first.
