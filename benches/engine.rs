@@ -12,7 +12,7 @@ use warden::auth::Authz;
 use warden::check::{CallerIdentity, Checker};
 use warden::config::CheckSettings;
 use warden::engine::{
-    Clock, Engine, FakeClock, Gcra, Limit, Request, SystemClock, Window, WindowKind,
+    Clock, Engine, FakeClock, Gcra, Limit, Nanos, Request, SystemClock, Window, WindowKind,
 };
 use warden::keys::KeyRing;
 use warden::model::{KeyConfig, Policy, Secret};
@@ -20,7 +20,7 @@ use warden::signing::verify;
 use warden_client::proto::LimitRequest;
 use warden_client::signing::{Signer, hmac_sha256};
 
-const SEC: u64 = 1_000_000_000;
+const SEC: Nanos = Nanos::from_secs(1);
 
 fn engine(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
@@ -37,10 +37,10 @@ fn engine(c: &mut Criterion) {
         ("fixed_window", fixed),
     ] {
         let limits = [(engine.key(b"key-1", &[name.as_bytes()]), limit)];
-        let mut now = 0u64;
+        let mut now = Nanos::ZERO;
         group.bench_function(BenchmarkId::new("decide", name), |b| {
             b.iter(|| {
-                now += 1_000;
+                now += Nanos::new(1_000);
                 black_box(engine.decide(
                     now,
                     &Request {
@@ -59,9 +59,9 @@ fn engine(c: &mut Criterion) {
             n += 1;
             let key = engine.key(b"key-1", &[b"nonce", &n.to_le_bytes()]);
             black_box(engine.decide(
-                n,
+                Nanos::new(n),
                 &Request {
-                    nonce: Some((key, n + 300 * SEC)),
+                    nonce: Some((key, Nanos::new(n) + 300 * SEC)),
                     limits: &[],
                     cost: 1,
                     commit: true,
@@ -128,7 +128,7 @@ fn contention(c: &mut Criterion) {
                             let limits = [(engine.key(&owner, &[b"gcra"]), gcra)];
                             for i in 0..iters / 2 {
                                 black_box(engine.decide(
-                                    i,
+                                    Nanos::new(i),
                                     &Request {
                                         nonce: None,
                                         limits: &limits,
@@ -206,7 +206,7 @@ fn full_check(c: &mut Criterion) {
     clock.advance(Duration::from_secs(
         CheckSettings::default().future_skew.as_secs() + 2,
     ));
-    let ts = (clock.now() / 1_000_000_000) as i64;
+    let ts = clock.now().whole_secs() as i64;
     let signer = Signer::new("bench", secret);
     let body = vec![b'x'; 1024];
     let caller = CallerIdentity::default();

@@ -827,10 +827,10 @@ fn rss_bytes() -> u64 {
 }
 
 async fn run_memory(args: MemoryArgs) -> Result<(), String> {
-    use warden::engine::{Engine, Gcra, Limit, Request};
+    use warden::engine::{Engine, Gcra, Limit, Nanos, Request};
     let engine = Engine::new(64, args.nonces as usize + 1);
-    let gcra = Limit::Gcra(Gcra::new(100, 60_000_000_000, 100));
-    let now = 1_000_000_000_000u64;
+    let gcra = Limit::Gcra(Gcra::new(100, Nanos::from_secs(60), 100));
+    let now = Nanos::from_secs(1_000);
     let base = rss_bytes();
     for i in 0..args.keys {
         let key = engine.key(&i.to_le_bytes(), &[b"policy", b"standard"]);
@@ -850,7 +850,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         engine.decide(
             now,
             &Request {
-                nonce: Some((key, now + 300_000_000_000)),
+                nonce: Some((key, now + Nanos::from_secs(300))),
                 limits: &[],
                 cost: 1,
                 commit: true,

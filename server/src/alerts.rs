@@ -106,7 +106,7 @@ impl std::fmt::Debug for Alerts {
 impl Alerts {
     pub fn new(settings: AlertSettings, clock: Arc<dyn Clock>) -> Self {
         Self {
-            window: duration_nanos(settings.window).max(1),
+            window: duration_nanos(settings.window).max(Nanos::new(1)),
             settings,
             clock,
             max_subjects: MAX_SUBJECTS,
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn a_flood_raises_one_alert_per_subject_and_window() {
-        let clock = Arc::new(FakeClock::new(0));
+        let clock = Arc::new(FakeClock::new(Nanos::ZERO));
         let a = alerts(clock.clone());
         let mut raised = Vec::new();
         for _ in 0..100 {
@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn kinds_and_subjects_are_counted_apart() {
-        let a = alerts(Arc::new(FakeClock::new(0)));
+        let a = alerts(Arc::new(FakeClock::new(Nanos::ZERO)));
         for i in 0..2 {
             assert!(
                 a.record(Kind::BadSignature, Some("k1"), &format!("caller-{i}"))
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn sweeping_forgets_past_windows() {
-        let clock = Arc::new(FakeClock::new(0));
+        let clock = Arc::new(FakeClock::new(Nanos::ZERO));
         let a = alerts(clock.clone());
         a.record(Kind::Replay, Some("k"), "c");
         clock.advance(Duration::from_secs(61));
@@ -274,7 +274,7 @@ mod tests {
     /// that real key-level alerts stopped being raised.
     #[test]
     fn a_spray_of_junk_subjects_does_not_silence_a_real_alert() {
-        let clock = Arc::new(FakeClock::new(0));
+        let clock = Arc::new(FakeClock::new(Nanos::ZERO));
         let mut a = alerts(clock.clone());
         a.max_subjects = 1000;
         let mut raised = Vec::new();

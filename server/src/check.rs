@@ -17,7 +17,7 @@ use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
 
 use crate::auth::{Authz, Grant, Role};
 use crate::config::CheckSettings;
-use crate::engine::clock::{NANOS_PER_SEC, ceil_millis, duration_nanos};
+use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
     Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey,
 };
@@ -367,7 +367,7 @@ impl Checker {
             return Err(locked_out(wait));
         }
 
-        let now_secs = i64::try_from(now / NANOS_PER_SEC).unwrap_or(i64::MAX);
+        let now_secs = i64::try_from(now.whole_secs()).unwrap_or(i64::MAX);
         let key = match &valid.credential {
             // Unknown, revoked and badly signed all look the same, and take
             // the same time (a decoy secret for unknown keys).
@@ -516,7 +516,7 @@ impl Checker {
                     let denied = verdicts.iter().filter(|v| !v.allowed);
                     match denied.map(|v| v.retry_after).collect::<Option<Vec<_>>>() {
                         Some(waits) => {
-                            let wait = waits.into_iter().max().unwrap_or(0);
+                            let wait = waits.into_iter().max().unwrap_or(Nanos::ZERO);
                             deny_with_retry(Reason::RateLimited, wait, "rate limit exceeded")
                         }
                         None => deny(
@@ -734,10 +734,9 @@ fn deny(reason: Reason, message: impl Into<String>) -> CheckResponse {
 fn deny_with_retry(reason: Reason, wait: Nanos, message: &str) -> CheckResponse {
     let mut response = deny(reason, message);
     response.retry_after_ms = ceil_millis(wait);
-    response.headers.insert(
-        "Retry-After".to_owned(),
-        wait.div_ceil(NANOS_PER_SEC).to_string(),
-    );
+    response
+        .headers
+        .insert("Retry-After".to_owned(), wait.ceil_secs().to_string());
     response
 }
 
@@ -780,7 +779,7 @@ fn rate_limit_headers(
                 "\"{}\";r={};t={}",
                 public(name),
                 v.remaining,
-                v.reset_after.div_ceil(NANOS_PER_SEC)
+                v.reset_after.ceil_secs()
             )
         })
         .collect::<Vec<_>>()

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use crate::engine::clock::{NANOS_PER_SEC, Nanos};
+use crate::engine::clock::Nanos;
 
 /// The first whole second a request may be signed in, for a process or an
 /// owner that started answering at a given moment.
@@ -34,7 +34,7 @@ impl Fence {
     /// accepted before: above every timestamp a predecessor, stopped no later
     /// than `start`, could have accepted with `future_skew`.
     pub fn after(start: Nanos, future_skew: Duration) -> Self {
-        let start_secs = i64::try_from(start / NANOS_PER_SEC).unwrap_or(i64::MAX);
+        let start_secs = i64::try_from(start.whole_secs()).unwrap_or(i64::MAX);
         let ahead = i64::try_from(future_skew.as_secs()).unwrap_or(i64::MAX);
         Self {
             first_second: start_secs.saturating_add(ahead).saturating_add(1),
@@ -48,9 +48,7 @@ impl Fence {
 
     /// The moment a client with a correct clock is served again.
     pub fn opens_at(self) -> Nanos {
-        u64::try_from(self.first_second)
-            .unwrap_or(0)
-            .saturating_mul(NANOS_PER_SEC)
+        Nanos::from_secs(u64::try_from(self.first_second).unwrap_or(0))
     }
 }
 
@@ -107,7 +105,7 @@ impl Freshness {
         if timestamp < self.fence.first_second {
             return Err(Stale::BeforeFence);
         }
-        let now_secs = i128::from(now / NANOS_PER_SEC);
+        let now_secs = i128::from(now.whole_secs());
         let t = i128::from(timestamp);
         if t < now_secs - i128::from(self.past_skew) {
             return Err(Stale::TooOld);
@@ -121,10 +119,11 @@ impl Freshness {
     /// When the replay key of a request signed at `timestamp` may be
     /// forgotten: the first moment [`Self::judge`] refuses it as too old.
     pub fn forget_at(&self, timestamp: i64) -> Nanos {
-        u64::try_from(timestamp)
-            .unwrap_or(0)
-            .saturating_add(self.past_skew + 1)
-            .saturating_mul(NANOS_PER_SEC)
+        Nanos::from_secs(
+            u64::try_from(timestamp)
+                .unwrap_or(0)
+                .saturating_add(self.past_skew + 1),
+        )
     }
 }
 
@@ -133,7 +132,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const S: u64 = NANOS_PER_SEC;
+    const S: Nanos = Nanos::from_secs(1);
 
     fn rule(start: Nanos) -> Freshness {
         Freshness::starting_at(start, Duration::from_secs(300), Duration::from_secs(5))
@@ -163,10 +162,10 @@ mod tests {
 
     #[test]
     fn a_nonce_is_kept_exactly_as_long_as_its_timestamp_is_fresh() {
-        let f = rule(0);
+        let f = rule(Nanos::ZERO);
         let t = 5000;
         let forget = f.forget_at(t);
-        assert_eq!(f.judge(t, forget - 1), Ok(()));
+        assert_eq!(f.judge(t, forget - Nanos::new(1)), Ok(()));
         assert_eq!(f.judge(t, forget), Err(Stale::TooOld));
     }
 
@@ -187,7 +186,7 @@ mod tests {
             let start = start * S;
             // The predecessor started long before and stopped no later than us.
             let stopped = start - stopped_before * S / 3;
-            let pred = Freshness::starting_at(0, past, future);
+            let pred = Freshness::starting_at(Nanos::ZERO, past, future);
             let accepted_at = stopped.saturating_sub(accepted_at_offset * S / 7);
             let ts = (accepted_at / S) as i64 + ts_offset;
             prop_assume!(pred.judge(ts, accepted_at).is_ok());

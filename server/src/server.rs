@@ -273,7 +273,7 @@ impl Bound {
             let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
             background.spawn(async move {
                 let wait = fence.opens_at().saturating_sub(clock.now());
-                tokio::time::sleep(Duration::from_nanos(wait)).await;
+                tokio::time::sleep(Duration::from(wait)).await;
                 health.set(true).await;
             })
         };

@@ -16,7 +16,7 @@ use crate::model::{Pattern, Route, Secret};
 /// A named change to a request, for table-driven tests.
 type Mutation = (&'static str, fn(&mut CheckRequest));
 
-const SEC: u64 = 1_000_000_000;
+const SEC: Nanos = Nanos::from_secs(1);
 const SECRET: &str = "pipeline-test-secret-0123456789abcdef";
 /// The server starts half a second into this second; with the default 5 s
 /// future skew the fence is START + 6.
@@ -260,7 +260,7 @@ fn a_replay_is_refused_until_the_request_is_stale_so_it_never_passes() {
     let ts = req.timestamp;
     assert_eq!(reason(&f.check(&req)), Reason::Ok);
     // Up to the last nanosecond of freshness the nonce is remembered...
-    f.clock.set((ts as u64 + 300 + 1) * SEC - 1);
+    f.clock.set((ts as u64 + 300 + 1) * SEC - Nanos::new(1));
     assert_eq!(reason(&f.check(&req)), Reason::Replay);
     // ...and from the moment it is forgotten the request is stale.
     f.clock.set((ts as u64 + 300 + 1) * SEC);

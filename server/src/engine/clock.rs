@@ -4,12 +4,140 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Nanoseconds since the Unix epoch. Wall-clock time, because request
-/// timestamps and nonce lifetimes are wall-clock too.
-pub type Nanos = u64;
+use std::ops::{Add, AddAssign, Div, Mul, Rem, Sub};
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 pub const NANOS_PER_MILLI: u64 = 1_000_000;
+
+/// Nanoseconds: a moment on the wall clock (since the Unix epoch; wall-clock
+/// because request timestamps and nonce lifetimes are), or a span between
+/// two. One type for both, as governor's `Nanos`: what it keeps apart is
+/// time from the counts, tokens and seconds that every limit also handles
+/// as plain integers. `Nanos / Nanos` is a plain ratio (`u64`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Nanos(u64);
+
+impl Nanos {
+    pub const ZERO: Nanos = Nanos(0);
+    pub const MAX: Nanos = Nanos(u64::MAX);
+
+    pub const fn new(nanos: u64) -> Self {
+        Nanos(nanos)
+    }
+
+    pub const fn from_secs(secs: u64) -> Self {
+        Nanos(secs.saturating_mul(NANOS_PER_SEC))
+    }
+
+    pub const fn from_millis(millis: u64) -> Self {
+        Nanos(millis.saturating_mul(NANOS_PER_MILLI))
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The whole seconds, rounded down (a moment's second).
+    pub const fn whole_secs(self) -> u64 {
+        self.0 / NANOS_PER_SEC
+    }
+
+    /// Seconds rounded up, so a client told to wait never retries early.
+    pub const fn ceil_secs(self) -> u64 {
+        self.0.div_ceil(NANOS_PER_SEC)
+    }
+
+    /// Milliseconds rounded up, for the same reason.
+    pub const fn ceil_millis(self) -> u64 {
+        self.0.div_ceil(NANOS_PER_MILLI)
+    }
+
+    pub const fn saturating_add(self, other: Nanos) -> Nanos {
+        Nanos(self.0.saturating_add(other.0))
+    }
+
+    pub const fn saturating_sub(self, other: Nanos) -> Nanos {
+        Nanos(self.0.saturating_sub(other.0))
+    }
+
+    pub const fn saturating_mul(self, times: u64) -> Nanos {
+        Nanos(self.0.saturating_mul(times))
+    }
+
+    /// One `n`-th, rounded up (an interval that never exceeds a rate).
+    pub const fn div_ceil(self, n: u64) -> Nanos {
+        Nanos(self.0.div_ceil(n))
+    }
+}
+
+impl From<Duration> for Nanos {
+    /// Saturating at `u64::MAX` nanoseconds (584 years).
+    fn from(d: Duration) -> Self {
+        Nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl From<Nanos> for Duration {
+    fn from(n: Nanos) -> Self {
+        Duration::from_nanos(n.0)
+    }
+}
+
+impl Add for Nanos {
+    type Output = Nanos;
+    fn add(self, other: Nanos) -> Nanos {
+        Nanos(self.0 + other.0)
+    }
+}
+
+impl AddAssign for Nanos {
+    fn add_assign(&mut self, other: Nanos) {
+        self.0 += other.0;
+    }
+}
+
+impl Sub for Nanos {
+    type Output = Nanos;
+    fn sub(self, other: Nanos) -> Nanos {
+        Nanos(self.0 - other.0)
+    }
+}
+
+impl Mul<u64> for Nanos {
+    type Output = Nanos;
+    fn mul(self, times: u64) -> Nanos {
+        Nanos(self.0 * times)
+    }
+}
+
+impl Mul<Nanos> for u64 {
+    type Output = Nanos;
+    fn mul(self, n: Nanos) -> Nanos {
+        Nanos(self * n.0)
+    }
+}
+
+impl Div<u64> for Nanos {
+    type Output = Nanos;
+    fn div(self, n: u64) -> Nanos {
+        Nanos(self.0 / n)
+    }
+}
+
+impl Div for Nanos {
+    /// How many `other` fit in `self`.
+    type Output = u64;
+    fn div(self, other: Nanos) -> u64 {
+        self.0 / other.0
+    }
+}
+
+impl Rem for Nanos {
+    type Output = Nanos;
+    fn rem(self, other: Nanos) -> Nanos {
+        Nanos(self.0 % other.0)
+    }
+}
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + 'static {
@@ -24,8 +152,8 @@ impl Clock for SystemClock {
     fn now(&self) -> Nanos {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
+            .map(Nanos::from)
+            .unwrap_or(Nanos::ZERO)
     }
 }
 
@@ -35,21 +163,21 @@ pub struct FakeClock(AtomicU64);
 
 impl FakeClock {
     pub fn new(start: Nanos) -> Self {
-        Self(AtomicU64::new(start))
+        Self(AtomicU64::new(start.get()))
     }
 
     pub fn advance(&self, by: Duration) {
-        self.0.fetch_add(duration_nanos(by), Ordering::SeqCst);
+        self.0.fetch_add(duration_nanos(by).get(), Ordering::SeqCst);
     }
 
     pub fn set(&self, to: Nanos) {
-        self.0.store(to, Ordering::SeqCst);
+        self.0.store(to.get(), Ordering::SeqCst);
     }
 }
 
 impl Clock for FakeClock {
     fn now(&self) -> Nanos {
-        self.0.load(Ordering::SeqCst)
+        Nanos::new(self.0.load(Ordering::SeqCst))
     }
 }
 
@@ -61,11 +189,11 @@ impl<C: Clock> Clock for std::sync::Arc<C> {
 
 /// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
 pub fn duration_nanos(d: Duration) -> Nanos {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    Nanos::from(d)
 }
 
 /// Nanoseconds rounded up to whole milliseconds, so a client that waits
 /// `retry_after_ms` never retries a moment too early.
 pub fn ceil_millis(nanos: Nanos) -> u64 {
-    nanos.div_ceil(NANOS_PER_MILLI)
+    nanos.ceil_millis()
 }

@@ -13,10 +13,10 @@ use super::clock::Nanos;
 /// The parameters of one GCRA limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gcra {
-    /// Nanoseconds to refill one token.
-    interval: u64,
+    /// Time to refill one token.
+    interval: Nanos,
     /// `burst * interval`: how far ahead of now the TAT may run.
-    tolerance: u64,
+    tolerance: Nanos,
     limit: u64,
     burst: u64,
 }
@@ -42,10 +42,10 @@ impl Gcra {
     /// All three must be positive; callers validate policies before this.
     pub fn new(limit: u64, period: Nanos, burst: u64) -> Self {
         assert!(
-            limit > 0 && period > 0 && burst > 0,
+            limit > 0 && period > Nanos::ZERO && burst > 0,
             "GCRA parameters must be positive"
         );
-        let interval = period.div_ceil(limit).max(1);
+        let interval = period.div_ceil(limit).max(Nanos::new(1));
         Self {
             interval,
             tolerance: interval.saturating_mul(burst),
@@ -103,19 +103,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const SEC: u64 = 1_000_000_000;
+    const SEC: Nanos = Nanos::from_secs(1);
 
     #[test]
     fn a_full_bucket_allows_exactly_burst_requests_at_once() {
         let g = Gcra::new(10, SEC, 3);
         let mut tat = None;
         for expected_remaining in [2, 1, 0] {
-            let v = g.decide(tat, 0, 1);
+            let v = g.decide(tat, Nanos::ZERO, 1);
             assert!(v.allowed);
             assert_eq!(v.remaining, expected_remaining);
             tat = Some(v.next);
         }
-        let v = g.decide(tat, 0, 1);
+        let v = g.decide(tat, Nanos::ZERO, 1);
         assert!(!v.allowed);
         assert_eq!(v.retry_after, Some(SEC / 10));
     }
@@ -125,19 +125,22 @@ mod tests {
         let g = Gcra::new(100, 60 * SEC, 100);
         let mut tat = None;
         for _ in 0..100 {
-            tat = Some(g.decide(tat, 5, 1).next);
+            tat = Some(g.decide(tat, Nanos::new(5), 1).next);
         }
-        let denied = g.decide(tat, 5, 1);
+        let denied = g.decide(tat, Nanos::new(5), 1);
         let wait = denied.retry_after.unwrap();
-        assert_eq!(wait, 600_000_000);
-        assert!(!g.decide(tat, 5 + wait - 1, 1).allowed);
-        assert!(g.decide(tat, 5 + wait, 1).allowed);
+        assert_eq!(wait, Nanos::new(600_000_000));
+        assert!(
+            !g.decide(tat, Nanos::new(5) + wait - Nanos::new(1), 1)
+                .allowed
+        );
+        assert!(g.decide(tat, Nanos::new(5) + wait, 1).allowed);
     }
 
     #[test]
     fn a_cost_above_the_burst_never_fits() {
         let g = Gcra::new(10, SEC, 5);
-        let v = g.decide(None, 0, 6);
+        let v = g.decide(None, Nanos::ZERO, 6);
         assert!(!v.allowed);
         assert_eq!(v.retry_after, None);
         assert_eq!(v.remaining, 5);
@@ -146,7 +149,7 @@ mod tests {
     #[test]
     fn the_interval_rounds_up_so_the_rate_never_exceeds_the_policy() {
         let g = Gcra::new(3, SEC, 1);
-        assert_eq!(g.interval(), 333_333_334);
+        assert_eq!(g.interval(), Nanos::new(333_333_334));
     }
 
     /// The reference model: a bucket holding `level` nanoseconds of credit,
@@ -181,25 +184,25 @@ mod tests {
             burst in 1u64..20,
             steps in proptest::collection::vec((0u64..2_000_000_000, 1u64..25), 1..200),
         ) {
-            let g = Gcra::new(limit, period_ms * 1_000_000, burst);
-            let mut model = ModelBucket { level: g.tolerance, capacity: g.tolerance, interval: g.interval(), last: 0 };
-            let mut tat: Option<u64> = None;
-            let mut now = 0u64;
+            let g = Gcra::new(limit, Nanos::from_millis(period_ms), burst);
+            let mut model = ModelBucket { level: g.tolerance.get(), capacity: g.tolerance.get(), interval: g.interval().get(), last: 0 };
+            let mut tat: Option<Nanos> = None;
+            let mut now = Nanos::ZERO;
             for (step, cost) in steps {
-                now += step;
+                now += Nanos::new(step);
                 // Evicting idle state must not change any decision.
                 if tat.is_some_and(|t| Gcra::is_idle(t, now)) {
                     tat = None;
                 }
                 let v = g.decide(tat, now, cost);
-                prop_assert_eq!(v.allowed, model.take(now, cost));
+                prop_assert_eq!(v.allowed, model.take(now.get(), cost));
                 if v.allowed {
                     tat = Some(v.next);
-                    prop_assert_eq!(v.remaining, model.level / g.interval());
+                    prop_assert_eq!(v.remaining, model.level / g.interval().get());
                 } else if let Some(wait) = v.retry_after {
                     // Waiting exactly retry_after makes it fit, one ns less does not.
                     prop_assert!(g.decide(tat, now + wait, cost).allowed);
-                    prop_assert!(wait == 0 || !g.decide(tat, now + wait - 1, cost).allowed);
+                    prop_assert!(wait == Nanos::ZERO || !g.decide(tat, now + wait - Nanos::new(1), cost).allowed);
                 }
             }
         }

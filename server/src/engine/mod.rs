@@ -165,7 +165,7 @@ impl Shard {
 }
 
 /// Minimum time between two sweeps of one shard under nonce pressure.
-const PRESSURE_SWEEP_EVERY: Nanos = 100_000_000;
+const PRESSURE_SWEEP_EVERY: Nanos = Nanos::from_millis(100);
 /// Making room in a full pool: entries looked at, at most, and candidates
 /// compared. Bounded so a full pool costs a new entry microseconds, not a
 /// scan of the shard.
@@ -202,7 +202,7 @@ impl Engine {
                     buckets: IdMap::default(),
                     windows: IdMap::default(),
                     nonces: NonceSet::new(),
-                    last_pressure_sweep: 0,
+                    last_pressure_sweep: Nanos::ZERO,
                 })
             })
             .collect();

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use super::clock::{NANOS_PER_SEC, Nanos};
+use super::clock::Nanos;
 
 fn nanos(secs: u32) -> Nanos {
-    u64::from(secs) * NANOS_PER_SEC
+    Nanos::from_secs(u64::from(secs))
 }
 use super::{IdMap, StateKey};
 
@@ -49,7 +49,7 @@ impl NonceSet {
     /// answered `Fresh` under the same lock. Returns whether the set grew
     /// (false when an expired entry was replaced).
     pub fn insert(&mut self, key: StateKey, forget_at: Nanos) -> bool {
-        let secs = u32::try_from(forget_at.div_ceil(NANOS_PER_SEC)).unwrap_or(u32::MAX);
+        let secs = u32::try_from(forget_at.ceil_secs()).unwrap_or(u32::MAX);
         self.entries.insert(key.id, secs).is_none()
     }
 
@@ -82,17 +82,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const SEC: Nanos = Nanos::from_secs(1);
+
     fn key(id: u64) -> StateKey {
         StateKey { id, shard: 0 }
     }
 
     #[test]
     fn a_nonce_is_remembered_until_its_forget_time_and_not_after() {
-        const S: u64 = NANOS_PER_SEC;
+        const S: Nanos = Nanos::from_secs(1);
         let mut set = NonceSet::new();
-        assert_eq!(set.probe(key(1), 0), Claim::Fresh);
+        assert_eq!(set.probe(key(1), Nanos::ZERO), Claim::Fresh);
         assert!(set.insert(key(1), 100 * S));
-        assert_eq!(set.probe(key(1), 100 * S - 1), Claim::Seen);
+        assert_eq!(set.probe(key(1), 100 * S - Nanos::new(1)), Claim::Seen);
         assert_eq!(set.probe(key(1), 100 * S), Claim::Fresh);
         assert!(
             !set.insert(key(1), 200 * S),
@@ -105,9 +107,9 @@ mod tests {
     #[test]
     fn a_forget_time_between_seconds_is_rounded_up_never_down() {
         let mut set = NonceSet::new();
-        set.insert(key(7), 10 * NANOS_PER_SEC + 1);
-        assert_eq!(set.probe(key(7), 10 * NANOS_PER_SEC + 1), Claim::Seen);
-        assert_eq!(set.probe(key(7), 11 * NANOS_PER_SEC), Claim::Fresh);
+        set.insert(key(7), 10 * SEC + Nanos::new(1));
+        assert_eq!(set.probe(key(7), 10 * SEC + Nanos::new(1)), Claim::Seen);
+        assert_eq!(set.probe(key(7), 11 * SEC), Claim::Fresh);
     }
 
     proptest! {
@@ -118,11 +120,11 @@ mod tests {
             // The model keeps every insert forever and asks "is there one
             // whose forget time is still ahead?"; sweeps must not change answers.
             let mut set = NonceSet::new();
-            let mut model: Vec<(u64, u64)> = Vec::new();
-            let mut now = 0u64;
+            let mut model: Vec<(u64, Nanos)> = Vec::new();
+            let mut now = Nanos::ZERO;
             for (id, step, ttl, sweep) in ops {
                 // Whole seconds, as the engine stores them.
-                now += step * NANOS_PER_SEC;
+                now += step * SEC;
                 if sweep {
                     set.sweep(now);
                 }
@@ -130,8 +132,8 @@ mod tests {
                 let claim = set.probe(key(id), now);
                 prop_assert_eq!(claim == Claim::Seen, seen);
                 if claim == Claim::Fresh {
-                    set.insert(key(id), now + ttl * NANOS_PER_SEC);
-                    model.push((id, now + ttl * NANOS_PER_SEC));
+                    set.insert(key(id), now + ttl * SEC);
+                    model.push((id, now + ttl * SEC));
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 
-const SEC: u64 = 1_000_000_000;
+const SEC: Nanos = Nanos::from_secs(1);
 
 fn gcra(limit: u64, burst: u64) -> Limit {
     Limit::Gcra(Gcra::new(limit, SEC, burst))
@@ -27,7 +27,7 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
         commit: true,
     };
     assert!(matches!(
-        engine.decide(0, &first),
+        engine.decide(Nanos::ZERO, &first),
         Outcome::Limited { allowed: true, .. }
     ));
 
@@ -41,7 +41,7 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
     let Outcome::Limited {
         allowed: false,
         limits,
-    } = engine.decide(0, &denied)
+    } = engine.decide(Nanos::ZERO, &denied)
     else {
         panic!("expected a denial");
     };
@@ -59,7 +59,7 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
     let Outcome::Limited {
         allowed: true,
         limits,
-    } = engine.decide(0, &probe)
+    } = engine.decide(Nanos::ZERO, &probe)
     else {
         panic!("nonce must not have been stored");
     };
@@ -79,7 +79,7 @@ fn a_dry_run_changes_nothing() {
     };
     for _ in 0..3 {
         assert!(matches!(
-            engine.decide(0, &dry),
+            engine.decide(Nanos::ZERO, &dry),
             Outcome::Limited { allowed: true, .. }
         ));
     }
@@ -97,10 +97,13 @@ fn a_replayed_nonce_is_refused_until_it_may_be_forgotten() {
         commit: true,
     };
     assert!(matches!(
-        engine.decide(0, &req),
+        engine.decide(Nanos::ZERO, &req),
         Outcome::Limited { allowed: true, .. }
     ));
-    assert_eq!(engine.decide(5 * SEC - 1, &req), Outcome::Replay);
+    assert_eq!(
+        engine.decide(5 * SEC - Nanos::new(1), &req),
+        Outcome::Replay
+    );
     engine.sweep(5 * SEC);
     assert_eq!(engine.occupancy().nonces, 0);
 }
@@ -126,7 +129,7 @@ fn concurrent_identical_requests_have_exactly_one_winner() {
                         commit: true,
                     };
                     if matches!(
-                        engine.decide(0, &req),
+                        engine.decide(Nanos::ZERO, &req),
                         Outcome::Limited { allowed: true, .. }
                     ) {
                         wins.fetch_add(1, Ordering::SeqCst);
@@ -159,7 +162,7 @@ fn requests_locking_shards_in_opposite_orders_do_not_deadlock() {
                     );
                     let limits = if t % 2 == 0 { [a, b] } else { [b, a] };
                     engine.decide(
-                        0,
+                        Nanos::ZERO,
                         &Request {
                             nonce: None,
                             limits: &limits,
@@ -187,7 +190,7 @@ fn memory_follows_active_keys_not_every_key_ever_seen() {
         ];
         let nonce = engine.key(&i.to_le_bytes(), &[b"n"]);
         engine.decide(
-            0,
+            Nanos::ZERO,
             &Request {
                 nonce: Some((nonce, SEC)),
                 limits: &limits,
@@ -230,7 +233,7 @@ fn a_full_nonce_set_refuses_new_nonces() {
             commit: true,
         };
         assert!(matches!(
-            engine.decide(0, &req),
+            engine.decide(Nanos::ZERO, &req),
             Outcome::Limited { allowed: true, .. }
         ));
     }
@@ -240,7 +243,7 @@ fn a_full_nonce_set_refuses_new_nonces() {
         cost: 1,
         commit: true,
     };
-    assert_eq!(engine.decide(0, &req), Outcome::NonceSetFull);
+    assert_eq!(engine.decide(Nanos::ZERO, &req), Outcome::NonceSetFull);
     assert!(matches!(
         engine.decide(SEC, &req),
         Outcome::Limited { allowed: true, .. }

@@ -40,7 +40,7 @@ impl Window {
     /// `u32::MAX` so that counts fit the compact state.
     pub fn new(kind: WindowKind, limit: u64, period: Nanos) -> Self {
         assert!(
-            limit > 0 && period > 0,
+            limit > 0 && period > Nanos::ZERO,
             "window parameters must be positive"
         );
         assert!(limit <= u64::from(u32::MAX), "window limit must fit in u32");
@@ -82,9 +82,9 @@ impl Window {
         cost: u64,
     ) -> LimitStep<WindowState> {
         let (index, prev, cur) = self.current(state, now);
-        let p = u128::from(self.period);
+        let p = u128::from(self.period.get());
         let elapsed = now - index * self.period;
-        let weighted_prev = u128::from(prev) * u128::from(self.period - elapsed);
+        let weighted_prev = u128::from(prev) * u128::from((self.period - elapsed).get());
         let budget = u128::from(self.limit) * p;
         let used = weighted_prev + u128::from(cur) * p;
         let allowed = used + u128::from(cost) * p <= budget;
@@ -98,13 +98,13 @@ impl Window {
         };
         let next = WindowState {
             index,
-            idle_at: (index + windows_to_idle).saturating_mul(self.period),
+            idle_at: self.period.saturating_mul(index + windows_to_idle),
             prev: u32::try_from(prev).unwrap_or(u32::MAX),
             cur: u32::try_from(cur_after).unwrap_or(u32::MAX),
         };
         let to_window_end = self.period - elapsed;
         let reset_after = match (self.kind, prev, cur_after) {
-            (_, 0, 0) => 0,
+            (_, 0, 0) => Nanos::ZERO,
             (WindowKind::Fixed, _, _) => to_window_end,
             (WindowKind::Sliding, _, 0) => to_window_end,
             (WindowKind::Sliding, _, _) => to_window_end + self.period,
@@ -126,7 +126,7 @@ impl Window {
         if cost > self.limit {
             return None;
         }
-        let p = u128::from(self.period);
+        let p = u128::from(self.period.get());
         let to_window_end = self.period - elapsed;
         match self.kind {
             WindowKind::Fixed => Some(to_window_end),
@@ -135,14 +135,14 @@ impl Window {
                 // prev * (period - e) <= (limit - cur - cost) * period.
                 let free = u128::from(self.limit - cur - cost) * p;
                 let e = p - free / u128::from(prev);
-                Some(u64::try_from(e).unwrap_or(u64::MAX) - elapsed)
+                Some(Nanos::new(u64::try_from(e).unwrap_or(u64::MAX)) - elapsed)
             }
             WindowKind::Sliding => {
                 // The current count itself is too high: in the next window it
                 // becomes the weighted previous count.
                 let free = u128::from(self.limit - cost) * p;
                 let e = p - free / u128::from(cur);
-                Some(to_window_end + u64::try_from(e).unwrap_or(u64::MAX))
+                Some(to_window_end + Nanos::new(u64::try_from(e).unwrap_or(u64::MAX)))
             }
         }
     }
@@ -157,21 +157,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const SEC: u64 = 1_000_000_000;
+    const SEC: Nanos = Nanos::from_secs(1);
 
     #[test]
     fn fixed_window_resets_at_the_boundary_exactly() {
         let w = Window::new(WindowKind::Fixed, 2, SEC);
         let mut s = None;
         for _ in 0..2 {
-            let v = w.decide(s, 100, 1);
+            let v = w.decide(s, Nanos::new(100), 1);
             assert!(v.allowed);
             s = Some(v.next);
         }
-        let v = w.decide(s, 100, 1);
+        let v = w.decide(s, Nanos::new(100), 1);
         assert!(!v.allowed);
-        assert_eq!(v.retry_after, Some(SEC - 100));
-        assert!(!w.decide(s, SEC - 1, 1).allowed);
+        assert_eq!(v.retry_after, Some(SEC - Nanos::new(100)));
+        assert!(!w.decide(s, SEC - Nanos::new(1), 1).allowed);
         assert!(w.decide(s, SEC, 1).allowed);
     }
 
@@ -180,7 +180,7 @@ mod tests {
         let w = Window::new(WindowKind::Sliding, 10, SEC);
         let mut s = None;
         for _ in 0..10 {
-            let v = w.decide(s, 0, 1);
+            let v = w.decide(s, Nanos::ZERO, 1);
             assert!(v.allowed);
             s = Some(v.next);
         }
@@ -195,13 +195,13 @@ mod tests {
         assert!(!v3.allowed);
         let wait = v3.retry_after.unwrap();
         assert!(w.decide(Some(v2.next), t + wait, 1).allowed);
-        assert!(!w.decide(Some(v2.next), t + wait - 1, 1).allowed);
+        assert!(!w.decide(Some(v2.next), t + wait - Nanos::new(1), 1).allowed);
     }
 
     #[test]
     fn a_cost_above_the_limit_never_fits() {
         for kind in [WindowKind::Fixed, WindowKind::Sliding] {
-            let v = Window::new(kind, 3, SEC).decide(None, 0, 4);
+            let v = Window::new(kind, 3, SEC).decide(None, Nanos::ZERO, 4);
             assert!(!v.allowed);
             assert_eq!(v.retry_after, None);
         }
@@ -247,23 +247,23 @@ mod tests {
         ) {
             let kind = if sliding { WindowKind::Sliding } else { WindowKind::Fixed };
             let period = period_ms * 1_000_000;
-            let w = Window::new(kind, limit, period);
+            let w = Window::new(kind, limit, Nanos::new(period));
             let mut state: Option<WindowState> = None;
             let mut log = Vec::new();
-            let mut now = 0u64;
+            let mut now = Nanos::ZERO;
             for (step, cost) in steps {
-                now += step;
+                now += Nanos::new(step);
                 if state.is_some_and(|s| Window::is_idle(&s, now)) {
                     state = None;
                 }
                 let v = w.decide(state, now, cost);
-                prop_assert_eq!(v.allowed, model_allows(kind, limit, period, &log, now, cost));
+                prop_assert_eq!(v.allowed, model_allows(kind, limit, period, &log, now.get(), cost));
                 if v.allowed {
                     state = Some(v.next);
-                    log.push((now, cost));
+                    log.push((now.get(), cost));
                 } else if let Some(wait) = v.retry_after {
-                    prop_assert!(model_allows(kind, limit, period, &log, now + wait, cost));
-                    prop_assert!(wait == 0 || !model_allows(kind, limit, period, &log, now + wait - 1, cost));
+                    prop_assert!(model_allows(kind, limit, period, &log, (now + wait).get(), cost));
+                    prop_assert!(wait == Nanos::ZERO || !model_allows(kind, limit, period, &log, (now + wait).get() - 1, cost));
                 }
             }
         }
