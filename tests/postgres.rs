@@ -11,36 +11,10 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use support::{ConfigDir, Server};
+use support::{ConfigDir, Server, fresh_database};
 use warden_client::proto::{CheckRequest, Reason};
 use warden_client::signing::Signer;
 use warden_client::{Client, Tls};
-
-/// A fresh database on the test server, or `None` when there is none.
-async fn fresh_database() -> Option<String> {
-    let Ok(base) = std::env::var("WARDEN_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "WARDEN_TEST_POSTGRES_URL must be set in CI (bash tests/run starts PostgreSQL)"
-        );
-        eprintln!("skipped: WARDEN_TEST_POSTGRES_URL is not set; run bash tests/run");
-        return None;
-    };
-    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test PostgreSQL");
-    tokio::spawn(conn);
-    let name = format!(
-        "warden_test_{}",
-        hex::encode(warden::crypto::random_bytes::<6>())
-    );
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    Some(format!("{prefix}/{name}"))
-}
 
 /// Config files for two nodes: same certificates, master key and database,
 /// each its own directory for the audit log.

@@ -12,9 +12,9 @@ use tonic::transport::Channel;
 use warden::model::parse_duration;
 use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::{
-    AddSecretRequest, AuditRecord, CreateKeyRequest, GetKeyRequest, KeyInfo, KeyKind,
-    ListAuditRequest, ListKeysRequest, ListPoliciesRequest, PolicyInfo, RevokeRequest, StringList,
-    UpdateKeyRequest, VerifyAuditRequest,
+    AddSecretRequest, AuditRecord, ClusterStatusRequest, CreateKeyRequest, GetKeyRequest, KeyInfo,
+    KeyKind, ListAuditRequest, ListKeysRequest, ListPoliciesRequest, PolicyInfo, RevokeRequest,
+    StringList, UpdateKeyRequest, VerifyAuditRequest,
 };
 use warden_client::{Tls, channel};
 
@@ -226,6 +226,15 @@ pub enum AuditCommand {
         /// <dev-dir>/master.key if it exists, else $WARDEN_MASTER_KEY).
         #[arg(long)]
         master_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Members, membership version, lease ages and keys owned.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -963,4 +972,70 @@ mod tests {
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339_ms(1_795_950_368_042), "2026-11-29T11:06:08.042Z");
     }
+}
+
+#[derive(Serialize)]
+struct MemberView<'a> {
+    node: &'a str,
+    advertise: &'a str,
+    lease_left_ms: u64,
+    joined_at_ms: i64,
+    keys_owned: u64,
+}
+
+#[derive(Serialize)]
+struct ClusterView<'a> {
+    node: &'a str,
+    version: u64,
+    coordinator_ok: bool,
+    members: Vec<MemberView<'a>>,
+}
+
+pub async fn cluster(conn: &ConnArgs, command: ClusterCommand) -> Result<ExitCode, Failure> {
+    let ClusterCommand::Status { json } = command;
+    let mut admin = AdminClient::new(conn.channel().await.map_err(runtime)?);
+    let status = admin
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    if json {
+        print_json(&ClusterView {
+            node: &status.node,
+            version: status.version,
+            coordinator_ok: status.coordinator_ok,
+            members: status
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    node: &m.node,
+                    advertise: &m.advertise,
+                    lease_left_ms: m.lease_left_ms,
+                    joined_at_ms: m.joined_at_ms,
+                    keys_owned: m.keys_owned,
+                })
+                .collect(),
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cluster as seen by {}: membership version {}, coordinator {}",
+        status.node,
+        status.version,
+        if status.coordinator_ok {
+            "reachable"
+        } else {
+            "UNREACHABLE (last membership seen)"
+        }
+    );
+    for m in &status.members {
+        println!(
+            "  {:<24} {:<24} lease {:>5} ms left  joined {}  owns {} keys",
+            m.node,
+            m.advertise,
+            m.lease_left_ms,
+            rfc3339_ms(m.joined_at_ms),
+            m.keys_owned
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -276,6 +276,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
             master_key: MasterKeySource::File(dir.join("master.key")),
             postgres_url: None,
         }),
+        cluster: None,
         policies,
         keys: vec![key],
         // The dev client certificate may do everything.

@@ -112,6 +112,11 @@ impl KeyAdmin {
         ))
     }
 
+    /// The ids of every key checks know now (config file and store).
+    pub fn key_ids(&self) -> Vec<String> {
+        self.checker.keys().key_ids().map(str::to_owned).collect()
+    }
+
     pub fn config_keys(&self) -> &[KeyConfig] {
         &self.config_keys
     }

@@ -197,6 +197,10 @@ impl KeyRing {
         self.policies.values()
     }
 
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }

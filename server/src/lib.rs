@@ -22,6 +22,7 @@ mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod check;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod crypto;

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use admin_cli::{AuditCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreCommand};
+use admin_cli::{
+    AuditCommand, ClusterCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreCommand,
+};
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
 use warden::dev;
@@ -62,6 +64,13 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// The cluster as a node sees it (admin API).
+    Cluster {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Offline operations on the key store.
     #[command(subcommand)]
@@ -149,6 +158,7 @@ fn main() -> ExitCode {
             Command::Keys { conn, command } => exit(admin_cli::keys(&conn, command).await),
             Command::Policies { conn, command } => exit(admin_cli::policies(&conn, command).await),
             Command::Audit { conn, command } => exit(admin_cli::audit(&conn, command).await),
+            Command::Cluster { conn, command } => exit(admin_cli::cluster(&conn, command).await),
             Command::Store(command) => exit(admin_cli::store(command).await),
         }
     })

@@ -28,6 +28,7 @@ use warden_client::proto::warden_server::WardenServer;
 use crate::alerts::Alerts;
 use crate::audit::AuditLog;
 use crate::check::Checker;
+use crate::cluster::Membership;
 use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::engine::{Clock, SystemClock};
@@ -104,6 +105,8 @@ pub struct App {
     audit: Option<Arc<AuditLog>>,
     checker: Arc<Checker>,
     alerts: Arc<Alerts>,
+    /// `Some` with `[cluster]`.
+    membership: Option<Arc<Membership>>,
 }
 
 impl App {
@@ -141,6 +144,20 @@ impl App {
             clock.clone(),
         ));
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
+        let membership = match (&config.cluster, &config.store) {
+            (Some(cluster), Some(store)) => store
+                .postgres_url
+                .clone()
+                .map(|url| Membership::new(cluster.clone(), url)),
+            _ => None,
+        };
+        if let Some(m) = &membership {
+            tracing::warn!(
+                event = "cluster_partial",
+                node = m.node(),
+                "cluster membership is on, but checks are not forwarded to owners yet: limits and nonces are per node (README, Running a cluster)"
+            );
+        }
         Ok(Self {
             config: config.clone(),
             clock,
@@ -150,6 +167,7 @@ impl App {
             audit,
             checker,
             alerts,
+            membership,
         })
     }
 }
@@ -267,25 +285,39 @@ impl Bound {
             app.clock.clone(),
             app.gate.clone(),
         ));
+        // The node's lease: kept until shutdown, then given up.
+        let (leave_tx, leave_rx) = oneshot::channel::<()>();
+        let membership_task = app
+            .membership
+            .clone()
+            .map(|m| tokio::spawn(m.run(leave_rx)));
         // Requests signed before the restart fence are STALE, so the server
-        // only reports SERVING once the fence second has begun.
+        // only reports SERVING once the fence second has begun (and, in a
+        // cluster, once it holds a lease).
         let starting = {
             let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
+            let membership = app.membership.clone();
             background.spawn(async move {
                 let wait = fence.opens_at().saturating_sub(clock.now());
                 tokio::time::sleep(Duration::from(wait)).await;
+                if let Some(m) = membership {
+                    m.joined().await;
+                }
                 health.set(true).await;
             })
         };
 
         let admin = AdminOnly::new(
-            AdminServer::new(AdminService::new(KeyAdmin::new(
-                app.checker.clone(),
-                app.store.clone(),
-                app.audit.clone(),
-                app.config.policies.clone(),
-                app.config.keys.clone(),
-            ))),
+            AdminServer::new(AdminService::new(
+                KeyAdmin::new(
+                    app.checker.clone(),
+                    app.store.clone(),
+                    app.audit.clone(),
+                    app.config.policies.clone(),
+                    app.config.keys.clone(),
+                ),
+                app.membership.clone(),
+            )),
             app.config.authz.clone(),
             app.audit.clone(),
         );
@@ -344,6 +376,10 @@ impl Bound {
             } => Err(ServeError::DrainTimeout),
         };
         background.shutdown().await;
+        if let Some(task) = membership_task {
+            let _ = leave_tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
         let _ = stop_metrics_tx.send(());
         if let (Some(audit), Some(writer)) = (&app.audit, audit_writer) {
             // Queued denial records are written before exit.

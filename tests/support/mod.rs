@@ -364,3 +364,29 @@ impl ConfigDir {
 
 /// A secret of the right length for config files.
 pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A fresh database on the test server, or `None` when there is none.
+pub async fn fresh_database() -> Option<String> {
+    let Ok(base) = std::env::var("WARDEN_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "WARDEN_TEST_POSTGRES_URL must be set in CI (bash tests/run starts PostgreSQL)"
+        );
+        eprintln!("skipped: WARDEN_TEST_POSTGRES_URL is not set; run bash tests/run");
+        return None;
+    };
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test PostgreSQL");
+    tokio::spawn(conn);
+    let name = format!(
+        "warden_test_{}",
+        hex::encode(warden::crypto::random_bytes::<6>())
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    Some(format!("{prefix}/{name}"))
+}

@@ -139,6 +139,8 @@ pub struct Config {
     pub alerts: AlertSettings,
     pub audit: AuditSettings,
     pub store: Option<StoreSettings>,
+    /// `None`: a single process, as without a cluster.
+    pub cluster: Option<ClusterSettings>,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
     pub authz: Authz,
@@ -175,6 +177,10 @@ impl Config {
             .store
             .map(|st| store_settings(st, base, env))
             .transpose()?;
+        let cluster = file
+            .cluster
+            .map(|c| cluster_settings(c, store.as_ref()))
+            .transpose()?;
         let policies = policies(file.policies)?;
         let names: HashSet<String> = policies.iter().map(|p| p.name.clone()).collect();
         let keys = keys(file.keys, &names, base, env)?;
@@ -187,6 +193,7 @@ impl Config {
             alerts: alert_settings(file.alerts)?,
             audit: audit_settings(file.audit)?,
             store,
+            cluster,
             policies,
             keys,
             authz,
@@ -255,6 +262,40 @@ fn store_settings(
         dir: base.join(st.dir),
         master_key,
         postgres_url,
+    })
+}
+
+fn cluster_settings(
+    c: ClusterFile,
+    store: Option<&StoreSettings>,
+) -> Result<ClusterSettings, Invalid> {
+    if store.is_none_or(|s| s.postgres_url.is_none()) {
+        return Err(bad(
+            "cluster",
+            "needs a shared store: [store] postgres_url (or postgres_url_env) is the coordinator",
+        ));
+    }
+    if !is_valid_key_id(&c.node) {
+        return Err(bad(
+            "cluster.node",
+            "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+        ));
+    }
+    let advertise_ok = c
+        .advertise
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !advertise_ok || c.advertise.len() > 255 {
+        return Err(bad("cluster.advertise", "must be host:port"));
+    }
+    let lease_ttl = c.lease_ttl.unwrap_or(Duration::from_secs(5));
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&lease_ttl) {
+        return Err(bad("cluster.lease_ttl", "must be between 1s and 60s"));
+    }
+    Ok(ClusterSettings {
+        node: c.node,
+        advertise: c.advertise,
+        lease_ttl,
     })
 }
 

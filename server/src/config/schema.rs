@@ -30,6 +30,9 @@ pub struct File {
     pub audit: AuditFile,
     /// The key store; without it the admin API is unavailable.
     pub store: Option<StoreFile>,
+    /// Membership of a cluster of warden processes (needs a PostgreSQL
+    /// store, which is the coordinator).
+    pub cluster: Option<ClusterFile>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
     #[serde(default)]
@@ -154,6 +157,20 @@ pub struct ServerFile {
     /// After that: how long in-flight calls may take to finish. Default "30s".
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// This node's name, unique in the cluster, e.g. the pod name.
+    pub node: String,
+    /// The address other nodes reach this one on (host:port of its gRPC
+    /// listener).
+    pub advertise: String,
+    /// How long a node's lease lasts without renewal (renewed five times per
+    /// lease). Default "5s".
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -63,6 +63,14 @@ impl Default for CheckSettings {
     }
 }
 
+/// This node's place in a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub node: String,
+    pub advertise: String,
+    pub lease_ttl: Duration,
+}
+
 /// Limits and lifecycle of the server process.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {

@@ -12,15 +12,17 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use warden_client::proto::admin_server::Admin;
 use warden_client::proto::{
-    AddSecretRequest, AddSecretResponse, AuditRecord, CreateKeyRequest, CreateKeyResponse,
-    GetKeyRequest, KeyInfo, KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse,
-    ListKeysRequest, ListKeysResponse, ListPoliciesRequest, ListPoliciesResponse, PolicyInfo,
-    RevokeRequest, SecretInfo, UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
+    AddSecretRequest, AddSecretResponse, AuditRecord, ClusterMember, ClusterStatusRequest,
+    ClusterStatusResponse, CreateKeyRequest, CreateKeyResponse, GetKeyRequest, KeyInfo,
+    KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse, ListKeysRequest, ListKeysResponse,
+    ListPoliciesRequest, ListPoliciesResponse, PolicyInfo, RevokeRequest, SecretInfo,
+    UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
 };
 
 use crate::audit::{AuditLog, Event};
 use crate::auth::{Authz, Role};
 use crate::check::CallerIdentity;
+use crate::cluster::Membership;
 use crate::conn::PeerInfo;
 use crate::engine::Limit;
 use crate::key_admin::{AdminError, Credential, KeyAdmin, NewKey};
@@ -131,15 +133,17 @@ where
     }
 }
 
-/// Translates the admin API to [`KeyAdmin`] and the audit log.
+/// Translates the admin API to [`KeyAdmin`], the audit log and the cluster
+/// membership.
 #[derive(Debug)]
 pub struct AdminService {
     keys: KeyAdmin,
+    membership: Option<Arc<Membership>>,
 }
 
 impl AdminService {
-    pub fn new(keys: KeyAdmin) -> Self {
-        Self { keys }
+    pub fn new(keys: KeyAdmin, membership: Option<Arc<Membership>>) -> Self {
+        Self { keys, membership }
     }
 }
 
@@ -372,6 +376,41 @@ impl Admin for AdminService {
                 unkeyed_records: 0,
                 broken: broken.to_string(),
             },
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let membership = self.membership.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node is not in a cluster ([cluster] in the config file)",
+            )
+        })?;
+        let view = membership.view();
+        let key_ids = self.keys.key_ids();
+        let mut owned: BTreeMap<&str, u64> = BTreeMap::new();
+        for id in &key_ids {
+            if let Some(owner) = crate::cluster::ownership::key_owner(view.nodes(), id) {
+                *owned.entry(owner).or_default() += 1;
+            }
+        }
+        Ok(Response::new(ClusterStatusResponse {
+            node: membership.node().to_owned(),
+            version: view.version,
+            coordinator_ok: view.coordinator_ok,
+            members: view
+                .members
+                .iter()
+                .map(|m| ClusterMember {
+                    node: m.node.clone(),
+                    advertise: m.advertise.clone(),
+                    lease_left_ms: m.lease_left.as_millis() as u64,
+                    joined_at_ms: m.joined_at_ms,
+                    keys_owned: owned.get(m.node.as_str()).copied().unwrap_or(0),
+                })
+                .collect(),
         }))
     }
 

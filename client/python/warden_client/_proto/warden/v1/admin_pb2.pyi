@@ -50,6 +50,92 @@ KEY_KIND_BEARER: KeyKind.ValueType  # 2
 Global___KeyKind: _TypeAlias = KeyKind  # noqa: Y015
 
 @_typing.final
+class ClusterStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatusRequest: _TypeAlias = ClusterStatusRequest  # noqa: Y015
+
+@_typing.final
+class ClusterStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    COORDINATOR_OK_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node that answered."""
+    version: _builtins.int
+    """Grows with every join and departure; nodes that report the same version
+    see the same members.
+    """
+    coordinator_ok: _builtins.bool
+    """False while PostgreSQL (the coordinator) cannot be reached: the members
+    are the last ones seen.
+    """
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        version: _builtins.int = ...,
+        coordinator_ok: _builtins.bool = ...,
+        members: _abc.Iterable[Global___ClusterMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_ok", b"coordinator_ok", "members", b"members", "node", b"node", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class ClusterMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ADVERTISE_FIELD_NUMBER: _builtins.int
+    LEASE_LEFT_MS_FIELD_NUMBER: _builtins.int
+    JOINED_AT_MS_FIELD_NUMBER: _builtins.int
+    KEYS_OWNED_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    advertise: _builtins.str
+    """Where other nodes reach it."""
+    lease_left_ms: _builtins.int
+    """Milliseconds left on its lease when last read."""
+    joined_at_ms: _builtins.int
+    """Unix milliseconds it joined."""
+    keys_owned: _builtins.int
+    """API keys (of those this node knows) it owns by rendezvous hashing."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        advertise: _builtins.str = ...,
+        lease_left_ms: _builtins.int = ...,
+        joined_at_ms: _builtins.int = ...,
+        keys_owned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise", b"advertise", "joined_at_ms", b"joined_at_ms", "keys_owned", b"keys_owned", "lease_left_ms", b"lease_left_ms", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterMember: _TypeAlias = ClusterMember  # noqa: Y015
+
+@_typing.final
 class VerifyAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.ClusterStatus = channel.unary_unary(
+                '/warden.v1.Admin/ClusterStatus',
+                request_serializer=warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
+                response_deserializer=warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -164,6 +169,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClusterStatus(self, request, context):
+        """The cluster as this node sees it. FAILED_PRECONDITION without [cluster].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +228,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterStatus,
+                    request_deserializer=warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.FromString,
+                    response_serializer=warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +505,33 @@ class Admin:
             '/warden.v1.Admin/VerifyAudit',
             warden_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             warden_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warden.v1.Admin/ClusterStatus',
+            warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
+            warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,162 @@
+//! End to end: three warden processes forming a cluster on a throwaway
+//! PostgreSQL (the coordinator). Membership: every node sees the same
+//! members and version; a killed node's lease runs out and it leaves the
+//! membership, the version grows; a node stopped with SIGTERM leaves at
+//! once. (Checks are not forwarded yet: see README, Running a cluster.)
+//!
+//! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::{ConfigDir, Server, fresh_database};
+
+/// Config files for `nodes`, sharing certificates, master key and database,
+/// each with its own directory and a 2 s lease.
+fn node_configs(dir: &ConfigDir, url: &str, nodes: &[&str]) -> Vec<PathBuf> {
+    dir.write_master_key();
+    nodes
+        .iter()
+        .map(|node| {
+            let rest = format!(
+                "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n[cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:1\"\nlease_ttl = \"2s\"\n"
+            );
+            let template = std::fs::read_to_string(dir.write_config(&rest)).unwrap();
+            let path = dir.path().join(format!("{node}.toml"));
+            std::fs::write(&path, template).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// `warden cluster status --json` through `server`.
+fn status(dir: &ConfigDir, server: &Server) -> serde_json::Value {
+    let out = dir.cli(server, &["cluster", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn members(status: &serde_json::Value) -> Vec<String> {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Polls until `want` holds for the status seen through `server` (10 s).
+fn eventually(
+    dir: &ConfigDir,
+    server: &Server,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(dir, server);
+        if want(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never: {what}; last status {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_leave_and_agree_on_the_membership() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let configs = node_configs(&dir, &url, &["node-a", "node-b", "node-c"]);
+    let a = Server::with_config(&configs[0]);
+    let mut b = Server::with_config(&configs[1]);
+    let mut c = Server::with_config(&configs[2]);
+
+    // Every node is ready only once it holds a lease, and all agree.
+    let seen_by_a = eventually(&dir, &a, "three members", |s| members(s).len() == 3);
+    assert_eq!(members(&seen_by_a), ["node-a", "node-b", "node-c"]);
+    assert_eq!(seen_by_a["coordinator_ok"], true);
+    let version = seen_by_a["version"].as_u64().unwrap();
+    let seen_by_c = eventually(&dir, &c, "the same version", |s| s["version"] == version);
+    assert_eq!(members(&seen_by_c), members(&seen_by_a));
+
+    // Keys are owned, each by exactly one member.
+    for i in 0..12 {
+        dir.cli(
+            &a,
+            &["keys", "create", "--owner", &format!("o{i}"), "--json"],
+        );
+    }
+    let s = eventually(&dir, &a, "keys owned", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["keys_owned"].as_u64().unwrap())
+            .sum::<u64>()
+            == 12
+    });
+    assert!(
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["keys_owned"].as_u64().unwrap() > 0)
+            .count()
+            >= 2,
+        "{s}"
+    );
+
+    // kill -9: the lease runs out (2 s) and the others see it gone.
+    c.kill();
+    let after_kill = eventually(&dir, &a, "node-c gone", |s| {
+        members(s) == ["node-a", "node-b"]
+    });
+    assert!(after_kill["version"].as_u64().unwrap() > version);
+    a.wait_for_log("\"event\":\"cluster_membership\"");
+
+    // SIGTERM: the node gives its lease up on the way out.
+    let before = after_kill["version"].as_u64().unwrap();
+    assert!(b.terminate().success());
+    let after_leave = status(&dir, &a);
+    let after_leave = if members(&after_leave) == ["node-a"] {
+        after_leave
+    } else {
+        // The leave is seen at a's next renewal (every 400 ms).
+        eventually(&dir, &a, "node-b gone", |s| members(s) == ["node-a"])
+    };
+    assert!(after_leave["version"].as_u64().unwrap() > before);
+    assert!(
+        b.logs().contains("\"event\":\"cluster_left\""),
+        "{}",
+        b.logs()
+    );
+}
+
+#[test]
+fn a_cluster_needs_the_postgresql_store() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let config = dir.write_config(
+        "[store]\ndir = \"s\"\nmaster_key_file = \"master.key\"\n\n[cluster]\nnode = \"a\"\nadvertise = \"127.0.0.1:1\"\n",
+    );
+    let out = std::process::Command::new(support::BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster: needs a shared store"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
