@@ -160,3 +160,100 @@ fn a_cluster_needs_the_postgresql_store() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A PostgreSQL of this test's own, so it can be stopped.
+struct OwnPostgres {
+    url: String,
+    dir: String,
+}
+
+impl OwnPostgres {
+    fn start() -> Option<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "tests/postgres-up.sh failed in CI: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("skipped: cannot start a PostgreSQL of this test's own");
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+                .map(str::to_owned)
+        };
+        Some(Self {
+            url: value("WARDEN_TEST_POSTGRES_URL")?,
+            dir: value("WARDEN_TEST_POSTGRES_DIR")?,
+        })
+    }
+
+    fn stop(&self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
+        std::process::Command::new("bash")
+            .args([script, "stop", &self.dir])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// PostgreSQL stopped: the nodes keep serving checks on the keys they have
+/// and on the last membership they saw, and say that the coordinator is
+/// unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_coordinator_gone_nodes_keep_serving_on_the_last_membership() {
+    if std::env::var("WARDEN_TEST_POSTGRES_URL").is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "bash tests/run sets up PostgreSQL in CI"
+        );
+        return;
+    }
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let configs = node_configs(&dir, &pg.url, &["node-x", "node-y"]);
+    let x = Server::with_config(&configs[0]);
+    let _y = Server::with_config(&configs[1]);
+    let out = dir.cli(&x, &["keys", "create", "--owner", "kept", "--json"]);
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        key["key_id"].as_str().unwrap().to_owned(),
+        key["secret"].as_str().unwrap().to_owned(),
+    );
+    let before = eventually(&dir, &x, "two members", |s| members(s).len() == 2);
+
+    pg.stop();
+    let after = eventually(&dir, &x, "the coordinator reported lost", |s| {
+        s["coordinator_ok"] == false
+    });
+    assert_eq!(
+        members(&after),
+        members(&before),
+        "the last membership is kept"
+    );
+    assert_eq!(after["version"], before["version"]);
+    x.wait_for_log("\"event\":\"cluster_coordinator_lost\"");
+    let mut client = dir.client(&x).await;
+    let signer = warden_client::signing::Signer::new(id, secret);
+    let r = client
+        .check(signer.check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    assert_eq!(r.reason(), warden_client::proto::Reason::Ok);
+    assert_eq!(x.http_get("/readyz").0, 200, "still serving");
+}
