@@ -125,15 +125,26 @@ fn safe_message(error: &prost::DecodeError) -> String {
     };
     match field {
         Some(field) => format!("{field}: {what}"),
-        None => "request: not a valid CheckRequest message".to_owned(),
+        None => GENERIC.to_owned(),
     }
 }
 
 /// The safe MALFORMED message for a request that could not be decoded, or
-/// `None` for a decoded one.
+/// `None` for a decoded one. A decoded request can carry the marker too (a
+/// string may hold a NUL); its `path` is then the client's text, so only a
+/// message this codec writes is passed on, never anything else.
 pub fn undecodable(request: &CheckRequest) -> Option<&str> {
-    (request.method == UNDECODABLE).then_some(request.path.as_str())
+    if request.method != UNDECODABLE {
+        return None;
+    }
+    let ours = request.path.split_once(": ").is_some_and(|(field, what)| {
+        (FIELDS.contains(&field) && matches!(what, "not valid UTF-8" | "could not be decoded"))
+            || (field == "request" && what == "not a valid CheckRequest message")
+    });
+    Some(if ours { request.path.as_str() } else { GENERIC })
 }
+
+const GENERIC: &str = "request: not a valid CheckRequest message";
 
 #[cfg(test)]
 mod tests {
@@ -151,5 +162,22 @@ mod tests {
             safe_message(&error).ends_with("could not be decoded")
                 || safe_message(&error).starts_with("request:")
         );
+    }
+
+    #[test]
+    fn a_decoded_request_posing_as_undecodable_echoes_nothing() {
+        let posing = CheckRequest {
+            method: UNDECODABLE.to_owned(),
+            path: "evil\n{\"event\":\"forged\"}".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(undecodable(&posing), Some(GENERIC));
+        let ours = CheckRequest {
+            method: UNDECODABLE.to_owned(),
+            path: "path: not valid UTF-8".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(undecodable(&ours), Some("path: not valid UTF-8"));
+        assert_eq!(undecodable(&CheckRequest::default()), None);
     }
 }

@@ -40,6 +40,18 @@ pub fn raise_fd_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
+/// The address a handshake limit counts: IPv4 as is, IPv6 by its /64
+/// (IPv4-mapped IPv6 as the IPv4 address).
+fn source_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 /// Why a new connection was closed at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -144,8 +156,10 @@ impl Gate {
         Ok(ConnectionSlot(self.clone()))
     }
 
-    /// A slot for a handshake from `address`, if one is free.
+    /// A slot for a handshake from `address`, if one is free. An IPv6
+    /// address counts by its /64, which one host usually has whole.
     pub fn handshake(self: &Arc<Self>, address: IpAddr) -> Result<HandshakeSlot, Refusal> {
+        let address = source_of(address);
         let mut per = self.per_address.lock();
         let pending = per.entry(address).or_insert(0);
         if *pending >= self.max_per_address {
@@ -201,6 +215,20 @@ mod tests {
         drop(held);
         assert!(g.handshake(attacker).is_ok(), "slots come back");
         assert!(g.per_address.lock().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let g = gate(100, 10, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let _held = (g.handshake(a).unwrap(), g.handshake(b).unwrap());
+        assert_eq!(
+            g.handshake("2001:db8:1:2::77".parse().unwrap())
+                .unwrap_err(),
+            Refusal::HandshakesFromAddress
+        );
+        assert!(g.handshake("2001:db8:1:3::1".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -170,6 +170,10 @@ impl Pattern {
         if !valid || text == "spiffe://" {
             return Err(WHAT.to_owned());
         }
+        if kind == IdentityKind::Dns {
+            // DNS names are case-insensitive; identities are lowercased.
+            pattern.text.make_ascii_lowercase();
+        }
         pattern.kind = Some(kind);
         Ok(pattern)
     }
