@@ -594,3 +594,44 @@ async fn a_recomputed_chain_fails_verification() {
     std::fs::write(&log, original).unwrap();
     assert!(cli(&server, &["audit", "verify"]).status.success());
 }
+
+/// A key whose policy has since left the config file can still be revoked:
+/// a revocation must never depend on unrelated fields being valid.
+#[tokio::test]
+async fn a_key_whose_policy_was_removed_can_still_be_revoked() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let store = "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n";
+    let mut server = dir.start(&format!(
+        "{store}\n[[policies]]\nname = \"gone-soon\"\nlimit = 10\nperiod = \"1m\"\n"
+    ));
+    let out = dir.cli(
+        &server,
+        &[
+            "keys",
+            "create",
+            "--owner",
+            "o",
+            "--policy",
+            "gone-soon",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = ok_json(out)["key_id"].as_str().unwrap().to_owned();
+    assert!(server.terminate().success());
+
+    let server = dir.start(store);
+    let out = dir.cli(&server, &["keys", "revoke", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = ok_json(dir.cli(&server, &["keys", "show", &id, "--json"]));
+    assert_eq!(shown["revoked"], true);
+}

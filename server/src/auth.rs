@@ -157,7 +157,11 @@ mod tests {
         assert!(dns.matches("a.gateways.internal"));
         assert!(!dns.matches("CN=a.gateways.internal"));
         // DNS names compare without case, as DNS does.
-        assert!(Pattern::caller("GW.Internal").unwrap().matches("gw.internal"));
+        assert!(
+            Pattern::caller("GW.Internal")
+                .unwrap()
+                .matches("gw.internal")
+        );
         let cn = Pattern::caller("CN=legacy-gateway").unwrap();
         assert!(cn.matches("CN=legacy-gateway"));
         assert!(!cn.matches("legacy-gateway"));
