@@ -17,12 +17,16 @@ use support::{ConfigDir, Server, fresh_database};
 /// Config files for `nodes`, sharing certificates, master key and database,
 /// each with its own directory and a 2 s lease.
 fn node_configs(dir: &ConfigDir, url: &str, nodes: &[&str]) -> Vec<PathBuf> {
+    node_configs_with(dir, url, nodes, "2s")
+}
+
+fn node_configs_with(dir: &ConfigDir, url: &str, nodes: &[&str], ttl: &str) -> Vec<PathBuf> {
     dir.write_master_key();
     nodes
         .iter()
         .map(|node| {
             let rest = format!(
-                "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n[cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:1\"\nlease_ttl = \"2s\"\n"
+                "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n[cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:1\"\nlease_ttl = \"{ttl}\"\n"
             );
             let template = std::fs::read_to_string(dir.write_config(&rest)).unwrap();
             let path = dir.path().join(format!("{node}.toml"));
@@ -256,4 +260,31 @@ async fn with_the_coordinator_gone_nodes_keep_serving_on_the_last_membership() {
         .unwrap();
     assert_eq!(r.reason(), warden_client::proto::Reason::Ok);
     assert_eq!(x.http_get("/readyz").0, 200, "still serving");
+}
+
+/// Changes are announced (NOTIFY) and heard (LISTEN): with a 20 s lease a
+/// node renews only every 4 s, yet sees another node leave well before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_is_heard_at_once_not_at_the_next_renewal() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let configs = node_configs_with(&dir, &url, &["node-p", "node-q"], "20s");
+    let p = Server::with_config(&configs[0]);
+    let mut q = Server::with_config(&configs[1]);
+    eventually(&dir, &p, "two members", |s| members(s).len() == 2);
+    // Right after p's own renewal, so its next tick is ~4 s away.
+    p.wait_for_log("\"event\":\"cluster_membership\"");
+    assert!(q.terminate().success());
+    let left = Instant::now();
+    let deadline = left + Duration::from_millis(2500);
+    while members(&status(&dir, &p)) != ["node-p"] {
+        assert!(
+            Instant::now() < deadline,
+            "the departure took longer than a notification: {:?}",
+            left.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -5,9 +5,11 @@
 //! per `lease_ttl`, judged by the database's clock (`now()`), so the nodes'
 //! clocks need not agree. A renewal also deletes leases that have run out.
 //! Every join and every departure (expired or graceful) bumps
-//! `membership_version` in the same transaction, so the version only grows
-//! and two nodes that see the same version see the same members. A node
-//! leaving on SIGTERM deletes its row at once.
+//! `membership_version` in the same transaction and announces it on
+//! [`CHANNEL`], so the version only grows, two nodes that see the same
+//! version see the same members, and every node renews (and so sees the
+//! change) at once rather than at its next tick. A node leaving on SIGTERM
+//! deletes its row at once.
 //!
 //! When PostgreSQL cannot be reached, a node keeps the last membership it
 //! saw and says so: `coordinator_ok` is false in `warden cluster status`,
@@ -17,7 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+
+/// Where membership changes are announced (NOTIFY) and heard (LISTEN).
+pub const CHANNEL: &str = "warden_members";
 
 use crate::config::ClusterSettings;
 
@@ -104,10 +109,22 @@ impl Membership {
     /// Keeps the lease and the view current until `stop`, then leaves.
     pub async fn run(self: Arc<Self>, mut stop: oneshot::Receiver<()>) {
         let every = self.settings.lease_ttl / 5;
+        let changed = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(self.url.clone(), changed.clone()));
+        self.keep_lease(every, &changed, &mut stop).await;
+        listener.abort();
+    }
+
+    async fn keep_lease(
+        &self,
+        every: Duration,
+        changed: &Notify,
+        stop: &mut oneshot::Receiver<()>,
+    ) {
         loop {
             let connected = tokio::select! {
                 c = tokio_postgres::connect(&self.url, tokio_postgres::NoTls) => c,
-                _ = &mut stop => return,
+                _ = &mut *stop => return,
             };
             let client = match connected {
                 Ok((client, connection)) => {
@@ -116,7 +133,7 @@ impl Membership {
                         Ok(()) => client,
                         Err(e) => {
                             self.lost(&e.to_string());
-                            if continue_after(every, &mut stop).await {
+                            if continue_after(every, stop).await {
                                 return;
                             }
                             continue;
@@ -125,7 +142,7 @@ impl Membership {
                 }
                 Err(e) => {
                     self.lost(&e.to_string());
-                    if continue_after(every, &mut stop).await {
+                    if continue_after(every, stop).await {
                         return;
                     }
                     continue;
@@ -136,7 +153,8 @@ impl Membership {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = &mut stop => {
+                    _ = changed.notified() => {}
+                    _ = &mut *stop => {
                         self.leave(&client).await;
                         return;
                     }
@@ -149,7 +167,7 @@ impl Membership {
                     }
                 }
             }
-            if continue_after(every, &mut stop).await {
+            if continue_after(every, stop).await {
                 return;
             }
         }
@@ -226,8 +244,46 @@ async fn continue_after(every: Duration, stop: &mut oneshot::Receiver<()>) -> bo
     }
 }
 
+/// Bumps the version and announces it (delivered when the transaction
+/// commits).
 const BUMP_VERSION: &str =
-    "UPDATE warden_meta SET v = (v::bigint + 1)::text WHERE k = 'membership_version'";
+    "UPDATE warden_meta SET v = (v::bigint + 1)::text WHERE k = 'membership_version';
+SELECT pg_notify('warden_members', v) FROM warden_meta WHERE k = 'membership_version'";
+
+/// Wakes the lease keeper whenever a node announces a change; reconnects
+/// after a lost connection. Polling goes on regardless, so a missed
+/// notification only delays a change to the next tick.
+async fn listen(url: String, changed: Arc<Notify>) {
+    loop {
+        if let Ok((client, mut connection)) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+        {
+            let statement = format!("LISTEN {CHANNEL}");
+            let mut subscribe = Box::pin(client.batch_execute(&statement));
+            let subscribed = loop {
+                tokio::select! {
+                    r = &mut subscribe => break r.is_ok(),
+                    m = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                        if !matches!(m, Some(Ok(_))) { break false; }
+                    }
+                }
+            };
+            drop(subscribe);
+            if subscribed {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                            changed.notify_one()
+                        }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
 
 /// One renewal: this node's lease extended (or taken), leases that ran out
 /// removed, the version bumped if either changed the membership, and the
