@@ -39,7 +39,7 @@ pub use window::{Window, WindowKind, WindowState};
 
 /// Hashes a `StateKey` id for the shard maps. The id is already the output of
 /// a keyed SipHash, so hashing it again would only cost time: it is its own
-/// hash.
+/// hash (rotated, see `write_u64`).
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -56,7 +56,10 @@ impl Hasher for IdHasher {
     }
 
     fn write_u64(&mut self, id: u64) {
-        self.0 = id;
+        // The top byte of an id is its pool, the same for whole groups of
+        // entries; hashbrown filters candidates by the top 7 bits and
+        // places by the low ones, so move hash bits into both ends.
+        self.0 = id.rotate_right(8);
     }
 }
 
@@ -184,7 +187,7 @@ pub struct Occupancy {
 #[derive(Debug)]
 pub struct Engine {
     shards: Box<[Mutex<Shard>]>,
-    hashers: [RandomState; 2],
+    hasher: RandomState,
     /// Nonces remembered across all shards, and the most allowed.
     nonce_count: AtomicUsize,
     nonce_capacity: usize,
@@ -208,7 +211,7 @@ impl Engine {
             .collect();
         Self {
             shards,
-            hashers: [RandomState::new(), RandomState::new()],
+            hasher: RandomState::new(),
             nonce_count: AtomicUsize::new(0),
             nonce_capacity,
             pools: PoolTable::new(usize::MAX),
@@ -230,20 +233,21 @@ impl Engine {
 
     /// Like [`Self::key`], for state that belongs to `pool`.
     pub fn key_in(&self, pool: Pool, owner: &[u8], parts: &[&[u8]]) -> StateKey {
-        let hash = |hasher: &RandomState, parts: &[&[u8]]| {
-            let mut h = hasher.build_hasher();
-            h.write_usize(owner.len());
-            h.write(owner);
-            for part in parts {
-                h.write_usize(part.len());
-                h.write(part);
-            }
-            h.finish()
-        };
-        let id = pool.tag(hash(&self.hashers[0], parts));
+        // One keyed hash: the owner's prefix decides the shard, the whole
+        // (owner and parts) the id, so the owner is hashed once.
+        let mut h = self.hasher.build_hasher();
+        h.write_usize(owner.len());
+        h.write(owner);
         let shard_mask = self.shards.len() as u64 - 1;
-        let shard = (hash(&self.hashers[1], &[]) & shard_mask) as u32;
-        StateKey { id, shard }
+        let shard = (h.clone().finish() & shard_mask) as u32;
+        for part in parts {
+            h.write_usize(part.len());
+            h.write(part);
+        }
+        StateKey {
+            id: pool.tag(h.finish()),
+            shard,
+        }
     }
 
     /// Decides `request` at `now`, atomically across every shard it touches.
