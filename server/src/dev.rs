@@ -5,9 +5,7 @@
 //! rewritten. The certificate helpers are public because tests use them to
 //! make CAs and certificates of their own.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -305,18 +303,8 @@ pub fn record_address(setup: &mut DevSetup, address: SocketAddr) -> Result<(), D
     write_file(&setup.dir.join("demo-key.json"), &json)
 }
 
-/// Writes a file readable by its owner only, atomically (temp + rename), so
-/// a reader never sees half a file and a crash never leaves one.
+/// Writes a file readable by its owner only, atomically (see
+/// [`crate::private_file::replace`]).
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::private_file::replace(path, bytes).map_err(io(path))
 }

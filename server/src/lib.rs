@@ -34,6 +34,7 @@ mod key_admin;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+mod private_file;
 pub mod server;
 mod service;
 pub mod signing;

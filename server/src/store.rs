@@ -14,9 +14,9 @@
 //! keys are stored as hashes only. The store never holds a secret in clear.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
 use std::path::{Path, PathBuf};
 
 use parking_lot::{Mutex, RwLock};
@@ -471,14 +471,7 @@ impl Store {
             _ => {}
         }
         // Cut a torn tail away and make sure the header is there.
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io(&path))?;
+        let mut file = crate::private_file::open_append(&path).map_err(io(&path))?;
         if let Some(len) = torn {
             file.set_len(len)
                 .and_then(|()| file.sync_data())
@@ -629,14 +622,6 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
         return Err(StoreError::Unsupported("master key rotation"));
     };
     let state = store.state.read();
-    let tmp = dir.join(format!("{JOURNAL}.rotating"));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
     let mut lines = vec![Entry::MasterKey {
         fingerprint: new.fingerprint().to_owned(),
     }];
@@ -653,16 +638,12 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
         lines.push(Entry::Key(key));
     }
     lines.extend(state.policies.values().cloned().map(Entry::Policy));
+    let mut journal = String::new();
     for entry in &lines {
-        let mut line = serde_json::to_string(entry).expect("entries serialize");
-        line.push('\n');
-        file.write_all(line.as_bytes()).map_err(io(&tmp))?;
+        journal.push_str(&serde_json::to_string(entry).expect("entries serialize"));
+        journal.push('\n');
     }
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))?;
     Ok(resealed)
 }
 

@@ -27,7 +27,7 @@ pub mod denials;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ pub use chain::{Broken, ChainKey, GENESIS, Intact, Record, Verifier, record_hash
 pub use denials::Subject;
 
 use crate::crypto::MasterKey;
+use crate::private_file::open_append;
 
 /// The file being written.
 pub const ACTIVE: &str = "audit.log";
@@ -140,18 +141,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Opens `path` for appending, created with mode 0600 (and made 0600 if it
-/// was not).
-fn open_append(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(file)
-}
-
 /// The rotated files of `dir`, oldest first, then the active one if present.
 pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
@@ -220,21 +209,8 @@ pub fn reseal_key(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<bool, 
         return Ok(false);
     }
     let key = chain_key(dir, old)?;
-    let tmp = dir.join(format!("{KEY_FILE}.rotating"));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(new.seal(KEY_CONTEXT, key.bytes()).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    crate::private_file::replace(&path, new.seal(KEY_CONTEXT, key.bytes()).as_bytes())
+        .map_err(io(&path))?;
     Ok(true)
 }
 
@@ -579,6 +555,7 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn event(n: u32) -> Event {
         Event {

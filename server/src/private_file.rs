@@ -1,0 +1,71 @@
+//! Files only their owner may read: secrets, keys, the key store and the
+//! audit log. Two ways to write them, so every such file is made the same
+//! way: appended to, or replaced whole and atomically.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Opens `path` for appending, created with mode 0600 (and made 0600 if an
+/// older file was not).
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Replaces `path` with `bytes` atomically: written and fsynced to a
+/// temporary file beside it (mode 0600), renamed over it, and the directory
+/// fsynced, so a reader never sees half a file and a crash leaves the old
+/// one or the new one.
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = Path::new(&tmp_name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaced_and_appended_files_are_the_owners_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        replace(&path, b"one").unwrap();
+        replace(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let log = dir.path().join("log");
+        std::fs::write(&log, b"old\n").unwrap();
+        open_append(&log).unwrap().write_all(b"new\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"old\nnew\n");
+        for p in [&path, &log] {
+            let mode = std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{p:?}");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+    }
+}
