@@ -249,21 +249,53 @@ fn chain_key_existing(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditE
 }
 
 fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, AuditError> {
+    Ok(scan(dir, key)?.verified)
+}
+
+/// One pass over every file of the chain: its verification, and what the
+/// log needs to go on from it.
+struct Scan {
+    verified: Result<Intact, Broken>,
+    /// The newest readable record, in any file.
+    last: Option<Record>,
+    /// The sequence number of the active file's first record.
+    active_first_seq: Option<u64>,
+}
+
+fn scan(dir: &Path, key: &ChainKey) -> Result<Scan, AuditError> {
     let mut v = Verifier::from_genesis(key);
+    let mut broken = None;
+    let (mut last, mut active_first_seq) = (None, None);
     for path in chain_files(dir).map_err(io(dir))? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let active = name.as_deref() == Some(ACTIVE);
         for (i, line) in read_lines(&path)
             .map_err(io(&path))?
             .into_iter()
             .enumerate()
         {
             let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
-            if let Err(b) = v.next(record, i + 1, name.as_deref()) {
-                return Ok(Err(b));
+            if let Ok(r) = &record {
+                if active && active_first_seq.is_none() {
+                    active_first_seq = Some(r.seq);
+                }
+                last = Some(r.clone());
+            }
+            if broken.is_none()
+                && let Err(b) = v.next(record, i + 1, name.as_deref())
+            {
+                broken = Some(b);
             }
         }
     }
-    Ok(v.finish())
+    Ok(Scan {
+        verified: match broken {
+            Some(b) => Err(b),
+            None => v.finish(),
+        },
+        last,
+        active_first_seq,
+    })
 }
 
 impl AuditLog {
@@ -278,31 +310,15 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let key = chain_key(dir, master)?;
-        if let Ok(Err(b)) = verify_files(dir, &key) {
+        let scanned = scan(dir, &key)?;
+        if let Err(b) = &scanned.verified {
             tracing::error!(event = "audit_chain_broken", at = %b, "the audit log chain is broken");
         }
-        let (mut seq, mut hash) = (0, GENESIS.to_owned());
-        let files = chain_files(dir).map_err(io(dir))?;
-        for path in files.iter().rev() {
-            let lines = read_lines(path).map_err(io(path))?;
-            if let Some(last) = lines
-                .iter()
-                .rev()
-                .find_map(|l| serde_json::from_str::<Record>(l).ok())
-            {
-                (seq, hash) = (last.seq, last.hash);
-                break;
-            }
-        }
+        let (seq, hash) = scanned
+            .last
+            .map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash));
+        let first_seq = scanned.active_first_seq.unwrap_or(seq + 1);
         let path = dir.join(ACTIVE);
-        let first_seq = read_lines(&path)
-            .ok()
-            .and_then(|lines| {
-                lines
-                    .first()
-                    .and_then(|l| serde_json::from_str::<Record>(l).ok())
-            })
-            .map_or(seq + 1, |r| r.seq);
         let file = open_append(&path).map_err(io(&path))?;
         let bytes = file.metadata().map_err(io(&path))?.len();
         let unkeyed_head = seq > 0 && !hash.starts_with("hmac:");
