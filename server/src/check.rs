@@ -307,9 +307,7 @@ impl Checker {
         if req.cost > MAX_COST {
             return Err(malformed("cost: at most 1000000"));
         }
-        if req.client_identity.len() > MAX_CLIENT_IDENTITY_BYTES
-            || req.client_identity.chars().any(char::is_control)
-        {
+        if !is_valid_client_identity(&req.client_identity) {
             return Err(malformed(
                 "client_identity: at most 1024 characters, no control characters",
             ));
@@ -319,14 +317,8 @@ impl Checker {
                 "request_id: at most 128 printable ASCII characters",
             ));
         }
-        let client_address = match req.client_address.as_str() {
-            "" => None,
-            text if text.len() <= MAX_CLIENT_ADDRESS_BYTES => Some(
-                text.parse::<IpAddr>()
-                    .map_err(|_| malformed("client_address: must be an IPv4 or IPv6 address"))?,
-            ),
-            _ => return Err(malformed("client_address: must be an IPv4 or IPv6 address")),
-        };
+        let client_address = parse_client_address(&req.client_address)
+            .map_err(|()| malformed("client_address: must be an IPv4 or IPv6 address"))?;
         Ok(Valid {
             credential,
             client_address,
@@ -641,6 +633,33 @@ fn authorize(grant: &Grant<'_>, req: &CheckRequest, valid: &Valid<'_>) -> Result
         ));
     }
     Ok(())
+}
+
+/// A forwarded end-client identity as validation accepts it (empty is fine).
+fn is_valid_client_identity(id: &str) -> bool {
+    id.len() <= MAX_CLIENT_IDENTITY_BYTES && !id.chars().any(char::is_control)
+}
+
+/// A forwarded client address: empty, or an IPv4 or IPv6 address.
+fn parse_client_address(text: &str) -> Result<Option<IpAddr>, ()> {
+    match text {
+        "" => Ok(None),
+        text if text.len() <= MAX_CLIENT_ADDRESS_BYTES => text.parse().map(Some).map_err(|_| ()),
+        _ => Err(()),
+    }
+}
+
+/// Where a request says it came from, for the audit log: the forwarded
+/// client identity, else the forwarded address, when validation would
+/// accept them (the request itself may be malformed elsewhere).
+pub fn forwarded_source(req: &CheckRequest) -> Option<String> {
+    if !req.client_identity.is_empty() && is_valid_client_identity(&req.client_identity) {
+        return Some(req.client_identity.clone());
+    }
+    parse_client_address(&req.client_address)
+        .ok()
+        .flatten()
+        .map(|address| address.to_string())
 }
 
 /// Request ids: at most 128 printable ASCII characters (empty is fine).

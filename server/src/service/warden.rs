@@ -143,7 +143,8 @@ fn check_one(
                         reason: reason_name(r.reason()),
                         key_id: decision.key_id.clone().unwrap_or_default(),
                         actor: caller.as_str().to_owned(),
-                        source: auditable_source(req),
+                        source: crate::check::forwarded_source(req)
+                            .unwrap_or_else(|| "-".to_owned()),
                     });
                 }
                 tracing::info!(
@@ -168,7 +169,7 @@ fn check_one(
                     reason: why,
                     key_id: loggable_key_id(&req.key_id).to_owned(),
                     actor: caller.as_str().to_owned(),
-                    source: auditable_source(req),
+                    source: crate::check::forwarded_source(req).unwrap_or_else(|| "-".to_owned()),
                 });
             }
             tracing::warn!(
@@ -262,22 +263,6 @@ fn raise_alerts(ctx: &Context<'_>, reason: Reason, key_id: Option<&str>, caller:
             threshold = alert.threshold,
             "anomaly: threshold reached in this window; no further alert for it until the next window"
         );
-    }
-}
-
-/// Where a denied request came from, for the audit log: the forwarded
-/// client identity or address when well formed, else "-".
-fn auditable_source(req: &CheckRequest) -> String {
-    let identity = &req.client_identity;
-    if !identity.is_empty()
-        && identity.len() <= crate::check::MAX_CLIENT_IDENTITY_BYTES
-        && !identity.chars().any(char::is_control)
-    {
-        return identity.clone();
-    }
-    match req.client_address.parse::<std::net::IpAddr>() {
-        Ok(address) => address.to_string(),
-        Err(_) => "-".to_owned(),
     }
 }
 
