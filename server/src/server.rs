@@ -400,9 +400,10 @@ fn refuse(refusal: Refusal, remote: SocketAddr) {
         [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
     metrics::counter!("warden_connections_refused_total", "cause" => refusal.name()).increment(1);
     let last = &LAST_WARNED_MS[refusal as usize];
-    let now = monotonic_ms() + 10_000;
+    // 0 means never warned (the monotonic clock starts at 0, hence max(1)).
+    let now = monotonic_ms().max(1);
     let before = last.load(Ordering::Relaxed);
-    if now.saturating_sub(before) >= 10_000
+    if (before == 0 || now.saturating_sub(before) >= 10_000)
         && last
             .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
@@ -546,7 +547,10 @@ async fn sweep_loop(
 /// Pool counts as metrics, and one warning per pool and minute while a pool
 /// is evicting or refusing: a full pool means someone is making state
 /// faster than it ages out, or a cap is too small.
-fn report_pools(checker: &Checker, last: &mut HashMap<String, (u64, u64, std::time::Instant)>) {
+fn report_pools(
+    checker: &Checker,
+    last: &mut HashMap<String, (u64, u64, Option<std::time::Instant>)>,
+) {
     for pool in checker.engine().pools().stats() {
         let name = pool.name.clone();
         metrics::gauge!("warden_state_pool_entries", "pool" => name.clone())
@@ -556,11 +560,10 @@ fn report_pools(checker: &Checker, last: &mut HashMap<String, (u64, u64, std::ti
         metrics::counter!("warden_state_refusals_total", "pool" => name.clone())
             .absolute(pool.refused);
         let now = std::time::Instant::now();
-        let (evicted, refused, warned) =
-            last.entry(name)
-                .or_insert((0, 0, now - Duration::from_secs(3600)));
+        // `None`: not warned about yet.
+        let (evicted, refused, warned) = last.entry(name).or_insert((0, 0, None));
         let busy = pool.evicted > *evicted || pool.refused > *refused;
-        if busy && now.duration_since(*warned) >= Duration::from_secs(60) {
+        if busy && warned.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60)) {
             tracing::warn!(
                 event = "state_pool_full",
                 pool = %pool.name,
@@ -568,9 +571,9 @@ fn report_pools(checker: &Checker, last: &mut HashMap<String, (u64, u64, std::ti
                 cap = pool.cap.map_or("-".to_owned(), |c| c.to_string()),
                 evicted = pool.evicted - *evicted,
                 refused = pool.refused - *refused,
-                "a state pool is full: evicting the entries closest to idle (see README, Bounded state)"
+                "a state pool is full: evicting the entries that forgive least (see README, Bounded state)"
             );
-            *warned = now;
+            *warned = Some(now);
             (*evicted, *refused) = (pool.evicted, pool.refused);
         }
     }
