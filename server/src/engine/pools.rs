@@ -79,7 +79,6 @@ pub struct PoolStats {
 #[derive(Debug)]
 pub struct PoolTable {
     names: RwLock<HashMap<String, Pool>>,
-    labels: RwLock<Vec<String>>,
     caps: Box<[AtomicUsize]>,
     counts: Box<[AtomicUsize]>,
     evicted: Box<[AtomicU64]>,
@@ -92,13 +91,8 @@ impl PoolTable {
     pub fn new(total_cap: usize) -> Self {
         let atomics = |v: usize| (0..POOLS).map(|_| AtomicUsize::new(v)).collect();
         let counters = || (0..POOLS).map(|_| AtomicU64::new(0)).collect();
-        let mut labels = vec![String::new(); POOLS];
-        labels[Pool::KEYS.index()] = "keys".into();
-        labels[Pool::FAILURES.index()] = "failures".into();
-        labels[Pool::SHARED.index()] = "other-policies".into();
         Self {
             names: RwLock::new(HashMap::new()),
-            labels: RwLock::new(labels),
             caps: atomics(UNCAPPED),
             counts: atomics(0),
             evicted: counters(),
@@ -126,7 +120,6 @@ impl PoolTable {
         };
         if pool != Pool::SHARED {
             names.insert(name.to_owned(), pool);
-            self.labels.write()[pool.index()] = name.to_owned();
         }
         pool
     }
@@ -182,13 +175,21 @@ impl PoolTable {
 
     /// Every counted pool in use.
     pub fn stats(&self) -> Vec<PoolStats> {
-        let labels = self.labels.read();
-        (Pool::FAILURES.index()..POOLS)
-            .filter(|&i| !labels[i].is_empty())
-            .map(|i| {
+        let mut named: Vec<(usize, String)> = self
+            .names
+            .read()
+            .iter()
+            .map(|(name, pool)| (pool.index(), name.clone()))
+            .collect();
+        named.push((Pool::FAILURES.index(), "failures".into()));
+        named.push((Pool::SHARED.index(), "other-policies".into()));
+        named.sort();
+        named
+            .into_iter()
+            .map(|(i, name)| {
                 let cap = self.caps[i].load(Ordering::Relaxed);
                 PoolStats {
-                    name: labels[i].clone(),
+                    name,
                     entries: self.counts[i].load(Ordering::Relaxed),
                     cap: (cap != UNCAPPED).then_some(cap),
                     evicted: self.evicted[i].load(Ordering::Relaxed),
