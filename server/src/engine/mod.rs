@@ -331,6 +331,7 @@ impl Engine {
                 }
                 if let Some(full) = self.pools.full(pool)
                     && !self.make_room(s, full, pool, now)
+                    && !self.make_room_elsewhere(&locked, key.shard, full, pool, now)
                 {
                     self.pools.note_refusal(pool);
                     for &p in &reserved {
@@ -371,6 +372,29 @@ impl Engine {
             allowed,
             limits: verdicts,
         }
+    }
+
+    /// When the request's own shard holds nothing of a full pool (a pool
+    /// filled while that shard had none of its entries): room from another
+    /// shard, one that is free right now. `try_lock` only, so the one lock
+    /// order rule still holds: nothing ever waits here.
+    fn make_room_elsewhere(
+        &self,
+        held: &[u32],
+        near: u32,
+        full: Full,
+        pool: Pool,
+        now: Nanos,
+    ) -> bool {
+        let count = self.shards.len() as u32;
+        (1..count)
+            .map(|step| (near + step) % count)
+            .filter(|i| held.binary_search(i).is_err())
+            .any(|i| {
+                self.shards[i as usize]
+                    .try_lock()
+                    .is_some_and(|mut other| self.make_room(&mut other, full, pool, now))
+            })
     }
 
     /// Evicts, from one locked shard, the sampled entry of `pool` (of any

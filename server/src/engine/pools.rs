@@ -9,12 +9,14 @@
 //! cap, and all of them under one global cap.
 //!
 //! When a new entry would exceed a cap, the engine makes room by evicting,
-//! from the same shard, the entry of that pool (any pool for the global cap)
-//! that becomes idle soonest among a sample: the one whose loss forgives the
-//! least. An evicted bucket or window starts afresh if its descriptor comes
-//! back, so a flood can buy back at most what the evicted entries held, and
-//! junk entries made by one request each are the cheapest to lose. If no
-//! entry can be evicted, the request is refused rather than counted against
+//! from the same shard (or, when that shard holds none of the pool, from
+//! another shard that is free at that moment), the sampled entry of that
+//! pool (any pool for the global cap) whose loss forgives the least: the
+//! bucket closest to full again, the window with the fewest requests. An
+//! evicted bucket or window starts afresh if its descriptor comes back, so
+//! a flood can buy back at most what the evicted entries held, and junk
+//! entries made by one request each are the cheapest to lose. If no entry
+//! can be evicted, the request is refused rather than counted against
 //! nothing. Nonces are never evicted: forgetting one would allow a replay;
 //! they have their own bound (`nonce_capacity`), where the engine refuses.
 //!
