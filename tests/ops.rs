@@ -71,6 +71,9 @@ async fn metrics_scrape_parses_and_moves_with_traffic() {
     }
     let allow = "warden_checks_total{decision=\"allow\",reason=\"ok\"}";
     assert_eq!(sample(&before, allow), 1.0, "{before}");
+    // Set at start: the demo key, and the default nonce bound.
+    assert_eq!(sample(&before, "warden_api_keys "), 1.0, "{before}");
+    assert_eq!(sample(&before, "warden_nonce_capacity "), 1e7, "{before}");
     for _ in 0..3 {
         client
             .check(server.signer().check_request("GET", "/", "", b""))

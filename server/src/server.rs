@@ -136,7 +136,6 @@ impl App {
             None => None,
         };
         let keys = KeyRing::build(&config.policies, &config.keys, store.as_deref())?;
-        metrics::gauge!("warden_api_keys").set(keys.key_count() as f64);
         let checker = Arc::new(Checker::new(
             config.check.clone(),
             keys,
@@ -230,6 +229,10 @@ impl Bound {
             metrics_listener,
         } = self;
         let settings = app.config.server.clone();
+        // The recorder is installed by now (it is not yet while the app is
+        // built): gauges that change only with keys or config, set once.
+        metrics::gauge!("warden_api_keys").set(app.checker.keys().key_count() as f64);
+        metrics::gauge!("warden_nonce_capacity").set(app.checker.settings().nonce_capacity as f64);
         // Loops that hold nothing to flush: stopped together at the end.
         let mut background = JoinSet::new();
         let audit_writer = app.audit.as_ref().map(|a| a.start_writer());
@@ -539,7 +542,6 @@ async fn sweep_loop(
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
         report_pools(&checker, &mut last_pools);
         metrics::gauge!("warden_open_connections").set(gate.open_connections() as f64);
-        metrics::gauge!("warden_nonce_capacity").set(checker.settings().nonce_capacity as f64);
         tracing::trace!(?removed, ?held, "swept idle state");
     }
 }
