@@ -5,7 +5,11 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = "../proto";
-    let files = ["warden/v1/warden.proto", "warden/v1/admin.proto"];
+    let files = [
+        "warden/v1/warden.proto",
+        "warden/v1/admin.proto",
+        "warden/v1/peer.proto",
+    ];
     println!("cargo:rerun-if-changed={proto_root}");
     let descriptors = protox::compile(files, [proto_root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -158,6 +158,21 @@ impl Client {
 /// An mTLS channel to warden, for the generated stubs of any service it
 /// serves (`warden.v1`, `grpc.health.v1`, reflection). `target` is `host:port`.
 pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
+    Ok(tls_endpoint(target, &tls)?.connect().await?)
+}
+
+/// Like [`channel`], but connecting on first use and reconnecting by
+/// itself after a lost connection: for a long-lived channel to a server
+/// that may not be up yet. Without `tls`, plaintext (loopback only).
+pub fn lazy_channel(target: &str, tls: Option<&Tls>) -> Result<Channel, Error> {
+    let endpoint = match tls {
+        Some(tls) => tls_endpoint(target, tls)?,
+        None => endpoint(&format!("http://{target}"))?,
+    };
+    Ok(endpoint.connect_lazy())
+}
+
+fn tls_endpoint(target: &str, tls: &Tls) -> Result<Endpoint, Error> {
     let host = target
         .rsplit_once(':')
         .map(|(host, _)| host.trim_matches(['[', ']']))
@@ -166,8 +181,7 @@ pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
         .ca_certificate(Certificate::from_pem(&tls.ca_pem))
         .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
         .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
-    let endpoint = endpoint(&format!("https://{target}"))?.tls_config(config)?;
-    Ok(endpoint.connect().await?)
+    Ok(endpoint(&format!("https://{target}"))?.tls_config(config)?)
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, Error> {

@@ -18,6 +18,8 @@ pub enum Role {
     Admin,
     /// May pass on an end-client identity in `client_identity`.
     ForwardIdentity,
+    /// Another node of the cluster: may send state steps (`warden.v1.Peer`).
+    Peer,
 }
 
 impl Role {
@@ -26,6 +28,7 @@ impl Role {
             "check" => Some(Self::Check),
             "admin" => Some(Self::Admin),
             "forward-identity" => Some(Self::ForwardIdentity),
+            "peer" => Some(Self::Peer),
             _ => None,
         }
     }

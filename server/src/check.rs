@@ -19,7 +19,7 @@ use crate::auth::{Authz, Grant, Role};
 use crate::config::CheckSettings;
 use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
-    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey,
+    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey, StateSeed,
 };
 use crate::freshness::{Fence, Freshness};
 use crate::keys::{ApiKey, KeyRing, RingError};
@@ -53,6 +53,10 @@ pub enum CheckError {
     /// could be evicted; counting it against nothing would be a bypass.
     #[error("rate-limit state is full; retry later")]
     StateFull(Pool),
+    /// In a cluster: the nodes owning this check's state could not decide
+    /// it in time (a node left or cannot be reached; its slots move).
+    #[error("the node owning this key's state cannot be reached; retry")]
+    Unavailable,
     /// The calling certificate may not make this call. The text is safe to
     /// send to the caller.
     #[error("{0}")]
@@ -136,13 +140,24 @@ impl Checker {
         authz: Authz,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        Self::with_seed(settings, keys, authz, clock, StateSeed::random())
+    }
+
+    /// Like [`Self::new`], keying state ids with `seed` (the cluster's).
+    pub fn with_seed(
+        settings: CheckSettings,
+        keys: KeyRing,
+        authz: Authz,
+        clock: Arc<dyn Clock>,
+        seed: StateSeed,
+    ) -> Self {
         let now = clock.now();
         let failures = Gcra::new(
             settings.failure_limit,
             duration_nanos(settings.failure_period),
             settings.failure_limit,
         );
-        let engine = Engine::new(settings.shards, settings.nonce_capacity);
+        let engine = Engine::with_seed(settings.shards, settings.nonce_capacity, seed);
         engine.pools().set_total_cap(settings.max_limit_entries);
         engine
             .pools()
@@ -163,6 +178,17 @@ impl Checker {
     /// one may have accepted them.
     pub fn fence(&self) -> Fence {
         self.freshness.fence()
+    }
+
+    /// The time on the clock checks are decided by.
+    pub fn now(&self) -> Nanos {
+        self.clock.now()
+    }
+
+    /// Decides a state step on this process's engine.
+    pub fn decide_here(&self, pending: Pending) -> Result<Answer, CheckError> {
+        let outcome = self.engine.decide(pending.now, &pending.request());
+        pending.finish(Ok(outcome))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -198,8 +224,20 @@ impl Checker {
         &self.settings
     }
 
-    /// Runs the whole pipeline for one request.
+    /// Runs the whole pipeline for one request, on this process's state.
     pub fn check(&self, req: &CheckRequest, caller: &CallerIdentity) -> Result<Answer, CheckError> {
+        match self.begin(req, caller)? {
+            Step::Done(answer) => Ok(answer),
+            Step::State(pending) => self.decide_here(pending),
+        }
+    }
+
+    /// Runs the pipeline up to its state step: everything that needs no
+    /// state but the failure budgets (validation, authorization, signature,
+    /// freshness, route). What is left, if anything, is one [`Pending`] state
+    /// step: decided here by [`Self::check`], or by the owning nodes of a
+    /// cluster.
+    pub fn begin(&self, req: &CheckRequest, caller: &CallerIdentity) -> Result<Step, CheckError> {
         let now = self.clock.now();
         // Step 2, first part: without the role nothing else is looked at.
         let grant = self.authz.grant(caller.0.as_deref());
@@ -228,13 +266,16 @@ impl Checker {
                                 "this client certificate may not check requests for this key",
                             ));
                         }
-                        self.decide(req, &ring, &valid, &key, client, now)?
+                        match self.decide(req, &ring, &valid, &key, client, now) {
+                            Ok(denial) => denial,
+                            Err(pending) => return Ok(Step::State(*pending)),
+                        }
                     }
                 }
             }
         };
         let key_id = key_id.or_else(|| response.caller.as_ref().map(|c| c.key_id.clone()));
-        Ok(Answer { response, key_id })
+        Ok(Step::Done(Answer { response, key_id }))
     }
 
     /// Step 1: shape and bounds. Nothing is looked up yet.
@@ -398,7 +439,8 @@ impl Checker {
         Ok(key.clone())
     }
 
-    /// Steps 6 to 9 for an authenticated request.
+    /// Step 6 for an authenticated request; `Err` is the state step left
+    /// (steps 7 to 9) when the route is allowed.
     fn decide(
         &self,
         req: &CheckRequest,
@@ -407,7 +449,7 @@ impl Checker {
         key: &ApiKey,
         client: Option<&str>,
         now: Nanos,
-    ) -> Result<CheckResponse, CheckError> {
+    ) -> Result<CheckResponse, Box<Pending>> {
         // Step 6: may this key, from this client, call this route?
         let method = req.method.to_ascii_uppercase();
         if !key.may_call(&method, &req.path) {
@@ -427,18 +469,19 @@ impl Checker {
         }
 
         // Steps 7 to 9, atomically.
-        self.commit(req, ring, valid, key, now)
+        Err(Box::new(self.state_step(req, ring, valid, key, now)))
     }
 
-    /// Steps 7 to 9: replay and rate limits in one engine step.
-    fn commit(
+    /// Steps 7 to 9: the replay key and every rate limit, for one atomic
+    /// decision.
+    fn state_step(
         &self,
         req: &CheckRequest,
         ring: &KeyRing,
         valid: &Valid<'_>,
         key: &ApiKey,
         now: Nanos,
-    ) -> Result<CheckResponse, CheckError> {
+    ) -> Pending {
         let owner = key.id.as_bytes();
         // Bearer requests carry no nonce: there is nothing to replay-check.
         let replay_key = match &valid.credential {
@@ -476,51 +519,20 @@ impl Checker {
             ));
         }
 
-        let request = Request {
+        Pending {
+            now,
             nonce: replay_key.map(|k| (k, forget_at)),
-            limits: &limits,
+            limits,
             cost: valid.cost,
             commit: !req.dry_run,
-        };
-        match self.engine.decide(now, &request) {
-            Outcome::Replay => Ok(deny(Reason::Replay, "this request was already used")),
-            Outcome::NonceSetFull => Err(CheckError::ReplayCacheFull),
-            Outcome::StateFull(pool) => Err(CheckError::StateFull(pool)),
-            Outcome::Limited {
-                allowed,
-                limits: verdicts,
-            } => {
-                let statuses = limit_statuses(&named, &verdicts);
-                let headers = rate_limit_headers(&named, &verdicts);
-                let mut response = if allowed {
-                    CheckResponse {
-                        decision: Decision::Allow as i32,
-                        reason: Reason::Ok as i32,
-                        http_status: 200,
-                        caller: Some(Caller {
-                            key_id: key.id.clone(),
-                            owner: key.owner.clone(),
-                            scopes: key.scopes.clone(),
-                        }),
-                        ..Default::default()
-                    }
-                } else {
-                    let denied = verdicts.iter().filter(|v| !v.allowed);
-                    match denied.map(|v| v.retry_after).collect::<Option<Vec<_>>>() {
-                        Some(waits) => {
-                            let wait = waits.into_iter().max().unwrap_or(Nanos::ZERO);
-                            deny_with_retry(Reason::RateLimited, wait, "rate limit exceeded")
-                        }
-                        None => deny(
-                            Reason::RateLimited,
-                            "cost: more than a limit allows at once",
-                        ),
-                    }
-                };
-                response.limits = statuses;
-                response.headers.extend(headers);
-                Ok(response)
-            }
+            timestamp: matches!(valid.credential, Credential::Signed { .. })
+                .then_some(req.timestamp),
+            named,
+            caller: Caller {
+                key_id: key.id.clone(),
+                owner: key.owner.clone(),
+                scopes: key.scopes.clone(),
+            },
         }
     }
 
@@ -544,6 +556,101 @@ impl Checker {
             } => limits[0].retry_after,
             _ => None,
         }
+    }
+}
+
+/// Where a check stands after [`Checker::begin`].
+#[derive(Debug)]
+pub enum Step {
+    /// Decided without state: a denial (or a malformed request).
+    Done(Answer),
+    /// Authenticated and allowed on its route: the replay key and the rate
+    /// limits are left to decide, atomically.
+    State(Pending),
+}
+
+/// The state step of one check: what the engine (or a cluster's owners)
+/// must decide, and what the answer is built from.
+#[derive(Debug)]
+pub struct Pending {
+    /// When the check began; the local decision is made at this instant.
+    pub now: Nanos,
+    /// The replay key and when it may be forgotten (signed requests).
+    pub nonce: Option<(StateKey, Nanos)>,
+    /// Every limit: the key's policies, then the request limits.
+    pub limits: Vec<(StateKey, Limit)>,
+    pub cost: u64,
+    /// False for a dry run.
+    pub commit: bool,
+    /// The signed timestamp, for a cluster owner's takeover fence.
+    pub timestamp: Option<i64>,
+    /// Each limit's reported name, limit and period (seconds).
+    named: Vec<(String, Limit, u64)>,
+    caller: Caller,
+}
+
+/// A cluster owner refused the state step: the request may have been
+/// accepted by the node that owned its key before (see
+/// `cluster::fence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced;
+
+impl Pending {
+    /// The engine's view of this step.
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            nonce: self.nonce,
+            limits: &self.limits,
+            cost: self.cost,
+            commit: self.commit,
+        }
+    }
+
+    /// The answer, from the decision on [`Self::request`].
+    pub fn finish(self, outcome: Result<Outcome, Fenced>) -> Result<Answer, CheckError> {
+        let key_id = Some(self.caller.key_id.clone());
+        let response = match outcome {
+            Err(Fenced) => deny(
+                Reason::Stale,
+                "timestamp: signed before this key's state moved to another node; sign again with the current time",
+            ),
+            Ok(Outcome::Replay) => deny(Reason::Replay, "this request was already used"),
+            Ok(Outcome::NonceSetFull) => return Err(CheckError::ReplayCacheFull),
+            Ok(Outcome::StateFull(pool)) => return Err(CheckError::StateFull(pool)),
+            Ok(Outcome::Limited {
+                allowed,
+                limits: verdicts,
+            }) => {
+                let named = &self.named;
+                let statuses = limit_statuses(named, &verdicts);
+                let headers = rate_limit_headers(named, &verdicts);
+                let mut response = if allowed {
+                    CheckResponse {
+                        decision: Decision::Allow as i32,
+                        reason: Reason::Ok as i32,
+                        http_status: 200,
+                        caller: Some(self.caller),
+                        ..Default::default()
+                    }
+                } else {
+                    let denied = verdicts.iter().filter(|v| !v.allowed);
+                    match denied.map(|v| v.retry_after).collect::<Option<Vec<_>>>() {
+                        Some(waits) => {
+                            let wait = waits.into_iter().max().unwrap_or(Nanos::ZERO);
+                            deny_with_retry(Reason::RateLimited, wait, "rate limit exceeded")
+                        }
+                        None => deny(
+                            Reason::RateLimited,
+                            "cost: more than a limit allows at once",
+                        ),
+                    }
+                };
+                response.limits = statuses;
+                response.headers.extend(headers);
+                response
+            }
+        };
+        Ok(Answer { response, key_id })
     }
 }
 

@@ -112,9 +112,15 @@ impl KeyAdmin {
         ))
     }
 
-    /// The ids of every key checks know now (config file and store).
-    pub fn key_ids(&self) -> Vec<String> {
-        self.checker.keys().key_ids().map(str::to_owned).collect()
+    /// The state slot of every key checks know now (see
+    /// [`crate::engine::Slot`]): where a cluster keeps each key's state.
+    pub fn key_slots(&self) -> Vec<crate::engine::Slot> {
+        let engine = self.checker.engine();
+        self.checker
+            .keys()
+            .key_ids()
+            .map(|id| engine.key(id.as_bytes(), &[]).slot())
+            .collect()
     }
 
     pub fn config_keys(&self) -> &[KeyConfig] {

@@ -203,7 +203,8 @@ impl From<ServeError> for Failure {
             ServeError::Bind { .. }
             | ServeError::Transport(_)
             | ServeError::DrainTimeout
-            | ServeError::Reflection(_) => runtime(e),
+            | ServeError::Reflection(_)
+            | ServeError::Cluster(_) => runtime(e),
             ServeError::Tls(_)
             | ServeError::Store(_)
             | ServeError::Keys(_)

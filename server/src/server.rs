@@ -23,15 +23,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use warden_client::proto::admin_server::AdminServer;
+use warden_client::proto::peer_server::PeerServer;
 use warden_client::proto::warden_server::WardenServer;
 
 use crate::alerts::Alerts;
 use crate::audit::AuditLog;
 use crate::check::Checker;
-use crate::cluster::Membership;
+use crate::cluster::peer::PeerService;
+use crate::cluster::{ClusterState, Membership};
 use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
-use crate::engine::{Clock, SystemClock};
+use crate::engine::{Clock, StateSeed, SystemClock};
 use crate::gate::{Gate, Refusal};
 use crate::key_admin::KeyAdmin;
 use crate::keys::KeyRing;
@@ -69,6 +71,8 @@ pub enum ServeError {
     Keys(#[from] crate::keys::RingError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Serving status, for gRPC health and the HTTP readiness probe alike.
@@ -107,6 +111,8 @@ pub struct App {
     alerts: Arc<Alerts>,
     /// `Some` with `[cluster]`.
     membership: Option<Arc<Membership>>,
+    /// `Some` with `[cluster]`: routing of state steps to their owners.
+    cluster: Option<Arc<ClusterState>>,
 }
 
 impl App {
@@ -136,27 +142,47 @@ impl App {
             None => None,
         };
         let keys = KeyRing::build(&config.policies, &config.keys, store.as_deref())?;
-        let checker = Arc::new(Checker::new(
+        let coordinator = match (&config.cluster, &config.store) {
+            (Some(cluster), Some(store)) => store.postgres_url.clone().map(|url| (cluster, url)),
+            _ => None,
+        };
+        // Every node of a cluster keys state ids alike.
+        let seed = match &coordinator {
+            Some((_, url)) => crate::cluster::membership::state_seed(url)
+                .await
+                .map_err(|e| ServeError::Cluster(format!("cannot read the state seed: {e}")))?,
+            None => StateSeed::random(),
+        };
+        let checker = Arc::new(Checker::with_seed(
             config.check.clone(),
             keys,
             config.authz.clone(),
             clock.clone(),
+            seed,
         ));
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
-        let membership = match (&config.cluster, &config.store) {
-            (Some(cluster), Some(store)) => store
-                .postgres_url
-                .clone()
-                .map(|url| Membership::new(cluster.clone(), url)),
+        let membership = coordinator.map(|(cluster, url)| {
+            Membership::new(
+                cluster.clone(),
+                url,
+                config.check.past_skew,
+                config.check.future_skew,
+            )
+        });
+        let cluster = match (&membership, &config.cluster) {
+            (Some(m), Some(settings)) => {
+                let tls = match &settings.peer_tls {
+                    Some(p) => Some(
+                        warden_client::Tls::from_files(&p.ca, &p.cert, &p.key).map_err(|e| {
+                            ServeError::Cluster(format!("cannot read the peer certificate: {e}"))
+                        })?,
+                    ),
+                    None => None,
+                };
+                Some(Arc::new(ClusterState::new(m.clone(), checker.clone(), tls)))
+            }
             _ => None,
         };
-        if let Some(m) = &membership {
-            tracing::warn!(
-                event = "cluster_partial",
-                node = m.node(),
-                "cluster membership is on, but checks are not forwarded to owners yet: limits and nonces are per node (README, Running a cluster)"
-            );
-        }
         Ok(Self {
             config: config.clone(),
             clock,
@@ -167,6 +193,7 @@ impl App {
             checker,
             alerts,
             membership,
+            cluster,
         })
     }
 }
@@ -326,11 +353,16 @@ impl Bound {
         );
         let service = WardenServer::new(WardenService::new(
             app.checker.clone(),
+            app.cluster.clone(),
             app.alerts.clone(),
             app.audit.clone(),
             Admission::new(settings.max_inflight),
         ))
         .max_decoding_message_size(max_message);
+        let peer = app.cluster.clone().map(|state| {
+            background.spawn(expire_reservations(state.clone()));
+            PeerServer::new(PeerService::new(state, app.config.authz.clone()))
+        });
 
         let (draining_tx, draining_rx) = oneshot::channel::<()>();
         let drain = {
@@ -364,6 +396,7 @@ impl Bound {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
+            .add_optional_service(peer)
             .add_service(admin)
             .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);
 
@@ -515,6 +548,15 @@ async fn accept_loop(
             };
             metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
         });
+    }
+}
+
+/// Gives back cluster reservations that were never settled.
+async fn expire_reservations(state: Arc<ClusterState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        state.expire_reservations();
     }
 }
 

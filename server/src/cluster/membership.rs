@@ -14,16 +14,27 @@
 //! When PostgreSQL cannot be reached, a node keeps the last membership it
 //! saw and says so: `coordinator_ok` is false in `warden cluster status`,
 //! `warden_cluster_coordinator_ok` is 0, and a warning is logged once.
+//!
+//! The lease also decides whether this node may answer for the state it
+//! owns ([`Membership::may_serve`]): only until `lease_ttl - lease_ttl/10`
+//! after the start of its last successful renewal, which is before the
+//! database lets the lease run out, so a paused or cut-off node stops
+//! before anyone else may take its slots over. The one exception is an
+//! unreachable coordinator while this node keeps trying (its last attempt
+//! is recent and failed): then nobody can change the membership either,
+//! and the node serves on the last one it saw. After a pause (SIGSTOP) the
+//! last attempt is old, so the node answers nothing until it has renewed.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, oneshot, watch};
 
 /// Where membership changes are announced (NOTIFY) and heard (LISTEN).
 pub const CHANNEL: &str = "warden_members";
 
+use super::ownership::SlotTable;
 use crate::config::ClusterSettings;
 
 const SCHEMA: &str = "
@@ -70,7 +81,24 @@ pub struct Membership {
     settings: ClusterSettings,
     url: String,
     view: RwLock<View>,
+    /// Who owns which slot under `view`, with this node's takeover fences.
+    table: RwLock<Arc<SlotTable>>,
+    lease: Mutex<Lease>,
+    /// The largest future skew accepted, and the past skew: a takeover
+    /// fence covers what the previous owner could have accepted, and is
+    /// forgotten once nothing under it can be fresh.
+    future_skew: Duration,
+    past_skew: Duration,
     joined: watch::Sender<bool>,
+}
+
+/// What this node knows of its own lease.
+#[derive(Debug, Default)]
+struct Lease {
+    /// Until when it may answer for its slots (local monotonic clock).
+    valid_until: Option<Instant>,
+    /// When its last renewal attempt started, and whether it failed.
+    last_attempt: Option<(Instant, bool)>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -82,13 +110,49 @@ impl std::fmt::Debug for Membership {
 }
 
 impl Membership {
-    pub fn new(settings: ClusterSettings, coordinator_url: String) -> Arc<Self> {
+    pub fn new(
+        settings: ClusterSettings,
+        coordinator_url: String,
+        past_skew: Duration,
+        future_skew: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             url: coordinator_url,
             view: RwLock::new(View::default()),
+            table: RwLock::new(Arc::new(SlotTable::empty())),
+            lease: Mutex::new(Lease::default()),
+            future_skew,
+            past_skew,
             joined: watch::channel(false).0,
         })
+    }
+
+    /// Who owns which slot, as of the last membership seen.
+    pub fn table(&self) -> Arc<SlotTable> {
+        self.table.read().clone()
+    }
+
+    /// Whether this node may answer for the slots it owns right now (see
+    /// the module documentation).
+    pub fn may_serve(&self) -> bool {
+        let lease = self.lease.lock();
+        let now = Instant::now();
+        if lease.valid_until.is_some_and(|until| now < until) {
+            return true;
+        }
+        let every = self.settings.lease_ttl / 5;
+        matches!(lease.last_attempt, Some((at, true)) if now.duration_since(at) < every * 2)
+            && lease.valid_until.is_some()
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.settings.lease_ttl
+    }
+
+    /// How often the lease is renewed.
+    pub fn renew_every(&self) -> Duration {
+        self.settings.lease_ttl / 5
     }
 
     pub fn node(&self) -> &str {
@@ -122,8 +186,12 @@ impl Membership {
         stop: &mut oneshot::Receiver<()>,
     ) {
         loop {
+            let attempt = Instant::now();
             let connected = tokio::select! {
-                c = tokio_postgres::connect(&self.url, tokio_postgres::NoTls) => c,
+                c = tokio::time::timeout(every, tokio_postgres::connect(&self.url, tokio_postgres::NoTls)) => {
+                    c.map_err(|_| "connecting timed out".to_owned())
+                        .and_then(|c| c.map_err(|e| e.to_string()))
+                }
                 _ = &mut *stop => return,
             };
             let client = match connected {
@@ -132,7 +200,7 @@ impl Membership {
                     match client.batch_execute(SCHEMA).await {
                         Ok(()) => client,
                         Err(e) => {
-                            self.lost(&e.to_string());
+                            self.lost(&e.to_string(), attempt);
                             if continue_after(every, stop).await {
                                 return;
                             }
@@ -141,7 +209,7 @@ impl Membership {
                     }
                 }
                 Err(e) => {
-                    self.lost(&e.to_string());
+                    self.lost(&e, attempt);
                     if continue_after(every, stop).await {
                         return;
                     }
@@ -159,10 +227,15 @@ impl Membership {
                         return;
                     }
                 }
-                match renew(&client, &self.settings).await {
-                    Ok(view) => self.seen(view),
-                    Err(e) => {
-                        self.lost(&e.to_string());
+                let attempt = Instant::now();
+                match tokio::time::timeout(every * 2, renew(&client, &self.settings)).await {
+                    Ok(Ok((view, rejoined))) => self.seen(view, rejoined, attempt),
+                    Ok(Err(e)) => {
+                        self.lost(&e.to_string(), attempt);
+                        break;
+                    }
+                    Err(_) => {
+                        self.lost("renewal timed out", attempt);
                         break;
                     }
                 }
@@ -173,7 +246,17 @@ impl Membership {
         }
     }
 
-    fn seen(&self, view: View) {
+    /// A renewal that started at `attempt` succeeded with `view`;
+    /// `rejoined` when this node held no live lease before it (its first
+    /// join, or a lease that ran out meanwhile).
+    fn seen(&self, view: View, rejoined: bool, attempt: Instant) {
+        let ttl = self.settings.lease_ttl;
+        {
+            let mut lease = self.lease.lock();
+            lease.valid_until = Some(attempt + ttl - ttl / 10);
+            lease.last_attempt = Some((attempt, false));
+        }
+        self.update_table(&view, rejoined);
         let mut current = self.view.write();
         if !current.coordinator_ok && current.version > 0 {
             tracing::info!(
@@ -197,7 +280,56 @@ impl Membership {
         self.joined.send_replace(true);
     }
 
-    fn lost(&self, error: &str) {
+    /// Rebuilds the slot table when the membership changed. Slots taken
+    /// over get the takeover fence: the previous owner may have accepted
+    /// requests signed up to the moment it stopped answering plus the
+    /// future skew, and it stops at the latest one renewal interval after
+    /// the change (when it renews and sees it).
+    fn update_table(&self, view: &View, rejoined: bool) {
+        let before = self.table();
+        let now_secs = crate::engine::clock::unix_secs();
+        let past = u32::try_from(now_secs.saturating_sub(self.past_skew.as_secs())).unwrap_or(0);
+        if view.version == before.version && !rejoined {
+            if before.fences_before(past) {
+                let mut t = (*before).clone();
+                t.forget_fences_before(past);
+                *self.table.write() = Arc::new(t);
+            }
+            return;
+        }
+        let alone = view.members.iter().all(|m| m.node == self.settings.node);
+        // The first view: others owned everything until they hear of this
+        // node; alone, the process's restart fence covers whoever owned
+        // the slots before (they are gone since before this process began).
+        let first = before.version == 0;
+        let skipped = !first && view.version > before.version + 1;
+        let fence = if first && alone {
+            0
+        } else {
+            now_secs + self.future_skew.as_secs() + self.renew_every().as_secs().max(1) + 1
+        };
+        let nodes = view
+            .members
+            .iter()
+            .map(|m| (m.node.clone(), m.advertise.clone()))
+            .collect();
+        let mut table = SlotTable::build(
+            view.version,
+            nodes,
+            &self.settings.node,
+            &before,
+            (rejoined && !first) || skipped,
+            u32::try_from(fence).unwrap_or(u32::MAX),
+        );
+        table.forget_fences_before(past);
+        if table.version != before.version || rejoined {
+            metrics::counter!("warden_cluster_takeovers_total").increment(1);
+        }
+        *self.table.write() = Arc::new(table);
+    }
+
+    fn lost(&self, error: &str, attempt: Instant) {
+        self.lease.lock().last_attempt = Some((attempt, true));
         metrics::counter!("warden_cluster_coordinator_errors_total").increment(1);
         metrics::gauge!("warden_cluster_coordinator_ok").set(0.0);
         let mut view = self.view.write();
@@ -242,6 +374,38 @@ async fn continue_after(every: Duration, stop: &mut oneshot::Receiver<()>) -> bo
         _ = tokio::time::sleep(every) => false,
         _ = stop => true,
     }
+}
+
+/// The seed every node keys state ids with (see [`crate::engine`]): made
+/// by the first node and kept in the coordinator, so that all nodes agree
+/// on every id and a master-key rotation does not change them.
+pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let seed = async {
+        client.batch_execute(SCHEMA).await?;
+        client
+            .execute(
+                "INSERT INTO warden_meta (k, v) VALUES ('state_seed', $1) ON CONFLICT (k) DO NOTHING",
+                &[&crate::crypto::random_hex(16)],
+            )
+            .await?;
+        let v: String = client
+            .query_one("SELECT v FROM warden_meta WHERE k = 'state_seed'", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(v)
+    }
+    .await
+    .map_err(|e| e.to_string());
+    drop(client);
+    connection.abort();
+    let mut bytes = [0u8; 16];
+    hex::decode_to_slice(seed?.trim(), &mut bytes)
+        .map_err(|_| "warden_meta.state_seed is not 32 hex characters".to_owned())?;
+    Ok(crate::engine::StateSeed::from_bytes(bytes))
 }
 
 /// Bumps the version and announces it (delivered when the transaction
@@ -291,7 +455,7 @@ async fn listen(url: String, changed: Arc<Notify>) {
 async fn renew(
     client: &tokio_postgres::Client,
     settings: &ClusterSettings,
-) -> Result<View, tokio_postgres::Error> {
+) -> Result<(View, bool), tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
     client.batch_execute("BEGIN").await?;
     let result = async {
@@ -333,7 +497,7 @@ async fn renew(
                 &[],
             )
             .await?;
-        Ok(View {
+        let view = View {
             version: version.parse().unwrap_or(0),
             members: rows
                 .iter()
@@ -345,7 +509,8 @@ async fn renew(
                 })
                 .collect(),
             coordinator_ok: true,
-        })
+        };
+        Ok((view, joined))
     }
     .await;
     match result {

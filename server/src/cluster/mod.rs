@@ -1,12 +1,12 @@
-//! A cluster of warden processes: who is in it ([`membership`]) and who owns
-//! which piece of state ([`ownership`]).
-//!
-//! This is the first part of DESIGN.md's scale-out: membership on the
-//! PostgreSQL that already holds the shared key store, and ownership by
-//! rendezvous hashing. Checks are not forwarded to owners yet, so limits and
-//! nonces are still kept per process (README, "Running a cluster").
+//! A cluster of warden processes: who is in it ([`membership`]), who owns
+//! which slot of state ([`ownership`]), and how a check's state step
+//! reaches its owners ([`state`]) over the `warden.v1.Peer` service
+//! ([`peer`]). DESIGN.md, Scale-out.
 
 pub mod membership;
 pub mod ownership;
+pub mod peer;
+pub mod state;
 
 pub use membership::{Member, Membership, View};
+pub use state::{ClusterState, Unavailable};

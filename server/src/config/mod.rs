@@ -179,7 +179,7 @@ impl Config {
             .transpose()?;
         let cluster = file
             .cluster
-            .map(|c| cluster_settings(c, store.as_ref()))
+            .map(|c| cluster_settings(c, store.as_ref(), tls.as_ref(), base))
             .transpose()?;
         let policies = policies(file.policies)?;
         let names: HashSet<String> = policies.iter().map(|p| p.name.clone()).collect();
@@ -268,6 +268,8 @@ fn store_settings(
 fn cluster_settings(
     c: ClusterFile,
     store: Option<&StoreSettings>,
+    tls: Option<&TlsPaths>,
+    base: &Path,
 ) -> Result<ClusterSettings, Invalid> {
     if store.is_none_or(|s| s.postgres_url.is_none()) {
         return Err(bad(
@@ -292,10 +294,25 @@ fn cluster_settings(
     if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&lease_ttl) {
         return Err(bad("cluster.lease_ttl", "must be between 1s and 60s"));
     }
+    let peer_tls = match (tls, c.cert, c.key) {
+        (Some(tls), cert, key) => Some(PeerTls {
+            cert: cert.map_or_else(|| tls.cert.clone(), |p| base.join(p)),
+            key: key.map_or_else(|| tls.key.clone(), |p| base.join(p)),
+            ca: tls.client_ca.clone(),
+        }),
+        (None, None, None) => None,
+        (None, _, _) => {
+            return Err(bad(
+                "cluster.cert",
+                "peer certificates need [tls]; without TLS peers are called in plaintext",
+            ));
+        }
+    };
     Ok(ClusterSettings {
         node: c.node,
         advertise: c.advertise,
         lease_ttl,
+        peer_tls,
     })
 }
 
@@ -475,7 +492,7 @@ fn caller(field: &str, c: CallerFile, policies: &HashSet<String>) -> Result<Call
         let role = Role::parse(r).ok_or_else(|| {
             bad(
                 format!("{field}.roles[{j}]"),
-                format!("{r:?} is not one of \"check\", \"admin\", \"forward-identity\""),
+                format!("{r:?} is not one of \"check\", \"admin\", \"forward-identity\", \"peer\""),
             )
         })?;
         roles.insert(role);

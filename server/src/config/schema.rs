@@ -50,7 +50,8 @@ pub struct File {
 pub struct CallerFile {
     /// Exact identity, or a pattern with `*` (any run of characters but `/`).
     pub identity: String,
-    /// Any of "check", "admin", "forward-identity".
+    /// Any of "check", "admin", "forward-identity", "peer" (another node of
+    /// the cluster).
     pub roles: Vec<String>,
     /// With "check": only keys whose id starts with one of these.
     #[serde(default)]
@@ -171,6 +172,12 @@ pub struct ClusterFile {
     /// lease). Default "5s".
     #[serde(default, with = "humantime_serde")]
     pub lease_ttl: Option<Duration>,
+    /// The client certificate (PEM) this node presents to the others, whose
+    /// identity holds the "peer" role there; its chain must lead to their
+    /// `[tls] client_ca`. Default: `[tls] cert`.
+    pub cert: Option<PathBuf>,
+    /// Its private key. Default: `[tls] key`.
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,6 +69,18 @@ pub struct ClusterSettings {
     pub node: String,
     pub advertise: String,
     pub lease_ttl: Duration,
+    /// The client certificate and key presented to other nodes, and the CA
+    /// their server certificates must chain to. `None` in plaintext mode
+    /// (loopback only), where peers are called without TLS.
+    pub peer_tls: Option<PeerTls>,
+}
+
+/// Files of a node's identity towards its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// Limits and lifecycle of the server process.

@@ -188,6 +188,13 @@ impl<C: Clock> Clock for std::sync::Arc<C> {
 }
 
 /// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
+/// Whole seconds since the Unix epoch on the system clock (0 before it).
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn duration_nanos(d: Duration) -> Nanos {
     Nanos::from(d)
 }

@@ -19,6 +19,7 @@ pub struct Gcra {
     tolerance: Nanos,
     limit: u64,
     burst: u64,
+    period: Nanos,
 }
 
 /// The verdict on one request against one limit, and the state to store if
@@ -51,11 +52,16 @@ impl Gcra {
             tolerance: interval.saturating_mul(burst),
             limit,
             burst,
+            period,
         }
     }
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    pub fn period(&self) -> Nanos {
+        self.period
     }
 
     pub fn burst(&self) -> u64 {

@@ -10,12 +10,15 @@
 //! State is addressed by [`StateKey`]: a 64-bit keyed hash of what the state
 //! counts, plus the shard of its *owner* (an API key id, or a request-limit
 //! descriptor), so that all state of one key lives in one shard. 64 bits keep
-//! a map entry at 16 bytes; the top byte names the entry's [`Pool`] (see
-//! [`pools`]: what bounds client-made state), the other 56 bits are a hash
-//! keyed per process, so a client cannot aim collisions, and a chance
-//! collision is harmless in practice (two limits of one pool sharing a bucket
-//! with probability ~n²/2⁵⁷ — 7·10⁻⁶ at a million active entries — or a
-//! false REPLAY, never a false accept).
+//! a map entry at 16 bytes: the top byte names the entry's [`Pool`] (see
+//! [`pools`]: what bounds client-made state), the next 16 bits are the
+//! owner's [`Slot`] (which decides the shard here and the owning node in a
+//! cluster), the low 40 bits hash owner and parts together. The hash is
+//! keyed (SipHash-1-3; per process, or per cluster from the master key so
+//! that every node computes the same ids), so a client cannot aim
+//! collisions, and a chance collision is harmless in practice (two limits of
+//! one pool sharing a bucket with probability ~n²/2⁵⁷ — 7·10⁻⁶ at a million
+//! active entries — or a false REPLAY, never a false accept).
 
 pub mod clock;
 pub mod gcra;
@@ -24,10 +27,11 @@ pub mod pools;
 pub mod window;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
+use siphasher::sip::SipHasher13;
 use smallvec::SmallVec;
 
 pub use clock::{Clock, FakeClock, Nanos, SystemClock};
@@ -71,6 +75,56 @@ pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 pub struct StateKey {
     pub id: u64,
     pub shard: u32,
+}
+
+/// Which of 65,536 groups an owner's state falls in: all state of one API
+/// key (or one request-limit descriptor) shares a slot. A cluster assigns
+/// slots, not keys, to nodes, so that a node can tell from an id alone who
+/// owns it (and hand state over).
+pub type Slot = u16;
+
+/// How many slots there are.
+pub const SLOTS: usize = 1 << 16;
+
+const SLOT_SHIFT: u32 = 40;
+const HASH_BITS: u64 = (1 << SLOT_SHIFT) - 1;
+
+impl StateKey {
+    /// The slot of the owner this state belongs to.
+    pub fn slot(&self) -> Slot {
+        slot_of(self.id)
+    }
+}
+
+/// The slot carried in a state id.
+pub fn slot_of(id: u64) -> Slot {
+    (id >> SLOT_SHIFT) as Slot
+}
+
+/// The 16-byte secret state ids are keyed with. Every node of a cluster
+/// must use the same one (derived from the shared master key); a single
+/// process may use a random one.
+#[derive(Clone, Copy)]
+pub struct StateSeed([u8; 16]);
+
+impl StateSeed {
+    pub fn random() -> Self {
+        Self(crate::crypto::random_bytes::<16>())
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    fn hasher(&self) -> SipHasher13 {
+        SipHasher13::new_with_key(&self.0)
+    }
+}
+
+impl std::fmt::Debug for StateSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateSeed(..)")
+    }
 }
 
 /// One rate-limit algorithm with its parameters.
@@ -187,7 +241,7 @@ pub struct Occupancy {
 #[derive(Debug)]
 pub struct Engine {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    seed: StateSeed,
     /// Nonces remembered across all shards, and the most allowed.
     nonce_count: AtomicUsize,
     nonce_capacity: usize,
@@ -196,9 +250,16 @@ pub struct Engine {
 
 impl Engine {
     /// `shards` is rounded up to a power of two; `nonce_capacity` bounds the
-    /// nonces remembered across all shards together.
+    /// nonces remembered across all shards together. State ids are keyed
+    /// with a random seed.
     pub fn new(shards: usize, nonce_capacity: usize) -> Self {
-        let count = shards.max(1).next_power_of_two();
+        Self::with_seed(shards, nonce_capacity, StateSeed::random())
+    }
+
+    /// Like [`Self::new`], with the seed state ids are keyed with (the same
+    /// on every node of a cluster). At most [`SLOTS`] shards.
+    pub fn with_seed(shards: usize, nonce_capacity: usize, seed: StateSeed) -> Self {
+        let count = shards.clamp(1, SLOTS).next_power_of_two();
         let shards = (0..count)
             .map(|_| {
                 Mutex::new(Shard {
@@ -211,7 +272,7 @@ impl Engine {
             .collect();
         Self {
             shards,
-            hasher: RandomState::new(),
+            seed,
             nonce_count: AtomicUsize::new(0),
             nonce_capacity,
             pools: PoolTable::new(usize::MAX),
@@ -233,20 +294,28 @@ impl Engine {
 
     /// Like [`Self::key`], for state that belongs to `pool`.
     pub fn key_in(&self, pool: Pool, owner: &[u8], parts: &[&[u8]]) -> StateKey {
-        // One keyed hash: the owner's prefix decides the shard, the whole
-        // (owner and parts) the id, so the owner is hashed once.
-        let mut h = self.hasher.build_hasher();
-        h.write_usize(owner.len());
+        // One keyed hash: the owner's prefix decides the slot (and so the
+        // shard), the whole (owner and parts) the id, so the owner is
+        // hashed once.
+        let mut h = self.seed.hasher();
+        h.write_u64(owner.len() as u64);
         h.write(owner);
-        let shard_mask = self.shards.len() as u64 - 1;
-        let shard = (h.clone().finish() & shard_mask) as u32;
+        let slot = (h.clone().finish() >> 48) as Slot;
         for part in parts {
-            h.write_usize(part.len());
+            h.write_u64(part.len() as u64);
             h.write(part);
         }
+        let id = (u64::from(slot) << SLOT_SHIFT) | (h.finish() & HASH_BITS);
+        self.placed(pool.tag(id))
+    }
+
+    /// The key of a state id computed elsewhere (by another node with the
+    /// same seed): its shard follows from its slot.
+    pub fn placed(&self, id: u64) -> StateKey {
+        let shard_mask = self.shards.len() as u32 - 1;
         StateKey {
-            id: pool.tag(h.finish()),
-            shard,
+            id,
+            shard: u32::from(slot_of(id)) & shard_mask,
         }
     }
 
@@ -371,6 +440,49 @@ impl Engine {
         Outcome::Limited {
             allowed,
             limits: verdicts,
+        }
+    }
+
+    /// Gives back what a committed, allowed `request` took at `taken_at`: its
+    /// nonce is forgotten and its cost returned to every limit. For a check
+    /// spanning cluster nodes that took its share here and was then refused
+    /// elsewhere (or never confirmed). Requests taken since keep theirs: a
+    /// bucket's TAT moves back by the cost, a window's count drops by it in
+    /// the window it was counted in (or, one window later, in the previous
+    /// count); an older window has no trace of it left.
+    pub fn refund(&self, taken_at: Nanos, request: &Request<'_>) {
+        let mut touched: SmallVec<[u32; 8]> = request
+            .nonce
+            .iter()
+            .map(|(k, _)| k.shard)
+            .chain(request.limits.iter().map(|(k, _)| k.shard))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> = touched
+            .iter()
+            .map(|&i| self.shards[i as usize].lock())
+            .collect();
+        let shard = |k: &StateKey| touched.binary_search(&k.shard).expect("locked");
+        if let Some((key, _)) = &request.nonce
+            && guards[shard(key)].nonces.remove(*key)
+        {
+            self.nonce_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        for (key, limit) in request.limits {
+            let s = &mut guards[shard(key)];
+            match limit {
+                Limit::Gcra(g) => {
+                    if let Some(tat) = s.buckets.get_mut(&key.id) {
+                        *tat = tat.saturating_sub(g.interval().saturating_mul(request.cost));
+                    }
+                }
+                Limit::Window(w) => {
+                    if let Some(state) = s.windows.get_mut(&key.id) {
+                        w.refund(state, taken_at, request.cost);
+                    }
+                }
+            }
         }
     }
 

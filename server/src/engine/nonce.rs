@@ -53,6 +53,12 @@ impl NonceSet {
         self.entries.insert(key.id, secs).is_none()
     }
 
+    /// Forgets `key` (a reservation given back). Returns whether it was
+    /// there.
+    pub fn remove(&mut self, key: StateKey) -> bool {
+        self.entries.remove(&key.id).is_some()
+    }
+
     /// Drops every nonce that may be forgotten at `now`; returns how many.
     pub fn sweep(&mut self, now: Nanos) -> usize {
         let before = self.entries.len();

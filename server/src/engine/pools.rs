@@ -126,6 +126,39 @@ impl PoolTable {
         pool
     }
 
+    /// How a pool is named between cluster nodes, whose pool numbers differ:
+    /// "keys", "failures", "policy:<name>" or "other-policies".
+    pub fn wire_name(&self, pool: Pool) -> String {
+        match pool {
+            Pool::KEYS => "keys".to_owned(),
+            Pool::FAILURES => "failures".to_owned(),
+            Pool::SHARED => "other-policies".to_owned(),
+            _ => self
+                .names
+                .read()
+                .iter()
+                .find(|(_, p)| **p == pool)
+                .map_or_else(
+                    || "other-policies".to_owned(),
+                    |(n, _)| format!("policy:{n}"),
+                ),
+        }
+    }
+
+    /// The pool a [`Self::wire_name`] stands for here; `None` when it is
+    /// not one.
+    pub fn from_wire_name(&self, name: &str) -> Option<Pool> {
+        match name {
+            "keys" => Some(Pool::KEYS),
+            "failures" => Some(Pool::FAILURES),
+            "other-policies" => Some(Pool::SHARED),
+            _ => name
+                .strip_prefix("policy:")
+                .filter(|n| crate::model::is_valid_name(n))
+                .map(|n| self.policy(n)),
+        }
+    }
+
     pub fn set_cap(&self, pool: Pool, cap: Option<usize>) {
         self.caps[pool.index()].store(cap.unwrap_or(UNCAPPED), Ordering::Relaxed);
     }

@@ -55,6 +55,10 @@ impl Window {
         self.limit
     }
 
+    pub fn period(&self) -> Nanos {
+        self.period
+    }
+
     pub fn kind(&self) -> WindowKind {
         self.kind
     }
@@ -144,6 +148,17 @@ impl Window {
                 let e = p - free / u128::from(cur);
                 Some(to_window_end + Nanos::new(u64::try_from(e).unwrap_or(u64::MAX)))
             }
+        }
+    }
+
+    /// Takes back `cost` counted at `taken_at` from `state`.
+    pub fn refund(&self, state: &mut WindowState, taken_at: Nanos, cost: u64) {
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let index = taken_at / self.period;
+        if state.index == index {
+            state.cur = state.cur.saturating_sub(cost);
+        } else if state.index == index + 1 {
+            state.prev = state.prev.saturating_sub(cost);
         }
     }
 

@@ -389,13 +389,11 @@ impl Admin for AdminService {
             )
         })?;
         let view = membership.view();
-        let key_ids = self.keys.key_ids();
-        let mut owned: BTreeMap<&str, u64> = BTreeMap::new();
-        for id in &key_ids {
-            if let Some(owner) = crate::cluster::ownership::key_owner(view.nodes(), id) {
-                *owned.entry(owner).or_default() += 1;
-            }
-        }
+        let owned: BTreeMap<String, u64> = membership
+            .table()
+            .count_owned(self.keys.key_slots())
+            .into_iter()
+            .collect();
         Ok(Response::new(ClusterStatusResponse {
             node: membership.node().to_owned(),
             version: view.version,

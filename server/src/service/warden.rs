@@ -13,12 +13,15 @@ use warden_client::reason_name;
 use super::{Admission, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
-use crate::check::{CallerIdentity, CheckError, Checker};
+use crate::check::{Answer, CallerIdentity, CheckError, Checker, Step};
+use crate::cluster::ClusterState;
 
 /// Answers checks with the shared [`Checker`].
 #[derive(Debug, Clone)]
 pub struct WardenService {
     checker: Arc<Checker>,
+    /// `Some` in a cluster: state steps go to their owners.
+    cluster: Option<Arc<ClusterState>>,
     alerts: Arc<Alerts>,
     audit: Option<Arc<AuditLog>>,
     admission: Admission,
@@ -27,12 +30,14 @@ pub struct WardenService {
 impl WardenService {
     pub fn new(
         checker: Arc<Checker>,
+        cluster: Option<Arc<ClusterState>>,
         alerts: Arc<Alerts>,
         audit: Option<Arc<AuditLog>>,
         admission: Admission,
     ) -> Self {
         Self {
             checker,
+            cluster,
             alerts,
             audit,
             admission,
@@ -43,6 +48,7 @@ impl WardenService {
 /// What a check needs besides the request: shared by unary and streams.
 struct Context<'a> {
     checker: &'a Checker,
+    cluster: Option<&'a ClusterState>,
     alerts: &'a Alerts,
     audit: Option<&'a AuditLog>,
 }
@@ -62,10 +68,11 @@ impl Warden for WardenService {
         let caller = caller_of(&request);
         let ctx = Context {
             checker: &self.checker,
+            cluster: self.cluster.as_deref(),
             alerts: &self.alerts,
             audit: self.audit.as_deref(),
         };
-        let answer = check_one(&ctx, &request.into_inner(), &caller);
+        let answer = check_one(&ctx, &request.into_inner(), &caller).await;
         metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "Check")
             .record(started.elapsed().as_secs_f64());
         answer.map(Response::new)
@@ -82,8 +89,9 @@ impl Warden for WardenService {
         let caller = caller_of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (checker, alerts, audit) = (
+        let (checker, cluster, alerts, audit) = (
             self.checker.clone(),
+            self.cluster.clone(),
             self.alerts.clone(),
             self.audit.clone(),
         );
@@ -96,10 +104,11 @@ impl Warden for WardenService {
                         let started = Instant::now();
                         let ctx = Context {
                             checker: &checker,
+                            cluster: cluster.as_deref(),
                             alerts: &alerts,
                             audit: audit.as_deref(),
                         };
-                        let answer = check_one(&ctx, &req, &caller);
+                        let answer = check_one(&ctx, &req, &caller).await;
                         metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "CheckStream")
                             .record(started.elapsed().as_secs_f64());
                         answer
@@ -117,15 +126,35 @@ impl Warden for WardenService {
     }
 }
 
+/// Runs the pipeline for one request: here, or with its state step decided
+/// by the owning nodes of a cluster.
+async fn run_check(
+    ctx: &Context<'_>,
+    req: &CheckRequest,
+    caller: &CallerIdentity,
+) -> Result<Answer, CheckError> {
+    let pending = match ctx.checker.begin(req, caller)? {
+        Step::Done(answer) => return Ok(answer),
+        Step::State(pending) => pending,
+    };
+    match ctx.cluster {
+        None => ctx.checker.decide_here(pending),
+        Some(cluster) => match cluster.decide(&pending).await {
+            Ok(outcome) => pending.finish(outcome),
+            Err(_) => Err(CheckError::Unavailable),
+        },
+    }
+}
+
 /// Runs one check and logs a denial. The log line carries the key id,
 /// caller, reason and request id — never the signature, a secret or the body.
-fn check_one(
+async fn check_one(
     ctx: &Context<'_>,
     req: &CheckRequest,
     caller: &CallerIdentity,
 ) -> Result<CheckResponse, Status> {
     let request_id = loggable_request_id(&req.request_id);
-    match ctx.checker.check(req, caller) {
+    match run_check(ctx, req, caller).await {
         Ok(decision) => {
             let r = &decision.response;
             let decision_name = if r.decision() == Decision::Allow {
@@ -193,6 +222,16 @@ fn check_one(
             Err(Status::resource_exhausted(
                 "rate-limit state is full; retry later",
             ))
+        }
+        Err(CheckError::Unavailable) => {
+            metrics::counter!("warden_check_errors_total", "cause" => "unavailable").increment(1);
+            tracing::warn!(
+                event = "state_unavailable",
+                caller = caller.as_str(),
+                request_id,
+                "the cluster nodes owning this check's state did not decide it in time"
+            );
+            Err(Status::unavailable(CheckError::Unavailable.to_string()))
         }
         Err(CheckError::ReplayCacheFull) => {
             metrics::counter!("warden_check_errors_total", "cause" => "replay_cache_full")

@@ -1,0 +1,610 @@
+//! A check's state step across the cluster: sent by the node that received
+//! the check to the nodes owning its parts, and decided there.
+//!
+//! The receiving node has done everything stateless (validation,
+//! authorization, signature, freshness, route). What is left — the replay
+//! key and the rate limits — is split by owner ([`SlotTable`]):
+//!
+//! - **One owner** (the usual case: a key's nonce and policies share its
+//!   slot): one `Decide`, atomic on that node exactly as on a single node.
+//!   When the owner is this node, no hop at all.
+//! - **Several owners** (a key on A, a per-IP limit on B): two phases.
+//!   `Reserve` on every owner decides its part and, if it passes, takes it
+//!   and holds it under a reservation; then `Settle` keeps every part (all
+//!   passed) or gives back every part that was taken (any was refused). A
+//!   denied request therefore takes nothing anywhere, and of two identical
+//!   requests exactly one wins: the first to reserve the nonce holds it, the
+//!   second sees REPLAY. A reservation not settled within
+//!   [`RESERVATION_TIMEOUT`] is given back by its owner. The receiving node
+//!   answers ALLOW only after every owner acknowledged its commit; if one
+//!   did not, the answer is UNAVAILABLE (never an ALLOW that a lost nonce
+//!   could let through twice).
+//!
+//! Bounds if a node dies mid-check: if the receiving node dies between
+//! reserve and settle, owners give the reservations back after the timeout
+//! (the client got no answer, so nothing was admitted; tokens are held up
+//! to 2 s meanwhile). If it dies after some commits, the committed parts
+//! stay taken although the client got no ALLOW: under-admission by at most
+//! the cost of the checks it had in flight. If an owner dies, its slots'
+//! counters start afresh on their next owner (over-admission of at most one
+//! period's limit per limit and failover) and the takeover fence there
+//! refuses every request the dead owner may have accepted.
+//!
+//! An owner answers only for slots it owns in its own current membership,
+//! and only while its lease is valid ([`super::Membership::may_serve`]);
+//! otherwise it says NOT_OWNER and the receiving node routes again with a
+//! fresher membership, for up to one lease TTL, before giving up with
+//! UNAVAILABLE.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use tonic::transport::Channel;
+use warden_client::Tls;
+use warden_client::proto::peer_client::PeerClient;
+use warden_client::proto::state_limit::Limit as WireLimit;
+use warden_client::proto::state_verdict::Outcome as WireOutcome;
+use warden_client::proto::{
+    GcraLimit, LimitVerdict as WireVerdict, Settlement, StateLimit, StateNonce, StateStep,
+    StateVerdict, WindowLimit,
+};
+
+use super::Membership;
+use super::ownership::SlotTable;
+use crate::check::{Checker, Fenced, Pending};
+use crate::engine::{
+    Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey, Verdicts, Window, WindowKind,
+    slot_of,
+};
+
+/// How long an owner holds a reservation before giving it back by itself.
+pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one call to a peer may take.
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before routing again after a NOT_OWNER or an unreachable owner.
+const REROUTE_PAUSE: Duration = Duration::from_millis(50);
+
+/// The owners could not decide in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// How one routing attempt ended.
+enum Attempt {
+    Decided(Result<Outcome, Fenced>),
+    /// An owner was not (or no longer) the owner, or unreachable: nothing
+    /// is held; route again with a fresher membership.
+    Reroute,
+    /// An owner did not confirm a commit: give up rather than answer.
+    Unconfirmed,
+}
+
+/// What one owner said about its part.
+enum PartAnswer {
+    Verdict(StateVerdict),
+    /// The call failed (unreachable, timed out): route again.
+    Failed,
+}
+
+/// A part taken under a reservation, given back unless settled in time.
+struct Reservation {
+    taken_at: Nanos,
+    nonce: Option<(StateKey, Nanos)>,
+    limits: Vec<(StateKey, Limit)>,
+    cost: u64,
+    expires: Instant,
+}
+
+/// This node's side of the cluster's state: routing state steps to their
+/// owners, and deciding the parts it owns.
+pub struct ClusterState {
+    membership: Arc<Membership>,
+    checker: Arc<Checker>,
+    tls: Option<Tls>,
+    peers: Mutex<HashMap<String, PeerClient<Channel>>>,
+    reservations: Mutex<HashMap<u64, Reservation>>,
+}
+
+impl std::fmt::Debug for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterState")
+            .field("node", &self.membership.node())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One owner's share of a state step: its index among the members, its
+/// address, and which of the step's parts (by position) it holds.
+struct Share {
+    owner: u16,
+    address: String,
+    nonce: bool,
+    limits: SmallVec<[usize; 4]>,
+}
+
+impl ClusterState {
+    pub fn new(membership: Arc<Membership>, checker: Arc<Checker>, tls: Option<Tls>) -> Self {
+        Self {
+            membership,
+            checker,
+            tls,
+            peers: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Decides `pending` on the nodes that own its parts.
+    pub async fn decide(&self, pending: &Pending) -> Result<Result<Outcome, Fenced>, Unavailable> {
+        let deadline = Instant::now() + self.membership.lease_ttl();
+        loop {
+            let table = self.membership.table();
+            match self.try_decide(&table, pending).await {
+                Attempt::Decided(decided) => return Ok(decided),
+                Attempt::Unconfirmed => return Err(Unavailable),
+                Attempt::Reroute => {}
+            }
+            metrics::counter!("warden_cluster_reroutes_total").increment(1);
+            if Instant::now() >= deadline {
+                return Err(Unavailable);
+            }
+            tokio::time::sleep(REROUTE_PAUSE).await;
+        }
+    }
+
+    /// One attempt under `table`.
+    async fn try_decide(&self, table: &SlotTable, pending: &Pending) -> Attempt {
+        let Some(shares) = shares(table, pending) else {
+            return Attempt::Reroute;
+        };
+        if shares.len() == 1 {
+            let step = self.step(table, pending, &shares[0]);
+            return match self.call(table, &shares[0], step, Phase::Decide).await {
+                PartAnswer::Verdict(v) => self.outcome_of(&v),
+                PartAnswer::Failed => Attempt::Reroute,
+            };
+        }
+        let phase = if pending.commit {
+            Phase::Reserve
+        } else {
+            Phase::Decide
+        };
+        let calls = shares.iter().map(|share| {
+            let step = self.step(table, pending, share);
+            self.call(table, share, step, phase)
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let taken: Vec<(&Share, u64)> = shares
+            .iter()
+            .zip(&answers)
+            .filter_map(|(share, a)| match a {
+                PartAnswer::Verdict(v) if v.reservation != 0 => Some((share, v.reservation)),
+                _ => None,
+            })
+            .collect();
+        let verdicts: Option<Vec<&StateVerdict>> = answers
+            .iter()
+            .map(|a| match a {
+                PartAnswer::Verdict(v) if v.outcome() != WireOutcome::NotOwner => Some(v),
+                _ => None,
+            })
+            .collect();
+        let Some(verdicts) = verdicts else {
+            self.settle_all(table, &taken, false).await;
+            return Attempt::Reroute;
+        };
+        // Refusals in the order one engine would find them: the fence, the
+        // nonce, then room, then limits.
+        let first_refusal = [
+            WireOutcome::Fenced,
+            WireOutcome::Replay,
+            WireOutcome::NonceSetFull,
+            WireOutcome::StateFull,
+        ]
+        .into_iter()
+        .find_map(|o| verdicts.iter().find(|v| v.outcome() == o));
+        let allowed = first_refusal.is_none() && verdicts.iter().all(|v| v.allowed);
+        if !pending.commit || !allowed {
+            self.settle_all(table, &taken, false).await;
+        } else if !self.settle_all(table, &taken, true).await {
+            // A part could not be confirmed: its owner may have given it
+            // back, nonce included, so an ALLOW could be replayed.
+            metrics::counter!("warden_cluster_settle_failures_total").increment(1);
+            return Attempt::Unconfirmed;
+        }
+        if let Some(refusal) = first_refusal {
+            return self.outcome_of(refusal);
+        }
+        // Parts given back report what their limits hold without them.
+        let released = !allowed;
+        let mut parts: Vec<Option<LimitVerdict>> = vec![None; pending.limits.len()];
+        for (share, v) in shares.iter().zip(&verdicts) {
+            for (&at, w) in share.limits.iter().zip(&v.limits) {
+                let mut verdict = limit_verdict(w);
+                if released && v.allowed {
+                    let limit = pending.limits[at].1.limit();
+                    verdict.remaining = (verdict.remaining + pending.cost).min(limit);
+                }
+                parts[at] = Some(verdict);
+            }
+        }
+        match parts.into_iter().collect::<Option<Verdicts>>() {
+            Some(limits) => Attempt::Decided(Ok(Outcome::Limited { allowed, limits })),
+            // An owner answered fewer verdicts than it was sent limits.
+            None => Attempt::Reroute,
+        }
+    }
+
+    /// The outcome of a one-owner step (or a refusal) from its verdict.
+    fn outcome_of(&self, v: &StateVerdict) -> Attempt {
+        Attempt::Decided(Ok(match v.outcome() {
+            WireOutcome::Fenced => return Attempt::Decided(Err(Fenced)),
+            WireOutcome::Replay => Outcome::Replay,
+            WireOutcome::NonceSetFull => Outcome::NonceSetFull,
+            WireOutcome::StateFull => Outcome::StateFull(
+                self.checker
+                    .engine()
+                    .pools()
+                    .from_wire_name(&v.pool)
+                    .unwrap_or(crate::engine::Pool::FAILURES),
+            ),
+            WireOutcome::Limited => Outcome::Limited {
+                allowed: v.allowed,
+                limits: v.limits.iter().map(limit_verdict).collect(),
+            },
+            WireOutcome::NotOwner | WireOutcome::Unspecified => return Attempt::Reroute,
+        }))
+    }
+
+    /// Keeps (or gives back) every reservation in `taken`; whether every
+    /// owner confirmed.
+    async fn settle_all(&self, table: &SlotTable, taken: &[(&Share, u64)], commit: bool) -> bool {
+        let calls = taken.iter().map(|(share, reservation)| async move {
+            if Some(share.owner) == table.me() {
+                return self.settle(*reservation, commit);
+            }
+            let Some(mut client) = self.peer(&share.address) else {
+                return false;
+            };
+            let mut request = tonic::Request::new(Settlement {
+                reservation: *reservation,
+                commit,
+            });
+            request.set_timeout(PEER_CALL_TIMEOUT);
+            client
+                .settle(request)
+                .await
+                .is_ok_and(|r| r.into_inner().found)
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|ok| ok)
+    }
+
+    /// The wire form of one share of `pending`.
+    fn step(&self, table: &SlotTable, pending: &Pending, share: &Share) -> StateStep {
+        let pools = self.checker.engine().pools();
+        StateStep {
+            version: table.version,
+            nonce: pending
+                .nonce
+                .filter(|_| share.nonce)
+                .map(|(k, at)| StateNonce {
+                    id: k.id,
+                    forget_at_ns: at.get(),
+                }),
+            limits: share
+                .limits
+                .iter()
+                .map(|&i| {
+                    let (key, limit) = pending.limits[i];
+                    StateLimit {
+                        id: key.id,
+                        pool: pools.wire_name(crate::engine::Pool::of(key.id)),
+                        limit: Some(wire_limit(limit)),
+                    }
+                })
+                .collect(),
+            cost: pending.cost,
+            commit: pending.commit,
+            timestamp: pending.timestamp.unwrap_or(0),
+        }
+    }
+
+    /// Sends one share to its owner (or decides it here).
+    async fn call(
+        &self,
+        table: &SlotTable,
+        share: &Share,
+        step: StateStep,
+        phase: Phase,
+    ) -> PartAnswer {
+        if Some(share.owner) == table.me() {
+            metrics::counter!("warden_cluster_state_steps_total", "route" => "local").increment(1);
+            return PartAnswer::Verdict(self.serve(&step, phase));
+        }
+        let Some(mut client) = self.peer(&share.address) else {
+            return PartAnswer::Failed;
+        };
+        let started = Instant::now();
+        let mut request = tonic::Request::new(step);
+        request.set_timeout(PEER_CALL_TIMEOUT);
+        let answer = match phase {
+            Phase::Decide => client.decide(request).await,
+            Phase::Reserve => client.reserve(request).await,
+        };
+        metrics::histogram!("warden_cluster_forward_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(v) => {
+                metrics::counter!("warden_cluster_state_steps_total", "route" => "forwarded")
+                    .increment(1);
+                PartAnswer::Verdict(v.into_inner())
+            }
+            Err(status) => {
+                metrics::counter!("warden_cluster_forward_errors_total").increment(1);
+                tracing::debug!(peer = %share.address, code = ?status.code(), "state step to a peer failed");
+                PartAnswer::Failed
+            }
+        }
+    }
+
+    /// A client for the peer at `address`, connected on first use.
+    fn peer(&self, address: &str) -> Option<PeerClient<Channel>> {
+        let mut peers = self.peers.lock();
+        if let Some(client) = peers.get(address) {
+            return Some(client.clone());
+        }
+        let channel = warden_client::lazy_channel(address, self.tls.as_ref()).ok()?;
+        let client = PeerClient::new(channel);
+        peers.insert(address.to_owned(), client.clone());
+        Some(client)
+    }
+
+    /// The owner's side: decides `step` if every part of it is this node's
+    /// now; under [`Phase::Reserve`] what passes is taken and held.
+    pub fn serve(&self, step: &StateStep, phase: Phase) -> StateVerdict {
+        let table = self.membership.table();
+        let refuse = |outcome: WireOutcome| StateVerdict {
+            outcome: outcome as i32,
+            version: table.version,
+            ..Default::default()
+        };
+        let ids = step
+            .nonce
+            .iter()
+            .map(|n| n.id)
+            .chain(step.limits.iter().map(|l| l.id));
+        let mut slots: SmallVec<[u16; 8]> = ids.map(slot_of).collect();
+        if slots.is_empty() {
+            return refuse(WireOutcome::NotOwner);
+        }
+        if !self.membership.may_serve() || !slots.iter().all(|&s| table.is_mine(s)) {
+            metrics::counter!("warden_cluster_not_owner_total").increment(1);
+            return refuse(WireOutcome::NotOwner);
+        }
+        slots.dedup();
+        if step.timestamp != 0 && slots.iter().any(|&s| table.fenced(s, step.timestamp)) {
+            return refuse(WireOutcome::Fenced);
+        }
+        let engine = self.checker.engine();
+        let Some(limits) = step
+            .limits
+            .iter()
+            .map(|l| {
+                let pool = engine.pools().from_wire_name(&l.pool)?;
+                let limit = limit_from_wire(l.limit.as_ref()?)?;
+                Some((engine.placed(pool.tag(l.id)), limit))
+            })
+            .collect::<Option<Vec<_>>>()
+        else {
+            return refuse(WireOutcome::Unspecified);
+        };
+        let nonce = step
+            .nonce
+            .as_ref()
+            .map(|n| (engine.placed(n.id), Nanos::new(n.forget_at_ns)));
+        let now = self.checker.now();
+        let cost = step.cost.max(1);
+        let outcome = engine.decide(
+            now,
+            &Request {
+                nonce,
+                limits: &limits,
+                cost,
+                commit: step.commit,
+            },
+        );
+        let mut verdict = wire_verdict(&outcome, engine);
+        verdict.version = table.version;
+        if let (Phase::Reserve, true, Outcome::Limited { allowed: true, .. }) =
+            (phase, step.commit, &outcome)
+        {
+            let id = loop {
+                let id = u64::from_le_bytes(crate::crypto::random_bytes::<8>());
+                if id != 0 && !self.reservations.lock().contains_key(&id) {
+                    break id;
+                }
+            };
+            self.reservations.lock().insert(
+                id,
+                Reservation {
+                    taken_at: now,
+                    nonce,
+                    limits,
+                    cost,
+                    expires: Instant::now() + RESERVATION_TIMEOUT,
+                },
+            );
+            verdict.reservation = id;
+        }
+        verdict
+    }
+
+    /// Keeps or gives back a reservation; whether it was still held.
+    pub fn settle(&self, reservation: u64, commit: bool) -> bool {
+        let Some(r) = self.reservations.lock().remove(&reservation) else {
+            return false;
+        };
+        if !commit {
+            self.give_back(&r);
+        }
+        true
+    }
+
+    fn give_back(&self, r: &Reservation) {
+        self.checker.engine().refund(
+            r.taken_at,
+            &Request {
+                nonce: r.nonce,
+                limits: &r.limits,
+                cost: r.cost,
+                commit: true,
+            },
+        );
+    }
+
+    /// Gives back reservations nobody settled in time; run every so often.
+    pub fn expire_reservations(&self) {
+        let now = Instant::now();
+        let expired: Vec<Reservation> = {
+            let mut held = self.reservations.lock();
+            let ids: Vec<u64> = held
+                .iter()
+                .filter(|(_, r)| r.expires <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| held.remove(id)).collect()
+        };
+        for r in &expired {
+            self.give_back(r);
+        }
+        if !expired.is_empty() {
+            metrics::counter!("warden_cluster_reservations_expired_total")
+                .increment(expired.len() as u64);
+        }
+    }
+}
+
+/// Whether an owner holds what it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Decide and store (all of the step is this owner's).
+    Decide,
+    /// Decide, take and hold until settled.
+    Reserve,
+}
+
+/// Splits `pending` by owner; `None` when a slot has no owner (no members).
+fn shares(table: &SlotTable, pending: &Pending) -> Option<SmallVec<[Share; 2]>> {
+    let mut shares: SmallVec<[Share; 2]> = SmallVec::new();
+    let mut share_of = |slot: u16| -> Option<usize> {
+        let (owner, address) = table.owner(slot)?;
+        Some(match shares.iter().position(|s| s.owner == owner) {
+            Some(i) => i,
+            None => {
+                shares.push(Share {
+                    owner,
+                    address: address.to_owned(),
+                    nonce: false,
+                    limits: SmallVec::new(),
+                });
+                shares.len() - 1
+            }
+        })
+    };
+    let mut placed: SmallVec<[(usize, Option<usize>); 8]> = SmallVec::new();
+    if let Some((key, _)) = pending.nonce {
+        placed.push((share_of(key.slot())?, None));
+    }
+    for (i, (key, _)) in pending.limits.iter().enumerate() {
+        placed.push((share_of(key.slot())?, Some(i)));
+    }
+    for (share, part) in placed {
+        match part {
+            None => shares[share].nonce = true,
+            Some(i) => shares[share].limits.push(i),
+        }
+    }
+    Some(shares)
+}
+
+fn limit_verdict(w: &WireVerdict) -> LimitVerdict {
+    LimitVerdict {
+        allowed: w.allowed,
+        remaining: w.remaining,
+        reset_after: Nanos::new(w.reset_after_ns),
+        retry_after: w.retry_after_ns.map(Nanos::new),
+    }
+}
+
+fn wire_verdict(outcome: &Outcome, engine: &crate::engine::Engine) -> StateVerdict {
+    let mut v = StateVerdict::default();
+    match outcome {
+        Outcome::Replay => v.outcome = WireOutcome::Replay as i32,
+        Outcome::NonceSetFull => v.outcome = WireOutcome::NonceSetFull as i32,
+        Outcome::StateFull(pool) => {
+            v.outcome = WireOutcome::StateFull as i32;
+            v.pool = engine.pools().wire_name(*pool);
+        }
+        Outcome::Limited { allowed, limits } => {
+            v.outcome = WireOutcome::Limited as i32;
+            v.allowed = *allowed;
+            v.limits = limits
+                .iter()
+                .map(|l| WireVerdict {
+                    allowed: l.allowed,
+                    remaining: l.remaining,
+                    reset_after_ns: l.reset_after.get(),
+                    retry_after_ns: l.retry_after.map(|n| n.get()),
+                })
+                .collect();
+        }
+    }
+    v
+}
+
+fn wire_limit(limit: Limit) -> WireLimit {
+    match limit {
+        Limit::Gcra(g) => WireLimit::Gcra(GcraLimit {
+            limit: g.limit(),
+            period_ns: g.period().get(),
+            burst: g.burst(),
+        }),
+        Limit::Window(w) => WireLimit::Window(WindowLimit {
+            sliding: w.kind() == WindowKind::Sliding,
+            limit: w.limit(),
+            period_ns: w.period().get(),
+        }),
+    }
+}
+
+/// A limit from the wire, if its parameters are ones a policy can have.
+fn limit_from_wire(limit: &WireLimit) -> Option<Limit> {
+    match limit {
+        WireLimit::Gcra(g) if g.limit > 0 && g.period_ns > 0 && g.burst > 0 => Some(Limit::Gcra(
+            Gcra::new(g.limit, Nanos::new(g.period_ns), g.burst),
+        )),
+        WireLimit::Window(w)
+            if w.limit > 0 && w.limit <= u64::from(u32::MAX) && w.period_ns > 0 =>
+        {
+            let kind = if w.sliding {
+                WindowKind::Sliding
+            } else {
+                WindowKind::Fixed
+            };
+            Some(Limit::Window(Window::new(
+                kind,
+                w.limit,
+                Nanos::new(w.period_ns),
+            )))
+        }
+        _ => None,
+    }
+}
