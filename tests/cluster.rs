@@ -2,7 +2,7 @@
 //! PostgreSQL (the coordinator). Membership: every node sees the same
 //! members and version; a killed node's lease runs out and it leaves the
 //! membership, the version grows; a node stopped with SIGTERM leaves at
-//! once. (Checks are not forwarded yet: see README, Running a cluster.)
+//! once. Checks through the cluster: tests/cluster_checks.rs.
 //!
 //! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
 

@@ -13,8 +13,9 @@ use warden::model::parse_duration;
 use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::{
     AddSecretRequest, AuditRecord, ClusterStatusRequest, CreateKeyRequest, GetKeyRequest, KeyInfo,
-    KeyKind, ListAuditRequest, ListKeysRequest, ListPoliciesRequest, PolicyInfo, RevokeRequest,
-    StringList, UpdateKeyRequest, VerifyAuditRequest,
+    KeyKind, ListAuditRequest, ListKeysRequest, ListPoliciesRequest, LocateLimit,
+    LocateStateRequest, PolicyInfo, RevokeRequest, StringList, UpdateKeyRequest,
+    VerifyAuditRequest, locate_state_request,
 };
 use warden_client::{Tls, channel};
 
@@ -233,6 +234,17 @@ pub enum AuditCommand {
 pub enum ClusterCommand {
     /// Members, membership version, lease ages and keys owned.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which node owns a key's state, or a request limit's.
+    Locate {
+        /// An API key id.
+        #[arg(long, conflicts_with = "limit", required_unless_present = "limit")]
+        key_id: Option<String>,
+        /// A request limit, as POLICY:DESCRIPTOR.
+        #[arg(long)]
+        limit: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -992,7 +1004,62 @@ struct ClusterView<'a> {
 }
 
 pub async fn cluster(conn: &ConnArgs, command: ClusterCommand) -> Result<ExitCode, Failure> {
-    let ClusterCommand::Status { json } = command;
+    match command {
+        ClusterCommand::Status { json } => cluster_status(conn, json).await,
+        ClusterCommand::Locate {
+            key_id,
+            limit,
+            json,
+        } => locate(conn, key_id, limit, json).await,
+    }
+}
+
+async fn locate(
+    conn: &ConnArgs,
+    key: Option<String>,
+    limit: Option<String>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let of = match (key, limit) {
+        (Some(key), _) => locate_state_request::Of::KeyId(key),
+        (None, Some(limit)) => {
+            let (policy, descriptor) = limit
+                .split_once(':')
+                .ok_or_else(|| usage("--limit: give POLICY:DESCRIPTOR"))?;
+            locate_state_request::Of::Limit(LocateLimit {
+                policy: policy.to_owned(),
+                descriptor: descriptor.to_owned(),
+            })
+        }
+        (None, None) => return Err(usage("give --key-id or --limit")),
+    };
+    let mut admin = AdminClient::new(conn.channel().await.map_err(runtime)?);
+    let found = admin
+        .locate_state(LocateStateRequest { of: Some(of) })
+        .await?
+        .into_inner();
+    if json {
+        print_json(&serde_json::json!({
+            "node": found.node,
+            "slot": found.slot,
+            "version": found.version,
+        }));
+    } else {
+        println!(
+            "slot {} is owned by {} (membership version {})",
+            found.slot,
+            if found.node.is_empty() {
+                "nobody"
+            } else {
+                &found.node
+            },
+            found.version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cluster_status(conn: &ConnArgs, json: bool) -> Result<ExitCode, Failure> {
     let mut admin = AdminClient::new(conn.channel().await.map_err(runtime)?);
     let status = admin
         .cluster_status(ClusterStatusRequest {})

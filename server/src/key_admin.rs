@@ -123,6 +123,17 @@ impl KeyAdmin {
             .collect()
     }
 
+    /// The slot of one key's state.
+    pub fn key_slot(&self, key_id: &str) -> crate::engine::Slot {
+        self.checker.engine().key(key_id.as_bytes(), &[]).slot()
+    }
+
+    /// The slot of a request limit's state: its descriptor's (the policy
+    /// does not move it).
+    pub fn limit_slot(&self, descriptor: &str) -> crate::engine::Slot {
+        self.checker.engine().key(descriptor.as_bytes(), &[]).slot()
+    }
+
     pub fn config_keys(&self) -> &[KeyConfig] {
         &self.config_keys
     }

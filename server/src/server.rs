@@ -332,6 +332,12 @@ impl Bound {
                 tokio::time::sleep(Duration::from(wait)).await;
                 if let Some(m) = membership {
                     m.joined().await;
+                    // Slots taken over on joining are fenced: ready once
+                    // requests signed now pass everywhere on this node.
+                    while crate::engine::clock::unix_secs() <= u64::from(m.table().highest_fence())
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
                 health.set(true).await;
             })

@@ -55,8 +55,18 @@ impl Server {
 
     /// `warden serve --config FILE` with `RUST_LOG` set to `log`.
     pub fn with_config_logging(config: &Path, log: &str) -> Self {
+        let server = Self::with_config_unready(config, log);
+        server.wait_past_fence();
+        server
+    }
+
+    /// `warden serve --config FILE`, returning once it listens, before it
+    /// is ready (to start several side by side).
+    pub fn with_config_unready(config: &Path, log: &str) -> Self {
         let args = ["serve", "--config", config.to_str().unwrap()];
-        Self::start(&args, config.parent().unwrap().to_owned(), log)
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Self::spawn(command, config.parent().unwrap().to_owned(), log)
     }
 
     /// `warden serve --config FILE` under an open-file limit of `fds`.
@@ -79,7 +89,13 @@ impl Server {
         Self::start_command(command, dir, log)
     }
 
-    fn start_command(mut command: Command, dir: PathBuf, log: &str) -> Self {
+    fn start_command(command: Command, dir: PathBuf, log: &str) -> Self {
+        let server = Self::spawn(command, dir, log);
+        server.wait_past_fence();
+        server
+    }
+
+    fn spawn(mut command: Command, dir: PathBuf, log: &str) -> Self {
         // Metrics on a free port too, so tests can run side by side.
         let mut child = command
             .args(["--metrics-listen", "127.0.0.1:0"])
@@ -121,16 +137,14 @@ impl Server {
                 panic!("warden did not start; stderr:\n{}", stderr.lock().unwrap());
             }
         };
-        let server = Self {
+        Self {
             child: Some(child),
             addr,
             metrics_addr,
             dir,
             stderr,
             _tmp: None,
-        };
-        server.wait_past_fence();
-        server
+        }
     }
 
     /// Requests signed before the restart fence (the start second plus the

@@ -160,6 +160,16 @@ impl SlotTable {
         fence != 0 && timestamp <= i64::from(fence)
     }
 
+    /// The highest takeover fence on a slot this node owns (Unix seconds,
+    /// 0 without any): requests signed up to it are refused for some slots.
+    pub fn highest_fence(&self) -> u32 {
+        (0..self.owners.len())
+            .filter(|&s| self.is_mine(s as Slot))
+            .map(|s| self.fences[s])
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether any fence is below `secs` (and so could be forgotten).
     pub fn fences_before(&self, secs: u32) -> bool {
         self.fences.iter().any(|&f| f != 0 && f < secs)

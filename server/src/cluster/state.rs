@@ -276,10 +276,9 @@ impl ClusterState {
                 commit,
             });
             request.set_timeout(PEER_CALL_TIMEOUT);
-            client
-                .settle(request)
+            tokio::time::timeout(PEER_CALL_TIMEOUT, client.settle(request))
                 .await
-                .is_ok_and(|r| r.into_inner().found)
+                .is_ok_and(|r| r.is_ok_and(|r| r.into_inner().found))
         });
         futures_util::future::join_all(calls)
             .await
@@ -335,10 +334,17 @@ impl ClusterState {
         let started = Instant::now();
         let mut request = tonic::Request::new(step);
         request.set_timeout(PEER_CALL_TIMEOUT);
-        let answer = match phase {
-            Phase::Decide => client.decide(request).await,
-            Phase::Reserve => client.reserve(request).await,
+        // The deadline is enforced here too: a paused peer accepts
+        // connections but answers nothing.
+        let call = async {
+            match phase {
+                Phase::Decide => client.decide(request).await,
+                Phase::Reserve => client.reserve(request).await,
+            }
         };
+        let answer = tokio::time::timeout(PEER_CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("peer did not answer")));
         metrics::histogram!("warden_cluster_forward_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match answer {

@@ -15,8 +15,9 @@ use warden_client::proto::{
     AddSecretRequest, AddSecretResponse, AuditRecord, ClusterMember, ClusterStatusRequest,
     ClusterStatusResponse, CreateKeyRequest, CreateKeyResponse, GetKeyRequest, KeyInfo,
     KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse, ListKeysRequest, ListKeysResponse,
-    ListPoliciesRequest, ListPoliciesResponse, PolicyInfo, RevokeRequest, SecretInfo,
-    UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
+    ListPoliciesRequest, ListPoliciesResponse, LocateStateRequest, LocateStateResponse, PolicyInfo,
+    RevokeRequest, SecretInfo, UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
+    locate_state_request,
 };
 
 use crate::audit::{AuditLog, Event};
@@ -409,6 +410,40 @@ impl Admin for AdminService {
                     keys_owned: owned.get(m.node.as_str()).copied().unwrap_or(0),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn locate_state(
+        &self,
+        request: Request<LocateStateRequest>,
+    ) -> Result<Response<LocateStateResponse>, Status> {
+        let membership = self.membership.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node is not in a cluster ([cluster] in the config file)",
+            )
+        })?;
+        let slot = match request.into_inner().of {
+            Some(locate_state_request::Of::KeyId(id)) if crate::model::is_valid_key_id(&id) => {
+                self.keys.key_slot(&id)
+            }
+            Some(locate_state_request::Of::Limit(l))
+                if is_valid_name(&l.policy)
+                    && !l.descriptor.is_empty()
+                    && l.descriptor.len() <= crate::check::MAX_DESCRIPTOR_BYTES =>
+            {
+                self.keys.limit_slot(&l.descriptor)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give a valid key_id, or a limit with a policy name and a descriptor of 1 to 256 bytes",
+                ));
+            }
+        };
+        let table = membership.table();
+        Ok(Response::new(LocateStateResponse {
+            node: table.owner_name(slot).unwrap_or_default().to_owned(),
+            slot: u32::from(slot),
+            version: table.version,
         }))
     }
 

@@ -50,6 +50,82 @@ KEY_KIND_BEARER: KeyKind.ValueType  # 2
 Global___KeyKind: _TypeAlias = KeyKind  # noqa: Y015
 
 @_typing.final
+class LocateStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """An API key id (it need not exist)."""
+    @_builtins.property
+    def limit(self) -> Global___LocateLimit: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        limit: Global___LocateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_of: _TypeAlias = _typing.Literal["key_id", "limit"]  # noqa: Y015
+    _WhichOneofArgType_of: _TypeAlias = _typing.Literal["of", b"of"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_of) -> _WhichOneofReturnType_of | None: ...
+
+Global___LocateStateRequest: _TypeAlias = LocateStateRequest  # noqa: Y015
+
+@_typing.final
+class LocateLimit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    descriptor: _builtins.str
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        descriptor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocateLimit: _TypeAlias = LocateLimit  # noqa: Y015
+
+@_typing.final
+class LocateStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The owning node, by name; empty when no member is known."""
+    slot: _builtins.int
+    """Its state slot (0..65535): state moves between nodes by slot."""
+    version: _builtins.int
+    """The membership version this answer holds for."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        slot: _builtins.int = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "slot", b"slot", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocateStateResponse: _TypeAlias = LocateStateResponse  # noqa: Y015
+
+@_typing.final
 class ClusterStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.LocateState = channel.unary_unary(
+                '/warden.v1.Admin/LocateState',
+                request_serializer=warden_dot_v1_dot_admin__pb2.LocateStateRequest.SerializeToString,
+                response_deserializer=warden_dot_v1_dot_admin__pb2.LocateStateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -176,6 +181,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LocateState(self, request, context):
+        """Which node owns a key's state (its policies and nonces), or a request
+        limit's (policy and descriptor). FAILED_PRECONDITION without [cluster].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +246,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.FromString,
                     response_serializer=warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'LocateState': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateState,
+                    request_deserializer=warden_dot_v1_dot_admin__pb2.LocateStateRequest.FromString,
+                    response_serializer=warden_dot_v1_dot_admin__pb2.LocateStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +550,33 @@ class Admin:
             '/warden.v1.Admin/ClusterStatus',
             warden_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
             warden_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warden.v1.Admin/LocateState',
+            warden_dot_v1_dot_admin__pb2.LocateStateRequest.SerializeToString,
+            warden_dot_v1_dot_admin__pb2.LocateStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

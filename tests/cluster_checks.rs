@@ -1,0 +1,495 @@
+//! End to end: checks through a three-node cluster on a throwaway
+//! PostgreSQL, each node a real `warden` process over mTLS, the nodes
+//! calling each other with their own `peer` certificates. What a cluster
+//! promises, and the attacks on it:
+//!
+//! - a limit is one limit, however requests are spread over the nodes;
+//! - of identical requests sent to every node at once, exactly one wins;
+//! - a check whose key lives on one node and whose request limit on
+//!   another takes nothing anywhere when it is denied;
+//! - a node killed with -9: nothing it accepted (even signed seconds ahead)
+//!   is accepted again by the survivors, and its keys are served again
+//!   within the lease TTL plus the takeover fence;
+//! - a node paused (SIGSTOP) past its lease never answers for a key it no
+//!   longer owns when it wakes up.
+//!
+//! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::{ConfigDir, SECRET, Server, fresh_database};
+use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest, Reason};
+use warden_client::signing::{Signer, new_nonce, unix_now};
+use warden_client::{Client, signing::check_request_from};
+
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+const POLICIES: &str = r#"
+[[policies]]
+name = "hundred"
+limit = 100
+period = "1h"
+
+[[policies]]
+name = "five"
+limit = 5
+period = "1h"
+
+[[policies]]
+name = "per-ip"
+algorithm = "sliding_window"
+limit = 3
+period = "1h"
+
+[[policies]]
+name = "plenty"
+limit = 100000
+period = "1h"
+
+[[keys]]
+id = "wk_hundred"
+policies = ["hundred"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+
+[[keys]]
+id = "wk_five"
+policies = ["five"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+"#;
+
+/// Three nodes (or fewer) of one cluster, with the keys they share.
+struct Cluster {
+    dir: ConfigDir,
+    nodes: Vec<Option<Server>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Writes the configs (2 s leases; `extra` keys and policies) and
+    /// starts every node side by side, then waits until all are ready and
+    /// see all three.
+    fn start(url: &str, extra: &str) -> Self {
+        let dir = ConfigDir::new();
+        dir.write_master_key();
+        dir.client_tls("node", "node", &["spiffe://test/node"]);
+        let configs: Vec<PathBuf> = NODES
+            .iter()
+            .map(|node| {
+                let port = free_port();
+                let rest = format!(
+                    "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\", \"forward-identity\"]\n\n\
+                     [[callers]]\nidentity = \"spiffe://test/node\"\nroles = [\"peer\"]\n\n\
+                     [store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n\
+                     [cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:{port}\"\nlease_ttl = \"2s\"\ncert = \"node.pem\"\nkey = \"node-key.pem\"\n\n\
+                     {POLICIES}\n{extra}\n"
+                );
+                let text = std::fs::read_to_string(dir.write_config(&rest))
+                    .unwrap()
+                    .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+                let path = dir.path().join(format!("{node}.toml"));
+                std::fs::write(&path, text).unwrap();
+                path
+            })
+            .collect();
+        let nodes: Vec<Option<Server>> = configs
+            .iter()
+            .map(|c| Some(Server::with_config_unready(c, "info")))
+            .collect();
+        for node in nodes.iter().flatten() {
+            node.wait_past_fence();
+        }
+        let cluster = Self { dir, nodes };
+        for i in 0..NODES.len() {
+            cluster.wait_members(i, &NODES);
+        }
+        // Every node ready again after the last join (its takeover fences).
+        for node in cluster.nodes.iter().flatten() {
+            node.wait_past_fence();
+        }
+        cluster
+    }
+
+    fn node(&self, i: usize) -> &Server {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    fn status(&self, i: usize) -> serde_json::Value {
+        let out = self.dir.cli(self.node(i), &["cluster", "status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits (10 s) until node `i` sees exactly `members`.
+    fn wait_members(&self, i: usize, members: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status(i);
+            let seen: Vec<&str> = s["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["node"].as_str().unwrap())
+                .collect();
+            if seen == members {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never saw {members:?}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The node owning a key's state (`--key-id`) or a limit's (`--limit`).
+    fn locate(&self, through: usize, what: &[&str]) -> String {
+        let mut args = vec!["cluster", "locate", "--json"];
+        args.extend_from_slice(what);
+        let out = self.dir.cli(self.node(through), &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["node"].as_str().unwrap().to_owned()
+    }
+
+    async fn client(&self, i: usize) -> Client {
+        self.dir.client(self.node(i)).await
+    }
+
+    async fn clients(&self) -> Vec<Client> {
+        let mut clients = Vec::new();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_some() {
+                clients.push(self.client(i).await);
+            }
+        }
+        clients
+    }
+}
+
+fn index_of(node: &str) -> usize {
+    NODES.iter().position(|n| *n == node).unwrap()
+}
+
+fn reason(r: &CheckResponse) -> Reason {
+    Reason::try_from(r.reason).unwrap()
+}
+
+fn signed(signer: &Signer, timestamp: i64) -> CheckRequest {
+    let headers = signer.sign_at(timestamp, &new_nonce(), "GET", "/a", "", b"");
+    check_request_from(&headers, "warden-v1", "GET", "/a", "", b"")
+}
+
+fn with_limit(mut req: CheckRequest, policy: &str, descriptor: &str) -> CheckRequest {
+    req.limits.push(LimitRequest {
+        policy: policy.into(),
+        descriptor: descriptor.into(),
+    });
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_is_shared_by_all_nodes_and_admits_exactly_its_limit() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let mut clients = cluster.clients().await;
+    let signer = Signer::new("wk_hundred", SECRET);
+    let mut allowed = 0;
+    let mut limited = 0;
+    // Round robin over the three nodes: 150 requests, a 100 per hour limit.
+    for i in 0..150 {
+        let client = &mut clients[i % 3];
+        let r = client.check(signed(&signer, unix_now())).await.unwrap();
+        match reason(&r) {
+            Reason::Ok => allowed += 1,
+            Reason::RateLimited => limited += 1,
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!((allowed, limited), (100, 50));
+
+    // A request limit too: one descriptor, spread over the nodes.
+    let mut per_ip = 0;
+    for i in 0..12 {
+        let req = with_limit(signed(&signer, unix_now()), "per-ip", "ip:198.51.100.1");
+        let r = clients[i % 3].check(req).await.unwrap();
+        // The key's own limit is spent: every request is limited, and none
+        // took from the per-ip limit.
+        assert_eq!(reason(&r), Reason::RateLimited, "{r:?}");
+        per_ip = r.limits[1].remaining;
+    }
+    assert_eq!(per_ip, 3, "denied requests took from the per-ip limit");
+
+    // The owner of the key answered for all: the others forwarded.
+    let owner = cluster.locate(0, &["--key-id", "wk_hundred"]);
+    let forwarded: u64 = (0..3)
+        .filter(|&i| NODES[i] != owner)
+        .map(|i| {
+            metric(
+                cluster.node(i),
+                "warden_cluster_state_steps_total{route=\"forwarded\"}",
+            )
+        })
+        .sum();
+    assert!(forwarded >= 100, "forwarded {forwarded}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_identical_requests_sent_to_every_node_at_once_exactly_one_is_allowed() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let clients = cluster.clients().await;
+    let signer = Signer::new("wk_hundred", SECRET);
+    // One owner for the whole step, then a step spread over two owners
+    // (the key on one node, the request limit on another).
+    let key_owner = cluster.locate(0, &["--key-id", "wk_hundred"]);
+    let elsewhere = (0..)
+        .map(|i| format!("ip:192.0.2.{i}"))
+        .find(|d| cluster.locate(0, &["--limit", &format!("plenty:{d}")]) != key_owner)
+        .unwrap();
+    for (what, req) in [
+        ("one owner", signed(&signer, unix_now())),
+        (
+            "two owners",
+            with_limit(signed(&signer, unix_now()), "plenty", &elsewhere),
+        ),
+    ] {
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let mut client = clients[i % 3].clone();
+            let req = req.clone();
+            tasks.push(tokio::spawn(async move { client.check(req).await }));
+        }
+        let mut reasons = Vec::new();
+        for t in tasks {
+            reasons.push(reason(&t.await.unwrap().unwrap()));
+        }
+        let ok = reasons.iter().filter(|r| **r == Reason::Ok).count();
+        let replays = reasons.iter().filter(|r| **r == Reason::Replay).count();
+        assert_eq!((ok, replays), (1, 199), "{what}: {reasons:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_check_spanning_two_owners_takes_nothing_anywhere() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let mut client = cluster.client(0).await;
+    let signer = Signer::new("wk_five", SECRET);
+    let key_owner = cluster.locate(0, &["--key-id", "wk_five"]);
+    let elsewhere: Vec<String> = (0..)
+        .map(|i| format!("ip:203.0.113.{i}"))
+        .filter(|d| cluster.locate(0, &["--limit", &format!("per-ip:{d}")]) != key_owner)
+        .take(3)
+        .collect();
+    let (d1, d2, d3) = (&elsewhere[0], &elsewhere[1], &elsewhere[2]);
+    let check = |d: &str| with_limit(signed(&signer, unix_now()), "per-ip", d);
+
+    // d1: three allowed (its per-ip limit), taking three of the key's five.
+    for _ in 0..3 {
+        let r = client.check(check(d1)).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+    // Refused by the per-ip limit on its node: the key's node keeps its two.
+    for _ in 0..10 {
+        let r = client.check(check(d1)).await.unwrap();
+        assert_eq!(reason(&r), Reason::RateLimited, "{r:?}");
+        assert_eq!(
+            r.limits[0].remaining, 2,
+            "a denial took from the key: {r:?}"
+        );
+    }
+    // d2: the key's last two go; then the key refuses and d2 keeps its one.
+    for _ in 0..2 {
+        let r = client.check(check(d2)).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+    for _ in 0..5 {
+        let r = client.check(check(d2)).await.unwrap();
+        assert_eq!(reason(&r), Reason::RateLimited, "{r:?}");
+        assert_eq!(r.limits[1].remaining, 1, "a denial took from d2: {r:?}");
+    }
+    let r = client.check(check(d3)).await.unwrap();
+    assert_eq!(reason(&r), Reason::RateLimited);
+    assert_eq!(r.limits[1].remaining, 3, "a denial took from d3: {r:?}");
+    // A denied request stored no nonce anywhere: sent again, it is judged
+    // on its limits again, not refused as a replay.
+    let req = check(d3);
+    for _ in 0..2 {
+        let r = client.check(req.clone()).await.unwrap();
+        assert_eq!(reason(&r), Reason::RateLimited, "{r:?}");
+    }
+}
+
+/// The value of one metric line on `server`'s metrics listener (0 if absent).
+fn metric(server: &Server, name: &str) -> u64 {
+    let (_, body) = server.http_get("/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// Replays every request in `accepted` to every live node; each must be
+/// refused (REPLAY or STALE) or fail (UNAVAILABLE while the key moves),
+/// never allowed.
+async fn replay_all(clients: &mut [Client], accepted: &[CheckRequest]) -> usize {
+    let mut refused = 0;
+    for req in accepted {
+        for client in clients.iter_mut() {
+            match client.check(req.clone()).await {
+                Ok(r) => {
+                    assert_ne!(reason(&r), Reason::Ok, "a replay was accepted: {r:?}");
+                    assert!(
+                        matches!(reason(&r), Reason::Replay | Reason::Stale),
+                        "{r:?}"
+                    );
+                    refused += 1;
+                }
+                Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+            }
+        }
+    }
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let mut through = cluster.client(survivors[0]).await;
+    let mut direct = cluster.client(victim).await;
+
+    // Accepted by the victim (forwarded to it, and sent to it directly),
+    // some signed a few seconds ahead of the clocks (future_skew is 5 s).
+    let mut accepted = Vec::new();
+    for ahead in [0, 0, 1, 3, 5] {
+        for client in [&mut through, &mut direct] {
+            let req = signed(&signer, unix_now() + ahead);
+            let r = client.check(req.clone()).await.unwrap();
+            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+            accepted.push(req);
+        }
+    }
+    let killed_at = Instant::now();
+    cluster.nodes[victim].as_mut().unwrap().kill();
+    cluster.nodes[victim] = None;
+
+    // While its lease runs out, and after the survivors took its slots:
+    // every accepted request is refused everywhere.
+    let mut survivors_clients = Vec::new();
+    for &i in &survivors {
+        survivors_clients.push(cluster.client(i).await);
+    }
+    replay_all(&mut survivors_clients, &accepted).await;
+
+    // The key is served again within the lease TTL plus the takeover
+    // fence (2 s + 5 s future skew + 1 s renewal + 1 s), with margin.
+    let served_again = loop {
+        let r = survivors_clients[0]
+            .check(signed(&signer, unix_now()))
+            .await;
+        if let Ok(r) = &r
+            && reason(r) == Reason::Ok
+        {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "never served again: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(served_again < Duration::from_secs(15), "{served_again:?}");
+    // Still refused after the takeover: the fence covers them all.
+    let refused = replay_all(&mut survivors_clients, &accepted).await;
+    assert_eq!(refused, accepted.len() * survivors.len());
+    // Once moved, checks succeed without errors.
+    for i in 0..20 {
+        let r = survivors_clients[i % 2]
+            .check(signed(&signer, unix_now()))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let sleeper = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let other = (sleeper + 1) % 3;
+    let mut awake = cluster.client(other).await;
+    let mut to_sleeper = cluster.client(sleeper).await;
+
+    cluster.node(sleeper).signal("STOP");
+    // Its lease (2 s) runs out; the others take its slots and, after the
+    // fence, serve the key.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let taken = loop {
+        let req = signed(&signer, unix_now());
+        if let Ok(r) = awake.check(req.clone()).await
+            && reason(&r) == Reason::Ok
+        {
+            break req;
+        }
+        assert!(Instant::now() < deadline, "the key was never taken over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let new_owner = cluster.locate(other, &["--key-id", "wk_hundred"]);
+    assert_ne!(new_owner, NODES[sleeper]);
+
+    // Sent to the paused node, queued in its socket, answered on waking:
+    // it must not accept a request the new owner accepted.
+    let replay = {
+        let req = taken.clone();
+        tokio::spawn(async move { to_sleeper.check(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.node(sleeper).signal("CONT");
+    match replay.await.unwrap() {
+        Ok(r) => assert!(
+            matches!(reason(&r), Reason::Replay | Reason::Stale),
+            "the woken node answered {r:?}"
+        ),
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+    }
+    // Nor afterwards, directly or through the others.
+    let mut clients = cluster.clients().await;
+    replay_all(&mut clients, std::slice::from_ref(&taken)).await;
+}
