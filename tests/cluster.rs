@@ -21,19 +21,7 @@ fn node_configs(dir: &ConfigDir, url: &str, nodes: &[&str]) -> Vec<PathBuf> {
 }
 
 fn node_configs_with(dir: &ConfigDir, url: &str, nodes: &[&str], ttl: &str) -> Vec<PathBuf> {
-    dir.write_master_key();
-    nodes
-        .iter()
-        .map(|node| {
-            let rest = format!(
-                "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n[cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:1\"\nlease_ttl = \"{ttl}\"\n"
-            );
-            let template = std::fs::read_to_string(dir.write_config(&rest)).unwrap();
-            let path = dir.path().join(format!("{node}.toml"));
-            std::fs::write(&path, template).unwrap();
-            path
-        })
-        .collect()
+    support::cluster_configs(dir, url, nodes, ttl, "")
 }
 
 /// `warden cluster status --json` through `server`.

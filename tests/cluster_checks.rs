@@ -11,7 +11,10 @@
 //!   is accepted again by the survivors, and its keys are served again
 //!   within the lease TTL plus the takeover fence;
 //! - a node paused (SIGSTOP) past its lease never answers for a key it no
-//!   longer owns when it wakes up.
+//!   longer owns when it wakes up;
+//! - a rolling restart of all three under load (each node hands its state
+//!   over on SIGTERM and takes it back on joining) admits nothing extra,
+//!   refuses no fresh request and lets no replay through.
 //!
 //! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
 
@@ -64,15 +67,8 @@ secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
 /// Three nodes (or fewer) of one cluster, with the keys they share.
 struct Cluster {
     dir: ConfigDir,
+    configs: Vec<PathBuf>,
     nodes: Vec<Option<Server>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Cluster {
@@ -81,27 +77,8 @@ impl Cluster {
     /// see all three.
     fn start(url: &str, extra: &str) -> Self {
         let dir = ConfigDir::new();
-        dir.write_master_key();
-        dir.client_tls("node", "node", &["spiffe://test/node"]);
-        let configs: Vec<PathBuf> = NODES
-            .iter()
-            .map(|node| {
-                let port = free_port();
-                let rest = format!(
-                    "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\", \"forward-identity\"]\n\n\
-                     [[callers]]\nidentity = \"spiffe://test/node\"\nroles = [\"peer\"]\n\n\
-                     [store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n\
-                     [cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:{port}\"\nlease_ttl = \"2s\"\ncert = \"node.pem\"\nkey = \"node-key.pem\"\n\n\
-                     {POLICIES}\n{extra}\n"
-                );
-                let text = std::fs::read_to_string(dir.write_config(&rest))
-                    .unwrap()
-                    .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
-                let path = dir.path().join(format!("{node}.toml"));
-                std::fs::write(&path, text).unwrap();
-                path
-            })
-            .collect();
+        let configs =
+            support::cluster_configs(&dir, url, &NODES, "2s", &format!("{POLICIES}\n{extra}"));
         let nodes: Vec<Option<Server>> = configs
             .iter()
             .map(|c| Some(Server::with_config_unready(c, "info")))
@@ -109,7 +86,11 @@ impl Cluster {
         for node in nodes.iter().flatten() {
             node.wait_past_fence();
         }
-        let cluster = Self { dir, nodes };
+        let cluster = Self {
+            dir,
+            configs,
+            nodes,
+        };
         for i in 0..NODES.len() {
             cluster.wait_members(i, &NODES);
         }
@@ -118,6 +99,19 @@ impl Cluster {
             node.wait_past_fence();
         }
         cluster
+    }
+
+    /// SIGTERM node `i`, wait for it to exit, start it again with the same
+    /// config, and wait until it is ready and every node sees all three.
+    fn restart(&mut self, i: usize) {
+        let mut old = self.nodes[i].take().expect("running");
+        assert!(old.terminate().success(), "{}", old.logs());
+        let node = Server::with_config_unready(&self.configs[i], "info");
+        node.wait_past_fence();
+        self.nodes[i] = Some(node);
+        for j in 0..NODES.len() {
+            self.wait_members(j, &NODES);
+        }
     }
 
     fn node(&self, i: usize) -> &Server {
@@ -492,4 +486,87 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     // Nor afterwards, directly or through the others.
     let mut clients = cluster.clients().await;
     replay_all(&mut clients, std::slice::from_ref(&taken)).await;
+}
+
+/// What a stream of fresh requests got.
+#[derive(Default)]
+struct Tally {
+    accepted: Vec<CheckRequest>,
+    limited: usize,
+    stale: usize,
+    errors: usize,
+}
+
+impl Tally {
+    fn count(&mut self, req: CheckRequest, answer: Result<Reason, tonic::Status>) {
+        match answer {
+            Ok(Reason::Ok) => self.accepted.push(req),
+            Ok(Reason::RateLimited) => self.limited += 1,
+            Ok(Reason::Stale) => self.stale += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => self.errors += 1,
+        }
+    }
+
+    /// `count` fresh requests, round robin over the running nodes.
+    async fn send(&mut self, cluster: &Cluster, signer: &Signer, count: usize) {
+        let mut clients = cluster.clients().await;
+        for i in 0..count {
+            let n = clients.len();
+            let req = signed(signer, unix_now());
+            let answer = clients[i % n].check(req.clone()).await;
+            self.count(req, answer.map(|r| reason(&r)));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh_and_no_replay() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let mut tally = Tally::default();
+    tally.send(&cluster, &signer, 20).await;
+    // The key's owner first, then the others.
+    for i in [owner, (owner + 1) % 3, (owner + 2) % 3] {
+        // Load on the other two while the node drains, hands its state
+        // over, leaves, comes back and takes its slots back...
+        let load = {
+            let mut clients = Vec::new();
+            for j in (0..3).filter(|&j| j != i) {
+                clients.push(cluster.client(j).await);
+            }
+            let signer = signer.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for k in 0..40 {
+                    let req = signed(&signer, unix_now());
+                    let r = clients[k % 2].check(req.clone()).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                answers
+            })
+        };
+        cluster.restart(i);
+        for (req, answer) in load.await.unwrap() {
+            tally.count(req, answer);
+        }
+        // ...and on all three once it is back.
+        tally.send(&cluster, &signer, 10).await;
+    }
+    // Until the limit is certainly reached.
+    tally.send(&cluster, &signer, 60).await;
+    assert_eq!(
+        tally.accepted.len(),
+        100,
+        "admitted (limited {}, errors {})",
+        tally.limited,
+        tally.errors
+    );
+    assert_eq!(tally.stale, 0, "fresh requests refused as stale");
+    let mut clients = cluster.clients().await;
+    replay_all(&mut clients, &tally.accepted).await;
 }

@@ -367,6 +367,7 @@ impl Bound {
         .max_decoding_message_size(max_message);
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
+            background.spawn(state.clone().hand_over_lost_slots());
             PeerServer::new(PeerService::new(state, app.config.authz.clone()))
         });
 
@@ -418,6 +419,18 @@ impl Bound {
             } => Err(ServeError::DrainTimeout),
         };
         background.shutdown().await;
+        // The last call is answered: hand the state over, then give the
+        // lease up (the next owners serve it without a fence).
+        if let Some(cluster) = &app.cluster
+            && tokio::time::timeout(Duration::from_secs(10), cluster.leave())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                event = "cluster_handoff_failed",
+                "handing state over timed out"
+            );
+        }
         if let Some(task) = membership_task {
             let _ = leave_tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;

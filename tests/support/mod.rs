@@ -376,6 +376,54 @@ impl ConfigDir {
     }
 }
 
+/// A free TCP port on loopback (bound and released: good enough for tests
+/// that need to know a node's port before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Config files for the cluster nodes `nodes` in `dir`: one database and
+/// master key, each node its own store directory and port, a lease of
+/// `ttl`, and the peer certificate `node.pem` (identity
+/// `spiffe://test/node`, role `peer`). The test client may check, forward
+/// identities and administer. `extra` is appended (policies, keys).
+pub fn cluster_configs(
+    dir: &ConfigDir,
+    url: &str,
+    nodes: &[&str],
+    ttl: &str,
+    extra: &str,
+) -> Vec<PathBuf> {
+    dir.write_master_key();
+    dir.client_tls("node", "node", &["spiffe://test/node"]);
+    nodes
+        .iter()
+        .map(|node| {
+            let port = free_port();
+            let rest = format!(
+                "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\", \"forward-identity\"]\n\n\
+                 [[callers]]\nidentity = \"spiffe://test/node\"\nroles = [\"peer\"]\n\n\
+                 [store]\ndir = \"{node}\"\nmaster_key_file = \"master.key\"\npostgres_url = \"{url}\"\n\n\
+                 [cluster]\nnode = \"{node}\"\nadvertise = \"127.0.0.1:{port}\"\nlease_ttl = \"{ttl}\"\ncert = \"node.pem\"\nkey = \"node-key.pem\"\n\n\
+                 {extra}\n"
+            );
+            let text = std::fs::read_to_string(dir.write_config(&rest))
+                .unwrap()
+                .replace(
+                    "listen = \"127.0.0.1:0\"",
+                    &format!("listen = \"127.0.0.1:{port}\""),
+                );
+            let path = dir.path().join(format!("{node}.toml"));
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect()
+}
+
 /// A secret of the right length for config files.
 pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz";
 

@@ -29,12 +29,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Where membership changes are announced (NOTIFY) and heard (LISTEN).
 pub const CHANNEL: &str = "warden_members";
 
-use super::ownership::SlotTable;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::RwLockReadGuard;
+
+use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 
 const SCHEMA: &str = "
@@ -82,7 +87,17 @@ pub struct Membership {
     url: String,
     view: RwLock<View>,
     /// Who owns which slot under `view`, with this node's takeover fences.
+    /// Checks decide under a read lock, so a new table (write lock) is in
+    /// place only once no check still decides under the old one.
     table: RwLock<Arc<SlotTable>>,
+    /// Every new table, in order, for handing over what this node no
+    /// longer owns (see [`Self::table_changes`]).
+    table_changed: Mutex<Option<mpsc::UnboundedSender<Arc<SlotTable>>>>,
+    /// Nodes that handed over what they owed this node, and for which
+    /// version (`u64::MAX`: they left).
+    handed: Mutex<HashMap<String, u64>>,
+    /// Set on the way out: answers for nothing any more.
+    leaving: AtomicBool,
     lease: Mutex<Lease>,
     /// The largest future skew accepted, and the past skew: a takeover
     /// fence covers what the previous owner could have accepted, and is
@@ -121,6 +136,9 @@ impl Membership {
             url: coordinator_url,
             view: RwLock::new(View::default()),
             table: RwLock::new(Arc::new(SlotTable::empty())),
+            table_changed: Mutex::new(None),
+            handed: Mutex::new(HashMap::new()),
+            leaving: AtomicBool::new(false),
             lease: Mutex::new(Lease::default()),
             future_skew,
             past_skew,
@@ -133,9 +151,85 @@ impl Membership {
         self.table.read().clone()
     }
 
+    /// The table, held: no new table replaces it until the guard is
+    /// dropped (an owner decides its part under it).
+    pub fn table_guard(&self) -> RwLockReadGuard<'_, Arc<SlotTable>> {
+        self.table.read()
+    }
+
+    /// Every table from now on, in order, none skipped: what this node
+    /// owned in one and not in the next is what it hands over. One
+    /// subscriber (the last one asked).
+    pub fn table_changes(&self) -> mpsc::UnboundedReceiver<Arc<SlotTable>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.table_changed.lock() = Some(tx);
+        rx
+    }
+
+    fn replace_table(&self, table: SlotTable) {
+        let table = Arc::new(table);
+        *self.table.write() = table.clone();
+        if let Some(tx) = &*self.table_changed.lock() {
+            let _ = tx.send(table);
+        }
+    }
+
+    /// `from` handed over everything it owed this node for membership
+    /// `version` (`u64::MAX`: on its way out): its slots are answered for.
+    pub fn handed_over(&self, from: &str, version: u64) {
+        {
+            let mut handed = self.handed.lock();
+            let v = handed.entry(from.to_owned()).or_insert(0);
+            *v = (*v).max(version);
+        }
+        let current = self.table();
+        if let Some(t) = current.handed_over(from, None) {
+            tracing::info!(
+                event = "cluster_handed_over",
+                from,
+                "state handed over; serving its slots"
+            );
+            self.replace_table(t);
+        }
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
+    }
+
+    /// On the way out: from now on this node answers for no slot. Returns
+    /// the table without it, which says where its state goes.
+    pub fn start_leaving(&self) -> SlotTable {
+        self.leaving.store(true, Ordering::SeqCst);
+        let current = self.table();
+        let others: Vec<Node> = current
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.node())
+            .cloned()
+            .collect();
+        let handed = HashMap::new();
+        let without = SlotTable::build(
+            current.version,
+            others,
+            self.node(),
+            &current,
+            Takeover {
+                fence_secs: 0,
+                unknown: false,
+                handed: &handed,
+            },
+        );
+        self.replace_table(without.clone());
+        without
+    }
+
     /// Whether this node may answer for the slots it owns right now (see
     /// the module documentation).
     pub fn may_serve(&self) -> bool {
+        if self.leaving.load(Ordering::Relaxed) {
+            return false;
+        }
         let lease = self.lease.lock();
         let now = Instant::now();
         if lease.valid_until.is_some_and(|until| now < until) {
@@ -286,46 +380,81 @@ impl Membership {
     /// future skew, and it stops at the latest one renewal interval after
     /// the change (when it renews and sees it).
     fn update_table(&self, view: &View, rejoined: bool) {
+        if self.leaving.load(Ordering::Relaxed) {
+            return;
+        }
         let before = self.table();
         let now_secs = crate::engine::clock::unix_secs();
         let past = u32::try_from(now_secs.saturating_sub(self.past_skew.as_secs())).unwrap_or(0);
+        let fence = u32::try_from(
+            now_secs + self.future_skew.as_secs() + self.renew_every().as_secs().max(1) + 1,
+        )
+        .unwrap_or(u32::MAX);
         if view.version == before.version && !rejoined {
-            if before.fences_before(past) {
+            // The same members: forget fences nothing fresh can fall
+            // under, and stop waiting for a previous owner that never sent
+            // (it stopped answering long since: fence its slots instead).
+            let mut table = None;
+            if before
+                .awaiting_since
+                .is_some_and(|since| since.elapsed() > self.settings.lease_ttl)
+            {
                 let mut t = (*before).clone();
+                for from in before.awaited() {
+                    tracing::warn!(
+                        event = "cluster_handoff_missing",
+                        from,
+                        "a previous owner never handed its slots over; serving them behind the takeover fence"
+                    );
+                    t = t.handed_over(from, Some(fence)).unwrap_or(t);
+                }
+                table = Some(t);
+            }
+            if before.fences_before(past) {
+                let mut t = table.unwrap_or_else(|| (*before).clone());
                 t.forget_fences_before(past);
-                *self.table.write() = Arc::new(t);
+                table = Some(t);
+            }
+            if let Some(t) = table {
+                self.replace_table(t);
             }
             return;
         }
-        let alone = view.members.iter().all(|m| m.node == self.settings.node);
-        // The first view: others owned everything until they hear of this
-        // node; alone, the process's restart fence covers whoever owned
-        // the slots before (they are gone since before this process began).
         let first = before.version == 0;
         let skipped = !first && view.version > before.version + 1;
-        let fence = if first && alone {
-            0
-        } else {
-            now_secs + self.future_skew.as_secs() + self.renew_every().as_secs().max(1) + 1
-        };
         let nodes = view
             .members
             .iter()
-            .map(|m| (m.node.clone(), m.advertise.clone()))
+            .map(|m| Node {
+                name: m.node.clone(),
+                address: m.advertise.clone(),
+                joined_at_ms: m.joined_at_ms,
+            })
             .collect();
+        let handed = {
+            let mut handed = self.handed.lock();
+            let snapshot = handed.clone();
+            let now_live = |n: &str| view.members.iter().any(|m| m.node == n);
+            // Handovers on joining count for the first table only; a node
+            // that left and is back (a restart) owes one again when it
+            // leaves again.
+            handed.retain(|n, v| *v == u64::MAX && !now_live(n));
+            snapshot
+        };
         let mut table = SlotTable::build(
             view.version,
             nodes,
             &self.settings.node,
             &before,
-            (rejoined && !first) || skipped,
-            u32::try_from(fence).unwrap_or(u32::MAX),
+            Takeover {
+                fence_secs: fence,
+                unknown: (rejoined && !first) || skipped,
+                handed: &handed,
+            },
         );
         table.forget_fences_before(past);
-        if table.version != before.version || rejoined {
-            metrics::counter!("warden_cluster_takeovers_total").increment(1);
-        }
-        *self.table.write() = Arc::new(table);
+        metrics::counter!("warden_cluster_rebalances_total").increment(1);
+        self.replace_table(table);
     }
 
     fn lost(&self, error: &str, attempt: Instant) {

@@ -9,11 +9,19 @@
 //! name and the slot: all nodes agree, and the keyed state hash keeps
 //! clients from steering their descriptors into one slot.
 //!
-//! A [`SlotTable`] also carries the takeover fence of every slot this node
-//! took over: requests signed before it are refused, because the slot's
-//! previous owner may have accepted them (DESIGN.md, Scale-out).
+//! A [`SlotTable`] also says, for every slot this node took over, how it
+//! took it over: from a previous owner that is still alive, it waits for
+//! that owner to hand the slot's state over (the owner stops answering for
+//! it first) and does not answer for it until then; from one that left on
+//! SIGTERM having handed everything over, it just serves; from one that
+//! died (or when it cannot know who owned the slot meanwhile), it puts a
+//! takeover fence on the slot: requests signed before it are refused,
+//! because the previous owner may have accepted them (DESIGN.md,
+//! Scale-out).
 
+use std::collections::HashMap;
 use std::hash::Hasher;
+use std::time::Instant;
 
 use siphasher::sip::SipHasher13;
 
@@ -51,13 +59,24 @@ pub fn owner<'a>(nodes: impl IntoIterator<Item = &'a str>, slot: Slot) -> Option
         .map(|(_, _, node)| node)
 }
 
-/// The owner of every slot under one membership version, and this node's
-/// takeover fences.
+/// One member as a table knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// Where peers reach it.
+    pub address: String,
+    /// When this incarnation joined (Unix ms): a restarted node is a new
+    /// one, even under the same name.
+    pub joined_at_ms: i64,
+}
+
+/// The owner of every slot under one membership version, and how this
+/// node took over the slots it owns.
 #[derive(Debug, Clone)]
 pub struct SlotTable {
     pub version: u64,
-    /// Members by name, with the address peers reach them on.
-    pub nodes: Vec<(String, String)>,
+    /// Members, by name.
+    pub nodes: Vec<Node>,
     /// Index into `nodes` for each slot.
     owners: Vec<u16>,
     /// Which index is this node (`None` if it is not a member).
@@ -65,6 +84,27 @@ pub struct SlotTable {
     /// Per slot: Unix seconds; requests signed at or before it are refused
     /// here (0: no fence).
     fences: Vec<u32>,
+    /// On joining: the members that have not yet handed over what they
+    /// hold of this node's slots, with those slots.
+    awaiting: Vec<(String, Vec<Slot>)>,
+    /// Per slot: how many members it still waits for (0: answered for).
+    blocked: Vec<u8>,
+    /// Since when, for giving up on a member that never sends.
+    pub awaiting_since: Option<Instant>,
+}
+
+/// How this node takes over the slots that become its own in a new table.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover<'a> {
+    /// Unix seconds of the fence for slots whose previous owner died.
+    pub fence_secs: u32,
+    /// The previous owners are unknown (this node lost its lease, or
+    /// membership versions were skipped): fence everything taken over.
+    pub unknown: bool,
+    /// Nodes that have handed over what they held of this node's slots:
+    /// `u64::MAX` for nodes that left the cluster, another value for a
+    /// handover to this node on its joining.
+    pub handed: &'a HashMap<String, u64>,
 }
 
 impl SlotTable {
@@ -76,76 +116,195 @@ impl SlotTable {
             owners: Vec::new(),
             me: None,
             fences: vec![0; SLOTS],
+            awaiting: Vec::new(),
+            blocked: vec![0; SLOTS],
+            awaiting_since: None,
         }
     }
 
-    /// The table for `nodes` (name, address) at `version`, as seen by `me`.
-    /// Slots that this node owns now but did not own in `before` get a
-    /// fence at `fence_secs` (and keep any older fence that is higher).
-    /// With `all_new`, every slot this node owns is treated as taken over:
-    /// when it cannot know who owned them meanwhile (it lost its lease, or
-    /// versions were skipped).
+    /// The table for `nodes` at `version`, as seen by `me`, following
+    /// `before`. With rendezvous hashing a join moves slots only to the
+    /// joiner and a departure only from the one leaving, so:
+    ///
+    /// - on this node's first table with other members, it owns slots they
+    ///   served until now: it waits for each of them to hand over what it
+    ///   holds of them, and answers for none until then;
+    /// - slots that become its own later were the departed node's: served
+    ///   at once if it handed everything over on its way out (SIGTERM),
+    ///   else behind a takeover fence at `fence_secs` (it died);
+    /// - with `takeover.unknown`, everything newly its own is fenced.
     pub fn build(
         version: u64,
-        mut nodes: Vec<(String, String)>,
+        mut nodes: Vec<Node>,
         me: &str,
         before: &SlotTable,
-        all_new: bool,
-        fence_secs: u32,
+        takeover: Takeover<'_>,
     ) -> Self {
-        nodes.sort();
-        nodes.dedup_by(|a, b| a.0 == b.0);
-        let hashers: Vec<SipHasher13> = nodes.iter().map(|(n, _)| node_hasher(n)).collect();
-        let me_index = nodes.iter().position(|(n, _)| n == me).map(|i| i as u16);
-        let mut owners = Vec::with_capacity(if nodes.is_empty() { 0 } else { SLOTS });
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes.dedup_by(|a, b| a.name == b.name);
+        let hashers: Vec<SipHasher13> = nodes.iter().map(|n| node_hasher(&n.name)).collect();
+        let me_index = nodes.iter().position(|n| n.name == me).map(|i| i as u16);
+        let first = before.nodes.is_empty();
+        let count = if nodes.is_empty() { 0 } else { SLOTS };
+        let mut owners = Vec::with_capacity(count);
         let mut fences = before.fences.clone();
-        if !nodes.is_empty() {
-            for slot in 0..SLOTS {
-                let slot = slot as Slot;
-                // max by weight; on a tie the earlier (smaller) name wins.
-                let mut best = 0usize;
-                let mut best_weight = weight(&hashers[0], slot);
-                for (i, h) in hashers.iter().enumerate().skip(1) {
-                    let w = weight(h, slot);
-                    if w > best_weight {
-                        best = i;
-                        best_weight = w;
-                    }
+        let mut blocked = if first {
+            vec![0; SLOTS]
+        } else {
+            before.blocked.clone()
+        };
+        // Who this node waits for on joining: every other member it has not
+        // heard from yet.
+        let waits_for: Vec<&str> = if first {
+            nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .filter(|n| *n != me && !takeover.handed.contains_key(*n))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut mine = Vec::new();
+        for slot in 0..count {
+            let slot = slot as Slot;
+            // max by weight; on a tie the earlier (smaller) name wins.
+            let mut best = 0usize;
+            let mut best_weight = weight(&hashers[0], slot);
+            for (i, h) in hashers.iter().enumerate().skip(1) {
+                let w = weight(h, slot);
+                if w > best_weight {
+                    best = i;
+                    best_weight = w;
                 }
-                owners.push(best as u16);
-                let mine = Some(best as u16) == me_index;
-                if mine && (all_new || before.owner_name(slot) != Some(me)) {
-                    let f = &mut fences[usize::from(slot)];
-                    *f = (*f).max(fence_secs);
+            }
+            owners.push(best as u16);
+            if Some(best as u16) != me_index {
+                blocked[usize::from(slot)] = 0;
+                continue;
+            }
+            if first {
+                mine.push(slot);
+                blocked[usize::from(slot)] = waits_for.len() as u8;
+                continue;
+            }
+            let previous = before.owner_name(slot);
+            let taken_over = takeover.unknown || previous != Some(me);
+            let handed = previous.is_some_and(|p| takeover.handed.get(p) == Some(&u64::MAX));
+            if taken_over && (takeover.unknown || !handed) {
+                let f = &mut fences[usize::from(slot)];
+                *f = (*f).max(takeover.fence_secs);
+            }
+        }
+        let awaiting: Vec<(String, Vec<Slot>)> = if first {
+            waits_for
+                .iter()
+                .map(|n| ((*n).to_owned(), mine.clone()))
+                .collect()
+        } else {
+            before
+                .awaiting
+                .iter()
+                .filter(|(n, _)| nodes.iter().any(|m| &m.name == n))
+                .cloned()
+                .collect()
+        };
+        if !first {
+            // Slots awaited from members that are gone: fenced, not awaited.
+            for (n, slots) in &before.awaiting {
+                if !nodes.iter().any(|m| &m.name == n) {
+                    for &slot in slots {
+                        let b = &mut blocked[usize::from(slot)];
+                        *b = b.saturating_sub(1);
+                        let f = &mut fences[usize::from(slot)];
+                        *f = (*f).max(takeover.fence_secs);
+                    }
                 }
             }
         }
+        let awaiting_since = if awaiting.is_empty() {
+            None
+        } else {
+            Some(before.awaiting_since.unwrap_or_else(Instant::now))
+        };
         Self {
             version,
             nodes,
             owners,
             me: me_index,
             fences,
+            awaiting,
+            blocked,
+            awaiting_since,
         }
+    }
+
+    /// Stops waiting for `from`: it handed over what it held. `fence`:
+    /// give up on it instead (it never sent), fencing its slots at
+    /// `fence_secs`.
+    pub fn handed_over(&self, from: &str, fence: Option<u32>) -> Option<Self> {
+        let at = self.awaiting.iter().position(|(n, _)| n == from)?;
+        let mut t = self.clone();
+        let (_, slots) = t.awaiting.swap_remove(at);
+        for slot in slots {
+            let b = &mut t.blocked[usize::from(slot)];
+            *b = b.saturating_sub(1);
+            if let Some(f) = fence {
+                let here = &mut t.fences[usize::from(slot)];
+                *here = (*here).max(f);
+            }
+        }
+        if t.awaiting.is_empty() {
+            t.awaiting_since = None;
+        }
+        Some(t)
+    }
+
+    /// The members this node still waits for.
+    pub fn awaited(&self) -> impl Iterator<Item = &str> {
+        self.awaiting.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Members of this table that are new since `before` (joined, or
+    /// restarted under the same name), other than `me`.
+    pub fn joined_since<'a>(&'a self, before: &'a SlotTable) -> impl Iterator<Item = &'a Node> {
+        self.nodes.iter().filter(move |n| {
+            Some(n.name.as_str()) != self.me.map(|i| self.nodes[usize::from(i)].name.as_str())
+                && !before
+                    .nodes
+                    .iter()
+                    .any(|b| b.name == n.name && b.joined_at_ms == n.joined_at_ms)
+        })
     }
 
     fn owner_index(&self, slot: Slot) -> Option<u16> {
         self.owners.get(usize::from(slot)).copied()
     }
 
+    /// The member owning `slot`.
+    pub fn owner_node(&self, slot: Slot) -> Option<&Node> {
+        self.owner_index(slot).map(|i| &self.nodes[usize::from(i)])
+    }
+
     /// The name of the node owning `slot`.
     pub fn owner_name(&self, slot: Slot) -> Option<&str> {
-        self.owner_index(slot)
-            .map(|i| self.nodes[usize::from(i)].0.as_str())
+        self.owner_node(slot).map(|n| n.name.as_str())
     }
 
     /// The owner of `slot`: its index (for grouping) and address.
     pub fn owner(&self, slot: Slot) -> Option<(u16, &str)> {
         self.owner_index(slot)
-            .map(|i| (i, self.nodes[usize::from(i)].1.as_str()))
+            .map(|i| (i, self.nodes[usize::from(i)].address.as_str()))
     }
 
+    /// Whether this node answers for `slot` now: it owns it and is not
+    /// waiting for its state.
     pub fn is_mine(&self, slot: Slot) -> bool {
+        self.owns(slot) && self.blocked[usize::from(slot)] == 0
+    }
+
+    /// Whether this node owns `slot` under this membership (answering for
+    /// it or not yet).
+    pub fn owns(&self, slot: Slot) -> bool {
         self.me.is_some() && self.owner_index(slot) == self.me
     }
 
@@ -164,7 +323,7 @@ impl SlotTable {
     /// 0 without any): requests signed up to it are refused for some slots.
     pub fn highest_fence(&self) -> u32 {
         (0..self.owners.len())
-            .filter(|&s| self.is_mine(s as Slot))
+            .filter(|&s| self.owns(s as Slot))
             .map(|s| self.fences[s])
             .max()
             .unwrap_or(0)
@@ -194,7 +353,7 @@ impl SlotTable {
         }
         self.nodes
             .iter()
-            .map(|(n, _)| n.clone())
+            .map(|n| n.name.clone())
             .zip(counts)
             .collect()
     }
@@ -204,28 +363,52 @@ impl SlotTable {
 mod tests {
     use super::*;
 
-    fn members(names: &[&str]) -> Vec<(String, String)> {
+    fn members(names: &[&str]) -> Vec<Node> {
         names
             .iter()
-            .map(|n| (n.to_string(), format!("{n}:1")))
+            .map(|n| Node {
+                name: n.to_string(),
+                address: format!("{n}:1"),
+                joined_at_ms: 1,
+            })
             .collect()
     }
 
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
+    fn takeover(fence_secs: u32, unknown: bool, handed: &HashMap<String, u64>) -> Takeover<'_> {
+        Takeover {
+            fence_secs,
+            unknown,
+            handed,
+        }
+    }
+
+    fn table(version: u64, names: &[&str], me: &str, before: &SlotTable, fence: u32) -> SlotTable {
+        SlotTable::build(
+            version,
+            members(names),
+            me,
+            before,
+            takeover(fence, false, &HashMap::new()),
+        )
+    }
+
+    /// A's table with all three, after B and C handed over to it.
+    fn settled(me: &str) -> SlotTable {
+        let mut t = table(3, &NODES, me, &SlotTable::empty(), 0);
+        for n in NODES.iter().filter(|n| **n != me) {
+            t = t.handed_over(n, None).unwrap();
+        }
+        t
+    }
+
     #[test]
     fn every_node_computes_the_same_owner_whatever_the_order() {
-        let forward = SlotTable::build(1, members(&NODES), "node-a", &SlotTable::empty(), false, 0);
+        let forward = table(1, &NODES, "node-a", &SlotTable::empty(), 0);
         let mut reversed = NODES;
         reversed.reverse();
-        let backward = SlotTable::build(
-            1,
-            members(&reversed),
-            "node-c",
-            &SlotTable::empty(),
-            false,
-            0,
-        );
+        let backward = table(1, &reversed, "node-c", &SlotTable::empty(), 0);
         for slot in 0..=Slot::MAX {
             assert_eq!(forward.owner_name(slot), backward.owner_name(slot));
             assert_eq!(forward.owner_name(slot), owner(NODES, slot));
@@ -235,16 +418,16 @@ mod tests {
 
     #[test]
     fn slots_spread_over_the_members() {
-        let t = SlotTable::build(1, members(&NODES), "node-a", &SlotTable::empty(), false, 0);
+        let t = table(1, &NODES, "node-a", &SlotTable::empty(), 0);
         for (node, n) in t.count_owned(0..=Slot::MAX) {
             assert!((20_000..23_700).contains(&n), "{node} owns {n} of 65536");
         }
     }
 
     #[test]
-    fn when_a_member_leaves_only_its_slots_move_and_only_they_are_fenced() {
-        let three = SlotTable::build(1, members(&NODES), "node-a", &SlotTable::empty(), false, 0);
-        let two = SlotTable::build(2, members(&NODES[..2]), "node-a", &three, false, 1000);
+    fn slots_of_a_member_that_died_move_alone_and_are_fenced() {
+        let three = settled("node-a");
+        let two = table(4, &NODES[..2], "node-a", &three, 1000);
         for slot in 0..=Slot::MAX {
             let before = three.owner_name(slot).unwrap();
             let after = two.owner_name(slot).unwrap();
@@ -254,15 +437,113 @@ mod tests {
             let taken_over = before == "node-c" && after == "node-a";
             assert_eq!(two.fenced(slot, 1000), taken_over, "slot {slot}");
             assert!(!two.fenced(slot, 1001));
+            assert_eq!(two.is_mine(slot), after == "node-a");
         }
     }
 
     #[test]
+    fn a_member_that_left_having_handed_over_leaves_no_fence() {
+        let three = settled("node-a");
+        let handed = HashMap::from([("node-c".to_owned(), u64::MAX)]);
+        let two = SlotTable::build(
+            4,
+            members(&NODES[..2]),
+            "node-a",
+            &three,
+            takeover(1000, false, &handed),
+        );
+        assert!((0..=Slot::MAX).all(|s| !two.fenced(s, 1)));
+        assert!((0..=Slot::MAX).all(|s| two.is_mine(s) == (two.owner_name(s) == Some("node-a"))));
+    }
+
+    #[test]
+    fn a_joining_node_waits_for_every_member_then_serves_unfenced() {
+        let joined = table(3, &NODES, "node-b", &SlotTable::empty(), 1000);
+        let owned: Vec<Slot> = (0..=Slot::MAX).filter(|&s| joined.owns(s)).collect();
+        assert!(!owned.is_empty());
+        assert!(
+            owned
+                .iter()
+                .all(|&s| !joined.is_mine(s) && !joined.fenced(s, 1000))
+        );
+        let mut awaited: Vec<&str> = joined.awaited().collect();
+        awaited.sort();
+        assert_eq!(awaited, ["node-a", "node-c"]);
+        let half = joined.handed_over("node-a", None).unwrap();
+        assert!(
+            owned.iter().all(|&s| !half.is_mine(s)),
+            "one of two is not enough"
+        );
+        let served = half.handed_over("node-c", None).unwrap();
+        assert!(
+            owned
+                .iter()
+                .all(|&s| served.is_mine(s) && !served.fenced(s, 1000))
+        );
+        // Given up on: served, but fenced.
+        let fenced = half.handed_over("node-c", Some(1000)).unwrap();
+        assert!(
+            owned
+                .iter()
+                .all(|&s| fenced.is_mine(s) && fenced.fenced(s, 1000))
+        );
+        // A member that handed over before the table was built is not awaited.
+        let early = HashMap::from([("node-a".to_owned(), 3)]);
+        let t = SlotTable::build(
+            3,
+            members(&NODES),
+            "node-b",
+            &SlotTable::empty(),
+            takeover(0, false, &early),
+        );
+        assert_eq!(t.awaited().collect::<Vec<_>>(), ["node-c"]);
+        // The members see the joiner as new, and only it.
+        let old = settled("node-a");
+        let before = table(2, &["node-a", "node-c"], "node-a", &old, 0);
+        let after = table(3, &NODES, "node-a", &before, 0);
+        assert_eq!(
+            after
+                .joined_since(&before)
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            ["node-b"]
+        );
+        assert!(owned.iter().all(|&s| !after.owns(s)));
+    }
+
+    #[test]
+    fn a_restarted_node_is_new_to_the_others() {
+        let before = settled("node-a");
+        let mut again = members(&NODES);
+        again[2].joined_at_ms = 2;
+        let after = SlotTable::build(
+            5,
+            again,
+            "node-a",
+            &before,
+            takeover(0, false, &HashMap::new()),
+        );
+        assert_eq!(
+            after
+                .joined_since(&before)
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            ["node-c"]
+        );
+    }
+
+    #[test]
     fn a_node_that_lost_its_lease_fences_everything_it_owns() {
-        let t1 = SlotTable::build(1, members(&NODES), "node-a", &SlotTable::empty(), false, 0);
-        let t3 = SlotTable::build(3, members(&NODES), "node-a", &t1, true, 500);
+        let t1 = settled("node-a");
+        let t3 = SlotTable::build(
+            5,
+            members(&NODES),
+            "node-a",
+            &t1,
+            takeover(500, true, &HashMap::new()),
+        );
         for slot in 0..=Slot::MAX {
-            assert_eq!(t3.fenced(slot, 500), t3.is_mine(slot));
+            assert_eq!(t3.fenced(slot, 500), t3.owns(slot));
         }
         let mut t = t3.clone();
         t.forget_fences_before(501);

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use warden_client::proto::peer_server::Peer;
-use warden_client::proto::{Settled, Settlement, StateStep, StateVerdict};
+use warden_client::proto::{
+    HandOffAck, HandOffBatch, Settled, Settlement, StateStep, StateVerdict,
+};
 
 use super::state::{ClusterState, Phase};
 use crate::auth::{Authz, Role};
@@ -69,6 +71,17 @@ impl Peer for PeerService {
         Ok(Response::new(
             self.state.serve(request.get_ref(), Phase::Reserve),
         ))
+    }
+
+    async fn hand_off(
+        &self,
+        request: Request<HandOffBatch>,
+    ) -> Result<Response<HandOffAck>, Status> {
+        self.admit(&request)?;
+        self.state
+            .receive(request.get_ref())
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(HandOffAck {}))
     }
 
     async fn settle(&self, request: Request<Settlement>) -> Result<Response<Settled>, Status> {

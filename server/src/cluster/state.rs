@@ -36,7 +36,7 @@
 //! fresher membership, for up to one lease TTL, before giving up with
 //! UNAVAILABLE.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,16 +48,16 @@ use warden_client::proto::peer_client::PeerClient;
 use warden_client::proto::state_limit::Limit as WireLimit;
 use warden_client::proto::state_verdict::Outcome as WireOutcome;
 use warden_client::proto::{
-    GcraLimit, LimitVerdict as WireVerdict, Settlement, StateLimit, StateNonce, StateStep,
-    StateVerdict, WindowLimit,
+    GcraLimit, HandOffBatch, HandedBucket, HandedNonce, HandedWindow, LimitVerdict as WireVerdict,
+    Settlement, StateLimit, StateNonce, StateStep, StateVerdict, WindowLimit,
 };
 
 use super::Membership;
 use super::ownership::SlotTable;
 use crate::check::{Checker, Fenced, Pending};
 use crate::engine::{
-    Gcra, Limit, LimitVerdict, Nanos, Outcome, Request, StateKey, Verdicts, Window, WindowKind,
-    slot_of,
+    Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey, Verdicts,
+    Window, WindowKind, WindowState, slot_of,
 };
 
 /// How long an owner holds a reservation before giving it back by itself.
@@ -105,6 +105,8 @@ pub struct ClusterState {
     tls: Option<Tls>,
     peers: Mutex<HashMap<String, PeerClient<Channel>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
+    /// The membership's tables, in order, subscribed to before the first.
+    tables: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<SlotTable>>>>,
 }
 
 impl std::fmt::Debug for ClusterState {
@@ -126,7 +128,9 @@ struct Share {
 
 impl ClusterState {
     pub fn new(membership: Arc<Membership>, checker: Arc<Checker>, tls: Option<Tls>) -> Self {
+        let tables = Mutex::new(Some(membership.table_changes()));
         Self {
+            tables,
             membership,
             checker,
             tls,
@@ -376,7 +380,9 @@ impl ClusterState {
     /// The owner's side: decides `step` if every part of it is this node's
     /// now; under [`Phase::Reserve`] what passes is taken and held.
     pub fn serve(&self, step: &StateStep, phase: Phase) -> StateVerdict {
-        let table = self.membership.table();
+        // Held until decided: a new table (and a handover of what it moves
+        // away) waits for this step.
+        let table = self.membership.table_guard();
         let refuse = |outcome: WireOutcome| StateVerdict {
             outcome: outcome as i32,
             version: table.version,
@@ -496,6 +502,212 @@ impl ClusterState {
                 .increment(expired.len() as u64);
         }
     }
+}
+
+impl ClusterState {
+    /// Hands over, after every membership change, the state of the slots
+    /// this node no longer owns to their new owners. Runs until shutdown.
+    pub async fn hand_over_lost_slots(self: Arc<Self>) {
+        let Some(mut tables) = self.tables.lock().take() else {
+            return;
+        };
+        let mut before = Arc::new(SlotTable::empty());
+        while let Some(now) = tables.recv().await {
+            if self.membership.is_leaving() {
+                return;
+            }
+            // What this node no longer owns, and whatever it holds of a
+            // joiner's slots (handed to it by a node that left, say): a
+            // joiner waits for every member's handover.
+            let joiners: Vec<String> = now.joined_since(&before).map(|n| n.name.clone()).collect();
+            let moved = |slot: Slot| {
+                (before.owns(slot) && !now.owns(slot))
+                    || now
+                        .owner_name(slot)
+                        .is_some_and(|o| joiners.iter().any(|j| j == o))
+            };
+            let mut receivers: BTreeMap<String, String> = (0..=Slot::MAX)
+                .filter(|&s| moved(s))
+                .filter_map(|s| {
+                    now.owner_node(s)
+                        .map(|n| (n.name.clone(), n.address.clone()))
+                })
+                .collect();
+            for n in now.joined_since(&before) {
+                receivers.insert(n.name.clone(), n.address.clone());
+            }
+            if !receivers.is_empty() {
+                let entries = self.checker.engine().take_slots(moved);
+                self.send_entries(&now, receivers, entries, now.version)
+                    .await;
+            }
+            before = now;
+        }
+    }
+
+    /// On the way out (SIGTERM, after the last call was answered): answers
+    /// for nothing more, and hands everything to the slots' next owners.
+    /// Returns once every one of them acknowledged (or gave up on).
+    pub async fn leave(&self) {
+        let without = self.membership.start_leaving();
+        let receivers: BTreeMap<String, String> = without
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.address.clone()))
+            .collect();
+        if receivers.is_empty() {
+            return;
+        }
+        let entries = self.checker.engine().take_slots(|_| true);
+        let count = entries.len();
+        self.send_entries(&without, receivers, entries, 0).await;
+        tracing::info!(
+            event = "cluster_handed_over_all",
+            entries = count,
+            "handed this node's state to the next owners"
+        );
+    }
+
+    /// Sends `entries` to the owner of each under `table`, in batches, and
+    /// a last batch to every node in `receivers` (name → address).
+    async fn send_entries(
+        &self,
+        table: &SlotTable,
+        receivers: BTreeMap<String, String>,
+        entries: Vec<Entry>,
+        version: u64,
+    ) {
+        let names = self.checker.engine().pools().wire_names();
+        let mut batches: BTreeMap<String, Vec<HandOffBatch>> = BTreeMap::new();
+        for entry in entries {
+            let Some(owner) = table.owner_name(slot_of(entry.id())) else {
+                continue;
+            };
+            let list = batches.entry(owner.to_owned()).or_default();
+            if list.last().is_none_or(|b| batch_len(b) >= HANDOFF_BATCH) {
+                list.push(HandOffBatch {
+                    from: self.membership.node().to_owned(),
+                    version,
+                    ..Default::default()
+                });
+            }
+            let batch = list.last_mut().expect("pushed above");
+            let pool = |id: u64| names[Pool::of(id).index()].clone();
+            match entry {
+                Entry::Nonce { id, forget_at_secs } => {
+                    batch.nonces.push(HandedNonce { id, forget_at_secs })
+                }
+                Entry::Bucket { id, tat } => batch.buckets.push(HandedBucket {
+                    id,
+                    pool: pool(id),
+                    tat_ns: tat.get(),
+                }),
+                Entry::Window { id, state } => batch.windows.push(HandedWindow {
+                    id,
+                    pool: pool(id),
+                    index: state.index,
+                    idle_at_ns: state.idle_at.get(),
+                    prev: state.prev,
+                    cur: state.cur,
+                }),
+            }
+        }
+        let sends = receivers.into_iter().map(|(node, address)| {
+            let mut list = batches.remove(&node).unwrap_or_default();
+            if list.is_empty() {
+                list.push(HandOffBatch {
+                    from: self.membership.node().to_owned(),
+                    version,
+                    ..Default::default()
+                });
+            }
+            list.last_mut().expect("one at least").last = true;
+            async move {
+                let entries: usize = list.iter().map(batch_len).sum();
+                for batch in list {
+                    if !self.send_batch(&address, batch).await {
+                        metrics::counter!("warden_cluster_handoffs_total", "result" => "failed").increment(1);
+                        tracing::warn!(event = "cluster_handoff_failed", to = %node, "could not hand state over; the new owner will serve it behind the takeover fence");
+                        return;
+                    }
+                }
+                metrics::counter!("warden_cluster_handoffs_total", "result" => "sent").increment(1);
+                tracing::info!(event = "cluster_handoff_sent", to = %node, entries, "handed state over");
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+
+    /// One batch, retried for up to a lease TTL.
+    async fn send_batch(&self, address: &str, batch: HandOffBatch) -> bool {
+        let deadline = Instant::now() + self.membership.lease_ttl();
+        while Instant::now() < deadline {
+            if let Some(mut client) = self.peer(address) {
+                let mut request = tonic::Request::new(batch.clone());
+                request.set_timeout(HANDOFF_CALL_TIMEOUT);
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(HANDOFF_CALL_TIMEOUT, client.hand_off(request)).await
+                {
+                    return true;
+                }
+            }
+            tokio::time::sleep(REROUTE_PAUSE).await;
+        }
+        false
+    }
+
+    /// The receiving side: state from a previous owner, merged; on its last
+    /// batch, its slots are answered for. `Err` for entries that are not
+    /// well formed (nothing of the batch is kept then).
+    pub fn receive(&self, batch: &HandOffBatch) -> Result<(), &'static str> {
+        let engine = self.checker.engine();
+        let pools = engine.pools();
+        let pool = |name: &str| pools.from_wire_name(name).ok_or("pool: not a pool name");
+        let mut entries = Vec::with_capacity(batch_len(batch));
+        for n in &batch.nonces {
+            entries.push(Entry::Nonce {
+                id: Pool::KEYS.tag(n.id),
+                forget_at_secs: n.forget_at_secs,
+            });
+        }
+        for b in &batch.buckets {
+            entries.push(Entry::Bucket {
+                id: pool(&b.pool)?.tag(b.id),
+                tat: Nanos::new(b.tat_ns),
+            });
+        }
+        for w in &batch.windows {
+            entries.push(Entry::Window {
+                id: pool(&w.pool)?.tag(w.id),
+                state: WindowState {
+                    index: w.index,
+                    idle_at: Nanos::new(w.idle_at_ns),
+                    prev: w.prev,
+                    cur: w.cur,
+                },
+            });
+        }
+        engine.import(&entries);
+        metrics::counter!("warden_cluster_handoff_entries_received_total")
+            .increment(entries.len() as u64);
+        if batch.last {
+            let version = if batch.version == 0 {
+                u64::MAX
+            } else {
+                batch.version
+            };
+            self.membership.handed_over(&batch.from, version);
+        }
+        Ok(())
+    }
+}
+
+/// Entries per handover batch (a few hundred KiB on the wire).
+const HANDOFF_BATCH: usize = 8192;
+const HANDOFF_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn batch_len(b: &HandOffBatch) -> usize {
+    b.nonces.len() + b.buckets.len() + b.windows.len()
 }
 
 /// Whether an owner holds what it takes.

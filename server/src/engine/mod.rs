@@ -157,6 +157,25 @@ pub struct Request<'a> {
     pub commit: bool,
 }
 
+/// One piece of state as it moves between cluster nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// A remembered nonce and the second it may be forgotten.
+    Nonce { id: u64, forget_at_secs: u32 },
+    /// A GCRA bucket's theoretical arrival time.
+    Bucket { id: u64, tat: Nanos },
+    /// A window's counts.
+    Window { id: u64, state: WindowState },
+}
+
+impl Entry {
+    pub fn id(&self) -> u64 {
+        match *self {
+            Entry::Nonce { id, .. } | Entry::Bucket { id, .. } | Entry::Window { id, .. } => id,
+        }
+    }
+}
+
 /// The verdict on one limit, without the state to store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimitVerdict {
@@ -574,6 +593,88 @@ impl Engine {
             removed.nonces += nonces;
         }
         removed
+    }
+
+    /// Removes and returns every entry whose slot `wanted` names: the state
+    /// a cluster node hands to the slots' new owner. One shard at a time;
+    /// the caller makes sure no check writes to those slots meanwhile.
+    pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool) -> Vec<Entry> {
+        let mut taken = Vec::new();
+        for shard in self.shards.iter() {
+            let mut s = shard.lock();
+            let pools = &self.pools;
+            s.buckets.retain(|&id, &mut tat| {
+                if !wanted(slot_of(id)) {
+                    return true;
+                }
+                pools.removed(Pool::of(id));
+                taken.push(Entry::Bucket { id, tat });
+                false
+            });
+            s.windows.retain(|&id, w| {
+                if !wanted(slot_of(id)) {
+                    return true;
+                }
+                pools.removed(Pool::of(id));
+                taken.push(Entry::Window { id, state: *w });
+                false
+            });
+            let nonces = s.nonces.take(|id| wanted(slot_of(id)));
+            self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
+            taken.extend(
+                nonces
+                    .into_iter()
+                    .map(|(id, forget_at_secs)| Entry::Nonce { id, forget_at_secs }),
+            );
+        }
+        taken
+    }
+
+    /// Merges entries handed over by another node (with ids tagged with
+    /// this engine's pools). What is already here and says more wins: the
+    /// later TAT, the later nonce expiry, the larger window counts.
+    pub fn import(&self, entries: &[Entry]) {
+        for entry in entries {
+            let key = self.placed(entry.id());
+            let mut s = self.shards[key.shard as usize].lock();
+            let new = match *entry {
+                Entry::Bucket { id, tat } => match s.buckets.get_mut(&id) {
+                    Some(here) => {
+                        *here = (*here).max(tat);
+                        false
+                    }
+                    None => {
+                        s.buckets.insert(id, tat);
+                        true
+                    }
+                },
+                Entry::Window { id, state } => match s.windows.get_mut(&id) {
+                    Some(w) if w.index == state.index => {
+                        w.prev = w.prev.max(state.prev);
+                        w.cur = w.cur.max(state.cur);
+                        false
+                    }
+                    Some(w) if w.index < state.index => {
+                        *w = state;
+                        false
+                    }
+                    Some(_) => false,
+                    None => {
+                        s.windows.insert(id, state);
+                        true
+                    }
+                },
+                Entry::Nonce { forget_at_secs, .. } => {
+                    if s.nonces.merge(key, forget_at_secs) {
+                        self.nonce_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            };
+            if new && Pool::of(entry.id()).is_counted() {
+                self.pools.added(Pool::of(entry.id()));
+            }
+        }
     }
 
     /// What is held right now.

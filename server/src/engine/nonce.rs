@@ -59,6 +59,36 @@ impl NonceSet {
         self.entries.remove(&key.id).is_some()
     }
 
+    /// Removes and returns the nonces whose id `wanted` names, with the
+    /// second each may be forgotten.
+    pub fn take(&mut self, wanted: impl Fn(u64) -> bool) -> Vec<(u64, u32)> {
+        let mut taken = Vec::new();
+        self.entries.retain(|&id, &mut forget_at| {
+            if wanted(id) {
+                taken.push((id, forget_at));
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+
+    /// Remembers `key` until `forget_at_secs` or its own expiry, whichever
+    /// is later (state handed over). Returns whether the set grew.
+    pub fn merge(&mut self, key: StateKey, forget_at_secs: u32) -> bool {
+        match self.entries.get_mut(&key.id) {
+            Some(at) => {
+                *at = (*at).max(forget_at_secs);
+                false
+            }
+            None => {
+                self.entries.insert(key.id, forget_at_secs);
+                true
+            }
+        }
+    }
+
     /// Drops every nonce that may be forgotten at `now`; returns how many.
     pub fn sweep(&mut self, now: Nanos) -> usize {
         let before = self.entries.len();

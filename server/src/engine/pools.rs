@@ -145,6 +145,11 @@ impl PoolTable {
         }
     }
 
+    /// [`Self::wire_name`] of every pool, indexed by pool number.
+    pub fn wire_names(&self) -> Vec<String> {
+        (0..=u8::MAX).map(|i| self.wire_name(Pool(i))).collect()
+    }
+
     /// The pool a [`Self::wire_name`] stands for here; `None` when it is
     /// not one.
     pub fn from_wire_name(&self, name: &str) -> Option<Pool> {
