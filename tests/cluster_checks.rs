@@ -545,6 +545,7 @@ async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh
                 for k in 0..40 {
                     let req = signed(&signer, unix_now());
                     let r = clients[k % 2].check(req.clone()).await;
+                    answers.push((req, r.map(|r| reason(&r))));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 answers
