@@ -132,3 +132,45 @@ def test_reason_names_come_from_the_proto_enum():
     assert reason_name(9999) == "unspecified"
     for name, value in warden_pb2.Reason.items():
         assert reason_name(value) == name.removeprefix("REASON_").lower()
+
+
+def test_with_several_targets_a_node_that_is_down_is_not_noticed(warden):
+    key = warden.create_key("--owner", "py-failover")
+    # A node that refuses connections, and a live one: every call lands,
+    # whichever target its turn starts at.
+    c = WardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, **warden.tls())
+    try:
+        assert c.targets == ["127.0.0.1:1", warden.addr]
+        answers = [c.check(signed(key)) for _ in range(6)]
+        assert all(a.allowed for a in answers)
+        assert c.breaker.allow()
+    finally:
+        c.close()
+    # The same, written as one comma-separated string (as in an env var).
+    c = WardenClient(f"127.0.0.1:1, {warden.addr}", timeout=2.0, **warden.tls())
+    try:
+        assert c.check(signed(key)).allowed
+    finally:
+        c.close()
+
+
+def test_when_every_target_is_down_the_call_fails_as_unavailable(warden):
+    c = WardenClient("127.0.0.1:1,127.0.0.1:2", timeout=1.0, **warden.tls())
+    try:
+        with pytest.raises(WardenUnavailable):
+            c.check(key_id="k", method="GET", path="/")
+    finally:
+        c.close()
+
+
+def test_the_async_client_fails_over_too(warden):
+    key = warden.create_key("--owner", "py-failover-aio")
+
+    async def run():
+        c = AsyncWardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, **warden.tls())
+        try:
+            return [await c.check(signed(key)) for _ in range(4)]
+        finally:
+            await c.close()
+
+    assert all(a.allowed for a in asyncio.run(run()))

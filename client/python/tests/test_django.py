@@ -149,3 +149,12 @@ def test_one_clients_bad_signatures_never_lock_out_another(client, key):
     assert r.status_code == 429 and r.json()["error"] == "locked_out"
     r = client.get("/api/orders", REMOTE_ADDR="192.0.2.80", **headers(key, "GET", "/api/orders"))
     assert r.status_code == 200, r.content
+
+
+def test_several_targets_in_the_settings_fail_over_without_the_app_noticing(client, key, warden_settings, warden):
+    # The first node refuses connections; the middleware's calls go on to
+    # the next.
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": ["127.0.0.1:1", warden.addr]}
+    for _ in range(3):
+        r = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+        assert r.status_code == 200, r.content

@@ -4,6 +4,14 @@ One channel per process, created lazily and keyed by pid: a channel made in
 a parent is never used in a forked child (gunicorn and uwsgi pre-fork
 workers), which gets its own on first use. Every call has a deadline. A small
 circuit breaker makes a dead server cost microseconds instead of timeouts.
+
+A client may be given several targets (the nodes of a warden cluster, as a
+list or a comma-separated string; any node answers any check): calls start
+at the next one in turn, and a call that finds a node unreachable
+(UNAVAILABLE: refused, reset, or the node's "retry" answer while a key's
+state moves) goes on to the next, so a node going away is not noticed by
+the app. Other failures (a deadline passed: the node may have decided) are
+not retried, since a retried request could be refused as its own replay.
 """
 
 from __future__ import annotations
@@ -159,10 +167,18 @@ def _request(request: CheckRequest | None, fields: dict) -> CheckRequest:
     return req
 
 
+def _targets(target: str | Sequence[str]) -> list[str]:
+    names = target.split(",") if isinstance(target, str) else list(target)
+    names = [t.strip() for t in names if t.strip()]
+    if not names:
+        raise ValueError("warden client: no target given")
+    return names
+
+
 class _Base:
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         cert: str | os.PathLike | bytes,
         key: str | os.PathLike | bytes,
         ca: str | os.PathLike | bytes,
@@ -170,7 +186,9 @@ class _Base:
         timeout: float = 0.5,
         breaker: CircuitBreaker | None = None,
     ) -> None:
-        self.target = target
+        self.targets = _targets(target)
+        self.target = ",".join(self.targets)
+        self._turn = 0
         self.timeout = timeout
         self.server_name = server_name
         self.breaker = breaker or CircuitBreaker()
@@ -187,6 +205,17 @@ class _Base:
         ca, key, cert = self._credentials
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
+    def _order(self) -> list[int]:
+        """Target indexes for one call: the next in turn first."""
+        n = len(self.targets)
+        start = self._turn % n
+        self._turn += 1
+        return [(start + i) % n for i in range(n)]
+
+    @staticmethod
+    def _next_target_may_help(e: grpc.RpcError) -> bool:
+        return hasattr(e, "code") and e.code() == grpc.StatusCode.UNAVAILABLE
+
     def _failed(self, e: grpc.RpcError) -> WardenError:
         code = e.code() if hasattr(e, "code") else None
         if code in _UNREACHABLE:
@@ -202,19 +231,39 @@ class WardenClient(_Base):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._channel: grpc.Channel | None = None
-        self._stub: warden_pb2_grpc.WardenStub | None = None
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[warden_pb2_grpc.WardenStub] = []
 
-    def _get_stub(self) -> warden_pb2_grpc.WardenStub:
+    def _get_stubs(self) -> list[warden_pb2_grpc.WardenStub]:
         pid = os.getpid()
         with self._lock:
-            if self._pid != pid or self._stub is None:
-                # In a forked child the parent's channel is abandoned, never
-                # used or closed here: its threads do not exist in the child.
-                self._channel = grpc.secure_channel(self.target, self._ssl(), options=self._options)
-                self._stub = warden_pb2_grpc.WardenStub(self._channel)
+            if self._pid != pid or not self._stubs:
+                # In a forked child the parent's channels are abandoned, never
+                # used or closed here: their threads do not exist in the child.
+                self._channels = [grpc.secure_channel(t, self._ssl(), options=self._options) for t in self.targets]
+                self._stubs = [warden_pb2_grpc.WardenStub(c) for c in self._channels]
                 self._pid = pid
-            return self._stub
+            return self._stubs
+
+    def _call(self, call):
+        """``call(stub)`` on the next target, going on to the others while
+        they are unreachable."""
+        if not self.breaker.allow():
+            raise WardenUnavailable("warden unavailable: circuit breaker open")
+        stubs = self._get_stubs()
+        last: grpc.RpcError | None = None
+        for i in self._order():
+            try:
+                answer = call(stubs[i])
+            except grpc.RpcError as e:
+                last = e
+                if self._next_target_may_help(e):
+                    continue
+                raise self._failed(e) from None
+            self.breaker.success()
+            return answer
+        assert last is not None
+        raise self._failed(last) from None
 
     @property
     def channel_pid(self) -> int | None:
@@ -224,31 +273,21 @@ class WardenClient(_Base):
     def check(self, request: CheckRequest | None = None, /, **fields) -> Decision:
         """Checks one request: a ``CheckRequest`` or its fields as keywords."""
         req = _request(request, fields)
-        if not self.breaker.allow():
-            raise WardenUnavailable("warden unavailable: circuit breaker open")
-        try:
-            response = self._get_stub().Check(req, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._failed(e) from None
-        self.breaker.success()
-        return Decision.from_proto(response)
+        return Decision.from_proto(self._call(lambda stub: stub.Check(req, timeout=self.timeout)))
 
     def check_many(self, requests: Iterable[CheckRequest]) -> list[Decision]:
         """Checks many requests over one ``CheckStream``; answers in order."""
-        if not self.breaker.allow():
-            raise WardenUnavailable("warden unavailable: circuit breaker open")
-        try:
-            answers = [Decision.from_proto(r) for r in self._get_stub().CheckStream(iter(list(requests)), timeout=self.timeout * 10)]
-        except grpc.RpcError as e:
-            raise self._failed(e) from None
-        self.breaker.success()
-        return answers
+        reqs = list(requests)
+        answers = self._call(lambda stub: list(stub.CheckStream(iter(reqs), timeout=self.timeout * 10)))
+        return [Decision.from_proto(r) for r in answers]
 
     def close(self) -> None:
         with self._lock:
-            if self._channel is not None and self._pid == os.getpid():
-                self._channel.close()
-            self._channel = self._stub = None
+            if self._pid == os.getpid():
+                for channel in self._channels:
+                    channel.close()
+            self._channels = []
+            self._stubs = []
             self._pid = None
 
 
@@ -258,34 +297,43 @@ class AsyncWardenClient(_Base):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._key: tuple[int, int] | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: warden_pb2_grpc.WardenStub | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[warden_pb2_grpc.WardenStub] = []
 
-    def _get_stub(self) -> warden_pb2_grpc.WardenStub:
+    def _get_stubs(self) -> list[warden_pb2_grpc.WardenStub]:
         import asyncio
 
         key = (os.getpid(), id(asyncio.get_running_loop()))
-        if self._key != key or self._stub is None:
-            self._channel = grpc.aio.secure_channel(self.target, self._ssl(), options=self._options)
-            self._stub = warden_pb2_grpc.WardenStub(self._channel)
+        if self._key != key or not self._stubs:
+            self._channels = [grpc.aio.secure_channel(t, self._ssl(), options=self._options) for t in self.targets]
+            self._stubs = [warden_pb2_grpc.WardenStub(c) for c in self._channels]
             self._key = key
-        return self._stub
+        return self._stubs
 
     async def check(self, request: CheckRequest | None = None, /, **fields) -> Decision:
         req = _request(request, fields)
         if not self.breaker.allow():
             raise WardenUnavailable("warden unavailable: circuit breaker open")
-        try:
-            response = await self._get_stub().Check(req, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._failed(e) from None
-        self.breaker.success()
-        return Decision.from_proto(response)
+        stubs = self._get_stubs()
+        last: grpc.RpcError | None = None
+        for i in self._order():
+            try:
+                response = await stubs[i].Check(req, timeout=self.timeout)
+            except grpc.RpcError as e:
+                last = e
+                if self._next_target_may_help(e):
+                    continue
+                raise self._failed(e) from None
+            self.breaker.success()
+            return Decision.from_proto(response)
+        assert last is not None
+        raise self._failed(last) from None
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = self._stub = None
+        for channel in self._channels:
+            await channel.close()
+        self._channels = []
+        self._stubs = []
         self._key = None
 
 

@@ -3,7 +3,10 @@
 connection setting.
 
     WARDEN = {
-        "TARGET": "warden.internal:50051",
+        "TARGET": "warden.internal:50051",  # or several nodes of a cluster:
+                                             # ["warden-0:50051", "warden-1:50051"]
+                                             # (or "a:50051,b:50051"); calls fail
+                                             # over between them
         "CA": "/etc/warden/ca.pem",          # CA that signed warden's certificate
         "CERT": "/etc/warden/app.pem",       # this app's client certificate
         "KEY": "/etc/warden/app-key.pem",
@@ -53,7 +56,7 @@ class RouteLimit:
 
 @dataclass(frozen=True)
 class Conf:
-    target: str
+    target: str | tuple[str, ...]
     ca: str
     cert: str
     key: str
@@ -111,7 +114,7 @@ def get_conf() -> Conf:
         raise ImproperlyConfigured('settings.WARDEN["FAILURE_MODE"] must be "closed" or "open"')
     breaker = raw.get("BREAKER", {})
     return Conf(
-        target=raw["TARGET"],
+        target=raw["TARGET"] if isinstance(raw["TARGET"], str) else tuple(raw["TARGET"]),
         ca=str(raw["CA"]),
         cert=str(raw["CERT"]),
         key=str(raw["KEY"]),
