@@ -571,3 +571,29 @@ async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh
     let mut clients = cluster.clients().await;
     replay_all(&mut clients, &tally.accepted).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_all_nodes_does_not_notice_one_going_away() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let addrs: Vec<String> = (0..3).map(|i| cluster.node(i).addr.clone()).collect();
+    let targets: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let tls = warden_client::Tls::from_dev_dir(cluster.dir.path()).unwrap();
+    let mut client = Client::connect_cluster(&targets, tls).unwrap();
+    for _ in 0..9 {
+        let r = client.check(signed(&signer, unix_now())).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+    // A node that does not own the key goes away (kill -9): every call
+    // still lands, on the others.
+    let gone = (owner + 1) % 3;
+    cluster.nodes[gone].as_mut().unwrap().kill();
+    for _ in 0..30 {
+        let r = client.check(signed(&signer, unix_now())).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+}

@@ -116,11 +116,19 @@ fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, Error> {
     })
 }
 
-/// A connection to one warden server. Cheap to clone: clones share the
-/// underlying HTTP/2 connection.
+/// A connection to one warden server, or to several nodes of a cluster.
+/// Cheap to clone: clones share the underlying HTTP/2 connections.
+///
+/// With several nodes ([`Client::connect_cluster`]) each call starts at the
+/// next node in turn and goes on to the others while one is unreachable
+/// (`UNAVAILABLE`: refused, reset, or a node's "retry" while a key's state
+/// moves), so one node going away is not noticed. Other errors are not
+/// retried: after a passed deadline the node may have decided, and the
+/// same request sent again would be refused as its own replay.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: WardenClient<Channel>,
+    nodes: Vec<WardenClient<Channel>>,
+    turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
@@ -137,21 +145,57 @@ impl Client {
         ))
     }
 
+    /// Over mutual TLS to every node in `targets` (`host:port` each), for
+    /// a warden cluster: any node answers any check. Connects on first use.
+    pub fn connect_cluster(targets: &[&str], tls: Tls) -> Result<Self, Error> {
+        if targets.is_empty() {
+            return Err(Error::Target(String::new()));
+        }
+        let channels = targets
+            .iter()
+            .map(|t| lazy_channel(t, Some(&tls)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::from_channels(channels))
+    }
+
     /// Wraps an existing channel (e.g. one with custom load balancing).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channels(vec![channel])
+    }
+
+    fn from_channels(channels: Vec<Channel>) -> Self {
         Self {
-            inner: WardenClient::new(channel),
+            nodes: channels.into_iter().map(WardenClient::new).collect(),
+            turn: Default::default(),
         }
     }
 
-    /// Checks one request.
+    /// Checks one request (on the next node in turn, and on the others
+    /// while nodes are unreachable).
     pub async fn check(&mut self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
-        Ok(self.inner.check(request).await?.into_inner())
+        let n = self.nodes.len();
+        if n == 1 {
+            return Ok(self.nodes[0].check(request).await?.into_inner());
+        }
+        let start = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let node = &mut self.nodes[(start + i) % n];
+            match node.check(request.clone()).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unavailable => last = Some(status),
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last.expect("at least one node"))
     }
 
-    /// The generated stub, for `check_stream` and anything else.
+    /// The generated stub of the next node in turn, for `check_stream` and
+    /// anything else.
     pub fn stub(&mut self) -> &mut WardenClient<Channel> {
-        &mut self.inner
+        let n = self.nodes.len();
+        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        &mut self.nodes[i]
     }
 }
 
