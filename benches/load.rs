@@ -84,7 +84,9 @@ struct LoadArgs {
     /// `serve --dev` directory: address, certificates (admin role).
     #[arg(long, default_value = "./warden-dev")]
     dev_dir: PathBuf,
-    /// warden address (default: from demo-key.json). Loopback only.
+    /// warden address (default: from demo-key.json), or several nodes of
+    /// a cluster separated by commas (connections are spread over them).
+    /// Loopback only.
     #[arg(long)]
     target: Option<String>,
     #[arg(long, value_enum, default_value = "warden")]
@@ -494,7 +496,11 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
             demo["address"].as_str().unwrap_or_default().to_owned()
         }
     };
-    loopback_only(&target)?;
+    let targets: Vec<String> = target.split(',').map(|t| t.trim().to_owned()).collect();
+    for t in &targets {
+        loopback_only(t)?;
+    }
+    let target = targets[0].clone();
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
     let mut admin = AdminClient::new(
         channel(&target, tls.clone())
@@ -534,9 +540,9 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
     }
     let tight = keys.pop().expect("created");
     let mut clients = Vec::new();
-    for _ in 0..args.connections.max(1) {
+    for i in 0..args.connections.max(1) {
         clients.push(WardenClient::new(
-            channel(&target, tls.clone())
+            channel(&targets[i % targets.len()], tls.clone())
                 .await
                 .map_err(|e| e.to_string())?,
         ));

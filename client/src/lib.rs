@@ -122,9 +122,12 @@ fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, Error> {
 /// With several nodes ([`Client::connect_cluster`]) each call starts at the
 /// next node in turn and goes on to the others while one is unreachable
 /// (`UNAVAILABLE`: refused, reset, or a node's "retry" while a key's state
-/// moves), so one node going away is not noticed. Other errors are not
-/// retried: after a passed deadline the node may have decided, and the
-/// same request sent again would be refused as its own replay.
+/// moves; `CANCELLED`: the connection closed under the call), so one node
+/// going away is not noticed. Other errors are not retried: after a passed
+/// deadline the node may have decided, and the same request sent again
+/// would be refused as its own replay. (A node that dies after its owner
+/// decided but before it answered is the one case where the retry is
+/// refused as REPLAY.)
 #[derive(Clone, Debug)]
 pub struct Client {
     nodes: Vec<WardenClient<Channel>>,
@@ -183,7 +186,16 @@ impl Client {
             let node = &mut self.nodes[(start + i) % n];
             match node.check(request.clone()).await {
                 Ok(answer) => return Ok(answer.into_inner()),
-                Err(status) if status.code() == tonic::Code::Unavailable => last = Some(status),
+                // Unreachable, or the connection closed under the call (a
+                // node that died): the next node may answer.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Cancelled
+                    ) =>
+                {
+                    last = Some(status)
+                }
                 Err(status) => return Err(status),
             }
         }

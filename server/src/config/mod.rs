@@ -179,7 +179,7 @@ impl Config {
             .transpose()?;
         let cluster = file
             .cluster
-            .map(|c| cluster_settings(c, store.as_ref(), tls.as_ref(), base))
+            .map(|c| cluster_settings(c, store.as_ref(), tls.as_ref(), base, env))
             .transpose()?;
         let policies = policies(file.policies)?;
         let names: HashSet<String> = policies.iter().map(|p| p.name.clone()).collect();
@@ -270,6 +270,7 @@ fn cluster_settings(
     store: Option<&StoreSettings>,
     tls: Option<&TlsPaths>,
     base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ClusterSettings, Invalid> {
     if store.is_none_or(|s| s.postgres_url.is_none()) {
         return Err(bad(
@@ -277,17 +278,27 @@ fn cluster_settings(
             "needs a shared store: [store] postgres_url (or postgres_url_env) is the coordinator",
         ));
     }
-    if !is_valid_key_id(&c.node) {
+    let node = match (c.node, c.node_env) {
+        (Some(node), None) => node,
+        (None, Some(var)) => env(&var).ok_or_else(|| {
+            bad(
+                "cluster.node_env",
+                format!("the environment variable {var} is not set"),
+            )
+        })?,
+        _ => return Err(bad("cluster.node", "give node or node_env (one of them)")),
+    };
+    if !is_valid_key_id(&node) {
         return Err(bad(
             "cluster.node",
             "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
         ));
     }
-    let advertise_ok = c
-        .advertise
+    let advertise = c.advertise.replace("{node}", &node);
+    let advertise_ok = advertise
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !advertise_ok || c.advertise.len() > 255 {
+    if !advertise_ok || advertise.len() > 255 {
         return Err(bad("cluster.advertise", "must be host:port"));
     }
     let lease_ttl = c.lease_ttl.unwrap_or(Duration::from_secs(5));
@@ -309,8 +320,8 @@ fn cluster_settings(
         }
     };
     Ok(ClusterSettings {
-        node: c.node,
-        advertise: c.advertise,
+        node,
+        advertise,
         lease_ttl,
         peer_tls,
     })
@@ -817,5 +828,26 @@ mod deploy_tests {
         let config = Config::from_file(file, Path::new("/"), &|_| Some("s".repeat(40))).unwrap();
         assert_eq!(config.server.metrics_listen.unwrap().port(), 9464);
         assert_eq!(config.authz.callers.len(), 2);
+    }
+
+    /// So must the three-node cluster's, with each pod's own name.
+    #[test]
+    fn the_kubernetes_cluster_config_is_valid() {
+        let text = include_str!("../../deploy/kubernetes/cluster/warden.toml");
+        let file: File = toml::from_str(text).unwrap();
+        let env = |name: &str| match name {
+            "POD_NAME" => Some("warden-1".to_owned()),
+            "WARDEN_STORE_URL" => Some("postgres://warden@warden-postgres/warden".to_owned()),
+            _ => Some("s".repeat(40)),
+        };
+        let config = Config::from_file(file, Path::new("/"), &env).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.node, "warden-1");
+        assert_eq!(
+            cluster.advertise,
+            "warden-1.warden-peers.warden.svc.cluster.local:50051"
+        );
+        assert!(cluster.peer_tls.unwrap().cert.ends_with("peer.crt"));
+        assert!(config.authz.callers.len() >= 3);
     }
 }

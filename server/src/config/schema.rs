@@ -164,9 +164,13 @@ pub struct ServerFile {
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
     /// This node's name, unique in the cluster, e.g. the pod name.
-    pub node: String,
+    pub node: Option<String>,
+    /// The environment variable holding the node's name instead (e.g.
+    /// `POD_NAME` from the Kubernetes downward API).
+    pub node_env: Option<String>,
     /// The address other nodes reach this one on (host:port of its gRPC
-    /// listener).
+    /// listener); `{node}` stands for the node's name, e.g.
+    /// "{node}.warden-peers.warden.svc:50051".
     pub advertise: String,
     /// How long a node's lease lasts without renewal (renewed five times per
     /// lease). Default "5s".
