@@ -122,9 +122,10 @@ struct LoadArgs {
     /// Request body size in bytes.
     #[arg(long, default_value_t = 256)]
     body_bytes: usize,
-    /// pid of the server process, for its CPU and RSS.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// pid of the server process, for its CPU and RSS; several (comma
+    /// separated) for a cluster's nodes, summed.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Answers per CheckStream kept in flight (stream mode).
     #[arg(long, default_value_t = 16)]
     window: usize,
@@ -629,7 +630,14 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let stats = Arc::new(Stats::new());
     let stop = Arc::new(AtomicBool::new(false));
     let limit = args.requests.unwrap_or(u64::MAX);
-    let cpu_before = args.server_pid.and_then(process_usage);
+    let usage = |pids: &[u32]| -> Option<(f64, u64)> {
+        pids.iter().map(|&p| process_usage(p)).try_fold((0.0, 0), |(c, r), u| {
+            u.map(|(c1, r1)| (c + c1, r + r1))
+        })
+    };
+    let cpu_before = (!args.server_pid.is_empty())
+        .then(|| usage(&args.server_pid))
+        .flatten();
     let started = Instant::now();
 
     // Progress on stderr: every second interactively; with --json (stdout
@@ -776,12 +784,9 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let done = stats.done.load(Ordering::Relaxed);
     let errors = stats.errors.load(Ordering::Relaxed);
-    let server = match (args.server_pid, cpu_before) {
-        (Some(pid), Some((cpu0, _))) => {
-            process_usage(pid).map(|(cpu1, rss)| ((cpu1 - cpu0) / elapsed, rss))
-        }
-        _ => None,
-    };
+    let server = cpu_before.and_then(|(cpu0, _)| {
+        usage(&args.server_pid).map(|(cpu1, rss)| ((cpu1 - cpu0) / elapsed, rss))
+    });
     let report = json!({
         "backend": format!("{:?}", args.backend),
         "mode": format!("{:?}", args.mode),
