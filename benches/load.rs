@@ -631,9 +631,9 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let limit = args.requests.unwrap_or(u64::MAX);
     let usage = |pids: &[u32]| -> Option<(f64, u64)> {
-        pids.iter().map(|&p| process_usage(p)).try_fold((0.0, 0), |(c, r), u| {
-            u.map(|(c1, r1)| (c + c1, r + r1))
-        })
+        pids.iter()
+            .map(|&p| process_usage(p))
+            .try_fold((0.0, 0), |(c, r), u| u.map(|(c1, r1)| (c + c1, r + r1)))
     };
     let cpu_before = (!args.server_pid.is_empty())
         .then(|| usage(&args.server_pid))

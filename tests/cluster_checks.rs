@@ -597,3 +597,167 @@ async fn a_client_of_all_nodes_does_not_notice_one_going_away() {
         assert_eq!(reason(&r), Reason::Ok, "{r:?}");
     }
 }
+
+/// A TCP proxy to PostgreSQL that can be cut (listener and every open
+/// connection), to cut one node off from the coordinator alone.
+struct CuttableProxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// Closes the listener and every connection through it.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_keys() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    // node-c reaches PostgreSQL through a proxy; the others directly.
+    let (hostport, rest) = url
+        .strip_prefix("postgres://postgres@")
+        .unwrap()
+        .split_once('/')
+        .unwrap();
+    let proxy = CuttableProxy::start(hostport.to_owned()).await;
+    let dir = ConfigDir::new();
+    let configs = support::cluster_configs(&dir, &url, &NODES, "2s", POLICIES);
+    let through_proxy = std::fs::read_to_string(&configs[2]).unwrap().replace(
+        &url,
+        &format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port),
+    );
+    std::fs::write(&configs[2], through_proxy).unwrap();
+    let nodes: Vec<Option<Server>> = configs
+        .iter()
+        .map(|c| Some(Server::with_config_unready(c, "info")))
+        .collect();
+    for node in nodes.iter().flatten() {
+        node.wait_past_fence();
+    }
+    let cluster = Cluster {
+        dir,
+        configs,
+        nodes,
+    };
+    for i in 0..3 {
+        cluster.wait_members(i, &NODES);
+    }
+    // A key whose state node-c owns (created in the shared store).
+    let (key_id, secret) = loop {
+        let out = cluster.dir.cli(
+            cluster.node(0),
+            &["keys", "create", "--owner", "cut", "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let id = k["key_id"].as_str().unwrap().to_owned();
+        if cluster.locate(0, &["--key-id", &id]) == "node-c" {
+            break (id, k["secret"].as_str().unwrap().to_owned());
+        }
+    };
+    let signer = Signer::new(key_id, secret);
+    let mut to_c = cluster.client(2).await;
+    let mut to_a = cluster.client(0).await;
+    // Both sides know the key (the store's NOTIFY reached them).
+    for client in [&mut to_a, &mut to_c] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client.check(signed(&signer, unix_now())).await.unwrap();
+            if reason(&r) == Reason::Ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    // node-c keeps receiving checks for its key, node-a too; node-c must
+    // stop accepting before node-a's side takes the key over.
+    let mut accepted_by_c = Vec::new();
+    let mut accepted_by_a = Vec::new();
+    let mut c_stopped = None;
+    let mut last_c_ok = Duration::ZERO;
+    while cut_at.elapsed() < Duration::from_secs(14) {
+        let req = signed(&signer, unix_now());
+        if let Ok(r) = to_c.check(req.clone()).await {
+            if reason(&r) == Reason::Ok {
+                assert!(
+                    c_stopped.is_none(),
+                    "node-c accepted again after it had stopped"
+                );
+                accepted_by_c.push(req);
+                last_c_ok = cut_at.elapsed();
+            }
+        } else if c_stopped.is_none() {
+            c_stopped = Some(cut_at.elapsed());
+        }
+        let req = signed(&signer, unix_now());
+        if let Ok(r) = to_a.check(req.clone()).await
+            && reason(&r) == Reason::Ok
+        {
+            accepted_by_a.push(req);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c_stopped.expect("node-c never stopped answering for its key");
+    // Its lease is 2 s from its last renewal (every 400 ms): it accepts
+    // nothing after that, before the others may expire it. (Checks sent to
+    // it meanwhile wait up to a lease TTL for an owner, then fail.)
+    assert!(
+        last_c_ok < Duration::from_secs(2),
+        "accepted until {last_c_ok:?}"
+    );
+    assert!(!accepted_by_a.is_empty(), "node-a never served the key");
+    // No request accepted on one side is accepted on the other.
+    replay_all(std::slice::from_mut(&mut to_a), &accepted_by_c).await;
+    // (A sample: each waits on node-c for an owner it no longer has.)
+    let sample = accepted_by_a
+        .iter()
+        .take(3)
+        .chain(accepted_by_a.iter().rev().take(3));
+    for req in sample {
+        if let Ok(r) = to_c.check(req.clone()).await {
+            assert_ne!(
+                reason(&r),
+                Reason::Ok,
+                "node-c accepted a request node-a accepted"
+            );
+        }
+    }
+    // It says so.
+    let (_, metrics) = cluster.node(2).http_get("/metrics");
+    assert!(
+        metrics.contains("warden_cluster_coordinator_ok 0"),
+        "{metrics}"
+    );
+}

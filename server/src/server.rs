@@ -368,6 +368,7 @@ impl Bound {
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
             background.spawn(state.clone().hand_over_lost_slots());
+            background.spawn(state.clone().keep_vouched());
             PeerServer::new(PeerService::new(state, app.config.authz.clone()))
         });
 

@@ -19,11 +19,20 @@
 //! owns ([`Membership::may_serve`]): only until `lease_ttl - lease_ttl/10`
 //! after the start of its last successful renewal, which is before the
 //! database lets the lease run out, so a paused or cut-off node stops
-//! before anyone else may take its slots over. The one exception is an
-//! unreachable coordinator while this node keeps trying (its last attempt
-//! is recent and failed): then nobody can change the membership either,
-//! and the node serves on the last one it saw. After a pause (SIGSTOP) the
-//! last attempt is old, so the node answers nothing until it has renewed.
+//! before anyone else may take its slots over.
+//!
+//! When the coordinator cannot be reached, a node keeps serving on the
+//! last membership only if nobody can change it: every other member
+//! confirms ([`Membership::vouch_for`]) that it cannot reach PostgreSQL
+//! either and sees the same version. Each confirmation round keeps it
+//! serving for one lease more. A node cut off from PostgreSQL alone gets no
+//! such confirmation (the others can reach it) and stops at its lease's
+//! end, before they expel it. Alone in its membership, a node needs no one
+//! (nobody could take its slots without it seeing a join first... except
+//! through PostgreSQL: see README, Running a cluster). And when
+//! PostgreSQL comes back, a node removes others' run-out leases only after
+//! it has itself renewed for a whole lease TTL: nodes that served on
+//! confirmations have stopped or renewed by then.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,6 +123,11 @@ struct Lease {
     valid_until: Option<Instant>,
     /// When its last renewal attempt started, and whether it failed.
     last_attempt: Option<(Instant, bool)>,
+    /// Until when every other member confirmed that nobody can change the
+    /// membership (the coordinator is unreachable for all).
+    vouched_until: Option<Instant>,
+    /// Since when renewals succeed without a break.
+    connected_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -232,12 +246,47 @@ impl Membership {
         }
         let lease = self.lease.lock();
         let now = Instant::now();
-        if lease.valid_until.is_some_and(|until| now < until) {
+        if lease.valid_until.is_some_and(|until| now < until)
+            || lease.vouched_until.is_some_and(|until| now < until)
+        {
             return true;
         }
-        let every = self.settings.lease_ttl / 5;
-        matches!(lease.last_attempt, Some((at, true)) if now.duration_since(at) < every * 2)
-            && lease.valid_until.is_some()
+        // The view, not the table: a check may hold the table's lock here.
+        let alone = self
+            .view
+            .read()
+            .members
+            .iter()
+            .all(|m| m.node == self.node());
+        alone && lease.valid_until.is_some() && self.unreachable_now(&lease, now)
+    }
+
+    /// Whether the coordinator is unreachable right now: this node's last
+    /// attempt is recent and failed.
+    pub fn coordinator_unreachable(&self) -> bool {
+        self.unreachable_now(&self.lease.lock(), Instant::now())
+    }
+
+    fn unreachable_now(&self, lease: &Lease, now: Instant) -> bool {
+        matches!(lease.last_attempt, Some((at, true)) if now.duration_since(at) < self.renew_every() * 2)
+    }
+
+    /// A peer's question while the coordinator is down: may `node` go on
+    /// serving on membership `version`? Yes only if this node cannot reach
+    /// the coordinator either (so it cannot have seen, or made, a change)
+    /// and sees the same version with `node` in it.
+    pub fn vouch_for(&self, node: &str, version: u64) -> bool {
+        let table = self.table();
+        !self.is_leaving()
+            && self.coordinator_unreachable()
+            && table.version == version
+            && table.nodes.iter().any(|n| n.name == node)
+    }
+
+    /// Every other member confirmed, in a round that started at `asked`.
+    pub fn vouched(&self, asked: Instant) {
+        let ttl = self.settings.lease_ttl;
+        self.lease.lock().vouched_until = Some(asked + ttl - ttl / 10);
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -322,7 +371,14 @@ impl Membership {
                     }
                 }
                 let attempt = Instant::now();
-                match tokio::time::timeout(every * 2, renew(&client, &self.settings)).await {
+                // Others' run-out leases are removed only after a whole
+                // lease of healthy renewals (see the module documentation).
+                let sweep = self
+                    .lease
+                    .lock()
+                    .connected_since
+                    .is_some_and(|since| since.elapsed() >= self.settings.lease_ttl);
+                match tokio::time::timeout(every * 2, renew(&client, &self.settings, sweep)).await {
                     Ok(Ok((view, rejoined))) => self.seen(view, rejoined, attempt),
                     Ok(Err(e)) => {
                         self.lost(&e.to_string(), attempt);
@@ -349,6 +405,8 @@ impl Membership {
             let mut lease = self.lease.lock();
             lease.valid_until = Some(attempt + ttl - ttl / 10);
             lease.last_attempt = Some((attempt, false));
+            lease.vouched_until = None;
+            lease.connected_since.get_or_insert(attempt);
         }
         self.update_table(&view, rejoined);
         let mut current = self.view.write();
@@ -458,7 +516,11 @@ impl Membership {
     }
 
     fn lost(&self, error: &str, attempt: Instant) {
-        self.lease.lock().last_attempt = Some((attempt, true));
+        {
+            let mut lease = self.lease.lock();
+            lease.last_attempt = Some((attempt, true));
+            lease.connected_since = None;
+        }
         metrics::counter!("warden_cluster_coordinator_errors_total").increment(1);
         metrics::gauge!("warden_cluster_coordinator_ok").set(0.0);
         let mut view = self.view.write();
@@ -584,6 +646,7 @@ async fn listen(url: String, changed: Arc<Notify>) {
 async fn renew(
     client: &tokio_postgres::Client,
     settings: &ClusterSettings,
+    sweep: bool,
 ) -> Result<(View, bool), tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
     client.batch_execute("BEGIN").await?;
@@ -604,9 +667,13 @@ async fn renew(
             )
             .await?
             .get(0);
-        let expired = client
-            .execute("DELETE FROM warden_members WHERE lease_until < now()", &[])
-            .await?;
+        let expired = if sweep {
+            client
+                .execute("DELETE FROM warden_members WHERE lease_until < now()", &[])
+                .await?
+        } else {
+            0
+        };
         if joined || expired > 0 {
             client.batch_execute(BUMP_VERSION).await?;
         }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use warden_client::proto::peer_server::Peer;
 use warden_client::proto::{
-    HandOffAck, HandOffBatch, Settled, Settlement, StateStep, StateVerdict,
+    HandOffAck, HandOffBatch, Settled, Settlement, StateStep, StateVerdict, VouchReply,
+    VouchRequest,
 };
 
 use super::state::{ClusterState, Phase};
@@ -82,6 +83,14 @@ impl Peer for PeerService {
             .receive(request.get_ref())
             .map_err(Status::invalid_argument)?;
         Ok(Response::new(HandOffAck {}))
+    }
+
+    async fn vouch(&self, request: Request<VouchRequest>) -> Result<Response<VouchReply>, Status> {
+        self.admit(&request)?;
+        let r = request.get_ref();
+        Ok(Response::new(VouchReply {
+            granted: self.state.membership().vouch_for(&r.node, r.version),
+        }))
     }
 
     async fn settle(&self, request: Request<Settlement>) -> Result<Response<Settled>, Status> {

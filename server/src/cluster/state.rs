@@ -49,7 +49,7 @@ use warden_client::proto::state_limit::Limit as WireLimit;
 use warden_client::proto::state_verdict::Outcome as WireOutcome;
 use warden_client::proto::{
     GcraLimit, HandOffBatch, HandedBucket, HandedNonce, HandedWindow, LimitVerdict as WireVerdict,
-    Settlement, StateLimit, StateNonce, StateStep, StateVerdict, WindowLimit,
+    Settlement, StateLimit, StateNonce, StateStep, StateVerdict, VouchRequest, WindowLimit,
 };
 
 use super::Membership;
@@ -699,6 +699,58 @@ impl ClusterState {
             self.membership.handed_over(&batch.from, version);
         }
         Ok(())
+    }
+}
+
+impl ClusterState {
+    /// While the coordinator is unreachable, asks every other member once
+    /// per renewal interval to confirm that nobody can change the
+    /// membership; with all of them confirming, this node serves on (see
+    /// [`Membership::vouch_for`]). Runs until shutdown.
+    pub async fn keep_vouched(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.membership.renew_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.membership.coordinator_unreachable() {
+                continue;
+            }
+            let table = self.membership.table();
+            let me = self.membership.node().to_owned();
+            let asked = Instant::now();
+            let others: Vec<&str> = table
+                .nodes
+                .iter()
+                .filter(|n| n.name != me)
+                .map(|n| n.address.as_str())
+                .collect();
+            if others.is_empty() {
+                continue;
+            }
+            let this = &self;
+            let asks = others.iter().map(|address| {
+                let request = VouchRequest {
+                    node: me.clone(),
+                    version: table.version,
+                };
+                async move {
+                    let Some(mut client) = this.peer(address) else {
+                        return false;
+                    };
+                    let mut request = tonic::Request::new(request);
+                    request.set_timeout(PEER_CALL_TIMEOUT);
+                    tokio::time::timeout(PEER_CALL_TIMEOUT, client.vouch(request))
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|r| r.into_inner().granted))
+                }
+            });
+            let granted = futures_util::future::join_all(asks).await;
+            if granted.iter().all(|g| *g) {
+                self.membership.vouched(asked);
+            } else {
+                metrics::counter!("warden_cluster_vouch_refused_total").increment(1);
+            }
+        }
     }
 }
 
