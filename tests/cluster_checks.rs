@@ -246,6 +246,23 @@ async fn a_limit_is_shared_by_all_nodes_and_admits_exactly_its_limit() {
         })
         .sum();
     assert!(forwarded >= 100, "forwarded {forwarded}");
+
+    // Every cluster series the alert rules read is exported by a node.
+    let rules = include_str!("../server/deploy/prometheus/warden-rules.yml");
+    let (_, exported) = cluster.node(0).http_get("/metrics");
+    let mut read: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("warden_cluster_"))
+        .collect();
+    read.sort();
+    read.dedup();
+    assert!(!read.is_empty());
+    for metric in read {
+        assert!(
+            exported.lines().any(|l| l.starts_with(metric)),
+            "the alert rules read {metric}, which a cluster node does not export"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,4 +777,47 @@ async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_k
         metrics.contains("warden_cluster_coordinator_ok 0"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_nodes() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(
+        &url,
+        "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n",
+    );
+    let mut clients = cluster.clients().await;
+    let genuine = Signer::new("wk_hundred", SECRET);
+    let guesser = Signer::new("wk_hundred", "a-wrong-secret-0123456789abcdefghijklmnop");
+    let from = |mut req: CheckRequest, address: &str| {
+        req.client_address = address.into();
+        req
+    };
+    // Three guesses from one address, one per node: one budget of three.
+    for client in clients.iter_mut() {
+        let r = client
+            .check(from(signed(&guesser, unix_now()), "198.51.100.77"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), Reason::Unauthenticated, "{r:?}");
+    }
+    // The owner spreads the spent budget to every node (a round trip).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for client in clients.iter_mut() {
+        // Even a correct signature from that source is refused now: a
+        // guesser cannot tell a hit from a miss while locked out.
+        let r = client
+            .check(from(signed(&genuine, unix_now()), "198.51.100.77"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), Reason::LockedOut, "{r:?}");
+        // Others are not affected.
+        let r = client
+            .check(from(signed(&genuine, unix_now()), "198.51.100.78"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
 }

@@ -95,7 +95,13 @@ pub struct Checker {
     /// The skews and the restart fence: requests this process's predecessor
     /// may have accepted are STALE here (see [`crate::freshness`]).
     freshness: Freshness,
+    /// In a cluster: where a failure is charged instead of this engine (the
+    /// budget's owning node, which tells every node once it is spent).
+    failure_sink: std::sync::OnceLock<FailureSink>,
 }
+
+/// Charges one failure to a failure budget (its state key and limit).
+pub type FailureSink = Box<dyn Fn(StateKey, Limit) + Send + Sync>;
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,7 +177,13 @@ impl Checker {
             authz,
             settings,
             failures,
+            failure_sink: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends failures to `sink` from now on (once; a cluster's budgets).
+    pub fn charge_failures_to(&self, sink: FailureSink) {
+        let _ = self.failure_sink.set(sink);
     }
 
     /// Requests signed below this fence are STALE: a process before this
@@ -421,7 +433,14 @@ impl Checker {
             if let Some(wait) = locked {
                 return Err(locked_out(wait));
             }
-            self.failure_budget(budget, now, !req.dry_run);
+            if !req.dry_run {
+                match self.failure_sink.get() {
+                    Some(sink) => sink(budget, Limit::Gcra(self.failures)),
+                    None => {
+                        self.failure_budget(budget, now, true);
+                    }
+                }
+            }
             let message = match valid.credential {
                 Credential::Signed { .. } => "the request signature could not be verified",
                 Credential::Bearer(_) => "the API key is not valid",

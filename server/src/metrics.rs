@@ -134,7 +134,12 @@ fn zero_counters() {
     for cause in ["server_busy", "connection_limit"] {
         counter!("warden_shed_total", "cause" => cause).absolute(0);
     }
-    for cause in ["replay_cache_full", "state_full", "permission_denied"] {
+    for cause in [
+        "replay_cache_full",
+        "state_full",
+        "permission_denied",
+        "unavailable",
+    ] {
         counter!("warden_check_errors_total", "cause" => cause).absolute(0);
     }
     for cause in [
@@ -160,6 +165,32 @@ fn zero_counters() {
     counter!("warden_audit_dropped_total").absolute(0);
     counter!("warden_caller_denied_total").absolute(0);
     counter!("warden_alert_subjects_evicted_total").absolute(0);
+}
+
+/// The cluster's counters, created at zero on a node with `[cluster]`
+/// (a single process exports none of them).
+pub fn zero_cluster_counters() {
+    use metrics::counter;
+    for result in ["sent", "failed"] {
+        counter!("warden_cluster_handoffs_total", "result" => result).absolute(0);
+    }
+    for route in ["local", "forwarded"] {
+        counter!("warden_cluster_state_steps_total", "route" => route).absolute(0);
+    }
+    for name in [
+        "warden_cluster_forward_errors_total",
+        "warden_cluster_reroutes_total",
+        "warden_cluster_not_owner_total",
+        "warden_cluster_rebalances_total",
+        "warden_cluster_handoff_entries_received_total",
+        "warden_cluster_reservations_expired_total",
+        "warden_cluster_settle_failures_total",
+        "warden_cluster_vouch_refused_total",
+        "warden_cluster_failure_charges_lost_total",
+        "warden_cluster_coordinator_errors_total",
+    ] {
+        counter!(name).absolute(0);
+    }
 }
 
 /// Serves until `shutdown` resolves: `/metrics` (Prometheus text format),

@@ -179,7 +179,15 @@ impl App {
                     ),
                     None => None,
                 };
-                Some(Arc::new(ClusterState::new(m.clone(), checker.clone(), tls)))
+                let state = Arc::new(ClusterState::new(m.clone(), checker.clone(), tls));
+                // Failure budgets are shared too: charged at their owner.
+                let charge = Arc::downgrade(&state);
+                checker.charge_failures_to(Box::new(move |key, limit| {
+                    if let Some(state) = charge.upgrade() {
+                        state.charge_failure(key, limit);
+                    }
+                }));
+                Some(state)
             }
             _ => None,
         };
@@ -260,6 +268,9 @@ impl Bound {
         // built): gauges that change only with keys or config, set once.
         metrics::gauge!("warden_api_keys").set(app.checker.keys().key_count() as f64);
         metrics::gauge!("warden_nonce_capacity").set(app.checker.settings().nonce_capacity as f64);
+        if app.cluster.is_some() {
+            crate::metrics::zero_cluster_counters();
+        }
         // Loops that hold nothing to flush: stopped together at the end.
         let mut background = JoinSet::new();
         let audit_writer = app.audit.as_ref().map(|a| a.start_writer());

@@ -754,6 +754,87 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Charges one failure to the failure budget `key` at its owning node,
+    /// in the background (the answer to the failed request does not depend
+    /// on it). When the charge spends the budget, every other node is told
+    /// the budget's state, so each one refuses the source before
+    /// verification from then on, exactly as the owner does. Bound: the
+    /// failures that arrive at other nodes between the charge that spends
+    /// the budget and that message (a round trip) are not refused early.
+    pub fn charge_failure(self: &Arc<Self>, key: StateKey, limit: Limit) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let table = this.membership.table();
+            let Some((owner, address)) = table.owner(key.slot()) else {
+                return;
+            };
+            let share = Share {
+                owner,
+                address: address.to_owned(),
+                nonce: false,
+                limits: SmallVec::from_slice(&[0]),
+            };
+            let pending_limits = [(key, limit)];
+            let step = StateStep {
+                version: table.version,
+                nonce: None,
+                limits: vec![StateLimit {
+                    id: key.id,
+                    pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
+                    limit: Some(wire_limit(pending_limits[0].1)),
+                }],
+                cost: 1,
+                commit: true,
+                timestamp: 0,
+            };
+            let PartAnswer::Verdict(v) = this.call(&table, &share, step, Phase::Decide).await
+            else {
+                metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
+                return;
+            };
+            let spent = v.outcome() == WireOutcome::Limited
+                && v.limits
+                    .first()
+                    .is_some_and(|l| !l.allowed || l.remaining == 0);
+            if !spent {
+                return;
+            }
+            // The budget's TAT as the owner holds it (reset_after = TAT - now).
+            let now = this.checker.now();
+            let tat = now.saturating_add(Nanos::new(v.limits[0].reset_after_ns));
+            let entry = Entry::Bucket { id: key.id, tat };
+            let me = this.membership.node().to_owned();
+            if Some(owner) != table.me() {
+                this.checker.engine().import(&[entry]);
+            }
+            let receivers: BTreeMap<String, String> = table
+                .nodes
+                .iter()
+                .filter(|n| n.name != me && n.name != table.nodes[usize::from(owner)].name)
+                .map(|n| (n.name.clone(), n.address.clone()))
+                .collect();
+            for (_, address) in receivers {
+                let batch = HandOffBatch {
+                    from: me.clone(),
+                    version: table.version,
+                    buckets: vec![HandedBucket {
+                        id: key.id,
+                        pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
+                        tat_ns: tat.get(),
+                    }],
+                    last: false,
+                    ..Default::default()
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    this.send_batch(&address, batch).await;
+                });
+            }
+        });
+    }
+}
+
 /// Entries per handover batch (a few hundred KiB on the wire).
 const HANDOFF_BATCH: usize = 8192;
 const HANDOFF_CALL_TIMEOUT: Duration = Duration::from_secs(5);
