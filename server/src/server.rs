@@ -376,11 +376,16 @@ impl Bound {
             Admission::new(settings.max_inflight),
         ))
         .max_decoding_message_size(max_message);
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
             background.spawn(state.clone().hand_over_lost_slots());
             background.spawn(state.clone().keep_vouched());
-            PeerServer::new(PeerService::new(state, app.config.authz.clone()))
+            PeerServer::new(PeerService::new(
+                state,
+                app.config.authz.clone(),
+                closing_rx,
+            ))
         });
 
         let (draining_tx, draining_rx) = oneshot::channel::<()>();
@@ -398,6 +403,9 @@ impl Bound {
                 );
                 let _ = draining_tx.send(());
                 tokio::time::sleep(delay).await;
+                // Peers' long-lived streams end now, so that they do not
+                // wait out the drain timeout like a call in flight.
+                let _ = closing_tx.send(true);
             }
         };
         let server = tonic::transport::Server::builder()

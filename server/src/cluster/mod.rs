@@ -3,6 +3,7 @@
 //! reaches its owners ([`state`]) over the `warden.v1.Peer` service
 //! ([`peer`]). DESIGN.md, Scale-out.
 
+mod link;
 pub mod membership;
 pub mod ownership;
 pub mod peer;

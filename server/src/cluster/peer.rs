@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::{Request, Response, Status};
 use warden_client::proto::peer_server::Peer;
 use warden_client::proto::{
-    HandOffAck, HandOffBatch, Settled, Settlement, StateStep, StateVerdict, VouchReply,
-    VouchRequest,
+    HandOffAck, HandOffBatch, Settled, Settlement, StateStep, StateVerdict, TaggedStep,
+    TaggedVerdict, VouchReply, VouchRequest,
 };
 
 use super::state::{ClusterState, Phase};
@@ -20,13 +22,21 @@ use crate::service::caller_of;
 pub struct PeerService {
     state: Arc<ClusterState>,
     authz: Arc<Authz>,
+    /// True once the server stops taking calls (after the drain delay):
+    /// peers' streams are ended then, so they do not hold the shutdown up.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
-    pub fn new(state: Arc<ClusterState>, authz: Authz) -> Self {
+    pub fn new(
+        state: Arc<ClusterState>,
+        authz: Authz,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             state,
             authz: Arc::new(authz),
+            closing,
         }
     }
 
@@ -48,6 +58,9 @@ impl PeerService {
     }
 }
 
+/// Answers buffered per stream before the reader waits for the peer.
+const STREAM_BUFFER: usize = 256;
+
 /// A step as large as any check can make, and no larger.
 fn check_size(step: &StateStep) -> Result<(), Status> {
     if step.limits.len() > MAX_LIMITS * 2 + 64 {
@@ -64,6 +77,45 @@ impl Peer for PeerService {
         Ok(Response::new(
             self.state.serve(request.get_ref(), Phase::Decide),
         ))
+    }
+
+    type DecideStreamStream = ReceiverStream<Result<TaggedVerdict, Status>>;
+
+    async fn decide_stream(
+        &self,
+        request: Request<Streaming<TaggedStep>>,
+    ) -> Result<Response<Self::DecideStreamStream>, Status> {
+        self.admit(&request)?;
+        let mut closing = self.closing.clone();
+        if *closing.borrow() {
+            return Err(Status::unavailable("this node is shutting down"));
+        }
+        let mut steps = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            loop {
+                let tagged = tokio::select! {
+                    m = steps.message() => match m {
+                        Ok(Some(tagged)) => tagged,
+                        _ => break,
+                    },
+                    _ = closing.wait_for(|c| *c) => break,
+                };
+                let answer = match tagged.step {
+                    Some(step) if check_size(&step).is_ok() => Ok(TaggedVerdict {
+                        tag: tagged.tag,
+                        verdict: Some(state.serve(&step, Phase::Decide)),
+                    }),
+                    _ => Err(Status::invalid_argument("step: missing or too large")),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn reserve(&self, request: Request<StateStep>) -> Result<Response<StateVerdict>, Status> {

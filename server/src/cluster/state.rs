@@ -53,6 +53,7 @@ use warden_client::proto::{
 };
 
 use super::Membership;
+use super::link::PeerLink;
 use super::ownership::SlotTable;
 use crate::check::{Checker, Fenced, Pending};
 use crate::engine::{
@@ -104,6 +105,8 @@ pub struct ClusterState {
     checker: Arc<Checker>,
     tls: Option<Tls>,
     peers: Mutex<HashMap<String, PeerClient<Channel>>>,
+    /// One open `DecideStream` per peer, for one-owner steps.
+    links: Mutex<HashMap<String, Arc<PeerLink>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
     /// The membership's tables, in order, subscribed to before the first.
     tables: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<SlotTable>>>>,
@@ -135,6 +138,7 @@ impl ClusterState {
             checker,
             tls,
             peers: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
         }
     }
@@ -332,10 +336,29 @@ impl ClusterState {
             metrics::counter!("warden_cluster_state_steps_total", "route" => "local").increment(1);
             return PartAnswer::Verdict(self.serve(&step, phase));
         }
+        let started = Instant::now();
+        if phase == Phase::Decide {
+            let verdict = match self.link(&share.address) {
+                Some(link) => link.decide(step, PEER_CALL_TIMEOUT).await,
+                None => None,
+            };
+            metrics::histogram!("warden_cluster_forward_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            return match verdict {
+                Some(v) => {
+                    metrics::counter!("warden_cluster_state_steps_total", "route" => "forwarded")
+                        .increment(1);
+                    PartAnswer::Verdict(v)
+                }
+                None => {
+                    metrics::counter!("warden_cluster_forward_errors_total").increment(1);
+                    PartAnswer::Failed
+                }
+            };
+        }
         let Some(mut client) = self.peer(&share.address) else {
             return PartAnswer::Failed;
         };
-        let started = Instant::now();
         let mut request = tonic::Request::new(step);
         request.set_timeout(PEER_CALL_TIMEOUT);
         // The deadline is enforced here too: a paused peer accepts
@@ -363,6 +386,18 @@ impl ClusterState {
                 PartAnswer::Failed
             }
         }
+    }
+
+    /// The open stream to the peer at `address` (a new one if the last
+    /// broke).
+    fn link(&self, address: &str) -> Option<Arc<PeerLink>> {
+        let mut links = self.links.lock();
+        if let Some(link) = links.get(address).filter(|l| !l.is_broken()) {
+            return Some(link.clone());
+        }
+        let link = PeerLink::open(self.peer(address)?);
+        links.insert(address.to_owned(), link.clone());
+        Some(link)
     }
 
     /// A client for the peer at `address`, connected on first use.
