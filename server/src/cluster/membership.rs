@@ -450,12 +450,14 @@ impl Membership {
         .unwrap_or(u32::MAX);
         if view.version == before.version && !rejoined {
             // The same members: forget fences nothing fresh can fall
-            // under, and stop waiting for a previous owner that never sent
-            // (it stopped answering long since: fence its slots instead).
+            // under, and stop waiting for a member that never sent after
+            // two lease TTLs (holding a lease, it renewed and saw the
+            // change, so it stopped answering for those slots long since:
+            // fence them instead).
             let mut table = None;
             if before
                 .awaiting_since
-                .is_some_and(|since| since.elapsed() > self.settings.lease_ttl)
+                .is_some_and(|since| since.elapsed() > self.settings.lease_ttl * 2)
             {
                 let mut t = (*before).clone();
                 for from in before.awaited() {
