@@ -275,6 +275,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
             postgres_url: None,
         }),
         cluster: None,
+        forward_auth: None,
         policies,
         keys: vec![key],
         // The dev client certificate may do everything.

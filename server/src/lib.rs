@@ -28,6 +28,7 @@ mod conn;
 pub mod crypto;
 pub mod dev;
 pub mod engine;
+mod forward_auth;
 mod freshness;
 mod gate;
 mod key_admin;

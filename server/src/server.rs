@@ -212,6 +212,7 @@ pub struct Bound {
     app: App,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    forward_auth_listener: Option<TcpListener>,
 }
 
 impl Bound {
@@ -228,10 +229,15 @@ impl Bound {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let forward_auth_listener = match &config.forward_auth {
+            Some(f) => Some(bind(f.listen).await?),
+            None => None,
+        };
         Ok(Self {
             app,
             listener,
             metrics_listener,
+            forward_auth_listener,
         })
     }
 
@@ -262,6 +268,7 @@ impl Bound {
             app,
             listener,
             metrics_listener,
+            forward_auth_listener,
         } = self;
         let settings = app.config.server.clone();
         // The recorder is installed by now (it is not yet while the app is
@@ -368,14 +375,24 @@ impl Bound {
             app.config.authz.clone(),
             app.audit.clone(),
         );
-        let service = WardenServer::new(WardenService::new(
+        let checks = WardenService::new(
             app.checker.clone(),
             app.cluster.clone(),
             app.alerts.clone(),
             app.audit.clone(),
             Admission::new(settings.max_inflight),
-        ))
-        .max_decoding_message_size(max_message);
+        );
+        if let (Some(listener), Some(f)) = (forward_auth_listener, app.config.forward_auth.clone())
+        {
+            // Stopped with the other loops, once the gRPC server stopped.
+            background.spawn(crate::forward_auth::serve(
+                listener,
+                checks.clone(),
+                f,
+                std::future::pending(),
+            ));
+        }
+        let service = WardenServer::new(checks).max_decoding_message_size(max_message);
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));

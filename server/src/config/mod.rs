@@ -141,6 +141,8 @@ pub struct Config {
     pub store: Option<StoreSettings>,
     /// `None`: a single process, as without a cluster.
     pub cluster: Option<ClusterSettings>,
+    /// `None`: no forward-auth endpoint.
+    pub forward_auth: Option<ForwardAuthSettings>,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
     pub authz: Authz,
@@ -185,6 +187,10 @@ impl Config {
         let names: HashSet<String> = policies.iter().map(|p| p.name.clone()).collect();
         let keys = keys(file.keys, &names, base, env)?;
         let authz = authz(file.callers, file.clients, &names, tls.is_none())?;
+        let forward_auth = file
+            .forward_auth
+            .map(|f| forward_auth_settings(f, &authz))
+            .transpose()?;
         Ok(Self {
             listen,
             tls,
@@ -194,6 +200,7 @@ impl Config {
             audit: audit_settings(file.audit)?,
             store,
             cluster,
+            forward_auth,
             policies,
             keys,
             authz,
@@ -262,6 +269,51 @@ fn store_settings(
         dir: base.join(st.dir),
         master_key,
         postgres_url,
+    })
+}
+
+fn forward_auth_settings(
+    f: ForwardAuthFile,
+    authz: &Authz,
+) -> Result<ForwardAuthSettings, Invalid> {
+    let listen: SocketAddr = f
+        .listen
+        .parse()
+        .map_err(|_| bad("forward_auth.listen", "must be an IP:port address"))?;
+    if !listen.ip().is_loopback() {
+        return Err(bad(
+            "forward_auth.listen",
+            "the endpoint is plaintext HTTP: loopback addresses only (run the gateway on the same host)",
+        ));
+    }
+    if f.identity.is_empty() || f.identity.len() > 255 || f.identity.chars().any(char::is_control) {
+        return Err(bad("forward_auth.identity", "must be 1 to 255 characters"));
+    }
+    if !authz.grant(Some(&f.identity)).has(Role::Check) {
+        return Err(bad(
+            "forward_auth.identity",
+            "no [[callers]] rule gives this identity the \"check\" role",
+        ));
+    }
+    let header = |field: &str, value: Option<String>, default: &str| {
+        let name = value.unwrap_or_else(|| default.to_owned());
+        axum::http::HeaderName::from_bytes(name.as_bytes())
+            .map(|_| name.to_ascii_lowercase())
+            .map_err(|_| bad(field, "must be an HTTP header name"))
+    };
+    Ok(ForwardAuthSettings {
+        listen,
+        identity: f.identity,
+        method_header: header(
+            "forward_auth.method_header",
+            f.method_header,
+            "X-Original-Method",
+        )?,
+        uri_header: header("forward_auth.uri_header", f.uri_header, "X-Original-URI")?,
+        client_address_header: f
+            .client_address_header
+            .map(|h| header("forward_auth.client_address_header", Some(h), ""))
+            .transpose()?,
     })
 }
 

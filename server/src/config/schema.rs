@@ -33,6 +33,9 @@ pub struct File {
     /// Membership of a cluster of warden processes (needs a PostgreSQL
     /// store, which is the coordinator).
     pub cluster: Option<ClusterFile>,
+    /// An HTTP endpoint for nginx `auth_request`, Caddy `forward_auth` and
+    /// Traefik `ForwardAuth`.
+    pub forward_auth: Option<ForwardAuthFile>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
     #[serde(default)]
@@ -182,6 +185,25 @@ pub struct ClusterFile {
     pub cert: Option<PathBuf>,
     /// Its private key. Default: `[tls] key`.
     pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthFile {
+    /// Address of the HTTP endpoint (plaintext: a loopback address).
+    pub listen: String,
+    /// The caller identity its checks run as; a `[[callers]]` rule must
+    /// give it the "check" role (e.g. "nginx.forward-auth").
+    pub identity: String,
+    /// Header carrying the original request's method. Default
+    /// "X-Original-Method" (nginx; Traefik and Caddy: "X-Forwarded-Method").
+    pub method_header: Option<String>,
+    /// Header carrying the original URI (path and query). Default
+    /// "X-Original-URI" (Traefik and Caddy: "X-Forwarded-Uri").
+    pub uri_header: Option<String>,
+    /// Header carrying the end client's address, for failure budgets
+    /// (e.g. "X-Real-IP"). Default: none.
+    pub client_address_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -83,6 +83,16 @@ pub struct PeerTls {
     pub ca: PathBuf,
 }
 
+/// The forward-auth HTTP endpoint (`[forward_auth]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardAuthSettings {
+    pub listen: SocketAddr,
+    pub identity: String,
+    pub method_header: String,
+    pub uri_header: String,
+    pub client_address_header: Option<String>,
+}
+
 /// Limits and lifecycle of the server process.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {

@@ -45,6 +45,24 @@ impl WardenService {
     }
 }
 
+impl WardenService {
+    /// One check as `caller`, through the same path as a gRPC `Check`
+    /// (logs, metrics, alerts, audit): for the forward-auth endpoint.
+    pub async fn check_as(
+        &self,
+        req: &CheckRequest,
+        caller: &CallerIdentity,
+    ) -> Result<CheckResponse, Status> {
+        let ctx = Context {
+            checker: &self.checker,
+            cluster: self.cluster.as_deref(),
+            alerts: &self.alerts,
+            audit: self.audit.as_deref(),
+        };
+        check_one(&ctx, req, caller).await
+    }
+}
+
 /// What a check needs besides the request: shared by unary and streams.
 struct Context<'a> {
     checker: &'a Checker,
