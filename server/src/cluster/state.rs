@@ -255,10 +255,8 @@ impl ClusterState {
             WireOutcome::Replay => Outcome::Replay,
             WireOutcome::NonceSetFull => Outcome::NonceSetFull,
             WireOutcome::StateFull => Outcome::StateFull(
-                self.checker
-                    .engine()
-                    .pools()
-                    .from_wire_name(&v.pool)
+                checked_pool(&v.pool)
+                    .and_then(|p| self.checker.engine().pools().from_wire_name(p))
                     .unwrap_or(crate::engine::Pool::FAILURES),
             ),
             WireOutcome::Limited => Outcome::Limited {
@@ -445,7 +443,7 @@ impl ClusterState {
             .limits
             .iter()
             .map(|l| {
-                let pool = engine.pools().from_wire_name(&l.pool)?;
+                let pool = engine.pools().from_wire_name(checked_pool(&l.pool)?)?;
                 let limit = limit_from_wire(l.limit.as_ref()?)?;
                 Some((engine.placed(pool.tag(l.id)), limit))
             })
@@ -697,7 +695,11 @@ impl ClusterState {
     pub fn receive(&self, batch: &HandOffBatch) -> Result<(), &'static str> {
         let engine = self.checker.engine();
         let pools = engine.pools();
-        let pool = |name: &str| pools.from_wire_name(name).ok_or("pool: not a pool name");
+        let pool = |name: &str| {
+            checked_pool(name)
+                .and_then(|n| pools.from_wire_name(n))
+                .ok_or("pool: not a pool name")
+        };
         let mut entries = Vec::with_capacity(batch_len(batch));
         for n in &batch.nonces {
             entries.push(Entry::Nonce {
@@ -919,6 +921,15 @@ fn shares(table: &SlotTable, pending: &Pending) -> Option<SmallVec<[Share; 2]>> 
         }
     }
     Some(shares)
+}
+
+/// A pool name from a peer, if it is one a node could have sent: a policy
+/// pool must name a valid policy.
+fn checked_pool(name: &str) -> Option<&str> {
+    match name.strip_prefix("policy:") {
+        Some(policy) if !crate::model::is_valid_name(policy) => None,
+        _ => Some(name),
+    }
 }
 
 fn limit_verdict(w: &WireVerdict) -> LimitVerdict {

@@ -151,16 +151,14 @@ impl PoolTable {
     }
 
     /// The pool a [`Self::wire_name`] stands for here; `None` when it is
-    /// not one.
+    /// not one. A policy name is taken as it is: check it first.
     pub fn from_wire_name(&self, name: &str) -> Option<Pool> {
         match name {
             "keys" => Some(Pool::KEYS),
             "failures" => Some(Pool::FAILURES),
             "other-policies" => Some(Pool::SHARED),
-            _ => name
-                .strip_prefix("policy:")
-                .filter(|n| crate::model::is_valid_name(n))
-                .map(|n| self.policy(n)),
+            // The caller has checked the name is a policy name.
+            _ => name.strip_prefix("policy:").map(|n| self.policy(n)),
         }
     }
 
