@@ -79,6 +79,11 @@ impl Cluster {
         let dir = ConfigDir::new();
         let configs =
             support::cluster_configs(&dir, url, &NODES, "2s", &format!("{POLICIES}\n{extra}"));
+        Self::start_from(dir, configs)
+    }
+
+    /// Starts a node per config in `configs`, as [`Self::start`] does.
+    fn start_from(dir: ConfigDir, configs: Vec<PathBuf>) -> Self {
         let nodes: Vec<Option<Server>> = configs
             .iter()
             .map(|c| Some(Server::with_config_unready(c, "info")))
@@ -668,21 +673,7 @@ async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_k
         &format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port),
     );
     std::fs::write(&configs[2], through_proxy).unwrap();
-    let nodes: Vec<Option<Server>> = configs
-        .iter()
-        .map(|c| Some(Server::with_config_unready(c, "info")))
-        .collect();
-    for node in nodes.iter().flatten() {
-        node.wait_past_fence();
-    }
-    let cluster = Cluster {
-        dir,
-        configs,
-        nodes,
-    };
-    for i in 0..3 {
-        cluster.wait_members(i, &NODES);
-    }
+    let cluster = Cluster::start_from(dir, configs);
     // A key whose state node-c owns (created in the shared store).
     let (key_id, secret) = loop {
         let out = cluster.dir.cli(
