@@ -77,10 +77,26 @@ pub struct PoolStats {
     pub refused: u64,
 }
 
+/// The policies that have a pool of their own, both ways: policy `i` in
+/// registration order has pool `FIRST_POLICY + i`.
+#[derive(Debug, Default)]
+struct Names {
+    pools: HashMap<String, Pool>,
+    in_order: Vec<String>,
+}
+
+impl Names {
+    /// The policy name of `pool`, if it is a policy's own pool.
+    fn of(&self, pool: Pool) -> Option<&str> {
+        let i = pool.index().checked_sub(usize::from(Pool::FIRST_POLICY))?;
+        self.in_order.get(i).map(String::as_str)
+    }
+}
+
 /// Counts and caps of every pool.
 #[derive(Debug)]
 pub struct PoolTable {
-    names: RwLock<HashMap<String, Pool>>,
+    names: RwLock<Names>,
     caps: Box<[AtomicUsize]>,
     counts: Box<[AtomicUsize]>,
     evicted: Box<[AtomicU64]>,
@@ -94,7 +110,7 @@ impl PoolTable {
         let atomics = |v: usize| (0..POOLS).map(|_| AtomicUsize::new(v)).collect();
         let counters = || (0..POOLS).map(|_| AtomicU64::new(0)).collect();
         Self {
-            names: RwLock::new(HashMap::new()),
+            names: RwLock::new(Names::default()),
             caps: atomics(UNCAPPED),
             counts: atomics(0),
             evicted: counters(),
@@ -107,22 +123,20 @@ impl PoolTable {
     /// The pool of a request-limit policy, made on first use. A name keeps
     /// its pool for the life of the process.
     pub fn policy(&self, name: &str) -> Pool {
-        if let Some(&pool) = self.names.read().get(name) {
+        if let Some(&pool) = self.names.read().pools.get(name) {
             return pool;
         }
         let mut names = self.names.write();
-        if let Some(&pool) = names.get(name) {
+        if let Some(&pool) = names.pools.get(name) {
             return pool;
         }
-        let next = Pool::FIRST_POLICY as usize + names.len();
-        let pool = if next < Pool::SHARED.index() {
-            Pool(next as u8)
-        } else {
-            Pool::SHARED
-        };
-        if pool != Pool::SHARED {
-            names.insert(name.to_owned(), pool);
+        let next = Pool::FIRST_POLICY as usize + names.in_order.len();
+        if next >= Pool::SHARED.index() {
+            return Pool::SHARED;
         }
+        let pool = Pool(next as u8);
+        names.pools.insert(name.to_owned(), pool);
+        names.in_order.push(name.to_owned());
         pool
     }
 
@@ -136,12 +150,8 @@ impl PoolTable {
             _ => self
                 .names
                 .read()
-                .iter()
-                .find(|(_, p)| **p == pool)
-                .map_or_else(
-                    || "other-policies".to_owned(),
-                    |(n, _)| format!("policy:{n}"),
-                ),
+                .of(pool)
+                .map_or_else(|| "other-policies".to_owned(), |n| format!("policy:{n}")),
         }
     }
 
@@ -213,15 +223,16 @@ impl PoolTable {
 
     /// Every counted pool in use.
     pub fn stats(&self) -> Vec<PoolStats> {
-        let mut named: Vec<(usize, String)> = self
-            .names
-            .read()
-            .iter()
-            .map(|(name, pool)| (pool.index(), name.clone()))
-            .collect();
-        named.push((Pool::FAILURES.index(), "failures".into()));
-        named.push((Pool::SHARED.index(), "other-policies".into()));
-        named.sort();
+        let names = self.names.read();
+        let first = usize::from(Pool::FIRST_POLICY);
+        let named = std::iter::once((Pool::FAILURES.index(), "failures".to_owned()))
+            .chain((first..).zip(names.in_order.iter().cloned()))
+            .chain(std::iter::once((
+                Pool::SHARED.index(),
+                "other-policies".to_owned(),
+            )))
+            .collect::<Vec<_>>();
+        drop(names);
         named
             .into_iter()
             .map(|(i, name)| {
