@@ -71,14 +71,6 @@ fn check_size(step: &StateStep) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn decide(&self, request: Request<StateStep>) -> Result<Response<StateVerdict>, Status> {
-        self.admit(&request)?;
-        check_size(request.get_ref())?;
-        Ok(Response::new(
-            self.state.serve(request.get_ref(), Phase::Decide),
-        ))
-    }
-
     type DecideStreamStream = ReceiverStream<Result<TaggedVerdict, Status>>;
 
     async fn decide_stream(

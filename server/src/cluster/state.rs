@@ -6,8 +6,8 @@
 //! key and the rate limits — is split by owner ([`SlotTable`]):
 //!
 //! - **One owner** (the usual case: a key's nonce and policies share its
-//!   slot): one `Decide`, atomic on that node exactly as on a single node.
-//!   When the owner is this node, no hop at all.
+//!   slot): one step on the open `DecideStream` to that node, atomic there
+//!   exactly as on a single node. When the owner is this node, no hop.
 //! - **Several owners** (a key on A, a per-IP limit on B): two phases.
 //!   `Reserve` on every owner decides its part and, if it passes, takes it
 //!   and holds it under a reservation; then `Settle` keeps every part (all
@@ -54,7 +54,7 @@ use warden_client::proto::{
 
 use super::Membership;
 use super::link::PeerLink;
-use super::ownership::SlotTable;
+use super::ownership::{Node, SlotTable};
 use crate::check::{Checker, Fenced, Pending};
 use crate::engine::{
     Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey, Verdicts,
@@ -277,14 +277,16 @@ impl ClusterState {
             let Some(mut client) = self.peer(&share.address) else {
                 return false;
             };
-            let mut request = tonic::Request::new(Settlement {
+            let settlement = Settlement {
                 reservation: *reservation,
                 commit,
-            });
-            request.set_timeout(PEER_CALL_TIMEOUT);
-            tokio::time::timeout(PEER_CALL_TIMEOUT, client.settle(request))
-                .await
-                .is_ok_and(|r| r.is_ok_and(|r| r.into_inner().found))
+            };
+            answered(
+                PEER_CALL_TIMEOUT,
+                client.settle(request(settlement, PEER_CALL_TIMEOUT)),
+            )
+            .await
+            .is_some_and(|s| s.found)
         });
         futures_util::future::join_all(calls)
             .await
@@ -292,9 +294,18 @@ impl ClusterState {
             .all(|ok| ok)
     }
 
+    /// One limit as a step carries it (its pool by name: pool numbers
+    /// differ between nodes).
+    fn wire_state_limit(&self, (key, limit): (StateKey, Limit)) -> StateLimit {
+        StateLimit {
+            id: key.id,
+            pool: self.checker.engine().pools().wire_name(Pool::of(key.id)),
+            limit: Some(wire_limit(limit)),
+        }
+    }
+
     /// The wire form of one share of `pending`.
     fn step(&self, table: &SlotTable, pending: &Pending, share: &Share) -> StateStep {
-        let pools = self.checker.engine().pools();
         StateStep {
             version: table.version,
             nonce: pending
@@ -307,14 +318,7 @@ impl ClusterState {
             limits: share
                 .limits
                 .iter()
-                .map(|&i| {
-                    let (key, limit) = pending.limits[i];
-                    StateLimit {
-                        id: key.id,
-                        pool: pools.wire_name(crate::engine::Pool::of(key.id)),
-                        limit: Some(wire_limit(limit)),
-                    }
-                })
+                .map(|&i| self.wire_state_limit(pending.limits[i]))
                 .collect(),
             cost: pending.cost,
             commit: pending.commit,
@@ -335,52 +339,33 @@ impl ClusterState {
             return PartAnswer::Verdict(self.serve(&step, phase));
         }
         let started = Instant::now();
-        if phase == Phase::Decide {
-            let verdict = match self.link(&share.address) {
+        let verdict = match phase {
+            Phase::Decide => match self.link(&share.address) {
                 Some(link) => link.decide(step, PEER_CALL_TIMEOUT).await,
                 None => None,
-            };
-            metrics::histogram!("warden_cluster_forward_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            return match verdict {
-                Some(v) => {
-                    metrics::counter!("warden_cluster_state_steps_total", "route" => "forwarded")
-                        .increment(1);
-                    PartAnswer::Verdict(v)
+            },
+            Phase::Reserve => match self.peer(&share.address) {
+                Some(mut client) => {
+                    answered(
+                        PEER_CALL_TIMEOUT,
+                        client.reserve(request(step, PEER_CALL_TIMEOUT)),
+                    )
+                    .await
                 }
-                None => {
-                    metrics::counter!("warden_cluster_forward_errors_total").increment(1);
-                    PartAnswer::Failed
-                }
-            };
-        }
-        let Some(mut client) = self.peer(&share.address) else {
-            return PartAnswer::Failed;
+                None => None,
+            },
         };
-        let mut request = tonic::Request::new(step);
-        request.set_timeout(PEER_CALL_TIMEOUT);
-        // The deadline is enforced here too: a paused peer accepts
-        // connections but answers nothing.
-        let call = async {
-            match phase {
-                Phase::Decide => client.decide(request).await,
-                Phase::Reserve => client.reserve(request).await,
-            }
-        };
-        let answer = tokio::time::timeout(PEER_CALL_TIMEOUT, call)
-            .await
-            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("peer did not answer")));
         metrics::histogram!("warden_cluster_forward_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        match answer {
-            Ok(v) => {
+        match verdict {
+            Some(v) => {
                 metrics::counter!("warden_cluster_state_steps_total", "route" => "forwarded")
                     .increment(1);
-                PartAnswer::Verdict(v.into_inner())
+                PartAnswer::Verdict(v)
             }
-            Err(status) => {
+            None => {
                 metrics::counter!("warden_cluster_forward_errors_total").increment(1);
-                tracing::debug!(peer = %share.address, code = ?status.code(), "state step to a peer failed");
+                tracing::debug!(peer = %share.address, "state step to a peer failed");
                 PartAnswer::Failed
             }
         }
@@ -471,13 +456,14 @@ impl ClusterState {
         if let (Phase::Reserve, true, Outcome::Limited { allowed: true, .. }) =
             (phase, step.commit, &outcome)
         {
+            let mut held = self.reservations.lock();
             let id = loop {
                 let id = u64::from_le_bytes(crate::crypto::random_bytes::<8>());
-                if id != 0 && !self.reservations.lock().contains_key(&id) {
+                if id != 0 && !held.contains_key(&id) {
                     break id;
                 }
             };
-            self.reservations.lock().insert(
+            held.insert(
                 id,
                 Reservation {
                     taken_at: now,
@@ -518,15 +504,12 @@ impl ClusterState {
     /// Gives back reservations nobody settled in time; run every so often.
     pub fn expire_reservations(&self) {
         let now = Instant::now();
-        let expired: Vec<Reservation> = {
-            let mut held = self.reservations.lock();
-            let ids: Vec<u64> = held
-                .iter()
-                .filter(|(_, r)| r.expires <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| held.remove(id)).collect()
-        };
+        let expired: Vec<Reservation> = self
+            .reservations
+            .lock()
+            .extract_if(|_, r| r.expires <= now)
+            .map(|(_, r)| r)
+            .collect();
         for r in &expired {
             self.give_back(r);
         }
@@ -552,23 +535,20 @@ impl ClusterState {
             // What this node no longer owns, and whatever it holds of a
             // joiner's slots (handed to it by a node that left, say): a
             // joiner waits for every member's handover.
-            let joiners: Vec<String> = now.joined_since(&before).map(|n| n.name.clone()).collect();
+            let joiners: Vec<&Node> = now.joined_since(&before).collect();
             let moved = |slot: Slot| {
                 (before.owns(slot) && !now.owns(slot))
                     || now
                         .owner_name(slot)
-                        .is_some_and(|o| joiners.iter().any(|j| j == o))
+                        .is_some_and(|o| joiners.iter().any(|j| j.name == o))
             };
-            let mut receivers: BTreeMap<String, String> = (0..=Slot::MAX)
+            // Every joiner hears from this node, even with nothing to hand.
+            let receivers: BTreeMap<String, String> = (0..=Slot::MAX)
                 .filter(|&s| moved(s))
-                .filter_map(|s| {
-                    now.owner_node(s)
-                        .map(|n| (n.name.clone(), n.address.clone()))
-                })
+                .filter_map(|s| now.owner_node(s))
+                .chain(joiners.iter().copied())
+                .map(|n| (n.name.clone(), n.address.clone()))
                 .collect();
-            for n in now.joined_since(&before) {
-                receivers.insert(n.name.clone(), n.address.clone());
-            }
             if !receivers.is_empty() {
                 let entries = self.checker.engine().take_slots(moved);
                 self.send_entries(&now, receivers, entries, now.version)
@@ -676,11 +656,8 @@ impl ClusterState {
         let deadline = Instant::now() + self.membership.lease_ttl();
         while Instant::now() < deadline {
             if let Some(mut client) = self.peer(address) {
-                let mut request = tonic::Request::new(batch.clone());
-                request.set_timeout(HANDOFF_CALL_TIMEOUT);
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(HANDOFF_CALL_TIMEOUT, client.hand_off(request)).await
-                {
+                let call = client.hand_off(request(batch.clone(), HANDOFF_CALL_TIMEOUT));
+                if answered(HANDOFF_CALL_TIMEOUT, call).await.is_some() {
                     return true;
                 }
             }
@@ -766,7 +743,7 @@ impl ClusterState {
             }
             let this = &self;
             let asks = others.iter().map(|address| {
-                let request = VouchRequest {
+                let ask = VouchRequest {
                     node: me.clone(),
                     version: table.version,
                 };
@@ -774,11 +751,12 @@ impl ClusterState {
                     let Some(mut client) = this.peer(address) else {
                         return false;
                     };
-                    let mut request = tonic::Request::new(request);
-                    request.set_timeout(PEER_CALL_TIMEOUT);
-                    tokio::time::timeout(PEER_CALL_TIMEOUT, client.vouch(request))
-                        .await
-                        .is_ok_and(|r| r.is_ok_and(|r| r.into_inner().granted))
+                    answered(
+                        PEER_CALL_TIMEOUT,
+                        client.vouch(request(ask, PEER_CALL_TIMEOUT)),
+                    )
+                    .await
+                    .is_some_and(|r| r.granted)
                 }
             });
             let granted = futures_util::future::join_all(asks).await;
@@ -812,15 +790,10 @@ impl ClusterState {
                 nonce: false,
                 limits: SmallVec::from_slice(&[0]),
             };
-            let pending_limits = [(key, limit)];
             let step = StateStep {
                 version: table.version,
                 nonce: None,
-                limits: vec![StateLimit {
-                    id: key.id,
-                    pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
-                    limit: Some(wire_limit(pending_limits[0].1)),
-                }],
+                limits: vec![this.wire_state_limit((key, limit))],
                 cost: 1,
                 commit: true,
                 timestamp: 0,
@@ -840,35 +813,57 @@ impl ClusterState {
             // The budget's TAT as the owner holds it (reset_after = TAT - now).
             let now = this.checker.now();
             let tat = now.saturating_add(Nanos::new(v.limits[0].reset_after_ns));
-            let entry = Entry::Bucket { id: key.id, tat };
-            let me = this.membership.node().to_owned();
             if Some(owner) != table.me() {
-                this.checker.engine().import(&[entry]);
+                this.checker
+                    .engine()
+                    .import(&[Entry::Bucket { id: key.id, tat }]);
             }
-            let receivers: BTreeMap<String, String> = table
-                .nodes
-                .iter()
-                .filter(|n| n.name != me && n.name != table.nodes[usize::from(owner)].name)
-                .map(|n| (n.name.clone(), n.address.clone()))
-                .collect();
-            for (_, address) in receivers {
-                let batch = HandOffBatch {
-                    from: me.clone(),
-                    version: table.version,
-                    buckets: vec![HandedBucket {
-                        id: key.id,
-                        pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
-                        tat_ns: tat.get(),
-                    }],
-                    last: false,
-                    ..Default::default()
-                };
-                let this = this.clone();
+            let batch = HandOffBatch {
+                from: this.membership.node().to_owned(),
+                version: table.version,
+                buckets: vec![HandedBucket {
+                    id: key.id,
+                    pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
+                    tat_ns: tat.get(),
+                }],
+                last: false,
+                ..Default::default()
+            };
+            // Every other node but the owner, which holds it already.
+            for (i, node) in table.nodes.iter().enumerate() {
+                if Some(i as u16) == table.me() || i == usize::from(owner) {
+                    continue;
+                }
+                let (this, address, batch) = (this.clone(), node.address.clone(), batch.clone());
                 tokio::spawn(async move {
                     this.send_batch(&address, batch).await;
                 });
             }
         });
+    }
+}
+
+/// A call to a peer carrying `timeout` as its deadline.
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// The answer to a peer call, or `None` if it failed or did not come
+/// within `timeout`. The deadline is enforced here too: a paused peer
+/// accepts connections but answers nothing.
+async fn answered<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(answer)) => Some(answer.into_inner()),
+        Ok(Err(status)) => {
+            tracing::debug!(code = ?status.code(), "peer call failed");
+            None
+        }
+        Err(_) => None,
     }
 }
 
