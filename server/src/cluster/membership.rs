@@ -285,12 +285,19 @@ impl Membership {
 
     /// Every other member confirmed, in a round that started at `asked`.
     pub fn vouched(&self, asked: Instant) {
-        let ttl = self.settings.lease_ttl;
-        self.lease.lock().vouched_until = Some(asked + ttl - ttl / 10);
+        self.lease.lock().vouched_until = Some(self.lease_end(asked));
     }
 
     pub fn lease_ttl(&self) -> Duration {
         self.settings.lease_ttl
+    }
+
+    /// Until when a lease renewed (or a confirmation asked for) at `start`
+    /// lets this node answer: a tenth of the TTL before the database could
+    /// let it run out, whatever the clocks' rates.
+    fn lease_end(&self, start: Instant) -> Instant {
+        let ttl = self.settings.lease_ttl;
+        start + ttl - ttl / 10
     }
 
     /// How often the lease is renewed.
@@ -315,7 +322,7 @@ impl Membership {
 
     /// Keeps the lease and the view current until `stop`, then leaves.
     pub async fn run(self: Arc<Self>, mut stop: oneshot::Receiver<()>) {
-        let every = self.settings.lease_ttl / 5;
+        let every = self.renew_every();
         let changed = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(self.url.clone(), changed.clone()));
         self.keep_lease(every, &changed, &mut stop).await;
@@ -400,10 +407,9 @@ impl Membership {
     /// `rejoined` when this node held no live lease before it (its first
     /// join, or a lease that ran out meanwhile).
     fn seen(&self, view: View, rejoined: bool, attempt: Instant) {
-        let ttl = self.settings.lease_ttl;
         {
             let mut lease = self.lease.lock();
-            lease.valid_until = Some(attempt + ttl - ttl / 10);
+            lease.valid_until = Some(self.lease_end(attempt));
             lease.last_attempt = Some((attempt, false));
             lease.vouched_until = None;
             lease.connected_since.get_or_insert(attempt);
@@ -466,7 +472,7 @@ impl Membership {
                         from,
                         "a previous owner never handed its slots over; serving them behind the takeover fence"
                     );
-                    t = t.handed_over(from, Some(fence)).unwrap_or(t);
+                    t.stop_awaiting(from, Some(fence));
                 }
                 table = Some(t);
             }

@@ -43,20 +43,25 @@ fn weight(node: &SipHasher13, slot: Slot) -> u64 {
     h.finish()
 }
 
-/// The node owning `slot` among `nodes` (ties, which the hash makes
-/// theoretical, go to the smaller name). `None` without nodes.
-pub fn owner<'a>(nodes: impl IntoIterator<Item = &'a str>, slot: Slot) -> Option<&'a str> {
-    nodes
-        .into_iter()
-        .map(|node| {
-            (
-                weight(&node_hasher(node), slot),
-                std::cmp::Reverse(node),
-                node,
-            )
-        })
-        .max()
-        .map(|(_, _, node)| node)
+/// Which of `hashers` (nodes in name order) owns `slot`: the heaviest,
+/// the earlier (smaller name) on a tie, which the hash makes theoretical.
+fn heaviest(hashers: &[SipHasher13], slot: Slot) -> usize {
+    let mut best = 0;
+    let mut best_weight = weight(&hashers[0], slot);
+    for (i, h) in hashers.iter().enumerate().skip(1) {
+        let w = weight(h, slot);
+        if w > best_weight {
+            best = i;
+            best_weight = w;
+        }
+    }
+    best
+}
+
+/// Raises `slot`'s fence in `fences` to `secs` (never lowers it).
+fn raise_fence(fences: &mut [u32], slot: Slot, secs: u32) {
+    let f = &mut fences[usize::from(slot)];
+    *f = (*f).max(secs);
 }
 
 /// One member as a table knows it.
@@ -167,16 +172,7 @@ impl SlotTable {
         let mut mine = Vec::new();
         for slot in 0..count {
             let slot = slot as Slot;
-            // max by weight; on a tie the earlier (smaller) name wins.
-            let mut best = 0usize;
-            let mut best_weight = weight(&hashers[0], slot);
-            for (i, h) in hashers.iter().enumerate().skip(1) {
-                let w = weight(h, slot);
-                if w > best_weight {
-                    best = i;
-                    best_weight = w;
-                }
-            }
+            let best = heaviest(&hashers, slot);
             owners.push(best as u16);
             if Some(best as u16) != me_index {
                 blocked[usize::from(slot)] = 0;
@@ -191,8 +187,7 @@ impl SlotTable {
             let taken_over = takeover.unknown || previous != Some(me);
             let handed = previous.is_some_and(|p| takeover.handed.get(p) == Some(&u64::MAX));
             if taken_over && (takeover.unknown || !handed) {
-                let f = &mut fences[usize::from(slot)];
-                *f = (*f).max(takeover.fence_secs);
+                raise_fence(&mut fences, slot, takeover.fence_secs);
             }
         }
         let awaiting: Vec<(String, Vec<Slot>)> = if first {
@@ -201,32 +196,14 @@ impl SlotTable {
                 .map(|n| ((*n).to_owned(), mine.clone()))
                 .collect()
         } else {
-            before
-                .awaiting
-                .iter()
-                .filter(|(n, _)| nodes.iter().any(|m| &m.name == n))
-                .cloned()
-                .collect()
+            before.awaiting.clone()
         };
-        if !first {
-            // Slots awaited from members that are gone: fenced, not awaited.
-            for (n, slots) in &before.awaiting {
-                if !nodes.iter().any(|m| &m.name == n) {
-                    for &slot in slots {
-                        let b = &mut blocked[usize::from(slot)];
-                        *b = b.saturating_sub(1);
-                        let f = &mut fences[usize::from(slot)];
-                        *f = (*f).max(takeover.fence_secs);
-                    }
-                }
-            }
-        }
         let awaiting_since = if awaiting.is_empty() {
             None
         } else {
             Some(before.awaiting_since.unwrap_or_else(Instant::now))
         };
-        Self {
+        let mut table = Self {
             version,
             nodes,
             owners,
@@ -235,28 +212,44 @@ impl SlotTable {
             awaiting,
             blocked,
             awaiting_since,
+        };
+        // Slots awaited from members that are gone: fenced, not awaited.
+        let gone: Vec<String> = table
+            .awaited()
+            .filter(|n| !table.nodes.iter().any(|m| m.name == *n))
+            .map(str::to_owned)
+            .collect();
+        for n in gone {
+            table.stop_awaiting(&n, Some(takeover.fence_secs));
         }
+        table
     }
 
     /// Stops waiting for `from`: it handed over what it held. `fence`:
     /// give up on it instead (it never sent), fencing its slots at
     /// `fence_secs`.
     pub fn handed_over(&self, from: &str, fence: Option<u32>) -> Option<Self> {
-        let at = self.awaiting.iter().position(|(n, _)| n == from)?;
         let mut t = self.clone();
-        let (_, slots) = t.awaiting.swap_remove(at);
+        t.stop_awaiting(from, fence).then_some(t)
+    }
+
+    /// [`Self::handed_over`] in place; whether `from` was awaited.
+    pub fn stop_awaiting(&mut self, from: &str, fence: Option<u32>) -> bool {
+        let Some(at) = self.awaiting.iter().position(|(n, _)| n == from) else {
+            return false;
+        };
+        let (_, slots) = self.awaiting.swap_remove(at);
         for slot in slots {
-            let b = &mut t.blocked[usize::from(slot)];
+            let b = &mut self.blocked[usize::from(slot)];
             *b = b.saturating_sub(1);
-            if let Some(f) = fence {
-                let here = &mut t.fences[usize::from(slot)];
-                *here = (*here).max(f);
+            if let Some(secs) = fence {
+                raise_fence(&mut self.fences, slot, secs);
             }
         }
-        if t.awaiting.is_empty() {
-            t.awaiting_since = None;
+        if self.awaiting.is_empty() {
+            self.awaiting_since = None;
         }
-        Some(t)
+        true
     }
 
     /// The members this node still waits for.
@@ -362,6 +355,22 @@ impl SlotTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model to check tables against, written apart from them: the node
+    /// owning `slot` among `nodes`, the smaller name on a tie.
+    fn owner<'a>(nodes: impl IntoIterator<Item = &'a str>, slot: Slot) -> Option<&'a str> {
+        nodes
+            .into_iter()
+            .map(|node| {
+                (
+                    weight(&node_hasher(node), slot),
+                    std::cmp::Reverse(node),
+                    node,
+                )
+            })
+            .max()
+            .map(|(_, _, node)| node)
+    }
 
     fn members(names: &[&str]) -> Vec<Node> {
         names
