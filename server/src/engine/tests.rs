@@ -366,18 +366,26 @@ fn the_global_cap_bounds_all_pools_together_and_key_state_is_never_counted() {
     assert_eq!(held_in(&engine, Pool::KEYS), 1_000);
 }
 
-#[test]
-fn a_full_pool_makes_room_in_another_shard_when_its_own_holds_none_of_it() {
-    // One entry allowed, and it lives in another shard than the new one.
-    let engine = Engine::new(64, 1000);
+/// A pool capped at one entry that holds it, and a descriptor whose entry
+/// would live in another shard than that one: the pool, the shard of its
+/// entry, the descriptor.
+fn one_entry_pool_held_elsewhere(engine: &Engine) -> (Pool, u32, String) {
     let p = engine.pools().policy("p");
     engine.pools().set_cap(p, Some(1));
-    assert!(allowed(&hit(&engine, p, "first", gcra(5, 5), SEC)));
+    assert!(allowed(&hit(engine, p, "first", gcra(5, 5), SEC)));
     let first_shard = engine.key_in(p, b"first", &[]).shard;
     let other = (0..)
         .map(|i| format!("d{i}"))
         .find(|d| engine.key_in(p, d.as_bytes(), &[]).shard != first_shard)
         .unwrap();
+    (p, first_shard, other)
+}
+
+#[test]
+fn a_full_pool_makes_room_in_another_shard_when_its_own_holds_none_of_it() {
+    // One entry allowed, and it lives in another shard than the new one.
+    let engine = Engine::new(64, 1000);
+    let (p, _, other) = one_entry_pool_held_elsewhere(&engine);
     assert!(allowed(&hit(&engine, p, &other, gcra(5, 5), SEC)));
     assert_eq!(held_in(&engine, p), 1, "the cap holds");
     assert_eq!(
@@ -397,14 +405,7 @@ fn when_nothing_can_be_evicted_the_request_is_refused_and_stores_nothing() {
     // One entry allowed, in a pool whose only entry lives in another shard,
     // and that shard busy at this moment (held by another request).
     let engine = Engine::new(64, 1000);
-    let p = engine.pools().policy("p");
-    engine.pools().set_cap(p, Some(1));
-    assert!(allowed(&hit(&engine, p, "first", gcra(5, 5), SEC)));
-    let first_shard = engine.key_in(p, b"first", &[]).shard;
-    let other = (0..)
-        .map(|i| format!("d{i}"))
-        .find(|d| engine.key_in(p, d.as_bytes(), &[]).shard != first_shard)
-        .unwrap();
+    let (p, first_shard, other) = one_entry_pool_held_elsewhere(&engine);
     let busy = engine.shards[first_shard as usize].lock();
     let nonce = engine.key(b"k", &[b"nonce", b"n"]);
     let limits = [(engine.key_in(p, other.as_bytes(), &[b"limit"]), gcra(5, 5))];
