@@ -24,6 +24,8 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tokio_stream::StreamExt;
+
 use support::{ConfigDir, SECRET, Server, fresh_database};
 use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest, Reason};
 use warden_client::signing::{Signer, new_nonce, unix_now};
@@ -306,6 +308,34 @@ async fn of_identical_requests_sent_to_every_node_at_once_exactly_one_is_allowed
         let replays = reasons.iter().filter(|r| **r == Reason::Replay).count();
         assert_eq!((ok, replays), (1, 199), "{what}: {reasons:?}");
     }
+
+    // CheckStream through a node that does not own the key: its steps are
+    // forwarded too, and what it accepted is a replay at the owner.
+    let through = (0..3).find(|&i| NODES[i] != key_owner).unwrap();
+    let (first, second) = (signed(&signer, unix_now()), signed(&signer, unix_now()));
+    let answers: Vec<Reason> = cluster
+        .client(through)
+        .await
+        .stub()
+        .check_stream(tokio_stream::iter(vec![
+            first.clone(),
+            second.clone(),
+            first,
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| reason(&r.unwrap()))
+        .collect()
+        .await;
+    assert_eq!(answers, [Reason::Ok, Reason::Ok, Reason::Replay]);
+    let at_owner = cluster
+        .client(index_of(&key_owner))
+        .await
+        .check(second)
+        .await
+        .unwrap();
+    assert_eq!(reason(&at_owner), Reason::Replay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
