@@ -615,6 +615,26 @@ pub struct Pending {
 pub struct Fenced;
 
 impl Pending {
+    /// A step of limits only, with no key and no nonce: the Envoy rate
+    /// limit service's.
+    pub fn limits_only(
+        now: Nanos,
+        limits: Vec<(StateKey, Limit)>,
+        cost: u64,
+        commit: bool,
+    ) -> Self {
+        Self {
+            now,
+            nonce: None,
+            limits,
+            cost,
+            commit,
+            timestamp: None,
+            named: Vec::new(),
+            caller: Caller::default(),
+        }
+    }
+
     /// The engine's view of this step.
     pub fn request(&self) -> Request<'_> {
         Request {

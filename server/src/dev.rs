@@ -276,6 +276,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         }),
         cluster: None,
         forward_auth: None,
+        gateway: Default::default(),
+        envoy_ratelimit: None,
         policies,
         keys: vec![key],
         // The dev client certificate may do everything.

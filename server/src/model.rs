@@ -97,6 +97,19 @@ impl Route {
     }
 }
 
+/// Written as parsed: "POST /login", "* /v1/*".
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let star = if self.prefix { "*" } else { "" };
+        write!(
+            f,
+            "{} {}{star}",
+            self.method.as_deref().unwrap_or("*"),
+            self.path
+        )
+    }
+}
+
 /// Key ids: 1 to 128 characters of `[A-Za-z0-9_.:-]`.
 pub fn is_valid_key_id(id: &str) -> bool {
     (1..=128).contains(&id.len())

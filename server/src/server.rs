@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +37,8 @@ use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::engine::{Clock, StateSeed, SystemClock};
 use crate::gate::{Gate, Refusal};
+use crate::gateway::ext_authz::ExtAuthz;
+use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::KeyAdmin;
 use crate::keys::KeyRing;
 use crate::service::Admission;
@@ -375,23 +379,44 @@ impl Bound {
             app.config.authz.clone(),
             app.audit.clone(),
         );
+        let admission = Admission::new(settings.max_inflight);
         let checks = WardenService::new(
             app.checker.clone(),
             app.cluster.clone(),
             app.alerts.clone(),
             app.audit.clone(),
-            Admission::new(settings.max_inflight),
+            admission.clone(),
         );
         if let (Some(listener), Some(f)) = (forward_auth_listener, app.config.forward_auth.clone())
         {
             // Stopped with the other loops, once the gRPC server stopped.
-            background.spawn(crate::forward_auth::serve(
+            background.spawn(crate::gateway::forward_auth::serve(
                 listener,
                 checks.clone(),
                 f,
+                app.config.gateway.clone(),
                 std::future::pending(),
             ));
         }
+        // The Envoy faces share the Check pipeline and the in-flight bound.
+        let ext_authz = AuthorizationServer::new(ExtAuthz::new(
+            checks.clone(),
+            app.config.gateway.clone(),
+            app.config.authz.clone(),
+            admission.clone(),
+        ))
+        .max_decoding_message_size(max_message);
+        let ratelimit = app.config.envoy_ratelimit.clone().map(|settings| {
+            for rule in settings.rules.rules() {
+                app.checker.engine().pools().policy(&rule.policy);
+            }
+            RateLimitServiceServer::new(EnvoyRateLimit::new(
+                checks.clone(),
+                settings,
+                app.config.authz.clone(),
+                admission.clone(),
+            ))
+        });
         let service = WardenServer::new(checks).max_decoding_message_size(max_message);
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let peer = app.cluster.clone().map(|state| {
@@ -440,6 +465,8 @@ impl Bound {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
+            .add_service(ext_authz)
+            .add_optional_service(ratelimit)
             .add_optional_service(peer)
             .add_service(admin)
             .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);

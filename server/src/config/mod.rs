@@ -143,6 +143,9 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// `None`: no forward-auth endpoint.
     pub forward_auth: Option<ForwardAuthSettings>,
+    pub gateway: GatewaySettings,
+    /// `None`: no Envoy rate limit service.
+    pub envoy_ratelimit: Option<EnvoyRateLimitSettings>,
     pub policies: Vec<Policy>,
     pub keys: Vec<KeyConfig>,
     pub authz: Authz,
@@ -191,6 +194,11 @@ impl Config {
             .forward_auth
             .map(|f| forward_auth_settings(f, &authz))
             .transpose()?;
+        let gateway = gateway_settings(file.gateway, &names)?;
+        let envoy_ratelimit = file
+            .envoy_ratelimit
+            .map(|e| envoy_ratelimit_settings(e, base))
+            .transpose()?;
         Ok(Self {
             listen,
             tls,
@@ -201,6 +209,8 @@ impl Config {
             store,
             cluster,
             forward_auth,
+            gateway,
+            envoy_ratelimit,
             policies,
             keys,
             authz,
@@ -314,6 +324,93 @@ fn forward_auth_settings(
             .client_address_header
             .map(|h| header("forward_auth.client_address_header", Some(h), ""))
             .transpose()?,
+    })
+}
+
+fn gateway_settings(
+    g: GatewayFile,
+    policies: &HashSet<String>,
+) -> Result<GatewaySettings, Invalid> {
+    let client_address = match (g.client_address.as_deref(), g.trusted_hops) {
+        (None | Some("source"), None) => ClientAddressFrom::Source,
+        (None | Some("source"), Some(_)) => {
+            return Err(bad(
+                "gateway.trusted_hops",
+                "only applies with client_address = \"x-forwarded-for\"",
+            ));
+        }
+        (Some("x-forwarded-for"), hops) => {
+            let trusted_hops = hops.unwrap_or(1);
+            if !(1..=16).contains(&trusted_hops) {
+                return Err(bad("gateway.trusted_hops", "must be between 1 and 16"));
+            }
+            ClientAddressFrom::ForwardedFor { trusted_hops }
+        }
+        (Some(_), _) => {
+            return Err(bad(
+                "gateway.client_address",
+                "must be \"source\" or \"x-forwarded-for\"",
+            ));
+        }
+    };
+    let mut routes = Vec::with_capacity(g.routes.len());
+    for (i, r) in g.routes.into_iter().enumerate() {
+        let field = format!("gateway.routes[{i}]");
+        let route = Route::parse(&r.route).map_err(|e| bad(format!("{field}.route"), e))?;
+        if r.limits.is_empty() || r.limits.len() > crate::check::MAX_LIMITS {
+            return Err(bad(
+                format!("{field}.limits"),
+                format!("give 1 to {} limits", crate::check::MAX_LIMITS),
+            ));
+        }
+        let mut limits = Vec::with_capacity(r.limits.len());
+        for (j, l) in r.limits.into_iter().enumerate() {
+            if !policies.contains(&l.policy) {
+                return Err(bad(
+                    format!("{field}.limits[{j}].policy"),
+                    format!("{:?} is not a policy of [[policies]]", l.policy),
+                ));
+            }
+            let per = match l.per.as_str() {
+                "ip" => Per::Ip,
+                "route" => Per::Route,
+                _ => {
+                    return Err(bad(
+                        format!("{field}.limits[{j}].per"),
+                        "must be \"ip\" or \"route\"",
+                    ));
+                }
+            };
+            limits.push(RouteLimit {
+                policy: l.policy,
+                per,
+            });
+        }
+        routes.push((route, limits));
+    }
+    Ok(GatewaySettings {
+        client_address,
+        routes,
+    })
+}
+
+fn envoy_ratelimit_settings(
+    e: EnvoyRateLimitFile,
+    base: &Path,
+) -> Result<EnvoyRateLimitSettings, Invalid> {
+    if e.config.is_empty() {
+        return Err(bad(
+            "envoy_ratelimit.config",
+            "give the envoyproxy/ratelimit YAML files or directories",
+        ));
+    }
+    let paths: Vec<_> = e.config.iter().map(|p| base.join(p)).collect();
+    let rules = crate::descriptors::DescriptorRules::load(&paths)
+        .map_err(|err| bad("envoy_ratelimit.config", err))?;
+    Ok(EnvoyRateLimitSettings {
+        rules: std::sync::Arc::new(rules),
+        shadow_mode: e.shadow_mode,
+        response_headers: e.response_headers.unwrap_or(true),
     })
 }
 

@@ -36,6 +36,13 @@ pub struct File {
     /// An HTTP endpoint for nginx `auth_request`, Caddy `forward_auth` and
     /// Traefik `ForwardAuth`.
     pub forward_auth: Option<ForwardAuthFile>,
+    /// What the gateway faces (Envoy ext_authz, forward auth) add to a
+    /// request: limits by route, and where the client's address comes from.
+    #[serde(default)]
+    pub gateway: GatewayFile,
+    /// The Envoy rate limit service (`envoy.service.ratelimit.v3`), a
+    /// drop-in for envoyproxy/ratelimit.
+    pub envoy_ratelimit: Option<EnvoyRateLimitFile>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
     #[serde(default)]
@@ -204,6 +211,55 @@ pub struct ForwardAuthFile {
     /// Header carrying the end client's address, for failure budgets
     /// (e.g. "X-Real-IP"). Default: none.
     pub client_address_header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Where the end client's address comes from: "source" (default: the
+    /// address Envoy saw, or the forward-auth `client_address_header`) or
+    /// "x-forwarded-for" (see `trusted_hops`).
+    pub client_address: Option<String>,
+    /// With "x-forwarded-for": how many proxies of yours append to the
+    /// header; the entry that many from the right is the client. Default 1.
+    pub trusted_hops: Option<usize>,
+    /// Request limits by route: the first route that matches applies.
+    #[serde(default)]
+    pub routes: Vec<GatewayRouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRouteFile {
+    /// "METHOD /path", `*` for any method, a trailing `*` for a prefix.
+    pub route: String,
+    pub limits: Vec<RouteLimitFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimitFile {
+    /// A policy of `[[policies]]`.
+    pub policy: String,
+    /// What one counter counts: "ip" (each client address) or "route" (all
+    /// requests to the route together).
+    pub per: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvoyRateLimitFile {
+    /// envoyproxy/ratelimit YAML files, or directories whose `*.yaml` and
+    /// `*.yml` files are read (like its runtime `config/` directory).
+    pub config: Vec<PathBuf>,
+    /// Answer OK even when a limit is exceeded (counting as usual), like
+    /// envoyproxy/ratelimit's `SHADOW_MODE`. Default false.
+    #[serde(default)]
+    pub shadow_mode: bool,
+    /// Add `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`
+    /// for the tightest limit to the response (envoyproxy/ratelimit's
+    /// `LIMIT_RESPONSE_HEADERS_ENABLED`). Default true.
+    pub response_headers: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,7 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::descriptors::DescriptorRules;
+use crate::model::Route;
 
 /// The server's TLS material and how it is used.
 #[derive(Clone, Debug)]
@@ -91,6 +95,48 @@ pub struct ForwardAuthSettings {
     pub method_header: String,
     pub uri_header: String,
     pub client_address_header: Option<String>,
+}
+
+/// What the gateway faces add to a request (`[gateway]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewaySettings {
+    pub client_address: ClientAddressFrom,
+    /// The first route that matches a request gives its limits.
+    pub routes: Vec<(Route, Vec<RouteLimit>)>,
+}
+
+/// Where a gateway face finds the end client's address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientAddressFrom {
+    /// Envoy's source address; the forward-auth `client_address_header`.
+    #[default]
+    Source,
+    /// `X-Forwarded-For`, the entry this many from the right (1: the last).
+    ForwardedFor { trusted_hops: usize },
+}
+
+/// One limit a route adds: a policy, counted per client address or for the
+/// route as a whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteLimit {
+    pub policy: String,
+    pub per: Per,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Per {
+    /// Descriptor "ip:<client address>".
+    Ip,
+    /// Descriptor "route:<the route as configured>".
+    Route,
+}
+
+/// The Envoy rate limit service (`[envoy_ratelimit]`).
+#[derive(Clone, Debug)]
+pub struct EnvoyRateLimitSettings {
+    pub rules: Arc<DescriptorRules>,
+    pub shadow_mode: bool,
+    pub response_headers: bool,
 }
 
 /// Limits and lifecycle of the server process.

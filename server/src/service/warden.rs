@@ -13,8 +13,9 @@ use warden_client::reason_name;
 use super::{Admission, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
-use crate::check::{Answer, CallerIdentity, CheckError, Checker, Step};
+use crate::check::{Answer, CallerIdentity, CheckError, Checker, Fenced, Pending, Step};
 use crate::cluster::ClusterState;
+use crate::engine::Outcome;
 
 /// Answers checks with the shared [`Checker`].
 #[derive(Debug, Clone)]
@@ -60,6 +61,35 @@ impl WardenService {
             audit: self.audit.as_deref(),
         };
         check_one(&ctx, req, caller).await
+    }
+
+    pub fn checker(&self) -> &Checker {
+        &self.checker
+    }
+
+    /// Decides a state step here, or at its owners in a cluster.
+    pub async fn decide_state(&self, pending: &Pending) -> Result<Outcome, CheckError> {
+        match decide_state(&self.checker, self.cluster.as_deref(), pending).await? {
+            Ok(outcome) => Ok(outcome),
+            // Only signed requests carry a timestamp to fence.
+            Err(Fenced) => Err(CheckError::Unavailable),
+        }
+    }
+}
+
+/// One state step: on this process's engine, or by the owning nodes of a
+/// cluster (which may refuse it as fenced).
+async fn decide_state(
+    checker: &Checker,
+    cluster: Option<&ClusterState>,
+    pending: &Pending,
+) -> Result<Result<Outcome, Fenced>, CheckError> {
+    match cluster {
+        None => Ok(Ok(checker.engine().decide(pending.now, &pending.request()))),
+        Some(cluster) => cluster
+            .decide(pending)
+            .await
+            .map_err(|_| CheckError::Unavailable),
     }
 }
 
@@ -155,13 +185,8 @@ async fn run_check(
         Step::Done(answer) => return Ok(answer),
         Step::State(pending) => pending,
     };
-    match ctx.cluster {
-        None => ctx.checker.decide_here(pending),
-        Some(cluster) => match cluster.decide(&pending).await {
-            Ok(outcome) => pending.finish(outcome),
-            Err(_) => Err(CheckError::Unavailable),
-        },
-    }
+    let outcome = decide_state(ctx.checker, ctx.cluster, &pending).await?;
+    pending.finish(outcome)
 }
 
 /// Runs one check and logs a denial. The log line carries the key id,

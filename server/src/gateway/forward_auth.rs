@@ -1,0 +1,146 @@
+//! The forward-auth endpoint: nginx `auth_request`, Caddy `forward_auth` and
+//! Traefik `ForwardAuth` ask it, with the original request's method and URI
+//! in headers, whether to let a request through.
+//!
+//! These gateways send the auth endpoint the original request's headers but
+//! never its body. So a signed request is verified over its method, path,
+//! query, timestamp and nonce and over an **empty body** — unless it carries
+//! `X-Content-SHA256` (the hex SHA-256 of its body, covered by the
+//! signature in place of the body), which the upstream must then compare
+//! with the body it receives (the Django middleware does all of this
+//! itself). A bearer key (`Authorization: Bearer …`) needs no body.
+//!
+//! Answers: 200 with `X-Warden-Key-Id` / `X-Warden-Owner` (for
+//! `auth_request_set`) and the rate-limit headers; or 400/401/403/429 with
+//! `Retry-After` where it applies and the same small JSON body the Django
+//! middleware returns; 503 when warden cannot decide (state full, owner
+//! node unreachable). Plaintext HTTP on loopback only.
+
+use std::future::Future;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+
+use super::{Body, Early, Headers, HttpAnswer, Original};
+use crate::check::CallerIdentity;
+use crate::config::{ForwardAuthSettings, GatewaySettings};
+use crate::service::warden::WardenService;
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    service: WardenService,
+    settings: ForwardAuthSettings,
+    gateway: GatewaySettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let caller = CallerIdentity(Some(settings.identity.as_str().into()));
+    let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+        let (service, settings, gateway, caller) = (
+            service.clone(),
+            settings.clone(),
+            gateway.clone(),
+            caller.clone(),
+        );
+        async move { answer(&service, &settings, &gateway, &caller, &headers).await }
+    });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(event = "forward_auth_failed", error = %e, "forward-auth listener failed");
+    }
+}
+
+async fn answer(
+    service: &WardenService,
+    settings: &ForwardAuthSettings,
+    gateway: &GatewaySettings,
+    caller: &CallerIdentity,
+    headers: &HeaderMap,
+) -> Response {
+    let (Some(method), Some(uri)) = (
+        Headers::get(headers, &settings.method_header),
+        Headers::get(headers, &settings.uri_header),
+    ) else {
+        return misconfigured(format!(
+            "missing the {} or {} header",
+            settings.method_header, settings.uri_header
+        ));
+    };
+    let original = Original {
+        method,
+        uri,
+        headers,
+        body: Body::NeverSent,
+        source_address: settings
+            .client_address_header
+            .as_deref()
+            .and_then(|h| Headers::get(headers, h)),
+    };
+    let req = match super::check_request(&original, gateway) {
+        Ok(req) => req,
+        Err(Early::Misconfigured(why)) => return misconfigured(why),
+        Err(early) => return http(super::early_answer(&early)),
+    };
+    match service.check_as(&req, caller).await {
+        Ok(response) => http(super::answer(&response)),
+        Err(status) => {
+            let code = match status.code() {
+                tonic::Code::PermissionDenied => 403,
+                _ => 503,
+            };
+            http(HttpAnswer {
+                status: code,
+                headers: Vec::new(),
+                caller: None,
+                body: Some(super::error_body(
+                    "unavailable",
+                    "The request cannot be checked right now.",
+                )),
+            })
+        }
+    }
+}
+
+fn misconfigured(why: String) -> Response {
+    tracing::warn!(
+        event = "forward_auth_misconfigured",
+        why,
+        "a forward-auth request lacks what the gateway must send"
+    );
+    http(super::early_answer(&Early::Misconfigured(why)))
+}
+
+/// The answer as an HTTP response: the caller headers for
+/// `auth_request_set`, the client's headers, the JSON body on a denial.
+fn http(answer: HttpAnswer) -> Response {
+    let mut out = HeaderMap::new();
+    for (name, value) in &answer.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            out.insert(n, v);
+        }
+    }
+    if let Some((key_id, owner)) = &answer.caller {
+        for (name, value) in [("x-warden-key-id", key_id), ("x-warden-owner", owner)] {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                out.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
+    match answer.body {
+        Some(body) => {
+            out.insert(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            (status, out, body).into_response()
+        }
+        None => (status, out).into_response(),
+    }
+}

@@ -1,0 +1,379 @@
+//! Envoy's rate limit service:
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`, a drop-in
+//! for envoyproxy/ratelimit — the same YAML, the same answers — with one
+//! difference that is the point: all the descriptors of one request are
+//! decided in one atomic step, so a request denied by one limit takes
+//! nothing from the others (envoyproxy/ratelimit increments every counter
+//! it looks at).
+//!
+//! The counters are warden's state like any other: sharded, bounded by
+//! `check.max_limit_entries`, and in a cluster kept by their owning nodes,
+//! so several warden nodes are one rate limiter.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Authz, Role};
+use crate::check::{CheckError, MAX_COST, Pending};
+use crate::config::EnvoyRateLimitSettings;
+use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched, Quota, Rule};
+use crate::engine::{LimitVerdict, Nanos, Outcome, StateKey};
+use crate::service::warden::WardenService;
+use crate::service::{Admission, caller_of};
+
+/// Answers Envoy's `ratelimit` filter from envoyproxy/ratelimit rules.
+#[derive(Debug, Clone)]
+pub struct EnvoyRateLimit {
+    checks: WardenService,
+    settings: EnvoyRateLimitSettings,
+    authz: Authz,
+    admission: Admission,
+}
+
+impl EnvoyRateLimit {
+    pub fn new(
+        checks: WardenService,
+        settings: EnvoyRateLimitSettings,
+        authz: Authz,
+        admission: Admission,
+    ) -> Self {
+        Self {
+            checks,
+            settings,
+            authz,
+            admission,
+        }
+    }
+}
+
+/// What one descriptor of a request comes to.
+enum Applies {
+    /// No rule, or a rule another applying rule `replaces`.
+    Nothing,
+    Unlimited,
+    /// `requests_per_unit: 0`.
+    Blocked(Arc<Rule>),
+    /// A counted limit and its counter's state id.
+    Counted(Arc<Rule>, StateKey),
+}
+
+#[tonic::async_trait]
+impl RateLimitService for EnvoyRateLimit {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let _permit = self.admission.admit(&request)?;
+        let caller = caller_of(&request);
+        if !self.authz.grant(caller.0.as_deref()).has(Role::Check) {
+            tracing::warn!(
+                event = "caller_denied",
+                caller = caller.as_str(),
+                reason = "no check role",
+                "ShouldRateLimit refused"
+            );
+            return Err(Status::permission_denied(
+                "this client certificate may not call ShouldRateLimit",
+            ));
+        }
+        let req = request.into_inner();
+        let cost = validate(&req)?;
+        let rules = &self.settings.rules;
+        let matched: Vec<Option<Matched>> = req
+            .descriptors
+            .iter()
+            .map(|d| {
+                let entries: Vec<(&str, &str)> = d
+                    .entries
+                    .iter()
+                    .map(|e| (e.key.as_str(), e.value.as_str()))
+                    .collect();
+                rules.find(&req.domain, &entries)
+            })
+            .collect();
+        let replaced: Vec<String> = matched
+            .iter()
+            .flatten()
+            .flat_map(|m| m.rule.replaces.iter().cloned())
+            .collect();
+
+        let checker = self.checks.checker();
+        let engine = checker.engine();
+        let applies: Vec<Applies> = matched
+            .into_iter()
+            .map(|m| match m {
+                None => Applies::Nothing,
+                Some(m) if m.rule.name.as_ref().is_some_and(|n| replaced.contains(n)) => {
+                    Applies::Nothing
+                }
+                Some(m) => match m.rule.quota {
+                    Quota::Unlimited => Applies::Unlimited,
+                    Quota::Blocked => Applies::Blocked(m.rule),
+                    Quota::Limited(_) => {
+                        let pool = engine.pools().policy(&m.rule.policy);
+                        let key = engine.key_in(
+                            pool,
+                            m.counter.as_bytes(),
+                            &[b"rls", req.domain.as_bytes()],
+                        );
+                        Applies::Counted(m.rule, key)
+                    }
+                },
+            })
+            .collect();
+
+        let now = checker.now();
+        let blocked = applies
+            .iter()
+            .any(|a| matches!(a, Applies::Blocked(r) if !r.shadow_mode));
+        // The enforced limits, in one atomic step; taken only if the
+        // request passes them all (and is not blocked outright).
+        let enforced: Vec<(StateKey, crate::engine::Limit)> = applies
+            .iter()
+            .filter_map(|a| match a {
+                Applies::Counted(rule, key) if !rule.shadow_mode => Some((*key, limit(rule))),
+                _ => None,
+            })
+            .collect();
+        let enforced_verdicts = self.decide(now, enforced, cost, !blocked).await?;
+        let passed = !blocked && enforced_verdicts.iter().all(|v| v.allowed);
+        // Shadow limits count only what passed, each on its own: they must
+        // never turn a request away, nor keep another shadow limit from
+        // counting.
+        let mut enforced_verdicts = enforced_verdicts.into_iter();
+        let mut statuses = Vec::with_capacity(applies.len());
+        let mut over_limit = false;
+        for a in &applies {
+            let status = match a {
+                Applies::Nothing => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                },
+                Applies::Unlimited => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    limit_remaining: u32::MAX,
+                    ..Default::default()
+                },
+                Applies::Blocked(rule) => {
+                    over_limit |= !rule.shadow_mode;
+                    status(rule, None, now)
+                }
+                Applies::Counted(rule, key) => {
+                    let verdict = if rule.shadow_mode {
+                        let v = self
+                            .decide(now, vec![(*key, limit(rule))], cost, passed)
+                            .await?;
+                        v.into_iter().next()
+                    } else {
+                        enforced_verdicts.next()
+                    };
+                    over_limit |= !rule.shadow_mode && verdict.as_ref().is_some_and(|v| !v.allowed);
+                    status(rule, verdict.as_ref(), now)
+                }
+            };
+            statuses.push(status);
+        }
+        let mut response = RateLimitResponse {
+            overall_code: if over_limit && !self.settings.shadow_mode {
+                Code::OverLimit as i32
+            } else {
+                Code::Ok as i32
+            },
+            ..Default::default()
+        };
+        if self.settings.response_headers {
+            response.response_headers_to_add = headers(&statuses);
+        }
+        response.statuses = statuses;
+        let over = response.overall_code == Code::OverLimit as i32;
+        metrics::counter!("warden_gateway_answers_total", "face" => "ratelimit", "allowed" => if over { "false" } else { "true" })
+            .increment(1);
+        if over {
+            tracing::info!(
+                event = "ratelimit_over_limit",
+                caller = caller.as_str(),
+                domain = %req.domain.escape_debug(),
+                "ShouldRateLimit: over the limit"
+            );
+        }
+        Ok(Response::new(response))
+    }
+}
+
+impl EnvoyRateLimit {
+    /// One atomic state step over `limits`, here or at their owners.
+    async fn decide(
+        &self,
+        now: Nanos,
+        limits: Vec<(StateKey, crate::engine::Limit)>,
+        cost: u64,
+        commit: bool,
+    ) -> Result<Vec<LimitVerdict>, Status> {
+        if limits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pending = Pending::limits_only(now, limits, cost, commit);
+        match self.checks.decide_state(&pending).await {
+            Ok(Outcome::Limited { limits, .. }) => Ok(limits.into_vec()),
+            Ok(Outcome::StateFull(_)) | Err(CheckError::StateFull(_)) => {
+                metrics::counter!("warden_check_errors_total", "cause" => "state_full")
+                    .increment(1);
+                Err(Status::resource_exhausted(
+                    "rate-limit state is full; retry later",
+                ))
+            }
+            Ok(Outcome::Replay | Outcome::NonceSetFull) => Err(Status::internal("internal error")),
+            Err(CheckError::Unavailable) => {
+                metrics::counter!("warden_check_errors_total", "cause" => "unavailable")
+                    .increment(1);
+                Err(Status::unavailable(CheckError::Unavailable.to_string()))
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+fn limit(rule: &Rule) -> crate::engine::Limit {
+    match rule.quota {
+        Quota::Limited(l) => l,
+        Quota::Unlimited | Quota::Blocked => unreachable!("only counted rules have a limit"),
+    }
+}
+
+/// Shape and bounds of a request; its cost (`hits_addend`, 0 meaning 1).
+fn validate(req: &RateLimitRequest) -> Result<u64, Status> {
+    if req.domain.is_empty() {
+        return Err(Status::invalid_argument(
+            "rate limit domain must not be empty",
+        ));
+    }
+    if req.descriptors.is_empty() {
+        return Err(Status::invalid_argument(
+            "rate limit descriptor list must not be empty",
+        ));
+    }
+    if req.descriptors.len() > MAX_DESCRIPTORS || req.domain.len() > MAX_ENTRY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_DESCRIPTORS} descriptors and a domain of at most {MAX_ENTRY_BYTES} bytes"
+        )));
+    }
+    let mut cost = u64::from(req.hits_addend.max(1));
+    let mut per_descriptor: Option<u64> = None;
+    for d in &req.descriptors {
+        check_descriptor(d)?;
+        if let Some(h) = &d.hits_addend {
+            let h = h.value.max(1);
+            if per_descriptor.is_some_and(|p| p != h) {
+                return Err(Status::invalid_argument(
+                    "descriptors with different hits_addend in one request are not supported: they are decided as one step",
+                ));
+            }
+            per_descriptor = Some(h);
+        }
+    }
+    if let Some(h) = per_descriptor {
+        if req.descriptors.iter().any(|d| d.hits_addend.is_none()) && h != cost {
+            return Err(Status::invalid_argument(
+                "descriptors with different hits_addend in one request are not supported: they are decided as one step",
+            ));
+        }
+        cost = h;
+    }
+    if cost > u64::from(MAX_COST) {
+        return Err(Status::invalid_argument(format!(
+            "hits_addend: at most {MAX_COST}"
+        )));
+    }
+    Ok(cost)
+}
+
+fn check_descriptor(d: &RateLimitDescriptor) -> Result<(), Status> {
+    if d.entries.is_empty() || d.entries.len() > MAX_ENTRIES {
+        return Err(Status::invalid_argument(format!(
+            "a descriptor has 1 to {MAX_ENTRIES} entries"
+        )));
+    }
+    if d.entries
+        .iter()
+        .any(|e| e.key.len() > MAX_ENTRY_BYTES || e.value.len() > MAX_ENTRY_BYTES)
+    {
+        return Err(Status::invalid_argument(format!(
+            "descriptor keys and values: at most {MAX_ENTRY_BYTES} bytes"
+        )));
+    }
+    if d.limit.is_some() {
+        return Err(Status::invalid_argument(
+            "descriptor limit overrides are not supported: configure the limit in warden's rate limit YAML",
+        ));
+    }
+    if d.is_negative_hits {
+        return Err(Status::invalid_argument(
+            "is_negative_hits is not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// A rule's status, envoyproxy/ratelimit's way: the limit, what is left
+/// after this request, and the time to the end of the current window.
+fn status(rule: &Rule, verdict: Option<&LimitVerdict>, now: Nanos) -> DescriptorStatus {
+    let allowed = verdict.is_some_and(|v| v.allowed);
+    let code = if allowed || rule.shadow_mode {
+        Code::Ok
+    } else {
+        Code::OverLimit
+    };
+    let period = rule.unit.period().as_secs();
+    let into = now.whole_secs() % period;
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name: rule.name.clone().unwrap_or_default(),
+            requests_per_unit: rule.requests_per_unit,
+            unit: rule.unit as i32,
+        }),
+        limit_remaining: verdict
+            .map(|v| u32::try_from(v.remaining).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        duration_until_reset: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: i64::try_from(period - into).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` of the tightest limit: one
+/// that is over, else the one with the least left (envoyproxy/ratelimit's
+/// choice).
+fn headers(statuses: &[DescriptorStatus]) -> Vec<HeaderValue> {
+    let tightest = statuses
+        .iter()
+        .filter(|s| s.current_limit.is_some())
+        .min_by_key(|s| (s.code != Code::OverLimit as i32, s.limit_remaining));
+    let Some(s) = tightest else {
+        return Vec::new();
+    };
+    let limit = s.current_limit.as_ref().map_or(0, |l| l.requests_per_unit);
+    let reset = s.duration_until_reset.as_ref().map_or(0, |d| d.seconds);
+    [
+        ("RateLimit-Limit", limit.to_string()),
+        ("RateLimit-Remaining", s.limit_remaining.to_string()),
+        ("RateLimit-Reset", reset.to_string()),
+    ]
+    .into_iter()
+    .map(|(key, value)| HeaderValue {
+        key: key.to_owned(),
+        value,
+        ..Default::default()
+    })
+    .collect()
+}
