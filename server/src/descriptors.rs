@@ -102,6 +102,10 @@ pub struct Rule {
     pub requests_per_unit: u32,
     /// Counted and reported, but never the reason for OVER_LIMIT.
     pub shadow_mode: bool,
+    /// One of a request's alternatives: the request is over the limit only
+    /// when every quota-mode limit it names is (envoyproxy/ratelimit's
+    /// `quota_mode`).
+    pub quota_mode: bool,
     /// `rate_limit.name`, for `replaces`.
     pub name: Option<String>,
     /// Names of limits this one replaces when both apply to a request.
@@ -299,15 +303,10 @@ fn load_descriptors(
                 "duplicate descriptor composite key '{here}'"
             )));
         }
-        if d.quota_mode {
-            return Err(Invalid(format!(
-                "{here}: quota_mode is not supported by warden"
-            )));
-        }
         let rule = d
             .rate_limit
             .as_ref()
-            .map(|r| rule(domain, &here, r, d.shadow_mode))
+            .map(|r| rule(domain, &here, r, d.shadow_mode, d.quota_mode))
             .transpose()?;
         if d.share_threshold && !final_key.contains('*') {
             return Err(Invalid(format!(
@@ -331,7 +330,13 @@ fn load_descriptors(
     Ok(())
 }
 
-fn rule(domain: &str, path: &str, r: &YamlRateLimit, shadow_mode: bool) -> Result<Rule, Invalid> {
+fn rule(
+    domain: &str,
+    path: &str,
+    r: &YamlRateLimit,
+    shadow_mode: bool,
+    quota_mode: bool,
+) -> Result<Rule, Invalid> {
     let unit = r.unit.as_deref().and_then(Unit::parse);
     let unit = match (r.unlimited, unit, r.unit.as_deref()) {
         (true, Some(_), _) => {
@@ -378,6 +383,7 @@ fn rule(domain: &str, path: &str, r: &YamlRateLimit, shadow_mode: bool) -> Resul
         unit,
         requests_per_unit: r.requests_per_unit,
         shadow_mode,
+        quota_mode,
         name: r.name.clone().filter(|n| !n.is_empty()),
         replaces: r.replaces.iter().map(|x| x.name.clone()).collect(),
         path: path.to_owned(),
@@ -615,10 +621,6 @@ descriptors:
             (
                 "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { name: n, replaces: [{name: n}], unit: second, requests_per_unit: 1 }",
                 "same descriptor",
-            ),
-            (
-                "domain: d\ndescriptors:\n  - key: a\n    quota_mode: true",
-                "quota_mode",
             ),
         ] {
             let mut r = DescriptorRules::default();

@@ -25,7 +25,7 @@ use crate::auth::{Authz, Role};
 use crate::check::{CheckError, MAX_COST, Pending};
 use crate::config::EnvoyRateLimitSettings;
 use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched, Quota, Rule};
-use crate::engine::{LimitVerdict, Nanos, Outcome, StateKey};
+use crate::engine::{Limit, LimitVerdict, Nanos, Outcome, StateKey};
 use crate::service::warden::WardenService;
 use crate::service::{Admission, caller_of};
 
@@ -131,28 +131,11 @@ impl RateLimitService for EnvoyRateLimit {
             .collect();
 
         let now = checker.now();
-        let blocked = applies
+        let (verdicts, over_limit) = self.decide_request(now, &applies, cost).await?;
+        let statuses: Vec<DescriptorStatus> = applies
             .iter()
-            .any(|a| matches!(a, Applies::Blocked(r) if !r.shadow_mode));
-        // The enforced limits, in one atomic step; taken only if the
-        // request passes them all (and is not blocked outright).
-        let enforced: Vec<(StateKey, crate::engine::Limit)> = applies
-            .iter()
-            .filter_map(|a| match a {
-                Applies::Counted(rule, key) if !rule.shadow_mode => Some((*key, limit(rule))),
-                _ => None,
-            })
-            .collect();
-        let enforced_verdicts = self.decide(now, enforced, cost, !blocked).await?;
-        let passed = !blocked && enforced_verdicts.iter().all(|v| v.allowed);
-        // Shadow limits count only what passed, each on its own: they must
-        // never turn a request away, nor keep another shadow limit from
-        // counting.
-        let mut enforced_verdicts = enforced_verdicts.into_iter();
-        let mut statuses = Vec::with_capacity(applies.len());
-        let mut over_limit = false;
-        for a in &applies {
-            let status = match a {
+            .zip(&verdicts)
+            .map(|(a, verdict)| match a {
                 Applies::Nothing => DescriptorStatus {
                     code: Code::Ok as i32,
                     ..Default::default()
@@ -162,25 +145,11 @@ impl RateLimitService for EnvoyRateLimit {
                     limit_remaining: u32::MAX,
                     ..Default::default()
                 },
-                Applies::Blocked(rule) => {
-                    over_limit |= !rule.shadow_mode;
-                    status(rule, None, now)
-                }
-                Applies::Counted(rule, key) => {
-                    let verdict = if rule.shadow_mode {
-                        let v = self
-                            .decide(now, vec![(*key, limit(rule))], cost, passed)
-                            .await?;
-                        v.into_iter().next()
-                    } else {
-                        enforced_verdicts.next()
-                    };
-                    over_limit |= !rule.shadow_mode && verdict.as_ref().is_some_and(|v| !v.allowed);
+                Applies::Blocked(rule) | Applies::Counted(rule, _) => {
                     status(rule, verdict.as_ref(), now)
                 }
-            };
-            statuses.push(status);
-        }
+            })
+            .collect();
         let mut response = RateLimitResponse {
             overall_code: if over_limit && !self.settings.shadow_mode {
                 Code::OverLimit as i32
@@ -209,11 +178,106 @@ impl RateLimitService for EnvoyRateLimit {
 }
 
 impl EnvoyRateLimit {
+    /// Decides a request's descriptors: each one's verdict (`None` where
+    /// nothing is counted), and whether the request is over the limit.
+    ///
+    /// The enforced limits and the quota-mode limits that still have room
+    /// are decided in one atomic step, taken only if all pass. A request is
+    /// over the limit when an enforced limit is exhausted (or blocks
+    /// outright), or when it names quota-mode limits and none has room.
+    /// Shadow limits are counted after that, each on its own, only for a
+    /// request that passed: they never turn one away.
+    async fn decide_request(
+        &self,
+        now: Nanos,
+        applies: &[Applies],
+        cost: u64,
+    ) -> Result<(Vec<Option<LimitVerdict>>, bool), Status> {
+        let mut verdicts: Vec<Option<LimitVerdict>> = vec![None; applies.len()];
+        let counted = |pick: &dyn Fn(&Rule) -> bool| -> Vec<usize> {
+            applies
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| match a {
+                    Applies::Counted(rule, _) if pick(rule) => Some(i),
+                    _ => None,
+                })
+                .collect()
+        };
+        let enforced = counted(&|r| !r.shadow_mode && !r.quota_mode);
+        let quotas = counted(&|r| !r.shadow_mode && r.quota_mode);
+        let shadows = counted(&|r| r.shadow_mode);
+        let blocked = applies
+            .iter()
+            .any(|a| matches!(a, Applies::Blocked(r) if !r.shadow_mode && !r.quota_mode));
+        let named_quotas = quotas.len()
+            + applies
+                .iter()
+                .filter(|a| matches!(a, Applies::Blocked(r) if !r.shadow_mode && r.quota_mode))
+                .count();
+        let step = |indices: &[usize]| -> Vec<(StateKey, Limit)> {
+            indices
+                .iter()
+                .map(|&i| match &applies[i] {
+                    Applies::Counted(rule, key) => (*key, limit(rule)),
+                    _ => unreachable!("only counted descriptors are decided"),
+                })
+                .collect()
+        };
+
+        // Which quota-mode limits have room, looked at without taking.
+        let mut open = Vec::new();
+        for &i in &quotas {
+            let v = self.decide(now, step(&[i]), cost, false).await?;
+            if v.first().is_some_and(|v| v.allowed) {
+                open.push(i);
+            }
+            verdicts[i] = v.into_iter().next();
+        }
+        let mut passed = false;
+        if blocked || (named_quotas > 0 && open.is_empty()) {
+            // Over the limit whatever the rest says: look, take nothing.
+            for (i, v) in enforced
+                .iter()
+                .zip(self.decide(now, step(&enforced), cost, false).await?)
+            {
+                verdicts[*i] = Some(v);
+            }
+        } else {
+            // A quota limit may fill between the look and the step; then
+            // the step took nothing, and it is tried without that one.
+            loop {
+                let indices: Vec<usize> = enforced.iter().chain(&open).copied().collect();
+                let decided = self.decide(now, step(&indices), cost, true).await?;
+                for (i, v) in indices.iter().zip(decided) {
+                    verdicts[*i] = Some(v);
+                }
+                let enforced_pass = enforced
+                    .iter()
+                    .all(|&i| verdicts[i].as_ref().is_some_and(|v| v.allowed));
+                let before = open.len();
+                open.retain(|&i| verdicts[i].as_ref().is_some_and(|v| v.allowed));
+                if !enforced_pass || open.len() == before {
+                    passed = enforced_pass;
+                    break;
+                }
+                if named_quotas > 0 && open.is_empty() {
+                    break;
+                }
+            }
+        }
+        for &i in &shadows {
+            let v = self.decide(now, step(&[i]), cost, passed).await?;
+            verdicts[i] = v.into_iter().next();
+        }
+        Ok((verdicts, !passed))
+    }
+
     /// One atomic state step over `limits`, here or at their owners.
     async fn decide(
         &self,
         now: Nanos,
-        limits: Vec<(StateKey, crate::engine::Limit)>,
+        limits: Vec<(StateKey, Limit)>,
         cost: u64,
         commit: bool,
     ) -> Result<Vec<LimitVerdict>, Status> {
@@ -241,7 +305,7 @@ impl EnvoyRateLimit {
     }
 }
 
-fn limit(rule: &Rule) -> crate::engine::Limit {
+fn limit(rule: &Rule) -> Limit {
     match rule.quota {
         Quota::Limited(l) => l,
         Quota::Unlimited | Quota::Blocked => unreachable!("only counted rules have a limit"),
