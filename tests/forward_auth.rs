@@ -16,8 +16,18 @@ use sha2::{Digest, Sha256};
 use support::{ConfigDir, SECRET, Server, free_port};
 use warden_client::signing::{Signer, new_nonce, unix_now};
 
-/// A key allowed 3 requests per hour, and the endpoint's own caller rule.
+/// A key allowed 3 requests per hour, and the endpoint's own caller rule:
+/// plaintext on loopback as `nginx.forward-auth`, or mTLS where nginx's
+/// client certificate (`spiffe://test/nginx`) is the caller.
 fn config(port: u16) -> String {
+    config_with(port, r#"identity = "nginx.forward-auth""#)
+}
+
+fn tls_config(port: u16) -> String {
+    config_with(port, "tls = true")
+}
+
+fn config_with(port: u16, mode: &str) -> String {
     format!(
         r#"[[callers]]
 identity = "spiffe://test/gateway"
@@ -27,9 +37,13 @@ roles = ["check", "admin", "forward-identity"]
 identity = "nginx.forward-auth"
 roles = ["check"]
 
+[[callers]]
+identity = "spiffe://test/nginx"
+roles = ["check"]
+
 [forward_auth]
 listen = "127.0.0.1:{port}"
-identity = "nginx.forward-auth"
+{mode}
 client_address_header = "X-Real-IP"
 
 [[policies]]
@@ -53,25 +67,95 @@ fn http(
     path: &str,
     headers: &[(&str, String)],
 ) -> (u16, HashMap<String, String>, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    exchange(stream, method, path, headers)
+}
+
+/// Like [`http`], over TLS with the client certificate `name` of `dir`
+/// (`None`: no client certificate). `Err` when the handshake is refused.
+fn https(
+    dir: &ConfigDir,
+    client: Option<&str>,
+    addr: &str,
+    headers: &[(&str, String)],
+) -> Result<(u16, HashMap<String, String>, String), std::io::Error> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let pem = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem("ca.pem").as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match client {
+        Some(name) => {
+            let chain: Vec<CertificateDer<'static>> =
+                rustls_pemfile::certs(&mut pem(&format!("{name}.pem")).as_slice())
+                    .map(Result::unwrap)
+                    .collect();
+            let key: PrivateKeyDer<'static> =
+                rustls_pemfile::private_key(&mut pem(&format!("{name}-key.pem")).as_slice())
+                    .unwrap()
+                    .unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // The handshake completes (or fails) on the first exchange; TLS 1.3
+    // reports a refused client certificate on the first read.
+    let text = request_text("GET", "/auth", headers);
+    tls.write_all(text.as_bytes())?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw)?;
+    Ok(parse_response(&String::from_utf8_lossy(&raw)))
+}
+
+fn request_text(method: &str, path: &str, headers: &[(&str, String)]) -> String {
     let mut text = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }
     text.push_str("Content-Length: 0\r\n\r\n");
-    stream.write_all(text.as_bytes()).unwrap();
+    text
+}
+
+fn exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> (u16, HashMap<String, String>, String) {
+    stream
+        .write_all(request_text(method, path, headers).as_bytes())
+        .unwrap();
     let mut raw = String::new();
     stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &str) -> (u16, HashMap<String, String>, String) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
-        .unwrap();
+        .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -183,6 +267,47 @@ fn the_endpoint_answers_as_the_gateways_expect() {
     assert!(headers["retry-after"].parse::<u64>().unwrap() > 0);
 }
 
+#[test]
+fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
+    let dir = ConfigDir::new();
+    dir.client_tls("nginx", "nginx", &["spiffe://test/nginx"]);
+    dir.client_tls("stranger", "stranger", &["spiffe://test/stranger"]);
+    let port = free_port();
+    let _server = dir.start(&tls_config(port));
+    let addr = format!("127.0.0.1:{port}");
+
+    let ask = asking("GET", "/orders", signed("GET", "/orders"));
+    let (status, headers, body) = https(&dir, Some("nginx"), &addr, &ask).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-warden-key-id"], "wk_edge");
+    // A certificate of the same CA without the check role: 403, and the
+    // request was not counted as anything.
+    let ask = asking("GET", "/orders", signed("GET", "/orders"));
+    let (status, _, _) = https(&dir, Some("stranger"), &addr, &ask).unwrap();
+    assert_eq!(status, 403);
+    // No client certificate: no TLS session at all.
+    let ask = asking("GET", "/orders", signed("GET", "/orders"));
+    assert!(https(&dir, None, &addr, &ask).is_err());
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut plain = plain;
+    let _ = plain.write_all(request_text("GET", "/auth", &ask).as_bytes());
+    let mut raw = String::new();
+    let _ = plain.read_to_string(&mut raw);
+    assert!(
+        !raw.contains("200 OK") && !raw.contains("x-warden"),
+        "{raw}"
+    );
+    // Only the allowed request counted: two more pass, then 429.
+    for expected in [200, 200, 429] {
+        let ask = asking("GET", "/orders", signed("GET", "/orders"));
+        assert_eq!(https(&dir, Some("nginx"), &addr, &ask).unwrap().0, expected);
+    }
+}
+
 /// nginx with `auth_request` to warden in front of an upstream that says
 /// "upstream ok"; `None` when nginx is not installed (outside CI).
 struct Nginx {
@@ -191,7 +316,9 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(dir: &Path, auth_port: u16) -> Option<Self> {
+    /// `tls`: nginx reaches warden over HTTPS with its own client
+    /// certificate (`nginx.pem`), verifying warden's against `ca.pem`.
+    fn start(dir: &Path, auth_port: u16, tls: bool) -> Option<Self> {
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists());
@@ -206,6 +333,20 @@ impl Nginx {
         let (port, upstream) = (free_port(), free_port());
         let prefix = dir.join("nginx");
         std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let auth = if tls {
+            format!(
+                r#"proxy_pass https://127.0.0.1:{auth_port}/auth;
+            proxy_ssl_certificate {d}/nginx.pem;
+            proxy_ssl_certificate_key {d}/nginx-key.pem;
+            proxy_ssl_trusted_certificate {d}/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_protocols TLSv1.3;"#,
+                d = dir.display()
+            )
+        } else {
+            format!("proxy_pass http://127.0.0.1:{auth_port}/auth;")
+        };
         let conf = format!(
             r#"daemon off;
 master_process off;
@@ -237,7 +378,7 @@ http {{
         }}
         location = /_warden {{
             internal;
-            proxy_pass http://127.0.0.1:{auth_port}/auth;
+            {auth}
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-Method $request_method;
@@ -294,9 +435,25 @@ fn nginx_with_auth_request_lets_signed_requests_through_and_refuses_the_rest() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
     let _server: Server = dir.start(&config(auth_port));
-    let Some(nginx) = Nginx::start(dir.path(), auth_port) else {
+    let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
         return;
     };
+    through_nginx(&nginx);
+}
+
+#[test]
+fn nginx_reaches_the_endpoint_over_mtls_with_its_own_certificate() {
+    let dir = ConfigDir::new();
+    dir.client_tls("nginx", "nginx", &["spiffe://test/nginx"]);
+    let auth_port = free_port();
+    let _server: Server = dir.start(&tls_config(auth_port));
+    let Some(nginx) = Nginx::start(dir.path(), auth_port, true) else {
+        return;
+    };
+    through_nginx(&nginx);
+}
+
+fn through_nginx(nginx: &Nginx) {
     let addr = format!("127.0.0.1:{}", nginx.port);
 
     let first = signed("GET", "/orders/7");

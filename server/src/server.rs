@@ -38,6 +38,7 @@ use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::engine::{Clock, StateSeed, SystemClock};
 use crate::gate::{Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
+use crate::gateway::forward_auth::{ConnListener, Incoming};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::KeyAdmin;
 use crate::keys::KeyRing;
@@ -45,7 +46,7 @@ use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::warden::WardenService;
 use crate::store::Store;
-use crate::tls::TlsReloader;
+use crate::tls::{Protocol, TlsReloader};
 
 /// How often idle state is swept out of the engine.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -326,7 +327,7 @@ impl Bound {
         }
         background.spawn(accept_loop(
             listener,
-            app.tls.clone(),
+            app.tls.clone().map(|tls| (tls, Protocol::Grpc)),
             conns_tx,
             settings.clone(),
             app.gate.clone(),
@@ -389,9 +390,30 @@ impl Bound {
         );
         if let (Some(listener), Some(f)) = (forward_auth_listener, app.config.forward_auth.clone())
         {
+            // Over mTLS, connections come through the same accept loop as
+            // the gRPC port's: the same bounds, handshake limits and
+            // caller identities.
+            let incoming = match (&app.tls, f.tls) {
+                (Some(tls), true) => {
+                    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+                        addr: f.listen,
+                        source,
+                    })?;
+                    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
+                    background.spawn(accept_loop(
+                        listener,
+                        Some((tls.clone(), Protocol::Http1)),
+                        tx,
+                        settings.clone(),
+                        app.gate.clone(),
+                    ));
+                    Incoming::Tls(ConnListener::new(rx, local))
+                }
+                _ => Incoming::Plain(listener),
+            };
             // Stopped with the other loops, once the gRPC server stopped.
             background.spawn(crate::gateway::forward_auth::serve(
-                listener,
+                incoming,
                 checks.clone(),
                 f,
                 app.config.gateway.clone(),
@@ -538,7 +560,7 @@ fn refuse(refusal: Refusal, remote: SocketAddr) {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<TlsReloader>>,
+    tls: Option<(Arc<TlsReloader>, Protocol)>,
     conns: mpsc::Sender<io::Result<Conn>>,
     settings: ServerSettings,
     gate: Arc<Gate>,
@@ -589,7 +611,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let acceptor = tls.acceptor();
+        let (tls, protocol) = tls;
+        let acceptor = tls.acceptor(protocol);
         let allow_cn = tls.allow_cn_identity();
         let timeout = settings.handshake_timeout;
         tokio::spawn(async move {

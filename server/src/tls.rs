@@ -169,6 +169,15 @@ fn warn_on_expiry(paths: &TlsPaths, server: &[CertificateDer<'_>], cas: &[Certif
     }
 }
 
+/// What a listener speaks over TLS, announced by ALPN: gRPC needs HTTP/2;
+/// the forward-auth endpoint is HTTP/1.1, which is what nginx, Caddy and
+/// Traefik send to an auth endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    Http1,
+}
+
 /// The live TLS configuration: new connections use the current one, and a
 /// reload swaps it without touching established connections. A reload that
 /// fails keeps the old configuration serving.
@@ -195,9 +204,17 @@ impl TlsReloader {
         })
     }
 
-    /// The configuration for the next handshake.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.current.read().0.clone())
+    /// The configuration for the next handshake of a `protocol` listener.
+    pub fn acceptor(&self, protocol: Protocol) -> tokio_rustls::TlsAcceptor {
+        let config = self.current.read().0.clone();
+        match protocol {
+            Protocol::Grpc => tokio_rustls::TlsAcceptor::from(config),
+            Protocol::Http1 => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            }
+        }
     }
 
     pub fn allow_cn_identity(&self) -> bool {

@@ -192,7 +192,7 @@ impl Config {
         let authz = authz(file.callers, file.clients, &names, tls.is_none())?;
         let forward_auth = file
             .forward_auth
-            .map(|f| forward_auth_settings(f, &authz))
+            .map(|f| forward_auth_settings(f, &authz, tls.is_some()))
             .transpose()?;
         let gateway = gateway_settings(file.gateway, &names)?;
         let envoy_ratelimit = file
@@ -285,26 +285,52 @@ fn store_settings(
 fn forward_auth_settings(
     f: ForwardAuthFile,
     authz: &Authz,
+    tls: bool,
 ) -> Result<ForwardAuthSettings, Invalid> {
     let listen: SocketAddr = f
         .listen
         .parse()
         .map_err(|_| bad("forward_auth.listen", "must be an IP:port address"))?;
-    if !listen.ip().is_loopback() {
-        return Err(bad(
-            "forward_auth.listen",
-            "the endpoint is plaintext HTTP: loopback addresses only (run the gateway on the same host)",
-        ));
-    }
-    if f.identity.is_empty() || f.identity.len() > 255 || f.identity.chars().any(char::is_control) {
-        return Err(bad("forward_auth.identity", "must be 1 to 255 characters"));
-    }
-    if !authz.grant(Some(&f.identity)).has(Role::Check) {
-        return Err(bad(
-            "forward_auth.identity",
-            "no [[callers]] rule gives this identity the \"check\" role",
-        ));
-    }
+    let identity = match (f.tls, f.identity) {
+        (true, _) if !tls => {
+            return Err(bad(
+                "forward_auth.tls",
+                "needs the [tls] section (its certificate, key and client CA)",
+            ));
+        }
+        (true, Some(_)) => {
+            return Err(bad(
+                "forward_auth.identity",
+                "not with tls = true: each gateway's client certificate is its identity",
+            ));
+        }
+        (true, None) => None,
+        (false, None) => {
+            return Err(bad(
+                "forward_auth.identity",
+                "missing: the caller identity of the plaintext endpoint (or tls = true)",
+            ));
+        }
+        (false, Some(identity)) => {
+            if !listen.ip().is_loopback() {
+                return Err(bad(
+                    "forward_auth.listen",
+                    "plaintext HTTP is for loopback addresses only (run the gateway on the same host, or set tls = true)",
+                ));
+            }
+            if identity.is_empty() || identity.len() > 255 || identity.chars().any(char::is_control)
+            {
+                return Err(bad("forward_auth.identity", "must be 1 to 255 characters"));
+            }
+            if !authz.grant(Some(&identity)).has(Role::Check) {
+                return Err(bad(
+                    "forward_auth.identity",
+                    "no [[callers]] rule gives this identity the \"check\" role",
+                ));
+            }
+            Some(identity)
+        }
+    };
     let header = |field: &str, value: Option<String>, default: &str| {
         let name = value.unwrap_or_else(|| default.to_owned());
         axum::http::HeaderName::from_bytes(name.as_bytes())
@@ -313,7 +339,8 @@ fn forward_auth_settings(
     };
     Ok(ForwardAuthSettings {
         listen,
-        identity: f.identity,
+        tls: f.tls,
+        identity,
         method_header: header(
             "forward_auth.method_header",
             f.method_header,

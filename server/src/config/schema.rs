@@ -197,11 +197,18 @@ pub struct ClusterFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardAuthFile {
-    /// Address of the HTTP endpoint (plaintext: a loopback address).
+    /// Address of the HTTP endpoint: a loopback address for plaintext,
+    /// any address with `tls = true`.
     pub listen: String,
-    /// The caller identity its checks run as; a `[[callers]]` rule must
-    /// give it the "check" role (e.g. "nginx.forward-auth").
-    pub identity: String,
+    /// Serve HTTPS with client certificates (`[tls]`'s certificate, key and
+    /// client CA): each gateway's certificate identity is the caller, and
+    /// needs the "check" role. Default false: plaintext on loopback.
+    #[serde(default)]
+    pub tls: bool,
+    /// Plaintext only: the caller identity its checks run as; a
+    /// `[[callers]]` rule must give it the "check" role (e.g.
+    /// "nginx.forward-auth").
+    pub identity: Option<String>,
     /// Header carrying the original request's method. Default
     /// "X-Original-Method" (nginx; Traefik and Caddy: "X-Forwarded-Method").
     pub method_header: Option<String>,

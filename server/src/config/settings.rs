@@ -91,7 +91,10 @@ pub struct PeerTls {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardAuthSettings {
     pub listen: SocketAddr,
-    pub identity: String,
+    /// HTTPS with client certificates; the callers are their identities.
+    pub tls: bool,
+    /// Plaintext: the one caller identity every check runs as.
+    pub identity: Option<String>,
     pub method_header: String,
     pub uri_header: String,
     pub client_address_header: Option<String>,

@@ -14,42 +14,131 @@
 //! `auth_request_set`) and the rate-limit headers; or 400/401/403/429 with
 //! `Retry-After` where it applies and the same small JSON body the Django
 //! middleware returns; 503 when warden cannot decide (state full, owner
-//! node unreachable). Plaintext HTTP on loopback only.
+//! node unreachable).
+//!
+//! Two ways to serve it: HTTPS with client certificates (`tls = true`, the
+//! same certificates, bounds and caller roles as the gRPC port), or
+//! plaintext HTTP on a loopback address for a gateway on the same host.
 
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use super::{Body, Early, Headers, HttpAnswer, Original};
 use crate::check::CallerIdentity;
 use crate::config::{ForwardAuthSettings, GatewaySettings};
+use crate::conn::{Conn, PeerInfo};
 use crate::service::warden::WardenService;
+
+/// Where the endpoint's connections come from.
+pub enum Incoming {
+    /// Plaintext on loopback: every request runs as the configured
+    /// identity.
+    Plain(TcpListener),
+    /// mTLS connections from the server's accept loop: each runs as its
+    /// client certificate's identity.
+    Tls(ConnListener),
+}
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
-    listener: TcpListener,
+    incoming: Incoming,
     service: WardenService,
     settings: ForwardAuthSettings,
     gateway: GatewaySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let caller = CallerIdentity(Some(settings.identity.as_str().into()));
-    let app = axum::Router::new().fallback(move |headers: HeaderMap| {
-        let (service, settings, gateway, caller) = (
-            service.clone(),
-            settings.clone(),
-            gateway.clone(),
-            caller.clone(),
-        );
-        async move { answer(&service, &settings, &gateway, &caller, &headers).await }
-    });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    let served = match incoming {
+        Incoming::Plain(listener) => {
+            let caller = CallerIdentity(settings.identity.as_deref().map(Into::into));
+            let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+                let (service, settings, gateway, caller) = (
+                    service.clone(),
+                    settings.clone(),
+                    gateway.clone(),
+                    caller.clone(),
+                );
+                async move { answer(&service, &settings, &gateway, &caller, &headers).await }
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Incoming::Tls(listener) => {
+            let app = axum::Router::new().fallback(
+                move |ConnectInfo(peer): ConnectInfo<PeerInfo>, headers: HeaderMap| {
+                    let (service, settings, gateway) =
+                        (service.clone(), settings.clone(), gateway.clone());
+                    async move {
+                        // A request is activity: the connection is not idle.
+                        peer.conn.touch();
+                        let caller = CallerIdentity(peer.identity.clone());
+                        answer(&service, &settings, &gateway, &caller, &headers).await
+                    }
+                },
+            );
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<PeerInfo>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(event = "forward_auth_failed", error = %e, "forward-auth listener failed");
+    }
+}
+
+/// The mTLS connections the accept loop hands over, as a listener for the
+/// HTTP server.
+pub struct ConnListener {
+    conns: mpsc::Receiver<io::Result<Conn>>,
+    local: SocketAddr,
+}
+
+impl ConnListener {
+    pub fn new(conns: mpsc::Receiver<io::Result<Conn>>, local: SocketAddr) -> Self {
+        Self { conns, local }
+    }
+}
+
+impl Listener for ConnListener {
+    type Io = Conn;
+    type Addr = PeerInfo;
+
+    async fn accept(&mut self) -> (Conn, PeerInfo) {
+        loop {
+            match self.conns.recv().await {
+                Some(Ok(conn)) => {
+                    let peer = tonic::transport::server::Connected::connect_info(&conn);
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop stopped: so does the server.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<PeerInfo> {
+        Err(io::Error::other(format!(
+            "a listener of mTLS connections on {}",
+            self.local
+        )))
+    }
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, ConnListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, ConnListener>) -> Self {
+        stream.remote_addr().clone()
     }
 }
 
