@@ -951,6 +951,55 @@ mod tests {
                 "listen = \"10.0.0.1:1\"\ninsecure_plaintext = true\n".to_owned(),
                 "insecure_plaintext",
             ),
+            (
+                format!("{TLS}[gateway]\nclient_address = \"header\"\n"),
+                "gateway.client_address",
+            ),
+            (
+                format!("{TLS}[gateway]\ntrusted_hops = 2\n"),
+                "gateway.trusted_hops",
+            ),
+            (
+                format!("{TLS}[gateway]\nclient_address = \"x-forwarded-for\"\ntrusted_hops = 0\n"),
+                "gateway.trusted_hops",
+            ),
+            (
+                format!("{TLS}[[gateway.routes]]\nroute = \"/login\"\nlimits = []\n"),
+                "gateway.routes[0].route",
+            ),
+            (
+                format!(
+                    "{TLS}[[gateway.routes]]\nroute = \"POST /login\"\nlimits = [{{ policy = \"nope\", per = \"ip\" }}]\n"
+                ),
+                "gateway.routes[0].limits[0].policy",
+            ),
+            (
+                format!(
+                    "{TLS}[[policies]]\nname = \"p\"\nlimit = 1\nperiod = \"1s\"\n[[gateway.routes]]\nroute = \"POST /login\"\nlimits = [{{ policy = \"p\", per = \"user\" }}]\n"
+                ),
+                "gateway.routes[0].limits[0].per",
+            ),
+            (
+                format!("{TLS}[envoy_ratelimit]\nconfig = [\"/nonexistent/ratelimit.yaml\"]\n"),
+                "envoy_ratelimit.config",
+            ),
+            (
+                "insecure_plaintext = true\n[forward_auth]\nlisten = \"127.0.0.1:1\"\ntls = true\n"
+                    .to_owned(),
+                "forward_auth.tls",
+            ),
+            (
+                format!(
+                    "{TLS}[forward_auth]\nlisten = \"0.0.0.0:1\"\ntls = true\nidentity = \"x\"\n"
+                ),
+                "forward_auth.identity",
+            ),
+            (
+                format!(
+                    "{TLS}[forward_auth]\nlisten = \"0.0.0.0:1\"\nidentity = \"spiffe://t/gw\"\n"
+                ),
+                "forward_auth.listen",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();
