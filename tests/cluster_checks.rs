@@ -844,3 +844,99 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
         assert_eq!(reason(&r), Reason::Ok, "{r:?}");
     }
 }
+
+/// The Envoy rate limit service through a cluster: one YAML limit is one
+/// limit whichever node Envoy asks, and a request over one descriptor's
+/// limit takes nothing from another descriptor's, even when their counters
+/// live on different nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_rate_limit_is_one_limit_whichever_node_envoy_asks() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    std::fs::write(
+        dir.path().join("ratelimit.yaml"),
+        "domain: shop\ndescriptors:\n  - key: tenant\n    rate_limit: { unit: hour, requests_per_unit: 20 }\n  - key: remote_address\n    rate_limit: { unit: hour, requests_per_unit: 1000 }\n",
+    )
+    .unwrap();
+    let configs = support::cluster_configs(
+        &dir,
+        &url,
+        &NODES,
+        "2s",
+        &format!("{POLICIES}\n[envoy_ratelimit]\nconfig = [\"ratelimit.yaml\"]\n"),
+    );
+    let cluster = Cluster::start_from(dir, configs);
+    let mut envoys = Vec::new();
+    for i in 0..3 {
+        let channel = warden_client::channel(
+            &cluster.node(i).addr,
+            warden_client::Tls::from_dev_dir(cluster.dir.path()).unwrap(),
+        )
+        .await
+        .unwrap();
+        envoys.push(RateLimitServiceClient::new(channel));
+    }
+    let request = |descriptors: &[(&str, &str)]| RateLimitRequest {
+        domain: "shop".into(),
+        descriptors: descriptors
+            .iter()
+            .map(|(k, v)| RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        hits_addend: 0,
+    };
+    // Fixed hourly windows: keep every request inside one.
+    let left = 3600 - unix_now() % 3600;
+    if left < 30 {
+        tokio::time::sleep(Duration::from_secs(left as u64 + 1)).await;
+    }
+    let (mut ok, mut over) = (0, 0);
+    for i in 0..30 {
+        let r = envoys[i % 3]
+            .should_rate_limit(request(&[("tenant", "acme")]))
+            .await
+            .unwrap()
+            .into_inner();
+        match Code::try_from(r.overall_code).unwrap() {
+            Code::Ok => ok += 1,
+            Code::OverLimit => over += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((ok, over), (20, 10));
+    // Over the tenant's limit: the address's counter is not touched, on
+    // whichever node it lives.
+    for i in 0..6 {
+        let r = envoys[i % 3]
+            .should_rate_limit(request(&[
+                ("tenant", "acme"),
+                ("remote_address", "203.0.113.9"),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+    }
+    let r = envoys[1]
+        .should_rate_limit(request(&[("remote_address", "203.0.113.9")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.overall_code, r.statuses[0].limit_remaining),
+        (Code::Ok as i32, 999)
+    );
+}
