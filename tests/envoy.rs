@@ -1081,3 +1081,163 @@ async fn a_flood_of_distinct_descriptors_stays_within_the_state_bound() {
     let entries = held.expect("the rate limit pool is reported");
     assert!(entries <= 100.0, "{entries} entries held");
 }
+
+// ---------------------------------------------------------------------------
+// The README's Envoy configuration.
+
+/// The README's fenced block whose first line is `# <name>`.
+fn readme_block(name: &str) -> String {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let marker = format!("```yaml\n# {name}\n");
+    let start = readme
+        .find(&marker)
+        .unwrap_or_else(|| panic!("README has no {name} block"))
+        + "```yaml\n".len();
+    let len = readme[start..].find("```").unwrap();
+    readme[start..start + len].to_owned()
+}
+
+fn at<'a>(v: &'a serde_norway::Value, path: &[&str]) -> &'a serde_norway::Value {
+    path.iter().fold(v, |v, key| match key.parse::<usize>() {
+        Ok(i) => &v[i],
+        Err(_) => &v[*key],
+    })
+}
+
+#[tokio::test]
+async fn the_readme_envoy_configuration_agrees_with_warden() {
+    let envoy: serde_norway::Value = serde_norway::from_str(&readme_block("envoy.yaml")).unwrap();
+    let edge = readme_block("/etc/warden/ratelimit/edge.yaml");
+
+    // The warden cluster: HTTP/2 over TLS 1.3 with a client certificate.
+    let clusters = at(&envoy, &["static_resources", "clusters"])
+        .as_sequence()
+        .unwrap();
+    let warden = clusters
+        .iter()
+        .find(|c| c["name"] == "warden")
+        .expect("a warden cluster");
+    assert!(
+        !at(
+            warden,
+            &[
+                "typed_extension_protocol_options",
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config",
+                "http2_protocol_options"
+            ]
+        )
+        .is_null()
+    );
+    let tls = at(
+        warden,
+        &["transport_socket", "typed_config", "common_tls_context"],
+    );
+    assert_eq!(tls["alpn_protocols"][0], "h2");
+    assert!(
+        !at(
+            tls,
+            &["tls_certificates", "0", "certificate_chain", "filename"]
+        )
+        .is_null()
+    );
+    assert!(!at(tls, &["validation_context", "trusted_ca", "filename"]).is_null());
+
+    let hcm = at(
+        &envoy,
+        &[
+            "static_resources",
+            "listeners",
+            "0",
+            "filter_chains",
+            "0",
+            "filters",
+            "0",
+            "typed_config",
+        ],
+    );
+    let filters = hcm["http_filters"].as_sequence().unwrap();
+    let filter = |name: &str| {
+        &filters
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}"))["typed_config"]
+    };
+    let authz = filter("envoy.filters.http.ext_authz");
+    assert_eq!(authz["transport_api_version"], "V3");
+    assert_eq!(
+        at(authz, &["grpc_service", "envoy_grpc", "cluster_name"]),
+        "warden"
+    );
+    assert_eq!(authz["failure_mode_allow"], false);
+    assert_eq!(
+        at(authz, &["with_request_body", "pack_as_bytes"]).as_bool(),
+        Some(true)
+    );
+    let ratelimit = filter("envoy.filters.http.ratelimit");
+    assert_eq!(
+        at(ratelimit, &["rate_limit_service", "transport_api_version"]),
+        "V3"
+    );
+    assert_eq!(
+        at(
+            ratelimit,
+            &[
+                "rate_limit_service",
+                "grpc_service",
+                "envoy_grpc",
+                "cluster_name"
+            ]
+        ),
+        "warden"
+    );
+    let domain = ratelimit["domain"].as_str().unwrap();
+
+    // The route's actions produce the descriptors warden's file limits:
+    // remote_address (the remote_address action's key) and tenant.
+    let actions = at(
+        hcm,
+        &[
+            "route_config",
+            "virtual_hosts",
+            "0",
+            "routes",
+            "0",
+            "route",
+            "rate_limits",
+        ],
+    );
+    assert!(!at(actions, &["0", "actions", "0", "remote_address"]).is_null());
+    assert_eq!(
+        at(
+            actions,
+            &["1", "actions", "0", "request_headers", "descriptor_key"]
+        ),
+        "tenant"
+    );
+
+    let dir = ConfigDir::new();
+    std::fs::write(dir.path().join("edge.yaml"), &edge).unwrap();
+    let server = dir.start(
+        "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\"]\n\n[envoy_ratelimit]\nconfig = [\"edge.yaml\"]\n",
+    );
+    let mut rls = RateLimitServiceClient::new(channel(&dir, &server).await);
+    let r = ask(
+        &mut rls,
+        rl(
+            domain,
+            &[&[("remote_address", "203.0.113.7")], &[("tenant", "acme")]],
+            0,
+        ),
+    )
+    .await;
+    assert_eq!(code(&r), Code::Ok);
+    let limits: Vec<u32> = r
+        .statuses
+        .iter()
+        .map(|s| s.current_limit.as_ref().unwrap().requests_per_unit)
+        .collect();
+    assert_eq!(limits, [50, 6000]);
+}
