@@ -1,8 +1,10 @@
-//! `warden keys | policies | audit | store`: the admin API from the command
+//! `warden keys | policies | audit | cluster | webhooks | store`: the admin
+//! API (and webhook signing) from the command
 //! line. Human-readable output by default, `--json` for scripts. Connection
 //! flags default to the `serve --dev` directory, whose client certificate
 //! holds the admin role.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,11 +13,12 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use warden::model::parse_duration;
 use warden_client::proto::admin_client::AdminClient;
+use warden_client::proto::warden_client::WardenClient;
 use warden_client::proto::{
     AddSecretRequest, AuditRecord, ClusterStatusRequest, CreateKeyRequest, GetKeyRequest, KeyInfo,
     KeyKind, ListAuditRequest, ListKeysRequest, ListPoliciesRequest, LocateLimit,
-    LocateStateRequest, PolicyInfo, RevokeRequest, StringList, UpdateKeyRequest,
-    VerifyAuditRequest, locate_state_request,
+    LocateStateRequest, PolicyInfo, RevokeRequest, SecretFormat, SignWebhookRequest, StringList,
+    UpdateKeyRequest, VerifyAuditRequest, locate_state_request,
 };
 use warden_client::{Tls, channel};
 
@@ -116,8 +119,46 @@ pub struct KeyCreateArgs {
     /// A bearer API key instead of an HMAC signing secret.
     #[arg(long)]
     pub bearer: bool,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where an HMAC key's new secret comes from.
+#[derive(Args)]
+pub struct SecretArgs {
+    /// Store the secret read from standard input (one line) instead of
+    /// generating one: a webhook provider's signing secret (Stripe's
+    /// whsec_..., GitHub's, Slack's). Never echoed back.
+    #[arg(long, conflicts_with = "secret_format")]
+    pub secret_stdin: bool,
+    /// The form of a generated secret: "warden" (wsk_ + hex, default) or
+    /// "whsec" (a Standard Webhooks secret, for signing outbound webhooks).
+    #[arg(long, value_parser = ["warden", "whsec"])]
+    pub secret_format: Option<String>,
+}
+
+impl SecretArgs {
+    /// The request fields (secret, secret_format); reads stdin if asked.
+    fn fields(&self) -> Result<(String, i32), Failure> {
+        let format = match self.secret_format.as_deref() {
+            Some("whsec") => SecretFormat::Whsec,
+            _ => SecretFormat::Warden,
+        } as i32;
+        if !self.secret_stdin {
+            return Ok((String::new(), format));
+        }
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| usage(format!("cannot read the secret from stdin: {e}")))?;
+        let secret = line.trim_end_matches(['\r', '\n']).to_owned();
+        if secret.is_empty() {
+            return Err(usage("--secret-stdin: standard input held no secret"));
+        }
+        Ok((secret, format))
+    }
 }
 
 #[derive(Args)]
@@ -141,6 +182,8 @@ pub struct KeyRotateArgs {
     /// How long the old secrets stay valid, e.g. "24h"; "0s" ends them now.
     #[arg(long, default_value = "24h")]
     pub grace: String,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -168,6 +211,75 @@ pub struct KeyUpdateArgs {
     pub policies: Option<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum WebhooksCommand {
+    /// Sign an outbound webhook payload with a key (needs the "sign" role)
+    /// and print the headers to send with it.
+    Sign(WebhookSignArgs),
+}
+
+#[derive(Args)]
+pub struct WebhookSignArgs {
+    /// The key whose active secrets sign.
+    #[arg(long)]
+    pub key_id: String,
+    /// "standard-webhooks" or "stripe".
+    #[arg(long, value_parser = ["standard-webhooks", "stripe"])]
+    pub scheme: String,
+    /// The payload file (default: standard input), sent byte for byte.
+    #[arg(long)]
+    pub payload_file: Option<PathBuf>,
+    /// Standard Webhooks message id (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn webhooks(conn: &ConnArgs, command: WebhooksCommand) -> Result<ExitCode, Failure> {
+    let WebhooksCommand::Sign(args) = command;
+    let payload = match &args.payload_file {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?,
+        None => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .map_err(|e| usage(format!("cannot read the payload from stdin: {e}")))?;
+            buf
+        }
+    };
+    let mut client = match conn.channel().await {
+        Ok(c) => WardenClient::new(c),
+        Err(e) => return Err(runtime(e)),
+    };
+    let signed = match client
+        .sign_webhook(SignWebhookRequest {
+            key_id: args.key_id,
+            scheme: args.scheme,
+            payload,
+            message_id: args.id.unwrap_or_default(),
+            timestamp: 0,
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(s.into()),
+    };
+    let headers: BTreeMap<&str, &str> = signed
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if args.json {
+        print_json(&headers);
+    } else {
+        for (name, value) in headers {
+            println!("{name}: {value}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -494,8 +606,11 @@ async fn create_key(admin: &mut AdminClient<Channel>, args: KeyCreateArgs) -> Re
         routes,
         bound_identities,
         bearer,
+        secret,
         json,
     } = args;
+    let (given, secret_format) = secret.fields()?;
+    let imported = !given.is_empty();
     let request = CreateKeyRequest {
         key_id: id.unwrap_or_default(),
         owner,
@@ -508,6 +623,8 @@ async fn create_key(admin: &mut AdminClient<Channel>, args: KeyCreateArgs) -> Re
         } else {
             KeyKind::Hmac
         } as i32,
+        secret: given,
+        secret_format,
     };
     let r = match admin.create_key(request).await {
         Ok(r) => r.into_inner(),
@@ -525,6 +642,8 @@ async fn create_key(admin: &mut AdminClient<Channel>, args: KeyCreateArgs) -> Re
         print_key(&key);
         if bearer {
             println!("\napi key (shown once, store it now): {}", r.api_key);
+        } else if imported {
+            println!("\nsecret {}: stored, sealed", r.secret_id);
         } else {
             println!("\nsecret (shown once, store it now): {}", r.secret);
         }
@@ -584,8 +703,11 @@ async fn rotate_key(admin: &mut AdminClient<Channel>, args: KeyRotateArgs) -> Re
     let KeyRotateArgs {
         key_id,
         grace,
+        secret,
         json,
     } = args;
+    let (given, secret_format) = secret.fields()?;
+    let imported = !given.is_empty();
     let grace = match parse_duration("--grace", &grace) {
         Ok(g) => g,
         Err(e) => return Err(usage(e)),
@@ -595,6 +717,8 @@ async fn rotate_key(admin: &mut AdminClient<Channel>, args: KeyRotateArgs) -> Re
         .add_secret(AddSecretRequest {
             key_id,
             old_valid_until: until.max(1),
+            secret: given,
+            secret_format,
         })
         .await
     {
@@ -608,6 +732,9 @@ async fn rotate_key(admin: &mut AdminClient<Channel>, args: KeyRotateArgs) -> Re
             secret: &r.secret,
             old_valid_until: until,
         });
+    } else if imported {
+        println!("new secret {}: stored, sealed", r.secret_id);
+        println!("the previous secrets stay valid until {}", rfc3339(until));
     } else {
         println!(
             "new secret {} (shown once, store it now): {}",

@@ -20,6 +20,9 @@ pub enum Role {
     ForwardIdentity,
     /// Another node of the cluster: may send state steps (`warden.v1.Peer`).
     Peer,
+    /// May sign outbound webhooks (`SignWebhook`) with the keys its key
+    /// prefixes allow: whoever holds it can send webhooks as you.
+    Sign,
 }
 
 impl Role {
@@ -29,6 +32,7 @@ impl Role {
             "admin" => Some(Self::Admin),
             "forward-identity" => Some(Self::ForwardIdentity),
             "peer" => Some(Self::Peer),
+            "sign" => Some(Self::Sign),
             _ => None,
         }
     }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use warden_client::proto::{Caller, CheckRequest, CheckResponse, LimitStatus};
+use warden_client::proto::{
+    Caller, CheckRequest, CheckResponse, LimitStatus, SignWebhookRequest, SignWebhookResponse,
+};
 
 use crate::auth::{Authz, Grant, Role};
 use crate::config::CheckSettings;
@@ -27,6 +29,10 @@ use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
 use crate::store::Store;
+use crate::webhooks::{
+    Delivery, MAX_HEADER_BYTES as MAX_WEBHOOK_HEADER_BYTES, MAX_HEADERS as MAX_WEBHOOK_HEADERS,
+    Provider, SignRefusal,
+};
 
 pub use warden_client::proto::{Decision, Reason};
 
@@ -128,6 +134,20 @@ enum Credential<'a> {
     },
     /// A bearer API key.
     Bearer(&'a str),
+    /// A provider's webhook signature, read from its headers.
+    Webhook(Delivery),
+}
+
+impl Credential<'_> {
+    /// The signed time to judge for freshness; bearer keys and GitHub
+    /// webhooks carry none.
+    fn timestamp(&self, req: &CheckRequest) -> Option<i64> {
+        match self {
+            Credential::Signed { .. } => Some(req.timestamp),
+            Credential::Webhook(d) => d.timestamp,
+            Credential::Bearer(_) => None,
+        }
+    }
 }
 
 /// A request that passed validation, with its parts borrowed.
@@ -234,6 +254,44 @@ impl Checker {
 
     pub fn settings(&self) -> &CheckSettings {
         &self.settings
+    }
+
+    /// Signs an outbound webhook as `caller`: it needs the "sign" role and,
+    /// like a check, a key prefix that allows the key.
+    pub fn sign_webhook(
+        &self,
+        req: &SignWebhookRequest,
+        caller: &CallerIdentity,
+    ) -> Result<SignWebhookResponse, SignRefusal> {
+        let grant = self.authz.grant(caller.0.as_deref());
+        if !grant.has(Role::Sign) {
+            return Err(SignRefusal::PermissionDenied(
+                "this client certificate may not sign webhooks",
+            ));
+        }
+        if !is_valid_key_id(&req.key_id) {
+            return Err(SignRefusal::Invalid(
+                "key_id: must be 1 to 128 characters of [A-Za-z0-9_.:-]".into(),
+            ));
+        }
+        if !grant.may_check_key(&req.key_id) {
+            return Err(SignRefusal::PermissionDenied(
+                "this client certificate may not sign with this key",
+            ));
+        }
+        let ring = self.keys();
+        let now_secs = i64::try_from(self.clock.now().whole_secs()).unwrap_or(i64::MAX);
+        let skews = (
+            i64::try_from(self.settings.past_skew.as_secs()).unwrap_or(i64::MAX),
+            i64::try_from(self.settings.future_skew.as_secs()).unwrap_or(i64::MAX),
+        );
+        crate::webhooks::sign_request(
+            req,
+            ring.key(&req.key_id).map(|k| k.as_ref()),
+            now_secs,
+            skews,
+            self.settings.max_body_bytes,
+        )
     }
 
     /// Runs the whole pipeline for one request, on this process's state.
@@ -428,6 +486,14 @@ impl Checker {
             Credential::Bearer(api_key) => ring
                 .bearer(api_key)
                 .filter(|k| req.key_id.is_empty() || req.key_id == k.id),
+            Credential::Webhook(delivery) => {
+                let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
+                let genuine = match key {
+                    Some(k) => delivery.verify(k.active_secrets(now_secs)),
+                    None => delivery.verify_nothing(),
+                };
+                key.filter(|_| genuine)
+            }
         };
         let Some(key) = key else {
             if let Some(wait) = locked {
@@ -444,14 +510,15 @@ impl Checker {
             let message = match valid.credential {
                 Credential::Signed { .. } => "the request signature could not be verified",
                 Credential::Bearer(_) => "the API key is not valid",
+                Credential::Webhook(_) => "the webhook signature could not be verified",
             };
             return Err(Box::new(deny(Reason::Unauthenticated, message)));
         };
 
         // Freshness only for genuine requests: a STALE answer must not
         // reveal that a key exists. Bearer keys carry no timestamp.
-        if let Credential::Signed { .. } = valid.credential
-            && let Err(stale) = self.freshness.judge(req.timestamp, now)
+        if let Some(timestamp) = valid.credential.timestamp(req)
+            && let Err(stale) = self.freshness.judge(timestamp, now)
         {
             return Err(Box::new(deny(Reason::Stale, stale.message())));
         }
@@ -508,10 +575,19 @@ impl Checker {
                 Scheme::WardenV1 => self.engine.key(owner, &[b"nonce", req.nonce.as_bytes()]),
                 Scheme::TsBody => self.engine.key(owner, &[b"signature", signature]),
             }),
+            Credential::Webhook(d) => Some(self.engine.key(
+                owner,
+                &[b"webhook", d.provider.name().as_bytes(), &d.replay_id],
+            )),
             Credential::Bearer(_) => None,
         };
-        // The replay key lives exactly as long as the timestamp is fresh.
-        let forget_at = self.freshness.forget_at(req.timestamp);
+        // The replay key lives exactly as long as the timestamp is fresh;
+        // without a signed time, for the configured window.
+        let timestamp = valid.credential.timestamp(req);
+        let forget_at = match timestamp {
+            Some(t) => self.freshness.forget_at(t),
+            None => now.saturating_add(duration_nanos(self.settings.webhook_replay_window)),
+        };
 
         let mut named: Vec<(String, Limit, u64)> =
             Vec::with_capacity(key.policies.len() + valid.limits.len());
@@ -544,8 +620,7 @@ impl Checker {
             limits,
             cost: valid.cost,
             commit: !req.dry_run,
-            timestamp: matches!(valid.credential, Credential::Signed { .. })
-                .then_some(req.timestamp),
+            timestamp,
             named,
             caller: Caller {
                 key_id: key.id.clone(),
@@ -695,8 +770,16 @@ impl Pending {
 
 /// The signature fields of a signed request.
 fn signed_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
+    if let Some(provider) = Provider::parse(&req.scheme) {
+        return webhook_credential(req, provider);
+    }
+    if !req.headers.is_empty() {
+        return Err(malformed("headers: only with a webhook scheme"));
+    }
     let scheme = Scheme::parse(&req.scheme)
-        .ok_or_else(|| malformed("scheme: must be \"warden-v1\" or \"ts-body\""))?;
+        .ok_or_else(|| {
+            malformed("scheme: must be \"warden-v1\", \"ts-body\", \"standard-webhooks\", \"stripe\", \"github\" or \"slack\"")
+        })?;
     let body = match (req.body_sha256.len(), scheme) {
         (0, _) => Body::Bytes(&req.body),
         (_, Scheme::TsBody) => {
@@ -755,6 +838,41 @@ fn bearer_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
         ));
     }
     Ok(Credential::Bearer(&req.api_key))
+}
+
+/// A webhook delivery: the provider's headers and the raw body; the
+/// fields of warden's own schemes must be empty.
+fn webhook_credential(req: &CheckRequest, provider: Provider) -> Result<Credential<'_>, Malformed> {
+    if req.timestamp != 0
+        || !req.nonce.is_empty()
+        || !req.signature.is_empty()
+        || !req.body_sha256.is_empty()
+    {
+        return Err(malformed(
+            "a webhook scheme takes the provider's headers and the body; timestamp, nonce, signature and body_sha256 must be empty",
+        ));
+    }
+    let size: usize = req.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if req.headers.len() > MAX_WEBHOOK_HEADERS
+        || size > MAX_WEBHOOK_HEADER_BYTES
+        || req
+            .headers
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.chars().chain(v.chars()).any(char::is_control))
+    {
+        return Err(malformed(
+            "headers: at most 16, 8 KiB in all, no control characters",
+        ));
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    Delivery::read(provider, &header, &req.body)
+        .map(Credential::Webhook)
+        .map_err(|e| Malformed(e.0))
 }
 
 /// Step 2, second part: the caller's grant against what the request asks for.

@@ -49,6 +49,54 @@ pub struct NewKey {
     pub routes: Vec<String>,
     pub bound_identities: Vec<String>,
     pub bearer: bool,
+    /// HMAC keys: where the secret comes from.
+    pub secret: NewSecret,
+}
+
+/// Where a new HMAC secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewSecret {
+    /// Generated in this form, and shown once.
+    Generated(SecretFormat),
+    /// Given by the administrator — a webhook provider's signing secret —
+    /// and never shown back.
+    Given(String),
+}
+
+/// How a generated secret is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretFormat {
+    /// "wsk_" and 64 hex characters.
+    Warden,
+    /// "whsec_" and base64: a Standard Webhooks secret.
+    Whsec,
+}
+
+/// Bounds of a given secret: providers' secrets are shorter than warden's
+/// own (GitHub's are chosen by people), but never trivially short.
+const MIN_GIVEN_SECRET: usize = 16;
+const MAX_GIVEN_SECRET: usize = 1024;
+
+impl Default for NewSecret {
+    fn default() -> Self {
+        NewSecret::Generated(SecretFormat::Warden)
+    }
+}
+
+impl NewSecret {
+    fn check(&self) -> Result<(), AdminError> {
+        match self {
+            NewSecret::Given(s)
+                if !(MIN_GIVEN_SECRET..=MAX_GIVEN_SECRET).contains(&s.len())
+                    || s.chars().any(char::is_control) =>
+            {
+                Err(AdminError::Invalid(format!(
+                    "secret: {MIN_GIVEN_SECRET} to {MAX_GIVEN_SECRET} bytes, no control characters"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A created key and its credential, shown this once.
@@ -178,6 +226,12 @@ impl KeyAdmin {
             api_key_hash: None,
         };
         self.validate(&key)?;
+        if new.bearer && new.secret != NewSecret::Generated(SecretFormat::Warden) {
+            return Err(AdminError::Invalid(
+                "secret: bearer keys take no secret; their API key is generated".into(),
+            ));
+        }
+        new.secret.check()?;
         let _writing = self.writing.lock().await;
         if self.is_config_key(&id) || store.key(&id).is_some() {
             return Err(AdminError::Exists("a key with this id exists"));
@@ -187,7 +241,7 @@ impl KeyAdmin {
             key.api_key_hash = Some(api_key_hash(&api_key));
             Credential::ApiKey(api_key)
         } else {
-            let (record, secret) = new_secret(store, &id);
+            let (record, secret) = new_secret(store, &id, new.secret);
             let credential = Credential::Secret {
                 id: record.id.clone(),
                 secret,
@@ -252,7 +306,9 @@ impl KeyAdmin {
         actor: &CallerIdentity,
         key_id: &str,
         old_valid_until: i64,
+        secret: NewSecret,
     ) -> Result<(KeyRecord, Credential), AdminError> {
+        secret.check()?;
         let store = self.store()?.clone();
         self.modify(actor, key_id, |key| {
             if key.revoked {
@@ -276,7 +332,7 @@ impl KeyAdmin {
                     );
                 }
             }
-            let (record, secret) = new_secret(&store, &key.id);
+            let (record, secret) = new_secret(&store, &key.id, secret);
             let credential = Credential::Secret {
                 id: record.id.clone(),
                 secret,
@@ -412,8 +468,20 @@ impl KeyAdmin {
     }
 }
 
-fn new_secret(store: &Store, key_id: &str) -> (SecretRecord, String) {
-    let secret = format!("wsk_{}", random_hex(32));
+/// A secret record to store, and the secret to show once (empty for a
+/// given one: the administrator has it).
+fn new_secret(store: &Store, key_id: &str, source: NewSecret) -> (SecretRecord, String) {
+    let (secret, shown) = match source {
+        NewSecret::Generated(SecretFormat::Warden) => {
+            let s = format!("wsk_{}", random_hex(32));
+            (s.clone(), s)
+        }
+        NewSecret::Generated(SecretFormat::Whsec) => {
+            let s = crate::webhooks::new_whsec();
+            (s.clone(), s)
+        }
+        NewSecret::Given(s) => (s, String::new()),
+    };
     let id = format!("sec_{}", random_hex(6));
     let record = SecretRecord {
         sealed: store.seal(key_id, &id, secret.as_bytes()),
@@ -422,7 +490,7 @@ fn new_secret(store: &Store, key_id: &str) -> (SecretRecord, String) {
         valid_until: None,
         revoked: false,
     };
-    (record, secret)
+    (record, shown)
 }
 
 /// Checks a list of short strings from a request.

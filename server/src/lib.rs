@@ -42,3 +42,4 @@ mod service;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod webhooks;

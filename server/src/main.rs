@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use admin_cli::{
     AuditCommand, ClusterCommand, ConnArgs, KeysCommand, PoliciesCommand, StoreCommand,
+    WebhooksCommand,
 };
 use clap::{Args, Parser, Subcommand};
 use warden::config::{Config, DEFAULT_LISTEN};
@@ -71,6 +72,13 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Outbound webhooks: sign a payload so the app never holds the secret.
+    Webhooks {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: WebhooksCommand,
     },
     /// Offline operations on the key store.
     #[command(subcommand)]
@@ -159,6 +167,7 @@ fn main() -> ExitCode {
             Command::Policies { conn, command } => exit(admin_cli::policies(&conn, command).await),
             Command::Audit { conn, command } => exit(admin_cli::audit(&conn, command).await),
             Command::Cluster { conn, command } => exit(admin_cli::cluster(&conn, command).await),
+            Command::Webhooks { conn, command } => exit(admin_cli::webhooks(&conn, command).await),
             Command::Store(command) => exit(admin_cli::store(command).await),
         }
     })
@@ -423,5 +432,16 @@ async fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
             status.message(),
             status.code()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command line's definition only when it is parsed:
+    /// this checks every subcommand at once (two flags with one name, say).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -770,7 +770,17 @@ fn check_settings(c: CheckFile) -> Result<CheckSettings, Invalid> {
         c.max_failure_sources,
         d.max_failure_sources,
     )?;
+    let webhook_replay_window = c.webhook_replay_window.unwrap_or(d.webhook_replay_window);
+    if webhook_replay_window < Duration::from_secs(60)
+        || webhook_replay_window > Duration::from_secs(30 * 86_400)
+    {
+        return Err(bad(
+            "check.webhook_replay_window",
+            "must be between 1m and 30d",
+        ));
+    }
     Ok(CheckSettings {
+        webhook_replay_window,
         past_skew,
         future_skew,
         max_body_bytes,

@@ -60,7 +60,8 @@ pub struct File {
 pub struct CallerFile {
     /// Exact identity, or a pattern with `*` (any run of characters but `/`).
     pub identity: String,
-    /// Any of "check", "admin", "forward-identity", "peer" (another node of
+    /// Any of "check", "admin", "forward-identity", "sign" (outbound
+    /// webhooks), "peer" (another node of
     /// the cluster).
     pub roles: Vec<String>,
     /// With "check": only keys whose id starts with one of these.
@@ -134,6 +135,10 @@ pub struct CheckFile {
     pub max_limit_entries: Option<u64>,
     /// Most failure budgets (sources) held at once. Default 1000000.
     pub max_failure_sources: Option<u64>,
+    /// For webhook schemes whose signature carries no time (GitHub): how
+    /// long a delivery is remembered against replay. Default "72h".
+    #[serde(default, with = "humantime_serde")]
+    pub webhook_replay_window: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -49,6 +49,9 @@ pub struct CheckSettings {
     pub failure_period: Duration,
     pub max_limit_entries: usize,
     pub max_failure_sources: usize,
+    /// How long a delivery of a webhook scheme without a signed time
+    /// (GitHub) is remembered against replay.
+    pub webhook_replay_window: Duration,
 }
 
 impl Default for CheckSettings {
@@ -63,6 +66,7 @@ impl Default for CheckSettings {
             failure_period: Duration::from_secs(60),
             max_limit_entries: 4_000_000,
             max_failure_sources: 1_000_000,
+            webhook_replay_window: Duration::from_secs(72 * 3600),
         }
     }
 }

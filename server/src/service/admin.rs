@@ -16,8 +16,8 @@ use warden_client::proto::{
     ClusterStatusResponse, CreateKeyRequest, CreateKeyResponse, GetKeyRequest, KeyInfo,
     KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse, ListKeysRequest, ListKeysResponse,
     ListPoliciesRequest, ListPoliciesResponse, LocateStateRequest, LocateStateResponse, PolicyInfo,
-    RevokeRequest, SecretInfo, UpdateKeyRequest, VerifyAuditRequest, VerifyAuditResponse,
-    locate_state_request,
+    RevokeRequest, SecretFormat as ProtoSecretFormat, SecretInfo, UpdateKeyRequest,
+    VerifyAuditRequest, VerifyAuditResponse, locate_state_request,
 };
 
 use crate::audit::{AuditLog, Event};
@@ -26,7 +26,7 @@ use crate::check::CallerIdentity;
 use crate::cluster::Membership;
 use crate::conn::PeerInfo;
 use crate::engine::Limit;
-use crate::key_admin::{AdminError, Credential, KeyAdmin, NewKey};
+use crate::key_admin::{AdminError, Credential, KeyAdmin, NewKey, NewSecret, SecretFormat};
 use crate::model::{Algorithm, KeyConfig, Policy, PolicySpec, is_valid_name};
 use crate::store::{KeyKind, KeyRecord};
 
@@ -148,6 +148,22 @@ impl AdminService {
     }
 }
 
+/// The secret a request asks for: given, or generated in a format.
+fn new_secret(given: String, format: i32) -> Result<NewSecret, Status> {
+    let format = match ProtoSecretFormat::try_from(format) {
+        Ok(ProtoSecretFormat::Unspecified | ProtoSecretFormat::Warden) => SecretFormat::Warden,
+        Ok(ProtoSecretFormat::Whsec) => SecretFormat::Whsec,
+        Err(_) => return Err(Status::invalid_argument("secret_format: unknown")),
+    };
+    match (given.is_empty(), format) {
+        (true, format) => Ok(NewSecret::Generated(format)),
+        (false, SecretFormat::Warden) => Ok(NewSecret::Given(given)),
+        (false, SecretFormat::Whsec) => Err(Status::invalid_argument(
+            "give a secret or a secret_format to generate, not both",
+        )),
+    }
+}
+
 fn credential_fields(credential: Credential) -> (String, String, String) {
     match credential {
         Credential::Secret { id, secret } => (id, secret, String::new()),
@@ -177,6 +193,7 @@ impl Admin for AdminService {
                     routes: r.routes,
                     bound_identities: r.bound_identities,
                     bearer,
+                    secret: new_secret(r.secret, r.secret_format)?,
                 },
             )
             .await?;
@@ -250,7 +267,12 @@ impl Admin for AdminService {
         let r = request.into_inner();
         let (key, credential) = self
             .keys
-            .add_secret(&caller, &r.key_id, r.old_valid_until)
+            .add_secret(
+                &caller,
+                &r.key_id,
+                r.old_valid_until,
+                new_secret(r.secret, r.secret_format)?,
+            )
             .await?;
         let (secret_id, secret, _) = credential_fields(credential);
         Ok(Response::new(AddSecretResponse {

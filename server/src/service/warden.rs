@@ -7,7 +7,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
-use warden_client::proto::{CheckRequest, CheckResponse, Decision, Reason};
+use warden_client::proto::{
+    CheckRequest, CheckResponse, Decision, Reason, SignWebhookRequest, SignWebhookResponse,
+};
 use warden_client::reason_name;
 
 use super::{Admission, caller_of};
@@ -16,6 +18,7 @@ use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{Answer, CallerIdentity, CheckError, Checker, Fenced, Pending, Step};
 use crate::cluster::ClusterState;
 use crate::engine::Outcome;
+use crate::webhooks::SignRefusal;
 
 /// Answers checks with the shared [`Checker`].
 #[derive(Debug, Clone)]
@@ -124,6 +127,44 @@ impl Warden for WardenService {
         metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "Check")
             .record(started.elapsed().as_secs_f64());
         answer.map(Response::new)
+    }
+
+    async fn sign_webhook(
+        &self,
+        request: Request<SignWebhookRequest>,
+    ) -> Result<Response<SignWebhookResponse>, Status> {
+        let _permit = self.admission.admit(&request)?;
+        let caller = caller_of(&request);
+        let req = request.into_inner();
+        match self.checker.sign_webhook(&req, &caller) {
+            Ok(signed) => {
+                metrics::counter!("warden_webhooks_signed_total", "scheme" => if req.scheme == "stripe" { "stripe" } else { "standard-webhooks" })
+                    .increment(1);
+                tracing::debug!(
+                    event = "webhook_signed",
+                    key_id = req.key_id.as_str(),
+                    caller = caller.as_str(),
+                    message_id = signed.message_id.as_str(),
+                    "outbound webhook signed"
+                );
+                Ok(Response::new(signed))
+            }
+            Err(SignRefusal::PermissionDenied(why)) => {
+                metrics::counter!("warden_caller_denied_total").increment(1);
+                tracing::warn!(
+                    event = "caller_denied",
+                    caller = caller.as_str(),
+                    key_id = loggable_key_id(&req.key_id),
+                    reason = why,
+                    "SignWebhook refused"
+                );
+                Err(Status::permission_denied(why))
+            }
+            Err(SignRefusal::Invalid(why)) => Err(Status::invalid_argument(why)),
+            Err(SignRefusal::NotFound) => {
+                Err(Status::not_found("no such key with an active secret"))
+            }
+        }
     }
 
     type CheckStreamStream = ReceiverStream<Result<CheckResponse, Status>>;

@@ -49,6 +49,36 @@ KEY_KIND_BEARER: KeyKind.ValueType  # 2
 """a bearer API key, stored only as a hash"""
 Global___KeyKind: _TypeAlias = KeyKind  # noqa: Y015
 
+class _SecretFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SecretFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SecretFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SECRET_FORMAT_UNSPECIFIED: _SecretFormat.ValueType  # 0
+    """means WARDEN"""
+    SECRET_FORMAT_WARDEN: _SecretFormat.ValueType  # 1
+    """"wsk_" and 64 hex characters; the HMAC key is its UTF-8 bytes."""
+    SECRET_FORMAT_WHSEC: _SecretFormat.ValueType  # 2
+    """"whsec_" and the base64 of 32 random bytes: a Standard Webhooks secret,
+    for keys that sign outbound webhooks (receivers' libraries take it as
+    it is).
+    """
+
+class SecretFormat(_SecretFormat, metaclass=_SecretFormatEnumTypeWrapper):
+    """How a generated secret is written."""
+
+SECRET_FORMAT_UNSPECIFIED: SecretFormat.ValueType  # 0
+"""means WARDEN"""
+SECRET_FORMAT_WARDEN: SecretFormat.ValueType  # 1
+""""wsk_" and 64 hex characters; the HMAC key is its UTF-8 bytes."""
+SECRET_FORMAT_WHSEC: SecretFormat.ValueType  # 2
+""""whsec_" and the base64 of 32 random bytes: a Standard Webhooks secret,
+for keys that sign outbound webhooks (receivers' libraries take it as
+it is).
+"""
+Global___SecretFormat: _TypeAlias = SecretFormat  # noqa: Y015
+
 @_typing.final
 class LocateStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -273,12 +303,21 @@ class CreateKeyRequest(_message.Message):
     ROUTES_FIELD_NUMBER: _builtins.int
     BOUND_IDENTITIES_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    SECRET_FORMAT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Optional; generated ("wk_" + random) when empty. 1 to 128 characters of
     [A-Za-z0-9_.:-].
     """
     owner: _builtins.str
     kind: Global___KeyKind.ValueType
+    secret: _builtins.str
+    """HMAC keys: the secret to store instead of a generated one — a webhook
+    provider's signing secret (Stripe's "whsec_...", GitHub's, Slack's).
+    16 to 1024 bytes, no control characters. Never echoed back.
+    """
+    secret_format: Global___SecretFormat.ValueType
+    """HMAC keys: the form of a generated secret."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -303,10 +342,12 @@ class CreateKeyRequest(_message.Message):
         routes: _abc.Iterable[_builtins.str] | None = ...,
         bound_identities: _abc.Iterable[_builtins.str] | None = ...,
         kind: Global___KeyKind.ValueType = ...,
+        secret: _builtins.str = ...,
+        secret_format: Global___SecretFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound_identities", b"bound_identities", "key_id", b"key_id", "kind", b"kind", "owner", b"owner", "policies", b"policies", "routes", b"routes", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound_identities", b"bound_identities", "key_id", b"key_id", "kind", b"kind", "owner", b"owner", "policies", b"policies", "routes", b"routes", "scopes", b"scopes", "secret", b"secret", "secret_format", b"secret_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,20 +551,29 @@ class AddSecretRequest(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     OLD_VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    SECRET_FORMAT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     old_valid_until: _builtins.int
     """Unix seconds until which the key's other active secrets stay valid. 0
     keeps them valid until revoked.
     """
+    secret: _builtins.str
+    """As in CreateKeyRequest: a provider's new secret to store (its rotation),
+    or the form of a generated one.
+    """
+    secret_format: Global___SecretFormat.ValueType
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         old_valid_until: _builtins.int = ...,
+        secret: _builtins.str = ...,
+        secret_format: Global___SecretFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "old_valid_until", b"old_valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "old_valid_until", b"old_valid_until", "secret", b"secret", "secret_format", b"secret_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

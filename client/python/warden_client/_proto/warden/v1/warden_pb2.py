@@ -24,31 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16warden/v1/warden.proto\x12\twarden.v1\"\xd1\x02\n\x0c\x43heckRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x13\n\x0b\x62ody_sha256\x18\x06 \x01(\x0c\x12\x0e\n\x06scheme\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x03\x12\r\n\x05nonce\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\t\x12\'\n\x06limits\x18\x0b \x03(\x0b\x32\x17.warden.v1.LimitRequest\x12\x0c\n\x04\x63ost\x18\x0c \x01(\r\x12\x0f\n\x07\x64ry_run\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x17\n\x0f\x63lient_identity\x18\x0f \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x10 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x11 \x01(\t\"2\n\x0cLimitRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\ndescriptor\x18\x02 \x01(\t\"\xca\x02\n\rCheckResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.warden.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.warden.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x04\x12&\n\x06limits\x18\x05 \x03(\x0b\x32\x16.warden.v1.LimitStatus\x12\x36\n\x07headers\x18\x06 \x03(\x0b\x32%.warden.v1.CheckResponse.HeadersEntry\x12!\n\x06\x63\x61ller\x18\x07 \x01(\x0b\x32\x11.warden.v1.Caller\x12\x0f\n\x07message\x18\x08 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x0bLimitStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x16\n\x0ereset_after_ms\x18\x04 \x01(\x04\"7\n\x06\x43\x61ller\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t*K\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02*\xcc\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x14\n\x10REASON_MALFORMED\x10\x02\x12\x1a\n\x16REASON_UNAUTHENTICATED\x10\x03\x12\x10\n\x0cREASON_STALE\x10\x04\x12\x11\n\rREASON_REPLAY\x10\x05\x12\x14\n\x10REASON_FORBIDDEN\x10\x06\x12\x17\n\x13REASON_RATE_LIMITED\x10\x07\x12\x15\n\x11REASON_LOCKED_OUT\x10\x08\x32\x8a\x01\n\x06Warden\x12:\n\x05\x43heck\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse\x12\x44\n\x0b\x43heckStream\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16warden/v1/warden.proto\x12\twarden.v1\"\xb8\x03\n\x0c\x43heckRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x13\n\x0b\x62ody_sha256\x18\x06 \x01(\x0c\x12\x0e\n\x06scheme\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x03\x12\r\n\x05nonce\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\t\x12\'\n\x06limits\x18\x0b \x03(\x0b\x32\x17.warden.v1.LimitRequest\x12\x0c\n\x04\x63ost\x18\x0c \x01(\r\x12\x0f\n\x07\x64ry_run\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x17\n\x0f\x63lient_identity\x18\x0f \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x10 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x11 \x01(\t\x12\x35\n\x07headers\x18\x12 \x03(\x0b\x32$.warden.v1.CheckRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0cLimitRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\ndescriptor\x18\x02 \x01(\t\"\xca\x02\n\rCheckResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.warden.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.warden.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x04\x12&\n\x06limits\x18\x05 \x03(\x0b\x32\x16.warden.v1.LimitStatus\x12\x36\n\x07headers\x18\x06 \x03(\x0b\x32%.warden.v1.CheckResponse.HeadersEntry\x12!\n\x06\x63\x61ller\x18\x07 \x01(\x0b\x32\x11.warden.v1.Caller\x12\x0f\n\x07message\x18\x08 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x0bLimitStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x16\n\x0ereset_after_ms\x18\x04 \x01(\x04\"7\n\x06\x43\x61ller\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"l\n\x12SignWebhookRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\"\xaa\x01\n\x13SignWebhookResponse\x12<\n\x07headers\x18\x01 \x03(\x0b\x32+.warden.v1.SignWebhookResponse.HeadersEntry\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*K\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02*\xcc\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x14\n\x10REASON_MALFORMED\x10\x02\x12\x1a\n\x16REASON_UNAUTHENTICATED\x10\x03\x12\x10\n\x0cREASON_STALE\x10\x04\x12\x11\n\rREASON_REPLAY\x10\x05\x12\x14\n\x10REASON_FORBIDDEN\x10\x06\x12\x17\n\x13REASON_RATE_LIMITED\x10\x07\x12\x15\n\x11REASON_LOCKED_OUT\x10\x08\x32\xd8\x01\n\x06Warden\x12:\n\x05\x43heck\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse\x12\x44\n\x0b\x43heckStream\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse(\x01\x30\x01\x12L\n\x0bSignWebhook\x12\x1d.warden.v1.SignWebhookRequest\x1a\x1e.warden.v1.SignWebhookResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'warden.v1.warden_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHECKREQUEST_HEADERSENTRY']._loaded_options = None
+  _globals['_CHECKREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CHECKRESPONSE_HEADERSENTRY']._loaded_options = None
   _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=906
-  _globals['_DECISION']._serialized_end=981
-  _globals['_REASON']._serialized_start=984
-  _globals['_REASON']._serialized_end=1188
+  _globals['_SIGNWEBHOOKRESPONSE_HEADERSENTRY']._loaded_options = None
+  _globals['_SIGNWEBHOOKRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_DECISION']._serialized_start=1292
+  _globals['_DECISION']._serialized_end=1367
+  _globals['_REASON']._serialized_start=1370
+  _globals['_REASON']._serialized_end=1574
   _globals['_CHECKREQUEST']._serialized_start=38
-  _globals['_CHECKREQUEST']._serialized_end=375
-  _globals['_LIMITREQUEST']._serialized_start=377
-  _globals['_LIMITREQUEST']._serialized_end=427
-  _globals['_CHECKRESPONSE']._serialized_start=430
-  _globals['_CHECKRESPONSE']._serialized_end=760
-  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_start=714
-  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_end=760
-  _globals['_LIMITSTATUS']._serialized_start=762
-  _globals['_LIMITSTATUS']._serialized_end=847
-  _globals['_CALLER']._serialized_start=849
-  _globals['_CALLER']._serialized_end=904
-  _globals['_WARDEN']._serialized_start=1191
-  _globals['_WARDEN']._serialized_end=1329
+  _globals['_CHECKREQUEST']._serialized_end=478
+  _globals['_CHECKREQUEST_HEADERSENTRY']._serialized_start=432
+  _globals['_CHECKREQUEST_HEADERSENTRY']._serialized_end=478
+  _globals['_LIMITREQUEST']._serialized_start=480
+  _globals['_LIMITREQUEST']._serialized_end=530
+  _globals['_CHECKRESPONSE']._serialized_start=533
+  _globals['_CHECKRESPONSE']._serialized_end=863
+  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_start=432
+  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_end=478
+  _globals['_LIMITSTATUS']._serialized_start=865
+  _globals['_LIMITSTATUS']._serialized_end=950
+  _globals['_CALLER']._serialized_start=952
+  _globals['_CALLER']._serialized_end=1007
+  _globals['_SIGNWEBHOOKREQUEST']._serialized_start=1009
+  _globals['_SIGNWEBHOOKREQUEST']._serialized_end=1117
+  _globals['_SIGNWEBHOOKRESPONSE']._serialized_start=1120
+  _globals['_SIGNWEBHOOKRESPONSE']._serialized_end=1290
+  _globals['_SIGNWEBHOOKRESPONSE_HEADERSENTRY']._serialized_start=432
+  _globals['_SIGNWEBHOOKRESPONSE_HEADERSENTRY']._serialized_end=478
+  _globals['_WARDEN']._serialized_start=1577
+  _globals['_WARDEN']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)

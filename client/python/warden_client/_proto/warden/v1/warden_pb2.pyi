@@ -122,6 +122,26 @@ class CheckRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KEY_ID_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
@@ -139,6 +159,7 @@ class CheckRequest(_message.Message):
     CLIENT_IDENTITY_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
     CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The client's public key id (header X-Key-Id). 1 to 128 characters of
     [A-Za-z0-9_.:-].
@@ -164,7 +185,13 @@ class CheckRequest(_message.Message):
     Only for scheme "warden-v1"; "ts-body" signs the body itself.
     """
     scheme: _builtins.str
-    """Signing scheme: "warden-v1" (the default when empty) or "ts-body"."""
+    """Signing scheme: "warden-v1" (the default when empty) or "ts-body"; or
+    a provider's webhook format, verified from its own headers (`headers`)
+    over the raw `body`: "standard-webhooks", "stripe", "github", "slack"
+    (proto/SIGNING.md). With a webhook scheme, `timestamp`, `nonce`,
+    `signature` and `body_sha256` must be empty, and `key_id` names the key
+    holding the provider's secret.
+    """
     timestamp: _builtins.int
     """Unix time in seconds when the client signed (header X-Timestamp)."""
     nonce: _builtins.str
@@ -213,6 +240,14 @@ class CheckRequest(_message.Message):
         stricter limit on a login route, or a per-IP limit. At most 8.
         """
 
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Webhook schemes only: the provider's headers as they arrived (names in
+        any case), e.g. "Stripe-Signature", or "webhook-id",
+        "webhook-timestamp" and "webhook-signature". At most 16 headers and
+        8 KiB of names and values together.
+        """
+
     def __init__(
         self,
         *,
@@ -233,10 +268,11 @@ class CheckRequest(_message.Message):
         client_identity: _builtins.str = ...,
         api_key: _builtins.str = ...,
         client_address: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "body", b"body", "body_sha256", b"body_sha256", "client_address", b"client_address", "client_identity", b"client_identity", "cost", b"cost", "dry_run", b"dry_run", "key_id", b"key_id", "limits", b"limits", "method", b"method", "nonce", b"nonce", "path", b"path", "query", b"query", "request_id", b"request_id", "scheme", b"scheme", "signature", b"signature", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "body", b"body", "body_sha256", b"body_sha256", "client_address", b"client_address", "client_identity", b"client_identity", "cost", b"cost", "dry_run", b"dry_run", "headers", b"headers", "key_id", b"key_id", "limits", b"limits", "method", b"method", "nonce", b"nonce", "path", b"path", "query", b"query", "request_id", b"request_id", "scheme", b"scheme", "signature", b"signature", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,3 +462,97 @@ class Caller(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Caller: _TypeAlias = Caller  # noqa: Y015
+
+@_typing.final
+class SignWebhookRequest(_message.Message):
+    """An outbound webhook to sign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SCHEME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key whose active secrets sign (created with secret format WHSEC for
+    Standard Webhooks receivers).
+    """
+    scheme: _builtins.str
+    """"standard-webhooks" or "stripe"."""
+    payload: _builtins.bytes
+    """The exact bytes that will be sent as the body. At most max_body_bytes."""
+    message_id: _builtins.str
+    """Standard Webhooks: the message id (webhook-id), the same for every
+    retry of one message; generated when empty. 1 to 256 printable ASCII
+    characters. Must be empty for "stripe".
+    """
+    timestamp: _builtins.int
+    """Unix seconds to sign at; 0 means now."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        scheme: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        message_id: _builtins.str = ...,
+        timestamp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "message_id", b"message_id", "payload", b"payload", "scheme", b"scheme", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignWebhookRequest: _TypeAlias = SignWebhookRequest  # noqa: Y015
+
+@_typing.final
+class SignWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HEADERS_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message id used (Standard Webhooks), and the time signed at."""
+    timestamp: _builtins.int
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The headers to send with the payload, e.g. "webhook-id",
+        "webhook-timestamp" and "webhook-signature", or "Stripe-Signature".
+        """
+
+    def __init__(
+        self,
+        *,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        message_id: _builtins.str = ...,
+        timestamp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "message_id", b"message_id", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignWebhookResponse: _TypeAlias = SignWebhookResponse  # noqa: Y015

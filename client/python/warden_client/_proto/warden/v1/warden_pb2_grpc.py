@@ -47,6 +47,11 @@ class WardenStub:
                 request_serializer=warden_dot_v1_dot_warden__pb2.CheckRequest.SerializeToString,
                 response_deserializer=warden_dot_v1_dot_warden__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.SignWebhook = channel.unary_unary(
+                '/warden.v1.Warden/SignWebhook',
+                request_serializer=warden_dot_v1_dot_warden__pb2.SignWebhookRequest.SerializeToString,
+                response_deserializer=warden_dot_v1_dot_warden__pb2.SignWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class WardenServicer:
@@ -71,6 +76,19 @@ class WardenServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignWebhook(self, request, context):
+        """Signs an outbound webhook for a key, in the Standard Webhooks or Stripe
+        format, with every active secret of the key (so during a rotation's
+        grace period old and new signatures travel side by side), and returns
+        the headers to send. The app never holds the signing secret. Needs the
+        "sign" role (and the caller's key prefixes, like Check);
+        INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown or revoked
+        key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WardenServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +101,11 @@ def add_WardenServicer_to_server(servicer, server):
                     servicer.CheckStream,
                     request_deserializer=warden_dot_v1_dot_warden__pb2.CheckRequest.FromString,
                     response_serializer=warden_dot_v1_dot_warden__pb2.CheckResponse.SerializeToString,
+            ),
+            'SignWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignWebhook,
+                    request_deserializer=warden_dot_v1_dot_warden__pb2.SignWebhookRequest.FromString,
+                    response_serializer=warden_dot_v1_dot_warden__pb2.SignWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +165,33 @@ class Warden:
             '/warden.v1.Warden/CheckStream',
             warden_dot_v1_dot_warden__pb2.CheckRequest.SerializeToString,
             warden_dot_v1_dot_warden__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warden.v1.Warden/SignWebhook',
+            warden_dot_v1_dot_warden__pb2.SignWebhookRequest.SerializeToString,
+            warden_dot_v1_dot_warden__pb2.SignWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,
