@@ -284,7 +284,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
         authz: Authz {
             callers: vec![CallerRule {
                 identity: Pattern::caller(DEV_CLIENT_ID).expect("valid pattern"),
-                roles: HashSet::from([Role::Check, Role::Admin, Role::ForwardIdentity]),
+                roles: HashSet::from([Role::Check, Role::Admin, Role::ForwardIdentity, Role::Sign]),
                 key_prefixes: Vec::new(),
                 policies: None,
             }],

@@ -29,6 +29,27 @@ from warden_client._proto.warden.v1 import warden_pb2, warden_pb2_grpc
 
 CheckRequest = warden_pb2.CheckRequest
 LimitRequest = warden_pb2.LimitRequest
+SignWebhookRequest = warden_pb2.SignWebhookRequest
+
+
+@dataclass(frozen=True)
+class SignedWebhook:
+    """What ``sign_webhook`` returns: the headers to send with the payload,
+    and the message id and time they were signed with."""
+
+    headers: dict[str, str]
+    message_id: str
+    timestamp: int
+
+    @classmethod
+    def from_proto(cls, r: "warden_pb2.SignWebhookResponse") -> "SignedWebhook":
+        return cls(headers=dict(r.headers), message_id=r.message_id, timestamp=r.timestamp)
+
+
+def _sign_request(key_id: str, scheme: str, payload: bytes | str, message_id: str, timestamp: int) -> SignWebhookRequest:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return SignWebhookRequest(key_id=key_id, scheme=scheme, payload=payload, message_id=message_id, timestamp=timestamp)
 
 def reason_name(reason: int) -> str:
     """The short name of a reason ("rate_limited"), derived from the proto
@@ -275,6 +296,15 @@ class WardenClient(_Base):
         req = _request(request, fields)
         return Decision.from_proto(self._call(lambda stub: stub.Check(req, timeout=self.timeout)))
 
+    def sign_webhook(
+        self, key_id: str, scheme: str, payload: bytes | str, *, message_id: str = "", timestamp: int = 0
+    ) -> SignedWebhook:
+        """Signs an outbound webhook with ``key_id``'s secrets, which never
+        leave warden: ``scheme`` is ``"standard-webhooks"`` or ``"stripe"``.
+        Needs a client certificate with the "sign" role."""
+        req = _sign_request(key_id, scheme, payload, message_id, timestamp)
+        return SignedWebhook.from_proto(self._call(lambda stub: stub.SignWebhook(req, timeout=self.timeout)))
+
     def check_many(self, requests: Iterable[CheckRequest]) -> list[Decision]:
         """Checks many requests over one ``CheckStream``; answers in order."""
         reqs = list(requests)
@@ -326,6 +356,28 @@ class AsyncWardenClient(_Base):
                 raise self._failed(e) from None
             self.breaker.success()
             return Decision.from_proto(response)
+        assert last is not None
+        raise self._failed(last) from None
+
+    async def sign_webhook(
+        self, key_id: str, scheme: str, payload: bytes | str, *, message_id: str = "", timestamp: int = 0
+    ) -> SignedWebhook:
+        """As ``WardenClient.sign_webhook``."""
+        req = _sign_request(key_id, scheme, payload, message_id, timestamp)
+        if not self.breaker.allow():
+            raise WardenUnavailable("warden unavailable: circuit breaker open")
+        stubs = self._get_stubs()
+        last: grpc.RpcError | None = None
+        for i in self._order():
+            try:
+                response = await stubs[i].SignWebhook(req, timeout=self.timeout)
+            except grpc.RpcError as e:
+                last = e
+                if self._next_target_may_help(e):
+                    continue
+                raise self._failed(e) from None
+            self.breaker.success()
+            return SignedWebhook.from_proto(response)
         assert last is not None
         raise self._failed(last) from None
 

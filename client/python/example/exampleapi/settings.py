@@ -63,6 +63,8 @@ WARDEN = {
     # nginx passes the verified client certificate's DN (see README).
     "CLIENT_IDENTITY_HEADER": "X-Client-DN",
     "CLIENT_VERIFY_HEADER": "X-Client-Verify",
+    # @warden_webhook(provider) -> the warden key holding its secret.
+    "WEBHOOK_KEYS": {"stripe": "wh_stripe", "github": "wh_github"},
 }
 
 REST_FRAMEWORK = {

@@ -8,4 +8,6 @@ urlpatterns = [
     path("api/login", views.login),
     path("api/items", views.ItemsView.as_view()),
     path("webhooks/billing", views.billing_webhook),
+    path("webhooks/stripe", views.stripe_webhook),
+    path("webhooks/github", views.github_webhook),
 ]

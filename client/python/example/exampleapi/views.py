@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from warden_client.django.drf import WardenAuthentication, WardenThrottle
+from warden_client.django.webhooks import warden_webhook
 
 
 def health(request):
@@ -54,3 +55,26 @@ class ItemsView(APIView):
 
     def get(self, request):
         return Response({"items": ["a", "b"], "key_id": request.user.key_id})
+
+
+# Webhooks from providers, verified by warden with the provider's secret
+# (imported once: `warden keys create --id wh_stripe --secret-stdin`); the
+# app never holds it. A delivery seen before answers 200 "duplicate" and
+# does not run the view again.
+RECEIVED = []
+
+
+@csrf_exempt
+@warden_webhook("stripe")
+def stripe_webhook(request):
+    event = json.loads(request.body)
+    RECEIVED.append(("stripe", event.get("id")))
+    return JsonResponse({"received": event.get("type")})
+
+
+@csrf_exempt
+@warden_webhook("github")
+def github_webhook(request):
+    event = request.headers.get("X-GitHub-Event", "")
+    RECEIVED.append(("github", event))
+    return JsonResponse({"received": event})

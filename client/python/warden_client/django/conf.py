@@ -26,6 +26,9 @@ connection setting.
         "CLIENT_IDENTITY_HEADER": None,      # e.g. "X-Client-DN" set by nginx
         "CLIENT_VERIFY_HEADER": None,        # e.g. "X-Client-Verify"; must be "SUCCESS"
         "TRUSTED_PROXY_HEADER": None,        # e.g. "X-Forwarded-For" for the client IP
+        "TRUSTED_PROXY_HOPS": 1,             # your proxies appending to it: the entry
+                                             # this many from the right is the client
+        "WEBHOOK_KEYS": {"stripe": "wh_stripe"},  # @warden_webhook provider -> key id
     }
 """
 
@@ -75,6 +78,7 @@ class Conf:
     client_identity_header: str | None = None
     client_verify_header: str | None = None
     trusted_proxy_header: str | None = None
+    trusted_proxy_hops: int = 1
 
     def is_checked(self, path: str) -> bool:
         if any(path.startswith(p) for p in self.exempt):
@@ -136,4 +140,13 @@ def get_conf() -> Conf:
         client_identity_header=raw.get("CLIENT_IDENTITY_HEADER"),
         client_verify_header=raw.get("CLIENT_VERIFY_HEADER"),
         trusted_proxy_header=raw.get("TRUSTED_PROXY_HEADER"),
+        trusted_proxy_hops=_hops(raw.get("TRUSTED_PROXY_HOPS", 1)),
     )
+
+
+def _hops(value) -> int:
+    from django.core.exceptions import ImproperlyConfigured
+
+    if not isinstance(value, int) or not 1 <= value <= 16:
+        raise ImproperlyConfigured('settings.WARDEN["TRUSTED_PROXY_HOPS"] must be an integer from 1 to 16')
+    return value

@@ -45,10 +45,16 @@ def _meta_name(header: str) -> str:
 
 
 def client_ip(request: HttpRequest, conf: Conf) -> str:
+    """The client's address: with ``TRUSTED_PROXY_HEADER`` (X-Forwarded-For),
+    the entry ``TRUSTED_PROXY_HOPS`` from the right — the one your own
+    proxy wrote. Entries further left are the client's to invent (a proxy
+    that appends keeps whatever the client sent), so trusting them would
+    let anyone pick whose per-IP limit and failure budget to spend."""
     if conf.trusted_proxy_header:
         forwarded = request.META.get(_meta_name(conf.trusted_proxy_header), "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        if len(hops) >= conf.trusted_proxy_hops:
+            return hops[-conf.trusted_proxy_hops]
     return request.META.get("REMOTE_ADDR", "")
 
 
@@ -200,6 +206,7 @@ class WardenMiddleware:
 
     def process_view(self, request: HttpRequest, view_func, view_args, view_kwargs):
         conf = get_conf()
-        if not conf.is_checked(request.path):
+        # Webhook views verify their provider's signature themselves.
+        if not conf.is_checked(request.path) or getattr(view_func, "warden_webhook", None):
             return None
         return run_check(request, conf, getattr(view_func, "cls", None))

@@ -1,0 +1,126 @@
+"""Receiving webhooks: ``@warden_webhook("stripe")`` verifies a provider's
+delivery through warden in one call before the view runs.
+
+    @csrf_exempt
+    @warden_webhook("stripe", key_id="wh_stripe")
+    def stripe_events(request):
+        event = json.loads(request.body)
+        ...
+
+Providers: ``"stripe"``, ``"github"``, ``"slack"``, ``"standard-webhooks"``.
+The key (``key_id``, or ``WARDEN["WEBHOOK_KEYS"][provider]``) holds the
+provider's signing secret, imported into warden
+(``warden keys create --id wh_stripe --secret-stdin``): the app never sees
+it. warden checks the signature in constant time, the timestamp, replays
+and the key's rate limits, atomically.
+
+What the provider is answered when the view does not run:
+
+- a forged, tampered, stale or malformed delivery: 400 for Stripe (what
+  Stripe's documentation asks for), 401 for the others;
+- a delivery warden has already accepted (the provider retrying, or someone
+  replaying it): 200 ``{"status": "duplicate"}`` — the view does not run
+  again, and the provider stops retrying;
+- over the key's rate limit: 429 with ``Retry-After`` (providers retry);
+- warden unreachable: 503 (providers retry later), whatever
+  ``FAILURE_MODE`` says: an unverified webhook is never let through.
+
+Views it decorates are skipped by ``WardenMiddleware``; ``request.warden``
+is the key's caller (key id and owner) when the view runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from warden_client.client import CheckRequest, WardenError
+from warden_client.django.conf import get_conf
+from warden_client.django.middleware import PUBLIC_MESSAGES, client_ip, raw_path, unavailable_response
+
+log = logging.getLogger("warden_client.django")
+
+# The headers each provider signs with: only these are sent to warden.
+PROVIDER_HEADERS = {
+    "stripe": ("Stripe-Signature",),
+    "github": ("X-Hub-Signature-256", "X-GitHub-Delivery"),
+    "slack": ("X-Slack-Signature", "X-Slack-Request-Timestamp"),
+    "standard-webhooks": ("webhook-id", "webhook-timestamp", "webhook-signature"),
+}
+
+
+def _key_id(provider: str, key_id: str | None) -> str:
+    if key_id:
+        return key_id
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    keys = getattr(settings, "WARDEN", {}).get("WEBHOOK_KEYS", {})
+    if provider not in keys:
+        raise ImproperlyConfigured(f'give key_id, or settings.WARDEN["WEBHOOK_KEYS"]["{provider}"]')
+    return keys[provider]
+
+
+def webhook_request(request: HttpRequest, provider: str, key_id: str) -> CheckRequest:
+    """The CheckRequest for a delivery: its provider headers and raw body."""
+    req = CheckRequest(
+        key_id=key_id,
+        scheme=provider,
+        method=request.method or "POST",
+        path=raw_path(request),
+        body=request.body,
+        request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:128],
+    )
+    for name in PROVIDER_HEADERS[provider]:
+        value = request.headers.get(name)
+        if value is not None:
+            req.headers[name] = value
+    address = client_ip(request, get_conf())
+    try:
+        req.client_address = str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    return req
+
+
+def _refused(provider: str, reason: str, status: int) -> HttpResponse:
+    if reason in ("unauthenticated", "stale", "malformed"):
+        status = 400 if provider == "stripe" or reason == "malformed" else 401
+    return JsonResponse({"error": reason, "message": PUBLIC_MESSAGES.get(reason, "Request denied.")}, status=status or 403)
+
+
+def warden_webhook(provider: str, key_id: str | None = None):
+    """Decorator for a view receiving ``provider``'s webhooks."""
+    if provider not in PROVIDER_HEADERS:
+        raise ValueError(f"unknown webhook provider {provider!r}; one of {sorted(PROVIDER_HEADERS)}")
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs):
+            conf = get_conf()
+            req = webhook_request(request, provider, _key_id(provider, key_id))
+            try:
+                decision = conf.client().check(req)
+            except WardenError as e:
+                log.error("warden could not verify a %s webhook: %s", provider, e)
+                return unavailable_response()
+            if decision.allowed:
+                request.warden = decision.caller
+                return view(request, *args, **kwargs)
+            if decision.reason == "replay":
+                log.info("%s webhook already received; not run again", provider)
+                return JsonResponse({"status": "duplicate"}, status=200)
+            log.warning("%s webhook refused: %s (%s)", provider, decision.reason, decision.message)
+            response = _refused(provider, decision.reason, decision.http_status)
+            for name, value in decision.headers.items():
+                response[name] = value
+            return response
+
+        # WardenMiddleware leaves these views to the decorator.
+        wrapper.warden_webhook = provider
+        return wrapper
+
+    return decorate
