@@ -22,6 +22,8 @@
 mod support;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
@@ -503,6 +505,20 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     let mut awake = cluster.client(other).await;
     let mut to_sleeper = cluster.client(sleeper).await;
 
+    // A loaded machine throughout: the woken node's tasks are preempted
+    // at any point, which once let a check in between its renewed lease
+    // and its new (fenced) table.
+    let busy = Arc::new(AtomicBool::new(true));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                while busy.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
     cluster.node(sleeper).signal("STOP");
     // Its lease (2 s) runs out; the others take its slots and, after the
     // fence, serve the key.
@@ -528,7 +544,12 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.node(sleeper).signal("CONT");
-    match replay.await.unwrap() {
+    let answered = replay.await.unwrap();
+    busy.store(false, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().unwrap();
+    }
+    match answered {
         Ok(r) => assert!(
             matches!(reason(&r), Reason::Replay | Reason::Stale),
             "the woken node answered {r:?}"

@@ -407,6 +407,14 @@ impl Membership {
     /// `rejoined` when this node held no live lease before it (its first
     /// join, or a lease that ran out meanwhile).
     fn seen(&self, view: View, rejoined: bool, attempt: Instant) {
+        // The table first, the lease second. A node whose lease ran out
+        // (paused, say) rejoins with a new table that fences what it takes
+        // back; were the lease valid before that table is in place, a check
+        // in between would be served on the old, unfenced table and could
+        // accept a request the slots' owner meanwhile accepted. Installing
+        // the table waits for steps served on the old one (`table_guard`),
+        // so once the lease is valid again no step sees the old table.
+        self.update_table(&view, rejoined);
         {
             let mut lease = self.lease.lock();
             lease.valid_until = Some(self.lease_end(attempt));
@@ -414,7 +422,6 @@ impl Membership {
             lease.vouched_until = None;
             lease.connected_since.get_or_insert(attempt);
         }
-        self.update_table(&view, rejoined);
         let mut current = self.view.write();
         if !current.coordinator_ok && current.version > 0 {
             tracing::info!(
