@@ -4,6 +4,7 @@
 //!     warden-bench --dev-dir ./warden-dev --duration 10s --concurrency 64 --json
 //!     warden-bench --backend redis-lua --redis 127.0.0.1:6399 --duration 10s
 //!     warden-bench memory --keys 1000000 --nonces 10000000 [--redis 127.0.0.1:6399]
+//!     warden-bench frame --key-id K --secret S --check 127.0.0.1:50052 > check.bin
 //!
 //! Closed loop by default (C workers, each with one request in flight, or a
 //! window of them on a stream); `--rate` switches to an open loop at a fixed
@@ -53,6 +54,24 @@ struct Cli {
 enum Command {
     /// Bytes per rate-limit key and per nonce: warden's engine vs Redis.
     Memory(MemoryArgs),
+    /// One signed `Check` (a body of --body-bytes, dry_run, so it can be
+    /// sent again and again and is decided in full each time) as a gRPC
+    /// message frame on stdout: the request body for h2load.
+    Frame(FrameArgs),
+}
+
+#[derive(clap::Args)]
+struct FrameArgs {
+    #[arg(long)]
+    key_id: String,
+    #[arg(long)]
+    secret: String,
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// First send it to this plaintext warden and require ALLOW, so a
+    /// benchmark never measures denials by mistake.
+    #[arg(long)]
+    check: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -962,6 +981,47 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn run_frame(args: FrameArgs) -> Result<(), String> {
+    use prost::Message;
+    use std::io::Write;
+
+    let body = vec![b'x'; args.body_bytes];
+    let headers = Signer::new(args.key_id.as_str(), args.secret.as_bytes().to_vec()).sign_at(
+        unix_now(),
+        &warden_client::signing::new_nonce(),
+        "POST",
+        "/v1/orders",
+        "",
+        &body,
+    );
+    let mut req = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "", &body);
+    req.dry_run = true;
+    if let Some(addr) = &args.check {
+        loopback_only(addr)?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        let answer = WardenClient::new(channel)
+            .check(req.clone())
+            .await
+            .map_err(|e| format!("check failed: {e}"))?
+            .into_inner();
+        if answer.reason() != Reason::Ok {
+            return Err(format!("the frame is not allowed: {answer:?}"));
+        }
+    }
+    // gRPC framing: uncompressed flag, big-endian length, the message.
+    let message = req.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    std::io::stdout()
+        .write_all(&frame)
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -971,6 +1031,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Memory(args)) => run_memory(args).await,
+            Some(Command::Frame(args)) => run_frame(args).await,
             None => run_load(cli.load).await,
         }
     });
