@@ -5,6 +5,7 @@
 # `warden serve --dev`, both on 127.0.0.1, and stops both at the end.
 #
 #   bash benches/compare.sh            # DURATION=10s CONCURRENCY=64 KEYS=1000 by default
+#   bash benches/compare.sh c-loadgen  # only h2load vs redis-benchmark (see c_loadgen below)
 #
 # Prints a Markdown table (ratios against the Redis EVAL variant), writes the
 # raw JSON lines to target/bench/compare.jsonl and the latency curves to
@@ -33,6 +34,7 @@ bench=target/release/warden-bench
 tmp=$(mktemp -d)
 cleanup() {
   [ -n "${warden_pid:-}" ] && kill "$warden_pid" 2>/dev/null || true
+  [ -n "${plain_pid:-}" ] && kill "$plain_pid" 2>/dev/null || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$tmp"
 }
@@ -60,8 +62,94 @@ PY
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")
 
+# --- C load generators: h2load vs redis-benchmark --------------------------
+# The same kind of client on both sides (both C, both 64 requests in
+# flight), so neither pays for a slower load generator: h2load against
+# warden's plaintext loopback port (a signed Check with a 1 KiB body,
+# dry_run, so every answer runs the whole pipeline), redis-benchmark
+# against the Redis recipe as one EVAL (rate limit + nonce, as warden-bench's
+# Lua variant).
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+
+c_loadgen() {
+  if ! command -v h2load >/dev/null 2>&1; then
+    echo "== installing h2load (nghttp2-client)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
+  fi
+  local secs=${DURATION%s}
+  local secret=bench-secret-0123456789abcdefghijklmnopqrstuvwxyz
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  printf '%s\n' \
+    "listen = \"127.0.0.1:$port\"" \
+    'insecure_plaintext = true' \
+    '[server]' \
+    'metrics_listen = "off"' \
+    'max_inflight = 100000' \
+    '[[policies]]' \
+    'name = "bench"' \
+    'limit = 1000000000' \
+    'period = "1s"' \
+    '[[keys]]' \
+    'id = "wk_h2load"' \
+    'policies = ["bench"]' \
+    "secrets = [{ value = \"$secret\" }]" > "$tmp/plain.toml"
+  target/release/warden serve --config "$tmp/plain.toml" >"$tmp/plain.out" 2>"$tmp/plain.err" &
+  plain_pid=$!
+  # Ready once the frame is allowed (past the restart fence).
+  local ready=""
+  for _ in $(seq 150); do
+    if "$bench" frame --key-id wk_h2load --secret "$secret" --check "127.0.0.1:$port" \
+        >"$tmp/check.bin" 2>"$tmp/frame.err"; then
+      ready=1
+      break
+    fi
+    sleep 0.1
+  done
+  if [ -z "$ready" ]; then
+    cat "$tmp/frame.err" "$tmp/plain.err" >&2
+    return 1
+  fi
+  h2() {  # label, connections, streams per connection
+    echo "== h2load: $1 (for ${secs}s)" >&2
+    rm -f "$tmp/h2.log"
+    local before after
+    before=$(cpu_ticks "$plain_pid")
+    h2load -D "$secs" -c "$2" -m "$3" -t 1 -d "$tmp/check.bin" --log-file "$tmp/h2.log" \
+      -H 'content-type: application/grpc' -H 'te: trailers' \
+      "http://127.0.0.1:$port/warden.v1.Warden/Check" >"$tmp/h2.out"
+    after=$(cpu_ticks "$plain_pid")
+    python3 benches/c_loadgen.py h2load "$1" "$tmp/h2.out" "$tmp/h2.log" "$secs" \
+      "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$out/compare.jsonl"
+  }
+  h2 "h2load: warden Check, plaintext, 1 conn x 64" 1 64
+  h2 "h2load: warden Check, plaintext, 4 conns x 16" 4 16
+  kill "$plain_pid" 2>/dev/null || true
+  plain_pid=""
+
+  echo "== redis-benchmark: EVAL (Lua), 64 connections" >&2
+  local n=$((secs * 80000))
+  local before after started ended
+  before=$(cpu_ticks "$redis_pid")
+  started=$(date +%s.%N)
+  redis-benchmark -p "$REDIS_PORT" -c 64 -n "$n" -r 1000000 --csv \
+    EVAL "if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 300) == false then return -1 end local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], 60) end return n" \
+    2 "rl:__rand_int__" "nonce:__rand_int__:__rand_int__" >"$tmp/rb.csv"
+  ended=$(date +%s.%N)
+  after=$(cpu_ticks "$redis_pid")
+  python3 benches/c_loadgen.py redis-benchmark "redis-benchmark: Redis EVAL (Lua), 64 conns" \
+    "$tmp/rb.csv" "$started" "$ended" "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$out/compare.jsonl"
+}
+
+if [ "${1:-}" = "c-loadgen" ]; then
+  : > "$out/compare.jsonl"
+  c_loadgen
+  python3 benches/c_loadgen.py table "$out/compare.jsonl"
+  exit 0
+fi
+
 step=0
-steps=7
+steps=8
 run() {  # label, args...
   local label=$1; shift
   step=$((step + 1))
@@ -78,14 +166,16 @@ run "Redis EVAL (Lua)"          --backend redis-lua    --server-pid "$redis_pid"
 peak=$(grep '"warden Check (unary)"' "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))')
 run "warden Check at 50% of peak" --backend warden --mode unary --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
-echo "== [7/7] memory (a minute or two)" >&2
+echo "== [7/8] C load generators" >&2
+c_loadgen
+echo "== [8/8] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
   | sed 's/^{/{"label":"memory",/' | tee -a "$out/compare.jsonl"
 
 python3 - "$out/compare.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-load = [r for r in rows if r["label"] != "memory"]
+load = [r for r in rows if r["label"] != "memory" and not r["label"].startswith(("h2load", "redis-benchmark"))]
 base = next(r for r in load if r["label"] == "Redis EVAL (Lua)")["rps"]
 print()
 print("| workload | req/s | vs Redis EVAL | p50 ms | p99 ms | p99.9 ms | errors | server CPU (cores) |")
@@ -103,5 +193,7 @@ print("|---|---|---|")
 print(f"| warden engine (RSS delta) | {m['warden_bytes_per_key']:.1f} B | {m['warden_bytes_per_nonce']:.1f} B |")
 print(f"| Redis (used_memory delta) | {m['redis_bytes_per_key']:.1f} B | {m['redis_bytes_per_nonce']:.1f} B |")
 PY
+
+python3 benches/c_loadgen.py table "$out/compare.jsonl"
 
 python3 benches/plot_latency.py "$out/compare.jsonl" "$out/latency.svg"

@@ -1,0 +1,53 @@
+"""Reads the C load generators' output for benches/compare.sh: one JSON line
+per run (req/s, latency quantiles, server CPU), and the ratio table.
+
+    python3 benches/c_loadgen.py h2load LABEL h2load.out h2load.log SECONDS CPU_TICKS CLK_TCK
+    python3 benches/c_loadgen.py redis-benchmark LABEL out.csv STARTED ENDED CPU_TICKS CLK_TCK
+    python3 benches/c_loadgen.py table compare.jsonl
+"""
+
+import csv
+import json
+import re
+import sys
+
+
+def h2load(label, out_path, log_path, secs, ticks, hz):
+    out = open(out_path).read()
+    done = int(re.search(r"(\d+) succeeded", out).group(1))
+    ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+    # --log-file: start (µs), status, latency (µs) per request.
+    lat = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
+    secs = float(secs)
+    return {"label": label, "rps": done / secs, "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
+            "errors": done - ok, "server_cpu_cores": int(ticks) / int(hz) / secs}
+
+
+def redis_benchmark(label, csv_path, started, ended, ticks, hz):
+    row = list(csv.DictReader(open(csv_path)))[-1]
+    secs = float(ended) - float(started)
+    return {"label": label, "rps": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
+            "p99_ms": float(row["p99_latency_ms"]), "p999_ms": float(row["max_latency_ms"]), "errors": 0,
+            "server_cpu_cores": int(ticks) / int(hz) / secs}
+
+
+def table(path):
+    rows = [json.loads(line) for line in open(path)]
+    rows = [r for r in rows if r["label"].startswith(("h2load", "redis-benchmark"))]
+    base = next(r for r in rows if r["label"].startswith("redis-benchmark"))["rps"]
+    print()
+    print("| C load generator | req/s | vs Redis EVAL | p50 ms | p99 ms | server CPU (cores) | CPU µs per request |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        per = r["server_cpu_cores"] / r["rps"] * 1e6 if r["rps"] else 0
+        print(f"| {r['label']} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+              f"{r['server_cpu_cores']:.2f} | {per:.1f} |")
+
+
+if __name__ == "__main__":
+    kind, args = sys.argv[1], sys.argv[2:]
+    if kind == "table":
+        table(*args)
+    else:
+        print(json.dumps({"h2load": h2load, "redis-benchmark": redis_benchmark}[kind](*args)))
