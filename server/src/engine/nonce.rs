@@ -3,24 +3,47 @@
 //! freshness check rejects a replay on its own, so the entry can go.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 use super::clock::Nanos;
 
 fn nanos(secs: u32) -> Nanos {
     Nanos::from_secs(u64::from(secs))
 }
-use super::{IdMap, StateKey};
+use super::{IdHasher, StateKey};
+
+/// A state id kept as two 32-bit halves. Beside a 32-bit expiry a `u64`
+/// key would be padded to a 16-byte entry; this one is 12 (4-byte
+/// aligned), which is most of what a remembered nonce costs. It hashes as
+/// the `u64` it stands for, so the map's id hasher applies unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedId([u32; 2]);
+
+impl PackedId {
+    fn new(id: u64) -> Self {
+        Self([(id >> 32) as u32, id as u32])
+    }
+
+    fn get(self) -> u64 {
+        (u64::from(self.0[0]) << 32) | u64::from(self.0[1])
+    }
+}
+
+impl Hash for PackedId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.get());
+    }
+}
 
 /// One shard's remembered nonces: key → the second it may be forgotten
 /// (rounded up; request timestamps are whole seconds anyway, and 4 bytes
-/// keep an entry at 16).
+/// keep an entry at 12).
 /// The bound on how many are remembered is global and kept by the engine
 /// (one hot key's nonces all live in one shard, so a per-shard bound would
 /// throttle exactly the busiest key).
 #[derive(Debug, Default)]
 pub struct NonceSet {
-    entries: IdMap<u32>,
+    entries: HashMap<PackedId, u32, BuildHasherDefault<IdHasher>>,
 }
 
 /// Whether a nonce has been used.
@@ -39,7 +62,7 @@ impl NonceSet {
 
     /// Whether `key` is still remembered at `now`.
     pub fn probe(&self, key: StateKey, now: Nanos) -> Claim {
-        match self.entries.get(&key.id) {
+        match self.entries.get(&PackedId::new(key.id)) {
             Some(&forget_at) if nanos(forget_at) > now => Claim::Seen,
             _ => Claim::Fresh,
         }
@@ -50,13 +73,13 @@ impl NonceSet {
     /// (false when an expired entry was replaced).
     pub fn insert(&mut self, key: StateKey, forget_at: Nanos) -> bool {
         let secs = u32::try_from(forget_at.ceil_secs()).unwrap_or(u32::MAX);
-        self.entries.insert(key.id, secs).is_none()
+        self.entries.insert(PackedId::new(key.id), secs).is_none()
     }
 
     /// Forgets `key` (a reservation given back). Returns whether it was
     /// there.
     pub fn remove(&mut self, key: StateKey) -> bool {
-        self.entries.remove(&key.id).is_some()
+        self.entries.remove(&PackedId::new(key.id)).is_some()
     }
 
     /// Removes and returns the nonces whose id `wanted` names, with the
@@ -64,8 +87,8 @@ impl NonceSet {
     pub fn take(&mut self, wanted: impl Fn(u64) -> bool) -> Vec<(u64, u32)> {
         let mut taken = Vec::new();
         self.entries.retain(|&id, &mut forget_at| {
-            if wanted(id) {
-                taken.push((id, forget_at));
+            if wanted(id.get()) {
+                taken.push((id.get(), forget_at));
                 false
             } else {
                 true
@@ -77,13 +100,13 @@ impl NonceSet {
     /// Remembers `key` until `forget_at_secs` or its own expiry, whichever
     /// is later (state handed over). Returns whether the set grew.
     pub fn merge(&mut self, key: StateKey, forget_at_secs: u32) -> bool {
-        match self.entries.get_mut(&key.id) {
+        match self.entries.get_mut(&PackedId::new(key.id)) {
             Some(at) => {
                 *at = (*at).max(forget_at_secs);
                 false
             }
             None => {
-                self.entries.insert(key.id, forget_at_secs);
+                self.entries.insert(PackedId::new(key.id), forget_at_secs);
                 true
             }
         }
@@ -107,7 +130,7 @@ impl NonceSet {
 }
 
 /// Gives memory back after a burst, so memory follows the active keys.
-pub(super) fn shrink_if_sparse<V, S: BuildHasher>(map: &mut HashMap<u64, V, S>) {
+pub(super) fn shrink_if_sparse<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
@@ -117,6 +140,22 @@ pub(super) fn shrink_if_sparse<V, S: BuildHasher>(map: &mut HashMap<u64, V, S>) 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_remembered_nonce_costs_a_twelve_byte_entry_and_keeps_its_whole_id() {
+        assert_eq!(std::mem::size_of::<(PackedId, u32)>(), 12);
+        for id in [0, 1, u64::MAX, 0x00ff_ffff_0000_0001, 0x8000_0000_0000_0000] {
+            assert_eq!(PackedId::new(id).get(), id);
+        }
+        // Ids that differ only in one half are different entries.
+        let mut set = NonceSet::new();
+        let at = Nanos::from_secs(100);
+        let key = |id| StateKey { id, shard: 0 };
+        assert!(set.insert(key(1 << 32), at));
+        assert!(set.insert(key(1), at));
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.probe(key((1 << 32) | 1), Nanos::ZERO), Claim::Fresh);
+    }
 
     const SEC: Nanos = Nanos::from_secs(1);
 
