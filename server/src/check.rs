@@ -39,7 +39,7 @@ pub use warden_client::proto::{Decision, Reason};
 /// Size bounds of a CheckRequest, besides the configurable body size.
 pub const MAX_PATH_BYTES: usize = 8 * 1024;
 pub const MAX_QUERY_BYTES: usize = 8 * 1024;
-pub const MAX_LIMITS: usize = 8;
+pub const MAX_LIMITS: usize = crate::model::MAX_REQUEST_LIMITS;
 pub const MAX_DESCRIPTOR_BYTES: usize = 256;
 pub const MAX_COST: u32 = 1_000_000;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;

@@ -23,6 +23,9 @@ pub fn bad(field: impl fmt::Display, msg: impl fmt::Display) -> Invalid {
 
 /// Bounds that keep a policy from asking for absurd state.
 pub const MAX_POLICY_LIMIT: u64 = u32::MAX as u64;
+/// Request limits one check may carry (`CheckRequest.limits`, or what a
+/// gateway route adds).
+pub const MAX_REQUEST_LIMITS: usize = 8;
 pub const MAX_NAME_LEN: usize = 64;
 /// Bound of every entry cap: 1e9 entries is ~40 GB of state.
 pub const MAX_ENTRIES: u64 = 1_000_000_000;

@@ -225,3 +225,23 @@ def test_a_forwarded_for_entry_the_client_invented_is_not_its_address(warden_set
     assert client_ip(request, get_conf()) == "6.6.6.6"
     alone = RequestFactory().get("/", HTTP_X_FORWARDED_FOR="203.0.113.7", REMOTE_ADDR="10.0.0.2")
     assert client_ip(alone, get_conf()) == "10.0.0.2"
+
+
+def test_the_async_client_signs_webhooks_too(warden):
+    import asyncio
+
+    from warden_client import AsyncWardenClient
+
+    created = run_cli(warden, "keys", "create", "--id", "wh_async_" + secrets.token_hex(3), "--policy", "demo",
+                      "--secret-format", "whsec")
+
+    async def sign():
+        c = AsyncWardenClient(warden.addr, timeout=2.0, **warden.tls())
+        try:
+            return await c.sign_webhook(created["key_id"], "standard-webhooks", b'{"async":true}', message_id="msg_async")
+        finally:
+            await c.close()
+
+    signed = asyncio.run(sign())
+    assert signed.message_id == "msg_async"
+    standardwebhooks.Webhook(created["secret"]).verify(b'{"async":true}', signed.headers)

@@ -340,46 +340,36 @@ class AsyncWardenClient(_Base):
             self._key = key
         return self._stubs
 
-    async def check(self, request: CheckRequest | None = None, /, **fields) -> Decision:
-        req = _request(request, fields)
+    async def _call(self, call):
+        """``await call(stub)`` on the next target, going on to the others
+        while they are unreachable (as ``WardenClient._call``)."""
         if not self.breaker.allow():
             raise WardenUnavailable("warden unavailable: circuit breaker open")
         stubs = self._get_stubs()
         last: grpc.RpcError | None = None
         for i in self._order():
             try:
-                response = await stubs[i].Check(req, timeout=self.timeout)
+                answer = await call(stubs[i])
             except grpc.RpcError as e:
                 last = e
                 if self._next_target_may_help(e):
                     continue
                 raise self._failed(e) from None
             self.breaker.success()
-            return Decision.from_proto(response)
+            return answer
         assert last is not None
         raise self._failed(last) from None
+
+    async def check(self, request: CheckRequest | None = None, /, **fields) -> Decision:
+        req = _request(request, fields)
+        return Decision.from_proto(await self._call(lambda stub: stub.Check(req, timeout=self.timeout)))
 
     async def sign_webhook(
         self, key_id: str, scheme: str, payload: bytes | str, *, message_id: str = "", timestamp: int = 0
     ) -> SignedWebhook:
         """As ``WardenClient.sign_webhook``."""
         req = _sign_request(key_id, scheme, payload, message_id, timestamp)
-        if not self.breaker.allow():
-            raise WardenUnavailable("warden unavailable: circuit breaker open")
-        stubs = self._get_stubs()
-        last: grpc.RpcError | None = None
-        for i in self._order():
-            try:
-                response = await stubs[i].SignWebhook(req, timeout=self.timeout)
-            except grpc.RpcError as e:
-                last = e
-                if self._next_target_may_help(e):
-                    continue
-                raise self._failed(e) from None
-            self.breaker.success()
-            return SignedWebhook.from_proto(response)
-        assert last is not None
-        raise self._failed(last) from None
+        return SignedWebhook.from_proto(await self._call(lambda stub: stub.SignWebhook(req, timeout=self.timeout)))
 
     async def close(self) -> None:
         for channel in self._channels:

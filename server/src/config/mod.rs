@@ -384,10 +384,10 @@ fn gateway_settings(
     for (i, r) in g.routes.into_iter().enumerate() {
         let field = format!("gateway.routes[{i}]");
         let route = Route::parse(&r.route).map_err(|e| bad(format!("{field}.route"), e))?;
-        if r.limits.is_empty() || r.limits.len() > crate::check::MAX_LIMITS {
+        if r.limits.is_empty() || r.limits.len() > crate::model::MAX_REQUEST_LIMITS {
             return Err(bad(
                 format!("{field}.limits"),
-                format!("give 1 to {} limits", crate::check::MAX_LIMITS),
+                format!("give 1 to {} limits", crate::model::MAX_REQUEST_LIMITS),
             ));
         }
         let mut limits = Vec::with_capacity(r.limits.len());
