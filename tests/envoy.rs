@@ -1046,8 +1046,8 @@ async fn global_shadow_mode_answers_ok_but_reports_the_limit() {
 #[tokio::test]
 async fn a_flood_of_distinct_descriptors_stays_within_the_state_bound() {
     // Each remote address is a counter of its own; the pool is bounded by
-    // check.max_limit_entries, and past it the oldest are evicted rather
-    // than the server growing or refusing.
+    // check.max_limit_entries, and past it entries are evicted (what
+    // forgives the least first) rather than the server growing or refusing.
     let (_dir, server, mut rls) =
         ratelimit_server(&["example3.yaml"], "\n[check]\nmax_limit_entries = 100\n").await;
     for i in 0..1000 {
