@@ -9,6 +9,7 @@
 //!   the replay key.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -121,19 +122,23 @@ pub fn warden_v1_string_to_sign(
     let mut out = String::with_capacity(
         SCHEME_WARDEN_V1.len() + 24 + nonce.len() + method.len() + path.len() + query.len() + 70,
     );
+    // Written in place: this runs for every signed check, and temporary
+    // strings (and hex's char-by-char encoder) were a measurable share.
     out.push_str(SCHEME_WARDEN_V1);
     out.push('\n');
-    out.push_str(&timestamp.to_string());
+    let _ = write!(out, "{timestamp}");
     out.push('\n');
     out.push_str(nonce);
     out.push('\n');
-    out.push_str(&method.to_ascii_uppercase());
+    out.extend(method.chars().map(|c| c.to_ascii_uppercase()));
     out.push('\n');
     out.push_str(path);
     out.push('\n');
     out.push_str(&query);
     out.push('\n');
-    out.push_str(&hex::encode(body_sha256));
+    let mut digest_hex = [0u8; 64];
+    hex::encode_to_slice(body_sha256, &mut digest_hex).expect("32 bytes make 64 hex digits");
+    out.push_str(std::str::from_utf8(&digest_hex).expect("hex digits are ASCII"));
     out
 }
 

@@ -8,6 +8,7 @@
 //! layer turns [`Decision`]s into responses and log lines.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -735,9 +736,8 @@ impl Pending {
                 allowed,
                 limits: verdicts,
             }) => {
-                let named = &self.named;
-                let statuses = limit_statuses(named, &verdicts);
-                let headers = rate_limit_headers(named, &verdicts);
+                let headers = rate_limit_headers(&self.named, &verdicts);
+                let statuses = limit_statuses(self.named, &verdicts);
                 let mut response = if allowed {
                     CheckResponse {
                         decision: Decision::Allow as i32,
@@ -1023,12 +1023,13 @@ fn deny_with_retry(reason: Reason, wait: Nanos, message: &str) -> CheckResponse 
     response
 }
 
-fn limit_statuses(named: &[(String, Limit, u64)], verdicts: &[LimitVerdict]) -> Vec<LimitStatus> {
+/// The statuses, taking the names (they were built for this answer).
+fn limit_statuses(named: Vec<(String, Limit, u64)>, verdicts: &[LimitVerdict]) -> Vec<LimitStatus> {
     named
-        .iter()
+        .into_iter()
         .zip(verdicts)
         .map(|((name, limit, _), v)| LimitStatus {
-            name: name.clone(),
+            name,
             limit: limit.limit(),
             remaining: v.remaining,
             reset_after_ms: ceil_millis(v.reset_after),
@@ -1046,27 +1047,36 @@ fn rate_limit_headers(
     if named.is_empty() {
         return HashMap::new();
     }
-    let public = |name: &str| name.split(':').next().unwrap_or(name).to_owned();
-    let policy = named
-        .iter()
-        .map(|(name, limit, period)| {
-            format!("\"{}\";q={};w={}", public(name), limit.limit(), period)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let state = named
-        .iter()
-        .zip(verdicts)
-        .map(|((name, _, _), v)| {
-            format!(
-                "\"{}\";r={};t={}",
-                public(name),
-                v.remaining,
-                v.reset_after.ceil_secs()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    // Written in place, one string per header: this runs for every check.
+    fn public(name: &str) -> &str {
+        name.split(':').next().unwrap_or(name)
+    }
+    let mut policy = String::with_capacity(32 * named.len());
+    for (i, (name, limit, period)) in named.iter().enumerate() {
+        if i > 0 {
+            policy.push_str(", ");
+        }
+        let _ = write!(
+            policy,
+            "\"{}\";q={};w={}",
+            public(name),
+            limit.limit(),
+            period
+        );
+    }
+    let mut state = String::with_capacity(32 * named.len());
+    for (i, ((name, _, _), v)) in named.iter().zip(verdicts).enumerate() {
+        if i > 0 {
+            state.push_str(", ");
+        }
+        let _ = write!(
+            state,
+            "\"{}\";r={};t={}",
+            public(name),
+            v.remaining,
+            v.reset_after.ceil_secs()
+        );
+    }
     HashMap::from([
         ("RateLimit-Policy".to_owned(), policy),
         ("RateLimit".to_owned(), state),
