@@ -1014,9 +1014,41 @@ async fn bad_requests_are_refused_whole_and_only_gateways_may_ask() {
         refused(rls.should_rate_limit(overridden).await),
         tonic::Code::InvalidArgument
     );
+    // Descriptors with different costs cannot be one step: a descriptor's
+    // own hits_addend against another's, or against the request's.
+    let hits = |v| Some(envoy_types::pb::google::protobuf::UInt64Value { value: v });
+    let both: &[&[(&str, &str)]] = &[&[("database", "users")], &[("database", "default")]];
+    let mut mixed = rl("mongo_cps", both, 0);
+    mixed.descriptors[0].hits_addend = hits(2);
+    assert_eq!(
+        refused(rls.should_rate_limit(mixed).await),
+        tonic::Code::InvalidArgument
+    );
+    let mut mixed = rl("mongo_cps", both, 3);
+    mixed.descriptors[0].hits_addend = hits(3);
+    mixed.descriptors[1].hits_addend = hits(4);
+    assert_eq!(
+        refused(rls.should_rate_limit(mixed).await),
+        tonic::Code::InvalidArgument
+    );
     // None of that took anything: 500 are left for users this second.
     let r = ask(&mut rls, rl("mongo_cps", &[&[("database", "users")]], 500)).await;
     assert_eq!(code(&r), Code::Ok);
+    // Per-descriptor hits that agree (with each other and the request's)
+    // are the request's cost (in the next second's window: this one is
+    // spent for users).
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis();
+    std::thread::sleep(std::time::Duration::from_millis(u64::from(
+        1010 - into_second,
+    )));
+    let mut agreed = rl("mongo_cps", both, 7);
+    agreed.descriptors[0].hits_addend = hits(7);
+    let r = ask(&mut rls, agreed).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses[1].limit_remaining, 500 - 7);
 
     let tls = dir.client_tls(
         "not-a-gateway",

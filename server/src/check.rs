@@ -140,6 +140,23 @@ enum Credential<'a> {
 }
 
 impl Credential<'_> {
+    /// Whether a signature was made with one of `key`'s active secrets at
+    /// `now_secs`. For an unknown key (`None`) it burns the time of one
+    /// verification and is false. Bearer keys are looked up, not verified.
+    fn verifies(&self, key: Option<&ApiKey>, now_secs: i64) -> bool {
+        match (self, key) {
+            (Credential::Signed { signed, signature }, Some(k)) => {
+                verify(k.active_secrets(now_secs), &signed.message(), signature)
+            }
+            (Credential::Signed { signed, signature }, None) => {
+                verify_nothing(&signed.message(), signature)
+            }
+            (Credential::Webhook(d), Some(k)) => d.verify(k.active_secrets(now_secs)),
+            (Credential::Webhook(d), None) => d.verify_nothing(),
+            (Credential::Bearer(_), _) => false,
+        }
+    }
+
     /// The signed time to judge for freshness; bearer keys and GitHub
     /// webhooks carry none.
     fn timestamp(&self, req: &CheckRequest) -> Option<i64> {
@@ -473,26 +490,14 @@ impl Checker {
 
         let now_secs = i64::try_from(now.whole_secs()).unwrap_or(i64::MAX);
         let key = match &valid.credential {
-            // Unknown, revoked and badly signed all look the same, and take
-            // the same time (a decoy secret for unknown keys).
-            Credential::Signed { signed, signature } => {
-                let message = signed.message();
-                let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
-                let genuine = match key {
-                    Some(k) => verify(k.active_secrets(now_secs), &message, signature),
-                    None => verify_nothing(&message, signature),
-                };
-                key.filter(|_| genuine)
-            }
             Credential::Bearer(api_key) => ring
                 .bearer(api_key)
                 .filter(|k| req.key_id.is_empty() || req.key_id == k.id),
-            Credential::Webhook(delivery) => {
+            // Unknown, revoked and badly signed all look the same, and take
+            // the same time (a decoy secret for unknown keys).
+            signed => {
                 let key = ring.key(&req.key_id).filter(|k| k.kind == KeyKind::Hmac);
-                let genuine = match key {
-                    Some(k) => delivery.verify(k.active_secrets(now_secs)),
-                    None => delivery.verify_nothing(),
-                };
+                let genuine = signed.verifies(key.map(|k| k.as_ref()), now_secs);
                 key.filter(|_| genuine)
             }
         };

@@ -18,6 +18,7 @@
 //! nothing from the others.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,7 +236,7 @@ impl DescriptorRules {
             }
             // Lengths first, so no choice of keys and values can make two
             // different descriptors one counter.
-            counter.push_str(&format!("{}:{key}{}:{counted}", key.len(), counted.len()));
+            let _ = write!(counter, "{}:{key}{}:{counted}", key.len(), counted.len());
             if i + 1 == entries.len() {
                 return next.rule.clone().map(|rule| Matched { rule, counter });
             }

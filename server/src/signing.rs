@@ -94,9 +94,14 @@ pub fn verify<'a>(
 /// Burns the time of one verification, for requests whose key is unknown,
 /// so that an unknown key and a bad signature take the same time.
 pub fn verify_nothing(message: &[u8], signature: &[u8; 32]) -> bool {
-    let decoy = Secret::new(vec![0x5a; 32]);
-    let _ = verify([&decoy], message, signature);
+    let _ = verify([&decoy_secret()], message, signature);
     false
+}
+
+/// The secret an unknown key is verified with (and then refused anyway),
+/// for every signature format.
+pub fn decoy_secret() -> Secret {
+    Secret::new(vec![0x5a; 32])
 }
 
 #[cfg(test)]

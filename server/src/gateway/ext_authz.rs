@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use tonic::{Request, Response, Status};
 
@@ -95,7 +96,7 @@ impl Authorization for ExtAuthz {
         let original = Original {
             method: &http.method,
             uri: &http.path,
-            headers: &headers,
+            headers: headers.as_ref(),
             body: body(http, &headers),
             source_address,
         };
@@ -135,13 +136,14 @@ impl Authorization for ExtAuthz {
     }
 }
 
-/// Envoy's request headers: the map, or `header_map` when Envoy is set to
-/// `encode_raw_headers` (repeated names joined as HTTP joins them).
+/// Envoy's request headers: the map as sent, or one built from
+/// `header_map` when Envoy is set to `encode_raw_headers` (repeated names
+/// joined as HTTP joins them).
 fn request_headers(
     http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-) -> HashMap<String, String> {
+) -> Cow<'_, HashMap<String, String>> {
     if !http.headers.is_empty() {
-        return http.headers.clone();
+        return Cow::Borrowed(&http.headers);
     }
     let mut out: HashMap<String, String> = HashMap::new();
     for h in http.header_map.iter().flat_map(|m| &m.headers) {
@@ -157,7 +159,7 @@ fn request_headers(
             })
             .or_insert(value);
     }
-    out
+    Cow::Owned(out)
 }
 
 /// The body Envoy sent, or why there is none to verify.

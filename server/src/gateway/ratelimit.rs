@@ -26,7 +26,7 @@ use crate::check::{CheckError, MAX_COST, Pending};
 use crate::config::EnvoyRateLimitSettings;
 use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched, Quota, Rule};
 use crate::engine::{Limit, LimitVerdict, Nanos, Outcome, StateKey};
-use crate::service::warden::WardenService;
+use crate::service::warden::{WardenService, refusal};
 use crate::service::{Admission, caller_of};
 
 /// Answers Envoy's `ratelimit` filter from envoyproxy/ratelimit rules.
@@ -287,20 +287,10 @@ impl EnvoyRateLimit {
         let pending = Pending::limits_only(now, limits, cost, commit);
         match self.checks.decide_state(&pending).await {
             Ok(Outcome::Limited { limits, .. }) => Ok(limits.into_vec()),
-            Ok(Outcome::StateFull(_)) | Err(CheckError::StateFull(_)) => {
-                metrics::counter!("warden_check_errors_total", "cause" => "state_full")
-                    .increment(1);
-                Err(Status::resource_exhausted(
-                    "rate-limit state is full; retry later",
-                ))
-            }
+            Ok(Outcome::StateFull(pool)) => Err(refusal(&CheckError::StateFull(pool))),
+            // A step without a nonce is never a replay.
             Ok(Outcome::Replay | Outcome::NonceSetFull) => Err(Status::internal("internal error")),
-            Err(CheckError::Unavailable) => {
-                metrics::counter!("warden_check_errors_total", "cause" => "unavailable")
-                    .increment(1);
-                Err(Status::unavailable(CheckError::Unavailable.to_string()))
-            }
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(refusal(&e)),
         }
     }
 }
@@ -329,27 +319,22 @@ fn validate(req: &RateLimitRequest) -> Result<u64, Status> {
             "at most {MAX_DESCRIPTORS} descriptors and a domain of at most {MAX_ENTRY_BYTES} bytes"
         )));
     }
-    let mut cost = u64::from(req.hits_addend.max(1));
-    let mut per_descriptor: Option<u64> = None;
+    // Each descriptor's cost: its own hits_addend, else the request's (0
+    // meaning 1). One step has one cost, so they must all agree.
+    let request_cost = u64::from(req.hits_addend.max(1));
+    let mut costs = req.descriptors.iter().map(|d| {
+        d.hits_addend
+            .as_ref()
+            .map_or(request_cost, |h| h.value.max(1))
+    });
+    let cost = costs.next().unwrap_or(request_cost);
     for d in &req.descriptors {
         check_descriptor(d)?;
-        if let Some(h) = &d.hits_addend {
-            let h = h.value.max(1);
-            if per_descriptor.is_some_and(|p| p != h) {
-                return Err(Status::invalid_argument(
-                    "descriptors with different hits_addend in one request are not supported: they are decided as one step",
-                ));
-            }
-            per_descriptor = Some(h);
-        }
     }
-    if let Some(h) = per_descriptor {
-        if req.descriptors.iter().any(|d| d.hits_addend.is_none()) && h != cost {
-            return Err(Status::invalid_argument(
-                "descriptors with different hits_addend in one request are not supported: they are decided as one step",
-            ));
-        }
-        cost = h;
+    if costs.any(|c| c != cost) {
+        return Err(Status::invalid_argument(
+            "descriptors with different hits_addend in one request are not supported: they are decided as one step",
+        ));
     }
     if cost > u64::from(MAX_COST) {
         return Err(Status::invalid_argument(format!(

@@ -272,65 +272,67 @@ async fn check_one(
             }
             Ok(decision.response)
         }
-        Err(CheckError::PermissionDenied(why)) => {
-            metrics::counter!("warden_caller_denied_total").increment(1);
-            metrics::counter!("warden_check_errors_total", "cause" => "permission_denied")
-                .increment(1);
-            if let Some(audit) = ctx.audit {
-                audit.count_denial(Subject {
-                    action: "call.denied",
-                    reason: why,
-                    key_id: loggable_key_id(&req.key_id).to_owned(),
-                    actor: caller.as_str().to_owned(),
-                    source: crate::check::forwarded_source(req).unwrap_or_else(|| "-".to_owned()),
-                });
+        Err(err) => {
+            match &err {
+                CheckError::PermissionDenied(why) => {
+                    metrics::counter!("warden_caller_denied_total").increment(1);
+                    if let Some(audit) = ctx.audit {
+                        audit.count_denial(Subject {
+                            action: "call.denied",
+                            reason: why,
+                            key_id: loggable_key_id(&req.key_id).to_owned(),
+                            actor: caller.as_str().to_owned(),
+                            source: crate::check::forwarded_source(req)
+                                .unwrap_or_else(|| "-".to_owned()),
+                        });
+                    }
+                    tracing::warn!(
+                        event = "caller_denied",
+                        caller = caller.as_str(),
+                        key_id = loggable_key_id(&req.key_id),
+                        request_id,
+                        reason = why,
+                        "call refused"
+                    );
+                }
+                CheckError::StateFull(_) => tracing::warn!(
+                    event = "state_full",
+                    caller = caller.as_str(),
+                    request_id,
+                    "rate-limit state is full and nothing could be evicted; refusing the check"
+                ),
+                CheckError::Unavailable => tracing::warn!(
+                    event = "state_unavailable",
+                    caller = caller.as_str(),
+                    request_id,
+                    "the cluster nodes owning this check's state did not decide it in time"
+                ),
+                CheckError::ReplayCacheFull => tracing::warn!(
+                    event = "replay_cache_full",
+                    caller = caller.as_str(),
+                    request_id,
+                    "replay cache full; refusing checks"
+                ),
             }
-            tracing::warn!(
-                event = "caller_denied",
-                caller = caller.as_str(),
-                key_id = loggable_key_id(&req.key_id),
-                request_id,
-                reason = why,
-                "call refused"
-            );
-            Err(Status::permission_denied(why))
-        }
-        Err(CheckError::StateFull(_)) => {
-            metrics::counter!("warden_check_errors_total", "cause" => "state_full").increment(1);
-            tracing::warn!(
-                event = "state_full",
-                caller = caller.as_str(),
-                request_id,
-                "rate-limit state is full and nothing could be evicted; refusing the check"
-            );
-            Err(Status::resource_exhausted(
-                "rate-limit state is full; retry later",
-            ))
-        }
-        Err(CheckError::Unavailable) => {
-            metrics::counter!("warden_check_errors_total", "cause" => "unavailable").increment(1);
-            tracing::warn!(
-                event = "state_unavailable",
-                caller = caller.as_str(),
-                request_id,
-                "the cluster nodes owning this check's state did not decide it in time"
-            );
-            Err(Status::unavailable(CheckError::Unavailable.to_string()))
-        }
-        Err(CheckError::ReplayCacheFull) => {
-            metrics::counter!("warden_check_errors_total", "cause" => "replay_cache_full")
-                .increment(1);
-            tracing::warn!(
-                event = "replay_cache_full",
-                caller = caller.as_str(),
-                request_id,
-                "replay cache full; refusing checks"
-            );
-            Err(Status::resource_exhausted(
-                CheckError::ReplayCacheFull.to_string(),
-            ))
+            Err(refusal(&err))
         }
     }
+}
+
+/// The gRPC status of a check refused as a whole, counted by cause: for
+/// `Check` and for the gateway faces that decide state.
+pub fn refusal(err: &CheckError) -> Status {
+    let (cause, status) = match err {
+        CheckError::PermissionDenied(why) => ("permission_denied", Status::permission_denied(*why)),
+        CheckError::StateFull(_) => ("state_full", Status::resource_exhausted(err.to_string())),
+        CheckError::Unavailable => ("unavailable", Status::unavailable(err.to_string())),
+        CheckError::ReplayCacheFull => (
+            "replay_cache_full",
+            Status::resource_exhausted(err.to_string()),
+        ),
+    };
+    metrics::counter!("warden_check_errors_total", "cause" => cause).increment(1);
+    status
 }
 
 /// Denials that go to the audit log (tallied per subject and window): the

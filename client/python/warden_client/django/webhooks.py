@@ -38,7 +38,7 @@ import logging
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from warden_client.client import CheckRequest, WardenError
-from warden_client.django.conf import get_conf
+from warden_client.django.conf import Conf, get_conf
 from warden_client.django.middleware import PUBLIC_MESSAGES, client_ip, raw_path, unavailable_response
 
 log = logging.getLogger("warden_client.django")
@@ -64,7 +64,7 @@ def _key_id(provider: str, key_id: str | None) -> str:
     return keys[provider]
 
 
-def webhook_request(request: HttpRequest, provider: str, key_id: str) -> CheckRequest:
+def webhook_request(request: HttpRequest, conf: Conf, provider: str, key_id: str) -> CheckRequest:
     """The CheckRequest for a delivery: its provider headers and raw body."""
     req = CheckRequest(
         key_id=key_id,
@@ -78,7 +78,7 @@ def webhook_request(request: HttpRequest, provider: str, key_id: str) -> CheckRe
         value = request.headers.get(name)
         if value is not None:
             req.headers[name] = value
-    address = client_ip(request, get_conf())
+    address = client_ip(request, conf)
     try:
         req.client_address = str(ipaddress.ip_address(address))
     except ValueError:
@@ -101,7 +101,7 @@ def warden_webhook(provider: str, key_id: str | None = None):
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args, **kwargs):
             conf = get_conf()
-            req = webhook_request(request, provider, _key_id(provider, key_id))
+            req = webhook_request(request, conf, provider, _key_id(provider, key_id))
             try:
                 decision = conf.client().check(req)
             except WardenError as e:
