@@ -116,11 +116,7 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))

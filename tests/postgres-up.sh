@@ -32,7 +32,9 @@ fi
 dir=$(mktemp -d /tmp/warden-pg.XXXXXX)
 chmod 755 "$dir"
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
-port=$(( 40000 + RANDOM % 20000 ))
+# Below the kernel's ephemeral range (32768+), where nothing else takes it
+# by chance, and below the tests' own ports (see free_port).
+port=$(( 15000 + RANDOM % 8000 ))
 as_postgres "$pgbin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
 as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
   -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null

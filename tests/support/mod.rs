@@ -376,14 +376,43 @@ impl ConfigDir {
     }
 }
 
-/// A free TCP port on loopback (bound and released: good enough for tests
-/// that need to know a node's port before it starts).
+/// A free TCP port on loopback for a listener a test must name before it
+/// starts (a cluster node's advertised address, nginx, forward auth).
+///
+/// Not `bind(0)`-and-release: the kernel hands the released port out again
+/// as an ephemeral port (to warden's own `127.0.0.1:0` listeners, to any
+/// outgoing connection, or to the next `bind(0)`), and a test then fails
+/// with "Address already in use" (CI did, once). So ports come from below
+/// the kernel's ephemeral range, where it never allocates by itself, each
+/// handed out once per test process, starting at an offset taken from the
+/// process id so test binaries running one after another do not reuse each
+/// other's recent ports; a port someone holds is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = 8192.min(ephemeral_low.saturating_sub(10_000));
+    if span < 1024 {
+        // An unusual range leaves no room below it: fall back to the kernel.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let base = ephemeral_low - span;
+    let offset = std::process::id() * 613;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (offset + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{ephemeral_low}");
 }
 
 /// Config files for the cluster nodes `nodes` in `dir`: one database and
