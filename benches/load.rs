@@ -692,17 +692,25 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let mut workers = Vec::new();
     match (args.rate, args.mode, &target) {
         (Some(rate), _, _) => {
-            // Open loop: a request every 1/rate s, latency from its scheduled start.
+            // Open loop: a request every 1/rate s, latency from its scheduled
+            // start. Paced by a thread of its own, not tokio's timer: the
+            // timer's 1 ms ticks would launch requests in bursts up to a
+            // millisecond late, and that lateness (counted, rightly, from
+            // the scheduled start) would be the generator's, not the
+            // server's. A thread sleep wakes within tens of microseconds.
             let permits = Arc::new(Semaphore::new(args.concurrency.max(1) * 4));
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
             let (planner, stats, target, stop) =
                 (planner.clone(), stats.clone(), target.clone(), stop.clone());
-            workers.push(tokio::spawn(async move {
+            let runtime = tokio::runtime::Handle::current();
+            workers.push(tokio::task::spawn_blocking(move || {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
                 let mut next = Instant::now();
                 let mut i = 0u64;
                 while i < limit && started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep_until(next.into()).await;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
                     let scheduled = next;
                     next += interval;
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -712,7 +720,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                     let planned = planner.plan(&mut rng);
                     let (stats, target) = (stats.clone(), target.clone());
                     let worker = i as usize;
-                    tokio::spawn(async move {
+                    runtime.spawn(async move {
                         let outcome = target.send(worker, planned.request).await;
                         stats.record(scheduled.elapsed(), outcome);
                         drop(permit);
