@@ -5,10 +5,13 @@
 pub mod admin;
 pub mod warden;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
+use warden_client::proto::{Decision, Reason};
+use warden_client::reason_name;
 
 use crate::check::CallerIdentity;
 use crate::conn::{ConnState, PeerInfo};
@@ -21,6 +24,53 @@ pub fn caller_of<T>(request: &tonic::Request<T>) -> CallerIdentity {
             .get::<PeerInfo>()
             .and_then(|p| p.identity.clone()),
     )
+}
+
+/// The metrics every call touches, looked up once. A lookup by name and
+/// labels (`metrics::counter!(...)`) hashes the key, takes the registry's
+/// lock and copies the labels, on every call; a handle is one atomic add.
+/// Built at the first call, after `main` installed the recorder (before
+/// serving); without a recorder (in-process tests) the handles do nothing.
+pub struct CallMetrics {
+    pub inflight: Gauge,
+    /// `warden_rpc_duration_seconds` for `Check` and for `CheckStream`.
+    pub check_seconds: Histogram,
+    pub stream_seconds: Histogram,
+    /// `warden_checks_total`, by decision (deny, allow) and reason: each
+    /// registered when it first occurs, so `/metrics` shows no series for
+    /// pairs that never happen (an allowed replay).
+    checks: [[OnceLock<Counter>; REASONS]; 2],
+}
+
+/// Reasons in `warden.v1.Reason` (the last is `REASON_LOCKED_OUT`).
+const REASONS: usize = Reason::LockedOut as usize + 1;
+
+impl CallMetrics {
+    pub fn get() -> &'static Self {
+        static METRICS: OnceLock<CallMetrics> = OnceLock::new();
+        METRICS.get_or_init(|| {
+            let rpc = |name: &'static str| metrics::histogram!("warden_rpc_duration_seconds", "rpc" => name);
+            Self {
+                inflight: metrics::gauge!("warden_inflight_calls"),
+                check_seconds: rpc("Check"),
+                stream_seconds: rpc("CheckStream"),
+                checks: Default::default(),
+            }
+        })
+    }
+
+    /// Counts one answered check.
+    pub fn checked(&self, decision: Decision, reason: Reason) {
+        let allowed = decision == Decision::Allow;
+        let Some(slot) = self.checks[usize::from(allowed)].get(reason as usize) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            let decision = if allowed { "allow" } else { "deny" };
+            metrics::counter!("warden_checks_total", "decision" => decision, "reason" => reason_name(reason))
+        })
+        .increment(1);
+    }
 }
 
 /// Load shedding: a call starts only if a global slot and a slot on its
@@ -42,7 +92,7 @@ pub struct CallPermit {
 
 impl Drop for CallPermit {
     fn drop(&mut self) {
-        metrics::gauge!("warden_inflight_calls").decrement(1.0);
+        CallMetrics::get().inflight.decrement(1.0);
         if let Some(conn) = &self.conn {
             conn.touch();
         }
@@ -81,11 +131,26 @@ impl Admission {
         if let Some(c) = &conn {
             c.touch();
         }
-        metrics::gauge!("warden_inflight_calls").increment(1.0);
+        CallMetrics::get().inflight.increment(1.0);
         Ok(CallPermit {
             _global: global,
             _conn: conn_permit,
             conn,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_a_checks_counter() {
+        let reasons: Vec<Reason> = (0..).map_while(|i| Reason::try_from(i).ok()).collect();
+        assert_eq!(
+            reasons.len(),
+            REASONS,
+            "a reason was added: REASONS must follow"
+        );
     }
 }

@@ -12,7 +12,7 @@ use warden_client::proto::{
 };
 use warden_client::reason_name;
 
-use super::{Admission, caller_of};
+use super::{Admission, CallMetrics, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{Answer, CallerIdentity, CheckError, Checker, Fenced, Pending, Step};
@@ -124,7 +124,8 @@ impl Warden for WardenService {
             audit: self.audit.as_deref(),
         };
         let answer = check_one(&ctx, &request.into_inner(), &caller).await;
-        metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "Check")
+        CallMetrics::get()
+            .check_seconds
             .record(started.elapsed().as_secs_f64());
         answer.map(Response::new)
     }
@@ -198,7 +199,8 @@ impl Warden for WardenService {
                             audit: audit.as_deref(),
                         };
                         let answer = check_one(&ctx, &req, &caller).await;
-                        metrics::histogram!("warden_rpc_duration_seconds", "rpc" => "CheckStream")
+                        CallMetrics::get()
+                            .stream_seconds
                             .record(started.elapsed().as_secs_f64());
                         answer
                     }
@@ -241,13 +243,7 @@ async fn check_one(
     match run_check(ctx, req, caller).await {
         Ok(decision) => {
             let r = &decision.response;
-            let decision_name = if r.decision() == Decision::Allow {
-                "allow"
-            } else {
-                "deny"
-            };
-            metrics::counter!("warden_checks_total", "decision" => decision_name, "reason" => reason_name(r.reason()))
-                .increment(1);
+            CallMetrics::get().checked(r.decision(), r.reason());
             if r.decision() == Decision::Deny {
                 raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
                 if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
