@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost, except that an undecodable CheckRequest is answered in-band
         // (see src/codec.rs).
         .codec_path("crate::codec::Codec")
+        // The request body as `Bytes`: decoded as a view of the received
+        // frame instead of a copy (it can be up to max_body_bytes, and is
+        // hashed where it lies).
+        .bytes(".warden.v1.CheckRequest.body")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

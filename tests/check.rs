@@ -48,7 +48,7 @@ async fn tampering_with_any_signed_part_is_unauthenticated() {
     let mut client = server.client().await;
     let signer = server.signer();
     let tampers: [Mutation; 6] = [
-        ("body", |r| r.body = b"{\"qty\":1000}".to_vec()),
+        ("body", |r| r.body = b"{\"qty\":1000}".to_vec().into()),
         ("path", |r| r.path = "/v1/admin".into()),
         ("query", |r| r.query = "b=2&a=2".into()),
         ("method", |r| r.method = "DELETE".into()),
@@ -208,7 +208,7 @@ async fn malformed_requests_get_a_safe_400_and_change_nothing() {
     let nonce = "reused_nonce_0123456789";
 
     let cases: [Mutation; 10] = [
-        ("body", |r| r.body = vec![b'x'; 1025]),
+        ("body", |r| r.body = vec![b'x'; 1025].into()),
         ("nonce", |r| r.nonce = "short".into()),
         ("signature", |r| r.signature = "zz".into()),
         ("scheme", |r| r.scheme = "warden-v9".into()),

@@ -438,7 +438,7 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
     ))
     .await;
     let mut tampered = signer.check_request("POST", "/pay", "", body_marker.as_bytes());
-    tampered.body = format!("{body_marker}-changed").into_bytes();
+    tampered.body = format!("{body_marker}-changed").into_bytes().into();
     send(tampered).await;
     let mut malformed = signer.check_request("POST", "/pay", "", body_marker.as_bytes());
     malformed.nonce = format!("{body_marker}!");

@@ -123,7 +123,7 @@ fn delivery(key_id: &str, scheme: &str, headers: &[(&str, String)], body: &[u8])
         scheme: scheme.into(),
         method: "POST".into(),
         path: format!("/webhooks/{scheme}"),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
         headers: headers
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))

@@ -298,7 +298,7 @@ pub fn check_request_from(
         method: method.to_owned(),
         path: path.to_owned(),
         query: query.to_owned(),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
         scheme: scheme.to_owned(),
         timestamp: headers.timestamp,
         nonce: headers.nonce.clone(),

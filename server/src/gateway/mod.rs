@@ -125,7 +125,7 @@ pub fn check_request<H: Headers>(
     req.nonce = headers.get("x-nonce").unwrap_or_default().to_owned();
     req.signature = headers.get("x-signature").unwrap_or_default().to_owned();
     match original.body {
-        Body::Sent(body) => req.body = body.to_vec(),
+        Body::Sent(body) => req.body = prost::bytes::Bytes::copy_from_slice(body),
         Body::Withheld => return Err(Early::BodyWithheld),
         Body::NeverSent => {
             if let Some(sha) = headers.get("x-content-sha256") {
