@@ -78,10 +78,8 @@ c_loadgen() {
   fi
   local secs=${DURATION%s}
   local secret=bench-secret-0123456789abcdefghijklmnopqrstuvwxyz
-  local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   printf '%s\n' \
-    "listen = \"127.0.0.1:$port\"" \
+    'listen = "127.0.0.1:0"' \
     'insecure_plaintext = true' \
     '[server]' \
     'metrics_listen = "127.0.0.1:0"' \
@@ -96,6 +94,18 @@ c_loadgen() {
     "secrets = [{ value = \"$secret\" }]" > "$tmp/plain.toml"
   target/release/warden serve --config "$tmp/plain.toml" >"$tmp/plain.out" 2>"$tmp/plain.err" &
   plain_pid=$!
+  # warden picks the port and says which (a port picked here and released
+  # could be taken by someone else before warden binds it).
+  local port=""
+  for _ in $(seq 100); do
+    port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$tmp/plain.out" 2>/dev/null)
+    [ -n "$port" ] && break
+    sleep 0.1
+  done
+  if [ -z "$port" ]; then
+    cat "$tmp/plain.err" >&2
+    return 1
+  fi
   # Ready once the frame is allowed (past the restart fence).
   local ready=""
   for _ in $(seq 150); do
