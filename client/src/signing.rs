@@ -8,6 +8,7 @@
 //!   Django / Stripe-style recipe). It has no nonce; the signature itself is
 //!   the replay key.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,7 +53,7 @@ pub fn is_valid_nonce(nonce: &str) -> bool {
 /// unreserved as uppercase `%XX`, sorted bytewise by name then value, and
 /// joined with `&`.
 pub fn canonical_query(raw: &str) -> String {
-    let mut pairs: Vec<(String, String)> = raw
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = raw
         .split('&')
         .filter(|piece| !piece.is_empty())
         .map(|piece| {
@@ -73,10 +74,15 @@ pub fn canonical_query(raw: &str) -> String {
     out
 }
 
-/// Percent-decodes `s` and encodes it again in the one canonical way.
-fn reencode(s: &str) -> String {
+/// Percent-decodes `s` and encodes it again in the one canonical way. Most
+/// names and values are canonical already (unreserved characters only):
+/// those are borrowed, not copied, since this runs for every signed check.
+fn reencode(s: &str) -> Cow<'_, str> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = s.as_bytes();
+    if bytes.iter().all(|&b| is_unreserved(b)) {
+        return Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -89,7 +95,7 @@ fn reencode(s: &str) -> String {
             i += 2;
         }
         i += 1;
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+        if is_unreserved(byte) {
             out.push(byte as char);
         } else {
             out.push('%');
@@ -97,7 +103,12 @@ fn reencode(s: &str) -> String {
             out.push(HEX[usize::from(byte & 0x0f)] as char);
         }
     }
-    out
+    Cow::Owned(out)
+}
+
+/// RFC 3986's unreserved characters: the ones never percent-encoded.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn hex_value(b: u8) -> Option<u8> {

@@ -334,7 +334,6 @@ impl Checker {
                 "this client certificate may not call Check",
             ));
         }
-        let key_id = is_valid_key_id(&req.key_id).then(|| req.key_id.clone());
         let ring = self.keys();
         let response = match self.validate(req, &ring) {
             Err(Malformed(msg)) => deny(Reason::Malformed, msg),
@@ -362,7 +361,10 @@ impl Checker {
                 }
             }
         };
-        let key_id = key_id.or_else(|| response.caller.as_ref().map(|c| c.key_id.clone()));
+        let key_id = match is_valid_key_id(&req.key_id) {
+            true => Some(req.key_id.clone()),
+            false => response.caller.as_ref().map(|c| c.key_id.clone()),
+        };
         Ok(Step::Done(Answer { response, key_id }))
     }
 
@@ -543,8 +545,8 @@ impl Checker {
         now: Nanos,
     ) -> Result<CheckResponse, Box<Pending>> {
         // Step 6: may this key, from this client, call this route?
-        let method = req.method.to_ascii_uppercase();
-        if !key.may_call(&method, &req.path) {
+        let method = req.method.as_str();
+        if !key.may_call(method, &req.path) {
             return Ok(deny(Reason::Forbidden, "this key may not call this route"));
         }
         if !key.may_be_used_by(client) {
@@ -553,7 +555,7 @@ impl Checker {
                 "this key may not be used by this client",
             ));
         }
-        if !self.authz.client_may_call(client, &method, &req.path) {
+        if !self.authz.client_may_call(client, method, &req.path) {
             return Ok(deny(
                 Reason::Forbidden,
                 "this client may not call this route",
@@ -741,8 +743,6 @@ impl Pending {
                 allowed,
                 limits: verdicts,
             }) => {
-                let headers = rate_limit_headers(&self.named, &verdicts);
-                let statuses = limit_statuses(self.named, &verdicts);
                 let mut response = if allowed {
                     CheckResponse {
                         decision: Decision::Allow as i32,
@@ -764,8 +764,8 @@ impl Pending {
                         ),
                     }
                 };
-                response.limits = statuses;
-                response.headers.extend(headers);
+                add_rate_limit_headers(&mut response.headers, &self.named, &verdicts);
+                response.limits = limit_statuses(self.named, &verdicts);
                 response
             }
         };
@@ -814,10 +814,9 @@ fn signed_credential(req: &CheckRequest) -> Result<Credential<'_>, Malformed> {
         }
         _ => {}
     }
-    let mut signature = [0u8; 32];
-    if req.signature.len() != 64 || hex::decode_to_slice(&req.signature, &mut signature).is_err() {
+    let Some(signature) = crate::signing::hex32(&req.signature) else {
         return Err(malformed("signature: must be 64 hex characters"));
-    }
+    };
     Ok(Credential::Signed {
         signed: Signed {
             scheme,
@@ -1045,12 +1044,15 @@ fn limit_statuses(named: Vec<(String, Limit, u64)>, verdicts: &[LimitVerdict]) -
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi ratelimit-headers draft):
 /// every limit's quota and window, and every limit's remaining quota and
 /// seconds to reset. Request-limit descriptors are not echoed to clients.
-fn rate_limit_headers(
+/// Written into the answer's own map: building a map to merge cost a
+/// second round of hashing.
+fn add_rate_limit_headers(
+    headers: &mut HashMap<String, String>,
     named: &[(String, Limit, u64)],
     verdicts: &[LimitVerdict],
-) -> HashMap<String, String> {
+) {
     if named.is_empty() {
-        return HashMap::new();
+        return;
     }
     // Written in place, one string per header: this runs for every check.
     fn public(name: &str) -> &str {
@@ -1082,10 +1084,8 @@ fn rate_limit_headers(
             v.reset_after.ceil_secs()
         );
     }
-    HashMap::from([
-        ("RateLimit-Policy".to_owned(), policy),
-        ("RateLimit".to_owned(), state),
-    ])
+    headers.insert("RateLimit-Policy".to_owned(), policy);
+    headers.insert("RateLimit".to_owned(), state);
 }
 
 #[cfg(test)]

@@ -3,9 +3,7 @@
 //! two sides cannot drift apart.
 
 use subtle::{Choice, ConstantTimeEq};
-use warden_client::signing::{
-    body_sha256, hmac_sha256, ts_body_string_to_sign, warden_v1_string_to_sign,
-};
+use warden_client::signing::{body_sha256, ts_body_string_to_sign, warden_v1_string_to_sign};
 
 use crate::model::Secret;
 
@@ -76,6 +74,38 @@ impl Signed<'_> {
     }
 }
 
+/// 64 hex digits (either case) as the 32 bytes they spell: how signatures
+/// arrive. A table lookup per digit; the `hex` crate's general decoder was
+/// a tenth of an in-process check. Nothing here is secret (the text is what
+/// the client sent), so branching on it leaks nothing.
+pub fn hex32(text: &str) -> Option<[u8; 32]> {
+    const INVALID: u8 = 0xff;
+    const VALUE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let digits: &[u8; 64] = text.as_bytes().try_into().ok()?;
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (hi, lo) = (VALUE[usize::from(pair[0])], VALUE[usize::from(pair[1])]);
+        bad |= (hi | lo) & 0xf0;
+        *byte = (hi << 4) | (lo & 0x0f);
+    }
+    (bad == 0).then_some(out)
+}
+
 /// Whether `signature` is the HMAC of `message` under any of `secrets`.
 /// Every secret is tried and compared in constant time, so neither the
 /// outcome nor which secret matched shows in the timing.
@@ -86,7 +116,7 @@ pub fn verify<'a>(
 ) -> bool {
     let mut matched = Choice::from(0);
     for secret in secrets {
-        matched |= hmac_sha256(secret.expose(), message).ct_eq(signature);
+        matched |= secret.hmac(message).ct_eq(signature);
     }
     matched.into()
 }
@@ -94,19 +124,49 @@ pub fn verify<'a>(
 /// Burns the time of one verification, for requests whose key is unknown,
 /// so that an unknown key and a bad signature take the same time.
 pub fn verify_nothing(message: &[u8], signature: &[u8; 32]) -> bool {
-    let _ = verify([&decoy_secret()], message, signature);
+    let _ = verify([decoy_secret()], message, signature);
     false
 }
 
 /// The secret an unknown key is verified with (and then refused anyway),
-/// for every signature format.
-pub fn decoy_secret() -> Secret {
-    Secret::new(vec![0x5a; 32])
+/// for every signature format. Keyed once, like real keys' secrets, so that
+/// an unknown key costs the same time as a known one.
+pub fn decoy_secret() -> &'static Secret {
+    static DECOY: std::sync::LazyLock<Secret> =
+        std::sync::LazyLock::new(|| Secret::new(vec![0x5a; 32]));
+    &DECOY
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex32_accepts_exactly_64_hex_digits_of_either_case() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 8 + 3) as u8);
+        let lower = hex::encode(bytes);
+        assert_eq!(hex32(&lower), Some(bytes));
+        assert_eq!(hex32(&lower.to_uppercase()), Some(bytes));
+        for bad in [
+            &lower[..62],
+            &format!("{lower}00"),
+            &format!("g{}", &lower[1..]),
+            &format!("{} ", &lower[..63]),
+            &format!("{}\u{e9}", &lower[..62]),
+            "",
+        ] {
+            assert_eq!(hex32(bad), None, "{bad:?}");
+        }
+        // Every byte that is not a hex digit is refused in every position.
+        for b in 0..=255u8 {
+            if b.is_ascii_hexdigit() || !b.is_ascii() {
+                continue;
+            }
+            let mut text = lower.clone().into_bytes();
+            text[17] = b;
+            assert_eq!(hex32(std::str::from_utf8(&text).unwrap()), None, "{b}");
+        }
+    }
 
     /// The shared vectors, computed by an independent implementation from the
     /// text of DESIGN.md; `proto/SIGNING.md` publishes them.

@@ -32,6 +32,7 @@ use warden_client::proto::{SignWebhookRequest, SignWebhookResponse};
 
 use crate::keys::ApiKey;
 use crate::model::Secret;
+use crate::signing::hex32;
 use crate::store::KeyKind;
 
 /// Bounds of a webhook's headers as the caller passes them.
@@ -260,14 +261,9 @@ impl Delivery {
 
     /// Burns the time of one verification, for an unknown key.
     pub fn verify_nothing(&self) -> bool {
-        let _ = self.verify([&crate::signing::decoy_secret()]);
+        let _ = self.verify([crate::signing::decoy_secret()]);
         false
     }
-}
-
-fn hex32(text: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    (text.len() == 64 && hex::decode_to_slice(text, &mut out).is_ok()).then_some(out)
 }
 
 /// The headers that carry an outbound webhook's signature, one signature

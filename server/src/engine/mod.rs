@@ -217,24 +217,40 @@ struct Shard {
     last_pressure_sweep: Nanos,
 }
 
-/// The state a limit's decision would store.
+/// The state a limit's decision would store, and whether the limit held an
+/// entry when it was decided (its shard stays locked until it is stored).
+#[derive(Clone, Copy)]
 enum Next {
-    Bucket(Nanos),
-    Window(WindowState),
+    Bucket(Nanos, bool),
+    Window(WindowState, bool),
+}
+
+impl Next {
+    fn existed(&self) -> bool {
+        match *self {
+            Next::Bucket(_, existed) | Next::Window(_, existed) => existed,
+        }
+    }
 }
 
 impl Shard {
     /// One limit's verdict on `cost` at `now`, and the state to store if the
     /// whole request passes: the one place GCRA and windows are told apart.
+    /// Also says whether the limit has an entry already, so that storing
+    /// needs no second look to know whether a pool grows. Inlined: returned
+    /// through memory, its result was read back before it was written.
+    #[inline(always)]
     fn decide(&self, key: StateKey, limit: Limit, now: Nanos, cost: u64) -> (LimitVerdict, Next) {
         match limit {
             Limit::Gcra(g) => {
-                let v = g.decide(self.buckets.get(&key.id).copied(), now, cost);
-                (strip(&v), Next::Bucket(v.next))
+                let held = self.buckets.get(&key.id).copied();
+                let v = g.decide(held, now, cost);
+                (strip(&v), Next::Bucket(v.next, held.is_some()))
             }
             Limit::Window(w) => {
-                let v = w.decide(self.windows.get(&key.id).copied(), now, cost);
-                (strip(&v), Next::Window(v.next))
+                let held = self.windows.get(&key.id).copied();
+                let v = w.decide(held, now, cost);
+                (strip(&v), Next::Window(v.next, held.is_some()))
             }
         }
     }
@@ -342,23 +358,26 @@ impl Engine {
     pub fn decide(&self, now: Nanos, request: &Request<'_>) -> Outcome {
         // Requests touch a handful of shards: keep the bookkeeping on the
         // stack (this is the hot path).
-        let mut wanted: SmallVec<[u32; 8]> = request
-            .nonce
-            .iter()
-            .map(|(k, _)| k.shard)
-            .chain(request.limits.iter().map(|(k, _)| k.shard))
-            .collect();
-        if wanted.len() > 1 {
-            wanted.sort_unstable();
-            wanted.dedup();
+        // Built in place with pushes, not collected: a collected SmallVec is
+        // moved out of the iterator's frame, and that copy (read back before
+        // its stores land) cost more than the lock.
+        let mut locked: SmallVec<[u32; 8]> = SmallVec::new();
+        if let Some((key, _)) = &request.nonce {
+            locked.push(key.shard);
+        }
+        for (key, _) in request.limits {
+            locked.push(key.shard);
+        }
+        if locked.len() > 1 {
+            locked.sort_unstable();
+            locked.dedup();
         }
         // Ascending order: the one rule that keeps multi-shard locking
         // deadlock-free.
-        let locked = wanted;
-        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> = locked
-            .iter()
-            .map(|&i| self.shards[i as usize].lock())
-            .collect();
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> = SmallVec::new();
+        for &i in &locked {
+            guards.push(self.shards[i as usize].lock());
+        }
         let shard = |k: &StateKey| -> usize {
             locked
                 .binary_search(&k.shard)
@@ -407,16 +426,12 @@ impl Engine {
             // Room for every new entry in a counted pool first: a request
             // that cannot be stored whole is stored not at all.
             let mut reserved: SmallVec<[Pool; 8]> = SmallVec::new();
-            for ((key, limit), _) in request.limits.iter().zip(&updates) {
+            for ((key, _), next) in request.limits.iter().zip(&updates) {
                 let pool = Pool::of(key.id);
-                let s = &mut guards[shard(key)];
-                let exists = match limit {
-                    Limit::Gcra(_) => s.buckets.contains_key(&key.id),
-                    Limit::Window(_) => s.windows.contains_key(&key.id),
-                };
-                if exists || !pool.is_counted() || reserved.contains(&pool) {
+                if next.existed() || !pool.is_counted() || reserved.contains(&pool) {
                     continue;
                 }
+                let s = &mut guards[shard(key)];
                 if let Some(full) = self.pools.full(pool)
                     && !self.make_room(s, full, pool, now)
                     && !self.make_room_elsewhere(&locked, key.shard, full, pool, now)
@@ -436,12 +451,13 @@ impl Engine {
                     self.nonce_count.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            for ((key, _), next) in request.limits.iter().zip(updates) {
+            // By reference: moving `updates` into the loop copied all of it.
+            for ((key, _), next) in request.limits.iter().zip(&updates) {
                 let i = shard(key);
                 let s = &mut guards[i];
-                let new = match next {
-                    Next::Bucket(tat) => s.buckets.insert(key.id, tat).is_none(),
-                    Next::Window(state) => s.windows.insert(key.id, state).is_none(),
+                let new = match *next {
+                    Next::Bucket(tat, _) => s.buckets.insert(key.id, tat).is_none(),
+                    Next::Window(state, _) => s.windows.insert(key.id, state).is_none(),
                 };
                 // Reserved above, once per pool; a second new entry of the
                 // same pool in one request is counted here.

@@ -168,11 +168,10 @@ fn add_route_limits(
     address: Option<IpAddr>,
     settings: &GatewaySettings,
 ) -> Result<(), Early> {
-    let method = req.method.to_ascii_uppercase();
     let Some((route, limits)) = settings
         .routes
         .iter()
-        .find(|(route, _)| route.allows(&method, &req.path))
+        .find(|(route, _)| route.allows(&req.method, &req.path))
     else {
         return Ok(());
     };
