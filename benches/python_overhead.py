@@ -149,24 +149,35 @@ def main() -> None:
                 assert r.status_code == 200, (prefix, r.status_code, r.content)
             return (time.perf_counter() - started) / (len(reqs) - 100) * 1e6
 
+        from warden_client.client import native_transport_available
+
         base = run("b")
-        warden_us = run("w")
+        warden_us = {}
+        for transport in ("native", "grpcio"):
+            if transport == "native" and not native_transport_available():
+                print("warden-client-native is not installed: the compiled transport is not measured", file=sys.stderr)
+                continue
+            settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
+            warden_us[transport] = run("w")
         redis_us = run("r")
         result = {
             "requests": args.requests,
             "baseline_us": base,
-            "warden_middleware_us": warden_us,
             "redis_recipe_us": redis_us,
-            "warden_overhead_us": warden_us - base,
             "redis_recipe_overhead_us": redis_us - base,
         }
+        for transport, us in warden_us.items():
+            result[f"warden_middleware_{transport}_us"] = us
+            result[f"warden_overhead_{transport}_us"] = us - base
         if args.json:
             print(json.dumps(result))
         else:
             print(f"| variant | µs per request | overhead µs |")
             print(f"|---|---|---|")
             print(f"| no check (baseline) | {base:.0f} | – |")
-            print(f"| warden middleware (one Check over mTLS) | {warden_us:.0f} | {warden_us - base:.0f} |")
+            for transport, us in warden_us.items():
+                name = {"native": "compiled transport (warden-client-native)", "grpcio": "grpcio"}[transport]
+                print(f"| warden middleware (one Check over mTLS, {name}) | {us:.0f} | {us - base:.0f} |")
             print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} |")
     finally:
         warden.terminate()

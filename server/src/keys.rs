@@ -214,7 +214,10 @@ mod tests {
     fn routes_match_method_and_exact_or_prefix_path() {
         let exact = Route::parse("POST /webhooks/billing").unwrap();
         assert!(exact.allows("POST", "/webhooks/billing"));
-        assert!(exact.allows("post", "/webhooks/billing"), "methods in any case");
+        assert!(
+            exact.allows("post", "/webhooks/billing"),
+            "methods in any case"
+        );
         assert!(!exact.allows("GET", "/webhooks/billing"));
         assert!(!exact.allows("POST", "/webhooks/billing/x"));
         let prefix = Route::parse("* /v1/*").unwrap();

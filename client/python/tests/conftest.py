@@ -125,3 +125,21 @@ def warden_settings(settings, warden):
         "FAILURE_MODE": "closed",
     }
     return settings
+
+
+TRANSPORTS = ("native", "grpcio")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    """Each sync-client test runs over both transports. Without the compiled
+    one installed its runs fail in CI (tests/run installs it) and are
+    skipped elsewhere."""
+    from warden_client.client import native_transport_available
+
+    if request.param == "native" and not native_transport_available():
+        message = "warden-client-native is not installed (pip install ./client/python-native)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return request.param

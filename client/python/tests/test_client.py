@@ -19,8 +19,9 @@ def signed(key, method="POST", path="/orders", query="", body=b"{}"):
 
 
 @pytest.fixture
-def client(warden):
-    c = WardenClient(warden.addr, timeout=2.0, **warden.tls())
+def client(warden, transport):
+    c = WardenClient(warden.addr, timeout=2.0, transport=transport, **warden.tls())
+    assert c.transport == transport
     yield c
     c.close()
 
@@ -110,8 +111,9 @@ def test_a_forked_child_never_reuses_the_parents_channel(warden, client):
     assert client.channel_pid == parent_pid
 
 
-def test_a_dead_server_costs_microseconds_once_the_breaker_opens(warden):
-    dead = WardenClient("127.0.0.1:1", timeout=0.3, breaker=CircuitBreaker(failures=2, reset_after=30), **warden.tls())
+def test_a_dead_server_costs_microseconds_once_the_breaker_opens(warden, transport):
+    dead = WardenClient("127.0.0.1:1", timeout=0.3, breaker=CircuitBreaker(failures=2, reset_after=30),
+                        transport=transport, **warden.tls())
     for _ in range(2):
         with pytest.raises(WardenUnavailable):
             dead.check(CheckRequest(key_id="k", method="GET", path="/"))
@@ -134,11 +136,11 @@ def test_reason_names_come_from_the_proto_enum():
         assert reason_name(value) == name.removeprefix("REASON_").lower()
 
 
-def test_with_several_targets_a_node_that_is_down_is_not_noticed(warden):
+def test_with_several_targets_a_node_that_is_down_is_not_noticed(warden, transport):
     key = warden.create_key("--owner", "py-failover")
     # A node that refuses connections, and a live one: every call lands,
     # whichever target its turn starts at.
-    c = WardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, **warden.tls())
+    c = WardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, transport=transport, **warden.tls())
     try:
         assert c.targets == ["127.0.0.1:1", warden.addr]
         answers = [c.check(signed(key)) for _ in range(6)]
@@ -147,15 +149,15 @@ def test_with_several_targets_a_node_that_is_down_is_not_noticed(warden):
     finally:
         c.close()
     # The same, written as one comma-separated string (as in an env var).
-    c = WardenClient(f"127.0.0.1:1, {warden.addr}", timeout=2.0, **warden.tls())
+    c = WardenClient(f"127.0.0.1:1, {warden.addr}", timeout=2.0, transport=transport, **warden.tls())
     try:
         assert c.check(signed(key)).allowed
     finally:
         c.close()
 
 
-def test_when_every_target_is_down_the_call_fails_as_unavailable(warden):
-    c = WardenClient("127.0.0.1:1,127.0.0.1:2", timeout=1.0, **warden.tls())
+def test_when_every_target_is_down_the_call_fails_as_unavailable(warden, transport):
+    c = WardenClient("127.0.0.1:1,127.0.0.1:2", timeout=1.0, transport=transport, **warden.tls())
     try:
         with pytest.raises(WardenUnavailable):
             c.check(key_id="k", method="GET", path="/")
@@ -174,3 +176,122 @@ def test_the_async_client_fails_over_too(warden):
             await c.close()
 
     assert all(a.allowed for a in asyncio.run(run()))
+
+
+def test_a_server_that_never_answers_costs_the_deadline_and_no_more(warden, transport):
+    # Accepts connections and never speaks: no TLS handshake, no answer.
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    c = WardenClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.3, transport=transport, **warden.tls())
+    try:
+        started = time.monotonic()
+        with pytest.raises(WardenUnavailable) as e:
+            c.check(key_id="k", method="GET", path="/")
+        elapsed = time.monotonic() - started
+        assert e.value.code.name in ("DEADLINE_EXCEEDED", "UNAVAILABLE"), e.value.code
+        assert 0.25 <= elapsed < 2.0, elapsed
+    finally:
+        c.close()
+        silent.close()
+
+
+def test_a_server_whose_certificate_the_ca_did_not_sign_is_unavailable(warden, transport, tmp_path):
+    # The client's own certificate as its "CA": warden's certificate does not
+    # chain to it, so no call may go through.
+    wrong_ca = tmp_path / "wrong-ca.pem"
+    wrong_ca.write_bytes(open(warden.tls()["cert"], "rb").read())
+    c = WardenClient(warden.addr, timeout=2.0, transport=transport, **{**warden.tls(), "ca": str(wrong_ca)})
+    try:
+        with pytest.raises(WardenUnavailable):
+            c.check(key_id="k", method="GET", path="/")
+    finally:
+        c.close()
+
+
+def test_of_identical_requests_from_many_threads_exactly_one_wins(warden, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = warden.create_key("--owner", "py-race")
+    req = signed(key)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: client.check(req), range(32)))
+    assert sorted(a.reason for a in answers) == ["ok"] + ["replay"] * 31
+    # And distinct requests from many threads all land on the one client.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: client.check(signed(key, path=f"/t/{i}")), range(64)))
+    assert all(a.allowed for a in answers), [a.reason for a in answers if not a.allowed]
+
+
+def test_sign_webhook_errors_arrive_as_the_same_exceptions(warden, client):
+    from warden_client import WardenError
+
+    # An unknown key: warden refuses the call itself (not a denial).
+    with pytest.raises(WardenError) as e:
+        client.sign_webhook("no-such-key", "standard-webhooks", b"{}")
+    assert not isinstance(e.value, WardenUnavailable)
+    assert e.value.code is not None and e.value.code.name in ("NOT_FOUND", "PERMISSION_DENIED", "INVALID_ARGUMENT")
+
+
+def test_a_transport_is_chosen_explicitly_or_refused(warden, monkeypatch):
+    import warden_client.client as module
+
+    with pytest.raises(ValueError, match="transport must be one of"):
+        WardenClient(warden.addr, transport="carrier-pigeon", **warden.tls())
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        WardenClient(warden.addr, timeout=0, **warden.tls())
+    assert WardenClient(warden.addr, transport="grpcio", **warden.tls()).transport == "grpcio"
+    # Without the compiled transport installed, "auto" is grpcio and
+    # "native" is a clear error, not a silent fallback.
+    monkeypatch.setattr(module, "_native", None)
+    assert WardenClient(warden.addr, **warden.tls()).transport == "grpcio"
+    with pytest.raises(ValueError, match="warden-client-native"):
+        WardenClient(warden.addr, transport="native", **warden.tls())
+
+
+def test_the_compiled_channel_refuses_bad_arguments_before_sending(warden, transport):
+    if transport != "native":
+        pytest.skip("the compiled channel only")
+    import warden_client_native
+
+    tls = {k: open(v, "rb").read() for k, v in warden.tls().items()}
+    channel = warden_client_native.Channel(warden.addr, tls["ca"], tls["cert"], tls["key"])
+    for method in ("Check", "/warden.v1.Warden", "warden.v1.Warden/Check", "/a/b/c"):
+        with pytest.raises(ValueError, match="method"):
+            channel.unary(method, b"", 1.0)
+    for timeout in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            channel.unary("/warden.v1.Warden/Check", b"", timeout)
+    # Bytes that are no CheckRequest: warden answers in-band, MALFORMED, and
+    # the channel carries on.
+    from warden_client._proto.warden.v1 import warden_pb2
+
+    answer = warden_pb2.CheckResponse.FromString(channel.unary("/warden.v1.Warden/Check", b"\xff\xff\xff", 2.0))
+    assert answer.reason == warden_pb2.REASON_MALFORMED
+    with pytest.raises(warden_client_native.RpcError) as e:
+        channel.unary("/warden.v1.Warden/NoSuchMethod", b"", 2.0)
+    assert e.value.args[0] == 12  # UNIMPLEMENTED
+
+
+def test_an_idle_client_does_not_hold_up_a_server_shutting_down(tmp_path, transport):
+    # A draining server waits for its clients to acknowledge GOAWAY; a
+    # connection nobody drives between calls would keep it waiting for the
+    # whole drain timeout (30 s).
+    from conftest import start_warden
+
+    server = start_warden(tmp_path / "dev")
+    try:
+        key = server.create_key("--owner", "py-idle")
+        c = WardenClient(server.addr, timeout=2.0, transport=transport, **server.tls())
+        assert c.check(signed(key)).allowed
+        time.sleep(0.5)  # idle: no call in flight
+        started = time.monotonic()
+        server.proc.terminate()
+        server.proc.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        assert server.proc.returncode == 0, "".join(server.stderr_lines[-5:])
+        c.close()
+    finally:
+        server.stop()

@@ -12,6 +12,9 @@ connection setting.
         "KEY": "/etc/warden/app-key.pem",
         "SERVER_NAME": None,                 # expected name in warden's certificate
         "TIMEOUT": 0.5,                      # seconds, every call
+        "TRANSPORT": "auto",                 # "native" (compiled, pip install
+                                             # "warden-client[native]"), "grpcio",
+                                             # or "auto": native when installed
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
         "EXEMPT_PATHS": ["/health"],         # prefixes never checked, no call made
         "PUBLIC_PATHS": ["/api/login"],      # no credentials needed; only ROUTE_LIMITS apply
@@ -37,7 +40,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from warden_client.client import CircuitBreaker, WardenClient
+from warden_client.client import TRANSPORTS, CircuitBreaker, WardenClient
 
 _clients: dict[tuple, WardenClient] = {}
 _lock = threading.Lock()
@@ -65,6 +68,7 @@ class Conf:
     key: str
     server_name: str | None = None
     timeout: float = 0.5
+    transport: str = "auto"
     protected: tuple[str, ...] = ("/",)
     exempt: tuple[str, ...] = ()
     public: tuple[str, ...] = ()
@@ -89,14 +93,14 @@ class Conf:
         return any(path.startswith(p) for p in self.public)
 
     def client(self) -> WardenClient:
-        ident = (self.target, self.ca, self.cert, self.key, self.server_name, self.timeout,
+        ident = (self.target, self.ca, self.cert, self.key, self.server_name, self.timeout, self.transport,
                  self.breaker_failures, self.breaker_reset_after)
         with _lock:
             client = _clients.get(ident)
             if client is None:
                 client = WardenClient(
                     self.target, self.cert, self.key, self.ca,
-                    server_name=self.server_name, timeout=self.timeout,
+                    server_name=self.server_name, timeout=self.timeout, transport=self.transport,
                     breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after),
                 )
                 _clients[ident] = client
@@ -116,6 +120,9 @@ def get_conf() -> Conf:
     mode = raw.get("FAILURE_MODE", "closed")
     if mode not in ("closed", "open"):
         raise ImproperlyConfigured('settings.WARDEN["FAILURE_MODE"] must be "closed" or "open"')
+    transport = raw.get("TRANSPORT", "auto")
+    if transport not in TRANSPORTS:
+        raise ImproperlyConfigured(f'settings.WARDEN["TRANSPORT"] must be one of {", ".join(TRANSPORTS)}')
     breaker = raw.get("BREAKER", {})
     return Conf(
         target=raw["TARGET"] if isinstance(raw["TARGET"], str) else tuple(raw["TARGET"]),
@@ -124,6 +131,7 @@ def get_conf() -> Conf:
         key=str(raw["KEY"]),
         server_name=raw.get("SERVER_NAME"),
         timeout=float(raw.get("TIMEOUT", 0.5)),
+        transport=transport,
         protected=tuple(raw.get("PROTECTED_PATHS", ("/",))),
         exempt=tuple(raw.get("EXEMPT_PATHS", ())),
         public=tuple(raw.get("PUBLIC_PATHS", ())),
