@@ -57,12 +57,19 @@ struct Channel {
     pid: u32,
 }
 
+/// How long the connection goes undriven after a call before the keeper
+/// takes it over: far below the server's keepalive timeout (10 s) and
+/// drain timeout (30 s).
+const KEEPER_GRACE: Duration = Duration::from_millis(50);
+
 /// Who drives the runtime: the threads making calls, or the keeper while
 /// there are none.
 #[derive(Default)]
 struct Turns {
     /// Calls running now; changed under `lock`'s watch (see `Turns::end`).
     calls: AtomicUsize,
+    /// Calls begun so far.
+    begun: AtomicUsize,
     closing: AtomicBool,
     /// Tells the keeper, while it drives the runtime, to step aside.
     step_aside: tokio::sync::Notify,
@@ -74,6 +81,7 @@ struct Turns {
 impl Turns {
     /// A call is about to drive the runtime itself.
     fn begin(&self) {
+        self.begun.fetch_add(1, Ordering::SeqCst);
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.step_aside.notify_one();
     }
@@ -92,22 +100,37 @@ impl Turns {
         self.calls_ended.notify_one();
     }
 
-    /// The keeper: drives the runtime whenever no call does, until closing.
+    /// The keeper: drives the runtime whenever no call has for
+    /// [`KEEPER_GRACE`], until closing. Not at once: handing the runtime
+    /// back to the next call costs two thread wake-ups, which calls a few
+    /// milliseconds apart (a busy app) should not pay.
     fn keep(&self, runtime: &tokio::runtime::Runtime) {
         loop {
-            {
-                let mut held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                while self.calls.load(Ordering::SeqCst) > 0 && !self.closing.load(Ordering::SeqCst)
-                {
+            let mut held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                if self.calls.load(Ordering::SeqCst) > 0 {
                     held = self
                         .calls_ended
                         .wait(held)
                         .unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                let begun = self.begun.load(Ordering::SeqCst);
+                held = self
+                    .calls_ended
+                    .wait_timeout(held, KEEPER_GRACE)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                let quiet = self.calls.load(Ordering::SeqCst) == 0
+                    && self.begun.load(Ordering::SeqCst) == begun;
+                if quiet && !self.closing.load(Ordering::SeqCst) {
+                    break;
                 }
             }
-            if self.closing.load(Ordering::SeqCst) {
-                return;
-            }
+            drop(held);
             // Runs the connection's tasks until a call wants the runtime.
             runtime.block_on(self.step_aside.notified());
         }

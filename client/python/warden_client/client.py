@@ -64,13 +64,13 @@ def _sign_request(key_id: str, scheme: str, payload: bytes | str, message_id: st
         payload = payload.encode()
     return SignWebhookRequest(key_id=key_id, scheme=scheme, payload=payload, message_id=message_id, timestamp=timestamp)
 
+_REASON_NAMES = {value: name.removeprefix("REASON_").lower() for name, value in warden_pb2.Reason.items()}
+
+
 def reason_name(reason: int) -> str:
     """The short name of a reason ("rate_limited"), derived from the proto
     enum's name exactly as warden's logs and metrics spell it."""
-    try:
-        return warden_pb2.Reason.Name(reason).removeprefix("REASON_").lower()
-    except ValueError:
-        return "unspecified"
+    return _REASON_NAMES.get(reason, "unspecified")
 
 
 # Calls that fail with these mean "warden is not there", not "denied".

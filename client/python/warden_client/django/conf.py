@@ -107,11 +107,29 @@ class Conf:
             return client
 
 
+_parsed: tuple[object, Conf] | None = None
+
+
 def get_conf() -> Conf:
+    """The parsed ``WARDEN`` setting. Parsed again whenever the setting is a
+    different object (``override_settings``, tests assigning it), not on
+    every request: a change made by mutating the same dict in place is not
+    seen."""
+    global _parsed
     from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
 
     raw = getattr(settings, "WARDEN", None)
+    parsed = _parsed
+    if parsed is not None and parsed[0] is raw:
+        return parsed[1]
+    conf = _parse(raw)
+    _parsed = (raw, conf)
+    return conf
+
+
+def _parse(raw) -> Conf:
+    from django.core.exceptions import ImproperlyConfigured
+
     if not raw:
         raise ImproperlyConfigured("settings.WARDEN is not set")
     missing = [k for k in ("TARGET", "CA", "CERT", "KEY") if not raw.get(k)]

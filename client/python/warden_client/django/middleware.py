@@ -11,6 +11,7 @@ the response. When warden is unreachable it fails closed (503) unless
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -38,6 +39,16 @@ PUBLIC_MESSAGES = {
     "rate_limited": "Too many requests.",
     "locked_out": "Too many failed attempts; try again later.",
 }
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized_address(address: str) -> str | None:
+    """The address in its one written form, or ``None`` when it is none.
+    Cached: the same clients come back, and parsing is most of the cost."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 def _meta_name(header: str) -> str:
@@ -134,10 +145,9 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     # Failed attempts are charged to their source: with the address, one
     # client's bad signatures never lock out another behind this app.
     address = client_ip(request, conf)
-    try:
-        req.client_address = str(ipaddress.ip_address(address))
-    except ValueError:
-        pass
+    normalized = _normalized_address(address)
+    if normalized:
+        req.client_address = normalized
     subject = key_id or address
     for rl in conf.route_limits:
         if rl.matches(req.method, request.path):
