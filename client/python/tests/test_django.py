@@ -158,3 +158,20 @@ def test_several_targets_in_the_settings_fail_over_without_the_app_noticing(clie
     for _ in range(3):
         r = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
         assert r.status_code == 200, r.content
+
+
+def test_the_middleware_answers_the_same_over_either_transport(client, key, warden_settings, transport):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from warden_client.django.conf import get_conf
+
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TRANSPORT": transport}
+    assert get_conf().client().transport == transport
+    h = headers(key, "POST", "/api/orders", body=b'{"qty": 1}')
+    r = client.post("/api/orders", data=b'{"qty": 1}', content_type="application/json", **h)
+    assert r.status_code == 200, r.content
+    r = client.post("/api/orders", data=b'{"qty": 1}', content_type="application/json", **h)
+    assert r.status_code == 401 and r.json()["error"] == "replay"
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TRANSPORT": "smoke-signals"}
+    with pytest.raises(ImproperlyConfigured, match="TRANSPORT"):
+        get_conf()

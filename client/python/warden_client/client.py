@@ -16,7 +16,7 @@ not retried, since a retried request could be refused as its own replay.
 Two transports carry the calls of ``WardenClient``: grpcio, always there,
 and the compiled one of the ``warden-client-native`` package (Rust: tonic
 over rustls), which costs a fraction of grpcio's time per call and is used
-when installed (``pip install "warden-client[native]"``). ``transport=``
+when installed (``pip install ./client/python-native`` from a checkout). ``transport=``
 picks one: ``"auto"`` (the default: native when installed), ``"native"``
 (an error when it is not installed) or ``"grpcio"``. Messages, errors,
 fail-over and the breaker are the same with either.
@@ -241,6 +241,11 @@ class NativeRpcError(grpc.RpcError):
         return self._details
 
 
+def _as_rpc_error(e: Exception) -> NativeRpcError:
+    code, details = e.args
+    return NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details)
+
+
 class _NativeStub:
     """The generated stub's calls that the client makes, over the compiled
     transport: messages are built and read by the generated classes here,
@@ -257,8 +262,7 @@ class _NativeStub:
         try:
             raw = self._channel.unary(path, request.SerializeToString(), timeout)
         except _native.RpcError as e:
-            code, details = e.args
-            raise NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details) from None
+            raise _as_rpc_error(e) from None
         return answer_type.FromString(raw)
 
     def Check(self, request: CheckRequest, timeout: float) -> warden_pb2.CheckResponse:
@@ -271,8 +275,7 @@ class _NativeStub:
         try:
             raw = self._channel.stream(self._CHECK_STREAM, [r.SerializeToString() for r in requests], timeout)
         except _native.RpcError as e:
-            code, details = e.args
-            raise NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details) from None
+            raise _as_rpc_error(e) from None
         return [warden_pb2.CheckResponse.FromString(r) for r in raw]
 
 
@@ -341,7 +344,7 @@ class WardenClient(_Base):
         if transport == "native" and _native is None:
             raise ValueError(
                 'warden client: transport "native" needs the warden-client-native package '
-                '(pip install "warden-client[native]")'
+                "(pip install ./client/python-native)"
             )
         if transport == "auto":
             transport = "native" if _native is not None else "grpcio"

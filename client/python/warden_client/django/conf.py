@@ -12,8 +12,8 @@ connection setting.
         "KEY": "/etc/warden/app-key.pem",
         "SERVER_NAME": None,                 # expected name in warden's certificate
         "TIMEOUT": 0.5,                      # seconds, every call
-        "TRANSPORT": "auto",                 # "native" (compiled, pip install
-                                             # "warden-client[native]"), "grpcio",
+        "TRANSPORT": "auto",                 # "native" (compiled: warden-client-native,
+                                             # client/python-native), "grpcio",
                                              # or "auto": native when installed
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
         "EXEMPT_PATHS": ["/health"],         # prefixes never checked, no call made
