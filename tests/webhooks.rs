@@ -318,32 +318,26 @@ async fn stale_future_and_unreadable_deliveries_are_refused_and_change_nothing()
         "{}",
         r.message
     );
-    let mut mixed = delivery(
-        "wh_stripe",
-        "stripe",
-        &stripe(STRIPE_SECRET, now, body),
-        body,
-    );
+    // A genuinely signed Stripe delivery, spoiled differently below.
+    let genuine = || {
+        delivery(
+            "wh_stripe",
+            "stripe",
+            &stripe(STRIPE_SECRET, now, body),
+            body,
+        )
+    };
+    let mut mixed = genuine();
     mixed.nonce = "n".repeat(20);
     assert_eq!(reason(&mut client, mixed).await, Reason::Malformed);
     // A flood of headers, or one huge header, beside a genuine signature:
     // refused before anything is verified or remembered.
-    let mut flooded = delivery(
-        "wh_stripe",
-        "stripe",
-        &stripe(STRIPE_SECRET, now, body),
-        body,
-    );
+    let mut flooded = genuine();
     for i in 0..16 {
         flooded.headers.insert(format!("x-junk-{i}"), "j".into());
     }
     assert_eq!(reason(&mut client, flooded).await, Reason::Malformed);
-    let mut huge = delivery(
-        "wh_stripe",
-        "stripe",
-        &stripe(STRIPE_SECRET, now, body),
-        body,
-    );
+    let mut huge = genuine();
     huge.headers.insert("x-junk".into(), "j".repeat(8 * 1024));
     assert_eq!(reason(&mut client, huge).await, Reason::Malformed);
     let mut headers_without_scheme = delivery(
@@ -358,13 +352,7 @@ async fn stale_future_and_unreadable_deliveries_are_refused_and_change_nothing()
         Reason::Malformed
     );
     // None of that remembered anything: the genuine delivery passes.
-    let genuine = delivery(
-        "wh_stripe",
-        "stripe",
-        &stripe(STRIPE_SECRET, now, body),
-        body,
-    );
-    assert_eq!(reason(&mut client, genuine).await, Reason::Ok);
+    assert_eq!(reason(&mut client, genuine()).await, Reason::Ok);
 }
 
 #[tokio::test]

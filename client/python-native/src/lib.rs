@@ -66,16 +66,13 @@ const KEEPER_GRACE: Duration = Duration::from_millis(50);
 /// there are none.
 #[derive(Default)]
 struct Turns {
-    /// Calls running now; changed under `lock`'s watch (see `Turns::end`).
+    /// Calls running now.
     calls: AtomicUsize,
-    /// Calls begun so far.
+    /// Calls begun so far: the keeper takes over only after a quiet spell.
     begun: AtomicUsize,
     closing: AtomicBool,
     /// Tells the keeper, while it drives the runtime, to step aside.
     step_aside: tokio::sync::Notify,
-    /// Tells the keeper, while it waits, that calls ended (or closing).
-    lock: std::sync::Mutex<()>,
-    calls_ended: std::sync::Condvar,
 }
 
 impl Turns {
@@ -87,52 +84,31 @@ impl Turns {
     }
 
     fn end(&self) {
-        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.calls_ended.notify_one();
-        }
+        self.calls.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn close(&self) {
+    /// Stops the keeper, wherever it is: driving (told to step aside) or
+    /// between looks (unparked).
+    fn close(&self, keeper: &std::thread::Thread) {
         self.closing.store(true, Ordering::SeqCst);
         self.step_aside.notify_one();
-        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.calls_ended.notify_one();
+        keeper.unpark();
     }
 
-    /// The keeper: drives the runtime whenever no call has for
+    /// The keeper: drives the runtime whenever no call has begun for
     /// [`KEEPER_GRACE`], until closing. Not at once: handing the runtime
     /// back to the next call costs two thread wake-ups, which calls a few
     /// milliseconds apart (a busy app) should not pay.
     fn keep(&self, runtime: &tokio::runtime::Runtime) {
-        loop {
-            let mut held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if self.closing.load(Ordering::SeqCst) {
-                    return;
-                }
-                if self.calls.load(Ordering::SeqCst) > 0 {
-                    held = self
-                        .calls_ended
-                        .wait(held)
-                        .unwrap_or_else(|e| e.into_inner());
-                    continue;
-                }
-                let begun = self.begun.load(Ordering::SeqCst);
-                held = self
-                    .calls_ended
-                    .wait_timeout(held, KEEPER_GRACE)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-                let quiet = self.calls.load(Ordering::SeqCst) == 0
-                    && self.begun.load(Ordering::SeqCst) == begun;
-                if quiet && !self.closing.load(Ordering::SeqCst) {
-                    break;
-                }
+        while !self.closing.load(Ordering::SeqCst) {
+            let begun = self.begun.load(Ordering::SeqCst);
+            std::thread::park_timeout(KEEPER_GRACE);
+            let quiet = self.calls.load(Ordering::SeqCst) == 0
+                && self.begun.load(Ordering::SeqCst) == begun;
+            if quiet && !self.closing.load(Ordering::SeqCst) {
+                // Runs the connection's tasks until a call wants the runtime.
+                runtime.block_on(self.step_aside.notified());
             }
-            drop(held);
-            // Runs the connection's tasks until a call wants the runtime.
-            runtime.block_on(self.step_aside.notified());
         }
     }
 }
@@ -283,8 +259,8 @@ impl Drop for Channel {
             std::mem::forget((runtime, keeper));
             return;
         }
-        self.turns.close();
         if let Some(keeper) = keeper {
+            self.turns.close(keeper.thread());
             let _ = keeper.join();
         }
         drop(runtime);
