@@ -17,8 +17,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod coalescing;
 pub mod codec;
+mod connect;
 pub mod signing;
+
+pub use coalescing::Coalescing;
 
 /// Generated from `proto/warden/v1/warden.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -33,7 +37,7 @@ pub mod proto {
 use std::path::Path;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::warden_client::WardenClient;
 use crate::proto::{CheckRequest, CheckResponse, Reason};
@@ -48,6 +52,8 @@ pub enum Error {
     },
     #[error("invalid target address {0:?}")]
     Target(String),
+    #[error("invalid TLS material: {0}")]
+    Tls(String),
     #[error("cannot connect to warden: {0}")]
     Connect(#[from] tonic::transport::Error),
 }
@@ -214,30 +220,31 @@ impl Client {
 /// An mTLS channel to warden, for the generated stubs of any service it
 /// serves (`warden.v1`, `grpc.health.v1`, reflection). `target` is `host:port`.
 pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
-    Ok(tls_endpoint(target, &tls)?.connect().await?)
+    let (endpoint, connector) = tls_endpoint(target, &tls)?;
+    Ok(endpoint.connect_with_connector(connector).await?)
 }
 
 /// Like [`channel`], but connecting on first use and reconnecting by
 /// itself after a lost connection: for a long-lived channel to a server
 /// that may not be up yet. Without `tls`, plaintext (loopback only).
 pub fn lazy_channel(target: &str, tls: Option<&Tls>) -> Result<Channel, Error> {
-    let endpoint = match tls {
-        Some(tls) => tls_endpoint(target, tls)?,
-        None => endpoint(&format!("http://{target}"))?,
-    };
-    Ok(endpoint.connect_lazy())
+    Ok(match tls {
+        Some(tls) => {
+            let (endpoint, connector) = tls_endpoint(target, tls)?;
+            endpoint.connect_with_connector_lazy(connector)
+        }
+        None => endpoint(&format!("http://{target}"))?.connect_lazy(),
+    })
 }
 
-fn tls_endpoint(target: &str, tls: &Tls) -> Result<Endpoint, Error> {
+fn tls_endpoint(target: &str, tls: &Tls) -> Result<(Endpoint, connect::Connector), Error> {
     let host = target
         .rsplit_once(':')
         .map(|(host, _)| host.trim_matches(['[', ']']))
         .ok_or_else(|| Error::Target(target.to_owned()))?;
-    let config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-        .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
-    Ok(endpoint(&format!("https://{target}"))?.tls_config(config)?)
+    let connector = connect::Connector::new(tls, tls.server_name.as_deref().unwrap_or(host))?;
+    // TLS is the connector's: to tonic the connection is plain HTTP/2.
+    Ok((endpoint(&format!("http://{target}"))?, connector))
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, Error> {
