@@ -177,6 +177,12 @@ peak=$(grep '"warden Check (unary)"' "$out/compare.jsonl" | python3 -c 'import j
 run "warden Check at 50% of peak" --backend warden --mode unary --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
 echo "== [7/8] C load generators" >&2
+# The mTLS warden is done: stopped, so its background sweeps of the
+# millions of nonces the runs above left do not take CPU from the
+# plaintext warden h2load measures.
+kill "$warden_pid" 2>/dev/null || true
+wait "$warden_pid" 2>/dev/null || true
+warden_pid=""
 c_loadgen
 echo "== [8/8] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
