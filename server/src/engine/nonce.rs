@@ -12,38 +12,57 @@ fn nanos(secs: u32) -> Nanos {
 }
 use super::{IdHasher, StateKey};
 
-/// A state id kept as two 32-bit halves. Beside a 32-bit expiry a `u64`
-/// key would be padded to a 16-byte entry; this one is 12 (4-byte
-/// aligned), which is most of what a remembered nonce costs. It hashes as
-/// the `u64` it stands for, so the map's id hasher applies unchanged.
+/// A nonce's state id without its top byte. That byte names an id's pool
+/// (see [`super::pools`]) and is the same for every nonce (`Pool::KEYS`:
+/// nonces are the key's own state, never counted against a pool), so the 7
+/// bytes kept are the whole of it. Byte arrays are not padded: beside the
+/// 4-byte forget time an entry is 11 bytes, most of what a remembered nonce
+/// costs (a `u64` there would pad the entry to 16). It hashes as the `u64`
+/// it stands for, so the map's id hasher applies unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PackedId([u32; 2]);
+struct NonceId([u8; 7]);
 
-impl PackedId {
+impl NonceId {
     fn new(id: u64) -> Self {
-        Self([(id >> 32) as u32, id as u32])
+        let [a, b, c, d, e, f, g, _pool] = id.to_le_bytes();
+        Self([a, b, c, d, e, f, g])
     }
 
     fn get(self) -> u64 {
-        (u64::from(self.0[0]) << 32) | u64::from(self.0[1])
+        let [a, b, c, d, e, f, g] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, 0])
     }
 }
 
-impl Hash for PackedId {
+impl Hash for NonceId {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.get());
     }
 }
 
+/// The second a nonce may be forgotten, as bytes for the same reason.
+#[derive(Clone, Copy, Debug)]
+struct ForgetAt([u8; 4]);
+
+impl ForgetAt {
+    fn new(secs: u32) -> Self {
+        Self(secs.to_le_bytes())
+    }
+
+    fn secs(self) -> u32 {
+        u32::from_le_bytes(self.0)
+    }
+}
+
 /// One shard's remembered nonces: key → the second it may be forgotten
 /// (rounded up; request timestamps are whole seconds anyway, and 4 bytes
-/// keep an entry at 12).
+/// keep an entry at 11).
 /// The bound on how many are remembered is global and kept by the engine
 /// (one hot key's nonces all live in one shard, so a per-shard bound would
 /// throttle exactly the busiest key).
 #[derive(Debug, Default)]
 pub struct NonceSet {
-    entries: HashMap<PackedId, u32, BuildHasherDefault<IdHasher>>,
+    entries: HashMap<NonceId, ForgetAt, BuildHasherDefault<IdHasher>>,
 }
 
 /// Whether a nonce has been used.
@@ -62,8 +81,8 @@ impl NonceSet {
 
     /// Whether `key` is still remembered at `now`.
     pub fn probe(&self, key: StateKey, now: Nanos) -> Claim {
-        match self.entries.get(&PackedId::new(key.id)) {
-            Some(&forget_at) if nanos(forget_at) > now => Claim::Seen,
+        match self.entries.get(&NonceId::new(key.id)) {
+            Some(forget_at) if nanos(forget_at.secs()) > now => Claim::Seen,
             _ => Claim::Fresh,
         }
     }
@@ -73,13 +92,15 @@ impl NonceSet {
     /// (false when an expired entry was replaced).
     pub fn insert(&mut self, key: StateKey, forget_at: Nanos) -> bool {
         let secs = u32::try_from(forget_at.ceil_secs()).unwrap_or(u32::MAX);
-        self.entries.insert(PackedId::new(key.id), secs).is_none()
+        self.entries
+            .insert(NonceId::new(key.id), ForgetAt::new(secs))
+            .is_none()
     }
 
     /// Forgets `key` (a reservation given back). Returns whether it was
     /// there.
     pub fn remove(&mut self, key: StateKey) -> bool {
-        self.entries.remove(&PackedId::new(key.id)).is_some()
+        self.entries.remove(&NonceId::new(key.id)).is_some()
     }
 
     /// Removes and returns the nonces whose id `wanted` names, with the
@@ -88,7 +109,7 @@ impl NonceSet {
         let mut taken = Vec::new();
         self.entries.retain(|&id, &mut forget_at| {
             if wanted(id.get()) {
-                taken.push((id.get(), forget_at));
+                taken.push((id.get(), forget_at.secs()));
                 false
             } else {
                 true
@@ -100,13 +121,14 @@ impl NonceSet {
     /// Remembers `key` until `forget_at_secs` or its own expiry, whichever
     /// is later (state handed over). Returns whether the set grew.
     pub fn merge(&mut self, key: StateKey, forget_at_secs: u32) -> bool {
-        match self.entries.get_mut(&PackedId::new(key.id)) {
+        match self.entries.get_mut(&NonceId::new(key.id)) {
             Some(at) => {
-                *at = (*at).max(forget_at_secs);
+                *at = ForgetAt::new(at.secs().max(forget_at_secs));
                 false
             }
             None => {
-                self.entries.insert(PackedId::new(key.id), forget_at_secs);
+                self.entries
+                    .insert(NonceId::new(key.id), ForgetAt::new(forget_at_secs));
                 true
             }
         }
@@ -115,7 +137,8 @@ impl NonceSet {
     /// Drops every nonce that may be forgotten at `now`; returns how many.
     pub fn sweep(&mut self, now: Nanos) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|_, forget_at| nanos(*forget_at) > now);
+        self.entries
+            .retain(|_, forget_at| nanos(forget_at.secs()) > now);
         shrink_if_sparse(&mut self.entries);
         before - self.entries.len()
     }
@@ -142,19 +165,33 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn a_remembered_nonce_costs_a_twelve_byte_entry_and_keeps_its_whole_id() {
-        assert_eq!(std::mem::size_of::<(PackedId, u32)>(), 12);
-        for id in [0, 1, u64::MAX, 0x00ff_ffff_0000_0001, 0x8000_0000_0000_0000] {
-            assert_eq!(PackedId::new(id).get(), id);
+    fn a_remembered_nonce_costs_an_eleven_byte_entry_and_keeps_every_id_bit() {
+        assert_eq!(std::mem::size_of::<(NonceId, ForgetAt)>(), 11);
+        // Every bit below the pool byte, which is 0 (Pool::KEYS) for every
+        // nonce the engine makes.
+        for id in [
+            0,
+            1,
+            (1 << 56) - 1,
+            0x00ff_ffff_0000_0001,
+            0x0080_0000_0000_0000,
+        ] {
+            assert_eq!(NonceId::new(id).get(), id);
         }
-        // Ids that differ only in one half are different entries.
+        assert_eq!(ForgetAt::new(u32::MAX).secs(), u32::MAX);
+        // Ids that differ in any one byte are different entries.
         let mut set = NonceSet::new();
         let at = Nanos::from_secs(100);
-        let key = |id| StateKey { id, shard: 0 };
-        assert!(set.insert(key(1 << 32), at));
-        assert!(set.insert(key(1), at));
-        assert_eq!(set.len(), 2);
-        assert_eq!(set.probe(key((1 << 32) | 1), Nanos::ZERO), Claim::Fresh);
+        for byte in 0..7 {
+            assert!(set.insert(key(1 << (8 * byte)), at));
+        }
+        assert_eq!(set.len(), 7);
+        assert_eq!(set.probe(key(3), Nanos::ZERO), Claim::Fresh);
+        assert_eq!(set.probe(key(1 << 48), Nanos::ZERO), Claim::Seen);
+        // Handed over and taken back, an id comes out as it went in.
+        assert!(set.merge(key(0x0012_3456_789a_bcde), 200));
+        let taken = set.take(|id| id == 0x0012_3456_789a_bcde);
+        assert_eq!(taken, vec![(0x0012_3456_789a_bcde, 200)]);
     }
 
     const SEC: Nanos = Nanos::from_secs(1);
