@@ -4,6 +4,9 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use support::Server;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use warden::dev::Ca;
@@ -110,4 +113,98 @@ async fn the_server_name_can_differ_from_the_address() {
         Err(_) => true,
     };
     assert!(refused);
+}
+
+#[tokio::test]
+async fn tls_material_that_does_not_parse_is_a_clear_error_at_setup() {
+    let server = Server::dev();
+    let dir = &server.dir;
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let cases = [
+        (
+            Tls::from_pem(
+                b"not a pem".to_vec(),
+                read("client.pem"),
+                read("client-key.pem"),
+            ),
+            "CA certificate",
+        ),
+        (
+            Tls::from_pem(read("ca.pem"), b"".to_vec(), read("client-key.pem")),
+            "client certificate",
+        ),
+        (
+            Tls::from_pem(read("ca.pem"), read("client.pem"), read("client.pem")),
+            "client key",
+        ),
+    ];
+    for (tls, what) in cases {
+        match Client::connect(&server.addr, tls).await {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => {
+                let message = e.to_string();
+                assert!(message.contains(what), "{what}: {message}");
+                assert!(!message.contains("PRIVATE KEY"), "{message}");
+            }
+        }
+    }
+}
+
+/// A loopback relay between a client and `upstream` that counts the reads
+/// it makes on the client's side: one per write the client made, since a
+/// small write arrives whole. Plain threads, so that it reads as soon as
+/// bytes arrive, whatever the client's runtime is doing.
+fn counting_relay(upstream: String) -> (String, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    std::thread::spawn(move || {
+        let (mut from_client, _) = listener.accept().unwrap();
+        let mut to_server = std::net::TcpStream::connect(upstream).unwrap();
+        let (mut from_server, mut to_client) = (
+            to_server.try_clone().unwrap(),
+            from_client.try_clone().unwrap(),
+        );
+        std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = from_client.read(&mut buf) {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if to_server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    (addr, reads)
+}
+
+#[tokio::test]
+async fn a_request_leaves_the_client_in_one_write() {
+    // hyper writes a request's HEADERS and its DATA frame separately; the
+    // client's connections hold them for one turn and send them together,
+    // so the server wakes once per call. Over a relay that counts what
+    // arrives: one read per call.
+    let server = Server::dev();
+    let (relay, reads) = counting_relay(server.addr.clone());
+    let tls = server.tls().with_server_name("localhost");
+    let mut client = Client::connect(&relay, tls).await.unwrap();
+    let body = vec![b'x'; 1024];
+    let signer = server.signer();
+    // The first call settles the connection (SETTINGS and their ACKs).
+    let first = client
+        .check(signer.check_request("POST", "/orders", "", &body))
+        .await;
+    assert_eq!(first.unwrap().reason(), Reason::Ok);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let before = reads.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let answer = client
+            .check(signer.check_request("POST", "/orders", "", &body))
+            .await
+            .unwrap();
+        assert_eq!(answer.reason(), Reason::Ok);
+    }
+    let after = reads.load(Ordering::SeqCst);
+    assert_eq!(after - before, 20, "writes for 20 calls");
 }
