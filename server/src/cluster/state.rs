@@ -550,7 +550,7 @@ impl ClusterState {
                 .map(|n| (n.name.clone(), n.address.clone()))
                 .collect();
             if !receivers.is_empty() {
-                let entries = self.checker.engine().take_slots(moved);
+                let entries = self.checker.engine().take_slots(moved, self.checker.now());
                 self.send_entries(&now, receivers, entries, now.version)
                     .await;
             }
@@ -571,7 +571,10 @@ impl ClusterState {
         if receivers.is_empty() {
             return;
         }
-        let entries = self.checker.engine().take_slots(|_| true);
+        let entries = self
+            .checker
+            .engine()
+            .take_slots(|_| true, self.checker.now());
         let count = entries.len();
         self.send_entries(&without, receivers, entries, 0).await;
         tracing::info!(
@@ -701,7 +704,7 @@ impl ClusterState {
                 },
             });
         }
-        engine.import(&entries);
+        engine.import(&entries, self.checker.now());
         metrics::counter!("warden_cluster_handoff_entries_received_total")
             .increment(entries.len() as u64);
         if batch.last {
@@ -816,7 +819,7 @@ impl ClusterState {
             if Some(owner) != table.me() {
                 this.checker
                     .engine()
-                    .import(&[Entry::Bucket { id: key.id, tat }]);
+                    .import(&[Entry::Bucket { id: key.id, tat }], now);
             }
             let batch = HandOffBatch {
                 from: this.membership.node().to_owned(),

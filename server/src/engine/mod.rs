@@ -447,7 +447,7 @@ impl Engine {
             }
             if let Some((key, forget_at)) = &request.nonce {
                 let i = shard(key);
-                if guards[i].nonces.insert(*key, *forget_at) {
+                if guards[i].nonces.insert(*key, *forget_at, now) {
                     self.nonce_count.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -614,7 +614,7 @@ impl Engine {
     /// Removes and returns every entry whose slot `wanted` names: the state
     /// a cluster node hands to the slots' new owner. One shard at a time;
     /// the caller makes sure no check writes to those slots meanwhile.
-    pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool) -> Vec<Entry> {
+    pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool, now: Nanos) -> Vec<Entry> {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
             let mut s = shard.lock();
@@ -635,7 +635,7 @@ impl Engine {
                 taken.push(Entry::Window { id, state: *w });
                 false
             });
-            let nonces = s.nonces.take(|id| wanted(slot_of(id)));
+            let nonces = s.nonces.take(|id| wanted(slot_of(id)), now);
             self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
             taken.extend(
                 nonces
@@ -649,7 +649,7 @@ impl Engine {
     /// Merges entries handed over by another node (with ids tagged with
     /// this engine's pools). What is already here and says more wins: the
     /// later TAT, the later nonce expiry, the larger window counts.
-    pub fn import(&self, entries: &[Entry]) {
+    pub fn import(&self, entries: &[Entry], now: Nanos) {
         for entry in entries {
             let key = self.placed(entry.id());
             let mut s = self.shards[key.shard as usize].lock();
@@ -681,7 +681,7 @@ impl Engine {
                     }
                 },
                 Entry::Nonce { forget_at_secs, .. } => {
-                    if s.nonces.merge(key, forget_at_secs) {
+                    if s.nonces.merge(key, forget_at_secs, now) {
                         self.nonce_count.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;
