@@ -226,7 +226,8 @@ pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
 
 /// Like [`channel`], but connecting on first use and reconnecting by
 /// itself after a lost connection: for a long-lived channel to a server
-/// that may not be up yet. Without `tls`, plaintext (loopback only).
+/// that may not be up yet. Without `tls`, plaintext (loopback only, for
+/// experiments: tonic's own connections, not [`Coalescing`]).
 pub fn lazy_channel(target: &str, tls: Option<&Tls>) -> Result<Channel, Error> {
     Ok(match tls {
         Some(tls) => {

@@ -84,7 +84,7 @@ pub enum Io {
 /// An accepted connection: mTLS, or plaintext on loopback when explicitly
 /// configured. It closes itself after `idle_timeout` without calls (HTTP/2
 /// pings do not count as activity). Its writes are [`Coalescing`]: answers
-/// that finish together leave in one write (a third less server CPU per
+/// that finish together leave in one write (a fifth less server CPU per
 /// call under load, measured with h2load).
 ///
 /// [`Coalescing`]: warden_client::Coalescing
