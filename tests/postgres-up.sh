@@ -32,11 +32,23 @@ fi
 dir=$(mktemp -d /tmp/warden-pg.XXXXXX)
 chmod 755 "$dir"
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
-# Below the kernel's ephemeral range (32768+), where nothing else takes it
-# by chance, and below the tests' own ports (see free_port).
-port=$(( 15000 + RANDOM % 8000 ))
 as_postgres "$pgbin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
-as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+# Below the kernel's ephemeral range (32768+), where nothing else takes it
+# by chance, and below the tests' own ports (see free_port). Several of
+# these servers run at once (the suite's, and cluster tests' own), so a
+# port another one holds is possible: then another port.
+started=""
+for _ in 1 2 3 4 5 6 7 8; do
+  port=$(( 15000 + RANDOM % 8000 ))
+  if as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; then
+    started=1
+    break
+  fi
+done
+if [ -z "$started" ]; then
+  echo "pg_ctl: could not start PostgreSQL on any of 8 ports; see $dir/log" >&2
+  exit 1
+fi
 echo "export WARDEN_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
 echo "export WARDEN_TEST_POSTGRES_DIR=$dir"
