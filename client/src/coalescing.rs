@@ -69,11 +69,6 @@ impl<S> Coalescing<S> {
             held_at_turn: 0,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncWrite + Unpin> Coalescing<S> {
@@ -241,20 +236,17 @@ mod tests {
         // The flush waits a turn, and asks to be polled again.
         assert!(Pin::new(&mut s).poll_flush(cx).is_pending());
         assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(
-            s.get_ref().writes.is_empty(),
-            "nothing is sent before the turn"
-        );
+        assert!(s.inner.writes.is_empty(), "nothing is sent before the turn");
         // Another task adds its frame within that turn: one more turn.
         write(&mut s, cx, b"DATA");
         assert!(Pin::new(&mut s).poll_flush(cx).is_pending());
         // A turn that adds nothing: everything goes, in one write.
         assert!(Pin::new(&mut s).poll_flush(cx).is_ready());
-        assert_eq!(s.get_ref().writes, vec![b"HEADERSDATA".to_vec()]);
-        assert_eq!(s.get_ref().flushed, 1);
+        assert_eq!(s.inner.writes, vec![b"HEADERSDATA".to_vec()]);
+        assert_eq!(s.inner.flushed, 1);
         // A flush with nothing held goes straight through.
         assert!(Pin::new(&mut s).poll_flush(cx).is_ready());
-        assert_eq!(s.get_ref().writes.len(), 1);
+        assert_eq!(s.inner.writes.len(), 1);
     }
 
     #[test]
@@ -269,7 +261,7 @@ mod tests {
         write(&mut s, cx, b"frame");
         assert!(Pin::new(&mut s).poll_flush(cx).is_ready());
         assert_eq!(
-            s.get_ref().writes.concat().len(),
+            s.inner.writes.concat().len(),
             5 * (usize::from(MAX_TURNS) + 1)
         );
         // The next batch waits its turns again.
@@ -291,7 +283,7 @@ mod tests {
         assert!(Pin::new(&mut s).poll_flush(cx).is_pending()); // socket full
         s.inner.full = false;
         assert!(Pin::new(&mut s).poll_flush(cx).is_ready());
-        assert_eq!(s.get_ref().writes.concat(), b"0123456789");
+        assert_eq!(s.inner.writes.concat(), b"0123456789");
         assert!(s.held.is_empty());
     }
 
@@ -303,7 +295,7 @@ mod tests {
         let big = vec![7u8; MAX_HELD];
         // Nothing held: a large write goes straight to the stream.
         write(&mut s, cx, &big);
-        assert_eq!(s.get_ref().writes.len(), 1);
+        assert_eq!(s.inner.writes.len(), 1);
         assert!(s.held.is_empty());
         // Small writes pile up to the bound, then the next write sends them.
         let chunk = vec![1u8; 1024];
@@ -312,8 +304,8 @@ mod tests {
         }
         assert_eq!(s.held.len(), MAX_HELD);
         write(&mut s, cx, b"more");
-        assert_eq!(s.get_ref().writes.len(), 2);
-        assert_eq!(s.get_ref().writes[1].len(), MAX_HELD);
+        assert_eq!(s.inner.writes.len(), 2);
+        assert_eq!(s.inner.writes[1].len(), MAX_HELD);
         assert_eq!(s.held, b"more");
         // What a burst grew is given back once sent.
         assert!(s.held.capacity() <= KEPT_CAPACITY);
@@ -326,8 +318,8 @@ mod tests {
         let mut s = Coalescing::new(Recorder::default());
         write(&mut s, cx, b"GOAWAY");
         assert!(Pin::new(&mut s).poll_shutdown(cx).is_ready());
-        assert_eq!(s.get_ref().writes, vec![b"GOAWAY".to_vec()]);
-        assert!(s.get_ref().shut);
+        assert_eq!(s.inner.writes, vec![b"GOAWAY".to_vec()]);
+        assert!(s.inner.shut);
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl Hash for NonceId {
 /// bits (97 days). Forget times are at most 30 days ahead (the longest
 /// replay window the configuration accepts), and further ones are brought
 /// back to this, which never shortens a memory the freshness check needs.
-pub const MAX_AHEAD_SECS: u32 = (1 << 23) - 1;
+const MAX_AHEAD_SECS: u32 = (1 << 23) - 1;
 
 /// The second a nonce may be forgotten, kept as its low 24 bits (as bytes,
 /// for the reason above) and read against the current second by their
