@@ -24,6 +24,7 @@ pub mod clock;
 pub mod gcra;
 pub mod nonce;
 pub mod pools;
+mod table;
 pub mod window;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ pub use gcra::{Gcra, LimitStep};
 pub use nonce::{Claim, NonceSet};
 use pools::{Full, PoolTable};
 pub use pools::{Pool, PoolStats};
+use table::Table;
 pub use window::{Window, WindowKind, WindowState};
 
 /// Hashes a `StateKey` id for the shard maps. The id is already the output of
@@ -205,11 +207,77 @@ pub enum Outcome {
 /// handful, so a decision allocates nothing.
 pub type Verdicts = SmallVec<[LimitVerdict; 4]>;
 
+/// A GCRA bucket as a shard holds it: 16 bytes.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    id: u64,
+    tat: Nanos,
+}
+
+impl Bucket {
+    /// A TAT of 0 would read as a vacant slot; it is kept as 1 ns, which
+    /// means the same (a full bucket) at every time after that nanosecond
+    /// of 1970.
+    fn new(id: u64, tat: Nanos) -> Self {
+        Self {
+            id,
+            tat: tat.max(Nanos::new(1)),
+        }
+    }
+}
+
+impl table::Entry for Bucket {
+    const VACANT: Self = Bucket {
+        id: 0,
+        tat: Nanos::ZERO,
+    };
+    fn is_vacant(&self) -> bool {
+        self.tat == Nanos::ZERO
+    }
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// A window's counts as a shard holds them.
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    id: u64,
+    state: WindowState,
+}
+
+impl Counts {
+    /// Like a bucket's TAT, an `idle_at` of 0 is kept as 1 ns: idle either
+    /// way.
+    fn new(id: u64, mut state: WindowState) -> Self {
+        state.idle_at = state.idle_at.max(Nanos::new(1));
+        Self { id, state }
+    }
+}
+
+impl table::Entry for Counts {
+    const VACANT: Self = Counts {
+        id: 0,
+        state: WindowState {
+            index: 0,
+            idle_at: Nanos::ZERO,
+            prev: 0,
+            cur: 0,
+        },
+    };
+    fn is_vacant(&self) -> bool {
+        self.state.idle_at == Nanos::ZERO
+    }
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 /// One shard: everything owned by the keys that hash to it.
 #[derive(Debug)]
 struct Shard {
-    buckets: IdMap<Nanos>,
-    windows: IdMap<WindowState>,
+    buckets: Table<Bucket>,
+    windows: Table<Counts>,
     nonces: NonceSet,
     /// When this shard last swept itself because the nonce bound was hit.
     /// Such sweeps are rate-limited so a full set cannot turn every request
@@ -243,12 +311,12 @@ impl Shard {
     fn decide(&self, key: StateKey, limit: Limit, now: Nanos, cost: u64) -> (LimitVerdict, Next) {
         match limit {
             Limit::Gcra(g) => {
-                let held = self.buckets.get(&key.id).copied();
+                let held = self.buckets.get(key.id).map(|b| b.tat);
                 let v = g.decide(held, now, cost);
                 (strip(&v), Next::Bucket(v.next, held.is_some()))
             }
             Limit::Window(w) => {
-                let held = self.windows.get(&key.id).copied();
+                let held = self.windows.get(key.id).map(|c| c.state);
                 let v = w.decide(held, now, cost);
                 (strip(&v), Next::Window(v.next, held.is_some()))
             }
@@ -298,8 +366,8 @@ impl Engine {
         let shards = (0..count)
             .map(|_| {
                 Mutex::new(Shard {
-                    buckets: IdMap::default(),
-                    windows: IdMap::default(),
+                    buckets: Table::new(),
+                    windows: Table::new(),
                     nonces: NonceSet::new(),
                     last_pressure_sweep: Nanos::ZERO,
                 })
@@ -456,8 +524,10 @@ impl Engine {
                 let i = shard(key);
                 let s = &mut guards[i];
                 let new = match *next {
-                    Next::Bucket(tat, _) => s.buckets.insert(key.id, tat).is_none(),
-                    Next::Window(state, _) => s.windows.insert(key.id, state).is_none(),
+                    Next::Bucket(tat, _) => s.buckets.insert(Bucket::new(key.id, tat)).is_none(),
+                    Next::Window(state, _) => {
+                        s.windows.insert(Counts::new(key.id, state)).is_none()
+                    }
                 };
                 // Reserved above, once per pool; a second new entry of the
                 // same pool in one request is counted here.
@@ -508,13 +578,18 @@ impl Engine {
             let s = &mut guards[shard(key)];
             match limit {
                 Limit::Gcra(g) => {
-                    if let Some(tat) = s.buckets.get_mut(&key.id) {
-                        *tat = tat.saturating_sub(g.interval().saturating_mul(request.cost));
+                    if let Some(b) = s.buckets.get_mut(key.id) {
+                        let tat = b
+                            .tat
+                            .saturating_sub(g.interval().saturating_mul(request.cost));
+                        *b = Bucket::new(key.id, tat);
                     }
                 }
                 Limit::Window(w) => {
-                    if let Some(state) = s.windows.get_mut(&key.id) {
-                        w.refund(state, taken_at, request.cost);
+                    if let Some(c) = s.windows.get_mut(key.id) {
+                        let mut state = c.state;
+                        w.refund(&mut state, taken_at, request.cost);
+                        *c = Counts::new(key.id, state);
                     }
                 }
             }
@@ -557,12 +632,12 @@ impl Engine {
             .buckets
             .iter()
             .take(EVICTION_SCAN / 2)
-            .filter(|(id, _)| wanted(**id))
+            .filter(|b| wanted(b.id))
             .take(EVICTION_SAMPLE)
-            .map(|(&id, &tat)| (tat.saturating_sub(now), id))
+            .map(|b| (b.tat.saturating_sub(now), b.id))
             .min();
         if let Some((_, id)) = bucket {
-            s.buckets.remove(&id);
+            s.buckets.remove(id);
             self.pools.removed(Pool::of(id));
             self.pools.note_eviction(Pool::of(id));
             return true;
@@ -571,12 +646,15 @@ impl Engine {
             .windows
             .iter()
             .take(EVICTION_SCAN / 2)
-            .filter(|(id, _)| wanted(**id))
+            .filter(|c| wanted(c.id))
             .take(EVICTION_SAMPLE)
-            .map(|(&id, w)| (u64::from(w.cur) + u64::from(w.prev), w.idle_at, id))
+            .map(|c| {
+                let w = &c.state;
+                (u64::from(w.cur) + u64::from(w.prev), w.idle_at, c.id)
+            })
             .min();
         if let Some((_, _, id)) = window {
-            s.windows.remove(&id);
+            s.windows.remove(id);
             self.pools.removed(Pool::of(id));
             self.pools.note_eviction(Pool::of(id));
             return true;
@@ -592,16 +670,16 @@ impl Engine {
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             let before = (s.buckets.len(), s.windows.len());
-            let forget = |id: &u64| {
-                pools.removed(Pool::of(*id));
+            let forget = |id: u64| {
+                pools.removed(Pool::of(id));
                 false
             };
             s.buckets
-                .retain(|id, tat| !Gcra::is_idle(*tat, now) || forget(id));
+                .retain(|b| !Gcra::is_idle(b.tat, now) || forget(b.id));
             s.windows
-                .retain(|id, w| !Window::is_idle(w, now) || forget(id));
-            nonce::shrink_if_sparse(&mut s.buckets);
-            nonce::shrink_if_sparse(&mut s.windows);
+                .retain(|c| !Window::is_idle(&c.state, now) || forget(c.id));
+            s.buckets.shrink_if_sparse();
+            s.windows.shrink_if_sparse();
             removed.buckets += before.0 - s.buckets.len();
             removed.windows += before.1 - s.windows.len();
             let nonces = s.nonces.sweep(now);
@@ -619,7 +697,7 @@ impl Engine {
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             let pools = &self.pools;
-            s.buckets.retain(|&id, &mut tat| {
+            s.buckets.retain(|&mut Bucket { id, tat }| {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
@@ -627,12 +705,12 @@ impl Engine {
                 taken.push(Entry::Bucket { id, tat });
                 false
             });
-            s.windows.retain(|&id, w| {
+            s.windows.retain(|&mut Counts { id, state }| {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
                 pools.removed(Pool::of(id));
-                taken.push(Entry::Window { id, state: *w });
+                taken.push(Entry::Window { id, state });
                 false
             });
             let nonces = s.nonces.take(|id| wanted(slot_of(id)), now);
@@ -654,31 +732,25 @@ impl Engine {
             let key = self.placed(entry.id());
             let mut s = self.shards[key.shard as usize].lock();
             let new = match *entry {
-                Entry::Bucket { id, tat } => match s.buckets.get_mut(&id) {
+                Entry::Bucket { id, tat } => match s.buckets.get_mut(id) {
                     Some(here) => {
-                        *here = (*here).max(tat);
+                        here.tat = here.tat.max(tat);
                         false
                     }
-                    None => {
-                        s.buckets.insert(id, tat);
-                        true
-                    }
+                    None => s.buckets.insert(Bucket::new(id, tat)).is_none(),
                 },
-                Entry::Window { id, state } => match s.windows.get_mut(&id) {
-                    Some(w) if w.index == state.index => {
+                Entry::Window { id, state } => match s.windows.get_mut(id) {
+                    Some(Counts { state: w, .. }) if w.index == state.index => {
                         w.prev = w.prev.max(state.prev);
                         w.cur = w.cur.max(state.cur);
                         false
                     }
-                    Some(w) if w.index < state.index => {
-                        *w = state;
+                    Some(here) if here.state.index < state.index => {
+                        *here = Counts::new(id, state);
                         false
                     }
                     Some(_) => false,
-                    None => {
-                        s.windows.insert(id, state);
-                        true
-                    }
+                    None => s.windows.insert(Counts::new(id, state)).is_none(),
                 },
                 Entry::Nonce { forget_at_secs, .. } => {
                     if s.nonces.merge(key, forget_at_secs, now) {

@@ -296,9 +296,10 @@ fn held_in(engine: &Engine, pool: Pool) -> usize {
         .map(|s| {
             let s = s.lock();
             s.buckets
-                .keys()
-                .chain(s.windows.keys())
-                .filter(|id| Pool::of(**id) == pool)
+                .iter()
+                .map(|b| b.id)
+                .chain(s.windows.iter().map(|c| c.id))
+                .filter(|&id| Pool::of(id) == pool)
                 .count()
         })
         .sum()
