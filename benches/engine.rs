@@ -165,18 +165,18 @@ fn hmac_verify(c: &mut Criterion) {
 
 fn full_check(c: &mut Criterion) {
     let policies = [
-        Policy {
-            name: "per-key".into(),
-            limit: Limit::Gcra(Gcra::new(u32::MAX as u64, SEC, u32::MAX as u64)),
-            period: Duration::from_secs(1),
-            max_entries: None,
-        },
-        Policy {
-            name: "per-ip".into(),
-            limit: Limit::Window(Window::new(WindowKind::Sliding, u32::MAX as u64, SEC)),
-            period: Duration::from_secs(1),
-            max_entries: None,
-        },
+        Policy::new(
+            "per-key".into(),
+            Limit::Gcra(Gcra::new(u32::MAX as u64, SEC, u32::MAX as u64)),
+            Duration::from_secs(1),
+            None,
+        ),
+        Policy::new(
+            "per-ip".into(),
+            Limit::Window(Window::new(WindowKind::Sliding, u32::MAX as u64, SEC)),
+            Duration::from_secs(1),
+            None,
+        ),
     ];
     let secret = "bench-secret-0123456789abcdefghijklmnop";
     let key = KeyConfig {

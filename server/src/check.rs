@@ -7,8 +7,6 @@
 //! This module decides; it does not talk gRPC and does not log. The service
 //! layer turns [`Decision`]s into responses and log lines.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -597,15 +595,15 @@ impl Checker {
             None => now.saturating_add(duration_nanos(self.settings.webhook_replay_window)),
         };
 
-        let mut named: Vec<(String, Limit, u64)> =
-            Vec::with_capacity(key.policies.len() + valid.limits.len());
-        let mut limits: Vec<(StateKey, Limit)> = Vec::with_capacity(named.capacity());
+        let count = key.policies.len() + valid.limits.len();
+        let mut reported = Reported::with_capacity(count);
+        let mut limits: Vec<(StateKey, Limit)> = Vec::with_capacity(count);
         for p in &key.policies {
             limits.push((
                 self.engine.key(owner, &[b"policy", p.name.as_bytes()]),
                 p.limit,
             ));
-            named.push((p.name.clone(), p.limit, p.period.as_secs()));
+            reported.push(p, p.name.clone());
         }
         for &(policy, descriptor) in &valid.limits {
             let p = ring.policy(policy).expect("validated policy");
@@ -615,11 +613,11 @@ impl Checker {
                     .key_in(pool, descriptor.as_bytes(), &[b"limit", policy.as_bytes()]),
                 p.limit,
             ));
-            named.push((
-                format!("{policy}:{descriptor}"),
-                p.limit,
-                p.period.as_secs(),
-            ));
+            let mut name = String::with_capacity(policy.len() + 1 + descriptor.len());
+            name.push_str(policy);
+            name.push(':');
+            name.push_str(descriptor);
+            reported.push(p, name);
         }
 
         Pending {
@@ -629,7 +627,7 @@ impl Checker {
             cost: valid.cost,
             commit: !req.dry_run,
             timestamp,
-            named,
+            reported,
             caller: Caller {
                 key_id: key.id.clone(),
                 owner: key.owner.clone(),
@@ -686,9 +684,37 @@ pub struct Pending {
     pub commit: bool,
     /// The signed timestamp, for a cluster owner's takeover fence.
     pub timestamp: Option<i64>,
-    /// Each limit's reported name, limit and period (seconds).
-    named: Vec<(String, Limit, u64)>,
+    reported: Reported,
     caller: Caller,
+}
+
+/// What an answer says about each limit, gathered while the limits are:
+/// the `RateLimit-Policy` header (each policy's item, written when the
+/// policy was loaded, joined) and, per limit, the name its status carries
+/// (`policy` or `policy:descriptor`), how much of that name is the policy's
+/// (headers do not echo descriptors) and its limit.
+#[derive(Debug, Default)]
+struct Reported {
+    quota: String,
+    limits: Vec<(String, usize, u64)>,
+}
+
+impl Reported {
+    fn with_capacity(limits: usize) -> Self {
+        Self {
+            quota: String::with_capacity(48 * limits),
+            limits: Vec::with_capacity(limits),
+        }
+    }
+
+    fn push(&mut self, policy: &Policy, name: String) {
+        if !self.quota.is_empty() {
+            self.quota.push_str(", ");
+        }
+        self.quota.push_str(policy.quota_item());
+        self.limits
+            .push((name, policy.name.len(), policy.limit.limit()));
+    }
 }
 
 /// A cluster owner refused the state step: the request may have been
@@ -713,7 +739,7 @@ impl Pending {
             cost,
             commit,
             timestamp: None,
-            named: Vec::new(),
+            reported: Reported::default(),
             caller: Caller::default(),
         }
     }
@@ -764,8 +790,7 @@ impl Pending {
                         ),
                     }
                 };
-                add_rate_limit_headers(&mut response.headers, &self.named, &verdicts);
-                response.limits = limit_statuses(self.named, &verdicts);
+                report_limits(&mut response, self.reported, &verdicts);
                 response
             }
         };
@@ -1027,65 +1052,42 @@ fn deny_with_retry(reason: Reason, wait: Nanos, message: &str) -> CheckResponse 
     response
 }
 
-/// The statuses, taking the names (they were built for this answer).
-fn limit_statuses(named: Vec<(String, Limit, u64)>, verdicts: &[LimitVerdict]) -> Vec<LimitStatus> {
-    named
-        .into_iter()
-        .zip(verdicts)
-        .map(|((name, limit, _), v)| LimitStatus {
-            name,
-            limit: limit.limit(),
-            remaining: v.remaining,
-            reset_after_ms: ceil_millis(v.reset_after),
-        })
-        .collect()
-}
-
-/// `RateLimit-Policy` and `RateLimit` (IETF httpapi ratelimit-headers draft):
-/// every limit's quota and window, and every limit's remaining quota and
-/// seconds to reset. Request-limit descriptors are not echoed to clients.
-/// Written into the answer's own map: building a map to merge cost a
-/// second round of hashing.
-fn add_rate_limit_headers(
-    headers: &mut HashMap<String, String>,
-    named: &[(String, Limit, u64)],
-    verdicts: &[LimitVerdict],
-) {
-    if named.is_empty() {
+/// Each limit's status, and the `RateLimit-Policy` and `RateLimit` headers
+/// (IETF httpapi ratelimit-headers draft): every limit's quota and window,
+/// and every limit's remaining quota and seconds to reset. Request-limit
+/// descriptors are not echoed to clients. This runs for every check, so
+/// the per-check header is written in place, numbers without `fmt`.
+fn report_limits(response: &mut CheckResponse, reported: Reported, verdicts: &[LimitVerdict]) {
+    if reported.limits.is_empty() {
         return;
     }
-    // Written in place, one string per header: this runs for every check.
-    fn public(name: &str) -> &str {
-        name.split(':').next().unwrap_or(name)
-    }
-    let mut policy = String::with_capacity(32 * named.len());
-    for (i, (name, limit, period)) in named.iter().enumerate() {
-        if i > 0 {
-            policy.push_str(", ");
-        }
-        let _ = write!(
-            policy,
-            "\"{}\";q={};w={}",
-            public(name),
-            limit.limit(),
-            period
-        );
-    }
-    let mut state = String::with_capacity(32 * named.len());
-    for (i, ((name, _, _), v)) in named.iter().zip(verdicts).enumerate() {
+    let mut state = String::with_capacity(reported.quota.len());
+    let mut digits = itoa::Buffer::new();
+    for (i, ((name, public, _), v)) in reported.limits.iter().zip(verdicts).enumerate() {
         if i > 0 {
             state.push_str(", ");
         }
-        let _ = write!(
-            state,
-            "\"{}\";r={};t={}",
-            public(name),
-            v.remaining,
-            v.reset_after.ceil_secs()
-        );
+        state.push('"');
+        state.push_str(&name[..*public]);
+        state.push_str("\";r=");
+        state.push_str(digits.format(v.remaining));
+        state.push_str(";t=");
+        state.push_str(digits.format(v.reset_after.ceil_secs()));
     }
-    headers.insert("RateLimit-Policy".to_owned(), policy);
+    let headers = &mut response.headers;
+    headers.insert("RateLimit-Policy".to_owned(), reported.quota);
     headers.insert("RateLimit".to_owned(), state);
+    response.limits = reported
+        .limits
+        .into_iter()
+        .zip(verdicts)
+        .map(|((name, _, limit), v)| LimitStatus {
+            name,
+            limit,
+            remaining: v.remaining,
+            reset_after_ms: ceil_millis(v.reset_after),
+        })
+        .collect();
 }
 
 #[cfg(test)]

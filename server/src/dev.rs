@@ -226,22 +226,22 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
     };
 
     let policies = vec![
-        Policy {
-            name: "demo".to_owned(),
-            limit: Limit::Gcra(Gcra::new(100, duration_nanos(Duration::from_secs(60)), 100)),
-            period: Duration::from_secs(60),
-            max_entries: None,
-        },
-        Policy {
-            name: "per-ip".to_owned(),
-            limit: Limit::Window(Window::new(
+        Policy::new(
+            "demo".to_owned(),
+            Limit::Gcra(Gcra::new(100, duration_nanos(Duration::from_secs(60)), 100)),
+            Duration::from_secs(60),
+            None,
+        ),
+        Policy::new(
+            "per-ip".to_owned(),
+            Limit::Window(Window::new(
                 WindowKind::Sliding,
                 30,
                 duration_nanos(Duration::from_secs(60)),
             )),
-            period: Duration::from_secs(60),
-            max_entries: None,
-        },
+            Duration::from_secs(60),
+            None,
+        ),
     ];
     let key = KeyConfig {
         id: demo.key_id.clone(),

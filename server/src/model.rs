@@ -256,6 +256,28 @@ pub struct Policy {
     pub period: Duration,
     /// Cap on the descriptors tracked for this policy as a request limit.
     pub max_entries: Option<usize>,
+    /// This policy's item of the `RateLimit-Policy` header, which only the
+    /// policy decides: written once here, not formatted on every check.
+    quota_item: String,
+}
+
+impl Policy {
+    pub fn new(name: String, limit: Limit, period: Duration, max_entries: Option<usize>) -> Self {
+        let quota_item = format!("\"{name}\";q={};w={}", limit.limit(), period.as_secs());
+        Self {
+            name,
+            limit,
+            period,
+            max_entries,
+            quota_item,
+        }
+    }
+
+    /// `"name";q=<limit>;w=<period in seconds>` (IETF httpapi
+    /// ratelimit-headers draft).
+    pub fn quota_item(&self) -> &str {
+        &self.quota_item
+    }
 }
 
 /// One key as configured, secrets resolved.
@@ -381,12 +403,7 @@ pub fn policy(field: &str, p: PolicySpec) -> Result<Policy, Invalid> {
             ));
         }
     };
-    Ok(Policy {
-        name: p.name,
-        limit,
-        period,
-        max_entries,
-    })
+    Ok(Policy::new(p.name, limit, period, max_entries))
 }
 
 /// Policy and descriptor names: short, printable, unambiguous in headers.

@@ -30,12 +30,7 @@ struct Fixture {
 }
 
 fn policy(name: &str, limit: Limit, period: Duration) -> Policy {
-    Policy {
-        name: name.into(),
-        limit,
-        period,
-        max_entries: None,
-    }
+    Policy::new(name.into(), limit, period, None)
 }
 
 fn key(id: &str, policies: &[&str], routes: &[&str]) -> KeyConfig {
