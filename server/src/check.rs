@@ -351,9 +351,12 @@ impl Checker {
                                 "this client certificate may not check requests for this key",
                             ));
                         }
-                        match self.decide(req, &ring, &valid, &key, client, now) {
-                            Ok(denial) => denial,
-                            Err(pending) => return Ok(Step::State(*pending)),
+                        match self.route_denial(req, &key, client) {
+                            Some(denial) => denial,
+                            None => {
+                                let pending = self.state_step(req, &ring, &valid, &key, now);
+                                return Ok(Step::State(pending));
+                            }
                         }
                     }
                 }
@@ -475,8 +478,6 @@ impl Checker {
         source: &Source<'_>,
         now: Nanos,
     ) -> Result<Arc<ApiKey>, Box<CheckResponse>> {
-        let budget = source.state_key(&self.engine);
-        let locked = self.failure_budget(budget, now, false);
         let locked_out = |wait| {
             Box::new(deny_with_retry(
                 Reason::LockedOut,
@@ -484,7 +485,11 @@ impl Checker {
                 "too many failed attempts from this client",
             ))
         };
-        if let (Some(wait), false) = (locked, source.is_shared()) {
+        // A shared source's budget is only looked at when its request
+        // fails: a genuine request passes either way.
+        if !source.is_shared()
+            && let Some(wait) = self.failure_budget(source.state_key(&self.engine), now, false)
+        {
             return Err(locked_out(wait));
         }
 
@@ -502,7 +507,10 @@ impl Checker {
             }
         };
         let Some(key) = key else {
-            if let Some(wait) = locked {
+            let budget = source.state_key(&self.engine);
+            if source.is_shared()
+                && let Some(wait) = self.failure_budget(budget, now, false)
+            {
                 return Err(locked_out(wait));
             }
             if !req.dry_run {
@@ -531,37 +539,31 @@ impl Checker {
         Ok(key.clone())
     }
 
-    /// Step 6 for an authenticated request; `Err` is the state step left
-    /// (steps 7 to 9) when the route is allowed.
-    fn decide(
+    /// Step 6 for an authenticated request: may this key, from this
+    /// client, call this route? The denial if not.
+    fn route_denial(
         &self,
         req: &CheckRequest,
-        ring: &KeyRing,
-        valid: &Valid<'_>,
         key: &ApiKey,
         client: Option<&str>,
-        now: Nanos,
-    ) -> Result<CheckResponse, Box<Pending>> {
-        // Step 6: may this key, from this client, call this route?
+    ) -> Option<CheckResponse> {
         let method = req.method.as_str();
         if !key.may_call(method, &req.path) {
-            return Ok(deny(Reason::Forbidden, "this key may not call this route"));
+            return Some(deny(Reason::Forbidden, "this key may not call this route"));
         }
         if !key.may_be_used_by(client) {
-            return Ok(deny(
+            return Some(deny(
                 Reason::Forbidden,
                 "this key may not be used by this client",
             ));
         }
         if !self.authz.client_may_call(client, method, &req.path) {
-            return Ok(deny(
+            return Some(deny(
                 Reason::Forbidden,
                 "this client may not call this route",
             ));
         }
-
-        // Steps 7 to 9, atomically.
-        Err(Box::new(self.state_step(req, ring, valid, key, now)))
+        None
     }
 
     /// Steps 7 to 9: the replay key and every rate limit, for one atomic
