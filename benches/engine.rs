@@ -213,36 +213,45 @@ fn full_check(c: &mut Criterion) {
     let mut i = 0u64;
     let mut group = c.benchmark_group("check");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("signed_1KiB_2_policies", |b| {
-        b.iter_batched(
-            || {
-                i += 1;
-                let h = signer.sign_at(
-                    ts,
-                    &format!("bench-nonce-{i:016}"),
-                    "POST",
-                    "/v1/orders",
-                    "a=1&b=2",
-                    &body,
-                );
-                let mut req = warden_client::signing::check_request_from(
-                    &h,
-                    "warden-v1",
-                    "POST",
-                    "/v1/orders",
-                    "a=1&b=2",
-                    &body,
-                );
-                req.limits = vec![LimitRequest {
-                    policy: "per-ip".into(),
-                    descriptor: "ip:203.0.113.7".into(),
-                }];
-                req
-            },
-            |req| black_box(checker.check(&req, &caller)),
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    // As a caller without a forwarded client, and as a gateway that
+    // forwards the client's address (whose failure budget is looked at
+    // before verification, so that a guessing client is refused early).
+    for (name, address) in [
+        ("signed_1KiB_2_policies", ""),
+        ("signed_1KiB_2_policies_client_address", "198.51.100.4"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    let h = signer.sign_at(
+                        ts,
+                        &format!("bench-nonce-{i:016}"),
+                        "POST",
+                        "/v1/orders",
+                        "a=1&b=2",
+                        &body,
+                    );
+                    let mut req = warden_client::signing::check_request_from(
+                        &h,
+                        "warden-v1",
+                        "POST",
+                        "/v1/orders",
+                        "a=1&b=2",
+                        &body,
+                    );
+                    req.limits = vec![LimitRequest {
+                        policy: "per-ip".into(),
+                        descriptor: "ip:203.0.113.7".into(),
+                    }];
+                    req.client_address = address.into();
+                    req
+                },
+                |req| black_box(checker.check(&req, &caller)),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 
