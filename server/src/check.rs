@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use smallvec::SmallVec;
 
 use warden_client::proto::{
     Caller, CheckRequest, CheckResponse, LimitStatus, SignWebhookRequest, SignWebhookResponse,
@@ -170,7 +171,8 @@ impl Credential<'_> {
 struct Valid<'a> {
     credential: Credential<'a>,
     client_address: Option<IpAddr>,
-    limits: Vec<(&'a str, &'a str)>,
+    /// Inline for the usual few: this is built for every check.
+    limits: SmallVec<[(&'a str, &'a str); 4]>,
     cost: u64,
 }
 
@@ -417,7 +419,7 @@ impl Checker {
         if req.limits.len() > MAX_LIMITS {
             return Err(malformed("limits: at most 8"));
         }
-        let mut limits = Vec::with_capacity(req.limits.len());
+        let mut limits = SmallVec::new();
         for l in &req.limits {
             if !is_valid_name(&l.policy) || ring.policy(&l.policy).is_none() {
                 return Err(malformed("limits: unknown policy"));
@@ -1077,6 +1079,9 @@ fn report_limits(response: &mut CheckResponse, reported: Reported, verdicts: &[L
         state.push_str(digits.format(v.reset_after.ceil_secs()));
     }
     let headers = &mut response.headers;
+    // Room for both at once: grown one insert at a time, the map was
+    // rebuilt on the second.
+    headers.reserve(2);
     headers.insert("RateLimit-Policy".to_owned(), reported.quota);
     headers.insert("RateLimit".to_owned(), state);
     response.limits = reported
