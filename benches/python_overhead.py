@@ -143,42 +143,52 @@ def main() -> None:
                 reqs.append({f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()})
             for h in reqs[:100]:  # warm up (connections, imports)
                 client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for h in reqs[100:]:
                 r = client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
                 assert r.status_code == 200, (prefix, r.status_code, r.content)
-            return (time.perf_counter() - started) / (len(reqs) - 100) * 1e6
+            n = len(reqs) - 100
+            cpu_us[prefix] = (time.process_time() - cpu) / n * 1e6
+            return (time.perf_counter() - started) / n * 1e6
+
+        cpu_us: dict[str, float] = {}
 
         from warden_client.client import native_transport_available
 
         base = run("b")
-        warden_us = {}
+        warden_us, warden_cpu_us = {}, {}
         for transport in ("native", "grpcio"):
             if transport == "native" and not native_transport_available():
                 print("warden-client-native is not installed: the compiled transport is not measured", file=sys.stderr)
                 continue
             settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
             warden_us[transport] = run("w")
+            warden_cpu_us[transport] = cpu_us["w"]
         redis_us = run("r")
         result = {
             "requests": args.requests,
             "baseline_us": base,
             "redis_recipe_us": redis_us,
             "redis_recipe_overhead_us": redis_us - base,
+            "baseline_cpu_us": cpu_us["b"],
+            "redis_recipe_cpu_us": cpu_us["r"],
         }
         for transport, us in warden_us.items():
             result[f"warden_middleware_{transport}_us"] = us
             result[f"warden_overhead_{transport}_us"] = us - base
+            result[f"warden_middleware_{transport}_cpu_us"] = warden_cpu_us[transport]
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"| variant | µs per request | overhead µs |")
-            print(f"|---|---|---|")
-            print(f"| no check (baseline) | {base:.0f} | – |")
+            print("| variant | µs per request | overhead µs | Django process CPU µs per request |")
+            print("|---|---|---|---|")
+            print(f"| no check (baseline) | {base:.0f} | – | {cpu_us['b']:.0f} |")
             for transport, us in warden_us.items():
                 name = {"native": "compiled transport (warden-client-native)", "grpcio": "grpcio"}[transport]
-                print(f"| warden middleware (one Check over mTLS, {name}) | {us:.0f} | {us - base:.0f} |")
-            print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} |")
+                print(f"| warden middleware (one Check over mTLS, {name}) | {us:.0f} | {us - base:.0f} | "
+                      f"{warden_cpu_us[transport]:.0f} |")
+            print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} | "
+                  f"{cpu_us['r']:.0f} |")
     finally:
         warden.terminate()
         subprocess.run(["redis-cli", "-p", str(args.redis_port), "shutdown", "nosave"],

@@ -23,10 +23,16 @@
 //! must not be used in a forked child (the Python client makes a new one
 //! per process, as it does for grpcio); one dropped there is leaked, never
 //! shut down, since its threads exist only in the parent.
+//!
+//! A call waits for its answer awake for a while before it sleeps (see
+//! [`BusyWait`]): on the machine warden is measured on, a thread put to
+//! sleep in the kernel until its answer arrives gets it about 33 µs later
+//! than one that keeps looking, and a Django check is exactly one such wait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use prost::bytes::{Buf, BufMut, Bytes};
 use pyo3::create_exception;
@@ -53,8 +59,61 @@ struct Channel {
     transport: tonic::transport::Channel,
     keeper: Option<std::thread::JoinHandle<()>>,
     turns: Arc<Turns>,
+    busy_wait: BusyWait,
     /// The process this channel belongs to.
     pid: u32,
+}
+
+/// How long a call looks for its answer before its thread sleeps.
+///
+/// Sleeping costs a wake-up when the answer comes: measured here (2-core
+/// VM, warden on the same host), 87 µs per call when the thread sleeps at
+/// once against 54 µs when it keeps looking, and a Django middleware's
+/// overhead 219 → 135 µs. Looking costs CPU, so it is bounded: at most
+/// `max` per call, the CPU is offered to anything else runnable between
+/// looks (`sched_yield`), and only while answers usually come within `max`
+/// (a moving average of recent calls): calls to a remote or busy warden,
+/// whose answers take longer, sleep at once rather than spin in vain.
+struct BusyWait {
+    max: Duration,
+    /// Moving average of recent calls' durations, in nanoseconds.
+    typical_ns: AtomicU64,
+}
+
+/// The longest `busy_wait_us` accepted: beyond it, sleeping costs less.
+const MAX_BUSY_WAIT_US: u64 = 10_000;
+
+impl BusyWait {
+    fn new(max_us: u64) -> PyResult<Self> {
+        if max_us > MAX_BUSY_WAIT_US {
+            return Err(PyValueError::new_err(format!(
+                "busy_wait_us must be between 0 and {MAX_BUSY_WAIT_US}"
+            )));
+        }
+        Ok(Self {
+            max: Duration::from_micros(max_us),
+            typical_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// How long the next call may look before sleeping.
+    fn budget(&self) -> Duration {
+        let typical = Duration::from_nanos(self.typical_ns.load(Ordering::Relaxed));
+        if typical <= self.max {
+            self.max
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Adds one call's duration to the average (weight 1/8). Calls from
+    /// several threads may race here; a lost sample does not matter.
+    fn observe(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let typical = self.typical_ns.load(Ordering::Relaxed);
+        let next = typical - typical / 8 + took / 8;
+        self.typical_ns.store(next, Ordering::Relaxed);
+    }
 }
 
 /// How long the connection goes undriven after a call before the keeper
@@ -118,16 +177,19 @@ impl Channel {
     /// `target` is `host:port`; `ca`, `cert` and `key` are PEM: the CA that
     /// signed warden's certificate, and this client's certificate and key.
     /// `server_name` is the name to expect in warden's certificate when it
-    /// is not the target's host.
+    /// is not the target's host. `busy_wait_us` is how long a call looks
+    /// for its answer before sleeping (see [`BusyWait`]); 0 sleeps at once.
     #[new]
-    #[pyo3(signature = (target, ca, cert, key, server_name = None))]
+    #[pyo3(signature = (target, ca, cert, key, server_name = None, busy_wait_us = 200))]
     fn new(
         target: &str,
         ca: Vec<u8>,
         cert: Vec<u8>,
         key: Vec<u8>,
         server_name: Option<String>,
+        busy_wait_us: u64,
     ) -> PyResult<Self> {
+        let busy_wait = BusyWait::new(busy_wait_us)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -155,6 +217,7 @@ impl Channel {
             transport,
             keeper: Some(keeper),
             turns,
+            busy_wait,
             pid: std::process::id(),
         })
     }
@@ -239,11 +302,28 @@ impl Channel {
             .as_ref()
             .expect("a live channel has its runtime");
         self.turns.begin();
-        let outcome = runtime.block_on(async {
-            tokio::time::timeout(timeout, call)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")))
-        });
+        let started = Instant::now();
+        let look_until = started + self.busy_wait.budget();
+        let outcome = runtime
+            .block_on(async {
+                let call = tokio::time::timeout(timeout, call);
+                tokio::pin!(call);
+                // Each turn polls the call once; yielding to tokio makes it look
+                // at the socket without sleeping (a zero-timeout epoll), and
+                // yielding to the kernel lets anything else runnable go first.
+                while Instant::now() < look_until {
+                    if let Poll::Ready(done) =
+                        std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await
+                    {
+                        return done;
+                    }
+                    std::thread::yield_now();
+                    tokio::task::yield_now().await;
+                }
+                call.await
+            })
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")));
+        self.busy_wait.observe(started.elapsed());
         self.turns.end();
         outcome
     }

@@ -295,3 +295,106 @@ def test_an_idle_client_does_not_hold_up_a_server_shutting_down(tmp_path, transp
         c.close()
     finally:
         server.stop()
+
+
+class DelayingRelay:
+    """A TCP relay in front of warden that holds everything warden sends for
+    `delay` seconds: a warden whose answers come late (far away, or busy)."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        import socket
+        import threading
+
+        self.delay = delay
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, delay: float) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+def cpu_per_check(client, key, calls: int) -> float:
+    """CPU seconds the calling thread spends per check (the compiled
+    transport runs on the calling thread)."""
+    client.check(signed(key, path="/warm"))  # connected, handshake done
+    started = time.thread_time()
+    for i in range(calls):
+        assert client.check(signed(key, path=f"/busy/{i}")).allowed
+    return (time.thread_time() - started) / calls
+
+
+def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(warden, transport):
+    # Every answer arrives 3 ms late. Looking for it for up to 10 ms keeps
+    # the thread awake (CPU) for the whole wait; looking for at most 1 ms
+    # stops once calls are seen to take longer than that; 0 sleeps at once.
+    if transport != "native":
+        pytest.skip("the compiled transport only")
+    key = warden.create_key("--owner", "py-busy-wait")
+    relay = DelayingRelay(warden.addr, delay=0.003)
+    made = []
+
+    def client(busy_wait_us):
+        c = WardenClient(relay.addr, timeout=2.0, transport="native", busy_wait_us=busy_wait_us, **warden.tls())
+        made.append(c)
+        return c
+
+    try:
+        awake = cpu_per_check(client(10_000), key, 20)
+        asleep = cpu_per_check(client(0), key, 20)
+        # Two looking calls at most (the average starts at 0), then sleeps.
+        adaptive = cpu_per_check(client(1_000), key, 20)
+        assert awake > 0.0015, f"{awake * 1e6:.0f} us of CPU per check: it did not wait awake"
+        assert asleep < 0.001, f"{asleep * 1e6:.0f} us of CPU per check while sleeping"
+        assert adaptive * 20 < 0.2 * awake * 20, (
+            f"{adaptive * 1e6:.0f} us per check: it kept looking for answers that never come that soon"
+        )
+    finally:
+        for c in made:
+            c.close()
+        relay.close()
+
+
+def test_busy_wait_is_bounded(warden, transport):
+    if transport != "native":
+        pytest.skip("the compiled transport only")
+    import warden_client_native
+
+    for bad in (-1, 10_001, 1.5, True):
+        with pytest.raises(ValueError, match="busy_wait_us"):
+            WardenClient(warden.addr, transport="native", busy_wait_us=bad, **warden.tls())
+    tls = {k: open(v, "rb").read() for k, v in warden.tls().items()}
+    with pytest.raises(ValueError, match="busy_wait_us"):
+        warden_client_native.Channel(warden.addr, tls["ca"], tls["cert"], tls["key"], None, 10_001)
+

@@ -175,3 +175,18 @@ def test_the_middleware_answers_the_same_over_either_transport(client, key, ward
     warden_settings.WARDEN = {**warden_settings.WARDEN, "TRANSPORT": "smoke-signals"}
     with pytest.raises(ImproperlyConfigured, match="TRANSPORT"):
         get_conf()
+
+
+def test_busy_wait_is_a_setting_with_bounds(warden_settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from warden_client.django.conf import get_conf
+
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "BUSY_WAIT_US": 0}
+    assert get_conf().client().busy_wait_us == 0
+    assert get_conf().client() is not None
+    for bad in (-1, 10_001, 1.5, "200", True):
+        warden_settings.WARDEN = {**warden_settings.WARDEN, "BUSY_WAIT_US": bad}
+        with pytest.raises(ImproperlyConfigured, match="BUSY_WAIT_US"):
+            get_conf()
+

@@ -15,6 +15,8 @@ connection setting.
         "TRANSPORT": "auto",                 # "native" (compiled: warden-client-native,
                                              # client/python-native), "grpcio",
                                              # or "auto": native when installed
+        "BUSY_WAIT_US": 200,                 # compiled transport: µs a call looks for
+                                             # its answer before sleeping (0: never)
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
         "EXEMPT_PATHS": ["/health"],         # prefixes never checked, no call made
         "PUBLIC_PATHS": ["/api/login"],      # no credentials needed; only ROUTE_LIMITS apply
@@ -69,6 +71,7 @@ class Conf:
     server_name: str | None = None
     timeout: float = 0.5
     transport: str = "auto"
+    busy_wait_us: int = 200
     protected: tuple[str, ...] = ("/",)
     exempt: tuple[str, ...] = ()
     public: tuple[str, ...] = ()
@@ -94,14 +97,14 @@ class Conf:
 
     def client(self) -> WardenClient:
         ident = (self.target, self.ca, self.cert, self.key, self.server_name, self.timeout, self.transport,
-                 self.breaker_failures, self.breaker_reset_after)
+                 self.busy_wait_us, self.breaker_failures, self.breaker_reset_after)
         with _lock:
             client = _clients.get(ident)
             if client is None:
                 client = WardenClient(
                     self.target, self.cert, self.key, self.ca,
                     server_name=self.server_name, timeout=self.timeout, transport=self.transport,
-                    breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after),
+                    busy_wait_us=self.busy_wait_us, breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after),
                 )
                 _clients[ident] = client
             return client
@@ -141,6 +144,9 @@ def _parse(raw) -> Conf:
     transport = raw.get("TRANSPORT", "auto")
     if transport not in TRANSPORTS:
         raise ImproperlyConfigured(f'settings.WARDEN["TRANSPORT"] must be one of {", ".join(TRANSPORTS)}')
+    busy_wait_us = raw.get("BUSY_WAIT_US", 200)
+    if isinstance(busy_wait_us, bool) or not isinstance(busy_wait_us, int) or not 0 <= busy_wait_us <= 10_000:
+        raise ImproperlyConfigured('settings.WARDEN["BUSY_WAIT_US"] must be an integer from 0 to 10000')
     breaker = raw.get("BREAKER", {})
     return Conf(
         target=raw["TARGET"] if isinstance(raw["TARGET"], str) else tuple(raw["TARGET"]),
@@ -150,6 +156,7 @@ def _parse(raw) -> Conf:
         server_name=raw.get("SERVER_NAME"),
         timeout=float(raw.get("TIMEOUT", 0.5)),
         transport=transport,
+        busy_wait_us=busy_wait_us,
         protected=tuple(raw.get("PROTECTED_PATHS", ("/",))),
         exempt=tuple(raw.get("EXEMPT_PATHS", ())),
         public=tuple(raw.get("PUBLIC_PATHS", ())),
