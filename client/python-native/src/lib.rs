@@ -30,7 +30,7 @@
 //! than one that keeps looking, and a Django check is exactly one such wait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -71,14 +71,20 @@ struct Channel {
 /// once against 54 µs when it keeps looking, and a Django middleware's
 /// overhead 219 → 135 µs. Looking costs CPU, so it is bounded: at most
 /// `max` per call, the CPU is offered to anything else runnable between
-/// looks (`sched_yield`), and only while answers usually come within `max`
-/// (a moving average of recent calls): calls to a remote or busy warden,
-/// whose answers take longer, sleep at once rather than spin in vain.
+/// looks (`sched_yield`), and only while most recent answers came within
+/// `max`: calls to a remote or busy warden, whose answers take longer,
+/// sleep at once rather than spin in vain. "Most" is a moving average of
+/// hits, not of durations, so that one slow answer (a server pausing for a
+/// millisecond) does not stop the looking that pays for all the others.
 struct BusyWait {
     max: Duration,
-    /// Moving average of recent calls' durations, in nanoseconds.
-    typical_ns: AtomicU64,
+    /// Share of recent calls answered within `max`, as a fraction of
+    /// [`ALL_HITS`].
+    hits: AtomicU32,
 }
+
+/// Every recent call answered within the budget.
+const ALL_HITS: u32 = 1 << 16;
 
 /// The longest `busy_wait_us` accepted: beyond it, sleeping costs less.
 const MAX_BUSY_WAIT_US: u64 = 10_000;
@@ -92,27 +98,28 @@ impl BusyWait {
         }
         Ok(Self {
             max: Duration::from_micros(max_us),
-            typical_ns: AtomicU64::new(0),
+            hits: AtomicU32::new(ALL_HITS),
         })
     }
 
-    /// How long the next call may look before sleeping.
+    /// How long the next call may look before sleeping: `max` while at
+    /// least half of recent calls were answered within it.
     fn budget(&self) -> Duration {
-        let typical = Duration::from_nanos(self.typical_ns.load(Ordering::Relaxed));
-        if typical <= self.max {
+        if self.hits.load(Ordering::Relaxed) >= ALL_HITS / 2 {
             self.max
         } else {
             Duration::ZERO
         }
     }
 
-    /// Adds one call's duration to the average (weight 1/8). Calls from
-    /// several threads may race here; a lost sample does not matter.
+    /// Counts one call in the average (weight 1/8: after six answers in a
+    /// row that come later than `max`, calls stop looking; a few within it
+    /// start them again). Calls from several threads may race here; a lost
+    /// sample does not matter.
     fn observe(&self, took: Duration) {
-        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let typical = self.typical_ns.load(Ordering::Relaxed);
-        let next = typical - typical / 8 + took / 8;
-        self.typical_ns.store(next, Ordering::Relaxed);
+        let hits = self.hits.load(Ordering::Relaxed);
+        let hit = if took <= self.max { ALL_HITS / 8 } else { 0 };
+        self.hits.store(hits - hits / 8 + hit, Ordering::Relaxed);
     }
 }
 
