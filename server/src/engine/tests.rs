@@ -467,3 +467,51 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn state_given_back_to_the_first_instant_stays_in_its_table() {
+    // A bucket refunded to a TAT of 0, and a window handed over with an
+    // idle time of 0, would look like unused slots of the table: they are
+    // kept as 1 ns, which means the same, and stay counted and findable.
+    let engine = Engine::new(1, 100);
+    let bucket = (engine.key(b"k", &[b"g"]), gcra(10, 1));
+    let take = Request {
+        nonce: None,
+        limits: &[bucket],
+        cost: 1,
+        commit: true,
+    };
+    assert!(allowed(&engine.decide(Nanos::ZERO, &take)));
+    assert!(
+        !allowed(&engine.decide(Nanos::ZERO, &take)),
+        "the burst of 1 is spent"
+    );
+    engine.refund(Nanos::ZERO, &take);
+    assert_eq!(engine.occupancy().buckets, 1);
+    // One nanosecond later the refunded bucket is full again.
+    assert!(allowed(&engine.decide(Nanos::new(1), &take)));
+
+    let window = engine.placed(engine.key(b"w", &[b"w"]).id);
+    engine.import(
+        &[Entry::Window {
+            id: window.id,
+            state: WindowState {
+                index: 0,
+                idle_at: Nanos::ZERO,
+                prev: 0,
+                cur: 3,
+            },
+        }],
+        Nanos::ZERO,
+    );
+    assert_eq!(engine.occupancy().windows, 1);
+    assert_eq!(engine.sweep(Nanos::new(1)).windows, 1);
+    assert_eq!(
+        engine.occupancy(),
+        Occupancy {
+            buckets: 1,
+            windows: 0,
+            nonces: 0
+        }
+    );
+}
