@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
 use warden_client::proto::{
@@ -12,7 +10,7 @@ use warden_client::proto::{
 };
 use warden_client::reason_name;
 
-use super::{Admission, CallMetrics, caller_of};
+use super::{Admission, CallMetrics, CallPermit, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{Answer, CallerIdentity, CheckError, Checker, Fenced, Pending, Step};
@@ -104,10 +102,6 @@ struct Context<'a> {
     audit: Option<&'a AuditLog>,
 }
 
-/// In-flight answers buffered per stream before the reader waits for the
-/// client to read: back-pressure instead of an unbounded queue.
-const STREAM_BUFFER: usize = 64;
-
 #[tonic::async_trait]
 impl Warden for WardenService {
     async fn check(
@@ -168,7 +162,7 @@ impl Warden for WardenService {
         }
     }
 
-    type CheckStreamStream = ReceiverStream<Result<CheckResponse, Status>>;
+    type CheckStreamStream = AnswerStream;
 
     async fn check_stream(
         &self,
@@ -176,45 +170,67 @@ impl Warden for WardenService {
     ) -> Result<Response<Self::CheckStreamStream>, Status> {
         // An open stream is one call in flight, for as long as it is open.
         let permit = self.admission.admit(&request)?;
-        let caller = caller_of(&request);
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (checker, cluster, alerts, audit) = (
-            self.checker.clone(),
-            self.cluster.clone(),
-            self.alerts.clone(),
-            self.audit.clone(),
-        );
-        // One task per stream answers in order, one answer per request.
-        tokio::spawn(async move {
-            let _permit = permit;
-            loop {
-                let answer = match inbound.message().await {
-                    Ok(Some(req)) => {
-                        let started = Instant::now();
-                        let ctx = Context {
-                            checker: &checker,
-                            cluster: cluster.as_deref(),
-                            alerts: &alerts,
-                            audit: audit.as_deref(),
-                        };
-                        let answer = check_one(&ctx, &req, &caller).await;
-                        CallMetrics::get()
-                            .stream_seconds
-                            .record(started.elapsed().as_secs_f64());
-                        answer
-                    }
-                    Ok(None) => break,
-                    Err(status) => Err(status),
-                };
-                let failed = answer.is_err();
-                if tx.send(answer).await.is_err() || failed {
-                    break;
-                }
+        let stream = OpenStream {
+            caller: caller_of(&request),
+            inbound: request.into_inner(),
+            checker: self.checker.clone(),
+            cluster: self.cluster.clone(),
+            alerts: self.alerts.clone(),
+            audit: self.audit.clone(),
+            _permit: permit,
+            ended: false,
+        };
+        // Each answer is made when HTTP/2 asks for the next one: the
+        // request is read and checked in the task that sends the answer,
+        // in order, one answer per request. No task of its own and no
+        // queue between them (a hand-over per answer, measured), and the
+        // next request is not read before the client takes the last
+        // answer: back-pressure as it was with a bounded queue.
+        let answers = futures_util::stream::unfold(stream, |mut s| async move {
+            if s.ended {
+                return None;
             }
+            let answer = match s.inbound.message().await {
+                Ok(Some(req)) => {
+                    let started = Instant::now();
+                    let ctx = Context {
+                        checker: &s.checker,
+                        cluster: s.cluster.as_deref(),
+                        alerts: &s.alerts,
+                        audit: s.audit.as_deref(),
+                    };
+                    let answer = check_one(&ctx, &req, &s.caller).await;
+                    CallMetrics::get()
+                        .stream_seconds
+                        .record(started.elapsed().as_secs_f64());
+                    answer
+                }
+                Ok(None) => return None,
+                Err(status) => Err(status),
+            };
+            // A failed answer is the last.
+            s.ended = answer.is_err();
+            Some((answer, s))
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(answers)))
     }
+}
+
+/// The answers of one `CheckStream`, in the order of its requests.
+pub type AnswerStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<CheckResponse, Status>> + Send>>;
+
+/// What one open `CheckStream` holds while it answers.
+struct OpenStream {
+    caller: CallerIdentity,
+    inbound: Streaming<CheckRequest>,
+    checker: Arc<Checker>,
+    cluster: Option<Arc<ClusterState>>,
+    alerts: Arc<Alerts>,
+    audit: Option<Arc<AuditLog>>,
+    /// Its place among the calls in flight, given back when it closes.
+    _permit: CallPermit,
+    ended: bool,
 }
 
 /// Runs the pipeline for one request: here, or with its state step decided
