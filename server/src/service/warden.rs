@@ -183,9 +183,10 @@ impl Warden for WardenService {
         // Each answer is made when HTTP/2 asks for the next one: the
         // request is read and checked in the task that sends the answer,
         // in order, one answer per request. No task of its own and no
-        // queue between them (a hand-over per answer, measured), and the
-        // next request is not read before the client takes the last
-        // answer: back-pressure as it was with a bounded queue.
+        // queue between them (a hand-over per answer, measured). HTTP/2
+        // asks only while the client's flow-control window has room, so a
+        // client that stops reading answers stops its requests being read:
+        // back-pressure, as with the bounded queue before.
         let answers = futures_util::stream::unfold(stream, |mut s| async move {
             if s.ended {
                 return None;
