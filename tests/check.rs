@@ -369,6 +369,85 @@ async fn check_stream_answers_every_request_in_order() {
     assert_eq!(reasons, expected);
 }
 
+/// A client that sends and never reads its answers must not make the
+/// server read (and hold) its requests without end: requests are read only
+/// as answers are taken, and answers only as the client's window allows.
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_stops_being_read() {
+    use futures::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let server = Server::dev();
+    let mut client = server.client().await;
+    let signer = server.signer();
+    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(1);
+    let mut answers = client
+        .stub()
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Replays of one request after the first: the cheapest to answer.
+    let request = signer.check_request("POST", "/s", "", &[b'x'; 1024]);
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            while tx.send(request.clone()).await.is_ok() {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // The answers are not read: the requests taken must stop growing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still taking requests after 30 s without a single answer read: {now}"
+        );
+        last = now;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sent.load(Ordering::Relaxed),
+        last,
+        "requests were read again with no answer taken"
+    );
+    // Bounded by the HTTP/2 windows (the client's for answers, the
+    // server's for requests), not by what the client cares to send.
+    assert!(
+        last < 200_000,
+        "{last} requests taken from a client that reads nothing"
+    );
+    // It was back-pressure, not a dead stream: reading answers lets
+    // requests in again, and they are answered in order.
+    let first = answers.next().await.unwrap().unwrap();
+    assert_eq!(first.reason(), Reason::Ok);
+    for _ in 0..1000 {
+        assert_eq!(
+            answers.next().await.unwrap().unwrap().reason(),
+            Reason::Replay
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        sent.load(Ordering::Relaxed) > last,
+        "reading answers did not let requests in"
+    );
+    sender.abort();
+    // The server is fine and serves others.
+    let mut other = server.client().await;
+    let fresh = signer.check_request("GET", "/other", "", b"");
+    assert_eq!(other.check(fresh).await.unwrap().reason(), Reason::Ok);
+}
+
 /// The outside attack's finding: knowing only a public key id, one bad
 /// signature every few seconds kept the key's owner locked out. Failures are
 /// charged to their source now: the attacker's address is locked out, the
