@@ -226,7 +226,7 @@ impl Bucket {
     }
 }
 
-impl table::Entry for Bucket {
+impl table::Record for Bucket {
     const VACANT: Self = Bucket {
         id: 0,
         tat: Nanos::ZERO,
@@ -255,7 +255,7 @@ impl Counts {
     }
 }
 
-impl table::Entry for Counts {
+impl table::Record for Counts {
     const VACANT: Self = Counts {
         id: 0,
         state: WindowState {

@@ -19,7 +19,7 @@
 //! are keyed hashes (see [`super::StateKey`]), so clients cannot aim ids
 //! at one neighbourhood of slots.
 //!
-//! An unused slot holds [`Entry::VACANT`], a value no stored entry takes
+//! An unused slot holds [`Record::VACANT`], a value no stored entry takes
 //! (each entry type names the field that says so), so a slot needs no
 //! control byte.
 //!
@@ -35,7 +35,7 @@
 //! count is what memory per client is made of.
 
 /// What a [`Table`] can hold: a `Copy` entry that carries its own id.
-pub trait Entry: Copy {
+pub trait Record: Copy {
     /// An unused slot. No entry stored in a table is ever vacant.
     const VACANT: Self;
 
@@ -58,13 +58,13 @@ pub struct Table<E> {
     len: usize,
 }
 
-impl<E: Entry> Default for Table<E> {
+impl<E: Record> Default for Table<E> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<E: Entry> Table<E> {
+impl<E: Record> Table<E> {
     /// An empty table; it allocates on the first insert.
     pub fn new() -> Self {
         Self {
@@ -269,7 +269,7 @@ mod tests {
         value: u64,
     }
 
-    impl Entry for Pair {
+    impl Record for Pair {
         const VACANT: Self = Pair { id: 0, value: 0 };
         fn is_vacant(&self) -> bool {
             self.value == 0
