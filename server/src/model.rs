@@ -257,7 +257,10 @@ pub struct Policy {
     /// Cap on the descriptors tracked for this policy as a request limit.
     pub max_entries: Option<usize>,
     /// This policy's item of the `RateLimit-Policy` header, which only the
-    /// policy decides: written once here, not formatted on every check.
+    /// policy decides: written once by [`Policy::new`], not formatted on
+    /// every check. Derived from the fields above, so a policy is never
+    /// changed after it is made (nothing does; a changed policy is a new
+    /// one, made when the key ring is rebuilt).
     quota_item: String,
 }
 

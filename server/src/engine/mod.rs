@@ -27,8 +27,7 @@ pub mod pools;
 mod table;
 pub mod window;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -42,35 +41,6 @@ use pools::{Full, PoolTable};
 pub use pools::{Pool, PoolStats};
 use table::Table;
 pub use window::{Window, WindowKind, WindowState};
-
-/// Hashes a `StateKey` id for the shard maps. The id is already the output of
-/// a keyed SipHash, so hashing it again would only cost time: it is its own
-/// hash (rotated, see `write_u64`).
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Not used for u64 keys; a plain FNV-1a keeps it correct for others.
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        // The top byte of an id is its pool, the same for whole groups of
-        // entries; hashbrown filters candidates by the top 7 bits and
-        // places by the low ones, so move hash bits into both ends.
-        self.0 = id.rotate_right(8);
-    }
-}
-
-/// Maps keyed by state id.
-pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 /// Where a piece of state lives: its hashed identity and its shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
+use super::StateKey;
 use super::clock::Nanos;
-use super::{IdHasher, StateKey};
 
 /// A nonce's state id without its top byte. That byte names an id's pool
 /// (see [`super::pools`]) and is the same for every nonce (`Pool::KEYS`:
@@ -14,7 +14,7 @@ use super::{IdHasher, StateKey};
 /// bytes kept are the whole of it. Byte arrays are not padded: beside the
 /// 3-byte forget time an entry is 10 bytes, most of what a remembered nonce
 /// costs (a `u64` there would pad the entry to 16). It hashes as the `u64`
-/// it stands for, so the map's id hasher applies unchanged.
+/// it stands for, one `write_u64` that [`IdHasher`] takes as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct NonceId([u8; 7]);
 
@@ -33,6 +33,32 @@ impl NonceId {
 impl Hash for NonceId {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.get());
+    }
+}
+
+/// Hashes a nonce's id for the map. The id is already the output of a
+/// keyed SipHash, so hashing it again would only cost time: it is its own
+/// hash (rotated, see `write_u64`).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used for u64 keys; a plain FNV-1a keeps it correct for others.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // The top byte of a nonce's id is its pool, 0 for every nonce;
+        // hashbrown filters candidates by the top 7 bits and places by the
+        // low ones, so move hash bits into both ends.
+        self.0 = id.rotate_right(8);
     }
 }
 
@@ -195,7 +221,7 @@ impl NonceSet {
 }
 
 /// Gives memory back after a burst, so memory follows the active keys.
-pub(super) fn shrink_if_sparse<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
+fn shrink_if_sparse<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
