@@ -381,13 +381,7 @@ async fn a_client_that_never_reads_its_answers_stops_being_read() {
     let server = Server::dev();
     let mut client = server.client().await;
     let signer = server.signer();
-    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(1);
-    let mut answers = client
-        .stub()
-        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = support::open_stream(&mut client, 1).await;
     // Replays of one request after the first: the cheapest to answer.
     let request = signer.check_request("POST", "/s", "", &[b'x'; 1024]);
     let sent = Arc::new(AtomicU64::new(0));

@@ -195,13 +195,7 @@ async fn draining_reports_not_serving_and_lets_in_flight_calls_finish() {
     let mut stub = warden_client::Client::from_channel(ch);
 
     // An open stream: an in-flight call that outlives the signal.
-    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
-    let mut answers = stub
-        .stub()
-        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = support::open_stream(&mut stub, 4).await;
     tx.send(request("wk_victim")).await.unwrap();
     assert_eq!(answers.next().await.unwrap().unwrap().reason(), Reason::Ok);
 
@@ -285,14 +279,7 @@ async fn past_the_inflight_bound_calls_are_shed_at_once_while_admitted_calls_pro
     // Two open streams hold both slots.
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
-        let answers = client
-            .stub()
-            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        streams.push((tx, answers));
+        streams.push(support::open_stream(&mut client, 4).await);
     }
     // A third call is refused, not queued (a queued call would hang here).
     let shed = tokio::time::timeout(Duration::from_secs(5), client.check(request("wk_victim")))
@@ -327,14 +314,7 @@ async fn one_connection_cannot_take_more_than_its_share_of_calls() {
     let mut greedy = dir.client(&server).await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(4);
-        let answers = greedy
-            .stub()
-            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        held.push((tx, answers));
+        held.push(support::open_stream(&mut greedy, 4).await);
     }
     let status = greedy.check(request("wk_victim")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);

@@ -481,3 +481,22 @@ pub async fn fresh_database() -> Option<String> {
     let (prefix, _) = base.rsplit_once('/').unwrap();
     Some(format!("{prefix}/{name}"))
 }
+
+/// A `CheckStream` fed from a channel holding up to `buffer` requests: the
+/// sender to feed it and the answers, for tests that pace a stream.
+pub async fn open_stream(
+    client: &mut Client,
+    buffer: usize,
+) -> (
+    tokio::sync::mpsc::Sender<warden_client::proto::CheckRequest>,
+    tonic::Streaming<warden_client::proto::CheckResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+    let answers = client
+        .stub()
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("open a CheckStream")
+        .into_inner();
+    (tx, answers)
+}
