@@ -211,6 +211,16 @@ def _targets(target: str | Sequence[str]) -> list[str]:
 
 TRANSPORTS = ("auto", "native", "grpcio")
 
+# The compiled transport's busy wait, in microseconds: its default and the
+# longest accepted (beyond it, sleeping costs less).
+BUSY_WAIT_US = 200
+MAX_BUSY_WAIT_US = 10_000
+
+
+def is_valid_busy_wait(value) -> bool:
+    """An integer (not a bool) from 0 to ``MAX_BUSY_WAIT_US``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BUSY_WAIT_US
+
 
 def native_transport_available() -> bool:
     """Whether the compiled transport (``warden-client-native``) is installed."""
@@ -345,10 +355,10 @@ class WardenClient(_Base):
     the same host or network), and the CPU is offered to other runnable
     threads between looks."""
 
-    def __init__(self, *args, transport: str = "auto", busy_wait_us: int = 200, **kwargs) -> None:
+    def __init__(self, *args, transport: str = "auto", busy_wait_us: int = BUSY_WAIT_US, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(busy_wait_us, bool) or not isinstance(busy_wait_us, int) or not 0 <= busy_wait_us <= 10_000:
-            raise ValueError("warden client: busy_wait_us must be an integer from 0 to 10000")
+        if not is_valid_busy_wait(busy_wait_us):
+            raise ValueError(f"warden client: busy_wait_us must be an integer from 0 to {MAX_BUSY_WAIT_US}")
         self.busy_wait_us = busy_wait_us
         if transport not in TRANSPORTS:
             raise ValueError(f"warden client: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")

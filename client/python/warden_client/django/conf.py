@@ -42,7 +42,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from warden_client.client import TRANSPORTS, CircuitBreaker, WardenClient
+from warden_client.client import (
+    BUSY_WAIT_US,
+    MAX_BUSY_WAIT_US,
+    TRANSPORTS,
+    CircuitBreaker,
+    WardenClient,
+    is_valid_busy_wait,
+)
 
 _clients: dict[tuple, WardenClient] = {}
 _lock = threading.Lock()
@@ -71,7 +78,7 @@ class Conf:
     server_name: str | None = None
     timeout: float = 0.5
     transport: str = "auto"
-    busy_wait_us: int = 200
+    busy_wait_us: int = BUSY_WAIT_US
     protected: tuple[str, ...] = ("/",)
     exempt: tuple[str, ...] = ()
     public: tuple[str, ...] = ()
@@ -144,9 +151,9 @@ def _parse(raw) -> Conf:
     transport = raw.get("TRANSPORT", "auto")
     if transport not in TRANSPORTS:
         raise ImproperlyConfigured(f'settings.WARDEN["TRANSPORT"] must be one of {", ".join(TRANSPORTS)}')
-    busy_wait_us = raw.get("BUSY_WAIT_US", 200)
-    if isinstance(busy_wait_us, bool) or not isinstance(busy_wait_us, int) or not 0 <= busy_wait_us <= 10_000:
-        raise ImproperlyConfigured('settings.WARDEN["BUSY_WAIT_US"] must be an integer from 0 to 10000')
+    busy_wait_us = raw.get("BUSY_WAIT_US", BUSY_WAIT_US)
+    if not is_valid_busy_wait(busy_wait_us):
+        raise ImproperlyConfigured(f'settings.WARDEN["BUSY_WAIT_US"] must be an integer from 0 to {MAX_BUSY_WAIT_US}')
     breaker = raw.get("BREAKER", {})
     return Conf(
         target=raw["TARGET"] if isinstance(raw["TARGET"], str) else tuple(raw["TARGET"]),
