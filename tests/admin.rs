@@ -1,8 +1,7 @@
 //! End to end: keys managed through the admin API and the `warden` CLI, the
 //! durable store, secrets at rest, and the hash-chained audit log.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 use std::time::Duration;

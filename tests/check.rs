@@ -1,7 +1,6 @@
 //! End to end: the real `warden` binary, real mTLS, the `Check` contract.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

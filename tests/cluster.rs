@@ -6,8 +6,7 @@
 //!
 //! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

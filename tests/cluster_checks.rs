@@ -18,8 +18,7 @@
 //!
 //! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,7 +1,6 @@
 //! End to end: the command line, config errors, plaintext rules, shutdown.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::process::Command;
 

@@ -4,8 +4,7 @@
 //! with clients generated from the official Envoy protos, sending the
 //! messages Envoy sends (`tests/fixtures/envoy`, see its README).
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -3,8 +3,7 @@
 //! gateways ask it, then through a real nginx in front of an upstream
 //! (`bash tests/run` installs nginx, like PostgreSQL).
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

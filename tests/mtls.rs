@@ -2,8 +2,7 @@
 //! revocation, expiry, certificate-bound keys, and certificate rotation
 //! without a restart — all over real TLS against the real binary.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

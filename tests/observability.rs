@@ -7,8 +7,7 @@
 //! Needs `prometheus` and `promtool` (Debian's `prometheus` package; `bash
 //! tests/run` installs it). Skipped without them, except in CI.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

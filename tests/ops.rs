@@ -2,8 +2,7 @@
 //! reflection, drain, anomaly alerts, load shedding, limits, and logs that
 //! never carry a secret.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -5,8 +5,7 @@
 //! starts a throwaway PostgreSQL and sets it). Each test makes its own
 //! database.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -1,8 +1,7 @@
 //! End to end: only clients with a certificate from the configured CA can
 //! call, and clients verify the server too.
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

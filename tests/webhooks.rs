@@ -14,8 +14,7 @@
 //! verifies with the providers' own libraries (standardwebhooks, stripe,
 //! slack-sdk).
 
-#[path = "support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -385,8 +385,8 @@ impl ConfigDir {
 /// with "Address already in use" (CI did, once). So ports come from below
 /// the kernel's ephemeral range, where it never allocates by itself, each
 /// handed out once per test process, starting at an offset taken from the
-/// process id so test binaries running one after another do not reuse each
-/// other's recent ports; a port someone holds is skipped.
+/// process id so a test run right after another does not reuse its recent
+/// ports; a port someone holds is skipped.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
