@@ -159,7 +159,7 @@ if [ "${1:-}" = "c-loadgen" ]; then
 fi
 
 step=0
-steps=8
+steps=9
 run() {  # label, args...
   local label=$1; shift
   step=$((step + 1))
@@ -170,13 +170,16 @@ run() {  # label, args...
 
 run "warden Check (unary)"      --backend warden --mode unary  --server-pid "$warden_pid"
 run "warden CheckStream"        --backend warden --mode stream --server-pid "$warden_pid"
+# The same with requests signed before the run: the generator only sends,
+# as a gateway forwarding what its clients signed (ends when all are sent).
+run "warden CheckStream (pre-signed)" --backend warden --mode stream --presigned 2000000 --server-pid "$warden_pid"
 run "Redis recipe (pipelined)"  --backend redis-recipe --server-pid "$redis_pid"
 run "Redis EVAL (Lua)"          --backend redis-lua    --server-pid "$redis_pid"
 # Latency at half of warden's unary peak, open loop.
 peak=$(grep '"warden Check (unary)"' "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))')
 run "warden Check at 50% of peak" --backend warden --mode unary --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
-echo "== [7/8] C load generators" >&2
+echo "== [8/9] C load generators" >&2
 # The mTLS warden is done: stopped, so its background sweeps of the
 # millions of nonces the runs above left do not take CPU from the
 # plaintext warden h2load measures.
@@ -184,7 +187,7 @@ kill "$warden_pid" 2>/dev/null || true
 wait "$warden_pid" 2>/dev/null || true
 warden_pid=""
 c_loadgen
-echo "== [8/8] memory (a minute or two)" >&2
+echo "== [9/9] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
   | sed 's/^{/{"label":"memory",/' | tee -a "$out/compare.jsonl"
 
@@ -194,14 +197,12 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 load = [r for r in rows if r["label"] != "memory" and not r["label"].startswith(("h2load", "redis-benchmark"))]
 base = next(r for r in load if r["label"] == "Redis EVAL (Lua)")["rps"]
 print()
-print("| workload | req/s | vs Redis EVAL | p50 ms | p99 ms | p99.9 ms | errors | server CPU (cores) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| workload | req/s | vs Redis EVAL | p50 ms | p99 ms | p99.9 ms | errors | server CPU (cores) | generator CPU (cores) |")
+print("|---|---|---|---|---|---|---|---|---|")
+cores = lambda v: f"{v:.2f}" if v is not None else "–"
 for r in load:
-    cpu = r.get("server_cpu_cores")
     print(f"| {r['label']} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-          f"{r['p999_ms']:.3f} | {r['errors']} | {cpu:.2f} |" if cpu is not None else
-          f"| {r['label']} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-          f"{r['p999_ms']:.3f} | {r['errors']} | – |")
+          f"{r['p999_ms']:.3f} | {r['errors']} | {cores(r.get('server_cpu_cores'))} | {cores(r.get('client_cpu_cores'))} |")
 m = next(r for r in rows if r["label"] == "memory")
 print()
 print(f"| memory ({m['keys']:,} keys, {m['nonces']:,} nonces) | per rate-limit key | per nonce |")
