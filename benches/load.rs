@@ -153,7 +153,9 @@ struct LoadArgs {
     /// generator then does what a gateway does, forward requests its
     /// clients signed, and its own signing (SHA-256 of the body and an
     /// HMAC per request) no longer takes CPU from the server when both
-    /// share a machine. ~0.5 KB of memory per request.
+    /// share a machine. ~0.5 KB of memory per request. Requests are
+    /// stamped when signed: keep the run inside the server's past skew
+    /// (300 s by default), or the last ones come back STALE.
     #[arg(long)]
     presigned: Option<usize>,
     /// One JSON object on stdout instead of a report.
