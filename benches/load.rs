@@ -154,8 +154,9 @@ struct LoadArgs {
     /// clients signed, and its own signing (SHA-256 of the body and an
     /// HMAC per request) no longer takes CPU from the server when both
     /// share a machine. ~0.5 KB of memory per request. Requests are
-    /// stamped when signed: keep the run inside the server's past skew
-    /// (300 s by default), or the last ones come back STALE.
+    /// stamped when signed: sign them after the server is ready (past its
+    /// restart fence, as /readyz says) and send them within its past skew
+    /// (300 s by default), or they come back STALE.
     #[arg(long)]
     presigned: Option<usize>,
     /// One JSON object on stdout instead of a report.
@@ -408,17 +409,21 @@ impl Presigned {
     }
 }
 
-/// The next request a sender sends: signed now by `planner`, or the next
-/// pre-signed one (`None` once they are all sent).
-fn next_request(
-    presigned: Option<&Presigned>,
-    planner: &Planner,
-    lane: usize,
-    rng: &mut Rng,
-) -> Option<CheckRequest> {
-    match presigned {
-        Some(p) => p.next(lane),
-        None => Some(planner.plan(rng).request),
+/// Where a run's requests come from: signed as they are sent, or taken
+/// from those signed before the run.
+struct Source {
+    planner: Planner,
+    presigned: Option<Presigned>,
+}
+
+impl Source {
+    /// The next request for sender `lane`; `None` once every pre-signed
+    /// one is sent.
+    fn next(&self, lane: usize, rng: &mut Rng) -> Option<CheckRequest> {
+        match &self.presigned {
+            Some(p) => p.next(lane),
+            None => Some(self.planner.plan(rng).request),
+        }
     }
 }
 
@@ -708,14 +713,14 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         Backend::Warden => setup_warden(&args).await?,
         _ => setup_redis(&args).await?,
     };
-    let planner = Arc::new(Planner {
+    let planner = Planner {
         picker: KeyPicker::new(keys.keys.len(), args.popularity),
         keys: Arc::new(keys),
         mix,
         body: vec![b'x'; args.body_bytes],
         counter: AtomicU64::new(0),
         sent: Mutex::new(Vec::new()),
-    });
+    };
     let presigned = args.presigned.map(|count| {
         // The open loop has one sender; the others one per worker.
         let lanes = if args.rate.is_some() {
@@ -724,8 +729,9 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
             args.concurrency.max(1)
         };
         eprintln!("  signing {count} requests before the run");
-        Arc::new(Presigned::sign(&planner, count, lanes))
+        Presigned::sign(&planner, count, lanes)
     });
+    let source = Arc::new(Source { planner, presigned });
     let stats = Arc::new(Stats::new());
     let stop = Arc::new(AtomicBool::new(false));
     let limit = args.requests.unwrap_or(u64::MAX);
@@ -783,13 +789,8 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
             // server's. A thread sleep wakes within tens of microseconds.
             let permits = Arc::new(Semaphore::new(args.concurrency.max(1) * 4));
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let (planner, stats, target, stop, presigned) = (
-                planner.clone(),
-                stats.clone(),
-                target.clone(),
-                stop.clone(),
-                presigned.clone(),
-            );
+            let (source, stats, target, stop) =
+                (source.clone(), stats.clone(), target.clone(), stop.clone());
             let runtime = tokio::runtime::Handle::current();
             workers.push(tokio::task::spawn_blocking(move || {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -812,9 +813,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                         next += interval;
                         match permits.clone().try_acquire_owned() {
                             Ok(permit) => {
-                                let Some(request) =
-                                    next_request(presigned.as_deref(), &planner, 0, &mut rng)
-                                else {
+                                let Some(request) = source.next(0, &mut rng) else {
                                     sent_all = true;
                                     break;
                                 };
@@ -846,12 +845,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         }
         (None, Mode::Stream, Target::Warden(clients)) => {
             for w in 0..args.concurrency.max(1) {
-                let (planner, stats, stop, presigned) = (
-                    planner.clone(),
-                    stats.clone(),
-                    stop.clone(),
-                    presigned.clone(),
-                );
+                let (source, stats, stop) = (source.clone(), stats.clone(), stop.clone());
                 let mut client = clients[w % clients.len()].clone();
                 let window = args.window.max(1);
                 workers.push(tokio::spawn(async move {
@@ -890,9 +884,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                             break;
                         };
                         p.forget();
-                        let Some(request) =
-                            next_request(presigned.as_deref(), &planner, w, &mut rng)
-                        else {
+                        let Some(request) = source.next(w, &mut rng) else {
                             break;
                         };
                         sent_at.lock().push_back(Instant::now());
@@ -907,22 +899,15 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         }
         (None, _, _) => {
             for w in 0..args.concurrency.max(1) {
-                let (planner, stats, target, stop, presigned) = (
-                    planner.clone(),
-                    stats.clone(),
-                    target.clone(),
-                    stop.clone(),
-                    presigned.clone(),
-                );
+                let (source, stats, target, stop) =
+                    (source.clone(), stats.clone(), target.clone(), stop.clone());
                 workers.push(tokio::spawn(async move {
                     let mut rng = Rng(0xDEAD_BEEF + w as u64);
                     while started.elapsed() < duration
                         && !stop.load(Ordering::Relaxed)
                         && stats.done.load(Ordering::Relaxed) < limit
                     {
-                        let Some(request) =
-                            next_request(presigned.as_deref(), &planner, w, &mut rng)
-                        else {
+                        let Some(request) = source.next(w, &mut rng) else {
                             break;
                         };
                         let t = Instant::now();
