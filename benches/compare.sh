@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # warden side by side with the Redis recipe it replaces, on this machine, in
-# one run (about 3 minutes plus the release build). Starts its own
+# one run (about 4 minutes plus the release build). Starts its own
 # redis-server (installing it with apt-get if missing) and its own
 # `warden serve --dev`, both on 127.0.0.1, and stops both at the end.
 #
@@ -214,3 +214,8 @@ PY
 python3 benches/c_loadgen.py table "$out/compare.jsonl"
 
 python3 benches/plot_latency.py "$out/compare.jsonl" "$out/latency.svg"
+
+# How often this machine stopped a busy CPU while nothing else ran: the
+# floor under every tail above (see README, session 9).
+echo
+python3 benches/vcpu_pauses.py --seconds 4
