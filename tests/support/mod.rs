@@ -1,6 +1,5 @@
 //! Test harness: starts the real `warden` binary and talks to it over real
 //! mTLS, the way a gateway would.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
