@@ -382,7 +382,7 @@ def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(ward
         # a VM whose speed varies) cancels out.
         adaptive = cpu_per_check(client(1_000), key, 40)
         assert awake > 0.0015, f"{awake * 1e6:.0f} us of CPU per check: it did not wait awake"
-        # Waking at once: far below the 3 ms an awake wait costs.
+        # Sleeping at once: far below the 3 ms an awake wait costs.
         assert asleep < 0.0015, f"{asleep * 1e6:.0f} us of CPU per check while sleeping"
         assert adaptive - asleep < 0.0005, (
             f"{adaptive * 1e6:.0f} us per check against {asleep * 1e6:.0f} asleep: "
