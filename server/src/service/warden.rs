@@ -48,8 +48,9 @@ impl WardenService {
 }
 
 impl WardenService {
-    /// One check as `caller`, through the same path as a gRPC `Check`
-    /// (logs, metrics, alerts, audit): for the forward-auth endpoint.
+    /// One check as `caller`, with its logs, metrics, alerts and audit: the
+    /// one path of a unary `Check`, each request of a `CheckStream` and the
+    /// forward-auth endpoint.
     pub async fn check_as(
         &self,
         req: &CheckRequest,
@@ -111,13 +112,7 @@ impl Warden for WardenService {
         let _permit = self.admission.admit(&request)?;
         let started = Instant::now();
         let caller = caller_of(&request);
-        let ctx = Context {
-            checker: &self.checker,
-            cluster: self.cluster.as_deref(),
-            alerts: &self.alerts,
-            audit: self.audit.as_deref(),
-        };
-        let answer = check_one(&ctx, &request.into_inner(), &caller).await;
+        let answer = self.check_as(&request.into_inner(), &caller).await;
         CallMetrics::get()
             .check_seconds
             .record(started.elapsed().as_secs_f64());
@@ -173,10 +168,7 @@ impl Warden for WardenService {
         let stream = OpenStream {
             caller: caller_of(&request),
             inbound: request.into_inner(),
-            checker: self.checker.clone(),
-            cluster: self.cluster.clone(),
-            alerts: self.alerts.clone(),
-            audit: self.audit.clone(),
+            service: self.clone(),
             _permit: permit,
             ended: false,
         };
@@ -194,13 +186,7 @@ impl Warden for WardenService {
             let answer = match s.inbound.message().await {
                 Ok(Some(req)) => {
                     let started = Instant::now();
-                    let ctx = Context {
-                        checker: &s.checker,
-                        cluster: s.cluster.as_deref(),
-                        alerts: &s.alerts,
-                        audit: s.audit.as_deref(),
-                    };
-                    let answer = check_one(&ctx, &req, &s.caller).await;
+                    let answer = s.service.check_as(&req, &s.caller).await;
                     CallMetrics::get()
                         .stream_seconds
                         .record(started.elapsed().as_secs_f64());
@@ -225,10 +211,8 @@ pub type AnswerStream =
 struct OpenStream {
     caller: CallerIdentity,
     inbound: Streaming<CheckRequest>,
-    checker: Arc<Checker>,
-    cluster: Option<Arc<ClusterState>>,
-    alerts: Arc<Alerts>,
-    audit: Option<Arc<AuditLog>>,
+    /// What every check runs through (the Arcs the service holds).
+    service: WardenService,
     /// Its place among the calls in flight, given back when it closes.
     _permit: CallPermit,
     ended: bool,
