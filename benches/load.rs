@@ -368,8 +368,9 @@ impl Planner {
 struct Presigned(Vec<Mutex<Vec<CheckRequest>>>);
 
 impl Presigned {
-    /// `count` requests from `planner`, spread evenly over `lanes`; signed
-    /// on every core, as the run has not started.
+    /// `count` requests from `planner`, spread evenly over `lanes`; lanes
+    /// are signed in parallel on up to every core, as the run has not
+    /// started.
     fn sign(planner: &Planner, count: usize, lanes: usize) -> Self {
         let lanes = lanes.max(1);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -807,14 +808,14 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                     // the server spends on the call.
                     let mut due = Vec::new();
                     let now = Instant::now();
-                    let mut sent_all = false;
                     while next <= now && i < limit {
                         let scheduled = next;
                         next += interval;
                         match permits.clone().try_acquire_owned() {
                             Ok(permit) => {
                                 let Some(request) = source.next(0, &mut rng) else {
-                                    sent_all = true;
+                                    // All pre-signed requests are sent: the run ends.
+                                    i = limit;
                                     break;
                                 };
                                 due.push((scheduled, permit, request, i as usize));
@@ -822,9 +823,6 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                             }
                             Err(_) => stats.record(scheduled.elapsed(), Err(())),
                         }
-                    }
-                    if sent_all {
-                        i = limit;
                     }
                     if due.is_empty() {
                         continue;
