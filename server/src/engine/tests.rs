@@ -408,7 +408,13 @@ fn when_nothing_can_be_evicted_the_request_is_refused_and_stores_nothing() {
     let engine = Engine::new(64, 1000);
     let (p, first_shard, other) = one_entry_pool_held_elsewhere(&engine);
     let busy = engine.shards[first_shard as usize].lock();
-    let nonce = engine.key(b"k", &[b"nonce", b"n"]);
+    // The nonce's shard must not be the busy one: the request would wait
+    // for it, and this thread holds it (with a random seed, one run in 64
+    // hung here).
+    let nonce = (0..)
+        .map(|i| engine.key(format!("k{i}").as_bytes(), &[b"nonce", b"n"]))
+        .find(|k| k.shard != first_shard)
+        .unwrap();
     let limits = [(engine.key_in(p, other.as_bytes(), &[b"limit"]), gcra(5, 5))];
     let outcome = engine.decide(
         SEC,
