@@ -88,6 +88,48 @@ async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
     eventually(&dir, &b, id, secret, Reason::Unauthenticated).await;
 }
 
+/// A policy change is announced apart from any key: the other node must
+/// rebuild every key that counts against it (a key change there reloads
+/// only that key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_through_one_node_limits_its_keys_in_the_other() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let [a_conf, b_conf] = node_configs(&dir, &url);
+    let a = Server::with_config(&a_conf);
+    let b = Server::with_config(&b_conf);
+    let run = |args: &[&str]| {
+        let out = dir.cli(&a, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+
+    run(&[
+        "policies", "put", "shared", "--limit", "100000", "--period", "1h",
+    ]);
+    let created: serde_json::Value = serde_json::from_slice(&run(&[
+        "keys", "create", "--owner", "shared", "--policy", "shared", "--json",
+    ]))
+    .unwrap();
+    let (id, secret) = (
+        created["key_id"].as_str().unwrap(),
+        created["secret"].as_str().unwrap(),
+    );
+    eventually(&dir, &b, id, secret, Reason::Ok).await;
+
+    // Down to one an hour: node b has let at least one through already.
+    run(&[
+        "policies", "put", "shared", "--limit", "1", "--period", "1h",
+    ]);
+    eventually(&dir, &b, id, secret, Reason::RateLimited).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_sealed() {
     let Some(url) = fresh_database().await else {

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
 use warden_client::proto::{
@@ -28,7 +28,7 @@ use crate::keys::{ApiKey, KeyRing, RingError};
 use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
-use crate::store::Store;
+use crate::store::{KeyRecord, Store};
 use crate::webhooks::{
     Delivery, MAX_HEADER_BYTES as MAX_WEBHOOK_HEADER_BYTES, MAX_HEADERS as MAX_WEBHOOK_HEADERS,
     Provider, SignRefusal,
@@ -95,6 +95,10 @@ pub struct Checker {
     /// Swapped whole when keys or policies change (admin API), so a check
     /// sees one consistent set from start to end.
     keys: RwLock<Arc<KeyRing>>,
+    /// One change of the keys at a time, each made from the ring before it:
+    /// an admin change here and another node's arrive on different tasks,
+    /// and neither may undo the other.
+    changing: Mutex<()>,
     authz: Authz,
     settings: CheckSettings,
     failures: Gcra,
@@ -212,6 +216,7 @@ impl Checker {
             freshness: Freshness::starting_at(now, settings.past_skew, settings.future_skew),
             clock,
             keys: RwLock::new(Arc::new(keys)),
+            changing: Mutex::new(()),
             authz,
             settings,
             failures,
@@ -250,24 +255,39 @@ impl Checker {
         self.keys.read().clone()
     }
 
-    /// Makes a new set of keys and policies effective for the next check.
-    pub fn replace_keys(&self, ring: KeyRing) {
+    /// Makes the ring `change` builds from the current one effective for
+    /// the next check; if it fails, nothing changes.
+    pub fn change_keys(
+        &self,
+        change: impl FnOnce(&KeyRing) -> Result<KeyRing, RingError>,
+    ) -> Result<(), RingError> {
+        let _one_at_a_time = self.changing.lock();
+        let ring = change(&self.keys())?;
+        metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
         set_policy_caps(&self.engine, &ring);
-        *self.keys.write() = Arc::new(ring);
+        let before = std::mem::replace(&mut *self.keys.write(), Arc::new(ring));
+        // Dropped after the lock: the last ring of a full rebuild holds
+        // every old key, and checks wait on that lock.
+        drop(before);
+        Ok(())
     }
 
-    /// Rebuilds the keys from the config's and the store's, and makes them
-    /// effective: after an admin change, or another node's (shared store).
+    /// Rebuilds the keys from the config's and the store's: at start, after
+    /// a policy change, after missing a shared store's changes. Every
+    /// stored secret is opened: O(keys), run it off the async threads.
     pub fn reload_keys(
         &self,
         policies: &[Policy],
         keys: &[KeyConfig],
         store: Option<&Store>,
     ) -> Result<(), RingError> {
-        let ring = KeyRing::build(policies, keys, store)?;
-        metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
-        self.replace_keys(ring);
-        Ok(())
+        self.change_keys(|_| KeyRing::build(policies, keys, store))
+    }
+
+    /// One stored key changed (created, modified, revoked): only it is
+    /// rebuilt, and only its secrets are opened.
+    pub fn reload_key(&self, store: &Store, record: &KeyRecord) -> Result<(), RingError> {
+        self.change_keys(|ring| ring.with_stored_key(store, record))
     }
 
     pub fn settings(&self) -> &CheckSettings {

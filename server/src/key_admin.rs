@@ -393,7 +393,15 @@ impl KeyAdmin {
             .await
             .map_err(|e| internal("store policy", e))?;
         self.audit_now(actor, "policy.put", "", detail)?;
-        self.rebuild(store)?;
+        // Every key may count against the policy: all are rebuilt.
+        rebuild_keys(
+            self.checker.clone(),
+            store.clone(),
+            self.config_policies.clone(),
+            self.config_keys.clone(),
+        )
+        .await
+        .map_err(|e| internal("rebuild keys", e))?;
         Ok(policy)
     }
 
@@ -431,13 +439,14 @@ impl KeyAdmin {
         action: &'static str,
         detail: String,
     ) -> Result<(), AdminError> {
-        let id = key.id.clone();
         store
-            .put_key(key)
+            .put_key(key.clone())
             .await
             .map_err(|e| internal("store key", e))?;
-        self.audit_now(actor, action, &id, detail)?;
-        self.rebuild(store)
+        self.audit_now(actor, action, &key.id, detail)?;
+        self.checker
+            .reload_key(store, &key)
+            .map_err(|e| internal("load key", e))
     }
 
     fn audit_now(
@@ -460,12 +469,24 @@ impl KeyAdmin {
         }
         Ok(())
     }
+}
 
-    fn rebuild(&self, store: &Store) -> Result<(), AdminError> {
-        self.checker
-            .reload_keys(&self.config_policies, &self.config_keys, Some(store))
-            .map_err(|e| internal("rebuild keys", e))
-    }
+/// Rebuilds every key from the config and the store on a blocking thread:
+/// it opens every stored secret, O(keys), and must not hold up the checks
+/// running on the async threads.
+pub async fn rebuild_keys(
+    checker: Arc<Checker>,
+    store: Arc<Store>,
+    policies: Vec<Policy>,
+    keys: Vec<KeyConfig>,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        checker
+            .reload_keys(&policies, &keys, Some(&store))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// A secret record to store, and the secret to show once (empty for a

@@ -40,12 +40,12 @@ use crate::gate::{Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
 use crate::gateway::forward_auth::{ConnListener, Incoming};
 use crate::gateway::ratelimit::EnvoyRateLimit;
-use crate::key_admin::KeyAdmin;
+use crate::key_admin::{KeyAdmin, rebuild_keys};
 use crate::keys::KeyRing;
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::warden::WardenService;
-use crate::store::Store;
+use crate::store::{Store, StoreChange};
 use crate::tls::{Protocol, TlsReloader};
 
 /// How often idle state is swept out of the engine.
@@ -289,9 +289,22 @@ impl Bound {
         // A shared store: other processes' changes take effect here too.
         if let Some(store) = app.store.clone().filter(|s| s.is_shared()) {
             let (checker, config) = (app.checker.clone(), app.config.clone());
-            background.spawn(crate::store::watch_postgres(store.clone(), move || {
-                if let Err(e) = checker.reload_keys(&config.policies, &config.keys, Some(&store)) {
-                    tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded");
+            let watched = store.clone();
+            background.spawn(crate::store::watch_postgres(watched, move |change| {
+                let (checker, config, store) = (checker.clone(), config.clone(), store.clone());
+                async move {
+                    let loaded = match change {
+                        StoreChange::Key(record) => checker
+                            .reload_key(&store, &record)
+                            .map_err(|e| e.to_string()),
+                        StoreChange::Everything => {
+                            rebuild_keys(checker, store, config.policies.clone(), config.keys.clone())
+                                .await
+                        }
+                    };
+                    if let Err(e) = loaded {
+                        tracing::error!(event = "keys_rebuild_failed", error = %e, "stored keys could not be loaded");
+                    }
                 }
             }));
         }

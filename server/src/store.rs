@@ -178,22 +178,24 @@ impl Journal {
 impl Database {
     /// Commits one change and announces it to the other processes.
     async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
-        let (sql, id, record) = match entry {
+        let (sql, id, record, announced) = match entry {
             Entry::Key(k) => (
                 "INSERT INTO warden_keys (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-                k.id.clone(),
+                &k.id,
                 serde_json::to_string(k).expect("records serialize"),
+                format!("{KEY_CHANGED}{}", k.id),
             ),
             Entry::Policy(p) => (
                 "INSERT INTO warden_policies (name, record) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
-                p.name.clone(),
+                &p.name,
                 serde_json::to_string(p).expect("records serialize"),
+                format!("policy:{}", p.name),
             ),
             Entry::MasterKey { .. } => return Ok(()),
         };
-        self.client.execute(sql, &[&id, &record]).await?;
+        self.client.execute(sql, &[id, &record]).await?;
         self.client
-            .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &id])
+            .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &announced])
             .await?;
         Ok(())
     }
@@ -214,8 +216,23 @@ CREATE TABLE IF NOT EXISTS warden_keys (id text PRIMARY KEY, record text NOT NUL
 CREATE TABLE IF NOT EXISTS warden_policies (name text PRIMARY KEY, record text NOT NULL);
 ";
 
-/// The channel every change is announced on.
+/// The channel every change is announced on, as `key:<id>` or
+/// `policy:<name>` (before 2026-11-30, the bare id or name).
 pub const CHANGES_CHANNEL: &str = "warden_changes";
+
+/// How an announcement of one key's change starts.
+const KEY_CHANGED: &str = "key:";
+
+/// What an announced change touched, once this process's copy has it.
+#[derive(Debug)]
+pub enum StoreChange {
+    /// One key, as it is now: only it needs loading again.
+    Key(Box<KeyRecord>),
+    /// Possibly anything: a policy (keys count against it), changes missed
+    /// while the feed was down, or an announcement that does not say what
+    /// (from a node of an older version).
+    Everything,
+}
 
 async fn connect(
     url: &str,
@@ -250,9 +267,14 @@ async fn load_postgres(client: &tokio_postgres::Client) -> Result<State, StoreEr
 }
 
 /// Keeps a process in step with a shared PostgreSQL store: LISTENs for
-/// changes and calls `changed` after reloading, and after every reconnect
-/// (changes may have been missed while disconnected). Runs until dropped.
-pub async fn watch_postgres(store: std::sync::Arc<Store>, changed: impl Fn() + Send + 'static) {
+/// changes and calls `changed` after reloading what each touched, and with
+/// [`StoreChange::Everything`] after every reconnect (changes may have been
+/// missed while disconnected). Runs until dropped.
+pub async fn watch_postgres<F, Fut>(store: std::sync::Arc<Store>, changed: F)
+where
+    F: Fn(StoreChange) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let Backend::Database(Database { url, .. }) = &store.backend else {
         return;
     };
@@ -280,12 +302,12 @@ pub async fn watch_postgres(store: std::sync::Arc<Store>, changed: impl Fn() + S
                     if let Err(e) = store.reload().await {
                         tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed");
                     }
-                    changed();
+                    changed(StoreChange::Everything).await;
                     loop {
                         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                match store.reload().await {
-                                    Ok(()) => changed(),
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                match store.reload_announced(n.payload()).await {
+                                    Ok(change) => changed(change).await,
                                     Err(e) => {
                                         tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed")
                                     }
@@ -432,6 +454,27 @@ impl Store {
             *self.state.write() = state;
         }
         Ok(())
+    }
+
+    /// Brings this process's copy up to date with one announced change:
+    /// a key's record alone when the announcement names a key, else
+    /// everything.
+    async fn reload_announced(&self, announced: &str) -> Result<StoreChange, StoreError> {
+        if let (Backend::Database(Database { client, .. }), Some(id)) =
+            (&self.backend, announced.strip_prefix(KEY_CHANGED))
+            && let Some(row) = client
+                .query_opt("SELECT record FROM warden_keys WHERE id = $1", &[&id])
+                .await?
+        {
+            let text: String = row.get(0);
+            let key: KeyRecord = serde_json::from_str(&text).map_err(|e| {
+                StoreError::Postgres(format!("a stored key is not valid JSON: {e}"))
+            })?;
+            self.state.write().keys.insert(key.id.clone(), key.clone());
+            return Ok(StoreChange::Key(Box::new(key)));
+        }
+        self.reload().await?;
+        Ok(StoreChange::Everything)
     }
 
     pub fn is_shared(&self) -> bool {
