@@ -58,6 +58,26 @@ enum Command {
     /// sent again and again and is decided in full each time) as a gRPC
     /// message frame on stdout: the request body for h2load.
     Frame(FrameArgs),
+    /// Creates keys one at a time through the admin API, as an
+    /// administrator's tool does, and reports each batch's rate and
+    /// latency: creating a key must cost the same at 100,000 keys as at 0.
+    Keys(KeysArgs),
+}
+
+#[derive(clap::Args)]
+struct KeysArgs {
+    /// `serve --dev` directory: address, certificates (admin role).
+    #[arg(long, default_value = "./warden-dev")]
+    dev_dir: PathBuf,
+    /// warden address (default: from demo-key.json). Loopback only.
+    #[arg(long)]
+    target: Option<String>,
+    /// Keys to create.
+    #[arg(long, default_value_t = 20_000)]
+    count: usize,
+    /// Report after this many.
+    #[arg(long, default_value_t = 5_000)]
+    every: usize,
 }
 
 #[derive(clap::Args)]
@@ -581,21 +601,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
-    let target = match &args.target {
-        Some(t) => t.clone(),
-        None => {
-            let demo: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(args.dev_dir.join("demo-key.json"))
-                    .map_err(|e| format!("demo-key.json: {e}"))?,
-            )
-            .map_err(|e| e.to_string())?;
-            demo["address"].as_str().unwrap_or_default().to_owned()
-        }
-    };
-    let targets: Vec<String> = target.split(',').map(|t| t.trim().to_owned()).collect();
-    for t in &targets {
-        loopback_only(t)?;
-    }
+    let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
     let target = targets[0].clone();
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
     let mut admin = AdminClient::new(
@@ -644,6 +650,61 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
         ));
     }
     Ok((Target::Warden(clients), Keys { keys, tight }))
+}
+
+/// The addresses `--target` names, or the `serve --dev` server's.
+fn warden_targets(dev_dir: &std::path::Path, target: Option<&str>) -> Result<Vec<String>, String> {
+    let target = match target {
+        Some(t) => t.to_owned(),
+        None => {
+            let demo: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dev_dir.join("demo-key.json"))
+                    .map_err(|e| format!("demo-key.json: {e}"))?,
+            )
+            .map_err(|e| e.to_string())?;
+            demo["address"].as_str().unwrap_or_default().to_owned()
+        }
+    };
+    let targets: Vec<String> = target.split(',').map(|t| t.trim().to_owned()).collect();
+    for t in &targets {
+        loopback_only(t)?;
+    }
+    Ok(targets)
+}
+
+async fn run_keys(args: KeysArgs) -> Result<(), String> {
+    let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
+    let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
+    let mut admin = AdminClient::new(channel(&targets[0], tls).await.map_err(|e| e.to_string())?);
+    let every = args.every.max(1);
+    let mut took = Vec::with_capacity(every);
+    let mut batch = Instant::now();
+    for created in 1..=args.count {
+        let started = Instant::now();
+        admin
+            .create_key(CreateKeyRequest {
+                owner: "warden-bench".into(),
+                kind: KeyKind::Hmac as i32,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("creating a key: {}", e.message()))?;
+        took.push(started.elapsed());
+        if created % every == 0 || created == args.count {
+            took.sort();
+            let ms = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+            println!(
+                "{created:>9} keys created by this run  {:>7.0} creates/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                took.len() as f64 / batch.elapsed().as_secs_f64(),
+                ms(0.5),
+                ms(0.99),
+                ms(1.0)
+            );
+            took.clear();
+            batch = Instant::now();
+        }
+    }
+    Ok(())
 }
 
 async fn setup_redis(args: &LoadArgs) -> Result<(Target, Keys), String> {
@@ -1161,6 +1222,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Some(Command::Memory(args)) => run_memory(args).await,
             Some(Command::Frame(args)) => run_frame(args).await,
+            Some(Command::Keys(args)) => run_keys(args).await,
             None => run_load(cli.load).await,
         }
     });

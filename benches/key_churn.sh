@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# What administering keys costs a running warden (about 2 minutes plus the
+# release build): creating keys one at a time through the admin API up to
+# KEYS (rate and latency per batch, which must not grow with the number of
+# keys), then checks at a steady 5,000/s with and without keys being created
+# beside them (a key change must not stall the checks). Starts its own
+# `warden serve --dev` on 127.0.0.1 and stops it at the end.
+#
+#   bash benches/key_churn.sh          # KEYS=100000 EVERY=20000 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEYS=${KEYS:-100000}
+EVERY=${EVERY:-20000}
+
+echo "== building (release)"
+cargo build -q --release -p warden-server -p warden-benches
+bench=target/release/warden-bench
+
+tmp=$(mktemp -d)
+cleanup() {
+  [ -n "${warden_pid:-}" ] && kill "$warden_pid" 2>/dev/null || true
+  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+target/release/warden serve --dev --dev-dir "$tmp/dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  >"$tmp/warden.out" 2>"$tmp/warden.err" &
+warden_pid=$!
+for _ in $(seq 100); do grep -q "^listening on" "$tmp/warden.out" 2>/dev/null && break; sleep 0.1; done
+metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$tmp/warden.out")
+echo "== waiting for warden to pass its restart fence" >&2
+python3 - "$metrics" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen(f"http://{sys.argv[1]}/readyz", timeout=1).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(0.1)
+PY
+
+echo "== creating $KEYS keys, one at a time"
+"$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY"
+echo "   server RSS: $(( $(awk '/VmRSS/ {print $2}' "/proc/$warden_pid/status") / 1024 )) MiB"
+
+echo "== checks at 5,000/s for 20 s, nothing else running"
+"$bench" --dev-dir "$tmp/dev" --mode unary --rate 5000 --duration 20s --keys 10 2>/dev/null | grep -E "^latency"
+echo "== the same while 2,000 more keys are created"
+"$bench" --dev-dir "$tmp/dev" --mode unary --rate 5000 --duration 20s --keys 10 >"$tmp/load.txt" 2>&1 &
+load_pid=$!
+sleep 3
+"$bench" keys --dev-dir "$tmp/dev" --count 2000 --every 2000
+wait "$load_pid"
+load_pid=""
+grep -E "^latency" "$tmp/load.txt"
