@@ -358,6 +358,11 @@ pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, StoreError> {
     }
 }
 
+/// A journal is compacted at open when it has at least this many
+/// superseded lines, and more of them than live records: its size stays
+/// within about twice what it holds, plus the changes since the last start.
+const COMPACT_AFTER_SUPERSEDED: usize = 1000;
+
 /// The journal's entries, and the length of its complete lines when a torn
 /// last line follows them (a write cut by a crash before its fsync returned,
 /// so never acknowledged: it is dropped, and cut off before the next write).
@@ -493,7 +498,8 @@ impl Store {
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(JOURNAL);
-        let (entries, torn) = read_entries(&path)?;
+        let (entries, mut torn) = read_entries(&path)?;
+        let lines = entries.len();
         let mut state = State::default();
         let mut fingerprint = None;
         for entry in entries {
@@ -512,6 +518,28 @@ impl Store {
                 return Err(StoreError::WrongMasterKey(path.display().to_string()));
             }
             _ => {}
+        }
+        // Every change appends a whole record: keys rotated for years would
+        // leave a journal of mostly superseded lines, all read at start.
+        let live = state.keys.len() + state.policies.len();
+        let superseded = lines.saturating_sub(live + 1);
+        if let Some(f) = &fingerprint
+            && superseded >= COMPACT_AFTER_SUPERSEDED
+            && superseded > live
+        {
+            let mut snapshot = vec![Entry::MasterKey {
+                fingerprint: f.clone(),
+            }];
+            snapshot.extend(state.keys.values().cloned().map(Entry::Key));
+            snapshot.extend(state.policies.values().cloned().map(Entry::Policy));
+            replace_journal(&path, &snapshot)?;
+            torn = None;
+            tracing::info!(
+                event = "store_compacted",
+                lines_before = lines,
+                lines_after = snapshot.len(),
+                "compacted the key store journal: one line per key and policy"
+            );
         }
         // Cut a torn tail away and make sure the header is there.
         let mut file = crate::private_file::open_append(&path).map_err(io(&path))?;
@@ -681,13 +709,19 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
         lines.push(Entry::Key(key));
     }
     lines.extend(state.policies.values().cloned().map(Entry::Policy));
+    replace_journal(path, &lines)?;
+    Ok(resealed)
+}
+
+/// Replaces the journal with `lines` atomically: a crash leaves the old
+/// journal or the new one.
+fn replace_journal(path: &Path, lines: &[Entry]) -> Result<(), StoreError> {
     let mut journal = String::new();
-    for entry in &lines {
+    for entry in lines {
         journal.push_str(&serde_json::to_string(entry).expect("entries serialize"));
         journal.push('\n');
     }
-    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))?;
-    Ok(resealed)
+    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))
 }
 
 /// Every secret re-sealed and the fingerprint switched in one transaction,
@@ -827,6 +861,60 @@ mod tests {
             Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_journal_of_mostly_superseded_lines_is_compacted_at_open_and_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Store::open_with(dir.path(), m).unwrap();
+        store.put_key(key(&store, "k2", b"two")).await.unwrap();
+        let k1 = key(&store, "k1", b"one");
+        drop(store);
+        // Versions of k1 as a long life of rotations would leave them, and
+        // a torn last line from a crash.
+        let path = dir.path().join(JOURNAL);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for v in 0..=COMPACT_AFTER_SUPERSEDED {
+            let version = KeyRecord {
+                owner: format!("owner-{v}"),
+                ..k1.clone()
+            };
+            text.push_str(&serde_json::to_string(&Entry::Key(version)).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{\"key\":{\"id\":\"half");
+        std::fs::write(&path, &text).unwrap();
+
+        let reopen = || Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        let store = reopen();
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines(), 3, "the header and one line per key");
+        let latest = store.key("k1").unwrap();
+        assert_eq!(latest.owner, format!("owner-{COMPACT_AFTER_SUPERSEDED}"));
+        assert_eq!(
+            store
+                .open_secret("k1", &latest.secrets[0])
+                .unwrap()
+                .expose(),
+            b"one"
+        );
+        // Appends go to the new journal, not to the replaced one.
+        store.put_key(key(&store, "k3", b"three")).await.unwrap();
+        drop(store);
+        let store = reopen();
+        assert_eq!(
+            lines(),
+            4,
+            "nothing to compact: the journal is left as it is"
+        );
+        for (id, secret) in [("k1", b"one".as_slice()), ("k2", b"two"), ("k3", b"three")] {
+            let k = store.key(id).unwrap();
+            assert_eq!(
+                store.open_secret(id, &k.secrets[0]).unwrap().expose(),
+                secret
+            );
+        }
     }
 
     #[tokio::test]
