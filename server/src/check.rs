@@ -256,7 +256,10 @@ impl Checker {
     }
 
     /// Makes the ring `change` builds from the current one effective for
-    /// the next check; if it fails, nothing changes.
+    /// the next check; if it fails, nothing changes. Waits while another
+    /// change is made (a full rebuild takes long with many keys): async
+    /// code calls it on a blocking thread (`key_admin::load_key`,
+    /// `key_admin::rebuild_keys`).
     pub fn change_keys(
         &self,
         change: impl FnOnce(&KeyRing) -> Result<KeyRing, RingError>,

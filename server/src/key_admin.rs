@@ -444,8 +444,8 @@ impl KeyAdmin {
             .await
             .map_err(|e| internal("store key", e))?;
         self.audit_now(actor, action, &key.id, detail)?;
-        self.checker
-            .reload_key(store, &key)
+        load_key(self.checker.clone(), self.store()?.clone(), key)
+            .await
             .map_err(|e| internal("load key", e))
     }
 
@@ -469,6 +469,23 @@ impl KeyAdmin {
         }
         Ok(())
     }
+}
+
+/// Makes one changed key effective, on a blocking thread: loading it is
+/// cheap, but it waits for any full rebuild in progress (the keys change
+/// one change at a time), which must not hold up an async thread.
+pub async fn load_key(
+    checker: Arc<Checker>,
+    store: Arc<Store>,
+    record: KeyRecord,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        checker
+            .reload_key(&store, &record)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Rebuilds every key from the config and the store on a blocking thread:

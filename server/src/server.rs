@@ -40,7 +40,7 @@ use crate::gate::{Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
 use crate::gateway::forward_auth::{ConnListener, Incoming};
 use crate::gateway::ratelimit::EnvoyRateLimit;
-use crate::key_admin::{KeyAdmin, rebuild_keys};
+use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
@@ -294,9 +294,7 @@ impl Bound {
                 let (checker, config, store) = (checker.clone(), config.clone(), store.clone());
                 async move {
                     let loaded = match change {
-                        StoreChange::Key(record) => checker
-                            .reload_key(&store, &record)
-                            .map_err(|e| e.to_string()),
+                        StoreChange::Key(record) => load_key(checker, store, *record).await,
                         StoreChange::Everything => {
                             rebuild_keys(checker, store, config.policies.clone(), config.keys.clone())
                                 .await
