@@ -42,23 +42,9 @@ trap cleanup EXIT
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$tmp/redis.pid" --logfile "$tmp/redis.log" >/dev/null
-target/release/warden serve --dev --dev-dir "$tmp/dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  >"$tmp/warden.out" 2>"$tmp/warden.err" &
-warden_pid=$!
-for _ in $(seq 100); do grep -q "^listening on" "$tmp/warden.out" 2>/dev/null && break; sleep 0.1; done
-# Ready once past the restart fence (start + future_skew + 1 s).
-metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$tmp/warden.out")
-echo "== waiting for warden to pass its restart fence" >&2
-python3 - "$metrics" <<'PY'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        if urllib.request.urlopen(f"http://{sys.argv[1]}/readyz", timeout=1).status == 200:
-            break
-    except OSError:
-        pass
-    time.sleep(0.1)
-PY
+# shellcheck source=benches/dev_server.sh
+source benches/dev_server.sh
+start_dev_warden "$tmp/dev"
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")
 

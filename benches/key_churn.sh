@@ -24,22 +24,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-target/release/warden serve --dev --dev-dir "$tmp/dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  >"$tmp/warden.out" 2>"$tmp/warden.err" &
-warden_pid=$!
-for _ in $(seq 100); do grep -q "^listening on" "$tmp/warden.out" 2>/dev/null && break; sleep 0.1; done
-metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$tmp/warden.out")
-echo "== waiting for warden to pass its restart fence" >&2
-python3 - "$metrics" <<'PY'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        if urllib.request.urlopen(f"http://{sys.argv[1]}/readyz", timeout=1).status == 200:
-            break
-    except OSError:
-        pass
-    time.sleep(0.1)
-PY
+# shellcheck source=benches/dev_server.sh
+source benches/dev_server.sh
+start_dev_warden "$tmp/dev"
 
 echo "== creating $KEYS keys, one at a time"
 "$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY"

@@ -52,36 +52,48 @@ async fn eventually(dir: &ConfigDir, server: &Server, key_id: &str, secret: &str
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
-    let Some(url) = fresh_database().await else {
-        return;
-    };
+/// Two nodes on a fresh database; `None` without PostgreSQL.
+async fn two_nodes() -> Option<(ConfigDir, Server, Server)> {
+    let url = fresh_database().await?;
     let dir = ConfigDir::new();
     let [a_conf, b_conf] = node_configs(&dir, &url);
-    let a = Server::with_config(&a_conf);
-    let b = Server::with_config(&b_conf);
+    let (a, b) = (Server::with_config(&a_conf), Server::with_config(&b_conf));
+    Some((dir, a, b))
+}
 
-    let out = dir.cli(&a, &["keys", "create", "--owner", "shared", "--json"]);
+/// The CLI's output against `server`, once it has succeeded.
+fn cli_ok(dir: &ConfigDir, server: &Server, args: &[&str]) -> Vec<u8> {
+    let out = dir.cli(server, args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (id, secret) = (
-        created["key_id"].as_str().unwrap(),
-        created["secret"].as_str().unwrap(),
-    );
+    out.stdout
+}
+
+/// The id and secret `keys create --json` printed.
+fn created_key(stdout: &[u8]) -> (String, String) {
+    let created: serde_json::Value = serde_json::from_slice(stdout).unwrap();
+    let field = |name: &str| created[name].as_str().unwrap().to_owned();
+    (field("key_id"), field("secret"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
+    let Some((dir, a, b)) = two_nodes().await else {
+        return;
+    };
+    let (id, secret) = created_key(&cli_ok(
+        &dir,
+        &a,
+        &["keys", "create", "--owner", "shared", "--json"],
+    ));
+    let (id, secret) = (id.as_str(), secret.as_str());
     assert_eq!(check(&dir, &a, id, secret).await, Reason::Ok);
     eventually(&dir, &b, id, secret, Reason::Ok).await;
 
-    let out = dir.cli(&a, &["keys", "revoke", id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_ok(&dir, &a, &["keys", "revoke", id]);
     // On the node that made the change: the very next check.
     assert_eq!(check(&dir, &a, id, secret).await, Reason::Unauthenticated);
     // On the other node: as soon as the notification arrives.
@@ -93,41 +105,31 @@ async fn keys_created_and_revoked_through_one_node_take_effect_in_the_other() {
 /// only that key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_changed_through_one_node_limits_its_keys_in_the_other() {
-    let Some(url) = fresh_database().await else {
+    let Some((dir, a, b)) = two_nodes().await else {
         return;
     };
-    let dir = ConfigDir::new();
-    let [a_conf, b_conf] = node_configs(&dir, &url);
-    let a = Server::with_config(&a_conf);
-    let b = Server::with_config(&b_conf);
-    let run = |args: &[&str]| {
-        let out = dir.cli(&a, args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+    let put = |limit: &str| {
+        cli_ok(
+            &dir,
+            &a,
+            &[
+                "policies", "put", "shared", "--limit", limit, "--period", "1h",
+            ],
+        )
     };
-
-    run(&[
-        "policies", "put", "shared", "--limit", "100000", "--period", "1h",
-    ]);
-    let created: serde_json::Value = serde_json::from_slice(&run(&[
-        "keys", "create", "--owner", "shared", "--policy", "shared", "--json",
-    ]))
-    .unwrap();
-    let (id, secret) = (
-        created["key_id"].as_str().unwrap(),
-        created["secret"].as_str().unwrap(),
-    );
-    eventually(&dir, &b, id, secret, Reason::Ok).await;
+    put("100000");
+    let (id, secret) = created_key(&cli_ok(
+        &dir,
+        &a,
+        &[
+            "keys", "create", "--owner", "shared", "--policy", "shared", "--json",
+        ],
+    ));
+    eventually(&dir, &b, &id, &secret, Reason::Ok).await;
 
     // Down to one an hour: node b has let at least one through already.
-    run(&[
-        "policies", "put", "shared", "--limit", "1", "--period", "1h",
-    ]);
-    eventually(&dir, &b, id, secret, Reason::RateLimited).await;
+    put("1");
+    eventually(&dir, &b, &id, &secret, Reason::RateLimited).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,12 +140,11 @@ async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_seal
     let dir = ConfigDir::new();
     let [a_conf, _] = node_configs(&dir, &url);
     let mut a = Server::with_config(&a_conf);
-    let out = dir.cli(&a, &["keys", "create", "--owner", "durable", "--json"]);
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (id, secret) = (
-        created["key_id"].as_str().unwrap().to_owned(),
-        created["secret"].as_str().unwrap().to_owned(),
-    );
+    let (id, secret) = created_key(&cli_ok(
+        &dir,
+        &a,
+        &["keys", "create", "--owner", "durable", "--json"],
+    ));
     a.kill();
 
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -172,12 +173,11 @@ async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
     let dir = ConfigDir::new();
     let [a_conf, _] = node_configs(&dir, &url);
     let mut a = Server::with_config(&a_conf);
-    let out = dir.cli(&a, &["keys", "create", "--owner", "rotated", "--json"]);
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (id, secret) = (
-        created["key_id"].as_str().unwrap().to_owned(),
-        created["secret"].as_str().unwrap().to_owned(),
-    );
+    let (id, secret) = created_key(&cli_ok(
+        &dir,
+        &a,
+        &["keys", "create", "--owner", "rotated", "--json"],
+    ));
     a.terminate();
 
     let new_key = dir.path().join("new.key");

@@ -414,6 +414,17 @@ mod tests {
         policies: Vec<&'static str>,
     }
 
+    /// An active HMAC key with one secret and one policy.
+    fn hmac_key_shape() -> Shape {
+        Shape {
+            revoked: false,
+            bearer: false,
+            secrets: 1,
+            revoked_secret: None,
+            policies: vec!["p1"],
+        }
+    }
+
     fn shape() -> impl Strategy<Value = Shape> {
         (
             any::<bool>(),
@@ -503,13 +514,7 @@ mod tests {
     fn a_key_change_rebuilds_that_key_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let hmac = Shape {
-            revoked: false,
-            bearer: false,
-            secrets: 1,
-            revoked_secret: None,
-            policies: vec!["p1"],
-        };
+        let hmac = hmac_key_shape();
         let mut ring = KeyRing::new(&policies(), &[]);
         for id in ["a", "b", "c"] {
             ring = ring
@@ -540,23 +545,17 @@ mod tests {
     fn a_key_that_does_not_load_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let hmac = Shape {
-            revoked: false,
-            bearer: false,
-            secrets: 1,
-            revoked_secret: None,
-            policies: vec![],
-        };
-        let checker_ring = KeyRing::new(&policies(), &[])
+        let hmac = hmac_key_shape();
+        let ring = KeyRing::new(&policies(), &[])
             .with_stored_key(&store, &record(&store, "a", 0, &hmac))
             .unwrap();
         let mut broken = record(&store, "a", 1, &hmac);
         broken.secrets[0].sealed = record(&store, "other", 1, &hmac).secrets[0].sealed.clone();
-        assert!(checker_ring.with_stored_key(&store, &broken).is_err());
+        assert!(ring.with_stored_key(&store, &broken).is_err());
         let mut bad_route = record(&store, "a", 2, &hmac);
         bad_route.routes = vec!["not a route".into()];
-        assert!(checker_ring.with_stored_key(&store, &bad_route).is_err());
-        assert_eq!(checker_ring.key("a").unwrap().owner, "owner-0");
+        assert!(ring.with_stored_key(&store, &bad_route).is_err());
+        assert_eq!(ring.key("a").unwrap().owner, "owner-0");
     }
 
     #[test]
