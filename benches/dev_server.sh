@@ -1,5 +1,6 @@
 # Sourced by the bench scripts: starts `warden serve --dev` in $1 (its dev
-# directory) on free loopback ports, sets warden_pid, and returns once the
+# directory) on free loopback ports, sets warden_pid and warden_metrics (the
+# metrics listener's address), and returns once the
 # server is past its restart fence (/readyz), when checks are decided.
 start_dev_warden() {
   local dev=$1 log_dir
@@ -8,10 +9,9 @@ start_dev_warden() {
     >"$log_dir/warden.out" 2>"$log_dir/warden.err" &
   warden_pid=$!
   for _ in $(seq 100); do grep -q "^listening on" "$log_dir/warden.out" 2>/dev/null && break; sleep 0.1; done
-  local metrics
-  metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$log_dir/warden.out")
+  warden_metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$log_dir/warden.out")
   echo "== waiting for warden to pass its restart fence" >&2
-  python3 - "$metrics" <<'PY'
+  python3 - "$warden_metrics" <<'PY'
 import sys, time, urllib.request
 for _ in range(300):
     try:

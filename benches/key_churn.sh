@@ -3,7 +3,8 @@
 # release build): creating keys one at a time through the admin API up to
 # KEYS (rate and latency per batch, which must not grow with the number of
 # keys), then checks at a steady 5,000/s with and without keys being created
-# beside them (a key change must not stall the checks). Starts its own
+# beside them (a key change must not stall the checks); and how long a
+# policy change, which rebuilds every key, takes at that size. Starts its own
 # `warden serve --dev` on 127.0.0.1 and stops it at the end.
 #
 #   bash benches/key_churn.sh          # KEYS=100000 EVERY=20000 by default
@@ -31,6 +32,10 @@ start_dev_warden "$tmp/dev"
 echo "== creating $KEYS keys, one at a time"
 "$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY"
 echo "   server RSS: $(( $(awk '/VmRSS/ {print $2}' "/proc/$warden_pid/status") / 1024 )) MiB"
+
+echo "== a policy change: every key is rebuilt (on a blocking thread)"
+target/release/warden policies put --dev-dir "$tmp/dev" churn --limit 100 --period 1m >/dev/null
+curl -s "http://$warden_metrics/metrics" | awk '/^warden_key_changes_seconds_sum\{change="all"\}/ {printf "   took %.0f ms\n", $2 * 1000}'
 
 echo "== checks at 5,000/s for 20 s, nothing else running"
 "$bench" --dev-dir "$tmp/dev" --mode unary --rate 5000 --duration 20s --keys 10 2>/dev/null | grep -E "^latency"

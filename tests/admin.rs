@@ -83,6 +83,16 @@ async fn create_sign_check_then_revoke_is_effective_on_the_next_check() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!((2..=3).contains(&audit_writes), "{metrics}");
+    // Each change loaded its key alone; the demo key is left.
+    assert!(
+        metrics.contains("warden_key_changes_seconds_count{change=\"key\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("warden_key_changes_seconds_count{change=\"all\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nwarden_api_keys 1\n"), "{metrics}");
     assert!(
         shown.get("secret").is_none(),
         "show never returns secrets: {shown}"

@@ -110,6 +110,25 @@ pub struct Checker {
     failure_sink: std::sync::OnceLock<FailureSink>,
 }
 
+/// What a change of the keys rebuilds, as operators see it timed
+/// (`warden_key_changes_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChange {
+    /// One stored key.
+    Key,
+    /// Every key: a policy changed, or a shared store's feed was lost.
+    All,
+}
+
+impl KeyChange {
+    fn label(self) -> &'static str {
+        match self {
+            KeyChange::Key => "key",
+            KeyChange::All => "all",
+        }
+    }
+}
+
 /// Charges one failure to a failure budget (its state key and limit).
 pub type FailureSink = Box<dyn Fn(StateKey, Limit) + Send + Sync>;
 
@@ -262,10 +281,14 @@ impl Checker {
     /// `key_admin::rebuild_keys`).
     pub fn change_keys(
         &self,
+        what: KeyChange,
         change: impl FnOnce(&KeyRing) -> Result<KeyRing, RingError>,
     ) -> Result<(), RingError> {
         let _one_at_a_time = self.changing.lock();
+        let started = std::time::Instant::now();
         let ring = change(&self.keys())?;
+        metrics::histogram!("warden_key_changes_seconds", "change" => what.label())
+            .record(started.elapsed().as_secs_f64());
         metrics::gauge!("warden_api_keys").set(ring.key_count() as f64);
         set_policy_caps(&self.engine, &ring);
         let before = std::mem::replace(&mut *self.keys.write(), Arc::new(ring));
@@ -284,13 +307,13 @@ impl Checker {
         keys: &[KeyConfig],
         store: Option<&Store>,
     ) -> Result<(), RingError> {
-        self.change_keys(|_| KeyRing::build(policies, keys, store))
+        self.change_keys(KeyChange::All, |_| KeyRing::build(policies, keys, store))
     }
 
     /// One stored key changed (created, modified, revoked): only it is
     /// rebuilt, and only its secrets are opened.
     pub fn reload_key(&self, store: &Store, record: &KeyRecord) -> Result<(), RingError> {
-        self.change_keys(|ring| ring.with_stored_key(store, record))
+        self.change_keys(KeyChange::Key, |ring| ring.with_stored_key(store, record))
     }
 
     pub fn settings(&self) -> &CheckSettings {

@@ -83,6 +83,10 @@ fn describe() {
         "Denial audit records dropped because the queue was full."
     );
     describe_gauge!("warden_api_keys", "API keys loaded.");
+    describe_histogram!(
+        "warden_key_changes_seconds",
+        "Time to make a key change effective: one key, or all (a policy change)."
+    );
     describe_gauge!(
         "warden_ready",
         "1 while serving, 0 while starting (before the restart fence) or draining."
