@@ -113,7 +113,7 @@ pub struct Checker {
 /// What a change of the keys rebuilds, as operators see it timed
 /// (`warden_key_changes_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyChange {
+enum KeyChange {
     /// One stored key.
     Key,
     /// Every key: a policy changed, or a shared store's feed was lost.
@@ -279,7 +279,7 @@ impl Checker {
     /// change is made (a full rebuild takes long with many keys): async
     /// code calls it on a blocking thread (`key_admin::load_key`,
     /// `key_admin::rebuild_keys`).
-    pub fn change_keys(
+    fn change_keys(
         &self,
         what: KeyChange,
         change: impl FnOnce(&KeyRing) -> Result<KeyRing, RingError>,
@@ -298,9 +298,9 @@ impl Checker {
         Ok(())
     }
 
-    /// Rebuilds the keys from the config's and the store's: at start, after
-    /// a policy change, after missing a shared store's changes. Every
-    /// stored secret is opened: O(keys), run it off the async threads.
+    /// Rebuilds the keys from the config's and the store's: after a policy
+    /// change, after missing a shared store's changes. Every stored secret
+    /// is opened: O(keys), run it off the async threads.
     pub fn reload_keys(
         &self,
         policies: &[Policy],

@@ -254,7 +254,7 @@ impl KeyAdmin {
             if new.bearer { "bearer" } else { "hmac" },
             key.owner
         );
-        self.commit(store, key.clone(), actor, "key.create", detail)
+        self.commit(key.clone(), actor, "key.create", detail)
             .await?;
         Ok(Created { key, credential })
     }
@@ -294,8 +294,7 @@ impl KeyAdmin {
         ) {
             self.validate(&key)?;
         }
-        self.commit(store, key.clone(), actor, action, detail)
-            .await?;
+        self.commit(key.clone(), actor, action, detail).await?;
         Ok((key, out))
     }
 
@@ -433,18 +432,18 @@ impl KeyAdmin {
     /// Stores the key, audits the change, and makes it effective.
     async fn commit(
         &self,
-        store: &Store,
         key: KeyRecord,
         actor: &CallerIdentity,
         action: &'static str,
         detail: String,
     ) -> Result<(), AdminError> {
+        let store = self.store()?;
         store
             .put_key(key.clone())
             .await
             .map_err(|e| internal("store key", e))?;
         self.audit_now(actor, action, &key.id, detail)?;
-        load_key(self.checker.clone(), self.store()?.clone(), key)
+        load_key(self.checker.clone(), store.clone(), key)
             .await
             .map_err(|e| internal("load key", e))
     }

@@ -302,7 +302,14 @@ impl KeyRing {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::crypto::{MasterKey, api_key_hash};
+    use crate::model::PolicySpec;
+    use crate::store::SecretRecord;
 
     #[test]
     fn routes_match_method_and_exact_or_prefix_path() {
@@ -320,14 +327,6 @@ mod tests {
         assert!(Route::parse("POST webhooks").is_err());
         assert!(Route::parse("/only-a-path").is_err());
     }
-
-    use std::collections::BTreeMap;
-
-    use proptest::prelude::*;
-
-    use crate::crypto::{MasterKey, api_key_hash};
-    use crate::model::PolicySpec;
-    use crate::store::SecretRecord;
 
     fn store(dir: &std::path::Path) -> Store {
         Store::open_with(
