@@ -72,6 +72,8 @@ struct Cluster {
     dir: ConfigDir,
     configs: Vec<PathBuf>,
     nodes: Vec<Option<Server>>,
+    /// The logs of nodes restarted since, for a failure's message.
+    past_logs: Vec<String>,
 }
 
 impl Cluster {
@@ -98,6 +100,7 @@ impl Cluster {
             dir,
             configs,
             nodes,
+            past_logs: Vec::new(),
         };
         for i in 0..NODES.len() {
             cluster.wait_members(i, &NODES);
@@ -114,12 +117,31 @@ impl Cluster {
     fn restart(&mut self, i: usize) {
         let mut old = self.nodes[i].take().expect("running");
         assert!(old.terminate().success(), "{}", old.logs());
+        self.past_logs.push(old.logs());
         let node = Server::with_config_unready(&self.configs[i], "info");
         node.wait_past_fence();
         self.nodes[i] = Some(node);
         for j in 0..NODES.len() {
             self.wait_members(j, &NODES);
         }
+    }
+
+    /// Every node's cluster events (joins, hand-offs, fences), restarted
+    /// ones' included: what a failed test needs to say why.
+    fn cluster_events(&self) -> String {
+        let current = self.nodes.iter().flatten().map(Server::logs);
+        self.past_logs
+            .iter()
+            .cloned()
+            .chain(current)
+            .flat_map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("\"event\":\"cluster_"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn node(&self, i: usize) -> &Server {
@@ -639,7 +661,12 @@ async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh
         tally.limited,
         tally.errors
     );
-    assert_eq!(tally.stale, 0, "fresh requests refused as stale");
+    assert_eq!(
+        tally.stale,
+        0,
+        "fresh requests refused as stale; the nodes' cluster events:\n{}",
+        cluster.cluster_events()
+    );
     let mut clients = cluster.clients().await;
     replay_all(&mut clients, &tally.accepted).await;
 }
