@@ -118,6 +118,19 @@ impl Cluster {
         let mut old = self.nodes[i].take().expect("running");
         assert!(old.terminate().success(), "{}", old.logs());
         self.past_logs.push(old.logs());
+        // As an orchestrator replacing a member does, the new process
+        // starts once the others have seen the old one go. A member that
+        // misses the departure (it sees the node leave and come back in
+        // one refresh) cannot know who owned its slots meanwhile and
+        // fences them: safe, but it refuses fresh requests for a few
+        // seconds (README, Operating a cluster).
+        let others: Vec<&str> = (0..NODES.len())
+            .filter(|&j| j != i)
+            .map(|j| NODES[j])
+            .collect();
+        for j in (0..NODES.len()).filter(|&j| j != i) {
+            self.wait_members(j, &others);
+        }
         let node = Server::with_config_unready(&self.configs[i], "info");
         node.wait_past_fence();
         self.nodes[i] = Some(node);
