@@ -60,9 +60,10 @@ impl ApiKey {
 /// Every active key and policy, by name. Revoked keys are simply absent, so
 /// they answer exactly as unknown ones do.
 ///
-/// Checks read a ring without a lock and a change replaces it whole, so a
-/// ring is cheap to copy: a change of one key copies one shard of each
-/// index and opens only that key's secrets (see [`KeyRing::with_stored_key`]).
+/// A check holds the ring it started with and a change replaces the ring
+/// whole, so a ring is cheap to copy: a change of one key copies one shard
+/// of each index and opens only that key's secrets (see
+/// [`KeyRing::with_stored_key`]).
 #[derive(Clone, Debug, Default)]
 pub struct KeyRing {
     keys: KeyIndex,
