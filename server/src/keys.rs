@@ -79,7 +79,6 @@ pub struct KeyRing {
 #[derive(Clone, Debug)]
 struct KeyIndex {
     shards: Vec<Arc<HashMap<Arc<str>, Arc<ApiKey>>>>,
-    len: usize,
 }
 
 const INDEX_SHARDS: usize = 64;
@@ -88,7 +87,6 @@ impl Default for KeyIndex {
     fn default() -> Self {
         Self {
             shards: vec![Arc::default(); INDEX_SHARDS],
-            len: 0,
         }
     }
 }
@@ -111,10 +109,7 @@ impl KeyIndex {
     }
 
     fn insert(&mut self, name: &str, key: Arc<ApiKey>) {
-        let shard = Arc::make_mut(&mut self.shards[Self::shard(name)]);
-        if shard.insert(Arc::from(name), key).is_none() {
-            self.len += 1;
-        }
+        Arc::make_mut(&mut self.shards[Self::shard(name)]).insert(Arc::from(name), key);
     }
 
     fn remove(&mut self, name: &str) -> Option<Arc<ApiKey>> {
@@ -122,9 +117,11 @@ impl KeyIndex {
         if !shard.contains_key(name) {
             return None;
         }
-        let removed = Arc::make_mut(shard).remove(name);
-        self.len -= 1;
-        removed
+        Arc::make_mut(shard).remove(name)
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
     }
 
     fn names(&self) -> impl Iterator<Item = &str> {
@@ -297,7 +294,7 @@ impl KeyRing {
     }
 
     pub fn key_count(&self) -> usize {
-        self.keys.len
+        self.keys.len()
     }
 }
 
