@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::audit::{AuditLog, Event};
 use crate::check::{CallerIdentity, Checker};
 use crate::crypto::{api_key_hash, random_hex};
+use crate::keys::RingError;
 use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, Route, is_valid_key_id};
 use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
 use warden_client::signing::unix_now;
@@ -470,39 +471,37 @@ impl KeyAdmin {
     }
 }
 
-/// Makes one changed key effective, on a blocking thread: loading it is
-/// cheap, but it waits for any full rebuild in progress (the keys change
-/// one change at a time), which must not hold up an async thread.
+/// Makes one changed key effective. Loading it is cheap, but it waits for
+/// any full rebuild in progress (the keys change one change at a time).
 pub async fn load_key(
     checker: Arc<Checker>,
     store: Arc<Store>,
     record: KeyRecord,
 ) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || {
-        checker
-            .reload_key(&store, &record)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    off_async_threads(move || checker.reload_key(&store, &record)).await
 }
 
-/// Rebuilds every key from the config and the store on a blocking thread:
-/// it opens every stored secret, O(keys), and must not hold up the checks
-/// running on the async threads.
+/// Rebuilds every key from the config and the store: it opens every stored
+/// secret, O(keys).
 pub async fn rebuild_keys(
     checker: Arc<Checker>,
     store: Arc<Store>,
     policies: Vec<Policy>,
     keys: Vec<KeyConfig>,
 ) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || {
-        checker
-            .reload_keys(&policies, &keys, Some(&store))
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    off_async_threads(move || checker.reload_keys(&policies, &keys, Some(&store))).await
+}
+
+/// Runs a change of the keys on a blocking thread: it may take long, or
+/// wait for another that does, and must not hold up the checks running on
+/// the async threads.
+async fn off_async_threads(
+    change: impl FnOnce() -> Result<(), RingError> + Send + 'static,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(change)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// A secret record to store, and the secret to show once (empty for a
