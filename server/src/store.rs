@@ -527,17 +527,17 @@ impl Store {
             && superseded >= COMPACT_AFTER_SUPERSEDED
             && superseded > live
         {
-            let mut snapshot = vec![Entry::MasterKey {
-                fingerprint: f.clone(),
-            }];
-            snapshot.extend(state.keys.values().cloned().map(Entry::Key));
-            snapshot.extend(state.policies.values().cloned().map(Entry::Policy));
-            replace_journal(&path, &snapshot)?;
+            let lines_after = replace_journal(
+                &path,
+                f,
+                state.keys.values().cloned(),
+                state.policies.values().cloned(),
+            )?;
             torn = None;
             tracing::info!(
                 event = "store_compacted",
                 lines_before = lines,
-                lines_after = snapshot.len(),
+                lines_after,
                 "compacted the key store journal: one line per key and policy"
             );
         }
@@ -693,9 +693,7 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
         return Err(StoreError::Unsupported("master key rotation"));
     };
     let state = store.state.read();
-    let mut lines = vec![Entry::MasterKey {
-        fingerprint: new.fingerprint().to_owned(),
-    }];
+    let mut keys = Vec::with_capacity(state.keys.len());
     let mut resealed = 0;
     for key in state.keys.values() {
         let mut key = key.clone();
@@ -706,22 +704,40 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
             s.sealed = new.seal(&seal_context(&key.id, &s.id), &plain);
             resealed += 1;
         }
-        lines.push(Entry::Key(key));
+        keys.push(key);
     }
-    lines.extend(state.policies.values().cloned().map(Entry::Policy));
-    replace_journal(path, &lines)?;
+    replace_journal(
+        path,
+        new.fingerprint(),
+        keys,
+        state.policies.values().cloned(),
+    )?;
     Ok(resealed)
 }
 
-/// Replaces the journal with `lines` atomically: a crash leaves the old
-/// journal or the new one.
-fn replace_journal(path: &Path, lines: &[Entry]) -> Result<(), StoreError> {
-    let mut journal = String::new();
-    for entry in lines {
-        journal.push_str(&serde_json::to_string(entry).expect("entries serialize"));
+/// Replaces the journal atomically (a crash leaves the old journal or the
+/// new one) with one line per key and policy after the master key's
+/// fingerprint; returns how many lines it has.
+fn replace_journal(
+    path: &Path,
+    fingerprint: &str,
+    keys: impl IntoIterator<Item = KeyRecord>,
+    policies: impl IntoIterator<Item = PolicySpec>,
+) -> Result<usize, StoreError> {
+    let header = Entry::MasterKey {
+        fingerprint: fingerprint.to_owned(),
+    };
+    let entries = std::iter::once(header)
+        .chain(keys.into_iter().map(Entry::Key))
+        .chain(policies.into_iter().map(Entry::Policy));
+    let (mut journal, mut lines) = (String::new(), 0);
+    for entry in entries {
+        journal.push_str(&serde_json::to_string(&entry).expect("entries serialize"));
         journal.push('\n');
+        lines += 1;
     }
-    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))
+    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))?;
+    Ok(lines)
 }
 
 /// Every secret re-sealed and the fingerprint switched in one transaction,
