@@ -677,8 +677,7 @@ async fn run_keys(args: KeysArgs) -> Result<(), String> {
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
     let mut admin = AdminClient::new(channel(&targets[0], tls).await.map_err(|e| e.to_string())?);
     let every = args.every.max(1);
-    let mut took = Vec::with_capacity(every);
-    let mut batch = Instant::now();
+    let mut batch = (Stats::new(), Instant::now());
     for created in 1..=args.count {
         let started = Instant::now();
         admin
@@ -689,19 +688,18 @@ async fn run_keys(args: KeysArgs) -> Result<(), String> {
             })
             .await
             .map_err(|e| format!("creating a key: {}", e.message()))?;
-        took.push(started.elapsed());
+        batch.0.record(started.elapsed(), Ok("created"));
         if created % every == 0 || created == args.count {
-            took.sort();
-            let ms = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+            let (stats, since) = std::mem::replace(&mut batch, (Stats::new(), Instant::now()));
+            let hist = stats.hist.lock();
+            let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
             println!(
                 "{created:>9} keys created by this run  {:>7.0} creates/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-                took.len() as f64 / batch.elapsed().as_secs_f64(),
+                hist.len() as f64 / since.elapsed().as_secs_f64(),
                 ms(0.5),
                 ms(0.99),
                 ms(1.0)
             );
-            took.clear();
-            batch = Instant::now();
         }
     }
     Ok(())
