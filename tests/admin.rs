@@ -173,6 +173,20 @@ async fn bearer_keys_check_by_api_key_and_are_stored_only_as_a_hash() {
     );
     let stored = std::fs::read(server.dir.join("store/store.jsonl")).unwrap();
     assert!(!String::from_utf8_lossy(&stored).contains(&api_key));
+    // Revoked, the API key is refused at the next check: the key leaves the
+    // bearer index with the key index (one key's change, not a rebuild).
+    let out = cli(&server, &["keys", "revoke", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut elsewhere = bearer(&api_key);
+    elsewhere.client_address = "192.0.2.45".into();
+    assert_eq!(
+        client.check(elsewhere).await.unwrap().reason(),
+        Reason::Unauthenticated
+    );
 }
 
 #[tokio::test]
