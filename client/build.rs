@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // frame instead of a copy (it can be up to max_body_bytes, and is
         // hashed where it lies).
         .bytes(".warden.v1.CheckRequest.body")
+        .btree_map(".warden.v1.CheckResponse.headers")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -1125,9 +1125,6 @@ fn report_limits(response: &mut CheckResponse, reported: Reported, verdicts: &[L
         state.push_str(digits.format(v.reset_after.ceil_secs()));
     }
     let headers = &mut response.headers;
-    // Room for both at once: grown one insert at a time, the map was
-    // rebuilt on the second.
-    headers.reserve(2);
     headers.insert("RateLimit-Policy".to_owned(), reported.quota);
     headers.insert("RateLimit".to_owned(), state);
     response.limits = reported
