@@ -666,6 +666,28 @@ async fn bearer_keys_pass_without_a_body_and_no_credentials_is_401() {
 // ---------------------------------------------------------------------------
 // Rate limit service.
 
+/// The rate limit service is served only when configured: without
+/// `[envoy_ratelimit]` a call to it is UNIMPLEMENTED (not answered by some
+/// other service, and not an allowance), and ext_authz beside it still
+/// answers.
+#[tokio::test]
+async fn the_rate_limit_service_is_unimplemented_unless_configured() {
+    let (dir, server) = ext_authz_server();
+    let channel = channel(&dir, &server).await;
+    let status = RateLimitServiceClient::new(channel.clone())
+        .should_rate_limit(rl("shop", &[&[("path", "/")]], 1))
+        .await
+        .expect_err("a rate limit service that is not configured answered");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    let answer = AuthorizationClient::new(channel)
+        .check(ext_authz_fixture("get.json"))
+        .await
+        .expect("ext_authz answers beside it")
+        .into_inner();
+    // Unsigned: denied by warden's pipeline, which is what answered.
+    assert_ne!(answer.status.map(|s| s.code), Some(0));
+}
+
 fn ratelimit_config(files: &[&str], extra: &str) -> String {
     let list: Vec<String> = files
         .iter()

@@ -28,6 +28,7 @@ mod conn;
 pub mod crypto;
 pub mod descriptors;
 pub mod dev;
+mod direct_route;
 pub mod engine;
 mod freshness;
 mod gate;

@@ -35,6 +35,7 @@ use crate::cluster::peer::PeerService;
 use crate::cluster::{ClusterState, Membership};
 use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
+use crate::direct_route::Direct;
 use crate::engine::{Clock, StateSeed, SystemClock};
 use crate::gate::{Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
@@ -495,11 +496,12 @@ impl Bound {
                 u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX),
             ))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            // The services called once per request skip the router.
+            .layer(Direct::new(service))
+            .layer(Direct::new(ext_authz))
+            .layer(Direct::optional(ratelimit))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service)
-            .add_service(ext_authz)
-            .add_optional_service(ratelimit)
             .add_optional_service(peer)
             .add_service(admin)
             .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);
