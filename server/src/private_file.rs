@@ -24,6 +24,13 @@ pub fn open_append(path: &Path) -> std::io::Result<File> {
 /// fsynced, so a reader never sees half a file and a crash leaves the old
 /// one or the new one.
 pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace_and_keep(path, bytes).map(drop)
+}
+
+/// [`replace`], returning the new file open for writing at its end: a
+/// writer that goes on appending to it never holds the replaced file (as
+/// reopening by name after the rename could fail and leave it doing).
+pub fn replace_and_keep(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
@@ -40,7 +47,8 @@ pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    Ok(file)
 }
 
 #[cfg(test)]

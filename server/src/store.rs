@@ -2,7 +2,10 @@
 //! the store directory. Every change is a whole record (the key or policy as
 //! it is after the change), written and fsynced before it is acknowledged,
 //! so an acknowledged change survives `kill -9`. Opening the store replays
-//! the journal; the newest record of each key or policy wins.
+//! the journal; the newest record of each key or policy wins. When most of
+//! its lines are superseded, the journal is rewritten with one line per key
+//! and policy, atomically (at open, and by the write that tips it over), so
+//! its size follows what it holds, not how often keys changed.
 //!
 //! With `postgres_url`, keys and policies live in PostgreSQL instead (tables
 //! `warden_keys`, `warden_policies`, `warden_meta`, one JSON record per row),
@@ -15,9 +18,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -129,6 +132,26 @@ struct State {
     policies: BTreeMap<String, PolicySpec>,
 }
 
+impl State {
+    /// Takes in one change (the record replaces the one of its id).
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::MasterKey { .. } => {}
+            Entry::Key(k) => {
+                self.keys.insert(k.id.clone(), k);
+            }
+            Entry::Policy(p) => {
+                self.policies.insert(p.name.clone(), p);
+            }
+        }
+    }
+
+    /// How many records a compacted journal holds (besides its header).
+    fn live(&self) -> usize {
+        self.keys.len() + self.policies.len()
+    }
+}
+
 /// Where changes are made durable: the one thing the two stores do
 /// differently. Reads always come from the in-memory [`State`].
 enum Backend {
@@ -139,7 +162,23 @@ enum Backend {
 /// The embedded store: an append-only journal file, fsynced per change.
 struct Journal {
     path: PathBuf,
-    file: std::sync::Arc<Mutex<File>>,
+    /// The master key's, written first in the journal (and again when it
+    /// is compacted).
+    fingerprint: String,
+    file: Arc<Mutex<JournalFile>>,
+}
+
+/// The journal as it is being written. Held (locked) from a change's write
+/// until the change is in memory, so that a compaction, which rewrites the
+/// journal from memory under the same lock, has every line it replaces.
+struct JournalFile {
+    file: File,
+    /// Bytes and lines of complete records.
+    len: u64,
+    lines: usize,
+    /// After a compaction failed: the line count at which to try again (not
+    /// at every write, each a rewrite of everything).
+    compact_from: usize,
 }
 
 /// The shared store: a PostgreSQL database that several processes use,
@@ -150,28 +189,102 @@ struct Database {
 }
 
 impl Backend {
-    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+    /// Makes one change durable, then puts it in `state`.
+    async fn write(&self, entry: Entry, state: &Arc<RwLock<State>>) -> Result<(), StoreError> {
         match self {
-            Backend::Journal(journal) => journal.append(entry).await,
-            Backend::Database(database) => database.append(entry).await,
+            Backend::Journal(journal) => journal.write(entry, state.clone()).await,
+            Backend::Database(database) => {
+                database.append(&entry).await?;
+                state.write().apply(entry);
+                Ok(())
+            }
         }
     }
 }
 
 impl Journal {
-    /// Appends and fsyncs one line, off the async workers.
-    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
-        let mut line = serde_json::to_string(entry).expect("entries serialize");
+    /// Appends and fsyncs one line, puts the change in `state`, and compacts
+    /// the journal if that change tipped it over; off the async workers.
+    async fn write(&self, entry: Entry, state: Arc<RwLock<State>>) -> Result<(), StoreError> {
+        let mut line = serde_json::to_string(&entry).expect("entries serialize");
         line.push('\n');
-        let file = self.file.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let mut file = file.lock();
-            file.write_all(line.as_bytes())?;
-            file.sync_data()
+        let (file, path, fingerprint) = (
+            self.file.clone(),
+            self.path.clone(),
+            self.fingerprint.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut journal = file.lock();
+            journal.append(line.as_bytes()).map_err(io(&path))?;
+            let mut state = state.write();
+            state.apply(entry);
+            let live = state.live();
+            let state = parking_lot::RwLockWriteGuard::downgrade(state);
+            if journal.lines >= journal.compact_from && worth_compacting(journal.lines, live) {
+                journal.compact(&path, &fingerprint, &state);
+            }
+            Ok(())
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        written.map_err(io(&self.path))
+        .unwrap_or_else(|e| Err(io(&self.path)(std::io::Error::other(e))))
+    }
+}
+
+impl JournalFile {
+    /// Writes and fsyncs one line. On failure, what was written of it is
+    /// cut off again: a partial line followed by later ones would be
+    /// damage in the middle of the journal, which refuses to open.
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let written = self
+            .file
+            .write_all(line)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            let _ = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
+            return Err(e);
+        }
+        self.len += line.len() as u64;
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Rewrites the journal from `state`, which holds every line written
+    /// (the caller holds this journal). A failure leaves the old journal
+    /// in use, and is tried again some writes later.
+    fn compact(&mut self, path: &Path, fingerprint: &str, state: &State) {
+        let lines_before = self.lines;
+        match replace_journal(
+            path,
+            fingerprint,
+            state.keys.values().cloned(),
+            state.policies.values().cloned(),
+        ) {
+            Ok((file, lines, len)) => {
+                *self = Self {
+                    file,
+                    len,
+                    lines,
+                    compact_from: 0,
+                };
+                tracing::info!(
+                    event = "store_compacted",
+                    lines_before,
+                    lines_after = lines,
+                    "compacted the key store journal: one line per key and policy"
+                );
+            }
+            Err(e) => {
+                self.compact_from = lines_before + COMPACT_AFTER_SUPERSEDED;
+                tracing::warn!(
+                    event = "store_compaction_failed",
+                    error = %e,
+                    "could not compact the key store journal; it goes on growing until the next attempt"
+                );
+            }
+        }
     }
 }
 
@@ -206,7 +319,7 @@ impl Database {
 pub struct Store {
     backend: Backend,
     dir: PathBuf,
-    state: RwLock<State>,
+    state: Arc<RwLock<State>>,
     master: MasterKey,
 }
 
@@ -358,10 +471,18 @@ pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, StoreError> {
     }
 }
 
-/// A journal is compacted at open when it has at least this many
-/// superseded lines, and more of them than live records: its size stays
-/// within about twice what it holds, plus the changes since the last start.
+/// A journal is compacted when it has at least this many superseded lines,
+/// and more of them than live records: its size stays within about twice
+/// what it holds (or this many lines), and a rewrite of everything comes
+/// after at least as many writes as it rewrites.
 const COMPACT_AFTER_SUPERSEDED: usize = 1000;
+
+/// Whether a journal of `lines` (its header included) holding `live`
+/// records is mostly superseded lines (see [`COMPACT_AFTER_SUPERSEDED`]).
+fn worth_compacting(lines: usize, live: usize) -> bool {
+    let superseded = lines.saturating_sub(live + 1);
+    superseded >= COMPACT_AFTER_SUPERSEDED && superseded > live
+}
 
 /// The journal's entries, and the length of its complete lines when a torn
 /// last line follows them (a write cut by a crash before its fsync returned,
@@ -393,13 +514,6 @@ fn read_entries(path: &Path) -> Result<(Vec<Entry>, Option<u64>), StoreError> {
         entries.push(entry);
     }
     Ok((entries, torn))
-}
-
-fn write_line(file: &mut File, entry: &Entry) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(entry).expect("entries serialize");
-    line.push('\n');
-    file.write_all(line.as_bytes())?;
-    file.sync_data()
 }
 
 impl Store {
@@ -444,7 +558,7 @@ impl Store {
                 url: url.to_owned(),
             }),
             dir: dir.to_owned(),
-            state: RwLock::new(state),
+            state: Arc::new(RwLock::new(state)),
             master,
         };
         store.check_secrets_open()?;
@@ -498,19 +612,14 @@ impl Store {
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(JOURNAL);
-        let (entries, mut torn) = read_entries(&path)?;
+        let (entries, torn) = read_entries(&path)?;
         let lines = entries.len();
         let mut state = State::default();
         let mut fingerprint = None;
         for entry in entries {
             match entry {
                 Entry::MasterKey { fingerprint: f } => fingerprint = Some(f),
-                Entry::Key(k) => {
-                    state.keys.insert(k.id.clone(), k);
-                }
-                Entry::Policy(p) => {
-                    state.policies.insert(p.name.clone(), p);
-                }
+                entry => state.apply(entry),
             }
         }
         match &fingerprint {
@@ -519,51 +628,46 @@ impl Store {
             }
             _ => {}
         }
-        // Every change appends a whole record: keys rotated for years would
-        // leave a journal of mostly superseded lines, all read at start.
-        let live = state.keys.len() + state.policies.len();
-        let superseded = lines.saturating_sub(live + 1);
-        if let Some(f) = &fingerprint
-            && superseded >= COMPACT_AFTER_SUPERSEDED
-            && superseded > live
-        {
-            let lines_after = replace_journal(
-                &path,
-                f,
-                state.keys.values().cloned(),
-                state.policies.values().cloned(),
-            )?;
-            torn = None;
-            tracing::info!(
-                event = "store_compacted",
-                lines_before = lines,
-                lines_after,
-                "compacted the key store journal: one line per key and policy"
-            );
-        }
         // Cut a torn tail away and make sure the header is there.
-        let mut file = crate::private_file::open_append(&path).map_err(io(&path))?;
+        let file = crate::private_file::open_append(&path).map_err(io(&path))?;
+        let mut journal = JournalFile {
+            len: file.metadata().map_err(io(&path))?.len(),
+            file,
+            lines,
+            compact_from: 0,
+        };
         if let Some(len) = torn {
-            file.set_len(len)
-                .and_then(|()| file.sync_data())
+            journal
+                .file
+                .set_len(len)
+                .and_then(|()| journal.file.sync_data())
                 .map_err(io(&path))?;
+            journal.len = len;
         }
-        if fingerprint.is_none() {
-            write_line(
-                &mut file,
-                &Entry::MasterKey {
-                    fingerprint: master.fingerprint().to_owned(),
-                },
-            )
-            .map_err(io(&path))?;
+        let written = fingerprint.is_some();
+        let fingerprint = master.fingerprint().to_owned();
+        if !written {
+            let header = Entry::MasterKey {
+                fingerprint: fingerprint.clone(),
+            };
+            let mut line = serde_json::to_string(&header).expect("entries serialize");
+            line.push('\n');
+            journal.append(line.as_bytes()).map_err(io(&path))?;
+        }
+        // Every change appends a whole record: keys rotated for years would
+        // leave a journal of mostly superseded lines, all read at start (a
+        // journal written by a version that compacted only at open).
+        if worth_compacting(journal.lines, state.live()) {
+            journal.compact(&path, &fingerprint, &state);
         }
         let store = Self {
             backend: Backend::Journal(Journal {
                 path,
-                file: std::sync::Arc::new(Mutex::new(file)),
+                fingerprint,
+                file: Arc::new(Mutex::new(journal)),
             }),
             dir: dir.to_owned(),
-            state: RwLock::new(state),
+            state: Arc::new(RwLock::new(state)),
             master,
         };
         // Every secret must open: better to refuse to start than to fail
@@ -581,30 +685,23 @@ impl Store {
         &self.dir
     }
 
-    /// Writes one change durably: fsynced to the journal, or committed to
-    /// PostgreSQL and announced to the other processes.
-    async fn append(&self, entry: &Entry) -> Result<(), StoreError> {
+    /// Writes one change durably (fsynced to the journal, or committed to
+    /// PostgreSQL and announced to the other processes), then makes it
+    /// visible.
+    async fn write(&self, entry: Entry) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        let written = self.backend.append(entry).await;
+        let written = self.backend.write(entry, &self.state).await;
         metrics::histogram!("warden_store_write_seconds", "what" => "store")
             .record(started.elapsed().as_secs_f64());
         written
     }
 
-    /// Writes a key durably, then makes it visible.
     pub async fn put_key(&self, key: KeyRecord) -> Result<(), StoreError> {
-        self.append(&Entry::Key(key.clone())).await?;
-        self.state.write().keys.insert(key.id.clone(), key);
-        Ok(())
+        self.write(Entry::Key(key)).await
     }
 
     pub async fn put_policy(&self, policy: PolicySpec) -> Result<(), StoreError> {
-        self.append(&Entry::Policy(policy.clone())).await?;
-        self.state
-            .write()
-            .policies
-            .insert(policy.name.clone(), policy);
-        Ok(())
+        self.write(Entry::Policy(policy)).await
     }
 
     pub fn key(&self, id: &str) -> Option<KeyRecord> {
@@ -717,13 +814,13 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
 
 /// Replaces the journal atomically (a crash leaves the old journal or the
 /// new one) with one line per key and policy after the master key's
-/// fingerprint; returns how many lines it has.
+/// fingerprint; returns it open at its end, with its lines and bytes.
 fn replace_journal(
     path: &Path,
     fingerprint: &str,
     keys: impl IntoIterator<Item = KeyRecord>,
     policies: impl IntoIterator<Item = PolicySpec>,
-) -> Result<usize, StoreError> {
+) -> Result<(File, usize, u64), StoreError> {
     let header = Entry::MasterKey {
         fingerprint: fingerprint.to_owned(),
     };
@@ -736,8 +833,8 @@ fn replace_journal(
         journal.push('\n');
         lines += 1;
     }
-    crate::private_file::replace(path, journal.as_bytes()).map_err(io(path))?;
-    Ok(lines)
+    let file = crate::private_file::replace_and_keep(path, journal.as_bytes()).map_err(io(path))?;
+    Ok((file, lines, journal.len() as u64))
 }
 
 /// Every secret re-sealed and the fingerprint switched in one transaction,
@@ -929,6 +1026,84 @@ mod tests {
             assert_eq!(
                 store.open_secret(id, &k.secrets[0]).unwrap().expose(),
                 secret
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_write_that_tips_the_journal_over_is_in_the_compacted_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Store::open_with(dir.path(), m).unwrap();
+        let base = key(&store, "k", b"secret");
+        // The header and one key: the 1,001st version leaves 1,000
+        // superseded lines, and compacts.
+        let last = COMPACT_AFTER_SUPERSEDED as i64 + 1;
+        for v in 1..=last {
+            let version = KeyRecord {
+                created_at: v,
+                ..base.clone()
+            };
+            store.put_key(version).await.unwrap();
+        }
+        let path = dir.path().join(JOURNAL);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "the header and the key");
+        drop(store);
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        assert_eq!(store.key("k").unwrap().created_at, last);
+    }
+
+    /// A long-running server: writers on several threads rotate a few
+    /// keys far past the compaction threshold. The journal is rewritten
+    /// while they write, never lags a write it should hold, and every
+    /// acknowledged change (each key's last version) is there on reopening.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_running_store_compacts_its_journal_and_loses_no_acknowledged_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Arc::new(Store::open_with(dir.path(), m).unwrap());
+        let path = dir.path().join(JOURNAL);
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        const WRITERS: usize = 4;
+        const VERSIONS: usize = COMPACT_AFTER_SUPERSEDED * 3 / 4;
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let id = format!("k{w}");
+                let base = key(&store, &id, id.as_bytes());
+                for v in 1..=VERSIONS {
+                    let version = KeyRecord {
+                        created_at: v as i64,
+                        ..base.clone()
+                    };
+                    store.put_key(version).await.unwrap();
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        let written = WRITERS * VERSIONS + 1;
+        let after = lines();
+        assert!(
+            after < written - COMPACT_AFTER_SUPERSEDED,
+            "{after} lines after {written} writes: not compacted while running"
+        );
+        assert!(
+            after <= 1 + WRITERS + COMPACT_AFTER_SUPERSEDED,
+            "{after} lines: more superseded lines than the threshold were left"
+        );
+        drop(store);
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        for w in 0..WRITERS {
+            let id = format!("k{w}");
+            let k = store.key(&id).expect("every key survives");
+            assert_eq!(k.created_at, VERSIONS as i64, "{id}: its last version");
+            assert_eq!(
+                store.open_secret(&id, &k.secrets[0]).unwrap().expose(),
+                id.as_bytes()
             );
         }
     }
