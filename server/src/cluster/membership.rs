@@ -11,6 +11,15 @@
 //! change) at once rather than at its next tick. A node leaving on SIGTERM
 //! deletes its row at once.
 //!
+//! Each version's members are also kept, in the same transaction, in
+//! `warden_membership_log` (the last thousand versions). A node that
+//! missed versions between two renewals (another node left and came back
+//! in between, or two changes came at once) passes through each one it
+//! missed, as if it had seen them late: slots go and come back exactly as
+//! they would have, and only those are fenced or handed over. Without the
+//! versions it missed (older nodes write no log), it cannot know who owned
+//! its slots meanwhile and fences all it owns.
+//!
 //! When PostgreSQL cannot be reached, a node keeps the last membership it
 //! saw and says so: `coordinator_ok` is false in `warden cluster status`,
 //! `warden_cluster_coordinator_ok` is 0, and a warning is logged once.
@@ -60,7 +69,12 @@ CREATE TABLE IF NOT EXISTS warden_members (
     joined_at timestamptz NOT NULL
 );
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
+CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
 ";
+
+/// The most versions a node replays after missing some; more than that and
+/// it fences everything it owns instead.
+const MAX_REPLAYED: i64 = 64;
 
 /// One live member, as of the last renewal.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +102,52 @@ impl View {
     pub fn nodes(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.node.as_str())
     }
+
+    fn table_nodes(&self) -> Vec<Node> {
+        self.members
+            .iter()
+            .map(|m| Node {
+                name: m.node.clone(),
+                address: m.advertise.clone(),
+                joined_at_ms: m.joined_at_ms,
+            })
+            .collect()
+    }
+}
+
+/// What one successful renewal learned.
+#[derive(Debug)]
+struct Renewal {
+    view: View,
+    /// This node held no live lease before it (its first join, or a lease
+    /// that ran out meanwhile).
+    rejoined: bool,
+    /// The versions between the table's and `view`'s, with their members,
+    /// as the log has them (possibly not all of them).
+    missed: Vec<(u64, Vec<Node>)>,
+}
+
+/// The memberships a node passes through from its table's version
+/// `from` to `view`: each version it missed, then `view`. `None` when it
+/// cannot know them all (the log lacks one, or this node was not a member
+/// of one: it lost its lease meanwhile), and so not who owned its slots.
+fn versions_through(
+    from: u64,
+    missed: Vec<(u64, Vec<Node>)>,
+    view: &View,
+    me: &str,
+) -> Option<Vec<(u64, Vec<Node>)>> {
+    let expected = from + 1..view.version;
+    let complete = missed.len() as u64 == expected.end.saturating_sub(expected.start)
+        && missed.iter().map(|(v, _)| *v).eq(expected)
+        && missed
+            .iter()
+            .all(|(_, nodes)| nodes.iter().any(|n| n.name == me));
+    complete.then(|| {
+        let mut path = missed;
+        path.push((view.version, view.table_nodes()));
+        path
+    })
 }
 
 /// This node's membership: its lease, and the view it keeps current.
@@ -181,7 +241,10 @@ impl Membership {
     }
 
     fn replace_table(&self, table: SlotTable) {
-        let table = Arc::new(table);
+        self.replace_table_arc(Arc::new(table));
+    }
+
+    fn replace_table_arc(&self, table: Arc<SlotTable>) {
         *self.table.write() = table.clone();
         if let Some(tx) = &*self.table_changed.lock() {
             let _ = tx.send(table);
@@ -385,8 +448,11 @@ impl Membership {
                     .lock()
                     .connected_since
                     .is_some_and(|since| since.elapsed() >= self.settings.lease_ttl);
-                match tokio::time::timeout(every * 2, renew(&client, &self.settings, sweep)).await {
-                    Ok(Ok((view, rejoined))) => self.seen(view, rejoined, attempt),
+                let since = self.table().version;
+                match tokio::time::timeout(every * 2, renew(&client, &self.settings, sweep, since))
+                    .await
+                {
+                    Ok(Ok(renewal)) => self.seen(renewal, attempt),
                     Ok(Err(e)) => {
                         self.lost(&e.to_string(), attempt);
                         break;
@@ -403,10 +469,13 @@ impl Membership {
         }
     }
 
-    /// A renewal that started at `attempt` succeeded with `view`;
-    /// `rejoined` when this node held no live lease before it (its first
-    /// join, or a lease that ran out meanwhile).
-    fn seen(&self, view: View, rejoined: bool, attempt: Instant) {
+    /// A renewal that started at `attempt` succeeded.
+    fn seen(&self, renewal: Renewal, attempt: Instant) {
+        let Renewal {
+            view,
+            rejoined,
+            missed,
+        } = renewal;
         // The table first, the lease second. A node whose lease ran out
         // (paused, say) rejoins with a new table that fences what it takes
         // back; were the lease valid before that table is in place, a check
@@ -414,7 +483,7 @@ impl Membership {
         // accept a request the slots' owner meanwhile accepted. Installing
         // the table waits for steps served on the old one (`table_guard`),
         // so once the lease is valid again no step sees the old table.
-        self.update_table(&view, rejoined);
+        self.update_table(&view, rejoined, missed);
         {
             let mut lease = self.lease.lock();
             lease.valid_until = Some(self.lease_end(attempt));
@@ -445,12 +514,13 @@ impl Membership {
         self.joined.send_replace(true);
     }
 
-    /// Rebuilds the slot table when the membership changed. Slots taken
-    /// over get the takeover fence: the previous owner may have accepted
-    /// requests signed up to the moment it stopped answering plus the
-    /// future skew, and it stops at the latest one renewal interval after
-    /// the change (when it renews and sees it).
-    fn update_table(&self, view: &View, rejoined: bool) {
+    /// Rebuilds the slot table when the membership changed, once for each
+    /// version missed (see the module documentation). Slots taken over get
+    /// the takeover fence: the previous owner may have accepted requests
+    /// signed up to the moment it stopped answering plus the future skew,
+    /// and it stops at the latest one renewal interval after the change
+    /// (when it renews and sees it).
+    fn update_table(&self, view: &View, rejoined: bool, missed: Vec<(u64, Vec<Node>)>) {
         if self.leaving.load(Ordering::Relaxed) {
             return;
         }
@@ -494,16 +564,19 @@ impl Membership {
             return;
         }
         let first = before.version == 0;
-        let skipped = !first && view.version > before.version + 1;
-        let nodes = view
-            .members
-            .iter()
-            .map(|m| Node {
-                name: m.node.clone(),
-                address: m.advertise.clone(),
-                joined_at_ms: m.joined_at_ms,
-            })
-            .collect();
+        let replayed = (!first && !rejoined)
+            .then(|| versions_through(before.version, missed, view, self.node()))
+            .flatten();
+        if replayed.as_ref().is_some_and(|path| path.len() > 1) {
+            tracing::info!(
+                event = "cluster_versions_replayed",
+                from = before.version,
+                to = view.version,
+                "membership versions were missed between renewals; passing through each"
+            );
+        }
+        let unknown = !first && (rejoined || replayed.is_none());
+        let path = replayed.unwrap_or_else(|| vec![(view.version, view.table_nodes())]);
         let handed = {
             let mut handed = self.handed.lock();
             let snapshot = handed.clone();
@@ -514,20 +587,26 @@ impl Membership {
             handed.retain(|n, v| *v == u64::MAX && !now_live(n));
             snapshot
         };
-        let mut table = SlotTable::build(
-            view.version,
-            nodes,
-            &self.settings.node,
-            &before,
-            Takeover {
-                fence_secs: fence,
-                unknown: (rejoined && !first) || skipped,
-                handed: &handed,
-            },
-        );
-        table.forget_fences_before(past);
-        metrics::counter!("warden_cluster_rebalances_total").increment(1);
-        self.replace_table(table);
+        let mut table = before;
+        for (version, nodes) in path {
+            let mut next = SlotTable::build(
+                version,
+                nodes,
+                &self.settings.node,
+                &table,
+                Takeover {
+                    fence_secs: fence,
+                    unknown,
+                    handed: &handed,
+                },
+            );
+            next.forget_fences_before(past);
+            metrics::counter!("warden_cluster_rebalances_total").increment(1);
+            // Each in turn, so that what this node owned only meanwhile
+            // is handed over to its owner now.
+            table = Arc::new(next);
+            self.replace_table_arc(table.clone());
+        }
     }
 
     fn lost(&self, error: &str, attempt: Instant) {
@@ -614,10 +693,18 @@ pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
     Ok(crate::engine::StateSeed::from_bytes(bytes))
 }
 
-/// Bumps the version and announces it (delivered when the transaction
-/// commits).
+/// Bumps the version, logs its members (live leases: `now()` is the
+/// transaction's, the same as the changes before it) and forgets versions a
+/// thousand old, and announces it (delivered when the transaction commits).
 const BUMP_VERSION: &str =
     "UPDATE warden_meta SET v = (v::bigint + 1)::text WHERE k = 'membership_version';
+INSERT INTO warden_membership_log (version, members)
+SELECT (SELECT v::bigint FROM warden_meta WHERE k = 'membership_version'),
+       coalesce(json_agg(json_build_array(node, advertise,
+                (extract(epoch from joined_at) * 1000)::bigint) ORDER BY node), '[]')::text
+FROM warden_members WHERE lease_until >= now();
+DELETE FROM warden_membership_log
+WHERE version <= (SELECT v::bigint FROM warden_meta WHERE k = 'membership_version') - 1000;
 SELECT pg_notify('warden_members', v) FROM warden_meta WHERE k = 'membership_version'";
 
 /// Wakes the lease keeper whenever a node announces a change; reconnects
@@ -657,12 +744,14 @@ async fn listen(url: String, changed: Arc<Notify>) {
 
 /// One renewal: this node's lease extended (or taken), leases that ran out
 /// removed, the version bumped if either changed the membership, and the
-/// live members read — all in one transaction, on the database's clock.
+/// live members read, with the members of versions after `since` that this
+/// node missed — all in one transaction, on the database's clock.
 async fn renew(
     client: &tokio_postgres::Client,
     settings: &ClusterSettings,
     sweep: bool,
-) -> Result<(View, bool), tokio_postgres::Error> {
+    since: u64,
+) -> Result<Renewal, tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
     client.batch_execute("BEGIN").await?;
     let result = async {
@@ -721,7 +810,40 @@ async fn renew(
                 .collect(),
             coordinator_ok: true,
         };
-        Ok((view, joined))
+        let missed = if since > 0 && view.version > since + 1 {
+            let since = i64::try_from(since).unwrap_or(i64::MAX);
+            let upto = i64::try_from(view.version).unwrap_or(i64::MAX);
+            client
+                .query(
+                    "SELECT version, members FROM warden_membership_log
+                     WHERE version > $1 AND version < $2 AND version <= $1 + $3
+                     ORDER BY version",
+                    &[&since, &upto, &MAX_REPLAYED],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    let members: Vec<(String, String, i64)> =
+                        serde_json::from_str(r.get(1)).unwrap_or_default();
+                    let nodes = members
+                        .into_iter()
+                        .map(|(name, address, joined_at_ms)| Node {
+                            name,
+                            address,
+                            joined_at_ms,
+                        })
+                        .collect();
+                    (r.get::<_, i64>(0) as u64, nodes)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Renewal {
+            view,
+            rejoined: joined,
+            missed,
+        })
     }
     .await;
     match result {
@@ -733,5 +855,174 @@ async fn renew(
             let _ = client.batch_execute("ROLLBACK").await;
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Slot;
+
+    fn membership(me: &str) -> Arc<Membership> {
+        Membership::new(
+            ClusterSettings {
+                node: me.into(),
+                advertise: format!("{me}:1"),
+                lease_ttl: Duration::from_secs(2),
+                peer_tls: None,
+            },
+            String::new(),
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// `names` at `version`, each joined at the time given (a restart is a
+    /// new time under the same name).
+    fn view(version: u64, names: &[(&str, i64)]) -> View {
+        View {
+            version,
+            members: names
+                .iter()
+                .map(|&(node, joined_at_ms)| Member {
+                    node: node.into(),
+                    advertise: format!("{node}:1"),
+                    lease_left: Duration::from_secs(2),
+                    joined_at_ms,
+                })
+                .collect(),
+            coordinator_ok: true,
+        }
+    }
+
+    const THREE: [(&str, i64); 3] = [("node-a", 1), ("node-b", 1), ("node-c", 1)];
+
+    /// Node A at version 3 with B and C, both of which handed over to it.
+    fn settled_a() -> Arc<Membership> {
+        let a = membership("node-a");
+        a.update_table(&view(3, &THREE), true, Vec::new());
+        a.handed_over("node-b", 3);
+        a.handed_over("node-c", 3);
+        let t = a.table();
+        assert_eq!(t.awaited().count(), 0);
+        assert!((0..=Slot::MAX).all(|s| !t.fenced(s, 1) && t.is_mine(s) == t.owns(s)));
+        a
+    }
+
+    fn now() -> i64 {
+        crate::engine::clock::unix_secs() as i64
+    }
+
+    /// C restarts (leaves on SIGTERM having handed over, joins again) while
+    /// A is between renewals: A reads version 5 having seen 3. Passing
+    /// through version 4 from the log, A fences none of its own slots, and
+    /// its hand-over sees version 4, where it held C's slots, before 5,
+    /// where C has them back.
+    #[test]
+    fn a_node_that_missed_a_restart_of_another_fences_none_of_its_own_slots() {
+        let a = settled_a();
+        let before = a.table();
+        let mut tables = a.table_changes();
+        a.handed_over("node-c", u64::MAX);
+        let restarted = view(5, &[("node-a", 1), ("node-b", 1), ("node-c", 2)]);
+        let while_away = view(4, &[("node-a", 1), ("node-b", 1)]).table_nodes();
+        a.update_table(&restarted, false, vec![(4, while_away)]);
+
+        let t = a.table();
+        assert_eq!(t.version, 5);
+        for slot in 0..=Slot::MAX {
+            assert_eq!(t.owns(slot), before.owns(slot), "slot {slot}");
+            assert!(!t.fenced(slot, now()), "slot {slot} is fenced");
+        }
+        let four = tables.try_recv().expect("version 4 is handed on");
+        let five = tables.try_recv().expect("then version 5");
+        assert_eq!((four.version, five.version), (4, 5));
+        assert!(
+            (0..=Slot::MAX).any(|s| four.owns(s) && !five.owns(s)),
+            "A held some of C's slots at version 4, to be handed back"
+        );
+        assert!(tables.try_recv().is_err());
+    }
+
+    /// The same restart, but the log lacks version 4 (written by a node of
+    /// an older version, or forgotten): A cannot know who held its slots,
+    /// and fences every one it owns.
+    #[test]
+    fn a_node_that_cannot_know_a_missed_version_fences_all_it_owns() {
+        let a = settled_a();
+        a.handed_over("node-c", u64::MAX);
+        let restarted = view(5, &[("node-a", 1), ("node-b", 1), ("node-c", 2)]);
+        a.update_table(&restarted, false, Vec::new());
+        let t = a.table();
+        assert!(
+            (0..=Slot::MAX)
+                .filter(|&s| t.owns(s))
+                .all(|s| t.fenced(s, now()))
+        );
+    }
+
+    /// A's own lease ran out meanwhile (it rejoined): whatever the log
+    /// says, others may have held its slots, so it fences them all.
+    #[test]
+    fn a_node_that_rejoined_fences_all_it_owns_even_with_the_log() {
+        let a = settled_a();
+        let while_away = view(4, &[("node-b", 1), ("node-c", 1)]).table_nodes();
+        a.update_table(&view(5, &THREE), true, vec![(4, while_away)]);
+        let t = a.table();
+        assert!(
+            (0..=Slot::MAX)
+                .filter(|&s| t.owns(s))
+                .all(|s| t.fenced(s, now()))
+        );
+    }
+
+    #[test]
+    fn missed_versions_are_passed_through_only_when_all_are_known() {
+        let me = "node-a";
+        let with_me = || view(1, &THREE).table_nodes();
+        let target = view(6, &THREE);
+        let versions = |path: Option<Vec<(u64, Vec<Node>)>>| {
+            path.map(|p| p.iter().map(|(v, _)| *v).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            versions(versions_through(
+                3,
+                vec![(4, with_me()), (5, with_me())],
+                &target,
+                me
+            )),
+            Some(vec![4, 5, 6])
+        );
+        assert_eq!(
+            versions(versions_through(5, Vec::new(), &target, me)),
+            Some(vec![6]),
+            "nothing missed"
+        );
+        assert_eq!(
+            versions(versions_through(3, vec![(5, with_me())], &target, me)),
+            None,
+            "version 4 is not in the log"
+        );
+        assert_eq!(
+            versions(versions_through(
+                3,
+                vec![(4, with_me()), (4, with_me())],
+                &target,
+                me
+            )),
+            None,
+            "a version twice"
+        );
+        let without_me = view(1, &THREE[1..]).table_nodes();
+        assert_eq!(
+            versions(versions_through(
+                3,
+                vec![(4, with_me()), (5, without_me)],
+                &target,
+                me
+            )),
+            None,
+            "this node was not a member at version 5"
+        );
     }
 }
