@@ -913,6 +913,13 @@ mod tests {
         crate::engine::clock::unix_secs() as i64
     }
 
+    /// Every slot the table's node owns refuses a request signed now.
+    fn assert_fences_all_it_owns(t: &SlotTable) {
+        let owned: Vec<Slot> = (0..=Slot::MAX).filter(|&s| t.owns(s)).collect();
+        assert!(!owned.is_empty());
+        assert!(owned.iter().all(|&s| t.fenced(s, now())));
+    }
+
     /// C restarts (leaves on SIGTERM having handed over, joins again) while
     /// A is between renewals: A reads version 5 having seen 3. Passing
     /// through version 4 from the log, A fences none of its own slots, and
@@ -953,12 +960,7 @@ mod tests {
         a.handed_over("node-c", u64::MAX);
         let restarted = view(5, &[("node-a", 1), ("node-b", 1), ("node-c", 2)]);
         a.update_table(&restarted, false, Vec::new());
-        let t = a.table();
-        assert!(
-            (0..=Slot::MAX)
-                .filter(|&s| t.owns(s))
-                .all(|s| t.fenced(s, now()))
-        );
+        assert_fences_all_it_owns(&a.table());
     }
 
     /// A's own lease ran out meanwhile (it rejoined): whatever the log
@@ -968,12 +970,7 @@ mod tests {
         let a = settled_a();
         let while_away = view(4, &[("node-b", 1), ("node-c", 1)]).table_nodes();
         a.update_table(&view(5, &THREE), true, vec![(4, while_away)]);
-        let t = a.table();
-        assert!(
-            (0..=Slot::MAX)
-                .filter(|&s| t.owns(s))
-                .all(|s| t.fenced(s, now()))
-        );
+        assert_fences_all_it_owns(&a.table());
     }
 
     #[test]
