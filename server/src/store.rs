@@ -206,8 +206,7 @@ impl Journal {
     /// Appends and fsyncs one line, puts the change in `state`, and compacts
     /// the journal if that change tipped it over; off the async workers.
     async fn write(&self, entry: Entry, state: Arc<RwLock<State>>) -> Result<(), StoreError> {
-        let mut line = serde_json::to_string(&entry).expect("entries serialize");
-        line.push('\n');
+        let line = journal_line(&entry);
         let (file, path, fingerprint) = (
             self.file.clone(),
             self.path.clone(),
@@ -477,6 +476,13 @@ pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, StoreError> {
 /// after at least as many writes as it rewrites.
 const COMPACT_AFTER_SUPERSEDED: usize = 1000;
 
+/// One journal line: the entry's JSON and a newline.
+fn journal_line(entry: &Entry) -> String {
+    let mut line = serde_json::to_string(entry).expect("entries serialize");
+    line.push('\n');
+    line
+}
+
 /// Whether a journal of `lines` (its header included) holding `live`
 /// records is mostly superseded lines (see [`COMPACT_AFTER_SUPERSEDED`]).
 fn worth_compacting(lines: usize, live: usize) -> bool {
@@ -650,9 +656,9 @@ impl Store {
             let header = Entry::MasterKey {
                 fingerprint: fingerprint.clone(),
             };
-            let mut line = serde_json::to_string(&header).expect("entries serialize");
-            line.push('\n');
-            journal.append(line.as_bytes()).map_err(io(&path))?;
+            journal
+                .append(journal_line(&header).as_bytes())
+                .map_err(io(&path))?;
         }
         // Every change appends a whole record: keys rotated for years would
         // leave a journal of mostly superseded lines, all read at start (a
@@ -829,8 +835,7 @@ fn replace_journal(
         .chain(policies.into_iter().map(Entry::Policy));
     let (mut journal, mut lines) = (String::new(), 0);
     for entry in entries {
-        journal.push_str(&serde_json::to_string(&entry).expect("entries serialize"));
-        journal.push('\n');
+        journal.push_str(&journal_line(&entry));
         lines += 1;
     }
     let file = crate::private_file::replace_and_keep(path, journal.as_bytes()).map_err(io(path))?;
