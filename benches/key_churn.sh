@@ -4,7 +4,8 @@
 # KEYS (rate and latency per batch, which must not grow with the number of
 # keys), then checks at a steady 5,000/s with and without keys being created
 # beside them (a key change must not stall the checks); and how long a
-# policy change, which rebuilds every key, takes at that size. Starts its own
+# policy change, which rebuilds every key, takes at that size; and the
+# server's memory per key, as created and after a restart. Starts its own
 # `warden serve --dev` on 127.0.0.1 and stops it at the end.
 #
 #   bash benches/key_churn.sh          # KEYS=100000 EVERY=20000 by default
@@ -27,11 +28,14 @@ trap cleanup EXIT
 
 # shellcheck source=benches/dev_server.sh
 source benches/dev_server.sh
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$warden_pid/status"; }
 start_dev_warden "$tmp/dev"
+empty_kib=$(rss_kib)
+echo "   server RSS with no key: $((empty_kib / 1024)) MiB"
 
 echo "== creating $KEYS keys, one at a time"
 "$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY"
-echo "   server RSS: $(( $(awk '/VmRSS/ {print $2}' "/proc/$warden_pid/status") / 1024 )) MiB"
+echo "   server RSS: $(( $(rss_kib) / 1024 )) MiB, $(( ($(rss_kib) - empty_kib) * 1024 / KEYS )) B per key"
 
 echo "== a policy change: every key is rebuilt (on a blocking thread)"
 target/release/warden policies put --dev-dir "$tmp/dev" churn --limit 100 --period 1m >/dev/null
@@ -47,3 +51,9 @@ sleep 3
 wait "$load_pid"
 load_pid=""
 grep -E "^latency" "$tmp/load.txt"
+
+echo "== restarted on the same store: memory per key without the churn of creating them"
+kill "$warden_pid"
+wait "$warden_pid" 2>/dev/null || true
+start_dev_warden "$tmp/dev"
+echo "   server RSS: $(( $(rss_kib) / 1024 )) MiB, $(( ($(rss_kib) - empty_kib) * 1024 / (KEYS + 2000) )) B per key"
