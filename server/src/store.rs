@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufRead, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -505,36 +505,47 @@ fn worth_compacting(lines: usize, live: usize) -> bool {
     superseded >= COMPACT_AFTER_SUPERSEDED && superseded > live
 }
 
-/// The journal's entries, and the length of its complete lines when a torn
-/// last line follows them (a write cut by a crash before its fsync returned,
-/// so never acknowledged: it is dropped, and cut off before the next write).
-fn read_entries(path: &Path) -> Result<(Vec<Entry>, Option<u64>), StoreError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+/// Reads the journal one line at a time, handing each entry to `take` as it
+/// is read: at start, memory holds the records, not the whole journal and
+/// every entry in it besides (a journal is up to about twice its records).
+/// Returns how many lines it has, and the length of its complete lines when
+/// a torn last line follows them (a write cut by a crash before its fsync
+/// returned, so never acknowledged: it is dropped, and cut off before the
+/// next write).
+fn read_entries(
+    path: &Path,
+    mut take: impl FnMut(Entry) -> Result<(), StoreError>,
+) -> Result<(usize, Option<u64>), StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, None)),
         Err(e) => return Err(io(path)(e)),
     };
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let torn = (complete < bytes.len()).then_some(complete as u64);
-    if torn.is_some() {
-        tracing::warn!(
-            event = "store_torn_write",
-            "ignoring an incomplete last record (crash during a write)"
-        );
-    }
-    let mut entries = Vec::new();
-    for (i, line) in bytes[..complete]
-        .split_inclusive(|&b| b == b'\n')
-        .enumerate()
-    {
-        let line = &line[..line.len() - 1];
-        let entry = serde_json::from_slice::<Entry>(line).map_err(|_| StoreError::Corrupt {
-            path: path.display().to_string(),
-            line: i + 1,
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+    let (mut line, mut lines, mut complete) = (Vec::new(), 0, 0u64);
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line).map_err(io(path))?;
+        if read == 0 {
+            return Ok((lines, None));
+        }
+        if line.last() != Some(&b'\n') {
+            tracing::warn!(
+                event = "store_torn_write",
+                "ignoring an incomplete last record (crash during a write)"
+            );
+            return Ok((lines, Some(complete)));
+        }
+        lines += 1;
+        let entry = serde_json::from_slice::<Entry>(&line[..read - 1]).map_err(|_| {
+            StoreError::Corrupt {
+                path: path.display().to_string(),
+                line: lines,
+            }
         })?;
-        entries.push(entry);
+        take(entry)?;
+        complete += read as u64;
     }
-    Ok((entries, torn))
 }
 
 impl Store {
@@ -633,22 +644,18 @@ impl Store {
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(JOURNAL);
-        let (entries, torn) = read_entries(&path)?;
-        let lines = entries.len();
         let mut state = State::default();
         let mut fingerprint = None;
-        for entry in entries {
+        let (lines, torn) = read_entries(&path, |entry| {
             match entry {
+                Entry::MasterKey { fingerprint: f } if f != master.fingerprint() => {
+                    return Err(StoreError::WrongMasterKey(path.display().to_string()));
+                }
                 Entry::MasterKey { fingerprint: f } => fingerprint = Some(f),
                 entry => state.apply(entry),
             }
-        }
-        match &fingerprint {
-            Some(f) if f != master.fingerprint() => {
-                return Err(StoreError::WrongMasterKey(path.display().to_string()));
-            }
-            _ => {}
-        }
+            Ok(())
+        })?;
         // Cut a torn tail away and make sure the header is there.
         let file = crate::private_file::open_append(&path).map_err(io(&path))?;
         let mut journal = JournalFile {
