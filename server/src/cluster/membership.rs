@@ -159,6 +159,12 @@ pub struct Membership {
     /// Checks decide under a read lock, so a new table (write lock) is in
     /// place only once no check still decides under the old one.
     table: RwLock<Arc<SlotTable>>,
+    /// Held while a new table is made from the current one and put in its
+    /// place (a new membership, a hand-over received, leaving). Two such
+    /// changes at once would both start from the same table, and the later
+    /// would undo the earlier: a hand-over lost that way leaves its
+    /// sender's slots awaited until they are given up on, and fenced.
+    changing: Mutex<()>,
     /// Every new table, in order, for handing over what this node no
     /// longer owns (see [`Self::table_changes`]).
     table_changed: Mutex<Option<mpsc::UnboundedSender<Arc<SlotTable>>>>,
@@ -210,6 +216,7 @@ impl Membership {
             url: coordinator_url,
             view: RwLock::new(View::default()),
             table: RwLock::new(Arc::new(SlotTable::empty())),
+            changing: Mutex::new(()),
             table_changed: Mutex::new(None),
             handed: Mutex::new(HashMap::new()),
             leaving: AtomicBool::new(false),
@@ -245,6 +252,7 @@ impl Membership {
     }
 
     fn replace_table_arc(&self, table: Arc<SlotTable>) {
+        debug_assert!(self.changing.is_locked(), "tables change one at a time");
         *self.table.write() = table.clone();
         if let Some(tx) = &*self.table_changed.lock() {
             let _ = tx.send(table);
@@ -254,6 +262,7 @@ impl Membership {
     /// `from` handed over everything it owed this node for membership
     /// `version` (`u64::MAX`: on its way out): its slots are answered for.
     pub fn handed_over(&self, from: &str, version: u64) {
+        let _changing = self.changing.lock();
         {
             let mut handed = self.handed.lock();
             let v = handed.entry(from.to_owned()).or_insert(0);
@@ -277,6 +286,7 @@ impl Membership {
     /// On the way out: from now on this node answers for no slot. Returns
     /// the table without it, which says where its state goes.
     pub fn start_leaving(&self) -> SlotTable {
+        let _changing = self.changing.lock();
         self.leaving.store(true, Ordering::SeqCst);
         let current = self.table();
         let others: Vec<Node> = current
@@ -521,6 +531,7 @@ impl Membership {
     /// and it stops at the latest one renewal interval after the change
     /// (when it renews and sees it).
     fn update_table(&self, view: &View, rejoined: bool, missed: Vec<(u64, Vec<Node>)>) {
+        let _changing = self.changing.lock();
         if self.leaving.load(Ordering::Relaxed) {
             return;
         }
@@ -918,6 +929,37 @@ mod tests {
         let owned: Vec<Slot> = (0..=Slot::MAX).filter(|&s| t.owns(s)).collect();
         assert!(!owned.is_empty());
         assert!(owned.iter().all(|&s| t.fenced(s, now())));
+    }
+
+    /// A node joining a cluster waits for every member's hand-over, and the
+    /// members send theirs at once, so they arrive together on different
+    /// threads. Each must count: one lost means that member's slots are
+    /// given up on after two lease TTLs and fenced, refusing fresh
+    /// requests (as a CI run of the rolling-restart test showed: a joiner
+    /// logged both hand-overs, then "never handed its slots over").
+    #[test]
+    fn hand_overs_arriving_together_all_count() {
+        for round in 0..300 {
+            let a = membership("node-a");
+            a.update_table(&view(3, &THREE), true, Vec::new());
+            assert_eq!(a.table().awaited().count(), 2);
+            let together = Arc::new(std::sync::Barrier::new(2));
+            let senders: Vec<_> = ["node-b", "node-c"]
+                .into_iter()
+                .map(|from| {
+                    let (a, together) = (a.clone(), together.clone());
+                    std::thread::spawn(move || {
+                        together.wait();
+                        a.handed_over(from, 3);
+                    })
+                })
+                .collect();
+            for s in senders {
+                s.join().unwrap();
+            }
+            let still: Vec<String> = a.table().awaited().map(str::to_owned).collect();
+            assert!(still.is_empty(), "round {round}: still awaiting {still:?}");
+        }
     }
 
     /// C restarts (leaves on SIGTERM having handed over, joins again) while
