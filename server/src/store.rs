@@ -645,13 +645,13 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(JOURNAL);
         let mut state = State::default();
-        let mut fingerprint = None;
+        let mut has_header = false;
         let (lines, torn) = read_entries(&path, |entry| {
             match entry {
                 Entry::MasterKey { fingerprint: f } if f != master.fingerprint() => {
                     return Err(StoreError::WrongMasterKey(path.display().to_string()));
                 }
-                Entry::MasterKey { fingerprint: f } => fingerprint = Some(f),
+                Entry::MasterKey { .. } => has_header = true,
                 entry => state.apply(entry),
             }
             Ok(())
@@ -672,9 +672,8 @@ impl Store {
                 .map_err(io(&path))?;
             journal.len = len;
         }
-        let written = fingerprint.is_some();
         let fingerprint = master.fingerprint().to_owned();
-        if !written {
+        if !has_header {
             let header = Entry::MasterKey {
                 fingerprint: fingerprint.clone(),
             };
