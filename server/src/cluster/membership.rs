@@ -138,8 +138,7 @@ fn versions_through(
     me: &str,
 ) -> Option<Vec<(u64, Vec<Node>)>> {
     let expected = from + 1..view.version;
-    let complete = missed.len() as u64 == expected.end.saturating_sub(expected.start)
-        && missed.iter().map(|(v, _)| *v).eq(expected)
+    let complete = missed.iter().map(|(v, _)| *v).eq(expected)
         && missed
             .iter()
             .all(|(_, nodes)| nodes.iter().any(|n| n.name == me));
@@ -247,11 +246,8 @@ impl Membership {
         rx
     }
 
-    fn replace_table(&self, table: SlotTable) {
-        self.replace_table_arc(Arc::new(table));
-    }
-
-    fn replace_table_arc(&self, table: Arc<SlotTable>) {
+    fn replace_table(&self, table: impl Into<Arc<SlotTable>>) {
+        let table = table.into();
         debug_assert!(self.changing.is_locked(), "tables change one at a time");
         *self.table.write() = table.clone();
         if let Some(tx) = &*self.table_changed.lock() {
@@ -616,7 +612,7 @@ impl Membership {
             // Each in turn, so that what this node owned only meanwhile
             // is handed over to its owner now.
             table = Arc::new(next);
-            self.replace_table_arc(table.clone());
+            self.replace_table(table.clone());
         }
     }
 
