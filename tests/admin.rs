@@ -233,6 +233,53 @@ async fn an_acknowledged_create_survives_kill_9() {
     );
 }
 
+/// A long-running server whose key changes over and over: the journal is
+/// compacted while it serves, the key works on, and after kill -9 the
+/// restarted server has the key as it was last acknowledged.
+#[tokio::test]
+async fn a_journal_compacted_while_serving_keeps_every_acknowledged_change_through_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut first = Server::dev_in(&dir);
+    let (id, secret) = create_key(&first, "durable");
+    let channel = warden_client::channel(&first.addr, first.tls())
+        .await
+        .unwrap();
+    let mut admin = warden_client::proto::admin_client::AdminClient::new(channel);
+    let scopes = |n: usize| warden_client::proto::StringList {
+        values: vec![format!("scope-{n}")],
+    };
+    // More superseded lines than the 1,000 that tip a journal over.
+    const CHANGES: usize = 1_100;
+    for n in 1..=CHANGES {
+        admin
+            .update_key(warden_client::proto::UpdateKeyRequest {
+                key_id: id.clone(),
+                scopes: Some(scopes(n)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    first.wait_for_log("\"event\":\"store_compacted\"");
+    let journal = std::fs::read_to_string(dir.join("store/store.jsonl")).unwrap();
+    assert!(
+        journal.lines().count() < CHANGES - 1_000 + 10,
+        "{} lines after {CHANGES} changes of one key",
+        journal.lines().count()
+    );
+    assert_eq!(check(&first, signed(&id, &secret)).await, Reason::Ok);
+    first.kill();
+
+    let second = Server::dev_in(&dir);
+    assert_eq!(check(&second, signed(&id, &secret)).await, Reason::Ok);
+    let info = ok_json(cli(&second, &["keys", "show", &id, "--json"]));
+    assert_eq!(
+        info["scopes"],
+        serde_json::json!([format!("scope-{CHANGES}")])
+    );
+}
+
 #[tokio::test]
 async fn audit_verify_passes_untouched_and_names_the_first_broken_record_after_tampering() {
     let server = Server::dev();
