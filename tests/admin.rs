@@ -233,6 +233,141 @@ async fn an_acknowledged_create_survives_kill_9() {
     );
 }
 
+/// A disk that fills up while warden serves (a file-size limit: a write
+/// past it fails partway, as on a full disk). The journal fills first,
+/// then the audit log. Every admin change from then on fails whole, with
+/// a clear error: a revoke that cannot be recorded does not take effect.
+/// Checks go on. After kill -9 the restarted server has every
+/// acknowledged key and none whose creation failed, the audit chain
+/// verifies, and neither file holds a partial line.
+#[tokio::test]
+async fn a_disk_that_fills_up_fails_changes_whole_and_breaks_neither_the_journal_nor_the_audit_chain()
+ {
+    use warden_client::proto::admin_client::AdminClient;
+    use warden_client::proto::{CreateKeyRequest, RevokeRequest};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut first = Server::dev_in(&dir);
+    let (kept, kept_secret) = create_key(&first, "before");
+    first.terminate();
+    let journal = dir.join("store/store.jsonl");
+    let audit = dir.join("store/audit.log");
+    let largest = [&journal, &audit]
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .max()
+        .unwrap();
+
+    let mut full = Server::dev_in_with_file_size_limit(&dir, largest + 8 * 1024);
+    let channel = warden_client::channel(&full.addr, full.tls())
+        .await
+        .unwrap();
+    let mut admin = AdminClient::new(channel);
+    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    for n in 0..400 {
+        let id = format!("full-{n}");
+        let created = admin
+            .create_key(CreateKeyRequest {
+                key_id: id.clone(),
+                owner: "full".into(),
+                policies: vec!["demo".into()],
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(answer) => acknowledged.push((id, answer.into_inner().secret)),
+            Err(status) => {
+                // What the caller sees names no file and no OS error.
+                assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+                assert_eq!(
+                    status.message(),
+                    "the change could not be stored; see the server log"
+                );
+                refused.push(id);
+                if full.logs().contains(r#""what":"audit""#) {
+                    break;
+                }
+            }
+        }
+    }
+    let logs = full.logs();
+    assert!(
+        logs.contains(r#""what":"store key""#) && logs.contains(r#""what":"audit""#),
+        "the journal and then the audit log should have filled up: {} created, {} refused\n{logs}",
+        acknowledged.len(),
+        refused.len()
+    );
+    assert!(!acknowledged.is_empty());
+
+    // A revoke that cannot be recorded is not made.
+    let revoke = admin
+        .revoke(RevokeRequest {
+            key_id: kept.clone(),
+            secret_id: String::new(),
+        })
+        .await;
+    assert_eq!(revoke.unwrap_err().code(), tonic::Code::Internal);
+    assert_eq!(check(&full, signed(&kept, &kept_secret)).await, Reason::Ok);
+    for (id, secret) in &acknowledged {
+        assert_eq!(check(&full, signed(id, secret)).await, Reason::Ok, "{id}");
+    }
+    full.kill();
+
+    for path in [&journal, &audit] {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            text.ends_with('\n'),
+            "{} ends in a partial line",
+            path.display()
+        );
+        for line in text.lines() {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("{}: {e}: {line}", path.display()));
+        }
+    }
+    let second = Server::dev_in(&dir);
+    let out = cli(&second, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        check(&second, signed(&kept, &kept_secret)).await,
+        Reason::Ok
+    );
+    for (id, secret) in &acknowledged {
+        assert_eq!(check(&second, signed(id, secret)).await, Reason::Ok, "{id}");
+    }
+    for id in &refused {
+        let out = cli(&second, &["keys", "show", id, "--json"]);
+        assert!(!out.status.success(), "{id} was refused but exists");
+    }
+    // The journal filled first: its refused creation was recorded, and so
+    // was its failure.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first_refused = records
+        .iter()
+        .position(|r| r["action"] == "key.create" && r["key_id"] == refused[0].as_str())
+        .expect("the first refused creation was recorded before it was tried");
+    assert_eq!(records[first_refused + 1]["action"], "change.failed");
+    for (id, _) in &acknowledged {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["action"] == "key.create" && r["key_id"] == id.as_str()),
+            "{id} was created unrecorded"
+        );
+    }
+    // With room again, changes go through.
+    create_key(&second, "after");
+}
+
 /// A long-running server whose key changes over and over: the journal is
 /// compacted while it serves, the key works on, and after kill -9 the
 /// restarted server has the key as it was last acknowledged.

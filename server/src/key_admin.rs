@@ -388,11 +388,11 @@ impl KeyAdmin {
             spec.name, spec.limit, spec.period
         );
         let _writing = self.writing.lock().await;
-        store
-            .put_policy(spec)
-            .await
-            .map_err(|e| internal("store policy", e))?;
-        self.audit_now(actor, "policy.put", "", detail)?;
+        let recorded = self.audit_now(actor, "policy.put", "", detail)?;
+        if let Err(e) = store.put_policy(spec).await {
+            self.audit_not_made(actor, recorded, "");
+            return Err(internal("store policy", e));
+        }
         // Every key may count against the policy: all are rebuilt.
         rebuild_keys(
             self.checker.clone(),
@@ -430,7 +430,7 @@ impl KeyAdmin {
         Ok(())
     }
 
-    /// Stores the key, audits the change, and makes it effective.
+    /// Audits the change, stores the key, and makes it effective.
     async fn commit(
         &self,
         key: KeyRecord,
@@ -439,35 +439,66 @@ impl KeyAdmin {
         detail: String,
     ) -> Result<(), AdminError> {
         let store = self.store()?;
-        store
-            .put_key(key.clone())
-            .await
-            .map_err(|e| internal("store key", e))?;
-        self.audit_now(actor, action, &key.id, detail)?;
+        let recorded = self.audit_now(actor, action, &key.id, detail)?;
+        if let Err(e) = store.put_key(key.clone()).await {
+            self.audit_not_made(actor, recorded, &key.id);
+            return Err(internal("store key", e));
+        }
         load_key(self.checker.clone(), store.clone(), key)
             .await
             .map_err(|e| internal("load key", e))
     }
 
+    /// Records a change before it is made, and returns the record's
+    /// sequence number (none without an audit log). A change that cannot
+    /// be recorded is not made, so the log misses none that was: on a
+    /// full disk, revoking a key fails whole instead of taking effect
+    /// unrecorded.
     fn audit_now(
         &self,
         actor: &CallerIdentity,
         action: &'static str,
         key_id: &str,
         detail: String,
-    ) -> Result<(), AdminError> {
-        if let Some(audit) = &self.audit {
-            let event = Event {
-                actor: actor.as_str().to_owned(),
-                action,
-                key_id: key_id.to_owned(),
-                detail,
-            };
-            audit
-                .append_durable(&[event])
-                .map_err(|e| internal("audit", e))?;
+    ) -> Result<Option<u64>, AdminError> {
+        let Some(audit) = &self.audit else {
+            return Ok(None);
+        };
+        let event = Event {
+            actor: actor.as_str().to_owned(),
+            action,
+            key_id: key_id.to_owned(),
+            detail,
+        };
+        let records = audit
+            .append_durable(&[event])
+            .map_err(|e| internal("audit", e))?;
+        Ok(records.last().map(|r| r.seq))
+    }
+
+    /// Records that the change recorded as `seq` was not made after all
+    /// (the store refused it). Best effort: if this fails too, the server
+    /// log says so, and the key store shows what was made.
+    fn audit_not_made(&self, actor: &CallerIdentity, seq: Option<u64>, key_id: &str) {
+        let (Some(audit), Some(seq)) = (&self.audit, seq) else {
+            return;
+        };
+        let event = Event {
+            actor: actor.as_str().to_owned(),
+            action: "change.failed",
+            key_id: key_id.to_owned(),
+            detail: format!(
+                "the change of record {seq} was not made: the store could not write it"
+            ),
+        };
+        if let Err(e) = audit.append_durable(&[event]) {
+            tracing::error!(
+                event = "audit_write_failed",
+                error = %e,
+                seq,
+                "could not record that an audited change was not made"
+            );
         }
-        Ok(())
     }
 }
 

@@ -82,6 +82,29 @@ impl Server {
         Self::start_command(command, config.parent().unwrap().to_owned(), "info")
     }
 
+    /// `warden serve --dev` reusing `dir`, under a file-size limit of
+    /// about `bytes` (rounded up to the shell's blocks): a write past it
+    /// fails partway, as on a full disk. SIGXFSZ is ignored, as a service
+    /// manager's limit leaves the process to see the failed write.
+    pub fn dev_in_with_file_size_limit(dir: &Path, bytes: u64) -> Self {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!(
+                "trap '' XFSZ && ulimit -f {} && exec \"$0\" \"$@\"",
+                bytes.div_ceil(512)
+            ),
+            BIN,
+            "serve",
+            "--dev",
+            "--dev-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        Self::start_command(command, dir.to_owned(), "info")
+    }
+
     fn start(args: &[&str], dir: PathBuf, log: &str) -> Self {
         let mut command = Command::new(BIN);
         command.args(args);

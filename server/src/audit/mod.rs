@@ -108,6 +108,9 @@ struct Head {
     /// The sequence number of the active file's first record (or of the
     /// next record, while it is empty): it names the file when rotated.
     first_seq: u64,
+    /// A failed write left part of its records past `bytes` and cutting
+    /// them off failed too: the next write cuts them first.
+    partial: bool,
 }
 
 /// The append-only log.
@@ -166,6 +169,51 @@ pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
     BufReader::new(File::open(path)?).lines().collect()
+}
+
+/// At most this much of a partial record is kept to be hashed for the
+/// record that says it was cut (a torn write is at most one batch).
+const TORN_TAIL_READ: u64 = 1 << 20;
+
+/// Cuts off what follows the last newline of `path`: the part of a record
+/// that a write which never completed (a crash, a full disk) left behind.
+/// Left there, the next record would be glued to it, and the chain would
+/// read as broken for good at a line nobody tampered with. Records are
+/// acknowledged only once fsynced, so no acknowledged record is cut.
+/// Returns how many bytes were cut and the first [`TORN_TAIL_READ`] of
+/// them, if any were.
+fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    // Backwards, a block at a time, to the last newline.
+    let mut end = len;
+    let whole = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(64 * 1024);
+        let mut block = vec![0; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if whole == len {
+        return Ok(None);
+    }
+    let mut cut = Vec::new();
+    file.seek(SeekFrom::Start(whole))?;
+    (&mut file).take(TORN_TAIL_READ).read_to_end(&mut cut)?;
+    file.set_len(whole)?;
+    file.sync_all()?;
+    Ok(Some((len - whole, cut)))
 }
 
 /// Reads (or, the first time, makes) the sealed chain key of `dir`.
@@ -310,6 +358,8 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let key = chain_key(dir, master)?;
+        let path = dir.join(ACTIVE);
+        let torn = cut_torn_tail(&path).map_err(io(&path))?;
         let scanned = scan(dir, &key)?;
         if let Err(b) = &scanned.verified {
             tracing::error!(event = "audit_chain_broken", at = %b, "the audit log chain is broken");
@@ -318,7 +368,6 @@ impl AuditLog {
             .last
             .map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash));
         let first_seq = scanned.active_first_seq.unwrap_or(seq + 1);
-        let path = dir.join(ACTIVE);
         let file = open_append(&path).map_err(io(&path))?;
         let bytes = file.metadata().map_err(io(&path))?.len();
         let unkeyed_head = seq > 0 && !hash.starts_with("hmac:");
@@ -334,6 +383,7 @@ impl AuditLog {
                 hash,
                 bytes,
                 first_seq,
+                partial: false,
             }),
             queue: Mutex::new(None),
         };
@@ -345,6 +395,24 @@ impl AuditLog {
                 action: chain::ADOPTED,
                 key_id: String::new(),
                 detail: format!("records 1 to {seq}, written before the chain was keyed"),
+            }])
+            .map_err(io(dir))?;
+        }
+        if let Some((bytes, cut)) = torn {
+            tracing::warn!(
+                event = "audit_torn_tail_cut",
+                bytes,
+                "cut off a partial record at the end of the audit log, left by a write that never completed"
+            );
+            log.append_durable(&[Event {
+                actor: "warden".into(),
+                action: "audit.torn_tail_cut",
+                key_id: String::new(),
+                detail: format!(
+                    "{bytes} bytes at the end of {ACTIVE} were not a whole record (a write that never completed) and were cut off; sha256 of the first {} of them={}",
+                    cut.len(),
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&cut)),
+                ),
             }])
             .map_err(io(dir))?;
         }
@@ -381,13 +449,34 @@ impl AuditLog {
             out.push('\n');
             records.push(r);
         }
-        head.file.write_all(out.as_bytes())?;
-        head.file.sync_data()?;
+        if head.partial {
+            head.file.set_len(head.bytes)?;
+            head.partial = false;
+        }
+        let written = head
+            .file
+            .write_all(out.as_bytes())
+            .and_then(|()| head.file.sync_data());
+        if let Err(e) = written {
+            // A full disk writes part of a record. Left there, it would be
+            // an unreadable line in the middle of the chain (and the next
+            // record would be glued to it): cut it off again.
+            head.partial = head.file.set_len(head.bytes).is_err();
+            return Err(e);
+        }
         head.seq = seq;
         head.hash = prev;
         head.bytes += out.len() as u64;
-        if head.bytes >= self.settings.max_file_bytes {
-            self.rotate(&mut head)?;
+        if head.bytes >= self.settings.max_file_bytes
+            && let Err(e) = self.rotate(&mut head)
+        {
+            // The records are durable: the change they record goes ahead,
+            // and the next write tries the rotation again.
+            tracing::error!(
+                event = "audit_rotation_failed",
+                error = %e,
+                "could not rotate the audit log; writing on in the active file"
+            );
         }
         metrics::histogram!("warden_store_write_seconds", "what" => "audit")
             .record(started.elapsed().as_secs_f64());
@@ -430,12 +519,20 @@ impl AuditLog {
     fn rotate(&self, head: &mut Head) -> std::io::Result<()> {
         let rotated = self.dir.join(format!("audit.{:020}.log", head.first_seq));
         std::fs::rename(&self.path, &rotated)?;
-        head.file = open_append(&self.path)?;
-        File::open(&self.dir)?.sync_all()?;
+        let file = match open_append(&self.path) {
+            Ok(file) => file,
+            Err(e) => {
+                // Put the full file back: the next write must find the
+                // file it wrote, or it reports it removed.
+                let _ = std::fs::rename(&rotated, &self.path);
+                return Err(e);
+            }
+        };
+        head.file = file;
         head.bytes = 0;
         head.first_seq = head.seq + 1;
         tracing::info!(event = "audit_rotated", file = %rotated.display(), "audit log rotated");
-        Ok(())
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Queues a record without waiting (alerts, refused admin calls).
