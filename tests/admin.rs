@@ -368,6 +368,70 @@ async fn a_disk_that_fills_up_fails_changes_whole_and_breaks_neither_the_journal
     create_key(&second, "after");
 }
 
+/// The audit log's disk fills up while the key store's still has room
+/// (a file-size limit below the audit log's size). A revoke then fails
+/// whole: the key keeps working, and keeps working after a restart.
+/// Stored first and audited second, the revoke would sit in the store
+/// unrecorded, take effect only at the next start, and the admin would
+/// have been told it failed.
+// Multi-threaded: the test blocks while warden drains, and the client's
+// connection must still answer its GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_that_cannot_be_recorded_is_not_made() {
+    use futures::StreamExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut first = Server::dev_in(&dir);
+    let (id, secret) = create_key(&first, "kept");
+    // A thousand junk key ids make a thousand denial records: an audit
+    // log far larger than the journal.
+    let forged = "forged-secret-0123456789abcdefghijklmno";
+    let flood: Vec<CheckRequest> = (0..1_000)
+        .map(|i| signed(&format!("wk_junk_{i}"), forged))
+        .collect();
+    let mut client = first.client().await;
+    let answers: Vec<_> = client
+        .stub()
+        .check_stream(tokio_stream::iter(flood))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 1_000);
+    assert!(first.terminate().success());
+    let journal = std::fs::metadata(dir.join("store/store.jsonl"))
+        .unwrap()
+        .len();
+    let audit = std::fs::metadata(dir.join("store/audit.log"))
+        .unwrap()
+        .len();
+    let limit = journal + 64 * 1024;
+    assert!(
+        audit > 2 * limit,
+        "audit log {audit} B, journal {journal} B"
+    );
+
+    let mut full = Server::dev_in_with_file_size_limit(&dir, limit);
+    let out = cli(&full, &["keys", "revoke", &id]);
+    assert!(!out.status.success(), "the revoke was acknowledged");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the change could not be stored"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(full.logs().contains(r#""what":"audit""#), "{}", full.logs());
+    assert_eq!(check(&full, signed(&id, &secret)).await, Reason::Ok);
+    full.kill();
+
+    let second = Server::dev_in(&dir);
+    assert_eq!(check(&second, signed(&id, &secret)).await, Reason::Ok);
+    let info = ok_json(cli(&second, &["keys", "show", &id, "--json"]));
+    assert_eq!(info["revoked"], false, "{info}");
+    assert!(cli(&second, &["audit", "verify"]).status.success());
+}
+
 /// A long-running server whose key changes over and over: the journal is
 /// compacted while it serves, the key works on, and after kill -9 the
 /// restarted server has the key as it was last acknowledged.

@@ -687,6 +687,55 @@ mod tests {
         AuditLog::open(dir, master, AuditSettings::default()).unwrap()
     }
 
+    /// A write that never completed (a crash, a full disk) leaves part of
+    /// a record at the end. Left there, the next record would be glued to
+    /// it and the chain would read as broken for good; it is cut at open,
+    /// and a record says how much was cut. Tails longer than the block
+    /// the end is searched in, and a file that is all partial, too.
+    #[test]
+    fn a_partial_record_at_the_end_is_cut_at_open_and_the_chain_verifies() {
+        for (records, tail) in [(2, 37), (2, 100 * 1024), (0, 50)] {
+            let dir = tempfile::tempdir().unwrap();
+            let m = master();
+            let log = open(dir.path(), &m);
+            for n in 0..records {
+                log.append_durable(&[event(n)]).unwrap();
+            }
+            drop(log);
+            let path = dir.path().join(ACTIVE);
+            let whole = std::fs::read(&path).unwrap();
+            let partial: Vec<u8> = b"{\"seq\":3,\"time_ms\":1796035374547,\"actor\":\"spiffe"
+                .iter()
+                .copied()
+                .cycle()
+                .take(tail)
+                .collect();
+            std::fs::write(&path, [whole.as_slice(), &partial].concat()).unwrap();
+
+            let log = open(dir.path(), &m);
+            log.append_durable(&[event(9)]).unwrap();
+            let lines = log.read_lines().unwrap();
+            assert_eq!(lines.len(), records as usize + 2, "{tail}: {lines:?}");
+            let cut: Record = serde_json::from_str(&lines[records as usize]).unwrap();
+            assert_eq!(cut.action, "audit.torn_tail_cut");
+            assert!(
+                cut.detail.starts_with(&format!("{tail} bytes ")),
+                "{}",
+                cut.detail
+            );
+            assert!(lines.last().unwrap().contains("\"k9\""));
+            assert_eq!(
+                log.verify().unwrap().unwrap().records,
+                records as u64 + 2,
+                "{tail}"
+            );
+            // A file that ends on a whole record is left as it is.
+            drop(log);
+            let log = open(dir.path(), &m);
+            assert_eq!(log.read_lines().unwrap().len(), records as usize + 2);
+        }
+    }
+
     #[test]
     fn an_untouched_chain_verifies_and_any_edit_delete_or_swap_is_caught() {
         let dir = tempfile::tempdir().unwrap();
