@@ -165,44 +165,65 @@ async fn an_acknowledged_create_in_postgres_survives_kill_9_and_secrets_are_seal
     assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
 }
 
+/// The shared store is rotated once, and every node's audit chain key
+/// with it: the command is run once per node directory, as the README
+/// says. The runs after the first find the store already under the new
+/// key and re-seal only their node's chain key (before, they failed on
+/// the store, and those nodes could not start again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
     let Some(url) = fresh_database().await else {
         return;
     };
     let dir = ConfigDir::new();
-    let [a_conf, _] = node_configs(&dir, &url);
+    let [a_conf, b_conf] = node_configs(&dir, &url);
     let mut a = Server::with_config(&a_conf);
+    let mut b = Server::with_config(&b_conf);
     let (id, secret) = created_key(&cli_ok(
         &dir,
         &a,
         &["keys", "create", "--owner", "rotated", "--json"],
     ));
     a.terminate();
+    b.terminate();
 
     let new_key = dir.path().join("new.key");
-    let out = std::process::Command::new(support::BIN)
-        .args([
-            "store",
-            "rotate-master-key",
-            "--postgres-url-env",
-            "ROTATE_URL",
-            // Node a's directory: its audit chain key is re-sealed too.
-            "--dir",
-            dir.path().join("node-a").to_str().unwrap(),
-        ])
-        .args([
-            "--old-key-file",
-            dir.path().join("master.key").to_str().unwrap(),
-        ])
-        .args(["--new-key-file", new_key.to_str().unwrap()])
-        .env("ROTATE_URL", &url)
-        .output()
-        .unwrap();
+    let rotate = |node: &str| {
+        let out = std::process::Command::new(support::BIN)
+            .args([
+                "store",
+                "rotate-master-key",
+                "--postgres-url-env",
+                "ROTATE_URL",
+                // The node's directory: its audit chain key is re-sealed too.
+                "--dir",
+                dir.path().join(node).to_str().unwrap(),
+            ])
+            .args([
+                "--old-key-file",
+                dir.path().join("master.key").to_str().unwrap(),
+            ])
+            .args(["--new-key-file", new_key.to_str().unwrap()])
+            .env("ROTATE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = rotate("node-a");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        first.contains("re-encrypted 1 secrets") && first.contains("re-sealed the audit chain key"),
+        "{first}"
+    );
+    let second = rotate("node-b");
+    assert!(
+        second.contains("already under the new master key")
+            && second.contains("re-sealed the audit chain key"),
+        "{second}"
     );
     // The old key no longer opens the store...
     let refused = std::process::Command::new(support::BIN)
@@ -217,8 +238,10 @@ async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("another master key"));
-    // ...the new one does, and the key still verifies.
+    // ...the new one does, on both nodes, and the key still verifies.
     std::fs::copy(&new_key, dir.path().join("master.key")).unwrap();
     let a = Server::with_config(&a_conf);
+    let b = Server::with_config(&b_conf);
     assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
+    assert_eq!(check(&dir, &b, &id, &secret).await, Reason::Ok);
 }

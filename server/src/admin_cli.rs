@@ -1088,9 +1088,18 @@ pub async fn store(command: StoreCommand) -> Result<ExitCode, Failure> {
     };
     let rotated = warden::store::rotate_master_key(target, &old, &new).await;
     match rotated {
-        Ok(n) => {
+        Ok(rotated) => {
+            let store = match rotated.secrets {
+                Some(n) => format!("re-encrypted {n} secrets"),
+                None => "the store was already under the new master key".to_owned(),
+            };
+            let audit = if rotated.audit_key {
+                "; re-sealed the audit chain key"
+            } else {
+                ""
+            };
             println!(
-                "re-encrypted {n} secrets; start warden with the new master key ({})",
+                "{store}{audit}; start warden with the new master key ({})",
                 new_key_file.display()
             );
             Ok(ExitCode::SUCCESS)

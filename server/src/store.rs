@@ -794,30 +794,58 @@ pub enum RotationTarget<'a> {
     },
 }
 
+/// What a master-key rotation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotated {
+    /// Secrets re-encrypted; `None` when the store was already under the
+    /// new key (a rotation run before, for another node or cut short).
+    pub secrets: Option<usize>,
+    /// Whether this directory's audit chain key was re-sealed now (not
+    /// when there is none, or it already was).
+    pub audit_key: bool,
+}
+
 /// Re-encrypts every stored secret (and the audit chain key) from `old` to
-/// `new`; returns how many secrets. Run it with every warden process of
-/// that store stopped: a running one still holds the old key.
+/// `new`. Run it with every warden process of that store stopped: a
+/// running one still holds the old key. It can be run again: a store or a
+/// chain key already under `new` is left as it is, so a rotation cut short
+/// between the two is finished by running it once more, and a cluster's
+/// shared store is rotated by the run for the first node's directory and
+/// left alone by the runs for the others.
 pub async fn rotate_master_key(
     target: RotationTarget<'_>,
     old: &MasterKey,
     new: &MasterKey,
-) -> Result<usize, StoreError> {
-    let (resealed, audit_dir) = match target {
+) -> Result<Rotated, StoreError> {
+    let (secrets, audit_dir) = match target {
         RotationTarget::Journal(dir) => (rotate_journal(dir, old, new)?, Some(dir)),
         RotationTarget::Database { url, node_dir } => {
             (rotate_database(url, old, new).await?, node_dir)
         }
     };
-    if let Some(dir) = audit_dir {
-        crate::audit::reseal_key(dir, old, new).map_err(|e| StoreError::Audit(e.to_string()))?;
-    }
-    Ok(resealed)
+    let audit_key = match audit_dir {
+        Some(dir) => {
+            crate::audit::reseal_key(dir, old, new).map_err(|e| StoreError::Audit(e.to_string()))?
+        }
+        None => false,
+    };
+    Ok(Rotated { secrets, audit_key })
 }
 
 /// The journal, compacted (one record per key and policy) and re-sealed,
 /// replaces the old one atomically.
-fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize, StoreError> {
-    let store = Store::open_with(dir, old.clone())?;
+fn rotate_journal(
+    dir: &Path,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<Option<usize>, StoreError> {
+    let store = match Store::open_with(dir, old.clone()) {
+        Ok(store) => store,
+        Err(StoreError::WrongMasterKey(_)) if Store::open_with(dir, new.clone()).is_ok() => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let Backend::Journal(Journal { path, .. }) = &store.backend else {
         return Err(StoreError::Unsupported("master key rotation"));
     };
@@ -841,7 +869,7 @@ fn rotate_journal(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize,
         keys,
         state.policies.values().cloned(),
     )?;
-    Ok(resealed)
+    Ok(Some(resealed))
 }
 
 /// Replaces the journal atomically (a crash leaves the old journal or the
@@ -870,7 +898,11 @@ fn replace_journal(
 
 /// Every secret re-sealed and the fingerprint switched in one transaction,
 /// with the keys table locked.
-async fn rotate_database(url: &str, old: &MasterKey, new: &MasterKey) -> Result<usize, StoreError> {
+async fn rotate_database(
+    url: &str,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<Option<usize>, StoreError> {
     let (mut client, connection) = connect(url).await?;
     tokio::spawn(connection);
     let tx = client.transaction().await?;
@@ -883,6 +915,9 @@ async fn rotate_database(url: &str, old: &MasterKey, new: &MasterKey) -> Result<
         )
         .await?
         .get(0);
+    if current == new.fingerprint() && current != old.fingerprint() {
+        return Ok(None);
+    }
     if current != old.fingerprint() {
         return Err(StoreError::WrongMasterKey("the PostgreSQL store".into()));
     }
@@ -909,7 +944,7 @@ async fn rotate_database(url: &str, old: &MasterKey, new: &MasterKey) -> Result<
     )
     .await?;
     tx.commit().await?;
-    Ok(resealed)
+    Ok(Some(resealed))
 }
 
 fn seal_context(key_id: &str, secret_id: &str) -> String {
@@ -1183,7 +1218,13 @@ mod tests {
         let n = rotate_master_key(RotationTarget::Journal(dir.path()), &old, &new)
             .await
             .unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(
+            n,
+            Rotated {
+                secrets: Some(2),
+                audit_key: false
+            }
+        );
         assert!(Store::open_with(dir.path(), MasterKey::from_hex(&old_hex).unwrap()).is_err());
         let store = Store::open_with(dir.path(), MasterKey::from_hex(&new_hex).unwrap()).unwrap();
         let k2 = store.key("k2").unwrap();
@@ -1191,5 +1232,60 @@ mod tests {
             store.open_secret("k2", &k2.secrets[0]).unwrap().expose(),
             b"secret-two"
         );
+    }
+
+    /// A rotation cut short after the journal (a crash, a full disk on
+    /// the audit key) left the store under the new key and the audit
+    /// chain key under the old one: the node refuses to start. Running
+    /// the rotation again finishes it, and a third run changes nothing.
+    /// A key that is neither is still refused.
+    #[tokio::test]
+    async fn a_rotation_cut_short_is_finished_by_running_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, old) = master();
+        let (_, new) = master();
+        let (_, other) = master();
+        let store = Store::open_with(dir.path(), old.clone()).unwrap();
+        store
+            .put_key(key(&store, "k1", b"secret-one"))
+            .await
+            .unwrap();
+        drop(store);
+        let audit = crate::audit::AuditLog::open(dir.path(), &old, Default::default()).unwrap();
+        drop(audit);
+
+        let target = RotationTarget::Journal(dir.path());
+        assert!(matches!(
+            rotate_master_key(target, &other, &new).await,
+            Err(StoreError::WrongMasterKey(_))
+        ));
+        assert_eq!(rotate_journal(dir.path(), &old, &new).unwrap(), Some(1));
+        assert!(crate::audit::AuditLog::open(dir.path(), &new, Default::default()).is_err());
+        // Neither the old key nor the new one: the chain key stays sealed.
+        assert!(rotate_master_key(target, &other, &new).await.is_err());
+
+        let finished = rotate_master_key(target, &old, &new).await.unwrap();
+        assert_eq!(
+            finished,
+            Rotated {
+                secrets: None,
+                audit_key: true
+            }
+        );
+        let again = rotate_master_key(target, &old, &new).await.unwrap();
+        assert_eq!(
+            again,
+            Rotated {
+                secrets: None,
+                audit_key: false
+            }
+        );
+        let store = Store::open_with(dir.path(), new.clone()).unwrap();
+        let k1 = store.key("k1").unwrap();
+        assert_eq!(
+            store.open_secret("k1", &k1.secrets[0]).unwrap().expose(),
+            b"secret-one"
+        );
+        crate::audit::AuditLog::open(dir.path(), &new, Default::default()).unwrap();
     }
 }

@@ -250,13 +250,19 @@ fn chain_key(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditError> {
 }
 
 /// Re-seals the chain key of `dir` under a new master key (part of
-/// `warden store rotate-master-key`). Nothing to do without one.
+/// `warden store rotate-master-key`); whether it did. Nothing to do
+/// without one, or when it is already sealed under `new`.
 pub fn reseal_key(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<bool, AuditError> {
     let path = dir.join(KEY_FILE);
     if !path.exists() {
         return Ok(false);
     }
-    let key = chain_key(dir, old)?;
+    let key = match chain_key(dir, old) {
+        Ok(key) => key,
+        // Re-sealed by an earlier run.
+        Err(AuditError::WrongKey(_)) if chain_key(dir, new).is_ok() => return Ok(false),
+        Err(e) => return Err(e),
+    };
     crate::private_file::replace(&path, new.seal(KEY_CONTEXT, key.bytes()).as_bytes())
         .map_err(io(&path))?;
     Ok(true)
