@@ -194,6 +194,9 @@ struct JournalFile {
     /// After a compaction failed: the line count at which to try again (not
     /// at every write, each a rewrite of everything).
     compact_from: usize,
+    /// A failed write left part of a line past `len`, and cutting it off
+    /// failed too: the next write cuts it first, or fails.
+    partial: bool,
 }
 
 /// The shared store: a PostgreSQL database that several processes use,
@@ -249,20 +252,26 @@ impl JournalFile {
     /// cut off again: a partial line followed by later ones would be
     /// damage in the middle of the journal, which refuses to open.
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.partial {
+            self.cut_back()?;
+            self.partial = false;
+        }
         let written = self
             .file
             .write_all(line)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            let _ = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
+            self.partial = self.cut_back().is_err();
             return Err(e);
         }
         self.len += line.len() as u64;
         self.lines += 1;
         Ok(())
+    }
+
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.seek(SeekFrom::Start(self.len)).map(drop)
     }
 
     /// Rewrites the journal from `state`, which holds every line written
@@ -282,6 +291,7 @@ impl JournalFile {
                     len,
                     lines,
                     compact_from: 0,
+                    partial: false,
                 };
                 tracing::info!(
                     event = "store_compacted",
@@ -663,6 +673,7 @@ impl Store {
             file,
             lines,
             compact_from: 0,
+            partial: false,
         };
         if let Some(len) = torn {
             journal
