@@ -423,6 +423,24 @@ async fn a_revoke_that_cannot_be_recorded_is_not_made() {
     );
     assert!(full.logs().contains(r#""what":"audit""#), "{}", full.logs());
     assert_eq!(check(&full, signed(&id, &secret)).await, Reason::Ok);
+    // A denial's tally cannot be written either: lost, and counted.
+    assert_eq!(
+        check(&full, signed("wk_junk", forged)).await,
+        Reason::Unauthenticated
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !full
+        .http_get("/metrics")
+        .1
+        .contains(r#"warden_audit_dropped_total{cause="write_failed"} 1"#)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            full.http_get("/metrics").1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     full.kill();
 
     let second = Server::dev_in(&dir);

@@ -80,7 +80,7 @@ fn describe() {
     );
     describe_counter!(
         "warden_audit_dropped_total",
-        "Denial audit records dropped because the queue was full."
+        "Background audit records (denial tallies, alerts) lost: the queue was full, or the write failed."
     );
     describe_gauge!("warden_api_keys", "API keys loaded.");
     describe_histogram!(
@@ -166,7 +166,9 @@ fn zero_counters() {
         counter!("warden_tls_reloads_total", "result" => result).absolute(0);
     }
     counter!("warden_tls_handshake_failures_total", "cause" => "timeout").absolute(0);
-    counter!("warden_audit_dropped_total").absolute(0);
+    for cause in ["queue_full", "write_failed"] {
+        counter!("warden_audit_dropped_total", "cause" => cause).absolute(0);
+    }
     counter!("warden_caller_denied_total").absolute(0);
     counter!("warden_alert_subjects_evicted_total").absolute(0);
 }

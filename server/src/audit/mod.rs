@@ -8,7 +8,8 @@
 //!   and written once per window; other background records (alerts) go
 //!   through a bounded queue to a writer that appends and fsyncs in
 //!   batches. Nothing on the check path ever waits for the disk; what does
-//!   not fit is dropped and counted (`warden_audit_dropped_total`).
+//!   not fit, or cannot be written, is dropped and counted
+//!   (`warden_audit_dropped_total`).
 //! - The active file is `audit.log`; past `max_file_bytes` it is renamed to
 //!   `audit.<first seq, 20 digits>.log` and a new one begun, the chain
 //!   carried across.
@@ -550,7 +551,7 @@ impl AuditLog {
             None => false,
         };
         if !queued {
-            metrics::counter!("warden_audit_dropped_total").increment(1);
+            metrics::counter!("warden_audit_dropped_total", "cause" => "queue_full").increment(1);
         }
     }
 
@@ -566,7 +567,14 @@ impl AuditLog {
         let log = self.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = log.append_durable(&events) {
-                tracing::error!(event = "audit_write_failed", error = %e, "could not write audit records");
+                metrics::counter!("warden_audit_dropped_total", "cause" => "write_failed")
+                    .increment(events.len() as u64);
+                tracing::error!(
+                    event = "audit_write_failed",
+                    error = %e,
+                    records = events.len(),
+                    "could not write audit records; they are lost"
+                );
             }
         })
     }
