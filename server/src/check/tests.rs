@@ -9,7 +9,7 @@ use warden_client::signing::{Signer, check_request_from};
 
 use super::*;
 use crate::auth::{CallerRule, ClientRule};
-use crate::engine::{FakeClock, Window, WindowKind};
+use crate::engine::{FakeClock, ForwardOnly, Window, WindowKind};
 use crate::keys::KeyRing;
 use crate::model::{Pattern, Route, Secret};
 
@@ -87,11 +87,12 @@ impl Fixture {
             },
         ];
         let future_skew = settings.future_skew;
+        // As the server reads its clock: never back.
         let checker = Checker::new(
             settings,
             KeyRing::new(&policies, &keys),
             authz(),
-            clock.clone(),
+            Arc::new(ForwardOnly::new(clock.clone())),
         );
         // Start in the fence second: the first in which anything is fresh.
         clock.advance(future_skew + Duration::from_secs(1));
@@ -262,6 +263,27 @@ fn a_replay_is_refused_until_the_request_is_stale_so_it_never_passes() {
     f.checker.engine().sweep(f.clock.now());
     assert_eq!(f.checker.engine().occupancy().nonces, 0);
     assert_eq!(reason(&f.check(&req)), Reason::Stale);
+}
+
+/// The system clock stepped back by five minutes after a request's nonce
+/// was forgotten: read as it is, the request would be fresh again and
+/// pass a second time, and the key's limit state would sit five minutes
+/// in the future. The server's clock holds instead.
+#[test]
+fn a_clock_stepped_back_brings_no_forgotten_request_back() {
+    let f = Fixture::new();
+    let req = f.now();
+    let ts = req.timestamp as u64;
+    assert_eq!(reason(&f.check(&req)), Reason::Ok);
+    f.clock.set((ts + 301) * SEC);
+    f.checker.engine().sweep(f.checker.now());
+    assert_eq!(f.checker.engine().occupancy().nonces, 0);
+
+    f.clock.set(ts * SEC + SEC / 2);
+    assert_eq!(reason(&f.check(&req)), Reason::Stale);
+    // Requests signed by clients' clocks, which did not step back, pass.
+    let held = f.at((ts + 301) as i64);
+    assert_eq!(reason(&f.check(&held)), Reason::Ok);
 }
 
 #[test]

@@ -144,16 +144,75 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Nanos;
 }
 
-/// The real clock.
+/// The real clock: the system's wall clock, held from going back
+/// ([`ForwardOnly`]). One for the whole process, so that checks, fences
+/// and the cluster's membership all read the same time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Nanos {
+        static WALL: ForwardOnly<SystemTimeAsIs> = ForwardOnly {
+            source: SystemTimeAsIs,
+            latest: AtomicU64::new(0),
+        };
+        WALL.now()
+    }
+}
+
+/// The system's wall clock as it is, steps back and all.
+#[derive(Debug, Default, Clone, Copy)]
+struct SystemTimeAsIs;
+
+impl Clock for SystemTimeAsIs {
+    fn now(&self) -> Nanos {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(Nanos::from)
             .unwrap_or(Nanos::ZERO)
+    }
+}
+
+/// A clock that never goes back by more than a millisecond: it holds at
+/// the latest moment it has shown until its source passes that again.
+///
+/// Why: request timestamps and nonce lifetimes are wall-clock, and a nonce
+/// is forgotten once its request is too old to be fresh. A system clock
+/// stepped back (an NTP correction, a spoofed NTP server, a VM's clock
+/// set from its host) would make requests whose nonces are forgotten
+/// fresh again, to be replayed, and would put every rate limit's state in
+/// the future, refusing its key until the clock caught up. Held, time
+/// stands still for the length of the step instead: nothing forgotten
+/// comes back, and limits refill again once the clock has caught up.
+#[derive(Debug, Default)]
+pub struct ForwardOnly<C> {
+    source: C,
+    /// The latest moment shown, as recorded: within a millisecond of it.
+    latest: AtomicU64,
+}
+
+impl<C: Clock> ForwardOnly<C> {
+    pub fn new(source: C) -> Self {
+        Self {
+            source,
+            latest: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<C: Clock> Clock for ForwardOnly<C> {
+    fn now(&self) -> Nanos {
+        let now = self.source.now().get();
+        let latest = self.latest.load(Ordering::Relaxed);
+        if now < latest {
+            return Nanos(latest);
+        }
+        // Recorded a millisecond at a time, not at every check: a write to
+        // one shared cache line per check would be passed between cores.
+        if now - latest >= NANOS_PER_MILLI {
+            self.latest.fetch_max(now, Ordering::Relaxed);
+        }
+        Nanos(now)
     }
 }
 
@@ -187,14 +246,12 @@ impl<C: Clock> Clock for std::sync::Arc<C> {
     }
 }
 
-/// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
-/// Whole seconds since the Unix epoch on the system clock (0 before it).
+/// Whole seconds since the Unix epoch on [`SystemClock`] (0 before it).
 pub fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemClock.now().whole_secs()
 }
 
+/// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
 pub fn duration_nanos(d: Duration) -> Nanos {
     Nanos::from(d)
 }
@@ -203,4 +260,43 @@ pub fn duration_nanos(d: Duration) -> Nanos {
 /// `retry_after_ms` never retries a moment too early.
 pub fn ceil_millis(nanos: Nanos) -> u64 {
     nanos.ceil_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_clock_stepped_back_holds_until_its_source_passes_it_again() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let clock = ForwardOnly::new(source.clone());
+        assert_eq!(clock.now(), Nanos::from_secs(1_000));
+        source.set(Nanos::from_secs(700));
+        assert_eq!(clock.now(), Nanos::from_secs(1_000));
+        source.set(Nanos::from_secs(999));
+        assert_eq!(clock.now(), Nanos::from_secs(1_000));
+        source.set(Nanos::from_secs(1_001));
+        assert_eq!(clock.now(), Nanos::from_secs(1_001));
+        source.set(Nanos::from_secs(1_000));
+        assert_eq!(clock.now(), Nanos::from_secs(1_001));
+    }
+
+    #[test]
+    fn it_goes_back_by_less_than_a_millisecond_at_most() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let clock = ForwardOnly::new(source.clone());
+        let mut shown = clock.now();
+        // Forward in steps below the recording interval, then back a lot.
+        for _ in 0..10 {
+            source.advance(Duration::from_micros(300));
+            shown = clock.now();
+        }
+        source.set(Nanos::from_secs(1));
+        let held = clock.now();
+        assert!(
+            held <= shown && shown - held < Nanos::from_millis(1),
+            "{held:?} {shown:?}"
+        );
+    }
 }

@@ -34,7 +34,7 @@ use parking_lot::{Mutex, MutexGuard};
 use siphasher::sip::SipHasher13;
 use smallvec::SmallVec;
 
-pub use clock::{Clock, FakeClock, Nanos, SystemClock};
+pub use clock::{Clock, FakeClock, ForwardOnly, Nanos, SystemClock};
 pub use gcra::{Gcra, LimitStep};
 pub use nonce::{Claim, NonceSet};
 use pools::{Full, PoolTable};
