@@ -177,6 +177,19 @@ impl<'k> Verifier<'k> {
         }
     }
 
+    /// A chain that goes on after `record` (the last of the file before):
+    /// the first record must link to it.
+    pub fn after(key: &'k ChainKey, record: &Record) -> Self {
+        Self {
+            key,
+            prev: Some(record.hash.clone()),
+            expected_seq: Some(record.seq + 1),
+            keyed_seen: record.hash.starts_with(KEYED),
+            unvouched: None,
+            intact: Intact::default(),
+        }
+    }
+
     /// Checks the next record (`Err` for a line that is not one). `line`
     /// and `file` only label a break.
     pub fn next(

@@ -12,7 +12,8 @@
 //!   (`warden_audit_dropped_total`).
 //! - The active file is `audit.log`; past `max_file_bytes` it is renamed to
 //!   `audit.<first seq, 20 digits>.log` and a new one begun, the chain
-//!   carried across.
+//!   carried across. A start reads the active file only (and the last
+//!   record before it); `audit verify` walks every file.
 //! - Before every write the log checks that `audit.log` is still the file
 //!   it has open, of at least the length it wrote. A file replaced,
 //!   removed or truncated under it is reported (`audit_file_tampered`),
@@ -191,21 +192,7 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
-    // Backwards, a block at a time, to the last newline.
-    let mut end = len;
-    let whole = loop {
-        if end == 0 {
-            break 0;
-        }
-        let start = end.saturating_sub(64 * 1024);
-        let mut block = vec![0; (end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut block)?;
-        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
-            break start + i as u64 + 1;
-        }
-        end = start;
-    };
+    let whole = line_start(&mut file, len)?;
     if whole == len {
         return Ok(None);
     }
@@ -304,46 +291,67 @@ fn chain_key_existing(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditE
 }
 
 fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, AuditError> {
-    Ok(scan(dir, key)?.verified)
-}
-
-/// One pass over every file of the chain: its verification, and what the
-/// log needs to go on from it.
-struct Scan {
-    verified: Result<Intact, Broken>,
-    /// The newest readable record, in any file.
-    last: Option<Record>,
-    /// The sequence number of the active file's first record.
-    active_first_seq: Option<u64>,
-}
-
-fn scan(dir: &Path, key: &ChainKey) -> Result<Scan, AuditError> {
     let mut v = Verifier::from_genesis(key);
-    let mut broken = None;
-    let (mut last, mut active_first_seq) = (None, None);
     for path in chain_files(dir).map_err(io(dir))? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let active = name.as_deref() == Some(ACTIVE);
         for (i, line) in read_lines(&path)
             .map_err(io(&path))?
             .into_iter()
             .enumerate()
         {
             let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
+            if let Err(b) = v.next(record, i + 1, name.as_deref()) {
+                return Ok(Err(b));
+            }
+        }
+    }
+    Ok(v.finish())
+}
+
+/// What the log needs to go on from, found at open.
+struct HeadScan {
+    /// The active file, verified as linked to the record before it.
+    verified: Result<Intact, Broken>,
+    /// The newest readable record.
+    last: Option<Record>,
+    /// The sequence number of the active file's first record.
+    active_first_seq: Option<u64>,
+}
+
+/// Reads the active file and the last record of the file rotated before
+/// it: not the whole chain, which grows for years (`audit verify` walks
+/// it), so a start reads at most `max_file_bytes` and one line more.
+fn scan_head(dir: &Path, key: &ChainKey) -> Result<HeadScan, AuditError> {
+    let mut files = chain_files(dir).map_err(io(dir))?;
+    let active = match files.last() {
+        Some(p) if p.file_name().is_some_and(|n| n == ACTIVE) => files.pop(),
+        _ => None,
+    };
+    let before = match files.last() {
+        Some(rotated) => last_record(rotated).map_err(io(rotated))?,
+        None => None,
+    };
+    let mut v = match (&before, files.is_empty()) {
+        (Some(r), _) => Verifier::after(key, r),
+        (None, true) => Verifier::from_genesis(key),
+        (None, false) => Verifier::from_anywhere(key),
+    };
+    let (mut broken, mut last, mut active_first_seq) = (None, before, None);
+    if let Some(path) = &active {
+        for (i, line) in read_lines(path).map_err(io(path))?.into_iter().enumerate() {
+            let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
             if let Ok(r) = &record {
-                if active && active_first_seq.is_none() {
-                    active_first_seq = Some(r.seq);
-                }
+                active_first_seq.get_or_insert(r.seq);
                 last = Some(r.clone());
             }
             if broken.is_none()
-                && let Err(b) = v.next(record, i + 1, name.as_deref())
+                && let Err(b) = v.next(record, i + 1, Some(ACTIVE))
             {
                 broken = Some(b);
             }
         }
     }
-    Ok(Scan {
+    Ok(HeadScan {
         verified: match broken {
             Some(b) => Err(b),
             None => v.finish(),
@@ -353,10 +361,45 @@ fn scan(dir: &Path, key: &ChainKey) -> Result<Scan, AuditError> {
     })
 }
 
+/// The last line of a file whose lines all end in a newline (a rotated
+/// one), as a record: `None` if empty or not a record.
+fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = line_start(&mut file, len - 1)?;
+    let mut line = vec![0; (len - 1 - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    Ok(serde_json::from_slice(&line).ok())
+}
+
+/// Where the line that `end` falls in (or ends at) begins: just after the
+/// last newline before `end`, or 0. Read backwards a block at a time.
+fn line_start(file: &mut File, end: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut end = end;
+    while end > 0 {
+        let start = end.saturating_sub(64 * 1024);
+        let mut block = vec![0; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
 impl AuditLog {
-    /// Opens (or creates) the log in `dir` and finds its head. A broken
-    /// chain is reported in the log but does not stop the server: new
-    /// records keep linking to the last one, and `audit verify` keeps
+    /// Opens (or creates) the log in `dir` and finds its head, reading the
+    /// active file and the last record before it ([`scan_head`]). A broken
+    /// chain there is reported in the log but does not stop the server:
+    /// new records keep linking to the last one, and `audit verify` keeps
     /// reporting the break.
     pub fn open(
         dir: &Path,
@@ -367,7 +410,7 @@ impl AuditLog {
         let key = chain_key(dir, master)?;
         let path = dir.join(ACTIVE);
         let torn = cut_torn_tail(&path).map_err(io(&path))?;
-        let scanned = scan(dir, &key)?;
+        let scanned = scan_head(dir, &key)?;
         if let Err(b) = &scanned.verified {
             tracing::error!(event = "audit_chain_broken", at = %b, "the audit log chain is broken");
         }
@@ -938,6 +981,52 @@ mod tests {
         // A rotated file gone from the middle breaks the chain there.
         std::fs::remove_file(&files[1]).unwrap();
         let broken = verify_dir(dir.path(), &m).unwrap().unwrap_err();
+        assert!(broken.why.contains("sequence"), "{broken}");
+    }
+
+    /// A start reads the active file and the last record of the file
+    /// before it, not years of rotated files: an old file that cannot be
+    /// read at all does not stop it, while `audit verify` still walks
+    /// everything and fails on it. The link to the file before is checked:
+    /// the last record of that file cut off shows at open.
+    #[test]
+    fn a_start_reads_the_active_file_and_the_record_before_it_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let settings = AuditSettings {
+            max_file_bytes: 1000,
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
+        for i in 0..40 {
+            log.append_durable(&[event(i)]).unwrap();
+        }
+        log.append_durable(&[event(40)]).unwrap();
+        drop(log);
+        let files = chain_files(dir.path()).unwrap();
+        let key = chain_key(dir.path(), &m).unwrap();
+        let head = scan_head(dir.path(), &key).unwrap();
+        let active = read_lines(&dir.path().join(ACTIVE)).unwrap().len() as u64;
+        assert!(active > 0);
+        assert_eq!(head.verified.unwrap().records, active);
+        assert_eq!(head.last.unwrap().seq, 41);
+
+        // The oldest file, unreadable: the start goes on, verify does not.
+        std::fs::remove_file(&files[0]).unwrap();
+        std::fs::create_dir(&files[0]).unwrap();
+        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
+        assert_eq!(log.append_durable(&[event(99)]).unwrap()[0].seq, 42);
+        assert!(log.verify().is_err());
+        drop(log);
+
+        // The newest rotated file loses its last record: the active file
+        // no longer links to what is before it.
+        let rotated = chain_files(dir.path()).unwrap();
+        let newest = &rotated[rotated.len() - 2];
+        let text = std::fs::read_to_string(newest).unwrap();
+        let kept: Vec<&str> = text.lines().collect();
+        std::fs::write(newest, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+        let broken = scan_head(dir.path(), &key).unwrap().verified.unwrap_err();
         assert!(broken.why.contains("sequence"), "{broken}");
     }
 
