@@ -40,9 +40,15 @@ pub fn replace_and_keep(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
         .truncate(true)
         .mode(0o600)
         .open(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(tmp, path));
+    if let Err(e) = written {
+        // On a full disk, what was written of it would only take more room.
+        let _ = std::fs::remove_file(tmp);
+        return Err(e);
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -75,5 +81,20 @@ mod tests {
             2,
             "no temporary left"
         );
+    }
+
+    #[test]
+    fn a_failed_replacement_leaves_no_temporary_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory in the way: the rename over it fails.
+        let path = dir.path().join("in-the-way");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"x").unwrap();
+        assert!(replace(&path, b"new contents").is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["in-the-way"], "no temporary left");
     }
 }
