@@ -510,6 +510,14 @@ async fn audit_verify_passes_untouched_and_names_the_first_broken_record_after_t
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("4 records"));
+    // The tail is the newest records, oldest of them first.
+    let out = cli(&server, &["audit", "tail", "-n", "2", "--json"]);
+    let tail: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let details: Vec<&str> = tail.iter().map(|r| r["detail"].as_str().unwrap()).collect();
+    assert_eq!(details, ["kind=hmac owner=c", "kind=hmac owner=d"]);
 
     let log = server.dir.join("store/audit.log");
     let original = std::fs::read_to_string(&log).unwrap();

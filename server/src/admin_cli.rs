@@ -877,26 +877,36 @@ async fn list_policies(
 }
 
 /// Every audit record the server has, oldest first.
-async fn all_records(
+/// The newest `count` records (of one key, when given), oldest first:
+/// read from the end, a page at a time, so a tail of a large log reads
+/// only what it prints (and what the key filter passes over).
+async fn newest_records(
     admin: &mut AdminClient<Channel>,
     key_id: &str,
+    count: usize,
 ) -> Result<Vec<AuditRecord>, tonic::Status> {
     let mut token = String::new();
     let mut out = Vec::new();
-    loop {
+    while out.len() < count {
         let request = ListAuditRequest {
-            page_size: 1000,
+            page_size: u32::try_from(count - out.len())
+                .unwrap_or(u32::MAX)
+                .min(1000),
             page_token: token,
             key_id: key_id.to_owned(),
+            newest_first: true,
             ..Default::default()
         };
         let page = admin.list_audit(request).await?.into_inner();
         out.extend(page.records);
         if page.next_page_token.is_empty() {
-            return Ok(out);
+            break;
         }
         token = page.next_page_token;
     }
+    out.truncate(count);
+    out.reverse();
+    Ok(out)
 }
 
 fn record_json(r: &AuditRecord) -> RecordView<'_> {
@@ -967,11 +977,12 @@ pub async fn audit(conn: &ConnArgs, command: AuditCommand) -> Result<ExitCode, F
                 Ok(c) => AdminClient::new(c),
                 Err(e) => return Err(runtime(e)),
             };
-            let records = match all_records(&mut admin, key_id.as_deref().unwrap_or("")).await {
-                Ok(r) => r,
-                Err(s) => return Err(s.into()),
-            };
-            for r in &records[records.len().saturating_sub(count)..] {
+            let records =
+                match newest_records(&mut admin, key_id.as_deref().unwrap_or(""), count).await {
+                    Ok(r) => r,
+                    Err(s) => return Err(s.into()),
+                };
+            for r in &records {
                 if json {
                     print_json(&record_json(r));
                 } else {

@@ -395,6 +395,133 @@ fn line_start(file: &mut File, end: u64) -> std::io::Result<u64> {
     Ok(0)
 }
 
+/// Lines a page of [`AuditLog::page`] reads at most, returned or passed
+/// over by its filter: a page of a rare key's records in a large log
+/// comes back short, with where to go on, rather than holding the reader
+/// for the whole log.
+pub const PAGE_SCAN_LINES: usize = 100_000;
+
+/// Which end of the log a page starts from and moves away from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Oldest,
+    Newest,
+}
+
+/// Where a page of the log begins: a byte offset in the file whose first
+/// record has sequence number `file` (for a page of the newest records,
+/// where the next line back ends). Rotated files never change and the
+/// active one only grows, and keeps its first sequence number when it is
+/// rotated, so a position stays good while the log grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub file: u64,
+    pub offset: u64,
+}
+
+/// Why a page could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("the audit file this position points into is gone (archived?)")]
+    Gone,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The first sequence number a file of the chain is named after, or
+/// `None` for the active file.
+fn rotated_first_seq(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("audit.")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+/// A line of the log as a record, or as what it is when it is not one.
+fn parse_line(line: &[u8]) -> Record {
+    serde_json::from_slice::<Record>(line).unwrap_or_else(|_| Record {
+        seq: 0,
+        time_ms: 0,
+        actor: String::new(),
+        action: "unreadable".into(),
+        key_id: String::new(),
+        detail: String::from_utf8_lossy(line).into_owned(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    })
+}
+
+/// The lines of `file` from `start` up to `end`, in order, each with
+/// where it begins and ends, until `f` says stop. A last line without its
+/// newline is given as it is.
+fn read_forward(
+    file: &mut File,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::new(file.take(end - start));
+    let (mut at, mut line) = (start, Vec::new());
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if !f(at, at + n as u64, text) {
+            return Ok(());
+        }
+        at += n as u64;
+    }
+}
+
+/// The lines of `file` that end at or before `end`, newest first, each
+/// with where it begins and ends, until `f` says stop. Read backwards a
+/// block at a time.
+fn read_backward(
+    file: &mut File,
+    end: u64,
+    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 * 1024;
+    // `buf` holds the file's bytes from `buf_start` to `line_end`, where
+    // the next line back ends.
+    let (mut buf, mut buf_start, mut line_end) = (Vec::new(), end, end);
+    while line_end > 0 {
+        let start = loop {
+            // The newline before the line, not the one that ends it.
+            let before_last = buf.len().saturating_sub(1);
+            if let Some(i) = buf[..before_last].iter().rposition(|&b| b == b'\n') {
+                break buf_start + i as u64 + 1;
+            }
+            if buf_start == 0 {
+                break 0;
+            }
+            let from = buf_start.saturating_sub(BLOCK);
+            let mut block = vec![0; (buf_start - from) as usize];
+            file.seek(SeekFrom::Start(from))?;
+            file.read_exact(&mut block)?;
+            block.extend_from_slice(&buf);
+            buf = block;
+            buf_start = from;
+        };
+        let at = (start - buf_start) as usize;
+        let line = &buf[at..];
+        if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(line)) {
+            return Ok(());
+        }
+        buf.truncate(at);
+        line_end = start;
+    }
+    Ok(())
+}
+
 impl AuditLog {
     /// Opens (or creates) the log in `dir` and finds its head, reading the
     /// active file and the last record before it ([`scan_head`]). A broken
@@ -667,6 +794,7 @@ impl AuditLog {
     }
 
     /// Every line of every file of the chain, oldest first, as stored.
+    #[cfg(test)]
     pub fn read_lines(&self) -> std::io::Result<Vec<String>> {
         let _head = self.head.lock();
         let mut lines = Vec::new();
@@ -676,43 +804,111 @@ impl AuditLog {
         Ok(lines)
     }
 
-    /// One page of records, oldest first, after the `after`-th line of the
-    /// chain (0: from the start) that pass `filter`; and, when more follow,
-    /// the position to continue after. Lines that are not records come back
-    /// as `action = "unreadable"` with the line as `detail`, so that reading
+    /// One page of records that pass `filter`, read from `from` (or from
+    /// the oldest record, or the newest, by `direction`), and where the
+    /// next page begins when there may be more. A page reads only what it
+    /// returns and what it passes over, and at most [`PAGE_SCAN_LINES`]
+    /// lines: then it returns what it found and where to go on, however
+    /// large the log. Writers are held up only while the active file is
+    /// looked up. Lines that are not records come back as
+    /// `action = "unreadable"` with the line as `detail`, so that reading
     /// through the API shows what is on disk.
     pub fn page(
         &self,
-        after: u64,
+        from: Option<Position>,
+        direction: Direction,
         size: usize,
         filter: impl Fn(&Record) -> bool,
-    ) -> std::io::Result<(Vec<Record>, Option<u64>)> {
-        let mut records = Vec::new();
-        let mut last = after;
-        for (i, line) in self.read_lines()?.into_iter().enumerate() {
-            let position = i as u64 + 1;
-            if position <= after {
-                continue;
+    ) -> Result<(Vec<Record>, Option<Position>), PageError> {
+        self.page_scanning(from, direction, size, PAGE_SCAN_LINES, filter)
+    }
+
+    fn page_scanning(
+        &self,
+        from: Option<Position>,
+        direction: Direction,
+        size: usize,
+        max_scan: usize,
+        filter: impl Fn(&Record) -> bool,
+    ) -> Result<(Vec<Record>, Option<Position>), PageError> {
+        // (first seq, file, bytes to read): rotated files, then the active.
+        let mut files: Vec<(u64, File, u64)> = Vec::new();
+        for path in chain_files(&self.dir)? {
+            if let Some(first) = rotated_first_seq(&path) {
+                let file = File::open(&path)?;
+                let len = file.metadata()?.len();
+                files.push((first, file, len));
             }
-            let record = serde_json::from_str::<Record>(&line).unwrap_or_else(|_| Record {
-                seq: 0,
-                time_ms: 0,
-                actor: String::new(),
-                action: "unreadable".into(),
-                key_id: String::new(),
-                detail: line,
-                prev_hash: String::new(),
-                hash: String::new(),
-            });
-            if filter(&record) {
-                if records.len() == size {
-                    return Ok((records, Some(last)));
-                }
-                records.push(record);
-            }
-            last = position;
         }
-        Ok((records, None))
+        {
+            // Up to what this log has written: whole records, never a
+            // write under way.
+            let head = self.head.lock();
+            let file = File::open(&self.path)?;
+            files.retain(|(first, ..)| *first != head.first_seq);
+            files.push((head.first_seq, file, head.bytes));
+        }
+        let mut index = match from {
+            Some(p) => files
+                .iter()
+                .position(|(first, ..)| *first == p.file)
+                .ok_or(PageError::Gone)?,
+            None if direction == Direction::Oldest => 0,
+            None => files.len() - 1,
+        };
+        let mut offset = match from {
+            Some(p) => p.offset,
+            None if direction == Direction::Oldest => 0,
+            None => files[index].2,
+        };
+        let mut records = Vec::new();
+        let mut scanned = 0;
+        loop {
+            let (first, file, len) = &mut files[index];
+            let mut next = None;
+            // Each line, with where it begins and ends: taken, or the page
+            // ends before it, where the next page begins.
+            let take = |start: u64, end: u64, line: &[u8]| {
+                if records.len() == size || scanned == max_scan {
+                    next = Some(match direction {
+                        Direction::Oldest => start,
+                        Direction::Newest => end,
+                    });
+                    return false;
+                }
+                scanned += 1;
+                let record = parse_line(line);
+                if filter(&record) {
+                    records.push(record);
+                }
+                true
+            };
+            match direction {
+                Direction::Oldest => read_forward(file, offset.min(*len), *len, take)?,
+                Direction::Newest => read_backward(file, offset.min(*len), take)?,
+            }
+            if let Some(offset) = next {
+                let first = *first;
+                return Ok((
+                    records,
+                    Some(Position {
+                        file: first,
+                        offset,
+                    }),
+                ));
+            }
+            match direction {
+                Direction::Oldest if index + 1 < files.len() => {
+                    index += 1;
+                    offset = 0;
+                }
+                Direction::Newest if index > 0 => {
+                    index -= 1;
+                    offset = files[index].2;
+                }
+                _ => return Ok((records, None)),
+            }
+        }
     }
 
     /// Verifies the whole chain, every file, from the first record.
@@ -1028,6 +1224,102 @@ mod tests {
         std::fs::write(newest, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
         let broken = scan_head(dir.path(), &key).unwrap().verified.unwrap_err();
         assert!(broken.why.contains("sequence"), "{broken}");
+    }
+
+    /// Every page of a log, following the tokens, as sequence numbers.
+    fn pages(
+        log: &AuditLog,
+        direction: Direction,
+        size: usize,
+        max_scan: usize,
+        filter: impl Fn(&Record) -> bool + Copy,
+    ) -> (Vec<Vec<u64>>, usize) {
+        let (mut pages, mut from, mut empty) = (Vec::new(), None, 0);
+        loop {
+            let (records, next) = log
+                .page_scanning(from, direction, size, max_scan, filter)
+                .unwrap();
+            assert!(records.len() <= size);
+            if records.is_empty() {
+                empty += 1;
+            }
+            pages.push(records.iter().map(|r| r.seq).collect());
+            match next {
+                Some(p) => from = Some(p),
+                None => return (pages, empty),
+            }
+        }
+    }
+
+    /// Pages read every record exactly once, in order, oldest or newest
+    /// first, across rotated files and the active one, with a filter, and
+    /// with a cap on the lines one page reads (pages of a rare key come
+    /// back short or empty, each with where to go on).
+    #[test]
+    fn pages_read_every_record_once_in_order_either_way_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let settings = AuditSettings {
+            max_file_bytes: 3000,
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
+        for i in 0..100 {
+            log.append_durable(&[event(i)]).unwrap();
+        }
+        assert!(chain_files(dir.path()).unwrap().len() > 5);
+        let all: Vec<u64> = (1..=100).collect();
+        let every_7th =
+            |r: &Record| r.key_id.trim_start_matches('k').parse::<u64>().unwrap() % 7 == 0;
+        let sevenths: Vec<u64> = all.iter().copied().filter(|s| (s - 1) % 7 == 0).collect();
+        for (size, max_scan) in [(1, 1000), (7, 1000), (1000, 1000), (3, 5)] {
+            let (oldest, _) = pages(&log, Direction::Oldest, size, max_scan, |_| true);
+            assert_eq!(oldest.concat(), all, "{size} {max_scan}");
+            let (newest, _) = pages(&log, Direction::Newest, size, max_scan, |_| true);
+            let mut newest = newest.concat();
+            newest.reverse();
+            assert_eq!(newest, all, "{size} {max_scan}");
+            let (filtered, empty) = pages(&log, Direction::Oldest, size, max_scan, every_7th);
+            assert_eq!(filtered.concat(), sevenths, "{size} {max_scan}");
+            if max_scan == 5 {
+                assert!(empty > 0, "pages that found nothing in their 5 lines");
+                assert!(filtered.len() >= 100 / 5);
+            }
+            let (filtered, _) = pages(&log, Direction::Newest, size, max_scan, every_7th);
+            let mut filtered = filtered.concat();
+            filtered.reverse();
+            assert_eq!(filtered, sevenths, "{size} {max_scan}");
+        }
+    }
+
+    /// A position in the active file stays good when that file is rotated
+    /// meanwhile; one into a file that is gone says so.
+    #[test]
+    fn a_position_survives_rotation_and_a_removed_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let settings = AuditSettings {
+            max_file_bytes: 3000,
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
+        log.append_durable(&[event(0), event(1)]).unwrap();
+        let (first, next) = log.page(None, Direction::Oldest, 1, |_| true).unwrap();
+        assert_eq!(first[0].seq, 1);
+        for i in 2..40 {
+            log.append_durable(&[event(i)]).unwrap();
+        }
+        assert!(chain_files(dir.path()).unwrap().len() > 3);
+        let (rest, _) = log.page(next, Direction::Oldest, 1000, |_| true).unwrap();
+        let seqs: Vec<u64> = rest.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (2..=40).collect::<Vec<u64>>());
+
+        let (_, next) = log.page(None, Direction::Oldest, 1, |_| true).unwrap();
+        std::fs::remove_file(&chain_files(dir.path()).unwrap()[0]).unwrap();
+        assert!(matches!(
+            log.page(next, Direction::Oldest, 1, |_| true),
+            Err(PageError::Gone)
+        ));
     }
 
     /// The outside attack's finding: replacing audit.log (copy + rename)

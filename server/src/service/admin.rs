@@ -20,7 +20,7 @@ use warden_client::proto::{
     VerifyAuditRequest, VerifyAuditResponse, locate_state_request,
 };
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Direction, Event, PageError, Position};
 use crate::auth::{Authz, Role};
 use crate::check::CallerIdentity;
 use crate::cluster::Membership;
@@ -473,25 +473,48 @@ impl Admin for AdminService {
         &self,
         request: Request<ListAuditRequest>,
     ) -> Result<Response<ListAuditResponse>, Status> {
-        let audit = self.keys.audit()?;
+        let audit = self.keys.audit()?.clone();
         let r = request.into_inner();
-        let after: u64 = if r.page_token.is_empty() {
-            0
+        let from = if r.page_token.is_empty() {
+            None
         } else {
-            from_page_token(&r.page_token)?.parse().map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous response")
-            })?
+            let token = from_page_token(&r.page_token)?;
+            let position = token
+                .split_once(':')
+                .and_then(|(file, offset)| Some((file.parse().ok()?, offset.parse().ok()?)));
+            let Some((file, offset)) = position else {
+                return Err(Status::invalid_argument(
+                    "page_token: not a token from a previous response",
+                ));
+            };
+            Some(Position { file, offset })
         };
-        let (records, next) = audit
-            .page(after, page_size(r.page_size), |record| {
-                (r.key_id.is_empty() || record.key_id == r.key_id)
-                    && (r.since_ms <= 0 || record.time_ms >= r.since_ms)
-                    && (r.until_ms <= 0 || record.time_ms <= r.until_ms)
+        let direction = if r.newest_first {
+            Direction::Newest
+        } else {
+            Direction::Oldest
+        };
+        let size = page_size(r.page_size);
+        // Reading files: off the async threads.
+        let (key_id, since_ms, until_ms) = (r.key_id, r.since_ms, r.until_ms);
+        let page = tokio::task::spawn_blocking(move || {
+            audit.page(from, direction, size, |record| {
+                (key_id.is_empty() || record.key_id == key_id)
+                    && (since_ms <= 0 || record.time_ms >= since_ms)
+                    && (until_ms <= 0 || record.time_ms <= until_ms)
             })
-            .map_err(|e| {
+        })
+        .await
+        .map_err(|e| PageError::Io(std::io::Error::other(e)));
+        let (records, next) = page.and_then(|page| page).map_err(|e| match e {
+            PageError::Gone => Status::failed_precondition(
+                "page_token: the audit file it points into is gone (archived?); start again",
+            ),
+            PageError::Io(e) => {
                 tracing::error!(event = "admin_failed", what = "read audit", error = %e, "audit log unreadable");
                 Status::internal("the audit log could not be read; see the server log")
-            })?;
+            }
+        })?;
         Ok(Response::new(ListAuditResponse {
             records: records
                 .into_iter()
@@ -506,7 +529,9 @@ impl Admin for AdminService {
                     hash: record.hash,
                 })
                 .collect(),
-            next_page_token: next.map(|n| page_token(&n.to_string())).unwrap_or_default(),
+            next_page_token: next
+                .map(|p| page_token(&format!("{}:{}", p.file, p.offset)))
+                .unwrap_or_default(),
         }))
     }
 }

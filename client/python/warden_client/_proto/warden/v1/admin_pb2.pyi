@@ -764,6 +764,7 @@ class ListAuditRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SINCE_MS_FIELD_NUMBER: _builtins.int
     UNTIL_MS_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
     key_id: _builtins.str
@@ -771,6 +772,8 @@ class ListAuditRequest(_message.Message):
     since_ms: _builtins.int
     """Unix milliseconds, inclusive; 0 means unbounded."""
     until_ms: _builtins.int
+    newest_first: _builtins.bool
+    """Newest records first (a tail), instead of oldest first."""
     def __init__(
         self,
         *,
@@ -779,10 +782,11 @@ class ListAuditRequest(_message.Message):
         key_id: _builtins.str = ...,
         since_ms: _builtins.int = ...,
         until_ms: _builtins.int = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "page_size", b"page_size", "page_token", b"page_token", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
