@@ -272,11 +272,8 @@ pub fn verify_file(
 ) -> Result<Result<Intact, Broken>, AuditError> {
     let key = chain_key_existing(dir, master)?;
     let mut v = Verifier::from_anywhere(&key);
-    for (i, line) in read_lines(file).map_err(io(file))?.into_iter().enumerate() {
-        let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
-        if let Err(b) = v.next(record, i + 1, None) {
-            return Ok(Err(b));
-        }
+    if let Err(b) = verify_into(&mut v, file)? {
+        return Ok(Err(b));
     }
     Ok(v.finish())
 }
@@ -293,19 +290,23 @@ fn chain_key_existing(dir: &Path, master: &MasterKey) -> Result<ChainKey, AuditE
 fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, AuditError> {
     let mut v = Verifier::from_genesis(key);
     for path in chain_files(dir).map_err(io(dir))? {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        for (i, line) in read_lines(&path)
-            .map_err(io(&path))?
-            .into_iter()
-            .enumerate()
-        {
-            let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
-            if let Err(b) = v.next(record, i + 1, name.as_deref()) {
-                return Ok(Err(b));
-            }
+        if let Err(b) = verify_into(&mut v, &path)? {
+            return Ok(Err(b));
         }
     }
     Ok(v.finish())
+}
+
+/// Gives every line of `path` to `v`.
+fn verify_into(v: &mut Verifier<'_>, path: &Path) -> Result<Result<(), Broken>, AuditError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    for (i, line) in read_lines(path).map_err(io(path))?.into_iter().enumerate() {
+        let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
+        if let Err(b) = v.next(record, i + 1, name.as_deref()) {
+            return Ok(Err(b));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// What the log needs to go on from, found at open.
@@ -831,22 +832,22 @@ impl AuditLog {
         max_scan: usize,
         filter: impl Fn(&Record) -> bool,
     ) -> Result<(Vec<Record>, Option<Position>), PageError> {
-        // (first seq, file, bytes to read): rotated files, then the active.
-        let mut files: Vec<(u64, File, u64)> = Vec::new();
-        for path in chain_files(&self.dir)? {
-            if let Some(first) = rotated_first_seq(&path) {
-                let file = File::open(&path)?;
-                let len = file.metadata()?.len();
-                files.push((first, file, len));
-            }
-        }
+        // (first seq, file, bytes to read): rotated files, then the active
+        // one up to what this log has written (whole records, never a
+        // write under way). Listed under the lock: a rotation meanwhile
+        // would leave its file out.
+        // Rotated files are opened when read.
+        let mut files: Vec<(u64, PathBuf, Option<File>, u64)> = Vec::new();
         {
-            // Up to what this log has written: whole records, never a
-            // write under way.
             let head = self.head.lock();
-            let file = File::open(&self.path)?;
-            files.retain(|(first, ..)| *first != head.first_seq);
-            files.push((head.first_seq, file, head.bytes));
+            for path in chain_files(&self.dir)? {
+                if let Some(first) = rotated_first_seq(&path) {
+                    let len = std::fs::metadata(&path)?.len();
+                    files.push((first, path, None, len));
+                }
+            }
+            let active = File::open(&self.path)?;
+            files.push((head.first_seq, self.path.clone(), Some(active), head.bytes));
         }
         let mut index = match from {
             Some(p) => files
@@ -859,12 +860,19 @@ impl AuditLog {
         let mut offset = match from {
             Some(p) => p.offset,
             None if direction == Direction::Oldest => 0,
-            None => files[index].2,
+            None => files[index].3,
         };
         let mut records = Vec::new();
         let mut scanned = 0;
         loop {
-            let (first, file, len) = &mut files[index];
+            let (first, path, file, len) = &mut files[index];
+            let file = match file {
+                Some(file) => file,
+                None => file.insert(File::open(&*path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => PageError::Gone,
+                    _ => PageError::Io(e),
+                })?),
+            };
             let mut next = None;
             // Each line, with where it begins and ends: taken, or the page
             // ends before it, where the next page begins.
@@ -904,17 +912,40 @@ impl AuditLog {
                 }
                 Direction::Newest if index > 0 => {
                     index -= 1;
-                    offset = files[index].2;
+                    offset = files[index].3;
                 }
                 _ => return Ok((records, None)),
             }
         }
     }
 
-    /// Verifies the whole chain, every file, from the first record.
+    /// Verifies the whole chain, every file, from the first record. The
+    /// rotated files never change: they are read without holding up
+    /// writers (a walk of years of files would otherwise stall admin
+    /// changes and fill the background queue). The active file, and any
+    /// rotated meanwhile, are read under the lock.
     pub fn verify(&self) -> Result<Result<Intact, Broken>, AuditError> {
+        let mut v = Verifier::from_genesis(&self.key);
+        let rotated: Vec<PathBuf> = chain_files(&self.dir)
+            .map_err(io(&self.dir))?
+            .into_iter()
+            .filter(|p| rotated_first_seq(p).is_some())
+            .collect();
+        for path in &rotated {
+            if let Err(b) = verify_into(&mut v, path)? {
+                return Ok(Err(b));
+            }
+        }
         let _head = self.head.lock();
-        verify_files(&self.dir, &self.key)
+        for path in chain_files(&self.dir).map_err(io(&self.dir))? {
+            if rotated.contains(&path) {
+                continue;
+            }
+            if let Err(b) = verify_into(&mut v, &path)? {
+                return Ok(Err(b));
+            }
+        }
+        Ok(v.finish())
     }
 }
 
