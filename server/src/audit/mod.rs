@@ -169,8 +169,29 @@ pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+#[cfg(test)]
 fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
     BufReader::new(File::open(path)?).lines().collect()
+}
+
+/// Each line of `path` as a record (or why it is not one), with its
+/// 1-based number, until `f` says stop. One line in memory at a time,
+/// however large the file.
+fn for_each_record(
+    path: &Path,
+    mut f: impl FnMut(usize, Result<Record, String>) -> bool,
+) -> Result<(), AuditError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    let mut number = 0;
+    read_forward(&mut file, 0, len, |_, _, line| {
+        number += 1;
+        f(
+            number,
+            serde_json::from_slice::<Record>(line).map_err(|e| e.to_string()),
+        )
+    })
+    .map_err(io(path))
 }
 
 /// At most this much of a partial record is kept to be hashed for the
@@ -300,13 +321,17 @@ fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, Au
 /// Gives every line of `path` to `v`.
 fn verify_into(v: &mut Verifier<'_>, path: &Path) -> Result<Result<(), Broken>, AuditError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    for (i, line) in read_lines(path).map_err(io(path))?.into_iter().enumerate() {
-        let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
-        if let Err(b) = v.next(record, i + 1, name.as_deref()) {
-            return Ok(Err(b));
+    let mut broken = None;
+    for_each_record(path, |number, record| {
+        match v.next(record, number, name.as_deref()) {
+            Ok(()) => true,
+            Err(b) => {
+                broken = Some(b);
+                false
+            }
         }
-    }
-    Ok(Ok(()))
+    })?;
+    Ok(broken.map_or(Ok(()), Err))
 }
 
 /// What the log needs to go on from, found at open.
@@ -339,18 +364,18 @@ fn scan_head(dir: &Path, key: &ChainKey) -> Result<HeadScan, AuditError> {
     };
     let (mut broken, mut last, mut active_first_seq) = (None, before, None);
     if let Some(path) = &active {
-        for (i, line) in read_lines(path).map_err(io(path))?.into_iter().enumerate() {
-            let record = serde_json::from_str::<Record>(&line).map_err(|e| e.to_string());
+        for_each_record(path, |number, record| {
             if let Ok(r) = &record {
                 active_first_seq.get_or_insert(r.seq);
                 last = Some(r.clone());
             }
             if broken.is_none()
-                && let Err(b) = v.next(record, i + 1, Some(ACTIVE))
+                && let Err(b) = v.next(record, number, Some(ACTIVE))
             {
                 broken = Some(b);
             }
-        }
+            true
+        })?;
     }
     Ok(HeadScan {
         verified: match broken {
@@ -1018,6 +1043,27 @@ mod tests {
             let log = open(dir.path(), &m);
             assert_eq!(log.read_lines().unwrap().len(), records as usize + 2);
         }
+    }
+
+    /// Bytes that are not text where a record was: verification names the
+    /// record, as for any other edit, instead of failing to read the file.
+    #[test]
+    fn a_record_overwritten_with_binary_is_named_as_the_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1), event(2), event(3)]).unwrap();
+        let path = log.path().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(format!("{}\n", lines[0]).as_bytes());
+        bytes.extend_from_slice(b"\xff\xfe\x00 not text\n");
+        bytes.extend_from_slice(format!("{}\n", lines[2]).as_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let broken = log.verify().unwrap().unwrap_err();
+        assert_eq!(broken.line, 2, "{broken}");
+        assert!(broken.why.contains("not a record"), "{broken}");
     }
 
     #[test]
