@@ -46,6 +46,19 @@ async fn check(server: &Server, req: CheckRequest) -> Reason {
     server.client().await.check(req).await.unwrap().reason()
 }
 
+/// Sends `requests` down one `CheckStream`; how many were answered.
+async fn check_all(client: &mut warden_client::Client, requests: Vec<CheckRequest>) -> usize {
+    use futures::StreamExt;
+    client
+        .stub()
+        .check_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner()
+        .count()
+        .await
+}
+
 fn signed(key_id: &str, secret: &str) -> CheckRequest {
     Signer::new(key_id, secret).check_request("POST", "/orders", "", b"{}")
 }
@@ -378,8 +391,6 @@ async fn a_disk_that_fills_up_fails_changes_whole_and_breaks_neither_the_journal
 // connection must still answer its GOAWAY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_that_cannot_be_recorded_is_not_made() {
-    use futures::StreamExt;
-
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
     let mut first = Server::dev_in(&dir);
@@ -390,16 +401,7 @@ async fn a_revoke_that_cannot_be_recorded_is_not_made() {
     let flood: Vec<CheckRequest> = (0..1_000)
         .map(|i| signed(&format!("wk_junk_{i}"), forged))
         .collect();
-    let mut client = first.client().await;
-    let answers: Vec<_> = client
-        .stub()
-        .check_stream(tokio_stream::iter(flood))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert_eq!(answers.len(), 1_000);
+    assert_eq!(check_all(&mut first.client().await, flood).await, 1_000);
     assert!(first.terminate().success());
     let journal = std::fs::metadata(dir.join("store/store.jsonl"))
         .unwrap()
@@ -723,16 +725,8 @@ async fn rotating_the_master_key_keeps_every_key_working() {
     // The dev server reads dev-dir/master.key: the old key no longer opens
     // the store, so starting with it must fail clearly...
     let refused = Command::new(BIN)
-        .args([
-            "serve",
-            "--dev",
-            "--dev-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-        ])
+        .args(support::dev_args(&dir))
+        .args(["--metrics-listen", "off"])
         .output()
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
@@ -748,7 +742,6 @@ async fn rotating_the_master_key_keeps_every_key_working() {
 /// window now, and a spray of junk subjects is bounded per window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_denials_makes_a_bounded_number_of_audit_records() {
-    use futures::StreamExt;
     let dir = ConfigDir::new();
     dir.write_master_key();
     let mut server = dir.start(&format!(
@@ -767,16 +760,10 @@ async fn a_flood_of_denials_makes_a_bounded_number_of_audit_records() {
             ]
         })
         .collect();
-    let mut client = dir.client(&server).await;
-    let answers: Vec<_> = client
-        .stub()
-        .check_stream(tokio_stream::iter(flood))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    assert_eq!(answers.len(), 6_000);
+    assert_eq!(
+        check_all(&mut dir.client(&server).await, flood).await,
+        6_000
+    );
     // The window's tallies are written at the latest on shutdown.
     assert!(server.terminate().success());
     let text = std::fs::read_to_string(dir.path().join("store/audit.log")).unwrap();

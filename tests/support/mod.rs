@@ -36,15 +36,7 @@ impl Server {
 
     /// `warden serve --dev` reusing (or creating) `dir`.
     pub fn dev_in(dir: &Path) -> Self {
-        let args = [
-            "serve",
-            "--dev",
-            "--dev-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        Self::start(&args, dir.to_owned(), "info")
+        Self::start(&dev_args(dir), dir.to_owned(), "info")
     }
 
     /// `warden serve --config FILE`.
@@ -95,13 +87,8 @@ impl Server {
                 bytes.div_ceil(512)
             ),
             BIN,
-            "serve",
-            "--dev",
-            "--dev-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
         ]);
+        command.args(dev_args(dir));
         Self::start_command(command, dir.to_owned(), "info")
     }
 
@@ -287,6 +274,18 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The arguments of `warden serve --dev` in `dir`, on a free port.
+pub fn dev_args(dir: &Path) -> [&str; 6] {
+    [
+        "serve",
+        "--dev",
+        "--dev-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
 }
 
 impl Drop for Server {

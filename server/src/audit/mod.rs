@@ -996,6 +996,19 @@ mod tests {
         AuditLog::open(dir, master, AuditSettings::default()).unwrap()
     }
 
+    /// A log rotated past `max_file_bytes`, holding `events(0..records)`.
+    fn rotating(dir: &Path, master: &MasterKey, max_file_bytes: u64, records: u32) -> AuditLog {
+        let settings = AuditSettings {
+            max_file_bytes,
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(dir, master, settings).unwrap();
+        for i in 0..records {
+            log.append_durable(&[event(i)]).unwrap();
+        }
+        log
+    }
+
     /// A write that never completed (a crash, a full disk) leaves part of
     /// a record at the end. Left there, the next record would be glued to
     /// it and the chain would read as broken for good; it is cut at open,
@@ -1232,14 +1245,7 @@ mod tests {
     fn rotation_carries_the_chain_across_files_and_verify_walks_them_all() {
         let dir = tempfile::tempdir().unwrap();
         let m = master();
-        let settings = AuditSettings {
-            max_file_bytes: 1000,
-            ..AuditSettings::default()
-        };
-        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
-        for i in 0..40 {
-            log.append_durable(&[event(i)]).unwrap();
-        }
+        let log = rotating(dir.path(), &m, 1000, 40);
         let files = chain_files(dir.path()).unwrap();
         assert!(files.len() > 3, "{files:?}");
         assert_eq!(verify_dir(dir.path(), &m).unwrap().unwrap().records, 40);
@@ -1249,7 +1255,7 @@ mod tests {
         }
         // Reopened, it continues the chain in the active file.
         drop(log);
-        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
+        let log = rotating(dir.path(), &m, 1000, 0);
         assert_eq!(log.append_durable(&[event(99)]).unwrap()[0].seq, 41);
         // A rotated file gone from the middle breaks the chain there.
         std::fs::remove_file(&files[1]).unwrap();
@@ -1266,16 +1272,7 @@ mod tests {
     fn a_start_reads_the_active_file_and_the_record_before_it_only() {
         let dir = tempfile::tempdir().unwrap();
         let m = master();
-        let settings = AuditSettings {
-            max_file_bytes: 1000,
-            ..AuditSettings::default()
-        };
-        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
-        for i in 0..40 {
-            log.append_durable(&[event(i)]).unwrap();
-        }
-        log.append_durable(&[event(40)]).unwrap();
-        drop(log);
+        drop(rotating(dir.path(), &m, 1000, 41));
         let files = chain_files(dir.path()).unwrap();
         let key = chain_key(dir.path(), &m).unwrap();
         let head = scan_head(dir.path(), &key).unwrap();
@@ -1287,7 +1284,7 @@ mod tests {
         // The oldest file, unreadable: the start goes on, verify does not.
         std::fs::remove_file(&files[0]).unwrap();
         std::fs::create_dir(&files[0]).unwrap();
-        let log = AuditLog::open(dir.path(), &m, settings.clone()).unwrap();
+        let log = rotating(dir.path(), &m, 1000, 0);
         assert_eq!(log.append_durable(&[event(99)]).unwrap()[0].seq, 42);
         assert!(log.verify().is_err());
         drop(log);
@@ -1336,14 +1333,7 @@ mod tests {
     fn pages_read_every_record_once_in_order_either_way_across_files() {
         let dir = tempfile::tempdir().unwrap();
         let m = master();
-        let settings = AuditSettings {
-            max_file_bytes: 3000,
-            ..AuditSettings::default()
-        };
-        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
-        for i in 0..100 {
-            log.append_durable(&[event(i)]).unwrap();
-        }
+        let log = rotating(dir.path(), &m, 3000, 100);
         assert!(chain_files(dir.path()).unwrap().len() > 5);
         let all: Vec<u64> = (1..=100).collect();
         let every_7th =
@@ -1375,12 +1365,7 @@ mod tests {
     fn a_position_survives_rotation_and_a_removed_file_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let m = master();
-        let settings = AuditSettings {
-            max_file_bytes: 3000,
-            ..AuditSettings::default()
-        };
-        let log = AuditLog::open(dir.path(), &m, settings).unwrap();
-        log.append_durable(&[event(0), event(1)]).unwrap();
+        let log = rotating(dir.path(), &m, 3000, 2);
         let (first, next) = log.page(None, Direction::Oldest, 1, |_| true).unwrap();
         assert_eq!(first[0].seq, 1);
         for i in 2..40 {
