@@ -465,17 +465,28 @@ fn rotated_first_seq(path: &Path) -> Option<u64> {
         .ok()
 }
 
+/// Of a line that is not a record, at most this much is shown: whatever
+/// was written into the file, a page must still fit in an answer.
+const UNREADABLE_SHOWN: usize = 1024;
+
 /// A line of the log as a record, or as what it is when it is not one.
 fn parse_line(line: &[u8]) -> Record {
-    serde_json::from_slice::<Record>(line).unwrap_or_else(|_| Record {
-        seq: 0,
-        time_ms: 0,
-        actor: String::new(),
-        action: "unreadable".into(),
-        key_id: String::new(),
-        detail: String::from_utf8_lossy(line).into_owned(),
-        prev_hash: String::new(),
-        hash: String::new(),
+    serde_json::from_slice::<Record>(line).unwrap_or_else(|_| {
+        let mut detail =
+            String::from_utf8_lossy(&line[..line.len().min(UNREADABLE_SHOWN)]).into_owned();
+        if line.len() > UNREADABLE_SHOWN {
+            detail.push_str(&format!("… ({} bytes in all)", line.len()));
+        }
+        Record {
+            seq: 0,
+            time_ms: 0,
+            actor: String::new(),
+            action: "unreadable".into(),
+            key_id: String::new(),
+            detail,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
     })
 }
 
@@ -1357,6 +1368,33 @@ mod tests {
             filtered.reverse();
             assert_eq!(filtered, sevenths, "{size} {max_scan}");
         }
+    }
+
+    /// A line that is not a record comes back as "unreadable", shown up
+    /// to 1 KiB however long it is: a page still fits in an answer.
+    #[test]
+    fn an_unreadable_line_is_shown_cut_to_a_kilobyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1)]).unwrap();
+        drop(log);
+        let path = dir.path().join(ACTIVE);
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(&[b'x'; 5000]);
+        text.push(b'\n');
+        std::fs::write(&path, text).unwrap();
+        // Opened after the garbage went in, the log reads up to its end.
+        let log = open(dir.path(), &m);
+        let (records, _) = log.page(None, Direction::Oldest, 10, |_| true).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].action, "unreadable");
+        assert!(records[1].detail.starts_with(&"x".repeat(1024)));
+        assert!(
+            records[1].detail.ends_with("… (5000 bytes in all)"),
+            "{}",
+            &records[1].detail[1000..]
+        );
     }
 
     /// A position in the active file stays good when that file is rotated
