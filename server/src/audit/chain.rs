@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// How a keyed hash is marked in the file.
-const KEYED: &str = "hmac:";
+pub(crate) const KEYED: &str = "hmac:";
 
 /// One record, as stored (one JSON object per line).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

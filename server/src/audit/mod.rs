@@ -90,6 +90,10 @@ pub enum AuditError {
         "{0}: cannot be opened with this master key (sealed under another one? `warden store rotate-master-key` re-seals it)"
     )]
     WrongKey(String),
+    #[error(
+        "{0}: missing, but the audit log beside it holds records keyed by it; restore it from a backup (it is sealed under the master key), or move the audit files aside to begin a new chain"
+    )]
+    KeyMissing(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -387,6 +391,23 @@ fn scan_head(dir: &Path, key: &ChainKey) -> Result<HeadScan, AuditError> {
     })
 }
 
+/// Whether any record of the chain in `dir` is keyed (a log from before
+/// the chain was keyed holds none). Reads until it finds one: only asked
+/// when the chain key is missing.
+fn holds_keyed_records(dir: &Path) -> Result<bool, AuditError> {
+    let mut keyed = false;
+    for path in chain_files(dir).map_err(io(dir))?.iter().rev() {
+        for_each_record(path, |_, record| {
+            keyed = record.is_ok_and(|r| r.hash.starts_with(chain::KEYED));
+            !keyed
+        })?;
+        if keyed {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The last line of a file whose lines all end in a newline (a rotated
 /// one), as a record: `None` if empty or not a record.
 fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
@@ -571,9 +592,16 @@ impl AuditLog {
         settings: AuditSettings,
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let key = chain_key(dir, master)?;
         let path = dir.join(ACTIVE);
         let torn = cut_torn_tail(&path).map_err(io(&path))?;
+        // A new chain key beside records keyed by the old one would leave
+        // every one of them unverifiable, and the log's history with them:
+        // deleting audit.key must not be a way to start a clean chain.
+        let key_file = dir.join(KEY_FILE);
+        if !key_file.exists() && holds_keyed_records(dir)? {
+            return Err(AuditError::KeyMissing(key_file.display().to_string()));
+        }
+        let key = chain_key(dir, master)?;
         let scanned = scan_head(dir, &key)?;
         if let Err(b) = &scanned.verified {
             tracing::error!(event = "audit_chain_broken", at = %b, "the audit log chain is broken");
@@ -1088,6 +1116,24 @@ mod tests {
         let broken = log.verify().unwrap().unwrap_err();
         assert_eq!(broken.line, 2, "{broken}");
         assert!(broken.why.contains("not a record"), "{broken}");
+    }
+
+    /// Deleting audit.key must not start a clean chain beside the old
+    /// one (every old record would become unverifiable): the log refuses
+    /// to open and says what to do. A log from before the chain was keyed
+    /// has no key yet, and opens.
+    #[test]
+    fn a_missing_chain_key_beside_keyed_records_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master();
+        let log = open(dir.path(), &m);
+        log.append_durable(&[event(1), event(2)]).unwrap();
+        drop(log);
+        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        let refused = AuditLog::open(dir.path(), &m, AuditSettings::default()).unwrap_err();
+        assert!(matches!(refused, AuditError::KeyMissing(_)), "{refused}");
+        assert!(refused.to_string().contains("restore it from a backup"));
+        assert!(!dir.path().join(KEY_FILE).exists(), "no new key was made");
     }
 
     #[test]
