@@ -183,19 +183,27 @@ fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
 /// however large the file.
 fn for_each_record(
     path: &Path,
-    mut f: impl FnMut(usize, Result<Record, String>) -> bool,
+    f: impl FnMut(usize, Result<Record, String>) -> bool,
 ) -> Result<(), AuditError> {
     let mut file = File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
+    for_each_record_in(&mut file, len, f).map_err(io(path))
+}
+
+/// [`for_each_record`] over the first `len` bytes of an open file.
+fn for_each_record_in(
+    file: &mut File,
+    len: u64,
+    mut f: impl FnMut(usize, Result<Record, String>) -> bool,
+) -> std::io::Result<()> {
     let mut number = 0;
-    read_forward(&mut file, 0, len, |_, _, line| {
+    read_forward(file, 0, len, |_, _, line| {
         number += 1;
         f(
             number,
             serde_json::from_slice::<Record>(line).map_err(|e| e.to_string()),
         )
     })
-    .map_err(io(path))
 }
 
 /// At most this much of a partial record is kept to be hashed for the
@@ -324,9 +332,21 @@ fn verify_files(dir: &Path, key: &ChainKey) -> Result<Result<Intact, Broken>, Au
 
 /// Gives every line of `path` to `v`.
 fn verify_into(v: &mut Verifier<'_>, path: &Path) -> Result<Result<(), Broken>, AuditError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    verify_in(v, &mut file, len, path)
+}
+
+/// [`verify_into`] over the first `len` bytes of `path`, open as `file`.
+fn verify_in(
+    v: &mut Verifier<'_>,
+    file: &mut File,
+    len: u64,
+    path: &Path,
+) -> Result<Result<(), Broken>, AuditError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let mut broken = None;
-    for_each_record(path, |number, record| {
+    for_each_record_in(file, len, |number, record| {
         match v.next(record, number, name.as_deref()) {
             Ok(()) => true,
             Err(b) => {
@@ -334,7 +354,8 @@ fn verify_into(v: &mut Verifier<'_>, path: &Path) -> Result<Result<(), Broken>, 
                 false
             }
         }
-    })?;
+    })
+    .map_err(io(path))?;
     Ok(broken.map_or(Ok(()), Err))
 }
 
@@ -897,7 +918,7 @@ impl AuditLog {
         filter: impl Fn(&Record) -> bool,
     ) -> Result<(Vec<Record>, Option<Position>), PageError> {
         // (first seq, file, bytes to read): rotated files, then the active
-        // one up to what this log has written (whole records, never a
+        // one up to its length under the lock (whole records, never a
         // write under way). Listed under the lock: a rotation meanwhile
         // would leave its file out.
         // Rotated files are opened when read.
@@ -911,7 +932,8 @@ impl AuditLog {
                 }
             }
             let active = File::open(&self.path)?;
-            files.push((head.first_seq, self.path.clone(), Some(active), head.bytes));
+            let len = active.metadata()?.len();
+            files.push((head.first_seq, self.path.clone(), Some(active), len));
         }
         let mut index = match from {
             Some(p) => files
@@ -983,31 +1005,32 @@ impl AuditLog {
         }
     }
 
-    /// Verifies the whole chain, every file, from the first record. The
-    /// rotated files never change: they are read without holding up
-    /// writers (a walk of years of files would otherwise stall admin
-    /// changes and fill the background queue). The active file, and any
-    /// rotated meanwhile, are read under the lock.
+    /// Verifies the whole chain, every file, from the first record. What
+    /// the files hold is fixed under the lock (the rotated files, and the
+    /// active one open, at its length), then read without it: rotated
+    /// files never change and the active one only grows, so a walk of
+    /// years of files holds up no writer (it would stall admin changes
+    /// and fill the background queue).
     pub fn verify(&self) -> Result<Result<Intact, Broken>, AuditError> {
+        let (rotated, mut active, len) = {
+            let _head = self.head.lock();
+            let rotated: Vec<PathBuf> = chain_files(&self.dir)
+                .map_err(io(&self.dir))?
+                .into_iter()
+                .filter(|p| rotated_first_seq(p).is_some())
+                .collect();
+            let active = File::open(&self.path).map_err(io(&self.path))?;
+            let len = active.metadata().map_err(io(&self.path))?.len();
+            (rotated, active, len)
+        };
         let mut v = Verifier::from_genesis(&self.key);
-        let rotated: Vec<PathBuf> = chain_files(&self.dir)
-            .map_err(io(&self.dir))?
-            .into_iter()
-            .filter(|p| rotated_first_seq(p).is_some())
-            .collect();
         for path in &rotated {
             if let Err(b) = verify_into(&mut v, path)? {
                 return Ok(Err(b));
             }
         }
-        let _head = self.head.lock();
-        for path in chain_files(&self.dir).map_err(io(&self.dir))? {
-            if rotated.contains(&path) {
-                continue;
-            }
-            if let Err(b) = verify_into(&mut v, &path)? {
-                return Ok(Err(b));
-            }
+        if let Err(b) = verify_in(&mut v, &mut active, len, &self.path)? {
+            return Ok(Err(b));
         }
         Ok(v.finish())
     }
