@@ -312,6 +312,19 @@ async fn a_disk_that_fills_up_fails_changes_whole_and_breaks_neither_the_journal
         refused.len()
     );
     assert!(!acknowledged.is_empty());
+    let metrics = full.http_get("/metrics").1;
+    for what in ["store", "audit"] {
+        let series = format!("warden_durable_write_failures_total{{what=\"{what}\"}} ");
+        let failures: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            failures >= 1.0,
+            "{what} write failures are counted:\n{metrics}"
+        );
+    }
 
     // A revoke that cannot be recorded is not made.
     let revoke = admin
@@ -429,6 +442,12 @@ async fn a_revoke_that_cannot_be_recorded_is_not_made() {
     assert_eq!(
         check(&full, signed("wk_junk", forged)).await,
         Reason::Unauthenticated
+    );
+    assert!(
+        full.http_get("/metrics")
+            .1
+            .contains(r#"warden_durable_write_failures_total{what="audit"} 1"#),
+        "the refused revoke's audit write is counted"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !full

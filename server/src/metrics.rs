@@ -82,6 +82,10 @@ fn describe() {
         "warden_audit_dropped_total",
         "Background audit records (denial tallies, alerts) lost: the queue was full, or the write failed."
     );
+    describe_counter!(
+        "warden_durable_write_failures_total",
+        "Writes to the key store or the audit log that failed (a full disk?): the admin change was refused, or background audit records lost."
+    );
     describe_gauge!("warden_api_keys", "API keys loaded.");
     describe_histogram!(
         "warden_key_changes_seconds",
@@ -168,6 +172,9 @@ fn zero_counters() {
     counter!("warden_tls_handshake_failures_total", "cause" => "timeout").absolute(0);
     for cause in ["queue_full", "write_failed"] {
         counter!("warden_audit_dropped_total", "cause" => cause).absolute(0);
+    }
+    for what in ["store", "audit"] {
+        counter!("warden_durable_write_failures_total", "what" => what).absolute(0);
     }
     counter!("warden_caller_denied_total").absolute(0);
     counter!("warden_alert_subjects_evicted_total").absolute(0);

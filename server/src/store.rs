@@ -731,6 +731,10 @@ impl Store {
         let written = self.backend.write(entry, &self.state).await;
         metrics::histogram!("warden_store_write_seconds", "what" => "store")
             .record(started.elapsed().as_secs_f64());
+        if written.is_err() {
+            metrics::counter!("warden_durable_write_failures_total", "what" => "store")
+                .increment(1);
+        }
         written
     }
 

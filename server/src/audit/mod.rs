@@ -721,6 +721,8 @@ impl AuditLog {
             .write_all(out.as_bytes())
             .and_then(|()| head.file.sync_data());
         if let Err(e) = written {
+            metrics::counter!("warden_durable_write_failures_total", "what" => "audit")
+                .increment(1);
             // A full disk writes part of a record. Left there, it would be
             // an unreadable line in the middle of the chain (and the next
             // record would be glued to it): cut it off again.
