@@ -26,9 +26,11 @@
 
 pub mod chain;
 pub mod denials;
+mod files;
+mod pages;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +40,10 @@ use tokio::sync::mpsc;
 
 pub use chain::{Broken, ChainKey, GENESIS, Intact, Record, Verifier, record_hash};
 pub use denials::Subject;
+pub use files::chain_files;
+pub use pages::{Direction, PAGE_SCAN_LINES, PageError, Position};
+
+use files::{cut_torn_tail, for_each_record, for_each_record_in, last_record, rotated_first_seq};
 
 use crate::crypto::MasterKey;
 use crate::private_file::open_append;
@@ -148,93 +154,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// The rotated files of `dir`, oldest first, then the active one if present.
-pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(seq) = name
-            .strip_prefix("audit.")
-            .and_then(|rest| rest.strip_suffix(".log"))
-            .and_then(|digits| digits.parse::<u64>().ok())
-        {
-            rotated.push((seq, path));
-        }
-    }
-    rotated.sort();
-    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
-    let active = dir.join(ACTIVE);
-    if active.exists() {
-        files.push(active);
-    }
-    Ok(files)
-}
-
-#[cfg(test)]
-fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
-    BufReader::new(File::open(path)?).lines().collect()
-}
-
-/// Each line of `path` as a record (or why it is not one), with its
-/// 1-based number, until `f` says stop. One line in memory at a time,
-/// however large the file.
-fn for_each_record(
-    path: &Path,
-    f: impl FnMut(usize, Result<Record, String>) -> bool,
-) -> Result<(), AuditError> {
-    let mut file = File::open(path).map_err(io(path))?;
-    let len = file.metadata().map_err(io(path))?.len();
-    for_each_record_in(&mut file, len, f).map_err(io(path))
-}
-
-/// [`for_each_record`] over the first `len` bytes of an open file.
-fn for_each_record_in(
-    file: &mut File,
-    len: u64,
-    mut f: impl FnMut(usize, Result<Record, String>) -> bool,
-) -> std::io::Result<()> {
-    let mut number = 0;
-    read_forward(file, 0, len, |_, _, line| {
-        number += 1;
-        f(
-            number,
-            serde_json::from_slice::<Record>(line).map_err(|e| e.to_string()),
-        )
-    })
-}
-
-/// At most this much of a partial record is kept to be hashed for the
-/// record that says it was cut (a torn write is at most one batch).
-const TORN_TAIL_READ: u64 = 1 << 20;
-
-/// Cuts off what follows the last newline of `path`: the part of a record
-/// that a write which never completed (a crash, a full disk) left behind.
-/// Left there, the next record would be glued to it, and the chain would
-/// read as broken for good at a line nobody tampered with. Records are
-/// acknowledged only once fsynced, so no acknowledged record is cut.
-/// Returns how many bytes were cut and the first [`TORN_TAIL_READ`] of
-/// them, if any were.
-fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let len = file.metadata()?.len();
-    let whole = line_start(&mut file, len)?;
-    if whole == len {
-        return Ok(None);
-    }
-    let mut cut = Vec::new();
-    file.seek(SeekFrom::Start(whole))?;
-    (&mut file).take(TORN_TAIL_READ).read_to_end(&mut cut)?;
-    file.set_len(whole)?;
-    file.sync_all()?;
-    Ok(Some((len - whole, cut)))
 }
 
 /// Reads (or, the first time, makes) the sealed chain key of `dir`.
@@ -427,178 +346,6 @@ fn holds_keyed_records(dir: &Path) -> Result<bool, AuditError> {
         }
     }
     Ok(false)
-}
-
-/// The last line of a file whose lines all end in a newline (a rotated
-/// one), as a record: `None` if empty or not a record.
-fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(None);
-    }
-    let start = line_start(&mut file, len - 1)?;
-    let mut line = vec![0; (len - 1 - start) as usize];
-    file.seek(SeekFrom::Start(start))?;
-    file.read_exact(&mut line)?;
-    Ok(serde_json::from_slice(&line).ok())
-}
-
-/// Where the line that `end` falls in (or ends at) begins: just after the
-/// last newline before `end`, or 0. Read backwards a block at a time.
-fn line_start(file: &mut File, end: u64) -> std::io::Result<u64> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut end = end;
-    while end > 0 {
-        let start = end.saturating_sub(64 * 1024);
-        let mut block = vec![0; (end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut block)?;
-        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
-            return Ok(start + i as u64 + 1);
-        }
-        end = start;
-    }
-    Ok(0)
-}
-
-/// Lines a page of [`AuditLog::page`] reads at most, returned or passed
-/// over by its filter: a page of a rare key's records in a large log
-/// comes back short, with where to go on, rather than holding the reader
-/// for the whole log.
-pub const PAGE_SCAN_LINES: usize = 100_000;
-
-/// Which end of the log a page starts from and moves away from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Oldest,
-    Newest,
-}
-
-/// Where a page of the log begins: a byte offset in the file whose first
-/// record has sequence number `file` (for a page of the newest records,
-/// where the next line back ends). Rotated files never change and the
-/// active one only grows, and keeps its first sequence number when it is
-/// rotated, so a position stays good while the log grows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Position {
-    pub file: u64,
-    pub offset: u64,
-}
-
-/// Why a page could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum PageError {
-    #[error("the audit file this position points into is gone (archived?)")]
-    Gone,
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// The first sequence number a file of the chain is named after, or
-/// `None` for the active file.
-fn rotated_first_seq(path: &Path) -> Option<u64> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix("audit.")?
-        .strip_suffix(".log")?
-        .parse()
-        .ok()
-}
-
-/// Of a line that is not a record, at most this much is shown: whatever
-/// was written into the file, a page must still fit in an answer.
-const UNREADABLE_SHOWN: usize = 1024;
-
-/// A line of the log as a record, or as what it is when it is not one.
-fn parse_line(line: &[u8]) -> Record {
-    serde_json::from_slice::<Record>(line).unwrap_or_else(|_| {
-        let mut detail =
-            String::from_utf8_lossy(&line[..line.len().min(UNREADABLE_SHOWN)]).into_owned();
-        if line.len() > UNREADABLE_SHOWN {
-            detail.push_str(&format!("… ({} bytes in all)", line.len()));
-        }
-        Record {
-            seq: 0,
-            time_ms: 0,
-            actor: String::new(),
-            action: "unreadable".into(),
-            key_id: String::new(),
-            detail,
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
-    })
-}
-
-/// The lines of `file` from `start` up to `end`, in order, each with
-/// where it begins and ends, until `f` says stop. A last line without its
-/// newline is given as it is.
-fn read_forward(
-    file: &mut File,
-    start: u64,
-    end: u64,
-    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
-) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::Start(start))?;
-    let mut reader = BufReader::new(file.take(end - start));
-    let (mut at, mut line) = (start, Vec::new());
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        if !f(at, at + n as u64, text) {
-            return Ok(());
-        }
-        at += n as u64;
-    }
-}
-
-/// The lines of `file` that end at or before `end`, newest first, each
-/// with where it begins and ends, until `f` says stop. Read backwards a
-/// block at a time.
-fn read_backward(
-    file: &mut File,
-    end: u64,
-    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
-) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    const BLOCK: u64 = 64 * 1024;
-    // `buf` holds the file's bytes from `buf_start` to `line_end`, where
-    // the next line back ends.
-    let (mut buf, mut buf_start, mut line_end) = (Vec::new(), end, end);
-    while line_end > 0 {
-        let start = loop {
-            // The newline before the line, not the one that ends it.
-            let before_last = buf.len().saturating_sub(1);
-            if let Some(i) = buf[..before_last].iter().rposition(|&b| b == b'\n') {
-                break buf_start + i as u64 + 1;
-            }
-            if buf_start == 0 {
-                break 0;
-            }
-            let from = buf_start.saturating_sub(BLOCK);
-            let mut block = vec![0; (buf_start - from) as usize];
-            file.seek(SeekFrom::Start(from))?;
-            file.read_exact(&mut block)?;
-            block.extend_from_slice(&buf);
-            buf = block;
-            buf_start = from;
-        };
-        let at = (start - buf_start) as usize;
-        let line = &buf[at..];
-        if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(line)) {
-            return Ok(());
-        }
-        buf.truncate(at);
-        line_end = start;
-    }
-    Ok(())
 }
 
 impl AuditLog {
@@ -887,124 +634,9 @@ impl AuditLog {
         let _head = self.head.lock();
         let mut lines = Vec::new();
         for path in chain_files(&self.dir)? {
-            lines.extend(read_lines(&path)?);
+            lines.extend(files::read_lines(&path)?);
         }
         Ok(lines)
-    }
-
-    /// One page of records that pass `filter`, read from `from` (or from
-    /// the oldest record, or the newest, by `direction`), and where the
-    /// next page begins when there may be more. A page reads only what it
-    /// returns and what it passes over, and at most [`PAGE_SCAN_LINES`]
-    /// lines: then it returns what it found and where to go on, however
-    /// large the log. Writers are held up only while the active file is
-    /// looked up. Lines that are not records come back as
-    /// `action = "unreadable"` with the line as `detail`, so that reading
-    /// through the API shows what is on disk.
-    pub fn page(
-        &self,
-        from: Option<Position>,
-        direction: Direction,
-        size: usize,
-        filter: impl Fn(&Record) -> bool,
-    ) -> Result<(Vec<Record>, Option<Position>), PageError> {
-        self.page_scanning(from, direction, size, PAGE_SCAN_LINES, filter)
-    }
-
-    fn page_scanning(
-        &self,
-        from: Option<Position>,
-        direction: Direction,
-        size: usize,
-        max_scan: usize,
-        filter: impl Fn(&Record) -> bool,
-    ) -> Result<(Vec<Record>, Option<Position>), PageError> {
-        // (first seq, file, bytes to read): rotated files, then the active
-        // one up to its length under the lock (whole records, never a
-        // write under way). Listed under the lock: a rotation meanwhile
-        // would leave its file out.
-        // Rotated files are opened when read.
-        let mut files: Vec<(u64, PathBuf, Option<File>, u64)> = Vec::new();
-        {
-            let head = self.head.lock();
-            for path in chain_files(&self.dir)? {
-                if let Some(first) = rotated_first_seq(&path) {
-                    let len = std::fs::metadata(&path)?.len();
-                    files.push((first, path, None, len));
-                }
-            }
-            let active = File::open(&self.path)?;
-            let len = active.metadata()?.len();
-            files.push((head.first_seq, self.path.clone(), Some(active), len));
-        }
-        let mut index = match from {
-            Some(p) => files
-                .iter()
-                .position(|(first, ..)| *first == p.file)
-                .ok_or(PageError::Gone)?,
-            None if direction == Direction::Oldest => 0,
-            None => files.len() - 1,
-        };
-        let mut offset = match from {
-            Some(p) => p.offset,
-            None if direction == Direction::Oldest => 0,
-            None => files[index].3,
-        };
-        let mut records = Vec::new();
-        let mut scanned = 0;
-        loop {
-            let (first, path, file, len) = &mut files[index];
-            let file = match file {
-                Some(file) => file,
-                None => file.insert(File::open(&*path).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => PageError::Gone,
-                    _ => PageError::Io(e),
-                })?),
-            };
-            let mut next = None;
-            // Each line, with where it begins and ends: taken, or the page
-            // ends before it, where the next page begins.
-            let take = |start: u64, end: u64, line: &[u8]| {
-                if records.len() == size || scanned == max_scan {
-                    next = Some(match direction {
-                        Direction::Oldest => start,
-                        Direction::Newest => end,
-                    });
-                    return false;
-                }
-                scanned += 1;
-                let record = parse_line(line);
-                if filter(&record) {
-                    records.push(record);
-                }
-                true
-            };
-            match direction {
-                Direction::Oldest => read_forward(file, offset.min(*len), *len, take)?,
-                Direction::Newest => read_backward(file, offset.min(*len), take)?,
-            }
-            if let Some(offset) = next {
-                let first = *first;
-                return Ok((
-                    records,
-                    Some(Position {
-                        file: first,
-                        offset,
-                    }),
-                ));
-            }
-            match direction {
-                Direction::Oldest if index + 1 < files.len() => {
-                    index += 1;
-                    offset = 0;
-                }
-                Direction::Newest if index > 0 => {
-                    index -= 1;
-                    offset = files[index].3;
-                }
-                _ => return Ok((records, None)),
-            }
-        }
     }
 
     /// Verifies the whole chain, every file, from the first record. What
@@ -1043,7 +675,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn event(n: u32) -> Event {
+    pub(super) fn event(n: u32) -> Event {
         Event {
             actor: "spiffe://t/admin".into(),
             action: "key.create",
@@ -1052,16 +684,21 @@ mod tests {
         }
     }
 
-    fn master() -> MasterKey {
+    pub(super) fn master() -> MasterKey {
         MasterKey::from_hex(&MasterKey::generate_hex()).unwrap()
     }
 
-    fn open(dir: &Path, master: &MasterKey) -> AuditLog {
+    pub(super) fn open(dir: &Path, master: &MasterKey) -> AuditLog {
         AuditLog::open(dir, master, AuditSettings::default()).unwrap()
     }
 
     /// A log rotated past `max_file_bytes`, holding `events(0..records)`.
-    fn rotating(dir: &Path, master: &MasterKey, max_file_bytes: u64, records: u32) -> AuditLog {
+    pub(super) fn rotating(
+        dir: &Path,
+        master: &MasterKey,
+        max_file_bytes: u64,
+        records: u32,
+    ) -> AuditLog {
         let settings = AuditSettings {
             max_file_bytes,
             ..AuditSettings::default()
@@ -1358,7 +995,7 @@ mod tests {
         let files = chain_files(dir.path()).unwrap();
         let key = chain_key(dir.path(), &m).unwrap();
         let head = scan_head(dir.path(), &key).unwrap();
-        let active = read_lines(&dir.path().join(ACTIVE)).unwrap().len() as u64;
+        let active = files::read_lines(&dir.path().join(ACTIVE)).unwrap().len() as u64;
         assert!(active > 0);
         assert_eq!(head.verified.unwrap().records, active);
         assert_eq!(head.last.unwrap().seq, 41);
@@ -1380,117 +1017,6 @@ mod tests {
         std::fs::write(newest, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
         let broken = scan_head(dir.path(), &key).unwrap().verified.unwrap_err();
         assert!(broken.why.contains("sequence"), "{broken}");
-    }
-
-    /// Every page of a log, following the tokens, as sequence numbers.
-    fn pages(
-        log: &AuditLog,
-        direction: Direction,
-        size: usize,
-        max_scan: usize,
-        filter: impl Fn(&Record) -> bool + Copy,
-    ) -> (Vec<Vec<u64>>, usize) {
-        let (mut pages, mut from, mut empty) = (Vec::new(), None, 0);
-        loop {
-            let (records, next) = log
-                .page_scanning(from, direction, size, max_scan, filter)
-                .unwrap();
-            assert!(records.len() <= size);
-            if records.is_empty() {
-                empty += 1;
-            }
-            pages.push(records.iter().map(|r| r.seq).collect());
-            match next {
-                Some(p) => from = Some(p),
-                None => return (pages, empty),
-            }
-        }
-    }
-
-    /// Pages read every record exactly once, in order, oldest or newest
-    /// first, across rotated files and the active one, with a filter, and
-    /// with a cap on the lines one page reads (pages of a rare key come
-    /// back short or empty, each with where to go on).
-    #[test]
-    fn pages_read_every_record_once_in_order_either_way_across_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = master();
-        let log = rotating(dir.path(), &m, 3000, 100);
-        assert!(chain_files(dir.path()).unwrap().len() > 5);
-        let all: Vec<u64> = (1..=100).collect();
-        let every_7th =
-            |r: &Record| r.key_id.trim_start_matches('k').parse::<u64>().unwrap() % 7 == 0;
-        let sevenths: Vec<u64> = all.iter().copied().filter(|s| (s - 1) % 7 == 0).collect();
-        for (size, max_scan) in [(1, 1000), (7, 1000), (1000, 1000), (3, 5)] {
-            let (oldest, _) = pages(&log, Direction::Oldest, size, max_scan, |_| true);
-            assert_eq!(oldest.concat(), all, "{size} {max_scan}");
-            let (newest, _) = pages(&log, Direction::Newest, size, max_scan, |_| true);
-            let mut newest = newest.concat();
-            newest.reverse();
-            assert_eq!(newest, all, "{size} {max_scan}");
-            let (filtered, empty) = pages(&log, Direction::Oldest, size, max_scan, every_7th);
-            assert_eq!(filtered.concat(), sevenths, "{size} {max_scan}");
-            if max_scan == 5 {
-                assert!(empty > 0, "pages that found nothing in their 5 lines");
-                assert!(filtered.len() >= 100 / 5);
-            }
-            let (filtered, _) = pages(&log, Direction::Newest, size, max_scan, every_7th);
-            let mut filtered = filtered.concat();
-            filtered.reverse();
-            assert_eq!(filtered, sevenths, "{size} {max_scan}");
-        }
-    }
-
-    /// A line that is not a record comes back as "unreadable", shown up
-    /// to 1 KiB however long it is: a page still fits in an answer.
-    #[test]
-    fn an_unreadable_line_is_shown_cut_to_a_kilobyte() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = master();
-        let log = open(dir.path(), &m);
-        log.append_durable(&[event(1)]).unwrap();
-        drop(log);
-        let path = dir.path().join(ACTIVE);
-        let mut text = std::fs::read(&path).unwrap();
-        text.extend_from_slice(&[b'x'; 5000]);
-        text.push(b'\n');
-        std::fs::write(&path, text).unwrap();
-        // Opened after the garbage went in, the log reads up to its end.
-        let log = open(dir.path(), &m);
-        let (records, _) = log.page(None, Direction::Oldest, 10, |_| true).unwrap();
-        assert_eq!(records.len(), 2);
-        assert_eq!(records[1].action, "unreadable");
-        assert!(records[1].detail.starts_with(&"x".repeat(1024)));
-        assert!(
-            records[1].detail.ends_with("… (5000 bytes in all)"),
-            "{}",
-            &records[1].detail[1000..]
-        );
-    }
-
-    /// A position in the active file stays good when that file is rotated
-    /// meanwhile; one into a file that is gone says so.
-    #[test]
-    fn a_position_survives_rotation_and_a_removed_file_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = master();
-        let log = rotating(dir.path(), &m, 3000, 2);
-        let (first, next) = log.page(None, Direction::Oldest, 1, |_| true).unwrap();
-        assert_eq!(first[0].seq, 1);
-        for i in 2..40 {
-            log.append_durable(&[event(i)]).unwrap();
-        }
-        assert!(chain_files(dir.path()).unwrap().len() > 3);
-        let (rest, _) = log.page(next, Direction::Oldest, 1000, |_| true).unwrap();
-        let seqs: Vec<u64> = rest.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, (2..=40).collect::<Vec<u64>>());
-
-        let (_, next) = log.page(None, Direction::Oldest, 1, |_| true).unwrap();
-        std::fs::remove_file(&chain_files(dir.path()).unwrap()[0]).unwrap();
-        assert!(matches!(
-            log.page(next, Direction::Oldest, 1, |_| true),
-            Err(PageError::Gone)
-        ));
     }
 
     /// The outside attack's finding: replacing audit.log (copy + rename)

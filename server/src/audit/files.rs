@@ -1,0 +1,205 @@
+//! The chain's files on disk: which there are, in order, and their lines
+//! read forwards or backwards one at a time, so that nothing here holds
+//! more of a file in memory than a line, however long the log has grown.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use super::{ACTIVE, AuditError, Record, io};
+
+/// The rotated files of `dir`, oldest first, then the active one if present.
+pub fn chain_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if let Some(seq) = rotated_first_seq(&path) {
+            rotated.push((seq, path));
+        }
+    }
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let active = dir.join(ACTIVE);
+    if active.exists() {
+        files.push(active);
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+pub(super) fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
+    BufReader::new(File::open(path)?).lines().collect()
+}
+
+/// Each line of `path` as a record (or why it is not one), with its
+/// 1-based number, until `f` says stop. One line in memory at a time,
+/// however large the file.
+pub(super) fn for_each_record(
+    path: &Path,
+    f: impl FnMut(usize, Result<Record, String>) -> bool,
+) -> Result<(), AuditError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    for_each_record_in(&mut file, len, f).map_err(io(path))
+}
+
+/// [`for_each_record`] over the first `len` bytes of an open file.
+pub(super) fn for_each_record_in(
+    file: &mut File,
+    len: u64,
+    mut f: impl FnMut(usize, Result<Record, String>) -> bool,
+) -> std::io::Result<()> {
+    let mut number = 0;
+    read_forward(file, 0, len, |_, _, line| {
+        number += 1;
+        f(
+            number,
+            serde_json::from_slice::<Record>(line).map_err(|e| e.to_string()),
+        )
+    })
+}
+
+/// At most this much of a partial record is kept to be hashed for the
+/// record that says it was cut (a torn write is at most one batch).
+const TORN_TAIL_READ: u64 = 1 << 20;
+
+/// Cuts off what follows the last newline of `path`: the part of a record
+/// that a write which never completed (a crash, a full disk) left behind.
+/// Left there, the next record would be glued to it, and the chain would
+/// read as broken for good at a line nobody tampered with. Records are
+/// acknowledged only once fsynced, so no acknowledged record is cut.
+/// Returns how many bytes were cut and the first [`TORN_TAIL_READ`] of
+/// them, if any were.
+pub(super) fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let whole = line_start(&mut file, len)?;
+    if whole == len {
+        return Ok(None);
+    }
+    let mut cut = Vec::new();
+    file.seek(SeekFrom::Start(whole))?;
+    (&mut file).take(TORN_TAIL_READ).read_to_end(&mut cut)?;
+    file.set_len(whole)?;
+    file.sync_all()?;
+    Ok(Some((len - whole, cut)))
+}
+
+/// The last line of a file whose lines all end in a newline (a rotated
+/// one), as a record: `None` if empty or not a record.
+pub(super) fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = line_start(&mut file, len - 1)?;
+    let mut line = vec![0; (len - 1 - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    Ok(serde_json::from_slice(&line).ok())
+}
+
+/// Where the line that `end` falls in (or ends at) begins: just after the
+/// last newline before `end`, or 0. Read backwards a block at a time.
+fn line_start(file: &mut File, end: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut end = end;
+    while end > 0 {
+        let start = end.saturating_sub(64 * 1024);
+        let mut block = vec![0; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// The first sequence number a file of the chain is named after, or
+/// `None` for the active file.
+pub(super) fn rotated_first_seq(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("audit.")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+/// The lines of `file` from `start` up to `end`, in order, each with
+/// where it begins and ends, until `f` says stop. A last line without its
+/// newline is given as it is.
+pub(super) fn read_forward(
+    file: &mut File,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::new(file.take(end - start));
+    let (mut at, mut line) = (start, Vec::new());
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if !f(at, at + n as u64, text) {
+            return Ok(());
+        }
+        at += n as u64;
+    }
+}
+
+/// The lines of `file` that end at or before `end`, newest first, each
+/// with where it begins and ends, until `f` says stop. Read backwards a
+/// block at a time.
+pub(super) fn read_backward(
+    file: &mut File,
+    end: u64,
+    mut f: impl FnMut(u64, u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 * 1024;
+    // `buf` holds the file's bytes from `buf_start` to `line_end`, where
+    // the next line back ends.
+    let (mut buf, mut buf_start, mut line_end) = (Vec::new(), end, end);
+    while line_end > 0 {
+        let start = loop {
+            // The newline before the line, not the one that ends it.
+            let before_last = buf.len().saturating_sub(1);
+            if let Some(i) = buf[..before_last].iter().rposition(|&b| b == b'\n') {
+                break buf_start + i as u64 + 1;
+            }
+            if buf_start == 0 {
+                break 0;
+            }
+            let from = buf_start.saturating_sub(BLOCK);
+            let mut block = vec![0; (buf_start - from) as usize];
+            file.seek(SeekFrom::Start(from))?;
+            file.read_exact(&mut block)?;
+            block.extend_from_slice(&buf);
+            buf = block;
+            buf_start = from;
+        };
+        let at = (start - buf_start) as usize;
+        let line = &buf[at..];
+        if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(line)) {
+            return Ok(());
+        }
+        buf.truncate(at);
+        line_end = start;
+    }
+    Ok(())
+}
