@@ -93,17 +93,29 @@ pub(super) fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>
 /// The last line of a file whose lines all end in a newline (a rotated
 /// one), as a record: `None` if empty or not a record.
 pub(super) fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     if len == 0 {
         return Ok(None);
     }
     let start = line_start(&mut file, len - 1)?;
-    let mut line = vec![0; (len - 1 - start) as usize];
-    file.seek(SeekFrom::Start(start))?;
-    file.read_exact(&mut line)?;
+    let line = read_at_most(&mut file, start, len - 1)?;
     Ok(serde_json::from_slice(&line).ok())
+}
+
+/// Of a line, at most this much is held: far more than any record warden
+/// writes, so only a file written by someone else has longer ones, and
+/// those are not records either way.
+const MAX_LINE: usize = 1 << 20;
+
+/// The bytes of `file` from `start` to `end`, or the first [`MAX_LINE`]
+/// of them.
+fn read_at_most(file: &mut File, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = vec![0; (end - start).min(MAX_LINE as u64) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Where the line that `end` falls in (or ends at) begins: just after the
@@ -137,7 +149,8 @@ pub(super) fn rotated_first_seq(path: &Path) -> Option<u64> {
 
 /// The lines of `file` from `start` up to `end`, in order, each with
 /// where it begins and ends, until `f` says stop. A last line without its
-/// newline is given as it is.
+/// newline is given as it is; a line longer than [`MAX_LINE`] is given
+/// cut to that, without holding the rest.
 pub(super) fn read_forward(
     file: &mut File,
     start: u64,
@@ -150,21 +163,39 @@ pub(super) fn read_forward(
     let (mut at, mut line) = (start, Vec::new());
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
+        let mut n = 0;
+        loop {
+            let buffered = reader.fill_buf()?;
+            if buffered.is_empty() {
+                break;
+            }
+            let (used, ended) = match buffered.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buffered.len(), false),
+            };
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&buffered[..used.min(room)]);
+            reader.consume(used);
+            n += used as u64;
+            if ended {
+                break;
+            }
+        }
         if n == 0 {
             return Ok(());
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        if !f(at, at + n as u64, text) {
+        if !f(at, at + n, text) {
             return Ok(());
         }
-        at += n as u64;
+        at += n;
     }
 }
 
 /// The lines of `file` that end at or before `end`, newest first, each
 /// with where it begins and ends, until `f` says stop. Read backwards a
-/// block at a time.
+/// block at a time; a line longer than [`MAX_LINE`] is given cut to its
+/// first [`MAX_LINE`] bytes, found without holding the rest.
 pub(super) fn read_backward(
     file: &mut File,
     end: u64,
@@ -185,6 +216,9 @@ pub(super) fn read_backward(
             if buf_start == 0 {
                 break 0;
             }
+            if buf.len() > MAX_LINE {
+                break line_start(file, line_end - 1)?;
+            }
             let from = buf_start.saturating_sub(BLOCK);
             let mut block = vec![0; (buf_start - from) as usize];
             file.seek(SeekFrom::Start(from))?;
@@ -193,13 +227,79 @@ pub(super) fn read_backward(
             buf = block;
             buf_start = from;
         };
-        let at = (start - buf_start) as usize;
-        let line = &buf[at..];
-        if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(line)) {
-            return Ok(());
+        if start < buf_start {
+            // A line too long to hold.
+            let line = read_at_most(file, start, line_end)?;
+            if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(&line)) {
+                return Ok(());
+            }
+            (buf, buf_start) = (Vec::new(), start);
+        } else {
+            let at = (start - buf_start) as usize;
+            let line = &buf[at..];
+            if !f(start, line_end, line.strip_suffix(b"\n").unwrap_or(line)) {
+                return Ok(());
+            }
+            buf.truncate(at);
         }
-        buf.truncate(at);
         line_end = start;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forwards and backwards give the same lines at the same places,
+    /// whatever their lengths: empty ones, lines across the backward
+    /// reader's blocks, one longer than `MAX_LINE` (given cut), and a last
+    /// line without its newline.
+    #[test]
+    fn lines_read_forwards_and_backwards_agree_and_long_ones_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines");
+        let long = vec![b'y'; 3 * MAX_LINE + 7];
+        let mut lines: Vec<Vec<u8>> = vec![b"first".to_vec(), Vec::new(), vec![b'x'; 70_000]];
+        lines.push(long.clone());
+        lines.extend((0..50).map(|i| format!("line {i}").into_bytes()));
+        lines.push(b"no newline at the end".to_vec());
+        let bytes = lines.join(&b'\n');
+        std::fs::write(&path, &bytes).unwrap();
+        let len = bytes.len() as u64;
+
+        let mut file = File::open(&path).unwrap();
+        let mut forward = Vec::new();
+        read_forward(&mut file, 0, len, |start, end, line| {
+            forward.push((start, end, line.to_vec()));
+            true
+        })
+        .unwrap();
+        let mut backward = Vec::new();
+        read_backward(&mut file, len, |start, end, line| {
+            backward.push((start, end, line.to_vec()));
+            true
+        })
+        .unwrap();
+        backward.reverse();
+        assert_eq!(forward.len(), lines.len());
+        assert_eq!(forward, backward);
+        let mut at = 0;
+        for ((start, end, line), whole) in forward.iter().zip(&lines) {
+            assert_eq!(*start, at);
+            let shown = &whole[..whole.len().min(MAX_LINE)];
+            assert_eq!(line.as_slice(), shown);
+            at = *end;
+        }
+        assert_eq!(at, len);
+
+        // Stopping, either way, stops.
+        let mut seen = 0;
+        read_backward(&mut file, len, |_, _, _| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+        assert_eq!(seen, 3);
+    }
 }
