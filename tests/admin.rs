@@ -338,6 +338,29 @@ async fn a_disk_that_fills_up_fails_changes_whole_and_breaks_neither_the_journal
     for (id, secret) in &acknowledged {
         assert_eq!(check(&full, signed(id, secret)).await, Reason::Ok, "{id}");
     }
+
+    // Room again: changes go through on the same process, no restart,
+    // onto whole records.
+    full.lift_file_size_limit();
+    let after = admin
+        .create_key(CreateKeyRequest {
+            key_id: "after-room".into(),
+            owner: "full".into(),
+            policies: vec!["demo".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("a change once there is room")
+        .into_inner()
+        .secret;
+    assert_eq!(check(&full, signed("after-room", &after)).await, Reason::Ok);
+    acknowledged.push(("after-room".into(), after));
+    let out = cli(&full, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     full.kill();
 
     for path in [&journal, &audit] {

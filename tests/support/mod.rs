@@ -77,13 +77,15 @@ impl Server {
     /// `warden serve --dev` reusing `dir`, under a file-size limit of
     /// about `bytes` (rounded up to the shell's blocks): a write past it
     /// fails partway, as on a full disk. SIGXFSZ is ignored, as a service
-    /// manager's limit leaves the process to see the failed write.
+    /// manager's limit leaves the process to see the failed write. The
+    /// limit is the soft one, so [`Self::lift_file_size_limit`] can make
+    /// room again without privileges.
     pub fn dev_in_with_file_size_limit(dir: &Path, bytes: u64) -> Self {
         let mut command = Command::new("sh");
         command.args([
             "-c",
             &format!(
-                "trap '' XFSZ && ulimit -f {} && exec \"$0\" \"$@\"",
+                "trap '' XFSZ && ulimit -S -f {} && exec \"$0\" \"$@\"",
                 bytes.div_ceil(512)
             ),
             BIN,
@@ -233,6 +235,25 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Lifts the file-size limit of a server started under one: the
+    /// disk has room again, and the process goes on as it is.
+    pub fn lift_file_size_limit(&self) {
+        let pid = self.child.as_ref().expect("server is running").id();
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import resource, sys; resource.prlimit(int(sys.argv[1]), resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))",
+                &pid.to_string(),
+            ])
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// SIGKILL: no chance to clean up, as in a crash.
