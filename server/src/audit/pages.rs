@@ -73,8 +73,8 @@ impl AuditLog {
     /// lines: then it returns what it found and where to go on, however
     /// large the log. Writers are held up only while the active file is
     /// looked up. Lines that are not records come back as
-    /// `action = "unreadable"` with the line as `detail`, so that reading
-    /// through the API shows what is on disk.
+    /// `action = "unreadable"` with the line (its first KiB) as `detail`,
+    /// so that reading through the API shows what is on disk.
     pub fn page(
         &self,
         from: Option<Position>,
@@ -93,11 +93,10 @@ impl AuditLog {
         max_scan: usize,
         filter: impl Fn(&Record) -> bool,
     ) -> Result<(Vec<Record>, Option<Position>), PageError> {
-        // (first seq, file, bytes to read): rotated files, then the active
-        // one up to its length under the lock (whole records, never a
-        // write under way). Listed under the lock: a rotation meanwhile
-        // would leave its file out.
-        // Rotated files are opened when read.
+        // (first seq, path, the file once open, bytes to read): rotated
+        // files, opened when read, then the active one, up to its length
+        // under the lock (whole records, never a write under way). Listed
+        // under the lock: a rotation meanwhile would leave its file out.
         let mut files: Vec<(u64, PathBuf, Option<File>, u64)> = Vec::new();
         {
             let head = self.head.lock();
