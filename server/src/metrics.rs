@@ -86,6 +86,10 @@ fn describe() {
         "warden_durable_write_failures_total",
         "Writes to the key store or the audit log that failed (a full disk?): the admin change was refused, or background audit records lost."
     );
+    describe_gauge!(
+        "warden_clock_held_seconds",
+        "How far the system clock is behind the time warden holds (it never goes back): zero unless the system clock stepped back."
+    );
     describe_gauge!("warden_api_keys", "API keys loaded.");
     describe_histogram!(
         "warden_key_changes_seconds",
@@ -176,6 +180,7 @@ fn zero_counters() {
     for what in ["store", "audit"] {
         counter!("warden_durable_write_failures_total", "what" => what).absolute(0);
     }
+    metrics::gauge!("warden_clock_held_seconds").set(0.0);
     counter!("warden_caller_denied_total").absolute(0);
     counter!("warden_alert_subjects_evicted_total").absolute(0);
 }

@@ -36,7 +36,7 @@ use crate::cluster::{ClusterState, Membership};
 use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::direct_route::Direct;
-use crate::engine::{Clock, StateSeed, SystemClock};
+use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
 use crate::gate::{Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
 use crate::gateway::forward_auth::{ConnListener, Incoming};
@@ -686,6 +686,7 @@ async fn sweep_loop(
     gate: Arc<Gate>,
 ) {
     let mut last_pools = HashMap::new();
+    let mut was_held = false;
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -703,6 +704,17 @@ async fn sweep_loop(
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
         report_pools(&checker, &mut last_pools);
         metrics::gauge!("warden_open_connections").set(gate.open_connections() as f64);
+        let held_back = SystemClock::held_back();
+        metrics::gauge!("warden_clock_held_seconds").set(Duration::from(held_back).as_secs_f64());
+        let is_held = held_back >= Nanos::from_secs(1);
+        if is_held && !was_held {
+            tracing::warn!(
+                event = "clock_held",
+                held_ms = held_back.ceil_millis(),
+                "the system clock went back; warden's clock holds at the latest time it showed until the system clock catches up (README: Lifecycle)"
+            );
+        }
+        was_held = is_held;
         tracing::trace!(?removed, ?held, "swept idle state");
     }
 }

@@ -150,13 +150,23 @@ pub trait Clock: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
+static WALL: ForwardOnly<SystemTimeAsIs> = ForwardOnly {
+    source: SystemTimeAsIs,
+    latest: AtomicU64::new(0),
+};
+
 impl Clock for SystemClock {
     fn now(&self) -> Nanos {
-        static WALL: ForwardOnly<SystemTimeAsIs> = ForwardOnly {
-            source: SystemTimeAsIs,
-            latest: AtomicU64::new(0),
-        };
         WALL.now()
+    }
+}
+
+impl SystemClock {
+    /// How far the system clock is behind the time warden holds (zero
+    /// unless it stepped back): for the operator, who must know why
+    /// requests signed by correct clocks may be refused meanwhile.
+    pub fn held_back() -> Nanos {
+        WALL.held_back()
     }
 }
 
@@ -197,6 +207,12 @@ impl<C: Clock> ForwardOnly<C> {
             source,
             latest: AtomicU64::new(0),
         }
+    }
+
+    /// How far the source is behind the latest moment shown: how long
+    /// time will stand still if nothing else moves it.
+    pub fn held_back(&self) -> Nanos {
+        Nanos(self.latest.load(Ordering::Relaxed)).saturating_sub(self.source.now())
     }
 }
 
@@ -272,12 +288,15 @@ mod tests {
         let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
         let clock = ForwardOnly::new(source.clone());
         assert_eq!(clock.now(), Nanos::from_secs(1_000));
+        assert_eq!(clock.held_back(), Nanos::ZERO);
         source.set(Nanos::from_secs(700));
         assert_eq!(clock.now(), Nanos::from_secs(1_000));
+        assert_eq!(clock.held_back(), Nanos::from_secs(300));
         source.set(Nanos::from_secs(999));
         assert_eq!(clock.now(), Nanos::from_secs(1_000));
         source.set(Nanos::from_secs(1_001));
         assert_eq!(clock.now(), Nanos::from_secs(1_001));
+        assert_eq!(clock.held_back(), Nanos::ZERO);
         source.set(Nanos::from_secs(1_000));
         assert_eq!(clock.now(), Nanos::from_secs(1_001));
     }
