@@ -3,9 +3,70 @@
 //! way: appended to, or replaced whole and atomically.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+/// A file written by appending whole records, each fsynced before it
+/// counts. Why: a write that fails partway (a full disk) leaves part of a
+/// record, and a later record after it would be damage in the middle of
+/// the file (the key store's journal refuses to open; the audit chain
+/// reads as broken). So a failed write is cut back to the last whole
+/// record, and if even that fails, the next write cuts first or fails.
+#[derive(Debug)]
+pub struct Appended {
+    file: File,
+    /// Bytes of whole records.
+    len: u64,
+    /// A failed write left part of a record past `len`, and cutting it off
+    /// failed too.
+    partial: bool,
+}
+
+impl Appended {
+    /// `file`, holding `len` bytes of whole records, open for writing at
+    /// its end.
+    pub fn new(file: File, len: u64) -> Self {
+        Self {
+            file,
+            len,
+            partial: false,
+        }
+    }
+
+    /// Writes and fsyncs `bytes`, whole or not at all.
+    pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.partial {
+            self.cut_back()?;
+            self.partial = false;
+        }
+        let written = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            self.partial = self.cut_back().is_err();
+            return Err(e);
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes of whole records written to (or found in) the file.
+    pub fn whole_bytes(&self) -> u64 {
+        self.len
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.len)?;
+        // A file not opened for appending goes on writing where it was.
+        self.file.seek(SeekFrom::Start(self.len)).map(drop)
+    }
+}
 
 /// Opens `path` for appending, created with mode 0600 (and made 0600 if an
 /// older file was not).

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, Seek, SeekFrom, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, MasterKey};
 use crate::model::{PolicySpec, Secret};
+use crate::private_file::Appended;
 
 pub const JOURNAL: &str = "store.jsonl";
 
@@ -187,16 +188,12 @@ struct Journal {
 /// until the change is in memory, so that a compaction, which rewrites the
 /// journal from memory under the same lock, has every line it replaces.
 struct JournalFile {
-    file: File,
-    /// Bytes and lines of complete records.
-    len: u64,
+    file: Appended,
+    /// Lines of complete records.
     lines: usize,
     /// After a compaction failed: the line count at which to try again (not
     /// at every write, each a rewrite of everything).
     compact_from: usize,
-    /// A failed write left part of a line past `len`, and cutting it off
-    /// failed too: the next write cuts it first, or fails.
-    partial: bool,
 }
 
 /// The shared store: a PostgreSQL database that several processes use,
@@ -248,30 +245,11 @@ impl Journal {
 }
 
 impl JournalFile {
-    /// Writes and fsyncs one line. On failure, what was written of it is
-    /// cut off again: a partial line followed by later ones would be
-    /// damage in the middle of the journal, which refuses to open.
+    /// Writes and fsyncs one line, whole or not at all ([`Appended`]).
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
-        if self.partial {
-            self.cut_back()?;
-            self.partial = false;
-        }
-        let written = self
-            .file
-            .write_all(line)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            self.partial = self.cut_back().is_err();
-            return Err(e);
-        }
-        self.len += line.len() as u64;
+        self.file.append(line)?;
         self.lines += 1;
         Ok(())
-    }
-
-    fn cut_back(&mut self) -> std::io::Result<()> {
-        self.file.set_len(self.len)?;
-        self.file.seek(SeekFrom::Start(self.len)).map(drop)
     }
 
     /// Rewrites the journal from `state`, which holds every line written
@@ -287,11 +265,9 @@ impl JournalFile {
         ) {
             Ok((file, lines, len)) => {
                 *self = Self {
-                    file,
-                    len,
+                    file: Appended::new(file, len),
                     lines,
                     compact_from: 0,
-                    partial: false,
                 };
                 tracing::info!(
                     event = "store_compacted",
@@ -668,21 +644,20 @@ impl Store {
         })?;
         // Cut a torn tail away and make sure the header is there.
         let file = crate::private_file::open_append(&path).map_err(io(&path))?;
+        let len = match torn {
+            Some(len) => {
+                file.set_len(len)
+                    .and_then(|()| file.sync_data())
+                    .map_err(io(&path))?;
+                len
+            }
+            None => file.metadata().map_err(io(&path))?.len(),
+        };
         let mut journal = JournalFile {
-            len: file.metadata().map_err(io(&path))?.len(),
-            file,
+            file: Appended::new(file, len),
             lines,
             compact_from: 0,
-            partial: false,
         };
-        if let Some(len) = torn {
-            journal
-                .file
-                .set_len(len)
-                .and_then(|()| journal.file.sync_data())
-                .map_err(io(&path))?;
-            journal.len = len;
-        }
         let fingerprint = master.fingerprint().to_owned();
         if !has_header {
             let header = Entry::MasterKey {

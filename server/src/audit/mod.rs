@@ -46,7 +46,7 @@ pub use pages::{Direction, PAGE_SCAN_LINES, PageError, Position};
 use files::{cut_torn_tail, for_each_record, for_each_record_in, last_record, rotated_first_seq};
 
 use crate::crypto::MasterKey;
-use crate::private_file::open_append;
+use crate::private_file::{Appended, open_append};
 
 /// The file being written.
 pub const ACTIVE: &str = "audit.log";
@@ -112,17 +112,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
 /// The head of the chain: what the next record links to, and the file it
 /// goes to.
 struct Head {
-    file: File,
+    /// The active file, with the bytes this log has written to (or found
+    /// in) it.
+    file: Appended,
     seq: u64,
     hash: String,
-    /// Bytes this log has written to (or found in) the active file.
-    bytes: u64,
     /// The sequence number of the active file's first record (or of the
     /// next record, while it is empty): it names the file when rotated.
     first_seq: u64,
-    /// A failed write left part of its records past `bytes` and cutting
-    /// them off failed too: the next write cuts them first.
-    partial: bool,
 }
 
 /// The append-only log.
@@ -388,12 +385,10 @@ impl AuditLog {
             ledger: Mutex::new(denials::Ledger::new(settings.max_denial_subjects)),
             settings,
             head: Mutex::new(Head {
-                file,
+                file: Appended::new(file, bytes),
                 seq,
                 hash,
-                bytes,
                 first_seq,
-                partial: false,
             }),
             queue: Mutex::new(None),
         };
@@ -459,27 +454,16 @@ impl AuditLog {
             out.push('\n');
             records.push(r);
         }
-        if head.partial {
-            head.file.set_len(head.bytes)?;
-            head.partial = false;
-        }
-        let written = head
-            .file
-            .write_all(out.as_bytes())
-            .and_then(|()| head.file.sync_data());
-        if let Err(e) = written {
+        // Whole or not at all: part of a record left by a full disk would
+        // be an unreadable line in the middle of the chain.
+        if let Err(e) = head.file.append(out.as_bytes()) {
             metrics::counter!("warden_durable_write_failures_total", "what" => "audit")
                 .increment(1);
-            // A full disk writes part of a record. Left there, it would be
-            // an unreadable line in the middle of the chain (and the next
-            // record would be glued to it): cut it off again.
-            head.partial = head.file.set_len(head.bytes).is_err();
             return Err(e);
         }
         head.seq = seq;
         head.hash = prev;
-        head.bytes += out.len() as u64;
-        if head.bytes >= self.settings.max_file_bytes
+        if head.file.whole_bytes() >= self.settings.max_file_bytes
             && let Err(e) = self.rotate(&mut head)
         {
             // The records are durable: the change they record goes ahead,
@@ -502,11 +486,11 @@ impl AuditLog {
     /// shorter than what it wrote; if not, reports it, reopens the path and
     /// returns the record that says so.
     fn ensure_file(&self, head: &mut Head) -> std::io::Result<Option<Event>> {
-        let open = head.file.metadata()?;
+        let open = head.file.file().metadata()?;
         let what = match std::fs::metadata(&self.path) {
             Err(_) => "removed",
             Ok(d) if (d.dev(), d.ino()) != (open.dev(), open.ino()) => "replaced",
-            Ok(d) if d.len() < head.bytes => "truncated",
+            Ok(d) if d.len() < head.file.whole_bytes() => "truncated",
             Ok(_) => return Ok(None),
         };
         tracing::error!(
@@ -516,8 +500,9 @@ impl AuditLog {
             "the audit log file was changed under the server; reopening it and recording the event"
         );
         metrics::counter!("warden_audit_tampered_total", "what" => what).increment(1);
-        head.file = open_append(&self.path)?;
-        head.bytes = head.file.metadata()?.len();
+        let file = open_append(&self.path)?;
+        let len = file.metadata()?.len();
+        head.file = Appended::new(file, len);
         Ok(Some(Event {
             actor: "warden".into(),
             action: "audit.reopened",
@@ -540,8 +525,7 @@ impl AuditLog {
                 return Err(e);
             }
         };
-        head.file = file;
-        head.bytes = 0;
+        head.file = Appended::new(file, 0);
         head.first_seq = head.seq + 1;
         tracing::info!(event = "audit_rotated", file = %rotated.display(), "audit log rotated");
         File::open(&self.dir)?.sync_all()
