@@ -59,48 +59,46 @@ pub(super) fn for_each_record_in(
     })
 }
 
-/// At most this much of a partial record is kept to be hashed for the
-/// record that says it was cut (a torn write is at most one batch).
-const TORN_TAIL_READ: u64 = 1 << 20;
-
 /// Cuts off what follows the last newline of `path`: the part of a record
 /// that a write which never completed (a crash, a full disk) left behind.
 /// Left there, the next record would be glued to it, and the chain would
 /// read as broken for good at a line nobody tampered with. Records are
 /// acknowledged only once fsynced, so no acknowledged record is cut.
-/// Returns how many bytes were cut and the first [`TORN_TAIL_READ`] of
-/// them, if any were.
+/// Returns how many bytes were cut and the first [`MAX_LINE`] of them, if
+/// any were.
 pub(super) fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
-    let whole = line_start(&mut file, len)?;
-    if whole == len {
+    if len == 0 || read_at_most(&mut file, len - 1, len)? == b"\n" {
         return Ok(None);
     }
-    let mut cut = Vec::new();
-    file.seek(SeekFrom::Start(whole))?;
-    (&mut file).take(TORN_TAIL_READ).read_to_end(&mut cut)?;
+    let mut torn = None;
+    read_backward(&mut file, len, |start, _, line| {
+        torn = Some((start, line.to_vec()));
+        false
+    })?;
+    let Some((whole, cut)) = torn else {
+        return Ok(None);
+    };
     file.set_len(whole)?;
     file.sync_all()?;
     Ok(Some((len - whole, cut)))
 }
 
-/// The last line of a file whose lines all end in a newline (a rotated
-/// one), as a record: `None` if empty or not a record.
+/// The last line of `path` as a record: `None` if empty or not a record.
 pub(super) fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(None);
-    }
-    let start = line_start(&mut file, len - 1)?;
-    let line = read_at_most(&mut file, start, len - 1)?;
-    Ok(serde_json::from_slice(&line).ok())
+    let mut last = None;
+    read_backward(&mut file, len, |_, _, line| {
+        last = serde_json::from_slice(line).ok();
+        false
+    })?;
+    Ok(last)
 }
 
 /// Of a line, at most this much is held: far more than any record warden
