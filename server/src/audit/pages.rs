@@ -31,6 +31,25 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// As a page token says it: `file:offset`.
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, self.offset)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let (file, offset) = text.split_once(':').ok_or(())?;
+        Ok(Self {
+            file: file.parse().map_err(drop)?,
+            offset: offset.parse().map_err(drop)?,
+        })
+    }
+}
+
 /// Why a page could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {
@@ -186,6 +205,18 @@ mod tests {
     use super::*;
     use crate::audit::tests::{event, master, open, rotating};
     use crate::audit::{ACTIVE, chain_files};
+
+    #[test]
+    fn a_position_reads_back_from_its_token_text_and_nothing_else_does() {
+        let p = Position {
+            file: 41,
+            offset: 12_345,
+        };
+        assert_eq!(p.to_string().parse::<Position>(), Ok(p));
+        for junk in ["", "41", "41:", ":5", "41:x", "-1:5", "41:5:6", "17"] {
+            assert_eq!(junk.parse::<Position>(), Err(()), "{junk:?}");
+        }
+    }
 
     /// Every page of a log, following the tokens, as sequence numbers.
     fn pages(

@@ -475,19 +475,12 @@ impl Admin for AdminService {
     ) -> Result<Response<ListAuditResponse>, Status> {
         let audit = self.keys.audit()?.clone();
         let r = request.into_inner();
-        let from = if r.page_token.is_empty() {
+        let from: Option<Position> = if r.page_token.is_empty() {
             None
         } else {
-            let token = from_page_token(&r.page_token)?;
-            let position = token
-                .split_once(':')
-                .and_then(|(file, offset)| Some((file.parse().ok()?, offset.parse().ok()?)));
-            let Some((file, offset)) = position else {
-                return Err(Status::invalid_argument(
-                    "page_token: not a token from a previous response",
-                ));
-            };
-            Some(Position { file, offset })
+            Some(from_page_token(&r.page_token)?.parse().map_err(|()| {
+                Status::invalid_argument("page_token: not a token from a previous response")
+            })?)
         };
         let direction = if r.newest_first {
             Direction::Newest
@@ -529,9 +522,7 @@ impl Admin for AdminService {
                     hash: record.hash,
                 })
                 .collect(),
-            next_page_token: next
-                .map(|p| page_token(&format!("{}:{}", p.file, p.offset)))
-                .unwrap_or_default(),
+            next_page_token: next.map(|p| page_token(&p.to_string())).unwrap_or_default(),
         }))
     }
 }
