@@ -2,7 +2,8 @@
 # What administering keys costs a running warden (about 2 minutes plus the
 # release build): creating keys one at a time through the admin API up to
 # KEYS (rate and latency per batch, which must not grow with the number of
-# keys), then checks at a steady 5,000/s with and without keys being created
+# keys), then how long listing one owner's few keys takes among them, then
+# checks at a steady 5,000/s with and without keys being created
 # beside them (a key change must not stall the checks); and how long a
 # policy change, which rebuilds every key, takes at that size; and the
 # server's memory per key, as created and after a restart. Starts its own
@@ -34,7 +35,7 @@ empty_kib=$(rss_kib)
 echo "   server RSS with no key: $((empty_kib / 1024)) MiB"
 
 echo "== creating $KEYS keys, one at a time"
-"$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY"
+"$bench" keys --dev-dir "$tmp/dev" --count "$KEYS" --every "$EVERY" --time-listing
 echo "   server RSS: $(( $(rss_kib) / 1024 )) MiB, $(( ($(rss_kib) - empty_kib) * 1024 / KEYS )) B per key"
 
 echo "== a policy change: every key is rebuilt (on a blocking thread)"

@@ -32,7 +32,9 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use warden_client::proto::admin_client::AdminClient;
 use warden_client::proto::warden_client::WardenClient;
-use warden_client::proto::{CheckRequest, CreateKeyRequest, KeyKind, PolicyInfo, Reason};
+use warden_client::proto::{
+    CheckRequest, CreateKeyRequest, KeyKind, ListKeysRequest, PolicyInfo, Reason,
+};
 use warden_client::signing::{
     Signer, body_sha256, check_request_from, hmac_sha256, unix_now, warden_v1_string_to_sign,
 };
@@ -78,6 +80,10 @@ struct KeysArgs {
     /// Report after this many.
     #[arg(long, default_value_t = 5_000)]
     every: usize,
+    /// Then create three keys of one more owner and time listing them by
+    /// owner among all the others.
+    #[arg(long)]
+    time_listing: bool,
 }
 
 #[derive(clap::Args)]
@@ -702,6 +708,53 @@ async fn run_keys(args: KeysArgs) -> Result<(), String> {
             );
         }
     }
+    match args.time_listing {
+        true => time_owner_listing(&mut admin).await,
+        false => Ok(()),
+    }
+}
+
+/// How long listing one owner's few keys takes among all the others, as an
+/// administrator's tool pages through a customer's keys: it must not grow
+/// with the number of keys other owners hold.
+async fn time_owner_listing(admin: &mut AdminClient<Channel>) -> Result<(), String> {
+    const OWNER: &str = "warden-bench-listed";
+    for _ in 0..3 {
+        admin
+            .create_key(CreateKeyRequest {
+                owner: OWNER.into(),
+                kind: KeyKind::Hmac as i32,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("creating a key: {}", e.message()))?;
+    }
+    let stats = Stats::new();
+    let mut listed = 0;
+    for _ in 0..200 {
+        let started = Instant::now();
+        let page = admin
+            .list_keys(ListKeysRequest {
+                page_size: 100,
+                owner: OWNER.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("listing keys: {}", e.message()))?
+            .into_inner();
+        stats.record(started.elapsed(), Ok("listed"));
+        listed = page.keys.len();
+    }
+    if listed < 3 {
+        return Err(format!("listed {listed} of {OWNER}'s keys, created 3"));
+    }
+    let hist = stats.hist.lock();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "listing {OWNER}'s {listed} keys (ListKeys by owner, 200 calls): p50 {:.2} ms  p99 {:.2} ms",
+        ms(0.5),
+        ms(0.99)
+    );
     Ok(())
 }
 

@@ -712,6 +712,54 @@ async fn key_listing_pages_are_stable_while_keys_are_created() {
 }
 
 #[tokio::test]
+async fn listing_by_owner_pages_through_that_owners_keys_and_no_others() {
+    let server = Server::dev();
+    // Interleaved in id order with other owners' keys, so a page that
+    // stopped at the wrong key or let another owner's through would show.
+    let mut acme = Vec::new();
+    for i in 0..9 {
+        let owner = if i % 3 == 0 { "acme" } else { "globex" };
+        let id = format!("wk_owner_{i:02}");
+        ok_json(cli(
+            &server,
+            &["keys", "create", "--id", &id, "--owner", owner, "--json"],
+        ));
+        if owner == "acme" {
+            acme.push(id);
+        }
+    }
+    let channel = warden_client::channel(&server.addr, server.tls())
+        .await
+        .unwrap();
+    let mut admin = warden_client::proto::admin_client::AdminClient::new(channel);
+    let mut list = async |owner: &str, page_size| {
+        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let page = admin
+                .list_keys(warden_client::proto::ListKeysRequest {
+                    page_size,
+                    page_token: token,
+                    owner: owner.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            pages += 1;
+            assert!(page.keys.iter().all(|k| k.owner == owner), "{page:?}");
+            seen.extend(page.keys.into_iter().map(|k| k.key_id));
+            if page.next_page_token.is_empty() {
+                return (seen, pages);
+            }
+            token = page.next_page_token;
+        }
+    };
+    assert_eq!(list("acme", 2).await, (acme.clone(), 2));
+    assert_eq!(list("acme", 3).await.0, acme);
+    assert_eq!(list("globex", 100).await.0.len(), 6);
+    assert_eq!(list("nobody", 10).await, (vec![], 1));
+}
+
+#[tokio::test]
 async fn a_caller_without_the_admin_role_is_permission_denied() {
     let dir = ConfigDir::new();
     dir.write_master_key();

@@ -16,7 +16,7 @@
 //! HMAC secrets are sealed with the master key (see `crypto`); bearer API
 //! keys are stored as hashes only. The store never holds a secret in clear.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -130,6 +130,12 @@ enum Entry {
 #[derive(Default)]
 struct State {
     keys: BTreeMap<String, KeyRecord>,
+    /// Every owner's key ids, so that listing one owner's keys reads only
+    /// that owner's: a page of one owner's few keys among 100,000 scanned
+    /// every id under the read lock (2.3-3.5 ms, holding up every admin
+    /// write behind it). An owner is kept once, an id as a `Box<str>`:
+    /// about 70 B per key.
+    by_owner: BTreeMap<String, BTreeSet<Box<str>>>,
     policies: BTreeMap<String, PolicySpec>,
 }
 
@@ -154,10 +160,56 @@ impl State {
             Entry::MasterKey { .. } => {}
             Entry::Key(mut k) => {
                 k.shrink_to_fit();
-                self.keys.insert(k.id.clone(), k);
+                let (id, owner) = (k.id.clone(), k.owner.clone());
+                if let Some(old) = self.keys.insert(k.id.clone(), k)
+                    && old.owner != owner
+                    && let Some(ids) = self.by_owner.get_mut(&old.owner)
+                {
+                    ids.remove(id.as_str());
+                    if ids.is_empty() {
+                        self.by_owner.remove(&old.owner);
+                    }
+                }
+                self.by_owner
+                    .entry(owner)
+                    .or_default()
+                    .insert(id.into_boxed_str());
             }
             Entry::Policy(p) => {
                 self.policies.insert(p.name.clone(), p);
+            }
+        }
+    }
+
+    /// Keys in id order, starting after `after`; with `owner`, only that
+    /// owner's, found through the owner index (a page costs its own size,
+    /// however many keys other owners hold).
+    fn keys_after(&self, after: &str, owner: Option<&str>, limit: usize) -> Vec<KeyRecord> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        match owner {
+            None => {
+                let start = match after.is_empty() {
+                    true => Unbounded,
+                    false => Excluded(after.to_owned()),
+                };
+                self.keys
+                    .range((start, Unbounded))
+                    .map(|(_, k)| k.clone())
+                    .take(limit)
+                    .collect()
+            }
+            Some(owner) => {
+                let Some(ids) = self.by_owner.get(owner) else {
+                    return Vec::new();
+                };
+                let start = match after.is_empty() {
+                    true => Unbounded,
+                    false => Excluded(after),
+                };
+                ids.range::<str, _>((start, Unbounded))
+                    .filter_map(|id| self.keys.get(&**id).cloned())
+                    .take(limit)
+                    .collect()
             }
         }
     }
@@ -725,23 +777,10 @@ impl Store {
         self.state.read().keys.get(id).cloned()
     }
 
-    /// Keys in id order, starting after `after`.
+    /// Keys in id order, starting after `after`; with `owner`, only that
+    /// owner's.
     pub fn keys_after(&self, after: &str, owner: Option<&str>, limit: usize) -> Vec<KeyRecord> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let state = self.state.read();
-        let start = if after.is_empty() {
-            Unbounded
-        } else {
-            Excluded(after.to_owned())
-        };
-        state
-            .keys
-            .range((start, Unbounded))
-            .map(|(_, k)| k)
-            .filter(|k| owner.is_none_or(|o| k.owner == o))
-            .take(limit)
-            .cloned()
-            .collect()
+        self.state.read().keys_after(after, owner, limit)
     }
 
     /// Calls `f` with every key, in id order, until it fails. Under the
@@ -971,6 +1010,78 @@ mod tests {
             }],
             api_key_hash: None,
         }
+    }
+
+    /// A key record with only what listing looks at.
+    fn owned(id: &str, owner: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            owner: owner.into(),
+            scopes: vec![],
+            policies: vec![],
+            routes: vec![],
+            bound_identities: vec![],
+            kind: KeyKind::Hmac,
+            revoked: false,
+            created_at: 1,
+            secrets: vec![],
+            api_key_hash: None,
+        }
+    }
+
+    proptest::proptest! {
+        /// Listing one owner's keys through the index gives exactly what
+        /// filtering every key by owner gives, page by page, however keys
+        /// change hands; and the index keeps no entry for an owner a key
+        /// has left.
+        #[test]
+        fn an_owners_page_is_the_owner_filter_of_all_keys(
+            puts in proptest::collection::vec((0u8..12, 0u8..4), 0..60),
+            after in 0u8..13,
+            limit in 1usize..6,
+        ) {
+            let mut state = State::default();
+            for (id, owner) in &puts {
+                state.apply(Entry::Key(owned(&format!("k{id:02}"), &format!("o{owner}"))));
+            }
+            let indexed: usize = state.by_owner.values().map(|ids| ids.len()).sum();
+            proptest::prop_assert_eq!(indexed, state.keys.len());
+            proptest::prop_assert!(state.by_owner.values().all(|ids| !ids.is_empty()));
+            let after = if after == 12 { String::new() } else { format!("k{after:02}") };
+            for owner in ["o0", "o1", "o2", "o3", "nobody"] {
+                let ids = |keys: Vec<KeyRecord>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+                let expected: Vec<String> = state
+                    .keys
+                    .values()
+                    .filter(|k| k.id > after && k.owner == owner)
+                    .take(limit)
+                    .map(|k| k.id.clone())
+                    .collect();
+                proptest::prop_assert_eq!(ids(state.keys_after(&after, Some(owner), limit)), expected);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_that_changed_owner_is_listed_under_its_new_owner_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hex, m) = master();
+        let store = Store::open_with(dir.path(), m).unwrap();
+        store.put_key(owned("k1", "alice")).await.unwrap();
+        store.put_key(owned("k2", "alice")).await.unwrap();
+        store.put_key(owned("k1", "bob")).await.unwrap();
+        drop(store);
+        let store = Store::open_with(dir.path(), MasterKey::from_hex(&hex).unwrap()).unwrap();
+        let ids = |owner| {
+            store
+                .keys_after("", Some(owner), 10)
+                .into_iter()
+                .map(|k| k.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("alice"), ["k2"]);
+        assert_eq!(ids("bob"), ["k1"]);
+        assert_eq!(store.keys_after("k1", Some("bob"), 10), []);
     }
 
     #[tokio::test]
