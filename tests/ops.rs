@@ -588,3 +588,223 @@ async fn a_flood_of_half_open_connections_starves_nothing() {
     server.wait_for_log("\"event\":\"connection_refused\"");
     drop(flood);
 }
+
+/// An HTTP/2 client that writes frames by hand over mTLS, to send what a
+/// well-behaved client library never would.
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    next_stream: u32,
+}
+
+/// Frame types and flags used below (RFC 9113, section 6).
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const DATA: u8 = 0x0;
+const END_HEADERS: u8 = 0x4;
+/// GOAWAY's error code when a peer misbehaves (RFC 9113, section 7).
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+impl RawH2 {
+    async fn connect(server: &Server) -> Self {
+        use rustls::pki_types::ServerName;
+        use tokio::io::AsyncWriteExt;
+        let read = |name: &str| std::fs::read(server.dir.join(name)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut read("ca.pem").as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let chain = rustls_pemfile::certs(&mut read("client.pem").as_slice())
+            .map(|c| c.unwrap())
+            .collect();
+        let key = rustls_pemfile::private_key(&mut read("client-key.pem").as_slice())
+            .unwrap()
+            .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        // The preface and an empty SETTINGS frame.
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(0x4, 0, 0, &[]));
+        tls.write_all(&hello).await.unwrap();
+        Self {
+            tls,
+            next_stream: 1,
+        }
+    }
+
+    /// The frames that open a new `Check` call (its body never sent),
+    /// followed by `then(stream id)`.
+    fn open_check_then(&mut self, out: &mut Vec<u8>, then: impl Fn(u32) -> Vec<u8>) {
+        let id = self.next_stream;
+        self.next_stream += 2;
+        out.extend(frame(HEADERS, END_HEADERS, id, &check_headers()));
+        out.extend(then(id));
+    }
+
+    /// Writes `frames` in writes of 100, until the server stops reading.
+    async fn send(&mut self, frames: impl Iterator<Item = Vec<u8>>) {
+        use tokio::io::AsyncWriteExt;
+        let mut frames = frames.peekable();
+        while frames.peek().is_some() {
+            let batch: Vec<u8> = frames.by_ref().take(100).flatten().collect();
+            if self.tls.write_all(&batch).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Reads frames until the server's GOAWAY (its error code), the end of
+    /// the connection, or `within`.
+    async fn goaway(&mut self, within: Duration) -> Option<u32> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            loop {
+                let mut head = [0u8; 9];
+                self.tls.read_exact(&mut head).await.ok()?;
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                self.tls.read_exact(&mut payload).await.ok()?;
+                if head[3] == GOAWAY {
+                    return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.ok().flatten()
+    }
+}
+
+/// A `Check` call's header block. HPACK without the dynamic table:
+/// :method POST and :scheme https from the static table, the rest as
+/// literals not indexed.
+fn check_headers() -> Vec<u8> {
+    let mut block = vec![0x83, 0x87];
+    for (name_index, value) in [(0x04, "/warden.v1.Warden/Check"), (0x01, "localhost")] {
+        block.push(name_index);
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    // content-type is static entry 31: 15 in the 4-bit prefix, then 16.
+    block.extend([0x0f, 0x10, 16]);
+    block.extend(b"application/grpc");
+    block.extend([0x00, 2]);
+    block.extend(b"te");
+    block.push(8);
+    block.extend(b"trailers");
+    block
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// Opens `streams` calls, each followed by `then`, and returns the
+/// server's GOAWAY code, if it sent one.
+async fn flood(server: &Server, streams: usize, then: impl Fn(u32) -> Vec<u8>) -> Option<u32> {
+    let mut h2 = RawH2::connect(server).await;
+    let mut calls = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mut out = Vec::new();
+        h2.open_check_then(&mut out, &then);
+        calls.push(out);
+    }
+    h2.send(calls.into_iter()).await;
+    h2.goaway(Duration::from_secs(10)).await
+}
+
+async fn a_new_client_is_served(server: &Server) {
+    let mut client = server.client().await;
+    let request = server.signer().check_request("GET", "/", "", b"");
+    assert_eq!(client.check(request).await.unwrap().reason(), Reason::Ok);
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client opens calls and cancels
+/// each at once. Cancelled calls do not count against the stream limit, so
+/// without a bound the server starts work for calls without end while the
+/// client pays for nothing. The server must close such a connection, and
+/// serve everyone else as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cancels_every_call_it_opens_is_disconnected() {
+    let server = Server::dev();
+    server.wait_past_fence();
+    const CANCEL: u32 = 0x8;
+    let code = flood(&server, 20_000, |id| {
+        frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())
+    })
+    .await;
+    assert_eq!(code, Some(ENHANCE_YOUR_CALM));
+    a_new_client_is_served(&server).await;
+}
+
+/// HTTP/2 "MadeYouReset" (CVE-2025-8671): a client makes the server reset
+/// each call it opens, here with a window update past the flow-control
+/// limit. A reset the server makes counts against no stream limit either,
+/// so the server must bound these too and close such a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_makes_the_server_reset_every_call_is_disconnected() {
+    let server = Server::dev();
+    server.wait_past_fence();
+    let code = flood(&server, 20_000, |id| {
+        frame(WINDOW_UPDATE, 0, id, &0x7fff_ffffu32.to_be_bytes())
+    })
+    .await;
+    assert_eq!(code, Some(ENHANCE_YOUR_CALM));
+    a_new_client_is_served(&server).await;
+}
+
+/// HTTP/2 "CONTINUATION flood" (2024): one call's headers that never end,
+/// frame after frame. The server must not buffer them without bound, and
+/// must close the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_never_end_are_cut_off() {
+    let server = Server::dev();
+    let mut h2 = RawH2::connect(&server).await;
+    // A literal header, not indexed, of 1,000 bytes: 10 MB in all.
+    let mut pad = vec![0x00, 5];
+    pad.extend(b"x-pad");
+    // Its length, 1,000, as an HPACK integer: 127 in the 7-bit prefix, then
+    // 873 in groups of seven bits, low first.
+    pad.extend([0x7f, 0x80 | (873 % 128) as u8, (873 / 128) as u8]);
+    pad.extend([b'a'; 1_000]);
+    let first = frame(HEADERS, 0, 1, &check_headers());
+    let rest = (0..10_000).map(|_| frame(CONTINUATION, 0, 1, &pad));
+    h2.send(std::iter::once(first).chain(rest)).await;
+    assert_eq!(
+        h2.goaway(Duration::from_secs(10)).await,
+        Some(ENHANCE_YOUR_CALM)
+    );
+    a_new_client_is_served(&server).await;
+}
+
+/// HTTP/2 empty-frame flood (CVE-2019-9518): DATA frames that carry
+/// nothing, each one work for the server and none for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_data_frames_is_cut_off() {
+    let server = Server::dev();
+    let mut h2 = RawH2::connect(&server).await;
+    let first = frame(HEADERS, END_HEADERS, 1, &check_headers());
+    let rest = (0..200_000).map(|_| frame(DATA, 0, 1, &[]));
+    h2.send(std::iter::once(first).chain(rest)).await;
+    assert_eq!(
+        h2.goaway(Duration::from_secs(10)).await,
+        Some(ENHANCE_YOUR_CALM)
+    );
+    a_new_client_is_served(&server).await;
+}

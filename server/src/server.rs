@@ -55,6 +55,17 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 /// Largest header list a client may send (HTTP/2 SETTINGS).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Calls a client may open and cancel before warden has taken them up, at
+/// any one time, before its connection is closed (GOAWAY
+/// ENHANCE_YOUR_CALM): HTTP/2 "rapid reset", CVE-2023-44487. h2's own
+/// default, set here so that it cannot change unseen.
+const MAX_PENDING_RESETS: usize = 20;
+/// Calls warden itself may reset on one connection because of the client's
+/// protocol errors before that connection is closed: "MadeYouReset",
+/// CVE-2025-8671. hyper's default, but tonic's builder replaces it with
+/// "no limit" unless one is given (tonic 0.14): without this, a client
+/// could open calls without bound by making warden reset each one.
+const MAX_ERROR_RESETS: usize = 1024;
 /// The gRPC service name health is reported for (besides "", the server).
 const SERVICE_NAME: &str = "warden.v1.Warden";
 
@@ -496,6 +507,8 @@ impl Bound {
                 u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX),
             ))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
             // The services called once per request skip the router.
             .layer(Direct::new(service))
             .layer(Direct::new(ext_authz))
