@@ -808,3 +808,77 @@ async fn a_flood_of_empty_data_frames_is_cut_off() {
     );
     a_new_client_is_served(&server).await;
 }
+
+/// A server that stops answering (SIGSTOP: a hung process, or a host gone
+/// without closing its connections) reads nothing, so only the client can
+/// end the wait: a check gets `DEADLINE_EXCEEDED` at the client's
+/// deadline, not never, and the same client is answered once the server
+/// runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_costs_a_check_its_deadline_not_forever() {
+    let server = Server::dev();
+    server.wait_past_fence();
+    let mut client = server
+        .client()
+        .await
+        .with_timeout(Duration::from_millis(500));
+    let signer = server.signer();
+    let check = |client: &mut warden_client::Client| {
+        let request = signer.check_request("GET", "/", "", b"");
+        let mut client = client.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), client.check(request))
+                .await
+                .expect("the check never ended")
+        }
+    };
+    assert_eq!(check(&mut client).await.unwrap().reason(), Reason::Ok);
+    server.signal("STOP");
+    let paused = check(&mut client).await;
+    server.signal("CONT");
+    assert_eq!(paused.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(check(&mut client).await.unwrap().reason(), Reason::Ok);
+}
+
+/// With several nodes, one that stops answering costs the call sent to it
+/// its deadline (not retried elsewhere: it may have decided), and the
+/// calls after it go to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_answering_costs_one_deadline_then_is_passed_over() {
+    let dir = ConfigDir::new();
+    let (a, b) = (dir.start(KEYS), dir.start(KEYS));
+    a.wait_past_fence();
+    b.wait_past_fence();
+    let tls = Tls::from_dev_dir(dir.path()).unwrap();
+    let client = warden_client::Client::connect_cluster(&[&a.addr, &b.addr], tls)
+        .unwrap()
+        .with_timeout(Duration::from_millis(500));
+    let check = || {
+        let mut client = client.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), client.check(request("wk_victim")))
+                .await
+                .expect("the check never ended")
+                .map(|answer| answer.reason())
+        }
+    };
+    for _ in 0..4 {
+        assert_eq!(check().await.unwrap(), Reason::Ok);
+    }
+    a.signal("STOP");
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(check().await.map_err(|status| status.code()));
+    }
+    a.signal("CONT");
+    let timed_out = answers
+        .iter()
+        .filter(|a| **a == Err(tonic::Code::DeadlineExceeded))
+        .count();
+    assert!(timed_out <= 1, "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|a| **a == Ok(Reason::Ok)).count(),
+        answers.len() - timed_out,
+        "{answers:?}"
+    );
+}

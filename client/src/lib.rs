@@ -35,7 +35,9 @@ pub mod proto {
 }
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
@@ -134,11 +136,33 @@ fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, Error> {
 /// would be refused as its own replay. (A node that dies after its owner
 /// decided but before it answered is the one case where the retry is
 /// refused as REPLAY.)
+///
+/// Every check has a deadline ([`DEFAULT_TIMEOUT`], or
+/// [`Client::with_timeout`]): a server that stops answering (a paused or
+/// hung process, a host gone without closing its connections) costs a
+/// call its deadline, never forever. A node whose call failed that way, or
+/// was unreachable, is passed over by the calls of the next
+/// [`SKIP_AFTER_FAILURE`] (unless every node is), so that one node in
+/// trouble costs the calls sent to it one deadline, not every call in turn.
 #[derive(Clone, Debug)]
 pub struct Client {
     nodes: Vec<WardenClient<Channel>>,
-    turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    turn: Arc<AtomicUsize>,
+    /// Per node: until when (nanoseconds since `epoch`) calls pass it over.
+    skip_until: Arc<[AtomicU64]>,
+    epoch: Instant,
+    timeout: Duration,
 }
+
+/// How long a check may take before the client gives up on it
+/// (`DEADLINE_EXCEEDED`). warden answers in well under a millisecond; in a
+/// cluster a check that needs an unresponsive peer is answered within about
+/// a second (the peers' own deadline), which this leaves room for.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the calls of a cluster client pass over a node that failed to
+/// answer one.
+pub const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl Client {
     /// Connects over mutual TLS. `target` is `host:port`.
@@ -174,24 +198,37 @@ impl Client {
 
     fn from_channels(channels: Vec<Channel>) -> Self {
         Self {
+            skip_until: channels.iter().map(|_| AtomicU64::new(0)).collect(),
             nodes: channels.into_iter().map(WardenClient::new).collect(),
             turn: Default::default(),
+            epoch: Instant::now(),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
+    /// The deadline of each check, instead of [`DEFAULT_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Checks one request (on the next node in turn, and on the others
-    /// while nodes are unreachable).
+    /// while nodes are unreachable), within the client's deadline.
     pub async fn check(&mut self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
         let n = self.nodes.len();
         if n == 1 {
-            return Ok(self.nodes[0].check(request).await?.into_inner());
+            return self.check_on(0, request).await;
         }
-        let start = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        // Nodes that failed lately go last, in turn among themselves.
+        let now = self.now();
+        let (mut order, skipped): (Vec<usize>, Vec<usize>) = (0..n)
+            .map(|i| (start + i) % n)
+            .partition(|&i| self.skip_until[i].load(Ordering::Relaxed) <= now);
+        order.extend(skipped);
         let mut last = None;
-        for i in 0..n {
-            let node = &mut self.nodes[(start + i) % n];
-            match node.check(request.clone()).await {
-                Ok(answer) => return Ok(answer.into_inner()),
+        for i in order {
+            match self.check_on(i, request.clone()).await {
                 // Unreachable, or the connection closed under the call (a
                 // node that died): the next node may answer.
                 Err(status)
@@ -202,17 +239,52 @@ impl Client {
                 {
                     last = Some(status)
                 }
-                Err(status) => return Err(status),
+                answer => return answer,
             }
         }
         Err(last.expect("at least one node"))
+    }
+
+    /// One attempt on node `i`, within the deadline; a node that fails to
+    /// answer is passed over for a while.
+    async fn check_on(
+        &mut self,
+        i: usize,
+        request: CheckRequest,
+    ) -> Result<CheckResponse, tonic::Status> {
+        // Enforced here, not sent as grpc-timeout: a paused server reads
+        // nothing, so only this side can end the wait, and tonic reports
+        // its own expiry of a grpc-timeout as CANCELLED, which reads as a
+        // connection closed under the call (retried on the next node,
+        // although the node may have decided).
+        let call = self.nodes[i].check(request);
+        let answer = match tokio::time::timeout(self.timeout, call).await {
+            Ok(answer) => answer.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "warden did not answer within the client's deadline",
+            )),
+        };
+        if let Err(status) = &answer
+            && matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            )
+        {
+            let until = self.now() + SKIP_AFTER_FAILURE.as_nanos() as u64;
+            self.skip_until[i].store(until, Ordering::Relaxed);
+        }
+        answer
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 
     /// The generated stub of the next node in turn, for `check_stream` and
     /// anything else.
     pub fn stub(&mut self) -> &mut WardenClient<Channel> {
         let n = self.nodes.len();
-        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let i = self.turn.fetch_add(1, Ordering::Relaxed) % n;
         &mut self.nodes[i]
     }
 }
@@ -252,6 +324,11 @@ fn endpoint(uri: &str) -> Result<Endpoint, Error> {
     Ok(Endpoint::from_shared(uri.to_owned())
         .map_err(|_| Error::Target(uri.to_owned()))?
         .connect_timeout(Duration::from_secs(5))
+        // A connection to a server that stopped answering (paused, or a
+        // host gone without a word) is found and replaced, instead of
+        // taking every call's deadline until the kernel gives up on it.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
         .tcp_nodelay(true))
 }
 

@@ -13,6 +13,12 @@ use warden_client::{Client, Tls};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_warden");
 
+/// The deadline of the fixtures' clients: tests of what the server answers
+/// (a paused node woken, a rolling restart) wait for the answer rather
+/// than count a slow one as an error. The client's own deadline is tested
+/// by the tests that set it.
+pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A running `warden` process. Killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -185,10 +191,13 @@ impl Server {
         Tls::from_dev_dir(&self.dir).unwrap()
     }
 
+    /// A client that waits for the server's answers (see
+    /// [`ANSWER_WAIT`]).
     pub async fn client(&self) -> Client {
         Client::connect(&self.addr, self.tls())
             .await
             .expect("connect over mTLS")
+            .with_timeout(ANSWER_WAIT)
     }
 
     /// GET a path on the metrics listener; returns (status, body).
@@ -411,10 +420,13 @@ impl ConfigDir {
         )
     }
 
+    /// A client that waits for the server's answers (see
+    /// [`ANSWER_WAIT`]).
     pub async fn client(&self, server: &Server) -> Client {
         Client::connect(&server.addr, Tls::from_dev_dir(self.path()).unwrap())
             .await
             .expect("connect over mTLS")
+            .with_timeout(ANSWER_WAIT)
     }
 }
 
