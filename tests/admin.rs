@@ -1007,3 +1007,31 @@ async fn a_key_whose_policy_was_removed_can_still_be_revoked() {
     let shown = ok_json(dir.cli(&server, &["keys", "show", &id, "--json"]));
     assert_eq!(shown["revoked"], true);
 }
+
+/// At 3 a.m. "transport error" tells an operator nothing. The CLI says
+/// where it tried to connect and why it could not: nothing listening, or
+/// a server whose certificate the given CA did not sign.
+#[test]
+fn the_cli_says_why_it_cannot_connect() {
+    let server = Server::dev();
+    let other = Server::dev();
+    let stderr = |args: &[&str]| {
+        let out = cli(&server, args);
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let closed = support::free_port();
+    let target = format!("127.0.0.1:{closed}");
+    let text = stderr(&["keys", "list", "--target", &target]);
+    assert!(
+        text.contains(&format!("cannot connect to warden at {target}"))
+            && text.contains("Connection refused"),
+        "{text}"
+    );
+    // This server's dev CA did not sign the other server's certificate.
+    let text = stderr(&["keys", "list", "--target", &other.addr]);
+    assert!(
+        text.contains(&other.addr) && text.contains("invalid peer certificate"),
+        "{text}"
+    );
+}

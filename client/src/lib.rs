@@ -56,8 +56,42 @@ pub enum Error {
     Target(String),
     #[error("invalid TLS material: {0}")]
     Tls(String),
-    #[error("cannot connect to warden: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    /// With every cause beneath tonic's own text, which for any failed
+    /// connection is only "transport error": refused, timed out, or which
+    /// side's certificate was not trusted.
+    #[error("cannot connect to warden at {target}: {}", causes(.source))]
+    Connect {
+        target: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// An error and the errors beneath it, as one line (a cause whose text its
+/// parent already ends with is not repeated).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    append_causes(&mut text, error.source());
+    text
+}
+
+fn append_causes(text: &mut String, mut source: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+}
+
+/// A failed call's message with the causes beneath it, and its code: for
+/// a connection that failed under the call (say, the server refused this
+/// client's certificate) tonic's message alone is "transport error".
+pub fn status_text(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    append_causes(&mut text, std::error::Error::source(status));
+    format!("{text} ({:?})", status.code())
 }
 
 /// The client side of mutual TLS: which CA to trust for the server, and the
@@ -173,9 +207,13 @@ impl Client {
     /// Connects without TLS, to a server configured with
     /// `insecure_plaintext = true` on loopback. For local experiments only.
     pub async fn connect_plaintext(target: &str) -> Result<Self, Error> {
-        Ok(Self::from_channel(
-            endpoint(&format!("http://{target}"))?.connect().await?,
-        ))
+        let channel = endpoint(&format!("http://{target}"))?.connect().await;
+        Ok(Self::from_channel(channel.map_err(|source| {
+            Error::Connect {
+                target: target.to_owned(),
+                source,
+            }
+        })?))
     }
 
     /// Over mutual TLS to every node in `targets` (`host:port` each), for
@@ -293,7 +331,13 @@ impl Client {
 /// serves (`warden.v1`, `grpc.health.v1`, reflection). `target` is `host:port`.
 pub async fn channel(target: &str, tls: Tls) -> Result<Channel, Error> {
     let (endpoint, connector) = tls_endpoint(target, &tls)?;
-    Ok(endpoint.connect_with_connector(connector).await?)
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| Error::Connect {
+            target: target.to_owned(),
+            source,
+        })
 }
 
 /// Like [`channel`], but connecting on first use and reconnecting by

@@ -386,11 +386,31 @@ pub enum StoreCommand {
     },
 }
 
+/// What an operator reads when a call fails: the message with its causes,
+/// and where a connection was closed under the call (which is how a server
+/// refusing this client's certificate shows on the client's side in TLS
+/// 1.3: after the handshake, with no reason given), where to look.
+pub fn failed_call_text(status: &tonic::Status) -> String {
+    let text = warden_client::status_text(status);
+    let closed = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) && text.contains("connection closed");
+    match closed {
+        true => format!(
+            "{text}; the server closed the connection. If every call ends so, the server \
+             may not accept this client certificate (--cert): its log says why \
+             (event=tls_handshake_failed)"
+        ),
+        false => text,
+    }
+}
+
 /// A refusal from the server: what the operator asked for was wrong (exit
 /// 2), or the call failed (exit 1).
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        let text = format!("{} ({:?})", s.message(), s.code());
+        let text = failed_call_text(&s);
         match s.code() {
             tonic::Code::InvalidArgument
             | tonic::Code::NotFound

@@ -428,9 +428,8 @@ async fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
             })
         }
         Err(status) => Err(runtime(format!(
-            "check failed: {} ({:?})",
-            status.message(),
-            status.code()
+            "check failed: {}",
+            admin_cli::failed_call_text(&status)
         ))),
     }
 }
