@@ -882,3 +882,32 @@ async fn a_node_that_stops_answering_costs_one_deadline_then_is_passed_over() {
         "{answers:?}"
     );
 }
+
+/// A node killed while a call waits on it: the connection breaks under the
+/// call, and the call goes on to the next node (as for a node that was
+/// never there), whatever tonic calls the broken connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_a_call_hands_the_call_to_the_next() {
+    let dir = ConfigDir::new();
+    let (a, b) = (dir.start(KEYS), dir.start(KEYS));
+    a.wait_past_fence();
+    b.wait_past_fence();
+    let tls = Tls::from_dev_dir(dir.path()).unwrap();
+    let mut client = warden_client::Client::connect_cluster(&[&a.addr, &b.addr], tls)
+        .unwrap()
+        .with_timeout(Duration::from_secs(20));
+    // One call to each node: both connected, and the next call goes to `a`.
+    for _ in 0..2 {
+        let answer = client.check(request("wk_victim")).await.unwrap();
+        assert_eq!(answer.reason(), Reason::Ok);
+    }
+    a.signal("STOP");
+    let call = tokio::spawn(async move { client.check(request("wk_victim")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal("KILL");
+    let answer = tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .expect("the call never ended")
+        .unwrap();
+    assert_eq!(answer.unwrap().reason(), Reason::Ok);
+}

@@ -59,7 +59,7 @@ pub enum Error {
     /// With every cause beneath tonic's own text, which for any failed
     /// connection is only "transport error": refused, timed out, or which
     /// side's certificate was not trusted.
-    #[error("cannot connect to warden at {target}: {}", causes(.source))]
+    #[error("cannot connect to warden at {target}: {}", error_chain(.source))]
     Connect {
         target: String,
         source: tonic::transport::Error,
@@ -68,7 +68,7 @@ pub enum Error {
 
 /// An error and the errors beneath it, as one line (a cause whose text its
 /// parent already ends with is not repeated).
-fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     append_causes(&mut text, error.source());
     text
@@ -89,9 +89,23 @@ fn append_causes(text: &mut String, mut source: Option<&(dyn std::error::Error +
 /// a connection that failed under the call (say, the server refused this
 /// client's certificate) tonic's message alone is "transport error".
 pub fn status_text(status: &tonic::Status) -> String {
+    format!("{} ({:?})", status_message(status), status.code())
+}
+
+/// Whether a failed call failed because its connection broke under it (the
+/// server died, or closed the connection): tonic ends such a call as
+/// CANCELLED or UNKNOWN with the transport's error beneath, where a status
+/// the server sent has none. grpcio calls it UNAVAILABLE.
+pub fn connection_broke(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        && matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
+}
+
+/// A failed call's message with the causes beneath it.
+pub fn status_message(status: &tonic::Status) -> String {
     let mut text = status.message().to_owned();
     append_causes(&mut text, std::error::Error::source(status));
-    format!("{text} ({:?})", status.code())
+    text
 }
 
 /// The client side of mutual TLS: which CA to trust for the server, and the
@@ -164,10 +178,10 @@ fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, Error> {
 /// With several nodes ([`Client::connect_cluster`]) each call starts at the
 /// next node in turn and goes on to the others while one is unreachable
 /// (`UNAVAILABLE`: refused, reset, or a node's "retry" while a key's state
-/// moves; `CANCELLED`: the connection closed under the call), so one node
-/// going away is not noticed. Other errors are not retried: after a passed
-/// deadline the node may have decided, and the same request sent again
-/// would be refused as its own replay. (A node that dies after its owner
+/// moves; or the connection broke under the call, see [`connection_broke`]),
+/// so one node going away is not noticed. Other errors are not retried:
+/// after a passed deadline the node may have decided, and the same request
+/// sent again would be refused as its own replay. (A node that dies after its owner
 /// decided but before it answered is the one case where the retry is
 /// refused as REPLAY.)
 ///
@@ -267,13 +281,10 @@ impl Client {
         let mut last = None;
         for i in order {
             match self.check_on(i, request.clone()).await {
-                // Unreachable, or the connection closed under the call (a
+                // Unreachable, or the connection broke under the call (a
                 // node that died): the next node may answer.
                 Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Cancelled
-                    ) =>
+                    if status.code() == tonic::Code::Unavailable || connection_broke(&status) =>
                 {
                     last = Some(status)
                 }
@@ -303,10 +314,10 @@ impl Client {
             )),
         };
         if let Err(status) = &answer
-            && matches!(
+            && (matches!(
                 status.code(),
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-            )
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) || connection_broke(status))
         {
             let until = self.now() + SKIP_AFTER_FAILURE.as_nanos() as u64;
             self.skip_until[i].store(until, Ordering::Relaxed);

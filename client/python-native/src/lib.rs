@@ -246,7 +246,7 @@ impl Channel {
         let answer = py.detach(|| {
             self.run(timeout, async move {
                 let mut grpc = ready(transport).await?;
-                grpc.unary(call(message, timeout), path, Raw)
+                grpc.unary(Request::new(message), path, Raw)
                     .await
                     .map(|r| r.into_inner())
             })
@@ -275,7 +275,7 @@ impl Channel {
                 let outgoing =
                     tonic::codegen::tokio_stream::iter(requests.into_iter().map(Bytes::from));
                 let mut incoming = grpc
-                    .streaming(call(outgoing, timeout), path, Raw)
+                    .streaming(Request::new(outgoing), path, Raw)
                     .await?
                     .into_inner();
                 let mut answers = Vec::new();
@@ -313,6 +313,11 @@ impl Channel {
         let look_until = started + self.busy_wait.budget();
         let outcome = runtime
             .block_on(async {
+                // The one deadline, and not also sent as grpc-timeout: tonic
+                // ends a call past its grpc-timeout as CANCELLED ("Timeout
+                // expired"), which the Python side rightly reads as a
+                // refusal, not as warden being unreachable. A paused server
+                // reads nothing anyway, so only this side can end the wait.
                 let call = tokio::time::timeout(timeout, call);
                 tokio::pin!(call);
                 // Each turn polls the call once; yielding to tokio makes it look
@@ -359,17 +364,13 @@ type Grpc = tonic::client::Grpc<tonic::transport::Channel>;
 /// The channel, ready for a call (connected, or connecting failed).
 async fn ready(transport: tonic::transport::Channel) -> Result<Grpc, Status> {
     let mut grpc = Grpc::new(transport);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("warden is unreachable: {e}")))?;
+    grpc.ready().await.map_err(|e| {
+        Status::unavailable(format!(
+            "warden is unreachable: {}",
+            warden_client::error_chain(&e)
+        ))
+    })?;
     Ok(grpc)
-}
-
-/// A request carrying the deadline to the server as well.
-fn call<T>(message: T, timeout: Duration) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(timeout);
-    request
 }
 
 fn method_path(method: &str) -> PyResult<PathAndQuery> {
@@ -389,8 +390,16 @@ fn deadline(seconds: f64) -> PyResult<Duration> {
         .ok_or_else(|| PyValueError::new_err("timeout: must be a positive number of seconds"))
 }
 
+/// A failed call as Python sees it. A connection that broke under the call
+/// gets grpcio's code, UNAVAILABLE, as the Python side treats both
+/// transports alike: warden was unreachable (the next node is tried, the
+/// breaker counts it, FAILURE_MODE applies), not "warden refused the call".
 fn rpc_error(status: &Status) -> PyErr {
-    RpcError::new_err((status.code() as i32, status.message().to_owned()))
+    let code = match warden_client::connection_broke(status) {
+        true => tonic::Code::Unavailable,
+        false => status.code(),
+    };
+    RpcError::new_err((code as i32, warden_client::status_message(status)))
 }
 
 /// Messages as bytes, unchanged both ways: Python encodes and decodes them.

@@ -297,6 +297,72 @@ def test_an_idle_client_does_not_hold_up_a_server_shutting_down(tmp_path, transp
         server.stop()
 
 
+def test_a_paused_server_is_unavailable_at_the_deadline_and_never_a_refusal(tmp_path, transport):
+    # A hung warden (SIGSTOP) on a connection already made: the call ends at
+    # the client's deadline as WardenUnavailable (DEADLINE_EXCEEDED), so the
+    # breaker counts it and FAILURE_MODE applies, never as a refusal.
+    import signal
+
+    from conftest import start_warden
+
+    server = start_warden(tmp_path / "dev")
+    try:
+        key = server.create_key("--owner", "py-paused")
+        # A breaker that stays closed, so that every call reaches the server.
+        c = WardenClient(
+            server.addr, timeout=0.3, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+        )
+        assert c.check(signed(key)).allowed
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                with pytest.raises(WardenUnavailable) as e:
+                    c.check(signed(key))
+                assert e.value.code.name == "DEADLINE_EXCEEDED", e.value
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        c.close()
+    finally:
+        server.stop()
+
+
+def test_a_server_killed_under_a_call_is_unavailable_not_a_refusal(tmp_path, transport):
+    # The connection breaks while the call waits for its answer: warden was
+    # unreachable (the breaker counts it, FAILURE_MODE applies), whatever
+    # the transport calls it.
+    import signal
+    import threading
+
+    from conftest import start_warden
+
+    server = start_warden(tmp_path / "dev")
+    try:
+        key = server.create_key("--owner", "py-killed")
+        c = WardenClient(
+            server.addr, timeout=10.0, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+        )
+        assert c.check(signed(key)).allowed
+        server.proc.send_signal(signal.SIGSTOP)
+        outcome = []
+
+        def call():
+            try:
+                c.check(signed(key))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                outcome.append(e)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)
+        server.proc.kill()
+        caller.join(timeout=15)
+        assert len(outcome) == 1 and isinstance(outcome[0], WardenUnavailable), outcome
+        assert outcome[0].code.name == "UNAVAILABLE", outcome[0]
+        c.close()
+    finally:
+        server.stop()
+
+
 class DelayingRelay:
     """A TCP relay in front of warden that holds everything warden sends for
     `delay` seconds: a warden whose answers come late (far away, or busy)."""
