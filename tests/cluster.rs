@@ -11,7 +11,7 @@ use crate::support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use support::{ConfigDir, Server, fresh_database};
+use support::{ConfigDir, OwnPostgres, Server, fresh_database};
 
 /// Config files for `nodes`, sharing certificates, master key and database,
 /// each with its own directory and a 2 s lease.
@@ -180,55 +180,6 @@ fn a_cluster_needs_the_postgresql_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A PostgreSQL of this test's own, so it can be stopped.
-struct OwnPostgres {
-    url: String,
-    dir: String,
-}
-
-impl OwnPostgres {
-    fn start() -> Option<Self> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            assert!(
-                std::env::var("CI").is_err(),
-                "tests/postgres-up.sh failed in CI: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            eprintln!("skipped: cannot start a PostgreSQL of this test's own");
-            return None;
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-                .map(str::to_owned)
-        };
-        Some(Self {
-            url: value("WARDEN_TEST_POSTGRES_URL")?,
-            dir: value("WARDEN_TEST_POSTGRES_DIR")?,
-        })
-    }
-
-    fn stop(&self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
-        std::process::Command::new("bash")
-            .args([script, "stop", &self.dir])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// PostgreSQL stopped: the nodes keep serving checks on the keys they have

@@ -2,12 +2,21 @@
 # Starts a throwaway PostgreSQL on 127.0.0.1 for the tests and prints the
 # `export WARDEN_TEST_POSTGRES_URL=...` and `export WARDEN_TEST_POSTGRES_DIR=...`
 # lines to eval. Installs PostgreSQL with apt-get when it is missing and we
-# are root. Stop it with: bash tests/postgres-up.sh stop DIR
+# are root. Stop it with: bash tests/postgres-up.sh stop DIR; restart it
+# (same data and port) with: bash tests/postgres-up.sh restart DIR
 set -euo pipefail
 
 as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
+
+if [ "${1:-}" = restart ]; then
+  dir=$2
+  pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  # Same data, same port (pg_ctl restart reuses the start's options).
+  as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -m fast -w restart >/dev/null
+  exit 0
+fi
 
 if [ "${1:-}" = stop ]; then
   dir=$2

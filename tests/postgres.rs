@@ -245,3 +245,52 @@ async fn rotating_the_master_key_of_the_shared_store_keeps_keys_working() {
     assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
     assert_eq!(check(&dir, &b, &id, &secret).await, Reason::Ok);
 }
+
+/// A database restart (maintenance, a failover) closes every connection to
+/// it. Checks never needed it; admin changes must work again as soon as
+/// the database is back, through the node that made them and on the other
+/// node too, without restarting warden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_costs_admin_changes_nothing_once_it_is_back() {
+    if std::env::var("WARDEN_TEST_POSTGRES_URL").is_err() {
+        return;
+    }
+    let Some(pg) = support::OwnPostgres::start() else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let [a_conf, b_conf] = node_configs(&dir, &pg.url);
+    let (a, b) = (Server::with_config(&a_conf), Server::with_config(&b_conf));
+    a.wait_past_fence();
+    b.wait_past_fence();
+    let create = |owner: &str| {
+        let out = dir.cli(&a, &["keys", "create", "--owner", owner, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            a.logs()
+        );
+        let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = |f: &str| key[f].as_str().unwrap().to_owned();
+        (text("key_id"), text("secret"))
+    };
+    let (before_id, before_secret) = create("before");
+    eventually(&dir, &b, &before_id, &before_secret, Reason::Ok).await;
+
+    pg.restart();
+    // Checks go on from memory.
+    assert_eq!(
+        check(&dir, &a, &before_id, &before_secret).await,
+        Reason::Ok
+    );
+    // The first change after the restart is made, and reaches the other
+    // node once its change feed has reconnected (it tries every second).
+    let (id, secret) = create("after");
+    assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while check(&dir, &b, &id, &secret).await != Reason::Ok {
+        assert!(Instant::now() < deadline, "node b never saw the new key");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -73,8 +73,9 @@ pub enum StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The error text names the failing step, never the connection URL.
-        StoreError::Postgres(e.to_string())
+        // The error text names the failing step and its cause (beneath
+        // tokio-postgres's "db error"), never the connection URL.
+        StoreError::Postgres(warden_client::error_chain(&e))
     }
 }
 
@@ -251,7 +252,10 @@ struct JournalFile {
 /// The shared store: a PostgreSQL database that several processes use,
 /// with every change announced on [`CHANGES_CHANNEL`].
 struct Database {
-    client: tokio_postgres::Client,
+    /// Made again when closed: a database restart or failover closes every
+    /// connection, and the store must work again once the database is
+    /// back, without restarting warden.
+    client: tokio::sync::Mutex<tokio_postgres::Client>,
     url: String,
 }
 
@@ -358,12 +362,51 @@ impl Database {
             ),
             Entry::MasterKey { .. } => return Ok(()),
         };
-        self.client.execute(sql, &[id, &record]).await?;
-        self.client
-            .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &announced])
-            .await?;
-        Ok(())
+        let upsert = async |client: &tokio_postgres::Client| {
+            client.execute(sql, &[id, &record]).await?;
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &announced])
+                .await?;
+            Ok::<_, StoreError>(())
+        };
+        let mut client = self.client().await?;
+        match upsert(&client).await {
+            // The connection broke under the write, which may or may not
+            // have been committed. It writes the whole record (and an
+            // announcement, which is only ever a cue to reload), so making
+            // it again on a new connection is safe.
+            Err(_) if client.is_closed() => {
+                *client = open_client(&self.url).await?;
+                upsert(&client).await
+            }
+            written => written,
+        }
     }
+
+    /// The connection, made again first if it was closed.
+    async fn client(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, tokio_postgres::Client>, StoreError> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            *client = open_client(&self.url).await?;
+            tracing::info!(event = "store_reconnected", "reconnected to PostgreSQL");
+        }
+        Ok(client)
+    }
+}
+
+/// A connection whose messages are handled by a task of its own, which
+/// logs how it ended.
+async fn open_client(url: &str) -> Result<tokio_postgres::Client, StoreError> {
+    let (client, connection) = connect(url).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            let error = warden_client::error_chain(&e);
+            tracing::error!(event = "store_connection_lost", %error, "PostgreSQL connection lost");
+        }
+    });
+    Ok(client)
 }
 
 /// The store. Reads come from memory; writes go to disk (or the database)
@@ -480,7 +523,8 @@ where
                             }
                             Some(Ok(_)) => {}
                             Some(Err(e)) => {
-                                tracing::warn!(event = "store_listen_lost", error = %e, "lost the PostgreSQL change feed; reconnecting");
+                                let error = warden_client::error_chain(&e);
+                                tracing::warn!(event = "store_listen_lost", %error, "lost the PostgreSQL change feed; reconnecting");
                                 break;
                             }
                             None => break,
@@ -599,12 +643,7 @@ impl Store {
     }
 
     async fn open_postgres(url: &str, dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
-        let (client, connection) = connect(url).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!(event = "store_connection_lost", error = %e, "PostgreSQL connection lost");
-            }
-        });
+        let client = open_client(url).await?;
         client.batch_execute(SCHEMA).await?;
         client
             .execute(
@@ -624,7 +663,7 @@ impl Store {
         let state = load_postgres(&client).await?;
         let store = Self {
             backend: Backend::Database(Database {
-                client,
+                client: tokio::sync::Mutex::new(client),
                 url: url.to_owned(),
             }),
             dir: dir.to_owned(),
@@ -638,8 +677,8 @@ impl Store {
     /// Re-reads everything from PostgreSQL (no-op for the file store, which
     /// only this process writes).
     pub async fn reload(&self) -> Result<(), StoreError> {
-        if let Backend::Database(Database { client, .. }) = &self.backend {
-            let state = load_postgres(client).await?;
+        if let Backend::Database(database) = &self.backend {
+            let state = load_postgres(&*database.client().await?).await?;
             *self.state.write() = state;
         }
         Ok(())
@@ -649,9 +688,11 @@ impl Store {
     /// a key's record alone when the announcement names a key, else
     /// everything.
     async fn reload_announced(&self, announced: &str) -> Result<StoreChange, StoreError> {
-        if let (Backend::Database(Database { client, .. }), Some(id)) =
+        if let (Backend::Database(database), Some(id)) =
             (&self.backend, announced.strip_prefix(KEY_CHANGED))
-            && let Some(row) = client
+            && let Some(row) = database
+                .client()
+                .await?
                 .query_opt("SELECT record FROM warden_keys WHERE id = $1", &[&id])
                 .await?
         {

@@ -554,3 +554,64 @@ pub async fn open_stream(
         .into_inner();
     (tx, answers)
 }
+
+/// A PostgreSQL of one test's own, so it can be stopped or restarted.
+pub struct OwnPostgres {
+    pub url: String,
+    dir: String,
+}
+
+impl OwnPostgres {
+    pub fn start() -> Option<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "tests/postgres-up.sh failed in CI: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("skipped: cannot start a PostgreSQL of this test's own");
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+                .map(str::to_owned)
+        };
+        Some(Self {
+            url: value("WARDEN_TEST_POSTGRES_URL")?,
+            dir: value("WARDEN_TEST_POSTGRES_DIR")?,
+        })
+    }
+
+    /// Stops it for good (its data goes).
+    pub fn stop(&self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
+        std::process::Command::new("bash")
+            .args([script, "stop", &self.dir])
+            .status()
+            .unwrap();
+    }
+
+    /// Restarts it on the same data and port, as a maintenance restart
+    /// or a failover does: every connection to it is closed.
+    pub fn restart(&self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
+        let status = std::process::Command::new("bash")
+            .args([script, "restart", &self.dir])
+            .status()
+            .unwrap();
+        assert!(status.success(), "PostgreSQL did not restart");
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
