@@ -85,9 +85,16 @@ fn append_causes(text: &mut String, mut source: Option<&(dyn std::error::Error +
     }
 }
 
-/// A failed call's message with the causes beneath it, and its code: for
-/// a connection that failed under the call (say, the server refused this
-/// client's certificate) tonic's message alone is "transport error".
+/// A failed call's message with the causes beneath it: for a connection
+/// that failed under the call (say, the server refused this client's
+/// certificate) tonic's message alone is "transport error".
+pub fn status_message(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    append_causes(&mut text, std::error::Error::source(status));
+    text
+}
+
+/// [`status_message`] and the code, for an operator.
 pub fn status_text(status: &tonic::Status) -> String {
     format!("{} ({:?})", status_message(status), status.code())
 }
@@ -99,13 +106,6 @@ pub fn status_text(status: &tonic::Status) -> String {
 pub fn connection_broke(status: &tonic::Status) -> bool {
     std::error::Error::source(status).is_some()
         && matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
-}
-
-/// A failed call's message with the causes beneath it.
-pub fn status_message(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    append_causes(&mut text, std::error::Error::source(status));
-    text
 }
 
 /// The client side of mutual TLS: which CA to trust for the server, and the
@@ -181,9 +181,9 @@ fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, Error> {
 /// moves; or the connection broke under the call, see [`connection_broke`]),
 /// so one node going away is not noticed. Other errors are not retried:
 /// after a passed deadline the node may have decided, and the same request
-/// sent again would be refused as its own replay. (A node that dies after its owner
-/// decided but before it answered is the one case where the retry is
-/// refused as REPLAY.)
+/// sent again would be refused as its own replay. (A node that dies after
+/// its owner decided but before it answered is the one case where the
+/// retry is refused as REPLAY.)
 ///
 /// Every check has a deadline ([`DEFAULT_TIMEOUT`], or
 /// [`Client::with_timeout`]): a server that stops answering (a paused or
