@@ -446,24 +446,7 @@ async fn handshake(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> bool {
     use rustls::pki_types::ServerName;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut dir.ca.cert_pem().as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
-    let chain = rustls_pemfile::certs(&mut read("client.pem").as_slice())
-        .map(|c| c.unwrap())
-        .collect();
-    let key = rustls_pemfile::private_key(&mut read("client-key.pem").as_slice())
-        .unwrap()
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+    let config = support::client_tls_config(dir.path(), versions);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     let Ok(mut tls) = connector

@@ -593,16 +593,15 @@ async fn a_flood_of_half_open_connections_starves_nothing() {
 /// well-behaved client library never would.
 struct RawH2 {
     tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    next_stream: u32,
 }
 
 /// Frame types and flags used below (RFC 9113, section 6).
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
-const DATA: u8 = 0x0;
 const END_HEADERS: u8 = 0x4;
 /// GOAWAY's error code when a peer misbehaves (RFC 9113, section 7).
 const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -611,25 +610,7 @@ impl RawH2 {
     async fn connect(server: &Server) -> Self {
         use rustls::pki_types::ServerName;
         use tokio::io::AsyncWriteExt;
-        let read = |name: &str| std::fs::read(server.dir.join(name)).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut read("ca.pem").as_slice()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let chain = rustls_pemfile::certs(&mut read("client.pem").as_slice())
-            .map(|c| c.unwrap())
-            .collect();
-        let key = rustls_pemfile::private_key(&mut read("client-key.pem").as_slice())
-            .unwrap()
-            .unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+        let mut config = support::client_tls_config(&server.dir, rustls::DEFAULT_VERSIONS);
         config.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
@@ -640,19 +621,7 @@ impl RawH2 {
         let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         hello.extend(frame(0x4, 0, 0, &[]));
         tls.write_all(&hello).await.unwrap();
-        Self {
-            tls,
-            next_stream: 1,
-        }
-    }
-
-    /// The frames that open a new `Check` call (its body never sent),
-    /// followed by `then(stream id)`.
-    fn open_check_then(&mut self, out: &mut Vec<u8>, then: impl Fn(u32) -> Vec<u8>) {
-        let id = self.next_stream;
-        self.next_stream += 2;
-        out.extend(frame(HEADERS, END_HEADERS, id, &check_headers()));
-        out.extend(then(id));
+        Self { tls }
     }
 
     /// Writes `frames` in writes of 100, until the server stops reading.
@@ -715,21 +684,26 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Opens `streams` calls, each followed by `then`, and returns the
-/// server's GOAWAY code, if it sent one.
-async fn flood(server: &Server, streams: usize, then: impl Fn(u32) -> Vec<u8>) -> Option<u32> {
-    let mut h2 = RawH2::connect(server).await;
-    let mut calls = Vec::with_capacity(streams);
-    for _ in 0..streams {
-        let mut out = Vec::new();
-        h2.open_check_then(&mut out, &then);
-        calls.push(out);
-    }
-    h2.send(calls.into_iter()).await;
-    h2.goaway(Duration::from_secs(10)).await
+/// `count` `Check` calls opened (their bodies never sent), each followed
+/// by `then(its stream id)`.
+fn calls_followed_by(count: u32, then: impl Fn(u32) -> Vec<u8>) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(move |i| {
+        let id = 2 * i + 1;
+        let mut frames = frame(HEADERS, END_HEADERS, id, &check_headers());
+        frames.extend(then(id));
+        frames
+    })
 }
 
-async fn a_new_client_is_served(server: &Server) {
+/// Sends `frames` on a connection of their own: the server must close it
+/// (GOAWAY `ENHANCE_YOUR_CALM`) and go on serving a new client.
+async fn assert_cut_off(server: &Server, frames: impl Iterator<Item = Vec<u8>>) {
+    let mut h2 = RawH2::connect(server).await;
+    h2.send(frames).await;
+    assert_eq!(
+        h2.goaway(Duration::from_secs(10)).await,
+        Some(ENHANCE_YOUR_CALM)
+    );
     let mut client = server.client().await;
     let request = server.signer().check_request("GET", "/", "", b"");
     assert_eq!(client.check(request).await.unwrap().reason(), Reason::Ok);
@@ -745,12 +719,8 @@ async fn a_client_that_cancels_every_call_it_opens_is_disconnected() {
     let server = Server::dev();
     server.wait_past_fence();
     const CANCEL: u32 = 0x8;
-    let code = flood(&server, 20_000, |id| {
-        frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())
-    })
-    .await;
-    assert_eq!(code, Some(ENHANCE_YOUR_CALM));
-    a_new_client_is_served(&server).await;
+    let calls = calls_followed_by(20_000, |id| frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+    assert_cut_off(&server, calls).await;
 }
 
 /// HTTP/2 "MadeYouReset" (CVE-2025-8671): a client makes the server reset
@@ -761,12 +731,10 @@ async fn a_client_that_cancels_every_call_it_opens_is_disconnected() {
 async fn a_client_that_makes_the_server_reset_every_call_is_disconnected() {
     let server = Server::dev();
     server.wait_past_fence();
-    let code = flood(&server, 20_000, |id| {
+    let calls = calls_followed_by(20_000, |id| {
         frame(WINDOW_UPDATE, 0, id, &0x7fff_ffffu32.to_be_bytes())
-    })
-    .await;
-    assert_eq!(code, Some(ENHANCE_YOUR_CALM));
-    a_new_client_is_served(&server).await;
+    });
+    assert_cut_off(&server, calls).await;
 }
 
 /// HTTP/2 "CONTINUATION flood" (2024): one call's headers that never end,
@@ -775,7 +743,7 @@ async fn a_client_that_makes_the_server_reset_every_call_is_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_that_never_end_are_cut_off() {
     let server = Server::dev();
-    let mut h2 = RawH2::connect(&server).await;
+    server.wait_past_fence();
     // A literal header, not indexed, of 1,000 bytes: 10 MB in all.
     let mut pad = vec![0x00, 5];
     pad.extend(b"x-pad");
@@ -785,12 +753,7 @@ async fn headers_that_never_end_are_cut_off() {
     pad.extend([b'a'; 1_000]);
     let first = frame(HEADERS, 0, 1, &check_headers());
     let rest = (0..10_000).map(|_| frame(CONTINUATION, 0, 1, &pad));
-    h2.send(std::iter::once(first).chain(rest)).await;
-    assert_eq!(
-        h2.goaway(Duration::from_secs(10)).await,
-        Some(ENHANCE_YOUR_CALM)
-    );
-    a_new_client_is_served(&server).await;
+    assert_cut_off(&server, std::iter::once(first).chain(rest)).await;
 }
 
 /// HTTP/2 empty-frame flood (CVE-2019-9518): DATA frames that carry
@@ -798,15 +761,10 @@ async fn headers_that_never_end_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_empty_data_frames_is_cut_off() {
     let server = Server::dev();
-    let mut h2 = RawH2::connect(&server).await;
+    server.wait_past_fence();
     let first = frame(HEADERS, END_HEADERS, 1, &check_headers());
     let rest = (0..200_000).map(|_| frame(DATA, 0, 1, &[]));
-    h2.send(std::iter::once(first).chain(rest)).await;
-    assert_eq!(
-        h2.goaway(Duration::from_secs(10)).await,
-        Some(ENHANCE_YOUR_CALM)
-    );
-    a_new_client_is_served(&server).await;
+    assert_cut_off(&server, std::iter::once(first).chain(rest)).await;
 }
 
 /// A server that stops answering (SIGSTOP: a hung process, or a host gone

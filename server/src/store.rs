@@ -1033,15 +1033,6 @@ mod tests {
 
     fn key(store: &Store, id: &str, secret: &[u8]) -> KeyRecord {
         KeyRecord {
-            id: id.into(),
-            owner: "o".into(),
-            scopes: vec![],
-            policies: vec![],
-            routes: vec![],
-            bound_identities: vec![],
-            kind: KeyKind::Hmac,
-            revoked: false,
-            created_at: 1,
             secrets: vec![SecretRecord {
                 id: "s1".into(),
                 sealed: store.seal(id, "s1", secret),
@@ -1049,11 +1040,11 @@ mod tests {
                 valid_until: None,
                 revoked: false,
             }],
-            api_key_hash: None,
+            ..owned(id, "o")
         }
     }
 
-    /// A key record with only what listing looks at.
+    /// A key record of `owner`'s, without secrets.
     fn owned(id: &str, owner: &str) -> KeyRecord {
         KeyRecord {
             id: id.into(),

@@ -615,3 +615,31 @@ impl Drop for OwnPostgres {
         self.stop();
     }
 }
+
+/// A rustls client configuration from a directory's `ca.pem`,
+/// `client.pem` and `client-key.pem`, offering only `versions`: for tests
+/// that speak TLS themselves, below any gRPC client.
+pub fn client_tls_config(
+    dir: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut read("ca.pem").as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = rustls_pemfile::certs(&mut read("client.pem").as_slice())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pemfile::private_key(&mut read("client-key.pem").as_slice())
+        .unwrap()
+        .unwrap();
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap()
+}
