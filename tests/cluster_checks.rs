@@ -710,40 +710,6 @@ async fn a_client_of_all_nodes_does_not_notice_one_going_away() {
     }
 }
 
-/// A TCP proxy to PostgreSQL that can be cut (listener and every open
-/// connection), to cut one node off from the coordinator alone.
-struct CuttableProxy {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CuttableProxy {
-    async fn start(upstream: String) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let upstream = upstream.clone();
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-            }
-        });
-        Self { port, task }
-    }
-
-    /// Closes the listener and every connection through it.
-    fn cut(&self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_keys() {
     let Some(url) = fresh_database().await else {
@@ -755,7 +721,7 @@ async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_k
         .unwrap()
         .split_once('/')
         .unwrap();
-    let proxy = CuttableProxy::start(hostport.to_owned()).await;
+    let proxy = support::Proxy::start(hostport.to_owned()).await;
     let dir = ConfigDir::new();
     let configs = support::cluster_configs(&dir, &url, &NODES, "2s", POLICIES);
     let through_proxy = std::fs::read_to_string(&configs[2]).unwrap().replace(

@@ -294,3 +294,61 @@ async fn a_database_restart_costs_admin_changes_nothing_once_it_is_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A database that stops answering (hung, or a network that drops
+/// everything) must not hold admin changes for as long as TCP keeps the
+/// connection open: the change fails within warden's bound, says that it
+/// may have been made (it was sent), is audited so, and changes work again
+/// once the database answers, without restarting warden. Checks never
+/// needed the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_bounds_admin_changes_and_says_they_may_have_been_made() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let (hostport, rest) = url
+        .strip_prefix("postgres://postgres@")
+        .unwrap()
+        .split_once('/')
+        .unwrap();
+    let proxy = support::Proxy::start(hostport.to_owned()).await;
+    let dir = ConfigDir::new();
+    let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port);
+    let [a_conf, _] = node_configs(&dir, &through_proxy);
+    let a = Server::with_config(&a_conf);
+    a.wait_past_fence();
+    let cli = |args: &[&str]| dir.cli_within(&a, args, Duration::from_secs(30));
+    let create = |owner: &str| cli(&["keys", "create", "--owner", owner, "--json"]);
+    let out = create("before");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        key["key_id"].as_str().unwrap(),
+        key["secret"].as_str().unwrap(),
+    );
+
+    proxy.freeze();
+    assert_eq!(check(&dir, &a, id, secret).await, Reason::Ok);
+    let out = create("during");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("it may have been made"), "{stderr}");
+    assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
+    a.wait_for_log("\"event\":\"admin_unconfirmed\"");
+
+    proxy.thaw();
+    let out = create("after");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["audit", "tail", "--json"]);
+    let audit = String::from_utf8_lossy(&out.stdout);
+    assert!(audit.contains("change.unconfirmed"), "{audit}");
+    assert!(cli(&["audit", "verify"]).status.success());
+}

@@ -11,7 +11,7 @@ use crate::check::{CallerIdentity, Checker};
 use crate::crypto::{api_key_hash, random_hex};
 use crate::keys::RingError;
 use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, Route, is_valid_key_id};
-use crate::store::{KeyKind, KeyRecord, SecretRecord, Store};
+use crate::store::{KeyKind, KeyRecord, SecretRecord, Store, StoreError};
 use warden_client::signing::unix_now;
 
 /// Longest list (scopes, routes, ...) a key may have, and longest item.
@@ -32,6 +32,12 @@ pub enum AdminError {
     /// Storing or auditing failed; the details went to the server log.
     #[error("the change could not be stored; see the server log")]
     Internal,
+    /// The store did not confirm the change (a database that stopped
+    /// answering): it may have been made.
+    #[error(
+        "the key store did not confirm the change: it may have been made; look (warden keys show, policies list) before making it again"
+    )]
+    Unconfirmed,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> AdminError {
@@ -390,8 +396,7 @@ impl KeyAdmin {
         let _writing = self.writing.lock().await;
         let recorded = self.audit_now(actor, "policy.put", "", detail)?;
         if let Err(e) = store.put_policy(spec).await {
-            self.audit_not_made(actor, recorded, "");
-            return Err(internal("store policy", e));
+            return Err(self.not_stored(actor, recorded, "", "store policy", e));
         }
         // Every key may count against the policy: all are rebuilt.
         rebuild_keys(
@@ -441,8 +446,7 @@ impl KeyAdmin {
         let store = self.store()?;
         let recorded = self.audit_now(actor, action, &key.id, detail)?;
         if let Err(e) = store.put_key(key.clone()).await {
-            self.audit_not_made(actor, recorded, &key.id);
-            return Err(internal("store key", e));
+            return Err(self.not_stored(actor, recorded, &key.id, "store key", e));
         }
         load_key(self.checker.clone(), store.clone(), key)
             .await
@@ -477,27 +481,55 @@ impl KeyAdmin {
     }
 
     /// Records that the change recorded as `seq` was not made after all
-    /// (the store refused it). Best effort: if this fails too, the server
-    /// log says so, and the key store shows what was made.
-    fn audit_not_made(&self, actor: &CallerIdentity, seq: Option<u64>, key_id: &str) {
-        let (Some(audit), Some(seq)) = (&self.audit, seq) else {
-            return;
-        };
-        let event = Event {
-            actor: actor.as_str().to_owned(),
-            action: "change.failed",
-            key_id: key_id.to_owned(),
-            detail: format!(
-                "the change of record {seq} was not made: the store could not write it"
-            ),
-        };
-        if let Err(e) = audit.append_durable(&[event]) {
-            tracing::error!(
-                event = "audit_write_failed",
-                error = %e,
-                seq,
-                "could not record that an audited change was not made"
-            );
+    /// (the store refused it), or may not have been (the store did not
+    /// confirm it), and says so to the admin. Best effort: if recording
+    /// fails too, the server log says so, and the key store shows what was
+    /// made.
+    fn not_stored(
+        &self,
+        actor: &CallerIdentity,
+        seq: Option<u64>,
+        key_id: &str,
+        what: &str,
+        error: StoreError,
+    ) -> AdminError {
+        let unconfirmed = matches!(error, StoreError::Unconfirmed(_));
+        if let (Some(audit), Some(seq)) = (&self.audit, seq) {
+            let (action, detail) = match unconfirmed {
+                false => (
+                    "change.failed",
+                    format!(
+                        "the change of record {seq} was not made: the store could not write it"
+                    ),
+                ),
+                true => (
+                    "change.unconfirmed",
+                    format!(
+                        "the change of record {seq} may not have been made: the store did not confirm it"
+                    ),
+                ),
+            };
+            let event = Event {
+                actor: actor.as_str().to_owned(),
+                action,
+                key_id: key_id.to_owned(),
+                detail,
+            };
+            if let Err(e) = audit.append_durable(&[event]) {
+                tracing::error!(
+                    event = "audit_write_failed",
+                    error = %e,
+                    seq,
+                    "could not record that an audited change was not made"
+                );
+            }
+        }
+        match unconfirmed {
+            false => internal(what, error),
+            true => {
+                tracing::error!(event = "admin_unconfirmed", what, error = %error, "the store did not confirm an admin change");
+                AdminError::Unconfirmed
+            }
         }
     }
 }

@@ -65,6 +65,11 @@ pub enum StoreError {
     MasterKeyEnvMissing(String),
     #[error("key store (PostgreSQL): {0}")]
     Postgres(String),
+    /// A write whose outcome is not known: PostgreSQL did not confirm it
+    /// (no answer within [`POSTGRES_TIMEOUT`], or the connection broke
+    /// and could not be made again). It may have been committed.
+    #[error("key store (PostgreSQL): the change was not confirmed ({0}); it may have been made")]
+    Unconfirmed(String),
     #[error("{0} is not supported with a PostgreSQL store")]
     Unsupported(&'static str),
     #[error("{0}")]
@@ -252,12 +257,20 @@ struct JournalFile {
 /// The shared store: a PostgreSQL database that several processes use,
 /// with every change announced on [`CHANGES_CHANNEL`].
 struct Database {
-    /// Made again when closed: a database restart or failover closes every
-    /// connection, and the store must work again once the database is
-    /// back, without restarting warden.
-    client: tokio::sync::Mutex<tokio_postgres::Client>,
+    /// Made again when closed or given up on (none until then): a database
+    /// restart or failover closes every connection, a network that drops
+    /// everything leaves one hanging, and the store must work again once
+    /// the database is back, without restarting warden.
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     url: String,
 }
+
+/// How long a write or read of the PostgreSQL store may take (waiting for
+/// the connection and connecting included) before warden gives up on it
+/// and on its connection. They take milliseconds; without a bound, a
+/// database that stopped answering held every admin change (and the
+/// admin) for as long as TCP kept the connection open.
+pub const POSTGRES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Backend {
     /// Makes one change durable, then puts it in `state`.
@@ -369,31 +382,91 @@ impl Database {
                 .await?;
             Ok::<_, StoreError>(())
         };
-        let mut client = self.client().await?;
-        match upsert(&client).await {
-            // The connection broke under the write, which may or may not
-            // have been committed. It writes the whole record (and an
-            // announcement, which is only ever a cue to reload), so making
-            // it again on a new connection is safe.
-            Err(_) if client.is_closed() => {
-                *client = open_client(&self.url).await?;
-                upsert(&client).await
+        let written = self.within_timeout(async |slot: &mut Option<tokio_postgres::Client>| {
+            let client = connected(slot, &self.url).await?;
+            match upsert(client).await {
+                // The connection broke under the write, which may or may
+                // not have been committed. It writes the whole record (and
+                // an announcement, which is only ever a cue to reload), so
+                // making it again on a new connection is safe.
+                Err(_) if client.is_closed() => {
+                    let client = connected(slot, &self.url).await.map_err(|e| {
+                        StoreError::Unconfirmed(format!("the connection broke, then: {e}"))
+                    })?;
+                    upsert(client).await
+                }
+                written => written,
             }
-            written => written,
-        }
+        });
+        written.await.unwrap_or_else(|| {
+            Err(StoreError::Unconfirmed(format!(
+                "no answer within {} s",
+                POSTGRES_TIMEOUT.as_secs()
+            )))
+        })
     }
 
-    /// The connection, made again first if it was closed.
-    async fn client(
+    /// A read on the connection (made again first if closed or given up
+    /// on), within the same bound as a write.
+    async fn query_opt(
         &self,
-    ) -> Result<tokio::sync::MutexGuard<'_, tokio_postgres::Client>, StoreError> {
-        let mut client = self.client.lock().await;
-        if client.is_closed() {
-            *client = open_client(&self.url).await?;
-            tracing::info!(event = "store_reconnected", "reconnected to PostgreSQL");
-        }
-        Ok(client)
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        self.within_timeout(async |slot: &mut Option<tokio_postgres::Client>| {
+            Ok(connected(slot, &self.url)
+                .await?
+                .query_opt(sql, params)
+                .await?)
+        })
+        .await
+        .unwrap_or_else(|| Err(Self::no_answer()))
     }
+
+    /// Everything in the store, as [`load_postgres`] reads it, within the
+    /// same bound.
+    async fn load(&self) -> Result<State, StoreError> {
+        self.within_timeout(async |slot: &mut Option<tokio_postgres::Client>| {
+            load_postgres(connected(slot, &self.url).await?).await
+        })
+        .await
+        .unwrap_or_else(|| Err(Self::no_answer()))
+    }
+
+    /// Runs `f` on the connection, waiting for it included, for at most
+    /// [`POSTGRES_TIMEOUT`]; `None` when it was given up on. A connection
+    /// given up on is dropped, so the next use starts on a new one.
+    async fn within_timeout<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Option<tokio_postgres::Client>) -> Result<T, StoreError>,
+    ) -> Option<Result<T, StoreError>> {
+        let deadline = tokio::time::Instant::now() + POSTGRES_TIMEOUT;
+        let mut slot = tokio::time::timeout_at(deadline, self.client.lock())
+            .await
+            .ok()?;
+        let done = tokio::time::timeout_at(deadline, f(&mut slot)).await;
+        if done.is_err() {
+            *slot = None;
+        }
+        done.ok()
+    }
+
+    fn no_answer() -> StoreError {
+        StoreError::Postgres(format!("no answer within {} s", POSTGRES_TIMEOUT.as_secs()))
+    }
+}
+
+/// `slot`'s connection, made first if there is none or it was closed.
+async fn connected<'a>(
+    slot: &'a mut Option<tokio_postgres::Client>,
+    url: &str,
+) -> Result<&'a tokio_postgres::Client, StoreError> {
+    if slot.as_ref().is_none_or(|c| c.is_closed()) {
+        *slot = None;
+        *slot = Some(open_client(url).await?);
+        tracing::info!(event = "store_reconnected", "connected to PostgreSQL again");
+    }
+    Ok(slot.as_ref().expect("just connected"))
 }
 
 /// A connection whose messages are handled by a task of its own, which
@@ -663,7 +736,7 @@ impl Store {
         let state = load_postgres(&client).await?;
         let store = Self {
             backend: Backend::Database(Database {
-                client: tokio::sync::Mutex::new(client),
+                client: tokio::sync::Mutex::new(Some(client)),
                 url: url.to_owned(),
             }),
             dir: dir.to_owned(),
@@ -678,7 +751,7 @@ impl Store {
     /// only this process writes).
     pub async fn reload(&self) -> Result<(), StoreError> {
         if let Backend::Database(database) = &self.backend {
-            let state = load_postgres(&*database.client().await?).await?;
+            let state = database.load().await?;
             *self.state.write() = state;
         }
         Ok(())
@@ -691,8 +764,6 @@ impl Store {
         if let (Backend::Database(database), Some(id)) =
             (&self.backend, announced.strip_prefix(KEY_CHANGED))
             && let Some(row) = database
-                .client()
-                .await?
                 .query_opt("SELECT record FROM warden_keys WHERE id = $1", &[&id])
                 .await?
         {

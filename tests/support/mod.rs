@@ -390,21 +390,48 @@ impl ConfigDir {
     /// Runs the `warden` CLI against `server` with this directory's client
     /// certificate.
     pub fn cli(&self, server: &Server, args: &[&str]) -> std::process::Output {
+        self.cli_command(server, args).output().expect("run warden")
+    }
+
+    /// Like [`Self::cli`], failing the test (and killing the CLI) if it
+    /// has not ended within `limit`.
+    pub fn cli_within(
+        &self,
+        server: &Server,
+        args: &[&str],
+        limit: std::time::Duration,
+    ) -> std::process::Output {
+        let mut child = self
+            .cli_command(server, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run warden");
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("warden {args:?} did not end within {limit:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn cli_command(&self, server: &Server, args: &[&str]) -> Command {
         let p = |name: &str| self.path().join(name).to_str().unwrap().to_owned();
-        Command::new(BIN)
-            .args(args)
-            .args([
-                "--target",
-                &server.addr,
-                "--ca",
-                &p("ca.pem"),
-                "--cert",
-                &p("client.pem"),
-                "--key",
-                &p("client-key.pem"),
-            ])
-            .output()
-            .expect("run warden")
+        let mut command = Command::new(BIN);
+        command.args(args).args([
+            "--target",
+            &server.addr,
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("client.pem"),
+            "--key",
+            &p("client-key.pem"),
+        ]);
+        command
     }
 
     /// Issues a client certificate from this directory's CA into
@@ -642,4 +669,82 @@ pub fn client_tls_config(
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .unwrap()
+}
+
+/// A TCP proxy (to PostgreSQL, say) that can be cut (the listener and
+/// every open connection closed), or frozen: connections stay open and
+/// nothing passes until it is thawed, as with a peer that hangs or a
+/// network that drops everything.
+pub struct Proxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let (upstream, watch) = (upstream.clone(), watch.clone());
+                conns.spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let ((in_read, in_write), (out_read, out_write)) =
+                        (inbound.into_split(), out.into_split());
+                    tokio::join!(
+                        pump(in_read, out_write, watch.clone()),
+                        pump(out_read, in_write, watch)
+                    );
+                });
+            }
+        });
+        Self { port, task, frozen }
+    }
+
+    /// Closes the listener and every connection through it.
+    pub fn cut(&self) {
+        self.task.abort();
+    }
+
+    /// Nothing passes, either way, until [`Self::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to`, holding what it has while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        if frozen.wait_for(|f| !f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

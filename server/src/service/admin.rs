@@ -42,6 +42,8 @@ impl From<AdminError> for Status {
             AdminError::Exists(_) => Status::already_exists(text),
             AdminError::Precondition(_) => Status::failed_precondition(text),
             AdminError::Internal => Status::internal(text),
+            // gRPC's code for "may have completed".
+            AdminError::Unconfirmed => Status::deadline_exceeded(text),
         }
     }
 }
