@@ -352,3 +352,52 @@ async fn a_database_that_stops_answering_bounds_admin_changes_and_says_they_may_
     assert!(audit.contains("change.unconfirmed"), "{audit}");
     assert!(cli(&["audit", "verify"]).status.success());
 }
+
+/// A node whose connections to the database silently stop carrying
+/// anything (the database host gone without a word, then a failover to
+/// another) must not go on trusting what it loaded: its change feed
+/// notices that it hears nothing, reconnects, and loads everything, so a
+/// key revoked through another node meanwhile stops working there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_reaches_a_node_whose_change_feed_went_silent() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let (hostport, rest) = url
+        .strip_prefix("postgres://postgres@")
+        .unwrap()
+        .split_once('/')
+        .unwrap();
+    let proxy = support::Proxy::start(hostport.to_owned()).await;
+    let dir = ConfigDir::new();
+    let [a_conf, b_conf] = node_configs(&dir, &url);
+    // Node b reaches the database through the proxy; node a directly.
+    let through_proxy = std::fs::read_to_string(&b_conf).unwrap().replace(
+        &url,
+        &format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port),
+    );
+    std::fs::write(&b_conf, through_proxy).unwrap();
+    let (a, b) = (Server::with_config(&a_conf), Server::with_config(&b_conf));
+    a.wait_past_fence();
+    b.wait_past_fence();
+    let (id, secret) = created_key(&cli_ok(
+        &dir,
+        &a,
+        &["keys", "create", "--owner", "shared", "--json"],
+    ));
+    eventually(&dir, &b, &id, &secret, Reason::Ok).await;
+
+    proxy.strand();
+    cli_ok(&dir, &a, &["keys", "revoke", &id]);
+    assert_eq!(check(&dir, &a, &id, &secret).await, Reason::Unauthenticated);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while check(&dir, &b, &id, &secret).await != Reason::Unauthenticated {
+        assert!(
+            Instant::now() < deadline,
+            "node b still accepts a key revoked through node a:\n{}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.wait_for_log("\"event\":\"store_listen_lost\"");
+}

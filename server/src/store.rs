@@ -561,55 +561,106 @@ where
     };
     let url = url.clone();
     loop {
-        match connect(&url).await {
-            Ok((client, mut connection)) => {
-                let listening = async {
-                    client
-                        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
-                        .await?;
-                    Ok::<_, StoreError>(())
-                };
-                // The connection must be polled for LISTEN to complete.
-                let mut listen = Box::pin(listening);
-                let ok = loop {
-                    tokio::select! {
-                        r = &mut listen => break r.is_ok(),
-                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
-                            if !matches!(m, Some(Ok(_))) { break false; }
-                        }
-                    }
-                };
-                if ok {
-                    if let Err(e) = store.reload().await {
-                        tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed");
-                    }
-                    changed(StoreChange::Everything).await;
-                    loop {
-                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                match store.reload_announced(n.payload()).await {
-                                    Ok(change) => changed(change).await,
-                                    Err(e) => {
-                                        tracing::error!(event = "store_reload_failed", error = %e, "reloading keys failed")
-                                    }
-                                }
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => {
-                                let error = warden_client::error_chain(&e);
-                                tracing::warn!(event = "store_listen_lost", %error, "lost the PostgreSQL change feed; reconnecting");
-                                break;
-                            }
-                            None => break,
-                        }
+        let Err(error) = listen(&store, &url, &changed).await;
+        tracing::warn!(event = "store_listen_lost", %error, "the PostgreSQL change feed stopped; reconnecting");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// How often the change feed makes a round trip on its own connection. A
+/// connection that silently stopped carrying anything (a database host
+/// gone without a word, a failover behind a stale TCP path) would
+/// otherwise never hear another change: a key revoked through another
+/// node would go on working here.
+const FEED_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Listens for changes on a connection of its own and loads each one, until
+/// the connection fails, stops answering, or a change cannot be loaded;
+/// returns why. Every (re)connection first loads everything, since changes
+/// may have been missed while nothing listened.
+async fn listen<F, Fut>(
+    store: &Store,
+    url: &str,
+    changed: &F,
+) -> Result<std::convert::Infallible, String>
+where
+    F: Fn(StoreChange) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (client, mut connection) = bounded(
+        "connecting",
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await?;
+    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    let feed = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(Ok(n)).is_err() {
+                        return;
                     }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(event = "store_listen_failed", error = %e, "cannot listen for key changes; retrying")
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(warden_client::error_chain(&e)));
+                    return;
+                }
             }
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    });
+    let _feed = AbortOnDrop(feed);
+    bounded(
+        "listening",
+        client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")),
+    )
+    .await?;
+    store
+        .reload()
+        .await
+        .map_err(|e| format!("loading every key: {e}"))?;
+    changed(StoreChange::Everything).await;
+    let mut check = tokio::time::interval(FEED_CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            notification = notifications.recv() => {
+                let notification = notification.unwrap_or_else(|| Err("the connection ended".into()))?;
+                let change = store
+                    .reload_announced(notification.payload())
+                    .await
+                    .map_err(|e| format!("loading a change: {e}"))?;
+                changed(change).await;
+            }
+            _ = check.tick() => {
+                bounded("checking the connection", client.simple_query("SELECT 1")).await?;
+            }
+        }
+    }
+}
+
+/// `step` within [`POSTGRES_TIMEOUT`], its failure said as what it was.
+async fn bounded<T>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(POSTGRES_TIMEOUT, step).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(format!("{what}: {}", warden_client::error_chain(&e))),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} s",
+            POSTGRES_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Aborts a task when dropped: the change feed's connection ends with the
+/// feed.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

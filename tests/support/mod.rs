@@ -672,26 +672,46 @@ pub fn client_tls_config(
 }
 
 /// A TCP proxy (to PostgreSQL, say) that can be cut (the listener and
-/// every open connection closed), or frozen: connections stay open and
-/// nothing passes until it is thawed, as with a peer that hangs or a
-/// network that drops everything.
+/// every open connection closed), frozen (connections stay open and
+/// nothing passes until it is thawed, as with a peer that hangs), or made
+/// to strand the connections open now: they stay open and carry nothing
+/// ever again, while new ones pass, as with a database host gone without a
+/// word and a failover to another.
 pub struct Proxy {
     pub port: u16,
     task: tokio::task::JoinHandle<()>,
-    frozen: tokio::sync::watch::Sender<bool>,
+    state: tokio::sync::watch::Sender<Passing>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Which of a [`Proxy`]'s connections carry bytes.
+#[derive(Clone, Copy, Default)]
+struct Passing {
+    frozen: bool,
+    /// Connections numbered below this carry nothing.
+    stranded_below: u64,
+}
+
+impl Passing {
+    fn holds(&self, connection: u64) -> bool {
+        self.frozen || connection < self.stranded_below
+    }
 }
 
 impl Proxy {
     pub async fn start(upstream: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let (state, watch) = tokio::sync::watch::channel(Passing::default());
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = opened.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
+                let number = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (upstream, watch) = (upstream.clone(), watch.clone());
                 conns.spawn(async move {
                     let Ok(out) = tokio::net::TcpStream::connect(upstream).await else {
@@ -700,13 +720,18 @@ impl Proxy {
                     let ((in_read, in_write), (out_read, out_write)) =
                         (inbound.into_split(), out.into_split());
                     tokio::join!(
-                        pump(in_read, out_write, watch.clone()),
-                        pump(out_read, in_write, watch)
+                        pump(in_read, out_write, number, watch.clone()),
+                        pump(out_read, in_write, number, watch)
                     );
                 });
             }
         });
-        Self { port, task, frozen }
+        Self {
+            port,
+            task,
+            state,
+            opened,
+        }
     }
 
     /// Closes the listener and every connection through it.
@@ -716,24 +741,32 @@ impl Proxy {
 
     /// Nothing passes, either way, until [`Self::thaw`].
     pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+        self.state.send_modify(|s| s.frozen = true);
     }
 
     pub fn thaw(&self) {
-        self.frozen.send_replace(false);
+        self.state.send_modify(|s| s.frozen = false);
+    }
+
+    /// The connections open now carry nothing from now on; later ones do.
+    pub fn strand(&self) {
+        let below = self.opened.load(std::sync::atomic::Ordering::SeqCst);
+        self.state.send_modify(|s| s.stranded_below = below);
     }
 }
 
-/// Copies `from` to `to`, holding what it has while `frozen`.
+/// Copies `from` to `to` for connection `number`, holding what it has
+/// while the proxy holds that connection.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: tokio::sync::watch::Receiver<bool>,
+    number: u64,
+    mut state: tokio::sync::watch::Receiver<Passing>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if frozen.wait_for(|f| !f).await.is_err() {
+        if state.wait_for(|s| !s.holds(number)).await.is_err() {
             return;
         }
         let n = tokio::select! {
@@ -741,9 +774,11 @@ async fn pump(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             },
-            _ = frozen.wait_for(|f| *f) => continue,
+            _ = state.wait_for(|s| s.holds(number)) => continue,
         };
-        if frozen.wait_for(|f| !f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if state.wait_for(|s| !s.holds(number)).await.is_err()
+            || to.write_all(&buf[..n]).await.is_err()
+        {
             return;
         }
     }
