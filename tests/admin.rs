@@ -1035,3 +1035,35 @@ fn the_cli_says_why_it_cannot_connect() {
         "{text}"
     );
 }
+
+/// A server that hangs (SIGSTOP) reads nothing: the CLI gives up at
+/// `--timeout`, says so, and says that a change may have been made.
+#[test]
+fn the_cli_gives_up_on_a_hung_server_at_its_timeout() {
+    let server = Server::dev();
+    server.signal("STOP");
+    let started = std::time::Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["keys", "create", "--owner", "hung", "--timeout", "1s"])
+        .args(["--dev-dir", server.dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            server.signal("CONT");
+            panic!("the CLI did not give up");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.signal("CONT");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("within 1s (--timeout)") && stderr.contains("may have been made"),
+        "{stderr}"
+    );
+}

@@ -42,9 +42,28 @@ pub struct ConnArgs {
     /// Client private key (PEM).
     #[arg(long = "key", env = "WARDEN_KEY", global = true)]
     pub client_key: Option<PathBuf>,
+    /// How long to wait for the server before giving up (a hung server
+    /// reads nothing): "60s", "10m". A change not answered in time may
+    /// have been made.
+    #[arg(long, env = "WARDEN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub timeout: std::time::Duration,
 }
 
 impl ConnArgs {
+    /// `command` (one that talks to the server) within `--timeout`.
+    pub async fn within(
+        &self,
+        command: impl std::future::Future<Output = Result<ExitCode, Failure>>,
+    ) -> Result<ExitCode, Failure> {
+        match tokio::time::timeout(self.timeout, command).await {
+            Ok(done) => done,
+            Err(_) => Err(runtime(format!(
+                "no answer from warden within {} (--timeout); a change, if this command makes one, may have been made",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
     /// The dev directory's `demo-key.json`.
     pub fn demo(&self) -> Result<warden::dev::DemoKey, String> {
         let path = self.dev_dir.join("demo-key.json");
@@ -938,6 +957,14 @@ fn record_json(r: &AuditRecord) -> RecordView<'_> {
         key_id: &r.key_id,
         detail: &r.detail,
         hash: &r.hash,
+    }
+}
+
+impl AuditCommand {
+    /// Reads files here, without the server (no `--timeout`: a long log
+    /// takes as long as it takes).
+    pub fn is_offline(&self) -> bool {
+        matches!(self, AuditCommand::Verify { file, store_dir, .. } if file.is_some() || store_dir.is_some())
     }
 }
 

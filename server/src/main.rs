@@ -161,13 +161,26 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => exit(serve(args).await),
-            Command::Check(args) => exit(check(args).await),
+            Command::Check(args) => exit(args.conn.within(check(&args)).await),
             Command::Config(ConfigCommand::Check { file }) => exit(config_check(&file)),
-            Command::Keys { conn, command } => exit(admin_cli::keys(&conn, command).await),
-            Command::Policies { conn, command } => exit(admin_cli::policies(&conn, command).await),
-            Command::Audit { conn, command } => exit(admin_cli::audit(&conn, command).await),
-            Command::Cluster { conn, command } => exit(admin_cli::cluster(&conn, command).await),
-            Command::Webhooks { conn, command } => exit(admin_cli::webhooks(&conn, command).await),
+            Command::Keys { conn, command } => {
+                exit(conn.within(admin_cli::keys(&conn, command)).await)
+            }
+            Command::Policies { conn, command } => {
+                exit(conn.within(admin_cli::policies(&conn, command)).await)
+            }
+            Command::Audit { conn, command } if command.is_offline() => {
+                exit(admin_cli::audit(&conn, command).await)
+            }
+            Command::Audit { conn, command } => {
+                exit(conn.within(admin_cli::audit(&conn, command)).await)
+            }
+            Command::Cluster { conn, command } => {
+                exit(conn.within(admin_cli::cluster(&conn, command)).await)
+            }
+            Command::Webhooks { conn, command } => {
+                exit(conn.within(admin_cli::webhooks(&conn, command)).await)
+            }
             Command::Store(command) => exit(admin_cli::store(command).await),
         }
     })
@@ -351,7 +364,7 @@ fn print_dev_banner(setup: &dev::DevSetup, addr: SocketAddr) {
     println!("  server address: {addr}");
 }
 
-async fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
+async fn check(args: &CheckArgs) -> Result<ExitCode, Failure> {
     let demo = args.conn.demo();
     let target = args.conn.target().map_err(usage)?;
     let (key_id, secret) = match (&args.key_id, &args.secret_env, &demo) {
@@ -380,7 +393,11 @@ async fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
             descriptor: descriptor.to_owned(),
         });
     }
-    let mut client = Client::connect(&target, tls).await.map_err(runtime)?;
+    // The client's own deadline is the command's.
+    let mut client = Client::connect(&target, tls)
+        .await
+        .map_err(runtime)?
+        .with_timeout(args.conn.timeout);
     let signer = Signer::new(key_id, secret.into_bytes());
     let mut request =
         signer.check_request(&args.method, &args.path, &args.query, args.body.as_bytes());
