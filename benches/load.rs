@@ -472,6 +472,11 @@ impl Stats {
         }
     }
 
+    /// The latency at quantile `q`, in milliseconds.
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.lock().value_at_quantile(q) as f64 / 1000.0
+    }
+
     fn record(&self, latency: Duration, outcome: Result<&str, ()>) {
         let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
         let _ = self.hist.lock().record(micros);
@@ -686,25 +691,17 @@ async fn run_keys(args: KeysArgs) -> Result<(), String> {
     let mut batch = (Stats::new(), Instant::now());
     for created in 1..=args.count {
         let started = Instant::now();
-        admin
-            .create_key(CreateKeyRequest {
-                owner: "warden-bench".into(),
-                kind: KeyKind::Hmac as i32,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("creating a key: {}", e.message()))?;
+        create_key(&mut admin, "warden-bench").await?;
         batch.0.record(started.elapsed(), Ok("created"));
         if created % every == 0 || created == args.count {
             let (stats, since) = std::mem::replace(&mut batch, (Stats::new(), Instant::now()));
-            let hist = stats.hist.lock();
-            let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+            let count = stats.hist.lock().len();
             println!(
                 "{created:>9} keys created by this run  {:>7.0} creates/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-                hist.len() as f64 / since.elapsed().as_secs_f64(),
-                ms(0.5),
-                ms(0.99),
-                ms(1.0)
+                count as f64 / since.elapsed().as_secs_f64(),
+                stats.ms(0.5),
+                stats.ms(0.99),
+                stats.ms(1.0)
             );
         }
     }
@@ -720,14 +717,7 @@ async fn run_keys(args: KeysArgs) -> Result<(), String> {
 async fn time_owner_listing(admin: &mut AdminClient<Channel>) -> Result<(), String> {
     const OWNER: &str = "warden-bench-listed";
     for _ in 0..3 {
-        admin
-            .create_key(CreateKeyRequest {
-                owner: OWNER.into(),
-                kind: KeyKind::Hmac as i32,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("creating a key: {}", e.message()))?;
+        create_key(admin, OWNER).await?;
     }
     let stats = Stats::new();
     let mut listed = 0;
@@ -748,13 +738,24 @@ async fn time_owner_listing(admin: &mut AdminClient<Channel>) -> Result<(), Stri
     if listed < 3 {
         return Err(format!("listed {listed} of {OWNER}'s keys, created 3"));
     }
-    let hist = stats.hist.lock();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "listing {OWNER}'s {listed} keys (ListKeys by owner, 200 calls): p50 {:.2} ms  p99 {:.2} ms",
-        ms(0.5),
-        ms(0.99)
+        stats.ms(0.5),
+        stats.ms(0.99)
     );
+    Ok(())
+}
+
+/// Creates one HMAC key of `owner`'s, as an administrator's tool does.
+async fn create_key(admin: &mut AdminClient<Channel>, owner: &str) -> Result<(), String> {
+    admin
+        .create_key(CreateKeyRequest {
+            owner: owner.into(),
+            kind: KeyKind::Hmac as i32,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating a key: {}", e.message()))?;
     Ok(())
 }
 
@@ -1035,8 +1036,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let elapsed = started.elapsed().as_secs_f64();
     let _ = progress.await;
 
-    let hist = stats.hist.lock();
-    let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let pct = |q: f64| stats.ms(q);
     let done = stats.done.load(Ordering::Relaxed);
     let errors = stats.errors.load(Ordering::Relaxed);
     let client_cpu = own_before.and_then(|cpu0| {

@@ -716,19 +716,11 @@ async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_k
         return;
     };
     // node-c reaches PostgreSQL through a proxy; the others directly.
-    let (hostport, rest) = url
-        .strip_prefix("postgres://postgres@")
-        .unwrap()
-        .split_once('/')
-        .unwrap();
-    let proxy = support::Proxy::start(hostport.to_owned()).await;
+    let (proxy, through_proxy) = support::Proxy::to_database(&url).await;
     let dir = ConfigDir::new();
     let configs = support::cluster_configs(&dir, &url, &NODES, "2s", POLICIES);
-    let through_proxy = std::fs::read_to_string(&configs[2]).unwrap().replace(
-        &url,
-        &format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port),
-    );
-    std::fs::write(&configs[2], through_proxy).unwrap();
+    let config = std::fs::read_to_string(&configs[2]).unwrap();
+    std::fs::write(&configs[2], config.replace(&url, &through_proxy)).unwrap();
     let cluster = Cluster::start_from(dir, configs);
     // A key whose state node-c owns (created in the shared store).
     let (key_id, secret) = loop {

@@ -306,14 +306,8 @@ async fn a_database_that_stops_answering_bounds_admin_changes_and_says_they_may_
     let Some(url) = fresh_database().await else {
         return;
     };
-    let (hostport, rest) = url
-        .strip_prefix("postgres://postgres@")
-        .unwrap()
-        .split_once('/')
-        .unwrap();
-    let proxy = support::Proxy::start(hostport.to_owned()).await;
+    let (proxy, through_proxy) = support::Proxy::to_database(&url).await;
     let dir = ConfigDir::new();
-    let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port);
     let [a_conf, _] = node_configs(&dir, &through_proxy);
     let a = Server::with_config(&a_conf);
     a.wait_past_fence();
@@ -363,20 +357,12 @@ async fn a_revoke_reaches_a_node_whose_change_feed_went_silent() {
     let Some(url) = fresh_database().await else {
         return;
     };
-    let (hostport, rest) = url
-        .strip_prefix("postgres://postgres@")
-        .unwrap()
-        .split_once('/')
-        .unwrap();
-    let proxy = support::Proxy::start(hostport.to_owned()).await;
+    let (proxy, through_proxy) = support::Proxy::to_database(&url).await;
     let dir = ConfigDir::new();
     let [a_conf, b_conf] = node_configs(&dir, &url);
     // Node b reaches the database through the proxy; node a directly.
-    let through_proxy = std::fs::read_to_string(&b_conf).unwrap().replace(
-        &url,
-        &format!("postgres://postgres@127.0.0.1:{}/{rest}", proxy.port),
-    );
-    std::fs::write(&b_conf, through_proxy).unwrap();
+    let config = std::fs::read_to_string(&b_conf).unwrap();
+    std::fs::write(&b_conf, config.replace(&url, &through_proxy)).unwrap();
     let (a, b) = (Server::with_config(&a_conf), Server::with_config(&b_conf));
     a.wait_past_fence();
     b.wait_past_fence();

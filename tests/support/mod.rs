@@ -699,7 +699,7 @@ impl Passing {
 }
 
 impl Proxy {
-    pub async fn start(upstream: String) -> Self {
+    async fn start(upstream: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (state, watch) = tokio::sync::watch::channel(Passing::default());
@@ -732,6 +732,18 @@ impl Proxy {
             state,
             opened,
         }
+    }
+
+    /// A proxy to the database of `url` (`postgres://postgres@HOST:PORT/DB`,
+    /// as [`fresh_database`] gives), and the same URL through the proxy.
+    pub async fn to_database(url: &str) -> (Self, String) {
+        let (hostport, database) = url
+            .strip_prefix("postgres://postgres@")
+            .and_then(|rest| rest.split_once('/'))
+            .expect("a postgres://postgres@HOST:PORT/DB URL");
+        let proxy = Self::start(hostport.to_owned()).await;
+        let through = format!("postgres://postgres@127.0.0.1:{}/{database}", proxy.port);
+        (proxy, through)
     }
 
     /// Closes the listener and every connection through it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -58,8 +59,16 @@ class Warden:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def pause(self) -> None:
+        """SIGSTOP: a hung process, which reads nothing and answers nothing."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.resume()  # a paused process would not act on SIGTERM
             self.proc.terminate()
             self.proc.wait(timeout=20)
 
@@ -107,6 +116,14 @@ def start_warden(dev_dir: Path) -> Warden:
 @pytest.fixture(scope="session")
 def warden(tmp_path_factory) -> Warden:
     server = start_warden(tmp_path_factory.mktemp("warden") / "dev")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_warden(tmp_path) -> Warden:
+    """A warden of this test's own, for tests that pause, kill or stop it."""
+    server = start_warden(tmp_path / "own")
     yield server
     server.stop()
 

@@ -275,92 +275,74 @@ def test_the_compiled_channel_refuses_bad_arguments_before_sending(warden, trans
     assert e.value.args[0] == 12  # UNIMPLEMENTED
 
 
-def test_an_idle_client_does_not_hold_up_a_server_shutting_down(tmp_path, transport):
+def test_an_idle_client_does_not_hold_up_a_server_shutting_down(own_warden, transport):
     # A draining server waits for its clients to acknowledge GOAWAY; a
     # connection nobody drives between calls would keep it waiting for the
     # whole drain timeout (30 s).
-    from conftest import start_warden
-
-    server = start_warden(tmp_path / "dev")
-    try:
-        key = server.create_key("--owner", "py-idle")
-        c = WardenClient(server.addr, timeout=2.0, transport=transport, **server.tls())
-        assert c.check(signed(key)).allowed
-        time.sleep(0.5)  # idle: no call in flight
-        started = time.monotonic()
-        server.proc.terminate()
-        server.proc.wait(timeout=15)
-        assert time.monotonic() - started < 10
-        assert server.proc.returncode == 0, "".join(server.stderr_lines[-5:])
-        c.close()
-    finally:
-        server.stop()
+    server = own_warden
+    key = server.create_key("--owner", "py-idle")
+    c = WardenClient(server.addr, timeout=2.0, transport=transport, **server.tls())
+    assert c.check(signed(key)).allowed
+    time.sleep(0.5)  # idle: no call in flight
+    started = time.monotonic()
+    server.proc.terminate()
+    server.proc.wait(timeout=15)
+    assert time.monotonic() - started < 10
+    assert server.proc.returncode == 0, "".join(server.stderr_lines[-5:])
+    c.close()
 
 
-def test_a_paused_server_is_unavailable_at_the_deadline_and_never_a_refusal(tmp_path, transport):
+def test_a_paused_server_is_unavailable_at_the_deadline_and_never_a_refusal(own_warden, transport):
     # A hung warden (SIGSTOP) on a connection already made: the call ends at
     # the client's deadline as WardenUnavailable (DEADLINE_EXCEEDED), so the
     # breaker counts it and FAILURE_MODE applies, never as a refusal.
-    import signal
-
-    from conftest import start_warden
-
-    server = start_warden(tmp_path / "dev")
+    server = own_warden
+    key = server.create_key("--owner", "py-paused")
+    # A breaker that stays closed, so that every call reaches the server.
+    c = WardenClient(
+        server.addr, timeout=0.3, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+    )
+    assert c.check(signed(key)).allowed
+    server.pause()
     try:
-        key = server.create_key("--owner", "py-paused")
-        # A breaker that stays closed, so that every call reaches the server.
-        c = WardenClient(
-            server.addr, timeout=0.3, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
-        )
-        assert c.check(signed(key)).allowed
-        server.proc.send_signal(signal.SIGSTOP)
-        try:
-            for _ in range(5):
-                with pytest.raises(WardenUnavailable) as e:
-                    c.check(signed(key))
-                assert e.value.code.name == "DEADLINE_EXCEEDED", e.value
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        c.close()
+        for _ in range(5):
+            with pytest.raises(WardenUnavailable) as e:
+                c.check(signed(key))
+            assert e.value.code.name == "DEADLINE_EXCEEDED", e.value
     finally:
-        server.stop()
+        server.resume()
+    c.close()
 
 
-def test_a_server_killed_under_a_call_is_unavailable_not_a_refusal(tmp_path, transport):
+def test_a_server_killed_under_a_call_is_unavailable_not_a_refusal(own_warden, transport):
     # The connection breaks while the call waits for its answer: warden was
     # unreachable (the breaker counts it, FAILURE_MODE applies), whatever
     # the transport calls it.
-    import signal
     import threading
 
-    from conftest import start_warden
+    server = own_warden
+    key = server.create_key("--owner", "py-killed")
+    c = WardenClient(
+        server.addr, timeout=10.0, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+    )
+    assert c.check(signed(key)).allowed
+    server.pause()
+    outcome = []
 
-    server = start_warden(tmp_path / "dev")
-    try:
-        key = server.create_key("--owner", "py-killed")
-        c = WardenClient(
-            server.addr, timeout=10.0, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
-        )
-        assert c.check(signed(key)).allowed
-        server.proc.send_signal(signal.SIGSTOP)
-        outcome = []
+    def call():
+        try:
+            c.check(signed(key))
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome.append(e)
 
-        def call():
-            try:
-                c.check(signed(key))
-            except Exception as e:  # noqa: BLE001 - the test inspects it
-                outcome.append(e)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(0.5)
-        server.proc.kill()
-        caller.join(timeout=15)
-        assert len(outcome) == 1 and isinstance(outcome[0], WardenUnavailable), outcome
-        assert outcome[0].code.name == "UNAVAILABLE", outcome[0]
-        c.close()
-    finally:
-        server.stop()
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    server.proc.kill()
+    caller.join(timeout=15)
+    assert len(outcome) == 1 and isinstance(outcome[0], WardenUnavailable), outcome
+    assert outcome[0].code.name == "UNAVAILABLE", outcome[0]
+    c.close()
 
 
 class DelayingRelay:

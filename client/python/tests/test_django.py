@@ -94,32 +94,25 @@ def test_warden_stopped_and_failing_open_lets_requests_through_with_a_warning(cl
     assert any("failing open" in rec.getMessage() for rec in caplog.records)
 
 
-def test_a_hung_warden_failing_open_lets_requests_through(client, warden_settings, tmp_path, caplog):
+def test_a_hung_warden_failing_open_lets_requests_through(client, warden_settings, own_warden, caplog):
     # Hung (SIGSTOP) on a connection already made: the check ends at the
     # deadline as "unreachable", so FAILURE_MODE applies. With the compiled
     # transport it once ended as a refusal (503) whatever the mode.
-    import signal
-
-    from conftest import start_warden
-
-    hung = start_warden(tmp_path / "hung")
+    hung = own_warden
+    tls = hung.tls()
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": hung.addr, "FAILURE_MODE": "open",
+                              "CA": tls["ca"], "CERT": tls["cert"], "KEY": tls["key"],
+                              "TIMEOUT": 0.3, "BREAKER": {"FAILURES": 1000, "RESET_AFTER": 1}}
+    # Connected: this server answers that the request is malformed.
+    assert client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64).status_code == 400
+    hung.pause()
     try:
-        tls = hung.tls()
-        warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": hung.addr, "FAILURE_MODE": "open",
-                                  "CA": tls["ca"], "CERT": tls["cert"], "KEY": tls["key"],
-                                  "TIMEOUT": 0.3, "BREAKER": {"FAILURES": 1000, "RESET_AFTER": 1}}
-        # Connected: this server answers that the request is malformed.
-        assert client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64).status_code == 400
-        hung.proc.send_signal(signal.SIGSTOP)
-        try:
-            with caplog.at_level(logging.WARNING, logger="warden_client.django"):
-                r = client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64)
-        finally:
-            hung.proc.send_signal(signal.SIGCONT)
-        assert r.status_code == 200 and r.json()["key_id"] is None
-        assert any("failing open" in rec.getMessage() for rec in caplog.records)
+        with caplog.at_level(logging.WARNING, logger="warden_client.django"):
+            r = client.get("/api/orders", HTTP_X_KEY_ID="k", HTTP_X_SIGNATURE="0" * 64)
     finally:
-        hung.stop()
+        hung.resume()
+    assert r.status_code == 200 and r.json()["key_id"] is None
+    assert any("failing open" in rec.getMessage() for rec in caplog.records)
 
 
 def test_a_webhook_bound_to_one_client_identity(client, warden, warden_settings):
