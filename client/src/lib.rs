@@ -85,6 +85,13 @@ fn append_causes(text: &mut String, mut source: Option<&(dyn std::error::Error +
     }
 }
 
+/// Whether a failed call found its node unreachable: refused, a node's
+/// "retry", or a connection that broke under the call. Another node may
+/// answer it.
+fn unreachable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || connection_broke(status)
+}
+
 /// A failed call's message with the causes beneath it: for a connection
 /// that failed under the call (say, the server refused this client's
 /// certificate) tonic's message alone is "transport error".
@@ -283,11 +290,7 @@ impl Client {
             match self.check_on(i, request.clone()).await {
                 // Unreachable, or the connection broke under the call (a
                 // node that died): the next node may answer.
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable || connection_broke(&status) =>
-                {
-                    last = Some(status)
-                }
+                Err(status) if unreachable(&status) => last = Some(status),
                 answer => return answer,
             }
         }
@@ -314,10 +317,7 @@ impl Client {
             )),
         };
         if let Err(status) = &answer
-            && (matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) || connection_broke(status))
+            && (unreachable(status) || status.code() == tonic::Code::DeadlineExceeded)
         {
             let until = self.now() + SKIP_AFTER_FAILURE.as_nanos() as u64;
             self.skip_until[i].store(until, Ordering::Relaxed);

@@ -406,18 +406,14 @@ pub enum StoreCommand {
 }
 
 /// What an operator reads when a call fails: the message with its causes,
-/// and where a connection was closed under the call (which is how a server
+/// and where the connection broke under the call (which is how a server
 /// refusing this client's certificate shows on the client's side in TLS
-/// 1.3: after the handshake, with no reason given), where to look.
+/// 1.3: after the handshake, often with no reason given), where to look.
 pub fn failed_call_text(status: &tonic::Status) -> String {
     let text = warden_client::status_text(status);
-    let closed = matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-    ) && text.contains("connection closed");
-    match closed {
+    match warden_client::connection_broke(status) {
         true => format!(
-            "{text}; the server closed the connection. If every call ends so, the server \
+            "{text}; the connection broke. If every call ends so, the server \
              may not accept this client certificate (--cert): its log says why \
              (event=tls_handshake_failed)"
         ),

@@ -398,12 +398,9 @@ impl Database {
                 written => written,
             }
         });
-        written.await.unwrap_or_else(|| {
-            Err(StoreError::Unconfirmed(format!(
-                "no answer within {} s",
-                POSTGRES_TIMEOUT.as_secs()
-            )))
-        })
+        written
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unconfirmed(no_answer())))
     }
 
     /// A read on the connection (made again first if closed or given up
@@ -420,7 +417,7 @@ impl Database {
                 .await?)
         })
         .await
-        .unwrap_or_else(|| Err(Self::no_answer()))
+        .unwrap_or_else(|| Err(StoreError::Postgres(no_answer())))
     }
 
     /// Everything in the store, as [`load_postgres`] reads it, within the
@@ -430,7 +427,7 @@ impl Database {
             load_postgres(connected(slot, &self.url).await?).await
         })
         .await
-        .unwrap_or_else(|| Err(Self::no_answer()))
+        .unwrap_or_else(|| Err(StoreError::Postgres(no_answer())))
     }
 
     /// Runs `f` on the connection, waiting for it included, for at most
@@ -450,10 +447,11 @@ impl Database {
         }
         done.ok()
     }
+}
 
-    fn no_answer() -> StoreError {
-        StoreError::Postgres(format!("no answer within {} s", POSTGRES_TIMEOUT.as_secs()))
-    }
+/// What a use of the database given up on at [`POSTGRES_TIMEOUT`] says.
+fn no_answer() -> String {
+    format!("no answer within {} s", POSTGRES_TIMEOUT.as_secs())
 }
 
 /// `slot`'s connection, made first if there is none or it was closed.
@@ -462,7 +460,6 @@ async fn connected<'a>(
     url: &str,
 ) -> Result<&'a tokio_postgres::Client, StoreError> {
     if slot.as_ref().is_none_or(|c| c.is_closed()) {
-        *slot = None;
         *slot = Some(open_client(url).await?);
         tracing::info!(event = "store_reconnected", "connected to PostgreSQL again");
     }
@@ -647,10 +644,7 @@ async fn bounded<T>(
     match tokio::time::timeout(POSTGRES_TIMEOUT, step).await {
         Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err(format!("{what}: {}", warden_client::error_chain(&e))),
-        Err(_) => Err(format!(
-            "{what}: no answer within {} s",
-            POSTGRES_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("{what}: {}", no_answer())),
     }
 }
 
