@@ -29,8 +29,10 @@
 //! sleep in the kernel until its answer arrives gets it about 33 µs later
 //! than one that keeps looking, and a Django check is exactly one such wait.
 
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -300,9 +302,7 @@ impl Channel {
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         if std::process::id() != self.pid {
-            return Err(Status::unavailable(
-                "this channel was made in another process; make a new one after fork",
-            ));
+            return Err(made_in_another_process());
         }
         let runtime = self
             .runtime
@@ -359,6 +359,198 @@ impl Drop for Channel {
     }
 }
 
+/// A connection to one warden server for asyncio callers: a call is
+/// started, the event loop goes on, and its answer is collected when the
+/// loop hears that one is ready.
+///
+/// An async caller must never block its event loop, so nothing here waits
+/// for an answer the way [`Channel`] does: the runtime is driven for good
+/// by a thread of its own, each call runs on it as a task, and a finished
+/// call is put in [`Finished`], which wakes the loop through a socket it
+/// watches (`loop.add_reader(channel.fileno(), ...)`). That thread never
+/// takes the GIL: the loop collects the answers itself, with
+/// [`AsyncChannel::finished`], so an answer is not held up behind whatever
+/// Python code holds the GIL, and a burst of answers costs one wake-up.
+#[pyclass(frozen, module = "warden_client_native")]
+struct AsyncChannel {
+    runtime: tokio::runtime::Handle,
+    transport: tonic::transport::Channel,
+    finished: Arc<Finished>,
+    /// The end the event loop watches and drains.
+    ready: std::os::unix::net::UnixStream,
+    next_call: AtomicU64,
+    /// Stops the driving thread; taken when the channel is dropped.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    driver: Option<std::thread::JoinHandle<()>>,
+    /// The process this channel belongs to.
+    pid: u32,
+}
+
+/// Calls that ended and have not been collected yet, and the socket that
+/// tells the event loop about them.
+struct Finished {
+    calls: std::sync::Mutex<Vec<(u64, Result<Bytes, Status>)>>,
+    wake: std::os::unix::net::UnixStream,
+}
+
+impl Finished {
+    /// Wakes the loop only when the list was empty: a loop that has not yet
+    /// collected the list will find this call in it too. The loop drains
+    /// the socket before it takes the list (see `AsyncChannel::finished`),
+    /// so no call is left in the list without a byte on the way.
+    fn push(&self, call: u64, outcome: Result<Bytes, Status>) {
+        let was_empty = {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            calls.push((call, outcome));
+            calls.len() == 1
+        };
+        if was_empty {
+            // A full socket already holds a wake-up; nothing else can fail
+            // on a connected pair whose other end we hold.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+}
+
+#[pymethods]
+impl AsyncChannel {
+    /// As [`Channel::new`], without the busy wait: an async caller never
+    /// waits for an answer on its thread.
+    #[new]
+    #[pyo3(signature = (target, ca, cert, key, server_name = None))]
+    fn new(
+        target: &str,
+        ca: Vec<u8>,
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        server_name: Option<String>,
+    ) -> PyResult<Self> {
+        let cannot_start =
+            |e: std::io::Error| PyRuntimeError::new_err(format!("cannot start the transport: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(cannot_start)?;
+        let mut tls = warden_client::Tls::from_pem(ca, cert, key);
+        if let Some(name) = server_name {
+            tls = tls.with_server_name(name);
+        }
+        let transport = {
+            let _inside = runtime.enter();
+            warden_client::lazy_channel(target, Some(&tls))
+                .map_err(|e| PyValueError::new_err(e.to_string()))?
+        };
+        let (ready, wake) = std::os::unix::net::UnixStream::pair().map_err(cannot_start)?;
+        ready.set_nonblocking(true).map_err(cannot_start)?;
+        wake.set_nonblocking(true).map_err(cannot_start)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = std::thread::Builder::new()
+            .name("warden-async-channel".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(cannot_start)?;
+        Ok(Self {
+            runtime: handle,
+            transport,
+            finished: Arc::new(Finished {
+                calls: std::sync::Mutex::new(Vec::new()),
+                wake,
+            }),
+            ready,
+            next_call: AtomicU64::new(0),
+            stop: Some(stop),
+            driver: Some(driver),
+            pid: std::process::id(),
+        })
+    }
+
+    /// The descriptor the event loop watches: readable when calls have
+    /// finished (`loop.add_reader(channel.fileno(), collect)`).
+    fn fileno(&self) -> i32 {
+        self.ready.as_raw_fd()
+    }
+
+    /// Starts one unary call and returns its number at once; its outcome
+    /// comes from [`Self::finished`]. `method`, `request` and `timeout` as
+    /// for `Channel.unary`.
+    fn start_unary(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<u64> {
+        let path = method_path(method)?;
+        let timeout = deadline(timeout)?;
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let message = Bytes::copy_from_slice(request);
+        let (transport, finished) = (self.transport.clone(), self.finished.clone());
+        if std::process::id() != self.pid {
+            finished.push(call, Err(made_in_another_process()));
+            return Ok(call);
+        }
+        self.runtime.spawn(async move {
+            let answer = async move {
+                let mut grpc = ready(transport).await?;
+                grpc.unary(Request::new(message), path, Raw)
+                    .await
+                    .map(|r| r.into_inner())
+            };
+            // The one deadline, as in `Channel::run`.
+            let outcome = tokio::time::timeout(timeout, answer)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")));
+            finished.push(call, outcome);
+        });
+        Ok(call)
+    }
+
+    /// The calls that finished since the last collection, as `(number,
+    /// answer, code, details)`: the serialized answer and code 0, or no
+    /// answer and a gRPC status code (a broken connection as UNAVAILABLE,
+    /// as for `Channel`) with its details.
+    fn finished<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(u64, Option<Bound<'py, PyBytes>>, i32, String)> {
+        // Drained first: see `Finished::push`.
+        let mut drain = [0u8; 64];
+        while matches!((&self.ready).read(&mut drain), Ok(n) if n > 0) {}
+        let calls = std::mem::take(
+            &mut *self
+                .finished
+                .calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        calls
+            .into_iter()
+            .map(|(call, outcome)| match outcome {
+                Ok(bytes) => (call, Some(PyBytes::new(py, &bytes)), 0, String::new()),
+                Err(status) => {
+                    let (code, details) = rpc_status(&status);
+                    (call, None, code, details)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for AsyncChannel {
+    fn drop(&mut self) {
+        let (stop, driver) = (self.stop.take(), self.driver.take());
+        if std::process::id() != self.pid {
+            // As for `Channel`: the driving thread exists only in the parent.
+            std::mem::forget((stop, driver));
+            return;
+        }
+        drop(stop);
+        if let Some(driver) = driver {
+            let _ = driver.join();
+        }
+    }
+}
+
+fn made_in_another_process() -> Status {
+    Status::unavailable("this channel was made in another process; make a new one after fork")
+}
+
 type Grpc = tonic::client::Grpc<tonic::transport::Channel>;
 
 /// The channel, ready for a call (connected, or connecting failed).
@@ -395,11 +587,16 @@ fn deadline(seconds: f64) -> PyResult<Duration> {
 /// transports alike: warden was unreachable (the next node is tried, the
 /// breaker counts it, FAILURE_MODE applies), not "warden refused the call".
 fn rpc_error(status: &Status) -> PyErr {
+    RpcError::new_err(rpc_status(status))
+}
+
+/// The code and details Python is given for a failed call.
+fn rpc_status(status: &Status) -> (i32, String) {
     let code = match warden_client::connection_broke(status) {
         true => tonic::Code::Unavailable,
         false => status.code(),
     };
-    RpcError::new_err((code as i32, warden_client::status_message(status)))
+    (code as i32, warden_client::status_message(status))
 }
 
 /// Messages as bytes, unchanged both ways: Python encodes and decodes them.
@@ -443,6 +640,7 @@ impl Decoder for Raw {
 #[pymodule]
 fn warden_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Channel>()?;
+    m.add_class::<AsyncChannel>()?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
     Ok(())
 }

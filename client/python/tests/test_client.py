@@ -78,11 +78,12 @@ def test_requests_and_httpx_auth_sign_what_they_send(warden, client):
     assert d.allowed, d
 
 
-def test_the_async_client(warden):
+def test_the_async_client(warden, transport):
     key = warden.create_key("--owner", "py")
 
     async def run():
-        c = AsyncWardenClient(warden.addr, timeout=2.0, **warden.tls())
+        c = AsyncWardenClient(warden.addr, timeout=2.0, transport=transport, **warden.tls())
+        assert c.transport == transport
         try:
             return [await c.check(signed(key)), await c.check(signed(key, path="/b"))]
         finally:
@@ -165,11 +166,11 @@ def test_when_every_target_is_down_the_call_fails_as_unavailable(warden, transpo
         c.close()
 
 
-def test_the_async_client_fails_over_too(warden):
+def test_the_async_client_fails_over_too(warden, transport):
     key = warden.create_key("--owner", "py-failover-aio")
 
     async def run():
-        c = AsyncWardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, **warden.tls())
+        c = AsyncWardenClient(["127.0.0.1:1", warden.addr], timeout=2.0, transport=transport, **warden.tls())
         try:
             return [await c.check(signed(key)) for _ in range(4)]
         finally:
@@ -454,3 +455,130 @@ def test_busy_wait_is_bounded(warden, transport):
     with pytest.raises(ValueError, match="busy_wait_us"):
         warden_client_native.Channel(warden.addr, tls["ca"], tls["cert"], tls["key"], None, 10_001)
 
+
+
+def test_the_async_client_answers_many_calls_at_once_and_one_of_identical_ones(warden, transport):
+    # Each call gets its own answer however they finish; of identical
+    # requests in flight together exactly one is allowed.
+    key = warden.create_key("--owner", "py-aio-many")
+
+    async def run():
+        c = AsyncWardenClient(warden.addr, timeout=5.0, transport=transport, **warden.tls())
+        try:
+            paths = [f"/orders/{i}" for i in range(200)]
+            answers = await asyncio.gather(*[c.check(signed(key, path=p)) for p in paths])
+            twin = signed(key, path="/twins")
+            twins = await asyncio.gather(*[c.check(twin) for _ in range(50)])
+            return answers, twins
+        finally:
+            await c.close()
+
+    answers, twins = asyncio.run(run())
+    assert [a.allowed for a in answers] == [True] * 200, {a.reason for a in answers}
+    assert sorted(a.reason for a in twins) == ["ok"] + ["replay"] * 49
+
+
+def test_async_calls_to_a_paused_server_end_together_at_the_deadline(own_warden, transport):
+    # Twenty calls in flight to a hung warden: each is unavailable
+    # (DEADLINE_EXCEEDED) at its own deadline, together, none queued behind
+    # another, and the event loop is free meanwhile.
+    server = own_warden
+    key = server.create_key("--owner", "py-aio-paused")
+
+    async def run():
+        c = AsyncWardenClient(
+            server.addr, timeout=0.5, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+        )
+        try:
+            assert (await c.check(signed(key))).allowed
+            server.pause()
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            started = time.monotonic()
+            outcomes = await asyncio.gather(*[c.check(signed(key, path=f"/p/{i}")) for i in range(20)],
+                                            return_exceptions=True)
+            elapsed = time.monotonic() - started
+            ticker.cancel()
+            return outcomes, elapsed, ticks
+        finally:
+            server.resume()
+            await c.close()
+
+    outcomes, elapsed, ticks = asyncio.run(run())
+    assert all(isinstance(o, WardenUnavailable) and o.code.name == "DEADLINE_EXCEEDED" for o in outcomes), outcomes
+    assert 0.45 <= elapsed < 1.5, elapsed
+    assert ticks >= 10, ticks  # the loop ran other work while the calls waited
+
+
+def test_an_async_call_given_up_on_leaves_the_client_working(own_warden, transport):
+    # An app may cancel a check (asyncio.wait_for, a client gone): its answer,
+    # when it comes, is dropped, and later calls get their own.
+    server = own_warden
+    key = server.create_key("--owner", "py-aio-cancel")
+
+    async def run():
+        c = AsyncWardenClient(server.addr, timeout=2.0, transport=transport, **server.tls())
+        try:
+            assert (await c.check(signed(key))).allowed
+            server.pause()
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.check(signed(key, path="/given-up")), 0.2)
+                # Calls waiting behind it, whose answers are collected with
+                # the dropped one: the loop is held (time.sleep) while all come.
+                behind = [asyncio.create_task(c.check(signed(key, path=f"/behind/{i}"))) for i in range(20)]
+                await asyncio.sleep(0.1)
+            finally:
+                server.resume()
+            time.sleep(1.0)
+            answers = await asyncio.wait_for(asyncio.gather(*behind), 5.0)
+            return answers + [await c.check(signed(key, path=f"/after/{i}")) for i in range(2)]
+        finally:
+            await c.close()
+
+    assert [a.reason for a in asyncio.run(run())] == ["ok"] * 22
+
+
+def test_a_server_killed_under_an_async_call_is_unavailable_not_a_refusal(own_warden, transport):
+    server = own_warden
+    key = server.create_key("--owner", "py-aio-killed")
+
+    async def run():
+        c = AsyncWardenClient(
+            server.addr, timeout=10.0, transport=transport, breaker=CircuitBreaker(failures=100), **server.tls()
+        )
+        try:
+            assert (await c.check(signed(key))).allowed
+            server.pause()
+            call = asyncio.create_task(c.check(signed(key)))
+            await asyncio.sleep(0.5)
+            server.proc.kill()
+            return (await asyncio.gather(call, return_exceptions=True))[0]
+        finally:
+            await c.close()
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, WardenUnavailable) and outcome.code.name == "UNAVAILABLE", outcome
+
+
+def test_the_compiled_async_channel_refuses_bad_arguments_before_sending(warden, transport):
+    if transport != "native":
+        pytest.skip("the compiled channel only")
+    import warden_client_native
+
+    tls = {k: open(v, "rb").read() for k, v in warden.tls().items()}
+    channel = warden_client_native.AsyncChannel(warden.addr, tls["ca"], tls["cert"], tls["key"])
+    for method in ("Check", "/warden.v1.Warden", "/a/b/c"):
+        with pytest.raises(ValueError, match="method"):
+            channel.start_unary(method, b"", 1.0)
+    for timeout in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            channel.start_unary("/warden.v1.Warden/Check", b"", timeout)
+    assert channel.finished() == []

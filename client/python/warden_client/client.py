@@ -13,7 +13,7 @@ state moves) goes on to the next, so a node going away is not noticed by
 the app. Other failures (a deadline passed: the node may have decided) are
 not retried, since a retried request could be refused as its own replay.
 
-Two transports carry the calls of ``WardenClient``: grpcio, always there,
+Two transports carry the calls of ``WardenClient`` and ``AsyncWardenClient``: grpcio, always there,
 and the compiled one of the ``warden-client-native`` package (Rust: tonic
 over rustls), which costs a fraction of grpcio's time per call and is used
 when installed (``pip install ./client/python-native`` from a checkout). ``transport=``
@@ -24,6 +24,7 @@ fail-over and the breaker are the same with either.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -289,6 +290,45 @@ class _NativeStub:
         return [warden_pb2.CheckResponse.FromString(r) for r in raw]
 
 
+class _NativeAsyncStub:
+    """``_NativeStub`` for asyncio: a call starts on the compiled transport's
+    own thread and the event loop awaits it; answers are collected on the
+    loop when the transport's descriptor turns readable."""
+
+    def __init__(self, channel, loop) -> None:
+        self._channel = channel
+        self._loop = loop
+        self._waiting: dict[int, asyncio.Future] = {}
+        loop.add_reader(channel.fileno(), self._collect)
+
+    def _collect(self) -> None:
+        for call, raw, code, details in self._channel.finished():
+            waiter = self._waiting.pop(call, None)
+            if waiter is None or waiter.done():  # given up on (cancelled)
+                continue
+            if raw is None:
+                waiter.set_exception(NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details))
+            else:
+                waiter.set_result(raw)
+
+    async def _unary(self, path: str, request, answer_type, timeout: float):
+        waiter = self._loop.create_future()
+        self._waiting[self._channel.start_unary(path, request.SerializeToString(), timeout)] = waiter
+        return answer_type.FromString(await waiter)
+
+    def Check(self, request: CheckRequest, timeout: float):
+        return self._unary(_NativeStub._CHECK, request, warden_pb2.CheckResponse, timeout)
+
+    def SignWebhook(self, request: SignWebhookRequest, timeout: float):
+        return self._unary(_NativeStub._SIGN_WEBHOOK, request, warden_pb2.SignWebhookResponse, timeout)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._channel.fileno())
+        for waiter in self._waiting.values():
+            waiter.cancel()
+        self._waiting.clear()
+
+
 class _Base:
     def __init__(
         self,
@@ -299,7 +339,18 @@ class _Base:
         server_name: str | None = None,
         timeout: float = 0.5,
         breaker: CircuitBreaker | None = None,
+        transport: str = "auto",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"warden client: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        if transport == "native" and _native is None:
+            raise ValueError(
+                'warden client: transport "native" needs the warden-client-native package '
+                "(pip install ./client/python-native)"
+            )
+        if transport == "auto":
+            transport = "native" if _native is not None else "grpcio"
+        self.transport = transport
         self.targets = _targets(target)
         self.target = ",".join(self.targets)
         self._turn = 0
@@ -355,21 +406,11 @@ class WardenClient(_Base):
     the same host or network), and the CPU is offered to other runnable
     threads between looks."""
 
-    def __init__(self, *args, transport: str = "auto", busy_wait_us: int = BUSY_WAIT_US, **kwargs) -> None:
+    def __init__(self, *args, busy_wait_us: int = BUSY_WAIT_US, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not is_valid_busy_wait(busy_wait_us):
             raise ValueError(f"warden client: busy_wait_us must be an integer from 0 to {MAX_BUSY_WAIT_US}")
         self.busy_wait_us = busy_wait_us
-        if transport not in TRANSPORTS:
-            raise ValueError(f"warden client: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        if transport == "native" and _native is None:
-            raise ValueError(
-                'warden client: transport "native" needs the warden-client-native package '
-                "(pip install ./client/python-native)"
-            )
-        if transport == "auto":
-            transport = "native" if _native is not None else "grpcio"
-        self.transport = transport
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channels: list = []
@@ -454,21 +495,35 @@ class WardenClient(_Base):
 
 
 class AsyncWardenClient(_Base):
-    """``grpc.aio`` client. One channel per process and event loop."""
+    """asyncio client: ``await client.check(...)``. Channels are made per
+    process and event loop, as for ``WardenClient`` per process.
+
+    ``transport`` as for ``WardenClient``: the compiled transport runs each
+    call on a thread of its own and hands the answer to the event loop, which
+    never waits on it; grpcio uses ``grpc.aio``."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._key: tuple[int, int] | None = None
-        self._channels: list[grpc.aio.Channel] = []
-        self._stubs: list[warden_pb2_grpc.WardenStub] = []
+        self._channels: list = []
+        self._stubs: list = []
 
-    def _get_stubs(self) -> list[warden_pb2_grpc.WardenStub]:
-        import asyncio
+    def _connect(self, target: str, loop):
+        if self.transport == "native":
+            ca, key, cert = self._credentials
+            channel = _native.AsyncChannel(target, ca, cert, key, self.server_name)
+            stub = _NativeAsyncStub(channel, loop)
+            return stub, stub
+        channel = grpc.aio.secure_channel(target, self._ssl(), options=self._options)
+        return channel, warden_pb2_grpc.WardenStub(channel)
 
-        key = (os.getpid(), id(asyncio.get_running_loop()))
+    def _get_stubs(self) -> list:
+        loop = asyncio.get_running_loop()
+        key = (os.getpid(), id(loop))
         if self._key != key or not self._stubs:
-            self._channels = [grpc.aio.secure_channel(t, self._ssl(), options=self._options) for t in self.targets]
-            self._stubs = [warden_pb2_grpc.WardenStub(c) for c in self._channels]
+            made = [self._connect(t, loop) for t in self.targets]
+            self._channels = [channel for channel, _ in made]
+            self._stubs = [stub for _, stub in made]
             self._key = key
         return self._stubs
 
@@ -505,7 +560,9 @@ class AsyncWardenClient(_Base):
 
     async def close(self) -> None:
         for channel in self._channels:
-            await channel.close()
+            closed = channel.close()
+            if closed is not None:  # grpc.aio's close is a coroutine
+                await closed
         self._channels = []
         self._stubs = []
         self._key = None

@@ -46,12 +46,13 @@ from warden_client.client import (
     BUSY_WAIT_US,
     MAX_BUSY_WAIT_US,
     TRANSPORTS,
+    AsyncWardenClient,
     CircuitBreaker,
     WardenClient,
     is_valid_busy_wait,
 )
 
-_clients: dict[tuple, WardenClient] = {}
+_clients: dict[tuple, WardenClient | AsyncWardenClient] = {}
 _lock = threading.Lock()
 
 
@@ -103,15 +104,25 @@ class Conf:
         return any(path.startswith(p) for p in self.public)
 
     def client(self) -> WardenClient:
-        ident = (self.target, self.ca, self.cert, self.key, self.server_name, self.timeout, self.transport,
+        """The client for a sync (WSGI) stack."""
+        return self._shared(WardenClient, busy_wait_us=self.busy_wait_us)
+
+    def aclient(self) -> AsyncWardenClient:
+        """The client for an async (ASGI) stack. Its calls never hold the
+        event loop, so ``BUSY_WAIT_US`` does not apply."""
+        return self._shared(AsyncWardenClient)
+
+    def _shared(self, kind, **options):
+        """One client of `kind` per distinct connection setting."""
+        ident = (kind, self.target, self.ca, self.cert, self.key, self.server_name, self.timeout, self.transport,
                  self.busy_wait_us, self.breaker_failures, self.breaker_reset_after)
         with _lock:
             client = _clients.get(ident)
             if client is None:
-                client = WardenClient(
+                client = kind(
                     self.target, self.cert, self.key, self.ca,
                     server_name=self.server_name, timeout=self.timeout, transport=self.transport,
-                    busy_wait_us=self.busy_wait_us, breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after),
+                    breaker=CircuitBreaker(self.breaker_failures, self.breaker_reset_after), **options,
                 )
                 _clients[ident] = client
             return client

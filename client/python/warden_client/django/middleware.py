@@ -17,6 +17,8 @@ import ipaddress
 import logging
 from urllib.parse import quote
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from warden_client.client import CheckRequest, Decision, LimitRequest, WardenError, WardenUnavailable
@@ -182,16 +184,39 @@ def run_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | Non
         return denial_response(Decision(allowed=False, reason="unauthenticated", http_status=401))
     try:
         decision = conf.client().check(req)
-    except WardenUnavailable as e:
+    except WardenError as e:
+        return _unanswered(request, conf, e)
+    return _answered(request, decision)
+
+
+async def arun_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | None:
+    """``run_check`` for an async (ASGI) stack: the check is awaited on the
+    event loop, with no thread of its own."""
+    req = build_request(request, conf, view)
+    if req is None:
+        return denial_response(Decision(allowed=False, reason="unauthenticated", http_status=401))
+    try:
+        decision = await conf.aclient().check(req)
+    except WardenError as e:
+        return _unanswered(request, conf, e)
+    return _answered(request, decision)
+
+
+def _unanswered(request: HttpRequest, conf: Conf, e: WardenError) -> HttpResponse | None:
+    """warden gave no decision: FAILURE_MODE says what happens when it was
+    unreachable; a call it refused (a misconfiguration) always fails closed."""
+    if isinstance(e, WardenUnavailable):
         if conf.failure_mode == "open":
             log.warning("warden unreachable, failing open: %s (path %s)", e, request.path)
             request.warden = None
             return None
         log.error("warden unreachable, failing closed: %s (path %s)", e, request.path)
         return unavailable_response()
-    except WardenError as e:
-        log.error("warden refused the check: %s", e)
-        return unavailable_response()
+    log.error("warden refused the check: %s", e)
+    return unavailable_response()
+
+
+def _answered(request: HttpRequest, decision: Decision) -> HttpResponse | None:
     request._warden_decision = decision
     if not decision.allowed:
         return denial_response(decision)
@@ -200,23 +225,56 @@ def run_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | Non
 
 
 class WardenMiddleware:
-    """Add after ``CommonMiddleware``; see ``warden_client.django.conf``."""
+    """Add after ``CommonMiddleware``; see ``warden_client.django.conf``.
+
+    Sync and async: under ASGI, with the middleware after it async too, the
+    check is awaited on the event loop. A sync middleware there would run
+    each request's check on a thread of that request's own (Django's
+    ``sync_to_async``): a thread made per request, and one held per request
+    for as long as a hung warden takes to time out."""
+
+    sync_capable = True
+    async_capable = True
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+            # Django awaits a coroutine function as it is, and runs any
+            # other process_view on a thread.
+            self.process_view = self._aprocess_view
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def __call__(self, request: HttpRequest):
+        if iscoroutinefunction(self):
+            return self._acall(request)
         request.warden = None
-        response = self.get_response(request)
+        return self._with_headers(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        request.warden = None
+        return self._with_headers(request, await self.get_response(request))
+
+    @staticmethod
+    def _with_headers(request: HttpRequest, response: HttpResponse) -> HttpResponse:
         decision: Decision | None = getattr(request, "_warden_decision", None)
         if decision is not None and decision.allowed:
             for name, value in decision.headers.items():
                 response[name] = value
         return response
 
+    @staticmethod
+    def _checks(request: HttpRequest, conf: Conf, view_func) -> bool:
+        # Webhook views verify their provider's signature themselves.
+        return conf.is_checked(request.path) and not getattr(view_func, "warden_webhook", None)
+
     def process_view(self, request: HttpRequest, view_func, view_args, view_kwargs):
         conf = get_conf()
-        # Webhook views verify their provider's signature themselves.
-        if not conf.is_checked(request.path) or getattr(view_func, "warden_webhook", None):
+        if not self._checks(request, conf, view_func):
             return None
         return run_check(request, conf, getattr(view_func, "cls", None))
+
+    async def _aprocess_view(self, request: HttpRequest, view_func, view_args, view_kwargs):
+        conf = get_conf()
+        if not self._checks(request, conf, view_func):
+            return None
+        return await arun_check(request, conf, getattr(view_func, "cls", None))
