@@ -211,3 +211,84 @@ def test_busy_wait_is_a_setting_with_bounds(warden_settings):
         with pytest.raises(ImproperlyConfigured, match="BUSY_WAIT_US"):
             get_conf()
 
+
+
+# Under ASGI. Django's AsyncClient runs the example project's async
+# middleware stack; headers go in `headers=`.
+
+
+def signed_headers(key, method, path, query="", body=b""):
+    return sign_request(key["key_id"], key["secret"], method, path, query, body)
+
+
+def test_under_asgi_a_signed_request_is_allowed_once(async_client, key, warden_settings, transport):
+    import asyncio
+
+    from warden_client.django.conf import get_conf
+
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TRANSPORT": transport}
+
+    async def run():
+        assert get_conf().aclient().transport == transport
+        h = signed_headers(key, "POST", "/api/async/orders", body=b'{"qty": 1}')
+        first = await async_client.post("/api/async/orders", data=b'{"qty": 1}', content_type="application/json",
+                                        headers=h)
+        again = await async_client.post("/api/async/orders", data=b'{"qty": 1}', content_type="application/json",
+                                        headers=h)
+        return first, again
+
+    first, again = asyncio.run(run())
+    assert first.status_code == 200, first.content
+    assert first.json() == {"key_id": key["key_id"], "owner": "django-test", "scopes": ["orders:read"]}
+    assert "RateLimit" in first.headers
+    assert again.status_code == 401 and again.json()["error"] == "replay"
+
+
+def test_under_asgi_checks_to_a_hung_warden_wait_for_no_other_request(async_client, warden_settings, own_warden,
+                                                                       transport):
+    # Ten requests at once while warden hangs, failing open: each waits for
+    # its own check's deadline (0.3 s), not behind the others'. A sync
+    # middleware, run on Django's thread for sync code, took 3 s here.
+    import asyncio
+
+    hung = own_warden
+    tls = hung.tls()
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": hung.addr, "FAILURE_MODE": "open",
+                              "CA": tls["ca"], "CERT": tls["cert"], "KEY": tls["key"], "TRANSPORT": transport,
+                              "TIMEOUT": 0.3, "BREAKER": {"FAILURES": 1000, "RESET_AFTER": 1}}
+    junk = {"X-Key-Id": "k", "X-Signature": "0" * 64}
+
+    async def run():
+        # Connected: this server answers that the request is malformed.
+        assert (await async_client.get("/api/async/orders", headers=junk)).status_code == 400
+        hung.pause()
+        try:
+            started = time.monotonic()
+            answers = await asyncio.gather(*[async_client.get("/api/async/orders", headers=junk) for _ in range(10)])
+            return answers, time.monotonic() - started
+        finally:
+            hung.resume()
+
+    answers, elapsed = asyncio.run(run())
+    assert [r.status_code for r in answers] == [200] * 10
+    assert elapsed < 1.5, elapsed
+
+
+def test_under_asgi_a_drf_view_reuses_the_middlewares_check(async_client, warden, warden_settings):
+    # DRF views are sync; under ASGI they run on a thread after the async
+    # middleware has checked. A second check would be refused as a replay.
+    import asyncio
+
+    warden.cli("policies", "put", "items-one-asgi", "--limit", "1", "--period", "1m", "--json")
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "THROTTLE_POLICIES": {"items": "items-one-asgi"}}
+    key = warden.create_key("--owner", "drf-asgi")
+
+    async def run():
+        first = await async_client.get("/api/items", headers=signed_headers(key, "GET", "/api/items"))
+        second = await async_client.get("/api/items", headers=signed_headers(key, "GET", "/api/items"))
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first.status_code == 200, first.content
+    assert first.json()["key_id"] == key["key_id"]
+    assert second.status_code == 429
