@@ -8,6 +8,11 @@ Starts its own `warden serve --dev` (release build) and redis-server on
 127.0.0.1 and stops them. Each variant serves the same signed requests
 through Django's test client; overhead = time per request minus the time of
 the same view without any check.
+
+Then the same under ASGI (Django's async test client, an async view):
+warden's middleware in async mode (each transport), the same middleware
+made sync-only (as it was before it could run async: Django runs its check
+on a thread), and the Redis recipe written async (redis.asyncio).
 """
 
 from __future__ import annotations
@@ -36,11 +41,50 @@ def view(request):
     return JsonResponse({"ok": True})
 
 
-urlpatterns = [path("b/orders", view), path("w/orders", view), path("r/orders", view)]
+async def async_view(request):
+    return JsonResponse({"ok": True})
+
+
+urlpatterns = [path(f"{p}/orders", view) for p in ("b", "w", "r")] + [
+    path(f"a{p}/orders", async_view) for p in ("b", "w", "r")
+]
 
 REDIS = None
+ASYNC_REDIS = None
 SECRETS: dict[str, bytes] = {}
 LIMIT = 10**9
+
+
+def recipe_verdict(request):
+    """The recipe's work before Redis: a refusal, or the key id and nonce."""
+    from warden_client.signing import string_to_sign
+
+    meta = request.META
+    key_id, ts, nonce, sig = (meta.get(h, "") for h in ("HTTP_X_KEY_ID", "HTTP_X_TIMESTAMP", "HTTP_X_NONCE", "HTTP_X_SIGNATURE"))
+    secret = SECRETS.get(key_id)
+    if secret is None or not ts.isdigit() or abs(time.time() - int(ts)) > 300:
+        return JsonResponse({"error": "unauthenticated"}, status=401)
+    message = string_to_sign(int(ts), nonce, request.method, request.path, meta.get("QUERY_STRING", ""), request.body)
+    if not hmac.compare_digest(hmac.new(secret, message.encode(), hashlib.sha256).hexdigest(), sig):
+        return JsonResponse({"error": "unauthenticated"}, status=401)
+    return key_id, nonce
+
+
+def recipe_pipeline(redis, key_id, nonce):
+    window = int(time.time()) // 60
+    pipe = redis.pipeline(transaction=False)
+    pipe.incr(f"rl:{key_id}:{window}")
+    pipe.expire(f"rl:{key_id}:{window}", 60, nx=True)
+    pipe.set(f"nonce:{key_id}:{nonce}", 1, nx=True, ex=300)
+    return pipe
+
+
+def recipe_answer(count, fresh):
+    if not fresh:
+        return JsonResponse({"error": "replay"}, status=401)
+    if count > LIMIT:
+        return JsonResponse({"error": "rate_limited"}, status=429)
+    return None
 
 
 class RedisRecipeMiddleware:
@@ -53,27 +97,51 @@ class RedisRecipeMiddleware:
     def __call__(self, request):
         if not request.path.startswith("/r/"):
             return self.get_response(request)
-        from warden_client.signing import string_to_sign
+        verdict = recipe_verdict(request)
+        if not isinstance(verdict, tuple):
+            return verdict
+        count, _, fresh = recipe_pipeline(REDIS, *verdict).execute()
+        return recipe_answer(count, fresh) or self.get_response(request)
 
-        meta = request.META
-        key_id, ts, nonce, sig = (meta.get(h, "") for h in ("HTTP_X_KEY_ID", "HTTP_X_TIMESTAMP", "HTTP_X_NONCE", "HTTP_X_SIGNATURE"))
-        secret = SECRETS.get(key_id)
-        if secret is None or not ts.isdigit() or abs(time.time() - int(ts)) > 300:
-            return JsonResponse({"error": "unauthenticated"}, status=401)
-        message = string_to_sign(int(ts), nonce, request.method, request.path, meta.get("QUERY_STRING", ""), request.body)
-        if not hmac.compare_digest(hmac.new(secret, message.encode(), hashlib.sha256).hexdigest(), sig):
-            return JsonResponse({"error": "unauthenticated"}, status=401)
-        window = int(time.time()) // 60
-        pipe = REDIS.pipeline(transaction=False)
-        pipe.incr(f"rl:{key_id}:{window}")
-        pipe.expire(f"rl:{key_id}:{window}", 60, nx=True)
-        pipe.set(f"nonce:{key_id}:{nonce}", 1, nx=True, ex=300)
-        count, _, fresh = pipe.execute()
-        if not fresh:
-            return JsonResponse({"error": "replay"}, status=401)
-        if count > LIMIT:
-            return JsonResponse({"error": "rate_limited"}, status=429)
-        return self.get_response(request)
+
+class AsyncRedisRecipeMiddleware:
+    """The recipe as an async Django team writes it: redis.asyncio."""
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response):
+        from asgiref.sync import markcoroutinefunction
+
+        self.get_response = get_response
+        markcoroutinefunction(self)
+
+    async def __call__(self, request):
+        if not request.path.startswith("/ar/"):
+            return await self.get_response(request)
+        verdict = recipe_verdict(request)
+        if not isinstance(verdict, tuple):
+            return verdict
+        count, _, fresh = await recipe_pipeline(ASYNC_REDIS, *verdict).execute()
+        return recipe_answer(count, fresh) or await self.get_response(request)
+
+
+def sync_only_warden_middleware():
+    from warden_client.django import WardenMiddleware
+
+    class SyncOnlyWardenMiddleware(WardenMiddleware):
+        """warden's middleware as it was before it could run async."""
+
+        async_capable = False
+
+    return SyncOnlyWardenMiddleware
+
+
+def __getattr__(name):
+    # Imported by Django from MIDDLEWARE, after settings are configured.
+    if name == "SyncOnlyWardenMiddleware":
+        return sync_only_warden_middleware()
+    raise AttributeError(name)
 
 
 def start(args, out_path):
@@ -87,7 +155,7 @@ def start(args, out_path):
 
 
 def main() -> None:
-    global REDIS
+    global REDIS, ASYNC_REDIS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--redis-port", type=int, default=6398)
@@ -95,6 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import redis
+    import redis.asyncio
 
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "warden-server"], cwd=REPO, check=True)
     tmp = Path(tempfile.mkdtemp())
@@ -107,6 +176,7 @@ def main() -> None:
         # are STALE: wait it out.
         time.sleep(7)
         REDIS = redis.Redis(host="127.0.0.1", port=args.redis_port)
+        ASYNC_REDIS = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
         for _ in range(50):
             try:
                 REDIS.ping()
@@ -126,7 +196,7 @@ def main() -> None:
             MIDDLEWARE=["warden_client.django.WardenMiddleware", f"{__name__}.RedisRecipeMiddleware"],
             INSTALLED_APPS=[],
             WARDEN={"TARGET": addr, "CA": str(dev / "ca.pem"), "CERT": str(dev / "client.pem"),
-                    "KEY": str(dev / "client-key.pem"), "PROTECTED_PATHS": ["/w/"], "TIMEOUT": 2.0},
+                    "KEY": str(dev / "client-key.pem"), "PROTECTED_PATHS": ["/w/", "/aw/"], "TIMEOUT": 2.0},
         )
         django.setup()
         from django.test import Client
@@ -165,6 +235,48 @@ def main() -> None:
             warden_us[transport] = run("w")
             warden_cpu_us[transport] = cpu_us["w"]
         redis_us = run("r")
+
+        # Under ASGI: Django's async test client, an async view, and each
+        # variant's middleware alone (the handler loads MIDDLEWARE anew).
+        import asyncio
+
+        from django.test import AsyncClient
+
+        def run_async(prefix: str, middleware: list[str]) -> float:
+            settings.MIDDLEWARE = middleware
+            aclient = AsyncClient()
+            reqs = [sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body)
+                    for _ in range(args.requests)]
+
+            async def serve(batch):
+                for h in batch:
+                    r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
+                    assert r.status_code == 200, (prefix, r.status_code, r.content)
+
+            async def measured():
+                await serve(reqs[:100])  # warm up (connections, imports)
+                started, cpu = time.perf_counter(), time.process_time()
+                await serve(reqs[100:])
+                n = len(reqs) - 100
+                cpu_us[prefix] = (time.process_time() - cpu) / n * 1e6
+                return (time.perf_counter() - started) / n * 1e6
+
+            return asyncio.run(measured())
+
+        warden_mw = "warden_client.django.WardenMiddleware"
+        asgi = {"baseline": run_async("ab", [])}
+        asgi_cpu = {"baseline": cpu_us["ab"]}
+        for transport in warden_us:
+            settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
+            asgi[f"warden_async_{transport}"] = run_async("aw", [warden_mw])
+            asgi_cpu[f"warden_async_{transport}"] = cpu_us["aw"]
+        settings.WARDEN = {**settings.WARDEN, "TRANSPORT": next(iter(warden_us))}
+        asgi["warden_sync_only"] = run_async("aw", [f"{__name__}.SyncOnlyWardenMiddleware"])
+        asgi_cpu["warden_sync_only"] = cpu_us["aw"]
+        # redis.asyncio's connections belong to the loop that made them.
+        ASYNC_REDIS = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
+        asgi["redis_recipe_async"] = run_async("ar", [f"{__name__}.AsyncRedisRecipeMiddleware"])
+        asgi_cpu["redis_recipe_async"] = cpu_us["ar"]
         result = {
             "requests": args.requests,
             "baseline_us": base,
@@ -177,6 +289,9 @@ def main() -> None:
             result[f"warden_middleware_{transport}_us"] = us
             result[f"warden_overhead_{transport}_us"] = us - base
             result[f"warden_middleware_{transport}_cpu_us"] = warden_cpu_us[transport]
+        for variant, us in asgi.items():
+            result[f"asgi_{variant}_us"] = us
+            result[f"asgi_{variant}_cpu_us"] = asgi_cpu[variant]
         if args.json:
             print(json.dumps(result))
         else:
@@ -189,6 +304,21 @@ def main() -> None:
                       f"{warden_cpu_us[transport]:.0f} |")
             print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} | "
                   f"{cpu_us['r']:.0f} |")
+            print()
+            print("Under ASGI (Django's async test client, async view):")
+            print()
+            print("| variant | µs per request | overhead µs | Django process CPU µs per request |")
+            print("|---|---|---|---|")
+            names = {
+                "baseline": "no check (baseline)",
+                "warden_async_native": "warden middleware, async, compiled transport",
+                "warden_async_grpcio": "warden middleware, async, grpc.aio",
+                "warden_sync_only": f"warden middleware made sync-only ({next(iter(warden_us))}; Django runs it on a thread)",
+                "redis_recipe_async": "Redis recipe, async (redis.asyncio)",
+            }
+            for variant, us in asgi.items():
+                overhead = "–" if variant == "baseline" else f"{us - asgi['baseline']:.0f}"
+                print(f"| {names[variant]} | {us:.0f} | {overhead} | {asgi_cpu[variant]:.0f} |")
     finally:
         warden.terminate()
         subprocess.run(["redis-cli", "-p", str(args.redis_port), "shutdown", "nosave"],
