@@ -199,19 +199,7 @@ impl Channel {
         busy_wait_us: u64,
     ) -> PyResult<Self> {
         let busy_wait = BusyWait::new(busy_wait_us)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the transport: {e}")))?;
-        let mut tls = warden_client::Tls::from_pem(ca, cert, key);
-        if let Some(name) = server_name {
-            tls = tls.with_server_name(name);
-        }
-        let transport = {
-            let _inside = runtime.enter();
-            warden_client::lazy_channel(target, Some(&tls))
-                .map_err(|e| PyValueError::new_err(e.to_string()))?
-        };
+        let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let runtime = Arc::new(runtime);
         let turns = Arc::new(Turns::default());
         let keeper = {
@@ -219,7 +207,7 @@ impl Channel {
             std::thread::Builder::new()
                 .name("warden-channel".into())
                 .spawn(move || turns.keep(&runtime))
-                .map_err(|e| PyRuntimeError::new_err(format!("cannot start the transport: {e}")))?
+                .map_err(cannot_start)?
         };
         Ok(Self {
             runtime: Some(runtime),
@@ -425,21 +413,7 @@ impl AsyncChannel {
         key: Vec<u8>,
         server_name: Option<String>,
     ) -> PyResult<Self> {
-        let cannot_start =
-            |e: std::io::Error| PyRuntimeError::new_err(format!("cannot start the transport: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(cannot_start)?;
-        let mut tls = warden_client::Tls::from_pem(ca, cert, key);
-        if let Some(name) = server_name {
-            tls = tls.with_server_name(name);
-        }
-        let transport = {
-            let _inside = runtime.enter();
-            warden_client::lazy_channel(target, Some(&tls))
-                .map_err(|e| PyValueError::new_err(e.to_string()))?
-        };
+        let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let (ready, wake) = std::os::unix::net::UnixStream::pair().map_err(cannot_start)?;
         ready.set_nonblocking(true).map_err(cannot_start)?;
         wake.set_nonblocking(true).map_err(cannot_start)?;
@@ -545,6 +519,35 @@ impl Drop for AsyncChannel {
             let _ = driver.join();
         }
     }
+}
+
+/// A single-threaded runtime and a channel to `target` on it, not yet
+/// connected: what both kinds of channel are made of.
+fn connection(
+    target: &str,
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    server_name: Option<String>,
+) -> PyResult<(tokio::runtime::Runtime, tonic::transport::Channel)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(cannot_start)?;
+    let mut tls = warden_client::Tls::from_pem(ca, cert, key);
+    if let Some(name) = server_name {
+        tls = tls.with_server_name(name);
+    }
+    let transport = {
+        let _inside = runtime.enter();
+        warden_client::lazy_channel(target, Some(&tls))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?
+    };
+    Ok((runtime, transport))
+}
+
+fn cannot_start(e: std::io::Error) -> PyErr {
+    PyRuntimeError::new_err(format!("cannot start the transport: {e}"))
 }
 
 fn made_in_another_process() -> Status {
