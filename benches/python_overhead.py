@@ -9,7 +9,8 @@ Starts its own `warden serve --dev` (release build) and redis-server on
 through Django's test client; overhead = time per request minus the time of
 the same view without any check.
 
-Then the same under ASGI (Django's async test client, an async view):
+Then the same under ASGI (Django's async test client, an async view;
+`--in-flight N` sends N requests at once, 1 by default):
 warden's middleware in async mode (each transport), the same middleware
 made sync-only (as it was before it could run async: Django runs its check
 on a thread), and the Redis recipe written async (redis.asyncio).
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--redis-port", type=int, default=6398)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--in-flight", type=int, default=1,
+                        help="requests in flight at once under ASGI (gathered in groups of this many)")
     args = parser.parse_args()
 
     import redis
@@ -248,10 +251,13 @@ def main() -> None:
             reqs = [sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body)
                     for _ in range(args.requests)]
 
+            async def one(h):
+                r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
+                assert r.status_code == 200, (prefix, r.status_code, r.content)
+
             async def serve(batch):
-                for h in batch:
-                    r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
-                    assert r.status_code == 200, (prefix, r.status_code, r.content)
+                for i in range(0, len(batch), args.in_flight):
+                    await asyncio.gather(*[one(h) for h in batch[i:i + args.in_flight]])
 
             async def measured():
                 await serve(reqs[:100])  # warm up (connections, imports)
@@ -289,6 +295,7 @@ def main() -> None:
             result[f"warden_middleware_{transport}_us"] = us
             result[f"warden_overhead_{transport}_us"] = us - base
             result[f"warden_middleware_{transport}_cpu_us"] = warden_cpu_us[transport]
+        result["asgi_in_flight"] = args.in_flight
         for variant, us in asgi.items():
             result[f"asgi_{variant}_us"] = us
             result[f"asgi_{variant}_cpu_us"] = asgi_cpu[variant]
@@ -305,7 +312,7 @@ def main() -> None:
             print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} | "
                   f"{cpu_us['r']:.0f} |")
             print()
-            print("Under ASGI (Django's async test client, async view):")
+            print(f"Under ASGI (Django's async test client, async view), {args.in_flight} in flight:")
             print()
             print("| variant | µs per request | overhead µs | Django process CPU µs per request |")
             print("|---|---|---|---|")
