@@ -227,21 +227,29 @@ def test_a_forwarded_for_entry_the_client_invented_is_not_its_address(warden_set
     assert client_ip(alone, get_conf()) == "10.0.0.2"
 
 
-def test_the_async_client_signs_webhooks_too(warden):
+def test_the_async_client_signs_webhooks_too(warden, transport):
     import asyncio
 
-    from warden_client import AsyncWardenClient
+    from warden_client import AsyncWardenClient, WardenError, WardenUnavailable
 
     created = run_cli(warden, "keys", "create", "--id", "wh_async_" + secrets.token_hex(3), "--policy", "demo",
                       "--secret-format", "whsec")
 
     async def sign():
-        c = AsyncWardenClient(warden.addr, timeout=2.0, **warden.tls())
+        c = AsyncWardenClient(warden.addr, timeout=2.0, transport=transport, **warden.tls())
         try:
-            return await c.sign_webhook(created["key_id"], "standard-webhooks", b'{"async":true}', message_id="msg_async")
+            signed = await c.sign_webhook(created["key_id"], "standard-webhooks", b'{"async":true}',
+                                          message_id="msg_async")
+            # An unknown key: warden refuses the call itself, the same
+            # exception over either transport.
+            with pytest.raises(WardenError) as e:
+                await c.sign_webhook("no-such-key", "standard-webhooks", b"{}")
+            return signed, e.value
         finally:
             await c.close()
 
-    signed = asyncio.run(sign())
+    signed, refused = asyncio.run(sign())
     assert signed.message_id == "msg_async"
     standardwebhooks.Webhook(created["secret"]).verify(b'{"async":true}', signed.headers)
+    assert not isinstance(refused, WardenUnavailable)
+    assert refused.code is not None and refused.code.name in ("NOT_FOUND", "PERMISSION_DENIED", "INVALID_ARGUMENT")
