@@ -2,6 +2,7 @@
 Django's test client, against the real warden binary over mTLS."""
 
 import logging
+import os
 import time
 
 import pytest
@@ -292,3 +293,54 @@ def test_under_asgi_a_drf_view_reuses_the_middlewares_check(async_client, warden
     assert first.status_code == 200, first.content
     assert first.json()["key_id"] == key["key_id"]
     assert second.status_code == 429
+
+
+def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_path):
+    # The way an async Django app is deployed: a real ASGI server, Django's
+    # real ASGI handler (a thread per request for its sync parts), the
+    # example's asgi.py, and the middleware in async mode over HTTP.
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    key = warden.create_key("--owner", "uvicorn", "--policy", "demo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = Path(__file__).resolve().parents[1] / "example"
+    env = {**os.environ, "PYTHONPATH": str(example), "WARDEN_DEV_DIR": str(warden.dev_dir),
+           "WARDEN_TARGET": warden.addr, "DJANGO_SETTINGS_MODULE": "exampleapi.settings"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "exampleapi.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--no-access-log"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "uvicorn.log", "w"),
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "uvicorn.log").read_text()
+            time.sleep(0.1)
+        body = b'{"qty": 2}'
+        for path in ("/api/async/orders", "/api/orders"):
+            h = signed_headers(key, "POST", path, body=body)
+            first = httpx.post(base + path, content=body, headers={**h, "Content-Type": "application/json"})
+            assert first.status_code == 200, first.text
+            assert first.json()["key_id"] == key["key_id"] and "RateLimit" in first.headers
+            again = httpx.post(base + path, content=body, headers={**h, "Content-Type": "application/json"})
+            assert again.status_code == 401 and again.json()["error"] == "replay"
+        tampered = signed_headers(key, "POST", "/api/async/orders", body=body)
+        r = httpx.post(base + "/api/async/orders", content=b'{"qty": 200}', headers=tampered)
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+        assert httpx.get(base + "/api/async/orders").status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
