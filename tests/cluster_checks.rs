@@ -603,6 +603,73 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     replay_all(&mut clients, std::slice::from_ref(&taken)).await;
 }
 
+/// A node paused between two statements of its lease renewal (a
+/// transaction it drives one statement at a time) leaves PostgreSQL a
+/// session idle in a transaction, holding its lease row's lock. Without a
+/// bound on that, the others' sweep of run-out leases waited behind it:
+/// nobody renewed, and the paused node stayed a member for as long as it
+/// was paused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_paused_inside_its_renewal_holds_no_other_node_up() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let (pg, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let sleeper = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let session = format!("warden membership {}", NODES[sleeper]);
+    // Pause it, and look: inside its renewal, or resume and try again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = 0u64;
+    loop {
+        cluster.node(sleeper).signal("STOP");
+        let inside = pg
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND state = 'idle in transaction'",
+                &[&session],
+            )
+            .await
+            .unwrap();
+        if !inside.is_empty() {
+            break;
+        }
+        cluster.node(sleeper).signal("CONT");
+        assert!(
+            Instant::now() < deadline,
+            "never caught {session} inside a transaction"
+        );
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(1 + attempt * 7 % 23)).await;
+    }
+    // The others drop it (its lease is 2 s) and serve its key after the
+    // takeover fence.
+    let awake: Vec<usize> = (0..3).filter(|&i| i != sleeper).collect();
+    let members: Vec<&str> = awake.iter().map(|&i| NODES[i]).collect();
+    for &i in &awake {
+        cluster.wait_members(i, &members);
+    }
+    let signer = Signer::new("wk_hundred", SECRET);
+    let mut client = cluster.client(awake[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.check(signed(&signer, unix_now())).await
+            && reason(&r) == Reason::Ok
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the paused node's key was never served again:\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.node(sleeper).signal("CONT");
+}
+
 /// What a stream of fresh requests got.
 #[derive(Default)]
 struct Tally {

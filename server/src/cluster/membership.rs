@@ -416,7 +416,11 @@ impl Membership {
             let client = match connected {
                 Ok((client, connection)) => {
                     tokio::spawn(connection);
-                    match client.batch_execute(SCHEMA).await {
+                    let prepared = match client.batch_execute(SCHEMA).await {
+                        Ok(()) => self.set_session(&client).await,
+                        Err(e) => Err(e),
+                    };
+                    match prepared {
                         Ok(()) => client,
                         Err(e) => {
                             self.lost(&e.to_string(), attempt);
@@ -475,6 +479,32 @@ impl Membership {
         }
     }
 
+    /// Names this node's membership session (`application_name`, seen in
+    /// `pg_stat_activity`) and bounds how long it may sit inside a
+    /// transaction. A renewal is a transaction driven one statement at a
+    /// time; a node paused (or hung) between two of them would otherwise
+    /// hold its lease row's lock for as long as the pause lasts, and every
+    /// other node's sweep of run-out leases would wait behind it: nobody
+    /// could renew, nobody could confirm for a paused node, and the whole
+    /// cluster would stop at its leases' end. PostgreSQL ends such a session
+    /// after one renewal interval; a renewal's statements follow one another
+    /// within milliseconds.
+    async fn set_session(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), tokio_postgres::Error> {
+        let idle_ms = self.renew_every().as_millis().max(1).to_string();
+        client
+            .query_one(
+                "SELECT set_config('application_name', $1, false),
+                        set_config('idle_in_transaction_session_timeout', $2, false)",
+                &[&membership_session_name(&self.settings.node), &idle_ms],
+            )
+            .await
+            .map(drop)
+    }
+
+    /// A renewal that started at `attempt` succeeded.
     /// A renewal that started at `attempt` succeeded.
     fn seen(&self, renewal: Renewal, attempt: Instant) {
         let Renewal {
@@ -747,6 +777,11 @@ async fn listen(url: String, changed: Arc<Notify>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The `application_name` of `node`'s membership session.
+fn membership_session_name(node: &str) -> String {
+    format!("warden membership {node}")
 }
 
 /// One renewal: this node's lease extended (or taken), leases that ran out
