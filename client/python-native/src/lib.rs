@@ -233,14 +233,7 @@ impl Channel {
         let timeout = deadline(timeout)?;
         let message = Bytes::copy_from_slice(request);
         let transport = self.transport.clone();
-        let answer = py.detach(|| {
-            self.run(timeout, async move {
-                let mut grpc = ready(transport).await?;
-                grpc.unary(Request::new(message), path, Raw)
-                    .await
-                    .map(|r| r.into_inner())
-            })
-        });
+        let answer = py.detach(|| self.run(timeout, unary_call(transport, path, message)));
         match answer {
             Ok(bytes) => Ok(PyBytes::new(py, &bytes)),
             Err(status) => Err(rpc_error(&status)),
@@ -322,7 +315,7 @@ impl Channel {
                 }
                 call.await
             })
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")));
+            .unwrap_or_else(|_| Err(deadline_passed()));
         self.busy_wait.observe(started.elapsed());
         self.turns.end();
         outcome
@@ -460,16 +453,10 @@ impl AsyncChannel {
             return Ok(call);
         }
         self.runtime.spawn(async move {
-            let answer = async move {
-                let mut grpc = ready(transport).await?;
-                grpc.unary(Request::new(message), path, Raw)
-                    .await
-                    .map(|r| r.into_inner())
-            };
             // The one deadline, as in `Channel::run`.
-            let outcome = tokio::time::timeout(timeout, answer)
+            let outcome = tokio::time::timeout(timeout, unary_call(transport, path, message))
                 .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")));
+                .unwrap_or_else(|_| Err(deadline_passed()));
             finished.push(call, outcome);
         });
         Ok(call)
@@ -566,6 +553,23 @@ async fn ready(transport: tonic::transport::Channel) -> Result<Grpc, Status> {
         ))
     })?;
     Ok(grpc)
+}
+
+/// One unary call on `transport`, without a deadline (the caller's).
+async fn unary_call(
+    transport: tonic::transport::Channel,
+    path: PathAndQuery,
+    message: Bytes,
+) -> Result<Bytes, Status> {
+    let mut grpc = ready(transport).await?;
+    grpc.unary(Request::new(message), path, Raw)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// What a call that outlived its deadline ends with.
+fn deadline_passed() -> Status {
+    Status::deadline_exceeded("deadline exceeded")
 }
 
 fn method_path(method: &str) -> PyResult<PathAndQuery> {

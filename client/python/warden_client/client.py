@@ -252,9 +252,13 @@ class NativeRpcError(grpc.RpcError):
         return self._details
 
 
-def _as_rpc_error(e: Exception) -> NativeRpcError:
-    code, details = e.args
+def _native_error(code: int, details: str) -> NativeRpcError:
+    """A compiled-transport failure (a status code number and its details)."""
     return NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details)
+
+
+def _as_rpc_error(e: Exception) -> NativeRpcError:
+    return _native_error(*e.args)
 
 
 class _NativeStub:
@@ -307,7 +311,7 @@ class _NativeAsyncStub:
             if waiter is None or waiter.done():  # given up on (cancelled)
                 continue
             if raw is None:
-                waiter.set_exception(NativeRpcError(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), details))
+                waiter.set_exception(_native_error(code, details))
             else:
                 waiter.set_result(raw)
 
