@@ -556,17 +556,7 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     cluster.node(sleeper).signal("STOP");
     // Its lease (2 s) runs out; the others take its slots and, after the
     // fence, serve the key.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let taken = loop {
-        let req = signed(&signer, unix_now());
-        if let Ok(r) = awake.check(req.clone()).await
-            && reason(&r) == Reason::Ok
-        {
-            break req;
-        }
-        assert!(Instant::now() < deadline, "the key was never taken over");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let taken = taken_over(&cluster, &mut awake, &signer).await;
     let new_owner = cluster.locate(other, &["--key-id", "wk_hundred"]);
     // Failed once in a full suite on a loaded machine (session 14), never
     // alone: say what the nodes saw, should it fail again.
@@ -601,6 +591,27 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     // Nor afterwards, directly or through the others.
     let mut clients = cluster.clients().await;
     replay_all(&mut clients, std::slice::from_ref(&taken)).await;
+}
+
+/// The first fresh request `signer`'s key allows through `client`, sent
+/// every 200 ms for 20 s: once the key's paused owner has lost it, the
+/// others take it over and serve it after the takeover fence.
+async fn taken_over(cluster: &Cluster, client: &mut Client, signer: &Signer) -> CheckRequest {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = signed(signer, unix_now());
+        if let Ok(r) = client.check(req.clone()).await
+            && reason(&r) == Reason::Ok
+        {
+            return req;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key was never taken over:\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A node paused between two statements of its lease renewal (a
@@ -653,20 +664,7 @@ async fn a_node_paused_inside_its_renewal_holds_no_other_node_up() {
     }
     let signer = Signer::new("wk_hundred", SECRET);
     let mut client = cluster.client(awake[0]).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client.check(signed(&signer, unix_now())).await
-            && reason(&r) == Reason::Ok
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the paused node's key was never served again:\n{}",
-            cluster.cluster_events()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    taken_over(&cluster, &mut client, &signer).await;
     cluster.node(sleeper).signal("CONT");
 }
 

@@ -505,7 +505,6 @@ impl Membership {
     }
 
     /// A renewal that started at `attempt` succeeded.
-    /// A renewal that started at `attempt` succeeded.
     fn seen(&self, renewal: Renewal, attempt: Instant) {
         let Renewal {
             view,
