@@ -74,6 +74,9 @@ struct Cluster {
     nodes: Vec<Option<Server>>,
     /// The logs of nodes restarted since, for a failure's message.
     past_logs: Vec<String>,
+    /// libfaketime, when each node has a wall clock of its own
+    /// ([`Self::set_clock`]).
+    faketime: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -89,19 +92,35 @@ impl Cluster {
 
     /// Starts a node per config in `configs`, as [`Self::start`] does.
     fn start_from(dir: ConfigDir, configs: Vec<PathBuf>) -> Self {
-        let nodes: Vec<Option<Server>> = configs
-            .iter()
-            .map(|c| Some(Server::with_config_unready(c, "info")))
-            .collect();
-        for node in nodes.iter().flatten() {
-            node.wait_past_fence();
+        Self::start_nodes(dir, configs, None)
+    }
+
+    /// As [`Self::start`], each node with a wall clock of its own, the
+    /// real time until [`Self::set_clock`] moves it.
+    fn start_with_clocks(url: &str, extra: &str, faketime: PathBuf) -> Self {
+        let dir = ConfigDir::new();
+        let configs =
+            support::cluster_configs(&dir, url, &NODES, "2s", &format!("{POLICIES}\n{extra}"));
+        for node in NODES {
+            std::fs::write(dir.path().join(format!("clock-{node}")), "+0\n").unwrap();
         }
-        let cluster = Self {
+        Self::start_nodes(dir, configs, Some(faketime))
+    }
+
+    fn start_nodes(dir: ConfigDir, configs: Vec<PathBuf>, faketime: Option<PathBuf>) -> Self {
+        let mut cluster = Self {
             dir,
             configs,
-            nodes,
+            nodes: Vec::new(),
             past_logs: Vec::new(),
+            faketime,
         };
+        cluster.nodes = (0..cluster.configs.len())
+            .map(|i| Some(cluster.spawn(i)))
+            .collect();
+        for node in cluster.nodes.iter().flatten() {
+            node.wait_past_fence();
+        }
         for i in 0..NODES.len() {
             cluster.wait_members(i, &NODES);
         }
@@ -131,12 +150,35 @@ impl Cluster {
         for j in (0..NODES.len()).filter(|&j| j != i) {
             self.wait_members(j, &others);
         }
-        let node = Server::with_config_unready(&self.configs[i], "info");
+        let node = self.spawn(i);
         node.wait_past_fence();
         self.nodes[i] = Some(node);
         for j in 0..NODES.len() {
             self.wait_members(j, &NODES);
         }
+    }
+
+    /// Node `i`'s process, returning once it listens.
+    fn spawn(&self, i: usize) -> Server {
+        match &self.faketime {
+            None => Server::with_config_unready(&self.configs[i], "info"),
+            Some(faketime) => {
+                Server::with_config_and_clock_unready(&self.configs[i], &self.clock(i), faketime)
+            }
+        }
+    }
+
+    fn clock(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("clock-{}", NODES[i]))
+    }
+
+    /// Sets node `i`'s wall clock `offset` (`+20s`) from the real time,
+    /// and waits until it reads it (libfaketime reads it again every
+    /// second).
+    fn set_clock(&self, i: usize, offset: &str) {
+        assert!(self.faketime.is_some(), "started with clocks of their own");
+        std::fs::write(self.clock(i), format!("{offset}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
     }
 
     /// Every node's cluster events (joins, hand-offs, fences), restarted
@@ -666,6 +708,56 @@ async fn a_node_paused_inside_its_renewal_holds_no_other_node_up() {
     let mut client = cluster.client(awake[0]).await;
     taken_over(&cluster, &mut client, &signer).await;
     cluster.node(sleeper).signal("CONT");
+}
+
+/// Each node judges a timestamp by its own wall clock. A key's owner whose
+/// clock runs ahead forgets a nonce (at its timestamp plus the past skew)
+/// that long before a node with a correct clock stops taking the request
+/// as fresh: sent through that node, a request near the end of its window
+/// could then be replayed again and again. The owner judges the timestamp
+/// by the clock that keeps the nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let Some(faketime) = support::libfaketime() else {
+        return;
+    };
+    // A past skew of 10 s, so that a request near the end of its window
+    // is still above the restart fence of nodes just started.
+    let started = unix_now();
+    let cluster = Cluster::start_with_clocks(&url, "[check]\npast_skew = \"10s\"\n", faketime);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let through = (owner + 1) % 3;
+    let signer = Signer::new("wk_hundred", SECRET);
+    let mut client = cluster.client(through).await;
+    cluster.set_clock(owner, "+12s");
+
+    // Signed 3 s before it leaves the window: fresh by the correct clocks
+    // (and above their restart fence: start + future skew + 1); forgotten
+    // at once by the owner's.
+    while unix_now() - 7 < started + 7 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let late = signed(&signer, unix_now() - 7);
+    let first = client.check(late.clone()).await.unwrap();
+    let again = client.check(late.clone()).await.unwrap();
+    assert!(
+        reason(&again) != Reason::Ok,
+        "the same request was allowed twice (first: {:?}): {again:?}",
+        reason(&first)
+    );
+    assert_eq!(reason(&first), Reason::Stale, "{first:?}");
+    assert_eq!(reason(&again), Reason::Stale, "{again:?}");
+
+    // A request fresh by both clocks (4 s ahead of the correct ones, 8 s
+    // behind the owner's) is served once, wherever it is sent.
+    let now = signed(&signer, unix_now() + 4);
+    let r = client.check(now.clone()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    let mut clients = cluster.clients().await;
+    replay_all(&mut clients, std::slice::from_ref(&now)).await;
 }
 
 /// What a stream of fresh requests got.

@@ -23,7 +23,7 @@ use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
     Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey, StateSeed,
 };
-use crate::freshness::{Fence, Freshness};
+use crate::freshness::{Fence, Freshness, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
 use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
@@ -252,6 +252,11 @@ impl Checker {
     /// one may have accepted them.
     pub fn fence(&self) -> Fence {
         self.freshness.fence()
+    }
+
+    /// The skews and the restart fence.
+    pub fn freshness(&self) -> &Freshness {
+        &self.freshness
     }
 
     /// The time on the clock checks are decided by.
@@ -767,12 +772,6 @@ impl Reported {
     }
 }
 
-/// A cluster owner refused the state step: the request may have been
-/// accepted by the node that owned its key before (see
-/// `cluster::fence`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fenced;
-
 impl Pending {
     /// A step of limits only, with no key and no nonce: the Envoy rate
     /// limit service's.
@@ -805,13 +804,12 @@ impl Pending {
     }
 
     /// The answer, from the decision on [`Self::request`].
-    pub fn finish(self, outcome: Result<Outcome, Fenced>) -> Result<Answer, CheckError> {
+    /// A cluster's owners may refuse a step as stale by their clocks and
+    /// takeover fences (`Err`).
+    pub fn finish(self, outcome: Result<Outcome, Stale>) -> Result<Answer, CheckError> {
         let key_id = Some(self.caller.key_id.clone());
         let response = match outcome {
-            Err(Fenced) => deny(
-                Reason::Stale,
-                "timestamp: signed before this key's state moved to another node; sign again with the current time",
-            ),
+            Err(stale) => deny(Reason::Stale, stale.message()),
             Ok(Outcome::Replay) => deny(Reason::Replay, "this request was already used"),
             Ok(Outcome::NonceSetFull) => return Err(CheckError::ReplayCacheFull),
             Ok(Outcome::StateFull(pool)) => return Err(CheckError::StateFull(pool)),

@@ -61,6 +61,9 @@ pub enum Stale {
     TooOld,
     /// Further ahead of the server's clock than the future skew allows.
     TooFarAhead,
+    /// Signed before a cluster node took the key's state over: the node
+    /// that kept it before may have accepted it.
+    TakenOver,
 }
 
 impl Stale {
@@ -72,6 +75,9 @@ impl Stale {
             Stale::TooOld => "timestamp: older than the allowed clock skew",
             Stale::TooFarAhead => {
                 "timestamp: ahead of the server clock by more than allowed; check the client's clock"
+            }
+            Stale::TakenOver => {
+                "timestamp: signed before this key's state moved to another node; sign again with the current time"
             }
         }
     }
@@ -105,6 +111,16 @@ impl Freshness {
         if timestamp < self.fence.first_second {
             return Err(Stale::BeforeFence);
         }
+        self.within_skews(timestamp, now)
+    }
+
+    /// Whether `timestamp` lies within the skews of `now`, fence aside:
+    /// how a cluster node judges a request another node let through, for
+    /// the state it keeps. The nonce lives by this node's clock, so it
+    /// must be this clock that says the request is still fresh: a node
+    /// whose clock runs ahead of the receiving node's would otherwise store
+    /// a nonce it has already forgotten, and the request could be replayed.
+    pub fn within_skews(&self, timestamp: i64, now: Nanos) -> Result<(), Stale> {
         let now_secs = i128::from(now.whole_secs());
         let t = i128::from(timestamp);
         if t < now_secs - i128::from(self.past_skew) {

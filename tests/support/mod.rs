@@ -66,6 +66,23 @@ impl Server {
         Self::spawn(command, config.parent().unwrap().to_owned(), log)
     }
 
+    /// As [`Self::with_config_unready`], with a wall clock of its own: the
+    /// offset from the real time written in `clock` (`+20s`, `-3s`; read
+    /// again every second), through libfaketime. The monotonic clock is
+    /// left alone, as NTP leaves it. A machine whose NTP stopped, or was
+    /// spoofed, is a node whose clock is off by this much.
+    pub fn with_config_and_clock_unready(config: &Path, clock: &Path, faketime: &Path) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("LD_PRELOAD", faketime)
+            .env("FAKETIME_TIMESTAMP_FILE", clock)
+            .env("FAKETIME_CACHE_DURATION", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("NO_FAKE_STAT", "1");
+        Self::spawn(command, config.parent().unwrap().to_owned(), "info")
+    }
+
     /// `warden serve --config FILE` under an open-file limit of `fds`.
     pub fn with_config_fd_limit(config: &Path, fds: u32) -> Self {
         let mut command = Command::new("sh");
@@ -532,6 +549,29 @@ pub fn cluster_configs(
             path
         })
         .collect()
+}
+
+/// libfaketime, to give a node a wall clock of its own; `None` (the test
+/// is skipped) where it is not installed, except in CI (`bash tests/run`
+/// installs it).
+pub fn libfaketime() -> Option<PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "libfaketime must be installed in CI (bash tests/run installs it)"
+        );
+        eprintln!("skipped: libfaketime is not installed");
+    }
+    found
 }
 
 /// A secret of the right length for config files.

@@ -55,11 +55,12 @@ use warden_client::proto::{
 use super::Membership;
 use super::link::PeerLink;
 use super::ownership::{Node, SlotTable};
-use crate::check::{Checker, Fenced, Pending};
+use crate::check::{Checker, Pending};
 use crate::engine::{
     Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey, Verdicts,
     Window, WindowKind, WindowState, slot_of,
 };
+use crate::freshness::Stale;
 
 /// How long an owner holds a reservation before giving it back by itself.
 pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,7 +75,7 @@ pub struct Unavailable;
 
 /// How one routing attempt ended.
 enum Attempt {
-    Decided(Result<Outcome, Fenced>),
+    Decided(Result<Outcome, Stale>),
     /// An owner was not (or no longer) the owner, or unreachable: nothing
     /// is held; route again with a fresher membership.
     Reroute,
@@ -148,7 +149,7 @@ impl ClusterState {
     }
 
     /// Decides `pending` on the nodes that own its parts.
-    pub async fn decide(&self, pending: &Pending) -> Result<Result<Outcome, Fenced>, Unavailable> {
+    pub async fn decide(&self, pending: &Pending) -> Result<Result<Outcome, Stale>, Unavailable> {
         let deadline = Instant::now() + self.membership.lease_ttl();
         loop {
             let table = self.membership.table();
@@ -210,6 +211,8 @@ impl ClusterState {
         // nonce, then room, then limits.
         let first_refusal = [
             WireOutcome::Fenced,
+            WireOutcome::TooOld,
+            WireOutcome::TooFarAhead,
             WireOutcome::Replay,
             WireOutcome::NonceSetFull,
             WireOutcome::StateFull,
@@ -251,7 +254,9 @@ impl ClusterState {
     /// The outcome of a one-owner step (or a refusal) from its verdict.
     fn outcome_of(&self, v: &StateVerdict) -> Attempt {
         Attempt::Decided(Ok(match v.outcome() {
-            WireOutcome::Fenced => return Attempt::Decided(Err(Fenced)),
+            WireOutcome::Fenced => return Attempt::Decided(Err(Stale::TakenOver)),
+            WireOutcome::TooOld => return Attempt::Decided(Err(Stale::TooOld)),
+            WireOutcome::TooFarAhead => return Attempt::Decided(Err(Stale::TooFarAhead)),
             WireOutcome::Replay => Outcome::Replay,
             WireOutcome::NonceSetFull => Outcome::NonceSetFull,
             WireOutcome::StateFull => Outcome::StateFull(
@@ -420,8 +425,23 @@ impl ClusterState {
             return refuse(WireOutcome::NotOwner);
         }
         slots.dedup();
-        if step.timestamp != 0 && slots.iter().any(|&s| table.fenced(s, step.timestamp)) {
-            return refuse(WireOutcome::Fenced);
+        let now = self.checker.now();
+        if step.timestamp != 0 {
+            if slots.iter().any(|&s| table.fenced(s, step.timestamp)) {
+                return refuse(WireOutcome::Fenced);
+            }
+            // Judged again here, by the clock that keeps the nonce: the
+            // node that let it through judged by its own.
+            match self.checker.freshness().within_skews(step.timestamp, now) {
+                Ok(()) => {}
+                Err(stale) => {
+                    metrics::counter!("warden_cluster_stale_at_owner_total").increment(1);
+                    return refuse(match stale {
+                        Stale::TooFarAhead => WireOutcome::TooFarAhead,
+                        _ => WireOutcome::TooOld,
+                    });
+                }
+            }
         }
         let engine = self.checker.engine();
         let Some(limits) = step
@@ -440,7 +460,6 @@ impl ClusterState {
             .nonce
             .as_ref()
             .map(|n| (engine.placed(n.id), Nanos::new(n.forget_at_ns)));
-        let now = self.checker.now();
         let cost = step.cost.max(1);
         let outcome = engine.decide(
             now,

@@ -13,9 +13,10 @@ use warden_client::reason_name;
 use super::{Admission, CallMetrics, CallPermit, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
-use crate::check::{Answer, CallerIdentity, CheckError, Checker, Fenced, Pending, Step};
+use crate::check::{Answer, CallerIdentity, CheckError, Checker, Pending, Step};
 use crate::cluster::ClusterState;
 use crate::engine::Outcome;
+use crate::freshness::Stale;
 use crate::webhooks::SignRefusal;
 
 /// Answers checks with the shared [`Checker`].
@@ -73,8 +74,9 @@ impl WardenService {
     pub async fn decide_state(&self, pending: &Pending) -> Result<Outcome, CheckError> {
         match decide_state(&self.checker, self.cluster.as_deref(), pending).await? {
             Ok(outcome) => Ok(outcome),
-            // Only signed requests carry a timestamp to fence.
-            Err(Fenced) => Err(CheckError::Unavailable),
+            // Only signed requests carry a timestamp to judge (the
+            // callers of this one, gateways' limits, carry none).
+            Err(_) => Err(CheckError::Unavailable),
         }
     }
 }
@@ -85,7 +87,7 @@ async fn decide_state(
     checker: &Checker,
     cluster: Option<&ClusterState>,
     pending: &Pending,
-) -> Result<Result<Outcome, Fenced>, CheckError> {
+) -> Result<Result<Outcome, Stale>, CheckError> {
     match cluster {
         None => Ok(Ok(checker.engine().decide(pending.now, &pending.request()))),
         Some(cluster) => cluster
