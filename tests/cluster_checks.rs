@@ -760,6 +760,61 @@ async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
     replay_all(&mut clients, std::slice::from_ref(&now)).await;
 }
 
+/// A key's owner accepts timestamps up to its own clock plus the future
+/// skew. If it dies, the next owner fences by its clock what the dead one
+/// may have accepted: with the dead node's clock ahead, a request it
+/// accepted (from a client whose clock runs ahead as well) lay above that
+/// fence, and once fresh at the survivors it was accepted again. The fence
+/// covers how far the previous owners' clocks ran ahead of this node's, as
+/// each node measures its own against the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let Some(faketime) = support::libfaketime() else {
+        return;
+    };
+    let mut cluster = Cluster::start_with_clocks(&url, "", faketime);
+    let signer = Signer::new("wk_hundred", SECRET);
+    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    cluster.set_clock(victim, "+10s");
+    // Its next renewals report its clock.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Signed 12 s ahead: within the future skew (5 s) of the victim's
+    // clock, which is 10 s ahead.
+    let mut direct = cluster.client(victim).await;
+    let ahead = signed(&signer, unix_now() + 12);
+    let r = direct.check(ahead.clone()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    let signed_at = ahead.timestamp;
+    cluster.nodes[victim].as_mut().unwrap().kill();
+    cluster.nodes[victim] = None;
+
+    // Sent again through the survivors until it is fresh by their clocks
+    // and they have taken the key over: never accepted.
+    let mut clients = Vec::new();
+    for &i in &survivors {
+        clients.push(cluster.client(i).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut taken_over = false;
+    while !taken_over || unix_now() <= signed_at {
+        assert!(
+            Instant::now() < deadline,
+            "the key was never taken over:\n{}",
+            cluster.cluster_events()
+        );
+        replay_all(&mut clients, std::slice::from_ref(&ahead)).await;
+        if !taken_over && let Ok(r) = clients[0].check(signed(&signer, unix_now())).await {
+            taken_over = reason(&r) == Reason::Ok;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// What a stream of fresh requests got.
 #[derive(Default)]
 struct Tally {

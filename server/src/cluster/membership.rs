@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS warden_members (
     lease_until timestamptz NOT NULL,
     joined_at timestamptz NOT NULL
 );
+ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint;
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
 ";
@@ -85,6 +86,10 @@ pub struct Member {
     pub lease_left: Duration,
     /// Unix milliseconds it joined (this time).
     pub joined_at_ms: i64,
+    /// How far its clock ran ahead of the database's (negative: behind) at
+    /// its last renewal, in microseconds; `None` from a node of a version
+    /// before this was measured.
+    pub clock_ahead_us: Option<i64>,
 }
 
 /// The membership as this node last saw it.
@@ -101,6 +106,15 @@ pub struct View {
 impl View {
     pub fn nodes(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.node.as_str())
+    }
+
+    /// How far `node`'s clock ran ahead of the database's, as it last
+    /// reported.
+    pub fn clock_ahead_us(&self, node: &str) -> Option<i64> {
+        self.members
+            .iter()
+            .find(|m| m.node == node)
+            .and_then(|m| m.clock_ahead_us)
     }
 
     fn table_nodes(&self) -> Vec<Node> {
@@ -549,6 +563,32 @@ impl Membership {
         self.joined.send_replace(true);
     }
 
+    /// How far the clock of any member, of `view` or of the view before
+    /// it, ran ahead of this node's, in whole seconds rounded up: each
+    /// owner accepted timestamps up to its own clock plus the future skew,
+    /// so a takeover fence taken by this node's clock must reach that much
+    /// further. Measured through the database, whose own clock cancels
+    /// out: each node reports how far its clock runs ahead of it.
+    fn others_ahead(&self, view: &View) -> Duration {
+        let Some(mine) = view.clock_ahead_us(self.node()) else {
+            return Duration::ZERO;
+        };
+        let previous = self.view.read();
+        let furthest = view
+            .members
+            .iter()
+            .chain(&previous.members)
+            .filter_map(|m| m.clock_ahead_us)
+            .map(|theirs| theirs.saturating_sub(mine))
+            .max()
+            .unwrap_or(0);
+        Duration::from_micros(
+            u64::try_from(furthest)
+                .unwrap_or(0)
+                .next_multiple_of(1_000_000),
+        )
+    }
+
     /// Rebuilds the slot table when the membership changed, once for each
     /// version missed (see the module documentation). Slots taken over get
     /// the takeover fence: the previous owner may have accepted requests
@@ -564,7 +604,11 @@ impl Membership {
         let now_secs = crate::engine::clock::unix_secs();
         let past = u32::try_from(now_secs.saturating_sub(self.past_skew.as_secs())).unwrap_or(0);
         let fence = u32::try_from(
-            now_secs + self.future_skew.as_secs() + self.renew_every().as_secs().max(1) + 1,
+            now_secs
+                + self.future_skew.as_secs()
+                + self.renew_every().as_secs().max(1)
+                + 1
+                + self.others_ahead(view).as_secs(),
         )
         .unwrap_or(u32::MAX);
         if view.version == before.version && !rejoined {
@@ -778,6 +822,29 @@ async fn listen(url: String, changed: Arc<Notify>) {
     }
 }
 
+/// How far this node's clock runs ahead of the database's (negative:
+/// behind), in microseconds: the database's `clock_timestamp()` against
+/// the middle of the round trip that read it, on the clock checks judge
+/// timestamps by. Off by at most half the round trip (well under a
+/// millisecond next to the database), and the fences that use it round up
+/// to whole seconds.
+async fn clock_ahead_of_database(
+    client: &tokio_postgres::Client,
+) -> Result<i64, tokio_postgres::Error> {
+    use crate::engine::clock::{Clock, SystemClock};
+    let before = SystemClock.now();
+    let database: i64 = client
+        .query_one(
+            "SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    let after = SystemClock.now();
+    let middle = (before.get() / 2 + after.get() / 2) / 1_000;
+    Ok(i64::try_from(middle).unwrap_or(i64::MAX) - database)
+}
+
 /// The `application_name` of `node`'s membership session.
 fn membership_session_name(node: &str) -> String {
     format!("warden membership {node}")
@@ -794,6 +861,7 @@ async fn renew(
     since: u64,
 ) -> Result<Renewal, tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
+    let clock_ahead_us = clock_ahead_of_database(client).await?;
     client.batch_execute("BEGIN").await?;
     let result = async {
         let joined: bool = client
@@ -801,14 +869,15 @@ async fn renew(
                 "WITH live AS (
                     SELECT 1 FROM warden_members WHERE node = $1 AND lease_until >= now()
                  )
-                 INSERT INTO warden_members (node, advertise, lease_until, joined_at)
-                 VALUES ($1, $2, now() + make_interval(secs => $3), now())
+                 INSERT INTO warden_members (node, advertise, lease_until, joined_at, clock_ahead_us)
+                 VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4)
                  ON CONFLICT (node) DO UPDATE
                    SET advertise = EXCLUDED.advertise, lease_until = EXCLUDED.lease_until,
                        joined_at = CASE WHEN warden_members.lease_until < now()
-                                        THEN now() ELSE warden_members.joined_at END
+                                        THEN now() ELSE warden_members.joined_at END,
+                       clock_ahead_us = EXCLUDED.clock_ahead_us
                  RETURNING NOT EXISTS (SELECT 1 FROM live)",
-                &[&settings.node, &settings.advertise, &ttl],
+                &[&settings.node, &settings.advertise, &ttl, &clock_ahead_us],
             )
             .await?
             .get(0);
@@ -833,7 +902,8 @@ async fn renew(
             .query(
                 "SELECT node, advertise,
                         (extract(epoch from (lease_until - now())) * 1000)::bigint,
-                        (extract(epoch from joined_at) * 1000)::bigint
+                        (extract(epoch from joined_at) * 1000)::bigint,
+                        clock_ahead_us
                  FROM warden_members WHERE lease_until >= now() ORDER BY node",
                 &[],
             )
@@ -847,6 +917,7 @@ async fn renew(
                     advertise: r.get(1),
                     lease_left: Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
                     joined_at_ms: r.get(3),
+                    clock_ahead_us: r.get(4),
                 })
                 .collect(),
             coordinator_ok: true,
@@ -930,6 +1001,7 @@ mod tests {
                     advertise: format!("{node}:1"),
                     lease_left: Duration::from_secs(2),
                     joined_at_ms,
+                    clock_ahead_us: Some(0),
                 })
                 .collect(),
             coordinator_ok: true,
@@ -1021,6 +1093,64 @@ mod tests {
             "A held some of C's slots at version 4, to be handed back"
         );
         assert!(tables.try_recv().is_err());
+    }
+
+    /// `view` with `node`'s clock `ahead_secs` ahead of the database's.
+    fn with_clock(mut view: View, node: &str, ahead_secs: i64) -> View {
+        let m = view.members.iter_mut().find(|m| m.node == node).unwrap();
+        m.clock_ahead_us = Some(ahead_secs * 1_000_000);
+        view
+    }
+
+    /// B dies with its clock 10 s ahead of A's, as each reported it against
+    /// the database's. B accepted timestamps up to its clock plus the
+    /// future skew, so the fence A puts on the slots it takes from B
+    /// reaches 10 s further than A's own clock would put it. From a node
+    /// of an older version, which reports nothing, nothing is added.
+    #[test]
+    fn a_takeover_fence_reaches_as_far_as_a_previous_owners_clock_ran_ahead() {
+        for (b_ahead, a_ahead, margin) in [(10, 0, 10), (7, -3, 10), (-4, 0, 0), (0, 0, 0)] {
+            let a = settled_a();
+            let owned = a.table();
+            let three = with_clock(
+                with_clock(view(3, &THREE), "node-b", b_ahead),
+                "node-a",
+                a_ahead,
+            );
+            *a.view.write() = three;
+            let before = now();
+            let without_b = view(4, &[("node-a", 1), ("node-c", 1)]);
+            a.update_table(&with_clock(without_b, "node-a", a_ahead), false, Vec::new());
+            let after = now();
+            let t = a.table();
+            let taken: Vec<Slot> = (0..=Slot::MAX)
+                .filter(|&s| t.is_mine(s) && !owned.owns(s))
+                .collect();
+            assert!(!taken.is_empty());
+            // future skew 5 s, one renewal interval (rounded up to 1 s), 1 s.
+            let reach = 5 + 1 + 1 + margin;
+            for &slot in &taken {
+                assert!(
+                    t.fenced(slot, before + reach),
+                    "{b_ahead} {a_ahead}: slot {slot}"
+                );
+                assert!(
+                    !t.fenced(slot, after + reach + 1),
+                    "{b_ahead} {a_ahead}: slot {slot}"
+                );
+            }
+        }
+        // B reported nothing (an older version): the fence as before.
+        let a = settled_a();
+        let mut three = view(3, &THREE);
+        three.members[1].clock_ahead_us = None;
+        *a.view.write() = three;
+        let before = now();
+        a.update_table(&view(4, &[("node-a", 1), ("node-c", 1)]), false, Vec::new());
+        let t = a.table();
+        let taken = (0..=Slot::MAX).find(|&s| t.is_mine(s) && t.fenced(s, before));
+        let slot = taken.expect("B's slots are fenced");
+        assert!(!t.fenced(slot, now() + 8));
     }
 
     /// The same restart, but the log lacks version 4 (written by a node of
