@@ -181,6 +181,30 @@ impl Cluster {
         std::thread::sleep(Duration::from_millis(1500));
     }
 
+    /// Waits (10 s) until node `i` reports `node`'s clock about `ahead_ms`
+    /// ahead of the database's; its status then.
+    fn wait_for_clock(&self, i: usize, node: usize, ahead_ms: i64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status(i);
+            let reported = s["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["node"] == NODES[node])
+                .and_then(|m| m["clock_ahead_ms"].as_i64());
+            if reported.is_some_and(|ms| (ms - ahead_ms).abs() < 1_000) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never saw {}'s clock {ahead_ms} ms ahead: {s}",
+                NODES[node]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Every node's cluster events (joins, hand-offs, fences), restarted
     /// ones' included: what a failed test needs to say why.
     fn cluster_events(&self) -> String {
@@ -733,6 +757,24 @@ async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
     let signer = Signer::new("wk_hundred", SECRET);
     let mut client = cluster.client(through).await;
     cluster.set_clock(owner, "+12s");
+    // Every node says so, measured against the database's clock.
+    let seen = cluster.wait_for_clock(through, owner, 12_000);
+    assert!(
+        seen["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["node"] != NODES[owner])
+            .all(|m| m["clock_ahead_ms"].as_i64().unwrap().abs() < 1_000),
+        "{seen}"
+    );
+    let event = "\"event\":\"cluster_clock_skew\"";
+    let logs = cluster.node(through).wait_for_log(event);
+    let warning = logs.lines().find(|l| l.contains(event)).unwrap();
+    assert!(
+        warning.contains(&format!("\"node\":\"{}\"", NODES[owner])),
+        "{warning}"
+    );
 
     // Signed 3 s before it leaves the window: fresh by the correct clocks
     // (and above their restart fence: start + future skew + 1); forgotten
@@ -780,8 +822,10 @@ async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay
     let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     cluster.set_clock(victim, "+10s");
-    // Its next renewals report its clock.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its next renewal reports its clock.
+    for &i in &survivors {
+        cluster.wait_for_clock(i, victim, 10_000);
+    }
 
     // Signed 12 s ahead: within the future skew (5 s) of the victim's
     // clock, which is 10 s ahead.

@@ -1183,6 +1183,7 @@ struct MemberView<'a> {
     lease_left_ms: u64,
     joined_at_ms: i64,
     keys_owned: u64,
+    clock_ahead_ms: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -1269,6 +1270,7 @@ async fn cluster_status(conn: &ConnArgs, json: bool) -> Result<ExitCode, Failure
                     lease_left_ms: m.lease_left_ms,
                     joined_at_ms: m.joined_at_ms,
                     keys_owned: m.keys_owned,
+                    clock_ahead_ms: m.clock_ahead_ms,
                 })
                 .collect(),
         });
@@ -1285,8 +1287,12 @@ async fn cluster_status(conn: &ConnArgs, json: bool) -> Result<ExitCode, Failure
         }
     );
     for m in &status.members {
+        let clock = match m.clock_ahead_ms {
+            Some(ms) => format!("clock {:+.3} s", ms as f64 / 1000.0),
+            None => "clock not reported".to_owned(),
+        };
         println!(
-            "  {:<24} {:<24} lease {:>5} ms left  joined {}  owns {} keys",
+            "  {:<24} {:<24} lease {:>5} ms left  joined {}  owns {} keys  {clock} against the database",
             m.node,
             m.advertise,
             m.lease_left_ms,

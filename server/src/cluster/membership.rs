@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, me
 /// it fences everything it owns instead.
 const MAX_REPLAYED: i64 = 64;
 
+/// How far two members' clocks may disagree before a node warns: NTP keeps
+/// them within milliseconds, and the fences round to whole seconds anyway.
+const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
+
 /// One live member, as of the last renewal.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Member {
@@ -186,6 +190,9 @@ pub struct Membership {
     handed: Mutex<HashMap<String, u64>>,
     /// Set on the way out: answers for nothing any more.
     leaving: AtomicBool,
+    /// Set while another member's clock is more than
+    /// [`CLOCK_SKEW_WARNING`] from this node's (warned once).
+    clocks_apart: AtomicBool,
     lease: Mutex<Lease>,
     /// The largest future skew accepted, and the past skew: a takeover
     /// fence covers what the previous owner could have accepted, and is
@@ -233,6 +240,7 @@ impl Membership {
             table_changed: Mutex::new(None),
             handed: Mutex::new(HashMap::new()),
             leaving: AtomicBool::new(false),
+            clocks_apart: AtomicBool::new(false),
             lease: Mutex::new(Lease::default()),
             future_skew,
             past_skew,
@@ -558,9 +566,44 @@ impl Membership {
         metrics::gauge!("warden_cluster_members").set(view.members.len() as f64);
         metrics::gauge!("warden_cluster_version").set(view.version as f64);
         metrics::gauge!("warden_cluster_coordinator_ok").set(1.0);
+        self.judge_clocks(&view);
         *current = view;
         drop(current);
         self.joined.send_replace(true);
+    }
+
+    /// Says how far the members' clocks are apart, and warns (once until
+    /// they agree again) past [`CLOCK_SKEW_WARNING`]: takeover fences grow
+    /// by the skew, and an owner whose clock is behind a client's by more
+    /// than the future skew refuses its fresh requests as signed ahead.
+    fn judge_clocks(&self, view: &View) {
+        let Some(mine) = view.clock_ahead_us(self.node()) else {
+            return;
+        };
+        metrics::gauge!("warden_cluster_clock_ahead_seconds").set(mine as f64 / 1e6);
+        let furthest = view
+            .members
+            .iter()
+            .filter_map(|m| Some((m.node.as_str(), m.clock_ahead_us?.saturating_sub(mine))))
+            .max_by_key(|(_, apart)| apart.unsigned_abs());
+        let Some((node, apart)) = furthest else {
+            return;
+        };
+        metrics::gauge!("warden_cluster_clock_skew_seconds").set(apart.unsigned_abs() as f64 / 1e6);
+        let too_far = apart.unsigned_abs() > CLOCK_SKEW_WARNING.as_micros() as u64;
+        if too_far && !self.clocks_apart.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                event = "cluster_clock_skew",
+                node,
+                ahead_of_this_node_ms = apart / 1_000,
+                "the clocks of two cluster nodes disagree: takeover fences grow by as much, and a node whose clock is behind refuses requests signed ahead of it; check NTP on both"
+            );
+        } else if !too_far && self.clocks_apart.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                event = "cluster_clock_skew_gone",
+                "the cluster nodes' clocks agree again"
+            );
+        }
     }
 
     /// How far the clock of any member, of `view` or of the view before
