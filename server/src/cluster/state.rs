@@ -3,7 +3,10 @@
 //!
 //! The receiving node has done everything stateless (validation,
 //! authorization, signature, freshness, route). What is left — the replay
-//! key and the rate limits — is split by owner ([`SlotTable`]):
+//! key and the rate limits — is split by owner ([`SlotTable`]). Each owner
+//! judges the timestamp again by its own clock before it decides: the
+//! nonce is forgotten by that clock, and the receiving node's may differ
+//! (README, Clocks in a cluster).
 //!
 //! - **One owner** (the usual case: a key's nonce and policies share its
 //!   slot): one step on the open `DecideStream` to that node, atomic there
@@ -432,15 +435,12 @@ impl ClusterState {
             }
             // Judged again here, by the clock that keeps the nonce: the
             // node that let it through judged by its own.
-            match self.checker.freshness().within_skews(step.timestamp, now) {
-                Ok(()) => {}
-                Err(stale) => {
-                    metrics::counter!("warden_cluster_stale_at_owner_total").increment(1);
-                    return refuse(match stale {
-                        Stale::TooFarAhead => WireOutcome::TooFarAhead,
-                        _ => WireOutcome::TooOld,
-                    });
-                }
+            if let Err(stale) = self.checker.freshness().within_skews(step.timestamp, now) {
+                metrics::counter!("warden_cluster_stale_at_owner_total").increment(1);
+                return refuse(match stale {
+                    Stale::TooFarAhead => WireOutcome::TooFarAhead,
+                    _ => WireOutcome::TooOld,
+                });
             }
         }
         let engine = self.checker.engine();

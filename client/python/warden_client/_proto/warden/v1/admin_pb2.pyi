@@ -215,6 +215,7 @@ class ClusterMember(_message.Message):
     LEASE_LEFT_MS_FIELD_NUMBER: _builtins.int
     JOINED_AT_MS_FIELD_NUMBER: _builtins.int
     KEYS_OWNED_FIELD_NUMBER: _builtins.int
+    CLOCK_AHEAD_MS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     advertise: _builtins.str
     """Where other nodes reach it."""
@@ -224,6 +225,10 @@ class ClusterMember(_message.Message):
     """Unix milliseconds it joined."""
     keys_owned: _builtins.int
     """API keys (of those this node knows) it owns by rendezvous hashing."""
+    clock_ahead_ms: _builtins.int
+    """How far its clock ran ahead of the database's at its last renewal, in
+    milliseconds (negative: behind); unset from a node that does not say.
+    """
     def __init__(
         self,
         *,
@@ -232,12 +237,15 @@ class ClusterMember(_message.Message):
         lease_left_ms: _builtins.int = ...,
         joined_at_ms: _builtins.int = ...,
         keys_owned: _builtins.int = ...,
+        clock_ahead_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_ahead_ms", b"_clock_ahead_ms", "clock_ahead_ms", b"clock_ahead_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise", b"advertise", "joined_at_ms", b"joined_at_ms", "keys_owned", b"keys_owned", "lease_left_ms", b"lease_left_ms", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_ahead_ms", b"_clock_ahead_ms", "advertise", b"advertise", "clock_ahead_ms", b"clock_ahead_ms", "joined_at_ms", b"joined_at_ms", "keys_owned", b"keys_owned", "lease_left_ms", b"lease_left_ms", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__clock_ahead_ms: _TypeAlias = _typing.Literal["clock_ahead_ms"]  # noqa: Y015
+    _WhichOneofArgType__clock_ahead_ms: _TypeAlias = _typing.Literal["_clock_ahead_ms", b"_clock_ahead_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_ahead_ms) -> _WhichOneofReturnType__clock_ahead_ms | None: ...
 
 Global___ClusterMember: _TypeAlias = ClusterMember  # noqa: Y015
 
