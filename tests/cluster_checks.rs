@@ -859,6 +859,82 @@ async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay
     }
 }
 
+/// The database's clock leaps ahead (an NTP step on its host) by five
+/// leases. Leases run out by that clock, so every live node's lease looks
+/// run out at once: nodes rejoin, fence what they own and take each
+/// other's slots over behind fences. Safe, not available: nothing accepted
+/// before or during it is accepted again, and fresh requests are served
+/// again within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_clock_leaping_ahead_admits_no_replay_and_passes() {
+    if std::env::var("WARDEN_TEST_POSTGRES_URL").is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "bash tests/run sets up PostgreSQL in CI"
+        );
+        return;
+    }
+    let Some(faketime) = support::libfaketime() else {
+        return;
+    };
+    // Where the postgres user can read it.
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clock = clock_dir.path().join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        open(clock_dir.path(), 0o755);
+        open(&clock, 0o644);
+    }
+    let Some(pg) = support::OwnPostgres::start_with_clock(&clock, &faketime) else {
+        return;
+    };
+    let plenty = format!(
+        "[[keys]]\nid = \"wk_plenty\"\npolicies = [\"plenty\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    );
+    let cluster = Cluster::start(&pg.url, &plenty);
+    let signer = Signer::new("wk_plenty", SECRET);
+    let mut clients = cluster.clients().await;
+    let mut tally = Tally::default();
+    for i in 0..30 {
+        let req = signed(&signer, unix_now());
+        let answer = clients[i % 3].check(req.clone()).await;
+        tally.count(req, answer.map(|r| reason(&r)));
+    }
+    assert_eq!(tally.accepted.len(), 30);
+
+    std::fs::write(&clock, "+10s\n").unwrap();
+    let leapt = Instant::now();
+    let mut last_refused = None;
+    while leapt.elapsed() < Duration::from_secs(20) {
+        for client in clients.iter_mut() {
+            let req = signed(&signer, unix_now());
+            let answer = client.check(req.clone()).await;
+            if !matches!(answer, Ok(ref r) if reason(r) == Reason::Ok) {
+                last_refused = Some(leapt.elapsed());
+            }
+            tally.count(req, answer.map(|r| reason(&r)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every request accepted, before the leap or after it, is refused
+    // through every node.
+    let replayed = replay_all(&mut clients, &tally.accepted).await;
+    assert_eq!(replayed, tally.accepted.len() * 3);
+    // Measured: refused for about 9 s (the nodes rejoin, and fence their
+    // slots for the future skew, a renewal and a second).
+    assert!(
+        last_refused.is_none_or(|at| at < Duration::from_secs(15)),
+        "fresh requests were still refused {last_refused:?} after the leap ({} stale, {} errors); events:\n{}",
+        tally.stale,
+        tally.errors,
+        cluster.cluster_events()
+    );
+}
+
 /// What a stream of fresh requests got.
 #[derive(Default)]
 struct Tally {

@@ -75,11 +75,7 @@ impl Server {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config", config.to_str().unwrap()])
-            .env("LD_PRELOAD", faketime)
-            .env("FAKETIME_TIMESTAMP_FILE", clock)
-            .env("FAKETIME_CACHE_DURATION", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .env("NO_FAKE_STAT", "1");
+            .envs(faketime_env(clock, faketime));
         Self::spawn(command, config.parent().unwrap().to_owned(), "info")
     }
 
@@ -551,6 +547,21 @@ pub fn cluster_configs(
         .collect()
 }
 
+/// The environment that gives a process the wall clock in `clock` through
+/// libfaketime (read again every second; the monotonic clock untouched).
+fn faketime_env<'a>(
+    clock: &'a Path,
+    faketime: &'a Path,
+) -> [(&'static str, &'a std::ffi::OsStr); 5] {
+    [
+        ("LD_PRELOAD", faketime.as_os_str()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        ("FAKETIME_CACHE_DURATION", "1".as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+        ("NO_FAKE_STAT", "1".as_ref()),
+    ]
+}
+
 /// libfaketime, to give a node a wall clock of its own; `None` (the test
 /// is skipped) where it is not installed, except in CI (`bash tests/run`
 /// installs it).
@@ -630,9 +641,21 @@ pub struct OwnPostgres {
 
 impl OwnPostgres {
     pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// As [`Self::start`], with a wall clock of its own: the offset in
+    /// `clock` (readable by the `postgres` user), as for a node
+    /// ([`Server::with_config_and_clock_unready`]).
+    pub fn start_with_clock(clock: &Path, faketime: &Path) -> Option<Self> {
+        Self::start_with(&faketime_env(clock, faketime))
+    }
+
+    fn start_with(env: &[(&str, &std::ffi::OsStr)]) -> Option<Self> {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
         let out = std::process::Command::new("bash")
             .arg(script)
+            .envs(env.iter().copied())
             .output()
             .ok()?;
         if !out.status.success() {

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS warden_members (
     lease_until timestamptz NOT NULL,
     joined_at timestamptz NOT NULL
 );
-ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint;
+ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint,
+    ADD COLUMN IF NOT EXISTS clock_read_at_us bigint;
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
 ";
@@ -90,11 +91,48 @@ pub struct Member {
     pub lease_left: Duration,
     /// Unix milliseconds it joined (this time).
     pub joined_at_ms: i64,
-    /// How far its clock ran ahead of the database's (negative: behind) at
-    /// its last renewal, in microseconds; `None` from a node of a version
-    /// before this was measured.
-    pub clock_ahead_us: Option<i64>,
+    /// Its clock against the database's at its last renewal; `None` from a
+    /// node of a version before this was measured.
+    pub clock: Option<ClockReading>,
 }
+
+/// A node's clock against the database's, read at one renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockReading {
+    /// The database's clock when it was read (`clock_timestamp()`, Unix
+    /// microseconds).
+    pub at_us: i64,
+    /// How far the node's clock (the one checks judge timestamps by) ran
+    /// ahead of the database's then, in microseconds (negative: behind).
+    /// Off by at most half the round trip that read it: well under a
+    /// millisecond next to the database.
+    pub ahead_us: i64,
+}
+
+impl ClockReading {
+    /// Reads the database's clock against this process's.
+    async fn take(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        use crate::engine::clock::{Clock, SystemClock};
+        let before = SystemClock.now();
+        let at_us: i64 = client
+            .query_one(
+                "SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint",
+                &[],
+            )
+            .await?
+            .get(0);
+        let after = SystemClock.now();
+        let middle_us = (before.get() / 2 + after.get() / 2) / 1_000;
+        Ok(Self {
+            at_us,
+            ahead_us: i64::try_from(middle_us).unwrap_or(i64::MAX) - at_us,
+        })
+    }
+}
+
+/// How many of its own clock readings a node keeps: a lease's worth and
+/// more (five per lease), to pair with every member's last one.
+const OWN_READINGS: usize = 16;
 
 /// The membership as this node last saw it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -112,13 +150,12 @@ impl View {
         self.members.iter().map(|m| m.node.as_str())
     }
 
-    /// How far `node`'s clock ran ahead of the database's, as it last
-    /// reported.
-    pub fn clock_ahead_us(&self, node: &str) -> Option<i64> {
+    /// `node`'s clock against the database's, as it last reported it.
+    pub fn clock(&self, node: &str) -> Option<ClockReading> {
         self.members
             .iter()
             .find(|m| m.node == node)
-            .and_then(|m| m.clock_ahead_us)
+            .and_then(|m| m.clock)
     }
 
     fn table_nodes(&self) -> Vec<Node> {
@@ -193,6 +230,8 @@ pub struct Membership {
     /// Set while another member's clock is more than
     /// [`CLOCK_SKEW_WARNING`] from this node's (warned once).
     clocks_apart: AtomicBool,
+    /// This node's last [`OWN_READINGS`] clock readings, oldest first.
+    own_clock: Mutex<std::collections::VecDeque<ClockReading>>,
     lease: Mutex<Lease>,
     /// The largest future skew accepted, and the past skew: a takeover
     /// fence covers what the previous owner could have accepted, and is
@@ -241,6 +280,7 @@ impl Membership {
             handed: Mutex::new(HashMap::new()),
             leaving: AtomicBool::new(false),
             clocks_apart: AtomicBool::new(false),
+            own_clock: Mutex::new(std::collections::VecDeque::with_capacity(OWN_READINGS)),
             lease: Mutex::new(Lease::default()),
             future_skew,
             past_skew,
@@ -577,14 +617,21 @@ impl Membership {
     /// by the skew, and an owner whose clock is behind a client's by more
     /// than the future skew refuses its fresh requests as signed ahead.
     fn judge_clocks(&self, view: &View) {
-        let Some(mine) = view.clock_ahead_us(self.node()) else {
+        let Some(mine) = view.clock(self.node()) else {
             return;
         };
-        metrics::gauge!("warden_cluster_clock_ahead_seconds").set(mine as f64 / 1e6);
+        {
+            let mut own = self.own_clock.lock();
+            if own.len() == OWN_READINGS {
+                own.pop_front();
+            }
+            own.push_back(mine);
+        }
+        metrics::gauge!("warden_cluster_clock_ahead_seconds").set(mine.ahead_us as f64 / 1e6);
         let furthest = view
             .members
             .iter()
-            .filter_map(|m| Some((m.node.as_str(), m.clock_ahead_us?.saturating_sub(mine))))
+            .filter_map(|m| Some((m.node.as_str(), self.ahead_of_mine(m.clock?, mine))))
             .max_by_key(|(_, apart)| apart.unsigned_abs());
         let Some((node, apart)) = furthest else {
             return;
@@ -606,6 +653,23 @@ impl Membership {
         }
     }
 
+    /// How far the clock that read `theirs` ran ahead of this node's (µs),
+    /// against this node's reading nearest to it on the database's clock
+    /// (`latest` or one kept before it). The database's clock cancels out
+    /// only between readings on the same clock: one that stepped between a
+    /// member's reading and this node's latest would otherwise look like a
+    /// skew between the two, and stretch fences for nothing.
+    fn ahead_of_mine(&self, theirs: ClockReading, latest: ClockReading) -> i64 {
+        let own = self.own_clock.lock();
+        let mine = own
+            .iter()
+            .copied()
+            .chain([latest])
+            .min_by_key(|m| m.at_us.abs_diff(theirs.at_us))
+            .unwrap_or(latest);
+        theirs.ahead_us.saturating_sub(mine.ahead_us)
+    }
+
     /// How far the clock of any member, of `view` or of the view before
     /// it, ran ahead of this node's, in whole seconds rounded up: each
     /// owner accepted timestamps up to its own clock plus the future skew,
@@ -613,7 +677,7 @@ impl Membership {
     /// further. Measured through the database, whose own clock cancels
     /// out: each node reports how far its clock runs ahead of it.
     fn others_ahead(&self, view: &View) -> Duration {
-        let Some(mine) = view.clock_ahead_us(self.node()) else {
+        let Some(mine) = view.clock(self.node()) else {
             return Duration::ZERO;
         };
         let previous = self.view.read();
@@ -621,8 +685,7 @@ impl Membership {
             .members
             .iter()
             .chain(&previous.members)
-            .filter_map(|m| m.clock_ahead_us)
-            .map(|theirs| theirs.saturating_sub(mine))
+            .filter_map(|m| Some(self.ahead_of_mine(m.clock?, mine)))
             .max()
             .unwrap_or(0);
         Duration::from_micros(
@@ -865,29 +928,6 @@ async fn listen(url: String, changed: Arc<Notify>) {
     }
 }
 
-/// How far this node's clock runs ahead of the database's (negative:
-/// behind), in microseconds: the database's `clock_timestamp()` against
-/// the middle of the round trip that read it, on the clock checks judge
-/// timestamps by. Off by at most half the round trip (well under a
-/// millisecond next to the database), and the fences that use it round up
-/// to whole seconds.
-async fn clock_ahead_of_database(
-    client: &tokio_postgres::Client,
-) -> Result<i64, tokio_postgres::Error> {
-    use crate::engine::clock::{Clock, SystemClock};
-    let before = SystemClock.now();
-    let database: i64 = client
-        .query_one(
-            "SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint",
-            &[],
-        )
-        .await?
-        .get(0);
-    let after = SystemClock.now();
-    let middle = (before.get() / 2 + after.get() / 2) / 1_000;
-    Ok(i64::try_from(middle).unwrap_or(i64::MAX) - database)
-}
-
 /// The `application_name` of `node`'s membership session.
 fn membership_session_name(node: &str) -> String {
     format!("warden membership {node}")
@@ -904,7 +944,7 @@ async fn renew(
     since: u64,
 ) -> Result<Renewal, tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
-    let clock_ahead_us = clock_ahead_of_database(client).await?;
+    let clock = ClockReading::take(client).await?;
     client.batch_execute("BEGIN").await?;
     let result = async {
         let joined: bool = client
@@ -912,15 +952,23 @@ async fn renew(
                 "WITH live AS (
                     SELECT 1 FROM warden_members WHERE node = $1 AND lease_until >= now()
                  )
-                 INSERT INTO warden_members (node, advertise, lease_until, joined_at, clock_ahead_us)
-                 VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4)
+                 INSERT INTO warden_members
+                   (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us)
+                 VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4, $5)
                  ON CONFLICT (node) DO UPDATE
                    SET advertise = EXCLUDED.advertise, lease_until = EXCLUDED.lease_until,
                        joined_at = CASE WHEN warden_members.lease_until < now()
                                         THEN now() ELSE warden_members.joined_at END,
-                       clock_ahead_us = EXCLUDED.clock_ahead_us
+                       clock_ahead_us = EXCLUDED.clock_ahead_us,
+                       clock_read_at_us = EXCLUDED.clock_read_at_us
                  RETURNING NOT EXISTS (SELECT 1 FROM live)",
-                &[&settings.node, &settings.advertise, &ttl, &clock_ahead_us],
+                &[
+                    &settings.node,
+                    &settings.advertise,
+                    &ttl,
+                    &clock.ahead_us,
+                    &clock.at_us,
+                ],
             )
             .await?
             .get(0);
@@ -946,7 +994,7 @@ async fn renew(
                 "SELECT node, advertise,
                         (extract(epoch from (lease_until - now())) * 1000)::bigint,
                         (extract(epoch from joined_at) * 1000)::bigint,
-                        clock_ahead_us
+                        clock_ahead_us, clock_read_at_us
                  FROM warden_members WHERE lease_until >= now() ORDER BY node",
                 &[],
             )
@@ -960,7 +1008,10 @@ async fn renew(
                     advertise: r.get(1),
                     lease_left: Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
                     joined_at_ms: r.get(3),
-                    clock_ahead_us: r.get(4),
+                    clock: r
+                        .get::<_, Option<i64>>(4)
+                        .zip(r.get::<_, Option<i64>>(5))
+                        .map(|(ahead_us, at_us)| ClockReading { at_us, ahead_us }),
                 })
                 .collect(),
             coordinator_ok: true,
@@ -1044,7 +1095,10 @@ mod tests {
                     advertise: format!("{node}:1"),
                     lease_left: Duration::from_secs(2),
                     joined_at_ms,
-                    clock_ahead_us: Some(0),
+                    clock: Some(ClockReading {
+                        at_us: 0,
+                        ahead_us: 0,
+                    }),
                 })
                 .collect(),
             coordinator_ok: true,
@@ -1141,7 +1195,10 @@ mod tests {
     /// `view` with `node`'s clock `ahead_secs` ahead of the database's.
     fn with_clock(mut view: View, node: &str, ahead_secs: i64) -> View {
         let m = view.members.iter_mut().find(|m| m.node == node).unwrap();
-        m.clock_ahead_us = Some(ahead_secs * 1_000_000);
+        m.clock = Some(ClockReading {
+            at_us: 0,
+            ahead_us: ahead_secs * 1_000_000,
+        });
         view
     }
 
@@ -1186,7 +1243,7 @@ mod tests {
         // B reported nothing (an older version): the fence as before.
         let a = settled_a();
         let mut three = view(3, &THREE);
-        three.members[1].clock_ahead_us = None;
+        three.members[1].clock = None;
         *a.view.write() = three;
         let before = now();
         a.update_table(&view(4, &[("node-a", 1), ("node-c", 1)]), false, Vec::new());
@@ -1194,6 +1251,46 @@ mod tests {
         let taken = (0..=Slot::MAX).find(|&s| t.is_mine(s) && t.fenced(s, before));
         let slot = taken.expect("B's slots are fenced");
         assert!(!t.fenced(slot, now() + 8));
+    }
+
+    /// `view` with `node`'s clock read at `at_secs` on the database's clock,
+    /// `ahead_secs` ahead of it.
+    fn read_at(mut view: View, node: &str, at_secs: f64, ahead_secs: i64) -> View {
+        let m = view.members.iter_mut().find(|m| m.node == node).unwrap();
+        m.clock = Some(ClockReading {
+            at_us: (at_secs * 1e6) as i64,
+            ahead_us: ahead_secs * 1_000_000,
+        });
+        view
+    }
+
+    /// The database's clock leaps 10 s ahead between B's last reading and
+    /// A's latest: A's clock now reads 10 s behind the database's, B's (read
+    /// before the leap) even. That is no skew between A and B: A pairs B's
+    /// reading with its own from before the leap, and B's slots are fenced
+    /// as if the clocks agreed. Paired with A's latest, the fence would
+    /// have reached 10 s further, and refused fresh requests that long.
+    #[test]
+    fn a_database_clock_that_leaps_between_two_readings_is_no_skew_between_the_nodes() {
+        let a = settled_a();
+        let owned = a.table();
+        // A's reading before the leap, kept.
+        a.judge_clocks(&read_at(view(3, &THREE), "node-a", 1000.0, 0));
+        *a.view.write() = read_at(view(3, &THREE), "node-b", 1000.2, 0);
+        let after_leap = read_at(
+            view(4, &[("node-a", 1), ("node-c", 1)]),
+            "node-a",
+            1010.4,
+            -10,
+        );
+        let before = now();
+        a.update_table(&after_leap, false, Vec::new());
+        let t = a.table();
+        let slot = (0..=Slot::MAX)
+            .find(|&s| t.is_mine(s) && !owned.owns(s))
+            .expect("A took some of B's slots");
+        assert!(t.fenced(slot, before + 7));
+        assert!(!t.fenced(slot, now() + 8), "the fence reached further");
     }
 
     /// The same restart, but the log lacks version 4 (written by a node of

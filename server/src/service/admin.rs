@@ -432,7 +432,7 @@ impl Admin for AdminService {
                     lease_left_ms: m.lease_left.as_millis() as u64,
                     joined_at_ms: m.joined_at_ms,
                     keys_owned: owned.get(m.node.as_str()).copied().unwrap_or(0),
-                    clock_ahead_ms: m.clock_ahead_us.map(|us| us / 1_000),
+                    clock_ahead_ms: m.clock.map(|c| c.ahead_us / 1_000),
                 })
                 .collect(),
         }))
