@@ -802,6 +802,53 @@ async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
     replay_all(&mut clients, std::slice::from_ref(&now)).await;
 }
 
+/// A GitHub webhook delivery carries no signed time: its id is remembered
+/// for `webhook_replay_window` from when it was first seen. Reckoned from
+/// the receiving node's clock, an owner whose clock ran ahead by more than
+/// the window stored it already forgotten, and the delivery was accepted
+/// as often as it was sent. The owner reckons the window by its own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_delivery_is_accepted_once_whatever_the_owners_clock() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let Some(faketime) = support::libfaketime() else {
+        return;
+    };
+    let cluster =
+        Cluster::start_with_clocks(&url, "[check]\nwebhook_replay_window = \"60s\"\n", faketime);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let through = (owner + 1) % 3;
+    let mut client = cluster.client(through).await;
+    cluster.set_clock(owner, "+90s");
+    cluster.wait_for_clock(through, owner, 90_000);
+
+    let body = br#"{"zen":"Design for failure."}"#;
+    let signature = hex::encode(warden_client::signing::hmac_sha256(SECRET.as_bytes(), body));
+    let delivery = CheckRequest {
+        key_id: "wk_hundred".into(),
+        scheme: "github".into(),
+        method: "POST".into(),
+        path: "/webhooks/github".into(),
+        body: body.to_vec().into(),
+        headers: [
+            ("X-Hub-Signature-256", format!("sha256={signature}")),
+            ("X-GitHub-Delivery", new_nonce()),
+            ("X-GitHub-Event", "push".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        ..Default::default()
+    };
+    let first = client.check(delivery.clone()).await.unwrap();
+    assert_eq!(reason(&first), Reason::Ok, "{first:?}");
+    for _ in 0..3 {
+        let again = client.check(delivery.clone()).await.unwrap();
+        assert_eq!(reason(&again), Reason::Replay, "{again:?}");
+    }
+}
+
 /// A key's owner accepts timestamps up to its own clock plus the future
 /// skew. If it dies, the next owner fences by its clock what the dead one
 /// may have accepted: with the dead node's clock ahead, a request it

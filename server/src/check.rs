@@ -259,6 +259,12 @@ impl Checker {
         &self.freshness
     }
 
+    /// When the replay key of a request without a signed time (a GitHub
+    /// webhook delivery) may be forgotten, if first seen at `now`.
+    pub fn unsigned_forget_at(&self, now: Nanos) -> Nanos {
+        now.saturating_add(duration_nanos(self.settings.webhook_replay_window))
+    }
+
     /// The time on the clock checks are decided by.
     pub fn now(&self) -> Nanos {
         self.clock.now()
@@ -647,7 +653,7 @@ impl Checker {
         let timestamp = valid.credential.timestamp(req);
         let forget_at = match timestamp {
             Some(t) => self.freshness.forget_at(t),
-            None => now.saturating_add(duration_nanos(self.settings.webhook_replay_window)),
+            None => self.unsigned_forget_at(now),
         };
 
         let count = key.policies.len() + valid.limits.len();

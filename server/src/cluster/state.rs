@@ -456,10 +456,16 @@ impl ClusterState {
         else {
             return refuse(WireOutcome::Unspecified);
         };
-        let nonce = step
-            .nonce
-            .as_ref()
-            .map(|n| (engine.placed(n.id), Nanos::new(n.forget_at_ns)));
+        let nonce = step.nonce.as_ref().map(|n| {
+            let mut forget_at = Nanos::new(n.forget_at_ns);
+            if step.timestamp == 0 {
+                // Without a signed time, the sender reckoned the window
+                // from its own clock; reckoned from this one, which keeps
+                // the nonce, it may not end sooner.
+                forget_at = forget_at.max(self.checker.unsigned_forget_at(now));
+            }
+            (engine.placed(n.id), forget_at)
+        });
         let cost = step.cost.max(1);
         let outcome = engine.decide(
             now,
