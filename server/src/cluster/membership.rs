@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::RwLockReadGuard;
 
+use super::clocks::{ClockReading, Clocks};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 
@@ -78,10 +79,6 @@ CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, me
 /// it fences everything it owns instead.
 const MAX_REPLAYED: i64 = 64;
 
-/// How far two members' clocks may disagree before a node warns: NTP keeps
-/// them within milliseconds, and the fences round to whole seconds anyway.
-const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
-
 /// One live member, as of the last renewal.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Member {
@@ -95,44 +92,6 @@ pub struct Member {
     /// node of a version before this was measured.
     pub clock: Option<ClockReading>,
 }
-
-/// A node's clock against the database's, read at one renewal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClockReading {
-    /// The database's clock when it was read (`clock_timestamp()`, Unix
-    /// microseconds).
-    pub at_us: i64,
-    /// How far the node's clock (the one checks judge timestamps by) ran
-    /// ahead of the database's then, in microseconds (negative: behind).
-    /// Off by at most half the round trip that read it: well under a
-    /// millisecond next to the database.
-    pub ahead_us: i64,
-}
-
-impl ClockReading {
-    /// Reads the database's clock against this process's.
-    async fn take(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
-        use crate::engine::clock::{Clock, SystemClock};
-        let before = SystemClock.now();
-        let at_us: i64 = client
-            .query_one(
-                "SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint",
-                &[],
-            )
-            .await?
-            .get(0);
-        let after = SystemClock.now();
-        let middle_us = (before.get() / 2 + after.get() / 2) / 1_000;
-        Ok(Self {
-            at_us,
-            ahead_us: i64::try_from(middle_us).unwrap_or(i64::MAX) - at_us,
-        })
-    }
-}
-
-/// How many of its own clock readings a node keeps: a lease's worth and
-/// more (five per lease), to pair with every member's last one.
-const OWN_READINGS: usize = 16;
 
 /// The membership as this node last saw it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -227,11 +186,8 @@ pub struct Membership {
     handed: Mutex<HashMap<String, u64>>,
     /// Set on the way out: answers for nothing any more.
     leaving: AtomicBool,
-    /// Set while another member's clock is more than
-    /// [`CLOCK_SKEW_WARNING`] from this node's (warned once).
-    clocks_apart: AtomicBool,
-    /// This node's last [`OWN_READINGS`] clock readings, oldest first.
-    own_clock: Mutex<std::collections::VecDeque<ClockReading>>,
+    /// This node's clock readings, to compare the members' with.
+    clocks: Clocks,
     lease: Mutex<Lease>,
     /// The largest future skew accepted, and the past skew: a takeover
     /// fence covers what the previous owner could have accepted, and is
@@ -279,8 +235,7 @@ impl Membership {
             table_changed: Mutex::new(None),
             handed: Mutex::new(HashMap::new()),
             leaving: AtomicBool::new(false),
-            clocks_apart: AtomicBool::new(false),
-            own_clock: Mutex::new(std::collections::VecDeque::with_capacity(OWN_READINGS)),
+            clocks: Clocks::default(),
             lease: Mutex::new(Lease::default()),
             future_skew,
             past_skew,
@@ -606,93 +561,23 @@ impl Membership {
         metrics::gauge!("warden_cluster_members").set(view.members.len() as f64);
         metrics::gauge!("warden_cluster_version").set(view.version as f64);
         metrics::gauge!("warden_cluster_coordinator_ok").set(1.0);
-        self.judge_clocks(&view);
+        if let Some(mine) = view.clock(self.node()) {
+            self.clocks.judge(mine, &view.members);
+        }
         *current = view;
         drop(current);
         self.joined.send_replace(true);
     }
 
-    /// Says how far the members' clocks are apart, and warns (once until
-    /// they agree again) past [`CLOCK_SKEW_WARNING`]: takeover fences grow
-    /// by the skew, and an owner whose clock is behind a client's by more
-    /// than the future skew refuses its fresh requests as signed ahead.
-    fn judge_clocks(&self, view: &View) {
-        let Some(mine) = view.clock(self.node()) else {
-            return;
-        };
-        {
-            let mut own = self.own_clock.lock();
-            if own.len() == OWN_READINGS {
-                own.pop_front();
-            }
-            own.push_back(mine);
-        }
-        metrics::gauge!("warden_cluster_clock_ahead_seconds").set(mine.ahead_us as f64 / 1e6);
-        let furthest = view
-            .members
-            .iter()
-            .filter_map(|m| Some((m.node.as_str(), self.ahead_of_mine(m.clock?, mine))))
-            .max_by_key(|(_, apart)| apart.unsigned_abs());
-        let Some((node, apart)) = furthest else {
-            return;
-        };
-        metrics::gauge!("warden_cluster_clock_skew_seconds").set(apart.unsigned_abs() as f64 / 1e6);
-        let too_far = apart.unsigned_abs() > CLOCK_SKEW_WARNING.as_micros() as u64;
-        if too_far && !self.clocks_apart.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                event = "cluster_clock_skew",
-                node,
-                ahead_of_this_node_ms = apart / 1_000,
-                "the clocks of two cluster nodes disagree: takeover fences grow by as much, and a node whose clock is behind refuses requests signed ahead of it; check NTP on both"
-            );
-        } else if !too_far && self.clocks_apart.swap(false, Ordering::Relaxed) {
-            tracing::info!(
-                event = "cluster_clock_skew_gone",
-                "the cluster nodes' clocks agree again"
-            );
-        }
-    }
-
-    /// How far the clock that read `theirs` ran ahead of this node's (µs),
-    /// against this node's reading nearest to it on the database's clock
-    /// (`latest` or one kept before it). The database's clock cancels out
-    /// only between readings on the same clock: one that stepped between a
-    /// member's reading and this node's latest would otherwise look like a
-    /// skew between the two, and stretch fences for nothing.
-    fn ahead_of_mine(&self, theirs: ClockReading, latest: ClockReading) -> i64 {
-        let own = self.own_clock.lock();
-        let mine = own
-            .iter()
-            .copied()
-            .chain([latest])
-            .min_by_key(|m| m.at_us.abs_diff(theirs.at_us))
-            .unwrap_or(latest);
-        theirs.ahead_us.saturating_sub(mine.ahead_us)
-    }
-
     /// How far the clock of any member, of `view` or of the view before
-    /// it, ran ahead of this node's, in whole seconds rounded up: each
-    /// owner accepted timestamps up to its own clock plus the future skew,
-    /// so a takeover fence taken by this node's clock must reach that much
-    /// further. Measured through the database, whose own clock cancels
-    /// out: each node reports how far its clock runs ahead of it.
+    /// it, ran ahead of this node's (see [`Clocks::furthest_ahead`]).
     fn others_ahead(&self, view: &View) -> Duration {
         let Some(mine) = view.clock(self.node()) else {
             return Duration::ZERO;
         };
         let previous = self.view.read();
-        let furthest = view
-            .members
-            .iter()
-            .chain(&previous.members)
-            .filter_map(|m| Some(self.ahead_of_mine(m.clock?, mine)))
-            .max()
-            .unwrap_or(0);
-        Duration::from_micros(
-            u64::try_from(furthest)
-                .unwrap_or(0)
-                .next_multiple_of(1_000_000),
-        )
+        self.clocks
+            .furthest_ahead(mine, view.members.iter().chain(&previous.members))
     }
 
     /// Rebuilds the slot table when the membership changed, once for each
@@ -1275,7 +1160,9 @@ mod tests {
         let a = settled_a();
         let owned = a.table();
         // A's reading before the leap, kept.
-        a.judge_clocks(&read_at(view(3, &THREE), "node-a", 1000.0, 0));
+        let earlier = read_at(view(3, &THREE), "node-a", 1000.0, 0);
+        a.clocks
+            .judge(earlier.clock("node-a").unwrap(), &earlier.members);
         *a.view.write() = read_at(view(3, &THREE), "node-b", 1000.2, 0);
         let after_leap = read_at(
             view(4, &[("node-a", 1), ("node-c", 1)]),

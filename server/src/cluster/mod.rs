@@ -1,8 +1,9 @@
 //! A cluster of warden processes: who is in it ([`membership`]), who owns
-//! which slot of state ([`ownership`]), and how a check's state step
-//! reaches its owners ([`state`]) over the `warden.v1.Peer` service
-//! ([`peer`]). DESIGN.md, Scale-out.
+//! which slot of state ([`ownership`]), how a check's state step reaches
+//! its owners ([`state`]) over the `warden.v1.Peer` service ([`peer`]), and
+//! how far the nodes' clocks disagree ([`clocks`]). DESIGN.md, Scale-out.
 
+pub mod clocks;
 mod link;
 pub mod membership;
 pub mod ownership;
