@@ -1078,13 +1078,8 @@ mod tests {
     }
 
     /// `view` with `node`'s clock `ahead_secs` ahead of the database's.
-    fn with_clock(mut view: View, node: &str, ahead_secs: i64) -> View {
-        let m = view.members.iter_mut().find(|m| m.node == node).unwrap();
-        m.clock = Some(ClockReading {
-            at_us: 0,
-            ahead_us: ahead_secs * 1_000_000,
-        });
-        view
+    fn with_clock(view: View, node: &str, ahead_secs: i64) -> View {
+        read_at(view, node, 0.0, ahead_secs)
     }
 
     /// B dies with its clock 10 s ahead of A's, as each reported it against
