@@ -60,8 +60,31 @@ class Warden:
         return 0.0
 
     def pause(self) -> None:
-        """SIGSTOP: a hung process, which reads nothing and answers nothing."""
+        """SIGSTOP: a hung process, which reads nothing and answers nothing.
+
+        Returns once every thread has stopped: the signal only marks the
+        process, and a thread busy on the other core could otherwise answer
+        one more call after this returns (a CI run saw a call to a "paused"
+        warden succeed).
+        """
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not self._stopped():
+            assert time.monotonic() < deadline, "warden did not stop on SIGSTOP"
+            time.sleep(0.001)
+
+    def _stopped(self) -> bool:
+        """Whether every thread of the process is stopped (state T)."""
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = []
+        for task in tasks.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+            # The state follows the parenthesised command name.
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
