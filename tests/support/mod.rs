@@ -287,13 +287,24 @@ impl Server {
     }
 
     /// Sends a signal by name ("HUP", "TERM", ...).
+    /// `STOP` returns only once every thread has stopped: the signal only
+    /// marks the process, and a thread busy on the other core could answer
+    /// (or renew) once more after `kill` returns.
     pub fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("server is running");
+        let pid = child.id();
         let status = Command::new("kill")
-            .args([&format!("-{name}"), &child.id().to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success());
+        if name == "STOP" {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !all_threads_stopped(pid) {
+                assert!(Instant::now() < deadline, "warden did not stop on SIGSTOP");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// SIGTERM, then wait for the exit status.
@@ -317,6 +328,27 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// `/proc/PID/task/*/stat`, after the parenthesised command name).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks.flatten() {
+        // A thread that ended meanwhile has no stat to read.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        if !matches!(state.and_then(|r| r.chars().next()), Some('T' | 't')) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// The arguments of `warden serve --dev` in `dir`, on a free port.
