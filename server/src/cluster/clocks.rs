@@ -19,8 +19,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::membership::Member;
-
 /// How far two members' clocks may disagree before a node warns: NTP keeps
 /// them within milliseconds, and the fences round to whole seconds anyway.
 const SKEW_WARNING: Duration = Duration::from_secs(1);
@@ -75,11 +73,16 @@ pub struct Clocks {
 
 impl Clocks {
     /// Keeps `mine`, this node's latest reading, and says how far the
-    /// `members`' clocks are from it: in metrics, and in a warning (once
-    /// until they agree again) past [`SKEW_WARNING`]. Takeover fences grow
-    /// by the skew, and an owner whose clock is behind a client's by more
-    /// than the future skew refuses its fresh requests as signed ahead.
-    pub fn judge(&self, mine: ClockReading, members: &[Member]) {
+    /// members' clocks (`theirs`, by node) are from it: in metrics, and in
+    /// a warning (once until they agree again) past [`SKEW_WARNING`].
+    /// Takeover fences grow by the skew, and an owner whose clock is behind
+    /// a client's by more than the future skew refuses its fresh requests
+    /// as signed ahead.
+    pub fn judge<'a>(
+        &self,
+        mine: ClockReading,
+        theirs: impl Iterator<Item = (&'a str, ClockReading)>,
+    ) {
         {
             let mut own = self.own.lock();
             if own.len() == OWN_READINGS {
@@ -88,9 +91,8 @@ impl Clocks {
             own.push_back(mine);
         }
         metrics::gauge!("warden_cluster_clock_ahead_seconds").set(mine.ahead_us as f64 / 1e6);
-        let furthest = members
-            .iter()
-            .filter_map(|m| Some((m.node.as_str(), self.ahead_of_mine(m.clock?, mine))))
+        let furthest = theirs
+            .map(|(node, reading)| (node, self.ahead_of_mine(reading, mine)))
             .max_by_key(|(_, apart)| apart.unsigned_abs());
         let Some((node, apart)) = furthest else {
             return;
@@ -112,18 +114,18 @@ impl Clocks {
         }
     }
 
-    /// How far the clock of any of `members` ran ahead of this node's
-    /// (`mine` its latest reading), in whole seconds rounded up: what a
-    /// takeover fence taken by this node's clock must add, since each
-    /// owner accepted timestamps up to its own clock plus the future skew.
-    /// Members that report no clock (an older version) add nothing.
-    pub fn furthest_ahead<'a>(
+    /// How far the clock of any reading of `theirs` ran ahead of this
+    /// node's (`mine` its latest reading), in whole seconds rounded up:
+    /// what a takeover fence taken by this node's clock must add, since
+    /// each owner accepted timestamps up to its own clock plus the future
+    /// skew.
+    pub fn furthest_ahead(
         &self,
         mine: ClockReading,
-        members: impl Iterator<Item = &'a Member>,
+        theirs: impl Iterator<Item = ClockReading>,
     ) -> Duration {
-        let furthest = members
-            .filter_map(|m| Some(self.ahead_of_mine(m.clock?, mine)))
+        let furthest = theirs
+            .map(|reading| self.ahead_of_mine(reading, mine))
             .max()
             .unwrap_or(0);
         Duration::from_micros(

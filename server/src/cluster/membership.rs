@@ -111,10 +111,17 @@ impl View {
 
     /// `node`'s clock against the database's, as it last reported it.
     pub fn clock(&self, node: &str) -> Option<ClockReading> {
+        self.clocks()
+            .find(|&(n, _)| n == node)
+            .map(|(_, reading)| reading)
+    }
+
+    /// Every member's clock reading, by node; members of a version that
+    /// reports none are left out.
+    pub fn clocks(&self) -> impl Iterator<Item = (&str, ClockReading)> {
         self.members
             .iter()
-            .find(|m| m.node == node)
-            .and_then(|m| m.clock)
+            .filter_map(|m| Some((m.node.as_str(), m.clock?)))
     }
 
     fn table_nodes(&self) -> Vec<Node> {
@@ -562,7 +569,7 @@ impl Membership {
         metrics::gauge!("warden_cluster_version").set(view.version as f64);
         metrics::gauge!("warden_cluster_coordinator_ok").set(1.0);
         if let Some(mine) = view.clock(self.node()) {
-            self.clocks.judge(mine, &view.members);
+            self.clocks.judge(mine, view.clocks());
         }
         *current = view;
         drop(current);
@@ -576,8 +583,9 @@ impl Membership {
             return Duration::ZERO;
         };
         let previous = self.view.read();
+        let theirs = view.clocks().chain(previous.clocks());
         self.clocks
-            .furthest_ahead(mine, view.members.iter().chain(&previous.members))
+            .furthest_ahead(mine, theirs.map(|(_, reading)| reading))
     }
 
     /// Rebuilds the slot table when the membership changed, once for each
@@ -1157,7 +1165,7 @@ mod tests {
         // A's reading before the leap, kept.
         let earlier = read_at(view(3, &THREE), "node-a", 1000.0, 0);
         a.clocks
-            .judge(earlier.clock("node-a").unwrap(), &earlier.members);
+            .judge(earlier.clock("node-a").unwrap(), earlier.clocks());
         *a.view.write() = read_at(view(3, &THREE), "node-b", 1000.2, 0);
         let after_leap = read_at(
             view(4, &[("node-a", 1), ("node-c", 1)]),
