@@ -95,16 +95,19 @@ impl Cluster {
         Self::start_nodes(dir, configs, None)
     }
 
-    /// As [`Self::start`], each node with a wall clock of its own, the
-    /// real time until [`Self::set_clock`] moves it.
-    fn start_with_clocks(url: &str, extra: &str, faketime: PathBuf) -> Self {
+    /// As [`Self::start`] on a fresh database, each node with a wall clock
+    /// of its own, the real time until [`Self::set_clock`] moves it;
+    /// `None` (the test is skipped) without PostgreSQL or libfaketime.
+    async fn start_with_clocks(extra: &str) -> Option<Self> {
+        let url = fresh_database().await?;
+        let faketime = support::libfaketime()?;
         let dir = ConfigDir::new();
         let configs =
-            support::cluster_configs(&dir, url, &NODES, "2s", &format!("{POLICIES}\n{extra}"));
+            support::cluster_configs(&dir, &url, &NODES, "2s", &format!("{POLICIES}\n{extra}"));
         for node in NODES {
             std::fs::write(dir.path().join(format!("clock-{node}")), "+0\n").unwrap();
         }
-        Self::start_nodes(dir, configs, Some(faketime))
+        Some(Self::start_nodes(dir, configs, Some(faketime)))
     }
 
     fn start_nodes(dir: ConfigDir, configs: Vec<PathBuf>, faketime: Option<PathBuf>) -> Self {
@@ -739,16 +742,12 @@ async fn a_node_paused_inside_its_renewal_holds_no_other_node_up() {
 /// by the clock that keeps the nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
-    let Some(url) = fresh_database().await else {
-        return;
-    };
-    let Some(faketime) = support::libfaketime() else {
-        return;
-    };
     // A past skew of 10 s, so that a request near the end of its window
     // is still above the restart fence of nodes just started.
     let started = unix_now();
-    let cluster = Cluster::start_with_clocks(&url, "[check]\npast_skew = \"10s\"\n", faketime);
+    let Some(cluster) = Cluster::start_with_clocks("[check]\npast_skew = \"10s\"\n").await else {
+        return;
+    };
     let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let through = (owner + 1) % 3;
     let signer = Signer::new("wk_hundred", SECRET);
@@ -806,37 +805,19 @@ async fn an_owner_whose_clock_runs_ahead_lets_no_request_through_twice() {
 /// as often as it was sent. The owner reckons the window by its own clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_delivery_is_accepted_once_whatever_the_owners_clock() {
-    let Some(url) = fresh_database().await else {
+    let Some(cluster) =
+        Cluster::start_with_clocks("[check]\nwebhook_replay_window = \"60s\"\n").await
+    else {
         return;
     };
-    let Some(faketime) = support::libfaketime() else {
-        return;
-    };
-    let cluster =
-        Cluster::start_with_clocks(&url, "[check]\nwebhook_replay_window = \"60s\"\n", faketime);
     let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let through = (owner + 1) % 3;
     let mut client = cluster.client(through).await;
     cluster.set_clock(owner, 90);
 
     let body = br#"{"zen":"Design for failure."}"#;
-    let signature = hex::encode(warden_client::signing::hmac_sha256(SECRET.as_bytes(), body));
-    let delivery = CheckRequest {
-        key_id: "wk_hundred".into(),
-        scheme: "github".into(),
-        method: "POST".into(),
-        path: "/webhooks/github".into(),
-        body: body.to_vec().into(),
-        headers: [
-            ("X-Hub-Signature-256", format!("sha256={signature}")),
-            ("X-GitHub-Delivery", new_nonce()),
-            ("X-GitHub-Event", "push".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-        ..Default::default()
-    };
+    let headers = crate::webhooks::github(SECRET, body, &new_nonce());
+    let delivery = crate::webhooks::delivery("wk_hundred", "github", &headers, body);
     let first = client.check(delivery.clone()).await.unwrap();
     assert_eq!(reason(&first), Reason::Ok, "{first:?}");
     for _ in 0..3 {
@@ -854,13 +835,9 @@ async fn a_webhook_delivery_is_accepted_once_whatever_the_owners_clock() {
 /// each node measures its own against the database's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay() {
-    let Some(url) = fresh_database().await else {
+    let Some(mut cluster) = Cluster::start_with_clocks("").await else {
         return;
     };
-    let Some(faketime) = support::libfaketime() else {
-        return;
-    };
-    let mut cluster = Cluster::start_with_clocks(&url, "", faketime);
     let signer = Signer::new("wk_hundred", SECRET);
     let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
@@ -913,22 +890,7 @@ async fn a_database_clock_leaping_ahead_admits_no_replay_and_passes() {
         );
         return;
     }
-    let Some(faketime) = support::libfaketime() else {
-        return;
-    };
-    // Where the postgres user can read it.
-    let clock_dir = tempfile::tempdir().unwrap();
-    let clock = clock_dir.path().join("clock");
-    std::fs::write(&clock, "+0\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let open = |p: &std::path::Path, mode| {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
-        };
-        open(clock_dir.path(), 0o755);
-        open(&clock, 0o644);
-    }
-    let Some(pg) = support::OwnPostgres::start_with_clock(&clock, &faketime) else {
+    let Some(pg) = support::OwnPostgres::start_with_clock() else {
         return;
     };
     let plenty = format!(
@@ -945,7 +907,7 @@ async fn a_database_clock_leaping_ahead_admits_no_replay_and_passes() {
     }
     assert_eq!(tally.accepted.len(), 30);
 
-    std::fs::write(&clock, "+10s\n").unwrap();
+    pg.set_clock(10);
     let leapt = Instant::now();
     let mut last_refused = None;
     while leapt.elapsed() < Duration::from_secs(20) {

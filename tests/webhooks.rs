@@ -116,7 +116,12 @@ async fn start() -> (ConfigDir, Server, Client) {
     (dir, server, client)
 }
 
-fn delivery(key_id: &str, scheme: &str, headers: &[(&str, String)], body: &[u8]) -> CheckRequest {
+pub(crate) fn delivery(
+    key_id: &str,
+    scheme: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> CheckRequest {
     CheckRequest {
         key_id: key_id.into(),
         scheme: scheme.into(),
@@ -138,7 +143,7 @@ fn stripe(secret: &str, t: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     vec![("Stripe-Signature", format!("t={t},v1={sig}"))]
 }
 
-fn github(secret: &str, body: &[u8], delivery_id: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn github(secret: &str, body: &[u8], delivery_id: &str) -> Vec<(&'static str, String)> {
     vec![
         (
             "X-Hub-Signature-256",

@@ -669,6 +669,9 @@ pub async fn open_stream(
 pub struct OwnPostgres {
     pub url: String,
     dir: String,
+    /// With a clock of its own: the file holding its offset, in a
+    /// directory the `postgres` user can read.
+    clock: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 impl OwnPostgres {
@@ -676,11 +679,32 @@ impl OwnPostgres {
         Self::start_with(&[])
     }
 
-    /// As [`Self::start`], with a wall clock of its own: the offset in
-    /// `clock` (readable by the `postgres` user), as for a node
-    /// ([`Server::with_config_and_clock_unready`]).
-    pub fn start_with_clock(clock: &Path, faketime: &Path) -> Option<Self> {
-        Self::start_with(&faketime_env(clock, faketime))
+    /// As [`Self::start`], with a wall clock of its own through libfaketime,
+    /// as for a node ([`Server::with_config_and_clock_unready`]): the real
+    /// time until [`Self::set_clock`] moves it. `None` (the test is
+    /// skipped) without libfaketime.
+    pub fn start_with_clock() -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let faketime = libfaketime()?;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = dir.path().join("clock");
+        std::fs::write(&clock, "+0\n").unwrap();
+        for (path, mode) in [(dir.path(), 0o755), (clock.as_path(), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let mut pg = Self::start_with(&faketime_env(&clock, &faketime))?;
+        pg.clock = Some((dir, clock));
+        Some(pg)
+    }
+
+    /// Sets its wall clock `ahead_secs` ahead of the real time (read again
+    /// within a second).
+    pub fn set_clock(&self, ahead_secs: i64) {
+        let (_, clock) = self
+            .clock
+            .as_ref()
+            .expect("started with a clock of its own");
+        std::fs::write(clock, format!("{ahead_secs:+}s\n")).unwrap();
     }
 
     fn start_with(env: &[(&str, &std::ffi::OsStr)]) -> Option<Self> {
@@ -708,6 +732,7 @@ impl OwnPostgres {
         Some(Self {
             url: value("WARDEN_TEST_POSTGRES_URL")?,
             dir: value("WARDEN_TEST_POSTGRES_DIR")?,
+            clock: None,
         })
     }
 
