@@ -579,6 +579,18 @@ pub fn cluster_configs(
         .collect()
 }
 
+/// Writes a libfaketime clock file `ahead_secs` ahead of the real time, in
+/// one step (a new file renamed over the old): a process reading it in
+/// between would otherwise find it empty, and take the real time.
+pub fn write_clock(clock: &Path, ahead_secs: i64) {
+    use std::os::unix::fs::PermissionsExt;
+    let next = clock.with_extension("next");
+    std::fs::write(&next, format!("{ahead_secs:+}s\n")).unwrap();
+    // Readable by PostgreSQL's own user, whatever the umask.
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&next, clock).unwrap();
+}
+
 /// The environment that gives a process the wall clock in `clock` through
 /// libfaketime (read again every second; the monotonic clock untouched).
 fn faketime_env<'a>(
@@ -692,19 +704,26 @@ impl OwnPostgres {
         for (path, mode) in [(dir.path(), 0o755), (clock.as_path(), 0o644)] {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        let mut pg = Self::start_with(&faketime_env(&clock, &faketime))?;
+        // Read again at every call, not every second: PostgreSQL is many
+        // processes, each with its own libfaketime, and a real clock steps
+        // for all of them at once. (Read every second, they disagreed for
+        // up to a second after each step, and an older warden's sweep
+        // removed live leases it saw by a clock not yet stepped.)
+        let mut env = faketime_env(&clock, &faketime);
+        env[2] = ("FAKETIME_CACHE_DURATION", "0".as_ref());
+        let mut pg = Self::start_with(&env)?;
         pg.clock = Some((dir, clock));
         Some(pg)
     }
 
-    /// Sets its wall clock `ahead_secs` ahead of the real time (read again
-    /// within a second).
+    /// Sets its wall clock `ahead_secs` ahead of the real time, for all its
+    /// processes at once.
     pub fn set_clock(&self, ahead_secs: i64) {
         let (_, clock) = self
             .clock
             .as_ref()
             .expect("started with a clock of its own");
-        std::fs::write(clock, format!("{ahead_secs:+}s\n")).unwrap();
+        write_clock(clock, ahead_secs);
     }
 
     fn start_with(env: &[(&str, &std::ffi::OsStr)]) -> Option<Self> {

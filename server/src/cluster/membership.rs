@@ -2,8 +2,10 @@
 //! the PostgreSQL of the shared key store. No gossip or consensus of ours.
 //!
 //! Each node holds a lease row (`warden_members`) and renews it five times
-//! per `lease_ttl`, judged by the database's clock (`now()`), so the nodes'
-//! clocks need not agree. A renewal also deletes leases that have run out.
+//! per `lease_ttl`. A renewal also deletes the leases that have run out, as
+//! this node judges by its own monotonic clock from what it saw of their
+//! renewals ([`super::leases`]): no wall clock decides, neither the nodes'
+//! nor the database's, so none of them need agree or hold still.
 //! Every join and every departure (expired or graceful) bumps
 //! `membership_version` in the same transaction and announces it on
 //! [`CHANNEL`], so the version only grows, two nodes that see the same
@@ -26,8 +28,8 @@
 //!
 //! The lease also decides whether this node may answer for the state it
 //! owns ([`Membership::may_serve`]): only until `lease_ttl - lease_ttl/10`
-//! after the start of its last successful renewal, which is before the
-//! database lets the lease run out, so a paused or cut-off node stops
+//! after the start of its last successful renewal, which is before any
+//! other node can see the lease run out, so a paused or cut-off node stops
 //! before anyone else may take its slots over.
 //!
 //! When the coordinator cannot be reached, a node keeps serving on the
@@ -58,6 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::RwLockReadGuard;
 
 use super::clocks::{ClockReading, Clocks};
+use super::leases::{LeaseMark, Leases};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 
@@ -70,7 +73,9 @@ CREATE TABLE IF NOT EXISTS warden_members (
     joined_at timestamptz NOT NULL
 );
 ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint,
-    ADD COLUMN IF NOT EXISTS clock_read_at_us bigint;
+    ADD COLUMN IF NOT EXISTS clock_read_at_us bigint,
+    ADD COLUMN IF NOT EXISTS renewal bigint;
+CREATE SEQUENCE IF NOT EXISTS warden_renewals;
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
 ";
@@ -146,6 +151,8 @@ struct Renewal {
     /// The versions between the table's and `view`'s, with their members,
     /// as the log has them (possibly not all of them).
     missed: Vec<(u64, Vec<Node>)>,
+    /// Every lease row's mark, by node.
+    marks: Vec<(String, LeaseMark)>,
 }
 
 /// The memberships a node passes through from its table's version
@@ -196,6 +203,8 @@ pub struct Membership {
     /// This node's clock readings, to compare the members' with.
     clocks: Clocks,
     lease: Mutex<Lease>,
+    /// The other members' leases, as this node watched them renew.
+    leases: Mutex<Leases>,
     /// The largest future skew accepted, and the past skew: a takeover
     /// fence covers what the previous owner could have accepted, and is
     /// forgotten once nothing under it can be fresh.
@@ -244,6 +253,7 @@ impl Membership {
             leaving: AtomicBool::new(false),
             clocks: Clocks::default(),
             lease: Mutex::new(Lease::default()),
+            leases: Mutex::new(Leases::default()),
             future_skew,
             past_skew,
             joined: watch::channel(false).0,
@@ -433,7 +443,7 @@ impl Membership {
             let connected = tokio::select! {
                 c = tokio::time::timeout(every, tokio_postgres::connect(&self.url, tokio_postgres::NoTls)) => {
                     c.map_err(|_| "connecting timed out".to_owned())
-                        .and_then(|c| c.map_err(|e| e.to_string()))
+                        .and_then(|c| c.map_err(|e| warden_client::error_chain(&e)))
                 }
                 _ = &mut *stop => return,
             };
@@ -447,7 +457,7 @@ impl Membership {
                     match prepared {
                         Ok(()) => client,
                         Err(e) => {
-                            self.lost(&e.to_string(), attempt);
+                            self.lost(&warden_client::error_chain(&e), attempt);
                             if continue_after(every, stop).await {
                                 return;
                             }
@@ -477,18 +487,27 @@ impl Membership {
                 let attempt = Instant::now();
                 // Others' run-out leases are removed only after a whole
                 // lease of healthy renewals (see the module documentation).
+                let ttl = self.settings.lease_ttl;
                 let sweep = self
                     .lease
                     .lock()
                     .connected_since
-                    .is_some_and(|since| since.elapsed() >= self.settings.lease_ttl);
+                    .is_some_and(|since| since.elapsed() >= ttl);
+                let run_out = if sweep {
+                    self.leases.lock().run_out(self.node(), attempt, ttl)
+                } else {
+                    Vec::new()
+                };
                 let since = self.table().version;
-                match tokio::time::timeout(every * 2, renew(&client, &self.settings, sweep, since))
-                    .await
+                match tokio::time::timeout(
+                    every * 2,
+                    renew(&client, &self.settings, &run_out, since),
+                )
+                .await
                 {
                     Ok(Ok(renewal)) => self.seen(renewal, attempt),
                     Ok(Err(e)) => {
-                        self.lost(&e.to_string(), attempt);
+                        self.lost(&warden_client::error_chain(&e), attempt);
                         break;
                     }
                     Err(_) => {
@@ -530,11 +549,26 @@ impl Membership {
 
     /// A renewal that started at `attempt` succeeded.
     fn seen(&self, renewal: Renewal, attempt: Instant) {
+        let returned = Instant::now();
         let Renewal {
-            view,
+            mut view,
             rejoined,
             missed,
+            marks,
         } = renewal;
+        {
+            let mut leases = self.leases.lock();
+            leases.saw(marks.iter().map(|(n, m)| (n.as_str(), *m)), returned);
+            let ttl = self.settings.lease_ttl;
+            let mine = self.lease_end(attempt).saturating_duration_since(returned);
+            for m in &mut view.members {
+                m.lease_left = if m.node == self.node() {
+                    mine
+                } else {
+                    leases.left(&m.node, returned, ttl)
+                };
+            }
+        }
         // The table first, the lease second. A node whose lease ran out
         // (paused, say) rejoins with a new table that fences what it takes
         // back; were the lease valid before that table is in place, a check
@@ -772,19 +806,23 @@ pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
     Ok(crate::engine::StateSeed::from_bytes(bytes))
 }
 
-/// Bumps the version, logs its members (live leases: `now()` is the
-/// transaction's, the same as the changes before it) and forgets versions a
-/// thousand old, and announces it (delivered when the transaction commits).
+/// Bumps the version, logs its members (every row: the changes before it
+/// in the same transaction are in) and forgets versions a thousand old, and
+/// announces it (delivered when the transaction commits).
 const BUMP_VERSION: &str =
     "UPDATE warden_meta SET v = (v::bigint + 1)::text WHERE k = 'membership_version';
 INSERT INTO warden_membership_log (version, members)
 SELECT (SELECT v::bigint FROM warden_meta WHERE k = 'membership_version'),
        coalesce(json_agg(json_build_array(node, advertise,
                 (extract(epoch from joined_at) * 1000)::bigint) ORDER BY node), '[]')::text
-FROM warden_members WHERE lease_until >= now();
+FROM warden_members;
 DELETE FROM warden_membership_log
 WHERE version <= (SELECT v::bigint FROM warden_meta WHERE k = 'membership_version') - 1000;
 SELECT pg_notify('warden_members', v) FROM warden_meta WHERE k = 'membership_version'";
+
+/// A lease row's `lease_until` in Unix microseconds, the same way wherever
+/// a [`LeaseMark`] is read or matched.
+const UNTIL_US: &str = "(extract(epoch from m.lease_until) * 1000000)::bigint";
 
 /// Wakes the lease keeper whenever a node announces a change; reconnects
 /// after a lost connection. Polling goes on regardless, so a missed
@@ -826,34 +864,38 @@ fn membership_session_name(node: &str) -> String {
     format!("warden membership {node}")
 }
 
-/// One renewal: this node's lease extended (or taken), leases that ran out
-/// removed, the version bumped if either changed the membership, and the
-/// live members read, with the members of versions after `since` that this
-/// node missed — all in one transaction, on the database's clock.
+/// One renewal: this node's lease extended (or taken), the leases in
+/// `run_out` removed unless renewed meanwhile, the version bumped if either
+/// changed the membership, and every member read with its lease's mark,
+/// with the members of versions after `since` that this node missed — all
+/// in one transaction. Whether a lease ran out is this node's judgement
+/// ([`Leases`]), not the database clock's.
 async fn renew(
     client: &tokio_postgres::Client,
     settings: &ClusterSettings,
-    sweep: bool,
+    run_out: &[(String, LeaseMark)],
     since: u64,
 ) -> Result<Renewal, tokio_postgres::Error> {
     let ttl = settings.lease_ttl.as_secs_f64();
     let clock = ClockReading::take(client).await?;
     client.batch_execute("BEGIN").await?;
     let result = async {
+        // A row that is there is a live lease: only a node that judged it
+        // run out (or its node, leaving) removes it. `lease_until` is still
+        // kept, for nodes of older versions, which judge by it.
         let joined: bool = client
             .query_one(
-                "WITH live AS (
-                    SELECT 1 FROM warden_members WHERE node = $1 AND lease_until >= now()
-                 )
+                "WITH live AS (SELECT 1 FROM warden_members WHERE node = $1)
                  INSERT INTO warden_members
-                   (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us)
-                 VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4, $5)
+                   (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us,
+                    renewal)
+                 VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4, $5,
+                         nextval('warden_renewals'))
                  ON CONFLICT (node) DO UPDATE
                    SET advertise = EXCLUDED.advertise, lease_until = EXCLUDED.lease_until,
-                       joined_at = CASE WHEN warden_members.lease_until < now()
-                                        THEN now() ELSE warden_members.joined_at END,
                        clock_ahead_us = EXCLUDED.clock_ahead_us,
-                       clock_read_at_us = EXCLUDED.clock_read_at_us
+                       clock_read_at_us = EXCLUDED.clock_read_at_us,
+                       renewal = EXCLUDED.renewal
                  RETURNING NOT EXISTS (SELECT 1 FROM live)",
                 &[
                     &settings.node,
@@ -865,12 +907,25 @@ async fn renew(
             )
             .await?
             .get(0);
-        let expired = if sweep {
-            client
-                .execute("DELETE FROM warden_members WHERE lease_until < now()", &[])
-                .await?
-        } else {
+        let expired = if run_out.is_empty() {
             0
+        } else {
+            let nodes: Vec<&str> = run_out.iter().map(|(n, _)| n.as_str()).collect();
+            let renewals: Vec<Option<i64>> = run_out.iter().map(|(_, m)| m.renewal).collect();
+            let until: Vec<i64> = run_out.iter().map(|(_, m)| m.until_us).collect();
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM warden_members m
+                         USING unnest($1::text[], $2::bigint[], $3::bigint[])
+                               AS gone(node, renewal, until_us)
+                         WHERE m.node = gone.node
+                           AND m.renewal IS NOT DISTINCT FROM gone.renewal
+                           AND {UNTIL_US} = gone.until_us"
+                    ),
+                    &[&nodes, &renewals, &until],
+                )
+                .await?
         };
         if joined || expired > 0 {
             client.batch_execute(BUMP_VERSION).await?;
@@ -884,14 +939,24 @@ async fn renew(
             .get(0);
         let rows = client
             .query(
-                "SELECT node, advertise,
-                        (extract(epoch from (lease_until - now())) * 1000)::bigint,
-                        (extract(epoch from joined_at) * 1000)::bigint,
-                        clock_ahead_us, clock_read_at_us
-                 FROM warden_members WHERE lease_until >= now() ORDER BY node",
+                &format!(
+                    "SELECT node, advertise, (extract(epoch from joined_at) * 1000)::bigint,
+                            clock_ahead_us, clock_read_at_us, renewal, {UNTIL_US}
+                     FROM warden_members m ORDER BY node"
+                ),
                 &[],
             )
             .await?;
+        let marks = rows
+            .iter()
+            .map(|r| {
+                let mark = LeaseMark {
+                    renewal: r.get(5),
+                    until_us: r.get(6),
+                };
+                (r.get::<_, String>(0), mark)
+            })
+            .collect();
         let view = View {
             version: version.parse().unwrap_or(0),
             members: rows
@@ -899,11 +964,12 @@ async fn renew(
                 .map(|r| Member {
                     node: r.get(0),
                     advertise: r.get(1),
-                    lease_left: Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
-                    joined_at_ms: r.get(3),
+                    // This node's judgement, filled in by `seen`.
+                    lease_left: Duration::ZERO,
+                    joined_at_ms: r.get(2),
                     clock: r
-                        .get::<_, Option<i64>>(4)
-                        .zip(r.get::<_, Option<i64>>(5))
+                        .get::<_, Option<i64>>(3)
+                        .zip(r.get::<_, Option<i64>>(4))
                         .map(|(ahead_us, at_us)| ClockReading { at_us, ahead_us }),
                 })
                 .collect(),
@@ -942,6 +1008,7 @@ async fn renew(
             view,
             rejoined: joined,
             missed,
+            marks,
         })
     }
     .await;
