@@ -14,7 +14,11 @@
 //!   longer owns when it wakes up;
 //! - a rolling restart of all three under load (each node hands its state
 //!   over on SIGTERM and takes it back on joining) admits nothing extra,
-//!   refuses no fresh request and lets no replay through.
+//!   refuses no fresh request and lets no replay through;
+//! - only the `peer` role reaches the peer service: a gateway's certificate
+//!   is refused on every call, and changes nothing;
+//! - clocks: an owner's, a dead owner's and the database's, ahead or back,
+//!   let no request through twice, and the database's decides no lease.
 //!
 //! Needs `WARDEN_TEST_POSTGRES_URL` (`bash tests/run` sets it).
 
@@ -502,6 +506,136 @@ fn metric(server: &Server, name: &str) -> u64 {
                 .and_then(|v| v.trim().parse::<f64>().ok())
         })
         .map_or(0, |v| v as u64)
+}
+
+/// The peer service carries the state steps nodes send each other: a
+/// caller that could reach it could store or forget nonces, take or give
+/// back rate limits, hand state over in another node's name or keep a node
+/// serving on a membership it should have left. A gateway's certificate,
+/// from the cluster's own CA and allowed to check, forward identities and
+/// administer, is refused on every call, and nothing changes: what it
+/// accepted stays a replay, and fresh requests pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_peers_may_call_the_peer_service_and_a_gateway_that_tries_changes_nothing() {
+    use warden_client::proto::peer_client::PeerClient;
+    use warden_client::proto::{
+        HandOffBatch, Settlement, StateNonce, StateStep, TaggedStep, VouchRequest,
+    };
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let mut client = cluster.client(owner).await;
+    let accepted = signed(&signer, unix_now());
+    let r = client.check(accepted.clone()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+
+    let node = cluster.node(owner);
+    let version = cluster.status(owner)["version"].as_u64().unwrap();
+    let dir = cluster.dir.path();
+    let peer_as = |cert: &str| {
+        warden_client::Tls::from_files(
+            dir.join("ca.pem"),
+            dir.join(format!("{cert}.pem")),
+            dir.join(format!("{cert}-key.pem")),
+        )
+        .unwrap()
+    };
+    let step = StateStep {
+        version,
+        nonce: Some(StateNonce {
+            id: 1,
+            forget_at_ns: u64::MAX,
+        }),
+        limits: Vec::new(),
+        cost: 1,
+        commit: true,
+        timestamp: unix_now(),
+    };
+    let vouch = VouchRequest {
+        node: NODES[owner].into(),
+        version,
+    };
+
+    // The node's own certificate may (PostgreSQL is reachable, so the
+    // answer is no): the calls below reach the service, and only the
+    // role stops them.
+    let channel = warden_client::channel(&node.addr, peer_as("node"))
+        .await
+        .unwrap();
+    let granted = PeerClient::new(channel)
+        .vouch(vouch.clone())
+        .await
+        .expect("a peer may call")
+        .into_inner()
+        .granted;
+    assert!(!granted);
+
+    let denied_before = metric(node, "warden_caller_denied_total");
+    let channel = warden_client::channel(&node.addr, peer_as("client"))
+        .await
+        .unwrap();
+    let mut gateway = PeerClient::new(channel);
+    let mut answers = vec![
+        ("Reserve", gateway.reserve(step.clone()).await.map(drop)),
+        ("Vouch", gateway.vouch(vouch).await.map(drop)),
+        (
+            "Settle",
+            gateway
+                .settle(Settlement {
+                    reservation: 1,
+                    commit: true,
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "HandOff",
+            gateway
+                .hand_off(HandOffBatch {
+                    from: NODES[(owner + 1) % 3].into(),
+                    version,
+                    last: true,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    let stream = tokio_stream::iter([TaggedStep {
+        tag: 1,
+        step: Some(step),
+    }]);
+    let decided = match gateway.decide_stream(stream).await {
+        Ok(answers) => answers.into_inner().message().await.map(drop),
+        Err(status) => Err(status),
+    };
+    answers.push(("DecideStream", decided));
+    for (call, answer) in answers {
+        let status = answer.expect_err(call);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{call}: {status}"
+        );
+    }
+    assert_eq!(
+        metric(node, "warden_caller_denied_total") - denied_before,
+        5,
+        "every refusal is counted"
+    );
+
+    // Nothing changed: the accepted request is still a replay everywhere,
+    // and fresh ones pass.
+    let mut clients = cluster.clients().await;
+    assert_eq!(
+        replay_all(&mut clients, std::slice::from_ref(&accepted)).await,
+        3
+    );
+    let r = client.check(signed(&signer, unix_now())).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
 }
 
 /// Replays every request in `accepted` to every live node; each must be
