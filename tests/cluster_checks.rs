@@ -1118,6 +1118,128 @@ async fn a_node_dying_as_the_database_clock_steps_back_is_taken_over_in_seconds(
     assert_eq!(refused, accepted.len() * 2);
 }
 
+/// PostgreSQL stops answering for longer than a lease (every connection
+/// hangs), and a node dies meanwhile (kill -9). Without it no member can
+/// confirm for the others, so every node stops answering at its lease's end
+/// (README, Running a cluster). When PostgreSQL answers again, the nodes
+/// that lived through it hold their leases still, as nobody could have
+/// removed them: they serve their own keys again at their first renewal,
+/// neither rejoining nor fencing (once, their leases had run out by the
+/// database's clock meanwhile, and they refused fresh requests for their
+/// own keys for seconds more). The dead node's lease runs out a TTL later,
+/// its keys are served behind the takeover fence, and nothing it accepted
+/// is accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_database_outage_the_nodes_that_lived_through_it_serve_at_once() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let (proxy, through_proxy) = support::Proxy::to_database(&url).await;
+    let keys: String = (0..6)
+        .map(|i| {
+            format!(
+                "[[keys]]\nid = \"wk_p{i}\"\npolicies = [\"plenty\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+            )
+        })
+        .collect();
+    let mut cluster = Cluster::start(&through_proxy, &keys);
+    let owners: Vec<usize> = (0..6)
+        .map(|i| index_of(&cluster.locate(0, &["--key-id", &format!("wk_p{i}")])))
+        .collect();
+    let victim = owners[0];
+    let kept = (1..6)
+        .find(|&i| owners[i] != victim)
+        .expect("a key owned by another node");
+    let survivor = owners[kept];
+    let (dead_key, live_key) = (
+        Signer::new("wk_p0", SECRET),
+        Signer::new(format!("wk_p{kept}"), SECRET),
+    );
+    let joined = |cluster: &Cluster| -> Vec<serde_json::Value> {
+        let s = cluster.status(survivor);
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["node"] != NODES[victim])
+            .map(|m| m["joined_at_ms"].clone())
+            .collect()
+    };
+    let joined_before = joined(&cluster);
+    let mut to_victim = cluster.client(victim).await;
+    let mut accepted = Vec::new();
+    for _ in 0..5 {
+        let req = signed(&dead_key, unix_now());
+        let r = to_victim.check(req.clone()).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+        accepted.push(req);
+    }
+
+    proxy.freeze();
+    cluster.nodes[victim].as_mut().unwrap().kill();
+    cluster.nodes[victim] = None;
+    let mut to_survivor = cluster.client(survivor).await;
+    // Past the lease (2 s): the survivor stops answering, having nobody to
+    // confirm for it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let r = to_survivor.check(signed(&live_key, unix_now())).await;
+    assert!(
+        r.is_err(),
+        "served with nobody to confirm its membership: {r:?}"
+    );
+
+    proxy.thaw();
+    let thawed = Instant::now();
+    let mut stale = 0;
+    let served_again = loop {
+        match to_survivor.check(signed(&live_key, unix_now())).await {
+            Ok(r) if reason(&r) == Reason::Ok => break thawed.elapsed(),
+            Ok(r) if reason(&r) == Reason::Stale => stale += 1,
+            Ok(r) => panic!("unexpected {r:?}"),
+            Err(_) => {}
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(20),
+            "the survivor never served its own key again; events:\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stale == 0 && served_again < Duration::from_secs(5),
+        "its own key, after the outage: {stale} STALE, served again after {served_again:?}; events:\n{}",
+        cluster.cluster_events()
+    );
+
+    // The dead node goes a lease later; its key is served behind the
+    // fence, and what it accepted stays refused.
+    let mut clients = cluster.clients().await;
+    let served_again = loop {
+        let r = clients[0].check(signed(&dead_key, unix_now())).await;
+        if let Ok(r) = &r
+            && reason(r) == Reason::Ok
+        {
+            break thawed.elapsed();
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(30),
+            "the dead node's key was never served again: {r:?}; events:\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(served_again < Duration::from_secs(20), "{served_again:?}");
+    assert_eq!(
+        replay_all(&mut clients, &accepted).await,
+        accepted.len() * 2
+    );
+    assert_eq!(
+        joined(&cluster),
+        joined_before,
+        "the nodes that lived through the outage rejoined"
+    );
+}
+
 /// A fresh PostgreSQL of the test's own, whose clock [`support::OwnPostgres::set_clock`]
 /// moves, and a cluster on it with a key of plenty; `None` (skipped)
 /// without PostgreSQL or libfaketime.
