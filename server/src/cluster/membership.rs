@@ -89,7 +89,9 @@ const MAX_REPLAYED: i64 = 64;
 pub struct Member {
     pub node: String,
     pub advertise: String,
-    /// Time left on its lease when last read.
+    /// Time left on its lease as of this node's last renewal, by this
+    /// node's judgement ([`Leases::left`]; for this node itself, until it
+    /// stops answering).
     pub lease_left: Duration,
     /// Unix milliseconds it joined (this time).
     pub joined_at_ms: i64,

@@ -5,7 +5,7 @@
 //! clocks disagree ([`clocks`]). DESIGN.md, Scale-out.
 
 pub mod clocks;
-mod leases;
+pub mod leases;
 mod link;
 pub mod membership;
 pub mod ownership;
