@@ -134,23 +134,7 @@ async fn nodes_join_leave_and_agree_on_the_membership() {
 
     // Every version's members are in the log, for a node that misses
     // versions to pass through them: each version once, none left out.
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let logged: Vec<(i64, Vec<String>)> = client
-        .query(
-            "SELECT version, members FROM warden_membership_log ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let members: Vec<(String, String, i64)> = serde_json::from_str(r.get(1)).unwrap();
-            (r.get(0), members.into_iter().map(|m| m.0).collect())
-        })
-        .collect();
+    let logged = support::membership_log(&url).await;
     let last = after_leave["version"].as_i64().unwrap();
     assert_eq!(
         logged.iter().map(|(v, _)| *v).collect::<Vec<_>>(),

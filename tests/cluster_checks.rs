@@ -753,6 +753,7 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
             })
         })
         .collect();
+    let paused_at = cluster.status(other)["version"].as_i64().unwrap();
     cluster.node(sleeper).signal("STOP");
     // Its lease (2 s) runs out; the others take its slots and, after the
     // fence, serve the key.
@@ -791,6 +792,24 @@ async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     // Nor afterwards, directly or through the others.
     let mut clients = cluster.clients().await;
     replay_all(&mut clients, std::slice::from_ref(&taken)).await;
+    // On waking, its first renewal judged the others' leases by what it had
+    // seen of them before the pause: unrenewed for longer than a lease, by
+    // its clock. They had renewed all along, and stayed members: a lease is
+    // removed only if it still shows the renewal that was judged.
+    cluster.wait_members(other, &NODES);
+    let since_the_pause = support::membership_log(&url)
+        .await
+        .into_iter()
+        .filter(|(version, _)| *version >= paused_at);
+    for (version, members) in since_the_pause {
+        for (i, node) in NODES.iter().enumerate() {
+            assert!(
+                i == sleeper || members.iter().any(|m| m == node),
+                "{node}, awake throughout, is not in version {version}: {members:?}; events:\n{}",
+                cluster.cluster_events()
+            );
+        }
+    }
 }
 
 /// The first fresh request `signer`'s key allows through `client`, sent

@@ -658,6 +658,28 @@ pub async fn fresh_database() -> Option<String> {
     Some(format!("{prefix}/{name}"))
 }
 
+/// Every membership version the cluster on `url` logged, oldest first,
+/// with its members' names.
+pub async fn membership_log(url: &str) -> Vec<(i64, Vec<String>)> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query(
+            "SELECT version, members FROM warden_membership_log ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let members: Vec<(String, String, i64)> = serde_json::from_str(r.get(1)).unwrap();
+            (r.get(0), members.into_iter().map(|m| m.0).collect())
+        })
+        .collect()
+}
+
 /// A `CheckStream` fed from a channel holding up to `buffer` requests: the
 /// sender to feed it and the answers, for tests that pace a stream.
 pub async fn open_stream(
