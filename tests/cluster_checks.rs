@@ -1358,6 +1358,102 @@ async fn a_client_of_all_nodes_does_not_notice_one_going_away() {
     }
 }
 
+/// Two processes given one node name (a config copied to a second host)
+/// would each answer for the same slots with state of its own, and each
+/// accept what the other accepted. The second is refused before it writes
+/// anything: it finds the name's lease renewed by a live process, logs
+/// why and exits with an error, while the first serves on untouched. A
+/// process under the name of one killed with -9 (its lease row still
+/// there, renewed by nobody) joins after watching it for a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_name_already_held_by_a_live_process_is_refused_and_the_holder_serves_on() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let node = NODES[owner];
+    // The same config under another port and store directory: only the
+    // node name is the same.
+    let original = std::fs::read_to_string(&cluster.configs[owner]).unwrap();
+    let port = cluster
+        .node(owner)
+        .addr
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_owned();
+    let copy = original
+        .replace(
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{}", support::free_port()),
+        )
+        .replace(
+            &format!("dir = \"{node}\""),
+            &format!("dir = \"{node}-copy\""),
+        );
+    assert_ne!(copy, original);
+    let copy_path = cluster.dir.path().join(format!("{node}-copy.toml"));
+    std::fs::write(&copy_path, copy).unwrap();
+
+    let mut to_owner = cluster.client(owner).await;
+    let mut second = Server::with_config_unready(&copy_path, "info");
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        let r = to_owner.check(signed(&signer, unix_now())).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "the holder stopped serving: {r:?}");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = second.wait_exit();
+    let logs = second.logs();
+    assert!(
+        !status.success(),
+        "the second process under {node} kept running:\n{logs}"
+    );
+    assert!(
+        logs.contains("\"event\":\"cluster_node_name_in_use\"")
+            && logs.contains("is held by another live warden process"),
+        "{logs}"
+    );
+    assert!(served > 20);
+    assert!(
+        !cluster
+            .node(owner)
+            .logs()
+            .contains("cluster_node_name_in_use"),
+        "the holder was disturbed:\n{}",
+        cluster.node(owner).logs()
+    );
+    cluster.wait_members(owner, &NODES);
+
+    // Killed with -9 and started again at once: its lease row is there,
+    // renewed by nobody, so the new process joins after watching it.
+    let accepted = signed(&signer, unix_now());
+    let r = to_owner.check(accepted.clone()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    cluster.nodes[owner].as_mut().unwrap().kill();
+    let restarted = Server::with_config_unready(&cluster.configs[owner], "info");
+    restarted.wait_past_fence();
+    assert!(
+        restarted
+            .logs()
+            .contains("\"event\":\"cluster_name_watch\""),
+        "{}",
+        restarted.logs()
+    );
+    cluster.nodes[owner] = Some(restarted);
+    for i in 0..3 {
+        cluster.wait_members(i, &NODES);
+    }
+    let mut to_owner = cluster.client(owner).await;
+    let (_, _) = taken_over(&cluster, &mut to_owner, &signer, Instant::now()).await;
+    let mut clients = cluster.clients().await;
+    replay_all(&mut clients, std::slice::from_ref(&accepted)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_keys() {
     let Some(url) = fresh_database().await else {

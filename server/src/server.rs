@@ -479,8 +479,16 @@ impl Bound {
         let drain = {
             let health = health.clone();
             let delay = settings.drain_delay;
+            // A node whose name another live process holds shuts down too.
+            let refused = app.membership.clone();
             async move {
-                shutdown.await;
+                match refused {
+                    Some(m) => tokio::select! {
+                        _ = shutdown => {}
+                        _ = m.name_refused() => {}
+                    },
+                    None => shutdown.await,
+                }
                 starting.abort();
                 health.set(false).await;
                 tracing::info!(
@@ -555,6 +563,12 @@ impl Bound {
         }
         if let Some(m) = metrics_task {
             let _ = m.await;
+        }
+        if let Some(m) = app.membership.as_ref().filter(|m| m.name_is_taken()) {
+            return Err(ServeError::Cluster(format!(
+                "node name {:?} is held by another live warden process; give each node a name of its own ([cluster] node)",
+                m.node()
+            )));
         }
         result
     }

@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS warden_members (
 );
 ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint,
     ADD COLUMN IF NOT EXISTS clock_read_at_us bigint,
-    ADD COLUMN IF NOT EXISTS renewal bigint;
+    ADD COLUMN IF NOT EXISTS renewal bigint,
+    ADD COLUMN IF NOT EXISTS incarnation text;
 CREATE SEQUENCE IF NOT EXISTS warden_renewals;
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
@@ -157,6 +158,51 @@ struct Renewal {
     marks: Vec<(String, LeaseMark)>,
 }
 
+/// Another live process holds this node's name: the incarnation it wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameInUse(pub String);
+
+/// Why a renewal made no change.
+#[derive(Debug)]
+enum RenewError {
+    Db(tokio_postgres::Error),
+    /// Nothing was written: the row is another live process's.
+    NameInUse(NameInUse),
+}
+
+impl From<tokio_postgres::Error> for RenewError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+/// What was under this node's name before this process first wrote there.
+#[derive(Debug)]
+enum Found {
+    /// No lease row (or one removed while watched): the name is free.
+    Nothing,
+    /// A row nobody renewed for a lease TTL, and the incarnation that wrote
+    /// it (`None`: a version that writes none).
+    Predecessor(Option<String>),
+}
+
+/// Who may have written this node's lease row last.
+#[derive(Clone, Copy, Debug)]
+struct Holder<'a> {
+    /// This process.
+    mine: &'a str,
+    /// Before this process's first renewal, its dead predecessor.
+    may_follow: Option<&'a str>,
+}
+
+impl Holder<'_> {
+    /// Whether a row last written by `previous` (`None`: no row, or one
+    /// of a version that writes no incarnation) is this node's to renew.
+    fn may_renew_after(&self, previous: Option<&str>) -> bool {
+        previous.is_none_or(|p| p == self.mine || Some(p) == self.may_follow)
+    }
+}
+
 /// The memberships a node passes through from its table's version
 /// `from` to `view`: each version it missed, then `view`. `None` when it
 /// cannot know them all (the log lacks one, or this node was not a member
@@ -213,6 +259,16 @@ pub struct Membership {
     future_skew: Duration,
     past_skew: Duration,
     joined: watch::Sender<bool>,
+    /// Made at random by this process and written in its lease row: a
+    /// row renewed under another one means another live process holds
+    /// this node's name.
+    incarnation: String,
+    /// Set once another live process was found holding this node's name:
+    /// this one answers for nothing any more and shuts down.
+    name_taken: watch::Sender<bool>,
+    /// This process took its name over from a predecessor whose lease row
+    /// it found unrenewed (`watch_name`).
+    followed: AtomicBool,
 }
 
 /// What this node knows of its own lease.
@@ -259,6 +315,9 @@ impl Membership {
             future_skew,
             past_skew,
             joined: watch::channel(false).0,
+            incarnation: crate::crypto::random_hex(8),
+            name_taken: watch::channel(false).0,
+            followed: AtomicBool::new(false),
         })
     }
 
@@ -346,7 +405,7 @@ impl Membership {
     /// Whether this node may answer for the slots it owns right now (see
     /// the module documentation).
     pub fn may_serve(&self) -> bool {
-        if self.leaving.load(Ordering::Relaxed) {
+        if self.leaving.load(Ordering::Relaxed) || *self.name_taken.borrow() {
             return false;
         }
         let lease = self.lease.lock();
@@ -425,6 +484,32 @@ impl Membership {
         let _ = joined.wait_for(|j| *j).await;
     }
 
+    /// Resolves if another live process is found holding this node's name
+    /// (see [`NameInUse`]): the server then shuts down with an error.
+    pub async fn name_refused(&self) {
+        let mut taken = self.name_taken.subscribe();
+        let _ = taken.wait_for(|t| *t).await;
+    }
+
+    /// Whether this node's name was found held by another live process.
+    pub fn name_is_taken(&self) -> bool {
+        *self.name_taken.borrow()
+    }
+
+    /// Another live process renews a lease under this node's name: two
+    /// processes answering for the same slots, each with state of its own,
+    /// would each accept what the other accepted. This one stops answering
+    /// at once and never writes the row again.
+    fn refuse_name(&self, other: &NameInUse) {
+        tracing::error!(
+            event = "cluster_node_name_in_use",
+            node = %self.settings.node,
+            other_incarnation = %other.0,
+            "another live warden process holds this node's name ([cluster] node): this one stops; give each node a name of its own"
+        );
+        self.name_taken.send_replace(true);
+    }
+
     /// Keeps the lease and the view current until `stop`, then leaves.
     pub async fn run(self: Arc<Self>, mut stop: oneshot::Receiver<()>) {
         let every = self.renew_every();
@@ -440,6 +525,10 @@ impl Membership {
         changed: &Notify,
         stop: &mut oneshot::Receiver<()>,
     ) {
+        // What was under this node's name, once watched (before the first
+        // renewal only).
+        let mut found: Option<Found> = None;
+        let mut renewed = false;
         loop {
             let attempt = Instant::now();
             let connected = tokio::select! {
@@ -475,6 +564,27 @@ impl Membership {
                     continue;
                 }
             };
+            if found.is_none() && !renewed {
+                let watched = tokio::select! {
+                    w = self.watch_name(&client) => w,
+                    _ = &mut *stop => return,
+                };
+                match watched {
+                    Ok(watched) => {
+                        let followed = matches!(watched, Found::Predecessor(_));
+                        self.followed.store(followed, Ordering::SeqCst);
+                        found = Some(watched);
+                    }
+                    Err(RenewError::NameInUse(other)) => return self.refuse_name(&other),
+                    Err(RenewError::Db(e)) => {
+                        self.lost(&warden_client::error_chain(&e), attempt);
+                        if continue_after(every, stop).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -501,14 +611,30 @@ impl Membership {
                     Vec::new()
                 };
                 let since = self.table().version;
+                // The row may have been written last by this process, or,
+                // before its first renewal, by the dead predecessor it
+                // watched; by anyone else, another live process holds
+                // this name.
+                let may_follow = match &found {
+                    Some(Found::Predecessor(incarnation)) if !renewed => incarnation.as_deref(),
+                    _ => None,
+                };
+                let holder = Holder {
+                    mine: &self.incarnation,
+                    may_follow,
+                };
                 match tokio::time::timeout(
                     every * 2,
-                    renew(&client, &self.settings, &run_out, since),
+                    renew(&client, &self.settings, holder, &run_out, since),
                 )
                 .await
                 {
-                    Ok(Ok(renewal)) => self.seen(renewal, attempt),
-                    Ok(Err(e)) => {
+                    Ok(Ok(renewal)) => {
+                        renewed = true;
+                        self.seen(renewal, attempt)
+                    }
+                    Ok(Err(RenewError::NameInUse(other))) => return self.refuse_name(&other),
+                    Ok(Err(RenewError::Db(e))) => {
                         self.lost(&warden_client::error_chain(&e), attempt);
                         break;
                     }
@@ -522,6 +648,57 @@ impl Membership {
                 return;
             }
         }
+    }
+
+    /// Before this process first writes its lease row: a row under its
+    /// name is either a dead predecessor's (a process killed before it
+    /// could give its lease up) or another live process's (two nodes
+    /// given one name). Watches it for a lease TTL: renewed meanwhile, the
+    /// name is in use ([`NameInUse`]); gone, the name is free; unrenewed
+    /// for the whole TTL, the predecessor has stopped (a live holder renews
+    /// five times per TTL).
+    async fn watch_name(&self, client: &tokio_postgres::Client) -> Result<Found, RenewError> {
+        let read = || async {
+            client
+                .query_opt(
+                    &format!(
+                        "SELECT incarnation, renewal, {UNTIL_US} FROM warden_members m WHERE node = $1"
+                    ),
+                    &[&self.settings.node],
+                )
+                .await
+                .map(|row| {
+                    row.map(|r| {
+                        let mark = LeaseMark {
+                            renewal: r.get(1),
+                            until_us: r.get(2),
+                        };
+                        (r.get::<_, Option<String>>(0), mark)
+                    })
+                })
+        };
+        let Some((incarnation, first)) = read().await? else {
+            return Ok(Found::Nothing);
+        };
+        tracing::info!(
+            event = "cluster_name_watch",
+            node = %self.settings.node,
+            "a lease under this node's name is in the database: watching it for a lease TTL before joining, in case another live process holds the name"
+        );
+        let started = Instant::now();
+        while started.elapsed() < self.settings.lease_ttl {
+            tokio::time::sleep(self.renew_every()).await;
+            match read().await? {
+                None => return Ok(Found::Nothing),
+                Some((holder, mark)) if mark != first => {
+                    return Err(RenewError::NameInUse(NameInUse(
+                        holder.unwrap_or_else(|| "(an older version)".into()),
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Found::Predecessor(incarnation))
     }
 
     /// Names this node's membership session (`application_name`, seen in
@@ -690,7 +867,15 @@ impl Membership {
                 "membership versions were missed between renewals; passing through each"
             );
         }
-        let unknown = !first && (rejoined || replayed.is_none());
+        // On joining, this node's own slots are fenced only after a
+        // predecessor under its name (see `watch_name`): it may have been
+        // paused rather than dead, answering until its lease ran out by its
+        // own clock, after this process started.
+        let unknown = if first {
+            self.followed.load(Ordering::SeqCst)
+        } else {
+            rejoined || replayed.is_none()
+        };
         let path = replayed.unwrap_or_else(|| vec![(view.version, view.table_nodes())]);
         let handed = {
             let mut handed = self.handed.lock();
@@ -747,8 +932,9 @@ impl Membership {
         let left = async {
             let removed = client
                 .execute(
-                    "DELETE FROM warden_members WHERE node = $1",
-                    &[&self.settings.node],
+                    "DELETE FROM warden_members
+                     WHERE node = $1 AND incarnation IS NOT DISTINCT FROM $2",
+                    &[&self.settings.node, &self.incarnation],
                 )
                 .await?;
             if removed > 0 {
@@ -875,9 +1061,10 @@ fn membership_session_name(node: &str) -> String {
 async fn renew(
     client: &tokio_postgres::Client,
     settings: &ClusterSettings,
+    holder: Holder<'_>,
     run_out: &[(String, LeaseMark)],
     since: u64,
-) -> Result<Renewal, tokio_postgres::Error> {
+) -> Result<Renewal, RenewError> {
     let ttl = settings.lease_ttl.as_secs_f64();
     let clock = ClockReading::take(client).await?;
     client.batch_execute("BEGIN").await?;
@@ -885,30 +1072,39 @@ async fn renew(
         // A row that is there is a live lease: only a node that judged it
         // run out (or its node, leaving) removes it. `lease_until` is still
         // kept, for nodes of older versions, which judge by it.
-        let joined: bool = client
+        let written = client
             .query_one(
-                "WITH live AS (SELECT 1 FROM warden_members WHERE node = $1)
+                "WITH previous AS (SELECT incarnation FROM warden_members WHERE node = $1)
                  INSERT INTO warden_members
                    (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us,
-                    renewal)
+                    renewal, incarnation)
                  VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4, $5,
-                         nextval('warden_renewals'))
+                         nextval('warden_renewals'), $6)
                  ON CONFLICT (node) DO UPDATE
                    SET advertise = EXCLUDED.advertise, lease_until = EXCLUDED.lease_until,
                        clock_ahead_us = EXCLUDED.clock_ahead_us,
                        clock_read_at_us = EXCLUDED.clock_read_at_us,
-                       renewal = EXCLUDED.renewal
-                 RETURNING NOT EXISTS (SELECT 1 FROM live)",
+                       renewal = EXCLUDED.renewal, incarnation = EXCLUDED.incarnation
+                 RETURNING NOT EXISTS (SELECT 1 FROM previous),
+                           (SELECT incarnation FROM previous)",
                 &[
                     &settings.node,
                     &settings.advertise,
                     &ttl,
                     &clock.ahead_us,
                     &clock.at_us,
+                    &holder.mine,
                 ],
             )
-            .await?
-            .get(0);
+            .await?;
+        let joined: bool = written.get(0);
+        let previous: Option<String> = written.get(1);
+        if !holder.may_renew_after(previous.as_deref()) {
+            // Rolled back below: the other process's row stays as it was.
+            return Err(RenewError::NameInUse(NameInUse(
+                previous.unwrap_or_default(),
+            )));
+        }
         let expired = if run_out.is_empty() {
             0
         } else {
@@ -1065,6 +1261,48 @@ mod tests {
                 .collect(),
             coordinator_ok: true,
         }
+    }
+
+    /// A process that took its name over from a predecessor it found
+    /// unrenewed fences every slot it owns on joining: the predecessor may
+    /// have been cut off or paused rather than dead, answering until its
+    /// lease ran out by its own clock, which may be after this process
+    /// started (and its restart fence was set). Joining a free name fences
+    /// nothing of its own.
+    #[test]
+    fn after_a_predecessor_under_its_name_a_node_fences_all_it_owns_on_joining() {
+        let fresh = membership("node-a");
+        fresh.update_table(&view(3, &THREE), false, Vec::new());
+        let t = fresh.table();
+        assert!((0..=Slot::MAX).all(|s| !t.owns(s) || !t.fenced(s, now())));
+
+        let follower = membership("node-a");
+        follower.followed.store(true, Ordering::SeqCst);
+        follower.update_table(&view(3, &THREE), false, Vec::new());
+        assert_fences_all_it_owns(&follower.table());
+    }
+
+    /// A lease row last written by another process is renewed only when
+    /// that process is this one's dead predecessor, and only before this
+    /// process's own first renewal; an older version's row (no
+    /// incarnation) cannot be told apart and is taken as it was.
+    #[test]
+    fn a_lease_row_another_live_process_wrote_is_never_renewed() {
+        let first = Holder {
+            mine: "me",
+            may_follow: Some("dead"),
+        };
+        let later = Holder {
+            mine: "me",
+            may_follow: None,
+        };
+        for holder in [first, later] {
+            assert!(holder.may_renew_after(None));
+            assert!(holder.may_renew_after(Some("me")));
+            assert!(!holder.may_renew_after(Some("other")));
+        }
+        assert!(first.may_renew_after(Some("dead")));
+        assert!(!later.may_renew_after(Some("dead")));
     }
 
     const THREE: [(&str, i64); 3] = [("node-a", 1), ("node-b", 1), ("node-c", 1)];

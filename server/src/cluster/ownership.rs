@@ -137,7 +137,9 @@ impl SlotTable {
     /// - slots that become its own later were the departed node's: served
     ///   at once if it handed everything over on its way out (SIGTERM),
     ///   else behind a takeover fence at `fence_secs` (it died);
-    /// - with `takeover.unknown`, everything newly its own is fenced.
+    /// - with `takeover.unknown`, everything newly its own is fenced (on a
+    ///   first table too: a predecessor under this node's name may have
+    ///   answered for those slots after this process started).
     pub fn build(
         version: u64,
         mut nodes: Vec<Node>,
@@ -181,6 +183,9 @@ impl SlotTable {
             if first {
                 mine.push(slot);
                 blocked[usize::from(slot)] = waits_for.len() as u8;
+                if takeover.unknown {
+                    raise_fence(&mut fences, slot, takeover.fence_secs);
+                }
                 continue;
             }
             let previous = before.owner_name(slot);
