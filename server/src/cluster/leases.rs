@@ -21,6 +21,13 @@
 //! sees its lease run out, with a tenth of the TTL to spare for the two
 //! monotonic clocks' rates. The removal is conditional on the mark being
 //! the same still (a renewal in between keeps the lease).
+//!
+//! A node's own lease row is its name's: two live processes given one
+//! name would each answer for the same slots with state of its own. So
+//! each process writes a random incarnation in the row, renews only a row
+//! it wrote itself (or, once, its stopped predecessor's: [`Holder`]), and
+//! refuses a name whose row another live process renews ([`NameInUse`],
+//! [`Found`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -86,6 +93,37 @@ impl Leases {
         self.seen.get(node).map_or(ttl, |(_, since)| {
             ttl.saturating_sub(now.saturating_duration_since(*since))
         })
+    }
+}
+
+/// Another live process holds this node's name: the incarnation it wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameInUse(pub String);
+
+/// What was under this node's name before this process first wrote there.
+#[derive(Debug)]
+pub enum Found {
+    /// No lease row (or one removed while watched): the name is free.
+    Nothing,
+    /// A row nobody renewed for a lease TTL, and the incarnation that wrote
+    /// it (`None`: a version that writes none).
+    Predecessor(Option<String>),
+}
+
+/// Who may have written this node's lease row last.
+#[derive(Clone, Copy, Debug)]
+pub struct Holder<'a> {
+    /// This process.
+    pub mine: &'a str,
+    /// Before this process's first renewal, its dead predecessor.
+    pub may_follow: Option<&'a str>,
+}
+
+impl Holder<'_> {
+    /// Whether a row last written by `previous` (`None`: no row, or one
+    /// of a version that writes no incarnation) is this node's to renew.
+    pub fn may_renew_after(&self, previous: Option<&str>) -> bool {
+        previous.is_none_or(|p| p == self.mine || Some(p) == self.may_follow)
     }
 }
 
@@ -166,5 +204,28 @@ mod tests {
         // row that went and came back is a new sighting all the same).
         leases.saw([("a", mark(1)), ("b", mark(2))], ms(t0, 200));
         assert!(leases.run_out("a", ms(t0, 2_100), TTL).is_empty());
+    }
+
+    /// A lease row last written by another process is renewed only when
+    /// that process is this one's dead predecessor, and only before this
+    /// process's own first renewal; an older version's row (no
+    /// incarnation) cannot be told apart and is taken as it was.
+    #[test]
+    fn a_lease_row_another_live_process_wrote_is_never_renewed() {
+        let first = Holder {
+            mine: "me",
+            may_follow: Some("dead"),
+        };
+        let later = Holder {
+            mine: "me",
+            may_follow: None,
+        };
+        for holder in [first, later] {
+            assert!(holder.may_renew_after(None));
+            assert!(holder.may_renew_after(Some("me")));
+            assert!(!holder.may_renew_after(Some("other")));
+        }
+        assert!(first.may_renew_after(Some("dead")));
+        assert!(!later.may_renew_after(Some("dead")));
     }
 }

@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::RwLockReadGuard;
 
 use super::clocks::{ClockReading, Clocks};
-use super::leases::{LeaseMark, Leases};
+use super::leases::{Found, Holder, LeaseMark, Leases, NameInUse};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 
@@ -158,10 +158,6 @@ struct Renewal {
     marks: Vec<(String, LeaseMark)>,
 }
 
-/// Another live process holds this node's name: the incarnation it wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NameInUse(pub String);
-
 /// Why a renewal made no change.
 #[derive(Debug)]
 enum RenewError {
@@ -173,33 +169,6 @@ enum RenewError {
 impl From<tokio_postgres::Error> for RenewError {
     fn from(e: tokio_postgres::Error) -> Self {
         Self::Db(e)
-    }
-}
-
-/// What was under this node's name before this process first wrote there.
-#[derive(Debug)]
-enum Found {
-    /// No lease row (or one removed while watched): the name is free.
-    Nothing,
-    /// A row nobody renewed for a lease TTL, and the incarnation that wrote
-    /// it (`None`: a version that writes none).
-    Predecessor(Option<String>),
-}
-
-/// Who may have written this node's lease row last.
-#[derive(Clone, Copy, Debug)]
-struct Holder<'a> {
-    /// This process.
-    mine: &'a str,
-    /// Before this process's first renewal, its dead predecessor.
-    may_follow: Option<&'a str>,
-}
-
-impl Holder<'_> {
-    /// Whether a row last written by `previous` (`None`: no row, or one
-    /// of a version that writes no incarnation) is this node's to renew.
-    fn may_renew_after(&self, previous: Option<&str>) -> bool {
-        previous.is_none_or(|p| p == self.mine || Some(p) == self.may_follow)
     }
 }
 
@@ -1280,29 +1249,6 @@ mod tests {
         follower.followed.store(true, Ordering::SeqCst);
         follower.update_table(&view(3, &THREE), false, Vec::new());
         assert_fences_all_it_owns(&follower.table());
-    }
-
-    /// A lease row last written by another process is renewed only when
-    /// that process is this one's dead predecessor, and only before this
-    /// process's own first renewal; an older version's row (no
-    /// incarnation) cannot be told apart and is taken as it was.
-    #[test]
-    fn a_lease_row_another_live_process_wrote_is_never_renewed() {
-        let first = Holder {
-            mine: "me",
-            may_follow: Some("dead"),
-        };
-        let later = Holder {
-            mine: "me",
-            may_follow: None,
-        };
-        for holder in [first, later] {
-            assert!(holder.may_renew_after(None));
-            assert!(holder.may_renew_after(Some("me")));
-            assert!(!holder.may_renew_after(Some("other")));
-        }
-        assert!(first.may_renew_after(Some("dead")));
-        assert!(!later.may_renew_after(Some("dead")));
     }
 
     const THREE: [(&str, i64); 3] = [("node-a", 1), ("node-b", 1), ("node-c", 1)];
