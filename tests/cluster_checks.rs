@@ -1454,6 +1454,106 @@ async fn a_node_name_already_held_by_a_live_process_is_refused_and_the_holder_se
     replay_all(&mut clients, std::slice::from_ref(&accepted)).await;
 }
 
+/// A node cut off from PostgreSQL answers until its lease runs out by its
+/// own clock (a 10 s lease here: 9 s after its last renewal began). A
+/// replacement started under its name meanwhile (an orchestrator that
+/// gave up on it) finds its lease row, waits until nobody renews it, and
+/// joins with the name's slots. Its restart fence covers only timestamps
+/// up to its own start plus the future skew; the old process accepted
+/// requests signed seconds later than that. So the replacement fences the
+/// slots it takes from its predecessor, and nothing the old process
+/// accepted is accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_under_the_name_of_a_cut_off_node_accepts_nothing_it_accepted() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    // Each node reaches PostgreSQL through a proxy of its own.
+    let mut proxies = Vec::new();
+    let dir = ConfigDir::new();
+    let configs = support::cluster_configs(&dir, &url, &NODES, "10s", POLICIES);
+    for config in &configs {
+        let (proxy, through) = support::Proxy::to_database(&url).await;
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(config, text.replace(&url, &through)).unwrap();
+        proxies.push(proxy);
+    }
+    let mut cluster = Cluster::start_from(dir, configs);
+    let signer = Signer::new("wk_hundred", SECRET);
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let node = NODES[owner];
+    let port = cluster
+        .node(owner)
+        .addr
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_owned();
+    let through = std::fs::read_to_string(&cluster.configs[owner]).unwrap();
+    let replacement = through
+        .replace(
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{}", support::free_port()),
+        )
+        .replace(
+            &format!("dir = \"{node}\""),
+            &format!("dir = \"{node}-next\""),
+        )
+        .lines()
+        .map(|l| match l.split_once("postgres://") {
+            // Straight to the database, not through the cut proxy.
+            Some((head, _)) => format!("{head}{url}\""),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let replacement_path = cluster.dir.path().join(format!("{node}-next.toml"));
+    std::fs::write(&replacement_path, replacement).unwrap();
+
+    let mut to_old = cluster.client(owner).await;
+    proxies[owner].cut();
+    let cut = Instant::now();
+    let next = Server::with_config_unready(&replacement_path, "info");
+    // The old process answers on until its lease runs out by its clock:
+    // requests signed 4 s ahead (future skew 5 s), as a client whose
+    // clock runs ahead sends them.
+    let mut accepted = Vec::new();
+    let mut last_accepted = Duration::ZERO;
+    while cut.elapsed() < Duration::from_secs(15) {
+        let req = signed(&signer, unix_now() + 4);
+        if let Ok(r) = to_old.check(req.clone()).await
+            && reason(&r) == Reason::Ok
+        {
+            accepted.push(req);
+            last_accepted = cut.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        last_accepted > Duration::from_secs(3),
+        "the old process stopped answering {last_accepted:?} after the cut: this test needs it to answer past the replacement's restart fence"
+    );
+
+    next.wait_past_fence();
+    assert!(
+        next.logs().contains("\"event\":\"cluster_name_watch\""),
+        "{}",
+        next.logs()
+    );
+    let old = cluster.nodes[owner].replace(next);
+    for i in 0..3 {
+        cluster.wait_members(i, &NODES);
+    }
+    let mut clients = cluster.clients().await;
+    assert_eq!(
+        replay_all(&mut clients, &accepted).await,
+        accepted.len() * 3,
+        "a node did not answer; events:\n{}",
+        cluster.cluster_events()
+    );
+    drop(old);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_keys() {
     let Some(url) = fresh_database().await else {

@@ -103,10 +103,11 @@ pub struct NameInUse(pub String);
 /// What was under this node's name before this process first wrote there.
 #[derive(Debug)]
 pub enum Found {
-    /// No lease row (or one removed while watched): the name is free.
+    /// No lease row: the name is free.
     Nothing,
-    /// A row nobody renewed for a lease TTL, and the incarnation that wrote
-    /// it (`None`: a version that writes none).
+    /// A row nobody renewed for a lease TTL (or that was removed while
+    /// watched), and the incarnation that wrote it (`None`: a version that
+    /// writes none).
     Predecessor(Option<String>),
 }
 

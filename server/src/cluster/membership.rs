@@ -623,9 +623,9 @@ impl Membership {
     /// name is either a dead predecessor's (a process killed before it
     /// could give its lease up) or another live process's (two nodes
     /// given one name). Watches it for a lease TTL: renewed meanwhile, the
-    /// name is in use ([`NameInUse`]); gone, the name is free; unrenewed
-    /// for the whole TTL, the predecessor has stopped (a live holder renews
-    /// five times per TTL).
+    /// name is in use ([`NameInUse`]); unrenewed for the whole TTL, or
+    /// removed meanwhile, the predecessor has stopped (a live holder renews
+    /// five times per TTL). No row at all: the name is free.
     async fn watch_name(&self, client: &tokio_postgres::Client) -> Result<Found, RenewError> {
         let read = || async {
             client
@@ -658,7 +658,12 @@ impl Membership {
         while started.elapsed() < self.settings.lease_ttl {
             tokio::time::sleep(self.renew_every()).await;
             match read().await? {
-                None => return Ok(Found::Nothing),
+                // Removed meanwhile (by nodes that judged it run out, or by
+                // a predecessor leaving): a predecessor all the same, which
+                // may have answered until its lease ran out by its own
+                // clock, after this process started. Its slots come back
+                // to this name.
+                None => return Ok(Found::Predecessor(incarnation)),
                 Some((holder, mark)) if mark != first => {
                     return Err(RenewError::NameInUse(NameInUse(
                         holder.unwrap_or_else(|| "(an older version)".into()),
@@ -854,6 +859,17 @@ impl Membership {
             // that left and is back (a restart) owes one again when it
             // leaves again.
             handed.retain(|n, v| *v == u64::MAX && !now_live(n));
+            let mut snapshot = snapshot;
+            if first && !rejoined {
+                // Joining under a name whose lease row was still there
+                // (its predecessor's, `watch_name`): no version ever left
+                // the name out, so no other member held its slots, and
+                // none owes it anything. Their state died with the
+                // predecessor, and the joining fence covers what it took.
+                for m in view.members.iter().filter(|m| m.node != self.node()) {
+                    snapshot.entry(m.node.clone()).or_insert(view.version);
+                }
+            }
             snapshot
         };
         let mut table = before;
@@ -1043,7 +1059,7 @@ async fn renew(
         // kept, for nodes of older versions, which judge by it.
         let written = client
             .query_one(
-                "WITH previous AS (SELECT incarnation FROM warden_members WHERE node = $1)
+                "WITH previous AS (SELECT incarnation, advertise FROM warden_members WHERE node = $1)
                  INSERT INTO warden_members
                    (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us,
                     renewal, incarnation)
@@ -1055,7 +1071,8 @@ async fn renew(
                        clock_read_at_us = EXCLUDED.clock_read_at_us,
                        renewal = EXCLUDED.renewal, incarnation = EXCLUDED.incarnation
                  RETURNING NOT EXISTS (SELECT 1 FROM previous),
-                           (SELECT incarnation FROM previous)",
+                           (SELECT incarnation FROM previous),
+                           (SELECT advertise FROM previous)",
                 &[
                     &settings.node,
                     &settings.advertise,
@@ -1068,6 +1085,12 @@ async fn renew(
             .await?;
         let joined: bool = written.get(0);
         let previous: Option<String> = written.get(1);
+        // A node that comes back under its name at another address (its
+        // predecessor's row still there): every table must learn it, as
+        // they do a join, or the others forward to the old address.
+        let moved = written
+            .get::<_, Option<String>>(2)
+            .is_some_and(|was| was != settings.advertise);
         if !holder.may_renew_after(previous.as_deref()) {
             // Rolled back below: the other process's row stays as it was.
             return Err(RenewError::NameInUse(NameInUse(
@@ -1094,7 +1117,7 @@ async fn renew(
                 )
                 .await?
         };
-        if joined || expired > 0 {
+        if joined || moved || expired > 0 {
             client.batch_execute(BUMP_VERSION).await?;
         }
         let version: String = client
@@ -1237,7 +1260,8 @@ mod tests {
     /// have been cut off or paused rather than dead, answering until its
     /// lease ran out by its own clock, which may be after this process
     /// started (and its restart fence was set). Joining a free name fences
-    /// nothing of its own.
+    /// nothing of its own. Either way, a name whose row was still there
+    /// waits for no hand-over.
     #[test]
     fn after_a_predecessor_under_its_name_a_node_fences_all_it_owns_on_joining() {
         let fresh = membership("node-a");
@@ -1249,6 +1273,9 @@ mod tests {
         follower.followed.store(true, Ordering::SeqCst);
         follower.update_table(&view(3, &THREE), false, Vec::new());
         assert_fences_all_it_owns(&follower.table());
+        // Its lease row was still there: nobody else held its slots, and
+        // nobody owes it a hand-over.
+        assert_eq!(follower.table().awaited().count(), 0);
     }
 
     const THREE: [(&str, i64); 3] = [("node-a", 1), ("node-b", 1), ("node-c", 1)];
