@@ -13,6 +13,12 @@
 //! change) at once rather than at its next tick. A node leaving on SIGTERM
 //! deletes its row at once.
 //!
+//! A lease row is its node name's, and one live process holds a name
+//! ([`super::leases::Holder`]): a process watches a row it finds under its
+//! name before it first writes there (`Membership::watch_name`), refuses
+//! the name if another process renews it, and otherwise follows the
+//! stopped predecessor behind a fence on the name's slots.
+//!
 //! Each version's members are also kept, in the same transaction, in
 //! `warden_membership_log` (the last thousand versions). A node that
 //! missed versions between two renewals (another node left and came back
