@@ -231,6 +231,33 @@ impl Cluster {
         self.nodes[i].as_ref().expect("node is running")
     }
 
+    /// Node `i`'s config for a second process under the same node name:
+    /// another port and store directory (`NODE-tag`), changed further by
+    /// `edit`, and written beside the others.
+    fn same_name_config(
+        &self,
+        i: usize,
+        tag: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> PathBuf {
+        let node = NODES[i];
+        let original = std::fs::read_to_string(&self.configs[i]).unwrap();
+        let port = self.node(i).addr.rsplit_once(':').unwrap().1.to_owned();
+        let copy = original
+            .replace(
+                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{}", support::free_port()),
+            )
+            .replace(
+                &format!("dir = \"{node}\""),
+                &format!("dir = \"{node}-{tag}\""),
+            );
+        assert_ne!(copy, original);
+        let path = self.dir.path().join(format!("{node}-{tag}.toml"));
+        std::fs::write(&path, edit(copy)).unwrap();
+        path
+    }
+
     fn status(&self, i: usize) -> serde_json::Value {
         let out = self.dir.cli(self.node(i), &["cluster", "status", "--json"]);
         assert!(
@@ -1374,28 +1401,7 @@ async fn a_node_name_already_held_by_a_live_process_is_refused_and_the_holder_se
     let signer = Signer::new("wk_hundred", SECRET);
     let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let node = NODES[owner];
-    // The same config under another port and store directory: only the
-    // node name is the same.
-    let original = std::fs::read_to_string(&cluster.configs[owner]).unwrap();
-    let port = cluster
-        .node(owner)
-        .addr
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .to_owned();
-    let copy = original
-        .replace(
-            &format!("127.0.0.1:{port}"),
-            &format!("127.0.0.1:{}", support::free_port()),
-        )
-        .replace(
-            &format!("dir = \"{node}\""),
-            &format!("dir = \"{node}-copy\""),
-        );
-    assert_ne!(copy, original);
-    let copy_path = cluster.dir.path().join(format!("{node}-copy.toml"));
-    std::fs::write(&copy_path, copy).unwrap();
+    let copy_path = cluster.same_name_config(owner, "copy", |text| text);
 
     let mut to_owner = cluster.client(owner).await;
     let mut second = Server::with_config_unready(&copy_path, "info");
@@ -1481,34 +1487,16 @@ async fn a_replacement_under_the_name_of_a_cut_off_node_accepts_nothing_it_accep
     let mut cluster = Cluster::start_from(dir, configs);
     let signer = Signer::new("wk_hundred", SECRET);
     let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
-    let node = NODES[owner];
-    let port = cluster
-        .node(owner)
-        .addr
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .to_owned();
-    let through = std::fs::read_to_string(&cluster.configs[owner]).unwrap();
-    let replacement = through
-        .replace(
-            &format!("127.0.0.1:{port}"),
-            &format!("127.0.0.1:{}", support::free_port()),
-        )
-        .replace(
-            &format!("dir = \"{node}\""),
-            &format!("dir = \"{node}-next\""),
-        )
-        .lines()
-        .map(|l| match l.split_once("postgres://") {
-            // Straight to the database, not through the cut proxy.
-            Some((head, _)) => format!("{head}{url}\""),
-            None => l.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let replacement_path = cluster.dir.path().join(format!("{node}-next.toml"));
-    std::fs::write(&replacement_path, replacement).unwrap();
+    let replacement_path = cluster.same_name_config(owner, "next", |text| {
+        text.lines()
+            .map(|l| match l.split_once("postgres://") {
+                // Straight to the database, not through the cut proxy.
+                Some((head, _)) => format!("{head}{url}\""),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
 
     let mut to_old = cluster.client(owner).await;
     proxies[owner].cut();

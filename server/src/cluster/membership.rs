@@ -500,8 +500,8 @@ impl Membership {
         changed: &Notify,
         stop: &mut oneshot::Receiver<()>,
     ) {
-        // What was under this node's name, once watched (before the first
-        // renewal only).
+        // What was under this node's name, watched before the first
+        // renewal (and so always known once renewed).
         let mut found: Option<Found> = None;
         let mut renewed = false;
         loop {
@@ -539,7 +539,7 @@ impl Membership {
                     continue;
                 }
             };
-            if found.is_none() && !renewed {
+            if found.is_none() {
                 let watched = tokio::select! {
                     w = self.watch_name(&client) => w,
                     _ = &mut *stop => return,
