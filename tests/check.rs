@@ -333,6 +333,82 @@ async fn no_request_is_allowed_twice_across_restarts_whatever_its_timestamp() {
     }
 }
 
+/// The restart fence counts from the previous process's clock mark, not
+/// from a system clock that may have been set back across the restart (a
+/// VM booted before NTP set its clock, a clock set by hand, a spoofed NTP
+/// server and a crash).
+#[tokio::test]
+async fn a_clock_set_back_across_a_crash_lets_nothing_accepted_before_it_through() {
+    let Some(faketime) = support::libfaketime() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut server = Server::dev_in(&dir);
+    let signer = server.signer();
+    let signed = |ahead: i64| {
+        let h = signer.sign_at(
+            unix_now() + ahead,
+            &warden_client::signing::new_nonce(),
+            "POST",
+            "/pay",
+            "",
+            b"1",
+        );
+        check_request_from(&h, "warden-v1", "POST", "/pay", "", b"1")
+    };
+    let mut accepted = Vec::new();
+    let mut client = server.client().await;
+    for ahead in [0, 2, 4, 5] {
+        let req = signed(ahead);
+        assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
+        accepted.push(req);
+    }
+    server.kill();
+
+    // The machine comes back with its clock 10 s behind.
+    let clock = tmp.path().join("clock");
+    support::write_clock(&clock, -10);
+    let restarted = std::time::Instant::now();
+    let server = Server::dev_in_with_clock_unready(&dir, &clock, &faketime);
+    let mut client = server.client().await;
+    let mut ready_after = None;
+    while restarted.elapsed() < Duration::from_secs(40) {
+        // Every request accepted before the crash is refused as signed
+        // before this process's fence: for good, not as "ahead of the
+        // clock", which would pass once the clock had caught up with it.
+        for req in &accepted {
+            let r = client.check(req.clone()).await.unwrap();
+            assert_reason(&r, Reason::Stale);
+            assert!(
+                r.message.contains("before this server started"),
+                "after {:?}: {}",
+                restarted.elapsed(),
+                r.message
+            );
+        }
+        match ready_after {
+            None if server.http_get("/readyz").0 == 200 => {
+                ready_after = Some(restarted.elapsed());
+            }
+            // Replayed for a while after it is ready, as its clock runs on.
+            Some(ready) if restarted.elapsed() > ready + Duration::from_secs(3) => break,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = ready_after.expect("never ready");
+    // Held until its clock passed the mark (10 s behind), then the fence.
+    assert!(ready > Duration::from_secs(10), "ready after {ready:?}");
+    assert!(
+        server.logs().contains("clock_behind_mark"),
+        "{}",
+        server.logs()
+    );
+    // A client on the machine's clock, as it is now, is served.
+    assert_reason(&client.check(signed(-10)).await.unwrap(), Reason::Ok);
+}
+
 #[tokio::test]
 async fn check_stream_answers_every_request_in_order() {
     let server = Server::dev();

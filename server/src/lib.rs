@@ -11,6 +11,7 @@
 //! - [`auth`]: caller roles; [`tls`]: mTLS setup and caller identity;
 //! - [`check`]: the pipeline that turns a `CheckRequest` into a decision;
 //! - [`config`]: the config file; [`dev`]: `serve --dev` files;
+//! - `clock_mark`: the latest time shown, on disk, for the next process;
 //! - `service`: the tonic services; `conn`, `gate`: connections and their
 //!   bounds; [`server`]: listening, background tasks and shutdown.
 //!
@@ -22,6 +23,7 @@ mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod check;
+mod clock_mark;
 pub mod cluster;
 pub mod config;
 mod conn;

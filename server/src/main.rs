@@ -230,7 +230,8 @@ impl From<ServeError> for Failure {
             ServeError::Tls(_)
             | ServeError::Store(_)
             | ServeError::Keys(_)
-            | ServeError::Audit(_) => usage(e),
+            | ServeError::Audit(_)
+            | ServeError::ClockMark(_) => usage(e),
         }
     }
 }

@@ -90,6 +90,8 @@ pub enum ServeError {
     Audit(#[from] crate::audit::AuditError),
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error(transparent)]
+    ClockMark(#[from] crate::clock_mark::MarkError),
 }
 
 /// Serving status, for gRPC health and the HTTP readiness probe alike.
@@ -130,6 +132,9 @@ pub struct App {
     membership: Option<Arc<Membership>>,
     /// `Some` with `[cluster]`: routing of state steps to their owners.
     cluster: Option<Arc<ClusterState>>,
+    /// `Some` with a store: keeps the clock within the mark on disk, and
+    /// writes the time it stopped at when dropped, after the last answer.
+    _clock_mark: Option<crate::clock_mark::Keeper>,
 }
 
 impl App {
@@ -148,6 +153,15 @@ impl App {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store = match &config.store {
             Some(settings) => Some(Arc::new(Store::open(settings).await?)),
+            None => None,
+        };
+        // Before anything reads the time for a fence: the clock holds from
+        // the previous process's mark (see clock_mark).
+        let clock_mark = match &store {
+            Some(store) => Some(crate::clock_mark::Keeper::arm(
+                store.dir(),
+                SystemClock::wall(),
+            )?),
             None => None,
         };
         let audit = match &store {
@@ -219,6 +233,7 @@ impl App {
             alerts,
             membership,
             cluster,
+            _clock_mark: clock_mark,
         })
     }
 }
@@ -374,8 +389,15 @@ impl Bound {
             let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
             let membership = app.membership.clone();
             background.spawn(async move {
-                let wait = fence.opens_at().saturating_sub(clock.now());
-                tokio::time::sleep(Duration::from(wait)).await;
+                // Again until it has: a clock held from the previous
+                // process's mark stands still for a while.
+                loop {
+                    let wait = fence.opens_at().saturating_sub(clock.now());
+                    if wait == Nanos::ZERO {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))).await;
+                }
                 if let Some(m) = membership {
                     m.joined().await;
                     // Slots taken over on joining are fenced: ready once
@@ -713,7 +735,9 @@ async fn sweep_loop(
     gate: Arc<Gate>,
 ) {
     let mut last_pools = HashMap::new();
-    let mut was_held = false;
+    // Held from the start: from the previous process's clock mark, which
+    // was reported then; the warning below is for steps while serving.
+    let mut was_held = SystemClock::held_back() >= Nanos::from_secs(1);
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -79,6 +79,17 @@ impl Server {
         Self::spawn(command, config.parent().unwrap().to_owned(), "info")
     }
 
+    /// `warden serve --dev` reusing `dir`, with a wall clock of its own as
+    /// in [`Self::with_config_and_clock_unready`], returning once it
+    /// listens, before it is ready.
+    pub fn dev_in_with_clock_unready(dir: &Path, clock: &Path, faketime: &Path) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(dev_args(dir))
+            .envs(faketime_env(clock, faketime));
+        Self::spawn(command, dir.to_owned(), "info")
+    }
+
     /// `warden serve --config FILE` under an open-file limit of `fds`.
     pub fn with_config_fd_limit(config: &Path, fds: u32) -> Self {
         let mut command = Command::new("sh");

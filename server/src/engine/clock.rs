@@ -153,6 +153,7 @@ pub struct SystemClock;
 static WALL: ForwardOnly<SystemTimeAsIs> = ForwardOnly {
     source: SystemTimeAsIs,
     latest: AtomicU64::new(0),
+    ceiling: AtomicU64::new(u64::MAX),
 };
 
 impl Clock for SystemClock {
@@ -168,11 +169,17 @@ impl SystemClock {
     pub fn held_back() -> Nanos {
         WALL.held_back()
     }
+
+    /// The process's one wall clock, for the [`crate::clock_mark`] that
+    /// keeps it from showing a time no later process would know of.
+    pub(crate) fn wall() -> &'static ForwardOnly<SystemTimeAsIs> {
+        &WALL
+    }
 }
 
 /// The system's wall clock as it is, steps back and all.
 #[derive(Debug, Default, Clone, Copy)]
-struct SystemTimeAsIs;
+pub(crate) struct SystemTimeAsIs;
 
 impl Clock for SystemTimeAsIs {
     fn now(&self) -> Nanos {
@@ -194,11 +201,19 @@ impl Clock for SystemTimeAsIs {
 /// the future, refusing its key until the clock caught up. Held, time
 /// stands still for the length of the step instead: nothing forgotten
 /// comes back, and limits refill again once the clock has caught up.
-#[derive(Debug, Default)]
+///
+/// It also never shows a time past its ceiling, when it has one: the time
+/// up to which the [`crate::clock_mark`] has promised, on disk, that this
+/// process may have shown. So the promise holds across a restart too: the
+/// next process starts from the mark, not from a system clock that may
+/// have been set back meanwhile.
+#[derive(Debug)]
 pub struct ForwardOnly<C> {
     source: C,
     /// The latest moment shown, as recorded: within a millisecond of it.
     latest: AtomicU64,
+    /// Never shown past this (`u64::MAX`: no ceiling).
+    ceiling: AtomicU64,
 }
 
 impl<C: Clock> ForwardOnly<C> {
@@ -206,7 +221,44 @@ impl<C: Clock> ForwardOnly<C> {
         Self {
             source,
             latest: AtomicU64::new(0),
+            ceiling: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Holds the clock at `moment` at least, as if it had shown it: a
+    /// previous process may have.
+    pub fn hold_from(&self, moment: Nanos) {
+        self.latest.fetch_max(moment.get(), Ordering::Relaxed);
+    }
+
+    /// Never shows a time past `ceiling` from now on (a lower one than
+    /// before too: a clock about to stop shows nothing past its last mark).
+    pub fn cap_at(&self, ceiling: Nanos) {
+        self.ceiling.store(ceiling.get(), Ordering::SeqCst);
+    }
+
+    /// The time it never shows past.
+    pub fn ceiling(&self) -> Nanos {
+        Nanos(self.ceiling.load(Ordering::SeqCst))
+    }
+
+    /// The time this clock would show without its ceiling, and no earlier
+    /// than anything it has shown (the latest moment is recorded a
+    /// millisecond at a time, so one is added when the clock holds).
+    pub fn uncapped(&self) -> Nanos {
+        let source = self.source.now().get();
+        let latest = self.latest.load(Ordering::Relaxed);
+        if source < latest {
+            Nanos(latest.saturating_add(NANOS_PER_MILLI))
+        } else {
+            Nanos(source)
+        }
+    }
+
+    /// How far the time it would show runs past its ceiling: how long it
+    /// has stood still because no mark could be written.
+    pub fn past_ceiling(&self) -> Nanos {
+        self.uncapped().saturating_sub(self.ceiling())
     }
 
     /// How far the source is behind the latest moment shown: how long
@@ -218,7 +270,11 @@ impl<C: Clock> ForwardOnly<C> {
 
 impl<C: Clock> Clock for ForwardOnly<C> {
     fn now(&self) -> Nanos {
-        let now = self.source.now().get();
+        let now = self
+            .source
+            .now()
+            .get()
+            .min(self.ceiling.load(Ordering::Relaxed));
         let latest = self.latest.load(Ordering::Relaxed);
         if now < latest {
             return Nanos(latest);
@@ -317,5 +373,33 @@ mod tests {
             held <= shown && shown - held < Nanos::from_millis(1),
             "{held:?} {shown:?}"
         );
+    }
+
+    #[test]
+    fn a_capped_clock_never_shows_a_time_past_its_ceiling() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let clock = ForwardOnly::new(source.clone());
+        clock.cap_at(Nanos::from_secs(1_002));
+        source.set(Nanos::from_secs(1_005));
+        assert_eq!(clock.now(), Nanos::from_secs(1_002));
+        assert_eq!(clock.past_ceiling(), Nanos::from_secs(3));
+        // Raised again, it shows the source again.
+        clock.cap_at(Nanos::from_secs(1_010));
+        assert_eq!(clock.now(), Nanos::from_secs(1_005));
+        assert_eq!(clock.past_ceiling(), Nanos::ZERO);
+    }
+
+    #[test]
+    fn a_clock_held_from_a_moment_shows_nothing_earlier() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let clock = ForwardOnly::new(source.clone());
+        clock.hold_from(Nanos::from_secs(1_020));
+        assert_eq!(clock.now(), Nanos::from_secs(1_020));
+        assert_eq!(clock.held_back(), Nanos::from_secs(20));
+        // What it would show uncapped covers the held moment.
+        assert!(clock.uncapped() > Nanos::from_secs(1_020));
+        source.set(Nanos::from_secs(1_021));
+        assert_eq!(clock.now(), Nanos::from_secs(1_021));
+        assert_eq!(clock.uncapped(), Nanos::from_secs(1_021));
     }
 }
