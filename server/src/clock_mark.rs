@@ -22,7 +22,7 @@
 //!   time stands still once it reaches the last one: limits do not refill
 //!   and, past the future skew, fresh requests are STALE. For a service
 //!   that promises no replay, refusing is the safe side; it is logged and
-//!   counted (`warden_clock_mark_failures_total`).
+//!   counted (`warden_durable_write_failures_total{what="clock_mark"}`).
 //!
 //! The file holds two records, written in turn, each with its own check
 //! sum: a write torn by a crash leaves the other one whole.
@@ -226,7 +226,8 @@ fn keep<C: Clock>(mut file: MarkFile, clock: &'static ForwardOnly<C>, stop: mpsc
                 }
             }
             Err(e) => {
-                metrics::counter!("warden_clock_mark_failures_total").increment(1);
+                metrics::counter!("warden_durable_write_failures_total", "what" => "clock_mark")
+                    .increment(1);
                 let now = Instant::now();
                 let log = match failing {
                     None => {

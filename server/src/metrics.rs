@@ -84,7 +84,7 @@ fn describe() {
     );
     describe_counter!(
         "warden_durable_write_failures_total",
-        "Writes to the key store or the audit log that failed (a full disk?): the admin change was refused, or background audit records lost."
+        "Writes to the key store, the audit log or the clock mark that failed (a full disk?): the admin change was refused, background audit records lost, or time stood still at the last clock mark."
     );
     describe_gauge!(
         "warden_clock_held_seconds",
@@ -177,7 +177,7 @@ fn zero_counters() {
     for cause in ["queue_full", "write_failed"] {
         counter!("warden_audit_dropped_total", "cause" => cause).absolute(0);
     }
-    for what in ["store", "audit"] {
+    for what in ["store", "audit", "clock_mark"] {
         counter!("warden_durable_write_failures_total", "what" => what).absolute(0);
     }
     metrics::gauge!("warden_clock_held_seconds").set(0.0);
