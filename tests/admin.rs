@@ -827,6 +827,71 @@ async fn rotating_the_master_key_keeps_every_key_working() {
     assert_eq!(check(&second, signed(&id, &secret)).await, Reason::Ok);
 }
 
+/// Two processes on one store directory would each keep their own keys (a
+/// key revoked through one works on in the other) and their own nonces (a
+/// request accepted by one is accepted by the other), and write one journal
+/// and audit chain over each other. The second is refused before it reads
+/// anything, as is a master-key rotation while warden serves.
+#[tokio::test]
+async fn a_second_process_on_one_store_directory_is_refused_and_the_first_serves_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut first = Server::dev_in(&dir);
+    let (id, secret) = create_key(&first, "kept");
+    let accepted = signed(&id, &secret);
+    assert_eq!(check(&first, accepted.clone()).await, Reason::Ok);
+    let journal = std::fs::read(dir.join("store/store.jsonl")).unwrap();
+    let audit = std::fs::read(dir.join("store/audit.log")).unwrap();
+
+    let within = Duration::from_secs(20);
+    let second = support::output_within(
+        Command::new(BIN)
+            .args(support::dev_args(&dir))
+            .args(["--metrics-listen", "127.0.0.1:0"]),
+        within,
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    // As a port in use: another process has it, the config is fine.
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another warden process")
+            && stderr.contains(&format!("(pid {})", first.pid())),
+        "{stderr}"
+    );
+
+    let rotation = support::output_within(
+        Command::new(BIN)
+            .args(["store", "rotate-master-key", "--dir"])
+            .arg(dir.join("store"))
+            .arg("--old-key-file")
+            .arg(dir.join("master.key"))
+            .arg("--new-key-file")
+            .arg(tmp.path().join("new.key")),
+        within,
+    );
+    let stderr = String::from_utf8_lossy(&rotation.stderr);
+    assert!(!rotation.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another warden process"),
+        "{stderr}"
+    );
+
+    // Neither wrote a byte, and the first serves on as before.
+    assert_eq!(
+        std::fs::read(dir.join("store/store.jsonl")).unwrap(),
+        journal
+    );
+    assert_eq!(std::fs::read(dir.join("store/audit.log")).unwrap(), audit);
+    assert_eq!(check(&first, accepted.clone()).await, Reason::Replay);
+    assert_eq!(check(&first, signed(&id, &secret)).await, Reason::Ok);
+
+    // Killed, it leaves nothing stale: the directory is free at once.
+    first.kill();
+    let next = Server::dev_in(&dir);
+    assert_ne!(check(&next, accepted).await, Reason::Ok);
+    assert_eq!(check(&next, signed(&id, &secret)).await, Reason::Ok);
+}
+
 /// The outside attack's finding: every denial appended one record (616,000
 /// records, 189 MB in one short attack). Denials are tallied per subject and
 /// window now, and a spray of junk subjects is bounded per window.

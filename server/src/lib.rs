@@ -30,6 +30,7 @@ mod conn;
 pub mod crypto;
 pub mod descriptors;
 pub mod dev;
+mod dir_lock;
 mod direct_route;
 pub mod engine;
 mod freshness;

@@ -226,7 +226,9 @@ impl From<ServeError> for Failure {
             | ServeError::Transport(_)
             | ServeError::DrainTimeout
             | ServeError::Reflection(_)
-            | ServeError::Cluster(_) => runtime(e),
+            | ServeError::Cluster(_)
+            // Another process has the directory: as a port in use.
+            | ServeError::Store(warden::store::StoreError::InUse(_)) => runtime(e),
             ServeError::Tls(_)
             | ServeError::Store(_)
             | ServeError::Keys(_)

@@ -26,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, MasterKey};
+use crate::dir_lock::DirLock;
 use crate::model::{PolicySpec, Secret};
 use crate::private_file::Appended;
 
@@ -74,6 +75,8 @@ pub enum StoreError {
     Unsupported(&'static str),
     #[error("{0}")]
     Audit(String),
+    #[error(transparent)]
+    InUse(#[from] crate::dir_lock::LockError),
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -486,6 +489,8 @@ pub struct Store {
     dir: PathBuf,
     state: Arc<RwLock<State>>,
     master: MasterKey,
+    /// `dir` is this process's alone while the store is open.
+    _lock: Arc<DirLock>,
 }
 
 const SCHEMA: &str = "
@@ -761,6 +766,7 @@ impl Store {
     }
 
     async fn open_postgres(url: &str, dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
+        let lock = Arc::new(DirLock::take(dir)?);
         let client = open_client(url).await?;
         client.batch_execute(SCHEMA).await?;
         client
@@ -787,6 +793,7 @@ impl Store {
             dir: dir.to_owned(),
             state: Arc::new(RwLock::new(state)),
             master,
+            _lock: lock,
         };
         store.check_secrets_open()?;
         Ok(store)
@@ -838,6 +845,14 @@ impl Store {
 
     pub fn open_with(dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = Arc::new(DirLock::take(dir)?);
+        Self::open_journal(dir, master, lock)
+    }
+
+    /// The embedded store in `dir`, which `lock` holds for this process
+    /// (taken before the journal is read: a torn tail cut here must be no
+    /// other process's record being written).
+    fn open_journal(dir: &Path, master: MasterKey, lock: Arc<DirLock>) -> Result<Self, StoreError> {
         let path = dir.join(JOURNAL);
         let mut state = State::default();
         let mut has_header = false;
@@ -891,6 +906,7 @@ impl Store {
             dir: dir.to_owned(),
             state: Arc::new(RwLock::new(state)),
             master,
+            _lock: lock,
         };
         // Every secret must open: better to refuse to start than to fail
         // checks one by one later.
@@ -1003,10 +1019,21 @@ pub async fn rotate_master_key(
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<Rotated, StoreError> {
-    let (secrets, audit_dir) = match target {
-        RotationTarget::Journal(dir) => (rotate_journal(dir, old, new)?, Some(dir)),
+    // The directory is this run's alone (a warden process using it is
+    // refused): it holds the old key, and would write its journal and audit
+    // chain over this run's.
+    let (secrets, audit_dir, _lock) = match target {
+        RotationTarget::Journal(dir) => {
+            let lock = Arc::new(DirLock::take(dir)?);
+            (
+                rotate_journal(dir, lock.clone(), old, new)?,
+                Some(dir),
+                Some(lock),
+            )
+        }
         RotationTarget::Database { url, node_dir } => {
-            (rotate_database(url, old, new).await?, node_dir)
+            let lock = node_dir.map(DirLock::take).transpose()?.map(Arc::new);
+            (rotate_database(url, old, new).await?, node_dir, lock)
         }
     };
     let audit_key = match audit_dir {
@@ -1022,12 +1049,15 @@ pub async fn rotate_master_key(
 /// replaces the old one atomically.
 fn rotate_journal(
     dir: &Path,
+    lock: Arc<DirLock>,
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<Option<usize>, StoreError> {
-    let store = match Store::open_with(dir, old.clone()) {
+    let store = match Store::open_journal(dir, old.clone(), lock.clone()) {
         Ok(store) => store,
-        Err(StoreError::WrongMasterKey(_)) if Store::open_with(dir, new.clone()).is_ok() => {
+        Err(StoreError::WrongMasterKey(_))
+            if Store::open_journal(dir, new.clone(), lock).is_ok() =>
+        {
             return Ok(None);
         }
         Err(e) => return Err(e),
@@ -1508,7 +1538,12 @@ mod tests {
             rotate_master_key(target, &other, &new).await,
             Err(StoreError::WrongMasterKey(_))
         ));
-        assert_eq!(rotate_journal(dir.path(), &old, &new).unwrap(), Some(1));
+        // Cut short after the journal, before the chain key.
+        let lock = Arc::new(DirLock::take(dir.path()).unwrap());
+        assert_eq!(
+            rotate_journal(dir.path(), lock, &old, &new).unwrap(),
+            Some(1)
+        );
         assert!(crate::audit::AuditLog::open(dir.path(), &new, Default::default()).is_err());
         // Neither the old key nor the new one: the chain key stays sealed.
         assert!(rotate_master_key(target, &other, &new).await.is_err());

@@ -270,10 +270,15 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
     /// Lifts the file-size limit of a server started under one: the
     /// disk has room again, and the process goes on as it is.
     pub fn lift_file_size_limit(&self) {
-        let pid = self.child.as_ref().expect("server is running").id();
+        let pid = self.pid();
         let out = Command::new("python3")
             .args([
                 "-c",
@@ -457,21 +462,7 @@ impl ConfigDir {
         args: &[&str],
         limit: std::time::Duration,
     ) -> std::process::Output {
-        let mut child = self
-            .cli_command(server, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run warden");
-        let started = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                panic!("warden {args:?} did not end within {limit:?}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
+        output_within(&mut self.cli_command(server, args), limit)
     }
 
     fn cli_command(&self, server: &Server, args: &[&str]) -> Command {
@@ -588,6 +579,31 @@ pub fn cluster_configs(
             path
         })
         .collect()
+}
+
+/// Runs `command` to its end, failing the test (and killing it) if it has
+/// not ended within `limit`: a process that should refuse to run must not
+/// hang the suite when it runs instead.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run warden");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{command:?} did not end within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// Writes a libfaketime clock file `ahead_secs` ahead of the real time, in
