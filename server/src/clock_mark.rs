@@ -11,18 +11,19 @@
 //! clock caught up, what its predecessor accepted in its last `d` seconds.
 //!
 //! So the process's clock ([`ForwardOnly`]) never shows a time past the
-//! mark on disk: a thread writes `now + LOOKAHEAD`, synced, twice a
-//! second, and only then lets the clock show up to it. The next process
-//! holds its clock at the mark until the system clock passes it, and its
-//! restart fence counts from there. The costs:
+//! mark on disk: a task writes `now + LOOKAHEAD`, synced, twice a second,
+//! and only then lets the clock show up to it. The next process holds its
+//! clock at the mark until the system clock passes it, and its restart
+//! fence counts from there. After a crash, a restart is ready up to
+//! [`LOOKAHEAD`] later than the fence alone would make it (a clean stop
+//! writes the exact time instead).
 //!
-//! - after a crash, a restart is ready up to [`LOOKAHEAD`] later than the
-//!   fence alone would make it (a clean stop writes the exact time instead);
-//! - while no mark can be written (a disk that stalls or fails), warden's
-//!   time stands still once it reaches the last one: limits do not refill
-//!   and, past the future skew, fresh requests are STALE. For a service
-//!   that promises no replay, refusing is the safe side; it is logged and
-//!   counted (`warden_durable_write_failures_total{what="clock_mark"}`).
+//! A disk that fails or hangs must not stop warden serving: checks never
+//! wait for a disk. So a mark that fails, or is not written within
+//! [`LATE`], lets the clock go on without one (logged, and counted as
+//! `warden_durable_write_failures_total{what="clock_mark"}`), and the cap
+//! comes back with the next mark written. A crash meanwhile leaves the next
+//! start protected up to the last mark written, not beyond.
 //!
 //! The file holds two records, written in turn, each with its own check
 //! sum: a write torn by a crash leaves the other one whole.
@@ -31,9 +32,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -42,13 +44,16 @@ use crate::engine::clock::{Clock, ForwardOnly, Nanos};
 /// The mark's file, in the store's directory.
 pub const FILE_NAME: &str = "clock.mark";
 
-/// How far ahead of the time shown each mark is written: how long a write
-/// may take before time stands still, and how much later than its fence
-/// alone a process restarted after a crash is ready.
+/// How far ahead of the time shown each mark is written: how much later
+/// than its fence alone a process restarted after a crash is ready.
 pub const LOOKAHEAD: Duration = Duration::from_secs(2);
 
 /// How often a new mark is written.
 const EVERY: Duration = Duration::from_millis(500);
+
+/// How long a write may take before the clock goes on without it: by then
+/// the clock has stood at the last mark for half a second.
+const LATE: Duration = LOOKAHEAD;
 
 /// While writes fail, how often that is logged again.
 const REPEAT_FAILURE_LOG: Duration = Duration::from_secs(30);
@@ -168,17 +173,18 @@ fn previous(bytes: &[u8]) -> Previous {
 /// Keeps a clock within its mark on disk, from [`Keeper::arm`] until it is
 /// dropped. Dropping it stops the clock where it is and writes that time,
 /// so a clean stop costs the next process no wait beyond its fence.
-pub struct Keeper {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+pub struct Keeper<C: Clock> {
+    file: Arc<Mutex<MarkFile>>,
+    clock: &'static ForwardOnly<C>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-impl Keeper {
+impl<C: Clock> Keeper<C> {
     /// Reads the previous process's mark in `dir` and holds `clock` from it,
     /// writes this process's first mark and caps `clock` there, then keeps
-    /// writing marks on a thread of its own (a stalled disk stalls no
-    /// request; time only stands still at the last mark). One per process.
-    pub fn arm<C: Clock>(dir: &Path, clock: &'static ForwardOnly<C>) -> Result<Self, MarkError> {
+    /// writing marks (a task on the runtime, the writes on its blocking
+    /// threads). One per process.
+    pub fn arm(dir: &Path, clock: &'static ForwardOnly<C>) -> Result<Self, MarkError> {
         let (mut file, previous) = MarkFile::open(dir)?;
         if let Some(previous) = previous {
             clock.hold_from(previous);
@@ -188,87 +194,125 @@ impl Keeper {
             path: file.path.clone(),
             source,
         })?;
-        let (stop, stopped) = mpsc::channel();
-        let path = file.path.clone();
-        let thread = std::thread::Builder::new()
-            .name("warden-clock-mark".into())
-            .spawn(move || keep(file, clock, stopped))
-            .map_err(|source| MarkError::Io { path, source })?;
-        Ok(Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let file = Arc::new(Mutex::new(file));
+        let task = tokio::spawn(keep(file.clone(), clock));
+        Ok(Self { file, clock, task })
     }
 }
 
-impl Drop for Keeper {
+impl<C: Clock> Drop for Keeper<C> {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.task.abort();
+        // Waits for a write under way, if any, but not for a disk that
+        // hangs: the process must still end.
+        let Some(mut file) = self.file.try_lock_for(LATE) else {
+            tracing::warn!(
+                event = "clock_mark_write_failed",
+                error = "a write under way did not end",
+                "cannot write the final clock mark"
+            );
+            return;
+        };
+        // Stopping: nothing may be shown past the time written last.
+        let last = self.clock.uncapped().min(self.clock.ceiling());
+        self.clock.cap_at(last);
+        if let Err(e) = file.write(last) {
+            // The mark before it stands: only a longer wait for the next
+            // process (or, if the marks were failing, the last one written).
+            tracing::warn!(
+                event = "clock_mark_write_failed",
+                path = %file.path.display(),
+                error = %e,
+                "cannot write the final clock mark"
+            );
         }
     }
 }
 
-/// The keeper's thread: a new mark every [`EVERY`] until told to stop, then
-/// the exact time.
-fn keep<C: Clock>(mut file: MarkFile, clock: &'static ForwardOnly<C>, stop: mpsc::Receiver<()>) {
-    let mut failing: Option<(Instant, Instant)> = None;
-    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(EVERY) {
-        match renew(&mut file, clock) {
-            Ok(()) => {
-                if let Some((since, _)) = failing.take() {
-                    tracing::info!(
-                        event = "clock_mark_written",
-                        failed_for_ms = since.elapsed().as_millis() as u64,
-                        "the clock mark is written again; warden's time moves on"
-                    );
-                }
+/// The keeper's task: a new mark every [`EVERY`]. A write that fails, or
+/// is still not done after [`LATE`], lets the clock go on without a mark
+/// rather than stop every check for a disk: the clock mark protects a
+/// restart, and must never stop warden serving. It is logged and counted,
+/// and the cap comes back with the next mark written.
+async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, clock: &'static ForwardOnly<C>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut trouble = Trouble::default();
+    loop {
+        tick.tick().await;
+        let write = tokio::task::spawn_blocking({
+            let file = file.clone();
+            move || renew(&mut file.lock(), clock)
+        });
+        tokio::pin!(write);
+        let written = match tokio::time::timeout(LATE, &mut write).await {
+            Ok(done) => done,
+            Err(_) => {
+                clock.cap_at(Nanos::MAX);
+                trouble.report(&file, &format!("not written within {LATE:?}"));
+                write.await
+            }
+        };
+        match written {
+            Ok(Ok(())) => trouble.over(),
+            Ok(Err(e)) => {
+                clock.cap_at(Nanos::MAX);
+                trouble.report(&file, &e.to_string());
             }
             Err(e) => {
-                metrics::counter!("warden_durable_write_failures_total", "what" => "clock_mark")
-                    .increment(1);
-                let now = Instant::now();
-                let log = match failing {
-                    None => {
-                        failing = Some((now, now));
-                        true
-                    }
-                    Some((since, logged)) if now - logged >= REPEAT_FAILURE_LOG => {
-                        failing = Some((since, now));
-                        true
-                    }
-                    Some(_) => false,
-                };
-                if log {
-                    tracing::error!(
-                        event = "clock_mark_write_failed",
-                        path = %file.path.display(),
-                        error = %e,
-                        stood_still_ms = clock.past_ceiling().ceil_millis(),
-                        "cannot write the clock mark: warden's time stands still at the last mark until it can (limits do not refill; fresh requests become STALE past the future skew)"
-                    );
-                }
+                clock.cap_at(Nanos::MAX);
+                trouble.report(&file, &e.to_string());
             }
         }
     }
-    // Stopping: nothing may be shown past the time written last.
-    let last = clock.uncapped().min(clock.ceiling());
-    clock.cap_at(last);
-    if let Err(e) = file.write(last) {
-        // The mark before it stands, and is later: safe, only a longer
-        // wait for the next process.
-        tracing::warn!(
-            event = "clock_mark_write_failed",
-            path = %file.path.display(),
-            error = %e,
-            "cannot write the final clock mark; the next start waits for the one before it"
-        );
+}
+
+/// Since when marks are failing or late, and when that was last logged.
+#[derive(Default)]
+struct Trouble(Option<(Instant, Instant)>);
+
+impl Trouble {
+    fn report(&mut self, file: &Mutex<MarkFile>, error: &str) {
+        metrics::counter!("warden_durable_write_failures_total", "what" => "clock_mark")
+            .increment(1);
+        let now = Instant::now();
+        let log = match self.0 {
+            None => {
+                self.0 = Some((now, now));
+                true
+            }
+            Some((since, logged)) if now - logged >= REPEAT_FAILURE_LOG => {
+                self.0 = Some((since, now));
+                true
+            }
+            Some(_) => false,
+        };
+        if log {
+            // Not file.lock(): a write that hangs holds it.
+            let path = file.try_lock().map(|f| f.path.display().to_string());
+            tracing::error!(
+                event = "clock_mark_write_failed",
+                path = path.as_deref().unwrap_or(FILE_NAME),
+                error,
+                "cannot write the clock mark: warden serves on, but a restart after a crash is protected only up to the last mark written"
+            );
+        }
+    }
+
+    fn over(&mut self) {
+        if let Some((since, _)) = self.0.take() {
+            tracing::info!(
+                event = "clock_mark_written",
+                failed_for_ms = since.elapsed().as_millis() as u64,
+                "the clock mark is written again"
+            );
+        }
     }
 }
 
 /// One turn of the keeper: a new mark on disk, and only then may the clock
-/// show up to it. A write that fails leaves the clock where it was capped.
+/// show up to it. A write that fails leaves the cap as it was.
 fn renew<C: Clock>(file: &mut MarkFile, clock: &ForwardOnly<C>) -> io::Result<()> {
     let until = clock.uncapped() + Nanos::from(LOOKAHEAD);
     file.write(until)?;
@@ -312,8 +356,8 @@ mod tests {
         previous(&std::fs::read(dir.join(FILE_NAME)).unwrap())
     }
 
-    #[test]
-    fn a_process_never_shows_a_time_its_mark_does_not_cover() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_never_shows_a_time_its_mark_does_not_cover() {
         let dir = tempfile::tempdir().unwrap();
         let source = Arc::new(FakeClock::new(Nanos::new(1_000 * S)));
         let clock = leaked(source.clone());
@@ -337,13 +381,13 @@ mod tests {
                 assert_eq!(clock.now(), Nanos::new(2_000 * S));
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the mark never moved on");
     }
 
-    #[test]
-    fn the_next_process_holds_its_clock_at_the_mark_whatever_the_system_clock_says() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_process_holds_its_clock_at_the_mark_whatever_the_system_clock_says() {
         let (dir, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let source = Arc::new(FakeClock::new(Nanos::new(1_000 * S)));
         let first = leaked(source.clone());
@@ -367,13 +411,13 @@ mod tests {
             if next.now() == Nanos::new(1_100 * S) {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("held at {:?}", next.now());
     }
 
-    #[test]
-    fn a_clean_stop_writes_the_time_it_stopped_at() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_stop_writes_the_time_it_stopped_at() {
         let dir = tempfile::tempdir().unwrap();
         let source = Arc::new(FakeClock::new(Nanos::new(1_000 * S)));
         let clock = leaked(source.clone());
@@ -390,36 +434,70 @@ mod tests {
         assert!(clock.now() <= until);
     }
 
-    #[test]
-    fn a_mark_that_cannot_be_written_stops_time_at_the_last_one() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mark_that_cannot_be_written_never_stops_the_clock() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
         std::fs::write(&path, [0; 2 * RECORD]).unwrap();
         let source = Arc::new(FakeClock::new(Nanos::new(1_000 * S)));
-        let clock = ForwardOnly::new(source.clone());
+        let clock = leaked(source.clone());
         clock.cap_at(Nanos::new(1_002 * S));
         // Opened for reading only: every write fails, as on a failed disk.
-        let mut failing = MarkFile {
+        let failing = MarkFile {
             file: File::open(&path).unwrap(),
             path: path.clone(),
             seq: 0,
         };
         source.set(Nanos::new(1_010 * S));
-        assert!(renew(&mut failing, &clock).is_err());
+        let mut file = failing;
+        assert!(renew(&mut file, clock).is_err());
+        // One failed turn holds the cap...
         assert_eq!(clock.now(), Nanos::new(1_002 * S));
-        assert_eq!(clock.past_ceiling(), Nanos::new(8 * S));
-        // Once a mark is written again, time moves on.
-        let (mut working, previous) = MarkFile::open(dir.path()).unwrap();
-        assert_eq!(previous, None);
-        renew(&mut working, &clock).unwrap();
-        assert_eq!(clock.now(), Nanos::new(1_010 * S));
-        assert_eq!(
-            mark_in(dir.path()),
-            Previous::Mark {
-                seq: 1,
-                until: Nanos::new(1_010 * S) + Nanos::from(LOOKAHEAD)
+        // ...but the keeper lets the clock go on without a mark rather
+        // than stop every check.
+        let keeper = tokio::spawn(keep(Arc::new(Mutex::new(file)), clock));
+        until(|| clock.now() == Nanos::new(1_010 * S)).await;
+        keeper.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_hangs_never_stops_the_clock_and_the_next_mark_caps_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeClock::new(Nanos::new(1_000 * S)));
+        let clock = leaked(source.clone());
+        let keeper = Keeper::arm(dir.path(), clock).unwrap();
+        // The disk hangs: the next write waits (here, for the file, held
+        // by a thread until told to let go).
+        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let file = keeper.file.clone();
+        let hang = std::thread::spawn(move || {
+            let _file = file.lock();
+            held.0.send(()).unwrap();
+            let _ = release.1.recv();
+        });
+        held.1.recv().unwrap();
+        source.set(Nanos::new(1_010 * S));
+        assert!(clock.now() < Nanos::new(1_010 * S));
+        until(|| clock.now() == Nanos::new(1_010 * S)).await;
+        // Written again: capped at a mark on disk again.
+        release.0.send(()).unwrap();
+        hang.join().unwrap();
+        until(|| clock.ceiling() != Nanos::MAX).await;
+        match mark_in(dir.path()) {
+            Previous::Mark { until, .. } => assert!(clock.ceiling() <= until),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Waits (up to 5 s) until `done`.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..100 {
+            if done() {
+                return;
             }
-        );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("not within 5 s");
     }
 
     #[test]
@@ -450,8 +528,8 @@ mod tests {
         assert_eq!(previous(&[]), Previous::Nothing);
     }
 
-    #[test]
-    fn a_mark_with_no_whole_record_is_refused_not_ignored() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mark_with_no_whole_record_is_refused_not_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let mut bytes = record(3, Nanos::new(10 * S)).to_vec();
         bytes[17] ^= 1;

@@ -84,7 +84,7 @@ fn describe() {
     );
     describe_counter!(
         "warden_durable_write_failures_total",
-        "Writes to the key store, the audit log or the clock mark that failed (a full disk?): the admin change was refused, background audit records lost, or time stood still at the last clock mark."
+        "Writes to the key store, the audit log or the clock mark that failed (a full disk?): the admin change was refused, background audit records lost, or a clock mark failed or came late."
     );
     describe_gauge!(
         "warden_clock_held_seconds",

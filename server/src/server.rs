@@ -134,7 +134,7 @@ pub struct App {
     cluster: Option<Arc<ClusterState>>,
     /// `Some` with a store: keeps the clock within the mark on disk, and
     /// writes the time it stopped at when dropped, after the last answer.
-    _clock_mark: Option<crate::clock_mark::Keeper>,
+    _clock_mark: Option<crate::clock_mark::Keeper<crate::engine::clock::SystemTimeAsIs>>,
 }
 
 impl App {

@@ -255,12 +255,6 @@ impl<C: Clock> ForwardOnly<C> {
         }
     }
 
-    /// How far the time it would show runs past its ceiling: how long it
-    /// has stood still because no mark could be written.
-    pub fn past_ceiling(&self) -> Nanos {
-        self.uncapped().saturating_sub(self.ceiling())
-    }
-
     /// How far the source is behind the latest moment shown: how long
     /// time will stand still if nothing else moves it.
     pub fn held_back(&self) -> Nanos {
@@ -382,11 +376,10 @@ mod tests {
         clock.cap_at(Nanos::from_secs(1_002));
         source.set(Nanos::from_secs(1_005));
         assert_eq!(clock.now(), Nanos::from_secs(1_002));
-        assert_eq!(clock.past_ceiling(), Nanos::from_secs(3));
+        assert_eq!(clock.uncapped(), Nanos::from_secs(1_005));
         // Raised again, it shows the source again.
         clock.cap_at(Nanos::from_secs(1_010));
         assert_eq!(clock.now(), Nanos::from_secs(1_005));
-        assert_eq!(clock.past_ceiling(), Nanos::ZERO);
     }
 
     #[test]
