@@ -312,11 +312,15 @@ impl Trouble {
 }
 
 /// One turn of the keeper: a new mark on disk, and only then may the clock
-/// show up to it. A write that fails leaves the cap as it was.
+/// show up to it. A write that fails leaves the cap as it was. So does one
+/// that took so long that the clock, let go meanwhile, has run past it:
+/// capped there, it would stand still until the next mark.
 fn renew<C: Clock>(file: &mut MarkFile, clock: &ForwardOnly<C>) -> io::Result<()> {
     let until = clock.uncapped() + Nanos::from(LOOKAHEAD);
     file.write(until)?;
-    clock.cap_at(until);
+    if until > clock.uncapped() {
+        clock.cap_at(until);
+    }
     Ok(())
 }
 
