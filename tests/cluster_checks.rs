@@ -741,6 +741,61 @@ async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
     }
 }
 
+/// A node killed (-9) and started again only after the others took its
+/// slots and removed its lease joins as a new member: the survivors hand
+/// its slots back with the nonces they accepted, not with their takeover
+/// fences, and the requests it accepted before it died are in nobody's
+/// nonces. Each must still be refused, wherever it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepted_before() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let mut through = cluster.client(survivors[0]).await;
+    let mut direct = cluster.client(victim).await;
+    let mut accepted = Vec::new();
+    for ahead in [0, 1, 3, 5] {
+        for client in [&mut through, &mut direct] {
+            let req = signed(&signer, unix_now() + ahead);
+            let r = client.check(req.clone()).await.unwrap();
+            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+            accepted.push(req);
+        }
+    }
+    let killed_at = Instant::now();
+    cluster.nodes[victim].as_mut().unwrap().kill();
+    cluster.nodes[victim] = None;
+    // The survivors take its slots, behind their fence, and remove its
+    // lease: there is no row left for the new process to follow.
+    taken_over(&cluster, &mut through, &signer, killed_at).await;
+    let names: Vec<&str> = survivors.iter().map(|&i| NODES[i]).collect();
+    for &i in &survivors {
+        cluster.wait_members(i, &names);
+    }
+    let node = cluster.spawn(victim);
+    node.wait_past_fence();
+    cluster.nodes[victim] = Some(node);
+    for i in 0..NODES.len() {
+        cluster.wait_members(i, &NODES);
+    }
+    assert_eq!(
+        cluster.locate(survivors[0], &["--key-id", "wk_hundred"]),
+        NODES[victim]
+    );
+    let mut clients = Vec::new();
+    for i in 0..NODES.len() {
+        clients.push(cluster.client(i).await);
+    }
+    let refused = replay_all(&mut clients, &accepted).await;
+    assert_eq!(refused, accepted.len() * NODES.len());
+    // And it serves the key.
+    taken_over(&cluster, &mut clients[victim], &signer, Instant::now()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     let Some(url) = fresh_database().await else {

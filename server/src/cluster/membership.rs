@@ -69,6 +69,7 @@ use super::clocks::{ClockReading, Clocks};
 use super::leases::{Found, Holder, LeaseMark, Leases, NameInUse};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
+use crate::engine::Slot;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS warden_meta (k text PRIMARY KEY, v text NOT NULL);
@@ -343,6 +344,20 @@ impl Membership {
             );
             self.replace_table(t);
         }
+    }
+
+    /// Fences handed over with slots by their previous owner: in the table
+    /// before the last batch lets any of those slots be answered for here.
+    pub fn raise_fences(&self, fences: &[(u32, Vec<Slot>)]) {
+        if fences.is_empty() {
+            return;
+        }
+        let _changing = self.changing.lock();
+        let mut table = (*self.table()).clone();
+        for (secs, slots) in fences {
+            table.raise_fences(*secs, slots.iter().copied());
+        }
+        self.replace_table(table);
     }
 
     pub fn is_leaving(&self) -> bool {

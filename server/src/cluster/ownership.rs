@@ -327,6 +327,26 @@ impl SlotTable {
             .unwrap_or(0)
     }
 
+    /// The fences on `slots`, grouped by fence (Unix seconds): what the
+    /// next owner of those slots must refuse too.
+    pub fn fences_on(&self, slots: impl IntoIterator<Item = Slot>) -> Vec<(u32, Vec<Slot>)> {
+        let mut by_fence: std::collections::BTreeMap<u32, Vec<Slot>> = Default::default();
+        for slot in slots {
+            let fence = self.fences[usize::from(slot)];
+            if fence != 0 {
+                by_fence.entry(fence).or_default().push(slot);
+            }
+        }
+        by_fence.into_iter().collect()
+    }
+
+    /// Raises the fence of each of `slots` to `secs` (never lowers one).
+    pub fn raise_fences(&mut self, secs: u32, slots: impl IntoIterator<Item = Slot>) {
+        for slot in slots {
+            raise_fence(&mut self.fences, slot, secs);
+        }
+    }
+
     /// Whether any fence is below `secs` (and so could be forgotten).
     pub fn fences_before(&self, secs: u32) -> bool {
         self.fences.iter().any(|&f| f != 0 && f < secs)
@@ -562,5 +582,27 @@ mod tests {
         let mut t = t3.clone();
         t.forget_fences_before(501);
         assert!((0..=Slot::MAX).all(|s| !t.fenced(s, 0)));
+    }
+
+    /// What a new owner must refuse travels with the slots: the fences
+    /// come out grouped by time, and raising them never lowers one.
+    #[test]
+    fn fences_handed_over_are_raised_never_lowered() {
+        let mut sender = SlotTable::empty();
+        sender.raise_fences(700, [1, 2]);
+        sender.raise_fences(900, [3]);
+        assert_eq!(
+            sender.fences_on([0, 1, 2, 3]),
+            vec![(700, vec![1, 2]), (900, vec![3])]
+        );
+        let mut receiver = SlotTable::empty();
+        receiver.raise_fences(800, [1, 3]);
+        for (secs, slots) in sender.fences_on([1, 2, 3]) {
+            receiver.raise_fences(secs, slots);
+        }
+        assert!(receiver.fenced(1, 800) && !receiver.fenced(1, 801));
+        assert!(receiver.fenced(2, 700) && !receiver.fenced(2, 701));
+        assert!(receiver.fenced(3, 900) && !receiver.fenced(3, 901));
+        assert!(!receiver.fenced(0, 1));
     }
 }

@@ -52,7 +52,8 @@ use warden_client::proto::state_limit::Limit as WireLimit;
 use warden_client::proto::state_verdict::Outcome as WireOutcome;
 use warden_client::proto::{
     GcraLimit, HandOffBatch, HandedBucket, HandedNonce, HandedWindow, LimitVerdict as WireVerdict,
-    Settlement, StateLimit, StateNonce, StateStep, StateVerdict, VouchRequest, WindowLimit,
+    Settlement, SlotFences, StateLimit, StateNonce, StateStep, StateVerdict, VouchRequest,
+    WindowLimit,
 };
 
 use super::Membership;
@@ -575,8 +576,9 @@ impl ClusterState {
                 .map(|n| (n.name.clone(), n.address.clone()))
                 .collect();
             if !receivers.is_empty() {
+                let fences = now.fences_on((0..=Slot::MAX).filter(|&s| moved(s)));
                 let entries = self.checker.engine().take_slots(moved, self.checker.now());
-                self.send_entries(&now, receivers, entries, now.version)
+                self.send_entries(&now, receivers, entries, fences, now.version)
                     .await;
             }
             before = now;
@@ -601,7 +603,11 @@ impl ClusterState {
             .engine()
             .take_slots(|_| true, self.checker.now());
         let count = entries.len();
-        self.send_entries(&without, receivers, entries, 0).await;
+        // Every fence it holds goes to the slot's next owner; fences are
+        // forgotten once no fresh request can fall under them.
+        let fences = without.fences_on(0..=Slot::MAX);
+        self.send_entries(&without, receivers, entries, fences, 0)
+            .await;
         tracing::info!(
             event = "cluster_handed_over_all",
             entries = count,
@@ -610,14 +616,31 @@ impl ClusterState {
     }
 
     /// Sends `entries` to the owner of each under `table`, in batches, and
-    /// a last batch to every node in `receivers` (name → address).
+    /// a last batch to every node in `receivers` (name → address), with the
+    /// `fences` of the slots that owner takes.
     async fn send_entries(
         &self,
         table: &SlotTable,
         receivers: BTreeMap<String, String>,
         entries: Vec<Entry>,
+        fences: Vec<(u32, Vec<Slot>)>,
         version: u64,
     ) {
+        let mut fences_for: BTreeMap<&str, Vec<SlotFences>> = BTreeMap::new();
+        for (fence_secs, slots) in fences {
+            let mut by_owner: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+            for slot in slots {
+                if let Some(owner) = table.owner_name(slot) {
+                    by_owner.entry(owner).or_default().push(u32::from(slot));
+                }
+            }
+            for (owner, slots) in by_owner {
+                fences_for
+                    .entry(owner)
+                    .or_default()
+                    .push(SlotFences { fence_secs, slots });
+            }
+        }
         let names = self.checker.engine().pools().wire_names();
         let mut batches: BTreeMap<String, Vec<HandOffBatch>> = BTreeMap::new();
         for entry in entries {
@@ -662,7 +685,9 @@ impl ClusterState {
                     ..Default::default()
                 });
             }
-            list.last_mut().expect("one at least").last = true;
+            let last = list.last_mut().expect("one at least");
+            last.last = true;
+            last.fences = fences_for.remove(node.as_str()).unwrap_or_default();
             async move {
                 let entries: usize = list.iter().map(batch_len).sum();
                 for batch in list {
@@ -729,6 +754,17 @@ impl ClusterState {
                 },
             });
         }
+        let mut fences = Vec::with_capacity(batch.fences.len());
+        for f in &batch.fences {
+            let slots = f
+                .slots
+                .iter()
+                .map(|&s| Slot::try_from(s).map_err(|_| "fences: not a slot"))
+                .collect::<Result<Vec<Slot>, _>>()?;
+            fences.push((f.fence_secs, slots));
+        }
+        // Before anything of these slots can be answered for here.
+        self.membership.raise_fences(&fences);
         engine.import(&entries, self.checker.now());
         metrics::counter!("warden_cluster_handoff_entries_received_total")
             .increment(entries.len() as u64);
