@@ -198,6 +198,7 @@ impl App {
                 url,
                 config.check.past_skew,
                 config.check.future_skew,
+                checker.fence(),
             )
         });
         let cluster = match (&membership, &config.cluster) {

@@ -70,6 +70,8 @@ use super::leases::{Found, Holder, LeaseMark, Leases, NameInUse};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 use crate::engine::Slot;
+use crate::engine::clock::{Clock, Nanos, SystemClock};
+use crate::freshness::Fence;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS warden_meta (k text PRIMARY KEY, v text NOT NULL);
@@ -205,6 +207,11 @@ fn versions_through(
 pub struct Membership {
     settings: ClusterSettings,
     url: String,
+    /// This process's restart fence opens: it takes no lease, and so owns
+    /// no slot, before. As an owner it refuses what is signed before it
+    /// (what a process before it under its name may have accepted), and
+    /// owning slots earlier would refuse fresh requests to them meanwhile.
+    owns_from: Nanos,
     view: RwLock<View>,
     /// Who owns which slot under `view`, with this node's takeover fences.
     /// Checks decide under a read lock, so a new table (write lock) is in
@@ -275,10 +282,12 @@ impl Membership {
         coordinator_url: String,
         past_skew: Duration,
         future_skew: Duration,
+        restart_fence: Fence,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             url: coordinator_url,
+            owns_from: restart_fence.opens_at(),
             view: RwLock::new(View::default()),
             table: RwLock::new(Arc::new(SlotTable::empty())),
             changing: Mutex::new(()),
@@ -572,6 +581,21 @@ impl Membership {
                             return;
                         }
                         continue;
+                    }
+                }
+            }
+            // No slot of its own before its restart fence (see `owns_from`):
+            // checked again and again, as a clock held at the previous
+            // process's mark stands still for a while.
+            if !renewed {
+                loop {
+                    let wait = self.owns_from.saturating_sub(SystemClock.now());
+                    if wait == Nanos::ZERO {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))) => {}
+                        _ = &mut *stop => return,
                     }
                 }
             }
@@ -1251,6 +1275,7 @@ mod tests {
             String::new(),
             Duration::from_secs(300),
             Duration::from_secs(5),
+            Fence::after(Nanos::ZERO, Duration::from_secs(5)),
         )
     }
 

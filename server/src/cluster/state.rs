@@ -435,11 +435,15 @@ impl ClusterState {
                 return refuse(WireOutcome::Fenced);
             }
             // Judged again here, by the clock that keeps the nonce: the
-            // node that let it through judged by its own.
-            if let Err(stale) = self.checker.freshness().within_skews(step.timestamp, now) {
+            // node that let it through judged by its own. And under this
+            // process's restart fence: signed before it, a process before
+            // this one under its name may have accepted it, whichever node
+            // it came through.
+            if let Err(stale) = self.checker.freshness().judge(step.timestamp, now) {
                 metrics::counter!("warden_cluster_stale_at_owner_total").increment(1);
                 return refuse(match stale {
                     Stale::TooFarAhead => WireOutcome::TooFarAhead,
+                    Stale::BeforeFence => WireOutcome::Fenced,
                     _ => WireOutcome::TooOld,
                 });
             }
