@@ -688,6 +688,25 @@ async fn replay_all(clients: &mut [Client], accepted: &[CheckRequest]) -> usize 
     refused
 }
 
+/// For each of `aheads` (seconds ahead of now), a request accepted through
+/// each of `clients` in turn: to be replayed.
+async fn accept_through(
+    clients: &mut [&mut Client],
+    signer: &Signer,
+    aheads: &[i64],
+) -> Vec<CheckRequest> {
+    let mut accepted = Vec::new();
+    for &ahead in aheads {
+        for client in clients.iter_mut() {
+            let req = signed(signer, unix_now() + ahead);
+            let r = client.check(req.clone()).await.unwrap();
+            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+            accepted.push(req);
+        }
+    }
+    accepted
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
     let Some(url) = fresh_database().await else {
@@ -702,15 +721,8 @@ async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
 
     // Accepted by the victim (forwarded to it, and sent to it directly),
     // some signed a few seconds ahead of the clocks (future_skew is 5 s).
-    let mut accepted = Vec::new();
-    for ahead in [0, 0, 1, 3, 5] {
-        for client in [&mut through, &mut direct] {
-            let req = signed(&signer, unix_now() + ahead);
-            let r = client.check(req.clone()).await.unwrap();
-            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-            accepted.push(req);
-        }
-    }
+    let accepted =
+        accept_through(&mut [&mut through, &mut direct], &signer, &[0, 0, 1, 3, 5]).await;
     let killed_at = Instant::now();
     cluster.nodes[victim].as_mut().unwrap().kill();
     cluster.nodes[victim] = None;
@@ -742,10 +754,12 @@ async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
 }
 
 /// A node killed (-9) and started again only after the others took its
-/// slots and removed its lease joins as a new member: the survivors hand
-/// its slots back with the nonces they accepted, not with their takeover
-/// fences, and the requests it accepted before it died are in nobody's
-/// nonces. Each must still be refused, wherever it is sent.
+/// slots and removed its lease joins as a new member, and the survivors
+/// hand its slots back. The requests it accepted before it died are in
+/// nobody's nonces (the survivors refused them under their takeover
+/// fence): each must still be refused, wherever it is sent. Until session
+/// 17 the fence stayed behind, and one was accepted again through another
+/// node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepted_before() {
     let Some(url) = fresh_database().await else {
@@ -757,15 +771,7 @@ async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepte
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     let mut through = cluster.client(survivors[0]).await;
     let mut direct = cluster.client(victim).await;
-    let mut accepted = Vec::new();
-    for ahead in [0, 1, 3, 5] {
-        for client in [&mut through, &mut direct] {
-            let req = signed(&signer, unix_now() + ahead);
-            let r = client.check(req.clone()).await.unwrap();
-            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-            accepted.push(req);
-        }
-    }
+    let accepted = accept_through(&mut [&mut through, &mut direct], &signer, &[0, 1, 3, 5]).await;
     let killed_at = Instant::now();
     cluster.nodes[victim].as_mut().unwrap().kill();
     cluster.nodes[victim] = None;
@@ -1171,13 +1177,7 @@ async fn a_node_dying_as_the_database_clock_steps_back_is_taken_over_in_seconds(
     let signer = Signer::new("wk_hundred", SECRET);
     let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
     let mut direct = cluster.client(victim).await;
-    let mut accepted = Vec::new();
-    for _ in 0..5 {
-        let req = signed(&signer, unix_now());
-        let r = direct.check(req.clone()).await.unwrap();
-        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-        accepted.push(req);
-    }
+    let accepted = accept_through(&mut [&mut direct], &signer, &[0; 5]).await;
     let killed_at = Instant::now();
     cluster.nodes[victim].as_mut().unwrap().kill();
     cluster.nodes[victim] = None;
@@ -1246,13 +1246,7 @@ async fn after_a_database_outage_the_nodes_that_lived_through_it_serve_at_once()
     };
     let joined_before = joined(&cluster);
     let mut to_victim = cluster.client(victim).await;
-    let mut accepted = Vec::new();
-    for _ in 0..5 {
-        let req = signed(&dead_key, unix_now());
-        let r = to_victim.check(req.clone()).await.unwrap();
-        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-        accepted.push(req);
-    }
+    let accepted = accept_through(&mut [&mut to_victim], &dead_key, &[0; 5]).await;
 
     proxy.freeze();
     cluster.nodes[victim].as_mut().unwrap().kill();
