@@ -17,7 +17,9 @@
 //! ([`super::leases::Holder`]): a process watches a row it finds under its
 //! name before it first writes there (`Membership::watch_name`), refuses
 //! the name if another process renews it, and otherwise follows the
-//! stopped predecessor behind a fence on the name's slots.
+//! stopped predecessor behind a fence on the name's slots. It writes its
+//! first lease only once its restart fence has opened (`owns_from`): as
+//! an owner it refuses what was signed before that fence.
 //!
 //! Each version's members are also kept, in the same transaction, in
 //! `warden_membership_log` (the last thousand versions). A node that
