@@ -802,6 +802,40 @@ async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepte
     taken_over(&cluster, &mut clients[victim], &signer, Instant::now()).await;
 }
 
+/// A node dies, a survivor takes its key behind a takeover fence, and then
+/// that survivor is restarted (SIGTERM: a rolling deploy after the crash,
+/// within the past skew). It hands the key to the last node, and the fence
+/// must go with it: what the dead node accepted is in nobody's nonces, and
+/// the last node's own restart fence is long past. Until session 17 the
+/// fence stayed behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_fence_goes_with_the_key_when_its_new_owner_leaves() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(&url, "");
+    let signer = Signer::new("wk_hundred", SECRET);
+    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let mut through = cluster.client(survivors[0]).await;
+    let mut direct = cluster.client(victim).await;
+    let accepted = accept_through(&mut [&mut through, &mut direct], &signer, &[0, 1, 3, 5]).await;
+    let killed_at = Instant::now();
+    cluster.nodes[victim].as_mut().unwrap().kill();
+    cluster.nodes[victim] = None;
+    taken_over(&cluster, &mut through, &signer, killed_at).await;
+    let heir = index_of(&cluster.locate(survivors[0], &["--key-id", "wk_hundred"]));
+    let last = survivors.iter().copied().find(|&i| i != heir).unwrap();
+
+    let mut leaving = cluster.nodes[heir].take().expect("running");
+    assert!(leaving.terminate().success(), "{}", leaving.logs());
+    cluster.wait_members(last, &[NODES[last]]);
+    let mut to_last = cluster.client(last).await;
+    taken_over(&cluster, &mut to_last, &signer, Instant::now()).await;
+    let refused = replay_all(&mut [to_last], &accepted).await;
+    assert_eq!(refused, accepted.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_lease_never_answers_for_a_key_it_lost() {
     let Some(url) = fresh_database().await else {
