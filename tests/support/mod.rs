@@ -618,12 +618,42 @@ pub fn write_clock(clock: &Path, ahead_secs: i64) {
     std::fs::rename(&next, clock).unwrap();
 }
 
+/// Removes what libfaketime left in /dev/shm for processes that are gone.
+///
+/// Each process under libfaketime makes a semaphore and a shared memory
+/// object named after its pid, and removes them on a normal exit; one
+/// killed leaves them behind. A later process given that pid, under
+/// another user (PostgreSQL's processes run as `postgres`), can open
+/// neither its own nor its parent's, and libfaketime exits: the database
+/// of a clock test then fails to start. Seen once, on a machine holding
+/// 312 such leftovers.
+fn sweep_faketime_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in entries.map_while(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let pid = name
+            .strip_prefix("sem.faketime_sem_")
+            .or_else(|| name.strip_prefix("faketime_shm_"));
+        if let Some(pid) = pid.filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The environment that gives a process the wall clock in `clock` through
 /// libfaketime (read again every second; the monotonic clock untouched).
 fn faketime_env<'a>(
     clock: &'a Path,
     faketime: &'a Path,
 ) -> [(&'static str, &'a std::ffi::OsStr); 5] {
+    sweep_faketime_leftovers();
     [
         ("LD_PRELOAD", faketime.as_os_str()),
         ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
