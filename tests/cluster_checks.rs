@@ -157,11 +157,43 @@ impl Cluster {
         for j in (0..NODES.len()).filter(|&j| j != i) {
             self.wait_members(j, &others);
         }
+        self.rejoin(i);
+    }
+
+    /// Starts node `i` (not running) again with its config, and waits until
+    /// it is ready and every node sees all three.
+    fn rejoin(&mut self, i: usize) {
         let node = self.spawn(i);
         node.wait_past_fence();
         self.nodes[i] = Some(node);
         for j in 0..NODES.len() {
             self.wait_members(j, &NODES);
+        }
+    }
+
+    /// Kills node `i` with -9: gone from the cluster, as a crash leaves it.
+    fn kill(&mut self, i: usize) {
+        self.nodes[i].as_mut().expect("running").kill();
+        self.nodes[i] = None;
+    }
+
+    /// The key `signer` names is accepted by its owner, forwarded through
+    /// the first survivor and sent to it directly, once for each of
+    /// `aheads` (seconds ahead of now); then the owner is killed (-9).
+    async fn kill_owner_after_accepting(&mut self, signer: &Signer, aheads: &[i64]) -> DeadOwner {
+        let victim = index_of(&self.locate(0, &["--key-id", signer.key_id()]));
+        let survivors: Vec<usize> = (0..NODES.len()).filter(|&i| i != victim).collect();
+        let mut through = self.client(survivors[0]).await;
+        let mut direct = self.client(victim).await;
+        let accepted = accept_through(&mut [&mut through, &mut direct], signer, aheads).await;
+        let killed_at = Instant::now();
+        self.kill(victim);
+        DeadOwner {
+            victim,
+            survivors,
+            through,
+            accepted,
+            killed_at,
         }
     }
 
@@ -688,6 +720,18 @@ async fn replay_all(clients: &mut [Client], accepted: &[CheckRequest]) -> usize 
     refused
 }
 
+/// A key's owner killed after accepting requests
+/// ([`Cluster::kill_owner_after_accepting`]).
+struct DeadOwner {
+    victim: usize,
+    survivors: Vec<usize>,
+    /// A client of the first survivor.
+    through: Client,
+    /// Requests the owner accepted before it died.
+    accepted: Vec<CheckRequest>,
+    killed_at: Instant,
+}
+
 /// For each of `aheads` (seconds ahead of now), a request accepted through
 /// each of `clients` in turn: to be replayed.
 async fn accept_through(
@@ -714,25 +758,20 @@ async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
     };
     let mut cluster = Cluster::start(&url, "");
     let signer = Signer::new("wk_hundred", SECRET);
-    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
-    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
-    let mut through = cluster.client(survivors[0]).await;
-    let mut direct = cluster.client(victim).await;
-
     // Accepted by the victim (forwarded to it, and sent to it directly),
     // some signed a few seconds ahead of the clocks (future_skew is 5 s).
-    let accepted =
-        accept_through(&mut [&mut through, &mut direct], &signer, &[0, 0, 1, 3, 5]).await;
-    let killed_at = Instant::now();
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    let DeadOwner {
+        survivors,
+        accepted,
+        killed_at,
+        ..
+    } = cluster
+        .kill_owner_after_accepting(&signer, &[0, 0, 1, 3, 5])
+        .await;
 
     // While its lease runs out, and after the survivors took its slots:
     // every accepted request is refused everywhere.
-    let mut survivors_clients = Vec::new();
-    for &i in &survivors {
-        survivors_clients.push(cluster.client(i).await);
-    }
+    let mut survivors_clients = cluster.clients().await;
     replay_all(&mut survivors_clients, &accepted).await;
 
     // The key is served again within the lease TTL plus the takeover
@@ -767,14 +806,15 @@ async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepte
     };
     let mut cluster = Cluster::start(&url, "");
     let signer = Signer::new("wk_hundred", SECRET);
-    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
-    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
-    let mut through = cluster.client(survivors[0]).await;
-    let mut direct = cluster.client(victim).await;
-    let accepted = accept_through(&mut [&mut through, &mut direct], &signer, &[0, 1, 3, 5]).await;
-    let killed_at = Instant::now();
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    let DeadOwner {
+        victim,
+        survivors,
+        mut through,
+        accepted,
+        killed_at,
+    } = cluster
+        .kill_owner_after_accepting(&signer, &[0, 1, 3, 5])
+        .await;
     // The survivors take its slots, behind their fence, and remove its
     // lease: there is no row left for the new process to follow.
     taken_over(&cluster, &mut through, &signer, killed_at).await;
@@ -782,20 +822,12 @@ async fn a_node_restarted_after_its_lease_was_removed_accepts_nothing_it_accepte
     for &i in &survivors {
         cluster.wait_members(i, &names);
     }
-    let node = cluster.spawn(victim);
-    node.wait_past_fence();
-    cluster.nodes[victim] = Some(node);
-    for i in 0..NODES.len() {
-        cluster.wait_members(i, &NODES);
-    }
+    cluster.rejoin(victim);
     assert_eq!(
         cluster.locate(survivors[0], &["--key-id", "wk_hundred"]),
         NODES[victim]
     );
-    let mut clients = Vec::new();
-    for i in 0..NODES.len() {
-        clients.push(cluster.client(i).await);
-    }
+    let mut clients = cluster.clients().await;
     let refused = replay_all(&mut clients, &accepted).await;
     assert_eq!(refused, accepted.len() * NODES.len());
     // And it serves the key.
@@ -815,14 +847,15 @@ async fn a_takeover_fence_goes_with_the_key_when_its_new_owner_leaves() {
     };
     let mut cluster = Cluster::start(&url, "");
     let signer = Signer::new("wk_hundred", SECRET);
-    let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
-    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
-    let mut through = cluster.client(survivors[0]).await;
-    let mut direct = cluster.client(victim).await;
-    let accepted = accept_through(&mut [&mut through, &mut direct], &signer, &[0, 1, 3, 5]).await;
-    let killed_at = Instant::now();
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    let DeadOwner {
+        survivors,
+        mut through,
+        accepted,
+        killed_at,
+        ..
+    } = cluster
+        .kill_owner_after_accepting(&signer, &[0, 1, 3, 5])
+        .await;
     taken_over(&cluster, &mut through, &signer, killed_at).await;
     let heir = index_of(&cluster.locate(survivors[0], &["--key-id", "wk_hundred"]));
     let last = survivors.iter().copied().find(|&i| i != heir).unwrap();
@@ -1118,8 +1151,7 @@ async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay
     let r = direct.check(ahead.clone()).await.unwrap();
     assert_eq!(reason(&r), Reason::Ok, "{r:?}");
     let signed_at = ahead.timestamp;
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    cluster.kill(victim);
 
     // Sent again through the survivors until it is fresh by their clocks
     // and they have taken the key over: never accepted.
@@ -1213,8 +1245,7 @@ async fn a_node_dying_as_the_database_clock_steps_back_is_taken_over_in_seconds(
     let mut direct = cluster.client(victim).await;
     let accepted = accept_through(&mut [&mut direct], &signer, &[0; 5]).await;
     let killed_at = Instant::now();
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    cluster.kill(victim);
     pg.set_clock(-3600);
 
     let mut clients = cluster.clients().await;
@@ -1283,8 +1314,7 @@ async fn after_a_database_outage_the_nodes_that_lived_through_it_serve_at_once()
     let accepted = accept_through(&mut [&mut to_victim], &dead_key, &[0; 5]).await;
 
     proxy.freeze();
-    cluster.nodes[victim].as_mut().unwrap().kill();
-    cluster.nodes[victim] = None;
+    cluster.kill(victim);
     let mut to_survivor = cluster.client(survivor).await;
     // Past the lease (2 s): the survivor stops answering, having nobody to
     // confirm for it.
