@@ -76,16 +76,8 @@ async fn old_and_future_timestamps_are_stale() {
     let mut client = server.client().await;
     let signer = server.signer();
     for offset in [-301, 301, -100_000] {
-        let h = signer.sign_at(
-            unix_now() + offset,
-            &warden_client::signing::new_nonce(),
-            "GET",
-            "/x",
-            "",
-            b"",
-        );
         let r = client
-            .check(check_request_from(&h, "warden-v1", "GET", "/x", "", b""))
+            .check(signed_ahead(&signer, offset, "GET", "/x", b""))
             .await
             .unwrap();
         assert_reason(&r, Reason::Stale);
@@ -268,17 +260,28 @@ async fn a_request_signed_before_a_restart_is_stale_after_it() {
     assert_reason(&client.check(fresh).await.unwrap(), Reason::Ok);
 }
 
-/// A `POST /pay` signed `ahead` seconds from now (behind when negative).
-fn pay_signed(signer: &Signer, ahead: i64) -> CheckRequest {
+/// A request signed `ahead` seconds from now (behind when negative).
+fn signed_ahead(
+    signer: &Signer,
+    ahead: i64,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> CheckRequest {
     let h = signer.sign_at(
         unix_now() + ahead,
         &warden_client::signing::new_nonce(),
-        "POST",
-        "/pay",
+        method,
+        path,
         "",
-        b"1",
+        body,
     );
-    check_request_from(&h, "warden-v1", "POST", "/pay", "", b"1")
+    check_request_from(&h, "warden-v1", method, path, "", body)
+}
+
+/// A `POST /pay` signed `ahead` seconds from now.
+fn pay_signed(signer: &Signer, ahead: i64) -> CheckRequest {
+    signed_ahead(signer, ahead, "POST", "/pay", b"1")
 }
 
 /// One request signed at each of `aheads`, each accepted: to be replayed.
