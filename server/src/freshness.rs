@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use crate::engine::clock::Nanos;
+use crate::engine::clock::{Clock, Nanos};
 
 /// The first whole second a request may be signed in, for a process or an
 /// owner that started answering at a given moment.
@@ -49,6 +49,19 @@ impl Fence {
     /// The moment a client with a correct clock is served again.
     pub fn opens_at(self) -> Nanos {
         Nanos::from_secs(u64::try_from(self.first_second).unwrap_or(0))
+    }
+
+    /// Returns once `clock` shows the fence open: looked at again every
+    /// 100 ms, not slept through at once, as a clock held at the previous
+    /// process's clock mark stands still for a while.
+    pub async fn opened(self, clock: &dyn Clock) {
+        loop {
+            let wait = self.opens_at().saturating_sub(clock.now());
+            if wait == Nanos::ZERO {
+                return;
+            }
+            tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))).await;
+        }
     }
 }
 

@@ -390,15 +390,7 @@ impl Bound {
             let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
             let membership = app.membership.clone();
             background.spawn(async move {
-                // Again until it has: a clock held from the previous
-                // process's mark stands still for a while.
-                loop {
-                    let wait = fence.opens_at().saturating_sub(clock.now());
-                    if wait == Nanos::ZERO {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))).await;
-                }
+                fence.opened(&*clock).await;
                 if let Some(m) = membership {
                     m.joined().await;
                     // Slots taken over on joining are fenced: ready once

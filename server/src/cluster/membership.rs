@@ -18,7 +18,7 @@
 //! name before it first writes there (`Membership::watch_name`), refuses
 //! the name if another process renews it, and otherwise follows the
 //! stopped predecessor behind a fence on the name's slots. It writes its
-//! first lease only once its restart fence has opened (`owns_from`): as
+//! first lease only once its restart fence has opened: as
 //! an owner it refuses what was signed before that fence.
 //!
 //! Each version's members are also kept, in the same transaction, in
@@ -72,7 +72,7 @@ use super::leases::{Found, Holder, LeaseMark, Leases, NameInUse};
 use super::ownership::{Node, SlotTable, Takeover};
 use crate::config::ClusterSettings;
 use crate::engine::Slot;
-use crate::engine::clock::{Clock, Nanos, SystemClock};
+use crate::engine::clock::SystemClock;
 use crate::freshness::Fence;
 
 const SCHEMA: &str = "
@@ -209,11 +209,12 @@ fn versions_through(
 pub struct Membership {
     settings: ClusterSettings,
     url: String,
-    /// This process's restart fence opens: it takes no lease, and so owns
-    /// no slot, before. As an owner it refuses what is signed before it
-    /// (what a process before it under its name may have accepted), and
-    /// owning slots earlier would refuse fresh requests to them meanwhile.
-    owns_from: Nanos,
+    /// This process's restart fence: it takes no lease, and so owns no
+    /// slot, before the fence opens. As an owner it refuses what is signed
+    /// before it (what a process before it under its name may have
+    /// accepted), and owning slots earlier would refuse fresh requests to
+    /// them meanwhile.
+    restart_fence: Fence,
     view: RwLock<View>,
     /// Who owns which slot under `view`, with this node's takeover fences.
     /// Checks decide under a read lock, so a new table (write lock) is in
@@ -289,7 +290,7 @@ impl Membership {
         Arc::new(Self {
             settings,
             url: coordinator_url,
-            owns_from: restart_fence.opens_at(),
+            restart_fence,
             view: RwLock::new(View::default()),
             table: RwLock::new(Arc::new(SlotTable::empty())),
             changing: Mutex::new(()),
@@ -586,19 +587,11 @@ impl Membership {
                     }
                 }
             }
-            // No slot of its own before its restart fence (see `owns_from`):
-            // checked again and again, as a clock held at the previous
-            // process's mark stands still for a while.
+            // No slot of its own before its restart fence opens.
             if !renewed {
-                loop {
-                    let wait = self.owns_from.saturating_sub(SystemClock.now());
-                    if wait == Nanos::ZERO {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))) => {}
-                        _ = &mut *stop => return,
-                    }
+                tokio::select! {
+                    _ = self.restart_fence.opened(&SystemClock) => {}
+                    _ = &mut *stop => return,
                 }
             }
             let mut tick = tokio::time::interval(every);
@@ -1277,7 +1270,7 @@ mod tests {
             String::new(),
             Duration::from_secs(300),
             Duration::from_secs(5),
-            Fence::after(Nanos::ZERO, Duration::from_secs(5)),
+            Fence::after(crate::engine::Nanos::ZERO, Duration::from_secs(5)),
         )
     }
 
