@@ -194,8 +194,9 @@ impl<C: Clock> Keeper<C> {
             path: file.path.clone(),
             source,
         })?;
+        let path = file.path.clone();
         let file = Arc::new(Mutex::new(file));
-        let task = tokio::spawn(keep(file.clone(), clock));
+        let task = tokio::spawn(keep(file.clone(), path, clock));
         Ok(Self { file, clock, task })
     }
 }
@@ -234,7 +235,8 @@ impl<C: Clock> Drop for Keeper<C> {
 /// rather than stop every check for a disk: the clock mark protects a
 /// restart, and must never stop warden serving. It is logged and counted,
 /// and the cap comes back with the next mark written.
-async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, clock: &'static ForwardOnly<C>) {
+/// `path` is the file's, kept apart: a write that hangs holds the file.
+async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, path: PathBuf, clock: &'static ForwardOnly<C>) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -249,21 +251,13 @@ async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, clock: &'static ForwardOnly<
         let written = match tokio::time::timeout(LATE, &mut write).await {
             Ok(done) => done,
             Err(_) => {
-                clock.cap_at(Nanos::MAX);
-                trouble.report(&file, &format!("not written within {LATE:?}"));
+                trouble.report(clock, &path, &format!("not written within {LATE:?}"));
                 write.await
             }
         };
-        match written {
-            Ok(Ok(())) => trouble.over(),
-            Ok(Err(e)) => {
-                clock.cap_at(Nanos::MAX);
-                trouble.report(&file, &e.to_string());
-            }
-            Err(e) => {
-                clock.cap_at(Nanos::MAX);
-                trouble.report(&file, &e.to_string());
-            }
+        match written.unwrap_or_else(|e| Err(io::Error::other(e))) {
+            Ok(()) => trouble.over(),
+            Err(e) => trouble.report(clock, &path, &e.to_string()),
         }
     }
 }
@@ -273,7 +267,10 @@ async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, clock: &'static ForwardOnly<
 struct Trouble(Option<(Instant, Instant)>);
 
 impl Trouble {
-    fn report(&mut self, file: &Mutex<MarkFile>, error: &str) {
+    /// A mark failed or is late: the clock goes on without one, and that is
+    /// counted and (not too often) logged.
+    fn report<C: Clock>(&mut self, clock: &ForwardOnly<C>, path: &Path, error: &str) {
+        clock.cap_at(Nanos::MAX);
         metrics::counter!("warden_durable_write_failures_total", "what" => "clock_mark")
             .increment(1);
         let now = Instant::now();
@@ -289,11 +286,9 @@ impl Trouble {
             Some(_) => false,
         };
         if log {
-            // Not file.lock(): a write that hangs holds it.
-            let path = file.try_lock().map(|f| f.path.display().to_string());
             tracing::error!(
                 event = "clock_mark_write_failed",
-                path = path.as_deref().unwrap_or(FILE_NAME),
+                path = %path.display(),
                 error,
                 "cannot write the clock mark: warden serves on, but a restart after a crash is protected only up to the last mark written"
             );
@@ -459,7 +454,7 @@ mod tests {
         assert_eq!(clock.now(), Nanos::new(1_002 * S));
         // ...but the keeper lets the clock go on without a mark rather
         // than stop every check.
-        let keeper = tokio::spawn(keep(Arc::new(Mutex::new(file)), clock));
+        let keeper = tokio::spawn(keep(Arc::new(Mutex::new(file)), path, clock));
         until(|| clock.now() == Nanos::new(1_010 * S)).await;
         keeper.abort();
     }
