@@ -6,7 +6,9 @@
 //! - a limit is one limit, however requests are spread over the nodes;
 //! - of identical requests sent to every node at once, exactly one wins;
 //! - a check whose key lives on one node and whose request limit on
-//!   another takes nothing anywhere when it is denied;
+//!   another takes nothing anywhere when it is denied, nor when its key's
+//!   owner leaves while the check waits on the other (its retry is allowed,
+//!   not refused as a replay of itself);
 //! - a node killed with -9: nothing it accepted (even signed seconds ahead)
 //!   is accepted again by the survivors, and its keys are served again
 //!   within the lease TTL plus the takeover fence;
@@ -554,6 +556,121 @@ async fn a_denied_check_spanning_two_owners_takes_nothing_anywhere() {
         let r = client.check(req.clone()).await.unwrap();
         assert_eq!(reason(&r), Reason::RateLimited, "{r:?}");
     }
+}
+
+/// A check whose key and request limit have two owners holds the key's
+/// part (its nonce, its token) at the key's owner under a reservation until
+/// the other owner answers. If the key's owner leaves (SIGTERM, a rolling
+/// restart) meanwhile, nothing can settle that reservation any more: what
+/// it holds must be given back before the state is handed over. Otherwise
+/// the next owner keeps the nonce, and the client's retry of a request that
+/// was never allowed (UNAVAILABLE says "send it again") is refused as a
+/// replay of itself.
+///
+/// The limit's owner is paused (SIGSTOP), so that every check waits on it
+/// for its peer deadline, holding its reservation at the key's owner, while
+/// the key's owner leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_while_its_keys_owner_leaves_is_allowed_when_sent_again() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    // Long leases: the paused node stays a member throughout, so every
+    // check spans two owners until it wakes.
+    let dir = ConfigDir::new();
+    let configs = support::cluster_configs(&dir, &url, &NODES, "30s", POLICIES);
+    let mut cluster = Cluster::start_from(dir, configs);
+    let signer = Signer::new("wk_hundred", SECRET);
+    let key = ["--key-id", "wk_hundred"];
+
+    let owner = index_of(&cluster.locate(0, &key));
+    let descriptors: Vec<(String, String)> = (0..24)
+        .map(|i| {
+            let d = format!("ip:198.51.100.{i}");
+            let at = cluster.locate(0, &["--limit", &format!("plenty:{d}")]);
+            (d, at)
+        })
+        .collect();
+    // Where the key goes when its owner leaves: seen by its leaving once.
+    let mut first = cluster.nodes[owner].take().expect("running");
+    assert!(first.terminate().success(), "{}", first.logs());
+    cluster.past_logs.push(first.logs());
+    let two: Vec<&str> = (0..NODES.len())
+        .filter(|&i| i != owner)
+        .map(|i| NODES[i])
+        .collect();
+    for &node in &two {
+        cluster.wait_members(index_of(node), &two);
+    }
+    let heir = index_of(&cluster.locate(index_of(two[0]), &key));
+    cluster.rejoin(owner);
+    assert_eq!(cluster.locate(heir, &key), NODES[owner]);
+    let sleeper = (0..NODES.len()).find(|&i| i != owner && i != heir).unwrap();
+    let descriptor = descriptors
+        .iter()
+        .find(|(_, at)| at == NODES[sleeper])
+        .map(|(d, _)| d.clone())
+        .expect("a descriptor owned by the node to pause");
+    let check = || with_limit(signed(&signer, unix_now()), "plenty", &descriptor);
+
+    // Through the heir, which stays: allowed while both owners answer.
+    let mut client = cluster
+        .client(heir)
+        .await
+        .with_timeout(Duration::from_secs(60));
+    let r = client.check(check()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+
+    cluster.node(sleeper).signal("STOP");
+    let mut in_flight = Vec::new();
+    for _ in 0..10 {
+        let req = check();
+        let mut c = client.clone();
+        let sent = req.clone();
+        in_flight.push((req, tokio::spawn(async move { c.check(sent).await })));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // The key's owner leaves with reservations held; once it has closed
+    // its listener nothing can settle them, so the paused node may wake.
+    let mut leaving = cluster.nodes[owner].take().expect("running");
+    leaving.signal("TERM");
+    leaving.wait_for_log("\"event\":\"draining\"");
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.node(sleeper).signal("CONT");
+    assert!(leaving.wait_exit().success(), "{}", leaving.logs());
+    let owner_log = leaving.logs();
+    cluster.past_logs.push(owner_log.clone());
+
+    // Every request, sent again while it is not decided (as a client does
+    // on UNAVAILABLE), is allowed: none was allowed before, so none is a
+    // replay.
+    for (req, answer) in in_flight {
+        let mut answer = answer.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(status) = &answer {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+            assert!(
+                Instant::now() < deadline,
+                "never decided: {status}; events:\n{}",
+                cluster.cluster_events()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            answer = client.check(req.clone()).await;
+        }
+        let r = answer.unwrap();
+        assert_eq!(
+            reason(&r),
+            Reason::Ok,
+            "a request never allowed was refused: {r:?}; events:\n{}",
+            cluster.cluster_events()
+        );
+    }
+    // The case this test is for happened: the owner left holding
+    // reservations nobody could settle.
+    assert!(
+        owner_log.contains("\"event\":\"cluster_reservations_given_back\""),
+        "the owner held no reservation when it left; its log:\n{owner_log}"
+    );
 }
 
 /// The value of one metric line on `server`'s metrics listener (0 if absent).

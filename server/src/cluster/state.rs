@@ -18,7 +18,10 @@
 //!   denied request therefore takes nothing anywhere, and of two identical
 //!   requests exactly one wins: the first to reserve the nonce holds it, the
 //!   second sees REPLAY. A reservation not settled within
-//!   [`RESERVATION_TIMEOUT`] is given back by its owner. The receiving node
+//!   [`RESERVATION_TIMEOUT`] is given back by its owner. A slot's state is
+//!   handed to a new owner only once no reservation holds it, so that what
+//!   is given back goes with the state, not to a node that no longer has
+//!   it. The receiving node
 //!   answers ALLOW only after every owner acknowledged its commit; if one
 //!   did not, the answer is UNAVAILABLE (never an ALLOW that a lost nonce
 //!   could let through twice).
@@ -96,6 +99,9 @@ enum PartAnswer {
 
 /// A part taken under a reservation, given back unless settled in time.
 struct Reservation {
+    /// The slots its state lies in: none of them is handed over while it
+    /// is held, or its refund would miss the state it gives back to.
+    slots: SmallVec<[Slot; 4]>,
     taken_at: Nanos,
     nonce: Option<(StateKey, Nanos)>,
     limits: Vec<(StateKey, Limit)>,
@@ -113,6 +119,8 @@ pub struct ClusterState {
     /// One open `DecideStream` per peer, for one-owner steps.
     links: Mutex<HashMap<String, Arc<PeerLink>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
+    /// Woken whenever reservations are settled or given back.
+    released: tokio::sync::Notify,
     /// The membership's tables, in order, subscribed to before the first.
     tables: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<SlotTable>>>>,
 }
@@ -145,6 +153,7 @@ impl ClusterState {
             peers: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
         }
     }
 
@@ -496,6 +505,7 @@ impl ClusterState {
             held.insert(
                 id,
                 Reservation {
+                    slots: slots.iter().copied().collect(),
                     taken_at: now,
                     nonce,
                     limits,
@@ -516,6 +526,7 @@ impl ClusterState {
         if !commit {
             self.give_back(&r);
         }
+        self.released.notify_waiters();
         true
     }
 
@@ -546,7 +557,54 @@ impl ClusterState {
         if !expired.is_empty() {
             metrics::counter!("warden_cluster_reservations_expired_total")
                 .increment(expired.len() as u64);
+            self.released.notify_waiters();
         }
+    }
+
+    /// Waits until no reservation holds state in a slot `moving` names:
+    /// each is settled by its check, or given back at its timeout (2 s at
+    /// most). A slot's state is handed over only then, so that a check
+    /// refused meanwhile gives back to the state that moves, not to nothing
+    /// here: the next owner would keep the nonce and tokens of a request
+    /// that was never allowed, and refuse the client's retry as a replay.
+    async fn reservations_released(&self, moving: impl Fn(Slot) -> bool) {
+        let mut logged = false;
+        loop {
+            // Made before looking, so that a release in between wakes it.
+            let released = self.released.notified();
+            let (held, last_expiry) = {
+                let reservations = self.reservations.lock();
+                let held = reservations
+                    .values()
+                    .filter(|r| r.slots.iter().any(|&s| moving(s)));
+                (held.clone().count(), held.map(|r| r.expires).max())
+            };
+            let Some(last_expiry) = last_expiry else {
+                return;
+            };
+            if !logged {
+                logged = true;
+                tracing::info!(
+                    event = "cluster_handoff_awaits_reservations",
+                    held,
+                    "checks in flight hold state of slots leaving this node; handing them over once they are settled"
+                );
+            }
+            let until = tokio::time::Instant::from_std(last_expiry);
+            if tokio::time::timeout_at(until, released).await.is_err() {
+                self.expire_reservations();
+            }
+        }
+    }
+
+    /// Gives back every reservation held, for a node that can settle none
+    /// any more (its listener is closed); the number given back.
+    fn give_back_all(&self) -> usize {
+        let held: Vec<Reservation> = self.reservations.lock().drain().map(|(_, r)| r).collect();
+        for r in &held {
+            self.give_back(r);
+        }
+        held.len()
     }
 }
 
@@ -580,6 +638,9 @@ impl ClusterState {
                 .map(|n| (n.name.clone(), n.address.clone()))
                 .collect();
             if !receivers.is_empty() {
+                // Answers for them have stopped (the new table is in place),
+                // but checks decided under the old one may still hold them.
+                self.reservations_released(moved).await;
                 let fences = now.fences_on((0..=Slot::MAX).filter(|&s| moved(s)));
                 let entries = self.checker.engine().take_slots(moved, self.checker.now());
                 self.send_entries(&now, receivers, entries, fences, now.version)
@@ -601,6 +662,17 @@ impl ClusterState {
             .collect();
         if receivers.is_empty() {
             return;
+        }
+        // The listener is closed, so no check can settle what it reserved
+        // here: given back now, before the state goes. A check that had
+        // all its parts answers UNAVAILABLE, as its commit here fails.
+        let given_back = self.give_back_all();
+        if given_back > 0 {
+            tracing::info!(
+                event = "cluster_reservations_given_back",
+                count = given_back,
+                "gave back the parts of checks in flight before handing state over"
+            );
         }
         let entries = self
             .checker
@@ -1066,5 +1138,130 @@ fn limit_from_wire(limit: &WireLimit) -> Option<Limit> {
             )))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authz;
+    use crate::config::{CheckSettings, ClusterSettings};
+    use crate::engine::{FakeClock, ForwardOnly};
+    use crate::freshness::Fence;
+    use crate::keys::KeyRing;
+
+    fn state() -> Arc<ClusterState> {
+        let clock = Arc::new(FakeClock::new(Nanos::from_secs(1_764_000_000)));
+        let checker = Checker::new(
+            CheckSettings::default(),
+            KeyRing::new(&[], &[]),
+            Authz {
+                callers: Vec::new(),
+                clients: Vec::new(),
+                plaintext: false,
+            },
+            Arc::new(ForwardOnly::new(clock)),
+        );
+        let membership = Membership::new(
+            ClusterSettings {
+                node: "node-a".into(),
+                advertise: "node-a:1".into(),
+                lease_ttl: Duration::from_secs(2),
+                peer_tls: None,
+            },
+            String::new(),
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Fence::after(Nanos::ZERO, Duration::from_secs(5)),
+        );
+        Arc::new(ClusterState::new(membership, Arc::new(checker), None))
+    }
+
+    /// A nonce in `slot` taken here for a check spanning several owners,
+    /// held under a reservation until `expires`, as [`ClusterState::serve`]
+    /// holds it; the reservation's id.
+    fn reserve(state: &ClusterState, slot: Slot, expires: Instant) -> u64 {
+        let engine = state.checker.engine();
+        let now = state.checker.now();
+        let nonce = Some((
+            engine.placed((u64::from(slot) << 40) | 12345),
+            now.saturating_add(Nanos::from_secs(300)),
+        ));
+        let request = Request {
+            nonce,
+            limits: &[],
+            cost: 1,
+            commit: true,
+        };
+        assert!(matches!(
+            engine.decide(now, &request),
+            Outcome::Limited { allowed: true, .. }
+        ));
+        let id = u64::from(slot) + 1;
+        state.reservations.lock().insert(
+            id,
+            Reservation {
+                slots: [slot].into_iter().collect(),
+                taken_at: now,
+                nonce,
+                limits: Vec::new(),
+                cost: 1,
+                expires,
+            },
+        );
+        id
+    }
+
+    /// What leaves with `slot` once nothing holds it any more.
+    async fn hand_over(state: &Arc<ClusterState>, slot: Slot) -> Vec<Entry> {
+        state.reservations_released(|s| s == slot).await;
+        state
+            .checker
+            .engine()
+            .take_slots(|s| s == slot, state.checker.now())
+    }
+
+    #[tokio::test]
+    async fn a_slot_moves_only_once_the_checks_holding_it_are_settled_so_a_refusal_takes_nothing() {
+        let state = state();
+        let held = reserve(&state, 7, Instant::now() + RESERVATION_TIMEOUT);
+        let moving = tokio::spawn({
+            let state = state.clone();
+            async move { hand_over(&state, 7).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!moving.is_finished(), "handed over while a check held it");
+        // The check is refused elsewhere: its part here is given back.
+        assert!(state.settle(held, false));
+        let handed = moving.await.unwrap();
+        assert!(
+            handed.is_empty(),
+            "the next owner got the nonce of a request never allowed: {handed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reservation_nobody_settles_holds_its_slot_until_its_timeout_and_only_its_own() {
+        let state = state();
+        let started = Instant::now();
+        reserve(&state, 7, started + Duration::from_millis(200));
+        let elsewhere = reserve(&state, 8, started + RESERVATION_TIMEOUT);
+        let handed = hand_over(&state, 7).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < RESERVATION_TIMEOUT,
+            "waited {waited:?}"
+        );
+        assert!(handed.is_empty(), "{handed:?}");
+        // The other slot's reservation still holds its own part.
+        assert!(state.settle(elsewhere, true));
+        assert_eq!(
+            state
+                .checker
+                .engine()
+                .take_slots(|s| s == 8, state.checker.now())
+                .len(),
+            1
+        );
     }
 }
