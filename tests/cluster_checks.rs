@@ -1525,11 +1525,23 @@ impl Tally {
         let mut clients = cluster.clients().await;
         for i in 0..count {
             let n = clients.len();
-            let req = signed(signer, unix_now());
+            let req = spread(signer, i);
             let answer = clients[i % n].check(req.clone()).await;
             self.count(req, answer.map(|r| reason(&r)));
         }
     }
+}
+
+/// A fresh request for `signer`'s key, the `i`th of a run: every other one
+/// also counts against a request limit of one of eight addresses, whose
+/// owners differ, so that many of them span two owners (reserved, then
+/// settled) and the rest are one step on one owner.
+fn spread(signer: &Signer, i: usize) -> CheckRequest {
+    let req = signed(signer, unix_now());
+    if i.is_multiple_of(2) {
+        return req;
+    }
+    with_limit(req, "plenty", &format!("ip:192.0.2.{}", i / 2 % 8))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1540,6 +1552,12 @@ async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh
     let mut cluster = Cluster::start(&url, "");
     let signer = Signer::new("wk_hundred", SECRET);
     let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    assert!(
+        (0..8).any(
+            |d| cluster.locate(0, &["--limit", &format!("plenty:ip:192.0.2.{d}")]) != NODES[owner]
+        ),
+        "no request of the run would span two owners"
+    );
     let mut tally = Tally::default();
     tally.send(&cluster, &signer, 20).await;
     // The key's owner first, then the others.
@@ -1555,7 +1573,7 @@ async fn a_rolling_restart_under_load_admits_nothing_extra_refuses_nothing_fresh
             tokio::spawn(async move {
                 let mut answers = Vec::new();
                 for k in 0..40 {
-                    let req = signed(&signer, unix_now());
+                    let req = spread(&signer, k);
                     let r = clients[k % 2].check(req.clone()).await;
                     answers.push((req, r.map(|r| reason(&r))));
                     tokio::time::sleep(Duration::from_millis(50)).await;
