@@ -17,11 +17,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod busy_wait;
 mod coalescing;
 pub mod codec;
 mod connect;
 pub mod signing;
 
+pub use busy_wait::BusyWait;
 pub use coalescing::Coalescing;
 
 /// Generated from `proto/warden/v1/warden.proto`.

@@ -25,14 +25,14 @@
 //! shut down, since its threads exist only in the parent.
 //!
 //! A call waits for its answer awake for a while before it sleeps (see
-//! [`BusyWait`]): on the machine warden is measured on, a thread put to
+//! [`warden_client::BusyWait`]): on the machine warden is measured on, a thread put to
 //! sleep in the kernel until its answer arrives gets it about 33 µs later
 //! than one that keeps looking, and a Django check is exactly one such wait.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use pyo3::types::PyBytes;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::{Request, Status};
+use warden_client::BusyWait;
 
 create_exception!(
     warden_client_native,
@@ -64,65 +65,6 @@ struct Channel {
     busy_wait: BusyWait,
     /// The process this channel belongs to.
     pid: u32,
-}
-
-/// How long a call looks for its answer before its thread sleeps.
-///
-/// Sleeping costs a wake-up when the answer comes: measured here (2-core
-/// VM, warden on the same host), 87 µs per call when the thread sleeps at
-/// once against 54 µs when it keeps looking, and a Django middleware's
-/// overhead 219 → 135 µs. Looking costs CPU, so it is bounded: at most
-/// `max` per call, the CPU is offered to anything else runnable between
-/// looks (`sched_yield`), and only while most recent answers came within
-/// `max`: calls to a remote or busy warden, whose answers take longer,
-/// sleep at once rather than spin in vain. "Most" is a moving average of
-/// hits, not of durations, so that one slow answer (a server pausing for a
-/// millisecond) does not stop the looking that pays for all the others.
-struct BusyWait {
-    max: Duration,
-    /// Share of recent calls answered within `max`, as a fraction of
-    /// [`ALL_HITS`].
-    hits: AtomicU32,
-}
-
-/// Every recent call answered within the budget.
-const ALL_HITS: u32 = 1 << 16;
-
-/// The longest `busy_wait_us` accepted: beyond it, sleeping costs less.
-const MAX_BUSY_WAIT_US: u64 = 10_000;
-
-impl BusyWait {
-    fn new(max_us: u64) -> PyResult<Self> {
-        if max_us > MAX_BUSY_WAIT_US {
-            return Err(PyValueError::new_err(format!(
-                "busy_wait_us must be between 0 and {MAX_BUSY_WAIT_US}"
-            )));
-        }
-        Ok(Self {
-            max: Duration::from_micros(max_us),
-            hits: AtomicU32::new(ALL_HITS),
-        })
-    }
-
-    /// How long the next call may look before sleeping: `max` while at
-    /// least half of recent calls were answered within it.
-    fn budget(&self) -> Duration {
-        if self.hits.load(Ordering::Relaxed) >= ALL_HITS / 2 {
-            self.max
-        } else {
-            Duration::ZERO
-        }
-    }
-
-    /// Counts one call in the average (weight 1/8: after six answers in a
-    /// row that come later than `max`, calls stop looking; a few within it
-    /// start them again). Calls from several threads may race here; a lost
-    /// sample does not matter.
-    fn observe(&self, took: Duration) {
-        let hits = self.hits.load(Ordering::Relaxed);
-        let hit = if took <= self.max { ALL_HITS / 8 } else { 0 };
-        self.hits.store(hits - hits / 8 + hit, Ordering::Relaxed);
-    }
 }
 
 /// How long the connection goes undriven after a call before the keeper
@@ -198,7 +140,12 @@ impl Channel {
         server_name: Option<String>,
         busy_wait_us: u64,
     ) -> PyResult<Self> {
-        let busy_wait = BusyWait::new(busy_wait_us)?;
+        let busy_wait = BusyWait::new(Duration::from_micros(busy_wait_us)).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "busy_wait_us must be between 0 and {}",
+                BusyWait::MAX.as_micros()
+            ))
+        })?;
         let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let runtime = Arc::new(runtime);
         let turns = Arc::new(Turns::default());
@@ -291,7 +238,8 @@ impl Channel {
             .expect("a live channel has its runtime");
         self.turns.begin();
         let started = Instant::now();
-        let look_until = started + self.busy_wait.budget();
+        let budget = self.busy_wait.budget();
+        let look_until = started + budget;
         let outcome = runtime
             .block_on(async {
                 // The one deadline, and not also sent as grpc-timeout: tonic
@@ -316,7 +264,7 @@ impl Channel {
                 call.await
             })
             .unwrap_or_else(|_| Err(deadline_passed()));
-        self.busy_wait.observe(started.elapsed());
+        self.busy_wait.observe(budget, started.elapsed());
         self.turns.end();
         outcome
     }
