@@ -1943,6 +1943,100 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
     }
 }
 
+/// A flood of bad signatures from ever new addresses, while the node owning
+/// a third of their failure budgets does not answer (paused): each failure
+/// is charged at its budget's owner after its check was answered, so
+/// nothing but a bound keeps the charges waiting on that owner from piling
+/// up. They stay within `MAX_FAILURE_CHARGES` (past it they are dropped,
+/// and counted), the node goes on answering, and once the owner is back
+/// nothing is left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_bound() {
+    const MAX_FAILURE_CHARGES: u64 = 1024;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    // Long leases: the paused node stays the owner of its budgets.
+    let dir = ConfigDir::new();
+    let configs = support::cluster_configs(&dir, &url, &NODES, "30s", POLICIES);
+    let cluster = Cluster::start_from(dir, configs);
+    let (entry, sleeper) = (0, 1);
+    let mut client = cluster.client(entry).await;
+    let guesser = Signer::new("wk_hundred", "a-wrong-secret-0123456789abcdefghijklmnop");
+
+    cluster.node(sleeper).signal("STOP");
+    let (tx, mut answers) = support::open_stream(&mut client, 1024).await;
+    let flooding = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            let mut req = signed(&guesser, unix_now());
+            // A source of its own each (an IPv6 /64 is one source).
+            let n = sent + 1;
+            req.client_address = format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255);
+            if tx.send(req).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let counting = tokio::spawn(async move {
+        let mut refused = 0u64;
+        while let Ok(Some(r)) = answers.message().await {
+            assert_eq!(reason(&r), Reason::Unauthenticated, "{r:?}");
+            refused += 1;
+        }
+        refused
+    });
+    let to = |node: usize| format!("{{to=\"{}\"}}", NODES[node]);
+    let at_entry =
+        |name: &str, node: usize| metric(cluster.node(entry), &format!("{name}{}", to(node)));
+    let mut most = 0;
+    while !flooding.is_finished() {
+        most = most.max(at_entry(
+            "warden_cluster_failure_charges_in_flight",
+            sleeper,
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = flooding.await.unwrap();
+    let dropped = at_entry("warden_cluster_failure_charges_dropped_total", sleeper);
+    assert!(
+        most <= MAX_FAILURE_CHARGES,
+        "{most} failure charges on their way to the paused node at once"
+    );
+    // The flood reached the bound: the test shows the bound holding.
+    assert!(
+        dropped > 0,
+        "no charge was dropped of {sent} (most in flight {most})"
+    );
+    // The owner that answers is not held up by the one that does not.
+    let awake = 3 - entry - sleeper;
+    assert_eq!(
+        at_entry("warden_cluster_failure_charges_dropped_total", awake),
+        0,
+        "charges to the node that answers were dropped"
+    );
+
+    // The node answered throughout and answers genuine requests now.
+    let genuine = Signer::new("wk_hundred", SECRET);
+    let mut other = cluster.client(entry).await;
+    cluster.node(sleeper).signal("CONT");
+    let r = other.check(signed(&genuine, unix_now())).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    let refused = counting.await.unwrap();
+    assert_eq!(refused, sent, "every guess answered");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        cluster.node(entry),
+        "warden_cluster_failure_charges_in_flight",
+    ) > 0
+    {
+        assert!(Instant::now() < deadline, "failure charges still waiting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 /// The Envoy rate limit service through a cluster: one YAML limit is one
 /// limit whichever node Envoy asks, and a request over one descriptor's
 /// limit takes nothing from another descriptor's, even when their counters

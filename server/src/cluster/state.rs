@@ -75,6 +75,17 @@ pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(2);
 const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause before routing again after a NOT_OWNER or an unreachable owner.
 const REROUTE_PAUSE: Duration = Duration::from_millis(50);
+/// Failure charges (and spent budgets) on their way to one other node, at
+/// most. A charge is sent after its check was answered, so nothing else
+/// bounds how many wait at once; each waits up to two peer deadlines while
+/// its owner does not answer (a paused or dying node), and a flood of bad
+/// signatures would pile them up without end. Past this, a charge to that
+/// node is dropped and counted
+/// (`warden_cluster_failure_charges_dropped_total{to}`): it would most
+/// likely have been lost anyway, and the sources it was for get a few more
+/// guesses while their owner does not answer. Charges to other nodes, and
+/// to this one, are not held up.
+pub const MAX_FAILURE_CHARGES: usize = 1024;
 
 /// The owners could not decide in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +132,9 @@ pub struct ClusterState {
     reservations: Mutex<HashMap<u64, Reservation>>,
     /// Woken whenever reservations are settled or given back.
     released: tokio::sync::Notify,
+    /// Room for failure charges in flight to each other node, by name
+    /// ([`MAX_FAILURE_CHARGES`]).
+    failure_charges: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// The membership's tables, in order, subscribed to before the first.
     tables: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<SlotTable>>>>,
 }
@@ -154,6 +168,7 @@ impl ClusterState {
             links: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
+            failure_charges: Mutex::new(HashMap::new()),
         }
     }
 
@@ -917,69 +932,130 @@ impl ClusterState {
     /// verification from then on, exactly as the owner does. Bound: the
     /// failures that arrive at other nodes between the charge that spends
     /// the budget and that message (a round trip) are not refused early.
+    /// At most [`MAX_FAILURE_CHARGES`] are on their way to one node at
+    /// once; past that a charge to it is dropped, and counted.
     pub fn charge_failure(self: &Arc<Self>, key: StateKey, limit: Limit) {
+        let table = self.membership.table();
+        let Some((owner, _)) = table.owner(key.slot()) else {
+            return;
+        };
+        let room = if Some(owner) == table.me() {
+            None
+        } else {
+            match self.room_for(&table.nodes[usize::from(owner)].name) {
+                Some(room) => Some(room),
+                None => return,
+            }
+        };
         let this = self.clone();
         tokio::spawn(async move {
-            let table = this.membership.table();
-            let Some((owner, address)) = table.owner(key.slot()) else {
-                return;
-            };
-            let share = Share {
-                owner,
-                address: address.to_owned(),
-                nonce: false,
-                limits: SmallVec::from_slice(&[0]),
-            };
-            let step = StateStep {
-                version: table.version,
-                nonce: None,
-                limits: vec![this.wire_state_limit((key, limit))],
-                cost: 1,
-                commit: true,
-                timestamp: 0,
-            };
-            let PartAnswer::Verdict(v) = this.call(&table, &share, step, Phase::Decide).await
-            else {
-                metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
-                return;
-            };
-            let spent = v.outcome() == WireOutcome::Limited
-                && v.limits
-                    .first()
-                    .is_some_and(|l| !l.allowed || l.remaining == 0);
-            if !spent {
-                return;
-            }
-            // The budget's TAT as the owner holds it (reset_after = TAT - now).
-            let now = this.checker.now();
-            let tat = now.saturating_add(Nanos::new(v.limits[0].reset_after_ns));
-            if Some(owner) != table.me() {
-                this.checker
-                    .engine()
-                    .import(&[Entry::Bucket { id: key.id, tat }], now);
-            }
-            let batch = HandOffBatch {
-                from: this.membership.node().to_owned(),
-                version: table.version,
-                buckets: vec![HandedBucket {
-                    id: key.id,
-                    pool: this.checker.engine().pools().wire_name(Pool::of(key.id)),
-                    tat_ns: tat.get(),
-                }],
-                last: false,
-                ..Default::default()
-            };
-            // Every other node but the owner, which holds it already.
-            for (i, node) in table.nodes.iter().enumerate() {
-                if Some(i as u16) == table.me() || i == usize::from(owner) {
-                    continue;
-                }
-                let (this, address, batch) = (this.clone(), node.address.clone(), batch.clone());
-                tokio::spawn(async move {
-                    this.send_batch(&address, batch).await;
-                });
-            }
+            this.send_charge(&table, owner, key, limit).await;
+            drop(room);
         });
+    }
+
+    /// Room for one more charge on its way to `node`, counted in
+    /// `warden_cluster_failure_charges_in_flight{to}` while it is held;
+    /// `None` (counted as dropped) when [`MAX_FAILURE_CHARGES`] are.
+    fn room_for(&self, node: &str) -> Option<ChargeRoom> {
+        let room = self
+            .failure_charges
+            .lock()
+            .entry(node.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_FAILURE_CHARGES)))
+            .clone();
+        let Ok(permit) = room.try_acquire_owned() else {
+            metrics::counter!("warden_cluster_failure_charges_dropped_total", "to" => node.to_owned())
+                .increment(1);
+            return None;
+        };
+        let in_flight =
+            metrics::gauge!("warden_cluster_failure_charges_in_flight", "to" => node.to_owned());
+        in_flight.increment(1.0);
+        Some(ChargeRoom {
+            _permit: permit,
+            in_flight,
+        })
+    }
+
+    /// One failure charge to its owner (`owner` in `table`), and a spent
+    /// budget to every other node: one attempt each, where there is room (a
+    /// node that misses it learns it from the owner at its next charge).
+    async fn send_charge(&self, table: &SlotTable, owner: u16, key: StateKey, limit: Limit) {
+        let share = Share {
+            owner,
+            address: table.nodes[usize::from(owner)].address.clone(),
+            nonce: false,
+            limits: SmallVec::from_slice(&[0]),
+        };
+        let step = StateStep {
+            version: table.version,
+            nonce: None,
+            limits: vec![self.wire_state_limit((key, limit))],
+            cost: 1,
+            commit: true,
+            timestamp: 0,
+        };
+        let PartAnswer::Verdict(v) = self.call(table, &share, step, Phase::Decide).await else {
+            metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
+            return;
+        };
+        let spent = v.outcome() == WireOutcome::Limited
+            && v.limits
+                .first()
+                .is_some_and(|l| !l.allowed || l.remaining == 0);
+        if !spent {
+            return;
+        }
+        // The budget's TAT as the owner holds it (reset_after = TAT - now).
+        let now = self.checker.now();
+        let tat = now.saturating_add(Nanos::new(v.limits[0].reset_after_ns));
+        if Some(owner) != table.me() {
+            self.checker
+                .engine()
+                .import(&[Entry::Bucket { id: key.id, tat }], now);
+        }
+        let batch = HandOffBatch {
+            from: self.membership.node().to_owned(),
+            version: table.version,
+            buckets: vec![HandedBucket {
+                id: key.id,
+                pool: self.checker.engine().pools().wire_name(Pool::of(key.id)),
+                tat_ns: tat.get(),
+            }],
+            last: false,
+            ..Default::default()
+        };
+        // Every other node but the owner, which holds it already.
+        let others = table
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i as u16) != table.me() && i != usize::from(owner));
+        let sends = others.filter_map(|(_, node)| {
+            let room = self.room_for(&node.name)?;
+            let mut client = self.peer(&node.address)?;
+            let batch = batch.clone();
+            Some(async move {
+                let call = client.hand_off(request(batch, PEER_CALL_TIMEOUT));
+                answered(PEER_CALL_TIMEOUT, call).await;
+                drop(room);
+            })
+        });
+        futures_util::future::join_all(sends).await;
+    }
+}
+
+/// A failure charge's room on its way to one node (see
+/// [`ClusterState::room_for`]).
+struct ChargeRoom {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    in_flight: metrics::Gauge,
+}
+
+impl Drop for ChargeRoom {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
     }
 }
 
