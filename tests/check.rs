@@ -411,6 +411,84 @@ async fn a_clock_set_back_across_a_crash_lets_nothing_accepted_before_it_through
     assert_reason(&client.check(signed(-10)).await.unwrap(), Reason::Ok);
 }
 
+/// The clock mark is written to disk twice a second, and the clock never
+/// shows a time the mark does not cover. A store disk that hangs or fails
+/// (a stalled network volume, a dying drive) must not stop the clock, and
+/// so every check, with it: warden serves on (fresh requests allowed), and
+/// counts and logs each late or failed mark; once the disk works again, the
+/// mark is written again. A process whose mark hangs still stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_disk_that_hangs_or_fails_stops_no_check_and_no_shutdown() {
+    let trouble = support::DiskTrouble::build();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server =
+        Server::dev_in_with_disk_trouble(&tmp.path().join("dev"), &trouble, "/clock.mark");
+    let signer = server.signer();
+    let mut client = server.client().await;
+    let failures = |server: &Server| {
+        let (_, body) = server.http_get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("warden_durable_write_failures_total{what=\"clock_mark\"} ")
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fresh requests, one every 200 ms for `how_long`: each allowed.
+    async fn served_throughout(
+        client: &mut warden_client::Client,
+        signer: &Signer,
+        how_long: Duration,
+    ) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < how_long {
+            let r = client.check(pay_signed(signer, 0)).await.unwrap();
+            assert_eq!(
+                r.reason(),
+                Reason::Ok,
+                "after {:?} of disk trouble: {r:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    served_throughout(&mut client, &signer, Duration::from_secs(1)).await;
+    assert_eq!(failures(&server), 0.0);
+
+    // A disk that hangs: past the mark's lookahead (2 s) and the future
+    // skew (5 s), a clock held at the last mark would refuse them all.
+    trouble.hang();
+    served_throughout(&mut client, &signer, Duration::from_secs(10)).await;
+    assert!(failures(&server) >= 1.0, "a late mark was not counted");
+    server.wait_for_log("\"event\":\"clock_mark_write_failed\"");
+
+    // A disk that fails (the hung write ends with EIO, and so does each
+    // write after it).
+    trouble.fail();
+    let failed_before = failures(&server);
+    served_throughout(&mut client, &signer, Duration::from_secs(3)).await;
+    assert!(
+        failures(&server) > failed_before,
+        "failed marks were not counted"
+    );
+
+    // It works again: the mark is written again.
+    trouble.heal();
+    server.wait_for_log("\"event\":\"clock_mark_written\"");
+    served_throughout(&mut client, &signer, Duration::from_secs(1)).await;
+
+    // A mark that hangs holds no shutdown up: the final mark is given up
+    // after 2 s.
+    trouble.hang();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = std::time::Instant::now();
+    assert!(server.terminate().success(), "{}", server.logs());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "SIGTERM took {:?} with the disk hung",
+        stopping.elapsed()
+    );
+}
 #[tokio::test]
 async fn check_stream_answers_every_request_in_order() {
     let server = Server::dev();

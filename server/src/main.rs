@@ -158,7 +158,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => exit(serve(args).await),
             Command::Check(args) => exit(args.conn.within(check(&args)).await),
@@ -183,8 +183,17 @@ fn main() -> ExitCode {
             }
             Command::Store(command) => exit(admin_cli::store(command).await),
         }
-    })
+    });
+    // Dropping the runtime would wait for its blocking threads without
+    // end, and one may be stuck in a write to a disk that hangs (the clock
+    // mark's, say): every write that was acknowledged was awaited before
+    // this point, so what is left may be abandoned, and the process ends.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
+
+/// How long blocking work still under way at exit may hold the process.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// JSON lines when stderr is not a terminal (log shippers), text otherwise.
 /// `RUST_LOG` overrides the default `info` level.

@@ -90,6 +90,14 @@ impl Server {
         Self::spawn(command, dir.to_owned(), "info")
     }
 
+    /// `warden serve --dev` reusing `dir`, with the disk of one of its
+    /// files in `trouble` (see [`DiskTrouble`]).
+    pub fn dev_in_with_disk_trouble(dir: &Path, trouble: &DiskTrouble, file: &str) -> Self {
+        let mut command = Command::new(BIN);
+        command.args(dev_args(dir)).envs(trouble.env(file));
+        Self::start_command(command, dir.to_owned(), "info")
+    }
+
     /// `warden serve --config FILE` under an open-file limit of `fds`.
     pub fn with_config_fd_limit(config: &Path, fds: u32) -> Self {
         let mut command = Command::new("sh");
@@ -1011,5 +1019,65 @@ async fn pump(
         {
             return;
         }
+    }
+}
+
+/// A disk that fails or hangs for one file of a warden process, when the
+/// test says: `tests/fixtures/disk_trouble.c`, built here with the system's
+/// C compiler (the one Rust links with) and preloaded into the process.
+/// Writes (`pwrite64`) and syncs of that file fail with EIO, or hang until
+/// told otherwise; nothing else of the process is touched.
+pub struct DiskTrouble {
+    dir: tempfile::TempDir,
+}
+
+impl DiskTrouble {
+    pub fn build() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/disk_trouble.c");
+        let out = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(dir.path().join("disk_trouble.so"))
+            .arg(&source)
+            .arg("-ldl")
+            .output()
+            .expect("a C compiler (cc) to build tests/fixtures/disk_trouble.c");
+        assert!(
+            out.status.success(),
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trouble = Self { dir };
+        trouble.heal();
+        trouble
+    }
+
+    /// The environment preloading it, for the file whose path ends with
+    /// `file`.
+    fn env(&self, file: &str) -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("LD_PRELOAD", self.dir.path().join("disk_trouble.so").into()),
+            ("WARDEN_TEST_TROUBLE_FILE", file.into()),
+            ("WARDEN_TEST_TROUBLE_CONTROL", self.control().into()),
+        ]
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.path().join("control")
+    }
+
+    /// Writes to the file fail with EIO from now on (a hung one ends so).
+    pub fn fail(&self) {
+        std::fs::write(self.control(), "fail").unwrap();
+    }
+
+    /// Writes to the file hang from now on, until told otherwise.
+    pub fn hang(&self) {
+        std::fs::write(self.control(), "hang").unwrap();
+    }
+
+    /// The disk works again (a hung write goes through).
+    pub fn heal(&self) {
+        std::fs::write(self.control(), "works").unwrap();
     }
 }
