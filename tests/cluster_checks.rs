@@ -2028,15 +2028,12 @@ async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_boun
     let refused = counting.await.unwrap();
     assert_eq!(refused, sent, "every guess answered");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
-        cluster.node(entry),
-        "warden_cluster_failure_charges_in_flight",
-    ) > 0
-    {
+    while at_entry("warden_cluster_failure_charges_in_flight", sleeper) > 0 {
         assert!(Instant::now() < deadline, "failure charges still waiting");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
 /// The Envoy rate limit service through a cluster: one YAML limit is one
 /// limit whichever node Envoy asks, and a request over one descriptor's
 /// limit takes nothing from another descriptor's, even when their counters
