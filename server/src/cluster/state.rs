@@ -560,20 +560,29 @@ impl ClusterState {
     /// Gives back reservations nobody settled in time; run every so often.
     pub fn expire_reservations(&self) {
         let now = Instant::now();
-        let expired: Vec<Reservation> = self
+        let expired = self.give_back_where(|r| r.expires <= now);
+        if expired > 0 {
+            metrics::counter!("warden_cluster_reservations_expired_total")
+                .increment(expired as u64);
+        }
+    }
+
+    /// Gives back (and stops holding) every reservation `which` picks; how
+    /// many.
+    fn give_back_where(&self, mut which: impl FnMut(&Reservation) -> bool) -> usize {
+        let picked: Vec<Reservation> = self
             .reservations
             .lock()
-            .extract_if(|_, r| r.expires <= now)
+            .extract_if(|_, r| which(r))
             .map(|(_, r)| r)
             .collect();
-        for r in &expired {
+        for r in &picked {
             self.give_back(r);
         }
-        if !expired.is_empty() {
-            metrics::counter!("warden_cluster_reservations_expired_total")
-                .increment(expired.len() as u64);
+        if !picked.is_empty() {
             self.released.notify_waiters();
         }
+        picked.len()
     }
 
     /// Waits until no reservation holds state in a slot `moving` names:
@@ -610,16 +619,6 @@ impl ClusterState {
                 self.expire_reservations();
             }
         }
-    }
-
-    /// Gives back every reservation held, for a node that can settle none
-    /// any more (its listener is closed); the number given back.
-    fn give_back_all(&self) -> usize {
-        let held: Vec<Reservation> = self.reservations.lock().drain().map(|(_, r)| r).collect();
-        for r in &held {
-            self.give_back(r);
-        }
-        held.len()
     }
 }
 
@@ -681,7 +680,7 @@ impl ClusterState {
         // The listener is closed, so no check can settle what it reserved
         // here: given back now, before the state goes. A check that had
         // all its parts answers UNAVAILABLE, as its commit here fails.
-        let given_back = self.give_back_all();
+        let given_back = self.give_back_where(|_| true);
         if given_back > 0 {
             tracing::info!(
                 event = "cluster_reservations_given_back",
