@@ -143,6 +143,13 @@ impl Cluster {
     /// SIGTERM node `i`, wait for it to exit, start it again with the same
     /// config, and wait until it is ready and every node sees all three.
     fn restart(&mut self, i: usize) {
+        self.stop(i);
+        self.rejoin(i);
+    }
+
+    /// SIGTERM node `i`, wait for it to exit and for the others to see it
+    /// gone.
+    fn stop(&mut self, i: usize) {
         let mut old = self.nodes[i].take().expect("running");
         assert!(old.terminate().success(), "{}", old.logs());
         self.past_logs.push(old.logs());
@@ -159,7 +166,6 @@ impl Cluster {
         for j in (0..NODES.len()).filter(|&j| j != i) {
             self.wait_members(j, &others);
         }
-        self.rejoin(i);
     }
 
     /// Starts node `i` (not running) again with its config, and waits until
@@ -592,17 +598,8 @@ async fn a_request_held_while_its_keys_owner_leaves_is_allowed_when_sent_again()
         })
         .collect();
     // Where the key goes when its owner leaves: seen by its leaving once.
-    let mut first = cluster.nodes[owner].take().expect("running");
-    assert!(first.terminate().success(), "{}", first.logs());
-    cluster.past_logs.push(first.logs());
-    let two: Vec<&str> = (0..NODES.len())
-        .filter(|&i| i != owner)
-        .map(|i| NODES[i])
-        .collect();
-    for &node in &two {
-        cluster.wait_members(index_of(node), &two);
-    }
-    let heir = index_of(&cluster.locate(index_of(two[0]), &key));
+    cluster.stop(owner);
+    let heir = index_of(&cluster.locate((owner + 1) % 3, &key));
     cluster.rejoin(owner);
     assert_eq!(cluster.locate(heir, &key), NODES[owner]);
     let sleeper = (0..NODES.len()).find(|&i| i != owner && i != heir).unwrap();
