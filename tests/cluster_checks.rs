@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
 
-use support::{ConfigDir, SECRET, Server, fresh_database};
+use support::{ConfigDir, SECRET, Server, fresh_database, metric};
 use warden_client::proto::{CheckRequest, CheckResponse, LimitRequest, Reason};
 use warden_client::signing::{Signer, new_nonce, unix_now};
 use warden_client::{Client, signing::check_request_from};
@@ -668,17 +668,6 @@ async fn a_request_held_while_its_keys_owner_leaves_is_allowed_when_sent_again()
         owner_log.contains("\"event\":\"cluster_reservations_given_back\""),
         "the owner held no reservation when it left; its log:\n{owner_log}"
     );
-}
-
-/// The value of one metric line on `server`'s metrics listener (0 if absent).
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, body) = server.http_get("/metrics");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .map_or(0, |v| v as u64)
 }
 
 /// The peer service carries the state steps nodes send each other: a

@@ -1081,3 +1081,15 @@ impl DiskTrouble {
         std::fs::write(self.control(), "works").unwrap();
     }
 }
+
+/// The value of one metric line (`name` with its labels, as exported) on
+/// `server`'s metrics listener; 0 if absent.
+pub fn metric(server: &Server, name: &str) -> u64 {
+    let (_, body) = server.http_get("/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
