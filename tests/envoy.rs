@@ -619,6 +619,57 @@ async fn route_limits_count_each_client_address_and_a_spoofed_forwarded_for_entr
 }
 
 #[tokio::test]
+async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_refused() {
+    // The application behind the gateway reads `//v1/orders` and
+    // `/v1/%6Frders` as its `/v1/orders`: so must the route's limit (two per
+    // address), or a client spends it once per spelling.
+    let (dir, server) = ext_authz_server();
+    let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
+    let at = |path: &str| {
+        let mut req = ext_authz_fixture("post_with_body.json");
+        let http = http_mut(&mut req);
+        http.path = path.into();
+        http.headers.insert(":path".into(), path.into());
+        http.headers
+            .insert("x-forwarded-for".into(), "198.51.100.7".into());
+        sign(req, "wk_orders")
+    };
+    let mut ask = async |req| read(envoy.check(req).await.unwrap().into_inner());
+    assert!(ask(at("/v1/orders")).await.ok);
+    assert!(ask(at("//v1/orders")).await.ok);
+    for spelling in [
+        "/v1/%6Frders",
+        "/v1//orders",
+        "/v1/%6f%72ders",
+        "/%761/orders",
+    ] {
+        let a = ask(at(spelling)).await;
+        assert_eq!(a.status, 429, "{spelling}: {a:?}");
+    }
+    // What a path with a dot segment names depends on who resolves it
+    // (before or after decoding `%2F`, with `\` as a separator or not):
+    // refused, whatever route it would reach, before anything is counted.
+    for spelling in [
+        "/v1/x/../orders",
+        "/v1/x/%2e%2E/orders",
+        "/v1/x%2F..%2Forders",
+        "/v1/x\\..\\orders",
+        "/v1/./orders",
+        "/v1/orders/.",
+    ] {
+        let a = ask(at(spelling)).await;
+        assert_eq!(a.status, 400, "{spelling}: {a:?}");
+        assert!(a.body.contains("malformed"), "{spelling}: {a:?}");
+    }
+    // Another address still has its own two.
+    let mut req = ext_authz_fixture("post_with_body.json");
+    http_mut(&mut req)
+        .headers
+        .insert("x-forwarded-for".into(), "198.51.100.8".into());
+    assert!(ask(sign(req, "wk_orders")).await.ok);
+}
+
+#[tokio::test]
 async fn bearer_keys_pass_without_a_body_and_no_credentials_is_401() {
     let (dir, server) = ext_authz_server();
     let out = dir.cli(

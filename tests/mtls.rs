@@ -246,6 +246,93 @@ async fn client_rules_limit_what_an_end_client_identity_may_call() {
 }
 
 #[tokio::test]
+async fn no_spelling_of_a_path_takes_a_key_or_a_client_past_its_routes() {
+    // A client limited to `POST /webhooks/*` and a key limited to
+    // `POST /webhooks/billing`, trying paths that a proxy or framework
+    // behind the gateway may resolve elsewhere: a dot segment, plain or
+    // percent-encoded, between slashes, encoded slashes or backslashes.
+    let dir = ConfigDir::new();
+    let rules = "[[clients]]\nidentity = \"spiffe://partner/*\"\nroutes = [\"POST /webhooks/*\"]\n";
+    let server = dir.start(&format!("{CALLERS}{KEYS}{rules}"));
+    let mut client = dir.client(&server).await;
+    let as_partner = |key: &str, path: &str| {
+        let mut req = request(key, "POST", path);
+        req.client_identity = "spiffe://partner/billing".into();
+        req
+    };
+    let climbing = [
+        "/webhooks/../admin",
+        "/webhooks/%2e%2e/admin",
+        "/webhooks/.%2E/admin",
+        "/webhooks/x%2F..%2F..%2Fadmin",
+        "/webhooks/x%2f..%2f..%2fadmin",
+        "/webhooks/x\\..\\..\\admin",
+        "/webhooks/x%5C..%5C..%5Cadmin",
+        "/webhooks/./../admin",
+        "/webhooks/billing/..",
+    ];
+    for path in climbing {
+        for req in [
+            as_partner("wk_open", path),
+            request("wk_webhook", "POST", path),
+        ] {
+            let r = client.check(req.clone()).await.unwrap();
+            assert_eq!(r.reason(), Reason::Malformed, "{path}: {r:?}");
+            assert_eq!(r.http_status, 400);
+            // Refused before anything was looked up or stored: the nonce is
+            // still unused.
+            let mut fixed = req;
+            fixed.path = "/webhooks/billing".into();
+            fixed.signature = Signer::new(&fixed.key_id, SECRET)
+                .sign_at(
+                    fixed.timestamp,
+                    &fixed.nonce,
+                    "POST",
+                    "/webhooks/billing",
+                    "",
+                    b"",
+                )
+                .signature;
+            assert_eq!(
+                client.check(fixed).await.unwrap().reason(),
+                Reason::Ok,
+                "{path}"
+            );
+        }
+    }
+    // Spellings that name the allowed route, as the application reads them,
+    // are allowed; their neighbours are not.
+    for path in [
+        "/webhooks/%62illing",
+        "//webhooks/billing",
+        "/webhooks//billing",
+    ] {
+        let r = client
+            .check(request("wk_webhook", "POST", path))
+            .await
+            .unwrap();
+        assert_eq!(r.reason(), Reason::Ok, "{path}");
+        let r = client.check(as_partner("wk_open", path)).await.unwrap();
+        assert_eq!(r.reason(), Reason::Ok, "{path}");
+    }
+    for path in [
+        "/webhooks/billing%2Fx",
+        "/webhook%73/billing/x",
+        "/%77ebhooks/x",
+    ] {
+        let r = client
+            .check(request("wk_webhook", "POST", path))
+            .await
+            .unwrap();
+        assert_eq!(r.reason(), Reason::Forbidden, "{path}");
+    }
+    for path in ["/admin", "/webhooks", "/%61dmin"] {
+        let r = client.check(as_partner("wk_open", path)).await.unwrap();
+        assert_eq!(r.reason(), Reason::Forbidden, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn expired_and_revoked_client_certificates_cannot_connect() {
     let dir = ConfigDir::new();
     let (revoked, revoked_key) = dir

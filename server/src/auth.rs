@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use crate::model::{Pattern, Route};
+use crate::model::{Pattern, Route, ServedPath};
 
 /// A role a caller can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,7 +124,12 @@ impl Authz {
 
     /// Whether an end client may call a route. Clients without a matching
     /// `[[clients]]` rule are not restricted by route.
-    pub fn client_may_call(&self, identity: Option<&str>, method: &str, path: &str) -> bool {
+    pub fn client_may_call(
+        &self,
+        identity: Option<&str>,
+        method: &str,
+        path: &ServedPath<'_>,
+    ) -> bool {
         let Some(id) = identity else { return true };
         match self.clients.iter().find(|rule| rule.identity.matches(id)) {
             Some(rule) => {

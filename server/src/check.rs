@@ -25,7 +25,9 @@ use crate::engine::{
 };
 use crate::freshness::{Fence, Freshness, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
-use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
+use crate::model::{
+    KeyConfig, Policy, ServedPath, has_dot_segment, is_valid_key_id, is_valid_name,
+};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
 use crate::store::{KeyRecord, Store};
@@ -457,6 +459,11 @@ impl Checker {
                 "path: must start with '/', at most 8192 bytes, no control characters",
             ));
         }
+        if has_dot_segment(&req.path) {
+            return Err(malformed(
+                "path: '.' and '..' segments (also percent-encoded, or between encoded slashes or backslashes) are refused; send the path with them resolved",
+            ));
+        }
         if req.query.len() > MAX_QUERY_BYTES || req.query.chars().any(char::is_control) {
             return Err(malformed(
                 "query: at most 8192 bytes, no control characters",
@@ -607,7 +614,8 @@ impl Checker {
         client: Option<&str>,
     ) -> Option<CheckResponse> {
         let method = req.method.as_str();
-        if !key.may_call(method, &req.path) {
+        let path = ServedPath::of(&req.path);
+        if !key.may_call(method, &path) {
             return Some(deny(Reason::Forbidden, "this key may not call this route"));
         }
         if !key.may_be_used_by(client) {
@@ -616,7 +624,7 @@ impl Checker {
                 "this key may not be used by this client",
             ));
         }
-        if !self.authz.client_may_call(client, method, &req.path) {
+        if !self.authz.client_may_call(client, method, &path) {
             return Some(deny(
                 Reason::Forbidden,
                 "this client may not call this route",

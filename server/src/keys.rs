@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::model::{KeyConfig, Pattern, Policy, Route, Secret};
+use crate::model::{KeyConfig, Pattern, Policy, Route, Secret, ServedPath};
 use crate::store::{KeyKind, KeyRecord, Store};
 
 /// A secret with the time it stops verifying (rotation grace).
@@ -46,7 +46,7 @@ impl ApiKey {
             .map(|s| &s.secret)
     }
 
-    pub fn may_call(&self, method: &str, path: &str) -> bool {
+    pub fn may_call(&self, method: &str, path: &ServedPath<'_>) -> bool {
         self.routes.is_empty() || self.routes.iter().any(|r| r.allows(method, path))
     }
 
@@ -313,16 +313,16 @@ mod tests {
     #[test]
     fn routes_match_method_and_exact_or_prefix_path() {
         let exact = Route::parse("POST /webhooks/billing").unwrap();
-        assert!(exact.allows("POST", "/webhooks/billing"));
+        assert!(exact.allows("POST", &ServedPath::of("/webhooks/billing")));
         assert!(
-            exact.allows("post", "/webhooks/billing"),
+            exact.allows("post", &ServedPath::of("/webhooks/billing")),
             "methods in any case"
         );
-        assert!(!exact.allows("GET", "/webhooks/billing"));
-        assert!(!exact.allows("POST", "/webhooks/billing/x"));
+        assert!(!exact.allows("GET", &ServedPath::of("/webhooks/billing")));
+        assert!(!exact.allows("POST", &ServedPath::of("/webhooks/billing/x")));
         let prefix = Route::parse("* /v1/*").unwrap();
-        assert!(prefix.allows("DELETE", "/v1/orders"));
-        assert!(!prefix.allows("GET", "/v2/orders"));
+        assert!(prefix.allows("DELETE", &ServedPath::of("/v1/orders")));
+        assert!(!prefix.allows("GET", &ServedPath::of("/v2/orders")));
         assert!(Route::parse("POST webhooks").is_err());
         assert!(Route::parse("/only-a-path").is_err());
     }

@@ -77,11 +77,15 @@ impl fmt::Debug for Secret {
 }
 
 /// A route a key may call: a method (or any) and a path (exact, or a prefix
-/// when written with a trailing `*`).
+/// when written with a trailing `*`), matched against a request's
+/// [`ServedPath`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     method: Option<String>,
+    /// As written, for display.
     path: String,
+    /// As the application reads it, for matching.
+    served: Vec<u8>,
     prefix: bool,
 }
 
@@ -107,8 +111,14 @@ impl Route {
             Some(p) => (p.to_owned(), true),
             None => (path.to_owned(), false),
         };
+        if has_dot_segment(&path) {
+            return Err(format!(
+                "{text:?}: the path must not have '.' or '..' segments (requests with them are refused)"
+            ));
+        }
         Ok(Self {
             method,
+            served: ServedPath::of(&path).0.into_owned(),
             path,
             prefix,
         })
@@ -117,18 +127,92 @@ impl Route {
     /// Whether a request with this method (in any case: HTTP methods are
     /// compared as the gateway sent them, without a copy) and path is
     /// allowed.
-    pub fn allows(&self, method: &str, path: &str) -> bool {
+    pub fn allows(&self, method: &str, path: &ServedPath<'_>) -> bool {
         let method_ok = self
             .method
             .as_deref()
             .is_none_or(|m| m.eq_ignore_ascii_case(method));
         let path_ok = if self.prefix {
-            path.starts_with(&self.path)
+            path.0.starts_with(&self.served)
         } else {
-            path == self.path
+            *path.0 == *self.served
         };
         method_ok && path_ok
     }
+}
+
+/// A request path as the application behind the gateway reads it:
+/// percent-decoded (as WSGI servers and most frameworks decode it, `%2F`
+/// included), with runs of slashes merged (as nginx and Envoy's
+/// `merge_slashes` do). Which routes a key or client may call, and which
+/// route limits count a request, are decided on this form, never on the
+/// client's spelling: `/v1/%6Cogin` and `//v1/login` are the application's
+/// `/v1/login`, and a limit on it must count them. Paths whose meaning
+/// depends on who resolves them (dot segments, see [`has_dot_segment`])
+/// never get this far. Signatures still cover the path exactly as sent.
+#[derive(Debug)]
+pub struct ServedPath<'a>(std::borrow::Cow<'a, [u8]>);
+
+impl<'a> ServedPath<'a> {
+    pub fn of(path: &'a str) -> Self {
+        if !path.contains('%') && !path.contains("//") {
+            return Self(path.as_bytes().into());
+        }
+        let mut served = Vec::with_capacity(path.len());
+        for b in percent_decoded(path) {
+            if !(b == b'/' && served.last() == Some(&b'/')) {
+                served.push(b);
+            }
+        }
+        Self(served.into())
+    }
+}
+
+/// Whether `path` has a `.` or `..` segment, however written: plain or
+/// percent-encoded, between slashes, encoded slashes or backslashes (some
+/// servers read `\` as `/`). What such a path names depends on who resolves
+/// it: a proxy that decodes `%2F` before removing dot segments reads
+/// `/webhooks/x%2F..%2F..%2Fadmin` as `/admin`, where a route check on the
+/// path as sent sees a path under `/webhooks/`. Browsers and HTTP libraries
+/// remove dot segments before sending (RFC 3986, 5.2.4), so a request that
+/// still has one is refused rather than guessed at.
+pub fn has_dot_segment(path: &str) -> bool {
+    if !path.contains(['.', '%']) {
+        return false;
+    }
+    // The current segment: its length, and whether it is all dots.
+    let (mut len, mut dots) = (0usize, true);
+    for b in percent_decoded(path).chain([b'/']) {
+        if b == b'/' || b == b'\\' {
+            if dots && (1..=2).contains(&len) {
+                return true;
+            }
+            (len, dots) = (0, true);
+        } else {
+            len += 1;
+            dots &= b == b'.';
+        }
+    }
+    false
+}
+
+/// The bytes of `text` with each `%XX` (hex, either case) decoded once; a
+/// `%` not followed by two hex digits stands for itself.
+fn percent_decoded(text: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *bytes.get(i)?;
+        let hex = |j: usize| bytes.get(j).and_then(|&d| (d as char).to_digit(16));
+        if b == b'%'
+            && let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2))
+        {
+            i += 3;
+            return Some((hi * 16 + lo) as u8);
+        }
+        i += 1;
+        Some(b)
+    })
 }
 
 /// Written as parsed: "POST /login", "* /v1/*".
@@ -427,4 +511,147 @@ pub fn parse_duration(field: &str, text: &str) -> Result<Duration, Invalid> {
             format!("{text:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(path: &str) -> String {
+        String::from_utf8(ServedPath::of(path).0.into_owned()).unwrap()
+    }
+
+    #[test]
+    fn a_path_is_matched_as_the_application_reads_it() {
+        assert_eq!(served("/v1/orders"), "/v1/orders");
+        assert_eq!(served("/v1/%6Frders"), "/v1/orders");
+        assert_eq!(served("/v1/%6frders"), "/v1/orders");
+        assert_eq!(served("//v1///orders/"), "/v1/orders/");
+        assert_eq!(served("/a%2Fb"), "/a/b");
+        assert_eq!(served("/a%2F%2Fb"), "/a/b");
+        // A `%` that starts no escape stands for itself.
+        assert_eq!(served("/100%/x%4"), "/100%/x%4");
+        assert_eq!(served("/%zz"), "/%zz");
+    }
+
+    #[test]
+    fn a_dot_segment_is_found_however_it_is_written() {
+        for path in [
+            "/..",
+            "/.",
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/a/.",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/.%2e",
+            "/a%2F..%2Fb",
+            "/a%2f.%2fb",
+            "/a\\..\\b",
+            "/a%5C..%5Cb",
+            "/a%5c.",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a/b",
+            "/a/.b",
+            "/a/b.",
+            "/a/...",
+            "/a/..b/c",
+            "/files/report.v2.pdf",
+            "/a/%2e%2e%2e",
+            "/a%2Fb",
+            // Decoded once, as a server decodes: `%252e` is the text `%2e`.
+            "/a/%252e%252e/b",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn routes_with_dot_segments_are_refused_and_others_are_read_as_served() {
+        assert!(Route::parse("GET /v1/../admin").is_err());
+        assert!(Route::parse("GET /v1/%2e%2e/*").is_err());
+        let route = Route::parse("POST /v1/%6Cogin").unwrap();
+        assert!(route.allows("POST", &ServedPath::of("/v1/login")));
+        assert_eq!(route.to_string(), "POST /v1/%6Cogin", "shown as written");
+    }
+
+    /// How servers behind a gateway may resolve a path: percent-decoded
+    /// before or after dot segments are removed, `%2F` decoded or kept,
+    /// `\` a separator or a character. The resolved path is returned as
+    /// the application then reads it (decoded, slashes merged).
+    fn resolved(path: &str, decode_slashes_first: bool, backslash_separates: bool) -> String {
+        let mut text: Vec<u8> = if decode_slashes_first {
+            percent_decoded(path).collect()
+        } else {
+            // Keep encoded slashes and backslashes; decode the rest.
+            let kept = path
+                .replace("%2F", "\u{1}")
+                .replace("%2f", "\u{1}")
+                .replace("%5C", "\u{2}")
+                .replace("%5c", "\u{2}");
+            percent_decoded(&kept).collect()
+        };
+        if backslash_separates {
+            for b in &mut text {
+                if *b == b'\\' {
+                    *b = b'/';
+                }
+            }
+        }
+        let mut segments: Vec<&[u8]> = Vec::new();
+        for segment in text.split(|&b| b == b'/') {
+            match segment {
+                b"" | b"." => {}
+                b".." => {
+                    segments.pop();
+                }
+                s => segments.push(s),
+            }
+        }
+        let mut out = String::new();
+        for s in segments {
+            out.push('/');
+            out.push_str(&String::from_utf8_lossy(s));
+        }
+        let mut out = out.replace('\u{1}', "/").replace('\u{2}', "\\");
+        while out.contains("//") {
+            out = out.replace("//", "/");
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// The promise route rules rest on: a path warden lets through to a
+        /// route check names, for every way a server may resolve it, a
+        /// path inside the route it was allowed on.
+        #[test]
+        fn no_accepted_path_resolves_outside_the_route_it_was_allowed_on(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "/", "//", "\\", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C",
+                    "a", "b", "%61", "%25", "x",
+                ]),
+                1..12,
+            ),
+        ) {
+            let path = format!("/{}", parts.concat());
+            let route = Route::parse("GET /a/*").unwrap();
+            if !has_dot_segment(&path) && route.allows("GET", &ServedPath::of(&path)) {
+                for decode_slashes_first in [true, false] {
+                    for backslash_separates in [true, false] {
+                        let r = resolved(&path, decode_slashes_first, backslash_separates);
+                        proptest::prop_assert!(
+                            format!("{r}/").starts_with("/a/"),
+                            "{path} resolves to {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

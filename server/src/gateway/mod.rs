@@ -23,6 +23,7 @@ use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, 
 use warden_client::reason_name;
 
 use crate::config::{ClientAddressFrom, GatewaySettings, Per};
+use crate::model::ServedPath;
 
 pub mod ext_authz;
 pub mod forward_auth;
@@ -168,10 +169,11 @@ fn add_route_limits(
     address: Option<IpAddr>,
     settings: &GatewaySettings,
 ) -> Result<(), Early> {
+    let path = ServedPath::of(&req.path);
     let Some((route, limits)) = settings
         .routes
         .iter()
-        .find(|(route, _)| route.allows(&req.method, &req.path))
+        .find(|(route, _)| route.allows(&req.method, &path))
     else {
         return Ok(());
     };
