@@ -1262,6 +1262,9 @@ async fn the_readme_envoy_configuration_agrees_with_warden() {
             "typed_config",
         ],
     );
+    // Envoy routes the path it normalized, and ext_authz is sent that path.
+    assert_eq!(hcm["normalize_path"].as_bool(), Some(true));
+    assert_eq!(hcm["merge_slashes"].as_bool(), Some(true));
     let filters = hcm["http_filters"].as_sequence().unwrap();
     let filter = |name: &str| {
         &filters
