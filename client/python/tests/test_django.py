@@ -73,6 +73,17 @@ def test_the_public_login_route_is_limited_per_ip(client, warden_settings):
     assert client.post("/api/login", REMOTE_ADDR="198.51.100.10").status_code == 200
 
 
+def test_an_ipv6_client_gets_one_count_per_64_and_an_ipv4_mapped_address_is_its_ipv4(client, warden_settings):
+    # One host holds a whole /64: a fresh address per request must not be
+    # a fresh per-ip count. The dev policy "per-ip" allows 30 per minute.
+    codes = [client.post("/api/login", REMOTE_ADDR=f"2001:db8:7:7::{i:x}").status_code for i in range(1, 32)]
+    assert codes[:30] == [200] * 30 and codes[30] == 429, codes
+    assert client.post("/api/login", REMOTE_ADDR="2001:db8:7:8::1").status_code == 200
+    codes = [client.post("/api/login", REMOTE_ADDR="198.51.100.77").status_code for _ in range(30)]
+    assert codes == [200] * 30
+    assert client.post("/api/login", REMOTE_ADDR="::ffff:198.51.100.77").status_code == 429
+
+
 def test_warden_stopped_and_failing_closed_is_a_quick_503(client, warden_settings, tmp_path):
     from conftest import start_warden
 

@@ -53,6 +53,24 @@ def _normalized_address(address: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _counted_address(address: str) -> str:
+    """The address as a per-ip limit counts it, as warden's own gateways
+    do: IPv4 as is (also when written IPv4-mapped), IPv6 by its /64, since
+    one client holds a whole /64 and could otherwise take a fresh count per
+    request. Text that is no address (a misconfigured proxy header) is
+    counted as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def _meta_name(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
 
@@ -150,10 +168,11 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     normalized = _normalized_address(address)
     if normalized:
         req.client_address = normalized
-    subject = key_id or address
+    # DRF throttle scopes count per key, or per address for anonymous use.
+    subject = key_id or _counted_address(address)
     for rl in conf.route_limits:
         if rl.matches(req.method, request.path):
-            descriptor = {"ip": f"ip:{client_ip(request, conf)}", "key": f"key:{key_id}", "path": f"path:{request.path}"}
+            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": f"path:{request.path}"}
             req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor.get(rl.by, rl.by)))
     for scope, policy in throttle_policies(view, conf):
         req.limits.append(LimitRequest(policy=policy, descriptor=f"{scope}:{subject}"))
