@@ -267,6 +267,47 @@ fn the_endpoint_answers_as_the_gateways_expect() {
 }
 
 #[test]
+fn a_header_the_client_sent_beside_the_gateways_own_decides_nothing() {
+    // Some proxies (HAProxy's `option forwardfor`) add their own
+    // X-Forwarded-For line after the one the client sent, instead of
+    // appending to it: the lines are one list, read from the right.
+    let dir = ConfigDir::new();
+    let port = free_port();
+    let limited = config(port).replace(
+        "client_address_header = \"X-Real-IP\"\n",
+        "client_address_header = \"X-Real-IP\"\n\n[gateway]\nclient_address = \"x-forwarded-for\"\ntrusted_hops = 1\n\n[[gateway.routes]]\nroute = \"GET /orders\"\nlimits = [{ policy = \"one\", per = \"ip\" }]\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n",
+    );
+    assert_ne!(limited, config(port));
+    let _server = dir.start(&limited);
+    let addr = format!("127.0.0.1:{port}");
+    let from = |spoofed: &str| {
+        let mut h = asking("GET", "/orders", signed("GET", "/orders"));
+        h.push(("X-Forwarded-For", spoofed.to_owned()));
+        h.push(("X-Forwarded-For", "203.0.113.5".to_owned()));
+        h
+    };
+    assert_eq!(http(&addr, "GET", "/auth", &from("198.51.100.1")).0, 200);
+    // Another address of the client's choosing: the proxy's entry still
+    // names the client, whose one request an hour is spent.
+    assert_eq!(http(&addr, "GET", "/auth", &from("198.51.100.2")).0, 429);
+
+    // The original method, URI or client address given twice: one of them
+    // is the client's, and which one the gateway acted on is not known.
+    // Refused.
+    for (name, value) in [
+        ("X-Original-URI", "/public"),
+        ("X-Original-Method", "GET"),
+        ("X-Real-IP", "198.51.100.3"),
+    ] {
+        let mut h = asking("GET", "/orders", signed("GET", "/orders"));
+        h.push(("X-Real-IP", "203.0.113.5".to_owned()));
+        h.insert(0, (name, value.to_owned()));
+        let (status, _, body) = http(&addr, "GET", "/auth", &h);
+        assert_eq!(status, 400, "{name} twice: {body}");
+    }
+}
+
+#[test]
 fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
     let dir = ConfigDir::new();
     dir.client_tls("nginx", "nginx", &["spiffe://test/nginx"]);

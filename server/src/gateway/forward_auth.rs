@@ -149,6 +149,23 @@ async fn answer(
     caller: &CallerIdentity,
     headers: &HeaderMap,
 ) -> Response {
+    // Given twice, one of them is the client's (a gateway that adds its
+    // own instead of replacing the client's), and which one the gateway
+    // acted on is not known.
+    let once = [
+        Some(&settings.method_header),
+        Some(&settings.uri_header),
+        settings.client_address_header.as_ref(),
+    ];
+    if let Some(twice) = once
+        .into_iter()
+        .flatten()
+        .find(|name| headers.get_all(name.as_str()).iter().nth(1).is_some())
+    {
+        return misconfigured(format!(
+            "the {twice} header was given more than once: the gateway must replace the client's, not add its own"
+        ));
+    }
     let (Some(method), Some(uri)) = (
         Headers::get(headers, &settings.method_header),
         Headers::get(headers, &settings.uri_header),

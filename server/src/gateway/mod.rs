@@ -33,18 +33,41 @@ pub mod ratelimit;
 pub trait Headers {
     /// The value of header `name` (lowercase), if present and text.
     fn get(&self, name: &str) -> Option<&str>;
+
+    /// The entries of a comma-separated list header, over every line of it
+    /// in order (RFC 9110, 5.3: the lines are one list). A proxy that adds
+    /// its own `X-Forwarded-For` line after the client's, instead of
+    /// appending to it, still has the last entry. Empty when any line is
+    /// not text.
+    fn list(&self, name: &str) -> Vec<&str>;
 }
 
 impl Headers for axum::http::HeaderMap {
     fn get(&self, name: &str) -> Option<&str> {
         axum::http::HeaderMap::get(self, name).and_then(|v| v.to_str().ok())
     }
+
+    fn list(&self, name: &str) -> Vec<&str> {
+        let mut entries = Vec::new();
+        for line in self.get_all(name) {
+            let Ok(text) = line.to_str() else {
+                return Vec::new();
+            };
+            entries.extend(text.split(',').map(str::trim));
+        }
+        entries
+    }
 }
 
-/// Envoy's `attributes.request.http.headers`: keys already lowercase.
+/// Envoy's `attributes.request.http.headers`: keys already lowercase, and
+/// the lines of a header already joined with commas.
 impl Headers for HashMap<String, String> {
     fn get(&self, name: &str) -> Option<&str> {
         HashMap::get(self, name).map(String::as_str)
+    }
+
+    fn list(&self, name: &str) -> Vec<&str> {
+        HashMap::get(self, name).map_or_else(Vec::new, |v| v.split(',').map(str::trim).collect())
     }
 }
 
@@ -147,11 +170,7 @@ fn client_address<H: Headers>(
     let text = match from {
         ClientAddressFrom::Source => original.source_address,
         ClientAddressFrom::ForwardedFor { trusted_hops } => {
-            let hops: Vec<&str> = original
-                .headers
-                .get("x-forwarded-for")
-                .map(|h| h.split(',').map(str::trim).collect())
-                .unwrap_or_default();
+            let hops = original.headers.list("x-forwarded-for");
             // With fewer entries than trusted proxies, the request did not
             // come through them all: only the connection is known.
             match hops.len().checked_sub(trusted_hops) {
