@@ -619,6 +619,52 @@ async fn route_limits_count_each_client_address_and_a_spoofed_forwarded_for_entr
 }
 
 #[tokio::test]
+async fn a_caller_header_the_client_sent_itself_is_replaced_never_appended_to() {
+    // The upstream trusts x-warden-key-id: a client that sends its own
+    // must not reach it with that value beside warden's. Envoy's default
+    // for a header option appends, so every option warden answers with
+    // says "overwrite" (and none uses the deprecated `append`).
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    let (dir, server) = ext_authz_server();
+    let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
+    let mut req = ext_authz_fixture("get.json");
+    for (name, value) in [("x-warden-key-id", "wk_admin"), ("x-warden-owner", "root")] {
+        http_mut(&mut req).headers.insert(name.into(), value.into());
+    }
+    let allowed = envoy
+        .check(sign(req, "wk_edge"))
+        .await
+        .unwrap()
+        .into_inner();
+    let denied = envoy
+        .check(sign(ext_authz_fixture("get.json"), "wk_nobody"))
+        .await
+        .unwrap()
+        .into_inner();
+    let options = |r: &CheckResponse| match r.http_response.clone() {
+        Some(HttpResponse::OkResponse(ok)) => {
+            assert_eq!(ok.headers.len(), 2, "{ok:?}");
+            [ok.headers, ok.response_headers_to_add].concat()
+        }
+        Some(HttpResponse::DeniedResponse(denied)) => denied.headers,
+        other => panic!("no HTTP response: {other:?}"),
+    };
+    for option in options(&allowed).into_iter().chain(options(&denied)) {
+        assert_eq!(
+            option.append_action,
+            HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            "{option:?}"
+        );
+        #[allow(deprecated)] // the field a reader of old Envoy versions sees
+        let append = option.append;
+        assert_eq!(append, None, "{option:?}");
+    }
+    let a = read(allowed);
+    assert_eq!(a.headers["x-warden-key-id"], "wk_edge");
+    assert_eq!(a.headers["x-warden-owner"], "edge-team");
+}
+
+#[tokio::test]
 async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_refused() {
     // The application behind the gateway reads `//v1/orders` and
     // `/v1/%6Frders` as its `/v1/orders`: so must the route's limit (two per

@@ -17,6 +17,7 @@
 //! (UNAVAILABLE, RESOURCE_EXHAUSTED): Envoy then applies its own
 //! `failure_mode_allow` and `status_on_error`.
 
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -188,6 +189,12 @@ fn body<'a>(
     }
 }
 
+/// A header that replaces any of the same name: the upstream must see
+/// warden's `x-warden-key-id`, never one the client sent beside it, and the
+/// client warden's `RateLimit`. Said explicitly: the field's default
+/// (`APPEND_IF_EXISTS_OR_ADD`) appends, and Envoy versions differ in which
+/// of `append` and `append_action` they read when neither is set; all read
+/// `append_action` when it is, or take an unset `append` as "replace".
 fn header(name: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
@@ -195,6 +202,7 @@ fn header(name: &str, value: &str) -> HeaderValueOption {
             value: value.to_owned(),
             ..Default::default()
         }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
