@@ -90,10 +90,18 @@ def client_ip(request: HttpRequest, conf: Conf) -> str:
 
 
 def raw_path(request: HttpRequest) -> str:
-    """The path as the client sent it (signatures cover the raw path)."""
+    """The path as the client sent it (signatures cover the raw path): from
+    the WSGI server (gunicorn's ``RAW_URI``, uWSGI's ``REQUEST_URI``) or the
+    ASGI server (the scope's ``raw_path``: uvicorn, Daphne, Hypercorn).
+    Without either, the decoded path encoded again, which gives back what
+    was sent only when the client encoded nothing it need not have."""
     raw = request.META.get("RAW_URI") or request.META.get("REQUEST_URI")
     if raw:
         return raw.split("?", 1)[0]
+    scope = getattr(request, "scope", None)
+    if scope and scope.get("raw_path"):
+        # Bytes as received; latin-1 maps each byte to one character.
+        return scope["raw_path"].decode("latin-1").split("?", 1)[0]
     return quote(request.path, safe="/:@!$&'()*+,;=-._~%")
 
 
