@@ -259,7 +259,7 @@ impl KeyRing {
             routes: record
                 .routes
                 .iter()
-                .map(|r| Route::parse(r))
+                .map(|r| Route::parse_stored(r))
                 .collect::<Result<_, _>>()
                 .map_err(|e| bad("route", e))?,
             bound_identities: record

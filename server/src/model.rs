@@ -92,6 +92,21 @@ pub struct Route {
 impl Route {
     /// Parses "POST /webhooks/billing", "GET /v1/*" or "* /health".
     pub fn parse(text: &str) -> Result<Self, String> {
+        let route = Self::parse_stored(text)?;
+        if has_dot_segment(&route.path) {
+            return Err(format!(
+                "{text:?}: the path must not have '.' or '..' segments (requests with them are refused)"
+            ));
+        }
+        Ok(route)
+    }
+
+    /// Like [`Self::parse`], for a route a key was stored with: one stored
+    /// before dot segments were refused still loads (a store that did not
+    /// load would keep the server, and with it the admin API that could
+    /// mend the key, from starting). It can match no request, since every
+    /// request with a dot segment is refused.
+    pub fn parse_stored(text: &str) -> Result<Self, String> {
         let (method, path) = text
             .trim()
             .split_once(' ')
@@ -111,11 +126,6 @@ impl Route {
             Some(p) => (p.to_owned(), true),
             None => (path.to_owned(), false),
         };
-        if has_dot_segment(&path) {
-            return Err(format!(
-                "{text:?}: the path must not have '.' or '..' segments (requests with them are refused)"
-            ));
-        }
         Ok(Self {
             method,
             served: ServedPath::of(&path).0.into_owned(),
@@ -578,6 +588,15 @@ mod tests {
         let route = Route::parse("POST /v1/%6Cogin").unwrap();
         assert!(route.allows("POST", &ServedPath::of("/v1/login")));
         assert_eq!(route.to_string(), "POST /v1/%6Cogin", "shown as written");
+        // One stored before they were refused loads, and allows nothing a
+        // request can be.
+        let stored = Route::parse_stored("GET /v1/../admin*").unwrap();
+        for path in ["/admin", "/v1/admin", "/v1/../admin", "/v1/x"] {
+            assert!(
+                has_dot_segment(path) || !stored.allows("GET", &ServedPath::of(path)),
+                "{path}"
+            );
+        }
     }
 
     /// How servers behind a gateway may resolve a path: percent-decoded
