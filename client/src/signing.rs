@@ -119,22 +119,11 @@ fn is_canonical_query(raw: &str) -> bool {
 /// those are borrowed, not copied, since this runs for every signed check.
 fn reencode(s: &str) -> Cow<'_, str> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let bytes = s.as_bytes();
-    if bytes.iter().all(|&b| is_unreserved(b)) {
+    if s.bytes().all(is_unreserved) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let mut byte = bytes[i];
-        if byte == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(hi), Some(lo)) = (hex_value(bytes[i + 1]), hex_value(bytes[i + 2]))
-        {
-            byte = (hi << 4) | lo;
-            i += 2;
-        }
-        i += 1;
+    for byte in percent_decoded(s) {
         if is_unreserved(byte) {
             out.push(byte as char);
         } else {
@@ -144,6 +133,27 @@ fn reencode(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// The bytes of `text` with each `%XX` (hex, either case) decoded once; a
+/// `%` not followed by two hex digits stands for itself. The one reading of
+/// percent-encoding warden has: for the canonical query here, and for the
+/// server's reading of a path as the application behind a gateway sees it.
+pub fn percent_decoded(text: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *bytes.get(i)?;
+        let hex = |j: usize| bytes.get(j).copied().and_then(hex_value);
+        if b == b'%'
+            && let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2))
+        {
+            i += 3;
+            return Some((hi << 4) | lo);
+        }
+        i += 1;
+        Some(b)
+    })
 }
 
 /// RFC 3986's unreserved characters: the ones never percent-encoded.

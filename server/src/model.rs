@@ -1,8 +1,9 @@
 //! warden's vocabulary: the value types every other module speaks in —
 //! routes, secrets, identity patterns, policies, key ids and names — with
 //! their validation. It imports nothing of warden's but the engine's limit
-//! algorithms, so that config, keys, auth and store can all build on it
-//! without importing one another.
+//! algorithms (and the client crate's one reading of percent-encoding), so
+//! that config, keys, auth and store can all build on it without importing
+//! one another.
 
 use std::fmt;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
+
+use warden_client::signing::percent_decoded;
 
 use crate::engine::{Gcra, Limit, Window, WindowKind, clock::duration_nanos};
 
@@ -204,25 +207,6 @@ pub fn has_dot_segment(path: &str) -> bool {
         }
     }
     false
-}
-
-/// The bytes of `text` with each `%XX` (hex, either case) decoded once; a
-/// `%` not followed by two hex digits stands for itself.
-fn percent_decoded(text: &str) -> impl Iterator<Item = u8> + '_ {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    std::iter::from_fn(move || {
-        let b = *bytes.get(i)?;
-        let hex = |j: usize| bytes.get(j).and_then(|&d| (d as char).to_digit(16));
-        if b == b'%'
-            && let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2))
-        {
-            i += 3;
-            return Some((hi * 16 + lo) as u8);
-        }
-        i += 1;
-        Some(b)
-    })
 }
 
 /// Written as parsed: "POST /login", "* /v1/*".
