@@ -73,6 +73,26 @@ def test_the_public_login_route_is_limited_per_ip(client, warden_settings):
     assert client.post("/api/login", REMOTE_ADDR="198.51.100.10").status_code == 200
 
 
+def test_a_route_limit_by_view_counts_every_spelling_its_pattern_answers(client, warden_settings):
+    # The example's login pattern answers with and without a trailing
+    # slash; its limit names the view, so both spend one count.
+    codes = [client.post("/api/login" + "/" * (i % 2), REMOTE_ADDR="198.51.100.91").status_code for i in range(31)]
+    assert codes[:30] == [200] * 30 and codes[30] == 429, codes
+
+
+def test_a_route_limit_that_would_count_everyone_together_is_refused(warden_settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from warden_client.django.conf import get_conf
+
+    for bad in ({"path": "/api/login", "policy": "per-ip", "by": "IP"},
+                {"path": "/api/login", "view": "login", "policy": "per-ip"},
+                {"policy": "per-ip"}):
+        warden_settings.WARDEN = {**warden_settings.WARDEN, "ROUTE_LIMITS": [bad]}
+        with pytest.raises(ImproperlyConfigured):
+            get_conf()
+
+
 def test_an_ipv6_client_gets_one_count_per_64_and_an_ipv4_mapped_address_is_its_ipv4(client, warden_settings):
     # One host holds a whole /64: a fresh address per request must not be
     # a fresh per-ip count. The dev policy "per-ip" allows 30 per minute.

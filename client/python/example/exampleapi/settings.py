@@ -56,7 +56,7 @@ WARDEN = {
     "PUBLIC_PATHS": ["/api/login"],
     "APP_API_KEY": os.environ.get("WARDEN_APP_API_KEY"),
     "ROUTE_LIMITS": [
-        {"path": "/api/login", "methods": ["POST"], "policy": "per-ip", "by": "ip"},
+        {"view": "login", "methods": ["POST"], "policy": "per-ip", "by": "ip"},
     ],
     "THROTTLE_POLICIES": {"items": os.environ.get("WARDEN_ITEMS_POLICY", "per-ip")},
     "FAILURE_MODE": os.environ.get("WARDEN_FAILURE_MODE", "closed"),

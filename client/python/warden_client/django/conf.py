@@ -23,6 +23,8 @@ connection setting.
         "APP_API_KEY": "wak_...",            # bearer key used for PUBLIC_PATHS checks
         "ROUTE_LIMITS": [                    # extra limits per route
             {"path": "/api/login", "methods": ["POST"], "policy": "login-per-ip", "by": "ip"},
+            # or by the URL pattern's name, for every spelling it answers:
+            # {"view": "login", "methods": ["POST"], "policy": "login-per-ip"},
         ],
         "THROTTLE_POLICIES": {"burst": "burst-policy"},  # DRF throttle scope -> warden policy
         "FAILURE_MODE": "closed",            # or "open" when warden is unreachable
@@ -56,18 +58,31 @@ _clients: dict[tuple, WardenClient | AsyncWardenClient] = {}
 _lock = threading.Lock()
 
 
+ROUTE_LIMIT_BY = ("ip", "key", "path")
+
+
 @dataclass(frozen=True)
 class RouteLimit:
-    path: str
+    """A limit for one route: by its ``path`` (exact, or a prefix ending in
+    ``*``) or by its ``view``, the name its URL pattern is reversed by
+    (``"login"``, ``"accounts:login"``). A view is every spelling of its
+    URL at once: a pattern that answers with and without a trailing slash
+    needs no second limit."""
+
+    path: str | None
     methods: tuple[str, ...]
     policy: str
-    by: str  # "ip", "key" or "path"
+    by: str  # one of ROUTE_LIMIT_BY
+    view: str | None = None
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, view_name: str | None = None) -> bool:
+        if self.methods and method.upper() not in self.methods:
+            return False
+        if self.view is not None:
+            return view_name == self.view
         prefix = self.path.endswith("*")
         target = self.path.rstrip("*")
-        path_ok = path.startswith(target) if prefix else path == target
-        return path_ok and (not self.methods or method.upper() in self.methods)
+        return path.startswith(target) if prefix else path == target
 
 
 @dataclass(frozen=True)
@@ -179,10 +194,7 @@ def _parse(raw) -> Conf:
         exempt=tuple(raw.get("EXEMPT_PATHS", ())),
         public=tuple(raw.get("PUBLIC_PATHS", ())),
         app_api_key=raw.get("APP_API_KEY"),
-        route_limits=tuple(
-            RouteLimit(r["path"], tuple(m.upper() for m in r.get("methods", ())), r["policy"], r.get("by", "ip"))
-            for r in raw.get("ROUTE_LIMITS", ())
-        ),
+        route_limits=tuple(_route_limit(r) for r in raw.get("ROUTE_LIMITS", ())),
         throttle_policies=dict(raw.get("THROTTLE_POLICIES", {})),
         failure_mode=mode,
         breaker_failures=int(breaker.get("FAILURES", 3)),
@@ -193,6 +205,21 @@ def _parse(raw) -> Conf:
         trusted_proxy_header=raw.get("TRUSTED_PROXY_HEADER"),
         trusted_proxy_hops=_hops(raw.get("TRUSTED_PROXY_HOPS", 1)),
     )
+
+
+def _route_limit(r) -> RouteLimit:
+    from django.core.exceptions import ImproperlyConfigured
+
+    if ("path" in r) == ("view" in r):
+        raise ImproperlyConfigured('settings.WARDEN["ROUTE_LIMITS"]: each needs a "path" or a "view", not both')
+    by = r.get("by", "ip")
+    # Anything else would be one counter for every client: a typo must not
+    # turn a per-address limit into a limit for everyone.
+    if by not in ROUTE_LIMIT_BY:
+        raise ImproperlyConfigured(f'settings.WARDEN["ROUTE_LIMITS"]: "by" must be one of {", ".join(ROUTE_LIMIT_BY)}')
+    if "policy" not in r:
+        raise ImproperlyConfigured('settings.WARDEN["ROUTE_LIMITS"]: each needs a "policy"')
+    return RouteLimit(r.get("path"), tuple(m.upper() for m in r.get("methods", ())), r["policy"], by, r.get("view"))
 
 
 def _hops(value) -> int:

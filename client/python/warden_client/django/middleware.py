@@ -178,10 +178,13 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         req.client_address = normalized
     # DRF throttle scopes count per key, or per address for anonymous use.
     subject = key_id or _counted_address(address)
+    view_name = getattr(getattr(request, "resolver_match", None), "view_name", None)
     for rl in conf.route_limits:
-        if rl.matches(req.method, request.path):
-            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": f"path:{request.path}"}
-            req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor.get(rl.by, rl.by)))
+        if rl.matches(req.method, request.path, view_name):
+            # "path" counts the route as a whole: by its view, every spelling.
+            route = f"view:{rl.view}" if rl.view is not None else f"path:{request.path}"
+            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": route}
+            req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor[rl.by]))
     for scope, policy in throttle_policies(view, conf):
         req.limits.append(LimitRequest(policy=policy, descriptor=f"{scope}:{subject}"))
     return req
