@@ -307,6 +307,68 @@ fn a_header_the_client_sent_beside_the_gateways_own_decides_nothing() {
     }
 }
 
+#[tokio::test]
+async fn a_flood_of_idle_connections_to_the_plaintext_endpoint_starves_nothing() {
+    // Any local process can connect to the loopback endpoint. Its
+    // connections have a bound of their own, an eighth of the one derived
+    // from the descriptor limit (here 512) and taken from the gRPC port's:
+    // a flood of idle ones takes neither the descriptors nor the
+    // connections the gRPC port needs. (Unbounded, the flood ran the
+    // process out of descriptors; sharing the gRPC port's bound, it took
+    // every connection the gRPC port had.)
+    let dir = ConfigDir::new();
+    let port = free_port();
+    let server = Server::with_config_fd_limit(&dir.write_config(&config(port)), 512);
+    server.wait_past_fence();
+    let endpoint: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut flood = Vec::new();
+    let mut unanswered = 0;
+    for _ in 0..1_500 {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        // A SYN dropped while the listen backlog is full is sent again
+        // after a second: only a run of connects that time out means the
+        // server is taking no more.
+        match tokio::time::timeout(Duration::from_secs(3), socket.connect(endpoint)).await {
+            Ok(Ok(stream)) => {
+                flood.push(stream);
+                unanswered = 0;
+            }
+            _ if unanswered < 2 => unanswered += 1,
+            _ => break,
+        }
+    }
+    assert!(flood.len() >= 300, "only {} connections made", flood.len());
+    // The gRPC port takes new connections and answers.
+    let mut client = tokio::time::timeout(Duration::from_secs(10), dir.client(&server))
+        .await
+        .expect("a new gRPC connection during the flood");
+    let req = Signer::new("wk_edge", SECRET).check_request("GET", "/orders", "", b"");
+    let r = client.check(req).await.unwrap();
+    assert_eq!(r.reason(), warden_client::proto::Reason::Ok, "{r:?}");
+    // And the endpoint itself answers a gateway once the flood is gone.
+    drop(flood);
+    let addr = endpoint.to_string();
+    let answered = tokio::task::spawn_blocking(move || {
+        http(
+            &addr,
+            "GET",
+            "/auth",
+            &asking("GET", "/orders", signed("GET", "/orders")),
+        )
+        .0
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, 200);
+    assert!(
+        !server.logs().contains("accept_failed"),
+        "{}",
+        server.logs()
+    );
+}
+
 #[test]
 fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
     let dir = ConfigDir::new();

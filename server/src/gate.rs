@@ -23,6 +23,10 @@ use crate::config::ServerSettings;
 
 /// Descriptors kept for everything but client connections.
 pub const FD_RESERVE: u64 = 256;
+/// The forward-auth endpoint's share of the connection bound: an eighth
+/// (a gateway keeps a pool of connections to it; the gRPC port serves
+/// every other client).
+pub const FORWARD_AUTH_SHARE: usize = 8;
 /// The connection bound when the descriptor limit cannot be read.
 const FALLBACK_MAX_CONNECTIONS: usize = 16_384;
 
@@ -137,6 +141,25 @@ impl Gate {
             max_connections,
             max_handshakes: settings.max_handshakes,
             max_per_address: settings.max_handshakes_per_address,
+            open: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
+            per_address: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Splits off the gate of another listener, with its own share of the
+    /// connection bound (one `divisor`th, at least 16 but at most half),
+    /// taken from this one's: together they stay within the descriptors,
+    /// and a flood on either cannot take the other's connections.
+    pub fn set_aside(&mut self, divisor: usize) -> Gate {
+        let share = (self.max_connections / divisor)
+            .max(16)
+            .min(self.max_connections / 2);
+        self.max_connections -= share;
+        Gate {
+            max_connections: share,
+            max_handshakes: self.max_handshakes,
+            max_per_address: self.max_per_address,
             open: AtomicUsize::new(0),
             handshaking: AtomicUsize::new(0),
             per_address: Mutex::new(HashMap::new()),
@@ -258,5 +281,25 @@ mod tests {
         };
         assert_eq!(Gate::new(&asked, Some(1024)).max_connections(), 768);
         assert_eq!(Gate::new(&asked, None).max_connections(), 5000);
+    }
+
+    #[test]
+    fn a_gate_set_aside_takes_its_share_from_the_bound() {
+        let mut grpc = Gate::new(&ServerSettings::default(), Some(1024));
+        let forward = grpc.set_aside(FORWARD_AUTH_SHARE);
+        assert_eq!(
+            (grpc.max_connections(), forward.max_connections()),
+            (672, 96)
+        );
+        // Each bound holds on its own.
+        let forward = Arc::new(forward);
+        let held: Vec<_> = (0..96).map(|_| forward.open().unwrap()).collect();
+        assert_eq!(forward.open().unwrap_err(), Refusal::Connections);
+        assert!(Arc::new(grpc).open().is_ok());
+        drop(held);
+        // A small bound still leaves the listener some, and never more than half.
+        let mut tiny = Gate::new(&ServerSettings::default(), Some(256 + 20));
+        assert_eq!(tiny.set_aside(FORWARD_AUTH_SHARE).max_connections(), 10);
+        assert_eq!(tiny.max_connections(), 10);
     }
 }

@@ -37,9 +37,9 @@ use crate::config::{Config, ServerSettings};
 use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
 use crate::direct_route::Direct;
 use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
-use crate::gate::{Gate, Refusal};
+use crate::gate::{FORWARD_AUTH_SHARE, Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
-use crate::gateway::forward_auth::{ConnListener, Incoming};
+use crate::gateway::forward_auth::{Caller, ConnListener};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
@@ -124,6 +124,9 @@ pub struct App {
     clock: Arc<dyn Clock>,
     tls: Option<Arc<TlsReloader>>,
     gate: Arc<Gate>,
+    /// `Some` with `[forward_auth]`: its listener's own share of the
+    /// connection bound.
+    forward_auth_gate: Option<Arc<Gate>>,
     store: Option<Arc<Store>>,
     audit: Option<Arc<AuditLog>>,
     checker: Arc<Checker>,
@@ -140,7 +143,12 @@ pub struct App {
 impl App {
     pub async fn build(config: &Config) -> Result<Self, ServeError> {
         let fd_limit = crate::gate::raise_fd_limit();
-        let gate = Arc::new(Gate::new(&config.server, fd_limit));
+        let mut gate = Gate::new(&config.server, fd_limit);
+        let forward_auth_gate = config
+            .forward_auth
+            .as_ref()
+            .map(|_| Arc::new(gate.set_aside(FORWARD_AUTH_SHARE)));
+        let gate = Arc::new(gate);
         tracing::debug!(
             fd_limit,
             max_connections = gate.max_connections(),
@@ -228,6 +236,7 @@ impl App {
             clock,
             tls,
             gate,
+            forward_auth_gate,
             store,
             audit,
             checker,
@@ -428,30 +437,36 @@ impl Bound {
         );
         if let (Some(listener), Some(f)) = (forward_auth_listener, app.config.forward_auth.clone())
         {
-            // Over mTLS, connections come through the same accept loop as
-            // the gRPC port's: the same bounds, handshake limits and
-            // caller identities.
-            let incoming = match (&app.tls, f.tls) {
-                (Some(tls), true) => {
-                    let local = listener.local_addr().map_err(|source| ServeError::Bind {
-                        addr: f.listen,
-                        source,
-                    })?;
-                    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
-                    background.spawn(accept_loop(
-                        listener,
-                        Some((tls.clone(), Protocol::Http1)),
-                        tx,
-                        settings.clone(),
-                        app.gate.clone(),
-                    ));
-                    Incoming::Tls(ConnListener::new(rx, local))
-                }
-                _ => Incoming::Plain(listener),
+            // Connections come through the same accept loop as the gRPC
+            // port's, under a share of the connection bound of their own: a
+            // flood of idle ones (from any local process, on loopback) is
+            // closed at its bound instead of taking the descriptors and
+            // connections the gRPC port needs. Over mTLS, the same
+            // handshake limits and caller identities.
+            let tls = match (&app.tls, f.tls) {
+                (Some(tls), true) => Some((tls.clone(), Protocol::Http1)),
+                _ => None,
             };
+            let caller = match tls {
+                Some(_) => Caller::Certificate,
+                None => Caller::Configured(crate::check::CallerIdentity(
+                    f.identity.as_deref().map(Into::into),
+                )),
+            };
+            let local = listener.local_addr().map_err(|source| ServeError::Bind {
+                addr: f.listen,
+                source,
+            })?;
+            let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
+            let gate = app
+                .forward_auth_gate
+                .clone()
+                .expect("set with [forward_auth]");
+            background.spawn(accept_loop(listener, tls, tx, settings.clone(), gate));
             // Stopped with the other loops, once the gRPC server stopped.
             background.spawn(crate::gateway::forward_auth::serve(
-                incoming,
+                ConnListener::new(rx, local),
+                caller,
                 checks.clone(),
                 f,
                 app.config.gateway.clone(),

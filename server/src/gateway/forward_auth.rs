@@ -28,7 +28,6 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::serve::{IncomingStream, Listener};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::{Body, Early, Headers, HttpAnswer, Original};
@@ -37,68 +36,58 @@ use crate::config::{ForwardAuthSettings, GatewaySettings};
 use crate::conn::{Conn, PeerInfo};
 use crate::service::warden::WardenService;
 
-/// Where the endpoint's connections come from.
-pub enum Incoming {
+/// Who the endpoint's checks run as.
+#[derive(Clone)]
+pub enum Caller {
     /// Plaintext on loopback: every request runs as the configured
     /// identity.
-    Plain(TcpListener),
-    /// mTLS connections from the server's accept loop: each runs as its
-    /// client certificate's identity.
-    Tls(ConnListener),
+    Configured(CallerIdentity),
+    /// mTLS: each connection's client certificate identity.
+    Certificate,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves. Connections come from the server's
+/// accept loop, under its bounds.
 pub async fn serve(
-    incoming: Incoming,
+    incoming: ConnListener,
+    caller: Caller,
     service: WardenService,
     settings: ForwardAuthSettings,
     gateway: GatewaySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let served = match incoming {
-        Incoming::Plain(listener) => {
-            let caller = CallerIdentity(settings.identity.as_deref().map(Into::into));
-            let app = axum::Router::new().fallback(move |headers: HeaderMap| {
-                let (service, settings, gateway, caller) = (
-                    service.clone(),
-                    settings.clone(),
-                    gateway.clone(),
-                    caller.clone(),
-                );
-                async move { answer(&service, &settings, &gateway, &caller, &headers).await }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        Incoming::Tls(listener) => {
-            let app = axum::Router::new().fallback(
-                move |ConnectInfo(peer): ConnectInfo<PeerInfo>, headers: HeaderMap| {
-                    let (service, settings, gateway) =
-                        (service.clone(), settings.clone(), gateway.clone());
-                    async move {
-                        // A request is activity: the connection is not idle.
-                        peer.conn.touch();
-                        let caller = CallerIdentity(peer.identity.clone());
-                        answer(&service, &settings, &gateway, &caller, &headers).await
-                    }
-                },
+    let app = axum::Router::new().fallback(
+        move |ConnectInfo(peer): ConnectInfo<PeerInfo>, headers: HeaderMap| {
+            let (service, settings, gateway, caller) = (
+                service.clone(),
+                settings.clone(),
+                gateway.clone(),
+                caller.clone(),
             );
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<PeerInfo>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
-    };
+            async move {
+                // A request is activity: the connection is not idle.
+                peer.conn.touch();
+                let caller = match caller {
+                    Caller::Configured(identity) => identity,
+                    Caller::Certificate => CallerIdentity(peer.identity.clone()),
+                };
+                answer(&service, &settings, &gateway, &caller, &headers).await
+            }
+        },
+    );
+    let served = axum::serve(
+        incoming,
+        app.into_make_service_with_connect_info::<PeerInfo>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     if let Err(e) = served {
         tracing::error!(event = "forward_auth_failed", error = %e, "forward-auth listener failed");
     }
 }
 
-/// The mTLS connections the accept loop hands over, as a listener for the
-/// HTTP server.
+/// The connections the accept loop hands over, as a listener for the HTTP
+/// server.
 pub struct ConnListener {
     conns: mpsc::Receiver<io::Result<Conn>>,
     local: SocketAddr,
