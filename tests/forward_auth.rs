@@ -340,6 +340,16 @@ async fn a_flood_of_idle_connections_to_the_plaintext_endpoint_starves_nothing()
         }
     }
     assert!(flood.len() >= 300, "only {} connections made", flood.len());
+    // The endpoint's connections are counted with the gRPC port's, against
+    // the bound they share out (an eighth of 256: 32 held open here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while support::metric(&server, "warden_open_connections") < 32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood's connections are not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The gRPC port takes new connections and answers.
     let mut client = tokio::time::timeout(Duration::from_secs(10), dir.client(&server))
         .await

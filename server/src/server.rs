@@ -380,11 +380,16 @@ impl Bound {
             settings.clone(),
             app.gate.clone(),
         ));
+        // Every listener's gate: the gauge of open connections counts them
+        // all, against the bound they share out.
+        let gates = std::iter::once(app.gate.clone())
+            .chain(app.forward_auth_gate.clone())
+            .collect();
         background.spawn(sweep_loop(
             app.checker.clone(),
             app.alerts.clone(),
             app.clock.clone(),
-            app.gate.clone(),
+            gates,
         ));
         // The node's lease: kept until shutdown, then given up.
         let (leave_tx, leave_rx) = oneshot::channel::<()>();
@@ -435,8 +440,11 @@ impl Bound {
             app.audit.clone(),
             admission.clone(),
         );
-        if let (Some(listener), Some(f)) = (forward_auth_listener, app.config.forward_auth.clone())
-        {
+        if let (Some(listener), Some(f), Some(gate)) = (
+            forward_auth_listener,
+            app.config.forward_auth.clone(),
+            app.forward_auth_gate.clone(),
+        ) {
             // Connections come through the same accept loop as the gRPC
             // port's, under a share of the connection bound of their own: a
             // flood of idle ones (from any local process, on loopback) is
@@ -458,10 +466,6 @@ impl Bound {
                 source,
             })?;
             let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
-            let gate = app
-                .forward_auth_gate
-                .clone()
-                .expect("set with [forward_auth]");
             background.spawn(accept_loop(listener, tls, tx, settings.clone(), gate));
             // Stopped with the other loops, once the gRPC server stopped.
             background.spawn(crate::gateway::forward_auth::serve(
@@ -740,7 +744,7 @@ async fn sweep_loop(
     checker: Arc<Checker>,
     alerts: Arc<Alerts>,
     clock: Arc<dyn Clock>,
-    gate: Arc<Gate>,
+    gates: Vec<Arc<Gate>>,
 ) {
     let mut last_pools = HashMap::new();
     // Held from the start: from the previous process's clock mark, which
@@ -762,7 +766,8 @@ async fn sweep_loop(
         metrics::gauge!("warden_state_entries", "kind" => "window").set(held.windows as f64);
         metrics::gauge!("warden_state_entries", "kind" => "nonce").set(held.nonces as f64);
         report_pools(&checker, &mut last_pools);
-        metrics::gauge!("warden_open_connections").set(gate.open_connections() as f64);
+        let open: usize = gates.iter().map(|g| g.open_connections()).sum();
+        metrics::gauge!("warden_open_connections").set(open as f64);
         let held_back = SystemClock::held_back();
         metrics::gauge!("warden_clock_held_seconds").set(Duration::from(held_back).as_secs_f64());
         let is_held = held_back >= Nanos::from_secs(1);

@@ -141,16 +141,10 @@ async fn answer(
     // Given twice, one of them is the client's (a gateway that adds its
     // own instead of replacing the client's), and which one the gateway
     // acted on is not known.
-    let once = [
-        Some(&settings.method_header),
-        Some(&settings.uri_header),
-        settings.client_address_header.as_ref(),
-    ];
-    if let Some(twice) = once
+    let mut once = [&settings.method_header, &settings.uri_header]
         .into_iter()
-        .flatten()
-        .find(|name| headers.get_all(name.as_str()).iter().nth(1).is_some())
-    {
+        .chain(&settings.client_address_header);
+    if let Some(twice) = once.find(|name| headers.get_all(name.as_str()).iter().nth(1).is_some()) {
         return misconfigured(format!(
             "the {twice} header was given more than once: the gateway must replace the client's, not add its own"
         ));
