@@ -667,8 +667,9 @@ async fn a_caller_header_the_client_sent_itself_is_replaced_never_appended_to() 
 #[tokio::test]
 async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_refused() {
     // The application behind the gateway reads `//v1/orders` and
-    // `/v1/%6Frders` as its `/v1/orders`: so must the route's limit (two per
-    // address), or a client spends it once per spelling.
+    // `/v1/%6Frders` as its `/v1/orders`, a servlet container `/v1/orders;x`
+    // too, and Spring before 6 or Express `/v1/orders/`: so must the route's
+    // limit (two per address), or a client spends it once per spelling.
     let (dir, server) = ext_authz_server();
     let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
     let at = |path: &str| {
@@ -688,6 +689,11 @@ async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_re
         "/v1//orders",
         "/v1/%6f%72ders",
         "/%761/orders",
+        "/v1/orders;",
+        "/v1/orders;jsessionid=1",
+        "/v1;x/orders",
+        "/v1/orders/",
+        "/v1\\orders",
     ] {
         let a = ask(at(spelling)).await;
         assert_eq!(a.status, 429, "{spelling}: {a:?}");
@@ -702,6 +708,8 @@ async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_re
         "/v1/x\\..\\orders",
         "/v1/./orders",
         "/v1/orders/.",
+        "/v1/x/..;/orders",
+        "/v1/x/..;x=1/orders",
     ] {
         let a = ask(at(spelling)).await;
         assert_eq!(a.status, 400, "{spelling}: {a:?}");

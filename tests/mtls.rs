@@ -250,7 +250,9 @@ async fn no_spelling_of_a_path_takes_a_key_or_a_client_past_its_routes() {
     // A client limited to `POST /webhooks/*` and a key limited to
     // `POST /webhooks/billing`, trying paths that a proxy or framework
     // behind the gateway may resolve elsewhere: a dot segment, plain or
-    // percent-encoded, between slashes, encoded slashes or backslashes.
+    // percent-encoded, between slashes, encoded slashes or backslashes, or
+    // followed by a path parameter (`..;/`), which servlet containers
+    // (Tomcat, Jetty, Spring Boot) drop before they remove dot segments.
     let dir = ConfigDir::new();
     let rules = "[[clients]]\nidentity = \"spiffe://partner/*\"\nroutes = [\"POST /webhooks/*\"]\n";
     let server = dir.start(&format!("{CALLERS}{KEYS}{rules}"));
@@ -270,6 +272,11 @@ async fn no_spelling_of_a_path_takes_a_key_or_a_client_past_its_routes() {
         "/webhooks/x%5C..%5C..%5Cadmin",
         "/webhooks/./../admin",
         "/webhooks/billing/..",
+        "/webhooks/x/..;/admin",
+        "/webhooks/..;jsessionid=0/admin",
+        "/webhooks/x/.;/..;x=1/admin",
+        "/webhooks/%2e%2e;/admin",
+        "/webhooks/..%3B/admin",
     ];
     for path in climbing {
         for req in [
@@ -319,6 +326,10 @@ async fn no_spelling_of_a_path_takes_a_key_or_a_client_past_its_routes() {
         "/webhooks/billing%2Fx",
         "/webhook%73/billing/x",
         "/%77ebhooks/x",
+        // A servlet container reads it as the allowed route; an application
+        // that keeps path parameters (Django) as another path: a rule must
+        // hold for every reading.
+        "/webhooks/billing;x=1",
     ] {
         let r = client
             .check(request("wk_webhook", "POST", path))

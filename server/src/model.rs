@@ -5,6 +5,7 @@
 //! that config, keys, auth and store can all build on it without importing
 //! one another.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -101,6 +102,11 @@ impl Route {
                 "{text:?}: the path must not have '.' or '..' segments (requests with them are refused)"
             ));
         }
+        if route.served.iter().any(|&b| b == b';' || b == b'\\') {
+            return Err(format!(
+                "{text:?}: the path must not have ';' or '\\' (servers read them in different ways)"
+            ));
+        }
         Ok(route)
     }
 
@@ -131,26 +137,44 @@ impl Route {
         };
         Ok(Self {
             method,
-            served: ServedPath::of(&path).0.into_owned(),
+            served: ServedPath::of(&path).kept.into_owned(),
             path,
             prefix,
         })
     }
 
-    /// Whether a request with this method (in any case: HTTP methods are
-    /// compared as the gateway sent them, without a copy) and path is
-    /// allowed.
+    /// Whether a key or client limited to this route may make a request
+    /// with this method (in any case: HTTP methods are compared as the
+    /// gateway sent them, without a copy) and path: under every reading of
+    /// the path, since warden cannot know which the application makes.
     pub fn allows(&self, method: &str, path: &ServedPath<'_>) -> bool {
-        let method_ok = self
-            .method
+        self.method_matches(method) && path.readings().all(|p| self.path_matches(p))
+    }
+
+    /// Whether a limit on this route counts a request: under any reading of
+    /// its path, and with or without a trailing slash (Spring before 6 and
+    /// Express serve `/login/` as `/login`), so that no spelling the
+    /// application serves as this route escapes the count.
+    pub fn counts(&self, method: &str, path: &ServedPath<'_>) -> bool {
+        let route = without_trailing_slash(&self.served);
+        self.method_matches(method)
+            && path
+                .readings()
+                .any(|p| self.path_matches(p) || without_trailing_slash(p) == route)
+    }
+
+    fn method_matches(&self, method: &str) -> bool {
+        self.method
             .as_deref()
-            .is_none_or(|m| m.eq_ignore_ascii_case(method));
-        let path_ok = if self.prefix {
-            path.0.starts_with(&self.served)
+            .is_none_or(|m| m.eq_ignore_ascii_case(method))
+    }
+
+    fn path_matches(&self, path: &[u8]) -> bool {
+        if self.prefix {
+            path.starts_with(&self.served)
         } else {
-            *path.0 == *self.served
-        };
-        method_ok && path_ok
+            *path == *self.served
+        }
     }
 }
 
@@ -163,44 +187,115 @@ impl Route {
 /// `/v1/login`, and a limit on it must count them. Paths whose meaning
 /// depends on who resolves them (dot segments, see [`has_dot_segment`])
 /// never get this far. Signatures still cover the path exactly as sent.
+///
+/// A path with a `;` or a `\` has more than one reading. Servlet containers
+/// (Tomcat, Jetty, Spring Boot's embedded servers) drop each segment's path
+/// parameters, so `/v1/orders;x` is their `/v1/orders`; Windows servers,
+/// and Tomcat when told to, read `\` as `/`; most applications keep both as
+/// they are. warden cannot know which reading the application makes, so a
+/// route rule must hold for every one ([`Route::allows`]) and a route limit
+/// counts a request under any ([`Route::counts`]).
 #[derive(Debug)]
-pub struct ServedPath<'a>(std::borrow::Cow<'a, [u8]>);
+pub struct ServedPath<'a> {
+    kept: Cow<'a, [u8]>,
+    /// The other readings, only for a path with a `;` or a `\`.
+    others: Vec<Vec<u8>>,
+}
 
 impl<'a> ServedPath<'a> {
     pub fn of(path: &'a str) -> Self {
-        if !path.contains('%') && !path.contains("//") {
-            return Self(path.as_bytes().into());
+        if !path.contains(['%', ';', '\\']) && !path.contains("//") {
+            return Self {
+                kept: path.as_bytes().into(),
+                others: Vec::new(),
+            };
         }
-        let mut served = Vec::with_capacity(path.len());
-        for b in percent_decoded(path) {
-            if !(b == b'/' && served.last() == Some(&b'/')) {
-                served.push(b);
+        let kept = merged_slashes(percent_decoded(path));
+        let mut others: Vec<Vec<u8>> = Vec::new();
+        if kept.contains(&b';') || kept.contains(&b'\\') {
+            for (drop_parameters, backslash_separates) in
+                [(true, false), (false, true), (true, true)]
+            {
+                let reading = read_as(path, drop_parameters, backslash_separates);
+                if reading != kept && !others.contains(&reading) {
+                    others.push(reading);
+                }
             }
         }
-        Self(served.into())
+        Self {
+            kept: kept.into(),
+            others,
+        }
     }
+
+    /// Every way the application may read the path.
+    pub fn readings(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&*self.kept).chain(self.others.iter().map(Vec::as_slice))
+    }
+}
+
+/// `path` as a server that drops path parameters (from a `;` to the next
+/// `/`, before decoding, as servlet containers do), reads `\` as `/`, or
+/// both, reads it.
+fn read_as(path: &str, drop_parameters: bool, backslash_separates: bool) -> Vec<u8> {
+    let mut in_parameter = false;
+    let kept = path.chars().filter(|&c| {
+        in_parameter = match c {
+            '/' => false,
+            ';' => drop_parameters,
+            _ => in_parameter,
+        };
+        !in_parameter
+    });
+    let path: String = kept.collect();
+    merged_slashes(percent_decoded(&path).map(|b| match b {
+        b'\\' if backslash_separates => b'/',
+        b => b,
+    }))
+}
+
+fn without_trailing_slash(path: &[u8]) -> &[u8] {
+    match path {
+        [rest @ .., b'/'] if !rest.is_empty() => rest,
+        _ => path,
+    }
+}
+
+fn merged_slashes(bytes: impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.size_hint().0);
+    for b in bytes {
+        if !(b == b'/' && out.last() == Some(&b'/')) {
+            out.push(b);
+        }
+    }
+    out
 }
 
 /// Whether `path` has a `.` or `..` segment, however written: plain or
 /// percent-encoded, between slashes, encoded slashes or backslashes (some
-/// servers read `\` as `/`). What such a path names depends on who resolves
-/// it: a proxy that decodes `%2F` before removing dot segments reads
-/// `/webhooks/x%2F..%2F..%2Fadmin` as `/admin`, where a route check on the
-/// path as sent sees a path under `/webhooks/`. Browsers and HTTP libraries
-/// remove dot segments before sending (RFC 3986, 5.2.4), so a request that
-/// still has one is refused rather than guessed at.
+/// servers read `\` as `/`), or followed by a path parameter (`..;x`, which
+/// servlet containers read as `..`). What such a path names depends on who
+/// resolves it: a proxy that decodes `%2F` before removing dot segments
+/// reads `/webhooks/x%2F..%2F..%2Fadmin` as `/admin`, and Tomcat reads
+/// `/webhooks/x/..;/admin` so, where a route check on the path as sent sees
+/// a path under `/webhooks/`. Browsers and HTTP libraries remove dot
+/// segments before sending (RFC 3986, 5.2.4), so a request that still has
+/// one is refused rather than guessed at.
 pub fn has_dot_segment(path: &str) -> bool {
     if !path.contains(['.', '%']) {
         return false;
     }
-    // The current segment: its length, and whether it is all dots.
-    let (mut len, mut dots) = (0usize, true);
+    // The current segment up to any `;`: its length, whether it is all
+    // dots, and whether a `;` has ended it.
+    let (mut len, mut dots, mut in_parameter) = (0usize, true, false);
     for b in percent_decoded(path).chain([b'/']) {
         if b == b'/' || b == b'\\' {
             if dots && (1..=2).contains(&len) {
                 return true;
             }
-            (len, dots) = (0, true);
+            (len, dots, in_parameter) = (0, true, false);
+        } else if b == b';' || in_parameter {
+            in_parameter = true;
         } else {
             len += 1;
             dots &= b == b'.';
@@ -512,7 +607,7 @@ mod tests {
     use super::*;
 
     fn served(path: &str) -> String {
-        String::from_utf8(ServedPath::of(path).0.into_owned()).unwrap()
+        String::from_utf8(ServedPath::of(path).kept.into_owned()).unwrap()
     }
 
     #[test]
@@ -545,6 +640,13 @@ mod tests {
             "/a\\..\\b",
             "/a%5C..%5Cb",
             "/a%5c.",
+            // Servlet containers drop a segment's parameters first.
+            "/a/..;/b",
+            "/a/..;jsessionid=1/b",
+            "/a/.;x",
+            "/a/%2e%2e;/b",
+            "/a/..%3B/b",
+            "/a\\..;x\\b",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -560,9 +662,59 @@ mod tests {
             "/a%2Fb",
             // Decoded once, as a server decodes: `%252e` is the text `%2e`.
             "/a/%252e%252e/b",
+            "/a;x/b",
+            "/a/;../b",
+            "/a/...;/b",
+            "/a/..b;x",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
+    }
+
+    #[test]
+    fn a_path_parameter_or_a_backslash_gives_a_path_more_readings() {
+        let readings = |path: &str| -> Vec<String> {
+            ServedPath::of(path)
+                .readings()
+                .map(|r| String::from_utf8(r.to_vec()).unwrap())
+                .collect()
+        };
+        assert_eq!(readings("/v1/orders"), ["/v1/orders"]);
+        assert_eq!(readings("/v1/%6Frders"), ["/v1/orders"]);
+        assert_eq!(
+            readings("/v1/orders;jsessionid=1"),
+            ["/v1/orders;jsessionid=1", "/v1/orders"]
+        );
+        assert_eq!(readings("/v1;x/orders"), ["/v1;x/orders", "/v1/orders"]);
+        assert_eq!(readings("/;x/admin"), ["/;x/admin", "/admin"]);
+        assert_eq!(readings("/v1\\orders"), ["/v1\\orders", "/v1/orders"]);
+        // Parameters are dropped up to the next `/` as sent, before `\` is
+        // read as one (as Tomcat does).
+        assert_eq!(
+            readings("/v1/orders;x\\y"),
+            ["/v1/orders;x\\y", "/v1/orders", "/v1/orders;x/y"]
+        );
+
+        // A rule holds for every reading, a limit counts any.
+        let route = Route::parse("POST /v1/orders").unwrap();
+        for path in ["/v1/orders;x", "/v1\\orders", "/v1;x/orders"] {
+            let path = ServedPath::of(path);
+            assert!(!route.allows("POST", &path), "{path:?}");
+            assert!(route.counts("POST", &path), "{path:?}");
+        }
+        // With or without a trailing slash, for a limit only.
+        assert!(route.counts("POST", &ServedPath::of("/v1/orders/")));
+        assert!(!route.allows("POST", &ServedPath::of("/v1/orders/")));
+        let prefix = Route::parse("POST /v1/*").unwrap();
+        assert!(prefix.counts("POST", &ServedPath::of("/v1")));
+        assert!(!prefix.counts("POST", &ServedPath::of("/v2")));
+        assert!(!route.counts("POST", &ServedPath::of("/v1/orders/x")));
+        assert!(!route.counts("GET", &ServedPath::of("/v1/orders")));
+
+        // A route itself must have one reading.
+        assert!(Route::parse("POST /v1/orders;x").is_err());
+        assert!(Route::parse("POST /v1/%3B*").is_err());
+        assert!(Route::parse("POST /v1\\orders").is_err());
     }
 
     #[test]
@@ -585,9 +737,25 @@ mod tests {
 
     /// How servers behind a gateway may resolve a path: percent-decoded
     /// before or after dot segments are removed, `%2F` decoded or kept,
-    /// `\` a separator or a character. The resolved path is returned as
-    /// the application then reads it (decoded, slashes merged).
-    fn resolved(path: &str, decode_slashes_first: bool, backslash_separates: bool) -> String {
+    /// `\` a separator or a character, path parameters (`;...` up to the
+    /// next `/`, before decoding) dropped first as servlet containers do,
+    /// or kept. The resolved path is returned as the application then
+    /// reads it (decoded, slashes merged).
+    fn resolved(
+        path: &str,
+        decode_slashes_first: bool,
+        backslash_separates: bool,
+        drop_parameters: bool,
+    ) -> String {
+        let path = if drop_parameters {
+            path.split('/')
+                .map(|segment| segment.split(';').next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("/")
+        } else {
+            path.to_owned()
+        };
+        let path = path.as_str();
         let mut text: Vec<u8> = if decode_slashes_first {
             percent_decoded(path).collect()
         } else {
@@ -628,32 +796,70 @@ mod tests {
         out
     }
 
+    /// Every way [`resolved`] may resolve `path`.
+    fn every_resolution(path: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        for decode_slashes_first in [true, false] {
+            for backslash_separates in [true, false] {
+                for drop_parameters in [true, false] {
+                    all.push(resolved(
+                        path,
+                        decode_slashes_first,
+                        backslash_separates,
+                        drop_parameters,
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Paths of the pieces attackers use, most of them starting inside
+    /// the routes below, as an attack on them does.
+    fn any_path() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        (
+            proptest::sample::select(vec!["/", "/a/", "/a/b", "/a"]),
+            proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "/", "//", "\\", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "a", "b",
+                    "%61", "%25", "x", ";", ";x=1", "%3b",
+                ]),
+                0..10,
+            ),
+        )
+            .prop_map(|(start, parts)| format!("{start}{}", parts.concat()))
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
         /// The promise route rules rest on: a path warden lets through to a
         /// route check names, for every way a server may resolve it, a
         /// path inside the route it was allowed on.
         #[test]
-        fn no_accepted_path_resolves_outside_the_route_it_was_allowed_on(
-            parts in proptest::collection::vec(
-                proptest::sample::select(vec![
-                    "/", "//", "\\", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C",
-                    "a", "b", "%61", "%25", "x",
-                ]),
-                1..12,
-            ),
-        ) {
-            let path = format!("/{}", parts.concat());
+        fn no_accepted_path_resolves_outside_the_route_it_was_allowed_on(path in any_path()) {
             let route = Route::parse("GET /a/*").unwrap();
             if !has_dot_segment(&path) && route.allows("GET", &ServedPath::of(&path)) {
-                for decode_slashes_first in [true, false] {
-                    for backslash_separates in [true, false] {
-                        let r = resolved(&path, decode_slashes_first, backslash_separates);
-                        proptest::prop_assert!(
-                            format!("{r}/").starts_with("/a/"),
-                            "{path} resolves to {r}"
-                        );
-                    }
+                for r in every_resolution(&path) {
+                    proptest::prop_assert!(
+                        format!("{r}/").starts_with("/a/"),
+                        "{path} resolves to {r}"
+                    );
                 }
+            }
+        }
+
+        /// The promise route limits rest on: a path that some server
+        /// resolves to the limited route is counted by its limit.
+        #[test]
+        fn no_path_a_server_resolves_to_a_limited_route_escapes_its_count(path in any_path()) {
+            let route = Route::parse("GET /a/b").unwrap();
+            if !has_dot_segment(&path) && every_resolution(&path).iter().any(|r| r == "/a/b") {
+                proptest::prop_assert!(
+                    route.counts("GET", &ServedPath::of(&path)),
+                    "{path} is not counted"
+                );
             }
         }
     }

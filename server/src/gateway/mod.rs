@@ -192,7 +192,7 @@ fn add_route_limits(
     let Some((route, limits)) = settings
         .routes
         .iter()
-        .find(|(route, _)| route.allows(&req.method, &path))
+        .find(|(route, _)| route.counts(&req.method, &path))
     else {
         return Ok(());
     };
