@@ -198,13 +198,16 @@ async fn malformed_requests_get_a_safe_400_and_change_nothing() {
     let signer = Signer::new("wk_tight", SECRET);
     let nonce = "reused_nonce_0123456789";
 
-    let cases: [Mutation; 10] = [
+    let cases: [Mutation; 13] = [
         ("body", |r| r.body = vec![b'x'; 1025].into()),
         ("nonce", |r| r.nonce = "short".into()),
         ("signature", |r| r.signature = "zz".into()),
         ("scheme", |r| r.scheme = "warden-v9".into()),
         ("path", |r| r.path = "no-slash".into()),
         ("path", |r| r.path = "/a\nwarden-v1".into()),
+        ("path", |r| r.path = "/a#x".into()),
+        ("path", |r| r.path = "/x/..;/a".into()),
+        ("query", |r| r.query = "a=1#x".into()),
         ("body_sha256", |r| r.body_sha256 = vec![0; 31]),
         ("limits", |r| {
             r.limits = vec![LimitRequest {

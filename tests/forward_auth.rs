@@ -592,3 +592,45 @@ fn through_nginx(nginx: &Nginx) {
         "{headers:?}"
     );
 }
+
+#[test]
+fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() {
+    // nginx routes `/orders#x` as `/orders` and passes it to the upstream
+    // as sent, where the application reads `/orders` too; a servlet
+    // container reads `/orders;x` as `/orders`, Spring before 6 and Express
+    // `/orders/`. Each is a new count for a client when its limit is
+    // judged on the spelling (`/orders#x` went through at 200 with the
+    // limit spent, before session 20).
+    let dir = ConfigDir::new();
+    let auth_port = free_port();
+    let limited = config(auth_port).replace(
+        "client_address_header = \"X-Real-IP\"\n",
+        "client_address_header = \"X-Real-IP\"\n\n[[gateway.routes]]\nroute = \"GET /orders\"\nlimits = [{ policy = \"one\", per = \"ip\" }]\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n",
+    );
+    assert_ne!(limited, config(auth_port));
+    let _server = dir.start(&limited);
+    let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
+        return;
+    };
+    let addr = format!("127.0.0.1:{}", nginx.port);
+    let (status, _, body) = http(&addr, "GET", "/orders", &signed("GET", "/orders"));
+    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+    assert_eq!(
+        http(&addr, "GET", "/orders", &signed("GET", "/orders")).0,
+        429
+    );
+    for spelling in ["/orders;x", "/orders/", "/%6Frders", "//orders"] {
+        let (status, _, body) = http(&addr, "GET", spelling, &signed("GET", spelling));
+        assert_eq!(status, 429, "{spelling}: {body}");
+    }
+    // A fragment is never sent by an HTTP client: refused, whatever it
+    // follows.
+    for spelling in ["/orders#x", "/orders?a=1#x", "/public#/orders"] {
+        let (status, _, body) = http(&addr, "GET", spelling, &signed("GET", spelling));
+        assert_eq!(status, 400, "{spelling}: {body}");
+        assert!(!body.contains("upstream ok"), "{spelling}: {body}");
+    }
+    // Another route is not counted by this one.
+    let (status, _, body) = http(&addr, "GET", "/public", &signed("GET", "/public"));
+    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+}

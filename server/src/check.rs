@@ -461,12 +461,26 @@ impl Checker {
         }
         if has_dot_segment(&req.path) {
             return Err(malformed(
-                "path: '.' and '..' segments (also percent-encoded, or between encoded slashes or backslashes) are refused; send the path with them resolved",
+                "path: '.' and '..' segments are refused however written (encoded, before ';'); resolve them first",
             ));
         }
         if req.query.len() > MAX_QUERY_BYTES || req.query.chars().any(char::is_control) {
             return Err(malformed(
                 "query: at most 8192 bytes, no control characters",
+            ));
+        }
+        // A `#` starts a fragment, which HTTP clients never send. nginx
+        // routes `/login#x` as `/login` and passes it on as sent, where the
+        // application reads `/login` too: checked as sent, it would escape
+        // every rule and limit on `/login`.
+        if req.path.contains('#') {
+            return Err(malformed(
+                "path: a '#' starts a fragment, which is never sent; send the path without it",
+            ));
+        }
+        if req.query.contains('#') {
+            return Err(malformed(
+                "query: a '#' starts a fragment, which is never sent; send the query without it",
             ));
         }
         if req.body.len() > self.settings.max_body_bytes {
