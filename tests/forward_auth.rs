@@ -623,6 +623,11 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
         let (status, _, body) = http(&addr, "GET", spelling, &signed("GET", spelling));
         assert_eq!(status, 429, "{spelling}: {body}");
     }
+    // HEAD runs the GET handler in the application: counted as GET.
+    let endpoint = format!("127.0.0.1:{auth_port}");
+    let mut head = asking("HEAD", "/orders", signed("HEAD", "/orders"));
+    head.push(("X-Real-IP", "127.0.0.1".to_owned()));
+    assert_eq!(http(&endpoint, "GET", "/auth", &head).0, 429);
     // A fragment is never sent by an HTTP client: refused, whatever it
     // follows.
     for spelling in ["/orders#x", "/orders?a=1#x", "/public#/orders"] {

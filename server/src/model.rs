@@ -154,10 +154,14 @@ impl Route {
     /// Whether a limit on this route counts a request: under any reading of
     /// its path, and with or without a trailing slash (Spring before 6 and
     /// Express serve `/login/` as `/login`), so that no spelling the
-    /// application serves as this route escapes the count.
+    /// application serves as this route escapes the count. A limit on `GET`
+    /// counts `HEAD` too: frameworks (Django, Flask, Rails, Spring) run the
+    /// `GET` handler for it, all its work but the body sent.
     pub fn counts(&self, method: &str, path: &ServedPath<'_>) -> bool {
         let route = without_trailing_slash(&self.served);
-        self.method_matches(method)
+        let method_counts = self.method_matches(method)
+            || (method.eq_ignore_ascii_case("HEAD") && self.method.as_deref() == Some("GET"));
+        method_counts
             && path
                 .readings()
                 .any(|p| self.path_matches(p) || without_trailing_slash(p) == route)
@@ -710,6 +714,12 @@ mod tests {
         assert!(!prefix.counts("POST", &ServedPath::of("/v2")));
         assert!(!route.counts("POST", &ServedPath::of("/v1/orders/x")));
         assert!(!route.counts("GET", &ServedPath::of("/v1/orders")));
+        // A limit on GET counts HEAD, which runs the same handler.
+        let get = Route::parse("GET /v1/orders").unwrap();
+        assert!(get.counts("HEAD", &ServedPath::of("/v1/orders")));
+        assert!(get.counts("head", &ServedPath::of("/v1/orders")));
+        assert!(!get.allows("HEAD", &ServedPath::of("/v1/orders")));
+        assert!(!route.counts("HEAD", &ServedPath::of("/v1/orders")));
 
         // A route itself must have one reading.
         assert!(Route::parse("POST /v1/orders;x").is_err());

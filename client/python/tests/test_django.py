@@ -80,6 +80,15 @@ def test_a_route_limit_by_view_counts_every_spelling_its_pattern_answers(client,
     assert codes[:30] == [200] * 30 and codes[30] == 429, codes
 
 
+def test_a_route_limit_on_get_counts_head_which_runs_the_same_view(client, warden_settings):
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "ROUTE_LIMITS": [
+        {"view": "login", "methods": ["GET"], "policy": "per-ip", "by": "ip"}]}
+    codes = [client.head("/api/login", REMOTE_ADDR="198.51.100.92").status_code for _ in range(31)]
+    assert 429 not in codes[:30] and codes[30] == 429, codes
+    # Another method is not counted by it.
+    assert client.post("/api/login", REMOTE_ADDR="198.51.100.92").status_code == 200
+
+
 def test_a_route_limit_that_would_count_everyone_together_is_refused(warden_settings):
     from django.core.exceptions import ImproperlyConfigured
 

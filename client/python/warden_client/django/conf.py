@@ -76,7 +76,10 @@ class RouteLimit:
     view: str | None = None
 
     def matches(self, method: str, path: str, view_name: str | None = None) -> bool:
-        if self.methods and method.upper() not in self.methods:
+        method = method.upper()
+        # Django runs a view's GET for HEAD (all its work, no body sent):
+        # a limit on GET counts it.
+        if self.methods and method not in self.methods and not (method == "HEAD" and "GET" in self.methods):
             return False
         if self.view is not None:
             return view_name == self.view
