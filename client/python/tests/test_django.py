@@ -89,6 +89,21 @@ def test_a_route_limit_on_get_counts_head_which_runs_the_same_view(client, warde
     assert client.post("/api/login", REMOTE_ADDR="198.51.100.92").status_code == 200
 
 
+def test_an_exempt_or_public_path_lets_no_other_path_past_the_credentials(client, warden_settings):
+    # "/api/order" names that path and what lies below it, never
+    # "/api/orders": a view beside it must not lose its check by sharing the
+    # first letters of its name.
+    for setting in ("EXEMPT_PATHS", "PUBLIC_PATHS"):
+        warden_settings.WARDEN = {**warden_settings.WARDEN, setting: ["/api/order", "/api/async/"]}
+        r = client.get("/api/orders")
+        assert r.status_code == 401, (setting, r.status_code)
+        # What it names is let through: below an entry ending in "/" too.
+        assert client.get("/api/order").status_code == 404, setting
+        assert client.get("/api/async/orders").status_code == 200, setting
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "EXEMPT_PATHS": ["/api/order*"]}
+    assert client.get("/api/orders").status_code == 200
+
+
 def test_a_route_limit_that_would_count_everyone_together_is_refused(warden_settings):
     from django.core.exceptions import ImproperlyConfigured
 

@@ -18,8 +18,11 @@ connection setting.
         "BUSY_WAIT_US": 200,                 # compiled transport: µs a call looks for
                                              # its answer before sleeping (0: never)
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
-        "EXEMPT_PATHS": ["/health"],         # prefixes never checked, no call made
-        "PUBLIC_PATHS": ["/api/login"],      # no credentials needed; only ROUTE_LIMITS apply
+        "EXEMPT_PATHS": ["/health"],         # never checked, no call made: the path and
+                                             # below it ("/health/..."), not "/healthz";
+                                             # "/health*" for every path it starts
+        "PUBLIC_PATHS": ["/api/login"],      # no credentials needed; only ROUTE_LIMITS
+                                             # apply (matched as EXEMPT_PATHS)
         "APP_API_KEY": "wak_...",            # bearer key used for PUBLIC_PATHS checks
         "ROUTE_LIMITS": [                    # extra limits per route
             {"path": "/api/login", "methods": ["POST"], "policy": "login-per-ip", "by": "ip"},
@@ -88,6 +91,18 @@ class RouteLimit:
         return path.startswith(target) if prefix else path == target
 
 
+def _names(setting: str, path: str) -> bool:
+    """Whether an EXEMPT_PATHS or PUBLIC_PATHS entry covers ``path``: the path
+    itself and what lies below it (``/api/login`` covers ``/api/login`` and
+    ``/api/login/...``, never ``/api/login_history``); an entry ending in
+    ``/`` covers what lies below it, one ending in ``*`` any path it starts."""
+    if setting.endswith("*"):
+        return path.startswith(setting[:-1])
+    if setting.endswith("/"):
+        return path.startswith(setting)
+    return path == setting or path.startswith(setting + "/")
+
+
 @dataclass(frozen=True)
 class Conf:
     target: str | tuple[str, ...]
@@ -114,12 +129,15 @@ class Conf:
     trusted_proxy_hops: int = 1
 
     def is_checked(self, path: str) -> bool:
-        if any(path.startswith(p) for p in self.exempt):
+        # PROTECTED_PATHS are plain prefixes, so that in doubt more is
+        # checked; EXEMPT_PATHS and PUBLIC_PATHS, which let requests past
+        # the client's credentials, match whole segments (see _names).
+        if any(_names(p, path) for p in self.exempt):
             return False
         return any(path.startswith(p) for p in self.protected)
 
     def is_public(self, path: str) -> bool:
-        return any(path.startswith(p) for p in self.public)
+        return any(_names(p, path) for p in self.public)
 
     def client(self) -> WardenClient:
         """The client for a sync (WSGI) stack."""
