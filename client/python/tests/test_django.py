@@ -80,6 +80,13 @@ def test_a_route_limit_by_view_counts_every_spelling_its_pattern_answers(client,
     assert codes[:30] == [200] * 30 and codes[30] == 429, codes
 
 
+def test_a_route_limit_by_path_counts_it_with_and_without_a_trailing_slash(client, warden_settings):
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "ROUTE_LIMITS": [
+        {"path": "/api/login", "methods": ["POST"], "policy": "per-ip", "by": "ip"}]}
+    codes = [client.post("/api/login" + "/" * (i % 2), REMOTE_ADDR="198.51.100.93").status_code for i in range(31)]
+    assert codes[:30] == [200] * 30 and codes[30] == 429, codes
+
+
 def test_a_route_limit_on_get_counts_head_which_runs_the_same_view(client, warden_settings):
     warden_settings.WARDEN = {**warden_settings.WARDEN, "ROUTE_LIMITS": [
         {"view": "login", "methods": ["GET"], "policy": "per-ip", "by": "ip"}]}

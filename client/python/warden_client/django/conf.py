@@ -88,7 +88,12 @@ class RouteLimit:
             return view_name == self.view
         prefix = self.path.endswith("*")
         target = self.path.rstrip("*")
-        return path.startswith(target) if prefix else path == target
+        if prefix:
+            return path.startswith(target)
+        # With or without a trailing slash: a pattern may answer both (and
+        # APPEND_SLASH redirects to one), and counting one more spelling
+        # costs nothing, where leaving one out gives a second count.
+        return path.rstrip("/") == target.rstrip("/")
 
 
 def _names(setting: str, path: str) -> bool:
