@@ -111,6 +111,28 @@ def test_an_exempt_or_public_path_lets_no_other_path_past_the_credentials(client
     assert client.get("/api/orders").status_code == 200
 
 
+def test_behind_a_proxy_that_is_not_configured_the_shared_failure_budget_is_warned_of(client, warden_settings, caplog):
+    # Without TRUSTED_PROXY_HEADER, every client behind a proxy is its
+    # address: one client's bad signatures lock all of them out. Said once.
+    from warden_client.django import middleware
+
+    middleware._proxy_warned = False
+    with caplog.at_level(logging.WARNING, logger="warden_client.django"):
+        for _ in range(3):
+            client.get("/api/orders", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="198.51.100.4",
+                       HTTP_AUTHORIZATION="Bearer wk_not_a_key")
+    warned = [r.getMessage() for r in caplog.records if "TRUSTED_PROXY_HEADER" in r.getMessage()]
+    assert len(warned) == 1 and "10.0.0.2" in warned[0], warned
+    # Configured, nothing to say.
+    middleware._proxy_warned = False
+    caplog.clear()
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "TRUSTED_PROXY_HEADER": "X-Forwarded-For"}
+    with caplog.at_level(logging.WARNING, logger="warden_client.django"):
+        client.get("/api/orders", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="198.51.100.4",
+                   HTTP_AUTHORIZATION="Bearer wk_not_a_key")
+    assert not [r for r in caplog.records if "TRUSTED_PROXY_HEADER" in r.getMessage()]
+
+
 def test_a_route_limit_that_would_count_everyone_together_is_refused(warden_settings):
     from django.core.exceptions import ImproperlyConfigured
 

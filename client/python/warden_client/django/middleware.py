@@ -86,7 +86,27 @@ def client_ip(request: HttpRequest, conf: Conf) -> str:
         hops = [h.strip() for h in forwarded.split(",") if h.strip()]
         if len(hops) >= conf.trusted_proxy_hops:
             return hops[-conf.trusted_proxy_hops]
+    elif not _proxy_warned and "HTTP_X_FORWARDED_FOR" in request.META:
+        _warn_of_proxy(request.META.get("REMOTE_ADDR", ""))
     return request.META.get("REMOTE_ADDR", "")
+
+
+_proxy_warned = False
+
+
+def _warn_of_proxy(remote: str) -> None:
+    """Once per process: requests come through a proxy that names the
+    client, and the middleware is not told to read it. Every client behind
+    the proxy then shares its address's per-IP limits and failure budget,
+    so one client's bad signatures lock all of them out."""
+    global _proxy_warned
+    _proxy_warned = True
+    log.warning(
+        "requests arrive with X-Forwarded-For from %s, but WARDEN['TRUSTED_PROXY_HEADER'] is not set: "
+        "every client behind that proxy shares one per-IP limit and failure budget, and one client's "
+        "bad signatures lock out all of them; set TRUSTED_PROXY_HEADER (and TRUSTED_PROXY_HOPS)",
+        remote or "an unknown address",
+    )
 
 
 def raw_path(request: HttpRequest) -> str:
