@@ -27,6 +27,11 @@ What the provider is answered when the view does not run:
 
 Views it decorates are skipped by ``WardenMiddleware``; ``request.warden``
 is the key's caller (key id and owner) when the view runs.
+
+A delivery is accepted before the view runs: a view that then fails has
+used it up. A Standard Webhooks retry (same message id) or a GitHub
+redelivery (same body) is then answered as a duplicate; a Stripe retry is
+signed anew and accepted. Record the event before any work that can fail.
 """
 
 from __future__ import annotations
