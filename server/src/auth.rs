@@ -7,7 +7,8 @@
 
 use std::collections::HashSet;
 
-use crate::model::{Pattern, Route, ServedPath};
+use crate::model::Pattern;
+use crate::route::{Route, ServedPath};
 
 /// A role a caller can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

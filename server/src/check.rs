@@ -25,9 +25,8 @@ use crate::engine::{
 };
 use crate::freshness::{Fence, Freshness, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
-use crate::model::{
-    KeyConfig, Policy, ServedPath, has_dot_segment, is_valid_key_id, is_valid_name,
-};
+use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
+use crate::route::{ServedPath, has_dot_segment};
 use crate::signing::{Body, Scheme, Signed, is_valid_nonce, verify, verify_nothing};
 use crate::store::KeyKind;
 use crate::store::{KeyRecord, Store};

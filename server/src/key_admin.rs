@@ -10,7 +10,8 @@ use crate::audit::{AuditLog, Event};
 use crate::check::{CallerIdentity, Checker};
 use crate::crypto::{api_key_hash, random_hex};
 use crate::keys::RingError;
-use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, Route, is_valid_key_id};
+use crate::model::{KeyConfig, Pattern, Policy, PolicySpec, is_valid_key_id};
+use crate::route::Route;
 use crate::store::{KeyKind, KeyRecord, SecretRecord, Store, StoreError};
 use warden_client::signing::unix_now;
 

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::model::{KeyConfig, Pattern, Policy, Route, Secret, ServedPath};
+use crate::model::{KeyConfig, Pattern, Policy, Secret};
+use crate::route::{Route, ServedPath};
 use crate::store::{KeyKind, KeyRecord, Store};
 
 /// A secret with the time it stops verifying (rotation grace).

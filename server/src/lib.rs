@@ -41,6 +41,7 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 mod private_file;
+pub mod route;
 pub mod server;
 mod service;
 pub mod signing;

@@ -11,7 +11,8 @@ use super::*;
 use crate::auth::{CallerRule, ClientRule};
 use crate::engine::{FakeClock, ForwardOnly, Window, WindowKind};
 use crate::keys::KeyRing;
-use crate::model::{Pattern, Route, Secret};
+use crate::model::{Pattern, Secret};
+use crate::route::Route;
 
 /// A named change to a request, for table-driven tests.
 type Mutation = (&'static str, fn(&mut CheckRequest));

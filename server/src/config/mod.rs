@@ -14,9 +14,10 @@ use std::time::Duration;
 use crate::audit::AuditSettings;
 use crate::auth::{Authz, CallerRule, ClientRule, Role};
 use crate::model::{
-    Invalid, KeyConfig, MAX_ENTRIES, Pattern, Policy, PolicySpec, Route, Secret, bad,
-    is_valid_key_id, policy,
+    Invalid, KeyConfig, MAX_ENTRIES, Pattern, Policy, PolicySpec, Secret, bad, is_valid_key_id,
+    policy,
 };
+use crate::route::Route;
 use crate::store::{MasterKeySource, StoreSettings};
 
 pub mod schema;

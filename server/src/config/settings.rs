@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::descriptors::DescriptorRules;
-use crate::model::Route;
+use crate::route::Route;
 
 /// The server's TLS material and how it is used.
 #[derive(Clone, Debug)]

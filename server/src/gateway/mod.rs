@@ -23,7 +23,7 @@ use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, 
 use warden_client::reason_name;
 
 use crate::config::{ClientAddressFrom, GatewaySettings, Per};
-use crate::model::ServedPath;
+use crate::route::ServedPath;
 
 pub mod ext_authz;
 pub mod forward_auth;
@@ -338,7 +338,7 @@ pub fn error_body(error: &str, message: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::RouteLimit;
-    use crate::model::Route;
+    use crate::route::Route;
 
     fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
