@@ -715,6 +715,7 @@ async fn only_peers_may_call_the_peer_service_and_a_gateway_that_tries_changes_n
         cost: 1,
         commit: true,
         timestamp: unix_now(),
+        forget: false,
     };
     let vouch = VouchRequest {
         node: NODES[owner].into(),

@@ -596,3 +596,91 @@ async fn outbound_webhooks_are_signed_with_every_active_secret_and_verify() {
         assert!(!logs.contains(secret.as_str()), "a secret was logged");
     }
 }
+
+#[tokio::test]
+async fn a_delivery_whose_processing_failed_is_accepted_again_once_forgotten() {
+    // The view failed after Check accepted a Standard Webhooks delivery;
+    // the provider sends it again with the same message id. Without Forget
+    // that retry is a REPLAY, and the event is never processed.
+    let (dir, server, mut client) = start().await;
+    let body = br#"{"type":"invoice.paid"}"#;
+    let first = delivery(
+        "wh_std",
+        "standard-webhooks",
+        &standard(SW_SECRET, "msg_forget_1", unix_now(), body),
+        body,
+    );
+    assert_eq!(reason(&mut client, first.clone()).await, Reason::Ok);
+    // The provider's retry, signed at its own time: the same message.
+    let retry = delivery(
+        "wh_std",
+        "standard-webhooks",
+        &standard(SW_SECRET, "msg_forget_1", unix_now() + 1, body),
+        body,
+    );
+    assert_eq!(reason(&mut client, retry.clone()).await, Reason::Replay);
+
+    // A forged delivery of the same id forgets nothing (and is answered as
+    // Check answers it).
+    let mut forged = first.clone();
+    forged.body = br#"{"type":"refund"}"#.to_vec().into();
+    let r = client.forget(forged).await.unwrap();
+    assert_eq!(r.reason(), Reason::Unauthenticated, "{r:?}");
+    assert_eq!(reason(&mut client, retry.clone()).await, Reason::Replay);
+
+    // The app forgets the delivery it could not process: the retry is
+    // accepted, once.
+    let r = client.forget(first.clone()).await.unwrap();
+    assert_eq!(r.reason(), Reason::Ok, "{r:?}");
+    assert_eq!(r.caller.unwrap().key_id, "wh_std");
+    assert_eq!(reason(&mut client, retry.clone()).await, Reason::Ok);
+    assert_eq!(reason(&mut client, retry.clone()).await, Reason::Replay);
+    // Forgetting twice, or what was never accepted, is no error.
+    let never = delivery(
+        "wh_std",
+        "standard-webhooks",
+        &standard(SW_SECRET, "msg_forget_2", unix_now(), body),
+        body,
+    );
+    assert_eq!(
+        client.forget(never.clone()).await.unwrap().reason(),
+        Reason::Ok
+    );
+    assert_eq!(reason(&mut client, never).await, Reason::Ok);
+
+    // A bearer key's request is not remembered: nothing to forget.
+    let out = cli(
+        &dir,
+        &server,
+        &[
+            "keys", "create", "--owner", "mobile", "--bearer", "--policy", "webhooks", "--json",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bearer = CheckRequest {
+        api_key: created["api_key"].as_str().unwrap().into(),
+        method: "GET".into(),
+        path: "/".into(),
+        ..Default::default()
+    };
+    let r = client.forget(bearer).await.unwrap();
+    assert_eq!(r.reason(), Reason::Malformed, "{r:?}");
+    assert!(r.message.contains("nothing to forget"), "{r:?}");
+
+    // Only a caller with the check role may forget.
+    let tls = dir.client_tls("outsider", "outsider", &["spiffe://test/outsider"]);
+    let mut outsider = WardenClient::new(warden_client::channel(&server.addr, tls).await.unwrap());
+    let err = outsider.forget(first).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(reason(&mut client, retry).await, Reason::Replay);
+    // The log says a delivery was forgotten, by key, never its contents.
+    let logs = server.logs();
+    assert!(logs.contains("request_forgotten"), "{logs}");
+    assert!(!logs.contains("msg_forget_1") && !logs.contains(SW_SECRET));
+}

@@ -276,9 +276,25 @@ impl Client {
     /// Checks one request (on the next node in turn, and on the others
     /// while nodes are unreachable), within the client's deadline.
     pub async fn check(&mut self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+        self.call(Rpc::Check, request).await
+    }
+
+    /// Forgets that `request` was accepted, so that it may be accepted once
+    /// more: for a webhook delivery whose processing failed, which the
+    /// provider will send again. Judged as a check is (ALLOW when
+    /// forgotten); any node will do, and asking twice does no harm.
+    pub async fn forget(&mut self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+        self.call(Rpc::Forget, request).await
+    }
+
+    async fn call(
+        &mut self,
+        rpc: Rpc,
+        request: CheckRequest,
+    ) -> Result<CheckResponse, tonic::Status> {
         let n = self.nodes.len();
         if n == 1 {
-            return self.check_on(0, request).await;
+            return self.call_on(0, rpc, request).await;
         }
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
         // Nodes that failed lately go last, in turn among themselves.
@@ -289,7 +305,7 @@ impl Client {
         order.extend(skipped);
         let mut last = None;
         for i in order {
-            match self.check_on(i, request.clone()).await {
+            match self.call_on(i, rpc, request.clone()).await {
                 // Unreachable, or the connection broke under the call (a
                 // node that died): the next node may answer.
                 Err(status) if unreachable(&status) => last = Some(status),
@@ -301,9 +317,10 @@ impl Client {
 
     /// One attempt on node `i`, within the deadline; a node that fails to
     /// answer is passed over for a while.
-    async fn check_on(
+    async fn call_on(
         &mut self,
         i: usize,
+        rpc: Rpc,
         request: CheckRequest,
     ) -> Result<CheckResponse, tonic::Status> {
         // Enforced here, not sent as grpc-timeout: a paused server reads
@@ -311,7 +328,13 @@ impl Client {
         // its own expiry of a grpc-timeout as CANCELLED, which reads as a
         // connection closed under the call (retried on the next node,
         // although the node may have decided).
-        let call = self.nodes[i].check(request);
+        let node = &mut self.nodes[i];
+        let call = async move {
+            match rpc {
+                Rpc::Check => node.check(request).await,
+                Rpc::Forget => node.forget(request).await,
+            }
+        };
         let answer = match tokio::time::timeout(self.timeout, call).await {
             Ok(answer) => answer.map(tonic::Response::into_inner),
             Err(_) => Err(tonic::Status::deadline_exceeded(
@@ -338,6 +361,13 @@ impl Client {
         let i = self.turn.fetch_add(1, Ordering::Relaxed) % n;
         &mut self.nodes[i]
     }
+}
+
+/// The calls [`Client`] makes with a `CheckRequest`.
+#[derive(Clone, Copy)]
+enum Rpc {
+    Check,
+    Forget,
 }
 
 /// An mTLS channel to warden, for the generated stubs of any service it

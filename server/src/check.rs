@@ -820,6 +820,30 @@ impl Pending {
         }
     }
 
+    /// Its replay key alone, as a dry run: what a `Forget` sends to the
+    /// key's owner.
+    pub fn nonce_only(&self) -> Pending {
+        Pending {
+            nonce: self.nonce,
+            ..Pending::limits_only(self.now, Vec::new(), 1, false)
+        }
+    }
+
+    /// The answer to a `Forget` of this request: its replay key is no
+    /// longer remembered.
+    pub fn forgotten(self) -> Answer {
+        Answer {
+            key_id: Some(self.caller.key_id.clone()),
+            response: CheckResponse {
+                decision: Decision::Allow as i32,
+                reason: Reason::Ok as i32,
+                http_status: 200,
+                caller: Some(self.caller),
+                ..Default::default()
+            },
+        }
+    }
+
     /// The engine's view of this step.
     pub fn request(&self) -> Request<'_> {
         Request {
@@ -1105,6 +1129,14 @@ fn http_status(reason: Reason) -> u32 {
         Reason::Forbidden => 403,
         Reason::RateLimited | Reason::LockedOut => 429,
         Reason::Unspecified => 500,
+    }
+}
+
+/// A MALFORMED answer to a call this request cannot serve.
+pub fn malformed_answer(message: &str) -> Answer {
+    Answer {
+        response: deny(Reason::Malformed, message),
+        key_id: None,
     }
 }
 

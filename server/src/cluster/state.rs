@@ -194,6 +194,45 @@ impl ClusterState {
         }
     }
 
+    /// Forgets `pending`'s replay key at the node that owns it (a
+    /// `Forget`). Only its nonce is looked at.
+    pub async fn forget(&self, pending: &Pending) -> Result<(), Unavailable> {
+        let deadline = Instant::now() + self.membership.lease_ttl();
+        let nonce_only = pending.nonce_only();
+        loop {
+            let table = self.membership.table();
+            if let Some([share]) = shares(&table, &nonce_only).as_deref() {
+                let step = StateStep {
+                    forget: true,
+                    ..self.step(&table, &nonce_only, share)
+                };
+                match self.call(&table, share, step, Phase::Decide).await {
+                    PartAnswer::Verdict(v) => match v.outcome() {
+                        WireOutcome::Forgotten => return Ok(()),
+                        WireOutcome::NotOwner | WireOutcome::Unspecified => {}
+                        other => {
+                            // Decided as a dry run: an owner of a version
+                            // before forget steps.
+                            tracing::warn!(
+                                event = "forget_not_understood",
+                                peer = %share.address,
+                                answer = ?other,
+                                "the owner of a replay key did not forget it; is it running an older version?"
+                            );
+                            return Err(Unavailable);
+                        }
+                    },
+                    PartAnswer::Failed => {}
+                }
+            }
+            metrics::counter!("warden_cluster_reroutes_total").increment(1);
+            if Instant::now() >= deadline {
+                return Err(Unavailable);
+            }
+            tokio::time::sleep(REROUTE_PAUSE).await;
+        }
+    }
+
     /// One attempt under `table`.
     async fn try_decide(&self, table: &SlotTable, pending: &Pending) -> Attempt {
         let Some(shares) = shares(table, pending) else {
@@ -296,7 +335,10 @@ impl ClusterState {
                 allowed: v.allowed,
                 limits: v.limits.iter().map(limit_verdict).collect(),
             },
-            WireOutcome::NotOwner | WireOutcome::Unspecified => return Attempt::Reroute,
+            // Not an answer to a step that decides: route it again.
+            WireOutcome::NotOwner | WireOutcome::Unspecified | WireOutcome::Forgotten => {
+                return Attempt::Reroute;
+            }
         }))
     }
 
@@ -356,6 +398,7 @@ impl ClusterState {
             cost: pending.cost,
             commit: pending.commit,
             timestamp: pending.timestamp.unwrap_or(0),
+            forget: false,
         }
     }
 
@@ -453,6 +496,15 @@ impl ClusterState {
             return refuse(WireOutcome::NotOwner);
         }
         slots.dedup();
+        let engine = self.checker.engine();
+        if step.forget {
+            // Forgetting lets nothing in by itself: a request sent again is
+            // judged whole, fences and skews included, when it comes.
+            if let Some(n) = &step.nonce {
+                engine.forget(engine.placed(n.id));
+            }
+            return refuse(WireOutcome::Forgotten);
+        }
         let now = self.checker.now();
         if step.timestamp != 0 {
             if slots.iter().any(|&s| table.fenced(s, step.timestamp)) {
@@ -472,7 +524,6 @@ impl ClusterState {
                 });
             }
         }
-        let engine = self.checker.engine();
         let Some(limits) = step
             .limits
             .iter()
@@ -994,6 +1045,7 @@ impl ClusterState {
             cost: 1,
             commit: true,
             timestamp: 0,
+            forget: false,
         };
         let PartAnswer::Verdict(v) = self.call(table, &share, step, Phase::Decide).await else {
             metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);

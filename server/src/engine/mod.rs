@@ -518,6 +518,17 @@ impl Engine {
         }
     }
 
+    /// Forgets a replay key, so that its request may be accepted once more:
+    /// a `Forget`, for a delivery whose processing failed. Whether it was
+    /// remembered.
+    pub fn forget(&self, key: StateKey) -> bool {
+        let removed = self.shards[key.shard as usize].lock().nonces.remove(key);
+        if removed {
+            self.nonce_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
     /// Gives back what a committed, allowed `request` took at `taken_at`: its
     /// nonce is forgotten and its cost returned to every limit. For a check
     /// spanning cluster nodes that took its share here and was then refused

@@ -57,13 +57,16 @@ impl WardenService {
         req: &CheckRequest,
         caller: &CallerIdentity,
     ) -> Result<CheckResponse, Status> {
-        let ctx = Context {
+        check_one(&self.context(), req, caller, Intent::Check).await
+    }
+
+    fn context(&self) -> Context<'_> {
+        Context {
             checker: &self.checker,
             cluster: self.cluster.as_deref(),
             alerts: &self.alerts,
             audit: self.audit.as_deref(),
-        };
-        check_one(&ctx, req, caller).await
+        }
     }
 
     pub fn checker(&self) -> &Checker {
@@ -119,6 +122,22 @@ impl Warden for WardenService {
             .check_seconds
             .record(started.elapsed().as_secs_f64());
         answer.map(Response::new)
+    }
+
+    async fn forget(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let _permit = self.admission.admit(&request)?;
+        let caller = caller_of(&request);
+        check_one(
+            &self.context(),
+            &request.into_inner(),
+            &caller,
+            Intent::Forget,
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn sign_webhook(
@@ -222,17 +241,55 @@ struct OpenStream {
 
 /// Runs the pipeline for one request: here, or with its state step decided
 /// by the owning nodes of a cluster.
+/// What a call asks of the pipeline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    /// Decide the request (`Check`, `CheckStream`).
+    Check,
+    /// Forget that it was accepted (`Forget`).
+    Forget,
+}
+
 async fn run_check(
     ctx: &Context<'_>,
     req: &CheckRequest,
     caller: &CallerIdentity,
+    intent: Intent,
 ) -> Result<Answer, CheckError> {
     let pending = match ctx.checker.begin(req, caller)? {
         Step::Done(answer) => return Ok(answer),
         Step::State(pending) => pending,
     };
+    if intent == Intent::Forget {
+        return forget(ctx, pending).await;
+    }
     let outcome = decide_state(ctx.checker, ctx.cluster, &pending).await?;
     pending.finish(outcome)
+}
+
+/// Forgets a genuine request's replay key, here or at its owner.
+async fn forget(ctx: &Context<'_>, pending: Pending) -> Result<Answer, CheckError> {
+    let Some((key, _)) = pending.nonce else {
+        return Ok(crate::check::malformed_answer(
+            "api_key: a bearer key's request is not remembered; there is nothing to forget",
+        ));
+    };
+    match ctx.cluster {
+        None => {
+            ctx.checker.engine().forget(key);
+        }
+        Some(cluster) => cluster
+            .forget(&pending)
+            .await
+            .map_err(|_| CheckError::Unavailable)?,
+    }
+    let answer = pending.forgotten();
+    tracing::info!(
+        event = "request_forgotten",
+        key_id = answer.key_id.as_deref().unwrap_or("-"),
+        "an accepted request was forgotten; it may be accepted once more"
+    );
+    Ok(answer)
 }
 
 /// Runs one check and logs a denial. The log line carries the key id,
@@ -241,12 +298,15 @@ async fn check_one(
     ctx: &Context<'_>,
     req: &CheckRequest,
     caller: &CallerIdentity,
+    intent: Intent,
 ) -> Result<CheckResponse, Status> {
     let request_id = loggable_request_id(&req.request_id);
-    match run_check(ctx, req, caller).await {
+    match run_check(ctx, req, caller, intent).await {
         Ok(decision) => {
             let r = &decision.response;
-            CallMetrics::get().checked(r.decision(), r.reason());
+            if intent == Intent::Check {
+                CallMetrics::get().checked(r.decision(), r.reason());
+            }
             if r.decision() == Decision::Deny {
                 raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
                 if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
