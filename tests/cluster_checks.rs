@@ -1231,6 +1231,48 @@ async fn a_webhook_delivery_is_accepted_once_whatever_the_owners_clock() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_forgotten_through_any_node_is_forgotten_at_its_owner() {
+    // The delivery's replay key lives at the key's owner: a Forget that
+    // reached only the node it was sent to would forget nothing there.
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let cluster = Cluster::start(&url, "");
+    let owner = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
+    let (through, forgetter) = ((owner + 1) % 3, (owner + 2) % 3);
+    let mut client = cluster.client(through).await;
+    let mut other = cluster.client(forgetter).await;
+
+    let body = br#"{"action":"opened"}"#;
+    let headers = crate::webhooks::github(SECRET, body, &new_nonce());
+    let delivery = crate::webhooks::delivery("wk_hundred", "github", &headers, body);
+    assert_eq!(
+        reason(&client.check(delivery.clone()).await.unwrap()),
+        Reason::Ok
+    );
+    assert_eq!(
+        reason(&client.check(delivery.clone()).await.unwrap()),
+        Reason::Replay
+    );
+    let r = other.forget(delivery.clone()).await.unwrap();
+    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    // Accepted once more, through any node, and once only.
+    assert_eq!(
+        reason(&other.check(delivery.clone()).await.unwrap()),
+        Reason::Ok
+    );
+    assert_eq!(
+        reason(&client.check(delivery.clone()).await.unwrap()),
+        Reason::Replay
+    );
+    let mut at_owner = cluster.client(owner).await;
+    assert_eq!(
+        reason(&at_owner.check(delivery).await.unwrap()),
+        Reason::Replay
+    );
+}
+
 /// A key's owner accepts timestamps up to its own clock plus the future
 /// skew. If it dies, the next owner fences by its clock what the dead one
 /// may have accepted: with the dead node's clock ahead, a request it
