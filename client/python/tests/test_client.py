@@ -44,6 +44,32 @@ def test_a_tampered_body_is_unauthenticated_and_a_replay_is_refused(warden, clie
     assert (d.allowed, d.reason, d.http_status) == (False, "unauthenticated", 401)
 
 
+def test_a_forgotten_request_is_accepted_once_more_on_either_transport(warden, client, transport):
+    key = warden.create_key("--owner", "py")
+    req = signed(key)
+    assert client.check(req).allowed
+    assert client.check(req).reason == "replay"
+    d = client.forget(req)
+    assert d.allowed and d.caller.key_id == key["key_id"]
+    assert client.check(req).allowed
+    assert client.check(req).reason == "replay"
+    # Judged as a check is: a tampered copy forgets nothing.
+    tampered = signed(key)
+    assert client.check(tampered).allowed
+    tampered.body = b'{"amount": 1000000}'
+    assert client.forget(tampered).reason == "unauthenticated"
+
+    async def forget_async():
+        c = AsyncWardenClient(warden.addr, timeout=2.0, transport=transport, **warden.tls())
+        try:
+            return await c.forget(req)
+        finally:
+            await c.close()
+
+    assert asyncio.run(forget_async()).allowed
+    assert client.check(req).allowed
+
+
 def test_keyword_fields_and_streams(warden, client):
     key = warden.create_key("--owner", "py")
     h = sign_request(key["key_id"], key["secret"], "GET", "/k")

@@ -211,6 +211,42 @@ def test_the_django_decorator_runs_the_view_once_per_delivery_and_answers_provid
     assert r.status_code == 401
 
 
+def test_a_delivery_whose_view_failed_runs_again_when_the_provider_sends_it_again(webhook_settings):
+    # The view raised, then answered 503: each time the provider's next try
+    # (the same body, for GitHub the same delivery) must run it again, and
+    # once it succeeded, never again.
+    from django.http import HttpResponse, JsonResponse
+    from django.test import RequestFactory
+
+    from warden_client.django.webhooks import warden_webhook
+
+    runs = []
+
+    def flaky(request):
+        runs.append(request.body)
+        if len(runs) == 1:
+            raise RuntimeError("the database went away")
+        if len(runs) == 2:
+            return HttpResponse(status=503)
+        return JsonResponse({"received": "push"})
+
+    view = warden_webhook("github")(flaky)
+    push = json.dumps({"ref": "refs/heads/main", "after": secrets.token_hex(20)}).encode()
+    sig = "sha256=" + hmac.new(GITHUB_SECRET.encode(), push, hashlib.sha256).hexdigest()
+
+    def deliver():
+        return view(RequestFactory().post("/webhooks/github", data=push, content_type="application/json",
+                                          HTTP_X_HUB_SIGNATURE_256=sig, HTTP_X_GITHUB_EVENT="push"))
+
+    with pytest.raises(RuntimeError):
+        deliver()
+    assert deliver().status_code == 503
+    assert deliver().status_code == 200
+    r = deliver()
+    assert r.status_code == 200 and json.loads(r.content) == {"status": "duplicate"}
+    assert len(runs) == 3
+
+
 def test_a_forwarded_for_entry_the_client_invented_is_not_its_address(warden_settings):
     from django.test import RequestFactory
 

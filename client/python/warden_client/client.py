@@ -267,6 +267,7 @@ class _NativeStub:
     and travel as their serialized bytes."""
 
     _CHECK = _method_path("Check")
+    _FORGET = _method_path("Forget")
     _SIGN_WEBHOOK = _method_path("SignWebhook")
     _CHECK_STREAM = _method_path("CheckStream")
 
@@ -282,6 +283,9 @@ class _NativeStub:
 
     def Check(self, request: CheckRequest, timeout: float) -> warden_pb2.CheckResponse:
         return self._unary(self._CHECK, request, warden_pb2.CheckResponse, timeout)
+
+    def Forget(self, request: CheckRequest, timeout: float) -> warden_pb2.CheckResponse:
+        return self._unary(self._FORGET, request, warden_pb2.CheckResponse, timeout)
 
     def SignWebhook(self, request: SignWebhookRequest, timeout: float) -> warden_pb2.SignWebhookResponse:
         return self._unary(self._SIGN_WEBHOOK, request, warden_pb2.SignWebhookResponse, timeout)
@@ -322,6 +326,9 @@ class _NativeAsyncStub:
 
     def Check(self, request: CheckRequest, timeout: float):
         return self._unary(_NativeStub._CHECK, request, warden_pb2.CheckResponse, timeout)
+
+    def Forget(self, request: CheckRequest, timeout: float):
+        return self._unary(_NativeStub._FORGET, request, warden_pb2.CheckResponse, timeout)
 
     def SignWebhook(self, request: SignWebhookRequest, timeout: float):
         return self._unary(_NativeStub._SIGN_WEBHOOK, request, warden_pb2.SignWebhookResponse, timeout)
@@ -471,6 +478,13 @@ class WardenClient(_Base):
         req = _request(request, fields)
         return Decision.from_proto(self._call(lambda stub: stub.Check(req, timeout=self.timeout)))
 
+    def forget(self, request: CheckRequest) -> Decision:
+        """Forgets that ``request`` was accepted, so that it may be accepted
+        once more: for a webhook delivery whose processing failed, which the
+        provider will send again. Judged as ``check`` judges it (allowed when
+        forgotten); asking twice does no harm."""
+        return Decision.from_proto(self._call(lambda stub: stub.Forget(request, timeout=self.timeout)))
+
     def sign_webhook(
         self, key_id: str, scheme: str, payload: bytes | str, *, message_id: str = "", timestamp: int = 0
     ) -> SignedWebhook:
@@ -554,6 +568,10 @@ class AsyncWardenClient(_Base):
     async def check(self, request: CheckRequest | None = None, /, **fields) -> Decision:
         req = _request(request, fields)
         return Decision.from_proto(await self._call(lambda stub: stub.Check(req, timeout=self.timeout)))
+
+    async def forget(self, request: CheckRequest) -> Decision:
+        """``WardenClient.forget``, awaited."""
+        return Decision.from_proto(await self._call(lambda stub: stub.Forget(request, timeout=self.timeout)))
 
     async def sign_webhook(
         self, key_id: str, scheme: str, payload: bytes | str, *, message_id: str = "", timestamp: int = 0

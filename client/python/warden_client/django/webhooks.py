@@ -28,10 +28,11 @@ What the provider is answered when the view does not run:
 Views it decorates are skipped by ``WardenMiddleware``; ``request.warden``
 is the key's caller (key id and owner) when the view runs.
 
-A delivery is accepted before the view runs: a view that then fails has
-used it up. A Standard Webhooks retry (same message id) or a GitHub
-redelivery (same body) is then answered as a duplicate; a Stripe retry is
-signed anew and accepted. Record the event before any work that can fail.
+A delivery is accepted before the view runs, once. When the view then
+fails (raises, or answers 5xx), warden is told to forget the delivery, so
+that the provider's next try runs the view again: a Standard Webhooks retry
+(the same message id) and a GitHub redelivery (the same body) would
+otherwise be answered as duplicates, and the event never processed.
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def webhook_request(request: HttpRequest, conf: Conf, provider: str, key_id: str
     return req
 
 
+def _forget(conf: Conf, req: CheckRequest, provider: str) -> None:
+    """The view failed (raised, or answered 5xx) on a delivery warden had
+    accepted: the provider will send it again, and then it must run."""
+    try:
+        decision = conf.client().forget(req)
+    except WardenError as e:
+        log.error("a %s webhook whose view failed could not be forgotten (%s): "
+                  "the provider's next try will be answered as a duplicate", provider, e)
+        return
+    if not decision.allowed:
+        log.error("a %s webhook whose view failed could not be forgotten: %s (%s)",
+                  provider, decision.reason, decision.message)
+
+
 def _refused(provider: str, reason: str, status: int) -> HttpResponse:
     if reason in ("unauthenticated", "stale", "malformed"):
         status = 400 if provider == "stripe" or reason == "malformed" else 401
@@ -114,7 +129,14 @@ def warden_webhook(provider: str, key_id: str | None = None):
                 return unavailable_response()
             if decision.allowed:
                 request.warden = decision.caller
-                return view(request, *args, **kwargs)
+                try:
+                    response = view(request, *args, **kwargs)
+                except Exception:
+                    _forget(conf, req, provider)
+                    raise
+                if response.status_code >= 500:
+                    _forget(conf, req, provider)
+                return response
             if decision.reason == "replay":
                 log.info("%s webhook already received; not run again", provider)
                 return JsonResponse({"status": "duplicate"}, status=200)

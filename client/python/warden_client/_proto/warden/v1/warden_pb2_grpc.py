@@ -52,6 +52,11 @@ class WardenStub:
                 request_serializer=warden_dot_v1_dot_warden__pb2.SignWebhookRequest.SerializeToString,
                 response_deserializer=warden_dot_v1_dot_warden__pb2.SignWebhookResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/warden.v1.Warden/Forget',
+                request_serializer=warden_dot_v1_dot_warden__pb2.CheckRequest.SerializeToString,
+                response_deserializer=warden_dot_v1_dot_warden__pb2.CheckResponse.FromString,
+                _registered_method=True)
 
 
 class WardenServicer:
@@ -89,6 +94,20 @@ class WardenServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """Forgets that a request was accepted, so that it may be accepted once
+        more: for a webhook delivery whose processing failed after Check
+        accepted it, which the provider then sends again (a Standard Webhooks
+        retry carries the same message id). The request is judged as by Check
+        (role, key, signature, freshness, routes), without its limits; ALLOW
+        when its replay key is forgotten (or was not remembered), the denial
+        Check would give otherwise, MALFORMED for a bearer key (nothing to
+        forget). Nothing else is given back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WardenServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +125,11 @@ def add_WardenServicer_to_server(servicer, server):
                     servicer.SignWebhook,
                     request_deserializer=warden_dot_v1_dot_warden__pb2.SignWebhookRequest.FromString,
                     response_serializer=warden_dot_v1_dot_warden__pb2.SignWebhookResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=warden_dot_v1_dot_warden__pb2.CheckRequest.FromString,
+                    response_serializer=warden_dot_v1_dot_warden__pb2.CheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -192,6 +216,33 @@ class Warden:
             '/warden.v1.Warden/SignWebhook',
             warden_dot_v1_dot_warden__pb2.SignWebhookRequest.SerializeToString,
             warden_dot_v1_dot_warden__pb2.SignWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warden.v1.Warden/Forget',
+            warden_dot_v1_dot_warden__pb2.CheckRequest.SerializeToString,
+            warden_dot_v1_dot_warden__pb2.CheckResponse.FromString,
             options,
             channel_credentials,
             insecure,
