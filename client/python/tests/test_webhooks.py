@@ -247,6 +247,45 @@ def test_a_delivery_whose_view_failed_runs_again_when_the_provider_sends_it_agai
     assert len(runs) == 3
 
 
+def test_an_async_view_is_guarded_alike_and_runs_again_after_it_failed(webhook_settings):
+    import asyncio
+
+    from django.http import JsonResponse
+    from django.test import RequestFactory
+
+    from warden_client.django.webhooks import warden_webhook
+
+    runs = []
+
+    async def flaky(request):
+        runs.append(request.body)
+        if len(runs) == 1:
+            raise RuntimeError("the database went away")
+        return JsonResponse({"received": "push"})
+
+    view = warden_webhook("github")(flaky)
+    assert asyncio.iscoroutinefunction(view)
+    push = json.dumps({"ref": "refs/heads/main", "after": secrets.token_hex(20)}).encode()
+    sig = "sha256=" + hmac.new(GITHUB_SECRET.encode(), push, hashlib.sha256).hexdigest()
+
+    def request(signature):
+        return RequestFactory().post("/webhooks/github", data=push, content_type="application/json",
+                                     HTTP_X_HUB_SIGNATURE_256=signature, HTTP_X_GITHUB_EVENT="push")
+
+    async def deliveries():
+        with pytest.raises(RuntimeError):
+            await view(request(sig))
+        answers = [await view(request(sig)), await view(request(sig))]
+        forged = await view(request("sha256=" + "0" * 64))
+        return answers, forged
+
+    (ran, duplicate), forged = asyncio.run(deliveries())
+    assert ran.status_code == 200 and json.loads(ran.content) == {"received": "push"}
+    assert duplicate.status_code == 200 and json.loads(duplicate.content) == {"status": "duplicate"}
+    assert forged.status_code == 401
+    assert len(runs) == 2
+
+
 def test_a_forwarded_for_entry_the_client_invented_is_not_its_address(warden_settings):
     from django.test import RequestFactory
 

@@ -41,6 +41,7 @@ import functools
 import ipaddress
 import logging
 
+from asgiref.sync import iscoroutinefunction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from warden_client.client import CheckRequest, WardenError
@@ -92,18 +93,48 @@ def webhook_request(request: HttpRequest, conf: Conf, provider: str, key_id: str
     return req
 
 
-def _forget(conf: Conf, req: CheckRequest, provider: str) -> None:
+def _forget(provider: str, forget) -> None:
     """The view failed (raised, or answered 5xx) on a delivery warden had
-    accepted: the provider will send it again, and then it must run."""
+    accepted: the provider will send it again, and then it must run.
+    ``forget()`` asks warden to forget the delivery."""
     try:
-        decision = conf.client().forget(req)
+        decision = forget()
     except WardenError as e:
-        log.error("a %s webhook whose view failed could not be forgotten (%s): "
-                  "the provider's next try will be answered as a duplicate", provider, e)
+        _not_forgotten(provider, str(e))
         return
     if not decision.allowed:
-        log.error("a %s webhook whose view failed could not be forgotten: %s (%s)",
-                  provider, decision.reason, decision.message)
+        _not_forgotten(provider, f"{decision.reason}: {decision.message}")
+
+
+async def _aforget(provider: str, forget) -> None:
+    """``_forget`` for an async view: ``forget()`` is awaited."""
+    try:
+        decision = await forget()
+    except WardenError as e:
+        _not_forgotten(provider, str(e))
+        return
+    if not decision.allowed:
+        _not_forgotten(provider, f"{decision.reason}: {decision.message}")
+
+
+def _not_forgotten(provider: str, why: str) -> None:
+    log.error("a %s webhook whose view failed could not be forgotten (%s): "
+              "the provider's next try will be answered as a duplicate", provider, why)
+
+
+def _answer(provider: str, decision) -> HttpResponse | None:
+    """What the provider is told when the view does not run; ``None`` when
+    it runs."""
+    if decision.allowed:
+        return None
+    if decision.reason == "replay":
+        log.info("%s webhook already received; not run again", provider)
+        return JsonResponse({"status": "duplicate"}, status=200)
+    log.warning("%s webhook refused: %s (%s)", provider, decision.reason, decision.message)
+    response = _refused(provider, decision.reason, decision.http_status)
+    for name, value in decision.headers.items():
+        response[name] = value
+    return response
 
 
 def _refused(provider: str, reason: str, status: int) -> HttpResponse:
@@ -118,33 +149,56 @@ def warden_webhook(provider: str, key_id: str | None = None):
         raise ValueError(f"unknown webhook provider {provider!r}; one of {sorted(PROVIDER_HEADERS)}")
 
     def decorate(view):
-        @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args, **kwargs):
-            conf = get_conf()
-            req = webhook_request(request, conf, provider, _key_id(provider, key_id))
-            try:
-                decision = conf.client().check(req)
-            except WardenError as e:
-                log.error("warden could not verify a %s webhook: %s", provider, e)
-                return unavailable_response()
-            if decision.allowed:
+        if iscoroutinefunction(view):
+            @functools.wraps(view)
+            async def async_wrapper(request: HttpRequest, *args, **kwargs):
+                conf = get_conf()
+                req = webhook_request(request, conf, provider, _key_id(provider, key_id))
+                client = conf.aclient()
+                try:
+                    decision = await client.check(req)
+                except WardenError as e:
+                    log.error("warden could not verify a %s webhook: %s", provider, e)
+                    return unavailable_response()
+                refused = _answer(provider, decision)
+                if refused is not None:
+                    return refused
+                request.warden = decision.caller
+                try:
+                    response = await view(request, *args, **kwargs)
+                except Exception:
+                    await _aforget(provider, lambda: client.forget(req))
+                    raise
+                if response.status_code >= 500:
+                    await _aforget(provider, lambda: client.forget(req))
+                return response
+
+            wrapper = async_wrapper
+        else:
+            @functools.wraps(view)
+            def sync_wrapper(request: HttpRequest, *args, **kwargs):
+                conf = get_conf()
+                req = webhook_request(request, conf, provider, _key_id(provider, key_id))
+                client = conf.client()
+                try:
+                    decision = client.check(req)
+                except WardenError as e:
+                    log.error("warden could not verify a %s webhook: %s", provider, e)
+                    return unavailable_response()
+                refused = _answer(provider, decision)
+                if refused is not None:
+                    return refused
                 request.warden = decision.caller
                 try:
                     response = view(request, *args, **kwargs)
                 except Exception:
-                    _forget(conf, req, provider)
+                    _forget(provider, lambda: client.forget(req))
                     raise
                 if response.status_code >= 500:
-                    _forget(conf, req, provider)
+                    _forget(provider, lambda: client.forget(req))
                 return response
-            if decision.reason == "replay":
-                log.info("%s webhook already received; not run again", provider)
-                return JsonResponse({"status": "duplicate"}, status=200)
-            log.warning("%s webhook refused: %s (%s)", provider, decision.reason, decision.message)
-            response = _refused(provider, decision.reason, decision.http_status)
-            for name, value in decision.headers.items():
-                response[name] = value
-            return response
+
+            wrapper = sync_wrapper
 
         # WardenMiddleware leaves these views to the decorator.
         wrapper.warden_webhook = provider
