@@ -239,8 +239,6 @@ struct OpenStream {
     ended: bool,
 }
 
-/// Runs the pipeline for one request: here, or with its state step decided
-/// by the owning nodes of a cluster.
 /// What a call asks of the pipeline.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Intent {
@@ -250,6 +248,8 @@ enum Intent {
     Forget,
 }
 
+/// Runs the pipeline for one request: here, or with its state step decided
+/// by the owning nodes of a cluster.
 async fn run_check(
     ctx: &Context<'_>,
     req: &CheckRequest,
