@@ -679,6 +679,11 @@ async fn a_delivery_whose_processing_failed_is_accepted_again_once_forgotten() {
     let err = outsider.forget(first).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert_eq!(reason(&mut client, retry).await, Reason::Replay);
+    assert_eq!(
+        support::metric(&server, "warden_requests_forgotten_total"),
+        2,
+        "the delivery and the one never accepted"
+    );
     // The log says a delivery was forgotten, by key, never its contents.
     let logs = server.logs();
     assert!(logs.contains("request_forgotten"), "{logs}");

@@ -284,6 +284,7 @@ async fn forget(ctx: &Context<'_>, pending: Pending) -> Result<Answer, CheckErro
             .map_err(|_| CheckError::Unavailable)?,
     }
     let answer = pending.forgotten();
+    metrics::counter!("warden_requests_forgotten_total").increment(1);
     tracing::info!(
         event = "request_forgotten",
         key_id = answer.key_id.as_deref().unwrap_or("-"),
