@@ -1068,6 +1068,21 @@ async fn taken_over(
     signer: &Signer,
     since: Instant,
 ) -> (CheckRequest, Duration) {
+    taken_over_within(cluster, client, signer, since, Duration::from_secs(30)).await
+}
+
+/// How long the takeover after a database clock step back may take (see
+/// its test).
+const STEP_BACK_TAKEOVER: Duration = Duration::from_secs(50);
+
+/// [`taken_over`], failing only once `limit` has passed since `since`.
+async fn taken_over_within(
+    cluster: &Cluster,
+    client: &mut Client,
+    signer: &Signer,
+    since: Instant,
+    limit: Duration,
+) -> (CheckRequest, Duration) {
     loop {
         let req = signed(signer, unix_now());
         let answer = client.check(req.clone()).await;
@@ -1077,7 +1092,7 @@ async fn taken_over(
             return (req, since.elapsed());
         }
         assert!(
-            since.elapsed() < Duration::from_secs(30),
+            since.elapsed() < limit,
             "the key was never served again (last answer: {answer:?}); events:\n{}",
             cluster.cluster_events()
         );
@@ -1395,12 +1410,26 @@ async fn a_node_dying_as_the_database_clock_steps_back_is_taken_over_in_seconds(
     pg.set_clock(-3600);
 
     let mut clients = cluster.clients().await;
-    let (_, served_again) = taken_over(&cluster, &mut clients[0], &signer, killed_at).await;
+    let (_, served_again) = taken_over_within(
+        &cluster,
+        &mut clients[0],
+        &signer,
+        killed_at,
+        STEP_BACK_TAKEOVER,
+    )
+    .await;
     // As after any death (about 11 s: a lease TTL, a renewal or two and
-    // the takeover fence), with room for a loaded machine; the point is
-    // seconds, not the hour of the step.
+    // the takeover fence); the point is seconds, not the hour of the step.
+    // The bound leaves room for an artifact of the test's clock: under
+    // libfaketime, PostgreSQL's timer signal handler appears to read the real clock
+    // now and then, which after a step back is ahead of the faked one, so
+    // it ends a membership session as idle in transaction mid-renewal
+    // (never with the clock at +0, measured). Each such end restarts the
+    // whole lease of healthy renewals a node waits for before sweeping,
+    // and on a loaded machine that took 24 s once. A real clock step is
+    // seen alike by the handler and the session.
     assert!(
-        served_again < Duration::from_secs(20),
+        served_again < STEP_BACK_TAKEOVER,
         "served again {served_again:?} after the kill; events:\n{}",
         cluster.cluster_events()
     );
