@@ -1421,10 +1421,10 @@ async fn a_node_dying_as_the_database_clock_steps_back_is_taken_over_in_seconds(
     // As after any death (about 11 s: a lease TTL, a renewal or two and
     // the takeover fence); the point is seconds, not the hour of the step.
     // The bound leaves room for an artifact of the test's clock: under
-    // libfaketime, PostgreSQL's timer signal handler appears to read the real clock
-    // now and then, which after a step back is ahead of the faked one, so
-    // it ends a membership session as idle in transaction mid-renewal
-    // (never with the clock at +0, measured). Each such end restarts the
+    // libfaketime, PostgreSQL's timer signal handler appears to read the
+    // real clock now and then, which after a step back is ahead of the
+    // faked one, so it ends a membership session as idle in transaction
+    // mid-renewal (never with the clock at +0, measured). Each such end restarts the
     // whole lease of healthy renewals a node waits for before sweeping,
     // and on a loaded machine that took 24 s once. A real clock step is
     // seen alike by the handler and the session.
