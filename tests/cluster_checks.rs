@@ -1999,7 +1999,8 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
             assert_eq!(reason(&r), Reason::Ok, "{r:?}");
             assert!(
                 Instant::now() < deadline,
-                "the spent budget never arrived: {r:?}"
+                "the spent budget never arrived: {r:?}\n{}",
+                cluster.cluster_events()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -821,7 +821,7 @@ impl Membership {
     /// signed up to the moment it stopped answering plus the future skew,
     /// and it stops at the latest one renewal interval after the change
     /// (when it renews and sees it).
-    fn update_table(&self, view: &View, rejoined: bool, missed: Vec<(u64, Vec<Node>)>) {
+    pub(super) fn update_table(&self, view: &View, rejoined: bool, missed: Vec<(u64, Vec<Node>)>) {
         let _changing = self.changing.lock();
         if self.leaving.load(Ordering::Relaxed) {
             return;
@@ -1255,7 +1255,7 @@ async fn renew(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::engine::Slot;
 
@@ -1276,7 +1276,7 @@ mod tests {
 
     /// `names` at `version`, each joined at the time given (a restart is a
     /// new time under the same name).
-    fn view(version: u64, names: &[(&str, i64)]) -> View {
+    pub(in crate::cluster) fn view(version: u64, names: &[(&str, i64)]) -> View {
         View {
             version,
             members: names
@@ -1319,7 +1319,8 @@ mod tests {
         assert_eq!(follower.table().awaited().count(), 0);
     }
 
-    const THREE: [(&str, i64); 3] = [("node-a", 1), ("node-b", 1), ("node-c", 1)];
+    pub(in crate::cluster) const THREE: [(&str, i64); 3] =
+        [("node-a", 1), ("node-b", 1), ("node-c", 1)];
 
     /// Node A at version 3 with B and C, both of which handed over to it.
     fn settled_a() -> Arc<Membership> {

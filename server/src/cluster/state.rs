@@ -999,7 +999,7 @@ impl ClusterState {
         };
         let this = self.clone();
         tokio::spawn(async move {
-            this.send_charge(&table, owner, key, limit).await;
+            this.send_charge(key, limit).await;
             drop(room);
         });
     }
@@ -1028,28 +1028,50 @@ impl ClusterState {
         })
     }
 
-    /// One failure charge to its owner (`owner` in `table`), and a spent
-    /// budget to every other node: one attempt each, where there is room (a
-    /// node that misses it learns it from the owner at its next charge).
-    async fn send_charge(&self, table: &SlotTable, owner: u16, key: StateKey, limit: Limit) {
-        let share = Share {
-            owner,
-            address: table.nodes[usize::from(owner)].address.clone(),
-            nonce: false,
-            limits: SmallVec::from_slice(&[0]),
-        };
-        let step = StateStep {
-            version: table.version,
-            nonce: None,
-            limits: vec![self.wire_state_limit((key, limit))],
-            cost: 1,
-            commit: true,
-            timestamp: 0,
-            forget: false,
-        };
-        let PartAnswer::Verdict(v) = self.call(table, &share, step, Phase::Decide).await else {
-            metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
-            return;
+    /// One failure charge to the owner of `key`, and a spent budget to
+    /// every other node: one attempt each, where there is room (a node that
+    /// misses it learns it from the owner at its next charge).
+    ///
+    /// An owner that answers "not mine" (a table changing, its state still
+    /// being handed over) took nothing, so the charge follows the slot to
+    /// its owner, as a check's step does, within one lease TTL. A call that
+    /// failed is not sent again: the owner may have taken it, and a failure
+    /// charged twice would lock an innocent client out sooner.
+    async fn send_charge(&self, key: StateKey, limit: Limit) {
+        let deadline = Instant::now() + self.membership.lease_ttl();
+        let (table, owner, v) = loop {
+            let table = self.membership.table();
+            if let Some((owner, _)) = table.owner(key.slot()) {
+                let share = Share {
+                    owner,
+                    address: table.nodes[usize::from(owner)].address.clone(),
+                    nonce: false,
+                    limits: SmallVec::from_slice(&[0]),
+                };
+                let step = StateStep {
+                    version: table.version,
+                    nonce: None,
+                    limits: vec![self.wire_state_limit((key, limit))],
+                    cost: 1,
+                    commit: true,
+                    timestamp: 0,
+                    forget: false,
+                };
+                match self.call(&table, &share, step, Phase::Decide).await {
+                    PartAnswer::Verdict(v) if v.outcome() == WireOutcome::NotOwner => {}
+                    PartAnswer::Verdict(v) => break (table, owner, v),
+                    PartAnswer::Failed => {
+                        metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
+                        return;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
+                return;
+            }
+            metrics::counter!("warden_cluster_reroutes_total").increment(1);
+            tokio::time::sleep(REROUTE_PAUSE).await;
         };
         let spent = v.outcome() == WireOutcome::Limited
             && v.limits
@@ -1346,6 +1368,58 @@ mod tests {
             .checker
             .engine()
             .take_slots(|s| s == slot, state.checker.now())
+    }
+
+    /// A failure charged to an owner that is still being handed its
+    /// slot's state (it answers "not mine", having taken nothing) is not
+    /// lost: it follows the slot, and is counted once the owner serves it.
+    /// A rebalance is no window for free guesses.
+    #[tokio::test]
+    async fn a_failure_charged_while_its_owner_awaits_the_handover_is_counted_once_it_serves() {
+        use crate::cluster::membership::tests::{THREE, view};
+        let state = state();
+        let membership = &state.membership;
+        // Node A back among B and C: its slots wait for their handovers.
+        membership.update_table(&view(3, &THREE), true, Vec::new());
+        membership.vouched(Instant::now());
+        let table = membership.table();
+        let engine = state.checker.engine();
+        let key = (0u32..)
+            .map(|i| engine.key_in(Pool::FAILURES, &i.to_be_bytes(), &[b"failures:address"]))
+            .find(|k| table.owns(k.slot()))
+            .unwrap();
+        assert!(!table.is_mine(key.slot()), "awaiting its handover");
+        let one_failure = Limit::Gcra(Gcra::new(1, Nanos::from_secs(3600), 1));
+        let spent = |state: &ClusterState| {
+            let look = Request {
+                nonce: None,
+                limits: &[(key, one_failure)],
+                cost: 1,
+                commit: false,
+            };
+            let now = state.checker.now();
+            matches!(
+                state.checker.engine().decide(now, &look),
+                Outcome::Limited { allowed: false, .. }
+            )
+        };
+
+        let charging = tokio::spawn({
+            let state = state.clone();
+            async move { state.send_charge(key, one_failure).await }
+        });
+        tokio::time::sleep(REROUTE_PAUSE * 3).await;
+        assert!(!charging.is_finished(), "the charge was given up");
+        assert!(!spent(&state), "charged before the slot was served");
+
+        membership.handed_over("node-b", 3);
+        membership.handed_over("node-c", 3);
+        assert!(membership.table().is_mine(key.slot()));
+        tokio::time::timeout(Duration::from_secs(1), charging)
+            .await
+            .expect("the charge follows the slot at once")
+            .unwrap();
+        assert!(spent(&state), "the failure was not counted");
     }
 
     #[tokio::test]
