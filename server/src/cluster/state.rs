@@ -983,19 +983,17 @@ impl ClusterState {
     /// failures that arrive at other nodes between the charge that spends
     /// the budget and that message (a round trip) are not refused early.
     /// At most [`MAX_FAILURE_CHARGES`] are on their way to one node at
-    /// once; past that a charge to it is dropped, and counted.
+    /// once (this one included); past that a charge to it is dropped, and
+    /// counted.
     pub fn charge_failure(self: &Arc<Self>, key: StateKey, limit: Limit) {
         let table = self.membership.table();
         let Some((owner, _)) = table.owner(key.slot()) else {
             return;
         };
-        let room = if Some(owner) == table.me() {
-            None
-        } else {
-            match self.room_for(&table.nodes[usize::from(owner)].name) {
-                Some(room) => Some(room),
-                None => return,
-            }
+        // This node's own budgets too: a charge waits while its owner is
+        // not serving the slot, and that may be this node.
+        let Some(room) = self.room_for(&table.nodes[usize::from(owner)].name) else {
+            return;
         };
         let this = self.clone();
         tokio::spawn(async move {
@@ -1420,6 +1418,66 @@ mod tests {
             .expect("the charge follows the slot at once")
             .unwrap();
         assert!(spent(&state), "the failure was not counted");
+    }
+
+    /// Charges waiting for their owner are bounded when the owner is this
+    /// node too: a flood of bad signatures while this node is not serving
+    /// its own slots (awaiting a handover) holds at most
+    /// [`MAX_FAILURE_CHARGES`], and they all land once it serves.
+    #[tokio::test]
+    async fn charges_waiting_for_this_node_to_serve_its_own_slots_stay_within_their_bound() {
+        use crate::cluster::membership::tests::{THREE, view};
+        let state = state();
+        let membership = &state.membership;
+        membership.update_table(&view(3, &THREE), true, Vec::new());
+        membership.vouched(Instant::now());
+        let table = membership.table();
+        let engine = state.checker.engine();
+        let one_failure = Limit::Gcra(Gcra::new(1, Nanos::from_secs(3600), 1));
+        let keys: Vec<StateKey> = (0u32..)
+            .map(|i| engine.key_in(Pool::FAILURES, &i.to_be_bytes(), &[b"failures:address"]))
+            .filter(|k| table.owns(k.slot()))
+            .take(MAX_FAILURE_CHARGES + 100)
+            .collect();
+        for &key in &keys {
+            state.charge_failure(key, one_failure);
+        }
+        let room = state
+            .failure_charges
+            .lock()
+            .get("node-a")
+            .cloned()
+            .expect("charges to this node are bounded");
+        tokio::time::sleep(REROUTE_PAUSE * 2).await;
+        assert_eq!(room.available_permits(), 0, "every room is taken");
+
+        membership.handed_over("node-b", 3);
+        membership.handed_over("node-c", 3);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while room.available_permits() < MAX_FAILURE_CHARGES {
+            assert!(Instant::now() < deadline, "charges still waiting");
+            tokio::time::sleep(REROUTE_PAUSE).await;
+        }
+        let now = state.checker.now();
+        let charged = keys
+            .iter()
+            .filter(|&&key| {
+                let look = Request {
+                    nonce: None,
+                    limits: &[(key, one_failure)],
+                    cost: 1,
+                    commit: false,
+                };
+                matches!(
+                    engine.decide(now, &look),
+                    Outcome::Limited { allowed: false, .. }
+                )
+            })
+            .count();
+        assert_eq!(
+            charged, MAX_FAILURE_CHARGES,
+            "those past the bound were dropped"
+        );
     }
 
     #[tokio::test]
