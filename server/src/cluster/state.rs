@@ -186,11 +186,9 @@ impl ClusterState {
                 Attempt::Unconfirmed => return Err(Unavailable),
                 Attempt::Reroute => {}
             }
-            metrics::counter!("warden_cluster_reroutes_total").increment(1);
-            if Instant::now() >= deadline {
+            if !rerouted(deadline).await {
                 return Err(Unavailable);
             }
-            tokio::time::sleep(REROUTE_PAUSE).await;
         }
     }
 
@@ -225,11 +223,9 @@ impl ClusterState {
                     PartAnswer::Failed => {}
                 }
             }
-            metrics::counter!("warden_cluster_reroutes_total").increment(1);
-            if Instant::now() >= deadline {
+            if !rerouted(deadline).await {
                 return Err(Unavailable);
             }
-            tokio::time::sleep(REROUTE_PAUSE).await;
         }
     }
 
@@ -1064,12 +1060,10 @@ impl ClusterState {
                     }
                 }
             }
-            if Instant::now() >= deadline {
+            if !rerouted(deadline).await {
                 metrics::counter!("warden_cluster_failure_charges_lost_total").increment(1);
                 return;
             }
-            metrics::counter!("warden_cluster_reroutes_total").increment(1);
-            tokio::time::sleep(REROUTE_PAUSE).await;
         };
         let spent = v.outcome() == WireOutcome::Limited
             && v.limits
@@ -1203,6 +1197,18 @@ fn shares(table: &SlotTable, pending: &Pending) -> Option<SmallVec<[Share; 2]>> 
         }
     }
     Some(shares)
+}
+
+/// Between two attempts at a slot's owner (none serving it, or one that
+/// answered "not mine"): counts the reroute and waits [`REROUTE_PAUSE`] for
+/// the table to settle; `false`, without waiting, once `deadline` passed.
+async fn rerouted(deadline: Instant) -> bool {
+    metrics::counter!("warden_cluster_reroutes_total").increment(1);
+    if Instant::now() >= deadline {
+        return false;
+    }
+    tokio::time::sleep(REROUTE_PAUSE).await;
+    true
 }
 
 /// A pool name from a peer, if it is one a node could have sent: a policy
@@ -1368,56 +1374,82 @@ mod tests {
             .take_slots(|s| s == slot, state.checker.now())
     }
 
+    /// Node A back among B and C, on a lease: it owns its slots but serves
+    /// none of them before B and C have handed their state over
+    /// ([`handovers_arrive`]).
+    fn awaiting_handovers() -> Arc<ClusterState> {
+        use crate::cluster::membership::tests::{THREE, view};
+        let state = state();
+        state
+            .membership
+            .update_table(&view(3, &THREE), true, Vec::new());
+        state.membership.vouched(Instant::now());
+        state
+    }
+
+    fn handovers_arrive(state: &ClusterState) {
+        state.membership.handed_over("node-b", 3);
+        state.membership.handed_over("node-c", 3);
+    }
+
+    /// Failure budgets (of sources by address) in the slots node A owns.
+    fn own_failure_budgets(state: &ClusterState) -> impl Iterator<Item = StateKey> + '_ {
+        let table = state.membership.table();
+        let engine = state.checker.engine();
+        (0u32..)
+            .map(|i| engine.key_in(Pool::FAILURES, &i.to_be_bytes(), &[b"failures:address"]))
+            .filter(move |k| table.owns(k.slot()))
+    }
+
+    /// A budget that one failure spends.
+    fn one_failure() -> Limit {
+        Limit::Gcra(Gcra::new(1, Nanos::from_secs(3600), 1))
+    }
+
+    /// Whether the budget `key` ([`one_failure`]) is spent here: a look,
+    /// which takes nothing.
+    fn spent(state: &ClusterState, key: StateKey) -> bool {
+        let look = Request {
+            nonce: None,
+            limits: &[(key, one_failure())],
+            cost: 1,
+            commit: false,
+        };
+        let now = state.checker.now();
+        matches!(
+            state.checker.engine().decide(now, &look),
+            Outcome::Limited { allowed: false, .. }
+        )
+    }
+
     /// A failure charged to an owner that is still being handed its
     /// slot's state (it answers "not mine", having taken nothing) is not
     /// lost: it follows the slot, and is counted once the owner serves it.
     /// A rebalance is no window for free guesses.
     #[tokio::test]
     async fn a_failure_charged_while_its_owner_awaits_the_handover_is_counted_once_it_serves() {
-        use crate::cluster::membership::tests::{THREE, view};
-        let state = state();
-        let membership = &state.membership;
-        // Node A back among B and C: its slots wait for their handovers.
-        membership.update_table(&view(3, &THREE), true, Vec::new());
-        membership.vouched(Instant::now());
-        let table = membership.table();
-        let engine = state.checker.engine();
-        let key = (0u32..)
-            .map(|i| engine.key_in(Pool::FAILURES, &i.to_be_bytes(), &[b"failures:address"]))
-            .find(|k| table.owns(k.slot()))
-            .unwrap();
-        assert!(!table.is_mine(key.slot()), "awaiting its handover");
-        let one_failure = Limit::Gcra(Gcra::new(1, Nanos::from_secs(3600), 1));
-        let spent = |state: &ClusterState| {
-            let look = Request {
-                nonce: None,
-                limits: &[(key, one_failure)],
-                cost: 1,
-                commit: false,
-            };
-            let now = state.checker.now();
-            matches!(
-                state.checker.engine().decide(now, &look),
-                Outcome::Limited { allowed: false, .. }
-            )
-        };
+        let state = awaiting_handovers();
+        let key = own_failure_budgets(&state).next().unwrap();
+        assert!(
+            !state.membership.table().is_mine(key.slot()),
+            "awaiting its handover"
+        );
 
         let charging = tokio::spawn({
             let state = state.clone();
-            async move { state.send_charge(key, one_failure).await }
+            async move { state.send_charge(key, one_failure()).await }
         });
         tokio::time::sleep(REROUTE_PAUSE * 3).await;
         assert!(!charging.is_finished(), "the charge was given up");
-        assert!(!spent(&state), "charged before the slot was served");
+        assert!(!spent(&state, key), "charged before the slot was served");
 
-        membership.handed_over("node-b", 3);
-        membership.handed_over("node-c", 3);
-        assert!(membership.table().is_mine(key.slot()));
+        handovers_arrive(&state);
+        assert!(state.membership.table().is_mine(key.slot()));
         tokio::time::timeout(Duration::from_secs(1), charging)
             .await
             .expect("the charge follows the slot at once")
             .unwrap();
-        assert!(spent(&state), "the failure was not counted");
+        assert!(spent(&state, key), "the failure was not counted");
     }
 
     /// Charges waiting for their owner are bounded when the owner is this
@@ -1426,21 +1458,12 @@ mod tests {
     /// [`MAX_FAILURE_CHARGES`], and they all land once it serves.
     #[tokio::test]
     async fn charges_waiting_for_this_node_to_serve_its_own_slots_stay_within_their_bound() {
-        use crate::cluster::membership::tests::{THREE, view};
-        let state = state();
-        let membership = &state.membership;
-        membership.update_table(&view(3, &THREE), true, Vec::new());
-        membership.vouched(Instant::now());
-        let table = membership.table();
-        let engine = state.checker.engine();
-        let one_failure = Limit::Gcra(Gcra::new(1, Nanos::from_secs(3600), 1));
-        let keys: Vec<StateKey> = (0u32..)
-            .map(|i| engine.key_in(Pool::FAILURES, &i.to_be_bytes(), &[b"failures:address"]))
-            .filter(|k| table.owns(k.slot()))
+        let state = awaiting_handovers();
+        let keys: Vec<StateKey> = own_failure_budgets(&state)
             .take(MAX_FAILURE_CHARGES + 100)
             .collect();
         for &key in &keys {
-            state.charge_failure(key, one_failure);
+            state.charge_failure(key, one_failure());
         }
         let room = state
             .failure_charges
@@ -1451,29 +1474,13 @@ mod tests {
         tokio::time::sleep(REROUTE_PAUSE * 2).await;
         assert_eq!(room.available_permits(), 0, "every room is taken");
 
-        membership.handed_over("node-b", 3);
-        membership.handed_over("node-c", 3);
+        handovers_arrive(&state);
         let deadline = Instant::now() + Duration::from_secs(5);
         while room.available_permits() < MAX_FAILURE_CHARGES {
             assert!(Instant::now() < deadline, "charges still waiting");
             tokio::time::sleep(REROUTE_PAUSE).await;
         }
-        let now = state.checker.now();
-        let charged = keys
-            .iter()
-            .filter(|&&key| {
-                let look = Request {
-                    nonce: None,
-                    limits: &[(key, one_failure)],
-                    cost: 1,
-                    commit: false,
-                };
-                matches!(
-                    engine.decide(now, &look),
-                    Outcome::Limited { allowed: false, .. }
-                )
-            })
-            .count();
+        let charged = keys.iter().filter(|&&key| spent(&state, key)).count();
         assert_eq!(
             charged, MAX_FAILURE_CHARGES,
             "those past the bound were dropped"
