@@ -1,6 +1,7 @@
 """The Django middleware and DRF classes in the example project, through
 Django's test client, against the real warden binary over mTLS."""
 
+import contextlib
 import logging
 import os
 import time
@@ -109,6 +110,50 @@ def test_an_exempt_or_public_path_lets_no_other_path_past_the_credentials(client
         assert client.get("/api/async/orders").status_code == 200, setting
     warden_settings.WARDEN = {**warden_settings.WARDEN, "EXEMPT_PATHS": ["/api/order*"]}
     assert client.get("/api/orders").status_code == 200
+
+
+def test_a_mount_point_the_client_picks_moves_no_view_out_of_its_check(client, warden, warden_settings):
+    # gunicorn takes SCRIPT_NAME from a request header when its forwarder
+    # is trusted (127.0.0.1 by default), and Envoy passes such a header on.
+    # Django finds the view by the path below the mount point: these all
+    # run the /api/orders view, which must not run unchecked.
+    before = warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}")
+    for mount in ("/x", "/health", "/api/login"):
+        r = client.post("/api/orders", SCRIPT_NAME=mount)
+        assert r.status_code == 401, (mount, r.status_code, r.content)
+    # PUBLIC_PATHS did not lend the app's own key to it either.
+    assert warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}") == before
+
+
+def test_an_app_mounted_below_a_prefix_is_checked_by_its_own_paths(client, key, warden, warden_settings, caplog):
+    # Mounted at /svc: the settings name the paths urls.py sees; the
+    # signature covers the whole path the client sent.
+    h = headers(key, "GET", "/svc/api/orders")
+    r = client.get("/api/orders", SCRIPT_NAME="/svc", **h)
+    assert r.status_code == 200 and r.json()["key_id"] == key["key_id"], r.content
+    assert client.get("/api/orders", SCRIPT_NAME="/svc").status_code == 401
+    before = warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}")
+    assert client.get("/health", SCRIPT_NAME="/svc").status_code == 200
+    assert warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}") == before
+    # A PROTECTED_PATHS entry written with the mount point still checks.
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "PROTECTED_PATHS": ["/svc/api/"]}
+    assert client.get("/api/orders", SCRIPT_NAME="/svc").status_code == 401
+    # An EXEMPT_PATHS entry written with it no longer lets anything past:
+    # the request is checked, and the log says why.
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "PROTECTED_PATHS": ["/"], "EXEMPT_PATHS": ["/svc/health"]}
+    with caplog.at_level(logging.WARNING, logger="warden_client"):
+        assert client.get("/health", SCRIPT_NAME="/svc").status_code == 401
+    assert any("EXEMPT_PATHS entry '/svc/health'" in m and "below the mount point" in m for m in caplog.messages)
+
+
+def test_a_route_limit_by_path_is_one_count_however_the_client_spells_the_path(client, warden_settings):
+    # By "path" counts the route as configured: neither a trailing slash
+    # nor a mount point the client picks gives it a fresh count.
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "ROUTE_LIMITS": [
+        {"path": "/api/login", "methods": ["POST"], "policy": "per-ip", "by": "path"}]}
+    codes = [client.post("/api/login" + "/" * (i % 2), SCRIPT_NAME=f"/m{i}", REMOTE_ADDR=f"198.51.100.{i}").status_code
+             for i in range(31)]
+    assert codes[:30] == [200] * 30 and codes[30] == 429, codes
 
 
 def test_behind_a_proxy_that_is_not_configured_the_shared_failure_budget_is_warned_of(client, warden_settings, caplog):
@@ -379,10 +424,11 @@ def test_under_asgi_a_drf_view_reuses_the_middlewares_check(async_client, warden
     assert second.status_code == 429
 
 
-def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_path):
-    # The way an async Django app is deployed: a real ASGI server, Django's
-    # real ASGI handler (a thread per request for its sync parts), the
-    # example's asgi.py, and the middleware in async mode over HTTP.
+@contextlib.contextmanager
+def example_served_by(server: list[str], warden, tmp_path):
+    """The example project served over HTTP by a real server (``server``:
+    its command, ``{port}`` standing for the port it is to listen on):
+    yields its base URL once /health answers."""
     import socket
     import subprocess
     import sys
@@ -390,18 +436,15 @@ def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_
 
     import httpx
 
-    key = warden.create_key("--owner", "uvicorn", "--policy", "demo")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     example = Path(__file__).resolve().parents[1] / "example"
     env = {**os.environ, "PYTHONPATH": str(example), "WARDEN_DEV_DIR": str(warden.dev_dir),
            "WARDEN_TARGET": warden.addr, "DJANGO_SETTINGS_MODULE": "exampleapi.settings"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "exampleapi.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "uvicorn.log", "w"),
-    )
+    log = tmp_path / f"{server[0]}.log"
+    proc = subprocess.Popen([sys.executable, "-m", *(a.format(port=port) for a in server)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
@@ -411,8 +454,24 @@ def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, (tmp_path / "uvicorn.log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_path):
+    # The way an async Django app is deployed: a real ASGI server, Django's
+    # real ASGI handler (a thread per request for its sync parts), the
+    # example's asgi.py, and the middleware in async mode over HTTP.
+    import httpx
+
+    key = warden.create_key("--owner", "uvicorn", "--policy", "demo")
+    uvicorn = ["uvicorn", "exampleapi.asgi:application", "--no-access-log", "--host", "127.0.0.1", "--port",
+               "{port}"]
+    with example_served_by(uvicorn, warden, tmp_path) as base:
         body = b'{"qty": 2}'
         for path in ("/api/async/orders", "/api/orders"):
             h = signed_headers(key, "POST", path, body=body)
@@ -433,6 +492,26 @@ def test_the_example_project_served_by_uvicorn_checks_every_request(warden, tmp_
         r = httpx.post(base + "/api/async/orders", content=b'{"qty": 200}', headers=tampered)
         assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
         assert httpx.get(base + "/api/async/orders").status_code == 401
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+
+
+def test_the_example_project_served_by_gunicorn_ignores_the_mount_point_a_client_sends(warden, tmp_path):
+    # gunicorn maps a SCRIPT_NAME request header from a trusted forwarder
+    # (127.0.0.1 unless configured) onto the mount point, as a proxy on the
+    # same host that passes the client's headers on would have it. The
+    # split must not move a view out of its check.
+    import httpx
+
+    key = warden.create_key("--owner", "gunicorn", "--policy", "demo")
+    gunicorn = ["gunicorn", "exampleapi.wsgi:application", "--workers", "1", "--bind", "127.0.0.1:{port}"]
+    with example_served_by(gunicorn, warden, tmp_path) as base:
+        # Without credentials: Django runs the /api/orders view for both.
+        r = httpx.get(base + "/x/api/orders", headers={"SCRIPT_NAME": "/x"})
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated", r.text
+        r = httpx.get(base + "/health/api/orders", headers={"SCRIPT_NAME": "/health"})
+        assert r.status_code == 401, r.text
+        # An app mounted below a prefix, honestly: the client signs the
+        # whole path it sends (gunicorn's RAW_URI), the settings name
+        # the paths below the mount point.
+        h = signed_headers(key, "GET", "/svc/api/orders")
+        r = httpx.get(base + "/svc/api/orders", headers={**h, "SCRIPT_NAME": "/svc"})
+        assert r.status_code == 200 and r.json()["key_id"] == key["key_id"], r.text

@@ -17,6 +17,8 @@ connection setting.
                                              # or "auto": native when installed
         "BUSY_WAIT_US": 200,                 # compiled transport: µs a call looks for
                                              # its answer before sleeping (0: never)
+        # Paths are those your urls.py sees: below the mount point
+        # (SCRIPT_NAME), if the app has one (see RequestPaths).
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
         "EXEMPT_PATHS": ["/health"],         # never checked, no call made: the path and
                                              # below it ("/health/..."), not "/healthz";
@@ -44,6 +46,7 @@ connection setting.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -56,6 +59,8 @@ from warden_client.client import (
     WardenClient,
     is_valid_busy_wait,
 )
+
+log = logging.getLogger("warden_client.django")
 
 _clients: dict[tuple, WardenClient | AsyncWardenClient] = {}
 _lock = threading.Lock()
@@ -78,7 +83,11 @@ class RouteLimit:
     by: str  # one of ROUTE_LIMIT_BY
     view: str | None = None
 
-    def matches(self, method: str, path: str, view_name: str | None = None) -> bool:
+    def matches(self, method: str, paths: tuple[str, ...], view_name: str | None = None) -> bool:
+        """Whether this limit counts a request. ``paths`` are the request's
+        path below the mount point and its whole path (see
+        ``RequestPaths``): a limit that names either counts it, so a
+        setting with the mount point's prefix and one without both hold."""
         method = method.upper()
         # Django runs a view's GET for HEAD (all its work, no body sent):
         # a limit on GET counts it.
@@ -89,11 +98,17 @@ class RouteLimit:
         prefix = self.path.endswith("*")
         target = self.path.rstrip("*")
         if prefix:
-            return path.startswith(target)
+            return any(path.startswith(target) for path in paths)
         # With or without a trailing slash: a pattern may answer both (and
         # APPEND_SLASH redirects to one), and counting one more spelling
         # costs nothing, where leaving one out gives a second count.
-        return path.rstrip("/") == target.rstrip("/")
+        return any(path.rstrip("/") == target.rstrip("/") for path in paths)
+
+    @property
+    def route(self) -> str:
+        """What a limit ``by`` "path" counts: the route as configured, never
+        the spelling a client sent, which it could vary for a fresh count."""
+        return f"view:{self.view}" if self.view is not None else f"path:{self.path}"
 
 
 def _names(setting: str, path: str) -> bool:
@@ -106,6 +121,55 @@ def _names(setting: str, path: str) -> bool:
     if setting.endswith("/"):
         return path.startswith(setting)
     return path == setting or path.startswith(setting + "/")
+
+
+@dataclass(frozen=True)
+class RequestPaths:
+    """The two paths Django gives a request. ``path_info`` is the one its
+    URL resolver finds the view by: the path below the mount point
+    (``SCRIPT_NAME``, or ``FORCE_SCRIPT_NAME``, or an ASGI server's
+    ``root_path``). ``path`` is the mount point and ``path_info`` together.
+
+    Settings that let a request past (``EXEMPT_PATHS``, ``PUBLIC_PATHS``)
+    are matched against ``path_info`` alone, because the mount point is
+    not always the operator's: gunicorn takes it from a ``SCRIPT_NAME``
+    request header from its trusted forwarders (127.0.0.1 by default), so
+    a client whose proxy passes such a header picks the split. Matched
+    against the whole path, ``/health/api/orders`` sent with ``SCRIPT_NAME:
+    /health`` would have been exempt while Django ran the ``/api/orders``
+    view. Settings that add checks or limits (``PROTECTED_PATHS``,
+    ``ROUTE_LIMITS``) match either path: in doubt, more is checked."""
+
+    path_info: str
+    path: str
+
+    @classmethod
+    def of(cls, request) -> RequestPaths:
+        return cls(request.path_info, request.path)
+
+    @property
+    def both(self) -> tuple[str, ...]:
+        return (self.path_info, self.path)
+
+
+_warned_mounted: set[tuple[str, str]] = set()
+
+
+def _exempts(entries: tuple[str, ...], setting: str, paths: RequestPaths) -> bool:
+    if any(_names(e, paths.path_info) for e in entries):
+        return True
+    if paths.path != paths.path_info:
+        # An entry written with the mount point in it no longer matches:
+        # the request is checked (the safe side), and the operator is told
+        # why their exempt path now answers 401, once per entry.
+        for e in entries:
+            if _names(e, paths.path) and (setting, e) not in _warned_mounted:
+                _warned_mounted.add((setting, e))
+                log.warning(
+                    "warden: %s entry %r names the request's whole path %r but not its path below the mount "
+                    "point %r; these entries are matched below the mount point only, so the request is checked. "
+                    "Write the entry without the mount point.", setting, e, paths.path, paths.path_info)
+    return False
 
 
 @dataclass(frozen=True)
@@ -133,16 +197,17 @@ class Conf:
     trusted_proxy_header: str | None = None
     trusted_proxy_hops: int = 1
 
-    def is_checked(self, path: str) -> bool:
+    def is_checked(self, paths: RequestPaths) -> bool:
         # PROTECTED_PATHS are plain prefixes, so that in doubt more is
         # checked; EXEMPT_PATHS and PUBLIC_PATHS, which let requests past
-        # the client's credentials, match whole segments (see _names).
-        if any(_names(p, path) for p in self.exempt):
+        # the client's credentials, match whole segments (see _names), and
+        # only the path the view is found by (see RequestPaths).
+        if _exempts(self.exempt, "EXEMPT_PATHS", paths):
             return False
-        return any(path.startswith(p) for p in self.protected)
+        return any(path.startswith(p) for p in self.protected for path in paths.both)
 
-    def is_public(self, path: str) -> bool:
-        return any(_names(p, path) for p in self.public)
+    def is_public(self, paths: RequestPaths) -> bool:
+        return _exempts(self.public, "PUBLIC_PATHS", paths)
 
     def client(self) -> WardenClient:
         """The client for a sync (WSGI) stack."""

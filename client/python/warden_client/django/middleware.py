@@ -22,7 +22,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from warden_client.client import CheckRequest, Decision, LimitRequest, WardenError, WardenUnavailable
-from warden_client.django.conf import Conf, get_conf
+from warden_client.django.conf import Conf, RequestPaths, get_conf
 from warden_client.signing import HEADER_KEY_ID, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP
 
 log = logging.getLogger("warden_client.django")
@@ -179,7 +179,7 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     elif token:
         req.api_key = token
         req.key_id = key_id
-    elif conf.is_public(request.path) and conf.app_api_key:
+    elif conf.is_public(RequestPaths.of(request)) and conf.app_api_key:
         # Anonymous traffic on a public route: the app vouches with its own
         # bearer key, and only the route's limits (e.g. per IP) apply.
         req.api_key = conf.app_api_key
@@ -199,11 +199,10 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     # DRF throttle scopes count per key, or per address for anonymous use.
     subject = key_id or _counted_address(address)
     view_name = getattr(getattr(request, "resolver_match", None), "view_name", None)
+    paths = RequestPaths.of(request).both
     for rl in conf.route_limits:
-        if rl.matches(req.method, request.path, view_name):
-            # "path" counts the route as a whole: by its view, every spelling.
-            route = f"view:{rl.view}" if rl.view is not None else f"path:{request.path}"
-            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": route}
+        if rl.matches(req.method, paths, view_name):
+            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": rl.route}
             req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor[rl.by]))
     for scope, policy in throttle_policies(view, conf):
         req.limits.append(LimitRequest(policy=policy, descriptor=f"{scope}:{subject}"))
@@ -315,7 +314,7 @@ class WardenMiddleware:
     @staticmethod
     def _checks(request: HttpRequest, conf: Conf, view_func) -> bool:
         # Webhook views verify their provider's signature themselves.
-        return conf.is_checked(request.path) and not getattr(view_func, "warden_webhook", None)
+        return conf.is_checked(RequestPaths.of(request)) and not getattr(view_func, "warden_webhook", None)
 
     def process_view(self, request: HttpRequest, view_func, view_args, view_kwargs):
         conf = get_conf()
