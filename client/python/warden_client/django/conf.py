@@ -133,8 +133,9 @@ class RequestPaths:
     Settings that let a request past (``EXEMPT_PATHS``, ``PUBLIC_PATHS``)
     are matched against ``path_info`` alone, because the mount point is
     not always the operator's: gunicorn takes it from a ``SCRIPT_NAME``
-    request header from its trusted forwarders (127.0.0.1 by default), so
-    a client whose proxy passes such a header picks the split. Matched
+    request header from its trusted forwarders (127.0.0.1 by default), and
+    Daphne from a ``Daphne-Root-Path`` header, so a client whose proxy
+    passes such a header picks the split. Matched
     against the whole path, ``/health/api/orders`` sent with ``SCRIPT_NAME:
     /health`` would have been exempt while Django ran the ``/api/orders``
     view. Settings that add checks or limits (``PROTECTED_PATHS``,
