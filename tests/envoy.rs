@@ -724,6 +724,36 @@ async fn a_route_limit_counts_every_spelling_of_its_path_and_dot_segments_are_re
 }
 
 #[tokio::test]
+async fn a_header_the_application_may_route_by_is_refused_and_spends_nothing() {
+    // gunicorn takes the mount point from a SCRIPT_NAME header sent by a
+    // trusted forwarder (Envoy on the same host is one) and Django then
+    // serves the path below it; Daphne takes it from Daphne-Root-Path;
+    // older Symfony and IIS take the whole path from X-Original-URL; many
+    // frameworks the method from X-HTTP-Method-Override. warden would have
+    // judged one route and the application served another.
+    let (dir, server) = ext_authz_server();
+    let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
+    let signed = sign(ext_authz_fixture("post_with_body.json"), "wk_orders");
+    for (name, value) in [
+        ("script_name", "/v1"),
+        ("daphne-root-path", "/v1"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-http-method-override", "DELETE"),
+    ] {
+        let mut req = signed.clone();
+        http_mut(&mut req).headers.insert(name.into(), value.into());
+        let a = read(envoy.check(req).await.unwrap().into_inner());
+        assert_eq!(a.status, 400, "{name}: {a:?}");
+        assert!(a.body.contains("another route"), "{name}: {a:?}");
+    }
+    // Nothing was spent: the same signed request without the header is
+    // still the first use of its nonce.
+    let a = read(envoy.check(signed).await.unwrap().into_inner());
+    assert!(a.ok, "{a:?}");
+}
+
+#[tokio::test]
 async fn bearer_keys_pass_without_a_body_and_no_credentials_is_401() {
     let (dir, server) = ext_authz_server();
     let out = dir.cli(

@@ -574,6 +574,19 @@ fn through_nginx(nginx: &Nginx) {
     assert_eq!(body, "upstream ok for wk_edge\n");
     // Replayed through nginx: 401 from warden, passed on by nginx.
     assert_eq!(http(&addr, "GET", "/orders/7", &first).0, 401);
+    // A header the application might take another path or method from
+    // (nginx itself drops SCRIPT_NAME: underscores_in_headers is off):
+    // refused, and the upstream never sees the request.
+    for (name, value) in [
+        ("X-Original-URL", "/admin"),
+        ("X-HTTP-Method-Override", "DELETE"),
+    ] {
+        let mut h = signed("GET", "/orders/7");
+        h.push((name, value.to_owned()));
+        let (status, _, body) = http(&addr, "GET", "/orders/7", &h);
+        assert_eq!(status, 400, "{name}: {body}");
+        assert!(!body.contains("upstream ok"), "{name}: {body}");
+    }
     // No credentials: 401, the upstream never sees it.
     let (status, _, body) = http(&addr, "GET", "/orders/7", &[]);
     assert_eq!(status, 401);

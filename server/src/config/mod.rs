@@ -416,11 +416,37 @@ fn gateway_settings(
         }
         routes.push((route, limits));
     }
+    let route_override_headers = match g.route_override_headers {
+        None => GatewaySettings::default().route_override_headers,
+        Some(names) => {
+            if names.len() > MAX_ROUTE_OVERRIDE_HEADERS {
+                return Err(bad(
+                    "gateway.route_override_headers",
+                    format!("give at most {MAX_ROUTE_OVERRIDE_HEADERS} header names"),
+                ));
+            }
+            let mut lower = Vec::with_capacity(names.len());
+            for (i, name) in names.into_iter().enumerate() {
+                if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(bad(
+                        format!("gateway.route_override_headers[{i}]"),
+                        format!("{name:?} is not a header name"),
+                    ));
+                }
+                lower.push(name.to_ascii_lowercase());
+            }
+            lower
+        }
+    };
     Ok(GatewaySettings {
         client_address,
         routes,
+        route_override_headers,
     })
 }
+
+/// Enough for every server's own header and a few of the operator's.
+const MAX_ROUTE_OVERRIDE_HEADERS: usize = 32;
 
 fn envoy_ratelimit_settings(
     e: EnvoyRateLimitFile,
@@ -892,6 +918,25 @@ mod tests {
     }
 
     #[test]
+    fn route_override_headers_are_refused_unless_the_operator_says_otherwise() {
+        let default = parse(TLS).unwrap();
+        assert!(
+            default
+                .gateway
+                .route_override_headers
+                .iter()
+                .any(|h| h == "script_name")
+        );
+        let own = parse(&format!(
+            "{TLS}[gateway]\nroute_override_headers = [\"X-Original-URL\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(own.gateway.route_override_headers, ["x-original-url"]);
+        let none = parse(&format!("{TLS}[gateway]\nroute_override_headers = []\n")).unwrap();
+        assert!(none.gateway.route_override_headers.is_empty());
+    }
+
+    #[test]
     fn errors_name_the_bad_field() {
         let cases = [
             (
@@ -977,6 +1022,12 @@ mod tests {
             (
                 format!("{TLS}[[gateway.routes]]\nroute = \"/login\"\nlimits = []\n"),
                 "gateway.routes[0].route",
+            ),
+            (
+                format!(
+                    "{TLS}[gateway]\nroute_override_headers = [\"X-Original-URL\", \"bad name\"]\n"
+                ),
+                "gateway.route_override_headers[1]",
             ),
             (
                 format!(

@@ -238,6 +238,12 @@ pub struct GatewayFile {
     /// Request limits by route: the first route that matches applies.
     #[serde(default)]
     pub routes: Vec<GatewayRouteFile>,
+    /// Headers some application servers take a request's path, mount
+    /// point or method from; a request carrying one is refused (400).
+    /// Default: SCRIPT_NAME, Daphne-Root-Path, X-Original-URL,
+    /// X-Rewrite-URL, X-HTTP-Method-Override, X-HTTP-Method,
+    /// X-Method-Override. `[]` refuses none.
+    pub route_override_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -105,11 +105,43 @@ pub struct ForwardAuthSettings {
 }
 
 /// What the gateway faces add to a request (`[gateway]`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewaySettings {
     pub client_address: ClientAddressFrom,
     /// The first route that matches a request gives its limits.
     pub routes: Vec<(Route, Vec<RouteLimit>)>,
+    /// Headers (lowercase) that some application servers take a request's
+    /// path, mount point or method from: a request carrying one is
+    /// refused. Route rules and route limits judge the route the gateway
+    /// sees; with one of these, the application may serve another.
+    pub route_override_headers: Vec<String>,
+}
+
+/// The default `[gateway] route_override_headers`.
+pub const ROUTE_OVERRIDE_HEADERS: [&str; 7] = [
+    // gunicorn: the mount point, from a trusted forwarder (127.0.0.1 by
+    // default, often "*"); Django then serves the path below it.
+    "script_name",
+    // Daphne: the mount point, from anyone.
+    "daphne-root-path",
+    // Symfony before 2018, Zend/Laminas, IIS URL Rewrite: the whole path.
+    "x-original-url",
+    "x-rewrite-url",
+    // Rails, Laravel, Spring's HiddenHttpMethodFilter kin, many API
+    // frameworks: the method.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            client_address: ClientAddressFrom::default(),
+            routes: Vec::new(),
+            route_override_headers: ROUTE_OVERRIDE_HEADERS.map(String::from).to_vec(),
+        }
+    }
 }
 
 /// Where a gateway face finds the end client's address.

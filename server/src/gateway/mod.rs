@@ -40,6 +40,9 @@ pub trait Headers {
     /// appending to it, still has the last entry. Empty when any line is
     /// not text.
     fn list(&self, name: &str) -> Vec<&str>;
+
+    /// Whether header `name` (lowercase) is present at all, text or not.
+    fn present(&self, name: &str) -> bool;
 }
 
 impl Headers for axum::http::HeaderMap {
@@ -57,6 +60,10 @@ impl Headers for axum::http::HeaderMap {
         }
         entries
     }
+
+    fn present(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
 }
 
 /// Envoy's `attributes.request.http.headers`: keys already lowercase, and
@@ -68,6 +75,10 @@ impl Headers for HashMap<String, String> {
 
     fn list(&self, name: &str) -> Vec<&str> {
         HashMap::get(self, name).map_or_else(Vec::new, |v| v.split(',').map(str::trim).collect())
+    }
+
+    fn present(&self, name: &str) -> bool {
+        self.contains_key(name)
     }
 }
 
@@ -109,6 +120,9 @@ pub enum Early {
     NoCredentials,
     /// A signed request whose body the gateway withheld (400).
     BodyWithheld,
+    /// The request carries a header the application may take another route
+    /// from (400; `[gateway] route_override_headers`): the header's name.
+    RouteOverride(String),
 }
 
 /// The CheckRequest an original request stands for, with its route's
@@ -118,6 +132,15 @@ pub fn check_request<H: Headers>(
     settings: &GatewaySettings,
 ) -> Result<CheckRequest, Early> {
     let headers = original.headers;
+    // Before anything else: whatever warden answers about this route, the
+    // application might serve another.
+    if let Some(name) = settings
+        .route_override_headers
+        .iter()
+        .find(|name| headers.present(name))
+    {
+        return Err(Early::RouteOverride(name.clone()));
+    }
     if headers.get("x-key-id").is_none() && headers.get("authorization").is_none() {
         return Err(Early::NoCredentials);
     }
@@ -305,6 +328,12 @@ pub fn early_answer(early: &Early) -> HttpAnswer {
             "The request body did not reach the authorization service; enable with_request_body in the ext_authz filter (and raise max_request_bytes above your largest body).",
             vec![],
         ),
+        Early::RouteOverride(_) => (
+            400,
+            "malformed",
+            "The request carries a header that could make the application serve another route than the one checked (such as X-Original-URL, X-HTTP-Method-Override or SCRIPT_NAME); send the request without it.",
+            vec![],
+        ),
     };
     HttpAnswer {
         status,
@@ -385,6 +414,7 @@ mod tests {
                     }],
                 ),
             ],
+            ..GatewaySettings::default()
         }
     }
 
@@ -467,5 +497,32 @@ mod tests {
             check_request(&original(&none, Body::Sent(b"")), &settings).unwrap_err(),
             Early::NoCredentials
         );
+    }
+
+    #[test]
+    fn a_header_the_application_may_route_by_is_refused_before_anything_is_counted() {
+        let settings = login_limits(ClientAddressFrom::Source);
+        for name in crate::config::ROUTE_OVERRIDE_HEADERS {
+            let h = headers(&[("x-key-id", "k"), (name, "/admin")]);
+            assert_eq!(
+                check_request(&original(&h, Body::Sent(b"")), &settings).unwrap_err(),
+                Early::RouteOverride(name.to_owned()),
+                "{name}"
+            );
+            assert_eq!(early_answer(&Early::RouteOverride(name.into())).status, 400);
+        }
+        // Also without credentials: the answer says what to change first.
+        let h = headers(&[("x-original-url", "/admin")]);
+        assert!(matches!(
+            check_request(&original(&h, Body::Sent(b"")), &settings),
+            Err(Early::RouteOverride(_))
+        ));
+        // An operator who needs one of them lets it through.
+        let allowing = GatewaySettings {
+            route_override_headers: vec![],
+            ..login_limits(ClientAddressFrom::Source)
+        };
+        let h = headers(&[("x-key-id", "k"), ("x-http-method-override", "GET")]);
+        assert!(check_request(&original(&h, Body::Sent(b"")), &allowing).is_ok());
     }
 }
