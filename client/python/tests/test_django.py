@@ -156,6 +156,28 @@ def test_a_route_limit_by_path_is_one_count_however_the_client_spells_the_path(c
     assert codes[:30] == [200] * 30 and codes[30] == 429, codes
 
 
+def test_a_key_id_named_by_a_request_that_does_not_prove_it_spends_nothing_of_that_keys_limits(
+        client, warden, warden_settings):
+    # A route counted "by" key, on a path open to anonymous use too: a
+    # request naming a key it does not hold must not spend that key's
+    # count, and bearer keys sent without X-Key-Id are each their own.
+    warden.cli("policies", "put", "two-per-hour", "--limit", "2", "--period", "1h", "--json")
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "PUBLIC_PATHS": ["/api/orders"], "ROUTE_LIMITS": [
+        {"path": "/api/orders", "methods": ["GET"], "policy": "two-per-hour", "by": "key"}]}
+    victim = warden.create_key("--owner", "victim", "--policy", "demo")
+    for i in range(3):
+        r = client.get("/api/orders", HTTP_X_KEY_ID=victim["key_id"], REMOTE_ADDR=f"198.51.100.{60 + i}")
+        assert r.status_code == 200, r.content
+    assert client.get("/api/orders", **headers(victim, "GET", "/api/orders")).status_code == 200
+    bearers = [warden.create_key("--owner", f"bearer-{i}", "--bearer", "--policy", "demo") for i in range(3)]
+    for b in bearers:
+        r = client.get("/api/orders", HTTP_AUTHORIZATION=f"Bearer {b['api_key']}")
+        assert r.status_code == 200, (b["key_id"], r.content)
+    # The count is per key all the same: the victim's third is refused.
+    assert client.get("/api/orders", **headers(victim, "GET", "/api/orders")).status_code == 200
+    assert client.get("/api/orders", **headers(victim, "GET", "/api/orders")).status_code == 429
+
+
 def test_behind_a_proxy_that_is_not_configured_the_shared_failure_budget_is_warned_of(client, warden_settings, caplog):
     # Without TRUSTED_PROXY_HEADER, every client behind a proxy is its
     # address: one client's bad signatures lock all of them out. Said once.

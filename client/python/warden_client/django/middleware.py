@@ -176,13 +176,23 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         req.nonce = header(request, conf, HEADER_NONCE)
         ts = header(request, conf, HEADER_TIMESTAMP)
         req.timestamp = int(ts) if ts.isdigit() else 0
+        # Limits "by key" count this key: nothing is counted unless the
+        # signature proves it.
+        proven_key = key_id
     elif token:
         req.api_key = token
         req.key_id = key_id
+        # warden refuses a key id that is not the bearer key's own. Without
+        # one, a digest of the token stands in for the key (never the
+        # token itself), so that bearer keys are not all one count.
+        proven_key = key_id or "bearer:" + hashlib.sha256(token.encode()).hexdigest()[:32]
     elif conf.is_public(RequestPaths.of(request)) and conf.app_api_key:
         # Anonymous traffic on a public route: the app vouches with its own
-        # bearer key, and only the route's limits (e.g. per IP) apply.
+        # bearer key, and only the route's limits (e.g. per IP) apply. An
+        # X-Key-Id it sends proves nothing: counted by address instead, or
+        # anyone could spend any key's limits.
         req.api_key = conf.app_api_key
+        proven_key = None
     else:
         return None
     if conf.client_identity_header:
@@ -197,12 +207,14 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     if normalized:
         req.client_address = normalized
     # DRF throttle scopes count per key, or per address for anonymous use.
-    subject = key_id or _counted_address(address)
+    subject = proven_key or _counted_address(address)
+    by_ip = f"ip:{_counted_address(address)}"
+    by_key = f"key:{proven_key}" if proven_key else by_ip
     view_name = getattr(getattr(request, "resolver_match", None), "view_name", None)
     paths = RequestPaths.of(request).both
     for rl in conf.route_limits:
         if rl.matches(req.method, paths, view_name):
-            descriptor = {"ip": f"ip:{_counted_address(address)}", "key": f"key:{key_id}", "path": rl.route}
+            descriptor = {"ip": by_ip, "key": by_key, "path": rl.route}
             req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor[rl.by]))
     for scope, policy in throttle_policies(view, conf):
         req.limits.append(LimitRequest(policy=policy, descriptor=f"{scope}:{subject}"))
