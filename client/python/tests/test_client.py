@@ -456,9 +456,14 @@ def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(ward
         # before, so the cost of the call itself (a debug build here, and
         # a VM whose speed varies) cancels out.
         adaptive = cpu_per_check(client(1_000), key, 40)
-        assert awake > 0.0015, f"{awake * 1e6:.0f} us of CPU per check: it did not wait awake"
-        # Sleeping at once: far below the 3 ms an awake wait costs.
-        assert asleep < 0.0015, f"{asleep * 1e6:.0f} us of CPU per check while sleeping"
+        # Waiting awake costs about the 3 ms of each wait over sleeping at
+        # once; at least half of it. Compared, not bounded: the call's own
+        # CPU (a debug build here) was 1.0-1.6 ms on this VM from one run
+        # to the next, and an absolute bound on a sleeping call failed.
+        assert awake - asleep > 0.0015, (
+            f"{awake * 1e6:.0f} us of CPU per check awake against {asleep * 1e6:.0f} asleep: "
+            "it did not wait awake, or it did not sleep"
+        )
         assert adaptive - asleep < 0.0005, (
             f"{adaptive * 1e6:.0f} us per check against {asleep * 1e6:.0f} asleep: "
             "it kept looking for answers that never come that soon"
