@@ -333,10 +333,7 @@ fn forward_auth_settings(
         }
     };
     let header = |field: &str, value: Option<String>, default: &str| {
-        let name = value.unwrap_or_else(|| default.to_owned());
-        axum::http::HeaderName::from_bytes(name.as_bytes())
-            .map(|_| name.to_ascii_lowercase())
-            .map_err(|_| bad(field, "must be an HTTP header name"))
+        header_name(field, value.unwrap_or_else(|| default.to_owned()))
     };
     Ok(ForwardAuthSettings {
         listen,
@@ -425,17 +422,11 @@ fn gateway_settings(
                     format!("give at most {MAX_ROUTE_OVERRIDE_HEADERS} header names"),
                 ));
             }
-            let mut lower = Vec::with_capacity(names.len());
-            for (i, name) in names.into_iter().enumerate() {
-                if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return Err(bad(
-                        format!("gateway.route_override_headers[{i}]"),
-                        format!("{name:?} is not a header name"),
-                    ));
-                }
-                lower.push(name.to_ascii_lowercase());
-            }
-            lower
+            names
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| header_name(format!("gateway.route_override_headers[{i}]"), name))
+                .collect::<Result<_, _>>()?
         }
     };
     Ok(GatewaySettings {
@@ -447,6 +438,14 @@ fn gateway_settings(
 
 /// Enough for every server's own header and a few of the operator's.
 const MAX_ROUTE_OVERRIDE_HEADERS: usize = 32;
+
+/// A header name from the config, lowercase, as the faces look it up.
+fn header_name(field: impl std::fmt::Display, name: String) -> Result<String, Invalid> {
+    match axum::http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(_) => Ok(name.to_ascii_lowercase()),
+        Err(_) => Err(bad(field, "must be an HTTP header name")),
+    }
+}
 
 fn envoy_ratelimit_settings(
     e: EnvoyRateLimitFile,

@@ -161,6 +161,7 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         query=request.META.get("QUERY_STRING", ""),
         request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:128],
     )
+    paths = RequestPaths.of(request)
     key_id = header(request, conf, HEADER_KEY_ID)
     signature = header(request, conf, HEADER_SIGNATURE)
     token = bearer_token(request)
@@ -186,7 +187,7 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
         # one, a digest of the token stands in for the key (never the
         # token itself), so that bearer keys are not all one count.
         proven_key = key_id or "bearer:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    elif conf.is_public(RequestPaths.of(request)) and conf.app_api_key:
+    elif conf.is_public(paths) and conf.app_api_key:
         # Anonymous traffic on a public route: the app vouches with its own
         # bearer key, and only the route's limits (e.g. per IP) apply. An
         # X-Key-Id it sends proves nothing: counted by address instead, or
@@ -211,9 +212,8 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     by_ip = f"ip:{_counted_address(address)}"
     by_key = f"key:{proven_key}" if proven_key else by_ip
     view_name = getattr(getattr(request, "resolver_match", None), "view_name", None)
-    paths = RequestPaths.of(request).both
     for rl in conf.route_limits:
-        if rl.matches(req.method, paths, view_name):
+        if rl.matches(req.method, paths.both, view_name):
             descriptor = {"ip": by_ip, "key": by_key, "path": rl.route}
             req.limits.append(LimitRequest(policy=rl.policy, descriptor=descriptor[rl.by]))
     for scope, policy in throttle_policies(view, conf):
