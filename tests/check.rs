@@ -489,6 +489,45 @@ async fn a_store_disk_that_hangs_or_fails_stops_no_check_and_no_shutdown() {
         stopping.elapsed()
     );
 }
+/// A process that does not run for a while (SIGSTOP, a VM paused or
+/// migrated, a machine starved of CPU) wakes with its clock held at the
+/// last mark it wrote, seconds behind: the clock mark's task has not run
+/// either. The requests waiting for it, and the first ones after, are
+/// signed by correct clocks and must be served, not refused as "ahead of
+/// the server clock" until the mark's task gets its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_paused_longer_than_the_future_skew_serves_fresh_requests_when_it_wakes() {
+    let server = Server::dev();
+    let signer = server.signer();
+    let mut client = server.client().await;
+    assert_reason(
+        &client.check(pay_signed(&signer, 0)).await.unwrap(),
+        Reason::Ok,
+    );
+
+    server.signal("STOP");
+    // Past the mark's lookahead (2 s), the future skew (5 s) and a second.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    // Signed now, and in the server's socket before it wakes.
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = client.clone();
+            let req = pay_signed(&signer, 0);
+            tokio::spawn(async move { client.check(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal("CONT");
+    for answer in waiting {
+        assert_reason(&answer.await.unwrap().unwrap(), Reason::Ok);
+    }
+    assert_reason(
+        &client.check(pay_signed(&signer, 0)).await.unwrap(),
+        Reason::Ok,
+    );
+    server.wait_for_log("\"event\":\"process_stalled\"");
+}
+
 #[tokio::test]
 async fn check_stream_answers_every_request_in_order() {
     let server = Server::dev();

@@ -18,6 +18,12 @@
 //! [`LOOKAHEAD`] later than the fence alone would make it (a clean stop
 //! writes the exact time instead).
 //!
+//! A process that does not run for a while (stopped, paused, starved of
+//! CPU) does not write marks either, and wakes with its clock's ceiling
+//! seconds behind the requests waiting for it: a ceiling not renewed for
+//! [`CEILING_LAPSES_AFTER`] lapses ([`ForwardOnly`]), and the wait is
+//! logged (`process_stalled`).
+//!
 //! A disk that fails or hangs must not stop warden serving: checks never
 //! wait for a disk. So a mark that fails, or is not written within
 //! [`LATE`], lets the clock go on without one (logged, and counted as
@@ -39,7 +45,7 @@ use parking_lot::Mutex;
 
 use sha2::{Digest, Sha256};
 
-use crate::engine::clock::{Clock, ForwardOnly, Nanos};
+use crate::engine::clock::{CEILING_LAPSES_AFTER, Clock, ForwardOnly, Nanos};
 
 /// The mark's file, in the store's directory.
 pub const FILE_NAME: &str = "clock.mark";
@@ -54,6 +60,11 @@ const EVERY: Duration = Duration::from_millis(500);
 /// How long a write may take before the clock goes on without it: by then
 /// the clock has stood at the last mark for half a second.
 const LATE: Duration = LOOKAHEAD;
+
+// A keeper that runs lets the clock go on by itself (a mark written, or one
+// late) before the clock's ceiling lapses: the lapse is only for a keeper
+// that did not run.
+const _: () = assert!(LOOKAHEAD.as_millis() + LATE.as_millis() <= CEILING_LAPSES_AFTER.as_millis());
 
 /// While writes fail, how often that is logged again.
 const REPEAT_FAILURE_LOG: Duration = Duration::from_secs(30);
@@ -216,7 +227,7 @@ impl<C: Clock> Drop for Keeper<C> {
         };
         // Stopping: nothing may be shown past the time written last.
         let last = self.clock.uncapped().min(self.clock.ceiling());
-        self.clock.cap_at(last);
+        self.clock.cap_for_good_at(last);
         if let Err(e) = file.write(last) {
             // The mark before it stands: only a longer wait for the next
             // process (or, if the marks were failing, the last one written).
@@ -241,8 +252,10 @@ async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, path: PathBuf, clock: &'stat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut trouble = Trouble::default();
+    let mut idle_since = Instant::now();
     loop {
         tick.tick().await;
+        stalled(idle_since.elapsed());
         let write = tokio::task::spawn_blocking({
             let file = file.clone();
             move || renew(&mut file.lock(), clock)
@@ -259,6 +272,21 @@ async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, path: PathBuf, clock: &'stat
             Ok(()) => trouble.over(),
             Err(e) => trouble.report(clock, &path, &e.to_string()),
         }
+        idle_since = Instant::now();
+    }
+}
+
+/// Says so when the keeper waited far longer than [`EVERY`] for its turn:
+/// the process did not run (stopped, paused or starved of CPU), and its
+/// clock's ceiling lapsed meanwhile. Checks decided around then may have
+/// been slow, and the operator should know why.
+fn stalled(idle: Duration) {
+    if idle > CEILING_LAPSES_AFTER {
+        tracing::warn!(
+            event = "process_stalled",
+            stalled_ms = idle.as_millis() as u64,
+            "warden did not run for a while (stopped, paused or starved of CPU); its clock went on without a new clock mark"
+        );
     }
 }
 

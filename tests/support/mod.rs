@@ -390,7 +390,33 @@ pub fn dev_args(dir: &Path) -> [&str; 6] {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        // A test that failed shows what its servers said last: a failure
+        // seen once in CI must explain itself, as it may never be seen
+        // again. `tests/run` repeats these blocks in its summary.
+        if std::thread::panicking() {
+            let logs = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+            eprintln!("{}", failed_test_log(&logs));
+        }
     }
+}
+
+/// The last lines of a server's log, between markers `tests/run` looks
+/// for, each line cut short.
+fn failed_test_log(logs: &str) -> String {
+    const LINES: usize = 25;
+    const WIDTH: usize = 400;
+    let lines: Vec<&str> = logs.lines().collect();
+    let mut out = String::from("== warden log of a failed test (last lines)\n");
+    for line in &lines[lines.len().saturating_sub(LINES)..] {
+        let cut = line
+            .char_indices()
+            .nth(WIDTH)
+            .map_or(line.len(), |(i, _)| i);
+        out.push_str(&line[..cut]);
+        out.push('\n');
+    }
+    out.push_str("== end of warden log");
+    out
 }
 
 /// A directory with a CA, server and client certificates for config-mode

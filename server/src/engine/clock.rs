@@ -152,8 +152,10 @@ pub struct SystemClock;
 
 static WALL: ForwardOnly<SystemTimeAsIs> = ForwardOnly {
     source: SystemTimeAsIs,
+    elapsed: Monotonic,
     latest: AtomicU64::new(0),
     ceiling: AtomicU64::new(u64::MAX),
+    capped_at: AtomicU64::new(0),
 };
 
 impl Clock for SystemClock {
@@ -181,6 +183,27 @@ impl SystemClock {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct SystemTimeAsIs;
 
+/// Time elapsed since the process first asked, on the monotonic clock: it
+/// runs on while the process is stopped or starved, and no one sets it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Monotonic;
+
+impl Clock for Monotonic {
+    fn now(&self) -> Nanos {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        Nanos::from(START.get_or_init(std::time::Instant::now).elapsed())
+    }
+}
+
+/// How long a ceiling holds without being renewed (see [`ForwardOnly`]).
+/// Its keeper, the [`crate::clock_mark`], renews it twice a second, and
+/// itself lets the clock go on when a write is two seconds late: a ceiling
+/// older than this means the keeper did not run at all.
+pub const CEILING_LAPSES_AFTER: Duration = Duration::from_secs(4);
+
+/// What `capped_at` holds for a ceiling that never lapses.
+const FOR_GOOD: u64 = u64::MAX;
+
 impl Clock for SystemTimeAsIs {
     fn now(&self) -> Nanos {
         SystemTime::now()
@@ -207,21 +230,44 @@ impl Clock for SystemTimeAsIs {
 /// process may have shown. So the promise holds across a restart too: the
 /// next process starts from the mark, not from a system clock that may
 /// have been set back meanwhile.
+///
+/// Unless the ceiling lapses: one not renewed for [`CEILING_LAPSES_AFTER`]
+/// of elapsed time (the monotonic clock, which no one sets) holds no more.
+/// Its keeper did not run: the process was stopped, paused or starved of
+/// CPU. Held there, the clock would show the time from before the pause to
+/// requests signed after it, refusing them as signed in the future, until
+/// the keeper got its turn; the keeper itself lets the clock go on when a
+/// mark is late, and a lapsed ceiling does no more than that. A system
+/// clock stepped forward is not a lapse: elapsed time does not jump with it.
 #[derive(Debug)]
-pub struct ForwardOnly<C> {
+pub struct ForwardOnly<C, E = Monotonic> {
     source: C,
+    /// Elapsed time, for how old the ceiling is.
+    elapsed: E,
     /// The latest moment shown, as recorded: within a millisecond of it.
     latest: AtomicU64,
     /// Never shown past this (`u64::MAX`: no ceiling).
     ceiling: AtomicU64,
+    /// When the ceiling was set, in elapsed time ([`FOR_GOOD`]: it never
+    /// lapses).
+    capped_at: AtomicU64,
 }
 
 impl<C: Clock> ForwardOnly<C> {
     pub fn new(source: C) -> Self {
+        Self::with_elapsed(source, Monotonic)
+    }
+}
+
+impl<C: Clock, E: Clock> ForwardOnly<C, E> {
+    /// A clock whose ceiling's age is measured on `elapsed`.
+    pub fn with_elapsed(source: C, elapsed: E) -> Self {
         Self {
             source,
+            elapsed,
             latest: AtomicU64::new(0),
             ceiling: AtomicU64::new(u64::MAX),
+            capped_at: AtomicU64::new(0),
         }
     }
 
@@ -231,14 +277,35 @@ impl<C: Clock> ForwardOnly<C> {
         self.latest.fetch_max(moment.get(), Ordering::Relaxed);
     }
 
-    /// Never shows a time past `ceiling` from now on (a lower one than
-    /// before too: a clock about to stop shows nothing past its last mark).
+    /// Never shows a time past `ceiling` from now on, unless it lapses
+    /// (not renewed within [`CEILING_LAPSES_AFTER`]).
     pub fn cap_at(&self, ceiling: Nanos) {
+        self.capped_at
+            .store(self.elapsed.now().get(), Ordering::SeqCst);
         self.ceiling.store(ceiling.get(), Ordering::SeqCst);
     }
 
-    /// The time it never shows past.
+    /// Never shows a time past `ceiling` again, however long (a lower one
+    /// than before too): a clock about to stop shows nothing past its last
+    /// mark, and no mark will come after it.
+    pub fn cap_for_good_at(&self, ceiling: Nanos) {
+        self.capped_at.store(FOR_GOOD, Ordering::SeqCst);
+        self.ceiling.store(ceiling.get(), Ordering::SeqCst);
+    }
+
+    /// Whether the ceiling is older than [`CEILING_LAPSES_AFTER`].
+    fn ceiling_lapsed(&self) -> bool {
+        let capped_at = self.capped_at.load(Ordering::SeqCst);
+        capped_at != FOR_GOOD
+            && self.elapsed.now().get().saturating_sub(capped_at)
+                > Nanos::from(CEILING_LAPSES_AFTER).get()
+    }
+
+    /// The time it never shows past (`Nanos::MAX` once it has lapsed).
     pub fn ceiling(&self) -> Nanos {
+        if self.ceiling_lapsed() {
+            return Nanos::MAX;
+        }
         Nanos(self.ceiling.load(Ordering::SeqCst))
     }
 
@@ -262,13 +329,17 @@ impl<C: Clock> ForwardOnly<C> {
     }
 }
 
-impl<C: Clock> Clock for ForwardOnly<C> {
+impl<C: Clock, E: Clock> Clock for ForwardOnly<C, E> {
     fn now(&self) -> Nanos {
-        let now = self
-            .source
-            .now()
-            .get()
-            .min(self.ceiling.load(Ordering::Relaxed));
+        let source = self.source.now().get();
+        let ceiling = self.ceiling.load(Ordering::Relaxed);
+        // Past the ceiling is rare (the keeper stays ahead): only then is
+        // its age read.
+        let now = if source > ceiling && !self.ceiling_lapsed() {
+            ceiling
+        } else {
+            source
+        };
         let latest = self.latest.load(Ordering::Relaxed);
         if now < latest {
             return Nanos(latest);
@@ -380,6 +451,49 @@ mod tests {
         // Raised again, it shows the source again.
         clock.cap_at(Nanos::from_secs(1_010));
         assert_eq!(clock.now(), Nanos::from_secs(1_005));
+    }
+
+    #[test]
+    fn a_ceiling_not_renewed_in_time_lapses_and_the_clock_goes_on() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
+        let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        clock.cap_at(Nanos::from_secs(1_002));
+        // The process is stopped for nine seconds: its keeper did not run.
+        source.set(Nanos::from_secs(1_009));
+        elapsed.advance(CEILING_LAPSES_AFTER);
+        assert_eq!(clock.now(), Nanos::from_secs(1_002), "held up to the lapse");
+        elapsed.advance(Duration::from_secs(5));
+        assert_eq!(clock.now(), Nanos::from_secs(1_009));
+        assert_eq!(clock.ceiling(), Nanos::MAX);
+        // Renewed, it holds again.
+        clock.cap_at(Nanos::from_secs(1_011));
+        source.set(Nanos::from_secs(1_015));
+        assert_eq!(clock.now(), Nanos::from_secs(1_011));
+    }
+
+    #[test]
+    fn a_system_clock_stepped_forward_is_no_lapse() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
+        let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        clock.cap_at(Nanos::from_secs(1_002));
+        // A step of an hour, a moment later.
+        source.set(Nanos::from_secs(4_600));
+        elapsed.advance(Duration::from_millis(100));
+        assert_eq!(clock.now(), Nanos::from_secs(1_002));
+    }
+
+    #[test]
+    fn a_ceiling_for_good_never_lapses() {
+        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
+        let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
+        let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        clock.cap_for_good_at(Nanos::from_secs(1_001));
+        source.set(Nanos::from_secs(2_000));
+        elapsed.advance(Duration::from_secs(3_600));
+        assert_eq!(clock.now(), Nanos::from_secs(1_001));
+        assert_eq!(clock.ceiling(), Nanos::from_secs(1_001));
     }
 
     #[test]
