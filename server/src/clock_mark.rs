@@ -252,41 +252,72 @@ async fn keep<C: Clock>(file: Arc<Mutex<MarkFile>>, path: PathBuf, clock: &'stat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut trouble = Trouble::default();
-    let mut idle_since = Instant::now();
+    let mut pulse = Pulse::new();
     loop {
         tick.tick().await;
-        stalled(idle_since.elapsed());
+        pulse.beat();
         let write = tokio::task::spawn_blocking({
             let file = file.clone();
             move || renew(&mut file.lock(), clock)
         });
         tokio::pin!(write);
-        let written = match tokio::time::timeout(LATE, &mut write).await {
-            Ok(done) => done,
-            Err(_) => {
-                trouble.report(clock, &path, &format!("not written within {LATE:?}"));
-                write.await
+        // Looked at every EVERY while the write is under way: a process
+        // stopped meanwhile gives the disk its LATE again from waking,
+        // rather than blame a disk that was stopped with it.
+        let mut late_at = Instant::now() + LATE;
+        let mut reported = false;
+        let written = loop {
+            tokio::select! {
+                done = &mut write => break done,
+                () = tokio::time::sleep(EVERY) => {
+                    if pulse.beat() {
+                        late_at = Instant::now() + LATE;
+                    }
+                    if !reported && Instant::now() >= late_at {
+                        trouble.report(clock, &path, &format!("not written within {LATE:?}"));
+                        reported = true;
+                    }
+                }
             }
         };
         match written.unwrap_or_else(|e| Err(io::Error::other(e))) {
             Ok(()) => trouble.over(),
             Err(e) => trouble.report(clock, &path, &e.to_string()),
         }
-        idle_since = Instant::now();
+        pulse.beat();
     }
 }
 
-/// Says so when the keeper waited far longer than [`EVERY`] for its turn:
-/// the process did not run (stopped, paused or starved of CPU), and its
-/// clock's ceiling lapsed meanwhile. Checks decided around then may have
-/// been slow, and the operator should know why.
-fn stalled(idle: Duration) {
-    if idle > CEILING_LAPSES_AFTER {
-        tracing::warn!(
-            event = "process_stalled",
-            stalled_ms = idle.as_millis() as u64,
-            "warden did not run for a while (stopped, paused or starved of CPU); its clock went on without a new clock mark"
-        );
+/// When the keeper last ran, to tell a process that did not run (stopped,
+/// paused or starved of CPU) from a disk that is slow: the keeper runs at
+/// least every [`EVERY`] while it waits for either.
+struct Pulse {
+    last: Instant,
+}
+
+impl Pulse {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+        }
+    }
+
+    /// Notes that the keeper runs; says so (and returns true) when it had
+    /// not run for longer than [`LATE`]: the clock stood still meanwhile,
+    /// or went on without a mark once its ceiling lapsed, and checks
+    /// decided around then waited. The operator should know why.
+    fn beat(&mut self) -> bool {
+        let idle = self.last.elapsed();
+        self.last = Instant::now();
+        let stalled = idle > LATE;
+        if stalled {
+            tracing::warn!(
+                event = "process_stalled",
+                stalled_ms = idle.as_millis() as u64,
+                "warden did not run for a while (stopped, paused or starved of CPU); checks waited, and its clock may have gone on without a new clock mark"
+            );
+        }
+        stalled
     }
 }
 
