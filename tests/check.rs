@@ -353,6 +353,82 @@ async fn no_request_is_allowed_twice_across_restarts_whatever_its_timestamp() {
     }
 }
 
+/// An operator lowers `future_skew` and restarts warden (or it crashes and
+/// comes back on the new config). The process before accepted requests
+/// signed up to its own, larger skew ahead of its clock; a fence that
+/// covered only the new skew let them be accepted again once the clock
+/// came within the new skew of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_skew_lowered_across_a_restart_lets_nothing_accepted_before_it_through() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let config = |future_skew: &str| {
+        dir.write_config(&format!(
+            "[check]\nfuture_skew = \"{future_skew}\"\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n[[keys]]\nid = \"wk_ahead\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+        ))
+    };
+    let mut first = Server::with_config(&config("20s"));
+    let signer = Signer::new("wk_ahead", SECRET);
+    let mut client = dir.client(&first).await;
+    // A client whose clock runs 15 s ahead: within the skew of the day.
+    let ahead = pay_signed(&signer, 15);
+    let signed_at = unix_now() + 15;
+    assert_reason(&client.check(ahead.clone()).await.unwrap(), Reason::Ok);
+    first.kill();
+
+    let second = Server::with_config_unready(&config("5s"), "info");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while second.http_get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = dir.client(&second).await;
+    // Replayed once the new clock is within its new skew of the request,
+    // and after: refused as signed before this process, for good.
+    while unix_now() + 5 < signed_at + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..2 {
+        let r = client.check(ahead.clone()).await.unwrap();
+        assert_reason(&r, Reason::Stale);
+        assert!(
+            r.message.contains("before this server started"),
+            "{}",
+            r.message
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_reason(
+        &client.check(pay_signed(&signer, 0)).await.unwrap(),
+        Reason::Ok,
+    );
+    assert!(
+        second
+            .logs()
+            .contains("\"event\":\"fence_behind_previous_skew\""),
+        "{}",
+        second.logs()
+    );
+    drop(second);
+
+    // A record warden did not write refuses the start, naming the file.
+    std::fs::write(dir.path().join("store/fence.json"), "{\"fence\":").unwrap();
+    let out = support::output_within(
+        std::process::Command::new(support::BIN).args([
+            "serve",
+            "--config",
+            config("5s").to_str().unwrap(),
+        ]),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("fence.json") && stderr.contains("remove it only if"),
+        "{stderr}"
+    );
+}
+
 /// The restart fence counts from the previous process's clock mark, not
 /// from a system clock that may have been set back across the restart (a
 /// VM booted before NTP set its clock, a clock set by hand, a spoofed NTP

@@ -23,7 +23,7 @@ use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
     Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey, StateSeed,
 };
-use crate::freshness::{Fence, Freshness, Stale};
+use crate::freshness::{Fence, Freshness, Predecessor, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
 use crate::model::{KeyConfig, Policy, is_valid_key_id, is_valid_name};
 use crate::route::{ServedPath, has_dot_segment};
@@ -208,16 +208,18 @@ impl Checker {
         authz: Authz,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self::with_seed(settings, keys, authz, clock, StateSeed::random())
+        Self::with_seed(settings, keys, authz, clock, StateSeed::random(), None)
     }
 
-    /// Like [`Self::new`], keying state ids with `seed` (the cluster's).
+    /// Like [`Self::new`], keying state ids with `seed` (the cluster's),
+    /// and fenced behind what `predecessor`, the process before, recorded.
     pub fn with_seed(
         settings: CheckSettings,
         keys: KeyRing,
         authz: Authz,
         clock: Arc<dyn Clock>,
         seed: StateSeed,
+        predecessor: Option<Predecessor>,
     ) -> Self {
         let now = clock.now();
         let failures = Gcra::new(
@@ -233,7 +235,12 @@ impl Checker {
         set_policy_caps(&engine, &keys);
         Self {
             engine,
-            freshness: Freshness::starting_at(now, settings.past_skew, settings.future_skew),
+            freshness: Freshness::starting_after(
+                now,
+                settings.past_skew,
+                settings.future_skew,
+                predecessor,
+            ),
             clock,
             keys: RwLock::new(Arc::new(keys)),
             changing: Mutex::new(()),

@@ -41,6 +41,26 @@ impl Fence {
         }
     }
 
+    /// The fence at `first_second` (as a [`Predecessor`] recorded it).
+    pub fn at(first_second: i64) -> Self {
+        Self { first_second }
+    }
+
+    /// The fence for state that begins at `start` after `predecessor`:
+    /// above every timestamp it could have accepted with its own future
+    /// skew (larger, when the skew was lowered since), and never below its
+    /// fence, which covers every process before it.
+    pub fn after_predecessor(
+        start: Nanos,
+        future_skew: Duration,
+        predecessor: Option<Predecessor>,
+    ) -> Self {
+        match predecessor {
+            None => Self::after(start, future_skew),
+            Some(p) => Self::after(start, future_skew.max(p.future_skew)).max(p.fence),
+        }
+    }
+
     /// The first acceptable timestamp, in Unix seconds.
     pub fn first_second(self) -> i64 {
         self.first_second
@@ -63,6 +83,15 @@ impl Fence {
             tokio::time::sleep(Duration::from(wait).min(Duration::from_millis(100))).await;
         }
     }
+}
+
+/// What the process before this one left for its fence (see
+/// `fence_record`): the future skew it accepted timestamps with, and its
+/// own fence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Predecessor {
+    pub future_skew: Duration,
+    pub fence: Fence,
 }
 
 /// Why a timestamp is not fresh. Each has its own message, safe for clients.
@@ -105,12 +134,23 @@ pub struct Freshness {
 }
 
 impl Freshness {
-    /// The rule for a process starting at `start`.
+    /// The rule for a process starting at `start` with no record of the
+    /// one before (its skews taken to be these).
     pub fn starting_at(start: Nanos, past_skew: Duration, future_skew: Duration) -> Self {
+        Self::starting_after(start, past_skew, future_skew, None)
+    }
+
+    /// The rule for a process starting at `start` after `predecessor`.
+    pub fn starting_after(
+        start: Nanos,
+        past_skew: Duration,
+        future_skew: Duration,
+        predecessor: Option<Predecessor>,
+    ) -> Self {
         Self {
             past_skew: past_skew.as_secs(),
             future_skew: future_skew.as_secs(),
-            fence: Fence::after(start, future_skew),
+            fence: Fence::after_predecessor(start, future_skew, predecessor),
         }
     }
 
@@ -222,5 +262,79 @@ mod tests {
             let next = Freshness::starting_at(start, past, future);
             prop_assert!(next.judge(ts, start + later * S / 3).is_err());
         }
+
+        /// The same through a chain of processes whose future skews were
+        /// changed at each restart (lowered, raised), each following the
+        /// record of the one before: nothing the first or the second
+        /// accepted is accepted by the third.
+        #[test]
+        fn nothing_any_predecessor_accepted_is_accepted_whatever_the_skews_became(
+            skews in proptest::array::uniform3(0u64..300),
+            first_start in 1_000_000u64..1_000_100,
+            runs in proptest::array::uniform2(0u64..400),
+            accepted_by in 0usize..2,
+            when in 0.0f64..=1.0,
+            how_far_ahead in 0.0f64..=1.0,
+            later in 0u64..1000,
+        ) {
+            let past = Duration::from_secs(300);
+            let skew = |i: usize| Duration::from_secs(skews[i]);
+            // Each process starts (its clock held at the mark) no earlier
+            // than the one before stopped.
+            let mut starts = vec![first_start * S];
+            let mut rules = vec![Freshness::starting_at(starts[0], past, skew(0))];
+            for i in 1..3 {
+                let start = starts[i - 1] + runs[i - 1] * S;
+                let before = Predecessor { future_skew: skew(i - 1), fence: rules[i - 1].fence() };
+                rules.push(Freshness::starting_after(start, past, skew(i), Some(before)));
+                starts.push(start);
+            }
+            // Accepted while it ran, signed up to its skew ahead.
+            let (from, to) = (starts[accepted_by], starts[accepted_by + 1]);
+            let accepted_at = from + Nanos::new(((to - from).get() as f64 * when) as u64);
+            let ahead = (skews[accepted_by] as f64 * how_far_ahead) as i64;
+            let ts = (accepted_at / S) as i64 + ahead;
+            prop_assume!(rules[accepted_by].judge(ts, accepted_at).is_ok());
+            prop_assert!(rules[2].judge(ts, starts[2] + later * S / 3).is_err());
+        }
+    }
+
+    #[test]
+    fn a_lowered_future_skew_is_fenced_behind_the_previous_one() {
+        let before = Predecessor {
+            future_skew: Duration::from_secs(20),
+            fence: Fence::at(900),
+        };
+        let f = Freshness::starting_after(
+            1000 * S + S / 2,
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Some(before),
+        );
+        assert_eq!(f.fence().first_second(), 1021);
+        // A recorded fence above it stands (a skew lowered twice in a row).
+        let before = Predecessor {
+            future_skew: Duration::from_secs(5),
+            fence: Fence::at(1300),
+        };
+        let f = Freshness::starting_after(
+            1000 * S,
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Some(before),
+        );
+        assert_eq!(f.fence().first_second(), 1300);
+        // A raised one needs nothing of the record.
+        let before = Predecessor {
+            future_skew: Duration::from_secs(5),
+            fence: Fence::at(900),
+        };
+        let f = Freshness::starting_after(
+            1000 * S,
+            Duration::from_secs(300),
+            Duration::from_secs(60),
+            Some(before),
+        );
+        assert_eq!(f.fence().first_second(), 1061);
     }
 }

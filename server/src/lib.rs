@@ -12,6 +12,7 @@
 //! - [`check`]: the pipeline that turns a `CheckRequest` into a decision;
 //! - [`config`]: the config file; [`dev`]: `serve --dev` files;
 //! - `clock_mark`: the latest time shown, on disk, for the next process;
+//!   `fence_record`: how far ahead it accepted, for the next one's fence;
 //! - `service`: the tonic services; `conn`, `gate`: connections and their
 //!   bounds; [`server`]: listening, background tasks and shutdown.
 //!
@@ -33,6 +34,7 @@ pub mod dev;
 mod dir_lock;
 mod direct_route;
 pub mod engine;
+mod fence_record;
 mod freshness;
 mod gate;
 mod gateway;

@@ -242,7 +242,8 @@ impl From<ServeError> for Failure {
             | ServeError::Store(_)
             | ServeError::Keys(_)
             | ServeError::Audit(_)
-            | ServeError::ClockMark(_) => usage(e),
+            | ServeError::ClockMark(_)
+            | ServeError::FenceRecord(_) => usage(e),
         }
     }
 }

@@ -92,6 +92,8 @@ pub enum ServeError {
     Cluster(String),
     #[error(transparent)]
     ClockMark(#[from] crate::clock_mark::MarkError),
+    #[error(transparent)]
+    FenceRecord(#[from] crate::fence_record::FenceRecordError),
 }
 
 /// Serving status, for gRPC health and the HTTP readiness probe alike.
@@ -192,13 +194,35 @@ impl App {
                 .map_err(|e| ServeError::Cluster(format!("cannot read the state seed: {e}")))?,
             None => StateSeed::random(),
         };
+        // The process before may have accepted further ahead (a future
+        // skew lowered since): the fence covers what it recorded, and this
+        // process records its own before it serves (see fence_record).
+        let predecessor = match &store {
+            Some(store) => crate::fence_record::read(store.dir())?,
+            None => None,
+        };
         let checker = Arc::new(Checker::with_seed(
             config.check.clone(),
             keys,
             config.authz.clone(),
             clock.clone(),
             seed,
+            predecessor,
         ));
+        if let Some(store) = &store {
+            crate::fence_record::write(store.dir(), config.check.future_skew, checker.fence())?;
+            if let Some(p) = predecessor
+                && p.future_skew > config.check.future_skew
+            {
+                tracing::warn!(
+                    event = "fence_behind_previous_skew",
+                    previous_future_skew_s = p.future_skew.as_secs(),
+                    future_skew_s = config.check.future_skew.as_secs(),
+                    fence = checker.fence().first_second(),
+                    "check.future_skew was lowered: requests the previous process accepted from clocks running ahead are refused, and fresh ones wait for the fence of the previous skew this once"
+                );
+            }
+        }
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
         let membership = coordinator.map(|(cluster, url)| {
             Membership::new(
