@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS warden_members (
 ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint,
     ADD COLUMN IF NOT EXISTS clock_read_at_us bigint,
     ADD COLUMN IF NOT EXISTS renewal bigint,
-    ADD COLUMN IF NOT EXISTS incarnation text;
+    ADD COLUMN IF NOT EXISTS incarnation text,
+    ADD COLUMN IF NOT EXISTS future_skew_s bigint;
 CREATE SEQUENCE IF NOT EXISTS warden_renewals;
 INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
@@ -110,6 +111,10 @@ pub struct Member {
     /// Its clock against the database's at its last renewal; `None` from a
     /// node of a version before this was measured.
     pub clock: Option<ClockReading>,
+    /// How far ahead of its clock it accepts timestamps (its
+    /// `check.future_skew`); `None` from a node of a version before this
+    /// was recorded.
+    pub future_skew: Option<Duration>,
 }
 
 /// The membership as this node last saw it.
@@ -141,6 +146,15 @@ impl View {
         self.members
             .iter()
             .filter_map(|m| Some((m.node.as_str(), m.clock?)))
+    }
+
+    /// The largest future skew a member reports.
+    pub fn largest_future_skew(&self) -> Duration {
+        self.members
+            .iter()
+            .filter_map(|m| m.future_skew)
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     fn table_nodes(&self) -> Vec<Node> {
@@ -634,7 +648,14 @@ impl Membership {
                 };
                 match tokio::time::timeout(
                     every * 2,
-                    renew(&client, &self.settings, holder, &run_out, since),
+                    renew(
+                        &client,
+                        &self.settings,
+                        holder,
+                        &run_out,
+                        since,
+                        self.future_skew,
+                    ),
                 )
                 .await
                 {
@@ -815,10 +836,21 @@ impl Membership {
             .furthest_ahead(mine, theirs.map(|(_, reading)| reading))
     }
 
+    /// The largest future skew of this node and of any member of `view`
+    /// or of the view before it: a previous owner accepted up to its own
+    /// skew ahead, which may be larger than this node's (a skew being
+    /// lowered node by node).
+    fn largest_future_skew(&self, view: &View) -> Duration {
+        let previous = self.view.read();
+        self.future_skew
+            .max(view.largest_future_skew())
+            .max(previous.largest_future_skew())
+    }
+
     /// Rebuilds the slot table when the membership changed, once for each
     /// version missed (see the module documentation). Slots taken over get
     /// the takeover fence: the previous owner may have accepted requests
-    /// signed up to the moment it stopped answering plus the future skew,
+    /// signed up to the moment it stopped answering plus its future skew,
     /// and it stops at the latest one renewal interval after the change
     /// (when it renews and sees it).
     pub(super) fn update_table(&self, view: &View, rejoined: bool, missed: Vec<(u64, Vec<Node>)>) {
@@ -831,7 +863,7 @@ impl Membership {
         let past = u32::try_from(now_secs.saturating_sub(self.past_skew.as_secs())).unwrap_or(0);
         let fence = u32::try_from(
             now_secs
-                + self.future_skew.as_secs()
+                + self.largest_future_skew(view).as_secs()
                 + self.renew_every().as_secs().max(1)
                 + 1
                 + self.others_ahead(view).as_secs(),
@@ -1089,7 +1121,9 @@ async fn renew(
     holder: Holder<'_>,
     run_out: &[(String, LeaseMark)],
     since: u64,
+    future_skew: Duration,
 ) -> Result<Renewal, RenewError> {
+    let future_skew_s = i64::try_from(future_skew.as_secs()).unwrap_or(i64::MAX);
     let ttl = settings.lease_ttl.as_secs_f64();
     let clock = ClockReading::take(client).await?;
     client.batch_execute("BEGIN").await?;
@@ -1102,14 +1136,15 @@ async fn renew(
                 "WITH previous AS (SELECT incarnation, advertise FROM warden_members WHERE node = $1)
                  INSERT INTO warden_members
                    (node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us,
-                    renewal, incarnation)
+                    renewal, incarnation, future_skew_s)
                  VALUES ($1, $2, now() + make_interval(secs => $3), now(), $4, $5,
-                         nextval('warden_renewals'), $6)
+                         nextval('warden_renewals'), $6, $7)
                  ON CONFLICT (node) DO UPDATE
                    SET advertise = EXCLUDED.advertise, lease_until = EXCLUDED.lease_until,
                        clock_ahead_us = EXCLUDED.clock_ahead_us,
                        clock_read_at_us = EXCLUDED.clock_read_at_us,
-                       renewal = EXCLUDED.renewal, incarnation = EXCLUDED.incarnation
+                       renewal = EXCLUDED.renewal, incarnation = EXCLUDED.incarnation,
+                       future_skew_s = EXCLUDED.future_skew_s
                  RETURNING NOT EXISTS (SELECT 1 FROM previous),
                            (SELECT incarnation FROM previous),
                            (SELECT advertise FROM previous)",
@@ -1120,6 +1155,7 @@ async fn renew(
                     &clock.ahead_us,
                     &clock.at_us,
                     &holder.mine,
+                    &future_skew_s,
                 ],
             )
             .await?;
@@ -1171,7 +1207,7 @@ async fn renew(
             .query(
                 &format!(
                     "SELECT node, advertise, (extract(epoch from joined_at) * 1000)::bigint,
-                            clock_ahead_us, clock_read_at_us, renewal, {UNTIL_US}
+                            clock_ahead_us, clock_read_at_us, renewal, {UNTIL_US}, future_skew_s
                      FROM warden_members m ORDER BY node"
                 ),
                 &[],
@@ -1201,6 +1237,9 @@ async fn renew(
                         .get::<_, Option<i64>>(3)
                         .zip(r.get::<_, Option<i64>>(4))
                         .map(|(ahead_us, at_us)| ClockReading { at_us, ahead_us }),
+                    future_skew: r
+                        .get::<_, Option<i64>>(7)
+                        .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0))),
                 })
                 .collect(),
             coordinator_ok: true,
@@ -1286,6 +1325,7 @@ pub(super) mod tests {
                     advertise: format!("{node}:1"),
                     lease_left: Duration::from_secs(2),
                     joined_at_ms,
+                    future_skew: Some(Duration::from_secs(5)),
                     clock: Some(ClockReading {
                         at_us: 0,
                         ahead_us: 0,
@@ -1461,6 +1501,33 @@ pub(super) mod tests {
         let taken = (0..=Slot::MAX).find(|&s| t.is_mine(s) && t.fenced(s, before));
         let slot = taken.expect("B's slots are fenced");
         assert!(!t.fenced(slot, now() + 8));
+    }
+
+    /// B dies while its `future_skew` is still 20 s, A's already lowered to
+    /// 5 s (a skew lowered node by node). B accepted timestamps up to 20 s
+    /// ahead, so the fence A puts on B's slots reaches 15 s further than
+    /// its own skew would put it. Until session 24 it counted A's skew.
+    #[test]
+    fn a_takeover_fence_reaches_as_far_as_a_previous_owners_future_skew() {
+        let a = settled_a();
+        let owned = a.table();
+        let mut three = view(3, &THREE);
+        three.members[1].future_skew = Some(Duration::from_secs(20));
+        *a.view.write() = three;
+        let before = now();
+        a.update_table(&view(4, &[("node-a", 1), ("node-c", 1)]), false, Vec::new());
+        let after = now();
+        let t = a.table();
+        let taken: Vec<Slot> = (0..=Slot::MAX)
+            .filter(|&s| t.is_mine(s) && !owned.owns(s))
+            .collect();
+        assert!(!taken.is_empty());
+        // B's future skew 20 s, one renewal interval (rounded up to 1 s), 1 s.
+        let reach = 20 + 1 + 1;
+        for &slot in &taken {
+            assert!(t.fenced(slot, before + reach), "slot {slot}");
+            assert!(!t.fenced(slot, after + reach + 1), "slot {slot}");
+        }
     }
 
     /// `view` with `node`'s clock read at `at_secs` on the database's clock,
