@@ -377,6 +377,20 @@ async fn a_future_skew_lowered_across_a_restart_lets_nothing_accepted_before_it_
     first.kill();
 
     let second = Server::with_config_unready(&config("5s"), "info");
+    // Before its fence opens (the old skew's, about 20 s away), a request
+    // signed now is refused, and told when signing again will pass.
+    let r = dir
+        .client(&second)
+        .await
+        .check(pay_signed(&signer, 0))
+        .await
+        .unwrap();
+    assert_reason(&r, Reason::Stale);
+    assert!(
+        (10_000..=25_000).contains(&r.retry_after_ms),
+        "{}",
+        r.retry_after_ms
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while second.http_get("/readyz").0 != 200 {
         assert!(std::time::Instant::now() < deadline, "{}", second.logs());

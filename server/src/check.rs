@@ -620,7 +620,7 @@ impl Checker {
         if let Some(timestamp) = valid.credential.timestamp(req)
             && let Err(stale) = self.freshness.judge(timestamp, now)
         {
-            return Err(Box::new(deny(Reason::Stale, stale.message())));
+            return Err(Box::new(stale_denial(stale, self.freshness.fence(), now)));
         }
         Ok(key.clone())
     }
@@ -1154,6 +1154,20 @@ fn deny(reason: Reason, message: impl Into<String>) -> CheckResponse {
         http_status: http_status(reason),
         message: message.into(),
         ..Default::default()
+    }
+}
+
+/// A STALE answer. While this process's fence has not opened, a request
+/// refused as signed before it may well be a fresh one from a correct
+/// clock (the process has just started): the answer says when signing
+/// again can succeed, as a rate-limited one does. Once the fence has
+/// opened, nothing signed before it ever passes: nothing to wait for.
+fn stale_denial(stale: Stale, fence: Fence, now: Nanos) -> CheckResponse {
+    match stale {
+        Stale::BeforeFence if now < fence.opens_at() => {
+            deny_with_retry(Reason::Stale, fence.opens_at() - now, stale.message())
+        }
+        _ => deny(Reason::Stale, stale.message()),
     }
 }
 

@@ -231,6 +231,32 @@ fn a_correct_clock_is_served_again_within_the_future_skew_after_a_restart() {
     assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
 }
 
+/// Just after a start, a correct clock's request is refused as signed
+/// before the fence, and told when signing again will pass: the moment
+/// the fence opens, to the millisecond. Once it has opened, a request
+/// signed before it is told nothing of the kind: it never passes.
+#[test]
+fn a_request_refused_before_the_fence_opens_is_told_when_it_opens() {
+    let f = Fixture::new();
+    // Back to 1.25 s after the start, before the fence (START + 6).
+    f.clock.set(START as u64 * SEC + SEC + SEC / 4);
+    let r = f.check(&f.now());
+    assert_eq!(reason(&r), Reason::Stale);
+    let opens = f.checker.fence().opens_at();
+    assert_eq!(r.retry_after_ms, (opens - f.clock.now()).ceil_millis());
+    assert_eq!(r.retry_after_ms, 4_750);
+    assert_eq!(r.headers.get("Retry-After").map(String::as_str), Some("5"));
+    // Signed again when told: allowed.
+    f.clock.set(opens);
+    assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
+    // Signed before the fence, sent after it opened: refused for good.
+    let before = f.at(START + 1);
+    let r = f.check(&before);
+    assert_eq!(reason(&r), Reason::Stale);
+    assert_eq!(r.retry_after_ms, 0);
+    assert!(r.headers.get("Retry-After").is_none());
+}
+
 #[test]
 fn freshness_holds_exactly_to_the_skew_in_both_directions() {
     let f = Fixture::new();
