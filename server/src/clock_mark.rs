@@ -188,6 +188,7 @@ pub struct Keeper<C: Clock> {
     file: Arc<Mutex<MarkFile>>,
     clock: &'static ForwardOnly<C>,
     task: tokio::task::JoinHandle<()>,
+    previous: Option<Nanos>,
 }
 
 impl<C: Clock> Keeper<C> {
@@ -208,7 +209,17 @@ impl<C: Clock> Keeper<C> {
         let path = file.path.clone();
         let file = Arc::new(Mutex::new(file));
         let task = tokio::spawn(keep(file.clone(), path, clock));
-        Ok(Self { file, clock, task })
+        Ok(Self {
+            file,
+            clock,
+            task,
+            previous,
+        })
+    }
+
+    /// The mark the previous process left: no time it showed was later.
+    pub fn previous(&self) -> Option<Nanos> {
+        self.previous
     }
 }
 

@@ -46,7 +46,8 @@ struct Record {
 }
 
 /// What the previous process recorded in `dir`, if it did (`None`: a
-/// first start, or a version before the record).
+/// first start, or a version before the record). The time it stopped by
+/// is the clock mark's to say (`last_shown`, left `None` here).
 pub fn read(dir: &Path) -> Result<Option<Predecessor>, FenceRecordError> {
     let path = dir.join(FILE_NAME);
     let bytes = match std::fs::read(&path) {
@@ -62,6 +63,7 @@ pub fn read(dir: &Path) -> Result<Option<Predecessor>, FenceRecordError> {
     Ok(Some(Predecessor {
         future_skew: Duration::from_secs(record.future_skew_secs),
         fence: Fence::at(record.fence),
+        last_shown: None,
     }))
 }
 

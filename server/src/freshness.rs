@@ -55,9 +55,15 @@ impl Fence {
         future_skew: Duration,
         predecessor: Option<Predecessor>,
     ) -> Self {
+        let ours = Self::after(start, future_skew);
         match predecessor {
-            None => Self::after(start, future_skew),
-            Some(p) => Self::after(start, future_skew.max(p.future_skew)).max(p.fence),
+            None => ours,
+            Some(p) => {
+                // Counted from its clock mark, when there is one: a process
+                // that stopped long ago accepted nothing lately.
+                let stopped = p.last_shown.unwrap_or(start);
+                ours.max(Self::after(stopped, p.future_skew)).max(p.fence)
+            }
         }
     }
 
@@ -86,12 +92,14 @@ impl Fence {
 }
 
 /// What the process before this one left for its fence (see
-/// `fence_record`): the future skew it accepted timestamps with, and its
-/// own fence.
+/// `fence_record`): the future skew it accepted timestamps with, its own
+/// fence, and the latest time it may have shown (its clock mark; `None`
+/// without one: then this process's start stands in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Predecessor {
     pub future_skew: Duration,
     pub fence: Fence,
+    pub last_shown: Option<Nanos>,
 }
 
 /// Why a timestamp is not fresh. Each has its own message, safe for clients.
@@ -265,13 +273,15 @@ mod tests {
 
         /// The same through a chain of processes whose future skews were
         /// changed at each restart (lowered, raised), each following the
-        /// record of the one before: nothing the first or the second
-        /// accepted is accepted by the third.
+        /// record and the clock mark of the one before: nothing the first
+        /// or the second accepted is accepted by the third.
         #[test]
         fn nothing_any_predecessor_accepted_is_accepted_whatever_the_skews_became(
             skews in proptest::array::uniform3(0u64..300),
             first_start in 1_000_000u64..1_000_100,
             runs in proptest::array::uniform2(0u64..400),
+            downs in proptest::array::uniform2(0u64..400),
+            with_mark in proptest::array::uniform2(proptest::bool::ANY),
             accepted_by in 0usize..2,
             when in 0.0f64..=1.0,
             how_far_ahead in 0.0f64..=1.0,
@@ -279,18 +289,26 @@ mod tests {
         ) {
             let past = Duration::from_secs(300);
             let skew = |i: usize| Duration::from_secs(skews[i]);
-            // Each process starts (its clock held at the mark) no earlier
-            // than the one before stopped.
+            // Each process runs, stops (its last mark: the latest time it
+            // showed), and the next starts after a while down, its clock
+            // held at that mark at least.
             let mut starts = vec![first_start * S];
+            let mut stops = Vec::new();
             let mut rules = vec![Freshness::starting_at(starts[0], past, skew(0))];
             for i in 1..3 {
-                let start = starts[i - 1] + runs[i - 1] * S;
-                let before = Predecessor { future_skew: skew(i - 1), fence: rules[i - 1].fence() };
+                let stopped = starts[i - 1] + runs[i - 1] * S / 3;
+                let start = stopped + downs[i - 1] * S / 3;
+                let before = Predecessor {
+                    future_skew: skew(i - 1),
+                    fence: rules[i - 1].fence(),
+                    last_shown: with_mark[i - 1].then_some(stopped),
+                };
                 rules.push(Freshness::starting_after(start, past, skew(i), Some(before)));
                 starts.push(start);
+                stops.push(stopped);
             }
             // Accepted while it ran, signed up to its skew ahead.
-            let (from, to) = (starts[accepted_by], starts[accepted_by + 1]);
+            let (from, to) = (starts[accepted_by], stops[accepted_by]);
             let accepted_at = from + Nanos::new(((to - from).get() as f64 * when) as u64);
             let ahead = (skews[accepted_by] as f64 * how_far_ahead) as i64;
             let ts = (accepted_at / S) as i64 + ahead;
@@ -304,6 +322,7 @@ mod tests {
         let before = Predecessor {
             future_skew: Duration::from_secs(20),
             fence: Fence::at(900),
+            last_shown: None,
         };
         let f = Freshness::starting_after(
             1000 * S + S / 2,
@@ -316,6 +335,7 @@ mod tests {
         let before = Predecessor {
             future_skew: Duration::from_secs(5),
             fence: Fence::at(1300),
+            last_shown: None,
         };
         let f = Freshness::starting_after(
             1000 * S,
@@ -328,6 +348,7 @@ mod tests {
         let before = Predecessor {
             future_skew: Duration::from_secs(5),
             fence: Fence::at(900),
+            last_shown: None,
         };
         let f = Freshness::starting_after(
             1000 * S,
@@ -336,5 +357,31 @@ mod tests {
             Some(before),
         );
         assert_eq!(f.fence().first_second(), 1061);
+        // Counted from its clock mark: stopped 100 s before this start, a
+        // 20 s skew asks nothing more of it.
+        let before = Predecessor {
+            future_skew: Duration::from_secs(20),
+            fence: Fence::at(900),
+            last_shown: Some(900 * S),
+        };
+        let f = Freshness::starting_after(
+            1000 * S,
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Some(before),
+        );
+        assert_eq!(f.fence().first_second(), 1006);
+        // Stopped 10 s before: 10 s more.
+        let before = Predecessor {
+            last_shown: Some(990 * S),
+            ..before
+        };
+        let f = Freshness::starting_after(
+            1000 * S,
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Some(before),
+        );
+        assert_eq!(f.fence().first_second(), 1011);
     }
 }

@@ -197,9 +197,14 @@ impl App {
         // The process before may have accepted further ahead (a future
         // skew lowered since): the fence covers what it recorded, and this
         // process records its own before it serves (see fence_record).
-        let predecessor = match &store {
-            Some(store) => crate::fence_record::read(store.dir())?,
-            None => None,
+        let predecessor = match (&store, &clock_mark) {
+            (Some(store), Some(mark)) => {
+                crate::fence_record::read(store.dir())?.map(|p| crate::freshness::Predecessor {
+                    last_shown: mark.previous(),
+                    ..p
+                })
+            }
+            _ => None,
         };
         let checker = Arc::new(Checker::with_seed(
             config.check.clone(),
@@ -212,14 +217,15 @@ impl App {
         if let Some(store) = &store {
             crate::fence_record::write(store.dir(), config.check.future_skew, checker.fence())?;
             if let Some(p) = predecessor
-                && p.future_skew > config.check.future_skew
+                && checker.fence()
+                    > crate::freshness::Fence::after(clock.now(), config.check.future_skew)
             {
                 tracing::warn!(
                     event = "fence_behind_previous_skew",
                     previous_future_skew_s = p.future_skew.as_secs(),
                     future_skew_s = config.check.future_skew.as_secs(),
                     fence = checker.fence().first_second(),
-                    "check.future_skew was lowered: requests the previous process accepted from clocks running ahead are refused, and fresh ones wait for the fence of the previous skew this once"
+                    "the previous process accepted requests further ahead (check.future_skew was lowered): they are refused, and fresh ones wait for this later fence this once"
                 );
             }
         }
