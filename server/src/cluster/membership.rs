@@ -1460,35 +1460,19 @@ pub(super) mod tests {
     #[test]
     fn a_takeover_fence_reaches_as_far_as_a_previous_owners_clock_ran_ahead() {
         for (b_ahead, a_ahead, margin) in [(10, 0, 10), (7, -3, 10), (-4, 0, 0), (0, 0, 0)] {
-            let a = settled_a();
-            let owned = a.table();
             let three = with_clock(
                 with_clock(view(3, &THREE), "node-b", b_ahead),
                 "node-a",
                 a_ahead,
             );
-            *a.view.write() = three;
-            let before = now();
             let without_b = view(4, &[("node-a", 1), ("node-c", 1)]);
-            a.update_table(&with_clock(without_b, "node-a", a_ahead), false, Vec::new());
-            let after = now();
-            let t = a.table();
-            let taken: Vec<Slot> = (0..=Slot::MAX)
-                .filter(|&s| t.is_mine(s) && !owned.owns(s))
-                .collect();
-            assert!(!taken.is_empty());
             // future skew 5 s, one renewal interval (rounded up to 1 s), 1 s.
-            let reach = 5 + 1 + 1 + margin;
-            for &slot in &taken {
-                assert!(
-                    t.fenced(slot, before + reach),
-                    "{b_ahead} {a_ahead}: slot {slot}"
-                );
-                assert!(
-                    !t.fenced(slot, after + reach + 1),
-                    "{b_ahead} {a_ahead}: slot {slot}"
-                );
-            }
+            assert_b_taken_behind(
+                three,
+                with_clock(without_b, "node-a", a_ahead),
+                5 + 1 + 1 + margin,
+                &format!("{b_ahead} {a_ahead}"),
+            );
         }
         // B reported nothing (an older version): the fence as before.
         let a = settled_a();
@@ -1509,24 +1493,35 @@ pub(super) mod tests {
     /// its own skew would put it. Until session 24 it counted A's skew.
     #[test]
     fn a_takeover_fence_reaches_as_far_as_a_previous_owners_future_skew() {
-        let a = settled_a();
-        let owned = a.table();
         let mut three = view(3, &THREE);
         three.members[1].future_skew = Some(Duration::from_secs(20));
+        // B's future skew 20 s, one renewal interval (rounded up to 1 s), 1 s.
+        assert_b_taken_behind(
+            three,
+            view(4, &[("node-a", 1), ("node-c", 1)]),
+            20 + 1 + 1,
+            "B's skew",
+        );
+    }
+
+    /// A, settled in `three`, sees B gone (`without_b`): every slot it
+    /// takes from B is fenced `reach` seconds past the takeover, and no
+    /// further.
+    fn assert_b_taken_behind(three: View, without_b: View, reach: i64, what: &str) {
+        let a = settled_a();
+        let owned = a.table();
         *a.view.write() = three;
         let before = now();
-        a.update_table(&view(4, &[("node-a", 1), ("node-c", 1)]), false, Vec::new());
+        a.update_table(&without_b, false, Vec::new());
         let after = now();
         let t = a.table();
         let taken: Vec<Slot> = (0..=Slot::MAX)
             .filter(|&s| t.is_mine(s) && !owned.owns(s))
             .collect();
-        assert!(!taken.is_empty());
-        // B's future skew 20 s, one renewal interval (rounded up to 1 s), 1 s.
-        let reach = 20 + 1 + 1;
+        assert!(!taken.is_empty(), "{what}");
         for &slot in &taken {
-            assert!(t.fenced(slot, before + reach), "slot {slot}");
-            assert!(!t.fenced(slot, after + reach + 1), "slot {slot}");
+            assert!(t.fenced(slot, before + reach), "{what}: slot {slot}");
+            assert!(!t.fenced(slot, after + reach + 1), "{what}: slot {slot}");
         }
     }
 
