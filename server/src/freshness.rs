@@ -319,69 +319,46 @@ mod tests {
 
     #[test]
     fn a_lowered_future_skew_is_fenced_behind_the_previous_one() {
-        let before = Predecessor {
+        /// The first second fenced for a process starting at `start` with a
+        /// `future_skew` of `skew` seconds after `before`.
+        fn fence_after(start: Nanos, skew: u64, before: Predecessor) -> i64 {
+            let past = Duration::from_secs(300);
+            Freshness::starting_after(start, past, Duration::from_secs(skew), Some(before))
+                .fence()
+                .first_second()
+        }
+        let lowered = Predecessor {
             future_skew: Duration::from_secs(20),
             fence: Fence::at(900),
             last_shown: None,
         };
-        let f = Freshness::starting_after(
-            1000 * S + S / 2,
-            Duration::from_secs(300),
-            Duration::from_secs(5),
-            Some(before),
-        );
-        assert_eq!(f.fence().first_second(), 1021);
+        assert_eq!(fence_after(1000 * S + S / 2, 5, lowered), 1021);
         // A recorded fence above it stands (a skew lowered twice in a row).
-        let before = Predecessor {
+        let fenced_later = Predecessor {
             future_skew: Duration::from_secs(5),
             fence: Fence::at(1300),
             last_shown: None,
         };
-        let f = Freshness::starting_after(
-            1000 * S,
-            Duration::from_secs(300),
-            Duration::from_secs(5),
-            Some(before),
-        );
-        assert_eq!(f.fence().first_second(), 1300);
+        assert_eq!(fence_after(1000 * S, 5, fenced_later), 1300);
         // A raised one needs nothing of the record.
-        let before = Predecessor {
+        let raised = Predecessor {
             future_skew: Duration::from_secs(5),
             fence: Fence::at(900),
             last_shown: None,
         };
-        let f = Freshness::starting_after(
-            1000 * S,
-            Duration::from_secs(300),
-            Duration::from_secs(60),
-            Some(before),
-        );
-        assert_eq!(f.fence().first_second(), 1061);
+        assert_eq!(fence_after(1000 * S, 60, raised), 1061);
         // Counted from its clock mark: stopped 100 s before this start, a
         // 20 s skew asks nothing more of it.
-        let before = Predecessor {
-            future_skew: Duration::from_secs(20),
-            fence: Fence::at(900),
+        let long_stopped = Predecessor {
             last_shown: Some(900 * S),
+            ..lowered
         };
-        let f = Freshness::starting_after(
-            1000 * S,
-            Duration::from_secs(300),
-            Duration::from_secs(5),
-            Some(before),
-        );
-        assert_eq!(f.fence().first_second(), 1006);
+        assert_eq!(fence_after(1000 * S, 5, long_stopped), 1006);
         // Stopped 10 s before: 10 s more.
-        let before = Predecessor {
+        let just_stopped = Predecessor {
             last_shown: Some(990 * S),
-            ..before
+            ..lowered
         };
-        let f = Freshness::starting_after(
-            1000 * S,
-            Duration::from_secs(300),
-            Duration::from_secs(5),
-            Some(before),
-        );
-        assert_eq!(f.fence().first_second(), 1011);
+        assert_eq!(fence_after(1000 * S, 5, just_stopped), 1011);
     }
 }
