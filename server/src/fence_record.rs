@@ -10,9 +10,10 @@
 //! accepted again once the new clock came within the new skew of them.
 //!
 //! So each process records, synced and before it serves, its future skew
-//! and its own fence. The next one fences behind the larger of the two
-//! skews, and never below the recorded fence: that one already covers
-//! every process before, however their skews went.
+//! and its own fence. The next one fences behind that skew, counted from
+//! the previous process's clock mark (the latest time it may have shown),
+//! and never below the recorded fence: that one already covers every
+//! process before, however their skews went.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::Nanos;
 use crate::freshness::{Fence, Predecessor};
 
 /// The record's file, in the store's directory.
@@ -46,9 +48,12 @@ struct Record {
 }
 
 /// What the previous process recorded in `dir`, if it did (`None`: a
-/// first start, or a version before the record). The time it stopped by
-/// is the clock mark's to say (`last_shown`, left `None` here).
-pub fn read(dir: &Path) -> Result<Option<Predecessor>, FenceRecordError> {
+/// first start, or a version before the record), with `last_shown`, the
+/// clock mark it left.
+pub fn read(
+    dir: &Path,
+    last_shown: Option<Nanos>,
+) -> Result<Option<Predecessor>, FenceRecordError> {
     let path = dir.join(FILE_NAME);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -63,7 +68,7 @@ pub fn read(dir: &Path) -> Result<Option<Predecessor>, FenceRecordError> {
     Ok(Some(Predecessor {
         future_skew: Duration::from_secs(record.future_skew_secs),
         fence: Fence::at(record.fence),
-        last_shown: None,
+        last_shown,
     }))
 }
 
@@ -89,9 +94,9 @@ mod tests {
     #[test]
     fn a_record_written_is_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(read(dir.path()).unwrap().is_none());
+        assert!(read(dir.path(), None).unwrap().is_none());
         write(dir.path(), Duration::from_secs(20), Fence::at(1_000_021)).unwrap();
-        let previous = read(dir.path()).unwrap().unwrap();
+        let previous = read(dir.path(), None).unwrap().unwrap();
         assert_eq!(previous.future_skew, Duration::from_secs(20));
         assert_eq!(previous.fence, Fence::at(1_000_021));
     }
@@ -106,7 +111,7 @@ mod tests {
             "{\"future_skew_secs\":-1,\"fence\":3}",
         ] {
             std::fs::write(dir.path().join(FILE_NAME), text).unwrap();
-            let e = read(dir.path()).unwrap_err().to_string();
+            let e = read(dir.path(), None).unwrap_err().to_string();
             assert!(
                 e.contains(FILE_NAME) && e.contains("remove it only if"),
                 "{e}"

@@ -198,12 +198,7 @@ impl App {
         // skew lowered since): the fence covers what it recorded, and this
         // process records its own before it serves (see fence_record).
         let predecessor = match (&store, &clock_mark) {
-            (Some(store), Some(mark)) => {
-                crate::fence_record::read(store.dir())?.map(|p| crate::freshness::Predecessor {
-                    last_shown: mark.previous(),
-                    ..p
-                })
-            }
+            (Some(store), Some(mark)) => crate::fence_record::read(store.dir(), mark.previous())?,
             _ => None,
         };
         let checker = Arc::new(Checker::with_seed(

@@ -453,11 +453,20 @@ mod tests {
         assert_eq!(clock.now(), Nanos::from_secs(1_005));
     }
 
-    #[test]
-    fn a_ceiling_not_renewed_in_time_lapses_and_the_clock_goes_on() {
+    type Fake = Arc<FakeClock>;
+
+    /// A clock at 1,000 s whose ceiling's age is told by a fake elapsed
+    /// clock, with both fakes to move.
+    fn lapsing() -> (Fake, Fake, ForwardOnly<Fake, Fake>) {
         let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
         let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
         let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        (source, elapsed, clock)
+    }
+
+    #[test]
+    fn a_ceiling_not_renewed_in_time_lapses_and_the_clock_goes_on() {
+        let (source, elapsed, clock) = lapsing();
         clock.cap_at(Nanos::from_secs(1_002));
         // The process is stopped for nine seconds: its keeper did not run.
         source.set(Nanos::from_secs(1_009));
@@ -474,9 +483,7 @@ mod tests {
 
     #[test]
     fn a_system_clock_stepped_forward_is_no_lapse() {
-        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
-        let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
-        let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        let (source, elapsed, clock) = lapsing();
         clock.cap_at(Nanos::from_secs(1_002));
         // A step of an hour, a moment later.
         source.set(Nanos::from_secs(4_600));
@@ -486,9 +493,7 @@ mod tests {
 
     #[test]
     fn a_ceiling_for_good_never_lapses() {
-        let source = Arc::new(FakeClock::new(Nanos::from_secs(1_000)));
-        let elapsed = Arc::new(FakeClock::new(Nanos::from_secs(50)));
-        let clock = ForwardOnly::with_elapsed(source.clone(), elapsed.clone());
+        let (source, elapsed, clock) = lapsing();
         clock.cap_for_good_at(Nanos::from_secs(1_001));
         source.set(Nanos::from_secs(2_000));
         elapsed.advance(Duration::from_secs(3_600));
