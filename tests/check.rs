@@ -391,11 +391,7 @@ async fn a_future_skew_lowered_across_a_restart_lets_nothing_accepted_before_it_
         "{}",
         r.retry_after_ms
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while second.http_get("/readyz").0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "{}", second.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    second.wait_past_fence_within(Duration::from_secs(60));
     let mut client = dir.client(&second).await;
     // Replayed once the new clock is within its new skew of the request,
     // and after: refused as signed before this process, for good.
@@ -579,6 +575,7 @@ async fn a_store_disk_that_hangs_or_fails_stops_no_check_and_no_shutdown() {
         stopping.elapsed()
     );
 }
+
 /// A process that does not run for a while (SIGSTOP, a VM paused or
 /// migrated, a machine starved of CPU) wakes with its clock held at the
 /// last mark it wrote, seconds behind: the clock mark's task has not run

@@ -199,7 +199,13 @@ impl Server {
     /// Requests signed before the restart fence (the start second plus the
     /// future skew) are STALE; the server reports ready once it has passed.
     pub fn wait_past_fence(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_past_fence_within(Duration::from_secs(30));
+    }
+
+    /// [`Self::wait_past_fence`], for a fence further off than a restart's
+    /// usual few seconds (a future skew lowered since the last process).
+    pub fn wait_past_fence_within(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while self.http_get("/readyz").0 != 200 {
             assert!(
                 Instant::now() < deadline,
