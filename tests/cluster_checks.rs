@@ -880,9 +880,10 @@ async fn a_node_killed_under_load_lets_nothing_it_accepted_through_again() {
     replay_all(&mut survivors_clients, &accepted).await;
 
     // The key is served again within the lease TTL plus the takeover
-    // fence (2 s + 5 s future skew + 1 s renewal + 1 s), with margin.
-    let (_, served_again) =
-        taken_over(&cluster, &mut survivors_clients[0], &signer, killed_at).await;
+    // fence (2 s + 5 s future skew + 1 s renewal + 1 s), with margin; and
+    // while the fence holds, a fresh request is told when it opens.
+    let served_again =
+        served_when_told(&cluster, &mut survivors_clients[0], &signer, killed_at).await;
     assert!(served_again < Duration::from_secs(15), "{served_again:?}");
     // Still refused after the takeover: the fence covers them all.
     let refused = replay_all(&mut survivors_clients, &accepted).await;
@@ -1070,6 +1071,47 @@ async fn taken_over(
     since: Instant,
 ) -> (CheckRequest, Duration) {
     taken_over_within(cluster, client, signer, since, Duration::from_secs(30)).await
+}
+
+/// As [`taken_over`], taking the answers at their word: a fresh request
+/// refused under the takeover fence is told when the fence opens
+/// (`retry_after_ms` and `Retry-After`), and signed again then, it is
+/// allowed. How long after `since` that came. Fails if no answer was
+/// refused so (the fence was never seen: nothing tested).
+async fn served_when_told(
+    cluster: &Cluster,
+    client: &mut Client,
+    signer: &Signer,
+    since: Instant,
+) -> Duration {
+    loop {
+        let answer = client.check(signed(signer, unix_now())).await;
+        if let Ok(r) = &answer {
+            assert_ne!(reason(r), Reason::Ok, "served before its fence was seen");
+        }
+        if let Ok(told) = &answer
+            && reason(told) == Reason::Stale
+        {
+            assert!(
+                told.retry_after_ms > 0 && told.headers.contains_key("Retry-After"),
+                "refused under the takeover fence, not told when it opens: {told:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(told.retry_after_ms)).await;
+            let again = client.check(signed(signer, unix_now())).await.unwrap();
+            assert_eq!(
+                reason(&again),
+                Reason::Ok,
+                "signed again when told ({told:?}): {again:?}"
+            );
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the key was never served again (last answer: {answer:?}); events:\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// How long the takeover after a database clock step back may take (see

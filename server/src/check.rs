@@ -620,7 +620,11 @@ impl Checker {
         if let Some(timestamp) = valid.credential.timestamp(req)
             && let Err(stale) = self.freshness.judge(timestamp, now)
         {
-            return Err(Box::new(stale_denial(stale, self.freshness.fence(), now)));
+            let opens_in = match stale {
+                Stale::BeforeFence => self.freshness.fence().opens_in(now),
+                _ => None,
+            };
+            return Err(Box::new(stale_denial(stale, opens_in)));
         }
         Ok(key.clone())
     }
@@ -867,7 +871,8 @@ impl Pending {
     pub fn finish(self, outcome: Result<Outcome, Stale>) -> Result<Answer, CheckError> {
         let key_id = Some(self.caller.key_id.clone());
         let response = match outcome {
-            Err(stale) => deny(Reason::Stale, stale.message()),
+            Err(stale @ Stale::TakenOver { retry_after }) => stale_denial(stale, retry_after),
+            Err(stale) => stale_denial(stale, None),
             Ok(Outcome::Replay) => deny(Reason::Replay, "this request was already used"),
             Ok(Outcome::NonceSetFull) => return Err(CheckError::ReplayCacheFull),
             Ok(Outcome::StateFull(pool)) => return Err(CheckError::StateFull(pool)),
@@ -1157,17 +1162,15 @@ fn deny(reason: Reason, message: impl Into<String>) -> CheckResponse {
     }
 }
 
-/// A STALE answer. While this process's fence has not opened, a request
-/// refused as signed before it may well be a fresh one from a correct
-/// clock (the process has just started): the answer says when signing
-/// again can succeed, as a rate-limited one does. Once the fence has
-/// opened, nothing signed before it ever passes: nothing to wait for.
-fn stale_denial(stale: Stale, fence: Fence, now: Nanos) -> CheckResponse {
-    match stale {
-        Stale::BeforeFence if now < fence.opens_at() => {
-            deny_with_retry(Reason::Stale, fence.opens_at() - now, stale.message())
-        }
-        _ => deny(Reason::Stale, stale.message()),
+/// A STALE answer. While the fence that refused it (this process's, or a
+/// cluster owner's takeover fence) has not opened, a request may well be a
+/// fresh one from a correct clock, signed a moment too early: the answer
+/// says when signing again can succeed (`opens_in`), as a rate-limited one
+/// does.
+fn stale_denial(stale: Stale, opens_in: Option<Nanos>) -> CheckResponse {
+    match opens_in {
+        Some(wait) => deny_with_retry(Reason::Stale, wait, stale.message()),
+        None => deny(Reason::Stale, stale.message()),
     }
 }
 

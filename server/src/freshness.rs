@@ -77,6 +77,15 @@ impl Fence {
         Nanos::from_secs(u64::try_from(self.first_second).unwrap_or(0))
     }
 
+    /// How long after `now` the fence opens; `None` once it has. A request
+    /// refused under a fence not yet open may well be a fresh one from a
+    /// correct clock, signed a moment too early: signing it again after
+    /// this wait passes. Once the fence has opened, nothing signed before
+    /// it ever passes, and there is nothing to wait for.
+    pub fn opens_in(self, now: Nanos) -> Option<Nanos> {
+        (now < self.opens_at()).then(|| self.opens_at() - now)
+    }
+
     /// Returns once `clock` shows the fence open: looked at again every
     /// 100 ms, not slept through at once, as a clock held at the previous
     /// process's clock mark stands still for a while.
@@ -112,8 +121,10 @@ pub enum Stale {
     /// Further ahead of the server's clock than the future skew allows.
     TooFarAhead,
     /// Signed before a cluster node took the key's state over: the node
-    /// that kept it before may have accepted it.
-    TakenOver,
+    /// that kept it before may have accepted it. `retry_after`: how long
+    /// until the owner's fence opens ([`Fence::opens_in`]), when it has not
+    /// yet (and the owner said so: nodes of earlier versions do not).
+    TakenOver { retry_after: Option<Nanos> },
 }
 
 impl Stale {
@@ -126,7 +137,7 @@ impl Stale {
             Stale::TooFarAhead => {
                 "timestamp: ahead of the server clock by more than allowed; check the client's clock"
             }
-            Stale::TakenOver => {
+            Stale::TakenOver { .. } => {
                 "timestamp: signed before this key's state moved to another node; sign again with the current time"
             }
         }

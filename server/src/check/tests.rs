@@ -257,6 +257,40 @@ fn a_request_refused_before_the_fence_opens_is_told_when_it_opens() {
     assert!(!r.headers.contains_key("Retry-After"));
 }
 
+/// In a cluster, the key's owner may refuse a step under its takeover
+/// fence and say when that fence opens: the answer passes the wait on,
+/// as a rate-limited one does. An owner that says nothing (of an earlier
+/// version, or a fence already open) leaves the answer without one.
+#[test]
+fn a_request_refused_under_an_owners_takeover_fence_is_told_when_it_opens() {
+    let f = Fixture::new();
+    let pending = || match f.checker.begin(&f.now(), &gateway()).unwrap() {
+        Step::State(pending) => pending,
+        Step::Done(answer) => panic!("decided without its state: {:?}", answer.response),
+    };
+    let wait = 2 * SEC + SEC / 4;
+    let told = pending()
+        .finish(Err(Stale::TakenOver {
+            retry_after: Some(wait),
+        }))
+        .unwrap()
+        .response;
+    assert_eq!(reason(&told), Reason::Stale);
+    assert_eq!(told.retry_after_ms, 2_250);
+    assert_eq!(
+        told.headers.get("Retry-After").map(String::as_str),
+        Some("3")
+    );
+
+    let untold = pending()
+        .finish(Err(Stale::TakenOver { retry_after: None }))
+        .unwrap()
+        .response;
+    assert_eq!(reason(&untold), Reason::Stale);
+    assert_eq!(untold.retry_after_ms, 0);
+    assert!(!untold.headers.contains_key("Retry-After"));
+}
+
 #[test]
 fn freshness_holds_exactly_to_the_skew_in_both_directions() {
     let f = Fixture::new();

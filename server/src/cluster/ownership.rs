@@ -26,6 +26,7 @@ use std::time::Instant;
 use siphasher::sip::SipHasher13;
 
 use crate::engine::{SLOTS, Slot};
+use crate::freshness::Fence;
 
 const WEIGHT_KEY: &[u8; 16] = b"warden-slots-v1\0";
 
@@ -317,6 +318,16 @@ impl SlotTable {
         fence != 0 && timestamp <= i64::from(fence)
     }
 
+    /// The takeover fence a request signed at `timestamp` falls under, of
+    /// those on `slots`: the one that opens last.
+    pub fn fence_over(&self, slots: &[Slot], timestamp: i64) -> Option<Fence> {
+        slots
+            .iter()
+            .filter(|&&slot| self.fenced(slot, timestamp))
+            .map(|&slot| Fence::at(i64::from(self.fences[usize::from(slot)]) + 1))
+            .max()
+    }
+
     /// The highest takeover fence on a slot this node owns (Unix seconds,
     /// 0 without any): requests signed up to it are refused for some slots.
     pub fn highest_fence(&self) -> u32 {
@@ -582,6 +593,20 @@ mod tests {
         let mut t = t3.clone();
         t.forget_fences_before(501);
         assert!((0..=Slot::MAX).all(|s| !t.fenced(s, 0)));
+    }
+
+    /// A request under several takeover fences waits for the one that
+    /// opens last; a fence it was signed after holds it no more.
+    #[test]
+    fn a_request_under_several_fences_waits_for_the_last_to_open() {
+        let mut t = SlotTable::empty();
+        t.raise_fences(700, [1]);
+        t.raise_fences(900, [2]);
+        assert_eq!(t.fence_over(&[0, 1, 2], 700), Some(Fence::at(901)));
+        assert_eq!(t.fence_over(&[0, 1], 700), Some(Fence::at(701)));
+        assert_eq!(t.fence_over(&[1, 2], 800), Some(Fence::at(901)));
+        assert_eq!(t.fence_over(&[1, 2], 901), None);
+        assert_eq!(t.fence_over(&[0], 1), None);
     }
 
     /// What a new owner must refuse travels with the slots: the fences

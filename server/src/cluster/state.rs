@@ -67,7 +67,7 @@ use crate::engine::{
     Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey, Verdicts,
     Window, WindowKind, WindowState, slot_of,
 };
-use crate::freshness::Stale;
+use crate::freshness::{Fence, Stale};
 
 /// How long an owner holds a reservation before giving it back by itself.
 pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -317,7 +317,11 @@ impl ClusterState {
     /// The outcome of a one-owner step (or a refusal) from its verdict.
     fn outcome_of(&self, v: &StateVerdict) -> Attempt {
         Attempt::Decided(Ok(match v.outcome() {
-            WireOutcome::Fenced => return Attempt::Decided(Err(Stale::TakenOver)),
+            WireOutcome::Fenced => {
+                return Attempt::Decided(Err(Stale::TakenOver {
+                    retry_after: v.retry_after_ns.map(Nanos::new),
+                }));
+            }
             WireOutcome::TooOld => return Attempt::Decided(Err(Stale::TooOld)),
             WireOutcome::TooFarAhead => return Attempt::Decided(Err(Stale::TooFarAhead)),
             WireOutcome::Replay => Outcome::Replay,
@@ -502,22 +506,27 @@ impl ClusterState {
             return refuse(WireOutcome::Forgotten);
         }
         let now = self.checker.now();
+        let fenced = |fence: Fence| StateVerdict {
+            retry_after_ns: fence.opens_in(now).map(Nanos::get),
+            ..refuse(WireOutcome::Fenced)
+        };
         if step.timestamp != 0 {
-            if slots.iter().any(|&s| table.fenced(s, step.timestamp)) {
-                return refuse(WireOutcome::Fenced);
+            if let Some(fence) = table.fence_over(&slots, step.timestamp) {
+                return fenced(fence);
             }
             // Judged again here, by the clock that keeps the nonce: the
             // node that let it through judged by its own. And under this
             // process's restart fence: signed before it, a process before
             // this one under its name may have accepted it, whichever node
             // it came through.
-            if let Err(stale) = self.checker.freshness().judge(step.timestamp, now) {
+            let freshness = self.checker.freshness();
+            if let Err(stale) = freshness.judge(step.timestamp, now) {
                 metrics::counter!("warden_cluster_stale_at_owner_total").increment(1);
-                return refuse(match stale {
-                    Stale::TooFarAhead => WireOutcome::TooFarAhead,
-                    Stale::BeforeFence => WireOutcome::Fenced,
-                    _ => WireOutcome::TooOld,
-                });
+                return match stale {
+                    Stale::BeforeFence => fenced(freshness.fence()),
+                    Stale::TooFarAhead => refuse(WireOutcome::TooFarAhead),
+                    _ => refuse(WireOutcome::TooOld),
+                };
             }
         }
         let Some(limits) = step
@@ -1304,7 +1313,10 @@ mod tests {
     use crate::keys::KeyRing;
 
     fn state() -> Arc<ClusterState> {
-        let clock = Arc::new(FakeClock::new(Nanos::from_secs(1_764_000_000)));
+        state_on(Arc::new(FakeClock::new(Nanos::from_secs(1_764_000_000))))
+    }
+
+    fn state_on(clock: Arc<FakeClock>) -> Arc<ClusterState> {
         let checker = Checker::new(
             CheckSettings::default(),
             KeyRing::new(&[], &[]),
@@ -1390,6 +1402,67 @@ mod tests {
     fn handovers_arrive(state: &ClusterState) {
         state.membership.handed_over("node-b", 3);
         state.membership.handed_over("node-c", 3);
+    }
+
+    /// Node A, settled among B and C (both handed over), its clock at the
+    /// real time (takeover fences are reckoned from it), then B gone: a
+    /// slot A took from B, behind the takeover fence (its last fenced
+    /// second), and one it kept.
+    struct TookOverFromB {
+        state: Arc<ClusterState>,
+        clock: Arc<FakeClock>,
+        taken: Slot,
+        fence: i64,
+        kept: Slot,
+    }
+
+    fn took_over_from_b() -> TookOverFromB {
+        use crate::cluster::membership::tests::{THREE, view};
+        let clock = Arc::new(FakeClock::new(Nanos::from_secs(
+            crate::engine::clock::unix_secs(),
+        )));
+        let state = state_on(clock.clone());
+        let members = &state.membership;
+        members.update_table(&view(3, &THREE), true, Vec::new());
+        handovers_arrive(&state);
+        let settled = members.table();
+        members.update_table(&view(4, &[("node-a", 1), ("node-c", 1)]), false, Vec::new());
+        members.vouched(Instant::now());
+        let table = members.table();
+        let taken = (0..=Slot::MAX)
+            .find(|&s| table.is_mine(s) && !settled.owns(s))
+            .expect("A took some of B's slots");
+        let kept = (0..=Slot::MAX)
+            .find(|&s| table.is_mine(s) && settled.owns(s))
+            .expect("A kept its own");
+        let [(fence, _)] = table.fences_on([taken, kept])[..] else {
+            panic!("one fence, on the taken slot only");
+        };
+        TookOverFromB {
+            state,
+            clock,
+            taken,
+            fence: i64::from(fence),
+            kept,
+        }
+    }
+
+    /// A nonce in `slot`.
+    fn nonce_in(slot: Slot) -> u64 {
+        (u64::from(slot) << 40) | 12345
+    }
+
+    /// A step deciding only the nonce `id`, signed at `timestamp`.
+    fn nonce_step(id: u64, timestamp: i64) -> StateStep {
+        StateStep {
+            nonce: Some(StateNonce {
+                id,
+                forget_at_ns: u64::MAX,
+            }),
+            commit: true,
+            timestamp,
+            ..Default::default()
+        }
     }
 
     /// Failure budgets (of sources by address) in the slots node A owns.
@@ -1485,6 +1558,56 @@ mod tests {
             charged, MAX_FAILURE_CHARGES,
             "those past the bound were dropped"
         );
+    }
+
+    /// A node that took a key over refuses what was signed up to its
+    /// takeover fence, fresh requests from correct clocks included: they
+    /// are told when the fence opens, to the nanosecond of this node's
+    /// clock, and signed again then they pass. Once the fence has opened,
+    /// a request signed before it is refused with nothing to wait for.
+    #[test]
+    fn a_step_refused_under_a_takeover_fence_is_told_when_the_fence_opens() {
+        let TookOverFromB {
+            state,
+            clock,
+            taken,
+            fence,
+            ..
+        } = took_over_from_b();
+        let now = state.checker.now();
+        let signed_now = now.whole_secs() as i64;
+        assert!(signed_now <= fence);
+        let refused = state.serve(&nonce_step(nonce_in(taken), signed_now), Phase::Decide);
+        assert_eq!(refused.outcome(), WireOutcome::Fenced);
+        let opens = Nanos::from_secs((fence + 1) as u64);
+        assert_eq!(refused.retry_after_ns, Some((opens - now).get()));
+
+        clock.set(opens);
+        let again = state.serve(&nonce_step(nonce_in(taken), fence + 1), Phase::Decide);
+        assert_eq!(again.outcome(), WireOutcome::Limited);
+        assert!(again.allowed);
+        let late = state.serve(&nonce_step(nonce_in(taken) + 1, fence), Phase::Decide);
+        assert_eq!(late.outcome(), WireOutcome::Fenced);
+        assert_eq!(late.retry_after_ns, None);
+    }
+
+    /// An owner's own restart fence refuses a step the same way, with the
+    /// same promise: a request signed before it is told when it opens.
+    #[test]
+    fn a_step_refused_under_the_owners_restart_fence_is_told_when_it_opens() {
+        let TookOverFromB { state, kept, .. } = took_over_from_b();
+        let now = state.checker.now();
+        let restart = state.checker.freshness().fence();
+        let refused = state.serve(
+            &nonce_step(nonce_in(kept), now.whole_secs() as i64),
+            Phase::Decide,
+        );
+        assert_eq!(refused.outcome(), WireOutcome::Fenced);
+        assert_eq!(
+            refused.retry_after_ns,
+            Some((restart.opens_at() - now).get())
+        );
+        assert!(refused.retry_after_ns.is_some_and(|ns| ns > 0));
     }
 
     #[tokio::test]

@@ -67,7 +67,8 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     REASON_STALE: _Reason.ValueType  # 4
     """Timestamp older than the past skew, further ahead than the future skew,
     or below the restart fence (signed before this server started answering,
-    plus the future skew). HTTP 401; see retry_after_ms.
+    plus the future skew) or a cluster's takeover fence. HTTP 401; see
+    retry_after_ms.
     """
     REASON_REPLAY: _Reason.ValueType  # 5
     """This nonce (or, for "ts-body", this signature) was already used. HTTP 401."""
@@ -97,7 +98,8 @@ All of these answer the same, on purpose. HTTP 401.
 REASON_STALE: Reason.ValueType  # 4
 """Timestamp older than the past skew, further ahead than the future skew,
 or below the restart fence (signed before this server started answering,
-plus the future skew). HTTP 401; see retry_after_ms.
+plus the future skew) or a cluster's takeover fence. HTTP 401; see
+retry_after_ms.
 """
 REASON_REPLAY: Reason.ValueType  # 5
 """This nonce (or, for "ts-body", this signature) was already used. HTTP 401."""
@@ -351,10 +353,11 @@ class CheckResponse(_message.Message):
     """The HTTP status to send: 200 on ALLOW, else 400, 401, 403 or 429."""
     retry_after_ms: _builtins.int
     """On RATE_LIMITED and LOCKED_OUT: milliseconds until a retry can succeed.
-    On STALE for a request signed before the restart fence while that fence
-    has not opened yet (the server has just started): milliseconds until a
-    request signed again can pass it. 0 otherwise, and 0 when the cost can
-    never fit the policy.
+    On STALE for a request signed before the restart fence, or in a cluster
+    before the key owner's takeover fence, while that fence has not opened
+    yet (the server has just started, or the key's state has just moved):
+    milliseconds until a request signed again can pass it. 0 otherwise, and
+    0 when the cost can never fit the policy.
     """
     message: _builtins.str
     """A short, safe, human-readable explanation of a denial, e.g.
