@@ -1345,38 +1345,11 @@ async fn a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay
     };
     let signer = Signer::new("wk_hundred", SECRET);
     let victim = index_of(&cluster.locate(0, &["--key-id", "wk_hundred"]));
-    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     cluster.set_clock(victim, 10);
 
     // Signed 12 s ahead: within the future skew (5 s) of the victim's
     // clock, which is 10 s ahead.
-    let mut direct = cluster.client(victim).await;
-    let ahead = signed(&signer, unix_now() + 12);
-    let r = direct.check(ahead.clone()).await.unwrap();
-    assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-    let signed_at = ahead.timestamp;
-    cluster.kill(victim);
-
-    // Sent again through the survivors until it is fresh by their clocks
-    // and they have taken the key over: never accepted.
-    let mut clients = Vec::new();
-    for &i in &survivors {
-        clients.push(cluster.client(i).await);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut taken_over = false;
-    while !taken_over || unix_now() <= signed_at {
-        assert!(
-            Instant::now() < deadline,
-            "the key was never taken over:\n{}",
-            cluster.cluster_events()
-        );
-        replay_all(&mut clients, std::slice::from_ref(&ahead)).await;
-        if !taken_over && let Ok(r) = clients[0].check(signed(&signer, unix_now())).await {
-            taken_over = reason(&r) == Reason::Ok;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    accept_ahead_kill_and_replay(&mut cluster, victim, &signer, 12, Duration::from_secs(30)).await;
 }
 
 /// The nodes of a cluster need not share one `future_skew`: during a
@@ -1408,29 +1381,40 @@ async fn a_dead_owner_with_a_larger_future_skew_leaves_nothing_it_accepted_to_re
     );
 
     // Signed 11 s ahead: within the owner's skew, past the survivors'.
+    accept_ahead_kill_and_replay(&mut cluster, victim, &signer, 11, Duration::from_secs(40)).await;
+}
+
+/// A request signed `ahead` seconds ahead is accepted by the key's owner
+/// `victim`, which is then killed (-9). It is sent again through the
+/// survivors until it is fresh by their clocks and they have taken the key
+/// over: never accepted. Fails if that has not come within `limit`.
+async fn accept_ahead_kill_and_replay(
+    cluster: &mut Cluster,
+    victim: usize,
+    signer: &Signer,
+    ahead: i64,
+    limit: Duration,
+) {
     let mut direct = cluster.client(victim).await;
-    let ahead = signed(&signer, unix_now() + 11);
-    let r = direct.check(ahead.clone()).await.unwrap();
+    let accepted = signed(signer, unix_now() + ahead);
+    let r = direct.check(accepted.clone()).await.unwrap();
     assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-    let signed_at = ahead.timestamp;
     cluster.kill(victim);
 
-    // Sent again through the survivors until it is fresh by their clocks
-    // and they have taken the key over: never accepted.
     let mut clients = Vec::new();
-    for &i in &survivors {
+    for i in (0..NODES.len()).filter(|&i| i != victim) {
         clients.push(cluster.client(i).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + limit;
     let mut taken_over = false;
-    while !taken_over || unix_now() <= signed_at {
+    while !taken_over || unix_now() <= accepted.timestamp {
         assert!(
             Instant::now() < deadline,
             "the key was never taken over:\n{}",
             cluster.cluster_events()
         );
-        replay_all(&mut clients, std::slice::from_ref(&ahead)).await;
-        if !taken_over && let Ok(r) = clients[0].check(signed(&signer, unix_now())).await {
+        replay_all(&mut clients, std::slice::from_ref(&accepted)).await;
+        if !taken_over && let Ok(r) = clients[0].check(signed(signer, unix_now())).await {
             taken_over = reason(&r) == Reason::Ok;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
