@@ -353,6 +353,77 @@ async fn no_request_is_allowed_twice_across_restarts_whatever_its_timestamp() {
     }
 }
 
+/// A single process stopped with SIGTERM (a deploy, a config change)
+/// saves its rate-limit state, and the next one takes it back before it
+/// serves: a spent limit stays spent, and a source locked out for guessing
+/// signatures stays locked out. Until session 25 every restart gave each
+/// limit its burst again and each guesser a fresh budget. A process
+/// killed (-9) saves nothing: the next starts with full limits, as the
+/// README says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_keeps_every_limit_spent_and_every_source_locked_out() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let config = dir.write_config(&format!(
+        "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n\
+         [[policies]]\nname = \"three\"\nlimit = 3\nperiod = \"1h\"\n\n\
+         [[keys]]\nid = \"wk_three\"\npolicies = [\"three\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ));
+    let signer = Signer::new("wk_three", SECRET);
+    let guesser = Signer::new("wk_three", "not-the-secret-0123456789abcdefghijkl");
+    let genuine = || signer.check_request("GET", "/a", "", b"");
+    let from_guesser = |mut req: CheckRequest| {
+        req.client_address = "203.0.113.66".into();
+        req
+    };
+
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    for _ in 0..3 {
+        assert_reason(&client.check(genuine()).await.unwrap(), Reason::Ok);
+    }
+    let spent = client.check(genuine()).await.unwrap();
+    assert_reason(&spent, Reason::RateLimited);
+    for _ in 0..4 {
+        let guess = from_guesser(guesser.check_request("GET", "/a", "", b""));
+        client.check(guess).await.unwrap();
+    }
+    let locked = client.check(from_guesser(genuine())).await.unwrap();
+    assert_reason(&locked, Reason::LockedOut);
+    assert!(first.terminate().success(), "{}", first.logs());
+    assert!(
+        first.logs().contains("\"event\":\"state_saved\""),
+        "{}",
+        first.logs()
+    );
+
+    let mut second = Server::with_config(&config);
+    assert!(
+        second.logs().contains("\"event\":\"state_restored\""),
+        "{}",
+        second.logs()
+    );
+    assert!(
+        !dir.path().join("store/state.saved").exists(),
+        "taken back once"
+    );
+    let mut client = dir.client(&second).await;
+    let still_spent = client.check(genuine()).await.unwrap();
+    assert_reason(&still_spent, Reason::RateLimited);
+    assert!(
+        still_spent.retry_after_ms > 0 && still_spent.retry_after_ms <= spent.retry_after_ms,
+        "{still_spent:?} after {spent:?}"
+    );
+    let still_locked = client.check(from_guesser(genuine())).await.unwrap();
+    assert_reason(&still_locked, Reason::LockedOut);
+
+    // Killed, a process saves nothing: its successor starts full.
+    second.kill();
+    let third = Server::with_config(&config);
+    let mut client = dir.client(&third).await;
+    assert_reason(&client.check(genuine()).await.unwrap(), Reason::Ok);
+}
+
 /// An operator lowers `future_skew` and restarts warden (or it crashes and
 /// comes back on the new config). The process before accepted requests
 /// signed up to its own, larger skew ahead of its clock; a fence that

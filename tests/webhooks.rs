@@ -293,6 +293,35 @@ async fn each_provider_s_genuine_delivery_passes_once_and_every_forgery_is_refus
     assert_eq!(reason(&mut client, retry).await, Reason::Replay);
 }
 
+/// A GitHub delivery carries no time, so no restart fence can refuse it
+/// once its replay key is forgotten. A graceful restart keeps the key
+/// (`state.saved`): a captured delivery sent after a deploy, under a new
+/// delivery id, is still a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_delivery_sent_again_after_a_graceful_restart_is_still_a_replay() {
+    let (dir, mut server, mut client) = start().await;
+    let body = br#"{"ref":"refs/heads/main","after":"0b1e"}"#;
+    let first = delivery(
+        "wh_github",
+        "github",
+        &github(GITHUB_SECRET, body, "11111111-first"),
+        body,
+    );
+    assert_eq!(reason(&mut client, first).await, Reason::Ok);
+    assert!(server.terminate().success(), "{}", server.logs());
+
+    let server = dir.start(CONFIG);
+    server.wait_past_fence();
+    let mut client = dir.client(&server).await;
+    let again = delivery(
+        "wh_github",
+        "github",
+        &github(GITHUB_SECRET, body, "22222222-captured"),
+        body,
+    );
+    assert_eq!(reason(&mut client, again).await, Reason::Replay);
+}
+
 #[tokio::test]
 async fn stale_future_and_unreadable_deliveries_are_refused_and_change_nothing() {
     let (_dir, _server, mut client) = start().await;

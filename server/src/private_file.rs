@@ -110,12 +110,21 @@ pub fn replace_and_keep(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
         let _ = std::fs::remove_file(tmp);
         return Err(e);
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()?;
+    File::open(parent_dir(path))?.sync_all()?;
     Ok(file)
+}
+
+/// Removes `path` and fsyncs its directory, so that the removal outlasts
+/// a crash right after it.
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    File::open(parent_dir(path))?.sync_all()
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]

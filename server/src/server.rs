@@ -187,12 +187,20 @@ impl App {
             (Some(cluster), Some(store)) => store.postgres_url.clone().map(|url| (cluster, url)),
             _ => None,
         };
-        // Every node of a cluster keys state ids alike.
-        let seed = match &coordinator {
-            Some((_, url)) => crate::cluster::membership::state_seed(url)
+        // What a single process stopped before this one saved (a cluster
+        // node's state went to the other nodes instead).
+        let saved = match (&store, &coordinator) {
+            (Some(store), None) => crate::saved_state::open(store.dir(), store.master()),
+            _ => None,
+        };
+        // Every node of a cluster keys state ids alike; a single process
+        // as the one that saved its state did.
+        let seed = match (&coordinator, &saved) {
+            (Some((_, url)), _) => crate::cluster::membership::state_seed(url)
                 .await
                 .map_err(|e| ServeError::Cluster(format!("cannot read the state seed: {e}")))?,
-            None => StateSeed::random(),
+            (None, Some(saved)) => saved.seed(),
+            (None, None) => StateSeed::random(),
         };
         // The process before may have accepted further ahead (a future
         // skew lowered since): the fence covers what it recorded, and this
@@ -223,6 +231,14 @@ impl App {
                     "the previous process accepted requests further ahead (check.future_skew was lowered): they are refused, and fresh ones wait for this later fence this once"
                 );
             }
+        }
+        // A saved state that cannot be read is set aside with a warning.
+        if let Some(Ok(entries)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
+            tracing::info!(
+                event = "state_restored",
+                entries,
+                "took back the rate-limit state the previous process saved"
+            );
         }
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
         let membership = coordinator.map(|(cluster, url)| {
@@ -613,6 +629,24 @@ impl Bound {
         if let Some(task) = membership_task {
             let _ = leave_tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        // A single process keeps its state for the next one.
+        if let (None, Some(store)) = (&app.cluster, &app.store) {
+            let started = std::time::Instant::now();
+            let engine = app.checker.engine();
+            match crate::saved_state::save(store.dir(), store.master(), engine, app.clock.now()) {
+                Ok(entries) => tracing::info!(
+                    event = "state_saved",
+                    entries,
+                    ms = started.elapsed().as_millis() as u64,
+                    "saved the rate-limit state for the next process"
+                ),
+                Err(e) => tracing::warn!(
+                    event = "state_save_failed",
+                    error = %e,
+                    "could not save the rate-limit state: the next process starts with full limits"
+                ),
+            }
         }
         let _ = stop_metrics_tx.send(());
         if let (Some(audit), Some(writer)) = (&app.audit, audit_writer) {

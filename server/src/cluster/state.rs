@@ -64,8 +64,8 @@ use super::link::PeerLink;
 use super::ownership::{Node, SlotTable};
 use crate::check::{Checker, Pending};
 use crate::engine::{
-    Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey, Verdicts,
-    Window, WindowKind, WindowState, slot_of,
+    Engine, Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey,
+    Verdicts, Window, WindowKind, WindowState, slot_of,
 };
 use crate::freshness::{Fence, Stale};
 
@@ -801,26 +801,7 @@ impl ClusterState {
                     ..Default::default()
                 });
             }
-            let batch = list.last_mut().expect("pushed above");
-            let pool = |id: u64| names[Pool::of(id).index()].clone();
-            match entry {
-                Entry::Nonce { id, forget_at_secs } => {
-                    batch.nonces.push(HandedNonce { id, forget_at_secs })
-                }
-                Entry::Bucket { id, tat } => batch.buckets.push(HandedBucket {
-                    id,
-                    pool: pool(id),
-                    tat_ns: tat.get(),
-                }),
-                Entry::Window { id, state } => batch.windows.push(HandedWindow {
-                    id,
-                    pool: pool(id),
-                    index: state.index,
-                    idle_at_ns: state.idle_at.get(),
-                    prev: state.prev,
-                    cur: state.cur,
-                }),
-            }
+            add_entry(list.last_mut().expect("pushed above"), entry, &names);
         }
         let sends = receivers.into_iter().map(|(node, address)| {
             let mut list = batches.remove(&node).unwrap_or_default();
@@ -870,36 +851,7 @@ impl ClusterState {
     /// well formed (nothing of the batch is kept then).
     pub fn receive(&self, batch: &HandOffBatch) -> Result<(), &'static str> {
         let engine = self.checker.engine();
-        let pools = engine.pools();
-        let pool = |name: &str| {
-            checked_pool(name)
-                .and_then(|n| pools.from_wire_name(n))
-                .ok_or("pool: not a pool name")
-        };
-        let mut entries = Vec::with_capacity(batch_len(batch));
-        for n in &batch.nonces {
-            entries.push(Entry::Nonce {
-                id: Pool::KEYS.tag(n.id),
-                forget_at_secs: n.forget_at_secs,
-            });
-        }
-        for b in &batch.buckets {
-            entries.push(Entry::Bucket {
-                id: pool(&b.pool)?.tag(b.id),
-                tat: Nanos::new(b.tat_ns),
-            });
-        }
-        for w in &batch.windows {
-            entries.push(Entry::Window {
-                id: pool(&w.pool)?.tag(w.id),
-                state: WindowState {
-                    index: w.index,
-                    idle_at: Nanos::new(w.idle_at_ns),
-                    prev: w.prev,
-                    cur: w.cur,
-                },
-            });
-        }
+        let entries = entries_of(batch, engine)?;
         let mut fences = Vec::with_capacity(batch.fences.len());
         for f in &batch.fences {
             let slots = f
@@ -1163,6 +1115,67 @@ const HANDOFF_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn batch_len(b: &HandOffBatch) -> usize {
     b.nonces.len() + b.buckets.len() + b.windows.len()
+}
+
+/// Adds `entry` to `batch` in its wire form. Pools go by name (`names`:
+/// [`crate::engine::pools::PoolTable::wire_names`]): the receiver, or the next
+/// process, may number them differently.
+pub fn add_entry(batch: &mut HandOffBatch, entry: Entry, names: &[String]) {
+    let pool = |id: u64| names[Pool::of(id).index()].clone();
+    match entry {
+        Entry::Nonce { id, forget_at_secs } => {
+            batch.nonces.push(HandedNonce { id, forget_at_secs })
+        }
+        Entry::Bucket { id, tat } => batch.buckets.push(HandedBucket {
+            id,
+            pool: pool(id),
+            tat_ns: tat.get(),
+        }),
+        Entry::Window { id, state } => batch.windows.push(HandedWindow {
+            id,
+            pool: pool(id),
+            index: state.index,
+            idle_at_ns: state.idle_at.get(),
+            prev: state.prev,
+            cur: state.cur,
+        }),
+    }
+}
+
+/// The entries of `batch`, in `engine`'s pools. `Err` for a pool that is
+/// not well formed (then none of the batch should be kept).
+pub fn entries_of(batch: &HandOffBatch, engine: &Engine) -> Result<Vec<Entry>, &'static str> {
+    let pools = engine.pools();
+    let pool = |name: &str| {
+        checked_pool(name)
+            .and_then(|n| pools.from_wire_name(n))
+            .ok_or("pool: not a pool name")
+    };
+    let mut entries = Vec::with_capacity(batch_len(batch));
+    for n in &batch.nonces {
+        entries.push(Entry::Nonce {
+            id: Pool::KEYS.tag(n.id),
+            forget_at_secs: n.forget_at_secs,
+        });
+    }
+    for b in &batch.buckets {
+        entries.push(Entry::Bucket {
+            id: pool(&b.pool)?.tag(b.id),
+            tat: Nanos::new(b.tat_ns),
+        });
+    }
+    for w in &batch.windows {
+        entries.push(Entry::Window {
+            id: pool(&w.pool)?.tag(w.id),
+            state: WindowState {
+                index: w.index,
+                idle_at: Nanos::new(w.idle_at_ns),
+                prev: w.prev,
+                cur: w.cur,
+            },
+        });
+    }
+    Ok(entries)
 }
 
 /// Whether an owner holds what it takes.

@@ -88,6 +88,10 @@ impl StateSeed {
         Self(bytes)
     }
 
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
     fn hasher(&self) -> SipHasher13 {
         SipHasher13::new_with_key(&self.0)
     }
@@ -353,6 +357,11 @@ impl Engine {
     }
 
     /// The pools of client-made state: their caps, counts and names.
+    /// The seed state ids are keyed with.
+    pub fn seed(&self) -> StateSeed {
+        self.seed
+    }
+
     pub fn pools(&self) -> &PoolTable {
         &self.pools
     }

@@ -1,0 +1,186 @@
+use super::*;
+use crate::engine::{Gcra, Limit, Outcome, Pool, Request, StateKey, Window, WindowKind};
+
+const NOW: Nanos = Nanos::from_secs(1_764_000_000);
+
+fn master() -> MasterKey {
+    MasterKey::from_hex(&MasterKey::generate_hex()).unwrap()
+}
+
+/// Five an hour, as a policy's GCRA bucket.
+fn five() -> Limit {
+    Limit::Gcra(Gcra::new(5, Nanos::from_secs(3600), 5))
+}
+
+fn three_a_minute() -> Limit {
+    Limit::Window(Window::new(WindowKind::Sliding, 3, Nanos::from_secs(60)))
+}
+
+/// The state a client's traffic leaves in an engine: a policy bucket, a
+/// request limit's window and a failure budget, and the replay key of a
+/// request.
+struct Traffic {
+    bucket: StateKey,
+    window: StateKey,
+    nonce: StateKey,
+}
+
+impl Traffic {
+    fn in_engine(engine: &Engine) -> Self {
+        let policy = engine.pools().policy("five");
+        let per_ip = engine.pools().policy("per-ip");
+        Self {
+            bucket: engine.key_in(policy, b"wk_a", &[b"policy", b"five"]),
+            window: engine.key_in(per_ip, b"", &[b"ip:203.0.113.7"]),
+            nonce: engine.key(b"wk_a", &[b"nonce", b"n-1"]),
+        }
+    }
+
+    /// One request: the nonce (a fresh one when `nonce` differs), the
+    /// bucket and the window; whether it was allowed.
+    fn send(&self, engine: &Engine, now: Nanos, nonce: StateKey) -> Outcome {
+        engine.decide(
+            now,
+            &Request {
+                nonce: Some((nonce, now.saturating_add(Nanos::from_secs(300)))),
+                limits: &[(self.bucket, five()), (self.window, three_a_minute())],
+                cost: 1,
+                commit: true,
+            },
+        )
+    }
+
+    /// What each limit would have left after one more request (a look,
+    /// which takes nothing).
+    fn remaining(&self, engine: &Engine, now: Nanos) -> Vec<u64> {
+        let look = Request {
+            nonce: None,
+            limits: &[(self.bucket, five()), (self.window, three_a_minute())],
+            cost: 1,
+            commit: false,
+        };
+        match engine.decide(now, &look) {
+            Outcome::Limited { limits, .. } => limits.iter().map(|v| v.remaining).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn fresh_nonce(engine: &Engine, i: u32) -> StateKey {
+    engine.key(b"wk_a", &[b"nonce", &i.to_be_bytes()])
+}
+
+/// Two requests spent two of the bucket's five and two of the window's
+/// three (a third would leave 2 and 0), and the first one's replay key is
+/// kept: the next process, keyed
+/// alike by the seed it reads back, sees exactly that.
+#[test]
+fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let before = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&before);
+    assert!(matches!(
+        traffic.send(&before, NOW, traffic.nonce),
+        Outcome::Limited { allowed: true, .. }
+    ));
+    assert!(matches!(
+        traffic.send(&before, NOW, fresh_nonce(&before, 2)),
+        Outcome::Limited { allowed: true, .. }
+    ));
+    assert_eq!(traffic.remaining(&before, NOW), vec![2, 0]);
+    assert_eq!(save(dir.path(), &master, &before, NOW).unwrap(), 4);
+
+    let later = NOW.saturating_add(Nanos::from_secs(1));
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    assert_eq!(saved.restore(&after, later).unwrap(), 4);
+    assert!(!dir.path().join(FILE_NAME).exists(), "taken back once");
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.remaining(&after, later), vec![2, 0]);
+    assert_eq!(traffic.send(&after, later, traffic.nonce), Outcome::Replay);
+}
+
+/// Policies may be renumbered between two processes (one added before
+/// another in the config): state follows the policy's name.
+#[test]
+fn state_follows_its_policy_by_name_when_pools_are_numbered_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let before = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&before);
+    traffic.send(&before, NOW, traffic.nonce);
+    save(dir.path(), &master, &before, NOW).unwrap();
+
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let newer = after.pools().policy("a-new-policy");
+    assert_ne!(newer, before.pools().policy("a-new-policy"));
+    saved.restore(&after, NOW).unwrap();
+    let traffic = Traffic::in_engine(&after);
+    assert_ne!(Pool::of(traffic.bucket.id), newer);
+    assert_eq!(traffic.remaining(&after, NOW), vec![3, 1]);
+}
+
+/// What cannot be read is set aside, and the process starts as after a
+/// crash: another master key, a file that is not warden's, a damaged
+/// entry. Never a panic, never a refusal to start.
+#[test]
+fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
+    let master = master();
+    let saved_dir = || {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(4, 1000);
+        let traffic = Traffic::in_engine(&engine);
+        traffic.send(&engine, NOW, traffic.nonce);
+        save(dir.path(), &master, &engine, NOW).unwrap();
+        dir
+    };
+    let path = |dir: &tempfile::TempDir| dir.path().join(FILE_NAME);
+    let aside = |dir: &tempfile::TempDir| dir.path().join("state.saved.unreadable");
+
+    let other_key = saved_dir();
+    assert!(open(other_key.path(), &self::master()).is_none());
+    assert!(!path(&other_key).exists() && aside(&other_key).exists());
+
+    let not_ours = saved_dir();
+    std::fs::write(path(&not_ours), b"{\"state\": 1}\n").unwrap();
+    assert!(open(not_ours.path(), &master).is_none());
+    assert!(aside(&not_ours).exists());
+
+    let damaged = saved_dir();
+    let mut bytes = std::fs::read(path(&damaged)).unwrap();
+    let len = bytes.len();
+    bytes.truncate(len - 3);
+    std::fs::write(path(&damaged), &bytes).unwrap();
+    let saved = open(damaged.path(), &master).expect("the header is whole");
+    let engine = Engine::with_seed(4, 1000, saved.seed());
+    assert!(matches!(
+        saved.restore(&engine, NOW),
+        Err(Unreadable::Entries(_))
+    ));
+    assert!(aside(&damaged).exists());
+    let traffic = Traffic::in_engine(&engine);
+    assert_eq!(traffic.remaining(&engine, NOW), vec![4, 2]);
+
+    let none = tempfile::tempdir().unwrap();
+    assert!(open(none.path(), &master).is_none());
+    assert!(!aside(&none).exists());
+}
+
+/// Saving replaces the file whole: the state of the last stop, not an
+/// older one beside or under it.
+#[test]
+fn each_stop_replaces_the_state_saved_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let first = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&first);
+    traffic.send(&first, NOW, traffic.nonce);
+    save(dir.path(), &master, &first, NOW).unwrap();
+    let empty = Engine::new(4, 1000);
+    assert_eq!(save(dir.path(), &master, &empty, NOW).unwrap(), 0);
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    assert_eq!(saved.restore(&after, NOW).unwrap(), 0);
+}
