@@ -1097,6 +1097,36 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a graceful restart costs with this much state: writing it all to
+/// `state.saved` (as SIGTERM does, emptying `engine`), and reading it back
+/// into a fresh engine (as the next start does).
+fn saved_state_cost(
+    engine: &warden::engine::Engine,
+    now: warden::engine::Nanos,
+) -> Result<serde_json::Value, String> {
+    use warden::crypto::MasterKey;
+    use warden::saved_state;
+    let dir = std::env::temp_dir().join(format!("warden-bench-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let master = MasterKey::from_hex(&MasterKey::generate_hex()).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let saved = saved_state::save(&dir, &master, engine, now).map_err(|e| e.to_string())?;
+    let save_ms = started.elapsed().as_millis();
+    let bytes = std::fs::metadata(dir.join(saved_state::FILE_NAME))
+        .map_err(|e| e.to_string())?
+        .len();
+    let started = Instant::now();
+    let opened = saved_state::open(&dir, &master).ok_or("the saved state did not open")?;
+    let next = warden::engine::Engine::with_seed(64, saved + 1, opened.seed());
+    let restored = opened.restore(&next, now).map_err(|e| e.to_string())?;
+    let restore_ms = started.elapsed().as_millis();
+    let _ = std::fs::remove_dir_all(&dir);
+    if restored != saved {
+        return Err(format!("saved {saved} entries, restored {restored}"));
+    }
+    Ok(json!({"entries": saved, "bytes": bytes, "save_ms": save_ms, "restore_ms": restore_ms}))
+}
+
 async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     use warden::engine::{Engine, Gcra, Limit, Nanos, Request};
     let engine = Engine::new(64, args.nonces as usize + 1);
@@ -1132,6 +1162,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     let per_key = (after_keys - base) as f64 / args.keys as f64;
     let per_nonce = (after_nonces - after_keys) as f64 / args.nonces as f64;
     let mut report = json!({"keys": args.keys, "nonces": args.nonces, "warden_bytes_per_key": per_key, "warden_bytes_per_nonce": per_nonce});
+    report["saved_state"] = saved_state_cost(&engine, now)?;
 
     if let Some(addr) = &args.redis {
         loopback_only(addr)?;
@@ -1218,6 +1249,11 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
                 report["redis_bytes_per_key"], report["redis_bytes_per_nonce"]
             );
         }
+        let saved = &report["saved_state"];
+        println!(
+            "state.saved:   {} entries, {} bytes, saved in {} ms, restored in {} ms",
+            saved["entries"], saved["bytes"], saved["save_ms"], saved["restore_ms"]
+        );
     }
     Ok(())
 }

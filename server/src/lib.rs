@@ -13,7 +13,7 @@
 //! - [`config`]: the config file; [`dev`]: `serve --dev` files;
 //! - `clock_mark`: the latest time shown, on disk, for the next process;
 //!   `fence_record`: how far ahead it accepted, for the next one's fence;
-//!   `saved_state`: a single process's rate-limit state, for the next one;
+//!   [`saved_state`]: a single process's rate-limit state, for the next one;
 //! - `service`: the tonic services; `conn`, `gate`: connections and their
 //!   bounds; [`server`]: listening, background tasks and shutdown.
 //!
@@ -45,7 +45,7 @@ pub mod metrics;
 pub mod model;
 mod private_file;
 pub mod route;
-mod saved_state;
+pub mod saved_state;
 pub mod server;
 mod service;
 pub mod signing;

@@ -25,7 +25,10 @@
 //! A file that cannot be read (damaged, another master key) is set aside
 //! as `state.saved.unreadable` with a warning, and the process starts with
 //! no state, as it did before this file existed: it is never a reason not
-//! to serve.
+//! to serve. The entries themselves are not sealed: whoever can write the
+//! store's directory can do worse (remove the key store), and a forged
+//! file can only spend limits or keep replay keys, as traffic could, or
+//! leave them full, as a crash does.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,7 +53,9 @@ const BATCH: usize = 8192;
 pub struct Saved {
     path: PathBuf,
     seed: StateSeed,
-    batches: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the batches begin in `bytes`.
+    batches_at: usize,
 }
 
 /// Why a saved state was set aside.
@@ -79,10 +84,11 @@ pub fn open(dir: &Path, master: &MasterKey) -> Option<Saved> {
         }
     };
     match parse(&bytes, master) {
-        Ok((seed, at)) => Some(Saved {
-            seed,
-            batches: bytes[at..].to_vec(),
+        Ok((seed, batches_at)) => Some(Saved {
             path,
+            seed,
+            bytes,
+            batches_at,
         }),
         Err(why) => {
             set_aside(&path, &why);
@@ -131,7 +137,7 @@ impl Saved {
     /// holds are not restored, nor any after it (what came before stays:
     /// a partial state is still a truer one than none).
     pub fn restore(self, engine: &Engine, now: Nanos) -> Result<usize, Unreadable> {
-        let mut rest = self.batches.as_slice();
+        let mut rest = &self.bytes[self.batches_at..];
         let mut restored = 0;
         let mut damaged = None;
         while !rest.is_empty() {
