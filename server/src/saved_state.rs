@@ -62,7 +62,7 @@ pub struct Saved {
 #[derive(Debug, thiserror::Error)]
 pub enum Unreadable {
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("not a state file warden wrote")]
     Header,
     #[error("its seed does not open with this master key")]
@@ -165,15 +165,24 @@ impl Saved {
             return Err(why);
         }
         // Taken back: a crash later must not bring back this older state
-        // over whatever came after it.
-        crate::private_file::remove(&self.path)?;
+        // over whatever came after it. Left behind, it would be taken back
+        // once more at the next start: older, and so no stricter than the
+        // state it joins.
+        if let Err(e) = crate::private_file::remove(&self.path) {
+            tracing::warn!(
+                event = "saved_state_not_removed",
+                path = %self.path.display(),
+                error = %e,
+                "took the saved rate-limit state back but could not remove its file"
+            );
+        }
         Ok(restored)
     }
 }
 
-/// Takes every entry out of `engine` (keyed with `seed`) and writes them to
-/// `dir`, replacing any file there atomically; the number written. Called
-/// once the last call is answered.
+/// Takes every entry out of `engine` and writes them, with the seed their
+/// ids are keyed with, to `dir`, replacing any file there atomically; the
+/// number written. Called once the last call is answered.
 pub fn save(dir: &Path, master: &MasterKey, engine: &Engine, now: Nanos) -> io::Result<usize> {
     let entries = engine.take_slots(|_| true, now);
     let names = engine.pools().wire_names();
