@@ -1121,8 +1121,8 @@ fn saved_state_cost(
     let restored = opened.restore(&next, now).map_err(|e| e.to_string())?;
     let restore_ms = started.elapsed().as_millis();
     let _ = std::fs::remove_dir_all(&dir);
-    if restored != saved {
-        return Err(format!("saved {saved} entries, restored {restored}"));
+    if restored.entries != saved || restored.dropped != 0 {
+        return Err(format!("saved {saved} entries, restored {restored:?}"));
     }
     Ok(json!({"entries": saved, "bytes": bytes, "save_ms": save_ms, "restore_ms": restore_ms}))
 }

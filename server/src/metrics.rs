@@ -201,6 +201,7 @@ pub fn zero_cluster_counters() {
         "warden_cluster_not_owner_total",
         "warden_cluster_rebalances_total",
         "warden_cluster_handoff_entries_received_total",
+        "warden_cluster_handoff_entries_dropped_total",
         "warden_cluster_reservations_expired_total",
         "warden_cluster_settle_failures_total",
         "warden_cluster_vouch_refused_total",

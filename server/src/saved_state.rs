@@ -58,6 +58,15 @@ pub struct Saved {
     batches_at: usize,
 }
 
+/// What [`Saved::restore`] took back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Entries read from the file.
+    pub entries: usize,
+    /// Of those, buckets and windows dropped for the state caps.
+    pub dropped: usize,
+}
+
 /// Why a saved state was set aside.
 #[derive(Debug, thiserror::Error)]
 pub enum Unreadable {
@@ -133,12 +142,14 @@ impl Saved {
     }
 
     /// Restores every entry into `engine` (keyed with [`Self::seed`]) and
-    /// removes the file; the number restored. Entries a damaged batch
-    /// holds are not restored, nor any after it (what came before stays:
-    /// a partial state is still a truer one than none).
-    pub fn restore(self, engine: &Engine, now: Nanos) -> Result<usize, Unreadable> {
+    /// removes the file. Entries a damaged batch holds are not restored,
+    /// nor any after it (what came before stays: a partial state is still
+    /// a truer one than none). The engine's caps hold: with caps lowered
+    /// since the state was saved, what is past them is dropped
+    /// ([`Engine::import`]).
+    pub fn restore(self, engine: &Engine, now: Nanos) -> Result<Restored, Unreadable> {
         let mut rest = &self.bytes[self.batches_at..];
-        let mut restored = 0;
+        let mut restored = Restored::default();
         let mut damaged = None;
         while !rest.is_empty() {
             let batch = match HandOffBatch::decode_length_delimited(&mut rest) {
@@ -150,8 +161,8 @@ impl Saved {
             };
             match entries_of(&batch, engine) {
                 Ok(entries) => {
-                    engine.import(&entries, now);
-                    restored += entries.len();
+                    restored.dropped += engine.import(&entries, now);
+                    restored.entries += entries.len();
                 }
                 Err(why) => {
                     damaged = Some(why.to_owned());

@@ -234,10 +234,11 @@ impl App {
         }
         // A saved state that cannot be read is set aside with a warning.
         let restoring = std::time::Instant::now();
-        if let Some(Ok(entries)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
+        if let Some(Ok(restored)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
             tracing::info!(
                 event = "state_restored",
-                entries,
+                entries = restored.entries,
+                dropped_for_caps = restored.dropped,
                 ms = restoring.elapsed().as_millis() as u64,
                 "took back the rate-limit state the previous process saved"
             );

@@ -863,9 +863,10 @@ impl ClusterState {
         }
         // Before anything of these slots can be answered for here.
         self.membership.raise_fences(&fences);
-        engine.import(&entries, self.checker.now());
+        let dropped = engine.import(&entries, self.checker.now());
         metrics::counter!("warden_cluster_handoff_entries_received_total")
             .increment(entries.len() as u64);
+        metrics::counter!("warden_cluster_handoff_entries_dropped_total").increment(dropped as u64);
         if batch.last {
             let version = if batch.version == 0 {
                 u64::MAX

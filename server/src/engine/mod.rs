@@ -714,17 +714,34 @@ impl Engine {
         taken
     }
 
-    /// Merges entries handed over by another node (with ids tagged with
-    /// this engine's pools). What is already here and says more wins: the
-    /// later TAT, the later nonce expiry, the larger window counts.
-    pub fn import(&self, entries: &[Entry], now: Nanos) {
+    /// Merges entries handed over by another node, or taken back from a
+    /// saved state (with ids tagged with this engine's pools). What is
+    /// already here and says more wins: the later TAT, the later nonce
+    /// expiry, the larger window counts.
+    ///
+    /// The caps hold whatever arrives: a new bucket or window past its
+    /// pool's cap (or the total) is dropped, and so is one that no longer
+    /// says anything (a bucket full again, an idle window). Without that,
+    /// nodes at their caps that left one by one in a rolling restart
+    /// handed the last one several caps' worth. A dropped limit admits its
+    /// burst once more, the bound of a failover. Nonces are kept whatever
+    /// the capacity: one dropped could be replayed. Returns how many were
+    /// dropped for the caps.
+    pub fn import(&self, entries: &[Entry], now: Nanos) -> usize {
+        let mut dropped = 0;
         for entry in entries {
             let key = self.placed(entry.id());
+            let pool = Pool::of(entry.id());
             let mut s = self.shards[key.shard as usize].lock();
             let new = match *entry {
                 Entry::Bucket { id, tat } => match s.buckets.get_mut(id) {
                     Some(here) => {
                         here.tat = here.tat.max(tat);
+                        false
+                    }
+                    None if Gcra::is_idle(tat, now) => false,
+                    None if self.pools.full(pool).is_some() => {
+                        dropped += 1;
                         false
                     }
                     None => s.buckets.insert(Bucket::new(id, tat)).is_none(),
@@ -740,6 +757,11 @@ impl Engine {
                         false
                     }
                     Some(_) => false,
+                    None if Window::is_idle(&state, now) => false,
+                    None if self.pools.full(pool).is_some() => {
+                        dropped += 1;
+                        false
+                    }
                     None => s.windows.insert(Counts::new(id, state)).is_none(),
                 },
                 Entry::Nonce { forget_at_secs, .. } => {
@@ -749,10 +771,11 @@ impl Engine {
                     continue;
                 }
             };
-            if new && Pool::of(entry.id()).is_counted() {
-                self.pools.added(Pool::of(entry.id()));
+            if new && pool.is_counted() {
+                self.pools.added(pool);
             }
         }
+        dropped
     }
 
     /// What is held right now.

@@ -476,9 +476,9 @@ proptest::proptest! {
 
 #[test]
 fn state_given_back_to_the_first_instant_stays_in_its_table() {
-    // A bucket refunded to a TAT of 0, and a window handed over with an
-    // idle time of 0, would look like unused slots of the table: they are
-    // kept as 1 ns, which means the same, and stay counted and findable.
+    // A bucket refunded to a TAT of 0 would look like an unused slot of
+    // the table: it is kept as 1 ns, which means the same, and stays
+    // counted and findable.
     let engine = Engine::new(1, 100);
     let bucket = (engine.key(b"k", &[b"g"]), gcra(10, 1));
     let take = Request {
@@ -496,30 +496,86 @@ fn state_given_back_to_the_first_instant_stays_in_its_table() {
     assert_eq!(engine.occupancy().buckets, 1);
     // One nanosecond later the refunded bucket is full again.
     assert!(allowed(&engine.decide(Nanos::new(1), &take)));
+}
 
-    let window = engine.placed(engine.key(b"w", &[b"w"]).id);
-    engine.import(
-        &[Entry::Window {
-            id: window.id,
-            state: WindowState {
-                index: 0,
-                idle_at: Nanos::ZERO,
-                prev: 0,
-                cur: 3,
-            },
-        }],
-        Nanos::ZERO,
+/// State handed over (or taken back from a saved state) keeps to the caps:
+/// new buckets and windows past their pool's cap are dropped and counted,
+/// ones that no longer say anything are not stored at all, and what is
+/// already here is still merged. Nonces are all kept, past the capacity
+/// too: a nonce dropped is a request that can be replayed.
+#[test]
+fn imported_state_keeps_to_the_caps_but_never_drops_a_nonce() {
+    let engine = Engine::new(4, 2);
+    let pool = engine.pools().policy("p");
+    engine.pools().set_cap(pool, Some(2));
+    let now = Nanos::from_secs(1_000);
+    let later = now.saturating_add(Nanos::from_secs(60));
+    let bucket = |i: u32| engine.key_in(pool, b"", &[&i.to_be_bytes()]).id;
+    let window = |i: u32, idle_at: Nanos| Entry::Window {
+        id: bucket(100 + i),
+        state: WindowState {
+            index: 0,
+            idle_at,
+            prev: 0,
+            cur: 1,
+        },
+    };
+
+    let five: Vec<Entry> = (0..5)
+        .map(|i| Entry::Bucket {
+            id: bucket(i),
+            tat: later,
+        })
+        .collect();
+    assert_eq!(engine.import(&five, now), 3, "past the cap of 2");
+    assert_eq!(held_in(&engine, pool), 2);
+    assert_eq!(engine.import(&[window(1, later)], now), 1);
+    // Nothing to say: not stored, and not counted as dropped.
+    let idle = [
+        Entry::Bucket {
+            id: bucket(9),
+            tat: now,
+        },
+        window(2, now),
+    ];
+    assert_eq!(engine.import(&idle, now), 0);
+    assert_eq!(held_in(&engine, pool), 2);
+    // What is here is merged, at the cap or not.
+    let much_later = later.saturating_add(Nanos::from_secs(60));
+    let raised: Vec<Entry> = five
+        .iter()
+        .map(|e| Entry::Bucket {
+            id: e.id(),
+            tat: much_later,
+        })
+        .collect();
+    assert_eq!(engine.import(&raised, now), 3);
+    let held = engine.take_slots(|_| true, now);
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(
+        held.iter()
+            .all(|e| matches!(e, Entry::Bucket { tat, .. } if *tat == much_later)),
+        "{held:?}"
     );
-    assert_eq!(engine.occupancy().windows, 1);
-    assert_eq!(engine.sweep(Nanos::new(1)).windows, 1);
-    assert_eq!(
-        engine.occupancy(),
-        Occupancy {
-            buckets: 1,
-            windows: 0,
-            nonces: 0
-        }
-    );
+
+    // Five nonces, a capacity of two: all five kept, each a replay.
+    let nonce = |i: u32| engine.key(b"k", &[b"nonce", &i.to_be_bytes()]);
+    let nonces: Vec<Entry> = (0..5)
+        .map(|i| Entry::Nonce {
+            id: nonce(i).id,
+            forget_at_secs: 2_000,
+        })
+        .collect();
+    assert_eq!(engine.import(&nonces, now), 0);
+    for i in 0..5 {
+        let again = Request {
+            nonce: Some((nonce(i), later)),
+            limits: &[],
+            cost: 1,
+            commit: true,
+        };
+        assert_eq!(engine.decide(now, &again), Outcome::Replay, "nonce {i}");
+    }
 }
 
 #[test]

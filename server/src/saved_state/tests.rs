@@ -94,7 +94,7 @@ fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
     let later = NOW.saturating_add(Nanos::from_secs(1));
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(saved.restore(&after, later).unwrap(), 4);
+    assert_eq!(saved.restore(&after, later).unwrap().entries, 4);
     assert!(!dir.path().join(FILE_NAME).exists(), "taken back once");
     let traffic = Traffic::in_engine(&after);
     assert_eq!(traffic.remaining(&after, later), vec![2, 0]);
@@ -182,5 +182,32 @@ fn each_stop_replaces_the_state_saved_before() {
     assert_eq!(save(dir.path(), &master, &empty, NOW).unwrap(), 0);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(saved.restore(&after, NOW).unwrap(), 0);
+    assert_eq!(saved.restore(&after, NOW).unwrap().entries, 0);
+}
+
+/// Caps lowered between the two processes hold: what is past them is
+/// dropped and counted, never every replay key (a nonce dropped could be
+/// replayed).
+#[test]
+fn caps_lowered_since_the_save_hold_but_every_replay_key_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let before = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&before);
+    traffic.send(&before, NOW, traffic.nonce);
+    save(dir.path(), &master, &before, NOW).unwrap();
+
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    after.pools().set_cap(after.pools().policy("five"), Some(0));
+    let restored = saved.restore(&after, NOW).unwrap();
+    assert_eq!(
+        restored,
+        Restored {
+            entries: 3,
+            dropped: 1
+        }
+    );
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
 }
