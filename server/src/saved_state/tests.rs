@@ -66,6 +66,17 @@ impl Traffic {
     }
 }
 
+/// A directory holding the state one request left (a replay key, a bucket
+/// and a window spent once), saved.
+fn saved_after_one_request(master: &MasterKey) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&engine);
+    traffic.send(&engine, NOW, traffic.nonce);
+    save(dir.path(), master, &engine, NOW).unwrap();
+    dir
+}
+
 fn fresh_nonce(engine: &Engine, i: u32) -> StateKey {
     engine.key(b"wk_a", &[b"nonce", &i.to_be_bytes()])
 }
@@ -105,17 +116,16 @@ fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
 /// another in the config): state follows the policy's name.
 #[test]
 fn state_follows_its_policy_by_name_when_pools_are_numbered_otherwise() {
-    let dir = tempfile::tempdir().unwrap();
     let master = master();
-    let before = Engine::new(4, 1000);
-    let traffic = Traffic::in_engine(&before);
-    traffic.send(&before, NOW, traffic.nonce);
-    save(dir.path(), &master, &before, NOW).unwrap();
-
+    let dir = saved_after_one_request(&master);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
     let newer = after.pools().policy("a-new-policy");
-    assert_ne!(newer, before.pools().policy("a-new-policy"));
+    // Numbered otherwise than by the process that saved, which knew its
+    // two policies first.
+    let as_saved = Engine::new(4, 1000);
+    Traffic::in_engine(&as_saved);
+    assert_ne!(newer, as_saved.pools().policy("a-new-policy"));
     saved.restore(&after, NOW).unwrap();
     let traffic = Traffic::in_engine(&after);
     assert_ne!(Pool::of(traffic.bucket.id), newer);
@@ -128,14 +138,7 @@ fn state_follows_its_policy_by_name_when_pools_are_numbered_otherwise() {
 #[test]
 fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
     let master = master();
-    let saved_dir = || {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::new(4, 1000);
-        let traffic = Traffic::in_engine(&engine);
-        traffic.send(&engine, NOW, traffic.nonce);
-        save(dir.path(), &master, &engine, NOW).unwrap();
-        dir
-    };
+    let saved_dir = || saved_after_one_request(&master);
     let path = |dir: &tempfile::TempDir| dir.path().join(FILE_NAME);
     let aside = |dir: &tempfile::TempDir| dir.path().join("state.saved.unreadable");
 
@@ -190,13 +193,8 @@ fn each_stop_replaces_the_state_saved_before() {
 /// replayed).
 #[test]
 fn caps_lowered_since_the_save_hold_but_every_replay_key_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
     let master = master();
-    let before = Engine::new(4, 1000);
-    let traffic = Traffic::in_engine(&before);
-    traffic.send(&before, NOW, traffic.nonce);
-    save(dir.path(), &master, &before, NOW).unwrap();
-
+    let dir = saved_after_one_request(&master);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
     after.pools().set_cap(after.pools().policy("five"), Some(0));
