@@ -356,12 +356,12 @@ impl Engine {
         }
     }
 
-    /// The pools of client-made state: their caps, counts and names.
     /// The seed state ids are keyed with.
     pub fn seed(&self) -> StateSeed {
         self.seed
     }
 
+    /// The pools of client-made state: their caps, counts and names.
     pub fn pools(&self) -> &PoolTable {
         &self.pools
     }

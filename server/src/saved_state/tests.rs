@@ -83,8 +83,8 @@ fn fresh_nonce(engine: &Engine, i: u32) -> StateKey {
 
 /// Two requests spent two of the bucket's five and two of the window's
 /// three (a third would leave 2 and 0), and the first one's replay key is
-/// kept: the next process, keyed
-/// alike by the seed it reads back, sees exactly that.
+/// kept: the next process, keyed alike by the seed it reads back, sees
+/// exactly that.
 #[test]
 fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,12 +175,8 @@ fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
 /// older one beside or under it.
 #[test]
 fn each_stop_replaces_the_state_saved_before() {
-    let dir = tempfile::tempdir().unwrap();
     let master = master();
-    let first = Engine::new(4, 1000);
-    let traffic = Traffic::in_engine(&first);
-    traffic.send(&first, NOW, traffic.nonce);
-    save(dir.path(), &master, &first, NOW).unwrap();
+    let dir = saved_after_one_request(&master);
     let empty = Engine::new(4, 1000);
     assert_eq!(save(dir.path(), &master, &empty, NOW).unwrap(), 0);
     let saved = open(dir.path(), &master).expect("saved");
