@@ -424,6 +424,123 @@ async fn a_graceful_restart_keeps_every_limit_spent_and_every_source_locked_out(
     assert_reason(&client.check(genuine()).await.unwrap(), Reason::Ok);
 }
 
+/// A single process with a store and one key (`wk_pay`), with `server`
+/// settings of its own.
+fn single_process_config(dir: &ConfigDir, server: &str) -> std::path::PathBuf {
+    dir.write_master_key();
+    dir.write_config(&format!(
+        "[server]\n{server}\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n[[keys]]\nid = \"wk_pay\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ))
+}
+
+/// A graceful restart hands the whole state over: the next process keeps
+/// the fence of the one before and serves fresh requests at once (until
+/// session 26 they were STALE for the future skew after every deploy),
+/// and every request the one before accepted, ahead of its clock too, is a
+/// replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_serves_fresh_requests_at_once_and_lets_no_request_in_twice() {
+    let dir = ConfigDir::new();
+    let config = single_process_config(&dir, "");
+    let signer = Signer::new("wk_pay", SECRET);
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    let accepted = accept_each(&mut client, &signer, &[0, 4]).await;
+    assert!(first.terminate().success(), "{}", first.logs());
+    assert!(first.logs().contains("\"whole\":true"), "{}", first.logs());
+
+    let second = Server::with_config_unready(&config, "info");
+    let mut client = dir.client(&second).await;
+    // Signed in the second it started: below a fence counted from there.
+    let fresh = pay_signed(&signer, 0);
+    assert_reason(&client.check(fresh.clone()).await.unwrap(), Reason::Ok);
+    for req in accepted.iter().chain([&fresh]) {
+        assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Replay);
+    }
+    assert!(
+        second.logs().contains("\"fence_kept\":true"),
+        "{}",
+        second.logs()
+    );
+}
+
+/// The attack on that handover: the saved state copied aside, and put
+/// back after another process took it back, accepted requests and was
+/// killed. Their replay keys are not in the file, so it must lift no
+/// fence: the next process fences as after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_state_put_back_after_another_process_ran_lifts_no_fence() {
+    let dir = ConfigDir::new();
+    let config = single_process_config(&dir, "");
+    let saved = dir.path().join("store/state.saved");
+    let copy = dir.path().join("state.saved.copy");
+    let signer = Signer::new("wk_pay", SECRET);
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    let mut accepted = accept_each(&mut client, &signer, &[0]).await;
+    assert!(first.terminate().success(), "{}", first.logs());
+    std::fs::copy(&saved, &copy).unwrap();
+
+    let mut second = Server::with_config_unready(&config, "info");
+    let mut client = dir.client(&second).await;
+    accepted.extend(accept_each(&mut client, &signer, &[0, 4]).await);
+    second.kill();
+    std::fs::copy(&copy, &saved).unwrap();
+
+    let third = Server::with_config_unready(&config, "info");
+    let mut client = dir.client(&third).await;
+    for req in &accepted {
+        let r = client.check(req.clone()).await.unwrap();
+        assert_ne!(r.reason(), Reason::Ok, "replayed: {r:?}");
+    }
+    let r = client.check(pay_signed(&signer, 0)).await.unwrap();
+    assert_reason(&r, Reason::Stale);
+    let logs = third.logs();
+    assert!(
+        logs.contains("\"fence_kept\":false") && logs.contains("another process ran"),
+        "{logs}"
+    );
+}
+
+/// A drain that times out may leave a call changing state after the save:
+/// the state is taken back, but not as whole, and the fence stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_saved_after_a_drain_that_timed_out_lifts_no_fence() {
+    use futures::StreamExt;
+    let dir = ConfigDir::new();
+    let config = single_process_config(&dir, "drain_delay = \"0s\"\ndrain_timeout = \"1s\"\n");
+    let signer = Signer::new("wk_pay", SECRET);
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    // A stream left open: a call in flight past the drain timeout.
+    let (tx, mut answers) = support::open_stream(&mut client, 4).await;
+    let accepted = pay_signed(&signer, 0);
+    tx.send(accepted.clone()).await.unwrap();
+    assert_reason(&answers.next().await.unwrap().unwrap(), Reason::Ok);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = first.terminate();
+        (status, first.logs())
+    })
+    .await
+    .unwrap();
+    assert!(!status.0.success(), "{}", status.1);
+    assert!(status.1.contains("\"whole\":false"), "{}", status.1);
+    drop(tx);
+
+    let second = Server::with_config_unready(&config, "info");
+    let mut client = dir.client(&second).await;
+    assert_reason(
+        &client.check(pay_signed(&signer, 0)).await.unwrap(),
+        Reason::Stale,
+    );
+    assert_ne!(client.check(accepted).await.unwrap().reason(), Reason::Ok);
+    assert!(
+        second.logs().contains("\"fence_kept\":false"),
+        "{}",
+        second.logs()
+    );
+}
+
 /// An operator lowers `future_skew` and restarts warden (or it crashes and
 /// comes back on the new config). The process before accepted requests
 /// signed up to its own, larger skew ahead of its clock; a fence that

@@ -262,6 +262,15 @@ impl Checker {
         self.freshness.fence()
     }
 
+    /// Takes `fence` instead of the restart fence counted at the start:
+    /// the fence of the process whose whole state this one took back
+    /// (`saved_state::Handover`). Every nonce that process accepted is
+    /// here, so its fence, which covers every process before it, is all
+    /// that is needed. Before the checker serves.
+    pub fn go_on_behind(&mut self, fence: Fence) {
+        self.freshness = self.freshness.with_fence(fence);
+    }
+
     /// The skews and the restart fence.
     pub fn freshness(&self) -> &Freshness {
         &self.freshness

@@ -82,6 +82,16 @@ pub enum MarkError {
     Corrupt { path: PathBuf },
 }
 
+/// One record of the mark: its number, which grows by one with each
+/// record any process writes, and the time it caps the clock at. Two
+/// processes never write the same number, so a mark read at start equal
+/// to the one a process wrote last says that no process ran since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: u64,
+    pub until: Nanos,
+}
+
 /// What a mark file held when it was opened.
 #[derive(Debug, PartialEq, Eq)]
 enum Previous {
@@ -103,7 +113,7 @@ struct MarkFile {
 impl MarkFile {
     /// Opens the mark in `dir` (made, empty, if there is none), with the
     /// mark the previous process left.
-    fn open(dir: &Path) -> Result<(Self, Option<Nanos>), MarkError> {
+    fn open(dir: &Path) -> Result<(Self, Option<Mark>), MarkError> {
         let path = dir.join(FILE_NAME);
         let failed = |source| MarkError::Io {
             path: path.clone(),
@@ -130,22 +140,22 @@ impl MarkFile {
                 Err(e) => return Err(failed(e)),
             }
         }
-        let (seq, until) = match previous(&bytes[..len]) {
+        let (seq, mark) = match previous(&bytes[..len]) {
             Previous::Nothing => (0, None),
-            Previous::Mark { seq, until } => (seq, Some(until)),
+            Previous::Mark { seq, until } => (seq, Some(Mark { seq, until })),
             Previous::Corrupt => return Err(MarkError::Corrupt { path }),
         };
-        Ok((Self { file, path, seq }, until))
+        Ok((Self { file, path, seq }, mark))
     }
 
     /// Writes `until` durably, over the older of the two records.
-    fn write(&mut self, until: Nanos) -> io::Result<()> {
+    fn write(&mut self, until: Nanos) -> io::Result<Mark> {
         let seq = self.seq + 1;
         let offset = (seq % 2) * RECORD as u64;
         self.file.write_all_at(&record(seq, until), offset)?;
         self.file.sync_data()?;
         self.seq = seq;
-        Ok(())
+        Ok(Mark { seq, until })
     }
 }
 
@@ -182,13 +192,15 @@ fn previous(bytes: &[u8]) -> Previous {
 }
 
 /// Keeps a clock within its mark on disk, from [`Keeper::arm`] until it is
-/// dropped. Dropping it stops the clock where it is and writes that time,
-/// so a clean stop costs the next process no wait beyond its fence.
+/// stopped ([`Keeper::stop`], or dropped). Stopping it stops the clock
+/// where it is and writes that time, so a clean stop costs the next
+/// process no wait beyond its fence.
 pub struct Keeper<C: Clock> {
     file: Arc<Mutex<MarkFile>>,
     clock: &'static ForwardOnly<C>,
     task: tokio::task::JoinHandle<()>,
-    previous: Option<Nanos>,
+    previous: Option<Mark>,
+    stopped: bool,
 }
 
 impl<C: Clock> Keeper<C> {
@@ -199,7 +211,7 @@ impl<C: Clock> Keeper<C> {
     pub fn arm(dir: &Path, clock: &'static ForwardOnly<C>) -> Result<Self, MarkError> {
         let (mut file, previous) = MarkFile::open(dir)?;
         if let Some(previous) = previous {
-            clock.hold_from(previous);
+            clock.hold_from(previous.until);
             report_previous(&file.path, clock.held_back());
         }
         renew(&mut file, clock).map_err(|source| MarkError::Io {
@@ -214,17 +226,31 @@ impl<C: Clock> Keeper<C> {
             clock,
             task,
             previous,
+            stopped: false,
         })
     }
 
     /// The mark the previous process left: no time it showed was later.
     pub fn previous(&self) -> Option<Nanos> {
+        self.previous.map(|m| m.until)
+    }
+
+    /// The previous process's last record, number and all.
+    pub fn previous_mark(&self) -> Option<Mark> {
         self.previous
     }
-}
 
-impl<C: Clock> Drop for Keeper<C> {
-    fn drop(&mut self) {
+    /// Stops the clock where it is, for good, and writes that time as the
+    /// final mark: the mark returned, or `None` when it could not be
+    /// written (the one before it stands).
+    pub fn stop(mut self) -> Option<Mark> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Option<Mark> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return None;
+        }
         self.task.abort();
         // Waits for a write under way, if any, but not for a disk that
         // hangs: the process must still end.
@@ -234,21 +260,32 @@ impl<C: Clock> Drop for Keeper<C> {
                 error = "a write under way did not end",
                 "cannot write the final clock mark"
             );
-            return;
+            return None;
         };
         // Stopping: nothing may be shown past the time written last.
         let last = self.clock.uncapped().min(self.clock.ceiling());
         self.clock.cap_for_good_at(last);
-        if let Err(e) = file.write(last) {
-            // The mark before it stands: only a longer wait for the next
-            // process (or, if the marks were failing, the last one written).
-            tracing::warn!(
-                event = "clock_mark_write_failed",
-                path = %file.path.display(),
-                error = %e,
-                "cannot write the final clock mark"
-            );
+        match file.write(last) {
+            Ok(mark) => Some(mark),
+            Err(e) => {
+                // The mark before it stands: only a longer wait for the
+                // next process (or, if the marks were failing, the last
+                // one written).
+                tracing::warn!(
+                    event = "clock_mark_write_failed",
+                    path = %file.path.display(),
+                    error = %e,
+                    "cannot write the final clock mark"
+                );
+                None
+            }
         }
+    }
+}
+
+impl<C: Clock> Drop for Keeper<C> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

@@ -177,6 +177,11 @@ impl Freshness {
         self.fence
     }
 
+    /// The same skews, behind `fence`.
+    pub fn with_fence(self, fence: Fence) -> Self {
+        Self { fence, ..self }
+    }
+
     /// Whether a request signed at `timestamp` (Unix seconds) may be
     /// accepted at `now`.
     pub fn judge(&self, timestamp: i64, now: Nanos) -> Result<(), Stale> {

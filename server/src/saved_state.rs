@@ -9,50 +9,163 @@
 //! answered, and the next process takes it back before it serves and
 //! removes the file.
 //!
-//! What this does not replace: the restart fence. A process killed (-9)
-//! writes nothing, a disk may refuse the file, and a call still running at
-//! the drain timeout may change state after it was written; nothing
-//! accepted before the fence passes either way. Restored nonces matter for
-//! the requests the fence cannot see: webhook deliveries that carry no
-//! time (GitHub's), kept for `unsigned_replay_window`.
+//! A state handed over whole lets the next process go without the restart
+//! fence ([`crate::freshness`]): DESIGN.md's "the fence covers it (or state
+//! is handed over)". The fence is there because a process that starts
+//! cannot know which nonces the one before accepted; a state that holds
+//! every one of them can. So when the whole of it is certain, the next
+//! process keeps the saving process's fence and serves fresh requests at
+//! once, where after a crash they are STALE for the future skew. Whole
+//! means ([`Handover`]):
+//! - written after the last call was answered (a drain that timed out
+//!   may have let a call change state after the save: not whole);
+//! - after the process's final clock mark, whose number the file carries:
+//!   the next process reads that same mark at start, or another process
+//!   ran in between (one that did not remove the file, then crashed) and
+//!   its nonces are not in it;
+//! - and kept at least as long as the next process would keep them: a
+//!   past skew raised since makes requests fresh again whose nonces the
+//!   saving process had already forgotten.
+//!
+//! Anything less, and the state is still taken back but the fence stands,
+//! as it always did.
 //!
 //! The state ids are keyed with the process's state seed, so the file
-//! carries the seed, sealed with the master key (it is what keeps an
-//! attacker from choosing descriptors that collide), and the next process
-//! keys its ids with it. The entries are written as a cluster handover
-//! sends them: length-delimited `HandOffBatch` messages, pools by name.
+//! carries the seed (it is what keeps an attacker from choosing
+//! descriptors that collide), and the next process keys its ids with it.
+//! The entries are written as a cluster handover sends them:
+//! length-delimited `HandOffBatch` messages, pools by name. The seed, the
+//! entries' SHA-256 and the handover are sealed with the master key: a
+//! file someone else wrote or changed is not taken back, and cannot lift a
+//! fence.
 //!
-//! A file that cannot be read (damaged, another master key) is set aside
-//! as `state.saved.unreadable` with a warning, and the process starts with
-//! no state, as it did before this file existed: it is never a reason not
-//! to serve. The entries themselves are not sealed: whoever can write the
-//! store's directory can do worse (remove the key store), and a forged
-//! file can only spend limits or keep replay keys, as traffic could, or
-//! leave them full, as a crash does.
+//! A file that cannot be read (damaged, changed, another master key) is
+//! set aside as `state.saved.unreadable` with a warning, and the process
+//! starts with no state, as after a crash: it is never a reason not to
+//! serve. A file written by the version before (`warden-state 1`, seed
+//! alone sealed) is taken back, and never lifts a fence.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use prost::Message;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use warden_client::proto::HandOffBatch;
 
-use crate::cluster::state::{add_entry, entries_of};
+use crate::clock_mark::Mark;
+use crate::cluster::state::{HANDOFF_BATCH, add_entry, entries_of};
 use crate::crypto::MasterKey;
 use crate::engine::{Engine, Nanos, StateSeed};
+use crate::freshness::Fence;
 
 /// The file, in the store's directory.
 pub const FILE_NAME: &str = "state.saved";
 
-const HEADER: &[u8] = b"warden-state 1\n";
-const SEED_CONTEXT: &str = "warden saved state seed";
-/// Entries per batch in the file (as a handover sends them).
-const BATCH: usize = 8192;
+const HEADER: &[u8] = b"warden-state 2\n";
+const SEAL_CONTEXT: &str = "warden saved state";
+/// The version before: its seed alone sealed, and no handover.
+const HEADER_V1: &[u8] = b"warden-state 1\n";
+const SEED_CONTEXT_V1: &str = "warden saved state seed";
+
+/// The saving process's word that the file holds all it accepted (see the
+/// module's doc), and what the next process needs to go on from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    /// Its final clock mark, written after the last call was answered.
+    pub mark_seq: u64,
+    pub mark_until_ns: u64,
+    /// The first second its restart fence let through: it covers every
+    /// process before it, as the next process's fence must.
+    pub fence: i64,
+    /// How long after its timestamp it kept a request's nonce.
+    pub past_skew_s: u64,
+}
+
+/// Why a state taken back does not lift the restart fence. Each is said
+/// in the start's log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotWhole {
+    /// Saved by the version before, or after a drain that timed out, or
+    /// without a final clock mark.
+    NotHandedOver,
+    /// The clock mark moved since the save: another process ran.
+    AnotherProcessRan,
+    /// The past skew was raised since: the saving process forgot nonces
+    /// that are fresh again.
+    PastSkewRaised,
+}
+
+impl NotWhole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotWhole::NotHandedOver => {
+                "the process that saved it did not say it was whole (a drain that timed out, a final clock mark not written, or an older version)"
+            }
+            NotWhole::AnotherProcessRan => {
+                "the clock mark moved since it was saved: another process ran in between"
+            }
+            NotWhole::PastSkewRaised => {
+                "check.past_skew was raised since: requests whose nonces it forgot are fresh again"
+            }
+        }
+    }
+}
+
+impl Handover {
+    /// What the saving process hands over, stopped after its last call
+    /// with `mark` as its final clock mark.
+    pub fn new(mark: Mark, fence: Fence, past_skew: Duration) -> Self {
+        Self {
+            mark_seq: mark.seq,
+            mark_until_ns: mark.until.get(),
+            fence: fence.first_second(),
+            past_skew_s: past_skew.as_secs(),
+        }
+    }
+
+    /// The fence of the next process, which read `previous` as the clock
+    /// mark at its start and keeps nonces for `past_skew`: the saving
+    /// process's own, or why it must fence as after a crash.
+    pub fn fence_after(
+        handover: Option<Self>,
+        previous: Option<Mark>,
+        past_skew: Duration,
+    ) -> Result<Fence, NotWhole> {
+        let h = handover.ok_or(NotWhole::NotHandedOver)?;
+        let saved_at = Mark {
+            seq: h.mark_seq,
+            until: Nanos::new(h.mark_until_ns),
+        };
+        if previous != Some(saved_at) {
+            return Err(NotWhole::AnotherProcessRan);
+        }
+        if past_skew.as_secs() > h.past_skew_s {
+            return Err(NotWhole::PastSkewRaised);
+        }
+        Ok(Fence::at(h.fence))
+    }
+}
+
+/// What is sealed at the head of the file.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Seal {
+    /// The state seed, in hex.
+    seed: String,
+    /// SHA-256 of the entries (every byte after the seal's line), in hex.
+    entries_sha256: String,
+    handover: Option<Handover>,
+}
 
 /// State a previous process saved, opened: its seed, to key this process's
 /// state ids with, and its entries, to restore once the engine exists.
 pub struct Saved {
     path: PathBuf,
     seed: StateSeed,
+    handover: Option<Handover>,
     bytes: Vec<u8>,
     /// Where the batches begin in `bytes`.
     batches_at: usize,
@@ -65,6 +178,8 @@ pub struct Restored {
     pub entries: usize,
     /// Of those, buckets and windows dropped for the state caps.
     pub dropped: usize,
+    /// The saving process's word that they are all it accepted.
+    pub handover: Option<Handover>,
 }
 
 /// Why a saved state was set aside.
@@ -74,8 +189,10 @@ pub enum Unreadable {
     Io(io::Error),
     #[error("not a state file warden wrote")]
     Header,
-    #[error("its seed does not open with this master key")]
-    Seed,
+    #[error("its seal does not open with this master key")]
+    Seal,
+    #[error("its entries are not those it was saved with")]
+    Changed,
     #[error("an entry is damaged: {0}")]
     Entries(String),
 }
@@ -93,9 +210,14 @@ pub fn open(dir: &Path, master: &MasterKey) -> Option<Saved> {
         }
     };
     match parse(&bytes, master) {
-        Ok((seed, batches_at)) => Some(Saved {
+        Ok(Head {
+            seed,
+            handover,
+            batches_at,
+        }) => Some(Saved {
             path,
             seed,
+            handover,
             bytes,
             batches_at,
         }),
@@ -106,20 +228,55 @@ pub fn open(dir: &Path, master: &MasterKey) -> Option<Saved> {
     }
 }
 
-/// The seed and where the batches begin.
-fn parse(bytes: &[u8], master: &MasterKey) -> Result<(StateSeed, usize), Unreadable> {
-    let rest = bytes.strip_prefix(HEADER).ok_or(Unreadable::Header)?;
+/// What the head of the file says.
+struct Head {
+    seed: StateSeed,
+    handover: Option<Handover>,
+    /// Where the batches begin.
+    batches_at: usize,
+}
+
+fn parse(bytes: &[u8], master: &MasterKey) -> Result<Head, Unreadable> {
+    let (version, rest) = if let Some(rest) = bytes.strip_prefix(HEADER) {
+        (2, rest)
+    } else if let Some(rest) = bytes.strip_prefix(HEADER_V1) {
+        (1, rest)
+    } else {
+        return Err(Unreadable::Header);
+    };
     let end = rest
         .iter()
         .position(|&b| b == b'\n')
         .ok_or(Unreadable::Header)?;
     let sealed = std::str::from_utf8(&rest[..end]).map_err(|_| Unreadable::Header)?;
-    let seed: [u8; 16] = master
-        .open(SEED_CONTEXT, sealed)
+    let batches_at = bytes.len() - rest.len() + end + 1;
+    if version == 1 {
+        let seed = master
+            .open(SEED_CONTEXT_V1, sealed)
+            .ok()
+            .and_then(|s| <[u8; 16]>::try_from(s).ok())
+            .ok_or(Unreadable::Seal)?;
+        return Ok(Head {
+            seed: StateSeed::from_bytes(seed),
+            handover: None,
+            batches_at,
+        });
+    }
+    let seal: Seal = master
+        .open(SEAL_CONTEXT, sealed)
         .ok()
-        .and_then(|s| s.try_into().ok())
-        .ok_or(Unreadable::Seed)?;
-    Ok((StateSeed::from_bytes(seed), HEADER.len() + end + 1))
+        .and_then(|json| serde_json::from_slice(&json).ok())
+        .ok_or(Unreadable::Seal)?;
+    let mut seed = [0; 16];
+    hex::decode_to_slice(&seal.seed, &mut seed).map_err(|_| Unreadable::Seal)?;
+    if hex::encode(Sha256::digest(&bytes[batches_at..])) != seal.entries_sha256 {
+        return Err(Unreadable::Changed);
+    }
+    Ok(Head {
+        seed: StateSeed::from_bytes(seed),
+        handover: seal.handover,
+        batches_at,
+    })
 }
 
 fn set_aside(path: &Path, why: &Unreadable) {
@@ -144,12 +301,15 @@ impl Saved {
     /// Restores every entry into `engine` (keyed with [`Self::seed`]) and
     /// removes the file. Entries a damaged batch holds are not restored,
     /// nor any after it (what came before stays: a partial state is still
-    /// a truer one than none). The engine's caps hold: with caps lowered
-    /// since the state was saved, what is past them is dropped
-    /// ([`Engine::import`]).
+    /// a truer one than none), and the file is set aside. The engine's
+    /// caps hold: with caps lowered since the state was saved, what is
+    /// past them is dropped ([`Engine::import`]).
     pub fn restore(self, engine: &Engine, now: Nanos) -> Result<Restored, Unreadable> {
         let mut rest = &self.bytes[self.batches_at..];
-        let mut restored = Restored::default();
+        let mut restored = Restored {
+            handover: self.handover,
+            ..Restored::default()
+        };
         let mut damaged = None;
         while !rest.is_empty() {
             let batch = match HandOffBatch::decode_length_delimited(&mut rest) {
@@ -178,7 +338,7 @@ impl Saved {
         // Taken back: a crash later must not bring back this older state
         // over whatever came after it. Left behind, it would be taken back
         // once more at the next start: older, and so no stricter than the
-        // state it joins.
+        // state it joins, and never whole again (the clock mark moved).
         if let Err(e) = crate::private_file::remove(&self.path) {
             tracing::warn!(
                 event = "saved_state_not_removed",
@@ -192,19 +352,20 @@ impl Saved {
 }
 
 /// Takes every entry out of `engine` and writes them, with the seed their
-/// ids are keyed with, to `dir`, replacing any file there atomically; the
-/// number written. Called once the last call is answered.
-pub fn save(dir: &Path, master: &MasterKey, engine: &Engine, now: Nanos) -> io::Result<usize> {
+/// ids are keyed with and the handover when the process can give its word
+/// on it, to `dir`, replacing any file there atomically; the number
+/// written. Called once the last call is answered.
+pub fn save(
+    dir: &Path,
+    master: &MasterKey,
+    engine: &Engine,
+    now: Nanos,
+    handover: Option<Handover>,
+) -> io::Result<usize> {
     let entries = engine.take_slots(|_| true, now);
     let names = engine.pools().wire_names();
     let mut bytes = HEADER.to_vec();
-    bytes.extend_from_slice(
-        master
-            .seal(SEED_CONTEXT, engine.seed().as_bytes())
-            .as_bytes(),
-    );
-    bytes.push(b'\n');
-    for chunk in entries.chunks(BATCH) {
+    for chunk in entries.chunks(HANDOFF_BATCH) {
         let mut batch = HandOffBatch::default();
         for &entry in chunk {
             add_entry(&mut batch, entry, &names);
@@ -213,6 +374,17 @@ pub fn save(dir: &Path, master: &MasterKey, engine: &Engine, now: Nanos) -> io::
             .encode_length_delimited(&mut bytes)
             .expect("a Vec grows as needed");
     }
+    let seal = Seal {
+        seed: hex::encode(engine.seed().as_bytes()),
+        entries_sha256: hex::encode(Sha256::digest(&bytes[HEADER.len()..])),
+        handover,
+    };
+    let seal = serde_json::to_vec(&seal).expect("a seal serializes");
+    let mut line = master.seal(SEAL_CONTEXT, &seal).into_bytes();
+    line.push(b'\n');
+    // Put in after the header, ahead of the entries it seals (moved in
+    // place: the entries of a large state are not copied aside).
+    bytes.splice(HEADER.len()..HEADER.len(), line);
     crate::private_file::replace(&dir.join(FILE_NAME), &bytes)?;
     Ok(entries.len())
 }

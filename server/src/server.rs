@@ -43,6 +43,7 @@ use crate::gateway::forward_auth::{Caller, ConnListener};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
+use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::warden::WardenService;
@@ -138,8 +139,9 @@ pub struct App {
     /// `Some` with `[cluster]`: routing of state steps to their owners.
     cluster: Option<Arc<ClusterState>>,
     /// `Some` with a store: keeps the clock within the mark on disk, and
-    /// writes the time it stopped at when dropped, after the last answer.
-    _clock_mark: Option<crate::clock_mark::Keeper<crate::engine::clock::SystemTimeAsIs>>,
+    /// writes the time it stopped at when stopped (or dropped), after the
+    /// last answer.
+    clock_mark: Option<crate::clock_mark::Keeper<crate::engine::clock::SystemTimeAsIs>>,
 }
 
 impl App {
@@ -209,17 +211,44 @@ impl App {
             (Some(store), Some(mark)) => crate::fence_record::read(store.dir(), mark.previous())?,
             _ => None,
         };
-        let checker = Arc::new(Checker::with_seed(
+        let mut checker = Checker::with_seed(
             config.check.clone(),
             keys,
             config.authz.clone(),
             clock.clone(),
             seed,
             predecessor,
-        ));
+        );
+        // A saved state that cannot be read is set aside with a warning.
+        // One handed over whole lets this process keep its saver's fence.
+        let restoring = std::time::Instant::now();
+        let mut handed_over = false;
+        if let Some(Ok(restored)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
+            let fence = Handover::fence_after(
+                restored.handover,
+                clock_mark.as_ref().and_then(|m| m.previous_mark()),
+                config.check.past_skew,
+            );
+            if let Ok(fence) = fence {
+                checker.go_on_behind(fence);
+                handed_over = true;
+            }
+            tracing::info!(
+                event = "state_restored",
+                entries = restored.entries,
+                dropped_for_caps = restored.dropped,
+                ms = restoring.elapsed().as_millis() as u64,
+                fence = checker.fence().first_second(),
+                fence_kept = handed_over,
+                why_fenced = fence.err().map(NotWhole::as_str),
+                "took back the rate-limit state the previous process saved"
+            );
+        }
+        let checker = Arc::new(checker);
         if let Some(store) = &store {
             crate::fence_record::write(store.dir(), config.check.future_skew, checker.fence())?;
             if let Some(p) = predecessor
+                && !handed_over
                 && checker.fence()
                     > crate::freshness::Fence::after(clock.now(), config.check.future_skew)
             {
@@ -231,17 +260,6 @@ impl App {
                     "the previous process accepted requests further ahead (check.future_skew was lowered): they are refused, and fresh ones wait for this later fence this once"
                 );
             }
-        }
-        // A saved state that cannot be read is set aside with a warning.
-        let restoring = std::time::Instant::now();
-        if let Some(Ok(restored)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
-            tracing::info!(
-                event = "state_restored",
-                entries = restored.entries,
-                dropped_for_caps = restored.dropped,
-                ms = restoring.elapsed().as_millis() as u64,
-                "took back the rate-limit state the previous process saved"
-            );
         }
         let alerts = Arc::new(Alerts::new(config.alerts.clone(), clock.clone()));
         let membership = coordinator.map(|(cluster, url)| {
@@ -287,7 +305,7 @@ impl App {
             alerts,
             membership,
             cluster,
-            _clock_mark: clock_mark,
+            clock_mark,
         })
     }
 }
@@ -351,7 +369,7 @@ impl Bound {
         metrics: Option<PrometheusHandle>,
     ) -> Result<(), ServeError> {
         let Bound {
-            app,
+            mut app,
             listener,
             metrics_listener,
             forward_auth_listener,
@@ -477,6 +495,10 @@ impl Bound {
             app.audit.clone(),
         );
         let admission = Admission::new(settings.max_inflight);
+        // Set once the drain delay is over: long-lived streams end, and
+        // the forward-auth port stops.
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+        let mut forward_auth = None;
         let checks = WardenService::new(
             app.checker.clone(),
             app.cluster.clone(),
@@ -511,15 +533,19 @@ impl Bound {
             })?;
             let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
             background.spawn(accept_loop(listener, tls, tx, settings.clone(), gate));
-            // Stopped with the other loops, once the gRPC server stopped.
-            background.spawn(crate::gateway::forward_auth::serve(
+            // Drained with the gRPC port: its calls check too, and the
+            // state is saved only once the last one is answered.
+            let mut closing = closing_rx.clone();
+            forward_auth = Some(tokio::spawn(crate::gateway::forward_auth::serve(
                 ConnListener::new(rx, local),
                 caller,
                 checks.clone(),
                 f,
                 app.config.gateway.clone(),
-                std::future::pending(),
-            ));
+                async move {
+                    let _ = closing.wait_for(|closing| *closing).await;
+                },
+            )));
         }
         // The Envoy faces share the Check pipeline and the in-flight bound.
         let ext_authz = AuthorizationServer::new(ExtAuthz::new(
@@ -541,7 +567,6 @@ impl Bound {
             ))
         });
         let service = WardenServer::new(checks).max_decoding_message_size(max_message);
-        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
             background.spawn(state.clone().hand_over_lost_slots());
@@ -616,6 +641,19 @@ impl Bound {
                 }
             } => Err(ServeError::DrainTimeout),
         };
+        // The forward-auth port's calls get the drain timeout too; one
+        // still running then may change state after the save.
+        let forward_auth_drained = match forward_auth {
+            None => true,
+            Some(mut task) => match tokio::time::timeout(settings.drain_timeout, &mut task).await {
+                Ok(_) => true,
+                Err(_) => {
+                    task.abort();
+                    false
+                }
+            },
+        };
+        let drained = result.is_ok() && forward_auth_drained;
         background.shutdown().await;
         // The last call is answered: hand the state over, then give the
         // lease up (the next owners serve it without a fence).
@@ -633,14 +671,22 @@ impl Bound {
             let _ = leave_tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
-        // A single process keeps its state for the next one.
+        // A single process keeps its state for the next one; whole (every
+        // call answered, the final clock mark written), the next one goes
+        // on behind this one's fence.
         if let (None, Some(store)) = (&app.cluster, &app.store) {
+            let mark = app.clock_mark.take().and_then(|keeper| keeper.stop());
+            let handover = mark
+                .filter(|_| drained)
+                .map(|mark| Handover::new(mark, app.checker.fence(), app.config.check.past_skew));
             let started = std::time::Instant::now();
             let engine = app.checker.engine();
-            match crate::saved_state::save(store.dir(), store.master(), engine, app.clock.now()) {
+            let now = app.clock.now();
+            match crate::saved_state::save(store.dir(), store.master(), engine, now, handover) {
                 Ok(entries) => tracing::info!(
                     event = "state_saved",
                     entries,
+                    whole = handover.is_some(),
                     ms = started.elapsed().as_millis() as u64,
                     "saved the rate-limit state for the next process"
                 ),

@@ -1110,8 +1110,9 @@ async fn answered<T>(
     }
 }
 
-/// Entries per handover batch (a few hundred KiB on the wire).
-const HANDOFF_BATCH: usize = 8192;
+/// Entries per handover batch (a few hundred KiB on the wire), and per
+/// batch of a saved state (`saved_state`).
+pub const HANDOFF_BATCH: usize = 8192;
 const HANDOFF_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn batch_len(b: &HandOffBatch) -> usize {

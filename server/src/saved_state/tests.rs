@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock_mark::Mark;
 use crate::engine::{Gcra, Limit, Outcome, Pool, Request, StateKey, Window, WindowKind};
 
 const NOW: Nanos = Nanos::from_secs(1_764_000_000);
@@ -73,8 +74,30 @@ fn saved_after_one_request(master: &MasterKey) -> tempfile::TempDir {
     let engine = Engine::new(4, 1000);
     let traffic = Traffic::in_engine(&engine);
     traffic.send(&engine, NOW, traffic.nonce);
-    save(dir.path(), master, &engine, NOW).unwrap();
+    save(dir.path(), master, &engine, NOW, None).unwrap();
     dir
+}
+
+/// The file the version before wrote of the state one request left: its
+/// seed alone sealed, then the entries.
+fn saved_as_the_version_before(master: &MasterKey) -> Vec<u8> {
+    let engine = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&engine);
+    traffic.send(&engine, NOW, traffic.nonce);
+    let mut bytes = HEADER_V1.to_vec();
+    bytes.extend_from_slice(
+        master
+            .seal(SEED_CONTEXT_V1, engine.seed().as_bytes())
+            .as_bytes(),
+    );
+    bytes.push(b'\n');
+    let mut batch = HandOffBatch::default();
+    let names = engine.pools().wire_names();
+    for entry in engine.take_slots(|_| true, NOW) {
+        add_entry(&mut batch, entry, &names);
+    }
+    batch.encode_length_delimited(&mut bytes).unwrap();
+    bytes
 }
 
 fn fresh_nonce(engine: &Engine, i: u32) -> StateKey {
@@ -100,7 +123,7 @@ fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
         Outcome::Limited { allowed: true, .. }
     ));
     assert_eq!(traffic.remaining(&before, NOW), vec![2, 0]);
-    assert_eq!(save(dir.path(), &master, &before, NOW).unwrap(), 4);
+    assert_eq!(save(dir.path(), &master, &before, NOW, None).unwrap(), 4);
 
     let later = NOW.saturating_add(Nanos::from_secs(1));
     let saved = open(dir.path(), &master).expect("saved");
@@ -151,18 +174,29 @@ fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
     assert!(open(not_ours.path(), &master).is_none());
     assert!(aside(&not_ours).exists());
 
+    // Cut short, or changed: the entries are not those sealed.
     let damaged = saved_dir();
     let mut bytes = std::fs::read(path(&damaged)).unwrap();
     let len = bytes.len();
     bytes.truncate(len - 3);
     std::fs::write(path(&damaged), &bytes).unwrap();
-    let saved = open(damaged.path(), &master).expect("the header is whole");
+    assert!(open(damaged.path(), &master).is_none());
+    assert!(aside(&damaged).exists());
+
+    // A file of the version before is sealed only in its seed: a damaged
+    // entry is found as it is read, and what came before it stays.
+    let older = tempfile::tempdir().unwrap();
+    let mut bytes = saved_as_the_version_before(&master);
+    let len = bytes.len();
+    bytes.truncate(len - 3);
+    std::fs::write(path(&older), &bytes).unwrap();
+    let saved = open(older.path(), &master).expect("the header is whole");
     let engine = Engine::with_seed(4, 1000, saved.seed());
     assert!(matches!(
         saved.restore(&engine, NOW),
         Err(Unreadable::Entries(_))
     ));
-    assert!(aside(&damaged).exists());
+    assert!(aside(&older).exists());
     let traffic = Traffic::in_engine(&engine);
     assert_eq!(traffic.remaining(&engine, NOW), vec![4, 2]);
 
@@ -178,7 +212,7 @@ fn each_stop_replaces_the_state_saved_before() {
     let master = master();
     let dir = saved_after_one_request(&master);
     let empty = Engine::new(4, 1000);
-    assert_eq!(save(dir.path(), &master, &empty, NOW).unwrap(), 0);
+    assert_eq!(save(dir.path(), &master, &empty, NOW, None).unwrap(), 0);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
     assert_eq!(saved.restore(&after, NOW).unwrap().entries, 0);
@@ -199,9 +233,157 @@ fn caps_lowered_since_the_save_hold_but_every_replay_key_is_kept() {
         restored,
         Restored {
             entries: 3,
-            dropped: 1
+            dropped: 1,
+            handover: None,
         }
     );
     let traffic = Traffic::in_engine(&after);
     assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+}
+
+/// A file the version before wrote is taken back (an upgrade keeps its
+/// limits spent), but says nothing of being whole: the fence stands.
+#[test]
+fn a_state_saved_by_the_version_before_is_taken_back_behind_a_fence() {
+    let master = master();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(FILE_NAME),
+        saved_as_the_version_before(&master),
+    )
+    .unwrap();
+    let saved = open(dir.path(), &master).expect("read");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&after, NOW).unwrap();
+    assert_eq!(restored.entries, 3);
+    assert_eq!(
+        Handover::fence_after(restored.handover, None, PAST_SKEW),
+        Err(NotWhole::NotHandedOver)
+    );
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+}
+
+const PAST_SKEW: Duration = Duration::from_secs(300);
+
+/// The final clock mark of the process that saved, and its fence.
+fn final_mark() -> (Mark, Fence) {
+    let mark = Mark {
+        seq: 41,
+        until: NOW,
+    };
+    (mark, Fence::at(1_763_999_000))
+}
+
+/// The state one request left, saved as handed over whole.
+fn handed_over(master: &MasterKey) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&engine);
+    traffic.send(&engine, NOW, traffic.nonce);
+    let (mark, fence) = final_mark();
+    let handover = Handover::new(mark, fence, PAST_SKEW);
+    save(dir.path(), master, &engine, NOW, Some(handover)).unwrap();
+    dir
+}
+
+/// Taken back whole, by the next process to read the mark: it keeps the
+/// saving process's fence, and every replay key is there to refuse what
+/// that process accepted.
+#[test]
+fn a_state_handed_over_whole_keeps_the_fence_of_the_process_that_saved_it() {
+    let master = master();
+    let dir = handed_over(&master);
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&after, NOW).unwrap();
+    let (mark, fence) = final_mark();
+    assert_eq!(
+        Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
+        Ok(fence)
+    );
+    // A past skew lowered since keeps nonces longer than needed: whole.
+    assert_eq!(
+        Handover::fence_after(restored.handover, Some(mark), PAST_SKEW / 2),
+        Ok(fence)
+    );
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+}
+
+/// Whatever happened after the save that its nonces cannot account for
+/// puts the fence back: another process that started (a mark of another
+/// number or time, or none at all: the file was removed and made anew), or
+/// a past skew raised, which makes requests fresh again whose nonces the
+/// saving process had forgotten.
+#[test]
+fn a_state_is_not_whole_once_another_process_ran_or_the_past_skew_grew() {
+    let master = master();
+    let dir = handed_over(&master);
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let handover = saved.restore(&after, NOW).unwrap().handover;
+    let (mark, _) = final_mark();
+    let later = Mark {
+        seq: mark.seq + 1,
+        ..mark
+    };
+    let moved = Mark {
+        until: NOW.saturating_add(Nanos::from_secs(2)),
+        ..mark
+    };
+    for previous in [Some(later), Some(moved), None] {
+        assert_eq!(
+            Handover::fence_after(handover, previous, PAST_SKEW),
+            Err(NotWhole::AnotherProcessRan),
+            "{previous:?}"
+        );
+    }
+    assert_eq!(
+        Handover::fence_after(handover, Some(mark), PAST_SKEW + Duration::from_secs(1)),
+        Err(NotWhole::PastSkewRaised)
+    );
+}
+
+/// The attack on a whole state: its replay keys taken out (or entries of
+/// another file put in) under the seal that says it is whole. The seal
+/// covers the entries' digest, so such a file is set aside, and can lift
+/// no fence.
+#[test]
+fn entries_changed_under_a_whole_states_seal_are_not_taken_back() {
+    let master = master();
+    let whole = handed_over(&master);
+    let path = whole.path().join(FILE_NAME);
+    let bytes = std::fs::read(&path).unwrap();
+    let seal_line_end = HEADER.len()
+        + bytes[HEADER.len()..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap()
+        + 1;
+
+    // Its entries swapped for those of a state with no replay key.
+    let other = tempfile::tempdir().unwrap();
+    save(other.path(), &master, &Engine::new(4, 1000), NOW, None).unwrap();
+    let other_bytes = std::fs::read(other.path().join(FILE_NAME)).unwrap();
+    let other_entries_at = HEADER.len()
+        + other_bytes[HEADER.len()..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap()
+        + 1;
+    let mut forged = bytes[..seal_line_end].to_vec();
+    forged.extend_from_slice(&other_bytes[other_entries_at..]);
+    std::fs::write(&path, &forged).unwrap();
+    assert!(open(whole.path(), &master).is_none());
+    assert!(whole.path().join("state.saved.unreadable").exists());
+
+    // One byte of an entry changed.
+    let whole = handed_over(&master);
+    let path = whole.path().join(FILE_NAME);
+    let mut changed = std::fs::read(&path).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    std::fs::write(&path, &changed).unwrap();
+    assert!(open(whole.path(), &master).is_none());
 }
