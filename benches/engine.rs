@@ -72,6 +72,44 @@ fn engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// A new descriptor's window in a full pool (a flood of junk): the cost of
+/// making room, in a pool capped low (about three entries per shard, so
+/// the sample reaches into other shards) and in one capped high.
+fn full_pool(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(1));
+    let limit = Limit::Window(Window::new(WindowKind::Sliding, 3, 3600 * SEC));
+    for cap in [200usize, 100_000] {
+        let engine = Engine::new(64, 1024);
+        let pool = engine.pools().policy("login");
+        engine.pools().set_cap(pool, Some(cap));
+        let mut n = 0u64;
+        let mut hit = |n: u64| {
+            let limits = [(engine.key_in(pool, &n.to_le_bytes(), &[b"limit"]), limit)];
+            engine.decide(
+                SEC,
+                &Request {
+                    nonce: None,
+                    limits: &limits,
+                    cost: 1,
+                    commit: true,
+                },
+            )
+        };
+        while n < cap as u64 {
+            n += 1;
+            hit(n);
+        }
+        group.bench_function(BenchmarkId::new("new_entry_in_a_full_pool", cap), |b| {
+            b.iter(|| {
+                n += 1;
+                black_box(hit(n))
+            })
+        });
+    }
+    group.finish();
+}
+
 /// The `governor` crate's keyed GCRA limiter, as the reference for ours.
 fn governor_reference(c: &mut Criterion) {
     use governor::{Quota, RateLimiter};
@@ -265,6 +303,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-        targets = engine, governor_reference, contention, hmac_verify, full_check
+        targets = engine, full_pool, governor_reference, contention, hmac_verify, full_check
 }
 criterion_main!(benches);

@@ -1110,7 +1110,7 @@ fn saved_state_cost(
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let master = MasterKey::from_hex(&MasterKey::generate_hex()).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let saved = saved_state::save(&dir, &master, engine, now).map_err(|e| e.to_string())?;
+    let saved = saved_state::save(&dir, &master, engine, now, None).map_err(|e| e.to_string())?;
     let save_ms = started.elapsed().as_millis();
     let bytes = std::fs::metadata(dir.join(saved_state::FILE_NAME))
         .map_err(|e| e.to_string())?

@@ -2284,3 +2284,90 @@ async fn an_envoy_rate_limit_is_one_limit_whichever_node_envoy_asks() {
         (Code::Ok as i32, 999)
     );
 }
+
+/// The attack on a rolling restart: every node's state cap filled with
+/// junk descriptors (one request each), then the owner of a spent limit
+/// restarted. Its window, handed to a node whose pool is full, takes a
+/// junk entry's place, as a request's new entry would: the limit stays
+/// spent on the way out and on the way back, and no node holds more than
+/// its cap. Until session 26 the handed window was the one dropped, and
+/// the flood bought the spent limit a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_flood_ahead_of_a_rolling_restart_frees_no_spent_limit() {
+    const CAP: u64 = 200;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut cluster = Cluster::start(
+        &url,
+        &format!(
+            "[[policies]]\nname = \"login\"\nalgorithm = \"sliding_window\"\nlimit = 3\nperiod = \"1d\"\nmax_entries = {CAP}\n\n\
+             [[keys]]\nid = \"wk_flood\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+        ),
+    );
+    let signer = Signer::new("wk_flood", SECRET);
+    let login = |descriptor: &str| with_limit(signed(&signer, unix_now()), "login", descriptor);
+    let victim = "ip:192.0.2.1";
+    let mut clients = cluster.clients().await;
+    for client in clients.iter_mut() {
+        let r = client.check(login(victim)).await.unwrap();
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+    }
+    let spent = clients[0].check(login(victim)).await.unwrap();
+    assert_eq!(reason(&spent), Reason::RateLimited, "{spent:?}");
+
+    // Through every node, far past every node's cap.
+    for (n, client) in clients.iter_mut().enumerate() {
+        let flood: Vec<CheckRequest> = (0..1_500)
+            .map(|i| login(&format!("ip:junk-{n}-{i}")))
+            .collect();
+        let answers: Vec<_> = client
+            .stub()
+            .check_stream(tokio_stream::iter(flood))
+            .await
+            .unwrap()
+            .into_inner()
+            .collect()
+            .await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().is_ok_and(|a| reason(a) == Reason::Ok)),
+            "{:?}",
+            answers.iter().find(|a| a.is_err())
+        );
+    }
+
+    let still = clients[1].check(login(victim)).await.unwrap();
+    assert_eq!(
+        reason(&still),
+        Reason::RateLimited,
+        "after the flood: {still:?}"
+    );
+    let owner = index_of(&cluster.locate(0, &["--limit", &format!("login:{victim}")]));
+    cluster.stop(owner);
+    for j in (0..NODES.len()).filter(|&j| j != owner) {
+        let r = cluster.client(j).await.check(login(victim)).await.unwrap();
+        assert_eq!(
+            reason(&r),
+            Reason::RateLimited,
+            "the handover bought the spent limit a fresh window: {r:?}"
+        );
+    }
+    cluster.rejoin(owner);
+    let mut held = 0;
+    let mut lost = 0;
+    for (j, node) in NODES.iter().enumerate() {
+        let r = cluster.client(j).await.check(login(victim)).await.unwrap();
+        assert_eq!(reason(&r), Reason::RateLimited, "back: {r:?}");
+        let here = metric(cluster.node(j), "warden_state_pool_entries{pool=\"login\"}");
+        assert!(here <= CAP, "{node} holds {here}");
+        held += here;
+        lost += metric(
+            cluster.node(j),
+            "warden_cluster_handoff_entries_dropped_total",
+        );
+    }
+    assert!(held > 0, "no pool metric");
+    assert!(lost > 0, "the handovers never met a full pool");
+}

@@ -176,7 +176,8 @@ pub struct Saved {
 pub struct Restored {
     /// Entries read from the file.
     pub entries: usize,
-    /// Of those, buckets and windows dropped for the state caps.
+    /// Buckets and windows lost for the state caps (those past them that
+    /// forgave the least).
     pub dropped: usize,
     /// The saving process's word that they are all it accepted.
     pub handover: Option<Handover>,

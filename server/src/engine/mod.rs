@@ -275,7 +275,49 @@ impl Next {
     }
 }
 
+/// What losing an entry forgives, to choose the one to evict: any bucket
+/// before any window, a bucket by the time until it is full again, a
+/// window by the requests it counts (then the sooner idle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Worth {
+    Bucket(Nanos),
+    Window(u64, Nanos),
+}
+
 impl Shard {
+    /// Of the entries sampled here that are `wanted`, the one whose loss
+    /// forgives the least, and how many were sampled.
+    fn cheapest(&self, wanted: impl Fn(u64) -> bool, now: Nanos) -> Option<(usize, Worth, u64)> {
+        let mut seen = 0;
+        let bucket = self
+            .buckets
+            .iter()
+            .take(EVICTION_SCAN / 2)
+            .filter(|b| wanted(b.id))
+            .take(EVICTION_SAMPLE)
+            .inspect(|_| seen += 1)
+            .map(|b| (Worth::Bucket(b.tat.saturating_sub(now)), b.id))
+            .min();
+        // Any bucket forgives less than any window: no need to look.
+        if let Some((worth, id)) = bucket {
+            return Some((seen, worth, id));
+        }
+        let window = self
+            .windows
+            .iter()
+            .take(EVICTION_SCAN / 2)
+            .filter(|c| wanted(c.id))
+            .take(EVICTION_SAMPLE)
+            .inspect(|_| seen += 1)
+            .map(|c| {
+                let w = &c.state;
+                let counted = u64::from(w.cur) + u64::from(w.prev);
+                (Worth::Window(counted, w.idle_at), c.id)
+            })
+            .min();
+        window.map(|(worth, id)| (seen, worth, id))
+    }
+
     /// One limit's verdict on `cost` at `now`, and the state to store if the
     /// whole request passes: the one place GCRA and windows are told apart.
     /// Also says whether the limit has an entry already, so that storing
@@ -305,6 +347,9 @@ const PRESSURE_SWEEP_EVERY: Nanos = Nanos::from_millis(100);
 /// scan of the shard.
 const EVICTION_SCAN: usize = 4096;
 const EVICTION_SAMPLE: usize = 32;
+/// Other shards sampled, at most, when a new entry's own shard holds
+/// fewer than [`EVICTION_SAMPLE`] of a full pool.
+const EVICTION_SHARDS: usize = 4;
 
 /// How much state the engine holds, for metrics and memory checks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -480,8 +525,7 @@ impl Engine {
                 }
                 let s = &mut guards[shard(key)];
                 if let Some(full) = self.pools.full(pool)
-                    && !self.make_room(s, full, pool, now)
-                    && !self.make_room_elsewhere(&locked, key.shard, full, pool, now)
+                    && !self.make_room(s, &locked, key.shard, full, pool, now)
                 {
                     self.pools.note_refusal(pool);
                     for &p in &reserved {
@@ -586,70 +630,71 @@ impl Engine {
         }
     }
 
-    /// When the request's own shard holds nothing of a full pool (a pool
-    /// filled while that shard had none of its entries): room from another
-    /// shard, one that is free right now. `try_lock` only, so the one lock
-    /// order rule still holds: nothing ever waits here.
-    fn make_room_elsewhere(
+    /// Makes room in a full pool (any counted pool when the global cap is
+    /// full) by evicting, of the entries sampled, the one whose loss
+    /// forgives the least: the bucket closest to full again, or the window
+    /// with the fewest requests counted. Whether room was made.
+    ///
+    /// Sampled from `own`, the locked shard the new entry goes to, and,
+    /// while fewer than [`EVICTION_SAMPLE`] were found, from up to
+    /// [`EVICTION_SHARDS`] other shards holding some (`near` their order
+    /// on from `own`'s index, `held` skipped: already locked by the
+    /// caller). A pool capped low spreads a few entries over each shard:
+    /// sampled from one shard alone, a spent limit that happened to be the
+    /// only one of its pool there was evicted by the next junk entry to
+    /// land there, and the flood bought it a fresh window. `try_lock` for
+    /// the others, so the one lock order rule still holds: nothing ever
+    /// waits here.
+    fn make_room(
         &self,
+        own: &mut Shard,
         held: &[u32],
         near: u32,
         full: Full,
         pool: Pool,
         now: Nanos,
     ) -> bool {
-        let count = self.shards.len() as u32;
-        (1..count)
-            .map(|step| (near + step) % count)
-            .filter(|i| held.binary_search(i).is_err())
-            .any(|i| {
-                self.shards[i as usize]
-                    .try_lock()
-                    .is_some_and(|mut other| self.make_room(&mut other, full, pool, now))
-            })
-    }
-
-    /// Evicts, from one locked shard, the sampled entry of `pool` (of any
-    /// counted pool when the global cap is full) whose loss forgives the
-    /// least: the bucket closest to full again, or the window with the
-    /// fewest requests counted. Whether room was made.
-    fn make_room(&self, s: &mut Shard, full: Full, pool: Pool, now: Nanos) -> bool {
         let wanted = |id: u64| match full {
             Full::Pool => Pool::of(id) == pool,
             Full::Total => Pool::of(id).is_counted(),
         };
-        let bucket = s
-            .buckets
-            .iter()
-            .take(EVICTION_SCAN / 2)
-            .filter(|b| wanted(b.id))
-            .take(EVICTION_SAMPLE)
-            .map(|b| (b.tat.saturating_sub(now), b.id))
-            .min();
-        if let Some((_, id)) = bucket {
-            s.buckets.remove(id);
-            self.pools.removed(Pool::of(id));
-            self.pools.note_eviction(Pool::of(id));
-            return true;
+        let (mut found, mut best) = match own.cheapest(wanted, now) {
+            Some((seen, worth, id)) => (seen, Some((worth, None, id))),
+            None => (0, None),
+        };
+        let mut others: SmallVec<[MutexGuard<'_, Shard>; EVICTION_SHARDS]> = SmallVec::new();
+        let count = self.shards.len() as u32;
+        for i in (1..count)
+            .map(|step| (near + step) % count)
+            .filter(|i| held.binary_search(i).is_err())
+        {
+            if found >= EVICTION_SAMPLE || others.len() == EVICTION_SHARDS {
+                break;
+            }
+            let Some(other) = self.shards[i as usize].try_lock() else {
+                continue;
+            };
+            if let Some((seen, worth, id)) = other.cheapest(wanted, now) {
+                found += seen;
+                if best.is_none_or(|(least, _, _)| worth < least) {
+                    best = Some((worth, Some(others.len()), id));
+                }
+                others.push(other);
+            }
         }
-        let window = s
-            .windows
-            .iter()
-            .take(EVICTION_SCAN / 2)
-            .filter(|c| wanted(c.id))
-            .take(EVICTION_SAMPLE)
-            .map(|c| {
-                let w = &c.state;
-                (u64::from(w.cur) + u64::from(w.prev), w.idle_at, c.id)
-            })
-            .min();
-        if let Some((_, _, id)) = window {
-            s.windows.remove(id);
-            self.pools.removed(Pool::of(id));
-            self.pools.note_eviction(Pool::of(id));
-            return true;
+        let Some((_, at, id)) = best else {
+            return false;
+        };
+        let shard = match at {
+            None => own,
+            Some(k) => &mut *others[k],
+        };
+        if shard.buckets.remove(id).is_none() {
+            shard.windows.remove(id);
         }
-        false
+        self.pools.removed(Pool::of(id));
+        self.pools.note_eviction(Pool::of(id));
+        true
     }
 
     /// Drops all state that no longer matters at `now`: full buckets, aged-out
@@ -719,51 +764,59 @@ impl Engine {
     /// already here and says more wins: the later TAT, the later nonce
     /// expiry, the larger window counts.
     ///
-    /// The caps hold whatever arrives: a new bucket or window past its
-    /// pool's cap (or the total) is dropped, and so is one that no longer
-    /// says anything (a bucket full again, an idle window). Without that,
-    /// nodes at their caps that left one by one in a rolling restart
-    /// handed the last one several caps' worth. A dropped limit admits its
-    /// burst once more, the bound of a failover. Nonces are kept whatever
-    /// the capacity: one dropped could be replayed. Returns how many were
-    /// dropped for the caps.
+    /// The caps hold whatever arrives. A new bucket or window in a full
+    /// pool gets its room as a request's does, by evicting the sampled
+    /// entry whose loss forgives the least; if none can be, it is dropped.
+    /// So a pool an attacker filled with junk before a rolling restart
+    /// gives up its junk, not the limits clients spent on the node that
+    /// left (dropped, each admitted its burst once more). Without the
+    /// caps, nodes at their caps that left one by one handed the last one
+    /// several caps' worth. One that no longer says anything (a bucket
+    /// full again, an idle window) is not stored at all. Nonces are kept
+    /// whatever the capacity: one dropped could be replayed. Returns how
+    /// many entries were lost for the caps (evicted or dropped).
     pub fn import(&self, entries: &[Entry], now: Nanos) -> usize {
         let mut dropped = 0;
         for entry in entries {
             let key = self.placed(entry.id());
             let pool = Pool::of(entry.id());
             let mut s = self.shards[key.shard as usize].lock();
+            // At a full pool, one entry is lost for the caps either way:
+            // the one evicted, or this one.
+            let mut no_room = |s: &mut Shard| {
+                let Some(full) = self.pools.full(pool) else {
+                    return false;
+                };
+                dropped += 1;
+                !self.make_room(s, &[key.shard], key.shard, full, pool, now)
+            };
             let new = match *entry {
-                Entry::Bucket { id, tat } => match s.buckets.get_mut(id) {
-                    Some(here) => {
+                Entry::Bucket { id, tat } => {
+                    if let Some(here) = s.buckets.get_mut(id) {
                         here.tat = here.tat.max(tat);
                         false
-                    }
-                    None if Gcra::is_idle(tat, now) => false,
-                    None if self.pools.full(pool).is_some() => {
-                        dropped += 1;
+                    } else if Gcra::is_idle(tat, now) || no_room(&mut s) {
                         false
+                    } else {
+                        s.buckets.insert(Bucket::new(id, tat)).is_none()
                     }
-                    None => s.buckets.insert(Bucket::new(id, tat)).is_none(),
-                },
-                Entry::Window { id, state } => match s.windows.get_mut(id) {
-                    Some(Counts { state: w, .. }) if w.index == state.index => {
-                        w.prev = w.prev.max(state.prev);
-                        w.cur = w.cur.max(state.cur);
+                }
+                Entry::Window { id, state } => {
+                    if let Some(here) = s.windows.get_mut(id) {
+                        let w = &mut here.state;
+                        if w.index == state.index {
+                            w.prev = w.prev.max(state.prev);
+                            w.cur = w.cur.max(state.cur);
+                        } else if w.index < state.index {
+                            *here = Counts::new(id, state);
+                        }
                         false
-                    }
-                    Some(here) if here.state.index < state.index => {
-                        *here = Counts::new(id, state);
+                    } else if Window::is_idle(&state, now) || no_room(&mut s) {
                         false
+                    } else {
+                        s.windows.insert(Counts::new(id, state)).is_none()
                     }
-                    Some(_) => false,
-                    None if Window::is_idle(&state, now) => false,
-                    None if self.pools.full(pool).is_some() => {
-                        dropped += 1;
-                        false
-                    }
-                    None => s.windows.insert(Counts::new(id, state)).is_none(),
-                },
+                }
                 Entry::Nonce { forget_at_secs, .. } => {
                     if s.nonces.merge(key, forget_at_secs, now) {
                         self.nonce_count.fetch_add(1, Ordering::Relaxed);

@@ -8,11 +8,12 @@
 //! request-limit policy and one for failure budgets, each with an optional
 //! cap, and all of them under one global cap.
 //!
-//! When a new entry would exceed a cap, the engine makes room by evicting,
-//! from the same shard (or, when that shard holds none of the pool, from
-//! another shard that is free at that moment), the sampled entry of that
-//! pool (any pool for the global cap) whose loss forgives the least: the
-//! bucket closest to full again, the window with the fewest requests. An
+//! When a new entry would exceed a cap, the engine makes room by evicting
+//! the sampled entry of that pool (any pool for the global cap) whose loss
+//! forgives the least: the bucket closest to full again, the window with
+//! the fewest requests. The sample is taken from the new entry's shard
+//! and, while that holds few of the pool, from a few other shards free at
+//! that moment: a pool capped low holds only a few entries per shard. An
 //! evicted bucket or window starts afresh if its descriptor comes back, so
 //! a flood can buy back at most what the evicted entries held, and junk
 //! entries made by one request each are the cheapest to lose. If no entry

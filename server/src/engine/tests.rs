@@ -347,6 +347,33 @@ fn eviction_takes_junk_before_a_descriptor_that_has_spent_its_limit() {
     );
 }
 
+/// The same flood against a pool capped low for its shards: about one
+/// entry of it per shard. Sampled from the new entry's shard alone, the
+/// spent descriptor, often the only one of its pool there, was the one
+/// evicted by the next junk entry to land there (session 26's cluster
+/// test found it through a handover).
+#[test]
+fn eviction_takes_junk_before_a_spent_limit_in_a_pool_thinly_spread_over_shards() {
+    for round in 0..20 {
+        let engine = Engine::new(64, 1000);
+        let login = engine.pools().policy("login");
+        engine.pools().set_cap(login, Some(64));
+        let limit = window(3, 3600);
+        let victim = format!("victim-{round}");
+        for _ in 0..3 {
+            assert!(allowed(&hit(&engine, login, &victim, limit, SEC)));
+        }
+        for i in 0..2_000 {
+            hit(&engine, login, &format!("junk-{i}"), limit, SEC);
+        }
+        assert!(
+            !allowed(&hit(&engine, login, &victim, limit, SEC)),
+            "round {round}: the flood bought the spent descriptor a fresh window"
+        );
+        assert_eq!(held_in(&engine, login), 64);
+    }
+}
+
 #[test]
 fn the_global_cap_bounds_all_pools_together_and_key_state_is_never_counted() {
     let engine = Engine::new(4, 1000);
@@ -499,10 +526,44 @@ fn state_given_back_to_the_first_instant_stays_in_its_table() {
 }
 
 /// State handed over (or taken back from a saved state) keeps to the caps:
-/// new buckets and windows past their pool's cap are dropped and counted,
+/// new buckets and windows past their pool's cap cost an entry each (one
+/// evicted, or the new one dropped), counted,
 /// ones that no longer say anything are not stored at all, and what is
 /// already here is still merged. Nonces are all kept, past the capacity
 /// too: a nonce dropped is a request that can be replayed.
+/// The attack on a handover: a pool filled with junk (one request per
+/// descriptor) on the node that takes a spent limit over. The spent limit
+/// takes a junk entry's place, as a request's new entry does, rather than
+/// being dropped to start afresh: before session 26 a flood ahead of a
+/// rolling restart bought every spent descriptor a fresh window.
+#[test]
+fn a_spent_limit_handed_to_a_pool_full_of_junk_evicts_junk_and_stays_spent() {
+    let seed = StateSeed::random();
+    let leaving = Engine::with_seed(4, 1000, seed);
+    let taking = Engine::with_seed(4, 1000, seed);
+    let (from, login) = (
+        leaving.pools().policy("login"),
+        taking.pools().policy("login"),
+    );
+    taking.pools().set_cap(login, Some(64));
+    let limit = window(3, 3600);
+    for _ in 0..3 {
+        assert!(allowed(&hit(&leaving, from, "victim-ip", limit, SEC)));
+    }
+    for i in 0..1_000 {
+        hit(&taking, login, &format!("junk-{i}"), limit, SEC);
+    }
+    assert_eq!(held_in(&taking, login), 64);
+
+    let handed = leaving.take_slots(|_| true, SEC);
+    assert_eq!(taking.import(&handed, SEC), 1, "one entry lost for the cap");
+    assert_eq!(held_in(&taking, login), 64, "the cap holds");
+    assert!(
+        !allowed(&hit(&taking, login, "victim-ip", limit, SEC)),
+        "the handover bought the spent descriptor a fresh window"
+    );
+}
+
 #[test]
 fn imported_state_keeps_to_the_caps_but_never_drops_a_nonce() {
     let engine = Engine::new(4, 2);
@@ -529,6 +590,7 @@ fn imported_state_keeps_to_the_caps_but_never_drops_a_nonce() {
         .collect();
     assert_eq!(engine.import(&five, now), 3, "past the cap of 2");
     assert_eq!(held_in(&engine, pool), 2);
+    // In place of a bucket (which forgives the least: one request each).
     assert_eq!(engine.import(&[window(1, later)], now), 1);
     // Nothing to say: not stored, and not counted as dropped.
     let idle = [
@@ -549,12 +611,17 @@ fn imported_state_keeps_to_the_caps_but_never_drops_a_nonce() {
             tat: much_later,
         })
         .collect();
-    assert_eq!(engine.import(&raised, now), 3);
+    // The one bucket held is merged, and each of the four others costs
+    // one; five when one of those evicts it before its turn.
+    assert!((4..=5).contains(&engine.import(&raised, now)));
     let held = engine.take_slots(|_| true, now);
     assert_eq!(held.len(), 2, "{held:?}");
     assert!(
-        held.iter()
-            .all(|e| matches!(e, Entry::Bucket { tat, .. } if *tat == much_later)),
+        held.iter().all(|e| match e {
+            Entry::Bucket { tat, .. } => *tat == much_later,
+            Entry::Window { .. } => true,
+            Entry::Nonce { .. } => false,
+        }),
         "{held:?}"
     );
 
