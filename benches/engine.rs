@@ -84,7 +84,7 @@ fn full_pool(c: &mut Criterion) {
         let pool = engine.pools().policy("login");
         engine.pools().set_cap(pool, Some(cap));
         let mut n = 0u64;
-        let mut hit = |n: u64| {
+        let hit = |n: u64| {
             let limits = [(engine.key_in(pool, &n.to_le_bytes(), &[b"limit"]), limit)];
             engine.decide(
                 SEC,
