@@ -502,6 +502,43 @@ async fn a_saved_state_put_back_after_another_process_ran_lifts_no_fence() {
     );
 }
 
+/// The seal says whole; the entries under it were changed (a replay key
+/// taken out, as an attacker with the directory would): set aside, with a
+/// warning, and the process serves behind a fence as after a crash. Never
+/// a reason not to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_state_changed_on_disk_is_set_aside_and_lifts_no_fence() {
+    let dir = ConfigDir::new();
+    let config = single_process_config(&dir, "");
+    let saved = dir.path().join("store/state.saved");
+    let signer = Signer::new("wk_pay", SECRET);
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    let accepted = accept_each(&mut client, &signer, &[0]).await;
+    assert!(first.terminate().success(), "{}", first.logs());
+    let mut bytes = std::fs::read(&saved).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&saved, &bytes).unwrap();
+
+    let second = Server::with_config_unready(&config, "info");
+    let mut client = dir.client(&second).await;
+    let r = client.check(accepted[0].clone()).await.unwrap();
+    assert_ne!(r.reason(), Reason::Ok, "replayed: {r:?}");
+    assert_reason(
+        &client.check(pay_signed(&signer, 0)).await.unwrap(),
+        Reason::Stale,
+    );
+    let logs = second.logs();
+    assert!(
+        logs.contains("\"event\":\"saved_state_unreadable\"")
+            && logs.contains("not those it was saved with"),
+        "{logs}"
+    );
+    assert!(!saved.exists());
+    assert!(dir.path().join("store/state.saved.unreadable").exists());
+}
+
 /// A drain that times out may leave a call changing state after the save:
 /// the state is taken back, but not as whole, and the fence stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -652,3 +652,52 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
     let (status, _, body) = http(&addr, "GET", "/public", &signed("GET", "/public"));
     assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
 }
+
+/// SIGTERM with a gateway's connection to the endpoint open (nginx keeps
+/// its upstream connections alive): the endpoint drains with the gRPC
+/// port, the process exits cleanly, and the state it saves is whole, so
+/// the next process serves at once and refuses what the first accepted.
+/// Until session 26 the endpoint's task was aborted at the stop, which left
+/// its connections' calls running past the save.
+#[test]
+fn a_graceful_stop_drains_the_endpoint_and_hands_its_state_over_whole() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let port = free_port();
+    let config = dir.write_config(&format!(
+        "{}\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n",
+        config(port)
+    ));
+    let addr = format!("127.0.0.1:{port}");
+    let mut first = Server::with_config(&config);
+    let accepted = asking("GET", "/orders", signed("GET", "/orders"));
+
+    // Answered, and the connection kept open, as nginx keeps it.
+    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let text = request_text("GET", "/auth", &accepted).replace("Connection: close\r\n", "");
+    kept.write_all(text.as_bytes()).unwrap();
+    let mut answer = [0; 4096];
+    let n = kept.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let stopping = Instant::now();
+    assert!(first.terminate().success(), "{}", first.logs());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
+    assert!(first.logs().contains("\"whole\":true"), "{}", first.logs());
+    let mut rest = Vec::new();
+    let _ = kept.read_to_end(&mut rest);
+
+    let _second = Server::with_config_unready(&config, "info");
+    let (status, _, _) = http(&addr, "GET", "/auth", &accepted);
+    assert_eq!(status, 401, "replayed after the restart");
+    let fresh = asking("GET", "/orders", signed("GET", "/orders"));
+    let (status, _, _) = http(&addr, "GET", "/auth", &fresh);
+    assert_eq!(status, 200, "a fresh request waited for a fence");
+}

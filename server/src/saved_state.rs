@@ -229,6 +229,20 @@ pub fn open(dir: &Path, master: &MasterKey) -> Option<Saved> {
     }
 }
 
+/// Says so when a cluster node finds a state a single process saved in
+/// its directory (the process became a node): a node's state comes from
+/// the other nodes and its slots' fences, so the file is left as it is.
+pub fn not_taken_back(dir: &Path) {
+    let path = dir.join(FILE_NAME);
+    if path.exists() {
+        tracing::warn!(
+            event = "saved_state_not_taken_back",
+            path = %path.display(),
+            "a single process saved its rate-limit state here; a cluster node does not take it back (its limits start full, as after a crash). Remove the file once this directory serves a cluster for good"
+        );
+    }
+}
+
 /// What the head of the file says.
 struct Head {
     seed: StateSeed,

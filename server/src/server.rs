@@ -193,6 +193,10 @@ impl App {
         // node's state went to the other nodes instead).
         let saved = match (&store, &coordinator) {
             (Some(store), None) => crate::saved_state::open(store.dir(), store.master()),
+            (Some(store), Some(_)) => {
+                crate::saved_state::not_taken_back(store.dir());
+                None
+            }
             _ => None,
         };
         // Every node of a cluster keys state ids alike; a single process
