@@ -273,6 +273,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevSetup, DevError> {
             dir: dir.join("store"),
             master_key: MasterKeySource::File(dir.join("master.key")),
             postgres_url: None,
+            save_state_every: crate::store::SAVE_STATE_EVERY,
         }),
         cluster: None,
         forward_auth: None,

@@ -84,7 +84,11 @@ fn describe() {
     );
     describe_counter!(
         "warden_durable_write_failures_total",
-        "Writes to the key store, the audit log or the clock mark that failed (a full disk?): the admin change was refused, background audit records lost, or a clock mark failed or came late."
+        "Writes to the key store, the audit log, the clock mark or a state checkpoint that failed (a full disk?): the admin change was refused, background audit records lost, a clock mark failed or came late, or a crash would lose more rate-limit state."
+    );
+    describe_counter!(
+        "warden_state_checkpoints_total",
+        "Checkpoints of the rate-limit state written (a single process with [store])."
     );
     describe_gauge!(
         "warden_clock_held_seconds",
@@ -177,7 +181,7 @@ fn zero_counters() {
     for cause in ["queue_full", "write_failed"] {
         counter!("warden_audit_dropped_total", "cause" => cause).absolute(0);
     }
-    for what in ["store", "audit", "clock_mark"] {
+    for what in ["store", "audit", "clock_mark", "state"] {
         counter!("warden_durable_write_failures_total", "what" => what).absolute(0);
     }
     metrics::gauge!("warden_clock_held_seconds").set(0.0);

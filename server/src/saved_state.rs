@@ -57,7 +57,7 @@ use warden_client::proto::HandOffBatch;
 use crate::clock_mark::Mark;
 use crate::cluster::state::{HANDOFF_BATCH, add_entry, entries_of};
 use crate::crypto::MasterKey;
-use crate::engine::{Engine, Nanos, StateSeed};
+use crate::engine::{Engine, Entry, Nanos, StateSeed};
 use crate::freshness::Fence;
 
 /// The file, in the store's directory.
@@ -366,6 +366,45 @@ impl Saved {
     }
 }
 
+/// The file's one writer at a time: checkpoints while the process serves,
+/// then the final save, after which no checkpoint may replace it (one
+/// under way when the process stops would otherwise put an older, never
+/// whole state over the whole one).
+#[derive(Default)]
+pub struct Writer {
+    /// Set by the final save.
+    closed: parking_lot::Mutex<bool>,
+}
+
+impl Writer {
+    /// Writes a checkpoint ([`checkpoint`]); `None` once the final save
+    /// has been written.
+    pub fn checkpoint(
+        &self,
+        dir: &Path,
+        master: &MasterKey,
+        engine: &Engine,
+        now: Nanos,
+    ) -> Option<io::Result<usize>> {
+        let closed = self.closed.lock();
+        (!*closed).then(|| checkpoint(dir, master, engine, now))
+    }
+
+    /// The final save ([`save`]): after it, no checkpoint is written.
+    pub fn save(
+        &self,
+        dir: &Path,
+        master: &MasterKey,
+        engine: &Engine,
+        now: Nanos,
+        handover: Option<Handover>,
+    ) -> io::Result<usize> {
+        let mut closed = self.closed.lock();
+        *closed = true;
+        save(dir, master, engine, now, handover)
+    }
+}
+
 /// Takes every entry out of `engine` and writes them, with the seed their
 /// ids are keyed with and the handover when the process can give its word
 /// on it, to `dir`, replacing any file there atomically; the number
@@ -377,7 +416,38 @@ pub fn save(
     now: Nanos,
     handover: Option<Handover>,
 ) -> io::Result<usize> {
-    let entries = engine.take_slots(|_| true, now);
+    write(
+        dir,
+        master,
+        engine,
+        &engine.take_slots(|_| true, now),
+        handover,
+    )
+}
+
+/// Writes a copy of every entry, left in `engine`, to `dir` as [`save`]
+/// does: a checkpoint, so that a process killed (-9) or crashed loses
+/// only what changed since. Never whole (checks go on while it is
+/// copied): the next process takes it back behind its fence. Taking it
+/// back is safe however old it is: each entry is one the engine held, so
+/// the state it makes lies between none, as after a crash without it, and
+/// the one the process held when it stopped.
+pub fn checkpoint(
+    dir: &Path,
+    master: &MasterKey,
+    engine: &Engine,
+    now: Nanos,
+) -> io::Result<usize> {
+    write(dir, master, engine, &engine.copy_all(now), None)
+}
+
+fn write(
+    dir: &Path,
+    master: &MasterKey,
+    engine: &Engine,
+    entries: &[Entry],
+    handover: Option<Handover>,
+) -> io::Result<usize> {
     let names = engine.pools().wire_names();
     let mut bytes = HEADER.to_vec();
     for chunk in entries.chunks(HANDOFF_BATCH) {

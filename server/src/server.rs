@@ -389,6 +389,20 @@ impl Bound {
         // Loops that hold nothing to flush: stopped together at the end.
         let mut background = JoinSet::new();
         let audit_writer = app.audit.as_ref().map(|a| a.start_writer());
+        // A single process checkpoints its rate-limit state while it
+        // serves, and saves it whole when it stops.
+        let state_writer = Arc::new(crate::saved_state::Writer::default());
+        if let (None, Some(store), Some(settings)) = (&app.cluster, &app.store, &app.config.store)
+            && !settings.save_state_every.is_zero()
+        {
+            background.spawn(keep_checkpoints(
+                store.clone(),
+                app.checker.clone(),
+                app.clock.clone(),
+                state_writer.clone(),
+                settings.save_state_every,
+            ));
+        }
         // A shared store: other processes' changes take effect here too.
         if let Some(store) = app.store.clone().filter(|s| s.is_shared()) {
             let (checker, config) = (app.checker.clone(), app.config.clone());
@@ -686,7 +700,7 @@ impl Bound {
             let started = std::time::Instant::now();
             let engine = app.checker.engine();
             let now = app.clock.now();
-            match crate::saved_state::save(store.dir(), store.master(), engine, now, handover) {
+            match state_writer.save(store.dir(), store.master(), engine, now, handover) {
                 Ok(entries) => tracing::info!(
                     event = "state_saved",
                     entries,
@@ -717,6 +731,68 @@ impl Bound {
             )));
         }
         result
+    }
+}
+
+/// Writes a checkpoint of the rate-limit state at once (what was just taken
+/// back, were the process to crash soon) and every `every` after, so that a
+/// crash loses only what changed since the last one (`saved_state`). A
+/// checkpoint that fails is counted and logged (once, until one is written
+/// again); it never stops checks.
+async fn keep_checkpoints(
+    store: Arc<Store>,
+    checker: Arc<Checker>,
+    clock: Arc<dyn Clock>,
+    writer: Arc<crate::saved_state::Writer>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let started = std::time::Instant::now();
+        let written = tokio::task::spawn_blocking({
+            let (store, checker, clock, writer) = (
+                store.clone(),
+                checker.clone(),
+                clock.clone(),
+                writer.clone(),
+            );
+            move || writer.checkpoint(store.dir(), store.master(), checker.engine(), clock.now())
+        })
+        .await
+        .unwrap_or_else(|e| Some(Err(io::Error::other(e))));
+        match written {
+            // The final save was written: nothing more to keep.
+            None => return,
+            Some(Ok(entries)) => {
+                metrics::counter!("warden_state_checkpoints_total").increment(1);
+                if std::mem::take(&mut failing) {
+                    tracing::info!(
+                        event = "state_checkpoint_written",
+                        "a checkpoint of the rate-limit state is written again"
+                    );
+                }
+                tracing::debug!(
+                    event = "state_checkpointed",
+                    entries,
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint of the rate-limit state written"
+                );
+            }
+            Some(Err(e)) => {
+                metrics::counter!("warden_durable_write_failures_total", "what" => "state")
+                    .increment(1);
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(
+                        event = "state_checkpoint_failed",
+                        error = %e,
+                        "cannot write a checkpoint of the rate-limit state: warden serves on, but a crash now loses what limits and lockouts were spent since the last one"
+                    );
+                }
+            }
+        }
     }
 }
 

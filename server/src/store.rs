@@ -40,7 +40,14 @@ pub struct StoreSettings {
     pub master_key: MasterKeySource,
     /// When set, keys and policies live in PostgreSQL.
     pub postgres_url: Option<String>,
+    /// How often a single process checkpoints its rate-limit state
+    /// (`saved_state`); zero: never, only on a graceful stop.
+    pub save_state_every: std::time::Duration,
 }
+
+/// Checkpoints of the rate-limit state, by default: a crash loses at most
+/// this much of what limits and lockouts were spent.
+pub const SAVE_STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub enum MasterKeySource {

@@ -276,10 +276,23 @@ fn store_settings(
         })?),
         (None, None) => None,
     };
+    let save_state_every = st
+        .save_state_every
+        .unwrap_or(crate::store::SAVE_STATE_EVERY);
+    if !save_state_every.is_zero()
+        && (save_state_every < Duration::from_secs(1)
+            || save_state_every > Duration::from_secs(86_400))
+    {
+        return Err(bad(
+            "store.save_state_every",
+            "must be 0s (off) or between 1s and 24h",
+        ));
+    }
     Ok(StoreSettings {
         dir: base.join(st.dir),
         master_key,
         postgres_url,
+        save_state_every,
     })
 }
 

@@ -296,6 +296,11 @@ pub struct StoreFile {
     /// Environment variable holding the PostgreSQL URL (it may carry a
     /// password).
     pub postgres_url_env: Option<String>,
+    /// How often a single process writes a checkpoint of its rate-limit
+    /// state (state.saved), so that a crash loses only what changed since.
+    /// Default 60s; "0s" turns checkpoints off.
+    #[serde(default, with = "humantime_serde")]
+    pub save_state_every: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

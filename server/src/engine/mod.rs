@@ -728,6 +728,17 @@ impl Engine {
     /// a cluster node hands to the slots' new owner. One shard at a time;
     /// the caller makes sure no check writes to those slots meanwhile.
     pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool, now: Nanos) -> Vec<Entry> {
+        self.gather(wanted, now, true)
+    }
+
+    /// Every entry, left in place: a checkpoint of the state while checks
+    /// go on. One shard at a time, so it is no single moment's state, but
+    /// each entry is one the engine held (see `saved_state`).
+    pub fn copy_all(&self, now: Nanos) -> Vec<Entry> {
+        self.gather(|_| true, now, false)
+    }
+
+    fn gather(&self, wanted: impl Fn(Slot) -> bool, now: Nanos, remove: bool) -> Vec<Entry> {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
             let mut s = shard.lock();
@@ -736,20 +747,26 @@ impl Engine {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
-                pools.removed(Pool::of(id));
                 taken.push(Entry::Bucket { id, tat });
-                false
+                if remove {
+                    pools.removed(Pool::of(id));
+                }
+                !remove
             });
             s.windows.retain(|&mut Counts { id, state }| {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
-                pools.removed(Pool::of(id));
                 taken.push(Entry::Window { id, state });
-                false
+                if remove {
+                    pools.removed(Pool::of(id));
+                }
+                !remove
             });
-            let nonces = s.nonces.take(|id| wanted(slot_of(id)), now);
-            self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
+            let nonces = s.nonces.gather(|id| wanted(slot_of(id)), now, remove);
+            if remove {
+                self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
+            }
             taken.extend(
                 nonces
                     .into_iter()

@@ -166,15 +166,21 @@ impl NonceSet {
         self.entries.remove(&NonceId::new(key.id)).is_some()
     }
 
-    /// Removes and returns the nonces whose id `wanted` names, with the
-    /// second each may be forgotten.
-    pub fn take(&mut self, wanted: impl Fn(u64) -> bool, now: Nanos) -> Vec<(u64, u32)> {
+    /// Returns the nonces whose id `wanted` names, with the second each may
+    /// be forgotten; removed when `remove` (a handover), else kept (a
+    /// checkpoint).
+    pub fn gather(
+        &mut self,
+        wanted: impl Fn(u64) -> bool,
+        now: Nanos,
+        remove: bool,
+    ) -> Vec<(u64, u32)> {
         let now = second(now);
         let mut taken = Vec::new();
         self.entries.retain(|&id, &mut forget_at| {
             if wanted(id.get()) {
                 taken.push((id.get(), forget_at.secs(now)));
-                false
+                !remove
             } else {
                 true
             }
@@ -268,7 +274,7 @@ mod tests {
         // come out as they went in.
         let at = T0.whole_secs() as u32 + 200;
         assert!(set.merge(key(0x0012_3456_789a_bcde), at, T0));
-        let taken = set.take(|id| id == 0x0012_3456_789a_bcde, T0 + 10 * SEC);
+        let taken = set.gather(|id| id == 0x0012_3456_789a_bcde, T0 + 10 * SEC, true);
         assert_eq!(taken, vec![(0x0012_3456_789a_bcde, at)]);
     }
 
@@ -319,7 +325,7 @@ mod tests {
         // Merged and taken back across the wrap: the whole second.
         let at = (now + month).whole_secs() as u32;
         set.merge(key(2), at, now);
-        assert_eq!(set.take(|_| true, wrap + 5 * SEC), vec![(2, at)]);
+        assert_eq!(set.gather(|_| true, wrap + 5 * SEC, true), vec![(2, at)]);
     }
 
     #[test]
@@ -348,7 +354,7 @@ mod tests {
         assert!(set.merge(key(1), before, now));
         assert!(!set.merge(key(1), after, now));
         assert!(!set.merge(key(1), before, now));
-        assert_eq!(set.take(|_| true, now), vec![(1, after)]);
+        assert_eq!(set.gather(|_| true, now, true), vec![(1, after)]);
     }
 
     proptest! {

@@ -387,3 +387,61 @@ fn entries_changed_under_a_whole_states_seal_are_not_taken_back() {
     std::fs::write(&path, &changed).unwrap();
     assert!(open(whole.path(), &master).is_none());
 }
+
+/// A checkpoint copies the state and leaves it: checks go on with it, and
+/// a process started after a crash takes back what it held, behind its
+/// fence (a checkpoint is never whole).
+#[test]
+fn a_checkpoint_leaves_the_state_in_place_and_is_taken_back_behind_a_fence() {
+    let master = master();
+    let dir = tempfile::tempdir().unwrap();
+    let before = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&before);
+    traffic.send(&before, NOW, traffic.nonce);
+    assert_eq!(checkpoint(dir.path(), &master, &before, NOW).unwrap(), 3);
+    assert_eq!(traffic.remaining(&before, NOW), vec![3, 1], "left in place");
+    assert_eq!(traffic.send(&before, NOW, traffic.nonce), Outcome::Replay);
+
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&after, NOW).unwrap();
+    assert_eq!(restored.entries, 3);
+    assert_eq!(restored.handover, None);
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.remaining(&after, NOW), vec![3, 1]);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+}
+
+/// Once the final save is written, a checkpoint still under way when the
+/// process stops writes nothing: an older state, never whole, must not
+/// replace the whole one.
+#[test]
+fn no_checkpoint_replaces_the_final_save() {
+    let master = master();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&engine);
+    traffic.send(&engine, NOW, traffic.nonce);
+    let writer = Writer::default();
+    assert_eq!(
+        writer
+            .checkpoint(dir.path(), &master, &engine, NOW)
+            .unwrap()
+            .unwrap(),
+        3
+    );
+    let (mark, fence) = final_mark();
+    let handover = Handover::new(mark, fence, PAST_SKEW);
+    writer
+        .save(dir.path(), &master, &engine, NOW, Some(handover))
+        .unwrap();
+    assert!(
+        writer
+            .checkpoint(dir.path(), &master, &engine, NOW)
+            .is_none()
+    );
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&after, NOW).unwrap();
+    assert_eq!((restored.entries, restored.handover), (3, Some(handover)));
+}
