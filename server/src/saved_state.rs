@@ -1,4 +1,5 @@
-//! Rate-limit state kept across a graceful restart of a single process.
+//! Rate-limit state kept across a restart of a single process: whole
+//! across a graceful one, up to the last checkpoint across a crash.
 //!
 //! Buckets, windows, failure budgets and nonces live in memory. A cluster
 //! node hands them to the next owners when it stops (SIGTERM); a single
@@ -8,6 +9,11 @@
 //! `[store]` writes its state to `state.saved` once the last call is
 //! answered, and the next process takes it back before it serves and
 //! removes the file.
+//!
+//! While it serves, the process also writes checkpoints of its state to
+//! the same file (`[store] save_state_every`), copied without stopping
+//! checks ([`checkpoint`]): a crash then loses only what changed since the
+//! last one. A checkpoint is never whole (below).
 //!
 //! A state handed over whole lets the next process go without the restart
 //! fence ([`crate::freshness`]): DESIGN.md's "the fence covers it (or state
