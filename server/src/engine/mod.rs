@@ -742,12 +742,15 @@ impl Engine {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
             let mut s = shard.lock();
+            // Sized before the walk: a Vec grown under the lock would copy
+            // what it holds while checks on this shard wait.
+            let mut here = Vec::with_capacity(s.buckets.len() + s.windows.len() + s.nonces.len());
             let pools = &self.pools;
             s.buckets.retain(|&mut Bucket { id, tat }| {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
-                taken.push(Entry::Bucket { id, tat });
+                here.push(Entry::Bucket { id, tat });
                 if remove {
                     pools.removed(Pool::of(id));
                 }
@@ -757,21 +760,23 @@ impl Engine {
                 if !wanted(slot_of(id)) {
                     return true;
                 }
-                taken.push(Entry::Window { id, state });
+                here.push(Entry::Window { id, state });
                 if remove {
                     pools.removed(Pool::of(id));
                 }
                 !remove
             });
             let nonces = s.nonces.gather(|id| wanted(slot_of(id)), now, remove);
+            drop(s);
             if remove {
                 self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
             }
-            taken.extend(
+            here.extend(
                 nonces
                     .into_iter()
                     .map(|(id, forget_at_secs)| Entry::Nonce { id, forget_at_secs }),
             );
+            taken.append(&mut here);
         }
         taken
     }

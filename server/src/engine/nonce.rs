@@ -176,7 +176,8 @@ impl NonceSet {
         remove: bool,
     ) -> Vec<(u64, u32)> {
         let now = second(now);
-        let mut taken = Vec::new();
+        // Sized before the walk: the caller holds its shard's lock.
+        let mut taken = Vec::with_capacity(self.entries.len());
         self.entries.retain(|&id, &mut forget_at| {
             if wanted(id.get()) {
                 taken.push((id.get(), forget_at.secs(now)));
