@@ -48,15 +48,7 @@ async fn check(server: &Server, req: CheckRequest) -> Reason {
 
 /// Sends `requests` down one `CheckStream`; how many were answered.
 async fn check_all(client: &mut warden_client::Client, requests: Vec<CheckRequest>) -> usize {
-    use futures::StreamExt;
-    client
-        .stub()
-        .check_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner()
-        .count()
-        .await
+    support::stream_all(client, requests).await.len()
 }
 
 fn signed(key_id: &str, secret: &str) -> CheckRequest {

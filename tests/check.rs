@@ -353,43 +353,83 @@ async fn no_request_is_allowed_twice_across_restarts_whatever_its_timestamp() {
     }
 }
 
+/// A single process with a store, whose key `wk_three` is allowed three
+/// requests an hour and whose sources three failed signatures an hour;
+/// `store` adds to `[store]`.
+fn three_an_hour(dir: &ConfigDir, store: &str) -> std::path::PathBuf {
+    dir.write_master_key();
+    dir.write_config(&format!(
+        "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n{store}\n\
+         [[policies]]\nname = \"three\"\nlimit = 3\nperiod = \"1h\"\n\n\
+         [[keys]]\nid = \"wk_three\"\npolicies = [\"three\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ))
+}
+
+/// The client of `wk_three` ([`three_an_hour`]), and a source guessing its
+/// signatures.
+struct Spender {
+    signer: Signer,
+    guesser: Signer,
+}
+
+impl Spender {
+    fn new() -> Self {
+        Self {
+            signer: Signer::new("wk_three", SECRET),
+            guesser: Signer::new("wk_three", "not-the-secret-0123456789abcdefghijkl"),
+        }
+    }
+
+    fn genuine(&self) -> CheckRequest {
+        self.signer.check_request("GET", "/a", "", b"")
+    }
+
+    /// `req` as the guesser's source sends it.
+    fn from_guesser(mut req: CheckRequest) -> CheckRequest {
+        req.client_address = "203.0.113.66".into();
+        req
+    }
+
+    /// Spends the key's limit and locks the guesser's source out: the
+    /// requests accepted, and the answer to the first one past the limit.
+    async fn spend_and_lock_out(
+        &self,
+        client: &mut warden_client::Client,
+    ) -> (Vec<CheckRequest>, CheckResponse) {
+        let mut accepted = Vec::new();
+        for _ in 0..3 {
+            let req = self.genuine();
+            assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
+            accepted.push(req);
+        }
+        let spent = client.check(self.genuine()).await.unwrap();
+        assert_reason(&spent, Reason::RateLimited);
+        for _ in 0..4 {
+            let guess = Self::from_guesser(self.guesser.check_request("GET", "/a", "", b""));
+            client.check(guess).await.unwrap();
+        }
+        let locked = client
+            .check(Self::from_guesser(self.genuine()))
+            .await
+            .unwrap();
+        assert_reason(&locked, Reason::LockedOut);
+        (accepted, spent)
+    }
+}
+
 /// A single process stopped with SIGTERM (a deploy, a config change)
 /// saves its rate-limit state, and the next one takes it back before it
 /// serves: a spent limit stays spent, and a source locked out for guessing
 /// signatures stays locked out. Until session 25 every restart gave each
-/// limit its burst again and each guesser a fresh budget. A process
-/// killed (-9) saves nothing: the next starts with full limits, as the
-/// README says.
+/// limit its burst again and each guesser a fresh budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_restart_keeps_every_limit_spent_and_every_source_locked_out() {
     let dir = ConfigDir::new();
-    dir.write_master_key();
-    let config = dir.write_config(&format!(
-        "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\n\n\
-         [[policies]]\nname = \"three\"\nlimit = 3\nperiod = \"1h\"\n\n\
-         [[keys]]\nid = \"wk_three\"\npolicies = [\"three\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
-    ));
-    let signer = Signer::new("wk_three", SECRET);
-    let guesser = Signer::new("wk_three", "not-the-secret-0123456789abcdefghijkl");
-    let genuine = || signer.check_request("GET", "/a", "", b"");
-    let from_guesser = |mut req: CheckRequest| {
-        req.client_address = "203.0.113.66".into();
-        req
-    };
-
+    let config = three_an_hour(&dir, "");
+    let client_of = Spender::new();
     let mut first = Server::with_config(&config);
     let mut client = dir.client(&first).await;
-    for _ in 0..3 {
-        assert_reason(&client.check(genuine()).await.unwrap(), Reason::Ok);
-    }
-    let spent = client.check(genuine()).await.unwrap();
-    assert_reason(&spent, Reason::RateLimited);
-    for _ in 0..4 {
-        let guess = from_guesser(guesser.check_request("GET", "/a", "", b""));
-        client.check(guess).await.unwrap();
-    }
-    let locked = client.check(from_guesser(genuine())).await.unwrap();
-    assert_reason(&locked, Reason::LockedOut);
+    let (_, spent) = client_of.spend_and_lock_out(&mut client).await;
     assert!(first.terminate().success(), "{}", first.logs());
     assert!(
         first.logs().contains("\"event\":\"state_saved\""),
@@ -404,13 +444,16 @@ async fn a_graceful_restart_keeps_every_limit_spent_and_every_source_locked_out(
         second.logs()
     );
     let mut client = dir.client(&second).await;
-    let still_spent = client.check(genuine()).await.unwrap();
+    let still_spent = client.check(client_of.genuine()).await.unwrap();
     assert_reason(&still_spent, Reason::RateLimited);
     assert!(
         still_spent.retry_after_ms > 0 && still_spent.retry_after_ms <= spent.retry_after_ms,
         "{still_spent:?} after {spent:?}"
     );
-    let still_locked = client.check(from_guesser(genuine())).await.unwrap();
+    let still_locked = client
+        .check(Spender::from_guesser(client_of.genuine()))
+        .await
+        .unwrap();
     assert_reason(&still_locked, Reason::LockedOut);
 }
 
@@ -421,35 +464,11 @@ async fn a_graceful_restart_keeps_every_limit_spent_and_every_source_locked_out(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
     let dir = ConfigDir::new();
-    dir.write_master_key();
-    let config = dir.write_config(&format!(
-        "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n\n[store]\ndir = \"store\"\nmaster_key_file = \"master.key\"\nsave_state_every = \"1s\"\n\n\
-         [[policies]]\nname = \"three\"\nlimit = 3\nperiod = \"1h\"\n\n\
-         [[keys]]\nid = \"wk_three\"\npolicies = [\"three\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
-    ));
-    let signer = Signer::new("wk_three", SECRET);
-    let guesser = Signer::new("wk_three", "not-the-secret-0123456789abcdefghijkl");
-    let genuine = || signer.check_request("GET", "/a", "", b"");
-    let from_guesser = |mut req: CheckRequest| {
-        req.client_address = "203.0.113.66".into();
-        req
-    };
+    let config = three_an_hour(&dir, "save_state_every = \"1s\"\n");
+    let client_of = Spender::new();
     let mut first = Server::with_config(&config);
     let mut client = dir.client(&first).await;
-    let mut accepted = Vec::new();
-    for _ in 0..3 {
-        let req = genuine();
-        assert_reason(&client.check(req.clone()).await.unwrap(), Reason::Ok);
-        accepted.push(req);
-    }
-    for _ in 0..4 {
-        let guess = from_guesser(guesser.check_request("GET", "/a", "", b""));
-        client.check(guess).await.unwrap();
-    }
-    assert_reason(
-        &client.check(from_guesser(genuine())).await.unwrap(),
-        Reason::LockedOut,
-    );
+    let (accepted, _) = client_of.spend_and_lock_out(&mut client).await;
     // A checkpoint begun after all that: the next one but one.
     let written = || support::metric(&first, "warden_state_checkpoints_total");
     let after = written() + 2;
@@ -463,14 +482,17 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
     let second = Server::with_config_unready(&config, "info");
     let mut client = dir.client(&second).await;
     // Behind its fence, as after any crash.
-    let r = client.check(genuine()).await.unwrap();
+    let r = client.check(client_of.genuine()).await.unwrap();
     assert_reason(&r, Reason::Stale);
     second.wait_past_fence_within(Duration::from_secs(30));
     let mut client = dir.client(&second).await;
-    let r = client.check(genuine()).await.unwrap();
+    let r = client.check(client_of.genuine()).await.unwrap();
     assert_reason(&r, Reason::RateLimited);
     assert_reason(
-        &client.check(from_guesser(genuine())).await.unwrap(),
+        &client
+            .check(Spender::from_guesser(client_of.genuine()))
+            .await
+            .unwrap(),
         Reason::LockedOut,
     );
     for req in accepted {
@@ -920,14 +942,11 @@ async fn check_stream_answers_every_request_in_order() {
         Reason::Malformed,
         Reason::Ok,
     ];
-    let responses = client
-        .stub()
-        .check_stream(tokio_stream::iter(batch))
+    let reasons: Vec<Reason> = support::stream_all(&mut client, batch)
         .await
-        .unwrap()
-        .into_inner();
-    use futures::StreamExt;
-    let reasons: Vec<Reason> = responses.map(|r| r.unwrap().reason()).collect().await;
+        .into_iter()
+        .map(|r| r.unwrap().reason())
+        .collect();
     assert_eq!(reasons, expected);
 }
 
@@ -1249,7 +1268,6 @@ async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
 /// descriptor that has spent its limit; the operator is told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_junk_descriptors_stays_within_the_cap_and_frees_no_spent_limit() {
-    use futures::StreamExt;
     let dir = ConfigDir::new();
     let server = dir.start(
         r#"
@@ -1285,13 +1303,7 @@ secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
     );
 
     let flood: Vec<CheckRequest> = (0..5_000).map(|i| login(format!("ip:junk-{i}"))).collect();
-    let answers = client
-        .stub()
-        .check_stream(tokio_stream::iter(flood))
-        .await
-        .unwrap()
-        .into_inner();
-    let answers: Vec<_> = answers.collect().await;
+    let answers = support::stream_all(&mut client, flood).await;
     assert!(
         answers
             .iter()

@@ -2321,14 +2321,7 @@ async fn a_junk_flood_ahead_of_a_rolling_restart_frees_no_spent_limit() {
         let flood: Vec<CheckRequest> = (0..1_500)
             .map(|i| login(&format!("ip:junk-{n}-{i}")))
             .collect();
-        let answers: Vec<_> = client
-            .stub()
-            .check_stream(tokio_stream::iter(flood))
-            .await
-            .unwrap()
-            .into_inner()
-            .collect()
-            .await;
+        let answers = support::stream_all(client, flood).await;
         assert!(
             answers
                 .iter()

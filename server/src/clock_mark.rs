@@ -230,13 +230,9 @@ impl<C: Clock> Keeper<C> {
         })
     }
 
-    /// The mark the previous process left: no time it showed was later.
-    pub fn previous(&self) -> Option<Nanos> {
-        self.previous.map(|m| m.until)
-    }
-
-    /// The previous process's last record, number and all.
-    pub fn previous_mark(&self) -> Option<Mark> {
+    /// The mark the previous process left: no time it showed was later
+    /// (`until`), and no process wrote one since (`seq`).
+    pub fn previous(&self) -> Option<Mark> {
         self.previous
     }
 

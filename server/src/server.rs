@@ -212,7 +212,9 @@ impl App {
         // skew lowered since): the fence covers what it recorded, and this
         // process records its own before it serves (see fence_record).
         let predecessor = match (&store, &clock_mark) {
-            (Some(store), Some(mark)) => crate::fence_record::read(store.dir(), mark.previous())?,
+            (Some(store), Some(mark)) => {
+                crate::fence_record::read(store.dir(), mark.previous().map(|m| m.until))?
+            }
             _ => None,
         };
         let mut checker = Checker::with_seed(
@@ -230,7 +232,7 @@ impl App {
         if let Some(Ok(restored)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
             let fence = Handover::fence_after(
                 restored.handover,
-                clock_mark.as_ref().and_then(|m| m.previous_mark()),
+                clock_mark.as_ref().and_then(|m| m.previous()),
                 config.check.past_skew,
             );
             if let Ok(fence) = fence {

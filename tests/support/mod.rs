@@ -777,6 +777,22 @@ pub async fn membership_log(url: &str) -> Vec<(i64, Vec<String>)> {
         .collect()
 }
 
+/// Sends `requests` down one `CheckStream`; every answer, in order.
+pub async fn stream_all(
+    client: &mut Client,
+    requests: Vec<warden_client::proto::CheckRequest>,
+) -> Vec<Result<warden_client::proto::CheckResponse, tonic::Status>> {
+    use futures::StreamExt;
+    client
+        .stub()
+        .check_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await
+}
+
 /// A `CheckStream` fed from a channel holding up to `buffer` requests: the
 /// sender to feed it and the answers, for tests that pace a stream.
 pub async fn open_stream(
