@@ -285,6 +285,11 @@ enum Worth {
 }
 
 impl Shard {
+    /// Every entry held here.
+    fn len(&self) -> usize {
+        self.buckets.len() + self.windows.len() + self.nonces.len()
+    }
+
     /// Of the entries sampled here that are `wanted`, the one whose loss
     /// forgives the least, and how many were sampled.
     fn cheapest(&self, wanted: impl Fn(u64) -> bool, now: Nanos) -> Option<(usize, Worth, u64)> {
@@ -741,10 +746,22 @@ impl Engine {
     fn gather(&self, wanted: impl Fn(Slot) -> bool, now: Nanos, remove: bool) -> Vec<Entry> {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
+            // The list is sized, and its fresh pages touched, before the
+            // walk: faulted in under the lock, they held checks on this
+            // shard up to 1.4-2.9 ms at 11M entries, against 0.8-1.0 ms for
+            // the walk alone. Room to spare for what arrives between the
+            // two locks.
+            let held = shard.lock().len();
+            let mut here = Vec::with_capacity(held + held / 8 + 64);
+            here.resize(
+                here.capacity(),
+                Entry::Nonce {
+                    id: 0,
+                    forget_at_secs: 0,
+                },
+            );
+            here.clear();
             let mut s = shard.lock();
-            // Sized before the walk: a Vec grown under the lock would copy
-            // what it holds while checks on this shard wait.
-            let mut here = Vec::with_capacity(s.buckets.len() + s.windows.len() + s.nonces.len());
             let pools = &self.pools;
             s.buckets.retain(|&mut Bucket { id, tat }| {
                 if !wanted(slot_of(id)) {
@@ -766,17 +783,21 @@ impl Engine {
                 }
                 !remove
             });
-            let nonces = s.nonces.gather(|id| wanted(slot_of(id)), now, remove);
+            let nonces = s.nonces.gather(
+                |id| wanted(slot_of(id)),
+                now,
+                remove,
+                |id, forget_at_secs| here.push(Entry::Nonce { id, forget_at_secs }),
+            );
             drop(s);
             if remove {
-                self.nonce_count.fetch_sub(nonces.len(), Ordering::Relaxed);
+                self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
             }
-            here.extend(
-                nonces
-                    .into_iter()
-                    .map(|(id, forget_at_secs)| Entry::Nonce { id, forget_at_secs }),
-            );
-            taken.append(&mut here);
+            if taken.is_empty() {
+                taken = here;
+            } else {
+                taken.append(&mut here);
+            }
         }
         taken
     }

@@ -166,27 +166,28 @@ impl NonceSet {
         self.entries.remove(&NonceId::new(key.id)).is_some()
     }
 
-    /// Returns the nonces whose id `wanted` names, with the second each may
-    /// be forgotten; removed when `remove` (a handover), else kept (a
-    /// checkpoint).
+    /// Gives `take` every nonce whose id `wanted` names, with the second
+    /// it may be forgotten; removed when `remove` (a handover), else kept
+    /// (a checkpoint). How many were given.
     pub fn gather(
         &mut self,
         wanted: impl Fn(u64) -> bool,
         now: Nanos,
         remove: bool,
-    ) -> Vec<(u64, u32)> {
+        mut take: impl FnMut(u64, u32),
+    ) -> usize {
         let now = second(now);
-        // Sized before the walk: the caller holds its shard's lock.
-        let mut taken = Vec::with_capacity(self.entries.len());
+        let mut given = 0;
         self.entries.retain(|&id, &mut forget_at| {
             if wanted(id.get()) {
-                taken.push((id.get(), forget_at.secs(now)));
+                take(id.get(), forget_at.secs(now));
+                given += 1;
                 !remove
             } else {
                 true
             }
         });
-        taken
+        given
     }
 
     /// Remembers `key` until `forget_at_secs` or its own expiry, whichever
@@ -241,6 +242,14 @@ mod tests {
 
     const SEC: Nanos = Nanos::from_secs(1);
 
+    /// The nonces `wanted` names, taken out of `set` as a handover does.
+    fn taken(set: &mut NonceSet, wanted: impl Fn(u64) -> bool, now: Nanos) -> Vec<(u64, u32)> {
+        let mut taken = Vec::new();
+        let given = set.gather(wanted, now, true, |id, at| taken.push((id, at)));
+        assert_eq!(given, taken.len());
+        taken
+    }
+
     /// Around the time this runs: Unix seconds whose low 24 bits are
     /// nothing special.
     const T0: Nanos = Nanos::from_secs(1_764_450_000);
@@ -275,7 +284,7 @@ mod tests {
         // come out as they went in.
         let at = T0.whole_secs() as u32 + 200;
         assert!(set.merge(key(0x0012_3456_789a_bcde), at, T0));
-        let taken = set.gather(|id| id == 0x0012_3456_789a_bcde, T0 + 10 * SEC, true);
+        let taken = taken(&mut set, |id| id == 0x0012_3456_789a_bcde, T0 + 10 * SEC);
         assert_eq!(taken, vec![(0x0012_3456_789a_bcde, at)]);
     }
 
@@ -326,7 +335,7 @@ mod tests {
         // Merged and taken back across the wrap: the whole second.
         let at = (now + month).whole_secs() as u32;
         set.merge(key(2), at, now);
-        assert_eq!(set.gather(|_| true, wrap + 5 * SEC, true), vec![(2, at)]);
+        assert_eq!(taken(&mut set, |_| true, wrap + 5 * SEC), vec![(2, at)]);
     }
 
     #[test]
@@ -355,7 +364,7 @@ mod tests {
         assert!(set.merge(key(1), before, now));
         assert!(!set.merge(key(1), after, now));
         assert!(!set.merge(key(1), before, now));
-        assert_eq!(set.gather(|_| true, now, true), vec![(1, after)]);
+        assert_eq!(taken(&mut set, |_| true, now), vec![(1, after)]);
     }
 
     proptest! {
