@@ -1128,10 +1128,14 @@ fn saved_state_cost(
         }
     });
     let started = Instant::now();
-    saved_state::checkpoint(&dir, &master, engine, now).map_err(|e| e.to_string())?;
+    let (written, checkpoint_peak) =
+        memory_taken_by(|| saved_state::checkpoint(&dir, &master, engine, now));
+    written.map_err(|e| e.to_string())?;
     let checkpoint_ms = started.elapsed().as_millis();
     let started = Instant::now();
-    let saved = saved_state::save(&dir, &master, engine, now, None).map_err(|e| e.to_string())?;
+    let (saved, save_peak) =
+        memory_taken_by(|| saved_state::save(&dir, &master, engine, now, None));
+    let saved = saved.map_err(|e| e.to_string())?;
     let save_ms = started.elapsed().as_millis();
     let bytes = std::fs::metadata(dir.join(saved_state::FILE_NAME))
         .map_err(|e| e.to_string())?
@@ -1153,9 +1157,37 @@ fn saved_state_cost(
         "longest_check_during_copy_ms": longest_check.as_secs_f64() * 1000.0,
         "longest_check_without_copy_ms": longest_check_alone.as_secs_f64() * 1000.0,
         "checkpoint_ms": checkpoint_ms,
+        "checkpoint_peak_bytes": checkpoint_peak,
         "save_ms": save_ms,
+        "save_peak_bytes": save_peak,
         "restore_ms": restore_ms
     }))
+}
+
+/// Runs `work`; what it returned, and how far the process's resident
+/// memory rose above where it stood before (its peak, which the kernel
+/// is told to forget first; 0 where it cannot be read).
+fn memory_taken_by<T>(work: impl FnOnce() -> T) -> (T, u64) {
+    let peak = || -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    // "5" resets the peak to the present resident size (Linux 4.0 on).
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = rss_bytes();
+    let done = work();
+    let risen = match (reset, peak()) {
+        (true, Some(peak)) => peak.saturating_sub(before),
+        _ => 0,
+    };
+    (done, risen)
 }
 
 /// Runs `work` while another thread checks limits in every shard of
@@ -1317,8 +1349,10 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         println!("{report}");
     } else {
         println!(
-            "warden engine: {per_key:.1} bytes per rate-limit key, {per_nonce:.1} bytes per nonce ({} keys, {} nonces)",
-            args.keys, args.nonces
+            "warden engine: {per_key:.1} bytes per rate-limit key, {per_nonce:.1} bytes per nonce ({} keys, {} nonces; {} MB in all)",
+            args.keys,
+            args.nonces,
+            (after_nonces - base) >> 20
         );
         if report.get("redis_bytes_per_key").is_some() {
             println!(
@@ -1329,7 +1363,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         println!("sweep:         {sweep_ms:.1} ms for all 64 shards, nothing yet run out");
         let saved = &report["saved_state"];
         println!(
-            "state.saved:   {} entries, {} bytes, a checkpoint in {} ms (copied in {} ms, the longest check meanwhile {:.1} ms, {:.1} ms as long without), saved in {} ms, restored in {} ms",
+            "state.saved:   {} entries, {} bytes, a checkpoint in {} ms (copied in {} ms, the longest check meanwhile {:.1} ms, {:.1} ms as long without; {} MB more memory at its peak), saved in {} ms ({} MB more), restored in {} ms",
             saved["entries"],
             saved["bytes"],
             saved["checkpoint_ms"],
@@ -1340,7 +1374,9 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
             saved["longest_check_without_copy_ms"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
+            saved["checkpoint_peak_bytes"].as_u64().unwrap_or(0) >> 20,
             saved["save_ms"],
+            saved["save_peak_bytes"].as_u64().unwrap_or(0) >> 20,
             saved["restore_ms"]
         );
     }
