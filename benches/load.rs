@@ -1118,7 +1118,11 @@ fn saved_state_cost(
     // long again beside a thread that only spins (this VM pauses a busy
     // vCPU for milliseconds when both are busy).
     let started = Instant::now();
-    let (copied, longest_check) = longest_check_while(engine, now, || engine.copy_all(now).len());
+    let (copied, longest_check) = longest_check_while(engine, now, || {
+        let mut copied = 0;
+        engine.copy_each(now, |entries| copied += entries.len());
+        copied
+    });
     let copy_time = started.elapsed();
     // Both cores busy, as during the copy: the VM pauses a vCPU only then.
     let ((), longest_check_alone) = longest_check_while(engine, now, || {

@@ -733,18 +733,38 @@ impl Engine {
     /// a cluster node hands to the slots' new owner. One shard at a time;
     /// the caller makes sure no check writes to those slots meanwhile.
     pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool, now: Nanos) -> Vec<Entry> {
-        self.gather(wanted, now, true)
-    }
-
-    /// Every entry, left in place: a checkpoint of the state while checks
-    /// go on. One shard at a time, so it is no single moment's state, but
-    /// each entry is one the engine held (see `saved_state`).
-    pub fn copy_all(&self, now: Nanos) -> Vec<Entry> {
-        self.gather(|_| true, now, false)
-    }
-
-    fn gather(&self, wanted: impl Fn(Slot) -> bool, now: Nanos, remove: bool) -> Vec<Entry> {
         let mut taken = Vec::new();
+        self.gather(wanted, now, true, |shard| taken.extend_from_slice(shard));
+        taken
+    }
+
+    /// Removes every entry, handing them to `each` a shard at a time: the
+    /// final save of a process, written as it is taken.
+    pub fn take_each(&self, now: Nanos, each: impl FnMut(&[Entry])) {
+        self.gather(|_| true, now, true, each)
+    }
+
+    /// Every entry, left in place, handed to `each` a shard at a time: a
+    /// checkpoint of the state while checks go on. One shard at a time, so
+    /// it is no single moment's state, but each entry is one the engine
+    /// held (see `saved_state`).
+    pub fn copy_each(&self, now: Nanos, each: impl FnMut(&[Entry])) {
+        self.gather(|_| true, now, false, each)
+    }
+
+    /// Walks the shards one at a time and hands `each` the entries of one
+    /// whose slot `wanted` names, removed when `remove`. One list serves
+    /// every shard, so a walk over the whole state holds a copy of its
+    /// largest shard, never of all of it: a checkpoint of a 192 MB state
+    /// once took 580 MB more at its peak, every `save_state_every`.
+    fn gather(
+        &self,
+        wanted: impl Fn(Slot) -> bool,
+        now: Nanos,
+        remove: bool,
+        mut each: impl FnMut(&[Entry]),
+    ) {
+        let mut here: Vec<Entry> = Vec::new();
         for shard in self.shards.iter() {
             // The list is sized, and its fresh pages touched, before the
             // walk: faulted in under the lock, they held checks on this
@@ -752,15 +772,19 @@ impl Engine {
             // the walk alone. Room to spare for what arrives between the
             // two locks.
             let held = shard.lock().len();
-            let mut here = Vec::with_capacity(held + held / 8 + 64);
-            here.resize(
-                here.capacity(),
-                Entry::Nonce {
-                    id: 0,
-                    forget_at_secs: 0,
-                },
-            );
+            let room = held + held / 8 + 64;
             here.clear();
+            if here.capacity() < room {
+                here.reserve(room);
+                here.resize(
+                    here.capacity(),
+                    Entry::Nonce {
+                        id: 0,
+                        forget_at_secs: 0,
+                    },
+                );
+                here.clear();
+            }
             let mut s = shard.lock();
             let pools = &self.pools;
             s.buckets.retain(|&mut Bucket { id, tat }| {
@@ -793,13 +817,8 @@ impl Engine {
             if remove {
                 self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
             }
-            if taken.is_empty() {
-                taken = here;
-            } else {
-                taken.append(&mut here);
-            }
+            each(&here);
         }
-        taken
     }
 
     /// Merges entries handed over by another node, or taken back from a

@@ -445,3 +445,63 @@ fn no_checkpoint_replaces_the_final_save() {
     let restored = saved.restore(&after, NOW).unwrap();
     assert_eq!((restored.entries, restored.handover), (3, Some(handover)));
 }
+
+/// A state of several batches in every shard, written a shard at a time
+/// as the engine hands it over (a checkpoint copies, a save takes), comes
+/// back entry for entry: none lost or doubled at a shard's or a batch's
+/// end, every replay key still refused, every bucket as spent.
+#[test]
+fn a_state_of_many_batches_comes_back_entry_for_entry() {
+    let master = master();
+    let nonces = 3 * HANDOFF_BATCH + 17;
+    let buckets = 1_000;
+    let before = Engine::new(8, nonces + 1);
+    let nonce = |engine: &Engine, i: usize| engine.key(b"wk_a", &[b"nonce", &i.to_be_bytes()]);
+    let bucket = |engine: &Engine, i: usize| engine.key(&i.to_be_bytes(), &[b"policy", b"five"]);
+    let send = |engine: &Engine, nonce: Option<StateKey>, limits: &[(StateKey, Limit)]| {
+        engine.decide(
+            NOW,
+            &Request {
+                nonce: nonce.map(|n| (n, NOW.saturating_add(Nanos::from_secs(300)))),
+                limits,
+                cost: 1,
+                commit: true,
+            },
+        )
+    };
+    for i in 0..nonces {
+        send(&before, Some(nonce(&before, i)), &[]);
+    }
+    for i in 0..buckets {
+        send(&before, None, &[(bucket(&before, i), five())]);
+    }
+    let held = before.occupancy();
+    assert_eq!((held.nonces, held.buckets), (nonces, buckets));
+
+    for take in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let written = if take {
+            save(dir.path(), &master, &before, NOW, None).unwrap()
+        } else {
+            checkpoint(dir.path(), &master, &before, NOW).unwrap()
+        };
+        assert_eq!(written, nonces + buckets);
+        let left = before.occupancy();
+        assert_eq!(left.nonces + left.buckets, if take { 0 } else { written });
+
+        let saved = open(dir.path(), &master).expect("saved");
+        let after = Engine::with_seed(8, nonces + 1, saved.seed());
+        let restored = saved.restore(&after, NOW).unwrap();
+        assert_eq!((restored.entries, restored.dropped), (written, 0));
+        assert_eq!(after.occupancy(), held, "taken={take}");
+        for i in 0..nonces {
+            assert_eq!(send(&after, Some(nonce(&after, i)), &[]), Outcome::Replay);
+        }
+        for i in 0..buckets {
+            match send(&after, None, &[(bucket(&after, i), five())]) {
+                Outcome::Limited { limits, .. } => assert_eq!(limits[0].remaining, 3, "{i}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
