@@ -426,7 +426,7 @@ pub fn save(
     handover: Option<Handover>,
 ) -> io::Result<usize> {
     let mut file = Encoded::new(engine);
-    engine.take_each(now, |entries| file.add(entries));
+    engine.take_each(|_| true, now, |entries| file.add(entries));
     file.write(dir, master, engine, handover)
 }
 

@@ -712,8 +712,8 @@ impl ClusterState {
                 // but checks decided under the old one may still hold them.
                 self.reservations_released(moved).await;
                 let fences = now.fences_on((0..=Slot::MAX).filter(|&s| moved(s)));
-                let entries = self.checker.engine().take_slots(moved, self.checker.now());
-                self.send_entries(&now, receivers, entries, fences, now.version)
+                let (batches, _) = self.take_batches(&now, moved, now.version);
+                self.send_batches(receivers, batches, &now, fences, now.version)
                     .await;
             }
             before = now;
@@ -744,15 +744,11 @@ impl ClusterState {
                 "gave back the parts of checks in flight before handing state over"
             );
         }
-        let entries = self
-            .checker
-            .engine()
-            .take_slots(|_| true, self.checker.now());
-        let count = entries.len();
+        let (batches, count) = self.take_batches(&without, |_| true, 0);
         // Every fence it holds goes to the slot's next owner; fences are
         // forgotten once no fresh request can fall under them.
         let fences = without.fences_on(0..=Slot::MAX);
-        self.send_entries(&without, receivers, entries, fences, 0)
+        self.send_batches(receivers, batches, &without, fences, 0)
             .await;
         tracing::info!(
             event = "cluster_handed_over_all",
@@ -761,14 +757,51 @@ impl ClusterState {
         );
     }
 
-    /// Sends `entries` to the owner of each under `table`, in batches, and
-    /// a last batch to every node in `receivers` (name → address), with the
-    /// `fences` of the slots that owner takes.
-    async fn send_entries(
+    /// Takes the entries of the slots `wanted` names out of the engine, in
+    /// batches for the owner of each under `table` (by name); how many were
+    /// taken. Straight into the batches, a shard at a time: a list of
+    /// every entry first held the state a second time, and more, at the
+    /// moment a node leaves (a rolling restart), where an OOM kill loses
+    /// all of it.
+    fn take_batches(
         &self,
         table: &SlotTable,
+        wanted: impl Fn(Slot) -> bool,
+        version: u64,
+    ) -> (BTreeMap<String, Vec<HandOffBatch>>, usize) {
+        let names = self.checker.engine().pools().wire_names();
+        let mut batches: BTreeMap<String, Vec<HandOffBatch>> = BTreeMap::new();
+        let mut count = 0;
+        self.checker
+            .engine()
+            .take_each(wanted, self.checker.now(), |entries| {
+                count += entries.len();
+                for &entry in entries {
+                    let Some(owner) = table.owner_name(slot_of(entry.id())) else {
+                        continue;
+                    };
+                    let list = batches.entry(owner.to_owned()).or_default();
+                    if list.last().is_none_or(|b| batch_len(b) >= HANDOFF_BATCH) {
+                        list.push(HandOffBatch {
+                            from: self.membership.node().to_owned(),
+                            version,
+                            ..Default::default()
+                        });
+                    }
+                    add_entry(list.last_mut().expect("pushed above"), entry, &names);
+                }
+            });
+        (batches, count)
+    }
+
+    /// Sends their `batches` to the nodes in `receivers` (name → address),
+    /// and to each a last batch, with the `fences` of the slots it takes
+    /// under `table`.
+    async fn send_batches(
+        &self,
         receivers: BTreeMap<String, String>,
-        entries: Vec<Entry>,
+        mut batches: BTreeMap<String, Vec<HandOffBatch>>,
+        table: &SlotTable,
         fences: Vec<(u32, Vec<Slot>)>,
         version: u64,
     ) {
@@ -786,22 +819,6 @@ impl ClusterState {
                     .or_default()
                     .push(SlotFences { fence_secs, slots });
             }
-        }
-        let names = self.checker.engine().pools().wire_names();
-        let mut batches: BTreeMap<String, Vec<HandOffBatch>> = BTreeMap::new();
-        for entry in entries {
-            let Some(owner) = table.owner_name(slot_of(entry.id())) else {
-                continue;
-            };
-            let list = batches.entry(owner.to_owned()).or_default();
-            if list.last().is_none_or(|b| batch_len(b) >= HANDOFF_BATCH) {
-                list.push(HandOffBatch {
-                    from: self.membership.node().to_owned(),
-                    version,
-                    ..Default::default()
-                });
-            }
-            add_entry(list.last_mut().expect("pushed above"), entry, &names);
         }
         let sends = receivers.into_iter().map(|(node, address)| {
             let mut list = batches.remove(&node).unwrap_or_default();

@@ -738,10 +738,11 @@ impl Engine {
         taken
     }
 
-    /// Removes every entry, handing them to `each` a shard at a time: the
-    /// final save of a process, written as it is taken.
-    pub fn take_each(&self, now: Nanos, each: impl FnMut(&[Entry])) {
-        self.gather(|_| true, now, true, each)
+    /// Removes every entry whose slot `wanted` names, handing them to
+    /// `each` a shard at a time: a process's final save, or a cluster
+    /// node's handover, written as it is taken.
+    pub fn take_each(&self, wanted: impl Fn(Slot) -> bool, now: Nanos, each: impl FnMut(&[Entry])) {
+        self.gather(wanted, now, true, each)
     }
 
     /// Every entry, left in place, handed to `each` a shard at a time: a
