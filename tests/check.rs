@@ -477,6 +477,10 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
         assert!(std::time::Instant::now() < deadline, "{}", first.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // It held a replay key per accepted request, the key's bucket and the
+    // guesser's failure budget at least.
+    let held = support::metric(&first, "warden_state_checkpoint_entries");
+    assert!(held >= accepted.len() as u64 + 2, "{held}");
     first.kill();
 
     let second = Server::with_config_unready(&config, "info");

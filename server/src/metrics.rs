@@ -90,6 +90,14 @@ fn describe() {
         "warden_state_checkpoints_total",
         "Checkpoints of the rate-limit state written (a single process with [store])."
     );
+    describe_histogram!(
+        "warden_state_checkpoint_seconds",
+        "Time to copy the rate-limit state and write its checkpoint (fsync included)."
+    );
+    describe_gauge!(
+        "warden_state_checkpoint_entries",
+        "Entries (buckets, windows, failure budgets, nonces) in the last checkpoint written."
+    );
     describe_gauge!(
         "warden_clock_held_seconds",
         "How far the system clock is behind the time warden holds (it never goes back): zero unless the system clock stepped back."

@@ -770,6 +770,9 @@ async fn keep_checkpoints(
             None => return,
             Some(Ok(entries)) => {
                 metrics::counter!("warden_state_checkpoints_total").increment(1);
+                metrics::histogram!("warden_state_checkpoint_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::gauge!("warden_state_checkpoint_entries").set(entries as f64);
                 if std::mem::take(&mut failing) {
                     tracing::info!(
                         event = "state_checkpoint_written",
