@@ -776,7 +776,9 @@ impl Engine {
             let room = held + held / 8 + 64;
             here.clear();
             if here.capacity() < room {
-                here.reserve(room);
+                // Exact: grown by doubling, the list would hold (and touch)
+                // up to twice the largest shard.
+                here.reserve_exact(room);
                 here.resize(
                     here.capacity(),
                     Entry::Nonce {
