@@ -753,8 +753,8 @@ impl Engine {
         self.gather(|_| true, now, false, each)
     }
 
-    /// Walks the shards one at a time and hands `each` the entries of one
-    /// whose slot `wanted` names, removed when `remove`. One list serves
+    /// Walks the shards one at a time and hands `each` what one holds of
+    /// the slots `wanted` names, removed when `remove`. One list serves
     /// every shard, so a walk over the whole state holds a copy of its
     /// largest shard, never of all of it: a checkpoint of a 192 MB state
     /// once took 580 MB more at its peak, every `save_state_every`.
