@@ -446,17 +446,21 @@ fn no_checkpoint_replaces_the_final_save() {
     assert_eq!((restored.entries, restored.handover), (3, Some(handover)));
 }
 
-/// A state of several batches in every shard, written a shard at a time
-/// as the engine hands it over (a checkpoint copies, a save takes), comes
-/// back entry for entry: none lost or doubled at a shard's or a batch's
-/// end, every replay key still refused, every bucket as spent.
+/// A state of several batches spread over every shard, written a shard
+/// at a time as the engine hands it over (a checkpoint copies, a save
+/// takes), comes back entry for entry: none lost or doubled at a shard's
+/// or a batch's end, every replay key still refused, every bucket as
+/// spent.
 #[test]
 fn a_state_of_many_batches_comes_back_entry_for_entry() {
     let master = master();
     let nonces = 3 * HANDOFF_BATCH + 17;
     let buckets = 1_000;
     let before = Engine::new(8, nonces + 1);
-    let nonce = |engine: &Engine, i: usize| engine.key(b"wk_a", &[b"nonce", &i.to_be_bytes()]);
+    // Of 64 keys, so in every shard.
+    let nonce = |engine: &Engine, i: usize| {
+        engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()])
+    };
     let bucket = |engine: &Engine, i: usize| engine.key(&i.to_be_bytes(), &[b"policy", b"five"]);
     let send = |engine: &Engine, nonce: Option<StateKey>, limits: &[(StateKey, Limit)]| {
         engine.decide(
@@ -504,4 +508,78 @@ fn a_state_of_many_batches_comes_back_entry_for_entry() {
             }
         }
     }
+}
+
+/// Checks go on while a checkpoint is copied, a shard at a time: every
+/// replay key accepted before it began (of 64 keys, so of every shard) is
+/// in it (nonces are never
+/// dropped to make room), and nothing is in it that the engine did not
+/// hold.
+#[test]
+fn a_checkpoint_taken_while_checks_go_on_holds_every_replay_key_accepted_before_it() {
+    let master = master();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(8, 1_000_000);
+    let send = |i: u64| {
+        engine.decide(
+            NOW,
+            &Request {
+                nonce: Some((
+                    engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
+                    NOW.saturating_add(Nanos::from_secs(300)),
+                )),
+                limits: &[],
+                cost: 1,
+                commit: true,
+            },
+        )
+    };
+    let before = 5_000;
+    for i in 0..before {
+        assert!(matches!(send(i), Outcome::Limited { allowed: true, .. }));
+    }
+    let checking = std::sync::atomic::AtomicBool::new(true);
+    let (written, sent) = std::thread::scope(|scope| {
+        let checks = scope.spawn(|| {
+            let mut i = before;
+            while checking.load(std::sync::atomic::Ordering::Relaxed) || i < before + 1_000 {
+                send(i);
+                i += 1;
+            }
+            i
+        });
+        let written = checkpoint(dir.path(), &master, &engine, NOW).unwrap();
+        checking.store(false, std::sync::atomic::Ordering::Relaxed);
+        (written, checks.join().unwrap())
+    });
+    assert!(written >= before as usize, "{written}");
+    assert!(written <= sent as usize, "{written} of {sent}");
+
+    let saved = open(dir.path(), &master).expect("saved");
+    let after = Engine::with_seed(8, 1_000_000, saved.seed());
+    assert_eq!(saved.restore(&after, NOW).unwrap().entries, written);
+    let replayed = |i: u64| {
+        after.decide(
+            NOW,
+            &Request {
+                nonce: Some((
+                    after.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
+                    NOW.saturating_add(Nanos::from_secs(300)),
+                )),
+                limits: &[],
+                cost: 1,
+                commit: false,
+            },
+        ) == Outcome::Replay
+    };
+    assert!(
+        (0..before).all(replayed),
+        "a replay key accepted before the checkpoint is missing"
+    );
+    let kept = (before..sent).filter(|&i| replayed(i)).count();
+    assert_eq!(
+        kept,
+        written - before as usize,
+        "entries the engine never held"
+    );
 }
