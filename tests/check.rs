@@ -469,14 +469,7 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
     let mut first = Server::with_config(&config);
     let mut client = dir.client(&first).await;
     let (accepted, _) = client_of.spend_and_lock_out(&mut client).await;
-    // A checkpoint begun after all that: the next one but one.
-    let written = || support::metric(&first, "warden_state_checkpoints_total");
-    let after = written() + 2;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while written() < after {
-        assert!(std::time::Instant::now() < deadline, "{}", first.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    checkpoint_after_now(&first).await;
     // It held a replay key per accepted request, the key's bucket and the
     // guesser's failure budget at least.
     let held = support::metric(&first, "warden_state_checkpoint_entries");
@@ -503,6 +496,88 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
         assert_ne!(client.check(req).await.unwrap().reason(), Reason::Ok);
     }
     assert_restored(&second, false, "did not say it was whole");
+}
+
+/// Waits until `server` has written a checkpoint begun after this call:
+/// the next one but one.
+async fn checkpoint_after_now(server: &Server) {
+    let written = || support::metric(server, "warden_state_checkpoints_total");
+    let after = written() + 2;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while written() < after {
+        assert!(std::time::Instant::now() < deadline, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A kill in the middle of writing a checkpoint leaves a torn temporary
+/// file beside the last whole one. The next process takes back the whole
+/// one, and its own checkpoints replace the torn file rather than write
+/// over the start of it: a longer torn file written over would leave its
+/// tail in the next checkpoint, which the process after could not read
+/// (it would start with every limit full again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_cut_short_by_a_crash_leaves_the_one_before_it_to_the_next_process() {
+    let dir = ConfigDir::new();
+    let config = three_an_hour(&dir, "save_state_every = \"1s\"\n");
+    let client_of = Spender::new();
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    let (accepted, _) = client_of.spend_and_lock_out(&mut client).await;
+    checkpoint_after_now(&first).await;
+    first.kill();
+    let whole = std::fs::read(dir.path().join("store/state.saved")).unwrap();
+    let torn = dir.path().join("store/state.saved.tmp");
+    let mut junk = whole[..whole.len() / 2].to_vec();
+    junk.resize(whole.len() * 4 + 4096, 0x5a);
+    std::fs::write(&torn, &junk).unwrap();
+
+    let spent_and_locked_out = async |server: &Server| {
+        server.wait_past_fence_within(Duration::from_secs(30));
+        let mut client = dir.client(server).await;
+        assert_reason(
+            &client.check(client_of.genuine()).await.unwrap(),
+            Reason::RateLimited,
+        );
+        assert_reason(
+            &client
+                .check(Spender::from_guesser(client_of.genuine()))
+                .await
+                .unwrap(),
+            Reason::LockedOut,
+        );
+        for req in &accepted {
+            assert_ne!(
+                client.check(req.clone()).await.unwrap().reason(),
+                Reason::Ok
+            );
+        }
+        assert_restored(server, false, "did not say it was whole");
+    };
+    // One checkpoint only, the one a process writes as it starts: the one
+    // written where the torn file lay.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("= \"1s\"", "= \"1h\"")).unwrap();
+    let mut second = Server::with_config_unready(&config, "info");
+    spent_and_locked_out(&second).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while support::metric(&second, "warden_state_checkpoints_total") < 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    second.kill();
+    assert!(
+        !torn.exists(),
+        "the torn file was renamed over the whole one"
+    );
+
+    let third = Server::with_config_unready(&config, "info");
+    spent_and_locked_out(&third).await;
+    assert!(
+        !third.logs().contains("saved_state_unreadable"),
+        "{}",
+        third.logs()
+    );
 }
 
 /// `server` took a saved state back, and kept the fence of the process
