@@ -729,9 +729,10 @@ impl Engine {
         removed
     }
 
-    /// Removes and returns every entry whose slot `wanted` names: the state
-    /// a cluster node hands to the slots' new owner. One shard at a time;
-    /// the caller makes sure no check writes to those slots meanwhile.
+    /// Removes and returns every entry whose slot `wanted` names, as one
+    /// list: for tests. A node's handover and a process's save take them
+    /// a shard at a time instead ([`Self::take_each`]).
+    #[cfg(test)]
     pub fn take_slots(&self, wanted: impl Fn(Slot) -> bool, now: Nanos) -> Vec<Entry> {
         let mut taken = Vec::new();
         self.gather(wanted, now, true, |shard| taken.extend_from_slice(shard));
@@ -739,8 +740,10 @@ impl Engine {
     }
 
     /// Removes every entry whose slot `wanted` names, handing them to
-    /// `each` a shard at a time: a process's final save, or a cluster
-    /// node's handover, written as it is taken.
+    /// `each` a shard at a time: a process's final save, or the state a
+    /// cluster node hands to the slots' new owners, written or batched as
+    /// it is taken. The caller makes sure no check writes to those slots
+    /// meanwhile.
     pub fn take_each(&self, wanted: impl Fn(Slot) -> bool, now: Nanos, each: impl FnMut(&[Entry])) {
         self.gather(wanted, now, true, each)
     }
