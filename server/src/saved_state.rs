@@ -16,7 +16,7 @@
 //! last one. A checkpoint is never whole (below).
 //!
 //! A state handed over whole lets the next process go without the restart
-//! fence ([`crate::freshness`]): DESIGN.md's "the fence covers it (or state
+//! fence (`freshness`): DESIGN.md's "the fence covers it (or state
 //! is handed over)". The fence is there because a process that starts
 //! cannot know which nonces the one before accepted; a state that holds
 //! every one of them can. So when the whole of it is certain, the next

@@ -307,7 +307,7 @@ pub fn failure_cause(e: &std::io::Error) -> &'static str {
 /// The caller identity of a verified client certificate: its SPIFFE URI SAN,
 /// else its first DNS SAN, else (only when `allow_cn`) its subject CN,
 /// written `CN=<name>`. Each kind is validated, so the text alone says which
-/// kind it is ([`crate::auth::IdentityKind`]): a DNS SAN that is not a DNS
+/// kind it is ([`crate::model::IdentityKind`]): a DNS SAN that is not a DNS
 /// name (say, one spelled `spiffe://t.test/admin`) is no identity at all.
 pub fn identity(cert: &CertificateDer<'_>, allow_cn: bool) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;

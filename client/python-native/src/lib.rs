@@ -13,7 +13,7 @@
 //! `proto/` stay the one definition of the messages, and the Python client
 //! keeps its one path for fail-over, the breaker and errors.
 //!
-//! Each [`Channel`] owns a single-threaded tokio runtime. A call runs it on
+//! Each `Channel` owns a single-threaded tokio runtime. A call runs it on
 //! the calling thread (with the GIL released), which then drives the
 //! connection itself: nothing crosses threads per call. Between calls a
 //! keeper thread drives it instead, so an idle connection still answers

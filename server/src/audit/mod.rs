@@ -347,7 +347,7 @@ fn holds_keyed_records(dir: &Path) -> Result<bool, AuditError> {
 
 impl AuditLog {
     /// Opens (or creates) the log in `dir` and finds its head, reading the
-    /// active file and the last record before it ([`scan_head`]). A broken
+    /// active file and the last record before it (`scan_head`). A broken
     /// chain there is reported in the log but does not stop the server:
     /// new records keep linking to the last one, and `audit verify` keeps
     /// reporting the break.

@@ -74,7 +74,7 @@ pub struct Clocks {
 impl Clocks {
     /// Keeps `mine`, this node's latest reading, and says how far the
     /// members' clocks (`theirs`, by node) are from it: in metrics, and in
-    /// a warning (once until they agree again) past [`SKEW_WARNING`].
+    /// a warning (once until they agree again) past `SKEW_WARNING`.
     /// Takeover fences grow by the skew, and an owner whose clock is behind
     /// a client's by more than the future skew refuses its fresh requests
     /// as signed ahead.

@@ -164,9 +164,9 @@ pub struct RouteLimit {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Per {
-    /// Descriptor "ip:<client address>".
+    /// Descriptor `ip:<client address>`.
     Ip,
-    /// Descriptor "route:<the route as configured>".
+    /// Descriptor `route:<the route as configured>`.
     Route,
 }
 

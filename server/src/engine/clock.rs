@@ -196,7 +196,7 @@ impl Clock for Monotonic {
 }
 
 /// How long a ceiling holds without being renewed (see [`ForwardOnly`]).
-/// Its keeper, the [`crate::clock_mark`], renews it twice a second, and
+/// Its keeper, the clock mark (`clock_mark`), renews it twice a second, and
 /// itself lets the clock go on when a write is two seconds late: a ceiling
 /// older than this means the keeper did not run at all.
 pub const CEILING_LAPSES_AFTER: Duration = Duration::from_secs(4);
@@ -226,7 +226,7 @@ impl Clock for SystemTimeAsIs {
 /// comes back, and limits refill again once the clock has caught up.
 ///
 /// It also never shows a time past its ceiling, when it has one: the time
-/// up to which the [`crate::clock_mark`] has promised, on disk, that this
+/// up to which the clock mark (`clock_mark`) has promised, on disk, that this
 /// process may have shown. So the promise holds across a restart too: the
 /// next process starts from the mark, not from a system clock that may
 /// have been set back meanwhile.

@@ -142,7 +142,7 @@ impl PoolTable {
     }
 
     /// How a pool is named between cluster nodes, whose pool numbers differ:
-    /// "keys", "failures", "policy:<name>" or "other-policies".
+    /// `keys`, `failures`, `policy:<name>` or `other-policies`.
     pub fn wire_name(&self, pool: Pool) -> String {
         match pool {
             Pool::KEYS => "keys".to_owned(),
