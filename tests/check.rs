@@ -481,33 +481,52 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
     // Behind its fence, as after any crash.
     let r = client.check(client_of.genuine()).await.unwrap();
     assert_reason(&r, Reason::Stale);
-    second.wait_past_fence_within(Duration::from_secs(30));
-    let mut client = dir.client(&second).await;
-    let r = client.check(client_of.genuine()).await.unwrap();
-    assert_reason(&r, Reason::RateLimited);
-    assert_reason(
-        &client
-            .check(Spender::from_guesser(client_of.genuine()))
-            .await
-            .unwrap(),
-        Reason::LockedOut,
-    );
-    for req in accepted {
-        assert_ne!(client.check(req).await.unwrap().reason(), Reason::Ok);
-    }
-    assert_restored(&second, false, "did not say it was whole");
+    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted).await;
 }
 
 /// Waits until `server` has written a checkpoint begun after this call:
 /// the next one but one.
 async fn checkpoint_after_now(server: &Server) {
-    let written = || support::metric(server, "warden_state_checkpoints_total");
-    let after = written() + 2;
+    let now = support::metric(server, "warden_state_checkpoints_total");
+    checkpoints_written(server, now + 2).await;
+}
+
+/// Waits until `server` has written `count` checkpoints.
+async fn checkpoints_written(server: &Server, count: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while written() < after {
+    while support::metric(server, "warden_state_checkpoints_total") < count {
         assert!(std::time::Instant::now() < deadline, "{}", server.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Past its fence, `server` took back the state `spender` left (from a
+/// checkpoint, never whole): the key's limit still spent, the guesser
+/// still locked out, and no `accepted` request allowed again.
+async fn assert_spent_and_locked_out(
+    dir: &ConfigDir,
+    server: &Server,
+    spender: &Spender,
+    accepted: &[CheckRequest],
+) {
+    server.wait_past_fence_within(Duration::from_secs(30));
+    let mut client = dir.client(server).await;
+    let r = client.check(spender.genuine()).await.unwrap();
+    assert_reason(&r, Reason::RateLimited);
+    assert_reason(
+        &client
+            .check(Spender::from_guesser(spender.genuine()))
+            .await
+            .unwrap(),
+        Reason::LockedOut,
+    );
+    for req in accepted {
+        assert_ne!(
+            client.check(req.clone()).await.unwrap().reason(),
+            Reason::Ok
+        );
+    }
+    assert_restored(server, false, "did not say it was whole");
 }
 
 /// A kill in the middle of writing a checkpoint leaves a torn temporary
@@ -532,47 +551,21 @@ async fn a_checkpoint_cut_short_by_a_crash_leaves_the_one_before_it_to_the_next_
     junk.resize(whole.len() * 4 + 4096, 0x5a);
     std::fs::write(&torn, &junk).unwrap();
 
-    let spent_and_locked_out = async |server: &Server| {
-        server.wait_past_fence_within(Duration::from_secs(30));
-        let mut client = dir.client(server).await;
-        assert_reason(
-            &client.check(client_of.genuine()).await.unwrap(),
-            Reason::RateLimited,
-        );
-        assert_reason(
-            &client
-                .check(Spender::from_guesser(client_of.genuine()))
-                .await
-                .unwrap(),
-            Reason::LockedOut,
-        );
-        for req in &accepted {
-            assert_ne!(
-                client.check(req.clone()).await.unwrap().reason(),
-                Reason::Ok
-            );
-        }
-        assert_restored(server, false, "did not say it was whole");
-    };
     // One checkpoint only, the one a process writes as it starts: the one
     // written where the torn file lay.
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("= \"1s\"", "= \"1h\"")).unwrap();
     let mut second = Server::with_config_unready(&config, "info");
-    spent_and_locked_out(&second).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while support::metric(&second, "warden_state_checkpoints_total") < 1 {
-        assert!(std::time::Instant::now() < deadline, "{}", second.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted).await;
+    checkpoints_written(&second, 1).await;
     second.kill();
     assert!(
         !torn.exists(),
-        "the torn file was renamed over the whole one"
+        "no checkpoint of its own replaced the torn file"
     );
 
     let third = Server::with_config_unready(&config, "info");
-    spent_and_locked_out(&third).await;
+    assert_spent_and_locked_out(&dir, &third, &client_of, &accepted).await;
     assert!(
         !third.logs().contains("saved_state_unreadable"),
         "{}",
