@@ -512,28 +512,14 @@ fn a_state_of_many_batches_comes_back_entry_for_entry() {
 
 /// Checks go on while a checkpoint is copied, a shard at a time: every
 /// replay key accepted before it began (of 64 keys, so of every shard) is
-/// in it (nonces are never
-/// dropped to make room), and nothing is in it that the engine did not
-/// hold.
+/// in it (nonces are never dropped to make room), and nothing is in it
+/// that the engine did not hold.
 #[test]
 fn a_checkpoint_taken_while_checks_go_on_holds_every_replay_key_accepted_before_it() {
     let master = master();
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::new(8, 1_000_000);
-    let send = |i: u64| {
-        engine.decide(
-            NOW,
-            &Request {
-                nonce: Some((
-                    engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
-                    NOW.saturating_add(Nanos::from_secs(300)),
-                )),
-                limits: &[],
-                cost: 1,
-                commit: true,
-            },
-        )
-    };
+    let send = |i: u64| nonce_only(&engine, i, true);
     let before = 5_000;
     for i in 0..before {
         assert!(matches!(send(i), Outcome::Limited { allowed: true, .. }));
@@ -558,20 +544,7 @@ fn a_checkpoint_taken_while_checks_go_on_holds_every_replay_key_accepted_before_
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(8, 1_000_000, saved.seed());
     assert_eq!(saved.restore(&after, NOW).unwrap().entries, written);
-    let replayed = |i: u64| {
-        after.decide(
-            NOW,
-            &Request {
-                nonce: Some((
-                    after.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
-                    NOW.saturating_add(Nanos::from_secs(300)),
-                )),
-                limits: &[],
-                cost: 1,
-                commit: false,
-            },
-        ) == Outcome::Replay
-    };
+    let replayed = |i: u64| nonce_only(&after, i, false) == Outcome::Replay;
     assert!(
         (0..before).all(replayed),
         "a replay key accepted before the checkpoint is missing"
@@ -582,4 +555,21 @@ fn a_checkpoint_taken_while_checks_go_on_holds_every_replay_key_accepted_before_
         written - before as usize,
         "entries the engine never held"
     );
+}
+
+/// Request `i`, with a nonce and no limit, of one of 64 keys (so of every
+/// shard); stored when `commit`.
+fn nonce_only(engine: &Engine, i: u64, commit: bool) -> Outcome {
+    engine.decide(
+        NOW,
+        &Request {
+            nonce: Some((
+                engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
+                NOW.saturating_add(Nanos::from_secs(300)),
+            )),
+            limits: &[],
+            cost: 1,
+            commit,
+        },
+    )
 }
