@@ -1144,11 +1144,20 @@ fn saved_state_cost(
     let bytes = std::fs::metadata(dir.join(saved_state::FILE_NAME))
         .map_err(|e| e.to_string())?
         .len();
+    // Reading it back: the peak over where memory stood, against what the
+    // state it builds keeps once done (the rest is the reading's own).
+    let before_restore = rss_bytes();
     let started = Instant::now();
-    let opened = saved_state::open(&dir, &master).ok_or("the saved state did not open")?;
-    let next = warden::engine::Engine::with_seed(64, saved + 1, opened.seed());
-    let restored = opened.restore(&next, now).map_err(|e| e.to_string())?;
+    let (next, restore_peak) = memory_taken_by(|| {
+        let opened = saved_state::open(&dir, &master).ok_or("the saved state did not open")?;
+        let next = warden::engine::Engine::with_seed(64, saved + 1, opened.seed());
+        let restored = opened.restore(&next, now).map_err(|e| e.to_string())?;
+        Ok::<_, String>((next, restored))
+    });
     let restore_ms = started.elapsed().as_millis();
+    let (next, restored) = next?;
+    let restore_kept = rss_bytes().saturating_sub(before_restore);
+    drop(next);
     let _ = std::fs::remove_dir_all(&dir);
     if restored.entries != saved || restored.dropped != 0 {
         return Err(format!("saved {saved} entries, restored {restored:?}"));
@@ -1164,7 +1173,9 @@ fn saved_state_cost(
         "checkpoint_peak_bytes": checkpoint_peak,
         "save_ms": save_ms,
         "save_peak_bytes": save_peak,
-        "restore_ms": restore_ms
+        "restore_ms": restore_ms,
+        "restore_peak_bytes": restore_peak,
+        "restore_kept_bytes": restore_kept
     }))
 }
 
@@ -1367,7 +1378,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         println!("sweep:         {sweep_ms:.1} ms for all 64 shards, nothing yet run out");
         let saved = &report["saved_state"];
         println!(
-            "state.saved:   {} entries, {} bytes, a checkpoint in {} ms (copied in {} ms, the longest check meanwhile {:.1} ms, {:.1} ms as long without; {} MB more memory at its peak), saved in {} ms ({} MB more), restored in {} ms",
+            "state.saved:   {} entries, {} bytes, a checkpoint in {} ms (copied in {} ms, the longest check meanwhile {:.1} ms, {:.1} ms as long without; {} MB more memory at its peak), saved in {} ms ({} MB more), restored in {} ms ({} MB more at its peak, {} MB of it the state it built)",
             saved["entries"],
             saved["bytes"],
             saved["checkpoint_ms"],
@@ -1381,7 +1392,9 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
             saved["checkpoint_peak_bytes"].as_u64().unwrap_or(0) >> 20,
             saved["save_ms"],
             saved["save_peak_bytes"].as_u64().unwrap_or(0) >> 20,
-            saved["restore_ms"]
+            saved["restore_ms"],
+            saved["restore_peak_bytes"].as_u64().unwrap_or(0) >> 20,
+            saved["restore_kept_bytes"].as_u64().unwrap_or(0) >> 20
         );
     }
     Ok(())

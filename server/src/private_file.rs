@@ -3,7 +3,7 @@
 //! way: appended to, or replaced whole and atomically.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -92,26 +92,45 @@ pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// writer that goes on appending to it never holds the replaced file (as
 /// reopening by name after the rename could fail and leave it doing).
 pub fn replace_and_keep(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    replace_with(path, |out| out.write_all(bytes)).map(|(file, ())| file)
+}
+
+/// [`replace_and_keep`], with the new file's bytes written by `write` as
+/// it makes them. Why: a file as large as the rate-limit state, made in
+/// memory first, needed that memory again beside the state.
+pub fn replace_with<T>(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<T>,
+) -> std::io::Result<(File, T)> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(tmp)?;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(tmp, path));
-    if let Err(e) = written {
-        // On a full disk, what was written of it would only take more room.
-        let _ = std::fs::remove_file(tmp);
-        return Err(e);
+    let written = (|| {
+        let mut out = BufWriter::with_capacity(1 << 16, &file);
+        let made = write(&mut out)?;
+        out.flush()?;
+        drop(out);
+        file.sync_all()?;
+        std::fs::rename(tmp, path)?;
+        Ok(made)
+    })();
+    match written {
+        Ok(made) => {
+            File::open(parent_dir(path))?.sync_all()?;
+            Ok((file, made))
+        }
+        Err(e) => {
+            // On a full disk, what was written of it would only take more room.
+            let _ = std::fs::remove_file(tmp);
+            Err(e)
+        }
     }
-    File::open(parent_dir(path))?.sync_all()?;
-    Ok(file)
 }
 
 /// Removes `path` and fsyncs its directory, so that the removal outlasts

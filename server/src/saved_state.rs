@@ -43,15 +43,32 @@
 //! length-delimited `HandOffBatch` messages, pools by name. The seed, the
 //! entries' SHA-256 and the handover are sealed with the master key: a
 //! file someone else wrote or changed is not taken back, and cannot lift a
-//! fence.
+//! fence. The file (`warden-state 3`):
+//!
+//! ```text
+//! warden-state 3\n
+//! <the entries: length-delimited HandOffBatch messages>
+//! \n<the seal, in hex>\n
+//! ```
+//!
+//! The seal comes last so that the entries go to disk as they are encoded
+//! and come back as they are read: the file is never held in memory,
+//! whose size is the state's (a state the caps fill is 257 MB; its file
+//! made in memory once took 247 MB more at every checkpoint's peak).
 //!
 //! A file that cannot be read (damaged, changed, another master key) is
 //! set aside as `state.saved.unreadable` with a warning, and the process
 //! starts with no state, as after a crash: it is never a reason not to
-//! serve. A file written by the version before (`warden-state 1`, seed
-//! alone sealed) is taken back, and never lifts a fence.
+//! serve. Files the versions before wrote are taken back: `warden-state
+//! 2` (its seal on the line after the header) as this version's, and
+//! `warden-state 1` (seed alone sealed) never lifting a fence. A version
+//! before this one cannot read this one's file: it sets it aside and
+//! starts as after a crash.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,12 +86,17 @@ use crate::freshness::Fence;
 /// The file, in the store's directory.
 pub const FILE_NAME: &str = "state.saved";
 
-const HEADER: &[u8] = b"warden-state 2\n";
-/// Room enough for the sealed line ahead of the entries (a few hundred
-/// bytes), so that putting it in moves the entries without growing.
+const HEADER: &[u8] = b"warden-state 3\n";
+/// The longest seal line read (a seal is under a thousand bytes).
 const SEAL_ROOM: usize = 4096;
+/// The largest batch taken back (one of `HANDOFF_BATCH` entries of the
+/// largest kind is well under 1 MiB): a damaged length asks for no more.
+const BATCH_ROOM: u64 = 16 << 20;
 const SEAL_CONTEXT: &str = "warden saved state";
-/// The version before: its seed alone sealed, and no handover.
+/// The version before: the seal on the line after the header, ahead of
+/// the entries.
+const HEADER_V2: &[u8] = b"warden-state 2\n";
+/// The version before that: its seed alone sealed, and no handover.
 const HEADER_V1: &[u8] = b"warden-state 1\n";
 const SEED_CONTEXT_V1: &str = "warden saved state seed";
 
@@ -169,15 +191,13 @@ struct Seal {
     handover: Option<Handover>,
 }
 
-/// State a previous process saved, opened: its seed, to key this process's
-/// state ids with, and its entries, to restore once the engine exists.
+/// State a previous process saved, opened and its seal checked: its seed,
+/// to key this process's state ids with, and its entries, to restore once
+/// the engine exists.
 pub struct Saved {
     path: PathBuf,
-    seed: StateSeed,
-    handover: Option<Handover>,
-    bytes: Vec<u8>,
-    /// Where the batches begin in `bytes`.
-    batches_at: usize,
+    file: File,
+    head: Head,
 }
 
 /// What [`Saved::restore`] took back.
@@ -199,6 +219,8 @@ pub enum Unreadable {
     Io(io::Error),
     #[error("not a state file warden wrote")]
     Header,
+    #[error("it does not end in a seal: cut short")]
+    Cut,
     #[error("its seal does not open with this master key")]
     Seal,
     #[error("its entries are not those it was saved with")]
@@ -207,30 +229,21 @@ pub enum Unreadable {
     Entries(String),
 }
 
-/// Opens the state the previous process saved in `dir`; `None` when there
-/// is none, or when it cannot be read (set aside, with a warning).
+/// Opens the state the previous process saved in `dir` and checks its
+/// seal and its entries' digest; `None` when there is none, or when it
+/// cannot be read (set aside, with a warning).
 pub fn open(dir: &Path, master: &MasterKey) -> Option<Saved> {
     let path = dir.join(FILE_NAME);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
+    let file = match File::open(&path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
         Err(e) => {
             set_aside(&path, &Unreadable::Io(e));
             return None;
         }
     };
-    match parse(&bytes, master) {
-        Ok(Head {
-            seed,
-            handover,
-            batches_at,
-        }) => Some(Saved {
-            path,
-            seed,
-            handover,
-            bytes,
-            batches_at,
-        }),
+    match read_head(&file, master) {
+        Ok(head) => Some(Saved { path, file, head }),
         Err(why) => {
             set_aside(&path, &why);
             None
@@ -252,29 +265,52 @@ pub fn not_taken_back(dir: &Path) {
     }
 }
 
-/// What the head of the file says.
+/// What a file's seal says, and where its entries lie.
 struct Head {
     seed: StateSeed,
     handover: Option<Handover>,
-    /// Where the batches begin.
-    batches_at: usize,
+    entries: Range<u64>,
+    /// The entries' SHA-256, sealed (none in a file of version 1).
+    digest: Option<[u8; 32]>,
 }
 
-fn parse(bytes: &[u8], master: &MasterKey) -> Result<Head, Unreadable> {
-    let (version, rest) = if let Some(rest) = bytes.strip_prefix(HEADER) {
-        (2, rest)
-    } else if let Some(rest) = bytes.strip_prefix(HEADER_V1) {
-        (1, rest)
+/// Reads the seal and checks it, then the entries' digest: nothing of a
+/// file someone changed enters the engine.
+fn read_head(file: &File, master: &MasterKey) -> Result<Head, Unreadable> {
+    let len = file.metadata().map_err(Unreadable::Io)?.len();
+    let first = read_at(file, 0, len.min((HEADER.len() + SEAL_ROOM) as u64))?;
+    let (sealed, entries) = if first.starts_with(HEADER) {
+        // The seal is the last line; the entries end at the line's break
+        // before it (a seal, in hex, holds none).
+        let after_header = len - HEADER.len() as u64;
+        let tail_len = after_header.min(SEAL_ROOM as u64 + 2);
+        let tail = read_at(file, len - tail_len, tail_len)?;
+        let line = tail.strip_suffix(b"\n").ok_or(Unreadable::Cut)?;
+        let at = line
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .ok_or(Unreadable::Cut)?;
+        let sealed = &line[at + 1..];
+        if sealed.is_empty() || !sealed.iter().all(u8::is_ascii_hexdigit) {
+            return Err(Unreadable::Cut);
+        }
+        let entries_end = len - tail_len + at as u64;
+        (sealed.to_vec(), HEADER.len() as u64..entries_end)
     } else {
-        return Err(Unreadable::Header);
+        let header = [HEADER_V2, HEADER_V1]
+            .into_iter()
+            .find(|h| first.starts_with(h))
+            .ok_or(Unreadable::Header)?;
+        let rest = &first[header.len()..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(Unreadable::Header)?;
+        let entries_at = (header.len() + end + 1) as u64;
+        (rest[..end].to_vec(), entries_at..len)
     };
-    let end = rest
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or(Unreadable::Header)?;
-    let sealed = std::str::from_utf8(&rest[..end]).map_err(|_| Unreadable::Header)?;
-    let batches_at = bytes.len() - rest.len() + end + 1;
-    if version == 1 {
+    let sealed = std::str::from_utf8(&sealed).map_err(|_| Unreadable::Header)?;
+    if first.starts_with(HEADER_V1) {
         let seed = master
             .open(SEED_CONTEXT_V1, sealed)
             .ok()
@@ -283,7 +319,8 @@ fn parse(bytes: &[u8], master: &MasterKey) -> Result<Head, Unreadable> {
         return Ok(Head {
             seed: StateSeed::from_bytes(seed),
             handover: None,
-            batches_at,
+            entries,
+            digest: None,
         });
     }
     let seal: Seal = master
@@ -293,14 +330,98 @@ fn parse(bytes: &[u8], master: &MasterKey) -> Result<Head, Unreadable> {
         .ok_or(Unreadable::Seal)?;
     let mut seed = [0; 16];
     hex::decode_to_slice(&seal.seed, &mut seed).map_err(|_| Unreadable::Seal)?;
-    if hex::encode(Sha256::digest(&bytes[batches_at..])) != seal.entries_sha256 {
+    let mut digest = [0; 32];
+    hex::decode_to_slice(&seal.entries_sha256, &mut digest).map_err(|_| Unreadable::Seal)?;
+    let mut read = Hashed::new(entries_of_file(file, &entries)?);
+    io::copy(&mut read, &mut io::sink()).map_err(Unreadable::Io)?;
+    if read.digest() != digest {
         return Err(Unreadable::Changed);
     }
     Ok(Head {
         seed: StateSeed::from_bytes(seed),
         handover: seal.handover,
-        batches_at,
+        entries,
+        digest: Some(digest),
     })
+}
+
+fn read_at(file: &File, at: u64, len: u64) -> Result<Vec<u8>, Unreadable> {
+    let mut bytes = vec![0; len as usize];
+    file.read_exact_at(&mut bytes, at).map_err(Unreadable::Io)?;
+    Ok(bytes)
+}
+
+/// The bytes of `file` in `range`, read through a buffer.
+fn entries_of_file<'a>(
+    file: &'a File,
+    range: &Range<u64>,
+) -> Result<impl Read + use<'a>, Unreadable> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(range.start))
+        .map_err(Unreadable::Io)?;
+    Ok(BufReader::with_capacity(
+        1 << 16,
+        file.take(range.end - range.start),
+    ))
+}
+
+/// A reader that hashes what passes through it.
+struct Hashed<R> {
+    inner: R,
+    sha: Sha256,
+}
+
+impl<R: Read> Hashed<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            sha: Sha256::new(),
+        }
+    }
+
+    fn digest(self) -> [u8; 32] {
+        self.sha.finalize().into()
+    }
+}
+
+impl<R: Read> Read for Hashed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The next length-delimited batch of `read`, its bytes read into `buf`;
+/// `None` at the end.
+fn next_batch(read: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<HandOffBatch>, String> {
+    let mut len = 0u64;
+    for i in 0..10 {
+        let mut byte = [0];
+        match read.read_exact(&mut byte) {
+            Err(e) if i == 0 && e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err("cut short in a batch's length".into());
+            }
+            Err(e) => return Err(e.to_string()),
+            Ok(()) => {}
+        }
+        len |= u64::from(byte[0] & 0x7f) << (7 * i);
+        if byte[0] < 0x80 {
+            if len > BATCH_ROOM {
+                return Err(format!("a batch of {len} bytes"));
+            }
+            buf.resize(len as usize, 0);
+            read.read_exact(buf).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => "cut short in a batch".to_owned(),
+                _ => e.to_string(),
+            })?;
+            return HandOffBatch::decode(&buf[..])
+                .map(Some)
+                .map_err(|e| e.to_string());
+        }
+    }
+    Err("a batch's length runs past ten bytes".into())
 }
 
 fn set_aside(path: &Path, why: &Unreadable) {
@@ -319,7 +440,7 @@ fn set_aside(path: &Path, why: &Unreadable) {
 impl Saved {
     /// The seed the saved state ids are keyed with.
     pub fn seed(&self) -> StateSeed {
-        self.seed
+        self.head.seed
     }
 
     /// Restores every entry into `engine` (keyed with [`Self::seed`]) and
@@ -327,19 +448,23 @@ impl Saved {
     /// nor any after it (what came before stays: a partial state is still
     /// a truer one than none), and the file is set aside. The engine's
     /// caps hold: with caps lowered since the state was saved, what is
-    /// past them is dropped ([`Engine::import`]).
+    /// past them is dropped ([`Engine::import`]). Read a batch at a time,
+    /// and hashed again as it is: a file changed since [`open`] checked it
+    /// takes back nothing (`engine`, which nothing reads yet, is emptied).
     pub fn restore(self, engine: &Engine, now: Nanos) -> Result<Restored, Unreadable> {
-        let mut rest = &self.bytes[self.batches_at..];
         let mut restored = Restored {
-            handover: self.handover,
+            handover: self.head.handover,
             ..Restored::default()
         };
+        let mut read = Hashed::new(entries_of_file(&self.file, &self.head.entries)?);
+        let mut buf = Vec::new();
         let mut damaged = None;
-        while !rest.is_empty() {
-            let batch = match HandOffBatch::decode_length_delimited(&mut rest) {
-                Ok(batch) => batch,
-                Err(e) => {
-                    damaged = Some(e.to_string());
+        loop {
+            let batch = match next_batch(&mut read, &mut buf) {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(why) => {
+                    damaged = Some(why);
                     break;
                 }
             };
@@ -352,6 +477,14 @@ impl Saved {
                     damaged = Some(why.to_owned());
                     break;
                 }
+            }
+        }
+        if let Some(sealed) = self.head.digest {
+            let rest = io::copy(&mut read, &mut io::sink());
+            if rest.is_err() || read.digest() != sealed {
+                engine.take_each(|_| true, now, |_| {});
+                set_aside(&self.path, &Unreadable::Changed);
+                return Err(Unreadable::Changed);
             }
         }
         if let Some(why) = damaged {
@@ -425,9 +558,9 @@ pub fn save(
     now: Nanos,
     handover: Option<Handover>,
 ) -> io::Result<usize> {
-    let mut file = Encoded::new(engine);
-    engine.take_each(|_| true, now, |entries| file.add(entries));
-    file.write(dir, master, engine, handover)
+    write(dir, master, engine, handover, |each| {
+        engine.take_each(|_| true, now, each)
+    })
 }
 
 /// Writes a copy of every entry, left in `engine`, to `dir` as [`save`]
@@ -443,37 +576,72 @@ pub fn checkpoint(
     engine: &Engine,
     now: Nanos,
 ) -> io::Result<usize> {
-    let mut file = Encoded::new(engine);
-    engine.copy_each(now, |entries| file.add(entries));
-    file.write(dir, master, engine, None)
+    write(dir, master, engine, None, |each| {
+        engine.copy_each(now, each)
+    })
 }
 
-/// A state file's entries, encoded as the engine hands them over a shard
-/// at a time. Why: gathered into one list first, a state was held twice
-/// more while it was written (a 192 MB state took 580 MB more at the peak
-/// of each checkpoint: an OOM kill in a container sized for the state,
-/// and with it the loss the checkpoint is there to prevent). Now only the
-/// file's bytes, about 15 per entry, and one shard's entries are.
-struct Encoded {
-    bytes: Vec<u8>,
+/// Replaces the file in `dir` with the entries `walk` hands over a shard
+/// at a time, written as they come, then their seal ([`Seal`]); the
+/// number written.
+fn write(
+    dir: &Path,
+    master: &MasterKey,
+    engine: &Engine,
+    handover: Option<Handover>,
+    walk: impl FnOnce(&mut dyn FnMut(&[Entry])),
+) -> io::Result<usize> {
+    let path = dir.join(FILE_NAME);
+    let written = crate::private_file::replace_with(&path, |out| {
+        out.write_all(HEADER)?;
+        let mut entries = Encoded::new(out, engine);
+        walk(&mut |each| entries.add(each));
+        let (out, digest, count) = entries.finish()?;
+        let seal = Seal {
+            seed: hex::encode(engine.seed().as_bytes()),
+            entries_sha256: hex::encode(digest),
+            handover,
+        };
+        let seal = serde_json::to_vec(&seal).expect("a seal serializes");
+        out.write_all(b"\n")?;
+        out.write_all(master.seal(SEAL_CONTEXT, &seal).as_bytes())?;
+        out.write_all(b"\n")?;
+        Ok(count)
+    })?;
+    Ok(written.1)
+}
+
+/// A state file's entries, encoded and written as the engine hands them
+/// over a shard at a time, and hashed for the seal. Why: gathered into
+/// one list first, a state was held twice more while it was written (a
+/// 192 MB state took 580 MB more at the peak of each checkpoint: an OOM
+/// kill in a container sized for the state, and with it the loss the
+/// checkpoint is there to prevent); encoded into the file's bytes first,
+/// 0.85 times more. Now one shard's entries and one batch are.
+struct Encoded<W> {
+    out: W,
+    sha: Sha256,
     batch: HandOffBatch,
     in_batch: usize,
     count: usize,
     names: Vec<String>,
+    encoded: Vec<u8>,
+    /// The first write that failed: the walk goes on (it cannot be
+    /// stopped), and nothing more is written.
+    failed: Option<io::Error>,
 }
 
-impl Encoded {
-    fn new(engine: &Engine) -> Self {
-        let held = engine.occupancy();
-        let entries = held.buckets + held.windows + held.nonces;
-        let mut bytes = Vec::with_capacity(HEADER.len() + SEAL_ROOM + entries * 16);
-        bytes.extend_from_slice(HEADER);
+impl<W: Write> Encoded<W> {
+    fn new(out: W, engine: &Engine) -> Self {
         Self {
-            bytes,
+            out,
+            sha: Sha256::new(),
             batch: HandOffBatch::default(),
             in_batch: 0,
             count: 0,
             names: engine.pools().wire_names(),
+            encoded: Vec::new(),
+            failed: None,
         }
     }
 
@@ -489,39 +657,31 @@ impl Encoded {
     }
 
     fn end_batch(&mut self) {
-        std::mem::take(&mut self.batch)
-            .encode_length_delimited(&mut self.bytes)
-            .expect("a Vec grows as needed");
+        let batch = std::mem::take(&mut self.batch);
         self.in_batch = 0;
+        if self.failed.is_some() {
+            return;
+        }
+        self.encoded.clear();
+        batch
+            .encode_length_delimited(&mut self.encoded)
+            .expect("a Vec grows as needed");
+        self.sha.update(&self.encoded);
+        if let Err(e) = self.out.write_all(&self.encoded) {
+            self.failed = Some(e);
+        }
     }
 
-    /// Seals what was added (see [`Seal`]) and replaces the file in `dir`
-    /// with it; the number of entries written.
-    fn write(
-        mut self,
-        dir: &Path,
-        master: &MasterKey,
-        engine: &Engine,
-        handover: Option<Handover>,
-    ) -> io::Result<usize> {
+    /// Ends the last batch: the writer, the entries' SHA-256 and their
+    /// number, or the first write that failed.
+    fn finish(mut self) -> io::Result<(W, [u8; 32], usize)> {
         if self.in_batch > 0 {
             self.end_batch();
         }
-        let mut bytes = self.bytes;
-        let seal = Seal {
-            seed: hex::encode(engine.seed().as_bytes()),
-            entries_sha256: hex::encode(Sha256::digest(&bytes[HEADER.len()..])),
-            handover,
-        };
-        let seal = serde_json::to_vec(&seal).expect("a seal serializes");
-        let mut line = master.seal(SEAL_CONTEXT, &seal).into_bytes();
-        line.push(b'\n');
-        // Put in after the header, ahead of the entries it seals (moved in
-        // place, into room reserved for it: the entries of a large state
-        // are not copied aside).
-        bytes.splice(HEADER.len()..HEADER.len(), line);
-        crate::private_file::replace(&dir.join(FILE_NAME), &bytes)?;
-        Ok(self.count)
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok((self.out, self.sha.finalize().into(), self.count)),
+        }
     }
 }
 

@@ -355,25 +355,14 @@ fn entries_changed_under_a_whole_states_seal_are_not_taken_back() {
     let whole = handed_over(&master);
     let path = whole.path().join(FILE_NAME);
     let bytes = std::fs::read(&path).unwrap();
-    let seal_line_end = HEADER.len()
-        + bytes[HEADER.len()..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .unwrap()
-        + 1;
 
     // Its entries swapped for those of a state with no replay key.
     let other = tempfile::tempdir().unwrap();
     save(other.path(), &master, &Engine::new(4, 1000), NOW, None).unwrap();
     let other_bytes = std::fs::read(other.path().join(FILE_NAME)).unwrap();
-    let other_entries_at = HEADER.len()
-        + other_bytes[HEADER.len()..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .unwrap()
-        + 1;
-    let mut forged = bytes[..seal_line_end].to_vec();
-    forged.extend_from_slice(&other_bytes[other_entries_at..]);
+    let mut forged = HEADER.to_vec();
+    forged.extend_from_slice(&other_bytes[entries_in(&other_bytes)]);
+    forged.extend_from_slice(&bytes[entries_in(&bytes).end..]);
     std::fs::write(&path, &forged).unwrap();
     assert!(open(whole.path(), &master).is_none());
     assert!(whole.path().join("state.saved.unreadable").exists());
@@ -382,10 +371,120 @@ fn entries_changed_under_a_whole_states_seal_are_not_taken_back() {
     let whole = handed_over(&master);
     let path = whole.path().join(FILE_NAME);
     let mut changed = std::fs::read(&path).unwrap();
-    let last = changed.len() - 1;
+    let last = entries_in(&changed).end - 1;
     changed[last] ^= 1;
     std::fs::write(&path, &changed).unwrap();
     assert!(open(whole.path(), &master).is_none());
+}
+
+/// Where the entries lie in a file of this version: after the header, up
+/// to the line break before the seal, the last line.
+fn entries_in(bytes: &[u8]) -> std::ops::Range<usize> {
+    assert!(bytes.starts_with(HEADER));
+    let seal_break = bytes[..bytes.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .unwrap();
+    HEADER.len()..seal_break
+}
+
+/// A file cut short at any byte (a crash in the middle of writing it, or
+/// a full disk) is set aside: a cut file never opens, whichever part it
+/// lost, and never panics the start.
+#[test]
+fn a_state_file_cut_short_anywhere_is_set_aside() {
+    let master = master();
+    let dir = handed_over(&master);
+    let path = dir.path().join(FILE_NAME);
+    let bytes = std::fs::read(&path).unwrap();
+    for len in 0..bytes.len() {
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        assert!(open(dir.path(), &master).is_none(), "cut to {len} bytes");
+        assert!(!path.exists(), "cut to {len} bytes: not set aside");
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(open(dir.path(), &master).is_some());
+}
+
+/// The file changed after its digest was checked at the start, before it
+/// was read (its entries are read a second time, in batches): what was
+/// read is hashed again, and a file that no longer matches its seal takes
+/// nothing back: the engine is left empty, not holding what the change
+/// put in.
+#[test]
+fn a_state_file_changed_after_it_was_opened_takes_back_nothing() {
+    let master = master();
+    let dir = handed_over(&master);
+    let path = dir.path().join(FILE_NAME);
+    let saved = open(dir.path(), &master).expect("saved");
+    // Changed in place (the open file is the same file), in its last
+    // entry: every batch before it is read and imported first.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = entries_in(&bytes).end - 1;
+    bytes[last] ^= 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    assert!(matches!(
+        saved.restore(&after, NOW),
+        Err(Unreadable::Changed)
+    ));
+    assert_eq!(after.occupancy(), Default::default());
+    assert!(dir.path().join("state.saved.unreadable").exists());
+}
+
+/// A file the version before this one wrote (`warden-state 2`: the seal
+/// on the line after the header, the entries after it) is taken back as
+/// this version's: an upgrade keeps every limit spent, and a state handed
+/// over whole keeps its fence.
+#[test]
+fn a_state_saved_by_version_2_is_taken_back_and_keeps_its_fence() {
+    let master = master();
+    let engine = Engine::new(4, 1000);
+    let traffic = Traffic::in_engine(&engine);
+    traffic.send(&engine, NOW, traffic.nonce);
+    let mut entries = Encoded::new(Vec::new(), &engine);
+    engine.take_each(|_| true, NOW, |each| entries.add(each));
+    let (entries, digest, count) = entries.finish().unwrap();
+    assert_eq!(count, 3);
+    let (mark, fence) = final_mark();
+    let seal = Seal {
+        seed: hex::encode(engine.seed().as_bytes()),
+        entries_sha256: hex::encode(digest),
+        handover: Some(Handover::new(mark, fence, PAST_SKEW)),
+    };
+    let mut bytes = HEADER_V2.to_vec();
+    bytes.extend_from_slice(
+        master
+            .seal(SEAL_CONTEXT, &serde_json::to_vec(&seal).unwrap())
+            .as_bytes(),
+    );
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&entries);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+
+    let saved = open(dir.path(), &master).expect("read");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&after, NOW).unwrap();
+    assert_eq!(restored.entries, 3);
+    assert_eq!(
+        Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
+        Ok(fence)
+    );
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+    assert_eq!(traffic.remaining(&after, NOW), vec![3, 1]);
+
+    // Its entries changed under that seal: set aside, as this version's.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+    assert!(open(dir.path(), &master).is_none());
 }
 
 /// A checkpoint copies the state and leaves it: checks go on with it, and
