@@ -456,7 +456,13 @@ impl Saved {
             handover: self.head.handover,
             ..Restored::default()
         };
-        let mut read = Hashed::new(entries_of_file(&self.file, &self.head.entries)?);
+        let mut read = match entries_of_file(&self.file, &self.head.entries) {
+            Ok(read) => Hashed::new(read),
+            Err(why) => {
+                set_aside(&self.path, &why);
+                return Err(why);
+            }
+        };
         let mut buf = Vec::new();
         let mut damaged = None;
         loop {
@@ -480,11 +486,15 @@ impl Saved {
             }
         }
         if let Some(sealed) = self.head.digest {
-            let rest = io::copy(&mut read, &mut io::sink());
-            if rest.is_err() || read.digest() != sealed {
+            let unverified = match io::copy(&mut read, &mut io::sink()) {
+                Err(e) => Some(Unreadable::Io(e)),
+                Ok(_) if read.digest() != sealed => Some(Unreadable::Changed),
+                Ok(_) => None,
+            };
+            if let Some(why) = unverified {
                 engine.take_each(|_| true, now, |_| {});
-                set_aside(&self.path, &Unreadable::Changed);
-                return Err(Unreadable::Changed);
+                set_aside(&self.path, &why);
+                return Err(why);
             }
         }
         if let Some(why) = damaged {
