@@ -1151,7 +1151,9 @@ fn saved_state_cost(
     let (next, restore_peak) = memory_taken_by(|| {
         let opened = saved_state::open(&dir, &master).ok_or("the saved state did not open")?;
         let next = warden::engine::Engine::with_seed(64, saved + 1, opened.seed());
-        let restored = opened.restore(&next, now).map_err(|e| e.to_string())?;
+        let restored = opened
+            .restore(&next, now, saved_state::Afterwards::Remove)
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((next, restored))
     });
     let restore_ms = started.elapsed().as_millis();

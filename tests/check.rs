@@ -481,8 +481,11 @@ async fn a_crash_keeps_every_limit_and_lockout_its_last_checkpoint_held() {
     // Behind its fence, as after any crash.
     let r = client.check(client_of.genuine()).await.unwrap();
     assert_reason(&r, Reason::Stale);
-    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted).await;
+    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted, NOT_WHOLE).await;
 }
+
+/// What a process after a crash says of a checkpoint it took back.
+const NOT_WHOLE: &str = "did not say it was whole";
 
 /// Waits until `server` has written a checkpoint begun after this call:
 /// the next one but one.
@@ -500,14 +503,15 @@ async fn checkpoints_written(server: &Server, count: u64) {
     }
 }
 
-/// Past its fence, `server` took back the state `spender` left (from a
-/// checkpoint, never whole): the key's limit still spent, the guesser
-/// still locked out, and no `accepted` request allowed again.
+/// Past its fence, `server` took back the state `spender` left, not as
+/// whole (`why_fenced`): the key's limit still spent, the guesser still
+/// locked out, and no `accepted` request allowed again.
 async fn assert_spent_and_locked_out(
     dir: &ConfigDir,
     server: &Server,
     spender: &Spender,
     accepted: &[CheckRequest],
+    why_fenced: &str,
 ) {
     server.wait_past_fence_within(Duration::from_secs(30));
     let mut client = dir.client(server).await;
@@ -526,7 +530,7 @@ async fn assert_spent_and_locked_out(
             Reason::Ok
         );
     }
-    assert_restored(server, false, "did not say it was whole");
+    assert_restored(server, false, why_fenced);
 }
 
 /// A kill in the middle of writing a checkpoint leaves a torn temporary
@@ -556,7 +560,7 @@ async fn a_checkpoint_cut_short_by_a_crash_leaves_the_one_before_it_to_the_next_
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("= \"1s\"", "= \"1h\"")).unwrap();
     let mut second = Server::with_config_unready(&config, "info");
-    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted).await;
+    assert_spent_and_locked_out(&dir, &second, &client_of, &accepted, NOT_WHOLE).await;
     checkpoints_written(&second, 1).await;
     second.kill();
     assert!(
@@ -565,12 +569,57 @@ async fn a_checkpoint_cut_short_by_a_crash_leaves_the_one_before_it_to_the_next_
     );
 
     let third = Server::with_config_unready(&config, "info");
-    assert_spent_and_locked_out(&dir, &third, &client_of, &accepted).await;
+    assert_spent_and_locked_out(&dir, &third, &client_of, &accepted, NOT_WHOLE).await;
     assert!(
         !third.logs().contains("saved_state_unreadable"),
         "{}",
         third.logs()
     );
+}
+
+/// A process that took a saved state back and crashed before any
+/// checkpoint of its own was written (here every checkpoint fails: the
+/// temporary file's name is taken by a directory, as a full disk would
+/// fail them) leaves that state to the next process. Until session 28 the
+/// file was removed as it was taken back, and the next process found
+/// nothing: every limit full, every guesser a fresh budget. The state the
+/// next one takes back says it was whole; it must not lift the fence,
+/// since the process in between accepted requests of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_first_checkpoint_leaves_the_state_taken_back_to_the_next_process() {
+    let dir = ConfigDir::new();
+    // A second key, unlimited, for the process in between to accept.
+    let config = three_an_hour(
+        &dir,
+        &format!(
+            "save_state_every = \"1s\"\n\n[[keys]]\nid = \"wk_pay\"\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+        ),
+    );
+    let client_of = Spender::new();
+    let mut first = Server::with_config(&config);
+    let mut client = dir.client(&first).await;
+    let (mut accepted, _) = client_of.spend_and_lock_out(&mut client).await;
+    assert!(first.terminate().success(), "{}", first.logs());
+    std::fs::create_dir(dir.path().join("store/state.saved.tmp")).unwrap();
+
+    let mut second = Server::with_config(&config);
+    let mut client = dir.client(&second).await;
+    // Whole: no fence, so it accepts at once what the next must refuse.
+    let fresh = Signer::new("wk_pay", SECRET).check_request("GET", "/a", "", b"");
+    assert_reason(&client.check(fresh.clone()).await.unwrap(), Reason::Ok);
+    accepted.push(fresh);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !second
+        .logs()
+        .contains("\"event\":\"state_checkpoint_failed\"")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.kill();
+
+    let third = Server::with_config_unready(&config, "info");
+    assert_spent_and_locked_out(&dir, &third, &client_of, &accepted, "another process ran").await;
 }
 
 /// `server` took a saved state back, and kept the fence of the process

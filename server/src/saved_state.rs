@@ -212,6 +212,21 @@ pub struct Restored {
     pub handover: Option<Handover>,
 }
 
+/// What becomes of the file once its state is taken back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Afterwards {
+    /// Removed: with no checkpoint to replace it, it would be taken back
+    /// again after any crash, however long the process served after it
+    /// (safe, as an older state always is, but it would bring back a
+    /// replay key `Forget` removed since).
+    Remove,
+    /// Left until the process's first checkpoint replaces it. Why: removed,
+    /// a crash before that checkpoint was written (it is written at once,
+    /// but a large state takes a second, and a checkpoint can fail: a full
+    /// disk) left the next process no state at all, every limit full again.
+    LeaveToTheFirstCheckpoint,
+}
+
 /// Why a saved state was set aside.
 #[derive(Debug, thiserror::Error)]
 pub enum Unreadable {
@@ -443,15 +458,20 @@ impl Saved {
         self.head.seed
     }
 
-    /// Restores every entry into `engine` (keyed with [`Self::seed`]) and
-    /// removes the file. Entries a damaged batch holds are not restored,
+    /// Restores every entry into `engine` (keyed with [`Self::seed`]), and
+    /// removes the file or leaves it ([`Afterwards`]). Entries a damaged batch holds are not restored,
     /// nor any after it (what came before stays: a partial state is still
     /// a truer one than none), and the file is set aside. The engine's
     /// caps hold: with caps lowered since the state was saved, what is
     /// past them is dropped ([`Engine::import`]). Read a batch at a time,
     /// and hashed again as it is: a file changed since [`open`] checked it
     /// takes back nothing (`engine`, which nothing reads yet, is emptied).
-    pub fn restore(self, engine: &Engine, now: Nanos) -> Result<Restored, Unreadable> {
+    pub fn restore(
+        self,
+        engine: &Engine,
+        now: Nanos,
+        afterwards: Afterwards,
+    ) -> Result<Restored, Unreadable> {
         let mut restored = Restored {
             handover: self.head.handover,
             ..Restored::default()
@@ -502,11 +522,12 @@ impl Saved {
             set_aside(&self.path, &why);
             return Err(why);
         }
-        // Taken back: a crash later must not bring back this older state
-        // over whatever came after it. Left behind, it would be taken back
-        // once more at the next start: older, and so no stricter than the
-        // state it joins, and never whole again (the clock mark moved).
-        if let Err(e) = crate::private_file::remove(&self.path) {
+        // Left behind, it is taken back once more after a crash: older, and
+        // so no stricter than the state it joins, and never whole again
+        // (the clock mark moved).
+        if afterwards == Afterwards::Remove
+            && let Err(e) = crate::private_file::remove(&self.path)
+        {
             tracing::warn!(
                 event = "saved_state_not_removed",
                 path = %self.path.display(),

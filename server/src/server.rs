@@ -229,7 +229,15 @@ impl App {
         // One handed over whole lets this process keep its saver's fence.
         let restoring = std::time::Instant::now();
         let mut handed_over = false;
-        if let Some(Ok(restored)) = saved.map(|s| s.restore(checker.engine(), clock.now())) {
+        let afterwards = match &config.store {
+            Some(store) if !store.save_state_every.is_zero() => {
+                crate::saved_state::Afterwards::LeaveToTheFirstCheckpoint
+            }
+            _ => crate::saved_state::Afterwards::Remove,
+        };
+        if let Some(Ok(restored)) =
+            saved.map(|s| s.restore(checker.engine(), clock.now(), afterwards))
+        {
             let fence = Handover::fence_after(
                 restored.handover,
                 clock_mark.as_ref().and_then(|m| m.previous()),

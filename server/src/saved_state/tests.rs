@@ -128,7 +128,13 @@ fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
     let later = NOW.saturating_add(Nanos::from_secs(1));
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(saved.restore(&after, later).unwrap().entries, 4);
+    assert_eq!(
+        saved
+            .restore(&after, later, Afterwards::Remove)
+            .unwrap()
+            .entries,
+        4
+    );
     assert!(!dir.path().join(FILE_NAME).exists(), "taken back once");
     let traffic = Traffic::in_engine(&after);
     assert_eq!(traffic.remaining(&after, later), vec![2, 0]);
@@ -149,7 +155,7 @@ fn state_follows_its_policy_by_name_when_pools_are_numbered_otherwise() {
     let as_saved = Engine::new(4, 1000);
     Traffic::in_engine(&as_saved);
     assert_ne!(newer, as_saved.pools().policy("a-new-policy"));
-    saved.restore(&after, NOW).unwrap();
+    saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     let traffic = Traffic::in_engine(&after);
     assert_ne!(Pool::of(traffic.bucket.id), newer);
     assert_eq!(traffic.remaining(&after, NOW), vec![3, 1]);
@@ -193,7 +199,7 @@ fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
     let saved = open(older.path(), &master).expect("the header is whole");
     let engine = Engine::with_seed(4, 1000, saved.seed());
     assert!(matches!(
-        saved.restore(&engine, NOW),
+        saved.restore(&engine, NOW, Afterwards::Remove),
         Err(Unreadable::Entries(_))
     ));
     assert!(aside(&older).exists());
@@ -203,6 +209,38 @@ fn a_state_file_that_cannot_be_read_is_set_aside_and_nothing_is_restored() {
     let none = tempfile::tempdir().unwrap();
     assert!(open(none.path(), &master).is_none());
     assert!(!aside(&none).exists());
+}
+
+/// Taken back by a process that writes checkpoints, the file stays until
+/// the first one replaces it: a crash before then takes the same state
+/// back once more (the crash's own fence in front of it), where it once
+/// found nothing. Without checkpoints it is removed.
+#[test]
+fn a_state_taken_back_stays_until_a_checkpoint_replaces_it() {
+    let master = master();
+    let dir = saved_after_one_request(&master);
+    let path = dir.path().join(FILE_NAME);
+    let saved = open(dir.path(), &master).expect("saved");
+    let first = Engine::with_seed(4, 1000, saved.seed());
+    saved
+        .restore(&first, NOW, Afterwards::LeaveToTheFirstCheckpoint)
+        .unwrap();
+    assert!(path.exists());
+
+    // The process crashed before its first checkpoint: the next one takes
+    // back the same state.
+    let saved = open(dir.path(), &master).expect("left in place");
+    let after = Engine::with_seed(4, 1000, saved.seed());
+    assert_eq!(
+        saved
+            .restore(&after, NOW, Afterwards::Remove)
+            .unwrap()
+            .entries,
+        3
+    );
+    let traffic = Traffic::in_engine(&after);
+    assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
+    assert!(!path.exists());
 }
 
 /// Saving replaces the file whole: the state of the last stop, not an
@@ -215,7 +253,13 @@ fn each_stop_replaces_the_state_saved_before() {
     assert_eq!(save(dir.path(), &master, &empty, NOW, None).unwrap(), 0);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(saved.restore(&after, NOW).unwrap().entries, 0);
+    assert_eq!(
+        saved
+            .restore(&after, NOW, Afterwards::Remove)
+            .unwrap()
+            .entries,
+        0
+    );
 }
 
 /// Caps lowered between the two processes hold: what is past them is
@@ -228,7 +272,7 @@ fn caps_lowered_since_the_save_hold_but_every_replay_key_is_kept() {
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
     after.pools().set_cap(after.pools().policy("five"), Some(0));
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     assert_eq!(
         restored,
         Restored {
@@ -254,7 +298,7 @@ fn a_state_saved_by_the_version_before_is_taken_back_behind_a_fence() {
     .unwrap();
     let saved = open(dir.path(), &master).expect("read");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     assert_eq!(restored.entries, 3);
     assert_eq!(
         Handover::fence_after(restored.handover, None, PAST_SKEW),
@@ -296,7 +340,7 @@ fn a_state_handed_over_whole_keeps_the_fence_of_the_process_that_saved_it() {
     let dir = handed_over(&master);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     let (mark, fence) = final_mark();
     assert_eq!(
         Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
@@ -322,7 +366,10 @@ fn a_state_is_not_whole_once_another_process_ran_or_the_past_skew_grew() {
     let dir = handed_over(&master);
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let handover = saved.restore(&after, NOW).unwrap().handover;
+    let handover = saved
+        .restore(&after, NOW, Afterwards::Remove)
+        .unwrap()
+        .handover;
     let (mark, _) = final_mark();
     let later = Mark {
         seq: mark.seq + 1,
@@ -430,7 +477,7 @@ fn a_state_file_changed_after_it_was_opened_takes_back_nothing() {
         .unwrap();
     let after = Engine::with_seed(4, 1000, saved.seed());
     assert!(matches!(
-        saved.restore(&after, NOW),
+        saved.restore(&after, NOW, Afterwards::Remove),
         Err(Unreadable::Changed)
     ));
     assert_eq!(after.occupancy(), Default::default());
@@ -470,7 +517,7 @@ fn a_state_saved_by_version_2_is_taken_back_and_keeps_its_fence() {
 
     let saved = open(dir.path(), &master).expect("read");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     assert_eq!(restored.entries, 3);
     assert_eq!(
         Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
@@ -503,7 +550,7 @@ fn a_checkpoint_leaves_the_state_in_place_and_is_taken_back_behind_a_fence() {
 
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     assert_eq!(restored.entries, 3);
     assert_eq!(restored.handover, None);
     let traffic = Traffic::in_engine(&after);
@@ -541,7 +588,7 @@ fn no_checkpoint_replaces_the_final_save() {
     );
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW).unwrap();
+    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
     assert_eq!((restored.entries, restored.handover), (3, Some(handover)));
 }
 
@@ -594,7 +641,7 @@ fn a_state_of_many_batches_comes_back_entry_for_entry() {
 
         let saved = open(dir.path(), &master).expect("saved");
         let after = Engine::with_seed(8, nonces + 1, saved.seed());
-        let restored = saved.restore(&after, NOW).unwrap();
+        let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
         assert_eq!((restored.entries, restored.dropped), (written, 0));
         assert_eq!(after.occupancy(), held, "taken={take}");
         for i in 0..nonces {
@@ -642,7 +689,13 @@ fn a_checkpoint_taken_while_checks_go_on_holds_every_replay_key_accepted_before_
 
     let saved = open(dir.path(), &master).expect("saved");
     let after = Engine::with_seed(8, 1_000_000, saved.seed());
-    assert_eq!(saved.restore(&after, NOW).unwrap().entries, written);
+    assert_eq!(
+        saved
+            .restore(&after, NOW, Afterwards::Remove)
+            .unwrap()
+            .entries,
+        written
+    );
     let replayed = |i: u64| nonce_only(&after, i, false) == Outcome::Replay;
     assert!(
         (0..before).all(replayed),
