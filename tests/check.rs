@@ -622,6 +622,112 @@ async fn a_crash_before_the_first_checkpoint_leaves_the_state_taken_back_to_the_
     assert_spent_and_locked_out(&dir, &third, &client_of, &accepted, "another process ran").await;
 }
 
+/// A real kill (-9) in the middle of writing a checkpoint, its temporary
+/// file half written, leaves the file before it whole: the next process
+/// takes back every entry, and refuses as replays the requests they
+/// remember. A saved state of 400,000 replay keys makes the write long
+/// enough to be caught in; a kill that lands after the rename is tried
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_in_the_middle_of_writing_a_checkpoint_leaves_the_file_before_it_whole() {
+    use warden::engine::{Engine, Entry, Nanos};
+    const KEPT: u64 = 400_000;
+    let nonce = |i: u64| format!("kill-mid-write-{i:08}");
+    let dir = ConfigDir::new();
+    let config = single_process_config(&dir, "");
+    let signer = Signer::new("wk_pay", SECRET);
+    let mut first = Server::with_config(&config);
+    assert!(first.terminate().success(), "{}", first.logs());
+
+    // The replay keys of KEPT requests, saved as a process stopping would.
+    let store = dir.path().join("store");
+    let master = warden::crypto::MasterKey::from_hex(
+        std::fs::read_to_string(dir.path().join("master.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let now = warden_client::signing::unix_now() as u64;
+    let engine = Engine::new(64, 2 * KEPT as usize);
+    let entries: Vec<Entry> = (0..KEPT)
+        .map(|i| Entry::Nonce {
+            id: engine.key(b"wk_pay", &[b"nonce", nonce(i).as_bytes()]).id,
+            forget_at_secs: (now + 3600) as u32,
+        })
+        .collect();
+    assert_eq!(engine.import(&entries, Nanos::from_secs(now)), 0);
+    // Fewer than KEPT when two of one key's nonces share a state id (40
+    // bits of hash for each: a chance of 400,000^2 / 2^41, about 7 %;
+    // see README "Replay keys of one API key").
+    let held =
+        warden::saved_state::save(&store, &master, &engine, Nanos::from_secs(now), None).unwrap();
+    assert!(held > KEPT as usize - 10, "{held}");
+    drop((engine, entries));
+
+    // Each process writes a checkpoint as soon as it serves.
+    let torn = store.join("state.saved.tmp");
+    let mut caught = false;
+    let file_now = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(store.join("state.saved")).map_or(0, |m| m.ino())
+    };
+    for _ in 0..5 {
+        let before = file_now();
+        let mut server = Server::with_config_unready(&config, "info");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // Until the temporary file is being written, or has been renamed
+        // over the file already (missed: tried again).
+        while std::fs::metadata(&torn).map_or(0, |m| m.len()) == 0
+            && file_now() == before
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        server.kill();
+        if std::fs::metadata(&torn).is_ok_and(|m| m.len() > 0) {
+            caught = true;
+            break;
+        }
+    }
+    assert!(
+        caught,
+        "no kill landed in the middle of a checkpoint in five tries"
+    );
+
+    let last = Server::with_config_unready(&config, "info");
+    let logs = last.wait_for_log("\"event\":\"state_restored\"");
+    assert!(
+        logs.contains(&format!("\"entries\":{held}")) && !logs.contains("saved_state_unreadable"),
+        "{logs}"
+    );
+    last.wait_past_fence_within(Duration::from_secs(30));
+    let mut client = dir.client(&last).await;
+    let signed = |nonce: &str| {
+        let headers = signer.sign_at(
+            warden_client::signing::unix_now(),
+            nonce,
+            "POST",
+            "/pay",
+            "",
+            b"1",
+        );
+        warden_client::signing::check_request_from(
+            &headers,
+            warden_client::signing::SCHEME_WARDEN_V1,
+            "POST",
+            "/pay",
+            "",
+            b"1",
+        )
+    };
+    for i in [0, KEPT / 2, KEPT - 1] {
+        let r = client.check(signed(&nonce(i))).await.unwrap();
+        assert_reason(&r, Reason::Replay);
+    }
+    let r = client.check(signed(&nonce(KEPT))).await.unwrap();
+    assert_reason(&r, Reason::Ok);
+}
+
 /// `server` took a saved state back, and kept the fence of the process
 /// that saved it or not (then saying `why`).
 fn assert_restored(server: &Server, fence_kept: bool, why: &str) {
