@@ -57,7 +57,7 @@ fn engine(c: &mut Criterion) {
     group.bench_function("nonce_insert_and_lookup", |b| {
         b.iter(|| {
             n += 1;
-            let key = engine.key(b"key-1", &[b"nonce", &n.to_le_bytes()]);
+            let key = engine.replay_key(b"key-1", &[b"nonce", &n.to_le_bytes()]);
             black_box(engine.decide(
                 Nanos::new(n),
                 &Request {

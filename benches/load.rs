@@ -1265,7 +1265,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     }
     let after_keys = rss_bytes();
     for i in 0..args.nonces {
-        let key = engine.key(&(i % 1000).to_le_bytes(), &[b"nonce", &i.to_le_bytes()]);
+        let key = engine.replay_key(&(i % 1000).to_le_bytes(), &[b"nonce", &i.to_le_bytes()]);
         engine.decide(
             now,
             &Request {

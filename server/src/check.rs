@@ -21,7 +21,8 @@ use crate::auth::{Authz, Grant, Role};
 use crate::config::CheckSettings;
 use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
-    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, StateKey, StateSeed,
+    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, ReplayKey, Request, StateKey,
+    StateSeed,
 };
 use crate::freshness::{Fence, Freshness, Predecessor, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
@@ -680,10 +681,12 @@ impl Checker {
         // Bearer requests carry no nonce: there is nothing to replay-check.
         let replay_key = match &valid.credential {
             Credential::Signed { signed, signature } => Some(match signed.scheme {
-                Scheme::WardenV1 => self.engine.key(owner, &[b"nonce", req.nonce.as_bytes()]),
-                Scheme::TsBody => self.engine.key(owner, &[b"signature", signature]),
+                Scheme::WardenV1 => self
+                    .engine
+                    .replay_key(owner, &[b"nonce", req.nonce.as_bytes()]),
+                Scheme::TsBody => self.engine.replay_key(owner, &[b"signature", signature]),
             }),
-            Credential::Webhook(d) => Some(self.engine.key(
+            Credential::Webhook(d) => Some(self.engine.replay_key(
                 owner,
                 &[b"webhook", d.provider.name().as_bytes(), &d.replay_id],
             )),
@@ -778,7 +781,7 @@ pub struct Pending {
     /// When the check began; the local decision is made at this instant.
     pub now: Nanos,
     /// The replay key and when it may be forgotten (signed requests).
-    pub nonce: Option<(StateKey, Nanos)>,
+    pub nonce: Option<(ReplayKey, Nanos)>,
     /// Every limit: the key's policies, then the request limits.
     pub limits: Vec<(StateKey, Limit)>,
     pub cost: u64,

@@ -64,8 +64,8 @@ use super::link::PeerLink;
 use super::ownership::{Node, SlotTable};
 use crate::check::{Checker, Pending};
 use crate::engine::{
-    Engine, Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, Request, Slot, StateKey,
-    Verdicts, Window, WindowKind, WindowState, slot_of,
+    Engine, Entry, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, ReplayKey, Request, Slot,
+    StateKey, Verdicts, Window, WindowKind, WindowState, slot_of,
 };
 use crate::freshness::{Fence, Stale};
 
@@ -114,7 +114,7 @@ struct Reservation {
     /// is held, or its refund would miss the state it gives back to.
     slots: SmallVec<[Slot; 4]>,
     taken_at: Nanos,
-    nonce: Option<(StateKey, Nanos)>,
+    nonce: Option<(ReplayKey, Nanos)>,
     limits: Vec<(StateKey, Limit)>,
     cost: u64,
     expires: Instant,
@@ -386,9 +386,10 @@ impl ClusterState {
             nonce: pending
                 .nonce
                 .filter(|_| share.nonce)
-                .map(|(k, at)| StateNonce {
-                    id: k.id,
+                .map(|(r, at)| StateNonce {
+                    id: r.key.id,
                     forget_at_ns: at.get(),
+                    extra: u32::from(r.extra),
                 }),
             limits: share
                 .limits
@@ -501,7 +502,7 @@ impl ClusterState {
             // Forgetting lets nothing in by itself: a request sent again is
             // judged whole, fences and skews included, when it comes.
             if let Some(n) = &step.nonce {
-                engine.forget(engine.placed(n.id));
+                engine.forget(ReplayKey::placed(engine, n.id, n.extra));
             }
             return refuse(WireOutcome::Forgotten);
         }
@@ -549,7 +550,7 @@ impl ClusterState {
                 // the nonce, it may not end sooner.
                 forget_at = forget_at.max(self.checker.unsigned_forget_at(now));
             }
-            (engine.placed(n.id), forget_at)
+            (ReplayKey::placed(engine, n.id, n.extra), forget_at)
         });
         let cost = step.cost.max(1);
         let outcome = engine.decide(
@@ -1142,9 +1143,15 @@ fn batch_len(b: &HandOffBatch) -> usize {
 pub fn add_entry(batch: &mut HandOffBatch, entry: Entry, names: &[String]) {
     let pool = |id: u64| names[Pool::of(id).index()].clone();
     match entry {
-        Entry::Nonce { id, forget_at_secs } => {
-            batch.nonces.push(HandedNonce { id, forget_at_secs })
-        }
+        Entry::Nonce {
+            id,
+            extra,
+            forget_at_secs,
+        } => batch.nonces.push(HandedNonce {
+            id,
+            forget_at_secs,
+            extra: u32::from(extra),
+        }),
         Entry::Bucket { id, tat } => batch.buckets.push(HandedBucket {
             id,
             pool: pool(id),
@@ -1174,6 +1181,7 @@ pub fn entries_of(batch: &HandOffBatch, engine: &Engine) -> Result<Vec<Entry>, &
     for n in &batch.nonces {
         entries.push(Entry::Nonce {
             id: Pool::KEYS.tag(n.id),
+            extra: u16::try_from(n.extra).unwrap_or(ReplayKey::ANY),
             forget_at_secs: n.forget_at_secs,
         });
     }
@@ -1225,8 +1233,8 @@ fn shares(table: &SlotTable, pending: &Pending) -> Option<SmallVec<[Share; 2]>> 
         })
     };
     let mut placed: SmallVec<[(usize, Option<usize>); 8]> = SmallVec::new();
-    if let Some((key, _)) = pending.nonce {
-        placed.push((share_of(key.slot())?, None));
+    if let Some((replay, _)) = pending.nonce {
+        placed.push((share_of(replay.key.slot())?, None));
     }
     for (i, (key, _)) in pending.limits.iter().enumerate() {
         placed.push((share_of(key.slot())?, Some(i)));
@@ -1381,7 +1389,7 @@ mod tests {
         let engine = state.checker.engine();
         let now = state.checker.now();
         let nonce = Some((
-            engine.placed((u64::from(slot) << 40) | 12345),
+            ReplayKey::placed(engine, (u64::from(slot) << 40) | 12345, 1),
             now.saturating_add(Nanos::from_secs(300)),
         ));
         let request = Request {
@@ -1490,6 +1498,7 @@ mod tests {
             nonce: Some(StateNonce {
                 id,
                 forget_at_ns: u64::MAX,
+                extra: 1,
             }),
             commit: true,
             timestamp,

@@ -3,9 +3,10 @@
 //! freshness check rejects a replay on its own, so the entry can go.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
-use super::StateKey;
+use super::ReplayKey;
 use super::clock::Nanos;
 
 /// A nonce's state id without its top byte. That byte names an id's pool
@@ -117,15 +118,43 @@ fn second(now: Nanos) -> u32 {
     now.whole_secs() as u32
 }
 
+/// What is kept of a remembered nonce beside its id: when it may be
+/// forgotten, and the extra bits of its replay key ([`ReplayKey`]). An
+/// entry is 12 bytes; 10 before the extra bits, which cost 2 bytes to
+/// cut the refusals of new requests as replays 65,536-fold.
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    forget_at: ForgetAt,
+    extra: [u8; 2],
+}
+
+impl Remembered {
+    fn extra(self) -> u16 {
+        u16::from_le_bytes(self.extra)
+    }
+}
+
+/// Whether two replay keys' extra bits name the same request: equal, or
+/// either one came without them.
+fn same_request(a: u16, b: u16) -> bool {
+    a == b || a == ReplayKey::ANY || b == ReplayKey::ANY
+}
+
 /// One shard's remembered nonces: key → the second it may be forgotten
 /// (rounded up; request timestamps are whole seconds anyway, and 3 bytes
-/// keep an entry at 10).
+/// keep an entry small).
 /// The bound on how many are remembered is global and kept by the engine
 /// (one hot key's nonces all live in one shard, so a per-shard bound would
 /// throttle exactly the busiest key).
 #[derive(Debug, Default)]
 pub struct NonceSet {
-    entries: HashMap<NonceId, ForgetAt, BuildHasherDefault<IdHasher>>,
+    entries: HashMap<NonceId, Remembered, BuildHasherDefault<IdHasher>>,
+    /// Replay keys whose id a remembered one of other extra bits has
+    /// already: two of one API key's nonces whose 40 bits of hash match (a
+    /// chance of one in 2^40 a pair; about one a 36 s at 10,000 requests a
+    /// second on one key). Nearly always empty, and looked in only when
+    /// not.
+    shared_ids: HashMap<(NonceId, u16), ForgetAt>,
 }
 
 /// Whether a nonce has been used.
@@ -142,45 +171,109 @@ impl NonceSet {
         Self::default()
     }
 
-    /// Whether `key` is still remembered at `now`.
-    pub fn probe(&self, key: StateKey, now: Nanos) -> Claim {
-        match self.entries.get(&NonceId::new(key.id)) {
-            Some(forget_at) if forget_at.is_ahead_of(second(now)) => Claim::Seen,
-            _ => Claim::Fresh,
+    /// Whether `replay` is still remembered at `now`.
+    pub fn probe(&self, replay: ReplayKey, now: Nanos) -> Claim {
+        let now = second(now);
+        let id = NonceId::new(replay.key.id);
+        if let Some(r) = self.entries.get(&id)
+            && r.forget_at.is_ahead_of(now)
+            && same_request(r.extra(), replay.extra)
+        {
+            return Claim::Seen;
+        }
+        if !self.shared_ids.is_empty() {
+            let seen = if replay.extra == ReplayKey::ANY {
+                self.shared_ids
+                    .iter()
+                    .any(|(&(i, _), at)| i == id && at.is_ahead_of(now))
+            } else {
+                self.shared_ids
+                    .get(&(id, replay.extra))
+                    .is_some_and(|at| at.is_ahead_of(now))
+            };
+            if seen {
+                return Claim::Seen;
+            }
+        }
+        Claim::Fresh
+    }
+
+    /// Remembers `replay` until `forget_at`. Call only after [`Self::probe`]
+    /// answered `Fresh` under the same lock. Returns whether the set grew
+    /// (false when an expired entry was replaced).
+    pub fn insert(&mut self, replay: ReplayKey, forget_at: Nanos, now: Nanos) -> bool {
+        let now = second(now);
+        let forget_at = ForgetAt::new(forget_at.ceil_secs(), now);
+        let remembered = Remembered {
+            forget_at,
+            extra: replay.extra.to_le_bytes(),
+        };
+        let id = NonceId::new(replay.key.id);
+        match self.entries.entry(id) {
+            Entry::Vacant(v) => {
+                v.insert(remembered);
+                true
+            }
+            Entry::Occupied(mut o) if !o.get().forget_at.is_ahead_of(now) => {
+                o.insert(remembered);
+                false
+            }
+            // Remembered, and not this request (probe said so): another
+            // request whose id is the same.
+            Entry::Occupied(_) => self
+                .shared_ids
+                .insert((id, replay.extra), forget_at)
+                .is_none(),
         }
     }
 
-    /// Remembers `key` until `forget_at`. Call only after [`Self::probe`]
-    /// answered `Fresh` under the same lock. Returns whether the set grew
-    /// (false when an expired entry was replaced).
-    pub fn insert(&mut self, key: StateKey, forget_at: Nanos, now: Nanos) -> bool {
-        let forget_at = ForgetAt::new(forget_at.ceil_secs(), second(now));
-        self.entries
-            .insert(NonceId::new(key.id), forget_at)
-            .is_none()
+    /// Forgets `replay` (a reservation given back, a `Forget`): every
+    /// remembered replay key it names (one; every one of its id for a key
+    /// without extra bits). How many were there.
+    pub fn remove(&mut self, replay: ReplayKey) -> usize {
+        let id = NonceId::new(replay.key.id);
+        let mut removed = 0;
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|r| same_request(r.extra(), replay.extra))
+        {
+            self.entries.remove(&id);
+            removed += 1;
+        }
+        if !self.shared_ids.is_empty() {
+            let before = self.shared_ids.len();
+            self.shared_ids
+                .retain(|&(i, extra), _| i != id || !same_request(extra, replay.extra));
+            removed += before - self.shared_ids.len();
+        }
+        removed
     }
 
-    /// Forgets `key` (a reservation given back). Returns whether it was
-    /// there.
-    pub fn remove(&mut self, key: StateKey) -> bool {
-        self.entries.remove(&NonceId::new(key.id)).is_some()
-    }
-
-    /// Gives `take` every nonce whose id `wanted` names, with the second
-    /// it may be forgotten; removed when `remove` (a handover), else kept
-    /// (a checkpoint). How many were given.
+    /// Gives `take` every nonce whose id `wanted` names, with its extra
+    /// bits and the second it may be forgotten; removed when `remove` (a
+    /// handover), else kept (a checkpoint). How many were given.
     pub fn gather(
         &mut self,
         wanted: impl Fn(u64) -> bool,
         now: Nanos,
         remove: bool,
-        mut take: impl FnMut(u64, u32),
+        mut take: impl FnMut(u64, u16, u32),
     ) -> usize {
         let now = second(now);
         let mut given = 0;
-        self.entries.retain(|&id, &mut forget_at| {
+        self.entries.retain(|&id, r| {
             if wanted(id.get()) {
-                take(id.get(), forget_at.secs(now));
+                take(id.get(), r.extra(), r.forget_at.secs(now));
+                given += 1;
+                !remove
+            } else {
+                true
+            }
+        });
+        self.shared_ids.retain(|&(id, extra), forget_at| {
+            if wanted(id.get()) {
+                take(id.get(), extra, forget_at.secs(now));
                 given += 1;
                 !remove
             } else {
@@ -190,41 +283,75 @@ impl NonceSet {
         given
     }
 
-    /// Remembers `key` until `forget_at_secs` or its own expiry, whichever
-    /// is later (state handed over). Returns whether the set grew.
-    pub fn merge(&mut self, key: StateKey, forget_at_secs: u32, now: Nanos) -> bool {
+    /// Remembers `replay` until `forget_at_secs` or its own expiry,
+    /// whichever is later (state handed over, or taken back). Returns
+    /// whether the set grew.
+    pub fn merge(&mut self, replay: ReplayKey, forget_at_secs: u32, now: Nanos) -> bool {
         let now = second(now);
         let handed = ForgetAt::new(u64::from(forget_at_secs), now);
-        match self.entries.get_mut(&NonceId::new(key.id)) {
-            Some(at) => {
-                if handed.ahead_of(now) > at.ahead_of(now) {
-                    *at = handed;
-                }
+        let later = |at: &mut ForgetAt| {
+            if handed.ahead_of(now) > at.ahead_of(now) {
+                *at = handed;
+            }
+        };
+        let id = NonceId::new(replay.key.id);
+        let handed_over = Remembered {
+            forget_at: handed,
+            extra: replay.extra.to_le_bytes(),
+        };
+        let r = match self.entries.entry(id) {
+            Entry::Vacant(v) => {
+                v.insert(handed_over);
+                return true;
+            }
+            Entry::Occupied(o) => o.into_mut(),
+        };
+        match r {
+            r if !r.forget_at.is_ahead_of(now) => {
+                *r = handed_over;
                 false
             }
-            None => {
-                self.entries.insert(NonceId::new(key.id), handed);
-                true
+            r if r.extra() == replay.extra => {
+                later(&mut r.forget_at);
+                false
             }
+            // One of the two came without extra bits: the entry stands
+            // for both (it refuses every request of its id, as both did).
+            r if same_request(r.extra(), replay.extra) => {
+                r.extra = ReplayKey::ANY.to_le_bytes();
+                later(&mut r.forget_at);
+                false
+            }
+            _ => match self.shared_ids.get_mut(&(id, replay.extra)) {
+                Some(at) => {
+                    later(at);
+                    false
+                }
+                None => {
+                    self.shared_ids.insert((id, replay.extra), handed);
+                    true
+                }
+            },
         }
     }
 
     /// Drops every nonce that may be forgotten at `now`; returns how many.
     pub fn sweep(&mut self, now: Nanos) -> usize {
-        let before = self.entries.len();
+        let before = self.len();
         let now = second(now);
-        self.entries
+        self.entries.retain(|_, r| r.forget_at.is_ahead_of(now));
+        self.shared_ids
             .retain(|_, forget_at| forget_at.is_ahead_of(now));
         shrink_if_sparse(&mut self.entries);
-        before - self.entries.len()
+        before - self.len()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.shared_ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -244,9 +371,24 @@ mod tests {
 
     /// The nonces `wanted` names, taken out of `set` as a handover does.
     fn taken(set: &mut NonceSet, wanted: impl Fn(u64) -> bool, now: Nanos) -> Vec<(u64, u32)> {
+        taken_with_extra(set, wanted, now)
+            .into_iter()
+            .map(|(id, _, at)| (id, at))
+            .collect()
+    }
+
+    /// [`taken`], with each one's extra bits, in order.
+    fn taken_with_extra(
+        set: &mut NonceSet,
+        wanted: impl Fn(u64) -> bool,
+        now: Nanos,
+    ) -> Vec<(u64, u16, u32)> {
         let mut taken = Vec::new();
-        let given = set.gather(wanted, now, true, |id, at| taken.push((id, at)));
+        let given = set.gather(wanted, now, true, |id, extra, at| {
+            taken.push((id, extra, at))
+        });
         assert_eq!(given, taken.len());
+        taken.sort_unstable();
         taken
     }
 
@@ -254,13 +396,20 @@ mod tests {
     /// nothing special.
     const T0: Nanos = Nanos::from_secs(1_764_450_000);
 
-    fn key(id: u64) -> StateKey {
-        StateKey { id, shard: 0 }
+    fn key(id: u64) -> ReplayKey {
+        with_extra(id, 1)
+    }
+
+    fn with_extra(id: u64, extra: u16) -> ReplayKey {
+        ReplayKey {
+            key: crate::engine::StateKey { id, shard: 0 },
+            extra,
+        }
     }
 
     #[test]
-    fn a_remembered_nonce_costs_a_ten_byte_entry_and_keeps_every_id_bit() {
-        assert_eq!(std::mem::size_of::<(NonceId, ForgetAt)>(), 10);
+    fn a_remembered_nonce_costs_a_twelve_byte_entry_and_keeps_every_id_bit() {
+        assert_eq!(std::mem::size_of::<(NonceId, Remembered)>(), 12);
         // Every bit below the pool byte, which is 0 (Pool::KEYS) for every
         // nonce the engine makes.
         for id in [
@@ -367,30 +516,127 @@ mod tests {
         assert_eq!(taken(&mut set, |_| true, now), vec![(1, after)]);
     }
 
+    /// The attack on nobody: two requests of one API key whose ids match
+    /// (40 bits of hash: one pair in 2^40) are two requests, not a replay.
+    /// Until session 28 the second was refused as one.
+    #[test]
+    fn two_requests_whose_ids_match_are_told_apart_by_their_extra_bits() {
+        let mut set = NonceSet::new();
+        let later = T0 + 100 * SEC;
+        assert!(set.insert(with_extra(5, 1), later, T0));
+        assert_eq!(set.probe(with_extra(5, 2), T0), Claim::Fresh);
+        assert!(set.insert(with_extra(5, 2), later, T0));
+        assert_eq!(set.len(), 2);
+        for extra in [1, 2] {
+            assert_eq!(set.probe(with_extra(5, extra), T0), Claim::Seen);
+        }
+        assert_eq!(set.probe(with_extra(5, 3), T0), Claim::Fresh);
+        // A reservation given back forgets its own request, not the other.
+        assert_eq!(set.remove(with_extra(5, 2)), 1);
+        assert_eq!(set.probe(with_extra(5, 2), T0), Claim::Fresh);
+        assert_eq!(set.probe(with_extra(5, 1), T0), Claim::Seen);
+        // One that expired lets its request through again, and not the
+        // others; a sweep takes what expired, then the rest in their time.
+        assert!(set.insert(with_extra(5, 2), T0 + 10 * SEC, T0));
+        let then = T0 + 20 * SEC;
+        assert_eq!(set.probe(with_extra(5, 2), then), Claim::Fresh);
+        assert!(set.insert(with_extra(5, 3), later, then));
+        assert_eq!(set.probe(with_extra(5, 3), then), Claim::Seen);
+        assert_eq!(set.probe(with_extra(5, 1), then), Claim::Seen);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.sweep(then), 1);
+        assert_eq!(set.sweep(later), 2);
+        assert!(set.is_empty());
+    }
+
+    /// A replay key from a node of the version before (or a state it
+    /// saved) has no extra bits: it matches every replay key of its id,
+    /// either way round, as every one did before; nothing it stands for
+    /// is let through twice.
+    #[test]
+    fn a_replay_key_without_extra_bits_matches_every_one_of_its_id() {
+        let any = |id| with_extra(id, ReplayKey::ANY);
+        let later = T0 + 100 * SEC;
+        let mut set = NonceSet::new();
+        set.insert(with_extra(5, 1), later, T0);
+        set.insert(with_extra(5, 2), later, T0);
+        assert_eq!(set.probe(any(5), T0), Claim::Seen);
+        assert_eq!(set.probe(any(6), T0), Claim::Fresh);
+        // Forgotten without extra bits: every one of the id.
+        assert_eq!(set.remove(any(5)), 2);
+        assert!(set.is_empty());
+
+        // Handed over without them: refuses every request of its id.
+        assert!(set.merge(any(7), (T0 + 50 * SEC).whole_secs() as u32, T0));
+        assert_eq!(set.probe(with_extra(7, 9), T0), Claim::Seen);
+        assert_eq!(set.remove(with_extra(7, 9)), 1);
+        // Merged into one with them: the entry stands for both, until the
+        // later of the two.
+        set.insert(with_extra(8, 1), later, T0);
+        assert!(!set.merge(any(8), (T0 + 200 * SEC).whole_secs() as u32, T0));
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.probe(with_extra(8, 4), T0 + 150 * SEC), Claim::Seen);
+        // Two with them whose ids match, handed over: both kept.
+        assert!(set.merge(with_extra(9, 1), later.whole_secs() as u32, T0));
+        assert!(set.merge(with_extra(9, 2), later.whole_secs() as u32, T0));
+        assert!(!set.merge(with_extra(9, 2), later.whole_secs() as u32, T0));
+        assert_eq!(
+            taken_with_extra(&mut set, |id| id == 9, T0),
+            vec![
+                (9, 1, later.whole_secs() as u32),
+                (9, 2, later.whole_secs() as u32)
+            ]
+        );
+    }
+
     proptest! {
         #[test]
         fn nonce_set_matches_a_model_that_never_forgets(
             start in prop_oneof![Just(0u64), Just(u64::from(MASK) - 500), 0u64..(1 << 32) - 100_000_000],
-            ops in proptest::collection::vec((0u64..20, 0u64..50, 1u64..200, any::<bool>()), 1..300),
+            ops in proptest::collection::vec(
+                (0u64..20, 0u16..4, 0u64..50, 1u64..200, 0u8..4),
+                1..300,
+            ),
         ) {
             // The model keeps every insert forever, as whole seconds, and
-            // asks "is there one whose forget time is still ahead?"; sweeps
-            // and the 24-bit wrap must not change answers.
+            // asks "is there one of this id, whose extra bits match (equal,
+            // or either without: 0) and whose forget time is still
+            // ahead?"; sweeps, forgets and the 24-bit wrap must not change
+            // answers, nor the count of what is kept.
             let mut set = NonceSet::new();
-            let mut model: Vec<(u64, Nanos)> = Vec::new();
+            let mut model: Vec<(u64, u16, Nanos)> = Vec::new();
+            let same_request = |a: u16, b: u16| a == b || a == 0 || b == 0;
             let mut now = Nanos::from_secs(start);
-            for (id, step, ttl, sweep) in ops {
+            for (id, extra, step, ttl, then) in ops {
                 now += step * SEC;
-                if sweep {
-                    set.sweep(now);
+                match then {
+                    0 => {
+                        set.sweep(now);
+                    }
+                    1 => {
+                        let forgotten = set.remove(with_extra(id, extra));
+                        let before = model.len();
+                        model.retain(|&(k, e, at)| {
+                            k != id || !same_request(e, extra) || at <= now
+                        });
+                        // Entries past their time may go too (not swept
+                        // yet); every live one it names must.
+                        prop_assert!(forgotten >= before - model.len());
+                        model.retain(|&(k, e, _)| k != id || !same_request(e, extra));
+                    }
+                    _ => {}
                 }
-                let seen = model.iter().any(|&(k, forget_at)| k == id && forget_at > now);
-                let claim = set.probe(key(id), now);
+                let seen = model
+                    .iter()
+                    .any(|&(k, e, at)| k == id && same_request(e, extra) && at > now);
+                let claim = set.probe(with_extra(id, extra), now);
                 prop_assert_eq!(claim == Claim::Seen, seen);
                 if claim == Claim::Fresh {
-                    set.insert(key(id), now + ttl * SEC, now);
-                    model.push((id, now + ttl * SEC));
+                    set.insert(with_extra(id, extra), now + ttl * SEC, now);
+                    model.push((id, extra, now + ttl * SEC));
                 }
+                let live = model.iter().filter(|&&(_, _, at)| at > now).count();
+                prop_assert!(set.len() >= live);
             }
         }
     }

@@ -17,7 +17,7 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
     let engine = Engine::new(8, 1000);
     let plenty = (engine.key(b"k", &[b"plenty"]), gcra(100, 100));
     let scarce = (engine.key(b"other", &[b"scarce"]), gcra(1, 1));
-    let nonce = engine.key(b"k", &[b"nonce", b"n1"]);
+    let nonce = engine.replay_key(b"k", &[b"nonce", b"n1"]);
 
     // Use up the scarce limit.
     let first = Request {
@@ -70,7 +70,7 @@ fn a_denied_request_takes_no_tokens_and_stores_no_nonce() {
 fn a_dry_run_changes_nothing() {
     let engine = Engine::new(4, 100);
     let limit = (engine.key(b"k", &[b"p"]), gcra(1, 1));
-    let nonce = engine.key(b"k", &[b"n"]);
+    let nonce = engine.replay_key(b"k", &[b"n"]);
     let dry = Request {
         nonce: Some((nonce, SEC)),
         limits: &[limit],
@@ -89,7 +89,7 @@ fn a_dry_run_changes_nothing() {
 #[test]
 fn a_replayed_nonce_is_refused_until_it_may_be_forgotten() {
     let engine = Engine::new(4, 100);
-    let nonce = engine.key(b"k", &[b"n"]);
+    let nonce = engine.replay_key(b"k", &[b"n"]);
     let req = Request {
         nonce: Some((nonce, 5 * SEC)),
         limits: &[],
@@ -121,7 +121,7 @@ fn concurrent_identical_requests_have_exactly_one_winner() {
                         (engine.key(b"k", &[b"p"]), gcra(1000, 1000)),
                         (engine.key(b"d", &[b"q"]), gcra(1000, 1000)),
                     ];
-                    let nonce = engine.key(b"k", &[b"nonce", &[round]]);
+                    let nonce = engine.replay_key(b"k", &[b"nonce", &[round]]);
                     let req = Request {
                         nonce: Some((nonce, SEC)),
                         limits: &limits,
@@ -188,7 +188,7 @@ fn memory_follows_active_keys_not_every_key_ever_seen() {
             (engine.key(&i.to_le_bytes(), &[b"g"]), gcra(10, 10)),
             (engine.key(&i.to_le_bytes(), &[b"w"]), window),
         ];
-        let nonce = engine.key(&i.to_le_bytes(), &[b"n"]);
+        let nonce = engine.replay_key(&i.to_le_bytes(), &[b"n"]);
         engine.decide(
             Nanos::ZERO,
             &Request {
@@ -227,7 +227,7 @@ fn a_full_nonce_set_refuses_new_nonces() {
     let engine = Engine::new(1, 2);
     for n in [b"1", b"2"] {
         let req = Request {
-            nonce: Some((engine.key(b"k", &[n]), SEC)),
+            nonce: Some((engine.replay_key(b"k", &[n]), SEC)),
             limits: &[],
             cost: 1,
             commit: true,
@@ -238,7 +238,7 @@ fn a_full_nonce_set_refuses_new_nonces() {
         ));
     }
     let req = Request {
-        nonce: Some((engine.key(b"k", &[b"3"]), SEC)),
+        nonce: Some((engine.replay_key(b"k", &[b"3"]), SEC)),
         limits: &[],
         cost: 1,
         commit: true,
@@ -439,8 +439,8 @@ fn when_nothing_can_be_evicted_the_request_is_refused_and_stores_nothing() {
     // for it, and this thread holds it (with a random seed, one run in 64
     // hung here).
     let nonce = (0..)
-        .map(|i| engine.key(format!("k{i}").as_bytes(), &[b"nonce", b"n"]))
-        .find(|k| k.shard != first_shard)
+        .map(|i| engine.replay_key(format!("k{i}").as_bytes(), &[b"nonce", b"n"]))
+        .find(|r| r.key.shard != first_shard)
         .unwrap();
     let limits = [(engine.key_in(p, other.as_bytes(), &[b"limit"]), gcra(5, 5))];
     let outcome = engine.decide(
@@ -626,10 +626,11 @@ fn imported_state_keeps_to_the_caps_but_never_drops_a_nonce() {
     );
 
     // Five nonces, a capacity of two: all five kept, each a replay.
-    let nonce = |i: u32| engine.key(b"k", &[b"nonce", &i.to_be_bytes()]);
+    let nonce = |i: u32| engine.replay_key(b"k", &[b"nonce", &i.to_be_bytes()]);
     let nonces: Vec<Entry> = (0..5)
         .map(|i| Entry::Nonce {
-            id: nonce(i).id,
+            id: nonce(i).key.id,
+            extra: nonce(i).extra,
             forget_at_secs: 2_000,
         })
         .collect();
@@ -653,4 +654,7 @@ fn state_ids_are_those_every_earlier_build_computed() {
     let engine = Engine::with_seed(4, 10, StateSeed::from_bytes([7; 16]));
     let id = engine.key(b"bench-key", &[b"nonce", b"n-1"]).id;
     assert_eq!(id, 25_442_318_793_035_327);
+    // And a replay key's extra bits (session 28), the same way.
+    let replay = engine.replay_key(b"bench-key", &[b"nonce", b"n-1"]);
+    assert_eq!((replay.key.id, replay.extra), (id, 34_757));
 }

@@ -1,6 +1,6 @@
 use super::*;
 use crate::clock_mark::Mark;
-use crate::engine::{Gcra, Limit, Outcome, Pool, Request, StateKey, Window, WindowKind};
+use crate::engine::{Gcra, Limit, Outcome, Pool, ReplayKey, Request, StateKey, Window, WindowKind};
 
 const NOW: Nanos = Nanos::from_secs(1_764_000_000);
 
@@ -23,7 +23,7 @@ fn three_a_minute() -> Limit {
 struct Traffic {
     bucket: StateKey,
     window: StateKey,
-    nonce: StateKey,
+    nonce: ReplayKey,
 }
 
 impl Traffic {
@@ -33,13 +33,13 @@ impl Traffic {
         Self {
             bucket: engine.key_in(policy, b"wk_a", &[b"policy", b"five"]),
             window: engine.key_in(per_ip, b"", &[b"ip:203.0.113.7"]),
-            nonce: engine.key(b"wk_a", &[b"nonce", b"n-1"]),
+            nonce: engine.replay_key(b"wk_a", &[b"nonce", b"n-1"]),
         }
     }
 
     /// One request: the nonce (a fresh one when `nonce` differs), the
     /// bucket and the window; whether it was allowed.
-    fn send(&self, engine: &Engine, now: Nanos, nonce: StateKey) -> Outcome {
+    fn send(&self, engine: &Engine, now: Nanos, nonce: ReplayKey) -> Outcome {
         engine.decide(
             now,
             &Request {
@@ -96,12 +96,16 @@ fn saved_as_the_version_before(master: &MasterKey) -> Vec<u8> {
     for entry in engine.take_slots(|_| true, NOW) {
         add_entry(&mut batch, entry, &names);
     }
+    // Written before replay keys had extra bits.
+    for nonce in &mut batch.nonces {
+        nonce.extra = 0;
+    }
     batch.encode_length_delimited(&mut bytes).unwrap();
     bytes
 }
 
-fn fresh_nonce(engine: &Engine, i: u32) -> StateKey {
-    engine.key(b"wk_a", &[b"nonce", &i.to_be_bytes()])
+fn fresh_nonce(engine: &Engine, i: u32) -> ReplayKey {
+    engine.replay_key(b"wk_a", &[b"nonce", &i.to_be_bytes()])
 }
 
 /// Two requests spent two of the bucket's five and two of the window's
@@ -286,7 +290,8 @@ fn caps_lowered_since_the_save_hold_but_every_replay_key_is_kept() {
 }
 
 /// A file the version before wrote is taken back (an upgrade keeps its
-/// limits spent), but says nothing of being whole: the fence stands.
+/// limits spent), but says nothing of being whole: the fence stands. Its
+/// replay keys, without extra bits, refuse their requests all the same.
 #[test]
 fn a_state_saved_by_the_version_before_is_taken_back_behind_a_fence() {
     let master = master();
@@ -605,10 +610,10 @@ fn a_state_of_many_batches_comes_back_entry_for_entry() {
     let before = Engine::new(8, nonces + 1);
     // Of 64 keys, so in every shard.
     let nonce = |engine: &Engine, i: usize| {
-        engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()])
+        engine.replay_key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()])
     };
     let bucket = |engine: &Engine, i: usize| engine.key(&i.to_be_bytes(), &[b"policy", b"five"]);
-    let send = |engine: &Engine, nonce: Option<StateKey>, limits: &[(StateKey, Limit)]| {
+    let send = |engine: &Engine, nonce: Option<ReplayKey>, limits: &[(StateKey, Limit)]| {
         engine.decide(
             NOW,
             &Request {
@@ -716,7 +721,7 @@ fn nonce_only(engine: &Engine, i: u64, commit: bool) -> Outcome {
         NOW,
         &Request {
             nonce: Some((
-                engine.key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
+                engine.replay_key(&(i % 64).to_be_bytes(), &[b"nonce", &i.to_be_bytes()]),
                 NOW.saturating_add(Nanos::from_secs(300)),
             )),
             limits: &[],

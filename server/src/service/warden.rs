@@ -269,14 +269,14 @@ async fn run_check(
 
 /// Forgets a genuine request's replay key, here or at its owner.
 async fn forget(ctx: &Context<'_>, pending: Pending) -> Result<Answer, CheckError> {
-    let Some((key, _)) = pending.nonce else {
+    let Some((replay, _)) = pending.nonce else {
         return Ok(crate::check::malformed_answer(
             "api_key: a bearer key's request is not remembered; there is nothing to forget",
         ));
     };
     match ctx.cluster {
         None => {
-            ctx.checker.engine().forget(key);
+            ctx.checker.engine().forget(replay);
         }
         Some(cluster) => cluster
             .forget(&pending)
