@@ -1181,7 +1181,7 @@ pub fn entries_of(batch: &HandOffBatch, engine: &Engine) -> Result<Vec<Entry>, &
     for n in &batch.nonces {
         entries.push(Entry::Nonce {
             id: Pool::KEYS.tag(n.id),
-            extra: u16::try_from(n.extra).unwrap_or(ReplayKey::ANY),
+            extra: ReplayKey::extra_from_wire(n.extra),
             forget_at_secs: n.forget_at_secs,
         });
     }

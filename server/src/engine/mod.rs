@@ -146,8 +146,14 @@ impl ReplayKey {
     pub fn placed(engine: &Engine, id: u64, extra: u32) -> Self {
         Self {
             key: engine.placed(id),
-            extra: u16::try_from(extra).unwrap_or(Self::ANY),
+            extra: Self::extra_from_wire(extra),
         }
+    }
+
+    /// Extra bits as they came on the wire or from a file: 0 from a sender
+    /// of the version before, and any that no replay key has, match any.
+    pub fn extra_from_wire(extra: u32) -> u16 {
+        u16::try_from(extra).unwrap_or(Self::ANY)
     }
 }
 
