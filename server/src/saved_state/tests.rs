@@ -104,6 +104,21 @@ fn saved_as_the_version_before(master: &MasterKey) -> Vec<u8> {
     bytes
 }
 
+/// What the next process takes back from `dir` at `now`, the file then
+/// removed or left (`afterwards`): its engine, keyed with the saved seed,
+/// and what was restored.
+fn taken_back(
+    dir: &std::path::Path,
+    master: &MasterKey,
+    now: Nanos,
+    afterwards: Afterwards,
+) -> (Engine, Restored) {
+    let saved = open(dir, master).expect("a saved state");
+    let engine = Engine::with_seed(4, 1000, saved.seed());
+    let restored = saved.restore(&engine, now, afterwards).unwrap();
+    (engine, restored)
+}
+
 fn fresh_nonce(engine: &Engine, i: u32) -> ReplayKey {
     engine.replay_key(b"wk_a", &[b"nonce", &i.to_be_bytes()])
 }
@@ -130,15 +145,8 @@ fn the_next_process_takes_back_every_limit_spent_and_every_replay_key() {
     assert_eq!(save(dir.path(), &master, &before, NOW, None).unwrap(), 4);
 
     let later = NOW.saturating_add(Nanos::from_secs(1));
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(
-        saved
-            .restore(&after, later, Afterwards::Remove)
-            .unwrap()
-            .entries,
-        4
-    );
+    let (after, restored) = taken_back(dir.path(), &master, later, Afterwards::Remove);
+    assert_eq!(restored.entries, 4);
     assert!(!dir.path().join(FILE_NAME).exists(), "taken back once");
     let traffic = Traffic::in_engine(&after);
     assert_eq!(traffic.remaining(&after, later), vec![2, 0]);
@@ -233,15 +241,8 @@ fn a_state_taken_back_stays_until_a_checkpoint_replaces_it() {
 
     // The process crashed before its first checkpoint: the next one takes
     // back the same state.
-    let saved = open(dir.path(), &master).expect("left in place");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(
-        saved
-            .restore(&after, NOW, Afterwards::Remove)
-            .unwrap()
-            .entries,
-        3
-    );
+    let (after, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
+    assert_eq!(restored.entries, 3);
     let traffic = Traffic::in_engine(&after);
     assert_eq!(traffic.send(&after, NOW, traffic.nonce), Outcome::Replay);
     assert!(!path.exists());
@@ -255,15 +256,8 @@ fn each_stop_replaces_the_state_saved_before() {
     let dir = saved_after_one_request(&master);
     let empty = Engine::new(4, 1000);
     assert_eq!(save(dir.path(), &master, &empty, NOW, None).unwrap(), 0);
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    assert_eq!(
-        saved
-            .restore(&after, NOW, Afterwards::Remove)
-            .unwrap()
-            .entries,
-        0
-    );
+    let (_, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
+    assert_eq!(restored.entries, 0);
 }
 
 /// Caps lowered between the two processes hold: what is past them is
@@ -301,9 +295,7 @@ fn a_state_saved_by_the_version_before_is_taken_back_behind_a_fence() {
         saved_as_the_version_before(&master),
     )
     .unwrap();
-    let saved = open(dir.path(), &master).expect("read");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
+    let (after, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
     assert_eq!(restored.entries, 3);
     assert_eq!(
         Handover::fence_after(restored.handover, None, PAST_SKEW),
@@ -343,9 +335,7 @@ fn handed_over(master: &MasterKey) -> tempfile::TempDir {
 fn a_state_handed_over_whole_keeps_the_fence_of_the_process_that_saved_it() {
     let master = master();
     let dir = handed_over(&master);
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
+    let (after, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
     let (mark, fence) = final_mark();
     assert_eq!(
         Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
@@ -369,12 +359,8 @@ fn a_state_handed_over_whole_keeps_the_fence_of_the_process_that_saved_it() {
 fn a_state_is_not_whole_once_another_process_ran_or_the_past_skew_grew() {
     let master = master();
     let dir = handed_over(&master);
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let handover = saved
-        .restore(&after, NOW, Afterwards::Remove)
-        .unwrap()
-        .handover;
+    let (_, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
+    let handover = restored.handover;
     let (mark, _) = final_mark();
     let later = Mark {
         seq: mark.seq + 1,
@@ -520,9 +506,7 @@ fn a_state_saved_by_version_2_is_taken_back_and_keeps_its_fence() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
 
-    let saved = open(dir.path(), &master).expect("read");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
+    let (after, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
     assert_eq!(restored.entries, 3);
     assert_eq!(
         Handover::fence_after(restored.handover, Some(mark), PAST_SKEW),
@@ -553,9 +537,7 @@ fn a_checkpoint_leaves_the_state_in_place_and_is_taken_back_behind_a_fence() {
     assert_eq!(traffic.remaining(&before, NOW), vec![3, 1], "left in place");
     assert_eq!(traffic.send(&before, NOW, traffic.nonce), Outcome::Replay);
 
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
+    let (after, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
     assert_eq!(restored.entries, 3);
     assert_eq!(restored.handover, None);
     let traffic = Traffic::in_engine(&after);
@@ -591,9 +573,7 @@ fn no_checkpoint_replaces_the_final_save() {
             .checkpoint(dir.path(), &master, &engine, NOW)
             .is_none()
     );
-    let saved = open(dir.path(), &master).expect("saved");
-    let after = Engine::with_seed(4, 1000, saved.seed());
-    let restored = saved.restore(&after, NOW, Afterwards::Remove).unwrap();
+    let (_, restored) = taken_back(dir.path(), &master, NOW, Afterwards::Remove);
     assert_eq!((restored.entries, restored.handover), (3, Some(handover)));
 }
 
