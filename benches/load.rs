@@ -3,7 +3,7 @@
 //!
 //!     warden-bench --dev-dir ./warden-dev --duration 10s --concurrency 64 --json
 //!     warden-bench --backend redis-lua --redis 127.0.0.1:6399 --duration 10s
-//!     warden-bench memory --keys 1000000 --nonces 10000000 [--redis 127.0.0.1:6399]
+//!     warden-bench memory --keys 1000000 --nonces 10000000 [--owners 1000] [--redis 127.0.0.1:6399]
 //!     warden-bench frame --key-id K --secret S --check 127.0.0.1:50052 > check.bin
 //!
 //! Closed loop by default (C workers, each with one request in flight, or a
@@ -196,6 +196,11 @@ struct MemoryArgs {
     keys: u64,
     #[arg(long, default_value_t = 10_000_000)]
     nonces: u64,
+    /// How many API keys the nonces are spread over. Each key's nonces
+    /// share one slot; as many keys as nonces spreads them over every
+    /// slot, the costliest layout for warden's per-slot nonce tables.
+    #[arg(long, default_value_t = 1_000)]
+    owners: u64,
     /// Also measure Redis `used_memory` for the same data.
     #[arg(long)]
     redis: Option<String>,
@@ -1264,18 +1269,24 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         );
     }
     let after_keys = rss_bytes();
-    for i in 0..args.nonces {
-        let key = engine.replay_key(&(i % 1000).to_le_bytes(), &[b"nonce", &i.to_le_bytes()]);
-        engine.decide(
-            now,
-            &Request {
-                nonce: Some((key, now + Nanos::from_secs(300))),
-                limits: &[],
-                cost: 1,
-                commit: true,
-            },
-        );
-    }
+    let remember_nonces = |engine: &Engine| {
+        for i in 0..args.nonces {
+            let key = engine.replay_key(
+                &(i % args.owners.max(1)).to_le_bytes(),
+                &[b"nonce", &i.to_le_bytes()],
+            );
+            engine.decide(
+                now,
+                &Request {
+                    nonce: Some((key, now + Nanos::from_secs(300))),
+                    limits: &[],
+                    cost: 1,
+                    commit: true,
+                },
+            );
+        }
+    };
+    remember_nonces(&engine);
     let after_nonces = rss_bytes();
     let per_key = (after_keys - base) as f64 / args.keys as f64;
     let per_nonce = (after_nonces - after_keys) as f64 / args.nonces as f64;
@@ -1287,8 +1298,23 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     if swept.buckets + swept.windows + swept.nonces != 0 {
         return Err(format!("a sweep at the start removed {swept:?}"));
     }
-    let mut report = json!({"keys": args.keys, "nonces": args.nonces, "warden_bytes_per_key": per_key, "warden_bytes_per_nonce": per_nonce, "sweep_ms": sweep_ms});
+    let mut report = json!({"keys": args.keys, "nonces": args.nonces, "owners": args.owners, "warden_bytes_per_key": per_key, "warden_bytes_per_nonce": per_nonce, "sweep_ms": sweep_ms});
     report["saved_state"] = saved_state_cost(&engine, now)?;
+    // The sweep when every nonce may go (the save above took the state
+    // out, so the nonces again): each is looked at and removed, as a
+    // steady stream of requests makes every slot's table due.
+    drop(engine);
+    let engine = Engine::new(64, args.nonces as usize + 1);
+    remember_nonces(&engine);
+    let started = Instant::now();
+    let swept = engine.sweep(now + Nanos::from_secs(300));
+    report["sweep_all_due_ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
+    if swept.nonces as u64 != args.nonces {
+        return Err(format!(
+            "a sweep after every nonce ran out removed {} of {}",
+            swept.nonces, args.nonces
+        ));
+    }
 
     if let Some(addr) = &args.redis {
         loopback_only(addr)?;
@@ -1339,7 +1365,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
             let mut pipe = redis::pipe();
             for i in chunk {
                 pipe.cmd("SET")
-                    .arg(format!("nonce:wk_{:016x}:{i:032x}", i % 1000))
+                    .arg(format!("nonce:wk_{:016x}:{i:032x}", i % args.owners.max(1)))
                     .arg(1)
                     .arg("NX")
                     .arg("EX")
@@ -1377,7 +1403,10 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
                 report["redis_bytes_per_key"], report["redis_bytes_per_nonce"]
             );
         }
-        println!("sweep:         {sweep_ms:.1} ms for all 64 shards, nothing yet run out");
+        println!(
+            "sweep:         {sweep_ms:.1} ms for all 64 shards, nothing yet run out; {:.1} ms when every nonce has",
+            report["sweep_all_due_ms"].as_f64().unwrap_or(f64::NAN)
+        );
         let saved = &report["saved_state"];
         println!(
             "state.saved:   {} entries, {} bytes, a checkpoint in {} ms (copied in {} ms, the longest check meanwhile {:.1} ms, {:.1} ms as long without; {} MB more memory at its peak), saved in {} ms ({} MB more), restored in {} ms ({} MB more at its peak, {} MB of it the state it built)",
