@@ -209,7 +209,7 @@ impl SlotNonces {
 /// nonces, at most 65,536 of them in all (a few MB), and one that grows
 /// copies one slot's nonces, not the shard's. What a sweep pays for
 /// visiting many small tables it saves by passing over those with nothing
-/// due ([`SlotNonces::due`]).
+/// due (`SlotNonces::due`).
 ///
 /// The bound on how many are remembered is global and kept by the engine
 /// (one hot key's nonces all live in one shard, so a per-shard bound would
