@@ -1497,6 +1497,92 @@ async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
     assert_reason(&r, Reason::Malformed);
 }
 
+/// Bounded memory, attacked: a flood of fresh nonces fills the replay
+/// memory (`nonce_capacity`). Then a new nonce is refused as a whole
+/// (RESOURCE_EXHAUSTED, a plain message) and takes no token; a replay of a
+/// remembered one is still a REPLAY, never let through because the memory
+/// is full (nonces are never evicted); and once the flood's nonces may be
+/// forgotten, new requests are accepted again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replay_memory_refuses_new_nonces_and_still_refuses_every_replay() {
+    let dir = ConfigDir::new();
+    let server = dir.start(
+        r#"
+[check]
+nonce_capacity = 40
+past_skew = "2s"
+future_skew = "1s"
+
+[[policies]]
+name = "plenty"
+limit = 1000
+period = "1d"
+
+[[keys]]
+id = "wk_full"
+policies = ["plenty"]
+secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
+"#,
+    );
+    let mut client = dir.client(&server).await;
+    let signer = Signer::new("wk_full", SECRET);
+    let flood: Vec<CheckRequest> = (0..40)
+        .map(|_| signer.check_request("POST", "/pay", "", b"1"))
+        .collect();
+    let answers = support::stream_all(&mut client, flood.clone()).await;
+    for a in &answers {
+        assert_reason(a.as_ref().unwrap(), Reason::Ok);
+    }
+
+    let remaining = |r: CheckResponse| r.limits[0].remaining;
+    let dry_run = |signer: &Signer| {
+        let mut dry = signer.check_request("POST", "/pay", "", b"1");
+        dry.dry_run = true;
+        dry
+    };
+    let before = remaining(client.check(dry_run(&signer)).await.unwrap());
+    // A dry run answers as if it had been taken.
+    assert_eq!(before, 1000 - 40 - 1);
+    for _ in 0..3 {
+        let refused = client
+            .check(signer.check_request("POST", "/pay", "", b"1"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.message(), "the replay cache is full; retry later");
+    }
+    for replay in [&flood[0], &flood[39]] {
+        let r = client.check(replay.clone()).await.unwrap();
+        assert_reason(&r, Reason::Replay);
+    }
+    server.wait_for_log("\"event\":\"replay_cache_full\"");
+    // The refusals took no token (a day's limit: none comes back
+    // meanwhile).
+    let after = client.check(dry_run(&signer)).await.unwrap();
+    assert_reason(&after, Reason::Ok);
+    assert_eq!(remaining(after), before);
+
+    // The flood's nonces run out (timestamp + 2 s); the memory makes room
+    // by itself, and a replay of them is stale from then on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .check(signer.check_request("POST", "/pay", "", b"1"))
+            .await
+        {
+            Ok(r) => {
+                assert_reason(&r, Reason::Ok);
+                break;
+            }
+            Err(refused) => assert_eq!(refused.code(), tonic::Code::ResourceExhausted),
+        }
+        assert!(std::time::Instant::now() < deadline, "never accepted again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = client.check(flood[0].clone()).await.unwrap();
+    assert_reason(&r, Reason::Stale);
+}
+
 /// The outside attack's finding: request limits with attacker-chosen
 /// descriptors on long-period policies grew memory without bound. A capped
 /// policy holds at most its cap; the flood evicts its own junk, not a
