@@ -462,6 +462,45 @@ async fn forged_stale_replayed_and_over_the_limit_are_denied_with_the_http_answe
     );
 }
 
+/// A full replay memory is warden refusing, not warden failing: Envoy is
+/// answered with a denial (503), never a failed call, which
+/// `failure_mode_allow: true` would turn into every signed request let
+/// through unchecked and unremembered for as long as an attacker keeps the
+/// memory full. A replay of a remembered request is still a replay.
+#[tokio::test]
+async fn a_full_replay_memory_is_a_503_denial_that_failure_mode_allow_cannot_open() {
+    let dir = ConfigDir::new();
+    dir.write_master_key();
+    let server = dir.start(&format!("[check]\nnonce_capacity = 3\n{EXT_AUTHZ_CONFIG}"));
+    server.wait_past_fence();
+    let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
+    let first = sign(ext_authz_fixture("get.json"), "wk_orders");
+    assert!(read(envoy.check(first.clone()).await.unwrap().into_inner()).ok);
+    for _ in 0..2 {
+        let req = sign(ext_authz_fixture("get.json"), "wk_orders");
+        assert!(read(envoy.check(req).await.unwrap().into_inner()).ok);
+    }
+    for _ in 0..3 {
+        let req = sign(ext_authz_fixture("get.json"), "wk_orders");
+        let a = read(
+            envoy
+                .check(req)
+                .await
+                .expect("an answer, not a failed call")
+                .into_inner(),
+        );
+        assert_eq!(
+            (a.ok, a.status, error_of(&a).as_str()),
+            (false, 503, "unavailable")
+        );
+        assert_eq!(a.client_headers["retry-after"], "1");
+        assert!(!a.body.contains("replay cache"), "no internals: {}", a.body);
+    }
+    let a = read(envoy.check(first).await.unwrap().into_inner());
+    assert_eq!((a.status, error_of(&a).as_str()), (401, "replay"));
+    server.wait_for_log("\"event\":\"replay_cache_full\"");
+}
+
 #[tokio::test]
 async fn a_body_envoy_did_not_send_is_denied_with_how_to_fix_it_and_changes_nothing() {
     let (dir, server) = ext_authz_server();

@@ -51,6 +51,10 @@ pub const MAX_API_KEY_BYTES: usize = 256;
 pub const MAX_CLIENT_ADDRESS_BYTES: usize = 64;
 
 /// A call the pipeline refuses as a whole (a gRPC error, not a DENY).
+///
+/// The messages of the two "full" refusals are a contract: the Python
+/// client tells them apart from an unreachable warden by them, and fails
+/// closed on them whatever its failure mode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CheckError {
     /// The replay set has no room left; accepting would mean forgetting

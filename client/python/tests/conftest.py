@@ -96,9 +96,13 @@ class Warden:
             self.proc.wait(timeout=20)
 
 
-def start_warden(dev_dir: Path) -> Warden:
+def start_warden(dev_dir: Path, config: Path | None = None) -> Warden:
+    """``serve --dev`` in ``dev_dir``; with ``config``, that config file
+    instead (its TLS files may be the ones an earlier ``--dev`` run left in
+    ``dev_dir``, which ``tls()`` names)."""
+    serve = ["--dev", "--dev-dir", str(dev_dir)] if config is None else ["--config", str(config)]
     proc = subprocess.Popen(
-        [str(warden_bin()), "serve", "--dev", "--dev-dir", str(dev_dir),
+        [str(warden_bin()), "serve", *serve,
          "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RUST_LOG": "info"},

@@ -246,6 +246,65 @@ def test_warden_stopped_and_failing_open_lets_requests_through_with_a_warning(cl
     assert any("failing open" in rec.getMessage() for rec in caplog.records)
 
 
+def test_a_full_replay_memory_fails_closed_even_when_failing_open(client, warden_settings, tmp_path, transport, caplog):
+    # warden is there and refuses new nonces while its replay memory is
+    # full. An attacker who fills it must not turn FAILURE_MODE "open" into
+    # "no checks" (every signed request let through unremembered, so
+    # replayable), nor trip the breaker into failing open for everyone.
+    from conftest import start_warden
+
+    dev = tmp_path / "full"
+    start_warden(dev).stop()  # its CA and certificates
+    config = dev / "warden.toml"
+    secret = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz"
+    config.write_text(f"""
+listen = "127.0.0.1:0"
+
+[[callers]]
+identity = "spiffe://warden.dev/client"
+roles = ["check"]
+
+[check]
+nonce_capacity = 3
+
+[[policies]]
+name = "plenty"
+limit = 1000
+period = "1d"
+
+[[keys]]
+id = "wk_full"
+policies = ["plenty"]
+secrets = [{{ value = "{secret}" }}]
+
+[tls]
+cert = "{dev / 'server.pem'}"
+key = "{dev / 'server-key.pem'}"
+client_ca = "{dev / 'ca.pem'}"
+""")
+    full = start_warden(dev, config)
+    try:
+        tls = full.tls()
+        warden_settings.WARDEN = {**warden_settings.WARDEN, "TARGET": full.addr, "FAILURE_MODE": "open",
+                                  "CA": tls["ca"], "CERT": tls["cert"], "KEY": tls["key"],
+                                  "TRANSPORT": transport, "BREAKER": {"FAILURES": 1, "RESET_AFTER": 30}}
+        key = {"key_id": "wk_full", "secret": secret}
+        first = headers(key, "GET", "/api/orders")
+        assert client.get("/api/orders", **first).status_code == 200
+        for _ in range(2):
+            assert client.get("/api/orders", **headers(key, "GET", "/api/orders")).status_code == 200
+        with caplog.at_level(logging.WARNING, logger="warden_client.django"):
+            codes = [client.get("/api/orders", **headers(key, "GET", "/api/orders")).status_code for _ in range(3)]
+        assert codes == [503] * 3
+        assert not any("failing open" in rec.getMessage() for rec in caplog.records)
+        assert any("replay cache is full" in rec.getMessage() for rec in caplog.records)
+        # A replay of a remembered request is still refused as one.
+        r = client.get("/api/orders", **first)
+        assert r.status_code == 401 and r.json()["error"] == "replay"
+    finally:
+        full.stop()
+
+
 def test_a_hung_warden_failing_open_lets_requests_through(client, warden_settings, own_warden, caplog):
     # Hung (SIGSTOP) on a connection already made: the check ends at the
     # deadline as "unreachable", so FAILURE_MODE applies. With the compiled

@@ -84,6 +84,14 @@ _UNREACHABLE = {
 }
 
 
+# warden's own refusals: it is there, and will not take the request while
+# its replay memory or a rate-limit pool is full (the messages are the
+# server's, `CheckError` in server/src/check.rs). Not "unreachable": an
+# attacker who fills that state would otherwise turn FAILURE_MODE "open"
+# into no checks at all, and trip the breaker for everyone.
+_REFUSED_WHILE_FULL = ("the replay cache is full", "rate-limit state is full")
+
+
 class WardenError(Exception):
     """A call to warden failed (not a denial: denials are ``Decision``s)."""
 
@@ -396,6 +404,9 @@ class _Base:
 
     def _failed(self, e: grpc.RpcError) -> WardenError:
         code = e.code() if hasattr(e, "code") else None
+        details = (e.details() if hasattr(e, "details") else None) or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_REFUSED_WHILE_FULL):
+            return WardenError(f"warden refused the call: {details}", code)
         if code in _UNREACHABLE:
             self.breaker.failure()
             return WardenUnavailable(f"warden unavailable: {code.name if code else 'error'}", code)

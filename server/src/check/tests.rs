@@ -782,3 +782,18 @@ fn failure_budgets_of_a_spray_of_sources_stay_within_their_cap() {
     assert!(failures.entries <= 100, "{failures:?}");
     assert_eq!(reason(&f.check(&f.now())), Reason::Ok);
 }
+
+/// Callers that fail open when warden is unreachable tell these two
+/// refusals apart by their messages (the Python client does), and must
+/// fail closed on them: changing a message would open them again.
+#[test]
+fn the_full_state_refusals_keep_the_messages_callers_know_them_by() {
+    assert_eq!(
+        CheckError::ReplayCacheFull.to_string(),
+        "the replay cache is full; retry later"
+    );
+    assert_eq!(
+        CheckError::StateFull(Pool::KEYS).to_string(),
+        "rate-limit state is full; retry later"
+    );
+}

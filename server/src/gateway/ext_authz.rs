@@ -125,7 +125,17 @@ impl Authorization for ExtAuthz {
             req.client_identity = principal.to_owned();
         }
         req.request_id = loggable_request_id(&http.id);
-        let response = self.checks.check_as(&req, &caller).await?;
+        let response = match self.checks.check_as(&req, &caller).await {
+            Ok(response) => response,
+            // Full state (the replay memory, a rate-limit pool) is warden's
+            // own refusal, answered as a denial: as a failed call, Envoy's
+            // `failure_mode_allow` would let through unchecked exactly what
+            // an attacker who filled that state wants let through.
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                return Ok(Response::new(denied(super::cannot_check_now())));
+            }
+            Err(status) => return Err(status),
+        };
         let answer = super::answer(&response);
         metrics::counter!("warden_gateway_answers_total", "face" => "ext_authz", "allowed" => if answer.allowed() { "true" } else { "false" })
             .increment(1);

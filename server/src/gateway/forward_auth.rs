@@ -175,21 +175,13 @@ async fn answer(
     };
     match service.check_as(&req, caller).await {
         Ok(response) => http(super::answer(&response)),
-        Err(status) => {
-            let code = match status.code() {
+        Err(status) => http(HttpAnswer {
+            status: match status.code() {
                 tonic::Code::PermissionDenied => 403,
                 _ => 503,
-            };
-            http(HttpAnswer {
-                status: code,
-                headers: Vec::new(),
-                caller: None,
-                body: Some(super::error_body(
-                    "unavailable",
-                    "The request cannot be checked right now.",
-                )),
-            })
-        }
+            },
+            ..super::cannot_check_now()
+        }),
     }
 }
 

@@ -313,6 +313,20 @@ pub fn answer(response: &CheckResponse) -> HttpAnswer {
 }
 
 /// The answer for a request refused before any check.
+/// 503: warden could not decide this request now (its state is full, or a
+/// cluster owner did not answer). Says nothing of why.
+pub fn cannot_check_now() -> HttpAnswer {
+    HttpAnswer {
+        status: 503,
+        headers: vec![("retry-after".into(), "1".into())],
+        caller: None,
+        body: Some(error_body(
+            "unavailable",
+            "The request cannot be checked right now.",
+        )),
+    }
+}
+
 pub fn early_answer(early: &Early) -> HttpAnswer {
     let (status, error, message, headers) = match early {
         Early::Misconfigured(_) => (400, "malformed", public_message(Reason::Malformed), vec![]),
