@@ -364,10 +364,16 @@ secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
 "#;
 
 fn ext_authz_server() -> (ConfigDir, Server) {
+    ext_authz_server_with("")
+}
+
+/// [`ext_authz_server`], with `before` ahead of its configuration (such as
+/// a `[check]` table of its own).
+fn ext_authz_server_with(before: &str) -> (ConfigDir, Server) {
     let dir = ConfigDir::new();
     dir.write_master_key();
     assert!(EXT_AUTHZ_CONFIG.contains(SECRET));
-    let server = dir.start(EXT_AUTHZ_CONFIG);
+    let server = dir.start(&format!("{before}{EXT_AUTHZ_CONFIG}"));
     server.wait_past_fence();
     (dir, server)
 }
@@ -469,10 +475,7 @@ async fn forged_stale_replayed_and_over_the_limit_are_denied_with_the_http_answe
 /// memory full. A replay of a remembered request is still a replay.
 #[tokio::test]
 async fn a_full_replay_memory_is_a_503_denial_that_failure_mode_allow_cannot_open() {
-    let dir = ConfigDir::new();
-    dir.write_master_key();
-    let server = dir.start(&format!("[check]\nnonce_capacity = 3\n{EXT_AUTHZ_CONFIG}"));
-    server.wait_past_fence();
+    let (dir, server) = ext_authz_server_with("[check]\nnonce_capacity = 3\n");
     let mut envoy = AuthorizationClient::new(channel(&dir, &server).await);
     let first = sign(ext_authz_fixture("get.json"), "wk_orders");
     assert!(read(envoy.check(first.clone()).await.unwrap().into_inner()).ok);

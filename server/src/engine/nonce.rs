@@ -26,17 +26,21 @@ impl NonceId {
         Self([a, b, c, d, e])
     }
 
+    /// The 40 bits kept, as the low bits of a `u64`.
+    fn bits(self) -> u64 {
+        let [a, b, c, d, e] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, 0, 0, 0])
+    }
+
     /// The whole state id, with the slot of the table it was found in.
     fn in_slot(self, slot: Slot) -> u64 {
-        let [a, b, c, d, e] = self.0;
-        u64::from_le_bytes([a, b, c, d, e, 0, 0, 0]) | u64::from(slot) << SLOT_SHIFT
+        self.bits() | u64::from(slot) << SLOT_SHIFT
     }
 }
 
 impl Hash for NonceId {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        let [a, b, c, d, e] = self.0;
-        state.write_u64(u64::from_le_bytes([a, b, c, d, e, 0, 0, 0]));
+        state.write_u64(self.bits());
     }
 }
 
@@ -800,8 +804,7 @@ mod tests {
                         model.retain(|&(k, e, _)| k != id || !same_request(e, extra));
                     }
                     2 => {
-                        // One slot handed over and back; everything
-                        // checkpointed and restored into a new set.
+                        // One slot handed over and back.
                         let mut out = Vec::new();
                         count -= set.gather(
                             |k| slot_of(k) == slot_of(id),
@@ -814,6 +817,8 @@ mod tests {
                         }
                     }
                     3 => {
+                        // Everything checkpointed and restored into a new
+                        // set.
                         let mut out = Vec::new();
                         let given = set.gather(|_| true, now, false, |k, e, at| out.push((k, e, at)));
                         prop_assert_eq!(given, set.len());

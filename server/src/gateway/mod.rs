@@ -312,7 +312,6 @@ pub fn answer(response: &CheckResponse) -> HttpAnswer {
     }
 }
 
-/// The answer for a request refused before any check.
 /// 503: warden could not decide this request now (its state is full, or a
 /// cluster owner did not answer). Says nothing of why.
 pub fn cannot_check_now() -> HttpAnswer {
@@ -327,6 +326,7 @@ pub fn cannot_check_now() -> HttpAnswer {
     }
 }
 
+/// The answer for a request refused before any check.
 pub fn early_answer(early: &Early) -> HttpAnswer {
     let (status, error, message, headers) = match early {
         Early::Misconfigured(_) => (400, "malformed", public_message(Reason::Malformed), vec![]),
