@@ -1250,6 +1250,13 @@ fn longest_check_while<T>(
     })
 }
 
+/// The `i`th nonce's seconds to its forget time when they are spread as a
+/// steady stream of requests leaves them: 1 to 300, mixed so that every
+/// owner's nonces (`i % owners`) run out in every second.
+fn spread_ttl(i: u64) -> u64 {
+    1 + (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % 300
+}
+
 async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     use warden::engine::{Engine, Gcra, Limit, Nanos, Request};
     let engine = Engine::new(64, args.nonces as usize + 1);
@@ -1269,16 +1276,20 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         );
     }
     let after_keys = rss_bytes();
-    let remember_nonces = |engine: &Engine| {
+    // Nonces remembered for 300 s from `now`, or, `spread`, for 1 to 300
+    // s, as a steady stream of requests leaves them: a three-hundredth of
+    // them may be forgotten each second.
+    let remember_nonces = |engine: &Engine, spread: bool| {
         for i in 0..args.nonces {
             let key = engine.replay_key(
                 &(i % args.owners.max(1)).to_le_bytes(),
                 &[b"nonce", &i.to_le_bytes()],
             );
+            let ttl = if spread { spread_ttl(i) } else { 300 };
             engine.decide(
                 now,
                 &Request {
-                    nonce: Some((key, now + Nanos::from_secs(300))),
+                    nonce: Some((key, now + Nanos::from_secs(ttl))),
                     limits: &[],
                     cost: 1,
                     commit: true,
@@ -1286,7 +1297,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
             );
         }
     };
-    remember_nonces(&engine);
+    remember_nonces(&engine, false);
     let after_nonces = rss_bytes();
     let per_key = (after_keys - base) as f64 / args.keys as f64;
     let per_nonce = (after_nonces - after_keys) as f64 / args.nonces as f64;
@@ -1305,7 +1316,7 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
     // steady stream of requests makes every slot's table due.
     drop(engine);
     let engine = Engine::new(64, args.nonces as usize + 1);
-    remember_nonces(&engine);
+    remember_nonces(&engine, false);
     let started = Instant::now();
     let swept = engine.sweep(now + Nanos::from_secs(300));
     report["sweep_all_due_ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
@@ -1315,6 +1326,39 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
             swept.nonces, args.nonces
         ));
     }
+    // The sweep a steady stream of requests costs each second: nonces
+    // that run out over 300 s, swept a second at a time for 40 s. Since
+    // session 30 a slot's table is visited every 5 to 10 s, so the first
+    // sweep visits them all and the next ones about a seventh: seconds
+    // 11 to 40 are the steady cost. Room for twice as many nonces, as a
+    // server sized for its traffic has (one near its capacity sweeps
+    // every table, as every sweep did until session 30).
+    drop(engine);
+    let engine = Engine::new(64, 2 * args.nonces as usize);
+    remember_nonces(&engine, true);
+    let mut each = Vec::new();
+    let mut removed = 0u64;
+    for second in 1..=40 {
+        let started = Instant::now();
+        removed += engine.sweep(now + Nanos::from_secs(second)).nonces as u64;
+        each.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    // Never a nonce still to be remembered, and none held more than 10 s
+    // past its time.
+    let run_out_by = |s: u64| (0..args.nonces).filter(|&i| spread_ttl(i) <= s).count() as u64;
+    let (most, least) = (run_out_by(40), run_out_by(30));
+    if !(least..=most).contains(&removed) {
+        return Err(format!(
+            "40 steady sweeps removed {removed} nonces; {least} to {most} had run out 10 s before and at the end"
+        ));
+    }
+    let steady = &each[10..];
+    report["sweep_steady_ms"] = json!({
+        "first": each[0],
+        "mean": steady.iter().sum::<f64>() / steady.len() as f64,
+        "max": steady.iter().cloned().fold(0.0, f64::max),
+    });
+    report["sweep_steady_removed"] = json!(removed);
 
     if let Some(addr) = &args.redis {
         loopback_only(addr)?;
@@ -1406,6 +1450,14 @@ async fn run_memory(args: MemoryArgs) -> Result<(), String> {
         println!(
             "sweep:         {sweep_ms:.1} ms for all 64 shards, nothing yet run out; {:.1} ms when every nonce has",
             report["sweep_all_due_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+        let steady = &report["sweep_steady_ms"];
+        println!(
+            "steady sweep:  {:.1} ms a second on average, {:.1} ms at most (seconds 11 to 40; the first {:.1} ms), nonces running out over 300 s ({} removed)",
+            steady["mean"].as_f64().unwrap_or(f64::NAN),
+            steady["max"].as_f64().unwrap_or(f64::NAN),
+            steady["first"].as_f64().unwrap_or(f64::NAN),
+            report["sweep_steady_removed"]
         );
         let saved = &report["saved_state"];
         println!(

@@ -552,7 +552,7 @@ impl Engine {
                 let s = &mut guards[i];
                 if now.saturating_sub(s.last_pressure_sweep) >= PRESSURE_SWEEP_EVERY {
                     s.last_pressure_sweep = now;
-                    let removed = s.nonces.sweep(now);
+                    let removed = s.nonces.sweep_all(now);
                     self.nonce_count.fetch_sub(removed, Ordering::Relaxed);
                 }
                 if self.nonce_count.load(Ordering::Relaxed) >= self.nonce_capacity {
@@ -766,9 +766,16 @@ impl Engine {
 
     /// Drops all state that no longer matters at `now`: full buckets, aged-out
     /// windows and forgettable nonces. Locks one shard at a time, briefly.
+    ///
+    /// Nonces past their time in a table it visited in the last few
+    /// seconds stay until the next visit ([`NonceSet::sweep`]), except when
+    /// the nonces held come near the capacity: a check refused for room
+    /// sweeps only its own shard, and a hot key's shard cannot make room
+    /// that the other shards hold.
     pub fn sweep(&self, now: Nanos) -> Occupancy {
         let mut removed = Occupancy::default();
         let pools = &self.pools;
+        let near_capacity = self.nonce_count.load(Ordering::Relaxed) >= self.nonce_capacity / 8 * 7;
         for shard in self.shards.iter() {
             let mut s = shard.lock();
             let before = (s.buckets.len(), s.windows.len());
@@ -784,7 +791,11 @@ impl Engine {
             s.windows.shrink_if_sparse();
             removed.buckets += before.0 - s.buckets.len();
             removed.windows += before.1 - s.windows.len();
-            let nonces = s.nonces.sweep(now);
+            let nonces = if near_capacity {
+                s.nonces.sweep_all(now)
+            } else {
+                s.nonces.sweep(now)
+            };
             self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
             removed.nonces += nonces;
         }

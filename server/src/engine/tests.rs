@@ -250,6 +250,67 @@ fn a_full_nonce_set_refuses_new_nonces() {
     ));
 }
 
+/// The background sweep leaves nonces a few seconds past their time in a
+/// table it has just visited. The attack on that: a set at its capacity
+/// refusing genuine requests for room those nonces take. The check that
+/// finds the set full sweeps its own shard in full; a check whose own
+/// shard holds none of them is refused until the next background sweep,
+/// which sweeps in full once the set is near its capacity.
+#[test]
+fn nonces_held_past_their_time_never_keep_a_full_set_full() {
+    let remember = |engine: &Engine, replay: ReplayKey, now: Nanos, forget_at: Nanos| {
+        engine.decide(
+            now,
+            &Request {
+                nonce: Some((replay, forget_at)),
+                limits: &[],
+                cost: 1,
+                commit: true,
+            },
+        )
+    };
+    // A full set of 8 at 11 s: three of the hot key's nonces past their
+    // time in a table the sweep at 5 s visited, five live.
+    let full = || {
+        let engine = Engine::new(2, 8);
+        let hot = |n: u32| engine.replay_key(b"hot", &[n.to_le_bytes().as_slice()]);
+        for n in 0..4 {
+            assert!(allowed(&remember(&engine, hot(n), Nanos::ZERO, 10 * SEC)));
+        }
+        assert!(allowed(&remember(&engine, hot(4), Nanos::ZERO, 5 * SEC)));
+        assert_eq!(engine.sweep(5 * SEC).nonces, 1);
+        assert_eq!(engine.sweep(11 * SEC).nonces, 0, "held, not yet swept");
+        // Held, not remembered: their requests are not replays.
+        assert!(allowed(&remember(&engine, hot(0), 11 * SEC, 100 * SEC)));
+        for n in 5..9 {
+            assert!(allowed(&remember(&engine, hot(n), 11 * SEC, 100 * SEC)));
+        }
+        assert_eq!(engine.occupancy().nonces, 8, "three held, five live");
+        engine
+    };
+
+    // The hot key's own check makes room at once.
+    let engine = full();
+    let hot = engine.replay_key(b"hot", &[b"another"]);
+    assert!(allowed(&remember(&engine, hot, 11 * SEC, 100 * SEC)));
+    assert_eq!(engine.occupancy().nonces, 6, "the three held went");
+
+    // Another key's shard has nothing to give: it is refused until the
+    // background sweep, which, near capacity, sweeps the paused tables.
+    let engine = full();
+    let shard = engine.replay_key(b"hot", &[b"any"]).key.shard;
+    let cold = (0..)
+        .map(|i| engine.replay_key(format!("cold-{i}").as_bytes(), &[b"n"]))
+        .find(|r| r.key.shard != shard)
+        .unwrap();
+    assert_eq!(
+        remember(&engine, cold, 11 * SEC, 100 * SEC),
+        Outcome::NonceSetFull
+    );
+    assert_eq!(engine.sweep(11 * SEC).nonces, 3, "near capacity: in full");
+    assert!(allowed(&remember(&engine, cold, 11 * SEC, 100 * SEC)));
+}
+
 #[test]
 fn state_keys_separate_their_parts() {
     let engine = Engine::new(4, 1);
