@@ -887,7 +887,8 @@ impl Engine {
                 }
                 !remove
             });
-            let nonces = s.nonces.gather(
+            let nonces_before = s.nonces.len();
+            s.nonces.gather(
                 |id| wanted(slot_of(id)),
                 now,
                 remove,
@@ -899,10 +900,9 @@ impl Engine {
                     })
                 },
             );
+            let nonces = nonces_before - s.nonces.len();
             drop(s);
-            if remove {
-                self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
-            }
+            self.nonce_count.fetch_sub(nonces, Ordering::Relaxed);
             each(&here);
         }
     }

@@ -364,9 +364,11 @@ impl NonceSet {
         removed
     }
 
-    /// Gives `take` every nonce whose id `wanted` names, with its extra
-    /// bits and the second it may be forgotten; removed when `remove` (a
-    /// handover), else kept (a checkpoint). How many were given.
+    /// Gives `take` every nonce still remembered whose id `wanted` names,
+    /// with its extra bits and the second it may be forgotten; removed
+    /// when `remove` (a handover), else kept (a checkpoint). Ones past
+    /// their time that no sweep has dropped yet are given to no one (and
+    /// dropped when `remove`): they say nothing. How many were given.
     pub fn gather(
         &mut self,
         wanted: impl Fn(u64) -> bool,
@@ -380,24 +382,26 @@ impl NonceSet {
             let before = nonces.len();
             nonces.retain(|&id, r| {
                 let id = id.in_slot(slot);
-                if wanted(id) {
+                if !wanted(id) {
+                    return true;
+                }
+                if r.forget_at.is_ahead_of(now) {
                     take(id, r.extra(), r.forget_at.secs(now));
                     given += 1;
-                    !remove
-                } else {
-                    true
                 }
+                !remove
             });
             self.in_slots -= before - nonces.len();
         }
         self.shared_ids.retain(|&(id, extra), forget_at| {
-            if wanted(id) {
+            if !wanted(id) {
+                return true;
+            }
+            if forget_at.is_ahead_of(now) {
                 take(id, extra, forget_at.secs(now));
                 given += 1;
-                !remove
-            } else {
-                true
             }
+            !remove
         });
         if remove {
             self.drop_empty_slots();
@@ -407,10 +411,14 @@ impl NonceSet {
 
     /// Remembers `replay` until `forget_at_secs` or its own expiry,
     /// whichever is later (state handed over, or taken back). Returns
-    /// whether the set grew.
+    /// whether the set grew. One already past its time is not written:
+    /// it would refuse nothing, and only take room.
     pub fn merge(&mut self, replay: ReplayKey, forget_at_secs: u32, now: Nanos) -> bool {
         let now = second(now);
         let handed = ForgetAt::new(u64::from(forget_at_secs), now);
+        if !handed.is_ahead_of(now) {
+            return false;
+        }
         let later = |at: &mut ForgetAt| {
             if handed.ahead_of(now) > at.ahead_of(now) {
                 *at = handed;
@@ -648,6 +656,41 @@ mod tests {
         assert!(set.is_empty() && set.slots.is_empty());
     }
 
+    /// Nonces past their time wait for a sweep (up to its pause, in a
+    /// table it has just visited): a state handed over or saved in the
+    /// meantime must not carry them, nor a taken-back one write them, or
+    /// they would take room on the other side and count as remembered.
+    #[test]
+    fn a_handover_or_a_save_carries_no_nonce_past_its_time() {
+        let mut set = NonceSet::new();
+        let (past, live) = (T0 + 10 * SEC, T0 + 100 * SEC);
+        set.insert(key(1), past, T0);
+        set.insert(key(2), live, T0);
+        set.insert(with_extra(3, 1), live, T0);
+        set.insert(with_extra(3, 2), past, T0);
+        let now = T0 + 20 * SEC;
+        assert_eq!(set.len(), 4, "not swept yet");
+        let everything = |_| true;
+        let mut copied = Vec::new();
+        let given = set.gather(everything, now, false, |k, e, at| copied.push((k, e, at)));
+        let live_secs = live.whole_secs() as u32;
+        assert_eq!(given, 2);
+        copied.sort_unstable();
+        assert_eq!(copied, vec![(2, 1, live_secs), (3, 1, live_secs)]);
+        assert_eq!(set.len(), 4, "a copy leaves them to the sweep");
+        let mut handed = Vec::new();
+        assert_eq!(
+            set.gather(everything, now, true, |k, e, at| handed.push((k, e, at))),
+            2
+        );
+        handed.sort_unstable();
+        assert_eq!(handed, copied);
+        assert!(set.is_empty() && set.slots.is_empty(), "the rest dropped");
+        // And one arriving past its time is not written.
+        assert!(!set.merge(key(1), past.whole_secs() as u32, now));
+        assert!(set.is_empty() && set.slots.is_empty());
+    }
+
     #[test]
     fn a_nonce_is_remembered_until_its_forget_time_and_not_after() {
         let mut set = NonceSet::new();
@@ -859,12 +902,14 @@ mod tests {
                     2 => {
                         // One slot handed over and back.
                         let mut out = Vec::new();
-                        count -= set.gather(
+                        let before = set.len();
+                        set.gather(
                             |k| slot_of(k) == slot_of(id),
                             now,
                             true,
                             |k, e, at| out.push((k, e, at)),
                         );
+                        count -= before - set.len();
                         for (k, e, at) in out {
                             count += usize::from(set.merge(with_extra(k, e), at, now));
                         }
@@ -874,7 +919,9 @@ mod tests {
                         // set.
                         let mut out = Vec::new();
                         let given = set.gather(|_| true, now, false, |k, e, at| out.push((k, e, at)));
-                        prop_assert_eq!(given, set.len());
+                        // Every nonce still remembered, and only those.
+                        let live = model.iter().filter(|&&(_, _, at)| at > now).count();
+                        prop_assert_eq!(given, live);
                         set = NonceSet::new();
                         count = 0;
                         for (k, e, at) in out {

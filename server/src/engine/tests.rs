@@ -311,6 +311,30 @@ fn nonces_held_past_their_time_never_keep_a_full_set_full() {
     assert!(allowed(&remember(&engine, cold, 11 * SEC, 100 * SEC)));
 }
 
+/// A handover takes a slot's nonces past their time out with the rest
+/// (not handed, since they say nothing): the count the capacity is judged
+/// by drops by all of them, or the set would stay full of nothing.
+#[test]
+fn a_handover_counts_off_the_nonces_past_their_time_it_drops() {
+    let engine = Engine::new(2, 100);
+    for (n, forget_at) in [(0u32, 10 * SEC), (1, 10 * SEC), (2, 100 * SEC)] {
+        let replay = engine.replay_key(b"k", &[n.to_le_bytes().as_slice()]);
+        let req = Request {
+            nonce: Some((replay, forget_at)),
+            limits: &[],
+            cost: 1,
+            commit: true,
+        };
+        assert!(allowed(&engine.decide(Nanos::ZERO, &req)));
+    }
+    let handed = engine.take_slots(|_| true, 20 * SEC);
+    assert_eq!(handed.len(), 1, "only the one still remembered");
+    assert_eq!(engine.occupancy().nonces, 0);
+    let taking = Engine::new(2, 100);
+    taking.import(&handed, 20 * SEC);
+    assert_eq!(taking.occupancy().nonces, 1);
+}
+
 #[test]
 fn state_keys_separate_their_parts() {
     let engine = Engine::new(4, 1);
