@@ -193,11 +193,24 @@ impl SlotNonces {
         }
     }
 
-    /// Keeps `due` at or before `forget_at`, which is being written here.
-    fn due_by(&mut self, forget_at: ForgetAt, now: u32) {
-        if forget_at.ahead_of(now) < self.due.ahead_of(now) {
-            self.due = forget_at;
+    /// The table a nonce of `id` forgotten at `forget_at` is written to,
+    /// made if need be, its `due` brought forward to `forget_at`: every
+    /// write goes through here, or a sweep passing over the table would
+    /// leave the nonce past its time (memory an attacker could fill with
+    /// nonces that never go).
+    fn writing(
+        slots: &mut Map<Slot, SlotNonces>,
+        id: u64,
+        forget_at: ForgetAt,
+        now: u32,
+    ) -> &mut SlotNonces {
+        let slot = slots
+            .entry(slot_of(id))
+            .or_insert_with(|| SlotNonces::new(forget_at));
+        if forget_at.ahead_of(now) < slot.due.ahead_of(now) {
+            slot.due = forget_at;
         }
+        slot
     }
 
     /// Drops what may be forgotten at `now`, if `due` is no more than
@@ -314,11 +327,7 @@ impl NonceSet {
             extra: replay.extra.to_le_bytes(),
         };
         let id = replay.key.id;
-        let slot = self
-            .slots
-            .entry(slot_of(id))
-            .or_insert_with(|| SlotNonces::new(forget_at));
-        slot.due_by(forget_at, now);
+        let slot = SlotNonces::writing(&mut self.slots, id, forget_at, now);
         match slot.nonces.entry(NonceId::new(id)) {
             Entry::Vacant(v) => {
                 v.insert(remembered);
@@ -378,22 +387,8 @@ impl NonceSet {
     ) -> usize {
         let now = second(now);
         let mut given = 0;
-        for (&slot, SlotNonces { nonces, .. }) in &mut self.slots {
-            let before = nonces.len();
-            nonces.retain(|&id, r| {
-                let id = id.in_slot(slot);
-                if !wanted(id) {
-                    return true;
-                }
-                if r.forget_at.is_ahead_of(now) {
-                    take(id, r.extra(), r.forget_at.secs(now));
-                    given += 1;
-                }
-                !remove
-            });
-            self.in_slots -= before - nonces.len();
-        }
-        self.shared_ids.retain(|&(id, extra), forget_at| {
+        // Whether to keep one entry, given to `take` if wanted and live.
+        let mut keep = |id: u64, extra: u16, forget_at: ForgetAt| {
             if !wanted(id) {
                 return true;
             }
@@ -402,7 +397,14 @@ impl NonceSet {
                 given += 1;
             }
             !remove
-        });
+        };
+        for (&slot, SlotNonces { nonces, .. }) in &mut self.slots {
+            let before = nonces.len();
+            nonces.retain(|&id, r| keep(id.in_slot(slot), r.extra(), r.forget_at));
+            self.in_slots -= before - nonces.len();
+        }
+        self.shared_ids
+            .retain(|&(id, extra), forget_at| keep(id, extra, *forget_at));
         if remove {
             self.drop_empty_slots();
         }
@@ -429,13 +431,9 @@ impl NonceSet {
             forget_at: handed,
             extra: replay.extra.to_le_bytes(),
         };
-        let slot = self
-            .slots
-            .entry(slot_of(id))
-            .or_insert_with(|| SlotNonces::new(handed));
         // Whatever the entry keeps, nothing earlier than `handed` is
         // written.
-        slot.due_by(handed, now);
+        let slot = SlotNonces::writing(&mut self.slots, id, handed, now);
         let r = match slot.nonces.entry(NonceId::new(id)) {
             Entry::Vacant(v) => {
                 v.insert(handed_over);
