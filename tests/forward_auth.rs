@@ -393,10 +393,13 @@ fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-warden-key-id"], "wk_edge");
     // A certificate of the same CA without the check role: 403, and the
-    // request was not counted as anything.
+    // request was not counted as anything. Refused for good, so not told
+    // to try again (session 29's 503 for a check that cannot be made now
+    // had lent it a Retry-After).
     let ask = asking("GET", "/orders", signed("GET", "/orders"));
-    let (status, _, _) = https(&dir, Some("stranger"), &addr, &ask).unwrap();
+    let (status, headers, _) = https(&dir, Some("stranger"), &addr, &ask).unwrap();
     assert_eq!(status, 403);
+    assert!(!headers.contains_key("retry-after"), "{headers:?}");
     // No client certificate: no TLS session at all.
     let ask = asking("GET", "/orders", signed("GET", "/orders"));
     assert!(https(&dir, None, &addr, &ask).is_err());

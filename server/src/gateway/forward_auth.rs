@@ -175,13 +175,14 @@ async fn answer(
     };
     match service.check_as(&req, caller).await {
         Ok(response) => http(super::answer(&response)),
-        Err(status) => http(HttpAnswer {
-            status: match status.code() {
-                tonic::Code::PermissionDenied => 403,
-                _ => 503,
-            },
+        // A caller without the check role is refused for good: a 403 with
+        // no Retry-After, which would have it ask again every second.
+        Err(status) if status.code() == tonic::Code::PermissionDenied => http(HttpAnswer {
+            status: 403,
+            headers: Vec::new(),
             ..super::cannot_check_now()
         }),
+        Err(_) => http(super::cannot_check_now()),
     }
 }
 
