@@ -11,7 +11,8 @@ the same view without any check.
 
 Then the same under ASGI (Django's async test client, an async view;
 `--in-flight N` sends N requests at once, 1 by default):
-warden's middleware in async mode (each transport), the same middleware
+warden's middleware in async mode (each transport; the compiled one also
+with BUSY_WAIT_US = 0, which hands every check to its thread), the same middleware
 made sync-only (as it was before it could run async: Django runs its check
 on a thread), and the Redis recipe written async (redis.asyncio).
 """
@@ -276,6 +277,13 @@ def main() -> None:
             settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
             asgi[f"warden_async_{transport}"] = run_async("aw", [warden_mw])
             asgi_cpu[f"warden_async_{transport}"] = cpu_us["aw"]
+            if transport == "native":
+                # Every check handed to the transport's thread at once, as
+                # every async check was before session 31.
+                settings.WARDEN = {**settings.WARDEN, "BUSY_WAIT_US": 0}
+                asgi["warden_async_native_handed"] = run_async("aw", [warden_mw])
+                asgi_cpu["warden_async_native_handed"] = cpu_us["aw"]
+                settings.WARDEN = {k: v for k, v in settings.WARDEN.items() if k != "BUSY_WAIT_US"}
         settings.WARDEN = {**settings.WARDEN, "TRANSPORT": next(iter(warden_us))}
         asgi["warden_sync_only"] = run_async("aw", [f"{__name__}.SyncOnlyWardenMiddleware"])
         asgi_cpu["warden_sync_only"] = cpu_us["aw"]
@@ -319,6 +327,7 @@ def main() -> None:
             names = {
                 "baseline": "no check (baseline)",
                 "warden_async_native": "warden middleware, async, compiled transport",
+                "warden_async_native_handed": "the same, BUSY_WAIT_US = 0 (every check handed to the transport's thread)",
                 "warden_async_grpcio": "warden middleware, async, grpc.aio",
                 "warden_sync_only": f"warden middleware made sync-only ({next(iter(warden_us))}; Django runs it on a thread)",
                 "redis_recipe_async": "Redis recipe, async (redis.asyncio)",

@@ -80,6 +80,12 @@ struct Turns {
     calls: AtomicUsize,
     /// Calls begun so far: the keeper takes over only after a quiet spell.
     begun: AtomicUsize,
+    /// Calls handed to the runtime as tasks (an [`AsyncChannel`]'s): only
+    /// a thread driving the runtime moves them on, so the keeper drives
+    /// while there are any and no call thread does.
+    handed: AtomicUsize,
+    /// Tells the keeper the last handed call has ended.
+    handed_done: tokio::sync::Notify,
     closing: AtomicBool,
     /// Tells the keeper, while it drives the runtime, to step aside.
     step_aside: tokio::sync::Notify,
@@ -93,8 +99,26 @@ impl Turns {
         self.step_aside.notify_one();
     }
 
-    fn end(&self) {
+    /// The call that began has stopped driving the runtime; the keeper
+    /// takes the handed calls over (see [`Self::keep`]).
+    fn end(&self, keeper: &std::thread::Thread) {
         self.calls.fetch_sub(1, Ordering::SeqCst);
+        if self.handed.load(Ordering::SeqCst) > 0 {
+            keeper.unpark();
+        }
+    }
+
+    /// A call is handed to the runtime as a task; the keeper drives it.
+    fn hand(&self, keeper: &std::thread::Thread) {
+        self.handed.fetch_add(1, Ordering::SeqCst);
+        keeper.unpark();
+    }
+
+    /// A handed call has ended.
+    fn handed_one_ended(&self) {
+        if self.handed.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.handed_done.notify_one();
+        }
     }
 
     /// Stops the keeper, wherever it is: driving (told to step aside) or
@@ -105,21 +129,68 @@ impl Turns {
         keeper.unpark();
     }
 
-    /// The keeper: drives the runtime whenever no call has begun for
-    /// [`KEEPER_GRACE`], until closing. Not at once: handing the runtime
-    /// back to the next call costs two thread wake-ups, which calls a few
-    /// milliseconds apart (a busy app) should not pay.
+    /// The keeper, until closing. While no call drives the runtime it
+    /// drives it: at once while calls are handed to it, until they have
+    /// ended, and after [`KEEPER_GRACE`] without a call begun, until one
+    /// begins. Not at once in that case: handing the runtime back to the
+    /// next call costs two thread wake-ups, which calls a few milliseconds
+    /// apart (a busy app) should not pay.
     fn keep(&self, runtime: &tokio::runtime::Runtime) {
         while !self.closing.load(Ordering::SeqCst) {
             let begun = self.begun.load(Ordering::SeqCst);
-            std::thread::park_timeout(KEEPER_GRACE);
-            let quiet = self.calls.load(Ordering::SeqCst) == 0
-                && self.begun.load(Ordering::SeqCst) == begun;
-            if quiet && !self.closing.load(Ordering::SeqCst) {
+            if self.handed.load(Ordering::SeqCst) == 0 || self.calls.load(Ordering::SeqCst) > 0 {
+                // Unparked by a call handed over, or by the end of the call
+                // that drove the runtime while some were.
+                std::thread::park_timeout(KEEPER_GRACE);
+            }
+            if self.calls.load(Ordering::SeqCst) > 0 || self.closing.load(Ordering::SeqCst) {
+                continue;
+            }
+            if self.handed.load(Ordering::SeqCst) > 0 {
+                // Runs the handed calls until they have ended or a call
+                // wants the runtime.
+                runtime.block_on(async {
+                    let (mut aside, mut done) = (
+                        std::pin::pin!(self.step_aside.notified()),
+                        std::pin::pin!(self.handed_done.notified()),
+                    );
+                    std::future::poll_fn(|cx| {
+                        if aside.as_mut().poll(cx).is_ready() || done.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(())
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                    .await
+                });
+            } else if self.begun.load(Ordering::SeqCst) == begun {
                 // Runs the connection's tasks until a call wants the runtime.
                 runtime.block_on(self.step_aside.notified());
             }
         }
+    }
+}
+
+/// Polls `call` on this thread until `until`, without sleeping: each turn
+/// polls it once; yielding to tokio makes it look at the socket without
+/// sleeping (a zero-timeout epoll), and yielding to the kernel lets
+/// anything else runnable go first. `None` if it has not ended by then (it
+/// is polled once however soon `until` is).
+async fn look<F: Future + ?Sized>(
+    mut call: std::pin::Pin<&mut F>,
+    until: Instant,
+) -> Option<F::Output> {
+    loop {
+        if let Poll::Ready(done) =
+            std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await
+        {
+            return Some(done);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
     }
 }
 
@@ -140,12 +211,7 @@ impl Channel {
         server_name: Option<String>,
         busy_wait_us: u64,
     ) -> PyResult<Self> {
-        let busy_wait = BusyWait::new(Duration::from_micros(busy_wait_us)).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "busy_wait_us must be between 0 and {}",
-                BusyWait::MAX.as_micros()
-            ))
-        })?;
+        let busy_wait = busy_wait_policy(busy_wait_us)?;
         let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let runtime = Arc::new(runtime);
         let turns = Arc::new(Turns::default());
@@ -223,6 +289,13 @@ impl Channel {
 }
 
 impl Channel {
+    fn keeper_thread(&self) -> &std::thread::Thread {
+        self.keeper
+            .as_ref()
+            .expect("a live channel has its keeper")
+            .thread()
+    }
+
     /// Runs one call to its end or its deadline, on this thread.
     fn run<T>(
         &self,
@@ -249,23 +322,14 @@ impl Channel {
                 // reads nothing anyway, so only this side can end the wait.
                 let call = tokio::time::timeout(timeout, call);
                 tokio::pin!(call);
-                // Each turn polls the call once; yielding to tokio makes it look
-                // at the socket without sleeping (a zero-timeout epoll), and
-                // yielding to the kernel lets anything else runnable go first.
-                while Instant::now() < look_until {
-                    if let Poll::Ready(done) =
-                        std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await
-                    {
-                        return done;
-                    }
-                    std::thread::yield_now();
-                    tokio::task::yield_now().await;
+                match look(call.as_mut(), look_until).await {
+                    Some(done) => done,
+                    None => call.await,
                 }
-                call.await
             })
             .unwrap_or_else(|_| Err(deadline_passed()));
         self.busy_wait.observe(budget, started.elapsed());
-        self.turns.end();
+        self.turns.end(self.keeper_thread());
         outcome
     }
 }
@@ -292,25 +356,33 @@ impl Drop for Channel {
 /// started, the event loop goes on, and its answer is collected when the
 /// loop hears that one is ready.
 ///
-/// An async caller must never block its event loop, so nothing here waits
-/// for an answer the way [`Channel`] does: the runtime is driven for good
-/// by a thread of its own, each call runs on it as a task, and a finished
-/// call is put in [`Finished`], which wakes the loop through a socket it
-/// watches (`loop.add_reader(channel.fileno(), ...)`). That thread never
+/// An async caller must not block its event loop for long. A call made
+/// while none other is in flight on the channel ([`Self::try_unary`])
+/// drives the runtime on the loop's thread for at most the busy wait's
+/// budget (200 µs by default, see [`BusyWait`]): its request is written
+/// from that thread, and an answer that comes within the budget is
+/// returned at once, so a lone call pays no thread wake-up, where handing
+/// it to another thread paid three (that thread's, its own for the
+/// answer, and the loop's). A call not answered by then, and every call
+/// started while others are in flight ([`Self::start_unary`]), is handed
+/// to the runtime as a task, which the keeper thread drives; a finished
+/// one is put in [`Finished`], which wakes the loop through a socket it
+/// watches (`loop.add_reader(channel.fileno(), ...)`). The keeper never
 /// takes the GIL: the loop collects the answers itself, with
 /// [`AsyncChannel::finished`], so an answer is not held up behind whatever
 /// Python code holds the GIL, and a burst of answers costs one wake-up.
 #[pyclass(frozen, module = "warden_client_native")]
 struct AsyncChannel {
-    runtime: tokio::runtime::Handle,
+    /// Shared with the keeper thread; `None` only while being dropped.
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
     transport: tonic::transport::Channel,
     finished: Arc<Finished>,
     /// The end the event loop watches and drains.
     ready: std::os::unix::net::UnixStream,
     next_call: AtomicU64,
-    /// Stops the driving thread; taken when the channel is dropped.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    driver: Option<std::thread::JoinHandle<()>>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+    turns: Arc<Turns>,
+    busy_wait: BusyWait,
     /// The process this channel belongs to.
     pid: u32,
 }
@@ -341,33 +413,41 @@ impl Finished {
     }
 }
 
+/// One unary call with its deadline, boxed so that a call begun on the
+/// loop's thread can be handed to the runtime as it stands.
+type Call = std::pin::Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
+
 #[pymethods]
 impl AsyncChannel {
-    /// As [`Channel::new`], without the busy wait: an async caller never
-    /// waits for an answer on its thread.
+    /// As [`Channel::new`]. `busy_wait_us` bounds how long a lone call
+    /// holds the event loop's thread (see [`Self::try_unary`]); 0 hands
+    /// every call over at once.
     #[new]
-    #[pyo3(signature = (target, ca, cert, key, server_name = None))]
+    #[pyo3(signature = (target, ca, cert, key, server_name = None, busy_wait_us = 200))]
     fn new(
         target: &str,
         ca: Vec<u8>,
         cert: Vec<u8>,
         key: Vec<u8>,
         server_name: Option<String>,
+        busy_wait_us: u64,
     ) -> PyResult<Self> {
+        let busy_wait = busy_wait_policy(busy_wait_us)?;
         let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let (ready, wake) = std::os::unix::net::UnixStream::pair().map_err(cannot_start)?;
         ready.set_nonblocking(true).map_err(cannot_start)?;
         wake.set_nonblocking(true).map_err(cannot_start)?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let driver = std::thread::Builder::new()
-            .name("warden-async-channel".into())
-            .spawn(move || {
-                let _ = runtime.block_on(stopped);
-            })
-            .map_err(cannot_start)?;
+        let runtime = Arc::new(runtime);
+        let turns = Arc::new(Turns::default());
+        let keeper = {
+            let (runtime, turns) = (runtime.clone(), turns.clone());
+            std::thread::Builder::new()
+                .name("warden-async-channel".into())
+                .spawn(move || turns.keep(&runtime))
+                .map_err(cannot_start)?
+        };
         Ok(Self {
-            runtime: handle,
+            runtime: Some(runtime),
             transport,
             finished: Arc::new(Finished {
                 calls: std::sync::Mutex::new(Vec::new()),
@@ -375,8 +455,9 @@ impl AsyncChannel {
             }),
             ready,
             next_call: AtomicU64::new(0),
-            stop: Some(stop),
-            driver: Some(driver),
+            keeper: Some(keeper),
+            turns,
+            busy_wait,
             pid: std::process::id(),
         })
     }
@@ -391,23 +472,63 @@ impl AsyncChannel {
     /// comes from [`Self::finished`]. `method`, `request` and `timeout` as
     /// for `Channel.unary`.
     fn start_unary(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<u64> {
-        let path = method_path(method)?;
-        let timeout = deadline(timeout)?;
-        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let message = Bytes::copy_from_slice(request);
-        let (transport, finished) = (self.transport.clone(), self.finished.clone());
+        let call = self.call(method, request, timeout)?;
+        let number = self.next_call.fetch_add(1, Ordering::Relaxed);
         if std::process::id() != self.pid {
-            finished.push(call, Err(made_in_another_process()));
-            return Ok(call);
+            self.finished.push(number, Err(made_in_another_process()));
+            return Ok(number);
         }
-        self.runtime.spawn(async move {
-            // The one deadline, as in `Channel::run`.
-            let outcome = tokio::time::timeout(timeout, unary_call(transport, path, message))
-                .await
-                .unwrap_or_else(|_| Err(deadline_passed()));
-            finished.push(call, outcome);
-        });
-        Ok(call)
+        self.hand_over(number, call);
+        Ok(number)
+    }
+
+    /// Makes one unary call on this thread for up to the busy wait's
+    /// budget: returns its serialized answer (or raises `RpcError`) if it
+    /// ended by then, and otherwise hands it over and returns its number,
+    /// as [`Self::start_unary`] does. For a call made while no other is in
+    /// flight on this channel: the thread drives the runtime meanwhile,
+    /// which moves every call on it.
+    fn try_unary<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        request: &[u8],
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut call = self.call(method, request, timeout)?;
+        if std::process::id() != self.pid {
+            return Err(rpc_error(&made_in_another_process()));
+        }
+        let budget = self.busy_wait.budget();
+        // No looking (`busy_wait_us` 0, or answers that have stopped coming
+        // within it): handed over at once, without taking the runtime from
+        // the keeper.
+        let ended = match budget.is_zero() {
+            true => None,
+            false => {
+                let runtime = self.runtime();
+                self.turns.begin();
+                let started = Instant::now();
+                let ended = py.detach(|| runtime.block_on(look(call.as_mut(), started + budget)));
+                let took = match ended {
+                    Some(_) => started.elapsed(),
+                    // Not answered in time, whatever the clock says.
+                    None => Duration::MAX,
+                };
+                self.busy_wait.observe(budget, took);
+                self.turns.end(self.keeper_thread());
+                ended
+            }
+        };
+        match ended {
+            Some(Ok(answer)) => Ok(PyBytes::new(py, &answer).into_any()),
+            Some(Err(status)) => Err(rpc_error(&status)),
+            None => {
+                let number = self.next_call.fetch_add(1, Ordering::Relaxed);
+                self.hand_over(number, call);
+                Ok(number.into_pyobject(py)?.into_any())
+            }
+        }
     }
 
     /// The calls that finished since the last collection, as `(number,
@@ -441,18 +562,62 @@ impl AsyncChannel {
     }
 }
 
+impl AsyncChannel {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("a live channel has its runtime")
+    }
+
+    fn keeper_thread(&self) -> &std::thread::Thread {
+        self.keeper
+            .as_ref()
+            .expect("a live channel has its keeper")
+            .thread()
+    }
+
+    /// One unary call, not begun, with its deadline: the one deadline, as
+    /// in `Channel::run`.
+    fn call(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<Call> {
+        let path = method_path(method)?;
+        let timeout = deadline(timeout)?;
+        let message = Bytes::copy_from_slice(request);
+        let transport = self.transport.clone();
+        Ok(Box::pin(async move {
+            tokio::time::timeout(timeout, unary_call(transport, path, message))
+                .await
+                .unwrap_or_else(|_| Err(deadline_passed()))
+        }))
+    }
+
+    /// Runs `call` as a task that the keeper drives, its outcome put in
+    /// [`Finished`] as `number`.
+    fn hand_over(&self, number: u64, call: Call) {
+        let (finished, turns) = (self.finished.clone(), self.turns.clone());
+        // Counted before the task can end (and count itself off).
+        self.turns.hand(self.keeper_thread());
+        self.runtime().spawn(async move {
+            let outcome = call.await;
+            finished.push(number, outcome);
+            turns.handed_one_ended();
+        });
+    }
+}
+
 impl Drop for AsyncChannel {
     fn drop(&mut self) {
-        let (stop, driver) = (self.stop.take(), self.driver.take());
+        let (runtime, keeper) = (self.runtime.take(), self.keeper.take());
         if std::process::id() != self.pid {
-            // As for `Channel`: the driving thread exists only in the parent.
-            std::mem::forget((stop, driver));
+            // As for `Channel`: the keeper and the runtime's helper threads
+            // exist only in the parent.
+            std::mem::forget((runtime, keeper));
             return;
         }
-        drop(stop);
-        if let Some(driver) = driver {
-            let _ = driver.join();
+        if let Some(keeper) = keeper {
+            self.turns.close(keeper.thread());
+            let _ = keeper.join();
         }
+        drop(runtime);
     }
 }
 
@@ -479,6 +644,16 @@ fn connection(
             .map_err(|e| PyValueError::new_err(e.to_string()))?
     };
     Ok((runtime, transport))
+}
+
+/// The looking policy for `busy_wait_us`, or why it is refused.
+fn busy_wait_policy(busy_wait_us: u64) -> PyResult<BusyWait> {
+    BusyWait::new(Duration::from_micros(busy_wait_us)).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "busy_wait_us must be between 0 and {}",
+            BusyWait::MAX.as_micros()
+        ))
+    })
 }
 
 fn cannot_start(e: std::io::Error) -> PyErr {

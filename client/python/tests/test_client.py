@@ -612,4 +612,94 @@ def test_the_compiled_async_channel_refuses_bad_arguments_before_sending(warden,
     for timeout in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout"):
             channel.start_unary("/warden.v1.Warden/Check", b"", timeout)
+        with pytest.raises(ValueError, match="timeout"):
+            channel.try_unary("/warden.v1.Warden/Check", b"", timeout)
+    with pytest.raises(ValueError, match="method"):
+        channel.try_unary("Check", b"", 1.0)
     assert channel.finished() == []
+    with pytest.raises(ValueError, match="busy_wait_us"):
+        warden_client_native.AsyncChannel(warden.addr, tls["ca"], tls["cert"], tls["key"], None, 10_001)
+    for bad in (-1, 10_001, 1.5, True):
+        with pytest.raises(ValueError, match="busy_wait_us"):
+            AsyncWardenClient(warden.addr, transport="native", busy_wait_us=bad, **warden.tls())
+
+
+def _async_channel(server, busy_wait_us):
+    import warden_client_native
+
+    tls = {k: open(v, "rb").read() for k, v in server.tls().items()}
+    return warden_client_native.AsyncChannel(server.addr, tls["ca"], tls["cert"], tls["key"], None, busy_wait_us)
+
+
+def _collected(channel, count, within=5.0):
+    """The next `count` finished calls, waiting on the channel's descriptor
+    as an event loop does."""
+    import select
+
+    done, deadline = [], time.monotonic() + within
+    while len(done) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(done)} of {count} calls finished"
+        select.select([channel.fileno()], [], [], left)
+        done += channel.finished()
+    return done
+
+
+def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed_over(warden, transport):
+    # The compiled async channel: a call made with nothing else in flight
+    # drives the connection on the calling (event loop) thread and returns
+    # its answer itself when it comes within the busy wait (no thread is
+    # woken for it); with no busy wait it is handed over at once, and its
+    # answer comes through the descriptor, like a call started while others
+    # are in flight.
+    if transport != "native":
+        pytest.skip("the compiled channel only")
+    from warden_client._proto.warden.v1 import warden_pb2
+
+    key = warden.create_key("--owner", "py-aio-lone")
+    check = "/warden.v1.Warden/Check"
+    looking = _async_channel(warden, 10_000)
+    outcomes = [looking.try_unary(check, signed(key, path=f"/lone/{i}").SerializeToString(), 5.0) for i in range(30)]
+    handed = [o for o in outcomes if not isinstance(o, bytes)]
+    # The first call also connects (TCP and TLS), which may take longer.
+    assert len(handed) <= 3, f"{len(handed)} of 30 lone calls were handed over"
+    answers = [warden_pb2.CheckResponse.FromString(o) for o in outcomes if isinstance(o, bytes)]
+    answers += [warden_pb2.CheckResponse.FromString(raw) for _, raw, _, _ in _collected(looking, len(handed))]
+    assert [a.http_status for a in answers] == [200] * 30
+
+    sleeping = _async_channel(warden, 0)
+    outcomes = [sleeping.try_unary(check, signed(key, path=f"/handed/{i}").SerializeToString(), 5.0)
+                for i in range(5)]
+    assert all(isinstance(o, int) for o in outcomes), outcomes
+    started = sleeping.start_unary(check, signed(key, path="/started").SerializeToString(), 5.0)
+    done = _collected(sleeping, 6)
+    assert sorted(n for n, _, _, _ in done) == sorted(outcomes + [started])
+    assert [(code, warden_pb2.CheckResponse.FromString(raw).http_status) for _, raw, code, _ in done] == [(0, 200)] * 6
+
+
+def test_a_lone_async_call_to_a_paused_server_holds_the_loop_no_longer_than_its_busy_wait(own_warden, transport):
+    # A hung warden answers nothing: the call made on the loop's thread is
+    # handed over when its busy wait (here 2 ms) runs out, long before its
+    # deadline, and ends at its deadline through the descriptor.
+    if transport != "native":
+        pytest.skip("the compiled channel only")
+    server = own_warden
+    key = server.create_key("--owner", "py-aio-lone-paused")
+    check = "/warden.v1.Warden/Check"
+    channel = _async_channel(server, 2_000)
+    first = channel.try_unary(check, signed(key).SerializeToString(), 5.0)
+    if not isinstance(first, bytes):  # connecting took longer than the busy wait
+        assert _collected(channel, 1)[0][2] == 0
+    server.pause()
+    try:
+        started = time.monotonic()
+        call = channel.try_unary(check, signed(key, path="/paused").SerializeToString(), 1.0)
+        held = time.monotonic() - started
+        assert isinstance(call, int), call
+        assert held < 0.2, f"the loop's thread was held {held:.3f} s"
+        [(number, raw, code, details)] = _collected(channel, 1)
+        elapsed = time.monotonic() - started
+    finally:
+        server.resume()
+    assert (number, raw, code) == (call, None, 4), details  # DEADLINE_EXCEEDED
+    assert 0.95 <= elapsed < 2.0, elapsed

@@ -307,9 +307,13 @@ class _NativeStub:
 
 
 class _NativeAsyncStub:
-    """``_NativeStub`` for asyncio: a call starts on the compiled transport's
-    own thread and the event loop awaits it; answers are collected on the
-    loop when the transport's descriptor turns readable."""
+    """``_NativeStub`` for asyncio. A call made while no other is in flight
+    on the channel runs on the loop's thread for up to the channel's busy
+    wait (its answer usually comes by then, and no thread is woken for it);
+    any other call, and one not answered by then, goes on on the compiled
+    transport's own thread while the event loop awaits it, and its answer
+    is collected on the loop when the transport's descriptor turns
+    readable."""
 
     def __init__(self, channel, loop) -> None:
         self._channel = channel
@@ -328,8 +332,18 @@ class _NativeAsyncStub:
                 waiter.set_result(raw)
 
     async def _unary(self, path: str, request, answer_type, timeout: float):
+        payload = request.SerializeToString()
+        if self._waiting:
+            call = self._channel.start_unary(path, payload, timeout)
+        else:
+            try:
+                call = self._channel.try_unary(path, payload, timeout)
+            except _native.RpcError as e:
+                raise _as_rpc_error(e) from None
+            if isinstance(call, bytes):
+                return answer_type.FromString(call)
         waiter = self._loop.create_future()
-        self._waiting[self._channel.start_unary(path, request.SerializeToString(), timeout)] = waiter
+        self._waiting[call] = waiter
         return answer_type.FromString(await waiter)
 
     def Check(self, request: CheckRequest, timeout: float):
@@ -359,6 +373,7 @@ class _Base:
         timeout: float = 0.5,
         breaker: CircuitBreaker | None = None,
         transport: str = "auto",
+        busy_wait_us: int = BUSY_WAIT_US,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"warden client: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
@@ -378,6 +393,9 @@ class _Base:
         self.timeout = timeout
         self.server_name = server_name
         self.breaker = breaker or CircuitBreaker()
+        if not is_valid_busy_wait(busy_wait_us):
+            raise ValueError(f"warden client: busy_wait_us must be an integer from 0 to {MAX_BUSY_WAIT_US}")
+        self.busy_wait_us = busy_wait_us
         # Files are read once, here: a reload needs a new client.
         self._credentials = (_read(ca), _read(key), _read(cert))
         self._options: list[tuple[str, object]] = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
@@ -428,11 +446,8 @@ class WardenClient(_Base):
     the same host or network), and the CPU is offered to other runnable
     threads between looks."""
 
-    def __init__(self, *args, busy_wait_us: int = BUSY_WAIT_US, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not is_valid_busy_wait(busy_wait_us):
-            raise ValueError(f"warden client: busy_wait_us must be an integer from 0 to {MAX_BUSY_WAIT_US}")
-        self.busy_wait_us = busy_wait_us
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channels: list = []
@@ -527,9 +542,15 @@ class AsyncWardenClient(_Base):
     """asyncio client: ``await client.check(...)``. Channels are made per
     process and event loop, as for ``WardenClient`` per process.
 
-    ``transport`` as for ``WardenClient``: the compiled transport runs each
-    call on a thread of its own and hands the answer to the event loop, which
-    never waits on it; grpcio uses ``grpc.aio``."""
+    ``transport`` as for ``WardenClient``; grpcio uses ``grpc.aio``. On the
+    compiled transport a call made while no other is in flight on its
+    channel looks for its answer on the loop's thread for up to
+    ``busy_wait_us`` (as for ``WardenClient``; 200 by default): a lone call
+    then wakes no thread, where handing it to another thread costs three
+    wake-ups. A call not answered by then, and every call made while others
+    are in flight, goes on on the transport's own thread, and the event
+    loop awaits its answer without waiting on it. ``busy_wait_us=0`` hands
+    every call over at once."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -540,7 +561,7 @@ class AsyncWardenClient(_Base):
     def _connect(self, target: str, loop):
         if self.transport == "native":
             ca, key, cert = self._credentials
-            channel = _native.AsyncChannel(target, ca, cert, key, self.server_name)
+            channel = _native.AsyncChannel(target, ca, cert, key, self.server_name, self.busy_wait_us)
             stub = _NativeAsyncStub(channel, loop)
             return stub, stub
         channel = grpc.aio.secure_channel(target, self._ssl(), options=self._options)

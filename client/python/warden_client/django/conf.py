@@ -16,7 +16,9 @@ connection setting.
                                              # client/python-native), "grpcio",
                                              # or "auto": native when installed
         "BUSY_WAIT_US": 200,                 # compiled transport: µs a call looks for
-                                             # its answer before sleeping (0: never)
+                                             # its answer before sleeping, or under
+                                             # ASGI before it lets the loop go on
+                                             # (0: never)
         # Paths are those your urls.py sees: below the mount point
         # (SCRIPT_NAME), if the app has one (see RequestPaths).
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
@@ -215,9 +217,10 @@ class Conf:
         return self._shared(WardenClient, busy_wait_us=self.busy_wait_us)
 
     def aclient(self) -> AsyncWardenClient:
-        """The client for an async (ASGI) stack. Its calls never hold the
-        event loop, so ``BUSY_WAIT_US`` does not apply."""
-        return self._shared(AsyncWardenClient)
+        """The client for an async (ASGI) stack. ``BUSY_WAIT_US`` bounds how
+        long a check made while no other is in flight holds the event loop
+        (see ``AsyncWardenClient``)."""
+        return self._shared(AsyncWardenClient, busy_wait_us=self.busy_wait_us)
 
     def _shared(self, kind, **options):
         """One client of `kind` per distinct connection setting."""
