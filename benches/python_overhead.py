@@ -15,6 +15,11 @@ warden's middleware in async mode (each transport; the compiled one also
 with BUSY_WAIT_US = 0, which hands every check to its thread), the same middleware
 made sync-only (as it was before it could run async: Django runs its check
 on a thread), and the Redis recipe written async (redis.asyncio).
+
+Last, each client's call alone in a loop, outside Django (median per
+call): what a request pays when nothing else is in flight, without
+Django's own work around it, which on a VM swings the numbers above by
+more than the differences between clients.
 """
 
 from __future__ import annotations
@@ -144,6 +149,82 @@ def __getattr__(name):
     if name == "SyncOnlyWardenMiddleware":
         return sync_only_warden_middleware()
     raise AttributeError(name)
+
+
+def lone_calls(args, addr, dev, key, body) -> dict[str, float]:
+    """Each client's round trip alone, in a loop: what a request pays when
+    nothing else is in flight. The median of `--requests` calls, after 100
+    to warm up."""
+    import asyncio
+    import statistics
+
+    import redis
+    import redis.asyncio
+
+    from warden_client import AsyncWardenClient, CheckRequest, WardenClient
+    from warden_client.signing import sign_request
+
+    tls = {"cert": str(dev / "client.pem"), "key": str(dev / "client-key.pem"), "ca": str(dev / "ca.pem")}
+
+    def requests():
+        """Signed before the loop, as the Django rows' are."""
+        signed = []
+        for _ in range(args.requests):
+            h = sign_request(key["key_id"], key["secret"], "POST", "/lone/orders", "", body)
+            signed.append(CheckRequest(key_id=h["X-Key-Id"], timestamp=int(h["X-Timestamp"]), nonce=h["X-Nonce"],
+                                       signature=h["X-Signature"], method="POST", path="/lone/orders", body=body))
+        return signed
+
+    def median(times):
+        return statistics.median(times[100:]) * 1e6
+
+    def recipe(pipe, n):
+        pipe.incr("rl:lone")
+        pipe.expire("rl:lone", 60, nx=True)
+        pipe.set(f"nonce:lone:{n}:{time.time()}", 1, nx=True, ex=300)
+        return pipe
+
+    out = {}
+    client = WardenClient(addr, transport="native", **tls)
+    times = []
+    for req in requests():
+        t = time.perf_counter()
+        assert client.check(req).allowed
+        times.append(time.perf_counter() - t)
+    client.close()
+    out["WardenClient.check, compiled transport"] = median(times)
+    sync_redis = redis.Redis(host="127.0.0.1", port=args.redis_port)
+    times = []
+    for n in range(args.requests):
+        t = time.perf_counter()
+        recipe(sync_redis.pipeline(transaction=False), n).execute()
+        times.append(time.perf_counter() - t)
+    out["Redis recipe's pipeline, redis-py"] = median(times)
+
+    async def async_warden(busy_wait_us):
+        c = AsyncWardenClient(addr, transport="native", busy_wait_us=busy_wait_us, **tls)
+        times = []
+        for req in requests():
+            t = time.perf_counter()
+            assert (await c.check(req)).allowed
+            times.append(time.perf_counter() - t)
+        await c.close()
+        return median(times)
+
+    async def async_redis():
+        r = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
+        times = []
+        for n in range(args.requests):
+            t = time.perf_counter()
+            await recipe(r.pipeline(transaction=False), n).execute()
+            times.append(time.perf_counter() - t)
+        await r.aclose()
+        return median(times)
+
+    out["AsyncWardenClient.check, compiled transport"] = asyncio.run(async_warden(200))
+    out["the same, busy_wait_us=0 (handed to the transport's thread)"] = asyncio.run(async_warden(0))
+    out["Redis recipe's pipeline, redis.asyncio"] = asyncio.run(async_redis())
+    return out
 
 
 def start(args, out_path):
@@ -307,6 +388,8 @@ def main() -> None:
         for variant, us in asgi.items():
             result[f"asgi_{variant}_us"] = us
             result[f"asgi_{variant}_cpu_us"] = asgi_cpu[variant]
+        lone = lone_calls(args, addr, dev, key, body) if "native" in warden_us else {}
+        result["lone_calls_median_us"] = lone
         if args.json:
             print(json.dumps(result))
         else:
@@ -335,6 +418,14 @@ def main() -> None:
             for variant, us in asgi.items():
                 overhead = "–" if variant == "baseline" else f"{us - asgi['baseline']:.0f}"
                 print(f"| {names[variant]} | {us:.0f} | {overhead} | {asgi_cpu[variant]:.0f} |")
+            if lone:
+                print()
+                print("One call at a time in a loop, outside Django (median µs per call):")
+                print()
+                print("| call | median µs |")
+                print("|---|---|")
+                for name, us in lone.items():
+                    print(f"| {name} | {us:.0f} |")
     finally:
         warden.terminate()
         subprocess.run(["redis-cli", "-p", str(args.redis_port), "shutdown", "nosave"],
