@@ -57,6 +57,14 @@ create_exception!(
 /// itself after it is lost.
 #[pyclass(frozen, module = "warden_client_native")]
 struct Channel {
+    driven: Driven,
+}
+
+/// A connection, the single-threaded runtime it runs on, and who drives
+/// that runtime: what both kinds of channel are made of. A thread making a
+/// call drives it while the call runs ([`Driven::drive`]); the keeper
+/// thread at other times ([`Turns::keep`]).
+struct Driven {
     /// Shared with the keeper thread; `None` only while being dropped.
     runtime: Option<Arc<tokio::runtime::Runtime>>,
     transport: tonic::transport::Channel,
@@ -211,25 +219,14 @@ impl Channel {
         server_name: Option<String>,
         busy_wait_us: u64,
     ) -> PyResult<Self> {
-        let busy_wait = busy_wait_policy(busy_wait_us)?;
-        let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
-        let runtime = Arc::new(runtime);
-        let turns = Arc::new(Turns::default());
-        let keeper = {
-            let (runtime, turns) = (runtime.clone(), turns.clone());
-            std::thread::Builder::new()
-                .name("warden-channel".into())
-                .spawn(move || turns.keep(&runtime))
-                .map_err(cannot_start)?
-        };
-        Ok(Self {
-            runtime: Some(runtime),
-            transport,
-            keeper: Some(keeper),
-            turns,
-            busy_wait,
-            pid: std::process::id(),
-        })
+        let driven = Driven::new(
+            target,
+            (ca, cert, key),
+            server_name,
+            busy_wait_us,
+            "warden-channel",
+        )?;
+        Ok(Self { driven })
     }
 
     /// One unary call: `method` is the gRPC path
@@ -245,7 +242,7 @@ impl Channel {
         let path = method_path(method)?;
         let timeout = deadline(timeout)?;
         let message = Bytes::copy_from_slice(request);
-        let transport = self.transport.clone();
+        let transport = self.driven.transport.clone();
         let answer = py.detach(|| self.run(timeout, unary_call(transport, path, message)));
         match answer {
             Ok(bytes) => Ok(PyBytes::new(py, &bytes)),
@@ -264,7 +261,7 @@ impl Channel {
     ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
         let path = method_path(method)?;
         let timeout = deadline(timeout)?;
-        let transport = self.transport.clone();
+        let transport = self.driven.transport.clone();
         let answers = py.detach(|| {
             self.run(timeout, async move {
                 let mut grpc = ready(transport).await?;
@@ -289,55 +286,114 @@ impl Channel {
 }
 
 impl Channel {
-    fn keeper_thread(&self) -> &std::thread::Thread {
+    /// Runs one call to its end or its deadline, on this thread.
+    fn run<T: Send>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = Result<T, Status>> + Send,
+    ) -> Result<T, Status> {
+        if self.driven.forked() {
+            return Err(made_in_another_process());
+        }
+        let call = std::pin::pin!(with_deadline(timeout, call));
+        self.driven
+            .drive(call, true)
+            .expect("a call waited for ends")
+    }
+}
+
+impl Driven {
+    /// A connection to `target` (not made yet) and its keeper, with the
+    /// looking policy for `busy_wait_us`. `ca`, `cert`, `key` and
+    /// `server_name` as for `Channel.new`.
+    fn new(
+        target: &str,
+        (ca, cert, key): (Vec<u8>, Vec<u8>, Vec<u8>),
+        server_name: Option<String>,
+        busy_wait_us: u64,
+        keeper_name: &str,
+    ) -> PyResult<Self> {
+        let busy_wait = BusyWait::new(Duration::from_micros(busy_wait_us)).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "busy_wait_us must be between 0 and {}",
+                BusyWait::MAX.as_micros()
+            ))
+        })?;
+        let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
+        let runtime = Arc::new(runtime);
+        let turns = Arc::new(Turns::default());
+        let keeper = {
+            let (runtime, turns) = (runtime.clone(), turns.clone());
+            std::thread::Builder::new()
+                .name(keeper_name.into())
+                .spawn(move || turns.keep(&runtime))
+                .map_err(cannot_start)?
+        };
+        Ok(Self {
+            runtime: Some(runtime),
+            transport,
+            keeper: Some(keeper),
+            turns,
+            busy_wait,
+            pid: std::process::id(),
+        })
+    }
+
+    /// Whether this is a forked child of the process that made it, where
+    /// its threads do not exist.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("a live channel has its runtime")
+    }
+
+    fn keeper(&self) -> &std::thread::Thread {
         self.keeper
             .as_ref()
             .expect("a live channel has its keeper")
             .thread()
     }
 
-    /// Runs one call to its end or its deadline, on this thread.
-    fn run<T>(
+    /// Drives the runtime on this thread for `call`: looks for its end for
+    /// up to the busy wait's budget (see [`look`]), then, if `wait`, sleeps
+    /// until it ends. `None` when it has not ended and is not waited for;
+    /// with no budget (no looking), such a call is not begun here at all.
+    fn drive<F: Future + ?Sized>(
         &self,
-        timeout: Duration,
-        call: impl Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        if std::process::id() != self.pid {
-            return Err(made_in_another_process());
+        mut call: std::pin::Pin<&mut F>,
+        wait: bool,
+    ) -> Option<F::Output> {
+        let budget = self.busy_wait.budget();
+        if budget.is_zero() && !wait {
+            return None;
         }
-        let runtime = self
-            .runtime
-            .as_ref()
-            .expect("a live channel has its runtime");
         self.turns.begin();
         let started = Instant::now();
-        let budget = self.busy_wait.budget();
-        let look_until = started + budget;
-        let outcome = runtime
-            .block_on(async {
-                // The one deadline, and not also sent as grpc-timeout: tonic
-                // ends a call past its grpc-timeout as CANCELLED ("Timeout
-                // expired"), which the Python side rightly reads as a
-                // refusal, not as warden being unreachable. A paused server
-                // reads nothing anyway, so only this side can end the wait.
-                let call = tokio::time::timeout(timeout, call);
-                tokio::pin!(call);
-                match look(call.as_mut(), look_until).await {
-                    Some(done) => done,
-                    None => call.await,
-                }
-            })
-            .unwrap_or_else(|_| Err(deadline_passed()));
-        self.busy_wait.observe(budget, started.elapsed());
-        self.turns.end(self.keeper_thread());
-        outcome
+        let ended = self.runtime().block_on(async {
+            match look(call.as_mut(), started + budget).await {
+                None if wait => Some(call.await),
+                ended => ended,
+            }
+        });
+        let took = match ended {
+            Some(_) => started.elapsed(),
+            // Not answered in time, whatever the clock says.
+            None => Duration::MAX,
+        };
+        self.busy_wait.observe(budget, took);
+        self.turns.end(self.keeper());
+        ended
     }
 }
 
-impl Drop for Channel {
+impl Drop for Driven {
     fn drop(&mut self) {
         let (runtime, keeper) = (self.runtime.take(), self.keeper.take());
-        if std::process::id() != self.pid {
+        if self.forked() {
             // A forked child: the keeper and the runtime's helper threads
             // exist only in the parent; joining or shutting down would wait
             // for them forever.
@@ -350,6 +406,20 @@ impl Drop for Channel {
         }
         drop(runtime);
     }
+}
+
+/// `call` with the one deadline, and not also sent as grpc-timeout: tonic
+/// ends a call past its grpc-timeout as CANCELLED ("Timeout expired"),
+/// which the Python side rightly reads as a refusal, not as warden being
+/// unreachable. A paused server reads nothing anyway, so only this side can
+/// end the wait.
+async fn with_deadline<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(deadline_passed()))
 }
 
 /// A connection to one warden server for asyncio callers: a call is
@@ -373,18 +443,11 @@ impl Drop for Channel {
 /// Python code holds the GIL, and a burst of answers costs one wake-up.
 #[pyclass(frozen, module = "warden_client_native")]
 struct AsyncChannel {
-    /// Shared with the keeper thread; `None` only while being dropped.
-    runtime: Option<Arc<tokio::runtime::Runtime>>,
-    transport: tonic::transport::Channel,
+    driven: Driven,
     finished: Arc<Finished>,
     /// The end the event loop watches and drains.
     ready: std::os::unix::net::UnixStream,
     next_call: AtomicU64,
-    keeper: Option<std::thread::JoinHandle<()>>,
-    turns: Arc<Turns>,
-    busy_wait: BusyWait,
-    /// The process this channel belongs to.
-    pid: u32,
 }
 
 /// Calls that ended and have not been collected yet, and the socket that
@@ -432,33 +495,24 @@ impl AsyncChannel {
         server_name: Option<String>,
         busy_wait_us: u64,
     ) -> PyResult<Self> {
-        let busy_wait = busy_wait_policy(busy_wait_us)?;
-        let (runtime, transport) = connection(target, ca, cert, key, server_name)?;
         let (ready, wake) = std::os::unix::net::UnixStream::pair().map_err(cannot_start)?;
         ready.set_nonblocking(true).map_err(cannot_start)?;
         wake.set_nonblocking(true).map_err(cannot_start)?;
-        let runtime = Arc::new(runtime);
-        let turns = Arc::new(Turns::default());
-        let keeper = {
-            let (runtime, turns) = (runtime.clone(), turns.clone());
-            std::thread::Builder::new()
-                .name("warden-async-channel".into())
-                .spawn(move || turns.keep(&runtime))
-                .map_err(cannot_start)?
-        };
+        let driven = Driven::new(
+            target,
+            (ca, cert, key),
+            server_name,
+            busy_wait_us,
+            "warden-async-channel",
+        )?;
         Ok(Self {
-            runtime: Some(runtime),
-            transport,
+            driven,
             finished: Arc::new(Finished {
                 calls: std::sync::Mutex::new(Vec::new()),
                 wake,
             }),
             ready,
             next_call: AtomicU64::new(0),
-            keeper: Some(keeper),
-            turns,
-            busy_wait,
-            pid: std::process::id(),
         })
     }
 
@@ -474,7 +528,7 @@ impl AsyncChannel {
     fn start_unary(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<u64> {
         let call = self.call(method, request, timeout)?;
         let number = self.next_call.fetch_add(1, Ordering::Relaxed);
-        if std::process::id() != self.pid {
+        if self.driven.forked() {
             self.finished.push(number, Err(made_in_another_process()));
             return Ok(number);
         }
@@ -496,30 +550,10 @@ impl AsyncChannel {
         timeout: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut call = self.call(method, request, timeout)?;
-        if std::process::id() != self.pid {
+        if self.driven.forked() {
             return Err(rpc_error(&made_in_another_process()));
         }
-        let budget = self.busy_wait.budget();
-        // No looking (`busy_wait_us` 0, or answers that have stopped coming
-        // within it): handed over at once, without taking the runtime from
-        // the keeper.
-        let ended = match budget.is_zero() {
-            true => None,
-            false => {
-                let runtime = self.runtime();
-                self.turns.begin();
-                let started = Instant::now();
-                let ended = py.detach(|| runtime.block_on(look(call.as_mut(), started + budget)));
-                let took = match ended {
-                    Some(_) => started.elapsed(),
-                    // Not answered in time, whatever the clock says.
-                    None => Duration::MAX,
-                };
-                self.busy_wait.observe(budget, took);
-                self.turns.end(self.keeper_thread());
-                ended
-            }
-        };
+        let ended = py.detach(|| self.driven.drive(call.as_mut(), false));
         match ended {
             Some(Ok(answer)) => Ok(PyBytes::new(py, &answer).into_any()),
             Some(Err(status)) => Err(rpc_error(&status)),
@@ -563,61 +597,29 @@ impl AsyncChannel {
 }
 
 impl AsyncChannel {
-    fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.runtime
-            .as_ref()
-            .expect("a live channel has its runtime")
-    }
-
-    fn keeper_thread(&self) -> &std::thread::Thread {
-        self.keeper
-            .as_ref()
-            .expect("a live channel has its keeper")
-            .thread()
-    }
-
-    /// One unary call, not begun, with its deadline: the one deadline, as
-    /// in `Channel::run`.
+    /// One unary call, not begun, with its deadline.
     fn call(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<Call> {
         let path = method_path(method)?;
         let timeout = deadline(timeout)?;
         let message = Bytes::copy_from_slice(request);
-        let transport = self.transport.clone();
-        Ok(Box::pin(async move {
-            tokio::time::timeout(timeout, unary_call(transport, path, message))
-                .await
-                .unwrap_or_else(|_| Err(deadline_passed()))
-        }))
+        let transport = self.driven.transport.clone();
+        Ok(Box::pin(with_deadline(
+            timeout,
+            unary_call(transport, path, message),
+        )))
     }
 
     /// Runs `call` as a task that the keeper drives, its outcome put in
     /// [`Finished`] as `number`.
     fn hand_over(&self, number: u64, call: Call) {
-        let (finished, turns) = (self.finished.clone(), self.turns.clone());
+        let (finished, turns) = (self.finished.clone(), self.driven.turns.clone());
         // Counted before the task can end (and count itself off).
-        self.turns.hand(self.keeper_thread());
-        self.runtime().spawn(async move {
+        self.driven.turns.hand(self.driven.keeper());
+        self.driven.runtime().spawn(async move {
             let outcome = call.await;
             finished.push(number, outcome);
             turns.handed_one_ended();
         });
-    }
-}
-
-impl Drop for AsyncChannel {
-    fn drop(&mut self) {
-        let (runtime, keeper) = (self.runtime.take(), self.keeper.take());
-        if std::process::id() != self.pid {
-            // As for `Channel`: the keeper and the runtime's helper threads
-            // exist only in the parent.
-            std::mem::forget((runtime, keeper));
-            return;
-        }
-        if let Some(keeper) = keeper {
-            self.turns.close(keeper.thread());
-            let _ = keeper.join();
-        }
-        drop(runtime);
     }
 }
 
@@ -644,16 +646,6 @@ fn connection(
             .map_err(|e| PyValueError::new_err(e.to_string()))?
     };
     Ok((runtime, transport))
-}
-
-/// The looking policy for `busy_wait_us`, or why it is refused.
-fn busy_wait_policy(busy_wait_us: u64) -> PyResult<BusyWait> {
-    BusyWait::new(Duration::from_micros(busy_wait_us)).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "busy_wait_us must be between 0 and {}",
-            BusyWait::MAX.as_micros()
-        ))
-    })
 }
 
 fn cannot_start(e: std::io::Error) -> PyErr {
