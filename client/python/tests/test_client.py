@@ -703,3 +703,36 @@ def test_a_lone_async_call_to_a_paused_server_holds_the_loop_no_longer_than_its_
         server.resume()
     assert (number, raw, code) == (call, None, 4), details  # DEADLINE_EXCEEDED
     assert 0.95 <= elapsed < 2.0, elapsed
+
+
+def test_a_hung_warden_holds_the_loop_for_six_busy_waits_then_calls_are_handed_over_at_once(own_warden, transport):
+    # A warden that answers nothing in time stops the looking after six
+    # calls: from then on a lone call holds the event loop's thread for no
+    # busy wait at all (but one probe in 32), so a hung warden costs the
+    # loop a bounded few budgets, not one per request.
+    if transport != "native":
+        pytest.skip("the compiled channel only")
+    server = own_warden
+    key = server.create_key("--owner", "py-aio-hung-looking")
+    check = "/warden.v1.Warden/Check"
+    channel = _async_channel(server, 10_000)
+    first = channel.try_unary(check, signed(key).SerializeToString(), 5.0)
+    if not isinstance(first, bytes):  # connecting took longer than the busy wait
+        assert _collected(channel, 1)[0][2] == 0
+    server.pause()
+    try:
+        held, numbers = [], []
+        for i in range(40):
+            started = time.monotonic()
+            numbers.append(channel.try_unary(check, signed(key, path=f"/hung/{i}").SerializeToString(), 1.0))
+            held.append(time.monotonic() - started)
+        # Each ends at its deadline, while the server is still paused.
+        done = _collected(channel, 40, within=10.0)
+    finally:
+        server.resume()
+    assert all(isinstance(n, int) for n in numbers), numbers
+    looked = [h for h in held if h >= 0.009]
+    assert 6 <= len(looked) <= 8, [round(h * 1000, 1) for h in held]
+    assert sum(held) < 0.3, sum(held)
+    assert sorted(n for n, _, _, _ in done) == sorted(numbers)
+    assert {code for _, _, code, _ in done} == {4}  # DEADLINE_EXCEEDED
