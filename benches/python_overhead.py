@@ -175,51 +175,52 @@ def lone_calls(args, addr, dev, key, body) -> dict[str, float]:
                                        signature=h["X-Signature"], method="POST", path="/lone/orders", body=body))
         return signed
 
-    def median(times):
+    def median_us(call, items) -> float:
+        times = []
+        for item in items:
+            t = time.perf_counter()
+            call(item)
+            times.append(time.perf_counter() - t)
         return statistics.median(times[100:]) * 1e6
 
-    def recipe(pipe, n):
-        pipe.incr("rl:lone")
-        pipe.expire("rl:lone", 60, nx=True)
-        pipe.set(f"nonce:lone:{n}:{time.time()}", 1, nx=True, ex=300)
-        return pipe
+    async def async_median_us(call, items) -> float:
+        times = []
+        for item in items:
+            t = time.perf_counter()
+            await call(item)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[100:]) * 1e6
+
+    def lone_nonce(n):
+        return f"{n}:{time.time()}"
 
     out = {}
     client = WardenClient(addr, transport="native", **tls)
-    times = []
-    for req in requests():
-        t = time.perf_counter()
+
+    def check(req):
         assert client.check(req).allowed
-        times.append(time.perf_counter() - t)
+
+    out["WardenClient.check, compiled transport"] = median_us(check, requests())
     client.close()
-    out["WardenClient.check, compiled transport"] = median(times)
     sync_redis = redis.Redis(host="127.0.0.1", port=args.redis_port)
-    times = []
-    for n in range(args.requests):
-        t = time.perf_counter()
-        recipe(sync_redis.pipeline(transaction=False), n).execute()
-        times.append(time.perf_counter() - t)
-    out["Redis recipe's pipeline, redis-py"] = median(times)
+    out["Redis recipe's pipeline, redis-py"] = median_us(
+        lambda n: recipe_pipeline(sync_redis, "lone", lone_nonce(n)).execute(), range(args.requests))
 
     async def async_warden(busy_wait_us):
         c = AsyncWardenClient(addr, transport="native", busy_wait_us=busy_wait_us, **tls)
-        times = []
-        for req in requests():
-            t = time.perf_counter()
+
+        async def check(req):
             assert (await c.check(req)).allowed
-            times.append(time.perf_counter() - t)
+
+        us = await async_median_us(check, requests())
         await c.close()
-        return median(times)
+        return us
 
     async def async_redis():
         r = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
-        times = []
-        for n in range(args.requests):
-            t = time.perf_counter()
-            await recipe(r.pipeline(transaction=False), n).execute()
-            times.append(time.perf_counter() - t)
+        us = await async_median_us(lambda n: recipe_pipeline(r, "lone", lone_nonce(n)).execute(), range(args.requests))
         await r.aclose()
-        return median(times)
+        return us
 
     out["AsyncWardenClient.check, compiled transport"] = asyncio.run(async_warden(200))
     out["the same, busy_wait_us=0 (handed to the transport's thread)"] = asyncio.run(async_warden(0))
