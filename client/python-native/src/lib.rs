@@ -92,10 +92,10 @@ struct Turns {
     /// a thread driving the runtime moves them on, so the keeper drives
     /// while there are any and no call thread does.
     handed: AtomicUsize,
-    /// Tells the keeper the last handed call has ended.
-    handed_done: tokio::sync::Notify,
     closing: AtomicBool,
-    /// Tells the keeper, while it drives the runtime, to step aside.
+    /// Tells the keeper, while it drives the runtime, to step aside: a
+    /// call wants the runtime, the last handed call has ended, or the
+    /// channel is closing. It then looks again at what it should do.
     step_aside: tokio::sync::Notify,
 }
 
@@ -125,7 +125,7 @@ impl Turns {
     /// A handed call has ended.
     fn handed_one_ended(&self) {
         if self.handed.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.handed_done.notify_one();
+            self.step_aside.notify_one();
         }
     }
 
@@ -154,25 +154,10 @@ impl Turns {
             if self.calls.load(Ordering::SeqCst) > 0 || self.closing.load(Ordering::SeqCst) {
                 continue;
             }
-            if self.handed.load(Ordering::SeqCst) > 0 {
-                // Runs the handed calls until they have ended or a call
-                // wants the runtime.
-                runtime.block_on(async {
-                    let (mut aside, mut done) = (
-                        std::pin::pin!(self.step_aside.notified()),
-                        std::pin::pin!(self.handed_done.notified()),
-                    );
-                    std::future::poll_fn(|cx| {
-                        if aside.as_mut().poll(cx).is_ready() || done.as_mut().poll(cx).is_ready() {
-                            Poll::Ready(())
-                        } else {
-                            Poll::Pending
-                        }
-                    })
-                    .await
-                });
-            } else if self.begun.load(Ordering::SeqCst) == begun {
-                // Runs the connection's tasks until a call wants the runtime.
+            let handed = self.handed.load(Ordering::SeqCst) > 0;
+            if handed || self.begun.load(Ordering::SeqCst) == begun {
+                // Runs the handed calls, or the idle connection's tasks,
+                // until told to step aside.
                 runtime.block_on(self.step_aside.notified());
             }
         }
