@@ -10,6 +10,10 @@ from warden_client import AsyncWardenClient, CheckRequest, WardenClient, WardenU
 from warden_client.client import CircuitBreaker
 
 
+# The gRPC path of Check, for the compiled channels called directly.
+_CHECK = "/warden.v1.Warden/Check"
+
+
 def signed(key, method="POST", path="/orders", query="", body=b"{}"):
     h = sign_request(key["key_id"], key["secret"], method, path, query, body)
     return CheckRequest(
@@ -290,12 +294,12 @@ def test_the_compiled_channel_refuses_bad_arguments_before_sending(warden, trans
             channel.unary(method, b"", 1.0)
     for timeout in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout"):
-            channel.unary("/warden.v1.Warden/Check", b"", timeout)
+            channel.unary(_CHECK, b"", timeout)
     # Bytes that are no CheckRequest: warden answers in-band, MALFORMED, and
     # the channel carries on.
     from warden_client._proto.warden.v1 import warden_pb2
 
-    answer = warden_pb2.CheckResponse.FromString(channel.unary("/warden.v1.Warden/Check", b"\xff\xff\xff", 2.0))
+    answer = warden_pb2.CheckResponse.FromString(channel.unary(_CHECK, b"\xff\xff\xff", 2.0))
     assert answer.reason == warden_pb2.REASON_MALFORMED
     with pytest.raises(warden_client_native.RpcError) as e:
         channel.unary("/warden.v1.Warden/NoSuchMethod", b"", 2.0)
@@ -611,9 +615,9 @@ def test_the_compiled_async_channel_refuses_bad_arguments_before_sending(warden,
             channel.start_unary(method, b"", 1.0)
     for timeout in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout"):
-            channel.start_unary("/warden.v1.Warden/Check", b"", timeout)
+            channel.start_unary(_CHECK, b"", timeout)
         with pytest.raises(ValueError, match="timeout"):
-            channel.try_unary("/warden.v1.Warden/Check", b"", timeout)
+            channel.try_unary(_CHECK, b"", timeout)
     with pytest.raises(ValueError, match="method"):
         channel.try_unary("Check", b"", 1.0)
     assert channel.finished() == []
@@ -629,6 +633,16 @@ def _async_channel(server, busy_wait_us):
 
     tls = {k: open(v, "rb").read() for k, v in server.tls().items()}
     return warden_client_native.AsyncChannel(server.addr, tls["ca"], tls["cert"], tls["key"], None, busy_wait_us)
+
+
+def _connected_async_channel(server, key, busy_wait_us):
+    """A compiled async channel that has made one allowed call (so it is
+    connected, and its busy wait has seen an answer)."""
+    channel = _async_channel(server, busy_wait_us)
+    first = channel.try_unary(_CHECK, signed(key).SerializeToString(), 5.0)
+    if not isinstance(first, bytes):  # connecting took longer than the busy wait
+        assert _collected(channel, 1)[0][2] == 0
+    return channel
 
 
 def _collected(channel, count, within=5.0):
@@ -657,9 +671,8 @@ def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed
     from warden_client._proto.warden.v1 import warden_pb2
 
     key = warden.create_key("--owner", "py-aio-lone")
-    check = "/warden.v1.Warden/Check"
     looking = _async_channel(warden, 10_000)
-    outcomes = [looking.try_unary(check, signed(key, path=f"/lone/{i}").SerializeToString(), 5.0) for i in range(30)]
+    outcomes = [looking.try_unary(_CHECK, signed(key, path=f"/lone/{i}").SerializeToString(), 5.0) for i in range(30)]
     handed = [o for o in outcomes if not isinstance(o, bytes)]
     # The first call also connects (TCP and TLS), which may take longer.
     assert len(handed) <= 3, f"{len(handed)} of 30 lone calls were handed over"
@@ -668,10 +681,10 @@ def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed
     assert [a.http_status for a in answers] == [200] * 30
 
     sleeping = _async_channel(warden, 0)
-    outcomes = [sleeping.try_unary(check, signed(key, path=f"/handed/{i}").SerializeToString(), 5.0)
+    outcomes = [sleeping.try_unary(_CHECK, signed(key, path=f"/handed/{i}").SerializeToString(), 5.0)
                 for i in range(5)]
     assert all(isinstance(o, int) for o in outcomes), outcomes
-    started = sleeping.start_unary(check, signed(key, path="/started").SerializeToString(), 5.0)
+    started = sleeping.start_unary(_CHECK, signed(key, path="/started").SerializeToString(), 5.0)
     done = _collected(sleeping, 6)
     assert sorted(n for n, _, _, _ in done) == sorted(outcomes + [started])
     assert [(code, warden_pb2.CheckResponse.FromString(raw).http_status) for _, raw, code, _ in done] == [(0, 200)] * 6
@@ -685,15 +698,11 @@ def test_a_lone_async_call_to_a_paused_server_holds_the_loop_no_longer_than_its_
         pytest.skip("the compiled channel only")
     server = own_warden
     key = server.create_key("--owner", "py-aio-lone-paused")
-    check = "/warden.v1.Warden/Check"
-    channel = _async_channel(server, 2_000)
-    first = channel.try_unary(check, signed(key).SerializeToString(), 5.0)
-    if not isinstance(first, bytes):  # connecting took longer than the busy wait
-        assert _collected(channel, 1)[0][2] == 0
+    channel = _connected_async_channel(server, key, 2_000)
     server.pause()
     try:
         started = time.monotonic()
-        call = channel.try_unary(check, signed(key, path="/paused").SerializeToString(), 1.0)
+        call = channel.try_unary(_CHECK, signed(key, path="/paused").SerializeToString(), 1.0)
         held = time.monotonic() - started
         assert isinstance(call, int), call
         assert held < 0.2, f"the loop's thread was held {held:.3f} s"
@@ -714,17 +723,13 @@ def test_a_hung_warden_holds_the_loop_for_six_busy_waits_then_calls_are_handed_o
         pytest.skip("the compiled channel only")
     server = own_warden
     key = server.create_key("--owner", "py-aio-hung-looking")
-    check = "/warden.v1.Warden/Check"
-    channel = _async_channel(server, 10_000)
-    first = channel.try_unary(check, signed(key).SerializeToString(), 5.0)
-    if not isinstance(first, bytes):  # connecting took longer than the busy wait
-        assert _collected(channel, 1)[0][2] == 0
+    channel = _connected_async_channel(server, key, 10_000)
     server.pause()
     try:
         held, numbers = [], []
         for i in range(40):
             started = time.monotonic()
-            numbers.append(channel.try_unary(check, signed(key, path=f"/hung/{i}").SerializeToString(), 1.0))
+            numbers.append(channel.try_unary(_CHECK, signed(key, path=f"/hung/{i}").SerializeToString(), 1.0))
             held.append(time.monotonic() - started)
         # Each ends at its deadline, while the server is still paused.
         done = _collected(channel, 40, within=10.0)
