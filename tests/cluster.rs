@@ -240,3 +240,78 @@ async fn a_departure_is_heard_at_once_not_at_the_next_renewal() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A node that joins while a member holding some of its slots does not
+/// answer (paused) waits for that member's handover: it is not ready, and
+/// `cluster status` names the member and how many slots it owes. Once the
+/// member answers again, it hands them over and the new node is ready.
+/// (One that never answers is given up on once its lease runs out; the
+/// unit tests of `Membership` cover that.) Before session 32 the new node
+/// was ready at once while checks of those slots waited, and a test that
+/// paused a node right after its cluster was ready saw failure charges
+/// pile up behind the missing handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_is_not_ready_while_a_member_owes_it_a_handover() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    // The paused node stays a member (its lease holds 16 s at least)
+    // while the third one joins (after its restart fence, ~6 s).
+    let configs = node_configs_with(&dir, &url, &["node-a", "node-b", "node-c"], "20s");
+    let a = Server::with_config(&configs[0]);
+    let b = Server::with_config(&configs[1]);
+    eventually(&dir, &a, "two members", |s| members(s).len() == 2);
+
+    b.signal("STOP");
+    let paused = Instant::now();
+    let c = Server::with_config_unready(&configs[2], "info");
+    let owed = |s: &serde_json::Value| -> Vec<(String, u64)> {
+        s["awaiting"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let node = a["node"].as_str().unwrap().to_owned();
+                (node, a["slots"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let waiting = eventually(&dir, &c, "node-c waits for node-b", |s| {
+        owed(s).iter().any(|(n, _)| n == "node-b")
+    });
+    assert!(
+        paused.elapsed() < Duration::from_secs(15),
+        "node-b's lease may have run out already"
+    );
+    assert_eq!(members(&waiting), ["node-a", "node-b", "node-c"]);
+    let (_, slots) = owed(&waiting)
+        .into_iter()
+        .find(|(n, _)| n == "node-b")
+        .unwrap();
+    assert!(slots > 0, "{waiting}");
+    assert_eq!(
+        c.http_get("/readyz").0,
+        503,
+        "ready while node-b owes it a handover"
+    );
+    let text = dir.cli(&c, &["cluster", "status"]).stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains(&format!("for node-b to hand over {slots} slots")),
+        "{text}"
+    );
+
+    b.signal("CONT");
+    c.wait_past_fence_within(Duration::from_secs(20));
+    let ready = status(&dir, &c);
+    assert_eq!(members(&ready), ["node-a", "node-b", "node-c"], "{ready}");
+    assert!(owed(&ready).is_empty(), "{ready}");
+    assert_eq!(ready["awaiting_for_ms"], 0, "{ready}");
+    assert!(
+        c.logs()
+            .contains(r#""event":"cluster_handed_over","from":"node-b""#),
+        "{}",
+        c.logs()
+    );
+}

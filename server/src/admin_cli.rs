@@ -1187,11 +1187,19 @@ struct MemberView<'a> {
 }
 
 #[derive(Serialize)]
+struct AwaitedView<'a> {
+    node: &'a str,
+    slots: u32,
+}
+
+#[derive(Serialize)]
 struct ClusterView<'a> {
     node: &'a str,
     version: u64,
     coordinator_ok: bool,
     members: Vec<MemberView<'a>>,
+    awaiting: Vec<AwaitedView<'a>>,
+    awaiting_for_ms: u64,
 }
 
 pub async fn cluster(conn: &ConnArgs, command: ClusterCommand) -> Result<ExitCode, Failure> {
@@ -1273,6 +1281,15 @@ async fn cluster_status(conn: &ConnArgs, json: bool) -> Result<ExitCode, Failure
                     clock_ahead_ms: m.clock_ahead_ms,
                 })
                 .collect(),
+            awaiting: status
+                .awaiting
+                .iter()
+                .map(|a| AwaitedView {
+                    node: &a.node,
+                    slots: a.slots,
+                })
+                .collect(),
+            awaiting_for_ms: status.awaiting_for_ms,
         });
         return Ok(ExitCode::SUCCESS);
     }
@@ -1298,6 +1315,14 @@ async fn cluster_status(conn: &ConnArgs, json: bool) -> Result<ExitCode, Failure
             m.lease_left_ms,
             rfc3339_ms(m.joined_at_ms),
             m.keys_owned
+        );
+    }
+    for a in &status.awaiting {
+        println!(
+            "  waiting {:.1} s for {} to hand over {} slots (this node is not ready until it has; one that never does is given up on)",
+            status.awaiting_for_ms as f64 / 1000.0,
+            a.node,
+            a.slots
         );
     }
     Ok(ExitCode::SUCCESS)

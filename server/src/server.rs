@@ -489,7 +489,7 @@ impl Bound {
             .map(|m| tokio::spawn(m.run(leave_rx)));
         // Requests signed before the restart fence are STALE, so the server
         // only reports SERVING once the fence second has begun (and, in a
-        // cluster, once it holds a lease).
+        // cluster, once it holds a lease and answers for all its slots).
         let starting = {
             let (health, fence, clock) = (health.clone(), app.checker.fence(), app.clock.clone());
             let membership = app.membership.clone();
@@ -497,9 +497,13 @@ impl Bound {
                 fence.opened(&*clock).await;
                 if let Some(m) = membership {
                     m.joined().await;
-                    // Slots taken over on joining are fenced: ready once
-                    // requests signed now pass everywhere on this node.
-                    while crate::engine::clock::unix_secs() <= u64::from(m.table().highest_fence())
+                    // Slots taken over on joining are fenced, and those
+                    // other members hold wait for their handovers (given up
+                    // on after two lease TTLs): ready once requests signed
+                    // now pass everywhere on this node.
+                    while !m
+                        .table()
+                        .answers_all_it_owns(crate::engine::clock::unix_secs())
                     {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

@@ -260,7 +260,20 @@ impl SlotTable {
 
     /// The members this node still waits for.
     pub fn awaited(&self) -> impl Iterator<Item = &str> {
-        self.awaiting.iter().map(|(n, _)| n.as_str())
+        self.awaited_slots().map(|(n, _)| n)
+    }
+
+    /// The members this node still waits for, each with how many of this
+    /// node's slots it holds.
+    pub fn awaited_slots(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.awaiting.iter().map(|(n, s)| (n.as_str(), s.len()))
+    }
+
+    /// Whether this node answers for every slot it owns for requests
+    /// signed at `now_secs`: no slot waits for a handover, and no fence
+    /// on them is still closed. Until then it is not ready.
+    pub fn answers_all_it_owns(&self, now_secs: u64) -> bool {
+        self.awaiting.is_empty() && now_secs > u64::from(self.highest_fence())
     }
 
     /// Members of this table that are new since `before` (joined, or
@@ -511,20 +524,26 @@ mod tests {
                 .iter()
                 .all(|&s| !joined.is_mine(s) && !joined.fenced(s, 1000))
         );
-        let mut awaited: Vec<&str> = joined.awaited().collect();
+        let mut awaited: Vec<(&str, usize)> = joined.awaited_slots().collect();
         awaited.sort();
-        assert_eq!(awaited, ["node-a", "node-c"]);
+        assert_eq!(awaited, [("node-a", owned.len()), ("node-c", owned.len())]);
+        assert!(
+            !joined.answers_all_it_owns(1001),
+            "not ready while awaiting"
+        );
         let half = joined.handed_over("node-a", None).unwrap();
         assert!(
             owned.iter().all(|&s| !half.is_mine(s)),
             "one of two is not enough"
         );
+        assert!(!half.answers_all_it_owns(1001));
         let served = half.handed_over("node-c", None).unwrap();
         assert!(
             owned
                 .iter()
                 .all(|&s| served.is_mine(s) && !served.fenced(s, 1000))
         );
+        assert!(served.answers_all_it_owns(1001));
         // Given up on: served, but fenced.
         let fenced = half.handed_over("node-c", Some(1000)).unwrap();
         assert!(
@@ -532,6 +551,11 @@ mod tests {
                 .iter()
                 .all(|&s| fenced.is_mine(s) && fenced.fenced(s, 1000))
         );
+        assert!(
+            !fenced.answers_all_it_owns(1000),
+            "not ready behind the fence"
+        );
+        assert!(fenced.answers_all_it_owns(1001));
         // A member that handed over before the table was built is not awaited.
         let early = HashMap::from([("node-a".to_owned(), 3)]);
         let t = SlotTable::build(

@@ -12,12 +12,13 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use warden_client::proto::admin_server::Admin;
 use warden_client::proto::{
-    AddSecretRequest, AddSecretResponse, AuditRecord, ClusterMember, ClusterStatusRequest,
-    ClusterStatusResponse, CreateKeyRequest, CreateKeyResponse, GetKeyRequest, KeyInfo,
-    KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse, ListKeysRequest, ListKeysResponse,
-    ListPoliciesRequest, ListPoliciesResponse, LocateStateRequest, LocateStateResponse, PolicyInfo,
-    RevokeRequest, SecretFormat as ProtoSecretFormat, SecretInfo, UpdateKeyRequest,
-    VerifyAuditRequest, VerifyAuditResponse, locate_state_request,
+    AddSecretRequest, AddSecretResponse, AuditRecord, AwaitedHandover, ClusterMember,
+    ClusterStatusRequest, ClusterStatusResponse, CreateKeyRequest, CreateKeyResponse,
+    GetKeyRequest, KeyInfo, KeyKind as ProtoKind, ListAuditRequest, ListAuditResponse,
+    ListKeysRequest, ListKeysResponse, ListPoliciesRequest, ListPoliciesResponse,
+    LocateStateRequest, LocateStateResponse, PolicyInfo, RevokeRequest,
+    SecretFormat as ProtoSecretFormat, SecretInfo, UpdateKeyRequest, VerifyAuditRequest,
+    VerifyAuditResponse, locate_state_request,
 };
 
 use crate::audit::{AuditLog, Direction, Event, PageError, Position};
@@ -414,8 +415,8 @@ impl Admin for AdminService {
             )
         })?;
         let view = membership.view();
-        let owned: BTreeMap<String, u64> = membership
-            .table()
+        let table = membership.table();
+        let owned: BTreeMap<String, u64> = table
             .count_owned(self.keys.key_slots())
             .into_iter()
             .collect();
@@ -435,6 +436,16 @@ impl Admin for AdminService {
                     clock_ahead_ms: m.clock.map(|c| c.ahead_us / 1_000),
                 })
                 .collect(),
+            awaiting: table
+                .awaited_slots()
+                .map(|(node, slots)| AwaitedHandover {
+                    node: node.to_owned(),
+                    slots: slots as u32,
+                })
+                .collect(),
+            awaiting_for_ms: table
+                .awaiting_since
+                .map_or(0, |since| since.elapsed().as_millis() as u64),
         }))
     }
 

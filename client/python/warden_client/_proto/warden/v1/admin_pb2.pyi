@@ -178,6 +178,8 @@ class ClusterStatusResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     COORDINATOR_OK_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    AWAITING_FIELD_NUMBER: _builtins.int
+    AWAITING_FOR_MS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """The node that answered."""
     version: _builtins.int
@@ -188,8 +190,19 @@ class ClusterStatusResponse(_message.Message):
     """False while PostgreSQL (the coordinator) cannot be reached: the members
     are the last ones seen.
     """
+    awaiting_for_ms: _builtins.int
+    """How long it has waited for them, in milliseconds (0: it waits for none)."""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]: ...
+    @_builtins.property
+    def awaiting(self) -> _containers.RepeatedCompositeFieldContainer[Global___AwaitedHandover]:
+        """Members this node waits for, on joining, to hand over the state of the
+        slots that became its own. It does not answer for those slots, and is
+        not ready, until they have; a member that never does is given up on
+        after two lease TTLs, or once it leaves, and those slots are then served
+        behind a fence.
+        """
+
     def __init__(
         self,
         *,
@@ -197,14 +210,39 @@ class ClusterStatusResponse(_message.Message):
         version: _builtins.int = ...,
         coordinator_ok: _builtins.bool = ...,
         members: _abc.Iterable[Global___ClusterMember] | None = ...,
+        awaiting: _abc.Iterable[Global___AwaitedHandover] | None = ...,
+        awaiting_for_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_ok", b"coordinator_ok", "members", b"members", "node", b"node", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting", b"awaiting", "awaiting_for_ms", b"awaiting_for_ms", "coordinator_ok", b"coordinator_ok", "members", b"members", "node", b"node", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class AwaitedHandover(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    slots: _builtins.int
+    """How many of this node's slots that member still holds."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwaitedHandover: _TypeAlias = AwaitedHandover  # noqa: Y015
 
 @_typing.final
 class ClusterMember(_message.Message):
