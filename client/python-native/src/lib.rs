@@ -364,14 +364,35 @@ impl Driven {
                 ended => ended,
             }
         });
-        let took = match ended {
-            Some(_) => started.elapsed(),
-            // Not answered in time, whatever the clock says.
-            None => Duration::MAX,
-        };
-        self.busy_wait.observe(budget, took);
+        self.turns.end(self.keeper());
+        self.busy_wait
+            .observe(budget, took(started, ended.is_some()));
+        ended
+    }
+
+    /// One turn of an event loop's lone call (see [`AsyncChannel::try_unary`]):
+    /// drives the runtime on this thread and looks for the call's end
+    /// until `until`, then gives the thread back.
+    fn turn<F: Future + ?Sized>(
+        &self,
+        call: std::pin::Pin<&mut F>,
+        until: Instant,
+    ) -> Option<F::Output> {
+        self.turns.begin();
+        let ended = self.runtime().block_on(look(call, until));
         self.turns.end(self.keeper());
         ended
+    }
+}
+
+/// How long a call that looked took, for [`BusyWait::observe`]: one that
+/// did not end while looking was not answered in time, whatever the clock
+/// says.
+fn took(started: Instant, ended: bool) -> Duration {
+    if ended {
+        started.elapsed()
+    } else {
+        Duration::MAX
     }
 }
 
@@ -411,14 +432,15 @@ async fn with_deadline<T>(
 /// started, the event loop goes on, and its answer is collected when the
 /// loop hears that one is ready.
 ///
-/// An async caller must not block its event loop for long. A call made
-/// while none other is in flight on the channel ([`Self::try_unary`])
-/// drives the runtime on the loop's thread for at most the busy wait's
-/// budget (200 µs by default, see [`BusyWait`]): its request is written
-/// from that thread, and an answer that comes within the budget is
-/// returned at once, so a lone call pays no thread wake-up, where handing
-/// it to another thread paid three (that thread's, its own for the
-/// answer, and the loop's). A call not answered by then, and every call
+/// An async caller must not block its event loop. A call made while none
+/// other is in flight on the channel ([`Self::try_unary`]) drives the
+/// runtime on the loop's thread in short turns ([`LOOK_TURN`]), which the
+/// loop takes between its other work, for up to the busy wait's budget
+/// (500 µs by default, see [`BusyWait`]): its request is written from that
+/// thread, and an answer that comes within the budget is returned there,
+/// so a lone call pays no thread wake-up, where handing it to another
+/// thread paid three (that thread's, its own for the answer, and the
+/// loop's). A call not answered by then, and every call
 /// started while others are in flight ([`Self::start_unary`]), is handed
 /// to the runtime as a task, which the keeper thread drives; a finished
 /// one is put in [`Finished`], which wakes the loop through a socket it
@@ -465,13 +487,51 @@ impl Finished {
 /// loop's thread can be handed to the runtime as it stands.
 type Call = std::pin::Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
 
+/// How long one turn of a looking call holds the event loop's thread: a
+/// few rounds of polling the connection, short against the work of a
+/// request, so that other tasks on the loop go on between turns. Holding
+/// the loop for the whole budget instead made fifty requests at once wait
+/// on one another's checks (230-265 µs each, against 72-84 handed over).
+const LOOK_TURN: Duration = Duration::from_micros(50);
+
+/// A lone call that the event loop looks for between its other work (see
+/// [`AsyncChannel::try_unary`]); dropped unanswered, the call is cancelled.
+#[pyclass(frozen, module = "warden_client_native")]
+struct Looking {
+    /// `None` once handed over.
+    call: std::sync::Mutex<Option<Call>>,
+    started: Instant,
+    budget: Duration,
+}
+
+impl Looking {
+    fn take(&self) -> Option<Call> {
+        self.call.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn put_back(&self, call: Call) {
+        *self.call.lock().unwrap_or_else(|e| e.into_inner()) = Some(call);
+    }
+}
+
+/// A call's outcome as `try_unary` and `look_again` return it: the
+/// serialized answer, or `RpcError`.
+fn answer(py: Python<'_>, outcome: Result<Bytes, Status>) -> PyResult<Bound<'_, PyAny>> {
+    match outcome {
+        Ok(bytes) => Ok(PyBytes::new(py, &bytes).into_any()),
+        Err(status) => Err(rpc_error(&status)),
+    }
+}
+
 #[pymethods]
 impl AsyncChannel {
     /// As [`Channel::new`]. `busy_wait_us` bounds how long a lone call
     /// holds the event loop's thread (see [`Self::try_unary`]); 0 hands
-    /// every call over at once.
+    /// every call over at once. Longer by default than a `Channel`'s: a
+    /// call not answered in time costs three thread wake-ups here, not one
+    /// (`ASYNC_BUSY_WAIT_US` in `warden_client/client.py` says why 500).
     #[new]
-    #[pyo3(signature = (target, ca, cert, key, server_name = None, busy_wait_us = 200))]
+    #[pyo3(signature = (target, ca, cert, key, server_name = None, busy_wait_us = 500))]
     fn new(
         target: &str,
         ca: Vec<u8>,
@@ -512,21 +572,23 @@ impl AsyncChannel {
     /// for `Channel.unary`.
     fn start_unary(&self, method: &str, request: &[u8], timeout: f64) -> PyResult<u64> {
         let call = self.call(method, request, timeout)?;
-        let number = self.next_call.fetch_add(1, Ordering::Relaxed);
         if self.driven.forked() {
+            let number = self.next_call.fetch_add(1, Ordering::Relaxed);
             self.finished.push(number, Err(made_in_another_process()));
             return Ok(number);
         }
-        self.hand_over(number, call);
-        Ok(number)
+        Ok(self.hand_over(call))
     }
 
-    /// Makes one unary call on this thread for up to the busy wait's
-    /// budget: returns its serialized answer (or raises `RpcError`) if it
-    /// ended by then, and otherwise hands it over and returns its number,
-    /// as [`Self::start_unary`] does. For a call made while no other is in
-    /// flight on this channel: the thread drives the runtime meanwhile,
-    /// which moves every call on it.
+    /// Begins one unary call made while no other is in flight on this
+    /// channel, on this (the event loop's) thread: drives the connection
+    /// for one turn ([`LOOK_TURN`]) and returns the serialized answer (or
+    /// raises `RpcError`) if the call ended in it. Otherwise returns a
+    /// [`Looking`] call, which the loop looks at again between its other
+    /// work ([`Self::look_again`]) until the busy wait's budget is spent:
+    /// the loop is never held longer than one turn. With no budget
+    /// (`busy_wait_us=0`, or looking turned off) the call is handed over at
+    /// once and its number returned, as [`Self::start_unary`] does.
     fn try_unary<'py>(
         &self,
         py: Python<'py>,
@@ -538,14 +600,65 @@ impl AsyncChannel {
         if self.driven.forked() {
             return Err(rpc_error(&made_in_another_process()));
         }
-        let ended = py.detach(|| self.driven.drive(call.as_mut(), false));
-        match ended {
-            Some(Ok(answer)) => Ok(PyBytes::new(py, &answer).into_any()),
-            Some(Err(status)) => Err(rpc_error(&status)),
+        let budget = self.driven.busy_wait.budget();
+        if budget.is_zero() {
+            return Ok(self.hand_over(call).into_pyobject(py)?.into_any());
+        }
+        let started = Instant::now();
+        let until = started + LOOK_TURN.min(budget);
+        match py.detach(|| self.driven.turn(call.as_mut(), until)) {
+            Some(outcome) => {
+                self.driven.busy_wait.observe(budget, took(started, true));
+                answer(py, outcome)
+            }
+            None => Ok(Bound::new(
+                py,
+                Looking {
+                    call: std::sync::Mutex::new(Some(call)),
+                    started,
+                    budget,
+                },
+            )?
+            .into_any()),
+        }
+    }
+
+    /// One more turn of a [`Looking`] call: its answer (or `RpcError`) if
+    /// it ended in this turn; the same `looking` if not; its number once
+    /// handed over, when its budget is spent, or when `others` (calls
+    /// handed over on this channel meanwhile: the keeper drives the
+    /// connection for them, and turns here would only take it back and
+    /// forth).
+    fn look_again<'py>(
+        &self,
+        py: Python<'py>,
+        looking: Bound<'py, Looking>,
+        others: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let this = looking.get();
+        let Some(mut call) = this.take() else {
+            return Err(PyValueError::new_err("this call was handed over already"));
+        };
+        let spent = this.started.elapsed();
+        if others || spent >= this.budget {
+            if !others {
+                self.driven
+                    .busy_wait
+                    .observe(this.budget, took(this.started, false));
+            }
+            return Ok(self.hand_over(call).into_pyobject(py)?.into_any());
+        }
+        let until = Instant::now() + LOOK_TURN.min(this.budget - spent);
+        match py.detach(|| self.driven.turn(call.as_mut(), until)) {
+            Some(outcome) => {
+                self.driven
+                    .busy_wait
+                    .observe(this.budget, took(this.started, true));
+                answer(py, outcome)
+            }
             None => {
-                let number = self.next_call.fetch_add(1, Ordering::Relaxed);
-                self.hand_over(number, call);
-                Ok(number.into_pyobject(py)?.into_any())
+                this.put_back(call);
+                Ok(looking.into_any())
             }
         }
     }
@@ -595,8 +708,9 @@ impl AsyncChannel {
     }
 
     /// Runs `call` as a task that the keeper drives, its outcome put in
-    /// [`Finished`] as `number`.
-    fn hand_over(&self, number: u64, call: Call) {
+    /// [`Finished`] under the number returned.
+    fn hand_over(&self, call: Call) -> u64 {
+        let number = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (finished, turns) = (self.finished.clone(), self.driven.turns.clone());
         // Counted before the task can end (and count itself off).
         self.driven.turns.hand(self.driven.keeper());
@@ -605,6 +719,7 @@ impl AsyncChannel {
             finished.push(number, outcome);
             turns.handed_one_ended();
         });
+        number
     }
 }
 
@@ -748,6 +863,7 @@ impl Decoder for Raw {
 fn warden_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Channel>()?;
     m.add_class::<AsyncChannel>()?;
+    m.add_class::<Looking>()?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
     Ok(())
 }

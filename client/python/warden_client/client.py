@@ -220,9 +220,15 @@ def _targets(target: str | Sequence[str]) -> list[str]:
 
 TRANSPORTS = ("auto", "native", "grpcio")
 
-# The compiled transport's busy wait, in microseconds: its default and the
-# longest accepted (beyond it, sleeping costs less).
+# The compiled transport's busy wait, in microseconds: its default for a
+# thread that waits (WardenClient), for an event loop's lone call
+# (AsyncWardenClient), and the longest accepted (beyond it, sleeping costs
+# less). The async default is longer because a lone async call not answered
+# in time costs three thread wake-ups, not one: under Django's ASGI handler
+# on a 2-core VM its answers came in 200 µs at the median and 310-350 µs at
+# p99, so a budget of 200 missed half of them (benches/python_overhead.py).
 BUSY_WAIT_US = 200
+ASYNC_BUSY_WAIT_US = 500
 MAX_BUSY_WAIT_US = 10_000
 
 
@@ -308,9 +314,10 @@ class _NativeStub:
 
 class _NativeAsyncStub:
     """``_NativeStub`` for asyncio. A call made while no other is in flight
-    on the channel runs on the loop's thread for up to the channel's busy
-    wait (its answer usually comes by then, and no thread is woken for it);
-    any other call, and one not answered by then, goes on on the compiled
+    on the channel is looked for on the loop's thread, in short turns
+    between the loop's other work, for up to the channel's busy wait (its
+    answer usually comes by then, and no thread is woken for it); any
+    other call, and one not answered by then, goes on on the compiled
     transport's own thread while the event loop awaits it, and its answer
     is collected on the loop when the transport's descriptor turns
     readable."""
@@ -319,6 +326,10 @@ class _NativeAsyncStub:
         self._channel = channel
         self._loop = loop
         self._waiting: dict[int, asyncio.Future] = {}
+        # A lone call is being looked for: the calls made meanwhile are
+        # handed over (one call looked for at a time is enough to drive the
+        # connection), and then so is it.
+        self._looking = False
         loop.add_reader(channel.fileno(), self._collect)
 
     def _collect(self) -> None:
@@ -333,13 +344,20 @@ class _NativeAsyncStub:
 
     async def _unary(self, path: str, request, answer_type, timeout: float):
         payload = request.SerializeToString()
-        if self._waiting:
+        if self._waiting or self._looking:
             call = self._channel.start_unary(path, payload, timeout)
         else:
+            self._looking = True
             try:
                 call = self._channel.try_unary(path, payload, timeout)
+                while isinstance(call, _native.Looking):
+                    # Every other task ready on the loop runs before the next turn.
+                    await asyncio.sleep(0)
+                    call = self._channel.look_again(call, bool(self._waiting))
             except _native.RpcError as e:
                 raise _as_rpc_error(e) from None
+            finally:
+                self._looking = False
             if isinstance(call, bytes):
                 return answer_type.FromString(call)
         waiter = self._loop.create_future()
@@ -363,6 +381,8 @@ class _NativeAsyncStub:
 
 
 class _Base:
+    DEFAULT_BUSY_WAIT_US = BUSY_WAIT_US
+
     def __init__(
         self,
         target: str | Sequence[str],
@@ -373,7 +393,7 @@ class _Base:
         timeout: float = 0.5,
         breaker: CircuitBreaker | None = None,
         transport: str = "auto",
-        busy_wait_us: int = BUSY_WAIT_US,
+        busy_wait_us: int | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"warden client: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
@@ -393,6 +413,8 @@ class _Base:
         self.timeout = timeout
         self.server_name = server_name
         self.breaker = breaker or CircuitBreaker()
+        if busy_wait_us is None:
+            busy_wait_us = self.DEFAULT_BUSY_WAIT_US
         if not is_valid_busy_wait(busy_wait_us):
             raise ValueError(f"warden client: busy_wait_us must be an integer from 0 to {MAX_BUSY_WAIT_US}")
         self.busy_wait_us = busy_wait_us
@@ -545,12 +567,18 @@ class AsyncWardenClient(_Base):
     ``transport`` as for ``WardenClient``; grpcio uses ``grpc.aio``. On the
     compiled transport a call made while no other is in flight on its
     channel looks for its answer on the loop's thread for up to
-    ``busy_wait_us`` (as for ``WardenClient``; 200 by default): a lone call
-    then wakes no thread, where handing it to another thread costs three
-    wake-ups. A call not answered by then, and every call made while others
-    are in flight, goes on on the transport's own thread, and the event
-    loop awaits its answer without waiting on it. ``busy_wait_us=0`` hands
-    every call over at once."""
+    ``busy_wait_us`` (0 to 10000; 500 by default): a lone call then wakes
+    no thread, where handing it to another thread costs three wake-ups. It
+    looks in turns of up to 50 µs, and every other task ready on the loop
+    runs between two turns. A call not answered by then, and every call
+    made while another is in flight, goes on on the transport's own
+    thread, and the event loop awaits its answer without waiting on it.
+    Looking costs CPU: with a warden whose answers take longer than the
+    budget (a remote one), it stops by itself after six late answers in a
+    row, and only one call in 32 looks until answers come in time again.
+    ``busy_wait_us=0`` hands every call over at once."""
+
+    DEFAULT_BUSY_WAIT_US = ASYNC_BUSY_WAIT_US
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -15,10 +15,10 @@ connection setting.
         "TRANSPORT": "auto",                 # "native" (compiled: warden-client-native,
                                              # client/python-native), "grpcio",
                                              # or "auto": native when installed
-        "BUSY_WAIT_US": 200,                 # compiled transport: µs a call looks for
-                                             # its answer before sleeping, or under
-                                             # ASGI before it lets the loop go on
-                                             # (0: never)
+        "BUSY_WAIT_US": None,                # compiled transport: µs a call looks for
+                                             # its answer before sleeping (200 by
+                                             # default), or under ASGI before it lets
+                                             # the loop go on (500); 0: never
         # Paths are those your urls.py sees: below the mount point
         # (SCRIPT_NAME), if the app has one (see RequestPaths).
         "PROTECTED_PATHS": ["/api/"],        # prefixes checked (default: all)
@@ -53,7 +53,6 @@ import threading
 from dataclasses import dataclass, field
 
 from warden_client.client import (
-    BUSY_WAIT_US,
     MAX_BUSY_WAIT_US,
     TRANSPORTS,
     AsyncWardenClient,
@@ -184,7 +183,8 @@ class Conf:
     server_name: str | None = None
     timeout: float = 0.5
     transport: str = "auto"
-    busy_wait_us: int = BUSY_WAIT_US
+    # None: each client's own default (WardenClient's, AsyncWardenClient's).
+    busy_wait_us: int | None = None
     protected: tuple[str, ...] = ("/",)
     exempt: tuple[str, ...] = ()
     public: tuple[str, ...] = ()
@@ -219,7 +219,7 @@ class Conf:
     def aclient(self) -> AsyncWardenClient:
         """The client for an async (ASGI) stack. ``BUSY_WAIT_US`` bounds how
         long a check made while no other is in flight holds the event loop
-        (see ``AsyncWardenClient``)."""
+        (500 µs unless set; see ``AsyncWardenClient``)."""
         return self._shared(AsyncWardenClient, busy_wait_us=self.busy_wait_us)
 
     def _shared(self, kind, **options):
@@ -272,8 +272,8 @@ def _parse(raw) -> Conf:
     transport = raw.get("TRANSPORT", "auto")
     if transport not in TRANSPORTS:
         raise ImproperlyConfigured(f'settings.WARDEN["TRANSPORT"] must be one of {", ".join(TRANSPORTS)}')
-    busy_wait_us = raw.get("BUSY_WAIT_US", BUSY_WAIT_US)
-    if not is_valid_busy_wait(busy_wait_us):
+    busy_wait_us = raw.get("BUSY_WAIT_US")
+    if busy_wait_us is not None and not is_valid_busy_wait(busy_wait_us):
         raise ImproperlyConfigured(f'settings.WARDEN["BUSY_WAIT_US"] must be an integer from 0 to {MAX_BUSY_WAIT_US}')
     breaker = raw.get("BREAKER", {})
     return Conf(
