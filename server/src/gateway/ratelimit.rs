@@ -284,14 +284,42 @@ impl EnvoyRateLimit {
         if limits.is_empty() {
             return Ok(Vec::new());
         }
+        let count = limits.len();
         let pending = Pending::limits_only(now, limits, cost, commit);
-        match self.checks.decide_state(&pending).await {
-            Ok(Outcome::Limited { limits, .. }) => Ok(limits.into_vec()),
-            Ok(Outcome::StateFull(pool)) => Err(refusal(&CheckError::StateFull(pool))),
-            // A step without a nonce is never a replay.
-            Ok(Outcome::Replay | Outcome::NonceSetFull) => Err(Status::internal("internal error")),
-            Err(e) => Err(refusal(&e)),
+        step_verdicts(self.checks.decide_state(&pending).await, count)
+    }
+}
+
+/// The verdicts of one state step over `count` limits, or the call's error.
+///
+/// A step refused because the state is full (nothing could be evicted to
+/// make room) is answered as over every limit it named, not failed: Envoy
+/// lets a request through when its rate limit call fails, unless told
+/// otherwise (`failure_mode_deny` is off by default), and a flood that
+/// fills warden's state must not open the limits it fills. `Check` and
+/// ext_authz refuse such a request too. An owner that could not be reached
+/// in a cluster is an error, as an unreachable rate limit service is:
+/// `failure_mode_deny` is the operator's choice there.
+fn step_verdicts(
+    outcome: Result<Outcome, CheckError>,
+    count: usize,
+) -> Result<Vec<LimitVerdict>, Status> {
+    match outcome {
+        Ok(Outcome::Limited { limits, .. }) => Ok(limits.into_vec()),
+        Ok(Outcome::StateFull(pool)) => {
+            // Counted with every refusal, by cause.
+            drop(refusal(&CheckError::StateFull(pool)));
+            let refused = LimitVerdict {
+                allowed: false,
+                remaining: 0,
+                reset_after: Nanos::new(0),
+                retry_after: None,
+            };
+            Ok(vec![refused; count])
         }
+        // A step without a nonce is never a replay.
+        Ok(Outcome::Replay | Outcome::NonceSetFull) => Err(Status::internal("internal error")),
+        Err(e) => Err(refusal(&e)),
     }
 }
 
@@ -425,4 +453,24 @@ fn headers(statuses: &[DescriptorStatus]) -> Vec<HeaderValue> {
         ..Default::default()
     })
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Pool;
+
+    #[test]
+    fn a_step_refused_for_full_state_is_over_every_limit_it_named_not_a_failed_call() {
+        let verdicts = step_verdicts(Ok(Outcome::StateFull(Pool::FAILURES)), 3)
+            .expect("an answer, not a failed call Envoy would let through");
+        assert_eq!(verdicts.len(), 3);
+        assert!(verdicts.iter().all(|v| !v.allowed && v.remaining == 0));
+    }
+
+    #[test]
+    fn an_owner_that_could_not_be_reached_is_a_failed_call() {
+        let status = step_verdicts(Err(CheckError::Unavailable), 2).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
 }
