@@ -1,6 +1,7 @@
 """The Python client against the real warden binary over mTLS."""
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -645,6 +646,27 @@ def _connected_async_channel(server, key, busy_wait_us):
     return channel
 
 
+@contextlib.contextmanager
+def _paused_behind_a_connected_channel(server, owner, busy_wait_us):
+    """A new key of `owner`'s and a compiled async channel connected to
+    `server` (see ``_connected_async_channel``), with the server paused
+    (SIGSTOP) until the block ends."""
+    key = server.create_key("--owner", owner)
+    channel = _connected_async_channel(server, key, busy_wait_us)
+    server.pause()
+    try:
+        yield key, channel
+    finally:
+        server.resume()
+
+
+def _all_ended_at_their_deadline(done, numbers):
+    """Every call numbered in `numbers`, and no other, finished as
+    DEADLINE_EXCEEDED."""
+    assert sorted(n for n, _, _, _ in done) == sorted(numbers)
+    assert {code for _, _, code, _ in done} == {4}  # DEADLINE_EXCEEDED
+
+
 def _looked(channel, request, timeout):
     """A lone call as ``_NativeAsyncStub`` makes it: begun, then looked at
     again turn by turn (where the loop would run its other tasks) until it
@@ -718,18 +740,12 @@ def test_a_lone_async_call_to_a_paused_server_gives_the_loop_back_every_turn_and
     # the descriptor.
     if transport != "native":
         pytest.skip("the compiled channel only")
-    server = own_warden
-    key = server.create_key("--owner", "py-aio-lone-paused")
-    channel = _connected_async_channel(server, key, 5_000)
-    server.pause()
-    try:
+    with _paused_behind_a_connected_channel(own_warden, "py-aio-lone-paused", 5_000) as (key, channel):
         started = time.monotonic()
         call, turns = _looked(channel, signed(key, path="/paused").SerializeToString(), 1.0)
         looked = time.monotonic() - started
         [(number, raw, code, details)] = _collected(channel, 1)
         elapsed = time.monotonic() - started
-    finally:
-        server.resume()
     assert isinstance(call, int), call
     assert 0.005 <= looked < 0.2, f"looked for {looked:.4f} s"
     assert len(turns) >= 10, f"{len(turns)} turns: the loop was held {[round(t * 1e6) for t in turns]} µs"
@@ -745,11 +761,7 @@ def test_a_hung_warden_is_looked_for_six_busy_waits_then_calls_are_handed_over_a
     # looking, not one per request.
     if transport != "native":
         pytest.skip("the compiled channel only")
-    server = own_warden
-    key = server.create_key("--owner", "py-aio-hung-looking")
-    channel = _connected_async_channel(server, key, 10_000)
-    server.pause()
-    try:
+    with _paused_behind_a_connected_channel(own_warden, "py-aio-hung-looking", 10_000) as (key, channel):
         spent, numbers = [], []
         for i in range(40):
             started = time.monotonic()
@@ -757,14 +769,11 @@ def test_a_hung_warden_is_looked_for_six_busy_waits_then_calls_are_handed_over_a
             spent.append(time.monotonic() - started)
         # Each ends at its deadline, while the server is still paused.
         done = _collected(channel, 40, within=10.0)
-    finally:
-        server.resume()
     assert all(isinstance(n, int) for n in numbers), numbers
     looked = [h for h in spent if h >= 0.009]
     assert 6 <= len(looked) <= 8, [round(h * 1000, 1) for h in spent]
     assert sum(spent) < 0.3, sum(spent)
-    assert sorted(n for n, _, _, _ in done) == sorted(numbers)
-    assert {code for _, _, code, _ in done} == {4}  # DEADLINE_EXCEEDED
+    _all_ended_at_their_deadline(done, numbers)
 
 
 def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_against_the_server(
@@ -778,11 +787,7 @@ def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_a
         pytest.skip("the compiled channel only")
     import warden_client_native
 
-    server = own_warden
-    key = server.create_key("--owner", "py-aio-looking-others")
-    channel = _connected_async_channel(server, key, 10_000)
-    server.pause()
-    try:
+    with _paused_behind_a_connected_channel(own_warden, "py-aio-looking-others", 10_000) as (key, channel):
         numbers = []
         for i in range(10):
             looking = channel.try_unary(_CHECK, signed(key, path=f"/lone/{i}").SerializeToString(), 1.0)
@@ -795,10 +800,7 @@ def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_a
             with pytest.raises(ValueError, match="handed over already"):
                 channel.look_again(looking, False)
         done = _collected(channel, 20, within=10.0)
-    finally:
-        server.resume()
-    assert sorted(n for n, _, _, _ in done) == sorted(numbers)
-    assert {code for _, _, code, _ in done} == {4}  # DEADLINE_EXCEEDED
+    _all_ended_at_their_deadline(done, numbers)
 
 
 def test_other_tasks_run_while_a_lone_async_check_is_looked_for(own_warden, transport):
