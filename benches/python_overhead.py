@@ -7,7 +7,11 @@ compare in Python), on the same machine.
 Starts its own `warden serve --dev` (release build) and redis-server on
 127.0.0.1 and stops them. Each variant serves the same signed requests
 through Django's test client; overhead = time per request minus the time of
-the same view without any check.
+the same view without any check, in the same round: the requests are split
+into `--rounds` rounds (10), every variant once a round in a turning order,
+so that the VM's slow minutes fall on all of them alike. Each table gives
+the median over the rounds and the range, and in how many rounds warden
+cost less than the recipe.
 
 Then the same under ASGI (Django's async test client, an async view;
 `--in-flight N` sends N requests at once, 1 by default):
@@ -222,10 +226,55 @@ def lone_calls(args, addr, dev, key, body) -> dict[str, float]:
         await r.aclose()
         return us
 
-    out["AsyncWardenClient.check, compiled transport"] = asyncio.run(async_warden(200))
+    out["AsyncWardenClient.check, compiled transport"] = asyncio.run(async_warden(None))
     out["the same, busy_wait_us=0 (handed to the transport's thread)"] = asyncio.run(async_warden(0))
     out["Redis recipe's pipeline, redis.asyncio"] = asyncio.run(async_redis())
     return out
+
+
+WARM_UP = 100
+
+
+def rotations(variants: list[str], rounds: int):
+    """Each variant once a round, the order turned by one each round: a
+    slow minute of the VM (the bare view's own time swings by 20 % between
+    minutes) falls on every variant alike, and none always follows the same
+    one."""
+    for r in range(rounds):
+        turn = r % len(variants)
+        yield from variants[turn:] + variants[:turn]
+
+
+def summary(rounds: dict[str, list[tuple[float, float]]]) -> dict[str, dict]:
+    """Per variant: median µs and CPU µs per request over the rounds, and
+    its overhead over the baseline *of the same round*: median, low, high."""
+    import statistics
+
+    base = [us for us, _ in rounds["baseline"]]
+    out = {}
+    for variant, runs in rounds.items():
+        entry = {"us": statistics.median(us for us, _ in runs), "cpu_us": statistics.median(c for _, c in runs)}
+        if variant != "baseline":
+            overheads = [us - b for (us, _), b in zip(runs, base)]
+            entry.update(overhead_us=statistics.median(overheads), overhead_low_us=min(overheads),
+                         overhead_high_us=max(overheads))
+        out[variant] = entry
+    return out
+
+
+def ahead(rounds: dict[str, list[tuple[float, float]]], ours: str, theirs: str) -> tuple[int, int]:
+    """In how many rounds `ours` took less time than `theirs`, of how many."""
+    pairs = list(zip(rounds[ours], rounds[theirs]))
+    return sum(a < b for (a, _), (b, _) in pairs), len(pairs)
+
+
+def print_table(summary: dict[str, dict], names: dict[str, str]) -> None:
+    print("| variant | µs per request | overhead µs (low–high of the rounds) | Django process CPU µs per request |")
+    print("|---|---|---|---|")
+    for variant, s in summary.items():
+        overhead = ("–" if variant == "baseline" else
+                    f"{s['overhead_us']:.0f} ({s['overhead_low_us']:.0f}–{s['overhead_high_us']:.0f})")
+        print(f"| {names[variant]} | {s['us']:.0f} | {overhead} | {s['cpu_us']:.0f} |")
 
 
 def start(args, out_path):
@@ -246,6 +295,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--in-flight", type=int, default=1,
                         help="requests in flight at once under ASGI (gathered in groups of this many)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="rounds the requests are split into, every variant once a round")
     args = parser.parse_args()
 
     import redis
@@ -285,140 +336,143 @@ def main() -> None:
                     "KEY": str(dev / "client-key.pem"), "PROTECTED_PATHS": ["/w/", "/aw/"], "TIMEOUT": 2.0},
         )
         django.setup()
-        from django.test import Client
-
-        from warden_client.signing import sign_request
-
-        client = Client()
-        body = b'{"qty": 1}' * 10
-
-        def run(prefix: str) -> float:
-            reqs = []
-            for _ in range(args.requests):
-                h = sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body)
-                reqs.append({f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()})
-            for h in reqs[:100]:  # warm up (connections, imports)
-                client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
-            started, cpu = time.perf_counter(), time.process_time()
-            for h in reqs[100:]:
-                r = client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
-                assert r.status_code == 200, (prefix, r.status_code, r.content)
-            n = len(reqs) - 100
-            cpu_us[prefix] = (time.process_time() - cpu) / n * 1e6
-            return (time.perf_counter() - started) / n * 1e6
-
-        cpu_us: dict[str, float] = {}
+        from django.test import AsyncClient, Client
 
         from warden_client.client import native_transport_available
+        from warden_client.django.conf import get_conf
+        from warden_client.signing import sign_request
 
-        base = run("b")
-        warden_us, warden_cpu_us = {}, {}
-        for transport in ("native", "grpcio"):
-            if transport == "native" and not native_transport_available():
-                print("warden-client-native is not installed: the compiled transport is not measured", file=sys.stderr)
-                continue
-            settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
-            warden_us[transport] = run("w")
-            warden_cpu_us[transport] = cpu_us["w"]
-        redis_us = run("r")
+        body = b'{"qty": 1}' * 10
+        base_warden = dict(settings.WARDEN)
+        transports = ["native", "grpcio"]
+        if not native_transport_available():
+            print("warden-client-native is not installed: the compiled transport is not measured", file=sys.stderr)
+            transports.remove("native")
+        per_round = max(args.in_flight, (args.requests - WARM_UP) // args.rounds // args.in_flight * args.in_flight)
 
-        # Under ASGI: Django's async test client, an async view, and each
-        # variant's middleware alone (the handler loads MIDDLEWARE anew).
+        def signed(prefix: str, n: int) -> list[dict[str, str]]:
+            """Signed just before they are sent, so none grows stale."""
+            return [sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body) for _ in range(n)]
+
+        def use(warden: dict) -> None:
+            # A new object, so that the middleware parses it again (once,
+            # here, not in the timed requests); clients are kept per setting.
+            settings.WARDEN = {**base_warden, **warden}
+            get_conf()
+
+        # Sync: Django's test client, one request at a time.
+        sync_variants = {"baseline": ("b", {})}
+        for transport in transports:
+            sync_variants[f"warden_{transport}"] = ("w", {"TRANSPORT": transport})
+        sync_variants["redis_recipe"] = ("r", {})
+        client = Client()
+
+        def sync_batch(variant: str, n: int) -> tuple[float, float]:
+            prefix, warden = sync_variants[variant]
+            use(warden)
+            reqs = [{f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()} for h in signed(prefix, n)]
+            started, cpu = time.perf_counter(), time.process_time()
+            for h in reqs:
+                r = client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
+                assert r.status_code == 200, (prefix, r.status_code, r.content)
+            return (time.perf_counter() - started) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+
+        for variant in sync_variants:  # warm up (connections, imports)
+            sync_batch(variant, WARM_UP)
+        sync = {variant: [] for variant in sync_variants}
+        for variant in rotations(list(sync_variants), args.rounds):
+            sync[variant].append(sync_batch(variant, per_round))
+
+        # Under ASGI: Django's async test client, an async view, each
+        # variant's middleware alone (a client's handler loads MIDDLEWARE at
+        # its first request), all on one event loop.
         import asyncio
 
-        from django.test import AsyncClient
-
-        def run_async(prefix: str, middleware: list[str]) -> float:
-            settings.MIDDLEWARE = middleware
-            aclient = AsyncClient()
-            reqs = [sign_request(key["key_id"], key["secret"], "POST", f"/{prefix}/orders", "", body)
-                    for _ in range(args.requests)]
-
-            async def one(h):
-                r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
-                assert r.status_code == 200, (prefix, r.status_code, r.content)
-
-            async def serve(batch):
-                for i in range(0, len(batch), args.in_flight):
-                    await asyncio.gather(*[one(h) for h in batch[i:i + args.in_flight]])
-
-            async def measured():
-                await serve(reqs[:100])  # warm up (connections, imports)
-                started, cpu = time.perf_counter(), time.process_time()
-                await serve(reqs[100:])
-                n = len(reqs) - 100
-                cpu_us[prefix] = (time.process_time() - cpu) / n * 1e6
-                return (time.perf_counter() - started) / n * 1e6
-
-            return asyncio.run(measured())
-
         warden_mw = "warden_client.django.WardenMiddleware"
-        asgi = {"baseline": run_async("ab", [])}
-        asgi_cpu = {"baseline": cpu_us["ab"]}
-        for transport in warden_us:
-            settings.WARDEN = {**settings.WARDEN, "TRANSPORT": transport}
-            asgi[f"warden_async_{transport}"] = run_async("aw", [warden_mw])
-            asgi_cpu[f"warden_async_{transport}"] = cpu_us["aw"]
+        asgi_variants = {"baseline": ("ab", [], {})}
+        for transport in transports:
+            asgi_variants[f"warden_async_{transport}"] = ("aw", [warden_mw], {"TRANSPORT": transport})
             if transport == "native":
                 # Every check handed to the transport's thread at once, as
                 # every async check was before session 31.
-                settings.WARDEN = {**settings.WARDEN, "BUSY_WAIT_US": 0}
-                asgi["warden_async_native_handed"] = run_async("aw", [warden_mw])
-                asgi_cpu["warden_async_native_handed"] = cpu_us["aw"]
-                settings.WARDEN = {k: v for k, v in settings.WARDEN.items() if k != "BUSY_WAIT_US"}
-        settings.WARDEN = {**settings.WARDEN, "TRANSPORT": next(iter(warden_us))}
-        asgi["warden_sync_only"] = run_async("aw", [f"{__name__}.SyncOnlyWardenMiddleware"])
-        asgi_cpu["warden_sync_only"] = cpu_us["aw"]
-        # redis.asyncio's connections belong to the loop that made them.
-        ASYNC_REDIS = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
-        asgi["redis_recipe_async"] = run_async("ar", [f"{__name__}.AsyncRedisRecipeMiddleware"])
-        asgi_cpu["redis_recipe_async"] = cpu_us["ar"]
+                asgi_variants["warden_async_native_handed"] = (
+                    "aw", [warden_mw], {"TRANSPORT": "native", "BUSY_WAIT_US": 0})
+        asgi_variants["warden_sync_only"] = (
+            "aw", [f"{__name__}.SyncOnlyWardenMiddleware"], {"TRANSPORT": transports[0]})
+        asgi_variants["redis_recipe_async"] = ("ar", [f"{__name__}.AsyncRedisRecipeMiddleware"], {})
+
+        async def asgi_rounds() -> dict[str, list[tuple[float, float]]]:
+            global ASYNC_REDIS
+            # redis.asyncio's connections belong to the loop that made them.
+            ASYNC_REDIS = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
+            clients = {}
+
+            async def batch(variant: str, n: int) -> tuple[float, float]:
+                prefix, _, warden = asgi_variants[variant]
+                use(warden)
+                aclient = clients[variant]
+
+                async def one(h):
+                    r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
+                    assert r.status_code == 200, (prefix, r.status_code, r.content)
+
+                reqs = signed(prefix, n)
+                started, cpu = time.perf_counter(), time.process_time()
+                for i in range(0, n, args.in_flight):
+                    await asyncio.gather(*[one(h) for h in reqs[i:i + args.in_flight]])
+                return (time.perf_counter() - started) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+
+            for variant, (_, middleware, _) in asgi_variants.items():
+                settings.MIDDLEWARE = middleware
+                clients[variant] = AsyncClient()
+                await batch(variant, WARM_UP)  # loads this variant's middleware; warms it up
+            out = {variant: [] for variant in asgi_variants}
+            for variant in rotations(list(asgi_variants), args.rounds):
+                out[variant].append(await batch(variant, per_round))
+            await ASYNC_REDIS.aclose()
+            return out
+
+        asgi = asyncio.run(asgi_rounds())
+        lone = lone_calls(args, addr, dev, key, body) if "native" in transports else {}
+
         result = {
             "requests": args.requests,
-            "baseline_us": base,
-            "redis_recipe_us": redis_us,
-            "redis_recipe_overhead_us": redis_us - base,
-            "baseline_cpu_us": cpu_us["b"],
-            "redis_recipe_cpu_us": cpu_us["r"],
+            "rounds": args.rounds,
+            "per_round": per_round,
+            "asgi_in_flight": args.in_flight,
+            "sync": summary(sync),
+            "asgi": summary(asgi),
+            "sync_warden_ahead_rounds": ahead(sync, "warden_native" if "native" in transports else "warden_grpcio",
+                                              "redis_recipe"),
+            "asgi_warden_ahead_rounds": ahead(asgi, f"warden_async_{transports[0]}", "redis_recipe_async"),
+            "lone_calls_median_us": lone,
         }
-        for transport, us in warden_us.items():
-            result[f"warden_middleware_{transport}_us"] = us
-            result[f"warden_overhead_{transport}_us"] = us - base
-            result[f"warden_middleware_{transport}_cpu_us"] = warden_cpu_us[transport]
-        result["asgi_in_flight"] = args.in_flight
-        for variant, us in asgi.items():
-            result[f"asgi_{variant}_us"] = us
-            result[f"asgi_{variant}_cpu_us"] = asgi_cpu[variant]
-        lone = lone_calls(args, addr, dev, key, body) if "native" in warden_us else {}
-        result["lone_calls_median_us"] = lone
         if args.json:
             print(json.dumps(result))
         else:
-            print("| variant | µs per request | overhead µs | Django process CPU µs per request |")
-            print("|---|---|---|---|")
-            print(f"| no check (baseline) | {base:.0f} | – | {cpu_us['b']:.0f} |")
-            for transport, us in warden_us.items():
-                name = {"native": "compiled transport (warden-client-native)", "grpcio": "grpcio"}[transport]
-                print(f"| warden middleware (one Check over mTLS, {name}) | {us:.0f} | {us - base:.0f} | "
-                      f"{warden_cpu_us[transport]:.0f} |")
-            print(f"| Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX) | {redis_us:.0f} | {redis_us - base:.0f} | "
-                  f"{cpu_us['r']:.0f} |")
-            print()
-            print(f"Under ASGI (Django's async test client, async view), {args.in_flight} in flight:")
-            print()
-            print("| variant | µs per request | overhead µs | Django process CPU µs per request |")
-            print("|---|---|---|---|")
             names = {
                 "baseline": "no check (baseline)",
+                "warden_native": "warden middleware (one Check over mTLS, compiled transport (warden-client-native))",
+                "warden_grpcio": "warden middleware (one Check over mTLS, grpcio)",
+                "redis_recipe": "Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX)",
                 "warden_async_native": "warden middleware, async, compiled transport",
                 "warden_async_native_handed": "the same, BUSY_WAIT_US = 0 (every check handed to the transport's thread)",
                 "warden_async_grpcio": "warden middleware, async, grpc.aio",
-                "warden_sync_only": f"warden middleware made sync-only ({next(iter(warden_us))}; Django runs it on a thread)",
+                "warden_sync_only": f"warden middleware made sync-only ({transports[0]}; Django runs it on a thread)",
                 "redis_recipe_async": "Redis recipe, async (redis.asyncio)",
             }
-            for variant, us in asgi.items():
-                overhead = "–" if variant == "baseline" else f"{us - asgi['baseline']:.0f}"
-                print(f"| {names[variant]} | {us:.0f} | {overhead} | {asgi_cpu[variant]:.0f} |")
+            print(f"{args.rounds} rounds of {per_round} requests per variant, the variants in a different order "
+                  "each round; medians over the rounds, and the range of a round's overhead.")
+            print()
+            print_table(result["sync"], names)
+            won, of = result["sync_warden_ahead_rounds"]
+            print(f"\nwarden's middleware cost less than the recipe in {won} of {of} rounds.")
+            print()
+            print(f"Under ASGI (Django's async test client, async view), {args.in_flight} in flight:")
+            print()
+            print_table(result["asgi"], names)
+            won, of = result["asgi_warden_ahead_rounds"]
+            print(f"\nwarden's async middleware cost less than the async recipe in {won} of {of} rounds.")
             if lone:
                 print()
                 print("One call at a time in a loop, outside Django (median µs per call):")
