@@ -783,23 +783,27 @@ def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_a
     # transport's thread, which then drives the connection; the lone call
     # follows at its next turn, rather than take the connection back and
     # forth. That is no late answer of the server's: looking stays on.
+    # At once: a hand-over that looked for the rest of the 10 ms budget
+    # first takes 9.95 ms or more every time; nine in ten under 5 ms leave
+    # room for a vCPU this VM stops for milliseconds now and then.
     if transport != "native":
         pytest.skip("the compiled channel only")
     import warden_client_native
 
     with _paused_behind_a_connected_channel(own_warden, "py-aio-looking-others", 10_000) as (key, channel):
-        numbers = []
+        numbers, handovers = [], []
         for i in range(10):
             looking = channel.try_unary(_CHECK, signed(key, path=f"/lone/{i}").SerializeToString(), 1.0)
             assert isinstance(looking, warden_client_native.Looking), f"call {i} did not look"
             numbers.append(channel.start_unary(_CHECK, signed(key, path=f"/other/{i}").SerializeToString(), 1.0))
             started = time.monotonic()
             numbers.append(channel.look_again(looking, True))
-            assert time.monotonic() - started < 0.005
+            handovers.append(time.monotonic() - started)
             assert isinstance(numbers[-1], int), numbers[-1]
             with pytest.raises(ValueError, match="handed over already"):
                 channel.look_again(looking, False)
         done = _collected(channel, 20, within=10.0)
+    assert sum(t < 0.005 for t in handovers) >= 9, handovers
     _all_ended_at_their_deadline(done, numbers)
 
 
