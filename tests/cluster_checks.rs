@@ -2192,6 +2192,166 @@ async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_boun
     }
 }
 
+/// A failure charged while its budget's owner waits for that slot's
+/// handover (a member paused as a third node joins) is not lost: the new
+/// owner answers "not mine" until the state arrives, the charge follows
+/// the slot, and once the handover comes the source is locked out as if
+/// nothing had moved. A rebalance is no window for free guesses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_charged_while_its_owner_awaits_a_handover_is_counted_once_the_owner_serves() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    // Long leases: the paused member stays one while the third joins
+    // (after its restart fence, ~6 s), and a charge may wait one TTL.
+    let dir = ConfigDir::new();
+    let extra = "[check]\nfailure_limit = 3\nfailure_period = \"1h\"\n";
+    let configs =
+        support::cluster_configs(&dir, &url, &NODES, "20s", &format!("{POLICIES}\n{extra}"));
+    let mut cluster = Cluster {
+        dir,
+        configs,
+        nodes: vec![None, None, None],
+        past_logs: Vec::new(),
+        faketime: None,
+    };
+    let (entry, sleeper, joiner) = (0, 1, 2);
+    for i in [entry, sleeper] {
+        let node = cluster.spawn(i);
+        node.wait_past_fence();
+        cluster.nodes[i] = Some(node);
+    }
+    for i in [entry, sleeper] {
+        cluster.wait_members(i, &NODES[..2]);
+    }
+
+    cluster.node(sleeper).signal("STOP");
+    let paused = Instant::now();
+    cluster.nodes[joiner] = Some(cluster.spawn(joiner));
+    cluster.wait_members(joiner, &NODES);
+    cluster.wait_members(entry, &NODES);
+    // Sources whose budgets are the joiner's and wait for the paused node.
+    let locate = |address: &str| -> serde_json::Value {
+        let args = ["cluster", "locate", "--json", "--client-address", address];
+        let out = cluster.dir.cli(cluster.node(joiner), &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let awaited = |found: &serde_json::Value| {
+        found["node"] == NODES[joiner]
+            && found["awaiting"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n == NODES[sleeper])
+    };
+    let sources: Vec<String> = (1..=250)
+        .map(|i| format!("198.51.100.{i}"))
+        .filter(|a| awaited(&locate(a)))
+        .take(3)
+        .collect();
+    assert_eq!(
+        sources.len(),
+        3,
+        "no budget of the joiner's awaits the paused node"
+    );
+    let bad = cluster.dir.cli(
+        cluster.node(joiner),
+        &["cluster", "locate", "--client-address", "198.51.100.1:443"],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("must be an IPv4 or IPv6 address"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Three guesses from each, through the node that is awake: answered at
+    // once; the charges wait for their owner.
+    let mut client = cluster.client(entry).await;
+    let guesser = Signer::new("wk_hundred", "a-wrong-secret-0123456789abcdefghijklmnop");
+    let from = |mut req: CheckRequest, address: &str| {
+        req.client_address = address.into();
+        req
+    };
+    for source in &sources {
+        for _ in 0..3 {
+            let r = client
+                .check(from(signed(&guesser, unix_now()), source))
+                .await
+                .unwrap();
+            assert_eq!(reason(&r), Reason::Unauthenticated, "{r:?}");
+        }
+    }
+    let waiting = format!(
+        "warden_cluster_failure_charges_in_flight{{to=\"{}\"}}",
+        NODES[joiner]
+    );
+    assert!(
+        metric(cluster.node(entry), &waiting) > 0,
+        "no charge waits for the joiner"
+    );
+    assert!(
+        sources.iter().all(|a| awaited(&locate(a))),
+        "handed over already"
+    );
+    assert!(
+        paused.elapsed() < Duration::from_secs(15),
+        "the paused node's lease may have run out: its slots would be fenced, not handed over"
+    );
+
+    cluster.node(sleeper).signal("CONT");
+    cluster
+        .node(joiner)
+        .wait_past_fence_within(Duration::from_secs(20));
+    assert!(sources.iter().all(|a| !awaited(&locate(a))));
+    assert!(
+        cluster
+            .node(joiner)
+            .logs()
+            .contains(r#""event":"cluster_handed_over","from":"node-b""#),
+        "{}",
+        cluster.cluster_events()
+    );
+    // Every guess counted: each source is locked out, at its owner and
+    // through the node it guessed through, even with the right secret.
+    let genuine = Signer::new("wk_hundred", SECRET);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in [joiner, entry] {
+        let mut client = cluster.client(i).await;
+        for source in &sources {
+            loop {
+                let r = client
+                    .check(from(signed(&genuine, unix_now()), source))
+                    .await
+                    .unwrap();
+                if reason(&r) == Reason::LockedOut {
+                    break;
+                }
+                assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{source}'s guesses were not all counted\n{}",
+                    cluster.cluster_events()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(
+        metric(
+            cluster.node(entry),
+            "warden_cluster_failure_charges_lost_total"
+        ),
+        0
+    );
+    assert_eq!(metric(cluster.node(entry), &waiting), 0);
+}
+
 /// The Envoy rate limit service through a cluster: one YAML limit is one
 /// limit whichever node Envoy asks, and a request over one descriptor's
 /// limit takes nothing from another descriptor's, even when their counters

@@ -368,14 +368,25 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Which node owns a key's state, or a request limit's.
+    /// Which node owns a key's state, a request limit's, or an end
+    /// client's failure budget; and, asked of that node, whether it still
+    /// waits for that state to be handed over.
+    #[command(group(clap::ArgGroup::new("what").required(true)
+        .args(["key_id", "limit", "client_address", "client_identity"])))]
     Locate {
         /// An API key id.
-        #[arg(long, conflicts_with = "limit", required_unless_present = "limit")]
+        #[arg(long)]
         key_id: Option<String>,
         /// A request limit, as POLICY:DESCRIPTOR.
         #[arg(long)]
         limit: Option<String>,
+        /// An end client's address, as the gateway forwards it: where its
+        /// failed attempts are counted.
+        #[arg(long)]
+        client_address: Option<String>,
+        /// An end client's identity, as the gateway forwards it.
+        #[arg(long)]
+        client_identity: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -1208,30 +1219,39 @@ pub async fn cluster(conn: &ConnArgs, command: ClusterCommand) -> Result<ExitCod
         ClusterCommand::Locate {
             key_id,
             limit,
+            client_address,
+            client_identity,
             json,
-        } => locate(conn, key_id, limit, json).await,
+        } => {
+            let of = match (key_id, limit, client_address, client_identity) {
+                (Some(key), ..) => locate_state_request::Of::KeyId(key),
+                (_, Some(limit), ..) => {
+                    let (policy, descriptor) = limit
+                        .split_once(':')
+                        .ok_or_else(|| usage("--limit: give POLICY:DESCRIPTOR"))?;
+                    locate_state_request::Of::Limit(LocateLimit {
+                        policy: policy.to_owned(),
+                        descriptor: descriptor.to_owned(),
+                    })
+                }
+                (_, _, Some(address), _) => locate_state_request::Of::ClientAddress(address),
+                (_, _, _, Some(identity)) => locate_state_request::Of::ClientIdentity(identity),
+                _ => {
+                    return Err(usage(
+                        "give --key-id, --limit, --client-address or --client-identity",
+                    ));
+                }
+            };
+            locate(conn, of, json).await
+        }
     }
 }
 
 async fn locate(
     conn: &ConnArgs,
-    key: Option<String>,
-    limit: Option<String>,
+    of: locate_state_request::Of,
     json: bool,
 ) -> Result<ExitCode, Failure> {
-    let of = match (key, limit) {
-        (Some(key), _) => locate_state_request::Of::KeyId(key),
-        (None, Some(limit)) => {
-            let (policy, descriptor) = limit
-                .split_once(':')
-                .ok_or_else(|| usage("--limit: give POLICY:DESCRIPTOR"))?;
-            locate_state_request::Of::Limit(LocateLimit {
-                policy: policy.to_owned(),
-                descriptor: descriptor.to_owned(),
-            })
-        }
-        (None, None) => return Err(usage("give --key-id or --limit")),
-    };
     let mut admin = AdminClient::new(conn.channel().await.map_err(runtime)?);
     let found = admin
         .locate_state(LocateStateRequest { of: Some(of) })
@@ -1242,6 +1262,7 @@ async fn locate(
             "node": found.node,
             "slot": found.slot,
             "version": found.version,
+            "awaiting": found.awaiting,
         }));
     } else {
         println!(
@@ -1254,6 +1275,13 @@ async fn locate(
             },
             found.version
         );
+        if !found.awaiting.is_empty() {
+            println!(
+                "{} waits for {} to hand it over, and answers for it once handed",
+                found.node,
+                found.awaiting.join(", ")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,8 +21,8 @@ use crate::auth::{Authz, Grant, Role};
 use crate::config::CheckSettings;
 use crate::engine::clock::{ceil_millis, duration_nanos};
 use crate::engine::{
-    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, ReplayKey, Request, StateKey,
-    StateSeed,
+    Clock, Engine, Gcra, Limit, LimitVerdict, Nanos, Outcome, Pool, ReplayKey, Request, Slot,
+    StateKey, StateSeed,
 };
 use crate::freshness::{Fence, Freshness, Predecessor, Stale};
 use crate::keys::{ApiKey, KeyRing, RingError};
@@ -300,6 +300,17 @@ impl Checker {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The slot of the failure budget an end client's failed attempts are
+    /// charged to, by its forwarded identity or else its address (text as
+    /// in a `CheckRequest`); `None` when neither is a valid one.
+    pub fn failure_slot(&self, identity: &str, address: &str) -> Option<Slot> {
+        if !identity.is_empty() && !is_valid_client_identity(identity) {
+            return None;
+        }
+        let address = parse_client_address(address).ok()?;
+        Source::end_client(identity, address).map(|s| s.state_key(&self.engine).slot())
     }
 
     /// The keys and policies checks use now.
@@ -1109,20 +1120,25 @@ enum Source<'a> {
 
 impl<'a> Source<'a> {
     fn of(req: &'a CheckRequest, address: Option<IpAddr>, caller: &'a CallerIdentity) -> Self {
-        if !req.client_identity.is_empty() {
-            return Source::ClientIdentity(&req.client_identity);
+        Self::end_client(&req.client_identity, address).unwrap_or(Source::Caller(caller.as_str()))
+    }
+
+    /// The end client a gateway forwarded, if any: its identity, else its
+    /// address.
+    fn end_client(identity: &'a str, address: Option<IpAddr>) -> Option<Self> {
+        if !identity.is_empty() {
+            return Some(Source::ClientIdentity(identity));
         }
-        match address {
-            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+        Some(match address? {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
                 let prefix = u128::from(v6) & !((1u128 << 64) - 1);
                 Source::Address(IpAddr::V6(prefix.into()))
             }
-            Some(IpAddr::V6(v6)) => {
+            IpAddr::V6(v6) => {
                 Source::Address(IpAddr::V4(v6.to_ipv4_mapped().expect("checked above")))
             }
-            Some(v4) => Source::Address(v4),
-            None => Source::Caller(caller.as_str()),
-        }
+            v4 => Source::Address(v4),
+        })
     }
 
     /// Whether refusing this source would refuse clients other than the one

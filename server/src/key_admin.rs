@@ -190,6 +190,12 @@ impl KeyAdmin {
         self.checker.engine().key(descriptor.as_bytes(), &[]).slot()
     }
 
+    /// The slot of an end client's failure budget (see
+    /// [`crate::check::Checker::failure_slot`]).
+    pub fn failure_slot(&self, identity: &str, address: &str) -> Option<crate::engine::Slot> {
+        self.checker.failure_slot(identity, address)
+    }
+
     pub fn config_keys(&self) -> &[KeyConfig] {
         &self.config_keys
     }

@@ -9,7 +9,7 @@ use warden_client::signing::{Signer, check_request_from};
 
 use super::*;
 use crate::auth::{CallerRule, ClientRule};
-use crate::engine::{FakeClock, ForwardOnly, Window, WindowKind};
+use crate::engine::{Entry, FakeClock, ForwardOnly, Window, WindowKind};
 use crate::keys::KeyRing;
 use crate::model::{Pattern, Secret};
 use crate::route::Route;
@@ -504,6 +504,52 @@ fn an_ipv6_source_is_charged_by_its_64_prefix() {
     assert_eq!(reason(&same_64), Reason::LockedOut);
     let other_64 = f.check(&from_address(f.now(), "2001:db8:1:3::1"));
     assert_eq!(reason(&other_64), Reason::Ok);
+}
+
+/// `warden cluster locate --client-address/--client-identity` names the
+/// slot of the budget a source's failures spend, as it is counted: by the
+/// identity when one is forwarded, an IPv6 address by its /64, an
+/// IPv4-mapped one as IPv4. The budget is in that slot.
+#[test]
+fn the_located_failure_budget_is_the_one_a_source_spends() {
+    let f = Fixture::new();
+    // Taken out to be counted, as a handover takes a slot's state.
+    let failures = |slot| {
+        f.checker
+            .engine()
+            .take_slots(|s| s == slot, f.clock.now())
+            .iter()
+            .filter(|e| matches!(e, Entry::Bucket { id, .. } if Pool::of(*id) == Pool::FAILURES))
+            .count()
+    };
+    for (identity, address, also) in [
+        ("", "198.51.100.7", "::ffff:198.51.100.7"),
+        ("", "2001:db8:1:2::9", "2001:db8:1:2:ffff::1"),
+        ("spiffe://partner/x", "198.51.100.8", "203.0.113.9"),
+    ] {
+        let slot = f.checker.failure_slot(identity, address).unwrap();
+        assert_eq!(f.checker.failure_slot(identity, also), Some(slot));
+        assert_eq!(failures(slot), 0);
+        let r = f.check(&from_client(from_address(f.forged(), address), identity));
+        assert_eq!(reason(&r), Reason::Unauthenticated);
+        assert_eq!(failures(slot), 1, "{identity} {address}");
+    }
+    assert_ne!(
+        f.checker.failure_slot("", "198.51.100.7"),
+        f.checker.failure_slot("spiffe://partner/x", "198.51.100.7")
+    );
+    for (identity, address) in [
+        ("", ""),
+        ("", "not-an-ip"),
+        ("bad\n", ""),
+        ("", "1.2.3.4:80"),
+    ] {
+        assert_eq!(
+            f.checker.failure_slot(identity, address),
+            None,
+            "{identity:?} {address:?}"
+        );
+    }
 }
 
 #[test]

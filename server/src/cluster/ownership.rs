@@ -269,6 +269,15 @@ impl SlotTable {
         self.awaiting.iter().map(|(n, s)| (n.as_str(), s.len()))
     }
 
+    /// The members this node still waits for to hand `slot` over (none
+    /// for a slot it does not own).
+    pub fn awaited_for(&self, slot: Slot) -> impl Iterator<Item = &str> {
+        self.awaiting
+            .iter()
+            .filter(move |(_, slots)| slots.contains(&slot))
+            .map(|(n, _)| n.as_str())
+    }
+
     /// Whether this node answers for every slot it owns for requests
     /// signed at `now_secs`: no slot waits for a handover, and no fence
     /// on them is still closed. Until then it is not ready.

@@ -469,9 +469,21 @@ impl Admin for AdminService {
             {
                 self.keys.limit_slot(&l.descriptor)
             }
+            Some(locate_state_request::Of::ClientAddress(a)) if !a.is_empty() => {
+                self.keys.failure_slot("", &a).ok_or_else(|| {
+                    Status::invalid_argument("client_address: must be an IPv4 or IPv6 address")
+                })?
+            }
+            Some(locate_state_request::Of::ClientIdentity(id)) if !id.is_empty() => {
+                self.keys.failure_slot(&id, "").ok_or_else(|| {
+                    Status::invalid_argument(
+                        "client_identity: at most 1024 characters, no control characters",
+                    )
+                })?
+            }
             _ => {
                 return Err(Status::invalid_argument(
-                    "give a valid key_id, or a limit with a policy name and a descriptor of 1 to 256 bytes",
+                    "give a valid key_id, a limit with a policy name and a descriptor of 1 to 256 bytes, a client_address or a client_identity",
                 ));
             }
         };
@@ -480,6 +492,7 @@ impl Admin for AdminService {
             node: table.owner_name(slot).unwrap_or_default().to_owned(),
             slot: u32::from(slot),
             version: table.version,
+            awaiting: table.awaited_for(slot).map(str::to_owned).collect(),
         }))
     }
 

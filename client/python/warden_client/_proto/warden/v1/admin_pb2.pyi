@@ -85,8 +85,18 @@ class LocateStateRequest(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    CLIENT_IDENTITY_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """An API key id (it need not exist)."""
+    client_address: _builtins.str
+    """The failure budget of an end client's address, as a gateway forwards
+    it in CheckRequest.client_address (IPv6 by its /64, as it is counted).
+    """
+    client_identity: _builtins.str
+    """The failure budget of an end client's identity, as forwarded in
+    CheckRequest.client_identity.
+    """
     @_builtins.property
     def limit(self) -> Global___LocateLimit: ...
     def __init__(
@@ -94,12 +104,14 @@ class LocateStateRequest(_message.Message):
         *,
         key_id: _builtins.str = ...,
         limit: Global___LocateLimit | None = ...,
+        client_address: _builtins.str = ...,
+        client_identity: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "client_identity", b"client_identity", "key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "client_identity", b"client_identity", "key_id", b"key_id", "limit", b"limit", "of", b"of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_of: _TypeAlias = _typing.Literal["key_id", "limit"]  # noqa: Y015
+    _WhichOneofReturnType_of: _TypeAlias = _typing.Literal["key_id", "limit", "client_address", "client_identity"]  # noqa: Y015
     _WhichOneofArgType_of: _TypeAlias = _typing.Literal["of", b"of"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_of) -> _WhichOneofReturnType_of | None: ...
 
@@ -134,22 +146,31 @@ class LocateStateResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    AWAITING_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """The owning node, by name; empty when no member is known."""
     slot: _builtins.int
     """Its state slot (0..65535): state moves between nodes by slot."""
     version: _builtins.int
     """The membership version this answer holds for."""
+    @_builtins.property
+    def awaiting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """When the answering node is the owner: the members it still waits for
+        to hand this slot's state over (it answers for the slot once none is
+        left). Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         slot: _builtins.int = ...,
         version: _builtins.int = ...,
+        awaiting: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "slot", b"slot", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting", b"awaiting", "node", b"node", "slot", b"slot", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

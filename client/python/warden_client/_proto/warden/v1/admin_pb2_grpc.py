@@ -182,8 +182,10 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LocateState(self, request, context):
-        """Which node owns a key's state (its policies and nonces), or a request
-        limit's (policy and descriptor). FAILED_PRECONDITION without [cluster].
+        """Which node owns a key's state (its policies and nonces), a request
+        limit's (policy and descriptor), or a failure budget's (the client
+        address or identity failed attempts are charged to).
+        FAILED_PRECONDITION without [cluster].
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
