@@ -9,9 +9,12 @@ Starts its own `warden serve --dev` (release build) and redis-server on
 through Django's test client; overhead = time per request minus the time of
 the same view without any check, in the same round: the requests are split
 into `--rounds` rounds (10), every variant once a round in a turning order,
-so that the VM's slow minutes fall on all of them alike. Each table gives
-the median over the rounds and the range, and in how many rounds warden
-cost less than the recipe.
+so that the VM's slow minutes fall on all of them alike. A round's time
+per request is its median request (one at a time) or its total over its
+requests (`--in-flight` above 1: they overlap). Each table gives the median
+over the rounds and the range, and in how many rounds warden cost less
+than the recipe; then the check's own round trip inside Django, warden's
+client call against the recipe's Redis pipeline.
 
 Then the same under ASGI (Django's async test client, an async view;
 `--in-flight N` sends N requests at once, 1 by default):
@@ -33,6 +36,7 @@ import hashlib
 import hmac
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,41 @@ REDIS = None
 ASYNC_REDIS = None
 SECRETS: dict[str, bytes] = {}
 LIMIT = 10**9
+
+# The check's own round trip inside Django, per variant: warden's client
+# call (request built, sent, answered, read into a Decision) and the
+# recipe's pipeline (sent, answered). The variant being measured; None
+# while warming up.
+MEASURING: list[str | None] = [None]
+ROUND_TRIPS: dict[str, list[float]] = {}
+
+
+def took(started: float) -> None:
+    if MEASURING[0] is not None:
+        ROUND_TRIPS.setdefault(MEASURING[0], []).append(time.perf_counter() - started)
+
+
+def timing_warden_clients() -> None:
+    """Times every check made through warden's clients (into ROUND_TRIPS)."""
+    from warden_client import AsyncWardenClient, WardenClient
+
+    check, acheck = WardenClient.check, AsyncWardenClient.check
+
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return check(self, *args, **kwargs)
+        finally:
+            took(started)
+
+    async def atimed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return await acheck(self, *args, **kwargs)
+        finally:
+            took(started)
+
+    WardenClient.check, AsyncWardenClient.check = timed, atimed
 
 
 def recipe_verdict(request):
@@ -111,7 +150,9 @@ class RedisRecipeMiddleware:
         verdict = recipe_verdict(request)
         if not isinstance(verdict, tuple):
             return verdict
+        started = time.perf_counter()
         count, _, fresh = recipe_pipeline(REDIS, *verdict).execute()
+        took(started)
         return recipe_answer(count, fresh) or self.get_response(request)
 
 
@@ -133,7 +174,9 @@ class AsyncRedisRecipeMiddleware:
         verdict = recipe_verdict(request)
         if not isinstance(verdict, tuple):
             return verdict
+        started = time.perf_counter()
         count, _, fresh = await recipe_pipeline(ASYNC_REDIS, *verdict).execute()
+        took(started)
         return recipe_answer(count, fresh) or await self.get_response(request)
 
 
@@ -160,7 +203,6 @@ def lone_calls(args, addr, dev, key, body) -> dict[str, float]:
     nothing else is in flight. The median of `--requests` calls, after 100
     to warm up."""
     import asyncio
-    import statistics
 
     import redis
     import redis.asyncio
@@ -248,12 +290,12 @@ def rotations(variants: list[str], rounds: int):
 def summary(rounds: dict[str, list[tuple[float, float]]]) -> dict[str, dict]:
     """Per variant: median µs and CPU µs per request over the rounds, and
     its overhead over the baseline *of the same round*: median, low, high."""
-    import statistics
 
     base = [us for us, _ in rounds["baseline"]]
     out = {}
     for variant, runs in rounds.items():
-        entry = {"us": statistics.median(us for us, _ in runs), "cpu_us": statistics.median(c for _, c in runs)}
+        entry = {"us": statistics.median(us for us, _ in runs), "cpu_us": statistics.median(c for _, c in runs),
+                 "rounds_us": [round(us, 1) for us, _ in runs]}
         if variant != "baseline":
             overheads = [us - b for (us, _), b in zip(runs, base)]
             entry.update(overhead_us=statistics.median(overheads), overhead_low_us=min(overheads),
@@ -336,6 +378,7 @@ def main() -> None:
                     "KEY": str(dev / "client-key.pem"), "PROTECTED_PATHS": ["/w/", "/aw/"], "TIMEOUT": 2.0},
         )
         django.setup()
+        timing_warden_clients()
         from django.test import AsyncClient, Client
 
         from warden_client.client import native_transport_available
@@ -371,17 +414,21 @@ def main() -> None:
             prefix, warden = sync_variants[variant]
             use(warden)
             reqs = [{f"HTTP_{k.upper().replace('-', '_')}": v for k, v in h.items()} for h in signed(prefix, n)]
-            started, cpu = time.perf_counter(), time.process_time()
+            times, cpu = [], time.process_time()
             for h in reqs:
+                started = time.perf_counter()
                 r = client.post(f"/{prefix}/orders", data=body, content_type="application/json", **h)
+                times.append(time.perf_counter() - started)
                 assert r.status_code == 200, (prefix, r.status_code, r.content)
-            return (time.perf_counter() - started) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+            return statistics.median(times) * 1e6, (time.process_time() - cpu) / n * 1e6
 
         for variant in sync_variants:  # warm up (connections, imports)
             sync_batch(variant, WARM_UP)
         sync = {variant: [] for variant in sync_variants}
         for variant in rotations(list(sync_variants), args.rounds):
+            MEASURING[0] = variant
             sync[variant].append(sync_batch(variant, per_round))
+            MEASURING[0] = None
 
         # Under ASGI: Django's async test client, an async view, each
         # variant's middleware alone (a client's handler loads MIDDLEWARE at
@@ -412,15 +459,22 @@ def main() -> None:
                 use(warden)
                 aclient = clients[variant]
 
+                times = []
+
                 async def one(h):
+                    started = time.perf_counter()
                     r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
+                    times.append(time.perf_counter() - started)
                     assert r.status_code == 200, (prefix, r.status_code, r.content)
 
                 reqs = signed(prefix, n)
                 started, cpu = time.perf_counter(), time.process_time()
                 for i in range(0, n, args.in_flight):
                     await asyncio.gather(*[one(h) for h in reqs[i:i + args.in_flight]])
-                return (time.perf_counter() - started) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+                # One at a time, the median request; in flight, the time per
+                # request of the whole (requests overlap).
+                us = statistics.median(times) * 1e6 if args.in_flight == 1 else (time.perf_counter() - started) / n * 1e6
+                return us, (time.process_time() - cpu) / n * 1e6
 
             for variant, (_, middleware, _) in asgi_variants.items():
                 settings.MIDDLEWARE = middleware
@@ -428,7 +482,9 @@ def main() -> None:
                 await batch(variant, WARM_UP)  # loads this variant's middleware; warms it up
             out = {variant: [] for variant in asgi_variants}
             for variant in rotations(list(asgi_variants), args.rounds):
+                MEASURING[0] = variant
                 out[variant].append(await batch(variant, per_round))
+                MEASURING[0] = None
             await ASYNC_REDIS.aclose()
             return out
 
@@ -446,6 +502,8 @@ def main() -> None:
                                               "redis_recipe"),
             "asgi_warden_ahead_rounds": ahead(asgi, f"warden_async_{transports[0]}", "redis_recipe_async"),
             "lone_calls_median_us": lone,
+            "round_trip_median_us": {variant: statistics.median(times) * 1e6
+                                     for variant, times in ROUND_TRIPS.items()},
         }
         if args.json:
             print(json.dumps(result))
@@ -462,7 +520,8 @@ def main() -> None:
                 "redis_recipe_async": "Redis recipe, async (redis.asyncio)",
             }
             print(f"{args.rounds} rounds of {per_round} requests per variant, the variants in a different order "
-                  "each round; medians over the rounds, and the range of a round's overhead.")
+                  "each round. A round's µs per request: its median request (under ASGI with requests in flight, "
+                  "its time over its requests). Medians over the rounds, and the range of a round's overhead.")
             print()
             print_table(result["sync"], names)
             won, of = result["sync_warden_ahead_rounds"]
@@ -473,6 +532,14 @@ def main() -> None:
             print_table(result["asgi"], names)
             won, of = result["asgi_warden_ahead_rounds"]
             print(f"\nwarden's async middleware cost less than the async recipe in {won} of {of} rounds.")
+            print()
+            print("The check's own round trip inside Django (median µs, every measured request): warden's client")
+            print("call (request built, sent, answered, read into a Decision), the recipe's pipeline (sent, answered):")
+            print()
+            print("| variant | round trip µs |")
+            print("|---|---|")
+            for variant, us in result["round_trip_median_us"].items():
+                print(f"| {names[variant]} | {us:.0f} |")
             if lone:
                 print()
                 print("One call at a time in a loop, outside Django (median µs per call):")
