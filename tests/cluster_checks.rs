@@ -2046,6 +2046,41 @@ async fn a_node_cut_off_from_postgresql_alone_stops_before_the_others_take_its_k
     );
 }
 
+/// `req` as a gateway sends it for an end client at `address`.
+fn from_address(mut req: CheckRequest, address: &str) -> CheckRequest {
+    req.client_address = address.into();
+    req
+}
+
+/// Sends requests signed by `genuine` from `source` through `client` until
+/// one is refused `LOCKED_OUT`, each allowed until then: a spent failure
+/// budget reaches a node a round trip after the charge that spent it. Fails
+/// the test past `deadline`.
+async fn until_locked_out(
+    client: &mut Client,
+    genuine: &Signer,
+    source: &str,
+    deadline: Instant,
+    cluster: &Cluster,
+) {
+    loop {
+        let r = client
+            .check(from_address(signed(genuine, unix_now()), source))
+            .await
+            .unwrap();
+        if reason(&r) == Reason::LockedOut {
+            return;
+        }
+        assert_eq!(reason(&r), Reason::Ok, "{r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{source} was never locked out through this node: {r:?}\n{}",
+            cluster.cluster_events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_nodes() {
     let Some(url) = fresh_database().await else {
@@ -2058,14 +2093,10 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
     let mut clients = cluster.clients().await;
     let genuine = Signer::new("wk_hundred", SECRET);
     let guesser = Signer::new("wk_hundred", "a-wrong-secret-0123456789abcdefghijklmnop");
-    let from = |mut req: CheckRequest, address: &str| {
-        req.client_address = address.into();
-        req
-    };
     // Three guesses from one address, one per node: one budget of three.
     for client in clients.iter_mut() {
         let r = client
-            .check(from(signed(&guesser, unix_now()), "198.51.100.77"))
+            .check(from_address(signed(&guesser, unix_now()), "198.51.100.77"))
             .await
             .unwrap();
         assert_eq!(reason(&r), Reason::Unauthenticated, "{r:?}");
@@ -2076,25 +2107,10 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
     for client in clients.iter_mut() {
         // Even a correct signature from that source is refused then: a
         // guesser cannot tell a hit from a miss while locked out.
-        loop {
-            let r = client
-                .check(from(signed(&genuine, unix_now()), "198.51.100.77"))
-                .await
-                .unwrap();
-            if reason(&r) == Reason::LockedOut {
-                break;
-            }
-            assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-            assert!(
-                Instant::now() < deadline,
-                "the spent budget never arrived: {r:?}\n{}",
-                cluster.cluster_events()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_locked_out(client, &genuine, "198.51.100.77", deadline, &cluster).await;
         // Others are not affected.
         let r = client
-            .check(from(signed(&genuine, unix_now()), "198.51.100.78"))
+            .check(from_address(signed(&genuine, unix_now()), "198.51.100.78"))
             .await
             .unwrap();
         assert_eq!(reason(&r), Reason::Ok, "{r:?}");
@@ -2274,14 +2290,10 @@ async fn a_failure_charged_while_its_owner_awaits_a_handover_is_counted_once_the
     // once; the charges wait for their owner.
     let mut client = cluster.client(entry).await;
     let guesser = Signer::new("wk_hundred", "a-wrong-secret-0123456789abcdefghijklmnop");
-    let from = |mut req: CheckRequest, address: &str| {
-        req.client_address = address.into();
-        req
-    };
     for source in &sources {
         for _ in 0..3 {
             let r = client
-                .check(from(signed(&guesser, unix_now()), source))
+                .check(from_address(signed(&guesser, unix_now()), source))
                 .await
                 .unwrap();
             assert_eq!(reason(&r), Reason::Unauthenticated, "{r:?}");
@@ -2324,22 +2336,7 @@ async fn a_failure_charged_while_its_owner_awaits_a_handover_is_counted_once_the
     for i in [joiner, entry] {
         let mut client = cluster.client(i).await;
         for source in &sources {
-            loop {
-                let r = client
-                    .check(from(signed(&genuine, unix_now()), source))
-                    .await
-                    .unwrap();
-                if reason(&r) == Reason::LockedOut {
-                    break;
-                }
-                assert_eq!(reason(&r), Reason::Ok, "{r:?}");
-                assert!(
-                    Instant::now() < deadline,
-                    "{source}'s guesses were not all counted\n{}",
-                    cluster.cluster_events()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            until_locked_out(&mut client, &genuine, source, deadline, &cluster).await;
         }
     }
     assert_eq!(
