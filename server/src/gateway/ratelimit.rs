@@ -26,7 +26,7 @@ use crate::check::{CheckError, MAX_COST, Pending};
 use crate::config::EnvoyRateLimitSettings;
 use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched, Quota, Rule};
 use crate::engine::{Limit, LimitVerdict, Nanos, Outcome, StateKey};
-use crate::service::warden::{WardenService, refusal};
+use crate::service::warden::{WardenService, count_refusal, refusal};
 use crate::service::{Admission, caller_of};
 
 /// Answers Envoy's `ratelimit` filter from envoyproxy/ratelimit rules.
@@ -307,8 +307,7 @@ fn step_verdicts(
     match outcome {
         Ok(Outcome::Limited { limits, .. }) => Ok(limits.into_vec()),
         Ok(Outcome::StateFull(pool)) => {
-            // Counted with every refusal, by cause.
-            drop(refusal(&CheckError::StateFull(pool)));
+            count_refusal(&CheckError::StateFull(pool));
             let refused = LimitVerdict {
                 allowed: false,
                 remaining: 0,

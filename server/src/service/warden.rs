@@ -382,17 +382,28 @@ async fn check_one(
 /// The gRPC status of a check refused as a whole, counted by cause: for
 /// `Check` and for the gateway faces that decide state.
 pub fn refusal(err: &CheckError) -> Status {
-    let (cause, status) = match err {
-        CheckError::PermissionDenied(why) => ("permission_denied", Status::permission_denied(*why)),
-        CheckError::StateFull(_) => ("state_full", Status::resource_exhausted(err.to_string())),
-        CheckError::Unavailable => ("unavailable", Status::unavailable(err.to_string())),
-        CheckError::ReplayCacheFull => (
-            "replay_cache_full",
-            Status::resource_exhausted(err.to_string()),
-        ),
+    count_refusal(err);
+    match err {
+        CheckError::PermissionDenied(why) => Status::permission_denied(*why),
+        CheckError::StateFull(_) | CheckError::ReplayCacheFull => {
+            Status::resource_exhausted(err.to_string())
+        }
+        CheckError::Unavailable => Status::unavailable(err.to_string()),
+    }
+}
+
+/// Counts a check refused as a whole by its cause
+/// (`warden_check_errors_total`), also where the refusal is answered
+/// otherwise than as a failed call (Envoy's rate limit service answers a
+/// full state `OVER_LIMIT`).
+pub fn count_refusal(err: &CheckError) {
+    let cause = match err {
+        CheckError::PermissionDenied(_) => "permission_denied",
+        CheckError::StateFull(_) => "state_full",
+        CheckError::Unavailable => "unavailable",
+        CheckError::ReplayCacheFull => "replay_cache_full",
     };
     metrics::counter!("warden_check_errors_total", "cause" => cause).increment(1);
-    status
 }
 
 /// Denials that go to the audit log (tallied per subject and window): the
