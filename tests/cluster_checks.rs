@@ -2275,6 +2275,19 @@ async fn a_failure_charged_while_its_owner_awaits_a_handover_is_counted_once_the
         3,
         "no budget of the joiner's awaits the paused node"
     );
+    let text = cluster.dir.cli(
+        cluster.node(joiner),
+        &["cluster", "locate", "--client-address", &sources[0]],
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    // node-a may still be named too, if its handover has not come yet.
+    let waits = text.lines().find(|l| l.starts_with("node-c waits for "));
+    assert!(
+        text.contains("is owned by node-c")
+            && waits.is_some_and(|l| l.contains("node-b")
+                && l.ends_with("to hand it over, and answers for it once handed")),
+        "{text}"
+    );
     let bad = cluster.dir.cli(
         cluster.node(joiner),
         &["cluster", "locate", "--client-address", "198.51.100.1:443"],
