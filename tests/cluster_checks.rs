@@ -333,6 +333,16 @@ impl Cluster {
 
     /// The node owning a key's state (`--key-id`) or a limit's (`--limit`).
     fn locate(&self, through: usize, what: &[&str]) -> String {
+        self.located(through, what)["node"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// `warden cluster locate --json` through node `through`: the owner of
+    /// `what`, its slot, and the members the answering node still waits
+    /// for to hand that slot over.
+    fn located(&self, through: usize, what: &[&str]) -> serde_json::Value {
         let mut args = vec!["cluster", "locate", "--json"];
         args.extend_from_slice(what);
         let out = self.dir.cli(self.node(through), &args);
@@ -341,8 +351,7 @@ impl Cluster {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["node"].as_str().unwrap().to_owned()
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     async fn client(&self, i: usize) -> Client {
@@ -2247,16 +2256,7 @@ async fn a_failure_charged_while_its_owner_awaits_a_handover_is_counted_once_the
     cluster.wait_members(joiner, &NODES);
     cluster.wait_members(entry, &NODES);
     // Sources whose budgets are the joiner's and wait for the paused node.
-    let locate = |address: &str| -> serde_json::Value {
-        let args = ["cluster", "locate", "--json", "--client-address", address];
-        let out = cluster.dir.cli(cluster.node(joiner), &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let locate = |address: &str| cluster.located(joiner, &["--client-address", address]);
     let awaited = |found: &serde_json::Value| {
         found["node"] == NODES[joiner]
             && found["awaiting"]
