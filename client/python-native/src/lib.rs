@@ -605,12 +605,8 @@ impl AsyncChannel {
             return Ok(self.hand_over(call).into_pyobject(py)?.into_any());
         }
         let started = Instant::now();
-        let until = started + LOOK_TURN.min(budget);
-        match py.detach(|| self.driven.turn(call.as_mut(), until)) {
-            Some(outcome) => {
-                self.driven.busy_wait.observe(budget, took(started, true));
-                answer(py, outcome)
-            }
+        match self.one_turn(py, &mut call, started, budget) {
+            Some(answered) => answered,
             None => Ok(Bound::new(
                 py,
                 Looking {
@@ -648,14 +644,8 @@ impl AsyncChannel {
             }
             return Ok(self.hand_over(call).into_pyobject(py)?.into_any());
         }
-        let until = Instant::now() + LOOK_TURN.min(this.budget - spent);
-        match py.detach(|| self.driven.turn(call.as_mut(), until)) {
-            Some(outcome) => {
-                self.driven
-                    .busy_wait
-                    .observe(this.budget, took(this.started, true));
-                answer(py, outcome)
-            }
+        match self.one_turn(py, &mut call, this.started, this.budget) {
+            Some(answered) => answered,
             None => {
                 this.put_back(call);
                 Ok(looking.into_any())
@@ -705,6 +695,22 @@ impl AsyncChannel {
             timeout,
             unary_call(transport, path, message),
         )))
+    }
+
+    /// One turn ([`LOOK_TURN`], or what is left of `budget` since
+    /// `started`) looking for `call`'s end on this thread: its answer (or
+    /// `RpcError`), counted as answered in time, if it ended; `None` if not.
+    fn one_turn<'py>(
+        &self,
+        py: Python<'py>,
+        call: &mut Call,
+        started: Instant,
+        budget: Duration,
+    ) -> Option<PyResult<Bound<'py, PyAny>>> {
+        let until = Instant::now() + LOOK_TURN.min(budget.saturating_sub(started.elapsed()));
+        let outcome = py.detach(|| self.driven.turn(call.as_mut(), until))?;
+        self.driven.busy_wait.observe(budget, took(started, true));
+        Some(answer(py, outcome))
     }
 
     /// Runs `call` as a task that the keeper drives, its outcome put in
