@@ -330,7 +330,7 @@ def start(args, out_path):
 
 
 def main() -> None:
-    global REDIS, ASYNC_REDIS
+    global REDIS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--redis-port", type=int, default=6398)
@@ -355,7 +355,6 @@ def main() -> None:
         # are STALE: wait it out.
         time.sleep(7)
         REDIS = redis.Redis(host="127.0.0.1", port=args.redis_port)
-        ASYNC_REDIS = redis.asyncio.Redis(host="127.0.0.1", port=args.redis_port)
         for _ in range(50):
             try:
                 REDIS.ping()
