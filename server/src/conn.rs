@@ -22,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::gate::ConnectionSlot;
+use crate::serving::OpenOnLane;
 
 /// Milliseconds since this process first asked, on the monotonic clock.
 pub fn monotonic_ms() -> u64 {
@@ -95,16 +96,25 @@ pub struct Conn {
     idle_timer: Pin<Box<Sleep>>,
     /// Frees the connection's place under `max_connections` when dropped.
     _slot: ConnectionSlot,
+    /// Frees its place in its serving thread's count (gRPC connections).
+    _lane: Option<OpenOnLane>,
 }
 
 impl Conn {
-    pub fn new(io: Io, peer: PeerInfo, idle_timeout: Duration, slot: ConnectionSlot) -> Self {
+    pub fn new(
+        io: Io,
+        peer: PeerInfo,
+        idle_timeout: Duration,
+        slot: ConnectionSlot,
+        lane: Option<OpenOnLane>,
+    ) -> Self {
         Self {
             io: warden_client::Coalescing::new(io),
             peer,
             idle_timeout,
             idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
             _slot: slot,
+            _lane: lane,
         }
     }
 

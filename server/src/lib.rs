@@ -48,6 +48,7 @@ pub mod route;
 pub mod saved_state;
 pub mod server;
 mod service;
+pub mod serving;
 pub mod signing;
 pub mod store;
 pub mod tls;

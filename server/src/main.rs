@@ -235,6 +235,7 @@ impl From<ServeError> for Failure {
             | ServeError::Transport(_)
             | ServeError::DrainTimeout
             | ServeError::Reflection(_)
+            | ServeError::Runtime(_)
             | ServeError::Cluster(_)
             // Another process has the directory: as a port in use.
             | ServeError::Store(warden::store::StoreError::InUse(_)) => runtime(e),

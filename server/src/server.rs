@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use warden_client::proto::admin_server::AdminServer;
@@ -34,7 +33,7 @@ use crate::check::Checker;
 use crate::cluster::peer::PeerService;
 use crate::cluster::{ClusterState, Membership};
 use crate::config::{Config, ServerSettings};
-use crate::conn::{Conn, ConnState, Io, PeerInfo, monotonic_ms};
+use crate::conn::{Conn, ConnState, monotonic_ms};
 use crate::direct_route::Direct;
 use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
 use crate::gate::{FORWARD_AUTH_SHARE, Gate, Refusal};
@@ -47,6 +46,7 @@ use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::warden::WardenService;
+use crate::serving::{Admitted, Destination, Handshake, Serve, ServingThreads};
 use crate::store::{Store, StoreChange};
 use crate::tls::{Protocol, TlsReloader};
 
@@ -81,6 +81,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(String),
+    #[error("cannot start the serving threads: {0}")]
+    Runtime(io::Error),
     #[error("in-flight calls did not finish within the drain timeout")]
     DrainTimeout,
     #[error(transparent)]
@@ -459,17 +461,9 @@ impl Bound {
         };
 
         let max_message = app.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
-        let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
         if let Some(tls) = app.tls.clone() {
             background.spawn(tls.watch());
         }
-        background.spawn(accept_loop(
-            listener,
-            app.tls.clone().map(|tls| (tls, Protocol::Grpc)),
-            conns_tx,
-            settings.clone(),
-            app.gate.clone(),
-        ));
         // Every listener's gate: the gauge of open connections counts them
         // all, against the bound they share out.
         let gates = std::iter::once(app.gate.clone())
@@ -564,7 +558,13 @@ impl Bound {
                 source,
             })?;
             let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
-            background.spawn(accept_loop(listener, tls, tx, settings.clone(), gate));
+            background.spawn(accept_loop(
+                listener,
+                tls,
+                Destination::Here(tx),
+                settings.clone(),
+                gate,
+            ));
             // Drained with the gRPC port: its calls check too, and the
             // state is saved only once the last one is answered.
             let mut closing = closing_rx.clone();
@@ -638,29 +638,52 @@ impl Bound {
                 let _ = closing_tx.send(true);
             }
         };
-        let server = tonic::transport::Server::builder()
-            // Finds dead peers (e.g. a gateway host that vanished) so their
-            // connections do not linger forever.
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // The protocol-level stream bound sits above the per-connection
-            // call limit, so excess calls get a clear RESOURCE_EXHAUSTED
-            // instead of waiting invisibly in the client.
-            .max_concurrent_streams(Some(
-                u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX),
-            ))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-            .http2_max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
-            // The services called once per request skip the router.
-            .layer(Direct::new(service))
-            .layer(Direct::new(ext_authz))
-            .layer(Direct::optional(ratelimit))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_optional_service(peer)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), drain);
+        let max_streams = u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX);
+        let serve: Arc<Serve> = Arc::new(move |incoming, drained| {
+            Box::pin(
+                tonic::transport::Server::builder()
+                    // Finds dead peers (e.g. a gateway host that vanished)
+                    // so their connections do not linger forever.
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                    // The protocol-level stream bound sits above the
+                    // per-connection call limit, so excess calls get a clear
+                    // RESOURCE_EXHAUSTED instead of waiting invisibly in the
+                    // client.
+                    .max_concurrent_streams(Some(max_streams))
+                    .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+                    .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+                    .http2_max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
+                    // The services called once per request skip the router.
+                    .layer(Direct::new(service.clone()))
+                    .layer(Direct::new(ext_authz.clone()))
+                    .layer(Direct::optional(ratelimit.clone()))
+                    .add_service(health_service.clone())
+                    .add_service(reflection.clone())
+                    .add_optional_service(peer.clone())
+                    .add_service(admin.clone())
+                    .serve_with_incoming_shutdown(incoming, drained),
+            )
+        });
+        let threads = ServingThreads::start(crate::serving::thread_count(), serve)
+            .map_err(ServeError::Runtime)?;
+        tracing::debug!(
+            event = "serving_threads",
+            threads = threads.count(),
+            "serving threads started"
+        );
+        background.spawn(accept_loop(
+            listener,
+            app.tls.clone().map(|tls| (tls, Protocol::Grpc)),
+            Destination::Threads(threads.clone()),
+            settings.clone(),
+            app.gate.clone(),
+        ));
+        let server = async {
+            drain.await;
+            threads.drain();
+            threads.drained().await
+        };
 
         let deadline = settings.drain_delay + settings.drain_timeout;
         let result = tokio::select! {
@@ -738,6 +761,9 @@ impl Bound {
         if let Some(m) = metrics_task {
             let _ = m.await;
         }
+        // Last: tasks that calls spawned (a cluster link made on demand)
+        // ran on their connection's thread until now.
+        threads.stop().await;
         if let Some(m) = app.membership.as_ref().filter(|m| m.name_is_taken()) {
             return Err(ServeError::Cluster(format!(
                 "node name {:?} is held by another live warden process; give each node a name of its own ([cluster] node)",
@@ -840,7 +866,7 @@ fn refuse(refusal: Refusal, remote: SocketAddr) {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<(Arc<TlsReloader>, Protocol)>,
-    conns: mpsc::Sender<io::Result<Conn>>,
+    destination: Destination,
     settings: ServerSettings,
     gate: Arc<Gate>,
 ) {
@@ -863,76 +889,41 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let conns = conns.clone();
-        let conn_state = Arc::new(ConnState::new(settings.max_calls_per_connection));
-        let idle_timeout = settings.idle_timeout;
-        let Some(tls) = tls.clone() else {
-            let peer = PeerInfo {
-                remote,
-                identity: None,
-                conn: conn_state,
-            };
-            if conns
-                .send(Ok(Conn::new(Io::Plain(tcp), peer, idle_timeout, slot)))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
+        let handshake = match &tls {
+            None => None,
+            Some((tls, protocol)) => match gate.handshake(remote.ip()) {
+                // Each handshake uses the configuration current at accept
+                // time, so a reload affects new connections only.
+                Ok(slot) => Some(Handshake {
+                    acceptor: tls.acceptor(*protocol),
+                    allow_cn: tls.allow_cn_identity(),
+                    timeout: settings.handshake_timeout,
+                    slot,
+                }),
+                Err(refusal) => {
+                    refuse(refusal, remote);
+                    continue;
+                }
+            },
         };
-        // Each handshake uses the configuration current at accept time, so
-        // a reload affects new connections only.
-        let handshake = match gate.handshake(remote.ip()) {
-            Ok(handshake) => handshake,
-            Err(refusal) => {
-                refuse(refusal, remote);
+        let state = Arc::new(ConnState::new(settings.max_calls_per_connection));
+        let admitted = match Admitted::new(
+            tcp,
+            remote,
+            slot,
+            state,
+            settings.idle_timeout,
+            handshake,
+        ) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                tracing::warn!(event = "accept_failed", error = %e, "accepted connection could not be served");
                 continue;
             }
         };
-        let (tls, protocol) = tls;
-        let acceptor = tls.acceptor(protocol);
-        let allow_cn = tls.allow_cn_identity();
-        let timeout = settings.handshake_timeout;
-        tokio::spawn(async move {
-            let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
-            drop(handshake);
-            let cause = match accepted {
-                Ok(Ok(stream)) => {
-                    let identity = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(|cert| crate::tls::identity(cert, allow_cn))
-                        .map(Arc::from);
-                    let peer = PeerInfo {
-                        remote,
-                        identity,
-                        conn: conn_state,
-                    };
-                    let _ = conns
-                        .send(Ok(Conn::new(
-                            Io::Tls(Box::new(stream)),
-                            peer,
-                            idle_timeout,
-                            slot,
-                        )))
-                        .await;
-                    return;
-                }
-                Ok(Err(e)) => {
-                    let cause = crate::tls::failure_cause(&e);
-                    tracing::info!(event = "tls_handshake_failed", %remote, cause, error = %e, "TLS handshake failed");
-                    cause
-                }
-                Err(_) => {
-                    tracing::info!(event = "tls_handshake_failed", %remote, cause = "timeout", "TLS handshake failed");
-                    "timeout"
-                }
-            };
-            metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
-        });
+        if !destination.place(admitted) {
+            return;
+        }
     }
 }
 

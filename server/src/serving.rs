@@ -1,0 +1,352 @@
+//! Serving threads: each accepted gRPC connection is served on one thread,
+//! from its TLS handshake to its last call, by a runtime of that thread's
+//! own.
+//!
+//! Why not tokio's work-stealing runtime, which served every connection
+//! before: there a call's HTTP/2 stream, its handler and its connection
+//! wake one another across worker threads, and an idle worker is woken for
+//! work another is about to do. Measured with h2load on the 2-core machine
+//! this was built on (signed `Check`, 64 in flight), that cost a call 15–19
+//! µs of server CPU with two workers against 10–11 µs with one, for no more
+//! throughput (`benches/HISTORY.md`, session 34). A thread per core keeps
+//! the one-worker cost and still uses every core, one connection at a time:
+//! a new connection goes to the thread serving the fewest.
+//!
+//! What runs where: the accept loop, the background loops and the
+//! forward-auth port stay on the process's main runtime. A task a call
+//! spawns runs on its connection's thread, which is why a thread keeps its
+//! runtime until the whole process is done ([`ServingThreads::stop`]), not
+//! only until its server has drained.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::conn::{Conn, ConnState, Io, PeerInfo};
+use crate::gate::{ConnectionSlot, HandshakeSlot};
+
+/// A connection let in by the accept loop (under `max_connections`, its
+/// handshake counted), not yet established: what a serving thread, or the
+/// main runtime for the forward-auth port, makes a [`Conn`] of.
+pub struct Admitted {
+    /// Taken off the accepting runtime, so that the runtime establishing
+    /// it is the one that waits on it.
+    tcp: std::net::TcpStream,
+    remote: SocketAddr,
+    slot: ConnectionSlot,
+    state: Arc<ConnState>,
+    idle_timeout: Duration,
+    tls: Option<Handshake>,
+    /// Counts the connection on its serving thread while it is open.
+    lane: Option<OpenOnLane>,
+}
+
+/// A TLS handshake still to make, with the configuration current when
+/// the connection was accepted (a reload affects new connections only).
+pub struct Handshake {
+    pub acceptor: TlsAcceptor,
+    pub allow_cn: bool,
+    pub timeout: Duration,
+    /// Frees the handshake's place under `max_handshakes` when dropped.
+    pub slot: HandshakeSlot,
+}
+
+impl Admitted {
+    pub fn new(
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        slot: ConnectionSlot,
+        state: Arc<ConnState>,
+        idle_timeout: Duration,
+        tls: Option<Handshake>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            tcp: tcp.into_std()?,
+            remote,
+            slot,
+            state,
+            idle_timeout,
+            tls,
+            lane: None,
+        })
+    }
+
+    /// The connection, ready for calls: on the runtime this runs on. `None`
+    /// when its handshake failed or timed out (logged and counted here).
+    pub async fn establish(self) -> Option<Conn> {
+        let tcp = match tokio::net::TcpStream::from_std(self.tcp) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(event = "accept_failed", error = %e, "accepted connection could not be served");
+                return None;
+            }
+        };
+        let remote = self.remote;
+        let (io, identity) = match self.tls {
+            None => (Io::Plain(tcp), None),
+            Some(handshake) => {
+                let accepted =
+                    tokio::time::timeout(handshake.timeout, handshake.acceptor.accept(tcp)).await;
+                drop(handshake.slot);
+                match accepted {
+                    Ok(Ok(stream)) => {
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|cert| crate::tls::identity(cert, handshake.allow_cn))
+                            .map(Arc::from);
+                        (Io::Tls(Box::new(stream)), identity)
+                    }
+                    Ok(Err(e)) => {
+                        let cause = crate::tls::failure_cause(&e);
+                        tracing::info!(event = "tls_handshake_failed", %remote, cause, error = %e, "TLS handshake failed");
+                        return handshake_failed(cause);
+                    }
+                    Err(_) => {
+                        tracing::info!(event = "tls_handshake_failed", %remote, cause = "timeout", "TLS handshake failed");
+                        return handshake_failed("timeout");
+                    }
+                }
+            }
+        };
+        let peer = PeerInfo {
+            remote,
+            identity,
+            conn: self.state,
+        };
+        Some(Conn::new(io, peer, self.idle_timeout, self.slot, self.lane))
+    }
+}
+
+fn handshake_failed(cause: &'static str) -> Option<Conn> {
+    metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
+    None
+}
+
+/// Held by an open connection: its place in its serving thread's count.
+#[derive(Debug)]
+pub struct OpenOnLane(Arc<AtomicUsize>);
+
+impl Drop for OpenOnLane {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where the accept loop hands what it admits.
+#[derive(Clone)]
+pub enum Destination {
+    /// Established on the accepting runtime and served by one server
+    /// there, from this channel (the forward-auth port).
+    Here(mpsc::Sender<io::Result<Conn>>),
+    /// Established and served on the serving thread with the fewest open
+    /// connections.
+    Threads(Arc<ServingThreads>),
+}
+
+impl Destination {
+    /// Hands `admitted` over; false once nothing serves this destination
+    /// any more (the accept loop then ends).
+    pub fn place(&self, admitted: Admitted) -> bool {
+        match self {
+            Destination::Here(conns) => {
+                if conns.is_closed() {
+                    return false;
+                }
+                let conns = conns.clone();
+                tokio::spawn(async move {
+                    if let Some(conn) = admitted.establish().await {
+                        let _ = conns.send(Ok(conn)).await;
+                    }
+                });
+                true
+            }
+            Destination::Threads(threads) => threads.place(admitted),
+        }
+    }
+}
+
+/// One server's future on a serving thread: given the thread's incoming
+/// connections and the signal to drain, serves until drained.
+pub type Serve = dyn Fn(
+        ReceiverStream<io::Result<Conn>>,
+        Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>>
+    + Send
+    + Sync;
+
+/// The serving threads (see the module's doc comment).
+pub struct ServingThreads {
+    lanes: Vec<Lane>,
+    draining: watch::Sender<bool>,
+}
+
+struct Lane {
+    admitted: mpsc::UnboundedSender<Admitted>,
+    open: Arc<AtomicUsize>,
+    /// The server's outcome once drained.
+    served: std::sync::Mutex<Option<oneshot::Receiver<Result<(), tonic::transport::Error>>>>,
+    /// Told when the process is done: the thread then drops its runtime.
+    stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ServingThreads {
+    /// `count` threads, each serving what it is given with `serve`.
+    pub fn start(count: usize, serve: Arc<Serve>) -> io::Result<Arc<Self>> {
+        let (draining, _) = watch::channel(false);
+        let mut lanes = Vec::with_capacity(count);
+        for n in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (admitted_tx, mut admitted_rx) = mpsc::unbounded_channel::<Admitted>();
+            let (served_tx, served_rx) = oneshot::channel();
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let mut drain = draining.subscribe();
+            let serve = serve.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("warden-serving-{n}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
+                        tokio::spawn(async move {
+                            while let Some(admitted) = admitted_rx.recv().await {
+                                let conns = conns_tx.clone();
+                                tokio::spawn(async move {
+                                    if let Some(conn) = admitted.establish().await {
+                                        let _ = conns.send(Ok(conn)).await;
+                                    }
+                                });
+                            }
+                        });
+                        let drained = Box::pin(async move {
+                            let _ = drain.wait_for(|draining| *draining).await;
+                        });
+                        let server = serve(ReceiverStream::new(conns_rx), drained);
+                        let mut stop = stop_rx;
+                        tokio::select! {
+                            served = server => {
+                                let _ = served_tx.send(served);
+                                let _ = stop.await;
+                            }
+                            _ = &mut stop => {}
+                        }
+                    });
+                    // Tasks still running (a call past the drain timeout)
+                    // end with the process.
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?;
+            lanes.push(Lane {
+                admitted: admitted_tx,
+                open: Arc::new(AtomicUsize::new(0)),
+                served: std::sync::Mutex::new(Some(served_rx)),
+                stop: std::sync::Mutex::new(Some(stop_tx)),
+                thread: std::sync::Mutex::new(Some(thread)),
+            });
+        }
+        Ok(Arc::new(Self { lanes, draining }))
+    }
+
+    /// How many threads serve.
+    pub fn count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Hands `admitted` to the thread serving the fewest connections.
+    fn place(&self, mut admitted: Admitted) -> bool {
+        let lane =
+            &self.lanes[fewest_open(self.lanes.iter().map(|l| l.open.load(Ordering::Relaxed)))];
+        lane.open.fetch_add(1, Ordering::Relaxed);
+        admitted.lane = Some(OpenOnLane(lane.open.clone()));
+        lane.admitted.send(admitted).is_ok()
+    }
+
+    /// Every thread stops accepting and drains its connections (HTTP/2
+    /// GOAWAY; calls in flight finish).
+    pub fn drain(&self) {
+        let _ = self.draining.send(true);
+    }
+
+    /// Once every thread's server has drained: the first error, if any.
+    pub async fn drained(&self) -> Result<(), tonic::transport::Error> {
+        let served: Vec<_> = self
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.served.lock().ok().and_then(|mut s| s.take()))
+            .collect();
+        let mut result = Ok(());
+        for lane in served {
+            if let Ok(Err(e)) = lane.await
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Ends the threads and their runtimes, with anything still running on
+    /// them: when the process is done.
+    pub async fn stop(&self) {
+        let mut threads = Vec::new();
+        for lane in &self.lanes {
+            if let Some(stop) = lane.stop.lock().ok().and_then(|mut s| s.take()) {
+                let _ = stop.send(());
+            }
+            if let Some(thread) = lane.thread.lock().ok().and_then(|mut t| t.take()) {
+                threads.push(thread);
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// The index of the smallest count, the first of equals.
+fn fewest_open(counts: impl Iterator<Item = usize>) -> usize {
+    counts
+        .enumerate()
+        .min_by_key(|&(i, n)| (n, i))
+        .map_or(0, |(i, _)| i)
+}
+
+/// How many serving threads: `WARDEN_SERVING_THREADS`, or one per core.
+pub fn thread_count() -> usize {
+    std::env::var("WARDEN_SERVING_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_connection_goes_to_the_thread_serving_the_fewest() {
+        assert_eq!(fewest_open([3, 1, 2].into_iter()), 1);
+        assert_eq!(fewest_open([0, 0].into_iter()), 0);
+        assert_eq!(fewest_open([2, 1, 1].into_iter()), 1);
+        assert_eq!(fewest_open(std::iter::empty()), 0);
+    }
+}
