@@ -11,7 +11,7 @@ use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use warden_client::proto::{CheckRequest, Reason};
+use warden_client::proto::{CheckRequest, Decision, Reason};
 use warden_client::signing::{Signer, check_request_from, unix_now};
 use warden_client::{Tls, channel};
 
@@ -48,6 +48,63 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Connections open on each serving thread, as `/metrics` has them.
+fn per_serving_thread(server: &Server, threads: usize) -> Vec<u64> {
+    (0..threads)
+        .map(|t| {
+            support::metric(
+                server,
+                &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
+            )
+        })
+        .collect()
+}
+
+/// A connection is served on one thread, start to end; a new one goes to
+/// the thread serving the fewest, so that busy connections are not piled
+/// on one core while another idles, and a thread a closed connection
+/// freed takes the next one.
+#[tokio::test]
+async fn a_new_connection_goes_to_the_serving_thread_serving_the_fewest() {
+    let server = Server::dev_with_env(&[("WARDEN_SERVING_THREADS", "2")]);
+    assert_eq!(per_serving_thread(&server, 2), [0, 0]);
+    let mut first = server.client().await;
+    first
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    let mut second = server.client().await;
+    second
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    assert_eq!(per_serving_thread(&server, 2), [1, 1]);
+
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while per_serving_thread(&server, 2) != [0, 1] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection is still counted: {:?}",
+            per_serving_thread(&server, 2)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = server.client().await;
+    let answer = third
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    assert_eq!(answer.decision(), Decision::Allow, "{answer:?}");
+    assert_eq!(per_serving_thread(&server, 2), [1, 1]);
+    // Both threads answer: the second connection still does.
+    let answer = second
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    assert_eq!(answer.decision(), Decision::Allow, "{answer:?}");
 }
 
 #[tokio::test]

@@ -132,6 +132,10 @@ fn describe() {
         "Client connections open, handshaking or established."
     );
     describe_gauge!(
+        "warden_serving_thread_connections",
+        "gRPC connections open (handshaking or established) on each serving thread."
+    );
+    describe_gauge!(
         "warden_state_pool_entries",
         "Request-limit entries and failure budgets held, by pool."
     );

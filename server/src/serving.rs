@@ -133,14 +133,34 @@ fn handshake_failed(cause: &'static str) -> Option<Conn> {
     None
 }
 
-/// Held by an open connection: its place in its serving thread's count.
+/// Held by an open connection: its place in its serving thread's count
+/// (and in `warden_serving_thread_connections`).
 #[derive(Debug)]
-pub struct OpenOnLane(Arc<AtomicUsize>);
+pub struct OpenOnLane {
+    open: Arc<AtomicUsize>,
+    thread: usize,
+}
+
+impl OpenOnLane {
+    fn take(open: &Arc<AtomicUsize>, thread: usize) -> Self {
+        let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+        connections_gauge(thread).set(now as f64);
+        Self {
+            open: open.clone(),
+            thread,
+        }
+    }
+}
 
 impl Drop for OpenOnLane {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        connections_gauge(self.thread).set(now as f64);
     }
+}
+
+fn connections_gauge(thread: usize) -> metrics::Gauge {
+    metrics::gauge!("warden_serving_thread_connections", "thread" => thread.to_string())
 }
 
 /// Where the accept loop hands what it admits.
@@ -247,6 +267,7 @@ impl ServingThreads {
                     // end with the process.
                     runtime.shutdown_timeout(Duration::from_secs(1));
                 })?;
+            connections_gauge(n).set(0.0);
             lanes.push(Lane {
                 admitted: admitted_tx,
                 open: Arc::new(AtomicUsize::new(0)),
@@ -265,10 +286,9 @@ impl ServingThreads {
 
     /// Hands `admitted` to the thread serving the fewest connections.
     fn place(&self, mut admitted: Admitted) -> bool {
-        let lane =
-            &self.lanes[fewest_open(self.lanes.iter().map(|l| l.open.load(Ordering::Relaxed)))];
-        lane.open.fetch_add(1, Ordering::Relaxed);
-        admitted.lane = Some(OpenOnLane(lane.open.clone()));
+        let thread = fewest_open(self.lanes.iter().map(|l| l.open.load(Ordering::Relaxed)));
+        let lane = &self.lanes[thread];
+        admitted.lane = Some(OpenOnLane::take(&lane.open, thread));
         lane.admitted.send(admitted).is_ok()
     }
 

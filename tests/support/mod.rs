@@ -40,6 +40,18 @@ impl Server {
         server
     }
 
+    /// `warden serve --dev` in a fresh directory, with `envs` set (e.g.
+    /// `WARDEN_SERVING_THREADS`).
+    pub fn dev_with_env(envs: &[(&str, &str)]) -> Self {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let dir = tmp.path().join("warden-dev");
+        let mut command = Command::new(BIN);
+        command.args(dev_args(&dir)).envs(envs.iter().copied());
+        let mut server = Self::start_command(command, dir, "info");
+        server._tmp = Some(tmp);
+        server
+    }
+
     /// `warden serve --dev` reusing (or creating) `dir`.
     pub fn dev_in(dir: &Path) -> Self {
         Self::start(&dev_args(dir), dir.to_owned(), "info")
