@@ -212,6 +212,7 @@ pub struct ServingThreads {
 }
 
 struct Lane {
+    /// Unbounded here: the gate bounds what the accept loop admits.
     admitted: mpsc::UnboundedSender<Admitted>,
     open: Arc<AtomicUsize>,
     /// The server's outcome once drained.
