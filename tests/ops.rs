@@ -107,6 +107,29 @@ async fn a_new_connection_goes_to_the_serving_thread_serving_the_fewest() {
     assert_eq!(answer.decision(), Decision::Allow, "{answer:?}");
 }
 
+/// `WARDEN_SERVING_THREADS=0` serves every connection on the main
+/// runtime, as before serving threads: checks are answered, and a stop
+/// drains and exits cleanly. (Multi-threaded: the client's connection task
+/// runs while the test thread waits for the exit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_serving_threads_the_main_runtime_serves_and_drains() {
+    let mut server = Server::dev_with_env(&[("WARDEN_SERVING_THREADS", "0")]);
+    let mut client = server.client().await;
+    let answer = client
+        .check(server.signer().check_request("GET", "/", "", b""))
+        .await
+        .unwrap();
+    assert_eq!(answer.decision(), Decision::Allow, "{answer:?}");
+    assert!(
+        !server
+            .http_get("/metrics")
+            .1
+            .contains("warden_serving_thread_connections{")
+    );
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}; stderr:\n{}", server.logs());
+}
+
 #[tokio::test]
 async fn metrics_scrape_parses_and_moves_with_traffic() {
     let server = Server::dev();

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use warden_client::proto::admin_server::AdminServer;
@@ -665,24 +666,43 @@ impl Bound {
                     .serve_with_incoming_shutdown(incoming, drained),
             )
         });
-        let threads = ServingThreads::start(crate::serving::thread_count(), serve)
-            .map_err(ServeError::Runtime)?;
+        // WARDEN_SERVING_THREADS=0: every connection on the main runtime's
+        // work-stealing workers, as before serving threads (to compare).
+        let threads = match crate::serving::thread_count() {
+            0 => None,
+            n => Some(ServingThreads::start(n, serve.clone()).map_err(ServeError::Runtime)?),
+        };
+        let (destination, on_main) = match &threads {
+            Some(threads) => (Destination::Threads(threads.clone()), None),
+            None => {
+                let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
+                (Destination::Here(tx), Some(rx))
+            }
+        };
         tracing::debug!(
             event = "serving_threads",
-            threads = threads.count(),
-            "serving threads started"
+            threads = threads.as_ref().map_or(0, |t| t.count()),
+            "serving"
         );
         background.spawn(accept_loop(
             listener,
             app.tls.clone().map(|tls| (tls, Protocol::Grpc)),
-            Destination::Threads(threads.clone()),
+            destination,
             settings.clone(),
             app.gate.clone(),
         ));
         let server = async {
-            drain.await;
-            threads.drain();
-            threads.drained().await
+            match (&threads, on_main) {
+                (Some(threads), _) => {
+                    drain.await;
+                    threads.drain();
+                    threads.drained().await
+                }
+                (None, conns) => {
+                    let conns = conns.expect("a channel when no serving threads");
+                    serve(ReceiverStream::new(conns), Box::pin(drain)).await
+                }
+            }
         };
 
         let deadline = settings.drain_delay + settings.drain_timeout;
@@ -763,7 +783,9 @@ impl Bound {
         }
         // Last: tasks that calls spawned (a cluster link made on demand)
         // ran on their connection's thread until now.
-        threads.stop().await;
+        if let Some(threads) = &threads {
+            threads.stop().await;
+        }
         if let Some(m) = app.membership.as_ref().filter(|m| m.name_is_taken()) {
             return Err(ServeError::Cluster(format!(
                 "node name {:?} is held by another live warden process; give each node a name of its own ([cluster] node)",

@@ -347,11 +347,11 @@ fn fewest_open(counts: impl Iterator<Item = usize>) -> usize {
 }
 
 /// How many serving threads: `WARDEN_SERVING_THREADS`, or one per core.
+/// 0 serves every connection on the main runtime instead.
 pub fn thread_count() -> usize {
     std::env::var("WARDEN_SERVING_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
