@@ -44,6 +44,7 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 mod private_file;
+mod read_slices;
 pub mod route;
 pub mod saved_state;
 pub mod server;
