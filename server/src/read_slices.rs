@@ -16,7 +16,7 @@
 //! [`SLICE_BYTES`], the next read returns `Pending` and tokio polls the
 //! task again after the calls already woken have run; the answers they
 //! finished go out on that turn while the gateway sends more. Measured
-//! with h2load, one connection: 80–83k → 89–97k calls/s, the serving
+//! with h2load, one connection: 74–81k → 89–96k calls/s, the serving
 //! thread busy all the time (`benches/HISTORY.md`, session 37).
 //!
 //! Writes are never charged: the budget a turn's reads spent must not hold
