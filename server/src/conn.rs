@@ -1,15 +1,17 @@
 //! One accepted connection, as the server and the services share it: the
 //! stream (mTLS, or plaintext on loopback when explicitly configured), who is
-//! on the other end, its calls in flight, and its idle timer.
+//! on the other end, its calls in flight, its idle timer, and its place in
+//! its serving thread's count.
 //!
-//! The server accepts and handshakes; the services read [`PeerInfo`] from
-//! each call. Both depend on this module, neither on the other.
+//! The server and the serving threads accept and handshake; the services
+//! read [`PeerInfo`] from each call. All depend on this module, it on none
+//! of them.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +25,6 @@ use tonic::transport::server::Connected;
 
 use crate::gate::ConnectionSlot;
 use crate::read_slices::ReadInSlices;
-use crate::serving::OpenOnLane;
 
 /// Milliseconds since this process first asked, on the monotonic clock.
 pub fn monotonic_ms() -> u64 {
@@ -66,6 +67,37 @@ impl ConnState {
             )
         })
     }
+}
+
+/// Held by an open connection: its place in its serving thread's count
+/// (and in `warden_serving_thread_connections`).
+#[derive(Debug)]
+pub struct OpenOnLane {
+    open: Arc<AtomicUsize>,
+    thread: usize,
+}
+
+impl OpenOnLane {
+    pub fn take(open: &Arc<AtomicUsize>, thread: usize) -> Self {
+        let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+        connections_gauge(thread).set(now as f64);
+        Self {
+            open: open.clone(),
+            thread,
+        }
+    }
+}
+
+impl Drop for OpenOnLane {
+    fn drop(&mut self) {
+        let now = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        connections_gauge(self.thread).set(now as f64);
+    }
+}
+
+/// `warden_serving_thread_connections` of one serving thread.
+pub fn connections_gauge(thread: usize) -> metrics::Gauge {
+    metrics::gauge!("warden_serving_thread_connections", "thread" => thread.to_string())
 }
 
 /// What the services know about the connection a call came on.

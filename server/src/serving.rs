@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::conn::{Conn, ConnState, Io, PeerInfo};
+use crate::conn::{Conn, ConnState, Io, OpenOnLane, PeerInfo, connections_gauge};
 use crate::gate::{ConnectionSlot, HandshakeSlot};
 
 /// A connection let in by the accept loop (under `max_connections`, its
@@ -131,36 +131,6 @@ impl Admitted {
 fn handshake_failed(cause: &'static str) -> Option<Conn> {
     metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
     None
-}
-
-/// Held by an open connection: its place in its serving thread's count
-/// (and in `warden_serving_thread_connections`).
-#[derive(Debug)]
-pub struct OpenOnLane {
-    open: Arc<AtomicUsize>,
-    thread: usize,
-}
-
-impl OpenOnLane {
-    fn take(open: &Arc<AtomicUsize>, thread: usize) -> Self {
-        let now = open.fetch_add(1, Ordering::Relaxed) + 1;
-        connections_gauge(thread).set(now as f64);
-        Self {
-            open: open.clone(),
-            thread,
-        }
-    }
-}
-
-impl Drop for OpenOnLane {
-    fn drop(&mut self) {
-        let now = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
-        connections_gauge(self.thread).set(now as f64);
-    }
-}
-
-fn connections_gauge(thread: usize) -> metrics::Gauge {
-    metrics::gauge!("warden_serving_thread_connections", "thread" => thread.to_string())
 }
 
 /// Where the accept loop hands what it admits.
