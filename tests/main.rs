@@ -19,4 +19,5 @@ mod observability;
 mod ops;
 mod postgres;
 mod tls;
+mod unary;
 mod webhooks;

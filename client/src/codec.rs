@@ -75,14 +75,25 @@ impl<U: Message + Default + 'static> Decoder for LenientDecoder<U> {
                         "failed to decode Protobuf message: {error}"
                     )));
                 }
-                let marked: Box<dyn Any> = Box::new(CheckRequest {
-                    method: UNDECODABLE.to_owned(),
-                    path: safe_message(&error),
-                    ..Default::default()
-                });
+                let marked: Box<dyn Any> = Box::new(marked(&error));
                 Ok(Some(*marked.downcast::<U>().expect("U is CheckRequest")))
             }
         }
+    }
+}
+
+/// Decodes one `CheckRequest` as this codec does: an undecodable one
+/// becomes a marked request ([`undecodable`]). For a server that reads the
+/// message itself; from a `Bytes`, the body is a slice of it, not a copy.
+pub fn decode_check_request(message: impl Buf) -> CheckRequest {
+    CheckRequest::decode(message).unwrap_or_else(|error| marked(&error))
+}
+
+fn marked(error: &prost::DecodeError) -> CheckRequest {
+    CheckRequest {
+        method: UNDECODABLE.to_owned(),
+        path: safe_message(error),
+        ..Default::default()
     }
 }
 

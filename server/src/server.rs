@@ -26,7 +26,6 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use warden_client::proto::admin_server::AdminServer;
 use warden_client::proto::peer_server::PeerServer;
-use warden_client::proto::warden_server::WardenServer;
 
 use crate::alerts::Alerts;
 use crate::audit::AuditLog;
@@ -46,6 +45,7 @@ use crate::keys::KeyRing;
 use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
+use crate::service::unary::UnaryCheck;
 use crate::service::warden::WardenService;
 use crate::serving::{Admitted, Destination, Handshake, Serve, ServingThreads};
 use crate::store::{Store, StoreChange};
@@ -599,7 +599,7 @@ impl Bound {
                 admission.clone(),
             ))
         });
-        let service = WardenServer::new(checks).max_decoding_message_size(max_message);
+        let service = UnaryCheck::new(checks, max_message);
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
             background.spawn(state.clone().hand_over_lost_slots());

@@ -3,6 +3,7 @@
 //! locking or state.
 
 pub mod admin;
+pub mod unary;
 pub mod warden;
 
 use std::sync::{Arc, OnceLock};

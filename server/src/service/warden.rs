@@ -60,6 +60,23 @@ impl WardenService {
         check_one(&self.context(), req, caller, Intent::Check).await
     }
 
+    /// A unary `Check`: admitted among the calls in flight, as the caller
+    /// its connection names, timed. Reached through tonic's generated
+    /// service and through [`UnaryCheck`](super::unary::UnaryCheck) alike.
+    pub async fn unary_check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<CheckResponse, Status> {
+        let _permit = self.admission.admit(&request)?;
+        let started = Instant::now();
+        let caller = caller_of(&request);
+        let answer = self.check_as(&request.into_inner(), &caller).await;
+        CallMetrics::get()
+            .check_seconds
+            .record(started.elapsed().as_secs_f64());
+        answer
+    }
+
     fn context(&self) -> Context<'_> {
         Context {
             checker: &self.checker,
@@ -116,14 +133,7 @@ impl Warden for WardenService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let _permit = self.admission.admit(&request)?;
-        let started = Instant::now();
-        let caller = caller_of(&request);
-        let answer = self.check_as(&request.into_inner(), &caller).await;
-        CallMetrics::get()
-            .check_seconds
-            .record(started.elapsed().as_secs_f64());
-        answer.map(Response::new)
+        self.unary_check(request).await.map(Response::new)
     }
 
     async fn forget(
