@@ -16,7 +16,8 @@ def h2load(label, out_path, log_path, secs, ticks, hz):
     out = open(out_path).read()
     done = int(re.search(r"(\d+) succeeded", out).group(1))
     ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
-    # --log-file: start (µs), status, latency (µs) per request.
+    # The quantiles come from a second run's --log-file (start µs, status,
+    # latency µs per request): the log slows h2load itself (compare.sh).
     lat = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
     secs = float(secs)
