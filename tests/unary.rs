@@ -29,7 +29,7 @@ async fn channel(server: &Server) -> Channel {
 }
 
 /// A connection to `server` with the certificate `NAME.pem` of `dir`.
-async fn channel_as(server: &Server, dir: &Path, name: &str) -> Channel {
+pub(crate) async fn channel_as(server: &Server, dir: &Path, name: &str) -> Channel {
     let read = |file: &str| std::fs::read(dir.join(file)).unwrap();
     let config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
@@ -64,16 +64,16 @@ impl http_body::Body for Frames {
 
 /// What came back, every part of it.
 #[derive(Debug)]
-struct Answer {
-    status: http::StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
+pub(crate) struct Answer {
+    pub(crate) status: http::StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
 }
 
 impl Answer {
     /// The gRPC status, from the trailers or, trailers-only, the headers.
-    fn grpc_status(&self) -> String {
+    pub(crate) fn grpc_status(&self) -> String {
         let from = self.trailers.as_ref().unwrap_or(&self.headers);
         from.get("grpc-status")
             .map(|v| v.to_str().unwrap().to_owned())
@@ -81,7 +81,7 @@ impl Answer {
     }
 
     /// The gRPC message, percent-decoded as gRPC sends it.
-    fn grpc_message(&self) -> String {
+    pub(crate) fn grpc_message(&self) -> String {
         let from = self.trailers.as_ref().unwrap_or(&self.headers);
         let sent = from
             .get("grpc-message")
@@ -103,14 +103,19 @@ impl Answer {
 
     /// The one answer in the body.
     fn response(&self) -> CheckResponse {
+        self.message()
+    }
+
+    /// The one message in the body.
+    pub(crate) fn message<T: Message + Default>(&self) -> T {
         assert_eq!(self.body[0], 0, "an uncompressed message");
         let len = u32::from_be_bytes(self.body[1..5].try_into().unwrap()) as usize;
         assert_eq!(self.body.len(), 5 + len, "exactly one message");
-        CheckResponse::decode(&self.body[5..]).unwrap()
+        T::decode(&self.body[5..]).unwrap()
     }
 
     /// The headers a client can compare across calls (not `date`).
-    fn stable_headers(&self) -> Vec<(String, String)> {
+    pub(crate) fn stable_headers(&self) -> Vec<(String, String)> {
         let mut headers: Vec<_> = self
             .headers
             .iter()
@@ -128,9 +133,20 @@ async fn call(
     frames: Vec<Frame<Bytes>>,
     headers: &[(&str, &str)],
 ) -> Answer {
+    call_to(channel, "/warden.v1.Warden/Check", frames, headers).await
+}
+
+/// A call to the method at `path` whose body is `frames`, with `headers`
+/// besides the usual ones.
+pub(crate) async fn call_to(
+    channel: &mut Channel,
+    path: &str,
+    frames: Vec<Frame<Bytes>>,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut request = http::Request::builder()
         .method("POST")
-        .uri("/warden.v1.Warden/Check")
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (name, value) in headers {
@@ -153,7 +169,7 @@ async fn call(
 }
 
 /// `message` as one gRPC message: flag, length, bytes.
-fn framed(flag: u8, message: &[u8]) -> Bytes {
+pub(crate) fn framed(flag: u8, message: &[u8]) -> Bytes {
     let mut framed = BytesMut::with_capacity(5 + message.len());
     framed.put_u8(flag);
     framed.put_u32(message.len() as u32);
@@ -161,13 +177,13 @@ fn framed(flag: u8, message: &[u8]) -> Bytes {
     framed.freeze()
 }
 
-fn data(bytes: impl Into<Bytes>) -> Frame<Bytes> {
+pub(crate) fn data(bytes: impl Into<Bytes>) -> Frame<Bytes> {
     Frame::data(bytes.into())
 }
 
 /// Request trailers: a body that ends with them is not the plain case,
 /// and goes to tonic's own unary service.
-fn trailers() -> Frame<Bytes> {
+pub(crate) fn trailers() -> Frame<Bytes> {
     let mut trailers = HeaderMap::new();
     trailers.insert("x-trace", HeaderValue::from_static("1"));
     Frame::trailers(trailers)

@@ -45,16 +45,20 @@ use crate::keys::KeyRing;
 use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
-use crate::service::unary::UnaryCheck;
+use crate::service::unary::Unary;
 use crate::service::warden::WardenService;
 use crate::serving::{Admitted, Destination, Handshake, Serve, ServingThreads};
 use crate::store::{Store, StoreChange};
 use crate::tls::{Protocol, TlsReloader};
+use warden_client::proto::warden_server::WardenServer;
 
 /// How often idle state is swept out of the engine.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Room in a CheckRequest beyond the body for the other fields.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
+/// tonic's own limit on a message (`max_decoding_message_size` unset), which
+/// the Envoy rate limit service has always had.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest header list a client may send (HTTP/2 SETTINGS).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// Calls a client may open and cancel before warden has taken them up, at
@@ -581,25 +585,43 @@ impl Bound {
             )));
         }
         // The Envoy faces share the Check pipeline and the in-flight bound.
-        let ext_authz = AuthorizationServer::new(ExtAuthz::new(
+        // The calls made once per request are read and answered by `Unary`,
+        // every other call (and any unusual framing) by tonic's generated
+        // service on the same handler.
+        let ext_authz = Arc::new(ExtAuthz::new(
             checks.clone(),
             app.config.gateway.clone(),
             app.config.authz.clone(),
             admission.clone(),
-        ))
-        .max_decoding_message_size(max_message);
+        ));
+        let ext_authz = Unary::new(
+            ext_authz.clone(),
+            AuthorizationServer::from_arc(ext_authz).max_decoding_message_size(max_message),
+            max_message,
+        );
         let ratelimit = app.config.envoy_ratelimit.clone().map(|settings| {
             for rule in settings.rules.rules() {
                 app.checker.engine().pools().policy(&rule.policy);
             }
-            RateLimitServiceServer::new(EnvoyRateLimit::new(
+            let ratelimit = Arc::new(EnvoyRateLimit::new(
                 checks.clone(),
                 settings,
                 app.config.authz.clone(),
                 admission.clone(),
-            ))
+            ));
+            // tonic's default limit, which this service has always had.
+            Unary::new(
+                ratelimit.clone(),
+                RateLimitServiceServer::from_arc(ratelimit),
+                DEFAULT_MAX_MESSAGE_BYTES,
+            )
         });
-        let service = UnaryCheck::new(checks, max_message);
+        let checks = Arc::new(checks);
+        let service = Unary::new(
+            checks.clone(),
+            WardenServer::from_arc(checks).max_decoding_message_size(max_message),
+            max_message,
+        );
         let peer = app.cluster.clone().map(|state| {
             background.spawn(expire_reservations(state.clone()));
             background.spawn(state.clone().hand_over_lost_slots());

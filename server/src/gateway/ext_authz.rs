@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status};
 use super::{Body, Early, HttpAnswer, Original, SIGNING_HEADERS};
 use crate::auth::{Authz, Role};
 use crate::config::GatewaySettings;
+use crate::service::unary::UnaryMethod;
 use crate::service::warden::WardenService;
 use crate::service::{Admission, caller_of};
 
@@ -62,6 +63,24 @@ impl ExtAuthz {
             authz,
             admission,
         }
+    }
+}
+
+/// Envoy's `Check`, read and answered by [`Unary`](crate::service::unary::Unary).
+impl UnaryMethod for ExtAuthz {
+    type Request = CheckRequest;
+    type Response = CheckResponse;
+    const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
+
+    fn decode(message: bytes::Bytes) -> Option<CheckRequest> {
+        prost::Message::decode(message).ok()
+    }
+
+    fn answer(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> impl Future<Output = Result<Response<CheckResponse>, Status>> + Send {
+        Authorization::check(self, request)
     }
 }
 

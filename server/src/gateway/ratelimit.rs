@@ -26,6 +26,7 @@ use crate::check::{CheckError, MAX_COST, Pending};
 use crate::config::EnvoyRateLimitSettings;
 use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched, Quota, Rule};
 use crate::engine::{Limit, LimitVerdict, Nanos, Outcome, StateKey};
+use crate::service::unary::UnaryMethod;
 use crate::service::warden::{WardenService, count_refusal, refusal};
 use crate::service::{Admission, caller_of};
 
@@ -63,6 +64,24 @@ enum Applies {
     Blocked(Arc<Rule>),
     /// A counted limit and its counter's state id.
     Counted(Arc<Rule>, StateKey),
+}
+
+/// `ShouldRateLimit`, read and answered by [`Unary`](crate::service::unary::Unary).
+impl UnaryMethod for EnvoyRateLimit {
+    type Request = RateLimitRequest;
+    type Response = RateLimitResponse;
+    const PATH: &'static str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+    fn decode(message: bytes::Bytes) -> Option<RateLimitRequest> {
+        prost::Message::decode(message).ok()
+    }
+
+    fn answer(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> impl Future<Output = Result<Response<RateLimitResponse>, Status>> + Send {
+        RateLimitService::should_rate_limit(self, request)
+    }
 }
 
 #[tonic::async_trait]

@@ -1,5 +1,6 @@
-//! A unary `Check` read, answered and written without tonic's generic
-//! unary machinery.
+//! The unary calls made once per request (warden's `Check`, Envoy's
+//! ext_authz `Check` and `ShouldRateLimit`) read, answered and written
+//! without tonic's generic unary machinery.
 //!
 //! Every request of a gateway or an app is one unary `Check`, and under
 //! h2load (one connection, 64 calls in flight) the server spent about 13 µs
@@ -10,17 +11,17 @@
 //! copied into one and the answer into the other, a stream of one message
 //! on each side, and the handler's future boxed inside a boxed future.
 //!
-//! [`UnaryCheck`] reads the call's one message itself. When the request is
+//! [`Unary`] reads such a call's one message itself. When the request is
 //! the usual one (one uncompressed message within the size limit, the body
-//! ended, no trailers), it decodes it from the frame it arrived in (the
-//! body is a slice of that frame), runs [`WardenService::unary_check`],
-//! the handler tonic's generated service calls too, and writes the answer
-//! as tonic would: the same headers, the same message, the same trailers,
-//! and a refusal as the same trailers-only response. Any other request
-//! (compressed, split over trailers, too large, empty, more than one
-//! message) is handed, with what was read of it, to tonic's generated
-//! service, which answers it as it always did. `CheckStream` and every
-//! other method go to tonic untouched.
+//! ended, no trailers, a message that decodes), it decodes it from the
+//! frame it arrived in (a `bytes` field is a slice of that frame), runs the
+//! method's handler, the one tonic's generated service calls too, and
+//! writes the answer as tonic would: the same headers, the same message,
+//! the same trailers, and a refusal as the same trailers-only response.
+//! Any other request (compressed, split over trailers, too large, empty,
+//! more than one message, undecodable) is handed, with what was read of
+//! it, to tonic's generated service, which answers it as it always did.
+//! `CheckStream` and every other method go to tonic untouched.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -39,44 +40,73 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
-use warden_client::codec::decode_check_request;
-use warden_client::proto::CheckResponse;
-use warden_client::proto::warden_server::WardenServer;
-
-use super::warden::WardenService;
-
-/// The path of the unary `Check` method.
-const CHECK_PATH: &str = "/warden.v1.Warden/Check";
-
 /// A gRPC message's prefix: a compressed flag and a 4-byte length.
 const PREFIX: usize = 5;
 
-/// `warden.v1.Warden`, with unary `Check`s answered by [`answer`] and every
-/// other call by tonic's generated service.
-#[derive(Clone)]
-pub struct UnaryCheck {
-    service: Arc<WardenService>,
-    generic: WardenServer<WardenService>,
-    /// The largest message accepted, as tonic's `max_decoding_message_size`.
+/// A unary method warden reads and answers itself: its path, how its
+/// message is decoded, and its handler (the one its generated service
+/// calls).
+pub trait UnaryMethod: Send + Sync + 'static {
+    type Request: Send + 'static;
+    type Response: Message + 'static;
+    /// `/<service>/<method>`.
+    const PATH: &'static str;
+    /// The call's message, or `None` to hand the call to the generated
+    /// service, which answers an undecodable message as it always did.
+    fn decode(message: Bytes) -> Option<Self::Request>;
+    fn answer(
+        &self,
+        request: tonic::Request<Self::Request>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, Status>> + Send;
+}
+
+/// A generated service `G`, with calls to `M::PATH` answered by [`answer`]
+/// and every other call by `G`.
+pub struct Unary<M, G> {
+    method: Arc<M>,
+    generic: G,
+    /// The largest message accepted, as `G`'s `max_decoding_message_size`.
     limit: usize,
 }
 
-impl UnaryCheck {
-    pub fn new(service: WardenService, limit: usize) -> Self {
-        let service = Arc::new(service);
+impl<M, G: Clone> Clone for Unary<M, G> {
+    fn clone(&self) -> Self {
         Self {
-            generic: WardenServer::from_arc(service.clone()).max_decoding_message_size(limit),
-            service,
+            method: self.method.clone(),
+            generic: self.generic.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+impl<M, G> Unary<M, G> {
+    /// `generic` must be built on the same handler as `method`, with
+    /// `limit` as its `max_decoding_message_size`.
+    pub fn new(method: Arc<M>, generic: G, limit: usize) -> Self {
+        Self {
+            method,
+            generic,
             limit,
         }
     }
 }
 
-impl NamedService for UnaryCheck {
-    const NAME: &'static str = <WardenServer<WardenService> as NamedService>::NAME;
+impl<M, G: NamedService> NamedService for Unary<M, G> {
+    const NAME: &'static str = G::NAME;
 }
 
-impl Service<Request<Body>> for UnaryCheck {
+impl<M, G> Service<Request<Body>> for Unary<M, G>
+where
+    M: UnaryMethod,
+    G: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = BoxFuture<Response<Body>, Infallible>,
+        > + Clone
+        + Send
+        + 'static,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Response<Body>, Infallible>;
@@ -86,11 +116,11 @@ impl Service<Request<Body>> for UnaryCheck {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        if request.uri().path() != CHECK_PATH || !uncompressed(request.headers()) {
+        if request.uri().path() != M::PATH || !uncompressed(request.headers()) {
             return self.generic.call(request);
         }
         Box::pin(answer(
-            self.service.clone(),
+            self.method.clone(),
             self.generic.clone(),
             self.limit,
             request,
@@ -109,12 +139,15 @@ fn uncompressed(headers: &HeaderMap) -> bool {
 
 /// Reads the call's body, and answers it here when it is one plain message,
 /// or hands it to tonic's service with what was read.
-async fn answer(
-    service: Arc<WardenService>,
-    mut generic: WardenServer<WardenService>,
+async fn answer<M: UnaryMethod, G>(
+    method: Arc<M>,
+    mut generic: G,
     limit: usize,
     request: Request<Body>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, Infallible>
+where
+    G: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
     let (parts, mut body) = request.into_parts();
     // Read until the body ends, a frame other than data comes (trailers),
     // or more has come than one message within the limit can be: memory
@@ -139,11 +172,10 @@ async fn answer(
             }
         }
     };
-    let message = if ended {
-        one_message(&read, limit)
-    } else {
-        None
-    };
+    let message = ended
+        .then(|| one_message(&read, limit))
+        .flatten()
+        .and_then(M::decode);
     let Some(message) = message else {
         let rest = if ended { None } else { Some(body) };
         let request = Request::from_parts(parts, Body::new(Replay { read, rest }));
@@ -152,10 +184,9 @@ async fn answer(
             .await
             .unwrap_or_else(|never| match never {}));
     };
-    let request =
-        tonic::Request::from_http(Request::from_parts(parts, decode_check_request(message)));
-    Ok(match service.unary_check(request).await {
-        Ok(response) => ok(&response),
+    let request = tonic::Request::from_http(Request::from_parts(parts, message));
+    Ok(match method.answer(request).await {
+        Ok(response) => ok(response),
         Err(status) => status.into_http(),
     })
 }
@@ -183,13 +214,15 @@ fn one_message(read: &[Frame<Bytes>], limit: usize) -> Option<Bytes> {
     (flag == 0 && len <= limit && message.len() == len).then(|| whole.slice(PREFIX..))
 }
 
-/// The answer as tonic writes a unary call's: `content-type:
-/// application/grpc`, the message, then the trailer `grpc-status: 0`.
-fn ok(response: &CheckResponse) -> Response<Body> {
+/// The answer as tonic writes a unary call's: the handler's metadata (none
+/// of gRPC's own headers), `content-type: application/grpc`, the message,
+/// then the trailer `grpc-status: 0`.
+fn ok<T: Message>(response: tonic::Response<T>) -> Response<Body> {
+    let (metadata, response, _) = response.into_parts();
     let len = response.encoded_len();
     let mut message = BytesMut::with_capacity(PREFIX + len);
     message.put_u8(0);
-    // An answer is a few hundred bytes (its messages are bounded).
+    // An answer is a few KiB at most (its messages are bounded).
     message.put_u32(u32::try_from(len).expect("an answer under 4 GiB"));
     response.encode_raw(&mut message);
     let mut trailers = HeaderMap::with_capacity(1);
@@ -198,9 +231,14 @@ fn ok(response: &CheckResponse) -> Response<Body> {
         message: Some(message.freeze()),
         trailers: Some(trailers),
     }));
-    answer
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let headers = answer.headers_mut();
+    if !metadata.is_empty() {
+        *headers = metadata.into_headers();
+        for reserved in ["te", "grpc-message", "grpc-message-type", "grpc-status"] {
+            headers.remove(reserved);
+        }
+    }
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     answer
 }
 

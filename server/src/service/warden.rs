@@ -10,6 +10,7 @@ use warden_client::proto::{
 };
 use warden_client::reason_name;
 
+use super::unary::UnaryMethod;
 use super::{Admission, CallMetrics, CallPermit, caller_of};
 use crate::alerts::{Alerts, Kind, SubjectKind};
 use crate::audit::{AuditLog, Event, Subject};
@@ -18,6 +19,7 @@ use crate::cluster::ClusterState;
 use crate::engine::Outcome;
 use crate::freshness::Stale;
 use crate::webhooks::SignRefusal;
+use warden_client::codec::decode_check_request;
 
 /// Answers checks with the shared [`Checker`].
 #[derive(Debug, Clone)]
@@ -62,7 +64,7 @@ impl WardenService {
 
     /// A unary `Check`: admitted among the calls in flight, as the caller
     /// its connection names, timed. Reached through tonic's generated
-    /// service and through [`UnaryCheck`](super::unary::UnaryCheck) alike.
+    /// service and through [`Unary`](super::unary::Unary) alike.
     pub async fn unary_check(
         &self,
         request: Request<CheckRequest>,
@@ -125,6 +127,25 @@ struct Context<'a> {
     cluster: Option<&'a ClusterState>,
     alerts: &'a Alerts,
     audit: Option<&'a AuditLog>,
+}
+
+/// A unary `Check`, read and answered by [`Unary`](super::unary::Unary).
+impl UnaryMethod for WardenService {
+    type Request = CheckRequest;
+    type Response = CheckResponse;
+    const PATH: &'static str = "/warden.v1.Warden/Check";
+
+    fn decode(message: bytes::Bytes) -> Option<CheckRequest> {
+        // Undecodable is answered in-band (MALFORMED), as tonic's codec does.
+        Some(decode_check_request(message))
+    }
+
+    async fn answer(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        self.unary_check(request).await.map(Response::new)
+    }
 }
 
 #[tonic::async_trait]
