@@ -40,6 +40,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
+
 /// A gRPC message's prefix: a compressed flag and a 4-byte length.
 const PREFIX: usize = 5;
 
@@ -112,6 +113,8 @@ where
     type Future = BoxFuture<Response<Body>, Infallible>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // As tonic's generated services, which are always ready (so is the
+        // clone `answer` hands an unusual call to).
         Poll::Ready(Ok(()))
     }
 
