@@ -306,6 +306,7 @@ impl http_body::Body for Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warden_client::proto::CheckResponse;
 
     fn framed(flag: u8, message: &[u8]) -> Bytes {
         let mut framed = BytesMut::new();
@@ -317,6 +318,34 @@ mod tests {
 
     fn data(bytes: Bytes) -> Frame<Bytes> {
         Frame::data(bytes)
+    }
+
+    #[test]
+    fn an_answer_carries_the_handlers_metadata_but_never_grpcs_own_headers() {
+        let mut response = tonic::Response::new(CheckResponse {
+            message: "m".into(),
+            ..Default::default()
+        });
+        let metadata = response.metadata_mut();
+        metadata.insert("x-served-by", "warden".parse().unwrap());
+        // A handler cannot forge the call's status or framing through them.
+        metadata.insert("grpc-status", "5".parse().unwrap());
+        metadata.insert("grpc-message", "forged".parse().unwrap());
+        metadata.insert("content-type", "text/plain".parse().unwrap());
+        let answer = ok(response);
+        let headers = answer.headers();
+        assert_eq!(headers["x-served-by"], "warden");
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert!(headers.get("grpc-status").is_none(), "{headers:?}");
+        assert!(headers.get("grpc-message").is_none(), "{headers:?}");
+        assert_eq!(headers.len(), 2, "{headers:?}");
+    }
+
+    #[test]
+    fn an_answer_without_metadata_has_only_its_content_type() {
+        let answer = ok(tonic::Response::new(CheckResponse::default()));
+        assert_eq!(answer.headers().len(), 1);
+        assert_eq!(answer.headers()["content-type"], "application/grpc");
     }
 
     #[test]
