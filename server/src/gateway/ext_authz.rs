@@ -72,10 +72,6 @@ impl UnaryMethod for ExtAuthz {
     type Response = CheckResponse;
     const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
-    fn decode(message: bytes::Bytes) -> Option<CheckRequest> {
-        prost::Message::decode(message).ok()
-    }
-
     fn answer(
         &self,
         request: Request<CheckRequest>,

@@ -72,10 +72,6 @@ impl UnaryMethod for EnvoyRateLimit {
     type Response = RateLimitResponse;
     const PATH: &'static str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 
-    fn decode(message: bytes::Bytes) -> Option<RateLimitRequest> {
-        prost::Message::decode(message).ok()
-    }
-
     fn answer(
         &self,
         request: Request<RateLimitRequest>,

@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue};
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
 use smallvec::SmallVec;
@@ -48,13 +48,15 @@ const PREFIX: usize = 5;
 /// message is decoded, and its handler (the one its generated service
 /// calls).
 pub trait UnaryMethod: Send + Sync + 'static {
-    type Request: Send + 'static;
+    type Request: Message + Default + Send + 'static;
     type Response: Message + 'static;
     /// `/<service>/<method>`.
     const PATH: &'static str;
     /// The call's message, or `None` to hand the call to the generated
     /// service, which answers an undecodable message as it always did.
-    fn decode(message: Bytes) -> Option<Self::Request>;
+    fn decode(message: Bytes) -> Option<Self::Request> {
+        Self::Request::decode(message).ok()
+    }
     fn answer(
         &self,
         request: tonic::Request<Self::Request>,
@@ -296,10 +298,6 @@ impl http_body::Body for Replay {
 
     fn is_end_stream(&self) -> bool {
         self.read.is_empty() && self.rest.as_ref().is_none_or(|rest| rest.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 
