@@ -1485,29 +1485,6 @@ async fn the_readme_envoy_configuration_agrees_with_warden() {
 const EXT_AUTHZ_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 
-/// `message` by warden's own unary path and by tonic's, to `path`.
-async fn both_paths(
-    channel: &mut Channel,
-    path: &str,
-    message: &[u8],
-) -> (unary::Answer, unary::Answer) {
-    let framed = unary::framed(0, message);
-    let ours = unary::call_to(channel, path, vec![unary::data(framed.clone())], &[]).await;
-    let tonics = unary::call_to(
-        channel,
-        path,
-        vec![unary::data(framed), unary::trailers()],
-        &[],
-    )
-    .await;
-    assert_eq!(ours.stable_headers(), tonics.stable_headers());
-    assert_eq!(ours.grpc_status(), tonics.grpc_status());
-    assert_eq!(ours.grpc_message(), tonics.grpc_message());
-    assert_eq!(ours.body, tonics.body);
-    assert_eq!(ours.trailers, tonics.trailers);
-    (ours, tonics)
-}
-
 #[tokio::test]
 async fn ext_authz_answers_alike_on_warden_s_unary_path_and_tonic_s() {
     let (dir, server) = ext_authz_server();
@@ -1515,18 +1492,18 @@ async fn ext_authz_answers_alike_on_warden_s_unary_path_and_tonic_s() {
 
     // Unsigned: a 401 denial, the same however often it is asked.
     let unsigned = ext_authz_fixture("get.json").encode_to_vec();
-    let (ours, _) = both_paths(&mut channel, EXT_AUTHZ_CHECK, &unsigned).await;
+    let (ours, _) = unary::both_paths(&mut channel, EXT_AUTHZ_CHECK, &unsigned).await;
     assert_eq!(ours.grpc_status(), "0");
     let a = read(ours.message::<CheckResponse>());
     assert_eq!((a.status, error_of(&a).as_str()), (401, "unauthenticated"));
 
     // Not an HTTP request: the same call error.
     let empty = CheckRequest::default().encode_to_vec();
-    let (ours, _) = both_paths(&mut channel, EXT_AUTHZ_CHECK, &empty).await;
+    let (ours, _) = unary::both_paths(&mut channel, EXT_AUTHZ_CHECK, &empty).await;
     assert_eq!(ours.grpc_status(), "3", "INVALID_ARGUMENT: {ours:?}");
 
     // Not a CheckRequest: tonic's decoding error, whichever path it came by.
-    let (ours, _) = both_paths(&mut channel, EXT_AUTHZ_CHECK, &[0x0a, 0x7f]).await;
+    let (ours, _) = unary::both_paths(&mut channel, EXT_AUTHZ_CHECK, &[0x0a, 0x7f]).await;
     assert_eq!(ours.grpc_status(), "13", "INTERNAL: {ours:?}");
 }
 
@@ -1538,12 +1515,12 @@ async fn should_rate_limit_answers_alike_on_warden_s_unary_path_and_tonic_s() {
     // A domain no rule names: nothing is counted, so the same answer
     // however often it is asked.
     let elsewhere = rl("nowhere", &[&[("path", "/")]], 1).encode_to_vec();
-    let (ours, _) = both_paths(&mut channel, SHOULD_RATE_LIMIT, &elsewhere).await;
+    let (ours, _) = unary::both_paths(&mut channel, SHOULD_RATE_LIMIT, &elsewhere).await;
     assert_eq!(ours.grpc_status(), "0", "{ours:?}");
     let answer: RateLimitResponse = ours.message();
     assert_eq!(code(&answer), Code::Ok, "{answer:?}");
 
     // Not a RateLimitRequest: tonic's decoding error on both.
-    let (ours, _) = both_paths(&mut channel, SHOULD_RATE_LIMIT, &[0x0a, 0x7f]).await;
+    let (ours, _) = unary::both_paths(&mut channel, SHOULD_RATE_LIMIT, &[0x0a, 0x7f]).await;
     assert_eq!(ours.grpc_status(), "13", "INTERNAL: {ours:?}");
 }

@@ -14,7 +14,7 @@ use warden_client::proto::{CheckRequest, Reason};
 use warden_client::signing::Signer;
 use warden_client::{Client, Tls};
 
-const KEYS: &str = r#"
+pub(crate) const KEYS: &str = r#"
 [[policies]]
 name = "plenty"
 limit = 100000
@@ -36,7 +36,7 @@ secrets = [{ value = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz" }]
 routes = ["POST /webhooks/billing"]
 "#;
 
-const CALLERS: &str = r#"
+pub(crate) const CALLERS: &str = r#"
 [[callers]]
 identity = "spiffe://test/gateway"
 roles = ["check", "forward-identity"]
