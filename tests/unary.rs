@@ -368,3 +368,63 @@ async fn only_the_first_of_two_messages_is_checked_on_either_path() {
     assert_eq!(answer.grpc_status(), "0");
     assert_eq!(answer.response().decision(), Decision::Allow);
 }
+
+/// `bytes` in DATA frames of at most `size` bytes.
+fn in_frames(bytes: &Bytes, size: usize) -> Vec<Frame<Bytes>> {
+    (0..bytes.len())
+        .step_by(size)
+        .map(|at| data(bytes.slice(at..(at + size).min(bytes.len()))))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_body_past_the_limit_goes_to_tonic_whole_what_was_read_then_the_rest() {
+    // The limit: 1 KiB of body plus the fields' room (65,536 bytes).
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[check]\nmax_body_bytes = 1024\n{CALLERS}{KEYS}"));
+    server.wait_past_fence();
+    let mut channel = channel_as(&server, dir.path(), "client").await;
+    let signer = Signer::new("wk_open", SECRET);
+
+    // One real 70,000-byte message: refused from its prefix.
+    let huge = framed(0, &vec![0x42; 70_000]);
+    let refused = call(&mut channel, in_frames(&huge, 16 * 1024), &[]).await;
+    assert_eq!(refused.grpc_status(), "11", "OUT_OF_RANGE: {refused:?}");
+    assert!(refused.body.is_empty(), "{refused:?}");
+
+    // Two messages within the limit each, 70 KB together, in 4 KiB frames:
+    // warden stops reading past the limit, with the second message's last
+    // bytes still to come. tonic answers the first (its body is over
+    // max_body_bytes: MALFORMED, in-band) only if it is handed those bytes
+    // too; without them the second message is cut short (INTERNAL).
+    let mut first = signer.check_request("POST", "/", "", &vec![b'a'; 60_000]);
+    first.dry_run = true;
+    let mut second = signer.check_request("POST", "/", "", &vec![b'b'; 9_900]);
+    second.dry_run = true;
+    let mut body = BytesMut::new();
+    body.put_slice(&framed(0, &first.encode_to_vec()));
+    body.put_slice(&framed(0, &second.encode_to_vec()));
+    let body = body.freeze();
+    // Reading stops at the first 4 KiB frame past 5 + 66,560 bytes.
+    let read_until = ((5 + 66_560) / 4096 + 1) * 4096;
+    assert!(
+        body.len() > read_until,
+        "the rest holds data: {}",
+        body.len()
+    );
+    let answer = call(&mut channel, in_frames(&body, 4096), &[]).await;
+    assert_eq!(answer.grpc_status(), "0", "{answer:?}");
+    assert_eq!(answer.response().reason(), Reason::Malformed);
+
+    // The connection still answers a plain check after both.
+    let mut request = signer.check_request("GET", "/", "", b"");
+    request.dry_run = true;
+    let fine = call(
+        &mut channel,
+        vec![data(framed(0, &request.encode_to_vec()))],
+        &[],
+    )
+    .await;
+    assert_eq!(fine.grpc_status(), "0", "{fine:?}");
+    assert_eq!(fine.response().decision(), Decision::Allow);
+}
