@@ -683,6 +683,7 @@ const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
+const END_STREAM: u8 = 0x1;
 /// GOAWAY's error code when a peer misbehaves (RFC 9113, section 7).
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -734,6 +735,60 @@ impl RawH2 {
         };
         tokio::time::timeout(within, read).await.ok().flatten()
     }
+}
+
+/// One frame as read: its type, flags, stream and payload.
+struct ReadFrame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl RawH2 {
+    /// Reads frames until one for which `last` holds (returned with all
+    /// before it), the end of the connection or `within` (then `None`).
+    async fn frames_until(
+        &mut self,
+        last: impl Fn(&ReadFrame) -> bool,
+        within: Duration,
+    ) -> Option<Vec<ReadFrame>> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            let mut frames = Vec::new();
+            loop {
+                let mut head = [0u8; 9];
+                self.tls.read_exact(&mut head).await.ok()?;
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                self.tls.read_exact(&mut payload).await.ok()?;
+                let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                let frame = ReadFrame {
+                    kind: head[3],
+                    flags: head[4],
+                    stream,
+                    payload,
+                };
+                let done = last(&frame);
+                frames.push(frame);
+                if done {
+                    return Some(frames);
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.ok().flatten()
+    }
+}
+
+/// A header `x-pad` of 1,000 bytes, as an HPACK literal not indexed.
+fn pad_header() -> Vec<u8> {
+    let mut pad = vec![0x00, 5];
+    pad.extend(b"x-pad");
+    // Its length, 1,000, as an HPACK integer: 127 in the 7-bit prefix, then
+    // 873 in groups of seven bits, low first.
+    pad.extend([0x7f, 0x80 | (873 % 128) as u8, (873 / 128) as u8]);
+    pad.extend([b'a'; 1_000]);
+    pad
 }
 
 /// A `Check` call's header block. HPACK without the dynamic table:
@@ -824,16 +879,66 @@ async fn a_client_that_makes_the_server_reset_every_call_is_disconnected() {
 async fn headers_that_never_end_are_cut_off() {
     let server = Server::dev();
     server.wait_past_fence();
-    // A literal header, not indexed, of 1,000 bytes: 10 MB in all.
-    let mut pad = vec![0x00, 5];
-    pad.extend(b"x-pad");
-    // Its length, 1,000, as an HPACK integer: 127 in the 7-bit prefix, then
-    // 873 in groups of seven bits, low first.
-    pad.extend([0x7f, 0x80 | (873 % 128) as u8, (873 / 128) as u8]);
-    pad.extend([b'a'; 1_000]);
+    // 10 MB of headers in all.
+    let pad = pad_header();
     let first = frame(HEADERS, 0, 1, &check_headers());
     let rest = (0..10_000).map(|_| frame(CONTINUATION, 0, 1, &pad));
     assert_cut_off(&server, std::iter::once(first).chain(rest)).await;
+}
+
+/// A call whose headers are past the bound warden announces (16 KiB of
+/// header list, in its SETTINGS) is refused, and only that call: the next
+/// call on the same connection is checked and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_past_the_bound_refuse_their_call_and_the_connection_serves_on() {
+    let server = Server::dev();
+    server.wait_past_fence();
+    let mut h2 = RawH2::connect(&server).await;
+    // Stream 1: 20 KB of headers, in two frames of 10 KB (each within the
+    // frame size; more frames than a full header list needs are a flood).
+    let mut first = check_headers();
+    first.extend(pad_header().repeat(10));
+    let mut frames = vec![
+        frame(HEADERS, 0, 1, &first),
+        frame(CONTINUATION, END_HEADERS, 1, &pad_header().repeat(10)),
+    ];
+    // Stream 3: a plain signed check.
+    let request = server.signer().check_request("GET", "/", "", b"");
+    let message = prost::Message::encode_to_vec(&request);
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    frames.push(frame(HEADERS, END_HEADERS, 3, &check_headers()));
+    frames.push(frame(DATA, END_STREAM, 3, &body));
+    h2.send(frames.into_iter()).await;
+
+    let answered = |f: &ReadFrame| f.kind == HEADERS && f.stream == 3 && f.flags & END_STREAM != 0;
+    let frames = h2
+        .frames_until(answered, Duration::from_secs(10))
+        .await
+        .expect("the call after the refused one was never answered");
+    // Stream 1 is answered `431 Request Header Fields Too Large` and
+    // nothing else: HPACK's `:status` (static entry 8) with the value "431"
+    // in Huffman code, the stream ended with it (no message, no check).
+    const STATUS_431: [u8; 5] = [0x48, 0x83, 0x69, 0x90, 0xff];
+    let refused: Vec<_> = frames
+        .iter()
+        .filter(|f| f.stream == 1 && f.kind != RST_STREAM)
+        .map(|f| (f.kind, f.flags & END_STREAM, &f.payload[..]))
+        .collect();
+    assert_eq!(refused, [(HEADERS, END_STREAM, &STATUS_431[..])]);
+    assert!(
+        !frames.iter().any(|f| f.kind == GOAWAY),
+        "the connection was closed"
+    );
+    let data: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.kind == DATA && f.stream == 3)
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    assert!(data.len() > 5, "no answer on the call after: {data:?}");
+    let answer: warden_client::proto::CheckResponse = prost::Message::decode(&data[5..]).unwrap();
+    assert_eq!(answer.reason(), Reason::Ok, "{answer:?}");
 }
 
 /// HTTP/2 empty-frame flood (CVE-2019-9518): DATA frames that carry

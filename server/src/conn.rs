@@ -21,7 +21,6 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
 
 use crate::gate::ConnectionSlot;
 use crate::read_slices::ReadInSlices;
@@ -153,6 +152,11 @@ impl Conn {
         }
     }
 
+    /// Who is on the other end: put in each of its calls' requests.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
     /// Whether the idle timer says to close; re-arms it otherwise.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
         while self.idle_timer.as_mut().poll(cx).is_ready() {
@@ -169,14 +173,6 @@ impl Conn {
             }
         }
         false
-    }
-}
-
-impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
     }
 }
 

@@ -6,9 +6,7 @@
 //! axum's and back) and boxes the route's future. On a unary `Check`, whose
 //! own work is about 2 µs, that is measurable: `Direct` looks at the path
 //! prefix itself and calls the service, and leaves every other service
-//! (admin, health, reflection, peer) to the router as before. Everything
-//! tonic does around the router (timeouts, errors, the connection's
-//! extensions) still happens: this layer sits inside it.
+//! (admin, health, reflection, peer) to the router as before.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -18,44 +16,25 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
-use tower_layer::Layer;
 
 /// Sends calls to `S`'s gRPC service name straight to it (when there is
 /// one: an optional service that is off leaves its path to the router,
-/// which answers UNIMPLEMENTED).
+/// which answers UNIMPLEMENTED), and every other call to `R`: the router,
+/// or another `Direct` in front of it.
 #[derive(Clone, Debug)]
-pub struct Direct<S> {
-    service: Option<S>,
-}
-
-impl<S> Direct<S> {
-    pub fn new(service: S) -> Self {
-        Self {
-            service: Some(service),
-        }
-    }
-
-    pub fn optional(service: Option<S>) -> Self {
-        Self { service }
-    }
-}
-
-impl<S: Clone, R> Layer<R> for Direct<S> {
-    type Service = DirectRoute<S, R>;
-
-    fn layer(&self, routes: R) -> Self::Service {
-        DirectRoute {
-            service: self.service.clone(),
-            routes,
-        }
-    }
-}
-
-/// [`Direct`] in front of the router `R`.
-#[derive(Clone, Debug)]
-pub struct DirectRoute<S, R> {
+pub struct Direct<S, R> {
     service: Option<S>,
     routes: R,
+}
+
+impl<S, R> Direct<S, R> {
+    pub fn new(service: S, routes: R) -> Self {
+        Self::optional(Some(service), routes)
+    }
+
+    pub fn optional(service: Option<S>, routes: R) -> Self {
+        Self { service, routes }
+    }
 }
 
 /// Whether `path` names a method of the gRPC service `name`
@@ -66,7 +45,7 @@ fn is_call_to(path: &str, name: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
-impl<S, R> Service<Request<Body>> for DirectRoute<S, R>
+impl<S, R> Service<Request<Body>> for Direct<S, R>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + NamedService,
     R: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,

@@ -39,6 +39,7 @@ mod fence_record;
 mod freshness;
 mod gate;
 mod gateway;
+mod http2;
 mod key_admin;
 pub mod keys;
 pub mod metrics;

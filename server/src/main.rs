@@ -232,7 +232,6 @@ impl From<ServeError> for Failure {
     fn from(e: ServeError) -> Self {
         match e {
             ServeError::Bind { .. }
-            | ServeError::Transport(_)
             | ServeError::DrainTimeout
             | ServeError::Reflection(_)
             | ServeError::Runtime(_)

@@ -50,6 +50,7 @@ use crate::service::warden::WardenService;
 use crate::serving::{Admitted, Destination, Handshake, Serve, ServingThreads};
 use crate::store::{Store, StoreChange};
 use crate::tls::{Protocol, TlsReloader};
+use tonic::service::Routes;
 use warden_client::proto::warden_server::WardenServer;
 
 /// How often idle state is swept out of the engine.
@@ -59,19 +60,6 @@ const MESSAGE_OVERHEAD: usize = 64 * 1024;
 /// tonic's own limit on a message (`max_decoding_message_size` unset), which
 /// the Envoy rate limit service has always had.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Largest header list a client may send (HTTP/2 SETTINGS).
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
-/// Calls a client may open and cancel before warden has taken them up, at
-/// any one time, before its connection is closed (GOAWAY
-/// ENHANCE_YOUR_CALM): HTTP/2 "rapid reset", CVE-2023-44487. h2's own
-/// default, set here so that it cannot change unseen.
-const MAX_PENDING_RESETS: usize = 20;
-/// Calls warden itself may reset on one connection because of the client's
-/// protocol errors before that connection is closed: "MadeYouReset",
-/// CVE-2025-8671. hyper's default, but tonic's builder replaces it with
-/// "no limit" unless one is given (tonic 0.14): without this, a client
-/// could open calls without bound by making warden reset each one.
-const MAX_ERROR_RESETS: usize = 1024;
 /// The gRPC service name health is reported for (besides "", the server).
 const SERVICE_NAME: &str = "warden.v1.Warden";
 
@@ -82,8 +70,6 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
-    #[error("server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(String),
     #[error("cannot start the serving threads: {0}")]
@@ -662,31 +648,24 @@ impl Bound {
             }
         };
         let max_streams = u32::try_from(settings.max_calls_per_connection * 2).unwrap_or(u32::MAX);
+        let mut routes = Routes::new(health_service)
+            .add_service(reflection)
+            .add_service(admin);
+        if let Some(peer) = peer {
+            routes = routes.add_service(peer);
+        }
+        // The services called once per request skip the router.
+        let calls = Direct::new(
+            service,
+            Direct::new(ext_authz, Direct::optional(ratelimit, routes.prepare())),
+        );
         let serve: Arc<Serve> = Arc::new(move |incoming, drained| {
-            Box::pin(
-                tonic::transport::Server::builder()
-                    // Finds dead peers (e.g. a gateway host that vanished)
-                    // so their connections do not linger forever.
-                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                    // The protocol-level stream bound sits above the
-                    // per-connection call limit, so excess calls get a clear
-                    // RESOURCE_EXHAUSTED instead of waiting invisibly in the
-                    // client.
-                    .max_concurrent_streams(Some(max_streams))
-                    .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-                    .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-                    .http2_max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
-                    // The services called once per request skip the router.
-                    .layer(Direct::new(service.clone()))
-                    .layer(Direct::new(ext_authz.clone()))
-                    .layer(Direct::optional(ratelimit.clone()))
-                    .add_service(health_service.clone())
-                    .add_service(reflection.clone())
-                    .add_optional_service(peer.clone())
-                    .add_service(admin.clone())
-                    .serve_with_incoming_shutdown(incoming, drained),
-            )
+            Box::pin(crate::http2::serve(
+                incoming,
+                drained,
+                calls.clone(),
+                max_streams,
+            ))
         });
         // WARDEN_SERVING_THREADS=0: every connection on the main runtime's
         // work-stealing workers, as before serving threads (to compare).
@@ -729,7 +708,7 @@ impl Bound {
 
         let deadline = settings.drain_delay + settings.drain_timeout;
         let result = tokio::select! {
-            r = server => r.map_err(ServeError::from),
+            () = server => Ok(()),
             _ = async {
                 if draining_rx.await.is_ok() {
                     tokio::time::sleep(deadline).await;

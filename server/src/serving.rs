@@ -171,7 +171,7 @@ impl Destination {
 pub type Serve = dyn Fn(
         ReceiverStream<io::Result<Conn>>,
         Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>>
+    ) -> Pin<Box<dyn Future<Output = ()>>>
     + Send
     + Sync;
 
@@ -185,8 +185,8 @@ struct Lane {
     /// Unbounded here: the gate bounds what the accept loop admits.
     admitted: mpsc::UnboundedSender<Admitted>,
     open: Arc<AtomicUsize>,
-    /// The server's outcome once drained.
-    served: std::sync::Mutex<Option<oneshot::Receiver<Result<(), tonic::transport::Error>>>>,
+    /// Told once the server has drained.
+    served: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
     /// Told when the process is done: the thread then drops its runtime.
     stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -227,8 +227,8 @@ impl ServingThreads {
                         let server = serve(ReceiverStream::new(conns_rx), drained);
                         let mut stop = stop_rx;
                         tokio::select! {
-                            served = server => {
-                                let _ = served_tx.send(served);
+                            () = server => {
+                                let _ = served_tx.send(());
                                 let _ = stop.await;
                             }
                             _ = &mut stop => {}
@@ -269,22 +269,16 @@ impl ServingThreads {
         let _ = self.draining.send(true);
     }
 
-    /// Once every thread's server has drained: the first error, if any.
-    pub async fn drained(&self) -> Result<(), tonic::transport::Error> {
+    /// Once every thread's server has drained.
+    pub async fn drained(&self) {
         let served: Vec<_> = self
             .lanes
             .iter()
             .filter_map(|lane| lane.served.lock().ok().and_then(|mut s| s.take()))
             .collect();
-        let mut result = Ok(());
         for lane in served {
-            if let Ok(Err(e)) = lane.await
-                && result.is_ok()
-            {
-                result = Err(e);
-            }
+            let _ = lane.await;
         }
-        result
     }
 
     /// Ends the threads and their runtimes, with anything still running on

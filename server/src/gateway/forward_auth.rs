@@ -107,7 +107,7 @@ impl Listener for ConnListener {
         loop {
             match self.conns.recv().await {
                 Some(Ok(conn)) => {
-                    let peer = tonic::transport::server::Connected::connect_info(&conn);
+                    let peer = conn.peer().clone();
                     return (conn, peer);
                 }
                 Some(Err(_)) => continue,

@@ -304,6 +304,7 @@ impl http_body::Body for Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use warden_client::proto::CheckResponse;
 
     fn framed(flag: u8, message: &[u8]) -> Bytes {
@@ -316,6 +317,97 @@ mod tests {
 
     fn data(bytes: Bytes) -> Frame<Bytes> {
         Frame::data(bytes)
+    }
+
+    /// A method no call reaches here: every body below is handed on.
+    struct Unreached;
+
+    impl UnaryMethod for Unreached {
+        type Request = ();
+        type Response = ();
+        const PATH: &'static str = "/t.T/M";
+        async fn answer(&self, _: tonic::Request<()>) -> Result<tonic::Response<()>, Status> {
+            Err(Status::internal("not to be answered here"))
+        }
+    }
+
+    /// A body of `frames` data frames of 4 KiB, counting the polls.
+    struct Counted {
+        frames: usize,
+        polled: Arc<AtomicUsize>,
+    }
+
+    impl http_body::Body for Counted {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            let before = self.polled.fetch_add(1, Ordering::SeqCst);
+            let frame = (before < self.frames).then(|| Ok(Frame::data(Bytes::from(vec![0; 4096]))));
+            Poll::Ready(frame)
+        }
+    }
+
+    /// Stands in for tonic's generated service: notes how many frames had
+    /// been read when the call was handed to it, then reads the whole body
+    /// and answers with how many bytes it got (`x-read`).
+    #[derive(Clone)]
+    struct ReadsAll {
+        polled: Arc<AtomicUsize>,
+        polled_when_handed: Arc<AtomicUsize>,
+    }
+
+    impl Service<Request<Body>> for ReadsAll {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Response<Body>, Infallible>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let polled = self.polled.load(Ordering::SeqCst);
+            self.polled_when_handed.store(polled, Ordering::SeqCst);
+            Box::pin(async move {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let mut answer = Response::new(Body::empty());
+                let read = HeaderValue::from(body.len());
+                answer.headers_mut().insert("x-read", read);
+                Ok(answer)
+            })
+        }
+    }
+
+    /// A body far past the limit (4 MiB against 64 KiB) is read only until
+    /// it is past what one message within the limit can be, then handed on
+    /// whole: what warden holds of a call's body is bounded by the limit
+    /// and a frame, whatever the client sends. Fails if the reader reads on
+    /// to the end (1,024 frames), or drops the rest.
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_read_no_further_than_the_limit_and_a_frame() {
+        let polled = Arc::new(AtomicUsize::new(0));
+        let generic = ReadsAll {
+            polled: polled.clone(),
+            polled_when_handed: Arc::new(AtomicUsize::new(0)),
+        };
+        let body = Counted {
+            frames: 1024,
+            polled,
+        };
+        let request = Request::builder()
+            .uri(Unreached::PATH)
+            .body(Body::new(body))
+            .unwrap();
+        let answer = answer(Arc::new(Unreached), generic.clone(), 64 * 1024, request)
+            .await
+            .unwrap();
+        // 17 frames of 4 KiB are the first past 5 bytes + 64 KiB.
+        assert_eq!(generic.polled_when_handed.load(Ordering::SeqCst), 17);
+        assert_eq!(answer.headers()["x-read"], HeaderValue::from(1024 * 4096));
     }
 
     #[test]

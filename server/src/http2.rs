@@ -1,0 +1,140 @@
+//! Serves the calls of established gRPC connections over HTTP/2, with hyper.
+//!
+//! Why not tonic's `Server`, which did this until session 39: around every
+//! call it puts layers warden has no use for. A `grpc-timeout` timer (a
+//! client that gives up resets its stream, which ends the call here too), a
+//! layer turning service errors into answers (warden's services have none:
+//! their error type is `Infallible`), a tracing span (none configured), the
+//! connection's extensions copied in a layer of their own, and a boxed
+//! service and future over all of it. Measured with a fixed answer on one
+//! connection (h2load, 64 in flight), those layers cost about 1 µs of
+//! server CPU per call: 6.8–7.6 against 6.0–6.3 µs (`benches/HISTORY.md`,
+//! session 38). This module is what remains: hyper's HTTP/2 connection
+//! with the settings tonic was given, the caller's [`PeerInfo`] in each
+//! request, and a graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http::{Request, Response};
+
+use crate::conn::{Conn, PeerInfo};
+
+/// Largest header list a client may send (HTTP/2 SETTINGS).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Calls a client may open and cancel before warden has taken them up, at
+/// any one time, before its connection is closed (GOAWAY
+/// ENHANCE_YOUR_CALM): HTTP/2 "rapid reset", CVE-2023-44487. h2's own
+/// default, set here so that it cannot change unseen.
+const MAX_PENDING_RESETS: usize = 20;
+/// Calls warden itself may reset on one connection because of the client's
+/// protocol errors before that connection is closed: "MadeYouReset",
+/// CVE-2025-8671. hyper's default, set here so that it cannot change
+/// unseen (tonic 0.14's builder replaced it with "no limit" unless one was
+/// given: without a limit, a client could open calls without bound by
+/// making warden reset each one).
+const MAX_ERROR_RESETS: usize = 1024;
+/// How often an idle connection is pinged, and how long its answer may
+/// take: finds dead peers (a gateway host that vanished) so that their
+/// connections do not linger.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves every connection from `incoming` with `service` until `drain`
+/// completes, each with at most `max_streams` streams open at once (the
+/// protocol-level bound, set above the per-connection call limit so that
+/// excess calls get a clear RESOURCE_EXHAUSTED instead of waiting unseen
+/// in the client); then stops taking connections, tells each open one to finish
+/// (GOAWAY: calls in flight are answered, no new ones start) and returns
+/// once all are closed. The caller bounds how long that may take.
+pub async fn serve<S>(
+    incoming: ReceiverStream<io::Result<Conn>>,
+    drain: impl Future<Output = ()>,
+    service: S,
+    max_streams: u32,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_ERROR_RESETS);
+    let open = GracefulShutdown::new();
+    let mut incoming = incoming;
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut drain => break,
+            conn = incoming.next() => conn,
+        };
+        let conn = match conn {
+            Some(Ok(conn)) => conn,
+            Some(Err(_)) => continue,
+            None => break,
+        };
+        let calls = Calls {
+            service: service.clone(),
+            peer: conn.peer().clone(),
+        };
+        let served = open.watch(http2.serve_connection(TokioIo::new(conn), calls));
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                // A client that closes without GOAWAY, a protocol error:
+                // the connection's business, not the server's.
+                tracing::debug!(event = "connection_ended", error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // No new connections from here: the ones handed over before the drain
+    // are closed with the rest.
+    drop(incoming);
+    open.shutdown().await;
+}
+
+/// One connection's calls: each request carries the connection's
+/// [`PeerInfo`], which the services read (who called, its call limit).
+#[derive(Clone)]
+struct Calls<S> {
+    service: S,
+    peer: PeerInfo,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Calls<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(self.peer.clone());
+        // warden's services (tonic's generated servers, its router, warden's
+        // own unary path) are always ready: asked anyway, as tower's
+        // contract wants, and called at once.
+        let mut service = self.service.clone();
+        let ready = service.poll_ready(&mut Context::from_waker(Waker::noop()));
+        debug_assert!(ready.is_ready(), "a gRPC service that is not always ready");
+        service.call(request)
+    }
+}
