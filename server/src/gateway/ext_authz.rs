@@ -140,7 +140,8 @@ impl Authorization for ExtAuthz {
             req.client_identity = principal.to_owned();
         }
         req.request_id = loggable_request_id(&http.id);
-        let response = match self.checks.check_as(&req, &caller).await {
+        let bearer = !req.api_key.is_empty();
+        let response = match self.checks.check_as(req, &caller).await {
             Ok(response) => response,
             // Full state (the replay memory, a rate-limit pool) is warden's
             // own refusal, answered as a denial: as a failed call, Envoy's
@@ -155,7 +156,7 @@ impl Authorization for ExtAuthz {
         metrics::counter!("warden_gateway_answers_total", "face" => "ext_authz", "allowed" => if answer.allowed() { "true" } else { "false" })
             .increment(1);
         Ok(Response::new(if answer.allowed() {
-            ok(answer, !req.api_key.is_empty())
+            ok(answer, bearer)
         } else {
             denied(answer)
         }))

@@ -173,7 +173,7 @@ async fn answer(
         Err(Early::Misconfigured(why)) => return misconfigured(why),
         Err(early) => return http(super::early_answer(&early)),
     };
-    match service.check_as(&req, caller).await {
+    match service.check_as(req, caller).await {
         Ok(response) => http(super::answer(&response)),
         // A caller without the check role is refused for good: a 403 with
         // no Retry-After, which would have it ask again every second.

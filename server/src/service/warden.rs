@@ -1,7 +1,12 @@
 //! `warden.v1.Warden`: `Check` and `CheckStream`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Instant;
+
+use futures_util::FutureExt;
 
 use tonic::{Request, Response, Status, Streaming};
 use warden_client::proto::warden_server::Warden;
@@ -52,37 +57,70 @@ impl WardenService {
 
 impl WardenService {
     /// One check as `caller`, with its logs, metrics, alerts and audit: the
-    /// one path of a unary `Check`, each request of a `CheckStream` and the
-    /// forward-auth endpoint.
-    pub async fn check_as(
-        &self,
-        req: &CheckRequest,
-        caller: &CallerIdentity,
-    ) -> Result<CheckResponse, Status> {
-        check_one(&self.context(), req, caller, Intent::Check).await
+    /// one path of a unary `Check`, each request of a `CheckStream`, Envoy's
+    /// ext_authz and the forward-auth endpoint. Answered at once unless a
+    /// cluster's owners must decide its state step (see [`Checked`]).
+    pub fn check_as(&self, req: CheckRequest, caller: &CallerIdentity) -> Checked {
+        self.begin(req, caller, Intent::Check)
     }
 
     /// A unary `Check`: admitted among the calls in flight, as the caller
     /// its connection names, timed. Reached through tonic's generated
     /// service and through [`Unary`](super::unary::Unary) alike.
-    pub async fn unary_check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<CheckResponse, Status> {
-        let _permit = self.admission.admit(&request)?;
+    pub fn unary_check(&self, request: Request<CheckRequest>) -> Checked {
+        let permit = match self.admission.admit(&request) {
+            Ok(permit) => permit,
+            Err(status) => return Checked::now(Err(status)),
+        };
         let started = Instant::now();
         let caller = caller_of(&request);
-        let answer = self.check_as(&request.into_inner(), &caller).await;
-        CallMetrics::get()
-            .check_seconds
-            .record(started.elapsed().as_secs_f64());
-        answer
+        self.check_as(request.into_inner(), &caller).then(move || {
+            drop(permit);
+            CallMetrics::get()
+                .check_seconds
+                .record(started.elapsed().as_secs_f64());
+        })
+    }
+
+    /// The pipeline for one request, as far as this process can take it:
+    /// to its answer, or to a state step its cluster's owners decide.
+    fn begin(&self, req: CheckRequest, caller: &CallerIdentity, intent: Intent) -> Checked {
+        let ctx = self.context();
+        let pending = match ctx.checker.begin(&req, caller) {
+            Ok(Step::State(pending)) => pending,
+            Ok(Step::Done(answer)) => {
+                return Checked::now(conclude(&ctx, &req, caller, intent, Ok(answer)));
+            }
+            Err(err) => return Checked::now(conclude(&ctx, &req, caller, intent, Err(err))),
+        };
+        let Some(cluster) = self.cluster.clone() else {
+            let answer = match intent {
+                Intent::Check => {
+                    let outcome = decide_here(&self.checker, &pending);
+                    pending.finish(Ok(outcome))
+                }
+                Intent::Forget => forget_here(&self.checker, pending),
+            };
+            return Checked::now(conclude(&ctx, &req, caller, intent, answer));
+        };
+        // At the owners: the future owns what it needs (the service's Arcs,
+        // the request), so that only a cluster's checks pay for one.
+        let (service, caller) = (self.clone(), caller.clone());
+        Checked::Later(Box::pin(async move {
+            let answer = match intent {
+                Intent::Check => match cluster.decide(&pending).await {
+                    Ok(outcome) => pending.finish(outcome),
+                    Err(_) => Err(CheckError::Unavailable),
+                },
+                Intent::Forget => forget_at_owners(&cluster, pending).await,
+            };
+            conclude(&service.context(), &req, &caller, intent, answer)
+        }))
     }
 
     fn context(&self) -> Context<'_> {
         Context {
             checker: &self.checker,
-            cluster: self.cluster.as_deref(),
             alerts: &self.alerts,
             audit: self.audit.as_deref(),
         }
@@ -111,7 +149,7 @@ async fn decide_state(
     pending: &Pending,
 ) -> Result<Result<Outcome, Stale>, CheckError> {
     match cluster {
-        None => Ok(Ok(checker.engine().decide(pending.now, &pending.request()))),
+        None => Ok(Ok(decide_here(checker, pending))),
         // Boxed: the cluster step's future (peer calls, retries) is ~4.5 KB,
         // and unboxed it would sit in every check's future, single node
         // included, which each unary call allocates and copies whole.
@@ -124,9 +162,63 @@ async fn decide_state(
 /// What a check needs besides the request: shared by unary and streams.
 struct Context<'a> {
     checker: &'a Checker,
-    cluster: Option<&'a ClusterState>,
     alerts: &'a Alerts,
     audit: Option<&'a AuditLog>,
+}
+
+/// A state step decided by this process's engine, at the instant the
+/// check began.
+fn decide_here(checker: &Checker, pending: &Pending) -> Outcome {
+    checker.engine().decide(pending.now, &pending.request())
+}
+
+/// A check's answer: made at once, or to come from a cluster's owners.
+///
+/// Why not an `async fn`: its future would hold the request, the pipeline's
+/// state and room for the cluster step, and each unary call moves it
+/// (boxed) and each streamed check re-creates it: 2–4 KB copied per call for
+/// nothing on a single node, where every check is decided before `begin`
+/// returns. This holds the answer, or a boxed future when there is one.
+pub enum Checked {
+    /// Decided here (taken when polled).
+    Now(Option<Result<CheckResponse, Status>>),
+    /// Waiting for the owners of its state in a cluster.
+    Later(Pin<Box<dyn Future<Output = Result<CheckResponse, Status>> + Send>>),
+}
+
+impl Checked {
+    fn now(answer: Result<CheckResponse, Status>) -> Self {
+        Checked::Now(Some(answer))
+    }
+
+    /// Runs `then` once the answer is there: at once, or when the owners
+    /// have answered.
+    pub fn then(self, then: impl FnOnce() + Send + 'static) -> Self {
+        match self {
+            Checked::Now(answer) => {
+                then();
+                Checked::Now(answer)
+            }
+            Checked::Later(later) => Checked::Later(Box::pin(async move {
+                let answer = later.await;
+                then();
+                answer
+            })),
+        }
+    }
+}
+
+impl Future for Checked {
+    type Output = Result<CheckResponse, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Checked::Now(answer) => {
+                Poll::Ready(answer.take().expect("a check polled after its answer"))
+            }
+            Checked::Later(later) => later.as_mut().poll(cx),
+        }
+    }
 }
 
 /// A unary `Check`, read and answered by [`Unary`](super::unary::Unary).
@@ -140,11 +232,12 @@ impl UnaryMethod for WardenService {
         Some(decode_check_request(message))
     }
 
-    async fn answer(
+    fn answer(
         &self,
         request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        self.unary_check(request).await.map(Response::new)
+    ) -> impl Future<Output = Result<Response<CheckResponse>, Status>> + Send {
+        self.unary_check(request)
+            .map(|answer| answer.map(Response::new))
     }
 }
 
@@ -163,14 +256,9 @@ impl Warden for WardenService {
     ) -> Result<Response<CheckResponse>, Status> {
         let _permit = self.admission.admit(&request)?;
         let caller = caller_of(&request);
-        check_one(
-            &self.context(),
-            &request.into_inner(),
-            &caller,
-            Intent::Forget,
-        )
-        .await
-        .map(Response::new)
+        self.begin(request.into_inner(), &caller, Intent::Forget)
+            .await
+            .map(Response::new)
     }
 
     async fn sign_webhook(
@@ -219,41 +307,14 @@ impl Warden for WardenService {
     ) -> Result<Response<Self::CheckStreamStream>, Status> {
         // An open stream is one call in flight, for as long as it is open.
         let permit = self.admission.admit(&request)?;
-        let stream = OpenStream {
+        Ok(Response::new(Box::pin(OpenStream {
             caller: caller_of(&request),
             inbound: request.into_inner(),
             service: self.clone(),
             _permit: permit,
+            at_owners: None,
             ended: false,
-        };
-        // Each answer is made when HTTP/2 asks for the next one: the
-        // request is read and checked in the task that sends the answer,
-        // in order, one answer per request. No task of its own and no
-        // queue between them (a hand-over per answer, measured). HTTP/2
-        // asks only while the client's flow-control window has room, so a
-        // client that stops reading answers stops its requests being read:
-        // back-pressure, as with the bounded queue before.
-        let answers = futures_util::stream::unfold(stream, |mut s| async move {
-            if s.ended {
-                return None;
-            }
-            let answer = match s.inbound.message().await {
-                Ok(Some(req)) => {
-                    let started = Instant::now();
-                    let answer = s.service.check_as(&req, &s.caller).await;
-                    CallMetrics::get()
-                        .stream_seconds
-                        .record(started.elapsed().as_secs_f64());
-                    answer
-                }
-                Ok(None) => return None,
-                Err(status) => Err(status),
-            };
-            // A failed answer is the last.
-            s.ended = answer.is_err();
-            Some((answer, s))
-        });
-        Ok(Response::new(Box::pin(answers)))
+        })))
     }
 }
 
@@ -261,7 +322,15 @@ impl Warden for WardenService {
 pub type AnswerStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<CheckResponse, Status>> + Send>>;
 
-/// What one open `CheckStream` holds while it answers.
+/// One open `CheckStream`: its answers, each made when HTTP/2 asks for the
+/// next one.
+///
+/// The request is read and checked in the task that sends the answer, in
+/// order, one answer per request: no task of its own and no queue between
+/// them (a hand-over per answer, measured). HTTP/2 asks only while the
+/// client's flow-control window has room, so a client that stops reading
+/// answers stops its requests being read: back-pressure. On a single node
+/// a check is answered where it is read, with no future made for it.
 struct OpenStream {
     caller: CallerIdentity,
     inbound: Streaming<CheckRequest>,
@@ -269,7 +338,49 @@ struct OpenStream {
     service: WardenService,
     /// Its place among the calls in flight, given back when it closes.
     _permit: CallPermit,
+    /// The check waiting for its cluster's owners, when one is.
+    at_owners: Option<Checked>,
+    /// After a failed answer, which is the last.
     ended: bool,
+}
+
+impl futures_util::Stream for OpenStream {
+    type Item = Result<CheckResponse, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let stream = self.get_mut();
+        if stream.ended {
+            return Poll::Ready(None);
+        }
+        let answer = match &mut stream.at_owners {
+            Some(check) => ready!(Pin::new(check).poll(cx)),
+            None => match ready!(Pin::new(&mut stream.inbound).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Err(status)) => Err(status),
+                Some(Ok(req)) => {
+                    let started = Instant::now();
+                    let mut check = stream.service.check_as(req, &stream.caller).then(move || {
+                        CallMetrics::get()
+                            .stream_seconds
+                            .record(started.elapsed().as_secs_f64());
+                    });
+                    match Pin::new(&mut check).poll(cx) {
+                        Poll::Ready(answer) => answer,
+                        Poll::Pending => {
+                            stream.at_owners = Some(check);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            },
+        };
+        stream.at_owners = None;
+        stream.ended = answer.is_err();
+        Poll::Ready(Some(answer))
+    }
 }
 
 /// What a call asks of the pipeline.
@@ -281,40 +392,35 @@ enum Intent {
     Forget,
 }
 
-/// Runs the pipeline for one request: here, or with its state step decided
-/// by the owning nodes of a cluster.
-async fn run_check(
-    ctx: &Context<'_>,
-    req: &CheckRequest,
-    caller: &CallerIdentity,
-    intent: Intent,
-) -> Result<Answer, CheckError> {
-    let pending = match ctx.checker.begin(req, caller)? {
-        Step::Done(answer) => return Ok(answer),
-        Step::State(pending) => pending,
+/// Forgets a genuine request's replay key here.
+fn forget_here(checker: &Checker, pending: Pending) -> Result<Answer, CheckError> {
+    let Some((replay, _)) = pending.nonce else {
+        return Ok(nothing_to_forget());
     };
-    if intent == Intent::Forget {
-        return forget(ctx, pending).await;
-    }
-    let outcome = decide_state(ctx.checker, ctx.cluster, &pending).await?;
-    pending.finish(outcome)
+    checker.engine().forget(replay);
+    Ok(forgotten(pending))
 }
 
-/// Forgets a genuine request's replay key, here or at its owner.
-async fn forget(ctx: &Context<'_>, pending: Pending) -> Result<Answer, CheckError> {
-    let Some((replay, _)) = pending.nonce else {
-        return Ok(crate::check::malformed_answer(
-            "api_key: a bearer key's request is not remembered; there is nothing to forget",
-        ));
-    };
-    match ctx.cluster {
-        None => {
-            ctx.checker.engine().forget(replay);
-        }
-        Some(cluster) => Box::pin(cluster.forget(&pending))
-            .await
-            .map_err(|_| CheckError::Unavailable)?,
+/// Forgets a genuine request's replay key at its owner.
+async fn forget_at_owners(cluster: &ClusterState, pending: Pending) -> Result<Answer, CheckError> {
+    if pending.nonce.is_none() {
+        return Ok(nothing_to_forget());
     }
+    cluster
+        .forget(&pending)
+        .await
+        .map_err(|_| CheckError::Unavailable)?;
+    Ok(forgotten(pending))
+}
+
+fn nothing_to_forget() -> Answer {
+    crate::check::malformed_answer(
+        "api_key: a bearer key's request is not remembered; there is nothing to forget",
+    )
+}
+
+/// The answer to a `Forget` whose replay key is forgotten, logged.
+fn forgotten(pending: Pending) -> Answer {
     let answer = pending.forgotten();
     metrics::counter!("warden_requests_forgotten_total").increment(1);
     tracing::info!(
@@ -322,19 +428,21 @@ async fn forget(ctx: &Context<'_>, pending: Pending) -> Result<Answer, CheckErro
         key_id = answer.key_id.as_deref().unwrap_or("-"),
         "an accepted request was forgotten; it may be accepted once more"
     );
-    Ok(answer)
+    answer
 }
 
-/// Runs one check and logs a denial. The log line carries the key id,
-/// caller, reason and request id — never the signature, a secret or the body.
-async fn check_one(
+/// A check's answer, or its refusal as a whole, with its logs, metrics,
+/// alerts and audit. A denial's log line carries the key id, caller, reason
+/// and request id — never the signature, a secret or the body.
+fn conclude(
     ctx: &Context<'_>,
     req: &CheckRequest,
     caller: &CallerIdentity,
     intent: Intent,
+    answer: Result<Answer, CheckError>,
 ) -> Result<CheckResponse, Status> {
     let request_id = loggable_request_id(&req.request_id);
-    match run_check(ctx, req, caller, intent).await {
+    match answer {
         Ok(decision) => {
             let r = &decision.response;
             if intent == Intent::Check {
@@ -516,23 +624,14 @@ fn loggable_request_id(id: &str) -> &str {
 mod tests {
     use super::*;
 
-    /// The size of the future `f` returns, without running it.
-    fn future_size<A, F: Future>(_: impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// Every unary call allocates its check's future and copies it in
-    /// whole, so a future that carried the cluster step inline (~5 KB)
-    /// cost each call a large allocation and copy, single node included.
+    /// A check of a single node is answered before `check_as` returns; what
+    /// a unary call and each streamed check then move is this, not a
+    /// future holding the request and the pipeline's state (2–4 KB, see
+    /// [`Checked`]).
     #[test]
-    fn a_check_future_stays_small_whatever_the_cluster_step_holds() {
-        type Args = (
-            &'static Context<'static>,
-            &'static CheckRequest,
-            &'static CallerIdentity,
-        );
-        let check =
-            future_size(|(ctx, req, caller): Args| check_one(ctx, req, caller, Intent::Check));
-        assert!(check <= 1024, "a check's future is {check} bytes");
+    fn a_check_answered_here_is_no_bigger_than_its_answer() {
+        let checked = std::mem::size_of::<Checked>();
+        let answer = std::mem::size_of::<Option<Result<CheckResponse, Status>>>();
+        assert_eq!(checked, answer, "Checked is {checked} bytes");
     }
 }
