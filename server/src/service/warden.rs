@@ -22,7 +22,6 @@ use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{Answer, CallerIdentity, CheckError, Checker, Pending, Step};
 use crate::cluster::ClusterState;
 use crate::engine::Outcome;
-use crate::freshness::Stale;
 use crate::webhooks::SignRefusal;
 use warden_client::codec::decode_check_request;
 
@@ -93,6 +92,12 @@ impl WardenService {
             }
             Err(err) => return Checked::now(conclude(&ctx, &req, caller, intent, Err(err))),
         };
+        if intent == Intent::Forget && pending.nonce.is_none() {
+            let answer = Ok(crate::check::malformed_answer(
+                "api_key: a bearer key's request is not remembered; there is nothing to forget",
+            ));
+            return Checked::now(conclude(&ctx, &req, caller, intent, answer));
+        }
         let Some(cluster) = self.cluster.clone() else {
             let answer = match intent {
                 Intent::Check => {
@@ -130,32 +135,21 @@ impl WardenService {
         &self.checker
     }
 
-    /// Decides a state step here, or at its owners in a cluster.
+    /// Decides a gateway's state step (limits only) here, or at its owners
+    /// in a cluster.
     pub async fn decide_state(&self, pending: &Pending) -> Result<Outcome, CheckError> {
-        match decide_state(&self.checker, self.cluster.as_deref(), pending).await? {
-            Ok(outcome) => Ok(outcome),
-            // Only signed requests carry a timestamp to judge (the
-            // callers of this one, gateways' limits, carry none).
-            Err(_) => Err(CheckError::Unavailable),
-        }
-    }
-}
-
-/// One state step: on this process's engine, or by the owning nodes of a
-/// cluster (which may refuse it as fenced).
-async fn decide_state(
-    checker: &Checker,
-    cluster: Option<&ClusterState>,
-    pending: &Pending,
-) -> Result<Result<Outcome, Stale>, CheckError> {
-    match cluster {
-        None => Ok(Ok(decide_here(checker, pending))),
+        let Some(cluster) = self.cluster.as_deref() else {
+            return Ok(decide_here(&self.checker, pending));
+        };
         // Boxed: the cluster step's future (peer calls, retries) is ~4.5 KB,
-        // and unboxed it would sit in every check's future, single node
-        // included, which each unary call allocates and copies whole.
-        Some(cluster) => Box::pin(cluster.decide(pending))
-            .await
-            .map_err(|_| CheckError::Unavailable),
+        // and unboxed it would sit in every gateway rate-limit call's
+        // future, single node included, which each call boxes and copies.
+        match Box::pin(cluster.decide(pending)).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            // Stale: only signed requests carry a timestamp to judge, and
+            // gateways' limits carry none.
+            Ok(Err(_)) | Err(_) => Err(CheckError::Unavailable),
+        }
     }
 }
 
@@ -392,31 +386,22 @@ enum Intent {
     Forget,
 }
 
-/// Forgets a genuine request's replay key here.
+/// Forgets a genuine request's replay key here (`begin` answers one that
+/// has none).
 fn forget_here(checker: &Checker, pending: Pending) -> Result<Answer, CheckError> {
-    let Some((replay, _)) = pending.nonce else {
-        return Ok(nothing_to_forget());
-    };
-    checker.engine().forget(replay);
+    if let Some((replay, _)) = pending.nonce {
+        checker.engine().forget(replay);
+    }
     Ok(forgotten(pending))
 }
 
 /// Forgets a genuine request's replay key at its owner.
 async fn forget_at_owners(cluster: &ClusterState, pending: Pending) -> Result<Answer, CheckError> {
-    if pending.nonce.is_none() {
-        return Ok(nothing_to_forget());
-    }
     cluster
         .forget(&pending)
         .await
         .map_err(|_| CheckError::Unavailable)?;
     Ok(forgotten(pending))
-}
-
-fn nothing_to_forget() -> Answer {
-    crate::check::malformed_answer(
-        "api_key: a bearer key's request is not remembered; there is nothing to forget",
-    )
 }
 
 /// The answer to a `Forget` whose replay key is forgotten, logged.
