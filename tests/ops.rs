@@ -952,6 +952,204 @@ async fn a_flood_of_empty_data_frames_is_cut_off() {
     assert_cut_off(&server, std::iter::once(first).chain(rest)).await;
 }
 
+/// An HTTP/2 connection over mTLS with h2's own client, which keeps to
+/// flow control: for sending requests part way and no further.
+async fn h2_connect(server: &Server) -> h2::client::SendRequest<bytes::Bytes> {
+    use rustls::pki_types::ServerName;
+    let mut config = support::client_tls_config(&server.dir, rustls::DEFAULT_VERSIONS);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    send
+}
+
+/// Opens a call to `path` and sends `data`, without ending the request.
+async fn h2_open(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    data: bytes::Bytes,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    if !data.is_empty() {
+        body.reserve_capacity(data.len());
+        body.send_data(data, false).unwrap();
+    }
+    (response, body)
+}
+
+/// A gRPC message's prefix declaring `len` bytes, and `sent` of them.
+fn message_part(len: u32, sent: usize) -> bytes::Bytes {
+    let mut part = vec![0];
+    part.extend(len.to_be_bytes());
+    part.extend(vec![b'x'; sent]);
+    part.into()
+}
+
+/// The call's gRPC status, from its headers or its trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> Option<String> {
+    let response = response.await.ok()?;
+    let status = |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    if let Some(code) = status(response.headers()) {
+        return Some(code);
+    }
+    let mut body = response.into_body();
+    while body.data().await.transpose().ok()?.is_some() {}
+    status(&body.trailers().await.ok()??)
+}
+
+/// Requests sent most of the way and then no further, each holding what
+/// it sent in the reader's memory: past `max_waiting_request_bytes` they
+/// are refused at once (RESOURCE_EXHAUSTED), and the ones within it are
+/// cut at `request_read_timeout` (DEADLINE_EXCEEDED), not held for the
+/// life of the connection. Checks go on being answered on the same
+/// connection meanwhile. Without the bounds, every one of them waits
+/// forever (the test fails at its own deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_stop_arriving_are_bounded_in_memory_and_in_time() {
+    let dir = ConfigDir::new();
+    // 4 MiB: the least allowed, the largest message any call accepts.
+    let server = dir.start(&format!(
+        "[server]\nrequest_read_timeout = \"2s\"\nmax_waiting_request_bytes = 4194304\n{KEYS}"
+    ));
+    let mut send = h2_connect(&server).await;
+    let opened = std::time::Instant::now();
+    // Eight checks of 1,000,000 bytes, 600,000 of each sent: seven would
+    // hold more than 4 MiB.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        calls.push(
+            h2_open(
+                &mut send,
+                "/warden.v1.Warden/Check",
+                message_part(1_000_000, 600_000),
+            )
+            .await,
+        );
+    }
+    // A check sent whole on the same connection is answered meanwhile.
+    let mut client = dir.client(&server).await;
+    assert_eq!(
+        client.check(request("wk_victim")).await.unwrap().reason(),
+        Reason::Ok
+    );
+
+    let mut refused = 0;
+    let mut cut = 0;
+    for (response, _body) in calls {
+        let status = tokio::time::timeout(Duration::from_secs(20), grpc_status(response))
+            .await
+            .expect("a request that stopped arriving was held past its bound");
+        match status.as_deref() {
+            // RESOURCE_EXHAUSTED
+            Some("8") => refused += 1,
+            // DEADLINE_EXCEEDED, never before the timeout.
+            Some("4") => {
+                assert!(opened.elapsed() >= Duration::from_millis(1900));
+                cut += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(refused >= 2, "{refused} refused, {cut} cut");
+    assert_eq!(refused + cut, 8);
+    assert_eq!(
+        support::metric(&server, "warden_request_reads_cut_total{cause=\"memory\"}"),
+        refused
+    );
+    assert_eq!(
+        support::metric(&server, "warden_request_reads_cut_total{cause=\"timeout\"}"),
+        cut
+    );
+    // All given back: a request as large as the bound arrives again in full.
+    let body = vec![b'y'; 900 * 1024];
+    let h = Signer::new("wk_victim", SECRET).sign_at(
+        unix_now(),
+        "large_after_cuts_0001",
+        "POST",
+        "/",
+        "",
+        &body,
+    );
+    assert_eq!(
+        client
+            .check(check_request_from(&h, "warden-v1", "POST", "/", "", &body))
+            .await
+            .unwrap()
+            .reason(),
+        Reason::Ok
+    );
+}
+
+/// A `CheckStream` that waits between its messages is idle, not late:
+/// past `request_read_timeout` it is still open and its next check is
+/// answered. A message left half sent on it is cut at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_idle_between_messages_is_never_cut_but_a_half_sent_message_is() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!("[server]\nrequest_read_timeout = \"1s\"\n{KEYS}"));
+    let mut send = h2_connect(&server).await;
+    let whole = |key: &str| {
+        let message = prost::Message::encode_to_vec(&request(key));
+        let mut framed = vec![0];
+        framed.extend((message.len() as u32).to_be_bytes());
+        framed.extend(message);
+        bytes::Bytes::from(framed)
+    };
+    let (response, mut body) = h2_open(
+        &mut send,
+        "/warden.v1.Warden/CheckStream",
+        whole("wk_victim"),
+    )
+    .await;
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut answers = response.into_body();
+    let answer = |data: bytes::Bytes| -> Reason {
+        let message: warden_client::proto::CheckResponse =
+            prost::Message::decode(&data[5..]).unwrap();
+        message.reason()
+    };
+    let first = answers.data().await.unwrap().unwrap();
+    answers
+        .flow_control()
+        .release_capacity(first.len())
+        .unwrap();
+    assert_eq!(answer(first), Reason::Ok);
+    // Three timeouts between messages.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    body.reserve_capacity(1024);
+    body.send_data(whole("wk_bystander"), false).unwrap();
+    let second = answers.data().await.unwrap().unwrap();
+    answers
+        .flow_control()
+        .release_capacity(second.len())
+        .unwrap();
+    assert_eq!(answer(second), Reason::Ok);
+    // Half a message, then nothing: the stream ends DEADLINE_EXCEEDED.
+    body.send_data(message_part(100, 50), false).unwrap();
+    let sent = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while answers.data().await.transpose().unwrap().is_some() {}
+        answers.trailers().await.unwrap()
+    })
+    .await
+    .expect("a half-sent message was waited for past its bound")
+    .unwrap();
+    assert_eq!(ended["grpc-status"], "4", "{ended:?}");
+    assert!(sent.elapsed() >= Duration::from_millis(900));
+}
+
 /// A server that stops answering (SIGSTOP: a hung process, or a host gone
 /// without closing its connections) reads nothing, so only the client can
 /// end the wait: a check gets `DEADLINE_EXCEEDED` at the client's

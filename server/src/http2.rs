@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 
 use crate::conn::{Conn, PeerInfo};
+use crate::request_wait::RequestWaits;
 
 /// Largest header list a client may send (HTTP/2 SETTINGS).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
@@ -54,7 +56,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// completes, each with at most `max_streams` streams open at once (the
 /// protocol-level bound, set above the per-connection call limit so that
 /// excess calls get a clear RESOURCE_EXHAUSTED instead of waiting unseen
-/// in the client); then stops taking connections, tells each open one to finish
+/// in the client), and each call's request read within `waits`; then
+/// stops taking connections, tells each open one to finish
 /// (GOAWAY: calls in flight are answered, no new ones start) and returns
 /// once all are closed. The caller bounds how long that may take.
 pub async fn serve<S>(
@@ -62,6 +65,7 @@ pub async fn serve<S>(
     drain: impl Future<Output = ()>,
     service: S,
     max_streams: u32,
+    waits: Arc<RequestWaits>,
 ) where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -94,6 +98,7 @@ pub async fn serve<S>(
         let calls = Calls {
             service: service.clone(),
             peer: conn.peer().clone(),
+            waits: waits.clone(),
         };
         let served = open.watch(http2.serve_connection(TokioIo::new(conn), calls));
         tokio::spawn(async move {
@@ -111,11 +116,13 @@ pub async fn serve<S>(
 }
 
 /// One connection's calls: each request carries the connection's
-/// [`PeerInfo`], which the services read (who called, its call limit).
+/// [`PeerInfo`], which the services read (who called, its call limit), and
+/// its body is read within the bounds of [`RequestWaits`].
 #[derive(Clone)]
 struct Calls<S> {
     service: S,
     peer: PeerInfo,
+    waits: Arc<RequestWaits>,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for Calls<S>
@@ -127,7 +134,9 @@ where
     type Future = S::Future;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let mut request = request.map(Body::new);
+        let (parts, body) = request.into_parts();
+        let body = Body::new(self.waits.bound(parts.uri.path(), body));
+        let mut request = Request::from_parts(parts, body);
         request.extensions_mut().insert(self.peer.clone());
         // warden's services (tonic's generated servers, its router, warden's
         // own unary path) are always ready: asked anyway, as tower's

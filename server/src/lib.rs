@@ -15,7 +15,8 @@
 //!   `fence_record`: how far ahead it accepted, for the next one's fence;
 //!   [`saved_state`]: a single process's rate-limit state, for the next one;
 //! - `service`: the tonic services; `conn`, `gate`: connections and their
-//!   bounds; [`server`]: listening, background tasks and shutdown.
+//!   bounds; `request_wait`: how long and with how much memory a request
+//!   is waited for; [`server`]: listening, background tasks and shutdown.
 //!
 //! Public modules are those the binary, the tests and the benches use; the
 //! rest is private so the compiler finds what nothing uses.
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod model;
 mod private_file;
 mod read_slices;
+mod request_wait;
 pub mod route;
 pub mod saved_state;
 pub mod server;

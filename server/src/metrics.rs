@@ -43,6 +43,10 @@ fn describe() {
         "Calls refused at once because of load, by cause."
     );
     describe_counter!(
+        "warden_request_reads_cut_total",
+        "Calls ended because their request did not arrive in time or the memory for requests being waited for was full, by cause."
+    );
+    describe_counter!(
         "warden_caller_denied_total",
         "Calls refused because the caller lacks a role."
     );
@@ -169,6 +173,9 @@ fn zero_counters() {
         "unavailable",
     ] {
         counter!("warden_check_errors_total", "cause" => cause).absolute(0);
+    }
+    for cause in ["timeout", "memory"] {
+        counter!("warden_request_reads_cut_total", "cause" => cause).absolute(0);
     }
     for cause in [
         "max_connections",

@@ -32,7 +32,7 @@ use crate::audit::AuditLog;
 use crate::check::Checker;
 use crate::cluster::peer::PeerService;
 use crate::cluster::{ClusterState, Membership};
-use crate::config::{Config, ServerSettings};
+use crate::config::{Config, DEFAULT_MAX_MESSAGE_BYTES, ServerSettings};
 use crate::conn::{Conn, ConnState, monotonic_ms};
 use crate::direct_route::Direct;
 use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
@@ -42,6 +42,7 @@ use crate::gateway::forward_auth::{Caller, ConnListener};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
+use crate::request_wait::RequestWaits;
 use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
@@ -55,11 +56,6 @@ use warden_client::proto::warden_server::WardenServer;
 
 /// How often idle state is swept out of the engine.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Room in a CheckRequest beyond the body for the other fields.
-const MESSAGE_OVERHEAD: usize = 64 * 1024;
-/// tonic's own limit on a message (`max_decoding_message_size` unset), which
-/// the Envoy rate limit service has always had.
-const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// The gRPC service name health is reported for (besides "", the server).
 const SERVICE_NAME: &str = "warden.v1.Warden";
 
@@ -451,7 +447,11 @@ impl Bound {
             _ => None,
         };
 
-        let max_message = app.checker.settings().max_body_bytes + MESSAGE_OVERHEAD;
+        let max_message = app.checker.settings().max_message();
+        let waits = RequestWaits::new(
+            settings.request_read_timeout,
+            settings.waiting_request_bytes(app.checker.settings().largest_message()),
+        );
         if let Some(tls) = app.tls.clone() {
             background.spawn(tls.watch());
         }
@@ -665,6 +665,7 @@ impl Bound {
                 drained,
                 calls.clone(),
                 max_streams,
+                waits.clone(),
             ))
         });
         // WARDEN_SERVING_THREADS=0: every connection on the main runtime's

@@ -100,6 +100,18 @@ fn server_settings(f: ServerFile) -> Result<ServerSettings, Invalid> {
             ));
         }
     }
+    if let Some(d) = f.request_read_timeout {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+            return Err(bad(
+                "server.request_read_timeout",
+                "must be between 100ms and 10m",
+            ));
+        }
+        s.request_read_timeout = d;
+    }
+    if let Some(n) = f.max_waiting_request_bytes {
+        s.max_waiting_request_bytes = Some(n);
+    }
     if let Some(d) = f.drain_delay {
         s.drain_delay = d;
     }
@@ -200,11 +212,24 @@ impl Config {
             .envoy_ratelimit
             .map(|e| envoy_ratelimit_settings(e, base))
             .transpose()?;
+        let check = check_settings(file.check)?;
+        let server = server_settings(file.server)?;
+        if let Some(n) = server.max_waiting_request_bytes {
+            let largest = check.largest_message();
+            if n < largest || n > 1 << 40 {
+                return Err(bad(
+                    "server.max_waiting_request_bytes",
+                    format!(
+                        "must be between {largest} (the largest message accepted) and 1099511627776"
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             listen,
             tls,
-            check: check_settings(file.check)?,
-            server: server_settings(file.server)?,
+            check,
+            server,
             alerts: alert_settings(file.alerts)?,
             audit: audit_settings(file.audit)?,
             store,
@@ -1074,12 +1099,50 @@ mod tests {
                 ),
                 "forward_auth.listen",
             ),
+            (
+                format!("{TLS}[server]\nrequest_read_timeout = \"50ms\"\n"),
+                "server.request_read_timeout",
+            ),
+            (
+                // Below the largest message accepted (tonic's 4 MiB): a
+                // request that size could never be waited for.
+                format!("{TLS}[server]\nmax_waiting_request_bytes = 4194303\n"),
+                "server.max_waiting_request_bytes",
+            ),
+            (
+                // Below the largest check with a 16 MiB body.
+                format!(
+                    "{TLS}[check]\nmax_body_bytes = 16777216\n[server]\nmax_waiting_request_bytes = 16777216\n"
+                ),
+                "server.max_waiting_request_bytes",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with(field), "{err:?} should name {field}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    /// The memory bound on requests being waited for grows with the largest
+    /// message by default, so that raising `max_body_bytes` never makes a
+    /// large body unacceptable; one given is used as it is.
+    #[test]
+    fn the_waiting_request_bound_holds_the_largest_message() {
+        let default = parse(TLS).unwrap();
+        let largest = default.check.largest_message();
+        assert_eq!(largest, 4 * 1024 * 1024);
+        assert_eq!(default.server.waiting_request_bytes(largest), 64 << 20);
+        assert_eq!(default.server.request_read_timeout, Duration::from_secs(10));
+        let big = parse(&format!("{TLS}[check]\nmax_body_bytes = 67108864\n")).unwrap();
+        let largest = big.check.largest_message();
+        assert_eq!(largest, (64 << 20) + 64 * 1024);
+        assert_eq!(big.server.waiting_request_bytes(largest), 4 * largest);
+        let given = parse(&format!(
+            "{TLS}[server]\nmax_waiting_request_bytes = 4194304\n"
+        ))
+        .unwrap();
+        assert_eq!(given.server.waiting_request_bytes(4 << 20), 4 << 20);
     }
 
     #[test]

@@ -166,6 +166,17 @@ pub struct ServerFile {
     /// How long a client may take to complete the TLS handshake. Default "3s".
     #[serde(default, with = "humantime_serde")]
     pub handshake_timeout: Option<Duration>,
+    /// How long a request that has begun may take to arrive whole: a unary
+    /// call's request, or one message of a stream (a stream waiting
+    /// between messages is never cut). Past it the call is answered
+    /// DEADLINE_EXCEEDED. Default "10s".
+    #[serde(default, with = "humantime_serde")]
+    pub request_read_timeout: Option<Duration>,
+    /// Bytes of requests not yet whole that all calls together may hold
+    /// while warden waits for the rest; a call that would pass it is
+    /// answered RESOURCE_EXHAUSTED. Default 64 MiB (or four of the largest
+    /// messages, if more).
+    pub max_waiting_request_bytes: Option<usize>,
     /// After SIGTERM: report NOT_SERVING for this long while still serving,
     /// so load balancers stop sending traffic. Default "0s".
     #[serde(default, with = "humantime_serde")]

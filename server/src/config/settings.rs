@@ -71,6 +71,25 @@ impl Default for CheckSettings {
     }
 }
 
+/// Room in a `CheckRequest` beyond the body for its other fields.
+pub const MESSAGE_OVERHEAD: usize = 64 * 1024;
+/// tonic's own limit on a message (`max_decoding_message_size` unset),
+/// which the admin, peer and health calls and the Envoy rate limit service
+/// have always had.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+impl CheckSettings {
+    /// The largest check message accepted (`Check`, `CheckStream`, ext_authz).
+    pub fn max_message(&self) -> usize {
+        self.max_body_bytes + MESSAGE_OVERHEAD
+    }
+
+    /// The largest message any call accepts.
+    pub fn largest_message(&self) -> usize {
+        self.max_message().max(DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
+
 /// This node's place in a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSettings {
@@ -190,11 +209,30 @@ pub struct ServerSettings {
     pub max_handshakes: usize,
     pub max_handshakes_per_address: usize,
     pub handshake_timeout: Duration,
+    /// How long a request that has begun may take to arrive whole.
+    pub request_read_timeout: Duration,
+    /// Bytes of requests not yet whole that all calls together may hold
+    /// while warden waits for the rest. `None`: the default, which grows
+    /// with the largest message accepted (see `waiting_request_bytes`).
+    pub max_waiting_request_bytes: Option<usize>,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
 }
 
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// The default of `max_waiting_request_bytes`: 64 MiB, or room for four of
+/// the largest messages if that is more.
+pub const DEFAULT_WAITING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+impl ServerSettings {
+    /// The memory bound on requests being waited for, given the largest
+    /// message any call accepts (a configured bound is at least that).
+    pub fn waiting_request_bytes(&self, largest_message: usize) -> usize {
+        self.max_waiting_request_bytes
+            .unwrap_or(DEFAULT_WAITING_REQUEST_BYTES.max(largest_message.saturating_mul(4)))
+    }
+}
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -207,6 +245,8 @@ impl Default for ServerSettings {
             max_handshakes: 1024,
             max_handshakes_per_address: 32,
             handshake_timeout: Duration::from_secs(3),
+            request_read_timeout: Duration::from_secs(10),
+            max_waiting_request_bytes: None,
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }
