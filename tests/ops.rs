@@ -1093,11 +1093,14 @@ async fn requests_that_stop_arriving_are_bounded_in_memory_and_in_time() {
 
 /// A `CheckStream` that waits between its messages is idle, not late:
 /// past `request_read_timeout` it is still open and its next check is
-/// answered. A message left half sent on it is cut at the timeout.
+/// answered. A message left half sent on it is cut at the timeout, and so
+/// is an admin call's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_idle_between_messages_is_never_cut_but_a_half_sent_message_is() {
     let dir = ConfigDir::new();
-    let server = dir.start(&format!("[server]\nrequest_read_timeout = \"1s\"\n{KEYS}"));
+    let server = dir.start(&format!(
+        "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[server]\nrequest_read_timeout = \"1s\"\n{KEYS}"
+    ));
     let mut send = h2_connect(&server).await;
     let whole = |key: &str| {
         let message = prost::Message::encode_to_vec(&request(key));
@@ -1148,6 +1151,19 @@ async fn a_stream_idle_between_messages_is_never_cut_but_a_half_sent_message_is(
     .unwrap();
     assert_eq!(ended["grpc-status"], "4", "{ended:?}");
     assert!(sent.elapsed() >= Duration::from_millis(900));
+
+    // A call that tonic's generated services read (here an admin call) is
+    // held to the same bound.
+    let (response, _body) = h2_open(
+        &mut send,
+        "/warden.v1.Admin/ListKeys",
+        message_part(100, 50),
+    )
+    .await;
+    let status = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+        .await
+        .expect("a half-sent admin call was waited for past its bound");
+    assert_eq!(status.as_deref(), Some("4"));
 }
 
 /// A server that stops answering (SIGSTOP: a hung process, or a host gone
