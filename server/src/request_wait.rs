@@ -114,9 +114,11 @@ struct Message {
 }
 
 impl Message {
-    /// Follows `data` through the framing; returns whether the stream is
-    /// now inside a message (some of it read, not all).
+    /// Follows `data` through the framing; returns whether a message was
+    /// made whole by it (the bytes of the next one, if it began, are in
+    /// `read`).
     fn advance(&mut self, mut data: &[u8]) -> bool {
+        let mut completed = false;
         while !data.is_empty() {
             if self.prefix_read < PREFIX {
                 let n = (PREFIX - self.prefix_read).min(data.len());
@@ -136,9 +138,10 @@ impl Message {
             }
             if self.prefix_read == PREFIX && self.remaining == 0 {
                 *self = Message::default();
+                completed = true;
             }
         }
-        self.read > 0
+        completed
     }
 }
 
@@ -216,14 +219,12 @@ where
                     // by its length, as a unary request is.
                     if this.streamed && chunk.len() == data.remaining() {
                         if this.message.advance(chunk) {
-                            this.held = this.message.read;
-                        } else {
-                            // A message is whole: the reader has it, and
-                            // nothing more is being waited for.
-                            this.held = 0;
+                            // A message is whole: the reader has it. The
+                            // next one, if it began, is waited for afresh.
                             this.timer = None;
                             this.give_back();
                         }
+                        this.held = this.message.read;
                     } else {
                         this.held = this.held.saturating_add(data.remaining());
                     }
@@ -494,6 +495,52 @@ mod tests {
         assert_eq!(waits.held(), 0);
     }
 
+    /// A message that began in the frame that ended the one before gets
+    /// the whole timeout: the clock of the message before does not carry
+    /// over to it.
+    #[tokio::test(start_paused = true)]
+    async fn each_message_of_a_stream_is_timed_from_its_own_first_wait() {
+        let waits = RequestWaits::new(Duration::from_secs(10), 1 << 20);
+        let message = framed(&[1; 300]);
+        let mut end_and_start = BytesMut::from(&message[100..]);
+        end_and_start.extend_from_slice(&message[..50]);
+        let mut body = waits.bound(
+            STREAM,
+            script([
+                Some(message.slice(..100)),
+                None,
+                Some(end_and_start.freeze()),
+                None,
+                None,
+                None,
+            ]),
+        );
+        assert!(matches!(
+            poll_once(&mut body).await,
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(poll_once(&mut body).await.is_pending());
+        // Nine of the first message's ten seconds, then its end and the
+        // next one's start.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(matches!(
+            poll_once(&mut body).await,
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(poll_once(&mut body).await.is_pending());
+        assert_eq!(waits.held(), 50);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(
+            poll_once(&mut body).await.is_pending(),
+            "cut by the clock of the message before"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            code(poll_once(&mut body).await),
+            Some(tonic::Code::DeadlineExceeded)
+        );
+    }
+
     #[test]
     fn a_streams_framing_is_followed_across_frames_and_messages() {
         let mut message = Message::default();
@@ -502,12 +549,14 @@ mod tests {
         let mut two = BytesMut::from(&a[..]);
         two.extend_from_slice(&b);
         // Two whole messages (one empty) in one frame: between messages.
-        assert!(!message.advance(&two));
+        assert!(message.advance(&two));
+        assert_eq!(message.read, 0);
         // A prefix split over frames, then its payload.
-        assert!(message.advance(&a[..2]));
-        assert!(message.advance(&a[2..6]));
+        assert!(!message.advance(&a[..2]));
+        assert!(!message.advance(&a[2..6]));
         assert_eq!(message.read, 6);
-        assert!(!message.advance(&a[6..]));
+        assert!(message.advance(&a[6..]));
+        assert_eq!(message.read, 0);
         // A message's end and the next one's start in one frame.
         let mut joined = BytesMut::from(&a[..]);
         joined.extend_from_slice(&a[..4]);
