@@ -45,7 +45,7 @@ const STREAMED: [&str; 4] = [
 ];
 
 /// A gRPC message's prefix: a compressed flag and a 4-byte length.
-const PREFIX: usize = 5;
+pub const PREFIX: usize = 5;
 
 /// What every call's waiting request shares: the two bounds, and the bytes
 /// held against the memory bound right now.
@@ -341,6 +341,17 @@ mod tests {
         poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
     }
 
+    /// Polls `body` once: it must give a frame of data.
+    async fn reads<B: Body<Error = Status> + Unpin>(body: &mut B) {
+        let polled = poll_once(body).await;
+        assert!(matches!(polled, Poll::Ready(Some(Ok(_)))), "no frame read");
+    }
+
+    /// Polls `body` once: it must wait.
+    async fn is_waited_for<B: Body<Error = Status> + Unpin>(body: &mut B) {
+        assert!(poll_once(body).await.is_pending(), "did not wait");
+    }
+
     fn code<D>(polled: Poll<Option<Result<Frame<D>, Status>>>) -> Option<tonic::Code> {
         match polled {
             Poll::Ready(Some(Err(status))) => Some(status.code()),
@@ -372,17 +383,11 @@ mod tests {
         let waits = RequestWaits::new(Duration::from_secs(10), 1500);
         let part = Bytes::from(vec![0; 1000]);
         let mut first = waits.bound(UNARY, script([Some(part.clone()), None, None]));
-        assert!(matches!(
-            poll_once(&mut first).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
-        assert!(poll_once(&mut first).await.is_pending());
+        reads(&mut first).await;
+        is_waited_for(&mut first).await;
         assert_eq!(waits.held(), 1000);
         let mut second = waits.bound(UNARY, script([Some(part.clone()), None]));
-        assert!(matches!(
-            poll_once(&mut second).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
+        reads(&mut second).await;
         assert_eq!(
             code(poll_once(&mut second).await),
             Some(tonic::Code::ResourceExhausted)
@@ -426,7 +431,7 @@ mod tests {
     async fn a_unary_request_that_never_starts_is_cut_at_the_timeout() {
         let waits = RequestWaits::new(Duration::from_secs(2), 1 << 20);
         let mut body = waits.bound(UNARY, script([None, None, None, None]));
-        assert!(poll_once(&mut body).await.is_pending());
+        is_waited_for(&mut body).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             code(poll_once(&mut body).await),
@@ -456,37 +461,25 @@ mod tests {
                 None,
             ]),
         );
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
+        reads(&mut body).await;
         // A minute between messages: not cut.
-        assert!(poll_once(&mut body).await.is_pending());
+        is_waited_for(&mut body).await;
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(poll_once(&mut body).await.is_pending());
+        is_waited_for(&mut body).await;
         assert_eq!(waits.held(), 0);
         // Half a message, then a wait: held, and timed.
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
-        assert!(poll_once(&mut body).await.is_pending());
+        reads(&mut body).await;
+        is_waited_for(&mut body).await;
         assert_eq!(waits.held(), 100);
         assert!(body.timer.is_some());
         // The rest: whole again, given back.
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
+        reads(&mut body).await;
         assert_eq!(waits.held(), 0);
         assert!(body.timer.is_none());
-        assert!(poll_once(&mut body).await.is_pending());
+        is_waited_for(&mut body).await;
         // Three bytes of a prefix, then nothing: cut at the timeout.
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
-        assert!(poll_once(&mut body).await.is_pending());
+        reads(&mut body).await;
+        is_waited_for(&mut body).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(
             code(poll_once(&mut body).await),
@@ -515,19 +508,13 @@ mod tests {
                 None,
             ]),
         );
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
-        assert!(poll_once(&mut body).await.is_pending());
+        reads(&mut body).await;
+        is_waited_for(&mut body).await;
         // Nine of the first message's ten seconds, then its end and the
         // next one's start.
         tokio::time::sleep(Duration::from_secs(9)).await;
-        assert!(matches!(
-            poll_once(&mut body).await,
-            Poll::Ready(Some(Ok(_)))
-        ));
-        assert!(poll_once(&mut body).await.is_pending());
+        reads(&mut body).await;
+        is_waited_for(&mut body).await;
         assert_eq!(waits.held(), 50);
         tokio::time::sleep(Duration::from_secs(9)).await;
         assert!(

@@ -41,8 +41,7 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
-/// A gRPC message's prefix: a compressed flag and a 4-byte length.
-const PREFIX: usize = 5;
+use crate::request_wait::PREFIX;
 
 /// A unary method warden reads and answers itself: its path, how its
 /// message is decoded, and its handler (the one its generated service
