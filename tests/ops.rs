@@ -669,6 +669,114 @@ async fn a_flood_of_half_open_connections_starves_nothing() {
     drop(flood);
 }
 
+/// The metrics listener is plain HTTP, and in Kubernetes it listens on
+/// every address so that Prometheus can scrape it: anything that reaches
+/// the pod can connect. A flood of idle connections to it must take
+/// neither the descriptors nor the connections the gRPC port needs, nor
+/// the one a certificate reload needs; and the connections it holds idle
+/// are closed, so that scrapes are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_to_the_metrics_listener_starves_nothing() {
+    let dir = ConfigDir::new();
+    let server = Server::with_config_fd_limit(&dir.write_config(KEYS), 512);
+    let metrics: std::net::SocketAddr = server.metrics_addr.parse().unwrap();
+    let mut flood = Vec::new();
+    let mut unanswered = 0;
+    for _ in 0..1_500 {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        // A SYN dropped while the listen backlog is full is sent again
+        // after a second: only a run of connects that time out means the
+        // server is taking no more.
+        match tokio::time::timeout(Duration::from_secs(3), socket.connect(metrics)).await {
+            Ok(Ok(stream)) => {
+                flood.push(stream);
+                unanswered = 0;
+            }
+            _ if unanswered < 2 => unanswered += 1,
+            _ => break,
+        }
+    }
+    assert!(flood.len() >= 300, "only {} connections made", flood.len());
+    // New gRPC connections are served and checked during the flood.
+    let tls = Tls::from_dev_dir(dir.path()).unwrap();
+    for _ in 0..3 {
+        let mut fresh = tokio::time::timeout(
+            Duration::from_secs(10),
+            warden_client::Client::connect(&server.addr, tls.clone()),
+        )
+        .await
+        .expect("a new gRPC connection during the flood")
+        .unwrap();
+        assert_eq!(
+            fresh.check(request("wk_victim")).await.unwrap().reason(),
+            Reason::Ok
+        );
+    }
+    // A certificate reload still finds a descriptor.
+    let (cert, key) = dir.ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), key).unwrap();
+    std::fs::write(dir.path().join("server.pem"), cert).unwrap();
+    server.wait_for_log("tls_reloaded");
+    assert!(
+        !server.logs().contains("tls_reload_failed"),
+        "{}",
+        server.logs()
+    );
+    // The first connections took the listener's places. Having sent
+    // nothing, they are closed after its header timeout (10 s) without the
+    // flood's help, and a scrape is answered again while the flood still
+    // holds the rest of its sockets.
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read(&mut flood[0], &mut byte),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle metrics connection was kept: {closed:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let addr = server.metrics_addr.clone();
+        let status = tokio::task::spawn_blocking(move || scrape_status(&addr))
+            .await
+            .unwrap();
+        if status == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape answered after the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // All but the listener's 64 places were closed at once, and counted.
+    let refused = support::metric(
+        &server,
+        "warden_connections_refused_total{cause=\"metrics_connections\"}",
+    );
+    assert!(refused >= flood.len() as u64 - 64, "{refused} refused");
+    drop(flood);
+}
+
+/// The status of one `GET /metrics`, or `None` if the connection failed.
+fn scrape_status(addr: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
 /// An HTTP/2 client that writes frames by hand over mTLS, to send what a
 /// well-behaved client library never would.
 struct RawH2 {

@@ -7,9 +7,30 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connections the metrics listener keeps open at once. Prometheus and the
+/// kubelet's probes need a few. The listener is plain HTTP, and in
+/// Kubernetes it listens on every address, so anything that reaches the
+/// pod can connect: unbounded, a flood of idle connections took every
+/// descriptor the process had, and the gRPC port could accept nothing.
+/// This bound sits inside the 256 descriptors kept in reserve beside
+/// `max_connections`. Past it a connection is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a metrics connection may take to send a request's head, the
+/// wait between requests of a kept-alive connection included: one that
+/// sends nothing gives its place back. Prometheus and the kubelet open a
+/// new connection when the one they kept was closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between accept errors (out of descriptors), so as not to spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Latency buckets (seconds) for RPC histograms: 50 µs to 1 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -181,6 +202,7 @@ fn zero_counters() {
         "max_connections",
         "max_handshakes",
         "max_handshakes_per_address",
+        "metrics_connections",
     ] {
         counter!("warden_connections_refused_total", "cause" => cause).absolute(0);
     }
@@ -277,10 +299,40 @@ pub async fn serve(
                 }
             }),
         );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(event = "metrics_failed", error = %e, "metrics listener failed");
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(event = "metrics_accept_failed", error = %e, "metrics listener could not accept");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            metrics::counter!("warden_connections_refused_total", "cause" => "metrics_connections")
+                .increment(1);
+            continue;
+        };
+        let served = open.watch(
+            http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())),
+        );
+        tokio::spawn(async move {
+            // A client gone or too slow: its own business.
+            let _ = served.await;
+            drop(place);
+        });
     }
+    // Scrapes in flight are answered; kept-alive connections are closed.
+    open.shutdown().await;
 }
