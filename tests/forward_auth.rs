@@ -321,24 +321,7 @@ async fn a_flood_of_idle_connections_to_the_plaintext_endpoint_starves_nothing()
     let server = Server::with_config_fd_limit(&dir.write_config(&config(port)), 512);
     server.wait_past_fence();
     let endpoint: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut flood = Vec::new();
-    let mut unanswered = 0;
-    for _ in 0..1_500 {
-        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
-            break;
-        };
-        // A SYN dropped while the listen backlog is full is sent again
-        // after a second: only a run of connects that time out means the
-        // server is taking no more.
-        match tokio::time::timeout(Duration::from_secs(3), socket.connect(endpoint)).await {
-            Ok(Ok(stream)) => {
-                flood.push(stream);
-                unanswered = 0;
-            }
-            _ if unanswered < 2 => unanswered += 1,
-            _ => break,
-        }
-    }
+    let flood = support::idle_connections(endpoint, 1_500).await;
     assert!(flood.len() >= 300, "only {} connections made", flood.len());
     // The endpoint's connections are counted with the gRPC port's, against
     // the bound they share out (an eighth of 256: 32 held open here).

@@ -641,15 +641,7 @@ async fn a_flood_of_half_open_connections_starves_nothing() {
     );
 
     // A certificate reload still finds a descriptor.
-    let (cert, key) = dir.ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(dir.path().join("server-key.pem"), key).unwrap();
-    std::fs::write(dir.path().join("server.pem"), cert).unwrap();
-    server.wait_for_log("tls_reloaded");
-    assert!(
-        !server.logs().contains("tls_reload_failed"),
-        "{}",
-        server.logs()
-    );
+    reload_server_certificate(&dir, &server);
     assert!(
         !server.logs().contains("accept_failed"),
         "{}",
@@ -680,24 +672,7 @@ async fn a_flood_of_idle_connections_to_the_metrics_listener_starves_nothing() {
     let dir = ConfigDir::new();
     let server = Server::with_config_fd_limit(&dir.write_config(KEYS), 512);
     let metrics: std::net::SocketAddr = server.metrics_addr.parse().unwrap();
-    let mut flood = Vec::new();
-    let mut unanswered = 0;
-    for _ in 0..1_500 {
-        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
-            break;
-        };
-        // A SYN dropped while the listen backlog is full is sent again
-        // after a second: only a run of connects that time out means the
-        // server is taking no more.
-        match tokio::time::timeout(Duration::from_secs(3), socket.connect(metrics)).await {
-            Ok(Ok(stream)) => {
-                flood.push(stream);
-                unanswered = 0;
-            }
-            _ if unanswered < 2 => unanswered += 1,
-            _ => break,
-        }
-    }
+    let mut flood = support::idle_connections(metrics, 1_500).await;
     assert!(flood.len() >= 300, "only {} connections made", flood.len());
     // New gRPC connections are served and checked during the flood.
     let tls = Tls::from_dev_dir(dir.path()).unwrap();
@@ -715,15 +690,7 @@ async fn a_flood_of_idle_connections_to_the_metrics_listener_starves_nothing() {
         );
     }
     // A certificate reload still finds a descriptor.
-    let (cert, key) = dir.ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(dir.path().join("server-key.pem"), key).unwrap();
-    std::fs::write(dir.path().join("server.pem"), cert).unwrap();
-    server.wait_for_log("tls_reloaded");
-    assert!(
-        !server.logs().contains("tls_reload_failed"),
-        "{}",
-        server.logs()
-    );
+    reload_server_certificate(&dir, &server);
     // The first connections took the listener's places. Having sent
     // nothing, they are closed after its header timeout (10 s) without the
     // flood's help, and a scrape is answered again while the flood still
@@ -760,6 +727,20 @@ async fn a_flood_of_idle_connections_to_the_metrics_listener_starves_nothing() {
     );
     assert!(refused >= flood.len() as u64 - 64, "{refused} refused");
     drop(flood);
+}
+
+/// Writes a new server certificate and waits for the server to take it up:
+/// a reload must find a descriptor and succeed.
+fn reload_server_certificate(dir: &ConfigDir, server: &Server) {
+    let (cert, key) = dir.ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), key).unwrap();
+    std::fs::write(dir.path().join("server.pem"), cert).unwrap();
+    server.wait_for_log("tls_reloaded");
+    assert!(
+        !server.logs().contains("tls_reload_failed"),
+        "{}",
+        server.logs()
+    );
 }
 
 /// The status of one `GET /metrics`, or `None` if the connection failed.
@@ -1012,10 +993,7 @@ async fn headers_past_the_bound_refuse_their_call_and_the_connection_serves_on()
     ];
     // Stream 3: a plain signed check.
     let request = server.signer().check_request("GET", "/", "", b"");
-    let message = prost::Message::encode_to_vec(&request);
-    let mut body = vec![0];
-    body.extend((message.len() as u32).to_be_bytes());
-    body.extend(message);
+    let body = grpc_message(&prost::Message::encode_to_vec(&request));
     frames.push(frame(HEADERS, END_HEADERS, 3, &check_headers()));
     frames.push(frame(DATA, END_STREAM, 3, &body));
     h2.send(frames.into_iter()).await;
@@ -1102,6 +1080,14 @@ fn message_part(len: u32, sent: usize) -> bytes::Bytes {
     part.extend(len.to_be_bytes());
     part.extend(vec![b'x'; sent]);
     part.into()
+}
+
+/// `message` as one uncompressed gRPC message: its prefix, then itself.
+fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    framed
 }
 
 /// The call's gRPC status, from its headers or its trailers.
@@ -1210,13 +1196,8 @@ async fn a_stream_idle_between_messages_is_never_cut_but_a_half_sent_message_is(
         "[[callers]]\nidentity = \"spiffe://test/gateway\"\nroles = [\"check\", \"admin\"]\n\n[server]\nrequest_read_timeout = \"1s\"\n{KEYS}"
     ));
     let mut send = h2_connect(&server).await;
-    let whole = |key: &str| {
-        let message = prost::Message::encode_to_vec(&request(key));
-        let mut framed = vec![0];
-        framed.extend((message.len() as u32).to_be_bytes());
-        framed.extend(message);
-        bytes::Bytes::from(framed)
-    };
+    let whole =
+        |key: &str| bytes::Bytes::from(grpc_message(&prost::Message::encode_to_vec(&request(key))));
     let (response, mut body) = h2_open(
         &mut send,
         "/warden.v1.Warden/CheckStream",

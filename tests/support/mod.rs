@@ -929,6 +929,33 @@ impl Drop for OwnPostgres {
     }
 }
 
+/// Up to `count` TCP connections to `addr` that never say a word, made
+/// until the test's own descriptors run out or the server takes no more.
+pub async fn idle_connections(
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let mut flood = Vec::new();
+    let mut unanswered = 0;
+    for _ in 0..count {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        // A SYN dropped while the listen backlog is full is sent again
+        // after a second: only a run of connects that time out means the
+        // server is taking no more.
+        match tokio::time::timeout(Duration::from_secs(3), socket.connect(addr)).await {
+            Ok(Ok(stream)) => {
+                flood.push(stream);
+                unanswered = 0;
+            }
+            _ if unanswered < 2 => unanswered += 1,
+            _ => break,
+        }
+    }
+    flood
+}
+
 /// A rustls client configuration from a directory's `ca.pem`,
 /// `client.pem` and `client-key.pem`, offering only `versions`: for tests
 /// that speak TLS themselves, below any gRPC client.
