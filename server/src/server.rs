@@ -450,7 +450,7 @@ impl Bound {
         let max_message = app.checker.settings().max_message();
         let waits = RequestWaits::new(
             settings.request_read_timeout,
-            settings.waiting_request_bytes(app.checker.settings().largest_message()),
+            settings.max_waiting_request_bytes,
         );
         if let Some(tls) = app.tls.clone() {
             background.spawn(tls.watch());

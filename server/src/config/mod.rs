@@ -39,7 +39,8 @@ pub fn parse_metrics_listen(field: &str, text: &str) -> Result<Option<SocketAddr
     })
 }
 
-fn server_settings(f: ServerFile) -> Result<ServerSettings, Invalid> {
+/// `[server]`; `check` for the bounds that follow the largest message.
+fn server_settings(f: ServerFile, check: &CheckSettings) -> Result<ServerSettings, Invalid> {
     let mut s = ServerSettings::default();
     if let Some(text) = f.metrics_listen {
         s.metrics_listen = parse_metrics_listen("server.metrics_listen", &text)?;
@@ -109,9 +110,19 @@ fn server_settings(f: ServerFile) -> Result<ServerSettings, Invalid> {
         }
         s.request_read_timeout = d;
     }
-    if let Some(n) = f.max_waiting_request_bytes {
-        s.max_waiting_request_bytes = Some(n);
-    }
+    let largest = check.largest_message();
+    s.max_waiting_request_bytes = match f.max_waiting_request_bytes {
+        None => default_waiting_request_bytes(largest),
+        Some(n) if (largest..=1 << 40).contains(&n) => n,
+        Some(_) => {
+            return Err(bad(
+                "server.max_waiting_request_bytes",
+                format!(
+                    "must be between {largest} (the largest message accepted) and 1099511627776"
+                ),
+            ));
+        }
+    };
     if let Some(d) = f.drain_delay {
         s.drain_delay = d;
     }
@@ -213,18 +224,7 @@ impl Config {
             .map(|e| envoy_ratelimit_settings(e, base))
             .transpose()?;
         let check = check_settings(file.check)?;
-        let server = server_settings(file.server)?;
-        if let Some(n) = server.max_waiting_request_bytes {
-            let largest = check.largest_message();
-            if n < largest || n > 1 << 40 {
-                return Err(bad(
-                    "server.max_waiting_request_bytes",
-                    format!(
-                        "must be between {largest} (the largest message accepted) and 1099511627776"
-                    ),
-                ));
-            }
-        }
+        let server = server_settings(file.server, &check)?;
         Ok(Self {
             listen,
             tls,
@@ -1132,17 +1132,21 @@ mod tests {
         let default = parse(TLS).unwrap();
         let largest = default.check.largest_message();
         assert_eq!(largest, 4 * 1024 * 1024);
-        assert_eq!(default.server.waiting_request_bytes(largest), 64 << 20);
+        assert_eq!(default.server.max_waiting_request_bytes, 64 << 20);
+        assert_eq!(
+            ServerSettings::default().max_waiting_request_bytes,
+            64 << 20
+        );
         assert_eq!(default.server.request_read_timeout, Duration::from_secs(10));
         let big = parse(&format!("{TLS}[check]\nmax_body_bytes = 67108864\n")).unwrap();
         let largest = big.check.largest_message();
         assert_eq!(largest, (64 << 20) + 64 * 1024);
-        assert_eq!(big.server.waiting_request_bytes(largest), 4 * largest);
+        assert_eq!(big.server.max_waiting_request_bytes, 4 * largest);
         let given = parse(&format!(
             "{TLS}[server]\nmax_waiting_request_bytes = 4194304\n"
         ))
         .unwrap();
-        assert_eq!(given.server.waiting_request_bytes(4 << 20), 4 << 20);
+        assert_eq!(given.server.max_waiting_request_bytes, 4 << 20);
     }
 
     #[test]

@@ -212,9 +212,10 @@ pub struct ServerSettings {
     /// How long a request that has begun may take to arrive whole.
     pub request_read_timeout: Duration,
     /// Bytes of requests not yet whole that all calls together may hold
-    /// while warden waits for the rest. `None`: the default, which grows
-    /// with the largest message accepted (see `waiting_request_bytes`).
-    pub max_waiting_request_bytes: Option<usize>,
+    /// while warden waits for the rest: at least the largest message
+    /// accepted (the config's default grows with it, see
+    /// [`default_waiting_request_bytes`]).
+    pub max_waiting_request_bytes: usize,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
 }
@@ -222,16 +223,9 @@ pub struct ServerSettings {
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// The default of `max_waiting_request_bytes`: 64 MiB, or room for four of
-/// the largest messages if that is more.
-pub const DEFAULT_WAITING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
-
-impl ServerSettings {
-    /// The memory bound on requests being waited for, given the largest
-    /// message any call accepts (a configured bound is at least that).
-    pub fn waiting_request_bytes(&self, largest_message: usize) -> usize {
-        self.max_waiting_request_bytes
-            .unwrap_or(DEFAULT_WAITING_REQUEST_BYTES.max(largest_message.saturating_mul(4)))
-    }
+/// the largest messages any call accepts if that is more.
+pub fn default_waiting_request_bytes(largest_message: usize) -> usize {
+    (64 * 1024 * 1024).max(largest_message.saturating_mul(4))
 }
 
 impl Default for ServerSettings {
@@ -246,7 +240,9 @@ impl Default for ServerSettings {
             max_handshakes_per_address: 32,
             handshake_timeout: Duration::from_secs(3),
             request_read_timeout: Duration::from_secs(10),
-            max_waiting_request_bytes: None,
+            max_waiting_request_bytes: default_waiting_request_bytes(
+                CheckSettings::default().largest_message(),
+            ),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }
