@@ -647,6 +647,18 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
 /// its connections' calls running past the save.
 #[test]
 fn a_graceful_stop_drains_the_endpoint_and_hands_its_state_over_whole() {
+    graceful_stop_drains_the_endpoint(&[]);
+}
+
+/// The same with every connection served on the main runtime
+/// (`WARDEN_SERVING_THREADS=0`), where the endpoint has a server of its own
+/// beside the gRPC port's.
+#[test]
+fn with_no_serving_threads_a_graceful_stop_drains_the_endpoint_whole() {
+    graceful_stop_drains_the_endpoint(&[("WARDEN_SERVING_THREADS", "0")]);
+}
+
+fn graceful_stop_drains_the_endpoint(envs: &[(&str, &str)]) {
     let dir = ConfigDir::new();
     dir.write_master_key();
     let port = free_port();
@@ -655,7 +667,7 @@ fn a_graceful_stop_drains_the_endpoint_and_hands_its_state_over_whole() {
         config(port)
     ));
     let addr = format!("127.0.0.1:{port}");
-    let mut first = Server::with_config(&config);
+    let mut first = Server::with_config_env(&config, envs);
     let accepted = asking("GET", "/orders", signed("GET", "/orders"));
 
     // Answered, and the connection kept open, as nginx keeps it.
@@ -686,4 +698,66 @@ fn a_graceful_stop_drains_the_endpoint_and_hands_its_state_over_whole() {
     let fresh = asking("GET", "/orders", signed("GET", "/orders"));
     let (status, _, _) = http(&addr, "GET", "/auth", &fresh);
     assert_eq!(status, 200, "a fresh request waited for a fence");
+}
+
+/// The endpoint's connections are served on the serving threads, as the
+/// gRPC port's are, a new one on the thread serving the fewest: two kept
+/// open by a gateway are one on each thread, and each answers. (On the
+/// main runtime's workers an answer cost a quarter more server CPU:
+/// `benches/HISTORY.md`, session 42.)
+#[test]
+fn the_endpoints_connections_are_spread_over_the_serving_threads() {
+    let dir = ConfigDir::new();
+    let port = free_port();
+    let server = Server::with_config_env(
+        &dir.write_config(&config(port)),
+        &[("WARDEN_SERVING_THREADS", "2")],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let per_thread = || {
+        (0..2)
+            .map(|t| {
+                support::metric(
+                    &server,
+                    &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(per_thread(), [0, 0]);
+    let ask = |kept: &mut std::net::TcpStream| {
+        let text = request_text(
+            "GET",
+            "/auth",
+            &asking("GET", "/orders", signed("GET", "/orders")),
+        )
+        .replace("Connection: close\r\n", "");
+        kept.write_all(text.as_bytes()).unwrap();
+        let mut answer = [0; 4096];
+        let n = kept.read(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let answer = ask(&mut conn);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        kept.push(conn);
+    }
+    assert_eq!(per_thread(), [1, 1]);
+    // Each is still served, on its own thread.
+    let answer = ask(&mut kept[0]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(kept);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while per_thread() != [0, 0] {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections still counted: {:?}",
+            per_thread()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -20,10 +20,8 @@ use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::codegen::Service;
@@ -82,37 +80,15 @@ pub async fn serve<S>(
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_ERROR_RESETS);
-    let open = GracefulShutdown::new();
-    let mut incoming = incoming;
-    let mut drain = std::pin::pin!(drain);
-    loop {
-        let conn = tokio::select! {
-            _ = &mut drain => break,
-            conn = incoming.next() => conn,
-        };
-        let conn = match conn {
-            Some(Ok(conn)) => conn,
-            Some(Err(_)) => continue,
-            None => break,
-        };
+    crate::serving::serve_connections(incoming, drain, |conn| {
         let calls = Calls {
             service: service.clone(),
             peer: conn.peer().clone(),
             waits: waits.clone(),
         };
-        let served = open.watch(http2.serve_connection(TokioIo::new(conn), calls));
-        tokio::spawn(async move {
-            if let Err(e) = served.await {
-                // A client that closes without GOAWAY, a protocol error:
-                // the connection's business, not the server's.
-                tracing::debug!(event = "connection_ended", error = %e, "connection ended with an error");
-            }
-        });
-    }
-    // No new connections from here: the ones handed over before the drain
-    // are closed with the rest.
-    drop(incoming);
-    open.shutdown().await;
+        http2.serve_connection(TokioIo::new(conn), calls)
+    })
+    .await;
 }
 
 /// One connection's calls: each request carries the connection's

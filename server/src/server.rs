@@ -38,7 +38,7 @@ use crate::direct_route::Direct;
 use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
 use crate::gate::{FORWARD_AUTH_SHARE, Gate, Refusal};
 use crate::gateway::ext_authz::ExtAuthz;
-use crate::gateway::forward_auth::{Caller, ConnListener};
+use crate::gateway::forward_auth::{Caller, Endpoint};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
@@ -48,7 +48,7 @@ use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
 use crate::service::unary::Unary;
 use crate::service::warden::WardenService;
-use crate::serving::{Admitted, Destination, Handshake, Serve, ServingThreads};
+use crate::serving::{Admitted, Destination, Handshake, Port, Serve, Servers, ServingThreads};
 use crate::store::{Store, StoreChange};
 use crate::tls::{Protocol, TlsReloader};
 use tonic::service::Routes;
@@ -512,10 +512,9 @@ impl Bound {
             app.audit.clone(),
         );
         let admission = Admission::new(settings.max_inflight);
-        // Set once the drain delay is over: long-lived streams end, and
-        // the forward-auth port stops.
+        // Set once the drain delay is over: long-lived streams end.
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-        let mut forward_auth = None;
+        let forward_auth_closing = closing_rx.clone();
         let checks = WardenService::new(
             app.checker.clone(),
             app.cluster.clone(),
@@ -523,53 +522,46 @@ impl Bound {
             app.audit.clone(),
             admission.clone(),
         );
-        if let (Some(listener), Some(f), Some(gate)) = (
+        // The forward-auth port: its connections come through an accept
+        // loop like the gRPC port's, under a share of the connection bound
+        // of their own (a flood of idle ones, from any local process on
+        // loopback, is closed at its bound instead of taking what the gRPC
+        // port needs), and are served on the serving threads too.
+        let forward_auth = match (
             forward_auth_listener,
             app.config.forward_auth.clone(),
             app.forward_auth_gate.clone(),
         ) {
-            // Connections come through the same accept loop as the gRPC
-            // port's, under a share of the connection bound of their own: a
-            // flood of idle ones (from any local process, on loopback) is
-            // closed at its bound instead of taking the descriptors and
-            // connections the gRPC port needs. Over mTLS, the same
-            // handshake limits and caller identities.
-            let tls = match (&app.tls, f.tls) {
-                (Some(tls), true) => Some((tls.clone(), Protocol::Http1)),
-                _ => None,
-            };
-            let caller = match tls {
-                Some(_) => Caller::Certificate,
-                None => Caller::Configured(crate::check::CallerIdentity(
-                    f.identity.as_deref().map(Into::into),
-                )),
-            };
-            let local = listener.local_addr().map_err(|source| ServeError::Bind {
-                addr: f.listen,
-                source,
-            })?;
-            let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
-            background.spawn(accept_loop(
-                listener,
-                tls,
-                Destination::Here(tx),
-                settings.clone(),
-                gate,
-            ));
-            // Drained with the gRPC port: its calls check too, and the
-            // state is saved only once the last one is answered.
-            let mut closing = closing_rx.clone();
-            forward_auth = Some(tokio::spawn(crate::gateway::forward_auth::serve(
-                ConnListener::new(rx, local),
-                caller,
-                checks.clone(),
-                f,
-                app.config.gateway.clone(),
-                async move {
-                    let _ = closing.wait_for(|closing| *closing).await;
-                },
-            )));
-        }
+            (Some(listener), Some(settings), Some(gate)) => {
+                // Over mTLS, the same handshake limits and caller
+                // identities as the gRPC port.
+                let tls = match (&app.tls, settings.tls) {
+                    (Some(tls), true) => Some((tls.clone(), Protocol::Http1)),
+                    _ => None,
+                };
+                let caller = match tls {
+                    Some(_) => Caller::Certificate,
+                    None => Caller::Configured(crate::check::CallerIdentity(
+                        settings.identity.as_deref().map(Into::into),
+                    )),
+                };
+                let endpoint = Arc::new(Endpoint {
+                    service: checks.clone(),
+                    settings,
+                    gateway: app.config.gateway.clone(),
+                    caller,
+                });
+                let serve: Arc<Serve> = Arc::new(move |incoming, drained| {
+                    Box::pin(crate::gateway::forward_auth::serve(
+                        incoming,
+                        drained,
+                        endpoint.clone(),
+                    ))
+                });
+                Some((listener, tls, gate, serve))
+            }
+            _ => None,
+        };
         // The Envoy faces share the Check pipeline and the in-flight bound.
         // The calls made once per request are read and answered by `Unary`,
         // every other call (and any unusual framing) by tonic's generated
@@ -668,14 +660,26 @@ impl Bound {
                 waits.clone(),
             ))
         });
+        let (forward_auth, forward_auth_serve) = match forward_auth {
+            Some((listener, tls, gate, serve)) => (Some((listener, tls, gate)), Some(serve)),
+            None => (None, None),
+        };
         // WARDEN_SERVING_THREADS=0: every connection on the main runtime's
         // work-stealing workers, as before serving threads (to compare).
         let threads = match crate::serving::thread_count() {
             0 => None,
-            n => Some(ServingThreads::start(n, serve.clone()).map_err(ServeError::Runtime)?),
+            n => {
+                let servers = Servers {
+                    grpc: serve.clone(),
+                    forward_auth: forward_auth_serve.clone(),
+                };
+                Some(ServingThreads::start(n, servers).map_err(ServeError::Runtime)?)
+            }
         };
-        let (destination, on_main) = match &threads {
-            Some(threads) => (Destination::Threads(threads.clone()), None),
+        // Where each port's accept loop hands its connections: the serving
+        // threads, or a channel to a server on the main runtime.
+        let destination = |port| match &threads {
+            Some(threads) => (Destination::Threads(threads.clone(), port), None),
             None => {
                 let (tx, rx) = mpsc::channel::<io::Result<Conn>>(128);
                 (Destination::Here(tx), Some(rx))
@@ -686,27 +690,55 @@ impl Bound {
             threads = threads.as_ref().map_or(0, |t| t.count()),
             "serving"
         );
+        let (grpc_destination, grpc_on_main) = destination(Port::Grpc);
         background.spawn(accept_loop(
             listener,
             app.tls.clone().map(|tls| (tls, Protocol::Grpc)),
-            destination,
+            grpc_destination,
             settings.clone(),
             app.gate.clone(),
         ));
+        let forward_auth_on_main = forward_auth.and_then(|(listener, tls, gate)| {
+            let (destination, on_main) = destination(Port::ForwardAuth);
+            background.spawn(accept_loop(
+                listener,
+                tls,
+                destination,
+                settings.clone(),
+                gate,
+            ));
+            on_main
+        });
         let server = async {
-            match (&threads, on_main) {
-                (Some(threads), _) => {
+            match &threads {
+                Some(threads) => {
                     drain.await;
                     threads.drain();
                     threads.drained().await
                 }
-                (None, conns) => {
-                    let conns = conns.expect("a channel when no serving threads");
-                    serve(ReceiverStream::new(conns), Box::pin(drain)).await
+                None => {
+                    let conns = grpc_on_main.expect("a channel when no serving threads");
+                    let grpc = serve(ReceiverStream::new(conns), Box::pin(drain));
+                    // Drained with the gRPC port, once the drain delay is
+                    // over.
+                    let forward_auth = async {
+                        if let (Some(conns), Some(serve)) =
+                            (forward_auth_on_main, &forward_auth_serve)
+                        {
+                            let mut closing = forward_auth_closing;
+                            let closed = Box::pin(async move {
+                                let _ = closing.wait_for(|closing| *closing).await;
+                            });
+                            serve(ReceiverStream::new(conns), closed).await
+                        }
+                    };
+                    futures_util::future::join(grpc, forward_auth).await;
                 }
             }
         };
 
+        // Both ports' calls, which check and so change state, are answered
+        // within the deadline, or the state saved is not whole.
         let deadline = settings.drain_delay + settings.drain_timeout;
         let result = tokio::select! {
             () = server => Ok(()),
@@ -718,19 +750,7 @@ impl Bound {
                 }
             } => Err(ServeError::DrainTimeout),
         };
-        // The forward-auth port's calls get the drain timeout too; one
-        // still running then may change state after the save.
-        let forward_auth_drained = match forward_auth {
-            None => true,
-            Some(mut task) => match tokio::time::timeout(settings.drain_timeout, &mut task).await {
-                Ok(_) => true,
-                Err(_) => {
-                    task.abort();
-                    false
-                }
-            },
-        };
-        let drained = result.is_ok() && forward_auth_drained;
+        let drained = result.is_ok();
         background.shutdown().await;
         // The last call is answered: hand the state over, then give the
         // lease up (the next owners serve it without a fence).

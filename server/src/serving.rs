@@ -12,11 +12,17 @@
 //! the one-worker cost and still uses every core, one connection at a time:
 //! a new connection goes to the thread serving the fewest.
 //!
-//! What runs where: the accept loop, the background loops and the
-//! forward-auth port stay on the process's main runtime. A task a call
-//! spawns runs on its connection's thread, which is why a thread keeps its
-//! runtime until the whole process is done ([`ServingThreads::stop`]), not
-//! only until its server has drained.
+//! The forward-auth port's connections (nginx `auth_request` and the
+//! like) are served the same way, by a server of their own on each thread
+//! ([`Port`]): on the main runtime's two workers they cost 17.7 µs of
+//! server CPU per answer against 13.1 µs on one (h2load over HTTP/1.1, 16
+//! connections, `benches/HISTORY.md`, session 42).
+//!
+//! What runs where: the accept loops and the background loops stay on the
+//! process's main runtime. A task a call spawns runs on its connection's
+//! thread, which is why a thread keeps its runtime until the whole process
+//! is done ([`ServingThreads::stop`]), not only until its servers have
+//! drained.
 
 use std::future::Future;
 use std::io;
@@ -26,6 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -133,15 +141,25 @@ fn handshake_failed(cause: &'static str) -> Option<Conn> {
     None
 }
 
+/// Which port a connection came in on, and so which of a serving thread's
+/// servers serves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// gRPC: checks, admin, health, peers, Envoy's services.
+    Grpc,
+    /// HTTP/1.1 forward auth for nginx, Caddy and Traefik.
+    ForwardAuth,
+}
+
 /// Where the accept loop hands what it admits.
 #[derive(Clone)]
 pub enum Destination {
     /// Established on the accepting runtime and served by one server
-    /// there, from this channel (the forward-auth port).
+    /// there, from this channel (`WARDEN_SERVING_THREADS=0`).
     Here(mpsc::Sender<io::Result<Conn>>),
-    /// Established and served on the serving thread with the fewest open
-    /// connections.
-    Threads(Arc<ServingThreads>),
+    /// Established and served, by the server of this port, on the serving
+    /// thread with the fewest open connections.
+    Threads(Arc<ServingThreads>, Port),
 }
 
 impl Destination {
@@ -161,7 +179,7 @@ impl Destination {
                 });
                 true
             }
-            Destination::Threads(threads) => threads.place(admitted),
+            Destination::Threads(threads, port) => threads.place(admitted, *port),
         }
     }
 }
@@ -175,6 +193,14 @@ pub type Serve = dyn Fn(
     + Send
     + Sync;
 
+/// A serving thread's servers, one per port.
+#[derive(Clone)]
+pub struct Servers {
+    pub grpc: Arc<Serve>,
+    /// `Some` with `[forward_auth]`.
+    pub forward_auth: Option<Arc<Serve>>,
+}
+
 /// The serving threads (see the module's doc comment).
 pub struct ServingThreads {
     lanes: Vec<Lane>,
@@ -182,10 +208,10 @@ pub struct ServingThreads {
 }
 
 struct Lane {
-    /// Unbounded here: the gate bounds what the accept loop admits.
-    admitted: mpsc::UnboundedSender<Admitted>,
+    /// Unbounded here: the gate bounds what the accept loops admit.
+    admitted: mpsc::UnboundedSender<(Port, Admitted)>,
     open: Arc<AtomicUsize>,
-    /// Told once the server has drained.
+    /// Told once the thread's servers have drained.
     served: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
     /// Told when the process is done: the thread then drops its runtime.
     stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
@@ -193,27 +219,31 @@ struct Lane {
 }
 
 impl ServingThreads {
-    /// `count` threads, each serving what it is given with `serve`.
-    pub fn start(count: usize, serve: Arc<Serve>) -> io::Result<Arc<Self>> {
+    /// `count` threads, each serving what it is given with `servers`.
+    pub fn start(count: usize, servers: Servers) -> io::Result<Arc<Self>> {
         let (draining, _) = watch::channel(false);
         let mut lanes = Vec::with_capacity(count);
         for n in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (admitted_tx, mut admitted_rx) = mpsc::unbounded_channel::<Admitted>();
+            let (admitted_tx, mut admitted_rx) = mpsc::unbounded_channel::<(Port, Admitted)>();
             let (served_tx, served_rx) = oneshot::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            let mut drain = draining.subscribe();
-            let serve = serve.clone();
+            let drain = draining.subscribe();
+            let servers = servers.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("warden-serving-{n}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        let (conns_tx, conns_rx) = mpsc::channel::<io::Result<Conn>>(128);
+                        let (grpc_tx, grpc_rx) = mpsc::channel::<io::Result<Conn>>(128);
+                        let (forward_tx, forward_rx) = mpsc::channel::<io::Result<Conn>>(128);
                         tokio::spawn(async move {
-                            while let Some(admitted) = admitted_rx.recv().await {
-                                let conns = conns_tx.clone();
+                            while let Some((port, admitted)) = admitted_rx.recv().await {
+                                let conns = match port {
+                                    Port::Grpc => grpc_tx.clone(),
+                                    Port::ForwardAuth => forward_tx.clone(),
+                                };
                                 tokio::spawn(async move {
                                     if let Some(conn) = admitted.establish().await {
                                         let _ = conns.send(Ok(conn)).await;
@@ -221,13 +251,21 @@ impl ServingThreads {
                                 });
                             }
                         });
-                        let drained = Box::pin(async move {
-                            let _ = drain.wait_for(|draining| *draining).await;
-                        });
-                        let server = serve(ReceiverStream::new(conns_rx), drained);
+                        let drained = |mut drain: watch::Receiver<bool>| {
+                            Box::pin(async move {
+                                let _ = drain.wait_for(|draining| *draining).await;
+                            })
+                        };
+                        let grpc =
+                            (servers.grpc)(ReceiverStream::new(grpc_rx), drained(drain.clone()));
+                        let forward_auth = async {
+                            if let Some(serve) = &servers.forward_auth {
+                                serve(ReceiverStream::new(forward_rx), drained(drain)).await;
+                            }
+                        };
                         let mut stop = stop_rx;
                         tokio::select! {
-                            () = server => {
+                            _ = futures_util::future::join(grpc, forward_auth) => {
                                 let _ = served_tx.send(());
                                 let _ = stop.await;
                             }
@@ -255,21 +293,23 @@ impl ServingThreads {
         self.lanes.len()
     }
 
-    /// Hands `admitted` to the thread serving the fewest connections.
-    fn place(&self, mut admitted: Admitted) -> bool {
+    /// Hands `admitted` to the thread serving the fewest connections, of
+    /// either port.
+    fn place(&self, mut admitted: Admitted, port: Port) -> bool {
         let thread = fewest_open(self.lanes.iter().map(|l| l.open.load(Ordering::Relaxed)));
         let lane = &self.lanes[thread];
         admitted.lane = Some(OpenOnLane::take(&lane.open, thread));
-        lane.admitted.send(admitted).is_ok()
+        lane.admitted.send((port, admitted)).is_ok()
     }
 
     /// Every thread stops accepting and drains its connections (HTTP/2
-    /// GOAWAY; calls in flight finish).
+    /// GOAWAY, HTTP/1.1 closed after the answer in flight; calls in flight
+    /// finish).
     pub fn drain(&self) {
         let _ = self.draining.send(true);
     }
 
-    /// Once every thread's server has drained.
+    /// Once every thread's servers have drained.
     pub async fn drained(&self) {
         let served: Vec<_> = self
             .lanes
@@ -300,6 +340,47 @@ impl ServingThreads {
         })
         .await;
     }
+}
+
+/// Serves each connection from `incoming` with `serve` until `drain`
+/// completes; then takes no more, tells each open one to finish (HTTP/2
+/// GOAWAY, or HTTP/1.1 closing after the answer in flight) and returns once
+/// all are closed. The caller bounds how long that may take. The one loop
+/// of both ports' servers.
+pub async fn serve_connections<C>(
+    incoming: ReceiverStream<io::Result<Conn>>,
+    drain: impl Future<Output = ()>,
+    mut serve: impl FnMut(Conn) -> C,
+) where
+    C: GracefulConnection + Send + 'static,
+    C::Error: std::fmt::Display,
+{
+    let open = GracefulShutdown::new();
+    let mut incoming = incoming;
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut drain => break,
+            conn = incoming.next() => conn,
+        };
+        let conn = match conn {
+            Some(Ok(conn)) => conn,
+            Some(Err(_)) => continue,
+            None => break,
+        };
+        let served = open.watch(serve(conn));
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                // A client that closes mid-answer, a protocol error: the
+                // connection's business, not the server's.
+                tracing::debug!(event = "connection_ended", error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // No new connections from here: the ones handed over before the drain
+    // are closed with the rest.
+    drop(incoming);
+    open.shutdown().await;
 }
 
 /// The index of the smallest count, the first of equals.

@@ -62,6 +62,16 @@ impl Server {
         Self::with_config_logging(config, "info")
     }
 
+    /// `warden serve --config FILE` with `envs` set (e.g.
+    /// `WARDEN_SERVING_THREADS`).
+    pub fn with_config_env(config: &Path, envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .envs(envs.iter().copied());
+        Self::start_command(command, config.parent().unwrap().to_owned(), "info")
+    }
+
     /// `warden serve --config FILE` with `RUST_LOG` set to `log`.
     pub fn with_config_logging(config: &Path, log: &str) -> Self {
         let server = Self::with_config_unready(config, log);

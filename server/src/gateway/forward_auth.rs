@@ -20,20 +20,21 @@
 //! same certificates, bounds and caller roles as the gRPC port), or
 //! plaintext HTTP on a loopback address for a gateway on the same host.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::sync::Arc;
 
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
-use tokio::sync::mpsc;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Body, Early, Headers, HttpAnswer, Original};
 use crate::check::CallerIdentity;
 use crate::config::{ForwardAuthSettings, GatewaySettings};
-use crate::conn::{Conn, PeerInfo};
+use crate::conn::Conn;
 use crate::service::warden::WardenService;
 
 /// Who the endpoint's checks run as.
@@ -46,89 +47,58 @@ pub enum Caller {
     Certificate,
 }
 
-/// Serves until `shutdown` resolves. Connections come from the server's
-/// accept loop, under its bounds.
+/// What answering a forward-auth request needs, shared by every
+/// connection of every serving thread.
+pub struct Endpoint {
+    pub service: WardenService,
+    pub settings: ForwardAuthSettings,
+    pub gateway: GatewaySettings,
+    pub caller: Caller,
+}
+
+/// Serves each connection from `incoming` (handed over by the server's
+/// accept loop, under its bounds) with HTTP/1.1 until `drain` completes,
+/// then answers what is in flight and closes them.
+///
+/// No header read timeout: hyper's applies to the wait between a kept-alive
+/// connection's requests too, and would close the upstream connections
+/// nginx pools under it (a race that fails its subrequests). An idle
+/// connection is closed after `idle_timeout` instead, and their number is
+/// bounded by the accept loop.
 pub async fn serve(
-    incoming: ConnListener,
-    caller: Caller,
-    service: WardenService,
-    settings: ForwardAuthSettings,
-    gateway: GatewaySettings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    incoming: ReceiverStream<io::Result<Conn>>,
+    drain: impl Future<Output = ()>,
+    endpoint: Arc<Endpoint>,
 ) {
-    let app = axum::Router::new().fallback(
-        move |ConnectInfo(peer): ConnectInfo<PeerInfo>, headers: HeaderMap| {
-            let (service, settings, gateway, caller) = (
-                service.clone(),
-                settings.clone(),
-                gateway.clone(),
-                caller.clone(),
-            );
+    let http1 = hyper::server::conn::http1::Builder::new();
+    crate::serving::serve_connections(incoming, drain, |conn| {
+        let endpoint = endpoint.clone();
+        let peer = conn.peer().clone();
+        let caller = match &endpoint.caller {
+            Caller::Configured(identity) => identity.clone(),
+            Caller::Certificate => CallerIdentity(peer.identity.clone()),
+        };
+        let requests = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            // A request is activity: the connection is not idle.
+            peer.conn.touch();
+            let (endpoint, caller) = (endpoint.clone(), caller.clone());
             async move {
-                // A request is activity: the connection is not idle.
-                peer.conn.touch();
-                let caller = match caller {
-                    Caller::Configured(identity) => identity,
-                    Caller::Certificate => CallerIdentity(peer.identity.clone()),
-                };
-                answer(&service, &settings, &gateway, &caller, &headers).await
+                let e = &*endpoint;
+                Ok::<_, Infallible>(
+                    answer(
+                        &e.service,
+                        &e.settings,
+                        &e.gateway,
+                        &caller,
+                        request.headers(),
+                    )
+                    .await,
+                )
             }
-        },
-    );
-    let served = axum::serve(
-        incoming,
-        app.into_make_service_with_connect_info::<PeerInfo>(),
-    )
-    .with_graceful_shutdown(shutdown)
+        });
+        http1.serve_connection(TokioIo::new(conn), requests)
+    })
     .await;
-    if let Err(e) = served {
-        tracing::error!(event = "forward_auth_failed", error = %e, "forward-auth listener failed");
-    }
-}
-
-/// The connections the accept loop hands over, as a listener for the HTTP
-/// server.
-pub struct ConnListener {
-    conns: mpsc::Receiver<io::Result<Conn>>,
-    local: SocketAddr,
-}
-
-impl ConnListener {
-    pub fn new(conns: mpsc::Receiver<io::Result<Conn>>, local: SocketAddr) -> Self {
-        Self { conns, local }
-    }
-}
-
-impl Listener for ConnListener {
-    type Io = Conn;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (Conn, PeerInfo) {
-        loop {
-            match self.conns.recv().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.peer().clone();
-                    return (conn, peer);
-                }
-                Some(Err(_)) => continue,
-                // The accept loop stopped: so does the server.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<PeerInfo> {
-        Err(io::Error::other(format!(
-            "a listener of mTLS connections on {}",
-            self.local
-        )))
-    }
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, ConnListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, ConnListener>) -> Self {
-        stream.remote_addr().clone()
-    }
 }
 
 async fn answer(
