@@ -1,21 +1,29 @@
 """Reads the C load generators' output for benches/compare.sh: one JSON line
 per run (req/s, latency quantiles, server CPU), and the ratio table.
 
-    python3 benches/c_loadgen.py h2load LABEL h2load.out h2load.log SECONDS CPU_TICKS CLK_TCK
+    python3 benches/c_loadgen.py h2load LABEL h2load.out h2load.log SECONDS CPU_TICKS CLK_TCK [EXPECTED]
     python3 benches/c_loadgen.py redis-benchmark LABEL out.csv STARTED ENDED CPU_TICKS CLK_TCK
     python3 benches/c_loadgen.py table compare.jsonl
+    python3 benches/c_loadgen.py sign KEY_ID SECRET METHOD PATH    # warden-v1 headers, one per line
+
+EXPECTED is the status class every answer should have (2xx by default);
+any other answer counts as an error.
 """
 
 import csv
+import hashlib
+import hmac
 import json
 import re
+import secrets
 import sys
+import time
 
 
-def h2load(label, out_path, log_path, secs, ticks, hz):
+def h2load(label, out_path, log_path, secs, ticks, hz, expected="2xx"):
     out = open(out_path).read()
-    done = int(re.search(r"(\d+) succeeded", out).group(1))
-    ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+    done = sum(int(n) for n in re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out).groups())
+    ok = int(re.search(rf"(\d+) {expected}", out).group(1))
     # The quantiles come from a second run's --log-file (start µs, status,
     # latency µs per request): the log slows h2load itself (compare.sh).
     lat = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())
@@ -46,9 +54,22 @@ def table(path):
               f"{r['server_cpu_cores']:.2f} | {per:.1f} |")
 
 
+def sign(key_id, secret, method, path):
+    """The warden-v1 signing headers of a request with no query and no body
+    (the scheme in DESIGN.md; the Python client's sign_request, without its
+    dependencies), as h2load -H arguments, one per line."""
+    ts, nonce = str(int(time.time())), secrets.token_hex(16)
+    message = "\n".join(["warden-v1", ts, nonce, method, path, "", hashlib.sha256(b"").hexdigest()])
+    signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+    for name, value in [("X-Key-Id", key_id), ("X-Timestamp", ts), ("X-Nonce", nonce), ("X-Signature", signature)]:
+        print(f"{name}: {value}")
+
+
 if __name__ == "__main__":
     kind, args = sys.argv[1], sys.argv[2:]
     if kind == "table":
         table(*args)
+    elif kind == "sign":
+        sign(*args)
     else:
         print(json.dumps({"h2load": h2load, "redis-benchmark": redis_benchmark}[kind](*args)))

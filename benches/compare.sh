@@ -77,6 +77,20 @@ c_loadgen() {
     '[[keys]]' \
     'id = "wk_h2load"' \
     'policies = ["bench"]' \
+    "secrets = [{ value = \"$secret\" }]" \
+    '[forward_auth]' \
+    'listen = "127.0.0.1:0"' \
+    'identity = "bench.forward-auth"' \
+    '[[callers]]' \
+    'identity = "bench.forward-auth"' \
+    'roles = ["check"]' \
+    '[[policies]]' \
+    'name = "spent"' \
+    'limit = 1' \
+    'period = "1h"' \
+    '[[keys]]' \
+    'id = "wk_forward"' \
+    'policies = ["spent"]' \
     "secrets = [{ value = \"$secret\" }]" > "$tmp/plain.toml"
   target/release/warden serve --config "$tmp/plain.toml" >"$tmp/plain.out" 2>"$tmp/plain.err" &
   plain_pid=$!
@@ -88,7 +102,9 @@ c_loadgen() {
     [ -n "$port" ] && break
     sleep 0.1
   done
-  if [ -z "$port" ]; then
+  local forward_port
+  forward_port=$(sed -n 's/^forward auth on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$tmp/plain.out" 2>/dev/null)
+  if [ -z "$port" ] || [ -z "$forward_port" ]; then
     cat "$tmp/plain.err" >&2
     return 1
   fi
@@ -128,6 +144,38 @@ c_loadgen() {
   }
   h2 "h2load: warden Check, plaintext, 1 conn x 64" 1 64
   h2 "h2load: warden Check, plaintext, 4 conns x 16" 4 16
+
+  # Forward auth, as nginx's auth_request asks it: HTTP/1.1, one request at
+  # a time on each of 64 kept-alive connections, like redis-benchmark's 64.
+  # h2load sends the same request again and again, so it is one that is
+  # over its key's limit (the key's one request an hour spent first): every
+  # answer verifies the signature, looks the nonce up and decides the
+  # limit, and a denied request stores nothing, so it is refused (429) the
+  # same way each time instead of as a replay.
+  local header auth=() spend=()
+  while IFS= read -r header; do spend+=(-H "$header"); done \
+    < <(python3 benches/c_loadgen.py sign wk_forward "$secret" GET /orders)
+  while IFS= read -r header; do auth+=(-H "$header"); done \
+    < <(python3 benches/c_loadgen.py sign wk_forward "$secret" GET /orders)
+  local asked=(-H 'X-Original-Method: GET' -H 'X-Original-URI: /orders')
+  h2load --h1 -n 1 -c 1 "${spend[@]}" "${asked[@]}" "http://127.0.0.1:$forward_port/auth" >"$tmp/spend.out"
+  if ! grep -q "status codes: 1 2xx" "$tmp/spend.out"; then
+    echo "the forward-auth endpoint did not allow the first request:" >&2
+    cat "$tmp/spend.out" "$tmp/plain.err" >&2
+    return 1
+  fi
+  echo "== h2load: warden forward auth, HTTP/1.1, 64 conns (for ${secs}s, then ${secs}s more for its latencies)" >&2
+  rm -f "$tmp/h2.log"
+  local before after
+  local run=(h2load --h1 -D "$secs" -c 64 -t 1 "${auth[@]}" "${asked[@]}"
+    "http://127.0.0.1:$forward_port/auth")
+  before=$(cpu_ticks "$plain_pid")
+  "${run[@]}" >"$tmp/h2.out"
+  after=$(cpu_ticks "$plain_pid")
+  "${run[@]}" --log-file "$tmp/h2.log" >/dev/null
+  python3 benches/c_loadgen.py h2load "h2load: warden forward auth, HTTP/1.1, 64 conns (429)" \
+    "$tmp/h2.out" "$tmp/h2.log" "$secs" "$((after - before))" "$(getconf CLK_TCK)" 4xx \
+    | tee -a "$out/compare.jsonl"
   kill "$plain_pid" 2>/dev/null || true
   plain_pid=""
 

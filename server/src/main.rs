@@ -322,6 +322,15 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
     } else {
         "PLAINTEXT, loopback only"
     };
+    if let Some((forward_auth, tls)) = bound.forward_auth_addr() {
+        let mode = if tls {
+            "mTLS"
+        } else {
+            "PLAINTEXT, loopback only"
+        };
+        tracing::info!(event = "forward_auth_listening", addr = %forward_auth, mode, "forward auth is serving");
+        println!("forward auth on {forward_auth} ({mode})");
+    }
     tracing::info!(event = "listening", %addr, mode, "warden is serving");
     // Tests and scripts wait for this exact line on stdout.
     println!("listening on {addr} ({mode})");

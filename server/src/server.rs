@@ -358,6 +358,14 @@ impl Bound {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// The forward-auth port's address (with `[forward_auth]`), and
+    /// whether it serves mTLS.
+    pub fn forward_auth_addr(&self) -> Option<(SocketAddr, bool)> {
+        let listener = self.forward_auth_listener.as_ref()?;
+        let tls = self.app.config.forward_auth.as_ref().is_some_and(|f| f.tls);
+        listener.local_addr().ok().map(|addr| (addr, tls))
+    }
+
     pub fn is_tls(&self) -> bool {
         self.app.tls.is_some()
     }
