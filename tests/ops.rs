@@ -554,6 +554,64 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
     }
 }
 
+/// A client flooding warden with requests it knows will be refused cannot
+/// make it write a log line for each: at most `max_denial_log_lines` a
+/// second are written, every other denial is counted, and how many were
+/// not written is logged with the first line of a later second. Before
+/// session 42 every denial was a line: 16 MB of logs a second at 60,000
+/// refusals a second.
+#[tokio::test]
+async fn a_flood_of_denied_checks_writes_a_bounded_number_of_log_lines() {
+    let dir = ConfigDir::new();
+    let server = dir.start(&format!(
+        "[server]\nmax_denial_log_lines = 5\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n\n[[keys]]\nid = \"wk_flooder\"\npolicies = [\"one\"]\nsecrets = [{{ value = \"{SECRET}\" }}]\n"
+    ));
+    let mut client = dir.client(&server).await;
+    let answer = client.check(request("wk_flooder")).await.unwrap();
+    assert_eq!(answer.reason(), Reason::Ok, "{answer:?}");
+
+    let flood = 300;
+    let started = std::time::Instant::now();
+    for _ in 0..flood {
+        let answer = client.check(request("wk_flooder")).await.unwrap();
+        assert_eq!(answer.reason(), Reason::RateLimited, "{answer:?}");
+    }
+    let flood_seconds = started.elapsed().as_secs() + 1;
+    // A second later, the next denial is logged, after the count of those
+    // that were not.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let answer = client.check(request("wk_flooder")).await.unwrap();
+    assert_eq!(answer.reason(), Reason::RateLimited, "{answer:?}");
+    server.wait_for_log("check_denials_not_logged");
+
+    let logs = server.logs();
+    let events = |event: &str| {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["event"] == event)
+            .collect::<Vec<_>>()
+    };
+    let written = events("check_denied").len() as u64;
+    let reported: u64 = events("check_denials_not_logged")
+        .iter()
+        .map(|l| l["skipped"].as_u64().unwrap())
+        .sum();
+    let (_, metrics) = server.http_get("/metrics");
+    let skipped = sample(&metrics, "warden_denial_log_lines_skipped_total") as u64;
+    let denied = sample(
+        &metrics,
+        "warden_checks_total{decision=\"deny\",reason=\"rate_limited\"}",
+    ) as u64;
+    assert_eq!(denied, flood + 1, "every denial is still counted");
+    assert_eq!(written + skipped, flood + 1, "{written} written");
+    assert!(
+        written <= 5 * (flood_seconds + 1),
+        "{written} lines in {flood_seconds} s and one more"
+    );
+    assert_eq!(reported, skipped, "the skipped lines are all reported");
+    assert!(skipped > 0);
+}
+
 #[test]
 fn config_check_validates_without_serving() {
     let dir = ConfigDir::new();

@@ -43,6 +43,7 @@ mod gateway;
 mod http2;
 mod key_admin;
 pub mod keys;
+mod log_budget;
 pub mod metrics;
 pub mod model;
 mod private_file;

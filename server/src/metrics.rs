@@ -68,6 +68,10 @@ fn describe() {
         "Calls ended because their request did not arrive in time or the memory for requests being waited for was full, by cause."
     );
     describe_counter!(
+        "warden_denial_log_lines_skipped_total",
+        "Denied checks not logged: past [server] max_denial_log_lines a second."
+    );
+    describe_counter!(
         "warden_caller_denied_total",
         "Calls refused because the caller lacks a role."
     );
@@ -227,6 +231,7 @@ fn zero_counters() {
     }
     metrics::gauge!("warden_clock_held_seconds").set(0.0);
     counter!("warden_caller_denied_total").absolute(0);
+    counter!("warden_denial_log_lines_skipped_total").absolute(0);
     counter!("warden_alert_subjects_evicted_total").absolute(0);
 }
 

@@ -42,6 +42,7 @@ use crate::gateway::forward_auth::{Caller, Endpoint};
 use crate::gateway::ratelimit::EnvoyRateLimit;
 use crate::key_admin::{KeyAdmin, load_key, rebuild_keys};
 use crate::keys::KeyRing;
+use crate::log_budget::LineBudget;
 use crate::request_wait::RequestWaits;
 use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
@@ -529,6 +530,7 @@ impl Bound {
             app.alerts.clone(),
             app.audit.clone(),
             admission.clone(),
+            LineBudget::new(settings.max_denial_log_lines),
         );
         // The forward-auth port: its connections come through an accept
         // loop like the gRPC port's, under a share of the connection bound

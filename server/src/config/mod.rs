@@ -123,6 +123,15 @@ fn server_settings(f: ServerFile, check: &CheckSettings) -> Result<ServerSetting
             ));
         }
     };
+    if let Some(n) = f.max_denial_log_lines {
+        if n > 1_000_000 {
+            return Err(bad(
+                "server.max_denial_log_lines",
+                "must be at most 1000000 (0 logs no denial)",
+            ));
+        }
+        s.max_denial_log_lines = n;
+    }
     if let Some(d) = f.drain_delay {
         s.drain_delay = d;
     }
@@ -1116,12 +1125,24 @@ mod tests {
                 ),
                 "server.max_waiting_request_bytes",
             ),
+            (
+                format!("{TLS}[server]\nmax_denial_log_lines = 1000001\n"),
+                "server.max_denial_log_lines",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with(field), "{err:?} should name {field}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn denial_log_lines_are_a_thousand_a_second_unless_set_and_zero_logs_none() {
+        assert_eq!(parse(TLS).unwrap().server.max_denial_log_lines, 1000);
+        assert_eq!(ServerSettings::default().max_denial_log_lines, 1000);
+        let none = parse(&format!("{TLS}[server]\nmax_denial_log_lines = 0\n")).unwrap();
+        assert_eq!(none.server.max_denial_log_lines, 0);
     }
 
     /// The memory bound on requests being waited for grows with the largest

@@ -177,6 +177,10 @@ pub struct ServerFile {
     /// answered RESOURCE_EXHAUSTED. Default 64 MiB (or four of the largest
     /// messages, if more).
     pub max_waiting_request_bytes: Option<usize>,
+    /// Denied checks logged a second (`event=check_denied`); past it they
+    /// are counted and the count logged once the second is over. 0 logs
+    /// none. Default 1000.
+    pub max_denial_log_lines: Option<u32>,
     /// After SIGTERM: report NOT_SERVING for this long while still serving,
     /// so load balancers stop sending traffic. Default "0s".
     #[serde(default, with = "humantime_serde")]

@@ -216,6 +216,8 @@ pub struct ServerSettings {
     /// accepted (the config's default grows with it, see
     /// [`default_waiting_request_bytes`]).
     pub max_waiting_request_bytes: usize,
+    /// Denied checks logged a second (see [`crate::log_budget`]).
+    pub max_denial_log_lines: u32,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
 }
@@ -243,6 +245,7 @@ impl Default for ServerSettings {
             max_waiting_request_bytes: default_waiting_request_bytes(
                 CheckSettings::default().largest_message(),
             ),
+            max_denial_log_lines: 1000,
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }

@@ -22,6 +22,7 @@ use crate::audit::{AuditLog, Event, Subject};
 use crate::check::{Answer, CallerIdentity, CheckError, Checker, Pending, Step};
 use crate::cluster::ClusterState;
 use crate::engine::Outcome;
+use crate::log_budget::{Line, LineBudget};
 use crate::webhooks::SignRefusal;
 use warden_client::codec::decode_check_request;
 
@@ -34,6 +35,8 @@ pub struct WardenService {
     alerts: Arc<Alerts>,
     audit: Option<Arc<AuditLog>>,
     admission: Admission,
+    /// `check_denied` lines a second, whichever face the checks came by.
+    denial_lines: Arc<LineBudget>,
 }
 
 impl WardenService {
@@ -43,6 +46,7 @@ impl WardenService {
         alerts: Arc<Alerts>,
         audit: Option<Arc<AuditLog>>,
         admission: Admission,
+        denial_lines: LineBudget,
     ) -> Self {
         Self {
             checker,
@@ -50,6 +54,7 @@ impl WardenService {
             alerts,
             audit,
             admission,
+            denial_lines: Arc::new(denial_lines),
         }
     }
 }
@@ -128,6 +133,7 @@ impl WardenService {
             checker: &self.checker,
             alerts: &self.alerts,
             audit: self.audit.as_deref(),
+            denial_lines: &self.denial_lines,
         }
     }
 
@@ -158,6 +164,7 @@ struct Context<'a> {
     checker: &'a Checker,
     alerts: &'a Alerts,
     audit: Option<&'a AuditLog>,
+    denial_lines: &'a LineBudget,
 }
 
 /// A state step decided by this process's engine, at the instant the
@@ -445,15 +452,27 @@ fn conclude(
                             .unwrap_or_else(|| "-".to_owned()),
                     });
                 }
-                tracing::info!(
-                    event = "check_denied",
-                    key_id = decision.key_id.as_deref().unwrap_or("-"),
-                    caller = caller.as_str(),
-                    reason = reason_name(r.reason()),
-                    request_id,
-                    message = %r.message,
-                    "check denied"
-                );
+                let line = ctx.denial_lines.line(crate::conn::monotonic_ms());
+                if let Line::AfterSkipping(skipped) = line {
+                    tracing::warn!(
+                        event = "check_denials_not_logged",
+                        skipped,
+                        "denied checks past [server] max_denial_log_lines a second were counted, not logged (warden_checks_total counts every one)"
+                    );
+                }
+                if line == Line::Skip {
+                    metrics::counter!("warden_denial_log_lines_skipped_total").increment(1);
+                } else {
+                    tracing::info!(
+                        event = "check_denied",
+                        key_id = decision.key_id.as_deref().unwrap_or("-"),
+                        caller = caller.as_str(),
+                        reason = reason_name(r.reason()),
+                        request_id,
+                        message = %r.message,
+                        "check denied"
+                    );
+                }
             }
             Ok(decision.response)
         }
