@@ -6,9 +6,8 @@
 //! one line per request: 16 MB a second at 60,000 refusals a second, into
 //! the log pipeline of whoever runs it, and 2–3 µs of server CPU per
 //! refusal on top of the check's 15 (session 42, forward auth). The lines
-//! past the budget are
-//! counted, not written; the count is logged once the second is over, and
-//! `warden_checks_total` still counts every decision.
+//! past the budget are counted, not written; the count is logged once the
+//! second is over, and `warden_checks_total` still counts every decision.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
