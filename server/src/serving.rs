@@ -14,9 +14,10 @@
 //!
 //! The forward-auth port's connections (nginx `auth_request` and the
 //! like) are served the same way, by a server of their own on each thread
-//! ([`Port`]): on the main runtime's two workers they cost 17.7 µs of
-//! server CPU per answer against 13.1 µs on one (h2load over HTTP/1.1, 16
-//! connections, `benches/HISTORY.md`, session 42).
+//! ([`Port`]): on the main runtime's workers an answer cost 19.5–20.0 µs
+//! of server CPU against 14.6–14.8 µs here (h2load over HTTP/1.1, 16
+//! connections, a signed request over its limit; `benches/HISTORY.md`,
+//! session 42).
 //!
 //! What runs where: the accept loops and the background loops stay on the
 //! process's main runtime. A task a call spawns runs on its connection's
