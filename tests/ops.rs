@@ -545,6 +545,11 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
 
     let logs = server.logs();
     assert!(logs.contains("check_denied"), "the denials were logged");
+    for line in logs.lines() {
+        if let Err(twice) = keys_once(line) {
+            panic!("{twice:?} twice in a log line (strict JSON parsers refuse it): {line}");
+        }
+    }
     assert!(!logs.contains(SECRET), "secret in the log");
     assert!(!logs.contains(body_marker), "body in the log");
     assert!(!logs.contains("card=4111"), "query in the log");
@@ -552,6 +557,33 @@ async fn secrets_signatures_and_bodies_never_reach_the_log() {
     for sig in signatures.iter().filter(|s| !s.is_empty()) {
         assert!(!logs.contains(sig.as_str()), "signature {sig} in the log");
     }
+}
+
+/// Whether a log line is a JSON object with each key once; the key given
+/// twice if not. (serde_json keeps the last of two keys silently;
+/// Elasticsearch, for one, refuses the document.)
+fn keys_once(line: &str) -> Result<(), String> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Result<(), String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut twice = Ok(());
+            while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                if !seen.insert(key.clone()) {
+                    twice = Err(key);
+                }
+            }
+            Ok(twice)
+        }
+    }
+    serde_json::Deserializer::from_str(line)
+        .deserialize_map(Keys)
+        .unwrap_or_else(|e| Err(format!("not a JSON object: {e}")))
 }
 
 /// A client flooding warden with requests it knows will be refused cannot

@@ -469,7 +469,10 @@ fn conclude(
                         caller = caller.as_str(),
                         reason = reason_name(r.reason()),
                         request_id,
-                        message = %r.message,
+                        // Not `message`: that is the line's own, and a
+                        // JSON line with a key twice is refused by strict
+                        // parsers (Elasticsearch's among them).
+                        detail = %r.message,
                         "check denied"
                     );
                 }
