@@ -26,6 +26,18 @@ fn tls_config(port: u16) -> String {
     config_with(port, "tls = true")
 }
 
+/// As nginx should be configured: refusals without a body, which
+/// `auth_request` never passes on and which would make it close its
+/// kept-alive connection to warden after each.
+fn nginx_config(port: u16, tls: bool) -> String {
+    let mode = if tls {
+        "tls = true"
+    } else {
+        r#"identity = "nginx.forward-auth""#
+    };
+    config_with(port, &format!("{mode}\ndenial_body = false"))
+}
+
 fn config_with(port: u16, mode: &str) -> String {
     format!(
         r#"[[callers]]
@@ -431,9 +443,12 @@ impl Nginx {
         let (port, upstream) = (free_port(), free_port());
         let prefix = dir.join("nginx");
         std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        // Through an upstream of kept-alive connections, as the README
+        // advises: a new connection per request costs a TCP (and TLS)
+        // handshake each.
         let auth = if tls {
             format!(
-                r#"proxy_pass https://127.0.0.1:{auth_port}/auth;
+                r#"proxy_pass https://warden/auth;
             proxy_ssl_certificate {d}/nginx.pem;
             proxy_ssl_certificate_key {d}/nginx-key.pem;
             proxy_ssl_trusted_certificate {d}/ca.pem;
@@ -443,7 +458,7 @@ impl Nginx {
                 d = dir.display()
             )
         } else {
-            format!("proxy_pass http://127.0.0.1:{auth_port}/auth;")
+            "proxy_pass http://warden/auth;".to_owned()
         };
         let conf = format!(
             r#"daemon off;
@@ -459,6 +474,10 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
+    upstream warden {{
+        server 127.0.0.1:{auth_port};
+        keepalive 16;
+    }}
     server {{
         listen 127.0.0.1:{upstream};
         location / {{ return 200 "upstream ok for $http_x_warden_key_id\n"; }}
@@ -477,6 +496,8 @@ http {{
         location = /_warden {{
             internal;
             {auth}
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-Method $request_method;
@@ -532,11 +553,11 @@ impl Drop for Nginx {
 fn nginx_with_auth_request_lets_signed_requests_through_and_refuses_the_rest() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
-    let _server: Server = dir.start(&config(auth_port));
+    let server: Server = dir.start(&nginx_config(auth_port, false));
     let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
         return;
     };
-    through_nginx(&nginx);
+    through_nginx(&nginx, &server);
 }
 
 #[test]
@@ -544,14 +565,14 @@ fn nginx_reaches_the_endpoint_over_mtls_with_its_own_certificate() {
     let dir = ConfigDir::new();
     dir.client_tls("nginx", "nginx", &["spiffe://test/nginx"]);
     let auth_port = free_port();
-    let _server: Server = dir.start(&tls_config(auth_port));
+    let server: Server = dir.start(&nginx_config(auth_port, true));
     let Some(nginx) = Nginx::start(dir.path(), auth_port, true) else {
         return;
     };
-    through_nginx(&nginx);
+    through_nginx(&nginx, &server);
 }
 
-fn through_nginx(nginx: &Nginx) {
+fn through_nginx(nginx: &Nginx, server: &Server) {
     let addr = format!("127.0.0.1:{}", nginx.port);
 
     let first = signed("GET", "/orders/7");
@@ -590,6 +611,19 @@ fn through_nginx(nginx: &Nginx) {
         headers["retry-after"].parse::<u64>().unwrap() > 0,
         "{headers:?}"
     );
+    // nginx asked all of these over one connection it kept open (the
+    // upstream's keepalive), not a connection and handshake each: with
+    // refusals' bodies it closed it after each refusal (a TLS handshake
+    // per refused request, counted against its address's handshakes).
+    let open: u64 = (0..2)
+        .map(|t| {
+            support::metric(
+                server,
+                &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(open, 1, "warden's open connections from nginx");
 }
 
 #[test]
@@ -760,4 +794,38 @@ fn the_endpoints_connections_are_spread_over_the_serving_threads() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `denial_body = false`: a refusal is its status and headers alone (what
+/// nginx's `auth_request` reads), and the same connection goes on.
+#[test]
+fn without_denial_bodies_a_refusal_is_its_status_and_headers_alone() {
+    let dir = ConfigDir::new();
+    let port = free_port();
+    let _server = Server::with_config(&dir.write_config(&nginx_config(port, false)));
+    let mut kept = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut ask = |headers: Vec<(&'static str, String)>| {
+        let text = request_text("GET", "/auth", &asking("GET", "/orders", headers))
+            .replace("Connection: close\r\n", "");
+        kept.write_all(text.as_bytes()).unwrap();
+        let mut answer = [0; 4096];
+        let n = kept.read(&mut answer).unwrap();
+        parse_response(&String::from_utf8_lossy(&answer[..n]))
+    };
+    for _ in 0..3 {
+        let (status, _, body) = ask(signed("GET", "/orders"));
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, headers, body) = ask(signed("GET", "/orders"));
+    assert_eq!(status, 429);
+    assert_eq!(body, "");
+    assert_eq!(headers["content-length"], "0");
+    assert!(
+        headers["retry-after"].parse::<u64>().unwrap() > 0,
+        "{headers:?}"
+    );
+    let (status, _, body) = ask(Vec::new());
+    assert_eq!((status, body.as_str()), (401, ""));
 }

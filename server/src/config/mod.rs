@@ -396,6 +396,7 @@ fn forward_auth_settings(
             .client_address_header
             .map(|h| header("forward_auth.client_address_header", Some(h), ""))
             .transpose()?,
+        denial_body: f.denial_body.unwrap_or(true),
     })
 }
 

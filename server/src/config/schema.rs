@@ -238,6 +238,11 @@ pub struct ForwardAuthFile {
     /// Header carrying the end client's address, for failure budgets
     /// (e.g. "X-Real-IP"). Default: none.
     pub client_address_header: Option<String>,
+    /// Whether a refusal carries its JSON body. Caddy and Traefik pass it
+    /// on to the client; nginx's `auth_request` never does, and closes its
+    /// kept-alive connection to warden after every answer with a body, so
+    /// give nginx false. Default true.
+    pub denial_body: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

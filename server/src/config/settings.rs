@@ -121,6 +121,9 @@ pub struct ForwardAuthSettings {
     pub method_header: String,
     pub uri_header: String,
     pub client_address_header: Option<String>,
+    /// Whether a refusal carries its JSON body (nginx: false, so that it
+    /// keeps its connections to warden).
+    pub denial_body: bool,
 }
 
 /// What the gateway faces add to a request (`[gateway]`).

@@ -108,6 +108,17 @@ async fn answer(
     caller: &CallerIdentity,
     headers: &HeaderMap,
 ) -> Response {
+    let answer = decide(service, settings, gateway, caller, headers).await;
+    http(answer, settings.denial_body)
+}
+
+async fn decide(
+    service: &WardenService,
+    settings: &ForwardAuthSettings,
+    gateway: &GatewaySettings,
+    caller: &CallerIdentity,
+    headers: &HeaderMap,
+) -> HttpAnswer {
     // Given twice, one of them is the client's (a gateway that adds its
     // own instead of replacing the client's), and which one the gateway
     // acted on is not known.
@@ -141,33 +152,34 @@ async fn answer(
     let req = match super::check_request(&original, gateway) {
         Ok(req) => req,
         Err(Early::Misconfigured(why)) => return misconfigured(why),
-        Err(early) => return http(super::early_answer(&early)),
+        Err(early) => return super::early_answer(&early),
     };
     match service.check_as(req, caller).await {
-        Ok(response) => http(super::answer(&response)),
+        Ok(response) => super::answer(&response),
         // A caller without the check role is refused for good: a 403 with
         // no Retry-After, which would have it ask again every second.
-        Err(status) if status.code() == tonic::Code::PermissionDenied => http(HttpAnswer {
+        Err(status) if status.code() == tonic::Code::PermissionDenied => HttpAnswer {
             status: 403,
             headers: Vec::new(),
             ..super::cannot_check_now()
-        }),
-        Err(_) => http(super::cannot_check_now()),
+        },
+        Err(_) => super::cannot_check_now(),
     }
 }
 
-fn misconfigured(why: String) -> Response {
+fn misconfigured(why: String) -> HttpAnswer {
     tracing::warn!(
         event = "forward_auth_misconfigured",
         why,
         "a forward-auth request lacks what the gateway must send"
     );
-    http(super::early_answer(&Early::Misconfigured(why)))
+    super::early_answer(&Early::Misconfigured(why))
 }
 
 /// The answer as an HTTP response: the caller headers for
-/// `auth_request_set`, the client's headers, the JSON body on a denial.
-fn http(answer: HttpAnswer) -> Response {
+/// `auth_request_set`, the client's headers, and on a denial the JSON body
+/// unless `[forward_auth] denial_body = false`.
+fn http(answer: HttpAnswer, denial_body: bool) -> Response {
     let mut out = HeaderMap::new();
     for (name, value) in &answer.headers {
         if let (Ok(n), Ok(v)) = (
@@ -185,7 +197,7 @@ fn http(answer: HttpAnswer) -> Response {
         }
     }
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
-    match answer.body {
+    match answer.body.filter(|_| denial_body) {
         Some(body) => {
             out.insert(
                 axum::http::header::CONTENT_TYPE,
