@@ -615,14 +615,7 @@ fn through_nginx(nginx: &Nginx, server: &Server) {
     // upstream's keepalive), not a connection and handshake each: with
     // refusals' bodies it closed it after each refusal (a TLS handshake
     // per refused request, counted against its address's handshakes).
-    let open: u64 = (0..2)
-        .map(|t| {
-            support::metric(
-                server,
-                &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
-            )
-        })
-        .sum();
+    let open: u64 = support::per_serving_thread(server, 2).iter().sum();
     assert_eq!(open, 1, "warden's open connections from nginx");
 }
 
@@ -748,16 +741,7 @@ fn the_endpoints_connections_are_spread_over_the_serving_threads() {
         &[("WARDEN_SERVING_THREADS", "2")],
     );
     let addr = format!("127.0.0.1:{port}");
-    let per_thread = || {
-        (0..2)
-            .map(|t| {
-                support::metric(
-                    &server,
-                    &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
+    let per_thread = || support::per_serving_thread(&server, 2);
     assert_eq!(per_thread(), [0, 0]);
     let ask = |kept: &mut std::net::TcpStream| {
         let text = request_text(

@@ -50,18 +50,6 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Connections open on each serving thread, as `/metrics` has them.
-fn per_serving_thread(server: &Server, threads: usize) -> Vec<u64> {
-    (0..threads)
-        .map(|t| {
-            support::metric(
-                server,
-                &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
-            )
-        })
-        .collect()
-}
-
 /// A connection is served on one thread, start to end; a new one goes to
 /// the thread serving the fewest, so that busy connections are not piled
 /// on one core while another idles, and a thread a closed connection
@@ -69,7 +57,7 @@ fn per_serving_thread(server: &Server, threads: usize) -> Vec<u64> {
 #[tokio::test]
 async fn a_new_connection_goes_to_the_serving_thread_serving_the_fewest() {
     let server = Server::dev_with_env(&[("WARDEN_SERVING_THREADS", "2")]);
-    assert_eq!(per_serving_thread(&server, 2), [0, 0]);
+    assert_eq!(support::per_serving_thread(&server, 2), [0, 0]);
     let mut first = server.client().await;
     first
         .check(server.signer().check_request("GET", "/", "", b""))
@@ -80,15 +68,15 @@ async fn a_new_connection_goes_to_the_serving_thread_serving_the_fewest() {
         .check(server.signer().check_request("GET", "/", "", b""))
         .await
         .unwrap();
-    assert_eq!(per_serving_thread(&server, 2), [1, 1]);
+    assert_eq!(support::per_serving_thread(&server, 2), [1, 1]);
 
     drop(first);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while per_serving_thread(&server, 2) != [0, 1] {
+    while support::per_serving_thread(&server, 2) != [0, 1] {
         assert!(
             std::time::Instant::now() < deadline,
             "the closed connection is still counted: {:?}",
-            per_serving_thread(&server, 2)
+            support::per_serving_thread(&server, 2)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -98,7 +86,7 @@ async fn a_new_connection_goes_to_the_serving_thread_serving_the_fewest() {
         .await
         .unwrap();
     assert_eq!(answer.decision(), Decision::Allow, "{answer:?}");
-    assert_eq!(per_serving_thread(&server, 2), [1, 1]);
+    assert_eq!(support::per_serving_thread(&server, 2), [1, 1]);
     // Both threads answer: the second connection still does.
     let answer = second
         .check(server.signer().check_request("GET", "/", "", b""))

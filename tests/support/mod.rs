@@ -1181,6 +1181,19 @@ impl DiskTrouble {
 
 /// The value of one metric line (`name` with its labels, as exported) on
 /// `server`'s metrics listener; 0 if absent.
+/// `warden_serving_thread_connections` of each of `threads` serving
+/// threads: the connections open on each.
+pub fn per_serving_thread(server: &Server, threads: usize) -> Vec<u64> {
+    (0..threads)
+        .map(|t| {
+            metric(
+                server,
+                &format!("warden_serving_thread_connections{{thread=\"{t}\"}}"),
+            )
+        })
+        .collect()
+}
+
 pub fn metric(server: &Server, name: &str) -> u64 {
     let (_, body) = server.http_get("/metrics");
     body.lines()
