@@ -537,27 +537,27 @@ impl Bound {
         // of their own (a flood of idle ones, from any local process on
         // loopback, is closed at its bound instead of taking what the gRPC
         // port needs), and are served on the serving threads too.
-        let forward_auth = match (
+        let (forward_auth, forward_auth_serve) = match (
             forward_auth_listener,
             app.config.forward_auth.clone(),
             app.forward_auth_gate.clone(),
         ) {
-            (Some(listener), Some(settings), Some(gate)) => {
+            (Some(listener), Some(forward), Some(gate)) => {
                 // Over mTLS, the same handshake limits and caller
                 // identities as the gRPC port.
-                let tls = match (&app.tls, settings.tls) {
+                let tls = match (&app.tls, forward.tls) {
                     (Some(tls), true) => Some((tls.clone(), Protocol::Http1)),
                     _ => None,
                 };
                 let caller = match tls {
                     Some(_) => Caller::Certificate,
                     None => Caller::Configured(crate::check::CallerIdentity(
-                        settings.identity.as_deref().map(Into::into),
+                        forward.identity.as_deref().map(Into::into),
                     )),
                 };
                 let endpoint = Arc::new(Endpoint {
                     service: checks.clone(),
-                    settings,
+                    settings: forward,
                     gateway: app.config.gateway.clone(),
                     caller,
                 });
@@ -568,9 +568,9 @@ impl Bound {
                         endpoint.clone(),
                     ))
                 });
-                Some((listener, tls, gate, serve))
+                (Some((listener, tls, gate)), Some(serve))
             }
-            _ => None,
+            _ => (None, None),
         };
         // The Envoy faces share the Check pipeline and the in-flight bound.
         // The calls made once per request are read and answered by `Unary`,
@@ -670,10 +670,6 @@ impl Bound {
                 waits.clone(),
             ))
         });
-        let (forward_auth, forward_auth_serve) = match forward_auth {
-            Some((listener, tls, gate, serve)) => (Some((listener, tls, gate)), Some(serve)),
-            None => (None, None),
-        };
         // WARDEN_SERVING_THREADS=0: every connection on the main runtime's
         // work-stealing workers, as before serving threads (to compare).
         let threads = match crate::serving::thread_count() {
