@@ -317,17 +317,17 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         dev::record_address(setup, addr).map_err(runtime)?;
         print_dev_banner(setup, addr);
     }
-    let mode = if bound.is_tls() {
-        "mTLS"
-    } else {
-        "PLAINTEXT, loopback only"
-    };
-    if let Some((forward_auth, tls)) = bound.forward_auth_addr() {
-        let mode = if tls {
+    // What a listener serves, as its line on stdout says.
+    let transport = |tls: bool| {
+        if tls {
             "mTLS"
         } else {
             "PLAINTEXT, loopback only"
-        };
+        }
+    };
+    let mode = transport(bound.is_tls());
+    if let Some((forward_auth, tls)) = bound.forward_auth_addr() {
+        let mode = transport(tls);
         tracing::info!(event = "forward_auth_listening", addr = %forward_auth, mode, "forward auth is serving");
         println!("forward auth on {forward_auth} ({mode})");
     }
