@@ -28,14 +28,19 @@ fn tls_config(port: u16) -> String {
 
 /// As nginx should be configured: refusals without a body, which
 /// `auth_request` never passes on and which would make it close its
-/// kept-alive connection to warden after each.
+/// kept-alive connection to warden after each; and in statuses it passes
+/// on (401, 403), any other being an error to it that closes the client's
+/// connection.
 fn nginx_config(port: u16, tls: bool) -> String {
     let mode = if tls {
         "tls = true"
     } else {
         r#"identity = "nginx.forward-auth""#
     };
-    config_with(port, &format!("{mode}\ndenial_body = false"))
+    config_with(
+        port,
+        &format!("{mode}\ndenial_body = false\nauth_request_statuses = true"),
+    )
 }
 
 fn config_with(port: u16, mode: &str) -> String {
@@ -157,6 +162,45 @@ fn exchange(
     let mut raw = String::new();
     stream.read_to_string(&mut raw).unwrap();
     parse_response(&raw)
+}
+
+/// One HTTP/1.1 connection kept open across requests, as nginx keeps its
+/// connections to warden, and a client its connection to nginx.
+struct Kept(std::io::BufReader<std::net::TcpStream>);
+
+impl Kept {
+    fn connect(addr: &str) -> Self {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self(std::io::BufReader::new(stream))
+    }
+
+    /// One request on the connection: the status, headers (lower-case
+    /// names) and body, read to its `Content-Length`.
+    fn ask(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> (u16, HashMap<String, String>, String) {
+        use std::io::BufRead;
+        let text = request_text(method, path, headers).replace("Connection: close\r\n", "");
+        self.0.get_mut().write_all(text.as_bytes()).unwrap();
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            let n = self.0.read_line(&mut head).unwrap();
+            assert!(n > 0, "the connection was closed after: {head:?}");
+        }
+        let (status, headers, _) = parse_response(&head);
+        let length = headers
+            .get("content-length")
+            .map_or(0, |l| l.parse().unwrap());
+        let mut body = vec![0; length];
+        self.0.read_exact(&mut body).unwrap();
+        (status, headers, String::from_utf8(body).unwrap())
+    }
 }
 
 fn parse_response(raw: &str) -> (u16, HashMap<String, String>, String) {
@@ -423,6 +467,7 @@ fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
 struct Nginx {
     child: Child,
     port: u16,
+    prefix: std::path::PathBuf,
 }
 
 impl Nginx {
@@ -487,9 +532,9 @@ http {{
         location / {{
             auth_request /_warden;
             auth_request_set $warden_key_id $upstream_http_x_warden_key_id;
-            auth_request_set $warden_status $upstream_status;
+            auth_request_set $warden_status $upstream_http_x_warden_status;
             auth_request_set $warden_retry_after $upstream_http_retry_after;
-            error_page 500 = @warden_refused;
+            error_page 403 500 = @warden_refused;
             proxy_set_header X-Warden-Key-Id $warden_key_id;
             proxy_pass http://127.0.0.1:{upstream};
         }}
@@ -504,17 +549,21 @@ http {{
             proxy_set_header X-Original-URI $request_uri;
             proxy_set_header X-Real-IP $remote_addr;
         }}
-        # auth_request passes 401 and 403 on; other answers are errors,
-        # turned back into warden's 429 here.
+        # warden answers a refusal 401, or 403 with the status it means
+        # in X-Warden-Status (auth_request_statuses), answered here; 500:
+        # warden could not be asked.
         location @warden_refused {{
+            add_header Retry-After $warden_retry_after always;
             if ($warden_status = 429) {{
-                add_header Retry-After $warden_retry_after always;
                 return 429 "Too many requests.\n";
             }}
-            if ($warden_status = 400) {{
-                return 400;
+            if ($warden_status = 403) {{
+                return 403 "Forbidden.\n";
             }}
-            return 503;
+            if ($warden_status = 400) {{
+                return 400 "Bad request.\n";
+            }}
+            return 503 "Try again later.\n";
         }}
     }}
 }}
@@ -538,7 +587,18 @@ http {{
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(Self { child, port })
+        Some(Self {
+            child,
+            port,
+            prefix,
+        })
+    }
+}
+
+impl Nginx {
+    /// nginx's error log so far.
+    fn errors(&self) -> String {
+        std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap()
     }
 }
 
@@ -573,14 +633,26 @@ fn nginx_reaches_the_endpoint_over_mtls_with_its_own_certificate() {
 }
 
 fn through_nginx(nginx: &Nginx, server: &Server) {
-    let addr = format!("127.0.0.1:{}", nginx.port);
+    // One client connection for every request, allowed or refused, as a
+    // client keeps it: nginx closes it after an answer it takes for the
+    // auth endpoint failing (any refusal but 401 and 403).
+    let mut client = Kept::connect(&format!("127.0.0.1:{}", nginx.port));
+    let mut ask = |path: &str, headers: &[(&str, String)]| {
+        let (status, headers, body) = client.ask("GET", path, headers);
+        assert_ne!(
+            headers.get("connection").map(String::as_str),
+            Some("close"),
+            "{status}: {body}"
+        );
+        (status, headers, body)
+    };
 
     let first = signed("GET", "/orders/7");
-    let (status, _, body) = http(&addr, "GET", "/orders/7", &first);
+    let (status, _, body) = ask("/orders/7", &first);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, "upstream ok for wk_edge\n");
     // Replayed through nginx: 401 from warden, passed on by nginx.
-    assert_eq!(http(&addr, "GET", "/orders/7", &first).0, 401);
+    assert_eq!(ask("/orders/7", &first).0, 401);
     // A header the application might take another path or method from
     // (nginx itself drops SCRIPT_NAME: underscores_in_headers is off):
     // refused, and the upstream never sees the request.
@@ -590,33 +662,36 @@ fn through_nginx(nginx: &Nginx, server: &Server) {
     ] {
         let mut h = signed("GET", "/orders/7");
         h.push((name, value.to_owned()));
-        let (status, _, body) = http(&addr, "GET", "/orders/7", &h);
+        let (status, _, body) = ask("/orders/7", &h);
         assert_eq!(status, 400, "{name}: {body}");
         assert!(!body.contains("upstream ok"), "{name}: {body}");
     }
     // No credentials: 401, the upstream never sees it.
-    let (status, _, body) = http(&addr, "GET", "/orders/7", &[]);
+    let (status, _, body) = ask("/orders/7", &[]);
     assert_eq!(status, 401);
     assert!(!body.contains("upstream ok"));
-    // Two more allowed (3 per hour), then 429 with Retry-After.
+    // Two more allowed (3 per hour), then 429 with Retry-After, twice.
     for _ in 0..2 {
-        assert_eq!(
-            http(&addr, "GET", "/orders", &signed("GET", "/orders")).0,
-            200
+        assert_eq!(ask("/orders", &signed("GET", "/orders")).0, 200);
+    }
+    for _ in 0..2 {
+        let (status, headers, body) = ask("/orders", &signed("GET", "/orders"));
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            headers["retry-after"].parse::<u64>().unwrap() > 0,
+            "{headers:?}"
         );
     }
-    let (status, headers, body) = http(&addr, "GET", "/orders", &signed("GET", "/orders"));
-    assert_eq!(status, 429, "{body}");
-    assert!(
-        headers["retry-after"].parse::<u64>().unwrap() > 0,
-        "{headers:?}"
-    );
     // nginx asked all of these over one connection it kept open (the
     // upstream's keepalive), not a connection and handshake each: with
     // refusals' bodies it closed it after each refusal (a TLS handshake
     // per refused request, counted against its address's handshakes).
     let open: u64 = support::per_serving_thread(server, 2).iter().sum();
     assert_eq!(open, 1, "warden's open connections from nginx");
+    // And took none of warden's answers for a failure, which it logs as an
+    // error ("auth request unexpected status"), one line per refusal.
+    let errors = nginx.errors();
+    assert!(!errors.contains("[error]"), "{errors}");
 }
 
 #[test]
@@ -629,11 +704,11 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
     // limit spent, before session 20).
     let dir = ConfigDir::new();
     let auth_port = free_port();
-    let limited = config(auth_port).replace(
+    let limited = nginx_config(auth_port, false).replace(
         "client_address_header = \"X-Real-IP\"\n",
         "client_address_header = \"X-Real-IP\"\n\n[[gateway.routes]]\nroute = \"GET /orders\"\nlimits = [{ policy = \"one\", per = \"ip\" }]\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n",
     );
-    assert_ne!(limited, config(auth_port));
+    assert_ne!(limited, nginx_config(auth_port, false));
     let _server = dir.start(&limited);
     let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
         return;
@@ -653,7 +728,8 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
     let endpoint = format!("127.0.0.1:{auth_port}");
     let mut head = asking("HEAD", "/orders", signed("HEAD", "/orders"));
     head.push(("X-Real-IP", "127.0.0.1".to_owned()));
-    assert_eq!(http(&endpoint, "GET", "/auth", &head).0, 429);
+    let (status, headers, _) = http(&endpoint, "GET", "/auth", &head);
+    assert_eq!((status, headers["x-warden-status"].as_str()), (403, "429"));
     // A fragment is never sent by an HTTP client: refused, whatever it
     // follows.
     for spelling in ["/orders#x", "/orders?a=1#x", "/public#/orders"] {
@@ -743,31 +819,24 @@ fn the_endpoints_connections_are_spread_over_the_serving_threads() {
     let addr = format!("127.0.0.1:{port}");
     let per_thread = || support::per_serving_thread(&server, 2);
     assert_eq!(per_thread(), [0, 0]);
-    let ask = |kept: &mut std::net::TcpStream| {
-        let text = request_text(
+    let ask = |kept: &mut Kept| {
+        kept.ask(
             "GET",
             "/auth",
             &asking("GET", "/orders", signed("GET", "/orders")),
         )
-        .replace("Connection: close\r\n", "");
-        kept.write_all(text.as_bytes()).unwrap();
-        let mut answer = [0; 4096];
-        let n = kept.read(&mut answer).unwrap();
-        String::from_utf8_lossy(&answer[..n]).into_owned()
     };
     let mut kept = Vec::new();
     for _ in 0..2 {
-        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let answer = ask(&mut conn);
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let mut conn = Kept::connect(&addr);
+        let (status, _, body) = ask(&mut conn);
+        assert_eq!(status, 200, "{body}");
         kept.push(conn);
     }
     assert_eq!(per_thread(), [1, 1]);
     // Each is still served, on its own thread.
-    let answer = ask(&mut kept[0]);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (status, _, body) = ask(&mut kept[0]);
+    assert_eq!(status, 200, "{body}");
     drop(kept);
     let deadline = Instant::now() + Duration::from_secs(10);
     while per_thread() != [0, 0] {
@@ -780,36 +849,34 @@ fn the_endpoints_connections_are_spread_over_the_serving_threads() {
     }
 }
 
-/// `denial_body = false`: a refusal is its status and headers alone (what
-/// nginx's `auth_request` reads), and the same connection goes on.
+/// As nginx is configured (`denial_body = false`, `auth_request_statuses =
+/// true`): a refusal is its status and headers alone (what `auth_request`
+/// reads), 401 or 403 with the status meant in `X-Warden-Status`, and the
+/// same connection goes on.
 #[test]
-fn without_denial_bodies_a_refusal_is_its_status_and_headers_alone() {
+fn for_nginx_a_refusal_is_a_status_it_passes_on_with_headers_alone() {
     let dir = ConfigDir::new();
     let port = free_port();
     let _server = Server::with_config(&dir.write_config(&nginx_config(port, false)));
-    let mut kept = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    kept.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut ask = |headers: Vec<(&'static str, String)>| {
-        let text = request_text("GET", "/auth", &asking("GET", "/orders", headers))
-            .replace("Connection: close\r\n", "");
-        kept.write_all(text.as_bytes()).unwrap();
-        let mut answer = [0; 4096];
-        let n = kept.read(&mut answer).unwrap();
-        parse_response(&String::from_utf8_lossy(&answer[..n]))
-    };
+    let mut kept = Kept::connect(&format!("127.0.0.1:{port}"));
+    let mut ask = |headers| kept.ask("GET", "/auth", &asking("GET", "/orders", headers));
     for _ in 0..3 {
-        let (status, _, body) = ask(signed("GET", "/orders"));
+        let (status, headers, body) = ask(signed("GET", "/orders"));
         assert_eq!(status, 200, "{body}");
+        assert!(!headers.contains_key("x-warden-status"), "{headers:?}");
     }
     let (status, headers, body) = ask(signed("GET", "/orders"));
-    assert_eq!(status, 429);
+    assert_eq!((status, headers["x-warden-status"].as_str()), (403, "429"));
     assert_eq!(body, "");
     assert_eq!(headers["content-length"], "0");
     assert!(
         headers["retry-after"].parse::<u64>().unwrap() > 0,
         "{headers:?}"
     );
-    let (status, _, body) = ask(Vec::new());
+    let (status, headers, body) = ask(Vec::new());
     assert_eq!((status, body.as_str()), (401, ""));
+    assert_eq!(headers["x-warden-status"], "401");
+    // The gateway's own mistake (no URI header) is a 400 meant.
+    let (status, headers, _) = kept.ask("GET", "/auth", &[("X-Original-Method", "GET".into())]);
+    assert_eq!((status, headers["x-warden-status"].as_str()), (403, "400"));
 }

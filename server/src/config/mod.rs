@@ -397,6 +397,7 @@ fn forward_auth_settings(
             .map(|h| header("forward_auth.client_address_header", Some(h), ""))
             .transpose()?,
         denial_body: f.denial_body.unwrap_or(true),
+        auth_request_statuses: f.auth_request_statuses.unwrap_or(false),
     })
 }
 

@@ -243,6 +243,12 @@ pub struct ForwardAuthFile {
     /// kept-alive connection to warden after every answer with a body, so
     /// give nginx false. Default true.
     pub denial_body: Option<bool>,
+    /// Whether refusals use only the statuses nginx's `auth_request`
+    /// passes on (401 and 403): a 400, 429 or 503 is then answered 403
+    /// with the status meant in `X-Warden-Status`. Any other status is an
+    /// error to nginx, which logs an error line and closes the client's
+    /// connection after answering it. Give nginx true. Default false.
+    pub auth_request_statuses: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -124,6 +124,10 @@ pub struct ForwardAuthSettings {
     /// Whether a refusal carries its JSON body (nginx: false, so that it
     /// keeps its connections to warden).
     pub denial_body: bool,
+    /// Whether a refusal other than 401 is answered 403 with its status in
+    /// `X-Warden-Status` (nginx: true, so that it keeps its client's
+    /// connection and logs no error).
+    pub auth_request_statuses: bool,
 }
 
 /// What the gateway faces add to a request (`[gateway]`).

@@ -14,7 +14,9 @@
 //! `auth_request_set`) and the rate-limit headers; or 400/401/403/429 with
 //! `Retry-After` where it applies and the same small JSON body the Django
 //! middleware returns; 503 when warden cannot decide (state full, owner
-//! node unreachable).
+//! node unreachable). For nginx, `denial_body = false` drops the body and
+//! `auth_request_statuses = true` answers every refusal but 401 as 403,
+//! the status meant in `X-Warden-Status` (see [`http`]).
 //!
 //! Two ways to serve it: HTTPS with client certificates (`tls = true`, the
 //! same certificates, bounds and caller roles as the gRPC port), or
@@ -109,7 +111,7 @@ async fn answer(
     headers: &HeaderMap,
 ) -> Response {
     let answer = decide(service, settings, gateway, caller, headers).await;
-    http(answer, settings.denial_body)
+    http(answer, settings)
 }
 
 async fn decide(
@@ -179,7 +181,15 @@ fn misconfigured(why: String) -> HttpAnswer {
 /// The answer as an HTTP response: the caller headers for
 /// `auth_request_set`, the client's headers, and on a denial the JSON body
 /// unless `[forward_auth] denial_body = false`.
-fn http(answer: HttpAnswer, denial_body: bool) -> Response {
+///
+/// With `auth_request_statuses`, a refusal is a status nginx's
+/// `auth_request` passes on: 401 as it is, any other 403, with the status
+/// meant in `X-Warden-Status` for nginx to answer the client with. nginx
+/// takes any other status for the auth endpoint failing: it logs an error
+/// line and closes the client's connection after its answer, so that a
+/// flood of rate-limited requests would cost it a connection (and a TLS
+/// handshake) each, and an error line each.
+fn http(answer: HttpAnswer, settings: &ForwardAuthSettings) -> Response {
     let mut out = HeaderMap::new();
     for (name, value) in &answer.headers {
         if let (Ok(n), Ok(v)) = (
@@ -196,8 +206,20 @@ fn http(answer: HttpAnswer, denial_body: bool) -> Response {
             }
         }
     }
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
-    match answer.body.filter(|_| denial_body) {
+    let meant = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
+    let status = if settings.auth_request_statuses && !answer.allowed() {
+        out.insert(
+            HeaderName::from_static("x-warden-status"),
+            HeaderValue::from(meant.as_u16()),
+        );
+        match meant {
+            StatusCode::UNAUTHORIZED => meant,
+            _ => StatusCode::FORBIDDEN,
+        }
+    } else {
+        meant
+    };
+    match answer.body.filter(|_| settings.denial_body) {
         Some(body) => {
             out.insert(
                 axum::http::header::CONTENT_TYPE,
