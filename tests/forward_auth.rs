@@ -521,7 +521,7 @@ http {{
     scgi_temp_path {prefix}/scgi;
     upstream warden {{
         server 127.0.0.1:{auth_port};
-        keepalive 16;
+        keepalive 64;
     }}
     server {{
         listen 127.0.0.1:{upstream};
