@@ -178,7 +178,7 @@ impl Kept {
     }
 
     /// One request on the connection: the status, headers (lower-case
-    /// names) and body, read to its `Content-Length`.
+    /// names) and body, read to its `Content-Length` or its last chunk.
     fn ask(
         &mut self,
         method: &str,
@@ -194,11 +194,26 @@ impl Kept {
             assert!(n > 0, "the connection was closed after: {head:?}");
         }
         let (status, headers, _) = parse_response(&head);
-        let length = headers
-            .get("content-length")
-            .map_or(0, |l| l.parse().unwrap());
-        let mut body = vec![0; length];
-        self.0.read_exact(&mut body).unwrap();
+        let mut body = Vec::new();
+        if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+            loop {
+                let mut size = String::new();
+                self.0.read_line(&mut size).unwrap();
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut chunk = vec![0; size + 2];
+                self.0.read_exact(&mut chunk).unwrap();
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else {
+            let length = headers
+                .get("content-length")
+                .map_or(0, |l| l.parse().unwrap());
+            body.resize(length, 0);
+            self.0.read_exact(&mut body).unwrap();
+        }
         (status, headers, String::from_utf8(body).unwrap())
     }
 }
@@ -879,4 +894,174 @@ fn for_nginx_a_refusal_is_a_status_it_passes_on_with_headers_alone() {
     // The gateway's own mistake (no URI header) is a 400 meant.
     let (status, headers, _) = kept.ask("GET", "/auth", &[("X-Original-Method", "GET".into())]);
     assert_eq!((status, headers["x-warden-status"].as_str()), (403, "400"));
+}
+
+/// Caddy's `forward_auth` in front of an upstream that says whom it was
+/// told the request came from, configured as the README configures it;
+/// `None` when Caddy is not installed (outside CI).
+struct Caddy {
+    child: Child,
+    port: u16,
+}
+
+impl Caddy {
+    fn start(dir: &Path, auth_port: u16) -> Option<Self> {
+        let Some(bin) = ["/usr/bin/caddy", "/usr/local/bin/caddy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "caddy must be installed in CI (bash tests/run installs it)"
+            );
+            eprintln!("skipped: caddy is not installed; run bash tests/run");
+            return None;
+        };
+        let (port, upstream) = (free_port(), free_port());
+        let home = dir.join("caddy");
+        std::fs::create_dir_all(&home).unwrap();
+        // The README's site block, for any host name on plain HTTP (no
+        // certificates to get here), and no admin endpoint (a fixed port
+        // tests would share). A request for a host no site serves gets an
+        // empty 200 from Caddy, which the first assertion would catch.
+        let conf = format!(
+            r#"{{
+	admin off
+	auto_https off
+}}
+http://:{port} {{
+	bind 127.0.0.1
+	forward_auth 127.0.0.1:{auth_port} {{
+		uri /auth
+		copy_headers X-Warden-Key-Id X-Warden-Owner
+	}}
+	reverse_proxy 127.0.0.1:{upstream}
+}}
+http://:{upstream} {{
+	bind 127.0.0.1
+	respond "upstream ok for {{header.X-Warden-Key-Id}}
+"
+}}
+"#
+        );
+        let path = home.join("Caddyfile");
+        std::fs::write(&path, conf).unwrap();
+        let log = std::fs::File::create(home.join("caddy.log")).unwrap();
+        let child = Command::new(bin)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&path)
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("HOME", &home)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start caddy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "caddy did not start: {}",
+                std::fs::read_to_string(home.join("caddy.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self { child, port })
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The README's Caddy configuration, run: Caddy sends the original method
+/// and URI as `X-Forwarded-Method` / `X-Forwarded-Uri` and passes warden's
+/// refusals on as they are (status, `Retry-After`, JSON body); and what a
+/// client sends in those headers, or in `X-Forwarded-For`, decides
+/// nothing.
+#[test]
+fn caddy_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged() {
+    let dir = ConfigDir::new();
+    let auth_port = free_port();
+    let config = format!(
+        r#"[[callers]]
+identity = "spiffe://test/gateway"
+roles = ["check", "admin"]
+
+[[callers]]
+identity = "edge.forward-auth"
+roles = ["check"]
+
+[forward_auth]
+listen = "127.0.0.1:{auth_port}"
+identity = "edge.forward-auth"
+method_header = "X-Forwarded-Method"
+uri_header = "X-Forwarded-Uri"
+
+[gateway]
+client_address = "x-forwarded-for"
+trusted_hops = 1
+
+[[gateway.routes]]
+route = "GET /login"
+limits = [{{ policy = "one", per = "ip" }}]
+
+[[policies]]
+name = "one"
+limit = 1
+period = "1h"
+
+[[policies]]
+name = "three"
+limit = 3
+period = "1h"
+
+[[keys]]
+id = "wk_edge"
+owner = "edge-team"
+policies = ["three"]
+secrets = [{{ value = "{SECRET}" }}]
+"#
+    );
+    let _server = dir.start(&config);
+    let Some(caddy) = Caddy::start(dir.path(), auth_port) else {
+        return;
+    };
+    let mut client = Kept::connect(&format!("127.0.0.1:{}", caddy.port));
+
+    let first = signed("GET", "/orders");
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+    // Replayed: warden's 401 and its JSON body, passed on by Caddy.
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!(status, 401);
+    assert!(body.contains(r#""error":"replay""#), "{body}");
+
+    // Signed for /public, sent to /admin with the original URI "forged"
+    // to /public: Caddy sets its own, so warden judges /admin, where the
+    // signature fails.
+    let mut forged = signed("GET", "/public");
+    forged.push(("X-Forwarded-Uri", "/public".to_owned()));
+    forged.push(("X-Forwarded-Method", "GET".to_owned()));
+    let (status, _, body) = client.ask("GET", "/admin", &forged);
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("upstream ok"), "{body}");
+
+    // A per-ip limit of one on GET /login: a client naming another
+    // address in X-Forwarded-For still counts as its own (Caddy replaces
+    // the header of a client it does not trust).
+    let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
+    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+    let mut elsewhere = signed("GET", "/login");
+    elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
+    let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains(r#""error":"rate_limited""#), "{body}");
+    assert!(
+        headers["retry-after"].parse::<u64>().unwrap() > 0,
+        "{headers:?}"
+    );
 }
