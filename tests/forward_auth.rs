@@ -1026,7 +1026,7 @@ policies = ["three"]
 secrets = [{{ value = "{SECRET}" }}]
 "#
     );
-    let _server = dir.start(&config);
+    let server: Server = dir.start(&config);
     let Some(caddy) = Caddy::start(dir.path(), auth_port) else {
         return;
     };
@@ -1064,4 +1064,8 @@ secrets = [{{ value = "{SECRET}" }}]
         headers["retry-after"].parse::<u64>().unwrap() > 0,
         "{headers:?}"
     );
+    // Caddy reads refusals' bodies to pass them on, and so keeps its one
+    // connection to warden through them (nginx needs denial_body = false).
+    let open: u64 = support::per_serving_thread(&server, 2).iter().sum();
+    assert_eq!(open, 1, "warden's open connections from Caddy");
 }
