@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # warden's forward-auth endpoint behind a real nginx (`auth_request`), under
-# load, in the configurations the README discusses (about 2 minutes plus the
+# load, in the configurations the README discusses (about 6 minutes plus the
 # release build). Installs nginx and h2load with apt-get if missing; starts
 # its own warden and nginx on 127.0.0.1 and stops both.
 #
@@ -24,6 +24,10 @@
 #   statuses off  auth_request_statuses = false: warden answers 429, which
 #                 nginx takes for a failure (an error line, and the client's
 #                 connection closed after the answer)
+#
+# The first, second and fourth again with nginx reaching warden over mTLS
+# (certificates made with openssl for the run): past the kept connections,
+# every auth request is a TLS handshake.
 #
 # Prints requests/s and the CPU each process took per request (from
 # /proc/PID/stat), and how many error lines nginx wrote.
@@ -57,25 +61,60 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
+# For the mTLS rows: a CA, warden's server certificate, and nginx's client
+# certificate, whose SPIFFE ID is its caller identity.
+certs=$tmp/certs
+mkdir -p "$certs"
+(
+  cd "$certs"
+  ec() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1-key.pem" "${@:2}" 2>/dev/null; }
+  ec ca -x509 -days 2 -subj /CN=bench-ca -out ca.pem
+  for who in "server:subjectAltName=DNS:localhost,IP:127.0.0.1" "nginx:subjectAltName=URI:spiffe://bench/nginx"; do
+    ec "${who%%:*}" -subj "/CN=${who%%:*}" -out "${who%%:*}.csr"
+    openssl x509 -req -in "${who%%:*}.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+      -extfile <(echo "${who#*:}") -out "${who%%:*}.pem" 2>/dev/null
+  done
+)
+
 # One configuration: KEEPALIVE (idle connections kept; 0: no upstream
-# block) DENIAL_BODY STATUSES; prints a table row.
+# block) DENIAL_BODY STATUSES [TRANSPORT: plaintext or mtls]; prints a
+# table row.
 run() {
-  local keepalive=$1 denial_body=$2 statuses=$3 d
+  local keepalive=$1 denial_body=$2 statuses=$3 transport=${4:-plaintext} d
   d=$(mktemp -d -p "$tmp")
   mkdir -p "$d/logs"
-  cat > "$d/warden.toml" <<TOML
+  local mode scheme=http ssl=""
+  if [ "$transport" = mtls ]; then
+    mode="tls = true"
+    scheme=https
+    ssl="proxy_ssl_certificate $certs/nginx.pem; proxy_ssl_certificate_key $certs/nginx-key.pem;
+      proxy_ssl_trusted_certificate $certs/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost;
+      proxy_ssl_protocols TLSv1.3;"
+    cat > "$d/warden.toml" <<TOML
 listen = "127.0.0.1:0"
-insecure_plaintext = true
+[tls]
+cert = "$certs/server.pem"
+key = "$certs/server-key.pem"
+client_ca = "$certs/ca.pem"
+TOML
+  else
+    mode='identity = "nginx.forward-auth"'
+    echo -e 'listen = "127.0.0.1:0"\ninsecure_plaintext = true' > "$d/warden.toml"
+  fi
+  cat >> "$d/warden.toml" <<TOML
 [server]
 metrics_listen = "127.0.0.1:0"
 [forward_auth]
 listen = "127.0.0.1:0"
-identity = "nginx.forward-auth"
+$mode
 client_address_header = "X-Real-IP"
 denial_body = $denial_body
 auth_request_statuses = $statuses
 [[callers]]
 identity = "nginx.forward-auth"
+roles = ["check"]
+[[callers]]
+identity = "spiffe://bench/nginx"
 roles = ["check"]
 [[policies]]
 name = "one"
@@ -95,10 +134,10 @@ TOML
   port=$(free_port)
   if [ "$keepalive" != 0 ]; then
     upstream="upstream warden { server 127.0.0.1:$auth_port; keepalive $keepalive; }"
-    pass='proxy_pass http://warden/auth; proxy_http_version 1.1; proxy_set_header Connection "";'
+    pass="proxy_pass $scheme://warden/auth; proxy_http_version 1.1; proxy_set_header Connection \"\";"
   else
     upstream=""
-    pass="proxy_pass http://127.0.0.1:$auth_port/auth;"
+    pass="proxy_pass $scheme://127.0.0.1:$auth_port/auth;"
   fi
   if [ "$statuses" = true ]; then
     status_var='$upstream_http_x_warden_status'
@@ -129,6 +168,7 @@ http {
     location = /_warden {
       internal;
       $pass
+      $ssl
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
       proxy_set_header X-Original-Method \$request_method;
@@ -168,19 +208,22 @@ NGINX
   [ "$done_" = "$REQUESTS" ] || { echo "expected $REQUESTS answers 4xx:" >&2; cat "$d/h2load.out" >&2; exit 1; }
   rps=$(sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$d/h2load.out")
   per_request() { awk -v t="$1" -v n="$REQUESTS" 'BEGIN { printf "%.1f", t * 10000 / n }'; }
-  printf '| %s | %s | %s | %s | %.0f | %s | %s | %s |\n' "$label" "$keepalive" "$denial_body" "$statuses" "$rps" \
+  printf '| %s | %s | %s | %s | %s | %.0f | %s | %s | %s |\n' "$label" "$transport" "$keepalive" "$denial_body" "$statuses" "$rps" \
     "$(per_request $((w1 - w0)))" "$(per_request $((n1 - n0)))" "$(grep -c '\[error\]' "$d/logs/error.log" || true)"
   kill "$nginx_pid" "$warden_pid"
   wait "$nginx_pid" "$warden_pid" 2>/dev/null || true
   unset nginx_pid warden_pid
 }
 
-echo "| configuration | upstream keepalive | denial_body | auth_request_statuses | requests/s | warden µs/request | nginx µs/request | nginx error lines |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| configuration | nginx to warden | upstream keepalive | denial_body | auth_request_statuses | requests/s | warden µs/request | nginx µs/request | nginx error lines |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for _ in $(seq "$ROUNDS"); do
   label=recommended run 64 false true
   label="keepalive 16" run 16 false true
   label="with bodies" run 64 true true
   label="no keepalive" run 0 false true
   label="statuses off" run 64 false false
+  label=recommended run 64 false true mtls
+  label="keepalive 16" run 16 false true mtls
+  label="no keepalive" run 0 false true mtls
 done
