@@ -477,51 +477,91 @@ fn over_mtls_each_gateway_certificate_is_the_caller_and_others_get_nothing() {
     }
 }
 
-/// nginx with `auth_request` to warden in front of an upstream that says
-/// "upstream ok"; `None` when nginx is not installed (outside CI).
-struct Nginx {
+/// A gateway (nginx, Caddy) in front of warden and an upstream of its
+/// own, stopped when dropped.
+struct Gateway {
     child: Child,
     port: u16,
-    prefix: std::path::PathBuf,
+    /// Where it writes its errors.
+    log: std::path::PathBuf,
 }
 
-impl Nginx {
-    /// `tls`: nginx reaches warden over HTTPS with its own client
-    /// certificate (`nginx.pem`), verifying warden's against `ca.pem`.
-    fn start(dir: &Path, auth_port: u16, tls: bool) -> Option<Self> {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
-        let Some(bin) = bin else {
+impl Gateway {
+    /// The first of `paths` that exists; `None` (the test skipped) when
+    /// none does, outside CI only: `bash tests/run` installs each.
+    fn installed(name: &str, paths: &[&'static str]) -> Option<&'static str> {
+        let found = paths.iter().copied().find(|p| Path::new(p).exists());
+        if found.is_none() {
             assert!(
                 std::env::var("CI").is_err(),
-                "nginx must be installed in CI (bash tests/run installs it)"
+                "{name} must be installed in CI (bash tests/run installs it)"
             );
-            eprintln!("skipped: nginx is not installed; run bash tests/run");
-            return None;
-        };
-        let (port, upstream) = (free_port(), free_port());
-        let prefix = dir.join("nginx");
-        std::fs::create_dir_all(prefix.join("logs")).unwrap();
-        // Through an upstream of kept-alive connections, as the README
-        // advises: a new connection per request costs a TCP (and TLS)
-        // handshake each.
-        let auth = if tls {
-            format!(
-                r#"proxy_pass https://warden/auth;
+            eprintln!("skipped: {name} is not installed; run bash tests/run");
+        }
+        found
+    }
+
+    /// Starts `command` and waits until it accepts connections on `port`.
+    fn start(name: &str, mut command: Command, port: u16, log: std::path::PathBuf) -> Self {
+        let child = command
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let gateway = Self { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start: {}",
+                gateway.errors()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gateway
+    }
+
+    /// Its error log so far.
+    fn errors(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx with `auth_request` to warden in front of an upstream that says
+/// "upstream ok", configured as the README configures it; `None` when
+/// nginx is not installed (outside CI). `tls`: nginx reaches warden over
+/// HTTPS with its own client certificate (`nginx.pem`), verifying warden's
+/// against `ca.pem`.
+fn nginx(dir: &Path, auth_port: u16, tls: bool) -> Option<Gateway> {
+    let bin = Gateway::installed("nginx", &["/usr/sbin/nginx", "/usr/bin/nginx"])?;
+    let (port, upstream) = (free_port(), free_port());
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    // Through an upstream of kept-alive connections, as the README
+    // advises: a new connection per request costs a TCP (and TLS)
+    // handshake each.
+    let auth = if tls {
+        format!(
+            r#"proxy_pass https://warden/auth;
             proxy_ssl_certificate {d}/nginx.pem;
             proxy_ssl_certificate_key {d}/nginx-key.pem;
             proxy_ssl_trusted_certificate {d}/ca.pem;
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
             proxy_ssl_protocols TLSv1.3;"#,
-                d = dir.display()
-            )
-        } else {
-            "proxy_pass http://warden/auth;".to_owned()
-        };
-        let conf = format!(
-            r#"daemon off;
+            d = dir.display()
+        )
+    } else {
+        "proxy_pass http://warden/auth;".to_owned()
+    };
+    let conf = format!(
+        r#"daemon off;
 master_process off;
 worker_processes 1;
 error_log {prefix}/logs/error.log info;
@@ -583,45 +623,22 @@ http {{
     }}
 }}
 "#,
-            prefix = prefix.display()
-        );
-        let path = prefix.join("nginx.conf");
-        std::fs::write(&path, conf).unwrap();
-        let child = Command::new(bin)
-            .args(["-p", prefix.to_str().unwrap(), "-c", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nginx");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
-                std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self {
-            child,
-            port,
-            prefix,
-        })
-    }
-}
-
-impl Nginx {
-    /// nginx's error log so far.
-    fn errors(&self) -> String {
-        std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        prefix = prefix.display()
+    );
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut command = Command::new(bin);
+    // Its own errors go to its log; what it writes to stderr before it
+    // has read the configuration (the default log it cannot open) is noise.
+    command
+        .args(["-p", prefix.to_str().unwrap(), "-c", path.to_str().unwrap()])
+        .stderr(Stdio::null());
+    Some(Gateway::start(
+        "nginx",
+        command,
+        port,
+        prefix.join("logs/error.log"),
+    ))
 }
 
 #[test]
@@ -629,7 +646,7 @@ fn nginx_with_auth_request_lets_signed_requests_through_and_refuses_the_rest() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
     let server: Server = dir.start(&nginx_config(auth_port, false));
-    let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
+    let Some(nginx) = nginx(dir.path(), auth_port, false) else {
         return;
     };
     through_nginx(&nginx, &server);
@@ -641,13 +658,13 @@ fn nginx_reaches_the_endpoint_over_mtls_with_its_own_certificate() {
     dir.client_tls("nginx", "nginx", &["spiffe://test/nginx"]);
     let auth_port = free_port();
     let server: Server = dir.start(&nginx_config(auth_port, true));
-    let Some(nginx) = Nginx::start(dir.path(), auth_port, true) else {
+    let Some(nginx) = nginx(dir.path(), auth_port, true) else {
         return;
     };
     through_nginx(&nginx, &server);
 }
 
-fn through_nginx(nginx: &Nginx, server: &Server) {
+fn through_nginx(nginx: &Gateway, server: &Server) {
     // One client connection for every request, allowed or refused, as a
     // client keeps it: nginx closes it after an answer it takes for the
     // auth endpoint failing (any refusal but 401 and 403).
@@ -725,7 +742,7 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
     );
     assert_ne!(limited, nginx_config(auth_port, false));
     let _server = dir.start(&limited);
-    let Some(nginx) = Nginx::start(dir.path(), auth_port, false) else {
+    let Some(nginx) = nginx(dir.path(), auth_port, false) else {
         return;
     };
     let addr = format!("127.0.0.1:{}", nginx.port);
@@ -899,33 +916,17 @@ fn for_nginx_a_refusal_is_a_status_it_passes_on_with_headers_alone() {
 /// Caddy's `forward_auth` in front of an upstream that says whom it was
 /// told the request came from, configured as the README configures it;
 /// `None` when Caddy is not installed (outside CI).
-struct Caddy {
-    child: Child,
-    port: u16,
-}
-
-impl Caddy {
-    fn start(dir: &Path, auth_port: u16) -> Option<Self> {
-        let Some(bin) = ["/usr/bin/caddy", "/usr/local/bin/caddy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-        else {
-            assert!(
-                std::env::var("CI").is_err(),
-                "caddy must be installed in CI (bash tests/run installs it)"
-            );
-            eprintln!("skipped: caddy is not installed; run bash tests/run");
-            return None;
-        };
-        let (port, upstream) = (free_port(), free_port());
-        let home = dir.join("caddy");
-        std::fs::create_dir_all(&home).unwrap();
-        // The README's site block, for any host name on plain HTTP (no
-        // certificates to get here), and no admin endpoint (a fixed port
-        // tests would share). A request for a host no site serves gets an
-        // empty 200 from Caddy, which the first assertion would catch.
-        let conf = format!(
-            r#"{{
+fn caddy(dir: &Path, auth_port: u16) -> Option<Gateway> {
+    let bin = Gateway::installed("caddy", &["/usr/bin/caddy", "/usr/local/bin/caddy"])?;
+    let (port, upstream) = (free_port(), free_port());
+    let home = dir.join("caddy");
+    std::fs::create_dir_all(&home).unwrap();
+    // The README's site block, for any host name on plain HTTP (no
+    // certificates to get here), and no admin endpoint (a fixed port
+    // tests would share). A request for a host no site serves gets an
+    // empty 200 from Caddy, which the first assertion would catch.
+    let conf = format!(
+        r#"{{
 	admin off
 	auto_https off
 }}
@@ -943,38 +944,19 @@ http://:{upstream} {{
 "
 }}
 "#
-        );
-        let path = home.join("Caddyfile");
-        std::fs::write(&path, conf).unwrap();
-        let log = std::fs::File::create(home.join("caddy.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&path)
-            .env("XDG_DATA_HOME", home.join("data"))
-            .env("XDG_CONFIG_HOME", home.join("config"))
-            .env("HOME", &home)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start caddy");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "caddy did not start: {}",
-                std::fs::read_to_string(home.join("caddy.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self { child, port })
-    }
-}
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    );
+    let path = home.join("Caddyfile");
+    std::fs::write(&path, conf).unwrap();
+    let log = home.join("caddy.log");
+    let mut command = Command::new(bin);
+    command
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&path)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("HOME", &home)
+        .stderr(std::fs::File::create(&log).unwrap());
+    Some(Gateway::start("caddy", command, port, log))
 }
 
 /// The README's Caddy configuration, run: Caddy sends the original method
@@ -1027,7 +1009,7 @@ secrets = [{{ value = "{SECRET}" }}]
 "#
     );
     let server: Server = dir.start(&config);
-    let Some(caddy) = Caddy::start(dir.path(), auth_port) else {
+    let Some(caddy) = caddy(dir.path(), auth_port) else {
         return;
     };
     let mut client = Kept::connect(&format!("127.0.0.1:{}", caddy.port));
