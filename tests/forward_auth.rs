@@ -706,9 +706,14 @@ fn through_nginx(nginx: &Gateway, server: &Server) {
     for _ in 0..2 {
         assert_eq!(ask("/orders", &signed("GET", "/orders")).0, 200);
     }
-    for _ in 0..2 {
-        let (status, headers, body) = ask("/orders", &signed("GET", "/orders"));
-        assert_eq!(status, 429, "{body}");
+    // Twice; the second time the client claims a status of its own: nginx
+    // reads the status warden means from warden's answer, never from the
+    // request (which it passes on to warden).
+    for claimed in [None, Some("200")] {
+        let mut request = signed("GET", "/orders");
+        request.extend(claimed.map(|c| ("X-Warden-Status", c.to_owned())));
+        let (status, headers, body) = ask("/orders", &request);
+        assert_eq!(status, 429, "{claimed:?}: {body}");
         assert!(
             headers["retry-after"].parse::<u64>().unwrap() > 0,
             "{headers:?}"
