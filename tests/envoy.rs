@@ -1317,18 +1317,9 @@ async fn a_flood_of_distinct_descriptors_stays_within_the_state_bound() {
 // ---------------------------------------------------------------------------
 // The README's Envoy configuration.
 
-/// The README's fenced block whose first line is `# <name>`.
+/// The README's YAML block whose first line is `# <name>`.
 fn readme_block(name: &str) -> String {
-    let readme =
-        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
-    let marker = format!("```yaml\n# {name}\n");
-    let start = readme
-        .find(&marker)
-        .unwrap_or_else(|| panic!("README has no {name} block"))
-        + "```yaml\n".len();
-    let len = readme[start..].find("```").unwrap();
-    readme[start..start + len].to_owned()
+    support::readme_block("yaml", &format!("# {name}"))
 }
 
 fn at<'a>(v: &'a serde_norway::Value, path: &[&str]) -> &'a serde_norway::Value {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use support::{ConfigDir, SECRET, Server, free_port};
+use support::{ConfigDir, SECRET, Server, free_port, replaced};
 use warden_client::signing::{Signer, new_nonce, unix_now};
 
 /// A key allowed 3 requests per hour, and the endpoint's own caller rule:
@@ -543,23 +543,56 @@ fn nginx(dir: &Path, auth_port: u16, tls: bool) -> Option<Gateway> {
     let (port, upstream) = (free_port(), free_port());
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
-    // Through an upstream of kept-alive connections, as the README
-    // advises: a new connection per request costs a TCP (and TLS)
-    // handshake each.
-    let auth = if tls {
-        format!(
-            r#"proxy_pass https://warden/auth;
-            proxy_ssl_certificate {d}/nginx.pem;
-            proxy_ssl_certificate_key {d}/nginx-key.pem;
-            proxy_ssl_trusted_certificate {d}/ca.pem;
-            proxy_ssl_verify on;
-            proxy_ssl_name localhost;
-            proxy_ssl_protocols TLSv1.3;"#,
-            d = dir.display()
-        )
-    } else {
-        "proxy_pass http://warden/auth;".to_owned()
-    };
+    // The README's server block, on a port of the test's, in front of an
+    // upstream of the test's.
+    let mut site = support::readme_block("nginx", "upstream warden {");
+    site = replaced(&site, "127.0.0.1:9191", &format!("127.0.0.1:{auth_port}"));
+    site = replaced(
+        &site,
+        "listen 443 ssl;",
+        &format!("listen 127.0.0.1:{port};"),
+    );
+    site = replaced(
+        &site,
+        "proxy_pass http://app;",
+        &format!("proxy_pass http://127.0.0.1:{upstream};"),
+    );
+    if tls {
+        // With the README's mTLS lines, nginx's certificate the test's.
+        let mtls = support::readme_block(
+            "nginx",
+            "    upstream warden {                       # in http { }, beside the server",
+        );
+        let d = dir.display();
+        let ssl: String = mtls
+            .lines()
+            .map(str::trim)
+            .filter(|line| line.starts_with("proxy_ssl_"))
+            .map(|line| format!("        {line}\n"))
+            .collect();
+        let ssl = replaced(
+            &ssl,
+            "/etc/nginx/warden-client.pem",
+            &format!("{d}/nginx.pem"),
+        );
+        let ssl = replaced(
+            &ssl,
+            "/etc/nginx/warden-client-key.pem",
+            &format!("{d}/nginx-key.pem"),
+        );
+        let ssl = replaced(&ssl, "/etc/nginx/warden-ca.pem", &format!("{d}/ca.pem"));
+        let ssl = replaced(
+            &ssl,
+            "proxy_ssl_name warden.internal;",
+            "proxy_ssl_name localhost;",
+        );
+        assert!(mtls.contains("proxy_pass https://warden/auth;"), "{mtls}");
+        site = replaced(
+            &site,
+            "        proxy_pass http://warden/auth;\n",
+            &format!("        proxy_pass https://warden/auth;\n{ssl}"),
+        );
+    }
     let conf = format!(
         r#"daemon off;
 master_process off;
@@ -568,60 +601,17 @@ error_log {prefix}/logs/error.log info;
 pid {prefix}/nginx.pid;
 events {{ worker_connections 64; }}
 http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream warden {{
-        server 127.0.0.1:{auth_port};
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{upstream};
-        location / {{ return 200 "upstream ok for $http_x_warden_key_id\n"; }}
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            auth_request /_warden;
-            auth_request_set $warden_key_id $upstream_http_x_warden_key_id;
-            auth_request_set $warden_status $upstream_http_x_warden_status;
-            auth_request_set $warden_retry_after $upstream_http_retry_after;
-            error_page 403 500 = @warden_refused;
-            proxy_set_header X-Warden-Key-Id $warden_key_id;
-            proxy_pass http://127.0.0.1:{upstream};
-        }}
-        location = /_warden {{
-            internal;
-            {auth}
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Real-IP $remote_addr;
-        }}
-        # warden answers a refusal 401, or 403 with the status it means
-        # in X-Warden-Status (auth_request_statuses), answered here; 500:
-        # warden could not be asked.
-        location @warden_refused {{
-            add_header Retry-After $warden_retry_after always;
-            if ($warden_status = 429) {{
-                return 429 "Too many requests.\n";
-            }}
-            if ($warden_status = 403) {{
-                return 403 "Forbidden.\n";
-            }}
-            if ($warden_status = 400) {{
-                return 400 "Bad request.\n";
-            }}
-            return 503 "Try again later.\n";
-        }}
-    }}
+access_log off;
+client_body_temp_path {prefix}/body;
+proxy_temp_path {prefix}/proxy;
+fastcgi_temp_path {prefix}/fastcgi;
+uwsgi_temp_path {prefix}/uwsgi;
+scgi_temp_path {prefix}/scgi;
+server {{
+    listen 127.0.0.1:{upstream};
+    location / {{ return 200 "upstream ok for $http_x_warden_key_id\n"; }}
 }}
+{site}}}
 "#,
         prefix = prefix.display()
     );
@@ -930,19 +920,24 @@ fn caddy(dir: &Path, auth_port: u16) -> Option<Gateway> {
     // certificates to get here), and no admin endpoint (a fixed port
     // tests would share). A request for a host no site serves gets an
     // empty 200 from Caddy, which the first assertion would catch.
+    let mut site = support::readme_block("caddyfile", "api.example.com {");
+    site = replaced(
+        &site,
+        "api.example.com {",
+        &format!("http://:{port} {{\n    bind 127.0.0.1"),
+    );
+    site = replaced(&site, "127.0.0.1:9191", &format!("127.0.0.1:{auth_port}"));
+    site = replaced(
+        &site,
+        "reverse_proxy app:8000",
+        &format!("reverse_proxy 127.0.0.1:{upstream}"),
+    );
     let conf = format!(
         r#"{{
 	admin off
 	auto_https off
 }}
-http://:{port} {{
-	bind 127.0.0.1
-	forward_auth 127.0.0.1:{auth_port} {{
-		uri /auth
-		copy_headers X-Warden-Key-Id X-Warden-Owner
-	}}
-	reverse_proxy 127.0.0.1:{upstream}
-}}
+{site}
 http://:{upstream} {{
 	bind 127.0.0.1
 	respond "upstream ok for {{header.X-Warden-Key-Id}}
@@ -973,6 +968,16 @@ http://:{upstream} {{
 fn caddy_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
+    // The README's settings for Caddy and Traefik, on a port of the
+    // test's.
+    let edge = replaced(
+        &support::readme_block(
+            "toml",
+            "[forward_auth]\nlisten = \"127.0.0.1:9191\"\nidentity = \"edge.forward-auth\"",
+        ),
+        "127.0.0.1:9191",
+        &format!("127.0.0.1:{auth_port}"),
+    );
     let config = format!(
         r#"[[callers]]
 identity = "spiffe://test/gateway"
@@ -982,16 +987,7 @@ roles = ["check", "admin"]
 identity = "edge.forward-auth"
 roles = ["check"]
 
-[forward_auth]
-listen = "127.0.0.1:{auth_port}"
-identity = "edge.forward-auth"
-method_header = "X-Forwarded-Method"
-uri_header = "X-Forwarded-Uri"
-
-[gateway]
-client_address = "x-forwarded-for"
-trusted_hops = 1
-
+{edge}
 [[gateway.routes]]
 route = "GET /login"
 limits = [{{ policy = "one", per = "ip" }}]

@@ -1179,6 +1179,30 @@ impl DiskTrouble {
     }
 }
 
+/// The README's fenced block in `lang` that opens with the line(s)
+/// `opening`, from there to the closing fence: the tests run the
+/// configurations the README gives, not copies of them that could drift
+/// apart.
+pub fn readme_block(lang: &str, opening: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let fence = format!("```{lang}\n");
+    let start = readme
+        .find(&format!("{fence}{opening}\n"))
+        .unwrap_or_else(|| panic!("README has no {lang} block opening with {opening:?}"))
+        + fence.len();
+    let len = readme[start..].find("```").unwrap();
+    readme[start..start + len].to_owned()
+}
+
+/// `text` with `from` replaced by `to`, which must be in it: a test that
+/// adapts a README configuration fails when the README changes under it.
+pub fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} is not in:\n{text}");
+    text.replace(from, to)
+}
+
 /// The value of one metric line (`name` with its labels, as exported) on
 /// `server`'s metrics listener; 0 if absent.
 /// `warden_serving_thread_connections` of each of `threads` serving
