@@ -26,24 +26,40 @@ fn tls_config(port: u16) -> String {
     config_with(port, "tls = true")
 }
 
-/// As nginx should be configured: refusals without a body, which
-/// `auth_request` never passes on and which would make it close its
-/// kept-alive connection to warden after each; and in statuses it passes
-/// on (401, 403), any other being an error to it that closes the client's
-/// connection.
+/// As the README configures warden for nginx (its `[forward_auth]`
+/// block, plaintext or mTLS, on a port of the test's): refusals without a
+/// body, which `auth_request` never passes on and which would make it
+/// close its kept-alive connection to warden after each; and in statuses it
+/// passes on (401, 403), any other being an error to it that closes the
+/// client's connection.
 fn nginx_config(port: u16, tls: bool) -> String {
-    let mode = if tls {
-        "tls = true"
+    let (opening, listen) = if tls {
+        (
+            "[forward_auth]\nlisten = \"0.0.0.0:9191\"\ntls = true",
+            "0.0.0.0:9191",
+        )
     } else {
-        r#"identity = "nginx.forward-auth""#
+        (
+            "[forward_auth]\nlisten = \"127.0.0.1:9191\"            # plaintext HTTP: loopback only",
+            "127.0.0.1:9191",
+        )
     };
-    config_with(
-        port,
-        &format!("{mode}\ndenial_body = false\nauth_request_statuses = true"),
-    )
+    let endpoint = support::readme_block("toml", opening);
+    for setting in ["denial_body = false", "auth_request_statuses = true"] {
+        assert!(endpoint.contains(setting), "{setting}:\n{endpoint}");
+    }
+    with_endpoint(&replaced(&endpoint, listen, &format!("127.0.0.1:{port}")))
 }
 
 fn config_with(port: u16, mode: &str) -> String {
+    with_endpoint(&format!(
+        "[forward_auth]\nlisten = \"127.0.0.1:{port}\"\n{mode}\nclient_address_header = \"X-Real-IP\"\n"
+    ))
+}
+
+/// The callers, policy and key of every test here, with `endpoint` (the
+/// `[forward_auth]` section).
+fn with_endpoint(endpoint: &str) -> String {
     format!(
         r#"[[callers]]
 identity = "spiffe://test/gateway"
@@ -57,11 +73,7 @@ roles = ["check"]
 identity = "spiffe://test/nginx"
 roles = ["check"]
 
-[forward_auth]
-listen = "127.0.0.1:{port}"
-{mode}
-client_address_header = "X-Real-IP"
-
+{endpoint}
 [[policies]]
 name = "three"
 limit = 3
@@ -731,11 +743,8 @@ fn behind_nginx_a_route_limit_counts_every_spelling_nginx_routes_as_its_route() 
     // limit spent, before session 20).
     let dir = ConfigDir::new();
     let auth_port = free_port();
-    let limited = nginx_config(auth_port, false).replace(
-        "client_address_header = \"X-Real-IP\"\n",
-        "client_address_header = \"X-Real-IP\"\n\n[[gateway.routes]]\nroute = \"GET /orders\"\nlimits = [{ policy = \"one\", per = \"ip\" }]\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n",
-    );
-    assert_ne!(limited, nginx_config(auth_port, false));
+    let limited = nginx_config(auth_port, false)
+        + "\n[[gateway.routes]]\nroute = \"GET /orders\"\nlimits = [{ policy = \"one\", per = \"ip\" }]\n\n[[policies]]\nname = \"one\"\nlimit = 1\nperiod = \"1h\"\n";
     let _server = dir.start(&limited);
     let Some(nginx) = nginx(dir.path(), auth_port, false) else {
         return;
