@@ -987,37 +987,23 @@ fn caddy_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged()
         "127.0.0.1:9191",
         &format!("127.0.0.1:{auth_port}"),
     );
-    let config = format!(
-        r#"[[callers]]
-identity = "spiffe://test/gateway"
-roles = ["check", "admin"]
-
+    // With the caller rule those settings need, a per-ip limit of one on
+    // GET /login, beside the key allowed three an hour.
+    let config = with_endpoint(&edge)
+        + r#"
 [[callers]]
 identity = "edge.forward-auth"
 roles = ["check"]
 
-{edge}
 [[gateway.routes]]
 route = "GET /login"
-limits = [{{ policy = "one", per = "ip" }}]
+limits = [{ policy = "one", per = "ip" }]
 
 [[policies]]
 name = "one"
 limit = 1
 period = "1h"
-
-[[policies]]
-name = "three"
-limit = 3
-period = "1h"
-
-[[keys]]
-id = "wk_edge"
-owner = "edge-team"
-policies = ["three"]
-secrets = [{{ value = "{SECRET}" }}]
-"#
-    );
+"#;
     let server: Server = dir.start(&config);
     let Some(caddy) = caddy(dir.path(), auth_port) else {
         return;
