@@ -1176,7 +1176,7 @@ fn traefik(dir: &Path, auth_port: u16, trust: Trust) -> Option<Gateway> {
     );
     std::fs::write(home.join("dynamic.yaml"), dynamic).unwrap();
     let log = home.join("traefik.log");
-    let trust = if trust == Trust::None {
+    let entry_point_trust = if trust == Trust::None {
         ""
     } else {
         "\n    forwardedHeaders:\n      insecure: true"
@@ -1184,7 +1184,7 @@ fn traefik(dir: &Path, auth_port: u16, trust: Trust) -> Option<Gateway> {
     let static_config = format!(
         "entryPoints:
   web:
-    address: \"127.0.0.1:{port}\"{trust}
+    address: \"127.0.0.1:{port}\"{entry_point_trust}
 providers:
   file:
     filename: \"{}\"
