@@ -27,6 +27,13 @@ Last, each client's call alone in a loop, outside Django (median per
 call): what a request pays when nothing else is in flight, without
 Django's own work around it, which on a VM swings the numbers above by
 more than the differences between clients.
+
+`--phases` (one at a time only) also splits each ASGI request into where
+its time went, medians per variant: Django before the middleware, the
+middleware before its call, the call, from the call to the view, the view
+and the way back out through the middleware, and Django after it. A
+middleware of the script's own, outermost in every ASGI variant, marks
+the middleware's start and end (a few µs more for every variant alike).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def view(request):
 
 
 async def async_view(request):
+    mark("view")
     return JsonResponse({"ok": True})
 
 
@@ -77,9 +85,22 @@ MEASURING: list[str | None] = [None]
 ROUND_TRIPS: dict[str, list[float]] = {}
 
 
+# With --phases: the marks of the ASGI request being measured (one at a
+# time), by name, and every measured request's marks, per variant.
+MARKS: list[dict[str, float] | None] = [None]
+PHASES: dict[str, list[dict[str, float]]] = {}
+
+
+def mark(name: str, at: float | None = None) -> None:
+    if MARKS[0] is not None:
+        MARKS[0][name] = time.perf_counter() if at is None else at
+
+
 def took(started: float) -> None:
     if MEASURING[0] is not None:
         ROUND_TRIPS.setdefault(MEASURING[0], []).append(time.perf_counter() - started)
+    mark("call", started)
+    mark("called")
 
 
 def timing_warden_clients() -> None:
@@ -178,6 +199,54 @@ class AsyncRedisRecipeMiddleware:
         count, _, fresh = await recipe_pipeline(ASYNC_REDIS, *verdict).execute()
         took(started)
         return recipe_answer(count, fresh) or await self.get_response(request)
+
+
+class PhaseMiddleware:
+    """Outermost under ASGI with --phases: marks when the middleware stack
+    is entered and left."""
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response):
+        from asgiref.sync import markcoroutinefunction
+
+        self.get_response = get_response
+        markcoroutinefunction(self)
+
+    async def __call__(self, request):
+        mark("in")
+        response = await self.get_response(request)
+        mark("out")
+        return response
+
+
+# Each phase of an ASGI request as --phases reports it: its name, and the
+# marks it runs between (the baseline, with no call, goes from the
+# middleware's start to the view in one).
+PHASE_SPANS = [
+    ("Django, before the middleware", "start", "in"),
+    ("middleware, before its call", "in", "call"),
+    ("the call", "call", "called"),
+    ("from the call to the view", "called", "view"),
+    ("from the middleware to the view (no call)", "in", "view"),
+    ("the view, and back out of the middleware", "view", "out"),
+    ("Django, after the middleware", "out", "end"),
+    ("the whole request", "start", "end"),
+]
+
+
+def phase_medians(records: list[dict[str, float]]) -> dict[str, float]:
+    """Median µs of each phase every record has both marks of (a call's
+    phases only where there was one)."""
+    out = {}
+    for name, a, b in PHASE_SPANS:
+        if a == "in" and b == "view" and all("call" in r for r in records):
+            continue
+        spans = [r[b] - r[a] for r in records if a in r and b in r]
+        if len(spans) == len(records):
+            out[name] = statistics.median(spans) * 1e6
+    return out
 
 
 def sync_only_warden_middleware():
@@ -339,7 +408,11 @@ def main() -> None:
                         help="requests in flight at once under ASGI (gathered in groups of this many)")
     parser.add_argument("--rounds", type=int, default=10,
                         help="rounds the requests are split into, every variant once a round")
+    parser.add_argument("--phases", action="store_true",
+                        help="also split each ASGI request into phases (one at a time only)")
     args = parser.parse_args()
+    if args.phases and args.in_flight != 1:
+        parser.error("--phases times one request at a time: leave --in-flight at 1")
 
     import redis
     import redis.asyncio
@@ -446,6 +519,9 @@ def main() -> None:
         asgi_variants["warden_sync_only"] = (
             "aw", [f"{__name__}.SyncOnlyWardenMiddleware"], {"TRANSPORT": transports[0]})
         asgi_variants["redis_recipe_async"] = ("ar", [f"{__name__}.AsyncRedisRecipeMiddleware"], {})
+        if args.phases:
+            for variant, (prefix, middleware, conf) in asgi_variants.items():
+                asgi_variants[variant] = (prefix, [f"{__name__}.PhaseMiddleware", *middleware], conf)
 
         async def asgi_rounds() -> dict[str, list[tuple[float, float]]]:
             global ASYNC_REDIS
@@ -461,9 +537,16 @@ def main() -> None:
                 times = []
 
                 async def one(h):
+                    measured = args.phases and MEASURING[0] is not None
+                    MARKS[0] = {} if measured else None
                     started = time.perf_counter()
+                    mark("start", started)
                     r = await aclient.post(f"/{prefix}/orders", data=body, content_type="application/json", headers=h)
                     times.append(time.perf_counter() - started)
+                    mark("end")
+                    if measured:
+                        PHASES.setdefault(variant, []).append(MARKS[0])
+                    MARKS[0] = None
                     assert r.status_code == 200, (prefix, r.status_code, r.content)
 
                 reqs = signed(prefix, n)
@@ -504,6 +587,9 @@ def main() -> None:
             "round_trip_median_us": {variant: statistics.median(times) * 1e6
                                      for variant, times in ROUND_TRIPS.items()},
         }
+        if args.phases:
+            result["asgi_phases_median_us"] = {variant: phase_medians(records)
+                                               for variant, records in PHASES.items()}
         if args.json:
             print(json.dumps(result))
         else:
@@ -539,6 +625,18 @@ def main() -> None:
             print("|---|---|")
             for variant, us in result["round_trip_median_us"].items():
                 print(f"| {names[variant]} | {us:.0f} |")
+            if args.phases:
+                print()
+                print("Where an ASGI request's time went (median µs of each phase; '–' where a variant has no")
+                print("call). The recipe resolves the URL after its call, warden's middleware before it:")
+                print()
+                phases = result["asgi_phases_median_us"]
+                spans = [name for name, _, _ in PHASE_SPANS if any(name in p for p in phases.values())]
+                print("| variant | " + " | ".join(spans) + " |")
+                print("|---" * (len(spans) + 1) + "|")
+                for variant, p in phases.items():
+                    cells = [f"{p[name]:.0f}" if name in p else "–" for name in spans]
+                    print(f"| {names[variant]} | " + " | ".join(cells) + " |")
             if lone:
                 print()
                 print("One call at a time in a loop, outside Django (median µs per call):")
