@@ -79,7 +79,12 @@ pub async fn serve<S>(
         .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_ERROR_RESETS);
+        .max_local_error_reset_streams(MAX_ERROR_RESETS)
+        // gRPC answers carry no `date` (grpc-go's do not either): no gRPC
+        // client reads it, and hyper's, though formatted once a second,
+        // cost every call a clock read, a header-map entry and its HPACK
+        // encoding: 2 % of a unary call's server CPU (session 45).
+        .auto_date_header(false);
     crate::serving::serve_connections(incoming, drain, |conn| {
         let calls = Calls {
             service: service.clone(),
