@@ -177,8 +177,8 @@ class RedisRecipeMiddleware:
         return recipe_answer(count, fresh) or self.get_response(request)
 
 
-class AsyncRedisRecipeMiddleware:
-    """The recipe as an async Django team writes it: redis.asyncio."""
+class AsyncOnlyMiddleware:
+    """A middleware Django may only await (under ASGI, as it is)."""
 
     sync_capable = False
     async_capable = True
@@ -188,6 +188,10 @@ class AsyncRedisRecipeMiddleware:
 
         self.get_response = get_response
         markcoroutinefunction(self)
+
+
+class AsyncRedisRecipeMiddleware(AsyncOnlyMiddleware):
+    """The recipe as an async Django team writes it: redis.asyncio."""
 
     async def __call__(self, request):
         if not request.path.startswith("/ar/"):
@@ -201,18 +205,9 @@ class AsyncRedisRecipeMiddleware:
         return recipe_answer(count, fresh) or await self.get_response(request)
 
 
-class PhaseMiddleware:
+class PhaseMiddleware(AsyncOnlyMiddleware):
     """Outermost under ASGI with --phases: marks when the middleware stack
     is entered and left."""
-
-    sync_capable = False
-    async_capable = True
-
-    def __init__(self, get_response):
-        from asgiref.sync import markcoroutinefunction
-
-        self.get_response = get_response
-        markcoroutinefunction(self)
 
     async def __call__(self, request):
         mark("in")
