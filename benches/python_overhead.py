@@ -216,32 +216,32 @@ class PhaseMiddleware(AsyncOnlyMiddleware):
         return response
 
 
-# Each phase of an ASGI request as --phases reports it: its name, and the
-# marks it runs between (the baseline, with no call, goes from the
-# middleware's start to the view in one).
-PHASE_SPANS = [
-    ("Django, before the middleware", "start", "in"),
-    ("middleware, before its call", "in", "call"),
-    ("the call", "call", "called"),
-    ("from the call to the view", "called", "view"),
-    ("from the middleware to the view (no call)", "in", "view"),
-    ("the view, and back out of the middleware", "view", "out"),
-    ("Django, after the middleware", "out", "end"),
-    ("the whole request", "start", "end"),
-]
+# The marks of an ASGI request in the order they are made, and the name of
+# the phase between each two that can follow one another (a variant with
+# no call goes from the middleware's start to the view in one).
+MARK_ORDER = ["start", "in", "call", "called", "view", "out", "end"]
+PHASE_NAMES = {
+    ("start", "in"): "Django, before the middleware",
+    ("in", "call"): "middleware, before its call",
+    ("call", "called"): "the call",
+    ("called", "view"): "from the call to the view",
+    ("in", "view"): "from the middleware to the view (no call)",
+    ("view", "out"): "the view, and back out of the middleware",
+    ("out", "end"): "Django, after the middleware",
+}
+WHOLE = "the whole request"
 
 
 def phase_medians(records: list[dict[str, float]]) -> dict[str, float]:
-    """Median µs of each phase every record has both marks of (a call's
-    phases only where there was one)."""
-    out = {}
-    for name, a, b in PHASE_SPANS:
-        if a == "in" and b == "view" and all("call" in r for r in records):
-            continue
-        spans = [r[b] - r[a] for r in records if a in r and b in r]
-        if len(spans) == len(records):
-            out[name] = statistics.median(spans) * 1e6
-    return out
+    """Median µs of each phase, between each two marks made one after the
+    other, among the phases every record has."""
+    spans: dict[str, list[float]] = {}
+    for r in records:
+        made = [m for m in MARK_ORDER if m in r]
+        for a, b in zip(made, made[1:]):
+            spans.setdefault(PHASE_NAMES[a, b], []).append(r[b] - r[a])
+        spans.setdefault(WHOLE, []).append(r["end"] - r["start"])
+    return {name: statistics.median(times) * 1e6 for name, times in spans.items() if len(times) == len(records)}
 
 
 def sync_only_warden_middleware():
@@ -626,7 +626,7 @@ def main() -> None:
                 print("call). The recipe resolves the URL after its call, warden's middleware before it:")
                 print()
                 phases = result["asgi_phases_median_us"]
-                spans = [name for name, _, _ in PHASE_SPANS if any(name in p for p in phases.values())]
+                spans = [name for name in [*PHASE_NAMES.values(), WHOLE] if any(name in p for p in phases.values())]
                 print("| variant | " + " | ".join(spans) + " |")
                 print("|---" * (len(spans) + 1) + "|")
                 for variant, p in phases.items():
