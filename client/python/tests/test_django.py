@@ -55,6 +55,42 @@ def test_over_the_limit_is_429_with_a_correct_retry_after(client, warden, warden
     assert r.json()["error"] == "rate_limited" and r.json()["retry_after"] == int(r.headers["Retry-After"])
 
 
+def test_ratelimit_headers_off_leaves_them_off_every_answer_but_a_refusal_keeps_its_retry_after(
+        client, warden, warden_settings):
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "RATELIMIT_HEADERS": False}
+    warden.cli("policies", "put", "one-per-minute", "--limit", "1", "--period", "1m", "--json")
+    key = warden.create_key("--owner", "quiet", "--policy", "one-per-minute")
+    allowed = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+    assert allowed.status_code == 200, allowed.content
+    assert allowed.json()["key_id"] == key["key_id"]
+    refused = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+    assert refused.status_code == 429, refused.content
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    for r in (allowed, refused):
+        assert not [h for h in r.headers if h.lower().startswith("ratelimit")], dict(r.headers)
+    # On again: the same key's next minute would be refused, so a fresh key
+    # shows the headers are back on an allowed answer and on a refusal.
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "RATELIMIT_HEADERS": True}
+    key = warden.create_key("--owner", "loud", "--policy", "one-per-minute")
+    allowed = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+    refused = client.get("/api/orders", **headers(key, "GET", "/api/orders"))
+    assert (allowed.status_code, refused.status_code) == (200, 429)
+    for r in (allowed, refused):
+        assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers, dict(r.headers)
+
+
+def test_ratelimit_headers_is_true_or_false(warden_settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from warden_client.django.conf import get_conf
+
+    assert get_conf().ratelimit_headers is True
+    for bad in ("false", 0, None, "no"):
+        warden_settings.WARDEN = {**warden_settings.WARDEN, "RATELIMIT_HEADERS": bad}
+        with pytest.raises(ImproperlyConfigured, match="RATELIMIT_HEADERS"):
+            get_conf()
+
+
 def test_an_unprotected_path_makes_no_call(client, warden, warden_settings):
     before = warden.metric("warden_rpc_duration_seconds_count{rpc=\"Check\"}")
     assert client.get("/health").status_code == 200
@@ -458,6 +494,22 @@ def test_under_asgi_a_signed_request_is_allowed_once(async_client, key, warden_s
     assert first.json() == {"key_id": key["key_id"], "owner": "django-test", "scopes": ["orders:read"]}
     assert "RateLimit" in first.headers
     assert again.status_code == 401 and again.json()["error"] == "replay"
+
+
+def test_under_asgi_ratelimit_headers_off_leaves_them_off(async_client, key, warden_settings):
+    import asyncio
+
+    warden_settings.WARDEN = {**warden_settings.WARDEN, "RATELIMIT_HEADERS": False}
+
+    async def run():
+        h = signed_headers(key, "POST", "/api/async/orders", body=b'{"qty": 1}')
+        return await async_client.post("/api/async/orders", data=b'{"qty": 1}', content_type="application/json",
+                                       headers=h)
+
+    r = asyncio.run(run())
+    assert r.status_code == 200, r.content
+    assert r.json()["key_id"] == key["key_id"]
+    assert not [h for h in r.headers if h.lower().startswith("ratelimit")], dict(r.headers)
 
 
 def test_under_asgi_checks_to_a_hung_warden_wait_for_no_other_request(async_client, warden_settings, own_warden,

@@ -37,6 +37,9 @@ connection setting.
         "FAILURE_MODE": "closed",            # or "open" when warden is unreachable
         "BREAKER": {"FAILURES": 3, "RESET_AFTER": 5.0},
         "HEADERS": {"X-Key-Id": "X-Key-Id", ...},        # rename the signing headers
+        "RATELIMIT_HEADERS": True,           # RateLimit-Policy and RateLimit on every
+                                             # checked answer; False: none (a refusal
+                                             # keeps its Retry-After)
         "CLIENT_IDENTITY_HEADER": None,      # e.g. "X-Client-DN" set by nginx
         "CLIENT_VERIFY_HEADER": None,        # e.g. "X-Client-Verify"; must be "SUCCESS"
         "TRUSTED_PROXY_HEADER": None,        # e.g. "X-Forwarded-For" for the client IP
@@ -195,6 +198,7 @@ class Conf:
     breaker_failures: int = 3
     breaker_reset_after: float = 5.0
     headers: dict = field(default_factory=dict)
+    ratelimit_headers: bool = True
     client_identity_header: str | None = None
     client_verify_header: str | None = None
     trusted_proxy_header: str | None = None
@@ -275,6 +279,9 @@ def _parse(raw) -> Conf:
     busy_wait_us = raw.get("BUSY_WAIT_US")
     if busy_wait_us is not None and not is_valid_busy_wait(busy_wait_us):
         raise ImproperlyConfigured(f'settings.WARDEN["BUSY_WAIT_US"] must be an integer from 0 to {MAX_BUSY_WAIT_US}')
+    ratelimit_headers = raw.get("RATELIMIT_HEADERS", True)
+    if not isinstance(ratelimit_headers, bool):
+        raise ImproperlyConfigured('settings.WARDEN["RATELIMIT_HEADERS"] must be True or False')
     breaker = raw.get("BREAKER", {})
     return Conf(
         target=raw["TARGET"] if isinstance(raw["TARGET"], str) else tuple(raw["TARGET"]),
@@ -295,6 +302,7 @@ def _parse(raw) -> Conf:
         breaker_failures=int(breaker.get("FAILURES", 3)),
         breaker_reset_after=float(breaker.get("RESET_AFTER", 5.0)),
         headers=dict(raw.get("HEADERS", {})),
+        ratelimit_headers=ratelimit_headers,
         client_identity_header=raw.get("CLIENT_IDENTITY_HEADER"),
         client_verify_header=raw.get("CLIENT_VERIFY_HEADER"),
         trusted_proxy_header=raw.get("TRUSTED_PROXY_HEADER"),

@@ -221,13 +221,17 @@ def build_request(request: HttpRequest, conf: Conf, view=None) -> CheckRequest |
     return req
 
 
-def denial_response(decision: Decision) -> HttpResponse:
+def denial_response(decision: Decision, ratelimit_headers: bool = True) -> HttpResponse:
+    """The refusal a client sees. Its ``Retry-After`` is always sent (a 429
+    without one leaves clients guessing); the ``RateLimit`` headers only
+    with ``ratelimit_headers`` (``RATELIMIT_HEADERS``)."""
     body = {"error": decision.reason, "message": PUBLIC_MESSAGES.get(decision.reason, "Request denied.")}
     if decision.retry_after_ms:
         body["retry_after"] = -(-decision.retry_after_ms // 1000)
     response = JsonResponse(body, status=decision.http_status or 403)
     for name, value in decision.headers.items():
-        response[name] = value
+        if ratelimit_headers or name.lower() == "retry-after":
+            response[name] = value
     return response
 
 
@@ -247,7 +251,7 @@ def run_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | Non
         decision = conf.client().check(req)
     except WardenError as e:
         return _unanswered(request, conf, e)
-    return _answered(request, decision)
+    return _answered(request, conf, decision)
 
 
 async def arun_check(request: HttpRequest, conf: Conf, view=None) -> HttpResponse | None:
@@ -260,7 +264,7 @@ async def arun_check(request: HttpRequest, conf: Conf, view=None) -> HttpRespons
         decision = await conf.aclient().check(req)
     except WardenError as e:
         return _unanswered(request, conf, e)
-    return _answered(request, decision)
+    return _answered(request, conf, decision)
 
 
 def _unanswered(request: HttpRequest, conf: Conf, e: WardenError) -> HttpResponse | None:
@@ -277,11 +281,14 @@ def _unanswered(request: HttpRequest, conf: Conf, e: WardenError) -> HttpRespons
     return unavailable_response()
 
 
-def _answered(request: HttpRequest, decision: Decision) -> HttpResponse | None:
+def _answered(request: HttpRequest, conf: Conf, decision: Decision) -> HttpResponse | None:
     request._warden_decision = decision
     if not decision.allowed:
-        return denial_response(decision)
+        return denial_response(decision, conf.ratelimit_headers)
     request.warden = decision.caller
+    if conf.ratelimit_headers:
+        # Put on the view's response on its way out (``_with_headers``).
+        request._warden_headers = decision.headers
     return None
 
 
@@ -317,10 +324,8 @@ class WardenMiddleware:
 
     @staticmethod
     def _with_headers(request: HttpRequest, response: HttpResponse) -> HttpResponse:
-        decision: Decision | None = getattr(request, "_warden_decision", None)
-        if decision is not None and decision.allowed:
-            for name, value in decision.headers.items():
-                response[name] = value
+        for name, value in getattr(request, "_warden_headers", {}).items():
+            response[name] = value
         return response
 
     @staticmethod
