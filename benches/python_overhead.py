@@ -19,7 +19,8 @@ client call against the recipe's Redis pipeline.
 Then the same under ASGI (Django's async test client, an async view;
 `--in-flight N` sends N requests at once, 1 by default):
 warden's middleware in async mode (each transport; the compiled one also
-with BUSY_WAIT_US = 0, which hands every check to its thread), the same middleware
+with BUSY_WAIT_US = 0, which hands every check to its thread, and with
+RATELIMIT_HEADERS = False, which sends no more headers than the recipe), the same middleware
 made sync-only (as it was before it could run async: Django runs its check
 on a thread), and the Redis recipe written async (redis.asyncio).
 
@@ -511,6 +512,10 @@ def main() -> None:
                 # every async check was before session 31.
                 asgi_variants["warden_async_native_handed"] = (
                     "aw", [warden_mw], {"TRANSPORT": "native", "BUSY_WAIT_US": 0})
+                # Like for like with the recipe, which tells its clients
+                # nothing of their limits.
+                asgi_variants["warden_async_native_quiet"] = (
+                    "aw", [warden_mw], {"TRANSPORT": "native", "RATELIMIT_HEADERS": False})
         asgi_variants["warden_sync_only"] = (
             "aw", [f"{__name__}.SyncOnlyWardenMiddleware"], {"TRANSPORT": transports[0]})
         asgi_variants["redis_recipe_async"] = ("ar", [f"{__name__}.AsyncRedisRecipeMiddleware"], {})
@@ -595,6 +600,7 @@ def main() -> None:
                 "redis_recipe": "Redis recipe (HMAC in Python + pipelined INCR/EXPIRE/SET NX)",
                 "warden_async_native": "warden middleware, async, compiled transport",
                 "warden_async_native_handed": "the same, BUSY_WAIT_US = 0 (every check handed to the transport's thread)",
+                "warden_async_native_quiet": "the same, RATELIMIT_HEADERS = False (no RateLimit headers, as the recipe)",
                 "warden_async_grpcio": "warden middleware, async, grpc.aio",
                 "warden_sync_only": f"warden middleware made sync-only ({transports[0]}; Django runs it on a thread)",
                 "redis_recipe_async": "Redis recipe, async (redis.asyncio)",
