@@ -656,6 +656,70 @@ fn config_check_validates_without_serving() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.pem"));
 }
 
+/// A peer that vanishes without closing its connection (its host powered
+/// off, a partition) leaves nothing to close it on warden's side: every
+/// accepted connection has the kernel's TCP keepalive armed, which probes
+/// it after 30 s without traffic. Read from the kernel's own table of
+/// connections (`/proc/net/tcp`: timer 2 is keepalive), for the server's
+/// side of a connection this test opened and left silent. The gRPC and
+/// forward-auth ports share the accept loop that arms it.
+#[tokio::test]
+async fn every_accepted_connection_has_tcp_keepalive_armed() {
+    let server = Server::dev();
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ours = stream.local_addr().unwrap();
+    let ticks_per_second: u64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100);
+    // The kernel's spelling of an IPv4 address and port: the address's
+    // bytes as a little-endian number, the port big-endian, in hex.
+    let spelled = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            )
+        }
+        other => panic!("the test server listens on IPv4, not {other}"),
+    };
+    let (local, remote) = (spelled(addr), spelled(ours));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let row = loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let row = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 5 && f[1] == local && f[2] == remote)
+            .map(|f| format!("{} {}", f[3], f[5]));
+        // Armed once the server has accepted the connection: established
+        // (state 01), with timer 2 running.
+        if row.as_deref().is_some_and(|r| r.starts_with("01 02:"))
+            || std::time::Instant::now() > deadline
+        {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let row = row.unwrap_or_else(|| panic!("no {local} {remote} in /proc/net/tcp"));
+    let (state_and_timer, when) = row.split_once(':').unwrap();
+    assert_eq!(
+        state_and_timer, "01 02",
+        "the server's side of a silent connection is not established with a keepalive timer (state, timer:when): {row}"
+    );
+    let seconds = u64::from_str_radix(when, 16).unwrap() / ticks_per_second;
+    assert!(
+        (20..=30).contains(&seconds),
+        "the first keepalive probe is due in {seconds} s, not within 30 s of the last traffic: {row}"
+    );
+    drop(stream);
+}
+
 /// The outside attack's finding: 21,000 half-open TCP connections (no
 /// certificate needed) exhausted file descriptors — failed accepts, a
 /// failed certificate reload, new connections waiting up to 2 s. Under an

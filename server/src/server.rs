@@ -33,7 +33,7 @@ use crate::check::Checker;
 use crate::cluster::peer::PeerService;
 use crate::cluster::{ClusterState, Membership};
 use crate::config::{Config, DEFAULT_MAX_MESSAGE_BYTES, ServerSettings};
-use crate::conn::{Conn, ConnState, monotonic_ms};
+use crate::conn::{Conn, ConnState, arm_keepalive, monotonic_ms};
 use crate::direct_route::Direct;
 use crate::engine::{Clock, Nanos, StateSeed, SystemClock};
 use crate::gate::{FORWARD_AUTH_SHARE, Gate, Refusal};
@@ -939,6 +939,11 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = arm_keepalive(&tcp) {
+            // Served all the same: a vanished peer's connection is then
+            // closed by `idle_timeout`.
+            tracing::warn!(event = "keepalive_not_armed", error = %e, %remote, "TCP keepalive could not be set on an accepted connection");
+        }
         let handshake = match &tls {
             None => None,
             Some((tls, protocol)) => match gate.handshake(remote.ip()) {
