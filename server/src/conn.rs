@@ -47,8 +47,10 @@ pub fn monotonic_ms() -> u64 {
 /// kernel's probes cost nothing per call.
 ///
 /// The pings also found a peer process that hangs while its host still
-/// answers. Such a connection is now closed by `idle_timeout`, and until
-/// then what it can hold is bounded by its connection's call limit.
+/// answers. Such a connection is now closed by `idle_timeout`, or, with
+/// answers it has not read, when the process wakes or dies. Until then it
+/// holds at most its connection's call limit, the bound that a client
+/// that stops reading on purpose (and answers pings) always met.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 3;
