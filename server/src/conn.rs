@@ -42,9 +42,10 @@ pub fn monotonic_ms() -> u64 {
 /// unacknowledged for [`UNACKNOWLEDGED_FOR`] drops it too (`TCP_USER_TIMEOUT`).
 ///
 /// Until session 46 hyper's HTTP/2 pings did this for gRPC connections. The
-/// pings' bookkeeping cost about 5 % of a unary call's server CPU: a lock and
-/// a clock read per frame, and a timer polled with the connection. The
-/// kernel's probes cost nothing per call.
+/// pings' bookkeeping (a lock and a clock read per frame, a timer polled
+/// with the connection) was 1.4 % of the server's samples under h2load.
+/// The kernel's probes cost nothing per call, and cover the forward-auth
+/// port too.
 ///
 /// The pings also found a peer process that hangs while its host still
 /// answers. Such a connection is now closed by `idle_timeout`, or, with

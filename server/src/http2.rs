@@ -69,8 +69,8 @@ pub async fn serve<S>(
     http2
         .timer(TokioTimer::new())
         // No HTTP/2 pings: the kernel's TCP keepalive finds vanished peers
-        // (`conn::arm_keepalive`), at no cost per call. hyper's pings cost
-        // every call about 5 % of its server CPU (session 46).
+        // (`conn::arm_keepalive`), at no cost per call. hyper's pings'
+        // bookkeeping was 1.4 % of the server's samples (session 46).
         .keep_alive_interval(None)
         .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
