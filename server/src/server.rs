@@ -889,21 +889,27 @@ async fn keep_checkpoints(
     }
 }
 
+/// Whether a warning of the accept loop, whose last time is kept in
+/// `last_ms`, may be written now: one every 10 s at most, since what
+/// happens to every accepted connection happens as often as a flood
+/// connects, and must not become a flood of log lines.
+fn may_warn(last_ms: &AtomicU64) -> bool {
+    // 0 means never warned (the monotonic clock starts at 0, hence max(1)).
+    let now = monotonic_ms().max(1);
+    let before = last_ms.load(Ordering::Relaxed);
+    (before == 0 || now.saturating_sub(before) >= 10_000)
+        && last_ms
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Closes a connection over a bound at once, counted, with one warning per
-/// cause every 10 s at most (a flood must not become a flood of log lines).
+/// cause every 10 s at most ([`may_warn`]).
 fn refuse(refusal: Refusal, remote: SocketAddr) {
     static LAST_WARNED_MS: [AtomicU64; 3] =
         [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
     metrics::counter!("warden_connections_refused_total", "cause" => refusal.name()).increment(1);
-    let last = &LAST_WARNED_MS[refusal as usize];
-    // 0 means never warned (the monotonic clock starts at 0, hence max(1)).
-    let now = monotonic_ms().max(1);
-    let before = last.load(Ordering::Relaxed);
-    if (before == 0 || now.saturating_sub(before) >= 10_000)
-        && last
-            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if may_warn(&LAST_WARNED_MS[refusal as usize]) {
         tracing::warn!(
             event = "connection_refused",
             cause = refusal.name(),
@@ -942,7 +948,10 @@ async fn accept_loop(
         if let Err(e) = arm_keepalive(&tcp) {
             // Served all the same: a vanished peer's connection is then
             // closed by `idle_timeout`.
-            tracing::warn!(event = "keepalive_not_armed", error = %e, %remote, "TCP keepalive could not be set on an accepted connection");
+            static LAST_WARNED_MS: AtomicU64 = AtomicU64::new(0);
+            if may_warn(&LAST_WARNED_MS) {
+                tracing::warn!(event = "keepalive_not_armed", error = %e, %remote, "TCP keepalive could not be set on an accepted connection");
+            }
         }
         let handshake = match &tls {
             None => None,
