@@ -295,3 +295,46 @@ impl AsyncWrite for Conn {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::sockopt;
+
+    /// The e2e test (`every_accepted_connection_has_tcp_keepalive_armed`)
+    /// sees only what the kernel's table of connections shows: the
+    /// keepalive timer and its first probe. This reads every option back
+    /// from the socket, so a wrong interval, probe count or user timeout
+    /// (which decide how soon a vanished peer is dropped) fails here.
+    #[tokio::test]
+    async fn keepalive_is_armed_with_every_bound_a_vanished_peer_is_dropped_by() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        assert!(
+            !sockopt::socket_keepalive(&accepted).unwrap(),
+            "off before arming"
+        );
+
+        arm_keepalive(&accepted).unwrap();
+
+        assert!(sockopt::socket_keepalive(&accepted).unwrap());
+        assert_eq!(sockopt::tcp_keepidle(&accepted).unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(
+            sockopt::tcp_keepintvl(&accepted).unwrap(),
+            KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sockopt::tcp_keepcnt(&accepted).unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(
+            u128::from(sockopt::tcp_user_timeout(&accepted).unwrap()),
+            UNACKNOWLEDGED_FOR.as_millis()
+        );
+        // A vanished peer is dropped within about a minute: the last probe
+        // goes unanswered 30 + 3 x 10 s after the last traffic.
+        assert_eq!(
+            KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES,
+            UNACKNOWLEDGED_FOR
+        );
+    }
+}

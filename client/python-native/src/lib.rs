@@ -17,9 +17,9 @@
 //! the calling thread (with the GIL released), which then drives the
 //! connection itself: nothing crosses threads per call. Between calls a
 //! keeper thread drives it instead, so an idle connection still answers
-//! the server's keepalive pings and its GOAWAY on shutdown (an undriven
-//! connection would hold a draining server up, and be cut by its
-//! keepalive); the keeper steps aside as soon as a call begins. A channel
+//! the server's GOAWAY on shutdown (an undriven connection would hold a
+//! draining server up for its whole drain timeout); the keeper steps aside
+//! as soon as a call begins. A channel
 //! must not be used in a forked child (the Python client makes a new one
 //! per process, as it does for grpcio); one dropped there is leaked, never
 //! shut down, since its threads exist only in the parent.
@@ -76,8 +76,7 @@ struct Driven {
 }
 
 /// How long the connection goes undriven after a call before the keeper
-/// takes it over: far below the server's keepalive timeout (10 s) and
-/// drain timeout (30 s).
+/// takes it over: far below the server's drain timeout (30 s).
 const KEEPER_GRACE: Duration = Duration::from_millis(50);
 
 /// Who drives the runtime: the threads making calls, or the keeper while
