@@ -91,7 +91,23 @@ c_loadgen() {
     '[[keys]]' \
     'id = "wk_forward"' \
     'policies = ["spent"]' \
-    "secrets = [{ value = \"$secret\" }]" > "$tmp/plain.toml"
+    "secrets = [{ value = \"$secret\" }]" \
+    '[[keys]]' \
+    'id = "wk_envoy"' \
+    'policies = ["spent"]' \
+    "secrets = [{ value = \"$secret\" }]" \
+    '[envoy_ratelimit]' \
+    "config = [\"$tmp/ratelimit.yaml\"]" > "$tmp/plain.toml"
+  # envoyproxy/ratelimit's YAML: limits no benchmark reaches, so every
+  # ShouldRateLimit is counted and answered OK.
+  printf '%s\n' \
+    'domain: bench' \
+    'descriptors:' \
+    '  - key: remote_address' \
+    '    rate_limit: { unit: second, requests_per_unit: 1000000000 }' \
+    '  - key: generic_key' \
+    '    value: orders' \
+    '    rate_limit: { unit: second, requests_per_unit: 1000000000 }' > "$tmp/ratelimit.yaml"
   target/release/warden serve --config "$tmp/plain.toml" >"$tmp/plain.out" 2>"$tmp/plain.err" &
   plain_pid=$!
   # warden picks the port and says which (a port picked here and released
@@ -102,9 +118,10 @@ c_loadgen() {
     [ -n "$port" ] && break
     sleep 0.1
   done
-  local forward_port
+  local forward_port plain_metrics
   forward_port=$(sed -n 's/^forward auth on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$tmp/plain.out" 2>/dev/null)
-  if [ -z "$port" ] || [ -z "$forward_port" ]; then
+  plain_metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$tmp/plain.out" 2>/dev/null)
+  if [ -z "$port" ] || [ -z "$forward_port" ] || [ -z "$plain_metrics" ]; then
     cat "$tmp/plain.err" >&2
     return 1
   fi
@@ -122,28 +139,56 @@ c_loadgen() {
     cat "$tmp/frame.err" "$tmp/plain.err" >&2
     return 1
   fi
+  # Envoy's two calls, each required to get its promised answer first.
+  local kind
+  for kind in ext-authz rate-limit; do
+    if ! "$bench" frame --kind "$kind" --key-id wk_envoy --secret "$secret" \
+        --check "127.0.0.1:$port" >"$tmp/$kind.bin" 2>"$tmp/frame.err"; then
+      cat "$tmp/frame.err" "$tmp/plain.err" >&2
+      return 1
+    fi
+  done
+  # warden's own count of a gateway face's answers, allowed ("true") or
+  # not: a gateway run's errors are the answers h2load got that warden did
+  # not count as the one the frame promises (h2load sees only HTTP 200).
+  answers() {  # face, allowed
+    curl -s "http://$plain_metrics/metrics" | awk -v face="face=\"$1\"" -v allowed="allowed=\"$2\"" \
+      '/^warden_gateway_answers_total\{/ && index($0, face) && index($0, allowed) {n = $NF} END {print n + 0}'
+  }
   # Two runs each: h2load's per-request log (--log-file, where the latency
   # quantiles come from) writes a line per answer from its one loop, which
   # cost it 15 % of its calls on one connection (78k against 93k/s, session
   # 38), while redis-benchmark keeps its histogram in memory. So req/s and
   # server CPU come from a run without the log, the quantiles from a second
   # run with it.
-  h2() {  # label, connections, streams per connection
+  h2() {  # label, connections, streams per connection, frame, gRPC method[, face, allowed]
     echo "== h2load: $1 (for ${secs}s, then ${secs}s more for its latencies)" >&2
     rm -f "$tmp/h2.log"
-    local before after
-    local run=(h2load -D "$secs" -c "$2" -m "$3" -t 1 -d "$tmp/check.bin"
+    local before after counted=()
+    local run=(h2load -D "$secs" -c "$2" -m "$3" -t 1 -d "$tmp/$4"
       -H 'content-type: application/grpc' -H 'te: trailers'
-      "http://127.0.0.1:$port/warden.v1.Warden/Check")
+      "http://127.0.0.1:$port/$5")
+    [ -n "${6:-}" ] && counted=("$(answers "$6" "$7")")
     before=$(cpu_ticks "$plain_pid")
     "${run[@]}" >"$tmp/h2.out"
     after=$(cpu_ticks "$plain_pid")
+    [ -n "${6:-}" ] && counted=("$(($(answers "$6" "$7") - counted[0]))")
     "${run[@]}" --log-file "$tmp/h2.log" >/dev/null
     python3 benches/c_loadgen.py h2load "$1" "$tmp/h2.out" "$tmp/h2.log" "$secs" \
-      "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$out/compare.jsonl"
+      "$((after - before))" "$(getconf CLK_TCK)" 2xx "${counted[@]}" | tee -a "$out/compare.jsonl"
   }
-  h2 "h2load: warden Check, plaintext, 1 conn x 64" 1 64
-  h2 "h2load: warden Check, plaintext, 4 conns x 16" 4 16
+  h2 "h2load: warden Check, plaintext, 1 conn x 64" 1 64 check.bin warden.v1.Warden/Check
+  h2 "h2load: warden Check, plaintext, 4 conns x 16" 4 16 check.bin warden.v1.Warden/Check
+  # Envoy's calls, as an Envoy with warden as its ext_authz and rate limit
+  # services makes them (one connection from each Envoy worker).
+  h2 "h2load: warden ext_authz, plaintext, 1 conn x 64 (429)" 1 64 ext-authz.bin \
+    envoy.service.auth.v3.Authorization/Check ext_authz false
+  h2 "h2load: warden ext_authz, plaintext, 4 conns x 16 (429)" 4 16 ext-authz.bin \
+    envoy.service.auth.v3.Authorization/Check ext_authz false
+  h2 "h2load: warden ShouldRateLimit, plaintext, 1 conn x 64" 1 64 rate-limit.bin \
+    envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit ratelimit true
+  h2 "h2load: warden ShouldRateLimit, plaintext, 4 conns x 16" 4 16 rate-limit.bin \
+    envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit ratelimit true
 
   # Forward auth, as nginx's auth_request asks it: HTTP/1.1, one request at
   # a time on each of 64 kept-alive connections, like redis-benchmark's 64.

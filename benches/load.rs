@@ -56,9 +56,9 @@ struct Cli {
 enum Command {
     /// Bytes per rate-limit key and per nonce: warden's engine vs Redis.
     Memory(MemoryArgs),
-    /// One signed `Check` (a body of --body-bytes, dry_run, so it can be
-    /// sent again and again and is decided in full each time) as a gRPC
-    /// message frame on stdout: the request body for h2load.
+    /// One request that can be sent again and again and is decided in full
+    /// each time (see --kind), as a gRPC message frame on stdout: the
+    /// request body for h2load.
     Frame(FrameArgs),
     /// Creates keys one at a time through the admin API, as an
     /// administrator's tool does, and reports each batch's rate and
@@ -88,16 +88,39 @@ struct KeysArgs {
 
 #[derive(clap::Args)]
 struct FrameArgs {
-    #[arg(long)]
+    #[arg(long, value_enum, default_value_t = FrameKind::Check)]
+    kind: FrameKind,
+    /// The signing key (`check`, `ext-authz`).
+    #[arg(long, default_value = "")]
     key_id: String,
-    #[arg(long)]
+    #[arg(long, default_value = "")]
     secret: String,
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
-    /// First send it to this plaintext warden and require ALLOW, so a
-    /// benchmark never measures denials by mistake.
+    /// First send it to this plaintext warden and require the answer the
+    /// kind promises, so a benchmark never measures the wrong answers.
     #[arg(long)]
     check: Option<String>,
+}
+
+/// Which call a frame is, and how it is answered every time it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FrameKind {
+    /// warden's `Check`: a signed POST with a body of --body-bytes, as
+    /// `dry_run`, so it is allowed every time, and decided in full.
+    Check,
+    /// Envoy's ext_authz `Check` of a signed POST with its body (as Envoy
+    /// sends it with `with_request_body`), under a key whose one request
+    /// an hour the check spends first: every call verifies the signature,
+    /// looks the nonce up and decides the limit, and the refusal (429)
+    /// stores nothing, so the next call is refused the same way, not as a
+    /// replay (as compare.sh's forward-auth run).
+    ExtAuthz,
+    /// Envoy's `ShouldRateLimit` with two descriptors of domain `bench`
+    /// (`remote_address`, and `generic_key` = `orders`), as Envoy's
+    /// `rate_limits` actions send them: counted and OK every time under
+    /// limits of a billion a second.
+    RateLimit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -1487,6 +1510,60 @@ async fn run_frame(args: FrameArgs) -> Result<(), String> {
     use prost::Message;
     use std::io::Write;
 
+    let channel = match &args.check {
+        Some(addr) => {
+            loopback_only(addr)?;
+            Some(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| e.to_string())?
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach {addr}: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let message = match args.kind {
+        FrameKind::Check => {
+            let req = signed_check(&args);
+            if let Some(channel) = channel {
+                let answer = WardenClient::new(channel)
+                    .check(req.clone())
+                    .await
+                    .map_err(|e| format!("check failed: {e}"))?
+                    .into_inner();
+                if answer.reason() != Reason::Ok {
+                    return Err(format!("the frame is not allowed: {answer:?}"));
+                }
+            }
+            req.encode_to_vec()
+        }
+        FrameKind::ExtAuthz => {
+            let req = envoy_frames::ext_authz(&args);
+            if let Some(channel) = channel {
+                envoy_frames::ext_authz_refused_over_limit(channel, &args, &req).await?;
+            }
+            req.encode_to_vec()
+        }
+        FrameKind::RateLimit => {
+            let req = envoy_frames::rate_limit();
+            if let Some(channel) = channel {
+                envoy_frames::rate_limit_ok(channel, &req).await?;
+            }
+            req.encode_to_vec()
+        }
+    };
+    // gRPC framing: uncompressed flag, big-endian length, the message.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    std::io::stdout()
+        .write_all(&frame)
+        .map_err(|e| e.to_string())
+}
+
+/// warden's own `Check` of a signed POST of --body-bytes, as `dry_run`.
+fn signed_check(args: &FrameArgs) -> CheckRequest {
     let body = vec![b'x'; args.body_bytes];
     let headers = Signer::new(args.key_id.as_str(), args.secret.as_bytes().to_vec()).sign_at(
         unix_now(),
@@ -1498,30 +1575,164 @@ async fn run_frame(args: FrameArgs) -> Result<(), String> {
     );
     let mut req = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "", &body);
     req.dry_run = true;
-    if let Some(addr) = &args.check {
-        loopback_only(addr)?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
-        let answer = WardenClient::new(channel)
-            .check(req.clone())
-            .await
-            .map_err(|e| format!("check failed: {e}"))?
-            .into_inner();
-        if answer.reason() != Reason::Ok {
-            return Err(format!("the frame is not allowed: {answer:?}"));
+    req
+}
+
+/// The frames of Envoy's two calls, as Envoy sends them
+/// (`tests/fixtures/envoy` has what a real Envoy sent).
+mod envoy_frames {
+    use super::{FrameArgs, Signer, unix_now};
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAddress};
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Peer, Request,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use tonic::transport::Channel;
+
+    const CLIENT: &str = "203.0.113.7";
+
+    /// A signed POST of --body-bytes to /v1/orders, with a fresh nonce, as
+    /// Envoy's ext_authz filter asks about it.
+    pub fn ext_authz(args: &FrameArgs) -> CheckRequest {
+        let body = "x".repeat(args.body_bytes);
+        let signed = Signer::new(args.key_id.as_str(), args.secret.as_bytes().to_vec()).sign_at(
+            unix_now(),
+            &warden_client::signing::new_nonce(),
+            "POST",
+            "/v1/orders",
+            "",
+            body.as_bytes(),
+        );
+        let mut headers: std::collections::HashMap<String, String> = [
+            (":authority", "api.shop.example".to_owned()),
+            (":method", "POST".to_owned()),
+            (":path", "/v1/orders".to_owned()),
+            (":scheme", "https".to_owned()),
+            ("accept", "*/*".to_owned()),
+            ("content-type", "application/json".to_owned()),
+            ("content-length", body.len().to_string()),
+            ("user-agent", "curl/8.5.0".to_owned()),
+            ("x-forwarded-for", CLIENT.to_owned()),
+            ("x-forwarded-proto", "https".to_owned()),
+            (
+                "x-request-id",
+                "6f1f6b2c-3c0e-4d5a-9a53-1c1f0f7a9e21".to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (name, value) in signed.to_pairs() {
+            headers.insert(name.to_ascii_lowercase(), value);
+        }
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    address: Some(EnvoyAddress {
+                        address: Some(Address::SocketAddress(SocketAddress {
+                            address: CLIENT.to_owned(),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        id: "13359530607844510314".to_owned(),
+                        method: "POST".to_owned(),
+                        headers,
+                        path: "/v1/orders".to_owned(),
+                        host: "api.shop.example".to_owned(),
+                        scheme: "https".to_owned(),
+                        protocol: "HTTP/1.1".to_owned(),
+                        size: body.len() as i64,
+                        body,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
         }
     }
-    // gRPC framing: uncompressed flag, big-endian length, the message.
-    let message = req.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    std::io::stdout()
-        .write_all(&frame)
-        .map_err(|e| e.to_string())
+
+    /// Spends the key's one request with a request of its own, then
+    /// requires `frame` to be refused as over the limit (429), so h2load
+    /// measures that refusal and no other answer.
+    pub async fn ext_authz_refused_over_limit(
+        channel: Channel,
+        args: &FrameArgs,
+        frame: &CheckRequest,
+    ) -> Result<(), String> {
+        let mut client = AuthorizationClient::new(channel);
+        client
+            .check(ext_authz(args))
+            .await
+            .map_err(|e| format!("ext_authz failed: {e}"))?;
+        let answer = client
+            .check(frame.clone())
+            .await
+            .map_err(|e| format!("ext_authz failed: {e}"))?
+            .into_inner();
+        match &answer.http_response {
+            Some(HttpResponse::DeniedResponse(denied))
+                if denied.status.as_ref().map(|s| s.code) == Some(429) =>
+            {
+                Ok(())
+            }
+            _ => Err(format!(
+                "the frame is not refused as over its limit: {answer:?}"
+            )),
+        }
+    }
+
+    /// Domain `bench`: the client's address, and one named route.
+    pub fn rate_limit() -> RateLimitRequest {
+        let descriptor = |key: &str, value: &str| RateLimitDescriptor {
+            entries: vec![Entry {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            }],
+            ..Default::default()
+        };
+        RateLimitRequest {
+            domain: "bench".to_owned(),
+            descriptors: vec![
+                descriptor("remote_address", CLIENT),
+                descriptor("generic_key", "orders"),
+            ],
+            hits_addend: 0,
+        }
+    }
+
+    /// Requires `frame` to be answered OK, with a status per descriptor:
+    /// both matched a limit.
+    pub async fn rate_limit_ok(channel: Channel, frame: &RateLimitRequest) -> Result<(), String> {
+        let answer = RateLimitServiceClient::new(channel)
+            .should_rate_limit(frame.clone())
+            .await
+            .map_err(|e| format!("ShouldRateLimit failed: {e}"))?
+            .into_inner();
+        let limited = answer
+            .statuses
+            .iter()
+            .filter(|s| s.current_limit.is_some())
+            .count();
+        if answer.overall_code() != Code::Ok || limited != frame.descriptors.len() {
+            return Err(format!(
+                "the frame is not OK under a limit per descriptor: {answer:?}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -26,11 +26,12 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use tonic::{Request, Response, Status};
 
-use super::{Body, Early, HttpAnswer, Original, SIGNING_HEADERS};
+use super::{Body, Early, Headers, HttpAnswer, Original, SIGNING_HEADERS, envoy_request};
 use crate::auth::{Authz, Role};
 use crate::config::GatewaySettings;
 use crate::service::unary::UnaryMethod;
@@ -66,25 +67,58 @@ impl ExtAuthz {
     }
 }
 
-/// Envoy's `Check`, read and answered by [`Unary`](crate::service::unary::Unary).
+/// Envoy's `Check`, read (only what warden uses of it, see
+/// [`envoy_request`]) and answered by
+/// [`Unary`](crate::service::unary::Unary).
 impl UnaryMethod for ExtAuthz {
-    type Request = CheckRequest;
+    type Request = envoy_request::CheckRequest;
     type Response = CheckResponse;
     const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
+    /// A message the official decoder would refuse for what warden reads
+    /// of it (a body that is not UTF-8) goes to the generated service, to
+    /// be refused as it always was.
+    fn decode(message: bytes::Bytes) -> Option<envoy_request::CheckRequest> {
+        let request = envoy_request::CheckRequest::decode(message).ok()?;
+        let http = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        http.is_none_or(envoy_request::HttpRequest::text_is_utf8)
+            .then_some(request)
+    }
+
     fn answer(
         &self,
-        request: Request<CheckRequest>,
+        request: Request<envoy_request::CheckRequest>,
     ) -> impl Future<Output = Result<Response<CheckResponse>, Status>> + Send {
-        Authorization::check(self, request)
+        self.authorize(request)
     }
 }
 
+/// What the generated service answers: only calls [`Unary`] hands it, the
+/// ones it does not read itself. One that decodes is answered as any other,
+/// read again as warden reads it.
+///
+/// [`Unary`]: crate::service::unary::Unary
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
     async fn check(
         &self,
         request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let encoded = request.get_ref().encode_to_vec();
+        let read = envoy_request::CheckRequest::decode(encoded.as_slice())
+            .map_err(|_| Status::invalid_argument("the CheckRequest cannot be read"))?;
+        self.authorize(request.map(|_| read)).await
+    }
+}
+
+impl ExtAuthz {
+    async fn authorize(
+        &self,
+        request: Request<envoy_request::CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let _permit = self.admission.admit(&request)?;
         let caller = caller_of(&request);
@@ -97,17 +131,10 @@ impl Authorization for ExtAuthz {
                 Status::invalid_argument("attributes.request.http: missing (not an HTTP request)")
             })?;
         let source = attributes.source.as_ref();
-        let source_address =
-            source
-                .and_then(|s| s.address.as_ref())
-                .and_then(|a| match &a.address {
-                    Some(
-                        envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
-                            s,
-                        ),
-                    ) => Some(s.address.as_str()),
-                    _ => None,
-                });
+        let source_address = source
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.socket_address.as_ref())
+            .map(|s| s.address.as_str());
         let headers = request_headers(http);
         let original = Original {
             method: &http.method,
@@ -166,49 +193,50 @@ impl Authorization for ExtAuthz {
 /// Envoy's request headers: the map as sent, or one built from
 /// `header_map` when Envoy is set to `encode_raw_headers` (repeated names
 /// joined as HTTP joins them).
-fn request_headers(
-    http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-) -> Cow<'_, HashMap<String, String>> {
+fn request_headers(http: &envoy_request::HttpRequest) -> Cow<'_, [envoy_request::Header]> {
     if !http.headers.is_empty() {
         return Cow::Borrowed(&http.headers);
     }
-    let mut out: HashMap<String, String> = HashMap::new();
+    let mut out: Vec<envoy_request::Header> = Vec::new();
+    // Where each name is in `out`: a caller may send many lines.
+    let mut at: HashMap<String, usize> = HashMap::new();
     for h in http.header_map.iter().flat_map(|m| &m.headers) {
         let value = if h.raw_value.is_empty() {
             h.value.clone()
         } else {
             String::from_utf8_lossy(&h.raw_value).into_owned()
         };
-        out.entry(h.key.to_ascii_lowercase())
-            .and_modify(|v| {
-                v.push(',');
-                v.push_str(&value);
-            })
-            .or_insert(value);
+        let key = h.key.to_ascii_lowercase();
+        match at.get(&key) {
+            Some(&i) => {
+                out[i].value.push(',');
+                out[i].value.push_str(&value);
+            }
+            None => {
+                at.insert(key.clone(), out.len());
+                out.push(envoy_request::Header { key, value });
+            }
+        }
     }
     Cow::Owned(out)
 }
 
 /// The body Envoy sent, or why there is none to verify.
-fn body<'a>(
-    http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-    headers: &HashMap<String, String>,
-) -> Body<'a> {
+fn body<'a>(http: &'a envoy_request::HttpRequest, headers: &[envoy_request::Header]) -> Body<'a> {
     // Envoy marks a body it cut at max_request_bytes.
-    if headers.get("x-envoy-auth-partial-body").map(String::as_str) == Some("true") {
+    if Headers::get(headers, "x-envoy-auth-partial-body") == Some("true") {
         return Body::Withheld;
     }
     if !http.raw_body.is_empty() {
         return Body::Sent(&http.raw_body);
     }
     if !http.body.is_empty() {
-        return Body::Sent(http.body.as_bytes());
+        return Body::Sent(&http.body);
     }
-    let declared = headers
-        .get("content-length")
+    let declared = Headers::get(headers, "content-length")
         .and_then(|l| l.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    if declared > 0 || http.size > 0 || headers.contains_key("transfer-encoding") {
+    if declared > 0 || http.size > 0 || headers.present("transfer-encoding") {
         Body::Withheld
     } else {
         Body::Sent(&[])
@@ -284,5 +312,50 @@ fn loggable_request_id(id: &str) -> String {
         id.to_owned()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_body(body: &[u8]) -> bytes::Bytes {
+        envoy_request::CheckRequest {
+            attributes: Some(envoy_request::AttributeContext {
+                request: Some(envoy_request::Request {
+                    http: Some(envoy_request::HttpRequest {
+                        method: "POST".to_owned(),
+                        body: bytes::Bytes::copy_from_slice(body),
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    /// `body` is a `string`: one that is not UTF-8 is not read here but
+    /// handed to the generated service, whose decoder refuses it, as it
+    /// refused it before warden read the message itself.
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused_as_the_official_decoder_refuses_it() {
+        let bad = with_body(&[b'{', 0xff, 0xfe, b'}']);
+        assert!(<ExtAuthz as UnaryMethod>::decode(bad.clone()).is_none());
+        assert!(CheckRequest::decode(bad).is_err());
+
+        let good = with_body("{\"total\": \"12 €\"}".as_bytes());
+        let read = <ExtAuthz as UnaryMethod>::decode(good.clone()).unwrap();
+        let http = read.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(&http.body[..], "{\"total\": \"12 €\"}".as_bytes());
+        assert!(CheckRequest::decode(good).is_ok());
+    }
+
+    /// A message without the HTTP request is read, and answered by warden
+    /// as it always was (INVALID_ARGUMENT, see `authorize`).
+    #[test]
+    fn a_message_without_its_http_request_is_read() {
+        assert!(<ExtAuthz as UnaryMethod>::decode(bytes::Bytes::new()).is_some());
     }
 }

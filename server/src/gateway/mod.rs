@@ -16,7 +16,6 @@
 //! `[gateway] routes` give its route, and turning warden's verdict into the
 //! HTTP answer the Django middleware would give.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, Reason};
@@ -25,6 +24,7 @@ use warden_client::reason_name;
 use crate::config::{ClientAddressFrom, GatewaySettings, Per};
 use crate::route::ServedPath;
 
+pub mod envoy_request;
 pub mod ext_authz;
 pub mod forward_auth;
 pub mod ratelimit;
@@ -67,18 +67,22 @@ impl Headers for axum::http::HeaderMap {
 }
 
 /// Envoy's `attributes.request.http.headers`: keys already lowercase, and
-/// the lines of a header already joined with commas.
-impl Headers for HashMap<String, String> {
+/// the lines of a header already joined with commas. A name sent twice is
+/// read as a map reads it: the last one.
+impl Headers for [envoy_request::Header] {
     fn get(&self, name: &str) -> Option<&str> {
-        HashMap::get(self, name).map(String::as_str)
+        self.iter()
+            .rev()
+            .find(|h| h.key == name)
+            .map(|h| h.value.as_str())
     }
 
     fn list(&self, name: &str) -> Vec<&str> {
-        HashMap::get(self, name).map_or_else(Vec::new, |v| v.split(',').map(str::trim).collect())
+        Headers::get(self, name).map_or_else(Vec::new, |v| v.split(',').map(str::trim).collect())
     }
 
     fn present(&self, name: &str) -> bool {
-        self.contains_key(name)
+        self.iter().any(|h| h.key == name)
     }
 }
 
@@ -100,7 +104,7 @@ pub enum Body<'a> {
 
 /// The original request as a gateway describes it.
 #[derive(Debug)]
-pub struct Original<'a, H: Headers> {
+pub struct Original<'a, H: Headers + ?Sized> {
     pub method: &'a str,
     /// Path and query, as sent.
     pub uri: &'a str,
@@ -127,7 +131,7 @@ pub enum Early {
 
 /// The CheckRequest an original request stands for, with its route's
 /// limits.
-pub fn check_request<H: Headers>(
+pub fn check_request<H: Headers + ?Sized>(
     original: &Original<'_, H>,
     settings: &GatewaySettings,
 ) -> Result<CheckRequest, Early> {
@@ -186,7 +190,7 @@ pub fn check_request<H: Headers>(
 
 /// The end client's address, from where `[gateway] client_address` says.
 /// An unparsable address counts as none.
-fn client_address<H: Headers>(
+fn client_address<H: Headers + ?Sized>(
     original: &Original<'_, H>,
     from: ClientAddressFrom,
 ) -> Option<IpAddr> {
@@ -383,17 +387,20 @@ mod tests {
     use crate::config::RouteLimit;
     use crate::route::Route;
 
-    fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    fn headers(pairs: &[(&str, &str)]) -> Vec<envoy_request::Header> {
         pairs
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .map(|(k, v)| envoy_request::Header {
+                key: (*k).to_owned(),
+                value: (*v).to_owned(),
+            })
             .collect()
     }
 
     fn original<'a>(
-        h: &'a HashMap<String, String>,
+        h: &'a [envoy_request::Header],
         body: Body<'a>,
-    ) -> Original<'a, HashMap<String, String>> {
+    ) -> Original<'a, [envoy_request::Header]> {
         Original {
             method: "POST",
             uri: "/login?next=/home",
