@@ -352,6 +352,33 @@ mod tests {
         assert!(CheckRequest::decode(good).is_ok());
     }
 
+    /// So is a header whose name or value is not UTF-8 (`map<string,
+    /// string>`).
+    #[test]
+    fn a_header_that_is_not_utf8_is_refused_as_the_official_decoder_refuses_it() {
+        // Length-delimited fields, nested as Envoy nests them:
+        // CheckRequest.attributes(1).request(4).http(2).headers(3).
+        fn field(tag: u32, inner: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            prost::encoding::bytes::encode(tag, &inner.to_vec(), &mut out);
+            out
+        }
+        for (key, value) in [
+            (&b"x-nonce"[..], &b"n\xff"[..]),
+            (&b"x-\xc3"[..], &b"1"[..]),
+        ] {
+            let entry = [field(1, key), field(2, value)].concat();
+            let bad = field(1, &field(4, &field(2, &field(3, &entry))));
+            assert!(<ExtAuthz as UnaryMethod>::decode(bad.clone().into()).is_none());
+            assert!(CheckRequest::decode(bad.as_slice()).is_err());
+        }
+        let entry = [field(1, b"x-nonce"), field(2, b"n-1")].concat();
+        let good = field(1, &field(4, &field(2, &field(3, &entry))));
+        let read = <ExtAuthz as UnaryMethod>::decode(good.into()).unwrap();
+        let http = read.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(Headers::get(&http.headers[..], "x-nonce"), Some("n-1"));
+    }
+
     /// A message without the HTTP request is read, and answered by warden
     /// as it always was (INVALID_ARGUMENT, see `authorize`).
     #[test]
