@@ -76,8 +76,9 @@ impl UnaryMethod for ExtAuthz {
     const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
     /// A message the official decoder would refuse for what warden reads
-    /// of it (a body that is not UTF-8) goes to the generated service, to
-    /// be refused as it always was.
+    /// of it goes to the generated service, to be refused as it always
+    /// was: the text fields read as `String`s are checked by this decoder
+    /// too, and the body, read as bytes, is checked here.
     fn decode(message: bytes::Bytes) -> Option<envoy_request::CheckRequest> {
         let request = envoy_request::CheckRequest::decode(message).ok()?;
         let http = request
@@ -116,6 +117,9 @@ impl Authorization for ExtAuthz {
 }
 
 impl ExtAuthz {
+    /// One ext_authz call, however it was read: the original request taken
+    /// from Envoy's attributes, checked as `Check` checks it, and answered
+    /// as Envoy's filter reads an answer.
     async fn authorize(
         &self,
         request: Request<envoy_request::CheckRequest>,
