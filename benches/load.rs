@@ -1562,18 +1562,26 @@ async fn run_frame(args: FrameArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// warden's own `Check` of a signed POST of --body-bytes, as `dry_run`.
-fn signed_check(args: &FrameArgs) -> CheckRequest {
-    let body = vec![b'x'; args.body_bytes];
+/// A POST of --body-bytes to /v1/orders and its signing headers, with a
+/// fresh nonce: what every kind of frame asks about.
+fn signed_post(args: &FrameArgs) -> (String, warden_client::signing::SignedHeaders) {
+    let body = "x".repeat(args.body_bytes);
     let headers = Signer::new(args.key_id.as_str(), args.secret.as_bytes().to_vec()).sign_at(
         unix_now(),
         &warden_client::signing::new_nonce(),
         "POST",
         "/v1/orders",
         "",
-        &body,
+        body.as_bytes(),
     );
-    let mut req = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "", &body);
+    (body, headers)
+}
+
+/// warden's own `Check` of a signed POST, as `dry_run`.
+fn signed_check(args: &FrameArgs) -> CheckRequest {
+    let (body, headers) = signed_post(args);
+    let body = body.as_bytes();
+    let mut req = check_request_from(&headers, "warden-v1", "POST", "/v1/orders", "", body);
     req.dry_run = true;
     req
 }
@@ -1581,7 +1589,7 @@ fn signed_check(args: &FrameArgs) -> CheckRequest {
 /// The frames of Envoy's two calls, as Envoy sends them
 /// (`tests/fixtures/envoy` has what a real Envoy sent).
 mod envoy_frames {
-    use super::{FrameArgs, Signer, unix_now};
+    use super::FrameArgs;
     use envoy_types::pb::envoy::config::core::v3::address::Address;
     use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAddress};
     use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -1599,18 +1607,9 @@ mod envoy_frames {
 
     const CLIENT: &str = "203.0.113.7";
 
-    /// A signed POST of --body-bytes to /v1/orders, with a fresh nonce, as
-    /// Envoy's ext_authz filter asks about it.
+    /// A signed POST, as Envoy's ext_authz filter asks about it.
     pub fn ext_authz(args: &FrameArgs) -> CheckRequest {
-        let body = "x".repeat(args.body_bytes);
-        let signed = Signer::new(args.key_id.as_str(), args.secret.as_bytes().to_vec()).sign_at(
-            unix_now(),
-            &warden_client::signing::new_nonce(),
-            "POST",
-            "/v1/orders",
-            "",
-            body.as_bytes(),
-        );
+        let (body, signed) = super::signed_post(args);
         let mut headers: std::collections::HashMap<String, String> = [
             (":authority", "api.shop.example".to_owned()),
             (":method", "POST".to_owned()),
