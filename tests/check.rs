@@ -5,7 +5,7 @@ use crate::support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{ConfigDir, SECRET, Server};
+use support::{ConfigDir, RawCodec, SECRET, Server};
 use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, Reason};
 use warden_client::signing::{Signer, check_request_from, unix_now};
 
@@ -1387,45 +1387,6 @@ async fn denials_are_logged_without_signatures_or_secrets() {
     assert!(!logs.contains("body-bytes-that-must-not-be-logged"));
 }
 
-/// Sends pre-encoded messages, so a test can put bytes on the wire that no
-/// well-behaved client would (e.g. invalid UTF-8 in a string field).
-mod raw {
-    use prost::bytes::BufMut;
-    use tonic::Status;
-    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-    use warden_client::proto::CheckResponse;
-
-    #[derive(Default)]
-    pub struct RawCodec;
-
-    pub struct RawEncoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Vec<u8>;
-        type Error = Status;
-
-        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Vec<u8>;
-        type Decode = CheckResponse;
-        type Encoder = RawEncoder;
-        type Decoder = tonic_prost::ProstDecoder<CheckResponse>;
-
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-
-        fn decoder(&mut self) -> Self::Decoder {
-            tonic_prost::ProstDecoder::new(BufferSettings::default())
-        }
-    }
-}
-
 /// The outside attack's finding: one undecodable message (invalid UTF-8 in
 /// a string field) ended the whole CheckStream with INTERNAL, losing the
 /// requests behind it. It is answered in-band now, and the stream goes on.
@@ -1465,7 +1426,7 @@ async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
         .streaming(
             tonic::Request::new(tokio_stream::iter(batch)),
             path,
-            raw::RawCodec,
+            RawCodec::<CheckResponse>::default(),
         )
         .await
         .unwrap()
@@ -1490,7 +1451,7 @@ async fn an_undecodable_message_is_malformed_and_the_stream_goes_on() {
     grpc.ready().await.unwrap();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/warden.v1.Warden/Check");
     let r = grpc
-        .unary(tonic::Request::new(broken), path, raw::RawCodec)
+        .unary(tonic::Request::new(broken), path, RawCodec::default())
         .await
         .unwrap()
         .into_inner();

@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::Message as _;
 use serde_json::Value;
-use support::{ConfigDir, SECRET, Server};
+use support::{ConfigDir, RawCodec, SECRET, Server};
 use tonic::transport::Channel;
 use warden_client::signing::{Signer, new_nonce, unix_now};
 
@@ -417,6 +417,82 @@ async fn a_signed_request_passes_with_its_caller_for_the_upstream_and_its_creden
     );
     assert_eq!(a.headers["x-warden-owner"], "edge-team");
     assert!(a.client_headers["ratelimit"].contains("r=3"), "{a:?}");
+}
+
+/// `new` in place of `old` in `wire`: the same number of bytes,
+/// so every length around it still holds.
+fn spliced(wire: &[u8], old: &str, new: &[u8]) -> Vec<u8> {
+    assert_eq!(old.len(), new.len());
+    let at = wire
+        .windows(old.len())
+        .position(|w| w == old.as_bytes())
+        .expect("the marker is in the message");
+    assert!(
+        wire[at + 1..]
+            .windows(old.len())
+            .all(|w| w != old.as_bytes()),
+        "the marker is in the message once"
+    );
+    [&wire[..at], new, &wire[at + old.len()..]].concat()
+}
+
+/// warden reads only the fields of Envoy's message it uses
+/// (`gateway/envoy_request.rs`). Attacked with bytes no Envoy sends, over
+/// mTLS: a body that is not UTF-8 (a `string` field warden reads, as bytes)
+/// is refused whole, as tonic's decoder always refused it, and spends
+/// nothing; text that is not UTF-8 inside a field warden never reads (the
+/// destination's principal) is skipped, and the request is answered.
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_refused_spending_nothing_and_unread_fields_are_skipped() {
+    use prost::Message as _;
+    let (dir, server) = ext_authz_server();
+    let mut grpc = tonic::client::Grpc::new(channel(&dir, &server).await);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.auth.v3.Authorization/Check",
+    );
+    let not_utf8 = [0xffu8; 8];
+
+    let mut post = sign(ext_authz_fixture("post_with_body.json"), "wk_edge");
+    http_mut(&mut post).body = "@@BODY@@".to_owned();
+    let broken = spliced(&post.encode_to_vec(), "@@BODY@@", &not_utf8);
+    grpc.ready().await.unwrap();
+    let refused = grpc
+        .unary(
+            tonic::Request::new(broken),
+            path.clone(),
+            RawCodec::<CheckResponse>::default(),
+        )
+        .await
+        .expect_err("a body that is not UTF-8 is refused");
+    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
+
+    let mut get = sign(ext_authz_fixture("get.json"), "wk_edge");
+    get.attributes
+        .as_mut()
+        .unwrap()
+        .destination
+        .as_mut()
+        .unwrap()
+        .principal = "@@PRIN@@".to_owned();
+    let unread = spliced(&get.encode_to_vec(), "@@PRIN@@", &not_utf8);
+    assert!(
+        CheckRequest::decode(unread.as_slice()).is_err(),
+        "the official decoder refuses it"
+    );
+    grpc.ready().await.unwrap();
+    let a = read(
+        grpc.unary(
+            tonic::Request::new(unread),
+            path,
+            RawCodec::<CheckResponse>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert!(a.ok, "{a:?}");
+    // The first of wk_edge's five an hour: the refused call took none.
+    assert!(a.client_headers["ratelimit"].contains("r=4"), "{a:?}");
 }
 
 #[tokio::test]

@@ -1227,3 +1227,46 @@ pub fn metric(server: &Server, name: &str) -> u64 {
         })
         .map_or(0, |v| v as u64)
 }
+
+/// Sends pre-encoded messages and decodes the answers as `T`, so a test can
+/// put bytes on the wire that no well-behaved client would (e.g. invalid
+/// UTF-8 in a string field).
+pub struct RawCodec<T>(std::marker::PhantomData<T>);
+
+impl<T> Default for RawCodec<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+pub struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl<T: prost::Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<T> {
+    type Encode = Vec<u8>;
+    type Decode = T;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<T>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+    }
+}
