@@ -197,12 +197,12 @@ impl ExtAuthz {
 /// Envoy's request headers: the map as sent, or one built from
 /// `header_map` when Envoy is set to `encode_raw_headers` (repeated names
 /// joined as HTTP joins them).
-fn request_headers(http: &envoy_request::HttpRequest) -> Cow<'_, [envoy_request::Header]> {
+fn request_headers(http: &envoy_request::HttpRequest) -> Cow<'_, envoy_request::HeaderList> {
     if !http.headers.is_empty() {
         return Cow::Borrowed(&http.headers);
     }
-    let mut out: Vec<envoy_request::Header> = Vec::new();
-    // Where each name is in `out`: a caller may send many lines.
+    let mut joined: Vec<(String, String)> = Vec::new();
+    // Where each name is in `joined`: a caller may send many lines.
     let mut at: HashMap<String, usize> = HashMap::new();
     for h in http.header_map.iter().flat_map(|m| &m.headers) {
         let value = if h.raw_value.is_empty() {
@@ -213,29 +213,33 @@ fn request_headers(http: &envoy_request::HttpRequest) -> Cow<'_, [envoy_request:
         let key = h.key.to_ascii_lowercase();
         match at.get(&key) {
             Some(&i) => {
-                out[i].value.push(',');
-                out[i].value.push_str(&value);
+                joined[i].1.push(',');
+                joined[i].1.push_str(&value);
             }
             None => {
-                at.insert(key.clone(), out.len());
-                out.push(envoy_request::Header { key, value });
+                at.insert(key.clone(), joined.len());
+                joined.push((key, value));
             }
         }
+    }
+    let mut out = envoy_request::HeaderList::default();
+    for (key, value) in &joined {
+        out.push(key, value);
     }
     Cow::Owned(out)
 }
 
 /// The body Envoy sent, or why there is none to verify.
-fn body<'a>(http: &'a envoy_request::HttpRequest, headers: &[envoy_request::Header]) -> Body<'a> {
+fn body(http: &envoy_request::HttpRequest, headers: &envoy_request::HeaderList) -> Body {
     // Envoy marks a body it cut at max_request_bytes.
     if Headers::get(headers, "x-envoy-auth-partial-body") == Some("true") {
         return Body::Withheld;
     }
     if !http.raw_body.is_empty() {
-        return Body::Sent(&http.raw_body);
+        return Body::Sent(http.raw_body.clone());
     }
     if !http.body.is_empty() {
-        return Body::Sent(&http.body);
+        return Body::Sent(http.body.clone());
     }
     let declared = Headers::get(headers, "content-length")
         .and_then(|l| l.trim().parse::<u64>().ok())
@@ -243,7 +247,7 @@ fn body<'a>(http: &'a envoy_request::HttpRequest, headers: &[envoy_request::Head
     if declared > 0 || http.size > 0 || headers.present("transfer-encoding") {
         Body::Withheld
     } else {
-        Body::Sent(&[])
+        Body::Sent(bytes::Bytes::new())
     }
 }
 
@@ -380,7 +384,7 @@ mod tests {
         let good = field(1, &field(4, &field(2, &field(3, &entry))));
         let read = <ExtAuthz as UnaryMethod>::decode(good.into()).unwrap();
         let http = read.attributes.unwrap().request.unwrap().http.unwrap();
-        assert_eq!(Headers::get(&http.headers[..], "x-nonce"), Some("n-1"));
+        assert_eq!(Headers::get(&http.headers, "x-nonce"), Some("n-1"));
     }
 
     /// A message without the HTTP request is read, and answered by warden

@@ -16,6 +16,7 @@
 //! `[gateway] routes` give its route, and turning warden's verdict into the
 //! HTTP answer the Django middleware would give.
 
+use prost::bytes::Bytes;
 use std::net::IpAddr;
 
 use warden_client::proto::{CheckRequest, CheckResponse, Decision, LimitRequest, Reason};
@@ -69,12 +70,9 @@ impl Headers for axum::http::HeaderMap {
 /// Envoy's `attributes.request.http.headers`: keys already lowercase, and
 /// the lines of a header already joined with commas. A name sent twice is
 /// read as a map reads it: the last one.
-impl Headers for [envoy_request::Header] {
+impl Headers for envoy_request::HeaderList {
     fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .rev()
-            .find(|h| h.key == name)
-            .map(|h| h.value.as_str())
+        self.last(name)
     }
 
     fn list(&self, name: &str) -> Vec<&str> {
@@ -82,7 +80,7 @@ impl Headers for [envoy_request::Header] {
     }
 
     fn present(&self, name: &str) -> bool {
-        self.iter().any(|h| h.key == name)
+        self.contains(name)
     }
 }
 
@@ -90,10 +88,11 @@ impl Headers for [envoy_request::Header] {
 pub const SIGNING_HEADERS: [&str; 4] = ["x-key-id", "x-timestamp", "x-nonce", "x-signature"];
 
 /// What the gateway did with the request's body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Body<'a> {
-    /// Sent whole (Envoy with `with_request_body`).
-    Sent(&'a [u8]),
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// Sent whole (Envoy with `with_request_body`): a slice of the message
+    /// it came in, shared with the check rather than copied.
+    Sent(Bytes),
     /// This kind of gateway never sends bodies (forward auth): a signed
     /// `X-Content-SHA256` stands in for it, and the upstream compares.
     NeverSent,
@@ -109,7 +108,7 @@ pub struct Original<'a, H: Headers + ?Sized> {
     /// Path and query, as sent.
     pub uri: &'a str,
     pub headers: &'a H,
-    pub body: Body<'a>,
+    pub body: Body,
     /// The client's address as the gateway saw the connection, if it says.
     pub source_address: Option<&'a str>,
 }
@@ -175,8 +174,8 @@ pub fn check_request<H: Headers + ?Sized>(
         .unwrap_or(0);
     req.nonce = headers.get("x-nonce").unwrap_or_default().to_owned();
     req.signature = headers.get("x-signature").unwrap_or_default().to_owned();
-    match original.body {
-        Body::Sent(body) => req.body = prost::bytes::Bytes::copy_from_slice(body),
+    match &original.body {
+        Body::Sent(body) => req.body = body.clone(),
         Body::Withheld => return Err(Early::BodyWithheld),
         Body::NeverSent => {
             if let Some(sha) = headers.get("x-content-sha256") {
@@ -387,20 +386,18 @@ mod tests {
     use crate::config::RouteLimit;
     use crate::route::Route;
 
-    fn headers(pairs: &[(&str, &str)]) -> Vec<envoy_request::Header> {
-        pairs
-            .iter()
-            .map(|(k, v)| envoy_request::Header {
-                key: (*k).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect()
+    fn headers(pairs: &[(&str, &str)]) -> envoy_request::HeaderList {
+        let mut list = envoy_request::HeaderList::default();
+        for (k, v) in pairs {
+            list.push(k, v);
+        }
+        list
     }
 
     fn original<'a>(
-        h: &'a [envoy_request::Header],
-        body: Body<'a>,
-    ) -> Original<'a, [envoy_request::Header]> {
+        h: &'a envoy_request::HeaderList,
+        body: Body,
+    ) -> Original<'a, envoy_request::HeaderList> {
         Original {
             method: "POST",
             uri: "/login?next=/home",
@@ -443,7 +440,7 @@ mod tests {
     fn the_first_matching_route_gives_the_limits_per_ip_and_per_route() {
         let h = headers(&[("x-key-id", "k")]);
         let req = check_request(
-            &original(&h, Body::Sent(b"")),
+            &original(&h, Body::Sent(Bytes::new())),
             &login_limits(ClientAddressFrom::Source),
         )
         .unwrap();
@@ -468,15 +465,15 @@ mod tests {
             ("x-key-id", "k"),
             ("x-forwarded-for", "6.6.6.6, 203.0.113.7"),
         ]);
-        let req = check_request(&original(&h, Body::Sent(b"")), &settings).unwrap();
+        let req = check_request(&original(&h, Body::Sent(Bytes::new())), &settings).unwrap();
         assert_eq!(req.client_address, "203.0.113.7");
         // Two trusted proxies: the second entry from the right.
         let two = login_limits(ClientAddressFrom::ForwardedFor { trusted_hops: 2 });
-        let req = check_request(&original(&h, Body::Sent(b"")), &two).unwrap();
+        let req = check_request(&original(&h, Body::Sent(Bytes::new())), &two).unwrap();
         assert_eq!(req.client_address, "6.6.6.6");
         // Fewer entries than proxies: only the connection is known.
         let three = login_limits(ClientAddressFrom::ForwardedFor { trusted_hops: 3 });
-        let req = check_request(&original(&h, Body::Sent(b"")), &three).unwrap();
+        let req = check_request(&original(&h, Body::Sent(Bytes::new())), &three).unwrap();
         assert_eq!(req.client_address, "198.51.100.9");
     }
 
@@ -484,7 +481,7 @@ mod tests {
     fn ipv6_clients_are_counted_by_their_64_so_rotating_addresses_gains_nothing() {
         let settings = login_limits(ClientAddressFrom::Source);
         let h = headers(&[("x-key-id", "k")]);
-        let mut o = original(&h, Body::Sent(b""));
+        let mut o = original(&h, Body::Sent(Bytes::new()));
         o.source_address = Some("2001:db8:1:2::17");
         let a = check_request(&o, &settings).unwrap();
         o.source_address = Some("2001:db8:1:2:ffff::1");
@@ -496,7 +493,7 @@ mod tests {
     #[test]
     fn a_per_ip_limit_without_an_address_refuses_rather_than_counting_nothing() {
         let h = headers(&[("x-key-id", "k")]);
-        let mut o = original(&h, Body::Sent(b""));
+        let mut o = original(&h, Body::Sent(Bytes::new()));
         o.source_address = None;
         let early = check_request(&o, &login_limits(ClientAddressFrom::Source)).unwrap_err();
         assert!(matches!(early, Early::Misconfigured(_)));
@@ -515,7 +512,7 @@ mod tests {
         assert_eq!(req.api_key, "abc");
         let none = headers(&[]);
         assert_eq!(
-            check_request(&original(&none, Body::Sent(b"")), &settings).unwrap_err(),
+            check_request(&original(&none, Body::Sent(Bytes::new())), &settings).unwrap_err(),
             Early::NoCredentials
         );
     }
@@ -526,7 +523,7 @@ mod tests {
         for name in crate::config::ROUTE_OVERRIDE_HEADERS {
             let h = headers(&[("x-key-id", "k"), (name, "/admin")]);
             assert_eq!(
-                check_request(&original(&h, Body::Sent(b"")), &settings).unwrap_err(),
+                check_request(&original(&h, Body::Sent(Bytes::new())), &settings).unwrap_err(),
                 Early::RouteOverride(name.to_owned()),
                 "{name}"
             );
@@ -535,7 +532,7 @@ mod tests {
         // Also without credentials: the answer says what to change first.
         let h = headers(&[("x-original-url", "/admin")]);
         assert!(matches!(
-            check_request(&original(&h, Body::Sent(b"")), &settings),
+            check_request(&original(&h, Body::Sent(Bytes::new())), &settings),
             Err(Early::RouteOverride(_))
         ));
         // An operator who needs one of them lets it through.
@@ -544,6 +541,6 @@ mod tests {
             ..login_limits(ClientAddressFrom::Source)
         };
         let h = headers(&[("x-key-id", "k"), ("x-http-method-override", "GET")]);
-        assert!(check_request(&original(&h, Body::Sent(b"")), &allowing).is_ok());
+        assert!(check_request(&original(&h, Body::Sent(Bytes::new())), &allowing).is_ok());
     }
 }
