@@ -375,9 +375,16 @@ pub fn public_message(reason: Reason) -> &'static str {
     }
 }
 
-/// The Django middleware's error body.
+/// The Django middleware's error body: `{"error": ..., "message": ...}`.
+/// Serialized from its two strings, with no JSON map built in between
+/// (this is written for every denial a gateway asks about).
 pub fn error_body(error: &str, message: &str) -> String {
-    serde_json::json!({ "error": error, "message": message }).to_string()
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        error: &'a str,
+        message: &'a str,
+    }
+    serde_json::to_string(&ErrorBody { error, message }).expect("two strings serialize")
 }
 
 #[cfg(test)]
@@ -385,6 +392,22 @@ mod tests {
     use super::*;
     use crate::config::RouteLimit;
     use crate::route::Route;
+
+    proptest::proptest! {
+        /// The error body is the JSON the Django middleware sends, escaped
+        /// as serde_json escapes any string.
+        #[test]
+        fn error_body_is_the_json_object_of_its_two_strings(error in "\\PC{0,20}", message in ".{0,40}") {
+            let body = error_body(&error, &message);
+            proptest::prop_assert_eq!(
+                &body,
+                &serde_json::json!({ "error": error, "message": message }).to_string()
+            );
+            let read: serde_json::Value = serde_json::from_str(&body).unwrap();
+            proptest::prop_assert_eq!(read["error"].as_str(), Some(error.as_str()));
+            proptest::prop_assert_eq!(read["message"].as_str(), Some(message.as_str()));
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> envoy_request::HeaderList {
         let mut list = envoy_request::HeaderList::default();
