@@ -36,7 +36,7 @@ use crate::auth::{Authz, Role};
 use crate::config::GatewaySettings;
 use crate::service::unary::UnaryMethod;
 use crate::service::warden::WardenService;
-use crate::service::{Admission, caller_of};
+use crate::service::{Admission, CallMetrics, Face, caller_of};
 
 /// gRPC status codes in `CheckResponse.status`.
 const OK: i32 = 0;
@@ -183,9 +183,8 @@ impl ExtAuthz {
             }
             Err(status) => return Err(status),
         };
-        let answer = super::answer(&response);
-        metrics::counter!("warden_gateway_answers_total", "face" => "ext_authz", "allowed" => if answer.allowed() { "true" } else { "false" })
-            .increment(1);
+        let answer = super::answer(response);
+        CallMetrics::get().gateway_answered(Face::ExtAuthz, answer.allowed());
         Ok(Response::new(if answer.allowed() {
             ok(answer, bearer)
         } else {
@@ -257,11 +256,11 @@ fn body(http: &envoy_request::HttpRequest, headers: &envoy_request::HeaderList) 
 /// (`APPEND_IF_EXISTS_OR_ADD`) appends, and Envoy versions differ in which
 /// of `append` and `append_action` they read when neither is set; all read
 /// `append_action` when it is, or take an unset `append` as "replace".
-fn header(name: &str, value: &str) -> HeaderValueOption {
+fn header(name: impl Into<String>, value: impl Into<String>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: name.to_owned(),
-            value: value.to_owned(),
+            key: name.into(),
+            value: value.into(),
             ..Default::default()
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
@@ -282,11 +281,15 @@ fn ok(answer: HttpAnswer, bearer: bool) -> CheckResponse {
         }),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers: vec![
-                header("x-warden-key-id", &key_id),
-                header("x-warden-owner", &owner),
+                header("x-warden-key-id", key_id),
+                header("x-warden-owner", owner),
             ],
             headers_to_remove: remove,
-            response_headers_to_add: answer.headers.iter().map(|(n, v)| header(n, v)).collect(),
+            response_headers_to_add: answer
+                .headers
+                .into_iter()
+                .map(|(n, v)| header(n, v))
+                .collect(),
             ..Default::default()
         })),
         ..Default::default()
@@ -294,8 +297,8 @@ fn ok(answer: HttpAnswer, bearer: bool) -> CheckResponse {
 }
 
 fn denied(answer: HttpAnswer) -> CheckResponse {
-    let mut headers: Vec<HeaderValueOption> =
-        answer.headers.iter().map(|(n, v)| header(n, v)).collect();
+    let mut headers: Vec<HeaderValueOption> = Vec::with_capacity(answer.headers.len() + 1);
+    headers.extend(answer.headers.into_iter().map(|(n, v)| header(n, v)));
     headers.push(header("content-type", "application/json"));
     CheckResponse {
         status: Some(RpcStatus {

@@ -157,7 +157,7 @@ async fn decide(
         Err(early) => return super::early_answer(&early),
     };
     match service.check_as(req, caller).await {
-        Ok(response) => super::answer(&response),
+        Ok(response) => super::answer(response),
         // A caller without the check role is refused for good: a 403 with
         // no Retry-After, which would have it ask again every second.
         Err(status) if status.code() == tonic::Code::PermissionDenied => HttpAnswer {

@@ -278,19 +278,16 @@ impl HttpAnswer {
     }
 }
 
-/// The answer for warden's verdict.
-pub fn answer(response: &CheckResponse) -> HttpAnswer {
-    let mut headers: Vec<(String, String)> = response
-        .headers
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    headers.sort();
-    if response.decision() == Decision::Allow {
+/// The answer for warden's verdict, made of its parts (moved, not
+/// copied: this runs for every call a gateway makes).
+pub fn answer(response: CheckResponse) -> HttpAnswer {
+    let (allowed, reason) = (response.decision() == Decision::Allow, response.reason());
+    // In name order, as the verdict's map keeps them.
+    let mut headers: Vec<(String, String)> = response.headers.into_iter().collect();
+    if allowed {
         let caller = response
             .caller
-            .as_ref()
-            .map(|c| (c.key_id.clone(), c.owner.clone()))
+            .map(|c| (c.key_id, c.owner))
             .unwrap_or_default();
         return HttpAnswer {
             status: 200,
@@ -299,7 +296,6 @@ pub fn answer(response: &CheckResponse) -> HttpAnswer {
             body: None,
         };
     }
-    let reason = response.reason();
     let status = match response.http_status {
         s @ 400..=499 => s as u16,
         _ => 403,

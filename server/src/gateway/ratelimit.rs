@@ -28,7 +28,7 @@ use crate::descriptors::{MAX_DESCRIPTORS, MAX_ENTRIES, MAX_ENTRY_BYTES, Matched,
 use crate::engine::{Limit, LimitVerdict, Nanos, Outcome, StateKey};
 use crate::service::unary::UnaryMethod;
 use crate::service::warden::{WardenService, count_refusal, refusal};
-use crate::service::{Admission, caller_of};
+use crate::service::{Admission, CallMetrics, Face, caller_of};
 
 /// Answers Envoy's `ratelimit` filter from envoyproxy/ratelimit rules.
 #[derive(Debug, Clone)]
@@ -178,8 +178,7 @@ impl RateLimitService for EnvoyRateLimit {
         }
         response.statuses = statuses;
         let over = response.overall_code == Code::OverLimit as i32;
-        metrics::counter!("warden_gateway_answers_total", "face" => "ratelimit", "allowed" => if over { "false" } else { "true" })
-            .increment(1);
+        CallMetrics::get().gateway_answered(Face::RateLimit, !over);
         if over {
             tracing::info!(
                 event = "ratelimit_over_limit",

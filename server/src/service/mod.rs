@@ -41,6 +41,20 @@ pub struct CallMetrics {
     /// registered when it first occurs, so `/metrics` shows no series for
     /// pairs that never happen (an allowed replay).
     checks: [[OnceLock<Counter>; REASONS]; 2],
+    /// `warden_gateway_answers_total`, by face and answer (refused,
+    /// allowed), each registered when it first occurs.
+    gateway_answers: [[OnceLock<Counter>; 2]; 2],
+    /// `warden_denial_log_lines_skipped_total`: counted for every denial
+    /// past the log's budget, so a flood of refusals pays one atomic add
+    /// each, not a lookup. Registered at the first.
+    denial_lines_skipped: OnceLock<Counter>,
+}
+
+/// The gateway faces that count their answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Face {
+    ExtAuthz,
+    RateLimit,
 }
 
 /// Reasons in `warden.v1.Reason` (the last is `REASON_LOCKED_OUT`).
@@ -56,6 +70,8 @@ impl CallMetrics {
                 check_seconds: rpc("Check"),
                 stream_seconds: rpc("CheckStream"),
                 checks: Default::default(),
+                gateway_answers: Default::default(),
+                denial_lines_skipped: OnceLock::new(),
             }
         })
     }
@@ -71,6 +87,27 @@ impl CallMetrics {
             metrics::counter!("warden_checks_total", "decision" => decision, "reason" => reason_name(reason))
         })
         .increment(1);
+    }
+
+    /// Counts one answer a gateway face gave.
+    pub fn gateway_answered(&self, face: Face, allowed: bool) {
+        self.gateway_answers[face as usize][usize::from(allowed)]
+            .get_or_init(|| {
+                let face = match face {
+                    Face::ExtAuthz => "ext_authz",
+                    Face::RateLimit => "ratelimit",
+                };
+                let allowed = if allowed { "true" } else { "false" };
+                metrics::counter!("warden_gateway_answers_total", "face" => face, "allowed" => allowed)
+            })
+            .increment(1);
+    }
+
+    /// Counts one denial not logged, past the log's budget.
+    pub fn denial_line_skipped(&self) {
+        self.denial_lines_skipped
+            .get_or_init(|| metrics::counter!("warden_denial_log_lines_skipped_total"))
+            .increment(1);
     }
 }
 

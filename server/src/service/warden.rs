@@ -461,7 +461,7 @@ fn conclude(
                     );
                 }
                 if line == Line::Skip {
-                    metrics::counter!("warden_denial_log_lines_skipped_total").increment(1);
+                    CallMetrics::get().denial_line_skipped();
                 } else {
                     tracing::info!(
                         event = "check_denied",
