@@ -342,30 +342,26 @@ impl HeaderList {
         // Everything read below stays within the entry: a field that
         // claims more is short of bytes, as prost finds it.
         let mut entry = buf.take(len as usize);
-        let (mut key, mut value) = ((0, 0), (0, 0));
-        let empty = u32::try_from(self.text.len()).expect("headers under 4 GiB");
-        let (mut has_key, mut has_value) = (false, false);
+        // A name or value left out is empty, as proto3 leaves it out; one
+        // sent twice is read as the last.
+        let (mut key, mut value) = (None, None);
         while entry.has_remaining() {
             let (tag, wire_type) = encoding::decode_key(&mut entry)?;
             match tag {
                 1 | 2 => {
                     encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-                    let range = self.append_text(&mut entry)?;
+                    let range = Some(self.append_text(&mut entry)?);
                     if tag == 1 {
-                        (key, has_key) = (range, true);
+                        key = range;
                     } else {
-                        (value, has_value) = (range, true);
+                        value = range;
                     }
                 }
                 _ => encoding::skip_field(wire_type, tag, &mut entry, ctx.clone())?,
             }
         }
-        if !has_key {
-            key = (empty, empty);
-        }
-        if !has_value {
-            value = (empty, empty);
-        }
+        let end = u32::try_from(self.text.len()).expect("headers under 4 GiB");
+        let (key, value) = (key.unwrap_or((end, end)), value.unwrap_or((end, end)));
         self.entries.push([key.0, key.1, value.0, value.1]);
         Ok(())
     }
