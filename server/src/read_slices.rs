@@ -85,12 +85,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadInSlices<S> {
         if buf.remaining() <= SLICE_BYTES {
             return Pin::new(inner).poll_read(cx, buf);
         }
-        let mut slice = ReadBuf::new(buf.initialize_unfilled_to(SLICE_BYTES));
-        let polled = Pin::new(inner).poll_read(cx, &mut slice);
-        let read = slice.filled().len();
-        buf.advance(read);
-        polled
+        // Into this thread's slice, then copied: hyper hands over memory not
+        // yet written, and a slice of it would have to be zeroed first, 4
+        // KiB on every read, most of which find nothing and return Pending
+        // (unsafe code, forbidden here, could skip it). A copy costs only
+        // what a read brings.
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut slice = ReadBuf::new(scratch);
+            let polled = Pin::new(inner).poll_read(cx, &mut slice);
+            buf.put_slice(slice.filled());
+            polled
+        })
     }
+}
+
+thread_local! {
+    /// Where a slice is read before it is copied to the caller's buffer:
+    /// one per thread, written by one read at a time (a read never reads
+    /// again from within).
+    static SCRATCH: std::cell::RefCell<[u8; SLICE_BYTES]> =
+        const { std::cell::RefCell::new([0; SLICE_BYTES]) };
 }
 
 /// Polls `f` with no budget to spend, as tokio's `unconstrained` does.
