@@ -6,7 +6,8 @@
 #   bash benches/instructions.sh            # CALLS=3000; about a minute plus the release build
 #
 # For each kind of call (warden's `Check`, signed, dry run; Envoy's
-# ext_authz, the signed POST refused 429, as in `compare.sh c-loadgen`),
+# ext_authz, the signed POST refused 429; forward auth over HTTP/1.1, 64
+# connections, a signed GET refused 429: as in `compare.sh c-loadgen`),
 # starts the release server in plaintext mode under
 # `valgrind --tool=callgrind --instr-atstart=no`, warms it up with 500 calls
 # from h2load (one connection, 64 in flight), switches instrumentation on
@@ -42,6 +43,7 @@ trap cleanup EXIT
 
 secret=bench-secret-0123456789abcdefghijklmnopqrstuvwxyz
 port=50997
+forward_port=50996
 cat > "$tmp/plain.toml" <<EOF
 listen = "127.0.0.1:$port"
 insecure_plaintext = true
@@ -49,6 +51,12 @@ insecure_plaintext = true
 metrics_listen = "off"
 max_inflight = 100000
 max_denial_log_lines = 0
+[forward_auth]
+listen = "127.0.0.1:$forward_port"
+identity = "bench.forward-auth"
+[[callers]]
+identity = "bench.forward-auth"
+roles = ["check"]
 [[policies]]
 name = "bench"
 limit = 1000000000
@@ -65,35 +73,67 @@ secrets = [{ value = "$secret" }]
 id = "wk_envoy"
 policies = ["spent"]
 secrets = [{ value = "$secret" }]
+[[keys]]
+id = "wk_forward"
+policies = ["spent"]
+secrets = [{ value = "$secret" }]
 EOF
 
 # KIND NAME: instructions per call of one kind of call.
 count() {
-  local kind=$1 name=$2 frame_args path
-  case $kind in
-    check) frame_args=(--key-id wk_h2load); path=warden.v1.Warden/Check ;;
-    ext-authz) frame_args=(--kind ext-authz --key-id wk_envoy); path=envoy.service.auth.v3.Authorization/Check ;;
-  esac
+  local kind=$1 name=$2 frame_args path h2
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$tmp/$kind.out" \
     target/release/warden serve --config "$tmp/plain.toml" >"$tmp/$kind.log" 2>&1 &
   server_pid=$!
-  # Ready once the frame gets its promised answer (past the restart fence;
+  # Ready once a call gets its promised answer (past the restart fence;
   # valgrind starts the server slowly).
   local ready=""
-  for _ in $(seq 600); do
-    if "$bench" frame "${frame_args[@]}" --secret "$secret" --check "127.0.0.1:$port" \
-        >"$tmp/$kind.bin" 2>"$tmp/frame.err"; then
-      ready=1
-      break
-    fi
-    sleep 0.2
-  done
+  case $kind in
+    forward-auth)
+      # The key's one request an hour spent first; then the same signed
+      # GET, refused 429 every time. Each is signed when it is sent: one
+      # signed before the server's restart fence opens is STALE.
+      local header spend=() auth=() asked=(-H 'X-Original-Method: GET' -H 'X-Original-URI: /orders')
+      for _ in $(seq 600); do
+        spend=()
+        while IFS= read -r header; do spend+=(-H "$header"); done \
+          < <(python3 benches/c_loadgen.py sign wk_forward "$secret" GET /orders)
+        h2load --h1 -n 1 -c 1 "${spend[@]}" "${asked[@]}" "http://127.0.0.1:$forward_port/auth" \
+          >"$tmp/spend.out" 2>&1 || true
+        if grep -q "status codes: 1 2xx" "$tmp/spend.out"; then
+          ready=1
+          break
+        fi
+        sleep 0.2
+      done
+      while IFS= read -r header; do auth+=(-H "$header"); done \
+        < <(python3 benches/c_loadgen.py sign wk_forward "$secret" GET /orders)
+      h2=(h2load --h1 -c 64 -t 1 "${auth[@]}" "${asked[@]}" "http://127.0.0.1:$forward_port/auth")
+      ;;
+    *)
+      if [ "$kind" = check ]; then
+        frame_args=(--key-id wk_h2load)
+        path=warden.v1.Warden/Check
+      else
+        frame_args=(--kind ext-authz --key-id wk_envoy)
+        path=envoy.service.auth.v3.Authorization/Check
+      fi
+      for _ in $(seq 600); do
+        if "$bench" frame "${frame_args[@]}" --secret "$secret" --check "127.0.0.1:$port" \
+            >"$tmp/$kind.bin" 2>"$tmp/frame.err"; then
+          ready=1
+          break
+        fi
+        sleep 0.2
+      done
+      h2=(h2load -c 1 -m 64 -t 1 -d "$tmp/$kind.bin" -H 'content-type: application/grpc'
+        -H 'te: trailers' "http://127.0.0.1:$port/$path")
+      ;;
+  esac
   if [ -z "$ready" ]; then
-    cat "$tmp/frame.err" "$tmp/$kind.log" >&2
+    cat "$tmp/frame.err" "$tmp/$kind.log" >&2 2>/dev/null || true
     return 1
   fi
-  local h2=(h2load -c 1 -m 64 -t 1 -d "$tmp/$kind.bin" -H 'content-type: application/grpc'
-    -H 'te: trailers' "http://127.0.0.1:$port/$path")
   "${h2[@]}" -n 500 >/dev/null
   callgrind_control -i on "$server_pid" >/dev/null 2>&1
   "${h2[@]}" -n "$CALLS" >"$tmp/$kind.h2"
@@ -102,7 +142,7 @@ count() {
   kill "$server_pid"
   wait "$server_pid" 2>/dev/null || true
   server_pid=""
-  if ! grep -q "$CALLS succeeded" "$tmp/$kind.h2"; then
+  if ! grep -q "requests: $CALLS total, $CALLS started, $CALLS done" "$tmp/$kind.h2"; then
     echo "== $name: not every call succeeded" >&2
     cat "$tmp/$kind.h2" >&2
     return 1
@@ -117,3 +157,4 @@ echo "| call | instructions per call ($CALLS calls) |"
 echo "|---|---|"
 count check "warden Check (signed, 1 KiB, dry run)"
 count ext-authz "Envoy ext_authz (signed, 1 KiB, refused 429)"
+count forward-auth "forward auth, HTTP/1.1 (signed GET, refused 429)"
