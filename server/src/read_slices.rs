@@ -207,6 +207,39 @@ mod tests {
         assert_eq!(received, sent, "every byte, in order, once");
     }
 
+    /// hyper reads into memory not yet written (`ReadBuf::uninit`): a
+    /// sliced read hands back exactly the bytes that arrived, in order,
+    /// and marks no more than those as filled.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_into_unwritten_memory_gets_every_byte_and_only_those() {
+        let (mut peer, conn) = tokio::io::duplex(2 * BURST);
+        let mut conn = ReadInSlices::new(conn);
+        let sent = burst();
+        peer.write_all(&sent).await.unwrap();
+        drop(peer);
+
+        let mut received = Vec::new();
+        loop {
+            let mut space = [std::mem::MaybeUninit::<u8>::uninit(); 16 * 1024];
+            let mut buf = ReadBuf::uninit(&mut space);
+            std::future::poll_fn(|cx| Pin::new(&mut conn).poll_read(cx, &mut buf))
+                .await
+                .unwrap();
+            let read = buf.filled().len();
+            assert!(read <= SLICE_BYTES, "a read took {read} bytes");
+            assert_eq!(
+                buf.initialized().len(),
+                read,
+                "only what arrived is written"
+            );
+            if read == 0 {
+                break;
+            }
+            received.extend_from_slice(buf.filled());
+        }
+        assert_eq!(received, sent, "every byte, in order, once");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_goes_out_on_a_turn_whose_reads_spent_the_budget() {
         let (mut peer, conn) = tokio::io::duplex(2 * BURST);
