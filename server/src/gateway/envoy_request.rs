@@ -107,21 +107,15 @@ impl HttpRequest {
 
 impl prost::Message for HttpRequest {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        if !self.id.is_empty() {
-            encoding::string::encode(1, &self.id, buf);
-        }
-        if !self.method.is_empty() {
-            encoding::string::encode(2, &self.method, buf);
-        }
+        put_text(1, &self.id, buf);
+        put_text(2, &self.method, buf);
         for (key, value) in self.headers.iter() {
             encoding::encode_key(3, WireType::LengthDelimited, buf);
             encoding::encode_varint(entry_len(key, value) as u64, buf);
             put_text(1, key, buf);
             put_text(2, value, buf);
         }
-        if !self.path.is_empty() {
-            encoding::string::encode(4, &self.path, buf);
-        }
+        put_text(4, &self.path, buf);
         if self.size != 0 {
             encoding::int64::encode(9, &self.size, buf);
         }
@@ -175,22 +169,15 @@ impl prost::Message for HttpRequest {
     }
 
     fn encoded_len(&self) -> usize {
-        let text = |tag: u32, s: &str| {
-            if s.is_empty() {
-                0
-            } else {
-                field_len(tag, s.len())
-            }
-        };
         let headers: usize = self
             .headers
             .iter()
             .map(|(key, value)| field_len(3, entry_len(key, value)))
             .sum();
-        text(1, &self.id)
-            + text(2, &self.method)
+        text_len(1, &self.id)
+            + text_len(2, &self.method)
             + headers
-            + text(4, &self.path)
+            + text_len(4, &self.path)
             + if self.size != 0 {
                 encoding::int64::encoded_len(9, &self.size)
             } else {
@@ -225,14 +212,16 @@ fn field_len(tag: u32, len: usize) -> usize {
 /// The length of one header entry's message: its name (1) and value (2),
 /// each left out when empty, as proto3 leaves them out.
 fn entry_len(key: &str, value: &str) -> usize {
-    let text = |tag: u32, s: &str| {
-        if s.is_empty() {
-            0
-        } else {
-            field_len(tag, s.len())
-        }
-    };
-    text(1, key) + text(2, value)
+    text_len(1, key) + text_len(2, value)
+}
+
+/// The length of a `string` field as [`put_text`] writes it.
+fn text_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        field_len(tag, s.len())
+    }
 }
 
 /// A `string` field, left out when empty.
