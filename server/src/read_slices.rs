@@ -157,6 +157,14 @@ mod tests {
         (0..BURST).map(|i| (i % 251) as u8).collect()
     }
 
+    /// A connection whose peer sent a burst and closed: what it sent.
+    async fn a_burst_sent_and_closed() -> (ReadInSlices<DuplexStream>, Vec<u8>) {
+        let (mut peer, conn) = tokio::io::duplex(2 * BURST);
+        let sent = burst();
+        peer.write_all(&sent).await.unwrap();
+        (ReadInSlices::new(conn), sent)
+    }
+
     /// Reads what one turn of the task may read: until a read is `Pending`.
     fn read_one_turn(
         conn: &mut ReadInSlices<DuplexStream>,
@@ -181,11 +189,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_turn_reads_at_most_its_slices_and_the_next_turn_goes_on_where_it_stopped() {
-        let (mut peer, conn) = tokio::io::duplex(2 * BURST);
-        let mut conn = ReadInSlices::new(conn);
-        let sent = burst();
-        peer.write_all(&sent).await.unwrap();
-        drop(peer);
+        let (mut conn, sent) = a_burst_sent_and_closed().await;
 
         let mut received = Vec::new();
         let mut turns = Vec::new();
@@ -212,11 +216,7 @@ mod tests {
     /// and marks no more than those as filled.
     #[tokio::test(flavor = "current_thread")]
     async fn a_read_into_unwritten_memory_gets_every_byte_and_only_those() {
-        let (mut peer, conn) = tokio::io::duplex(2 * BURST);
-        let mut conn = ReadInSlices::new(conn);
-        let sent = burst();
-        peer.write_all(&sent).await.unwrap();
-        drop(peer);
+        let (mut conn, sent) = a_burst_sent_and_closed().await;
 
         let mut received = Vec::new();
         loop {
