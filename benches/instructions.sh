@@ -20,6 +20,9 @@
 # 72,000 instructions per call of a 1 KiB signed request, in every build.
 # Compare builds with each other, not with the wall clock; time what the
 # counts show with `compare.sh c-loadgen` (alternated runs, before and after).
+#
+# KEEP=DIR keeps each kind's profile as DIR/KIND.callgrind, to read where
+# the instructions go: `callgrind_annotate --inclusive=yes DIR/check.callgrind`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CALLS=${CALLS:-3000}
@@ -148,6 +151,10 @@ count() {
     return 1
   fi
   # The dump made while instrumented is the file's first part.
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp "$tmp/$kind.out.1" "$KEEP/$kind.callgrind"
+  fi
   local total
   total=$(callgrind_annotate "$tmp/$kind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen { gsub(",", "", $1); print $1; seen = 1 }')
   echo "| $name | $((total / CALLS)) |"

@@ -66,8 +66,6 @@ pub struct Alert {
 /// less often than the table turns over.
 const MAX_SUBJECTS: usize = 100_000;
 
-type Subject = (Kind, SubjectKind, String);
-
 /// One subject's count in its window, and when it was last touched.
 #[derive(Clone, Copy, Debug)]
 struct Count {
@@ -76,14 +74,44 @@ struct Count {
     touched: u64,
 }
 
+impl Count {
+    /// Counts one event in `window`: a count of a past window starts again.
+    fn count_one(&mut self, window: u64, touched: u64) -> u32 {
+        if self.window != window {
+            self.window = window;
+            self.count = 0;
+        }
+        self.touched = touched;
+        self.count = self.count.saturating_add(1);
+        self.count
+    }
+}
+
+/// How many (kind, subject kind) pairs there are: one map of counts each.
+const GROUPS: usize = 8;
+
+/// The map a subject's count lives in. Kept apart by kind and subject kind,
+/// so that a subject already counted is found by its name alone, without
+/// copying it into a key: a flood of denials from one key allocates nothing.
+fn group(kind: Kind, subject_kind: SubjectKind) -> usize {
+    kind as usize * 2 + subject_kind as usize
+}
+
 #[derive(Debug, Default)]
 struct Table {
-    counts: HashMap<Subject, Count>,
+    counts: [HashMap<String, Count>; GROUPS],
     /// Increments on every event: the order subjects were touched in.
     tick: u64,
     /// Subjects evicted in the current window, reported once per window.
     evicted: u64,
     evicted_window: u64,
+}
+
+impl Table {
+    /// Subjects tracked, of every kind.
+    fn len(&self) -> usize {
+        self.counts.iter().map(HashMap::len).sum()
+    }
 }
 
 /// The counters. Only denials touch them, so allowed checks never wait here.
@@ -149,25 +177,23 @@ impl Alerts {
         for (subject_kind, subject) in subjects {
             table.tick += 1;
             let touched = table.tick;
-            let id = (kind, subject_kind, subject.to_owned());
-            if !table.counts.contains_key(&id) && table.counts.len() >= self.max_subjects {
-                self.evict_oldest(&mut table, window);
-            }
-            let entry = table.counts.entry(id).or_insert(Count {
-                window,
-                count: 0,
-                touched,
-            });
-            if entry.window != window {
-                *entry = Count {
-                    window,
-                    count: 0,
-                    touched,
-                };
-            }
-            entry.touched = touched;
-            entry.count = entry.count.saturating_add(1);
-            if entry.count == threshold {
+            let group = group(kind, subject_kind);
+            let count = match table.counts[group].get_mut(subject) {
+                Some(count) => count.count_one(window, touched),
+                None => {
+                    if table.len() >= self.max_subjects {
+                        self.evict_oldest(&mut table, window);
+                    }
+                    let first = Count {
+                        window,
+                        count: 1,
+                        touched,
+                    };
+                    table.counts[group].insert(subject.to_owned(), first);
+                    first.count
+                }
+            };
+            if count == threshold {
                 raised.push(Alert {
                     kind,
                     subject_kind,
@@ -184,12 +210,19 @@ impl Alerts {
     /// touched longest ago.
     fn evict_oldest(&self, table: &mut Table, window: u64) {
         let rank = |c: &Count| (if c.window == window { c.count } else { 0 }, c.touched);
-        let mut ranks: Vec<(u32, u64)> = table.counts.values().map(rank).collect();
+        let mut ranks: Vec<(u32, u64)> = table
+            .counts
+            .iter()
+            .flat_map(HashMap::values)
+            .map(rank)
+            .collect();
         let cut = (ranks.len() / 10).max(1);
         let (_, &mut last_evicted, _) = ranks.select_nth_unstable(cut - 1);
-        let before = table.counts.len();
-        table.counts.retain(|_, c| rank(c) > last_evicted);
-        let evicted = (before - table.counts.len()) as u64;
+        let before = table.len();
+        for counts in &mut table.counts {
+            counts.retain(|_, c| rank(c) > last_evicted);
+        }
+        let evicted = (before - table.len()) as u64;
         if table.evicted_window != window {
             table.evicted_window = window;
             table.evicted = 0;
@@ -206,7 +239,9 @@ impl Alerts {
     /// Forgets counts of past windows.
     pub fn sweep(&self) {
         let window = self.clock.now() / self.window;
-        self.table.lock().counts.retain(|_, c| c.window == window);
+        for counts in &mut self.table.lock().counts {
+            counts.retain(|_, c| c.window == window);
+        }
     }
 }
 
@@ -261,13 +296,43 @@ mod tests {
     }
 
     #[test]
+    fn a_key_and_a_caller_of_one_name_are_counted_apart() {
+        let a = alerts(Arc::new(FakeClock::new(Nanos::ZERO)));
+        assert!(
+            a.record(Kind::BadSignature, Some("same"), "caller-1")
+                .is_empty()
+        );
+        assert!(a.record(Kind::BadSignature, None, "same").is_empty());
+        // Three events named "same", but two for the key and one for the
+        // caller: neither has reached 3.
+        let third = a.record(Kind::BadSignature, Some("same"), "caller-2");
+        assert!(third.is_empty(), "{third:?}");
+    }
+
+    #[test]
+    fn every_kind_and_subject_kind_has_a_map_of_its_own() {
+        let kinds = [
+            Kind::BadSignature,
+            Kind::Replay,
+            Kind::Lockout,
+            Kind::RateLimited,
+        ];
+        let groups: std::collections::HashSet<usize> = kinds
+            .into_iter()
+            .flat_map(|k| [SubjectKind::Key, SubjectKind::Caller].map(|s| group(k, s)))
+            .collect();
+        assert_eq!(groups.len(), GROUPS);
+        assert!(groups.iter().all(|&g| g < GROUPS));
+    }
+
+    #[test]
     fn sweeping_forgets_past_windows() {
         let clock = Arc::new(FakeClock::new(Nanos::ZERO));
         let a = alerts(clock.clone());
         a.record(Kind::Replay, Some("k"), "c");
         clock.advance(Duration::from_secs(61));
         a.sweep();
-        assert!(a.table.lock().counts.is_empty());
+        assert_eq!(a.table.lock().len(), 0);
     }
 
     /// The outside attack's finding: 100k junk subjects filled the table so
@@ -298,7 +363,7 @@ mod tests {
                 .any(|r| r.subject == "victim-key" && r.subject_kind == SubjectKind::Key),
             "{raised:?}"
         );
-        assert!(a.table.lock().counts.len() <= 1000);
+        assert!(a.table.lock().len() <= 1000);
         assert!(a.evicted_this_window() > 40_000);
     }
 }
