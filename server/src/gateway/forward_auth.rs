@@ -192,10 +192,7 @@ fn misconfigured(why: String) -> HttpAnswer {
 fn http(answer: HttpAnswer, settings: &ForwardAuthSettings) -> Response {
     let mut out = HeaderMap::new();
     for (name, value) in &answer.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
+        if let (Ok(n), Ok(v)) = (header_name(name), HeaderValue::from_str(value)) {
             out.insert(n, v);
         }
     }
@@ -228,5 +225,35 @@ fn http(answer: HttpAnswer, settings: &ForwardAuthSettings) -> Response {
             (status, out, body).into_response()
         }
         None => (status, out).into_response(),
+    }
+}
+
+/// The name of a header of the verdict. The two that every limited answer
+/// carries are named from constants: parsed, a name `http` does not know
+/// is copied into an allocation of its own, on every call.
+fn header_name(name: &str) -> Result<HeaderName, axum::http::header::InvalidHeaderName> {
+    const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+    const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+    match name {
+        "RateLimit" => Ok(RATELIMIT),
+        "RateLimit-Policy" => Ok(RATELIMIT_POLICY),
+        other => HeaderName::from_bytes(other.as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_header_named_from_a_constant_is_the_name_parsed() {
+        for name in ["RateLimit", "RateLimit-Policy", "Retry-After", "x-other"] {
+            assert_eq!(
+                header_name(name).unwrap(),
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "{name}"
+            );
+        }
+        assert!(header_name("not a name").is_err());
     }
 }
