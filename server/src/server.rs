@@ -47,6 +47,7 @@ use crate::request_wait::RequestWaits;
 use crate::saved_state::{Handover, NotWhole};
 use crate::service::Admission;
 use crate::service::admin::{AdminOnly, AdminService};
+use crate::service::stream::CheckStreams;
 use crate::service::unary::Unary;
 use crate::service::warden::WardenService;
 use crate::serving::{Admitted, Destination, Handshake, Port, Serve, Servers, ServingThreads};
@@ -605,9 +606,13 @@ impl Bound {
             )
         });
         let checks = Arc::new(checks);
-        let service = Unary::new(
+        let service = CheckStreams::new(
             checks.clone(),
-            WardenServer::from_arc(checks).max_decoding_message_size(max_message),
+            Unary::new(
+                checks.clone(),
+                WardenServer::from_arc(checks).max_decoding_message_size(max_message),
+                max_message,
+            ),
             max_message,
         );
         let peer = app.cluster.clone().map(|state| {

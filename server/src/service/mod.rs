@@ -3,6 +3,7 @@
 //! locking or state.
 
 pub mod admin;
+pub mod stream;
 pub mod unary;
 pub mod warden;
 

@@ -21,7 +21,8 @@
 //! Any other request (compressed, split over trailers, too large, empty,
 //! more than one message, undecodable) is handed, with what was read of
 //! it, to tonic's generated service, which answers it as it always did.
-//! `CheckStream` and every other method go to tonic untouched.
+//! `CheckStream` is read by [`super::stream`]; every other method goes to
+//! tonic untouched.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -135,7 +136,7 @@ where
 /// Whether the request's messages are sent as they are (no `grpc-encoding`,
 /// or `identity`); warden accepts no compression, and tonic answers a
 /// compressed request with UNIMPLEMENTED.
-fn uncompressed(headers: &HeaderMap) -> bool {
+pub(super) fn uncompressed(headers: &HeaderMap) -> bool {
     headers
         .get("grpc-encoding")
         .is_none_or(|encoding| encoding == "identity")

@@ -302,20 +302,34 @@ impl Warden for WardenService {
 
     type CheckStreamStream = AnswerStream;
 
+    /// Reached only for a stream `super::stream::CheckStreams` hands over
+    /// (its requests compressed, which tonic refuses before this runs).
     async fn check_stream(
         &self,
         request: Request<Streaming<CheckRequest>>,
     ) -> Result<Response<Self::CheckStreamStream>, Status> {
+        self.open_stream(request).map(Response::new)
+    }
+}
+
+impl WardenService {
+    /// The answers of a `CheckStream` whose requests come from `inbound`
+    /// (tonic's decoder, or warden's own: `super::stream`), once the call
+    /// is admitted.
+    pub fn open_stream<S>(&self, request: Request<S>) -> Result<AnswerStream, Status>
+    where
+        S: futures_util::Stream<Item = Result<CheckRequest, Status>> + Send + Unpin + 'static,
+    {
         // An open stream is one call in flight, for as long as it is open.
         let permit = self.admission.admit(&request)?;
-        Ok(Response::new(Box::pin(OpenStream {
+        Ok(Box::pin(OpenStream {
             caller: caller_of(&request),
             inbound: request.into_inner(),
             service: self.clone(),
             _permit: permit,
             at_owners: None,
             ended: false,
-        })))
+        }))
     }
 }
 
@@ -332,9 +346,9 @@ pub type AnswerStream =
 /// client's flow-control window has room, so a client that stops reading
 /// answers stops its requests being read: back-pressure. On a single node
 /// a check is answered where it is read, with no future made for it.
-struct OpenStream {
+struct OpenStream<S> {
     caller: CallerIdentity,
-    inbound: Streaming<CheckRequest>,
+    inbound: S,
     /// What every check runs through (the Arcs the service holds).
     service: WardenService,
     /// Its place among the calls in flight, given back when it closes.
@@ -345,7 +359,10 @@ struct OpenStream {
     ended: bool,
 }
 
-impl futures_util::Stream for OpenStream {
+impl<S> futures_util::Stream for OpenStream<S>
+where
+    S: futures_util::Stream<Item = Result<CheckRequest, Status>> + Unpin,
+{
     type Item = Result<CheckResponse, Status>;
 
     fn poll_next(
