@@ -18,6 +18,7 @@ mod mtls;
 mod observability;
 mod ops;
 mod postgres;
+mod stream;
 mod tls;
 mod unary;
 mod webhooks;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::future::{Ready, ready as answered};
+use futures_util::future::{Either, Ready, ready as answered};
 use http::HeaderValue;
 use http::header::CONTENT_TYPE;
 use http_body::Body as _;
@@ -84,15 +84,13 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future =
-        futures_util::future::Either<Ready<Result<Response<Body>, Infallible>>, G::Future>;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, G::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.generic.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        use futures_util::future::Either;
         if request.uri().path() != PATH || !uncompressed(request.headers()) {
             return Either::Right(self.generic.call(request));
         }
