@@ -23,6 +23,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// How many kinds there are.
+    const COUNT: usize = 4;
+
+    /// Where this kind's counts are kept. Every kind named, so that a kind
+    /// added is not missed here (and `COUNT` grows with it).
+    fn index(self) -> usize {
+        match self {
+            Kind::BadSignature => 0,
+            Kind::Replay => 1,
+            Kind::Lockout => 2,
+            Kind::RateLimited => 3,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::BadSignature => "bad_signature",
@@ -88,13 +102,17 @@ impl Count {
 }
 
 /// How many (kind, subject kind) pairs there are: one map of counts each.
-const GROUPS: usize = 8;
+const GROUPS: usize = Kind::COUNT * 2;
 
 /// The map a subject's count lives in. Kept apart by kind and subject kind,
 /// so that a subject already counted is found by its name alone, without
 /// copying it into a key: a flood of denials from one key allocates nothing.
 fn group(kind: Kind, subject_kind: SubjectKind) -> usize {
-    kind as usize * 2 + subject_kind as usize
+    let subject = match subject_kind {
+        SubjectKind::Key => 0,
+        SubjectKind::Caller => 1,
+    };
+    kind.index() * 2 + subject
 }
 
 #[derive(Debug, Default)]
