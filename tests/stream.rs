@@ -5,32 +5,14 @@
 //! HTTP/2 connection with mTLS.
 
 use crate::support;
-use crate::unary::{Answer, call_to, channel_as, data, framed};
+use crate::unary::{Answer, call_to, channel, data, dry_run, framed};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use support::Server;
-use tonic::transport::Channel;
-use warden_client::proto::{CheckRequest, CheckResponse, Decision, Reason};
+use warden_client::proto::{CheckResponse, Decision, Reason};
 
 const STREAM: &str = "/warden.v1.Warden/CheckStream";
-
-async fn channel(server: &Server) -> Channel {
-    channel_as(server, &server.dir, "client").await
-}
-
-/// A dry-run check of `key_id` (the server's own key when `None`): answered
-/// alike however often it is asked.
-fn dry_run(server: &Server, key_id: Option<&str>) -> CheckRequest {
-    let mut request = server
-        .signer()
-        .check_request("POST", "/orders", "", b"{\"n\":1}");
-    request.dry_run = true;
-    if let Some(key_id) = key_id {
-        request.key_id = key_id.into();
-    }
-    request
-}
 
 /// Every answer in a stream's body, in order.
 fn answers(answer: &Answer) -> Vec<CheckResponse> {
@@ -50,11 +32,10 @@ async fn a_stream_framed_any_way_is_answered_check_by_check_in_order() {
     let server = Server::dev();
     server.wait_past_fence();
     let mut channel = channel(&server).await;
-    let allowed = framed(0, &dry_run(&server, None).encode_to_vec());
-    let unknown = framed(
-        0,
-        &dry_run(&server, Some("wk_nobody_at_all")).encode_to_vec(),
-    );
+    let allowed = framed(0, &dry_run(&server).encode_to_vec());
+    let mut unknown = dry_run(&server);
+    unknown.key_id = "wk_nobody_at_all".into();
+    let unknown = framed(0, &unknown.encode_to_vec());
     let junk = framed(0, &[0x1a, 0x7f]);
 
     // Two messages in one frame, then one split a byte at a time for a
@@ -90,7 +71,7 @@ async fn a_stream_that_goes_wrong_ends_with_tonics_error_after_the_answers_befor
     let server = Server::dev();
     server.wait_past_fence();
     let mut channel = channel(&server).await;
-    let request = dry_run(&server, None).encode_to_vec();
+    let request = dry_run(&server).encode_to_vec();
     let allowed = framed(0, &request);
     let ends = |answer: &Answer, status: &str, message: &str| {
         assert_eq!(answer.grpc_status(), status, "{answer:?}");

@@ -28,7 +28,7 @@ use warden_client::signing::Signer;
 const CHECK: &str = "/warden.v1.Warden/Check";
 
 /// A connection to `server` with the dev client certificate.
-async fn channel(server: &Server) -> Channel {
+pub(crate) async fn channel(server: &Server) -> Channel {
     channel_as(server, &server.dir, "client").await
 }
 
@@ -216,7 +216,7 @@ pub(crate) fn trailers() -> Frame<Bytes> {
 
 /// A dry-run check: answered alike however often it is asked (it takes
 /// nothing and remembers no nonce), so two paths' answers can be compared.
-fn dry_run(server: &Server) -> CheckRequest {
+pub(crate) fn dry_run(server: &Server) -> CheckRequest {
     let mut request = server
         .signer()
         .check_request("POST", "/orders", "", b"{\"n\":1}");

@@ -313,9 +313,9 @@ impl Warden for WardenService {
 }
 
 impl WardenService {
-    /// The answers of a `CheckStream` whose requests come from `inbound`
-    /// (tonic's decoder, or warden's own: `super::stream`), once the call
-    /// is admitted.
+    /// The answers of a `CheckStream` whose requests are read by the
+    /// `request`'s stream (tonic's decoder, or warden's own:
+    /// `super::stream`), once the call is admitted.
     pub fn open_stream<S>(&self, request: Request<S>) -> Result<AnswerStream, Status>
     where
         S: futures_util::Stream<Item = Result<CheckRequest, Status>> + Send + Unpin + 'static,
