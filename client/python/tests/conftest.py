@@ -174,16 +174,28 @@ def warden_settings(settings, warden):
 TRANSPORTS = ("native", "grpcio")
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport(request) -> str:
-    """Each sync-client test runs over both transports. Without the compiled
-    one installed its runs fail in CI (tests/run installs it) and are
-    skipped elsewhere."""
+def _require_the_compiled_transport() -> None:
+    """Fails in CI (tests/run installs the compiled transport) and skips
+    elsewhere when it is not installed."""
     from warden_client.client import native_transport_available
 
-    if request.param == "native" and not native_transport_available():
+    if not native_transport_available():
         message = "warden-client-native is not installed (pip install ./client/python-native)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    """Each sync-client test runs over both transports."""
+    if request.param == "native":
+        _require_the_compiled_transport()
     return request.param
+
+
+@pytest.fixture
+def native() -> None:
+    """A test of the compiled transport alone. Named first among a test's
+    fixtures, so that without the transport no server is started for it."""
+    _require_the_compiled_transport()

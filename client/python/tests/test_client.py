@@ -283,9 +283,7 @@ def test_a_transport_is_chosen_explicitly_or_refused(warden, monkeypatch):
         WardenClient(warden.addr, transport="native", **warden.tls())
 
 
-def test_the_compiled_channel_refuses_bad_arguments_before_sending(warden, transport):
-    if transport != "native":
-        pytest.skip("the compiled channel only")
+def test_the_compiled_channel_refuses_bad_arguments_before_sending(native, warden):
     import warden_client_native
 
     tls = {k: open(v, "rb").read() for k, v in warden.tls().items()}
@@ -435,12 +433,10 @@ def cpu_per_check(client, key, calls: int) -> float:
     return (time.thread_time() - started) / calls
 
 
-def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(warden, transport):
+def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(native, warden):
     # Every answer arrives 3 ms late. Looking for it for up to 10 ms keeps
     # the thread awake (CPU) for the whole wait; looking for at most 1 ms
     # stops once calls are seen to take longer than that; 0 sleeps at once.
-    if transport != "native":
-        pytest.skip("the compiled transport only")
     key = warden.create_key("--owner", "py-busy-wait")
     relay = DelayingRelay(warden.addr, delay=0.003)
     made = []
@@ -479,9 +475,7 @@ def test_the_compiled_transport_waits_awake_only_for_answers_that_come_soon(ward
         relay.close()
 
 
-def test_busy_wait_is_bounded(warden, transport):
-    if transport != "native":
-        pytest.skip("the compiled transport only")
+def test_busy_wait_is_bounded(native, warden):
     import warden_client_native
 
     for bad in (-1, 10_001, 1.5, True):
@@ -604,9 +598,7 @@ def test_a_server_killed_under_an_async_call_is_unavailable_not_a_refusal(own_wa
     assert isinstance(outcome, WardenUnavailable) and outcome.code.name == "UNAVAILABLE", outcome
 
 
-def test_the_compiled_async_channel_refuses_bad_arguments_before_sending(warden, transport):
-    if transport != "native":
-        pytest.skip("the compiled channel only")
+def test_the_compiled_async_channel_refuses_bad_arguments_before_sending(native, warden):
     import warden_client_native
 
     tls = {k: open(v, "rb").read() for k, v in warden.tls().items()}
@@ -699,15 +691,13 @@ def _collected(channel, count, within=5.0):
     return done
 
 
-def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed_over(warden, transport):
+def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed_over(native, warden):
     # The compiled async channel: a call made with nothing else in flight
     # drives the connection on the calling (event loop) thread, turn by
     # turn, and returns its answer itself when it comes within the busy
     # wait (no thread is woken for it); with no busy wait it is handed over
     # at once, and its answer comes through the descriptor, like a call
     # started while others are in flight.
-    if transport != "native":
-        pytest.skip("the compiled channel only")
     from warden_client._proto.warden.v1 import warden_pb2
 
     key = warden.create_key("--owner", "py-aio-lone")
@@ -731,15 +721,13 @@ def test_a_lone_async_call_is_answered_on_the_loops_thread_and_others_are_handed
 
 
 def test_a_lone_async_call_to_a_paused_server_gives_the_loop_back_every_turn_and_is_handed_over_after_its_busy_wait(
-    own_warden, transport
+    native, own_warden
 ):
     # A hung warden answers nothing: the call looked for on the loop's
     # thread gives that thread back after every short turn (where the loop
     # runs its other tasks), is handed over when its busy wait (here 5 ms)
     # runs out, long before its deadline, and ends at its deadline through
     # the descriptor.
-    if transport != "native":
-        pytest.skip("the compiled channel only")
     with _paused_behind_a_connected_channel(own_warden, "py-aio-lone-paused", 5_000) as (key, channel):
         started = time.monotonic()
         call, turns = _looked(channel, signed(key, path="/paused").SerializeToString(), 1.0)
@@ -754,13 +742,11 @@ def test_a_lone_async_call_to_a_paused_server_gives_the_loop_back_every_turn_and
     assert 0.95 <= elapsed < 2.0, elapsed
 
 
-def test_a_hung_warden_is_looked_for_six_busy_waits_then_calls_are_handed_over_at_once(own_warden, transport):
+def test_a_hung_warden_is_looked_for_six_busy_waits_then_calls_are_handed_over_at_once(native, own_warden):
     # A warden that answers nothing in time stops the looking after six
     # calls: from then on a lone call is handed over at once (but one probe
     # in 32), so a hung warden costs the loop a bounded few budgets of
     # looking, not one per request.
-    if transport != "native":
-        pytest.skip("the compiled channel only")
     with _paused_behind_a_connected_channel(own_warden, "py-aio-hung-looking", 10_000) as (key, channel):
         spent, numbers = [], []
         for i in range(40):
@@ -777,7 +763,7 @@ def test_a_hung_warden_is_looked_for_six_busy_waits_then_calls_are_handed_over_a
 
 
 def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_against_the_server(
-    own_warden, transport
+    native, own_warden
 ):
     # Calls made while a lone one is looked for are handed to the
     # transport's thread, which then drives the connection; the lone call
@@ -786,8 +772,6 @@ def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_a
     # At once: a hand-over that looked for the rest of the 10 ms budget
     # first takes 9.95 ms or more every time; nine in ten under 5 ms leave
     # room for a vCPU this VM stops for milliseconds now and then.
-    if transport != "native":
-        pytest.skip("the compiled channel only")
     import warden_client_native
 
     with _paused_behind_a_connected_channel(own_warden, "py-aio-looking-others", 10_000) as (key, channel):
@@ -807,7 +791,7 @@ def test_a_looking_call_is_handed_over_when_another_is_and_that_is_not_counted_a
     _all_ended_at_their_deadline(done, numbers)
 
 
-def test_other_tasks_run_while_a_lone_async_check_is_looked_for(own_warden, transport):
+def test_other_tasks_run_while_a_lone_async_check_is_looked_for(native, own_warden):
     # The event loop is not held while a lone check looks for its answer:
     # a task that only counts its turns on the loop goes on counting while
     # the check looks for its whole busy wait (10 ms here, to a paused
@@ -815,8 +799,6 @@ def test_other_tasks_run_while_a_lone_async_check_is_looked_for(own_warden, tran
     # Three checks, the best counted: one stall of the whole VM or process
     # (this VM stops a vCPU for milliseconds at times) must not fail it,
     # while a loop held for the busy wait counts nothing in any of them.
-    if transport != "native":
-        pytest.skip("the compiled channel only")
     import gc
 
     server = own_warden
