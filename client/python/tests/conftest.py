@@ -96,10 +96,12 @@ class Warden:
             self.proc.wait(timeout=20)
 
 
-def start_warden(dev_dir: Path, config: Path | None = None) -> Warden:
+def start_warden(dev_dir: Path, config: Path | None = None, ready: bool = True) -> Warden:
     """``serve --dev`` in ``dev_dir``; with ``config``, that config file
     instead (its TLS files may be the ones an earlier ``--dev`` run left in
-    ``dev_dir``, which ``tls()`` names)."""
+    ``dev_dir``, which ``tls()`` names). With ``ready=False`` it returns
+    once the server listens, before its restart fence has passed: for a
+    run that only leaves its dev certificates behind."""
     serve = ["--dev", "--dev-dir", str(dev_dir)] if config is None else ["--config", str(config)]
     proc = subprocess.Popen(
         [str(warden_bin()), "serve", *serve,
@@ -122,6 +124,8 @@ def start_warden(dev_dir: Path, config: Path | None = None) -> Warden:
     stderr_lines: list = []
     threading.Thread(target=lambda: [stderr_lines.append(l) for l in proc.stderr], daemon=True).start()
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    if not ready:
+        return Warden(proc, addr, metrics, dev_dir, stderr_lines)
     # Requests signed before the restart fence (the start second plus the
     # future skew) are STALE; /readyz answers 200 once it has passed.
     import urllib.error

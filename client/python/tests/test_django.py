@@ -290,7 +290,7 @@ def test_a_full_replay_memory_fails_closed_even_when_failing_open(client, warden
     from conftest import start_warden
 
     dev = tmp_path / "full"
-    start_warden(dev).stop()  # its CA and certificates
+    start_warden(dev, ready=False).stop()  # its CA and certificates
     config = dev / "warden.toml"
     secret = "test-secret-0123456789abcdefghijklmnopqrstuvwxyz"
     config.write_text(f"""
