@@ -2129,9 +2129,10 @@ async fn a_failure_budget_is_one_budget_however_guesses_are_spread_over_the_node
 /// A flood of bad signatures, while the node owning most of their failure
 /// budgets does not answer (paused): each failure is charged at its
 /// budget's owner after its check was answered, so nothing but a bound
-/// keeps the charges waiting on that owner from piling up. They stay within `MAX_FAILURE_CHARGES` (past it they are dropped,
-/// and counted), the node goes on answering, and once the owner is back
-/// nothing is left waiting.
+/// keeps the charges waiting on that owner from piling up. They stay
+/// within `MAX_FAILURE_CHARGES` (past it they are dropped, and counted),
+/// the node goes on answering, and once the owner is back nothing is left
+/// waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_bound() {
     const MAX_FAILURE_CHARGES: u64 = 1024;
@@ -2203,37 +2204,36 @@ async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_boun
     let to = |node: usize| format!("{{to=\"{}\"}}", NODES[node]);
     let at_entry =
         |name: &str, node: usize| metric(cluster.node(entry), &format!("{name}{}", to(node)));
-    let in_flight = || at_entry("warden_cluster_failure_charges_in_flight", sleeper);
-    let dropped = || at_entry("warden_cluster_failure_charges_dropped_total", sleeper);
+    let in_flight = |node: usize| at_entry("warden_cluster_failure_charges_in_flight", node);
+    let dropped = |node: usize| at_entry("warden_cluster_failure_charges_dropped_total", node);
     let mut most = 0;
     // Well within the paused node's 30 s lease: it stays the owner.
     let until = Instant::now() + Duration::from_secs(15);
-    while dropped() == 0 && Instant::now() < until {
-        most = most.max(in_flight());
+    while dropped(sleeper) == 0 && Instant::now() < until {
+        most = most.max(in_flight(sleeper));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A second more at the bound: it holds under the flood.
     let at_bound = Instant::now() + Duration::from_secs(1);
     while Instant::now() < at_bound {
-        most = most.max(in_flight());
+        most = most.max(in_flight(sleeper));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     let sent = flooding.await.unwrap();
-    let dropped = dropped();
     assert!(
         most <= MAX_FAILURE_CHARGES,
         "{most} failure charges on their way to the paused node at once"
     );
     // The flood reached the bound: the test shows the bound holding.
     assert!(
-        dropped > 0,
+        dropped(sleeper) > 0,
         "no charge was dropped of {sent} in 15 s (most in flight {most})"
     );
     // The owner that answers is not held up by the one that does not.
     let awake = 3 - entry - sleeper;
     assert_eq!(
-        at_entry("warden_cluster_failure_charges_dropped_total", awake),
+        dropped(awake),
         0,
         "charges to the node that answers were dropped"
     );
@@ -2247,7 +2247,7 @@ async fn failure_charges_to_an_owner_that_does_not_answer_stay_within_their_boun
     let refused = counting.await.unwrap();
     assert_eq!(refused, sent, "every guess answered");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while at_entry("warden_cluster_failure_charges_in_flight", sleeper) > 0 {
+    while in_flight(sleeper) > 0 {
         assert!(Instant::now() < deadline, "failure charges still waiting");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
