@@ -394,6 +394,27 @@ def start(args, out_path):
             return proc, line.split()[2]
 
 
+def install_the_release_transport() -> None:
+    """Builds the compiled transport with --release into this Python's
+    environment, as `pip install` builds it. `tests/run` installs a debug
+    build, several times slower per call; timed by mistake, it would make
+    warden look slower than it is. Without maturin, whatever is installed
+    is used, and a debug build is refused."""
+    maturin = Path(sys.executable).parent / "maturin"
+    if maturin.exists():
+        print("building the compiled transport (--release)", file=sys.stderr)
+        subprocess.run([str(maturin), "develop", "--release", "--quiet", "--locked",
+                        "-m", str(REPO / "client/python-native/Cargo.toml")],
+                       cwd=REPO, check=True, env={**os.environ, "VIRTUAL_ENV": sys.prefix})
+    try:
+        import warden_client_native
+    except ImportError:
+        return  # reported where the transports are chosen
+    if getattr(warden_client_native, "BUILD_PROFILE", None) != "release":
+        sys.exit("the installed warden-client-native is not a release build: "
+                 "pip install ./client/python-native (or maturin develop --release)")
+
+
 def main() -> None:
     global REDIS
     parser = argparse.ArgumentParser(description=__doc__)
@@ -414,6 +435,7 @@ def main() -> None:
     import redis.asyncio
 
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "warden-server"], cwd=REPO, check=True)
+    install_the_release_transport()
     tmp = Path(tempfile.mkdtemp())
     warden, addr = start([str(REPO / "target/release/warden"), "serve", "--dev", "--dev-dir", str(tmp / "dev"),
                           "--listen", "127.0.0.1:0", "--metrics-listen", "off"], tmp)

@@ -870,5 +870,15 @@ fn warden_client_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<AsyncChannel>()?;
     m.add_class::<Looking>()?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
+    // A debug build (what `tests/run` installs) takes several times as long
+    // per call; a benchmark reads this to refuse timing one by mistake.
+    m.add(
+        "BUILD_PROFILE",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    )?;
     Ok(())
 }

@@ -283,6 +283,13 @@ def test_a_transport_is_chosen_explicitly_or_refused(warden, monkeypatch):
         WardenClient(warden.addr, transport="native", **warden.tls())
 
 
+def test_the_compiled_transport_names_its_build(native):
+    """benches/python_overhead.py refuses to time a debug build by this."""
+    import warden_client_native
+
+    assert warden_client_native.BUILD_PROFILE in ("debug", "release")
+
+
 def test_the_compiled_channel_refuses_bad_arguments_before_sending(native, warden):
     import warden_client_native
 
