@@ -23,11 +23,16 @@
 # Compare builds with each other, not with the wall clock; time what the
 # counts show with `compare.sh c-loadgen` (alternated runs, before and after).
 #
+# SERVER=PATH counts another build of the server (say, an earlier commit's,
+# built with its own CARGO_TARGET_DIR) under the same load and generator:
+#   SERVER=/tmp/old/release/warden bash benches/instructions.sh
+#
 # KEEP=DIR keeps each kind's profile as DIR/KIND.callgrind, to read where
 # the instructions go: `callgrind_annotate --inclusive=yes DIR/check.callgrind`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CALLS=${CALLS:-3000}
+SERVER=${SERVER:-target/release/warden}
 PER_STREAM=64
 for tool in valgrind:valgrind h2load:nghttp2-client; do
   if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
@@ -89,7 +94,7 @@ EOF
 count() {
   local kind=$1 name=$2 frame_args path h2 per_request=1
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$tmp/$kind.out" \
-    target/release/warden serve --config "$tmp/plain.toml" >"$tmp/$kind.log" 2>&1 &
+    "$SERVER" serve --config "$tmp/plain.toml" >"$tmp/$kind.log" 2>&1 &
   server_pid=$!
   # Ready once a call gets its promised answer (past the restart fence;
   # valgrind starts the server slowly).
@@ -177,6 +182,7 @@ count() {
   echo "| $name | $((total / (requests * per_request))) |"
 }
 
+echo "== counting $SERVER" >&2
 echo "| call | instructions per call ($CALLS calls) |"
 echo "|---|---|"
 count check "warden Check (signed, 1 KiB, dry run)"
