@@ -23,6 +23,7 @@ echo "== building (release)" >&2
 cargo build -q --release -p warden-server -p warden-benches
 warden=target/release/warden
 bench=target/release/warden-bench
+"$bench" host
 
 eval "$(bash tests/postgres-up.sh)"
 tmp=$(mktemp -d)

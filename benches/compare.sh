@@ -30,6 +30,7 @@ fi
 echo "== building (release)"
 cargo build -q --release -p warden-server -p warden-benches
 bench=target/release/warden-bench
+"$bench" host
 
 tmp=$(mktemp -d)
 cleanup() {
@@ -306,3 +307,4 @@ python3 benches/plot_latency.py "$out/compare.jsonl" "$out/latency.svg"
 # floor under every tail above (see README, session 9).
 echo
 python3 benches/vcpu_pauses.py --seconds 4
+"$bench" host

@@ -18,6 +18,7 @@ EVERY=${EVERY:-20000}
 echo "== building (release)"
 cargo build -q --release -p warden-server -p warden-benches
 bench=target/release/warden-bench
+"$bench" host
 
 tmp=$(mktemp -d)
 cleanup() {

@@ -46,7 +46,8 @@ done
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "== building (release)" >&2
-cargo build -q --release -p warden-server
+cargo build -q --release -p warden-server -p warden-benches
+target/release/warden-bench host
 warden=$PWD/target/release/warden
 secret=bench-secret-0123456789abcdefghijklmnopqrstuvwxyz
 
