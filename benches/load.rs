@@ -217,6 +217,16 @@ struct LoadArgs {
     /// One JSON object on stdout instead of a report.
     #[arg(long)]
     json: bool,
+    /// Drive every connection from one multi-threaded runtime, as before
+    /// session 53, instead of a thread of its own per connection (a
+    /// single-threaded runtime with that connection and its share of the
+    /// requests in flight, as an Envoy worker owns its connections). The
+    /// shared runtime hands calls between its threads: it took 41-45 µs of
+    /// the generator's CPU per unary call against 31-32, and the server
+    /// 32 against 26-28 (fewer calls per read). The open loop (--rate)
+    /// always paces from one thread into the shared runtime.
+    #[arg(long)]
+    shared_runtime: bool,
 }
 
 #[derive(clap::Args)]
@@ -538,6 +548,126 @@ enum Target {
         /// The atomic script, or `None` for the pipelined recipe.
         lua: Option<Arc<redis::Script>>,
     },
+}
+
+impl Target {
+    /// One connection of this target's kind, opened on the calling thread's
+    /// runtime, for a generator thread that drives its own (connection `c`
+    /// of `--connections`, spread over a cluster's nodes as the shared
+    /// ones are).
+    async fn one_connection(&self, args: &LoadArgs, c: usize) -> Result<Target, String> {
+        match self {
+            Target::Warden(_) => {
+                let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
+                let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
+                let channel = channel(&targets[c % targets.len()], tls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Target::Warden(vec![WardenClient::new(channel)]))
+            }
+            Target::Redis { secrets, lua, .. } => {
+                let conn = redis::Client::open(format!("redis://{}/", args.redis))
+                    .map_err(|e| e.to_string())?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| format!("redis {}: {e}", args.redis))?;
+                Ok(Target::Redis {
+                    conns: vec![conn],
+                    secrets: secrets.clone(),
+                    lua: lua.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// What every lane of a closed-loop run shares: where requests come from,
+/// where outcomes go, and when to stop.
+#[derive(Clone)]
+struct Run {
+    source: Arc<Source>,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    duration: Duration,
+    limit: u64,
+    /// Answers kept in flight on each stream (`--window`).
+    window: usize,
+}
+
+impl Run {
+    fn going(&self) -> bool {
+        self.started.elapsed() < self.duration
+            && !self.stop.load(Ordering::Relaxed)
+            && self.stats.done.load(Ordering::Relaxed) < self.limit
+    }
+}
+
+/// One of the closed loop's `--concurrency` lanes: a request in flight at
+/// a time (unary), or a stream with `--window` checks in flight.
+async fn lane(run: Run, mode: Mode, w: usize, target: Target) {
+    match (mode, target) {
+        (Mode::Stream, Target::Warden(clients)) => {
+            stream_lane(run, w, clients[w % clients.len()].clone()).await
+        }
+        (_, target) => unary_lane(run, w, target).await,
+    }
+}
+
+async fn unary_lane(run: Run, w: usize, target: Target) {
+    let mut rng = Rng(0xDEAD_BEEF + w as u64);
+    while run.going() {
+        let Some(request) = run.source.next(w, &mut rng) else {
+            break;
+        };
+        let t = Instant::now();
+        let outcome = target.send(w, request).await;
+        run.stats.record(t.elapsed(), outcome);
+    }
+}
+
+async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
+    let mut rng = Rng(0x1234_5678 + w as u64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(run.window);
+    let Ok(answers) = client
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        run.stats.record(Duration::ZERO, Err(()));
+        return;
+    };
+    let mut answers = answers.into_inner();
+    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let inflight = Arc::new(Semaphore::new(run.window));
+    let reader = {
+        let (stats, sent_at, inflight) = (run.stats.clone(), sent_at.clone(), inflight.clone());
+        tokio::spawn(async move {
+            while let Some(answer) = answers.message().await.transpose() {
+                let at: Option<Instant> = sent_at.lock().pop_front();
+                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
+                stats.record(
+                    latency,
+                    answer.map(|r| reason_name(r.reason())).map_err(|_| ()),
+                );
+                inflight.add_permits(1);
+            }
+        })
+    };
+    while run.going() {
+        let Ok(p) = inflight.acquire().await else {
+            break;
+        };
+        p.forget();
+        let Some(request) = run.source.next(w, &mut rng) else {
+            break;
+        };
+        sent_at.lock().push_back(Instant::now());
+        if tx.send(request).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = reader.await;
 }
 
 /// The rate + nonce logic of the Lua variant: one atomic round trip.
@@ -926,6 +1056,15 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         })
     };
 
+    let run = Run {
+        source: source.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+        started,
+        duration,
+        limit,
+        window: args.window.max(1),
+    };
     let mut workers = Vec::new();
     match (args.rate, args.mode, &target) {
         (Some(rate), _, _) => {
@@ -988,77 +1127,43 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                 }
             }));
         }
-        (None, Mode::Stream, Target::Warden(clients)) => {
+        (None, Mode::Stream, Target::Redis { .. }) => {
+            return Err("--mode stream is warden's CheckStream: use --backend warden".into());
+        }
+        (None, mode, _) if args.shared_runtime => {
             for w in 0..args.concurrency.max(1) {
-                let (source, stats, stop) = (source.clone(), stats.clone(), stop.clone());
-                let mut client = clients[w % clients.len()].clone();
-                let window = args.window.max(1);
-                workers.push(tokio::spawn(async move {
-                    let mut rng = Rng(0x1234_5678 + w as u64);
-                    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(window);
-                    let Ok(answers) = client
-                        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                        .await
-                    else {
-                        stats.record(Duration::ZERO, Err(()));
-                        return;
-                    };
-                    let mut answers = answers.into_inner();
-                    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-                    let inflight = Arc::new(Semaphore::new(window));
-                    let reader = {
-                        let (stats, sent_at, inflight) =
-                            (stats.clone(), sent_at.clone(), inflight.clone());
-                        tokio::spawn(async move {
-                            while let Some(answer) = answers.message().await.transpose() {
-                                let at: Option<Instant> = sent_at.lock().pop_front();
-                                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
-                                stats.record(
-                                    latency,
-                                    answer.map(|r| reason_name(r.reason())).map_err(|_| ()),
-                                );
-                                inflight.add_permits(1);
-                            }
-                        })
-                    };
-                    while started.elapsed() < duration
-                        && !stop.load(Ordering::Relaxed)
-                        && stats.done.load(Ordering::Relaxed) < limit
-                    {
-                        let Ok(p) = inflight.acquire().await else {
-                            break;
-                        };
-                        p.forget();
-                        let Some(request) = source.next(w, &mut rng) else {
-                            break;
-                        };
-                        sent_at.lock().push_back(Instant::now());
-                        if tx.send(request).await.is_err() {
-                            break;
-                        }
-                    }
-                    drop(tx);
-                    let _ = reader.await;
-                }));
+                workers.push(tokio::spawn(lane(run.clone(), mode, w, target.clone())));
             }
         }
-        (None, _, _) => {
-            for w in 0..args.concurrency.max(1) {
-                let (source, stats, target, stop) =
-                    (source.clone(), stats.clone(), target.clone(), stop.clone());
-                workers.push(tokio::spawn(async move {
-                    let mut rng = Rng(0xDEAD_BEEF + w as u64);
-                    while started.elapsed() < duration
-                        && !stop.load(Ordering::Relaxed)
-                        && stats.done.load(Ordering::Relaxed) < limit
-                    {
-                        let Some(request) = source.next(w, &mut rng) else {
-                            break;
+        (None, mode, _) => {
+            let connections = args.connections.max(1);
+            for c in 0..connections {
+                let (run, args, target) = (run.clone(), args.clone(), target.clone());
+                let thread = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async move {
+                        let target = match target.one_connection(&args, c).await {
+                            Ok(target) => target,
+                            Err(e) => {
+                                eprintln!("warden-bench: connection {c}: {e}");
+                                run.stats.record(Duration::ZERO, Err(()));
+                                return;
+                            }
                         };
-                        let t = Instant::now();
-                        let outcome = target.send(w, request).await;
-                        stats.record(t.elapsed(), outcome);
-                    }
+                        let lanes = (0..args.concurrency.max(1)).filter(|w| w % connections == c);
+                        let tasks: Vec<_> = lanes
+                            .map(|w| tokio::spawn(lane(run.clone(), mode, w, target.clone())))
+                            .collect();
+                        for task in tasks {
+                            let _ = task.await;
+                        }
+                    })
+                });
+                workers.push(tokio::task::spawn_blocking(move || {
+                    let _ = thread.join();
                 }));
             }
         }
