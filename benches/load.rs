@@ -6,11 +6,15 @@
 //!     warden-bench memory --keys 1000000 --nonces 10000000 [--owners 1000] [--redis 127.0.0.1:6399]
 //!     warden-bench frame --key-id K --secret S --check 127.0.0.1:50052 > check.bin
 //!
+//!     warden-bench host
+//!
 //! Closed loop by default (C workers, each with one request in flight, or a
-//! window of them on a stream); `--rate` switches to an open loop at a fixed
-//! rate, with latency measured from each request's scheduled start so a
-//! stalled server cannot hide its stalls (no coordinated omission). Targets
-//! loopback addresses only, and always stops by itself.
+//! window of them on a stream), each connection with its workers driven by
+//! a thread of its own (`--shared-runtime`: one runtime for all); `--rate`
+//! switches to an open loop at a fixed rate, with latency measured from
+//! each request's scheduled start so a stalled server cannot hide its
+//! stalls (no coordinated omission). Targets loopback addresses only, and
+//! always stops by itself.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
