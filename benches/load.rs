@@ -225,10 +225,11 @@ struct LoadArgs {
     /// session 53, instead of a thread of its own per connection (a
     /// single-threaded runtime with that connection and its share of the
     /// requests in flight, as an Envoy worker owns its connections). The
-    /// shared runtime hands calls between its threads: it took 41-45 µs of
-    /// the generator's CPU per unary call against 31-32, and the server
-    /// 32 against 26-28 (fewer calls per read). The open loop (--rate)
-    /// always paces from one thread into the shared runtime.
+    /// shared runtime hands calls between its threads: it took 42-46 µs of
+    /// the generator's CPU per unary call against 33-37, and the server
+    /// 34 against 27-33 (fewer calls per read). The open loop (--rate)
+    /// paces from a thread of its own either way, and hands due requests
+    /// to the shared runtime or to each connection's thread in turn.
     #[arg(long)]
     shared_runtime: bool,
 }
@@ -583,6 +584,41 @@ impl Target {
             }
         }
     }
+}
+
+/// A thread for each of `--connections`, each a single-threaded runtime
+/// with one connection of `target`'s kind, as an Envoy worker owns its
+/// connections: what runs on it (lanes, or the open loop's due requests)
+/// is never handed between threads. Each runs until `stop`.
+async fn connection_threads(
+    target: &Target,
+    args: &LoadArgs,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<(tokio::runtime::Handle, Target)>, String> {
+    let mut threads = Vec::new();
+    for c in 0..args.connections.max(1) {
+        let (args, target, stop) = (args.clone(), target.clone(), stop.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let connected = target.one_connection(&args, c).await;
+                let failed = connected.is_err();
+                let _ = tx.send(connected.map(|t| (tokio::runtime::Handle::current(), t)));
+                while !failed && !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        });
+        threads.push(
+            rx.await
+                .map_err(|_| "a connection's thread ended".to_owned())??,
+        );
+    }
+    Ok(threads)
 }
 
 /// What every lane of a closed-loop run shares: where requests come from,
@@ -1027,6 +1063,13 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         .flatten();
     // The generator's own CPU, so a run says how much of the machine the
     // client side took.
+    // Connected before the clock starts, so that no run counts its TLS
+    // handshakes.
+    let senders = if args.shared_runtime {
+        vec![(tokio::runtime::Handle::current(), target.clone())]
+    } else {
+        connection_threads(&target, &args, &stop).await?
+    };
     let own_before = process_usage(std::process::id()).map(|(cpu, _)| cpu);
     let started = Instant::now();
 
@@ -1078,12 +1121,16 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
             // millisecond late, and that lateness (counted, rightly, from
             // the scheduled start) would be the generator's, not the
             // server's. A thread sleep wakes within tens of microseconds.
-            let permits = Arc::new(Semaphore::new(args.concurrency.max(1) * 4));
+            let in_flight_bound = args.concurrency.max(1) * 4;
+            let permits = Arc::new(Semaphore::new(in_flight_bound));
+            let main = tokio::runtime::Handle::current();
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let (source, stats, target, stop) =
-                (source.clone(), stats.clone(), target.clone(), stop.clone());
-            let runtime = tokio::runtime::Handle::current();
+            // Due requests go to the shared runtime, or to each connection's
+            // thread in turn.
+            let (source, stats, senders, stop) =
+                (source.clone(), stats.clone(), senders.clone(), stop.clone());
             workers.push(tokio::task::spawn_blocking(move || {
+                let mut turn = 0usize;
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
                 let mut next = Instant::now();
                 let mut i = 0u64;
@@ -1117,6 +1164,8 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                     if due.is_empty() {
                         continue;
                     }
+                    let (runtime, target) = &senders[turn % senders.len()];
+                    turn += 1;
                     let (stats, target) = (stats.clone(), target.clone());
                     runtime.spawn(async move {
                         for (scheduled, permit, request, worker) in due {
@@ -1129,46 +1178,21 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                         }
                     });
                 }
+                // The calls still in flight are counted before the run ends
+                // (a connection's thread drops what it has not finished).
+                let _ = main.block_on(tokio::time::timeout(
+                    Duration::from_secs(5),
+                    permits.acquire_many(in_flight_bound as u32),
+                ));
             }));
         }
         (None, Mode::Stream, Target::Redis { .. }) => {
             return Err("--mode stream is warden's CheckStream: use --backend warden".into());
         }
-        (None, mode, _) if args.shared_runtime => {
-            for w in 0..args.concurrency.max(1) {
-                workers.push(tokio::spawn(lane(run.clone(), mode, w, target.clone())));
-            }
-        }
         (None, mode, _) => {
-            let connections = args.connections.max(1);
-            for c in 0..connections {
-                let (run, args, target) = (run.clone(), args.clone(), target.clone());
-                let thread = std::thread::spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    runtime.block_on(async move {
-                        let target = match target.one_connection(&args, c).await {
-                            Ok(target) => target,
-                            Err(e) => {
-                                eprintln!("warden-bench: connection {c}: {e}");
-                                run.stats.record(Duration::ZERO, Err(()));
-                                return;
-                            }
-                        };
-                        let lanes = (0..args.concurrency.max(1)).filter(|w| w % connections == c);
-                        let tasks: Vec<_> = lanes
-                            .map(|w| tokio::spawn(lane(run.clone(), mode, w, target.clone())))
-                            .collect();
-                        for task in tasks {
-                            let _ = task.await;
-                        }
-                    })
-                });
-                workers.push(tokio::task::spawn_blocking(move || {
-                    let _ = thread.join();
-                }));
+            for w in 0..args.concurrency.max(1) {
+                let (runtime, target) = &senders[w % senders.len()];
+                workers.push(runtime.spawn(lane(run.clone(), mode, w, target.clone())));
             }
         }
     }
