@@ -562,28 +562,33 @@ impl Target {
     /// ones are).
     async fn one_connection(&self, args: &LoadArgs, c: usize) -> Result<Target, String> {
         match self {
-            Target::Warden(_) => {
-                let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
-                let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
-                let channel = channel(&targets[c % targets.len()], tls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(Target::Warden(vec![WardenClient::new(channel)]))
-            }
-            Target::Redis { secrets, lua, .. } => {
-                let conn = redis::Client::open(format!("redis://{}/", args.redis))
-                    .map_err(|e| e.to_string())?
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| format!("redis {}: {e}", args.redis))?;
-                Ok(Target::Redis {
-                    conns: vec![conn],
-                    secrets: secrets.clone(),
-                    lua: lua.clone(),
-                })
-            }
+            Target::Warden(_) => Ok(Target::Warden(vec![warden_connection(args, c).await?])),
+            Target::Redis { secrets, lua, .. } => Ok(Target::Redis {
+                conns: vec![redis_connection(args).await?],
+                secrets: secrets.clone(),
+                lua: lua.clone(),
+            }),
         }
     }
+}
+
+/// Connection `c` of `--connections` to warden over mTLS, spread over a
+/// cluster's nodes in turn.
+async fn warden_connection(args: &LoadArgs, c: usize) -> Result<WardenClient<Channel>, String> {
+    let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
+    let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
+    let channel = channel(&targets[c % targets.len()], tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(WardenClient::new(channel))
+}
+
+async fn redis_connection(args: &LoadArgs) -> Result<redis::aio::MultiplexedConnection, String> {
+    redis::Client::open(format!("redis://{}/", args.redis))
+        .map_err(|e| e.to_string())?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis {}: {e}", args.redis))
 }
 
 /// A thread for each of `--connections`, each a single-threaded runtime
@@ -819,11 +824,7 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
     let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
     let target = targets[0].clone();
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
-    let mut admin = AdminClient::new(
-        channel(&target, tls.clone())
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let mut admin = AdminClient::new(channel(&target, tls).await.map_err(|e| e.to_string())?);
     for (name, limit, period) in [("bench", 1_000_000_000u64, "1s"), ("bench-tight", 1, "1h")] {
         admin
             .put_policy(PolicyInfo {
@@ -857,12 +858,8 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
     }
     let tight = keys.pop().expect("created");
     let mut clients = Vec::new();
-    for i in 0..args.connections.max(1) {
-        clients.push(WardenClient::new(
-            channel(&targets[i % targets.len()], tls.clone())
-                .await
-                .map_err(|e| e.to_string())?,
-        ));
+    for c in 0..args.connections.max(1) {
+        clients.push(warden_connection(args, c).await?);
     }
     Ok((Target::Warden(clients), Keys { keys, tight }))
 }
@@ -965,16 +962,9 @@ async fn create_key(admin: &mut AdminClient<Channel>, owner: &str) -> Result<(),
 
 async fn setup_redis(args: &LoadArgs) -> Result<(Target, Keys), String> {
     loopback_only(&args.redis)?;
-    let client =
-        redis::Client::open(format!("redis://{}/", args.redis)).map_err(|e| e.to_string())?;
     let mut conns = Vec::new();
     for _ in 0..args.connections.max(1) {
-        conns.push(
-            client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| format!("redis {}: {e}", args.redis))?,
-        );
+        conns.push(redis_connection(args).await?);
     }
     let mut secrets = HashMap::new();
     let mut keys = Vec::new();
@@ -1053,6 +1043,13 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
     let stats = Arc::new(Stats::new());
     let stop = Arc::new(AtomicBool::new(false));
     let limit = args.requests.unwrap_or(u64::MAX);
+    // Connected before either side's CPU is read and the clock starts, so
+    // that no run counts its TLS handshakes.
+    let senders = if args.shared_runtime {
+        vec![(tokio::runtime::Handle::current(), target.clone())]
+    } else {
+        connection_threads(&target, &args, &stop).await?
+    };
     let usage = |pids: &[u32]| -> Option<(f64, u64)> {
         pids.iter()
             .map(|&p| process_usage(p))
@@ -1063,13 +1060,6 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         .flatten();
     // The generator's own CPU, so a run says how much of the machine the
     // client side took.
-    // Connected before the clock starts, so that no run counts its TLS
-    // handshakes.
-    let senders = if args.shared_runtime {
-        vec![(tokio::runtime::Handle::current(), target.clone())]
-    } else {
-        connection_threads(&target, &args, &stop).await?
-    };
     let own_before = process_usage(std::process::id()).map(|(cpu, _)| cpu);
     let started = Instant::now();
 
