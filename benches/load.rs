@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 
+mod lean;
+
 /// Quantiles of the latency curve in the JSON report (for
 /// benches/plot_latency.py).
 const PLOT_QUANTILES: &[f64] = &[
@@ -145,6 +147,17 @@ enum Backend {
     RedisLua,
 }
 
+/// How warden-bench speaks gRPC to warden.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ClientKind {
+    /// The Rust client's stubs on tonic's channel: what an application
+    /// using `warden-client` pays per call.
+    Tonic,
+    /// HTTP/2 directly (see `lean.rs`): about what a gateway's own codec
+    /// pays, so more of the shared cores is left to the server.
+    H2,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Unary,
@@ -177,6 +190,11 @@ struct LoadArgs {
     /// Connections (HTTP/2 channels or Redis connections).
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// How to speak gRPC to warden: the Rust client's tonic stubs, or
+    /// HTTP/2 directly with as little client as a gateway's codec (the
+    /// same mTLS connection under both).
+    #[arg(long, value_enum, default_value = "tonic")]
+    client: ClientKind,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -503,11 +521,16 @@ impl Source {
     }
 }
 
+/// A request's outcome: the answer's reason, or why there was none.
+type Outcome = Result<&'static str, String>;
+
 /// Outcome counts and latencies of a run.
 struct Stats {
     hist: Mutex<Histogram<u64>>,
-    outcomes: Mutex<HashMap<String, u64>>,
+    outcomes: Mutex<HashMap<&'static str, u64>>,
     errors: AtomicU64,
+    /// The first error's text, so a run with errors says what they were.
+    first_error: Mutex<Option<String>>,
     done: AtomicU64,
 }
 
@@ -517,6 +540,7 @@ impl Stats {
             hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")),
             outcomes: Mutex::new(HashMap::new()),
             errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
             done: AtomicU64::new(0),
         }
     }
@@ -526,13 +550,14 @@ impl Stats {
         self.hist.lock().value_at_quantile(q) as f64 / 1000.0
     }
 
-    fn record(&self, latency: Duration, outcome: Result<&str, ()>) {
+    fn record(&self, latency: Duration, outcome: Outcome) {
         let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
         let _ = self.hist.lock().record(micros);
         match outcome {
-            Ok(name) => *self.outcomes.lock().entry(name.to_owned()).or_default() += 1,
-            Err(()) => {
+            Ok(name) => *self.outcomes.lock().entry(name).or_default() += 1,
+            Err(text) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
+                self.first_error.lock().get_or_insert(text);
             }
         }
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -547,6 +572,8 @@ fn reason_name(r: Reason) -> &'static str {
 #[derive(Clone)]
 enum Target {
     Warden(Vec<WardenClient<Channel>>),
+    /// warden, spoken to in HTTP/2 directly (`--client h2`).
+    Lean(Vec<lean::Lean>),
     Redis {
         conns: Vec<redis::aio::MultiplexedConnection>,
         secrets: Arc<HashMap<String, Vec<u8>>>,
@@ -562,7 +589,7 @@ impl Target {
     /// ones are).
     async fn one_connection(&self, args: &LoadArgs, c: usize) -> Result<Target, String> {
         match self {
-            Target::Warden(_) => Ok(Target::Warden(vec![warden_connection(args, c).await?])),
+            Target::Warden(_) | Target::Lean(_) => warden_connections(args, c..c + 1).await,
             Target::Redis { secrets, lua, .. } => Ok(Target::Redis {
                 conns: vec![redis_connection(args).await?],
                 secrets: secrets.clone(),
@@ -572,15 +599,30 @@ impl Target {
     }
 }
 
-/// Connection `c` of `--connections` to warden over mTLS, spread over a
-/// cluster's nodes in turn.
-async fn warden_connection(args: &LoadArgs, c: usize) -> Result<WardenClient<Channel>, String> {
+/// Connections `range` of `--connections` to warden over mTLS, spread over
+/// a cluster's nodes in turn, of the `--client` kind.
+async fn warden_connections(
+    args: &LoadArgs,
+    range: std::ops::Range<usize>,
+) -> Result<Target, String> {
     let targets = warden_targets(&args.dev_dir, args.target.as_deref())?;
     let tls = Tls::from_dev_dir(&args.dev_dir).map_err(|e| e.to_string())?;
-    let channel = channel(&targets[c % targets.len()], tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(WardenClient::new(channel))
+    let (mut tonic, mut h2) = (Vec::new(), Vec::new());
+    for c in range {
+        let target = &targets[c % targets.len()];
+        match args.client {
+            ClientKind::Tonic => tonic.push(WardenClient::new(
+                channel(target, tls.clone())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )),
+            ClientKind::H2 => h2.push(lean::Lean::connect(target, &tls).await?),
+        }
+    }
+    Ok(match args.client {
+        ClientKind::Tonic => Target::Warden(tonic),
+        ClientKind::H2 => Target::Lean(h2),
+    })
 }
 
 async fn redis_connection(args: &LoadArgs) -> Result<redis::aio::MultiplexedConnection, String> {
@@ -655,6 +697,9 @@ async fn lane(run: Run, mode: Mode, w: usize, target: Target) {
         (Mode::Stream, Target::Warden(clients)) => {
             stream_lane(run, w, clients[w % clients.len()].clone()).await
         }
+        (Mode::Stream, Target::Lean(conns)) => {
+            lean_stream_lane(run, w, conns[w % conns.len()].clone()).await
+        }
         (_, target) => unary_lane(run, w, target).await,
     }
 }
@@ -678,7 +723,8 @@ async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
         .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
     else {
-        run.stats.record(Duration::ZERO, Err(()));
+        run.stats
+            .record(Duration::ZERO, Err("CheckStream refused".into()));
         return;
     };
     let mut answers = answers.into_inner();
@@ -692,10 +738,14 @@ async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
                 let latency = at.map(|t| t.elapsed()).unwrap_or_default();
                 stats.record(
                     latency,
-                    answer.map(|r| reason_name(r.reason())).map_err(|_| ()),
+                    answer
+                        .map(|r| reason_name(r.reason()))
+                        .map_err(|e| warden_client::status_text(&e)),
                 );
                 inflight.add_permits(1);
             }
+            // No more answers: the sender stops waiting for room.
+            inflight.close();
         })
     };
     while run.going() {
@@ -715,6 +765,65 @@ async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
     let _ = reader.await;
 }
 
+/// [`stream_lane`] on a connection spoken to in HTTP/2 directly: `--window`
+/// checks in flight on one `CheckStream`, each answer letting the next go.
+async fn lean_stream_lane(run: Run, w: usize, conn: lean::Lean) {
+    let mut rng = Rng(0x1234_5678 + w as u64);
+    let (mut requests, mut answers) = match conn.check_stream().await {
+        Ok(call) => call,
+        Err(lean::Failed(text)) => return run.stats.record(Duration::ZERO, Err(text)),
+    };
+    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let inflight = Arc::new(Semaphore::new(run.window));
+    let reader = {
+        let (stats, sent_at, inflight) = (run.stats.clone(), sent_at.clone(), inflight.clone());
+        tokio::spawn(async move {
+            loop {
+                let answer = answers.next().await;
+                let at: Option<Instant> = sent_at.lock().pop_front();
+                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
+                match answer {
+                    Ok(Some(r)) => stats.record(latency, Ok(reason_name(r.reason()))),
+                    Ok(None) => break,
+                    Err(lean::Failed(text)) => {
+                        stats.record(latency, Err(text));
+                        break;
+                    }
+                }
+                inflight.add_permits(1);
+            }
+            // No more answers: the sender stops waiting for room.
+            inflight.close();
+        })
+    };
+    let mut ended = false;
+    while !ended && run.going() {
+        let Ok(p) = inflight.acquire().await else {
+            break;
+        };
+        p.forget();
+        // Every check the window has room for goes in one DATA frame.
+        let mut batch = bytes::BytesMut::new();
+        loop {
+            let Some(request) = run.source.next(w, &mut rng) else {
+                ended = true;
+                break;
+            };
+            sent_at.lock().push_back(Instant::now());
+            lean::append_frame(&mut batch, &request);
+            match inflight.try_acquire() {
+                Ok(p) if run.going() => p.forget(),
+                _ => break,
+            }
+        }
+        if !batch.is_empty() && requests.send_data(batch.freeze(), false).is_err() {
+            break;
+        }
+    }
+    let _ = requests.send_data(bytes::Bytes::new(), true);
+    let _ = reader.await;
+}
+
 /// The rate + nonce logic of the Lua variant: one atomic round trip.
 const LUA: &str = r#"
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) == false then return -1 end
@@ -728,15 +837,20 @@ return n
 const BENCH_LIMIT: u64 = 1_000_000_000;
 
 impl Target {
-    async fn send(&self, worker: usize, req: CheckRequest) -> Result<&'static str, ()> {
+    async fn send(&self, worker: usize, req: CheckRequest) -> Outcome {
         match self {
             Target::Warden(clients) => {
                 let mut c = clients[worker % clients.len()].clone();
                 c.check(req)
                     .await
                     .map(|r| reason_name(r.into_inner().reason()))
-                    .map_err(|_| ())
+                    .map_err(|e| warden_client::status_text(&e))
             }
+            Target::Lean(conns) => conns[worker % conns.len()]
+                .check(&req)
+                .await
+                .map(|r| reason_name(r.reason()))
+                .map_err(|lean::Failed(text)| text),
             Target::Redis {
                 conns,
                 secrets,
@@ -784,7 +898,7 @@ impl Target {
                             .arg(300)
                             .query_async(&mut conn)
                             .await
-                            .map_err(|_| ())?;
+                            .map_err(|e| e.to_string())?;
                         Ok(if fresh.is_none() {
                             "replay"
                         } else if n > limit {
@@ -803,7 +917,7 @@ impl Target {
                             .arg(60)
                             .invoke_async(&mut conn)
                             .await
-                            .map_err(|_| ())?;
+                            .map_err(|e| e.to_string())?;
                         Ok(match r {
                             -1 => "replay",
                             -2 => "rate_limited",
@@ -857,11 +971,15 @@ async fn setup_warden(args: &LoadArgs) -> Result<(Target, Keys), String> {
         keys.push((r.key.map(|k| k.key_id).unwrap_or_default(), r.secret));
     }
     let tight = keys.pop().expect("created");
-    let mut clients = Vec::new();
-    for c in 0..args.connections.max(1) {
-        clients.push(warden_connection(args, c).await?);
-    }
-    Ok((Target::Warden(clients), Keys { keys, tight }))
+    // With a thread per connection, each thread opens its own; this target
+    // only says which kind.
+    let connections = if args.shared_runtime {
+        args.connections.max(1)
+    } else {
+        0
+    };
+    let target = warden_connections(args, 0..connections).await?;
+    Ok((target, Keys { keys, tight }))
 }
 
 /// The addresses `--target` names, or the `serve --dev` server's.
@@ -962,8 +1080,10 @@ async fn create_key(admin: &mut AdminClient<Channel>, owner: &str) -> Result<(),
 
 async fn setup_redis(args: &LoadArgs) -> Result<(Target, Keys), String> {
     loopback_only(&args.redis)?;
-    let mut conns = Vec::new();
-    for _ in 0..args.connections.max(1) {
+    // One to flush with; the rest only with the shared runtime (with a
+    // thread per connection, each thread opens its own).
+    let mut conns = vec![redis_connection(args).await?];
+    while args.shared_runtime && conns.len() < args.connections.max(1) {
         conns.push(redis_connection(args).await?);
     }
     let mut secrets = HashMap::new();
@@ -1148,7 +1268,10 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
                                 due.push((scheduled, permit, request, i as usize));
                                 i += 1;
                             }
-                            Err(_) => stats.record(scheduled.elapsed(), Err(())),
+                            Err(_) => stats.record(
+                                scheduled.elapsed(),
+                                Err(format!("not started: {in_flight_bound} already in flight")),
+                            ),
                         }
                     }
                     if due.is_empty() {
@@ -1216,6 +1339,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         // The percentile curve, HDR style, for plots: [quantile, ms].
         "percentiles": PLOT_QUANTILES.iter().map(|&q| json!([q, pct(q)])).collect::<Vec<_>>(),
         "errors": errors,
+        "first_error": *stats.first_error.lock(),
         "outcomes": *stats.outcomes.lock(),
         "server_cpu_cores": server.map(|s| s.0),
         "server_rss_bytes": server.map(|s| s.1),
@@ -1238,6 +1362,9 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
             pct(0.999)
         );
         println!("outcomes: {}", report["outcomes"]);
+        if let Some(text) = &*stats.first_error.lock() {
+            println!("first error: {text}");
+        }
         if let Some((cores, rss)) = server {
             println!(
                 "server: {cores:.2} cores, {:.1} MiB RSS",

@@ -88,13 +88,24 @@ impl tonic::codegen::Service<Uri> for Connector {
                 .trim_matches(['[', ']'])
                 .to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(this.server_name, tcp).await?;
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err(io::Error::other("warden did not agree to HTTP/2 (ALPN h2)"));
-            }
-            Ok(TokioIo::new(Coalescing::new(tls)))
+            Ok(TokioIo::new(this.open(&host, port).await?))
         })
+    }
+}
+
+impl Connector {
+    /// One connection, TLS agreed on HTTP/2, ready for its preface.
+    pub(crate) async fn open(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> io::Result<Coalescing<TlsStream<TcpStream>>> {
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(io::Error::other("warden did not agree to HTTP/2 (ALPN h2)"));
+        }
+        Ok(Coalescing::new(tls))
     }
 }

@@ -66,6 +66,12 @@ pub enum Error {
         target: String,
         source: tonic::transport::Error,
     },
+    /// [`mtls_stream`]'s: refused, timed out, or a certificate not trusted.
+    #[error("cannot connect to warden at {target}: {}", error_chain(.source))]
+    Open {
+        target: String,
+        source: std::io::Error,
+    },
 }
 
 /// An error and the errors beneath it, as one line (a cause whose text its
@@ -397,14 +403,41 @@ pub fn lazy_channel(target: &str, tls: Option<&Tls>) -> Result<Channel, Error> {
     })
 }
 
+/// The byte stream under [`channel`]'s HTTP/2: TCP to `target`, mutual
+/// TLS with ALPN `h2`, and [`Coalescing`] writes. For a caller that speaks
+/// HTTP/2 itself (warden-bench's lean generator, which measures the server
+/// with as little client as a gateway's own HTTP/2 codec).
+pub async fn mtls_stream(
+    target: &str,
+    tls: &Tls,
+) -> Result<Coalescing<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Error> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse().ok()?)))
+        .ok_or_else(|| Error::Target(target.to_owned()))?;
+    connector(target, tls)?
+        .open(host, port)
+        .await
+        .map_err(|source| Error::Open {
+            target: target.to_owned(),
+            source,
+        })
+}
+
 fn tls_endpoint(target: &str, tls: &Tls) -> Result<(Endpoint, connect::Connector), Error> {
+    // TLS is the connector's: to tonic the connection is plain HTTP/2.
+    Ok((
+        endpoint(&format!("http://{target}"))?,
+        connector(target, tls)?,
+    ))
+}
+
+fn connector(target: &str, tls: &Tls) -> Result<connect::Connector, Error> {
     let host = target
         .rsplit_once(':')
         .map(|(host, _)| host.trim_matches(['[', ']']))
         .ok_or_else(|| Error::Target(target.to_owned()))?;
-    let connector = connect::Connector::new(tls, tls.server_name.as_deref().unwrap_or(host))?;
-    // TLS is the connector's: to tonic the connection is plain HTTP/2.
-    Ok((endpoint(&format!("http://{target}"))?, connector))
+    connect::Connector::new(tls, tls.server_name.as_deref().unwrap_or(host))
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, Error> {
