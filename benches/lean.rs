@@ -28,7 +28,9 @@ use warden_client::proto::{CheckRequest, CheckResponse};
 #[derive(Clone)]
 pub struct Lean {
     send: SendRequest<Bytes>,
-    authority: String,
+    /// The two methods' URIs, parsed once (a clone shares their bytes).
+    check: http::Uri,
+    check_stream: http::Uri,
 }
 
 /// A gRPC call's failure, as the generator counts it: an error.
@@ -60,30 +62,39 @@ impl Lean {
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        let uri = |method: &str| {
+            http::Uri::try_from(format!("https://{target}/warden.v1.Warden/{method}"))
+                .map_err(|e| format!("{target}: {e}"))
+        };
         Ok(Self {
             send,
-            authority: target.to_owned(),
+            check: uri("Check")?,
+            check_stream: uri("CheckStream")?,
         })
     }
 
-    /// Opens a call to `method` (`/warden.v1.Warden/Check`); the request's
-    /// body is sent on the returned stream.
+    /// Opens a call to `method`; the request's body is sent on the
+    /// returned stream.
     async fn open(
         &self,
-        method: &str,
+        method: &http::Uri,
     ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), Failed> {
-        let request = http::Request::post(format!("https://{}{method}", self.authority))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| Failed(e.to_string()))?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = method.clone();
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         let mut send = self.send.clone().ready().await?;
         Ok(send.send_request(request, false)?)
     }
 
     /// One unary `Check`.
     pub async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, Failed> {
-        let (response, mut body) = self.open("/warden.v1.Warden/Check").await?;
+        let (response, mut body) = self.open(&self.check).await?;
         body.send_data(frame(request), true)?;
         let response = response.await?;
         let trailers_only = grpc_status(response.headers());
@@ -102,7 +113,7 @@ impl Lean {
     /// A `CheckStream`: requests go on the returned [`SendStream`] (one
     /// [`frame`] each), answers come from [`Answers`].
     pub async fn check_stream(&self) -> Result<(SendStream<Bytes>, Answers), Failed> {
-        let (response, body) = self.open("/warden.v1.Warden/CheckStream").await?;
+        let (response, body) = self.open(&self.check_stream).await?;
         let response = response.await?;
         if let Some(status) = grpc_status(response.headers()) {
             return Err(Failed(format!("stream refused: grpc-status {status}")));

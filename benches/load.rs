@@ -402,7 +402,9 @@ struct Planner {
     mix: Mix,
     body: Vec<u8>,
     counter: AtomicU64,
-    sent: Mutex<Vec<CheckRequest>>,
+    /// The last 1,024 kept, oldest first (a queue: dropping the oldest from
+    /// a `Vec` moved the other 1,023, ~2 % of the generator's CPU).
+    sent: Mutex<std::collections::VecDeque<CheckRequest>>,
 }
 
 impl Planner {
@@ -448,9 +450,9 @@ impl Planner {
         if kind == Kind::Valid && n.is_multiple_of(64) {
             let mut sent = self.sent.lock();
             if sent.len() >= 1024 {
-                sent.remove(0);
+                sent.pop_front();
             }
-            sent.push(request.clone());
+            sent.push_back(request.clone());
         }
         Planned { request }
     }
@@ -1147,7 +1149,7 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         mix,
         body: vec![b'x'; args.body_bytes],
         counter: AtomicU64::new(0),
-        sent: Mutex::new(Vec::new()),
+        sent: Mutex::new(std::collections::VecDeque::new()),
     };
     let presigned = args.presigned.map(|count| {
         // The open loop has one sender; the others one per worker.
