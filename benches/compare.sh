@@ -247,7 +247,7 @@ if [ "${1:-}" = "c-loadgen" ]; then
 fi
 
 step=0
-steps=9
+steps=12
 run() {  # label, args...
   local label=$1; shift
   step=$((step + 1))
@@ -257,17 +257,28 @@ run() {  # label, args...
 }
 
 run "warden Check (unary)"      --backend warden --mode unary  --server-pid "$warden_pid"
+# The same calls with HTTP/2 spoken directly (benches/lean.rs): about what
+# a gateway's own codec costs, where tonic's client takes a core of the two
+# the server shares (both on the Rust client's mTLS connection).
+run "warden Check (unary, h2 client)" --backend warden --mode unary --client h2 --server-pid "$warden_pid"
 run "warden CheckStream"        --backend warden --mode stream --server-pid "$warden_pid"
+run "warden CheckStream (h2 client)" --backend warden --mode stream --client h2 --server-pid "$warden_pid"
 # The same with requests signed before the run: the generator only sends,
 # as a gateway forwarding what its clients signed (ends when all are sent).
 run "warden CheckStream (pre-signed)" --backend warden --mode stream --presigned 2000000 --server-pid "$warden_pid"
 run "Redis recipe (pipelined)"  --backend redis-recipe --server-pid "$redis_pid"
 run "Redis EVAL (Lua)"          --backend redis-lua    --server-pid "$redis_pid"
-# Latency at half of warden's unary peak, open loop.
-peak=$(grep '"warden Check (unary)"' "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))')
+# Latency at half of warden's unary peak, open loop, with each client.
+peak_of() {
+  grep "\"$1\"" "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))'
+}
+peak=$(peak_of "warden Check (unary)")
 run "warden Check at 50% of peak" --backend warden --mode unary --rate $((peak / 2)) --server-pid "$warden_pid"
+peak=$(peak_of "warden Check (unary, h2 client)")
+run "warden Check at 50% of peak (h2 client)" --backend warden --mode unary --client h2 \
+  --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
-echo "== [8/9] C load generators" >&2
+echo "== [11/12] C load generators" >&2
 # The mTLS warden is done: stopped, so its background sweeps of the
 # millions of nonces the runs above left do not take CPU from the
 # plaintext warden h2load measures.
@@ -275,7 +286,7 @@ kill "$warden_pid" 2>/dev/null || true
 wait "$warden_pid" 2>/dev/null || true
 warden_pid=""
 c_loadgen
-echo "== [9/9] memory (a minute or two)" >&2
+echo "== [12/12] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
   | sed 's/^{/{"label":"memory",/' | tee -a "$out/compare.jsonl"
 

@@ -16,7 +16,7 @@ import sys
 
 WIDTH, HEIGHT = 920, 480
 LEFT, RIGHT, TOP, BOTTOM = 70, 300, 40, 60
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#e377c2", "#7f7f7f"]
 # Quantiles past 99.99 % say more about one unlucky request than the curve.
 MAX_NINES = 4.0
 
