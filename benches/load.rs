@@ -10,7 +10,9 @@
 //!
 //! Closed loop by default (C workers, each with one request in flight, or a
 //! window of them on a stream), each connection with its workers driven by
-//! a thread of its own (`--shared-runtime`: one runtime for all); `--rate`
+//! a thread of its own (`--shared-runtime`: one runtime for all), calling
+//! warden through the Rust client's tonic stubs (`--client h2`: HTTP/2
+//! spoken directly, about what a gateway's own codec costs); `--rate`
 //! switches to an open loop at a fixed rate, with latency measured from
 //! each request's scheduled start so a stalled server cannot hide its
 //! stalls (no coordinated omission). Targets loopback addresses only, and
