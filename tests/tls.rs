@@ -207,3 +207,56 @@ async fn a_request_leaves_the_client_in_one_write() {
     let after = reads.load(Ordering::SeqCst);
     assert_eq!(after - before, 20, "writes for 20 calls");
 }
+
+#[tokio::test]
+async fn the_channels_connection_carries_grpc_spoken_in_http2_directly() {
+    // `mtls_stream` is what the channel runs on, for a caller with its own
+    // HTTP/2 (warden-bench --client h2): a `Check` sent on it in h2 frames
+    // is decided like any other, and a server the caller does not trust
+    // is refused before a byte of HTTP/2.
+    use bytes::{BufMut, Bytes, BytesMut};
+    use prost::Message;
+    let server = Server::dev();
+    let io = warden_client::mtls_stream(&server.addr, &server.tls())
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("https://{}/warden.v1.Warden/Check", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let check = server.signer().check_request("POST", "/orders", "", b"{}");
+    let mut message = BytesMut::new();
+    message.put_u8(0);
+    message.put_u32(check.encoded_len() as u32);
+    check.encode(&mut message).unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    body.send_data(message.freeze(), true).unwrap();
+    let mut answer = response.await.unwrap().into_body();
+    let mut received = BytesMut::new();
+    while let Some(chunk) = answer.data().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    let trailers = answer.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    let received: Bytes = received.freeze();
+    assert_eq!(received[0], 0, "uncompressed");
+    let decided = warden_client::proto::CheckResponse::decode(&received[5..]).unwrap();
+    assert_eq!(decided.reason(), Reason::Ok);
+
+    let stranger = Ca::new("not the server's CA").unwrap();
+    let dir = &server.dir;
+    let untrusting = Tls::from_pem(
+        stranger.cert_pem().into_bytes(),
+        std::fs::read(dir.join("client.pem")).unwrap(),
+        std::fs::read(dir.join("client-key.pem")).unwrap(),
+    );
+    let refused = warden_client::mtls_stream(&server.addr, &untrusting).await;
+    let Err(e @ warden_client::Error::Open { .. }) = refused else {
+        panic!("connected to a server whose CA is not trusted");
+    };
+    assert!(e.to_string().contains("certificate"), "{e}");
+}
