@@ -260,3 +260,25 @@ async fn the_channels_connection_carries_grpc_spoken_in_http2_directly() {
     };
     assert!(e.to_string().contains("certificate"), "{e}");
 }
+
+#[tokio::test]
+async fn a_server_that_never_answers_the_handshake_fails_the_connection_in_time() {
+    // A listener that accepts and then says nothing: without a deadline
+    // `mtls_stream` would wait for its TLS answer for ever.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(held);
+    });
+    let server = Server::dev();
+    let started = std::time::Instant::now();
+    let result = warden_client::mtls_stream(&addr, &server.tls()).await;
+    let waited = started.elapsed();
+    let Err(e @ warden_client::Error::Open { .. }) = result else {
+        panic!("a silent listener gave a connection");
+    };
+    assert!(e.to_string().contains("no connection within"), "{e}");
+    assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
+}

@@ -403,10 +403,15 @@ pub fn lazy_channel(target: &str, tls: Option<&Tls>) -> Result<Channel, Error> {
     })
 }
 
+/// How long a connection may take, TCP and TLS, before it fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The byte stream under [`channel`]'s HTTP/2: TCP to `target`, mutual
 /// TLS with ALPN `h2`, and [`Coalescing`] writes. For a caller that speaks
 /// HTTP/2 itself (warden-bench's lean generator, which measures the server
-/// with as little client as a gateway's own HTTP/2 codec).
+/// with as little client as a gateway's own HTTP/2 codec). Fails after
+/// 5 s, as the channel's connections do: a server that accepts and never
+/// answers the handshake does not hold its caller.
 pub async fn mtls_stream(
     target: &str,
     tls: &Tls,
@@ -415,9 +420,15 @@ pub async fn mtls_stream(
         .rsplit_once(':')
         .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse().ok()?)))
         .ok_or_else(|| Error::Target(target.to_owned()))?;
-    connector(target, tls)?
-        .open(host, port)
+    let connector = connector(target, tls)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connector.open(host, port))
         .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })
         .map_err(|source| Error::Open {
             target: target.to_owned(),
             source,
@@ -443,7 +454,7 @@ fn connector(target: &str, tls: &Tls) -> Result<connect::Connector, Error> {
 fn endpoint(uri: &str) -> Result<Endpoint, Error> {
     Ok(Endpoint::from_shared(uri.to_owned())
         .map_err(|_| Error::Target(uri.to_owned()))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         // A connection to a server that stopped answering (paused, or a
         // host gone without a word) is found and replaced, instead of
         // taking every call's deadline until the kernel gives up on it.
