@@ -720,6 +720,53 @@ async fn unary_lane(run: Run, w: usize, target: Target) {
     }
 }
 
+/// A stream lane's window: the checks sent and not yet answered, oldest
+/// first (answers come back in order), and the room for more. The sender
+/// waits for room; the reader counts each answer and makes room.
+#[derive(Clone)]
+struct Window {
+    stats: Arc<Stats>,
+    sent_at: Arc<Mutex<std::collections::VecDeque<Instant>>>,
+    room: Arc<Semaphore>,
+}
+
+impl Window {
+    fn new(run: &Run) -> Self {
+        Self {
+            stats: run.stats.clone(),
+            sent_at: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+            room: Arc::new(Semaphore::new(run.window)),
+        }
+    }
+
+    /// Waits for room for one more check; `false` once the answers ended.
+    async fn wait_for_room(&self) -> bool {
+        self.room.acquire().await.map(|p| p.forget()).is_ok()
+    }
+
+    /// Takes room for one more check if there is some now.
+    fn take_room(&self) -> bool {
+        self.room.try_acquire().map(|p| p.forget()).is_ok()
+    }
+
+    fn sent(&self) {
+        self.sent_at.lock().push_back(Instant::now());
+    }
+
+    /// Counts the answer to the oldest check in flight.
+    fn answered(&self, outcome: Outcome) {
+        let at: Option<Instant> = self.sent_at.lock().pop_front();
+        self.stats
+            .record(at.map(|t| t.elapsed()).unwrap_or_default(), outcome);
+        self.room.add_permits(1);
+    }
+
+    /// No more answers will come: the sender stops waiting for room.
+    fn ended(&self) {
+        self.room.close();
+    }
+}
+
 async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
     let mut rng = Rng(0x1234_5678 + w as u64);
     let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(run.window);
@@ -732,35 +779,25 @@ async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
         return;
     };
     let mut answers = answers.into_inner();
-    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-    let inflight = Arc::new(Semaphore::new(run.window));
+    let window = Window::new(&run);
     let reader = {
-        let (stats, sent_at, inflight) = (run.stats.clone(), sent_at.clone(), inflight.clone());
+        let window = window.clone();
         tokio::spawn(async move {
             while let Some(answer) = answers.message().await.transpose() {
-                let at: Option<Instant> = sent_at.lock().pop_front();
-                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
-                stats.record(
-                    latency,
+                window.answered(
                     answer
                         .map(|r| reason_name(r.reason()))
                         .map_err(|e| warden_client::status_text(&e)),
                 );
-                inflight.add_permits(1);
             }
-            // No more answers: the sender stops waiting for room.
-            inflight.close();
+            window.ended();
         })
     };
-    while run.going() {
-        let Ok(p) = inflight.acquire().await else {
-            break;
-        };
-        p.forget();
+    while run.going() && window.wait_for_room().await {
         let Some(request) = run.source.next(w, &mut rng) else {
             break;
         };
-        sent_at.lock().push_back(Instant::now());
+        window.sent();
         if tx.send(request).await.is_err() {
             break;
         }
@@ -770,54 +807,45 @@ async fn stream_lane(run: Run, w: usize, mut client: WardenClient<Channel>) {
 }
 
 /// [`stream_lane`] on a connection spoken to in HTTP/2 directly: `--window`
-/// checks in flight on one `CheckStream`, each answer letting the next go.
+/// checks in flight on one `CheckStream`, those the window has room for
+/// sent together.
 async fn lean_stream_lane(run: Run, w: usize, conn: lean::Lean) {
     let mut rng = Rng(0x1234_5678 + w as u64);
     let (mut requests, mut answers) = match conn.check_stream().await {
         Ok(call) => call,
         Err(lean::Failed(text)) => return run.stats.record(Duration::ZERO, Err(text)),
     };
-    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-    let inflight = Arc::new(Semaphore::new(run.window));
+    let window = Window::new(&run);
     let reader = {
-        let (stats, sent_at, inflight) = (run.stats.clone(), sent_at.clone(), inflight.clone());
+        let window = window.clone();
         tokio::spawn(async move {
             loop {
-                let answer = answers.next().await;
-                let at: Option<Instant> = sent_at.lock().pop_front();
-                let latency = at.map(|t| t.elapsed()).unwrap_or_default();
-                match answer {
-                    Ok(Some(r)) => stats.record(latency, Ok(reason_name(r.reason()))),
+                match answers.next().await {
+                    Ok(Some(r)) => window.answered(Ok(reason_name(r.reason()))),
                     Ok(None) => break,
                     Err(lean::Failed(text)) => {
-                        stats.record(latency, Err(text));
+                        window.answered(Err(text));
                         break;
                     }
                 }
-                inflight.add_permits(1);
             }
-            // No more answers: the sender stops waiting for room.
-            inflight.close();
+            window.ended();
         })
     };
     let mut ended = false;
-    while !ended && run.going() {
-        let Ok(p) = inflight.acquire().await else {
-            break;
-        };
-        p.forget();
-        // Every check the window has room for goes in one DATA frame.
+    while !ended && run.going() && window.wait_for_room().await {
+        // Every check the window has room for goes in one DATA frame, as
+        // tonic sends what a stream has ready.
         let mut batch = bytes::BytesMut::new();
         loop {
             let Some(request) = run.source.next(w, &mut rng) else {
                 ended = true;
                 break;
             };
-            sent_at.lock().push_back(Instant::now());
+            window.sent();
             lean::append_frame(&mut batch, &request);
-            match inflight.try_acquire() {
-                Ok(p) if run.going() => p.forget(),
-                _ => break,
+            if !run.going() || !window.take_room() {
+                break;
             }
         }
         if !batch.is_empty() && requests.send_data(batch.freeze(), false).is_err() {
