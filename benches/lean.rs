@@ -105,18 +105,22 @@ impl Lean {
             return Err(Failed("a unary call with two answers".into()));
         }
         match trailers_only.or(answers.status().await?) {
-            Some(0) => answer.ok_or_else(|| Failed("OK without an answer".into())),
-            status => Err(Failed(format!("grpc-status {status:?}"))),
+            Some((0, _)) => answer.ok_or_else(|| Failed("OK without an answer".into())),
+            Some((code, message)) => Err(Failed(format!("{message} (grpc-status {code})"))),
+            None => Err(Failed("no grpc-status".into())),
         }
     }
 
-    /// A `CheckStream`: requests go on the returned [`SendStream`] (one
-    /// [`frame`] each), answers come from [`Answers`].
+    /// A `CheckStream`: requests go on the returned [`SendStream`] (whole
+    /// [`frame`]s, one or several to a DATA frame), answers come from
+    /// [`Answers`].
     pub async fn check_stream(&self) -> Result<(SendStream<Bytes>, Answers), Failed> {
         let (response, body) = self.open(&self.check_stream).await?;
         let response = response.await?;
-        if let Some(status) = grpc_status(response.headers()) {
-            return Err(Failed(format!("stream refused: grpc-status {status}")));
+        if let Some((code, message)) = grpc_status(response.headers()) {
+            return Err(Failed(format!(
+                "stream refused: {message} (grpc-status {code})"
+            )));
         }
         Ok((body, Answers::new(response.into_body())))
     }
@@ -140,10 +144,37 @@ pub fn append_frame(buf: &mut BytesMut, request: &CheckRequest) {
     request.encode(buf).expect("capacity reserved");
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers
+/// A call's `grpc-status` and `grpc-message`, if `headers` end it.
+fn grpc_status(headers: &http::HeaderMap) -> Option<(u32, String)> {
+    let code = headers
         .get("grpc-status")
-        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .and_then(|v| v.to_str().ok()?.parse().ok())?;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    Some((code, percent_decoded(message)))
+}
+
+/// `grpc-message` as written: percent-encoded UTF-8 (gRPC over HTTP/2).
+fn percent_decoded(text: &str) -> String {
+    let (bytes, mut out, mut i) = (text.as_bytes(), Vec::with_capacity(text.len()), 0);
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The answers of one call, decoded as whole messages arrive however the
@@ -179,8 +210,8 @@ impl Answers {
         }
     }
 
-    /// The call's `grpc-status`, from its trailers.
-    async fn status(&mut self) -> Result<Option<u32>, Failed> {
+    /// The call's `grpc-status` and `grpc-message`, from its trailers.
+    async fn status(&mut self) -> Result<Option<(u32, String)>, Failed> {
         Ok(self.body.trailers().await?.as_ref().and_then(grpc_status))
     }
 }
@@ -261,6 +292,16 @@ mod tests {
         let mut buf = BytesMut::from(&wire[..wire.len() - 1]);
         assert!(take_message(&mut buf).expect("no error yet").is_none());
         assert_eq!(buf.len(), wire.len() - 1, "nothing consumed");
+    }
+
+    #[test]
+    fn a_grpc_message_is_read_as_sent() {
+        assert_eq!(
+            percent_decoded("the replay cache is full%3B retry later"),
+            "the replay cache is full; retry later"
+        );
+        assert_eq!(percent_decoded("caf%C3%A9 100%"), "café 100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4", "not an escape: kept");
     }
 
     #[test]
