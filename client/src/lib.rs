@@ -416,11 +416,9 @@ pub async fn mtls_stream(
     target: &str,
     tls: &Tls,
 ) -> Result<Coalescing<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Error> {
-    let (host, port) = target
-        .rsplit_once(':')
-        .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse().ok()?)))
-        .ok_or_else(|| Error::Target(target.to_owned()))?;
-    let connector = connector(target, tls)?;
+    let (host, port) = host_and_port(target)?;
+    let port = port.parse().map_err(|_| Error::Target(target.to_owned()))?;
+    let connector = connector(host, tls)?;
     tokio::time::timeout(CONNECT_TIMEOUT, connector.open(host, port))
         .await
         .unwrap_or_else(|_| {
@@ -436,18 +434,25 @@ pub async fn mtls_stream(
 }
 
 fn tls_endpoint(target: &str, tls: &Tls) -> Result<(Endpoint, connect::Connector), Error> {
+    let (host, _) = host_and_port(target)?;
     // TLS is the connector's: to tonic the connection is plain HTTP/2.
     Ok((
         endpoint(&format!("http://{target}"))?,
-        connector(target, tls)?,
+        connector(host, tls)?,
     ))
 }
 
-fn connector(target: &str, tls: &Tls) -> Result<connect::Connector, Error> {
-    let host = target
+/// `host:port`'s two parts, the host without an IPv6 address's brackets.
+fn host_and_port(target: &str) -> Result<(&str, &str), Error> {
+    target
         .rsplit_once(':')
-        .map(|(host, _)| host.trim_matches(['[', ']']))
-        .ok_or_else(|| Error::Target(target.to_owned()))?;
+        .map(|(host, port)| (host.trim_matches(['[', ']']), port))
+        .ok_or_else(|| Error::Target(target.to_owned()))
+}
+
+/// Connections to `host`, which the server's certificate must name unless
+/// `tls` names another.
+fn connector(host: &str, tls: &Tls) -> Result<connect::Connector, Error> {
     connect::Connector::new(tls, tls.server_name.as_deref().unwrap_or(host))
 }
 
