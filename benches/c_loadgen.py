@@ -11,6 +11,10 @@ any other answer counts as an error. COUNTED, when given, is how many of
 the answers the server itself counted as the one the request should get
 (its metrics, read before and after the run): a gRPC answer is HTTP 200
 whatever it says, so the answers short of that count are errors too.
+
+The table gives each row against redis-benchmark's runs (compare.sh makes
+one before the h2load rows and one after): one ratio when they agree, else
+the range between them.
 """
 
 import csv
@@ -48,16 +52,26 @@ def redis_benchmark(label, csv_path, started, ended, ticks, hz):
             "server_cpu_cores": int(ticks) / int(hz) / secs}
 
 
+def against(rps, bases):
+    """`rps` as a multiple of Redis's runs `bases`: one ratio when they
+    agree to two decimals, else the range from the fastest run's to the
+    slowest's (the host's drift within one run, shown, not averaged away)."""
+    low, high = rps / max(bases), rps / min(bases)
+    if f"{low:.2f}" == f"{high:.2f}":
+        return f"{low:.2f}x"
+    return f"{low:.2f}–{high:.2f}x"
+
+
 def table(path):
     rows = [json.loads(line) for line in open(path)]
     rows = [r for r in rows if r["label"].startswith(("h2load", "redis-benchmark"))]
-    base = next(r for r in rows if r["label"].startswith("redis-benchmark"))["rps"]
+    bases = [r["rps"] for r in rows if r["label"].startswith("redis-benchmark")]
     print()
-    print("| C load generator | req/s | vs Redis EVAL | p50 ms | p99 ms | server CPU (cores) | CPU µs per request |")
+    print("| C load generator | req/s | vs Redis EVAL (its runs before and after) | p50 ms | p99 ms | server CPU (cores) | CPU µs per request |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         per = r["server_cpu_cores"] / r["rps"] * 1e6 if r["rps"] else 0
-        print(f"| {r['label']} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+        print(f"| {r['label']} | {r['rps']:.0f} | {against(r['rps'], bases)} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
               f"{r['server_cpu_cores']:.2f} | {per:.1f} |")
 
 

@@ -58,6 +58,26 @@ redis_pid=$(cat "$tmp/redis.pid")
 # Lua variant). Metrics stay on, as in production (they cost per call too).
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
+# redis-benchmark's EVAL, 64 connections, for as long as an h2load row.
+# Run before the h2load rows and after them: the host's speed drifts within
+# a run (session 54: Redis ran twice as fast 26 minutes after its first
+# run), so each ratio is given against both, as a range.
+redis_benchmark() {  # when: before or after
+  local secs=${DURATION%s}
+  echo "== redis-benchmark: EVAL (Lua), 64 connections ($1 the h2load rows)" >&2
+  local n=$((secs * 80000))
+  local before after started ended
+  before=$(cpu_ticks "$redis_pid")
+  started=$(date +%s.%N)
+  redis-benchmark -p "$REDIS_PORT" -c 64 -n "$n" -r 1000000 --csv \
+    EVAL "if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 300) == false then return -1 end local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], 60) end return n" \
+    2 "rl:__rand_int__" "nonce:__rand_int__:__rand_int__" >"$tmp/rb.csv"
+  ended=$(date +%s.%N)
+  after=$(cpu_ticks "$redis_pid")
+  python3 benches/c_loadgen.py redis-benchmark "redis-benchmark: Redis EVAL (Lua), 64 conns, $1" \
+    "$tmp/rb.csv" "$started" "$ended" "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$out/compare.jsonl"
+}
+
 c_loadgen() {
   if ! command -v h2load >/dev/null 2>&1; then
     echo "== installing h2load (nghttp2-client)" >&2
@@ -109,6 +129,7 @@ c_loadgen() {
     '  - key: generic_key' \
     '    value: orders' \
     '    rate_limit: { unit: second, requests_per_unit: 1000000000 }' > "$tmp/ratelimit.yaml"
+  redis_benchmark before
   target/release/warden serve --config "$tmp/plain.toml" >"$tmp/plain.out" 2>"$tmp/plain.err" &
   plain_pid=$!
   # warden picks the port and says which (a port picked here and released
@@ -225,18 +246,7 @@ c_loadgen() {
   kill "$plain_pid" 2>/dev/null || true
   plain_pid=""
 
-  echo "== redis-benchmark: EVAL (Lua), 64 connections" >&2
-  local n=$((secs * 80000))
-  local before after started ended
-  before=$(cpu_ticks "$redis_pid")
-  started=$(date +%s.%N)
-  redis-benchmark -p "$REDIS_PORT" -c 64 -n "$n" -r 1000000 --csv \
-    EVAL "if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 300) == false then return -1 end local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], 60) end return n" \
-    2 "rl:__rand_int__" "nonce:__rand_int__:__rand_int__" >"$tmp/rb.csv"
-  ended=$(date +%s.%N)
-  after=$(cpu_ticks "$redis_pid")
-  python3 benches/c_loadgen.py redis-benchmark "redis-benchmark: Redis EVAL (Lua), 64 conns" \
-    "$tmp/rb.csv" "$started" "$ended" "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$out/compare.jsonl"
+  redis_benchmark after
 }
 
 if [ "${1:-}" = "c-loadgen" ]; then
@@ -247,7 +257,7 @@ if [ "${1:-}" = "c-loadgen" ]; then
 fi
 
 step=0
-steps=12
+steps=13
 run() {  # label, args...
   local label=$1; shift
   step=$((step + 1))
@@ -256,6 +266,9 @@ run() {  # label, args...
     --concurrency "$CONCURRENCY" --keys "$KEYS" --json "$@" | sed "s/^{/{\"label\":\"$label\",/" | tee -a "$out/compare.jsonl"
 }
 
+# Redis EVAL before warden's rows and after them, so that each ratio is
+# given against both (the host drifts within a run; see redis_benchmark).
+run "Redis EVAL (Lua), before"  --backend redis-lua    --server-pid "$redis_pid"
 run "warden Check (unary)"      --backend warden --mode unary  --server-pid "$warden_pid"
 # The same calls with HTTP/2 spoken directly (benches/lean.rs): about what
 # a gateway's own codec costs, where tonic's client takes a core of the two
@@ -267,7 +280,7 @@ run "warden CheckStream (h2 client)" --backend warden --mode stream --client h2 
 # as a gateway forwarding what its clients signed (ends when all are sent).
 run "warden CheckStream (pre-signed)" --backend warden --mode stream --presigned 2000000 --server-pid "$warden_pid"
 run "Redis recipe (pipelined)"  --backend redis-recipe --server-pid "$redis_pid"
-run "Redis EVAL (Lua)"          --backend redis-lua    --server-pid "$redis_pid"
+run "Redis EVAL (Lua), after"   --backend redis-lua    --server-pid "$redis_pid"
 # Latency at half of warden's unary peak, open loop, with each client.
 peak_of() {
   grep "\"$1\"" "$out/compare.jsonl" | python3 -c 'import json,sys; print(int(json.loads(sys.stdin.read())["rps"]))'
@@ -278,7 +291,7 @@ peak=$(peak_of "warden Check (unary, h2 client)")
 run "warden Check at 50% of peak (h2 client)" --backend warden --mode unary --client h2 \
   --rate $((peak / 2)) --server-pid "$warden_pid"
 run "warden mixed traffic"      --backend warden --mode unary --mix valid=85,replay=5,bad-signature=5,over-limit=5 --popularity zipf
-echo "== [11/12] C load generators" >&2
+echo "== [12/13] C load generators" >&2
 # The mTLS warden is done: stopped, so its background sweeps of the
 # millions of nonces the runs above left do not take CPU from the
 # plaintext warden h2load measures.
@@ -286,7 +299,7 @@ kill "$warden_pid" 2>/dev/null || true
 wait "$warden_pid" 2>/dev/null || true
 warden_pid=""
 c_loadgen
-echo "== [12/12] memory (a minute or two)" >&2
+echo "== [13/13] memory (a minute or two)" >&2
 "$bench" memory --keys "$MEMORY_KEYS" --nonces "$MEMORY_NONCES" --redis "127.0.0.1:$REDIS_PORT" --json \
   | sed 's/^{/{"label":"memory",/' | tee -a "$out/compare.jsonl"
 
@@ -294,13 +307,15 @@ python3 - "$out/compare.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 load = [r for r in rows if r["label"] != "memory" and not r["label"].startswith(("h2load", "redis-benchmark"))]
-base = next(r for r in load if r["label"] == "Redis EVAL (Lua)")["rps"]
+sys.path.insert(0, "benches")
+from c_loadgen import against
+bases = [r["rps"] for r in load if r["label"].startswith("Redis EVAL (Lua)")]
 print()
-print("| workload | req/s | vs Redis EVAL | p50 ms | p99 ms | p99.9 ms | errors | server CPU (cores) | generator CPU (cores) |")
+print("| workload | req/s | vs Redis EVAL (its runs before and after) | p50 ms | p99 ms | p99.9 ms | errors | server CPU (cores) | generator CPU (cores) |")
 print("|---|---|---|---|---|---|---|---|---|")
 cores = lambda v: f"{v:.2f}" if v is not None else "–"
 for r in load:
-    print(f"| {r['label']} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+    print(f"| {r['label']} | {r['rps']:.0f} | {against(r['rps'], bases)} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
           f"{r['p999_ms']:.3f} | {r['errors']} | {cores(r.get('server_cpu_cores'))} | {cores(r.get('client_cpu_cores'))} |")
 m = next(r for r in rows if r["label"] == "memory")
 print()
