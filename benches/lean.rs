@@ -23,6 +23,7 @@ use h2::{RecvStream, SendStream};
 use prost::Message;
 use warden_client::Tls;
 use warden_client::proto::{CheckRequest, CheckResponse};
+use warden_client::signing::percent_decoded;
 
 /// One HTTP/2 connection to warden, cheap to clone (clones share it).
 #[derive(Clone)]
@@ -153,28 +154,13 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<(u32, String)> {
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    Some((code, percent_decoded(message)))
+    Some((code, grpc_message(message)))
 }
 
-/// `grpc-message` as written: percent-encoded UTF-8 (gRPC over HTTP/2).
-fn percent_decoded(text: &str) -> String {
-    let (bytes, mut out, mut i) = (text.as_bytes(), Vec::with_capacity(text.len()), 0);
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `grpc-message` as written: percent-encoded UTF-8 (gRPC over HTTP/2),
+/// read with warden's one percent-decoder.
+fn grpc_message(text: &str) -> String {
+    String::from_utf8_lossy(&percent_decoded(text).collect::<Vec<u8>>()).into_owned()
 }
 
 /// The answers of one call, decoded as whole messages arrive however the
@@ -297,11 +283,11 @@ mod tests {
     #[test]
     fn a_grpc_message_is_read_as_sent() {
         assert_eq!(
-            percent_decoded("the replay cache is full%3B retry later"),
+            grpc_message("the replay cache is full%3B retry later"),
             "the replay cache is full; retry later"
         );
-        assert_eq!(percent_decoded("caf%C3%A9 100%"), "café 100%");
-        assert_eq!(percent_decoded("%zz%4"), "%zz%4", "not an escape: kept");
+        assert_eq!(grpc_message("caf%C3%A9 100%"), "café 100%");
+        assert_eq!(grpc_message("%zz%4"), "%zz%4", "not an escape: kept");
     }
 
     #[test]
