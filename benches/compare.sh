@@ -22,15 +22,10 @@ out=target/bench
 mkdir -p "$out"
 : > "$out/compare.jsonl"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-fi
-
-echo "== building (release)"
-cargo build -q --release -p warden-server -p warden-benches
-bench=target/release/warden-bench
-"$bench" host
+# shellcheck source=benches/common.sh
+source benches/common.sh
+need redis-server redis-server
+build_release
 
 tmp=$(mktemp -d)
 cleanup() {
@@ -43,8 +38,6 @@ trap cleanup EXIT
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$tmp/redis.pid" --logfile "$tmp/redis.log" >/dev/null
-# shellcheck source=benches/dev_server.sh
-source benches/dev_server.sh
 start_dev_warden "$tmp/dev"
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")
@@ -79,10 +72,7 @@ redis_benchmark() {  # when: before or after
 }
 
 c_loadgen() {
-  if ! command -v h2load >/dev/null 2>&1; then
-    echo "== installing h2load (nghttp2-client)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
-  fi
+  need h2load nghttp2-client
   local secs=${DURATION%s}
   local secret=bench-secret-0123456789abcdefghijklmnopqrstuvwxyz
   printf '%s\n' \

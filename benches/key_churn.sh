@@ -15,10 +15,9 @@ cd "$(dirname "$0")/.."
 KEYS=${KEYS:-100000}
 EVERY=${EVERY:-20000}
 
-echo "== building (release)"
-cargo build -q --release -p warden-server -p warden-benches
-bench=target/release/warden-bench
-"$bench" host
+# shellcheck source=benches/common.sh
+source benches/common.sh
+build_release
 
 tmp=$(mktemp -d)
 cleanup() {
@@ -28,8 +27,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# shellcheck source=benches/dev_server.sh
-source benches/dev_server.sh
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$warden_pid/status"; }
 start_dev_warden "$tmp/dev"
 empty_kib=$(rss_kib)

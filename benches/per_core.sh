@@ -36,15 +36,10 @@ if [ "$(nproc --all)" -lt 2 ]; then
   echo "per_core.sh needs two CPUs: one for the server, one for the generator" >&2
   exit 1
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-fi
-
-echo "== building (release)"
-cargo build -q --release -p warden-server -p warden-benches
-bench=target/release/warden-bench
-"$bench" host
+# shellcheck source=benches/common.sh
+source benches/common.sh
+need redis-server redis-server
+build_release
 out=target/bench
 mkdir -p "$out"
 : > "$out/per_core.jsonl"
@@ -59,8 +54,6 @@ trap cleanup EXIT
 
 taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$tmp/redis.pid" --logfile "$tmp/redis.log" >/dev/null
-# shellcheck source=benches/dev_server.sh
-source benches/dev_server.sh
 WARDEN_CPUS=0 start_dev_warden "$tmp/dev"
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")

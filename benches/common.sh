@@ -1,0 +1,45 @@
+# What the bench scripts that run `warden serve --dev` share; sourced.
+
+# Installs the Debian package $2 with apt-get when the command $1 is missing.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "== installing $2" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+
+# Builds what the scripts measure, in release, sets bench (warden-bench's
+# path) and prints how fast the host is today: every number moves with it.
+build_release() {
+  echo "== building (release)" >&2
+  cargo build -q --release -p warden-server -p warden-benches
+  bench=target/release/warden-bench
+  "$bench" host
+}
+
+# Starts `warden serve --dev` in $1 (its dev directory) on free loopback
+# ports, sets warden_pid and warden_metrics (the metrics listener's
+# address), and returns once the server is past its restart fence
+# (/readyz), when checks are decided. WARDEN_CPUS=LIST runs it on those
+# CPUs only (`taskset -c LIST`).
+start_dev_warden() {
+  local dev=$1 log_dir
+  local -a pin=()
+  [ -n "${WARDEN_CPUS:-}" ] && pin=(taskset -c "$WARDEN_CPUS")
+  log_dir=$(dirname "$dev")
+  "${pin[@]}" target/release/warden serve --dev --dev-dir "$dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    >"$log_dir/warden.out" 2>"$log_dir/warden.err" &
+  warden_pid=$!
+  for _ in $(seq 100); do grep -q "^listening on" "$log_dir/warden.out" 2>/dev/null && break; sleep 0.1; done
+  warden_metrics=$(sed -n 's/^metrics on \([^ ]*\).*/\1/p' "$log_dir/warden.out")
+  echo "== waiting for warden to pass its restart fence" >&2
+  python3 - "$warden_metrics" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen(f"http://{sys.argv[1]}/readyz", timeout=1).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(0.1)
+PY
+}
