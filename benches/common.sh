@@ -1,4 +1,4 @@
-# What the bench scripts that run `warden serve --dev` share; sourced.
+# What the bench scripts share; sourced.
 
 # Installs the Debian package $2 with apt-get when the command $1 is missing.
 need() {

@@ -34,12 +34,10 @@ cd "$(dirname "$0")/.."
 CALLS=${CALLS:-3000}
 SERVER=${SERVER:-target/release/warden}
 PER_STREAM=64
-for tool in valgrind:valgrind h2load:nghttp2-client; do
-  if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
-    echo "== installing ${tool#*:}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
-  fi
-done
+# shellcheck source=benches/common.sh
+source benches/common.sh
+need valgrind valgrind
+need h2load nghttp2-client
 echo "== building (release)" >&2
 cargo build -q --release -p warden-server -p warden-benches
 bench=target/release/warden-bench
