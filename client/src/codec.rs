@@ -89,6 +89,23 @@ pub fn decode_check_request(message: impl Buf) -> CheckRequest {
     CheckRequest::decode(message).unwrap_or_else(|error| marked(&error))
 }
 
+/// [`decode_check_request`] into `spare`, a request already answered: the
+/// room its strings hold is used again instead of allocated afresh. A
+/// stream decodes each request into the one before it: six allocations and
+/// as many frees fewer per streamed check, and a request's drop. Every
+/// field of `spare` is cleared first, so what comes out is exactly what
+/// [`decode_check_request`] gives for `message`, whatever `spare` held.
+pub fn decode_check_request_into(spare: CheckRequest, message: impl Buf) -> CheckRequest {
+    let mut request = spare;
+    // prost's `decode` is `merge` into `default()`; `clear` is `default()`
+    // with the strings' and lists' room kept.
+    request.clear();
+    match request.merge(message) {
+        Ok(()) => request,
+        Err(error) => marked(&error),
+    }
+}
+
 fn marked(error: &prost::DecodeError) -> CheckRequest {
     CheckRequest {
         method: UNDECODABLE.to_owned(),
@@ -190,5 +207,75 @@ mod tests {
         };
         assert_eq!(undecodable(&ours), Some("path: not valid UTF-8"));
         assert_eq!(undecodable(&CheckRequest::default()), None);
+    }
+
+    mod spare {
+        use proptest::collection::{btree_map, vec};
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::proto::LimitRequest;
+
+        /// Any request, every field of it possibly set.
+        fn request() -> impl Strategy<Value = CheckRequest> {
+            let text = || "[a-z0-9\\-]{0,12}";
+            let limits = vec((text(), text()), 0..3).prop_map(|limits| {
+                limits
+                    .into_iter()
+                    .map(|(policy, descriptor)| LimitRequest { policy, descriptor })
+                    .collect::<Vec<_>>()
+            });
+            (
+                (text(), text(), text(), text(), vec(any::<u8>(), 0..40)),
+                (
+                    vec(any::<u8>(), 0..33),
+                    text(),
+                    any::<i64>(),
+                    text(),
+                    text(),
+                ),
+                (limits, any::<u32>(), any::<bool>(), text(), text()),
+                (text(), text(), btree_map(text(), text(), 0..3)),
+            )
+                .prop_map(|(a, b, c, d)| CheckRequest {
+                    key_id: a.0,
+                    method: a.1,
+                    path: a.2,
+                    query: a.3,
+                    body: a.4.into(),
+                    body_sha256: b.0,
+                    scheme: b.1,
+                    timestamp: b.2,
+                    nonce: b.3,
+                    signature: b.4,
+                    limits: c.0,
+                    cost: c.1,
+                    dry_run: c.2,
+                    request_id: c.3,
+                    client_identity: c.4,
+                    api_key: d.0,
+                    client_address: d.1,
+                    headers: d.2.into_iter().collect(),
+                })
+        }
+
+        proptest! {
+            /// A spare request leaks nothing into the next: whatever it
+            /// held, decoding into it gives what decoding afresh gives, for
+            /// a request and for bytes that do not decode.
+            #[test]
+            fn decoding_into_a_spare_request_gives_what_decoding_afresh_gives(
+                spare in request(),
+                next in request(),
+                garbage in vec(any::<u8>(), 0..60),
+            ) {
+                let encoded = prost::bytes::Bytes::from(next.encode_to_vec());
+                let reused = decode_check_request_into(spare.clone(), encoded.clone());
+                prop_assert_eq!(&reused, &next);
+                prop_assert_eq!(reused, decode_check_request(encoded));
+                let reused = decode_check_request_into(spare, &garbage[..]);
+                prop_assert_eq!(reused, decode_check_request(&garbage[..]));
+            }
+        }
     }
 }

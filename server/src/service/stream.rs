@@ -33,11 +33,11 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
-use warden_client::codec::{Codec, decode_check_request};
+use warden_client::codec::{Codec, decode_check_request_into};
 use warden_client::proto::{CheckRequest, CheckResponse};
 
 use super::unary::uncompressed;
-use super::warden::WardenService;
+use super::warden::{Requests, WardenService};
 use crate::request_wait::PREFIX;
 
 /// `CheckStream`'s path.
@@ -136,7 +136,14 @@ pub struct Messages {
     announced: Option<usize>,
     /// The body ended or failed, or a message was refused: nothing more.
     done: bool,
+    /// The last request answered, whose room the next is decoded into.
+    spare: CheckRequest,
 }
+
+/// The most room a spare request keeps, in its strings and lists: a
+/// gateway's signed check needs a few hundred bytes. A stream that once
+/// sent a request of megabytes does not hold their room while it is open.
+const SPARE_ROOM: usize = 16 * 1024;
 
 impl Messages {
     pub fn new(body: Body, limit: usize) -> Self {
@@ -147,6 +154,7 @@ impl Messages {
             limit,
             announced: None,
             done: false,
+            spare: CheckRequest::default(),
         }
     }
 
@@ -243,7 +251,10 @@ impl futures_util::Stream for Messages {
             match this.next_message() {
                 // A message that does not decode is answered in-band, as
                 // warden's codec answers it on tonic's path.
-                Ok(Some(message)) => return Poll::Ready(Some(Ok(decode_check_request(message)))),
+                Ok(Some(message)) => {
+                    let spare = std::mem::take(&mut this.spare);
+                    return Poll::Ready(Some(Ok(decode_check_request_into(spare, message))));
+                }
                 Ok(None) => {}
                 Err(status) => {
                     this.done = true;
@@ -281,6 +292,63 @@ impl futures_util::Stream for Messages {
     }
 }
 
+impl Requests for Messages {
+    fn give_back(&mut self, request: CheckRequest) {
+        if room(&request) <= SPARE_ROOM {
+            self.spare = request;
+        }
+    }
+}
+
+/// The room `request` holds in its strings and lists, in bytes (its `body`
+/// is a slice of a frame, cleared before the next is decoded).
+fn room(request: &CheckRequest) -> usize {
+    let CheckRequest {
+        key_id,
+        method,
+        path,
+        query,
+        body: _,
+        body_sha256,
+        scheme,
+        timestamp: _,
+        nonce,
+        signature,
+        limits,
+        cost: _,
+        dry_run: _,
+        request_id,
+        client_identity,
+        api_key,
+        client_address,
+        headers,
+    } = request;
+    let strings = [
+        key_id,
+        method,
+        path,
+        query,
+        scheme,
+        nonce,
+        signature,
+        request_id,
+        client_identity,
+        api_key,
+        client_address,
+    ];
+    let limits = limits.capacity() * std::mem::size_of::<warden_client::proto::LimitRequest>()
+        + limits
+            .iter()
+            .map(|l| l.policy.capacity() + l.descriptor.capacity())
+            .sum::<usize>();
+    let headers = headers.capacity() * std::mem::size_of::<(String, String)>()
+        + headers
+            .iter()
+            .map(|(k, v)| k.capacity() + v.capacity())
+            .sum::<usize>();
+    strings.iter().map(|s| s.capacity()).sum::<usize>() + body_sha256.capacity() + limits + headers
+}
+
 #[cfg(test)]
 mod tests {
     use futures_util::StreamExt;
@@ -306,20 +374,20 @@ mod tests {
 
     /// Every request, up to and with the first error: a stream's answers
     /// end there (`OpenStream`), and tonic's decoder, polled again, may
-    /// give the same error without end.
-    fn read_all<S>(stream: S) -> Read
-    where
-        S: futures_util::Stream<Item = Result<CheckRequest, Status>>,
-    {
+    /// give the same error without end. Each request is given back once
+    /// read, as `OpenStream` gives back each it answers.
+    fn read_all<S: Requests>(mut stream: S) -> Read {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let mut stream = std::pin::pin!(stream);
             let mut read = Vec::new();
             while let Some(r) = stream.next().await {
                 let failed = r.is_err();
-                read.push(r.map_err(|s| (s.code(), s.message().to_owned())));
+                read.push(r.clone().map_err(|s| (s.code(), s.message().to_owned())));
+                if let Ok(request) = r {
+                    stream.give_back(request);
+                }
                 if failed {
                     break;
                 }
@@ -444,6 +512,33 @@ mod tests {
             ));
             prop_assert_eq!(ours, tonics);
         }
+    }
+
+    #[test]
+    fn a_spare_request_keeps_no_more_room_than_a_gateways_check_needs() {
+        let mut messages = Messages::new(body(Vec::new()), LIMIT);
+        let check = CheckRequest {
+            key_id: "gateway-key".into(),
+            nonce: "n".repeat(64),
+            signature: "0".repeat(64),
+            ..CheckRequest::default()
+        };
+        messages.give_back(check.clone());
+        assert_eq!(messages.spare, check, "a check's room is kept");
+        let large = CheckRequest {
+            path: "/".repeat(SPARE_ROOM + 1),
+            ..CheckRequest::default()
+        };
+        messages.give_back(large);
+        assert_eq!(messages.spare, check, "the large request was not kept");
+        let many_headers = CheckRequest {
+            headers: (0..1000)
+                .map(|i| (format!("h{i}"), "v".repeat(20)))
+                .collect(),
+            ..CheckRequest::default()
+        };
+        messages.give_back(many_headers);
+        assert_eq!(messages.spare, check, "nor the one of many headers");
     }
 
     #[test]

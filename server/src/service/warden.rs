@@ -89,19 +89,31 @@ impl WardenService {
     /// The pipeline for one request, as far as this process can take it:
     /// to its answer, or to a state step its cluster's owners decide.
     fn begin(&self, req: CheckRequest, caller: &CallerIdentity, intent: Intent) -> Checked {
+        match self.begin_here(&req, caller, intent) {
+            Begun::Answered(answer) => Checked::now(answer),
+            Begun::AtOwners(cluster, pending) => {
+                self.at_owners(cluster, pending, req, caller, intent)
+            }
+        }
+    }
+
+    /// What this process makes of `req` by itself. It only borrows the
+    /// request: a stream decodes its next request into the room of one
+    /// answered here ([`Requests::give_back`]).
+    fn begin_here(&self, req: &CheckRequest, caller: &CallerIdentity, intent: Intent) -> Begun {
         let ctx = self.context();
-        let pending = match ctx.checker.begin(&req, caller) {
+        let pending = match ctx.checker.begin(req, caller) {
             Ok(Step::State(pending)) => pending,
             Ok(Step::Done(answer)) => {
-                return Checked::now(conclude(&ctx, &req, caller, intent, Ok(answer)));
+                return Begun::Answered(conclude(&ctx, req, caller, intent, Ok(answer)));
             }
-            Err(err) => return Checked::now(conclude(&ctx, &req, caller, intent, Err(err))),
+            Err(err) => return Begun::Answered(conclude(&ctx, req, caller, intent, Err(err))),
         };
         if intent == Intent::Forget && pending.nonce.is_none() {
             let answer = Ok(crate::check::malformed_answer(
                 "api_key: a bearer key's request is not remembered; there is nothing to forget",
             ));
-            return Checked::now(conclude(&ctx, &req, caller, intent, answer));
+            return Begun::Answered(conclude(&ctx, req, caller, intent, answer));
         }
         let Some(cluster) = self.cluster.clone() else {
             let answer = match intent {
@@ -111,10 +123,22 @@ impl WardenService {
                 }
                 Intent::Forget => forget_here(&self.checker, pending),
             };
-            return Checked::now(conclude(&ctx, &req, caller, intent, answer));
+            return Begun::Answered(conclude(&ctx, req, caller, intent, answer));
         };
-        // At the owners: the future owns what it needs (the service's Arcs,
-        // the request), so that only a cluster's checks pay for one.
+        Begun::AtOwners(cluster, pending)
+    }
+
+    /// The answer to `req` once its owners have decided `pending`. The
+    /// future owns what it needs (the service's Arcs, the request), so that
+    /// only a cluster's checks pay for one.
+    fn at_owners(
+        &self,
+        cluster: Arc<ClusterState>,
+        pending: Pending,
+        req: CheckRequest,
+        caller: &CallerIdentity,
+        intent: Intent,
+    ) -> Checked {
         let (service, caller) = (self.clone(), caller.clone());
         Checked::Later(Box::pin(async move {
             let answer = match intent {
@@ -171,6 +195,14 @@ struct Context<'a> {
 /// check began.
 fn decide_here(checker: &Checker, pending: &Pending) -> Outcome {
     checker.engine().decide(pending.now, &pending.request())
+}
+
+/// How far [`WardenService::begin_here`] took a request.
+enum Begun {
+    /// Its answer, made here.
+    Answered(Result<CheckResponse, Status>),
+    /// Its state step, for its cluster's owners to decide.
+    AtOwners(Arc<ClusterState>, Pending),
 }
 
 /// A check's answer: made at once, or to come from a cluster's owners.
@@ -318,7 +350,7 @@ impl WardenService {
     /// `super::stream`), once the call is admitted.
     pub fn open_stream<S>(&self, request: Request<S>) -> Result<AnswerStream, Status>
     where
-        S: futures_util::Stream<Item = Result<CheckRequest, Status>> + Send + Unpin + 'static,
+        S: Requests,
     {
         // An open stream is one call in flight, for as long as it is open.
         let permit = self.admission.admit(&request)?;
@@ -332,6 +364,19 @@ impl WardenService {
         }))
     }
 }
+
+/// The requests of a `CheckStream`, decoded.
+pub trait Requests:
+    futures_util::Stream<Item = Result<CheckRequest, Status>> + Send + Unpin + 'static
+{
+    /// `request` is answered: the next may be decoded into its room.
+    fn give_back(&mut self, request: CheckRequest) {
+        drop(request);
+    }
+}
+
+/// tonic's decoder, which makes every request afresh.
+impl Requests for Streaming<CheckRequest> {}
 
 /// The answers of one `CheckStream`, in the order of its requests.
 pub type AnswerStream =
@@ -359,10 +404,7 @@ struct OpenStream<S> {
     ended: bool,
 }
 
-impl<S> futures_util::Stream for OpenStream<S>
-where
-    S: futures_util::Stream<Item = Result<CheckRequest, Status>> + Unpin,
-{
+impl<S: Requests> futures_util::Stream for OpenStream<S> {
     type Item = Result<CheckResponse, Status>;
 
     fn poll_next(
@@ -380,16 +422,29 @@ where
                 Some(Err(status)) => Err(status),
                 Some(Ok(req)) => {
                     let started = Instant::now();
-                    let mut check = stream.service.check_as(req, &stream.caller).then(move || {
+                    let timed = move || {
                         CallMetrics::get()
                             .stream_seconds
                             .record(started.elapsed().as_secs_f64());
-                    });
-                    match Pin::new(&mut check).poll(cx) {
-                        Poll::Ready(answer) => answer,
-                        Poll::Pending => {
-                            stream.at_owners = Some(check);
-                            return Poll::Pending;
+                    };
+                    let service = &stream.service;
+                    match service.begin_here(&req, &stream.caller, Intent::Check) {
+                        Begun::Answered(answer) => {
+                            timed();
+                            stream.inbound.give_back(req);
+                            answer
+                        }
+                        Begun::AtOwners(cluster, pending) => {
+                            let mut check = service
+                                .at_owners(cluster, pending, req, &stream.caller, Intent::Check)
+                                .then(timed);
+                            match Pin::new(&mut check).poll(cx) {
+                                Poll::Ready(answer) => answer,
+                                Poll::Pending => {
+                                    stream.at_owners = Some(check);
+                                    return Poll::Pending;
+                                }
+                            }
                         }
                     }
                 }
