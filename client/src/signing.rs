@@ -36,12 +36,24 @@ pub const NONCE_MAX_LEN: usize = 64;
 pub const EMPTY_BODY_SHA256_HEX: &str =
     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// Whether `nonce` has the length and alphabet the scheme requires.
+/// Whether `nonce` has the length and alphabet the scheme requires. A table
+/// lookup per byte, every byte looked at: a third of the instructions of
+/// testing each byte's class (callgrind, a streamed check).
 pub fn is_valid_nonce(nonce: &str) -> bool {
+    const ALLOWED: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+            b += 1;
+        }
+        table
+    };
     (NONCE_MIN_LEN..=NONCE_MAX_LEN).contains(&nonce.len())
         && nonce
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            .fold(true, |all, b| all & ALLOWED[usize::from(b)])
 }
 
 /// The canonical form of a raw query string (without the leading `?`).
@@ -414,6 +426,23 @@ mod tests {
         assert!(!is_valid_nonce(&"a".repeat(65)));
         assert!(!is_valid_nonce("abcdefghijklmno!"));
         assert!(is_valid_nonce(&new_nonce()));
+    }
+
+    #[test]
+    fn the_nonce_alphabet_is_exactly_letters_digits_underscore_and_hyphen() {
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+            let mut nonce = vec![b'a'; 16];
+            nonce[7] = b;
+            let Ok(nonce) = String::from_utf8(nonce) else {
+                continue;
+            };
+            assert_eq!(is_valid_nonce(&nonce), expected, "byte {b:#04x}");
+        }
+        assert!(
+            !is_valid_nonce("abcdefghijklmnoé"),
+            "a multi-byte character"
+        );
     }
 
     #[test]
