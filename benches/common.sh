@@ -20,13 +20,15 @@ build_release() {
 # ports, sets warden_pid and warden_metrics (the metrics listener's
 # address), and returns once the server is past its restart fence
 # (/readyz), when checks are decided. WARDEN_CPUS=LIST runs it on those
-# CPUs only (`taskset -c LIST`).
+# CPUs only (`taskset -c LIST`). SERVER=PATH runs another build of warden
+# (say, an earlier commit's) instead of target/release/warden, as
+# instructions.sh does.
 start_dev_warden() {
   local dev=$1 log_dir
   local -a pin=()
   [ -n "${WARDEN_CPUS:-}" ] && pin=(taskset -c "$WARDEN_CPUS")
   log_dir=$(dirname "$dev")
-  "${pin[@]}" target/release/warden serve --dev --dev-dir "$dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  "${pin[@]}" "${SERVER:-target/release/warden}" serve --dev --dev-dir "$dev" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     >"$log_dir/warden.out" 2>"$log_dir/warden.err" &
   warden_pid=$!
   for _ in $(seq 100); do grep -q "^listening on" "$log_dir/warden.out" 2>/dev/null && break; sleep 0.1; done
