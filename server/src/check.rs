@@ -90,8 +90,19 @@ impl CallerIdentity {
 #[derive(Debug)]
 pub struct Answer {
     pub response: CheckResponse,
-    /// The key id as sent, when it was well formed (for logs).
-    pub key_id: Option<String>,
+    /// The key id as sent, when it was well formed, for logs; `None` when
+    /// the response's caller names it (not copied for every allowed check).
+    key_id: Option<String>,
+}
+
+impl Answer {
+    /// The key the answer is for, for logs: as sent when it was well
+    /// formed, else the caller's.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id
+            .as_deref()
+            .or_else(|| self.response.caller.as_ref().map(|c| c.key_id.as_str()))
+    }
 }
 
 /// The check pipeline with its state. One per process, shared by all calls.
@@ -454,10 +465,7 @@ impl Checker {
                 }
             }
         };
-        let key_id = match is_valid_key_id(&req.key_id) {
-            true => Some(req.key_id.clone()),
-            false => response.caller.as_ref().map(|c| c.key_id.clone()),
-        };
+        let key_id = is_valid_key_id(&req.key_id).then(|| req.key_id.clone());
         Ok(Step::Done(Answer { response, key_id }))
     }
 
@@ -811,12 +819,12 @@ pub struct Pending {
 /// What an answer says about each limit, gathered while the limits are:
 /// the `RateLimit-Policy` header (each policy's item, written when the
 /// policy was loaded, joined) and, per limit, the name its status carries
-/// (`policy` or `policy:descriptor`), how much of that name is the policy's
-/// (headers do not echo descriptors) and its limit.
+/// (`policy` or `policy:descriptor`) and its limit, as the answer's status
+/// of it, whose counts the decision fills in.
 #[derive(Debug, Default)]
 struct Reported {
     quota: String,
-    limits: Vec<(String, usize, u64)>,
+    limits: Vec<LimitStatus>,
 }
 
 impl Reported {
@@ -832,8 +840,11 @@ impl Reported {
             self.quota.push_str(", ");
         }
         self.quota.push_str(policy.quota_item());
-        self.limits
-            .push((name, policy.name.len(), policy.limit.limit()));
+        self.limits.push(LimitStatus {
+            name,
+            limit: policy.limit.limit(),
+            ..LimitStatus::default()
+        });
     }
 }
 
@@ -871,7 +882,7 @@ impl Pending {
     /// longer remembered.
     pub fn forgotten(self) -> Answer {
         Answer {
-            key_id: Some(self.caller.key_id.clone()),
+            key_id: None,
             response: CheckResponse {
                 decision: Decision::Allow as i32,
                 reason: Reason::Ok as i32,
@@ -896,8 +907,7 @@ impl Pending {
     /// A cluster's owners may refuse a step as stale by their clocks and
     /// takeover fences (`Err`).
     pub fn finish(self, outcome: Result<Outcome, Stale>) -> Result<Answer, CheckError> {
-        let key_id = Some(self.caller.key_id.clone());
-        let response = match outcome {
+        let mut response = match outcome {
             Err(stale @ Stale::TakenOver { retry_after }) => stale_denial(stale, retry_after),
             Err(stale) => stale_denial(stale, None),
             Ok(Outcome::Replay) => deny(Reason::Replay, "this request was already used"),
@@ -912,7 +922,6 @@ impl Pending {
                         decision: Decision::Allow as i32,
                         reason: Reason::Ok as i32,
                         http_status: 200,
-                        caller: Some(self.caller),
                         ..Default::default()
                     }
                 } else {
@@ -931,6 +940,13 @@ impl Pending {
                 report_limits(&mut response, self.reported, &verdicts);
                 response
             }
+        };
+        // An allowed answer names its caller, and logs read the key from it.
+        let key_id = if response.decision() == Decision::Allow {
+            response.caller = Some(self.caller);
+            None
+        } else {
+            Some(self.caller.key_id)
         };
         Ok(Answer { response, key_id })
     }
@@ -1224,14 +1240,21 @@ fn report_limits(response: &mut CheckResponse, reported: Reported, verdicts: &[L
     if reported.limits.is_empty() {
         return;
     }
+    let mut limits = reported.limits;
     let mut state = String::with_capacity(reported.quota.len());
     let mut digits = itoa::Buffer::new();
-    for (i, ((name, public, _), v)) in reported.limits.iter().zip(verdicts).enumerate() {
+    for (i, (status, v)) in limits.iter_mut().zip(verdicts).enumerate() {
+        status.remaining = v.remaining;
+        status.reset_after_ms = ceil_millis(v.reset_after);
         if i > 0 {
             state.push_str(", ");
         }
+        // Headers name the policy only, never a descriptor: the name is
+        // `policy` or `policy:descriptor`, and no policy name holds a colon
+        // (`model::is_valid_name`).
+        let policy = status.name.split(':').next().unwrap_or_default();
         state.push('"');
-        state.push_str(&name[..*public]);
+        state.push_str(policy);
         state.push_str("\";r=");
         state.push_str(digits.format(v.remaining));
         state.push_str(";t=");
@@ -1240,17 +1263,7 @@ fn report_limits(response: &mut CheckResponse, reported: Reported, verdicts: &[L
     let headers = &mut response.headers;
     headers.insert("RateLimit-Policy".to_owned(), reported.quota);
     headers.insert("RateLimit".to_owned(), state);
-    response.limits = reported
-        .limits
-        .into_iter()
-        .zip(verdicts)
-        .map(|((name, _, limit), v)| LimitStatus {
-            name,
-            limit,
-            remaining: v.remaining,
-            reset_after_ms: ceil_millis(v.reset_after),
-        })
-        .collect();
+    response.limits = limits;
 }
 
 #[cfg(test)]

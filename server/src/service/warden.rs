@@ -489,7 +489,7 @@ fn forgotten(pending: Pending) -> Answer {
     metrics::counter!("warden_requests_forgotten_total").increment(1);
     tracing::info!(
         event = "request_forgotten",
-        key_id = answer.key_id.as_deref().unwrap_or("-"),
+        key_id = answer.key_id().unwrap_or("-"),
         "an accepted request was forgotten; it may be accepted once more"
     );
     answer
@@ -513,12 +513,12 @@ fn conclude(
                 CallMetrics::get().checked(r.decision(), r.reason());
             }
             if r.decision() == Decision::Deny {
-                raise_alerts(ctx, r.reason(), decision.key_id.as_deref(), caller);
+                raise_alerts(ctx, r.reason(), decision.key_id(), caller);
                 if let (Some(audit), true) = (ctx.audit, is_security_denial(r.reason())) {
                     audit.count_denial(Subject {
                         action: "check.denied",
                         reason: reason_name(r.reason()),
-                        key_id: decision.key_id.clone().unwrap_or_default(),
+                        key_id: decision.key_id().unwrap_or_default().to_owned(),
                         actor: caller.as_str().to_owned(),
                         source: crate::check::forwarded_source(req)
                             .unwrap_or_else(|| "-".to_owned()),
@@ -537,7 +537,7 @@ fn conclude(
                 } else {
                     tracing::info!(
                         event = "check_denied",
-                        key_id = decision.key_id.as_deref().unwrap_or("-"),
+                        key_id = decision.key_id().unwrap_or("-"),
                         caller = caller.as_str(),
                         reason = reason_name(r.reason()),
                         request_id,
