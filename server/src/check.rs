@@ -90,8 +90,9 @@ impl CallerIdentity {
 #[derive(Debug)]
 pub struct Answer {
     pub response: CheckResponse,
-    /// The key id as sent, when it was well formed, for logs; `None` when
-    /// the response's caller names it (not copied for every allowed check).
+    /// The key id as sent, when it was well formed, for logs. `None` when
+    /// the response's caller names the key (an allowed answer: not copied
+    /// for every check), or when nothing does.
     key_id: Option<String>,
 }
 
