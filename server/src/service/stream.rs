@@ -29,6 +29,7 @@ use futures_util::future::{Either, Ready, ready as answered};
 use http::HeaderValue;
 use http::header::CONTENT_TYPE;
 use http_body::Body as _;
+use prost::Message as _;
 use tonic::body::Body;
 use tonic::codec::{Codec as _, EncodeBody, SingleMessageCompressionOverride};
 use tonic::codegen::Service;
@@ -295,15 +296,20 @@ impl futures_util::Stream for Messages {
 }
 
 impl Requests for Messages {
-    fn give_back(&mut self, request: CheckRequest) {
+    fn give_back(&mut self, mut request: CheckRequest) {
         if room(&request) <= SPARE_ROOM {
+            // Emptied now, not at the next decode: its `body` is a slice of
+            // the frame it came in, which an idle stream must not hold
+            // (nor keep h2 from reusing its read buffer), and its limits'
+            // and headers' strings go.
+            request.clear();
             self.spare = request;
         }
     }
 }
 
 /// The room `request` holds in its strings and lists, in bytes (its `body`
-/// is a slice of a frame, cleared before the next is decoded).
+/// is a slice of a frame, not room of its own).
 fn room(request: &CheckRequest) -> usize {
     let CheckRequest {
         key_id,
@@ -519,20 +525,30 @@ mod tests {
     #[test]
     fn a_spare_request_keeps_no_more_room_than_a_gateways_check_needs() {
         let mut messages = Messages::new(body(Vec::new()), LIMIT);
+        let frame = Bytes::from(vec![7; 200]);
         let check = CheckRequest {
             key_id: "gateway-key".into(),
+            body: frame.slice(10..110),
             nonce: "n".repeat(64),
             signature: "0".repeat(64),
             ..CheckRequest::default()
         };
-        messages.give_back(check.clone());
-        assert_eq!(messages.spare, check, "a check's room is kept");
+        messages.give_back(check);
+        assert_eq!(messages.spare, CheckRequest::default(), "kept empty");
+        assert!(frame.is_unique(), "the frame its body came in is let go");
+        let kept =
+            |m: &Messages| m.spare.nonce.capacity() >= 64 && m.spare.signature.capacity() >= 64;
+        assert!(kept(&messages), "a check's room is kept");
         let large = CheckRequest {
             path: "/".repeat(SPARE_ROOM + 1),
             ..CheckRequest::default()
         };
         messages.give_back(large);
-        assert_eq!(messages.spare, check, "the large request was not kept");
+        assert!(
+            messages.spare.path.capacity() <= SPARE_ROOM,
+            "the large request was not kept"
+        );
+        assert!(kept(&messages));
         let many_headers = CheckRequest {
             headers: (0..1000)
                 .map(|i| (format!("h{i}"), "v".repeat(20)))
@@ -540,7 +556,11 @@ mod tests {
             ..CheckRequest::default()
         };
         messages.give_back(many_headers);
-        assert_eq!(messages.spare, check, "nor the one of many headers");
+        assert!(
+            messages.spare.headers.capacity() < 1000,
+            "nor the one of many headers"
+        );
+        assert!(kept(&messages));
     }
 
     #[test]
