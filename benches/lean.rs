@@ -98,18 +98,14 @@ impl Lean {
         let (response, mut body) = self.open(&self.check).await?;
         body.send_data(frame(request), true)?;
         let response = response.await?;
-        let trailers_only = grpc_status(response.headers());
-        let mut answers = Answers::new(response.into_body());
+        let mut answers = Answers::new(response);
+        // An error status comes from the first `next` (no answer before
+        // it) or the second (after one).
         let answer = answers.next().await?;
-        // h2 gives the trailers only once every DATA frame is read.
         if answers.next().await?.is_some() {
             return Err(Failed("a unary call with two answers".into()));
         }
-        match trailers_only.or(answers.status().await?) {
-            Some((0, _)) => answer.ok_or_else(|| Failed("OK without an answer".into())),
-            Some((code, message)) => Err(Failed(format!("{message} (grpc-status {code})"))),
-            None => Err(Failed("no grpc-status".into())),
-        }
+        answer.ok_or_else(|| Failed("OK without an answer".into()))
     }
 
     /// A `CheckStream`: requests go on the returned [`SendStream`] (whole
@@ -123,7 +119,7 @@ impl Lean {
                 "stream refused: {message} (grpc-status {code})"
             )));
         }
-        Ok((body, Answers::new(response.into_body())))
+        Ok((body, Answers::new(response)))
     }
 }
 
@@ -164,25 +160,38 @@ fn grpc_message(text: &str) -> String {
 }
 
 /// The answers of one call, decoded as whole messages arrive however the
-/// DATA frames cut them.
+/// DATA frames cut them, and the status that ends the call.
 pub struct Answers {
     body: RecvStream,
     buf: BytesMut,
+    /// The status of a call answered with headers alone ("trailers only").
+    trailers_only: Option<(u32, String)>,
+    /// The call's status was read and was OK: every later `next` is `None`.
+    ended: bool,
 }
 
 impl Answers {
-    fn new(body: RecvStream) -> Self {
+    fn new(response: http::Response<RecvStream>) -> Self {
+        let trailers_only = grpc_status(response.headers());
         Self {
-            body,
+            body: response.into_body(),
             buf: BytesMut::new(),
+            trailers_only,
+            ended: false,
         }
     }
 
-    /// The next answer, or `None` at the end of the call's messages.
+    /// The next answer, or `None` once the call has ended with OK. A call
+    /// that ends with another status (a stream refused part way, say
+    /// RESOURCE_EXHAUSTED for a full nonce memory) is that error: read as
+    /// the end, it once made a run of no answers and no errors.
     pub async fn next(&mut self) -> Result<Option<CheckResponse>, Failed> {
         loop {
             if let Some(answer) = take_message(&mut self.buf)? {
                 return Ok(Some(answer));
+            }
+            if self.ended {
+                return Ok(None);
             }
             match self.body.data().await {
                 Some(chunk) => {
@@ -190,15 +199,26 @@ impl Answers {
                     let _ = self.body.flow_control().release_capacity(chunk.len());
                     self.buf.extend_from_slice(&chunk);
                 }
-                None if self.buf.is_empty() => return Ok(None),
+                None if self.buf.is_empty() => {
+                    // h2 gives the trailers only once every DATA frame is read.
+                    let status = match self.trailers_only.take() {
+                        Some(status) => Some(status),
+                        None => self.body.trailers().await?.as_ref().and_then(grpc_status),
+                    };
+                    return match status {
+                        Some((0, _)) => {
+                            self.ended = true;
+                            Ok(None)
+                        }
+                        Some((code, message)) => {
+                            Err(Failed(format!("{message} (grpc-status {code})")))
+                        }
+                        None => Err(Failed("no grpc-status".into())),
+                    };
+                }
                 None => return Err(Failed("the call ended inside a message".into())),
             }
         }
-    }
-
-    /// The call's `grpc-status` and `grpc-message`, from its trailers.
-    async fn status(&mut self) -> Result<Option<(u32, String)>, Failed> {
-        Ok(self.body.trailers().await?.as_ref().and_then(grpc_status))
     }
 }
 

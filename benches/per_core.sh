@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 REDIS_PORT=${REDIS_PORT:-6398}
-PRESIGNED=${PRESIGNED:-1500000}  # more than a core of warden's streams in DURATION; ~0.5 KB each
+PRESIGNED=${PRESIGNED:-1500000}  # ~1.3 KB each; on a fast day (400k/s) they last 4 s, and the rate is over the time they ran
 if [ "$(nproc --all)" -lt 2 ]; then
   echo "per_core.sh needs two CPUs: one for the server, one for the generator" >&2
   exit 1
@@ -54,7 +54,6 @@ trap cleanup EXIT
 
 taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$tmp/redis.pid" --logfile "$tmp/redis.log" >/dev/null
-WARDEN_CPUS=0 start_dev_warden "$tmp/dev"
 for _ in $(seq 50); do [ -s "$tmp/redis.pid" ] && break; sleep 0.1; done
 redis_pid=$(cat "$tmp/redis.pid")
 
@@ -64,10 +63,16 @@ run() {  # label, args...
   taskset -c 1 "$bench" --dev-dir "$tmp/dev" --redis "127.0.0.1:$REDIS_PORT" --duration "$DURATION" \
     --concurrency 64 --keys 1000 --json "$@" | sed "s/^{/{\"label\":\"$label\",/" >>"$out/per_core.jsonl"
 }
+# Each warden row has a server of its own, started afresh on CPU 0, with
+# no nonces of the rows before it (see restart_dev_warden in common.sh).
+export WARDEN_CPUS=0
 for round in $(seq "$ROUNDS"); do
   run "Redis EVAL (Lua)"                 --backend redis-lua --server-pid "$redis_pid"
+  restart_dev_warden "$tmp/dev"
   run "warden Check (unary)"             --backend warden --mode unary --client h2 --server-pid "$warden_pid"
+  restart_dev_warden "$tmp/dev"
   run "warden CheckStream"               --backend warden --mode stream --client h2 --server-pid "$warden_pid"
+  restart_dev_warden "$tmp/dev"
   run "warden CheckStream (pre-signed)"  --backend warden --mode stream --client h2 \
     --presigned "$PRESIGNED" --server-pid "$warden_pid"
 done
@@ -80,6 +85,8 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     if d["errors"]:
         sys.exit(f"{d['label']}: {d['errors']} errors, first: {d['first_error']}")
+    if not d["requests"]:
+        sys.exit(f"{d['label']}: no request answered in {d['seconds']:.3f} s")
     rows.setdefault(d["label"], []).append(d)
 redis = [d["rps"] for d in rows["Redis EVAL (Lua)"]]
 def span(values, fmt):
