@@ -63,3 +63,11 @@ restart_dev_warden() {
   rm -rf "$dev"
   start_dev_warden "$dev"
 }
+
+# Empties the Redis on port $1 (FLUSHALL), so that a Redis row, like a
+# warden row (restart_dev_warden), starts with none of the nonces and
+# counters the rows before it left: millions of them, kept 300 s, and
+# Redis's tables grow and rehash as warden's do.
+flush_redis() {
+  redis-cli -p "$1" flushall >/dev/null
+}

@@ -64,9 +64,11 @@ run() {  # label, args...
     --concurrency 64 --keys 1000 --json "$@" | sed "s/^{/{\"label\":\"$label\",/" >>"$out/per_core.jsonl"
 }
 # Each warden row has a server of its own, started afresh on CPU 0, with
-# no nonces of the rows before it (see restart_dev_warden in common.sh).
+# no nonces of the rows before it (see restart_dev_warden in common.sh),
+# and each Redis row an emptied Redis (flush_redis).
 export WARDEN_CPUS=0
 for round in $(seq "$ROUNDS"); do
+  flush_redis "$REDIS_PORT"
   run "Redis EVAL (Lua)"                 --backend redis-lua --server-pid "$redis_pid"
   restart_dev_warden "$tmp/dev"
   run "warden Check (unary)"             --backend warden --mode unary --client h2 --server-pid "$warden_pid"
