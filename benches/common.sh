@@ -71,3 +71,14 @@ restart_dev_warden() {
 flush_redis() {
   redis-cli -p "$1" flushall >/dev/null
 }
+
+# Stops the process $1 this shell started (if any) and waits for it to
+# end, so that a directory it writes to can be removed after: warden saves
+# its state at a graceful stop, and `rm -rf` of its store while it did
+# failed, and a run that had measured everything exited 1 (key_churn.sh,
+# session 58).
+stop_and_wait() {
+  [ -n "${1:-}" ] || return 0
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}

@@ -29,8 +29,8 @@ build_release
 
 tmp=$(mktemp -d)
 cleanup() {
-  [ -n "${warden_pid:-}" ] && kill "$warden_pid" 2>/dev/null || true
-  [ -n "${plain_pid:-}" ] && kill "$plain_pid" 2>/dev/null || true
+  stop_and_wait "${warden_pid:-}"
+  stop_and_wait "${plain_pid:-}"
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$tmp"
 }

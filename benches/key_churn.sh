@@ -21,8 +21,8 @@ build_release
 
 tmp=$(mktemp -d)
 cleanup() {
-  [ -n "${warden_pid:-}" ] && kill "$warden_pid" 2>/dev/null || true
-  [ -n "${load_pid:-}" ] && kill "$load_pid" 2>/dev/null || true
+  stop_and_wait "${warden_pid:-}"
+  stop_and_wait "${load_pid:-}"
   rm -rf "$tmp"
 }
 trap cleanup EXIT

@@ -46,7 +46,7 @@ mkdir -p "$out"
 
 tmp=$(mktemp -d)
 cleanup() {
-  [ -n "${warden_pid:-}" ] && kill "$warden_pid" 2>/dev/null || true
+  stop_and_wait "${warden_pid:-}"
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$tmp"
 }
