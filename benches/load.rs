@@ -1353,8 +1353,8 @@ async fn run_load(args: LoadArgs) -> Result<(), String> {
         }
     }
     // A sender that panicked, or whose connection's runtime went away,
-    // is an error of the run: ignored, it left a run of no requests and
-    // no errors, read as 0 req/s (seen once in per_core.sh, session 58).
+    // is an error of the run: ignored, its lane's share would go missing
+    // from a run that reports no error.
     for w in workers {
         if let Err(e) = w.await {
             stats.record_error(Duration::ZERO, || format!("a sender ended early: {e}"));
