@@ -987,17 +987,31 @@ impl Membership {
 
     async fn leave(&self, client: &tokio_postgres::Client) {
         let left = async {
-            let removed = client
-                .execute(
-                    "DELETE FROM warden_members
-                     WHERE node = $1 AND incarnation IS NOT DISTINCT FROM $2",
-                    &[&self.settings.node, &self.incarnation],
-                )
-                .await?;
-            if removed > 0 {
-                client.batch_execute(BUMP_VERSION).await?;
+            // The row and the version's bump in one transaction, as in
+            // `renew`: committed apart, a renewal in between saw the old
+            // version without this member.
+            client.batch_execute("BEGIN").await?;
+            let result = async {
+                let removed = client
+                    .execute(
+                        "DELETE FROM warden_members
+                         WHERE node = $1 AND incarnation IS NOT DISTINCT FROM $2",
+                        &[&self.settings.node, &self.incarnation],
+                    )
+                    .await?;
+                if removed > 0 {
+                    client.batch_execute(BUMP_VERSION).await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
             }
-            Ok::<_, tokio_postgres::Error>(())
+            .await;
+            match result {
+                Ok(()) => client.batch_execute("COMMIT").await,
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
         };
         match tokio::time::timeout(Duration::from_secs(2), left).await {
             Ok(Ok(())) => {
@@ -1196,23 +1210,30 @@ async fn renew(
         if joined || moved || expired > 0 {
             client.batch_execute(BUMP_VERSION).await?;
         }
-        let version: String = client
-            .query_one(
-                "SELECT v FROM warden_meta WHERE k = 'membership_version'",
-                &[],
-            )
-            .await?
-            .get(0);
+        // The version and its members in one statement, so in one snapshot:
+        // each statement of a READ COMMITTED transaction sees what others
+        // committed before it began. Read apart, another node's removal of
+        // a dead member (its DELETE and the version's bump, one
+        // transaction) could commit between the two, and this node saw the
+        // old version without the dead member. That view then stood as
+        // "the view before" the new version's, so the takeover fence left
+        // out how far the dead member's clock ran ahead, and what it
+        // accepted was accepted again (seen once in CI, session 58:
+        // `a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay`).
+        // This node's own row was written above in this transaction, so
+        // there is always a row to carry the version.
         let rows = client
             .query(
                 &format!(
                     "SELECT node, advertise, (extract(epoch from joined_at) * 1000)::bigint,
-                            clock_ahead_us, clock_read_at_us, renewal, {UNTIL_US}, future_skew_s
+                            clock_ahead_us, clock_read_at_us, renewal, {UNTIL_US}, future_skew_s,
+                            (SELECT v FROM warden_meta WHERE k = 'membership_version')
                      FROM warden_members m ORDER BY node"
                 ),
                 &[],
             )
             .await?;
+        let version: String = rows.first().map(|r| r.get(8)).unwrap_or_default();
         let marks = rows
             .iter()
             .map(|r| {
