@@ -1210,18 +1210,13 @@ async fn renew(
         if joined || moved || expired > 0 {
             client.batch_execute(BUMP_VERSION).await?;
         }
-        // The version and its members in one statement, so in one snapshot:
-        // each statement of a READ COMMITTED transaction sees what others
-        // committed before it began. Read apart, another node's removal of
-        // a dead member (its DELETE and the version's bump, one
-        // transaction) could commit between the two, and this node saw the
-        // old version without the dead member. That view then stood as
-        // "the view before" the new version's, so the takeover fence left
-        // out how far the dead member's clock ran ahead, and what it
-        // accepted was accepted again (seen once in CI, session 58:
-        // `a_dead_owner_whose_clock_ran_ahead_leaves_nothing_it_accepted_to_replay`).
-        // This node's own row was written above in this transaction, so
-        // there is always a row to carry the version.
+        // The version and its members in one statement, so in one snapshot
+        // (each statement of a READ COMMITTED transaction sees what others
+        // committed before it began). Read apart, a dead member's removal
+        // committed in between showed the old version without it, and the
+        // takeover fence, which reads the dead member's clock from that
+        // view, left out how far it ran ahead: a replay accepted (session
+        // 58). This node's own row, written above, carries the version.
         let rows = client
             .query(
                 &format!(
