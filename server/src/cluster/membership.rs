@@ -986,33 +986,22 @@ impl Membership {
     }
 
     async fn leave(&self, client: &tokio_postgres::Client) {
-        let left = async {
-            // The row and the version's bump in one transaction, as in
-            // `renew`: committed apart, a renewal in between saw the old
-            // version without this member.
-            client.batch_execute("BEGIN").await?;
-            let result = async {
-                let removed = client
-                    .execute(
-                        "DELETE FROM warden_members
-                         WHERE node = $1 AND incarnation IS NOT DISTINCT FROM $2",
-                        &[&self.settings.node, &self.incarnation],
-                    )
-                    .await?;
-                if removed > 0 {
-                    client.batch_execute(BUMP_VERSION).await?;
-                }
-                Ok::<_, tokio_postgres::Error>(())
+        // The row and the version's bump in one transaction, as in
+        // `renew`: committed apart, a renewal in between saw the old
+        // version without this member.
+        let left = in_transaction(client, async {
+            let removed = client
+                .execute(
+                    "DELETE FROM warden_members
+                     WHERE node = $1 AND incarnation IS NOT DISTINCT FROM $2",
+                    &[&self.settings.node, &self.incarnation],
+                )
+                .await?;
+            if removed > 0 {
+                client.batch_execute(BUMP_VERSION).await?;
             }
-            .await;
-            match result {
-                Ok(()) => client.batch_execute("COMMIT").await,
-                Err(e) => {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    Err(e)
-                }
-            }
-        };
+            Ok::<_, tokio_postgres::Error>(())
+        });
         match tokio::time::timeout(Duration::from_secs(2), left).await {
             Ok(Ok(())) => {
                 tracing::info!(event = "cluster_left", node = %self.settings.node, "left the cluster")
@@ -1140,8 +1129,7 @@ async fn renew(
     let future_skew_s = i64::try_from(future_skew.as_secs()).unwrap_or(i64::MAX);
     let ttl = settings.lease_ttl.as_secs_f64();
     let clock = ClockReading::take(client).await?;
-    client.batch_execute("BEGIN").await?;
-    let result = async {
+    in_transaction(client, async {
         // A row that is there is a live lease: only a node that judged it
         // run out (or its node, leaving) removes it. `lease_until` is still
         // kept, for nodes of older versions, which judge by it.
@@ -1295,12 +1283,24 @@ async fn renew(
             missed,
             marks,
         })
-    }
-    .await;
-    match result {
-        Ok(view) => {
+    })
+    .await
+}
+
+/// Runs `work` between `BEGIN` and `COMMIT` on `client`, rolled back if it
+/// fails: the one transaction of `renew` and of `leave`, which borrow the
+/// session (tokio_postgres's `Client::transaction` takes it mutably). A
+/// call cut short by its timeout drops the whole session, and PostgreSQL
+/// rolls back what it left open.
+async fn in_transaction<T, E: From<tokio_postgres::Error>>(
+    client: &tokio_postgres::Client,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    client.batch_execute("BEGIN").await?;
+    match work.await {
+        Ok(done) => {
             client.batch_execute("COMMIT").await?;
-            Ok(view)
+            Ok(done)
         }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
