@@ -506,6 +506,31 @@ CREATE TABLE IF NOT EXISTS warden_keys (id text PRIMARY KEY, record text NOT NUL
 CREATE TABLE IF NOT EXISTS warden_policies (name text PRIMARY KEY, record text NOT NULL);
 ";
 
+/// The advisory lock a warden process holds while it creates what is
+/// missing of its tables ("warden" in ASCII).
+const TABLES_LOCK: i64 = 0x7761_7264_656e;
+
+/// Runs `statements`, which create tables, columns and rows only if they
+/// are missing, as one transaction under [`TABLES_LOCK`]. PostgreSQL's `IF
+/// NOT EXISTS` does not hold between sessions: of two creating one table at
+/// once, the second fails on a unique index of the catalog ("duplicate key
+/// value violates unique constraint"). Until session 59, nodes started
+/// together on an empty database (a cluster deployed at once) exited at
+/// start that way, all but one.
+pub(crate) async fn create_missing(
+    client: &tokio_postgres::Client,
+    statements: &str,
+) -> Result<(), tokio_postgres::Error> {
+    // One query of several statements is one transaction, run through by
+    // the server without waiting on this client: the lock is held for
+    // milliseconds, even if this process is paused meanwhile.
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock({TABLES_LOCK});\n{statements}"
+        ))
+        .await
+}
+
 /// The channel every change is announced on, as `key:<id>` or
 /// `policy:<name>` (before 2026-11-30, the bare id or name).
 pub const CHANGES_CHANNEL: &str = "warden_changes";
@@ -775,7 +800,7 @@ impl Store {
     async fn open_postgres(url: &str, dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         let lock = Arc::new(DirLock::take(dir)?);
         let client = open_client(url).await?;
-        client.batch_execute(SCHEMA).await?;
+        create_missing(&client, SCHEMA).await?;
         client
             .execute(
                 "INSERT INTO warden_meta (k, v) VALUES ('master_key_fingerprint', $1) ON CONFLICT (k) DO NOTHING",

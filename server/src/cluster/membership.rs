@@ -74,6 +74,7 @@ use crate::config::ClusterSettings;
 use crate::engine::Slot;
 use crate::engine::clock::SystemClock;
 use crate::freshness::Fence;
+use crate::store::create_missing;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS warden_meta (k text PRIMARY KEY, v text NOT NULL);
@@ -557,7 +558,7 @@ impl Membership {
             let client = match connected {
                 Ok((client, connection)) => {
                     tokio::spawn(connection);
-                    let prepared = match client.batch_execute(SCHEMA).await {
+                    let prepared = match create_missing(&client, SCHEMA).await {
                         Ok(()) => self.set_session(&client).await,
                         Err(e) => Err(e),
                     };
@@ -1031,7 +1032,7 @@ pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
         .map_err(|e| e.to_string())?;
     let connection = tokio::spawn(connection);
     let seed = async {
-        client.batch_execute(SCHEMA).await?;
+        create_missing(&client, SCHEMA).await?;
         client
             .execute(
                 "INSERT INTO warden_meta (k, v) VALUES ('state_seed', $1) ON CONFLICT (k) DO NOTHING",
@@ -1675,7 +1676,7 @@ pub(super) mod tests {
             .unwrap();
         let (prefix, _) = base.rsplit_once('/').unwrap();
         let url = format!("{prefix}/{name}");
-        connect(&url).await.batch_execute(SCHEMA).await.unwrap();
+        create_missing(&connect(&url).await, SCHEMA).await.unwrap();
         Some(url)
     }
 
