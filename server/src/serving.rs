@@ -118,12 +118,14 @@ impl Admitted {
                     }
                     Ok(Err(e)) => {
                         let cause = crate::tls::failure_cause(&e);
+                        handshake_failed(cause);
                         tracing::info!(event = "tls_handshake_failed", %remote, cause, error = %e, "TLS handshake failed");
-                        return handshake_failed(cause);
+                        return None;
                     }
                     Err(_) => {
+                        handshake_failed("timeout");
                         tracing::info!(event = "tls_handshake_failed", %remote, cause = "timeout", "TLS handshake failed");
-                        return handshake_failed("timeout");
+                        return None;
                     }
                 }
             }
@@ -137,9 +139,11 @@ impl Admitted {
     }
 }
 
-fn handshake_failed(cause: &'static str) -> Option<Conn> {
+/// Counts a failed handshake; called before the failure is logged, so that
+/// whoever reads the log line finds it counted (a test that scraped the
+/// metrics on seeing the line once found the counter still at 0).
+fn handshake_failed(cause: &'static str) {
     metrics::counter!("warden_tls_handshake_failures_total", "cause" => cause).increment(1);
-    None
 }
 
 /// Which port a connection came in on, and so which of a serving thread's
