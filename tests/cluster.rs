@@ -106,6 +106,96 @@ async fn nodes_started_together_on_an_empty_database_all_join() {
     }
 }
 
+/// Least privilege: warden's database role may read and write warden's
+/// tables and nothing more (no CREATE on the schema, owner of nothing).
+/// Before the tables exist, a node under that role refuses to start and
+/// says what to run; `warden store create-tables`, run once as the
+/// database's owner, makes them; then nodes under that role join and serve
+/// admin changes. Until session 59 every start ran `CREATE TABLE IF NOT
+/// EXISTS` and `ALTER TABLE`, which such a role may not, so it never
+/// started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_only_read_and_write_warden_s_tables_serves_once_they_are_made() {
+    let Some(owner_url) = fresh_database().await else {
+        return;
+    };
+    let role = format!(
+        "warden_rw_{}",
+        hex::encode(warden::crypto::random_bytes::<4>())
+    );
+    let (owner, connection) = tokio_postgres::connect(&owner_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+        ))
+        .await
+        .unwrap();
+    let url = owner_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, owner_url);
+    let dir = ConfigDir::new();
+    let configs = node_configs(&dir, &url, &["node-a", "node-b"]);
+
+    let refused = support::output_within(
+        std::process::Command::new(support::BIN)
+            .args(["serve", "--config", configs[0].to_str().unwrap()])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("may not create them") && stderr.contains("warden store create-tables"),
+        "{stderr}"
+    );
+
+    let created = support::output_within(
+        std::process::Command::new(support::BIN)
+            .args([
+                "store",
+                "create-tables",
+                "--postgres-url-env",
+                "TEST_OWNER_URL",
+            ])
+            .env("TEST_OWNER_URL", &owner_url),
+        Duration::from_secs(60),
+    );
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    owner
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON warden_meta, warden_keys, warden_policies,
+                 warden_members, warden_membership_log TO {role};
+             GRANT USAGE ON SEQUENCE warden_renewals TO {role}"
+        ))
+        .await
+        .unwrap();
+
+    let a = Server::with_config(&configs[0]);
+    let b = Server::with_config(&configs[1]);
+    let seen = eventually(&dir, &b, "two members", |s| members(s).len() == 2);
+    assert_eq!(members(&seen), ["node-a", "node-b"]);
+    let out = dir.cli(&a, &["keys", "create", "--owner", "least", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["key_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.cli(&b, &["keys", "show", id]).status.success() {
+        assert!(Instant::now() < deadline, "the key never reached node-b");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_agree_on_the_membership() {
     let Some(url) = fresh_database().await else {

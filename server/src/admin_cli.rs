@@ -414,6 +414,15 @@ pub enum StoreCommand {
         #[arg(long)]
         new_key_file: PathBuf,
     },
+    /// Create what is missing of warden's tables in a PostgreSQL database
+    /// (the key store's and the cluster's), and exit. Run it as a role
+    /// that may create tables (the database's owner); warden itself can
+    /// then run as a role that may only read and write them.
+    CreateTables {
+        /// Environment variable holding the PostgreSQL URL.
+        #[arg(long)]
+        postgres_url_env: String,
+    },
 }
 
 /// What an operator reads when a call fails: the message with its causes,
@@ -1095,12 +1104,17 @@ fn offline_master_key(
 }
 
 pub async fn store(command: StoreCommand) -> Result<ExitCode, Failure> {
-    let StoreCommand::RotateMasterKey {
-        dir,
-        postgres_url_env,
-        old_key_file,
-        new_key_file,
-    } = command;
+    let (dir, postgres_url_env, old_key_file, new_key_file) = match command {
+        StoreCommand::RotateMasterKey {
+            dir,
+            postgres_url_env,
+            old_key_file,
+            new_key_file,
+        } => (dir, postgres_url_env, old_key_file, new_key_file),
+        StoreCommand::CreateTables { postgres_url_env } => {
+            return create_tables(&postgres_url_env).await;
+        }
+    };
     let old = match &old_key_file {
         Some(f) => warden::crypto::MasterKey::from_file(f).map_err(|e| e.to_string()),
         None => std::env::var("WARDEN_MASTER_KEY")
@@ -1170,6 +1184,39 @@ pub async fn store(command: StoreCommand) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(runtime(e)),
+    }
+}
+
+/// `warden store create-tables`.
+async fn create_tables(url_env: &str) -> Result<ExitCode, Failure> {
+    let url = std::env::var(url_env).map_err(|_| {
+        usage(format!(
+            "--postgres-url-env: environment variable {url_env} is not set"
+        ))
+    })?;
+    let created = async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("connecting: {}", warden_client::error_chain(&e)))?;
+        let connection = tokio::spawn(connection);
+        warden::store::create_missing(&client, &warden::store::TABLES).await?;
+        warden::cluster::membership::prepare_tables(&client).await?;
+        drop(client);
+        let _ = connection.await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(60), created).await {
+        Ok(Ok(())) => {
+            println!(
+                "warden's tables are in place. A role that serves needs SELECT, INSERT, \
+                 UPDATE and DELETE on warden_meta, warden_keys, warden_policies, \
+                 warden_members and warden_membership_log, and USAGE on the sequence \
+                 warden_renewals; nothing more"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Err(e)) => Err(runtime(e)),
+        Err(_) => Err(runtime("PostgreSQL did not answer within 60 s")),
     }
 }
 

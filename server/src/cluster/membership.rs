@@ -74,9 +74,16 @@ use crate::config::ClusterSettings;
 use crate::engine::Slot;
 use crate::engine::clock::SystemClock;
 use crate::freshness::Fence;
-use crate::store::create_missing;
+use crate::store::{Tables, create_missing};
 
-const SCHEMA: &str = "
+/// The cluster's tables (with `warden_meta`, which the key store shares).
+pub const TABLES: Tables = Tables {
+    read: "SELECT k, v FROM warden_meta WHERE false;
+SELECT node, advertise, lease_until, joined_at, clock_ahead_us, clock_read_at_us, renewal,
+       incarnation, future_skew_s FROM warden_members WHERE false;
+SELECT 'warden_renewals'::regclass;
+SELECT version, members FROM warden_membership_log WHERE false;",
+    create: "
 CREATE TABLE IF NOT EXISTS warden_meta (k text PRIMARY KEY, v text NOT NULL);
 CREATE TABLE IF NOT EXISTS warden_members (
     node text PRIMARY KEY,
@@ -90,9 +97,27 @@ ALTER TABLE warden_members ADD COLUMN IF NOT EXISTS clock_ahead_us bigint,
     ADD COLUMN IF NOT EXISTS incarnation text,
     ADD COLUMN IF NOT EXISTS future_skew_s bigint;
 CREATE SEQUENCE IF NOT EXISTS warden_renewals;
-INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0') ON CONFLICT (k) DO NOTHING;
 CREATE TABLE IF NOT EXISTS warden_membership_log (version bigint PRIMARY KEY, members text NOT NULL);
-";
+",
+};
+
+/// The cluster's tables, and the membership's version (0 before the
+/// first member joins).
+pub async fn prepare_tables(client: &tokio_postgres::Client) -> Result<(), String> {
+    create_missing(client, &TABLES).await?;
+    client
+        .batch_execute(
+            "INSERT INTO warden_meta (k, v) VALUES ('membership_version', '0')
+             ON CONFLICT (k) DO NOTHING",
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "writing the membership's version: {}",
+                warden_client::error_chain(&e)
+            )
+        })
+}
 
 /// The most versions a node replays after missing some; more than that and
 /// it fences everything it owns instead.
@@ -558,14 +583,17 @@ impl Membership {
             let client = match connected {
                 Ok((client, connection)) => {
                     tokio::spawn(connection);
-                    let prepared = match create_missing(&client, SCHEMA).await {
-                        Ok(()) => self.set_session(&client).await,
+                    let prepared = match prepare_tables(&client).await {
+                        Ok(()) => self
+                            .set_session(&client)
+                            .await
+                            .map_err(|e| warden_client::error_chain(&e)),
                         Err(e) => Err(e),
                     };
                     match prepared {
                         Ok(()) => client,
                         Err(e) => {
-                            self.lost(&warden_client::error_chain(&e), attempt);
+                            self.lost(&e, attempt);
                             if continue_after(every, stop).await {
                                 return;
                             }
@@ -1032,21 +1060,22 @@ pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
         .map_err(|e| e.to_string())?;
     let connection = tokio::spawn(connection);
     let seed = async {
-        create_missing(&client, SCHEMA).await?;
+        prepare_tables(&client).await?;
         client
             .execute(
                 "INSERT INTO warden_meta (k, v) VALUES ('state_seed', $1) ON CONFLICT (k) DO NOTHING",
                 &[&crate::crypto::random_hex(16)],
             )
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let v: String = client
             .query_one("SELECT v FROM warden_meta WHERE k = 'state_seed'", &[])
-            .await?
+            .await
+            .map_err(|e| e.to_string())?
             .get(0);
-        Ok::<_, tokio_postgres::Error>(v)
+        Ok::<_, String>(v)
     }
-    .await
-    .map_err(|e| e.to_string());
+    .await;
     drop(client);
     connection.abort();
     let mut bytes = [0u8; 16];
@@ -1676,7 +1705,7 @@ pub(super) mod tests {
             .unwrap();
         let (prefix, _) = base.rsplit_once('/').unwrap();
         let url = format!("{prefix}/{name}");
-        create_missing(&connect(&url).await, SCHEMA).await.unwrap();
+        prepare_tables(&connect(&url).await).await.unwrap();
         Some(url)
     }
 
