@@ -196,6 +196,75 @@ async fn a_role_that_may_only_read_and_write_warden_s_tables_serves_once_they_ar
     }
 }
 
+/// TLS to PostgreSQL: with `sslmode=require&sslrootcert=CA` in the URL,
+/// every connection a node makes (the key store, its change feed, the
+/// lease keeper and its listener) is TLS, and the database's certificate
+/// is verified: a node given another CA refuses to start and says why.
+/// Until session 59 warden spoke only plain text to PostgreSQL, and a URL
+/// asking for TLS was refused ("no TLS implementation configured").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_to_a_database_that_asks_for_tls_is_tls_and_verified() {
+    let ca = warden::dev::Ca::new("database ca").unwrap();
+    let (cert, key) = ca.server_cert(&["127.0.0.1"]).unwrap();
+    let Some(pg) = OwnPostgres::start_with_tls(&cert, &key) else {
+        return;
+    };
+    let dir = ConfigDir::new();
+    let (ours, other) = (
+        dir.path().join("db-ca.pem"),
+        dir.path().join("other-ca.pem"),
+    );
+    std::fs::write(&ours, ca.cert_pem()).unwrap();
+    std::fs::write(&other, warden::dev::Ca::new("other").unwrap().cert_pem()).unwrap();
+    let url = |root: &std::path::Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url,
+            root.display()
+        )
+    };
+
+    let refused = support::output_within(
+        std::process::Command::new(support::BIN)
+            .args(["serve", "--config"])
+            .arg(&node_configs(&dir, &url(&other), &["node-x"])[0])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+
+    let configs = node_configs(&dir, &url(&ours), &["node-a"]);
+    let a = Server::with_config(&configs[0]);
+    let out = dir.cli(&a, &["keys", "create", "--owner", "over-tls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(members(&status(&dir, &a)), ["node-a"]);
+
+    // The test's own connection is plain text; every TLS one is warden's.
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (tls, plain): (i64, i64) = (row.get(0), row.get(1));
+    assert!(tls >= 3, "{tls} connections over TLS");
+    assert_eq!(plain, 0, "a connection of warden's in plain text");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_agree_on_the_membership() {
     let Some(url) = fresh_database().await else {

@@ -42,6 +42,16 @@ dir=$(mktemp -d /tmp/warden-pg.XXXXXX)
 chmod 755 "$dir"
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
 as_postgres "$pgbin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+# TLS on, when WARDEN_PG_TLS_CERT and WARDEN_PG_TLS_KEY name a certificate
+# and its key (PEM): copied where the server's user alone can read them.
+options=""
+if [ -n "${WARDEN_PG_TLS_CERT:-}" ]; then
+  cp "$WARDEN_PG_TLS_CERT" "$dir/server.crt"
+  cp "$WARDEN_PG_TLS_KEY" "$dir/server.key"
+  chmod 600 "$dir/server.crt" "$dir/server.key"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir/server.crt" "$dir/server.key"
+  options="-c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+fi
 # Below the kernel's ephemeral range (32768+), where nothing else takes it
 # by chance, and below the tests' own ports (see free_port). Several of
 # these servers run at once (the suite's, and cluster tests' own), so a
@@ -50,7 +60,7 @@ started=""
 for _ in 1 2 3 4 5 6 7 8; do
   port=$(( 15000 + RANDOM % 8000 ))
   if as_postgres "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; then
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $options" start >/dev/null; then
     started=1
     break
   fi

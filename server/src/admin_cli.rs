@@ -1195,11 +1195,11 @@ async fn create_tables(url_env: &str) -> Result<ExitCode, Failure> {
         ))
     })?;
     let created = async {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        let (client, connection) = warden::postgres::connect(&url)
             .await
-            .map_err(|e| format!("connecting: {}", warden_client::error_chain(&e)))?;
+            .map_err(|e| format!("connecting: {e}"))?;
         let connection = tokio::spawn(connection);
-        warden::store::create_missing(&client, &warden::store::TABLES).await?;
+        warden::postgres::create_missing(&client, &warden::store::TABLES).await?;
         warden::cluster::membership::prepare_tables(&client).await?;
         drop(client);
         let _ = connection.await;

@@ -46,6 +46,7 @@ pub mod keys;
 mod log_budget;
 pub mod metrics;
 pub mod model;
+pub mod postgres;
 mod private_file;
 mod read_slices;
 mod request_wait;

@@ -500,17 +500,8 @@ pub struct Store {
     _lock: Arc<DirLock>,
 }
 
-/// Tables of warden's in PostgreSQL.
-pub struct Tables {
-    /// Reads every column of them and fails if one is missing (reads
-    /// nothing, and needs nothing but the rights warden uses them with).
-    pub read: &'static str,
-    /// Creates what is missing of them.
-    pub create: &'static str,
-}
-
 /// The key store's tables.
-pub const TABLES: Tables = Tables {
+pub const TABLES: crate::postgres::Tables = crate::postgres::Tables {
     read: "SELECT k, v FROM warden_meta WHERE false;
 SELECT id, record FROM warden_keys WHERE false;
 SELECT name, record FROM warden_policies WHERE false;",
@@ -520,56 +511,6 @@ CREATE TABLE IF NOT EXISTS warden_keys (id text PRIMARY KEY, record text NOT NUL
 CREATE TABLE IF NOT EXISTS warden_policies (name text PRIMARY KEY, record text NOT NULL);
 ",
 };
-
-/// The advisory lock a warden process holds while it creates what is
-/// missing of its tables ("warden" in ASCII).
-const TABLES_LOCK: i64 = 0x7761_7264_656e;
-
-/// Makes sure `tables` are all there, creating what is missing. When
-/// nothing is, nothing is created, so a role that may only read and write
-/// warden's tables serves once they were made (`warden store
-/// create-tables`, as a role that may create them).
-///
-/// What is missing is created as one transaction under [`TABLES_LOCK`]:
-/// PostgreSQL's `IF NOT EXISTS` does not hold between sessions, and of two
-/// creating one table at once, the second fails on a unique index of the
-/// catalog ("duplicate key value violates unique constraint"). Until session
-/// 59, nodes started together on an empty database (a cluster deployed at
-/// once) exited at start that way, all but one.
-pub async fn create_missing(
-    client: &tokio_postgres::Client,
-    tables: &Tables,
-) -> Result<(), String> {
-    use tokio_postgres::error::SqlState;
-    use warden_client::error_chain;
-    let read = client.batch_execute(tables.read).await;
-    match read.as_ref().map_err(tokio_postgres::Error::code) {
-        Ok(()) => return Ok(()),
-        Err(Some(&SqlState::UNDEFINED_TABLE | &SqlState::UNDEFINED_COLUMN)) => {}
-        Err(_) => {
-            let e = read.unwrap_err();
-            return Err(format!("reading warden's tables: {}", error_chain(&e)));
-        }
-    }
-    // One query of several statements is one transaction, run through by
-    // the server without waiting on this client: the lock is held for
-    // milliseconds, even if this process is paused meanwhile.
-    let created = client
-        .batch_execute(&format!(
-            "SELECT pg_advisory_xact_lock({TABLES_LOCK});\n{}",
-            tables.create
-        ))
-        .await;
-    created.map_err(|e| match e.code() {
-        Some(&SqlState::INSUFFICIENT_PRIVILEGE) => format!(
-            "warden's tables are missing or older than this version, and this role may not \
-             create them ({}): run `warden store create-tables` once as a role that may \
-             (the database's owner), then start warden again",
-            error_chain(&e)
-        ),
-        _ => format!("creating warden's tables: {}", error_chain(&e)),
-    })
-}
 
 /// The channel every change is announced on, as `key:<id>` or
 /// `policy:<name>` (before 2026-11-30, the bare id or name).
@@ -591,14 +532,10 @@ pub enum StoreChange {
 
 async fn connect(
     url: &str,
-) -> Result<
-    (
-        tokio_postgres::Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    ),
-    StoreError,
-> {
-    Ok(tokio_postgres::connect(url, tokio_postgres::NoTls).await?)
+) -> Result<(tokio_postgres::Client, crate::postgres::Connection), StoreError> {
+    crate::postgres::connect(url)
+        .await
+        .map_err(StoreError::Postgres)
 }
 
 async fn load_postgres(client: &tokio_postgres::Client) -> Result<State, StoreError> {
@@ -661,11 +598,11 @@ where
     F: Fn(StoreChange) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (client, mut connection) = bounded(
-        "connecting",
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await?;
+    let (client, mut connection) =
+        match tokio::time::timeout(POSTGRES_TIMEOUT, crate::postgres::connect(url)).await {
+            Ok(connected) => connected.map_err(|e| format!("connecting: {e}"))?,
+            Err(_) => return Err(format!("connecting: {}", no_answer())),
+        };
     let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
     let feed = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -840,7 +777,7 @@ impl Store {
     async fn open_postgres(url: &str, dir: &Path, master: MasterKey) -> Result<Self, StoreError> {
         let lock = Arc::new(DirLock::take(dir)?);
         let client = open_client(url).await?;
-        create_missing(&client, &TABLES)
+        crate::postgres::create_missing(&client, &TABLES)
             .await
             .map_err(StoreError::Postgres)?;
         client

@@ -883,6 +883,19 @@ impl OwnPostgres {
         write_clock(clock, ahead_secs);
     }
 
+    /// As [`Self::start`], with TLS on: `cert` and `key` (PEM) are its
+    /// certificate and key.
+    pub fn start_with_tls(cert: &str, key: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        Self::start_with(&[
+            ("WARDEN_PG_TLS_CERT", cert_file.as_os_str()),
+            ("WARDEN_PG_TLS_KEY", key_file.as_os_str()),
+        ])
+    }
+
     fn start_with(env: &[(&str, &std::ffi::OsStr)]) -> Option<Self> {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/postgres-up.sh");
         let out = std::process::Command::new("bash")

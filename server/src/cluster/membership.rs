@@ -74,7 +74,7 @@ use crate::config::ClusterSettings;
 use crate::engine::Slot;
 use crate::engine::clock::SystemClock;
 use crate::freshness::Fence;
-use crate::store::{Tables, create_missing};
+use crate::postgres::{Tables, create_missing};
 
 /// The cluster's tables (with `warden_meta`, which the key store shares).
 pub const TABLES: Tables = Tables {
@@ -574,9 +574,8 @@ impl Membership {
         loop {
             let attempt = Instant::now();
             let connected = tokio::select! {
-                c = tokio::time::timeout(every, tokio_postgres::connect(&self.url, tokio_postgres::NoTls)) => {
-                    c.map_err(|_| "connecting timed out".to_owned())
-                        .and_then(|c| c.map_err(|e| warden_client::error_chain(&e)))
+                c = tokio::time::timeout(every, crate::postgres::connect(&self.url)) => {
+                    c.map_err(|_| "connecting timed out".to_owned()).and_then(|c| c)
                 }
                 _ = &mut *stop => return,
             };
@@ -1055,9 +1054,7 @@ async fn continue_after(every: Duration, stop: &mut oneshot::Receiver<()>) -> bo
 /// by the first node and kept in the coordinator, so that all nodes agree
 /// on every id and a master-key rotation does not change them.
 pub async fn state_seed(url: &str) -> Result<crate::engine::StateSeed, String> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (client, connection) = crate::postgres::connect(url).await?;
     let connection = tokio::spawn(connection);
     let seed = async {
         prepare_tables(&client).await?;
@@ -1107,9 +1104,7 @@ const UNTIL_US: &str = "(extract(epoch from m.lease_until) * 1000000)::bigint";
 /// notification only delays a change to the next tick.
 async fn listen(url: String, changed: Arc<Notify>) {
     loop {
-        if let Ok((client, mut connection)) =
-            tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-        {
+        if let Ok((client, mut connection)) = crate::postgres::connect(&url).await {
             let statement = format!("LISTEN {CHANNEL}");
             let mut subscribe = Box::pin(client.batch_execute(&statement));
             let subscribed = loop {
