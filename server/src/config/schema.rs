@@ -318,6 +318,8 @@ pub struct StoreFile {
     pub master_key_env: Option<String>,
     /// Keep keys and policies in this PostgreSQL database instead of the
     /// embedded file, shared by every warden process that points at it.
+    /// `?sslmode=verify-full&sslrootcert=/path/ca.pem`: over TLS, the
+    /// database's certificate verified (see `postgres::connect`).
     pub postgres_url: Option<String>,
     /// Environment variable holding the PostgreSQL URL (it may carry a
     /// password).
