@@ -199,7 +199,8 @@ async fn a_role_that_may_only_read_and_write_warden_s_tables_serves_once_they_ar
 /// TLS to PostgreSQL: with `sslmode=require&sslrootcert=CA` in the URL,
 /// every connection a node makes (the key store, its change feed, the
 /// lease keeper and its listener) is TLS, and the database's certificate
-/// is verified: a node given another CA refuses to start and says why.
+/// is verified: a node given another CA, or a database without TLS,
+/// refuses to start and says why.
 /// Until session 59 warden spoke only plain text to PostgreSQL, and a URL
 /// asking for TLS was refused ("no TLS implementation configured").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,6 +236,23 @@ async fn every_connection_to_a_database_that_asks_for_tls_is_tls_and_verified() 
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+
+    // No falling back to plain text: a database without TLS (the suite's)
+    // is no connection either, as a man in the middle would make it look.
+    if let Some(plain) = fresh_database().await {
+        let asked = format!("{plain}?sslmode=require&sslrootcert={}", ours.display());
+        let refused = support::output_within(
+            std::process::Command::new(support::BIN)
+                .args(["serve", "--config"])
+                .arg(&node_configs(&dir, &asked, &["node-y"])[0])
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                .stdin(std::process::Stdio::null()),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(stderr.contains("does not support TLS"), "{stderr}");
+    }
 
     let configs = node_configs(&dir, &url(&ours), &["node-a"]);
     let a = Server::with_config(&configs[0]);
