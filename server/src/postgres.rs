@@ -34,7 +34,7 @@ pub async fn connect(url: &str) -> Result<(tokio_postgres::Client, Connection), 
                         .into(),
                 );
             };
-            crate::tls::roots(Path::new(&root_file)).map_err(|e| format!("sslrootcert: {e}"))?
+            roots(Path::new(&root_file)).map_err(|e| format!("sslrootcert {root_file}: {e}"))?
         }
         _ => {
             // No TLS is negotiated, so these roots are never used.
@@ -42,7 +42,9 @@ pub async fn connect(url: &str) -> Result<(tokio_postgres::Client, Connection), 
             rustls::RootCertStore::empty()
         }
     };
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    // ring, as on warden's own TLS ports.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS to PostgreSQL: {e}"))?
         .with_root_certificates(roots)
@@ -51,6 +53,22 @@ pub async fn connect(url: &str) -> Result<(tokio_postgres::Client, Connection), 
         .connect(MakeRustlsConnect::new(tls))
         .await
         .map_err(|e| warden_client::error_chain(&e))
+}
+
+/// The CA certificates in the PEM file at `path`.
+fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate file ({e})"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("unusable CA certificate ({e})"))?;
+    }
+    if roots.is_empty() {
+        return Err("contains no certificate".into());
+    }
+    Ok(roots)
 }
 
 /// `url` as tokio-postgres reads it, and the `sslrootcert` it does not
@@ -165,6 +183,26 @@ mod tests {
             panic!("connected");
         };
         assert!(e.contains("sslrootcert=FILE"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_root_file_without_a_certificate_is_refused_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ca.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for (file, said) in [
+            (empty, "contains no certificate"),
+            (dir.path().join("absent.pem"), "No such file"),
+        ] {
+            let url = format!(
+                "postgres://warden@127.0.0.1:1/warden?sslmode=verify-full&sslrootcert={}",
+                file.display()
+            );
+            let Err(e) = connect(&url).await else {
+                panic!("connected");
+            };
+            assert!(e.contains("sslrootcert") && e.contains(said), "{e}");
+        }
     }
 
     #[test]

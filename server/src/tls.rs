@@ -61,20 +61,8 @@ fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsErr
         .ok_or_else(|| invalid(path, "contains no private key"))
 }
 
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The CA certificates in the PEM file at `path`, as roots to verify a
-/// server by (warden's PostgreSQL, see [`crate::postgres`]).
-pub(crate) fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in certs(path, &read(path)?)? {
-        roots
-            .add(ca)
-            .map_err(|e| invalid(path, format!("unusable CA certificate ({e})")))?;
-    }
-    Ok(roots)
 }
 
 /// Everything read from disk for one TLS configuration.
