@@ -95,7 +95,7 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<String>), String> 
     Ok((config, root_file))
 }
 
-/// Tables of warden's in PostgreSQL.
+/// A set of warden's tables in PostgreSQL.
 pub struct Tables {
     /// Reads every column of them and fails if one is missing (reads
     /// nothing, and needs nothing but the rights warden uses them with).
@@ -125,14 +125,16 @@ pub async fn create_missing(
 ) -> Result<(), String> {
     use tokio_postgres::error::SqlState;
     use warden_client::error_chain;
-    let read = client.batch_execute(tables.read).await;
-    match read.as_ref().map_err(tokio_postgres::Error::code) {
+    let missing = |e: &tokio_postgres::Error| {
+        matches!(
+            e.code(),
+            Some(&SqlState::UNDEFINED_TABLE | &SqlState::UNDEFINED_COLUMN)
+        )
+    };
+    match client.batch_execute(tables.read).await {
         Ok(()) => return Ok(()),
-        Err(Some(&SqlState::UNDEFINED_TABLE | &SqlState::UNDEFINED_COLUMN)) => {}
-        Err(_) => {
-            let e = read.unwrap_err();
-            return Err(format!("reading warden's tables: {}", error_chain(&e)));
-        }
+        Err(e) if missing(&e) => {}
+        Err(e) => return Err(format!("reading warden's tables: {}", error_chain(&e))),
     }
     // One query of several statements is one transaction, run through by
     // the server without waiting on this client: the lock is held for
