@@ -961,16 +961,7 @@ async fn a_future_skew_lowered_across_a_restart_lets_nothing_accepted_before_it_
 
     // A record warden did not write refuses the start, naming the file.
     std::fs::write(dir.path().join("store/fence.json"), "{\"fence\":").unwrap();
-    let out = support::output_within(
-        std::process::Command::new(support::BIN).args([
-            "serve",
-            "--config",
-            config("5s").to_str().unwrap(),
-        ]),
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = support::refused_start(&config("5s"));
     assert!(
         stderr.contains("fence.json") && stderr.contains("remove it only if"),
         "{stderr}"

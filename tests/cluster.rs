@@ -138,15 +138,7 @@ async fn a_role_that_may_only_read_and_write_warden_s_tables_serves_once_they_ar
     let dir = ConfigDir::new();
     let configs = node_configs(&dir, &url, &["node-a", "node-b"]);
 
-    let refused = support::output_within(
-        std::process::Command::new(support::BIN)
-            .args(["serve", "--config", configs[0].to_str().unwrap()])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .stdin(std::process::Stdio::null()),
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = support::refused_start(&configs[0]);
     assert!(
         stderr.contains("may not create them") && stderr.contains("warden store create-tables"),
         "{stderr}"
@@ -225,32 +217,14 @@ async fn every_connection_to_a_database_that_asks_for_tls_is_tls_and_verified() 
         )
     };
 
-    let refused = support::output_within(
-        std::process::Command::new(support::BIN)
-            .args(["serve", "--config"])
-            .arg(&node_configs(&dir, &url(&other), &["node-x"])[0])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .stdin(std::process::Stdio::null()),
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = support::refused_start(&node_configs(&dir, &url(&other), &["node-x"])[0]);
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
 
     // No falling back to plain text: a database without TLS (the suite's)
     // is no connection either, as a man in the middle would make it look.
     if let Some(plain) = fresh_database().await {
         let asked = format!("{plain}?sslmode=require&sslrootcert={}", ours.display());
-        let refused = support::output_within(
-            std::process::Command::new(support::BIN)
-                .args(["serve", "--config"])
-                .arg(&node_configs(&dir, &asked, &["node-y"])[0])
-                .args(["--metrics-listen", "127.0.0.1:0"])
-                .stdin(std::process::Stdio::null()),
-            Duration::from_secs(30),
-        );
-        let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success(), "{stderr}");
+        let stderr = support::refused_start(&node_configs(&dir, &asked, &["node-y"])[0]);
         assert!(stderr.contains("does not support TLS"), "{stderr}");
     }
 

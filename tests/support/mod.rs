@@ -668,6 +668,22 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
     child.wait_with_output().unwrap()
 }
 
+/// `warden serve --config CONFIG`, which must refuse to start (and end
+/// within 30 s): what it wrote to standard error, to say why.
+pub fn refused_start(config: &Path) -> String {
+    let out = output_within(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(["--metrics-listen", "127.0.0.1:0"]),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "warden started: {stderr}");
+    stderr
+}
+
 /// Writes a libfaketime clock file `ahead_secs` ahead of the real time, in
 /// one step (a new file renamed over the old): a process reading it in
 /// between would otherwise find it empty, and take the real time.
