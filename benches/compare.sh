@@ -318,8 +318,7 @@ echo "== [12/13] C load generators" >&2
 # The mTLS warden is done: stopped, so its background sweeps of the
 # millions of nonces the runs above left do not take CPU from the
 # plaintext warden h2load measures.
-kill "$warden_pid" 2>/dev/null || true
-wait "$warden_pid" 2>/dev/null || true
+stop_and_wait "$warden_pid"
 warden_pid=""
 c_loadgen
 echo "== [13/13] memory (a minute or two)" >&2
